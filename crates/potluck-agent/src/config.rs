@@ -1,0 +1,157 @@
+//! The agent's validated configuration.
+
+use std::time::Duration;
+
+use potluck_tunnel::HubUrl;
+use url::Url;
+
+/// Default for [`AgentConfig::max_concurrency`].
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 64;
+
+/// A bad configuration value; names the field and what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid `{field}`: {message}")]
+pub struct ConfigError {
+    /// The field.
+    pub field: &'static str,
+    /// What was expected.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// Build one.
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self { field, message: message.into() }
+    }
+}
+
+/// One local inference server.
+#[derive(Clone)]
+pub struct BackendConfig {
+    /// The OpenAI base URL, ending in the API prefix (`http://127.0.0.1:8081/v1`,
+    /// `http://localhost:8000/api/v1` for Lemonade). A URL without a path gets `/v1`.
+    pub base: Url,
+    /// Sent as `Authorization: Bearer` to the backend (vLLM `--api-key`), if set.
+    pub api_key: Option<String>,
+}
+
+impl std::fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("base", &self.base.as_str())
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl BackendConfig {
+    /// Parse a backend URL: `http` only (backends are local), a host, no query.
+    pub fn parse(url: &str, api_key: Option<String>) -> Result<Self, ConfigError> {
+        let mut base = Url::parse(url).map_err(|e| ConfigError::new("backend", format!("{url:?} is not a URL ({e}); expected e.g. http://127.0.0.1:8081/v1")))?;
+        if base.scheme() != "http" {
+            return Err(ConfigError::new("backend", format!("{url:?}: expected an http:// URL of a local server")));
+        }
+        if base.host_str().is_none() || base.query().is_some() || base.fragment().is_some() {
+            return Err(ConfigError::new("backend", format!("{url:?}: expected scheme, host, port and path only")));
+        }
+        if base.path() == "/" || base.path().is_empty() {
+            base.set_path("/v1");
+        }
+        let trimmed = base.path().trim_end_matches('/').to_owned();
+        base.set_path(&trimmed);
+        Ok(Self { base, api_key: api_key.filter(|k| !k.is_empty()) })
+    }
+
+    /// URL of an endpoint below the base (`suffix` starts with `/`).
+    pub fn url(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.base.as_str().trim_end_matches('/'))
+    }
+
+    /// URL of a path at the server root (ollama's `/api/tags`, llama.cpp's `/props`).
+    pub fn root_url(&self, path: &str) -> String {
+        let mut u = self.base.clone();
+        u.set_path(path);
+        u.to_string()
+    }
+}
+
+/// Everything the agent needs.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// The hub.
+    pub hub: HubUrl,
+    /// The provider token (never logged).
+    pub token: String,
+    /// Local backends, tried in order for a model several serve.
+    pub backends: Vec<BackendConfig>,
+    /// Most requests at once, over all models.
+    pub max_concurrency: u32,
+    /// How often backends' models are re-checked.
+    pub discovery_interval: Duration,
+    /// First reconnect delay.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+    /// Largest request body forwarded to a backend.
+    pub max_request_bytes: usize,
+    /// How long a backend may take to send response headers.
+    pub backend_header_timeout: Duration,
+    /// Grace period for streams in flight at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("hub", &self.hub.as_str())
+            .field("token", &"<redacted>")
+            .field("backends", &self.backends)
+            .field("max_concurrency", &self.max_concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentConfig {
+    /// A configuration with defaults for everything but the hub, token and backends.
+    pub fn new(hub: HubUrl, token: String, backends: Vec<BackendConfig>) -> Result<Self, ConfigError> {
+        if token.trim().is_empty() {
+            return Err(ConfigError::new("token", "the provider token is empty; create one with `potluck providers create`"));
+        }
+        if backends.is_empty() {
+            return Err(ConfigError::new("backend", "at least one backend URL is needed, e.g. http://127.0.0.1:8081/v1"));
+        }
+        Ok(Self {
+            hub,
+            token: token.trim().to_owned(),
+            backends,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            discovery_interval: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(30),
+            max_request_bytes: 8 * 1024 * 1024,
+            backend_header_timeout: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(10),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_urls() {
+        let b = BackendConfig::parse("http://127.0.0.1:8081", None).unwrap();
+        assert_eq!(b.url("/chat/completions"), "http://127.0.0.1:8081/v1/chat/completions");
+        assert_eq!(b.root_url("/api/tags"), "http://127.0.0.1:8081/api/tags");
+        let b = BackendConfig::parse("http://localhost:8000/api/v1/", Some(String::new())).unwrap();
+        assert_eq!(b.url("/models"), "http://localhost:8000/api/v1/models");
+        assert!(b.api_key.is_none());
+        let e = BackendConfig::parse("https://x/v1", None).unwrap_err();
+        assert_eq!(e.field, "backend");
+        assert!(BackendConfig::parse("not a url", None).is_err());
+        assert!(BackendConfig::parse("http://x/v1?a=b", None).is_err());
+        let k = BackendConfig::parse("http://x/v1", Some("secret-key".into())).unwrap();
+        assert!(!format!("{k:?}").contains("secret-key"));
+    }
+}

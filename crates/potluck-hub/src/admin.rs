@@ -1,0 +1,143 @@
+//! The admin API (`/admin/v1/...`), for the operator's CLI. Admin key only.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use http::{HeaderMap, StatusCode};
+use potluck_protocol::admin::{CreateKey, CreateProvider, Created, KeyInfo, List, ProviderInfo, MAX_NAME_BYTES};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth;
+use crate::error::ApiError;
+use crate::HubState;
+
+/// Most usage rows one call returns.
+pub const MAX_USAGE_ROWS: i64 = 10_000;
+
+pub fn routes() -> Router<Arc<HubState>> {
+    Router::new()
+        .route("/admin/v1/keys", get(list_keys).post(create_key))
+        .route("/admin/v1/keys/{id}", delete(revoke_key))
+        .route("/admin/v1/providers", get(list_providers).post(create_provider))
+        .route("/admin/v1/providers/{id}", delete(revoke_provider))
+        .route("/admin/v1/usage", get(usage))
+}
+
+fn check_name(field: &'static str, s: &str) -> Result<(), ApiError> {
+    let ok = !s.is_empty()
+        && s.len() <= MAX_NAME_BYTES
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            format!("'{field}' must be 1 to {MAX_NAME_BYTES} characters of letters, digits, '-', '_', '.' or '@'."),
+            Some(field),
+        ))
+    }
+}
+
+/// JSON body with OpenAI-shaped errors instead of axum's plain-text rejections.
+fn json_body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(raw).map_err(|e| {
+        // serde's message names the field and the expected type; the value is not echoed
+        // for the types used here (strings only).
+        ApiError::bad_request(format!("Invalid request body: {}", e.to_string().chars().take(200).collect::<String>()), None)
+    })
+}
+
+async fn create_key(State(st): State<Arc<HubState>>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    auth::admin(&st, &headers).await?;
+    let req: CreateKey = json_body(&body)?;
+    check_name("name", &req.name)?;
+    let account = req.account.unwrap_or_else(|| req.name.clone());
+    check_name("account", &account)?;
+    let (id, secret) = st.store.create_key(&req.name, &account).await?;
+    tracing::info!(key_id = id, "consumer key created");
+    Ok((StatusCode::CREATED, Json(Created { id, name: req.name, secret: secret.expose().to_owned() })).into_response())
+}
+
+async fn list_keys(State(st): State<Arc<HubState>>, headers: HeaderMap) -> Result<Json<List<KeyInfo>>, ApiError> {
+    auth::admin(&st, &headers).await?;
+    let data = st
+        .store
+        .list_keys()
+        .await?
+        .into_iter()
+        .map(|k| KeyInfo { id: k.id, name: k.name, account: k.account, prefix: k.prefix, created_at: k.created_at, revoked_at: k.revoked_at })
+        .collect();
+    Ok(Json(List { data }))
+}
+
+async fn revoke_key(State(st): State<Arc<HubState>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    auth::admin(&st, &headers).await?;
+    let id = st.store.revoke_key(&id).await.map_err(|e| match e {
+        potluck_store::StoreError::NotFound => ApiError::NotFound("key"),
+        e => e.into(),
+    })?;
+    tracing::info!(key_id = id, "consumer key revoked");
+    Ok(Json(json!({"id": id, "revoked": true})).into_response())
+}
+
+async fn create_provider(State(st): State<Arc<HubState>>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    auth::admin(&st, &headers).await?;
+    let req: CreateProvider = json_body(&body)?;
+    check_name("name", &req.name)?;
+    let account = req.account.unwrap_or_else(|| req.name.clone());
+    check_name("account", &account)?;
+    let (id, secret) = st.store.create_provider(&req.name, &account).await?;
+    tracing::info!(provider_id = id, "provider created");
+    Ok((StatusCode::CREATED, Json(Created { id, name: req.name, secret: secret.expose().to_owned() })).into_response())
+}
+
+async fn list_providers(State(st): State<Arc<HubState>>, headers: HeaderMap) -> Result<Json<List<ProviderInfo>>, ApiError> {
+    auth::admin(&st, &headers).await?;
+    let live = st.registry.provider_summary();
+    let data = st
+        .store
+        .list_providers()
+        .await?
+        .into_iter()
+        .map(|p| {
+            let (connections, models, in_flight) = live.get(&p.id).cloned().unwrap_or_default();
+            ProviderInfo {
+                id: p.id,
+                name: p.name,
+                account: p.account,
+                prefix: p.prefix,
+                created_at: p.created_at,
+                revoked_at: p.revoked_at,
+                connections,
+                models,
+                in_flight,
+            }
+        })
+        .collect();
+    Ok(Json(List { data }))
+}
+
+async fn revoke_provider(State(st): State<Arc<HubState>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    auth::admin(&st, &headers).await?;
+    let id = st.store.revoke_provider(&id).await.map_err(|e| match e {
+        potluck_store::StoreError::NotFound => ApiError::NotFound("provider"),
+        e => e.into(),
+    })?;
+    let closed = st.registry.remove_provider(id);
+    tracing::info!(provider_id = id, tunnels_closed = closed, "provider revoked");
+    Ok(Json(json!({"id": id, "revoked": true, "tunnels_closed": closed})).into_response())
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    limit: Option<i64>,
+}
+
+async fn usage(State(st): State<Arc<HubState>>, headers: HeaderMap, Query(q): Query<UsageQuery>) -> Result<Response, ApiError> {
+    auth::admin(&st, &headers).await?;
+    let rows = st.store.recent_usage(q.limit.unwrap_or(100).clamp(1, MAX_USAGE_ROWS)).await?;
+    Ok(Json(json!({"data": rows})).into_response())
+}

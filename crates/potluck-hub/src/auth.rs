@@ -1,0 +1,39 @@
+//! Bearer-key authentication for the consumer and admin APIs.
+
+use http::HeaderMap;
+use potluck_store::{KeyAuth, Role, Secret};
+
+use crate::error::ApiError;
+use crate::HubState;
+
+/// Longest `Authorization` header value considered.
+pub const MAX_AUTH_HEADER_BYTES: usize = 512;
+
+/// The bearer token of a request, if well-formed.
+pub fn bearer(headers: &HeaderMap) -> Option<Secret> {
+    let v = headers.get(http::header::AUTHORIZATION)?;
+    if v.len() > MAX_AUTH_HEADER_BYTES {
+        return None;
+    }
+    let s = v.to_str().ok()?;
+    let (scheme, token) = s.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return None;
+    }
+    Some(Secret::new(token))
+}
+
+/// Authenticate a consumer (any valid key).
+pub async fn consumer(state: &HubState, headers: &HeaderMap) -> Result<KeyAuth, ApiError> {
+    let secret = bearer(headers).ok_or(ApiError::Unauthorized)?;
+    state.store.authenticate_key(&secret).await?.ok_or(ApiError::Unauthorized)
+}
+
+/// Authenticate an admin.
+pub async fn admin(state: &HubState, headers: &HeaderMap) -> Result<KeyAuth, ApiError> {
+    let auth = consumer(state, headers).await?;
+    if auth.role != Role::Admin {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(auth)
+}

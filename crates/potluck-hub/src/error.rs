@@ -1,0 +1,192 @@
+//! Every error the consumer API returns, mapped to OpenAI's shape and status exactly once.
+//!
+//! Messages are fixed strings or carry only validated names (a model name, a header
+//! name): never request or response content, never internal details.
+
+use axum::response::{IntoResponse, Response};
+use http::{header, HeaderValue, StatusCode};
+use potluck_protocol::ErrorBody;
+
+/// Who caused a fault, for logs and for retry decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The consumer's request was at fault.
+    Consumer,
+    /// A provider failed or misbehaved.
+    Provider,
+    /// The pool had no room, or the hub itself failed.
+    Hub,
+}
+
+/// A consumer-facing error.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed.
+    #[error("{message}")]
+    BadRequest {
+        /// What is wrong (no content echoed).
+        message: String,
+        /// The field at fault.
+        param: Option<&'static str>,
+        /// Stable code.
+        code: Option<&'static str>,
+    },
+    /// 401: missing or wrong key.
+    #[error("invalid API key")]
+    Unauthorized,
+    /// 403: the key may not do this.
+    #[error("this key may not use this endpoint")]
+    Forbidden,
+    /// 404: no such model in the pool now.
+    #[error("model not found")]
+    ModelNotFound(String),
+    /// 404: no such route or object.
+    #[error("not found")]
+    NotFound(&'static str),
+    /// 405.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 413.
+    #[error("request body too large")]
+    PayloadTooLarge(usize),
+    /// 415.
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    /// 503: no provider can take it now.
+    #[error("no provider available")]
+    NoCapacity {
+        /// Seconds for `Retry-After`.
+        retry_after: u64,
+    },
+    /// 502: the provider failed.
+    #[error("provider failed")]
+    ProviderFailed(&'static str),
+    /// 504: the provider took too long.
+    #[error("provider timed out")]
+    ProviderTimeout,
+    /// 4xx relayed from the backend, normalised (message already sanitised).
+    #[error("backend rejected the request")]
+    Upstream {
+        /// The backend's status (4xx only).
+        status: StatusCode,
+        /// Sanitised message.
+        message: String,
+    },
+    /// 409: a name is taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// 500: the hub failed. Details are logged, not returned.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    /// Shorthand for a 400.
+    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        ApiError::BadRequest { message: message.into(), param, code: None }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::NoCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ProviderFailed(_) => StatusCode::BAD_GATEWAY,
+            ApiError::ProviderTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Upstream { status, .. } => *status,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Who caused it.
+    pub fn blame(&self) -> Blame {
+        match self {
+            ApiError::ProviderFailed(_) | ApiError::ProviderTimeout => Blame::Provider,
+            ApiError::NoCapacity { .. } | ApiError::Internal => Blame::Hub,
+            _ => Blame::Consumer,
+        }
+    }
+
+    /// The OpenAI error body.
+    pub fn body(&self) -> ErrorBody {
+        match self {
+            ApiError::BadRequest { message, param, code } => {
+                ErrorBody::new("invalid_request_error", message.clone(), *param, *code)
+            }
+            ApiError::Unauthorized => ErrorBody::new(
+                "authentication_error",
+                "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.",
+                None,
+                Some("invalid_api_key"),
+            ),
+            ApiError::Forbidden => ErrorBody::new("permission_error", "This key may not use this endpoint.", None, None),
+            ApiError::ModelNotFound(m) => ErrorBody::new(
+                "invalid_request_error",
+                format!("The model '{m}' is not served by any provider in the pool right now. GET /v1/models lists the models available."),
+                Some("model"),
+                Some("model_not_found"),
+            ),
+            ApiError::NotFound(what) => ErrorBody::new("invalid_request_error", format!("Unknown {what}."), None, Some("not_found")),
+            ApiError::MethodNotAllowed => ErrorBody::new("invalid_request_error", "Method not allowed for this path.", None, None),
+            ApiError::PayloadTooLarge(limit) => ErrorBody::new(
+                "invalid_request_error",
+                format!("Request body is larger than this hub's limit of {limit} bytes."),
+                None,
+                Some("request_too_large"),
+            ),
+            ApiError::UnsupportedMediaType => ErrorBody::new(
+                "invalid_request_error",
+                "Send the request body as JSON with 'Content-Type: application/json'.",
+                None,
+                None,
+            ),
+            ApiError::NoCapacity { .. } => ErrorBody::new(
+                "server_error",
+                "No provider can take this request right now. Retry later.",
+                None,
+                Some("no_capacity"),
+            ),
+            ApiError::ProviderFailed(why) => {
+                ErrorBody::new("server_error", format!("The provider failed: {why}."), None, Some("provider_error"))
+            }
+            ApiError::ProviderTimeout => {
+                ErrorBody::new("server_error", "The provider did not answer in time.", None, Some("provider_timeout"))
+            }
+            ApiError::Upstream { message, .. } => ErrorBody::new("invalid_request_error", message.clone(), None, None),
+            ApiError::Conflict(m) => ErrorBody::new("invalid_request_error", m.clone(), None, Some("conflict")),
+            ApiError::Internal => ErrorBody::new("server_error", "Internal error in the hub.", None, None),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status(), self.body().to_json()).into_response();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let ApiError::NoCapacity { retry_after } = self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        resp
+    }
+}
+
+impl From<potluck_store::StoreError> for ApiError {
+    fn from(e: potluck_store::StoreError) -> Self {
+        match e {
+            potluck_store::StoreError::NotFound => ApiError::NotFound("object"),
+            potluck_store::StoreError::Conflict(m) => ApiError::Conflict(m),
+            potluck_store::StoreError::Db(e) => {
+                tracing::error!(error = %e, "database error");
+                ApiError::Internal
+            }
+        }
+    }
+}

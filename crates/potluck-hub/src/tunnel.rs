@@ -1,0 +1,180 @@
+//! The hub's end of the tunnel: authenticate the agent's upgrade, then act as the HTTP/2
+//! client over it, read the agent's control stream and keep the registry in step.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::upgrade::OnUpgrade;
+use potluck_protocol::tunnel::{
+    AgentEvent, CONTROL_PATH, HEADER_PROTOCOL_VERSION, MAX_CONTROL_LINE_BYTES, PROTOCOL_VERSION, UPGRADE_PROTOCOL,
+};
+use potluck_protocol::ErrorBody;
+use potluck_store::ProviderAuth;
+
+use crate::auth::bearer;
+use crate::error::ApiError;
+use crate::registry::Tunnel;
+use crate::HubState;
+
+fn upgrade_required(message: &str) -> Response {
+    let mut r = (StatusCode::UPGRADE_REQUIRED, ErrorBody::new("invalid_request_error", message, None, None).to_json())
+        .into_response();
+    r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// `GET /v1/tunnel`: check the token and protocol, answer 101, and start the tunnel task.
+pub async fn accept(State(state): State<Arc<HubState>>, mut req: Request) -> Response {
+    let wants_tunnel = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(UPGRADE_PROTOCOL));
+    if !wants_tunnel {
+        return upgrade_required("This endpoint is for provider agents: it needs 'Upgrade: potluck-tunnel/1'.");
+    }
+    let version = req.headers().get(HEADER_PROTOCOL_VERSION).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    if version != Some(PROTOCOL_VERSION) {
+        return upgrade_required("Unsupported tunnel protocol version: upgrade the agent (this hub speaks version 1).");
+    }
+    let Some(token) = bearer(req.headers()) else {
+        return ApiError::Unauthorized.into_response();
+    };
+    let provider = match state.store.authenticate_provider(&token).await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            tracing::info!("tunnel refused: unknown or revoked provider token");
+            return ApiError::Unauthorized.into_response();
+        }
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
+        return ApiError::Internal.into_response();
+    };
+    let st = Arc::clone(&state);
+    state.tasks.spawn(async move { run(st, provider, on_upgrade).await });
+    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    r
+}
+
+/// One tunnel's life: HTTP/2 handshake, control stream, registry membership.
+async fn run(state: Arc<HubState>, provider: ProviderAuth, on_upgrade: OnUpgrade) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(provider_id = provider.provider_id, error = %e, "tunnel upgrade failed");
+            return;
+        }
+    };
+    let (sender, conn) = match potluck_tunnel::settings::client_builder().handshake::<_, Full<Bytes>>(upgraded).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(provider_id = provider.provider_id, error = %e, "tunnel HTTP/2 handshake failed");
+            return;
+        }
+    };
+    let conn_id = state.registry.next_conn_id();
+    let tunnel = Arc::new(Tunnel::new(conn_id, provider.provider_id, provider.name.clone(), sender));
+    let span = tracing::info_span!("tunnel", conn_id, provider_id = provider.provider_id);
+    tracing::info!(parent: &span, provider = %provider.name, "tunnel open");
+
+    tokio::pin!(conn);
+    let control = control_stream(&state, &tunnel);
+    tokio::pin!(control);
+    let revoked = tunnel.cancel.clone();
+    tokio::select! {
+        r = &mut conn => {
+            tracing::info!(parent: &span, result = ?r.err().map(|e| e.to_string()), "tunnel closed by peer");
+        }
+        r = &mut control => {
+            if let Err(why) = r {
+                tracing::warn!(parent: &span, reason = %why, "control stream ended");
+            }
+            // Route nothing new here, but let streams in flight finish.
+            state.registry.remove(conn_id);
+            tokio::select! {
+                _ = &mut conn => {}
+                _ = state.hard_stop.cancelled() => {}
+                _ = revoked.cancelled() => {}
+            }
+        }
+        _ = state.hard_stop.cancelled() => {}
+        _ = revoked.cancelled() => {
+            tracing::info!(parent: &span, "tunnel closed: provider revoked");
+        }
+    }
+    state.registry.remove(conn_id);
+    tracing::info!(parent: &span, "tunnel gone");
+}
+
+/// Open the control stream and apply its events until it ends.
+async fn control_stream(state: &HubState, tunnel: &Arc<Tunnel>) -> Result<(), String> {
+    let req = http::Request::builder()
+        .method("GET")
+        .uri(CONTROL_PATH)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tunnel.sender.clone().send_request(req).await.map_err(|e| e.to_string())?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!("agent answered {} to the control request", resp.status()));
+    }
+    let mut body = resp.into_body();
+    let mut buf = BytesMut::new();
+    let mut greeted = false;
+    loop {
+        let frame = match body.frame().await {
+            None => return Err("agent closed the control stream".into()),
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(f)) => f,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        buf.extend_from_slice(&data);
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line = buf.split_to(nl + 1);
+            let ev = AgentEvent::decode(&line[..nl]).map_err(|e| e.to_string())?;
+            apply(state, tunnel, ev, &mut greeted)?;
+        }
+        if buf.len() > MAX_CONTROL_LINE_BYTES {
+            return Err("control line too long".into());
+        }
+    }
+}
+
+fn apply(state: &HubState, tunnel: &Arc<Tunnel>, ev: AgentEvent, greeted: &mut bool) -> Result<(), String> {
+    match ev {
+        AgentEvent::Hello { protocol, agent_version, models, max_concurrency } => {
+            if protocol != PROTOCOL_VERSION {
+                return Err(format!("agent speaks protocol {protocol}"));
+            }
+            if *greeted {
+                return Err("second hello".into());
+            }
+            *greeted = true;
+            state.registry.insert(Arc::clone(tunnel));
+            tracing::info!(
+                conn_id = tunnel.conn_id,
+                provider_id = tunnel.provider_id,
+                agent_version = %agent_version.chars().take(32).collect::<String>(),
+                models = models.len(),
+                max_concurrency,
+                "provider ready"
+            );
+            state.registry.set_offer(tunnel.conn_id, models.into_iter().map(|m| m.id).collect(), max_concurrency);
+        }
+        AgentEvent::Models { models, max_concurrency } => {
+            if !*greeted {
+                return Err("models before hello".into());
+            }
+            tracing::info!(conn_id = tunnel.conn_id, provider_id = tunnel.provider_id, models = models.len(), max_concurrency, "provider offer changed");
+            state.registry.set_offer(tunnel.conn_id, models.into_iter().map(|m| m.id).collect(), max_concurrency);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,605 @@
+//! The store itself: one engine-neutral API over an SQLite pool.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::migrations::MIGRATIONS;
+use crate::secret::{Secret, SecretKind};
+
+/// How long a writer waits for the SQLite lock before failing.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections in the pool.
+pub const MAX_CONNECTIONS: u32 = 8;
+
+/// Store faults. None of them carries request content.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// No such object.
+    #[error("not found")]
+    NotFound,
+    /// A unique name is taken, or a value is refused.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// An account's role on the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Runs the hub.
+    Admin,
+    /// Acts on reports and bans.
+    Moderator,
+    /// Uses the pool, and provides to it.
+    Member,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Moderator => "moderator",
+            Role::Member => "member",
+        }
+    }
+    fn parse(s: &str) -> Role {
+        match s {
+            "admin" => Role::Admin,
+            "moderator" => Role::Moderator,
+            _ => Role::Member,
+        }
+    }
+}
+
+/// An account.
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// Id.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+}
+
+/// What a valid consumer or admin key resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyAuth {
+    /// The key's id.
+    pub key_id: i64,
+    /// The owning account.
+    pub account_id: i64,
+    /// The owning account's role.
+    pub role: Role,
+}
+
+/// What a valid provider token resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderAuth {
+    /// The provider's id.
+    pub provider_id: i64,
+    /// Its unique name.
+    pub name: String,
+    /// The account that earns for it.
+    pub account_id: i64,
+}
+
+/// A key as listed (never the secret).
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    /// Id.
+    pub id: i64,
+    /// Label.
+    pub name: String,
+    /// Owning account's name.
+    pub account: String,
+    /// Displayable prefix.
+    pub prefix: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub revoked_at: Option<i64>,
+}
+
+/// A provider as listed (never the token).
+#[derive(Debug, Clone)]
+pub struct ProviderRecord {
+    /// Id.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+    /// Owning account's name.
+    pub account: String,
+    /// Displayable prefix.
+    pub prefix: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub revoked_at: Option<i64>,
+}
+
+/// One content-free usage row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// The hub's request id.
+    pub request_id: String,
+    /// The consumer key.
+    pub key_id: i64,
+    /// The consumer account.
+    pub account_id: i64,
+    /// The provider that served it, if any did.
+    pub provider_id: Option<i64>,
+    /// The model name asked for (validated; a name, not content).
+    pub model: String,
+    /// `chat`, `completions` or `embeddings`.
+    pub endpoint: &'static str,
+    /// Streamed or not.
+    pub stream: bool,
+    /// HTTP status given to the consumer.
+    pub status: u16,
+    /// `ok`, `cancelled`, `provider_error`, `rejected`, ...
+    pub outcome: &'static str,
+    /// Prompt tokens (0 if unknown).
+    pub prompt_tokens: i64,
+    /// Completion tokens delivered (0 if unknown).
+    pub completion_tokens: i64,
+    /// Unix milliseconds.
+    pub started_at_ms: i64,
+    /// Milliseconds until the end.
+    pub duration_ms: i64,
+    /// Milliseconds to the first streamed token, if streamed.
+    pub ttft_ms: Option<i64>,
+}
+
+/// The hub's database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Is this a unique-constraint failure?
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+impl Store {
+    /// Open (creating if needed) the SQLite database at `path`, and migrate it.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS).connect_with(opts).await?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// A private in-memory database, for tests.
+    pub async fn open_in_memory() -> Result<Self> {
+        let opts = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
+            .execute(&self.pool)
+            .await?;
+        for (version, sql) in MIGRATIONS {
+            let mut tx = self.pool.begin().await?;
+            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if done.is_some() {
+                continue;
+            }
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)")
+                .bind(version)
+                .bind(now_secs())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(version, "applied database migration");
+        }
+        Ok(())
+    }
+
+    /// Close the pool (waits for connections to finish).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn account_id_or_create(
+        tx: &mut sqlx::SqliteConnection,
+        name: &str,
+        role: Role,
+    ) -> Result<i64> {
+        if let Some(id) = sqlx::query_scalar::<_, i64>("SELECT id FROM accounts WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+        {
+            return Ok(id);
+        }
+        let id = sqlx::query_scalar("INSERT INTO accounts (name, role, created_at) VALUES (?, ?, ?) RETURNING id")
+            .bind(name)
+            .bind(role.as_str())
+            .bind(now_secs())
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok(id)
+    }
+
+    /// Create the operator's admin key if the hub has none yet. Returns the clear
+    /// secret only when it was created now (to be shown once and written to a file).
+    pub async fn ensure_admin_key(&self) -> Result<Option<Secret>> {
+        let mut tx = self.pool.begin().await?;
+        let existing: Option<i64> = sqlx::query_scalar(
+            "SELECT k.id FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+             WHERE a.role = 'admin' AND k.revoked_at IS NULL LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        if existing.is_some() {
+            return Ok(None);
+        }
+        let account = Self::account_id_or_create(&mut tx, "admin", Role::Admin).await?;
+        let secret = Secret::generate(SecretKind::Admin);
+        sqlx::query("INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES (?, 'admin', ?, ?, ?)")
+            .bind(account)
+            .bind(secret.hash())
+            .bind(secret.display_prefix())
+            .bind(now_secs())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(secret))
+    }
+
+    /// Create a consumer key in `account` (created as a member if missing).
+    pub async fn create_key(&self, name: &str, account: &str) -> Result<(i64, Secret)> {
+        let mut tx = self.pool.begin().await?;
+        let account_id = Self::account_id_or_create(&mut tx, account, Role::Member).await?;
+        let secret = Secret::generate(SecretKind::ConsumerKey);
+        let id = sqlx::query_scalar(
+            "INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(account_id)
+        .bind(name)
+        .bind(secret.hash())
+        .bind(secret.display_prefix())
+        .bind(now_secs())
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((id, secret))
+    }
+
+    /// Create a provider with a fresh tunnel token. Names are unique.
+    pub async fn create_provider(&self, name: &str, account: &str) -> Result<(i64, Secret)> {
+        let mut tx = self.pool.begin().await?;
+        let account_id = Self::account_id_or_create(&mut tx, account, Role::Member).await?;
+        let secret = Secret::generate(SecretKind::ProviderToken);
+        let id = sqlx::query_scalar(
+            "INSERT INTO providers (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(account_id)
+        .bind(name)
+        .bind(secret.hash())
+        .bind(secret.display_prefix())
+        .bind(now_secs())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("a provider named {name:?} already exists"))
+            } else {
+                StoreError::Db(e)
+            }
+        })?;
+        tx.commit().await?;
+        Ok((id, secret))
+    }
+
+    /// Resolve a consumer or admin key. Revoked and unknown keys give `None`.
+    pub async fn authenticate_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
+        let row = sqlx::query(
+            "SELECT k.id, k.account_id, a.role FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+             WHERE k.secret_hash = ? AND k.revoked_at IS NULL",
+        )
+        .bind(secret.hash())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| KeyAuth {
+            key_id: r.get(0),
+            account_id: r.get(1),
+            role: Role::parse(r.get::<&str, _>(2)),
+        }))
+    }
+
+    /// Resolve a provider token. Revoked and unknown tokens give `None`.
+    pub async fn authenticate_provider(&self, secret: &Secret) -> Result<Option<ProviderAuth>> {
+        let row = sqlx::query("SELECT id, name, account_id FROM providers WHERE secret_hash = ? AND revoked_at IS NULL")
+            .bind(secret.hash())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| ProviderAuth { provider_id: r.get(0), name: r.get(1), account_id: r.get(2) }))
+    }
+
+    /// Consumer keys (admin keys are not listed).
+    pub async fn list_keys(&self) -> Result<Vec<KeyRecord>> {
+        let rows = sqlx::query(
+            "SELECT k.id, k.name, a.name, k.prefix, k.created_at, k.revoked_at FROM api_keys k \
+             JOIN accounts a ON a.id = k.account_id WHERE a.role != 'admin' ORDER BY k.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| KeyRecord {
+                id: r.get(0),
+                name: r.get(1),
+                account: r.get(2),
+                prefix: r.get(3),
+                created_at: r.get(4),
+                revoked_at: r.get(5),
+            })
+            .collect())
+    }
+
+    /// Providers.
+    pub async fn list_providers(&self) -> Result<Vec<ProviderRecord>> {
+        let rows = sqlx::query(
+            "SELECT p.id, p.name, a.name, p.prefix, p.created_at, p.revoked_at FROM providers p \
+             JOIN accounts a ON a.id = p.account_id ORDER BY p.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ProviderRecord {
+                id: r.get(0),
+                name: r.get(1),
+                account: r.get(2),
+                prefix: r.get(3),
+                created_at: r.get(4),
+                revoked_at: r.get(5),
+            })
+            .collect())
+    }
+
+    /// Revoke a consumer key by id or by name (a name must be unambiguous).
+    /// Returns the key's id.
+    pub async fn revoke_key(&self, id_or_name: &str) -> Result<i64> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT k.id FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+             WHERE a.role != 'admin' AND k.revoked_at IS NULL AND (CAST(k.id AS TEXT) = ? OR k.name = ?)",
+        )
+        .bind(id_or_name)
+        .bind(id_or_name)
+        .fetch_all(&self.pool)
+        .await?;
+        let id = match ids.as_slice() {
+            [] => return Err(StoreError::NotFound),
+            [id] => *id,
+            _ => return Err(StoreError::Conflict(format!("{} keys match; revoke by id", ids.len()))),
+        };
+        sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ?")
+            .bind(now_secs())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(id)
+    }
+
+    /// Revoke a provider's token by id or name. Returns the provider's id.
+    pub async fn revoke_provider(&self, id_or_name: &str) -> Result<i64> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM providers WHERE revoked_at IS NULL AND (CAST(id AS TEXT) = ? OR name = ?)",
+        )
+        .bind(id_or_name)
+        .bind(id_or_name)
+        .fetch_optional(&self.pool)
+        .await?;
+        let id = id.ok_or(StoreError::NotFound)?;
+        sqlx::query("UPDATE providers SET revoked_at = ? WHERE id = ?")
+            .bind(now_secs())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(id)
+    }
+
+    /// Write a batch of usage rows in one transaction.
+    pub async fn record_usage(&self, batch: &[UsageRecord]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for u in batch {
+            sqlx::query(
+                "INSERT INTO usage_records (request_id, key_id, account_id, provider_id, model, endpoint, stream, \
+                 status, outcome, prompt_tokens, completion_tokens, started_at_ms, duration_ms, ttft_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&u.request_id)
+            .bind(u.key_id)
+            .bind(u.account_id)
+            .bind(u.provider_id)
+            .bind(&u.model)
+            .bind(u.endpoint)
+            .bind(u.stream)
+            .bind(i64::from(u.status))
+            .bind(u.outcome)
+            .bind(u.prompt_tokens)
+            .bind(u.completion_tokens)
+            .bind(u.started_at_ms)
+            .bind(u.duration_ms)
+            .bind(u.ttft_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Usage rows, newest first (at most `limit`). For the admin API and tests.
+    pub async fn recent_usage(&self, limit: i64) -> Result<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT request_id, key_id, provider_id, model, endpoint, stream, status, outcome, \
+             prompt_tokens, completion_tokens, duration_ms FROM usage_records ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UsageRow {
+                request_id: r.get(0),
+                key_id: r.get(1),
+                provider_id: r.get(2),
+                model: r.get(3),
+                endpoint: r.get(4),
+                stream: r.get(5),
+                status: r.get(6),
+                outcome: r.get(7),
+                prompt_tokens: r.get(8),
+                completion_tokens: r.get(9),
+                duration_ms: r.get(10),
+            })
+            .collect())
+    }
+}
+
+/// A usage row as read back.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UsageRow {
+    /// The hub's request id.
+    pub request_id: String,
+    /// Consumer key id.
+    pub key_id: i64,
+    /// Provider id.
+    pub provider_id: Option<i64>,
+    /// Model name.
+    pub model: String,
+    /// Endpoint label.
+    pub endpoint: String,
+    /// Streamed.
+    pub stream: bool,
+    /// HTTP status.
+    pub status: i64,
+    /// Outcome label.
+    pub outcome: String,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// Duration.
+    pub duration_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_and_tokens_lifecycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hub.db")).await.unwrap();
+        let admin = store.ensure_admin_key().await.unwrap().expect("first start creates a key");
+        assert!(store.ensure_admin_key().await.unwrap().is_none(), "second start does not");
+        assert_eq!(store.authenticate_key(&admin).await.unwrap().unwrap().role, Role::Admin);
+
+        let (kid, key) = store.create_key("alice-laptop", "alice").await.unwrap();
+        let auth = store.authenticate_key(&key).await.unwrap().unwrap();
+        assert_eq!(auth.key_id, kid);
+        assert_eq!(auth.role, Role::Member);
+        assert!(store.authenticate_key(&Secret::new("pk-nope")).await.unwrap().is_none());
+        let listed = store.list_keys().await.unwrap();
+        assert_eq!(listed.len(), 1, "admin keys are not listed");
+        assert_eq!(listed[0].account, "alice");
+        assert!(!listed[0].prefix.contains(&key.expose()[10..]));
+
+        let (pid, token) = store.create_provider("gpu-box", "bob").await.unwrap();
+        assert_eq!(store.authenticate_provider(&token).await.unwrap().unwrap().provider_id, pid);
+        assert!(matches!(store.create_provider("gpu-box", "bob").await, Err(StoreError::Conflict(_))));
+        assert!(store.authenticate_provider(&key).await.unwrap().is_none(), "a key is not a token");
+
+        assert_eq!(store.revoke_key("alice-laptop").await.unwrap(), kid);
+        assert!(store.authenticate_key(&key).await.unwrap().is_none());
+        assert!(matches!(store.revoke_key("alice-laptop").await, Err(StoreError::NotFound)));
+        assert_eq!(store.revoke_provider(&pid.to_string()).await.unwrap(), pid);
+        assert!(store.authenticate_provider(&token).await.unwrap().is_none());
+
+        // The secrets themselves are nowhere in the database file.
+        store.close().await;
+        let mut all = Vec::new();
+        for e in std::fs::read_dir(dir.path()).unwrap() {
+            all.extend(std::fs::read(e.unwrap().path()).unwrap());
+        }
+        for s in [&admin, &key, &token] {
+            let needle = s.expose().as_bytes();
+            assert!(!all.windows(needle.len()).any(|w| w == needle));
+        }
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_data_and_migrates_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let (_, key) = {
+            let s = Store::open(&path).await.unwrap();
+            let r = s.create_key("k", "a").await.unwrap();
+            s.close().await;
+            r
+        };
+        let s = Store::open(&path).await.unwrap();
+        assert!(s.authenticate_key(&key).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn usage_batches() {
+        let s = Store::open_in_memory().await.unwrap();
+        let rec = UsageRecord {
+            request_id: "req_1".into(),
+            key_id: 1,
+            account_id: 1,
+            provider_id: Some(2),
+            model: "m".into(),
+            endpoint: "chat",
+            stream: true,
+            status: 200,
+            outcome: "ok",
+            prompt_tokens: 5,
+            completion_tokens: 7,
+            started_at_ms: 1,
+            duration_ms: 2,
+            ttft_ms: Some(1),
+        };
+        s.record_usage(&[rec.clone(), UsageRecord { request_id: "req_2".into(), ..rec }]).await.unwrap();
+        let rows = s.recent_usage(10).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].request_id, "req_2");
+        assert_eq!(rows[1].completion_tokens, 7);
+    }
+}

@@ -1,0 +1,174 @@
+//! Dialing the hub: TCP with `TCP_NODELAY`, then TLS (rustls, webpki roots) for `https`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use url::Url;
+
+/// How long a TCP connect plus TLS handshake may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bidirectional byte stream (TCP or TLS over TCP).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// A boxed [`Io`].
+pub type BoxIo = Box<dyn Io>;
+
+/// A validated hub base URL: `http` or `https`, with a host, no query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubUrl {
+    url: Url,
+}
+
+/// Why dialing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The URL is not usable.
+    #[error("invalid hub URL: {0}")]
+    BadUrl(String),
+    /// TCP or TLS failed.
+    #[error("cannot reach {addr}: {source}")]
+    Connect {
+        /// host:port
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connect or TLS handshake took longer than [`CONNECT_TIMEOUT`].
+    #[error("timed out connecting to {0}")]
+    Timeout(String),
+}
+
+impl HubUrl {
+    /// Parse and check a hub URL.
+    pub fn parse(s: &str) -> Result<Self, DialError> {
+        let url = Url::parse(s).map_err(|e| DialError::BadUrl(format!("{s:?}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(DialError::BadUrl(format!("{s:?}: the scheme must be http or https")));
+        }
+        if url.host_str().is_none() {
+            return Err(DialError::BadUrl(format!("{s:?}: no host")));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(DialError::BadUrl(format!("{s:?}: no query or fragment allowed")));
+        }
+        Ok(Self { url })
+    }
+
+    /// Whether TLS is used.
+    pub fn is_tls(&self) -> bool {
+        self.url.scheme() == "https"
+    }
+
+    /// Host name (for SNI and `Host:`).
+    pub fn host(&self) -> &str {
+        self.url.host_str().unwrap_or_default()
+    }
+
+    /// Port, defaulted from the scheme.
+    pub fn port(&self) -> u16 {
+        self.url.port_or_known_default().unwrap_or(80)
+    }
+
+    /// `host:port` for `Host:` headers.
+    pub fn authority(&self) -> String {
+        match self.url.port() {
+            Some(p) => format!("{}:{p}", self.host()),
+            None => self.host().to_owned(),
+        }
+    }
+
+    /// Join a path (starting with `/`) below the base URL's path.
+    pub fn path(&self, p: &str) -> String {
+        format!("{}{p}", self.url.path().trim_end_matches('/'))
+    }
+
+    /// The URL as given.
+    pub fn as_str(&self) -> &str {
+        self.url.as_str()
+    }
+}
+
+impl std::fmt::Display for HubUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.url.as_str().trim_end_matches('/'))
+    }
+}
+
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+    // The ring provider supports the default versions; this cannot fail in practice.
+    Arc::new(cfg.unwrap_or_else(|_| {
+        rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    }))
+}
+
+/// Resolve and connect, trying each address in turn. Takes an owned name so that the
+/// future stays `Send` for every lifetime (it is boxed as a `dyn Future + Send`).
+async fn connect_tcp(addr: String) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for sa in tokio::net::lookup_host(addr).await? {
+        match TcpStream::connect(sa).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Open a byte stream to the hub: TCP (`TCP_NODELAY` on), plus TLS for `https`.
+pub fn dial(hub: &HubUrl) -> impl std::future::Future<Output = Result<BoxIo, DialError>> + Send + 'static {
+    let addr = format!("{}:{}", hub.host(), hub.port());
+    let fut = connect(addr.clone(), hub.is_tls().then(|| hub.host().to_owned()));
+    async move { tokio::time::timeout(CONNECT_TIMEOUT, fut).await.map_err(|_| DialError::Timeout(addr))? }
+}
+
+async fn connect(addr: String, tls_name: Option<String>) -> Result<BoxIo, DialError> {
+    let tcp = match connect_tcp(addr.clone()).await {
+        Ok(t) => t,
+        Err(source) => return Err(DialError::Connect { addr, source }),
+    };
+    if let Err(source) = tcp.set_nodelay(true) {
+        return Err(DialError::Connect { addr, source });
+    }
+    let Some(name) = tls_name else {
+        return Ok(Box::new(tcp));
+    };
+    let server_name = match rustls::pki_types::ServerName::try_from(name.clone()) {
+        Ok(n) => n,
+        Err(e) => return Err(DialError::BadUrl(format!("{name}: {e}"))),
+    };
+    match tokio_rustls::TlsConnector::from(tls_config()).connect(server_name, tcp).await {
+        Ok(tls) => Ok(Box::new(tls)),
+        Err(source) => Err(DialError::Connect { addr, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = HubUrl::parse("https://hub.example.org/base/").unwrap();
+        assert!(u.is_tls());
+        assert_eq!(u.port(), 443);
+        assert_eq!(u.path("/v1/tunnel"), "/base/v1/tunnel");
+        let u = HubUrl::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!(u.authority(), "127.0.0.1:8080");
+        assert_eq!(u.path("/v1/tunnel"), "/v1/tunnel");
+        assert!(HubUrl::parse("ftp://x").is_err());
+        assert!(HubUrl::parse("http://x/?a=1").is_err());
+        assert!(HubUrl::parse("nonsense").is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! Command-line interface: `hub`, `provide`, and the admin clients `keys` and `providers`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use potluck_hub::{Hub, HubConfig};
+use potluck_protocol::admin::{CreateKey, CreateProvider, Created, KeyInfo, List, ProviderInfo};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::AdminClient;
+
+/// Potluck: pool a community's inference servers behind one OpenAI-compatible endpoint.
+#[derive(Debug, Parser)]
+#[command(name = "potluck", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a hub: the shared OpenAI-compatible endpoint, with an embedded SQLite database.
+    Hub(HubArgs),
+    /// Share a local inference server through a hub (dials out; opens no port).
+    Provide(crate::provide::ProvideArgs),
+    /// Consumer API keys (admin).
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Provider tokens (admin).
+    Providers {
+        #[command(subcommand)]
+        cmd: ProvidersCmd,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct HubArgs {
+    /// Address to listen on [default: 127.0.0.1:8080; config: listen].
+    #[arg(long, env = "POTLUCK_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Directory for hub.db and admin.key [default: ~/.local/share/potluck; config: data_dir].
+    #[arg(long, env = "POTLUCK_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file (limits and timeouts; see README).
+    #[arg(long, env = "POTLUCK_HUB_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct AdminArgs {
+    /// The hub's base URL.
+    #[arg(long, env = "POTLUCK_HUB", default_value = "http://127.0.0.1:8080", global = true)]
+    hub: String,
+    /// File holding the admin key (the hub writes DATA_DIR/admin.key on first start).
+    #[arg(long, value_name = "FILE", global = true)]
+    admin_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCmd {
+    /// Create a consumer API key; prints the key alone on stdout.
+    Create {
+        /// A label for the key.
+        #[arg(long)]
+        name: String,
+        /// The account it belongs to (created if missing) [default: NAME].
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// List consumer keys (never the secrets).
+    List,
+    /// Revoke a key by id or name; takes effect at once.
+    Revoke {
+        /// Key id or name.
+        key: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProvidersCmd {
+    /// Create a provider; prints its tunnel token alone on stdout.
+    Create {
+        /// Unique provider name.
+        #[arg(long)]
+        name: String,
+        /// The account that earns for it (created if missing) [default: NAME].
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// List providers with their live state.
+    List,
+    /// Revoke a provider's token by id or name; its tunnels close at once.
+    Revoke {
+        /// Provider id or name.
+        provider: String,
+    },
+}
+
+/// Run the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Hub(a) => hub(a).await,
+        Command::Provide(a) => crate::provide::run(a).await,
+        Command::Keys { cmd, admin } => keys(cmd, admin).await,
+        Command::Providers { cmd, admin } => providers(cmd, admin).await,
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("potluck")
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+    token.cancel();
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+async fn hub(a: HubArgs) -> anyhow::Result<()> {
+    let mut config = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?;
+            toml::from_str::<HubConfig>(&text).with_context(|| format!("invalid config file {}", p.display()))?
+        }
+        None => HubConfig { data_dir: default_data_dir(), ..HubConfig::default() },
+    };
+    if let Some(l) = a.listen {
+        config.listen = l;
+    }
+    if let Some(d) = a.data_dir {
+        config.data_dir = d;
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let store = potluck_store::Store::open(&config.data_dir.join("hub.db"))
+        .await
+        .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
+    let key_path = config.data_dir.join("admin.key");
+    if let Some(admin) = store.ensure_admin_key().await? {
+        write_private(&key_path, &format!("{}\n", admin.expose()))?;
+        println!("Created the admin key; it is shown once and saved to {} (mode 0600):", key_path.display());
+        println!("  {}", admin.expose());
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    println!("potluck hub listening on http://{addr}");
+    println!("  OpenAI base URL: http://{addr}/v1   data: {}", config.data_dir.display());
+    let shutdown = CancellationToken::new();
+    let hub = Hub::new(config, store);
+    let (r, _) = tokio::join!(hub.run(listener, shutdown.clone()), async {
+        tokio::select! {
+            _ = shutdown_signal(shutdown.clone()) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    });
+    r.context("hub server failed")
+}
+
+fn admin_client(a: &AdminArgs) -> anyhow::Result<AdminClient> {
+    let key = match (std::env::var("POTLUCK_ADMIN_KEY").ok().filter(|k| !k.trim().is_empty()), &a.admin_key_file) {
+        (_, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read admin key file {}", f.display()))?,
+        (Some(k), None) => k,
+        (None, None) => {
+            let f = default_data_dir().join("admin.key");
+            match std::fs::read_to_string(&f) {
+                Ok(k) => k,
+                Err(_) => bail!(
+                    "no admin key: set POTLUCK_ADMIN_KEY or pass --admin-key-file (the hub wrote DATA_DIR/admin.key on first start)"
+                ),
+            }
+        }
+    };
+    AdminClient::new(&a.hub, key.trim())
+}
+
+fn when(ts: Option<i64>) -> String {
+    ts.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+}
+
+async fn keys(cmd: KeysCmd, a: AdminArgs) -> anyhow::Result<()> {
+    let c = admin_client(&a)?;
+    match cmd {
+        KeysCmd::Create { name, account } => {
+            let created: Created = c.post("/admin/v1/keys", &CreateKey { name, account }).await?;
+            println!("{}", created.secret);
+        }
+        KeysCmd::List => {
+            let list: List<KeyInfo> = c.get("/admin/v1/keys").await?;
+            println!("{:<6} {:<24} {:<20} {:<12} {:<12} {}", "ID", "NAME", "ACCOUNT", "PREFIX", "CREATED", "REVOKED");
+            for k in list.data {
+                println!("{:<6} {:<24} {:<20} {:<12} {:<12} {}", k.id, k.name, k.account, k.prefix, k.created_at, when(k.revoked_at));
+            }
+        }
+        KeysCmd::Revoke { key } => {
+            let _: serde_json::Value = c.delete(&format!("/admin/v1/keys/{}", path_segment(&key))).await?;
+            eprintln!("revoked key {key}");
+        }
+    }
+    Ok(())
+}
+
+async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result<()> {
+    let c = admin_client(&a)?;
+    match cmd {
+        ProvidersCmd::Create { name, account } => {
+            let created: Created = c.post("/admin/v1/providers", &CreateProvider { name, account }).await?;
+            println!("{}", created.secret);
+        }
+        ProvidersCmd::List => {
+            let list: List<ProviderInfo> = c.get("/admin/v1/providers").await?;
+            println!("{:<6} {:<20} {:<10} {:<6} {:<9} {}", "ID", "NAME", "STATE", "CONNS", "INFLIGHT", "MODELS");
+            for p in list.data {
+                let state = if p.revoked_at.is_some() {
+                    "revoked"
+                } else if p.connections > 0 {
+                    "online"
+                } else {
+                    "offline"
+                };
+                println!("{:<6} {:<20} {:<10} {:<6} {:<9} {}", p.id, p.name, state, p.connections, p.in_flight, p.models.join(","));
+            }
+        }
+        ProvidersCmd::Revoke { provider } => {
+            let _: serde_json::Value = c.delete(&format!("/admin/v1/providers/{}", path_segment(&provider))).await?;
+            eprintln!("revoked provider {provider}");
+        }
+    }
+    Ok(())
+}
+
+/// Percent-encode a path segment (names are restricted, but ids come from users).
+fn path_segment(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
+}
