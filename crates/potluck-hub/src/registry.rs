@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::client::conn::http2::SendRequest;
 use potluck_protocol::ModelName;
+use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 /// One open tunnel to one agent.
@@ -160,18 +161,29 @@ impl Registry {
         if candidates.is_empty() {
             return Err(PickError::UnknownModel);
         }
-        let mut best: Option<(f64, &Arc<Tunnel>)> = None;
+        // Lowest load relative to capacity; ties are broken at random so that sequential
+        // traffic spreads too.
+        let mut best: Vec<&Arc<Tunnel>> = Vec::new();
+        let mut best_load = f64::INFINITY;
         for t in candidates.iter().filter(|t| !exclude.contains(&t.provider_id)) {
             let cap = t.offer().capacity.max(1);
-            let load = t.in_flight() as f64 / cap as f64;
-            if t.in_flight() >= cap {
+            let inflight = t.in_flight();
+            if inflight >= cap {
                 continue;
             }
-            if best.is_none_or(|(b, _)| load < b) {
-                best = Some((load, t));
+            let load = f64::from(inflight) / f64::from(cap);
+            if load < best_load {
+                best_load = load;
+                best.clear();
+            }
+            if load <= best_load {
+                best.push(t);
             }
         }
-        let (_, t) = best.ok_or(PickError::Busy)?;
+        if best.is_empty() {
+            return Err(PickError::Busy);
+        }
+        let t = best[rand::rng().random_range(0..best.len())];
         t.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Lease { tunnel: Arc::clone(t) })
     }

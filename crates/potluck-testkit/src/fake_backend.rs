@@ -1,0 +1,266 @@
+//! A fast, recording, fault-injecting OpenAI-compatible backend.
+//!
+//! It is not a stand-in for correctness (the real llama.cpp server covers that); it makes
+//! faults reproducible: 5xx answers, stalls, streams cut mid-way, and it records what it
+//! received and whether the client went away.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use http::{header, StatusCode};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+/// How the fake answers.
+#[derive(Debug, Clone)]
+pub struct FakeBehavior {
+    /// Content chunks in a streamed answer (also the completion token count).
+    pub chunks: usize,
+    /// Pause between streamed chunks.
+    pub gap: Duration,
+    /// Answer every inference request with this status (and an error body).
+    pub fail_status: Option<u16>,
+    /// In a stream, stop after this many chunks and hold the connection open.
+    pub stall_after: Option<usize>,
+    /// Never send response headers.
+    pub hang: bool,
+}
+
+impl Default for FakeBehavior {
+    fn default() -> Self {
+        Self { chunks: 5, gap: Duration::ZERO, fail_status: None, stall_after: None, hang: false }
+    }
+}
+
+/// One request as the fake received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    /// Every header, lower-case names.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// Shared state of a fake backend.
+#[derive(Default)]
+pub struct FakeState {
+    models: Mutex<Vec<String>>,
+    behavior: Mutex<FakeBehavior>,
+    received: Mutex<Vec<Received>>,
+    /// Streams started.
+    pub streams_started: AtomicUsize,
+    /// Streams that sent everything.
+    pub streams_completed: AtomicUsize,
+    /// Streams whose client went away before the end.
+    pub streams_disconnected: AtomicUsize,
+    /// Inference requests answered (any status).
+    pub inference_requests: AtomicUsize,
+}
+
+/// A running fake backend on 127.0.0.1:0.
+pub struct FakeBackend {
+    addr: SocketAddr,
+    state: Arc<FakeState>,
+    stop: CancellationToken,
+    _task: AbortOnDropHandle<()>,
+}
+
+impl FakeBackend {
+    /// Start one serving `models`.
+    pub async fn start(models: &[&str]) -> Self {
+        let state = Arc::new(FakeState::default());
+        *state.models.lock().unwrap() = models.iter().map(|s| s.to_string()).collect();
+        let app = Router::new()
+            .route("/v1/models", get(list_models))
+            .route("/v1/{*rest}", any(inference))
+            .fallback(any(record_other))
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake backend");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(s.cancelled_owned()).await;
+        });
+        Self { addr, state, stop, _task: AbortOnDropHandle::new(task) }
+    }
+
+    /// `http://127.0.0.1:PORT/v1`
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Its state (counters).
+    pub fn state(&self) -> &Arc<FakeState> {
+        &self.state
+    }
+
+    /// Change how it answers.
+    pub fn set_behavior(&self, b: FakeBehavior) {
+        *self.state.behavior.lock().unwrap() = b;
+    }
+
+    /// Change the models it lists.
+    pub fn set_models(&self, models: &[&str]) {
+        *self.state.models.lock().unwrap() = models.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// Inference requests received (not discovery).
+    pub fn inference_received(&self) -> Vec<Received> {
+        self.received().into_iter().filter(|r| r.target != "/v1/models").collect()
+    }
+
+    /// Stop serving.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+async fn list_models(State(st): State<Arc<FakeState>>) -> Response {
+    let data: Vec<Value> = st.models.lock().unwrap().iter().map(|m| json!({"id": m, "object": "model", "owned_by": "fake"})).collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn record(st: &FakeState, req: Request) -> Received {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap_or_default().to_vec();
+    let rec = Received {
+        method: parts.method.to_string(),
+        target: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        headers: parts.headers.iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect(),
+        body,
+    };
+    st.received.lock().unwrap().push(rec.clone());
+    rec
+}
+
+async fn record_other(State(st): State<Arc<FakeState>>, req: Request) -> Response {
+    record(&st, req).await;
+    (StatusCode::OK, "reached a non-inference path").into_response()
+}
+
+/// Counts a stream as disconnected if dropped before it completed.
+struct StreamGuard {
+    st: Arc<FakeState>,
+    done: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.done {
+            self.st.streams_completed.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.st.streams_disconnected.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn inference(State(st): State<Arc<FakeState>>, req: Request) -> Response {
+    let rec = record(&st, req).await;
+    st.inference_requests.fetch_add(1, Ordering::SeqCst);
+    let b = st.behavior.lock().unwrap().clone();
+    if b.hang {
+        std::future::pending::<()>().await;
+    }
+    if let Some(code) = b.fail_status {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (status, axum::Json(json!({"error": {"message": "fake failure", "type": "server_error", "code": code}}))).into_response();
+    }
+    let body: Value = serde_json::from_slice(&rec.body).unwrap_or(Value::Null);
+    let model = "fake-alias";
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    match rec.target.as_str() {
+        "/v1/embeddings" => {
+            let n = match body.get("input") {
+                Some(Value::Array(a)) => a.len(),
+                _ => 1,
+            };
+            let data: Vec<Value> = (0..n).map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]})).collect();
+            axum::Json(json!({"object": "list", "model": model, "data": data, "usage": {"prompt_tokens": 3 * n, "total_tokens": 3 * n}})).into_response()
+        }
+        "/v1/chat/completions" | "/v1/completions" if !stream => {
+            let chat = rec.target == "/v1/chat/completions";
+            let text: String = (0..b.chunks).map(|i| format!("tok{i} ")).collect();
+            let choice = if chat {
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+            } else {
+                json!({"index": 0, "text": text, "finish_reason": "stop"})
+            };
+            axum::Json(json!({
+                "id": "backend-id", "object": if chat {"chat.completion"} else {"text_completion"}, "created": 1, "model": model,
+                "choices": [choice],
+                "usage": {"prompt_tokens": 7, "completion_tokens": b.chunks, "total_tokens": 7 + b.chunks}
+            }))
+            .into_response()
+        }
+        "/v1/chat/completions" | "/v1/completions" => stream_answer(st, b, rec.target == "/v1/chat/completions", include_usage),
+        _ => (StatusCode::NOT_FOUND, "no such endpoint").into_response(),
+    }
+}
+
+fn stream_answer(st: Arc<FakeState>, b: FakeBehavior, chat: bool, include_usage: bool) -> Response {
+    st.streams_started.fetch_add(1, Ordering::SeqCst);
+    let guard = StreamGuard { st, done: false };
+    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let stream = futures_util::stream::unfold((0usize, guard), move |(i, mut guard)| {
+        let b = b.clone();
+        async move {
+            if b.stall_after == Some(i) {
+                std::future::pending::<()>().await;
+            }
+            if i > 0 && !b.gap.is_zero() && i <= b.chunks {
+                tokio::time::sleep(b.gap).await;
+            }
+            let n = b.chunks;
+            let data = if i < n {
+                let choice = if chat {
+                    json!({"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null})
+                } else {
+                    json!({"index": 0, "text": format!("tok{i} "), "finish_reason": null})
+                };
+                format!("data: {}\n\n", json!({"id": "backend-id", "object": object, "created": 1, "model": "fake-alias", "choices": [choice]}))
+            } else if i == n {
+                let choice = if chat {
+                    json!({"index": 0, "delta": {}, "finish_reason": "stop"})
+                } else {
+                    json!({"index": 0, "text": "", "finish_reason": "stop"})
+                };
+                format!("data: {}\n\n", json!({"id": "backend-id", "object": object, "created": 1, "model": "fake-alias", "choices": [choice]}))
+            } else if i == n + 1 && include_usage {
+                format!(
+                    "data: {}\n\n",
+                    json!({"id": "backend-id", "object": object, "created": 1, "model": "fake-alias", "choices": [],
+                           "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}})
+                )
+            } else if i <= n + 2 {
+                guard.done = true;
+                "data: [DONE]\n\n".to_owned()
+            } else {
+                return None;
+            };
+            let next = if i == n && !include_usage { i + 2 } else { i + 1 };
+            Some((Ok::<_, std::convert::Infallible>(Bytes::from(data)), (next, guard)))
+        }
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+    r
+}

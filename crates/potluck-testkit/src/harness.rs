@@ -1,0 +1,205 @@
+//! A hub and agents in this process, on 127.0.0.1 port 0, with a real SQLite file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use potluck_agent::{AgentConfig, BackendConfig};
+use potluck_hub::{Hub, HubConfig, HubState};
+use potluck_store::Store;
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A hub under test.
+pub struct TestHub {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// The admin key.
+    pub admin_key: String,
+    /// HTTP client for personas.
+    pub http: reqwest::Client,
+    data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    config: HubConfig,
+    state: Option<Arc<HubState>>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestHub {
+    /// Start a hub with test-friendly defaults.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Start a hub after adjusting its configuration.
+    pub async fn start_with(f: impl FnOnce(&mut HubConfig)) -> Self {
+        crate::init_tracing();
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut config = HubConfig { data_dir: tmp.path().to_path_buf(), shutdown_grace: Duration::from_secs(2), ..HubConfig::default() };
+        f(&mut config);
+        let data_dir = config.data_dir.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind hub");
+        let mut hub = Self {
+            addr: listener.local_addr().expect("addr"),
+            admin_key: String::new(),
+            http: reqwest::Client::builder().build().expect("client"),
+            data_dir,
+            _tmp: Some(tmp),
+            config,
+            state: None,
+            shutdown: CancellationToken::new(),
+            task: None,
+        };
+        hub.launch(listener).await;
+        hub
+    }
+
+    async fn launch(&mut self, listener: tokio::net::TcpListener) {
+        let store = Store::open(&self.data_dir.join("hub.db")).await.expect("open store");
+        if let Some(k) = store.ensure_admin_key().await.expect("admin key") {
+            self.admin_key = k.expose().to_owned();
+        }
+        let hub = Hub::new(self.config.clone(), store);
+        self.state = Some(hub.state());
+        self.shutdown = CancellationToken::new();
+        self.task = Some(tokio::spawn(hub.run(listener, self.shutdown.clone())));
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The OpenAI base URL.
+    pub fn v1(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// The hub's state (registry, store).
+    pub fn state(&self) -> Arc<HubState> {
+        Arc::clone(self.state.as_ref().expect("hub running"))
+    }
+
+    /// The data directory (database file).
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    async fn admin_post(&self, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url()))
+            .bearer_auth(&self.admin_key)
+            .json(&body)
+            .send()
+            .await
+            .expect("admin request");
+        assert_eq!(r.status(), 201, "admin create failed");
+        r.json().await.expect("json")
+    }
+
+    /// Admin persona: create a consumer key.
+    pub async fn create_key(&self, name: &str) -> String {
+        self.admin_post("/admin/v1/keys", json!({"name": name})).await["secret"].as_str().expect("secret").to_owned()
+    }
+
+    /// Admin persona: create a provider token.
+    pub async fn create_provider(&self, name: &str) -> String {
+        self.admin_post("/admin/v1/providers", json!({"name": name})).await["secret"].as_str().expect("secret").to_owned()
+    }
+
+    /// Wait until `model` is offered by exactly `providers` providers.
+    pub async fn wait_for_model(&self, model: &str, providers: usize) {
+        let st = self.state();
+        let name = potluck_protocol::ModelName::parse(model).expect("model name");
+        crate::wait_until(&format!("{model} served by {providers} provider(s)"), Duration::from_secs(30), || {
+            let st = Arc::clone(&st);
+            let name = name.clone();
+            async move { st.registry.models().get(&name).copied().unwrap_or(0) == providers }
+        })
+        .await;
+    }
+
+    /// Stop the hub (graceful, bounded).
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.expect("hub task").expect("hub run");
+        }
+        self.state = None;
+    }
+
+    /// Stop, then start again on the same address and data directory.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebind hub port");
+        self.launch(listener).await;
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An agent under test.
+pub struct TestAgent {
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestAgent {
+    /// Test defaults: fast reconnects and discovery.
+    pub fn config(hub: &str, token: &str, backends: &[String]) -> AgentConfig {
+        let backends = backends.iter().map(|b| BackendConfig::parse(b, None).expect("backend url")).collect();
+        let mut c = AgentConfig::new(potluck_tunnel::HubUrl::parse(hub).expect("hub url"), token.to_owned(), backends).expect("config");
+        c.reconnect_min = Duration::from_millis(50);
+        c.reconnect_max = Duration::from_millis(500);
+        c.discovery_interval = Duration::from_secs(2);
+        c.shutdown_grace = Duration::from_secs(2);
+        c
+    }
+
+    /// Start an agent for `hub` with one backend.
+    pub fn start(hub: &TestHub, token: &str, backend: &str) -> Self {
+        Self::start_with(Self::config(&hub.url(), token, &[backend.to_owned()]))
+    }
+
+    /// Start an agent with a full configuration.
+    pub fn start_with(config: AgentConfig) -> Self {
+        crate::init_tracing();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(potluck_agent::run(config, shutdown.clone()));
+        Self { shutdown, task: Some(task) }
+    }
+
+    /// Graceful stop.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// Abrupt stop: the agent's tunnel is dropped mid-whatever, like a killed process.
+    pub async fn kill(mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,195 @@
+//! Pooling: load spreads over providers, a dead provider is routed around, a failed
+//! provider is retried on another before the consumer notices, and a restarted hub gets
+//! its agents back without anyone acting.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use potluck_testkit::{FakeBackend, FakeBehavior, TestAgent, TestHub};
+use serde_json::{json, Value};
+
+const MODEL: &str = "shared-model";
+
+async fn chat(hub: &TestHub, key: &str, stream: bool) -> reqwest::Response {
+    hub.http
+        .post(format!("{}/chat/completions", hub.v1()))
+        .bearer_auth(key)
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_spreads_failover_and_hub_restart() {
+    let mut hub = TestHub::start().await;
+    let key = hub.create_key("consumer").await;
+    let (b1, b2) = (FakeBackend::start(&[MODEL]).await, FakeBackend::start(&[MODEL]).await);
+    let t1 = hub.create_provider("p1").await;
+    let t2 = hub.create_provider("p2").await;
+    let a1 = TestAgent::start(&hub, &t1, &b1.base_url());
+    let a2 = TestAgent::start(&hub, &t2, &b2.base_url());
+    hub.wait_for_model(MODEL, 2).await;
+
+    // Concurrent slow streams spread over both providers (fewest in flight wins).
+    let slow = FakeBehavior { chunks: 4, gap: Duration::from_millis(50), ..Default::default() };
+    b1.set_behavior(slow.clone());
+    b2.set_behavior(slow);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (http, url, key) = (hub.http.clone(), hub.v1(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(format!("{url}/chat/completions"))
+                .bearer_auth(&key)
+                .json(&json!({"model": MODEL, "messages": [], "stream": true}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let body = r.text().await.unwrap();
+            assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (n1, n2) = (b1.inference_received().len(), b2.inference_received().len());
+    assert_eq!(n1 + n2, 8);
+    assert!(n1 >= 2 && n2 >= 2, "load spread over both providers: {n1} / {n2}");
+
+    // Kill one agent: every request still succeeds, on the other.
+    a1.kill().await;
+    hub.wait_for_model(MODEL, 1).await;
+    let before = b2.inference_received().len();
+    for _ in 0..5 {
+        let r = chat(&hub, &key, false).await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(b2.inference_received().len(), before + 5);
+
+    // Restart the hub: the remaining agent, and a new one, reconnect by themselves.
+    let a1 = TestAgent::start(&hub, &t1, &b1.base_url());
+    hub.wait_for_model(MODEL, 2).await;
+    hub.restart().await;
+    hub.wait_for_model(MODEL, 2).await;
+    let r = chat(&hub, &key, false).await;
+    assert_eq!(r.status(), 200, "the key survived the restart (same database)");
+    drop((a1, a2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_failing_before_first_byte_is_retried_elsewhere() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("consumer").await;
+    let bad = FakeBackend::start(&[MODEL]).await;
+    let good = FakeBackend::start(&[MODEL]).await;
+    bad.set_behavior(FakeBehavior { fail_status: Some(500), ..Default::default() });
+    let _a = TestAgent::start(&hub, &hub.create_provider("bad").await, &bad.base_url());
+    let _b = TestAgent::start(&hub, &hub.create_provider("good").await, &good.base_url());
+    hub.wait_for_model(MODEL, 2).await;
+    // Ties are broken at random: keep going until the failing provider was picked first
+    // a few times (bounded; the chance of not getting there is 2^-200).
+    let mut sent = 0;
+    while bad.inference_received().len() < 3 {
+        assert!(sent < 200, "the failing provider was never picked");
+        let r = chat(&hub, &key, sent % 2 == 0).await;
+        assert_eq!(r.status(), 200, "the consumer does not notice the failing provider");
+        assert!(r.text().await.unwrap().contains("tok0"));
+        sent += 1;
+    }
+    assert_eq!(good.inference_received().len(), sent, "every request was served by the good provider");
+
+    // With only the failing provider left, the consumer gets a 502.
+    good.stop();
+    let _ = _b.kill().await;
+    hub.wait_for_model(MODEL, 1).await;
+    let r = chat(&hub, &key, false).await;
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "provider_error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_disconnect_cancels_the_backend_request() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("consumer").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    backend.set_behavior(FakeBehavior { chunks: 10_000, gap: Duration::from_millis(10), ..Default::default() });
+    let _a = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+
+    let r = chat(&hub, &key, true).await;
+    assert_eq!(r.status(), 200);
+    let mut sse = potluck_testkit::sse::SseReader::new(r);
+    for _ in 0..3 {
+        assert!(matches!(sse.next().await, Some(potluck_testkit::sse::Event::Json(_))));
+    }
+    assert_eq!(backend.state().streams_disconnected.load(Ordering::SeqCst), 0);
+    drop(sse); // the consumer goes away mid-stream
+    let st = backend.state().clone();
+    potluck_testkit::wait_until("backend sees the cancellation", Duration::from_secs(10), || {
+        let st = st.clone();
+        async move { st.streams_disconnected.load(Ordering::SeqCst) == 1 }
+    })
+    .await;
+    assert_eq!(backend.state().streams_completed.load(Ordering::SeqCst), 0);
+    // The provider's slot is free again.
+    let hs = hub.state();
+    potluck_testkit::wait_until("slot freed", Duration::from_secs(5), || {
+        let hs = hs.clone();
+        async move { hs.registry.provider_summary().values().all(|(_, _, inflight)| *inflight == 0) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_dropping_mid_stream_ends_the_stream_with_an_error_event() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("consumer").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    backend.set_behavior(FakeBehavior { chunks: 100, stall_after: Some(3), ..Default::default() });
+    let agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+
+    let r = chat(&hub, &key, true).await;
+    let mut sse = potluck_testkit::sse::SseReader::new(r);
+    for _ in 0..3 {
+        assert!(matches!(sse.next().await, Some(potluck_testkit::sse::Event::Json(_))));
+    }
+    let killed_at = tokio::time::Instant::now();
+    agent.kill().await;
+    let rest = tokio::time::timeout(Duration::from_secs(2), sse.collect()).await.expect("the stream ends within 2 s, never hangs");
+    assert!(killed_at.elapsed() < Duration::from_secs(2));
+    assert_eq!(rest.len(), 1, "exactly one more event: the error: {rest:?}");
+    match &rest[0] {
+        potluck_testkit::sse::Event::Json(v) => {
+            assert_eq!(v["error"]["type"], "server_error");
+            assert_eq!(v["error"]["code"], "provider_error");
+        }
+        e => panic!("expected an error event, got {e:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_provider_hits_the_idle_timeout() {
+    let hub = TestHub::start_with(|c| c.stream_idle_timeout = Duration::from_millis(300)).await;
+    let key = hub.create_key("consumer").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    backend.set_behavior(FakeBehavior { chunks: 100, stall_after: Some(2), ..Default::default() });
+    let _a = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let events = potluck_testkit::sse::SseReader::new(chat(&hub, &key, true).await).collect().await;
+    assert_eq!(events.len(), 3);
+    match &events[2] {
+        potluck_testkit::sse::Event::Json(v) => assert_eq!(v["error"]["code"], "provider_timeout"),
+        e => panic!("{e:?}"),
+    }
+    // The stalled backend request was cancelled when the hub gave up.
+    let st = backend.state().clone();
+    potluck_testkit::wait_until("backend cancelled", Duration::from_secs(5), || {
+        let st = st.clone();
+        async move { st.streams_disconnected.load(Ordering::SeqCst) == 1 }
+    })
+    .await;
+}
