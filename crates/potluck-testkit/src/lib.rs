@@ -5,6 +5,7 @@
 //! Nothing here ships in the binary.
 
 pub mod fake_backend;
+pub mod fake_hub;
 pub mod harness;
 pub mod real_backend;
 pub mod sse;

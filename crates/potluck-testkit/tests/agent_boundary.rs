@@ -1,0 +1,120 @@
+//! The agent is the boundary in front of someone's home network: only the exact
+//! allow-list of inference endpoints reaches a backend, and a backend receives only the
+//! body and its content type, never a consumer's headers, key or address.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use potluck_testkit::fake_hub::FakeHub;
+use potluck_testkit::{FakeBackend, TestAgent};
+
+const MODEL: &str = "m1";
+
+fn request(method: &str, path: &str, body: &'static str) -> Option<http::Request<Full<Bytes>>> {
+    http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .header("x-potluck-model", MODEL)
+        .header("x-potluck-request-id", "abc123")
+        // What a careless hub might pass on: none of it may reach the backend.
+        .header("authorization", "Bearer pk-consumer-secret")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("cookie", "session=consumer")
+        .header("user-agent", "consumer-sdk/1.0")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allow_listed_endpoints_and_no_consumer_headers_reach_the_backend() {
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let mut hub = FakeHub::start().await;
+    let _agent = TestAgent::start_with(TestAgent::config(&hub.url(), "pt-any", &[backend.base_url()]));
+    let mut h2 = hub.accept().await;
+    // Let discovery finish (the agent answers 404 for models it does not serve yet).
+    potluck_testkit::wait_until("agent discovered its model", std::time::Duration::from_secs(10), || {
+        let mut h2 = h2.clone();
+        async move {
+            let r = h2.send_request(request("POST", "/v1/embeddings", r#"{"model":"m1","input":"x"}"#).unwrap()).await.unwrap();
+            r.status() == 200
+        }
+    })
+    .await;
+
+    let mut refused = vec![
+        ("POST", "/api/pull".to_owned()),
+        ("POST", "/api/create".to_owned()),
+        ("DELETE", "/api/delete".to_owned()),
+        ("POST", "/pause".to_owned()),
+        ("POST", "/update_weights".to_owned()),
+        ("POST", "/v1/../api/pull".to_owned()),
+        ("POST", "/v1/%2e%2e/api/pull".to_owned()),
+        ("POST", "/v1/%2E%2E/api/pull".to_owned()),
+        ("POST", "//v1/chat/completions".to_owned()),
+        ("POST", "/v1//chat/completions".to_owned()),
+        ("POST", "/V1/CHAT/COMPLETIONS".to_owned()),
+        ("POST", "/v1/Chat/Completions".to_owned()),
+        ("POST", "/v1/chat/completions/".to_owned()),
+        ("POST", "/v1/chat/completions?x=/api/pull".to_owned()),
+        ("POST", "/v1/chat/completions/../../api/pull".to_owned()),
+        ("POST", "/v1/chat%2Fcompletions".to_owned()),
+        ("GET", "/v1/chat/completions".to_owned()),
+        ("PUT", "/v1/chat/completions".to_owned()),
+        ("DELETE", "/v1/completions".to_owned()),
+        ("POST", "/v1/models".to_owned()),
+        ("POST", "/props".to_owned()),
+        ("POST", "/slots".to_owned()),
+        ("GET", "/metrics".to_owned()),
+    ];
+    // Thousands of generated pairs: path pieces, encodings, separators and case variants.
+    let pieces = ["v1", "V1", "api", "chat", "completions", "embeddings", "pull", "..", "%2e%2e", ".", "", "%2F", "models", "pause", "props"];
+    let methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "post"];
+    let mut x: u64 = 0x9E3779B97F4A7C15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let t0 = std::time::Instant::now();
+    for _ in 0..3000 {
+        let n = 1 + (next() % 5) as usize;
+        let path: String = (0..n).map(|_| format!("/{}", pieces[(next() % pieces.len() as u64) as usize])).collect();
+        let method = methods[(next() % methods.len() as u64) as usize];
+        if potluck_protocol::InferenceEndpoint::from_method_path(method, &path).is_none() {
+            refused.push((method, path));
+        }
+    }
+    let mut sent = 0;
+    for (method, path) in &refused {
+        let Some(req) = request(method, path, r#"{"model":"m1","messages":[],"prompt":"x","input":"x"}"#) else { continue };
+        let resp = h2.send_request(req).await.expect("the agent answers, it does not crash");
+        assert!(resp.status().is_client_error(), "{method} {path} -> {}", resp.status());
+        assert!(resp.headers().contains_key("x-potluck-agent-error"), "{method} {path}");
+        let _ = resp.into_body().collect().await;
+        sent += 1;
+    }
+    eprintln!("sent {sent} in {:?}", t0.elapsed());
+    assert!(sent > 2000, "the generated requests were really sent ({sent})");
+    let leaked: Vec<_> = backend.inference_received().into_iter().filter(|r| r.target != "/v1/embeddings").collect();
+    assert!(leaked.is_empty(), "refused requests reached the backend: {:?}", leaked.iter().map(|r| (&r.method, &r.target)).collect::<Vec<_>>());
+
+    // The allow-listed ones do reach it, with the body and content type only.
+    for (path, body) in [
+        ("/v1/chat/completions", r#"{"model":"m1","messages":[]}"#),
+        ("/v1/completions", r#"{"model":"m1","prompt":"x"}"#),
+        ("/v1/embeddings", r#"{"model":"m1","input":"x"}"#),
+    ] {
+        let resp = h2.send_request(request("POST", path, body).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let _ = resp.into_body().collect().await;
+    }
+    let got = backend.inference_received();
+    assert!(got.iter().any(|r| r.target == "/v1/chat/completions"));
+    assert!(got.iter().any(|r| r.target == "/v1/completions"));
+    for r in &got {
+        for (name, _) in &r.headers {
+            assert!(matches!(name.as_str(), "content-type" | "content-length" | "host"), "header {name} reached the backend");
+        }
+    }
+}
