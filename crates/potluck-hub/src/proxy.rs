@@ -288,12 +288,13 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
                 relay_whole(&state, &ctx, lease, resp).await
             }
         }
-        Err((provider_id, e)) => {
+        // Never routed (unknown model, no capacity): the model name is whatever the
+        // consumer typed, so it is neither logged nor stored.
+        Err((None, e)) => reject(&ctx.request_id, endpoint, Some(&ctx.key), e),
+        Err((Some(provider_id), e)) => {
             let status = e.status().as_u16();
-            ctx.log(provider_id, status, outcome_of(&e), Usage::default());
-            if provider_id.is_some() {
-                state.accounting.record(ctx.usage_record(provider_id, status, outcome_of(&e), Usage::default(), None));
-            }
+            ctx.log(Some(provider_id), status, outcome_of(&e), Usage::default());
+            state.accounting.record(ctx.usage_record(Some(provider_id), status, outcome_of(&e), Usage::default(), None));
             with_request_id(e.into_response(), &ctx.request_id)
         }
     }

@@ -180,15 +180,17 @@ async fn hub(a: HubArgs) -> anyhow::Result<()> {
     let key_path = config.data_dir.join("admin.key");
     if let Some(admin) = store.ensure_admin_key().await? {
         write_private(&key_path, &format!("{}\n", admin.expose()))?;
-        println!("Created the admin key; it is shown once and saved to {} (mode 0600):", key_path.display());
-        println!("  {}", admin.expose());
+        say(&format!(
+            "Created the admin key; it is shown once and saved to {} (mode 0600):\n  {}",
+            key_path.display(),
+            admin.expose()
+        ));
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    println!("potluck hub listening on http://{addr}");
-    println!("  OpenAI base URL: http://{addr}/v1   data: {}", config.data_dir.display());
+    say(&format!("potluck hub listening on http://{addr}\n  OpenAI base URL: http://{addr}/v1   data: {}", config.data_dir.display()));
     let shutdown = CancellationToken::new();
     let hub = Hub::new(config, store);
     let (r, _) = tokio::join!(hub.run(listener, shutdown.clone()), async {
@@ -198,6 +200,14 @@ async fn hub(a: HubArgs) -> anyhow::Result<()> {
         }
     });
     r.context("hub server failed")
+}
+
+/// Print to stdout without panicking if stdout is closed (a supervisor stopped reading).
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
 }
 
 fn admin_client(a: &AdminArgs) -> anyhow::Result<AdminClient> {
