@@ -52,10 +52,17 @@ async fn get_json(client: &BackendClient, backend: &BackendConfig, url: String) 
         if !resp.status().is_success() {
             return None;
         }
-        let body = Limited::new(resp.into_body(), MAX_DISCOVERY_BYTES).collect().await.ok()?.to_bytes();
+        let body = Limited::new(resp.into_body(), MAX_DISCOVERY_BYTES)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
         serde_json::from_slice(&body).ok()
     };
-    tokio::time::timeout(DISCOVERY_TIMEOUT, fut).await.ok().flatten()
+    tokio::time::timeout(DISCOVERY_TIMEOUT, fut)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The models a backend serves now (empty if it is down).
@@ -65,7 +72,12 @@ pub async fn discover(client: &BackendClient, backend: &BackendConfig) -> Vec<Mo
         names = v
             .get("data")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|m| m.get("id")?.as_str()).filter_map(|s| ModelName::parse(s).ok()).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m.get("id")?.as_str())
+                    .filter_map(|s| ModelName::parse(s).ok())
+                    .collect()
+            })
             .unwrap_or_default();
     }
     if names.is_empty() {
@@ -73,7 +85,12 @@ pub async fn discover(client: &BackendClient, backend: &BackendConfig) -> Vec<Mo
             names = v
                 .get("models")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|m| m.get("name")?.as_str()).filter_map(|s| ModelName::parse(s).ok()).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|m| m.get("name")?.as_str())
+                        .filter_map(|s| ModelName::parse(s).ok())
+                        .collect()
+                })
                 .unwrap_or_default();
         }
     }

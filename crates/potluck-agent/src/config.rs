@@ -21,7 +21,10 @@ pub struct ConfigError {
 impl ConfigError {
     /// Build one.
     pub fn new(field: &'static str, message: impl Into<String>) -> Self {
-        Self { field, message: message.into() }
+        Self {
+            field,
+            message: message.into(),
+        }
     }
 }
 
@@ -47,19 +50,33 @@ impl std::fmt::Debug for BackendConfig {
 impl BackendConfig {
     /// Parse a backend URL: `http` only (backends are local), a host, no query.
     pub fn parse(url: &str, api_key: Option<String>) -> Result<Self, ConfigError> {
-        let mut base = Url::parse(url).map_err(|e| ConfigError::new("backend", format!("{url:?} is not a URL ({e}); expected e.g. http://127.0.0.1:8081/v1")))?;
+        let mut base = Url::parse(url).map_err(|e| {
+            ConfigError::new(
+                "backend",
+                format!("{url:?} is not a URL ({e}); expected e.g. http://127.0.0.1:8081/v1"),
+            )
+        })?;
         if base.scheme() != "http" {
-            return Err(ConfigError::new("backend", format!("{url:?}: expected an http:// URL of a local server")));
+            return Err(ConfigError::new(
+                "backend",
+                format!("{url:?}: expected an http:// URL of a local server"),
+            ));
         }
         if base.host_str().is_none() || base.query().is_some() || base.fragment().is_some() {
-            return Err(ConfigError::new("backend", format!("{url:?}: expected scheme, host, port and path only")));
+            return Err(ConfigError::new(
+                "backend",
+                format!("{url:?}: expected scheme, host, port and path only"),
+            ));
         }
         if base.path() == "/" || base.path().is_empty() {
             base.set_path("/v1");
         }
         let trimmed = base.path().trim_end_matches('/').to_owned();
         base.set_path(&trimmed);
-        Ok(Self { base, api_key: api_key.filter(|k| !k.is_empty()) })
+        Ok(Self {
+            base,
+            api_key: api_key.filter(|k| !k.is_empty()),
+        })
     }
 
     /// URL of an endpoint below the base (`suffix` starts with `/`).
@@ -113,12 +130,22 @@ impl std::fmt::Debug for AgentConfig {
 
 impl AgentConfig {
     /// A configuration with defaults for everything but the hub, token and backends.
-    pub fn new(hub: HubUrl, token: String, backends: Vec<BackendConfig>) -> Result<Self, ConfigError> {
+    pub fn new(
+        hub: HubUrl,
+        token: String,
+        backends: Vec<BackendConfig>,
+    ) -> Result<Self, ConfigError> {
         if token.trim().is_empty() {
-            return Err(ConfigError::new("token", "the provider token is empty; create one with `potluck providers create`"));
+            return Err(ConfigError::new(
+                "token",
+                "the provider token is empty; create one with `potluck providers create`",
+            ));
         }
         if backends.is_empty() {
-            return Err(ConfigError::new("backend", "at least one backend URL is needed, e.g. http://127.0.0.1:8081/v1"));
+            return Err(ConfigError::new(
+                "backend",
+                "at least one backend URL is needed, e.g. http://127.0.0.1:8081/v1",
+            ));
         }
         Ok(Self {
             hub,
@@ -142,7 +169,10 @@ mod tests {
     #[test]
     fn backend_urls() {
         let b = BackendConfig::parse("http://127.0.0.1:8081", None).unwrap();
-        assert_eq!(b.url("/chat/completions"), "http://127.0.0.1:8081/v1/chat/completions");
+        assert_eq!(
+            b.url("/chat/completions"),
+            "http://127.0.0.1:8081/v1/chat/completions"
+        );
         assert_eq!(b.root_url("/api/tags"), "http://127.0.0.1:8081/api/tags");
         let b = BackendConfig::parse("http://localhost:8000/api/v1/", Some(String::new())).unwrap();
         assert_eq!(b.url("/models"), "http://localhost:8000/api/v1/models");

@@ -27,17 +27,29 @@ pub const STABLE_TUNNEL: Duration = Duration::from_secs(10);
 
 /// Run the agent until `shutdown`: keep one tunnel to the hub open, reconnecting with
 /// exponential backoff and jitter; keep discovering the backends' models.
-pub async fn run(config: AgentConfig, shutdown: CancellationToken) {
-    let carrier = UpgradeCarrier { hub: config.hub.clone(), token: config.token.clone(), agent_version: AGENT_VERSION.to_owned() };
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let carrier = UpgradeCarrier {
+        hub: config.hub.clone(),
+        token: config.token.clone(),
+        agent_version: AGENT_VERSION.to_owned(),
+    };
     run_with_carrier(config, Arc::new(carrier), shutdown).await
 }
 
 /// Like [`run`], over any [`Carrier`].
-pub async fn run_with_carrier(config: AgentConfig, carrier: Arc<dyn Carrier>, shutdown: CancellationToken) {
+pub async fn run_with_carrier(
+    config: AgentConfig,
+    carrier: Arc<dyn Carrier>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let tasks = TaskTracker::new();
     let shared = Arc::new(service::Shared::new(config.clone()));
-    tasks.spawn(backend::discovery_loop(Arc::clone(&shared), shutdown.clone()));
+    tasks.spawn(backend::discovery_loop(
+        Arc::clone(&shared),
+        shutdown.clone(),
+    ));
     let mut backoff = config.reconnect_min;
+    let mut outcome = Ok(());
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -52,7 +64,13 @@ pub async fn run_with_carrier(config: AgentConfig, carrier: Arc<dyn Carrier>, sh
                 tracing::info!(hub = %config.hub, "tunnel open");
                 backoff = config.reconnect_min;
                 shared.set_connected(true);
-                let why = service::serve_tunnel(io, Arc::clone(&shared), shutdown.clone(), config.shutdown_grace).await;
+                let why = service::serve_tunnel(
+                    io,
+                    Arc::clone(&shared),
+                    shutdown.clone(),
+                    config.shutdown_grace,
+                )
+                .await;
                 shared.set_connected(false);
                 if shutdown.is_cancelled() {
                     break;
@@ -63,8 +81,9 @@ pub async fn run_with_carrier(config: AgentConfig, carrier: Arc<dyn Carrier>, sh
                 }
             }
             Err(e) if e.is_auth() => {
-                tracing::error!(error = %e, "the hub refused this provider token; check --token (retrying)");
-                backoff = config.reconnect_max;
+                // Retrying cannot help: the token is unknown or revoked. Stop, loudly.
+                outcome = Err(AgentError::Refused(e.to_string()));
+                break;
             }
             Err(e) => tracing::warn!(error = %e, "cannot open the tunnel; retrying"),
         }
@@ -77,10 +96,22 @@ pub async fn run_with_carrier(config: AgentConfig, carrier: Arc<dyn Carrier>, sh
         backoff = (backoff * 2).min(config.reconnect_max);
     }
     tasks.close();
-    if tokio::time::timeout(config.shutdown_grace, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(config.shutdown_grace, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("agent tasks did not stop in time");
     }
     tracing::info!("agent stopped");
+    outcome
+}
+
+/// Why the agent gave up (everything else is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The hub refused the provider token.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Between half and all of `d`, so that many agents do not reconnect in lockstep.
@@ -88,4 +119,3 @@ fn jitter(d: Duration) -> Duration {
     let f: f64 = rand::rng().random_range(0.5..=1.0);
     d.mul_f64(f)
 }
-

@@ -17,7 +17,10 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
-use potluck_protocol::tunnel::{AgentEvent, ModelOffer, CONTROL_PATH, HEADER_AGENT_ERROR, HEADER_MODEL, HEADER_REQUEST_ID, PROTOCOL_VERSION};
+use potluck_protocol::tunnel::{
+    AgentEvent, ModelOffer, CONTROL_PATH, HEADER_AGENT_ERROR, HEADER_MODEL, HEADER_REQUEST_ID,
+    PROTOCOL_VERSION,
+};
 use potluck_protocol::{ErrorBody, InferenceEndpoint, ModelName};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -93,7 +96,11 @@ impl Shared {
     }
 
     fn route(&self, m: &ModelName) -> Option<usize> {
-        self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(m).copied()
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(m)
+            .copied()
     }
 
     /// Whether a tunnel is open.
@@ -107,7 +114,12 @@ impl Shared {
 }
 
 /// Serve the hub's requests over one tunnel until it closes or `shutdown`; returns why it ended.
-pub async fn serve_tunnel(io: Upgraded, shared: Arc<Shared>, shutdown: CancellationToken, grace: Duration) -> String {
+pub async fn serve_tunnel(
+    io: Upgraded,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> String {
     let draining = CancellationToken::new();
     *shared.draining.lock().unwrap_or_else(|p| p.into_inner()) = draining.clone();
     let sh = Arc::clone(&shared);
@@ -138,10 +150,18 @@ pub async fn serve_tunnel(io: Upgraded, shared: Arc<Shared>, shutdown: Cancellat
 
 fn agent_error(status: StatusCode, message: &str) -> Response<AgentBody> {
     let body = ErrorBody::new("server_error", message, None, Some("agent_error")).to_json();
-    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed_unsync());
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(HEADER_AGENT_ERROR, HeaderValue::from_static("1"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(HEADER_AGENT_ERROR, HeaderValue::from_static("1"));
     r
 }
 
@@ -157,9 +177,16 @@ async fn handle(req: Request<Incoming>, sh: Arc<Shared>) -> Response<AgentBody> 
     };
     if endpoint == InferenceEndpoint::Models {
         let models = sh.offer.borrow().models.clone();
-        let data: Vec<_> = models.iter().map(|m| serde_json::json!({"id": m, "object": "model", "owned_by": "potluck"})).collect();
+        let data: Vec<_> = models
+            .iter()
+            .map(|m| serde_json::json!({"id": m, "object": "model", "owned_by": "potluck"}))
+            .collect();
         let body = serde_json::json!({"object": "list", "data": data}).to_string();
-        return Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed_unsync());
+        return Response::new(
+            Full::new(Bytes::from(body))
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        );
     }
     forward(req, endpoint, sh).await
 }
@@ -167,25 +194,51 @@ async fn handle(req: Request<Incoming>, sh: Arc<Shared>) -> Response<AgentBody> 
 /// The control stream: `hello`, then `models` on every change, until the tunnel drains.
 fn control(sh: &Arc<Shared>) -> Response<AgentBody> {
     let rx = sh.offer.subscribe();
-    let draining = sh.draining.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let draining = sh
+        .draining
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let max = sh.config.max_concurrency;
-    let stream = futures_util::stream::unfold((rx, true, draining), move |(mut rx, first, draining)| async move {
-        if !first {
-            tokio::select! {
-                r = rx.changed() => r.ok()?,
-                _ = draining.cancelled() => return None,
+    let stream = futures_util::stream::unfold(
+        (rx, true, draining),
+        move |(mut rx, first, draining)| async move {
+            if !first {
+                tokio::select! {
+                    r = rx.changed() => r.ok()?,
+                    _ = draining.cancelled() => return None,
+                }
             }
-        }
-        let models: Vec<ModelOffer> = rx.borrow_and_update().models.iter().map(|m| ModelOffer { id: m.clone() }).collect();
-        let ev = if first {
-            AgentEvent::Hello { protocol: PROTOCOL_VERSION, agent_version: AGENT_VERSION.to_owned(), models, max_concurrency: max }
-        } else {
-            AgentEvent::Models { models, max_concurrency: max }
-        };
-        Some((Ok::<_, BoxError>(Frame::data(Bytes::from(ev.encode()))), (rx, false, draining)))
-    });
+            let models: Vec<ModelOffer> = rx
+                .borrow_and_update()
+                .models
+                .iter()
+                .map(|m| ModelOffer { id: m.clone() })
+                .collect();
+            let ev = if first {
+                AgentEvent::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    agent_version: AGENT_VERSION.to_owned(),
+                    models,
+                    max_concurrency: max,
+                }
+            } else {
+                AgentEvent::Models {
+                    models,
+                    max_concurrency: max,
+                }
+            };
+            Some((
+                Ok::<_, BoxError>(Frame::data(Bytes::from(ev.encode()))),
+                (rx, false, draining),
+            ))
+        },
+    );
     let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
     r
 }
 
@@ -199,7 +252,10 @@ impl Body for PermitBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -212,15 +268,29 @@ impl Body for PermitBody {
     }
 }
 
-async fn forward(req: Request<Incoming>, endpoint: InferenceEndpoint, sh: Arc<Shared>) -> Response<AgentBody> {
+async fn forward(
+    req: Request<Incoming>,
+    endpoint: InferenceEndpoint,
+    sh: Arc<Shared>,
+) -> Response<AgentBody> {
     let started = Instant::now();
     let request_id: String = req
         .headers()
         .get(HEADER_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().filter(char::is_ascii_alphanumeric).take(64).collect())
+        .map(|s| {
+            s.chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(64)
+                .collect()
+        })
         .unwrap_or_default();
-    let Some(model) = req.headers().get(HEADER_MODEL).and_then(|v| v.to_str().ok()).and_then(|s| ModelName::parse(s).ok()) else {
+    let Some(model) = req
+        .headers()
+        .get(HEADER_MODEL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| ModelName::parse(s).ok())
+    else {
         return agent_error(StatusCode::BAD_REQUEST, "missing model header");
     };
     let Some(idx) = sh.route(&model) else {
@@ -229,20 +299,34 @@ async fn forward(req: Request<Incoming>, endpoint: InferenceEndpoint, sh: Arc<Sh
     let Ok(permit) = Arc::clone(&sh.permits).try_acquire_owned() else {
         return agent_error(StatusCode::SERVICE_UNAVAILABLE, "provider at capacity");
     };
-    let body = match Limited::new(req.into_body(), sh.config.max_request_bytes).collect().await {
+    let body = match Limited::new(req.into_body(), sh.config.max_request_bytes)
+        .collect()
+        .await
+    {
         Ok(c) => c.to_bytes(),
-        Err(_) => return agent_error(StatusCode::PAYLOAD_TOO_LARGE, "request too large for this provider"),
+        Err(_) => {
+            return agent_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request too large for this provider",
+            )
+        }
     };
     let backend = &sh.config.backends[idx];
     // Only the body and its type go to the backend: no consumer header, key or address.
-    let mut breq = Request::post(backend.url(endpoint.suffix())).header(header::CONTENT_TYPE, "application/json");
+    let mut breq = Request::post(backend.url(endpoint.suffix()))
+        .header(header::CONTENT_TYPE, "application/json");
     if let Some(k) = &backend.api_key {
         breq = breq.header(header::AUTHORIZATION, format!("Bearer {k}"));
     }
     let Ok(breq) = breq.body(Full::new(body)) else {
-        return agent_error(StatusCode::INTERNAL_SERVER_ERROR, "could not build the backend request");
+        return agent_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "could not build the backend request",
+        );
     };
-    let resp = match tokio::time::timeout(sh.config.backend_header_timeout, sh.client.request(breq)).await {
+    let resp = match tokio::time::timeout(sh.config.backend_header_timeout, sh.client.request(breq))
+        .await
+    {
         Err(_) => return agent_error(StatusCode::GATEWAY_TIMEOUT, "backend timed out"),
         Ok(Err(e)) => {
             tracing::warn!(request_id = %request_id, backend = idx, error = %e, "backend unreachable");
@@ -262,7 +346,12 @@ async fn forward(req: Request<Incoming>, endpoint: InferenceEndpoint, sh: Arc<Sh
         "forwarded"
     );
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-    let body = PermitBody { inner: resp.into_body(), _permit: permit }.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
+    let body = PermitBody {
+        inner: resp.into_body(),
+        _permit: permit,
+    }
+    .map_err(|e| Box::new(e) as BoxError)
+    .boxed_unsync();
     let mut r = Response::new(body);
     *r.status_mut() = status;
     if let Some(ct) = content_type {
@@ -270,4 +359,3 @@ async fn forward(req: Request<Incoming>, endpoint: InferenceEndpoint, sh: Arc<Sh
     }
     r
 }
-

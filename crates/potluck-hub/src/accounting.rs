@@ -37,7 +37,11 @@ impl Accounting {
 }
 
 /// The writer task: batches records into the store until `stop`, then drains.
-pub async fn run_writer(store: Store, mut rx: mpsc::Receiver<UsageRecord>, stop: CancellationToken) {
+pub async fn run_writer(
+    store: Store,
+    mut rx: mpsc::Receiver<UsageRecord>,
+    stop: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let first = tokio::select! {

@@ -7,7 +7,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use http::{HeaderMap, StatusCode};
-use potluck_protocol::admin::{CreateKey, CreateProvider, Created, KeyInfo, List, ProviderInfo, MAX_NAME_BYTES};
+use potluck_protocol::admin::{
+    CreateKey, CreateProvider, Created, KeyInfo, List, ProviderInfo, MAX_NAME_BYTES,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -22,7 +24,10 @@ pub fn routes() -> Router<Arc<HubState>> {
     Router::new()
         .route("/admin/v1/keys", get(list_keys).post(create_key))
         .route("/admin/v1/keys/{id}", delete(revoke_key))
-        .route("/admin/v1/providers", get(list_providers).post(create_provider))
+        .route(
+            "/admin/v1/providers",
+            get(list_providers).post(create_provider),
+        )
         .route("/admin/v1/providers/{id}", delete(revoke_provider))
         .route("/admin/v1/usage", get(usage))
 }
@@ -30,7 +35,8 @@ pub fn routes() -> Router<Arc<HubState>> {
 fn check_name(field: &'static str, s: &str) -> Result<(), ApiError> {
     let ok = !s.is_empty()
         && s.len() <= MAX_NAME_BYTES
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
     if ok {
         Ok(())
     } else {
@@ -46,11 +52,21 @@ fn json_body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> 
     serde_json::from_slice(raw).map_err(|e| {
         // serde's message names the field and the expected type; the value is not echoed
         // for the types used here (strings only).
-        ApiError::bad_request(format!("Invalid request body: {}", e.to_string().chars().take(200).collect::<String>()), None)
+        ApiError::bad_request(
+            format!(
+                "Invalid request body: {}",
+                e.to_string().chars().take(200).collect::<String>()
+            ),
+            None,
+        )
     })
 }
 
-async fn create_key(State(st): State<Arc<HubState>>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn create_key(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
     auth::admin(&st, &headers).await?;
     let req: CreateKey = json_body(&body)?;
     check_name("name", &req.name)?;
@@ -58,22 +74,44 @@ async fn create_key(State(st): State<Arc<HubState>>, headers: HeaderMap, body: a
     check_name("account", &account)?;
     let (id, secret) = st.store.create_key(&req.name, &account).await?;
     tracing::info!(key_id = id, "consumer key created");
-    Ok((StatusCode::CREATED, Json(Created { id, name: req.name, secret: secret.expose().to_owned() })).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(Created {
+            id,
+            name: req.name,
+            secret: secret.expose().to_owned(),
+        }),
+    )
+        .into_response())
 }
 
-async fn list_keys(State(st): State<Arc<HubState>>, headers: HeaderMap) -> Result<Json<List<KeyInfo>>, ApiError> {
+async fn list_keys(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Json<List<KeyInfo>>, ApiError> {
     auth::admin(&st, &headers).await?;
     let data = st
         .store
         .list_keys()
         .await?
         .into_iter()
-        .map(|k| KeyInfo { id: k.id, name: k.name, account: k.account, prefix: k.prefix, created_at: k.created_at, revoked_at: k.revoked_at })
+        .map(|k| KeyInfo {
+            id: k.id,
+            name: k.name,
+            account: k.account,
+            prefix: k.prefix,
+            created_at: k.created_at,
+            revoked_at: k.revoked_at,
+        })
         .collect();
     Ok(Json(List { data }))
 }
 
-async fn revoke_key(State(st): State<Arc<HubState>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn revoke_key(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     auth::admin(&st, &headers).await?;
     let id = st.store.revoke_key(&id).await.map_err(|e| match e {
         potluck_store::StoreError::NotFound => ApiError::NotFound("key"),
@@ -83,7 +121,11 @@ async fn revoke_key(State(st): State<Arc<HubState>>, headers: HeaderMap, Path(id
     Ok(Json(json!({"id": id, "revoked": true})).into_response())
 }
 
-async fn create_provider(State(st): State<Arc<HubState>>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn create_provider(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
     auth::admin(&st, &headers).await?;
     let req: CreateProvider = json_body(&body)?;
     check_name("name", &req.name)?;
@@ -91,10 +133,21 @@ async fn create_provider(State(st): State<Arc<HubState>>, headers: HeaderMap, bo
     check_name("account", &account)?;
     let (id, secret) = st.store.create_provider(&req.name, &account).await?;
     tracing::info!(provider_id = id, "provider created");
-    Ok((StatusCode::CREATED, Json(Created { id, name: req.name, secret: secret.expose().to_owned() })).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(Created {
+            id,
+            name: req.name,
+            secret: secret.expose().to_owned(),
+        }),
+    )
+        .into_response())
 }
 
-async fn list_providers(State(st): State<Arc<HubState>>, headers: HeaderMap) -> Result<Json<List<ProviderInfo>>, ApiError> {
+async fn list_providers(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Json<List<ProviderInfo>>, ApiError> {
     auth::admin(&st, &headers).await?;
     let live = st.registry.provider_summary();
     let data = st
@@ -120,14 +173,22 @@ async fn list_providers(State(st): State<Arc<HubState>>, headers: HeaderMap) -> 
     Ok(Json(List { data }))
 }
 
-async fn revoke_provider(State(st): State<Arc<HubState>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn revoke_provider(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     auth::admin(&st, &headers).await?;
     let id = st.store.revoke_provider(&id).await.map_err(|e| match e {
         potluck_store::StoreError::NotFound => ApiError::NotFound("provider"),
         e => e.into(),
     })?;
     let closed = st.registry.remove_provider(id);
-    tracing::info!(provider_id = id, tunnels_closed = closed, "provider revoked");
+    tracing::info!(
+        provider_id = id,
+        tunnels_closed = closed,
+        "provider revoked"
+    );
     Ok(Json(json!({"id": id, "revoked": true, "tunnels_closed": closed})).into_response())
 }
 
@@ -136,8 +197,15 @@ struct UsageQuery {
     limit: Option<i64>,
 }
 
-async fn usage(State(st): State<Arc<HubState>>, headers: HeaderMap, Query(q): Query<UsageQuery>) -> Result<Response, ApiError> {
+async fn usage(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Query(q): Query<UsageQuery>,
+) -> Result<Response, ApiError> {
     auth::admin(&st, &headers).await?;
-    let rows = st.store.recent_usage(q.limit.unwrap_or(100).clamp(1, MAX_USAGE_ROWS)).await?;
+    let rows = st
+        .store
+        .recent_usage(q.limit.unwrap_or(100).clamp(1, MAX_USAGE_ROWS))
+        .await?;
     Ok(Json(json!({"data": rows})).into_response())
 }

@@ -26,7 +26,11 @@ pub fn bearer(headers: &HeaderMap) -> Option<Secret> {
 /// Authenticate a consumer (any valid key).
 pub async fn consumer(state: &HubState, headers: &HeaderMap) -> Result<KeyAuth, ApiError> {
     let secret = bearer(headers).ok_or(ApiError::Unauthorized)?;
-    state.store.authenticate_key(&secret).await?.ok_or(ApiError::Unauthorized)
+    state
+        .store
+        .authenticate_key(&secret)
+        .await?
+        .ok_or(ApiError::Unauthorized)
 }
 
 /// Authenticate an admin.

@@ -44,7 +44,9 @@ pub struct HubConfig {
 impl Default for HubConfig {
     fn default() -> Self {
         Self {
-            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080))),
             data_dir: PathBuf::from("potluck-data"),
             max_request_bytes: 8 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
@@ -67,8 +69,10 @@ mod secs {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = f64::deserialize(d)?;
-        if !(s.is_finite() && s >= 0.0 && s < 1e9) {
-            return Err(serde::de::Error::custom("expected a number of seconds between 0 and 1e9"));
+        if !(s.is_finite() && (0.0..1e9).contains(&s)) {
+            return Err(serde::de::Error::custom(
+                "expected a number of seconds between 0 and 1e9",
+            ));
         }
         Ok(Duration::from_secs_f64(s))
     }
@@ -80,12 +84,17 @@ mod tests {
 
     #[test]
     fn toml_fields_and_errors() {
-        let c: HubConfig = toml::from_str("listen = \"0.0.0.0:9000\"\nstream_idle_timeout = 2.5").unwrap();
+        let c: HubConfig =
+            toml::from_str("listen = \"0.0.0.0:9000\"\nstream_idle_timeout = 2.5").unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.stream_idle_timeout, Duration::from_millis(2500));
-        let e = toml::from_str::<HubConfig>("max_request_bytes = \"big\"").unwrap_err().to_string();
+        let e = toml::from_str::<HubConfig>("max_request_bytes = \"big\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_request_bytes"), "{e}");
-        let e = toml::from_str::<HubConfig>("nope = 1").unwrap_err().to_string();
+        let e = toml::from_str::<HubConfig>("nope = 1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nope"), "{e}");
     }
 }

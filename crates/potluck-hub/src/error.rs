@@ -83,7 +83,11 @@ pub enum ApiError {
 impl ApiError {
     /// Shorthand for a 400.
     pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        ApiError::BadRequest { message: message.into(), param, code: None }
+        ApiError::BadRequest {
+            message: message.into(),
+            param,
+            code: None,
+        }
     }
 
     /// The HTTP status.
@@ -170,7 +174,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), self.body().to_json()).into_response();
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let ApiError::NoCapacity { retry_after } = self {
             h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }

@@ -96,18 +96,28 @@ impl Hub {
 
     /// Serve until `shutdown` is cancelled, then stop accepting, give in-flight requests
     /// the configured grace period, stop everything else and flush usage records.
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
         let Hub { state, usage_rx } = self;
         let writer_stop = CancellationToken::new();
-        state.tasks.spawn(accounting::run_writer(state.store.clone(), usage_rx, writer_stop.clone()));
+        state.tasks.spawn(accounting::run_writer(
+            state.store.clone(),
+            usage_rx,
+            writer_stop.clone(),
+        ));
 
         let listener = listener.tap_io(|tcp| {
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::warn!(error = %e, "could not set TCP_NODELAY");
             }
         });
-        let app = Self::router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
-        let graceful = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let app =
+            Self::router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
+        let graceful =
+            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let server = graceful.into_future();
         tokio::pin!(server);
         let result = tokio::select! {
@@ -126,7 +136,10 @@ impl Hub {
         state.hard_stop.cancel();
         writer_stop.cancel();
         state.tasks.close();
-        if tokio::time::timeout(state.config.shutdown_grace, state.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(state.config.shutdown_grace, state.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("hub tasks did not stop within the grace period");
         }
         state.store.close().await;

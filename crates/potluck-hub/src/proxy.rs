@@ -35,7 +35,10 @@ pub const MAX_RELAYED_ERROR_CHARS: usize = 512;
 pub const HEADER_X_REQUEST_ID: &str = "x-request-id";
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn new_request_id() -> String {
@@ -49,9 +52,17 @@ fn new_request_id() -> String {
 }
 
 /// `GET /v1/models`
-pub async fn list_models(State(state): State<Arc<HubState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn list_models(
+    State(state): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     auth::consumer(&state, &headers).await?;
-    let data: Vec<Value> = state.registry.models().into_iter().map(|(m, n)| model_object(&m, n)).collect();
+    let data: Vec<Value> = state
+        .registry
+        .models()
+        .into_iter()
+        .map(|(m, n)| model_object(&m, n))
+        .collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
@@ -63,7 +74,12 @@ pub async fn get_model(
 ) -> Result<Response, ApiError> {
     auth::consumer(&state, &headers).await?;
     let name = ModelName::parse(&model).map_err(|_| ApiError::NotFound("model"))?;
-    let n = state.registry.models().get(&name).copied().ok_or(ApiError::ModelNotFound(name.to_string()))?;
+    let n = state
+        .registry
+        .models()
+        .get(&name)
+        .copied()
+        .ok_or(ApiError::ModelNotFound(name.to_string()))?;
     Ok(axum::Json(model_object(&name, n)).into_response())
 }
 
@@ -110,8 +126,13 @@ struct Parsed {
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge(limit)),
-        Err(_) => Err(ApiError::bad_request("The request body could not be read.", None)),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::PayloadTooLarge(limit))
+        }
+        Err(_) => Err(ApiError::bad_request(
+            "The request body could not be read.",
+            None,
+        )),
     }
 }
 
@@ -128,15 +149,26 @@ fn parse(endpoint: InferenceEndpoint, raw: &[u8]) -> Result<Parsed, ApiError> {
         )
     })?;
     let Value::Object(mut obj) = value else {
-        return Err(ApiError::bad_request("The request body must be a JSON object.", None));
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object.",
+            None,
+        ));
     };
     let model = match obj.get("model") {
         None | Some(Value::Null) => {
-            return Err(ApiError::bad_request("You must provide a model parameter.", Some("model")))
+            return Err(ApiError::bad_request(
+                "You must provide a model parameter.",
+                Some("model"),
+            ))
         }
         Some(Value::String(s)) => ModelName::parse(s)
             .map_err(|e| ApiError::bad_request(format!("Invalid 'model': {e}."), Some("model")))?,
-        Some(_) => return Err(ApiError::bad_request("'model' must be a string.", Some("model"))),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "'model' must be a string.",
+                Some("model"),
+            ))
+        }
     };
     let required = match endpoint {
         InferenceEndpoint::ChatCompletions => "messages",
@@ -145,36 +177,69 @@ fn parse(endpoint: InferenceEndpoint, raw: &[u8]) -> Result<Parsed, ApiError> {
         InferenceEndpoint::Models => "model",
     };
     if obj.get(required).is_none_or(Value::is_null) {
-        return Err(ApiError::bad_request(format!("Missing required parameter: '{required}'."), Some(required)));
+        return Err(ApiError::bad_request(
+            format!("Missing required parameter: '{required}'."),
+            Some(required),
+        ));
     }
-    if endpoint == InferenceEndpoint::ChatCompletions && !obj.get("messages").is_some_and(Value::is_array) {
-        return Err(ApiError::bad_request("'messages' must be an array.", Some("messages")));
+    if endpoint == InferenceEndpoint::ChatCompletions
+        && !obj.get("messages").is_some_and(Value::is_array)
+    {
+        return Err(ApiError::bad_request(
+            "'messages' must be an array.",
+            Some("messages"),
+        ));
     }
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::bad_request("'stream' must be a boolean.", Some("stream"))),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "'stream' must be a boolean.",
+                Some("stream"),
+            ))
+        }
     };
     if stream && endpoint == InferenceEndpoint::Embeddings {
-        return Err(ApiError::bad_request("Embeddings cannot be streamed.", Some("stream")));
+        return Err(ApiError::bad_request(
+            "Embeddings cannot be streamed.",
+            Some("stream"),
+        ));
     }
     // Nothing that identifies the consumer goes to a provider.
     obj.remove("user");
     let mut wants_usage = false;
     if stream {
-        let opts = obj.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+        let opts = obj
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
         let Value::Object(opts) = opts else {
-            return Err(ApiError::bad_request("'stream_options' must be an object.", Some("stream_options")));
+            return Err(ApiError::bad_request(
+                "'stream_options' must be an object.",
+                Some("stream_options"),
+            ));
         };
-        wants_usage = opts.get("include_usage").and_then(Value::as_bool).unwrap_or(false);
+        wants_usage = opts
+            .get("include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         // The hub always asks for usage, for accounting; it drops the chunk if the
         // consumer did not ask for it.
         opts.insert("include_usage".into(), Value::Bool(true));
     } else if obj.get("stream_options").is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::bad_request("'stream_options' is only allowed with 'stream': true.", Some("stream_options")));
+        return Err(ApiError::bad_request(
+            "'stream_options' is only allowed with 'stream': true.",
+            Some("stream_options"),
+        ));
     }
-    let body = Bytes::from(serde_json::to_vec(&Value::Object(obj)).map_err(|_| ApiError::Internal)?);
-    Ok(Parsed { model, stream, wants_usage, body })
+    let body =
+        Bytes::from(serde_json::to_vec(&Value::Object(obj)).map_err(|_| ApiError::Internal)?);
+    Ok(Parsed {
+        model,
+        stream,
+        wants_usage,
+        body,
+    })
 }
 
 /// Per-request context for relaying and accounting.
@@ -196,7 +261,14 @@ impl Ctx {
         }
     }
 
-    fn usage_record(&self, provider_id: Option<i64>, status: u16, outcome: &'static str, u: Usage, ttft: Option<Duration>) -> UsageRecord {
+    fn usage_record(
+        &self,
+        provider_id: Option<i64>,
+        status: u16,
+        outcome: &'static str,
+        u: Usage,
+        ttft: Option<Duration>,
+    ) -> UsageRecord {
         UsageRecord {
             request_id: self.request_id.clone(),
             key_id: self.key.key_id,
@@ -243,8 +315,16 @@ struct Usage {
 impl Usage {
     fn from_value(v: &Value) -> Option<Self> {
         let u = v.get("usage")?.as_object()?;
-        let prompt = u.get("prompt_tokens").and_then(Value::as_i64).unwrap_or(0).max(0);
-        let completion = u.get("completion_tokens").and_then(Value::as_i64).unwrap_or(0).max(0);
+        let prompt = u
+            .get("prompt_tokens")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            .max(0);
+        let completion = u
+            .get("completion_tokens")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            .max(0);
         Some(Self { prompt, completion })
     }
 }
@@ -257,9 +337,19 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
         Ok(k) => k,
         Err(e) => return reject(&request_id, endpoint, None, e),
     };
-    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         if len > state.config.max_request_bytes as u64 {
-            return reject(&request_id, endpoint, Some(&key), ApiError::PayloadTooLarge(state.config.max_request_bytes));
+            return reject(
+                &request_id,
+                endpoint,
+                Some(&key),
+                ApiError::PayloadTooLarge(state.config.max_request_bytes),
+            );
         }
     }
     let raw = match read_body(body, state.config.max_request_bytes).await {
@@ -294,7 +384,13 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
         Err((Some(provider_id), e)) => {
             let status = e.status().as_u16();
             ctx.log(Some(provider_id), status, outcome_of(&e), Usage::default());
-            state.accounting.record(ctx.usage_record(Some(provider_id), status, outcome_of(&e), Usage::default(), None));
+            state.accounting.record(ctx.usage_record(
+                Some(provider_id),
+                status,
+                outcome_of(&e),
+                Usage::default(),
+                None,
+            ));
             with_request_id(e.into_response(), &ctx.request_id)
         }
     }
@@ -312,7 +408,12 @@ fn outcome_of(e: &ApiError) -> &'static str {
 
 /// A request refused before routing: logged without the model name (which the consumer
 /// typed and may be anything), not recorded as usage.
-fn reject(request_id: &str, endpoint: InferenceEndpoint, key: Option<&KeyAuth>, e: ApiError) -> Response {
+fn reject(
+    request_id: &str,
+    endpoint: InferenceEndpoint,
+    key: Option<&KeyAuth>,
+    e: ApiError,
+) -> Response {
     tracing::info!(
         request_id = %request_id,
         key_id = key.map(|k| k.key_id),
@@ -333,7 +434,11 @@ fn with_request_id(mut r: Response, id: &str) -> Response {
 
 /// Pick a provider and send the request, retrying once on another provider if the first
 /// fails before answering. On error, returns the last provider tried (if any).
-async fn dispatch(state: &HubState, ctx: &Ctx, parsed: &Parsed) -> Result<(Lease, http::Response<Incoming>), (Option<i64>, ApiError)> {
+async fn dispatch(
+    state: &HubState,
+    ctx: &Ctx,
+    parsed: &Parsed,
+) -> Result<(Lease, http::Response<Incoming>), (Option<i64>, ApiError)> {
     let mut tried: Vec<i64> = Vec::new();
     let mut last_err: Option<(Option<i64>, ApiError)> = None;
     for _ in 0..MAX_ATTEMPTS {
@@ -343,7 +448,12 @@ async fn dispatch(state: &HubState, ctx: &Ctx, parsed: &Parsed) -> Result<(Lease
                 return Err((None, ApiError::ModelNotFound(ctx.model.to_string())))
             }
             Err(PickError::Busy) if last_err.is_none() => {
-                return Err((None, ApiError::NoCapacity { retry_after: state.config.retry_after_secs }))
+                return Err((
+                    None,
+                    ApiError::NoCapacity {
+                        retry_after: state.config.retry_after_secs,
+                    },
+                ))
             }
             Err(_) => break,
         };
@@ -357,18 +467,30 @@ async fn dispatch(state: &HubState, ctx: &Ctx, parsed: &Parsed) -> Result<(Lease
             .body(Full::new(parsed.body.clone()))
             .map_err(|_| (None, ApiError::Internal))?;
         let mut sender = lease.tunnel().sender.clone();
-        let sent = tokio::time::timeout(state.config.provider_header_timeout, sender.send_request(req)).await;
+        let sent = tokio::time::timeout(
+            state.config.provider_header_timeout,
+            sender.send_request(req),
+        )
+        .await;
         match sent {
             Err(_) => return Err((Some(provider_id), ApiError::ProviderTimeout)),
             Ok(Err(e)) => {
                 tracing::warn!(request_id = %ctx.request_id, provider_id, error = %e, "provider failed before answering; retrying elsewhere");
-                last_err = Some((Some(provider_id), ApiError::ProviderFailed("connection to the provider failed")));
+                last_err = Some((
+                    Some(provider_id),
+                    ApiError::ProviderFailed("connection to the provider failed"),
+                ));
             }
             Ok(Ok(resp)) => {
                 let agent_refused = resp.headers().contains_key(HEADER_AGENT_ERROR);
-                if resp.status().is_server_error() || (agent_refused && resp.status() == StatusCode::NOT_FOUND) {
+                if resp.status().is_server_error()
+                    || (agent_refused && resp.status() == StatusCode::NOT_FOUND)
+                {
                     tracing::warn!(request_id = %ctx.request_id, provider_id, status = resp.status().as_u16(), "provider answered an error; retrying elsewhere");
-                    last_err = Some((Some(provider_id), ApiError::ProviderFailed("the provider's backend returned an error")));
+                    last_err = Some((
+                        Some(provider_id),
+                        ApiError::ProviderFailed("the provider's backend returned an error"),
+                    ));
                 } else {
                     return Ok((lease, resp));
                 }
@@ -376,24 +498,45 @@ async fn dispatch(state: &HubState, ctx: &Ctx, parsed: &Parsed) -> Result<(Lease
         }
         tried.push(provider_id);
     }
-    Err(last_err.unwrap_or((None, ApiError::NoCapacity { retry_after: state.config.retry_after_secs })))
+    Err(last_err.unwrap_or((
+        None,
+        ApiError::NoCapacity {
+            retry_after: state.config.retry_after_secs,
+        },
+    )))
 }
 
 /// Take a backend error body and keep only a short, printable `error.message`.
 fn sanitize_backend_error(status: StatusCode, body: &[u8]) -> ApiError {
     let msg = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
-        let m = v.get("error").and_then(|e| e.get("message").or(Some(e))).and_then(Value::as_str).map(str::to_owned);
+        let m = v
+            .get("error")
+            .and_then(|e| e.get("message").or(Some(e)))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         m.or_else(|| v.get("detail").and_then(Value::as_str).map(str::to_owned))
     });
     let message = match msg {
-        Some(m) => m.chars().filter(|c| !c.is_control()).take(MAX_RELAYED_ERROR_CHARS).collect(),
-        None => format!("The provider's backend rejected the request (HTTP {}).", status.as_u16()),
+        Some(m) => m
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_RELAYED_ERROR_CHARS)
+            .collect(),
+        None => format!(
+            "The provider's backend rejected the request (HTTP {}).",
+            status.as_u16()
+        ),
     };
     ApiError::Upstream { status, message }
 }
 
 /// Relay a complete (non-streamed) answer, rewriting `id` and `model`.
-async fn relay_whole(state: &HubState, ctx: &Ctx, lease: Lease, resp: http::Response<Incoming>) -> Response {
+async fn relay_whole(
+    state: &HubState,
+    ctx: &Ctx,
+    lease: Lease,
+    resp: http::Response<Incoming>,
+) -> Response {
     let provider_id = Some(lease.tunnel().provider_id);
     let status = resp.status();
     let collected = tokio::time::timeout(
@@ -405,12 +548,22 @@ async fn relay_whole(state: &HubState, ctx: &Ctx, lease: Lease, resp: http::Resp
     let fail = |e: ApiError| {
         let code = e.status().as_u16();
         ctx.log(provider_id, code, outcome_of(&e), Usage::default());
-        state.accounting.record(ctx.usage_record(provider_id, code, outcome_of(&e), Usage::default(), None));
+        state.accounting.record(ctx.usage_record(
+            provider_id,
+            code,
+            outcome_of(&e),
+            Usage::default(),
+            None,
+        ));
         with_request_id(e.into_response(), &ctx.request_id)
     };
     let bytes = match collected {
         Err(_) => return fail(ApiError::ProviderTimeout),
-        Ok(Err(_)) => return fail(ApiError::ProviderFailed("the provider's answer was cut off or too large")),
+        Ok(Err(_)) => {
+            return fail(ApiError::ProviderFailed(
+                "the provider's answer was cut off or too large",
+            ))
+        }
         Ok(Ok(c)) => c.to_bytes(),
     };
     if !status.is_success() {
@@ -422,7 +575,9 @@ async fn relay_whole(state: &HubState, ctx: &Ctx, lease: Lease, resp: http::Resp
         return fail(e);
     }
     let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&bytes) else {
-        return fail(ApiError::ProviderFailed("the provider's answer was not valid JSON"));
+        return fail(ApiError::ProviderFailed(
+            "the provider's answer was not valid JSON",
+        ));
     };
     let usage = Usage::from_value(&Value::Object(obj.clone())).unwrap_or_default();
     rewrite(&mut obj, ctx);
@@ -431,9 +586,14 @@ async fn relay_whole(state: &HubState, ctx: &Ctx, lease: Lease, resp: http::Resp
         Err(_) => return fail(ApiError::Internal),
     };
     ctx.log(provider_id, 200, "ok", usage);
-    state.accounting.record(ctx.usage_record(provider_id, 200, "ok", usage, None));
+    state
+        .accounting
+        .record(ctx.usage_record(provider_id, 200, "ok", usage, None));
     let mut r = (StatusCode::OK, body).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     with_request_id(r, &ctx.request_id)
 }
 
@@ -502,13 +662,19 @@ impl Relay {
             return;
         };
         if obj.contains_key("error") {
-            self.fail("The provider's backend failed during generation.", "provider_error");
+            self.fail(
+                "The provider's backend failed during generation.",
+                "provider_error",
+            );
             return;
         }
         if let Some(u) = Usage::from_value(&Value::Object(obj.clone())) {
             self.usage = Some(u);
         }
-        let has_choices = obj.get("choices").and_then(Value::as_array).is_some_and(|c| !c.is_empty());
+        let has_choices = obj
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| !c.is_empty());
         if has_choices && self.ttft.is_none() {
             self.ttft = Some(self.ctx.started.elapsed());
         }
@@ -546,11 +712,18 @@ impl Relay {
             match tokio::time::timeout(idle, self.body.frame()).await {
                 Err(_) => self.fail("The provider stalled.", "provider_timeout"),
                 Ok(None) => self.fail("The provider ended the stream early.", "provider_error"),
-                Ok(Some(Err(_))) => self.fail("The connection to the provider was lost.", "provider_error"),
+                Ok(Some(Err(_))) => {
+                    self.fail("The connection to the provider was lost.", "provider_error")
+                }
                 Ok(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else { continue };
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
                     match self.parser.push(&data) {
-                        Err(_) => self.fail("The provider sent an oversized stream event.", "provider_error"),
+                        Err(_) => self.fail(
+                            "The provider sent an oversized stream event.",
+                            "provider_error",
+                        ),
                         Ok(events) => {
                             for ev in events {
                                 self.event(&ev);
@@ -567,7 +740,9 @@ impl Relay {
 
     /// Account for the stream (once).
     fn finish(&mut self) {
-        let Some(lease) = self.lease.take() else { return };
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
         let provider_id = Some(lease.tunnel().provider_id);
         drop(lease);
         let outcome = match self.end {
@@ -577,7 +752,13 @@ impl Relay {
         };
         let usage = self.usage.unwrap_or_default();
         self.ctx.log(provider_id, 200, outcome, usage);
-        self.state.accounting.record(self.ctx.usage_record(provider_id, 200, outcome, usage, self.ttft));
+        self.state.accounting.record(self.ctx.usage_record(
+            provider_id,
+            200,
+            outcome,
+            usage,
+            self.ttft,
+        ));
     }
 }
 
@@ -587,7 +768,13 @@ impl Drop for Relay {
     }
 }
 
-fn relay_stream(state: Arc<HubState>, ctx: Ctx, wants_usage: bool, lease: Lease, resp: http::Response<Incoming>) -> Response {
+fn relay_stream(
+    state: Arc<HubState>,
+    ctx: Ctx,
+    wants_usage: bool,
+    lease: Lease,
+    resp: http::Response<Incoming>,
+) -> Response {
     let request_id = ctx.request_id.clone();
     let max_line = state.config.max_sse_line_bytes;
     let relay = Relay {
@@ -609,7 +796,10 @@ fn relay_stream(state: Arc<HubState>, ctx: Ctx, wants_usage: bool, lease: Lease,
     .boxed();
     let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     with_request_id(resp, &request_id)
@@ -638,7 +828,10 @@ mod tests {
             (br#"{"model":"","messages":[]}"#, Some("model")),
             (br#"{"model":"m"}"#, Some("messages")),
             (br#"{"model":"m","messages":{}}"#, Some("messages")),
-            (br#"{"model":"m","messages":[],"stream":"yes"}"#, Some("stream")),
+            (
+                br#"{"model":"m","messages":[],"stream":"yes"}"#,
+                Some("stream"),
+            ),
             (br#"[1]"#, None),
             (br#"{"model":"#, None),
         ] {
@@ -651,7 +844,10 @@ mod tests {
 
     #[test]
     fn backend_errors_are_sanitised() {
-        let e = sanitize_backend_error(StatusCode::BAD_REQUEST, br#"{"error":{"message":"context\nlength exceeded","code":400}}"#);
+        let e = sanitize_backend_error(
+            StatusCode::BAD_REQUEST,
+            br#"{"error":{"message":"context\nlength exceeded","code":400}}"#,
+        );
         match e {
             ApiError::Upstream { message, status } => {
                 assert_eq!(status, 400);
@@ -661,7 +857,9 @@ mod tests {
         }
         let long = format!(r#"{{"error":"{}"}}"#, "x".repeat(5000));
         match sanitize_backend_error(StatusCode::BAD_REQUEST, long.as_bytes()) {
-            ApiError::Upstream { message, .. } => assert_eq!(message.len(), MAX_RELAYED_ERROR_CHARS),
+            ApiError::Upstream { message, .. } => {
+                assert_eq!(message.len(), MAX_RELAYED_ERROR_CHARS)
+            }
             _ => panic!(),
         }
     }

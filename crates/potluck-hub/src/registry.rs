@@ -40,7 +40,12 @@ struct Offer {
 
 impl Tunnel {
     /// A new tunnel with nothing offered yet.
-    pub fn new(conn_id: u64, provider_id: i64, provider_name: String, sender: SendRequest<Full<Bytes>>) -> Self {
+    pub fn new(
+        conn_id: u64,
+        provider_id: i64,
+        provider_name: String,
+        sender: SendRequest<Full<Bytes>>,
+    ) -> Self {
         Self {
             conn_id,
             provider_id,
@@ -141,7 +146,11 @@ impl Registry {
     /// Close every tunnel of a provider (its token was revoked).
     pub fn remove_provider(&self, provider_id: i64) -> usize {
         let mut map = self.lock();
-        let ids: Vec<u64> = map.values().filter(|t| t.provider_id == provider_id).map(|t| t.conn_id).collect();
+        let ids: Vec<u64> = map
+            .values()
+            .filter(|t| t.provider_id == provider_id)
+            .map(|t| t.conn_id)
+            .collect();
         for id in &ids {
             if let Some(t) = map.remove(id) {
                 t.closed.store(true, Ordering::Relaxed);
@@ -156,7 +165,10 @@ impl Registry {
     pub fn pick(&self, model: &ModelName, exclude: &[i64]) -> Result<Lease, PickError> {
         let candidates: Vec<Arc<Tunnel>> = {
             let map = self.lock();
-            map.values().filter(|t| t.is_open() && t.offer().models.contains(model)).cloned().collect()
+            map.values()
+                .filter(|t| t.is_open() && t.offer().models.contains(model))
+                .cloned()
+                .collect()
         };
         if candidates.is_empty() {
             return Err(PickError::UnknownModel);
@@ -165,7 +177,10 @@ impl Registry {
         // traffic spreads too.
         let mut best: Vec<&Arc<Tunnel>> = Vec::new();
         let mut best_load = f64::INFINITY;
-        for t in candidates.iter().filter(|t| !exclude.contains(&t.provider_id)) {
+        for t in candidates
+            .iter()
+            .filter(|t| !exclude.contains(&t.provider_id))
+        {
             let cap = t.offer().capacity.max(1);
             let inflight = t.in_flight();
             if inflight >= cap {
@@ -185,7 +200,9 @@ impl Registry {
         }
         let t = best[rand::rng().random_range(0..best.len())];
         t.in_flight.fetch_add(1, Ordering::Relaxed);
-        Ok(Lease { tunnel: Arc::clone(t) })
+        Ok(Lease {
+            tunnel: Arc::clone(t),
+        })
     }
 
     /// Every model offered now, with the number of distinct providers offering it.

@@ -26,7 +26,12 @@ pub struct SseParser {
 impl SseParser {
     /// A parser that refuses lines and events over `max` bytes.
     pub fn new(max: usize) -> Self {
-        Self { buf: BytesMut::new(), data: Vec::new(), has_data: false, max }
+        Self {
+            buf: BytesMut::new(),
+            data: Vec::new(),
+            has_data: false,
+            max,
+        }
     }
 
     /// Feed bytes; returns the `data` of every event completed by them.
@@ -72,8 +77,14 @@ mod tests {
     fn events_across_chunks() {
         let mut p = SseParser::new(1024);
         assert!(p.push(b"data: {\"a\"").unwrap().is_empty());
-        assert_eq!(p.push(b":1}\n\n: comment\n\ndata: [DONE]\r\n\r\n").unwrap(), vec![b"{\"a\":1}".to_vec(), b"[DONE]".to_vec()]);
-        assert_eq!(p.push(b"event: x\ndata: a\ndata: b\n\n").unwrap(), vec![b"a\nb".to_vec()]);
+        assert_eq!(
+            p.push(b":1}\n\n: comment\n\ndata: [DONE]\r\n\r\n").unwrap(),
+            vec![b"{\"a\":1}".to_vec(), b"[DONE]".to_vec()]
+        );
+        assert_eq!(
+            p.push(b"event: x\ndata: a\ndata: b\n\n").unwrap(),
+            vec![b"a\nb".to_vec()]
+        );
     }
 
     #[test]
@@ -81,7 +92,10 @@ mod tests {
         let mut p = SseParser::new(8);
         assert_eq!(p.push(b"0123456789"), Err(SseError::TooLong(8)));
         let mut p = SseParser::new(8);
-        assert_eq!(p.push(b"data: 123\ndata: 45678\n"), Err(SseError::TooLong(8)));
+        assert_eq!(
+            p.push(b"data: 123\ndata: 45678\n"),
+            Err(SseError::TooLong(8))
+        );
     }
 
     proptest! {

@@ -10,7 +10,8 @@ use http::{header, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::upgrade::OnUpgrade;
 use potluck_protocol::tunnel::{
-    AgentEvent, CONTROL_PATH, HEADER_PROTOCOL_VERSION, MAX_CONTROL_LINE_BYTES, PROTOCOL_VERSION, UPGRADE_PROTOCOL,
+    AgentEvent, CONTROL_PATH, HEADER_PROTOCOL_VERSION, MAX_CONTROL_LINE_BYTES, PROTOCOL_VERSION,
+    UPGRADE_PROTOCOL,
 };
 use potluck_protocol::ErrorBody;
 use potluck_store::ProviderAuth;
@@ -21,10 +22,32 @@ use crate::registry::Tunnel;
 use crate::HubState;
 
 fn upgrade_required(message: &str) -> Response {
-    let mut r = (StatusCode::UPGRADE_REQUIRED, ErrorBody::new("invalid_request_error", message, None, None).to_json())
+    let mut r = (
+        StatusCode::UPGRADE_REQUIRED,
+        ErrorBody::new("invalid_request_error", message, None, None).to_json(),
+    )
         .into_response();
-    r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn refused_token() -> Response {
+    let body = ErrorBody::new(
+        "authentication_error",
+        "Unknown or revoked provider token. Create one with `potluck providers create` and pass it with --token.",
+        None,
+        Some("invalid_provider_token"),
+    );
+    let mut r = (StatusCode::UNAUTHORIZED, body.to_json()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -36,20 +59,28 @@ pub async fn accept(State(state): State<Arc<HubState>>, mut req: Request) -> Res
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case(UPGRADE_PROTOCOL));
     if !wants_tunnel {
-        return upgrade_required("This endpoint is for provider agents: it needs 'Upgrade: potluck-tunnel/1'.");
+        return upgrade_required(
+            "This endpoint is for provider agents: it needs 'Upgrade: potluck-tunnel/1'.",
+        );
     }
-    let version = req.headers().get(HEADER_PROTOCOL_VERSION).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let version = req
+        .headers()
+        .get(HEADER_PROTOCOL_VERSION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     if version != Some(PROTOCOL_VERSION) {
-        return upgrade_required("Unsupported tunnel protocol version: upgrade the agent (this hub speaks version 1).");
+        return upgrade_required(
+            "Unsupported tunnel protocol version: upgrade the agent (this hub speaks version 1).",
+        );
     }
     let Some(token) = bearer(req.headers()) else {
-        return ApiError::Unauthorized.into_response();
+        return refused_token();
     };
     let provider = match state.store.authenticate_provider(&token).await {
         Ok(Some(p)) => p,
         Ok(None) => {
             tracing::info!("tunnel refused: unknown or revoked provider token");
-            return ApiError::Unauthorized.into_response();
+            return refused_token();
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
@@ -57,10 +88,14 @@ pub async fn accept(State(state): State<Arc<HubState>>, mut req: Request) -> Res
         return ApiError::Internal.into_response();
     };
     let st = Arc::clone(&state);
-    state.tasks.spawn(async move { run(st, provider, on_upgrade).await });
+    state
+        .tasks
+        .spawn(async move { run(st, provider, on_upgrade).await });
     let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
-    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    r.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
     r
 }
 
@@ -73,7 +108,10 @@ async fn run(state: Arc<HubState>, provider: ProviderAuth, on_upgrade: OnUpgrade
             return;
         }
     };
-    let (sender, conn) = match potluck_tunnel::settings::client_builder().handshake::<_, Full<Bytes>>(upgraded).await {
+    let (sender, conn) = match potluck_tunnel::settings::client_builder()
+        .handshake::<_, Full<Bytes>>(upgraded)
+        .await
+    {
         Ok(x) => x,
         Err(e) => {
             tracing::warn!(provider_id = provider.provider_id, error = %e, "tunnel HTTP/2 handshake failed");
@@ -81,7 +119,12 @@ async fn run(state: Arc<HubState>, provider: ProviderAuth, on_upgrade: OnUpgrade
         }
     };
     let conn_id = state.registry.next_conn_id();
-    let tunnel = Arc::new(Tunnel::new(conn_id, provider.provider_id, provider.name.clone(), sender));
+    let tunnel = Arc::new(Tunnel::new(
+        conn_id,
+        provider.provider_id,
+        provider.name.clone(),
+        sender,
+    ));
     let span = tracing::info_span!("tunnel", conn_id, provider_id = provider.provider_id);
     tracing::info!(parent: &span, provider = %provider.name, "tunnel open");
 
@@ -121,9 +164,17 @@ async fn control_stream(state: &HubState, tunnel: &Arc<Tunnel>) -> Result<(), St
         .uri(CONTROL_PATH)
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
-    let resp = tunnel.sender.clone().send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = tunnel
+        .sender
+        .clone()
+        .send_request(req)
+        .await
+        .map_err(|e| e.to_string())?;
     if resp.status() != StatusCode::OK {
-        return Err(format!("agent answered {} to the control request", resp.status()));
+        return Err(format!(
+            "agent answered {} to the control request",
+            resp.status()
+        ));
     }
     let mut body = resp.into_body();
     let mut buf = BytesMut::new();
@@ -134,7 +185,9 @@ async fn control_stream(state: &HubState, tunnel: &Arc<Tunnel>) -> Result<(), St
             Some(Err(e)) => return Err(e.to_string()),
             Some(Ok(f)) => f,
         };
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         buf.extend_from_slice(&data);
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             let line = buf.split_to(nl + 1);
@@ -147,9 +200,19 @@ async fn control_stream(state: &HubState, tunnel: &Arc<Tunnel>) -> Result<(), St
     }
 }
 
-fn apply(state: &HubState, tunnel: &Arc<Tunnel>, ev: AgentEvent, greeted: &mut bool) -> Result<(), String> {
+fn apply(
+    state: &HubState,
+    tunnel: &Arc<Tunnel>,
+    ev: AgentEvent,
+    greeted: &mut bool,
+) -> Result<(), String> {
     match ev {
-        AgentEvent::Hello { protocol, agent_version, models, max_concurrency } => {
+        AgentEvent::Hello {
+            protocol,
+            agent_version,
+            models,
+            max_concurrency,
+        } => {
             if protocol != PROTOCOL_VERSION {
                 return Err(format!("agent speaks protocol {protocol}"));
             }
@@ -166,14 +229,31 @@ fn apply(state: &HubState, tunnel: &Arc<Tunnel>, ev: AgentEvent, greeted: &mut b
                 max_concurrency,
                 "provider ready"
             );
-            state.registry.set_offer(tunnel.conn_id, models.into_iter().map(|m| m.id).collect(), max_concurrency);
+            state.registry.set_offer(
+                tunnel.conn_id,
+                models.into_iter().map(|m| m.id).collect(),
+                max_concurrency,
+            );
         }
-        AgentEvent::Models { models, max_concurrency } => {
+        AgentEvent::Models {
+            models,
+            max_concurrency,
+        } => {
             if !*greeted {
                 return Err("models before hello".into());
             }
-            tracing::info!(conn_id = tunnel.conn_id, provider_id = tunnel.provider_id, models = models.len(), max_concurrency, "provider offer changed");
-            state.registry.set_offer(tunnel.conn_id, models.into_iter().map(|m| m.id).collect(), max_concurrency);
+            tracing::info!(
+                conn_id = tunnel.conn_id,
+                provider_id = tunnel.provider_id,
+                models = models.len(),
+                max_concurrency,
+                "provider offer changed"
+            );
+            state.registry.set_offer(
+                tunnel.conn_id,
+                models.into_iter().map(|m| m.id).collect(),
+                max_concurrency,
+            );
         }
     }
     Ok(())

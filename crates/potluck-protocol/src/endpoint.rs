@@ -74,7 +74,10 @@ mod tests {
     #[test]
     fn exact_pairs_only() {
         for e in InferenceEndpoint::ALL {
-            assert_eq!(InferenceEndpoint::from_method_path(e.method(), e.path()), Some(e));
+            assert_eq!(
+                InferenceEndpoint::from_method_path(e.method(), e.path()),
+                Some(e)
+            );
         }
         for (m, p) in [
             ("GET", "/v1/chat/completions"),
@@ -94,7 +97,10 @@ mod tests {
 
     #[test]
     fn suffix_is_below_v1() {
-        assert_eq!(InferenceEndpoint::ChatCompletions.suffix(), "/chat/completions");
+        assert_eq!(
+            InferenceEndpoint::ChatCompletions.suffix(),
+            "/chat/completions"
+        );
         assert_eq!(InferenceEndpoint::Models.suffix(), "/models");
     }
 }

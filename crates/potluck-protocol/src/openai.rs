@@ -30,7 +30,12 @@ pub struct ErrorObject {
 
 impl ErrorBody {
     /// Build an error body.
-    pub fn new(kind: &str, message: impl Into<String>, param: Option<&str>, code: Option<&str>) -> Self {
+    pub fn new(
+        kind: &str,
+        message: impl Into<String>,
+        param: Option<&str>,
+        code: Option<&str>,
+    ) -> Self {
         Self {
             error: ErrorObject {
                 message: message.into(),
@@ -124,7 +129,10 @@ mod tests {
         assert_eq!(ModelName::parse(""), Err(ModelNameError::Empty));
         assert_eq!(ModelName::parse(" a"), Err(ModelNameError::BadCharacters));
         assert_eq!(ModelName::parse("a\nb"), Err(ModelNameError::BadCharacters));
-        assert_eq!(ModelName::parse(&"x".repeat(257)), Err(ModelNameError::TooLong));
+        assert_eq!(
+            ModelName::parse(&"x".repeat(257)),
+            Err(ModelNameError::TooLong)
+        );
     }
 
     proptest! {

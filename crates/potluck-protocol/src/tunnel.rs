@@ -102,8 +102,15 @@ impl AgentEvent {
         }
         let ev: AgentEvent = serde_json::from_slice(line)?;
         let (models, conc) = match &ev {
-            AgentEvent::Hello { models, max_concurrency, .. } => (models, *max_concurrency),
-            AgentEvent::Models { models, max_concurrency } => (models, *max_concurrency),
+            AgentEvent::Hello {
+                models,
+                max_concurrency,
+                ..
+            } => (models, *max_concurrency),
+            AgentEvent::Models {
+                models,
+                max_concurrency,
+            } => (models, *max_concurrency),
         };
         if models.len() > MAX_MODELS_PER_AGENT {
             return Err(ControlError::TooManyModels);
@@ -121,7 +128,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn offer(s: &str) -> ModelOffer {
-        ModelOffer { id: ModelName::parse(s).unwrap() }
+        ModelOffer {
+            id: ModelName::parse(s).unwrap(),
+        }
     }
 
     #[test]
@@ -140,19 +149,39 @@ mod tests {
 
     #[test]
     fn limits_enforced() {
-        let ev = AgentEvent::Models { models: vec![], max_concurrency: 0 };
+        let ev = AgentEvent::Models {
+            models: vec![],
+            max_concurrency: 0,
+        };
         let line = ev.encode();
-        assert!(matches!(AgentEvent::decode(&line[..line.len() - 1]), Err(ControlError::BadConcurrency)));
+        assert!(matches!(
+            AgentEvent::decode(&line[..line.len() - 1]),
+            Err(ControlError::BadConcurrency)
+        ));
         let many = AgentEvent::Models {
-            models: (0..=MAX_MODELS_PER_AGENT).map(|i| offer(&format!("m{i}"))).collect(),
+            models: (0..=MAX_MODELS_PER_AGENT)
+                .map(|i| offer(&format!("m{i}")))
+                .collect(),
             max_concurrency: 1,
         };
         let line = many.encode();
-        assert!(matches!(AgentEvent::decode(&line[..line.len() - 1]), Err(ControlError::TooManyModels)));
-        assert!(matches!(AgentEvent::decode(b"{\"type\":\"nope\"}"), Err(ControlError::Malformed(_))));
-        assert!(matches!(AgentEvent::decode(&vec![b' '; MAX_CONTROL_LINE_BYTES + 1]), Err(ControlError::TooLong)));
+        assert!(matches!(
+            AgentEvent::decode(&line[..line.len() - 1]),
+            Err(ControlError::TooManyModels)
+        ));
+        assert!(matches!(
+            AgentEvent::decode(b"{\"type\":\"nope\"}"),
+            Err(ControlError::Malformed(_))
+        ));
+        assert!(matches!(
+            AgentEvent::decode(&vec![b' '; MAX_CONTROL_LINE_BYTES + 1]),
+            Err(ControlError::TooLong)
+        ));
         let bad_name = br#"{"type":"models","models":[{"id":""}],"max_concurrency":1}"#;
-        assert!(matches!(AgentEvent::decode(bad_name), Err(ControlError::Malformed(_))));
+        assert!(matches!(
+            AgentEvent::decode(bad_name),
+            Err(ControlError::Malformed(_))
+        ));
     }
 
     proptest! {

@@ -13,6 +13,6 @@ mod store;
 
 pub use secret::{Secret, SecretKind};
 pub use store::{
-    Account, KeyAuth, KeyRecord, ProviderAuth, ProviderRecord, Role, Store, StoreError, UsageRecord,
-    UsageRow,
+    Account, KeyAuth, KeyRecord, ProviderAuth, ProviderRecord, Role, Store, StoreError,
+    UsageRecord, UsageRow,
 };

@@ -22,12 +22,14 @@ CREATE TABLE api_keys (
 CREATE TABLE providers (
     id          INTEGER PRIMARY KEY,
     account_id  INTEGER NOT NULL REFERENCES accounts(id),
-    name        TEXT NOT NULL UNIQUE,
+    name        TEXT NOT NULL,
     secret_hash TEXT NOT NULL UNIQUE,
     prefix      TEXT NOT NULL,
     created_at  INTEGER NOT NULL,
     revoked_at  INTEGER
 );
+-- A provider name is unique among live providers; a revoked name can be used again.
+CREATE UNIQUE INDEX providers_live_name ON providers(name) WHERE revoked_at IS NULL;
 -- Content-free: ids, model name, times, token counts, status. Never a body.
 CREATE TABLE usage_records (
     id                INTEGER PRIMARY KEY,

@@ -166,7 +166,10 @@ pub struct Store {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Is this a unique-constraint failure?
@@ -184,7 +187,10 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(opts)
+            .await?;
         let store = Self { pool };
         store.migrate().await?;
         Ok(store)
@@ -193,7 +199,10 @@ impl Store {
     /// A private in-memory database, for tests.
     pub async fn open_in_memory() -> Result<Self> {
         let opts = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await?;
         let store = Self { pool };
         store.migrate().await?;
         Ok(store)
@@ -205,10 +214,11 @@ impl Store {
             .await?;
         for (version, sql) in MIGRATIONS {
             let mut tx = self.pool.begin().await?;
-            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
-                .bind(version)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let done: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             if done.is_some() {
                 continue;
             }
@@ -241,12 +251,14 @@ impl Store {
         {
             return Ok(id);
         }
-        let id = sqlx::query_scalar("INSERT INTO accounts (name, role, created_at) VALUES (?, ?, ?) RETURNING id")
-            .bind(name)
-            .bind(role.as_str())
-            .bind(now_secs())
-            .fetch_one(&mut *tx)
-            .await?;
+        let id = sqlx::query_scalar(
+            "INSERT INTO accounts (name, role, created_at) VALUES (?, ?, ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(role.as_str())
+        .bind(now_secs())
+        .fetch_one(&mut *tx)
+        .await?;
         Ok(id)
     }
 
@@ -343,7 +355,11 @@ impl Store {
             .bind(secret.hash())
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| ProviderAuth { provider_id: r.get(0), name: r.get(1), account_id: r.get(2) }))
+        Ok(row.map(|r| ProviderAuth {
+            provider_id: r.get(0),
+            name: r.get(1),
+            account_id: r.get(2),
+        }))
     }
 
     /// Consumer keys (admin keys are not listed).
@@ -402,7 +418,12 @@ impl Store {
         let id = match ids.as_slice() {
             [] => return Err(StoreError::NotFound),
             [id] => *id,
-            _ => return Err(StoreError::Conflict(format!("{} keys match; revoke by id", ids.len()))),
+            _ => {
+                return Err(StoreError::Conflict(format!(
+                    "{} keys match; revoke by id",
+                    ids.len()
+                )))
+            }
         };
         sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ?")
             .bind(now_secs())
@@ -526,30 +547,66 @@ mod tests {
     async fn keys_and_tokens_lifecycle() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("hub.db")).await.unwrap();
-        let admin = store.ensure_admin_key().await.unwrap().expect("first start creates a key");
-        assert!(store.ensure_admin_key().await.unwrap().is_none(), "second start does not");
-        assert_eq!(store.authenticate_key(&admin).await.unwrap().unwrap().role, Role::Admin);
+        let admin = store
+            .ensure_admin_key()
+            .await
+            .unwrap()
+            .expect("first start creates a key");
+        assert!(
+            store.ensure_admin_key().await.unwrap().is_none(),
+            "second start does not"
+        );
+        assert_eq!(
+            store.authenticate_key(&admin).await.unwrap().unwrap().role,
+            Role::Admin
+        );
 
         let (kid, key) = store.create_key("alice-laptop", "alice").await.unwrap();
         let auth = store.authenticate_key(&key).await.unwrap().unwrap();
         assert_eq!(auth.key_id, kid);
         assert_eq!(auth.role, Role::Member);
-        assert!(store.authenticate_key(&Secret::new("pk-nope")).await.unwrap().is_none());
+        assert!(store
+            .authenticate_key(&Secret::new("pk-nope"))
+            .await
+            .unwrap()
+            .is_none());
         let listed = store.list_keys().await.unwrap();
         assert_eq!(listed.len(), 1, "admin keys are not listed");
         assert_eq!(listed[0].account, "alice");
         assert!(!listed[0].prefix.contains(&key.expose()[10..]));
 
         let (pid, token) = store.create_provider("gpu-box", "bob").await.unwrap();
-        assert_eq!(store.authenticate_provider(&token).await.unwrap().unwrap().provider_id, pid);
-        assert!(matches!(store.create_provider("gpu-box", "bob").await, Err(StoreError::Conflict(_))));
-        assert!(store.authenticate_provider(&key).await.unwrap().is_none(), "a key is not a token");
+        assert_eq!(
+            store
+                .authenticate_provider(&token)
+                .await
+                .unwrap()
+                .unwrap()
+                .provider_id,
+            pid
+        );
+        assert!(matches!(
+            store.create_provider("gpu-box", "bob").await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(
+            store.authenticate_provider(&key).await.unwrap().is_none(),
+            "a key is not a token"
+        );
 
         assert_eq!(store.revoke_key("alice-laptop").await.unwrap(), kid);
         assert!(store.authenticate_key(&key).await.unwrap().is_none());
-        assert!(matches!(store.revoke_key("alice-laptop").await, Err(StoreError::NotFound)));
+        assert!(matches!(
+            store.revoke_key("alice-laptop").await,
+            Err(StoreError::NotFound)
+        ));
         assert_eq!(store.revoke_provider(&pid.to_string()).await.unwrap(), pid);
         assert!(store.authenticate_provider(&token).await.unwrap().is_none());
+        let (pid2, _) = store
+            .create_provider("gpu-box", "bob")
+            .await
+            .expect("a revoked name can be used again");
+        assert_ne!(pid2, pid);
 
         // The secrets themselves are nowhere in the database file.
         store.close().await;
@@ -596,7 +653,15 @@ mod tests {
             duration_ms: 2,
             ttft_ms: Some(1),
         };
-        s.record_usage(&[rec.clone(), UsageRecord { request_id: "req_2".into(), ..rec }]).await.unwrap();
+        s.record_usage(&[
+            rec.clone(),
+            UsageRecord {
+                request_id: "req_2".into(),
+                ..rec
+            },
+        ])
+        .await
+        .unwrap();
         let rows = s.recent_usage(10).await.unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].request_id, "req_2");

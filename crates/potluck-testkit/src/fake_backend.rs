@@ -36,7 +36,13 @@ pub struct FakeBehavior {
 
 impl Default for FakeBehavior {
     fn default() -> Self {
-        Self { chunks: 5, gap: Duration::ZERO, fail_status: None, stall_after: None, hang: false }
+        Self {
+            chunks: 5,
+            gap: Duration::ZERO,
+            fail_status: None,
+            stall_after: None,
+            hang: false,
+        }
     }
 }
 
@@ -87,14 +93,23 @@ impl FakeBackend {
             .route("/v1/{*rest}", any(inference))
             .fallback(any(record_other))
             .with_state(Arc::clone(&state));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake backend");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake backend");
         let addr = listener.local_addr().expect("addr");
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(s.cancelled_owned()).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await;
         });
-        Self { addr, state, stop, _task: AbortOnDropHandle::new(task) }
+        Self {
+            addr,
+            state,
+            stop,
+            _task: AbortOnDropHandle::new(task),
+        }
     }
 
     /// `http://127.0.0.1:PORT/v1`
@@ -124,7 +139,10 @@ impl FakeBackend {
 
     /// Inference requests received (not discovery).
     pub fn inference_received(&self) -> Vec<Received> {
-        self.received().into_iter().filter(|r| r.target != "/v1/models").collect()
+        self.received()
+            .into_iter()
+            .filter(|r| r.target != "/v1/models")
+            .collect()
     }
 
     /// Stop serving.
@@ -134,17 +152,39 @@ impl FakeBackend {
 }
 
 async fn list_models(State(st): State<Arc<FakeState>>) -> Response {
-    let data: Vec<Value> = st.models.lock().unwrap().iter().map(|m| json!({"id": m, "object": "model", "owned_by": "fake"})).collect();
+    let data: Vec<Value> = st
+        .models
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "owned_by": "fake"}))
+        .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 async fn record(st: &FakeState, req: Request) -> Received {
     let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap_or_default().to_vec();
+    let body = axum::body::to_bytes(body, 64 * 1024 * 1024)
+        .await
+        .unwrap_or_default()
+        .to_vec();
     let rec = Received {
         method: parts.method.to_string(),
-        target: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-        headers: parts.headers.iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect(),
+        target: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
         body,
     };
     st.received.lock().unwrap().push(rec.clone());
@@ -181,19 +221,30 @@ async fn inference(State(st): State<Arc<FakeState>>, req: Request) -> Response {
     }
     if let Some(code) = b.fail_status {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return (status, axum::Json(json!({"error": {"message": "fake failure", "type": "server_error", "code": code}}))).into_response();
+        return (
+            status,
+            axum::Json(
+                json!({"error": {"message": "fake failure", "type": "server_error", "code": code}}),
+            ),
+        )
+            .into_response();
     }
     let body: Value = serde_json::from_slice(&rec.body).unwrap_or(Value::Null);
     let model = "fake-alias";
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     match rec.target.as_str() {
         "/v1/embeddings" => {
             let n = match body.get("input") {
                 Some(Value::Array(a)) => a.len(),
                 _ => 1,
             };
-            let data: Vec<Value> = (0..n).map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]})).collect();
+            let data: Vec<Value> = (0..n)
+                .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}))
+                .collect();
             axum::Json(json!({"object": "list", "model": model, "data": data, "usage": {"prompt_tokens": 3 * n, "total_tokens": 3 * n}})).into_response()
         }
         "/v1/chat/completions" | "/v1/completions" if !stream => {
@@ -211,7 +262,9 @@ async fn inference(State(st): State<Arc<FakeState>>, req: Request) -> Response {
             }))
             .into_response()
         }
-        "/v1/chat/completions" | "/v1/completions" => stream_answer(st, b, rec.target == "/v1/chat/completions", include_usage),
+        "/v1/chat/completions" | "/v1/completions" => {
+            stream_answer(st, b, rec.target == "/v1/chat/completions", include_usage)
+        }
         _ => (StatusCode::NOT_FOUND, "no such endpoint").into_response(),
     }
 }
@@ -219,7 +272,11 @@ async fn inference(State(st): State<Arc<FakeState>>, req: Request) -> Response {
 fn stream_answer(st: Arc<FakeState>, b: FakeBehavior, chat: bool, include_usage: bool) -> Response {
     st.streams_started.fetch_add(1, Ordering::SeqCst);
     let guard = StreamGuard { st, done: false };
-    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let stream = futures_util::stream::unfold((0usize, guard), move |(i, mut guard)| {
         let b = b.clone();
         async move {
@@ -236,14 +293,20 @@ fn stream_answer(st: Arc<FakeState>, b: FakeBehavior, chat: bool, include_usage:
                 } else {
                     json!({"index": 0, "text": format!("tok{i} "), "finish_reason": null})
                 };
-                format!("data: {}\n\n", json!({"id": "backend-id", "object": object, "created": 1, "model": "fake-alias", "choices": [choice]}))
+                format!(
+                    "data: {}\n\n",
+                    json!({"id": "backend-id", "object": object, "created": 1, "model": "fake-alias", "choices": [choice]})
+                )
             } else if i == n {
                 let choice = if chat {
                     json!({"index": 0, "delta": {}, "finish_reason": "stop"})
                 } else {
                     json!({"index": 0, "text": "", "finish_reason": "stop"})
                 };
-                format!("data: {}\n\n", json!({"id": "backend-id", "object": object, "created": 1, "model": "fake-alias", "choices": [choice]}))
+                format!(
+                    "data: {}\n\n",
+                    json!({"id": "backend-id", "object": object, "created": 1, "model": "fake-alias", "choices": [choice]})
+                )
             } else if i == n + 1 && include_usage {
                 format!(
                     "data: {}\n\n",
@@ -256,11 +319,21 @@ fn stream_answer(st: Arc<FakeState>, b: FakeBehavior, chat: bool, include_usage:
             } else {
                 return None;
             };
-            let next = if i == n && !include_usage { i + 2 } else { i + 1 };
-            Some((Ok::<_, std::convert::Infallible>(Bytes::from(data)), (next, guard)))
+            let next = if i == n && !include_usage {
+                i + 2
+            } else {
+                i + 1
+            };
+            Some((
+                Ok::<_, std::convert::Infallible>(Bytes::from(data)),
+                (next, guard),
+            ))
         }
     });
     let mut r = Response::new(Body::from_stream(stream));
-    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
     r
 }

@@ -20,7 +20,10 @@ pub struct FakeHub {
 impl FakeHub {
     /// Bind on 127.0.0.1:0.
     pub async fn start() -> Self {
-        Self { listener: TcpListener::bind("127.0.0.1:0").await.expect("bind"), tasks: Vec::new() }
+        Self {
+            listener: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            tasks: Vec::new(),
+        }
     }
 
     /// `http://127.0.0.1:PORT`
@@ -50,15 +53,22 @@ impl FakeHub {
                 )
             }
         });
-        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).with_upgrades();
-        self.tasks.push(AbortOnDropHandle::new(tokio::spawn(async move {
-            let _ = conn.await;
-        })));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tcp), svc)
+            .with_upgrades();
+        self.tasks
+            .push(AbortOnDropHandle::new(tokio::spawn(async move {
+                let _ = conn.await;
+            })));
         let upgraded = rx.await.expect("upgrade request").await.expect("upgraded");
-        let (send, conn) = potluck_tunnel::settings::client_builder().handshake::<_, Full<Bytes>>(upgraded).await.expect("h2 handshake");
-        self.tasks.push(AbortOnDropHandle::new(tokio::spawn(async move {
-            let _ = conn.await;
-        })));
+        let (send, conn) = potluck_tunnel::settings::client_builder()
+            .handshake::<_, Full<Bytes>>(upgraded)
+            .await
+            .expect("h2 handshake");
+        self.tasks
+            .push(AbortOnDropHandle::new(tokio::spawn(async move {
+                let _ = conn.await;
+            })));
         send
     }
 }

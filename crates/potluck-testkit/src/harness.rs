@@ -38,10 +38,16 @@ impl TestHub {
     pub async fn start_with(f: impl FnOnce(&mut HubConfig)) -> Self {
         crate::init_tracing();
         let tmp = tempfile::tempdir().expect("tempdir");
-        let mut config = HubConfig { data_dir: tmp.path().to_path_buf(), shutdown_grace: Duration::from_secs(2), ..HubConfig::default() };
+        let mut config = HubConfig {
+            data_dir: tmp.path().to_path_buf(),
+            shutdown_grace: Duration::from_secs(2),
+            ..HubConfig::default()
+        };
         f(&mut config);
         let data_dir = config.data_dir.clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind hub");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind hub");
         let mut hub = Self {
             addr: listener.local_addr().expect("addr"),
             admin_key: String::new(),
@@ -58,7 +64,9 @@ impl TestHub {
     }
 
     async fn launch(&mut self, listener: tokio::net::TcpListener) {
-        let store = Store::open(&self.data_dir.join("hub.db")).await.expect("open store");
+        let store = Store::open(&self.data_dir.join("hub.db"))
+            .await
+            .expect("open store");
         if let Some(k) = store.ensure_admin_key().await.expect("admin key") {
             self.admin_key = k.expose().to_owned();
         }
@@ -103,23 +111,35 @@ impl TestHub {
 
     /// Admin persona: create a consumer key.
     pub async fn create_key(&self, name: &str) -> String {
-        self.admin_post("/admin/v1/keys", json!({"name": name})).await["secret"].as_str().expect("secret").to_owned()
+        self.admin_post("/admin/v1/keys", json!({"name": name}))
+            .await["secret"]
+            .as_str()
+            .expect("secret")
+            .to_owned()
     }
 
     /// Admin persona: create a provider token.
     pub async fn create_provider(&self, name: &str) -> String {
-        self.admin_post("/admin/v1/providers", json!({"name": name})).await["secret"].as_str().expect("secret").to_owned()
+        self.admin_post("/admin/v1/providers", json!({"name": name}))
+            .await["secret"]
+            .as_str()
+            .expect("secret")
+            .to_owned()
     }
 
     /// Wait until `model` is offered by exactly `providers` providers.
     pub async fn wait_for_model(&self, model: &str, providers: usize) {
         let st = self.state();
         let name = potluck_protocol::ModelName::parse(model).expect("model name");
-        crate::wait_until(&format!("{model} served by {providers} provider(s)"), Duration::from_secs(30), || {
-            let st = Arc::clone(&st);
-            let name = name.clone();
-            async move { st.registry.models().get(&name).copied().unwrap_or(0) == providers }
-        })
+        crate::wait_until(
+            &format!("{model} served by {providers} provider(s)"),
+            Duration::from_secs(30),
+            || {
+                let st = Arc::clone(&st);
+                let name = name.clone();
+                async move { st.registry.models().get(&name).copied().unwrap_or(0) == providers }
+            },
+        )
         .await;
     }
 
@@ -135,7 +155,9 @@ impl TestHub {
     /// Stop, then start again on the same address and data directory.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebind hub port");
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("rebind hub port");
         self.launch(listener).await;
     }
 }
@@ -149,14 +171,22 @@ impl Drop for TestHub {
 /// An agent under test.
 pub struct TestAgent {
     shutdown: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    task: Option<JoinHandle<Result<(), potluck_agent::AgentError>>>,
 }
 
 impl TestAgent {
     /// Test defaults: fast reconnects and discovery.
     pub fn config(hub: &str, token: &str, backends: &[String]) -> AgentConfig {
-        let backends = backends.iter().map(|b| BackendConfig::parse(b, None).expect("backend url")).collect();
-        let mut c = AgentConfig::new(potluck_tunnel::HubUrl::parse(hub).expect("hub url"), token.to_owned(), backends).expect("config");
+        let backends = backends
+            .iter()
+            .map(|b| BackendConfig::parse(b, None).expect("backend url"))
+            .collect();
+        let mut c = AgentConfig::new(
+            potluck_tunnel::HubUrl::parse(hub).expect("hub url"),
+            token.to_owned(),
+            backends,
+        )
+        .expect("config");
         c.reconnect_min = Duration::from_millis(50);
         c.reconnect_max = Duration::from_millis(500);
         c.discovery_interval = Duration::from_secs(2);
@@ -174,7 +204,19 @@ impl TestAgent {
         crate::init_tracing();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(potluck_agent::run(config, shutdown.clone()));
-        Self { shutdown, task: Some(task) }
+        Self {
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Wait for the agent to end by itself (it gives up only on a refused token).
+    pub async fn finished(mut self) -> Result<(), potluck_agent::AgentError> {
+        self.task
+            .take()
+            .expect("running")
+            .await
+            .expect("agent task")
     }
 
     /// Graceful stop.

@@ -4,6 +4,9 @@
 //!
 //! Nothing here ships in the binary.
 
+// A test harness: a panic here is a failed test, which is what a test wants.
+#![allow(clippy::unwrap_used)]
+
 pub mod fake_backend;
 pub mod fake_hub;
 pub mod harness;
@@ -39,7 +42,8 @@ where
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_test_writer()
         .try_init();

@@ -20,7 +20,9 @@ pub struct RealBackend {
 fn cache_dir() -> PathBuf {
     std::env::var_os("POTLUCK_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/potluck"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/potluck")
+        })
 }
 
 fn repo_root() -> PathBuf {
@@ -48,11 +50,25 @@ impl RealBackend {
             .arg(repo_root().join("scripts/realbackend/serve_xllamacpp.py"))
             .arg(&model_path)
             .arg("0")
-            .args(["--threads", "1", "--parallel", "4", "--ctx", "4096", "--alias", alias, "--exit-with-parent"]);
+            .args([
+                "--threads",
+                "1",
+                "--parallel",
+                "4",
+                "--ctx",
+                "4096",
+                "--alias",
+                alias,
+                "--exit-with-parent",
+            ]);
         if embeddings {
             cmd.args(["--embeddings", "--pooling", "mean"]);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn real backend");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn real backend");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -62,7 +78,9 @@ impl RealBackend {
                 }
             }
         });
-        let url = rx.recv_timeout(START_TIMEOUT).expect("real backend did not start");
+        let url = rx
+            .recv_timeout(START_TIMEOUT)
+            .expect("real backend did not start");
         let deadline = Instant::now() + START_TIMEOUT;
         // Wait for /health (model loaded).
         loop {
@@ -79,10 +97,17 @@ impl RealBackend {
             if ok {
                 break;
             }
-            assert!(Instant::now() < deadline, "real backend never became healthy");
+            assert!(
+                Instant::now() < deadline,
+                "real backend never became healthy"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { child, url, model: alias.to_owned() }
+        Self {
+            child,
+            url,
+            model: alias.to_owned(),
+        }
     }
 
     /// `http://127.0.0.1:PORT/v1`

@@ -20,7 +20,10 @@ pub struct SseReader {
 impl SseReader {
     /// Wrap a response.
     pub fn new(resp: reqwest::Response) -> Self {
-        Self { stream: resp.bytes_stream().boxed(), buf: Vec::new() }
+        Self {
+            stream: resp.bytes_stream().boxed(),
+            buf: Vec::new(),
+        }
     }
 
     /// The next event, or `None` when the stream ends (cleanly or not).
@@ -29,7 +32,11 @@ impl SseReader {
             if let Some(pos) = self.buf.windows(2).position(|w| w == b"\n\n") {
                 let raw: Vec<u8> = self.buf.drain(..pos + 2).collect();
                 let text = String::from_utf8_lossy(&raw);
-                let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+                let data: Vec<&str> = text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim_start)
+                    .collect();
                 if data.is_empty() {
                     continue;
                 }
@@ -37,7 +44,9 @@ impl SseReader {
                 if data == "[DONE]" {
                     return Some(Event::Done);
                 }
-                return Some(Event::Json(serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data))));
+                return Some(Event::Json(
+                    serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data)),
+                ));
             }
             match self.stream.next().await {
                 Some(Ok(b)) => self.buf.extend_from_slice(&b),

@@ -2,6 +2,8 @@
 //! allow-list of inference endpoints reaches a backend, and a backend receives only the
 //! body and its content type, never a consumer's headers, key or address.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use potluck_testkit::fake_hub::FakeHub;
@@ -29,16 +31,29 @@ fn request(method: &str, path: &str, body: &'static str) -> Option<http::Request
 async fn only_allow_listed_endpoints_and_no_consumer_headers_reach_the_backend() {
     let backend = FakeBackend::start(&[MODEL]).await;
     let mut hub = FakeHub::start().await;
-    let _agent = TestAgent::start_with(TestAgent::config(&hub.url(), "pt-any", &[backend.base_url()]));
+    let _agent = TestAgent::start_with(TestAgent::config(
+        &hub.url(),
+        "pt-any",
+        &[backend.base_url()],
+    ));
     let mut h2 = hub.accept().await;
     // Let discovery finish (the agent answers 404 for models it does not serve yet).
-    potluck_testkit::wait_until("agent discovered its model", std::time::Duration::from_secs(10), || {
-        let mut h2 = h2.clone();
-        async move {
-            let r = h2.send_request(request("POST", "/v1/embeddings", r#"{"model":"m1","input":"x"}"#).unwrap()).await.unwrap();
-            r.status() == 200
-        }
-    })
+    potluck_testkit::wait_until(
+        "agent discovered its model",
+        std::time::Duration::from_secs(10),
+        || {
+            let mut h2 = h2.clone();
+            async move {
+                let r = h2
+                    .send_request(
+                        request("POST", "/v1/embeddings", r#"{"model":"m1","input":"x"}"#).unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                r.status() == 200
+            }
+        },
+    )
     .await;
 
     let mut refused = vec![
@@ -67,7 +82,23 @@ async fn only_allow_listed_endpoints_and_no_consumer_headers_reach_the_backend()
         ("GET", "/metrics".to_owned()),
     ];
     // Thousands of generated pairs: path pieces, encodings, separators and case variants.
-    let pieces = ["v1", "V1", "api", "chat", "completions", "embeddings", "pull", "..", "%2e%2e", ".", "", "%2F", "models", "pause", "props"];
+    let pieces = [
+        "v1",
+        "V1",
+        "api",
+        "chat",
+        "completions",
+        "embeddings",
+        "pull",
+        "..",
+        "%2e%2e",
+        ".",
+        "",
+        "%2F",
+        "models",
+        "pause",
+        "props",
+    ];
     let methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "post"];
     let mut x: u64 = 0x9E3779B97F4A7C15;
     let mut next = || {
@@ -79,7 +110,9 @@ async fn only_allow_listed_endpoints_and_no_consumer_headers_reach_the_backend()
     let t0 = std::time::Instant::now();
     for _ in 0..3000 {
         let n = 1 + (next() % 5) as usize;
-        let path: String = (0..n).map(|_| format!("/{}", pieces[(next() % pieces.len() as u64) as usize])).collect();
+        let path: String = (0..n)
+            .map(|_| format!("/{}", pieces[(next() % pieces.len() as u64) as usize]))
+            .collect();
         let method = methods[(next() % methods.len() as u64) as usize];
         if potluck_protocol::InferenceEndpoint::from_method_path(method, &path).is_none() {
             refused.push((method, path));
@@ -87,17 +120,47 @@ async fn only_allow_listed_endpoints_and_no_consumer_headers_reach_the_backend()
     }
     let mut sent = 0;
     for (method, path) in &refused {
-        let Some(req) = request(method, path, r#"{"model":"m1","messages":[],"prompt":"x","input":"x"}"#) else { continue };
-        let resp = h2.send_request(req).await.expect("the agent answers, it does not crash");
-        assert!(resp.status().is_client_error(), "{method} {path} -> {}", resp.status());
-        assert!(resp.headers().contains_key("x-potluck-agent-error"), "{method} {path}");
+        let Some(req) = request(
+            method,
+            path,
+            r#"{"model":"m1","messages":[],"prompt":"x","input":"x"}"#,
+        ) else {
+            continue;
+        };
+        let resp = h2
+            .send_request(req)
+            .await
+            .expect("the agent answers, it does not crash");
+        assert!(
+            resp.status().is_client_error(),
+            "{method} {path} -> {}",
+            resp.status()
+        );
+        assert!(
+            resp.headers().contains_key("x-potluck-agent-error"),
+            "{method} {path}"
+        );
         let _ = resp.into_body().collect().await;
         sent += 1;
     }
     eprintln!("sent {sent} in {:?}", t0.elapsed());
-    assert!(sent > 2000, "the generated requests were really sent ({sent})");
-    let leaked: Vec<_> = backend.inference_received().into_iter().filter(|r| r.target != "/v1/embeddings").collect();
-    assert!(leaked.is_empty(), "refused requests reached the backend: {:?}", leaked.iter().map(|r| (&r.method, &r.target)).collect::<Vec<_>>());
+    assert!(
+        sent > 2000,
+        "the generated requests were really sent ({sent})"
+    );
+    let leaked: Vec<_> = backend
+        .inference_received()
+        .into_iter()
+        .filter(|r| r.target != "/v1/embeddings")
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "refused requests reached the backend: {:?}",
+        leaked
+            .iter()
+            .map(|r| (&r.method, &r.target))
+            .collect::<Vec<_>>()
+    );
 
     // The allow-listed ones do reach it, with the body and content type only.
     for (path, body) in [
@@ -105,7 +168,10 @@ async fn only_allow_listed_endpoints_and_no_consumer_headers_reach_the_backend()
         ("/v1/completions", r#"{"model":"m1","prompt":"x"}"#),
         ("/v1/embeddings", r#"{"model":"m1","input":"x"}"#),
     ] {
-        let resp = h2.send_request(request("POST", path, body).unwrap()).await.unwrap();
+        let resp = h2
+            .send_request(request("POST", path, body).unwrap())
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200, "{path}");
         let _ = resp.into_body().collect().await;
     }
@@ -114,7 +180,10 @@ async fn only_allow_listed_endpoints_and_no_consumer_headers_reach_the_backend()
     assert!(got.iter().any(|r| r.target == "/v1/completions"));
     for r in &got {
         for (name, _) in &r.headers {
-            assert!(matches!(name.as_str(), "content-type" | "content-length" | "host"), "header {name} reached the backend");
+            assert!(
+                matches!(name.as_str(), "content-type" | "content-length" | "host"),
+                "header {name} reached the backend"
+            );
         }
     }
 }

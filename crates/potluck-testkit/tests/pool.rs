@@ -2,6 +2,8 @@
 //! provider is retried on another before the consumer notices, and a restarted hub gets
 //! its agents back without anyone acting.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -24,7 +26,10 @@ async fn chat(hub: &TestHub, key: &str, stream: bool) -> reqwest::Response {
 async fn load_spreads_failover_and_hub_restart() {
     let mut hub = TestHub::start().await;
     let key = hub.create_key("consumer").await;
-    let (b1, b2) = (FakeBackend::start(&[MODEL]).await, FakeBackend::start(&[MODEL]).await);
+    let (b1, b2) = (
+        FakeBackend::start(&[MODEL]).await,
+        FakeBackend::start(&[MODEL]).await,
+    );
     let t1 = hub.create_provider("p1").await;
     let t2 = hub.create_provider("p2").await;
     let a1 = TestAgent::start(&hub, &t1, &b1.base_url());
@@ -32,7 +37,11 @@ async fn load_spreads_failover_and_hub_restart() {
     hub.wait_for_model(MODEL, 2).await;
 
     // Concurrent slow streams spread over both providers (fewest in flight wins).
-    let slow = FakeBehavior { chunks: 4, gap: Duration::from_millis(50), ..Default::default() };
+    let slow = FakeBehavior {
+        chunks: 4,
+        gap: Duration::from_millis(50),
+        ..Default::default()
+    };
     b1.set_behavior(slow.clone());
     b2.set_behavior(slow);
     let mut tasks = Vec::new();
@@ -56,7 +65,10 @@ async fn load_spreads_failover_and_hub_restart() {
     }
     let (n1, n2) = (b1.inference_received().len(), b2.inference_received().len());
     assert_eq!(n1 + n2, 8);
-    assert!(n1 >= 2 && n2 >= 2, "load spread over both providers: {n1} / {n2}");
+    assert!(
+        n1 >= 2 && n2 >= 2,
+        "load spread over both providers: {n1} / {n2}"
+    );
 
     // Kill one agent: every request still succeeds, on the other.
     a1.kill().await;
@@ -74,7 +86,11 @@ async fn load_spreads_failover_and_hub_restart() {
     hub.restart().await;
     hub.wait_for_model(MODEL, 2).await;
     let r = chat(&hub, &key, false).await;
-    assert_eq!(r.status(), 200, "the key survived the restart (same database)");
+    assert_eq!(
+        r.status(),
+        200,
+        "the key survived the restart (same database)"
+    );
     drop((a1, a2));
 }
 
@@ -84,7 +100,10 @@ async fn provider_failing_before_first_byte_is_retried_elsewhere() {
     let key = hub.create_key("consumer").await;
     let bad = FakeBackend::start(&[MODEL]).await;
     let good = FakeBackend::start(&[MODEL]).await;
-    bad.set_behavior(FakeBehavior { fail_status: Some(500), ..Default::default() });
+    bad.set_behavior(FakeBehavior {
+        fail_status: Some(500),
+        ..Default::default()
+    });
     let _a = TestAgent::start(&hub, &hub.create_provider("bad").await, &bad.base_url());
     let _b = TestAgent::start(&hub, &hub.create_provider("good").await, &good.base_url());
     hub.wait_for_model(MODEL, 2).await;
@@ -94,11 +113,19 @@ async fn provider_failing_before_first_byte_is_retried_elsewhere() {
     while bad.inference_received().len() < 3 {
         assert!(sent < 200, "the failing provider was never picked");
         let r = chat(&hub, &key, sent % 2 == 0).await;
-        assert_eq!(r.status(), 200, "the consumer does not notice the failing provider");
+        assert_eq!(
+            r.status(),
+            200,
+            "the consumer does not notice the failing provider"
+        );
         assert!(r.text().await.unwrap().contains("tok0"));
         sent += 1;
     }
-    assert_eq!(good.inference_received().len(), sent, "every request was served by the good provider");
+    assert_eq!(
+        good.inference_received().len(),
+        sent,
+        "every request was served by the good provider"
+    );
 
     // With only the failing provider left, the consumer gets a 502.
     good.stop();
@@ -115,7 +142,11 @@ async fn consumer_disconnect_cancels_the_backend_request() {
     let hub = TestHub::start().await;
     let key = hub.create_key("consumer").await;
     let backend = FakeBackend::start(&[MODEL]).await;
-    backend.set_behavior(FakeBehavior { chunks: 10_000, gap: Duration::from_millis(10), ..Default::default() });
+    backend.set_behavior(FakeBehavior {
+        chunks: 10_000,
+        gap: Duration::from_millis(10),
+        ..Default::default()
+    });
     let _a = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
     hub.wait_for_model(MODEL, 1).await;
 
@@ -123,22 +154,37 @@ async fn consumer_disconnect_cancels_the_backend_request() {
     assert_eq!(r.status(), 200);
     let mut sse = potluck_testkit::sse::SseReader::new(r);
     for _ in 0..3 {
-        assert!(matches!(sse.next().await, Some(potluck_testkit::sse::Event::Json(_))));
+        assert!(matches!(
+            sse.next().await,
+            Some(potluck_testkit::sse::Event::Json(_))
+        ));
     }
-    assert_eq!(backend.state().streams_disconnected.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        backend.state().streams_disconnected.load(Ordering::SeqCst),
+        0
+    );
     drop(sse); // the consumer goes away mid-stream
     let st = backend.state().clone();
-    potluck_testkit::wait_until("backend sees the cancellation", Duration::from_secs(10), || {
-        let st = st.clone();
-        async move { st.streams_disconnected.load(Ordering::SeqCst) == 1 }
-    })
+    potluck_testkit::wait_until(
+        "backend sees the cancellation",
+        Duration::from_secs(10),
+        || {
+            let st = st.clone();
+            async move { st.streams_disconnected.load(Ordering::SeqCst) == 1 }
+        },
+    )
     .await;
     assert_eq!(backend.state().streams_completed.load(Ordering::SeqCst), 0);
     // The provider's slot is free again.
     let hs = hub.state();
     potluck_testkit::wait_until("slot freed", Duration::from_secs(5), || {
         let hs = hs.clone();
-        async move { hs.registry.provider_summary().values().all(|(_, _, inflight)| *inflight == 0) }
+        async move {
+            hs.registry
+                .provider_summary()
+                .values()
+                .all(|(_, _, inflight)| *inflight == 0)
+        }
     })
     .await;
 }
@@ -148,18 +194,27 @@ async fn provider_dropping_mid_stream_ends_the_stream_with_an_error_event() {
     let hub = TestHub::start().await;
     let key = hub.create_key("consumer").await;
     let backend = FakeBackend::start(&[MODEL]).await;
-    backend.set_behavior(FakeBehavior { chunks: 100, stall_after: Some(3), ..Default::default() });
+    backend.set_behavior(FakeBehavior {
+        chunks: 100,
+        stall_after: Some(3),
+        ..Default::default()
+    });
     let agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
     hub.wait_for_model(MODEL, 1).await;
 
     let r = chat(&hub, &key, true).await;
     let mut sse = potluck_testkit::sse::SseReader::new(r);
     for _ in 0..3 {
-        assert!(matches!(sse.next().await, Some(potluck_testkit::sse::Event::Json(_))));
+        assert!(matches!(
+            sse.next().await,
+            Some(potluck_testkit::sse::Event::Json(_))
+        ));
     }
     let killed_at = tokio::time::Instant::now();
     agent.kill().await;
-    let rest = tokio::time::timeout(Duration::from_secs(2), sse.collect()).await.expect("the stream ends within 2 s, never hangs");
+    let rest = tokio::time::timeout(Duration::from_secs(2), sse.collect())
+        .await
+        .expect("the stream ends within 2 s, never hangs");
     assert!(killed_at.elapsed() < Duration::from_secs(2));
     assert_eq!(rest.len(), 1, "exactly one more event: the error: {rest:?}");
     match &rest[0] {
@@ -176,10 +231,16 @@ async fn stalled_provider_hits_the_idle_timeout() {
     let hub = TestHub::start_with(|c| c.stream_idle_timeout = Duration::from_millis(300)).await;
     let key = hub.create_key("consumer").await;
     let backend = FakeBackend::start(&[MODEL]).await;
-    backend.set_behavior(FakeBehavior { chunks: 100, stall_after: Some(2), ..Default::default() });
+    backend.set_behavior(FakeBehavior {
+        chunks: 100,
+        stall_after: Some(2),
+        ..Default::default()
+    });
     let _a = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
     hub.wait_for_model(MODEL, 1).await;
-    let events = potluck_testkit::sse::SseReader::new(chat(&hub, &key, true).await).collect().await;
+    let events = potluck_testkit::sse::SseReader::new(chat(&hub, &key, true).await)
+        .collect()
+        .await;
     assert_eq!(events.len(), 3);
     match &events[2] {
         potluck_testkit::sse::Event::Json(v) => assert_eq!(v["error"]["code"], "provider_timeout"),
@@ -192,4 +253,35 @@ async fn stalled_provider_hits_the_idle_timeout() {
         async move { st.streams_disconnected.load(Ordering::SeqCst) == 1 }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_provider_is_cut_off_and_its_agent_stops() {
+    let hub = TestHub::start().await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let r = hub
+        .http
+        .delete(format!("{}/admin/v1/providers/p", hub.url()))
+        .bearer_auth(&hub.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    hub.wait_for_model(MODEL, 0).await;
+    // The agent reconnects, is refused, and gives up with a clear error.
+    let err = tokio::time::timeout(Duration::from_secs(20), agent.finished())
+        .await
+        .expect("agent gave up")
+        .unwrap_err();
+    assert!(err.to_string().contains("revoked provider token"), "{err}");
+    // A wrong token from the start is refused the same way.
+    let agent = TestAgent::start(&hub, "pt-not-a-token", &backend.base_url());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(20), agent.finished())
+            .await
+            .expect("gave up")
+            .is_err()
+    );
 }

@@ -30,7 +30,7 @@ pub enum DialError {
     #[error("invalid hub URL: {0}")]
     BadUrl(String),
     /// TCP or TLS failed.
-    #[error("cannot reach {addr}: {source}")]
+    #[error("cannot reach {addr}")]
     Connect {
         /// host:port
         addr: String,
@@ -48,13 +48,17 @@ impl HubUrl {
     pub fn parse(s: &str) -> Result<Self, DialError> {
         let url = Url::parse(s).map_err(|e| DialError::BadUrl(format!("{s:?}: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(DialError::BadUrl(format!("{s:?}: the scheme must be http or https")));
+            return Err(DialError::BadUrl(format!(
+                "{s:?}: the scheme must be http or https"
+            )));
         }
         if url.host_str().is_none() {
             return Err(DialError::BadUrl(format!("{s:?}: no host")));
         }
         if url.query().is_some() || url.fragment().is_some() {
-            return Err(DialError::BadUrl(format!("{s:?}: no query or fragment allowed")));
+            return Err(DialError::BadUrl(format!(
+                "{s:?}: no query or fragment allowed"
+            )));
         }
         Ok(Self { url })
     }
@@ -100,7 +104,9 @@ impl std::fmt::Display for HubUrl {
 }
 
 fn tls_config() -> Arc<rustls::ClientConfig> {
-    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -127,10 +133,16 @@ async fn connect_tcp(addr: String) -> std::io::Result<TcpStream> {
 }
 
 /// Open a byte stream to the hub: TCP (`TCP_NODELAY` on), plus TLS for `https`.
-pub fn dial(hub: &HubUrl) -> impl std::future::Future<Output = Result<BoxIo, DialError>> + Send + 'static {
+pub fn dial(
+    hub: &HubUrl,
+) -> impl std::future::Future<Output = Result<BoxIo, DialError>> + Send + 'static {
     let addr = format!("{}:{}", hub.host(), hub.port());
     let fut = connect(addr.clone(), hub.is_tls().then(|| hub.host().to_owned()));
-    async move { tokio::time::timeout(CONNECT_TIMEOUT, fut).await.map_err(|_| DialError::Timeout(addr))? }
+    async move {
+        tokio::time::timeout(CONNECT_TIMEOUT, fut)
+            .await
+            .map_err(|_| DialError::Timeout(addr))?
+    }
 }
 
 async fn connect(addr: String, tls_name: Option<String>) -> Result<BoxIo, DialError> {
@@ -148,7 +160,10 @@ async fn connect(addr: String, tls_name: Option<String>) -> Result<BoxIo, DialEr
         Ok(n) => n,
         Err(e) => return Err(DialError::BadUrl(format!("{name}: {e}"))),
     };
-    match tokio_rustls::TlsConnector::from(tls_config()).connect(server_name, tcp).await {
+    match tokio_rustls::TlsConnector::from(tls_config())
+        .connect(server_name, tcp)
+        .await
+    {
         Ok(tls) => Ok(Box::new(tls)),
         Err(source) => Err(DialError::Connect { addr, source }),
     }

@@ -9,7 +9,9 @@ use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use potluck_protocol::tunnel::{HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION, TUNNEL_PATH, UPGRADE_PROTOCOL};
+use potluck_protocol::tunnel::{
+    HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION, TUNNEL_PATH, UPGRADE_PROTOCOL,
+};
 
 use crate::dial::{dial, DialError, HubUrl};
 
@@ -57,7 +59,11 @@ impl TunnelError {
 
 /// Open a tunnel: dial, authenticate, upgrade. The returned stream is ready for the
 /// agent's HTTP/2 server.
-pub async fn upgrade(hub: HubUrl, token: String, agent_version: String) -> Result<Upgraded, TunnelError> {
+pub async fn upgrade(
+    hub: HubUrl,
+    token: String,
+    agent_version: String,
+) -> Result<Upgraded, TunnelError> {
     let req = Request::builder()
         .method("GET")
         .uri(hub.path(TUNNEL_PATH))
@@ -71,7 +77,7 @@ pub async fn upgrade(hub: HubUrl, token: String, agent_version: String) -> Resul
         .map_err(|_| TunnelError::Refused {
             status: StatusCode::BAD_REQUEST,
             message: "could not build the upgrade request".into(),
-    })?;
+        })?;
     let io = dial(&hub).await?;
     let fut = async move {
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
@@ -86,12 +92,17 @@ pub async fn upgrade(hub: HubUrl, token: String, agent_version: String) -> Resul
         drop(conn);
         Ok(upgraded)
     };
-    tokio::time::timeout(UPGRADE_TIMEOUT, fut).await.map_err(|_| TunnelError::Timeout(UPGRADE_TIMEOUT))?
+    tokio::time::timeout(UPGRADE_TIMEOUT, fut)
+        .await
+        .map_err(|_| TunnelError::Timeout(UPGRADE_TIMEOUT))?
 }
 
 async fn refusal(resp: http::Response<hyper::body::Incoming>) -> TunnelError {
     let status = resp.status();
-    let body = match http_body_util::Limited::new(resp.into_body(), MAX_REFUSAL_BYTES).collect().await {
+    let body = match http_body_util::Limited::new(resp.into_body(), MAX_REFUSAL_BYTES)
+        .collect()
+        .await
+    {
         Ok(c) => c.to_bytes(),
         Err(_) => Bytes::new(),
     };
@@ -104,7 +115,8 @@ async fn refusal(resp: http::Response<hyper::body::Incoming>) -> TunnelError {
 }
 
 fn refusal_message(body: &[u8]) -> String {
-    serde_json_message(body).unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect())
+    serde_json_message(body)
+        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect())
 }
 
 /// Pull `error.message` out of an OpenAI-shaped body without a JSON dependency here.
@@ -135,12 +147,19 @@ pub struct UpgradeCarrier {
 
 impl std::fmt::Debug for UpgradeCarrier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpgradeCarrier").field("hub", &self.hub).field("token", &"<redacted>").finish()
+        f.debug_struct("UpgradeCarrier")
+            .field("hub", &self.hub)
+            .field("token", &"<redacted>")
+            .finish()
     }
 }
 
 impl Carrier for UpgradeCarrier {
     fn connect(&self) -> Pin<Box<dyn Future<Output = Result<Upgraded, TunnelError>> + Send + '_>> {
-        Box::pin(upgrade(self.hub.clone(), self.token.clone(), self.agent_version.clone()))
+        Box::pin(upgrade(
+            self.hub.clone(),
+            self.token.clone(),
+            self.agent_version.clone(),
+        ))
     }
 }

@@ -57,7 +57,12 @@ struct HubArgs {
 #[derive(Debug, Args)]
 struct AdminArgs {
     /// The hub's base URL.
-    #[arg(long, env = "POTLUCK_HUB", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "POTLUCK_HUB",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     hub: String,
     /// File holding the admin key (the hub writes DATA_DIR/admin.key on first start).
     #[arg(long, value_name = "FILE", global = true)]
@@ -153,7 +158,9 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(contents.as_bytes())?;
     Ok(())
 }
@@ -161,10 +168,15 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 async fn hub(a: HubArgs) -> anyhow::Result<()> {
     let mut config = match &a.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?;
-            toml::from_str::<HubConfig>(&text).with_context(|| format!("invalid config file {}", p.display()))?
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?;
+            toml::from_str::<HubConfig>(&text)
+                .with_context(|| format!("invalid config file {}", p.display()))?
         }
-        None => HubConfig { data_dir: default_data_dir(), ..HubConfig::default() },
+        None => HubConfig {
+            data_dir: default_data_dir(),
+            ..HubConfig::default()
+        },
     };
     if let Some(l) = a.listen {
         config.listen = l;
@@ -172,6 +184,10 @@ async fn hub(a: HubArgs) -> anyhow::Result<()> {
     if let Some(d) = a.data_dir {
         config.data_dir = d;
     }
+    // Bind first: a taken port must not cost the operator a one-time admin key print.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let store = potluck_store::Store::open(&config.data_dir.join("hub.db"))
@@ -186,11 +202,11 @@ async fn hub(a: HubArgs) -> anyhow::Result<()> {
             admin.expose()
         ));
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    say(&format!("potluck hub listening on http://{addr}\n  OpenAI base URL: http://{addr}/v1   data: {}", config.data_dir.display()));
+    say(&format!(
+        "potluck hub listening on http://{addr}\n  OpenAI base URL: http://{addr}/v1   data: {}",
+        config.data_dir.display()
+    ));
     let shutdown = CancellationToken::new();
     let hub = Hub::new(config, store);
     let (r, _) = tokio::join!(hub.run(listener, shutdown.clone()), async {
@@ -211,8 +227,14 @@ fn say(text: &str) {
 }
 
 fn admin_client(a: &AdminArgs) -> anyhow::Result<AdminClient> {
-    let key = match (std::env::var("POTLUCK_ADMIN_KEY").ok().filter(|k| !k.trim().is_empty()), &a.admin_key_file) {
-        (_, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read admin key file {}", f.display()))?,
+    let key = match (
+        std::env::var("POTLUCK_ADMIN_KEY")
+            .ok()
+            .filter(|k| !k.trim().is_empty()),
+        &a.admin_key_file,
+    ) {
+        (_, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read admin key file {}", f.display()))?,
         (Some(k), None) => k,
         (None, None) => {
             let f = default_data_dir().join("admin.key");
@@ -235,18 +257,33 @@ async fn keys(cmd: KeysCmd, a: AdminArgs) -> anyhow::Result<()> {
     let c = admin_client(&a)?;
     match cmd {
         KeysCmd::Create { name, account } => {
-            let created: Created = c.post("/admin/v1/keys", &CreateKey { name, account }).await?;
+            let created: Created = c
+                .post("/admin/v1/keys", &CreateKey { name, account })
+                .await?;
             println!("{}", created.secret);
         }
         KeysCmd::List => {
             let list: List<KeyInfo> = c.get("/admin/v1/keys").await?;
-            println!("{:<6} {:<24} {:<20} {:<12} {:<12} {}", "ID", "NAME", "ACCOUNT", "PREFIX", "CREATED", "REVOKED");
+            println!(
+                "{:<6} {:<24} {:<20} {:<12} {:<12} REVOKED",
+                "ID", "NAME", "ACCOUNT", "PREFIX", "CREATED"
+            );
             for k in list.data {
-                println!("{:<6} {:<24} {:<20} {:<12} {:<12} {}", k.id, k.name, k.account, k.prefix, k.created_at, when(k.revoked_at));
+                println!(
+                    "{:<6} {:<24} {:<20} {:<12} {:<12} {}",
+                    k.id,
+                    k.name,
+                    k.account,
+                    k.prefix,
+                    k.created_at,
+                    when(k.revoked_at)
+                );
             }
         }
         KeysCmd::Revoke { key } => {
-            let _: serde_json::Value = c.delete(&format!("/admin/v1/keys/{}", path_segment(&key))).await?;
+            let _: serde_json::Value = c
+                .delete(&format!("/admin/v1/keys/{}", path_segment(&key)))
+                .await?;
             eprintln!("revoked key {key}");
         }
     }
@@ -257,12 +294,17 @@ async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result<()> {
     let c = admin_client(&a)?;
     match cmd {
         ProvidersCmd::Create { name, account } => {
-            let created: Created = c.post("/admin/v1/providers", &CreateProvider { name, account }).await?;
+            let created: Created = c
+                .post("/admin/v1/providers", &CreateProvider { name, account })
+                .await?;
             println!("{}", created.secret);
         }
         ProvidersCmd::List => {
             let list: List<ProviderInfo> = c.get("/admin/v1/providers").await?;
-            println!("{:<6} {:<20} {:<10} {:<6} {:<9} {}", "ID", "NAME", "STATE", "CONNS", "INFLIGHT", "MODELS");
+            println!(
+                "{:<6} {:<20} {:<10} {:<6} {:<9} MODELS",
+                "ID", "NAME", "STATE", "CONNS", "INFLIGHT"
+            );
             for p in list.data {
                 let state = if p.revoked_at.is_some() {
                     "revoked"
@@ -271,11 +313,21 @@ async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result<()> {
                 } else {
                     "offline"
                 };
-                println!("{:<6} {:<20} {:<10} {:<6} {:<9} {}", p.id, p.name, state, p.connections, p.in_flight, p.models.join(","));
+                println!(
+                    "{:<6} {:<20} {:<10} {:<6} {:<9} {}",
+                    p.id,
+                    p.name,
+                    state,
+                    p.connections,
+                    p.in_flight,
+                    p.models.join(",")
+                );
             }
         }
         ProvidersCmd::Revoke { provider } => {
-            let _: serde_json::Value = c.delete(&format!("/admin/v1/providers/{}", path_segment(&provider))).await?;
+            let _: serde_json::Value = c
+                .delete(&format!("/admin/v1/providers/{}", path_segment(&provider)))
+                .await?;
             eprintln!("revoked provider {provider}");
         }
     }
@@ -284,5 +336,7 @@ async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result<()> {
 
 /// Percent-encode a path segment (names are restricted, but ids come from users).
 fn path_segment(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
+    url::form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }

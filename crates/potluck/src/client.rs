@@ -21,10 +21,18 @@ pub struct AdminClient {
 
 impl AdminClient {
     pub fn new(hub: &str, key: &str) -> anyhow::Result<Self> {
-        Ok(Self { hub: HubUrl::parse(hub)?, key: key.to_owned() })
+        Ok(Self {
+            hub: HubUrl::parse(hub)?,
+            key: key.to_owned(),
+        })
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<T> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<T> {
         let io = potluck_tunnel::dial(&self.hub).await?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         let conn = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
@@ -37,7 +45,10 @@ impl AdminClient {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = send.send_request(req).await.with_context(|| format!("request to {} failed", self.hub))?;
+        let resp = send
+            .send_request(req)
+            .await
+            .with_context(|| format!("request to {} failed", self.hub))?;
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
             .collect()
@@ -58,8 +69,13 @@ impl AdminClient {
         self.call(Method::GET, path, None).await
     }
 
-    pub async fn post<T: DeserializeOwned, B: Serialize>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        self.call(Method::POST, path, Some(serde_json::to_vec(body)?)).await
+    pub async fn post<T: DeserializeOwned, B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.call(Method::POST, path, Some(serde_json::to_vec(body)?))
+            .await
     }
 
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {

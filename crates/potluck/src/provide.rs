@@ -19,14 +19,29 @@ pub struct ProvideArgs {
     #[arg(long, env = "POTLUCK_HUB", value_name = "URL")]
     hub: Option<String>,
     /// The provider token from `potluck providers create` [config: token].
-    #[arg(long, env = "POTLUCK_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "POTLUCK_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
     /// A local backend's OpenAI base URL, e.g. http://127.0.0.1:8081/v1; repeatable
     /// (comma-separated in the environment) [config: [[backends]] url].
-    #[arg(long = "backend", env = "POTLUCK_BACKEND", value_name = "URL", value_delimiter = ',')]
+    #[arg(
+        long = "backend",
+        env = "POTLUCK_BACKEND",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
     backends: Vec<String>,
     /// API key sent to the backends given by flag or environment (vLLM --api-key).
-    #[arg(long, env = "POTLUCK_BACKEND_API_KEY", value_name = "KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "POTLUCK_BACKEND_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
     backend_api_key: Option<String>,
     /// Most requests served at once [default: 64; config: max_concurrency].
     #[arg(long, env = "POTLUCK_MAX_CONCURRENCY", value_name = "N")]
@@ -61,34 +76,48 @@ fn secs(field: &'static str, v: f64) -> Result<Duration, ConfigError> {
     if v.is_finite() && v > 0.0 && v < 1e7 {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(ConfigError::new(field, "expected a positive number of seconds"))
+        Err(ConfigError::new(
+            field,
+            "expected a positive number of seconds",
+        ))
     }
 }
 
 /// Merge flags (with environment) over the file, and validate.
 pub fn resolve(args: &ProvideArgs, file: FileConfig) -> Result<AgentConfig, ConfigError> {
-    let hub = args
-        .hub
-        .clone()
-        .or(file.hub)
-        .ok_or_else(|| ConfigError::new("hub", "missing; pass --hub URL, set POTLUCK_HUB, or `hub` in the config file"))?;
+    let hub = args.hub.clone().or(file.hub).ok_or_else(|| {
+        ConfigError::new(
+            "hub",
+            "missing; pass --hub URL, set POTLUCK_HUB, or `hub` in the config file",
+        )
+    })?;
     let hub = HubUrl::parse(&hub).map_err(|e| ConfigError::new("hub", e.to_string()))?;
-    let token = args
-        .token
-        .clone()
-        .or(file.token)
-        .ok_or_else(|| ConfigError::new("token", "missing; pass --token, set POTLUCK_TOKEN, or `token` in the config file"))?;
+    let token = args.token.clone().or(file.token).ok_or_else(|| {
+        ConfigError::new(
+            "token",
+            "missing; pass --token, set POTLUCK_TOKEN, or `token` in the config file",
+        )
+    })?;
     let backends = if args.backends.is_empty() {
-        file.backends.into_iter().map(|b| BackendConfig::parse(&b.url, b.api_key)).collect::<Result<Vec<_>, _>>()?
+        file.backends
+            .into_iter()
+            .map(|b| BackendConfig::parse(&b.url, b.api_key))
+            .collect::<Result<Vec<_>, _>>()?
     } else {
-        args.backends.iter().map(|u| BackendConfig::parse(u.trim(), args.backend_api_key.clone())).collect::<Result<Vec<_>, _>>()?
+        args.backends
+            .iter()
+            .map(|u| BackendConfig::parse(u.trim(), args.backend_api_key.clone()))
+            .collect::<Result<Vec<_>, _>>()?
     };
     let mut c = AgentConfig::new(hub, token, backends)?;
     if let Some(n) = args.max_concurrency.or(file.max_concurrency) {
         if n == 0 || n > potluck_protocol::tunnel::MAX_ANNOUNCED_CONCURRENCY {
             return Err(ConfigError::new(
                 "max_concurrency",
-                format!("expected 1 to {}", potluck_protocol::tunnel::MAX_ANNOUNCED_CONCURRENCY),
+                format!(
+                    "expected 1 to {}",
+                    potluck_protocol::tunnel::MAX_ANNOUNCED_CONCURRENCY
+                ),
             ));
         }
         c.max_concurrency = n;
@@ -109,7 +138,8 @@ pub fn resolve(args: &ProvideArgs, file: FileConfig) -> Result<AgentConfig, Conf
 pub async fn run(args: ProvideArgs) -> anyhow::Result<()> {
     let file = match &args.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?;
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?;
             toml::from_str(&text).with_context(|| format!("invalid config file {}", p.display()))?
         }
         None => FileConfig::default(),
@@ -121,11 +151,11 @@ pub async fn run(args: ProvideArgs) -> anyhow::Result<()> {
     tokio::pin!(signal);
     let agent = potluck_agent::run(config, shutdown.clone());
     tokio::pin!(agent);
-    tokio::select! {
-        _ = &mut agent => {}
-        _ = &mut signal => { agent.await; }
-    }
-    Ok(())
+    let result = tokio::select! {
+        r = &mut agent => r,
+        _ = &mut signal => agent.await,
+    };
+    result.context("the provider agent stopped")
 }
 
 #[cfg(test)]
@@ -163,9 +193,16 @@ mod tests {
         let file: FileConfig = toml::from_str("token = \"t\"").unwrap();
         let e = resolve(&args(Some("http://h"), &["ftp://x"]), file).unwrap_err();
         assert_eq!(e.field, "backend");
-        let e = toml::from_str::<FileConfig>("max_concurrency = \"lots\"").unwrap_err().to_string();
+        let e = toml::from_str::<FileConfig>("max_concurrency = \"lots\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_concurrency"), "{e}");
         let file: FileConfig = toml::from_str("token = \"t\"\nmax_concurrency = 0").unwrap();
-        assert_eq!(resolve(&args(Some("http://h"), &["http://x"]), file).unwrap_err().field, "max_concurrency");
+        assert_eq!(
+            resolve(&args(Some("http://h"), &["http://x"]), file)
+                .unwrap_err()
+                .field,
+            "max_concurrency"
+        );
     }
 }

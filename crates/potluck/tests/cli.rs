@@ -1,5 +1,7 @@
 //! The command line as a newcomer uses it: hub, keys, providers, provide.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
 mod common;
 
 use common::*;
@@ -14,12 +16,18 @@ async fn hub_keys_providers_and_provide() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
     let admin = std::fs::read_to_string(&key_file).unwrap();
     assert!(admin.starts_with("pa-"));
     let printed = std::fs::read_to_string(tmp.path().join("hub.stdout.log")).unwrap();
-    assert!(printed.contains(admin.trim()), "the admin key is printed once on first start");
+    assert!(
+        printed.contains(admin.trim()),
+        "the admin key is printed once on first start"
+    );
 
     // Create: the secret alone on stdout.
     let (ok, key, err) = cli(&["keys", "create", "--name", "alice"], &key_file, &url);
@@ -38,13 +46,25 @@ async fn hub_keys_providers_and_provide() {
     let backend = FakeBackend::start(&["fake-model"]).await;
     let _agent = start_agent(&url, &token, &backend.base_url(), tmp.path(), "info");
     let http = reqwest::Client::new();
-    potluck_testkit::wait_until("model listed", std::time::Duration::from_secs(30), || async {
-        let r = http.get(format!("{url}/v1/models")).bearer_auth(&key).send().await.unwrap();
-        r.json::<serde_json::Value>().await.unwrap()["data"][0]["providers"] == 1
-    })
+    potluck_testkit::wait_until(
+        "model listed",
+        std::time::Duration::from_secs(30),
+        || async {
+            let r = http
+                .get(format!("{url}/v1/models"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            r.json::<serde_json::Value>().await.unwrap()["data"][0]["providers"] == 1
+        },
+    )
     .await;
     let (ok, list, _) = cli(&["providers", "list"], &key_file, &url);
-    assert!(ok && list.contains("box1") && list.contains("online") && list.contains("fake-model"), "{list}");
+    assert!(
+        ok && list.contains("box1") && list.contains("online") && list.contains("fake-model"),
+        "{list}"
+    );
     let (ok, list, _) = cli(&["keys", "list"], &key_file, &url);
     assert!(ok && list.contains("alice"));
     assert!(!list.contains(&key[10..]), "list never shows secrets");
@@ -52,7 +72,12 @@ async fn hub_keys_providers_and_provide() {
     // Revoke takes effect at once.
     let (ok, _, _) = cli(&["keys", "revoke", "alice"], &key_file, &url);
     assert!(ok);
-    let r = http.get(format!("{url}/v1/models")).bearer_auth(&key).send().await.unwrap();
+    let r = http
+        .get(format!("{url}/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let (ok, _, _) = cli(&["providers", "revoke", "box1"], &key_file, &url);
     assert!(ok);
@@ -65,27 +90,84 @@ async fn hub_keys_providers_and_provide() {
     let (ok, _, err) = cli(&["keys", "list"], &bad, &url);
     assert!(!ok && err.contains("401"), "{err}");
     hub.terminate();
-    assert!(hub.child.try_wait().unwrap().is_some_and(|s| s.success()), "the hub exits cleanly on SIGTERM");
+    assert!(
+        hub.child.try_wait().unwrap().is_some_and(|s| s.success()),
+        "the hub exits cleanly on SIGTERM"
+    );
 }
 
 #[test]
 fn bad_values_name_the_field() {
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(BIN).args(args).env_remove("POTLUCK_HUB").env_remove("POTLUCK_TOKEN").env_remove("POTLUCK_BACKEND").output().unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env_remove("POTLUCK_HUB")
+            .env_remove("POTLUCK_TOKEN")
+            .env_remove("POTLUCK_BACKEND")
+            .output()
+            .unwrap();
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    assert!(run(&["provide", "--hub", "nonsense", "--token", "pt-x", "--backend", "http://127.0.0.1:1/v1"]).contains("`hub`"));
-    assert!(run(&["provide", "--hub", "http://127.0.0.1:1", "--token", "pt-x", "--backend", "ftp://x"]).contains("`backend`"));
-    assert!(run(&["provide", "--hub", "http://127.0.0.1:1", "--backend", "http://127.0.0.1:1/v1"]).contains("`token`"));
-    assert!(run(&["provide", "--hub", "http://127.0.0.1:1", "--token", "t", "--backend", "http://x", "--max-concurrency", "lots"]).contains("--max-concurrency"));
+    assert!(run(&[
+        "provide",
+        "--hub",
+        "nonsense",
+        "--token",
+        "pt-x",
+        "--backend",
+        "http://127.0.0.1:1/v1"
+    ])
+    .contains("`hub`"));
+    assert!(run(&[
+        "provide",
+        "--hub",
+        "http://127.0.0.1:1",
+        "--token",
+        "pt-x",
+        "--backend",
+        "ftp://x"
+    ])
+    .contains("`backend`"));
+    assert!(run(&[
+        "provide",
+        "--hub",
+        "http://127.0.0.1:1",
+        "--backend",
+        "http://127.0.0.1:1/v1"
+    ])
+    .contains("`token`"));
+    assert!(run(&[
+        "provide",
+        "--hub",
+        "http://127.0.0.1:1",
+        "--token",
+        "t",
+        "--backend",
+        "http://x",
+        "--max-concurrency",
+        "lots"
+    ])
+    .contains("--max-concurrency"));
     assert!(run(&["hub", "--listen", "not-an-address"]).contains("--listen"));
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("hub.toml");
     std::fs::write(&cfg, "max_request_bytes = \"big\"\n").unwrap();
-    let err = run(&["hub", "--config", cfg.to_str().unwrap(), "--data-dir", tmp.path().to_str().unwrap()]);
+    let err = run(&[
+        "hub",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        tmp.path().to_str().unwrap(),
+    ]);
     assert!(err.contains("max_request_bytes"), "{err}");
-    let help = std::process::Command::new(BIN).args(["provide", "--help"]).output().unwrap();
+    let help = std::process::Command::new(BIN)
+        .args(["provide", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    assert!(help.contains("--backend") && help.contains("POTLUCK_TOKEN"), "{help}");
+    assert!(
+        help.contains("--backend") && help.contains("POTLUCK_TOKEN"),
+        "{help}"
+    );
 }

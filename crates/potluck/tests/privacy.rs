@@ -3,6 +3,8 @@
 //! of the hub or the agent (the real binaries). The fake backend received it, so the
 //! test would see a leak if there were one.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
 mod common;
 
 use common::*;
@@ -26,37 +28,82 @@ async fn canary_never_reaches_disk_or_logs() {
     let backend = FakeBackend::start(&["m1"]).await;
     let mut agent = start_agent(&url, token.trim(), &backend.base_url(), &logs, trace);
     let http = reqwest::Client::new();
-    potluck_testkit::wait_until("model listed", std::time::Duration::from_secs(30), || async {
-        let r = http.get(format!("{url}/v1/models")).bearer_auth(&key).send().await.unwrap();
-        r.json::<serde_json::Value>().await.unwrap()["data"][0]["id"] == "m1"
-    })
+    potluck_testkit::wait_until(
+        "model listed",
+        std::time::Duration::from_secs(30),
+        || async {
+            let r = http
+                .get(format!("{url}/v1/models"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            r.json::<serde_json::Value>().await.unwrap()["data"][0]["id"] == "m1"
+        },
+    )
     .await;
 
     let post = |body: serde_json::Value| {
         let http = http.clone();
         let (url, key) = (url.clone(), key.clone());
-        async move { http.post(format!("{url}/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap().text().await.unwrap() }
+        async move {
+            http.post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
     };
     let msgs = json!([{"role": "system", "content": CANARY}, {"role": "user", "content": format!("hello {CANARY}")}]);
     // Successful requests, streamed and not, with the canary in every free-text field.
     post(json!({"model": "m1", "messages": msgs, "user": CANARY, "tools": [{"type": "function", "function": {"name": "f", "description": CANARY}}]})).await;
     post(json!({"model": "m1", "messages": msgs, "stream": true, "stop": [CANARY]})).await;
-    http.post(format!("{url}/v1/embeddings")).bearer_auth(&key).json(&json!({"model": "m1", "input": [CANARY]})).send().await.unwrap();
+    http.post(format!("{url}/v1/embeddings"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "m1", "input": [CANARY]}))
+        .send()
+        .await
+        .unwrap();
     // Failing requests: unknown model, malformed JSON, bad types, and a provider failure.
     post(json!({"model": format!("no-such-{CANARY}"), "messages": msgs})).await;
-    http.post(format!("{url}/v1/chat/completions")).bearer_auth(&key).body(format!("{{\"model\":\"m1\",\"messages\":[\"{CANARY}")).send().await.unwrap();
+    http.post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .body(format!("{{\"model\":\"m1\",\"messages\":[\"{CANARY}"))
+        .send()
+        .await
+        .unwrap();
     post(json!({"model": "m1", "messages": CANARY})).await;
     post(json!({"model": "m1", "messages": msgs, "stream": CANARY})).await;
-    backend.set_behavior(FakeBehavior { fail_status: Some(500), ..Default::default() });
+    backend.set_behavior(FakeBehavior {
+        fail_status: Some(500),
+        ..Default::default()
+    });
     post(json!({"model": "m1", "messages": msgs})).await;
-    backend.set_behavior(FakeBehavior { fail_status: Some(400), ..Default::default() });
+    backend.set_behavior(FakeBehavior {
+        fail_status: Some(400),
+        ..Default::default()
+    });
     post(json!({"model": "m1", "messages": msgs, "stream": true})).await;
     // A bad key carrying the canary.
-    http.post(format!("{url}/v1/chat/completions")).bearer_auth(CANARY).json(&json!({"model": "m1", "messages": msgs})).send().await.unwrap();
+    http.post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(CANARY)
+        .json(&json!({"model": "m1", "messages": msgs}))
+        .send()
+        .await
+        .unwrap();
 
     // Positive control: the backend did receive the canary (and never the `user` field).
     let received = backend.inference_received();
-    assert!(received.iter().any(|r| contains(&r.body, CANARY.as_bytes())), "the canary reached the backend");
+    assert!(
+        received
+            .iter()
+            .any(|r| contains(&r.body, CANARY.as_bytes())),
+        "the canary reached the backend"
+    );
     for r in &received {
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert!(v.get("user").is_none(), "the user field was stripped");
@@ -84,11 +131,23 @@ async fn canary_never_reaches_disk_or_logs() {
         }
         searched += 1;
     }
-    assert!(searched >= 4, "the database and the logs were searched ({searched} files)");
+    assert!(
+        searched >= 4,
+        "the database and the logs were searched ({searched} files)"
+    );
     // The logs really were written at trace level and record the requests (metadata only).
     let hub_log = std::fs::read_to_string(logs.join("hub.stderr.log")).unwrap();
-    assert!(hub_log.contains("TRACE") && hub_log.contains("request"), "trace logging was on");
-    assert!(log_bytes > 10_000, "logs are substantial ({log_bytes} bytes)");
+    assert!(
+        hub_log.contains("TRACE") && hub_log.contains("request"),
+        "trace logging was on"
+    );
+    assert!(
+        log_bytes > 10_000,
+        "logs are substantial ({log_bytes} bytes)"
+    );
     let db = std::fs::read(data.join("hub.db")).unwrap();
-    assert!(contains(&db, b"usage_records"), "the database file was searched");
+    assert!(
+        contains(&db, b"usage_records"),
+        "the database file was searched"
+    );
 }

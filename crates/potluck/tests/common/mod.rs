@@ -1,6 +1,6 @@
 //! Running the real `potluck` binary: processes with their logs in files.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -18,7 +18,10 @@ pub struct Proc {
 impl Proc {
     /// Ask it to stop (SIGTERM) and wait.
     pub fn terminate(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -64,7 +67,9 @@ pub fn start_hub(data_dir: &Path, log_dir: &Path, rust_log: &str) -> (Proc, Stri
             }
         }
     });
-    let url = rx.recv_timeout(Duration::from_secs(30)).expect("hub printed its address");
+    let url = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("hub printed its address");
     (Proc { child, stderr_log }, url)
 }
 
@@ -79,7 +84,11 @@ pub fn cli(args: &[&str], admin_key_file: &Path, hub: &str) -> (bool, String, St
         .env_remove("POTLUCK_ADMIN_KEY")
         .output()
         .expect("run cli");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Start `potluck provide`.
