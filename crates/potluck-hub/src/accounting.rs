@@ -1,51 +1,75 @@
-//! Content-free usage records: queued by requests, written in batches by one owned task.
+//! Content-free usage records and their settlement in the credits ledger: queued by
+//! requests, written in batches by one owned task, which also vests escrowed earnings.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use potluck_store::ledger::Settlement;
 use potluck_store::{Store, UsageRecord};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::{micro, CreditsConfig};
 
 /// Most rows written in one transaction.
 pub const MAX_BATCH: usize = 512;
 /// How long the writer may take to drain the queue at shutdown.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often escrowed earnings are checked for vesting.
+pub const VEST_INTERVAL: Duration = Duration::from_secs(60);
+
+/// One finished request: its usage row, and what it cost if anything was delivered.
+#[derive(Debug)]
+pub struct Finished {
+    /// The content-free usage row.
+    pub usage: UsageRecord,
+    /// The money side (vesting decided by the writer).
+    pub settlement: Option<Settlement>,
+}
 
 /// The request side: queue a record without waiting.
 #[derive(Clone, Debug)]
 pub struct Accounting {
-    tx: mpsc::Sender<UsageRecord>,
+    tx: mpsc::Sender<Finished>,
 }
 
 impl Accounting {
     /// A queue of `capacity` records, and its receiving end for [`run_writer`].
-    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<UsageRecord>) {
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Finished>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         (Self { tx }, rx)
     }
 
     /// Queue a record. Never blocks a request: if the queue is full the record is
     /// dropped and a warning (ids only) is logged.
-    pub fn record(&self, rec: UsageRecord) {
+    pub fn record(&self, rec: Finished) {
         if let Err(e) = self.tx.try_send(rec) {
             let rec = match e {
                 mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
             };
-            tracing::warn!(request_id = %rec.request_id, "usage queue full or closed; record dropped");
+            tracing::warn!(request_id = %rec.usage.request_id, "usage queue full or closed; record dropped");
         }
     }
 }
 
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 /// The writer task: batches records into the store until `stop`, then drains.
-pub async fn run_writer(
-    store: Store,
-    mut rx: mpsc::Receiver<UsageRecord>,
-    stop: CancellationToken,
-) {
+pub async fn run_writer(store: Store, credits: CreditsConfig, mut rx: mpsc::Receiver<Finished>, stop: CancellationToken) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut vest = tokio::time::interval(VEST_INTERVAL);
     loop {
         let first = tokio::select! {
             r = rx.recv() => r,
+            _ = vest.tick() => {
+                match store.vest_due(now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(vested = n, "escrowed earnings vested"),
+                    Err(e) => tracing::error!(error = %e, "vesting failed"),
+                }
+                continue;
+            }
             _ = stop.cancelled() => None,
         };
         let Some(first) = first else { break };
@@ -56,27 +80,51 @@ pub async fn run_writer(
                 Err(_) => break,
             }
         }
-        write(&store, &mut batch).await;
+        write(&store, &credits, &mut batch).await;
     }
-    // Drain what is queued, bounded in time.
     let drain = async {
         rx.close();
         while let Some(r) = rx.recv().await {
             batch.push(r);
             if batch.len() >= MAX_BATCH {
-                write(&store, &mut batch).await;
+                write(&store, &credits, &mut batch).await;
             }
         }
-        write(&store, &mut batch).await;
+        write(&store, &credits, &mut batch).await;
     };
     if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
         tracing::warn!("usage writer drain timed out");
     }
 }
 
-async fn write(store: &Store, batch: &mut Vec<UsageRecord>) {
-    if let Err(e) = store.record_usage(batch).await {
-        tracing::error!(error = %e, rows = batch.len(), "writing usage records failed");
+async fn write(store: &Store, credits: &CreditsConfig, batch: &mut Vec<Finished>) {
+    if batch.is_empty() {
+        return;
+    }
+    let usage: Vec<UsageRecord> = batch.iter().map(|f| f.usage.clone()).collect();
+    if let Err(e) = store.record_usage(&usage).await {
+        tracing::error!(error = %e, rows = usage.len(), "writing usage records failed");
+    }
+    let mut settlements = Vec::new();
+    for f in batch.iter_mut() {
+        let Some(mut s) = f.settlement.take() else { continue };
+        // Escrow: a provider below the trust threshold earns into `unvested`.
+        let trusted = match store.total_earned(s.provider_account).await {
+            Ok(total) => total >= micro(credits.trust_threshold),
+            Err(_) => false,
+        };
+        if trusted {
+            s.vests_at_ms = None;
+            if let Err(e) = store.vest_all(s.provider_account).await {
+                tracing::error!(error = %e, "vesting a trusted provider failed");
+            }
+        } else {
+            s.vests_at_ms = Some(now_ms() + credits.vesting.as_millis() as i64);
+        }
+        settlements.push(s);
+    }
+    if let Err(e) = store.settle_many(&settlements).await {
+        tracing::error!(error = %e, rows = settlements.len(), "settling usage failed");
     }
     batch.clear();
 }

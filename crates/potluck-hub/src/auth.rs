@@ -33,6 +33,17 @@ pub async fn consumer(state: &HubState, headers: &HeaderMap) -> Result<KeyAuth, 
         .ok_or(ApiError::Unauthorized)
 }
 
+/// Authenticate a consumer, or, with no `Authorization` header on a hub that allows it,
+/// the shared anonymous key. Returns whether it is anonymous.
+pub async fn consumer_or_anonymous(state: &HubState, headers: &HeaderMap) -> Result<(KeyAuth, bool), ApiError> {
+    if headers.get(http::header::AUTHORIZATION).is_none() {
+        if let Some(anon) = &state.anonymous {
+            return Ok((anon.clone(), true));
+        }
+    }
+    Ok((consumer(state, headers).await?, false))
+}
+
 /// Authenticate an admin.
 pub async fn admin(state: &HubState, headers: &HeaderMap) -> Result<KeyAuth, ApiError> {
     let auth = consumer(state, headers).await?;

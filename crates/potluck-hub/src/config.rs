@@ -39,6 +39,164 @@ pub struct HubConfig {
     pub shutdown_grace: Duration,
     /// Capacity of the usage-record queue between requests and the database writer.
     pub usage_queue: usize,
+    /// The wait queue in front of busy providers.
+    pub queue: QueueConfig,
+    /// Credits: prices, grants, escrow, priority.
+    pub credits: CreditsConfig,
+    /// Default per-key limits (the admin API overrides them per key).
+    pub limits: LimitsConfig,
+    /// Access without a key (off by default).
+    pub anonymous: AnonymousConfig,
+}
+
+/// The wait queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Longest wait for a slot before 503 (seconds).
+    #[serde(with = "secs")]
+    pub max_wait: Duration,
+    /// Most requests waiting per model before 503.
+    pub max_length: usize,
+    /// How often a waiting stream gets a `: queued` comment (seconds).
+    #[serde(with = "secs")]
+    pub progress_interval: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { max_wait: Duration::from_secs(60), max_length: 10_000, progress_interval: Duration::from_secs(1) }
+    }
+}
+
+/// Prices of one model size class, in micro-credits per token.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rates {
+    /// Per prompt (input) token.
+    pub prompt: i64,
+    /// Per completion (output) token.
+    pub completion: i64,
+}
+
+/// Credits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CreditsConfig {
+    /// Refuse requests (429, `x-should-retry: false`) from accounts with no credits left.
+    pub require_credits: bool,
+    /// Given once to every new account (credits).
+    pub starter_grant: f64,
+    /// Paid to the hub per served request on top of the price (credits).
+    pub tax_per_request: f64,
+    /// Size class of models not listed in `models`.
+    pub default_class: String,
+    /// Prices per size class.
+    pub classes: std::collections::BTreeMap<String, Rates>,
+    /// Model name → size class.
+    pub models: std::collections::BTreeMap<String, String>,
+    /// How long a provider's earnings stay in escrow (seconds).
+    #[serde(with = "secs")]
+    pub vesting: Duration,
+    /// Once a provider's account earned this much (credits), its earnings vest at once.
+    pub trust_threshold: f64,
+    /// Accounts with at least this balance (credits) get high priority.
+    pub high_priority_balance: f64,
+}
+
+impl Default for CreditsConfig {
+    fn default() -> Self {
+        let classes = [
+            ("small".to_owned(), Rates { prompt: 25, completion: 100 }),
+            ("medium".to_owned(), Rates { prompt: 100, completion: 400 }),
+            ("large".to_owned(), Rates { prompt: 400, completion: 1600 }),
+        ]
+        .into_iter()
+        .collect();
+        Self {
+            require_credits: true,
+            starter_grant: 100.0,
+            tax_per_request: 0.0,
+            default_class: "small".into(),
+            classes,
+            models: Default::default(),
+            vesting: Duration::from_secs(24 * 3600),
+            trust_threshold: 100.0,
+            high_priority_balance: 1000.0,
+        }
+    }
+}
+
+impl CreditsConfig {
+    /// Rates for a model.
+    pub fn rates(&self, model: &str) -> Rates {
+        let class = self.models.get(model).unwrap_or(&self.default_class);
+        self.classes.get(class).copied().unwrap_or(Rates { prompt: 0, completion: 0 })
+    }
+}
+
+/// Credits to micro-credits.
+pub fn micro(credits: f64) -> i64 {
+    (credits * 1_000_000.0).round() as i64
+}
+
+/// Default limits of a key. `None`: unlimited.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Requests per minute.
+    pub rpm: Option<i64>,
+    /// Tokens per minute.
+    pub tpm: Option<i64>,
+    /// Requests in flight.
+    pub max_concurrent: Option<i64>,
+    /// Tokens per UTC day.
+    pub daily_tokens: Option<i64>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { rpm: Some(600), tpm: None, max_concurrent: Some(64), daily_tokens: None }
+    }
+}
+
+/// Anonymous access: requests without a key, lowest priority, tight limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnonymousConfig {
+    /// Allow it.
+    pub enabled: bool,
+    /// Limits of the shared anonymous key.
+    pub limits: LimitsConfig,
+}
+
+impl Default for AnonymousConfig {
+    fn default() -> Self {
+        Self { enabled: false, limits: LimitsConfig { rpm: Some(10), tpm: Some(20_000), max_concurrent: Some(2), daily_tokens: Some(100_000) } }
+    }
+}
+
+impl HubConfig {
+    /// Check cross-field rules serde cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.credits.classes.contains_key(&self.credits.default_class) {
+            return Err(format!("credits.default_class {:?} is not one of credits.classes", self.credits.default_class));
+        }
+        for (m, c) in &self.credits.models {
+            if !self.credits.classes.contains_key(c) {
+                return Err(format!("credits.models.{m:?} names an unknown class {c:?}"));
+            }
+        }
+        for (name, r) in &self.credits.classes {
+            if r.prompt < 0 || r.completion < 0 {
+                return Err(format!("credits.classes.{name}: rates must not be negative"));
+            }
+        }
+        if self.credits.starter_grant < 0.0 || self.credits.tax_per_request < 0.0 {
+            return Err("credits.starter_grant and credits.tax_per_request must not be negative".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for HubConfig {
@@ -57,6 +215,10 @@ impl Default for HubConfig {
             retry_after_secs: 5,
             shutdown_grace: Duration::from_secs(10),
             usage_queue: 65_536,
+            queue: QueueConfig::default(),
+            credits: CreditsConfig::default(),
+            limits: LimitsConfig::default(),
+            anonymous: AnonymousConfig::default(),
         }
     }
 }

@@ -58,6 +58,23 @@ pub enum ApiError {
         /// Seconds for `Retry-After`.
         retry_after: u64,
     },
+    /// 429: a per-key limit was hit.
+    #[error("rate limited")]
+    RateLimited {
+        /// Which limit.
+        which: &'static str,
+        /// Seconds for `Retry-After`.
+        retry_after: u64,
+    },
+    /// 429: the account has no credits left (`x-should-retry: false`).
+    #[error("out of credits")]
+    InsufficientCredits,
+    /// 503: waited in the queue for longer than `queue.max_wait`.
+    #[error("queue wait timed out")]
+    QueueTimeout {
+        /// Seconds for `Retry-After`.
+        retry_after: u64,
+    },
     /// 502: the provider failed.
     #[error("provider failed")]
     ProviderFailed(&'static str),
@@ -100,7 +117,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::NoCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoCapacity { .. } | ApiError::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited { .. } | ApiError::InsufficientCredits => StatusCode::TOO_MANY_REQUESTS,
             ApiError::ProviderFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::ProviderTimeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Upstream { status, .. } => *status,
@@ -113,7 +131,7 @@ impl ApiError {
     pub fn blame(&self) -> Blame {
         match self {
             ApiError::ProviderFailed(_) | ApiError::ProviderTimeout => Blame::Provider,
-            ApiError::NoCapacity { .. } | ApiError::Internal => Blame::Hub,
+            ApiError::NoCapacity { .. } | ApiError::QueueTimeout { .. } | ApiError::Internal => Blame::Hub,
             _ => Blame::Consumer,
         }
     }
@@ -157,6 +175,24 @@ impl ApiError {
                 None,
                 Some("no_capacity"),
             ),
+            ApiError::RateLimited { which, retry_after } => ErrorBody::new(
+                "requests",
+                format!("Rate limit reached for {which} on this key. Retry after {retry_after} s."),
+                None,
+                Some("rate_limit_exceeded"),
+            ),
+            ApiError::InsufficientCredits => ErrorBody::new(
+                "insufficient_quota",
+                "This account has no credits left. Earn credits by providing to the pool, or ask the hub operator for a grant.",
+                None,
+                Some("insufficient_quota"),
+            ),
+            ApiError::QueueTimeout { .. } => ErrorBody::new(
+                "server_error",
+                "Waited too long for a free provider. Retry later.",
+                None,
+                Some("queue_timeout"),
+            ),
             ApiError::ProviderFailed(why) => {
                 ErrorBody::new("server_error", format!("The provider failed: {why}."), None, Some("provider_error"))
             }
@@ -178,8 +214,14 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let ApiError::NoCapacity { retry_after } = self {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        match self {
+            ApiError::NoCapacity { retry_after } | ApiError::QueueTimeout { retry_after } | ApiError::RateLimited { retry_after, .. } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            ApiError::InsufficientCredits => {
+                h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            _ => {}
         }
         resp
     }

@@ -10,6 +10,7 @@
 pub mod accounting;
 mod admin;
 mod auth;
+pub mod limits;
 pub mod config;
 pub mod error;
 mod proxy;
@@ -33,6 +34,17 @@ pub use config::HubConfig;
 pub use error::ApiError;
 pub use registry::Registry;
 
+/// Why a hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] potluck_store::StoreError),
+}
+
 /// State shared by every handler.
 pub struct HubState {
     /// Configuration.
@@ -47,18 +59,58 @@ pub struct HubState {
     pub tasks: TaskTracker,
     /// Cancelled when in-flight work must stop (after the shutdown grace period).
     pub hard_stop: CancellationToken,
+    /// Per-key limit counters.
+    pub limiter: Arc<limits::Limiter>,
+    /// The treasury account (pays for anonymous use, issues grants).
+    pub treasury: i64,
+    /// The shared anonymous key, when anonymous access is on.
+    pub anonymous: Option<potluck_store::KeyAuth>,
+    /// Typical request duration per model (exponential moving average, ms).
+    service: std::sync::Mutex<std::collections::HashMap<potluck_protocol::ModelName, f64>>,
+}
+
+/// Weight of the newest sample in the per-model duration average.
+pub const SERVICE_EWMA_ALPHA: f64 = 0.2;
+
+impl HubState {
+    /// Record how long a successful request to `model` took.
+    pub fn observe_service(&self, model: &potluck_protocol::ModelName, d: std::time::Duration) {
+        let ms = d.as_secs_f64() * 1000.0;
+        let mut map = self.service.lock().unwrap_or_else(|p| p.into_inner());
+        let e = map.entry(model.clone()).or_insert(ms);
+        *e = SERVICE_EWMA_ALPHA * ms + (1.0 - SERVICE_EWMA_ALPHA) * *e;
+    }
+
+    /// Typical duration of a request to `model`, if any was seen.
+    pub fn service_ms(&self, model: &potluck_protocol::ModelName) -> Option<f64> {
+        self.service.lock().unwrap_or_else(|p| p.into_inner()).get(model).copied()
+    }
+
+    /// Estimated wait for the request at `position` in `model`'s queue.
+    pub fn eta_ms(&self, model: &potluck_protocol::ModelName, position: usize) -> u64 {
+        let capacity = self.registry.pool().get(model).map_or(1, |s| s.capacity.max(1));
+        let per = self.service_ms(model).unwrap_or(1000.0);
+        ((position as f64 + 1.0) * per / f64::from(capacity)).round() as u64
+    }
 }
 
 /// A hub ready to serve on a bound listener.
 pub struct Hub {
     state: Arc<HubState>,
-    usage_rx: tokio::sync::mpsc::Receiver<potluck_store::UsageRecord>,
+    usage_rx: tokio::sync::mpsc::Receiver<accounting::Finished>,
 }
 
+/// Name of the shared account and key used for anonymous access.
+pub const ANONYMOUS: &str = "anonymous";
+
 impl Hub {
-    /// Build a hub over an opened store.
-    pub fn new(config: HubConfig, store: Store) -> Self {
+    /// Build a hub over an opened store (checks the configuration, prepares the books).
+    pub async fn new(config: HubConfig, store: Store) -> Result<Self, HubError> {
+        config.validate().map_err(HubError::Config)?;
         let (accounting, usage_rx) = accounting::Accounting::new(config.usage_queue);
+        let treasury = store.system_account(potluck_store::ledger::TREASURY).await?;
+        store.system_account(potluck_store::ledger::TAX).await?;
+        let anonymous = if config.anonymous.enabled { Some(store.anonymous_key(ANONYMOUS).await?) } else { None };
         let state = Arc::new(HubState {
             config,
             store,
@@ -66,8 +118,12 @@ impl Hub {
             accounting,
             tasks: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
+            limiter: Arc::new(limits::Limiter::default()),
+            treasury,
+            anonymous,
+            service: Default::default(),
         });
-        Self { state, usage_rx }
+        Ok(Self { state, usage_rx })
     }
 
     /// The shared state (tests look at the registry through it).
@@ -82,6 +138,9 @@ impl Hub {
             .route("/healthz", get(|| async { "ok" }))
             .route(potluck_protocol::tunnel::TUNNEL_PATH, get(tunnel::accept))
             .route("/v1/models", get(proxy::list_models))
+            .route("/v1/pool", get(proxy::pool))
+            .route("/v1/credits", get(admin::my_credits))
+            .route("/v1/credits/history", get(admin::my_history))
             .route("/v1/models/{*model}", get(proxy::get_model))
             .route("/v1/chat/completions", post(proxy::chat_completions))
             .route("/v1/completions", post(proxy::completions))
@@ -105,6 +164,7 @@ impl Hub {
         let writer_stop = CancellationToken::new();
         state.tasks.spawn(accounting::run_writer(
             state.store.clone(),
+            state.config.credits.clone(),
             usage_rx,
             writer_stop.clone(),
         ));

@@ -17,13 +17,17 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use potluck_protocol::tunnel::{HEADER_AGENT_ERROR, HEADER_MODEL, HEADER_REQUEST_ID};
 use potluck_protocol::{ErrorBody, InferenceEndpoint, ModelName};
+use potluck_store::ledger::Settlement;
 use potluck_store::{KeyAuth, UsageRecord};
 use rand::RngCore;
 use serde_json::{json, Map, Value};
 
 use crate::auth;
 use crate::error::ApiError;
-use crate::registry::{Lease, PickError};
+use crate::accounting::Finished;
+use crate::config::micro;
+use crate::limits::{Effective, InFlight};
+use crate::registry::{Acquired, Lease, PickError, Tunnel, WaitTicket};
 use crate::sse::SseParser;
 use crate::HubState;
 
@@ -56,7 +60,7 @@ pub async fn list_models(
     State(state): State<Arc<HubState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::consumer(&state, &headers).await?;
+    auth::consumer_or_anonymous(&state, &headers).await?;
     let data: Vec<Value> = state
         .registry
         .models()
@@ -72,7 +76,7 @@ pub async fn get_model(
     headers: HeaderMap,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
-    auth::consumer(&state, &headers).await?;
+    auth::consumer_or_anonymous(&state, &headers).await?;
     let name = ModelName::parse(&model).map_err(|_| ApiError::NotFound("model"))?;
     let n = state
         .registry
@@ -246,11 +250,15 @@ fn parse(endpoint: InferenceEndpoint, raw: &[u8]) -> Result<Parsed, ApiError> {
 struct Ctx {
     request_id: String,
     key: KeyAuth,
+    anonymous: bool,
     model: ModelName,
     endpoint: InferenceEndpoint,
     stream: bool,
     started: Instant,
     started_ms: i64,
+    queue_ms: Option<u64>,
+    /// The key's concurrent-request slot, held until the request ends.
+    _in_flight: InFlight,
 }
 
 impl Ctx {
@@ -258,32 +266,6 @@ impl Ctx {
         match self.endpoint {
             InferenceEndpoint::ChatCompletions => format!("chatcmpl-{}", self.request_id),
             _ => format!("cmpl-{}", self.request_id),
-        }
-    }
-
-    fn usage_record(
-        &self,
-        provider_id: Option<i64>,
-        status: u16,
-        outcome: &'static str,
-        u: Usage,
-        ttft: Option<Duration>,
-    ) -> UsageRecord {
-        UsageRecord {
-            request_id: self.request_id.clone(),
-            key_id: self.key.key_id,
-            account_id: self.key.account_id,
-            provider_id,
-            model: self.model.to_string(),
-            endpoint: self.endpoint.label(),
-            stream: self.stream,
-            status,
-            outcome,
-            prompt_tokens: u.prompt,
-            completion_tokens: u.completion,
-            started_at_ms: self.started_ms,
-            duration_ms: self.started.elapsed().as_millis() as i64,
-            ttft_ms: ttft.map(|d| d.as_millis() as i64),
         }
     }
 
@@ -299,57 +281,144 @@ impl Ctx {
             outcome,
             prompt_tokens = u.prompt,
             completion_tokens = u.completion,
+            queue_ms = self.queue_ms,
             duration_ms = self.started.elapsed().as_millis() as u64,
             "request"
         );
     }
+
+    /// The end of a routed request: log, count tokens against the key's limits, queue
+    /// the usage row and, if anything was delivered, its settlement.
+    fn finish(&self, state: &HubState, tunnel: &Tunnel, status: u16, outcome: &'static str, u: Usage, ttft: Option<Duration>) {
+        self.log(Some(tunnel.provider_id), status, outcome, u);
+        let elapsed = self.started.elapsed();
+        state.limiter.add_tokens(self.key.key_id, u.prompt + u.completion);
+        if outcome == "ok" {
+            state.observe_service(&self.model, elapsed);
+        }
+        let usage = UsageRecord {
+            request_id: self.request_id.clone(),
+            key_id: self.key.key_id,
+            account_id: self.key.account_id,
+            provider_id: Some(tunnel.provider_id),
+            model: self.model.to_string(),
+            endpoint: self.endpoint.label(),
+            stream: self.stream,
+            status,
+            outcome,
+            prompt_tokens: u.prompt,
+            completion_tokens: u.completion,
+            started_at_ms: self.started_ms,
+            duration_ms: elapsed.as_millis() as i64,
+            ttft_ms: ttft.map(|d| d.as_millis() as i64),
+        };
+        let rates = state.config.credits.rates(self.model.as_str());
+        let cost = u.prompt.saturating_mul(rates.prompt).saturating_add(u.completion.saturating_mul(rates.completion));
+        let settlement = (u.prompt + u.completion > 0).then(|| Settlement {
+            request_id: self.request_id.clone(),
+            // The hub pays for anonymous use.
+            consumer_account: if self.anonymous { state.treasury } else { self.key.account_id },
+            provider_account: tunnel.provider_account,
+            cost,
+            tax: if self.anonymous { 0 } else { micro(state.config.credits.tax_per_request) },
+            vests_at_ms: None,
+        });
+        state.accounting.record(Finished { usage, settlement });
+    }
 }
 
 /// Token counts reported by the backend.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Usage {
     prompt: i64,
     completion: i64,
 }
 
 impl Usage {
-    fn from_value(v: &Value) -> Option<Self> {
-        let u = v.get("usage")?.as_object()?;
-        let prompt = u
-            .get("prompt_tokens")
-            .and_then(Value::as_i64)
-            .unwrap_or(0)
-            .max(0);
-        let completion = u
-            .get("completion_tokens")
-            .and_then(Value::as_i64)
-            .unwrap_or(0)
-            .max(0);
+    fn from_obj(obj: &Map<String, Value>) -> Option<Self> {
+        let u = obj.get("usage")?.as_object()?;
+        let prompt = u.get("prompt_tokens").and_then(Value::as_i64).unwrap_or(0).max(0);
+        let completion = u.get("completion_tokens").and_then(Value::as_i64).unwrap_or(0).max(0);
         Some(Self { prompt, completion })
     }
+}
+
+/// What the hub itself saw delivered, to check the provider's usage against.
+#[derive(Debug, Clone, Copy, Default)]
+struct Delivered {
+    /// Chunks with text in them (each carries at least one token).
+    chunks: i64,
+    /// Characters of text.
+    chars: i64,
+}
+
+impl Delivered {
+    fn add_text_of(&mut self, obj: &Map<String, Value>) {
+        let Some(choices) = obj.get("choices").and_then(Value::as_array) else { return };
+        let mut chars = 0;
+        for c in choices {
+            for p in ["/delta/content", "/message/content", "/text", "/delta/reasoning_content"] {
+                if let Some(s) = c.pointer(p).and_then(Value::as_str) {
+                    chars += s.chars().count() as i64;
+                }
+            }
+        }
+        if chars > 0 {
+            self.chunks += 1;
+            self.chars += chars;
+        }
+    }
+
+    /// Conservative token estimate: one per chunk, or a quarter of the characters.
+    fn estimate(&self) -> i64 {
+        self.chunks.max((self.chars + 3) / 4)
+    }
+
+    /// Whether a reported completion count is plausible: a token is at least about one
+    /// character of text, with slack for special tokens.
+    fn plausible(&self, completion: i64) -> bool {
+        completion <= self.chars + self.chunks + PLAUSIBILITY_SLACK_TOKENS
+    }
+}
+
+/// Tokens a backend may report beyond the delivered text (special and stop tokens).
+pub const PLAUSIBILITY_SLACK_TOKENS: i64 = 16;
+
+/// Decide what to bill: the backend's usage if present and plausible, else the hub's own
+/// conservative estimate (and the provider is flagged).
+fn billable(reported: Option<Usage>, seen: Delivered, completed: bool, endpoint: InferenceEndpoint, tunnel: &Tunnel, request_id: &str) -> Usage {
+    if endpoint == InferenceEndpoint::Embeddings {
+        return reported.unwrap_or_default();
+    }
+    match reported {
+        Some(u) if completed && seen.plausible(u.completion) => u,
+        Some(u) if completed => {
+            tunnel.usage_flags.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(request_id = %request_id, provider_id = tunnel.provider_id, reported = u.completion, estimate = seen.estimate(), "implausible usage from provider; billing the hub's estimate");
+            Usage { prompt: u.prompt, completion: seen.estimate() }
+        }
+        // Cut short: bill what was delivered.
+        Some(u) => Usage { prompt: u.prompt, completion: seen.estimate() },
+        None => Usage { prompt: 0, completion: seen.estimate() },
+    }
+}
+
+/// Days since the epoch and friends, for the daily quota.
+fn day_now() -> (i64, u64, i64) {
+    crate::limits::utc_day(SystemTime::now())
 }
 
 async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Request) -> Response {
     let started = Instant::now();
     let request_id = new_request_id();
     let (parts, body) = req.into_parts();
-    let key = match auth::consumer(&state, &parts.headers).await {
+    let (key, anonymous) = match auth::consumer_or_anonymous(&state, &parts.headers).await {
         Ok(k) => k,
         Err(e) => return reject(&request_id, endpoint, None, e),
     };
-    if let Some(len) = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
         if len > state.config.max_request_bytes as u64 {
-            return reject(
-                &request_id,
-                endpoint,
-                Some(&key),
-                ApiError::PayloadTooLarge(state.config.max_request_bytes),
-            );
+            return reject(&request_id, endpoint, Some(&key), ApiError::PayloadTooLarge(state.config.max_request_bytes));
         }
     }
     let raw = match read_body(body, state.config.max_request_bytes).await {
@@ -361,16 +430,65 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
         Err(e) => return reject(&request_id, endpoint, Some(&key), e),
     };
     drop(raw);
-    let ctx = Ctx {
+
+    // Limits, then credits.
+    let defaults = if anonymous { &state.config.anonymous.limits } else { &state.config.limits };
+    let limits = Effective::new(&key.limits, defaults);
+    let (day, to_midnight, day_start_ms) = day_now();
+    let seed = if limits.daily_tokens.is_some() && state.limiter.needs_day(key.key_id, day) {
+        match state.store.tokens_used_since(key.key_id, day_start_ms).await {
+            Ok(n) => Some(n),
+            Err(e) => return reject(&request_id, endpoint, Some(&key), e.into()),
+        }
+    } else {
+        None
+    };
+    let in_flight = match state.limiter.admit(key.key_id, limits, Instant::now(), day, to_midnight, seed) {
+        Ok(g) => g,
+        Err(l) => return reject(&request_id, endpoint, Some(&key), ApiError::RateLimited { which: l.which, retry_after: l.retry_after }),
+    };
+    let priority = if anonymous {
+        PRIORITY_ANONYMOUS
+    } else {
+        let balance = match state.store.balance(key.account_id).await {
+            Ok(b) => b.available,
+            Err(e) => return reject(&request_id, endpoint, Some(&key), e.into()),
+        };
+        if state.config.credits.require_credits && balance <= 0 {
+            return reject(&request_id, endpoint, Some(&key), ApiError::InsufficientCredits);
+        }
+        if balance >= micro(state.config.credits.high_priority_balance) {
+            PRIORITY_HIGH
+        } else {
+            PRIORITY_NORMAL
+        }
+    };
+    let mut ctx = Ctx {
         request_id,
         key,
+        anonymous,
         model: parsed.model.clone(),
         endpoint,
         stream: parsed.stream,
         started,
         started_ms: now_ms(),
+        queue_ms: None,
+        _in_flight: in_flight,
     };
-    match dispatch(&state, &ctx, &parsed).await {
+    let lease = match state.registry.acquire(&ctx.model, priority, ctx.key.account_id, state.config.queue.max_length) {
+        Ok(Acquired::Now(l)) => l,
+        Ok(Acquired::Wait(ticket)) if parsed.stream => return queued_stream(state, ctx, parsed, ticket),
+        Ok(Acquired::Wait(mut ticket)) => match tokio::time::timeout(state.config.queue.max_wait, ticket.recv()).await {
+            Ok(Some(l)) => {
+                ctx.queue_ms = Some(ticket.queued_at.elapsed().as_millis() as u64);
+                l
+            }
+            _ => return reject(&ctx.request_id, endpoint, Some(&ctx.key), ApiError::QueueTimeout { retry_after: state.config.retry_after_secs }),
+        },
+        Err(PickError::UnknownModel) => return reject(&ctx.request_id, endpoint, Some(&ctx.key), ApiError::ModelNotFound(ctx.model.to_string())),
+        Err(_) => return reject(&ctx.request_id, endpoint, Some(&ctx.key), ApiError::NoCapacity { retry_after: state.config.retry_after_secs }),
+    };
+    match dispatch(&state, &ctx, &parsed, lease).await {
         Ok((lease, resp)) => {
             if parsed.stream && resp.status().is_success() {
                 relay_stream(state, ctx, parsed.wants_usage, lease, resp)
@@ -378,22 +496,21 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
                 relay_whole(&state, &ctx, lease, resp).await
             }
         }
-        // Never routed (unknown model, no capacity): the model name is whatever the
-        // consumer typed, so it is neither logged nor stored.
-        Err((None, e)) => reject(&ctx.request_id, endpoint, Some(&ctx.key), e),
-        Err((Some(provider_id), e)) => {
-            let status = e.status().as_u16();
-            ctx.log(Some(provider_id), status, outcome_of(&e), Usage::default());
-            state.accounting.record(ctx.usage_record(
-                Some(provider_id),
-                status,
-                outcome_of(&e),
-                Usage::default(),
-                None,
-            ));
-            with_request_id(e.into_response(), &ctx.request_id)
-        }
+        Err((tunnel, e)) => provider_failed(&state, &ctx, &tunnel, e),
     }
+}
+
+/// Queue priorities: higher first.
+pub const PRIORITY_ANONYMOUS: u8 = 0;
+/// An account with credits.
+pub const PRIORITY_NORMAL: u8 = 2;
+/// An account with at least `credits.high_priority_balance`.
+pub const PRIORITY_HIGH: u8 = 3;
+
+fn provider_failed(state: &HubState, ctx: &Ctx, tunnel: &Tunnel, e: ApiError) -> Response {
+    let status = e.status().as_u16();
+    ctx.finish(state, tunnel, status, outcome_of(&e), Usage::default(), None);
+    with_request_id(e.into_response(), &ctx.request_id)
 }
 
 fn outcome_of(e: &ApiError) -> &'static str {
@@ -408,12 +525,7 @@ fn outcome_of(e: &ApiError) -> &'static str {
 
 /// A request refused before routing: logged without the model name (which the consumer
 /// typed and may be anything), not recorded as usage.
-fn reject(
-    request_id: &str,
-    endpoint: InferenceEndpoint,
-    key: Option<&KeyAuth>,
-    e: ApiError,
-) -> Response {
+fn reject(request_id: &str, endpoint: InferenceEndpoint, key: Option<&KeyAuth>, e: ApiError) -> Response {
     tracing::info!(
         request_id = %request_id,
         key_id = key.map(|k| k.key_id),
@@ -432,32 +544,14 @@ fn with_request_id(mut r: Response, id: &str) -> Response {
     r
 }
 
-/// Pick a provider and send the request, retrying once on another provider if the first
-/// fails before answering. On error, returns the last provider tried (if any).
-async fn dispatch(
-    state: &HubState,
-    ctx: &Ctx,
-    parsed: &Parsed,
-) -> Result<(Lease, http::Response<Incoming>), (Option<i64>, ApiError)> {
+/// Send the request on `first`'s tunnel, retrying once on another provider (no queueing)
+/// if it fails before answering. On error, returns the last tunnel tried.
+async fn dispatch(state: &HubState, ctx: &Ctx, parsed: &Parsed, first: Lease) -> Result<(Lease, http::Response<Incoming>), (Arc<Tunnel>, ApiError)> {
     let mut tried: Vec<i64> = Vec::new();
-    let mut last_err: Option<(Option<i64>, ApiError)> = None;
-    for _ in 0..MAX_ATTEMPTS {
-        let lease = match state.registry.pick(&ctx.model, &tried) {
-            Ok(l) => l,
-            Err(PickError::UnknownModel) if last_err.is_none() => {
-                return Err((None, ApiError::ModelNotFound(ctx.model.to_string())))
-            }
-            Err(PickError::Busy) if last_err.is_none() => {
-                return Err((
-                    None,
-                    ApiError::NoCapacity {
-                        retry_after: state.config.retry_after_secs,
-                    },
-                ))
-            }
-            Err(_) => break,
-        };
-        let provider_id = lease.tunnel().provider_id;
+    let mut lease = first;
+    loop {
+        let tunnel = Arc::clone(lease.tunnel());
+        let provider_id = tunnel.provider_id;
         let req = http::Request::builder()
             .method("POST")
             .uri(ctx.endpoint.path())
@@ -465,137 +559,110 @@ async fn dispatch(
             .header(HEADER_MODEL, ctx.model.as_str())
             .header(HEADER_REQUEST_ID, ctx.request_id.as_str())
             .body(Full::new(parsed.body.clone()))
-            .map_err(|_| (None, ApiError::Internal))?;
-        let mut sender = lease.tunnel().sender.clone();
-        let sent = tokio::time::timeout(
-            state.config.provider_header_timeout,
-            sender.send_request(req),
-        )
-        .await;
-        match sent {
-            Err(_) => return Err((Some(provider_id), ApiError::ProviderTimeout)),
+            .map_err(|_| (Arc::clone(&tunnel), ApiError::Internal))?;
+        let mut sender = tunnel.sender.clone();
+        let err = match tokio::time::timeout(state.config.provider_header_timeout, sender.send_request(req)).await {
+            Err(_) => return Err((tunnel, ApiError::ProviderTimeout)),
             Ok(Err(e)) => {
-                tracing::warn!(request_id = %ctx.request_id, provider_id, error = %e, "provider failed before answering; retrying elsewhere");
-                last_err = Some((
-                    Some(provider_id),
-                    ApiError::ProviderFailed("connection to the provider failed"),
-                ));
+                tracing::warn!(request_id = %ctx.request_id, provider_id, error = %e, "provider failed before answering");
+                ApiError::ProviderFailed("connection to the provider failed")
             }
             Ok(Ok(resp)) => {
                 let agent_refused = resp.headers().contains_key(HEADER_AGENT_ERROR);
-                if resp.status().is_server_error()
-                    || (agent_refused && resp.status() == StatusCode::NOT_FOUND)
-                {
-                    tracing::warn!(request_id = %ctx.request_id, provider_id, status = resp.status().as_u16(), "provider answered an error; retrying elsewhere");
-                    last_err = Some((
-                        Some(provider_id),
-                        ApiError::ProviderFailed("the provider's backend returned an error"),
-                    ));
+                if resp.status().is_server_error() || (agent_refused && resp.status() == StatusCode::NOT_FOUND) {
+                    tracing::warn!(request_id = %ctx.request_id, provider_id, status = resp.status().as_u16(), "provider answered an error");
+                    ApiError::ProviderFailed("the provider's backend returned an error")
                 } else {
                     return Ok((lease, resp));
                 }
             }
-        }
+        };
         tried.push(provider_id);
+        if tried.len() >= MAX_ATTEMPTS {
+            return Err((tunnel, err));
+        }
+        drop(lease);
+        lease = match state.registry.pick(&ctx.model, &tried) {
+            Ok(l) => l,
+            Err(_) => return Err((tunnel, err)),
+        };
+        tracing::info!(request_id = %ctx.request_id, "retrying on another provider");
     }
-    Err(last_err.unwrap_or((
-        None,
-        ApiError::NoCapacity {
-            retry_after: state.config.retry_after_secs,
-        },
-    )))
 }
 
 /// Take a backend error body and keep only a short, printable `error.message`.
 fn sanitize_backend_error(status: StatusCode, body: &[u8]) -> ApiError {
     let msg = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
-        let m = v
-            .get("error")
-            .and_then(|e| e.get("message").or(Some(e)))
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let m = v.get("error").and_then(|e| e.get("message").or(Some(e))).and_then(Value::as_str).map(str::to_owned);
         m.or_else(|| v.get("detail").and_then(Value::as_str).map(str::to_owned))
     });
     let message = match msg {
-        Some(m) => m
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(MAX_RELAYED_ERROR_CHARS)
-            .collect(),
-        None => format!(
-            "The provider's backend rejected the request (HTTP {}).",
-            status.as_u16()
-        ),
+        Some(m) => m.chars().filter(|c| !c.is_control()).take(MAX_RELAYED_ERROR_CHARS).collect(),
+        None => format!("The provider's backend rejected the request (HTTP {}).", status.as_u16()),
     };
     ApiError::Upstream { status, message }
 }
 
-/// Relay a complete (non-streamed) answer, rewriting `id` and `model`.
-async fn relay_whole(
-    state: &HubState,
-    ctx: &Ctx,
-    lease: Lease,
-    resp: http::Response<Incoming>,
-) -> Response {
-    let provider_id = Some(lease.tunnel().provider_id);
+/// Collect a non-success provider answer into the error the consumer gets.
+async fn error_from(state: &HubState, resp: http::Response<Incoming>) -> ApiError {
     let status = resp.status();
+    let body = tokio::time::timeout(state.config.provider_body_timeout, Limited::new(resp.into_body(), MAX_ERROR_BODY_BYTES).collect()).await;
+    let bytes = match body {
+        Ok(Ok(c)) => c.to_bytes(),
+        _ => Bytes::new(),
+    };
+    if status.is_client_error() {
+        sanitize_backend_error(status, &bytes)
+    } else {
+        ApiError::ProviderFailed("the provider's backend returned an error")
+    }
+}
+
+/// Largest provider error body read.
+pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// Relay a complete (non-streamed) answer, rewriting `id` and `model`.
+async fn relay_whole(state: &HubState, ctx: &Ctx, lease: Lease, resp: http::Response<Incoming>) -> Response {
+    let tunnel = Arc::clone(lease.tunnel());
+    if !resp.status().is_success() {
+        let e = error_from(state, resp).await;
+        drop(lease);
+        return provider_failed(state, ctx, &tunnel, e);
+    }
     let collected = tokio::time::timeout(
         state.config.provider_body_timeout,
         Limited::new(resp.into_body(), state.config.max_response_bytes).collect(),
     )
     .await;
     drop(lease);
-    let fail = |e: ApiError| {
-        let code = e.status().as_u16();
-        ctx.log(provider_id, code, outcome_of(&e), Usage::default());
-        state.accounting.record(ctx.usage_record(
-            provider_id,
-            code,
-            outcome_of(&e),
-            Usage::default(),
-            None,
-        ));
-        with_request_id(e.into_response(), &ctx.request_id)
-    };
     let bytes = match collected {
-        Err(_) => return fail(ApiError::ProviderTimeout),
-        Ok(Err(_)) => {
-            return fail(ApiError::ProviderFailed(
-                "the provider's answer was cut off or too large",
-            ))
-        }
+        Err(_) => return provider_failed(state, ctx, &tunnel, ApiError::ProviderTimeout),
+        Ok(Err(_)) => return provider_failed(state, ctx, &tunnel, ApiError::ProviderFailed("the provider's answer was cut off or too large")),
         Ok(Ok(c)) => c.to_bytes(),
     };
-    if !status.is_success() {
-        let e = if status.is_client_error() {
-            sanitize_backend_error(status, &bytes)
-        } else {
-            ApiError::ProviderFailed("the provider's backend returned an error")
-        };
-        return fail(e);
-    }
     let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&bytes) else {
-        return fail(ApiError::ProviderFailed(
-            "the provider's answer was not valid JSON",
-        ));
+        return provider_failed(state, ctx, &tunnel, ApiError::ProviderFailed("the provider's answer was not valid JSON"));
     };
-    let usage = Usage::from_value(&Value::Object(obj.clone())).unwrap_or_default();
+    let reported = Usage::from_obj(&obj);
+    let mut seen = Delivered::default();
+    seen.add_text_of(&obj);
+    let usage = billable(reported, seen, true, ctx.endpoint, &tunnel, &ctx.request_id);
     rewrite(&mut obj, ctx);
     let body = match serde_json::to_vec(&Value::Object(obj)) {
         Ok(b) => b,
-        Err(_) => return fail(ApiError::Internal),
+        Err(_) => return provider_failed(state, ctx, &tunnel, ApiError::Internal),
     };
-    ctx.log(provider_id, 200, "ok", usage);
-    state
-        .accounting
-        .record(ctx.usage_record(provider_id, 200, "ok", usage, None));
+    ctx.finish(state, &tunnel, 200, "ok", usage, None);
     let mut r = (StatusCode::OK, body).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(q) = ctx.queue_ms {
+        r.headers_mut().insert(HEADER_QUEUE_MS, HeaderValue::from(q));
+    }
     with_request_id(r, &ctx.request_id)
 }
+
+/// Response header: milliseconds the request waited in the hub's queue.
+pub const HEADER_QUEUE_MS: &str = "x-potluck-queue-ms";
 
 /// Backends answer with their own alias and id; consumers get the name they asked for and
 /// the hub's id.
@@ -608,7 +675,13 @@ fn rewrite(obj: &mut Map<String, Value>, ctx: &Ctx) {
     }
 }
 
-fn sse_error(message: &str, code: &str) -> Bytes {
+fn sse_error(e: &ApiError) -> Bytes {
+    let mut body = e.body();
+    body.error.kind = "server_error".into();
+    Bytes::from(format!("data: {}\n\n", body.to_json()))
+}
+
+fn sse_error_msg(message: &str, code: &str) -> Bytes {
     let body = ErrorBody::new("server_error", message, None, Some(code));
     Bytes::from(format!("data: {}\n\n", body.to_json()))
 }
@@ -635,18 +708,32 @@ struct Relay {
     out: std::collections::VecDeque<Bytes>,
     wants_usage: bool,
     usage: Option<Usage>,
+    seen: Delivered,
     ttft: Option<Duration>,
     end: End,
 }
 
 impl Relay {
-    fn provider_id(&self) -> Option<i64> {
-        self.lease.as_ref().map(|l| l.tunnel().provider_id)
+    fn new(state: Arc<HubState>, ctx: Ctx, wants_usage: bool, lease: Lease, body: Incoming) -> Self {
+        let max_line = state.config.max_sse_line_bytes;
+        Self {
+            state,
+            ctx,
+            lease: Some(lease),
+            body,
+            parser: SseParser::new(max_line),
+            out: Default::default(),
+            wants_usage,
+            usage: None,
+            seen: Delivered::default(),
+            ttft: None,
+            end: End::Open,
+        }
     }
 
     fn fail(&mut self, message: &str, code: &str) {
-        tracing::warn!(request_id = %self.ctx.request_id, provider_id = self.provider_id(), reason = code, "stream ended by provider fault");
-        self.out.push_back(sse_error(message, code));
+        tracing::warn!(request_id = %self.ctx.request_id, provider_id = self.lease.as_ref().map(|l| l.tunnel().provider_id), reason = code, "stream ended by provider fault");
+        self.out.push_back(sse_error_msg(message, code));
         self.end = End::ProviderError;
     }
 
@@ -662,22 +749,17 @@ impl Relay {
             return;
         };
         if obj.contains_key("error") {
-            self.fail(
-                "The provider's backend failed during generation.",
-                "provider_error",
-            );
+            self.fail("The provider's backend failed during generation.", "provider_error");
             return;
         }
-        if let Some(u) = Usage::from_value(&Value::Object(obj.clone())) {
+        if let Some(u) = Usage::from_obj(&obj) {
             self.usage = Some(u);
         }
-        let has_choices = obj
-            .get("choices")
-            .and_then(Value::as_array)
-            .is_some_and(|c| !c.is_empty());
+        let has_choices = obj.get("choices").and_then(Value::as_array).is_some_and(|c| !c.is_empty());
         if has_choices && self.ttft.is_none() {
             self.ttft = Some(self.ctx.started.elapsed());
         }
+        self.seen.add_text_of(&obj);
         if !self.wants_usage {
             obj.remove("usage");
             if !has_choices {
@@ -712,18 +794,11 @@ impl Relay {
             match tokio::time::timeout(idle, self.body.frame()).await {
                 Err(_) => self.fail("The provider stalled.", "provider_timeout"),
                 Ok(None) => self.fail("The provider ended the stream early.", "provider_error"),
-                Ok(Some(Err(_))) => {
-                    self.fail("The connection to the provider was lost.", "provider_error")
-                }
+                Ok(Some(Err(_))) => self.fail("The connection to the provider was lost.", "provider_error"),
                 Ok(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else {
-                        continue;
-                    };
+                    let Ok(data) = frame.into_data() else { continue };
                     match self.parser.push(&data) {
-                        Err(_) => self.fail(
-                            "The provider sent an oversized stream event.",
-                            "provider_error",
-                        ),
+                        Err(_) => self.fail("The provider sent an oversized stream event.", "provider_error"),
                         Ok(events) => {
                             for ev in events {
                                 self.event(&ev);
@@ -740,25 +815,16 @@ impl Relay {
 
     /// Account for the stream (once).
     fn finish(&mut self) {
-        let Some(lease) = self.lease.take() else {
-            return;
-        };
-        let provider_id = Some(lease.tunnel().provider_id);
+        let Some(lease) = self.lease.take() else { return };
+        let tunnel = Arc::clone(lease.tunnel());
         drop(lease);
         let outcome = match self.end {
             End::Done => "ok",
             End::ProviderError => "provider_error",
             End::Open => "cancelled",
         };
-        let usage = self.usage.unwrap_or_default();
-        self.ctx.log(provider_id, 200, outcome, usage);
-        self.state.accounting.record(self.ctx.usage_record(
-            provider_id,
-            200,
-            outcome,
-            usage,
-            self.ttft,
-        ));
+        let usage = billable(self.usage, self.seen, self.end == End::Done, self.ctx.endpoint, &tunnel, &self.ctx.request_id);
+        self.ctx.finish(&self.state, &tunnel, 200, outcome, usage, self.ttft);
     }
 }
 
@@ -768,41 +834,103 @@ impl Drop for Relay {
     }
 }
 
-fn relay_stream(
-    state: Arc<HubState>,
-    ctx: Ctx,
-    wants_usage: bool,
-    lease: Lease,
-    resp: http::Response<Incoming>,
-) -> Response {
+fn sse_response(stream: futures_util::stream::BoxStream<'static, Result<Bytes, std::convert::Infallible>>, request_id: &str) -> Response {
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    with_request_id(resp, request_id)
+}
+
+fn relay_stream(state: Arc<HubState>, ctx: Ctx, wants_usage: bool, lease: Lease, resp: http::Response<Incoming>) -> Response {
     let request_id = ctx.request_id.clone();
-    let max_line = state.config.max_sse_line_bytes;
-    let relay = Relay {
-        state,
-        ctx,
-        lease: Some(lease),
-        body: resp.into_body(),
-        parser: SseParser::new(max_line),
-        out: Default::default(),
-        wants_usage,
-        usage: None,
-        ttft: None,
-        end: End::Open,
-    };
+    let relay = Relay::new(state, ctx, wants_usage, lease, resp.into_body());
     let stream = futures_util::stream::unfold(relay, |mut r| async move {
         let b = r.next().await?;
         Some((Ok::<_, std::convert::Infallible>(b), r))
     })
     .boxed();
-    let mut resp = Response::new(Body::from_stream(stream));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    with_request_id(resp, &request_id)
+    sse_response(stream, &request_id)
+}
+
+/// A streamed request that has to wait: the SSE response starts at once, with
+/// `: queued position=N eta_ms=M` comments while waiting, then the relayed stream. A wait
+/// past `queue.max_wait` ends with an error event (the status is already 200).
+enum Queued {
+    Waiting { state: Arc<HubState>, ctx: Box<Ctx>, parsed: Parsed, ticket: WaitTicket, deadline: tokio::time::Instant, tick: tokio::time::Interval },
+    Relaying(Box<Relay>),
+    Done,
+}
+
+fn queued_stream(state: Arc<HubState>, ctx: Ctx, parsed: Parsed, ticket: WaitTicket) -> Response {
+    let request_id = ctx.request_id.clone();
+    let deadline = tokio::time::Instant::now() + state.config.queue.max_wait;
+    let tick = tokio::time::interval(state.config.queue.progress_interval);
+    let start = Queued::Waiting { state, ctx: Box::new(ctx), parsed, ticket, deadline, tick };
+    let stream = futures_util::stream::unfold(start, |st| async move {
+        match st {
+            Queued::Done => None,
+            Queued::Relaying(mut r) => {
+                let b = r.next().await?;
+                Some((Ok(b), Queued::Relaying(r)))
+            }
+            Queued::Waiting { state, mut ctx, parsed, mut ticket, deadline, mut tick } => {
+                let lease = tokio::select! {
+                    l = ticket.recv() => l,
+                    _ = tick.tick() => {
+                        let pos = ticket.position();
+                        let eta = state.eta_ms(&ctx.model, pos);
+                        let comment = Bytes::from(format!(": queued position={pos} eta_ms={eta}\n\n"));
+                        return Some((Ok(comment), Queued::Waiting { state, ctx, parsed, ticket, deadline, tick }));
+                    }
+                    _ = tokio::time::sleep_until(deadline) => None,
+                };
+                let Some(lease) = lease else {
+                    tracing::info!(request_id = %ctx.request_id, "queue wait timed out");
+                    return Some((Ok(sse_error(&ApiError::QueueTimeout { retry_after: state.config.retry_after_secs })), Queued::Done));
+                };
+                ctx.queue_ms = Some(ticket.queued_at.elapsed().as_millis() as u64);
+                drop(ticket);
+                match dispatch(&state, &ctx, &parsed, lease).await {
+                    Ok((lease, resp)) if resp.status().is_success() => {
+                        let mut relay = Box::new(Relay::new(state, *ctx, parsed.wants_usage, lease, resp.into_body()));
+                        let b = relay.next().await?;
+                        Some((Ok(b), Queued::Relaying(relay)))
+                    }
+                    Ok((lease, resp)) => {
+                        let tunnel = Arc::clone(lease.tunnel());
+                        let e = error_from(&state, resp).await;
+                        drop(lease);
+                        ctx.finish(&state, &tunnel, e.status().as_u16(), outcome_of(&e), Usage::default(), None);
+                        Some((Ok(sse_error(&e)), Queued::Done))
+                    }
+                    Err((tunnel, e)) => {
+                        ctx.finish(&state, &tunnel, e.status().as_u16(), outcome_of(&e), Usage::default(), None);
+                        Some((Ok(sse_error(&e)), Queued::Done))
+                    }
+                }
+            }
+        }
+    })
+    .boxed();
+    sse_response(stream, &request_id)
+}
+
+/// `GET /v1/pool`: per model, providers, capacity, in flight, queued and typical duration.
+pub async fn pool(State(state): State<Arc<HubState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    auth::consumer_or_anonymous(&state, &headers).await?;
+    let data: Vec<Value> = state
+        .registry
+        .pool()
+        .into_iter()
+        .map(|(m, s)| {
+            let avg = state.service_ms(&m);
+            json!({"model": m.as_str(), "providers": s.providers, "capacity": s.capacity, "in_flight": s.in_flight,
+                   "queued": s.queued, "avg_duration_ms": avg.map(|v| v.round() as u64)})
+        })
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
 #[cfg(test)]

@@ -122,6 +122,7 @@ async fn run(state: Arc<HubState>, provider: ProviderAuth, on_upgrade: OnUpgrade
     let tunnel = Arc::new(Tunnel::new(
         conn_id,
         provider.provider_id,
+        provider.account_id,
         provider.name.clone(),
         sender,
     ));

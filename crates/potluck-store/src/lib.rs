@@ -7,12 +7,13 @@
 //! SQLite (embedded, one file in the data directory) is the engine today; the API is
 //! engine-neutral so that PostgreSQL can be added behind it.
 
+pub mod ledger;
 mod migrations;
 pub mod secret;
 mod store;
 
 pub use secret::{Secret, SecretKind};
 pub use store::{
-    Account, KeyAuth, KeyRecord, ProviderAuth, ProviderRecord, Role, Store, StoreError,
+    Account, KeyAuth, KeyLimits, KeyRecord, ProviderAuth, ProviderRecord, Role, Store, StoreError,
     UsageRecord, UsageRow,
 };

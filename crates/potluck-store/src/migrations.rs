@@ -1,13 +1,14 @@
 //! Schema migrations, applied in order at open. Each runs once, in a transaction.
 
 /// `(version, SQL)`, in order. Never edit a released entry: append a new one.
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE accounts (
     id          INTEGER PRIMARY KEY,
     name        TEXT NOT NULL UNIQUE,
-    role        TEXT NOT NULL CHECK (role IN ('admin', 'moderator', 'member')),
+    role        TEXT NOT NULL CHECK (role IN ('admin', 'moderator', 'member', 'system')),
     created_at  INTEGER NOT NULL
 );
 CREATE TABLE api_keys (
@@ -51,4 +52,40 @@ CREATE TABLE usage_records (
 CREATE INDEX usage_records_started ON usage_records(started_at_ms);
 CREATE INDEX usage_records_account ON usage_records(account_id, started_at_ms);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+-- Per-key limit overrides (NULL: the hub's defaults).
+ALTER TABLE api_keys ADD COLUMN rpm INTEGER;
+ALTER TABLE api_keys ADD COLUMN tpm INTEGER;
+ALTER TABLE api_keys ADD COLUMN max_concurrent INTEGER;
+ALTER TABLE api_keys ADD COLUMN daily_tokens INTEGER;
+-- Double-entry ledger in integer micro-credits. Every transaction's entries sum to zero.
+CREATE TABLE ledger_tx (
+    id            INTEGER PRIMARY KEY,
+    kind          TEXT NOT NULL,
+    request_id    TEXT,
+    created_at_ms INTEGER NOT NULL,
+    -- For earnings held in escrow: when they vest, and whether they did.
+    vests_at_ms   INTEGER,
+    vested        INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE ledger_entries (
+    tx_id      INTEGER NOT NULL REFERENCES ledger_tx(id),
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    bucket     TEXT NOT NULL CHECK (bucket IN ('available', 'unvested')),
+    amount     INTEGER NOT NULL
+);
+CREATE INDEX ledger_entries_account ON ledger_entries(account_id, tx_id);
+CREATE INDEX ledger_tx_vesting ON ledger_tx(vests_at_ms) WHERE vested = 0 AND vests_at_ms IS NOT NULL;
+-- Kept in step with the entries in the same database transaction.
+CREATE TABLE balances (
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    bucket     TEXT NOT NULL,
+    amount     INTEGER NOT NULL,
+    PRIMARY KEY (account_id, bucket)
+);
+"#,
+    ),
+];

@@ -40,6 +40,8 @@ pub enum Role {
     Moderator,
     /// Uses the pool, and provides to it.
     Member,
+    /// The hub's own books (treasury, tax).
+    System,
 }
 
 impl Role {
@@ -48,12 +50,14 @@ impl Role {
             Role::Admin => "admin",
             Role::Moderator => "moderator",
             Role::Member => "member",
+            Role::System => "system",
         }
     }
     fn parse(s: &str) -> Role {
         match s {
             "admin" => Role::Admin,
             "moderator" => Role::Moderator,
+            "system" => Role::System,
             _ => Role::Member,
         }
     }
@@ -70,6 +74,19 @@ pub struct Account {
     pub role: Role,
 }
 
+/// Per-key limit overrides; `None` means the hub's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyLimits {
+    /// Requests per minute.
+    pub rpm: Option<i64>,
+    /// Tokens (prompt + completion) per minute.
+    pub tpm: Option<i64>,
+    /// Requests in flight at once.
+    pub max_concurrent: Option<i64>,
+    /// Tokens per UTC day.
+    pub daily_tokens: Option<i64>,
+}
+
 /// What a valid consumer or admin key resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyAuth {
@@ -79,6 +96,8 @@ pub struct KeyAuth {
     pub account_id: i64,
     /// The owning account's role.
     pub role: Role,
+    /// Limit overrides.
+    pub limits: KeyLimits,
 }
 
 /// What a valid provider token resolves to.
@@ -239,29 +258,31 @@ impl Store {
         self.pool.close().await;
     }
 
-    async fn account_id_or_create(
-        tx: &mut sqlx::SqliteConnection,
-        name: &str,
-        role: Role,
-    ) -> Result<i64> {
-        if let Some(id) = sqlx::query_scalar::<_, i64>("SELECT id FROM accounts WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?
-        {
-            return Ok(id);
-        }
-        let id = sqlx::query_scalar(
-            "INSERT INTO accounts (name, role, created_at) VALUES (?, ?, ?) RETURNING id",
-        )
+    /// The pool.
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+/// An account's id, creating it with `role` if missing.
+pub(crate) async fn account_id_or_create(tx: &mut sqlx::SqliteConnection, name: &str, role: Role) -> Result<i64> {
+    if let Some(id) = sqlx::query_scalar::<_, i64>("SELECT id FROM accounts WHERE name = ?")
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+    {
+        return Ok(id);
+    }
+    let id = sqlx::query_scalar("INSERT INTO accounts (name, role, created_at) VALUES (?, ?, ?) RETURNING id")
         .bind(name)
         .bind(role.as_str())
         .bind(now_secs())
         .fetch_one(&mut *tx)
         .await?;
-        Ok(id)
-    }
+    Ok(id)
+}
 
+impl Store {
     /// Create the operator's admin key if the hub has none yet. Returns the clear
     /// secret only when it was created now (to be shown once and written to a file).
     pub async fn ensure_admin_key(&self) -> Result<Option<Secret>> {
@@ -275,7 +296,7 @@ impl Store {
         if existing.is_some() {
             return Ok(None);
         }
-        let account = Self::account_id_or_create(&mut tx, "admin", Role::Admin).await?;
+        let account = account_id_or_create(&mut tx, "admin", Role::Admin).await?;
         let secret = Secret::generate(SecretKind::Admin);
         sqlx::query("INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES (?, 'admin', ?, ?, ?)")
             .bind(account)
@@ -291,7 +312,7 @@ impl Store {
     /// Create a consumer key in `account` (created as a member if missing).
     pub async fn create_key(&self, name: &str, account: &str) -> Result<(i64, Secret)> {
         let mut tx = self.pool.begin().await?;
-        let account_id = Self::account_id_or_create(&mut tx, account, Role::Member).await?;
+        let account_id = account_id_or_create(&mut tx, account, Role::Member).await?;
         let secret = Secret::generate(SecretKind::ConsumerKey);
         let id = sqlx::query_scalar(
             "INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
@@ -310,7 +331,7 @@ impl Store {
     /// Create a provider with a fresh tunnel token. Names are unique.
     pub async fn create_provider(&self, name: &str, account: &str) -> Result<(i64, Secret)> {
         let mut tx = self.pool.begin().await?;
-        let account_id = Self::account_id_or_create(&mut tx, account, Role::Member).await?;
+        let account_id = account_id_or_create(&mut tx, account, Role::Member).await?;
         let secret = Secret::generate(SecretKind::ProviderToken);
         let id = sqlx::query_scalar(
             "INSERT INTO providers (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
@@ -336,8 +357,8 @@ impl Store {
     /// Resolve a consumer or admin key. Revoked and unknown keys give `None`.
     pub async fn authenticate_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
         let row = sqlx::query(
-            "SELECT k.id, k.account_id, a.role FROM api_keys k JOIN accounts a ON a.id = k.account_id \
-             WHERE k.secret_hash = ? AND k.revoked_at IS NULL",
+            "SELECT k.id, k.account_id, a.role, k.rpm, k.tpm, k.max_concurrent, k.daily_tokens FROM api_keys k \
+             JOIN accounts a ON a.id = k.account_id WHERE k.secret_hash = ? AND k.revoked_at IS NULL",
         )
         .bind(secret.hash())
         .fetch_optional(&self.pool)
@@ -346,7 +367,76 @@ impl Store {
             key_id: r.get(0),
             account_id: r.get(1),
             role: Role::parse(r.get::<&str, _>(2)),
+            limits: KeyLimits { rpm: r.get(3), tpm: r.get(4), max_concurrent: r.get(5), daily_tokens: r.get(6) },
         }))
+    }
+
+    /// The shared key of anonymous access (created on first use; its secret is never used).
+    pub async fn anonymous_key(&self, name: &str) -> Result<KeyAuth> {
+        let mut tx = self.pool.begin().await?;
+        let account_id = account_id_or_create(&mut tx, name, Role::Member).await?;
+        let existing: Option<i64> = sqlx::query_scalar("SELECT id FROM api_keys WHERE account_id = ? AND name = ? AND revoked_at IS NULL")
+            .bind(account_id)
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let key_id = match existing {
+            Some(id) => id,
+            None => {
+                let secret = Secret::generate(SecretKind::ConsumerKey);
+                sqlx::query_scalar("INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id")
+                    .bind(account_id)
+                    .bind(name)
+                    .bind(secret.hash())
+                    .bind("anonymous")
+                    .bind(now_secs())
+                    .fetch_one(&mut *tx)
+                    .await?
+            }
+        };
+        tx.commit().await?;
+        Ok(KeyAuth { key_id, account_id, role: Role::Member, limits: KeyLimits::default() })
+    }
+
+    /// Set a key's limit overrides (by id). `None` fields go back to the defaults.
+    pub async fn set_key_limits(&self, key_id: i64, l: KeyLimits) -> Result<()> {
+        let n = sqlx::query("UPDATE api_keys SET rpm = ?, tpm = ?, max_concurrent = ?, daily_tokens = ? WHERE id = ? AND revoked_at IS NULL")
+            .bind(l.rpm)
+            .bind(l.tpm)
+            .bind(l.max_concurrent)
+            .bind(l.daily_tokens)
+            .bind(key_id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// An account by name.
+    pub async fn account_by_name(&self, name: &str) -> Result<Option<Account>> {
+        let row = sqlx::query("SELECT id, name, role FROM accounts WHERE name = ?").bind(name).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| Account { id: r.get(0), name: r.get(1), role: Role::parse(r.get::<&str, _>(2)) }))
+    }
+
+    /// Give an account its starter grant, once (idempotent). Returns whether it was given.
+    pub async fn starter_grant(&self, account_id: i64, amount: i64) -> Result<bool> {
+        if amount <= 0 {
+            return Ok(false);
+        }
+        let had: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM ledger_entries e JOIN ledger_tx t ON t.id = e.tx_id WHERE t.kind = 'grant' AND e.account_id = ?",
+        )
+        .bind(account_id)
+        .fetch_one(&self.pool)
+        .await?;
+        if had > 0 {
+            return Ok(false);
+        }
+        self.grant(account_id, amount).await?;
+        Ok(true)
     }
 
     /// Resolve a provider token. Revoked and unknown tokens give `None`.
@@ -366,7 +456,7 @@ impl Store {
     pub async fn list_keys(&self) -> Result<Vec<KeyRecord>> {
         let rows = sqlx::query(
             "SELECT k.id, k.name, a.name, k.prefix, k.created_at, k.revoked_at FROM api_keys k \
-             JOIN accounts a ON a.id = k.account_id WHERE a.role != 'admin' ORDER BY k.id",
+             JOIN accounts a ON a.id = k.account_id WHERE a.role NOT IN ('admin', 'system') ORDER BY k.id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -482,6 +572,18 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Tokens (prompt + completion) used by a key since `since_ms`.
+    pub async fn tokens_used_since(&self, key_id: i64, since_ms: i64) -> Result<i64> {
+        let v: Option<i64> = sqlx::query_scalar(
+            "SELECT SUM(prompt_tokens + completion_tokens) FROM usage_records WHERE key_id = ? AND started_at_ms >= ?",
+        )
+        .bind(key_id)
+        .bind(since_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(v.unwrap_or(0))
     }
 
     /// Usage rows, newest first (at most `limit`). For the admin API and tests.

@@ -70,7 +70,7 @@ impl TestHub {
         if let Some(k) = store.ensure_admin_key().await.expect("admin key") {
             self.admin_key = k.expose().to_owned();
         }
-        let hub = Hub::new(self.config.clone(), store);
+        let hub = Hub::new(self.config.clone(), store).await.expect("hub");
         self.state = Some(hub.state());
         self.shutdown = CancellationToken::new();
         self.task = Some(tokio::spawn(hub.run(listener, self.shutdown.clone())));

@@ -227,7 +227,12 @@ async fn every_bad_request_gets_the_right_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_capacity_is_503_with_retry_after() {
-    let hub = TestHub::start_with(|c| c.retry_after_secs = 7).await;
+    // No queue: a full pool answers at once.
+    let hub = TestHub::start_with(|c| {
+        c.retry_after_secs = 7;
+        c.queue.max_length = 0;
+    })
+    .await;
     let key = hub.create_key("consumer").await;
     let backend = FakeBackend::start(&[MODEL]).await;
     backend.set_behavior(FakeBehavior {

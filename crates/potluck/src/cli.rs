@@ -208,7 +208,7 @@ async fn hub(a: HubArgs) -> anyhow::Result<()> {
         config.data_dir.display()
     ));
     let shutdown = CancellationToken::new();
-    let hub = Hub::new(config, store);
+    let hub = Hub::new(config, store).await?;
     let (r, _) = tokio::join!(hub.run(listener, shutdown.clone()), async {
         tokio::select! {
             _ = shutdown_signal(shutdown.clone()) => {}

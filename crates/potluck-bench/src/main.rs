@@ -1,0 +1,288 @@
+//! `potluck-bench`: parse the command line, raise the open-file limit, run the chosen mode,
+//! map errors to an exit code. Behaviour lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use potluck_bench::fake_backend::{FakeBackend, FakeConfig};
+use potluck_bench::suite::{Paths, Settings};
+use potluck_bench::targets::LlamaSetup;
+use potluck_bench::{floor, report, smoke, suite, sysinfo};
+use tokio_util::sync::CancellationToken;
+
+/// Open files wanted at least: each held stream costs the load generator two sockets (its
+/// client end and the fake backend's end of the agent's connection).
+const MIN_OPEN_FILES: u64 = 65_536;
+/// Slack on top of two per held stream.
+const OPEN_FILES_SLACK: u64 = 8_192;
+
+/// Potluck's benchmark suite.
+#[derive(Debug, Parser)]
+#[command(name = "potluck-bench", about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The whole suite; writes BENCHMARKS.md and the raw JSON.
+    All(Box<AllArgs>),
+    /// A few seconds that check the harness works (non-zero exit on any failure).
+    Smoke(CommonArgs),
+    /// Run the floor proxy (HTTP/1.1 in, one HTTP/2 connection out).
+    Floor {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// The HTTP/2 (prior knowledge) upstream.
+        #[arg(long)]
+        upstream: SocketAddr,
+    },
+    /// Run the fake backend alone (for trying things by hand).
+    FakeBackend {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Gap between chunks of the `bench` model, ms.
+        #[arg(long, default_value_t = 10)]
+        gap_ms: u64,
+        /// Gap between chunks of the `bench-slow` model, ms.
+        #[arg(long, default_value_t = 2000)]
+        slow_gap_ms: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CommonArgs {
+    /// The potluck binary [default: `potluck` next to this program].
+    #[arg(long)]
+    potluck_bin: Option<PathBuf>,
+    /// Scratch directory for data and logs.
+    #[arg(long, default_value = "target/potluck-bench")]
+    work_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct AllArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Markdown report (its generated section is replaced, the rest kept).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out_md: PathBuf,
+    /// Raw figures.
+    #[arg(long, default_value = "bench-results.json")]
+    out_json: PathBuf,
+    /// Length of one measurement slice, ms.
+    #[arg(long, default_value_t = 1000)]
+    slice_ms: u64,
+    /// Slices per target per cell.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    concurrency: Vec<usize>,
+    /// Concurrency levels at which Potluck with `RUST_LOG=info` is measured too.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    info_concurrency: Vec<usize>,
+    /// Content chunks per measured stream.
+    #[arg(long, default_value_t = 16)]
+    stream_chunks: u32,
+    /// Gap between chunks of a measured stream, ms.
+    #[arg(long, default_value_t = 10)]
+    stream_gap_ms: u64,
+    /// Slow streams held open at once through Potluck.
+    #[arg(long, default_value_t = 10_000)]
+    held_streams: u64,
+    /// Chunks per held stream.
+    #[arg(long, default_value_t = 15)]
+    held_chunks: u32,
+    /// Gap between chunks of a held stream, ms.
+    #[arg(long, default_value_t = 2000)]
+    held_gap_ms: u64,
+    /// Longest one request may take, s.
+    #[arg(long, default_value_t = 60)]
+    request_timeout_s: u64,
+    /// LiteLLM's venv [default: ~/.cache/potluck/bench-venv].
+    #[arg(long)]
+    litellm_venv: Option<PathBuf>,
+    /// LiteLLM could not be installed: say why in the report instead of measuring it.
+    #[arg(long, value_name = "REASON")]
+    litellm_unavailable: Option<String>,
+    /// Python of the real backend's venv [default: ~/.cache/potluck/realbackend/venv/bin/python].
+    #[arg(long)]
+    realbackend_python: Option<PathBuf>,
+    /// The tiny GGUF model [default: ~/.cache/potluck/realbackend/models/tiny-random-llama.gguf].
+    #[arg(long)]
+    realbackend_model: Option<PathBuf>,
+    /// The server script.
+    #[arg(long, default_value = "scripts/realbackend/serve_xllamacpp.py")]
+    realbackend_script: PathBuf,
+    /// Skip the real-model test.
+    #[arg(long)]
+    no_real_model: bool,
+    /// Real model: slice length, ms.
+    #[arg(long, default_value_t = 3000)]
+    real_slice_ms: u64,
+    /// Real model: slices per target.
+    #[arg(long, default_value_t = 3)]
+    real_rounds: u32,
+    /// Real model: `max_tokens` per stream.
+    #[arg(long, default_value_t = 32)]
+    real_max_tokens: u32,
+    /// Real model: slots per server (and clients per server).
+    #[arg(long, default_value_t = 4)]
+    real_parallel: u32,
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn potluck_bin(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let bin = match arg {
+        Some(b) => b,
+        None => std::env::current_exe()
+            .context("cannot find this program's path")?
+            .with_file_name("potluck"),
+    };
+    if !bin.exists() {
+        anyhow::bail!("{} not found: build it with `cargo build --release -p potluck` (or pass --potluck-bin)", bin.display());
+    }
+    Ok(bin)
+}
+
+async fn all(a: AllArgs) -> anyhow::Result<()> {
+    let cache = home().join(".cache/potluck");
+    let settings = Settings {
+        slice_ms: a.slice_ms,
+        rounds: a.rounds.max(1),
+        concurrencies: a.concurrency,
+        info_concurrencies: a.info_concurrency,
+        stream_chunks: a.stream_chunks.max(2),
+        stream_gap_ms: a.stream_gap_ms,
+        held_streams: a.held_streams,
+        held_chunks: a.held_chunks.max(1),
+        held_gap_ms: a.held_gap_ms,
+        request_timeout_s: a.request_timeout_s.max(1),
+        real_slice_ms: a.real_slice_ms,
+        real_rounds: a.real_rounds.max(1),
+        real_max_tokens: a.real_max_tokens.max(1),
+        real_parallel: a.real_parallel.max(1),
+    };
+    let llama = (!a.no_real_model).then(|| LlamaSetup {
+        python: a
+            .realbackend_python
+            .unwrap_or_else(|| cache.join("realbackend/venv/bin/python")),
+        script: a.realbackend_script,
+        model: a
+            .realbackend_model
+            .unwrap_or_else(|| cache.join("realbackend/models/tiny-random-llama.gguf")),
+        alias: "tiny".into(),
+        parallel: settings.real_parallel,
+    });
+    let paths = Paths {
+        potluck_bin: potluck_bin(a.common.potluck_bin)?,
+        work_dir: a.common.work_dir,
+        litellm_venv: Some(a.litellm_venv.unwrap_or_else(|| cache.join("bench-venv"))),
+        litellm_unavailable: a.litellm_unavailable,
+        llama,
+    };
+    let r = suite::run_all(settings, paths).await?;
+    report::write(&r, &a.out_md, &a.out_json)?;
+    report::print_ratios(&r);
+    println!(
+        "\nwrote {} and {} ({:.0} s)",
+        a.out_md.display(),
+        a.out_json.display(),
+        r.wall_s
+    );
+    Ok(())
+}
+
+async fn until_signal(token: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    token.cancel();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::All(a) => all(*a).await,
+        Cmd::Smoke(c) => smoke::run(&potluck_bin(c.potluck_bin)?, &c.work_dir).await,
+        Cmd::Floor { listen, upstream } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            println!("floor listening on http://{}", listener.local_addr()?);
+            let token = CancellationToken::new();
+            tokio::select! {
+                r = floor::run(listener, upstream, token.clone()) => r,
+                _ = until_signal(token.clone()) => Ok(()),
+            }
+        }
+        Cmd::FakeBackend {
+            listen,
+            gap_ms,
+            slow_gap_ms,
+        } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let cfg = FakeConfig {
+                fast_gap: std::time::Duration::from_millis(gap_ms),
+                slow_gap: std::time::Duration::from_millis(slow_gap_ms),
+            };
+            let fake = FakeBackend::serve(listener, cfg)?;
+            println!("fake backend listening on {}", fake.base_url());
+            until_signal(CancellationToken::new()).await;
+            fake.stop().await;
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let held = match &cli.cmd {
+        Cmd::All(a) => a.held_streams,
+        _ => 0,
+    };
+    let want = MIN_OPEN_FILES.max(held.saturating_mul(2).saturating_add(OPEN_FILES_SLACK));
+    let got = sysinfo::raise_fd_limit(want);
+    if got < want {
+        eprintln!("warning: open-file limit is {got}, below the {want} wanted; the held-streams test may fail");
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,851 @@
+//! `potluck-bench all`: start every target in front of the same fake backend, measure them
+//! interleaved (round-robin over targets in every cell, so noise hits all alike), hold many
+//! slow streams through Potluck, scale over real llama.cpp providers, and compare.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::fake_backend::{FakeBackend, FakeConfig, MODEL_FAST, MODEL_SLOW};
+use crate::held::{HeldResult, Hold};
+use crate::loadgen::{self, Endpoint, RequestSpec, Sample, Stop};
+use crate::procs::{self, rss_kib};
+use crate::report::{self, Ratio, Report};
+use crate::stats::{summarize, Summary};
+use crate::sysinfo;
+use crate::targets::{FakeProcess, Floor, LiteLlm, Llama, LlamaSetup, Potluck};
+
+/// Agent concurrency announced for the fake backend (the CLI's maximum).
+pub const AGENT_MAX_CONCURRENCY: u32 = 4096;
+/// Warm-up per target and mode before the cells.
+pub const WARMUP: Duration = Duration::from_secs(1);
+/// Concurrency of the warm-up.
+pub const WARMUP_CONCURRENCY: usize = 16;
+/// How many times the held-stream RSS is sampled once all streams are open.
+pub const HELD_RSS_SAMPLES: u32 = 5;
+/// Pause between those samples.
+pub const HELD_RSS_INTERVAL: Duration = Duration::from_millis(200);
+/// How long opening all held streams may take.
+pub const HELD_SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// Non-streamed tokens asked of the fake backend (it ignores them).
+pub const CHAT_MAX_TOKENS: u32 = 16;
+
+/// Settings of a full run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// Length of one measurement slice, ms.
+    pub slice_ms: u64,
+    /// Slices per target per cell.
+    pub rounds: u32,
+    /// Concurrency levels.
+    pub concurrencies: Vec<usize>,
+    /// Concurrency levels that also measure Potluck with the default `info` logging.
+    pub info_concurrencies: Vec<usize>,
+    /// Content chunks per measured stream.
+    pub stream_chunks: u32,
+    /// Gap between two chunks of a measured stream, ms.
+    pub stream_gap_ms: u64,
+    /// Streams held open at once through Potluck.
+    pub held_streams: u64,
+    /// Chunks per held stream.
+    pub held_chunks: u32,
+    /// Gap between two chunks of a held stream, ms.
+    pub held_gap_ms: u64,
+    /// Longest a single request may take, s.
+    pub request_timeout_s: u64,
+    /// Real model: slice length, ms.
+    pub real_slice_ms: u64,
+    /// Real model: slices per target.
+    pub real_rounds: u32,
+    /// Real model: `max_tokens` per request (the tiny model never stops by itself).
+    pub real_max_tokens: u32,
+    /// Real model: slots per llama.cpp server (also the concurrency per server).
+    pub real_parallel: u32,
+}
+
+/// Where things are.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// `target/release/potluck`.
+    pub potluck_bin: PathBuf,
+    /// Scratch space for data directories and logs.
+    pub work_dir: PathBuf,
+    /// LiteLLM's venv, if installed.
+    pub litellm_venv: Option<PathBuf>,
+    /// Why LiteLLM is not installed, if it is not.
+    pub litellm_unavailable: Option<String>,
+    /// The real backend, unless skipped.
+    pub llama: Option<LlamaSetup>,
+}
+
+/// One measured target.
+struct Target {
+    name: String,
+    endpoint: Endpoint,
+    /// Processes whose CPU counts (empty: not measured).
+    cpu_pids: Vec<u32>,
+    /// Count their descendants too.
+    cpu_tree: bool,
+    /// Measured only at these concurrencies (empty: all).
+    only_at: Vec<usize>,
+}
+
+impl Target {
+    fn cpu_ticks(&self) -> u64 {
+        procs::cpu_ticks_of(&self.cpu_pids, self.cpu_tree)
+    }
+}
+
+/// Figures of one target in one cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// `chat` or `stream`.
+    pub mode: &'static str,
+    /// Concurrent clients.
+    pub concurrency: usize,
+    /// Target name.
+    pub target: String,
+    /// Requests that succeeded.
+    pub requests: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// The first failure.
+    pub first_error: Option<String>,
+    /// Measured time, s.
+    pub elapsed_s: f64,
+    /// Requests per second.
+    pub rps: f64,
+    /// Whole-request latency.
+    pub latency: Summary,
+    /// Streams: time to first token.
+    pub ttft: Option<Summary>,
+    /// Streams: time between chunks.
+    pub gap: Option<Summary>,
+    /// Streams: content chunks.
+    pub chunks: u64,
+    /// Server CPU time, s (None: not measured).
+    pub cpu_s: Option<f64>,
+    /// Server CPU per request, µs.
+    pub cpu_per_request_us: Option<f64>,
+    /// Server CPU per content chunk, µs.
+    pub cpu_per_chunk_us: Option<f64>,
+    /// Added p50 over direct (latency, or TTFT for streams), µs.
+    pub added_p50_us: Option<f64>,
+    /// Added p99 over direct, µs.
+    pub added_p99_us: Option<f64>,
+}
+
+fn cell(
+    mode: &'static str,
+    concurrency: usize,
+    target: &str,
+    mut s: Sample,
+    ticks: Option<u64>,
+) -> Cell {
+    let elapsed_s = s.elapsed.as_secs_f64();
+    let cpu_s = ticks.map(|t| t as f64 / procs::ticks_per_second() as f64);
+    let per = |n: u64| cpu_s.and_then(|c| (n > 0).then(|| c * 1e6 / n as f64));
+    let stream = mode == "stream";
+    Cell {
+        mode,
+        concurrency,
+        target: target.to_owned(),
+        requests: s.ok,
+        errors: s.errors,
+        first_error: s.first_error.take(),
+        elapsed_s,
+        rps: if elapsed_s > 0.0 {
+            s.ok as f64 / elapsed_s
+        } else {
+            0.0
+        },
+        latency: summarize(&mut s.latency_ns),
+        ttft: stream.then(|| summarize(&mut s.ttft_ns)),
+        gap: stream.then(|| summarize(&mut s.gap_ns)),
+        chunks: s.chunks,
+        cpu_s,
+        cpu_per_request_us: per(s.ok),
+        cpu_per_chunk_us: if stream { per(s.chunks) } else { None },
+        added_p50_us: None,
+        added_p99_us: None,
+    }
+}
+
+/// Fill in the added latency of every cell against `direct` in the same mode and concurrency.
+fn add_overheads(cells: &mut [Cell]) {
+    let base: Vec<(usize, Summary)> = cells
+        .iter()
+        .filter(|c| c.target == "direct")
+        .map(|c| {
+            (
+                c.concurrency,
+                if c.mode == "stream" {
+                    c.ttft.unwrap_or_default()
+                } else {
+                    c.latency
+                },
+            )
+        })
+        .collect();
+    for c in cells.iter_mut().filter(|c| c.target != "direct") {
+        let Some((_, d)) = base.iter().find(|(k, _)| *k == c.concurrency) else {
+            continue;
+        };
+        let mine = if c.mode == "stream" {
+            c.ttft.unwrap_or_default()
+        } else {
+            c.latency
+        };
+        if mine.count > 0 && d.count > 0 {
+            c.added_p50_us = Some(mine.p50_us - d.p50_us);
+            c.added_p99_us = Some(mine.p99_us - d.p99_us);
+        }
+    }
+}
+
+fn say(msg: &str) {
+    eprintln!("[potluck-bench] {msg}");
+}
+
+/// Measure one cell: every target, `rounds` slices each, round-robin.
+async fn run_cell(
+    targets: &[Target],
+    mode: &'static str,
+    spec: &RequestSpec,
+    c: usize,
+    s: &Settings,
+) -> Vec<Cell> {
+    let active: Vec<&Target> = targets
+        .iter()
+        .filter(|t| t.only_at.is_empty() || t.only_at.contains(&c))
+        .collect();
+    let mut acc: Vec<(Sample, u64)> = active.iter().map(|_| (Sample::default(), 0)).collect();
+    let timeout = Duration::from_secs(s.request_timeout_s);
+    for round in 0..s.rounds as usize {
+        for k in 0..active.len() {
+            // Rotate the order each round so no target always follows the same one.
+            let i = (k + round) % active.len();
+            let t = active[i];
+            let before = t.cpu_ticks();
+            let sample = loadgen::run(
+                std::slice::from_ref(&t.endpoint),
+                spec,
+                c,
+                Stop::After(Duration::from_millis(s.slice_ms)),
+                timeout,
+            )
+            .await;
+            let after = t.cpu_ticks();
+            acc[i].0.merge(sample);
+            acc[i].1 += after.saturating_sub(before);
+        }
+    }
+    let cells: Vec<Cell> = active
+        .iter()
+        .zip(acc)
+        .map(|(t, (sample, ticks))| {
+            cell(
+                mode,
+                c,
+                &t.name,
+                sample,
+                (!t.cpu_pids.is_empty()).then_some(ticks),
+            )
+        })
+        .collect();
+    for x in &cells {
+        let extra = match (x.ttft, x.cpu_per_chunk_us, x.cpu_per_request_us) {
+            (Some(t), Some(cpu), _) => {
+                format!("ttft p50 {:.0} µs, cpu/chunk {cpu:.1} µs", t.p50_us)
+            }
+            (Some(t), None, _) => format!("ttft p50 {:.0} µs", t.p50_us),
+            (None, _, Some(cpu)) => format!("cpu/req {cpu:.1} µs"),
+            (None, _, None) => String::new(),
+        };
+        say(&format!(
+            "{mode:6} c={c:<3} {:13} {:9.0} req/s  p50 {:8.0} µs  p99 {:8.0} µs  {extra}  errors {}",
+            x.target, x.rps, x.latency.p50_us, x.latency.p99_us, x.errors
+        ));
+        if let Some(e) = &x.first_error {
+            say(&format!("    first error: {e}"));
+        }
+    }
+    cells
+}
+
+/// RSS of the hub and agent(s) of a Potluck.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PotluckRss {
+    /// Hub, KiB.
+    pub hub_kib: u64,
+    /// Agents, KiB.
+    pub agent_kib: u64,
+}
+
+fn potluck_rss(p: &Potluck) -> PotluckRss {
+    PotluckRss {
+        hub_kib: rss_kib(p.hub.pid()),
+        agent_kib: p.agents.iter().map(|a| rss_kib(a.pid())).sum(),
+    }
+}
+
+/// Memory figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Memory {
+    /// Potluck at ready, before any request.
+    pub idle: PotluckRss,
+    /// Potluck after all the cells (idle again).
+    pub after_load: PotluckRss,
+    /// The floor proxy at ready, KiB.
+    pub floor_idle_kib: u64,
+    /// LiteLLM's process tree at ready, KiB.
+    pub litellm_idle_kib: Option<u64>,
+}
+
+/// The held-streams test.
+#[derive(Debug, Clone, Serialize)]
+pub struct Held {
+    /// Outcome.
+    pub result: HeldResult,
+    /// Hub and agent before.
+    pub before: PotluckRss,
+    /// Hub and agent at the peak.
+    pub peak: PotluckRss,
+    /// Streams open when the peak was taken.
+    pub open_at_peak: u64,
+    /// (peak - before) / open, hub and agent together, KiB.
+    pub per_stream_kib: Option<f64>,
+}
+
+/// Real-model scaling: one target with some providers.
+#[derive(Debug, Clone, Serialize)]
+pub struct RealCell {
+    /// llama.cpp servers in use.
+    pub providers: usize,
+    /// `direct` or `potluck`.
+    pub target: String,
+    /// Concurrent streams.
+    pub concurrency: usize,
+    /// Streams that succeeded.
+    pub requests: u64,
+    /// Streams that failed.
+    pub errors: u64,
+    /// The first failure.
+    pub first_error: Option<String>,
+    /// Completion tokens (from `usage`).
+    pub tokens: u64,
+    /// Measured time, s.
+    pub elapsed_s: f64,
+    /// Aggregate completion tokens per second.
+    pub tokens_per_s: f64,
+    /// Time to first token.
+    pub ttft: Summary,
+}
+
+/// Run the whole suite.
+pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let machine = sysinfo::machine();
+    std::fs::create_dir_all(&paths.work_dir)
+        .with_context(|| format!("cannot create {}", paths.work_dir.display()))?;
+    let mut commands: Vec<String> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+
+    let fake = FakeBackend::start(FakeConfig {
+        fast_gap: Duration::from_millis(settings.stream_gap_ms),
+        slow_gap: Duration::from_millis(settings.held_gap_ms),
+    })
+    .await?;
+    say(&format!("fake backend on {}", fake.addr()));
+    let mut floor = Floor::start(fake.addr(), &paths.work_dir).await?;
+    commands.push(floor.command.clone());
+    say(&format!("floor proxy on {}", floor.addr));
+
+    let mut pot = Potluck::start(
+        "potluck",
+        &paths.potluck_bin,
+        &paths.work_dir.join("potluck"),
+        "warn",
+    )
+    .await?;
+    pot.add_provider("p1", &fake.base_url(), AGENT_MAX_CONCURRENCY)
+        .await?;
+    pot.wait_model(MODEL_FAST, 1).await?;
+    commands.extend(pot.commands.iter().cloned());
+    let mut memory = Memory {
+        idle: potluck_rss(&pot),
+        floor_idle_kib: rss_kib(floor.proc.pid()),
+        ..Memory::default()
+    };
+    say(&format!(
+        "potluck hub on {} (idle RSS hub {} KiB, agent {} KiB)",
+        pot.addr, memory.idle.hub_kib, memory.idle.agent_kib
+    ));
+
+    let mut pot_info = match start_potluck_info(&paths, &fake).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            notes.push(format!("Potluck with info logging could not start: {e:#}"));
+            None
+        }
+    };
+    if let Some(p) = &pot_info {
+        commands.extend(p.commands.iter().cloned());
+    }
+
+    let (litellm, peer_status) = match (&paths.litellm_venv, &paths.litellm_unavailable) {
+        (_, Some(why)) => (None, format!("not measured: {why}")),
+        (None, None) => (
+            None,
+            "not measured: no venv given (--litellm-venv)".to_owned(),
+        ),
+        (Some(venv), None) => {
+            match LiteLlm::start(
+                venv,
+                MODEL_FAST,
+                &fake.base_url(),
+                &paths.work_dir.join("litellm"),
+            )
+            .await
+            {
+                Ok(l) => {
+                    let status = format!("measured: LiteLLM {} (proxy, default workers and logging, master key auth)", l.version);
+                    (Some(l), status)
+                }
+                Err(e) => (None, format!("not measured: LiteLLM did not start: {e:#}")),
+            }
+        }
+    };
+    say(&format!("LiteLLM: {peer_status}"));
+    if let Some(l) = &litellm {
+        commands.push(l.command.clone());
+        memory.litellm_idle_kib = Some(
+            procs::process_tree(l.proc.pid())
+                .into_iter()
+                .map(rss_kib)
+                .sum(),
+        );
+    }
+
+    let mut targets = vec![
+        Target {
+            name: "direct".into(),
+            endpoint: Endpoint::open(fake.addr()),
+            cpu_pids: vec![],
+            cpu_tree: false,
+            only_at: vec![],
+        },
+        Target {
+            name: "floor".into(),
+            endpoint: Endpoint::open(floor.addr),
+            cpu_pids: vec![floor.proc.pid()],
+            cpu_tree: false,
+            only_at: vec![],
+        },
+        Target {
+            name: "potluck".into(),
+            endpoint: pot.endpoint()?,
+            cpu_pids: pot.pids(),
+            cpu_tree: false,
+            only_at: vec![],
+        },
+    ];
+    if let Some(p) = &pot_info {
+        targets.push(Target {
+            name: "potluck-info".into(),
+            endpoint: p.endpoint()?,
+            cpu_pids: p.pids(),
+            cpu_tree: false,
+            only_at: settings.info_concurrencies.clone(),
+        });
+    }
+    if let Some(l) = &litellm {
+        targets.push(Target {
+            name: "litellm".into(),
+            endpoint: l.endpoint()?,
+            cpu_pids: vec![l.proc.pid()],
+            cpu_tree: true,
+            only_at: vec![],
+        });
+    }
+
+    let chat = RequestSpec::chat(MODEL_FAST, CHAT_MAX_TOKENS);
+    let stream = RequestSpec::stream(MODEL_FAST, settings.stream_chunks);
+    let timeout = Duration::from_secs(settings.request_timeout_s);
+    say("warming up");
+    for t in &targets {
+        for spec in [&chat, &stream] {
+            let s = loadgen::run(
+                std::slice::from_ref(&t.endpoint),
+                spec,
+                WARMUP_CONCURRENCY,
+                Stop::After(WARMUP),
+                timeout,
+            )
+            .await;
+            if s.errors > 0 {
+                say(&format!(
+                    "warm-up of {}: {} errors ({})",
+                    t.name,
+                    s.errors,
+                    s.first_error.unwrap_or_default()
+                ));
+            }
+        }
+    }
+
+    let mut chat_cells = Vec::new();
+    let mut stream_cells = Vec::new();
+    for &c in &settings.concurrencies {
+        chat_cells.extend(run_cell(&targets, "chat", &chat, c, &settings).await);
+    }
+    for &c in &settings.concurrencies {
+        stream_cells.extend(run_cell(&targets, "stream", &stream, c, &settings).await);
+    }
+    add_overheads(&mut chat_cells);
+    add_overheads(&mut stream_cells);
+    memory.after_load = potluck_rss(&pot);
+    for (what, alive) in [
+        ("floor", floor.proc.ensure_running()),
+        ("potluck", pot.ensure_running()),
+    ] {
+        if let Err(e) = alive {
+            notes.push(format!("{what} died during the run: {e:#}"));
+        }
+    }
+
+    drop(targets);
+    if let Some(l) = litellm {
+        l.proc.stop().await;
+    }
+    if let Some(p) = pot_info.take() {
+        p.stop().await;
+    }
+    floor.proc.stop().await;
+
+    say(&format!(
+        "holding {} slow streams through a fresh hub and agent",
+        settings.held_streams
+    ));
+    let (held, held_error) = match held_streams(&settings, &paths, &mut commands).await {
+        Ok(h) => (Some(h), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+
+    let (real, real_error) = match &paths.llama {
+        None => (Vec::new(), Some("skipped (--no-real-model)".to_owned())),
+        Some(setup) => {
+            say("real model: llama.cpp providers");
+            match real_model(&settings, setup, &paths, &mut pot, &mut commands).await {
+                Ok(r) => (r, None),
+                Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+            }
+        }
+    };
+    if let Err(e) = pot.ensure_running() {
+        notes.push(format!("potluck died during the run: {e:#}"));
+    }
+    pot.stop().await;
+    fake.stop().await;
+
+    let mut report = Report {
+        machine,
+        commands,
+        settings,
+        peer_status,
+        chat: chat_cells,
+        stream: stream_cells,
+        memory,
+        held,
+        held_error,
+        real_model: real,
+        real_model_error: real_error,
+        ratios: Vec::new(),
+        notes,
+        wall_s: started.elapsed().as_secs_f64(),
+    };
+    report.ratios = ratios(&report);
+    Ok(report)
+}
+
+async fn start_potluck_info(paths: &Paths, fake: &FakeBackend) -> anyhow::Result<Potluck> {
+    let mut p = Potluck::start(
+        "potluck-info",
+        &paths.potluck_bin,
+        &paths.work_dir.join("potluck-info"),
+        "info",
+    )
+    .await?;
+    p.add_provider("p1", &fake.base_url(), AGENT_MAX_CONCURRENCY)
+        .await?;
+    p.wait_model(MODEL_FAST, 1).await?;
+    Ok(p)
+}
+
+async fn held_streams(
+    s: &Settings,
+    paths: &Paths,
+    commands: &mut Vec<String>,
+) -> anyhow::Result<Held> {
+    // The fake backend runs as its own process here: the load generator already holds one
+    // socket per stream, and a sandbox may cap open files at 20,000 per process.
+    let mut fake = FakeProcess::start(s.held_gap_ms, &paths.work_dir).await?;
+    commands.push(fake.command.clone());
+    let mut pot = Potluck::start(
+        "held",
+        &paths.potluck_bin,
+        &paths.work_dir.join("held"),
+        "warn",
+    )
+    .await?;
+    pot.add_provider("p1", &fake.base_url(), AGENT_MAX_CONCURRENCY)
+        .await?;
+    pot.wait_model(MODEL_SLOW, 1).await?;
+    commands.push(format!(
+        "(held streams: a second hub and agent started the same way, data dir {})",
+        paths.work_dir.join("held").display()
+    ));
+    let before = potluck_rss(&pot);
+    let spec = RequestSpec::stream(MODEL_SLOW, s.held_chunks);
+    let mut hold = Hold::start(
+        &pot.endpoint()?,
+        &spec,
+        u64::from(s.held_chunks),
+        s.held_streams,
+    );
+    let settled = hold.wait_settled(HELD_SETTLE_TIMEOUT).await;
+    let mut peak = PotluckRss::default();
+    let mut open_at_peak = 0;
+    for _ in 0..HELD_RSS_SAMPLES {
+        let now = potluck_rss(&pot);
+        if now.hub_kib + now.agent_kib > peak.hub_kib + peak.agent_kib {
+            peak = now;
+            open_at_peak = hold.open_now();
+        }
+        tokio::time::sleep(HELD_RSS_INTERVAL).await;
+    }
+    say(&format!(
+        "held: {} open (settled: {settled}); RSS hub {} -> {} KiB, agent {} -> {} KiB",
+        open_at_peak, before.hub_kib, peak.hub_kib, before.agent_kib, peak.agent_kib
+    ));
+    let budget =
+        Duration::from_millis(s.held_gap_ms * u64::from(s.held_chunks)) + Duration::from_secs(60);
+    let result = hold.finish(budget).await;
+    say(&format!(
+        "held: {} of {} completed; failures {:?}",
+        result.completed, result.requested, result.failures
+    ));
+    let alive = pot
+        .ensure_running()
+        .and_then(|()| fake.proc.ensure_running());
+    pot.stop().await;
+    fake.proc.stop().await;
+    alive?;
+    let grown = (peak.hub_kib + peak.agent_kib).saturating_sub(before.hub_kib + before.agent_kib);
+    let per_stream_kib = (open_at_peak > 0).then(|| grown as f64 / open_at_peak as f64);
+    Ok(Held {
+        result,
+        before,
+        peak,
+        open_at_peak,
+        per_stream_kib,
+    })
+}
+
+async fn real_model(
+    s: &Settings,
+    setup: &LlamaSetup,
+    paths: &Paths,
+    pot: &mut Potluck,
+    commands: &mut Vec<String>,
+) -> anyhow::Result<Vec<RealCell>> {
+    let dir = paths.work_dir.join("llama");
+    std::fs::create_dir_all(&dir)?;
+    let mut servers = Vec::new();
+    let mut cells = Vec::new();
+    let spec = RequestSpec::stream(&setup.alias, s.real_max_tokens);
+    let timeout = Duration::from_secs(s.request_timeout_s);
+    for n in 1..=2usize {
+        let server = Llama::start(setup, &format!("llama{n}"), &dir).await?;
+        commands.push(server.command.clone());
+        pot.add_provider(
+            &format!("llama{n}"),
+            &format!("http://{}/v1", server.addr),
+            setup.parallel,
+        )
+        .await?;
+        servers.push(server);
+        pot.wait_model(&setup.alias, n).await?;
+        let direct: Vec<Endpoint> = servers.iter().map(|l| Endpoint::open(l.addr)).collect();
+        let hub = vec![pot.endpoint()?];
+        let c = setup.parallel as usize * n;
+        // Warm both paths (the first requests allocate the llama.cpp slots).
+        for eps in [&direct, &hub] {
+            let _ = loadgen::run(eps, &spec, c, Stop::count(c as u64 * 2), timeout).await;
+        }
+        let mut acc = [Sample::default(), Sample::default()];
+        for round in 0..s.real_rounds as usize {
+            for k in 0..2 {
+                let i = (k + round) % 2;
+                let eps = if i == 0 { &direct } else { &hub };
+                acc[i].merge(
+                    loadgen::run(
+                        eps,
+                        &spec,
+                        c,
+                        Stop::After(Duration::from_millis(s.real_slice_ms)),
+                        timeout,
+                    )
+                    .await,
+                );
+            }
+        }
+        for (i, mut sample) in acc.into_iter().enumerate() {
+            let elapsed_s = sample.elapsed.as_secs_f64();
+            let cellr = RealCell {
+                providers: n,
+                target: if i == 0 { "direct" } else { "potluck" }.into(),
+                concurrency: c,
+                requests: sample.ok,
+                errors: sample.errors,
+                first_error: sample.first_error.take(),
+                tokens: sample.completion_tokens,
+                elapsed_s,
+                tokens_per_s: if elapsed_s > 0.0 {
+                    sample.completion_tokens as f64 / elapsed_s
+                } else {
+                    0.0
+                },
+                ttft: summarize(&mut sample.ttft_ns),
+            };
+            say(&format!(
+                "real model, {n} provider(s), {:7}: {:8.1} tokens/s, {} errors",
+                cellr.target, cellr.tokens_per_s, cellr.errors
+            ));
+            cells.push(cellr);
+        }
+    }
+    for l in servers {
+        l.proc.stop().await;
+    }
+    Ok(cells)
+}
+
+fn find<'a>(cells: &'a [Cell], target: &str, c: usize) -> Option<&'a Cell> {
+    cells
+        .iter()
+        .find(|x| x.target == target && x.concurrency == c)
+}
+
+fn ratio_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+/// Every target ratio, with PASS or MISS.
+pub fn ratios(r: &Report) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    let c1 = |cells: &[Cell], t: &str| find(cells, t, 1).cloned();
+    let c64 = |cells: &[Cell], t: &str| find(cells, t, 64).cloned();
+
+    let (pa, fa) = (
+        c1(&r.chat, "potluck").and_then(|c| c.added_p50_us),
+        c1(&r.chat, "floor").and_then(|c| c.added_p50_us),
+    );
+    out.push(Ratio::at_most(
+        "Added p50 latency, non-streamed, c=1: potluck / floor",
+        ratio_of(pa, fa),
+        3.0,
+        format!("potluck +{} vs floor +{}", report::us(pa), report::us(fa)),
+    ));
+    let ttft = c1(&r.stream, "potluck").and_then(|c| c.added_p50_us);
+    out.push(Ratio::at_most(
+        "Added time to first token (p50), c=1, ms",
+        ttft.map(|v| v / 1000.0),
+        0.5,
+        format!("+{}", report::us(ttft)),
+    ));
+    let (pt, ft) = (
+        c64(&r.chat, "potluck").map(|c| c.rps),
+        c64(&r.chat, "floor").map(|c| c.rps),
+    );
+    out.push(Ratio::at_least(
+        "Non-streamed throughput, c=64: potluck / floor",
+        ratio_of(pt, ft),
+        0.5,
+        format!("{} vs {} req/s", report::num(pt), report::num(ft)),
+    ));
+    let (pc, fc) = (
+        c64(&r.stream, "potluck").and_then(|c| c.cpu_per_chunk_us),
+        c64(&r.stream, "floor").and_then(|c| c.cpu_per_chunk_us),
+    );
+    out.push(Ratio::at_most(
+        "Server CPU per streamed chunk, c=64: potluck (hub+agent) / floor",
+        ratio_of(pc, fc),
+        2.0,
+        format!("{} vs {} µs per chunk", report::num(pc), report::num(fc)),
+    ));
+    let per = r.held.as_ref().and_then(|h| h.per_stream_kib);
+    out.push(Ratio::at_most(
+        "Memory per open stream (hub+agent), KiB",
+        per,
+        64.0,
+        r.held
+            .as_ref()
+            .map(|h| format!("{} streams open at the peak", h.open_at_peak))
+            .unwrap_or_else(|| "not measured".into()),
+    ));
+    let idle = (r.memory.idle.hub_kib > 0).then(|| r.memory.idle.hub_kib as f64 / 1024.0);
+    out.push(Ratio::at_most(
+        "Idle RSS of the hub, MiB",
+        idle,
+        30.0,
+        format!("agent {:.1} MiB", r.memory.idle.agent_kib as f64 / 1024.0),
+    ));
+    let held = r
+        .held
+        .as_ref()
+        .map(|h| (h.result.completed, h.result.requested));
+    out.push(Ratio {
+        name: "Held streams completed".into(),
+        value: held.map(|(c, n)| c as f64 / n.max(1) as f64),
+        shown: held
+            .map(|(c, n)| format!("{c} of {n}"))
+            .unwrap_or_else(|| "not measured".into()),
+        target: "all".into(),
+        pass: held.map(|(c, n)| c == n && n > 0),
+        detail: r
+            .held
+            .as_ref()
+            .map(|h| format!("failures: {:?}", h.result.failures))
+            .unwrap_or_default(),
+    });
+    let lt = c64(&r.chat, "litellm").map(|c| c.rps);
+    out.push(Ratio::at_least(
+        "Non-streamed throughput, c=64: potluck / LiteLLM",
+        ratio_of(pt, lt),
+        50.0,
+        format!("{} vs {} req/s", report::num(pt), report::num(lt)),
+    ));
+    for n in [1usize, 2] {
+        let get = |t: &str| {
+            r.real_model
+                .iter()
+                .find(|c| c.providers == n && c.target == t)
+                .map(|c| c.tokens_per_s)
+        };
+        let (h, d) = (get("potluck"), get("direct"));
+        out.push(Ratio::at_least(
+            &format!("Real model, {n} llama.cpp provider(s): tokens/s through the hub / direct"),
+            ratio_of(h, d),
+            0.95,
+            format!("{} vs {} tokens/s", report::num(h), report::num(d)),
+        ));
+    }
+    out
+}
