@@ -99,17 +99,31 @@ pub async fn discover(client: &BackendClient, backend: &BackendConfig) -> Vec<Mo
     names
 }
 
-/// Re-discover every backend now, and publish the result if it changed.
+/// A backend's parallel slots: configured, or llama.cpp's `/props` `total_slots`.
+pub async fn slots(client: &BackendClient, backend: &BackendConfig) -> Option<u32> {
+    if let Some(s) = backend.slots {
+        return Some(s);
+    }
+    let v = get_json(client, backend, backend.root_url("/props")).await?;
+    v.get("total_slots").and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0)
+}
+
+/// Re-discover every backend now, and publish the result if it changed. The capacity
+/// announced is the sum of the live backends' slots (a backend that does not say how
+/// many it has counts as `max_concurrency`), capped at `max_concurrency`.
 pub async fn refresh(shared: &Shared) {
     let mut table = Vec::new();
+    let mut capacity: u32 = 0;
     for (i, b) in shared.config.backends.iter().enumerate() {
         let models = discover(&shared.client, b).await;
         if models.is_empty() {
             tracing::warn!(backend = %b.base, "backend offers no models (down or empty)");
+        } else {
+            capacity = capacity.saturating_add(slots(&shared.client, b).await.unwrap_or(shared.config.max_concurrency));
         }
         table.push((i, models));
     }
-    shared.publish(table);
+    shared.publish(table, capacity.clamp(1, shared.config.max_concurrency));
 }
 
 /// Discovery task: at start, every interval, and when a failure asks for it.

@@ -36,6 +36,8 @@ pub struct BackendConfig {
     pub base: Url,
     /// Sent as `Authorization: Bearer` to the backend (vLLM `--api-key`), if set.
     pub api_key: Option<String>,
+    /// Requests the backend runs in parallel; if unset, llama.cpp's `/props` tells.
+    pub slots: Option<u32>,
 }
 
 impl std::fmt::Debug for BackendConfig {
@@ -76,6 +78,7 @@ impl BackendConfig {
         Ok(Self {
             base,
             api_key: api_key.filter(|k| !k.is_empty()),
+            slots: None,
         })
     }
 

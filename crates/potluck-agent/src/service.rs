@@ -38,6 +38,8 @@ pub type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
 pub struct Offer {
     /// Models, sorted.
     pub models: Vec<ModelName>,
+    /// Requests the hub may send at once.
+    pub capacity: u32,
 }
 
 /// State shared by the tunnel server, discovery and the main loop.
@@ -74,7 +76,7 @@ impl Shared {
 
     /// Publish a discovery result: `(backend index, models)` in config order. The first
     /// backend offering a model serves it.
-    pub fn publish(&self, table: Vec<(usize, Vec<ModelName>)>) {
+    pub fn publish(&self, table: Vec<(usize, Vec<ModelName>)>, capacity: u32) {
         let mut routes = HashMap::new();
         for (i, models) in table {
             for m in models {
@@ -85,11 +87,12 @@ impl Shared {
         models.sort();
         *self.routes.lock().unwrap_or_else(|p| p.into_inner()) = routes;
         self.offer.send_if_modified(|o| {
-            if o.models == models {
+            if o.models == models && o.capacity == capacity {
                 false
             } else {
-                tracing::info!(models = models.len(), "offer changed");
+                tracing::info!(models = models.len(), capacity, "offer changed");
                 o.models = models;
+                o.capacity = capacity;
                 true
             }
         });
@@ -199,7 +202,6 @@ fn control(sh: &Arc<Shared>) -> Response<AgentBody> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let max = sh.config.max_concurrency;
     let stream = futures_util::stream::unfold(
         (rx, true, draining),
         move |(mut rx, first, draining)| async move {
@@ -209,12 +211,10 @@ fn control(sh: &Arc<Shared>) -> Response<AgentBody> {
                     _ = draining.cancelled() => return None,
                 }
             }
-            let models: Vec<ModelOffer> = rx
-                .borrow_and_update()
-                .models
-                .iter()
-                .map(|m| ModelOffer { id: m.clone() })
-                .collect();
+            let (models, max): (Vec<ModelOffer>, u32) = {
+                let o = rx.borrow_and_update();
+                (o.models.iter().map(|m| ModelOffer { id: m.clone() }).collect(), o.capacity.max(1))
+            };
             let ev = if first {
                 AgentEvent::Hello {
                     protocol: PROTOCOL_VERSION,

@@ -25,6 +25,7 @@ pub const RAMP: usize = 256;
 struct Counters {
     opened: AtomicU64,
     open: AtomicU64,
+    max_open: AtomicU64,
     settled: AtomicU64,
     finished: AtomicU64,
     completed: AtomicU64,
@@ -58,6 +59,8 @@ pub struct HeldResult {
     pub opened: u64,
     /// Streams that delivered every chunk and `[DONE]`.
     pub completed: u64,
+    /// Most streams open at the same time.
+    pub max_open: u64,
     /// Outcomes other than completion, counted ("HTTP 503", "cut off", ...).
     pub failures: BTreeMap<String, u64>,
     /// Time until every stream was open or had failed.
@@ -131,6 +134,16 @@ impl Hold {
         self.counters.open.load(Ordering::Relaxed)
     }
 
+    /// Whether every stream is open or has failed.
+    pub fn all_settled(&self) -> bool {
+        self.counters.settled.load(Ordering::Acquire) >= self.n
+    }
+
+    /// Record the time it took to settle (if it has not been recorded yet).
+    pub fn mark_settled(&mut self) {
+        self.settle.get_or_insert_with(|| self.started.elapsed());
+    }
+
     /// Wait for every stream to end (at most `timeout`, then the rest are dropped).
     pub async fn finish(mut self, timeout: Duration) -> HeldResult {
         let all = async { while self.set.join_next().await.is_some() {} };
@@ -146,6 +159,7 @@ impl Hold {
             requested: self.n,
             opened: c.opened.load(Ordering::Relaxed),
             completed: c.completed.load(Ordering::Relaxed),
+            max_open: c.max_open.load(Ordering::Relaxed),
             failures,
             settle_s: self.settle.unwrap_or_default().as_secs_f64(),
         }
@@ -181,7 +195,8 @@ async fn one(
                 settled = true;
                 permit.take();
                 c.opened.fetch_add(1, Ordering::Relaxed);
-                c.open.fetch_add(1, Ordering::Relaxed);
+                let now_open = c.open.fetch_add(1, Ordering::Relaxed) + 1;
+                c.max_open.fetch_max(now_open, Ordering::Relaxed);
                 c.settle(n);
             }
         }

@@ -166,6 +166,7 @@ impl Stop {
 
 /// One HTTP/1.1 connection with its driver task.
 pub struct Conn {
+    addr: SocketAddr,
     sender: SendRequest<Full<Bytes>>,
     host: HeaderValue,
     _driver: AbortOnDropHandle<()>,
@@ -185,6 +186,7 @@ impl Conn {
         }));
         let host = HeaderValue::from_str(&addr.to_string())?;
         Ok(Self {
+            addr,
             sender,
             host,
             _driver: driver,
@@ -199,7 +201,12 @@ impl Conn {
         path: &str,
         body: Bytes,
     ) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
-        self.sender.ready().await?;
+        if self.sender.ready().await.is_err() {
+            // The server closed the connection after the last answer (llama.cpp's server
+            // does after every stream): open a new one; this is not a failed request.
+            *self = Conn::open(self.addr).await?;
+            self.sender.ready().await?;
+        }
         let mut req = Request::builder()
             .method(method)
             .uri(path)

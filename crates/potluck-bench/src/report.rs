@@ -270,6 +270,7 @@ pub fn markdown(r: &Report) -> String {
                 "| completed (every chunk and `[DONE]`) | {} |",
                 h.result.completed
             );
+            let _ = writeln!(o, "| most open at the same time | {} |", h.result.max_open);
             for (why, n) in &h.result.failures {
                 let _ = writeln!(o, "| failed: {} | {} |", why.replace('|', "/"), n);
             }
@@ -362,6 +363,10 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(o, "scripts/bench\n# which runs:\ncargo build --release -p potluck -p potluck-bench\ntarget/release/potluck-bench all\n# which starts:");
     for c in &r.commands {
         let _ = writeln!(o, "{c}");
+    }
+    let _ = writeln!(o, "# every hub.toml (--config):");
+    for l in crate::targets::HUB_CONFIG.lines() {
+        let _ = writeln!(o, "#   {l}");
     }
     let _ = writeln!(o, "```");
     o

@@ -616,20 +616,29 @@ async fn held_streams(
         u64::from(s.held_chunks),
         s.held_streams,
     );
-    let settled = hold.wait_settled(HELD_SETTLE_TIMEOUT).await;
+    // Sample memory while the streams open; keep the sample with the most streams open.
+    let deadline = Instant::now() + HELD_SETTLE_TIMEOUT;
     let mut peak = PotluckRss::default();
     let mut open_at_peak = 0;
-    for _ in 0..HELD_RSS_SAMPLES {
+    let mut after_settled = 0;
+    while after_settled < HELD_RSS_SAMPLES && Instant::now() < deadline {
+        let open = hold.open_now();
         let now = potluck_rss(&pot);
-        if now.hub_kib + now.agent_kib > peak.hub_kib + peak.agent_kib {
+        if open > open_at_peak
+            || (open == open_at_peak && now.hub_kib + now.agent_kib > peak.hub_kib + peak.agent_kib)
+        {
             peak = now;
-            open_at_peak = hold.open_now();
+            open_at_peak = open;
+        }
+        if hold.all_settled() {
+            hold.mark_settled();
+            after_settled += 1;
         }
         tokio::time::sleep(HELD_RSS_INTERVAL).await;
     }
     say(&format!(
-        "held: {} open (settled: {settled}); RSS hub {} -> {} KiB, agent {} -> {} KiB",
-        open_at_peak, before.hub_kib, peak.hub_kib, before.agent_kib, peak.agent_kib
+        "held: {open_at_peak} open at the peak; RSS hub {} -> {} KiB, agent {} -> {} KiB",
+        before.hub_kib, peak.hub_kib, before.agent_kib, peak.agent_kib
     ));
     let budget =
         Duration::from_millis(s.held_gap_ms * u64::from(s.held_chunks)) + Duration::from_secs(60);

@@ -151,6 +151,20 @@ impl FakeProcess {
     }
 }
 
+/// The hub's configuration in every run. Per-key policy limits (requests per minute,
+/// requests in flight) are lifted and the account is funded, so that the suite measures
+/// the proxy rather than the policy; authentication, routing, the limiter's bookkeeping
+/// and accounting stay on, as in production.
+pub const HUB_CONFIG: &str = "\
+# Written by potluck-bench.
+[limits]
+rpm = 1000000000
+max_concurrent = 1000000
+
+[credits]
+starter_grant = 1000000000.0
+";
+
 /// A Potluck hub and its agents, as child processes.
 #[derive(Debug)]
 pub struct Potluck {
@@ -185,12 +199,17 @@ impl Potluck {
         }
         std::fs::create_dir_all(dir)?;
         let data = dir.join("data");
+        let config = dir.join("hub.toml");
+        std::fs::write(&config, HUB_CONFIG)
+            .with_context(|| format!("cannot write {}", config.display()))?;
         let args = vec![
             "hub".to_owned(),
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--data-dir".into(),
             data.display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
         ];
         let env = [("RUST_LOG", rust_log)];
         let mut commands = vec![display_command("target/release/potluck", &args, &env, &[])];

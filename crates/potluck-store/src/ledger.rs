@@ -141,7 +141,7 @@ async fn post(
 impl Store {
     /// The id of a system account (created on first use).
     pub async fn system_account(&self, name: &str) -> Result<i64, StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let id = crate::store::account_id_or_create(&mut tx, name, crate::store::Role::System).await?;
         tx.commit().await?;
         Ok(id)
@@ -150,7 +150,7 @@ impl Store {
     /// Grant credits from the treasury (negative: take back to it).
     pub async fn grant(&self, account_id: i64, amount: Micro) -> Result<i64, StoreError> {
         let treasury = self.system_account(TREASURY).await?;
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let entries = [
             Entry { account_id: treasury, bucket: Bucket::Available, amount: -amount },
             Entry { account_id, bucket: Bucket::Available, amount },
@@ -171,7 +171,7 @@ impl Store {
             return Ok(());
         }
         let tax_account = self.system_account(TAX).await?;
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         for s in batch {
             let provider_bucket = if s.vests_at_ms.is_some() { Bucket::Unvested } else { Bucket::Available };
             let entries = [
@@ -238,7 +238,7 @@ impl Store {
 
     /// Vest every escrowed earning due at `now_ms`. Returns how many vested.
     pub async fn vest_due(&self, now_ms: i64) -> Result<usize, StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let due = sqlx::query(
             "SELECT t.id, e.account_id, e.amount FROM ledger_tx t JOIN ledger_entries e ON e.tx_id = t.id \
              WHERE t.vested = 0 AND t.vests_at_ms IS NOT NULL AND t.vests_at_ms <= ? AND e.bucket = 'unvested' AND e.amount > 0",
@@ -271,7 +271,7 @@ impl Store {
     }
 
     async fn move_unvested(&self, account_id: i64, kind: &str, to: Option<i64>) -> Result<Micro, StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let held: Option<i64> = sqlx::query_scalar("SELECT amount FROM balances WHERE account_id = ? AND bucket = 'unvested'")
             .bind(account_id)
             .fetch_optional(&mut *tx)
@@ -329,5 +329,19 @@ impl Store {
         .fetch_one(self.pool())
         .await?;
         Ok(v.unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unbalanced_transactions_are_refused() {
+        let store = Store::open_in_memory().await.unwrap();
+        let a = store.system_account(TREASURY).await.unwrap();
+        let mut tx = store.pool().begin().await.unwrap();
+        let bad = [Entry { account_id: a, bucket: Bucket::Available, amount: 5 }];
+        assert!(matches!(post(&mut tx, "grant", None, &bad, None).await, Err(StoreError::Conflict(_))));
     }
 }

@@ -232,7 +232,7 @@ impl Store {
             .execute(&self.pool)
             .await?;
         for (version, sql) in MIGRATIONS {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
             let done: Option<i64> =
                 sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
                     .bind(version)
@@ -286,7 +286,7 @@ impl Store {
     /// Create the operator's admin key if the hub has none yet. Returns the clear
     /// secret only when it was created now (to be shown once and written to a file).
     pub async fn ensure_admin_key(&self) -> Result<Option<Secret>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let existing: Option<i64> = sqlx::query_scalar(
             "SELECT k.id FROM api_keys k JOIN accounts a ON a.id = k.account_id \
              WHERE a.role = 'admin' AND k.revoked_at IS NULL LIMIT 1",
@@ -311,7 +311,7 @@ impl Store {
 
     /// Create a consumer key in `account` (created as a member if missing).
     pub async fn create_key(&self, name: &str, account: &str) -> Result<(i64, Secret)> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let account_id = account_id_or_create(&mut tx, account, Role::Member).await?;
         let secret = Secret::generate(SecretKind::ConsumerKey);
         let id = sqlx::query_scalar(
@@ -330,7 +330,7 @@ impl Store {
 
     /// Create a provider with a fresh tunnel token. Names are unique.
     pub async fn create_provider(&self, name: &str, account: &str) -> Result<(i64, Secret)> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let account_id = account_id_or_create(&mut tx, account, Role::Member).await?;
         let secret = Secret::generate(SecretKind::ProviderToken);
         let id = sqlx::query_scalar(
@@ -373,7 +373,7 @@ impl Store {
 
     /// The shared key of anonymous access (created on first use; its secret is never used).
     pub async fn anonymous_key(&self, name: &str) -> Result<KeyAuth> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let account_id = account_id_or_create(&mut tx, name, Role::Member).await?;
         let existing: Option<i64> = sqlx::query_scalar("SELECT id FROM api_keys WHERE account_id = ? AND name = ? AND revoked_at IS NULL")
             .bind(account_id)
@@ -546,7 +546,7 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for u in batch {
             sqlx::query(
                 "INSERT INTO usage_records (request_id, key_id, account_id, provider_id, model, endpoint, stream, \

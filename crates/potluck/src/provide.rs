@@ -70,6 +70,8 @@ pub struct FileConfig {
 struct FileBackend {
     url: String,
     api_key: Option<String>,
+    /// Parallel slots, for backends that do not report them (llama.cpp does, via /props).
+    slots: Option<u32>,
 }
 
 fn secs(field: &'static str, v: f64) -> Result<Duration, ConfigError> {
@@ -101,8 +103,12 @@ pub fn resolve(args: &ProvideArgs, file: FileConfig) -> Result<AgentConfig, Conf
     let backends = if args.backends.is_empty() {
         file.backends
             .into_iter()
-            .map(|b| BackendConfig::parse(&b.url, b.api_key))
-            .collect::<Result<Vec<_>, _>>()?
+            .map(|b| {
+                let mut c = BackendConfig::parse(&b.url, b.api_key)?;
+                c.slots = b.slots.filter(|s| *s > 0);
+                Ok(c)
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?
     } else {
         args.backends
             .iter()
