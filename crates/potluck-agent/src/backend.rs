@@ -105,7 +105,10 @@ pub async fn slots(client: &BackendClient, backend: &BackendConfig) -> Option<u3
         return Some(s);
     }
     let v = get_json(client, backend, backend.root_url("/props")).await?;
-    v.get("total_slots").and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0)
+    v.get("total_slots")
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n > 0)
 }
 
 /// Re-discover every backend now, and publish the result if it changed. The capacity
@@ -119,7 +122,11 @@ pub async fn refresh(shared: &Shared) {
         if models.is_empty() {
             tracing::warn!(backend = %b.base, "backend offers no models (down or empty)");
         } else {
-            capacity = capacity.saturating_add(slots(&shared.client, b).await.unwrap_or(shared.config.max_concurrency));
+            capacity = capacity.saturating_add(
+                slots(&shared.client, b)
+                    .await
+                    .unwrap_or(shared.config.max_concurrency),
+            );
         }
         table.push((i, models));
     }

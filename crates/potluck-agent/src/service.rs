@@ -29,6 +29,9 @@ use crate::backend::{self, BackendClient};
 use crate::config::AgentConfig;
 use crate::AGENT_VERSION;
 
+/// How long a request waits for a concurrency permit before the agent refuses it.
+pub const PERMIT_WAIT: Duration = Duration::from_secs(2);
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of every response the agent sends through the tunnel.
 pub type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -213,7 +216,13 @@ fn control(sh: &Arc<Shared>) -> Response<AgentBody> {
             }
             let (models, max): (Vec<ModelOffer>, u32) = {
                 let o = rx.borrow_and_update();
-                (o.models.iter().map(|m| ModelOffer { id: m.clone() }).collect(), o.capacity.max(1))
+                (
+                    o.models
+                        .iter()
+                        .map(|m| ModelOffer { id: m.clone() })
+                        .collect(),
+                    o.capacity.max(1),
+                )
             };
             let ev = if first {
                 AgentEvent::Hello {
@@ -296,9 +305,13 @@ async fn forward(
     let Some(idx) = sh.route(&model) else {
         return agent_error(StatusCode::NOT_FOUND, "model not served here");
     };
-    let Ok(permit) = Arc::clone(&sh.permits).try_acquire_owned() else {
-        return agent_error(StatusCode::SERVICE_UNAVAILABLE, "provider at capacity");
-    };
+    // The hub never sends more than the announced capacity, but a slot it reuses can
+    // arrive a moment before the previous response body is dropped here: wait briefly.
+    let permit =
+        match tokio::time::timeout(PERMIT_WAIT, Arc::clone(&sh.permits).acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => return agent_error(StatusCode::SERVICE_UNAVAILABLE, "provider at capacity"),
+        };
     let body = match Limited::new(req.into_body(), sh.config.max_request_bytes)
         .collect()
         .await

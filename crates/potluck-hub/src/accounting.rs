@@ -52,11 +52,19 @@ impl Accounting {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// The writer task: batches records into the store until `stop`, then drains.
-pub async fn run_writer(store: Store, credits: CreditsConfig, mut rx: mpsc::Receiver<Finished>, stop: CancellationToken) {
+pub async fn run_writer(
+    store: Store,
+    credits: CreditsConfig,
+    mut rx: mpsc::Receiver<Finished>,
+    stop: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut vest = tokio::time::interval(VEST_INTERVAL);
     loop {
@@ -101,13 +109,11 @@ async fn write(store: &Store, credits: &CreditsConfig, batch: &mut Vec<Finished>
     if batch.is_empty() {
         return;
     }
-    let usage: Vec<UsageRecord> = batch.iter().map(|f| f.usage.clone()).collect();
-    if let Err(e) = store.record_usage(&usage).await {
-        tracing::error!(error = %e, rows = usage.len(), "writing usage records failed");
-    }
     let mut settlements = Vec::new();
     for f in batch.iter_mut() {
-        let Some(mut s) = f.settlement.take() else { continue };
+        let Some(mut s) = f.settlement.take() else {
+            continue;
+        };
         // Escrow: a provider below the trust threshold earns into `unvested`.
         let trusted = match store.total_earned(s.provider_account).await {
             Ok(total) => total >= micro(credits.trust_threshold),
@@ -125,6 +131,11 @@ async fn write(store: &Store, credits: &CreditsConfig, batch: &mut Vec<Finished>
     }
     if let Err(e) = store.settle_many(&settlements).await {
         tracing::error!(error = %e, rows = settlements.len(), "settling usage failed");
+    }
+    // Usage rows last: once a row is visible, its settlement is too.
+    let usage: Vec<UsageRecord> = batch.iter().map(|f| f.usage.clone()).collect();
+    if let Err(e) = store.record_usage(&usage).await {
+        tracing::error!(error = %e, rows = usage.len(), "writing usage records failed");
     }
     batch.clear();
 }

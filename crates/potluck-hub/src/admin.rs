@@ -15,10 +15,10 @@ use serde_json::json;
 
 use crate::auth;
 use crate::config::micro;
-use potluck_store::ledger::{Balance, CREDIT};
-use potluck_store::KeyLimits;
 use crate::error::ApiError;
 use crate::HubState;
+use potluck_store::ledger::{Balance, CREDIT};
+use potluck_store::KeyLimits;
 
 /// Most usage rows one call returns.
 pub const MAX_USAGE_ROWS: i64 = 10_000;
@@ -34,8 +34,14 @@ pub fn routes() -> Router<Arc<HubState>> {
         .route("/admin/v1/providers/{id}", delete(revoke_provider))
         .route("/admin/v1/usage", get(usage))
         .route("/admin/v1/keys/{id}/limits", put(set_limits))
-        .route("/admin/v1/accounts/{name}/credits", get(account_credits).post(grant))
-        .route("/admin/v1/accounts/{name}/credits/history", get(account_history))
+        .route(
+            "/admin/v1/accounts/{name}/credits",
+            get(account_credits).post(grant),
+        )
+        .route(
+            "/admin/v1/accounts/{name}/credits/history",
+            get(account_history),
+        )
         .route("/admin/v1/providers/{id}/clawback", post(clawback))
 }
 
@@ -222,7 +228,11 @@ async fn usage(
 /// New accounts get the configured starter grant, once.
 async fn starter_grant(st: &HubState, account: &str) -> Result<(), ApiError> {
     if let Some(a) = st.store.account_by_name(account).await? {
-        if st.store.starter_grant(a.id, micro(st.config.credits.starter_grant)).await? {
+        if st
+            .store
+            .starter_grant(a.id, micro(st.config.credits.starter_grant))
+            .await?
+        {
             tracing::info!(account_id = a.id, "starter grant given");
         }
     }
@@ -240,11 +250,19 @@ fn credits_json(account: &str, b: Balance) -> serde_json::Value {
 }
 
 async fn account_id(st: &HubState, name: &str) -> Result<i64, ApiError> {
-    Ok(st.store.account_by_name(name).await?.ok_or(ApiError::NotFound("account"))?.id)
+    Ok(st
+        .store
+        .account_by_name(name)
+        .await?
+        .ok_or(ApiError::NotFound("account"))?
+        .id)
 }
 
 /// `GET /v1/credits`: the caller's own balance.
-pub async fn my_credits(State(st): State<Arc<HubState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn my_credits(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let key = auth::consumer(&st, &headers).await?;
     let b = st.store.balance(key.account_id).await?;
     Ok(Json(credits_json("", b)).into_response())
@@ -257,22 +275,44 @@ pub struct HistoryQuery {
 }
 
 /// `GET /v1/credits/history`: the caller's own ledger lines.
-pub async fn my_history(State(st): State<Arc<HubState>>, headers: HeaderMap, Query(q): Query<HistoryQuery>) -> Result<Response, ApiError> {
+pub async fn my_history(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Response, ApiError> {
     let key = auth::consumer(&st, &headers).await?;
-    let rows = st.store.history(key.account_id, q.limit.unwrap_or(50).clamp(1, MAX_USAGE_ROWS)).await?;
+    let rows = st
+        .store
+        .history(
+            key.account_id,
+            q.limit.unwrap_or(50).clamp(1, MAX_USAGE_ROWS),
+        )
+        .await?;
     Ok(Json(json!({"data": rows})).into_response())
 }
 
-async fn account_credits(State(st): State<Arc<HubState>>, headers: HeaderMap, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn account_credits(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     auth::admin(&st, &headers).await?;
     let id = account_id(&st, &name).await?;
     Ok(Json(credits_json(&name, st.store.balance(id).await?)).into_response())
 }
 
-async fn account_history(State(st): State<Arc<HubState>>, headers: HeaderMap, Path(name): Path<String>, Query(q): Query<HistoryQuery>) -> Result<Response, ApiError> {
+async fn account_history(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Response, ApiError> {
     auth::admin(&st, &headers).await?;
     let id = account_id(&st, &name).await?;
-    let rows = st.store.history(id, q.limit.unwrap_or(50).clamp(1, MAX_USAGE_ROWS)).await?;
+    let rows = st
+        .store
+        .history(id, q.limit.unwrap_or(50).clamp(1, MAX_USAGE_ROWS))
+        .await?;
     Ok(Json(json!({"data": rows})).into_response())
 }
 
@@ -285,34 +325,71 @@ struct GrantBody {
 /// Largest single grant, in credits.
 pub const MAX_GRANT_CREDITS: f64 = 1e9;
 
-async fn grant(State(st): State<Arc<HubState>>, headers: HeaderMap, Path(name): Path<String>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn grant(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
     let admin = auth::admin(&st, &headers).await?;
     let req: GrantBody = json_body(&body)?;
     if !req.amount.is_finite() || req.amount.abs() > MAX_GRANT_CREDITS || req.amount == 0.0 {
-        return Err(ApiError::bad_request(format!("'amount' must be a non-zero number of credits up to {MAX_GRANT_CREDITS}."), Some("amount")));
+        return Err(ApiError::bad_request(
+            format!("'amount' must be a non-zero number of credits up to {MAX_GRANT_CREDITS}."),
+            Some("amount"),
+        ));
     }
     let id = account_id(&st, &name).await?;
     let tx = st.store.grant(id, micro(req.amount)).await?;
-    tracing::info!(account_id = id, by_key = admin.key_id, tx, "credits granted");
+    tracing::info!(
+        account_id = id,
+        by_key = admin.key_id,
+        tx,
+        "credits granted"
+    );
     Ok(Json(credits_json(&name, st.store.balance(id).await?)).into_response())
 }
 
-async fn clawback(State(st): State<Arc<HubState>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn clawback(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     auth::admin(&st, &headers).await?;
     let providers = st.store.list_providers().await?;
-    let p = providers.iter().find(|p| p.id.to_string() == id || p.name == id).ok_or(ApiError::NotFound("provider"))?;
+    let p = providers
+        .iter()
+        .find(|p| p.id.to_string() == id || p.name == id)
+        .ok_or(ApiError::NotFound("provider"))?;
     let account = account_id(&st, &p.account).await?;
     let taken = st.store.clawback(account).await?;
-    tracing::info!(provider_id = p.id, clawed_back = taken, "unvested earnings clawed back");
+    tracing::info!(
+        provider_id = p.id,
+        clawed_back = taken,
+        "unvested earnings clawed back"
+    );
     Ok(Json(json!({"provider": p.name, "clawed_back_micro": taken})).into_response())
 }
 
-async fn set_limits(State(st): State<Arc<HubState>>, headers: HeaderMap, Path(id): Path<i64>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn set_limits(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
     auth::admin(&st, &headers).await?;
     let l: KeyLimits = json_body(&body)?;
-    for (name, v) in [("rpm", l.rpm), ("tpm", l.tpm), ("max_concurrent", l.max_concurrent), ("daily_tokens", l.daily_tokens)] {
+    for (name, v) in [
+        ("rpm", l.rpm),
+        ("tpm", l.tpm),
+        ("max_concurrent", l.max_concurrent),
+        ("daily_tokens", l.daily_tokens),
+    ] {
         if v.is_some_and(|v| v < 0) {
-            return Err(ApiError::bad_request(format!("'{name}' must not be negative."), None));
+            return Err(ApiError::bad_request(
+                format!("'{name}' must not be negative."),
+                None,
+            ));
         }
     }
     st.store.set_key_limits(id, l).await.map_err(|e| match e {

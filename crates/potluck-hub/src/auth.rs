@@ -35,7 +35,10 @@ pub async fn consumer(state: &HubState, headers: &HeaderMap) -> Result<KeyAuth, 
 
 /// Authenticate a consumer, or, with no `Authorization` header on a hub that allows it,
 /// the shared anonymous key. Returns whether it is anonymous.
-pub async fn consumer_or_anonymous(state: &HubState, headers: &HeaderMap) -> Result<(KeyAuth, bool), ApiError> {
+pub async fn consumer_or_anonymous(
+    state: &HubState,
+    headers: &HeaderMap,
+) -> Result<(KeyAuth, bool), ApiError> {
     if headers.get(http::header::AUTHORIZATION).is_none() {
         if let Some(anon) = &state.anonymous {
             return Ok((anon.clone(), true));

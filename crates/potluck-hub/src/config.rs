@@ -65,7 +65,11 @@ pub struct QueueConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self { max_wait: Duration::from_secs(60), max_length: 10_000, progress_interval: Duration::from_secs(1) }
+        Self {
+            max_wait: Duration::from_secs(60),
+            max_length: 10_000,
+            progress_interval: Duration::from_secs(1),
+        }
     }
 }
 
@@ -107,9 +111,27 @@ pub struct CreditsConfig {
 impl Default for CreditsConfig {
     fn default() -> Self {
         let classes = [
-            ("small".to_owned(), Rates { prompt: 25, completion: 100 }),
-            ("medium".to_owned(), Rates { prompt: 100, completion: 400 }),
-            ("large".to_owned(), Rates { prompt: 400, completion: 1600 }),
+            (
+                "small".to_owned(),
+                Rates {
+                    prompt: 25,
+                    completion: 100,
+                },
+            ),
+            (
+                "medium".to_owned(),
+                Rates {
+                    prompt: 100,
+                    completion: 400,
+                },
+            ),
+            (
+                "large".to_owned(),
+                Rates {
+                    prompt: 400,
+                    completion: 1600,
+                },
+            ),
         ]
         .into_iter()
         .collect();
@@ -131,7 +153,10 @@ impl CreditsConfig {
     /// Rates for a model.
     pub fn rates(&self, model: &str) -> Rates {
         let class = self.models.get(model).unwrap_or(&self.default_class);
-        self.classes.get(class).copied().unwrap_or(Rates { prompt: 0, completion: 0 })
+        self.classes.get(class).copied().unwrap_or(Rates {
+            prompt: 0,
+            completion: 0,
+        })
     }
 }
 
@@ -156,7 +181,12 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { rpm: Some(600), tpm: None, max_concurrent: Some(64), daily_tokens: None }
+        Self {
+            rpm: Some(600),
+            tpm: None,
+            max_concurrent: Some(64),
+            daily_tokens: None,
+        }
     }
 }
 
@@ -172,15 +202,30 @@ pub struct AnonymousConfig {
 
 impl Default for AnonymousConfig {
     fn default() -> Self {
-        Self { enabled: false, limits: LimitsConfig { rpm: Some(10), tpm: Some(20_000), max_concurrent: Some(2), daily_tokens: Some(100_000) } }
+        Self {
+            enabled: false,
+            limits: LimitsConfig {
+                rpm: Some(10),
+                tpm: Some(20_000),
+                max_concurrent: Some(2),
+                daily_tokens: Some(100_000),
+            },
+        }
     }
 }
 
 impl HubConfig {
     /// Check cross-field rules serde cannot express.
     pub fn validate(&self) -> Result<(), String> {
-        if !self.credits.classes.contains_key(&self.credits.default_class) {
-            return Err(format!("credits.default_class {:?} is not one of credits.classes", self.credits.default_class));
+        if !self
+            .credits
+            .classes
+            .contains_key(&self.credits.default_class)
+        {
+            return Err(format!(
+                "credits.default_class {:?} is not one of credits.classes",
+                self.credits.default_class
+            ));
         }
         for (m, c) in &self.credits.models {
             if !self.credits.classes.contains_key(c) {
@@ -189,11 +234,15 @@ impl HubConfig {
         }
         for (name, r) in &self.credits.classes {
             if r.prompt < 0 || r.completion < 0 {
-                return Err(format!("credits.classes.{name}: rates must not be negative"));
+                return Err(format!(
+                    "credits.classes.{name}: rates must not be negative"
+                ));
             }
         }
         if self.credits.starter_grant < 0.0 || self.credits.tax_per_request < 0.0 {
-            return Err("credits.starter_grant and credits.tax_per_request must not be negative".into());
+            return Err(
+                "credits.starter_grant and credits.tax_per_request must not be negative".into(),
+            );
         }
         Ok(())
     }

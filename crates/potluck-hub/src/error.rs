@@ -117,8 +117,12 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::NoCapacity { .. } | ApiError::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::RateLimited { .. } | ApiError::InsufficientCredits => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NoCapacity { .. } | ApiError::QueueTimeout { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::RateLimited { .. } | ApiError::InsufficientCredits => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::ProviderFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::ProviderTimeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Upstream { status, .. } => *status,
@@ -131,7 +135,9 @@ impl ApiError {
     pub fn blame(&self) -> Blame {
         match self {
             ApiError::ProviderFailed(_) | ApiError::ProviderTimeout => Blame::Provider,
-            ApiError::NoCapacity { .. } | ApiError::QueueTimeout { .. } | ApiError::Internal => Blame::Hub,
+            ApiError::NoCapacity { .. } | ApiError::QueueTimeout { .. } | ApiError::Internal => {
+                Blame::Hub
+            }
             _ => Blame::Consumer,
         }
     }
@@ -215,7 +221,9 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/json"),
         );
         match self {
-            ApiError::NoCapacity { retry_after } | ApiError::QueueTimeout { retry_after } | ApiError::RateLimited { retry_after, .. } => {
+            ApiError::NoCapacity { retry_after }
+            | ApiError::QueueTimeout { retry_after }
+            | ApiError::RateLimited { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
             ApiError::InsufficientCredits => {

@@ -10,9 +10,9 @@
 pub mod accounting;
 mod admin;
 mod auth;
-pub mod limits;
 pub mod config;
 pub mod error;
+pub mod limits;
 mod proxy;
 pub mod registry;
 pub mod sse;
@@ -83,12 +83,20 @@ impl HubState {
 
     /// Typical duration of a request to `model`, if any was seen.
     pub fn service_ms(&self, model: &potluck_protocol::ModelName) -> Option<f64> {
-        self.service.lock().unwrap_or_else(|p| p.into_inner()).get(model).copied()
+        self.service
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .copied()
     }
 
     /// Estimated wait for the request at `position` in `model`'s queue.
     pub fn eta_ms(&self, model: &potluck_protocol::ModelName, position: usize) -> u64 {
-        let capacity = self.registry.pool().get(model).map_or(1, |s| s.capacity.max(1));
+        let capacity = self
+            .registry
+            .pool()
+            .get(model)
+            .map_or(1, |s| s.capacity.max(1));
         let per = self.service_ms(model).unwrap_or(1000.0);
         ((position as f64 + 1.0) * per / f64::from(capacity)).round() as u64
     }
@@ -108,9 +116,15 @@ impl Hub {
     pub async fn new(config: HubConfig, store: Store) -> Result<Self, HubError> {
         config.validate().map_err(HubError::Config)?;
         let (accounting, usage_rx) = accounting::Accounting::new(config.usage_queue);
-        let treasury = store.system_account(potluck_store::ledger::TREASURY).await?;
+        let treasury = store
+            .system_account(potluck_store::ledger::TREASURY)
+            .await?;
         store.system_account(potluck_store::ledger::TAX).await?;
-        let anonymous = if config.anonymous.enabled { Some(store.anonymous_key(ANONYMOUS).await?) } else { None };
+        let anonymous = if config.anonymous.enabled {
+            Some(store.anonymous_key(ANONYMOUS).await?)
+        } else {
+            None
+        };
         let state = Arc::new(HubState {
             config,
             store,

@@ -47,6 +47,8 @@ pub struct Limited {
 
 #[derive(Debug)]
 struct KeyState {
+    /// The limits the buckets were filled for; new limits start full buckets.
+    limits: Effective,
     requests: f64,
     tokens: f64,
     refilled: Instant,
@@ -103,6 +105,7 @@ impl Limiter {
     ) -> Result<InFlight, Limited> {
         let mut map = self.lock();
         let s = map.entry(key_id).or_insert_with(|| KeyState {
+            limits: l,
             requests: l.rpm.unwrap_or(0) as f64,
             tokens: l.tpm.unwrap_or(0) as f64,
             refilled: now,
@@ -114,6 +117,12 @@ impl Limiter {
             s.day = day;
             s.day_tokens = seed_day_tokens.unwrap_or(0);
         }
+        if s.limits != l {
+            // The operator changed this key's limits: start from full buckets.
+            s.limits = l;
+            s.requests = l.rpm.unwrap_or(0) as f64;
+            s.tokens = l.tpm.unwrap_or(0) as f64;
+        }
         let dt = now.saturating_duration_since(s.refilled).as_secs_f64();
         s.refilled = now;
         if let Some(rpm) = l.rpm {
@@ -124,27 +133,42 @@ impl Limiter {
         }
         if let Some(max) = l.max_concurrent {
             if s.in_flight >= max {
-                return Err(Limited { which: "concurrent requests", retry_after: 1 });
+                return Err(Limited {
+                    which: "concurrent requests",
+                    retry_after: 1,
+                });
             }
         }
         if let Some(q) = l.daily_tokens {
             if s.day_tokens >= q {
-                return Err(Limited { which: "daily tokens", retry_after: secs_to_midnight.max(1) });
+                return Err(Limited {
+                    which: "daily tokens",
+                    retry_after: secs_to_midnight.max(1),
+                });
             }
         }
         if let Some(tpm) = l.tpm {
             if s.tokens <= 0.0 {
-                return Err(Limited { which: "tokens per minute", retry_after: retry((1.0 - s.tokens) * 60.0 / tpm.max(1) as f64) });
+                return Err(Limited {
+                    which: "tokens per minute",
+                    retry_after: retry((1.0 - s.tokens) * 60.0 / tpm.max(1) as f64),
+                });
             }
         }
         if let Some(rpm) = l.rpm {
             if s.requests < 1.0 {
-                return Err(Limited { which: "requests per minute", retry_after: retry((1.0 - s.requests) * 60.0 / rpm.max(1) as f64) });
+                return Err(Limited {
+                    which: "requests per minute",
+                    retry_after: retry((1.0 - s.requests) * 60.0 / rpm.max(1) as f64),
+                });
             }
             s.requests -= 1.0;
         }
         s.in_flight += 1;
-        Ok(InFlight { limiter: Arc::clone(self), key_id })
+        Ok(InFlight {
+            limiter: Arc::clone(self),
+            key_id,
+        })
     }
 
     /// Count tokens a finished request used (against tokens per minute and per day).
@@ -158,7 +182,10 @@ impl Limiter {
 
 /// Today's UTC day number and the seconds left in it.
 pub fn utc_day(now: std::time::SystemTime) -> (i64, u64, i64) {
-    let secs = now.duration_since(std::time::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
     let day = (secs / 86_400) as i64;
     (day, 86_400 - secs % 86_400, day * 86_400 * 1000)
 }
@@ -168,7 +195,12 @@ mod tests {
     use super::*;
 
     fn lim(rpm: Option<i64>, tpm: Option<i64>, conc: Option<i64>, daily: Option<i64>) -> Effective {
-        Effective { rpm, tpm, max_concurrent: conc, daily_tokens: daily }
+        Effective {
+            rpm,
+            tpm,
+            max_concurrent: conc,
+            daily_tokens: daily,
+        }
     }
 
     #[test]
@@ -183,7 +215,9 @@ mod tests {
         assert_eq!(err.which, "requests per minute");
         assert_eq!(err.retry_after, 20);
         // 20 s later one request is allowed again; other keys were never affected.
-        assert!(l.admit(1, e, t0 + Duration::from_secs(20), 0, 100, None).is_ok());
+        assert!(l
+            .admit(1, e, t0 + Duration::from_secs(20), 0, 100, None)
+            .is_ok());
         assert!(l.admit(2, e, t0, 0, 100, None).is_ok());
     }
 
@@ -194,7 +228,10 @@ mod tests {
         let e = lim(None, None, Some(2), None);
         let a = l.admit(1, e, t0, 0, 100, None).unwrap();
         let _b = l.admit(1, e, t0, 0, 100, None).unwrap();
-        assert_eq!(l.admit(1, e, t0, 0, 100, None).unwrap_err().which, "concurrent requests");
+        assert_eq!(
+            l.admit(1, e, t0, 0, 100, None).unwrap_err().which,
+            "concurrent requests"
+        );
         drop(a);
         assert!(l.admit(1, e, t0, 0, 100, None).is_ok());
     }
@@ -212,13 +249,20 @@ mod tests {
         let t1 = t0 + Duration::from_secs(31);
         drop(l.admit(1, e, t1, 7, 3600, None).unwrap());
         l.add_tokens(1, 200);
-        let err = l.admit(1, e, t1 + Duration::from_secs(120), 7, 3600, None).unwrap_err();
+        let err = l
+            .admit(1, e, t1 + Duration::from_secs(120), 7, 3600, None)
+            .unwrap_err();
         assert_eq!((err.which, err.retry_after), ("daily tokens", 3600));
         // A new day resets the quota (seeded from the database: 0 used).
         assert!(l.needs_day(1, 8));
-        assert!(l.admit(1, e, t1 + Duration::from_secs(240), 8, 86_400, Some(0)).is_ok());
+        assert!(l
+            .admit(1, e, t1 + Duration::from_secs(240), 8, 86_400, Some(0))
+            .is_ok());
         // Seeded from the database after a restart.
         let l2 = Arc::new(Limiter::default());
-        assert_eq!(l2.admit(1, e, t0, 8, 10, Some(1000)).unwrap_err().which, "daily tokens");
+        assert_eq!(
+            l2.admit(1, e, t0, 8, 10, Some(1000)).unwrap_err().which,
+            "daily tokens"
+        );
     }
 }

@@ -22,10 +22,10 @@ use potluck_store::{KeyAuth, UsageRecord};
 use rand::RngCore;
 use serde_json::{json, Map, Value};
 
-use crate::auth;
-use crate::error::ApiError;
 use crate::accounting::Finished;
+use crate::auth;
 use crate::config::micro;
+use crate::error::ApiError;
 use crate::limits::{Effective, InFlight};
 use crate::registry::{Acquired, Lease, PickError, Tunnel, WaitTicket};
 use crate::sse::SseParser;
@@ -289,10 +289,20 @@ impl Ctx {
 
     /// The end of a routed request: log, count tokens against the key's limits, queue
     /// the usage row and, if anything was delivered, its settlement.
-    fn finish(&self, state: &HubState, tunnel: &Tunnel, status: u16, outcome: &'static str, u: Usage, ttft: Option<Duration>) {
+    fn finish(
+        &self,
+        state: &HubState,
+        tunnel: &Tunnel,
+        status: u16,
+        outcome: &'static str,
+        u: Usage,
+        ttft: Option<Duration>,
+    ) {
         self.log(Some(tunnel.provider_id), status, outcome, u);
         let elapsed = self.started.elapsed();
-        state.limiter.add_tokens(self.key.key_id, u.prompt + u.completion);
+        state
+            .limiter
+            .add_tokens(self.key.key_id, u.prompt + u.completion);
         if outcome == "ok" {
             state.observe_service(&self.model, elapsed);
         }
@@ -313,14 +323,25 @@ impl Ctx {
             ttft_ms: ttft.map(|d| d.as_millis() as i64),
         };
         let rates = state.config.credits.rates(self.model.as_str());
-        let cost = u.prompt.saturating_mul(rates.prompt).saturating_add(u.completion.saturating_mul(rates.completion));
+        let cost = u
+            .prompt
+            .saturating_mul(rates.prompt)
+            .saturating_add(u.completion.saturating_mul(rates.completion));
         let settlement = (u.prompt + u.completion > 0).then(|| Settlement {
             request_id: self.request_id.clone(),
             // The hub pays for anonymous use.
-            consumer_account: if self.anonymous { state.treasury } else { self.key.account_id },
+            consumer_account: if self.anonymous {
+                state.treasury
+            } else {
+                self.key.account_id
+            },
             provider_account: tunnel.provider_account,
             cost,
-            tax: if self.anonymous { 0 } else { micro(state.config.credits.tax_per_request) },
+            tax: if self.anonymous {
+                0
+            } else {
+                micro(state.config.credits.tax_per_request)
+            },
             vests_at_ms: None,
         });
         state.accounting.record(Finished { usage, settlement });
@@ -337,8 +358,16 @@ struct Usage {
 impl Usage {
     fn from_obj(obj: &Map<String, Value>) -> Option<Self> {
         let u = obj.get("usage")?.as_object()?;
-        let prompt = u.get("prompt_tokens").and_then(Value::as_i64).unwrap_or(0).max(0);
-        let completion = u.get("completion_tokens").and_then(Value::as_i64).unwrap_or(0).max(0);
+        let prompt = u
+            .get("prompt_tokens")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            .max(0);
+        let completion = u
+            .get("completion_tokens")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            .max(0);
         Some(Self { prompt, completion })
     }
 }
@@ -346,6 +375,8 @@ impl Usage {
 /// What the hub itself saw delivered, to check the provider's usage against.
 #[derive(Debug, Clone, Copy, Default)]
 struct Delivered {
+    /// Streamed (chunks are a lower bound of tokens) or whole.
+    streamed: bool,
     /// Chunks with text in them (each carries at least one token).
     chunks: i64,
     /// Characters of text.
@@ -354,10 +385,17 @@ struct Delivered {
 
 impl Delivered {
     fn add_text_of(&mut self, obj: &Map<String, Value>) {
-        let Some(choices) = obj.get("choices").and_then(Value::as_array) else { return };
+        let Some(choices) = obj.get("choices").and_then(Value::as_array) else {
+            return;
+        };
         let mut chars = 0;
         for c in choices {
-            for p in ["/delta/content", "/message/content", "/text", "/delta/reasoning_content"] {
+            for p in [
+                "/delta/content",
+                "/message/content",
+                "/text",
+                "/delta/reasoning_content",
+            ] {
                 if let Some(s) = c.pointer(p).and_then(Value::as_str) {
                     chars += s.chars().count() as i64;
                 }
@@ -369,9 +407,14 @@ impl Delivered {
         }
     }
 
-    /// Conservative token estimate: one per chunk, or a quarter of the characters.
+    /// Conservative token estimate: a stream carries at least one token per chunk with
+    /// text; a whole answer is taken at about four characters per token.
     fn estimate(&self) -> i64 {
-        self.chunks.max((self.chars + 3) / 4)
+        if self.streamed {
+            self.chunks
+        } else {
+            (self.chars + 3) / 4
+        }
     }
 
     /// Whether a reported completion count is plausible: a token is at least about one
@@ -386,20 +429,38 @@ pub const PLAUSIBILITY_SLACK_TOKENS: i64 = 16;
 
 /// Decide what to bill: the backend's usage if present and plausible, else the hub's own
 /// conservative estimate (and the provider is flagged).
-fn billable(reported: Option<Usage>, seen: Delivered, completed: bool, endpoint: InferenceEndpoint, tunnel: &Tunnel, request_id: &str) -> Usage {
+fn billable(
+    reported: Option<Usage>,
+    seen: Delivered,
+    completed: bool,
+    endpoint: InferenceEndpoint,
+    tunnel: &Tunnel,
+    request_id: &str,
+) -> Usage {
     if endpoint == InferenceEndpoint::Embeddings {
         return reported.unwrap_or_default();
     }
     match reported {
         Some(u) if completed && seen.plausible(u.completion) => u,
         Some(u) if completed => {
-            tunnel.usage_flags.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tunnel
+                .usage_flags
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(request_id = %request_id, provider_id = tunnel.provider_id, reported = u.completion, estimate = seen.estimate(), "implausible usage from provider; billing the hub's estimate");
-            Usage { prompt: u.prompt, completion: seen.estimate() }
+            Usage {
+                prompt: u.prompt,
+                completion: seen.estimate(),
+            }
         }
         // Cut short: bill what was delivered.
-        Some(u) => Usage { prompt: u.prompt, completion: seen.estimate() },
-        None => Usage { prompt: 0, completion: seen.estimate() },
+        Some(u) => Usage {
+            prompt: u.prompt,
+            completion: seen.estimate(),
+        },
+        None => Usage {
+            prompt: 0,
+            completion: seen.estimate(),
+        },
     }
 }
 
@@ -416,9 +477,19 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
         Ok(k) => k,
         Err(e) => return reject(&request_id, endpoint, None, e),
     };
-    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         if len > state.config.max_request_bytes as u64 {
-            return reject(&request_id, endpoint, Some(&key), ApiError::PayloadTooLarge(state.config.max_request_bytes));
+            return reject(
+                &request_id,
+                endpoint,
+                Some(&key),
+                ApiError::PayloadTooLarge(state.config.max_request_bytes),
+            );
         }
     }
     let raw = match read_body(body, state.config.max_request_bytes).await {
@@ -432,21 +503,43 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
     drop(raw);
 
     // Limits, then credits.
-    let defaults = if anonymous { &state.config.anonymous.limits } else { &state.config.limits };
+    let defaults = if anonymous {
+        &state.config.anonymous.limits
+    } else {
+        &state.config.limits
+    };
     let limits = Effective::new(&key.limits, defaults);
     let (day, to_midnight, day_start_ms) = day_now();
     let seed = if limits.daily_tokens.is_some() && state.limiter.needs_day(key.key_id, day) {
-        match state.store.tokens_used_since(key.key_id, day_start_ms).await {
+        match state
+            .store
+            .tokens_used_since(key.key_id, day_start_ms)
+            .await
+        {
             Ok(n) => Some(n),
             Err(e) => return reject(&request_id, endpoint, Some(&key), e.into()),
         }
     } else {
         None
     };
-    let in_flight = match state.limiter.admit(key.key_id, limits, Instant::now(), day, to_midnight, seed) {
-        Ok(g) => g,
-        Err(l) => return reject(&request_id, endpoint, Some(&key), ApiError::RateLimited { which: l.which, retry_after: l.retry_after }),
-    };
+    let in_flight =
+        match state
+            .limiter
+            .admit(key.key_id, limits, Instant::now(), day, to_midnight, seed)
+        {
+            Ok(g) => g,
+            Err(l) => {
+                return reject(
+                    &request_id,
+                    endpoint,
+                    Some(&key),
+                    ApiError::RateLimited {
+                        which: l.which,
+                        retry_after: l.retry_after,
+                    },
+                )
+            }
+        };
     let priority = if anonymous {
         PRIORITY_ANONYMOUS
     } else {
@@ -455,7 +548,12 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
             Err(e) => return reject(&request_id, endpoint, Some(&key), e.into()),
         };
         if state.config.credits.require_credits && balance <= 0 {
-            return reject(&request_id, endpoint, Some(&key), ApiError::InsufficientCredits);
+            return reject(
+                &request_id,
+                endpoint,
+                Some(&key),
+                ApiError::InsufficientCredits,
+            );
         }
         if balance >= micro(state.config.credits.high_priority_balance) {
             PRIORITY_HIGH
@@ -475,18 +573,52 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
         queue_ms: None,
         _in_flight: in_flight,
     };
-    let lease = match state.registry.acquire(&ctx.model, priority, ctx.key.account_id, state.config.queue.max_length) {
+    let lease = match state.registry.acquire(
+        &ctx.model,
+        priority,
+        ctx.key.account_id,
+        state.config.queue.max_length,
+    ) {
         Ok(Acquired::Now(l)) => l,
-        Ok(Acquired::Wait(ticket)) if parsed.stream => return queued_stream(state, ctx, parsed, ticket),
-        Ok(Acquired::Wait(mut ticket)) => match tokio::time::timeout(state.config.queue.max_wait, ticket.recv()).await {
-            Ok(Some(l)) => {
-                ctx.queue_ms = Some(ticket.queued_at.elapsed().as_millis() as u64);
-                l
+        Ok(Acquired::Wait(ticket)) if parsed.stream => {
+            return queued_stream(state, ctx, parsed, ticket)
+        }
+        Ok(Acquired::Wait(mut ticket)) => {
+            match tokio::time::timeout(state.config.queue.max_wait, ticket.recv()).await {
+                Ok(Some(l)) => {
+                    ctx.queue_ms = Some(ticket.queued_at.elapsed().as_millis() as u64);
+                    l
+                }
+                _ => {
+                    return reject(
+                        &ctx.request_id,
+                        endpoint,
+                        Some(&ctx.key),
+                        ApiError::QueueTimeout {
+                            retry_after: state.config.retry_after_secs,
+                        },
+                    )
+                }
             }
-            _ => return reject(&ctx.request_id, endpoint, Some(&ctx.key), ApiError::QueueTimeout { retry_after: state.config.retry_after_secs }),
-        },
-        Err(PickError::UnknownModel) => return reject(&ctx.request_id, endpoint, Some(&ctx.key), ApiError::ModelNotFound(ctx.model.to_string())),
-        Err(_) => return reject(&ctx.request_id, endpoint, Some(&ctx.key), ApiError::NoCapacity { retry_after: state.config.retry_after_secs }),
+        }
+        Err(PickError::UnknownModel) => {
+            return reject(
+                &ctx.request_id,
+                endpoint,
+                Some(&ctx.key),
+                ApiError::ModelNotFound(ctx.model.to_string()),
+            )
+        }
+        Err(_) => {
+            return reject(
+                &ctx.request_id,
+                endpoint,
+                Some(&ctx.key),
+                ApiError::NoCapacity {
+                    retry_after: state.config.retry_after_secs,
+                },
+            )
+        }
     };
     match dispatch(&state, &ctx, &parsed, lease).await {
         Ok((lease, resp)) => {
@@ -509,7 +641,14 @@ pub const PRIORITY_HIGH: u8 = 3;
 
 fn provider_failed(state: &HubState, ctx: &Ctx, tunnel: &Tunnel, e: ApiError) -> Response {
     let status = e.status().as_u16();
-    ctx.finish(state, tunnel, status, outcome_of(&e), Usage::default(), None);
+    ctx.finish(
+        state,
+        tunnel,
+        status,
+        outcome_of(&e),
+        Usage::default(),
+        None,
+    );
     with_request_id(e.into_response(), &ctx.request_id)
 }
 
@@ -525,7 +664,12 @@ fn outcome_of(e: &ApiError) -> &'static str {
 
 /// A request refused before routing: logged without the model name (which the consumer
 /// typed and may be anything), not recorded as usage.
-fn reject(request_id: &str, endpoint: InferenceEndpoint, key: Option<&KeyAuth>, e: ApiError) -> Response {
+fn reject(
+    request_id: &str,
+    endpoint: InferenceEndpoint,
+    key: Option<&KeyAuth>,
+    e: ApiError,
+) -> Response {
     tracing::info!(
         request_id = %request_id,
         key_id = key.map(|k| k.key_id),
@@ -546,7 +690,12 @@ fn with_request_id(mut r: Response, id: &str) -> Response {
 
 /// Send the request on `first`'s tunnel, retrying once on another provider (no queueing)
 /// if it fails before answering. On error, returns the last tunnel tried.
-async fn dispatch(state: &HubState, ctx: &Ctx, parsed: &Parsed, first: Lease) -> Result<(Lease, http::Response<Incoming>), (Arc<Tunnel>, ApiError)> {
+async fn dispatch(
+    state: &HubState,
+    ctx: &Ctx,
+    parsed: &Parsed,
+    first: Lease,
+) -> Result<(Lease, http::Response<Incoming>), (Arc<Tunnel>, ApiError)> {
     let mut tried: Vec<i64> = Vec::new();
     let mut lease = first;
     loop {
@@ -561,7 +710,12 @@ async fn dispatch(state: &HubState, ctx: &Ctx, parsed: &Parsed, first: Lease) ->
             .body(Full::new(parsed.body.clone()))
             .map_err(|_| (Arc::clone(&tunnel), ApiError::Internal))?;
         let mut sender = tunnel.sender.clone();
-        let err = match tokio::time::timeout(state.config.provider_header_timeout, sender.send_request(req)).await {
+        let err = match tokio::time::timeout(
+            state.config.provider_header_timeout,
+            sender.send_request(req),
+        )
+        .await
+        {
             Err(_) => return Err((tunnel, ApiError::ProviderTimeout)),
             Ok(Err(e)) => {
                 tracing::warn!(request_id = %ctx.request_id, provider_id, error = %e, "provider failed before answering");
@@ -569,7 +723,9 @@ async fn dispatch(state: &HubState, ctx: &Ctx, parsed: &Parsed, first: Lease) ->
             }
             Ok(Ok(resp)) => {
                 let agent_refused = resp.headers().contains_key(HEADER_AGENT_ERROR);
-                if resp.status().is_server_error() || (agent_refused && resp.status() == StatusCode::NOT_FOUND) {
+                if resp.status().is_server_error()
+                    || (agent_refused && resp.status() == StatusCode::NOT_FOUND)
+                {
                     tracing::warn!(request_id = %ctx.request_id, provider_id, status = resp.status().as_u16(), "provider answered an error");
                     ApiError::ProviderFailed("the provider's backend returned an error")
                 } else {
@@ -593,12 +749,23 @@ async fn dispatch(state: &HubState, ctx: &Ctx, parsed: &Parsed, first: Lease) ->
 /// Take a backend error body and keep only a short, printable `error.message`.
 fn sanitize_backend_error(status: StatusCode, body: &[u8]) -> ApiError {
     let msg = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
-        let m = v.get("error").and_then(|e| e.get("message").or(Some(e))).and_then(Value::as_str).map(str::to_owned);
+        let m = v
+            .get("error")
+            .and_then(|e| e.get("message").or(Some(e)))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         m.or_else(|| v.get("detail").and_then(Value::as_str).map(str::to_owned))
     });
     let message = match msg {
-        Some(m) => m.chars().filter(|c| !c.is_control()).take(MAX_RELAYED_ERROR_CHARS).collect(),
-        None => format!("The provider's backend rejected the request (HTTP {}).", status.as_u16()),
+        Some(m) => m
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_RELAYED_ERROR_CHARS)
+            .collect(),
+        None => format!(
+            "The provider's backend rejected the request (HTTP {}).",
+            status.as_u16()
+        ),
     };
     ApiError::Upstream { status, message }
 }
@@ -606,7 +773,11 @@ fn sanitize_backend_error(status: StatusCode, body: &[u8]) -> ApiError {
 /// Collect a non-success provider answer into the error the consumer gets.
 async fn error_from(state: &HubState, resp: http::Response<Incoming>) -> ApiError {
     let status = resp.status();
-    let body = tokio::time::timeout(state.config.provider_body_timeout, Limited::new(resp.into_body(), MAX_ERROR_BODY_BYTES).collect()).await;
+    let body = tokio::time::timeout(
+        state.config.provider_body_timeout,
+        Limited::new(resp.into_body(), MAX_ERROR_BODY_BYTES).collect(),
+    )
+    .await;
     let bytes = match body {
         Ok(Ok(c)) => c.to_bytes(),
         _ => Bytes::new(),
@@ -622,7 +793,12 @@ async fn error_from(state: &HubState, resp: http::Response<Incoming>) -> ApiErro
 pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
 /// Relay a complete (non-streamed) answer, rewriting `id` and `model`.
-async fn relay_whole(state: &HubState, ctx: &Ctx, lease: Lease, resp: http::Response<Incoming>) -> Response {
+async fn relay_whole(
+    state: &HubState,
+    ctx: &Ctx,
+    lease: Lease,
+    resp: http::Response<Incoming>,
+) -> Response {
     let tunnel = Arc::clone(lease.tunnel());
     if !resp.status().is_success() {
         let e = error_from(state, resp).await;
@@ -637,11 +813,23 @@ async fn relay_whole(state: &HubState, ctx: &Ctx, lease: Lease, resp: http::Resp
     drop(lease);
     let bytes = match collected {
         Err(_) => return provider_failed(state, ctx, &tunnel, ApiError::ProviderTimeout),
-        Ok(Err(_)) => return provider_failed(state, ctx, &tunnel, ApiError::ProviderFailed("the provider's answer was cut off or too large")),
+        Ok(Err(_)) => {
+            return provider_failed(
+                state,
+                ctx,
+                &tunnel,
+                ApiError::ProviderFailed("the provider's answer was cut off or too large"),
+            )
+        }
         Ok(Ok(c)) => c.to_bytes(),
     };
     let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&bytes) else {
-        return provider_failed(state, ctx, &tunnel, ApiError::ProviderFailed("the provider's answer was not valid JSON"));
+        return provider_failed(
+            state,
+            ctx,
+            &tunnel,
+            ApiError::ProviderFailed("the provider's answer was not valid JSON"),
+        );
     };
     let reported = Usage::from_obj(&obj);
     let mut seen = Delivered::default();
@@ -654,9 +842,13 @@ async fn relay_whole(state: &HubState, ctx: &Ctx, lease: Lease, resp: http::Resp
     };
     ctx.finish(state, &tunnel, 200, "ok", usage, None);
     let mut r = (StatusCode::OK, body).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Some(q) = ctx.queue_ms {
-        r.headers_mut().insert(HEADER_QUEUE_MS, HeaderValue::from(q));
+        r.headers_mut()
+            .insert(HEADER_QUEUE_MS, HeaderValue::from(q));
     }
     with_request_id(r, &ctx.request_id)
 }
@@ -714,7 +906,13 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(state: Arc<HubState>, ctx: Ctx, wants_usage: bool, lease: Lease, body: Incoming) -> Self {
+    fn new(
+        state: Arc<HubState>,
+        ctx: Ctx,
+        wants_usage: bool,
+        lease: Lease,
+        body: Incoming,
+    ) -> Self {
         let max_line = state.config.max_sse_line_bytes;
         Self {
             state,
@@ -725,7 +923,10 @@ impl Relay {
             out: Default::default(),
             wants_usage,
             usage: None,
-            seen: Delivered::default(),
+            seen: Delivered {
+                streamed: true,
+                ..Delivered::default()
+            },
             ttft: None,
             end: End::Open,
         }
@@ -749,13 +950,19 @@ impl Relay {
             return;
         };
         if obj.contains_key("error") {
-            self.fail("The provider's backend failed during generation.", "provider_error");
+            self.fail(
+                "The provider's backend failed during generation.",
+                "provider_error",
+            );
             return;
         }
         if let Some(u) = Usage::from_obj(&obj) {
             self.usage = Some(u);
         }
-        let has_choices = obj.get("choices").and_then(Value::as_array).is_some_and(|c| !c.is_empty());
+        let has_choices = obj
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| !c.is_empty());
         if has_choices && self.ttft.is_none() {
             self.ttft = Some(self.ctx.started.elapsed());
         }
@@ -794,11 +1001,18 @@ impl Relay {
             match tokio::time::timeout(idle, self.body.frame()).await {
                 Err(_) => self.fail("The provider stalled.", "provider_timeout"),
                 Ok(None) => self.fail("The provider ended the stream early.", "provider_error"),
-                Ok(Some(Err(_))) => self.fail("The connection to the provider was lost.", "provider_error"),
+                Ok(Some(Err(_))) => {
+                    self.fail("The connection to the provider was lost.", "provider_error")
+                }
                 Ok(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else { continue };
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
                     match self.parser.push(&data) {
-                        Err(_) => self.fail("The provider sent an oversized stream event.", "provider_error"),
+                        Err(_) => self.fail(
+                            "The provider sent an oversized stream event.",
+                            "provider_error",
+                        ),
                         Ok(events) => {
                             for ev in events {
                                 self.event(&ev);
@@ -815,7 +1029,9 @@ impl Relay {
 
     /// Account for the stream (once).
     fn finish(&mut self) {
-        let Some(lease) = self.lease.take() else { return };
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
         let tunnel = Arc::clone(lease.tunnel());
         drop(lease);
         let outcome = match self.end {
@@ -823,8 +1039,16 @@ impl Relay {
             End::ProviderError => "provider_error",
             End::Open => "cancelled",
         };
-        let usage = billable(self.usage, self.seen, self.end == End::Done, self.ctx.endpoint, &tunnel, &self.ctx.request_id);
-        self.ctx.finish(&self.state, &tunnel, 200, outcome, usage, self.ttft);
+        let usage = billable(
+            self.usage,
+            self.seen,
+            self.end == End::Done,
+            self.ctx.endpoint,
+            &tunnel,
+            &self.ctx.request_id,
+        );
+        self.ctx
+            .finish(&self.state, &tunnel, 200, outcome, usage, self.ttft);
     }
 }
 
@@ -834,16 +1058,28 @@ impl Drop for Relay {
     }
 }
 
-fn sse_response(stream: futures_util::stream::BoxStream<'static, Result<Bytes, std::convert::Infallible>>, request_id: &str) -> Response {
+fn sse_response(
+    stream: futures_util::stream::BoxStream<'static, Result<Bytes, std::convert::Infallible>>,
+    request_id: &str,
+) -> Response {
     let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     with_request_id(resp, request_id)
 }
 
-fn relay_stream(state: Arc<HubState>, ctx: Ctx, wants_usage: bool, lease: Lease, resp: http::Response<Incoming>) -> Response {
+fn relay_stream(
+    state: Arc<HubState>,
+    ctx: Ctx,
+    wants_usage: bool,
+    lease: Lease,
+    resp: http::Response<Incoming>,
+) -> Response {
     let request_id = ctx.request_id.clone();
     let relay = Relay::new(state, ctx, wants_usage, lease, resp.into_body());
     let stream = futures_util::stream::unfold(relay, |mut r| async move {
@@ -858,7 +1094,14 @@ fn relay_stream(state: Arc<HubState>, ctx: Ctx, wants_usage: bool, lease: Lease,
 /// `: queued position=N eta_ms=M` comments while waiting, then the relayed stream. A wait
 /// past `queue.max_wait` ends with an error event (the status is already 200).
 enum Queued {
-    Waiting { state: Arc<HubState>, ctx: Box<Ctx>, parsed: Parsed, ticket: WaitTicket, deadline: tokio::time::Instant, tick: tokio::time::Interval },
+    Waiting {
+        state: Arc<HubState>,
+        ctx: Box<Ctx>,
+        parsed: Parsed,
+        ticket: WaitTicket,
+        deadline: tokio::time::Instant,
+        tick: tokio::time::Interval,
+    },
     Relaying(Box<Relay>),
     Done,
 }
@@ -867,7 +1110,14 @@ fn queued_stream(state: Arc<HubState>, ctx: Ctx, parsed: Parsed, ticket: WaitTic
     let request_id = ctx.request_id.clone();
     let deadline = tokio::time::Instant::now() + state.config.queue.max_wait;
     let tick = tokio::time::interval(state.config.queue.progress_interval);
-    let start = Queued::Waiting { state, ctx: Box::new(ctx), parsed, ticket, deadline, tick };
+    let start = Queued::Waiting {
+        state,
+        ctx: Box::new(ctx),
+        parsed,
+        ticket,
+        deadline,
+        tick,
+    };
     let stream = futures_util::stream::unfold(start, |st| async move {
         match st {
             Queued::Done => None,
@@ -918,7 +1168,10 @@ fn queued_stream(state: Arc<HubState>, ctx: Ctx, parsed: Parsed, ticket: WaitTic
 }
 
 /// `GET /v1/pool`: per model, providers, capacity, in flight, queued and typical duration.
-pub async fn pool(State(state): State<Arc<HubState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn pool(
+    State(state): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     auth::consumer_or_anonymous(&state, &headers).await?;
     let data: Vec<Value> = state
         .registry

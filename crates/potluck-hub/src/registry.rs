@@ -54,7 +54,13 @@ struct Offer {
 
 impl Tunnel {
     /// A new tunnel with nothing offered yet.
-    pub fn new(conn_id: u64, provider_id: i64, provider_account: i64, provider_name: String, sender: SendRequest<Full<Bytes>>) -> Self {
+    pub fn new(
+        conn_id: u64,
+        provider_id: i64,
+        provider_account: i64,
+        provider_name: String,
+        sender: SendRequest<Full<Bytes>>,
+    ) -> Self {
         Self {
             conn_id,
             provider_id,
@@ -105,7 +111,9 @@ impl Lease {
     /// The tunnel leased.
     pub fn tunnel(&self) -> &Arc<Tunnel> {
         // Only `Drop` and `release` take it out.
-        self.tunnel.as_ref().unwrap_or_else(|| unreachable!("lease used after release"))
+        self.tunnel
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("lease used after release"))
     }
 }
 
@@ -202,7 +210,13 @@ impl Queue {
         self.models.get(m).map_or(0, |q| q.len)
     }
 
-    fn push(&mut self, m: &ModelName, priority: u8, account: i64, tx: oneshot::Sender<Lease>) -> u64 {
+    fn push(
+        &mut self,
+        m: &ModelName,
+        priority: u8,
+        account: i64,
+        tx: oneshot::Sender<Lease>,
+    ) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
         let q = self.models.entry(m.clone()).or_default();
@@ -247,9 +261,15 @@ impl Queue {
     }
 
     fn remove(&mut self, m: &ModelName, priority: u8, account: i64, id: u64) {
-        let Some(q) = self.models.get_mut(m) else { return };
-        let Some(tier) = q.tiers.get_mut(&priority) else { return };
-        let Some(list) = tier.by_account.get_mut(&account) else { return };
+        let Some(q) = self.models.get_mut(m) else {
+            return;
+        };
+        let Some(tier) = q.tiers.get_mut(&priority) else {
+            return;
+        };
+        let Some(list) = tier.by_account.get_mut(&account) else {
+            return;
+        };
         let before = list.len();
         list.retain(|w| w.id != id);
         if list.len() == before {
@@ -269,12 +289,29 @@ impl Queue {
     }
 
     fn position(&self, m: &ModelName, priority: u8, account: i64, id: u64) -> usize {
-        let Some(q) = self.models.get(m) else { return 0 };
-        let higher: usize = q.tiers.range(priority.saturating_add(1)..).map(|(_, t)| t.by_account.values().map(VecDeque::len).sum::<usize>()).sum();
-        let Some(tier) = q.tiers.get(&priority) else { return higher };
-        let mine = tier.by_account.get(&account).and_then(|l| l.iter().position(|w| w.id == id)).unwrap_or(0);
+        let Some(q) = self.models.get(m) else {
+            return 0;
+        };
+        let higher: usize = q
+            .tiers
+            .range(priority.saturating_add(1)..)
+            .map(|(_, t)| t.by_account.values().map(VecDeque::len).sum::<usize>())
+            .sum();
+        let Some(tier) = q.tiers.get(&priority) else {
+            return higher;
+        };
+        let mine = tier
+            .by_account
+            .get(&account)
+            .and_then(|l| l.iter().position(|w| w.id == id))
+            .unwrap_or(0);
         // Round robin: each other account gets up to `mine + 1` turns before ours.
-        let others: usize = tier.by_account.iter().filter(|(a, _)| **a != account).map(|(_, l)| l.len().min(mine + 1)).sum();
+        let others: usize = tier
+            .by_account
+            .iter()
+            .filter(|(a, _)| **a != account)
+            .map(|(_, l)| l.len().min(mine + 1))
+            .sum();
         higher + others + mine
     }
 }
@@ -296,11 +333,17 @@ impl Inner {
         if t.is_open() && t.in_flight() <= t.capacity() {
             let models = t.models();
             loop {
-                let best = models.iter().filter_map(|m| q.peek(m).map(|k| (k, m))).max_by(|(a, _), (b, _)| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+                let best = models
+                    .iter()
+                    .filter_map(|m| q.peek(m).map(|k| (k, m)))
+                    .max_by(|(a, _), (b, _)| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
                 let Some((_, m)) = best else { break };
                 let m = m.clone();
                 let Some(w) = q.pop(&m) else { break };
-                let lease = Lease { tunnel: Some(Arc::clone(&t)), registry: Arc::clone(self) };
+                let lease = Lease {
+                    tunnel: Some(Arc::clone(&t)),
+                    registry: Arc::clone(self),
+                };
                 match w.tx.send(lease) {
                     Ok(()) => return,
                     // The waiter left in the meantime: keep the slot for the next one.
@@ -315,7 +358,12 @@ impl Inner {
     }
 
     fn pick(self: &Arc<Self>, model: &ModelName, exclude: &[i64]) -> Result<Lease, PickError> {
-        let candidates: Vec<Arc<Tunnel>> = self.tunnels().values().filter(|t| t.is_open() && t.offers(model)).cloned().collect();
+        let candidates: Vec<Arc<Tunnel>> = self
+            .tunnels()
+            .values()
+            .filter(|t| t.is_open() && t.offers(model))
+            .cloned()
+            .collect();
         if candidates.is_empty() {
             return Err(PickError::UnknownModel);
         }
@@ -323,7 +371,10 @@ impl Inner {
         // traffic spreads too.
         let mut best: Vec<&Arc<Tunnel>> = Vec::new();
         let mut best_load = f64::INFINITY;
-        for t in candidates.iter().filter(|t| !exclude.contains(&t.provider_id)) {
+        for t in candidates
+            .iter()
+            .filter(|t| !exclude.contains(&t.provider_id))
+        {
             let cap = t.capacity().max(1);
             let inflight = t.in_flight();
             if inflight >= cap {
@@ -343,7 +394,10 @@ impl Inner {
         }
         let t = best[rand::rng().random_range(0..best.len())];
         t.in_flight.fetch_add(1, Ordering::Relaxed);
-        Ok(Lease { tunnel: Some(Arc::clone(t)), registry: Arc::clone(self) })
+        Ok(Lease {
+            tunnel: Some(Arc::clone(t)),
+            registry: Arc::clone(self),
+        })
     }
 
     /// Give free slots to waiters (after a tunnel joined or its capacity grew).
@@ -393,7 +447,13 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Self { inner: Arc::new(Inner { tunnels: Mutex::new(HashMap::new()), queue: Mutex::new(Queue::default()), next_conn: AtomicU64::new(0) }) }
+        Self {
+            inner: Arc::new(Inner {
+                tunnels: Mutex::new(HashMap::new()),
+                queue: Mutex::new(Queue::default()),
+                next_conn: AtomicU64::new(0),
+            }),
+        }
     }
 }
 
@@ -430,7 +490,11 @@ impl Registry {
     /// Close every tunnel of a provider (its token was revoked).
     pub fn remove_provider(&self, provider_id: i64) -> usize {
         let mut map = self.inner.tunnels();
-        let ids: Vec<u64> = map.values().filter(|t| t.provider_id == provider_id).map(|t| t.conn_id).collect();
+        let ids: Vec<u64> = map
+            .values()
+            .filter(|t| t.provider_id == provider_id)
+            .map(|t| t.conn_id)
+            .collect();
         for id in &ids {
             if let Some(t) = map.remove(id) {
                 t.closed.store(true, Ordering::Relaxed);
@@ -447,7 +511,13 @@ impl Registry {
 
     /// A slot now if one is free and nobody waits for `model`; else a place in its queue
     /// (at most `max_queue` waiting per model).
-    pub fn acquire(&self, model: &ModelName, priority: u8, account: i64, max_queue: usize) -> Result<Acquired, PickError> {
+    pub fn acquire(
+        &self,
+        model: &ModelName,
+        priority: u8,
+        account: i64,
+        max_queue: usize,
+    ) -> Result<Acquired, PickError> {
         let mut q = lock(&self.inner.queue);
         if q.len(model) == 0 {
             match self.inner.pick(model, &[]) {
@@ -455,7 +525,12 @@ impl Registry {
                 Err(PickError::Busy) => {}
                 Err(e) => return Err(e),
             }
-        } else if !self.inner.tunnels().values().any(|t| t.is_open() && t.offers(model)) {
+        } else if !self
+            .inner
+            .tunnels()
+            .values()
+            .any(|t| t.is_open() && t.offers(model))
+        {
             return Err(PickError::UnknownModel);
         }
         if q.len(model) >= max_queue {
@@ -481,12 +556,21 @@ impl Registry {
 
     /// Every model offered now, with the number of distinct providers offering it.
     pub fn models(&self) -> BTreeMap<ModelName, usize> {
-        self.pool().into_iter().map(|(m, s)| (m, s.providers)).collect()
+        self.pool()
+            .into_iter()
+            .map(|(m, s)| (m, s.providers))
+            .collect()
     }
 
     /// Per model: providers, capacity, in flight, queued.
     pub fn pool(&self) -> BTreeMap<ModelName, ModelStatus> {
-        let tunnels: Vec<Arc<Tunnel>> = self.inner.tunnels().values().filter(|t| t.is_open()).cloned().collect();
+        let tunnels: Vec<Arc<Tunnel>> = self
+            .inner
+            .tunnels()
+            .values()
+            .filter(|t| t.is_open())
+            .cloned()
+            .collect();
         let mut out: BTreeMap<ModelName, (HashSet<i64>, ModelStatus)> = BTreeMap::new();
         for t in &tunnels {
             let (models, cap) = {
@@ -512,7 +596,13 @@ impl Registry {
 
     /// Per provider: (tunnels, models, in flight).
     pub fn provider_summary(&self) -> HashMap<i64, (u32, Vec<String>, u32)> {
-        let tunnels: Vec<Arc<Tunnel>> = self.inner.tunnels().values().filter(|t| t.is_open()).cloned().collect();
+        let tunnels: Vec<Arc<Tunnel>> = self
+            .inner
+            .tunnels()
+            .values()
+            .filter(|t| t.is_open())
+            .cloned()
+            .collect();
         let mut out: HashMap<i64, (u32, HashSet<String>, u32)> = HashMap::new();
         for t in tunnels {
             let e = out.entry(t.provider_id).or_default();
@@ -572,7 +662,13 @@ mod tests {
         let mut served: Vec<i64> = Vec::new();
         for _ in 0..15 {
             let w = q.pop(&model).unwrap();
-            served.push(if w.id <= 100 { 1 } else if w.id <= 105 { 2 } else { 3 });
+            served.push(if w.id <= 100 {
+                1
+            } else if w.id <= 105 {
+                2
+            } else {
+                3
+            });
         }
         assert_eq!(served.iter().filter(|a| **a == 2).count(), 5);
         assert_eq!(served.iter().filter(|a| **a == 3).count(), 5);

@@ -93,7 +93,10 @@ pub struct HistoryLine {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Insert one balanced transaction and keep balances in step (inside the caller's DB transaction).
@@ -106,7 +109,9 @@ async fn post(
 ) -> Result<i64, StoreError> {
     let sum: i128 = entries.iter().map(|e| i128::from(e.amount)).sum();
     if sum != 0 {
-        return Err(StoreError::Conflict(format!("unbalanced ledger transaction ({kind}: {sum})")));
+        return Err(StoreError::Conflict(format!(
+            "unbalanced ledger transaction ({kind}: {sum})"
+        )));
     }
     let tx_id: i64 = sqlx::query_scalar(
         "INSERT INTO ledger_tx (kind, request_id, created_at_ms, vests_at_ms) VALUES (?, ?, ?, ?) RETURNING id",
@@ -118,13 +123,15 @@ async fn post(
     .fetch_one(&mut *conn)
     .await?;
     for e in entries.iter().filter(|e| e.amount != 0) {
-        sqlx::query("INSERT INTO ledger_entries (tx_id, account_id, bucket, amount) VALUES (?, ?, ?, ?)")
-            .bind(tx_id)
-            .bind(e.account_id)
-            .bind(e.bucket.as_str())
-            .bind(e.amount)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(
+            "INSERT INTO ledger_entries (tx_id, account_id, bucket, amount) VALUES (?, ?, ?, ?)",
+        )
+        .bind(tx_id)
+        .bind(e.account_id)
+        .bind(e.bucket.as_str())
+        .bind(e.amount)
+        .execute(&mut *conn)
+        .await?;
         sqlx::query(
             "INSERT INTO balances (account_id, bucket, amount) VALUES (?, ?, ?) \
              ON CONFLICT (account_id, bucket) DO UPDATE SET amount = amount + excluded.amount",
@@ -142,7 +149,8 @@ impl Store {
     /// The id of a system account (created on first use).
     pub async fn system_account(&self, name: &str) -> Result<i64, StoreError> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let id = crate::store::account_id_or_create(&mut tx, name, crate::store::Role::System).await?;
+        let id =
+            crate::store::account_id_or_create(&mut tx, name, crate::store::Role::System).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -152,8 +160,16 @@ impl Store {
         let treasury = self.system_account(TREASURY).await?;
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let entries = [
-            Entry { account_id: treasury, bucket: Bucket::Available, amount: -amount },
-            Entry { account_id, bucket: Bucket::Available, amount },
+            Entry {
+                account_id: treasury,
+                bucket: Bucket::Available,
+                amount: -amount,
+            },
+            Entry {
+                account_id,
+                bucket: Bucket::Available,
+                amount,
+            },
         ];
         let id = post(&mut tx, "grant", None, &entries, None).await?;
         tx.commit().await?;
@@ -173,13 +189,36 @@ impl Store {
         let tax_account = self.system_account(TAX).await?;
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         for s in batch {
-            let provider_bucket = if s.vests_at_ms.is_some() { Bucket::Unvested } else { Bucket::Available };
+            let provider_bucket = if s.vests_at_ms.is_some() {
+                Bucket::Unvested
+            } else {
+                Bucket::Available
+            };
             let entries = [
-                Entry { account_id: s.consumer_account, bucket: Bucket::Available, amount: -(s.cost + s.tax) },
-                Entry { account_id: s.provider_account, bucket: provider_bucket, amount: s.cost },
-                Entry { account_id: tax_account, bucket: Bucket::Available, amount: s.tax },
+                Entry {
+                    account_id: s.consumer_account,
+                    bucket: Bucket::Available,
+                    amount: -(s.cost + s.tax),
+                },
+                Entry {
+                    account_id: s.provider_account,
+                    bucket: provider_bucket,
+                    amount: s.cost,
+                },
+                Entry {
+                    account_id: tax_account,
+                    bucket: Bucket::Available,
+                    amount: s.tax,
+                },
             ];
-            post(&mut tx, "usage", Some(&s.request_id), &entries, s.vests_at_ms).await?;
+            post(
+                &mut tx,
+                "usage",
+                Some(&s.request_id),
+                &entries,
+                s.vests_at_ms,
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -202,7 +241,11 @@ impl Store {
     }
 
     /// An account's latest ledger lines, newest first.
-    pub async fn history(&self, account_id: i64, limit: i64) -> Result<Vec<HistoryLine>, StoreError> {
+    pub async fn history(
+        &self,
+        account_id: i64,
+        limit: i64,
+    ) -> Result<Vec<HistoryLine>, StoreError> {
         let rows = sqlx::query(
             "SELECT t.id, t.kind, t.request_id, e.bucket, e.amount, t.created_at_ms FROM ledger_entries e \
              JOIN ledger_tx t ON t.id = e.tx_id WHERE e.account_id = ? ORDER BY t.id DESC LIMIT ?",
@@ -249,11 +292,22 @@ impl Store {
         for r in &due {
             let (tx_id, account_id, amount): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
             let entries = [
-                Entry { account_id, bucket: Bucket::Unvested, amount: -amount },
-                Entry { account_id, bucket: Bucket::Available, amount },
+                Entry {
+                    account_id,
+                    bucket: Bucket::Unvested,
+                    amount: -amount,
+                },
+                Entry {
+                    account_id,
+                    bucket: Bucket::Available,
+                    amount,
+                },
             ];
             post(&mut tx, "vest", None, &entries, None).await?;
-            sqlx::query("UPDATE ledger_tx SET vested = 1 WHERE id = ?").bind(tx_id).execute(&mut *tx).await?;
+            sqlx::query("UPDATE ledger_tx SET vested = 1 WHERE id = ?")
+                .bind(tx_id)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(due.len())
@@ -267,22 +321,45 @@ impl Store {
     /// Claw back an account's unvested earnings to the treasury (a cheating provider).
     pub async fn clawback(&self, account_id: i64) -> Result<Micro, StoreError> {
         let treasury = self.system_account(TREASURY).await?;
-        self.move_unvested(account_id, "clawback", Some(treasury)).await
+        self.move_unvested(account_id, "clawback", Some(treasury))
+            .await
     }
 
-    async fn move_unvested(&self, account_id: i64, kind: &str, to: Option<i64>) -> Result<Micro, StoreError> {
+    async fn move_unvested(
+        &self,
+        account_id: i64,
+        kind: &str,
+        to: Option<i64>,
+    ) -> Result<Micro, StoreError> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let held: Option<i64> = sqlx::query_scalar("SELECT amount FROM balances WHERE account_id = ? AND bucket = 'unvested'")
-            .bind(account_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT amount FROM balances WHERE account_id = ? AND bucket = 'unvested'",
+        )
+        .bind(account_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         let held = held.unwrap_or(0);
         if held > 0 {
             let dest = match to {
-                Some(t) => Entry { account_id: t, bucket: Bucket::Available, amount: held },
-                None => Entry { account_id, bucket: Bucket::Available, amount: held },
+                Some(t) => Entry {
+                    account_id: t,
+                    bucket: Bucket::Available,
+                    amount: held,
+                },
+                None => Entry {
+                    account_id,
+                    bucket: Bucket::Available,
+                    amount: held,
+                },
             };
-            let entries = [Entry { account_id, bucket: Bucket::Unvested, amount: -held }, dest];
+            let entries = [
+                Entry {
+                    account_id,
+                    bucket: Bucket::Unvested,
+                    amount: -held,
+                },
+                dest,
+            ];
             post(&mut tx, kind, None, &entries, None).await?;
             sqlx::query(
                 "UPDATE ledger_tx SET vested = 1 WHERE vested = 0 AND id IN \
@@ -305,7 +382,9 @@ impl Store {
         .fetch_one(self.pool())
         .await?;
         if unbalanced != 0 {
-            return Err(StoreError::Conflict(format!("{unbalanced} unbalanced ledger transactions")));
+            return Err(StoreError::Conflict(format!(
+                "{unbalanced} unbalanced ledger transactions"
+            )));
         }
         let drift: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM balances b WHERE b.amount != (SELECT COALESCE(SUM(e.amount), 0) FROM ledger_entries e \
@@ -314,9 +393,13 @@ impl Store {
         .fetch_one(self.pool())
         .await?;
         if drift != 0 {
-            return Err(StoreError::Conflict(format!("{drift} balances out of step with the ledger")));
+            return Err(StoreError::Conflict(format!(
+                "{drift} balances out of step with the ledger"
+            )));
         }
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_tx").fetch_one(self.pool()).await?;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_tx")
+            .fetch_one(self.pool())
+            .await?;
         Ok(n)
     }
 
@@ -341,7 +424,14 @@ mod tests {
         let store = Store::open_in_memory().await.unwrap();
         let a = store.system_account(TREASURY).await.unwrap();
         let mut tx = store.pool().begin().await.unwrap();
-        let bad = [Entry { account_id: a, bucket: Bucket::Available, amount: 5 }];
-        assert!(matches!(post(&mut tx, "grant", None, &bad, None).await, Err(StoreError::Conflict(_))));
+        let bad = [Entry {
+            account_id: a,
+            bucket: Bucket::Available,
+            amount: 5,
+        }];
+        assert!(matches!(
+            post(&mut tx, "grant", None, &bad, None).await,
+            Err(StoreError::Conflict(_))
+        ));
     }
 }

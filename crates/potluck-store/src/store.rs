@@ -265,7 +265,11 @@ impl Store {
 }
 
 /// An account's id, creating it with `role` if missing.
-pub(crate) async fn account_id_or_create(tx: &mut sqlx::SqliteConnection, name: &str, role: Role) -> Result<i64> {
+pub(crate) async fn account_id_or_create(
+    tx: &mut sqlx::SqliteConnection,
+    name: &str,
+    role: Role,
+) -> Result<i64> {
     if let Some(id) = sqlx::query_scalar::<_, i64>("SELECT id FROM accounts WHERE name = ?")
         .bind(name)
         .fetch_optional(&mut *tx)
@@ -273,12 +277,14 @@ pub(crate) async fn account_id_or_create(tx: &mut sqlx::SqliteConnection, name: 
     {
         return Ok(id);
     }
-    let id = sqlx::query_scalar("INSERT INTO accounts (name, role, created_at) VALUES (?, ?, ?) RETURNING id")
-        .bind(name)
-        .bind(role.as_str())
-        .bind(now_secs())
-        .fetch_one(&mut *tx)
-        .await?;
+    let id = sqlx::query_scalar(
+        "INSERT INTO accounts (name, role, created_at) VALUES (?, ?, ?) RETURNING id",
+    )
+    .bind(name)
+    .bind(role.as_str())
+    .bind(now_secs())
+    .fetch_one(&mut *tx)
+    .await?;
     Ok(id)
 }
 
@@ -367,7 +373,12 @@ impl Store {
             key_id: r.get(0),
             account_id: r.get(1),
             role: Role::parse(r.get::<&str, _>(2)),
-            limits: KeyLimits { rpm: r.get(3), tpm: r.get(4), max_concurrent: r.get(5), daily_tokens: r.get(6) },
+            limits: KeyLimits {
+                rpm: r.get(3),
+                tpm: r.get(4),
+                max_concurrent: r.get(5),
+                daily_tokens: r.get(6),
+            },
         }))
     }
 
@@ -375,11 +386,13 @@ impl Store {
     pub async fn anonymous_key(&self, name: &str) -> Result<KeyAuth> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let account_id = account_id_or_create(&mut tx, name, Role::Member).await?;
-        let existing: Option<i64> = sqlx::query_scalar("SELECT id FROM api_keys WHERE account_id = ? AND name = ? AND revoked_at IS NULL")
-            .bind(account_id)
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let existing: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM api_keys WHERE account_id = ? AND name = ? AND revoked_at IS NULL",
+        )
+        .bind(account_id)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
         let key_id = match existing {
             Some(id) => id,
             None => {
@@ -395,7 +408,12 @@ impl Store {
             }
         };
         tx.commit().await?;
-        Ok(KeyAuth { key_id, account_id, role: Role::Member, limits: KeyLimits::default() })
+        Ok(KeyAuth {
+            key_id,
+            account_id,
+            role: Role::Member,
+            limits: KeyLimits::default(),
+        })
     }
 
     /// Set a key's limit overrides (by id). `None` fields go back to the defaults.
@@ -417,8 +435,15 @@ impl Store {
 
     /// An account by name.
     pub async fn account_by_name(&self, name: &str) -> Result<Option<Account>> {
-        let row = sqlx::query("SELECT id, name, role FROM accounts WHERE name = ?").bind(name).fetch_optional(&self.pool).await?;
-        Ok(row.map(|r| Account { id: r.get(0), name: r.get(1), role: Role::parse(r.get::<&str, _>(2)) }))
+        let row = sqlx::query("SELECT id, name, role FROM accounts WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| Account {
+            id: r.get(0),
+            name: r.get(1),
+            role: Role::parse(r.get::<&str, _>(2)),
+        }))
     }
 
     /// Give an account its starter grant, once (idempotent). Returns whether it was given.

@@ -11,23 +11,49 @@ use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Grant { account: usize, amount: i64 },
+    Grant {
+        account: usize,
+        amount: i64,
+    },
     /// A served request (escrowed or not), fully delivered.
-    Serve { consumer: usize, provider: usize, tokens: i64, tax: i64, escrow: bool },
+    Serve {
+        consumer: usize,
+        provider: usize,
+        tokens: i64,
+        tax: i64,
+        escrow: bool,
+    },
     /// A request cut short: only the delivered part is billed.
-    Cancel { consumer: usize, provider: usize, delivered: i64 },
+    Cancel {
+        consumer: usize,
+        provider: usize,
+        delivered: i64,
+    },
     /// A request that failed before its first token: nothing is billed.
     Fail,
     Vest,
-    Clawback { provider: usize },
+    Clawback {
+        provider: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (0..4usize, -50i64..1000).prop_map(|(account, amount)| Op::Grant { account, amount }),
-        (0..4usize, 0..4usize, 0i64..500, 0i64..5, any::<bool>())
-            .prop_map(|(consumer, provider, tokens, tax, escrow)| Op::Serve { consumer, provider, tokens, tax, escrow }),
-        (0..4usize, 0..4usize, 0i64..50).prop_map(|(consumer, provider, delivered)| Op::Cancel { consumer, provider, delivered }),
+        (0..4usize, 0..4usize, 0i64..500, 0i64..5, any::<bool>()).prop_map(
+            |(consumer, provider, tokens, tax, escrow)| Op::Serve {
+                consumer,
+                provider,
+                tokens,
+                tax,
+                escrow
+            }
+        ),
+        (0..4usize, 0..4usize, 0i64..50).prop_map(|(consumer, provider, delivered)| Op::Cancel {
+            consumer,
+            provider,
+            delivered
+        }),
         Just(Op::Fail),
         Just(Op::Vest),
         (0..4usize).prop_map(|provider| Op::Clawback { provider }),

@@ -111,11 +111,86 @@ impl TestHub {
 
     /// Admin persona: create a consumer key.
     pub async fn create_key(&self, name: &str) -> String {
-        self.admin_post("/admin/v1/keys", json!({"name": name}))
-            .await["secret"]
-            .as_str()
-            .expect("secret")
-            .to_owned()
+        self.create_key_in(name, name).await.1
+    }
+
+    /// Admin persona: create a consumer key in an account; returns (key id, secret).
+    pub async fn create_key_in(&self, name: &str, account: &str) -> (i64, String) {
+        let v = self
+            .admin_post("/admin/v1/keys", json!({"name": name, "account": account}))
+            .await;
+        (
+            v["id"].as_i64().expect("id"),
+            v["secret"].as_str().expect("secret").to_owned(),
+        )
+    }
+
+    /// Admin persona: set a key's limits.
+    pub async fn set_limits(&self, key_id: i64, limits: Value) {
+        let r = self
+            .http
+            .put(format!("{}/admin/v1/keys/{key_id}/limits", self.url()))
+            .bearer_auth(&self.admin_key)
+            .json(&limits)
+            .send()
+            .await
+            .expect("admin request");
+        assert_eq!(r.status(), 200, "set limits");
+    }
+
+    /// Admin persona: grant credits (negative: take back).
+    pub async fn grant(&self, account: &str, credits: f64) -> Value {
+        let r = self
+            .http
+            .post(format!(
+                "{}/admin/v1/accounts/{account}/credits",
+                self.url()
+            ))
+            .bearer_auth(&self.admin_key)
+            .json(&json!({"amount": credits}))
+            .send()
+            .await
+            .expect("admin request");
+        assert_eq!(r.status(), 200, "grant");
+        r.json().await.expect("json")
+    }
+
+    /// Admin persona: an account's balance in micro-credits (available, unvested).
+    pub async fn balance(&self, account: &str) -> (i64, i64) {
+        let v: Value = self
+            .http
+            .get(format!(
+                "{}/admin/v1/accounts/{account}/credits",
+                self.url()
+            ))
+            .bearer_auth(&self.admin_key)
+            .send()
+            .await
+            .expect("admin request")
+            .json()
+            .await
+            .expect("json");
+        (
+            v["available_micro"].as_i64().expect("available"),
+            v["unvested_micro"].as_i64().expect("unvested"),
+        )
+    }
+
+    /// Wait until the usage writer has written (and settled) `n` usage rows.
+    pub async fn wait_usage_rows(&self, n: usize) {
+        let st = self.state();
+        crate::wait_until(&format!("{n} usage rows"), Duration::from_secs(20), || {
+            let st = Arc::clone(&st);
+            async move {
+                st.store
+                    .recent_usage(100_000)
+                    .await
+                    .map(|r| r.len())
+                    .unwrap_or(0)
+                    >= n
+            }
+        })
+        .await;
     }
 
     /// Admin persona: create a provider token.

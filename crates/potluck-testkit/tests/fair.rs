@@ -1,0 +1,462 @@
+//! Fair sharing: the hub's queue (priority, then round robin across accounts), its
+//! visibility, its limits, per-key limits, and a ledger that adds up after chaos.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+use std::time::Duration;
+
+use potluck_testkit::sse::{Event, SseReader};
+use potluck_testkit::{FakeBackend, FakeBehavior, TestAgent, TestHub};
+use serde_json::{json, Value};
+
+const MODEL: &str = "m1";
+
+/// A hub whose limits do not get in the way, with one provider of one slot.
+async fn one_slot_pool(
+    f: impl FnOnce(&mut potluck_hub::HubConfig),
+) -> (TestHub, FakeBackend, TestAgent) {
+    let hub = TestHub::start_with(|c| {
+        c.limits.rpm = None;
+        c.limits.max_concurrent = None;
+        f(c);
+    })
+    .await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 2,
+        gap: Duration::from_millis(15),
+        ..Default::default()
+    });
+    let mut cfg = TestAgent::config(
+        &hub.url(),
+        &hub.create_provider("p").await,
+        &[backend.base_url()],
+    );
+    cfg.max_concurrency = 1;
+    let agent = TestAgent::start_with(cfg);
+    hub.wait_for_model(MODEL, 1).await;
+    (hub, backend, agent)
+}
+
+fn request(hub: &TestHub, key: &str, tag: &str, stream: bool) -> reqwest::RequestBuilder {
+    hub.http
+        .post(format!("{}/chat/completions", hub.v1()))
+        .bearer_auth(key)
+        .json(&json!({"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": tag}]}))
+}
+
+async fn pool_queued(hub: &TestHub, key: &str) -> u64 {
+    let v: Value = hub
+        .http
+        .get(format!("{}/pool", hub.v1()))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"][0]["queued"].as_u64().unwrap_or(0)
+}
+
+async fn wait_queued(hub: &TestHub, key: &str, n: u64) {
+    potluck_testkit::wait_until(&format!("{n} queued"), Duration::from_secs(30), || async {
+        pool_queued(hub, key).await == n
+    })
+    .await;
+}
+
+/// The account tag of each request, in the order the backend served them.
+fn service_order(backend: &FakeBackend) -> Vec<String> {
+    backend
+        .inference_received()
+        .iter()
+        .filter(|r| r.target == "/v1/chat/completions")
+        .map(|r| {
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            v["messages"][0]["content"]
+                .as_str()
+                .unwrap()
+                .split('-')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Occupy the pool's only slot with a stalled stream (account `D`) until dropped.
+async fn hold_the_slot(hub: &TestHub, backend: &FakeBackend) -> SseReader {
+    let key = hub.create_key("D").await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 100,
+        stall_after: Some(1),
+        ..Default::default()
+    });
+    let mut holder = SseReader::new(request(hub, &key, "D-hold", true).send().await.unwrap());
+    assert!(matches!(holder.next().await, Some(Event::Json(_))));
+    backend.set_behavior(FakeBehavior::default());
+    holder
+}
+
+fn jain(xs: &[f64]) -> f64 {
+    let s: f64 = xs.iter().sum();
+    let sq: f64 = xs.iter().map(|x| x * x).sum();
+    s * s / (xs.len() as f64 * sq)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_account_does_not_starve_the_others() {
+    let (hub, backend, _agent) = one_slot_pool(|_| {}).await;
+    let (a, b, c) = (
+        hub.create_key("A").await,
+        hub.create_key("B").await,
+        hub.create_key("C").await,
+    );
+    let holder = hold_the_slot(&hub, &backend).await;
+    let mut tasks = Vec::new();
+    let spawn = |key: String, tag: String, tasks: &mut Vec<tokio::task::JoinHandle<u16>>| {
+        let req = request(&hub, &key, &tag, false);
+        tasks.push(tokio::spawn(async move {
+            req.send().await.unwrap().status().as_u16()
+        }));
+    };
+    for i in 0..100 {
+        spawn(a.clone(), format!("A-{i}"), &mut tasks);
+    }
+    wait_queued(&hub, &a, 100).await;
+    for i in 0..5 {
+        spawn(b.clone(), format!("B-{i}"), &mut tasks);
+        spawn(c.clone(), format!("C-{i}"), &mut tasks);
+    }
+    wait_queued(&hub, &a, 110).await;
+    drop(holder);
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let order: Vec<String> = service_order(&backend).into_iter().skip(1).collect(); // after the holder
+    assert_eq!(order.len(), 110);
+    // B's and C's ten requests are all served within the first 15 services: one turn
+    // each for A, B and C, in rounds.
+    let last_bc = order.iter().rposition(|t| t != "A").unwrap();
+    assert!(
+        last_bc < 15,
+        "B and C were served by position {last_bc}: {:?}",
+        &order[..20]
+    );
+    // Jain's fairness index over the work done while all three were waiting.
+    let window = &order[..15];
+    let count = |t: &str| window.iter().filter(|x| *x == t).count() as f64;
+    let j = jain(&[count("A"), count("B"), count("C")]);
+    assert!(j >= 0.9, "Jain's index {j} over {window:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_balance_account_overtakes_waiting_low_balance_ones() {
+    let (hub, backend, _agent) = one_slot_pool(|c| c.credits.high_priority_balance = 500.0).await;
+    let low = hub.create_key("L").await;
+    let high = hub.create_key("H").await;
+    hub.grant("H", 1000.0).await;
+    let holder = hold_the_slot(&hub, &backend).await;
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let r = request(&hub, &low, &format!("L-{i}"), false);
+        tasks.push(tokio::spawn(async move {
+            r.send().await.unwrap().status().as_u16()
+        }));
+    }
+    wait_queued(&hub, &low, 5).await;
+    let r = request(&hub, &high, "H-0", false);
+    tasks.push(tokio::spawn(async move {
+        r.send().await.unwrap().status().as_u16()
+    }));
+    wait_queued(&hub, &low, 6).await;
+    drop(holder);
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let order = service_order(&backend);
+    assert_eq!(
+        order[1], "H",
+        "the high-priority request went right after the holder: {order:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_is_visible_bounded_and_cancellable() {
+    let (hub, backend, _agent) = one_slot_pool(|c| {
+        c.queue.max_wait = Duration::from_millis(800);
+        c.queue.max_length = 3;
+        c.queue.progress_interval = Duration::from_millis(50);
+    })
+    .await;
+    let key = hub.create_key("K").await;
+    // Hold the only slot.
+    backend.set_behavior(FakeBehavior {
+        chunks: 100,
+        stall_after: Some(1),
+        ..Default::default()
+    });
+    let holder = request(&hub, &key, "K-hold", true).send().await.unwrap();
+    let mut holder = SseReader::new(holder);
+    assert!(matches!(holder.next().await, Some(Event::Json(_))));
+
+    // A waiting stream starts at once and tells its position and estimated wait.
+    let waiting = request(&hub, &key, "K-wait", true).send().await.unwrap();
+    assert_eq!(waiting.status(), 200);
+    let mut bytes = waiting.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains(": queued position=0 eta_ms=") {
+        use futures_util::StreamExt;
+        seen.push_str(&String::from_utf8_lossy(
+            &bytes.next().await.unwrap().unwrap(),
+        ));
+    }
+    assert_eq!(pool_queued(&hub, &key).await, 1);
+    // The consumer goes away while waiting: it leaves the queue at once.
+    drop(bytes);
+    wait_queued(&hub, &key, 0).await;
+
+    // Past the queue length: 503 with Retry-After, immediately.
+    let mut waiters = Vec::new();
+    for i in 0..3 {
+        let r = request(&hub, &key, &format!("K-{i}"), false);
+        waiters.push(tokio::spawn(async move { r.send().await.unwrap() }));
+    }
+    wait_queued(&hub, &key, 3).await;
+    let r = request(&hub, &key, "K-over", false).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    // Past the wait time: 503 queue_timeout for the waiters.
+    for w in waiters {
+        let r = w.await.unwrap();
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().contains_key("retry-after"));
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "queue_timeout");
+    }
+    // A streamed waiter past the wait time ends with an error event.
+    let events = SseReader::new(request(&hub, &key, "K-late", true).send().await.unwrap())
+        .collect()
+        .await;
+    match events.last() {
+        Some(Event::Json(v)) => assert_eq!(v["error"]["code"], "queue_timeout"),
+        e => panic!("{e:?}"),
+    }
+    // Once the slot is free, a waiter gets it, and is told how long it waited.
+    backend.set_behavior(FakeBehavior {
+        chunks: 2,
+        gap: Duration::from_millis(20),
+        ..Default::default()
+    });
+    let r = request(&hub, &key, "K-next", false);
+    let next = tokio::spawn(async move { r.send().await.unwrap() });
+    wait_queued(&hub, &key, 1).await;
+    drop(holder);
+    let r = next.await.unwrap();
+    assert_eq!(r.status(), 200);
+    let q: u64 = r.headers()["x-potluck-queue-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(q > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_limit_trips_with_429_and_resets() {
+    let hub = TestHub::start().await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let send = |key: &str| request(&hub, key, "x", false).send();
+
+    // Requests per minute.
+    let (id, key) = hub.create_key_in("rpm", "rpm").await;
+    hub.set_limits(id, json!({"rpm": 2})).await;
+    assert_eq!(send(&key).await.unwrap().status(), 200);
+    assert_eq!(send(&key).await.unwrap().status(), 200);
+    let r = send(&key).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(
+        r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    hub.set_limits(id, json!({})).await; // back to the defaults: allowed again
+    assert_eq!(send(&key).await.unwrap().status(), 200);
+
+    // Concurrent requests.
+    let (id, key) = hub.create_key_in("conc", "conc").await;
+    hub.set_limits(id, json!({"max_concurrent": 1})).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 50,
+        stall_after: Some(1),
+        ..Default::default()
+    });
+    let mut first = SseReader::new(request(&hub, &key, "x", true).send().await.unwrap());
+    assert!(matches!(first.next().await, Some(Event::Json(_))));
+    let r = send(&key).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    drop(first);
+    backend.set_behavior(FakeBehavior::default());
+    potluck_testkit::wait_until("slot back", Duration::from_secs(5), || async {
+        send(&key).await.unwrap().status() == 200
+    })
+    .await;
+
+    // Tokens per minute (a request uses 7 prompt + 5 completion tokens here).
+    let (id, key) = hub.create_key_in("tpm", "tpm").await;
+    hub.set_limits(id, json!({"tpm": 10})).await;
+    assert_eq!(send(&key).await.unwrap().status(), 200);
+    hub.wait_usage_rows(1).await;
+    potluck_testkit::wait_until("tpm trips", Duration::from_secs(5), || async {
+        send(&key).await.unwrap().status() == 429
+    })
+    .await;
+
+    // Tokens per day.
+    let (id, key) = hub.create_key_in("day", "day").await;
+    hub.set_limits(id, json!({"daily_tokens": 10})).await;
+    assert_eq!(send(&key).await.unwrap().status(), 200);
+    potluck_testkit::wait_until("daily quota trips", Duration::from_secs(5), || async {
+        let r = send(&key).await.unwrap();
+        r.status() == 429
+            && r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                > 0
+    })
+    .await;
+
+    // Out of credits: 429 with x-should-retry: false; a grant brings the key back.
+    let (_, key) = hub.create_key_in("broke", "broke").await;
+    let (avail, _) = hub.balance("broke").await;
+    hub.grant("broke", -(avail as f64) / 1e6).await;
+    let r = send(&key).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "insufficient_quota");
+    hub.grant("broke", 1.0).await;
+    assert_eq!(send(&key).await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_adds_up_after_providers_die_mid_stream() {
+    // One micro-credit per completion token, nothing per prompt token, no tax, escrow on:
+    // then debits, credits and delivered tokens must all be the same number.
+    let mut hub = TestHub::start_with(|c| {
+        c.limits.rpm = None;
+        for r in c.credits.classes.values_mut() {
+            r.prompt = 0;
+            r.completion = 1;
+        }
+        c.credits.trust_threshold = 1e9;
+    })
+    .await;
+    let consumers = [hub.create_key("alice").await, hub.create_key("bob").await];
+    let tokens = [
+        hub.create_provider("gpu1").await,
+        hub.create_provider("gpu2").await,
+    ];
+    let backends = [
+        FakeBackend::start(&[MODEL]).await,
+        FakeBackend::start(&[MODEL]).await,
+    ];
+    let before = [hub.balance("alice").await.0, hub.balance("bob").await.0];
+    let mut delivered = [0i64; 2];
+    let trials = 12;
+    for trial in 0..trials {
+        let (c, p) = (trial % 2, (trial / 2) % 2);
+        let cut_after = 1 + trial % 4;
+        backends[p].set_behavior(FakeBehavior {
+            chunks: 40,
+            stall_after: Some(cut_after),
+            ..Default::default()
+        });
+        let agent = TestAgent::start(&hub, &tokens[p], &backends[p].base_url());
+        hub.wait_for_model(MODEL, 1).await;
+        let mut sse = SseReader::new(
+            request(&hub, &consumers[c], "x", true)
+                .send()
+                .await
+                .unwrap(),
+        );
+        let mut got = 0;
+        for _ in 0..cut_after {
+            if let Some(Event::Json(v)) = sse.next().await {
+                if v["choices"][0]["delta"]["content"].is_string() {
+                    got += 1;
+                }
+            }
+        }
+        agent.kill().await;
+        match sse.collect().await.last() {
+            Some(Event::Json(v)) => assert_eq!(v["error"]["code"], "provider_error"),
+            e => panic!("trial {trial}: {e:?}"),
+        }
+        delivered[c] += got;
+        hub.wait_for_model(MODEL, 0).await;
+        // And a full, successful stream now and then (usage reported by the backend).
+        if trial % 3 == 0 {
+            backends[p].set_behavior(FakeBehavior {
+                chunks: 5,
+                ..Default::default()
+            });
+            let agent = TestAgent::start(&hub, &tokens[p], &backends[p].base_url());
+            hub.wait_for_model(MODEL, 1).await;
+            let body = request(&hub, &consumers[c], "x", true)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(body.ends_with("data: [DONE]\n\n"));
+            delivered[c] += 5;
+            agent.stop().await;
+            hub.wait_for_model(MODEL, 0).await;
+        }
+    }
+    let served = trials + (0..trials).filter(|t| t % 3 == 0).count();
+    hub.wait_usage_rows(served).await;
+    let after = [hub.balance("alice").await.0, hub.balance("bob").await.0];
+    let debits: i64 = (0..2).map(|i| before[i] - after[i]).sum();
+    let (g1, g2) = (hub.balance("gpu1").await, hub.balance("gpu2").await);
+    // Providers started with their starter grant available; earnings are all unvested.
+    let credits = g1.1 + g2.1;
+    assert_eq!(
+        debits,
+        delivered[0] + delivered[1],
+        "consumer debits = tokens delivered"
+    );
+    assert_eq!(credits, debits, "provider credits = consumer debits");
+    assert_eq!(before[0] - after[0], delivered[0]);
+    assert_eq!(before[1] - after[1], delivered[1]);
+    let st = hub.state();
+    st.store.audit_ledger().await.unwrap();
+    // Both consumers spent, both providers earned: visible through the consumer API too.
+    let v: Value = hub
+        .http
+        .get(format!("{}/credits", hub.v1()))
+        .bearer_auth(&consumers[0])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["available_micro"].as_i64().unwrap(), after[0]);
+    assert!(g1.1 > 0 && g2.1 > 0, "both providers earned");
+    hub.restart().await; // the books survive a restart
+    assert_eq!(hub.balance("alice").await.0, after[0]);
+}
