@@ -137,11 +137,14 @@ impl FakeBackend {
         self.state.received.lock().unwrap().clone()
     }
 
-    /// Inference requests received (not discovery).
+    /// Inference requests received (not the agent's discovery GETs).
     pub fn inference_received(&self) -> Vec<Received> {
         self.received()
             .into_iter()
-            .filter(|r| r.target != "/v1/models")
+            .filter(|r| {
+                !(r.method == "GET"
+                    && matches!(r.target.as_str(), "/v1/models" | "/props" | "/api/tags"))
+            })
             .collect()
     }
 
