@@ -460,3 +460,64 @@ async fn ledger_adds_up_after_providers_die_mid_stream() {
     hub.restart().await; // the books survive a restart
     assert_eq!(hub.balance("alice").await.0, after[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_access_is_off_by_default_and_lowest_priority_when_on() {
+    let hub = TestHub::start().await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let anon = |hub: &TestHub| {
+        hub.http
+            .post(format!("{}/chat/completions", hub.v1()))
+            .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "anon-0"}]}))
+    };
+    assert_eq!(
+        anon(&hub).send().await.unwrap().status(),
+        401,
+        "off by default"
+    );
+    drop(hub);
+
+    let (hub, backend, _agent) = one_slot_pool(|c| {
+        c.anonymous.enabled = true;
+        c.anonymous.limits.rpm = Some(3);
+        c.anonymous.limits.max_concurrent = None;
+    })
+    .await;
+    let member = hub.create_key("M").await;
+    let holder = hold_the_slot(&hub, &backend).await;
+    let a = anon(&hub);
+    let first = tokio::spawn(async move { a.send().await.unwrap().status().as_u16() });
+    wait_queued(&hub, &member, 1).await;
+    let m = request(&hub, &member, "M-0", false);
+    let second = tokio::spawn(async move { m.send().await.unwrap().status().as_u16() });
+    wait_queued(&hub, &member, 2).await;
+    drop(holder);
+    assert_eq!((first.await.unwrap(), second.await.unwrap()), (200, 200));
+    let order = service_order(&backend);
+    assert_eq!(
+        order[1..],
+        ["M", "anon"],
+        "the member went before the anonymous request that waited longer"
+    );
+    // Tight limits: the shared anonymous key has 3 requests per minute here.
+    assert_eq!(anon(&hub).send().await.unwrap().status(), 200);
+    assert_eq!(anon(&hub).send().await.unwrap().status(), 200);
+    let r = anon(&hub).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        429,
+        "the fourth anonymous request within a minute"
+    );
+    // A wrong key is still a 401, not anonymous.
+    let r = hub
+        .http
+        .post(format!("{}/chat/completions", hub.v1()))
+        .bearer_auth("pk-wrong")
+        .json(&json!({"model": MODEL, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}

@@ -32,6 +32,13 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Credits: balances, history, grants.
+    Credits {
+        #[command(subcommand)]
+        cmd: CreditsCmd,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Provider tokens (admin).
     Providers {
         #[command(subcommand)]
@@ -90,6 +97,45 @@ enum KeysCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum CreditsCmd {
+    /// An account's balance (admin), or your own with --api-key / POTLUCK_API_KEY.
+    Balance {
+        /// Account name (admin).
+        #[arg(long)]
+        account: Option<String>,
+        /// A consumer key: show its own account.
+        #[arg(long, env = "POTLUCK_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// An account's ledger lines, newest first.
+    History {
+        /// Account name (admin).
+        #[arg(long)]
+        account: Option<String>,
+        /// A consumer key: show its own account.
+        #[arg(long, env = "POTLUCK_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Most lines.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Grant credits to an account (negative takes them back to the treasury).
+    Grant {
+        /// Account name.
+        #[arg(long)]
+        account: String,
+        /// Credits (may be fractional or negative).
+        #[arg(long, allow_negative_numbers = true)]
+        amount: f64,
+    },
+    /// Claw back a provider's unvested (escrowed) earnings.
+    Clawback {
+        /// Provider id or name.
+        provider: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ProvidersCmd {
     /// Create a provider; prints its tunnel token alone on stdout.
     Create {
@@ -116,6 +162,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Provide(a) => crate::provide::run(a).await,
         Command::Keys { cmd, admin } => keys(cmd, admin).await,
         Command::Providers { cmd, admin } => providers(cmd, admin).await,
+        Command::Credits { cmd, admin } => credits(cmd, admin).await,
     }
 }
 
@@ -329,6 +376,106 @@ async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result<()> {
                 .delete(&format!("/admin/v1/providers/{}", path_segment(&provider)))
                 .await?;
             eprintln!("revoked provider {provider}");
+        }
+    }
+    Ok(())
+}
+
+fn print_balance(v: &serde_json::Value) {
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    println!(
+        "available {:.6}  unvested {:.6}",
+        f("available"),
+        f("unvested")
+    );
+}
+
+fn print_history(v: &serde_json::Value) {
+    println!(
+        "{:<8} {:<10} {:<10} {:>16}  REQUEST",
+        "TX", "KIND", "BUCKET", "CREDITS"
+    );
+    for l in v["data"].as_array().into_iter().flatten() {
+        println!(
+            "{:<8} {:<10} {:<10} {:>16.6}  {}",
+            l["tx_id"].as_i64().unwrap_or(0),
+            l["kind"].as_str().unwrap_or(""),
+            l["bucket"].as_str().unwrap_or(""),
+            l["amount"].as_f64().unwrap_or(0.0) / 1e6,
+            l["request_id"].as_str().unwrap_or("-")
+        );
+    }
+}
+
+async fn credits(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result<()> {
+    match cmd {
+        CreditsCmd::Balance {
+            account: None,
+            api_key: Some(k),
+        } => {
+            let v: serde_json::Value = AdminClient::new(&a.hub, k.trim())?
+                .get("/v1/credits")
+                .await?;
+            print_balance(&v);
+        }
+        CreditsCmd::History {
+            account: None,
+            api_key: Some(k),
+            limit,
+        } => {
+            let v: serde_json::Value = AdminClient::new(&a.hub, k.trim())?
+                .get(&format!("/v1/credits/history?limit={limit}"))
+                .await?;
+            print_history(&v);
+        }
+        CreditsCmd::Balance {
+            account: Some(acct),
+            ..
+        } => {
+            let v: serde_json::Value = admin_client(&a)?
+                .get(&format!(
+                    "/admin/v1/accounts/{}/credits",
+                    path_segment(&acct)
+                ))
+                .await?;
+            print_balance(&v);
+        }
+        CreditsCmd::History {
+            account: Some(acct),
+            limit,
+            ..
+        } => {
+            let v: serde_json::Value = admin_client(&a)?
+                .get(&format!(
+                    "/admin/v1/accounts/{}/credits/history?limit={limit}",
+                    path_segment(&acct)
+                ))
+                .await?;
+            print_history(&v);
+        }
+        CreditsCmd::Balance { .. } | CreditsCmd::History { .. } => {
+            bail!("name an --account (admin), or pass your consumer key with --api-key or POTLUCK_API_KEY")
+        }
+        CreditsCmd::Grant { account, amount } => {
+            let v: serde_json::Value = admin_client(&a)?
+                .post(
+                    &format!("/admin/v1/accounts/{}/credits", path_segment(&account)),
+                    &serde_json::json!({"amount": amount}),
+                )
+                .await?;
+            print_balance(&v);
+        }
+        CreditsCmd::Clawback { provider } => {
+            let v: serde_json::Value = admin_client(&a)?
+                .post(
+                    &format!("/admin/v1/providers/{}/clawback", path_segment(&provider)),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!(
+                "clawed back {:.6} credits",
+                v["clawed_back_micro"].as_f64().unwrap_or(0.0) / 1e6
+            );
         }
     }
     Ok(())

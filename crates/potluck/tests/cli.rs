@@ -69,6 +69,30 @@ async fn hub_keys_providers_and_provide() {
     assert!(ok && list.contains("alice"));
     assert!(!list.contains(&key[10..]), "list never shows secrets");
 
+    // Credits: the starter grant, an admin grant, history, and the consumer's own view.
+    let (ok, out, err) = cli(
+        &["credits", "balance", "--account", "alice"],
+        &key_file,
+        &url,
+    );
+    assert!(ok && out.contains("available 100.000000"), "{out}{err}");
+    let (ok, out, _) = cli(
+        &["credits", "grant", "--account", "alice", "--amount", "-2.5"],
+        &key_file,
+        &url,
+    );
+    assert!(ok && out.contains("available 97.500000"), "{out}");
+    let (ok, out, _) = cli(
+        &["credits", "history", "--account", "alice"],
+        &key_file,
+        &url,
+    );
+    assert!(ok && out.matches("grant").count() == 2, "{out}");
+    let (ok, out, _) = cli(&["credits", "balance", "--api-key", &key], &key_file, &url);
+    assert!(ok && out.contains("available 97.500000"), "{out}");
+    let (ok, _, err) = cli(&["credits", "balance"], &key_file, &url);
+    assert!(!ok && err.contains("--account"), "{err}");
+
     // Revoke takes effect at once.
     let (ok, _, _) = cli(&["keys", "revoke", "alice"], &key_file, &url);
     assert!(ok);
