@@ -75,28 +75,51 @@ fn json_body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> 
     })
 }
 
+/// What an admin create makes.
+#[derive(Clone, Copy)]
+enum Kind {
+    Key,
+    Provider,
+}
+
+/// Create a consumer key or a provider: validate, insert, starter grant, show the secret once.
+async fn create(
+    st: &HubState,
+    headers: &HeaderMap,
+    body: &[u8],
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    auth::admin(st, headers).await?;
+    let (name, account) = match kind {
+        Kind::Key => json_body::<CreateKey>(body).map(|r| (r.name, r.account))?,
+        Kind::Provider => json_body::<CreateProvider>(body).map(|r| (r.name, r.account))?,
+    };
+    check_name("name", &name)?;
+    let account = account.unwrap_or_else(|| name.clone());
+    check_name("account", &account)?;
+    let (id, secret) = match kind {
+        Kind::Key => st.store.create_key(&name, &account).await?,
+        Kind::Provider => st.store.create_provider(&name, &account).await?,
+    };
+    starter_grant(st, &account).await?;
+    match kind {
+        Kind::Key => tracing::info!(key_id = id, "consumer key created"),
+        Kind::Provider => tracing::info!(provider_id = id, "provider created"),
+    }
+    let created = Created {
+        id,
+        name,
+        secret: secret.expose().to_owned(),
+    };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
 async fn create_key(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    auth::admin(&st, &headers).await?;
-    let req: CreateKey = json_body(&body)?;
-    check_name("name", &req.name)?;
-    let account = req.account.unwrap_or_else(|| req.name.clone());
-    check_name("account", &account)?;
-    let (id, secret) = st.store.create_key(&req.name, &account).await?;
-    starter_grant(&st, &account).await?;
-    tracing::info!(key_id = id, "consumer key created");
-    Ok((
-        StatusCode::CREATED,
-        Json(Created {
-            id,
-            name: req.name,
-            secret: secret.expose().to_owned(),
-        }),
-    )
-        .into_response())
+    create(&st, &headers, &body, Kind::Key).await
 }
 
 async fn list_keys(
@@ -140,23 +163,7 @@ async fn create_provider(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    auth::admin(&st, &headers).await?;
-    let req: CreateProvider = json_body(&body)?;
-    check_name("name", &req.name)?;
-    let account = req.account.unwrap_or_else(|| req.name.clone());
-    check_name("account", &account)?;
-    let (id, secret) = st.store.create_provider(&req.name, &account).await?;
-    starter_grant(&st, &account).await?;
-    tracing::info!(provider_id = id, "provider created");
-    Ok((
-        StatusCode::CREATED,
-        Json(Created {
-            id,
-            name: req.name,
-            secret: secret.expose().to_owned(),
-        }),
-    )
-        .into_response())
+    create(&st, &headers, &body, Kind::Provider).await
 }
 
 async fn list_providers(

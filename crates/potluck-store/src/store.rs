@@ -317,45 +317,50 @@ impl Store {
 
     /// Create a consumer key in `account` (created as a member if missing).
     pub async fn create_key(&self, name: &str, account: &str) -> Result<(i64, Secret)> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let account_id = account_id_or_create(&mut tx, account, Role::Member).await?;
-        let secret = Secret::generate(SecretKind::ConsumerKey);
-        let id = sqlx::query_scalar(
-            "INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(account_id)
-        .bind(name)
-        .bind(secret.hash())
-        .bind(secret.display_prefix())
-        .bind(now_secs())
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok((id, secret))
+        self.create_secret("api_keys", SecretKind::ConsumerKey, name, account)
+            .await
     }
 
-    /// Create a provider with a fresh tunnel token. Names are unique.
+    /// Create a provider with a fresh tunnel token. Live names are unique.
     pub async fn create_provider(&self, name: &str, account: &str) -> Result<(i64, Secret)> {
+        self.create_secret("providers", SecretKind::ProviderToken, name, account)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => {
+                    StoreError::Conflict(format!("a provider named {name:?} already exists"))
+                }
+                e => e,
+            })
+    }
+
+    /// Insert a fresh secret's hash into `table` (`api_keys` or `providers`, which share
+    /// these columns), for `account` (created as a member if missing).
+    async fn create_secret(
+        &self,
+        table: &'static str,
+        kind: SecretKind,
+        name: &str,
+        account: &str,
+    ) -> Result<(i64, Secret)> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let account_id = account_id_or_create(&mut tx, account, Role::Member).await?;
-        let secret = Secret::generate(SecretKind::ProviderToken);
-        let id = sqlx::query_scalar(
-            "INSERT INTO providers (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(account_id)
-        .bind(name)
-        .bind(secret.hash())
-        .bind(secret.display_prefix())
-        .bind(now_secs())
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict(format!("a provider named {name:?} already exists"))
-            } else {
-                StoreError::Db(e)
-            }
-        })?;
+        let secret = Secret::generate(kind);
+        let sql = format!("INSERT INTO {table} (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id");
+        let id = sqlx::query_scalar(&sql)
+            .bind(account_id)
+            .bind(name)
+            .bind(secret.hash())
+            .bind(secret.display_prefix())
+            .bind(now_secs())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict("name taken".into())
+                } else {
+                    StoreError::Db(e)
+                }
+            })?;
         tx.commit().await?;
         Ok((id, secret))
     }
