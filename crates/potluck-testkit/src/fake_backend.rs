@@ -46,6 +46,27 @@ impl Default for FakeBehavior {
     }
 }
 
+/// How the fake presents itself.
+#[derive(Debug, Clone)]
+pub struct FakeOptions {
+    /// API prefix: `/v1` (llama.cpp, vLLM), `/api/v1` (Lemonade).
+    pub prefix: String,
+    /// Discovery through ollama's `GET /api/tags` instead of `GET {prefix}/models`.
+    pub ollama: bool,
+    /// Require `Authorization: Bearer <key>` (vLLM `--api-key`).
+    pub api_key: Option<String>,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        Self {
+            prefix: "/v1".into(),
+            ollama: false,
+            api_key: None,
+        }
+    }
+}
+
 /// One request as the fake received it.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -63,6 +84,7 @@ pub struct Received {
 #[derive(Default)]
 pub struct FakeState {
     models: Mutex<Vec<String>>,
+    options: Mutex<FakeOptions>,
     behavior: Mutex<FakeBehavior>,
     received: Mutex<Vec<Received>>,
     /// Streams started.
@@ -84,13 +106,24 @@ pub struct FakeBackend {
 }
 
 impl FakeBackend {
-    /// Start one serving `models`.
+    /// Start one serving `models` at `/v1`, like llama.cpp or vLLM.
     pub async fn start(models: &[&str]) -> Self {
+        Self::start_with(models, FakeOptions::default()).await
+    }
+
+    /// Start one with another API prefix, ollama-style discovery, or a required API key.
+    pub async fn start_with(models: &[&str], opts: FakeOptions) -> Self {
         let state = Arc::new(FakeState::default());
         *state.models.lock().unwrap() = models.iter().map(|s| s.to_string()).collect();
-        let app = Router::new()
-            .route("/v1/models", get(list_models))
-            .route("/v1/{*rest}", any(inference))
+        *state.options.lock().unwrap() = opts.clone();
+        let mut app = Router::new();
+        if opts.ollama {
+            app = app.route("/api/tags", get(list_tags));
+        } else {
+            app = app.route(&format!("{}/models", opts.prefix), get(list_models));
+        }
+        let app = app
+            .route(&format!("{}/{{*rest}}", opts.prefix), any(inference))
             .fallback(any(record_other))
             .with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -154,7 +187,31 @@ impl FakeBackend {
     }
 }
 
-async fn list_models(State(st): State<Arc<FakeState>>) -> Response {
+async fn list_tags(State(st): State<Arc<FakeState>>) -> Response {
+    let data: Vec<Value> = st
+        .models
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| json!({"name": m, "model": m}))
+        .collect();
+    axum::Json(json!({"models": data})).into_response()
+}
+
+/// The key check of a backend started with an API key.
+fn unauthorized(st: &FakeState, headers: &http::HeaderMap) -> Option<Response> {
+    let want = st.options.lock().unwrap().api_key.clone()?;
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    (got != Some(format!("Bearer {want}").as_str()))
+        .then(|| (StatusCode::UNAUTHORIZED, "missing or wrong API key").into_response())
+}
+
+async fn list_models(State(st): State<Arc<FakeState>>, headers: http::HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&st, &headers) {
+        return r;
+    }
     let data: Vec<Value> = st
         .models
         .lock()
@@ -216,7 +273,15 @@ impl Drop for StreamGuard {
 }
 
 async fn inference(State(st): State<Arc<FakeState>>, req: Request) -> Response {
-    let rec = record(&st, req).await;
+    if let Some(r) = unauthorized(&st, req.headers()) {
+        return r;
+    }
+    let mut rec = record(&st, req).await;
+    // Answer by the OpenAI path, whatever the prefix.
+    let prefix = st.options.lock().unwrap().prefix.clone();
+    if let Some(rest) = rec.target.strip_prefix(prefix.as_str()) {
+        rec.target = format!("/v1{rest}");
+    }
     st.inference_requests.fetch_add(1, Ordering::SeqCst);
     let b = st.behavior.lock().unwrap().clone();
     if b.hang {

@@ -13,7 +13,7 @@ pub mod harness;
 pub mod real_backend;
 pub mod sse;
 
-pub use fake_backend::{FakeBackend, FakeBehavior};
+pub use fake_backend::{FakeBackend, FakeBehavior, FakeOptions};
 pub use harness::{TestAgent, TestHub};
 pub use real_backend::RealBackend;
 

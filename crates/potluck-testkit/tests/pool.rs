@@ -285,3 +285,82 @@ async fn revoked_provider_is_cut_off_and_its_agent_stops() {
             .is_err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_with_a_base_path_an_api_key_or_ollama_discovery() {
+    use potluck_testkit::FakeOptions;
+    let hub = TestHub::start().await;
+    let key = hub.create_key("consumer").await;
+    // Lemonade serves under /api/v1; vLLM with --api-key wants a bearer key; ollama lists
+    // its models at /api/tags.
+    let lemonade = FakeBackend::start_with(
+        &["lemon"],
+        FakeOptions {
+            prefix: "/api/v1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let vllm = FakeBackend::start_with(
+        &["vl"],
+        FakeOptions {
+            api_key: Some("vllm-secret".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ollama = FakeBackend::start_with(
+        &["llama3.2:1b"],
+        FakeOptions {
+            ollama: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let token = hub.create_provider("multi").await;
+    let mut cfg = TestAgent::config(
+        &hub.url(),
+        &token,
+        &[
+            lemonade.base_url().replace("/v1", "/api/v1"),
+            ollama.base_url(),
+        ],
+    );
+    let mut keyed =
+        potluck_agent::BackendConfig::parse(&vllm.base_url(), Some("vllm-secret".into())).unwrap();
+    keyed.slots = Some(2);
+    cfg.backends.push(keyed);
+    let _agent = TestAgent::start_with(cfg);
+    for m in ["lemon", "vl", "llama3.2:1b"] {
+        hub.wait_for_model(m, 1).await;
+    }
+    for m in ["lemon", "vl", "llama3.2:1b"] {
+        let r = hub
+            .http
+            .post(format!("{}/chat/completions", hub.v1()))
+            .bearer_auth(&key)
+            .json(&json!({"model": m, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{m}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["model"], m);
+    }
+    assert_eq!(
+        lemonade.inference_received()[0].target,
+        "/api/v1/chat/completions"
+    );
+    let auth: Vec<_> = vllm.inference_received()[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(
+        auth,
+        ["Bearer vllm-secret"],
+        "the backend's own key, never the consumer's"
+    );
+    assert_eq!(ollama.inference_received().len(), 1);
+}
