@@ -65,6 +65,7 @@ pub async fn run_writer(
     mut rx: mpsc::Receiver<Finished>,
     stop: CancellationToken,
 ) {
+    let mut earned = Earned::default();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut vest = tokio::time::interval(VEST_INTERVAL);
     loop {
@@ -88,24 +89,35 @@ pub async fn run_writer(
                 Err(_) => break,
             }
         }
-        write(&store, &credits, &mut batch).await;
+        write(&store, &credits, &mut earned, &mut batch).await;
     }
     let drain = async {
         rx.close();
         while let Some(r) = rx.recv().await {
             batch.push(r);
             if batch.len() >= MAX_BATCH {
-                write(&store, &credits, &mut batch).await;
+                write(&store, &credits, &mut earned, &mut batch).await;
             }
         }
-        write(&store, &credits, &mut batch).await;
+        write(&store, &credits, &mut earned, &mut batch).await;
     };
     if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
         tracing::warn!("usage writer drain timed out");
     }
 }
 
-async fn write(store: &Store, credits: &CreditsConfig, batch: &mut Vec<Finished>) {
+/// Accounts whose escrow was already released when they became trusted.
+#[derive(Default)]
+struct Earned {
+    released: std::collections::HashSet<i64>,
+}
+
+async fn write(
+    store: &Store,
+    credits: &CreditsConfig,
+    earned: &mut Earned,
+    batch: &mut Vec<Finished>,
+) {
     if batch.is_empty() {
         return;
     }
@@ -115,14 +127,14 @@ async fn write(store: &Store, credits: &CreditsConfig, batch: &mut Vec<Finished>
             continue;
         };
         // Escrow: a provider below the trust threshold earns into `unvested`.
-        let trusted = match store.total_earned(s.provider_account).await {
-            Ok(total) => total >= micro(credits.trust_threshold),
-            Err(_) => false,
-        };
-        if trusted {
+        let before = store.total_earned(s.provider_account).await.unwrap_or(0);
+        if before >= micro(credits.trust_threshold) {
             s.vests_at_ms = None;
-            if let Err(e) = store.vest_all(s.provider_account).await {
-                tracing::error!(error = %e, "vesting a trusted provider failed");
+            if earned.released.insert(s.provider_account) {
+                // Trusted now: release what it still holds in escrow, once.
+                if let Err(e) = store.vest_all(s.provider_account).await {
+                    tracing::error!(error = %e, "vesting a trusted provider failed");
+                }
             }
         } else {
             s.vests_at_ms = Some(now_ms() + credits.vesting.as_millis() as i64);

@@ -99,6 +99,19 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+async fn add_earnings(
+    conn: &mut SqliteConnection,
+    account_id: i64,
+    amount: Micro,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO earnings (account_id, total) VALUES (?, ?) ON CONFLICT (account_id) DO UPDATE SET total = total + excluded.total")
+        .bind(account_id)
+        .bind(amount)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Insert one balanced transaction and keep balances in step (inside the caller's DB transaction).
 async fn post(
     conn: &mut SqliteConnection,
@@ -219,6 +232,7 @@ impl Store {
                 s.vests_at_ms,
             )
             .await?;
+            add_earnings(&mut tx, s.provider_account, s.cost).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -267,15 +281,12 @@ impl Store {
             .collect())
     }
 
-    /// Total ever earned by an account through usage (vested or not, before claw-backs).
+    /// What an account earned by serving, net of claw-backs.
     pub async fn total_earned(&self, account_id: i64) -> Result<Micro, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar(
-            "SELECT SUM(e.amount) FROM ledger_entries e JOIN ledger_tx t ON t.id = e.tx_id \
-             WHERE e.account_id = ? AND t.kind = 'usage' AND e.amount > 0",
-        )
-        .bind(account_id)
-        .fetch_one(self.pool())
-        .await?;
+        let v: Option<i64> = sqlx::query_scalar("SELECT total FROM earnings WHERE account_id = ?")
+            .bind(account_id)
+            .fetch_optional(self.pool())
+            .await?;
         Ok(v.unwrap_or(0))
     }
 
@@ -361,6 +372,9 @@ impl Store {
                 dest,
             ];
             post(&mut tx, kind, None, &entries, None).await?;
+            if to.is_some() {
+                add_earnings(&mut tx, account_id, -held).await?;
+            }
             sqlx::query(
                 "UPDATE ledger_tx SET vested = 1 WHERE vested = 0 AND id IN \
                  (SELECT tx_id FROM ledger_entries WHERE account_id = ? AND bucket = 'unvested')",

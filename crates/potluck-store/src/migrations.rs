@@ -79,6 +79,11 @@ CREATE TABLE ledger_entries (
 );
 CREATE INDEX ledger_entries_account ON ledger_entries(account_id, tx_id);
 CREATE INDEX ledger_tx_vesting ON ledger_tx(vests_at_ms) WHERE vested = 0 AND vests_at_ms IS NOT NULL;
+-- What each account earned by serving, net of claw-backs (for the trust threshold).
+CREATE TABLE earnings (
+    account_id INTEGER PRIMARY KEY REFERENCES accounts(id),
+    total      INTEGER NOT NULL
+);
 -- Kept in step with the entries in the same database transaction.
 CREATE TABLE balances (
     account_id INTEGER NOT NULL REFERENCES accounts(id),

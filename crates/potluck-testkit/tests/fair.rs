@@ -521,3 +521,55 @@ async fn anonymous_access_is_off_by_default_and_lowest_priority_when_on() {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escrow_can_be_clawed_back_and_vests_at_the_trust_threshold() {
+    let hub = TestHub::start_with(|c| {
+        for r in c.credits.classes.values_mut() {
+            r.prompt = 0;
+            r.completion = 1_000_000; // one credit per completion token
+        }
+        c.credits.trust_threshold = 12.0;
+    })
+    .await;
+    let key = hub.create_key("alice").await;
+    let backend = FakeBackend::start(&[MODEL]).await; // 5 completion tokens per answer
+    let _agent = TestAgent::start(&hub, &hub.create_provider("gpu").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let (start, _) = hub.balance("gpu").await;
+    let send = || request(&hub, &key, "x", false).send();
+    assert_eq!(send().await.unwrap().status(), 200);
+    hub.wait_usage_rows(1).await;
+    assert_eq!(
+        hub.balance("gpu").await,
+        (start, 5_000_000),
+        "a newcomer's earnings are held in escrow"
+    );
+    // A cheating provider loses what it holds in escrow.
+    let r = hub
+        .http
+        .post(format!("{}/admin/v1/providers/gpu/clawback", hub.url()))
+        .bearer_auth(&hub.admin_key)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["clawed_back_micro"], 5_000_000);
+    assert_eq!(hub.balance("gpu").await, (start, 0));
+    // Claw-backs do not count towards trust: three more answers (15 credits, past the
+    // threshold of 12) are all held; the next one finds the provider trusted, which
+    // releases the escrow and pays out at once.
+    for n in 2..=4 {
+        assert_eq!(send().await.unwrap().status(), 200);
+        hub.wait_usage_rows(n).await;
+    }
+    assert_eq!(hub.balance("gpu").await, (start, 15_000_000));
+    assert_eq!(send().await.unwrap().status(), 200);
+    hub.wait_usage_rows(5).await;
+    assert_eq!(
+        hub.balance("gpu").await,
+        (start + 20_000_000, 0),
+        "vested once trusted"
+    );
+    hub.state().store.audit_ledger().await.unwrap();
+}
