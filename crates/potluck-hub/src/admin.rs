@@ -154,6 +154,7 @@ async fn revoke_key(
         potluck_store::StoreError::NotFound => ApiError::NotFound("key"),
         e => e.into(),
     })?;
+    st.keys.clear();
     tracing::info!(key_id = id, "consumer key revoked");
     Ok(Json(json!({"id": id, "revoked": true})).into_response())
 }
@@ -348,6 +349,7 @@ async fn grant(
     }
     let id = account_id(&st, &name).await?;
     let tx = st.store.grant(id, micro(req.amount)).await?;
+    st.balances.remove(&id);
     tracing::info!(
         account_id = id,
         by_key = admin.key_id,
@@ -370,6 +372,7 @@ async fn clawback(
         .ok_or(ApiError::NotFound("provider"))?;
     let account = account_id(&st, &p.account).await?;
     let taken = st.store.clawback(account).await?;
+    st.balances.remove(&account);
     tracing::info!(
         provider_id = p.id,
         clawed_back = taken,
@@ -403,6 +406,7 @@ async fn set_limits(
         potluck_store::StoreError::NotFound => ApiError::NotFound("key"),
         e => e.into(),
     })?;
+    st.keys.clear();
     tracing::info!(key_id = id, "key limits set");
     Ok(Json(json!({"id": id, "limits": l})).into_response())
 }

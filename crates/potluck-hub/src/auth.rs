@@ -26,11 +26,17 @@ pub fn bearer(headers: &HeaderMap) -> Option<Secret> {
 /// Authenticate a consumer (any valid key).
 pub async fn consumer(state: &HubState, headers: &HeaderMap) -> Result<KeyAuth, ApiError> {
     let secret = bearer(headers).ok_or(ApiError::Unauthorized)?;
-    state
+    let hash = secret.hash();
+    if let Some(k) = state.keys.get(&hash) {
+        return Ok(k);
+    }
+    let k = state
         .store
         .authenticate_key(&secret)
         .await?
-        .ok_or(ApiError::Unauthorized)
+        .ok_or(ApiError::Unauthorized)?;
+    state.keys.put(hash, k.clone());
+    Ok(k)
 }
 
 /// Authenticate a consumer, or, with no `Authorization` header on a hub that allows it,
@@ -45,6 +51,16 @@ pub async fn consumer_or_anonymous(
         }
     }
     Ok((consumer(state, headers).await?, false))
+}
+
+/// An account's available balance (cached briefly).
+pub async fn available(state: &HubState, account_id: i64) -> Result<i64, ApiError> {
+    if let Some(b) = state.balances.get(&account_id) {
+        return Ok(b);
+    }
+    let b = state.store.balance(account_id).await?.available;
+    state.balances.put(account_id, b);
+    Ok(b)
 }
 
 /// Authenticate an admin.

@@ -10,6 +10,7 @@
 pub mod accounting;
 mod admin;
 mod auth;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod limits;
@@ -65,6 +66,10 @@ pub struct HubState {
     pub treasury: i64,
     /// The shared anonymous key, when anonymous access is on.
     pub anonymous: Option<potluck_store::KeyAuth>,
+    /// Resolved keys by secret hash.
+    pub keys: cache::TtlCache<String, potluck_store::KeyAuth>,
+    /// Available balances by account.
+    pub balances: cache::TtlCache<i64, i64>,
     /// Typical request duration per model (exponential moving average, ms).
     service: std::sync::Mutex<std::collections::HashMap<potluck_protocol::ModelName, f64>>,
 }
@@ -136,6 +141,8 @@ impl Hub {
             treasury,
             anonymous,
             service: Default::default(),
+            keys: cache::TtlCache::new(cache::KEY_TTL),
+            balances: cache::TtlCache::new(cache::BALANCE_TTL),
         });
         Ok(Self { state, usage_rx })
     }

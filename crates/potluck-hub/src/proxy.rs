@@ -543,8 +543,8 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
     let priority = if anonymous {
         PRIORITY_ANONYMOUS
     } else {
-        let balance = match state.store.balance(key.account_id).await {
-            Ok(b) => b.available,
+        let balance = match auth::available(&state, key.account_id).await {
+            Ok(b) => b,
             Err(e) => return reject(&request_id, endpoint, Some(&key), e.into()),
         };
         if state.config.credits.require_credits && balance <= 0 {

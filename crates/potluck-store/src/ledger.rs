@@ -161,10 +161,22 @@ async fn post(
 impl Store {
     /// The id of a system account (created on first use).
     pub async fn system_account(&self, name: &str) -> Result<i64, StoreError> {
+        if let Some(id) = self
+            .system_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return Ok(*id);
+        }
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let id =
             crate::store::account_id_or_create(&mut tx, name, crate::store::Role::System).await?;
         tx.commit().await?;
+        self.system_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), id);
         Ok(id)
     }
 

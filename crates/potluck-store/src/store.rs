@@ -182,6 +182,8 @@ pub struct UsageRecord {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Ids of the system accounts (they never change once created).
+    pub(crate) system_ids: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
 }
 
 fn now_secs() -> i64 {
@@ -210,7 +212,10 @@ impl Store {
             .max_connections(MAX_CONNECTIONS)
             .connect_with(opts)
             .await?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            system_ids: Default::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -222,7 +227,10 @@ impl Store {
             .max_connections(1)
             .connect_with(opts)
             .await?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            system_ids: Default::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
