@@ -545,7 +545,7 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
     } else {
         let balance = match auth::available(&state, key.account_id).await {
             Ok(b) => b,
-            Err(e) => return reject(&request_id, endpoint, Some(&key), e.into()),
+            Err(e) => return reject(&request_id, endpoint, Some(&key), e),
         };
         if state.config.credits.require_credits && balance <= 0 {
             return reject(
