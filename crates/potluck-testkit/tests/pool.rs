@@ -364,3 +364,33 @@ async fn backends_with_a_base_path_an_api_key_or_ollama_discovery() {
     );
     assert_eq!(ollama.inference_received().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_tunnel_is_detected_by_keepalive() {
+    let hub = TestHub::start().await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let proxy = potluck_testkit::chaos_proxy::ChaosProxy::start(hub.addr).await;
+    let cfg = TestAgent::config(
+        &proxy.url(),
+        &hub.create_provider("p").await,
+        &[backend.base_url()],
+    );
+    let _agent = TestAgent::start_with(cfg);
+    hub.wait_for_model(MODEL, 1).await;
+    // The network goes silent: no FIN, no RST. HTTP/2 pings (every 2 s, 4 s to answer)
+    // must notice, and the hub must stop routing there.
+    let frozen_at = tokio::time::Instant::now();
+    proxy.freeze();
+    hub.wait_for_model(MODEL, 0).await;
+    let took = frozen_at.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "detected after {took:?} (pings every 2 s, 4 s to answer)"
+    );
+    let key = hub.create_key("c").await;
+    assert_eq!(
+        chat(&hub, &key, false).await.status(),
+        404,
+        "nothing routes to the dead tunnel"
+    );
+}
