@@ -37,7 +37,7 @@ pub const MAX_CONTROL_LINE_BYTES: usize = 256 * 1024;
 /// Most models one agent may offer.
 pub const MAX_MODELS_PER_AGENT: usize = 512;
 /// Largest concurrency an agent may announce (per model or in total).
-pub const MAX_ANNOUNCED_CONCURRENCY: u32 = 4096;
+pub const MAX_ANNOUNCED_CONCURRENCY: u32 = 16_384;
 
 /// One model an agent offers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 /// Most concurrent streams (requests) on one tunnel. hyper's default is 200; a busy
 /// provider behind one tunnel must not be capped by it.
-pub const MAX_CONCURRENT_STREAMS: u32 = 4096;
+pub const MAX_CONCURRENT_STREAMS: u32 = 16_384;
 /// How often each end pings the other.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a ping may go unanswered before the tunnel is declared dead.
