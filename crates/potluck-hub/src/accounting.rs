@@ -14,6 +14,8 @@ use crate::config::{micro, CreditsConfig};
 pub const MAX_BATCH: usize = 512;
 /// How long the writer may take to drain the queue at shutdown.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the writer gathers records before writing them in one transaction.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// How often escrowed earnings are checked for vesting.
 pub const VEST_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -83,10 +85,18 @@ pub async fn run_writer(
         };
         let Some(first) = first else { break };
         batch.push(first);
+        // Collect what arrives within a short window, so that a steady trickle of
+        // requests costs one database transaction per window, not one each.
+        let window = tokio::time::sleep(BATCH_WINDOW);
+        tokio::pin!(window);
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => batch.push(r),
+                    None => break,
+                },
+                _ = &mut window => break,
+                _ = stop.cancelled() => break,
             }
         }
         write(&store, &credits, &mut earned, &mut batch).await;
@@ -115,22 +125,27 @@ struct Earned {
 async fn write(
     store: &Store,
     credits: &CreditsConfig,
-    earned: &mut Earned,
+    released: &mut Earned,
     batch: &mut Vec<Finished>,
 ) {
     if batch.is_empty() {
         return;
     }
     let mut settlements = Vec::new();
+    let mut earned: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
     for f in batch.iter_mut() {
         let Some(mut s) = f.settlement.take() else {
             continue;
         };
         // Escrow: a provider below the trust threshold earns into `unvested`.
-        let before = store.total_earned(s.provider_account).await.unwrap_or(0);
+        let before = match earned.get(&s.provider_account) {
+            Some(v) => *v,
+            None => store.total_earned(s.provider_account).await.unwrap_or(0),
+        };
+        earned.insert(s.provider_account, before + s.cost);
         if before >= micro(credits.trust_threshold) {
             s.vests_at_ms = None;
-            if earned.released.insert(s.provider_account) {
+            if released.released.insert(s.provider_account) {
                 // Trusted now: release what it still holds in escrow, once.
                 if let Err(e) = store.vest_all(s.provider_account).await {
                     tracing::error!(error = %e, "vesting a trusted provider failed");
@@ -141,12 +156,8 @@ async fn write(
         }
         settlements.push(s);
     }
-    if let Err(e) = store.settle_many(&settlements).await {
-        tracing::error!(error = %e, rows = settlements.len(), "settling usage failed");
-    }
-    // Usage rows last: once a row is visible, its settlement is too.
     let usage: Vec<UsageRecord> = batch.iter().map(|f| f.usage.clone()).collect();
-    if let Err(e) = store.record_usage(&usage).await {
+    if let Err(e) = store.record_finished(&usage, &settlements).await {
         tracing::error!(error = %e, rows = usage.len(), "writing usage records failed");
     }
     batch.clear();

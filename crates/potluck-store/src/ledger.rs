@@ -208,7 +208,16 @@ impl Store {
 
     /// Settle a batch in one database transaction.
     pub async fn settle_many(&self, batch: &[Settlement]) -> Result<(), StoreError> {
-        if batch.is_empty() {
+        self.record_finished(&[], batch).await
+    }
+
+    /// Write usage rows and settle what they cost, in one database transaction.
+    pub async fn record_finished(
+        &self,
+        usage: &[crate::UsageRecord],
+        batch: &[Settlement],
+    ) -> Result<(), StoreError> {
+        if usage.is_empty() && batch.is_empty() {
             return Ok(());
         }
         let tax_account = self.system_account(TAX).await?;
@@ -245,6 +254,9 @@ impl Store {
             )
             .await?;
             add_earnings(&mut tx, s.provider_account, s.cost).await?;
+        }
+        for u in usage {
+            crate::store::insert_usage(&mut tx, u).await?;
         }
         tx.commit().await?;
         Ok(())
