@@ -120,6 +120,11 @@ pub struct Sample {
     pub completion_tokens: u64,
     /// Wall time from the start signal until the last worker finished.
     pub elapsed: Duration,
+    /// Streams: content chunks that arrived within the measurement window (a straggler
+    /// finishing late then cannot stretch a throughput figure).
+    pub window_chunks: u64,
+    /// The measurement window: the slice length, or `elapsed` for a counted run.
+    pub window: Duration,
     /// The first error seen, for the report.
     pub first_error: Option<String>,
 }
@@ -135,6 +140,8 @@ impl Sample {
         self.chunks += o.chunks;
         self.completion_tokens += o.completion_tokens;
         self.elapsed += o.elapsed;
+        self.window_chunks += o.window_chunks;
+        self.window += o.window;
         if self.first_error.is_none() {
             self.first_error = o.first_error;
         }
@@ -167,6 +174,8 @@ impl Stop {
 /// One HTTP/1.1 connection with its driver task.
 pub struct Conn {
     addr: SocketAddr,
+    /// Requests sent on this connection.
+    used: u32,
     sender: SendRequest<Full<Bytes>>,
     host: HeaderValue,
     _driver: AbortOnDropHandle<()>,
@@ -187,6 +196,7 @@ impl Conn {
         let host = HeaderValue::from_str(&addr.to_string())?;
         Ok(Self {
             addr,
+            used: 0,
             sender,
             host,
             _driver: driver,
@@ -194,6 +204,10 @@ impl Conn {
     }
 
     /// Send one request; return the response once its headers are in.
+    ///
+    /// A server may close a kept-alive connection at any time (llama.cpp's does after a
+    /// few requests), so, like hyper-util's pooled client, a request that fails before
+    /// any answer on a reused connection is sent once more on a new one.
     pub async fn send(
         &mut self,
         ep: &Endpoint,
@@ -201,12 +215,29 @@ impl Conn {
         path: &str,
         body: Bytes,
     ) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
-        if self.sender.ready().await.is_err() {
-            // The server closed the connection after the last answer (llama.cpp's server
-            // does after every stream): open a new one; this is not a failed request.
+        let reused = self.used > 0;
+        if reused && self.sender.ready().await.is_err() {
             *self = Conn::open(self.addr).await?;
-            self.sender.ready().await?;
         }
+        self.used += 1;
+        match self.try_send(ep, method.clone(), path, body.clone()).await {
+            Err(_) if reused => {
+                *self = Conn::open(self.addr).await?;
+                self.used += 1;
+                self.try_send(ep, method, path, body).await
+            }
+            r => r,
+        }
+    }
+
+    async fn try_send(
+        &mut self,
+        ep: &Endpoint,
+        method: http::Method,
+        path: &str,
+        body: Bytes,
+    ) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
+        self.sender.ready().await?;
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -256,6 +287,9 @@ fn completion_tokens(event: &[u8]) -> Option<u64> {
 #[derive(Debug)]
 pub struct StreamReader {
     started: Instant,
+    deadline: Option<Instant>,
+    /// Content chunks that arrived by the deadline.
+    pub in_window: u64,
     buf: Vec<u8>,
     last_token: Option<Instant>,
     /// Time to the first content chunk.
@@ -275,6 +309,8 @@ impl StreamReader {
     pub fn new(started: Instant) -> Self {
         Self {
             started,
+            deadline: None,
+            in_window: 0,
             buf: Vec::new(),
             last_token: None,
             ttft: None,
@@ -295,6 +331,9 @@ impl StreamReader {
                 self.done = true;
             } else if find(event, b"\"content\":\"").is_some() {
                 self.tokens += 1;
+                if self.deadline.is_none_or(|d| now <= d) {
+                    self.in_window += 1;
+                }
                 match self.last_token {
                     None => self.ttft = Some(now - self.started),
                     Some(prev) => self.gaps_ns.push((now - prev).as_nanos() as u64),
@@ -322,6 +361,7 @@ async fn one(
     ep: &Endpoint,
     spec: &RequestSpec,
     s: &mut Sample,
+    deadline: Option<Instant>,
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let resp = conn
@@ -354,6 +394,7 @@ async fn one(
         return Ok(());
     }
     let mut r = StreamReader::new(t0);
+    r.deadline = deadline;
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
             r.feed(&data, Instant::now())?;
@@ -369,6 +410,7 @@ async fn one(
     s.gap_ns.append(&mut r.gaps_ns);
     s.chunks += r.tokens;
     s.completion_tokens += r.usage_tokens.unwrap_or(r.tokens);
+    s.window_chunks += r.in_window;
     Ok(())
 }
 
@@ -404,7 +446,9 @@ async fn worker(
         if !go {
             break;
         }
-        let r = match tokio::time::timeout(timeout, one(&mut conn, &ep, &spec, &mut s)).await {
+        let r = match tokio::time::timeout(timeout, one(&mut conn, &ep, &spec, &mut s, deadline))
+            .await
+        {
             Ok(r) => r,
             Err(_) => Err(anyhow!("request timed out after {timeout:?}")),
         };
@@ -460,6 +504,10 @@ pub async fn run(
         }
     }
     total.elapsed = t0.elapsed();
+    total.window = match stop {
+        Stop::After(d) => d,
+        Stop::Count(_) => total.elapsed,
+    };
     total
 }
 

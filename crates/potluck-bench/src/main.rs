@@ -4,13 +4,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use potluck_bench::fake_backend::{FakeBackend, FakeConfig};
+use potluck_bench::loadgen::{self, Endpoint, RequestSpec, Stop};
 use potluck_bench::suite::{Paths, Settings};
 use potluck_bench::targets::LlamaSetup;
-use potluck_bench::{floor, report, smoke, suite, sysinfo};
+use potluck_bench::{floor, report, smoke, stats, suite, sysinfo};
 use tokio_util::sync::CancellationToken;
 
 /// Open files wanted at least: each held stream costs the load generator two sockets (its
@@ -18,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 const MIN_OPEN_FILES: u64 = 65_536;
 /// Slack on top of two per held stream.
 const OPEN_FILES_SLACK: u64 = 8_192;
+/// Longest one request of `potluck-bench load` may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Potluck's benchmark suite.
 #[derive(Debug, Parser)]
@@ -41,6 +45,30 @@ enum Cmd {
         /// The HTTP/2 (prior knowledge) upstream.
         #[arg(long)]
         upstream: SocketAddr,
+    },
+    /// Send load to one endpoint and print the figures (for profiling by hand).
+    Load {
+        /// Host and port of an OpenAI-compatible server.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Bearer key, if the server wants one.
+        #[arg(long, env = "POTLUCK_BENCH_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// Model to ask for.
+        #[arg(long, default_value = "bench")]
+        model: String,
+        /// Stream the answers.
+        #[arg(long)]
+        stream: bool,
+        /// `max_tokens` (chunks per stream).
+        #[arg(long, default_value_t = 16)]
+        max_tokens: u32,
+        /// Concurrent clients.
+        #[arg(long, short = 'c', default_value_t = 64)]
+        concurrency: usize,
+        /// How long, in seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
     /// Run the fake backend alone (for trying things by hand).
     FakeBackend {
@@ -133,9 +161,12 @@ struct AllArgs {
     /// Real model: `max_tokens` per stream.
     #[arg(long, default_value_t = 32)]
     real_max_tokens: u32,
-    /// Real model: slots per server (and clients per server).
+    /// Real model: slots per server.
     #[arg(long, default_value_t = 4)]
     real_parallel: u32,
+    /// Real model: clients per slot, each measured (1: latency-bound; 2: saturated).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    real_clients_per_slot: Vec<u32>,
 }
 
 fn home() -> PathBuf {
@@ -174,6 +205,11 @@ async fn all(a: AllArgs) -> anyhow::Result<()> {
         real_rounds: a.real_rounds.max(1),
         real_max_tokens: a.real_max_tokens.max(1),
         real_parallel: a.real_parallel.max(1),
+        real_clients_per_slot: a
+            .real_clients_per_slot
+            .into_iter()
+            .map(|k| k.max(1))
+            .collect(),
     };
     let llama = (!a.no_real_model).then(|| LlamaSetup {
         python: a
@@ -236,6 +272,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ = until_signal(token.clone()) => Ok(()),
             }
         }
+        Cmd::Load {
+            addr,
+            key,
+            model,
+            stream,
+            max_tokens,
+            concurrency,
+            seconds,
+        } => {
+            let ep = match key {
+                Some(k) => Endpoint::with_key(addr, &k)?,
+                None => Endpoint::open(addr),
+            };
+            let spec = if stream {
+                RequestSpec::stream(&model, max_tokens)
+            } else {
+                RequestSpec::chat(&model, max_tokens)
+            };
+            let mut s = loadgen::run(
+                &[ep],
+                &spec,
+                concurrency,
+                Stop::After(Duration::from_secs(seconds)),
+                REQUEST_TIMEOUT,
+            )
+            .await;
+            let lat = stats::summarize(&mut s.latency_ns);
+            let ttft = stats::summarize(&mut s.ttft_ns);
+            println!(
+                "{} ok, {} errors, {:.0} req/s, {:.0} chunks/s; latency p50 {:.0} µs p99 {:.0} µs; ttft p50 {:.0} µs",
+                s.ok,
+                s.errors,
+                s.ok as f64 / s.elapsed.as_secs_f64(),
+                s.chunks as f64 / s.elapsed.as_secs_f64(),
+                lat.p50_us,
+                lat.p99_us,
+                ttft.p50_us
+            );
+            if let Some(e) = s.first_error {
+                println!("first error: {e}");
+            }
+            Ok(())
+        }
         Cmd::FakeBackend {
             listen,
             gap_ms,
@@ -245,8 +324,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let cfg = FakeConfig {
-                fast_gap: std::time::Duration::from_millis(gap_ms),
-                slow_gap: std::time::Duration::from_millis(slow_gap_ms),
+                fast_gap: Duration::from_millis(gap_ms),
+                slow_gap: Duration::from_millis(slow_gap_ms),
             };
             let fake = FakeBackend::serve(listener, cfg)?;
             println!("fake backend listening on {}", fake.base_url());

@@ -95,6 +95,10 @@ pub struct Report {
     pub real_model_error: Option<String>,
     /// Target ratios.
     pub ratios: Vec<Ratio>,
+    /// CPU the Potluck hub and agent used while other targets were being measured, s.
+    pub potluck_background_cpu_s: f64,
+    /// "usage queue full ... record dropped" warnings in the Potluck hub's log.
+    pub usage_records_dropped: u64,
     /// Things that went wrong but did not stop the run.
     pub notes: Vec<String>,
     /// Wall time of `potluck-bench all`, s.
@@ -236,6 +240,12 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(o, "TTFT = time to the first content chunk; added TTFT is against direct. CPU per chunk = server CPU in the cell / content chunks delivered.\n");
     stream_table(&mut o, &r.stream);
 
+    let _ = writeln!(
+        o,
+        "\nPotluck's hub and agent used **{:.1} CPU-seconds while the other targets were being measured** (work deferred from its own slices, \
+         e.g. the usage writer catching up); usage records the hub reported dropped (queue full): **{}**.",
+        r.potluck_background_cpu_s, r.usage_records_dropped
+    );
     let _ = writeln!(o, "\n### Memory\n");
     let mm = &r.memory;
     let _ = writeln!(o, "| process | RSS |\n|---|---:|");
@@ -260,7 +270,7 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(
                 o,
                 "\n**Held streams** (fresh hub and agent, `--max-concurrency {}`):\n",
-                crate::suite::AGENT_MAX_CONCURRENCY
+                h.agent_max_concurrency
             );
             let _ = writeln!(o, "| | |\n|---|---:|");
             let _ = writeln!(o, "| requested | {} |", h.result.requested);
@@ -316,14 +326,18 @@ pub fn markdown(r: &Report) -> String {
             r.real_model_error.as_deref().unwrap_or("unknown reason")
         );
     } else {
-        let _ = writeln!(o, "Streams of `max_tokens` = {}; direct = the load generator spreads clients over the servers itself.\n", s.real_max_tokens);
-        let _ = writeln!(o, "| providers | target | clients | streams | tokens/s | TTFT p50 | errors |\n|---:|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(o, "Streams of `max_tokens` = {}; direct = the load generator spreads clients over the servers itself. \
+         The agents run with the default `--max-concurrency`. One client per slot is latency-bound (every ms the hub adds leaves a slot idle); \
+         two per slot keep the servers saturated (aggregate capacity). \
+         Tokens/s counts the content chunks that arrived within the measurement windows.\n", s.real_max_tokens);
+        let _ = writeln!(o, "| providers | target | clients per slot | clients | streams | tokens/s | TTFT p50 | errors |\n|---:|---|---:|---:|---:|---:|---:|---:|");
         for c in &r.real_model {
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {:.1} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.1} | {} | {} |",
                 c.providers,
                 c.target,
+                c.clients_per_slot,
                 c.concurrency,
                 c.requests,
                 c.tokens_per_s,

@@ -37,8 +37,12 @@ pub async fn run(potluck_bin: &Path, work_dir: &Path) -> anyhow::Result<()> {
     .await?;
     let mut floor = Floor::start(fake.addr(), work_dir).await?;
     let mut pot = Potluck::start("smoke", potluck_bin, &work_dir.join("smoke"), "warn").await?;
-    pot.add_provider("p1", &fake.base_url(), crate::suite::AGENT_MAX_CONCURRENCY)
-        .await?;
+    pot.add_provider(
+        "p1",
+        &fake.base_url(),
+        Some(crate::suite::AGENT_MAX_CONCURRENCY),
+    )
+    .await?;
     pot.wait_model(MODEL_FAST, 1).await?;
     let targets = [
         ("direct", Endpoint::open(fake.addr())),

@@ -30,6 +30,9 @@ pub const HELD_RSS_SAMPLES: u32 = 5;
 pub const HELD_RSS_INTERVAL: Duration = Duration::from_millis(200);
 /// How long opening all held streams may take.
 pub const HELD_SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// Longest one real-model stream may take (a few hundred ms normally): a request that
+/// llama.cpp never answers then costs one worker 10 s, not the whole slice.
+pub const REAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Non-streamed tokens asked of the fake backend (it ignores them).
 pub const CHAT_MAX_TOKENS: u32 = 16;
 
@@ -62,8 +65,10 @@ pub struct Settings {
     pub real_rounds: u32,
     /// Real model: `max_tokens` per request (the tiny model never stops by itself).
     pub real_max_tokens: u32,
-    /// Real model: slots per llama.cpp server (also the concurrency per server).
+    /// Real model: slots per llama.cpp server.
     pub real_parallel: u32,
+    /// Real model: clients per slot, each measured (1: latency-bound; 2: saturated).
+    pub real_clients_per_slot: Vec<u32>,
 }
 
 /// Where things are.
@@ -217,6 +222,7 @@ async fn run_cell(
     spec: &RequestSpec,
     c: usize,
     s: &Settings,
+    background: &mut u64,
 ) -> Vec<Cell> {
     let active: Vec<&Target> = targets
         .iter()
@@ -230,6 +236,11 @@ async fn run_cell(
             let i = (k + round) % active.len();
             let t = active[i];
             let before = t.cpu_ticks();
+            // Potluck's own CPU while another target is measured: deferred work.
+            let watched = targets
+                .iter()
+                .find(|w| w.name == "potluck" && w.name != t.name);
+            let bg_before = watched.map(Target::cpu_ticks).unwrap_or(0);
             let sample = loadgen::run(
                 std::slice::from_ref(&t.endpoint),
                 spec,
@@ -239,6 +250,10 @@ async fn run_cell(
             )
             .await;
             let after = t.cpu_ticks();
+            *background += watched
+                .map(Target::cpu_ticks)
+                .unwrap_or(0)
+                .saturating_sub(bg_before);
             acc[i].0.merge(sample);
             acc[i].1 += after.saturating_sub(before);
         }
@@ -308,6 +323,8 @@ pub struct Memory {
 /// The held-streams test.
 #[derive(Debug, Clone, Serialize)]
 pub struct Held {
+    /// The agent's `--max-concurrency`.
+    pub agent_max_concurrency: u32,
     /// Outcome.
     pub result: HeldResult,
     /// Hub and agent before.
@@ -327,6 +344,8 @@ pub struct RealCell {
     pub providers: usize,
     /// `direct` or `potluck`.
     pub target: String,
+    /// Clients per llama.cpp slot (1: as many clients as slots; 2: saturated).
+    pub clients_per_slot: u32,
     /// Concurrent streams.
     pub concurrency: usize,
     /// Streams that succeeded.
@@ -339,7 +358,8 @@ pub struct RealCell {
     pub tokens: u64,
     /// Measured time, s.
     pub elapsed_s: f64,
-    /// Aggregate completion tokens per second.
+    /// Aggregate tokens per second: content chunks (one token each from llama.cpp) that
+    /// arrived within the measurement windows, over the windows' length.
     pub tokens_per_s: f64,
     /// Time to first token.
     pub ttft: Summary,
@@ -371,7 +391,7 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
         "warn",
     )
     .await?;
-    pot.add_provider("p1", &fake.base_url(), AGENT_MAX_CONCURRENCY)
+    pot.add_provider("p1", &fake.base_url(), Some(AGENT_MAX_CONCURRENCY))
         .await?;
     pot.wait_model(MODEL_FAST, 1).await?;
     commands.extend(pot.commands.iter().cloned());
@@ -497,14 +517,17 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
         }
     }
 
+    let mut background = 0u64;
     let mut chat_cells = Vec::new();
     let mut stream_cells = Vec::new();
     for &c in &settings.concurrencies {
-        chat_cells.extend(run_cell(&targets, "chat", &chat, c, &settings).await);
+        chat_cells.extend(run_cell(&targets, "chat", &chat, c, &settings, &mut background).await);
     }
     for &c in &settings.concurrencies {
-        stream_cells.extend(run_cell(&targets, "stream", &stream, c, &settings).await);
+        stream_cells
+            .extend(run_cell(&targets, "stream", &stream, c, &settings, &mut background).await);
     }
+    let potluck_background_cpu_s = background as f64 / procs::ticks_per_second() as f64;
     add_overheads(&mut chat_cells);
     add_overheads(&mut stream_cells);
     memory.after_load = potluck_rss(&pot);
@@ -525,6 +548,13 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
         p.stop().await;
     }
     floor.proc.stop().await;
+    // The main hub goes too: the held-streams and real-model tests get fresh hubs, so
+    // that no work deferred from the cells (e.g. the usage writer) runs during them.
+    if let Err(e) = pot.ensure_running() {
+        notes.push(format!("potluck died during the run: {e:#}"));
+    }
+    pot.stop().await;
+    let usage_records_dropped = pot_warnings(&paths.work_dir.join("potluck"), "record dropped");
 
     say(&format!(
         "holding {} slow streams through a fresh hub and agent",
@@ -539,16 +569,12 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
         None => (Vec::new(), Some("skipped (--no-real-model)".to_owned())),
         Some(setup) => {
             say("real model: llama.cpp providers");
-            match real_model(&settings, setup, &paths, &mut pot, &mut commands).await {
+            match real_model(&settings, setup, &paths, &mut commands).await {
                 Ok(r) => (r, None),
                 Err(e) => (Vec::new(), Some(format!("{e:#}"))),
             }
         }
     };
-    if let Err(e) = pot.ensure_running() {
-        notes.push(format!("potluck died during the run: {e:#}"));
-    }
-    pot.stop().await;
     fake.stop().await;
 
     let mut report = Report {
@@ -564,11 +590,31 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
         real_model: real,
         real_model_error: real_error,
         ratios: Vec::new(),
+        potluck_background_cpu_s,
+        usage_records_dropped,
         notes,
         wall_s: started.elapsed().as_secs_f64(),
     };
     report.ratios = ratios(&report);
     Ok(report)
+}
+
+/// Lines containing `needle` in the hub and agent logs of a Potluck directory.
+fn pot_warnings(dir: &std::path::Path, needle: &str) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".err"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(needle))
+                .count() as u64
+        })
+        .sum()
 }
 
 async fn start_potluck_info(paths: &Paths, fake: &FakeBackend) -> anyhow::Result<Potluck> {
@@ -579,7 +625,7 @@ async fn start_potluck_info(paths: &Paths, fake: &FakeBackend) -> anyhow::Result
         "info",
     )
     .await?;
-    p.add_provider("p1", &fake.base_url(), AGENT_MAX_CONCURRENCY)
+    p.add_provider("p1", &fake.base_url(), Some(AGENT_MAX_CONCURRENCY))
         .await?;
     p.wait_model(MODEL_FAST, 1).await?;
     Ok(p)
@@ -590,6 +636,9 @@ async fn held_streams(
     paths: &Paths,
     commands: &mut Vec<String>,
 ) -> anyhow::Result<Held> {
+    // Enough agent concurrency for every held stream (the CLI's limit is 16,384 since the
+    // tunnel's stream limit was raised; at least the cells' 4,096).
+    let agent_max = AGENT_MAX_CONCURRENCY.max(u32::try_from(s.held_streams).unwrap_or(u32::MAX));
     // The fake backend runs as its own process here: the load generator already holds one
     // socket per stream, and a sandbox may cap open files at 20,000 per process.
     let mut fake = FakeProcess::start(s.held_gap_ms, &paths.work_dir).await?;
@@ -601,7 +650,7 @@ async fn held_streams(
         "warn",
     )
     .await?;
-    pot.add_provider("p1", &fake.base_url(), AGENT_MAX_CONCURRENCY)
+    pot.add_provider("p1", &fake.base_url(), Some(agent_max))
         .await?;
     pot.wait_model(MODEL_SLOW, 1).await?;
     commands.push(format!(
@@ -656,6 +705,7 @@ async fn held_streams(
     let grown = (peak.hub_kib + peak.agent_kib).saturating_sub(before.hub_kib + before.agent_kib);
     let per_stream_kib = (open_at_peak > 0).then(|| grown as f64 / open_at_peak as f64);
     Ok(Held {
+        agent_max_concurrency: agent_max,
         result,
         before,
         peak,
@@ -668,75 +718,79 @@ async fn real_model(
     s: &Settings,
     setup: &LlamaSetup,
     paths: &Paths,
-    pot: &mut Potluck,
     commands: &mut Vec<String>,
 ) -> anyhow::Result<Vec<RealCell>> {
     let dir = paths.work_dir.join("llama");
     std::fs::create_dir_all(&dir)?;
+    let mut hub = Potluck::start(
+        "real",
+        &paths.potluck_bin,
+        &paths.work_dir.join("real"),
+        "warn",
+    )
+    .await?;
+    let pot = &mut hub;
     let mut servers = Vec::new();
     let mut cells = Vec::new();
     let spec = RequestSpec::stream(&setup.alias, s.real_max_tokens);
-    let timeout = Duration::from_secs(s.request_timeout_s);
+    let timeout = REAL_REQUEST_TIMEOUT.min(Duration::from_secs(s.request_timeout_s));
     for n in 1..=2usize {
         let server = Llama::start(setup, &format!("llama{n}"), &dir).await?;
         commands.push(server.command.clone());
         pot.add_provider(
             &format!("llama{n}"),
             &format!("http://{}/v1", server.addr),
-            setup.parallel,
+            None,
         )
         .await?;
         servers.push(server);
         pot.wait_model(&setup.alias, n).await?;
         let direct: Vec<Endpoint> = servers.iter().map(|l| Endpoint::open(l.addr)).collect();
         let hub = vec![pot.endpoint()?];
-        let c = setup.parallel as usize * n;
-        // Warm both paths (the first requests allocate the llama.cpp slots).
-        for eps in [&direct, &hub] {
-            let _ = loadgen::run(eps, &spec, c, Stop::count(c as u64 * 2), timeout).await;
-        }
-        let mut acc = [Sample::default(), Sample::default()];
-        for round in 0..s.real_rounds as usize {
-            for k in 0..2 {
-                let i = (k + round) % 2;
-                let eps = if i == 0 { &direct } else { &hub };
-                acc[i].merge(
-                    loadgen::run(
-                        eps,
-                        &spec,
-                        c,
-                        Stop::After(Duration::from_millis(s.real_slice_ms)),
-                        timeout,
-                    )
-                    .await,
-                );
+        for &per_slot in &s.real_clients_per_slot {
+            let c = (setup.parallel * per_slot) as usize * n;
+            // Warm both paths (the first requests allocate the llama.cpp slots).
+            for eps in [&direct, &hub] {
+                let _ = loadgen::run(eps, &spec, c, Stop::count(c as u64 * 2), timeout).await;
+            }
+            let mut acc = [Sample::default(), Sample::default()];
+            for round in 0..s.real_rounds as usize {
+                for k in 0..2 {
+                    let i = (k + round) % 2;
+                    let eps = if i == 0 { &direct } else { &hub };
+                    let slice = Stop::After(Duration::from_millis(s.real_slice_ms));
+                    acc[i].merge(loadgen::run(eps, &spec, c, slice, timeout).await);
+                }
+            }
+            for (i, mut sample) in acc.into_iter().enumerate() {
+                let elapsed_s = sample.elapsed.as_secs_f64();
+                let cellr = RealCell {
+                    providers: n,
+                    target: if i == 0 { "direct" } else { "potluck" }.into(),
+                    clients_per_slot: per_slot,
+                    concurrency: c,
+                    requests: sample.ok,
+                    errors: sample.errors,
+                    first_error: sample.first_error.take(),
+                    tokens: sample.completion_tokens,
+                    elapsed_s,
+                    tokens_per_s: if sample.window.is_zero() {
+                        0.0
+                    } else {
+                        sample.window_chunks as f64 / sample.window.as_secs_f64()
+                    },
+                    ttft: summarize(&mut sample.ttft_ns),
+                };
+                say(&format!(
+                    "real model, {n} provider(s), {c} clients, {:7}: {:8.1} tokens/s, {} errors",
+                    cellr.target, cellr.tokens_per_s, cellr.errors
+                ));
+                cells.push(cellr);
             }
         }
-        for (i, mut sample) in acc.into_iter().enumerate() {
-            let elapsed_s = sample.elapsed.as_secs_f64();
-            let cellr = RealCell {
-                providers: n,
-                target: if i == 0 { "direct" } else { "potluck" }.into(),
-                concurrency: c,
-                requests: sample.ok,
-                errors: sample.errors,
-                first_error: sample.first_error.take(),
-                tokens: sample.completion_tokens,
-                elapsed_s,
-                tokens_per_s: if elapsed_s > 0.0 {
-                    sample.completion_tokens as f64 / elapsed_s
-                } else {
-                    0.0
-                },
-                ttft: summarize(&mut sample.ttft_ns),
-            };
-            say(&format!(
-                "real model, {n} provider(s), {:7}: {:8.1} tokens/s, {} errors",
-                cellr.target, cellr.tokens_per_s, cellr.errors
-            ));
-            cells.push(cellr);
-        }
     }
+    commands.extend(hub.commands.iter().cloned());
+    hub.stop().await;
     for l in servers {
         l.proc.stop().await;
     }
@@ -816,6 +870,20 @@ pub fn ratios(r: &Report) -> Vec<Ratio> {
         30.0,
         format!("agent {:.1} MiB", r.memory.idle.agent_kib as f64 / 1024.0),
     ));
+    let open = r
+        .held
+        .as_ref()
+        .map(|h| (h.result.max_open, h.result.requested));
+    out.push(Ratio {
+        name: "Streams held open at once".into(),
+        value: open.map(|(o, n)| o as f64 / n.max(1) as f64),
+        shown: open
+            .map(|(o, n)| format!("{o} of {n}"))
+            .unwrap_or_else(|| "not measured".into()),
+        target: "all".into(),
+        pass: open.map(|(o, n)| o == n && n > 0),
+        detail: "most streams open at the same time".into(),
+    });
     let held = r
         .held
         .as_ref()
@@ -842,19 +910,26 @@ pub fn ratios(r: &Report) -> Vec<Ratio> {
         format!("{} vs {} req/s", report::num(pt), report::num(lt)),
     ));
     for n in [1usize, 2] {
-        let get = |t: &str| {
-            r.real_model
-                .iter()
-                .find(|c| c.providers == n && c.target == t)
-                .map(|c| c.tokens_per_s)
-        };
-        let (h, d) = (get("potluck"), get("direct"));
-        out.push(Ratio::at_least(
-            &format!("Real model, {n} llama.cpp provider(s): tokens/s through the hub / direct"),
-            ratio_of(h, d),
-            0.95,
-            format!("{} vs {} tokens/s", report::num(h), report::num(d)),
-        ));
+        for &k in &r.settings.real_clients_per_slot {
+            let get = |t: &str| {
+                r.real_model
+                    .iter()
+                    .find(|c| c.providers == n && c.clients_per_slot == k && c.target == t)
+                    .map(|c| c.tokens_per_s)
+            };
+            let (h, d) = (get("potluck"), get("direct"));
+            let how = if k == 1 {
+                "as many clients as slots".to_owned()
+            } else {
+                format!("{k} clients per slot")
+            };
+            out.push(Ratio::at_least(
+                &format!("Real model, {n} llama.cpp provider(s), {how}: tokens/s through the hub / direct"),
+                ratio_of(h, d),
+                0.95,
+                format!("{} vs {} tokens/s", report::num(h), report::num(d)),
+            ));
+        }
     }
     out
 }

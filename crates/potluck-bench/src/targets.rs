@@ -282,12 +282,12 @@ impl Potluck {
         &mut self,
         name: &str,
         backend: &str,
-        max_concurrency: u32,
+        max_concurrency: Option<u32>,
     ) -> anyhow::Result<()> {
         let token = self.admin(&["providers", "create", "--name", name]).await?;
         self.commands
             .push(self.admin_display(&["providers", "create", "--name", name]));
-        let args = vec![
+        let mut args = vec![
             "provide".to_owned(),
             "--hub".into(),
             format!("http://{}", self.addr),
@@ -295,9 +295,10 @@ impl Potluck {
             token.clone(),
             "--backend".into(),
             backend.to_owned(),
-            "--max-concurrency".into(),
-            max_concurrency.to_string(),
         ];
+        if let Some(n) = max_concurrency {
+            args.extend(["--max-concurrency".to_owned(), n.to_string()]);
+        }
         let env = [("RUST_LOG", self.rust_log.as_str())];
         self.commands.push(display_command(
             "target/release/potluck",
