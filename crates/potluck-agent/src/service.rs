@@ -29,6 +29,9 @@ use crate::backend::{self, BackendClient};
 use crate::config::AgentConfig;
 use crate::AGENT_VERSION;
 
+/// Retries of a backend request that failed before any response header.
+pub const BACKEND_RETRIES: u32 = 1;
+
 /// How long a request waits for a concurrency permit before the agent refuses it.
 pub const PERMIT_WAIT: Duration = Duration::from_secs(2);
 
@@ -326,27 +329,38 @@ async fn forward(
     };
     let backend = &sh.config.backends[idx];
     // Only the body and its type go to the backend: no consumer header, key or address.
-    let mut breq = Request::post(backend.url(endpoint.suffix()))
-        .header(header::CONTENT_TYPE, "application/json");
-    if let Some(k) = &backend.api_key {
-        breq = breq.header(header::AUTHORIZATION, format!("Bearer {k}"));
-    }
-    let Ok(breq) = breq.body(Full::new(body)) else {
-        return agent_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "could not build the backend request",
-        );
-    };
-    let resp = match tokio::time::timeout(sh.config.backend_header_timeout, sh.client.request(breq))
-        .await
-    {
-        Err(_) => return agent_error(StatusCode::GATEWAY_TIMEOUT, "backend timed out"),
-        Ok(Err(e)) => {
-            tracing::warn!(request_id = %request_id, backend = idx, error = %e, "backend unreachable");
-            sh.rediscover.notify_one();
-            return agent_error(StatusCode::BAD_GATEWAY, "backend unreachable");
+    let build = || {
+        let mut r = Request::post(backend.url(endpoint.suffix()))
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(k) = &backend.api_key {
+            r = r.header(header::AUTHORIZATION, format!("Bearer {k}"));
         }
-        Ok(Ok(r)) => r,
+        r.body(Full::new(body.clone()))
+    };
+    let mut attempt = 0;
+    let resp = loop {
+        let Ok(breq) = build() else {
+            return agent_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not build the backend request",
+            );
+        };
+        match tokio::time::timeout(sh.config.backend_header_timeout, sh.client.request(breq)).await
+        {
+            Err(_) => return agent_error(StatusCode::GATEWAY_TIMEOUT, "backend timed out"),
+            Ok(Ok(r)) => break r,
+            // A pooled connection the backend had already closed (llama.cpp closes after
+            // each streamed answer despite `Keep-Alive`): one retry on a fresh connection.
+            Ok(Err(e)) if attempt < BACKEND_RETRIES => {
+                tracing::debug!(request_id = %request_id, backend = idx, error = %e, "backend connection failed; retrying once");
+                attempt += 1;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(request_id = %request_id, backend = idx, error = %e, "backend unreachable");
+                sh.rediscover.notify_one();
+                return agent_error(StatusCode::BAD_GATEWAY, "backend unreachable");
+            }
+        }
     };
     let status = resp.status();
     tracing::info!(

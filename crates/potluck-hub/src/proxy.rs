@@ -15,11 +15,13 @@ use futures_util::StreamExt;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use indexmap::IndexMap;
 use potluck_protocol::tunnel::{HEADER_AGENT_ERROR, HEADER_MODEL, HEADER_REQUEST_ID};
 use potluck_protocol::{ErrorBody, InferenceEndpoint, ModelName};
 use potluck_store::ledger::Settlement;
 use potluck_store::{KeyAuth, UsageRecord};
 use rand::RngCore;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::accounting::Finished;
@@ -903,6 +905,53 @@ struct Relay {
     seen: Delivered,
     ttft: Option<Duration>,
     end: End,
+    /// `"<model>"` and `"<id>"` as JSON, written into every chunk.
+    model_json: Vec<u8>,
+    id_json: Vec<u8>,
+}
+
+/// The usage object of a chunk.
+#[derive(serde::Deserialize)]
+struct UsageView {
+    #[serde(default)]
+    prompt_tokens: i64,
+    #[serde(default)]
+    completion_tokens: i64,
+}
+
+/// Text-bearing fields of a streamed choice (everything else is ignored).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct TextView<'a> {
+    #[serde(borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    reasoning_content: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// One streamed choice: chat (`delta`) or completions (`text`).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct ChoiceView<'a> {
+    #[serde(borrow)]
+    delta: Option<TextView<'a>>,
+    #[serde(borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl ChoiceView<'_> {
+    fn chars(&self) -> usize {
+        let d = self.delta.as_ref();
+        [
+            d.and_then(|d| d.content.as_deref()),
+            d.and_then(|d| d.reasoning_content.as_deref()),
+            self.text.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|s| s.chars().count())
+        .sum()
+    }
 }
 
 impl Relay {
@@ -914,7 +963,11 @@ impl Relay {
         body: Incoming,
     ) -> Self {
         let max_line = state.config.max_sse_line_bytes;
+        let model_json = serde_json::to_vec(ctx.model.as_str()).unwrap_or_default();
+        let id_json = serde_json::to_vec(&ctx.response_id()).unwrap_or_default();
         Self {
+            model_json,
+            id_json,
             state,
             ctx,
             lease: Some(lease),
@@ -945,6 +998,76 @@ impl Relay {
             self.end = End::Done;
             return;
         }
+        // Fast path: split the top level into raw values, look only at what matters, and
+        // copy the rest through as bytes (profiling showed the full JSON tree costing 13%
+        // of the hub's CPU per chunk).
+        let Ok(top) = serde_json::from_slice::<IndexMap<&str, &RawValue>>(data) else {
+            return self.event_slow(data);
+        };
+        if top.contains_key("error") {
+            self.fail(
+                "The provider's backend failed during generation.",
+                "provider_error",
+            );
+            return;
+        }
+        if let Some(u) = top.get("usage").filter(|u| u.get() != "null") {
+            if let Ok(u) = serde_json::from_str::<UsageView>(u.get()) {
+                self.usage = Some(Usage {
+                    prompt: u.prompt_tokens.max(0),
+                    completion: u.completion_tokens.max(0),
+                });
+            }
+        }
+        let choices: Vec<ChoiceView<'_>> = match top.get("choices") {
+            Some(c) => match serde_json::from_str(c.get()) {
+                Ok(v) => v,
+                Err(_) => {
+                    return self.fail("The provider sent a malformed stream.", "provider_error")
+                }
+            },
+            None => Vec::new(),
+        };
+        let has_choices = !choices.is_empty();
+        if has_choices && self.ttft.is_none() {
+            self.ttft = Some(self.ctx.started.elapsed());
+        }
+        let chars: usize = choices.iter().map(ChoiceView::chars).sum();
+        if chars > 0 {
+            self.seen.chunks += 1;
+            self.seen.chars += chars as i64;
+        }
+        if !self.wants_usage && !has_choices {
+            return;
+        }
+        let mut line = Vec::with_capacity(data.len() + 64);
+        line.extend_from_slice(b"data: {");
+        let mut first = true;
+        for (k, v) in &top {
+            if *k == "usage" && !self.wants_usage {
+                continue;
+            }
+            if !first {
+                line.push(b',');
+            }
+            first = false;
+            // Keys came unescaped from valid JSON (borrowing fails otherwise), so they
+            // can be written back as they are.
+            line.push(b'"');
+            line.extend_from_slice(k.as_bytes());
+            line.extend_from_slice(b"\":");
+            match *k {
+                "model" => line.extend_from_slice(&self.model_json),
+                "id" => line.extend_from_slice(&self.id_json),
+                _ => line.extend_from_slice(v.get().as_bytes()),
+            }
+        }
+        line.extend_from_slice(b"}\n\n");
+        self.out.push_back(Bytes::from(line));
+    }
+
+    /// The general path, for events the fast path cannot borrow (escaped keys).
+    fn event_slow(&mut self, data: &[u8]) {
         let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(data) else {
             self.fail("The provider sent a malformed stream.", "provider_error");
             return;
@@ -1221,6 +1344,15 @@ mod tests {
                 _ => panic!("expected 400"),
             }
         }
+    }
+
+    #[test]
+    fn streamed_text_is_counted_with_escapes() {
+        let c: Vec<ChoiceView<'_>> =
+            serde_json::from_str(r#"[{"index":0,"delta":{"content":"a\"b\u00e9","role":"assistant"},"finish_reason":null},{"text":"xy"}]"#).unwrap();
+        assert_eq!(c.iter().map(ChoiceView::chars).sum::<usize>(), 6);
+        let empty: Vec<ChoiceView<'_>> = serde_json::from_str(r#"[{"index":0,"delta":{},"finish_reason":"stop"}]"#).unwrap();
+        assert_eq!(empty[0].chars(), 0);
     }
 
     #[test]

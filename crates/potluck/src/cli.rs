@@ -256,13 +256,15 @@ async fn hub(a: HubArgs) -> anyhow::Result<()> {
     ));
     let shutdown = CancellationToken::new();
     let hub = Hub::new(config, store).await?;
-    let (r, _) = tokio::join!(hub.run(listener, shutdown.clone()), async {
+    // The server on a worker thread, like the agent (see provide.rs).
+    let server = tokio::spawn(hub.run(listener, shutdown.clone()));
+    let (r, _) = tokio::join!(server, async {
         tokio::select! {
             _ = shutdown_signal(shutdown.clone()) => {}
             _ = shutdown.cancelled() => {}
         }
     });
-    r.context("hub server failed")
+    r.context("hub task failed")?.context("hub server failed")
 }
 
 /// Print to stdout without panicking if stdout is closed (a supervisor stopped reading).
