@@ -1351,7 +1351,8 @@ mod tests {
         let c: Vec<ChoiceView<'_>> =
             serde_json::from_str(r#"[{"index":0,"delta":{"content":"a\"b\u00e9","role":"assistant"},"finish_reason":null},{"text":"xy"}]"#).unwrap();
         assert_eq!(c.iter().map(ChoiceView::chars).sum::<usize>(), 6);
-        let empty: Vec<ChoiceView<'_>> = serde_json::from_str(r#"[{"index":0,"delta":{},"finish_reason":"stop"}]"#).unwrap();
+        let empty: Vec<ChoiceView<'_>> =
+            serde_json::from_str(r#"[{"index":0,"delta":{},"finish_reason":"stop"}]"#).unwrap();
         assert_eq!(empty[0].chars(), 0);
     }
 
