@@ -77,7 +77,7 @@ pub async fn run_writer(
                 match store.vest_due(now_ms()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(vested = n, "escrowed earnings vested"),
-                    Err(e) => tracing::error!(error = %e, "vesting failed"),
+                    Err(e) => tracing::error!(error = ?e, "vesting failed"),
                 }
                 continue;
             }
@@ -148,7 +148,7 @@ async fn write(
             if released.released.insert(s.provider_account) {
                 // Trusted now: release what it still holds in escrow, once.
                 if let Err(e) = store.vest_all(s.provider_account).await {
-                    tracing::error!(error = %e, "vesting a trusted provider failed");
+                    tracing::error!(error = ?e, "vesting a trusted provider failed");
                 }
             }
         } else {
@@ -158,7 +158,7 @@ async fn write(
     }
     let usage: Vec<UsageRecord> = batch.iter().map(|f| f.usage.clone()).collect();
     if let Err(e) = store.record_finished(&usage, &settlements).await {
-        tracing::error!(error = %e, rows = usage.len(), "writing usage records failed");
+        tracing::error!(error = ?e, rows = usage.len(), "writing usage records failed");
     }
     batch.clear();
 }

@@ -19,7 +19,7 @@ pub const MAX_CONNECTIONS: u32 = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database failed.
-    #[error("database error: {0}")]
+    #[error("database error")]
     Db(#[from] sqlx::Error),
     /// No such object.
     #[error("not found")]
