@@ -13,7 +13,12 @@ use crate::client::AdminClient;
 
 /// Potluck: pool a community's inference servers behind one OpenAI-compatible endpoint.
 #[derive(Debug, Parser)]
-#[command(name = "potluck", version, about, propagate_version = true)]
+#[command(
+    name = "potluck",
+    version,
+    propagate_version = true,
+    after_help = "Quickstart: `potluck hub`, then `potluck keys create --name alice` and `potluck providers create --name gpu-box`, then next to a local llama.cpp server: `potluck provide --hub http://127.0.0.1:8080 --token pt-... --backend http://127.0.0.1:8081/v1`."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
