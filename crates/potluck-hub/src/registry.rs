@@ -562,15 +562,19 @@ impl Registry {
             .collect()
     }
 
-    /// Per model: providers, capacity, in flight, queued.
-    pub fn pool(&self) -> BTreeMap<ModelName, ModelStatus> {
-        let tunnels: Vec<Arc<Tunnel>> = self
-            .inner
+    /// The open tunnels, copied out of the lock.
+    fn open_tunnels(&self) -> Vec<Arc<Tunnel>> {
+        self.inner
             .tunnels()
             .values()
             .filter(|t| t.is_open())
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Per model: providers, capacity, in flight, queued.
+    pub fn pool(&self) -> BTreeMap<ModelName, ModelStatus> {
+        let tunnels = self.open_tunnels();
         let mut out: BTreeMap<ModelName, (HashSet<i64>, ModelStatus)> = BTreeMap::new();
         for t in &tunnels {
             let (models, cap) = {
@@ -596,13 +600,7 @@ impl Registry {
 
     /// Per provider: (tunnels, models, in flight).
     pub fn provider_summary(&self) -> HashMap<i64, (u32, Vec<String>, u32)> {
-        let tunnels: Vec<Arc<Tunnel>> = self
-            .inner
-            .tunnels()
-            .values()
-            .filter(|t| t.is_open())
-            .cloned()
-            .collect();
+        let tunnels = self.open_tunnels();
         let mut out: HashMap<i64, (u32, HashSet<String>, u32)> = HashMap::new();
         for t in tunnels {
             let e = out.entry(t.provider_id).or_default();

@@ -46,20 +46,7 @@ async fn hub_keys_providers_and_provide() {
     let backend = FakeBackend::start(&["fake-model"]).await;
     let _agent = start_agent(&url, &token, &backend.base_url(), tmp.path(), "info");
     let http = reqwest::Client::new();
-    potluck_testkit::wait_until(
-        "model listed",
-        std::time::Duration::from_secs(30),
-        || async {
-            let r = http
-                .get(format!("{url}/v1/models"))
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap();
-            r.json::<serde_json::Value>().await.unwrap()["data"][0]["providers"] == 1
-        },
-    )
-    .await;
+    wait_for_models(&url, &key, |v| v["data"][0]["providers"] == 1).await;
     let (ok, list, _) = cli(&["providers", "list"], &key_file, &url);
     assert!(
         ok && list.contains("box1") && list.contains("online") && list.contains("fake-model"),

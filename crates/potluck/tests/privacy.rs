@@ -28,20 +28,7 @@ async fn canary_never_reaches_disk_or_logs() {
     let backend = FakeBackend::start(&["m1"]).await;
     let mut agent = start_agent(&url, token.trim(), &backend.base_url(), &logs, trace);
     let http = reqwest::Client::new();
-    potluck_testkit::wait_until(
-        "model listed",
-        std::time::Duration::from_secs(30),
-        || async {
-            let r = http
-                .get(format!("{url}/v1/models"))
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap();
-            r.json::<serde_json::Value>().await.unwrap()["data"][0]["id"] == "m1"
-        },
-    )
-    .await;
+    wait_for_models(&url, &key, |v| v["data"][0]["id"] == "m1").await;
 
     let post = |body: serde_json::Value| {
         let http = http.clone();

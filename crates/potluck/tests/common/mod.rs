@@ -125,3 +125,18 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Wait until the hub's `GET /v1/models` answer satisfies `ok`.
+pub async fn wait_for_models(url: &str, key: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    let http = reqwest::Client::new();
+    potluck_testkit::wait_until("model listed", Duration::from_secs(30), || async {
+        let r = http
+            .get(format!("{url}/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        ok(&r.json::<serde_json::Value>().await.unwrap())
+    })
+    .await;
+}
