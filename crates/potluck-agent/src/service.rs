@@ -222,7 +222,7 @@ fn control(sh: &Arc<Shared>) -> Response<AgentBody> {
                 (
                     o.models
                         .iter()
-                        .map(|m| ModelOffer { id: m.clone() })
+                        .map(|m| ModelOffer::named(m.clone()))
                         .collect(),
                     o.capacity.max(1),
                 )
@@ -233,11 +233,15 @@ fn control(sh: &Arc<Shared>) -> Response<AgentBody> {
                     agent_version: AGENT_VERSION.to_owned(),
                     models,
                     max_concurrency: max,
+                    profile: Default::default(),
+                    accepting: true,
                 }
             } else {
                 AgentEvent::Models {
                     models,
                     max_concurrency: max,
+                    profile: Default::default(),
+                    accepting: true,
                 }
             };
             Some((

@@ -213,6 +213,7 @@ fn apply(
             agent_version,
             models,
             max_concurrency,
+            ..
         } => {
             if protocol != PROTOCOL_VERSION {
                 return Err(format!("agent speaks protocol {protocol}"));
@@ -239,6 +240,7 @@ fn apply(
         AgentEvent::Models {
             models,
             max_concurrency,
+            ..
         } => {
             if !*greeted {
                 return Err("models before hello".into());
@@ -256,6 +258,7 @@ fn apply(
                 max_concurrency,
             );
         }
+        AgentEvent::Energy { .. } => {}
     }
     Ok(())
 }

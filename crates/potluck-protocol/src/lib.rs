@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod endpoint;
 pub mod openai;
+pub mod receipt;
 pub mod tunnel;
 
 pub use endpoint::InferenceEndpoint;

@@ -9,7 +9,10 @@
 //!    newline-delimited JSON [`AgentEvent`]s (a `hello`, then `models` on each change).
 //!    Each consumer request is then one HTTP/2 stream carrying one allow-listed
 //!    inference request (see [`crate::InferenceEndpoint`]), with [`HEADER_MODEL`] and
-//!    [`HEADER_REQUEST_ID`] set by the hub.
+//!    [`HEADER_REQUEST_ID`] (and the consumer's pseudonym, [`HEADER_CONSUMER`]) set by
+//!    the hub.
+//! 4. The hub sends its own events (signed receipts, refused models) as batches of
+//!    newline-delimited JSON [`HubEvent`]s, each batch one `POST` [`EVENTS_PATH`].
 
 use serde::{Deserialize, Serialize};
 
@@ -39,15 +42,177 @@ pub const MAX_MODELS_PER_AGENT: usize = 512;
 /// Largest concurrency an agent may announce (per model or in total).
 pub const MAX_ANNOUNCED_CONCURRENCY: u32 = 16_384;
 
+/// Path of hub-to-agent event batches: the hub `POST`s newline-delimited JSON
+/// [`HubEvent`]s here over the tunnel; the agent answers `204`.
+pub const EVENTS_PATH: &str = "/_potluck/events";
+/// Header on tunneled requests: the consumer's pseudonym for this provider (an HMAC of
+/// the account id with a per-provider secret; stable for one provider, different across
+/// providers, says nothing of who the consumer is). Never forwarded to a backend.
+pub const HEADER_CONSUMER: &str = "x-potluck-consumer";
+/// Largest body of one [`EVENTS_PATH`] batch.
+pub const MAX_EVENTS_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Most hub groups a provider may restrict itself to.
+pub const MAX_PROVIDER_GROUPS: usize = 64;
+/// Longest group name.
+pub const MAX_GROUP_NAME_BYTES: usize = 64;
+/// Largest power figure an agent may declare, in watts.
+pub const MAX_DECLARED_WATTS: f64 = 100_000.0;
+/// Longest free-text field (reasons, request ids) in a control message.
+pub const MAX_SHORT_TEXT_BYTES: usize = 512;
+
+/// The SHA-256 of a model file: 64 lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ModelHash(String);
+
+impl ModelHash {
+    /// Validate (case-insensitive input, stored lowercase).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.strip_prefix("sha256:").unwrap_or(s);
+        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(Self(s.to_ascii_lowercase()))
+        } else {
+            Err("a model hash is 64 hex digits (SHA-256 of the model file)".into())
+        }
+    }
+
+    /// From raw digest bytes.
+    pub fn from_digest(d: &[u8; 32]) -> Self {
+        Self(hex::encode(d))
+    }
+
+    /// The hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ModelHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// One model an agent offers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelOffer {
     /// The public model name consumers ask for.
     pub id: ModelName,
+    /// SHA-256 of the model file, when the agent could find and hash it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<ModelHash>,
+    /// Most requests at once for this model (the agent's total still applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// Largest context (prompt + completion tokens) the provider accepts for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_context: Option<u32>,
+    /// Largest `max_tokens` the provider accepts per request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+}
+
+impl ModelOffer {
+    /// An offer with a name only.
+    pub fn named(id: ModelName) -> Self {
+        Self {
+            id,
+            sha256: None,
+            max_concurrency: None,
+            max_context: None,
+            max_tokens: None,
+        }
+    }
+}
+
+/// What kind of device runs the provider's models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceClass {
+    /// A GPU (the default).
+    #[default]
+    Gpu,
+    /// A neural processing unit.
+    Npu,
+    /// The CPU.
+    Cpu,
+}
+
+impl DeviceClass {
+    /// Rank for low-power routing: lower is preferred.
+    pub fn low_power_rank(self) -> u8 {
+        match self {
+            DeviceClass::Npu => 0,
+            DeviceClass::Cpu => 1,
+            DeviceClass::Gpu => 2,
+        }
+    }
+}
+
+/// Which side of a request a provider requires the hub to moderate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Moderation {
+    /// No requirement (the hub's own policy applies).
+    #[default]
+    None,
+    /// Check the consumer's input before dispatch.
+    Input,
+    /// Check the model's output.
+    Output,
+    /// Both.
+    Both,
+}
+
+/// The provider's declared shape and rules, sent with every offer.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ProviderProfile {
+    /// Device class, for low-power routing.
+    #[serde(default)]
+    pub device: DeviceClass,
+    /// Power draw while busy, in watts (measured with NVML, or configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watts: Option<f64>,
+    /// Serve only accounts in one of these hub groups; empty means everyone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Moderation the provider requires of the hub.
+    #[serde(default)]
+    pub moderation: Moderation,
+}
+
+impl ProviderProfile {
+    fn check(&self) -> Result<(), ControlError> {
+        if let Some(w) = self.watts {
+            if !(w.is_finite() && w > 0.0 && w <= MAX_DECLARED_WATTS) {
+                return Err(ControlError::BadProfile("watts out of range"));
+            }
+        }
+        if self.groups.len() > MAX_PROVIDER_GROUPS {
+            return Err(ControlError::BadProfile("too many groups"));
+        }
+        if self.groups.iter().any(|g| {
+            g.is_empty() || g.len() > MAX_GROUP_NAME_BYTES || g.chars().any(char::is_control)
+        }) {
+            return Err(ControlError::BadProfile("bad group name"));
+        }
+        Ok(())
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A message from the agent to the hub on the control stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentEvent {
     /// First message: who the agent is and what it serves.
@@ -60,14 +225,68 @@ pub enum AgentEvent {
         models: Vec<ModelOffer>,
         /// Most requests the agent accepts at once, over all models.
         max_concurrency: u32,
+        /// Device, power, audience and moderation requirement.
+        #[serde(default)]
+        profile: ProviderProfile,
+        /// False while the agent drains (outside its schedule, paused, or the machine is
+        /// busy): the hub routes nothing new to it.
+        #[serde(default = "yes")]
+        accepting: bool,
     },
-    /// The set of models or the capacity changed (after discovery, a backend failure, ...).
+    /// The offer, the profile or the accepting state changed.
     Models {
         /// Models served now (may be empty: route nothing).
         models: Vec<ModelOffer>,
         /// Most requests the agent accepts at once, over all models.
         max_concurrency: u32,
+        /// Device, power, audience and moderation requirement.
+        #[serde(default)]
+        profile: ProviderProfile,
+        /// See [`AgentEvent::Hello`].
+        #[serde(default = "yes")]
+        accepting: bool,
     },
+    /// Energy one finished request used: busy watts × its share of the busy time.
+    Energy {
+        /// The hub's request id.
+        request_id: String,
+        /// The public model name.
+        model: ModelName,
+        /// Millijoules.
+        millijoules: u64,
+    },
+}
+
+/// A message from the hub to the agent, in a batch `POST`ed to [`EVENTS_PATH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HubEvent {
+    /// A signed receipt for one request this provider served.
+    Receipt(crate::receipt::SignedReceipt),
+    /// The hub will not route this model to the agent; the reason is for its log.
+    ModelRefused {
+        /// The model.
+        model: ModelName,
+        /// Why (for example: its hash is not on the hub's allow-list).
+        reason: String,
+    },
+}
+
+impl HubEvent {
+    /// Encode as one line, newline included.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    /// Decode one line (without its newline).
+    pub fn decode(line: &[u8]) -> Result<Self, ControlError> {
+        if line.len() > MAX_CONTROL_LINE_BYTES {
+            return Err(ControlError::TooLong);
+        }
+        Ok(serde_json::from_slice(line)?)
+    }
 }
 
 /// Why a control line was refused.
@@ -85,6 +304,12 @@ pub enum ControlError {
     /// Zero or over [`MAX_ANNOUNCED_CONCURRENCY`].
     #[error("max_concurrency must be between 1 and {MAX_ANNOUNCED_CONCURRENCY}")]
     BadConcurrency,
+    /// A profile field out of its limits.
+    #[error("bad provider profile: {0}")]
+    BadProfile(&'static str),
+    /// A text field over [`MAX_SHORT_TEXT_BYTES`].
+    #[error("text field longer than {MAX_SHORT_TEXT_BYTES} bytes")]
+    TextTooLong,
 }
 
 impl AgentEvent {
@@ -101,23 +326,34 @@ impl AgentEvent {
             return Err(ControlError::TooLong);
         }
         let ev: AgentEvent = serde_json::from_slice(line)?;
-        let (models, conc) = match &ev {
+        let (models, conc, profile) = match &ev {
             AgentEvent::Hello {
                 models,
                 max_concurrency,
+                profile,
                 ..
-            } => (models, *max_concurrency),
-            AgentEvent::Models {
+            }
+            | AgentEvent::Models {
                 models,
                 max_concurrency,
-            } => (models, *max_concurrency),
+                profile,
+                ..
+            } => (models, *max_concurrency, profile),
+            AgentEvent::Energy { request_id, .. } => {
+                if request_id.len() > MAX_SHORT_TEXT_BYTES {
+                    return Err(ControlError::TextTooLong);
+                }
+                return Ok(ev);
+            }
         };
         if models.len() > MAX_MODELS_PER_AGENT {
             return Err(ControlError::TooManyModels);
         }
-        if conc == 0 || conc > MAX_ANNOUNCED_CONCURRENCY {
+        let bad = |c: u32| c == 0 || c > MAX_ANNOUNCED_CONCURRENCY;
+        if bad(conc) || models.iter().any(|m| m.max_concurrency.is_some_and(bad)) {
             return Err(ControlError::BadConcurrency);
         }
+        profile.check()?;
         Ok(ev)
     }
 }
@@ -128,9 +364,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn offer(s: &str) -> ModelOffer {
-        ModelOffer {
-            id: ModelName::parse(s).unwrap(),
-        }
+        ModelOffer::named(ModelName::parse(s).unwrap())
     }
 
     #[test]
@@ -140,6 +374,13 @@ mod tests {
             agent_version: "0.1.0".into(),
             models: vec![offer("a"), offer("b")],
             max_concurrency: 4,
+            profile: ProviderProfile {
+                device: DeviceClass::Npu,
+                watts: Some(12.5),
+                groups: vec!["friends".into()],
+                moderation: Moderation::Both,
+            },
+            accepting: false,
         };
         let line = ev.encode();
         assert_eq!(*line.last().unwrap(), b'\n');
@@ -152,6 +393,8 @@ mod tests {
         let ev = AgentEvent::Models {
             models: vec![],
             max_concurrency: 0,
+            profile: ProviderProfile::default(),
+            accepting: true,
         };
         let line = ev.encode();
         assert!(matches!(
@@ -163,6 +406,8 @@ mod tests {
                 .map(|i| offer(&format!("m{i}")))
                 .collect(),
             max_concurrency: 1,
+            profile: ProviderProfile::default(),
+            accepting: true,
         };
         let line = many.encode();
         assert!(matches!(
@@ -177,6 +422,28 @@ mod tests {
             AgentEvent::decode(&vec![b' '; MAX_CONTROL_LINE_BYTES + 1]),
             Err(ControlError::TooLong)
         ));
+        let old_agent = br#"{"type":"models","models":[{"id":"m"}],"max_concurrency":1}"#;
+        match AgentEvent::decode(old_agent).unwrap() {
+            AgentEvent::Models {
+                accepting, profile, ..
+            } => {
+                assert!(accepting);
+                assert_eq!(profile, ProviderProfile::default());
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad_watts =
+            br#"{"type":"models","models":[],"max_concurrency":1,"profile":{"watts":-1}}"#;
+        assert!(matches!(
+            AgentEvent::decode(bad_watts),
+            Err(ControlError::BadProfile(_))
+        ));
+        let bad_hash =
+            br#"{"type":"models","models":[{"id":"m","sha256":"abc"}],"max_concurrency":1}"#;
+        assert!(matches!(
+            AgentEvent::decode(bad_hash),
+            Err(ControlError::Malformed(_))
+        ));
         let bad_name = br#"{"type":"models","models":[{"id":""}],"max_concurrency":1}"#;
         assert!(matches!(
             AgentEvent::decode(bad_name),
@@ -187,7 +454,7 @@ mod tests {
     proptest! {
         #[test]
         fn models_round_trip(names in proptest::collection::vec("[a-zA-Z0-9._:/-]{1,40}", 0..20), conc in 1u32..=MAX_ANNOUNCED_CONCURRENCY) {
-            let ev = AgentEvent::Models { models: names.iter().map(|n| offer(n)).collect(), max_concurrency: conc };
+            let ev = AgentEvent::Models { models: names.iter().map(|n| offer(n)).collect(), max_concurrency: conc, profile: ProviderProfile::default(), accepting: true };
             let line = ev.encode();
             prop_assert_eq!(AgentEvent::decode(&line[..line.len() - 1]).unwrap(), ev);
         }
