@@ -47,6 +47,68 @@ pub struct HubConfig {
     pub limits: LimitsConfig,
     /// Access without a key (off by default).
     pub anonymous: AnonymousConfig,
+    /// Model supply chain: when not empty, only these model files may be served, by
+    /// name and SHA-256 (`[[model_allowlist]]` entries).
+    pub model_allowlist: Vec<AllowedModel>,
+}
+
+/// One allowed model: a public name and the hashes of the files that may serve it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowedModel {
+    /// The public model name.
+    pub name: String,
+    /// SHA-256 hashes of the allowed files (64 hex digits each).
+    pub sha256: Vec<potluck_protocol::tunnel::ModelHash>,
+    /// Where the hashes come from (a URL, a release), for the operator's eyes.
+    #[serde(default)]
+    pub source: String,
+}
+
+impl HubConfig {
+    /// Whether a provider may serve `name` with a file of hash `hash`: `Err` says why
+    /// not. With an empty allow-list everything is allowed.
+    pub fn check_model(
+        &self,
+        name: &str,
+        hash: Option<&potluck_protocol::tunnel::ModelHash>,
+    ) -> Result<(), String> {
+        if self.model_allowlist.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<&AllowedModel> = self
+            .model_allowlist
+            .iter()
+            .filter(|a| a.name == name)
+            .collect();
+        if entries.is_empty() {
+            return Err(format!(
+                "model {name:?} is not on this hub's model allow-list"
+            ));
+        }
+        let Some(hash) = hash else {
+            return Err(format!(
+                "model {name:?} needs a file hash on this hub, and the agent reported none (set the model's `file` in the agent config)"
+            ));
+        };
+        if entries.iter().any(|a| a.sha256.contains(hash)) {
+            Ok(())
+        } else {
+            let sources: Vec<&str> = entries
+                .iter()
+                .map(|a| a.source.as_str())
+                .filter(|s| !s.is_empty())
+                .collect();
+            Err(format!(
+                "model {name:?} file sha256 {hash} is not on this hub's allow-list{}",
+                if sources.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (allowed files: {})", sources.join(", "))
+                }
+            ))
+        }
+    }
 }
 
 /// The wait queue.
@@ -268,6 +330,7 @@ impl Default for HubConfig {
             credits: CreditsConfig::default(),
             limits: LimitsConfig::default(),
             anonymous: AnonymousConfig::default(),
+            model_allowlist: Vec::new(),
         }
     }
 }

@@ -13,6 +13,7 @@ mod auth;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod identity;
 pub mod limits;
 mod proxy;
 pub mod registry;
@@ -23,9 +24,10 @@ use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
-use axum::Router;
+use axum::{Json, Router};
 use potluck_store::Store;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -70,6 +72,8 @@ pub struct HubState {
     pub keys: cache::TtlCache<String, potluck_store::KeyAuth>,
     /// Available balances by account.
     pub balances: cache::TtlCache<i64, i64>,
+    /// The hub's id and keys (receipts, pseudonyms).
+    pub identity: identity::HubIdentity,
     /// Typical request duration per model (exponential moving average, ms).
     service: std::sync::Mutex<std::collections::HashMap<potluck_protocol::ModelName, f64>>,
 }
@@ -130,6 +134,7 @@ impl Hub {
         } else {
             None
         };
+        let identity = identity::HubIdentity::new(&store.hub_identity().await?);
         let state = Arc::new(HubState {
             config,
             store,
@@ -140,6 +145,7 @@ impl Hub {
             limiter: Arc::new(limits::Limiter::default()),
             treasury,
             anonymous,
+            identity,
             service: Default::default(),
             keys: cache::TtlCache::new(cache::KEY_TTL),
             balances: cache::TtlCache::new(cache::BALANCE_TTL),
@@ -160,6 +166,10 @@ impl Hub {
             .route(potluck_protocol::tunnel::TUNNEL_PATH, get(tunnel::accept))
             .route("/v1/models", get(proxy::list_models))
             .route("/v1/pool", get(proxy::pool))
+            .route(
+                potluck_protocol::receipt::HUB_INFO_PATH,
+                get(|State(st): State<Arc<HubState>>| async move { Json(st.identity.info()) }),
+            )
             .route("/v1/credits", get(admin::my_credits))
             .route("/v1/credits/history", get(admin::my_history))
             .route("/v1/models/{*model}", get(proxy::get_model))

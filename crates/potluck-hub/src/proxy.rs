@@ -16,7 +16,9 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use indexmap::IndexMap;
-use potluck_protocol::tunnel::{HEADER_AGENT_ERROR, HEADER_MODEL, HEADER_REQUEST_ID};
+use potluck_protocol::tunnel::{
+    HEADER_AGENT_ERROR, HEADER_CONSUMER, HEADER_MODEL, HEADER_REQUEST_ID,
+};
 use potluck_protocol::{ErrorBody, InferenceEndpoint, ModelName};
 use potluck_store::ledger::Settlement;
 use potluck_store::{KeyAuth, UsageRecord};
@@ -29,7 +31,7 @@ use crate::auth;
 use crate::config::micro;
 use crate::error::ApiError;
 use crate::limits::{Effective, InFlight};
-use crate::registry::{Acquired, Lease, PickError, Tunnel, WaitTicket};
+use crate::registry::{Acquired, Lease, Need, PickError, Tunnel, WaitTicket};
 use crate::sse::SseParser;
 use crate::HubState;
 
@@ -62,12 +64,12 @@ pub async fn list_models(
     State(state): State<Arc<HubState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::consumer_or_anonymous(&state, &headers).await?;
+    let (key, _) = auth::consumer_or_anonymous(&state, &headers).await?;
     let data: Vec<Value> = state
         .registry
-        .models()
-        .into_iter()
-        .map(|(m, n)| model_object(&m, n))
+        .pool_for(&consumer_groups(&key))
+        .iter()
+        .map(|(m, s)| model_object(m, s))
         .collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
@@ -78,19 +80,25 @@ pub async fn get_model(
     headers: HeaderMap,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
-    auth::consumer_or_anonymous(&state, &headers).await?;
+    let (key, _) = auth::consumer_or_anonymous(&state, &headers).await?;
     let name = ModelName::parse(&model).map_err(|_| ApiError::NotFound("model"))?;
-    let n = state
-        .registry
-        .models()
+    let pool = state.registry.pool_for(&consumer_groups(&key));
+    let s = pool
         .get(&name)
-        .copied()
         .ok_or(ApiError::ModelNotFound(name.to_string()))?;
-    Ok(axum::Json(model_object(&name, n)).into_response())
+    Ok(axum::Json(model_object(&name, s)).into_response())
 }
 
-fn model_object(m: &ModelName, providers: usize) -> Value {
-    json!({"id": m.as_str(), "object": "model", "created": 0, "owned_by": "potluck", "providers": providers})
+/// The OpenAI model object, plus the pool's facts: providers, the model files' SHA-256
+/// hashes, and the largest `max_tokens` a provider accepts.
+fn model_object(m: &ModelName, s: &crate::registry::ModelStatus) -> Value {
+    json!({"id": m.as_str(), "object": "model", "created": 0, "owned_by": "potluck",
+           "providers": s.providers, "sha256": s.sha256, "max_tokens": s.max_tokens})
+}
+
+/// The consumer's hub groups (providers may serve only some groups).
+fn consumer_groups(_key: &KeyAuth) -> Vec<String> {
+    Vec::new()
 }
 
 /// Unknown path.
@@ -124,8 +132,49 @@ struct Parsed {
     stream: bool,
     /// The consumer asked for the final usage chunk.
     wants_usage: bool,
+    /// `max_tokens` (or `max_completion_tokens`), if set.
+    max_tokens: Option<u32>,
+    /// Rough prompt size in tokens (bytes of the prompt fields / 4), for providers'
+    /// context caps.
+    prompt_estimate: u32,
     /// The body to forward.
     body: Bytes,
+}
+
+/// Request header by which a consumer asks for low-power providers.
+pub const HEADER_PREFER: &str = "x-potluck-prefer";
+/// Bytes per token in the hub's rough prompt estimate.
+pub const BYTES_PER_TOKEN_ESTIMATE: usize = 4;
+
+fn max_tokens_of(obj: &Map<String, Value>) -> Result<Option<u32>, ApiError> {
+    for field in ["max_tokens", "max_completion_tokens"] {
+        match obj.get(field) {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                let n = v.as_u64().ok_or_else(|| {
+                    ApiError::bad_request(
+                        format!("'{field}' must be a non-negative integer."),
+                        Some(if field == "max_tokens" {
+                            "max_tokens"
+                        } else {
+                            "max_completion_tokens"
+                        }),
+                    )
+                })?;
+                return Ok(Some(u32::try_from(n).unwrap_or(u32::MAX)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn prompt_estimate(obj: &Map<String, Value>) -> u32 {
+    let bytes: usize = ["messages", "prompt", "input"]
+        .iter()
+        .filter_map(|f| obj.get(*f))
+        .map(|v| serde_json::to_vec(v).map_or(0, |b| b.len()))
+        .sum();
+    u32::try_from(bytes / BYTES_PER_TOKEN_ESTIMATE).unwrap_or(u32::MAX)
 }
 
 /// Read the body under the cap (413 above it).
@@ -212,6 +261,12 @@ fn parse(endpoint: InferenceEndpoint, raw: &[u8]) -> Result<Parsed, ApiError> {
             Some("stream"),
         ));
     }
+    let max_tokens = max_tokens_of(&obj)?;
+    let prompt_estimate = if endpoint == InferenceEndpoint::Embeddings {
+        0
+    } else {
+        prompt_estimate(&obj)
+    };
     // Nothing that identifies the consumer goes to a provider.
     obj.remove("user");
     let mut wants_usage = false;
@@ -244,6 +299,8 @@ fn parse(endpoint: InferenceEndpoint, raw: &[u8]) -> Result<Parsed, ApiError> {
         model,
         stream,
         wants_usage,
+        max_tokens,
+        prompt_estimate,
         body,
     })
 }
@@ -259,6 +316,8 @@ struct Ctx {
     started: Instant,
     started_ms: i64,
     queue_ms: Option<u64>,
+    /// What a provider must offer for this request.
+    need: Need,
     /// The key's concurrent-request slot, held until the request ends.
     _in_flight: InFlight,
 }
@@ -329,6 +388,35 @@ impl Ctx {
             .prompt
             .saturating_mul(rates.prompt)
             .saturating_add(u.completion.saturating_mul(rates.completion));
+        let tokens = (u.prompt + u.completion).max(0) as u64;
+        if tokens > 0 {
+            state
+                .registry
+                .add_tokens(tunnel.provider_id, &self.model, tokens);
+        }
+        let earned = if tokens > 0 { cost } else { 0 };
+        let receipt = potluck_protocol::receipt::Receipt {
+            hub_id: state.identity.hub_id().to_owned(),
+            request_id: self.request_id.clone(),
+            time_ms: now_ms(),
+            provider_id: tunnel.provider_id,
+            consumer: state
+                .identity
+                .pseudonym(tunnel.provider_id, self.key.account_id),
+            model: self.model.clone(),
+            model_sha256: tunnel.offered(&self.model).and_then(|o| o.sha256),
+            prompt_tokens: u.prompt.max(0) as u64,
+            completion_tokens: u.completion.max(0) as u64,
+            credits_micro: earned,
+            outcome: outcome.to_owned(),
+        };
+        if tunnel
+            .events
+            .try_send(crate::tunnel::Outgoing::Receipt(receipt))
+            .is_err()
+        {
+            tracing::debug!(request_id = %self.request_id, provider_id = tunnel.provider_id, "receipt not queued: the tunnel is gone or its queue is full");
+        }
         let settlement = (u.prompt + u.completion > 0).then(|| Settlement {
             request_id: self.request_id.clone(),
             // The hub pays for anonymous use.
@@ -479,6 +567,14 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
         Ok(k) => k,
         Err(e) => return reject(&request_id, endpoint, None, e),
     };
+    let prefer_low_power = parts
+        .headers
+        .get(HEADER_PREFER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("low-power"))
+        });
     if let Some(len) = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -563,6 +659,14 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
             PRIORITY_NORMAL
         }
     };
+    let need = Need {
+        groups: Arc::from(consumer_groups(&key)),
+        low_power: prefer_low_power,
+        max_tokens: parsed.max_tokens,
+        context: parsed
+            .max_tokens
+            .map(|m| m.saturating_add(parsed.prompt_estimate)),
+    };
     let mut ctx = Ctx {
         request_id,
         key,
@@ -573,6 +677,7 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
         started,
         started_ms: now_ms(),
         queue_ms: None,
+        need: need.clone(),
         _in_flight: in_flight,
     };
     let lease = match state.registry.acquire(
@@ -580,6 +685,7 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
         priority,
         ctx.key.account_id,
         state.config.queue.max_length,
+        need,
     ) {
         Ok(Acquired::Now(l)) => l,
         Ok(Acquired::Wait(ticket)) if parsed.stream => {
@@ -603,12 +709,24 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
                 }
             }
         }
-        Err(PickError::UnknownModel) => {
+        // A model served only to groups the consumer is not in looks like no model at all.
+        Err(PickError::UnknownModel | PickError::NotAllowed) => {
             return reject(
                 &ctx.request_id,
                 endpoint,
                 Some(&ctx.key),
                 ApiError::ModelNotFound(ctx.model.to_string()),
+            )
+        }
+        Err(PickError::TooLarge) => {
+            return reject(
+                &ctx.request_id,
+                endpoint,
+                Some(&ctx.key),
+                ApiError::bad_request(
+                    "No provider of this model accepts a request this large: lower 'max_tokens' or shorten the prompt. GET /v1/models shows each model's limits.",
+                    Some("max_tokens"),
+                ),
             )
         }
         Err(_) => {
@@ -709,6 +827,13 @@ async fn dispatch(
             .header(header::CONTENT_TYPE, "application/json")
             .header(HEADER_MODEL, ctx.model.as_str())
             .header(HEADER_REQUEST_ID, ctx.request_id.as_str())
+            .header(
+                HEADER_CONSUMER,
+                state
+                    .identity
+                    .pseudonym(provider_id, ctx.key.account_id)
+                    .as_str(),
+            )
             .body(Full::new(parsed.body.clone()))
             .map_err(|_| (Arc::clone(&tunnel), ApiError::Internal))?;
         let mut sender = tunnel.sender.clone();
@@ -740,7 +865,7 @@ async fn dispatch(
             return Err((tunnel, err));
         }
         drop(lease);
-        lease = match state.registry.pick(&ctx.model, &tried) {
+        lease = match state.registry.pick(&ctx.model, &tried, &ctx.need) {
             Ok(l) => l,
             Err(_) => return Err((tunnel, err)),
         };
@@ -1220,7 +1345,7 @@ enum Queued {
     Waiting {
         state: Arc<HubState>,
         ctx: Box<Ctx>,
-        parsed: Parsed,
+        parsed: Box<Parsed>,
         ticket: WaitTicket,
         deadline: tokio::time::Instant,
         tick: tokio::time::Interval,
@@ -1236,7 +1361,7 @@ fn queued_stream(state: Arc<HubState>, ctx: Ctx, parsed: Parsed, ticket: WaitTic
     let start = Queued::Waiting {
         state,
         ctx: Box::new(ctx),
-        parsed,
+        parsed: Box::new(parsed),
         ticket,
         deadline,
         tick,
@@ -1295,15 +1420,16 @@ pub async fn pool(
     State(state): State<Arc<HubState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    auth::consumer_or_anonymous(&state, &headers).await?;
+    let (key, _) = auth::consumer_or_anonymous(&state, &headers).await?;
     let data: Vec<Value> = state
         .registry
-        .pool()
+        .pool_for(&consumer_groups(&key))
         .into_iter()
         .map(|(m, s)| {
             let avg = state.service_ms(&m);
             json!({"model": m.as_str(), "providers": s.providers, "capacity": s.capacity, "in_flight": s.in_flight,
-                   "queued": s.queued, "avg_duration_ms": avg.map(|v| v.round() as u64)})
+                   "queued": s.queued, "avg_duration_ms": avg.map(|v| v.round() as u64),
+                   "sha256": s.sha256, "by_provider": s.by_provider})
         })
         .collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())

@@ -8,7 +8,7 @@
 //! model that tunnel serves, if any; otherwise it is freed. So a free slot never sits
 //! idle while someone waits, and newcomers cannot jump the queue.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -16,9 +16,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::client::conn::http2::SendRequest;
+use potluck_protocol::tunnel::{ModelHash, ModelOffer, ProviderProfile};
 use potluck_protocol::ModelName;
 use rand::Rng;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -44,12 +45,81 @@ pub struct Tunnel {
     pub cancel: CancellationToken,
     /// Times this provider's reported usage was implausible.
     pub usage_flags: AtomicU32,
+    /// Hub-to-agent events (receipts, refusals), sent in batches by the tunnel's task.
+    pub events: mpsc::Sender<crate::tunnel::Outgoing>,
 }
 
-#[derive(Default)]
+/// What a tunnel announced about one model (after the hub's allow-list check).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OfferedModel {
+    /// The model file's hash, if announced.
+    pub sha256: Option<ModelHash>,
+    /// The provider's cap on `max_tokens`.
+    pub max_tokens: Option<u32>,
+    /// The provider's cap on prompt + completion tokens.
+    pub max_context: Option<u32>,
+}
+
+impl From<&ModelOffer> for OfferedModel {
+    fn from(o: &ModelOffer) -> Self {
+        Self {
+            sha256: o.sha256.clone(),
+            max_tokens: o.max_tokens,
+            max_context: o.max_context,
+        }
+    }
+}
+
 struct Offer {
-    models: HashSet<ModelName>,
+    models: HashMap<ModelName, OfferedModel>,
     capacity: u32,
+    profile: ProviderProfile,
+    accepting: bool,
+}
+
+impl Default for Offer {
+    fn default() -> Self {
+        Self {
+            models: HashMap::new(),
+            capacity: 0,
+            profile: ProviderProfile::default(),
+            accepting: true,
+        }
+    }
+}
+
+/// What one request requires of a provider, and what it prefers.
+#[derive(Debug, Clone, Default)]
+pub struct Need {
+    /// The consumer's hub groups (a provider restricted to groups serves only members).
+    pub groups: Arc<[String]>,
+    /// Prefer NPU/CPU providers and the lowest energy per token.
+    pub low_power: bool,
+    /// The request's `max_tokens`, checked against each provider's cap.
+    pub max_tokens: Option<u32>,
+    /// The request's estimated prompt tokens plus `max_tokens`, checked against each
+    /// provider's `max_context`.
+    pub context: Option<u32>,
+}
+
+impl Offer {
+    /// Whether this offer may serve `model` for `need`, ignoring capacity and pauses.
+    fn serves(&self, model: &ModelName, need: &Need) -> bool {
+        let Some(m) = self.models.get(model) else {
+            return false;
+        };
+        let groups_ok = self.profile.groups.is_empty()
+            || self.profile.groups.iter().any(|g| need.groups.contains(g));
+        let tokens_ok = match (need.max_tokens, m.max_tokens) {
+            (Some(want), Some(cap)) => want <= cap,
+            _ => true,
+        };
+        let context_ok = match (need.context, m.max_context) {
+            (Some(want), Some(cap)) => want <= cap,
+            _ => true,
+        };
+        groups_ok && tokens_ok && context_ok
+    }
 }
 
 impl Tunnel {
@@ -60,6 +130,7 @@ impl Tunnel {
         provider_account: i64,
         provider_name: String,
         sender: SendRequest<Full<Bytes>>,
+        events: mpsc::Sender<crate::tunnel::Outgoing>,
     ) -> Self {
         Self {
             conn_id,
@@ -72,6 +143,7 @@ impl Tunnel {
             closed: AtomicBool::new(false),
             cancel: CancellationToken::new(),
             usage_flags: AtomicU32::new(0),
+            events,
         }
     }
 
@@ -92,12 +164,41 @@ impl Tunnel {
 
     /// Whether it offers `m`.
     pub fn offers(&self, m: &ModelName) -> bool {
-        lock(&self.state).models.contains(m)
+        lock(&self.state).models.contains_key(m)
     }
 
     /// The models offered now.
     pub fn models(&self) -> Vec<ModelName> {
-        lock(&self.state).models.iter().cloned().collect()
+        lock(&self.state).models.keys().cloned().collect()
+    }
+
+    /// What it announced about `m`.
+    pub fn offered(&self, m: &ModelName) -> Option<OfferedModel> {
+        lock(&self.state).models.get(m).cloned()
+    }
+
+    /// Its declared profile.
+    pub fn profile(&self) -> ProviderProfile {
+        lock(&self.state).profile.clone()
+    }
+
+    /// Whether the agent takes new requests (not draining).
+    pub fn accepting(&self) -> bool {
+        lock(&self.state).accepting
+    }
+
+    /// Whether it may serve `m` for `need`, ignoring capacity and pauses.
+    fn serves(&self, m: &ModelName, need: &Need) -> bool {
+        self.is_open() && lock(&self.state).serves(m, need)
+    }
+
+    /// Whether it may take `m` for `need` now (serves it, accepting, a slot free).
+    fn can_take(&self, m: &ModelName, need: &Need) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        let o = lock(&self.state);
+        o.accepting && self.in_flight() < o.capacity.max(1) && o.serves(m, need)
     }
 }
 
@@ -134,6 +235,10 @@ pub enum PickError {
     Busy,
     /// The model's wait queue is full.
     QueueFull,
+    /// Providers serve the model, but none with a `max_tokens` (or context) this large.
+    TooLarge,
+    /// Providers serve the model, but only to members of groups the consumer is not in.
+    NotAllowed,
 }
 
 /// The outcome of [`Registry::acquire`].
@@ -183,6 +288,7 @@ struct Waiter {
     id: u64,
     tx: oneshot::Sender<Lease>,
     seq: u64,
+    need: Arc<Need>,
 }
 
 /// Waiters of one priority: round robin across accounts (deficit round robin with a
@@ -216,6 +322,7 @@ impl Queue {
         priority: u8,
         account: i64,
         tx: oneshot::Sender<Lease>,
+        need: Arc<Need>,
     ) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
@@ -225,20 +332,79 @@ impl Queue {
         if list.is_empty() {
             tier.order.push_back(account);
         }
-        list.push_back(Waiter { id, tx, seq: id });
+        list.push_back(Waiter {
+            id,
+            tx,
+            seq: id,
+            need,
+        });
         q.len += 1;
         id
     }
 
-    /// The best waiter's (priority, seq) for a model, without taking it.
-    fn peek(&self, m: &ModelName) -> Option<(u8, u64)> {
+    /// The best waiter for a model among those `fits` accepts, without taking it:
+    /// `(priority, seq, account, id)`. Highest priority first; within a priority, the
+    /// round-robin order of accounts, and each account's oldest fitting request.
+    fn peek_fitting(
+        &self,
+        m: &ModelName,
+        fits: impl Fn(&Need) -> bool,
+    ) -> Option<(u8, u64, i64, u64)> {
         let q = self.models.get(m)?;
-        let (p, tier) = q.tiers.iter().next_back()?;
-        let account = tier.order.front()?;
-        let w = tier.by_account.get(account)?.front()?;
-        Some((*p, w.seq))
+        for (p, tier) in q.tiers.iter().rev() {
+            for account in &tier.order {
+                let Some(list) = tier.by_account.get(account) else {
+                    continue;
+                };
+                if let Some(w) = list.iter().find(|w| fits(&w.need)) {
+                    return Some((*p, w.seq, *account, w.id));
+                }
+            }
+        }
+        None
     }
 
+    /// Take one waiter (found by [`Queue::peek_fitting`]); its account goes to the back
+    /// of the round robin.
+    fn take(&mut self, m: &ModelName, priority: u8, account: i64, id: u64) -> Option<Waiter> {
+        let q = self.models.get_mut(m)?;
+        let tier = q.tiers.get_mut(&priority)?;
+        let list = tier.by_account.get_mut(&account)?;
+        let pos = list.iter().position(|w| w.id == id)?;
+        let w = list.remove(pos)?;
+        let empty = list.is_empty();
+        if empty {
+            tier.by_account.remove(&account);
+        }
+        tier.order.retain(|a| *a != account);
+        if !empty {
+            tier.order.push_back(account);
+        }
+        if tier.order.is_empty() {
+            q.tiers.remove(&priority);
+        }
+        q.len -= 1;
+        if q.len == 0 {
+            self.models.remove(m);
+        }
+        Some(w)
+    }
+
+    /// Take the best waiter that tunnel `t` can serve, over the models it offers.
+    fn take_for(&mut self, t: &Tunnel) -> Option<Waiter> {
+        let models = t.models();
+        let (m, (p, _, account, id)) = models
+            .iter()
+            .filter_map(|m| {
+                self.peek_fitting(m, |need| t.serves(m, need))
+                    .map(|k| (m, k))
+            })
+            .max_by(|(_, a), (_, b)| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))?;
+        let m = m.clone();
+        self.take(&m, p, account, id)
+    }
+
+    #[cfg(test)]
     fn pop(&mut self, m: &ModelName) -> Option<Waiter> {
         let q = self.models.get_mut(m)?;
         let (&p, tier) = q.tiers.iter_mut().next_back()?;
@@ -320,6 +486,7 @@ struct Inner {
     tunnels: Mutex<HashMap<u64, Arc<Tunnel>>>,
     queue: Mutex<Queue>,
     next_conn: AtomicU64,
+    energy: Mutex<HashMap<(i64, ModelName), EnergyStat>>,
 }
 
 impl Inner {
@@ -330,16 +497,8 @@ impl Inner {
     /// A slot of `t` came free: hand it to the best waiter of a model `t` serves, or free it.
     fn release(self: &Arc<Self>, t: Arc<Tunnel>) {
         let mut q = lock(&self.queue);
-        if t.is_open() && t.in_flight() <= t.capacity() {
-            let models = t.models();
-            loop {
-                let best = models
-                    .iter()
-                    .filter_map(|m| q.peek(m).map(|k| (k, m)))
-                    .max_by(|(a, _), (b, _)| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-                let Some((_, m)) = best else { break };
-                let m = m.clone();
-                let Some(w) = q.pop(&m) else { break };
+        if t.is_open() && t.accepting() && t.in_flight() <= t.capacity() {
+            while let Some(w) = q.take_for(&t) {
                 let lease = Lease {
                     tunnel: Some(Arc::clone(&t)),
                     registry: Arc::clone(self),
@@ -357,41 +516,65 @@ impl Inner {
         t.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    fn pick(self: &Arc<Self>, model: &ModelName, exclude: &[i64]) -> Result<Lease, PickError> {
+    /// Why nothing serves `model` for `need`, if nothing does (capacity ignored).
+    fn unservable(&self, model: &ModelName, need: &Need) -> Option<PickError> {
+        let tunnels = self.tunnels();
+        let offering: Vec<&Arc<Tunnel>> = tunnels
+            .values()
+            .filter(|t| t.is_open() && t.offers(model))
+            .collect();
+        if offering.is_empty() {
+            return Some(PickError::UnknownModel);
+        }
+        if offering.iter().any(|t| t.serves(model, need)) {
+            return None;
+        }
+        let anyone = Need {
+            groups: Arc::clone(&need.groups),
+            ..Need::default()
+        };
+        if offering.iter().any(|t| t.serves(model, &anyone)) {
+            Some(PickError::TooLarge)
+        } else {
+            Some(PickError::NotAllowed)
+        }
+    }
+
+    fn pick(
+        self: &Arc<Self>,
+        model: &ModelName,
+        exclude: &[i64],
+        need: &Need,
+    ) -> Result<Lease, PickError> {
+        if let Some(e) = self.unservable(model, need) {
+            return Err(e);
+        }
         let candidates: Vec<Arc<Tunnel>> = self
             .tunnels()
             .values()
-            .filter(|t| t.is_open() && t.offers(model))
+            .filter(|t| !exclude.contains(&t.provider_id) && t.can_take(model, need))
             .cloned()
             .collect();
-        if candidates.is_empty() {
-            return Err(PickError::UnknownModel);
-        }
-        // Lowest load relative to capacity; ties broken at random so that sequential
-        // traffic spreads too.
-        let mut best: Vec<&Arc<Tunnel>> = Vec::new();
-        let mut best_load = f64::INFINITY;
-        for t in candidates
-            .iter()
-            .filter(|t| !exclude.contains(&t.provider_id))
-        {
-            let cap = t.capacity().max(1);
-            let inflight = t.in_flight();
-            if inflight >= cap {
-                continue;
+        // Low power: device class first (NPU, CPU, GPU), then the lowest measured energy
+        // per token, then load. Otherwise: lowest load relative to capacity. Ties are
+        // broken at random so that sequential traffic spreads too.
+        let key = |t: &Arc<Tunnel>| -> (u8, u64, u64) {
+            let load = f64::from(t.in_flight()) / f64::from(t.capacity().max(1));
+            let load_key = (load * 1_000_000.0) as u64;
+            if need.low_power {
+                let rank = t.profile().device.low_power_rank();
+                let wh = self
+                    .energy_per_1k(t.provider_id, model)
+                    .map_or(u64::MAX, |wh| (wh * 1_000_000.0) as u64);
+                (rank, wh, load_key)
+            } else {
+                (0, 0, load_key)
             }
-            let load = f64::from(inflight) / f64::from(cap);
-            if load < best_load {
-                best_load = load;
-                best.clear();
-            }
-            if load <= best_load {
-                best.push(t);
-            }
-        }
-        if best.is_empty() {
+        };
+        let Some(best_key) = candidates.iter().map(key).min() else {
             return Err(PickError::Busy);
-        }
+        };
+        let best: Vec<&Arc<Tunnel>> = candidates.iter().filter(|t| key(t) == best_key).collect();
         let t = best[rand::rng().random_range(0..best.len())];
         t.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {
@@ -400,30 +583,52 @@ impl Inner {
         })
     }
 
-    /// Give free slots to waiters (after a tunnel joined or its capacity grew).
+    /// Measured Wh per 1,000 tokens of a provider for a model, if known.
+    fn energy_per_1k(&self, provider_id: i64, model: &ModelName) -> Option<f64> {
+        lock(&self.energy)
+            .get(&(provider_id, model.clone()))
+            .and_then(EnergyStat::wh_per_1k)
+    }
+
+    /// Give free slots to waiters (after a tunnel joined, its offer changed, or a
+    /// request joined the queue).
     fn fill(self: &Arc<Self>) {
-        loop {
-            let mut q = lock(&self.queue);
-            let models: Vec<ModelName> = q.models.keys().cloned().collect();
-            let mut progressed = false;
-            for m in models {
-                while q.len(&m) > 0 {
-                    let Ok(lease) = self.pick(&m, &[]) else { break };
-                    let Some(w) = q.pop(&m) else { break };
-                    if let Err(mut back) = w.tx.send(lease) {
-                        // Waiter gone: free the slot without re-entering the queue lock.
-                        if let Some(t) = back.tunnel.take() {
-                            t.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        }
+        let mut q = lock(&self.queue);
+        if q.models.is_empty() {
+            return;
+        }
+        let tunnels: Vec<Arc<Tunnel>> = self.tunnels().values().cloned().collect();
+        for t in tunnels {
+            while t.is_open() && t.accepting() && t.in_flight() < t.capacity().max(1) {
+                let Some(w) = q.take_for(&t) else { break };
+                t.in_flight.fetch_add(1, Ordering::Relaxed);
+                let lease = Lease {
+                    tunnel: Some(Arc::clone(&t)),
+                    registry: Arc::clone(self),
+                };
+                if let Err(mut back) = w.tx.send(lease) {
+                    // Waiter gone: free the slot without re-entering the queue lock.
+                    if let Some(t) = back.tunnel.take() {
+                        t.in_flight.fetch_sub(1, Ordering::Relaxed);
                     }
-                    progressed = true;
                 }
             }
-            drop(q);
-            if !progressed {
-                return;
-            }
         }
+    }
+}
+
+/// Energy and tokens served by one provider for one model (since the hub started).
+#[derive(Debug, Clone, Copy, Default)]
+struct EnergyStat {
+    millijoules: u64,
+    tokens: u64,
+}
+
+impl EnergyStat {
+    fn wh_per_1k(&self) -> Option<f64> {
+        // Wh per 1k tokens = (mJ / 1000 / 3600) / (tokens / 1000).
+        (self.tokens > 0 && self.millijoules > 0)
+            .then(|| self.millijoules as f64 / 3600.0 / self.tokens as f64)
     }
 }
 
@@ -438,6 +643,33 @@ pub struct ModelStatus {
     pub in_flight: u32,
     /// Requests waiting for it.
     pub queued: usize,
+    /// The model files serving it (SHA-256), as announced.
+    pub sha256: BTreeSet<String>,
+    /// The largest `max_tokens` any provider of it accepts (`None`: no cap announced).
+    pub max_tokens: Option<u32>,
+    /// Each provider of it.
+    pub by_provider: Vec<ProviderView>,
+}
+
+/// One provider of one model, for `GET /v1/pool`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProviderView {
+    /// The provider's name.
+    pub provider: String,
+    /// Device class.
+    pub device: potluck_protocol::tunnel::DeviceClass,
+    /// Declared or measured busy power.
+    pub watts: Option<f64>,
+    /// Measured energy per 1,000 tokens (since the hub started).
+    pub wh_per_1k_tokens: Option<f64>,
+    /// Taking new requests (not draining).
+    pub accepting: bool,
+    /// The model file's hash.
+    pub sha256: Option<String>,
+    /// Restricted to these hub groups (empty: everyone).
+    pub groups: Vec<String>,
+    /// Moderation the provider requires.
+    pub moderation: potluck_protocol::tunnel::Moderation,
 }
 
 /// All open tunnels and the wait queue.
@@ -452,6 +684,7 @@ impl Default for Registry {
                 tunnels: Mutex::new(HashMap::new()),
                 queue: Mutex::new(Queue::default()),
                 next_conn: AtomicU64::new(0),
+                energy: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -470,14 +703,42 @@ impl Registry {
     }
 
     /// Replace what a tunnel offers.
-    pub fn set_offer(&self, conn_id: u64, models: Vec<ModelName>, capacity: u32) {
+    pub fn set_offer(
+        &self,
+        conn_id: u64,
+        models: HashMap<ModelName, OfferedModel>,
+        capacity: u32,
+        profile: ProviderProfile,
+        accepting: bool,
+    ) {
         let t = self.inner.tunnels().get(&conn_id).cloned();
         if let Some(t) = t {
             let mut o = lock(&t.state);
-            o.models = models.into_iter().collect();
+            o.models = models;
             o.capacity = capacity;
+            o.profile = profile;
+            o.accepting = accepting;
         }
         self.inner.fill();
+    }
+
+    /// Count energy a provider reported for one request of `model`.
+    pub fn add_energy(&self, provider_id: i64, model: &ModelName, millijoules: u64) {
+        let mut e = lock(&self.inner.energy);
+        let s = e.entry((provider_id, model.clone())).or_default();
+        s.millijoules = s.millijoules.saturating_add(millijoules);
+    }
+
+    /// Count tokens a provider served for `model` (for energy per token).
+    pub fn add_tokens(&self, provider_id: i64, model: &ModelName, tokens: u64) {
+        let mut e = lock(&self.inner.energy);
+        let s = e.entry((provider_id, model.clone())).or_default();
+        s.tokens = s.tokens.saturating_add(tokens);
+    }
+
+    /// Measured Wh per 1,000 tokens of a provider for a model, if known.
+    pub fn energy_per_1k(&self, provider_id: i64, model: &ModelName) -> Option<f64> {
+        self.inner.energy_per_1k(provider_id, model)
     }
 
     /// Remove a tunnel: nothing new is routed to it from now on.
@@ -505,8 +766,13 @@ impl Registry {
     }
 
     /// Pick a tunnel for `model` now, skipping `exclude`d providers (no queueing).
-    pub fn pick(&self, model: &ModelName, exclude: &[i64]) -> Result<Lease, PickError> {
-        self.inner.pick(model, exclude)
+    pub fn pick(
+        &self,
+        model: &ModelName,
+        exclude: &[i64],
+        need: &Need,
+    ) -> Result<Lease, PickError> {
+        self.inner.pick(model, exclude, need)
     }
 
     /// A slot now if one is free and nobody waits for `model`; else a place in its queue
@@ -517,27 +783,26 @@ impl Registry {
         priority: u8,
         account: i64,
         max_queue: usize,
+        need: Need,
     ) -> Result<Acquired, PickError> {
         let mut q = lock(&self.inner.queue);
         if q.len(model) == 0 {
-            match self.inner.pick(model, &[]) {
+            match self.inner.pick(model, &[], &need) {
                 Ok(l) => return Ok(Acquired::Now(l)),
                 Err(PickError::Busy) => {}
                 Err(e) => return Err(e),
             }
-        } else if !self
-            .inner
-            .tunnels()
-            .values()
-            .any(|t| t.is_open() && t.offers(model))
-        {
-            return Err(PickError::UnknownModel);
+        } else if let Some(e) = self.inner.unservable(model, &need) {
+            return Err(e);
         }
         if q.len(model) >= max_queue {
             return Err(PickError::QueueFull);
         }
         let (tx, rx) = oneshot::channel();
-        let id = q.push(model, priority, account, tx);
+        let id = q.push(model, priority, account, tx, Arc::new(need));
+        drop(q);
+        // Others waiting may not fit a free slot that this request fits.
+        self.inner.fill();
         Ok(Acquired::Wait(WaitTicket {
             id,
             model: model.clone(),
@@ -572,30 +837,58 @@ impl Registry {
             .collect()
     }
 
-    /// Per model: providers, capacity, in flight, queued.
-    pub fn pool(&self) -> BTreeMap<ModelName, ModelStatus> {
+    /// Per model: providers, capacity, in flight, queued, hashes, energy. Models served
+    /// only to groups none of `groups` is in are left out.
+    pub fn pool_for(&self, groups: &[String]) -> BTreeMap<ModelName, ModelStatus> {
         let tunnels = self.open_tunnels();
-        let mut out: BTreeMap<ModelName, (HashSet<i64>, ModelStatus)> = BTreeMap::new();
+        let mut out: BTreeMap<ModelName, (HashSet<i64>, ModelStatus, bool)> = BTreeMap::new();
         for t in &tunnels {
-            let (models, cap) = {
-                let o = lock(&t.state);
-                (o.models.iter().cloned().collect::<Vec<_>>(), o.capacity)
-            };
-            for m in models {
-                let e = out.entry(m).or_default();
+            let o = lock(&t.state);
+            let visible =
+                o.profile.groups.is_empty() || o.profile.groups.iter().any(|g| groups.contains(g));
+            if !visible {
+                continue;
+            }
+            for (m, info) in &o.models {
+                let e = out.entry(m.clone()).or_default();
                 e.0.insert(t.provider_id);
-                e.1.capacity += cap;
+                e.1.capacity += o.capacity;
                 e.1.in_flight += t.in_flight();
+                if let Some(h) = &info.sha256 {
+                    e.1.sha256.insert(h.to_string());
+                }
+                match info.max_tokens {
+                    None => e.2 = true,
+                    Some(c) => e.1.max_tokens = Some(e.1.max_tokens.map_or(c, |x| x.max(c))),
+                }
+                e.1.by_provider.push(ProviderView {
+                    provider: t.provider_name.clone(),
+                    device: o.profile.device,
+                    watts: o.profile.watts,
+                    wh_per_1k_tokens: self.inner.energy_per_1k(t.provider_id, m),
+                    accepting: o.accepting,
+                    sha256: info.sha256.as_ref().map(ToString::to_string),
+                    groups: o.profile.groups.clone(),
+                    moderation: o.profile.moderation,
+                });
             }
         }
         let q = lock(&self.inner.queue);
         out.into_iter()
-            .map(|(m, (p, mut s))| {
+            .map(|(m, (p, mut s, uncapped))| {
                 s.providers = p.len();
                 s.queued = q.len(&m);
+                if uncapped {
+                    s.max_tokens = None;
+                }
                 (m, s)
             })
             .collect()
+    }
+
+    /// [`Registry::pool_for`] as seen by a consumer in no group.
+    pub fn pool(&self) -> BTreeMap<ModelName, ModelStatus> {
+        self.pool_for(&[])
     }
 
     /// Per provider: (tunnels, models, in flight).
@@ -643,18 +936,18 @@ mod tests {
         let mut rxs = Vec::new();
         for _ in 0..100 {
             let (tx, rx) = oneshot::channel();
-            q.push(&model, 1, 1, tx);
+            q.push(&model, 1, 1, tx, Arc::default());
             rxs.push(rx);
         }
         for acct in [2, 3] {
             for _ in 0..5 {
                 let (tx, rx) = oneshot::channel();
-                q.push(&model, 1, acct, tx);
+                q.push(&model, 1, acct, tx, Arc::default());
                 rxs.push(rx);
             }
         }
         let (tx, _rx_hi) = oneshot::channel();
-        let hi = q.push(&model, 3, 9, tx);
+        let hi = q.push(&model, 3, 9, tx, Arc::default());
         // The high-priority request goes first, then accounts alternate.
         assert_eq!(q.pop(&model).unwrap().id, hi);
         let mut served: Vec<i64> = Vec::new();
@@ -681,7 +974,7 @@ mod tests {
         for acct in [1, 1, 1, 2] {
             let (tx, rx) = oneshot::channel();
             std::mem::forget(rx);
-            ids.push((acct, q.push(&model, 1, acct, tx)));
+            ids.push((acct, q.push(&model, 1, acct, tx, Arc::default())));
         }
         // Account 2's only request is second in line (after account 1's first).
         assert_eq!(q.position(&model, 1, 2, ids[3].1), 1);
@@ -700,7 +993,7 @@ mod tests {
         let mut rxs = Vec::with_capacity(10_000);
         for i in 0..10_000u64 {
             let (tx, rx) = oneshot::channel();
-            q.push(&model, (i % 3) as u8, (i % 50) as i64, tx);
+            q.push(&model, (i % 3) as u8, (i % 50) as i64, tx, Arc::default());
             rxs.push(rx);
         }
         assert_eq!(q.len(&model), 10_000);

@@ -8,18 +8,39 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::OnUpgrade;
+use potluck_protocol::receipt::Receipt;
 use potluck_protocol::tunnel::{
-    AgentEvent, CONTROL_PATH, HEADER_PROTOCOL_VERSION, MAX_CONTROL_LINE_BYTES, PROTOCOL_VERSION,
-    UPGRADE_PROTOCOL,
+    AgentEvent, HubEvent, ModelOffer, CONTROL_PATH, EVENTS_PATH, HEADER_PROTOCOL_VERSION,
+    MAX_CONTROL_LINE_BYTES, MAX_EVENTS_BODY_BYTES, PROTOCOL_VERSION, UPGRADE_PROTOCOL,
 };
 use potluck_protocol::ErrorBody;
+use potluck_protocol::ModelName;
 use potluck_store::ProviderAuth;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::bearer;
 use crate::error::ApiError;
-use crate::registry::Tunnel;
+use crate::registry::{OfferedModel, Tunnel};
 use crate::HubState;
+
+/// Hub-to-agent events waiting to be sent, per tunnel.
+pub const EVENTS_QUEUE: usize = 4096;
+/// Most events in one batch.
+pub const EVENTS_BATCH: usize = 256;
+/// Largest energy one request may report (100 Wh); more is implausible and ignored.
+pub const MAX_ENERGY_PER_REQUEST_MJ: u64 = 360_000_000;
+
+/// An event queued for one tunnel's agent.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A receipt, signed by the events task (off the request's path).
+    Receipt(Receipt),
+    /// Any other event, sent as is.
+    Event(HubEvent),
+}
 
 fn upgrade_required(message: &str) -> Response {
     let mut r = (
@@ -119,12 +140,23 @@ async fn run(state: Arc<HubState>, provider: ProviderAuth, on_upgrade: OnUpgrade
         }
     };
     let conn_id = state.registry.next_conn_id();
+    let (events_tx, events_rx) = mpsc::channel(EVENTS_QUEUE);
     let tunnel = Arc::new(Tunnel::new(
         conn_id,
         provider.provider_id,
         provider.account_id,
         provider.name.clone(),
+        sender.clone(),
+        events_tx,
+    ));
+    let done = CancellationToken::new();
+    let _done_guard = done.clone().drop_guard();
+    state.tasks.spawn(send_events(
+        Arc::clone(&state),
         sender,
+        events_rx,
+        done,
+        provider.provider_id,
     ));
     let span = tracing::info_span!("tunnel", conn_id, provider_id = provider.provider_id);
     tracing::info!(parent: &span, provider = %provider.name, "tunnel open");
@@ -213,7 +245,8 @@ fn apply(
             agent_version,
             models,
             max_concurrency,
-            ..
+            profile,
+            accepting,
         } => {
             if protocol != PROTOCOL_VERSION {
                 return Err(format!("agent speaks protocol {protocol}"));
@@ -229,18 +262,20 @@ fn apply(
                 agent_version = %agent_version.chars().take(32).collect::<String>(),
                 models = models.len(),
                 max_concurrency,
+                device = ?profile.device,
+                accepting,
                 "provider ready"
             );
-            state.registry.set_offer(
-                tunnel.conn_id,
-                models.into_iter().map(|m| m.id).collect(),
-                max_concurrency,
-            );
+            let models = admit(state, tunnel, models);
+            state
+                .registry
+                .set_offer(tunnel.conn_id, models, max_concurrency, profile, accepting);
         }
         AgentEvent::Models {
             models,
             max_concurrency,
-            ..
+            profile,
+            accepting,
         } => {
             if !*greeted {
                 return Err("models before hello".into());
@@ -250,15 +285,116 @@ fn apply(
                 provider_id = tunnel.provider_id,
                 models = models.len(),
                 max_concurrency,
+                accepting,
                 "provider offer changed"
             );
-            state.registry.set_offer(
-                tunnel.conn_id,
-                models.into_iter().map(|m| m.id).collect(),
-                max_concurrency,
-            );
+            let models = admit(state, tunnel, models);
+            state
+                .registry
+                .set_offer(tunnel.conn_id, models, max_concurrency, profile, accepting);
         }
-        AgentEvent::Energy { .. } => {}
+        AgentEvent::Energy {
+            model, millijoules, ..
+        } => {
+            if *greeted && millijoules <= MAX_ENERGY_PER_REQUEST_MJ && tunnel.offers(&model) {
+                state
+                    .registry
+                    .add_energy(tunnel.provider_id, &model, millijoules);
+            }
+        }
     }
     Ok(())
+}
+
+/// Check each offered model against the hub's allow-list; tell the agent why a model is
+/// refused.
+fn admit(
+    state: &HubState,
+    tunnel: &Tunnel,
+    models: Vec<ModelOffer>,
+) -> std::collections::HashMap<ModelName, OfferedModel> {
+    let mut out = std::collections::HashMap::with_capacity(models.len());
+    for m in models {
+        match state.config.check_model(m.id.as_str(), m.sha256.as_ref()) {
+            Ok(()) => {
+                out.insert(m.id.clone(), OfferedModel::from(&m));
+            }
+            Err(reason) => {
+                // The name and hash are the provider's own announcement, not consumer input.
+                tracing::warn!(
+                    provider_id = tunnel.provider_id,
+                    model = %m.id,
+                    sha256 = ?m.sha256.as_ref().map(|h| h.as_str()),
+                    "model refused: {reason}"
+                );
+                let _ = tunnel
+                    .events
+                    .try_send(Outgoing::Event(HubEvent::ModelRefused {
+                        model: m.id,
+                        reason,
+                    }));
+            }
+        }
+    }
+    out
+}
+
+/// One tunnel's events task: sign receipts and send events in batches, one `POST` per
+/// batch, until the tunnel ends.
+async fn send_events(
+    state: Arc<HubState>,
+    mut sender: SendRequest<Full<Bytes>>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    done: CancellationToken,
+    provider_id: i64,
+) {
+    let mut batch = Vec::with_capacity(EVENTS_BATCH);
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = done.cancelled() => None,
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        while batch.len() < EVENTS_BATCH {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let mut body = Vec::new();
+        for e in batch.drain(..) {
+            let ev = match e {
+                Outgoing::Receipt(r) => HubEvent::Receipt(state.identity.sign(r)),
+                Outgoing::Event(ev) => ev,
+            };
+            let line = ev.encode();
+            if body.len() + line.len() > MAX_EVENTS_BODY_BYTES {
+                break;
+            }
+            body.extend_from_slice(&line);
+        }
+        let n = body.iter().filter(|&&b| b == b'\n').count();
+        let Ok(req) = http::Request::builder()
+            .method("POST")
+            .uri(EVENTS_PATH)
+            .header(header::CONTENT_TYPE, "application/x-ndjson")
+            .body(Full::new(Bytes::from(body)))
+        else {
+            continue;
+        };
+        let sent = tokio::select! {
+            r = sender.send_request(req) => r,
+            _ = done.cancelled() => return,
+        };
+        match sent {
+            Ok(resp) if resp.status().is_success() => {}
+            Ok(resp) => {
+                tracing::debug!(provider_id, status = %resp.status(), events = n, "agent did not take hub events");
+            }
+            Err(e) => {
+                tracing::debug!(provider_id, error = %e, events = n, "sending hub events failed");
+            }
+        }
+    }
 }

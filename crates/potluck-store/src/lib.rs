@@ -7,11 +7,13 @@
 //! SQLite (embedded, one file in the data directory) is the engine today; the API is
 //! engine-neutral so that PostgreSQL can be added behind it.
 
+mod identity;
 pub mod ledger;
 mod migrations;
 pub mod secret;
 mod store;
 
+pub use identity::HubIdentityRecord;
 pub use secret::{Secret, SecretKind};
 pub use store::{
     Account, KeyAuth, KeyLimits, KeyRecord, ProviderAuth, ProviderRecord, Role, Store, StoreError,

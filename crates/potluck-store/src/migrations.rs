@@ -93,4 +93,19 @@ CREATE TABLE balances (
 );
 "#,
     ),
+    (
+        4,
+        r#"
+-- The hub's identity: its id, its ed25519 receipt-signing key and the secret behind
+-- consumer pseudonyms. One row, created at first start. Secret: the database is the
+-- operator's, like the data directory.
+CREATE TABLE hub_identity (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    hub_id        TEXT NOT NULL,
+    signing_key   BLOB NOT NULL,
+    pseudonym_key BLOB NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+"#,
+    ),
 ];

@@ -12,11 +12,13 @@ pub mod fake_backend;
 pub mod fake_hub;
 pub mod harness;
 pub mod real_backend;
+pub mod scripted_agent;
 pub mod sse;
 
 pub use fake_backend::{FakeBackend, FakeBehavior, FakeOptions};
 pub use harness::{TestAgent, TestHub};
 pub use real_backend::RealBackend;
+pub use scripted_agent::ScriptedAgent;
 
 use std::time::Duration;
 

@@ -1,0 +1,197 @@
+//! A scripted agent: opens a real tunnel to a hub with a real provider token, announces
+//! exactly the control events a test gives it (any profile, hashes, accepting state),
+//! answers inference requests with a canned OpenAI answer, and records what the hub sent
+//! it: request headers and bodies, and hub events (receipts, refusals).
+//!
+//! It tests the hub's side of the protocol without the real agent's discovery; the real
+//! agent has its own tests.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use potluck_protocol::tunnel::{
+    AgentEvent, HubEvent, ModelOffer, ProviderProfile, CONTROL_PATH, EVENTS_PATH, PROTOCOL_VERSION,
+};
+use potluck_protocol::ModelName;
+use potluck_tunnel::{Carrier, HubUrl, UpgradeCarrier};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// One inference request as the scripted agent received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Path.
+    pub path: String,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct Log {
+    requests: Vec<Received>,
+    events: Vec<HubEvent>,
+}
+
+/// A connected scripted agent. Dropping it closes the tunnel.
+pub struct ScriptedAgent {
+    /// Its name, echoed in answers (`"served by NAME"`).
+    pub name: String,
+    control: mpsc::UnboundedSender<AgentEvent>,
+    log: Arc<Mutex<Log>>,
+    cancel: CancellationToken,
+}
+
+impl Drop for ScriptedAgent {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// A `hello` offering `models` (no hashes), `capacity` slots, with `profile`.
+pub fn hello(models: &[&str], capacity: u32, profile: ProviderProfile) -> AgentEvent {
+    AgentEvent::Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_version: "scripted".into(),
+        models: models
+            .iter()
+            .map(|m| ModelOffer::named(ModelName::parse(m).unwrap()))
+            .collect(),
+        max_concurrency: capacity,
+        profile,
+        accepting: true,
+    }
+}
+
+impl ScriptedAgent {
+    /// Open a tunnel to `hub_url` with `token` and send `first` (a hello).
+    pub async fn connect(name: &str, hub_url: &str, token: &str, first: AgentEvent) -> Self {
+        let carrier = UpgradeCarrier {
+            hub: HubUrl::parse(hub_url).unwrap(),
+            token: token.to_owned(),
+            agent_version: "scripted".into(),
+        };
+        let io = carrier.connect().await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(first).unwrap();
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let log = Arc::new(Mutex::new(Log::default()));
+        let cancel = CancellationToken::new();
+        let me = name.to_owned();
+        let (l, c) = (Arc::clone(&log), cancel.clone());
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let (rx, log, name) = (Arc::clone(&rx), Arc::clone(&l), me.clone());
+            async move { Ok::<_, Infallible>(handle(req, rx, log, &name).await) }
+        });
+        tokio::spawn(async move {
+            let conn = potluck_tunnel::settings::server_builder().serve_connection(io, svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = c.cancelled() => {}
+            }
+        });
+        Self {
+            name: name.to_owned(),
+            control: tx,
+            log,
+            cancel,
+        }
+    }
+
+    /// Send another control event (models, accepting, energy...).
+    pub fn send(&self, ev: AgentEvent) {
+        let _ = self.control.send(ev);
+    }
+
+    /// Inference requests received so far.
+    pub fn requests(&self) -> Vec<Received> {
+        self.log.lock().unwrap().requests.clone()
+    }
+
+    /// Hub events received so far.
+    pub fn hub_events(&self) -> Vec<HubEvent> {
+        self.log.lock().unwrap().events.clone()
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    control: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<AgentEvent>>>,
+    log: Arc<Mutex<Log>>,
+    name: &str,
+) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    if path == CONTROL_PATH {
+        let stream = futures_util::stream::unfold(control, |control| async move {
+            let ev = control.lock().await.recv().await?;
+            Some((
+                Ok::<_, Infallible>(Frame::data(Bytes::from(ev.encode()))),
+                control,
+            ))
+        });
+        return Response::new(StreamBody::new(stream).boxed_unsync());
+    }
+    let headers = req.headers().clone();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    if path == EVENTS_PATH {
+        let mut l = log.lock().unwrap();
+        for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            l.events.push(HubEvent::decode(line).unwrap());
+        }
+        let mut r = Response::new(Full::new(Bytes::new()).boxed_unsync());
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        return r;
+    }
+    let stream = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("stream").and_then(serde_json::Value::as_bool))
+        .unwrap_or(false);
+    log.lock().unwrap().requests.push(Received {
+        path: path.clone(),
+        headers,
+        body,
+    });
+    let text = format!("served by {name}");
+    let usage = json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7});
+    if stream {
+        let mut out = String::new();
+        for w in text.split_inclusive(' ') {
+            let chunk = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]});
+            out.push_str(&format!("data: {chunk}\n\n"));
+        }
+        let last = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [], "usage": usage});
+        out.push_str(&format!("data: {last}\n\ndata: [DONE]\n\n"));
+        let mut r = Response::new(Full::new(Bytes::from(out)).boxed_unsync());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        return r;
+    }
+    let answer = json!({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": usage});
+    let mut r = Response::new(Full::new(Bytes::from(answer.to_string())).boxed_unsync());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
