@@ -50,6 +50,145 @@ pub struct HubConfig {
     /// Model supply chain: when not empty, only these model files may be served, by
     /// name and SHA-256 (`[[model_allowlist]]` entries).
     pub model_allowlist: Vec<AllowedModel>,
+    /// Guard-model moderation of input and output.
+    pub moderation: ModerationConfig,
+    /// Audits of providers: replays on trusted references, canaries, plausibility.
+    pub audit: AuditConfig,
+}
+
+/// Which side of a request a guard model checks.
+pub type ModerationMode = potluck_protocol::tunnel::Moderation;
+
+/// The guard's prompt format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardFormat {
+    /// Llama Guard 3: answers `safe`, or `unsafe` and S1–S14 category codes.
+    LlamaGuard,
+    /// ShieldGemma: answers Yes/No per policy.
+    Shieldgemma,
+}
+
+/// Guard-model moderation. Off unless `guard_model` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModerationConfig {
+    /// A model in the pool that acts as the guard (empty: no moderation).
+    pub guard_model: String,
+    /// Its prompt format.
+    pub format: GuardFormat,
+    /// Llama Guard categories that block (`S1`…`S14`); empty: every unsafe verdict
+    /// blocks. For ShieldGemma: the names of `policies` that block (empty: all).
+    pub blocked_categories: Vec<String>,
+    /// ShieldGemma policies: name → the principle's text.
+    pub policies: std::collections::BTreeMap<String, String>,
+    /// Moderation for every model (`none`, `input`, `output`, `both`).
+    pub default: ModerationMode,
+    /// Per-model overrides.
+    pub models: std::collections::BTreeMap<String, ModerationMode>,
+    /// Output is checked every this many tokens.
+    pub window_tokens: usize,
+    /// Tokens of the previous window repeated at the start of the next one.
+    pub overlap_tokens: usize,
+    /// Hold output back until its window passed the guard (no unchecked text reaches
+    /// the consumer; adds latency). Off: text flows and a failed window ends the stream.
+    pub holdback: bool,
+    /// Longest wait for a guard verdict (seconds).
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+    /// Block when the guard fails or its answer cannot be read (fail closed); off:
+    /// let the request through (fail open).
+    pub fail_closed: bool,
+    /// Most tokens the guard may answer with.
+    pub max_guard_tokens: u32,
+}
+
+impl Default for ModerationConfig {
+    fn default() -> Self {
+        Self {
+            guard_model: String::new(),
+            format: GuardFormat::LlamaGuard,
+            blocked_categories: Vec::new(),
+            policies: std::collections::BTreeMap::new(),
+            default: ModerationMode::None,
+            models: std::collections::BTreeMap::new(),
+            window_tokens: 200,
+            overlap_tokens: 50,
+            holdback: false,
+            timeout: Duration::from_secs(30),
+            fail_closed: true,
+            max_guard_tokens: 20,
+        }
+    }
+}
+
+impl ModerationConfig {
+    /// Whether a guard is configured.
+    pub fn enabled(&self) -> bool {
+        !self.guard_model.is_empty()
+    }
+
+    /// The hub's own policy for a model.
+    pub fn mode_for(&self, model: &str) -> ModerationMode {
+        if !self.enabled() {
+            return ModerationMode::None;
+        }
+        self.models.get(model).copied().unwrap_or(self.default)
+    }
+}
+
+/// Audits of providers and their reputation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Fraction of real requests replayed on a trusted reference (0 to 1).
+    pub rate: f64,
+    /// Tokens (words) of the answers compared.
+    pub compare_tokens: usize,
+    /// Least agreement over those tokens that passes (honest nondeterminism tolerance).
+    pub min_agreement: f64,
+    /// Score added by a passed audit (capped at 1).
+    pub pass_reward: f64,
+    /// Score multiplied by this on a failed audit.
+    pub fail_factor: f64,
+    /// Score multiplied by this on a plausibility flag (speed, usage).
+    pub flag_factor: f64,
+    /// Below this score a provider is quarantined.
+    pub quarantine_below: f64,
+    /// Seconds between synthetic canary prompts (0: none).
+    #[serde(with = "secs")]
+    pub canary_interval: Duration,
+    /// Fixed seed for the audit sampler (tests); random when unset.
+    pub seed: Option<u64>,
+    /// Most completion tokens per second a provider of a size class may plausibly
+    /// deliver (`credits.classes` names).
+    pub max_tokens_per_sec: std::collections::BTreeMap<String, f64>,
+    /// Speed is judged only on answers with at least this many completion tokens.
+    pub min_tokens_for_speed: i64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            rate: 0.02,
+            compare_tokens: 32,
+            min_agreement: 0.75,
+            pass_reward: 0.05,
+            fail_factor: 0.5,
+            flag_factor: 0.8,
+            quarantine_below: 0.3,
+            canary_interval: Duration::from_secs(600),
+            seed: None,
+            max_tokens_per_sec: [
+                ("small".to_owned(), 5000.0),
+                ("medium".to_owned(), 1000.0),
+                ("large".to_owned(), 300.0),
+            ]
+            .into_iter()
+            .collect(),
+            min_tokens_for_speed: 64,
+        }
+    }
 }
 
 /// One allowed model: a public name and the hashes of the files that may serve it.
@@ -213,6 +352,12 @@ impl Default for CreditsConfig {
 
 impl CreditsConfig {
     /// Rates for a model.
+    /// The size class of a model.
+    pub fn class_of(&self, model: &str) -> &str {
+        self.models.get(model).unwrap_or(&self.default_class)
+    }
+
+    /// Prices of a model.
     pub fn rates(&self, model: &str) -> Rates {
         let class = self.models.get(model).unwrap_or(&self.default_class);
         self.classes.get(class).copied().unwrap_or(Rates {
@@ -301,6 +446,24 @@ impl HubConfig {
                 ));
             }
         }
+        if !(0.0..=1.0).contains(&self.audit.rate)
+            || !(0.0..=1.0).contains(&self.audit.min_agreement)
+            || !(0.0..=1.0).contains(&self.audit.quarantine_below)
+        {
+            return Err(
+                "audit.rate, audit.min_agreement and audit.quarantine_below must be between 0 and 1"
+                    .into(),
+            );
+        }
+        if self.moderation.enabled()
+            && (self.moderation.window_tokens == 0
+                || self.moderation.overlap_tokens >= self.moderation.window_tokens)
+        {
+            return Err(
+                "moderation.window_tokens must be positive and larger than moderation.overlap_tokens"
+                    .into(),
+            );
+        }
         if self.credits.starter_grant < 0.0 || self.credits.tax_per_request < 0.0 {
             return Err(
                 "credits.starter_grant and credits.tax_per_request must not be negative".into(),
@@ -331,6 +494,8 @@ impl Default for HubConfig {
             limits: LimitsConfig::default(),
             anonymous: AnonymousConfig::default(),
             model_allowlist: Vec::new(),
+            moderation: ModerationConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }

@@ -9,11 +9,15 @@
 
 pub mod accounting;
 mod admin;
+pub mod audit;
 mod auth;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod guard;
+mod honesty_admin;
 pub mod identity;
+pub mod internal;
 pub mod limits;
 mod proxy;
 pub mod registry;
@@ -74,6 +78,8 @@ pub struct HubState {
     pub balances: cache::TtlCache<i64, i64>,
     /// The hub's id and keys (receipts, pseudonyms).
     pub identity: identity::HubIdentity,
+    /// Samples requests for audits and queues plausibility flags.
+    pub auditor: audit::Auditor,
     /// Typical request duration per model (exponential moving average, ms).
     service: std::sync::Mutex<std::collections::HashMap<potluck_protocol::ModelName, f64>>,
 }
@@ -115,6 +121,7 @@ impl HubState {
 pub struct Hub {
     state: Arc<HubState>,
     usage_rx: tokio::sync::mpsc::Receiver<accounting::Finished>,
+    audit_rx: tokio::sync::mpsc::Receiver<audit::Job>,
 }
 
 /// Name of the shared account and key used for anonymous access.
@@ -135,6 +142,7 @@ impl Hub {
             None
         };
         let identity = identity::HubIdentity::new(&store.hub_identity().await?);
+        let (auditor, audit_rx) = audit::Auditor::new(&config.audit);
         let state = Arc::new(HubState {
             config,
             store,
@@ -146,11 +154,16 @@ impl Hub {
             treasury,
             anonymous,
             identity,
+            auditor,
             service: Default::default(),
             keys: cache::TtlCache::new(cache::KEY_TTL),
             balances: cache::TtlCache::new(cache::BALANCE_TTL),
         });
-        Ok(Self { state, usage_rx })
+        Ok(Self {
+            state,
+            usage_rx,
+            audit_rx,
+        })
     }
 
     /// The shared state (tests look at the registry through it).
@@ -177,6 +190,19 @@ impl Hub {
             .route("/v1/completions", post(proxy::completions))
             .route("/v1/embeddings", post(proxy::embeddings))
             .merge(admin::routes())
+            .route(
+                "/admin/v1/providers/{id}/trust",
+                axum::routing::put(honesty_admin::set_trust),
+            )
+            .route(
+                "/admin/v1/providers/{id}/release",
+                post(honesty_admin::release),
+            )
+            .route(
+                "/admin/v1/providers/{id}/standing",
+                get(honesty_admin::standing),
+            )
+            .route("/admin/v1/moderation", get(honesty_admin::verdicts))
             .fallback(proxy::fallback)
             .method_not_allowed_fallback(proxy::method_not_allowed)
             // Our own cap is enforced while reading; this only lifts axum's default.
@@ -191,13 +217,22 @@ impl Hub {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        let Hub { state, usage_rx } = self;
+        let Hub {
+            state,
+            usage_rx,
+            audit_rx,
+        } = self;
         let writer_stop = CancellationToken::new();
         state.tasks.spawn(accounting::run_writer(
             state.store.clone(),
             state.config.credits.clone(),
             usage_rx,
             writer_stop.clone(),
+        ));
+        state.tasks.spawn(audit::run(
+            Arc::clone(&state),
+            audit_rx,
+            state.hard_stop.clone(),
         ));
 
         let listener = listener.tap_io(|tcp| {

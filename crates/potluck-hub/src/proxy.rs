@@ -30,6 +30,7 @@ use crate::accounting::Finished;
 use crate::auth;
 use crate::config::micro;
 use crate::error::ApiError;
+use crate::guard;
 use crate::limits::{Effective, InFlight};
 use crate::registry::{Acquired, Lease, Need, PickError, Tunnel, WaitTicket};
 use crate::sse::SseParser;
@@ -49,7 +50,7 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     let mut b = [0u8; 12];
     rand::rng().fill_bytes(&mut b);
     let mut s = String::with_capacity(24);
@@ -139,6 +140,41 @@ struct Parsed {
     prompt_estimate: u32,
     /// The body to forward.
     body: Bytes,
+}
+
+/// Request header by which a consumer asks for trusted providers only (`trusted`).
+pub const HEADER_TRUST: &str = "x-potluck-trust";
+
+/// Keep a guard verdict other than "safe" (category codes only), off the request path.
+#[allow(clippy::too_many_arguments)]
+fn note_verdict(
+    state: &HubState,
+    request_id: &str,
+    account_id: i64,
+    provider_id: Option<i64>,
+    model: &ModelName,
+    stage: guard::Stage,
+    d: &guard::Decision,
+) {
+    if !d.flagged && !d.blocked {
+        return;
+    }
+    tracing::info!(request_id = %request_id, stage = stage.label(), blocked = d.blocked, categories = %d.categories.join(","), "guard verdict");
+    let ev = potluck_store::trust::ModerationEvent {
+        request_id: request_id.to_owned(),
+        account_id,
+        provider_id,
+        model: model.to_string(),
+        stage: stage.label(),
+        blocked: d.blocked,
+        categories: d.categories.join(","),
+    };
+    let store = state.store.clone();
+    state.tasks.spawn(async move {
+        if let Err(e) = store.record_moderation(&ev).await {
+            tracing::error!(error = ?e, "recording a guard verdict failed");
+        }
+    });
 }
 
 /// Request header by which a consumer asks for low-power providers.
@@ -318,6 +354,10 @@ struct Ctx {
     queue_ms: Option<u64>,
     /// What a provider must offer for this request.
     need: Need,
+    /// The body, kept when this request was sampled for an audit replay.
+    audit_body: Option<Bytes>,
+    /// The consumer's text, kept when the output may need a guard check.
+    guard_input: Option<Arc<str>>,
     /// The key's concurrent-request slot, held until the request ends.
     _in_flight: InFlight,
 }
@@ -388,6 +428,9 @@ impl Ctx {
             .prompt
             .saturating_mul(rates.prompt)
             .saturating_add(u.completion.saturating_mul(rates.completion));
+        if outcome == "ok" {
+            self.audit_checks(state, tunnel, u, elapsed, ttft);
+        }
         let tokens = (u.prompt + u.completion).max(0) as u64;
         if tokens > 0 {
             state
@@ -435,6 +478,51 @@ impl Ctx {
             vests_at_ms: None,
         });
         state.accounting.record(Finished { usage, settlement });
+    }
+}
+
+impl Ctx {
+    /// After a successful request: queue its audit replay if it was sampled, and flag a
+    /// provider faster than its model's size class makes plausible.
+    fn audit_checks(
+        &self,
+        state: &HubState,
+        tunnel: &Tunnel,
+        u: Usage,
+        elapsed: Duration,
+        ttft: Option<Duration>,
+    ) {
+        if let Some(body) = &self.audit_body {
+            if let Some(t) = state.registry.tunnel_of(tunnel.provider_id) {
+                state.auditor.submit(crate::audit::Job::Replay {
+                    sha256: t.offered(&self.model).and_then(|o| o.sha256),
+                    tunnel: t,
+                    endpoint: self.endpoint,
+                    model: self.model.clone(),
+                    body: body.clone(),
+                    account_id: self.key.account_id,
+                    request_id: self.request_id.clone(),
+                });
+            }
+        }
+        let audit = &state.config.audit;
+        if u.completion >= audit.min_tokens_for_speed {
+            let generating = elapsed.saturating_sub(ttft.unwrap_or_default());
+            let rate = u.completion as f64 / generating.as_secs_f64().max(1e-3);
+            let class = state.config.credits.class_of(self.model.as_str());
+            if audit
+                .max_tokens_per_sec
+                .get(class)
+                .is_some_and(|max| rate > *max)
+            {
+                tracing::warn!(request_id = %self.request_id, provider_id = tunnel.provider_id, tokens_per_sec = rate as u64, class, "implausible speed for the model's size class");
+                state.auditor.submit(crate::audit::Job::Flag {
+                    provider_id: tunnel.provider_id,
+                    kind: "speed",
+                    request_id: self.request_id.clone(),
+                });
+            }
+        }
     }
 }
 
@@ -520,6 +608,7 @@ pub const PLAUSIBILITY_SLACK_TOKENS: i64 = 16;
 /// Decide what to bill: the backend's usage if present and plausible, else the hub's own
 /// conservative estimate (and the provider is flagged).
 fn billable(
+    auditor: &crate::audit::Auditor,
     reported: Option<Usage>,
     seen: Delivered,
     completed: bool,
@@ -536,6 +625,11 @@ fn billable(
             tunnel
                 .usage_flags
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            auditor.submit(crate::audit::Job::Flag {
+                provider_id: tunnel.provider_id,
+                kind: "usage",
+                request_id: request_id.to_owned(),
+            });
             tracing::warn!(request_id = %request_id, provider_id = tunnel.provider_id, reported = u.completion, estimate = seen.estimate(), "implausible usage from provider; billing the hub's estimate");
             Usage {
                 prompt: u.prompt,
@@ -659,9 +753,67 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
             PRIORITY_NORMAL
         }
     };
+    // Guard-model moderation: the hub's policy for the model, and what any of its
+    // providers requires.
+    let moderation = &state.config.moderation;
+    let (check_input, check_output) =
+        if moderation.enabled() && endpoint != InferenceEndpoint::Embeddings {
+            use potluck_protocol::tunnel::Moderation as M;
+            let hub = moderation.mode_for(parsed.model.as_str());
+            let providers = state.registry.required_moderation(&parsed.model);
+            let input = |m| matches!(m, M::Input | M::Both);
+            let output = |m| matches!(m, M::Output | M::Both);
+            (
+                input(hub) || input(providers),
+                output(hub) || output(providers),
+            )
+        } else {
+            (false, false)
+        };
+    let guard_input: Option<Arc<str>> =
+        (check_input || check_output).then(|| Arc::from(guard::input_text(&parsed.body)));
+    if check_input {
+        let text = guard_input.as_deref().unwrap_or_default();
+        let d = guard::check(&state, guard::Stage::Input, text, None).await;
+        note_verdict(
+            &state,
+            &request_id,
+            key.account_id,
+            None,
+            &parsed.model,
+            guard::Stage::Input,
+            &d,
+        );
+        if d.blocked {
+            let e = if d.categories.iter().any(|c| c == "guard_unavailable") {
+                ApiError::NoCapacity {
+                    retry_after: state.config.retry_after_secs,
+                }
+            } else {
+                ApiError::BadRequest {
+                    message: format!(
+                        "Your request was rejected by this hub's moderation ({}).",
+                        d.categories.join(", ")
+                    ),
+                    param: None,
+                    code: Some("content_filter"),
+                }
+            };
+            return reject(&request_id, endpoint, Some(&key), e);
+        }
+    }
+    let audit_body = (endpoint != InferenceEndpoint::Embeddings && state.auditor.sample())
+        .then(|| parsed.body.clone());
+    let trusted_only = parts
+        .headers
+        .get(HEADER_TRUST)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("trusted"));
     let need = Need {
         groups: Arc::from(consumer_groups(&key)),
         low_power: prefer_low_power,
+        trusted_only,
+        can_moderate: moderation.enabled(),
         max_tokens: parsed.max_tokens,
         context: parsed
             .max_tokens
@@ -678,6 +830,8 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
         started_ms: now_ms(),
         queue_ms: None,
         need: need.clone(),
+        audit_body,
+        guard_input: check_output.then_some(guard_input).flatten(),
         _in_flight: in_flight,
     };
     let lease = match state.registry.acquire(
@@ -961,13 +1115,39 @@ async fn relay_whole(
     let reported = Usage::from_obj(&obj);
     let mut seen = Delivered::default();
     seen.add_text_of(&obj);
-    let usage = billable(reported, seen, true, ctx.endpoint, &tunnel, &ctx.request_id);
+    let usage = billable(
+        &state.auditor,
+        reported,
+        seen,
+        true,
+        ctx.endpoint,
+        &tunnel,
+        &ctx.request_id,
+    );
     rewrite(&mut obj, ctx);
+    let mut outcome = "ok";
+    if let Some(user) = &ctx.guard_input {
+        let text = answer_text(&obj);
+        let d = guard::check(state, guard::Stage::Output, user, Some(&text)).await;
+        note_verdict(
+            state,
+            &ctx.request_id,
+            ctx.key.account_id,
+            Some(tunnel.provider_id),
+            &ctx.model,
+            guard::Stage::Output,
+            &d,
+        );
+        if d.blocked {
+            filter_whole(&mut obj);
+            outcome = "content_filter";
+        }
+    }
     let body = match serde_json::to_vec(&Value::Object(obj)) {
         Ok(b) => b,
         Err(_) => return provider_failed(state, ctx, &tunnel, ApiError::Internal),
     };
-    ctx.finish(state, &tunnel, 200, "ok", usage, None);
+    ctx.finish(state, &tunnel, 200, outcome, usage, None);
     let mut r = (StatusCode::OK, body).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -978,6 +1158,61 @@ async fn relay_whole(
             .insert(HEADER_QUEUE_MS, HeaderValue::from(q));
     }
     with_request_id(r, &ctx.request_id)
+}
+
+/// The text of every choice of a whole answer.
+fn answer_text(obj: &Map<String, Value>) -> String {
+    let mut out = String::new();
+    for c in obj
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for p in ["/message/content", "/text"] {
+            if let Some(t) = c.pointer(p).and_then(Value::as_str) {
+                out.push_str(t);
+            }
+        }
+    }
+    out
+}
+
+/// The text of every choice of a streamed chunk.
+fn answer_text_delta(obj: &Map<String, Value>) -> String {
+    let mut out = String::new();
+    for c in obj
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for p in ["/delta/content", "/text"] {
+            if let Some(t) = c.pointer(p).and_then(Value::as_str) {
+                out.push_str(t);
+            }
+        }
+    }
+    out
+}
+
+/// Withhold a blocked answer: empty text, `finish_reason: "content_filter"`.
+fn filter_whole(obj: &mut Map<String, Value>) {
+    if let Some(Value::Array(choices)) = obj.get_mut("choices") {
+        for c in choices.iter_mut().filter_map(Value::as_object_mut) {
+            if let Some(Value::Object(m)) = c.get_mut("message") {
+                m.insert("content".into(), Value::String(String::new()));
+                m.remove("tool_calls");
+            }
+            if c.contains_key("text") {
+                c.insert("text".into(), Value::String(String::new()));
+            }
+            c.insert(
+                "finish_reason".into(),
+                Value::String("content_filter".into()),
+            );
+        }
+    }
 }
 
 /// Response header: milliseconds the request waited in the hub's queue.
@@ -1014,6 +1249,29 @@ enum End {
     Done,
     /// The provider failed; the consumer got an error event.
     ProviderError,
+    /// The guard blocked the output; the consumer got `finish_reason: "content_filter"`.
+    Filtered,
+}
+
+/// Output moderation of one stream: text is checked in windows of
+/// `moderation.window_tokens` chunks, each with the previous window's last
+/// `moderation.overlap_tokens` words in front.
+struct OutGuard {
+    user: Arc<str>,
+    window: String,
+    carry: String,
+    tokens: usize,
+    /// Chunks not yet released (holdback), in order.
+    held: std::collections::VecDeque<Bytes>,
+    holdback: bool,
+    /// `[DONE]` arrived; the last window is checked before it is sent.
+    done_pending: bool,
+}
+
+impl OutGuard {
+    fn due(&self, window_tokens: usize) -> bool {
+        self.done_pending || self.tokens >= window_tokens
+    }
 }
 
 /// State of one relayed stream. Its `Drop` writes the usage record, so a stream that ends
@@ -1033,6 +1291,9 @@ struct Relay {
     /// `"<model>"` and `"<id>"` as JSON, written into every chunk.
     model_json: Vec<u8>,
     id_json: Vec<u8>,
+    guard: Option<OutGuard>,
+    /// Parsed events not handled yet (a guard window filled before them).
+    pending: std::collections::VecDeque<Vec<u8>>,
 }
 
 /// The usage object of a chunk.
@@ -1065,6 +1326,16 @@ struct ChoiceView<'a> {
 }
 
 impl ChoiceView<'_> {
+    fn push_text(&self, out: &mut String) {
+        let d = self.delta.as_ref();
+        for t in [d.and_then(|d| d.content.as_deref()), self.text.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            out.push_str(t);
+        }
+    }
+
     fn chars(&self) -> usize {
         let d = self.delta.as_ref();
         [
@@ -1088,6 +1359,15 @@ impl Relay {
         body: Incoming,
     ) -> Self {
         let max_line = state.config.max_sse_line_bytes;
+        let guard = ctx.guard_input.clone().map(|user| OutGuard {
+            user,
+            window: String::new(),
+            carry: String::new(),
+            tokens: 0,
+            held: Default::default(),
+            holdback: state.config.moderation.holdback,
+            done_pending: false,
+        });
         let model_json = serde_json::to_vec(ctx.model.as_str()).unwrap_or_default();
         let id_json = serde_json::to_vec(&ctx.response_id()).unwrap_or_default();
         Self {
@@ -1107,7 +1387,71 @@ impl Relay {
             },
             ttft: None,
             end: End::Open,
+            guard,
+            pending: Default::default(),
         }
+    }
+
+    /// Queue a chunk for the consumer (held back while its window is unchecked).
+    fn emit(&mut self, b: Bytes) {
+        match &mut self.guard {
+            Some(g) if g.holdback => g.held.push_back(b),
+            _ => self.out.push_back(b),
+        }
+    }
+
+    /// Check the current window with the guard; release or stop.
+    async fn check_window(&mut self) {
+        let Some(g) = self.guard.as_mut() else {
+            return;
+        };
+        let text = format!("{}{}", g.carry, g.window);
+        let user = Arc::clone(&g.user);
+        let d = guard::check(&self.state, guard::Stage::Output, &user, Some(&text)).await;
+        note_verdict(
+            &self.state,
+            &self.ctx.request_id,
+            self.ctx.key.account_id,
+            self.lease.as_ref().map(|l| l.tunnel().provider_id),
+            &self.ctx.model,
+            guard::Stage::Output,
+            &d,
+        );
+        let Some(g) = self.guard.as_mut() else {
+            return;
+        };
+        if d.blocked {
+            g.held.clear();
+            self.out.push_back(self.filtered_chunk());
+            self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+            self.end = End::Filtered;
+            return;
+        }
+        self.out.extend(g.held.drain(..));
+        let overlap = self.state.config.moderation.overlap_tokens;
+        let words: Vec<&str> = g.window.split_inclusive(char::is_whitespace).collect();
+        g.carry = words[words.len().saturating_sub(overlap)..].concat();
+        g.window.clear();
+        g.tokens = 0;
+        if g.done_pending {
+            self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+            self.end = End::Done;
+        }
+    }
+
+    /// The last chunk of a stream the guard stopped.
+    fn filtered_chunk(&self) -> Bytes {
+        let created = now_ms() / 1000;
+        let v = if self.ctx.endpoint == InferenceEndpoint::ChatCompletions {
+            json!({"id": self.ctx.response_id(), "object": "chat.completion.chunk", "created": created,
+                   "model": self.ctx.model.as_str(),
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]})
+        } else {
+            json!({"id": self.ctx.response_id(), "object": "text_completion", "created": created,
+                   "model": self.ctx.model.as_str(),
+                   "choices": [{"index": 0, "text": "", "finish_reason": "content_filter"}]})
+        };
+        Bytes::from(format!("data: {v}\n\n"))
     }
 
     fn fail(&mut self, message: &str, code: &str) {
@@ -1119,6 +1463,10 @@ impl Relay {
     /// Handle one event's data.
     fn event(&mut self, data: &[u8]) {
         if data == b"[DONE]" {
+            if let Some(g) = &mut self.guard {
+                g.done_pending = true;
+                return;
+            }
             self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
             self.end = End::Done;
             return;
@@ -1161,6 +1509,12 @@ impl Relay {
         if chars > 0 {
             self.seen.chunks += 1;
             self.seen.chars += chars as i64;
+            if let Some(g) = &mut self.guard {
+                for c in &choices {
+                    c.push_text(&mut g.window);
+                }
+                g.tokens += 1;
+            }
         }
         if !self.wants_usage && !has_choices {
             return;
@@ -1188,7 +1542,7 @@ impl Relay {
             }
         }
         line.extend_from_slice(b"}\n\n");
-        self.out.push_back(Bytes::from(line));
+        self.emit(Bytes::from(line));
     }
 
     /// The general path, for events the fast path cannot borrow (escaped keys).
@@ -1214,7 +1568,14 @@ impl Relay {
         if has_choices && self.ttft.is_none() {
             self.ttft = Some(self.ctx.started.elapsed());
         }
+        let before = self.seen.chunks;
         self.seen.add_text_of(&obj);
+        if self.seen.chunks > before {
+            if let Some(g) = &mut self.guard {
+                g.window.push_str(&answer_text_delta(&obj));
+                g.tokens += 1;
+            }
+        }
         if !self.wants_usage {
             obj.remove("usage");
             if !has_choices {
@@ -1228,7 +1589,7 @@ impl Relay {
                 line.extend_from_slice(b"data: ");
                 line.extend_from_slice(&json);
                 line.extend_from_slice(b"\n\n");
-                self.out.push_back(Bytes::from(line));
+                self.emit(Bytes::from(line));
             }
             Err(_) => self.fail("The hub could not relay the stream.", "internal_error"),
         }
@@ -1240,10 +1601,19 @@ impl Relay {
             if let Some(b) = self.out.pop_front() {
                 return Some(b);
             }
+            let window = self.state.config.moderation.window_tokens;
+            if self.end == End::Open && self.guard.as_ref().is_some_and(|g| g.due(window)) {
+                self.check_window().await;
+                continue;
+            }
             if self.end != End::Open {
                 // Free the provider slot as soon as the stream is over.
                 self.finish();
                 return None;
+            }
+            if let Some(ev) = self.pending.pop_front() {
+                self.event(&ev);
+                continue;
             }
             let idle = self.state.config.stream_idle_timeout;
             match tokio::time::timeout(idle, self.body.frame()).await {
@@ -1261,6 +1631,11 @@ impl Relay {
                             "The provider sent an oversized stream event.",
                             "provider_error",
                         ),
+                        Ok(events) if self.guard.is_some() => {
+                            // One event at a time, so that a full window is checked
+                            // before anything after it is relayed.
+                            self.pending.extend(events);
+                        }
                         Ok(events) => {
                             for ev in events {
                                 self.event(&ev);
@@ -1285,9 +1660,11 @@ impl Relay {
         let outcome = match self.end {
             End::Done => "ok",
             End::ProviderError => "provider_error",
+            End::Filtered => "content_filter",
             End::Open => "cancelled",
         };
         let usage = billable(
+            &self.state.auditor,
             self.usage,
             self.seen,
             self.end == End::Done,

@@ -47,6 +47,10 @@ pub struct Tunnel {
     pub usage_flags: AtomicU32,
     /// Hub-to-agent events (receipts, refusals), sent in batches by the tunnel's task.
     pub events: mpsc::Sender<crate::tunnel::Outgoing>,
+    /// A trusted reference for audits.
+    pub trusted: AtomicBool,
+    /// Quarantined: no traffic but audits.
+    pub quarantined: AtomicBool,
 }
 
 /// What a tunnel announced about one model (after the hub's allow-list check).
@@ -100,6 +104,11 @@ pub struct Need {
     /// The request's estimated prompt tokens plus `max_tokens`, checked against each
     /// provider's `max_context`.
     pub context: Option<u32>,
+    /// Only trusted reference providers.
+    pub trusted_only: bool,
+    /// The hub can moderate (a guard is configured), so providers that require
+    /// moderation may serve.
+    pub can_moderate: bool,
 }
 
 impl Offer {
@@ -118,7 +127,9 @@ impl Offer {
             (Some(want), Some(cap)) => want <= cap,
             _ => true,
         };
-        groups_ok && tokens_ok && context_ok
+        let moderation_ok = self.profile.moderation == potluck_protocol::tunnel::Moderation::None
+            || need.can_moderate;
+        groups_ok && tokens_ok && context_ok && moderation_ok
     }
 }
 
@@ -144,6 +155,8 @@ impl Tunnel {
             cancel: CancellationToken::new(),
             usage_flags: AtomicU32::new(0),
             events,
+            trusted: AtomicBool::new(false),
+            quarantined: AtomicBool::new(false),
         }
     }
 
@@ -189,12 +202,20 @@ impl Tunnel {
 
     /// Whether it may serve `m` for `need`, ignoring capacity and pauses.
     fn serves(&self, m: &ModelName, need: &Need) -> bool {
-        self.is_open() && lock(&self.state).serves(m, need)
+        self.is_open()
+            && !self.quarantined.load(Ordering::Relaxed)
+            && (!need.trusted_only || self.trusted.load(Ordering::Relaxed))
+            && lock(&self.state).serves(m, need)
     }
 
     /// Whether it may take `m` for `need` now (serves it, accepting, a slot free).
     fn can_take(&self, m: &ModelName, need: &Need) -> bool {
         if !self.is_open() {
+            return false;
+        }
+        if self.quarantined.load(Ordering::Relaxed)
+            || (need.trusted_only && !self.trusted.load(Ordering::Relaxed))
+        {
             return false;
         }
         let o = lock(&self.state);
@@ -531,6 +552,8 @@ impl Inner {
         }
         let anyone = Need {
             groups: Arc::clone(&need.groups),
+            trusted_only: need.trusted_only,
+            can_moderate: need.can_moderate,
             ..Need::default()
         };
         if offering.iter().any(|t| t.serves(model, &anyone)) {
@@ -616,6 +639,9 @@ impl Inner {
         }
     }
 }
+
+/// Poll interval of [`Registry::lease_on`] while the tunnel is full.
+pub const LEASE_ON_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Energy and tokens served by one provider for one model (since the hub started).
 #[derive(Debug, Clone, Copy, Default)]
@@ -739,6 +765,104 @@ impl Registry {
     /// Measured Wh per 1,000 tokens of a provider for a model, if known.
     pub fn energy_per_1k(&self, provider_id: i64, model: &ModelName) -> Option<f64> {
         self.inner.energy_per_1k(provider_id, model)
+    }
+
+    /// A slot on this very tunnel (audits), waiting while it is full; `None` once it
+    /// closed. The caller bounds the wait.
+    pub async fn lease_on(&self, t: &Arc<Tunnel>) -> Option<Lease> {
+        loop {
+            if !t.is_open() {
+                return None;
+            }
+            let cap = t.capacity().max(1);
+            let cur = t.in_flight.load(Ordering::Relaxed);
+            if cur < cap
+                && t.in_flight
+                    .compare_exchange(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return Some(Lease {
+                    tunnel: Some(Arc::clone(t)),
+                    registry: Arc::clone(&self.inner),
+                });
+            }
+            tokio::time::sleep(LEASE_ON_POLL).await;
+        }
+    }
+
+    /// Set a provider's standing on its open tunnels.
+    pub fn set_standing(&self, provider_id: i64, trusted: bool, quarantined: bool) {
+        for t in self.open_tunnels() {
+            if t.provider_id == provider_id {
+                t.trusted.store(trusted, Ordering::Relaxed);
+                t.quarantined.store(quarantined, Ordering::Relaxed);
+            }
+        }
+        self.inner.fill();
+    }
+
+    /// An open tunnel of a provider.
+    pub fn tunnel_of(&self, provider_id: i64) -> Option<Arc<Tunnel>> {
+        self.open_tunnels()
+            .into_iter()
+            .find(|t| t.provider_id == provider_id)
+    }
+
+    /// A trusted reference for `model` (same file hash when one is given), other than
+    /// `exclude`.
+    pub fn trusted_reference(
+        &self,
+        model: &ModelName,
+        sha256: Option<&ModelHash>,
+        exclude: i64,
+    ) -> Option<Arc<Tunnel>> {
+        let mut refs: Vec<Arc<Tunnel>> = self
+            .open_tunnels()
+            .into_iter()
+            .filter(|t| {
+                t.provider_id != exclude
+                    && t.trusted.load(Ordering::Relaxed)
+                    && !t.quarantined.load(Ordering::Relaxed)
+                    && t.offered(model)
+                        .is_some_and(|o| sha256.is_none() || o.sha256.as_ref() == sha256)
+            })
+            .collect();
+        if refs.is_empty() {
+            return None;
+        }
+        let i = rand::rng().random_range(0..refs.len());
+        Some(refs.swap_remove(i))
+    }
+
+    /// Untrusted, open providers of `model` (canary targets), quarantined ones included.
+    pub fn auditable(&self, model: &ModelName) -> Vec<Arc<Tunnel>> {
+        self.open_tunnels()
+            .into_iter()
+            .filter(|t| !t.trusted.load(Ordering::Relaxed) && t.offers(model))
+            .collect()
+    }
+
+    /// The strongest moderation any open provider of `model` requires.
+    pub fn required_moderation(&self, model: &ModelName) -> potluck_protocol::tunnel::Moderation {
+        use potluck_protocol::tunnel::Moderation as M;
+        let (mut input, mut output) = (false, false);
+        for t in self.open_tunnels() {
+            let o = lock(&t.state);
+            if o.models.contains_key(model) {
+                match o.profile.moderation {
+                    M::None => {}
+                    M::Input => input = true,
+                    M::Output => output = true,
+                    M::Both => (input, output) = (true, true),
+                }
+            }
+        }
+        match (input, output) {
+            (true, true) => M::Both,
+            (true, false) => M::Input,
+            (false, true) => M::Output,
+            (false, false) => M::None,
+        }
     }
 
     /// Remove a tunnel: nothing new is routed to it from now on.

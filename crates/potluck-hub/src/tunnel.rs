@@ -149,6 +149,13 @@ async fn run(state: Arc<HubState>, provider: ProviderAuth, on_upgrade: OnUpgrade
         sender.clone(),
         events_tx,
     ));
+    if let Ok(st) = state.store.standing(provider.provider_id).await {
+        use std::sync::atomic::Ordering;
+        tunnel.trusted.store(st.trusted, Ordering::Relaxed);
+        tunnel
+            .quarantined
+            .store(st.quarantined_at_ms.is_some(), Ordering::Relaxed);
+    }
     let done = CancellationToken::new();
     let _done_guard = done.clone().drop_guard();
     state.tasks.spawn(send_events(

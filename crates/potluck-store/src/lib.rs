@@ -12,6 +12,7 @@ pub mod ledger;
 mod migrations;
 pub mod secret;
 mod store;
+pub mod trust;
 
 pub use identity::HubIdentityRecord;
 pub use secret::{Secret, SecretKind};

@@ -108,4 +108,40 @@ CREATE TABLE hub_identity (
 );
 "#,
     ),
+    (
+        5,
+        r#"
+-- Honesty of providers: a trusted reference flag, a reputation score from audits, and
+-- quarantine (no traffic but audits).
+ALTER TABLE providers ADD COLUMN trusted INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE providers ADD COLUMN reputation REAL NOT NULL DEFAULT 1.0;
+ALTER TABLE providers ADD COLUMN quarantined_at_ms INTEGER;
+ALTER TABLE providers ADD COLUMN quarantine_reason TEXT;
+-- One row per audit or plausibility flag. Content-free: ids, kind, verdict, numbers.
+CREATE TABLE audit_results (
+    id            INTEGER PRIMARY KEY,
+    provider_id   INTEGER NOT NULL REFERENCES providers(id),
+    request_id    TEXT,
+    kind          TEXT NOT NULL,
+    passed        INTEGER NOT NULL,
+    agreement     REAL,
+    score_after   REAL NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE INDEX audit_results_provider ON audit_results(provider_id, created_at_ms);
+-- Guard-model verdicts other than "safe": category codes only, never the text.
+CREATE TABLE moderation_events (
+    id            INTEGER PRIMARY KEY,
+    request_id    TEXT NOT NULL,
+    account_id    INTEGER NOT NULL,
+    provider_id   INTEGER,
+    model         TEXT NOT NULL,
+    stage         TEXT NOT NULL CHECK (stage IN ('input', 'output')),
+    blocked       INTEGER NOT NULL,
+    categories    TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE INDEX moderation_events_time ON moderation_events(created_at_ms);
+"#,
+    ),
 ];

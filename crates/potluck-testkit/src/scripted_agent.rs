@@ -26,6 +26,30 @@ use tokio_util::sync::CancellationToken;
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
+/// What a scripted provider answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The text (streamed word by word).
+    pub text: String,
+    /// Completion tokens it reports (`None`: the number of words).
+    pub completion_tokens: Option<i64>,
+}
+
+/// Computes the answer from the request body.
+pub type Responder = Arc<dyn Fn(&serde_json::Value) -> Reply + Send + Sync>;
+
+/// The text of a request: the last message's content, or the prompt.
+pub fn request_text(body: &serde_json::Value) -> String {
+    body.get("messages")
+        .and_then(|m| m.as_array())
+        .and_then(|m| m.last())
+        .and_then(|m| m.get("content"))
+        .and_then(|c| c.as_str())
+        .or_else(|| body.get("prompt").and_then(|p| p.as_str()))
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// One inference request as the scripted agent received it.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -74,8 +98,25 @@ pub fn hello(models: &[&str], capacity: u32, profile: ProviderProfile) -> AgentE
 }
 
 impl ScriptedAgent {
-    /// Open a tunnel to `hub_url` with `token` and send `first` (a hello).
+    /// Open a tunnel to `hub_url` with `token` and send `first` (a hello); answers
+    /// `"served by NAME"`.
     pub async fn connect(name: &str, hub_url: &str, token: &str, first: AgentEvent) -> Self {
+        let me = name.to_owned();
+        let responder: Responder = Arc::new(move |_| Reply {
+            text: format!("served by {me}"),
+            completion_tokens: Some(4),
+        });
+        Self::connect_with(name, hub_url, token, first, responder).await
+    }
+
+    /// Like [`ScriptedAgent::connect`], answering with `responder`.
+    pub async fn connect_with(
+        name: &str,
+        hub_url: &str,
+        token: &str,
+        first: AgentEvent,
+        responder: Responder,
+    ) -> Self {
         let carrier = UpgradeCarrier {
             hub: HubUrl::parse(hub_url).unwrap(),
             token: token.to_owned(),
@@ -87,11 +128,10 @@ impl ScriptedAgent {
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let log = Arc::new(Mutex::new(Log::default()));
         let cancel = CancellationToken::new();
-        let me = name.to_owned();
         let (l, c) = (Arc::clone(&log), cancel.clone());
         let svc = service_fn(move |req: Request<Incoming>| {
-            let (rx, log, name) = (Arc::clone(&rx), Arc::clone(&l), me.clone());
-            async move { Ok::<_, Infallible>(handle(req, rx, log, &name).await) }
+            let (rx, log, responder) = (Arc::clone(&rx), Arc::clone(&l), Arc::clone(&responder));
+            async move { Ok::<_, Infallible>(handle(req, rx, log, &responder).await) }
         });
         tokio::spawn(async move {
             let conn = potluck_tunnel::settings::server_builder().serve_connection(io, svc);
@@ -128,7 +168,7 @@ async fn handle(
     req: Request<Incoming>,
     control: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<AgentEvent>>>,
     log: Arc<Mutex<Log>>,
-    name: &str,
+    responder: &Responder,
 ) -> Response<Body> {
     let path = req.uri().path().to_owned();
     if path == CONTROL_PATH {
@@ -157,17 +197,22 @@ async fn handle(
         *r.status_mut() = StatusCode::NO_CONTENT;
         return r;
     }
-    let stream = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.get("stream").and_then(serde_json::Value::as_bool))
+    let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let stream = parsed
+        .get("stream")
+        .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
+    let reply = responder(&parsed);
     log.lock().unwrap().requests.push(Received {
         path: path.clone(),
         headers,
         body,
     });
-    let text = format!("served by {name}");
-    let usage = json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7});
+    let text = reply.text;
+    let completion = reply
+        .completion_tokens
+        .unwrap_or(text.split_whitespace().count() as i64);
+    let usage = json!({"prompt_tokens": 3, "completion_tokens": completion, "total_tokens": 3 + completion});
     if stream {
         let mut out = String::new();
         for w in text.split_inclusive(' ') {

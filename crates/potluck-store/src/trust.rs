@@ -1,0 +1,199 @@
+//! Provider honesty (trusted references, audit results, reputation, quarantine) and
+//! guard-model verdicts. Content-free: ids, kinds, numbers and category codes.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::store::{Store, StoreError};
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A provider's standing.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Standing {
+    /// A trusted reference for audits.
+    pub trusted: bool,
+    /// Reputation in [0, 1].
+    pub reputation: f64,
+    /// Quarantined (no traffic but audits) since, if it is.
+    pub quarantined_at_ms: Option<i64>,
+    /// Why.
+    pub quarantine_reason: Option<String>,
+}
+
+/// One audit or plausibility check.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    /// The provider checked.
+    pub provider_id: i64,
+    /// The request it concerned, if any.
+    pub request_id: Option<String>,
+    /// `"replay"`, `"canary"`, `"speed"`, `"usage"`.
+    pub kind: &'static str,
+    /// Whether it passed.
+    pub passed: bool,
+    /// Token agreement with the reference, for replays and canaries.
+    pub agreement: Option<f64>,
+}
+
+/// A guard verdict worth keeping (anything but "safe").
+#[derive(Debug, Clone)]
+pub struct ModerationEvent {
+    /// The hub's request id.
+    pub request_id: String,
+    /// Whose request.
+    pub account_id: i64,
+    /// Which provider (output checks).
+    pub provider_id: Option<i64>,
+    /// Public model name.
+    pub model: String,
+    /// `"input"` or `"output"`.
+    pub stage: &'static str,
+    /// Whether the request or stream was stopped.
+    pub blocked: bool,
+    /// Category codes, comma-separated (`S1,S10`), or `unparseable`.
+    pub categories: String,
+}
+
+impl Store {
+    /// Mark a live provider as a trusted reference (or not). Returns its id.
+    pub async fn set_trusted(&self, name: &str, trusted: bool) -> Result<i64> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "UPDATE providers SET trusted = ? WHERE name = ? AND revoked_at IS NULL RETURNING id",
+        )
+        .bind(trusted)
+        .bind(name)
+        .fetch_optional(self.pool())
+        .await?;
+        id.ok_or(StoreError::NotFound)
+    }
+
+    /// A provider's standing.
+    pub async fn standing(&self, provider_id: i64) -> Result<Standing> {
+        let row: Option<(bool, f64, Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT trusted, reputation, quarantined_at_ms, quarantine_reason FROM providers WHERE id = ?",
+        )
+        .bind(provider_id)
+        .fetch_optional(self.pool())
+        .await?;
+        let (trusted, reputation, quarantined_at_ms, quarantine_reason) =
+            row.ok_or(StoreError::NotFound)?;
+        Ok(Standing {
+            trusted,
+            reputation,
+            quarantined_at_ms,
+            quarantine_reason,
+        })
+    }
+
+    /// Record an audit result with the provider's new score; quarantine it if
+    /// `quarantine` names a reason. One transaction.
+    pub async fn record_audit(
+        &self,
+        a: &AuditRecord,
+        score_after: f64,
+        quarantine: Option<&str>,
+    ) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO audit_results (provider_id, request_id, kind, passed, agreement, score_after, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(a.provider_id)
+        .bind(&a.request_id)
+        .bind(a.kind)
+        .bind(a.passed)
+        .bind(a.agreement)
+        .bind(score_after)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE providers SET reputation = ? WHERE id = ?")
+            .bind(score_after)
+            .bind(a.provider_id)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(reason) = quarantine {
+            sqlx::query(
+                "UPDATE providers SET quarantined_at_ms = ?, quarantine_reason = ? WHERE id = ? AND quarantined_at_ms IS NULL",
+            )
+            .bind(now)
+            .bind(reason)
+            .bind(a.provider_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Lift a quarantine (a moderator's decision) and reset the score.
+    pub async fn release_quarantine(&self, provider_id: i64, score: f64) -> Result<()> {
+        let n = sqlx::query(
+            "UPDATE providers SET quarantined_at_ms = NULL, quarantine_reason = NULL, reputation = ? WHERE id = ?",
+        )
+        .bind(score)
+        .bind(provider_id)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Audit results of a provider, newest first: (kind, passed, agreement, score, time).
+    pub async fn audit_history(
+        &self,
+        provider_id: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, bool, Option<f64>, f64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT kind, passed, agreement, score_after, created_at_ms FROM audit_results WHERE provider_id = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(provider_id)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Keep a guard verdict (category codes only).
+    pub async fn record_moderation(&self, e: &ModerationEvent) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO moderation_events (request_id, account_id, provider_id, model, stage, blocked, categories, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&e.request_id)
+        .bind(e.account_id)
+        .bind(e.provider_id)
+        .bind(&e.model)
+        .bind(e.stage)
+        .bind(e.blocked)
+        .bind(&e.categories)
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Guard verdicts, newest first: (request id, account, provider, model, stage,
+    /// blocked, categories, time).
+    #[allow(clippy::type_complexity)]
+    pub async fn moderation_events(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(String, i64, Option<i64>, String, String, bool, String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT request_id, account_id, provider_id, model, stage, blocked, categories, created_at_ms FROM moderation_events ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}

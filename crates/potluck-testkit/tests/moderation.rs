@@ -1,0 +1,276 @@
+//! Guard-model moderation through the pool: a small scripted guard with deterministic
+//! Llama Guard verdicts judges input before dispatch and output in windows; blocked
+//! input gets 400 `content_filter`, blocked output ends with
+//! `finish_reason: "content_filter"`; only category codes are stored; a provider's own
+//! "moderate me" requirement is honoured.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+use std::sync::Arc;
+
+use potluck_hub::config::HubConfig;
+use potluck_protocol::tunnel::{Moderation, ProviderProfile};
+use potluck_testkit::scripted_agent::{hello, request_text, Reply, Responder};
+use potluck_testkit::{ScriptedAgent, TestHub};
+use serde_json::{json, Value};
+
+const BAD_ANSWER: &str = "w1 w2 w3 w4 w5 w6 FORBIDDEN w8 w9 w10 w11 w12";
+
+/// Llama Guard stand-in: `unsafe S1` when the judged turn says FORBIDDEN, `unsafe S10`
+/// for SLUR, else `safe`.
+fn guard() -> Responder {
+    Arc::new(|body: &Value| {
+        let prompt = body["prompt"].as_str().unwrap_or_default();
+        let end = prompt.find("<END CONVERSATION>").unwrap_or(prompt.len());
+        let judged = if prompt.contains("LAST Agent message") {
+            &prompt[prompt[..end].rfind("Agent: ").unwrap_or(0)..end]
+        } else {
+            &prompt[prompt.find("User: ").unwrap_or(0)..end]
+        };
+        let text = if judged.contains("FORBIDDEN") {
+            "unsafe\nS1"
+        } else if judged.contains("SLUR") {
+            "unsafe\nS10"
+        } else {
+            "safe"
+        };
+        Reply {
+            text: text.into(),
+            completion_tokens: Some(2),
+        }
+    })
+}
+
+fn model() -> Responder {
+    Arc::new(|body: &Value| Reply {
+        text: if request_text(body).contains("say-bad") {
+            BAD_ANSWER.into()
+        } else {
+            "all good here friend".into()
+        },
+        completion_tokens: None,
+    })
+}
+
+fn moderated(c: &mut HubConfig, holdback: bool) {
+    c.moderation.guard_model = "guard".into();
+    c.moderation.models.insert("m".into(), Moderation::Both);
+    c.moderation.blocked_categories = vec!["S1".into()];
+    c.moderation.window_tokens = 4;
+    c.moderation.overlap_tokens = 1;
+    c.moderation.holdback = holdback;
+}
+
+struct Pool {
+    hub: TestHub,
+    key: String,
+    guard: ScriptedAgent,
+    model: ScriptedAgent,
+}
+
+async fn pool(f: impl FnOnce(&mut HubConfig), profile: ProviderProfile) -> Pool {
+    let hub = TestHub::start_with(f).await;
+    let key = hub.create_key("c").await;
+    let guard = ScriptedAgent::connect_with(
+        "guard",
+        &hub.url(),
+        &hub.create_provider("guard").await,
+        hello(&["guard"], 8, ProviderProfile::default()),
+        guard(),
+    )
+    .await;
+    let model = ScriptedAgent::connect_with(
+        "m",
+        &hub.url(),
+        &hub.create_provider("m").await,
+        hello(&["m"], 8, profile),
+        model(),
+    )
+    .await;
+    hub.wait_for_model("guard", 1).await;
+    hub.wait_for_model("m", 1).await;
+    Pool {
+        hub,
+        key,
+        guard,
+        model,
+    }
+}
+
+async fn chat(p: &Pool, text: &str, stream: bool) -> reqwest::Response {
+    p.hub
+        .http
+        .post(format!("{}/chat/completions", p.hub.v1()))
+        .bearer_auth(&p.key)
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": text}], "stream": stream}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The streamed text and the last finish_reason.
+async fn read_stream(r: reqwest::Response) -> (String, Option<String>) {
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    let mut text = String::new();
+    let mut finish = None;
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(line).unwrap();
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(c);
+        }
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_owned());
+        }
+    }
+    (text, finish)
+}
+
+fn db_bytes(hub: &TestHub) -> Vec<u8> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(hub.data_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            all.extend(std::fs::read(p).unwrap());
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_blocked_flagged_and_only_codes_stored() {
+    let p = pool(|c| moderated(c, false), ProviderProfile::default()).await;
+    let r = chat(&p, "hello there", false).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(p.guard.requests().len(), 2, "input and output checked");
+    assert_eq!(p.model.requests().len(), 1);
+
+    let r = chat(&p, "please FORBIDDEN thing", false).await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "content_filter");
+    assert!(e["error"]["message"].as_str().unwrap().contains("S1"));
+    assert!(
+        !e.to_string().contains("FORBIDDEN"),
+        "the error does not echo the input"
+    );
+    assert_eq!(
+        p.model.requests().len(),
+        1,
+        "a blocked request never reaches a provider"
+    );
+
+    // Flagged in a category that does not block: served, and the verdict kept.
+    let r = chat(&p, "a SLUR here", false).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(p.model.requests().len(), 2);
+
+    let v: Value = p
+        .hub
+        .http
+        .get(format!("{}/admin/v1/moderation", p.hub.url()))
+        .bearer_auth(&p.hub.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = v["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    assert_eq!(rows[1]["categories"], "S1");
+    assert_eq!(rows[1]["blocked"], true);
+    assert_eq!(rows[1]["stage"], "input");
+    assert_eq!(rows[0]["categories"], "S10");
+    assert_eq!(rows[0]["blocked"], false);
+    assert!(v["note"].as_str().unwrap().contains("no content"));
+    // Only codes reach the database: none of the judged text.
+    p.hub.state().store.close().await;
+    let db = String::from_utf8_lossy(&db_bytes(&p.hub)).into_owned();
+    for canary in ["FORBIDDEN", "SLUR", "hello there"] {
+        assert!(!db.contains(canary), "{canary} stored");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_blocked_mid_stream_with_and_without_holdback() {
+    // Without holdback text flows; the window that fails ends the stream there.
+    let p = pool(|c| moderated(c, false), ProviderProfile::default()).await;
+    let (text, finish) = read_stream(chat(&p, "say-bad please", true).await).await;
+    assert_eq!(finish.as_deref(), Some("content_filter"));
+    assert!(text.starts_with("w1 w2 w3 w4 "), "{text}");
+    assert!(
+        !text.contains("w9"),
+        "nothing after the failing window: {text}"
+    );
+    // A clean stream ends normally.
+    let (text, finish) = read_stream(chat(&p, "hi", true).await).await;
+    assert_eq!(text, "all good here friend");
+    assert_eq!(
+        finish, None,
+        "the scripted provider sends no finish_reason; the hub adds none"
+    );
+
+    // With holdback nothing unchecked reaches the consumer.
+    let p = pool(|c| moderated(c, true), ProviderProfile::default()).await;
+    let (text, finish) = read_stream(chat(&p, "say-bad please", true).await).await;
+    assert_eq!(finish.as_deref(), Some("content_filter"));
+    assert_eq!(text, "w1 w2 w3 w4 ", "only the window that passed");
+
+    // A whole answer that fails is withheld.
+    let r = chat(&p, "say-bad", false).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "content_filter");
+    assert_eq!(v["choices"][0]["message"]["content"], "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_moderation_requirement_is_honoured() {
+    let wants_input = ProviderProfile {
+        moderation: Moderation::Input,
+        ..Default::default()
+    };
+    // The hub moderates nothing by its own policy, but this provider asks for input checks.
+    let p = pool(
+        |c| c.moderation.guard_model = "guard".into(),
+        wants_input.clone(),
+    )
+    .await;
+    let r = chat(&p, "FORBIDDEN", false).await;
+    assert_eq!(r.status(), 400);
+    assert!(p.model.requests().is_empty());
+    assert_eq!(chat(&p, "fine", false).await.status(), 200);
+    assert_eq!(p.guard.requests().len(), 2, "input only: no output check");
+
+    // A hub that cannot moderate does not route to a provider that requires it.
+    let hub = TestHub::start().await;
+    let key = hub.create_key("c").await;
+    let _m = ScriptedAgent::connect_with(
+        "m",
+        &hub.url(),
+        &hub.create_provider("m").await,
+        hello(&["m"], 8, wants_input),
+        model(),
+    )
+    .await;
+    potluck_testkit::wait_until(
+        "provider connected",
+        std::time::Duration::from_secs(10),
+        || async { hub.state().registry.len() == 1 },
+    )
+    .await;
+    let r = hub
+        .http
+        .post(format!("{}/chat/completions", hub.v1()))
+        .bearer_auth(&key)
+        .json(&json!({"model": "m", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
