@@ -13,9 +13,12 @@ mod auth;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod inflight;
 pub mod limits;
+mod moderation;
 mod proxy;
 pub mod registry;
+pub mod retention;
 pub mod sse;
 mod tunnel;
 
@@ -70,6 +73,8 @@ pub struct HubState {
     pub keys: cache::TtlCache<String, potluck_store::KeyAuth>,
     /// Available balances by account.
     pub balances: cache::TtlCache<i64, i64>,
+    /// Requests in flight, so that sanctions cut them at once.
+    pub inflight: Arc<inflight::InFlightRequests>,
     /// Typical request duration per model (exponential moving average, ms).
     service: std::sync::Mutex<std::collections::HashMap<potluck_protocol::ModelName, f64>>,
 }
@@ -143,6 +148,7 @@ impl Hub {
             service: Default::default(),
             keys: cache::TtlCache::new(cache::KEY_TTL),
             balances: cache::TtlCache::new(cache::BALANCE_TTL),
+            inflight: Default::default(),
         });
         Ok(Self { state, usage_rx })
     }
@@ -167,6 +173,7 @@ impl Hub {
             .route("/v1/completions", post(proxy::completions))
             .route("/v1/embeddings", post(proxy::embeddings))
             .merge(admin::routes())
+            .merge(moderation::routes())
             .fallback(proxy::fallback)
             .method_not_allowed_fallback(proxy::method_not_allowed)
             // Our own cap is enforced while reading; this only lifts axum's default.
@@ -187,6 +194,11 @@ impl Hub {
             state.store.clone(),
             state.config.credits.clone(),
             usage_rx,
+            writer_stop.clone(),
+        ));
+        state.tasks.spawn(retention::run(
+            state.store.clone(),
+            state.config.retention.usage_days,
             writer_stop.clone(),
         ));
 

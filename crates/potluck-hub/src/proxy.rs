@@ -261,6 +261,8 @@ struct Ctx {
     queue_ms: Option<u64>,
     /// The key's concurrent-request slot, held until the request ends.
     _in_flight: InFlight,
+    /// Registered in the in-flight registry: a sanction cancels it.
+    cut: crate::inflight::InFlightGuard,
 }
 
 impl Ctx {
@@ -563,7 +565,11 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
             PRIORITY_NORMAL
         }
     };
+    let cut = state
+        .inflight
+        .register(&request_id, key.account_id, key.key_id);
     let mut ctx = Ctx {
+        cut,
         request_id,
         key,
         anonymous,
@@ -703,6 +709,7 @@ async fn dispatch(
     loop {
         let tunnel = Arc::clone(lease.tunnel());
         let provider_id = tunnel.provider_id;
+        ctx.cut.set_provider(provider_id);
         let req = http::Request::builder()
             .method("POST")
             .uri(ctx.endpoint.path())
@@ -712,12 +719,12 @@ async fn dispatch(
             .body(Full::new(parsed.body.clone()))
             .map_err(|_| (Arc::clone(&tunnel), ApiError::Internal))?;
         let mut sender = tunnel.sender.clone();
-        let err = match tokio::time::timeout(
-            state.config.provider_header_timeout,
-            sender.send_request(req),
-        )
-        .await
-        {
+        let sent = tokio::select! {
+            biased;
+            c = ctx.cut.cancelled() => return Err((tunnel, crate::inflight::cut_error(&c))),
+            r = tokio::time::timeout(state.config.provider_header_timeout, sender.send_request(req)) => r,
+        };
+        let err = match sent {
             Err(_) => return Err((tunnel, ApiError::ProviderTimeout)),
             Ok(Err(e)) => {
                 tracing::warn!(request_id = %ctx.request_id, provider_id, error = %e, "provider failed before answering");
@@ -807,11 +814,17 @@ async fn relay_whole(
         drop(lease);
         return provider_failed(state, ctx, &tunnel, e);
     }
-    let collected = tokio::time::timeout(
-        state.config.provider_body_timeout,
-        Limited::new(resp.into_body(), state.config.max_response_bytes).collect(),
-    )
-    .await;
+    let collected = tokio::select! {
+        biased;
+        c = ctx.cut.cancelled() => {
+            drop(lease);
+            return provider_failed(state, ctx, &tunnel, crate::inflight::cut_error(&c));
+        }
+        r = tokio::time::timeout(
+            state.config.provider_body_timeout,
+            Limited::new(resp.into_body(), state.config.max_response_bytes).collect(),
+        ) => r,
+    };
     drop(lease);
     let bytes = match collected {
         Err(_) => return provider_failed(state, ctx, &tunnel, ApiError::ProviderTimeout),
@@ -889,6 +902,8 @@ enum End {
     Done,
     /// The provider failed; the consumer got an error event.
     ProviderError,
+    /// A sanction cut it; the consumer got an error event.
+    Cut,
 }
 
 /// State of one relayed stream. Its `Drop` writes the usage record, so a stream that ends
@@ -1121,7 +1136,18 @@ impl Relay {
                 return None;
             }
             let idle = self.state.config.stream_idle_timeout;
-            match tokio::time::timeout(idle, self.body.frame()).await {
+            let frame = tokio::select! {
+                biased;
+                c = self.ctx.cut.cancelled() => {
+                    tracing::info!(request_id = %self.ctx.request_id, target = c.target.as_str(), "stream cut by a sanction");
+                    let body = crate::inflight::cut_error(&c).body().to_json();
+                    self.out.push_back(Bytes::from(format!("data: {body}\n\n")));
+                    self.end = End::Cut;
+                    continue;
+                }
+                f = tokio::time::timeout(idle, self.body.frame()) => f,
+            };
+            match frame {
                 Err(_) => self.fail("The provider stalled.", "provider_timeout"),
                 Ok(None) => self.fail("The provider ended the stream early.", "provider_error"),
                 Ok(Some(Err(_))) => {
@@ -1161,6 +1187,7 @@ impl Relay {
             End::Done => "ok",
             End::ProviderError => "provider_error",
             End::Open => "cancelled",
+            End::Cut => "sanctioned",
         };
         let usage = billable(
             self.usage,

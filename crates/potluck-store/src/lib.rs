@@ -7,6 +7,7 @@
 //! SQLite (embedded, one file in the data directory) is the engine today; the API is
 //! engine-neutral so that PostgreSQL can be added behind it.
 
+pub mod accounts;
 pub mod ledger;
 mod migrations;
 pub mod secret;
@@ -14,6 +15,6 @@ mod store;
 
 pub use secret::{Secret, SecretKind};
 pub use store::{
-    Account, KeyAuth, KeyLimits, KeyRecord, ProviderAuth, ProviderRecord, Role, Store, StoreError,
-    UsageRecord, UsageRow,
+    Account, Block, KeyAuth, KeyLimits, KeyRecord, ProviderAuth, ProviderRecord, Role, Standing,
+    Store, StoreError, Target, UsageRecord, UsageRow,
 };
