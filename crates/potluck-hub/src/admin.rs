@@ -1,4 +1,5 @@
-//! The admin API (`/admin/v1/...`), for the operator's CLI. Admin key only.
+//! The admin API (`/admin/v1/...`) for keys, providers, usage, credits and limits (admin
+//! role only; see `auth::Action`). Every change is written to the audit log.
 
 use std::sync::Arc;
 
@@ -13,9 +14,10 @@ use potluck_protocol::admin::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth;
+use crate::auth::{self, Action};
 use crate::config::micro;
 use crate::error::ApiError;
+use crate::moderation::audit;
 use crate::HubState;
 use potluck_store::ledger::{Balance, CREDIT};
 use potluck_store::KeyLimits;
@@ -45,7 +47,7 @@ pub fn routes() -> Router<Arc<HubState>> {
         .route("/admin/v1/providers/{id}/clawback", post(clawback))
 }
 
-fn check_name(field: &'static str, s: &str) -> Result<(), ApiError> {
+pub(crate) fn check_name(field: &'static str, s: &str) -> Result<(), ApiError> {
     let ok = !s.is_empty()
         && s.len() <= MAX_NAME_BYTES
         && s.chars()
@@ -61,7 +63,7 @@ fn check_name(field: &'static str, s: &str) -> Result<(), ApiError> {
 }
 
 /// JSON body with OpenAI-shaped errors instead of axum's plain-text rejections.
-fn json_body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(raw).map_err(|e| {
         // serde's message names the field and the expected type; the value is not echoed
         // for the types used here (strings only).
@@ -89,7 +91,11 @@ async fn create(
     body: &[u8],
     kind: Kind,
 ) -> Result<Response, ApiError> {
-    auth::admin(st, headers).await?;
+    let action = match kind {
+        Kind::Key => Action::Keys,
+        Kind::Provider => Action::Providers,
+    };
+    let actor = auth::staff(st, headers, action).await?;
     let (name, account) = match kind {
         Kind::Key => json_body::<CreateKey>(body).map(|r| (r.name, r.account))?,
         Kind::Provider => json_body::<CreateProvider>(body).map(|r| (r.name, r.account))?,
@@ -102,6 +108,11 @@ async fn create(
         Kind::Provider => st.store.create_provider(&name, &account).await?,
     };
     starter_grant(st, &account).await?;
+    let (action, target) = match kind {
+        Kind::Key => ("key.create", "key"),
+        Kind::Provider => ("provider.create", "provider"),
+    };
+    audit(st, &actor, action, target, id.to_string(), None).await?;
     match kind {
         Kind::Key => tracing::info!(key_id = id, "consumer key created"),
         Kind::Provider => tracing::info!(provider_id = id, "provider created"),
@@ -126,7 +137,7 @@ async fn list_keys(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
 ) -> Result<Json<List<KeyInfo>>, ApiError> {
-    auth::admin(&st, &headers).await?;
+    auth::staff(&st, &headers, Action::Keys).await?;
     let data = st
         .store
         .list_keys()
@@ -149,12 +160,13 @@ async fn revoke_key(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    auth::admin(&st, &headers).await?;
+    let actor = auth::staff(&st, &headers, Action::Keys).await?;
     let id = st.store.revoke_key(&id).await.map_err(|e| match e {
         potluck_store::StoreError::NotFound => ApiError::NotFound("key"),
         e => e.into(),
     })?;
     st.keys.clear();
+    audit(&st, &actor, "key.revoke", "key", id.to_string(), None).await?;
     tracing::info!(key_id = id, "consumer key revoked");
     Ok(Json(json!({"id": id, "revoked": true})).into_response())
 }
@@ -171,7 +183,7 @@ async fn list_providers(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
 ) -> Result<Json<List<ProviderInfo>>, ApiError> {
-    auth::admin(&st, &headers).await?;
+    auth::staff(&st, &headers, Action::Providers).await?;
     let live = st.registry.provider_summary();
     let data = st
         .store
@@ -201,12 +213,21 @@ async fn revoke_provider(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    auth::admin(&st, &headers).await?;
+    let actor = auth::staff(&st, &headers, Action::Providers).await?;
     let id = st.store.revoke_provider(&id).await.map_err(|e| match e {
         potluck_store::StoreError::NotFound => ApiError::NotFound("provider"),
         e => e.into(),
     })?;
     let closed = st.registry.remove_provider(id);
+    audit(
+        &st,
+        &actor,
+        "provider.revoke",
+        "provider",
+        id.to_string(),
+        None,
+    )
+    .await?;
     tracing::info!(
         provider_id = id,
         tunnels_closed = closed,
@@ -225,7 +246,7 @@ async fn usage(
     headers: HeaderMap,
     Query(q): Query<UsageQuery>,
 ) -> Result<Response, ApiError> {
-    auth::admin(&st, &headers).await?;
+    auth::staff(&st, &headers, Action::Usage).await?;
     let rows = st
         .store
         .recent_usage(q.limit.unwrap_or(100).clamp(1, MAX_USAGE_ROWS))
@@ -234,7 +255,7 @@ async fn usage(
 }
 
 /// New accounts get the configured starter grant, once.
-async fn starter_grant(st: &HubState, account: &str) -> Result<(), ApiError> {
+pub(crate) async fn starter_grant(st: &HubState, account: &str) -> Result<(), ApiError> {
     if let Some(a) = st.store.account_by_name(account).await? {
         if st
             .store
@@ -304,7 +325,7 @@ async fn account_credits(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    auth::admin(&st, &headers).await?;
+    auth::staff(&st, &headers, Action::Credits).await?;
     let id = account_id(&st, &name).await?;
     Ok(Json(credits_json(&name, st.store.balance(id).await?)).into_response())
 }
@@ -315,7 +336,7 @@ async fn account_history(
     Path(name): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
-    auth::admin(&st, &headers).await?;
+    auth::staff(&st, &headers, Action::Credits).await?;
     let id = account_id(&st, &name).await?;
     let rows = st
         .store
@@ -339,7 +360,7 @@ async fn grant(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let admin = auth::admin(&st, &headers).await?;
+    let admin = auth::staff(&st, &headers, Action::Credits).await?;
     let req: GrantBody = json_body(&body)?;
     if !req.amount.is_finite() || req.amount.abs() > MAX_GRANT_CREDITS || req.amount == 0.0 {
         return Err(ApiError::bad_request(
@@ -350,6 +371,15 @@ async fn grant(
     let id = account_id(&st, &name).await?;
     let tx = st.store.grant(id, micro(req.amount)).await?;
     st.balances.remove(&id);
+    audit(
+        &st,
+        &admin,
+        "credits.grant",
+        "account",
+        id.to_string(),
+        Some(&format!("{} credits", req.amount)),
+    )
+    .await?;
     tracing::info!(
         account_id = id,
         by_key = admin.key_id,
@@ -364,7 +394,7 @@ async fn clawback(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    auth::admin(&st, &headers).await?;
+    let actor = auth::staff(&st, &headers, Action::Providers).await?;
     let providers = st.store.list_providers().await?;
     let p = providers
         .iter()
@@ -373,6 +403,15 @@ async fn clawback(
     let account = account_id(&st, &p.account).await?;
     let taken = st.store.clawback(account).await?;
     st.balances.remove(&account);
+    audit(
+        &st,
+        &actor,
+        "provider.clawback",
+        "provider",
+        p.id.to_string(),
+        None,
+    )
+    .await?;
     tracing::info!(
         provider_id = p.id,
         clawed_back = taken,
@@ -387,7 +426,7 @@ async fn set_limits(
     Path(id): Path<i64>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    auth::admin(&st, &headers).await?;
+    let actor = auth::staff(&st, &headers, Action::Limits).await?;
     let l: KeyLimits = json_body(&body)?;
     for (name, v) in [
         ("rpm", l.rpm),
@@ -407,6 +446,7 @@ async fn set_limits(
         e => e.into(),
     })?;
     st.keys.clear();
+    audit(&st, &actor, "key.limits", "key", id.to_string(), None).await?;
     tracing::info!(key_id = id, "key limits set");
     Ok(Json(json!({"id": id, "limits": l})).into_response())
 }

@@ -409,6 +409,20 @@ pub async fn quarantine_provider(state: &HubState, provider_id: i64, reason: &st
         None => 0,
     };
     state.balances.clear();
+    // Moderators are told through the admin audit log (and the hub's log).
+    if let Err(e) = state
+        .store
+        .audit(&potluck_store::accounts::AuditEntry {
+            actor: state.treasury,
+            action: "provider.quarantine",
+            target_type: "provider",
+            target_id: provider_id.to_string(),
+            reason: Some(reason),
+        })
+        .await
+    {
+        tracing::error!(error = ?e, "audit row for a quarantine not written");
+    }
     tracing::warn!(
         provider_id,
         clawed_back_micro = clawed,

@@ -54,6 +54,51 @@ pub struct HubConfig {
     pub moderation: ModerationConfig,
     /// Audits of providers: replays on trusted references, canaries, plausibility.
     pub audit: AuditConfig,
+    /// Accounts: how people join.
+    pub accounts: AccountsConfig,
+    /// How long content-free records are kept.
+    pub retention: RetentionConfig,
+}
+
+/// How new accounts join through `POST /v1/signup`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinMode {
+    /// Anyone may sign up; the account is active at once. Every new account gets the
+    /// starter grant, so an open hub with a starter grant invites throwaway accounts.
+    Open,
+    /// Signing up needs an unused, unexpired invite code from an admin or a moderator.
+    /// The default: a community hub grows by invitation.
+    #[default]
+    Invite,
+    /// Anyone may sign up, but the account stays `pending` (its key answers 403) until a
+    /// moderator approves it. A valid invite code skips the wait.
+    Approval,
+}
+
+/// Accounts.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountsConfig {
+    /// `open`, `invite` (default) or `approval`.
+    pub mode: JoinMode,
+}
+
+/// Retention of content-free records. Ledger rows are financial records and are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Usage rows older than this many days are deleted once a day (0: keep forever).
+    pub usage_days: u32,
+}
+
+/// How often the retention job runs.
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self { usage_days: 30 }
+    }
 }
 
 /// Which side of a request a guard model checks.
@@ -496,6 +541,8 @@ impl Default for HubConfig {
             model_allowlist: Vec::new(),
             moderation: ModerationConfig::default(),
             audit: AuditConfig::default(),
+            accounts: AccountsConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -535,5 +582,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nope"), "{e}");
+        let c: HubConfig =
+            toml::from_str("[accounts]\nmode = \"approval\"\n[retention]\nusage_days = 7").unwrap();
+        assert_eq!(c.accounts.mode, JoinMode::Approval);
+        assert_eq!(c.retention.usage_days, 7);
+        assert_eq!(HubConfig::default().accounts.mode, JoinMode::Invite);
+        let e = toml::from_str::<HubConfig>("[accounts]\nmode = \"closed\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("open") && e.contains("approval"), "{e}");
     }
 }

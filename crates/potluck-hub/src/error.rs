@@ -37,6 +37,14 @@ pub enum ApiError {
     /// 403: the key may not do this.
     #[error("this key may not use this endpoint")]
     Forbidden,
+    /// 403: the account, key or provider is pending, suspended or banned (the reason is
+    /// the moderator's text, shown to the refused party).
+    #[error("refused: not in good standing")]
+    Blocked(potluck_store::Block),
+    /// 403: a refusal with a fixed message (an invalid invite code, a moderator acting
+    /// on staff).
+    #[error("{0}")]
+    Refused(&'static str),
     /// 404: no such model in the pool now.
     #[error("model not found")]
     ModelNotFound(String),
@@ -112,7 +120,9 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::Blocked(_) | ApiError::Refused(_) => {
+                StatusCode::FORBIDDEN
+            }
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -155,6 +165,11 @@ impl ApiError {
                 Some("invalid_api_key"),
             ),
             ApiError::Forbidden => ErrorBody::new("permission_error", "This key may not use this endpoint.", None, None),
+            ApiError::Blocked(b) => {
+                let (code, message) = blocked_message(b);
+                ErrorBody::new("permission_error", message, None, Some(code))
+            }
+            ApiError::Refused(m) => ErrorBody::new("permission_error", *m, None, Some("refused")),
             ApiError::ModelNotFound(m) => ErrorBody::new(
                 "invalid_request_error",
                 format!("The model '{m}' is not served by any provider in the pool right now. GET /v1/models lists the models available."),
@@ -212,6 +227,34 @@ impl ApiError {
     }
 }
 
+/// Error code and message of a refusal for standing. Codes are stable:
+/// `account_pending`, `account_suspended`, `account_banned`, `key_suspended`,
+/// `key_banned`, `provider_suspended`, `provider_banned`.
+fn blocked_message(b: &potluck_store::Block) -> (&'static str, String) {
+    use potluck_store::{Standing, Target};
+    let (code, what) = match (b.target, b.standing) {
+        (Target::Account, Standing::Pending) | (_, Standing::Active) => {
+            return (
+                "account_pending",
+                "This account is waiting for a moderator's approval.".into(),
+            )
+        }
+        (Target::Account, Standing::Suspended) => {
+            ("account_suspended", "This account is suspended")
+        }
+        (Target::Account, Standing::Banned) => ("account_banned", "This account is banned"),
+        (Target::Key, Standing::Banned) => ("key_banned", "This key is banned"),
+        (Target::Key, _) => ("key_suspended", "This key is suspended"),
+        (Target::Provider, Standing::Banned) => ("provider_banned", "This provider is banned"),
+        (Target::Provider, _) => ("provider_suspended", "This provider is suspended"),
+    };
+    let message = match &b.reason {
+        Some(r) => format!("{what} by a moderator: {r}"),
+        None => format!("{what} by a moderator."),
+    };
+    (code, message)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), self.body().to_json()).into_response();
@@ -240,6 +283,7 @@ impl From<potluck_store::StoreError> for ApiError {
         match e {
             potluck_store::StoreError::NotFound => ApiError::NotFound("object"),
             potluck_store::StoreError::Conflict(m) => ApiError::Conflict(m),
+            potluck_store::StoreError::Refused(m) => ApiError::Refused(m),
             potluck_store::StoreError::Db(e) => {
                 tracing::error!(error = %e, "database error");
                 ApiError::Internal

@@ -32,7 +32,7 @@ pub async fn set_trust(
     Path(name): Path<String>,
     Json(body): Json<TrustBody>,
 ) -> Result<Json<Value>, ApiError> {
-    auth::admin(&st, &headers).await?;
+    let actor = auth::staff(&st, &headers, auth::Action::Trust).await?;
     let id = provider_id(&st, &name).await?;
     let name = st
         .store
@@ -54,6 +54,19 @@ pub async fn set_trust(
         trusted = body.trusted,
         "provider trust changed"
     );
+    crate::moderation::audit(
+        &st,
+        &actor,
+        if body.trusted {
+            "provider.trust"
+        } else {
+            "provider.untrust"
+        },
+        "provider",
+        id.to_string(),
+        None,
+    )
+    .await?;
     Ok(Json(json!({"id": id, "name": name, "standing": standing})))
 }
 
@@ -64,13 +77,22 @@ pub async fn release(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    auth::admin(&st, &headers).await?;
+    let actor = auth::staff(&st, &headers, auth::Action::Trust).await?;
     let id = provider_id(&st, &name).await?;
     let score = st.config.audit.quarantine_below.max(0.5);
     st.store.release_quarantine(id, score).await?;
     let standing = st.store.standing(id).await?;
     st.registry.set_standing(id, standing.trusted, false);
     tracing::info!(provider_id = id, "provider quarantine released");
+    crate::moderation::audit(
+        &st,
+        &actor,
+        "provider.release",
+        "provider",
+        id.to_string(),
+        None,
+    )
+    .await?;
     Ok(Json(json!({"id": id, "name": name, "standing": standing})))
 }
 
@@ -90,7 +112,7 @@ pub async fn standing(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    auth::admin(&st, &headers).await?;
+    auth::staff(&st, &headers, auth::Action::Verdicts).await?;
     let id = provider_id(&st, &name).await?;
     let standing = st.store.standing(id).await?;
     let audits: Vec<Value> = st
@@ -120,7 +142,7 @@ pub async fn verdicts(
     headers: HeaderMap,
     Query(q): Query<Limit>,
 ) -> Result<Json<Value>, ApiError> {
-    auth::admin(&st, &headers).await?;
+    auth::staff(&st, &headers, auth::Action::Verdicts).await?;
     let rows = st
         .store
         .moderation_events(q.limit.unwrap_or(100).clamp(1, MAX_LIST))

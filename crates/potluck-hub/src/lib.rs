@@ -17,10 +17,13 @@ pub mod error;
 pub mod guard;
 mod honesty_admin;
 pub mod identity;
+pub mod inflight;
 pub mod internal;
 pub mod limits;
+mod moderation;
 mod proxy;
 pub mod registry;
+pub mod retention;
 pub mod sse;
 mod tunnel;
 
@@ -80,6 +83,8 @@ pub struct HubState {
     pub identity: identity::HubIdentity,
     /// Samples requests for audits and queues plausibility flags.
     pub auditor: audit::Auditor,
+    /// Requests in flight, so that sanctions cut them at once.
+    pub inflight: Arc<inflight::InFlightRequests>,
     /// Typical request duration per model (exponential moving average, ms).
     service: std::sync::Mutex<std::collections::HashMap<potluck_protocol::ModelName, f64>>,
 }
@@ -158,6 +163,7 @@ impl Hub {
             service: Default::default(),
             keys: cache::TtlCache::new(cache::KEY_TTL),
             balances: cache::TtlCache::new(cache::BALANCE_TTL),
+            inflight: Default::default(),
         });
         Ok(Self {
             state,
@@ -203,6 +209,7 @@ impl Hub {
                 get(honesty_admin::standing),
             )
             .route("/admin/v1/moderation", get(honesty_admin::verdicts))
+            .merge(moderation::routes())
             .fallback(proxy::fallback)
             .method_not_allowed_fallback(proxy::method_not_allowed)
             // Our own cap is enforced while reading; this only lifts axum's default.
@@ -233,6 +240,11 @@ impl Hub {
             Arc::clone(&state),
             audit_rx,
             state.hard_stop.clone(),
+        ));
+        state.tasks.spawn(retention::run(
+            state.store.clone(),
+            state.config.retention.usage_days,
+            writer_stop.clone(),
         ));
 
         let listener = listener.tap_io(|tcp| {

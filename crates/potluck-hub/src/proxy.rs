@@ -98,8 +98,8 @@ fn model_object(m: &ModelName, s: &crate::registry::ModelStatus) -> Value {
 }
 
 /// The consumer's hub groups (providers may serve only some groups).
-fn consumer_groups(_key: &KeyAuth) -> Vec<String> {
-    Vec::new()
+fn consumer_groups(key: &KeyAuth) -> Vec<String> {
+    key.groups.to_vec()
 }
 
 /// Unknown path.
@@ -360,6 +360,8 @@ struct Ctx {
     guard_input: Option<Arc<str>>,
     /// The key's concurrent-request slot, held until the request ends.
     _in_flight: InFlight,
+    /// Registered in the in-flight registry: a sanction cancels it.
+    cut: crate::inflight::InFlightGuard,
 }
 
 impl Ctx {
@@ -810,16 +812,20 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("trusted"));
     let need = Need {
-        groups: Arc::from(consumer_groups(&key)),
-        low_power: prefer_low_power,
-        trusted_only,
+        groups: Arc::clone(&key.groups),
+        low_power: prefer_low_power || key.prefer_low_power,
+        trusted_only: trusted_only || key.trusted_only,
         can_moderate: moderation.enabled(),
         max_tokens: parsed.max_tokens,
         context: parsed
             .max_tokens
             .map(|m| m.saturating_add(parsed.prompt_estimate)),
     };
+    let cut = state
+        .inflight
+        .register(&request_id, key.account_id, key.key_id);
     let mut ctx = Ctx {
+        cut,
         request_id,
         key,
         anonymous,
@@ -975,6 +981,7 @@ async fn dispatch(
     loop {
         let tunnel = Arc::clone(lease.tunnel());
         let provider_id = tunnel.provider_id;
+        ctx.cut.set_provider(provider_id);
         let req = http::Request::builder()
             .method("POST")
             .uri(ctx.endpoint.path())
@@ -991,12 +998,12 @@ async fn dispatch(
             .body(Full::new(parsed.body.clone()))
             .map_err(|_| (Arc::clone(&tunnel), ApiError::Internal))?;
         let mut sender = tunnel.sender.clone();
-        let err = match tokio::time::timeout(
-            state.config.provider_header_timeout,
-            sender.send_request(req),
-        )
-        .await
-        {
+        let sent = tokio::select! {
+            biased;
+            c = ctx.cut.cancelled() => return Err((tunnel, crate::inflight::cut_error(&c))),
+            r = tokio::time::timeout(state.config.provider_header_timeout, sender.send_request(req)) => r,
+        };
+        let err = match sent {
             Err(_) => return Err((tunnel, ApiError::ProviderTimeout)),
             Ok(Err(e)) => {
                 tracing::warn!(request_id = %ctx.request_id, provider_id, error = %e, "provider failed before answering");
@@ -1086,11 +1093,17 @@ async fn relay_whole(
         drop(lease);
         return provider_failed(state, ctx, &tunnel, e);
     }
-    let collected = tokio::time::timeout(
-        state.config.provider_body_timeout,
-        Limited::new(resp.into_body(), state.config.max_response_bytes).collect(),
-    )
-    .await;
+    let collected = tokio::select! {
+        biased;
+        c = ctx.cut.cancelled() => {
+            drop(lease);
+            return provider_failed(state, ctx, &tunnel, crate::inflight::cut_error(&c));
+        }
+        r = tokio::time::timeout(
+            state.config.provider_body_timeout,
+            Limited::new(resp.into_body(), state.config.max_response_bytes).collect(),
+        ) => r,
+    };
     drop(lease);
     let bytes = match collected {
         Err(_) => return provider_failed(state, ctx, &tunnel, ApiError::ProviderTimeout),
@@ -1251,6 +1264,8 @@ enum End {
     ProviderError,
     /// The guard blocked the output; the consumer got `finish_reason: "content_filter"`.
     Filtered,
+    /// A sanction cut it; the consumer got an error event.
+    Cut,
 }
 
 /// Output moderation of one stream: text is checked in windows of
@@ -1616,7 +1631,18 @@ impl Relay {
                 continue;
             }
             let idle = self.state.config.stream_idle_timeout;
-            match tokio::time::timeout(idle, self.body.frame()).await {
+            let frame = tokio::select! {
+                biased;
+                c = self.ctx.cut.cancelled() => {
+                    tracing::info!(request_id = %self.ctx.request_id, target = c.target.as_str(), "stream cut by a sanction");
+                    let body = crate::inflight::cut_error(&c).body().to_json();
+                    self.out.push_back(Bytes::from(format!("data: {body}\n\n")));
+                    self.end = End::Cut;
+                    continue;
+                }
+                f = tokio::time::timeout(idle, self.body.frame()) => f,
+            };
+            match frame {
                 Err(_) => self.fail("The provider stalled.", "provider_timeout"),
                 Ok(None) => self.fail("The provider ended the stream early.", "provider_error"),
                 Ok(Some(Err(_))) => {
@@ -1662,6 +1688,7 @@ impl Relay {
             End::ProviderError => "provider_error",
             End::Filtered => "content_filter",
             End::Open => "cancelled",
+            End::Cut => "sanctioned",
         };
         let usage = billable(
             &self.state.auditor,

@@ -98,7 +98,16 @@ pub async fn accept(State(state): State<Arc<HubState>>, mut req: Request) -> Res
         return refused_token();
     };
     let provider = match state.store.authenticate_provider(&token).await {
-        Ok(Some(p)) => p,
+        Ok(Some(p)) => match p.block.clone() {
+            Some(block) => {
+                tracing::info!(
+                    provider_id = p.provider_id,
+                    "tunnel refused: provider not in good standing"
+                );
+                return ApiError::Blocked(block).into_response();
+            }
+            None => p,
+        },
         Ok(None) => {
             tracing::info!("tunnel refused: unknown or revoked provider token");
             return refused_token();

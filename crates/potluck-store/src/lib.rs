@@ -7,6 +7,7 @@
 //! SQLite (embedded, one file in the data directory) is the engine today; the API is
 //! engine-neutral so that PostgreSQL can be added behind it.
 
+pub mod accounts;
 mod identity;
 pub mod ledger;
 mod migrations;
@@ -17,6 +18,6 @@ pub mod trust;
 pub use identity::HubIdentityRecord;
 pub use secret::{Secret, SecretKind};
 pub use store::{
-    Account, KeyAuth, KeyLimits, KeyRecord, ProviderAuth, ProviderRecord, Role, Store, StoreError,
-    UsageRecord, UsageRow,
+    Account, Block, KeyAuth, KeyLimits, KeyRecord, ProviderAuth, ProviderRecord, Role, Standing,
+    Store, StoreError, Target, UsageRecord, UsageRow,
 };

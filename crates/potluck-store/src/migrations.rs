@@ -94,6 +94,78 @@ CREATE TABLE balances (
 "#,
     ),
     (
+        3,
+        r#"
+-- Accounts, keys and providers have a standing: 'active', or refused with a moderator's
+-- reason. Only accounts can be 'pending' (signup awaiting approval).
+ALTER TABLE accounts ADD COLUMN status TEXT NOT NULL DEFAULT 'active'
+    CHECK (status IN ('active', 'pending', 'suspended', 'banned'));
+ALTER TABLE accounts ADD COLUMN status_reason TEXT;
+ALTER TABLE api_keys ADD COLUMN status TEXT NOT NULL DEFAULT 'active'
+    CHECK (status IN ('active', 'suspended', 'banned'));
+ALTER TABLE api_keys ADD COLUMN status_reason TEXT;
+-- Per-key routing defaults (read by the router).
+ALTER TABLE api_keys ADD COLUMN prefer_low_power INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN trusted_only INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE providers ADD COLUMN status TEXT NOT NULL DEFAULT 'active'
+    CHECK (status IN ('active', 'suspended', 'banned'));
+ALTER TABLE providers ADD COLUMN status_reason TEXT;
+CREATE TABLE groups (
+    id         INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE group_members (
+    group_id   INTEGER NOT NULL REFERENCES groups(id),
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    PRIMARY KEY (group_id, account_id)
+);
+CREATE INDEX group_members_account ON group_members(account_id);
+-- Invite codes, stored as SHA-256 hashes like every other secret.
+CREATE TABLE invites (
+    id          INTEGER PRIMARY KEY,
+    code_hash   TEXT NOT NULL UNIQUE,
+    prefix      TEXT NOT NULL,
+    created_by  INTEGER NOT NULL REFERENCES accounts(id),
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    used_at     INTEGER,
+    used_by     INTEGER REFERENCES accounts(id),
+    revoked_at  INTEGER
+);
+-- Every admin or moderator action. Content-free: ids, an action name, the reason the
+-- actor typed.
+CREATE TABLE audit_log (
+    id          INTEGER PRIMARY KEY,
+    at_ms       INTEGER NOT NULL,
+    actor       INTEGER REFERENCES accounts(id),
+    action      TEXT NOT NULL,
+    target_type TEXT NOT NULL,
+    target_id   TEXT NOT NULL,
+    reason      TEXT
+);
+-- Abuse reports. The subject's ids are copied from the usage row when the report is
+-- filed, so that a report outlives the usage row's retention. Never request content.
+CREATE TABLE reports (
+    id                  INTEGER PRIMARY KEY,
+    created_at_ms       INTEGER NOT NULL,
+    request_id          TEXT NOT NULL,
+    reporter_account    INTEGER NOT NULL REFERENCES accounts(id),
+    reporter_provider   INTEGER REFERENCES providers(id),
+    reason              TEXT NOT NULL,
+    subject_account     INTEGER NOT NULL,
+    subject_key         INTEGER NOT NULL,
+    subject_provider    INTEGER,
+    status              TEXT NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'resolved')),
+    resolution          TEXT,
+    resolved_by         INTEGER REFERENCES accounts(id),
+    resolved_at_ms      INTEGER
+);
+CREATE INDEX reports_status ON reports(status, id);
+CREATE INDEX usage_records_request ON usage_records(request_id);
+"#,
+    ),
+    (
         4,
         r#"
 -- The hub's identity: its id, its ed25519 receipt-signing key and the secret behind

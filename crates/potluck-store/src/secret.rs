@@ -17,6 +17,8 @@ pub enum SecretKind {
     ConsumerKey,
     /// A provider's tunnel token: `pt-`.
     ProviderToken,
+    /// A one-time signup invite code: `pi-`.
+    Invite,
 }
 
 impl SecretKind {
@@ -26,6 +28,7 @@ impl SecretKind {
             Self::Admin => "pa-",
             Self::ConsumerKey => "pk-",
             Self::ProviderToken => "pt-",
+            Self::Invite => "pi-",
         }
     }
 }

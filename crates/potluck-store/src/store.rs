@@ -27,6 +27,9 @@ pub enum StoreError {
     /// A unique name is taken, or a value is refused.
     #[error("{0}")]
     Conflict(String),
+    /// The caller may not do this (an invalid invite code, a moderator acting on staff).
+    #[error("{0}")]
+    Refused(&'static str),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -45,7 +48,8 @@ pub enum Role {
 }
 
 impl Role {
-    fn as_str(self) -> &'static str {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
         match self {
             Role::Admin => "admin",
             Role::Moderator => "moderator",
@@ -53,7 +57,8 @@ impl Role {
             Role::System => "system",
         }
     }
-    fn parse(s: &str) -> Role {
+    /// From the stored name (unknown names read as `Member`, the least privileged).
+    pub fn parse(s: &str) -> Role {
         match s {
             "admin" => Role::Admin,
             "moderator" => Role::Moderator,
@@ -72,6 +77,97 @@ pub struct Account {
     pub name: String,
     /// Role.
     pub role: Role,
+    /// Standing.
+    pub status: Standing,
+    /// The moderator's reason for a suspension or ban.
+    pub status_reason: Option<String>,
+}
+
+/// The standing of an account, a key or a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Standing {
+    /// Usable.
+    Active,
+    /// Signed up on an `approval` hub; waiting for a moderator (accounts only).
+    Pending,
+    /// Refused until a moderator lifts it.
+    Suspended,
+    /// Refused for good (an admin or moderator can still lift it).
+    Banned,
+}
+
+impl Standing {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Standing::Active => "active",
+            Standing::Pending => "pending",
+            Standing::Suspended => "suspended",
+            Standing::Banned => "banned",
+        }
+    }
+    /// From the stored name (unknown names read as `Banned`: refuse when unsure).
+    pub fn parse(s: &str) -> Standing {
+        match s {
+            "active" => Standing::Active,
+            "pending" => Standing::Pending,
+            "suspended" => Standing::Suspended,
+            _ => Standing::Banned,
+        }
+    }
+}
+
+/// What a standing or a sanction applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// An account (all its keys and providers).
+    Account,
+    /// One consumer key.
+    Key,
+    /// One provider.
+    Provider,
+}
+
+impl Target {
+    /// The name used in the audit log and in error codes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Account => "account",
+            Target::Key => "key",
+            Target::Provider => "provider",
+        }
+    }
+}
+
+/// Why a credential that exists is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// What is not in good standing.
+    pub target: Target,
+    /// Its standing (never `Active`).
+    pub standing: Standing,
+    /// The moderator's reason, shown to the refused party.
+    pub reason: Option<String>,
+}
+
+/// The first non-active standing of (account, then key or provider), as a `Block`.
+fn block_of(account: (&str, Option<String>), own: (Target, &str, Option<String>)) -> Option<Block> {
+    let a = Standing::parse(account.0);
+    if a != Standing::Active {
+        return Some(Block {
+            target: Target::Account,
+            standing: a,
+            reason: account.1,
+        });
+    }
+    let s = Standing::parse(own.1);
+    (s != Standing::Active).then_some(Block {
+        target: own.0,
+        standing: s,
+        reason: own.2,
+    })
 }
 
 /// Per-key limit overrides; `None` means the hub's default.
@@ -98,6 +194,14 @@ pub struct KeyAuth {
     pub role: Role,
     /// Limit overrides.
     pub limits: KeyLimits,
+    /// The account's groups, sorted (providers can serve only some groups).
+    pub groups: std::sync::Arc<[String]>,
+    /// Routing default of this key: prefer providers that draw little power.
+    pub prefer_low_power: bool,
+    /// Routing default of this key: only trusted providers.
+    pub trusted_only: bool,
+    /// Set when the account or the key is not in good standing: refuse the request.
+    pub block: Option<Block>,
 }
 
 /// What a valid provider token resolves to.
@@ -109,6 +213,8 @@ pub struct ProviderAuth {
     pub name: String,
     /// The account that earns for it.
     pub account_id: i64,
+    /// Set when the provider or its account is not in good standing: refuse it.
+    pub block: Option<Block>,
 }
 
 /// A key as listed (never the secret).
@@ -186,7 +292,7 @@ pub struct Store {
     pub(crate) system_ids: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
 }
 
-fn now_secs() -> i64 {
+pub(crate) fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -194,7 +300,7 @@ fn now_secs() -> i64 {
 }
 
 /// Is this a unique-constraint failure?
-fn is_unique_violation(e: &sqlx::Error) -> bool {
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
@@ -373,25 +479,40 @@ impl Store {
         Ok((id, secret))
     }
 
-    /// Resolve a consumer or admin key. Revoked and unknown keys give `None`.
+    /// Resolve a consumer or admin key. Revoked and unknown keys give `None`; a key of
+    /// an account or a key not in good standing resolves with `block` set.
     pub async fn authenticate_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
         let row = sqlx::query(
-            "SELECT k.id, k.account_id, a.role, k.rpm, k.tpm, k.max_concurrent, k.daily_tokens FROM api_keys k \
-             JOIN accounts a ON a.id = k.account_id WHERE k.secret_hash = ? AND k.revoked_at IS NULL",
+            "SELECT k.id, k.account_id, a.role, k.rpm, k.tpm, k.max_concurrent, k.daily_tokens, \
+             a.status, a.status_reason, k.status, k.status_reason, k.prefer_low_power, k.trusted_only, \
+             (SELECT group_concat(g.name, char(10)) FROM group_members m JOIN groups g ON g.id = m.group_id \
+              WHERE m.account_id = k.account_id) \
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.secret_hash = ? AND k.revoked_at IS NULL",
         )
         .bind(secret.hash())
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| KeyAuth {
-            key_id: r.get(0),
-            account_id: r.get(1),
-            role: Role::parse(r.get::<&str, _>(2)),
-            limits: KeyLimits {
-                rpm: r.get(3),
-                tpm: r.get(4),
-                max_concurrent: r.get(5),
-                daily_tokens: r.get(6),
-            },
+        Ok(row.map(|r| {
+            let mut groups: Vec<String> = r
+                .get::<Option<String>, _>(13)
+                .map(|g| g.split('\n').map(str::to_owned).collect())
+                .unwrap_or_default();
+            groups.sort();
+            KeyAuth {
+                key_id: r.get(0),
+                account_id: r.get(1),
+                role: Role::parse(r.get::<&str, _>(2)),
+                limits: KeyLimits {
+                    rpm: r.get(3),
+                    tpm: r.get(4),
+                    max_concurrent: r.get(5),
+                    daily_tokens: r.get(6),
+                },
+                block: block_of((r.get(7), r.get(8)), (Target::Key, r.get(9), r.get(10))),
+                prefer_low_power: r.get(11),
+                trusted_only: r.get(12),
+                groups: groups.into(),
+            }
         }))
     }
 
@@ -426,6 +547,10 @@ impl Store {
             account_id,
             role: Role::Member,
             limits: KeyLimits::default(),
+            groups: Vec::new().into(),
+            prefer_low_power: false,
+            trusted_only: false,
+            block: None,
         })
     }
 
@@ -448,14 +573,18 @@ impl Store {
 
     /// An account by name.
     pub async fn account_by_name(&self, name: &str) -> Result<Option<Account>> {
-        let row = sqlx::query("SELECT id, name, role FROM accounts WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, name, role, status, status_reason FROM accounts WHERE name = ?",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(|r| Account {
             id: r.get(0),
             name: r.get(1),
             role: Role::parse(r.get::<&str, _>(2)),
+            status: Standing::parse(r.get::<&str, _>(3)),
+            status_reason: r.get(4),
         }))
     }
 
@@ -477,16 +606,22 @@ impl Store {
         Ok(true)
     }
 
-    /// Resolve a provider token. Revoked and unknown tokens give `None`.
+    /// Resolve a provider token. Revoked and unknown tokens give `None`; a provider (or
+    /// its account) not in good standing resolves with `block` set.
     pub async fn authenticate_provider(&self, secret: &Secret) -> Result<Option<ProviderAuth>> {
-        let row = sqlx::query("SELECT id, name, account_id FROM providers WHERE secret_hash = ? AND revoked_at IS NULL")
-            .bind(secret.hash())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT p.id, p.name, p.account_id, a.status, a.status_reason, p.status, p.status_reason \
+             FROM providers p JOIN accounts a ON a.id = p.account_id \
+             WHERE p.secret_hash = ? AND p.revoked_at IS NULL",
+        )
+        .bind(secret.hash())
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(|r| ProviderAuth {
             provider_id: r.get(0),
             name: r.get(1),
             account_id: r.get(2),
+            block: block_of((r.get(3), r.get(4)), (Target::Provider, r.get(5), r.get(6))),
         }))
     }
 

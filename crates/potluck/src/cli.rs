@@ -1,4 +1,5 @@
-//! Command-line interface: `hub`, `provide`, and the admin clients `keys` and `providers`.
+//! Command-line interface: `hub`, `provide`, and the admin clients (`keys`, `providers`,
+//! `credits`, and in `moderation.rs` `accounts`, `invites`, `reports`, `audit-log`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -51,6 +52,47 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Accounts: roles, groups, approvals and sanctions (admin, moderator).
+    Accounts {
+        #[command(subcommand)]
+        cmd: crate::moderation::AccountsCmd,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Invite codes for signup (admin, moderator).
+    Invites {
+        #[command(subcommand)]
+        cmd: crate::moderation::InvitesCmd,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Abuse reports: file one (consumer or provider), or work the queue (moderator).
+    Reports {
+        #[command(subcommand)]
+        cmd: crate::moderation::ReportsCmd,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The admin audit log: who did what to whom, and why (admin, moderator).
+    AuditLog {
+        /// Most rows.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Create an account on a hub that allows signup; prints its key alone on stdout.
+    Signup {
+        /// Account name.
+        #[arg(long)]
+        name: String,
+        /// Invite code (`pi-…`), needed on invite-only hubs.
+        #[arg(long)]
+        invite_code: Option<String>,
+        /// The hub's base URL.
+        #[arg(long, env = "POTLUCK_HUB", default_value = "http://127.0.0.1:8080")]
+        hub: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -67,7 +109,7 @@ struct HubArgs {
 }
 
 #[derive(Debug, Args)]
-struct AdminArgs {
+pub(crate) struct AdminArgs {
     /// The hub's base URL.
     #[arg(
         long,
@@ -75,7 +117,7 @@ struct AdminArgs {
         default_value = "http://127.0.0.1:8080",
         global = true
     )]
-    hub: String,
+    pub(crate) hub: String,
     /// File holding the admin key (the hub writes DATA_DIR/admin.key on first start).
     #[arg(long, value_name = "FILE", global = true)]
     admin_key_file: Option<PathBuf>,
@@ -98,6 +140,16 @@ enum KeysCmd {
     Revoke {
         /// Key id or name.
         key: String,
+    },
+    /// Suspend, ban, unsuspend or unban a key (moderator); its requests are cut at once.
+    Sanction {
+        /// Key id.
+        key: String,
+        /// suspend, ban, unsuspend or unban.
+        action: String,
+        /// Why (required to suspend or ban; shown to the key's owner).
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -158,6 +210,17 @@ enum ProvidersCmd {
         /// Provider id or name.
         provider: String,
     },
+    /// Suspend, ban, unsuspend or unban a provider (moderator); its tunnels close and
+    /// the requests it serves are cut at once.
+    Sanction {
+        /// Provider id or name.
+        provider: String,
+        /// suspend, ban, unsuspend or unban.
+        action: String,
+        /// Why (required to suspend or ban; shown to the provider).
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 /// Run the parsed command.
@@ -168,6 +231,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { cmd, admin } => keys(cmd, admin).await,
         Command::Providers { cmd, admin } => providers(cmd, admin).await,
         Command::Credits { cmd, admin } => credits(cmd, admin).await,
+        Command::Accounts { cmd, admin } => crate::moderation::accounts(cmd, admin).await,
+        Command::Invites { cmd, admin } => crate::moderation::invites(cmd, admin).await,
+        Command::Reports { cmd, admin } => crate::moderation::reports(cmd, admin).await,
+        Command::AuditLog { limit, admin } => crate::moderation::audit_log(limit, admin).await,
+        Command::Signup {
+            name,
+            invite_code,
+            hub,
+        } => crate::moderation::signup(&hub, name, invite_code).await,
     }
 }
 
@@ -280,7 +352,7 @@ fn say(text: &str) {
     let _ = out.flush();
 }
 
-fn admin_client(a: &AdminArgs) -> anyhow::Result<AdminClient> {
+pub(crate) fn admin_client(a: &AdminArgs) -> anyhow::Result<AdminClient> {
     let key = match (
         std::env::var("POTLUCK_ADMIN_KEY")
             .ok()
@@ -340,6 +412,11 @@ async fn keys(cmd: KeysCmd, a: AdminArgs) -> anyhow::Result<()> {
                 .await?;
             eprintln!("revoked key {key}");
         }
+        KeysCmd::Sanction {
+            key,
+            action,
+            reason,
+        } => crate::moderation::sanction_cmd(&a, "keys", &key, &action, reason).await?,
     }
     Ok(())
 }
@@ -384,6 +461,11 @@ async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result<()> {
                 .await?;
             eprintln!("revoked provider {provider}");
         }
+        ProvidersCmd::Sanction {
+            provider,
+            action,
+            reason,
+        } => crate::moderation::sanction_cmd(&a, "providers", &provider, &action, reason).await?,
     }
     Ok(())
 }
@@ -489,7 +571,7 @@ async fn credits(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result<()> {
 }
 
 /// Percent-encode a path segment (names are restricted, but ids come from users).
-fn path_segment(s: &str) -> String {
+pub(crate) fn path_segment(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes())
         .collect::<String>()
         .replace('+', "%20")

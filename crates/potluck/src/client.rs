@@ -78,6 +78,15 @@ impl AdminClient {
             .await
     }
 
+    pub async fn put<T: DeserializeOwned, B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.call(Method::PUT, path, Some(serde_json::to_vec(body)?))
+            .await
+    }
+
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.call(Method::DELETE, path, None).await
     }

@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod moderation;
 mod provide;
 
 use clap::Parser;

@@ -182,3 +182,203 @@ fn bad_values_name_the_field() {
         "{help}"
     );
 }
+
+/// Run the binary with no admin key at all (consumer and provider commands).
+fn run_plain(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("POTLUCK_ADMIN_KEY")
+        .env_remove("POTLUCK_API_KEY")
+        .env_remove("POTLUCK_TOKEN")
+        .env_remove("POTLUCK_HUB")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_invites_reports_and_audit_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (_hub, url) = start_hub(&data, tmp.path(), "info");
+    let admin = data.join("admin.key");
+
+    // Invite, then signup: each secret alone on stdout.
+    let (ok, code, err) = cli(&["invites", "create", "--hours", "2"], &admin, &url);
+    assert!(ok, "{err}");
+    assert_eq!(code.lines().count(), 1);
+    let code = code.trim().to_owned();
+    assert!(code.starts_with("pi-"), "{code}");
+    let (ok, _, err) = run_plain(&["signup", "--name", "ann", "--hub", &url]);
+    assert!(!ok && err.contains("invit"), "{err}");
+    let (ok, key, err) = run_plain(&[
+        "signup",
+        "--name",
+        "ann",
+        "--invite-code",
+        &code,
+        "--hub",
+        &url,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(key.lines().count(), 1);
+    let key = key.trim().to_owned();
+    assert!(key.starts_with("pk-"));
+    let (ok, list, _) = cli(&["invites", "list"], &admin, &url);
+    assert!(
+        ok && list.contains("ann") && !list.contains(&code[9..]),
+        "{list}"
+    );
+
+    // A moderator (its key file works like the admin's).
+    let (ok, _, err) = cli(
+        &["accounts", "create", "--name", "mod", "--role", "moderator"],
+        &admin,
+        &url,
+    );
+    assert!(ok, "{err}");
+    let (_, mkey, _) = cli(
+        &["keys", "create", "--name", "mod-key", "--account", "mod"],
+        &admin,
+        &url,
+    );
+    let moderator = tmp.path().join("mod.key");
+    std::fs::write(&moderator, mkey.trim()).unwrap();
+    let (ok, list, _) = cli(&["accounts", "list"], &moderator, &url);
+    assert!(
+        ok && list.contains("ann") && list.contains("moderator"),
+        "{list}"
+    );
+    let (ok, _, err) = cli(&["accounts", "role", "ann", "moderator"], &moderator, &url);
+    assert!(!ok && err.contains("403"), "an admin's job: {err}");
+    let (ok, _, err) = cli(&["keys", "list"], &moderator, &url);
+    assert!(!ok && err.contains("403"), "{err}");
+
+    // Suspend and lift; the reason reaches the account.
+    let (ok, out, err) = cli(
+        &[
+            "accounts",
+            "suspend",
+            "ann",
+            "--reason",
+            "too many requests",
+        ],
+        &moderator,
+        &url,
+    );
+    assert!(ok && out.contains("suspended"), "{out}{err}");
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{url}/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("too many requests"));
+    let (ok, _, err) = cli(&["accounts", "unsuspend", "ann"], &moderator, &url);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(
+        &["accounts", "groups", "add", "ann", "friends"],
+        &admin,
+        &url,
+    );
+    assert!(ok, "{err}");
+    let (ok, show, _) = cli(&["accounts", "show", "ann"], &moderator, &url);
+    assert!(
+        ok && show.contains("friends") && show.contains("active"),
+        "{show}"
+    );
+
+    // A request, a report on it, the queue, a resolution.
+    let (_, token, _) = cli(&["providers", "create", "--name", "box1"], &admin, &url);
+    let backend = FakeBackend::start(&["fake-model"]).await;
+    let _agent = start_agent(&url, token.trim(), &backend.base_url(), tmp.path(), "info");
+    wait_for_models(&url, &key, |v| v["data"][0]["providers"] == 1).await;
+    let r = http
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let rid = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let (ok, _, err) = run_plain(&[
+        "reports",
+        "file",
+        "--request-id",
+        &rid,
+        "--reason",
+        "x",
+        "--hub",
+        &url,
+    ]);
+    assert!(!ok && err.contains("--key"), "{err}");
+    let mut report = String::new();
+    potluck_testkit::wait_until(
+        "report filed (usage row written)",
+        std::time::Duration::from_secs(20),
+        || {
+            let (ok, out, _) = run_plain(&[
+                "reports",
+                "file",
+                "--request-id",
+                &rid,
+                "--reason",
+                "rude answer",
+                "--key",
+                &key,
+                "--hub",
+                &url,
+            ]);
+            if ok {
+                report = out.trim().to_owned();
+            }
+            async move { ok }
+        },
+    )
+    .await;
+    let (ok, q, err) = cli(&["reports", "list"], &moderator, &url);
+    assert!(ok, "{err}");
+    assert!(
+        q.contains("rude answer")
+            && q.contains("ann")
+            && q.contains("fake-model")
+            && q.contains("content  none"),
+        "{q}"
+    );
+    let (ok, _, err) = cli(
+        &["reports", "resolve", &report, "--action", "dismiss"],
+        &moderator,
+        &url,
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(
+        &["reports", "resolve", &report, "--action", "dismiss"],
+        &moderator,
+        &url,
+    );
+    assert!(!ok && err.contains("already resolved"), "{err}");
+
+    // The audit log has each action, with actor and reason.
+    let (ok, log, err) = cli(&["audit-log"], &moderator, &url);
+    assert!(ok, "{err}");
+    for a in [
+        "invite.create",
+        "account.create",
+        "account.suspend",
+        "account.unsuspend",
+        "account.group_add",
+        "report.dismiss",
+    ] {
+        assert!(log.contains(a), "{a} in {log}");
+    }
+    assert!(
+        log.contains("too many requests") && log.contains("mod "),
+        "{log}"
+    );
+}

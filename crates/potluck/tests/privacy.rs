@@ -2,6 +2,11 @@
 //! appears in no file of the hub's data directory and in no log line, at trace level,
 //! of the hub or the agent (the real binaries). The fake backend received it, so the
 //! test would see a leak if there were one.
+//!
+//! Accountability tables (reports, audit log, invites, groups, standings) are exercised
+//! on a request that carried the canary. The one free text they keep from a member is a
+//! report's reason: moderator-facing text the reporter typed, not request content. It is
+//! stored (capped) and never logged; a second marker checks exactly that.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
@@ -12,6 +17,8 @@ use potluck_testkit::{FakeBackend, FakeBehavior};
 use serde_json::json;
 
 const CANARY: &str = "CANARY-d41d8cd98f00-privacy";
+/// Typed as a report's reason: stored in the reports table, never logged.
+const REASON_MARKER: &str = "REASON-7f3a1c-report";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_never_reaches_disk_or_logs() {
@@ -83,6 +90,55 @@ async fn canary_never_reaches_disk_or_logs() {
         .await
         .unwrap();
 
+    // Accountability on a request that carried the canary: a report (by the consumer and
+    // by the provider), its resolution, a sanction, an invite, a group.
+    backend.set_behavior(FakeBehavior::default());
+    let r = http
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "m1", "messages": msgs, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let rid = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    r.text().await.unwrap();
+    let mut report = String::new();
+    potluck_testkit::wait_until("report filed", std::time::Duration::from_secs(20), || {
+        let ok = match http_report(&url, &key, &rid) {
+            Some(id) => {
+                report = id;
+                true
+            }
+            None => false,
+        };
+        async move { ok }
+    })
+    .await;
+    assert!(
+        http_report(&url, token.trim(), &rid).is_some(),
+        "the provider reports it too"
+    );
+    let admin_cli = |args: &[&str]| {
+        let (ok, out, err) = cli(args, &key_file, &url);
+        assert!(ok, "{args:?}: {err}");
+        out
+    };
+    admin_cli(&["reports", "list"]);
+    admin_cli(&[
+        "reports",
+        "resolve",
+        &report,
+        "--action",
+        "suspend_key",
+        "--reason",
+        "upheld",
+    ]);
+    admin_cli(&["invites", "create"]);
+    admin_cli(&["accounts", "groups", "add", "alice", "friends"]);
+    admin_cli(&["accounts", "ban", "alice", "--reason", "abusive"]);
+    admin_cli(&["accounts", "unban", "alice"]);
+    admin_cli(&["audit-log"]);
+
     // Positive control: the backend did receive the canary (and never the `user` field).
     let received = backend.inference_received();
     assert!(
@@ -103,8 +159,17 @@ async fn canary_never_reaches_disk_or_logs() {
 
     let mut searched = 0;
     let mut log_bytes = 0;
+    let mut reason_stored = false;
     for f in files_under(&data).into_iter().chain(files_under(&logs)) {
         let bytes = std::fs::read(&f).unwrap();
+        if contains(&bytes, REASON_MARKER.as_bytes()) {
+            assert!(
+                f.starts_with(&data),
+                "a report's reason was logged in {}",
+                f.display()
+            );
+            reason_stored = true;
+        }
         if contains(&bytes, CANARY.as_bytes()) {
             let lines: Vec<String> = String::from_utf8_lossy(&bytes)
                 .lines()
@@ -138,4 +203,31 @@ async fn canary_never_reaches_disk_or_logs() {
         contains(&db, b"usage_records"),
         "the database file was searched"
     );
+    assert!(
+        reason_stored,
+        "the report's reason is kept where it was typed"
+    );
+    for table in [
+        &b"CREATE TABLE reports"[..],
+        b"CREATE TABLE audit_log",
+        b"CREATE TABLE invites",
+        b"CREATE TABLE groups",
+    ] {
+        assert!(contains(&db, table), "the new tables were searched");
+    }
+}
+
+/// File a report with the marker reason; the report id, or `None` if refused.
+fn http_report(url: &str, secret: &str, request_id: &str) -> Option<String> {
+    let out = std::process::Command::new(BIN)
+        .args(["reports", "file", "--request-id", request_id, "--reason"])
+        .arg(format!("{REASON_MARKER}: rude"))
+        .args(["--key", secret, "--hub", url])
+        .env_remove("POTLUCK_API_KEY")
+        .env_remove("POTLUCK_TOKEN")
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

@@ -1,0 +1,891 @@
+//! Accounts and their moderation: standings (pending, suspended, banned), roles, groups,
+//! signup with invite codes, member self-service keys, per-key routing settings, the
+//! admin audit log, abuse reports, and the retention of usage rows.
+//!
+//! Invariant: nothing here holds request content. Reports point at a request by its id
+//! and copy only the ids of who took part; the only free text is what an admin or a
+//! moderator typed as a reason, or what a reporter typed as a report's reason.
+
+use sqlx::{Row, SqliteConnection};
+
+use crate::secret::{Secret, SecretKind};
+use crate::store::{is_unique_violation, now_secs, Role, Standing, Store, StoreError, Target};
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Most live keys one account may hold (member self-service and signup).
+pub const MAX_KEYS_PER_ACCOUNT: i64 = 20;
+/// Milliseconds in a day (retention is counted in days).
+pub const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// An account as listed to staff.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AccountInfo {
+    /// Id.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+    /// `admin`, `moderator` or `member`.
+    pub role: &'static str,
+    /// Standing.
+    pub status: Standing,
+    /// The moderator's reason for the standing, if any.
+    pub status_reason: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Group names, sorted.
+    pub groups: Vec<String>,
+}
+
+/// A key as its owner sees it (never the secret).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OwnKey {
+    /// Id.
+    pub id: i64,
+    /// Label.
+    pub name: String,
+    /// Displayable prefix.
+    pub prefix: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Standing of the key itself.
+    pub status: Standing,
+    /// The moderator's reason, if suspended or banned.
+    pub status_reason: Option<String>,
+    /// Routing default.
+    pub prefer_low_power: bool,
+    /// Routing default.
+    pub trusted_only: bool,
+}
+
+/// Per-key routing defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
+    /// Prefer providers that draw little power.
+    pub prefer_low_power: bool,
+    /// Only trusted providers.
+    pub trusted_only: bool,
+}
+
+/// An invite as listed (never the code).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InviteInfo {
+    /// Id.
+    pub id: i64,
+    /// Displayable prefix of the code.
+    pub prefix: String,
+    /// Who created it.
+    pub created_by: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Unix seconds, once used.
+    pub used_at: Option<i64>,
+    /// The account it created.
+    pub used_by: Option<String>,
+    /// Unix seconds, if revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// One audit-log row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditRow {
+    /// Id.
+    pub id: i64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// The acting account's id.
+    pub actor_id: Option<i64>,
+    /// The acting account's name.
+    pub actor: Option<String>,
+    /// What was done (`key.create`, `account.ban`, ...).
+    pub action: String,
+    /// `account`, `key`, `provider`, `invite`, `report`, `group`.
+    pub target_type: String,
+    /// The target's id or name.
+    pub target_id: String,
+    /// The reason the actor gave, if any.
+    pub reason: Option<String>,
+}
+
+/// An audit-log row to write.
+#[derive(Debug, Clone)]
+pub struct AuditEntry<'a> {
+    /// The acting account.
+    pub actor: i64,
+    /// What was done.
+    pub action: &'a str,
+    /// What kind of object.
+    pub target_type: &'a str,
+    /// Which one.
+    pub target_id: String,
+    /// The actor's reason, if any.
+    pub reason: Option<&'a str>,
+}
+
+/// Who took part in a request, from its usage row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Participants {
+    /// The consumer account.
+    pub account_id: i64,
+    /// The consumer key.
+    pub key_id: i64,
+    /// The provider that served it, if any.
+    pub provider_id: Option<i64>,
+}
+
+/// A request's content-free metadata, as shown to moderators with a report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RequestMeta {
+    /// The hub's request id.
+    pub request_id: String,
+    /// Unix milliseconds.
+    pub started_at_ms: i64,
+    /// Consumer account id.
+    pub account_id: i64,
+    /// Consumer account name.
+    pub account: Option<String>,
+    /// Consumer key id.
+    pub key_id: i64,
+    /// Provider id.
+    pub provider_id: Option<i64>,
+    /// Provider name.
+    pub provider: Option<String>,
+    /// Model name.
+    pub model: String,
+    /// `chat`, `completions` or `embeddings`.
+    pub endpoint: String,
+    /// Streamed.
+    pub stream: bool,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// HTTP status given to the consumer.
+    pub status: i64,
+    /// Outcome label.
+    pub outcome: String,
+    /// Milliseconds.
+    pub duration_ms: i64,
+}
+
+/// A report as stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReportRow {
+    /// Id.
+    pub id: i64,
+    /// Unix milliseconds.
+    pub created_at_ms: i64,
+    /// The reported request.
+    pub request_id: String,
+    /// The reporter's account.
+    pub reporter_account: i64,
+    /// The reporting provider, if a provider token filed it.
+    pub reporter_provider: Option<i64>,
+    /// What the reporter typed (capped).
+    pub reason: String,
+    /// The consumer account of the request.
+    pub subject_account: i64,
+    /// The consumer key of the request.
+    pub subject_key: i64,
+    /// The provider that served it.
+    pub subject_provider: Option<i64>,
+    /// `open` or `resolved`.
+    pub status: String,
+    /// The action taken (`dismiss`, `ban_account`, ...).
+    pub resolution: Option<String>,
+    /// Unix milliseconds.
+    pub resolved_at_ms: Option<i64>,
+}
+
+fn not_found_if_zero(n: u64) -> Result<()> {
+    if n == 0 {
+        Err(StoreError::NotFound)
+    } else {
+        Ok(())
+    }
+}
+
+async fn insert_key(
+    conn: &mut SqliteConnection,
+    account_id: i64,
+    name: &str,
+) -> Result<(i64, Secret)> {
+    let live: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM api_keys WHERE account_id = ? AND revoked_at IS NULL",
+    )
+    .bind(account_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if live >= MAX_KEYS_PER_ACCOUNT {
+        return Err(StoreError::Conflict(format!(
+            "an account holds at most {MAX_KEYS_PER_ACCOUNT} live keys; revoke one first"
+        )));
+    }
+    let secret = Secret::generate(SecretKind::ConsumerKey);
+    let id = sqlx::query_scalar("INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id")
+        .bind(account_id)
+        .bind(name)
+        .bind(secret.hash())
+        .bind(secret.display_prefix())
+        .bind(now_secs())
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok((id, secret))
+}
+
+fn split_groups(g: Option<String>) -> Vec<String> {
+    let mut v: Vec<String> = g
+        .map(|g| g.split('\n').map(str::to_owned).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+impl Store {
+    /// Create an account. Fails with `Conflict` if the name is taken.
+    pub async fn create_account(&self, name: &str, role: Role, status: Standing) -> Result<i64> {
+        sqlx::query_scalar(
+            "INSERT INTO accounts (name, role, created_at, status) VALUES (?, ?, ?, ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(role.as_str())
+        .bind(now_secs())
+        .bind(status.as_str())
+        .fetch_one(self.pool())
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("an account named {name:?} already exists"))
+            } else {
+                StoreError::Db(e)
+            }
+        })
+    }
+
+    /// Sign up: check and use the invite (if given), create the account with `status`
+    /// and its first key, in one transaction.
+    pub async fn signup(
+        &self,
+        name: &str,
+        key_name: &str,
+        invite: Option<&Secret>,
+        status: Standing,
+        now_s: i64,
+    ) -> Result<(i64, i64, Secret)> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let invite_id = match invite {
+            None => None,
+            Some(code) => {
+                let id: Option<i64> = sqlx::query_scalar(
+                    "SELECT id FROM invites WHERE code_hash = ? AND used_at IS NULL \
+                     AND revoked_at IS NULL AND expires_at > ?",
+                )
+                .bind(code.hash())
+                .bind(now_s)
+                .fetch_optional(&mut *tx)
+                .await?;
+                Some(id.ok_or(StoreError::Refused(
+                    "The invite code is unknown, used, revoked or expired.",
+                ))?)
+            }
+        };
+        let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM accounts WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if taken.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "an account named {name:?} already exists"
+            )));
+        }
+        let account_id: i64 = sqlx::query_scalar(
+            "INSERT INTO accounts (name, role, created_at, status) VALUES (?, 'member', ?, ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(now_s)
+        .bind(status.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(id) = invite_id {
+            sqlx::query("UPDATE invites SET used_at = ?, used_by = ? WHERE id = ?")
+                .bind(now_s)
+                .bind(account_id)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let (key_id, secret) = insert_key(&mut tx, account_id, key_name).await?;
+        tx.commit().await?;
+        Ok((account_id, key_id, secret))
+    }
+
+    /// Every human account (system accounts are not listed), with its groups.
+    pub async fn list_accounts(&self) -> Result<Vec<AccountInfo>> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.name, a.role, a.status, a.status_reason, a.created_at, \
+             (SELECT group_concat(g.name, char(10)) FROM group_members m JOIN groups g ON g.id = m.group_id \
+              WHERE m.account_id = a.id) \
+             FROM accounts a WHERE a.role != 'system' ORDER BY a.id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AccountInfo {
+                id: r.get(0),
+                name: r.get(1),
+                role: Role::parse(r.get::<&str, _>(2)).as_str(),
+                status: Standing::parse(r.get::<&str, _>(3)),
+                status_reason: r.get(4),
+                created_at: r.get(5),
+                groups: split_groups(r.get(6)),
+            })
+            .collect())
+    }
+
+    /// Set the standing of an account, a key or a provider (by id), with a reason.
+    /// Lifting a standing (`Active`) clears the reason.
+    pub async fn set_standing(
+        &self,
+        target: Target,
+        id: i64,
+        standing: Standing,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let table = match target {
+            Target::Account => "accounts",
+            Target::Key => "api_keys",
+            Target::Provider => "providers",
+        };
+        let reason = if standing == Standing::Active {
+            None
+        } else {
+            reason
+        };
+        let sql = format!("UPDATE {table} SET status = ?, status_reason = ? WHERE id = ?");
+        let n = sqlx::query(&sql)
+            .bind(standing.as_str())
+            .bind(reason)
+            .bind(id)
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        not_found_if_zero(n)
+    }
+
+    /// The standing of an account, a key or a provider, and the owning account's id and
+    /// role (for keys and providers: their account's).
+    pub async fn standing_of(&self, target: Target, id: i64) -> Result<(Standing, i64, Role)> {
+        let sql = match target {
+            Target::Account => "SELECT status, id, role FROM accounts WHERE id = ?",
+            Target::Key => "SELECT k.status, a.id, a.role FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = ?",
+            Target::Provider => "SELECT p.status, a.id, a.role FROM providers p JOIN accounts a ON a.id = p.account_id WHERE p.id = ?",
+        };
+        let r = sqlx::query(sql)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok((
+            Standing::parse(r.get::<&str, _>(0)),
+            r.get(1),
+            Role::parse(r.get::<&str, _>(2)),
+        ))
+    }
+
+    /// Ids of an account's providers (live ones).
+    pub async fn account_providers(&self, account_id: i64) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM providers WHERE account_id = ? AND revoked_at IS NULL",
+        )
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// A live provider's id by id or name.
+    pub async fn provider_id(&self, id_or_name: &str) -> Result<i64> {
+        sqlx::query_scalar(
+            "SELECT id FROM providers WHERE revoked_at IS NULL AND (CAST(id AS TEXT) = ? OR name = ?)",
+        )
+        .bind(id_or_name)
+        .bind(id_or_name)
+        .fetch_optional(self.pool())
+        .await?
+        .ok_or(StoreError::NotFound)
+    }
+
+    /// Change an account's role (not to or from `system`).
+    pub async fn set_role(&self, account_id: i64, role: Role) -> Result<()> {
+        if role == Role::System {
+            return Err(StoreError::Refused("The system role cannot be given."));
+        }
+        let n = sqlx::query("UPDATE accounts SET role = ? WHERE id = ? AND role != 'system'")
+            .bind(role.as_str())
+            .bind(account_id)
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        not_found_if_zero(n)
+    }
+
+    /// Add an account to a group (created if missing). Idempotent.
+    pub async fn add_to_group(&self, account_id: i64, group: &str) -> Result<()> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO groups (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(group)
+        .bind(now_secs())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO group_members (group_id, account_id) SELECT id, ? FROM groups WHERE name = ? \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(account_id)
+        .bind(group)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Remove an account from a group. `NotFound` if it was not a member.
+    pub async fn remove_from_group(&self, account_id: i64, group: &str) -> Result<()> {
+        let n = sqlx::query(
+            "DELETE FROM group_members WHERE account_id = ? AND group_id = (SELECT id FROM groups WHERE name = ?)",
+        )
+        .bind(account_id)
+        .bind(group)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        not_found_if_zero(n)
+    }
+
+    /// An account's live keys.
+    pub async fn own_keys(&self, account_id: i64) -> Result<Vec<OwnKey>> {
+        let rows = sqlx::query(
+            "SELECT id, name, prefix, created_at, status, status_reason, prefer_low_power, trusted_only \
+             FROM api_keys WHERE account_id = ? AND revoked_at IS NULL ORDER BY id",
+        )
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| OwnKey {
+                id: r.get(0),
+                name: r.get(1),
+                prefix: r.get(2),
+                created_at: r.get(3),
+                status: Standing::parse(r.get::<&str, _>(4)),
+                status_reason: r.get(5),
+                prefer_low_power: r.get(6),
+                trusted_only: r.get(7),
+            })
+            .collect())
+    }
+
+    /// A new key in an existing account (at most `MAX_KEYS_PER_ACCOUNT` live).
+    pub async fn create_own_key(&self, account_id: i64, name: &str) -> Result<(i64, Secret)> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let r = insert_key(&mut tx, account_id, name).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    /// Revoke a key of `account_id` (`NotFound` for anyone else's key).
+    pub async fn revoke_own_key(&self, account_id: i64, key_id: i64) -> Result<()> {
+        let n = sqlx::query(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND account_id = ? AND revoked_at IS NULL",
+        )
+        .bind(now_secs())
+        .bind(key_id)
+        .bind(account_id)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        not_found_if_zero(n)
+    }
+
+    /// Set a live key's routing defaults; with `owner`, only that account's key.
+    pub async fn set_key_settings(
+        &self,
+        key_id: i64,
+        owner: Option<i64>,
+        s: KeySettings,
+    ) -> Result<()> {
+        let n = sqlx::query(
+            "UPDATE api_keys SET prefer_low_power = ?, trusted_only = ? \
+             WHERE id = ? AND revoked_at IS NULL AND (? IS NULL OR account_id = ?)",
+        )
+        .bind(s.prefer_low_power)
+        .bind(s.trusted_only)
+        .bind(key_id)
+        .bind(owner)
+        .bind(owner)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        not_found_if_zero(n)
+    }
+
+    /// Create an invite code valid for `ttl_secs`. Only its hash is stored.
+    pub async fn create_invite(&self, actor: i64, ttl_secs: i64) -> Result<(i64, Secret)> {
+        let code = Secret::generate(SecretKind::Invite);
+        let now = now_secs();
+        let id = sqlx::query_scalar(
+            "INSERT INTO invites (code_hash, prefix, created_by, created_at, expires_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(code.hash())
+        .bind(code.display_prefix())
+        .bind(actor)
+        .bind(now)
+        .bind(now.saturating_add(ttl_secs))
+        .fetch_one(self.pool())
+        .await?;
+        Ok((id, code))
+    }
+
+    /// Every invite, newest first.
+    pub async fn list_invites(&self) -> Result<Vec<InviteInfo>> {
+        let rows = sqlx::query(
+            "SELECT i.id, i.prefix, c.name, i.created_at, i.expires_at, i.used_at, u.name, i.revoked_at \
+             FROM invites i JOIN accounts c ON c.id = i.created_by LEFT JOIN accounts u ON u.id = i.used_by \
+             ORDER BY i.id DESC",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| InviteInfo {
+                id: r.get(0),
+                prefix: r.get(1),
+                created_by: r.get(2),
+                created_at: r.get(3),
+                expires_at: r.get(4),
+                used_at: r.get(5),
+                used_by: r.get(6),
+                revoked_at: r.get(7),
+            })
+            .collect())
+    }
+
+    /// Revoke an unused invite.
+    pub async fn revoke_invite(&self, id: i64) -> Result<()> {
+        let n = sqlx::query(
+            "UPDATE invites SET revoked_at = ? WHERE id = ? AND used_at IS NULL AND revoked_at IS NULL",
+        )
+        .bind(now_secs())
+        .bind(id)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        not_found_if_zero(n)
+    }
+
+    /// Append one row to the audit log.
+    pub async fn audit(&self, e: &AuditEntry<'_>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (at_ms, actor, action, target_type, target_id, reason) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(crate::ledger::now_ms())
+        .bind(e.actor)
+        .bind(e.action)
+        .bind(e.target_type)
+        .bind(&e.target_id)
+        .bind(e.reason)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// The newest `limit` audit rows.
+    pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditRow>> {
+        let rows = sqlx::query(
+            "SELECT l.id, l.at_ms, l.actor, a.name, l.action, l.target_type, l.target_id, l.reason \
+             FROM audit_log l LEFT JOIN accounts a ON a.id = l.actor ORDER BY l.id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AuditRow {
+                id: r.get(0),
+                at_ms: r.get(1),
+                actor_id: r.get(2),
+                actor: r.get(3),
+                action: r.get(4),
+                target_type: r.get(5),
+                target_id: r.get(6),
+                reason: r.get(7),
+            })
+            .collect())
+    }
+
+    /// Who took part in a request (from its usage row), if the row exists.
+    pub async fn participants(&self, request_id: &str) -> Result<Option<Participants>> {
+        let r = sqlx::query(
+            "SELECT account_id, key_id, provider_id FROM usage_records WHERE request_id = ? ORDER BY id LIMIT 1",
+        )
+        .bind(request_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(r.map(|r| Participants {
+            account_id: r.get(0),
+            key_id: r.get(1),
+            provider_id: r.get(2),
+        }))
+    }
+
+    /// A request's content-free metadata, if its usage row is still kept.
+    pub async fn request_meta(&self, request_id: &str) -> Result<Option<RequestMeta>> {
+        let r = sqlx::query(
+            "SELECT u.request_id, u.started_at_ms, u.account_id, a.name, u.key_id, u.provider_id, p.name, \
+             u.model, u.endpoint, u.stream, u.prompt_tokens, u.completion_tokens, u.status, u.outcome, u.duration_ms \
+             FROM usage_records u LEFT JOIN accounts a ON a.id = u.account_id LEFT JOIN providers p ON p.id = u.provider_id \
+             WHERE u.request_id = ? ORDER BY u.id LIMIT 1",
+        )
+        .bind(request_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(r.map(|r| RequestMeta {
+            request_id: r.get(0),
+            started_at_ms: r.get(1),
+            account_id: r.get(2),
+            account: r.get(3),
+            key_id: r.get(4),
+            provider_id: r.get(5),
+            provider: r.get(6),
+            model: r.get(7),
+            endpoint: r.get(8),
+            stream: r.get(9),
+            prompt_tokens: r.get(10),
+            completion_tokens: r.get(11),
+            status: r.get(12),
+            outcome: r.get(13),
+            duration_ms: r.get(14),
+        }))
+    }
+
+    /// File a report about a request whose participants are known.
+    pub async fn file_report(
+        &self,
+        request_id: &str,
+        reporter_account: i64,
+        reporter_provider: Option<i64>,
+        reason: &str,
+        subject: Participants,
+    ) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO reports (created_at_ms, request_id, reporter_account, reporter_provider, reason, \
+             subject_account, subject_key, subject_provider) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(crate::ledger::now_ms())
+        .bind(request_id)
+        .bind(reporter_account)
+        .bind(reporter_provider)
+        .bind(reason)
+        .bind(subject.account_id)
+        .bind(subject.key_id)
+        .bind(subject.provider_id)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// Reports, newest first, optionally only those with `status`.
+    pub async fn list_reports(&self, status: Option<&str>, limit: i64) -> Result<Vec<ReportRow>> {
+        let rows = sqlx::query(&format!(
+            "{REPORT_COLUMNS} WHERE (? IS NULL OR status = ?) ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(status)
+        .bind(status)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(report_row).collect())
+    }
+
+    /// One report.
+    pub async fn report(&self, id: i64) -> Result<ReportRow> {
+        let r = sqlx::query(&format!("{REPORT_COLUMNS} WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(report_row(&r))
+    }
+
+    /// Reports filed by an account (with `provider`: by that provider's token).
+    pub async fn reports_by(
+        &self,
+        account_id: i64,
+        provider: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<ReportRow>> {
+        let rows = sqlx::query(&format!(
+            "{REPORT_COLUMNS} WHERE reporter_account = ? AND reporter_provider IS ? ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(account_id)
+        .bind(provider)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(report_row).collect())
+    }
+
+    /// Mark an open report resolved with `resolution`. `Conflict` if already resolved.
+    pub async fn resolve_report(&self, id: i64, actor: i64, resolution: &str) -> Result<()> {
+        let n = sqlx::query(
+            "UPDATE reports SET status = 'resolved', resolution = ?, resolved_by = ?, resolved_at_ms = ? \
+             WHERE id = ? AND status = 'open'",
+        )
+        .bind(resolution)
+        .bind(actor)
+        .bind(crate::ledger::now_ms())
+        .bind(id)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        if n == 0 {
+            self.report(id).await?;
+            return Err(StoreError::Conflict(
+                "the report is already resolved".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Delete usage rows that started more than `days` days before `now_ms`. Ledger rows
+    /// are financial records and are never purged. Returns how many rows went.
+    pub async fn purge_usage(&self, now_ms: i64, days: u32) -> Result<u64> {
+        let cutoff = now_ms.saturating_sub(i64::from(days).saturating_mul(DAY_MS));
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let n = sqlx::query("DELETE FROM usage_records WHERE started_at_ms < ?")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+}
+
+const REPORT_COLUMNS: &str = "SELECT id, created_at_ms, request_id, reporter_account, reporter_provider, reason, \
+     subject_account, subject_key, subject_provider, status, resolution, resolved_at_ms FROM reports";
+
+fn report_row(r: &sqlx::sqlite::SqliteRow) -> ReportRow {
+    ReportRow {
+        id: r.get(0),
+        created_at_ms: r.get(1),
+        request_id: r.get(2),
+        reporter_account: r.get(3),
+        reporter_provider: r.get(4),
+        reason: r.get(5),
+        subject_account: r.get(6),
+        subject_key: r.get(7),
+        subject_provider: r.get(8),
+        status: r.get(9),
+        resolution: r.get(10),
+        resolved_at_ms: r.get(11),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::UsageRecord;
+
+    fn usage(request_id: &str, account_id: i64, started_at_ms: i64) -> UsageRecord {
+        UsageRecord {
+            request_id: request_id.into(),
+            key_id: 1,
+            account_id,
+            provider_id: Some(1),
+            model: "m".into(),
+            endpoint: "chat",
+            stream: false,
+            status: 200,
+            outcome: "ok",
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            started_at_ms,
+            duration_ms: 1,
+            ttft_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_purges_old_usage_and_keeps_the_ledger() {
+        let s = Store::open_in_memory().await.unwrap();
+        let (_, key) = s.create_key("k", "alice").await.unwrap();
+        let alice = s.authenticate_key(&key).await.unwrap().unwrap().account_id;
+        s.grant(alice, 5).await.unwrap();
+        let now = 1_000 * DAY_MS;
+        s.record_usage(&[
+            usage("old", alice, now - 31 * DAY_MS),
+            usage("edge", alice, now - 30 * DAY_MS),
+            usage("new", alice, now - DAY_MS),
+        ])
+        .await
+        .unwrap();
+        let ledger_before = s.history(alice, 100).await.unwrap().len();
+        assert_eq!(s.purge_usage(now, 30).await.unwrap(), 1);
+        let left: Vec<String> = s
+            .recent_usage(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect();
+        assert_eq!(left, ["new", "edge"]);
+        assert_eq!(s.history(alice, 100).await.unwrap().len(), ledger_before);
+        assert_eq!(s.balance(alice).await.unwrap().available, 5);
+        // Moving the clock on purges the rest.
+        assert_eq!(s.purge_usage(now + 40 * DAY_MS, 30).await.unwrap(), 2);
+        assert!(s.recent_usage(10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn invites_are_single_use_and_expire() {
+        let s = Store::open_in_memory().await.unwrap();
+        let admin = s
+            .create_account("root", Role::Admin, Standing::Active)
+            .await
+            .unwrap();
+        let (_, code) = s.create_invite(admin, 3600).await.unwrap();
+        let now = now_secs();
+        let (acct, _, key) = s
+            .signup("bob", "bob", Some(&code), Standing::Active, now)
+            .await
+            .unwrap();
+        let auth = s.authenticate_key(&key).await.unwrap().unwrap();
+        assert_eq!((auth.account_id, auth.block), (acct, None));
+        assert!(matches!(
+            s.signup("carol", "carol", Some(&code), Standing::Active, now)
+                .await,
+            Err(StoreError::Refused(_))
+        ));
+        let (_, late) = s.create_invite(admin, 10).await.unwrap();
+        assert!(matches!(
+            s.signup("carol", "carol", Some(&late), Standing::Active, now + 11)
+                .await,
+            Err(StoreError::Refused(_))
+        ));
+        assert!(s
+            .list_accounts()
+            .await
+            .unwrap()
+            .iter()
+            .all(|a| a.name != "carol"));
+        let listed = s.list_invites().await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[1].used_by.as_deref(), Some("bob"));
+    }
+}
