@@ -170,13 +170,14 @@ impl FakeBackend {
         self.state.received.lock().unwrap().clone()
     }
 
-    /// Inference requests received (not the agent's discovery GETs).
+    /// Inference requests received (not the agent's discovery requests).
     pub fn inference_received(&self) -> Vec<Received> {
         self.received()
             .into_iter()
             .filter(|r| {
-                !(r.method == "GET"
+                !((r.method == "GET"
                     && matches!(r.target.as_str(), "/v1/models" | "/props" | "/api/tags"))
+                    || (r.method == "POST" && r.target == "/api/show"))
             })
             .collect()
     }

@@ -4,6 +4,7 @@
 mod cli;
 mod client;
 mod provide;
+mod provide_ctl;
 
 use clap::Parser;
 
