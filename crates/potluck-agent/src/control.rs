@@ -115,7 +115,7 @@ pub async fn status(sh: &Shared) -> Status {
     if !sh.is_connected() {
         reasons.push("no_hub".into());
     }
-    let totals = match sh.config.state_dir.clone() {
+    let totals = match sh.config.state_dir.as_ref().map(|d| d.join("journal")) {
         Some(d) => {
             let today = journal::day_of(sh.config.clock.now().as_millisecond());
             tokio::task::spawn_blocking(move || journal::totals(&d, &today))

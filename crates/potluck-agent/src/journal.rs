@@ -269,6 +269,31 @@ pub fn receipts(dir: &Path) -> (Vec<(String, SignedReceipt)>, Vec<String>) {
     (v, bad)
 }
 
+/// The result of checking every receipt in a journal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Receipts whose signature matches.
+    pub verified: usize,
+    /// What failed: a request id and why, or an unreadable line.
+    pub failed: Vec<String>,
+}
+
+/// Check every receipt (and every line) of the journal in `dir` against a hub's key.
+pub fn verify(dir: &Path, hub: &potluck_protocol::receipt::HubInfo) -> VerifyReport {
+    let (list, bad) = receipts(dir);
+    let mut report = VerifyReport {
+        verified: 0,
+        failed: bad,
+    };
+    for (_, r) in list {
+        match r.verify_for(hub) {
+            Ok(()) => report.verified += 1,
+            Err(e) => report.failed.push(format!("{}: {e}", r.receipt.request_id)),
+        }
+    }
+    report
+}
+
 /// Totals for the status view.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {

@@ -126,8 +126,10 @@ pub struct JournalSection {
     pub retention_days: Option<u32>,
 }
 
-/// All policy sections of the config file.
-#[derive(Debug, Clone, Default)]
+/// All policy sections of the config file (the binary's file adds `hub`, `token`,
+/// `backends` and the like around them).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct PolicyFile {
     /// `[[models]]`
     pub models: Vec<ModelSection>,
@@ -299,6 +301,14 @@ fn positive_bytes(field: &'static str, v: usize) -> Result<usize, ConfigError> {
 }
 
 impl PolicyFile {
+    /// Parse and validate TOML holding only policy sections.
+    pub fn parse_toml(text: &str) -> Result<Policy, String> {
+        toml::from_str::<PolicyFile>(text)
+            .map_err(|e| e.to_string())?
+            .into_policy()
+            .map_err(|e| e.to_string())
+    }
+
     /// Validate.
     pub fn into_policy(self) -> Result<Policy, ConfigError> {
         if self.models.len() > MAX_MODELS_PER_AGENT {

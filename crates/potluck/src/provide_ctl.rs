@@ -174,14 +174,14 @@ pub fn render(s: &Status) -> String {
 
 async fn receipts(cmd: ReceiptsCmd, args: &ProvideArgs) -> anyhow::Result<()> {
     let dir = args.state()?.join("journal");
-    let (list, bad) = {
-        let d = dir.clone();
-        tokio::task::spawn_blocking(move || journal::receipts(&d))
-            .await
-            .context("reading the journal failed")?
-    };
     match cmd {
         ReceiptsCmd::List { json } => {
+            let (list, bad) = {
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || journal::receipts(&d))
+                    .await
+                    .context("reading the journal failed")?
+            };
             for (_, r) in &list {
                 if json {
                     say(&serde_json::to_string(r)?);
@@ -235,20 +235,16 @@ async fn receipts(cmd: ReceiptsCmd, args: &ProvideArgs) -> anyhow::Result<()> {
                     info.receipt_algorithm
                 );
             }
-            let mut failed = bad.len();
-            for b in &bad {
-                eprintln!("FAILED  {b}");
+            let report = {
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || journal::verify(&d, &info))
+                    .await
+                    .context("reading the journal failed")?
+            };
+            for f in &report.failed {
+                eprintln!("FAILED  {f}");
             }
-            let mut ok = 0usize;
-            for (_, r) in &list {
-                match r.verify_for(&info) {
-                    Ok(()) => ok += 1,
-                    Err(e) => {
-                        failed += 1;
-                        eprintln!("FAILED  {}: {e}", r.receipt.request_id);
-                    }
-                }
-            }
+            let (ok, failed) = (report.verified, report.failed.len());
             say(&format!("{ok} verified, {failed} failed"));
             if failed > 0 {
                 bail!("{failed} receipt(s) failed verification");
