@@ -378,4 +378,28 @@ mod tests {
             "max_concurrency"
         );
     }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../../deploy/provide.example.toml");
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let mut a = args(None, &[]);
+        a.token = Some("pt-x".into());
+        let c = resolve(&a, file).unwrap();
+        let p = &c.policy;
+        assert_eq!(p.models[0].public_name.as_str(), "qwen2.5:7b");
+        assert!(p.schedule.is_some() && p.busy.is_some());
+        assert_eq!(p.limits.max_concurrency, Some(4));
+        assert_eq!(p.profile.groups, ["friends"]);
+        assert_eq!(p.journal.retention_days, 90);
+        // The reload parser reads the same file, and a flag still wins.
+        let mut a = args(Some("http://h"), &["http://x"]);
+        a.token = Some("t".into());
+        a.max_concurrency = Some(2);
+        a.config = Some(PathBuf::from("unused"));
+        let c = resolve(&a, FileConfig::default()).unwrap();
+        let parse = c.policy_source.unwrap().parse;
+        assert_eq!(parse(text).unwrap().limits.max_concurrency, Some(2));
+        assert!(parse("[limits]\nbogus = 1\n").is_err());
+    }
 }
