@@ -1,12 +1,22 @@
 //! The agent's validated configuration.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use potluck_tunnel::HubUrl;
 use url::Url;
 
+use crate::policy::{Policy, PolicySource};
+use crate::schedule::{Clock, SystemClock};
+
 /// Default for [`AgentConfig::max_concurrency`].
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 64;
+
+/// Default [`AgentConfig::reload_interval`].
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// Default [`AgentConfig::schedule_recheck`].
+pub const DEFAULT_SCHEDULE_RECHECK: Duration = Duration::from_secs(30);
 
 /// A bad configuration value; names the field and what was expected.
 #[derive(Debug, thiserror::Error)]
@@ -112,12 +122,25 @@ pub struct AgentConfig {
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
-    /// Largest request body forwarded to a backend.
-    pub max_request_bytes: usize,
     /// How long a backend may take to send response headers.
     pub backend_header_timeout: Duration,
     /// Grace period for streams in flight at shutdown.
     pub shutdown_grace: Duration,
+    /// The volunteer's rules (models, schedule, limits, busy, access, power, journal).
+    pub policy: Policy,
+    /// The config file to watch for changes (mtime polled, or `SIGHUP`).
+    pub policy_source: Option<PolicySource>,
+    /// How often the config file's mtime is checked.
+    pub reload_interval: Duration,
+    /// Longest time between two schedule checks (the next window edge is computed, this
+    /// only bounds drift after a clock jump or a suspend).
+    pub schedule_recheck: Duration,
+    /// Journal, hash cache (and default control socket); `None`: nothing is written.
+    pub state_dir: Option<PathBuf>,
+    /// The local control socket (`potluck provide pause|resume|status`); `None`: none.
+    pub control_socket: Option<PathBuf>,
+    /// The wall clock (schedule, journal times).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -158,9 +181,15 @@ impl AgentConfig {
             discovery_interval: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
-            max_request_bytes: 8 * 1024 * 1024,
             backend_header_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(10),
+            policy: Policy::default(),
+            policy_source: None,
+            reload_interval: DEFAULT_RELOAD_INTERVAL,
+            schedule_recheck: DEFAULT_SCHEDULE_RECHECK,
+            state_dir: None,
+            control_socket: None,
+            clock: Arc::new(SystemClock),
         })
     }
 }

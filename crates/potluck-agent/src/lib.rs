@@ -2,13 +2,30 @@
 //! tunneled requests by forwarding an exact allow-list of inference endpoints to the
 //! local backends, and tells the hub which models it serves.
 //!
+//! The volunteer stays in charge: a config file (reloaded live) says which models to
+//! share with what caps, when, how much, and for whom; a local Unix socket pauses,
+//! resumes and reports; a content-free journal keeps what was served and the hub's
+//! signed receipts.
+//!
 //! Invariants: only allow-listed method and path pairs reach a backend; a backend gets
 //! the body and `Content-Type` only (no consumer header, key or address); bodies are
-//! never logged.
+//! never logged or written.
 
 pub mod backend;
+pub mod busy;
 pub mod config;
-mod service;
+pub mod control;
+pub mod energy;
+pub mod gate;
+mod gpu;
+pub mod journal;
+pub mod policy;
+pub mod request;
+pub mod response;
+pub mod schedule;
+pub mod service;
+pub mod slots;
+pub mod supply;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,11 +60,43 @@ pub async fn run_with_carrier(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let tasks = TaskTracker::new();
-    let shared = Arc::new(service::Shared::new(config.clone()));
-    tasks.spawn(backend::discovery_loop(
-        Arc::clone(&shared),
-        shutdown.clone(),
+    // Background tasks stop on `stop`, cancelled after the tunnel has drained, so that
+    // requests finishing in the grace period still reach the journal.
+    let stop = CancellationToken::new();
+    let retention = Arc::new(std::sync::atomic::AtomicU32::new(
+        config.policy.journal.retention_days,
     ));
+    let journal = match &config.state_dir {
+        Some(dir) => {
+            let (j, writer) =
+                journal::open(dir.join("journal"), Arc::clone(&retention), stop.clone());
+            tasks.spawn(writer);
+            j
+        }
+        None => journal::Journal::disabled(),
+    };
+    let shared = Arc::new(service::Shared::new(config.clone(), journal, retention));
+    if let Some(path) = &config.control_socket {
+        match control::bind(path).await {
+            Ok(l) => {
+                tracing::info!(socket = %path.display(), "local control socket ready");
+                tasks.spawn(control::serve(
+                    l,
+                    path.clone(),
+                    Arc::clone(&shared),
+                    stop.clone(),
+                ));
+            }
+            Err(e) => return Err(AgentError::Control(e.to_string())),
+        }
+    }
+    tasks.spawn(backend::discovery_loop(Arc::clone(&shared), stop.clone()));
+    tasks.spawn(schedule_loop(Arc::clone(&shared), stop.clone()));
+    tasks.spawn(busy::busy_loop(Arc::clone(&shared), stop.clone()));
+    tasks.spawn(power_loop(Arc::clone(&shared), stop.clone()));
+    if let Some(src) = config.policy_source.clone() {
+        tasks.spawn(reload_loop(Arc::clone(&shared), src, stop.clone()));
+    }
     let mut backoff = config.reconnect_min;
     let mut outcome = Ok(());
     loop {
@@ -95,6 +144,7 @@ pub async fn run_with_carrier(
         }
         backoff = (backoff * 2).min(config.reconnect_max);
     }
+    stop.cancel();
     tasks.close();
     if tokio::time::timeout(config.shutdown_grace, tasks.wait())
         .await
@@ -112,6 +162,124 @@ pub enum AgentError {
     /// The hub refused the provider token.
     #[error("{0}")]
     Refused(String),
+    /// The local control socket cannot be opened.
+    #[error("{0}")]
+    Control(String),
+}
+
+/// The schedule task: sets or clears the `schedule` drain reason at each window edge.
+async fn schedule_loop(sh: Arc<service::Shared>, stop: CancellationToken) {
+    loop {
+        let changed = sh.policy_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let policy = sh.policy();
+        let now = sh.config.clock.now();
+        let recheck = sh.config.schedule_recheck;
+        let (outside, wait) = match &policy.schedule {
+            None => (false, recheck),
+            Some(s) => {
+                let wait = s
+                    .next_change(now)
+                    .map(|t| {
+                        Duration::from_millis(
+                            (t.as_millisecond() - now.as_millisecond()).max(0) as u64
+                        )
+                    })
+                    .unwrap_or(recheck);
+                (!s.is_open(now), wait.min(recheck))
+            }
+        };
+        if sh.gate.set(gate::DrainReason::Schedule, outside) {
+            tracing::info!(
+                accepting_by_schedule = !outside,
+                "schedule window {}",
+                if outside {
+                    "ended: draining"
+                } else {
+                    "started"
+                }
+            );
+            sh.republish();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = &mut changed => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Interval of power readings (NVML), when no watts are configured.
+pub const POWER_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Measures power draw (NVML) while no watts are configured.
+async fn power_loop(sh: Arc<service::Shared>, stop: CancellationToken) {
+    let Some(gpu) = gpu::Gpu::open() else { return };
+    loop {
+        if sh.policy().profile.watts.is_none() {
+            let w = gpu.power_watts().filter(|w| {
+                w.is_finite() && *w > 0.0 && *w <= potluck_protocol::tunnel::MAX_DECLARED_WATTS
+            });
+            // Rounded to whole watts so that the offer does not change at every reading.
+            let w = w.map(f64::round);
+            let changed = {
+                let mut m = sh.measured_watts.lock().unwrap_or_else(|p| p.into_inner());
+                let c = *m != w;
+                *m = w;
+                c
+            };
+            if changed {
+                sh.republish();
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POWER_SAMPLE_INTERVAL) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+fn mtime(p: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Reloads the policy when the config file's mtime changes or on `SIGHUP`; a bad file is
+/// logged and the running policy kept.
+async fn reload_loop(sh: Arc<service::Shared>, src: policy::PolicySource, stop: CancellationToken) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut last = mtime(&src.path);
+    loop {
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(sh.config.reload_interval) => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            _ = stop.cancelled() => return,
+        };
+        let now = mtime(&src.path);
+        if !forced && now == last {
+            continue;
+        }
+        last = now;
+        let parsed = std::fs::read_to_string(&src.path)
+            .map_err(|e| format!("cannot read: {e}"))
+            .and_then(|text| (src.parse)(&text));
+        match parsed {
+            Ok(p) => {
+                if *sh.policy() != p {
+                    tracing::info!(file = %src.path.display(), "config reloaded");
+                    sh.set_policy(p);
+                }
+            }
+            Err(e) => {
+                let msg = format!(
+                    "config {} not reloaded, the running one is kept: {e}",
+                    src.path.display()
+                );
+                tracing::warn!("{msg}");
+                sh.record_error(msg);
+            }
+        }
+    }
 }
 
 /// Between half and all of `d`, so that many agents do not reconnect in lockstep.

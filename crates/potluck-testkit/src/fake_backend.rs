@@ -32,6 +32,16 @@ pub struct FakeBehavior {
     pub stall_after: Option<usize>,
     /// Never send response headers.
     pub hang: bool,
+    /// Hostile: stream this many bytes of well-formed SSE (generated lazily, never held).
+    pub stream_bytes: Option<u64>,
+    /// Hostile: answer a non-streamed request with this many bytes of JSON (lazily).
+    pub whole_bytes: Option<u64>,
+    /// Hostile: in a stream, one SSE line of this many bytes (lazily, no newline).
+    pub long_line: Option<u64>,
+    /// Hostile: in a stream, a line of invalid UTF-8.
+    pub invalid_utf8: bool,
+    /// Hostile: answer non-streamed requests with this body, as JSON content type.
+    pub raw_body: Option<&'static str>,
 }
 
 impl Default for FakeBehavior {
@@ -42,6 +52,11 @@ impl Default for FakeBehavior {
             fail_status: None,
             stall_after: None,
             hang: false,
+            stream_bytes: None,
+            whole_bytes: None,
+            long_line: None,
+            invalid_utf8: false,
+            raw_body: None,
         }
     }
 }
@@ -55,6 +70,8 @@ pub struct FakeOptions {
     pub ollama: bool,
     /// Require `Authorization: Bearer <key>` (vLLM `--api-key`).
     pub api_key: Option<String>,
+    /// Answer llama.cpp's `GET /props` with this `model_path`.
+    pub model_path: Option<String>,
 }
 
 impl Default for FakeOptions {
@@ -63,6 +80,7 @@ impl Default for FakeOptions {
             prefix: "/v1".into(),
             ollama: false,
             api_key: None,
+            model_path: None,
         }
     }
 }
@@ -122,6 +140,9 @@ impl FakeBackend {
         } else {
             app = app.route(&format!("{}/models", opts.prefix), get(list_models));
         }
+        if opts.model_path.is_some() {
+            app = app.route("/props", get(props));
+        }
         let app = app
             .route(&format!("{}/{{*rest}}", opts.prefix), any(inference))
             .fallback(any(record_other))
@@ -170,13 +191,14 @@ impl FakeBackend {
         self.state.received.lock().unwrap().clone()
     }
 
-    /// Inference requests received (not the agent's discovery GETs).
+    /// Inference requests received (not the agent's discovery requests).
     pub fn inference_received(&self) -> Vec<Received> {
         self.received()
             .into_iter()
             .filter(|r| {
-                !(r.method == "GET"
+                !((r.method == "GET"
                     && matches!(r.target.as_str(), "/v1/models" | "/props" | "/api/tags"))
+                    || (r.method == "POST" && r.target == "/api/show"))
             })
             .collect()
     }
@@ -185,6 +207,69 @@ impl FakeBackend {
     pub fn stop(&self) {
         self.stop.cancel();
     }
+}
+
+async fn props(State(st): State<Arc<FakeState>>) -> Response {
+    let path = st.options.lock().unwrap().model_path.clone();
+    axum::Json(json!({"model_path": path, "total_slots": 4})).into_response()
+}
+
+/// Chunk size of the lazily generated hostile bodies.
+const HOSTILE_CHUNK: usize = 64 * 1024;
+
+/// `total` bytes made of `piece` repeated, generated chunk by chunk (never held whole).
+fn lazy_bytes(
+    prefix: Bytes,
+    fill: u8,
+    total: u64,
+    suffix: Bytes,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    let chunk = Bytes::from(vec![fill; HOSTILE_CHUNK]);
+    let body = futures_util::stream::unfold(total, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(HOSTILE_CHUNK as u64);
+            Some((Ok(chunk.slice(..n as usize)), left - n))
+        }
+    });
+    use futures_util::StreamExt;
+    futures_util::stream::once(async move { Ok(prefix) })
+        .chain(body)
+        .chain(futures_util::stream::once(async move { Ok(suffix) }))
+}
+
+/// A stream of well-formed SSE events totalling about `total` bytes.
+fn sse_volume(
+    total: u64,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    let text = "x".repeat(HOSTILE_CHUNK - 100);
+    let event = Bytes::from(format!(
+        "data: {}\n\n",
+        json!({"id": "b", "object": "chat.completion.chunk", "created": 1, "model": "fake-alias",
+               "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]})
+    ));
+    futures_util::stream::unfold(0u64, move |sent| {
+        let event = event.clone();
+        async move {
+            if sent >= total {
+                return None;
+            }
+            let n = event.len() as u64;
+            Some((Ok(event), sent + n))
+        }
+    })
+}
+
+fn sse_response(body: Body) -> Response {
+    let mut r = Response::new(body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    r
 }
 
 async fn list_tags(State(st): State<Arc<FakeState>>) -> Response {
@@ -300,6 +385,47 @@ async fn inference(State(st): State<Arc<FakeState>>, req: Request) -> Response {
     let body: Value = serde_json::from_slice(&rec.body).unwrap_or(Value::Null);
     let model = "fake-alias";
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if stream {
+        if let Some(n) = b.stream_bytes {
+            st.streams_started.fetch_add(1, Ordering::SeqCst);
+            return sse_response(Body::from_stream(sse_volume(n)));
+        }
+        if let Some(n) = b.long_line {
+            return sse_response(Body::from_stream(lazy_bytes(
+                Bytes::from_static(b"data: \""),
+                b'z',
+                n,
+                Bytes::from_static(b"\"\n\n"),
+            )));
+        }
+        if b.invalid_utf8 {
+            return sse_response(Body::from(
+                &b"data: {\"choices\":[]}\n\ndata: \xff\xfe\xfd\n\n"[..],
+            ));
+        }
+    } else {
+        if let Some(n) = b.whole_bytes {
+            let mut r = Response::new(Body::from_stream(lazy_bytes(
+                Bytes::from_static(b"{\"pad\":\""),
+                b'w',
+                n,
+                Bytes::from_static(b"\"}"),
+            )));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            return r;
+        }
+        if let Some(raw) = b.raw_body {
+            let mut r = Response::new(Body::from(raw));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            return r;
+        }
+    }
     let include_usage = body
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)

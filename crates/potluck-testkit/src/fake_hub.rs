@@ -3,12 +3,14 @@
 
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
+use http_body_util::BodyExt;
 use http_body_util::{Empty, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use potluck_protocol::tunnel::{AgentEvent, CONTROL_PATH};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::AbortOnDropHandle;
 
 /// A listener that plays the hub for one agent.
@@ -70,5 +72,96 @@ impl FakeHub {
                 let _ = conn.await;
             })));
         send
+    }
+}
+
+/// A request as the hub sends it down a tunnel: model, request id and consumer headers.
+pub fn tunnel_request(
+    path: &str,
+    model: &str,
+    request_id: &str,
+    body: &str,
+) -> http::Request<Full<Bytes>> {
+    http::Request::post(path)
+        .header("content-type", "application/json")
+        .header(potluck_protocol::tunnel::HEADER_MODEL, model)
+        .header(potluck_protocol::tunnel::HEADER_REQUEST_ID, request_id)
+        .header(potluck_protocol::tunnel::HEADER_CONSUMER, "c-test-consumer")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request")
+}
+
+/// The agent's control stream, read by the fake hub: every event, in order.
+pub struct ControlReader {
+    rx: mpsc::UnboundedReceiver<AgentEvent>,
+    _task: AbortOnDropHandle<()>,
+}
+
+impl ControlReader {
+    /// Open `GET /_potluck/control` on the tunnel and read it in the background.
+    pub async fn open(h2: &mut SendRequest<Full<Bytes>>) -> Self {
+        let req = http::Request::get(CONTROL_PATH)
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = h2.send_request(req).await.expect("control stream");
+        assert_eq!(resp.status(), 200);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(d) = frame.into_data() {
+                    buf.extend_from_slice(&d);
+                    while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=i).collect();
+                        let ev = AgentEvent::decode(&line[..line.len() - 1]).expect("valid event");
+                        if tx.send(ev).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            rx,
+            _task: AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// The next event that satisfies `pred` (earlier ones are skipped), or panic after
+    /// `timeout` naming `what`.
+    pub async fn next_matching(
+        &mut self,
+        what: &str,
+        timeout: std::time::Duration,
+        mut pred: impl FnMut(&AgentEvent) -> bool,
+    ) -> AgentEvent {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(ev)) if pred(&ev) => return ev,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("control stream ended waiting for: {what}"),
+                Err(_) => panic!("timed out after {timeout:?} waiting for: {what}"),
+            }
+        }
+    }
+}
+
+/// The `accepting` flag of a `hello` or `models` event.
+pub fn accepting(ev: &AgentEvent) -> Option<bool> {
+    match ev {
+        AgentEvent::Hello { accepting, .. } | AgentEvent::Models { accepting, .. } => {
+            Some(*accepting)
+        }
+        AgentEvent::Energy { .. } => None,
+    }
+}
+
+/// The model offers of a `hello` or `models` event.
+pub fn offers(ev: &AgentEvent) -> Option<&[potluck_protocol::tunnel::ModelOffer]> {
+    match ev {
+        AgentEvent::Hello { models, .. } | AgentEvent::Models { models, .. } => Some(models),
+        AgentEvent::Energy { .. } => None,
     }
 }

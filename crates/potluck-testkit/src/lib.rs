@@ -7,6 +7,7 @@
 // A test harness: a panic here is a failed test, which is what a test wants.
 #![allow(clippy::unwrap_used)]
 
+pub mod agent_rig;
 pub mod chaos_proxy;
 pub mod fake_backend;
 pub mod fake_hub;

@@ -148,13 +148,15 @@ async fn only_allow_listed_endpoints_and_no_consumer_headers_reach_the_backend()
         sent > 2000,
         "the generated requests were really sent ({sent})"
     );
-    // Discovery (the agent's own GETs) and the embeddings probe are the only legitimate traffic.
+    // Discovery (the agent's own GETs, and ollama's `POST /api/show` for the model file's
+    // hash) and the embeddings probe are the only legitimate traffic.
     let leaked: Vec<_> = backend
         .received()
         .into_iter()
         .filter(|r| {
-            let discovery = r.method == "GET"
-                && matches!(r.target.as_str(), "/v1/models" | "/props" | "/api/tags");
+            let discovery = (r.method == "GET"
+                && matches!(r.target.as_str(), "/v1/models" | "/props" | "/api/tags"))
+                || (r.method == "POST" && r.target == "/api/show");
             let probe = r.method == "POST" && r.target == "/v1/embeddings";
             !(discovery || probe)
         })

@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod moderation;
 mod provide;
+mod provide_ctl;
 
 use clap::Parser;
 

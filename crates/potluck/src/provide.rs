@@ -1,12 +1,19 @@
 //! `potluck provide`: flags over environment over config file, validated into an
-//! [`AgentConfig`], then run until Ctrl-C.
+//! [`AgentConfig`], then run until Ctrl-C. The file's policy sections are re-read while
+//! the agent runs (see `potluck_agent::policy`). Subcommands (`pause`, `resume`,
+//! `status`, `receipts`) talk to a running agent or read its journal: `provide_ctl.rs`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use potluck_agent::config::ConfigError;
+use potluck_agent::policy::{
+    AccessSection, BusySection, JournalSection, LimitsSection, ModelSection, Policy, PolicyFile,
+    PolicySource, PowerSection, ScheduleSection,
+};
 use potluck_agent::{AgentConfig, BackendConfig};
 use potluck_tunnel::HubUrl;
 use serde::Deserialize;
@@ -46,9 +53,31 @@ pub struct ProvideArgs {
     /// Most requests served at once [default: 64; config: max_concurrency].
     #[arg(long, env = "POTLUCK_MAX_CONCURRENCY", value_name = "N")]
     max_concurrency: Option<u32>,
-    /// TOML configuration file.
-    #[arg(long, env = "POTLUCK_PROVIDE_CONFIG", value_name = "FILE")]
+    /// TOML configuration file (see deploy/provide.example.toml); its policy sections
+    /// are reloaded when it changes or on SIGHUP.
+    #[arg(
+        long,
+        env = "POTLUCK_PROVIDE_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
     config: Option<PathBuf>,
+    /// Directory for the journal and the model hash cache [default: $STATE_DIRECTORY,
+    /// else ~/.local/state/potluck; config: state_dir].
+    #[arg(long, env = "POTLUCK_STATE_DIR", value_name = "DIR", global = true)]
+    state_dir: Option<PathBuf>,
+    /// The local control socket [default: $RUNTIME_DIRECTORY/provide.sock, else
+    /// STATE_DIR/provide.sock if a state dir is given, else
+    /// $XDG_RUNTIME_DIR/potluck/provide.sock; config: control_socket].
+    #[arg(
+        long,
+        env = "POTLUCK_CONTROL_SOCKET",
+        value_name = "PATH",
+        global = true
+    )]
+    control_socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<crate::provide_ctl::ProvideCmd>,
 }
 
 /// The agent's config file.
@@ -62,7 +91,128 @@ pub struct FileConfig {
     max_concurrency: Option<u32>,
     discovery_interval_secs: Option<f64>,
     reconnect_max_secs: Option<f64>,
+    /// Same as `[limits] max_request_bytes` (kept for older files).
     max_request_bytes: Option<usize>,
+    state_dir: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    #[serde(default)]
+    models: Vec<ModelSection>,
+    schedule: Option<ScheduleSection>,
+    limits: Option<LimitsSection>,
+    busy: Option<BusySection>,
+    access: Option<AccessSection>,
+    power: Option<PowerSection>,
+    journal: Option<JournalSection>,
+}
+
+impl FileConfig {
+    /// Read and parse a config file.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// The policy sections, with the flags that override them.
+    fn policy(&mut self, flag_max_concurrency: Option<u32>) -> Result<Policy, ConfigError> {
+        let mut limits = self.limits.take().unwrap_or_default();
+        if let Some(n) = flag_max_concurrency {
+            limits.max_concurrency = Some(n);
+        }
+        if limits.max_request_bytes.is_none() {
+            limits.max_request_bytes = self.max_request_bytes;
+        }
+        PolicyFile {
+            models: std::mem::take(&mut self.models),
+            schedule: self.schedule.take(),
+            limits: Some(limits),
+            busy: self.busy.take(),
+            access: self.access.take(),
+            power: self.power.take(),
+            journal: self.journal.take(),
+        }
+        .into_policy()
+    }
+}
+
+fn env_dir(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The state directory: flag or environment, file, systemd's `$STATE_DIRECTORY`,
+/// `$XDG_STATE_HOME/potluck`, `~/.local/state/potluck`. Also whether it was chosen
+/// explicitly (flag, environment or file).
+pub fn state_dir(args: &ProvideArgs, file: &FileConfig) -> (PathBuf, bool) {
+    if let Some(d) = args.state_dir.clone().or(file.state_dir.clone()) {
+        return (d, true);
+    }
+    let d = env_dir("STATE_DIRECTORY")
+        .map(|d| {
+            // systemd may list several, separated by colons.
+            let first = d
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            PathBuf::from(first)
+        })
+        .or_else(|| env_dir("XDG_STATE_HOME").map(|d| d.join("potluck")))
+        .or_else(|| env_dir("HOME").map(|h| h.join(".local/state/potluck")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    (d, false)
+}
+
+/// The control socket (see the `--control-socket` flag for the order).
+pub fn control_socket(args: &ProvideArgs, file: &FileConfig) -> PathBuf {
+    if let Some(p) = args.control_socket.clone().or(file.control_socket.clone()) {
+        return p;
+    }
+    let (state, explicit) = state_dir(args, file);
+    let sock = potluck_agent::control::SOCKET_NAME;
+    if let Some(r) = env_dir("RUNTIME_DIRECTORY") {
+        let first = r
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        return PathBuf::from(first).join(sock);
+    }
+    if explicit {
+        return state.join(sock);
+    }
+    match env_dir("XDG_RUNTIME_DIR") {
+        Some(r) => r.join("potluck").join(sock),
+        None => state.join(sock),
+    }
+}
+
+impl ProvideArgs {
+    /// The config file, parsed (empty without one).
+    pub fn file(&self) -> anyhow::Result<FileConfig> {
+        match &self.config {
+            Some(p) => FileConfig::read(p),
+            None => Ok(FileConfig::default()),
+        }
+    }
+
+    /// The control socket this invocation would use.
+    pub fn socket(&self) -> anyhow::Result<PathBuf> {
+        Ok(control_socket(self, &self.file()?))
+    }
+
+    /// The state directory this invocation would use.
+    pub fn state(&self) -> anyhow::Result<PathBuf> {
+        Ok(state_dir(self, &self.file()?).0)
+    }
+
+    /// The hub URL from flag, environment or file, if any.
+    pub fn hub_url(&self) -> anyhow::Result<Option<String>> {
+        Ok(self.hub.clone().or(self.file()?.hub))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,7 +236,10 @@ fn secs(field: &'static str, v: f64) -> Result<Duration, ConfigError> {
 }
 
 /// Merge flags (with environment) over the file, and validate.
-pub fn resolve(args: &ProvideArgs, file: FileConfig) -> Result<AgentConfig, ConfigError> {
+pub fn resolve(args: &ProvideArgs, mut file: FileConfig) -> Result<AgentConfig, ConfigError> {
+    let (state, _) = state_dir(args, &file);
+    let socket = control_socket(args, &file);
+    let policy = file.policy(args.max_concurrency)?;
     let hub = args.hub.clone().or(file.hub).ok_or_else(|| {
         ConfigError::new(
             "hub",
@@ -134,22 +287,29 @@ pub fn resolve(args: &ProvideArgs, file: FileConfig) -> Result<AgentConfig, Conf
     if let Some(s) = file.reconnect_max_secs {
         c.reconnect_max = secs("reconnect_max_secs", s)?;
     }
-    if let Some(n) = file.max_request_bytes {
-        c.max_request_bytes = n;
+    c.policy = policy;
+    c.state_dir = Some(state);
+    c.control_socket = Some(socket);
+    if let Some(path) = &args.config {
+        let flag = args.max_concurrency;
+        let parse = move |text: &str| -> Result<Policy, String> {
+            let mut f: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+            f.policy(flag).map_err(|e| e.to_string())
+        };
+        c.policy_source = Some(PolicySource {
+            path: path.clone(),
+            parse: Arc::new(parse),
+        });
     }
     Ok(c)
 }
 
 /// Run the agent.
-pub async fn run(args: ProvideArgs) -> anyhow::Result<()> {
-    let file = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read config file {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("invalid config file {}", p.display()))?
-        }
-        None => FileConfig::default(),
-    };
+pub async fn run(mut args: ProvideArgs) -> anyhow::Result<()> {
+    if let Some(cmd) = args.cmd.take() {
+        return crate::provide_ctl::run(cmd, &args).await;
+    }
+    let file = args.file()?;
     let config = resolve(&args, file)?;
     tracing::info!(hub = %config.hub, backends = config.backends.len(), max_concurrency = config.max_concurrency, "provider agent starting (no listening port)");
     let shutdown = CancellationToken::new();
@@ -180,6 +340,9 @@ mod tests {
             backend_api_key: None,
             max_concurrency: None,
             config: None,
+            state_dir: None,
+            control_socket: None,
+            cmd: None,
         }
     }
 
@@ -214,5 +377,29 @@ mod tests {
                 .field,
             "max_concurrency"
         );
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../../deploy/provide.example.toml");
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let mut a = args(None, &[]);
+        a.token = Some("pt-x".into());
+        let c = resolve(&a, file).unwrap();
+        let p = &c.policy;
+        assert_eq!(p.models[0].public_name.as_str(), "qwen2.5:7b");
+        assert!(p.schedule.is_some() && p.busy.is_some());
+        assert_eq!(p.limits.max_concurrency, Some(4));
+        assert_eq!(p.profile.groups, ["friends"]);
+        assert_eq!(p.journal.retention_days, 90);
+        // The reload parser reads the same file, and a flag still wins.
+        let mut a = args(Some("http://h"), &["http://x"]);
+        a.token = Some("t".into());
+        a.max_concurrency = Some(2);
+        a.config = Some(PathBuf::from("unused"));
+        let c = resolve(&a, FileConfig::default()).unwrap();
+        let parse = c.policy_source.unwrap().parse;
+        assert_eq!(parse(text).unwrap().limits.max_concurrency, Some(2));
+        assert!(parse("[limits]\nbogus = 1\n").is_err());
     }
 }

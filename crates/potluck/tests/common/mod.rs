@@ -97,6 +97,8 @@ pub fn start_agent(hub: &str, token: &str, backend: &str, log_dir: &Path, rust_l
     let child = Command::new(BIN)
         .args(["provide", "--hub", hub, "--backend", backend])
         .env("POTLUCK_TOKEN", token)
+        // Journal, hash cache and control socket of this test alone.
+        .env("POTLUCK_STATE_DIR", log_dir.join("agent-state"))
         .env("RUST_LOG", rust_log)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_log).unwrap())

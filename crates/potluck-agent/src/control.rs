@@ -1,0 +1,280 @@
+//! Local control over a Unix socket (mode 0600, in a directory of mode 0700; never a TCP
+//! port): `pause`, `resume`, `status`. One JSON request line, one JSON answer line.
+//!
+//! Request: `{"cmd":"pause"}`. Answer: `{"ok":true,"status":{...}}` or
+//! `{"ok":false,"error":"..."}`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::gate::DrainReason;
+use crate::journal::{self, Totals};
+use crate::service::{LastError, Shared};
+
+/// Longest request line.
+pub const MAX_CONTROL_REQUEST_BYTES: u64 = 4096;
+/// Longest answer line read by the client.
+pub const MAX_CONTROL_ANSWER_BYTES: u64 = 4 * 1024 * 1024;
+/// How long one control connection may take.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Socket file name in the runtime or state directory.
+pub const SOCKET_NAME: &str = "provide.sock";
+
+/// A control command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Drain until `resume`.
+    Pause,
+    /// Stop draining for `pause`.
+    Resume,
+    /// Report.
+    Status,
+}
+
+/// The answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Answer {
+    /// Whether the command worked.
+    pub ok: bool,
+    /// The state after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// Why it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One model in the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// Public name.
+    pub model: String,
+    /// The backend's name.
+    pub backend_name: String,
+    /// File hash.
+    pub sha256: Option<String>,
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// Caps.
+    pub max_concurrency: Option<u32>,
+    /// Caps.
+    pub max_tokens: Option<u32>,
+    /// Caps.
+    pub max_context: Option<u32>,
+}
+
+/// What `potluck provide status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// `accepting` or `draining`.
+    pub state: String,
+    /// Why draining (`paused`, `schedule`, `busy`) or why nothing arrives (`no_hub`).
+    pub reasons: Vec<String>,
+    /// The hub's URL.
+    pub hub: String,
+    /// Whether the tunnel is open.
+    pub hub_connected: bool,
+    /// Models offered.
+    pub models: Vec<ModelStatus>,
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// Capacity announced.
+    pub capacity: u32,
+    /// Watts used for energy.
+    pub watts: Option<f64>,
+    /// Journal totals (today is the UTC day).
+    pub journal: Totals,
+    /// Recent errors, oldest first (content-free).
+    pub last_errors: Vec<LastError>,
+}
+
+/// Build the status (reads the journal on a blocking thread).
+pub async fn status(sh: &Shared) -> Status {
+    let offer = sh.offer();
+    let routes = sh.routes();
+    let mut reasons: Vec<String> = sh
+        .gate
+        .reasons()
+        .iter()
+        .map(|r| match r {
+            DrainReason::Paused => "paused",
+            DrainReason::Schedule => "schedule",
+            DrainReason::Busy => "busy",
+        })
+        .map(str::to_owned)
+        .collect();
+    let accepting = reasons.is_empty();
+    if !sh.is_connected() {
+        reasons.push("no_hub".into());
+    }
+    let totals = match sh.config.state_dir.as_ref().map(|d| d.join("journal")) {
+        Some(d) => {
+            let today = journal::day_of(sh.config.clock.now().as_millisecond());
+            tokio::task::spawn_blocking(move || journal::totals(&d, &today))
+                .await
+                .unwrap_or_default()
+        }
+        None => Totals::default(),
+    };
+    Status {
+        state: if accepting { "accepting" } else { "draining" }.into(),
+        reasons,
+        hub: sh.config.hub.as_str().to_owned(),
+        hub_connected: sh.is_connected(),
+        models: routes
+            .iter()
+            .map(|r| ModelStatus {
+                model: r.public.to_string(),
+                backend_name: r.backend_name.clone(),
+                sha256: r.sha256.as_ref().map(|h| h.to_string()),
+                in_flight: sh.in_flight_for(&r.public),
+                max_concurrency: r.rule.as_ref().and_then(|x| x.max_concurrency),
+                max_tokens: r.rule.as_ref().and_then(|x| x.max_tokens),
+                max_context: r.rule.as_ref().and_then(|x| x.max_context),
+            })
+            .collect(),
+        in_flight: sh.in_flight(),
+        capacity: offer.capacity,
+        watts: sh.watts(),
+        journal: totals,
+        last_errors: sh.last_errors(),
+    }
+}
+
+/// Why the control socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another agent answers on it.
+    #[error("another agent is already running with control socket {0}")]
+    InUse(PathBuf),
+    /// IO.
+    #[error("control socket {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+/// Bind the socket: parent directory created with mode 0700, a stale socket removed, the
+/// socket chmod 0600.
+pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |e| ControlError::Io(path.to_owned(), e);
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ControlError::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let l = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(l)
+}
+
+/// Serve the socket until `shutdown`; removes the socket file at the end.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    sh: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let conns = TaskTracker::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let sh = Arc::clone(&sh);
+                    conns.spawn(async move {
+                        let _ = tokio::time::timeout(CONTROL_TIMEOUT, serve_one(stream, &sh)).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    conns.close();
+    let _ = tokio::time::timeout(CONTROL_TIMEOUT, conns.wait()).await;
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn serve_one(stream: UnixStream, sh: &Shared) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(r)
+        .take(MAX_CONTROL_REQUEST_BYTES)
+        .read_line(&mut line)
+        .await?;
+    let answer = match serde_json::from_str::<Command>(line.trim()) {
+        Err(_) => Answer {
+            ok: false,
+            status: None,
+            error: Some("unknown command; expected pause, resume or status".into()),
+        },
+        Ok(cmd) => {
+            match cmd {
+                Command::Pause => {
+                    if sh.gate.set(DrainReason::Paused, true) {
+                        tracing::info!("paused by the local operator: draining");
+                        sh.republish();
+                    }
+                }
+                Command::Resume => {
+                    if sh.gate.set(DrainReason::Paused, false) {
+                        tracing::info!("resumed by the local operator");
+                        sh.republish();
+                    }
+                }
+                Command::Status => {}
+            }
+            Answer {
+                ok: true,
+                status: Some(status(sh).await),
+                error: None,
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    w.shutdown().await
+}
+
+/// Client side: send one command, read the answer.
+pub async fn request(path: &Path, cmd: Command) -> std::io::Result<Answer> {
+    let fut = async {
+        let stream = UnixStream::connect(path).await?;
+        let (r, mut w) = stream.into_split();
+        let mut line = serde_json::to_vec(&cmd).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        w.write_all(&line).await?;
+        let mut answer = String::new();
+        BufReader::new(r)
+            .take(MAX_CONTROL_ANSWER_BYTES)
+            .read_line(&mut answer)
+            .await?;
+        serde_json::from_str(answer.trim()).map_err(std::io::Error::other)
+    };
+    tokio::time::timeout(CONTROL_TIMEOUT, fut)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer from the agent")
+        })?
+}

@@ -1,0 +1,383 @@
+//! The provider's local journal: one content-free line per request served and per
+//! receipt the hub signed, in newline-delimited JSON files, one per UTC day
+//! (`journal-YYYY-MM-DD.ndjson`, mode 0600), in the state directory.
+//!
+//! Why files and not SQLite: the journal is append-only and read whole (status, `receipts
+//! verify`), rotation and retention are a file deletion, the lines can be read and
+//! checked with ordinary tools, and a writer that appends lines needs no schema or
+//! migrations. One writer task owns the files; others send it entries over a bounded
+//! channel (an entry is dropped with a warning if it is full, never blocking a request).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
+use potluck_protocol::receipt::SignedReceipt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Entries waiting for the writer.
+pub const JOURNAL_QUEUE: usize = 4096;
+/// How often old files are purged.
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+/// File name prefix.
+const PREFIX: &str = "journal-";
+/// File name suffix.
+const SUFFIX: &str = ".ndjson";
+
+/// One request served (no content).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestEntry {
+    /// When it started, ms since the epoch.
+    pub time_ms: i64,
+    /// The hub's request id.
+    pub request_id: String,
+    /// The public model name.
+    pub model: String,
+    /// The consumer's pseudonym (from the hub; never forwarded to a backend).
+    pub consumer: Option<String>,
+    /// Prompt tokens, from the backend's usage.
+    pub prompt_tokens: u64,
+    /// Completion tokens, from the backend's usage.
+    pub completion_tokens: u64,
+    /// HTTP status.
+    pub status: u16,
+    /// `ok`, `cancelled`, or why the agent cut it.
+    pub outcome: String,
+    /// Start to end.
+    pub duration_ms: u64,
+    /// Energy share.
+    pub millijoules: u64,
+}
+
+/// One journal line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Entry {
+    /// A request.
+    Request(RequestEntry),
+    /// A signed receipt from the hub.
+    Receipt(SignedReceipt),
+}
+
+impl Entry {
+    fn time_ms(&self) -> i64 {
+        match self {
+            Entry::Request(r) => r.time_ms,
+            Entry::Receipt(r) => r.receipt.time_ms,
+        }
+    }
+}
+
+/// The UTC day of a time, `YYYY-MM-DD`.
+pub fn day_of(time_ms: i64) -> String {
+    Timestamp::from_millisecond(time_ms)
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+        .to_zoned_datetime(TimeZone::UTC)
+        .date()
+        .to_string()
+}
+
+/// The handle the agent writes through.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    tx: Option<mpsc::Sender<Entry>>,
+}
+
+impl Journal {
+    /// A journal that writes nothing (no state directory).
+    pub fn disabled() -> Self {
+        Self { tx: None }
+    }
+
+    /// Queue an entry; never waits.
+    pub fn append(&self, e: Entry) {
+        if let Some(tx) = &self.tx {
+            if tx.try_send(e).is_err() {
+                tracing::warn!("journal queue full; an entry was dropped");
+            }
+        }
+    }
+
+    /// Queue an entry, waiting for room (for the hub's event batches).
+    pub async fn append_wait(&self, e: Entry) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(e).await;
+        }
+    }
+}
+
+/// Start a journal in `dir`: the handle and the writer task (to be owned by the
+/// caller's tracker). `retention_days` is read at each purge.
+pub fn open(
+    dir: PathBuf,
+    retention_days: Arc<AtomicU32>,
+    shutdown: CancellationToken,
+) -> (Journal, impl std::future::Future<Output = ()> + Send) {
+    let (tx, rx) = mpsc::channel(JOURNAL_QUEUE);
+    (
+        Journal { tx: Some(tx) },
+        writer(dir, rx, retention_days, shutdown),
+    )
+}
+
+fn append_lines(dir: &Path, batch: &[Entry]) -> std::io::Result<()> {
+    let mut by_day: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for e in batch {
+        let buf = by_day.entry(day_of(e.time_ms())).or_default();
+        serde_json::to_writer(&mut *buf, e).map_err(std::io::Error::other)?;
+        buf.push(b'\n');
+    }
+    for (day, bytes) in by_day {
+        let mut f = open_append(&dir.join(format!("{PREFIX}{day}{SUFFIX}")))?;
+        f.write_all(&bytes)?;
+        f.flush()?;
+    }
+    Ok(())
+}
+
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Delete files of days before `today - retention_days`; returns how many.
+pub fn purge(dir: &Path, now_ms: i64, retention_days: u32) -> usize {
+    let cutoff = day_of(now_ms - i64::from(retention_days) * 86_400_000);
+    let mut n = 0;
+    for (day, path) in files(dir) {
+        if day < cutoff && std::fs::remove_file(&path).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+async fn writer(
+    dir: PathBuf,
+    mut rx: mpsc::Receiver<Entry>,
+    retention_days: Arc<AtomicU32>,
+    shutdown: CancellationToken,
+) {
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        tracing::error!(dir = %dir.display(), error = %e, "cannot create the journal directory");
+    }
+    let mut purge_tick = tokio::time::interval(PURGE_INTERVAL);
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 256) => {
+                if n == 0 {
+                    return;
+                }
+            }
+            _ = purge_tick.tick() => {
+                let d = dir.clone();
+                let days = retention_days.load(Ordering::Relaxed);
+                let now = Timestamp::now().as_millisecond();
+                let n = tokio::task::spawn_blocking(move || purge(&d, now, days)).await.unwrap_or(0);
+                if n > 0 {
+                    tracing::info!(files = n, retention_days = days, "purged old journal files");
+                }
+                continue;
+            }
+            _ = shutdown.cancelled() => {
+                while let Ok(e) = rx.try_recv() {
+                    batch.push(e);
+                }
+                if !batch.is_empty() {
+                    if let Err(e) = append_lines(&dir, &batch) {
+                        tracing::error!(error = %e, "cannot write the journal");
+                    }
+                }
+                return;
+            }
+        }
+        let d = dir.clone();
+        let b = std::mem::take(&mut batch);
+        let r = tokio::task::spawn_blocking(move || append_lines(&d, &b)).await;
+        if !matches!(r, Ok(Ok(()))) {
+            tracing::error!(dir = %dir.display(), "cannot write the journal");
+        }
+    }
+}
+
+/// Journal files, oldest first, with their day.
+pub fn files(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let day = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?.to_owned();
+            Some((day, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Every line of the journal, parsed or not (`Err` holds the file and line number).
+pub fn read_all(dir: &Path) -> Vec<(String, Result<Entry, String>)> {
+    let mut out = Vec::new();
+    for (day, path) in files(dir) {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            out.push((day, Err(format!("{}: unreadable", path.display()))));
+            continue;
+        };
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            out.push((
+                day.clone(),
+                serde_json::from_str(line)
+                    .map_err(|_| format!("{} line {}: malformed", path.display(), i + 1)),
+            ));
+        }
+    }
+    out
+}
+
+/// Receipts in the journal, one per request id (the last one kept), and lines that did
+/// not parse.
+pub fn receipts(dir: &Path) -> (Vec<(String, SignedReceipt)>, Vec<String>) {
+    let mut by_id: BTreeMap<String, (String, SignedReceipt)> = BTreeMap::new();
+    let mut bad = Vec::new();
+    for (day, e) in read_all(dir) {
+        match e {
+            Ok(Entry::Receipt(r)) => {
+                by_id.insert(r.receipt.request_id.clone(), (day, r));
+            }
+            Ok(Entry::Request(_)) => {}
+            Err(why) => bad.push(why),
+        }
+    }
+    let mut v: Vec<_> = by_id.into_values().collect();
+    v.sort_by_key(|(_, r)| r.receipt.time_ms);
+    (v, bad)
+}
+
+/// The result of checking every receipt in a journal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Receipts whose signature matches.
+    pub verified: usize,
+    /// What failed: a request id and why, or an unreadable line.
+    pub failed: Vec<String>,
+}
+
+/// Check every receipt (and every line) of the journal in `dir` against a hub's key.
+pub fn verify(dir: &Path, hub: &potluck_protocol::receipt::HubInfo) -> VerifyReport {
+    let (list, bad) = receipts(dir);
+    let mut report = VerifyReport {
+        verified: 0,
+        failed: bad,
+    };
+    for (_, r) in list {
+        match r.verify_for(hub) {
+            Ok(()) => report.verified += 1,
+            Err(e) => report.failed.push(format!("{}: {e}", r.receipt.request_id)),
+        }
+    }
+    report
+}
+
+/// Totals for the status view.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Requests served today (UTC).
+    pub requests_today: u64,
+    /// Prompt tokens today.
+    pub prompt_tokens_today: u64,
+    /// Completion tokens today.
+    pub completion_tokens_today: u64,
+    /// Credits earned today (receipts of today), micro-credits.
+    pub credits_today_micro: i64,
+    /// Credits earned over the whole journal.
+    pub credits_total_micro: i64,
+    /// Receipts in the journal.
+    pub receipts: u64,
+}
+
+/// Totals from the journal, `today` being a `YYYY-MM-DD` UTC day.
+pub fn totals(dir: &Path, today: &str) -> Totals {
+    let mut t = Totals::default();
+    for (day, e) in read_all(dir) {
+        if let Ok(Entry::Request(r)) = e {
+            if day == today {
+                t.requests_today += 1;
+                t.prompt_tokens_today += r.prompt_tokens;
+                t.completion_tokens_today += r.completion_tokens;
+            }
+        }
+    }
+    for (day, r) in receipts(dir).0 {
+        t.receipts += 1;
+        t.credits_total_micro = t
+            .credits_total_micro
+            .saturating_add(r.receipt.credits_micro);
+        if day == today {
+            t.credits_today_micro = t
+                .credits_today_micro
+                .saturating_add(r.receipt.credits_micro);
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn req(time_ms: i64, id: &str) -> Entry {
+        Entry::Request(RequestEntry {
+            time_ms,
+            request_id: id.into(),
+            model: "m".into(),
+            consumer: Some("c-1".into()),
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            status: 200,
+            outcome: "ok".into(),
+            duration_ms: 10,
+            millijoules: 5,
+        })
+    }
+
+    #[test]
+    fn days_totals_and_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = 86_400_000;
+        let now = 1_700_000_000_000;
+        append_lines(
+            dir.path(),
+            &[req(now, "a"), req(now, "b"), req(now - 100 * day, "old")],
+        )
+        .unwrap();
+        assert_eq!(files(dir.path()).len(), 2);
+        let t = totals(dir.path(), &day_of(now));
+        assert_eq!((t.requests_today, t.completion_tokens_today), (2, 8));
+        assert_eq!(purge(dir.path(), now, 90), 1);
+        assert_eq!(files(dir.path()).len(), 1);
+        assert_eq!(purge(dir.path(), now, 90), 0);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&files(dir.path())[0].1)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,557 @@
+//! The volunteer's rules, from the config file, reloadable while the agent runs: which
+//! models to share and with what caps, when (schedule), how much (limits), when to step
+//! aside (busy), for whom (access), and what the machine draws (power).
+//!
+//! The file sections (`[[models]]`, `[schedule]`, `[limits]`, `[busy]`, `[access]`,
+//! `[power]`, `[journal]`) are the `*Section` types here; [`PolicyFile::into_policy`]
+//! validates them into a [`Policy`], naming the field on error.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use potluck_protocol::tunnel::{
+    DeviceClass, Moderation, ProviderProfile, MAX_ANNOUNCED_CONCURRENCY, MAX_DECLARED_WATTS,
+    MAX_GROUP_NAME_BYTES, MAX_MODELS_PER_AGENT, MAX_PROVIDER_GROUPS,
+};
+use potluck_protocol::ModelName;
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+use crate::schedule::Schedule;
+
+/// Default [`Limits::max_request_bytes`].
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+/// Default [`Limits::max_response_bytes`] (a non-streamed answer is held whole to be
+/// checked, so this also bounds memory per request).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+/// Default [`Limits::response_timeout`].
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default [`Limits::max_line_bytes`] (one SSE line).
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1024 * 1024;
+/// Default [`JournalPolicy::retention_days`].
+pub const DEFAULT_RETENTION_DAYS: u32 = 90;
+/// Smallest bandwidth cap accepted, bytes per second (below it nothing useful flows).
+pub const MIN_BANDWIDTH_BYTES_PER_SEC: u64 = 1024;
+
+/// `[[models]]`: one backend model to share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The name the backend knows it by.
+    pub backend_name: String,
+    /// The name consumers ask for [default: backend_name].
+    pub public_name: Option<String>,
+    /// Largest prompt + completion, in tokens.
+    pub max_context: Option<u32>,
+    /// Largest `max_tokens` a request may ask; inserted when a request has none.
+    pub max_tokens: Option<u32>,
+    /// Most requests at once for this model.
+    pub max_concurrency: Option<u32>,
+    /// The model file, for its SHA-256 (else asked of the backend).
+    pub file: Option<PathBuf>,
+}
+
+/// `[schedule]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    /// IANA zone [default: UTC].
+    pub timezone: Option<String>,
+    /// Windows, e.g. `"mon-fri 22:00-07:00"`, `"sat-sun"`.
+    pub windows: Vec<String>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Most requests at once over all models.
+    pub max_concurrency: Option<u32>,
+    /// Cap on response bytes sent to the hub, per second, over all requests.
+    pub bandwidth_bytes_per_sec: Option<u64>,
+    /// Largest request body.
+    pub max_request_bytes: Option<usize>,
+    /// Largest response body.
+    pub max_response_bytes: Option<usize>,
+    /// Longest time one response may take, start to end, in seconds.
+    pub response_timeout_secs: Option<f64>,
+    /// Longest SSE line of a streamed response.
+    pub max_line_bytes: Option<usize>,
+}
+
+/// `[busy]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusySection {
+    /// Use by other processes (percent of the machine) that counts as busy.
+    pub threshold_percent: f64,
+    /// How long use must stay over (or under) the threshold before the agent drains
+    /// (or comes back).
+    pub for_seconds: f64,
+    /// The backend's process id, not counted as "other" use.
+    pub backend_pid: Option<u32>,
+    /// The backend's process name (`/proc/<pid>/comm`, e.g. `llama-server`), not counted.
+    pub backend_process: Option<String>,
+    /// Also watch GPU use (NVML; needs the `nvml` build feature) [default: true].
+    pub gpu: Option<bool>,
+}
+
+/// `[access]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessSection {
+    /// Hub groups served; empty means everyone.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Moderation the hub must apply: none, input, output, both.
+    pub moderation: Option<Moderation>,
+}
+
+/// `[power]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerSection {
+    /// gpu, npu or cpu.
+    pub device: Option<DeviceClass>,
+    /// Draw while busy, in watts (else measured with NVML where available).
+    pub watts: Option<f64>,
+}
+
+/// `[journal]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSection {
+    /// Days of journal kept.
+    pub retention_days: Option<u32>,
+}
+
+/// All policy sections of the config file (the binary's file adds `hub`, `token`,
+/// `backends` and the like around them).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyFile {
+    /// `[[models]]`
+    pub models: Vec<ModelSection>,
+    /// `[schedule]`
+    pub schedule: Option<ScheduleSection>,
+    /// `[limits]`
+    pub limits: Option<LimitsSection>,
+    /// `[busy]`
+    pub busy: Option<BusySection>,
+    /// `[access]`
+    pub access: Option<AccessSection>,
+    /// `[power]`
+    pub power: Option<PowerSection>,
+    /// `[journal]`
+    pub journal: Option<JournalSection>,
+}
+
+/// One model rule, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRule {
+    /// The backend's name.
+    pub backend_name: String,
+    /// The public name.
+    pub public_name: ModelName,
+    /// Largest prompt + completion tokens.
+    pub max_context: Option<u32>,
+    /// Largest completion tokens.
+    pub max_tokens: Option<u32>,
+    /// Most requests at once.
+    pub max_concurrency: Option<u32>,
+    /// The model file.
+    pub file: Option<PathBuf>,
+}
+
+/// Validated `[limits]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Most requests at once (None: the agent's `max_concurrency`).
+    pub max_concurrency: Option<u32>,
+    /// Response bytes per second toward the hub.
+    pub bandwidth_bytes_per_sec: Option<u64>,
+    /// Largest request body.
+    pub max_request_bytes: usize,
+    /// Largest response body.
+    pub max_response_bytes: usize,
+    /// Longest response.
+    pub response_timeout: Duration,
+    /// Longest SSE line.
+    pub max_line_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrency: None,
+            bandwidth_bytes_per_sec: None,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+        }
+    }
+}
+
+/// Validated `[busy]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BusyRule {
+    /// Percent of the machine used by others that counts as busy.
+    pub threshold_percent: f64,
+    /// How long over (or under) before switching.
+    pub hold: Duration,
+    /// Backend pid.
+    pub backend_pid: Option<u32>,
+    /// Backend process name.
+    pub backend_process: Option<String>,
+    /// Watch the GPU too.
+    pub gpu: bool,
+}
+
+/// Validated `[journal]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalPolicy {
+    /// Days kept.
+    pub retention_days: u32,
+}
+
+impl Default for JournalPolicy {
+    fn default() -> Self {
+        Self {
+            retention_days: DEFAULT_RETENTION_DAYS,
+        }
+    }
+}
+
+/// The volunteer's rules, validated.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Policy {
+    /// Models to share; empty means every model the backends list.
+    pub models: Vec<ModelRule>,
+    /// Sharing windows; `None` means always.
+    pub schedule: Option<Schedule>,
+    /// Caps.
+    pub limits: Limits,
+    /// Pause while busy.
+    pub busy: Option<BusyRule>,
+    /// Device, configured watts, groups and moderation (watts may be replaced by a
+    /// measurement).
+    pub profile: ProviderProfile,
+    /// Journal retention.
+    pub journal: JournalPolicy,
+}
+
+impl Policy {
+    /// The rule for a backend model name, if rules are given.
+    pub fn rule_for_backend(&self, backend_name: &str) -> Option<&ModelRule> {
+        self.models.iter().find(|m| m.backend_name == backend_name)
+    }
+}
+
+/// Parses the config file's text into a policy (supplied by the binary, which owns the
+/// file format and the flag overrides).
+pub type PolicyParser = Arc<dyn Fn(&str) -> Result<Policy, String> + Send + Sync>;
+
+/// Where the policy comes from, for live reload.
+#[derive(Clone)]
+pub struct PolicySource {
+    /// The config file.
+    pub path: PathBuf,
+    /// Its parser.
+    pub parse: PolicyParser,
+}
+
+impl std::fmt::Debug for PolicySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySource")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn concurrency(field: &'static str, n: u32) -> Result<u32, ConfigError> {
+    if n == 0 || n > MAX_ANNOUNCED_CONCURRENCY {
+        Err(ConfigError::new(
+            field,
+            format!("expected 1 to {MAX_ANNOUNCED_CONCURRENCY}"),
+        ))
+    } else {
+        Ok(n)
+    }
+}
+
+fn positive_secs(field: &'static str, v: f64) -> Result<Duration, ConfigError> {
+    if v.is_finite() && v > 0.0 && v < 1e7 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(ConfigError::new(
+            field,
+            "expected a positive number of seconds",
+        ))
+    }
+}
+
+fn positive_bytes(field: &'static str, v: usize) -> Result<usize, ConfigError> {
+    if v == 0 {
+        Err(ConfigError::new(field, "expected a positive byte count"))
+    } else {
+        Ok(v)
+    }
+}
+
+impl PolicyFile {
+    /// Parse and validate TOML holding only policy sections.
+    pub fn parse_toml(text: &str) -> Result<Policy, String> {
+        toml::from_str::<PolicyFile>(text)
+            .map_err(|e| e.to_string())?
+            .into_policy()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Validate.
+    pub fn into_policy(self) -> Result<Policy, ConfigError> {
+        if self.models.len() > MAX_MODELS_PER_AGENT {
+            return Err(ConfigError::new(
+                "models",
+                format!("more than {MAX_MODELS_PER_AGENT} models"),
+            ));
+        }
+        let mut models: Vec<ModelRule> = Vec::new();
+        for m in self.models {
+            let public = m.public_name.as_deref().unwrap_or(&m.backend_name);
+            let public_name = ModelName::parse(public)
+                .map_err(|e| ConfigError::new("models.public_name", format!("{public:?}: {e}")))?;
+            if m.backend_name.is_empty() {
+                return Err(ConfigError::new("models.backend_name", "empty"));
+            }
+            if models
+                .iter()
+                .any(|o| o.public_name == public_name || o.backend_name == m.backend_name)
+            {
+                return Err(ConfigError::new(
+                    "models",
+                    format!("{public:?} is listed twice"),
+                ));
+            }
+            if m.max_context == Some(0) || m.max_tokens == Some(0) {
+                return Err(ConfigError::new(
+                    "models.max_tokens",
+                    "max_context and max_tokens must be positive",
+                ));
+            }
+            if let (Some(c), Some(t)) = (m.max_context, m.max_tokens) {
+                if t > c {
+                    return Err(ConfigError::new(
+                        "models.max_tokens",
+                        format!("{public:?}: max_tokens {t} exceeds max_context {c}"),
+                    ));
+                }
+            }
+            models.push(ModelRule {
+                backend_name: m.backend_name,
+                public_name,
+                max_context: m.max_context,
+                max_tokens: m.max_tokens,
+                max_concurrency: m
+                    .max_concurrency
+                    .map(|n| concurrency("models.max_concurrency", n))
+                    .transpose()?,
+                file: m.file,
+            });
+        }
+        let schedule = self
+            .schedule
+            .map(|s| {
+                Schedule::parse(s.timezone.as_deref().unwrap_or("UTC"), &s.windows)
+                    .map_err(|e| ConfigError::new("schedule", e.to_string()))
+            })
+            .transpose()?;
+        let l = self.limits.unwrap_or_default();
+        let d = Limits::default();
+        let limits = Limits {
+            max_concurrency: l
+                .max_concurrency
+                .map(|n| concurrency("limits.max_concurrency", n))
+                .transpose()?,
+            bandwidth_bytes_per_sec: match l.bandwidth_bytes_per_sec {
+                Some(b) if b < MIN_BANDWIDTH_BYTES_PER_SEC => {
+                    return Err(ConfigError::new(
+                        "limits.bandwidth_bytes_per_sec",
+                        format!("expected at least {MIN_BANDWIDTH_BYTES_PER_SEC}"),
+                    ))
+                }
+                b => b,
+            },
+            max_request_bytes: l
+                .max_request_bytes
+                .map(|v| positive_bytes("limits.max_request_bytes", v))
+                .transpose()?
+                .unwrap_or(d.max_request_bytes),
+            max_response_bytes: l
+                .max_response_bytes
+                .map(|v| positive_bytes("limits.max_response_bytes", v))
+                .transpose()?
+                .unwrap_or(d.max_response_bytes),
+            response_timeout: l
+                .response_timeout_secs
+                .map(|v| positive_secs("limits.response_timeout_secs", v))
+                .transpose()?
+                .unwrap_or(d.response_timeout),
+            max_line_bytes: l
+                .max_line_bytes
+                .map(|v| positive_bytes("limits.max_line_bytes", v))
+                .transpose()?
+                .unwrap_or(d.max_line_bytes),
+        };
+        let busy = self
+            .busy
+            .map(|b| {
+                if !(b.threshold_percent.is_finite()
+                    && b.threshold_percent > 0.0
+                    && b.threshold_percent <= 100.0)
+                {
+                    return Err(ConfigError::new(
+                        "busy.threshold_percent",
+                        "expected a percentage above 0, at most 100",
+                    ));
+                }
+                Ok(BusyRule {
+                    threshold_percent: b.threshold_percent,
+                    hold: positive_secs("busy.for_seconds", b.for_seconds)?,
+                    backend_pid: b.backend_pid,
+                    backend_process: b.backend_process.filter(|s| !s.is_empty()),
+                    gpu: b.gpu.unwrap_or(true),
+                })
+            })
+            .transpose()?;
+        let access = self.access.unwrap_or_default();
+        if access.groups.len() > MAX_PROVIDER_GROUPS {
+            return Err(ConfigError::new(
+                "access.groups",
+                format!("at most {MAX_PROVIDER_GROUPS} groups"),
+            ));
+        }
+        if let Some(g) = access.groups.iter().find(|g| {
+            g.is_empty() || g.len() > MAX_GROUP_NAME_BYTES || g.chars().any(char::is_control)
+        }) {
+            return Err(ConfigError::new(
+                "access.groups",
+                format!("{g:?}: a group name is 1 to {MAX_GROUP_NAME_BYTES} printable bytes"),
+            ));
+        }
+        let power = self.power.unwrap_or_default();
+        if let Some(w) = power.watts {
+            if !(w.is_finite() && w > 0.0 && w <= MAX_DECLARED_WATTS) {
+                return Err(ConfigError::new(
+                    "power.watts",
+                    format!("expected more than 0, at most {MAX_DECLARED_WATTS}"),
+                ));
+            }
+        }
+        let journal = JournalPolicy {
+            retention_days: match self.journal.and_then(|j| j.retention_days) {
+                Some(0) => {
+                    return Err(ConfigError::new(
+                        "journal.retention_days",
+                        "expected at least 1 day",
+                    ))
+                }
+                Some(n) => n,
+                None => DEFAULT_RETENTION_DAYS,
+            },
+        };
+        Ok(Policy {
+            models,
+            schedule,
+            limits,
+            busy,
+            profile: ProviderProfile {
+                device: power.device.unwrap_or_default(),
+                watts: power.watts,
+                groups: access.groups,
+                moderation: access.moderation.unwrap_or_default(),
+            },
+            journal,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    #[allow(clippy::field_reassign_with_default)]
+    fn sections_validate_and_name_the_field() {
+        let ok = PolicyFile {
+            models: vec![ModelSection {
+                backend_name: "llama-3".into(),
+                public_name: Some("llama3:8b".into()),
+                max_context: Some(4096),
+                max_tokens: Some(512),
+                max_concurrency: Some(2),
+                file: None,
+            }],
+            schedule: Some(ScheduleSection {
+                timezone: Some("Europe/Berlin".into()),
+                windows: vec!["mon-fri 22:00-07:00".into()],
+            }),
+            ..Default::default()
+        }
+        .into_policy()
+        .unwrap();
+        assert_eq!(ok.models[0].public_name.as_str(), "llama3:8b");
+        assert!(ok.schedule.is_some());
+        assert_eq!(ok.limits, Limits::default());
+
+        let bad = |f: PolicyFile| f.into_policy().unwrap_err().field;
+        let mut f = PolicyFile::default();
+        f.power = Some(PowerSection {
+            device: None,
+            watts: Some(-3.0),
+        });
+        assert_eq!(bad(f), "power.watts");
+        let mut f = PolicyFile::default();
+        f.schedule = Some(ScheduleSection {
+            timezone: None,
+            windows: vec!["someday".into()],
+        });
+        assert_eq!(bad(f), "schedule");
+        let mut f = PolicyFile::default();
+        f.limits = Some(LimitsSection {
+            bandwidth_bytes_per_sec: Some(10),
+            ..Default::default()
+        });
+        assert_eq!(bad(f), "limits.bandwidth_bytes_per_sec");
+        let mut f = PolicyFile::default();
+        f.access = Some(AccessSection {
+            groups: vec![String::new()],
+            moderation: None,
+        });
+        assert_eq!(bad(f), "access.groups");
+        let mut f = PolicyFile::default();
+        f.busy = Some(BusySection {
+            threshold_percent: 150.0,
+            for_seconds: 1.0,
+            backend_pid: None,
+            backend_process: None,
+            gpu: None,
+        });
+        assert_eq!(bad(f), "busy.threshold_percent");
+        let twice = ModelSection {
+            backend_name: "a".into(),
+            public_name: None,
+            max_context: None,
+            max_tokens: None,
+            max_concurrency: None,
+            file: None,
+        };
+        let f = PolicyFile {
+            models: vec![twice.clone(), twice],
+            ..Default::default()
+        };
+        assert_eq!(bad(f), "models");
+    }
+}

@@ -1,0 +1,406 @@
+//! Backend answers are untrusted: they are size-capped, time-capped and checked before
+//! they go to the hub, and paced by the bandwidth cap. Memory stays bounded: a streamed
+//! answer holds at most one SSE line and one frame; a non-streamed one at most
+//! `max_response_bytes`.
+//!
+//! - Non-streamed success: must be one JSON document within the cap, else a 502 agent
+//!   error. Its `usage` is read for the journal.
+//! - Streamed (`text/event-stream`): relayed line by line; each line must be UTF-8 and at
+//!   most `max_line_bytes`, the whole at most `max_response_bytes`, and the answer must
+//!   end within `response_timeout`. A violation ends the stream with one SSE error event
+//!   (`data: {"error":{...,"code":"agent_error"}}`). The last `usage` seen is kept.
+//! - Non-success answers are passed on, capped at [`MAX_ERROR_BODY_BYTES`].
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use potluck_protocol::ErrorBody;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::policy::Limits;
+use crate::slots::Bandwidth;
+
+/// Largest error body relayed from a backend.
+pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Token counts a backend reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+/// Where a relayed answer reports what happened.
+pub trait Outcome: Send + 'static {
+    /// The backend's usage.
+    fn usage(&mut self, u: Usage);
+    /// The answer was cut, and why (content-free).
+    fn cut(&mut self, why: &'static str);
+    /// The answer went out whole.
+    fn complete(&mut self);
+}
+
+/// Why a non-streamed answer was not relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WholeError {
+    /// Over `max_response_bytes`.
+    TooLarge,
+    /// Not one JSON document.
+    Malformed,
+    /// Over `response_timeout`.
+    Timeout,
+    /// The backend's connection failed mid-body.
+    Broken,
+}
+
+impl WholeError {
+    /// For messages and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WholeError::TooLarge => "the backend's answer exceeded the response size limit",
+            WholeError::Malformed => "the backend's answer was not valid JSON",
+            WholeError::Timeout => "the backend's answer exceeded the response time limit",
+            WholeError::Broken => "the backend's connection failed mid-answer",
+        }
+    }
+}
+
+/// Read a whole non-streamed answer under the caps. `check_json`: success answers must
+/// be JSON (their `usage` is returned).
+pub async fn read_whole<B>(
+    body: B,
+    cap: usize,
+    deadline: Instant,
+    check_json: bool,
+) -> Result<(Bytes, Option<Usage>), WholeError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let collected =
+        tokio::time::timeout_at(deadline, http_body_util::Limited::new(body, cap).collect())
+            .await
+            .map_err(|_| WholeError::Timeout)?;
+    let bytes = match collected {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(WholeError::TooLarge),
+        Err(_) => return Err(WholeError::Broken),
+    };
+    if !check_json {
+        return Ok((bytes, None));
+    }
+    let u: UsageOnly = serde_json::from_slice(&bytes).map_err(|_| WholeError::Malformed)?;
+    Ok((bytes, u.usage))
+}
+
+/// A body that sends `bytes` in pieces paced by the bandwidth cap, then reports.
+pub fn paced_whole<O: Outcome>(
+    bytes: Bytes,
+    bw: Arc<Bandwidth>,
+    outcome: O,
+) -> impl Body<Data = Bytes, Error = BoxError> + Send {
+    let stream = futures_util::stream::unfold(
+        (bytes, bw, Some(outcome)),
+        |(mut rest, bw, mut outcome)| async move {
+            if rest.is_empty() {
+                if let Some(mut o) = outcome.take() {
+                    o.complete();
+                }
+                return None;
+            }
+            let n = rest.len().min(bw.chunk());
+            bw.take(n).await;
+            let piece = rest.split_to(n);
+            Some((Ok::<_, BoxError>(Frame::data(piece)), (rest, bw, outcome)))
+        },
+    );
+    http_body_util::StreamBody::new(stream)
+}
+
+/// The SSE event that ends a cut stream.
+pub fn sse_error_event(message: &str) -> Bytes {
+    let body = ErrorBody::new("server_error", message, None, Some("agent_error")).to_json();
+    Bytes::from(format!("\ndata: {body}\n\n"))
+}
+
+struct Relay<B, O> {
+    body: B,
+    deadline: Instant,
+    limits: Limits,
+    bw: Arc<Bandwidth>,
+    line: Vec<u8>,
+    out: BytesMut,
+    total: usize,
+    finished: bool,
+    outcome: O,
+}
+
+impl<B, O> Relay<B, O>
+where
+    B: Body<Data = Bytes> + Unpin,
+    O: Outcome,
+{
+    fn cut(&mut self, why: &'static str) {
+        tracing::warn!(reason = why, "cutting a streamed answer");
+        self.outcome.cut(why);
+        self.line.clear();
+        self.out.extend_from_slice(&sse_error_event(why));
+        self.finished = true;
+    }
+
+    fn end_line(&mut self) -> Result<(), &'static str> {
+        let line = std::mem::take(&mut self.line);
+        let text = std::str::from_utf8(&line).map_err(|_| "the backend sent invalid UTF-8")?;
+        if text.starts_with("data:") && text.contains("\"usage\"") {
+            if let Ok(UsageOnly { usage: Some(u) }) =
+                serde_json::from_str::<UsageOnly>(text[5..].trim())
+            {
+                self.outcome.usage(u);
+            }
+        }
+        self.out.extend_from_slice(&line);
+        self.out.extend_from_slice(b"\n");
+        self.line = line;
+        self.line.clear();
+        Ok(())
+    }
+
+    fn take(&mut self, data: Bytes) -> Result<(), &'static str> {
+        self.total = self.total.saturating_add(data.len());
+        if self.total > self.limits.max_response_bytes {
+            return Err("the backend's answer exceeded the response size limit");
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let (piece, nl) = match memchr(b'\n', rest) {
+                Some(i) => (&rest[..i], true),
+                None => (rest, false),
+            };
+            if self.line.len() + piece.len() > self.limits.max_line_bytes {
+                return Err("the backend sent an SSE line over the line size limit");
+            }
+            self.line.extend_from_slice(piece);
+            rest = &rest[piece.len() + usize::from(nl)..];
+            if nl {
+                self.end_line()?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn step(mut self) -> Option<(Result<Frame<Bytes>, BoxError>, Self)> {
+        loop {
+            if !self.out.is_empty() {
+                let n = self.out.len().min(self.bw.chunk());
+                self.bw.take(n).await;
+                let piece = self.out.split_to(n).freeze();
+                return Some((Ok(Frame::data(piece)), self));
+            }
+            if self.finished {
+                return None;
+            }
+            match tokio::time::timeout_at(self.deadline, self.body.frame()).await {
+                Err(_) => self.cut("the backend's answer exceeded the response time limit"),
+                Ok(None) => {
+                    if !self.line.is_empty() {
+                        if let Err(why) = self.end_line() {
+                            self.cut(why);
+                            continue;
+                        }
+                    }
+                    self.outcome.complete();
+                    self.finished = true;
+                }
+                Ok(Some(Err(_))) => self.cut("the backend's connection failed mid-stream"),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        if let Err(why) = self.take(data) {
+                            self.cut(why);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn memchr(b: u8, s: &[u8]) -> Option<usize> {
+    s.iter().position(|x| *x == b)
+}
+
+/// Relay a streamed answer under the caps (see the module docs).
+pub fn relay_sse<B, O>(
+    body: B,
+    limits: Limits,
+    deadline: Instant,
+    bw: Arc<Bandwidth>,
+    outcome: O,
+) -> impl Body<Data = Bytes, Error = BoxError> + Send
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    O: Outcome,
+{
+    let relay = Relay {
+        body,
+        deadline,
+        limits,
+        bw,
+        line: Vec::new(),
+        out: BytesMut::new(),
+        total: 0,
+        finished: false,
+        outcome,
+    };
+    http_body_util::StreamBody::new(futures_util::stream::unfold(relay, Relay::step))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::sync::Mutex;
+
+    type SeenState = (Option<Usage>, Option<&'static str>, bool);
+
+    #[derive(Default, Clone)]
+    struct Seen(Arc<Mutex<SeenState>>);
+
+    impl Outcome for Seen {
+        fn usage(&mut self, u: Usage) {
+            self.0.lock().unwrap().0 = Some(u);
+        }
+        fn cut(&mut self, why: &'static str) {
+            self.0.lock().unwrap().1 = Some(why);
+        }
+        fn complete(&mut self) {
+            self.0.lock().unwrap().2 = true;
+        }
+    }
+
+    fn source(
+        chunks: Vec<&'static [u8]>,
+    ) -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin + Send {
+        StreamBody::new(futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok(Frame::data(Bytes::from_static(c)))),
+        ))
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_line_bytes: 128,
+            max_response_bytes: 1024,
+            ..Limits::default()
+        }
+    }
+
+    async fn run(chunks: Vec<&'static [u8]>) -> (String, Seen) {
+        let seen = Seen::default();
+        let body = relay_sse(
+            source(chunks),
+            limits(),
+            Instant::now() + std::time::Duration::from_secs(5),
+            Arc::new(Bandwidth::default()),
+            seen.clone(),
+        );
+        let out = body.collect().await.unwrap().to_bytes();
+        (String::from_utf8(out.to_vec()).unwrap(), seen)
+    }
+
+    #[tokio::test]
+    async fn sse_lines_pass_and_usage_is_read() {
+        let (out, seen) = run(vec![
+            b"data: {\"choices\":[]}\n",
+            b"\ndata: {\"choices\":[],\"us",
+            b"age\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n",
+        ])
+        .await;
+        assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+        let s = seen.0.lock().unwrap();
+        assert_eq!(
+            s.0,
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4
+            })
+        );
+        assert!(s.2 && s.1.is_none());
+    }
+
+    #[tokio::test]
+    async fn bad_streams_are_cut_cleanly() {
+        let too_much: Vec<&'static [u8]> = std::iter::repeat_n([&[b'y'; 60][..], &b"\n"[..]], 20)
+            .flatten()
+            .collect();
+        for chunks in [
+            vec![&b"data: ok\n\n"[..], &[b'x'; 200][..]],
+            vec![&b"data: \xff\xfe\n\n"[..]],
+            too_much,
+        ] {
+            let (out, seen) = run(chunks).await;
+            assert!(out.ends_with("\"code\":\"agent_error\"}}\n\n"), "{out}");
+            assert!(!out.contains("[DONE]"));
+            let s = seen.0.lock().unwrap();
+            assert!(s.1.is_some() && !s.2);
+        }
+    }
+
+    #[tokio::test]
+    async fn whole_answers_checked() {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let (_, u) = read_whole(
+            source(vec![
+                b"{\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2},\"x\":[1]}",
+            ]),
+            1024,
+            deadline,
+            true,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            u,
+            Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2
+            })
+        );
+        assert_eq!(
+            read_whole(source(vec![b"{\"a\":"]), 1024, deadline, true)
+                .await
+                .unwrap_err(),
+            WholeError::Malformed
+        );
+        assert_eq!(
+            read_whole(source(vec![&[b' '; 2000]]), 1024, deadline, true)
+                .await
+                .unwrap_err(),
+            WholeError::TooLarge
+        );
+        read_whole(
+            source(vec![b"not json but an error"]),
+            1024,
+            deadline,
+            false,
+        )
+        .await
+        .unwrap();
+    }
+}
