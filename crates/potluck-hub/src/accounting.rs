@@ -28,15 +28,28 @@ pub struct Finished {
     pub settlement: Option<Settlement>,
 }
 
+/// What the writer is asked to do, in order.
+#[derive(Debug)]
+pub enum Record {
+    /// A finished request.
+    Finished(Finished),
+    /// Claw back an account's unvested earnings, after every earning queued before it
+    /// is settled (a provider was quarantined).
+    Clawback {
+        /// The provider's account.
+        account_id: i64,
+    },
+}
+
 /// The request side: queue a record without waiting.
 #[derive(Clone, Debug)]
 pub struct Accounting {
-    tx: mpsc::Sender<Finished>,
+    tx: mpsc::Sender<Record>,
 }
 
 impl Accounting {
     /// A queue of `capacity` records, and its receiving end for [`run_writer`].
-    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Finished>) {
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Record>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         (Self { tx }, rx)
     }
@@ -44,11 +57,19 @@ impl Accounting {
     /// Queue a record. Never blocks a request: if the queue is full the record is
     /// dropped and a warning (ids only) is logged.
     pub fn record(&self, rec: Finished) {
-        if let Err(e) = self.tx.try_send(rec) {
-            let rec = match e {
-                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
-            };
-            tracing::warn!(request_id = %rec.usage.request_id, "usage queue full or closed; record dropped");
+        if let Err(e) = self.tx.try_send(Record::Finished(rec)) {
+            if let mpsc::error::TrySendError::Full(Record::Finished(rec))
+            | mpsc::error::TrySendError::Closed(Record::Finished(rec)) = e
+            {
+                tracing::warn!(request_id = %rec.usage.request_id, "usage queue full or closed; record dropped");
+            }
+        }
+    }
+
+    /// Claw back an account's unvested earnings once everything queued before is settled.
+    pub async fn clawback(&self, account_id: i64) {
+        if self.tx.send(Record::Clawback { account_id }).await.is_err() {
+            tracing::warn!(account_id, "usage writer gone; claw-back not queued");
         }
     }
 }
@@ -64,7 +85,7 @@ fn now_ms() -> i64 {
 pub async fn run_writer(
     store: Store,
     credits: CreditsConfig,
-    mut rx: mpsc::Receiver<Finished>,
+    mut rx: mpsc::Receiver<Record>,
     stop: CancellationToken,
 ) {
     let mut earned = Earned::default();
@@ -84,15 +105,16 @@ pub async fn run_writer(
             _ = stop.cancelled() => None,
         };
         let Some(first) = first else { break };
-        batch.push(first);
+        let mut clawbacks = Vec::new();
+        take(first, &mut batch, &mut clawbacks);
         // Collect what arrives within a short window, so that a steady trickle of
         // requests costs one database transaction per window, not one each.
         let window = tokio::time::sleep(BATCH_WINDOW);
         tokio::pin!(window);
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH && clawbacks.is_empty() {
             tokio::select! {
                 r = rx.recv() => match r {
-                    Some(r) => batch.push(r),
+                    Some(r) => take(r, &mut batch, &mut clawbacks),
                     None => break,
                 },
                 _ = &mut window => break,
@@ -100,19 +122,40 @@ pub async fn run_writer(
             }
         }
         write(&store, &credits, &mut earned, &mut batch).await;
+        for account_id in clawbacks {
+            match store.clawback(account_id).await {
+                Ok(n) => tracing::info!(
+                    account_id,
+                    clawed_back_micro = n,
+                    "unvested earnings clawed back"
+                ),
+                Err(e) => tracing::error!(error = ?e, account_id, "claw-back failed"),
+            }
+        }
     }
     let drain = async {
         rx.close();
         while let Some(r) = rx.recv().await {
-            batch.push(r);
-            if batch.len() >= MAX_BATCH {
+            let mut clawbacks = Vec::new();
+            take(r, &mut batch, &mut clawbacks);
+            if batch.len() >= MAX_BATCH || !clawbacks.is_empty() {
                 write(&store, &credits, &mut earned, &mut batch).await;
+            }
+            for account_id in clawbacks {
+                let _ = store.clawback(account_id).await;
             }
         }
         write(&store, &credits, &mut earned, &mut batch).await;
     };
     if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
         tracing::warn!("usage writer drain timed out");
+    }
+}
+
+fn take(r: Record, batch: &mut Vec<Finished>, clawbacks: &mut Vec<i64>) {
+    match r {
+        Record::Finished(f) => batch.push(f),
+        Record::Clawback { account_id } => clawbacks.push(account_id),
     }
 }
 

@@ -404,10 +404,10 @@ pub async fn quarantine_provider(state: &HubState, provider_id: i64, reason: &st
         .tunnel_of(provider_id)
         .map(|t| t.provider_account);
     state.registry.set_standing(provider_id, false, true);
-    let clawed = match account {
-        Some(acct) => state.store.clawback(acct).await.unwrap_or(0),
-        None => 0,
-    };
+    if let Some(acct) = account {
+        // Through the usage writer, so that earnings queued before are clawed back too.
+        state.accounting.clawback(acct).await;
+    }
     state.balances.clear();
     // Moderators are told through the admin audit log (and the hub's log).
     if let Err(e) = state
@@ -425,7 +425,6 @@ pub async fn quarantine_provider(state: &HubState, provider_id: i64, reason: &st
     }
     tracing::warn!(
         provider_id,
-        clawed_back_micro = clawed,
         reason,
         "provider quarantined: it gets no traffic but audits until a moderator releases it"
     );

@@ -125,7 +125,7 @@ impl HubState {
 /// A hub ready to serve on a bound listener.
 pub struct Hub {
     state: Arc<HubState>,
-    usage_rx: tokio::sync::mpsc::Receiver<accounting::Finished>,
+    usage_rx: tokio::sync::mpsc::Receiver<accounting::Record>,
     audit_rx: tokio::sync::mpsc::Receiver<audit::Job>,
 }
 

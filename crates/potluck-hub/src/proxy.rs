@@ -470,7 +470,16 @@ impl Ctx {
             } else {
                 self.key.account_id
             },
-            provider_account: tunnel.provider_account,
+            // A quarantined provider earns nothing: what a request that was in flight
+            // when it was quarantined pays goes to the treasury (an immediate claw-back).
+            provider_account: if tunnel
+                .quarantined
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                state.treasury
+            } else {
+                tunnel.provider_account
+            },
             cost,
             tax: if self.anonymous {
                 0

@@ -1,0 +1,415 @@
+//! A red team of dishonest providers against the hub's audits, at the default 2% audit
+//! rate: each is detected and quarantined within a bounded number of the requests it
+//! served, then gets no traffic, loses its unvested credits, and moderators see it in the
+//! audit log. Honest providers are never quarantined over a long run. Audit replays look
+//! like the consumer's own requests at the provider.
+//!
+//! Providers are scripted (real tunnels, real tokens); the trusted reference answers
+//! like an honest model at temperature 0: a pure function of the prompt.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use potluck_hub::config::HubConfig;
+use potluck_protocol::tunnel::{
+    AgentEvent, ModelHash, ModelOffer, ProviderProfile, PROTOCOL_VERSION,
+};
+use potluck_protocol::ModelName;
+use potluck_testkit::scripted_agent::{request_text, Reply, Responder};
+use potluck_testkit::{wait_until, ScriptedAgent, TestHub};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// Most requests a dishonest provider may serve before it is quarantined.
+const DETECT_WITHIN: usize = 1500;
+
+fn honest_text(body: &Value) -> String {
+    let q = request_text(body);
+    let words: Vec<&str> = q.split_whitespace().rev().collect();
+    format!(
+        "Here is my answer: {} and that is all there is to say",
+        words.join(" ")
+    )
+}
+
+fn honest() -> Responder {
+    Arc::new(|b: &Value| Reply {
+        text: honest_text(b),
+        completion_tokens: None,
+    })
+}
+
+fn is_canary(b: &Value) -> bool {
+    potluck_hub::audit::CANARY_PROMPTS.contains(&request_text(b).as_str())
+}
+
+/// The red team: name and behaviour.
+fn liars() -> Vec<(&'static str, Responder)> {
+    vec![
+        (
+            "other-model",
+            Arc::new(|_b: &Value| Reply {
+                text: "I am a much smaller model and I answer everything the same way".into(),
+                completion_tokens: None,
+            }) as Responder,
+        ),
+        (
+            "garbage",
+            Arc::new(|b: &Value| Reply {
+                text: format!(
+                    "{:x} zq#@ {:x} ~~ ^^",
+                    request_text(b).len() * 7919,
+                    request_text(b).len()
+                ),
+                completion_tokens: None,
+            }),
+        ),
+        (
+            "injector",
+            Arc::new(|b: &Value| Reply {
+                text: format!(
+                    "Sponsored: visit cheap-pills.example today! {}",
+                    honest_text(b)
+                ),
+                completion_tokens: None,
+            }),
+        ),
+        (
+            "usage-inflater",
+            Arc::new(|b: &Value| Reply {
+                text: honest_text(b),
+                completion_tokens: Some(10_000),
+            }),
+        ),
+        (
+            "canary-only-honest",
+            Arc::new(|b: &Value| Reply {
+                text: if is_canary(b) {
+                    honest_text(b)
+                } else {
+                    "cheap answer".into()
+                },
+                completion_tokens: None,
+            }),
+        ),
+    ]
+}
+
+fn hello(hash: &ModelHash) -> AgentEvent {
+    AgentEvent::Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_version: "scripted".into(),
+        models: vec![ModelOffer {
+            sha256: Some(hash.clone()),
+            ..ModelOffer::named(ModelName::parse("m").unwrap())
+        }],
+        max_concurrency: 8,
+        profile: ProviderProfile::default(),
+        accepting: true,
+    }
+}
+
+fn audited(c: &mut HubConfig, rate: f64) {
+    c.audit.rate = rate;
+    c.audit.seed = Some(7);
+    c.audit.canary_interval = Duration::ZERO;
+}
+
+async fn provider_id(hub: &TestHub, name: &str) -> i64 {
+    hub.state()
+        .store
+        .list_providers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap()
+        .id
+}
+
+async fn trust(hub: &TestHub, name: &str) {
+    let r = hub
+        .http
+        .put(format!("{}/admin/v1/providers/{name}/trust", hub.url()))
+        .bearer_auth(&hub.admin_key)
+        .json(&json!({"trusted": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+async fn ask(hub: &TestHub, key: &str, i: usize) -> Value {
+    let r = hub
+        .http
+        .post(format!("{}/chat/completions", hub.v1()))
+        .bearer_auth(key)
+        .json(&json!({"model": "m", "temperature": 0.8,
+                      "messages": [{"role": "user", "content": format!("question {i} about topic {}", i % 7)}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// Consumer requests (not audit replays, which carry a seed) a scripted provider got.
+fn served(a: &ScriptedAgent) -> usize {
+    a.requests()
+        .iter()
+        .filter(|r| !String::from_utf8_lossy(&r.body).contains("\"seed\""))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dishonest_providers_are_caught_and_quarantined() {
+    let hash = ModelHash::parse(&"ab".repeat(32)).unwrap();
+    let mut report = Vec::new();
+    for (name, responder) in liars() {
+        let hub = TestHub::start_with(|c| audited(c, 0.02)).await;
+        let key = hub.create_key("consumer").await;
+        let _reference = ScriptedAgent::connect_with(
+            "ref",
+            &hub.url(),
+            &hub.create_provider("ref").await,
+            hello(&hash),
+            honest(),
+        )
+        .await;
+        let liar = ScriptedAgent::connect_with(
+            name,
+            &hub.url(),
+            &hub.create_provider(name).await,
+            hello(&hash),
+            responder,
+        )
+        .await;
+        hub.wait_for_model("m", 2).await;
+        trust(&hub, "ref").await;
+        let liar_id = provider_id(&hub, name).await;
+        let quarantined = || async {
+            hub.state()
+                .store
+                .standing(liar_id)
+                .await
+                .unwrap()
+                .quarantined_at_ms
+                .is_some()
+        };
+        let mut i = 0;
+        while !quarantined().await {
+            assert!(
+                served(&liar) < DETECT_WITHIN,
+                "{name} not caught within {DETECT_WITHIN} of its requests"
+            );
+            ask(&hub, &key, i).await;
+            i += 1;
+        }
+        let caught_after = served(&liar);
+        let standing = hub.state().store.standing(liar_id).await.unwrap();
+        assert!(!standing.trusted);
+        assert!(standing.quarantine_reason.unwrap().contains("below"));
+        // Cut off: no consumer traffic any more...
+        for j in 0..20 {
+            let v = ask(&hub, &key, 10_000 + j).await;
+            assert!(v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .starts_with("Here is my answer"));
+        }
+        assert_eq!(
+            served(&liar),
+            caught_after,
+            "a quarantined provider gets no traffic"
+        );
+        // ...no unvested credits left (clawed back), and moderators are told.
+        wait_until("claw-back", WAIT, || async {
+            hub.balance(name).await.1 == 0
+        })
+        .await;
+        let log: Value = hub
+            .http
+            .get(format!("{}/admin/v1/audit-log", hub.url()))
+            .bearer_auth(&hub.admin_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(log.to_string().contains("provider.quarantine"), "{log}");
+        // The honest reference is untouched.
+        let ref_id = provider_id(&hub, "ref").await;
+        let rs = hub.state().store.standing(ref_id).await.unwrap();
+        assert!(
+            rs.quarantined_at_ms.is_none() && rs.reputation >= 0.99,
+            "{rs:?}"
+        );
+        let audits = hub
+            .state()
+            .store
+            .audit_history(liar_id, 1000)
+            .await
+            .unwrap();
+        let failed = audits.iter().filter(|a| !a.1).count();
+        report.push(format!("{name}: quarantined after serving {caught_after} requests ({} checks, {failed} failed)", audits.len()));
+
+        // Audit replays look like the consumer's own requests at the provider: the same
+        // header names, the consumer's own pseudonym, ordinary OpenAI parameters only.
+        let reqs = liar.requests();
+        let (replays, normal): (Vec<_>, Vec<_>) = reqs
+            .iter()
+            .partition(|r| String::from_utf8_lossy(&r.body).contains("\"seed\""));
+        if let (Some(rep), Some(norm)) = (replays.first(), normal.first()) {
+            let names = |r: &potluck_testkit::scripted_agent::Received| {
+                let mut v: Vec<String> = r.headers.keys().map(|k| k.to_string()).collect();
+                v.sort();
+                v
+            };
+            assert_eq!(names(rep), names(norm));
+            assert_eq!(
+                rep.headers["x-potluck-consumer"],
+                norm.headers["x-potluck-consumer"]
+            );
+            assert_eq!(rep.path, norm.path);
+            let keys = |r: &potluck_testkit::scripted_agent::Received| -> Vec<String> {
+                let v: Value = serde_json::from_slice(&r.body).unwrap();
+                let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+                k.sort();
+                k
+            };
+            let extra: Vec<String> = keys(rep)
+                .into_iter()
+                .filter(|k| !keys(norm).contains(k))
+                .collect();
+            assert!(
+                extra
+                    .iter()
+                    .all(|k| ["seed", "max_tokens"].contains(&k.as_str())),
+                "{extra:?}"
+            );
+        }
+    }
+    eprintln!("red team at a 2% audit rate:\n  {}", report.join("\n  "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_providers_are_never_quarantined() {
+    let hash = ModelHash::parse(&"cd".repeat(32)).unwrap();
+    // A high audit rate makes this a hard test of false flags: 20% of 600 requests.
+    let hub = TestHub::start_with(|c| audited(c, 0.2)).await;
+    let key = hub.create_key("consumer").await;
+    let mut agents = Vec::new();
+    for name in ["ref", "honest-a", "honest-b", "honest-c"] {
+        agents.push(
+            ScriptedAgent::connect_with(
+                name,
+                &hub.url(),
+                &hub.create_provider(name).await,
+                hello(&hash),
+                honest(),
+            )
+            .await,
+        );
+    }
+    hub.wait_for_model("m", 4).await;
+    trust(&hub, "ref").await;
+    for i in 0..600 {
+        ask(&hub, &key, i).await;
+    }
+    let mut audits = 0;
+    for name in ["honest-a", "honest-b", "honest-c"] {
+        let id = provider_id(&hub, name).await;
+        let st = hub.state().store.standing(id).await.unwrap();
+        assert!(st.quarantined_at_ms.is_none(), "{name} quarantined: {st:?}");
+        let hist = hub.state().store.audit_history(id, 1000).await.unwrap();
+        assert!(hist.iter().all(|a| a.1), "{name} failed an audit: {hist:?}");
+        audits += hist.len();
+    }
+    assert!(
+        audits >= 40,
+        "the run audited enough to mean something: {audits}"
+    );
+    eprintln!(
+        "honest run: 600 requests, {audits} audits of 3 honest providers, 0 failed, 0 quarantined"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canaries_alone_catch_a_provider_that_always_lies() {
+    let hash = ModelHash::parse(&"ef".repeat(32)).unwrap();
+    // No replays of real requests: only synthetic canaries, often.
+    let hub = TestHub::start_with(|c| {
+        c.audit.rate = 0.0;
+        c.audit.canary_interval = Duration::from_millis(50);
+    })
+    .await;
+    let _r = ScriptedAgent::connect_with(
+        "ref",
+        &hub.url(),
+        &hub.create_provider("ref").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    let liars = liars();
+    let (_, other_model) = &liars[0];
+    let (_, canary_honest) = &liars[4];
+    let liar = ScriptedAgent::connect_with(
+        "liar",
+        &hub.url(),
+        &hub.create_provider("liar").await,
+        hello(&hash),
+        Arc::clone(other_model),
+    )
+    .await;
+    let sly = ScriptedAgent::connect_with(
+        "sly",
+        &hub.url(),
+        &hub.create_provider("sly").await,
+        hello(&hash),
+        Arc::clone(canary_honest),
+    )
+    .await;
+    hub.wait_for_model("m", 3).await;
+    trust(&hub, "ref").await;
+    let (liar_id, sly_id) = (
+        provider_id(&hub, "liar").await,
+        provider_id(&hub, "sly").await,
+    );
+    wait_until("canaries quarantine the liar", WAIT, || async {
+        hub.state()
+            .store
+            .standing(liar_id)
+            .await
+            .unwrap()
+            .quarantined_at_ms
+            .is_some()
+    })
+    .await;
+    // The canary-aware liar passes canaries (that is why real requests are replayed too).
+    wait_until("the sly provider got canaries", WAIT, || async {
+        sly.requests().len() >= 2
+    })
+    .await;
+    assert!(hub
+        .state()
+        .store
+        .standing(sly_id)
+        .await
+        .unwrap()
+        .quarantined_at_ms
+        .is_none());
+    // Canaries look like consumer requests: a pseudonym, the chat path, no test marker.
+    let r = &liar.requests()[0];
+    assert_eq!(r.path, "/v1/chat/completions");
+    assert!(r.headers["x-potluck-consumer"]
+        .to_str()
+        .unwrap()
+        .starts_with("c-"));
+    assert!(!String::from_utf8_lossy(&r.body)
+        .to_lowercase()
+        .contains("canary"));
+}
