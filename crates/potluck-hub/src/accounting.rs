@@ -28,8 +28,10 @@ pub struct Finished {
     pub settlement: Option<Settlement>,
 }
 
-/// What the writer is asked to do, in order.
+/// What the writer is asked to do, in order. (Not boxed: `Finished` is the common case
+/// and is sent once per request.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Record {
     /// A finished request.
     Finished(Finished),
@@ -57,12 +59,12 @@ impl Accounting {
     /// Queue a record. Never blocks a request: if the queue is full the record is
     /// dropped and a warning (ids only) is logged.
     pub fn record(&self, rec: Finished) {
-        if let Err(e) = self.tx.try_send(Record::Finished(rec)) {
-            if let mpsc::error::TrySendError::Full(Record::Finished(rec))
-            | mpsc::error::TrySendError::Closed(Record::Finished(rec)) = e
-            {
-                tracing::warn!(request_id = %rec.usage.request_id, "usage queue full or closed; record dropped");
-            }
+        if let Err(
+            mpsc::error::TrySendError::Full(Record::Finished(rec))
+            | mpsc::error::TrySendError::Closed(Record::Finished(rec)),
+        ) = self.tx.try_send(Record::Finished(rec))
+        {
+            tracing::warn!(request_id = %rec.usage.request_id, "usage queue full or closed; record dropped");
         }
     }
 
