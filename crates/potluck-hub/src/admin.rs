@@ -185,6 +185,7 @@ async fn list_providers(
 ) -> Result<Json<List<ProviderInfo>>, ApiError> {
     auth::staff(&st, &headers, Action::Providers).await?;
     let live = st.registry.provider_summary();
+    let honesty = st.store.provider_honesty().await?;
     let data = st
         .store
         .list_providers()
@@ -192,7 +193,18 @@ async fn list_providers(
         .into_iter()
         .map(|p| {
             let (connections, models, in_flight) = live.get(&p.id).cloned().unwrap_or_default();
+            let (trusted, reputation, quarantined, status) = honesty
+                .get(&p.id)
+                .cloned()
+                .unwrap_or((false, 1.0, false, "active".into()));
             ProviderInfo {
+                state: if status != "active" || !quarantined {
+                    status
+                } else {
+                    "quarantined".into()
+                },
+                trusted,
+                reputation,
                 id: p.id,
                 name: p.name,
                 account: p.account,

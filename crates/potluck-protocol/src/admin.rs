@@ -74,6 +74,15 @@ pub struct ProviderInfo {
     pub models: Vec<String>,
     /// Requests in flight now.
     pub in_flight: u32,
+    /// `active`, `suspended`, `banned` (moderation) or `quarantined` (audits).
+    #[serde(default)]
+    pub state: String,
+    /// A trusted reference for audits.
+    #[serde(default)]
+    pub trusted: bool,
+    /// Reputation from audits, 0 to 1.
+    #[serde(default)]
+    pub reputation: f64,
 }
 
 /// `{"data": [...]}` wrapper of list answers.

@@ -133,6 +133,21 @@ impl Store {
         Ok(())
     }
 
+    /// Every provider's (trusted, reputation, quarantined, moderation status), by id.
+    pub async fn provider_honesty(
+        &self,
+    ) -> Result<std::collections::HashMap<i64, (bool, f64, bool, String)>> {
+        let rows: Vec<(i64, bool, f64, bool, String)> = sqlx::query_as(
+            "SELECT id, trusted, reputation, quarantined_at_ms IS NOT NULL, status FROM providers",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, t, r, q, s)| (id, (t, r, q, s)))
+            .collect())
+    }
+
     /// Lift a quarantine (a moderator's decision) and reset the score.
     pub async fn release_quarantine(&self, provider_id: i64, score: f64) -> Result<()> {
         let n = sqlx::query(

@@ -221,6 +221,26 @@ enum ProvidersCmd {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Mark a provider as a trusted reference for audits (admin).
+    Trust {
+        /// Provider id or name.
+        provider: String,
+    },
+    /// Stop using a provider as a trusted reference (admin).
+    Untrust {
+        /// Provider id or name.
+        provider: String,
+    },
+    /// Lift a provider's quarantine (admin): it gets traffic again, on probation.
+    Release {
+        /// Provider id or name.
+        provider: String,
+    },
+    /// A provider's audit standing and recent audits (moderator).
+    Audits {
+        /// Provider id or name.
+        provider: String,
+    },
 }
 
 /// Run the parsed command.
@@ -433,22 +453,26 @@ async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result<()> {
         ProvidersCmd::List => {
             let list: List<ProviderInfo> = c.get("/admin/v1/providers").await?;
             println!(
-                "{:<6} {:<20} {:<10} {:<6} {:<9} MODELS",
-                "ID", "NAME", "STATE", "CONNS", "INFLIGHT"
+                "{:<6} {:<20} {:<12} {:<8} {:<6} {:<6} {:<9} MODELS",
+                "ID", "NAME", "STATE", "TRUSTED", "SCORE", "CONNS", "INFLIGHT"
             );
             for p in list.data {
                 let state = if p.revoked_at.is_some() {
                     "revoked"
+                } else if !p.state.is_empty() && p.state != "active" {
+                    p.state.as_str()
                 } else if p.connections > 0 {
                     "online"
                 } else {
                     "offline"
                 };
                 println!(
-                    "{:<6} {:<20} {:<10} {:<6} {:<9} {}",
+                    "{:<6} {:<20} {:<12} {:<8} {:<6.2} {:<6} {:<9} {}",
                     p.id,
                     p.name,
                     state,
+                    if p.trusted { "yes" } else { "no" },
+                    p.reputation,
                     p.connections,
                     p.in_flight,
                     p.models.join(",")
@@ -466,7 +490,45 @@ async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result<()> {
             action,
             reason,
         } => crate::moderation::sanction_cmd(&a, "providers", &provider, &action, reason).await?,
+        ProvidersCmd::Trust { provider } => set_trust(&c, &provider, true).await?,
+        ProvidersCmd::Untrust { provider } => set_trust(&c, &provider, false).await?,
+        ProvidersCmd::Release { provider } => {
+            let v: serde_json::Value = c
+                .post(
+                    &format!("/admin/v1/providers/{}/release", path_segment(&provider)),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ProvidersCmd::Audits { provider } => {
+            let v: serde_json::Value = c
+                .get(&format!(
+                    "/admin/v1/providers/{}/standing",
+                    path_segment(&provider)
+                ))
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
     }
+    Ok(())
+}
+
+async fn set_trust(
+    c: &crate::client::AdminClient,
+    provider: &str,
+    trusted: bool,
+) -> anyhow::Result<()> {
+    let _: serde_json::Value = c
+        .put(
+            &format!("/admin/v1/providers/{}/trust", path_segment(provider)),
+            &serde_json::json!({ "trusted": trusted }),
+        )
+        .await?;
+    eprintln!(
+        "provider {provider} is {} a trusted reference",
+        if trusted { "now" } else { "no longer" }
+    );
     Ok(())
 }
 

@@ -52,6 +52,19 @@ async fn hub_keys_providers_and_provide() {
         ok && list.contains("box1") && list.contains("online") && list.contains("fake-model"),
         "{list}"
     );
+    // Audit standing: trust marks a reference; the list shows trust and score.
+    let (ok, _, err) = cli(&["providers", "trust", "box1"], &key_file, &url);
+    assert!(ok && err.contains("now a trusted reference"), "{err}");
+    let (ok, list, _) = cli(&["providers", "list"], &key_file, &url);
+    let row = list.lines().find(|l| l.contains("box1")).unwrap();
+    assert!(ok && row.contains("yes") && row.contains("1.00"), "{list}");
+    let (ok, out, _) = cli(&["providers", "audits", "box1"], &key_file, &url);
+    assert!(
+        ok && out.contains("\"trusted\": true") && out.contains("\"audits\": []"),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&["providers", "trust", "nope"], &key_file, &url);
+    assert!(!ok && err.contains("Unknown provider"), "{err}");
     let (ok, list, _) = cli(&["keys", "list"], &key_file, &url);
     assert!(ok && list.contains("alice"));
     assert!(!list.contains(&key[10..]), "list never shows secrets");
