@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use potluck_testkit::{wait_until, FakeBackend};
+use potluck_testkit::{wait_until, FakeBackend, FakeBehavior};
 use serde_json::{json, Value};
 
 /// Environment variables of `potluck provide` that must not leak in from the test runner.
@@ -261,7 +261,7 @@ const QUEUE_WAIT_SECS: u64 = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_status_over_the_socket_through_the_binary() {
-    let rig = Rig::start(
+    let mut rig = Rig::start(
         &["m1"],
         Some(&format!("[queue]\nmax_wait = {QUEUE_WAIT_SECS}\n")),
         None,
@@ -391,6 +391,119 @@ async fn pause_resume_status_over_the_socket_through_the_binary() {
     let s = rig.status();
     assert_eq!(s["in_flight"], 0, "{s:#}");
     assert_eq!(rig.backend.inference_received().len(), served + 2);
+
+    // A second agent on the same control socket refuses to start; the first keeps it.
+    let second_state = rig.state.with_file_name("state2");
+    let mut second = Command::new(BIN);
+    second
+        .args([
+            "provide",
+            "--hub",
+            &rig.url,
+            "--backend",
+            &rig.backend.base_url(),
+        ])
+        .arg("--state-dir")
+        .arg(&second_state)
+        .arg("--control-socket")
+        .arg(&rig.sock);
+    for v in PROVIDE_ENV {
+        second.env_remove(v);
+    }
+    let mut second = second
+        .env("POTLUCK_TOKEN", "pt-not-a-real-token")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second agent on the same socket kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!exit.success(), "{err}");
+    assert!(err.contains("another agent is already running"), "{err}");
+    assert_eq!(
+        rig.status()["state"],
+        "accepting",
+        "the first agent still answers"
+    );
+
+    // Stopped, the agent removes its socket, and the CLI says what it could not reach.
+    rig.agent.terminate();
+    assert!(!rig.sock.exists(), "socket removed at shutdown");
+    let (ok, _, err) = rig.provide(&["status"]);
+    assert!(!ok);
+    assert!(
+        err.contains("cannot reach the agent's control socket")
+            && err.contains(rig.sock.to_str().unwrap()),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_lets_a_stream_in_flight_finish() {
+    let rig = Rig::start(&["m1"], None, None).await;
+    let key = rig.key("alice", None);
+    wait_for_models(&rig.url, &key, |v| v["data"][0]["id"] == "m1").await;
+    rig.wait_agent_ready(1).await;
+    let chunks = 20;
+    rig.backend.set_behavior(FakeBehavior {
+        chunks,
+        gap: Duration::from_millis(100),
+        ..Default::default()
+    });
+    let stream = {
+        let (http, url, key) = (rig.http.clone(), rig.url.clone(), key.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&chat(true))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    wait_until("stream in flight", Duration::from_secs(10), || {
+        let s = rig.status();
+        async move { s["in_flight"] == 1 && s["models"][0]["in_flight"] == 1 }
+    })
+    .await;
+    let (ok, _, err) = rig.provide(&["pause"]);
+    assert!(ok, "{err}");
+    let s = rig.status();
+    assert_eq!(s["state"], "draining", "{s:#}");
+    assert_eq!(s["in_flight"], 1, "the stream goes on: {s:#}");
+    let (st, body) = stream.await.unwrap();
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("[DONE]"), "the stream finished: {body}");
+    let data_events = body
+        .lines()
+        .filter(|l| l.starts_with("data: {") && l.contains("\"content\""))
+        .count();
+    assert!(
+        data_events >= chunks,
+        "every chunk arrived ({data_events}): {body}"
+    );
+    let s = rig.status();
+    assert_eq!(s["state"], "draining", "{s:#}");
+    assert_eq!(s["in_flight"], 0, "{s:#}");
+    let served = rig
+        .backend
+        .state()
+        .streams_completed
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(served, 1, "the backend sent the whole stream");
 }
 
 /// Wait until the journal holds `n` receipts; returns them (JSON lines of `list --json`).
