@@ -640,6 +640,38 @@ async fn receipts_listed_verified_and_tampering_caught() {
             "the failure is named: {err}"
         );
     }
+
+    // A line that is not a journal entry at all is a failure too, and is reported.
+    let last = rig.journal_files().pop().unwrap();
+    let mut text = std::fs::read_to_string(&last).unwrap();
+    text.push_str("{\"kind\":\"receipt\",\"receipt\":\"garbled\"}\n");
+    std::fs::write(&last, text).unwrap();
+    let (ok, out, err) = rig.provide(&["receipts", "verify", "--hub", &rig.url]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("3 verified, 2 failed"), "{out}{err}");
+    let (ok, _, err) = rig.provide(&["receipts", "list"]);
+    assert!(ok, "list still lists the readable receipts: {err}");
+    assert!(err.contains("unreadable journal line"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_a_lost_hub() {
+    let mut rig = Rig::start(&["m1"], None, None).await;
+    rig.wait_agent_ready(1).await;
+    let s = rig.status();
+    assert_eq!(s["reasons"], json!([]), "{s:#}");
+    rig.hub.terminate();
+    let mut s = Value::Null;
+    wait_until("status shows no hub", Duration::from_secs(15), || {
+        s = rig.status();
+        let gone = s["hub_connected"] == false;
+        async move { gone }
+    })
+    .await;
+    assert_eq!(s["reasons"], json!(["no_hub"]), "{s:#}");
+    let (ok, out, err) = rig.provide(&["status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("(not connected)"), "{out}");
 }
 
 /// Canaries that identify the consumer; none may reach a backend.
