@@ -568,6 +568,15 @@ async fn receipts_listed_verified_and_tampering_caught() {
             .any(|r| r["receipt"]["completion_tokens"].as_u64().unwrap() > 0),
         "tokens were counted"
     );
+    // The status counts them.
+    let s = rig.status();
+    assert_eq!(s["journal"]["receipts"], 4, "{s:#}");
+    let earned: i64 = list
+        .iter()
+        .map(|r| r["receipt"]["credits_micro"].as_i64().unwrap())
+        .sum();
+    assert!(earned > 0, "the provider earned credits");
+    assert_eq!(s["journal"]["credits_total_micro"], earned, "{s:#}");
     // The human list names every request.
     let (ok, out, err) = rig.provide(&["receipts", "list"]);
     assert!(ok, "{err}");
@@ -908,8 +917,12 @@ async fn model_refused_by_the_hub_allow_list_shows_in_status() {
     assert_eq!(st, 404, "{body}");
     let mut m2 = chat(false);
     m2["model"] = json!("m2");
-    let (st, _, body) = rig.post(&key, "chat/completions", m2).await;
+    let (st, rid, body) = rig.post(&key, "chat/completions", m2).await;
     assert_eq!(st, 200, "{body}");
+    // Its receipt names the file's hash the hub admitted.
+    let r = wait_receipts(&rig, 1).await;
+    assert_eq!(r[0]["receipt"]["request_id"], rid.as_str(), "{r:#?}");
+    assert_eq!(r[0]["receipt"]["model_sha256"], h2.as_str(), "{r:#?}");
 }
 
 /// OpenAI's `safety_identifier` is the documented successor of `user`: "a stable
