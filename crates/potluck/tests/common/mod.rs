@@ -43,11 +43,28 @@ impl Drop for Proc {
 
 /// Start `potluck hub` on port 0; returns it and its base URL.
 pub fn start_hub(data_dir: &Path, log_dir: &Path, rust_log: &str) -> (Proc, String) {
+    start_hub_with(data_dir, log_dir, rust_log, None)
+}
+
+/// Start `potluck hub` on port 0 with an optional `--config` TOML file.
+pub fn start_hub_with(
+    data_dir: &Path,
+    log_dir: &Path,
+    rust_log: &str,
+    config: Option<&Path>,
+) -> (Proc, String) {
     let stderr_log = log_dir.join("hub.stderr.log");
     let stdout_log = log_dir.join("hub.stdout.log");
-    let mut child = Command::new(BIN)
-        .args(["hub", "--listen", "127.0.0.1:0", "--data-dir"])
+    let mut cmd = Command::new(BIN);
+    if let Some(c) = config {
+        cmd.arg("hub").arg("--config").arg(c);
+    } else {
+        cmd.arg("hub");
+    }
+    let mut child = cmd
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .env_remove("POTLUCK_HUB_CONFIG")
         .env("RUST_LOG", rust_log)
         .env_remove("POTLUCK_ADMIN_KEY")
         .stdout(Stdio::piped())
