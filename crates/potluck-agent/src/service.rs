@@ -427,8 +427,11 @@ async fn hub_events(req: Request<Incoming>, sh: &Shared) -> Response<AgentBody> 
                     .filter(|c| !c.is_control())
                     .take(MAX_SHORT_TEXT_BYTES)
                     .collect();
-                tracing::warn!(model = %model, reason = %reason, "the hub refused a model");
-                sh.record_error(format!("hub refused model {model}: {reason}"));
+                // Once per distinct refusal: the hub may repeat it on each offer change.
+                sh.refuse_model(
+                    format!("hub:{model}:{reason}"),
+                    format!("hub refused model {model}: {reason}"),
+                );
             }
             Err(_) => bad += 1,
         }

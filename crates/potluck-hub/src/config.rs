@@ -217,9 +217,14 @@ impl Default for AuditConfig {
         Self {
             rate: 0.02,
             compare_tokens: 32,
-            min_agreement: 0.75,
-            pass_reward: 0.05,
-            fail_factor: 0.5,
+            // Calibrated on two honest llama.cpp servers serving the same file at
+            // temperature 0: batching with other requests makes them diverge, but after
+            // a common prefix (see BENCHMARKS.md); other models and injected text diverge
+            // at once.
+            min_agreement: 0.15,
+            pass_reward: 0.1,
+            // Three failed audits in a row quarantine (1 → 0.6 → 0.36 → 0.22).
+            fail_factor: 0.6,
             flag_factor: 0.8,
             quarantine_below: 0.3,
             canary_interval: Duration::from_secs(600),

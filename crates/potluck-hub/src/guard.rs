@@ -160,6 +160,8 @@ fn blocks(cfg: &ModerationConfig, code: &str) -> bool {
             .any(|c| c.eq_ignore_ascii_case(code))
 }
 
+/// A verdict the guard could not give: blocks if `fail_closed`; the reason is kept as
+/// its category (`guard_unavailable`, `unparseable`).
 fn unavailable(cfg: &ModerationConfig, why: &str) -> Decision {
     Decision {
         blocked: cfg.fail_closed,

@@ -142,6 +142,10 @@ struct Parsed {
     body: Bytes,
 }
 
+/// Body fields removed before a request goes to a provider.
+pub const CONSUMER_IDENTIFYING_FIELDS: &[&str] =
+    &["user", "safety_identifier", "metadata", "prompt_cache_key"];
+
 /// Request header by which a consumer asks for trusted providers only (`trusted`).
 pub const HEADER_TRUST: &str = "x-potluck-trust";
 
@@ -156,7 +160,7 @@ fn note_verdict(
     stage: guard::Stage,
     d: &guard::Decision,
 ) {
-    if !d.flagged && !d.blocked {
+    if !d.flagged && !d.blocked && d.categories.is_empty() {
         return;
     }
     tracing::info!(request_id = %request_id, stage = stage.label(), blocked = d.blocked, categories = %d.categories.join(","), "guard verdict");
@@ -303,8 +307,13 @@ fn parse(endpoint: InferenceEndpoint, raw: &[u8]) -> Result<Parsed, ApiError> {
     } else {
         prompt_estimate(&obj)
     };
-    // Nothing that identifies the consumer goes to a provider.
-    obj.remove("user");
+    // Nothing that identifies the consumer goes to a provider: `user` and its successor
+    // `safety_identifier` name the end user; `metadata` and `prompt_cache_key` are the
+    // consumer's own tags and would let a provider link requests. None changes what a
+    // backend generates.
+    for field in CONSUMER_IDENTIFYING_FIELDS {
+        obj.remove(*field);
+    }
     let mut wants_usage = false;
     if stream {
         let opts = obj

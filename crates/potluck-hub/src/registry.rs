@@ -51,6 +51,8 @@ pub struct Tunnel {
     pub trusted: AtomicBool,
     /// Quarantined: no traffic but audits.
     pub quarantined: AtomicBool,
+    /// Refusals already sent to the agent (model and hash), so each is sent once.
+    pub refused: Mutex<HashSet<String>>,
 }
 
 /// What a tunnel announced about one model (after the hub's allow-list check).
@@ -157,6 +159,7 @@ impl Tunnel {
             events,
             trusted: AtomicBool::new(false),
             quarantined: AtomicBool::new(false),
+            refused: Mutex::new(HashSet::new()),
         }
     }
 

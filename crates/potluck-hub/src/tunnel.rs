@@ -336,6 +336,15 @@ fn admit(
                 out.insert(m.id.clone(), OfferedModel::from(&m));
             }
             Err(reason) => {
+                let seen = format!("{}\n{:?}", m.id, m.sha256);
+                let first = tunnel
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(seen);
+                if !first {
+                    continue;
+                }
                 // The name and hash are the provider's own announcement, not consumer input.
                 tracing::warn!(
                     provider_id = tunnel.provider_id,

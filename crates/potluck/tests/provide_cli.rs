@@ -930,7 +930,6 @@ async fn model_refused_by_the_hub_allow_list_shows_in_status() {
 /// their username or email address". It identifies the consumer's end user exactly as
 /// `user` does, and a backend must not see it either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: crates/potluck-hub/src/proxy.rs:307 `parse` removes only `user`; `safety_identifier` reaches the backend"]
 async fn safety_identifier_does_not_reach_the_backend() {
     let rig = Rig::start(&["m1"], None, None).await;
     let key = rig.key("alice", None);
@@ -956,7 +955,6 @@ async fn safety_identifier_does_not_reach_the_backend() {
 /// The refusal is one fact: pausing and resuming (each a new offer to the hub) must not
 /// fill the status's recent errors (32 kept) with copies of it, pushing real errors out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: the hub re-sends ModelRefused on every offer (crates/potluck-hub/src/tunnel.rs:307 `admit` on each AgentEvent::Offer) and the agent records each copy (crates/potluck-agent/src/service.rs:431 `record_error`, no dedup unlike `refuse_model`)"]
 async fn allow_list_refusal_is_listed_once() {
     let (rig, _files, key, _, _) = allowlist_rig().await;
     let refusals = |s: &Value| {
