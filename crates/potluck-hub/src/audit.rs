@@ -142,6 +142,24 @@ pub fn agreement(a: &str, b: &str, k: usize) -> f64 {
     prefix as f64 / denom as f64
 }
 
+/// Words an audited answer may add after the reference's complete answer.
+pub const MAX_APPENDED_WORDS: usize = 2;
+
+/// Whether `a` is the whole of `b` plus text appended to it. Both runs had the same
+/// `max_tokens`, so an honest provider cannot go on where the reference stopped (an
+/// injected signature or advertisement at the end of answers does).
+pub fn appended(a: &str, b: &str) -> bool {
+    let wa: Vec<&str> = a.split_whitespace().collect();
+    let wb: Vec<&str> = b.split_whitespace().collect();
+    !wb.is_empty() && wa.len() > wb.len() + MAX_APPENDED_WORDS && wa.starts_with(&wb)
+}
+
+/// The verdict on one replay or canary: (passed, agreement).
+fn verdict(cfg: &AuditConfig, a: &str, b: &str) -> (bool, f64) {
+    let g = agreement(a, b, cfg.compare_tokens);
+    (g >= cfg.min_agreement && !appended(a, b), g)
+}
+
 /// The body of a replay: temperature 0, a random seed, a bounded `max_tokens`.
 fn replay_body(original: &[u8], seed: u32, max_tokens: usize) -> Option<Value> {
     let mut v: Value = serde_json::from_slice(original).ok()?;
@@ -274,8 +292,8 @@ async fn replay(
     };
     let (passed, agreement) = match a {
         Ok(a) => {
-            let g = agreement(&a.text, &b.text, k);
-            (g >= state.config.audit.min_agreement, Some(g))
+            let (passed, g) = verdict(&state.config.audit, &a.text, &b.text);
+            (passed, Some(g))
         }
         // Failing an audited request is failing the audit.
         Err(_) => (false, None),
@@ -333,8 +351,8 @@ async fn run_canary(state: &HubState, rep: &mut Reputation) {
         let Ok(b) = b else { continue };
         let (passed, g) = match a {
             Ok(a) => {
-                let g = agreement(&a.text, &b.text, k);
-                (g >= state.config.audit.min_agreement, Some(g))
+                let (passed, g) = verdict(&state.config.audit, &a.text, &b.text);
+                (passed, Some(g))
             }
             Err(_) => (false, None),
         };
@@ -443,6 +461,17 @@ mod tests {
         assert_eq!(agreement("AD a b c", "a b c", 32), 0.0);
         assert_eq!(agreement("a b c", "a b c AD AD AD", 32), 0.5);
         assert_eq!(agreement("", "a b", 32), 0.0);
+    }
+
+    #[test]
+    fn appended_text_is_caught() {
+        assert!(appended("a b c buy pills now", "a b c"));
+        assert!(!appended("a b c d", "a b c"), "a word or two of slack");
+        assert!(
+            !appended("a b x y z w", "a b c"),
+            "divergence is not appending"
+        );
+        assert!(!appended("a b c d e f", ""));
     }
 
     #[test]

@@ -77,6 +77,16 @@ fn liars() -> Vec<(&'static str, Responder)> {
             }),
         ),
         (
+            "suffix-injector",
+            Arc::new(|b: &Value| Reply {
+                text: format!(
+                    "{} -- brought to you by cheap-pills.example, order now",
+                    honest_text(b)
+                ),
+                completion_tokens: None,
+            }),
+        ),
+        (
             "usage-inflater",
             Arc::new(|b: &Value| Reply {
                 text: honest_text(b),
@@ -112,8 +122,12 @@ fn hello(hash: &ModelHash) -> AgentEvent {
 }
 
 fn audited(c: &mut HubConfig, rate: f64) {
+    audited_seed(c, rate, 7);
+}
+
+fn audited_seed(c: &mut HubConfig, rate: f64, seed: u64) {
     c.audit.rate = rate;
-    c.audit.seed = Some(7);
+    c.audit.seed = Some(seed);
     c.audit.canary_interval = Duration::ZERO;
 }
 
@@ -167,8 +181,17 @@ fn served(a: &ScriptedAgent) -> usize {
 async fn dishonest_providers_are_caught_and_quarantined() {
     let hash = ModelHash::parse(&"ab".repeat(32)).unwrap();
     let mut report = Vec::new();
-    for (name, responder) in liars() {
-        let hub = TestHub::start_with(|c| audited(c, 0.02)).await;
+    // `POTLUCK_RED_TEAM_TRIALS=N` repeats each scenario with N audit seeds (for the
+    // detection figures in BENCHMARKS.md); the test suite runs one.
+    let trials: u64 = std::env::var("POTLUCK_RED_TEAM_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let scenarios: Vec<(u64, &'static str, Responder)> = (0..trials)
+        .flat_map(|t| liars().into_iter().map(move |(n, r)| (t, n, r)))
+        .collect();
+    for (trial, name, responder) in scenarios {
+        let hub = TestHub::start_with(|c| audited_seed(c, 0.02, 7 + trial)).await;
         let key = hub.create_key("consumer").await;
         let _reference = ScriptedAgent::connect_with(
             "ref",
@@ -356,7 +379,7 @@ async fn canaries_alone_catch_a_provider_that_always_lies() {
     .await;
     let liars = liars();
     let (_, other_model) = &liars[0];
-    let (_, canary_honest) = &liars[4];
+    let (_, canary_honest) = &liars[5];
     let liar = ScriptedAgent::connect_with(
         "liar",
         &hub.url(),
@@ -412,4 +435,43 @@ async fn canaries_alone_catch_a_provider_that_always_lies() {
     assert!(!String::from_utf8_lossy(&r.body)
         .to_lowercase()
         .contains("canary"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implausible_speed_is_flagged() {
+    let hash = ModelHash::parse(&"12".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| {
+        audited(c, 0.0);
+        // A "large" model cannot produce 400 tokens in the blink of an eye.
+        c.credits.models.insert("m".into(), "large".into());
+    })
+    .await;
+    let key = hub.create_key("consumer").await;
+    let fast = Arc::new(|_b: &Value| Reply {
+        text: "word ".repeat(400),
+        completion_tokens: Some(400),
+    }) as Responder;
+    let _p = ScriptedAgent::connect_with(
+        "speedy",
+        &hub.url(),
+        &hub.create_provider("speedy").await,
+        hello(&hash),
+        fast,
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let id = provider_id(&hub, "speedy").await;
+    ask(&hub, &key, 1).await;
+    wait_until("a speed flag", WAIT, || async {
+        hub.state()
+            .store
+            .audit_history(id, 10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|a| a.0 == "speed" && !a.1)
+    })
+    .await;
+    let st = hub.state().store.standing(id).await.unwrap();
+    assert!((st.reputation - 0.8).abs() < 1e-9, "{st:?}");
 }

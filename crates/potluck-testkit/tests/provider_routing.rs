@@ -551,3 +551,107 @@ async fn pseudonyms_and_signed_receipts() {
         }
     }
 }
+
+async fn admin(
+    hub: &TestHub,
+    method: reqwest::Method,
+    path: &str,
+    body: Value,
+) -> reqwest::Response {
+    hub.http
+        .request(method, format!("{}{path}", hub.url()))
+        .bearer_auth(&hub.admin_key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn friends_only_trusted_only_and_per_key_defaults() {
+    let hub = TestHub::start().await;
+    let (_, outsider) = hub.create_key_in("o", "outsider").await;
+    let (friend_key_id, friend) = hub.create_key_in("f", "friend").await;
+    let friends = ProviderProfile {
+        groups: vec!["friends".into()],
+        device: DeviceClass::Npu,
+        ..Default::default()
+    };
+    let _f = ScriptedAgent::connect(
+        "friends-box",
+        &hub.url(),
+        &hub.create_provider("friends-box").await,
+        hello(&["m"], 8, friends),
+    )
+    .await;
+    let _g = ScriptedAgent::connect(
+        "public-gpu",
+        &hub.url(),
+        &hub.create_provider("public-gpu").await,
+        hello(&["m"], 8, device(DeviceClass::Gpu, 300.0)),
+    )
+    .await;
+    wait_until("both connected", WAIT, || async {
+        hub.state().registry.len() == 2
+    })
+    .await;
+    hub.wait_for_model("m", 1).await;
+
+    // Group membership opens the friends-only provider.
+    let r = admin(
+        &hub,
+        reqwest::Method::POST,
+        "/admin/v1/accounts/friend/groups",
+        json!({"group": "friends"}),
+    )
+    .await;
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    for _ in 0..10 {
+        assert_eq!(
+            served_by(&hub, &outsider, "m", &[("x-potluck-prefer", "low-power")]).await,
+            "public-gpu"
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..30 {
+        seen.insert(served_by(&hub, &friend, "m", &[]).await);
+    }
+    assert_eq!(seen.len(), 2, "a member reaches both: {seen:?}");
+    // A per-key default instead of the header: low power goes to the (NPU) friends box.
+    let r = admin(
+        &hub,
+        reqwest::Method::PUT,
+        &format!("/admin/v1/keys/{friend_key_id}/settings"),
+        json!({"prefer_low_power": true, "trusted_only": false}),
+    )
+    .await;
+    assert!(r.status().is_success());
+    for _ in 0..10 {
+        assert_eq!(served_by(&hub, &friend, "m", &[]).await, "friends-box");
+    }
+
+    // Trusted only: nobody is trusted yet, so the model is unavailable to such requests.
+    let r = chat(
+        &hub,
+        &outsider,
+        "m",
+        json!({}),
+        &[("x-potluck-trust", "trusted")],
+    )
+    .await;
+    assert_eq!(r.status(), 404);
+    let r = admin(
+        &hub,
+        reqwest::Method::PUT,
+        "/admin/v1/providers/public-gpu/trust",
+        json!({"trusted": true}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    for _ in 0..10 {
+        assert_eq!(
+            served_by(&hub, &friend, "m", &[("x-potluck-trust", "trusted")]).await,
+            "public-gpu"
+        );
+    }
+}
