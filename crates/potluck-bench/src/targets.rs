@@ -299,6 +299,13 @@ impl Potluck {
         if let Some(n) = max_concurrency {
             args.extend(["--max-concurrency".to_owned(), n.to_string()]);
         }
+        // Each agent keeps its journal and control socket in its own state directory
+        // (two agents cannot share one).
+        let state = self.dir.join(format!("{}-agent-{name}-state", self.label));
+        args.extend([
+            "--state-dir".to_owned(),
+            state.to_string_lossy().into_owned(),
+        ]);
         let env = [("RUST_LOG", self.rust_log.as_str())];
         self.commands.push(display_command(
             "target/release/potluck",

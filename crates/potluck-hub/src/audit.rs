@@ -270,33 +270,16 @@ async fn replay(
     let Some(body) = replay_body(&body, seed, k * 2) else {
         return;
     };
-    let (ca, cb) = (
+    let consumers = [
         state.identity.pseudonym(tunnel.provider_id, account_id),
         state.identity.pseudonym(reference.provider_id, account_id),
-    );
-    let (a, b) = tokio::join!(
-        internal::ask_on(state, &tunnel, endpoint, &model, &body, &ca, AUDIT_TIMEOUT),
-        internal::ask_on(
-            state,
-            &reference,
-            endpoint,
-            &model,
-            &body,
-            &cb,
-            AUDIT_TIMEOUT
-        ),
-    );
-    let Ok(b) = b else {
-        tracing::debug!("trusted reference failed an audit replay; no verdict");
+    ];
+    let Some((passed, agreement)) = compare(
+        state, &tunnel, &reference, endpoint, &model, &body, &consumers,
+    )
+    .await
+    else {
         return;
-    };
-    let (passed, agreement) = match a {
-        Ok(a) => {
-            let (passed, g) = verdict(&state.config.audit, &a.text, &b.text);
-            (passed, Some(g))
-        }
-        // Failing an audited request is failing the audit.
-        Err(_) => (false, None),
     };
     judge(
         state,
@@ -310,6 +293,51 @@ async fn replay(
         },
     )
     .await;
+}
+
+/// Send `body` to the audited tunnel and the reference at once and judge the answers:
+/// `None` if the reference failed (no verdict), else (passed, agreement). Failing an
+/// audited request is failing the audit.
+async fn compare(
+    state: &HubState,
+    target: &Arc<Tunnel>,
+    reference: &Arc<Tunnel>,
+    endpoint: InferenceEndpoint,
+    model: &ModelName,
+    body: &Value,
+    consumers: &[String; 2],
+) -> Option<(bool, Option<f64>)> {
+    let (a, b) = tokio::join!(
+        internal::ask_on(
+            state,
+            target,
+            endpoint,
+            model,
+            body,
+            &consumers[0],
+            AUDIT_TIMEOUT
+        ),
+        internal::ask_on(
+            state,
+            reference,
+            endpoint,
+            model,
+            body,
+            &consumers[1],
+            AUDIT_TIMEOUT
+        ),
+    );
+    let Ok(b) = b else {
+        tracing::debug!("trusted reference failed an audit; no verdict");
+        return None;
+    };
+    Some(match a {
+        Ok(a) => {
+            let (passed, g) = verdict(&state.config.audit, &a.text, &b.text);
+            (passed, Some(g))
+        }
+        Err(_) => (false, None),
+    })
 }
 
 async fn run_canary(state: &HubState, rep: &mut Reputation) {
@@ -336,25 +364,11 @@ async fn run_canary(state: &HubState, rep: &mut Reputation) {
         rand::rng().fill_bytes(&mut id);
         let consumer = format!("{}{}", crate::identity::PSEUDONYM_PREFIX, hex::encode(id));
         let ep = InferenceEndpoint::ChatCompletions;
-        let (a, b) = tokio::join!(
-            internal::ask_on(state, &target, ep, &model, &body, &consumer, AUDIT_TIMEOUT),
-            internal::ask_on(
-                state,
-                &reference,
-                ep,
-                &model,
-                &body,
-                &consumer,
-                AUDIT_TIMEOUT
-            ),
-        );
-        let Ok(b) = b else { continue };
-        let (passed, g) = match a {
-            Ok(a) => {
-                let (passed, g) = verdict(&state.config.audit, &a.text, &b.text);
-                (passed, Some(g))
-            }
-            Err(_) => (false, None),
+        let consumers = [consumer.clone(), consumer];
+        let Some((passed, g)) =
+            compare(state, &target, &reference, ep, &model, &body, &consumers).await
+        else {
+            continue;
         };
         judge(
             state,

@@ -1191,7 +1191,8 @@ async fn relay_whole(
     with_request_id(r, &ctx.request_id)
 }
 
-/// The text of every choice of a whole answer.
+/// The text of every choice: of a whole answer (`message.content`, `text`) or of a
+/// streamed chunk (`delta.content`, `text`).
 fn answer_text(obj: &Map<String, Value>) -> String {
     let mut out = String::new();
     for c in obj
@@ -1200,25 +1201,7 @@ fn answer_text(obj: &Map<String, Value>) -> String {
         .into_iter()
         .flatten()
     {
-        for p in ["/message/content", "/text"] {
-            if let Some(t) = c.pointer(p).and_then(Value::as_str) {
-                out.push_str(t);
-            }
-        }
-    }
-    out
-}
-
-/// The text of every choice of a streamed chunk.
-fn answer_text_delta(obj: &Map<String, Value>) -> String {
-    let mut out = String::new();
-    for c in obj
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        for p in ["/delta/content", "/text"] {
+        for p in ["/message/content", "/delta/content", "/text"] {
             if let Some(t) = c.pointer(p).and_then(Value::as_str) {
                 out.push_str(t);
             }
@@ -1605,7 +1588,7 @@ impl Relay {
         self.seen.add_text_of(&obj);
         if self.seen.chunks > before {
             if let Some(g) = &mut self.guard {
-                g.window.push_str(&answer_text_delta(&obj));
+                g.window.push_str(&answer_text(&obj));
                 g.tokens += 1;
             }
         }
