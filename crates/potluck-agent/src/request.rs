@@ -39,12 +39,51 @@ fn refuse(message: String, param: Option<&str>, code: &str) -> ErrorBody {
     ErrorBody::new("invalid_request_error", message, param, Some(code))
 }
 
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether `body` needs no check beyond a syntax pass and no rewrite: no caps apply, no
+/// `image_url` can be in it (not even spelled with `\u` escapes), the token fields are
+/// well-typed and the model already has the backend's name. Most requests take this path
+/// and are forwarded without building a JSON tree of their messages.
+fn passes_as_is(body: &[u8], caps: &ModelCaps<'_>) -> bool {
+    if caps.max_tokens.is_some()
+        || caps.max_context.is_some()
+        || contains(body, b"image_url")
+        || contains(body, b"\\u")
+    {
+        return false;
+    }
+    let Ok(top) = serde_json::from_slice::<
+        std::collections::HashMap<&str, &serde_json::value::RawValue>,
+    >(body) else {
+        return false;
+    };
+    let tokens_ok = ["max_tokens", "max_completion_tokens"].iter().all(|k| {
+        top.get(*k)
+            .is_none_or(|v| v.get() == "null" || v.get().parse::<u64>().is_ok())
+    });
+    let model_ok = match top.get("model") {
+        None => true,
+        Some(v) => match serde_json::from_str::<&str>(v.get()) {
+            Ok(m) => m == caps.backend_name,
+            // Not a string: the full check leaves it alone too.
+            Err(_) => !v.get().starts_with('"'),
+        },
+    };
+    tokens_ok && model_ok
+}
+
 /// Check and rewrite `body` for `endpoint`; the body to forward, or the 400 to answer.
 pub fn check(
     endpoint: InferenceEndpoint,
     body: Bytes,
     caps: &ModelCaps<'_>,
 ) -> Result<Bytes, ErrorBody> {
+    if passes_as_is(&body, caps) {
+        return Ok(body);
+    }
     let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&body) else {
         return Err(refuse(
             "The request body must be a JSON object.".into(),
@@ -180,6 +219,59 @@ pub fn prompt_estimate(obj: &Map<String, Value>) -> u64 {
         .map(|v| text_bytes(v, 0))
         .sum();
     bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE)
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+
+    /// The fast path answers exactly as the full check does.
+    #[test]
+    fn fast_path_agrees_with_the_full_check() {
+        let plain = ModelCaps {
+            backend_name: "m",
+            ..ModelCaps::default()
+        };
+        let bodies: &[&str] = &[
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            r#"{"model":"public","messages":[]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"http://x/y.png"}}]}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image\u005furl","image\u005furl":{"url":"http://x"}}]}]}"#,
+            r#"{"model":"m","max_tokens":-3,"messages":[]}"#,
+            r#"{"model":"m","max_tokens":"7","messages":[]}"#,
+            r#"{"model":"m","max_tokens":null,"max_completion_tokens":5,"messages":[]}"#,
+            r#"{"model":7,"messages":[]}"#,
+            r#"{"model":"m\"","messages":[]}"#,
+            r#"[1,2]"#,
+            r#"{"model":"m","#,
+        ];
+        for b in bodies {
+            let fast = passes_as_is(b.as_bytes(), &plain);
+            let full = check(InferenceEndpoint::ChatCompletions, Bytes::from(*b), &plain);
+            if fast {
+                assert_eq!(full.ok().as_deref(), Some(b.as_bytes()), "{b}");
+            }
+        }
+        // The slow path still runs where it must.
+        assert!(!passes_as_is(bodies[1].as_bytes(), &plain), "rename");
+        assert!(!passes_as_is(bodies[2].as_bytes(), &plain), "image");
+        assert!(!passes_as_is(bodies[3].as_bytes(), &plain), "escaped image");
+        assert!(
+            !passes_as_is(bodies[4].as_bytes(), &plain),
+            "bad max_tokens"
+        );
+        assert!(passes_as_is(bodies[0].as_bytes(), &plain));
+        assert!(passes_as_is(bodies[6].as_bytes(), &plain));
+        let capped = ModelCaps {
+            backend_name: "m",
+            max_tokens: Some(10),
+            max_context: None,
+        };
+        assert!(
+            !passes_as_is(bodies[0].as_bytes(), &capped),
+            "caps need the full check"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -169,24 +169,36 @@ async fn input_blocked_flagged_and_only_codes_stored() {
     assert_eq!(r.status(), 200);
     assert_eq!(p.model.requests().len(), 2);
 
-    let v: Value = p
-        .hub
-        .http
-        .get(format!("{}/admin/v1/moderation", p.hub.url()))
-        .bearer_auth(&p.hub.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // Verdicts are written off the request path: wait for both, in any order.
+    let verdicts = || async {
+        p.hub
+            .http
+            .get(format!("{}/admin/v1/moderation", p.hub.url()))
+            .bearer_auth(&p.hub.admin_key)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    potluck_testkit::wait_until(
+        "two verdicts recorded",
+        std::time::Duration::from_secs(10),
+        || async { verdicts().await["data"].as_array().unwrap().len() >= 2 },
+    )
+    .await;
+    let v = verdicts().await;
     let rows = v["data"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{v}");
-    assert_eq!(rows[1]["categories"], "S1");
-    assert_eq!(rows[1]["blocked"], true);
-    assert_eq!(rows[1]["stage"], "input");
-    assert_eq!(rows[0]["categories"], "S10");
-    assert_eq!(rows[0]["blocked"], false);
+    let row = |c: &str| {
+        rows.iter()
+            .find(|r| r["categories"] == c)
+            .unwrap_or_else(|| panic!("{c}: {v}"))
+    };
+    assert_eq!(row("S1")["blocked"], true);
+    assert_eq!(row("S1")["stage"], "input");
+    assert_eq!(row("S10")["blocked"], false);
     assert!(v["note"].as_str().unwrap().contains("no content"));
     // Only codes reach the database: none of the judged text.
     p.hub.state().store.close().await;
