@@ -136,7 +136,7 @@ struct Parsed {
     /// `max_tokens` (or `max_completion_tokens`), if set.
     max_tokens: Option<u32>,
     /// Rough prompt size in tokens (bytes of the prompt fields / 4), for providers'
-    /// context caps.
+    /// context caps; 0 when no `max_tokens` is set (no context check then).
     prompt_estimate: u32,
     /// The body to forward.
     body: Bytes,
@@ -302,7 +302,9 @@ fn parse(endpoint: InferenceEndpoint, raw: &[u8]) -> Result<Parsed, ApiError> {
         ));
     }
     let max_tokens = max_tokens_of(&obj)?;
-    let prompt_estimate = if endpoint == InferenceEndpoint::Embeddings {
+    // Only a request that names `max_tokens` is checked against providers' context caps
+    // (see `Need::context`), so only then is its prompt measured.
+    let prompt_estimate = if endpoint == InferenceEndpoint::Embeddings || max_tokens.is_none() {
         0
     } else {
         prompt_estimate(&obj)

@@ -597,10 +597,15 @@ impl Inner {
                 (0, 0, load_key)
             }
         };
-        let Some(best_key) = candidates.iter().map(key).min() else {
+        let keyed: Vec<_> = candidates.iter().map(|t| (key(t), t)).collect();
+        let Some(best_key) = keyed.iter().map(|(k, _)| *k).min() else {
             return Err(PickError::Busy);
         };
-        let best: Vec<&Arc<Tunnel>> = candidates.iter().filter(|t| key(t) == best_key).collect();
+        let best: Vec<&Arc<Tunnel>> = keyed
+            .iter()
+            .filter(|(k, _)| *k == best_key)
+            .map(|(_, t)| *t)
+            .collect();
         let t = best[rand::rng().random_range(0..best.len())];
         t.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {
