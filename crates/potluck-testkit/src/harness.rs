@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use potluck_agent::{AgentConfig, BackendConfig};
-use potluck_hub::{Hub, HubConfig, HubState};
+use potluck_hub::testing::HubState;
+use potluck_hub::{Hub, HubConfig};
 use potluck_store::Store;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;

@@ -236,6 +236,13 @@ async fn every_admin_endpoint_against_every_role() {
             Value::Null,
             2,
         ),
+        (
+            "GET",
+            "/admin/v1/guard-verdicts",
+            "/admin/v1/guard-verdicts",
+            Value::Null,
+            2,
+        ),
         ("GET", "/admin/v1/usage", "/admin/v1/usage", Value::Null, 3),
         (
             "GET",
@@ -368,8 +375,20 @@ async fn every_admin_endpoint_against_every_role() {
     // The table covers every admin route the hub declares (a new one needs a row).
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../potluck-hub/src");
     let mut declared = BTreeSet::new();
-    for f in std::fs::read_dir(src).unwrap() {
-        let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+    let mut files = Vec::new();
+    let mut dirs = vec![src];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    for f in files {
+        let text = std::fs::read_to_string(f).unwrap();
         for part in text.split("\"/admin/v1/").skip(1) {
             declared.insert(format!("/admin/v1/{}", part.split('"').next().unwrap()));
         }

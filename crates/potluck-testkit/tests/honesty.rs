@@ -42,7 +42,7 @@ fn honest() -> Responder {
 }
 
 fn is_canary(b: &Value) -> bool {
-    potluck_hub::audit::CANARY_PROMPTS.contains(&request_text(b).as_str())
+    potluck_hub::testing::CANARY_PROMPTS.contains(&request_text(b).as_str())
 }
 
 /// The red team: name and behaviour.

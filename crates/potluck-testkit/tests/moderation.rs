@@ -191,6 +191,19 @@ async fn input_blocked_flagged_and_only_codes_stored() {
     let v = verdicts().await;
     let rows = v["data"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{v}");
+    // The verdicts' own path answers the same as its older alias.
+    let named: Value = p
+        .hub
+        .http
+        .get(format!("{}/admin/v1/guard-verdicts", p.hub.url()))
+        .bearer_auth(&p.hub.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(named, v);
     let row = |c: &str| {
         rows.iter()
             .find(|r| r["categories"] == c)

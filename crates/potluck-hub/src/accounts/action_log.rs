@@ -1,0 +1,23 @@
+//! The admin action log as staff read it (written by `books::action_log`).
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::HeaderMap;
+use serde_json::json;
+
+use crate::http::auth::{self, Action};
+use crate::http::error::ApiError;
+use crate::http::extract::{limit, ListQuery};
+use crate::state::HubState;
+
+pub(crate) async fn audit_log(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    auth::staff(&st, &headers, Action::AuditLog).await?;
+    Ok(Json(json!({"data": st.store.audit_log(limit(&q)).await?})).into_response())
+}

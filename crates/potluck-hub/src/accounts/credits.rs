@@ -1,0 +1,224 @@
+//! Credits, usage and limits: a member's own balance and history, the admin's view of any
+//! account's, grants, claw-backs, usage rows and key limits.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::HeaderMap;
+use potluck_store::ledger::{Balance, CREDIT};
+use potluck_store::KeyLimits;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::books::action_log;
+use crate::config::micro;
+use crate::http::auth::{self, Action};
+use crate::http::error::ApiError;
+use crate::http::extract::json_body;
+use crate::state::HubState;
+
+/// Most usage rows one call returns.
+pub(crate) const MAX_USAGE_ROWS: i64 = 10_000;
+
+#[derive(Deserialize)]
+pub(crate) struct UsageQuery {
+    limit: Option<i64>,
+}
+
+pub(crate) async fn usage(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Query(q): Query<UsageQuery>,
+) -> Result<Response, ApiError> {
+    auth::staff(&st, &headers, Action::Usage).await?;
+    let rows = st
+        .store
+        .recent_usage(q.limit.unwrap_or(100).clamp(1, MAX_USAGE_ROWS))
+        .await?;
+    Ok(Json(json!({"data": rows})).into_response())
+}
+
+pub(crate) fn credits_json(account: &str, b: Balance) -> serde_json::Value {
+    json!({
+        "account": account,
+        "available_micro": b.available,
+        "unvested_micro": b.unvested,
+        "available": b.available as f64 / CREDIT as f64,
+        "unvested": b.unvested as f64 / CREDIT as f64,
+    })
+}
+
+pub(crate) async fn account_id(st: &HubState, name: &str) -> Result<i64, ApiError> {
+    Ok(st
+        .store
+        .account_by_name(name)
+        .await?
+        .ok_or(ApiError::NotFound("account"))?
+        .id)
+}
+
+/// `GET /v1/credits`: the caller's own balance.
+pub(crate) async fn my_credits(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = auth::consumer(&st, &headers).await?;
+    let b = st.store.balance(key.account_id).await?;
+    Ok(Json(credits_json("", b)).into_response())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct HistoryQuery {
+    /// Most lines.
+    limit: Option<i64>,
+}
+
+/// `GET /v1/credits/history`: the caller's own ledger lines.
+pub(crate) async fn my_history(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Response, ApiError> {
+    let key = auth::consumer(&st, &headers).await?;
+    let rows = st
+        .store
+        .history(
+            key.account_id,
+            q.limit.unwrap_or(50).clamp(1, MAX_USAGE_ROWS),
+        )
+        .await?;
+    Ok(Json(json!({"data": rows})).into_response())
+}
+
+pub(crate) async fn account_credits(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    auth::staff(&st, &headers, Action::Credits).await?;
+    let id = account_id(&st, &name).await?;
+    Ok(Json(credits_json(&name, st.store.balance(id).await?)).into_response())
+}
+
+pub(crate) async fn account_history(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Response, ApiError> {
+    auth::staff(&st, &headers, Action::Credits).await?;
+    let id = account_id(&st, &name).await?;
+    let rows = st
+        .store
+        .history(id, q.limit.unwrap_or(50).clamp(1, MAX_USAGE_ROWS))
+        .await?;
+    Ok(Json(json!({"data": rows})).into_response())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct GrantBody {
+    /// Credits; negative takes credits back to the treasury.
+    amount: f64,
+}
+
+/// Largest single grant, in credits.
+pub(crate) const MAX_GRANT_CREDITS: f64 = 1e9;
+
+pub(crate) async fn grant(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let admin = auth::staff(&st, &headers, Action::Credits).await?;
+    let req: GrantBody = json_body(&body)?;
+    if !req.amount.is_finite() || req.amount.abs() > MAX_GRANT_CREDITS || req.amount == 0.0 {
+        return Err(ApiError::bad_request(
+            format!("'amount' must be a non-zero number of credits up to {MAX_GRANT_CREDITS}."),
+            Some("amount"),
+        ));
+    }
+    let id = account_id(&st, &name).await?;
+    let tx = st.store.grant(id, micro(req.amount)).await?;
+    st.balances.remove(&id);
+    action_log::record(
+        &st,
+        &admin,
+        "credits.grant",
+        "account",
+        id.to_string(),
+        Some(&format!("{} credits", req.amount)),
+    )
+    .await?;
+    tracing::info!(
+        account_id = id,
+        by_key = admin.key_id,
+        tx,
+        "credits granted"
+    );
+    Ok(Json(credits_json(&name, st.store.balance(id).await?)).into_response())
+}
+
+pub(crate) async fn clawback(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::Providers).await?;
+    let providers = st.store.list_providers().await?;
+    let p = providers
+        .iter()
+        .find(|p| p.id.to_string() == id || p.name == id)
+        .ok_or(ApiError::NotFound("provider"))?;
+    let account = account_id(&st, &p.account).await?;
+    let taken = st.store.clawback(account).await?;
+    st.balances.remove(&account);
+    action_log::record(
+        &st,
+        &actor,
+        "provider.clawback",
+        "provider",
+        p.id.to_string(),
+        None,
+    )
+    .await?;
+    tracing::info!(
+        provider_id = p.id,
+        clawed_back = taken,
+        "unvested earnings clawed back"
+    );
+    Ok(Json(json!({"provider": p.name, "clawed_back_micro": taken})).into_response())
+}
+
+pub(crate) async fn set_limits(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::Limits).await?;
+    let l: KeyLimits = json_body(&body)?;
+    for (name, v) in [
+        ("rpm", l.rpm),
+        ("tpm", l.tpm),
+        ("max_concurrent", l.max_concurrent),
+        ("daily_tokens", l.daily_tokens),
+    ] {
+        if v.is_some_and(|v| v < 0) {
+            return Err(ApiError::bad_request(
+                format!("'{name}' must not be negative."),
+                None,
+            ));
+        }
+    }
+    st.store.set_key_limits(id, l).await.map_err(|e| match e {
+        potluck_store::StoreError::NotFound => ApiError::NotFound("key"),
+        e => e.into(),
+    })?;
+    st.keys.clear();
+    action_log::record(&st, &actor, "key.limits", "key", id.to_string(), None).await?;
+    tracing::info!(key_id = id, "key limits set");
+    Ok(Json(json!({"id": id, "limits": l})).into_response())
+}

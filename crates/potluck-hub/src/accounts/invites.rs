@@ -1,0 +1,70 @@
+//! Invite codes (for the invite join mode).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::{HeaderMap, StatusCode};
+use potluck_protocol::admin::{CreateInvite, DEFAULT_INVITE_HOURS, MAX_INVITE_HOURS};
+use serde_json::json;
+
+use crate::accounts::not_found;
+use crate::books::action_log;
+use crate::http::auth::{self, Action};
+use crate::http::error::ApiError;
+use crate::http::extract::{json_body, parse_id};
+use crate::state::HubState;
+
+pub(crate) async fn create_invite(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::Invites).await?;
+    let req: CreateInvite = if body.is_empty() {
+        CreateInvite::default()
+    } else {
+        json_body(&body)?
+    };
+    let hours = req.hours.unwrap_or(DEFAULT_INVITE_HOURS);
+    if !(1..=MAX_INVITE_HOURS).contains(&hours) {
+        return Err(ApiError::bad_request(
+            format!("'hours' must be between 1 and {MAX_INVITE_HOURS}."),
+            Some("hours"),
+        ));
+    }
+    let (id, code) = st
+        .store
+        .create_invite(actor.account_id, i64::from(hours) * 3600)
+        .await?;
+    action_log::record(&st, &actor, "invite.create", "invite", id.to_string(), None).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "code": code.expose(), "hours": hours})),
+    )
+        .into_response())
+}
+
+pub(crate) async fn list_invites(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    auth::staff(&st, &headers, Action::Invites).await?;
+    Ok(Json(json!({"data": st.store.list_invites().await?})).into_response())
+}
+
+pub(crate) async fn revoke_invite(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::Invites).await?;
+    let id = parse_id(&id, "invite")?;
+    st.store
+        .revoke_invite(id)
+        .await
+        .map_err(not_found("invite"))?;
+    action_log::record(&st, &actor, "invite.revoke", "invite", id.to_string(), None).await?;
+    Ok(Json(json!({"id": id, "revoked": true})).into_response())
+}

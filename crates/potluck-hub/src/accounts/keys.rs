@@ -1,0 +1,201 @@
+//! Keys: the admin's create, list and revoke (consumer keys and provider tokens share
+//! one create), routing settings, and members' own keys.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::{HeaderMap, StatusCode};
+use potluck_protocol::admin::{CreateKey, CreateProvider, Created, KeyInfo, List};
+use potluck_store::accounts::KeySettings;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::accounts::not_found;
+use crate::books::action_log;
+use crate::books::credits::starter_grant;
+use crate::http::auth::{self, Action};
+use crate::http::error::ApiError;
+use crate::http::extract::{check_name, json_body, parse_id};
+use crate::state::HubState;
+
+#[derive(Clone, Copy)]
+pub(crate) enum Kind {
+    Key,
+    Provider,
+}
+
+/// Create a consumer key or a provider: validate, insert, starter grant, show the secret once.
+pub(crate) async fn create(
+    st: &HubState,
+    headers: &HeaderMap,
+    body: &[u8],
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let action = match kind {
+        Kind::Key => Action::Keys,
+        Kind::Provider => Action::Providers,
+    };
+    let actor = auth::staff(st, headers, action).await?;
+    let (name, account) = match kind {
+        Kind::Key => json_body::<CreateKey>(body).map(|r| (r.name, r.account))?,
+        Kind::Provider => json_body::<CreateProvider>(body).map(|r| (r.name, r.account))?,
+    };
+    check_name("name", &name)?;
+    let account = account.unwrap_or_else(|| name.clone());
+    check_name("account", &account)?;
+    let (id, secret) = match kind {
+        Kind::Key => st.store.create_key(&name, &account).await?,
+        Kind::Provider => st.store.create_provider(&name, &account).await?,
+    };
+    starter_grant(st, &account).await?;
+    let (action, target) = match kind {
+        Kind::Key => ("key.create", "key"),
+        Kind::Provider => ("provider.create", "provider"),
+    };
+    action_log::record(st, &actor, action, target, id.to_string(), None).await?;
+    match kind {
+        Kind::Key => tracing::info!(key_id = id, "consumer key created"),
+        Kind::Provider => tracing::info!(provider_id = id, "provider created"),
+    }
+    let created = Created {
+        id,
+        name,
+        secret: secret.expose().to_owned(),
+    };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+pub(crate) async fn create_key(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    create(&st, &headers, &body, Kind::Key).await
+}
+
+pub(crate) async fn list_keys(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Json<List<KeyInfo>>, ApiError> {
+    auth::staff(&st, &headers, Action::Keys).await?;
+    let data = st
+        .store
+        .list_keys()
+        .await?
+        .into_iter()
+        .map(|k| KeyInfo {
+            id: k.id,
+            name: k.name,
+            account: k.account,
+            prefix: k.prefix,
+            created_at: k.created_at,
+            revoked_at: k.revoked_at,
+        })
+        .collect();
+    Ok(Json(List { data }))
+}
+
+pub(crate) async fn revoke_key(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::Keys).await?;
+    let id = st.store.revoke_key(&id).await.map_err(|e| match e {
+        potluck_store::StoreError::NotFound => ApiError::NotFound("key"),
+        e => e.into(),
+    })?;
+    st.keys.clear();
+    action_log::record(&st, &actor, "key.revoke", "key", id.to_string(), None).await?;
+    tracing::info!(key_id = id, "consumer key revoked");
+    Ok(Json(json!({"id": id, "revoked": true})).into_response())
+}
+
+pub(crate) async fn admin_key_settings(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::Limits).await?;
+    let id = parse_id(&id, "key")?;
+    let s: KeySettings = json_body(&body)?;
+    st.store
+        .set_key_settings(id, None, s)
+        .await
+        .map_err(not_found("key"))?;
+    st.keys.clear();
+    action_log::record(&st, &actor, "key.settings", "key", id.to_string(), None).await?;
+    Ok(Json(json!({"id": id, "settings": s})).into_response())
+}
+
+pub(crate) async fn my_key_settings(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let me = auth::consumer(&st, &headers).await?;
+    let id = parse_id(&id, "key")?;
+    let s: KeySettings = json_body(&body)?;
+    st.store
+        .set_key_settings(id, Some(me.account_id), s)
+        .await
+        .map_err(not_found("key"))?;
+    st.keys.clear();
+    Ok(Json(json!({"id": id, "settings": s})).into_response())
+}
+
+pub(crate) async fn my_keys(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let me = auth::consumer(&st, &headers).await?;
+    Ok(Json(json!({"data": st.store.own_keys(me.account_id).await?})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewKey {
+    name: String,
+}
+
+pub(crate) async fn create_my_key(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let me = auth::consumer(&st, &headers).await?;
+    let req: NewKey = json_body(&body)?;
+    check_name("name", &req.name)?;
+    let (id, secret) = st.store.create_own_key(me.account_id, &req.name).await?;
+    tracing::info!(
+        key_id = id,
+        account_id = me.account_id,
+        "member created a key"
+    );
+    let created = Created {
+        id,
+        name: req.name,
+        secret: secret.expose().to_owned(),
+    };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+pub(crate) async fn revoke_my_key(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let me = auth::consumer(&st, &headers).await?;
+    let id = parse_id(&id, "key")?;
+    st.store
+        .revoke_own_key(me.account_id, id)
+        .await
+        .map_err(not_found("key"))?;
+    st.keys.clear();
+    tracing::info!(key_id = id, "member revoked a key");
+    Ok(Json(json!({"id": id, "revoked": true})).into_response())
+}

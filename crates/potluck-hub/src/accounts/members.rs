@@ -1,0 +1,199 @@
+//! Accounts as staff see them: list, show, create, approve, roles and groups.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::{HeaderMap, StatusCode};
+use potluck_protocol::admin::{CreateAccount, GroupReq, SetRole};
+use potluck_store::{Role, Standing, Target};
+use serde_json::{json, Value};
+
+use crate::accounts::{account, not_found};
+use crate::books::action_log;
+use crate::books::credits::starter_grant;
+use crate::http::auth::{self, Action};
+use crate::http::error::ApiError;
+use crate::http::extract::{check_name, json_body};
+use crate::state::HubState;
+
+pub(crate) async fn list_accounts(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    auth::staff(&st, &headers, Action::ListAccounts).await?;
+    Ok(Json(json!({"data": st.store.list_accounts().await?})).into_response())
+}
+
+pub(crate) async fn show_account(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    auth::staff(&st, &headers, Action::ListAccounts).await?;
+    let a = account(&st, &name).await?;
+    let info = st
+        .store
+        .list_accounts()
+        .await?
+        .into_iter()
+        .find(|x| x.id == a.id)
+        .ok_or(ApiError::NotFound("account"))?;
+    let keys = st.store.own_keys(a.id).await?;
+    let providers: Vec<Value> = st
+        .store
+        .list_providers()
+        .await?
+        .into_iter()
+        .filter(|p| p.account == a.name && p.revoked_at.is_none())
+        .map(
+            |p| json!({"id": p.id, "name": p.name, "prefix": p.prefix, "created_at": p.created_at}),
+        )
+        .collect();
+    Ok(Json(json!({"account": info, "keys": keys, "providers": providers})).into_response())
+}
+
+pub(crate) fn role_of(s: &str) -> Result<Role, ApiError> {
+    match s {
+        "admin" => Ok(Role::Admin),
+        "moderator" => Ok(Role::Moderator),
+        "member" => Ok(Role::Member),
+        _ => Err(ApiError::bad_request(
+            "'role' must be one of admin, moderator, member.",
+            Some("role"),
+        )),
+    }
+}
+
+pub(crate) async fn create_account(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::ManageAccounts).await?;
+    let req: CreateAccount = json_body(&body)?;
+    check_name("name", &req.name)?;
+    let role = role_of(req.role.as_deref().unwrap_or("member"))?;
+    let id = st
+        .store
+        .create_account(&req.name, role, Standing::Active)
+        .await?;
+    starter_grant(&st, &req.name).await?;
+    action_log::record(
+        &st,
+        &actor,
+        "account.create",
+        "account",
+        id.to_string(),
+        Some(role.as_str()),
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "name": req.name, "role": role.as_str()})),
+    )
+        .into_response())
+}
+
+pub(crate) async fn approve(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::Approve).await?;
+    let a = account(&st, &name).await?;
+    if a.status != Standing::Pending {
+        return Err(ApiError::Conflict("the account is not pending".into()));
+    }
+    st.store
+        .set_standing(Target::Account, a.id, Standing::Active, None)
+        .await?;
+    st.keys.clear();
+    starter_grant(&st, &a.name).await?;
+    action_log::record(
+        &st,
+        &actor,
+        "account.approve",
+        "account",
+        a.id.to_string(),
+        None,
+    )
+    .await?;
+    Ok(Json(json!({"id": a.id, "name": a.name, "status": Standing::Active})).into_response())
+}
+
+pub(crate) async fn set_role(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::ManageAccounts).await?;
+    let req: SetRole = json_body(&body)?;
+    let role = role_of(&req.role)?;
+    let a = account(&st, &name).await?;
+    if a.id == actor.account_id {
+        return Err(ApiError::Refused("You cannot change your own role."));
+    }
+    st.store.set_role(a.id, role).await?;
+    st.keys.clear();
+    action_log::record(
+        &st,
+        &actor,
+        "account.role",
+        "account",
+        a.id.to_string(),
+        Some(role.as_str()),
+    )
+    .await?;
+    Ok(Json(json!({"id": a.id, "name": a.name, "role": role.as_str()})).into_response())
+}
+
+pub(crate) async fn add_group(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::ManageAccounts).await?;
+    let req: GroupReq = json_body(&body)?;
+    check_name("group", &req.group)?;
+    let a = account(&st, &name).await?;
+    st.store.add_to_group(a.id, &req.group).await?;
+    st.keys.clear();
+    action_log::record(
+        &st,
+        &actor,
+        "account.group_add",
+        "account",
+        a.id.to_string(),
+        Some(&req.group),
+    )
+    .await?;
+    Ok(Json(json!({"id": a.id, "name": a.name, "group": req.group})).into_response())
+}
+
+pub(crate) async fn remove_group(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path((name, group)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::ManageAccounts).await?;
+    let a = account(&st, &name).await?;
+    st.store
+        .remove_from_group(a.id, &group)
+        .await
+        .map_err(not_found("group membership"))?;
+    st.keys.clear();
+    action_log::record(
+        &st,
+        &actor,
+        "account.group_remove",
+        "account",
+        a.id.to_string(),
+        Some(&group),
+    )
+    .await?;
+    Ok(Json(json!({"id": a.id, "name": a.name, "removed_group": group})).into_response())
+}

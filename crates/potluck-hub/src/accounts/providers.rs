@@ -1,0 +1,94 @@
+//! Providers as the admin manages them: create (a token), list (with their live links),
+//! revoke (closing their links at once).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::HeaderMap;
+use potluck_protocol::admin::{List, ProviderInfo};
+use serde_json::json;
+
+use crate::accounts::keys::{create, Kind};
+use crate::books::action_log;
+use crate::http::auth::{self, Action};
+use crate::http::error::ApiError;
+use crate::state::HubState;
+
+pub(crate) async fn create_provider(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    create(&st, &headers, &body, Kind::Provider).await
+}
+
+pub(crate) async fn list_providers(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Json<List<ProviderInfo>>, ApiError> {
+    auth::staff(&st, &headers, Action::Providers).await?;
+    let live = st.registry.provider_summary();
+    let honesty = st.store.provider_honesty().await?;
+    let data = st
+        .store
+        .list_providers()
+        .await?
+        .into_iter()
+        .map(|p| {
+            let (connections, models, in_flight) = live.get(&p.id).cloned().unwrap_or_default();
+            let (trusted, reputation, quarantined, status) = honesty
+                .get(&p.id)
+                .cloned()
+                .unwrap_or((false, 1.0, false, "active".into()));
+            ProviderInfo {
+                state: if status != "active" || !quarantined {
+                    status
+                } else {
+                    "quarantined".into()
+                },
+                trusted,
+                reputation,
+                id: p.id,
+                name: p.name,
+                account: p.account,
+                prefix: p.prefix,
+                created_at: p.created_at,
+                revoked_at: p.revoked_at,
+                connections,
+                models,
+                in_flight,
+            }
+        })
+        .collect();
+    Ok(Json(List { data }))
+}
+
+pub(crate) async fn revoke_provider(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::Providers).await?;
+    let id = st.store.revoke_provider(&id).await.map_err(|e| match e {
+        potluck_store::StoreError::NotFound => ApiError::NotFound("provider"),
+        e => e.into(),
+    })?;
+    let closed = st.registry.remove_provider(id);
+    action_log::record(
+        &st,
+        &actor,
+        "provider.revoke",
+        "provider",
+        id.to_string(),
+        None,
+    )
+    .await?;
+    tracing::info!(
+        provider_id = id,
+        tunnels_closed = closed,
+        "provider revoked"
+    );
+    Ok(Json(json!({"id": id, "revoked": true, "tunnels_closed": closed})).into_response())
+}

@@ -1,0 +1,208 @@
+//! Sanctions: suspend or ban an account, a key or a provider, effective at once (its
+//! requests in flight are cut and its provider links closed), and lift them.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::HeaderMap;
+use potluck_protocol::admin::{SanctionReq, MAX_REASON_CHARS};
+use potluck_store::{Block, KeyAuth, Role, Standing, Target};
+use serde_json::{json, Value};
+
+use crate::accounts::{account, not_found};
+use crate::books::action_log;
+use crate::http::auth::{self, rank, Action};
+use crate::http::error::ApiError;
+use crate::http::extract::{json_body, parse_id, reason};
+use crate::state::HubState;
+
+/// A sanction's verb.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SanctionAction {
+    /// Refuse until lifted.
+    Suspend,
+    /// Refuse for good.
+    Ban,
+    /// Lift a suspension.
+    Unsuspend,
+    /// Lift a ban (or a suspension).
+    Unban,
+}
+
+impl SanctionAction {
+    pub(crate) fn parse(s: &str) -> Result<SanctionAction, ApiError> {
+        match s {
+            "suspend" => Ok(SanctionAction::Suspend),
+            "ban" => Ok(SanctionAction::Ban),
+            "unsuspend" => Ok(SanctionAction::Unsuspend),
+            "unban" => Ok(SanctionAction::Unban),
+            _ => Err(ApiError::bad_request(
+                "'action' must be one of suspend, ban, unsuspend, unban.",
+                Some("action"),
+            )),
+        }
+    }
+    fn as_str(self) -> &'static str {
+        match self {
+            SanctionAction::Suspend => "suspend",
+            SanctionAction::Ban => "ban",
+            SanctionAction::Unsuspend => "unsuspend",
+            SanctionAction::Unban => "unban",
+        }
+    }
+}
+
+/// Apply a sanction: store the standing and the reason, write the audit row, clear the
+/// key cache, refuse the party's tunnels and cut every request it takes part in.
+pub(crate) async fn sanction(
+    st: &HubState,
+    actor: &KeyAuth,
+    target: Target,
+    id: i64,
+    verb: SanctionAction,
+    why: Option<String>,
+) -> Result<Value, ApiError> {
+    let (current, owner, owner_role) = st
+        .store
+        .standing_of(target, id)
+        .await
+        .map_err(not_found(target.as_str()))?;
+    if owner_role == Role::System {
+        return Err(ApiError::NotFound(target.as_str()));
+    }
+    if owner == actor.account_id {
+        return Err(ApiError::Refused(
+            "You cannot sanction your own account, keys or providers.",
+        ));
+    }
+    if rank(owner_role) >= rank(Role::Moderator) && actor.role != Role::Admin {
+        return Err(ApiError::Refused("Only an admin can sanction staff."));
+    }
+    let imposing = matches!(verb, SanctionAction::Suspend | SanctionAction::Ban);
+    let why = reason(why, imposing, MAX_REASON_CHARS, "reason")?;
+    let standing = match verb {
+        SanctionAction::Suspend => Standing::Suspended,
+        SanctionAction::Ban => Standing::Banned,
+        SanctionAction::Unsuspend if current != Standing::Suspended => {
+            return Err(ApiError::Conflict(format!(
+                "the {} is not suspended",
+                target.as_str()
+            )))
+        }
+        SanctionAction::Unban if !matches!(current, Standing::Banned | Standing::Suspended) => {
+            return Err(ApiError::Conflict(format!(
+                "the {} is not banned",
+                target.as_str()
+            )))
+        }
+        SanctionAction::Unsuspend | SanctionAction::Unban => Standing::Active,
+    };
+    st.store
+        .set_standing(target, id, standing, why.as_deref())
+        .await
+        .map_err(not_found(target.as_str()))?;
+    st.keys.clear();
+    let (mut cut, mut closed) = (0, 0);
+    if imposing {
+        let block = Block {
+            target,
+            standing,
+            reason: why.clone(),
+        };
+        let as_provider = Block {
+            target: Target::Provider,
+            ..block.clone()
+        };
+        let providers = match target {
+            Target::Account => {
+                cut += st.inflight.cancel_account(id, &block);
+                st.store.account_providers(id).await?
+            }
+            Target::Key => {
+                cut += st.inflight.cancel_key(id, &block);
+                Vec::new()
+            }
+            Target::Provider => vec![id],
+        };
+        for p in providers {
+            closed += st.registry.remove_provider(p);
+            cut += st.inflight.cancel_provider(p, &as_provider);
+        }
+    }
+    action_log::record(
+        st,
+        actor,
+        &format!("{}.{}", target.as_str(), verb.as_str()),
+        target.as_str(),
+        id.to_string(),
+        why.as_deref(),
+    )
+    .await?;
+    tracing::info!(
+        target = target.as_str(),
+        id,
+        action = verb.as_str(),
+        by_account = actor.account_id,
+        requests_cut = cut,
+        tunnels_closed = closed,
+        "sanction"
+    );
+    Ok(json!({
+        "target": target.as_str(),
+        "id": id,
+        "status": standing,
+        "requests_cut": cut,
+        "tunnels_closed": closed,
+    }))
+}
+
+pub(crate) async fn sanction_req(
+    st: &HubState,
+    headers: &HeaderMap,
+    body: &[u8],
+    target: Target,
+    id: &str,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(st, headers, Action::Sanction).await?;
+    let req: SanctionReq = json_body(body)?;
+    let verb = SanctionAction::parse(&req.action)?;
+    let id = match target {
+        Target::Account => account(st, id).await?.id,
+        Target::Key => parse_id(id, "key")?,
+        Target::Provider => st
+            .store
+            .provider_id(id)
+            .await
+            .map_err(not_found("provider"))?,
+    };
+    Ok(Json(sanction(st, &actor, target, id, verb, req.reason).await?).into_response())
+}
+
+pub(crate) async fn sanction_account(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    sanction_req(&st, &headers, &body, Target::Account, &name).await
+}
+
+pub(crate) async fn sanction_key(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    sanction_req(&st, &headers, &body, Target::Key, &id).await
+}
+
+pub(crate) async fn sanction_provider(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    sanction_req(&st, &headers, &body, Target::Provider, &id).await
+}

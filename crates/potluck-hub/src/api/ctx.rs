@@ -1,0 +1,227 @@
+//! One routed request's context, and the two ways a request ends: refused before routing
+//! (`reject`), or finished after a provider was chosen (`Ctx::finish`).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::HeaderValue;
+use potluck_protocol::{InferenceEndpoint, ModelName};
+use potluck_store::KeyAuth;
+
+use crate::api::finish::{self, Ended, Outcome, Parties, ReceiptParts};
+use crate::books::limits::InFlight;
+use crate::config::micro;
+use crate::http::error::ApiError;
+use crate::routing::inflight::InFlightGuard;
+use crate::routing::link::{Outgoing, ProviderLink};
+use crate::routing::registry::Need;
+use crate::state::HubState;
+use crate::trust::plausibility::{self, Usage};
+use crate::trust::spot_checks::Job;
+
+/// Response header with the hub's request id.
+pub(crate) const HEADER_X_REQUEST_ID: &str = "x-request-id";
+
+/// Per-request context for relaying and accounting.
+pub(crate) struct Ctx {
+    pub(crate) request_id: String,
+    /// The request's span (request id, model; the provider once chosen).
+    pub(crate) span: tracing::Span,
+    pub(crate) key: KeyAuth,
+    pub(crate) anonymous: bool,
+    pub(crate) model: ModelName,
+    pub(crate) endpoint: InferenceEndpoint,
+    pub(crate) stream: bool,
+    pub(crate) started: Instant,
+    pub(crate) started_ms: i64,
+    pub(crate) queue_ms: Option<u64>,
+    /// What a provider must offer for this request.
+    pub(crate) need: Need,
+    /// The body, kept when this request was sampled for an audit replay.
+    pub(crate) audit_body: Option<Bytes>,
+    /// The consumer's text, kept when the output may need a guard check.
+    pub(crate) guard_input: Option<Arc<str>>,
+    /// The key's concurrent-request slot, held until the request ends.
+    pub(crate) _in_flight: InFlight,
+    /// Registered in the in-flight registry: a sanction cancels it.
+    pub(crate) cut: InFlightGuard,
+}
+
+impl Ctx {
+    pub(crate) fn response_id(&self) -> String {
+        match self.endpoint {
+            InferenceEndpoint::ChatCompletions => format!("chatcmpl-{}", self.request_id),
+            _ => format!("cmpl-{}", self.request_id),
+        }
+    }
+
+    fn log(&self, status: u16, outcome: Outcome, u: Usage) {
+        tracing::info!(
+            key_id = self.key.key_id,
+            endpoint = self.endpoint.label(),
+            stream = self.stream,
+            status,
+            outcome = outcome.as_str(),
+            prompt_tokens = u.prompt,
+            completion_tokens = u.completion,
+            queue_ms = self.queue_ms,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
+
+    fn books_view(&self) -> finish::Request<'_> {
+        finish::Request {
+            request_id: &self.request_id,
+            key_id: self.key.key_id,
+            account_id: self.key.account_id,
+            anonymous: self.anonymous,
+            model: &self.model,
+            endpoint: self.endpoint,
+            stream: self.stream,
+            started_ms: self.started_ms,
+        }
+    }
+
+    /// The end of a routed request: log, count tokens against the key's limits and the
+    /// provider's counters, send the receipt, queue the usage row and its settlement.
+    pub(crate) fn finish(
+        &self,
+        state: &HubState,
+        link: &ProviderLink,
+        status: u16,
+        outcome: Outcome,
+        usage: Usage,
+        ttft: Option<Duration>,
+    ) {
+        let _entered = self.span.enter();
+        self.log(status, outcome, usage);
+        let ended = Ended {
+            status,
+            outcome,
+            usage,
+            elapsed: self.started.elapsed(),
+            ttft,
+        };
+        state
+            .limiter
+            .add_tokens(self.key.key_id, usage.prompt + usage.completion);
+        if outcome == Outcome::Ok {
+            state.observe_service(&self.model, ended.elapsed);
+            self.spot_checks(state, link, &ended);
+        }
+        let tokens = finish::tokens(usage);
+        if tokens > 0 {
+            state
+                .registry
+                .add_tokens(link.provider_id, &self.model, tokens);
+        }
+        let r = self.books_view();
+        let cost = finish::cost(state.config.credits.rates(self.model.as_str()), usage);
+        self.send_receipt(state, link, &ended, cost);
+        let parties = Parties {
+            treasury: state.treasury,
+            provider_account: link.provider_account,
+            quarantined: link.quarantined.load(Ordering::Relaxed),
+            tax: micro(state.config.credits.tax_per_request),
+        };
+        state.accounting.record(crate::books::usage::Finished {
+            usage: finish::usage_row(&r, link.provider_id, &ended),
+            settlement: finish::settlement(&r, parties, usage, cost),
+        });
+    }
+
+    fn send_receipt(&self, state: &HubState, link: &ProviderLink, ended: &Ended, cost: i64) {
+        let parts = ReceiptParts {
+            hub_id: state.identity.hub_id().to_owned(),
+            consumer: state
+                .identity
+                .pseudonym(link.provider_id, self.key.account_id),
+            provider_id: link.provider_id,
+            model_sha256: link.offered(&self.model).and_then(|o| o.sha256),
+            time_ms: super::now_ms(),
+        };
+        let receipt = finish::receipt(&self.books_view(), parts, ended, cost);
+        if link.events.try_send(Outgoing::Receipt(receipt)).is_err() {
+            tracing::debug!("receipt not queued: the tunnel is gone or its queue is full");
+        }
+    }
+
+    /// After a successful request: queue its audit replay if it was sampled, and flag a
+    /// provider faster than its model's size class makes plausible.
+    fn spot_checks(&self, state: &HubState, link: &ProviderLink, ended: &Ended) {
+        if let Some(body) = &self.audit_body {
+            if let Some(t) = state.registry.tunnel_of(link.provider_id) {
+                state.auditor.submit(Job::Replay {
+                    sha256: t.offered(&self.model).and_then(|o| o.sha256),
+                    tunnel: t,
+                    endpoint: self.endpoint,
+                    model: self.model.clone(),
+                    body: body.clone(),
+                    account_id: self.key.account_id,
+                    request_id: self.request_id.clone(),
+                });
+            }
+        }
+        plausibility::check_speed(
+            state,
+            link,
+            &self.model,
+            ended.usage.completion,
+            (ended.elapsed, ended.ttft),
+            &self.request_id,
+        );
+    }
+
+    /// A provider failed (or the request was cut) before anything was relayed.
+    pub(crate) fn provider_failed(
+        &self,
+        state: &HubState,
+        link: &ProviderLink,
+        e: ApiError,
+    ) -> Response {
+        let status = e.status().as_u16();
+        self.finish(state, link, status, outcome_of(&e), Usage::default(), None);
+        with_request_id(e.into_response(), &self.request_id)
+    }
+}
+
+/// The outcome recorded for a request that ended in `e`.
+pub(crate) fn outcome_of(e: &ApiError) -> Outcome {
+    match e {
+        ApiError::NoCapacity { .. } => Outcome::NoCapacity,
+        ApiError::ProviderTimeout => Outcome::ProviderTimeout,
+        ApiError::ProviderFailed(_) => Outcome::ProviderError,
+        ApiError::Upstream { .. } => Outcome::BackendRejected,
+        _ => Outcome::Rejected,
+    }
+}
+
+/// A request refused before routing: logged without the model name (which the consumer
+/// typed and may be anything), not recorded as usage.
+pub(crate) fn reject(
+    request_id: &str,
+    endpoint: InferenceEndpoint,
+    key: Option<&KeyAuth>,
+    e: ApiError,
+) -> Response {
+    tracing::info!(
+        key_id = key.map(|k| k.key_id),
+        endpoint = endpoint.label(),
+        status = e.status().as_u16(),
+        blame = ?e.blame(),
+        "request rejected"
+    );
+    with_request_id(e.into_response(), request_id)
+}
+
+/// Add the `x-request-id` header.
+pub(crate) fn with_request_id(mut r: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        r.headers_mut().insert(HEADER_X_REQUEST_ID, v);
+    }
+    r
+}

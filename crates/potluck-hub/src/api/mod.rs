@@ -1,0 +1,221 @@
+//! The consumer's OpenAI API: models, chat completions, completions, embeddings.
+//!
+//! Only `model`, `stream`, `stream_options` and `max_tokens` are read from a request;
+//! everything else passes through untouched, except the fields that identify the consumer,
+//! which are removed so that nothing identifying reaches a provider. Bodies are never
+//! logged.
+//!
+//! A request's steps, one file each: [`admit`] (key, body, parse, limits, credits,
+//! priority), [`screen`] (the guard's input check), [`dispatch`] (a slot, the tunnel, one
+//! retry), [`relay`] (whole, streamed, queued), and [`ctx`]/[`finish`] (its end: usage row,
+//! receipt, settlement). Each request runs in one tracing span (request id, model,
+//! provider).
+
+pub(crate) mod admit;
+pub(crate) mod ctx;
+pub(crate) mod dispatch;
+pub(crate) mod finish;
+pub(crate) mod models;
+pub(crate) mod relay;
+pub(crate) mod screen;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use http::HeaderMap;
+use potluck_protocol::InferenceEndpoint;
+use potluck_store::KeyAuth;
+use tracing::Instrument;
+
+use crate::api::admit::{header_has, Parsed, HEADER_PREFER, HEADER_TRUST};
+use crate::api::ctx::{reject, Ctx};
+use crate::api::dispatch::Slot;
+use crate::books::limits::InFlight;
+use crate::http::auth;
+use crate::http::error::ApiError;
+use crate::routing::registry::Need;
+use crate::routing::send::new_request_id;
+use crate::state::HubState;
+
+/// Milliseconds since the epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// `POST /v1/chat/completions`
+pub(crate) async fn chat_completions(State(state): State<Arc<HubState>>, req: Request) -> Response {
+    inference(state, InferenceEndpoint::ChatCompletions, req).await
+}
+
+/// `POST /v1/completions`
+pub(crate) async fn completions(State(state): State<Arc<HubState>>, req: Request) -> Response {
+    inference(state, InferenceEndpoint::Completions, req).await
+}
+
+/// `POST /v1/embeddings`
+pub(crate) async fn embeddings(State(state): State<Arc<HubState>>, req: Request) -> Response {
+    inference(state, InferenceEndpoint::Embeddings, req).await
+}
+
+/// One inference request, in its span. The model and provider are recorded in the span
+/// once a provider is chosen (a refused request's model is the consumer's typing).
+async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Request) -> Response {
+    let started = Instant::now();
+    let request_id = new_request_id();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        model = tracing::field::Empty,
+        provider_id = tracing::field::Empty,
+    );
+    let (parts, body) = req.into_parts();
+    let start = Start {
+        request_id,
+        endpoint,
+        started,
+        span: span.clone(),
+    };
+    serve(state, start, parts.headers, body)
+        .instrument(span)
+        .await
+}
+
+/// What a request has before it is admitted.
+struct Start {
+    request_id: String,
+    endpoint: InferenceEndpoint,
+    started: Instant,
+    span: tracing::Span,
+}
+
+/// What admission gives a request.
+struct Admitted {
+    parsed: Parsed,
+    in_flight: InFlight,
+    priority: u8,
+    ctx_parts: CtxParts,
+}
+
+/// The parts of a [`Ctx`] decided during admission.
+struct CtxParts {
+    need: Need,
+    audit_body: Option<bytes::Bytes>,
+    guard_input: Option<Arc<str>>,
+}
+
+async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -> Response {
+    let (key, anonymous) = match auth::consumer_or_anonymous(&state, &headers).await {
+        Ok(k) => k,
+        Err(e) => return reject(&s.request_id, s.endpoint, None, e),
+    };
+    let admitted = match admit(&state, &s, &key, anonymous, &headers, body).await {
+        Ok(a) => a,
+        Err(e) => return reject(&s.request_id, s.endpoint, Some(&key), e),
+    };
+    let Admitted {
+        parsed,
+        in_flight,
+        priority,
+        ctx_parts,
+    } = admitted;
+    let cut = state
+        .inflight
+        .register(&s.request_id, key.account_id, key.key_id);
+    let ctx = Ctx {
+        cut,
+        request_id: s.request_id,
+        span: s.span,
+        key,
+        anonymous,
+        model: parsed.model.clone(),
+        endpoint: s.endpoint,
+        stream: parsed.stream,
+        started: s.started,
+        started_ms: now_ms(),
+        queue_ms: None,
+        need: ctx_parts.need,
+        audit_body: ctx_parts.audit_body,
+        guard_input: ctx_parts.guard_input,
+        _in_flight: in_flight,
+    };
+    route(state, ctx, parsed, priority).await
+}
+
+/// Admission: body, parse, limits, credits, the guard's input check, and what a provider
+/// must offer.
+async fn admit(
+    state: &HubState,
+    s: &Start,
+    key: &KeyAuth,
+    anonymous: bool,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Admitted, ApiError> {
+    let max = state.config.max_request_bytes;
+    admit::check_length(headers, max)?;
+    let raw = admit::read_body(body, max).await?;
+    let parsed = admit::parse(s.endpoint, &raw)?;
+    drop(raw);
+    let in_flight = admit::limits(state, key, anonymous).await?;
+    let priority = admit::priority(state, key, anonymous).await?;
+    let stages = screen::stages(state, s.endpoint, &parsed.model);
+    let guard_input: Option<Arc<str>> = (stages.input || stages.output)
+        .then(|| Arc::from(crate::trust::guard::input_text(&parsed.body)));
+    if let (true, Some(text)) = (stages.input, &guard_input) {
+        screen::check_input(state, &s.request_id, key.account_id, &parsed.model, text).await?;
+    }
+    let audit_body = (s.endpoint != InferenceEndpoint::Embeddings && state.auditor.sample())
+        .then(|| parsed.body.clone());
+    let need = Need {
+        groups: Arc::clone(&key.groups),
+        low_power: header_has(headers, HEADER_PREFER, "low-power") || key.prefer_low_power,
+        trusted_only: trusted_header(headers) || key.trusted_only,
+        can_moderate: state.config.moderation.enabled(),
+        max_tokens: parsed.max_tokens,
+        context: parsed
+            .max_tokens
+            .map(|m| m.saturating_add(parsed.prompt_estimate)),
+    };
+    Ok(Admitted {
+        parsed,
+        in_flight,
+        priority,
+        ctx_parts: CtxParts {
+            need,
+            audit_body,
+            guard_input: guard_input.filter(|_| stages.output),
+        },
+    })
+}
+
+/// `x-potluck-trust: trusted` (the whole value, not a list).
+fn trusted_header(headers: &HeaderMap) -> bool {
+    headers
+        .get(HEADER_TRUST)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("trusted"))
+}
+
+/// Get a slot, send, relay.
+async fn route(state: Arc<HubState>, mut ctx: Ctx, parsed: Parsed, priority: u8) -> Response {
+    let lease = match dispatch::acquire(&state, &mut ctx, priority, parsed.stream).await {
+        Ok(Slot::Now(l)) => l,
+        Ok(Slot::QueuedStream(ticket)) => {
+            return relay::queued::queued_stream(state, ctx, parsed, ticket)
+        }
+        Err(e) => return reject(&ctx.request_id, ctx.endpoint, Some(&ctx.key), e),
+    };
+    match dispatch::dispatch(&state, &ctx, &parsed, lease).await {
+        Ok((lease, resp)) if parsed.stream && resp.status().is_success() => {
+            relay::stream::relay_stream(state, ctx, parsed.wants_usage, lease, resp)
+        }
+        Ok((lease, resp)) => relay::whole::relay_whole(&state, &ctx, lease, resp).await,
+        Err((link, e)) => ctx.provider_failed(&state, &link, e),
+    }
+}

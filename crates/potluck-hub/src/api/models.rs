@@ -1,0 +1,88 @@
+//! The pool as consumers see it: `GET /v1/models`, `/v1/models/{model}` and `/v1/pool`,
+//! and the answers to unknown paths and methods.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use http::HeaderMap;
+use potluck_protocol::ModelName;
+use potluck_store::KeyAuth;
+use serde_json::{json, Value};
+
+use crate::http::auth;
+use crate::http::error::ApiError;
+use crate::routing::registry::ModelStatus;
+use crate::state::HubState;
+
+/// `GET /v1/models`
+pub(crate) async fn list_models(
+    State(state): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (key, _) = auth::consumer_or_anonymous(&state, &headers).await?;
+    let data: Vec<Value> = state
+        .registry
+        .pool_for(&consumer_groups(&key))
+        .iter()
+        .map(|(m, s)| model_object(m, s))
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// `GET /v1/models/{model}`
+pub(crate) async fn get_model(
+    State(state): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let (key, _) = auth::consumer_or_anonymous(&state, &headers).await?;
+    let name = ModelName::parse(&model).map_err(|_| ApiError::NotFound("model"))?;
+    let pool = state.registry.pool_for(&consumer_groups(&key));
+    let s = pool
+        .get(&name)
+        .ok_or(ApiError::ModelNotFound(name.to_string()))?;
+    Ok(axum::Json(model_object(&name, s)).into_response())
+}
+
+/// The OpenAI model object, plus the pool's facts: providers, the model files' SHA-256
+/// hashes, and the largest `max_tokens` a provider accepts.
+fn model_object(m: &ModelName, s: &ModelStatus) -> Value {
+    json!({"id": m.as_str(), "object": "model", "created": 0, "owned_by": "potluck",
+           "providers": s.providers, "sha256": s.sha256, "max_tokens": s.max_tokens})
+}
+
+/// The consumer's hub groups (providers may serve only some groups).
+fn consumer_groups(key: &KeyAuth) -> Vec<String> {
+    key.groups.to_vec()
+}
+
+/// Unknown path.
+pub(crate) async fn fallback() -> ApiError {
+    ApiError::NotFound("endpoint")
+}
+
+/// Known path, wrong method.
+pub(crate) async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// `GET /v1/pool`: per model, providers, capacity, in flight, queued and typical duration.
+pub(crate) async fn pool(
+    State(state): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (key, _) = auth::consumer_or_anonymous(&state, &headers).await?;
+    let data: Vec<Value> = state
+        .registry
+        .pool_for(&consumer_groups(&key))
+        .into_iter()
+        .map(|(m, s)| {
+            let avg = state.service_ms(&m);
+            json!({"model": m.as_str(), "providers": s.providers, "capacity": s.capacity, "in_flight": s.in_flight,
+                   "queued": s.queued, "avg_duration_ms": avg.map(|v| v.round() as u64),
+                   "sha256": s.sha256, "by_provider": s.by_provider})
+        })
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}

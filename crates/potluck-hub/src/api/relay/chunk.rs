@@ -1,0 +1,121 @@
+//! One streamed chunk, read without building a JSON tree: the usage object, the text of
+//! each choice, and the chunk written back with the hub's `id` and `model`.
+
+use indexmap::IndexMap;
+use serde_json::value::RawValue;
+
+/// The usage object of a chunk.
+#[derive(serde::Deserialize)]
+pub(crate) struct UsageView {
+    #[serde(default)]
+    pub(crate) prompt_tokens: i64,
+    #[serde(default)]
+    pub(crate) completion_tokens: i64,
+}
+
+/// Text-bearing fields of a streamed choice (everything else is ignored).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub(crate) struct TextView<'a> {
+    #[serde(borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    reasoning_content: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// One streamed choice: chat (`delta`) or completions (`text`).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub(crate) struct ChoiceView<'a> {
+    #[serde(borrow)]
+    delta: Option<TextView<'a>>,
+    #[serde(borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl ChoiceView<'_> {
+    pub(crate) fn push_text(&self, out: &mut String) {
+        let d = self.delta.as_ref();
+        for t in [d.and_then(|d| d.content.as_deref()), self.text.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            out.push_str(t);
+        }
+    }
+
+    pub(crate) fn chars(&self) -> usize {
+        let d = self.delta.as_ref();
+        [
+            d.and_then(|d| d.content.as_deref()),
+            d.and_then(|d| d.reasoning_content.as_deref()),
+            self.text.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|s| s.chars().count())
+        .sum()
+    }
+}
+
+/// Write one chunk back as an SSE `data:` line: its top-level fields in order, `model`
+/// and `id` replaced by the hub's (`model_json`, `id_json`, already JSON), and `usage`
+/// left out unless the consumer asked for it.
+pub(crate) fn splice(
+    top: &IndexMap<&str, &RawValue>,
+    model_json: &[u8],
+    id_json: &[u8],
+    wants_usage: bool,
+    size_hint: usize,
+) -> Vec<u8> {
+    let mut line = Vec::with_capacity(size_hint + 64);
+    line.extend_from_slice(b"data: {");
+    let mut first = true;
+    for (k, v) in top {
+        if *k == "usage" && !wants_usage {
+            continue;
+        }
+        if !first {
+            line.push(b',');
+        }
+        first = false;
+        // Keys came unescaped from valid JSON (borrowing fails otherwise), so they
+        // can be written back as they are.
+        line.push(b'"');
+        line.extend_from_slice(k.as_bytes());
+        line.extend_from_slice(b"\":");
+        match *k {
+            "model" => line.extend_from_slice(model_json),
+            "id" => line.extend_from_slice(id_json),
+            _ => line.extend_from_slice(v.get().as_bytes()),
+        }
+    }
+    line.extend_from_slice(b"}\n\n");
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_text_is_counted_with_escapes() {
+        let c: Vec<ChoiceView<'_>> =
+            serde_json::from_str(r#"[{"index":0,"delta":{"content":"a\"b\u00e9","role":"assistant"},"finish_reason":null},{"text":"xy"}]"#).unwrap();
+        assert_eq!(c.iter().map(ChoiceView::chars).sum::<usize>(), 6);
+        let empty: Vec<ChoiceView<'_>> =
+            serde_json::from_str(r#"[{"index":0,"delta":{},"finish_reason":"stop"}]"#).unwrap();
+        assert_eq!(empty[0].chars(), 0);
+    }
+
+    #[test]
+    fn splice_rewrites_id_and_model_and_drops_usage() {
+        let data = br#"{"id":"x","model":"alias","choices":[],"usage":{"prompt_tokens":1}}"#;
+        let top: IndexMap<&str, &RawValue> = serde_json::from_slice(data).unwrap();
+        let line = splice(&top, br#""m""#, br#""cmpl-1""#, false, data.len());
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            "data: {\"id\":\"cmpl-1\",\"model\":\"m\",\"choices\":[]}\n\n"
+        );
+    }
+}

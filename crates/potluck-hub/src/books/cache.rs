@@ -1,0 +1,84 @@
+//! Small time-bounded caches in front of the database for the two lookups every request
+//! makes: the key behind a bearer secret, and an account's balance. Admin changes in this
+//! hub (revocations, limits, grants) clear them at once; the TTL bounds staleness from
+//! anything else (another hub on the same database, settlements in flight).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a resolved key is trusted without asking the database again.
+pub(crate) const KEY_TTL: Duration = Duration::from_secs(5);
+/// How long a balance is trusted without asking the database again.
+pub(crate) const BALANCE_TTL: Duration = Duration::from_secs(1);
+/// Entries before a cache is emptied (a bound on memory, not a working-set size).
+pub(crate) const MAX_ENTRIES: usize = 100_000;
+
+/// A map whose entries expire.
+#[derive(Debug)]
+pub(crate) struct TtlCache<K, V> {
+    ttl: Duration,
+    map: Mutex<HashMap<K, (V, Instant)>>,
+}
+
+impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
+    /// An empty cache.
+    pub(crate) fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, (V, Instant)>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fresh value, if any.
+    pub(crate) fn get(&self, k: &K) -> Option<V> {
+        let map = self.lock();
+        let (v, at) = map.get(k)?;
+        (at.elapsed() < self.ttl).then(|| v.clone())
+    }
+
+    /// Remember a value.
+    pub(crate) fn put(&self, k: K, v: V) {
+        let mut map = self.lock();
+        if map.len() >= MAX_ENTRIES {
+            map.clear();
+        }
+        map.insert(k, (v, Instant::now()));
+    }
+
+    /// Forget one value.
+    pub(crate) fn remove(&self, k: &K) {
+        self.lock().remove(k);
+    }
+
+    /// Forget everything.
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_and_bounds() {
+        let c = TtlCache::new(Duration::from_millis(0));
+        c.put(1, "a");
+        assert_eq!(c.get(&1), None, "expired at once");
+        let c = TtlCache::new(Duration::from_secs(60));
+        c.put(1, "a");
+        assert_eq!(c.get(&1), Some("a"));
+        c.remove(&1);
+        assert_eq!(c.get(&1), None);
+        for i in 0..=MAX_ENTRIES {
+            c.put(i, "x");
+        }
+        assert!(c.lock().len() <= MAX_ENTRIES);
+    }
+}

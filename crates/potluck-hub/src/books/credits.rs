@@ -1,0 +1,30 @@
+//! Credits as the request path and staff need them: a member's available balance
+//! (cached), and the starter grant of a new account.
+
+use crate::config::micro;
+use crate::http::error::ApiError;
+use crate::state::HubState;
+
+/// New accounts get the configured starter grant, once.
+pub(crate) async fn starter_grant(st: &HubState, account: &str) -> Result<(), ApiError> {
+    if let Some(a) = st.store.account_by_name(account).await? {
+        if st
+            .store
+            .starter_grant(a.id, micro(st.config.credits.starter_grant))
+            .await?
+        {
+            tracing::info!(account_id = a.id, "starter grant given");
+        }
+    }
+    Ok(())
+}
+
+/// An account's available balance (cached briefly).
+pub(crate) async fn available(state: &HubState, account_id: i64) -> Result<i64, ApiError> {
+    if let Some(b) = state.balances.get(&account_id) {
+        return Ok(b);
+    }
+    let b = state.store.balance(account_id).await?.available;
+    state.balances.put(account_id, b);
+    Ok(b)
+}

@@ -1,0 +1,467 @@
+//! The hub's configuration: every limit and timeout is a named field with a default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+mod trust;
+
+pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// Hub configuration (TOML file, `[hub]`-less: fields at the top level).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Where to listen for consumers, agents and admins.
+    pub listen: SocketAddr,
+    /// Holds `hub.db` and `admin.key`.
+    pub data_dir: PathBuf,
+    /// Largest consumer request body, in bytes (413 above).
+    pub max_request_bytes: usize,
+    /// Largest non-streamed provider response, in bytes (502 above).
+    pub max_response_bytes: usize,
+    /// Longest SSE line accepted from a provider, in bytes.
+    pub max_sse_line_bytes: usize,
+    /// How long a provider may take to send response headers (504 after).
+    #[serde(with = "secs")]
+    pub provider_header_timeout: Duration,
+    /// How long a non-streamed body may take once headers arrived.
+    #[serde(with = "secs")]
+    pub provider_body_timeout: Duration,
+    /// Longest silence between two streamed chunks before the stream is ended.
+    #[serde(with = "secs")]
+    pub stream_idle_timeout: Duration,
+    /// `Retry-After` seconds when no provider can take a request.
+    pub retry_after_secs: u64,
+    /// Grace period for in-flight requests at shutdown.
+    #[serde(with = "secs")]
+    pub shutdown_grace: Duration,
+    /// Capacity of the usage-record queue between requests and the database writer.
+    pub usage_queue: usize,
+    /// The wait queue in front of busy providers.
+    pub queue: QueueConfig,
+    /// Credits: prices, grants, escrow, priority.
+    pub credits: CreditsConfig,
+    /// Default per-key limits (the admin API overrides them per key).
+    pub limits: LimitsConfig,
+    /// Access without a key (off by default).
+    pub anonymous: AnonymousConfig,
+    /// Model supply chain: when not empty, only these model files may be served, by
+    /// name and SHA-256 (`[[model_allowlist]]` entries).
+    pub model_allowlist: Vec<AllowedModel>,
+    /// Guard-model moderation of input and output (TOML `[moderation]`, or `[guard]`).
+    #[serde(alias = "guard")]
+    pub moderation: GuardConfig,
+    /// Spot checks of providers: replays on trusted references, canaries, plausibility
+    /// (TOML `[audit]`, or `[spot_checks]`).
+    #[serde(alias = "spot_checks")]
+    pub audit: SpotCheckConfig,
+    /// Accounts: how people join.
+    pub accounts: AccountsConfig,
+    /// How long content-free records are kept.
+    pub retention: RetentionConfig,
+}
+
+/// How new accounts join through `POST /v1/signup`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinMode {
+    /// Anyone may sign up; the account is active at once. Every new account gets the
+    /// starter grant, so an open hub with a starter grant invites throwaway accounts.
+    Open,
+    /// Signing up needs an unused, unexpired invite code from an admin or a moderator.
+    /// The default: a community hub grows by invitation.
+    #[default]
+    Invite,
+    /// Anyone may sign up, but the account stays `pending` (its key answers 403) until a
+    /// moderator approves it. A valid invite code skips the wait.
+    Approval,
+}
+
+/// Accounts.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountsConfig {
+    /// `open`, `invite` (default) or `approval`.
+    pub mode: JoinMode,
+}
+
+/// Retention of content-free records. Ledger rows are financial records and are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Usage rows older than this many days are deleted once a day (0: keep forever).
+    pub usage_days: u32,
+}
+
+/// How often the retention job runs.
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self { usage_days: 30 }
+    }
+}
+
+/// One allowed model: a public name and the hashes of the files that may serve it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowedModel {
+    /// The public model name.
+    pub name: String,
+    /// SHA-256 hashes of the allowed files (64 hex digits each).
+    pub sha256: Vec<potluck_protocol::tunnel::ModelHash>,
+    /// Where the hashes come from (a URL, a release), for the operator's eyes.
+    #[serde(default)]
+    pub source: String,
+}
+
+impl HubConfig {
+    /// Whether a provider may serve `name` with a file of hash `hash`: `Err` says why
+    /// not. With an empty allow-list everything is allowed.
+    pub fn check_model(
+        &self,
+        name: &str,
+        hash: Option<&potluck_protocol::tunnel::ModelHash>,
+    ) -> Result<(), String> {
+        if self.model_allowlist.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<&AllowedModel> = self
+            .model_allowlist
+            .iter()
+            .filter(|a| a.name == name)
+            .collect();
+        if entries.is_empty() {
+            return Err(format!(
+                "model {name:?} is not on this hub's model allow-list"
+            ));
+        }
+        let Some(hash) = hash else {
+            return Err(format!(
+                "model {name:?} needs a file hash on this hub, and the agent reported none (set the model's `file` in the agent config)"
+            ));
+        };
+        if entries.iter().any(|a| a.sha256.contains(hash)) {
+            Ok(())
+        } else {
+            let sources: Vec<&str> = entries
+                .iter()
+                .map(|a| a.source.as_str())
+                .filter(|s| !s.is_empty())
+                .collect();
+            Err(format!(
+                "model {name:?} file sha256 {hash} is not on this hub's allow-list{}",
+                if sources.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (allowed files: {})", sources.join(", "))
+                }
+            ))
+        }
+    }
+}
+
+/// The wait queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Longest wait for a slot before 503 (seconds).
+    #[serde(with = "secs")]
+    pub max_wait: Duration,
+    /// Most requests waiting per model before 503.
+    pub max_length: usize,
+    /// How often a waiting stream gets a `: queued` comment (seconds).
+    #[serde(with = "secs")]
+    pub progress_interval: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_wait: Duration::from_secs(60),
+            max_length: 10_000,
+            progress_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Prices of one model size class, in micro-credits per token.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rates {
+    /// Per prompt (input) token.
+    pub prompt: i64,
+    /// Per completion (output) token.
+    pub completion: i64,
+}
+
+/// Credits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CreditsConfig {
+    /// Refuse requests (429, `x-should-retry: false`) from accounts with no credits left.
+    pub require_credits: bool,
+    /// Given once to every new account (credits).
+    pub starter_grant: f64,
+    /// Paid to the hub per served request on top of the price (credits).
+    pub tax_per_request: f64,
+    /// Size class of models not listed in `models`.
+    pub default_class: String,
+    /// Prices per size class.
+    pub classes: std::collections::BTreeMap<String, Rates>,
+    /// Model name → size class.
+    pub models: std::collections::BTreeMap<String, String>,
+    /// How long a provider's earnings stay in escrow (seconds).
+    #[serde(with = "secs")]
+    pub vesting: Duration,
+    /// Once a provider's account earned this much (credits), its earnings vest at once.
+    pub trust_threshold: f64,
+    /// Accounts with at least this balance (credits) get high priority.
+    pub high_priority_balance: f64,
+}
+
+impl Default for CreditsConfig {
+    fn default() -> Self {
+        let classes = [
+            (
+                "small".to_owned(),
+                Rates {
+                    prompt: 25,
+                    completion: 100,
+                },
+            ),
+            (
+                "medium".to_owned(),
+                Rates {
+                    prompt: 100,
+                    completion: 400,
+                },
+            ),
+            (
+                "large".to_owned(),
+                Rates {
+                    prompt: 400,
+                    completion: 1600,
+                },
+            ),
+        ]
+        .into_iter()
+        .collect();
+        Self {
+            require_credits: true,
+            starter_grant: 100.0,
+            tax_per_request: 0.0,
+            default_class: "small".into(),
+            classes,
+            models: Default::default(),
+            vesting: Duration::from_secs(24 * 3600),
+            trust_threshold: 100.0,
+            high_priority_balance: 1000.0,
+        }
+    }
+}
+
+impl CreditsConfig {
+    /// Rates for a model.
+    /// The size class of a model.
+    pub fn class_of(&self, model: &str) -> &str {
+        self.models.get(model).unwrap_or(&self.default_class)
+    }
+
+    /// Prices of a model.
+    pub fn rates(&self, model: &str) -> Rates {
+        let class = self.models.get(model).unwrap_or(&self.default_class);
+        self.classes.get(class).copied().unwrap_or(Rates {
+            prompt: 0,
+            completion: 0,
+        })
+    }
+}
+
+/// Credits to micro-credits.
+pub fn micro(credits: f64) -> i64 {
+    (credits * 1_000_000.0).round() as i64
+}
+
+/// Default limits of a key. `None`: unlimited.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Requests per minute.
+    pub rpm: Option<i64>,
+    /// Tokens per minute.
+    pub tpm: Option<i64>,
+    /// Requests in flight.
+    pub max_concurrent: Option<i64>,
+    /// Tokens per UTC day.
+    pub daily_tokens: Option<i64>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            rpm: Some(600),
+            tpm: None,
+            max_concurrent: Some(64),
+            daily_tokens: None,
+        }
+    }
+}
+
+/// Anonymous access: requests without a key, lowest priority, tight limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnonymousConfig {
+    /// Allow it.
+    pub enabled: bool,
+    /// Limits of the shared anonymous key.
+    pub limits: LimitsConfig,
+}
+
+impl Default for AnonymousConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            limits: LimitsConfig {
+                rpm: Some(10),
+                tpm: Some(20_000),
+                max_concurrent: Some(2),
+                daily_tokens: Some(100_000),
+            },
+        }
+    }
+}
+
+impl HubConfig {
+    /// Check cross-field rules serde cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self
+            .credits
+            .classes
+            .contains_key(&self.credits.default_class)
+        {
+            return Err(format!(
+                "credits.default_class {:?} is not one of credits.classes",
+                self.credits.default_class
+            ));
+        }
+        for (m, c) in &self.credits.models {
+            if !self.credits.classes.contains_key(c) {
+                return Err(format!("credits.models.{m:?} names an unknown class {c:?}"));
+            }
+        }
+        for (name, r) in &self.credits.classes {
+            if r.prompt < 0 || r.completion < 0 {
+                return Err(format!(
+                    "credits.classes.{name}: rates must not be negative"
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.audit.rate)
+            || !(0.0..=1.0).contains(&self.audit.min_agreement)
+            || !(0.0..=1.0).contains(&self.audit.quarantine_below)
+        {
+            return Err(
+                "audit.rate, audit.min_agreement and audit.quarantine_below must be between 0 and 1"
+                    .into(),
+            );
+        }
+        if self.moderation.enabled()
+            && (self.moderation.window_tokens == 0
+                || self.moderation.overlap_tokens >= self.moderation.window_tokens)
+        {
+            return Err(
+                "moderation.window_tokens must be positive and larger than moderation.overlap_tokens"
+                    .into(),
+            );
+        }
+        if self.credits.starter_grant < 0.0 || self.credits.tax_per_request < 0.0 {
+            return Err(
+                "credits.starter_grant and credits.tax_per_request must not be negative".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir: PathBuf::from("potluck-data"),
+            max_request_bytes: 8 * 1024 * 1024,
+            max_response_bytes: 64 * 1024 * 1024,
+            max_sse_line_bytes: 1024 * 1024,
+            provider_header_timeout: Duration::from_secs(600),
+            provider_body_timeout: Duration::from_secs(600),
+            stream_idle_timeout: Duration::from_secs(120),
+            retry_after_secs: 5,
+            shutdown_grace: Duration::from_secs(10),
+            usage_queue: 65_536,
+            queue: QueueConfig::default(),
+            credits: CreditsConfig::default(),
+            limits: LimitsConfig::default(),
+            anonymous: AnonymousConfig::default(),
+            model_allowlist: Vec::new(),
+            moderation: GuardConfig::default(),
+            audit: SpotCheckConfig::default(),
+            accounts: AccountsConfig::default(),
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+/// Durations as (fractional) seconds in TOML.
+pub(crate) mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = f64::deserialize(d)?;
+        if !(s.is_finite() && (0.0..1e9).contains(&s)) {
+            return Err(serde::de::Error::custom(
+                "expected a number of seconds between 0 and 1e9",
+            ));
+        }
+        Ok(Duration::from_secs_f64(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_fields_and_errors() {
+        let c: HubConfig =
+            toml::from_str("listen = \"0.0.0.0:9000\"\nstream_idle_timeout = 2.5").unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.stream_idle_timeout, Duration::from_millis(2500));
+        let e = toml::from_str::<HubConfig>("max_request_bytes = \"big\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_request_bytes"), "{e}");
+        let e = toml::from_str::<HubConfig>("nope = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
+        let c: HubConfig =
+            toml::from_str("[accounts]\nmode = \"approval\"\n[retention]\nusage_days = 7").unwrap();
+        assert_eq!(c.accounts.mode, JoinMode::Approval);
+        assert_eq!(c.retention.usage_days, 7);
+        assert_eq!(HubConfig::default().accounts.mode, JoinMode::Invite);
+        let e = toml::from_str::<HubConfig>("[accounts]\nmode = \"closed\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("open") && e.contains("approval"), "{e}");
+    }
+}

@@ -1,0 +1,146 @@
+//! The trust room's settings: the guard model ([`GuardConfig`]) and spot checks of
+//! providers ([`SpotCheckConfig`]).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Which side of a request a guard model checks.
+pub type ModerationMode = potluck_protocol::tunnel::Moderation;
+
+/// The guard's prompt format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardFormat {
+    /// Llama Guard 3: answers `safe`, or `unsafe` and S1–S14 category codes.
+    LlamaGuard,
+    /// ShieldGemma: answers Yes/No per policy.
+    Shieldgemma,
+}
+
+/// Guard-model moderation. Off unless `guard_model` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// A model in the pool that acts as the guard (empty: no moderation).
+    pub guard_model: String,
+    /// Its prompt format.
+    pub format: GuardFormat,
+    /// Llama Guard categories that block (`S1`…`S14`); empty: every unsafe verdict
+    /// blocks. For ShieldGemma: the names of `policies` that block (empty: all).
+    pub blocked_categories: Vec<String>,
+    /// ShieldGemma policies: name → the principle's text.
+    pub policies: std::collections::BTreeMap<String, String>,
+    /// Moderation for every model (`none`, `input`, `output`, `both`).
+    pub default: ModerationMode,
+    /// Per-model overrides.
+    pub models: std::collections::BTreeMap<String, ModerationMode>,
+    /// Output is checked every this many tokens.
+    pub window_tokens: usize,
+    /// Tokens of the previous window repeated at the start of the next one.
+    pub overlap_tokens: usize,
+    /// Hold output back until its window passed the guard (no unchecked text reaches
+    /// the consumer; adds latency). Off: text flows and a failed window ends the stream.
+    pub holdback: bool,
+    /// Longest wait for a guard verdict (seconds).
+    #[serde(with = "super::secs")]
+    pub timeout: Duration,
+    /// Block when the guard fails or its answer cannot be read (fail closed); off:
+    /// let the request through (fail open).
+    pub fail_closed: bool,
+    /// Most tokens the guard may answer with.
+    pub max_guard_tokens: u32,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            guard_model: String::new(),
+            format: GuardFormat::LlamaGuard,
+            blocked_categories: Vec::new(),
+            policies: std::collections::BTreeMap::new(),
+            default: ModerationMode::None,
+            models: std::collections::BTreeMap::new(),
+            window_tokens: 200,
+            overlap_tokens: 50,
+            holdback: false,
+            timeout: Duration::from_secs(30),
+            fail_closed: true,
+            max_guard_tokens: 20,
+        }
+    }
+}
+
+impl GuardConfig {
+    /// Whether a guard is configured.
+    pub fn enabled(&self) -> bool {
+        !self.guard_model.is_empty()
+    }
+
+    /// The hub's own policy for a model.
+    pub fn mode_for(&self, model: &str) -> ModerationMode {
+        if !self.enabled() {
+            return ModerationMode::None;
+        }
+        self.models.get(model).copied().unwrap_or(self.default)
+    }
+}
+
+/// Spot checks of providers (replays, canaries, plausibility) and their reputation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpotCheckConfig {
+    /// Fraction of real requests replayed on a trusted reference (0 to 1).
+    pub rate: f64,
+    /// Tokens (words) of the answers compared.
+    pub compare_tokens: usize,
+    /// Least agreement over those tokens that passes (honest nondeterminism tolerance).
+    pub min_agreement: f64,
+    /// Score added by a passed audit (capped at 1).
+    pub pass_reward: f64,
+    /// Score multiplied by this on a failed audit.
+    pub fail_factor: f64,
+    /// Score multiplied by this on a plausibility flag (speed, usage).
+    pub flag_factor: f64,
+    /// Below this score a provider is quarantined.
+    pub quarantine_below: f64,
+    /// Seconds between synthetic canary prompts (0: none).
+    #[serde(with = "super::secs")]
+    pub canary_interval: Duration,
+    /// Fixed seed for the audit sampler (tests); random when unset.
+    pub seed: Option<u64>,
+    /// Most completion tokens per second a provider of a size class may plausibly
+    /// deliver (`credits.classes` names).
+    pub max_tokens_per_sec: std::collections::BTreeMap<String, f64>,
+    /// Speed is judged only on answers with at least this many completion tokens.
+    pub min_tokens_for_speed: i64,
+}
+
+impl Default for SpotCheckConfig {
+    fn default() -> Self {
+        Self {
+            rate: 0.02,
+            compare_tokens: 32,
+            // Calibrated on two honest llama.cpp servers serving the same file at
+            // temperature 0: batching with other requests makes them diverge, but after
+            // a common prefix (see BENCHMARKS.md); other models and injected text diverge
+            // at once.
+            min_agreement: 0.15,
+            pass_reward: 0.1,
+            // Three failed audits in a row quarantine (1 → 0.6 → 0.36 → 0.22).
+            fail_factor: 0.6,
+            flag_factor: 0.8,
+            quarantine_below: 0.3,
+            canary_interval: Duration::from_secs(600),
+            seed: None,
+            max_tokens_per_sec: [
+                ("small".to_owned(), 5000.0),
+                ("medium".to_owned(), 1000.0),
+                ("large".to_owned(), 300.0),
+            ]
+            .into_iter()
+            .collect(),
+            min_tokens_for_speed: 64,
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Bearer-key authentication for the consumer and admin APIs, and the one table of
+//! which role may call which admin endpoint ([`Action::min_role`]).
+
+use http::HeaderMap;
+use potluck_store::{KeyAuth, ProviderAuth, Role, Secret, SecretKind};
+
+use crate::http::error::ApiError;
+use crate::state::HubState;
+
+/// Longest `Authorization` header value considered.
+pub(crate) const MAX_AUTH_HEADER_BYTES: usize = 512;
+
+/// The bearer token of a request, if well-formed.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<Secret> {
+    let v = headers.get(http::header::AUTHORIZATION)?;
+    if v.len() > MAX_AUTH_HEADER_BYTES {
+        return None;
+    }
+    let s = v.to_str().ok()?;
+    let (scheme, token) = s.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return None;
+    }
+    Some(Secret::new(token))
+}
+
+/// Authenticate a consumer (any valid key of an account and a key in good standing).
+/// A pending, suspended or banned account or key is refused with 403 and the reason.
+pub(crate) async fn consumer(state: &HubState, headers: &HeaderMap) -> Result<KeyAuth, ApiError> {
+    let secret = bearer(headers).ok_or(ApiError::Unauthorized)?;
+    key(state, &secret).await
+}
+
+async fn key(state: &HubState, secret: &Secret) -> Result<KeyAuth, ApiError> {
+    let hash = secret.hash();
+    let k = match state.keys.get(&hash) {
+        Some(k) => k,
+        None => {
+            let k = state
+                .store
+                .authenticate_key(secret)
+                .await?
+                .ok_or(ApiError::Unauthorized)?;
+            state.keys.put(hash, k.clone());
+            k
+        }
+    };
+    match k.block {
+        Some(b) => Err(ApiError::Blocked(b)),
+        None => Ok(k),
+    }
+}
+
+/// Who files or reads a report: a consumer key, or a provider token (`pt-…`).
+#[derive(Debug, Clone)]
+pub(crate) enum Reporter {
+    /// A consumer key.
+    Consumer(KeyAuth),
+    /// A provider token.
+    Provider(ProviderAuth),
+}
+
+impl Reporter {
+    /// The reporter's account.
+    pub(crate) fn account_id(&self) -> i64 {
+        match self {
+            Reporter::Consumer(k) => k.account_id,
+            Reporter::Provider(p) => p.account_id,
+        }
+    }
+
+    /// The reporting provider, if a provider token.
+    pub(crate) fn provider_id(&self) -> Option<i64> {
+        match self {
+            Reporter::Consumer(_) => None,
+            Reporter::Provider(p) => Some(p.provider_id),
+        }
+    }
+}
+
+/// Authenticate a consumer key or a provider token, in good standing.
+pub(crate) async fn reporter(state: &HubState, headers: &HeaderMap) -> Result<Reporter, ApiError> {
+    let secret = bearer(headers).ok_or(ApiError::Unauthorized)?;
+    if !secret
+        .expose()
+        .starts_with(SecretKind::ProviderToken.prefix())
+    {
+        return Ok(Reporter::Consumer(key(state, &secret).await?));
+    }
+    let p = state
+        .store
+        .authenticate_provider(&secret)
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    match p.block {
+        Some(b) => Err(ApiError::Blocked(b)),
+        None => Ok(Reporter::Provider(p)),
+    }
+}
+
+/// What an admin-API endpoint does, for the role table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Create, list and revoke consumer keys (any account's).
+    Keys,
+    /// Create, list and revoke providers; claw back their earnings.
+    Providers,
+    /// Read usage rows.
+    Usage,
+    /// Read balances and history; grant credits.
+    Credits,
+    /// Set a key's limits or routing settings.
+    Limits,
+    /// Create accounts, change roles and groups.
+    ManageAccounts,
+    /// List and show accounts.
+    ListAccounts,
+    /// Approve pending signups.
+    Approve,
+    /// Suspend, ban and lift them (accounts, keys, providers).
+    Sanction,
+    /// Create, list and revoke invite codes.
+    Invites,
+    /// Read and resolve abuse reports.
+    Reports,
+    /// Read the audit log.
+    AuditLog,
+    /// Mark providers as trusted references; release a quarantine.
+    Trust,
+    /// Read guard verdicts and providers' audit standing.
+    Verdicts,
+}
+
+impl Action {
+    /// The least role that may do it. Admins may do everything; moderators act on
+    /// people (sanctions, reports, approvals, invites) and read the audit log and the
+    /// account list; members use `/v1/*` only.
+    pub(crate) fn min_role(self) -> Role {
+        match self {
+            Action::Keys
+            | Action::Providers
+            | Action::Usage
+            | Action::Credits
+            | Action::Limits
+            | Action::ManageAccounts
+            | Action::Trust => Role::Admin,
+            Action::ListAccounts
+            | Action::Approve
+            | Action::Sanction
+            | Action::Invites
+            | Action::Reports
+            | Action::AuditLog
+            | Action::Verdicts => Role::Moderator,
+        }
+    }
+}
+
+/// Rank of a role (higher may do more). The system role signs nothing in.
+pub(crate) fn rank(r: Role) -> u8 {
+    match r {
+        Role::Admin => 3,
+        Role::Moderator => 2,
+        Role::Member => 1,
+        Role::System => 0,
+    }
+}
+
+/// Authenticate a staff key allowed to do `action` (401 without a valid key, 403 for a
+/// role below the action's). The only role check of the admin API.
+pub(crate) async fn staff(
+    state: &HubState,
+    headers: &HeaderMap,
+    action: Action,
+) -> Result<KeyAuth, ApiError> {
+    let auth = consumer(state, headers).await?;
+    if rank(auth.role) < rank(action.min_role()) {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(auth)
+}
+
+/// Authenticate a consumer, or, with no `Authorization` header on a hub that allows it,
+/// the shared anonymous key. Returns whether it is anonymous.
+pub(crate) async fn consumer_or_anonymous(
+    state: &HubState,
+    headers: &HeaderMap,
+) -> Result<(KeyAuth, bool), ApiError> {
+    if headers.get(http::header::AUTHORIZATION).is_none() {
+        if let Some(anon) = &state.anonymous {
+            return Ok((anon.clone(), true));
+        }
+    }
+    Ok((consumer(state, headers).await?, false))
+}

@@ -1,0 +1,83 @@
+//! Reading what a caller sent: JSON bodies with API-shaped errors, names, ids, reasons
+//! and list limits.
+
+use potluck_protocol::admin::MAX_NAME_BYTES;
+use serde::Deserialize;
+
+use crate::http::error::ApiError;
+
+/// Most rows one list call returns (audit log, reports).
+pub(crate) const MAX_LIST_ROWS: i64 = 10_000;
+/// Rows a list call returns when no `limit` is given.
+pub(crate) const DEFAULT_LIST_ROWS: i64 = 100;
+
+/// A name (account, key, provider, group): 1 to `MAX_NAME_BYTES` of a safe alphabet.
+pub(crate) fn check_name(field: &'static str, s: &str) -> Result<(), ApiError> {
+    let ok = !s.is_empty()
+        && s.len() <= MAX_NAME_BYTES
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            format!("'{field}' must be 1 to {MAX_NAME_BYTES} characters of letters, digits, '-', '_', '.' or '@'."),
+            Some(field),
+        ))
+    }
+}
+
+/// JSON body with OpenAI-shaped errors instead of axum's plain-text rejections.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(raw).map_err(|e| {
+        // serde's message names the field and the expected type; the value is not echoed
+        // for the types used here (strings only).
+        ApiError::bad_request(
+            format!(
+                "Invalid request body: {}",
+                e.to_string().chars().take(200).collect::<String>()
+            ),
+            None,
+        )
+    })
+}
+
+/// A reason as typed: trimmed, printable, at most `max` characters; required or not.
+pub(crate) fn reason(
+    r: Option<String>,
+    required: bool,
+    max: usize,
+    field: &'static str,
+) -> Result<Option<String>, ApiError> {
+    let r = r.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
+    match r {
+        None if required => Err(ApiError::bad_request(
+            format!("'{field}' is required."),
+            Some(field),
+        )),
+        None => Ok(None),
+        Some(r) if r.chars().count() > max || r.chars().any(|c| c.is_control() && c != '\n') => {
+            Err(ApiError::bad_request(
+                format!("'{field}' must be printable text of at most {max} characters."),
+                Some(field),
+            ))
+        }
+        Some(r) => Ok(Some(r)),
+    }
+}
+
+/// An id in a path; anything else is a 404 for `what`.
+pub(crate) fn parse_id(s: &str, what: &'static str) -> Result<i64, ApiError> {
+    s.parse().map_err(|_| ApiError::NotFound(what))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListQuery {
+    pub(crate) limit: Option<i64>,
+    pub(crate) status: Option<String>,
+}
+
+/// The rows a list call returns.
+pub(crate) fn limit(q: &ListQuery) -> i64 {
+    q.limit.unwrap_or(DEFAULT_LIST_ROWS).clamp(1, MAX_LIST_ROWS)
+}

@@ -1,0 +1,158 @@
+//! The hub's life: [`Hub::new`] checks the configuration and prepares the books,
+//! [`Hub::run`] serves on a bound listener until shutdown, then drains within the grace
+//! period and flushes the usage records.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::serve::ListenerExt;
+use potluck_store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::books::cache::{self, TtlCache};
+use crate::books::limits::Limiter;
+use crate::books::retention;
+use crate::books::usage::{self, Accounting};
+use crate::config::HubConfig;
+use crate::routing::registry::Registry;
+use crate::state::HubState;
+use crate::trust::identity::HubIdentity;
+use crate::trust::spot_checks::{self, Auditor};
+
+/// Why a hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] potluck_store::StoreError),
+}
+
+/// A hub ready to serve on a bound listener.
+pub struct Hub {
+    state: Arc<HubState>,
+    usage_rx: tokio::sync::mpsc::Receiver<usage::Record>,
+    audit_rx: tokio::sync::mpsc::Receiver<spot_checks::Job>,
+}
+
+/// Name of the shared account and key used for anonymous access.
+pub const ANONYMOUS: &str = "anonymous";
+
+impl Hub {
+    /// Build a hub over an opened store (checks the configuration, prepares the books).
+    pub async fn new(config: HubConfig, store: Store) -> Result<Self, HubError> {
+        config.validate().map_err(HubError::Config)?;
+        let (accounting, usage_rx) = Accounting::new(config.usage_queue);
+        let treasury = store
+            .system_account(potluck_store::ledger::TREASURY)
+            .await?;
+        store.system_account(potluck_store::ledger::TAX).await?;
+        let anonymous = if config.anonymous.enabled {
+            Some(store.anonymous_key(ANONYMOUS).await?)
+        } else {
+            None
+        };
+        let identity = HubIdentity::new(&store.hub_identity().await?);
+        let (auditor, audit_rx) = Auditor::new(&config.audit);
+        let state = Arc::new(HubState {
+            config,
+            store,
+            registry: Registry::default(),
+            accounting,
+            tasks: TaskTracker::new(),
+            hard_stop: CancellationToken::new(),
+            limiter: Arc::new(Limiter::default()),
+            treasury,
+            anonymous,
+            identity,
+            auditor,
+            service: Default::default(),
+            keys: TtlCache::new(cache::KEY_TTL),
+            balances: TtlCache::new(cache::BALANCE_TTL),
+            inflight: Default::default(),
+        });
+        Ok(Self {
+            state,
+            usage_rx,
+            audit_rx,
+        })
+    }
+
+    /// The shared state (tests look at the registry through it).
+    pub fn state(&self) -> Arc<HubState> {
+        Arc::clone(&self.state)
+    }
+
+    /// Serve until `shutdown` is cancelled, then stop accepting, give in-flight requests
+    /// the configured grace period, stop everything else and flush usage records.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let Hub {
+            state,
+            usage_rx,
+            audit_rx,
+        } = self;
+        let writer_stop = CancellationToken::new();
+        state.tasks.spawn(usage::run_writer(
+            state.store.clone(),
+            state.config.credits.clone(),
+            usage_rx,
+            writer_stop.clone(),
+        ));
+        state.tasks.spawn(spot_checks::run(
+            Arc::clone(&state),
+            audit_rx,
+            state.hard_stop.clone(),
+        ));
+        state.tasks.spawn(retention::run(
+            state.store.clone(),
+            state.config.retention.usage_days,
+            writer_stop.clone(),
+        ));
+
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
+        let app = crate::router::router(Arc::clone(&state))
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let graceful =
+            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let server = graceful.into_future();
+        tokio::pin!(server);
+        let result = tokio::select! {
+            r = &mut server => r,
+            _ = shutdown.cancelled() => {
+                // Graceful: wait for in-flight consumer requests, bounded.
+                match tokio::time::timeout(state.config.shutdown_grace, &mut server).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!("shutdown grace period over; cutting remaining requests");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        state.hard_stop.cancel();
+        writer_stop.cancel();
+        state.tasks.close();
+        if tokio::time::timeout(state.config.shutdown_grace, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("hub tasks did not stop within the grace period");
+        }
+        state.store.close().await;
+        tracing::info!("hub stopped");
+        result
+    }
+}

@@ -1,0 +1,415 @@
+//! The hub's end of the tunnel: authenticate the agent's upgrade, then act as the HTTP/2
+//! client over it, read the agent's control stream and keep the registry in step.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper::upgrade::OnUpgrade;
+use potluck_protocol::tunnel::{
+    AgentEvent, HubEvent, ModelOffer, CONTROL_PATH, EVENTS_PATH, HEADER_PROTOCOL_VERSION,
+    MAX_CONTROL_LINE_BYTES, MAX_EVENTS_BODY_BYTES, PROTOCOL_VERSION, UPGRADE_PROTOCOL,
+};
+use potluck_protocol::ErrorBody;
+use potluck_protocol::ModelName;
+use potluck_store::ProviderAuth;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::auth::bearer;
+use crate::http::error::ApiError;
+use crate::routing::link::{OfferedModel, Outgoing, ProviderLink};
+use crate::state::HubState;
+
+/// Hub-to-agent events waiting to be sent, per tunnel.
+pub(crate) const EVENTS_QUEUE: usize = 4096;
+/// Most events in one batch.
+pub(crate) const EVENTS_BATCH: usize = 256;
+/// Largest energy one request may report (100 Wh); more is implausible and ignored.
+pub(crate) const MAX_ENERGY_PER_REQUEST_MJ: u64 = 360_000_000;
+
+fn upgrade_required(message: &str) -> Response {
+    let mut r = (
+        StatusCode::UPGRADE_REQUIRED,
+        ErrorBody::new("invalid_request_error", message, None, None).to_json(),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn refused_token() -> Response {
+    let body = ErrorBody::new(
+        "authentication_error",
+        "Unknown or revoked provider token. Create one with `potluck providers create` and pass it with --token.",
+        None,
+        Some("invalid_provider_token"),
+    );
+    let mut r = (StatusCode::UNAUTHORIZED, body.to_json()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// `GET /v1/tunnel`: check the token and protocol, answer 101, and start the tunnel task.
+pub(crate) async fn accept(State(state): State<Arc<HubState>>, mut req: Request) -> Response {
+    let wants_tunnel = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(UPGRADE_PROTOCOL));
+    if !wants_tunnel {
+        return upgrade_required(
+            "This endpoint is for provider agents: it needs 'Upgrade: potluck-tunnel/1'.",
+        );
+    }
+    let version = req
+        .headers()
+        .get(HEADER_PROTOCOL_VERSION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    if version != Some(PROTOCOL_VERSION) {
+        return upgrade_required(
+            "Unsupported tunnel protocol version: upgrade the agent (this hub speaks version 1).",
+        );
+    }
+    let Some(token) = bearer(req.headers()) else {
+        return refused_token();
+    };
+    let provider = match state.store.authenticate_provider(&token).await {
+        Ok(Some(p)) => match p.block.clone() {
+            Some(block) => {
+                tracing::info!(
+                    provider_id = p.provider_id,
+                    "tunnel refused: provider not in good standing"
+                );
+                return ApiError::Blocked(block).into_response();
+            }
+            None => p,
+        },
+        Ok(None) => {
+            tracing::info!("tunnel refused: unknown or revoked provider token");
+            return refused_token();
+        }
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
+        return ApiError::Internal.into_response();
+    };
+    let st = Arc::clone(&state);
+    state
+        .tasks
+        .spawn(async move { run(st, provider, on_upgrade).await });
+    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    r.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    r
+}
+
+/// One tunnel's life: HTTP/2 handshake, control stream, registry membership.
+async fn run(state: Arc<HubState>, provider: ProviderAuth, on_upgrade: OnUpgrade) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(provider_id = provider.provider_id, error = %e, "tunnel upgrade failed");
+            return;
+        }
+    };
+    let (sender, conn) = match potluck_tunnel::settings::client_builder()
+        .handshake::<_, Full<Bytes>>(upgraded)
+        .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(provider_id = provider.provider_id, error = %e, "tunnel HTTP/2 handshake failed");
+            return;
+        }
+    };
+    let conn_id = state.registry.next_conn_id();
+    let (events_tx, events_rx) = mpsc::channel(EVENTS_QUEUE);
+    let tunnel = Arc::new(ProviderLink::new(
+        conn_id,
+        provider.provider_id,
+        provider.account_id,
+        provider.name.clone(),
+        sender.clone(),
+        events_tx,
+    ));
+    if let Ok(st) = state.store.standing(provider.provider_id).await {
+        use std::sync::atomic::Ordering;
+        tunnel.trusted.store(st.trusted, Ordering::Relaxed);
+        tunnel
+            .quarantined
+            .store(st.quarantined_at_ms.is_some(), Ordering::Relaxed);
+    }
+    let done = CancellationToken::new();
+    let _done_guard = done.clone().drop_guard();
+    state.tasks.spawn(send_events(
+        Arc::clone(&state),
+        sender,
+        events_rx,
+        done,
+        provider.provider_id,
+    ));
+    let span = tracing::info_span!("tunnel", conn_id, provider_id = provider.provider_id);
+    tracing::info!(parent: &span, provider = %provider.name, "tunnel open");
+
+    tokio::pin!(conn);
+    let control = control_stream(&state, &tunnel);
+    tokio::pin!(control);
+    let revoked = tunnel.cancel.clone();
+    tokio::select! {
+        r = &mut conn => {
+            tracing::info!(parent: &span, result = ?r.err().map(|e| e.to_string()), "tunnel closed by peer");
+        }
+        r = &mut control => {
+            if let Err(why) = r {
+                tracing::warn!(parent: &span, reason = %why, "control stream ended");
+            }
+            // Route nothing new here, but let streams in flight finish.
+            state.registry.remove(conn_id);
+            tokio::select! {
+                _ = &mut conn => {}
+                _ = state.hard_stop.cancelled() => {}
+                _ = revoked.cancelled() => {}
+            }
+        }
+        _ = state.hard_stop.cancelled() => {}
+        _ = revoked.cancelled() => {
+            tracing::info!(parent: &span, "tunnel closed: provider revoked");
+        }
+    }
+    state.registry.remove(conn_id);
+    tracing::info!(parent: &span, "tunnel gone");
+}
+
+/// Open the control stream and apply its events until it ends.
+async fn control_stream(state: &HubState, tunnel: &Arc<ProviderLink>) -> Result<(), String> {
+    let req = http::Request::builder()
+        .method("GET")
+        .uri(CONTROL_PATH)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tunnel
+        .sender
+        .clone()
+        .send_request(req)
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!(
+            "agent answered {} to the control request",
+            resp.status()
+        ));
+    }
+    let mut body = resp.into_body();
+    let mut buf = BytesMut::new();
+    let mut greeted = false;
+    loop {
+        let frame = match body.frame().await {
+            None => return Err("agent closed the control stream".into()),
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(f)) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line = buf.split_to(nl + 1);
+            let ev = AgentEvent::decode(&line[..nl]).map_err(|e| e.to_string())?;
+            apply(state, tunnel, ev, &mut greeted)?;
+        }
+        if buf.len() > MAX_CONTROL_LINE_BYTES {
+            return Err("control line too long".into());
+        }
+    }
+}
+
+fn apply(
+    state: &HubState,
+    tunnel: &Arc<ProviderLink>,
+    ev: AgentEvent,
+    greeted: &mut bool,
+) -> Result<(), String> {
+    match ev {
+        AgentEvent::Hello {
+            protocol,
+            agent_version,
+            models,
+            max_concurrency,
+            profile,
+            accepting,
+        } => {
+            if protocol != PROTOCOL_VERSION {
+                return Err(format!("agent speaks protocol {protocol}"));
+            }
+            if *greeted {
+                return Err("second hello".into());
+            }
+            *greeted = true;
+            state.registry.insert(Arc::clone(tunnel));
+            tracing::info!(
+                conn_id = tunnel.conn_id,
+                provider_id = tunnel.provider_id,
+                agent_version = %agent_version.chars().take(32).collect::<String>(),
+                models = models.len(),
+                max_concurrency,
+                device = ?profile.device,
+                accepting,
+                "provider ready"
+            );
+            let models = admit(state, tunnel, models);
+            state
+                .registry
+                .set_offer(tunnel.conn_id, models, max_concurrency, profile, accepting);
+        }
+        AgentEvent::Models {
+            models,
+            max_concurrency,
+            profile,
+            accepting,
+        } => {
+            if !*greeted {
+                return Err("models before hello".into());
+            }
+            tracing::info!(
+                conn_id = tunnel.conn_id,
+                provider_id = tunnel.provider_id,
+                models = models.len(),
+                max_concurrency,
+                accepting,
+                "provider offer changed"
+            );
+            let models = admit(state, tunnel, models);
+            state
+                .registry
+                .set_offer(tunnel.conn_id, models, max_concurrency, profile, accepting);
+        }
+        AgentEvent::Energy {
+            model, millijoules, ..
+        } => {
+            if *greeted && millijoules <= MAX_ENERGY_PER_REQUEST_MJ && tunnel.offers(&model) {
+                state
+                    .registry
+                    .add_energy(tunnel.provider_id, &model, millijoules);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Check each offered model against the hub's allow-list; tell the agent why a model is
+/// refused.
+fn admit(
+    state: &HubState,
+    tunnel: &ProviderLink,
+    models: Vec<ModelOffer>,
+) -> std::collections::HashMap<ModelName, OfferedModel> {
+    let mut out = std::collections::HashMap::with_capacity(models.len());
+    for m in models {
+        match state.config.check_model(m.id.as_str(), m.sha256.as_ref()) {
+            Ok(()) => {
+                out.insert(m.id.clone(), OfferedModel::from(&m));
+            }
+            Err(reason) => {
+                let seen = format!("{}\n{:?}", m.id, m.sha256);
+                let first = tunnel
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(seen);
+                if !first {
+                    continue;
+                }
+                // The name and hash are the provider's own announcement, not consumer input.
+                tracing::warn!(
+                    provider_id = tunnel.provider_id,
+                    model = %m.id,
+                    sha256 = ?m.sha256.as_ref().map(|h| h.as_str()),
+                    "model refused: {reason}"
+                );
+                let _ = tunnel
+                    .events
+                    .try_send(Outgoing::Event(HubEvent::ModelRefused {
+                        model: m.id,
+                        reason,
+                    }));
+            }
+        }
+    }
+    out
+}
+
+/// One tunnel's events task: sign receipts and send events in batches, one `POST` per
+/// batch, until the tunnel ends.
+async fn send_events(
+    state: Arc<HubState>,
+    mut sender: SendRequest<Full<Bytes>>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    done: CancellationToken,
+    provider_id: i64,
+) {
+    let mut batch = Vec::with_capacity(EVENTS_BATCH);
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = done.cancelled() => None,
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        while batch.len() < EVENTS_BATCH {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let mut body = Vec::new();
+        for e in batch.drain(..) {
+            let ev = match e {
+                Outgoing::Receipt(r) => HubEvent::Receipt(state.identity.sign(r)),
+                Outgoing::Event(ev) => ev,
+            };
+            let line = ev.encode();
+            if body.len() + line.len() > MAX_EVENTS_BODY_BYTES {
+                break;
+            }
+            body.extend_from_slice(&line);
+        }
+        let n = body.iter().filter(|&&b| b == b'\n').count();
+        let Ok(req) = http::Request::builder()
+            .method("POST")
+            .uri(EVENTS_PATH)
+            .header(header::CONTENT_TYPE, "application/x-ndjson")
+            .body(Full::new(Bytes::from(body)))
+        else {
+            continue;
+        };
+        let sent = tokio::select! {
+            r = sender.send_request(req) => r,
+            _ = done.cancelled() => return,
+        };
+        match sent {
+            Ok(resp) if resp.status().is_success() => {}
+            Ok(resp) => {
+                tracing::debug!(provider_id, status = %resp.status(), events = n, "agent did not take hub events");
+            }
+            Err(e) => {
+                tracing::debug!(provider_id, error = %e, events = n, "sending hub events failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Requests in flight, so that a sanction takes effect at once: banning or suspending an
+//! account, a key or a provider cancels every request it takes part in, and the relay
+//! ends each with one error event (streams) or an error answer.
+//!
+//! A request registers when it is admitted and holds an [`InFlightGuard`]; the guard
+//! leaves the registry when dropped, whatever the outcome. The map is touched under a
+//! plain mutex for a few instructions; cancelling walks it (sanctions are rare).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use potluck_store::{Block, Standing, Target};
+use tokio_util::sync::CancellationToken;
+
+use crate::http::error::ApiError;
+
+/// Why a request was cut: the sanction that hit one of its parties.
+pub(crate) type Cut = Block;
+
+/// The error a cut request ends with. A consumer cut for its own account or key gets the
+/// same refusal a new request would; a consumer whose provider was sanctioned gets a
+/// provider failure (it did nothing wrong, and may retry elsewhere).
+pub(crate) fn cut_error(cut: &Cut) -> ApiError {
+    match cut.target {
+        Target::Provider => ApiError::ProviderFailed("the provider was removed by a moderator"),
+        Target::Account | Target::Key => ApiError::Blocked(cut.clone()),
+    }
+}
+
+struct Slot {
+    token: CancellationToken,
+    why: OnceLock<Cut>,
+}
+
+struct Entry {
+    account_id: i64,
+    key_id: i64,
+    provider_id: Option<i64>,
+    slot: Arc<Slot>,
+}
+
+/// The registry of requests in flight.
+#[derive(Default)]
+pub struct InFlightRequests {
+    map: Mutex<HashMap<String, Entry>>,
+}
+
+impl std::fmt::Debug for InFlightRequests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlightRequests")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+/// One registered request; leaves the registry on drop.
+pub(crate) struct InFlightGuard {
+    reg: Arc<InFlightRequests>,
+    request_id: String,
+    slot: Arc<Slot>,
+}
+
+impl InFlightRequests {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register a request of `account_id` through `key_id` (its provider comes later).
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        request_id: &str,
+        account_id: i64,
+        key_id: i64,
+    ) -> InFlightGuard {
+        let slot = Arc::new(Slot {
+            token: CancellationToken::new(),
+            why: OnceLock::new(),
+        });
+        self.lock().insert(
+            request_id.to_owned(),
+            Entry {
+                account_id,
+                key_id,
+                provider_id: None,
+                slot: Arc::clone(&slot),
+            },
+        );
+        InFlightGuard {
+            reg: Arc::clone(self),
+            request_id: request_id.to_owned(),
+            slot,
+        }
+    }
+
+    fn cancel_where(&self, cut: &Cut, f: impl Fn(&Entry) -> bool) -> usize {
+        let map = self.lock();
+        let mut n = 0;
+        for e in map.values().filter(|e| f(e)) {
+            let _ = e.slot.why.set(cut.clone());
+            e.slot.token.cancel();
+            n += 1;
+        }
+        n
+    }
+
+    /// Cut every request of an account. Returns how many.
+    pub(crate) fn cancel_account(&self, account_id: i64, cut: &Cut) -> usize {
+        self.cancel_where(cut, |e| e.account_id == account_id)
+    }
+
+    /// Cut every request made with a key.
+    pub(crate) fn cancel_key(&self, key_id: i64, cut: &Cut) -> usize {
+        self.cancel_where(cut, |e| e.key_id == key_id)
+    }
+
+    /// Cut every request a provider is serving.
+    pub(crate) fn cancel_provider(&self, provider_id: i64, cut: &Cut) -> usize {
+        self.cancel_where(cut, |e| e.provider_id == Some(provider_id))
+    }
+
+    /// Requests registered now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// None registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl InFlightGuard {
+    /// The provider now serving the request (set again on a retry).
+    pub(crate) fn set_provider(&self, provider_id: i64) {
+        if let Some(e) = self.reg.lock().get_mut(&self.request_id) {
+            e.provider_id = Some(provider_id);
+        }
+    }
+
+    /// Why the request was cut, if it was.
+    #[cfg(test)]
+    pub(crate) fn cut(&self) -> Option<Cut> {
+        self.slot
+            .token
+            .is_cancelled()
+            .then(|| self.slot.why.get().cloned())
+            .flatten()
+    }
+
+    /// Resolves when the request is cut, with why.
+    pub(crate) async fn cancelled(&self) -> Cut {
+        self.slot.token.cancelled().await;
+        self.slot.why.get().cloned().unwrap_or(Block {
+            target: Target::Account,
+            standing: Standing::Suspended,
+            reason: None,
+        })
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.reg.lock().remove(&self.request_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ban(target: Target) -> Cut {
+        Block {
+            target,
+            standing: Standing::Banned,
+            reason: Some("spam".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn cancel_by_each_party_and_leave_on_drop() {
+        let reg = Arc::new(InFlightRequests::default());
+        let a = reg.register("r1", 1, 10);
+        let b = reg.register("r2", 2, 20);
+        let c = reg.register("r3", 2, 21);
+        a.set_provider(100);
+        c.set_provider(100);
+        assert_eq!(reg.len(), 3);
+        assert_eq!(reg.cancel_key(20, &ban(Target::Key)), 1);
+        assert_eq!(b.cancelled().await, ban(Target::Key));
+        assert!(a.cut().is_none() && c.cut().is_none());
+        assert_eq!(reg.cancel_provider(100, &ban(Target::Provider)), 2);
+        assert_eq!(a.cut(), Some(ban(Target::Provider)));
+        // The first reason wins; later sanctions still count the request.
+        assert_eq!(reg.cancel_account(2, &ban(Target::Account)), 2);
+        assert_eq!(c.cut(), Some(ban(Target::Provider)));
+        drop((a, b, c));
+        assert!(reg.is_empty());
+        assert_eq!(reg.cancel_account(2, &ban(Target::Account)), 0);
+    }
+}

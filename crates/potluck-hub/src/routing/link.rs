@@ -1,0 +1,229 @@
+//! A connected provider ([`ProviderLink`]): its tunnel's client end, what it offers, its
+//! standing flags and its event queue; and what a request needs of one ([`Need`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::client::conn::http2::SendRequest;
+use potluck_protocol::receipt::Receipt;
+use potluck_protocol::tunnel::{HubEvent, ModelHash, ModelOffer, ProviderProfile};
+use potluck_protocol::ModelName;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// An event queued for one tunnel's agent.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A receipt, signed by the events task (off the request's path).
+    Receipt(Receipt),
+    /// Any other event, sent as is.
+    Event(HubEvent),
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A connected provider: one open tunnel to one agent, and what it offers.
+pub struct ProviderLink {
+    /// Unique per tunnel for the life of the hub.
+    pub conn_id: u64,
+    /// The provider (from its token).
+    pub provider_id: i64,
+    /// The account that earns for the provider.
+    pub provider_account: i64,
+    /// The provider's name.
+    pub provider_name: String,
+    /// The HTTP/2 client end.
+    pub sender: SendRequest<Full<Bytes>>,
+    pub(super) state: Mutex<Offer>,
+    pub(super) in_flight: AtomicU32,
+    pub(super) closed: AtomicBool,
+    /// Cancelled to close the tunnel (the provider was revoked).
+    pub cancel: CancellationToken,
+    /// Times this provider's reported usage was implausible.
+    pub usage_flags: AtomicU32,
+    /// Hub-to-agent events (receipts, refusals), sent in batches by the tunnel's task.
+    pub events: mpsc::Sender<Outgoing>,
+    /// A trusted reference for audits.
+    pub trusted: AtomicBool,
+    /// Quarantined: no traffic but audits.
+    pub quarantined: AtomicBool,
+    /// Refusals already sent to the agent (model and hash), so each is sent once.
+    pub refused: Mutex<HashSet<String>>,
+}
+
+/// What a tunnel announced about one model (after the hub's allow-list check).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OfferedModel {
+    /// The model file's hash, if announced.
+    pub sha256: Option<ModelHash>,
+    /// The provider's cap on `max_tokens`.
+    pub max_tokens: Option<u32>,
+    /// The provider's cap on prompt + completion tokens.
+    pub max_context: Option<u32>,
+}
+
+impl From<&ModelOffer> for OfferedModel {
+    fn from(o: &ModelOffer) -> Self {
+        Self {
+            sha256: o.sha256.clone(),
+            max_tokens: o.max_tokens,
+            max_context: o.max_context,
+        }
+    }
+}
+
+pub(super) struct Offer {
+    pub(super) models: HashMap<ModelName, OfferedModel>,
+    pub(super) capacity: u32,
+    pub(super) profile: ProviderProfile,
+    pub(super) accepting: bool,
+}
+
+impl Default for Offer {
+    fn default() -> Self {
+        Self {
+            models: HashMap::new(),
+            capacity: 0,
+            profile: ProviderProfile::default(),
+            accepting: true,
+        }
+    }
+}
+
+/// What one request requires of a provider, and what it prefers.
+#[derive(Debug, Clone, Default)]
+pub struct Need {
+    /// The consumer's hub groups (a provider restricted to groups serves only members).
+    pub groups: Arc<[String]>,
+    /// Prefer NPU/CPU providers and the lowest energy per token.
+    pub low_power: bool,
+    /// The request's `max_tokens`, checked against each provider's cap.
+    pub max_tokens: Option<u32>,
+    /// The request's estimated prompt tokens plus `max_tokens`, checked against each
+    /// provider's `max_context`.
+    pub context: Option<u32>,
+    /// Only trusted reference providers.
+    pub trusted_only: bool,
+    /// The hub can moderate (a guard is configured), so providers that require
+    /// moderation may serve.
+    pub can_moderate: bool,
+}
+
+impl Offer {
+    /// Whether this offer may serve `model` for `need`, ignoring capacity and pauses.
+    pub(super) fn serves(&self, model: &ModelName, need: &Need) -> bool {
+        let Some(m) = self.models.get(model) else {
+            return false;
+        };
+        let groups_ok = self.profile.groups.is_empty()
+            || self.profile.groups.iter().any(|g| need.groups.contains(g));
+        let tokens_ok = match (need.max_tokens, m.max_tokens) {
+            (Some(want), Some(cap)) => want <= cap,
+            _ => true,
+        };
+        let context_ok = match (need.context, m.max_context) {
+            (Some(want), Some(cap)) => want <= cap,
+            _ => true,
+        };
+        let moderation_ok = self.profile.moderation == potluck_protocol::tunnel::Moderation::None
+            || need.can_moderate;
+        groups_ok && tokens_ok && context_ok && moderation_ok
+    }
+}
+
+impl ProviderLink {
+    /// A new tunnel with nothing offered yet.
+    pub fn new(
+        conn_id: u64,
+        provider_id: i64,
+        provider_account: i64,
+        provider_name: String,
+        sender: SendRequest<Full<Bytes>>,
+        events: mpsc::Sender<Outgoing>,
+    ) -> Self {
+        Self {
+            conn_id,
+            provider_id,
+            provider_account,
+            provider_name,
+            sender,
+            state: Mutex::new(Offer::default()),
+            in_flight: AtomicU32::new(0),
+            closed: AtomicBool::new(false),
+            cancel: CancellationToken::new(),
+            usage_flags: AtomicU32::new(0),
+            events,
+            trusted: AtomicBool::new(false),
+            quarantined: AtomicBool::new(false),
+            refused: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Requests in flight on this tunnel.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Slots the agent announced.
+    pub fn capacity(&self) -> u32 {
+        lock(&self.state).capacity
+    }
+
+    /// Whether it still takes requests.
+    pub fn is_open(&self) -> bool {
+        !self.closed.load(Ordering::Relaxed) && !self.sender.is_closed()
+    }
+
+    /// Whether it offers `m`.
+    pub fn offers(&self, m: &ModelName) -> bool {
+        lock(&self.state).models.contains_key(m)
+    }
+
+    /// The models offered now.
+    pub fn models(&self) -> Vec<ModelName> {
+        lock(&self.state).models.keys().cloned().collect()
+    }
+
+    /// What it announced about `m`.
+    pub fn offered(&self, m: &ModelName) -> Option<OfferedModel> {
+        lock(&self.state).models.get(m).cloned()
+    }
+
+    /// Its declared profile.
+    pub fn profile(&self) -> ProviderProfile {
+        lock(&self.state).profile.clone()
+    }
+
+    /// Whether the agent takes new requests (not draining).
+    pub fn accepting(&self) -> bool {
+        lock(&self.state).accepting
+    }
+
+    /// Whether it may serve `m` for `need`, ignoring capacity and pauses.
+    pub(super) fn serves(&self, m: &ModelName, need: &Need) -> bool {
+        self.is_open()
+            && !self.quarantined.load(Ordering::Relaxed)
+            && (!need.trusted_only || self.trusted.load(Ordering::Relaxed))
+            && lock(&self.state).serves(m, need)
+    }
+
+    /// Whether it may take `m` for `need` now (serves it, accepting, a slot free).
+    pub(super) fn can_take(&self, m: &ModelName, need: &Need) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        if self.quarantined.load(Ordering::Relaxed)
+            || (need.trusted_only && !self.trusted.load(Ordering::Relaxed))
+        {
+            return false;
+        }
+        let o = lock(&self.state);
+        o.accepting && self.in_flight() < o.capacity.max(1) && o.serves(m, need)
+    }
+}

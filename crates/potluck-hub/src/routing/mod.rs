@@ -1,0 +1,16 @@
+//! Routing: connected providers and the choice among them. The bottom room of the hub:
+//! it imports only the base (`config`, `http`, `state`), never `books`, `trust`, `api` or
+//! `accounts`.
+//!
+//! [`link`] is one connected provider ([`link::ProviderLink`]); [`registry`] registers
+//! them, picks one and leases a slot; [`queue`] is the wait queue; [`pool`] tells what the
+//! pool holds; [`accept`] takes a tunnel upgrade; [`send`] builds every request sent down a
+//! tunnel and asks for the hub's own; [`inflight`] cuts a party's requests.
+
+pub(crate) mod accept;
+pub(crate) mod inflight;
+pub(crate) mod link;
+pub(crate) mod pool;
+pub(crate) mod queue;
+pub(crate) mod registry;
+pub(crate) mod send;

@@ -1,0 +1,189 @@
+//! What the registry tells about the pool: per model and per provider (`GET /v1/pool`,
+//! `/v1/models`, the admin's provider list), and the energy and tokens each provider
+//! served.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use potluck_protocol::ModelName;
+
+use crate::routing::link::{lock, ProviderLink};
+use crate::routing::registry::Registry;
+
+/// Energy and tokens served by one provider for one model (since the hub started).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct EnergyStat {
+    millijoules: u64,
+    tokens: u64,
+}
+
+impl EnergyStat {
+    pub(super) fn wh_per_1k(&self) -> Option<f64> {
+        // Wh per 1k tokens = (mJ / 1000 / 3600) / (tokens / 1000).
+        (self.tokens > 0 && self.millijoules > 0)
+            .then(|| self.millijoules as f64 / 3600.0 / self.tokens as f64)
+    }
+}
+
+/// Per-model view of the pool, for `GET /v1/pool`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ModelStatus {
+    /// Distinct providers serving it.
+    pub providers: usize,
+    /// Slots over all its tunnels.
+    pub capacity: u32,
+    /// Requests in flight on those tunnels.
+    pub in_flight: u32,
+    /// Requests waiting for it.
+    pub queued: usize,
+    /// The model files serving it (SHA-256), as announced.
+    pub sha256: BTreeSet<String>,
+    /// The largest `max_tokens` any provider of it accepts (`None`: no cap announced).
+    pub max_tokens: Option<u32>,
+    /// Each provider of it.
+    pub by_provider: Vec<ProviderView>,
+}
+
+/// One provider of one model, for `GET /v1/pool`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProviderView {
+    /// The provider's name.
+    pub provider: String,
+    /// Device class.
+    pub device: potluck_protocol::tunnel::DeviceClass,
+    /// Declared or measured busy power.
+    pub watts: Option<f64>,
+    /// Measured energy per 1,000 tokens (since the hub started).
+    pub wh_per_1k_tokens: Option<f64>,
+    /// Taking new requests (not draining).
+    pub accepting: bool,
+    /// The model file's hash.
+    pub sha256: Option<String>,
+    /// Restricted to these hub groups (empty: everyone).
+    pub groups: Vec<String>,
+    /// Moderation the provider requires.
+    pub moderation: potluck_protocol::tunnel::Moderation,
+}
+
+impl Registry {
+    /// Count energy a provider reported for one request of `model`.
+    pub fn add_energy(&self, provider_id: i64, model: &ModelName, millijoules: u64) {
+        let mut e = lock(&self.inner.energy);
+        let s = e.entry((provider_id, model.clone())).or_default();
+        s.millijoules = s.millijoules.saturating_add(millijoules);
+    }
+
+    /// Count tokens a provider served for `model` (for energy per token).
+    pub fn add_tokens(&self, provider_id: i64, model: &ModelName, tokens: u64) {
+        let mut e = lock(&self.inner.energy);
+        let s = e.entry((provider_id, model.clone())).or_default();
+        s.tokens = s.tokens.saturating_add(tokens);
+    }
+
+    /// Measured Wh per 1,000 tokens of a provider for a model, if known.
+    pub fn energy_per_1k(&self, provider_id: i64, model: &ModelName) -> Option<f64> {
+        self.inner.energy_per_1k(provider_id, model)
+    }
+
+    /// A slot on this very tunnel (audits), waiting while it is full; `None` once it
+    /// Every model offered now, with the number of distinct providers offering it.
+    pub fn models(&self) -> BTreeMap<ModelName, usize> {
+        self.pool()
+            .into_iter()
+            .map(|(m, s)| (m, s.providers))
+            .collect()
+    }
+
+    /// The open tunnels, copied out of the lock.
+    pub(super) fn open_tunnels(&self) -> Vec<Arc<ProviderLink>> {
+        self.inner
+            .tunnels()
+            .values()
+            .filter(|t| t.is_open())
+            .cloned()
+            .collect()
+    }
+
+    /// Per model: providers, capacity, in flight, queued, hashes, energy. Models served
+    /// only to groups none of `groups` is in are left out.
+    pub fn pool_for(&self, groups: &[String]) -> BTreeMap<ModelName, ModelStatus> {
+        let tunnels = self.open_tunnels();
+        let mut out: BTreeMap<ModelName, (HashSet<i64>, ModelStatus, bool)> = BTreeMap::new();
+        for t in &tunnels {
+            let o = lock(&t.state);
+            let visible =
+                o.profile.groups.is_empty() || o.profile.groups.iter().any(|g| groups.contains(g));
+            if !visible {
+                continue;
+            }
+            for (m, info) in &o.models {
+                let e = out.entry(m.clone()).or_default();
+                e.0.insert(t.provider_id);
+                e.1.capacity += o.capacity;
+                e.1.in_flight += t.in_flight();
+                if let Some(h) = &info.sha256 {
+                    e.1.sha256.insert(h.to_string());
+                }
+                match info.max_tokens {
+                    None => e.2 = true,
+                    Some(c) => e.1.max_tokens = Some(e.1.max_tokens.map_or(c, |x| x.max(c))),
+                }
+                e.1.by_provider.push(ProviderView {
+                    provider: t.provider_name.clone(),
+                    device: o.profile.device,
+                    watts: o.profile.watts,
+                    wh_per_1k_tokens: self.inner.energy_per_1k(t.provider_id, m),
+                    accepting: o.accepting,
+                    sha256: info.sha256.as_ref().map(ToString::to_string),
+                    groups: o.profile.groups.clone(),
+                    moderation: o.profile.moderation,
+                });
+            }
+        }
+        let q = lock(&self.inner.queue);
+        out.into_iter()
+            .map(|(m, (p, mut s, uncapped))| {
+                s.providers = p.len();
+                s.queued = q.len(&m);
+                if uncapped {
+                    s.max_tokens = None;
+                }
+                (m, s)
+            })
+            .collect()
+    }
+
+    /// [`Registry::pool_for`] as seen by a consumer in no group.
+    pub fn pool(&self) -> BTreeMap<ModelName, ModelStatus> {
+        self.pool_for(&[])
+    }
+
+    /// Per provider: (tunnels, models, in flight).
+    pub fn provider_summary(&self) -> HashMap<i64, (u32, Vec<String>, u32)> {
+        let tunnels = self.open_tunnels();
+        let mut out: HashMap<i64, (u32, HashSet<String>, u32)> = HashMap::new();
+        for t in tunnels {
+            let e = out.entry(t.provider_id).or_default();
+            e.0 += 1;
+            e.1.extend(t.models().iter().map(|m| m.to_string()));
+            e.2 += t.in_flight();
+        }
+        out.into_iter()
+            .map(|(k, (n, m, f))| {
+                let mut m: Vec<String> = m.into_iter().collect();
+                m.sort();
+                (k, (n, m, f))
+            })
+            .collect()
+    }
+
+    /// Open tunnels.
+    pub fn len(&self) -> usize {
+        self.inner.tunnels().len()
+    }
+
+    /// No open tunnels.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

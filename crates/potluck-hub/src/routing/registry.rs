@@ -1,0 +1,481 @@
+//! The registry of connected providers: it registers them, picks one for a request
+//! (a [`Lease`] on one slot), queues requests that must wait, and closes a provider's
+//! links.
+//!
+//! Shared state is plain `Mutex`es over small maps; critical sections are short and never
+//! span an `.await`. Lock order: queue, then tunnels, then a tunnel's offer.
+//!
+//! A request holds a [`Lease`] on one slot of one tunnel. When a lease is dropped (the
+//! request ended in any way) its slot goes straight to the best waiting request for a
+//! model that tunnel serves, if any; otherwise it is freed. So a free slot never sits
+//! idle while someone waits, and newcomers cannot jump the queue.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use potluck_protocol::tunnel::{ModelHash, ProviderProfile};
+use potluck_protocol::ModelName;
+use rand::Rng;
+use tokio::sync::oneshot;
+
+use crate::routing::link::{lock, OfferedModel, ProviderLink};
+use crate::routing::pool::EnergyStat;
+use crate::routing::queue::Queue;
+
+pub(crate) use crate::routing::link::Need;
+pub(crate) use crate::routing::pool::ModelStatus;
+
+/// A claim on one slot of a tunnel. The slot is handed on or freed on drop.
+pub struct Lease {
+    tunnel: Option<Arc<ProviderLink>>,
+    registry: Arc<Inner>,
+}
+
+impl Lease {
+    /// The tunnel leased.
+    pub fn tunnel(&self) -> &Arc<ProviderLink> {
+        // Only `Drop` and `release` take it out.
+        self.tunnel
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("lease used after release"))
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(t) = self.tunnel.take() {
+            self.registry.release(t);
+        }
+    }
+}
+
+/// Why no tunnel was picked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PickError {
+    /// No open tunnel offers this model.
+    UnknownModel,
+    /// Some do, but all are full (or excluded).
+    Busy,
+    /// The model's wait queue is full.
+    QueueFull,
+    /// Providers serve the model, but none with a `max_tokens` (or context) this large.
+    TooLarge,
+    /// Providers serve the model, but only to members of groups the consumer is not in.
+    NotAllowed,
+}
+
+/// The outcome of [`Registry::acquire`].
+pub enum Acquired {
+    /// A slot now.
+    Now(Lease),
+    /// A place in the queue.
+    Wait(WaitTicket),
+}
+
+/// A queued request. Await [`WaitTicket::recv`]; dropping the ticket leaves the queue.
+pub struct WaitTicket {
+    id: u64,
+    model: ModelName,
+    priority: u8,
+    account: i64,
+    rx: oneshot::Receiver<Lease>,
+    registry: Arc<Inner>,
+    /// When it was queued.
+    pub queued_at: Instant,
+}
+
+impl WaitTicket {
+    /// Wait for a slot. `None` if the hub is shutting the queue down.
+    pub async fn recv(&mut self) -> Option<Lease> {
+        (&mut self.rx).await.ok()
+    }
+
+    /// Requests ahead of this one, approximately (for display).
+    pub fn position(&self) -> usize {
+        lock(&self.registry.queue).position(&self.model, self.priority, self.account, self.id)
+    }
+}
+
+impl Drop for WaitTicket {
+    fn drop(&mut self) {
+        lock(&self.registry.queue).remove(&self.model, self.priority, self.account, self.id);
+        // A slot sent just before we left is given back (handed on to the next waiter).
+        self.rx.close();
+        if let Ok(lease) = self.rx.try_recv() {
+            drop(lease);
+        }
+    }
+}
+
+pub(super) struct Inner {
+    pub(super) tunnels: Mutex<HashMap<u64, Arc<ProviderLink>>>,
+    pub(super) queue: Mutex<Queue<Lease>>,
+    next_conn: AtomicU64,
+    pub(super) energy: Mutex<HashMap<(i64, ModelName), EnergyStat>>,
+}
+
+impl Inner {
+    pub(super) fn tunnels(&self) -> MutexGuard<'_, HashMap<u64, Arc<ProviderLink>>> {
+        lock(&self.tunnels)
+    }
+
+    /// A slot of `t` came free: hand it to the best waiter of a model `t` serves, or free it.
+    fn release(self: &Arc<Self>, t: Arc<ProviderLink>) {
+        let mut q = lock(&self.queue);
+        if t.is_open() && t.accepting() && t.in_flight() <= t.capacity() {
+            while let Some(w) = q.take_for(&t) {
+                let lease = Lease {
+                    tunnel: Some(Arc::clone(&t)),
+                    registry: Arc::clone(self),
+                };
+                match w.tx.send(lease) {
+                    Ok(()) => return,
+                    // The waiter left in the meantime: keep the slot for the next one.
+                    Err(mut back) => {
+                        back.tunnel = None;
+                    }
+                }
+            }
+        }
+        drop(q);
+        t.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Why nothing serves `model` for `need`, if nothing does (capacity ignored).
+    fn unservable(&self, model: &ModelName, need: &Need) -> Option<PickError> {
+        let tunnels = self.tunnels();
+        let offering: Vec<&Arc<ProviderLink>> = tunnels
+            .values()
+            .filter(|t| t.is_open() && t.offers(model))
+            .collect();
+        if offering.is_empty() {
+            return Some(PickError::UnknownModel);
+        }
+        if offering.iter().any(|t| t.serves(model, need)) {
+            return None;
+        }
+        let anyone = Need {
+            groups: Arc::clone(&need.groups),
+            trusted_only: need.trusted_only,
+            can_moderate: need.can_moderate,
+            ..Need::default()
+        };
+        if offering.iter().any(|t| t.serves(model, &anyone)) {
+            Some(PickError::TooLarge)
+        } else {
+            Some(PickError::NotAllowed)
+        }
+    }
+
+    fn pick(
+        self: &Arc<Self>,
+        model: &ModelName,
+        exclude: &[i64],
+        need: &Need,
+    ) -> Result<Lease, PickError> {
+        if let Some(e) = self.unservable(model, need) {
+            return Err(e);
+        }
+        let candidates: Vec<Arc<ProviderLink>> = self
+            .tunnels()
+            .values()
+            .filter(|t| !exclude.contains(&t.provider_id) && t.can_take(model, need))
+            .cloned()
+            .collect();
+        // Low power: device class first (NPU, CPU, GPU), then the lowest measured energy
+        // per token, then load. Otherwise: lowest load relative to capacity. Ties are
+        // broken at random so that sequential traffic spreads too.
+        let key = |t: &Arc<ProviderLink>| -> (u8, u64, u64) {
+            let load = f64::from(t.in_flight()) / f64::from(t.capacity().max(1));
+            let load_key = (load * 1_000_000.0) as u64;
+            if need.low_power {
+                let rank = t.profile().device.low_power_rank();
+                let wh = self
+                    .energy_per_1k(t.provider_id, model)
+                    .map_or(u64::MAX, |wh| (wh * 1_000_000.0) as u64);
+                (rank, wh, load_key)
+            } else {
+                (0, 0, load_key)
+            }
+        };
+        let keyed: Vec<_> = candidates.iter().map(|t| (key(t), t)).collect();
+        let Some(best_key) = keyed.iter().map(|(k, _)| *k).min() else {
+            return Err(PickError::Busy);
+        };
+        let best: Vec<&Arc<ProviderLink>> = keyed
+            .iter()
+            .filter(|(k, _)| *k == best_key)
+            .map(|(_, t)| *t)
+            .collect();
+        let t = best[rand::rng().random_range(0..best.len())];
+        t.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(Lease {
+            tunnel: Some(Arc::clone(t)),
+            registry: Arc::clone(self),
+        })
+    }
+
+    /// Measured Wh per 1,000 tokens of a provider for a model, if known.
+    pub(super) fn energy_per_1k(&self, provider_id: i64, model: &ModelName) -> Option<f64> {
+        lock(&self.energy)
+            .get(&(provider_id, model.clone()))
+            .and_then(EnergyStat::wh_per_1k)
+    }
+
+    /// Give free slots to waiters (after a tunnel joined, its offer changed, or a
+    /// request joined the queue).
+    fn fill(self: &Arc<Self>) {
+        let mut q = lock(&self.queue);
+        if q.is_empty() {
+            return;
+        }
+        let tunnels: Vec<Arc<ProviderLink>> = self.tunnels().values().cloned().collect();
+        for t in tunnels {
+            while t.is_open() && t.accepting() && t.in_flight() < t.capacity().max(1) {
+                let Some(w) = q.take_for(&t) else { break };
+                t.in_flight.fetch_add(1, Ordering::Relaxed);
+                let lease = Lease {
+                    tunnel: Some(Arc::clone(&t)),
+                    registry: Arc::clone(self),
+                };
+                if let Err(mut back) = w.tx.send(lease) {
+                    // Waiter gone: free the slot without re-entering the queue lock.
+                    if let Some(t) = back.tunnel.take() {
+                        t.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Poll interval of [`Registry::lease_on`] while the tunnel is full.
+pub(crate) const LEASE_ON_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// All open tunnels and the wait queue.
+pub struct Registry {
+    pub(super) inner: Arc<Inner>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                tunnels: Mutex::new(HashMap::new()),
+                queue: Mutex::new(Queue::default()),
+                next_conn: AtomicU64::new(0),
+                energy: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+impl Registry {
+    /// A fresh tunnel id.
+    pub fn next_conn_id(&self) -> u64 {
+        self.inner.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Add a tunnel (after its hello).
+    pub fn insert(&self, t: Arc<ProviderLink>) {
+        self.inner.tunnels().insert(t.conn_id, t);
+        self.inner.fill();
+    }
+
+    /// Replace what a tunnel offers.
+    pub fn set_offer(
+        &self,
+        conn_id: u64,
+        models: HashMap<ModelName, OfferedModel>,
+        capacity: u32,
+        profile: ProviderProfile,
+        accepting: bool,
+    ) {
+        let t = self.inner.tunnels().get(&conn_id).cloned();
+        if let Some(t) = t {
+            let mut o = lock(&t.state);
+            o.models = models;
+            o.capacity = capacity;
+            o.profile = profile;
+            o.accepting = accepting;
+        }
+        self.inner.fill();
+    }
+
+    /// closed. The caller bounds the wait.
+    pub async fn lease_on(&self, t: &Arc<ProviderLink>) -> Option<Lease> {
+        loop {
+            if !t.is_open() {
+                return None;
+            }
+            let cap = t.capacity().max(1);
+            let cur = t.in_flight.load(Ordering::Relaxed);
+            if cur < cap
+                && t.in_flight
+                    .compare_exchange(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return Some(Lease {
+                    tunnel: Some(Arc::clone(t)),
+                    registry: Arc::clone(&self.inner),
+                });
+            }
+            tokio::time::sleep(LEASE_ON_POLL).await;
+        }
+    }
+
+    /// Set a provider's trust flags (trusted reference, quarantined) on its open links.
+    pub fn set_trust_flags(&self, provider_id: i64, trusted: bool, quarantined: bool) {
+        for t in self.open_tunnels() {
+            if t.provider_id == provider_id {
+                t.trusted.store(trusted, Ordering::Relaxed);
+                t.quarantined.store(quarantined, Ordering::Relaxed);
+            }
+        }
+        self.inner.fill();
+    }
+
+    /// An open tunnel of a provider.
+    pub fn tunnel_of(&self, provider_id: i64) -> Option<Arc<ProviderLink>> {
+        self.open_tunnels()
+            .into_iter()
+            .find(|t| t.provider_id == provider_id)
+    }
+
+    /// A trusted reference for `model` (same file hash when one is given), other than
+    /// `exclude`.
+    pub fn trusted_reference(
+        &self,
+        model: &ModelName,
+        sha256: Option<&ModelHash>,
+        exclude: i64,
+    ) -> Option<Arc<ProviderLink>> {
+        let mut refs: Vec<Arc<ProviderLink>> = self
+            .open_tunnels()
+            .into_iter()
+            .filter(|t| {
+                t.provider_id != exclude
+                    && t.trusted.load(Ordering::Relaxed)
+                    && !t.quarantined.load(Ordering::Relaxed)
+                    && t.offered(model)
+                        .is_some_and(|o| sha256.is_none() || o.sha256.as_ref() == sha256)
+            })
+            .collect();
+        if refs.is_empty() {
+            return None;
+        }
+        let i = rand::rng().random_range(0..refs.len());
+        Some(refs.swap_remove(i))
+    }
+
+    /// Untrusted, open providers of `model` (canary targets), quarantined ones included.
+    pub fn auditable(&self, model: &ModelName) -> Vec<Arc<ProviderLink>> {
+        self.open_tunnels()
+            .into_iter()
+            .filter(|t| !t.trusted.load(Ordering::Relaxed) && t.offers(model))
+            .collect()
+    }
+
+    /// The strongest moderation any open provider of `model` requires.
+    pub fn required_moderation(&self, model: &ModelName) -> potluck_protocol::tunnel::Moderation {
+        use potluck_protocol::tunnel::Moderation as M;
+        let (mut input, mut output) = (false, false);
+        for t in self.open_tunnels() {
+            let o = lock(&t.state);
+            if o.models.contains_key(model) {
+                match o.profile.moderation {
+                    M::None => {}
+                    M::Input => input = true,
+                    M::Output => output = true,
+                    M::Both => (input, output) = (true, true),
+                }
+            }
+        }
+        match (input, output) {
+            (true, true) => M::Both,
+            (true, false) => M::Input,
+            (false, true) => M::Output,
+            (false, false) => M::None,
+        }
+    }
+
+    /// Remove a tunnel: nothing new is routed to it from now on.
+    pub fn remove(&self, conn_id: u64) {
+        if let Some(t) = self.inner.tunnels().remove(&conn_id) {
+            t.closed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Close every tunnel of a provider (its token was revoked).
+    pub fn remove_provider(&self, provider_id: i64) -> usize {
+        let mut map = self.inner.tunnels();
+        let ids: Vec<u64> = map
+            .values()
+            .filter(|t| t.provider_id == provider_id)
+            .map(|t| t.conn_id)
+            .collect();
+        for id in &ids {
+            if let Some(t) = map.remove(id) {
+                t.closed.store(true, Ordering::Relaxed);
+                t.cancel.cancel();
+            }
+        }
+        ids.len()
+    }
+
+    /// Pick a tunnel for `model` now, skipping `exclude`d providers (no queueing).
+    pub fn pick(
+        &self,
+        model: &ModelName,
+        exclude: &[i64],
+        need: &Need,
+    ) -> Result<Lease, PickError> {
+        self.inner.pick(model, exclude, need)
+    }
+
+    /// A slot now if one is free and nobody waits for `model`; else a place in its queue
+    /// (at most `max_queue` waiting per model).
+    pub fn acquire(
+        &self,
+        model: &ModelName,
+        priority: u8,
+        account: i64,
+        max_queue: usize,
+        need: Need,
+    ) -> Result<Acquired, PickError> {
+        let mut q = lock(&self.inner.queue);
+        if q.len(model) == 0 {
+            match self.inner.pick(model, &[], &need) {
+                Ok(l) => return Ok(Acquired::Now(l)),
+                Err(PickError::Busy) => {}
+                Err(e) => return Err(e),
+            }
+        } else if let Some(e) = self.inner.unservable(model, &need) {
+            return Err(e);
+        }
+        if q.len(model) >= max_queue {
+            return Err(PickError::QueueFull);
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = q.push(model, priority, account, tx, Arc::new(need));
+        drop(q);
+        // Others waiting may not fit a free slot that this request fits.
+        self.inner.fill();
+        Ok(Acquired::Wait(WaitTicket {
+            id,
+            model: model.clone(),
+            priority,
+            account,
+            rx,
+            registry: Arc::clone(&self.inner),
+            queued_at: Instant::now(),
+        }))
+    }
+
+    /// Requests waiting for `model`.
+    pub fn queued(&self, model: &ModelName) -> usize {
+        lock(&self.inner.queue).len(model)
+    }
+}

@@ -1,0 +1,239 @@
+//! The one builder of a request sent down a tunnel ([`tunneled_request`], with the hub's
+//! [`new_request_id`]), and requests the hub makes itself, through the same tunnels as consumers' requests: guard
+//! checks, audit replays and canaries. They look like any consumer's request to the
+//! provider: same method, path, headers (with a consumer pseudonym) and body shape.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use potluck_protocol::tunnel::{HEADER_CONSUMER, HEADER_MODEL, HEADER_REQUEST_ID};
+use potluck_protocol::{InferenceEndpoint, ModelName};
+use rand::RngCore;
+use serde_json::Value;
+
+use crate::http::sse::SseParser;
+use crate::routing::link::ProviderLink;
+use crate::routing::registry::{Acquired, Lease, Need};
+use crate::state::HubState;
+
+/// Bytes of randomness in a request id (hex-encoded: twice as many characters).
+pub(crate) const REQUEST_ID_BYTES: usize = 12;
+
+/// A fresh request id: random, hex.
+pub(crate) fn new_request_id() -> String {
+    let mut b = [0u8; REQUEST_ID_BYTES];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// The request a provider gets: the endpoint's path, the model and request id headers,
+/// the consumer's pseudonym towards this provider, and the body as forwarded.
+pub(crate) fn tunneled_request(
+    endpoint: InferenceEndpoint,
+    model: &ModelName,
+    request_id: &str,
+    consumer: &str,
+    body: Bytes,
+) -> Result<http::Request<Full<Bytes>>, http::Error> {
+    http::Request::builder()
+        .method("POST")
+        .uri(endpoint.path())
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(HEADER_MODEL, model.as_str())
+        .header(HEADER_REQUEST_ID, request_id)
+        .header(HEADER_CONSUMER, consumer)
+        .body(Full::new(body))
+}
+
+/// Queue priority of the hub's own requests (above every consumer's).
+pub(crate) const PRIORITY_INTERNAL: u8 = 4;
+/// Largest answer the hub reads for itself.
+pub(crate) const MAX_INTERNAL_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why an internal request produced no answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InternalError {
+    /// No provider serves the model (or none may for this request).
+    #[error("no provider serves the model")]
+    NoProvider,
+    /// No answer within the time allowed.
+    #[error("timed out")]
+    Timeout,
+    /// The provider failed or answered something unreadable.
+    #[error("provider failed: {0}")]
+    Failed(&'static str),
+}
+
+/// A collected answer.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Answer {
+    /// The text of the first choice (content, or completions' text).
+    pub text: String,
+    /// Completion tokens the provider reported.
+    pub completion_tokens: i64,
+    /// The provider that answered.
+    pub provider_id: i64,
+}
+
+/// Route a request for `model` like a consumer's (queueing at internal priority) and
+/// collect its answer.
+pub(crate) async fn ask(
+    state: &HubState,
+    endpoint: InferenceEndpoint,
+    model: &ModelName,
+    body: Value,
+    consumer: &str,
+    timeout: Duration,
+) -> Result<Answer, InternalError> {
+    let work = async {
+        let lease = match state.registry.acquire(
+            model,
+            PRIORITY_INTERNAL,
+            state.treasury,
+            state.config.queue.max_length,
+            Need::default(),
+        ) {
+            Ok(Acquired::Now(l)) => l,
+            Ok(Acquired::Wait(mut t)) => t.recv().await.ok_or(InternalError::NoProvider)?,
+            Err(_) => return Err(InternalError::NoProvider),
+        };
+        send_on(state, lease, endpoint, model, &body, consumer).await
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| InternalError::Timeout)?
+}
+
+/// Send on one given tunnel (audits), waiting for a free slot on it.
+pub(crate) async fn ask_on(
+    state: &HubState,
+    tunnel: &Arc<ProviderLink>,
+    endpoint: InferenceEndpoint,
+    model: &ModelName,
+    body: &Value,
+    consumer: &str,
+    timeout: Duration,
+) -> Result<Answer, InternalError> {
+    let work = async {
+        let lease = state
+            .registry
+            .lease_on(tunnel)
+            .await
+            .ok_or(InternalError::NoProvider)?;
+        send_on(state, lease, endpoint, model, body, consumer).await
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| InternalError::Timeout)?
+}
+
+async fn send_on(
+    state: &HubState,
+    lease: Lease,
+    endpoint: InferenceEndpoint,
+    model: &ModelName,
+    body: &Value,
+    consumer: &str,
+) -> Result<Answer, InternalError> {
+    let tunnel = Arc::clone(lease.tunnel());
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let bytes = serde_json::to_vec(body).map_err(|_| InternalError::Failed("encode"))?;
+    let req = tunneled_request(
+        endpoint,
+        model,
+        &new_request_id(),
+        consumer,
+        Bytes::from(bytes),
+    )
+    .map_err(|_| InternalError::Failed("request"))?;
+    let resp = tunnel
+        .sender
+        .clone()
+        .send_request(req)
+        .await
+        .map_err(|_| InternalError::Failed("connection"))?;
+    if resp.status() != StatusCode::OK {
+        return Err(InternalError::Failed("status"));
+    }
+    let body = Limited::new(resp.into_body(), MAX_INTERNAL_ANSWER_BYTES)
+        .collect()
+        .await
+        .map_err(|_| InternalError::Failed("body"))?
+        .to_bytes();
+    drop(lease);
+    let mut answer = if stream {
+        read_sse(&body, state.config.max_sse_line_bytes)?
+    } else {
+        read_json(&body)?
+    };
+    answer.provider_id = tunnel.provider_id;
+    Ok(answer)
+}
+
+fn text_of(choice: &Value) -> Option<&str> {
+    choice
+        .pointer("/message/content")
+        .or_else(|| choice.pointer("/delta/content"))
+        .or_else(|| choice.get("text"))
+        .and_then(Value::as_str)
+}
+
+fn completion_tokens(v: &Value) -> Option<i64> {
+    v.pointer("/usage/completion_tokens")
+        .and_then(Value::as_i64)
+}
+
+fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
+    let v: Value = serde_json::from_slice(body).map_err(|_| InternalError::Failed("json"))?;
+    Ok(Answer {
+        text: v
+            .pointer("/choices/0")
+            .and_then(text_of)
+            .unwrap_or_default()
+            .to_owned(),
+        completion_tokens: completion_tokens(&v).unwrap_or(0),
+        provider_id: 0,
+    })
+}
+
+fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
+    let mut p = SseParser::new(max_line);
+    let events = p.push(body).map_err(|_| InternalError::Failed("sse"))?;
+    let mut a = Answer::default();
+    for ev in events {
+        if ev == b"[DONE]" {
+            break;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(&ev) else {
+            return Err(InternalError::Failed("sse json"));
+        };
+        if let Some(t) = v.pointer("/choices/0").and_then(text_of) {
+            a.text.push_str(t);
+        }
+        if let Some(n) = completion_tokens(&v) {
+            a.completion_tokens = n;
+        }
+    }
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_both_shapes() {
+        let j = br#"{"choices":[{"message":{"content":"safe"}}],"usage":{"completion_tokens":1}}"#;
+        let a = read_json(j).unwrap();
+        assert_eq!((a.text.as_str(), a.completion_tokens), ("safe", 1));
+        let s = b"data: {\"choices\":[{\"delta\":{\"content\":\"un\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"safe\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
+        let a = read_sse(s, 1 << 20).unwrap();
+        assert_eq!((a.text.as_str(), a.completion_tokens), ("unsafe", 2));
+        let c = br#"{"choices":[{"text":"No"}]}"#;
+        assert_eq!(read_json(c).unwrap().text, "No");
+        assert!(read_json(b"nope").is_err());
+    }
+}

@@ -1,0 +1,92 @@
+//! The state every handler shares: one part per room (the registry, the books' queues and
+//! caches, the spot checker, the identity) and the hub's configuration and store.
+//!
+//! Every room may import this file; it names each room's state type and holds no logic
+//! beyond the per-model service time the queue's estimates use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use potluck_protocol::ModelName;
+use potluck_store::{KeyAuth, Store};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::books::cache::TtlCache;
+use crate::books::limits::Limiter;
+use crate::books::usage::Accounting;
+use crate::config::HubConfig;
+use crate::routing::inflight::InFlightRequests;
+use crate::routing::registry::Registry;
+use crate::trust::identity::HubIdentity;
+use crate::trust::spot_checks::Auditor;
+
+/// State shared by every handler.
+pub struct HubState {
+    /// Configuration.
+    pub config: HubConfig,
+    /// The database.
+    pub store: Store,
+    /// Connected providers.
+    pub registry: Registry,
+    /// Usage-record queue.
+    pub(crate) accounting: Accounting,
+    /// Owner of every task the hub starts (tunnels, the usage writer).
+    pub(crate) tasks: TaskTracker,
+    /// Cancelled when in-flight work must stop (after the shutdown grace period).
+    pub(crate) hard_stop: CancellationToken,
+    /// Per-key limit counters.
+    pub(crate) limiter: Arc<Limiter>,
+    /// The treasury account (pays for anonymous use, issues grants).
+    pub(crate) treasury: i64,
+    /// The shared anonymous key, when anonymous access is on.
+    pub(crate) anonymous: Option<KeyAuth>,
+    /// Resolved keys by secret hash.
+    pub(crate) keys: TtlCache<String, KeyAuth>,
+    /// Available balances by account.
+    pub(crate) balances: TtlCache<i64, i64>,
+    /// The hub's id and keys (receipts, pseudonyms).
+    pub(crate) identity: HubIdentity,
+    /// Samples requests for spot checks and queues plausibility flags.
+    pub(crate) auditor: Auditor,
+    /// Requests in flight, so that sanctions cut them at once.
+    pub inflight: Arc<InFlightRequests>,
+    /// Typical request duration per model (exponential moving average, ms).
+    pub(crate) service: Mutex<HashMap<ModelName, f64>>,
+}
+
+/// Weight of the newest sample in the per-model duration average.
+pub(crate) const SERVICE_EWMA_ALPHA: f64 = 0.2;
+/// Assumed duration of a request to a model none was seen for (ms).
+pub(crate) const DEFAULT_SERVICE_MS: f64 = 1000.0;
+
+impl HubState {
+    /// Record how long a successful request to `model` took.
+    pub(crate) fn observe_service(&self, model: &ModelName, d: Duration) {
+        let ms = d.as_secs_f64() * 1000.0;
+        let mut map = self.service.lock().unwrap_or_else(|p| p.into_inner());
+        let e = map.entry(model.clone()).or_insert(ms);
+        *e = SERVICE_EWMA_ALPHA * ms + (1.0 - SERVICE_EWMA_ALPHA) * *e;
+    }
+
+    /// Typical duration of a request to `model`, if any was seen.
+    pub(crate) fn service_ms(&self, model: &ModelName) -> Option<f64> {
+        self.service
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .copied()
+    }
+
+    /// Estimated wait for the request at `position` in `model`'s queue.
+    pub(crate) fn eta_ms(&self, model: &ModelName, position: usize) -> u64 {
+        let capacity = self
+            .registry
+            .pool()
+            .get(model)
+            .map_or(1, |s| s.capacity.max(1));
+        let per = self.service_ms(model).unwrap_or(DEFAULT_SERVICE_MS);
+        ((position as f64 + 1.0) * per / f64::from(capacity)).round() as u64
+    }
+}

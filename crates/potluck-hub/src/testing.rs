@@ -1,0 +1,9 @@
+//! What tests may touch beyond [`crate::Hub`] and [`crate::HubConfig`]: the shared state
+//! (its store and registry), the registry's view of the pool, and the canary prompts the
+//! spot checker sends. Nothing else of the hub's insides is public.
+
+pub use crate::routing::inflight::InFlightRequests;
+pub use crate::routing::pool::{ModelStatus, ProviderView};
+pub use crate::routing::registry::Registry;
+pub use crate::state::HubState;
+pub use crate::trust::spot_checks::CANARY_PROMPTS;

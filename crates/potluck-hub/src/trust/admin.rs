@@ -1,0 +1,162 @@
+//! Admin endpoints for provider trust: mark trusted references, see each provider's
+//! reputation and spot-check history, release a quarantine, and read guard
+//! verdicts (category codes only; there is no content to show).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::http::auth;
+use crate::http::error::ApiError;
+use crate::state::HubState;
+
+/// Most rows one listing returns.
+pub(crate) const MAX_LIST: i64 = 1000;
+
+/// Body of `PUT /admin/v1/providers/{name}/trust`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrustBody {
+    /// Trusted reference or not.
+    pub trusted: bool,
+}
+
+/// `PUT /admin/v1/providers/{name or id}/trust`
+pub(crate) async fn set_trust(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Json(body): Json<TrustBody>,
+) -> Result<Json<Value>, ApiError> {
+    let actor = auth::staff(&st, &headers, auth::Action::Trust).await?;
+    let id = provider_id(&st, &name).await?;
+    let name = st
+        .store
+        .list_providers()
+        .await?
+        .into_iter()
+        .find(|p| p.id == id)
+        .map(|p| p.name)
+        .ok_or(ApiError::NotFound("provider"))?;
+    st.store
+        .set_trusted(&name, body.trusted)
+        .await
+        .map_err(|_| ApiError::NotFound("provider"))?;
+    let standing = st.store.standing(id).await?;
+    st.registry
+        .set_trust_flags(id, standing.trusted, standing.quarantined_at_ms.is_some());
+    tracing::info!(
+        provider_id = id,
+        trusted = body.trusted,
+        "provider trust changed"
+    );
+    crate::books::action_log::record(
+        &st,
+        &actor,
+        if body.trusted {
+            "provider.trust"
+        } else {
+            "provider.untrust"
+        },
+        "provider",
+        id.to_string(),
+        None,
+    )
+    .await?;
+    Ok(Json(json!({"id": id, "name": name, "standing": standing})))
+}
+
+/// `POST /admin/v1/providers/{name}/release`: lift a quarantine, score back to the
+/// threshold (one more failure quarantines again).
+pub(crate) async fn release(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let actor = auth::staff(&st, &headers, auth::Action::Trust).await?;
+    let id = provider_id(&st, &name).await?;
+    let score = st.config.audit.quarantine_below.max(0.5);
+    st.store.release_quarantine(id, score).await?;
+    let standing = st.store.standing(id).await?;
+    st.registry.set_trust_flags(id, standing.trusted, false);
+    tracing::info!(provider_id = id, "provider quarantine released");
+    crate::books::action_log::record(
+        &st,
+        &actor,
+        "provider.release",
+        "provider",
+        id.to_string(),
+        None,
+    )
+    .await?;
+    Ok(Json(json!({"id": id, "name": name, "standing": standing})))
+}
+
+async fn provider_id(st: &HubState, name: &str) -> Result<i64, ApiError> {
+    st.store
+        .list_providers()
+        .await?
+        .into_iter()
+        .find(|p| p.revoked_at.is_none() && (p.name == name || p.id.to_string() == name))
+        .map(|p| p.id)
+        .ok_or(ApiError::NotFound("provider"))
+}
+
+/// `GET /admin/v1/providers/{name}/standing`: the provider's reputation (trusted,
+/// score, quarantine) and its recent spot checks. The path and the JSON key keep the
+/// older word "standing"; in the hub a standing is a sanction state.
+pub(crate) async fn reputation(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    auth::staff(&st, &headers, auth::Action::Verdicts).await?;
+    let id = provider_id(&st, &name).await?;
+    let reputation = st.store.standing(id).await?;
+    let audits: Vec<Value> = st
+        .store
+        .audit_history(id, MAX_LIST)
+        .await?
+        .into_iter()
+        .map(|(kind, passed, agreement, score, at)| {
+            json!({"kind": kind, "passed": passed, "agreement": agreement, "score_after": score, "at_ms": at})
+        })
+        .collect();
+    Ok(Json(
+        json!({"id": id, "name": name, "standing": reputation, "audits": audits}),
+    ))
+}
+
+/// Query of `GET /admin/v1/guard-verdicts`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Limit {
+    /// Rows (default 100).
+    pub limit: Option<i64>,
+}
+
+/// `GET /admin/v1/guard-verdicts` (alias `/admin/v1/moderation`): guard verdicts, newest
+/// first. Category codes only.
+pub(crate) async fn verdicts(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Query(q): Query<Limit>,
+) -> Result<Json<Value>, ApiError> {
+    auth::staff(&st, &headers, auth::Action::Verdicts).await?;
+    let rows = st
+        .store
+        .moderation_events(q.limit.unwrap_or(100).clamp(1, MAX_LIST))
+        .await?;
+    let data: Vec<Value> = rows
+        .into_iter()
+        .map(|(rid, acct, prov, model, stage, blocked, cats, at)| {
+            json!({"request_id": rid, "account_id": acct, "provider_id": prov, "model": model,
+                   "stage": stage, "blocked": blocked, "categories": cats, "at_ms": at})
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data,
+        "note": "Verdicts hold category codes only. The hub stores no prompt or completion, so there is no content to show."})))
+}

@@ -1,0 +1,135 @@
+//! The hub's identity: the ed25519 key that signs receipts, and consumer pseudonyms.
+//!
+//! A pseudonym is `HMAC-SHA256(k_p, account id)` where `k_p = HMAC-SHA256(k, provider
+//! id)` and `k` is the hub's pseudonym secret: stable for one provider, different across
+//! providers, and meaningless without `k`. Only the hub (its moderators) can map a
+//! pseudonym back to an account, through the request id a provider reports.
+
+use ed25519_dalek::SigningKey;
+use hmac::{Hmac, Mac};
+use potluck_protocol::receipt::{HubInfo, Receipt, SignedReceipt};
+use potluck_store::HubIdentityRecord;
+use sha2::Sha256;
+
+/// Prefix of consumer pseudonyms.
+pub(crate) const PSEUDONYM_PREFIX: &str = "c-";
+/// Bytes of HMAC output kept in a pseudonym (96 bits).
+pub(crate) const PSEUDONYM_BYTES: usize = 12;
+
+/// The hub's keys. `Debug` shows the id only.
+pub(crate) struct HubIdentity {
+    hub_id: String,
+    signing: SigningKey,
+    pseudonym_key: [u8; 32],
+}
+
+impl std::fmt::Debug for HubIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubIdentity")
+            .field("hub_id", &self.hub_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
+    let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
+        Ok(m) => m,
+        Err(_) => unreachable!("HMAC takes keys of any length"),
+    };
+    mac.update(msg);
+    mac.finalize().into_bytes().into()
+}
+
+impl HubIdentity {
+    /// From the stored record.
+    pub(crate) fn new(rec: &HubIdentityRecord) -> Self {
+        Self {
+            hub_id: rec.hub_id.clone(),
+            signing: SigningKey::from_bytes(&rec.signing_key),
+            pseudonym_key: rec.pseudonym_key,
+        }
+    }
+
+    /// The hub's id.
+    pub(crate) fn hub_id(&self) -> &str {
+        &self.hub_id
+    }
+
+    /// What `GET /v1/hub` publishes.
+    pub(crate) fn info(&self) -> HubInfo {
+        HubInfo {
+            hub_id: self.hub_id.clone(),
+            receipt_algorithm: "ed25519".into(),
+            public_key: hex::encode(self.signing.verifying_key().to_bytes()),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    /// The consumer's pseudonym for one provider.
+    pub(crate) fn pseudonym(&self, provider_id: i64, account_id: i64) -> String {
+        let k = hmac(
+            &self.pseudonym_key,
+            format!("provider:{provider_id}").as_bytes(),
+        );
+        let tag = hmac(&k, format!("account:{account_id}").as_bytes());
+        format!("{PSEUDONYM_PREFIX}{}", hex::encode(&tag[..PSEUDONYM_BYTES]))
+    }
+
+    /// Sign a receipt.
+    pub(crate) fn sign(&self, r: Receipt) -> SignedReceipt {
+        SignedReceipt::sign(r, &self.signing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> HubIdentity {
+        HubIdentity::new(&HubIdentityRecord {
+            hub_id: "hub-test".into(),
+            signing_key: [1; 32],
+            pseudonym_key: [2; 32],
+        })
+    }
+
+    #[test]
+    fn pseudonyms_stable_per_provider_and_distinct_across() {
+        let h = id();
+        let a = h.pseudonym(1, 42);
+        assert_eq!(a, h.pseudonym(1, 42), "stable for one provider");
+        assert_ne!(a, h.pseudonym(2, 42), "differs across providers");
+        assert_ne!(a, h.pseudonym(1, 43), "differs across accounts");
+        assert!(a.starts_with(PSEUDONYM_PREFIX));
+        assert_eq!(a.len(), PSEUDONYM_PREFIX.len() + 2 * PSEUDONYM_BYTES);
+        assert!(!a.contains("42"));
+        let other_hub = HubIdentity::new(&HubIdentityRecord {
+            hub_id: "hub-other".into(),
+            signing_key: [1; 32],
+            pseudonym_key: [3; 32],
+        });
+        assert_ne!(a, other_hub.pseudonym(1, 42), "depends on the hub's secret");
+    }
+
+    #[test]
+    fn info_key_verifies_signatures() {
+        let h = id();
+        let r = Receipt {
+            hub_id: h.hub_id().into(),
+            request_id: "r".into(),
+            time_ms: 1,
+            provider_id: 1,
+            consumer: h.pseudonym(1, 1),
+            model: potluck_protocol::ModelName::parse("m").unwrap(),
+            model_sha256: None,
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            credits_micro: 3,
+            outcome: "ok".into(),
+        };
+        let s = h.sign(r);
+        s.verify_for(&h.info()).unwrap();
+        assert!(!format!("{h:?}").contains(&hex::encode([1u8; 32])));
+    }
+}

@@ -1,0 +1,11 @@
+//! Trust: whether a provider does what it says. Guard-model moderation ([`guard`]),
+//! replays and canaries ([`spot_checks`]), checks of reported usage and speed
+//! ([`plausibility`]), the hub's identity for receipts and pseudonyms ([`identity`]) and
+//! the admin endpoints for trust, quarantine, reputation and guard verdicts ([`admin`]).
+//! Imports `routing`, `books` and the base.
+
+pub(crate) mod admin;
+pub(crate) mod guard;
+pub(crate) mod identity;
+pub(crate) mod plausibility;
+pub(crate) mod spot_checks;
