@@ -5,9 +5,10 @@
 //! beyond the per-model service time the queue's estimates use.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use potluck_protocol::ModelName;
 use potluck_store::{KeyAuth, Store};
 use tokio_util::sync::CancellationToken;
@@ -65,18 +66,14 @@ impl HubState {
     /// Record how long a successful request to `model` took.
     pub(crate) fn observe_service(&self, model: &ModelName, d: Duration) {
         let ms = d.as_secs_f64() * 1000.0;
-        let mut map = self.service.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.service.lock();
         let e = map.entry(model.clone()).or_insert(ms);
         *e = SERVICE_EWMA_ALPHA * ms + (1.0 - SERVICE_EWMA_ALPHA) * *e;
     }
 
     /// Typical duration of a request to `model`, if any was seen.
     pub(crate) fn service_ms(&self, model: &ModelName) -> Option<f64> {
-        self.service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(model)
-            .copied()
+        self.service.lock().get(model).copied()
     }
 
     /// Estimated wait for the request at `position` in `model`'s queue.

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::books::action_log;
-use crate::config::micro;
+use crate::books::money::Micro;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
 use crate::http::extract::json_body;
@@ -141,7 +141,10 @@ pub(crate) async fn grant(
         ));
     }
     let id = account_id(&st, &name).await?;
-    let tx = st.store.grant(id, micro(req.amount)).await?;
+    let tx = st
+        .store
+        .grant(id, Micro::from_credits(req.amount).get())
+        .await?;
     st.balances.remove(&id);
     action_log::record(
         &st,

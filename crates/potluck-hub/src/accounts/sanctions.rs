@@ -61,9 +61,63 @@ pub(crate) async fn sanction(
     actor: &KeyAuth,
     target: Target,
     id: i64,
-    verb: SanctionAction,
+    action: SanctionAction,
     why: Option<String>,
 ) -> Result<Value, ApiError> {
+    let current = may_sanction(st, actor, target, id).await?;
+    let imposing = matches!(action, SanctionAction::Suspend | SanctionAction::Ban);
+    let why = reason(why, imposing, MAX_REASON_CHARS, "reason")?;
+    let standing = new_standing(action, current, target)?;
+    st.store
+        .set_standing(target, id, standing, why.as_deref())
+        .await
+        .map_err(not_found(target.as_str()))?;
+    st.keys.clear();
+    let (cut, closed) = if imposing {
+        let block = Block {
+            target,
+            standing,
+            reason: why.clone(),
+        };
+        enforce(st, &block, id).await?
+    } else {
+        (0, 0)
+    };
+    action_log::record(
+        st,
+        actor,
+        &format!("{}.{}", target.as_str(), action.as_str()),
+        target.as_str(),
+        id.to_string(),
+        why.as_deref(),
+    )
+    .await?;
+    tracing::info!(
+        target = target.as_str(),
+        id,
+        action = action.as_str(),
+        by_account = actor.account_id,
+        requests_cut = cut,
+        tunnels_closed = closed,
+        "sanction"
+    );
+    Ok(json!({
+        "target": target.as_str(),
+        "id": id,
+        "status": standing,
+        "requests_cut": cut,
+        "tunnels_closed": closed,
+    }))
+}
+
+/// Whether `actor` may sanction the party (not the system's, not their own, staff only
+/// by an admin); its current standing if so.
+async fn may_sanction(
+    st: &HubState,
+    actor: &KeyAuth,
+    target: Target,
+    id: i64,
+) -> Result<Standing, ApiError> {
     let (current, owner, owner_role) = st
         .store
         .standing_of(target, id)
@@ -80,82 +134,53 @@ pub(crate) async fn sanction(
     if rank(owner_role) >= rank(Role::Moderator) && actor.role != Role::Admin {
         return Err(ApiError::Refused("Only an admin can sanction staff."));
     }
-    let imposing = matches!(verb, SanctionAction::Suspend | SanctionAction::Ban);
-    let why = reason(why, imposing, MAX_REASON_CHARS, "reason")?;
-    let standing = match verb {
-        SanctionAction::Suspend => Standing::Suspended,
-        SanctionAction::Ban => Standing::Banned,
-        SanctionAction::Unsuspend if current != Standing::Suspended => {
-            return Err(ApiError::Conflict(format!(
-                "the {} is not suspended",
-                target.as_str()
-            )))
-        }
-        SanctionAction::Unban if !matches!(current, Standing::Banned | Standing::Suspended) => {
-            return Err(ApiError::Conflict(format!(
-                "the {} is not banned",
-                target.as_str()
-            )))
-        }
-        SanctionAction::Unsuspend | SanctionAction::Unban => Standing::Active,
-    };
-    st.store
-        .set_standing(target, id, standing, why.as_deref())
-        .await
-        .map_err(not_found(target.as_str()))?;
-    st.keys.clear();
-    let (mut cut, mut closed) = (0, 0);
-    if imposing {
-        let block = Block {
-            target,
-            standing,
-            reason: why.clone(),
-        };
-        let as_provider = Block {
-            target: Target::Provider,
-            ..block.clone()
-        };
-        let providers = match target {
-            Target::Account => {
-                cut += st.inflight.cancel_account(id, &block);
-                st.store.account_providers(id).await?
-            }
-            Target::Key => {
-                cut += st.inflight.cancel_key(id, &block);
-                Vec::new()
-            }
-            Target::Provider => vec![id],
-        };
-        for p in providers {
-            closed += st.registry.remove_provider(p);
-            cut += st.inflight.cancel_provider(p, &as_provider);
-        }
+    Ok(current)
+}
+
+/// The standing `action` leads to from `current` (lifting what is not there conflicts).
+fn new_standing(
+    action: SanctionAction,
+    current: Standing,
+    target: Target,
+) -> Result<Standing, ApiError> {
+    match action {
+        SanctionAction::Suspend => Ok(Standing::Suspended),
+        SanctionAction::Ban => Ok(Standing::Banned),
+        SanctionAction::Unsuspend if current != Standing::Suspended => Err(ApiError::Conflict(
+            format!("the {} is not suspended", target.as_str()),
+        )),
+        SanctionAction::Unban if !matches!(current, Standing::Banned | Standing::Suspended) => Err(
+            ApiError::Conflict(format!("the {} is not banned", target.as_str())),
+        ),
+        SanctionAction::Unsuspend | SanctionAction::Unban => Ok(Standing::Active),
     }
-    action_log::record(
-        st,
-        actor,
-        &format!("{}.{}", target.as_str(), verb.as_str()),
-        target.as_str(),
-        id.to_string(),
-        why.as_deref(),
-    )
-    .await?;
-    tracing::info!(
-        target = target.as_str(),
-        id,
-        action = verb.as_str(),
-        by_account = actor.account_id,
-        requests_cut = cut,
-        tunnels_closed = closed,
-        "sanction"
-    );
-    Ok(json!({
-        "target": target.as_str(),
-        "id": id,
-        "status": standing,
-        "requests_cut": cut,
-        "tunnels_closed": closed,
-    }))
+}
+
+/// Make an imposed sanction effective at once: cut the party's requests in flight and
+/// close its providers' links. Returns (requests cut, links closed).
+async fn enforce(st: &HubState, block: &Block, id: i64) -> Result<(usize, usize), ApiError> {
+    let as_provider = Block {
+        target: Target::Provider,
+        ..block.clone()
+    };
+    let mut cut = 0;
+    let providers = match block.target {
+        Target::Account => {
+            cut += st.inflight.cancel_account(id, block);
+            st.store.account_providers(id).await?
+        }
+        Target::Key => {
+            cut += st.inflight.cancel_key(id, block);
+            Vec::new()
+        }
+        Target::Provider => vec![id],
+    };
+    let mut closed = 0;
+    for p in providers {
+        closed += st.registry.remove_provider(p);
+        cut += st.inflight.cancel_provider(p, &as_provider);
+    }
+    Ok((cut, closed))
 }
 
 pub(crate) async fn sanction_req(

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::books::credits::available;
 use crate::books::limits::{utc_day, Effective, InFlight};
-use crate::config::micro;
+use crate::books::money::Micro;
 use crate::http::error::ApiError;
 use crate::state::HubState;
 
@@ -304,11 +304,11 @@ pub(crate) async fn priority(
         return Ok(PRIORITY_ANONYMOUS);
     }
     let balance = available(state, key.account_id).await?;
-    if state.config.credits.require_credits && balance <= 0 {
+    if state.config.credits.require_credits && !balance.is_positive() {
         return Err(ApiError::InsufficientCredits);
     }
     Ok(
-        if balance >= micro(state.config.credits.high_priority_balance) {
+        if balance >= Micro::from_credits(state.config.credits.high_priority_balance) {
             PRIORITY_HIGH
         } else {
             PRIORITY_NORMAL

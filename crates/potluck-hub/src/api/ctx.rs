@@ -13,7 +13,7 @@ use potluck_store::KeyAuth;
 
 use crate::api::finish::{self, Ended, Outcome, Parties, ReceiptParts};
 use crate::books::limits::InFlight;
-use crate::config::micro;
+use crate::books::money::Micro;
 use crate::http::error::ApiError;
 use crate::routing::inflight::InFlightGuard;
 use crate::routing::link::{Outgoing, ProviderLink};
@@ -126,7 +126,7 @@ impl Ctx {
             treasury: state.treasury,
             provider_account: link.provider_account,
             quarantined: link.quarantined.load(Ordering::Relaxed),
-            tax: micro(state.config.credits.tax_per_request),
+            tax: Micro::from_credits(state.config.credits.tax_per_request),
         };
         state.accounting.record(crate::books::usage::Finished {
             usage: finish::usage_row(&r, link.provider_id, &ended),
@@ -134,7 +134,7 @@ impl Ctx {
         });
     }
 
-    fn send_receipt(&self, state: &HubState, link: &ProviderLink, ended: &Ended, cost: i64) {
+    fn send_receipt(&self, state: &HubState, link: &ProviderLink, ended: &Ended, cost: Micro) {
         let parts = ReceiptParts {
             hub_id: state.identity.hub_id().to_owned(),
             consumer: state

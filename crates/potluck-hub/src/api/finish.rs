@@ -9,6 +9,7 @@ use potluck_protocol::{InferenceEndpoint, ModelName};
 use potluck_store::ledger::Settlement;
 use potluck_store::UsageRecord;
 
+use crate::books::money::Micro;
 use crate::config::Rates;
 use crate::trust::plausibility::Usage;
 
@@ -108,11 +109,13 @@ pub(crate) fn usage_row(r: &Request<'_>, provider_id: i64, e: &Ended) -> UsageRe
     }
 }
 
-/// The price of `u` at `rates` (micro-credits; saturating, never negative for valid usage).
-pub(crate) fn cost(rates: Rates, u: Usage) -> i64 {
-    u.prompt
-        .saturating_mul(rates.prompt)
-        .saturating_add(u.completion.saturating_mul(rates.completion))
+/// The price of `u` at `rates` (it saturates at [`Micro::MAX`] rather than wrap).
+pub(crate) fn cost(rates: Rates, u: Usage) -> Micro {
+    Micro::new(rates.prompt)
+        .checked_times(u.prompt)
+        .zip(Micro::new(rates.completion).checked_times(u.completion))
+        .and_then(|(p, c)| p.checked_add(c))
+        .unwrap_or(Micro::MAX)
 }
 
 /// Tokens served (for the provider's counters); 0 when nothing was.
@@ -136,7 +139,7 @@ pub(crate) struct ReceiptParts {
 }
 
 /// The provider's receipt: it earns `cost` only if it served any token.
-pub(crate) fn receipt(r: &Request<'_>, p: ReceiptParts, e: &Ended, cost: i64) -> Receipt {
+pub(crate) fn receipt(r: &Request<'_>, p: ReceiptParts, e: &Ended, cost: Micro) -> Receipt {
     Receipt {
         hub_id: p.hub_id,
         request_id: r.request_id.to_owned(),
@@ -147,7 +150,7 @@ pub(crate) fn receipt(r: &Request<'_>, p: ReceiptParts, e: &Ended, cost: i64) ->
         model_sha256: p.model_sha256,
         prompt_tokens: e.usage.prompt.max(0) as u64,
         completion_tokens: e.usage.completion.max(0) as u64,
-        credits_micro: if tokens(e.usage) > 0 { cost } else { 0 },
+        credits_micro: if tokens(e.usage) > 0 { cost.get() } else { 0 },
         outcome: e.outcome.as_str().to_owned(),
     }
 }
@@ -161,12 +164,12 @@ pub(crate) struct Parties {
     pub(crate) provider_account: i64,
     /// The provider is quarantined (earns nothing).
     pub(crate) quarantined: bool,
-    /// Tax per request (micro-credits).
-    pub(crate) tax: i64,
+    /// Tax per request.
+    pub(crate) tax: Micro,
 }
 
 /// The settlement, if anything was delivered.
-pub(crate) fn settlement(r: &Request<'_>, p: Parties, u: Usage, cost: i64) -> Option<Settlement> {
+pub(crate) fn settlement(r: &Request<'_>, p: Parties, u: Usage, cost: Micro) -> Option<Settlement> {
     (u.prompt + u.completion > 0).then(|| Settlement {
         request_id: r.request_id.to_owned(),
         // The hub pays for anonymous use.
@@ -182,8 +185,8 @@ pub(crate) fn settlement(r: &Request<'_>, p: Parties, u: Usage, cost: i64) -> Op
         } else {
             p.provider_account
         },
-        cost,
-        tax: if r.anonymous { 0 } else { p.tax },
+        cost: cost.get(),
+        tax: if r.anonymous { Micro::ZERO } else { p.tax }.get(),
         vests_at_ms: None,
     })
 }
@@ -216,14 +219,19 @@ mod tests {
             prompt: 10,
             completion: 100,
         };
-        assert_eq!(cost(rates, u), 320);
+        assert_eq!(cost(rates, u), Micro::new(320));
+        let huge = Usage {
+            prompt: i64::MAX,
+            completion: 1,
+        };
+        assert_eq!(cost(rates, huge), Micro::MAX, "saturates, never wraps");
         let p = Parties {
             treasury: 1,
             provider_account: 2,
             quarantined: false,
-            tax: 5,
+            tax: Micro::new(5),
         };
-        let s = settlement(&req(&m, false), p, u, 320).unwrap();
+        let s = settlement(&req(&m, false), p, u, Micro::new(320)).unwrap();
         assert_eq!((s.consumer_account, s.provider_account, s.tax), (8, 2, 5));
         let s = settlement(
             &req(&m, true),
@@ -232,11 +240,11 @@ mod tests {
                 ..p
             },
             u,
-            320,
+            Micro::new(320),
         )
         .unwrap();
         assert_eq!((s.consumer_account, s.provider_account, s.tax), (1, 1, 0));
-        assert!(settlement(&req(&m, false), p, Usage::default(), 0).is_none());
+        assert!(settlement(&req(&m, false), p, Usage::default(), Micro::ZERO).is_none());
     }
 
     #[test]

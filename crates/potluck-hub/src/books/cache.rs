@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long a resolved key is trusted without asking the database again.
@@ -19,7 +18,7 @@ pub(crate) const MAX_ENTRIES: usize = 100_000;
 #[derive(Debug)]
 pub(crate) struct TtlCache<K, V> {
     ttl: Duration,
-    map: Mutex<HashMap<K, (V, Instant)>>,
+    map: parking_lot::Mutex<HashMap<K, (V, Instant)>>,
 }
 
 impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
@@ -27,24 +26,20 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     pub(crate) fn new(ttl: Duration) -> Self {
         Self {
             ttl,
-            map: Mutex::new(HashMap::new()),
+            map: parking_lot::Mutex::new(HashMap::new()),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, (V, Instant)>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A fresh value, if any.
     pub(crate) fn get(&self, k: &K) -> Option<V> {
-        let map = self.lock();
+        let map = self.map.lock();
         let (v, at) = map.get(k)?;
         (at.elapsed() < self.ttl).then(|| v.clone())
     }
 
     /// Remember a value.
     pub(crate) fn put(&self, k: K, v: V) {
-        let mut map = self.lock();
+        let mut map = self.map.lock();
         if map.len() >= MAX_ENTRIES {
             map.clear();
         }
@@ -53,12 +48,12 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
 
     /// Forget one value.
     pub(crate) fn remove(&self, k: &K) {
-        self.lock().remove(k);
+        self.map.lock().remove(k);
     }
 
     /// Forget everything.
     pub(crate) fn clear(&self) {
-        self.lock().clear();
+        self.map.lock().clear();
     }
 }
 
@@ -79,6 +74,6 @@ mod tests {
         for i in 0..=MAX_ENTRIES {
             c.put(i, "x");
         }
-        assert!(c.lock().len() <= MAX_ENTRIES);
+        assert!(c.map.lock().len() <= MAX_ENTRIES);
     }
 }

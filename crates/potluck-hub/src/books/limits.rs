@@ -4,7 +4,7 @@
 //! reset it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use potluck_store::KeyLimits;
@@ -60,7 +60,7 @@ struct KeyState {
 /// All keys' counters.
 #[derive(Debug, Default)]
 pub(crate) struct Limiter {
-    keys: Mutex<HashMap<i64, KeyState>>,
+    keys: parking_lot::Mutex<HashMap<i64, KeyState>>,
 }
 
 /// Holds one concurrent-request slot of a key; freed on drop.
@@ -72,7 +72,7 @@ pub(crate) struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(s) = self.limiter.lock().get_mut(&self.key_id) {
+        if let Some(s) = self.limiter.keys.lock().get_mut(&self.key_id) {
             s.in_flight -= 1;
         }
     }
@@ -83,13 +83,9 @@ fn retry(secs: f64) -> u64 {
 }
 
 impl Limiter {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, KeyState>> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Whether the key's daily count for `day` must be seeded from the database first.
     pub(crate) fn needs_day(&self, key_id: i64, day: i64) -> bool {
-        self.lock().get(&key_id).is_none_or(|s| s.day != day)
+        self.keys.lock().get(&key_id).is_none_or(|s| s.day != day)
     }
 
     /// Admit one request, or say which limit it hit. `seed_day_tokens` seeds the daily
@@ -103,7 +99,7 @@ impl Limiter {
         secs_to_midnight: u64,
         seed_day_tokens: Option<i64>,
     ) -> Result<InFlight, Limited> {
-        let mut map = self.lock();
+        let mut map = self.keys.lock();
         let s = map.entry(key_id).or_insert_with(|| KeyState {
             limits: l,
             requests: l.rpm.unwrap_or(0) as f64,
@@ -173,7 +169,7 @@ impl Limiter {
 
     /// Count tokens a finished request used (against tokens per minute and per day).
     pub(crate) fn add_tokens(&self, key_id: i64, tokens: i64) {
-        if let Some(s) = self.lock().get_mut(&key_id) {
+        if let Some(s) = self.keys.lock().get_mut(&key_id) {
             s.tokens -= tokens as f64;
             s.day_tokens += tokens;
         }

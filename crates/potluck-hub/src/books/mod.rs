@@ -1,11 +1,13 @@
 //! The books: what the hub records and counts. The usage writer and its settlement
 //! ([`usage`]), balances and grants ([`credits`]), per-key limits ([`limits`]), short-lived
-//! caches ([`cache`]), retention ([`retention`]) and the admin action log
+//! caches ([`cache`]), money with checked arithmetic ([`money`]), retention
+//! ([`retention`]) and the admin action log
 //! ([`action_log`]). Imports only the base.
 
 pub(crate) mod action_log;
 pub(crate) mod cache;
 pub(crate) mod credits;
 pub(crate) mod limits;
+pub(crate) mod money;
 pub(crate) mod retention;
 pub(crate) mod usage;

@@ -8,7 +8,8 @@ use potluck_store::{Store, UsageRecord};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{micro, CreditsConfig};
+use crate::books::money::Micro;
+use crate::config::CreditsConfig;
 
 /// Most rows written in one transaction.
 pub(crate) const MAX_BATCH: usize = 512;
@@ -188,7 +189,7 @@ async fn write(
             None => store.total_earned(s.provider_account).await.unwrap_or(0),
         };
         earned.insert(s.provider_account, before + s.cost);
-        if before >= micro(credits.trust_threshold) {
+        if before >= Micro::from_credits(credits.trust_threshold).get() {
             s.vests_at_ms = None;
             if released.released.insert(s.provider_account) {
                 // Trusted now: release what it still holds in escrow, once.

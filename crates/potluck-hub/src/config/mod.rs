@@ -284,11 +284,6 @@ impl CreditsConfig {
     }
 }
 
-/// Credits to micro-credits.
-pub fn micro(credits: f64) -> i64 {
-    (credits * 1_000_000.0).round() as i64
-}
-
 /// Default limits of a key. `None`: unlimited.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

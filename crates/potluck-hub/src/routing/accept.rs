@@ -327,11 +327,7 @@ fn admit(
             }
             Err(reason) => {
                 let seen = format!("{}\n{:?}", m.id, m.sha256);
-                let first = tunnel
-                    .refused
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(seen);
+                let first = tunnel.refused.lock().insert(seen);
                 if !first {
                     continue;
                 }

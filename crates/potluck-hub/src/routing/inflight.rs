@@ -7,7 +7,9 @@
 //! plain mutex for a few instructions; cancelling walks it (sanctions are rare).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 
 use potluck_store::{Block, Standing, Target};
 use tokio_util::sync::CancellationToken;
@@ -61,10 +63,6 @@ pub(crate) struct InFlightGuard {
 }
 
 impl InFlightRequests {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Register a request of `account_id` through `key_id` (its provider comes later).
     pub(crate) fn register(
         self: &Arc<Self>,
@@ -76,7 +74,7 @@ impl InFlightRequests {
             token: CancellationToken::new(),
             why: OnceLock::new(),
         });
-        self.lock().insert(
+        self.map.lock().insert(
             request_id.to_owned(),
             Entry {
                 account_id,
@@ -93,7 +91,7 @@ impl InFlightRequests {
     }
 
     fn cancel_where(&self, cut: &Cut, f: impl Fn(&Entry) -> bool) -> usize {
-        let map = self.lock();
+        let map = self.map.lock();
         let mut n = 0;
         for e in map.values().filter(|e| f(e)) {
             let _ = e.slot.why.set(cut.clone());
@@ -120,7 +118,7 @@ impl InFlightRequests {
 
     /// Requests registered now.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.map.lock().len()
     }
 
     /// None registered.
@@ -132,7 +130,7 @@ impl InFlightRequests {
 impl InFlightGuard {
     /// The provider now serving the request (set again on a retry).
     pub(crate) fn set_provider(&self, provider_id: i64) {
-        if let Some(e) = self.reg.lock().get_mut(&self.request_id) {
+        if let Some(e) = self.reg.map.lock().get_mut(&self.request_id) {
             e.provider_id = Some(provider_id);
         }
     }
@@ -160,7 +158,7 @@ impl InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.reg.lock().remove(&self.request_id);
+        self.reg.map.lock().remove(&self.request_id);
     }
 }
 

@@ -4,11 +4,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::client::conn::http2::SendRequest;
+use parking_lot::Mutex;
 use potluck_protocol::receipt::Receipt;
 use potluck_protocol::tunnel::{HubEvent, ModelHash, ModelOffer, ProviderProfile};
 use potluck_protocol::ModelName;
@@ -22,10 +22,6 @@ pub enum Outgoing {
     Receipt(Receipt),
     /// Any other event, sent as is.
     Event(HubEvent),
-}
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A connected provider: one open tunnel to one agent, and what it offers.
@@ -172,7 +168,7 @@ impl ProviderLink {
 
     /// Slots the agent announced.
     pub fn capacity(&self) -> u32 {
-        lock(&self.state).capacity
+        self.state.lock().capacity
     }
 
     /// Whether it still takes requests.
@@ -182,27 +178,27 @@ impl ProviderLink {
 
     /// Whether it offers `m`.
     pub fn offers(&self, m: &ModelName) -> bool {
-        lock(&self.state).models.contains_key(m)
+        self.state.lock().models.contains_key(m)
     }
 
     /// The models offered now.
     pub fn models(&self) -> Vec<ModelName> {
-        lock(&self.state).models.keys().cloned().collect()
+        self.state.lock().models.keys().cloned().collect()
     }
 
     /// What it announced about `m`.
     pub fn offered(&self, m: &ModelName) -> Option<OfferedModel> {
-        lock(&self.state).models.get(m).cloned()
+        self.state.lock().models.get(m).cloned()
     }
 
     /// Its declared profile.
     pub fn profile(&self) -> ProviderProfile {
-        lock(&self.state).profile.clone()
+        self.state.lock().profile.clone()
     }
 
     /// Whether the agent takes new requests (not draining).
     pub fn accepting(&self) -> bool {
-        lock(&self.state).accepting
+        self.state.lock().accepting
     }
 
     /// Whether it may serve `m` for `need`, ignoring capacity and pauses.
@@ -210,7 +206,7 @@ impl ProviderLink {
         self.is_open()
             && !self.quarantined.load(Ordering::Relaxed)
             && (!need.trusted_only || self.trusted.load(Ordering::Relaxed))
-            && lock(&self.state).serves(m, need)
+            && self.state.lock().serves(m, need)
     }
 
     /// Whether it may take `m` for `need` now (serves it, accepting, a slot free).
@@ -223,7 +219,7 @@ impl ProviderLink {
         {
             return false;
         }
-        let o = lock(&self.state);
+        let o = self.state.lock();
         o.accepting && self.in_flight() < o.capacity.max(1) && o.serves(m, need)
     }
 }

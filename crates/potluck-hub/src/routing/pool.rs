@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use potluck_protocol::ModelName;
 
-use crate::routing::link::{lock, ProviderLink};
+use crate::routing::link::ProviderLink;
 use crate::routing::registry::Registry;
 
 /// Energy and tokens served by one provider for one model (since the hub started).
@@ -68,14 +68,14 @@ pub struct ProviderView {
 impl Registry {
     /// Count energy a provider reported for one request of `model`.
     pub fn add_energy(&self, provider_id: i64, model: &ModelName, millijoules: u64) {
-        let mut e = lock(&self.inner.energy);
+        let mut e = self.inner.energy.lock();
         let s = e.entry((provider_id, model.clone())).or_default();
         s.millijoules = s.millijoules.saturating_add(millijoules);
     }
 
     /// Count tokens a provider served for `model` (for energy per token).
     pub fn add_tokens(&self, provider_id: i64, model: &ModelName, tokens: u64) {
-        let mut e = lock(&self.inner.energy);
+        let mut e = self.inner.energy.lock();
         let s = e.entry((provider_id, model.clone())).or_default();
         s.tokens = s.tokens.saturating_add(tokens);
     }
@@ -110,7 +110,7 @@ impl Registry {
         let tunnels = self.open_tunnels();
         let mut out: BTreeMap<ModelName, (HashSet<i64>, ModelStatus, bool)> = BTreeMap::new();
         for t in &tunnels {
-            let o = lock(&t.state);
+            let o = t.state.lock();
             let visible =
                 o.profile.groups.is_empty() || o.profile.groups.iter().any(|g| groups.contains(g));
             if !visible {
@@ -140,7 +140,7 @@ impl Registry {
                 });
             }
         }
-        let q = lock(&self.inner.queue);
+        let q = self.inner.queue.lock();
         out.into_iter()
             .map(|(m, (p, mut s, uncapped))| {
                 s.providers = p.len();

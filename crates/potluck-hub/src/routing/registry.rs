@@ -12,15 +12,16 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
+use parking_lot::{Mutex, MutexGuard};
 use potluck_protocol::tunnel::{ModelHash, ProviderProfile};
 use potluck_protocol::ModelName;
 use rand::Rng;
 use tokio::sync::oneshot;
 
-use crate::routing::link::{lock, OfferedModel, ProviderLink};
+use crate::routing::link::{OfferedModel, ProviderLink};
 use crate::routing::pool::EnergyStat;
 use crate::routing::queue::Queue;
 
@@ -94,13 +95,19 @@ impl WaitTicket {
 
     /// Requests ahead of this one, approximately (for display).
     pub fn position(&self) -> usize {
-        lock(&self.registry.queue).position(&self.model, self.priority, self.account, self.id)
+        self.registry
+            .queue
+            .lock()
+            .position(&self.model, self.priority, self.account, self.id)
     }
 }
 
 impl Drop for WaitTicket {
     fn drop(&mut self) {
-        lock(&self.registry.queue).remove(&self.model, self.priority, self.account, self.id);
+        self.registry
+            .queue
+            .lock()
+            .remove(&self.model, self.priority, self.account, self.id);
         // A slot sent just before we left is given back (handed on to the next waiter).
         self.rx.close();
         if let Ok(lease) = self.rx.try_recv() {
@@ -118,12 +125,12 @@ pub(super) struct Inner {
 
 impl Inner {
     pub(super) fn tunnels(&self) -> MutexGuard<'_, HashMap<u64, Arc<ProviderLink>>> {
-        lock(&self.tunnels)
+        self.tunnels.lock()
     }
 
     /// A slot of `t` came free: hand it to the best waiter of a model `t` serves, or free it.
     fn release(self: &Arc<Self>, t: Arc<ProviderLink>) {
-        let mut q = lock(&self.queue);
+        let mut q = self.queue.lock();
         if t.is_open() && t.accepting() && t.in_flight() <= t.capacity() {
             while let Some(w) = q.take_for(&t) {
                 let lease = Lease {
@@ -219,7 +226,8 @@ impl Inner {
 
     /// Measured Wh per 1,000 tokens of a provider for a model, if known.
     pub(super) fn energy_per_1k(&self, provider_id: i64, model: &ModelName) -> Option<f64> {
-        lock(&self.energy)
+        self.energy
+            .lock()
             .get(&(provider_id, model.clone()))
             .and_then(EnergyStat::wh_per_1k)
     }
@@ -227,7 +235,7 @@ impl Inner {
     /// Give free slots to waiters (after a tunnel joined, its offer changed, or a
     /// request joined the queue).
     fn fill(self: &Arc<Self>) {
-        let mut q = lock(&self.queue);
+        let mut q = self.queue.lock();
         if q.is_empty() {
             return;
         }
@@ -295,7 +303,7 @@ impl Registry {
     ) {
         let t = self.inner.tunnels().get(&conn_id).cloned();
         if let Some(t) = t {
-            let mut o = lock(&t.state);
+            let mut o = t.state.lock();
             o.models = models;
             o.capacity = capacity;
             o.profile = profile;
@@ -383,7 +391,7 @@ impl Registry {
         use potluck_protocol::tunnel::Moderation as M;
         let (mut input, mut output) = (false, false);
         for t in self.open_tunnels() {
-            let o = lock(&t.state);
+            let o = t.state.lock();
             if o.models.contains_key(model) {
                 match o.profile.moderation {
                     M::None => {}
@@ -445,7 +453,7 @@ impl Registry {
         max_queue: usize,
         need: Need,
     ) -> Result<Acquired, PickError> {
-        let mut q = lock(&self.inner.queue);
+        let mut q = self.inner.queue.lock();
         if q.len(model) == 0 {
             match self.inner.pick(model, &[], &need) {
                 Ok(l) => return Ok(Acquired::Now(l)),
@@ -476,6 +484,6 @@ impl Registry {
 
     /// Requests waiting for `model`.
     pub fn queued(&self, model: &ModelName) -> usize {
-        lock(&self.inner.queue).len(model)
+        self.inner.queue.lock().len(model)
     }
 }

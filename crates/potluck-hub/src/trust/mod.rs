@@ -1,5 +1,6 @@
 //! Trust: whether a provider does what it says. Guard-model moderation ([`guard`]),
-//! replays and canaries ([`spot_checks`]), checks of reported usage and speed
+//! replays and canaries ([`spot_checks`]), the score they move and quarantine
+//! ([`reputation`]), checks of reported usage and speed
 //! ([`plausibility`]), the hub's identity for receipts and pseudonyms ([`identity`]) and
 //! the admin endpoints for trust, quarantine, reputation and guard verdicts ([`admin`]).
 //! Imports `routing`, `books` and the base.
@@ -8,4 +9,5 @@ pub(crate) mod admin;
 pub(crate) mod guard;
 pub(crate) mod identity;
 pub(crate) mod plausibility;
+pub(crate) mod reputation;
 pub(crate) mod spot_checks;

@@ -1,4 +1,4 @@
-//! Audits of providers, who run stock servers the hub cannot change, so they are checked
+//! Spot checks of providers, who run stock servers the hub cannot change, so they are checked
 //! from outside:
 //!
 //! - **Replays.** A sampled fraction of real requests (`audit.rate`) is sent again, at
@@ -11,12 +11,11 @@
 //! - **Plausibility flags** from the request path: usage far above what was delivered,
 //!   and more tokens per second than the model's size class makes plausible.
 //!
-//! Each result moves the provider's reputation. Below `audit.quarantine_below` the
-//! provider is quarantined: it gets no traffic but audits, its unvested credits are
-//! clawed back, and moderators are told (log and the hub's records).
+//! Each result moves the provider's reputation (`trust::reputation`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use potluck_protocol::tunnel::ModelHash;
@@ -32,6 +31,7 @@ use crate::config::SpotCheckConfig;
 use crate::routing::link::ProviderLink;
 use crate::routing::send;
 use crate::state::HubState;
+use crate::trust::reputation::{judge, Reputation};
 
 /// Queued audit jobs; more are dropped (audits are samples).
 pub(crate) const AUDIT_QUEUE: usize = 1024;
@@ -113,12 +113,7 @@ impl Auditor {
 
     /// Whether to audit the next request.
     pub(crate) fn sample(&self) -> bool {
-        self.rate > 0.0
-            && self
-                .rng
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .random_bool(self.rate.min(1.0))
+        self.rate > 0.0 && self.rng.lock().random_bool(self.rate.min(1.0))
     }
 
     /// Queue a job; dropped if the queue is full.
@@ -172,22 +167,13 @@ fn replay_body(original: &[u8], seed: u32, max_tokens: usize) -> Option<Value> {
     Some(v)
 }
 
-/// Reputation bookkeeping (the auditor task's own state).
-struct Reputation {
-    scores: HashMap<i64, f64>,
-    quarantined: HashMap<i64, bool>,
-}
-
 /// The auditor task: runs jobs one at a time and canaries on a timer, until `stop`.
 pub(crate) async fn run(
     state: Arc<HubState>,
     mut rx: mpsc::Receiver<Job>,
     stop: CancellationToken,
 ) {
-    let mut rep = Reputation {
-        scores: HashMap::new(),
-        quarantined: HashMap::new(),
-    };
+    let mut rep = Reputation::default();
     let interval = state.config.audit.canary_interval;
     let mut canary = tokio::time::interval(if interval.is_zero() {
         std::time::Duration::from_secs(3600 * 24 * 365)
@@ -391,83 +377,6 @@ async fn run_canary(state: &HubState, rep: &mut Reputation) {
         )
         .await;
     }
-}
-
-/// Apply one result to the provider's score; quarantine below the threshold.
-async fn judge(state: &HubState, rep: &mut Reputation, a: AuditRecord) {
-    let cfg = &state.config.audit;
-    let (score, quarantined) = match rep.scores.get(&a.provider_id) {
-        Some(s) => (
-            *s,
-            rep.quarantined
-                .get(&a.provider_id)
-                .copied()
-                .unwrap_or(false),
-        ),
-        None => match state.store.standing(a.provider_id).await {
-            Ok(s) => (s.reputation, s.quarantined_at_ms.is_some()),
-            Err(_) => return,
-        },
-    };
-    let new = if a.passed {
-        (score + cfg.pass_reward).min(1.0)
-    } else if a.kind == "replay" || a.kind == "canary" {
-        score * cfg.fail_factor
-    } else {
-        score * cfg.flag_factor
-    };
-    let quarantine = !quarantined && new < cfg.quarantine_below;
-    let reason = format!(
-        "reputation {new:.2} below {:.2} after a failed {} check",
-        cfg.quarantine_below, a.kind
-    );
-    tracing::info!(provider_id = a.provider_id, kind = a.kind, passed = a.passed, agreement = ?a.agreement, score = new, "provider audit");
-    if let Err(e) = state
-        .store
-        .record_audit(&a, new, quarantine.then_some(reason.as_str()))
-        .await
-    {
-        tracing::error!(error = ?e, "recording an audit failed");
-        return;
-    }
-    rep.scores.insert(a.provider_id, new);
-    if quarantine {
-        rep.quarantined.insert(a.provider_id, true);
-        quarantine_provider(state, a.provider_id, &reason).await;
-    }
-}
-
-/// Cut a provider off (audits still reach it) and claw back its unvested credits.
-pub(crate) async fn quarantine_provider(state: &HubState, provider_id: i64, reason: &str) {
-    let account = state
-        .registry
-        .tunnel_of(provider_id)
-        .map(|t| t.provider_account);
-    state.registry.set_trust_flags(provider_id, false, true);
-    if let Some(acct) = account {
-        // Through the usage writer, so that earnings queued before are clawed back too.
-        state.accounting.clawback(acct).await;
-    }
-    state.balances.clear();
-    // Moderators are told through the admin audit log (and the hub's log).
-    if let Err(e) = state
-        .store
-        .audit(&potluck_store::accounts::AuditEntry {
-            actor: state.treasury,
-            action: "provider.quarantine",
-            target_type: "provider",
-            target_id: provider_id.to_string(),
-            reason: Some(reason),
-        })
-        .await
-    {
-        tracing::error!(error = ?e, "audit row for a quarantine not written");
-    }
-    tracing::warn!(
-        provider_id,
-        reason,
-        "provider quarantined: it gets no traffic but audits until a moderator releases it"
-    );
 }
 
 #[cfg(test)]

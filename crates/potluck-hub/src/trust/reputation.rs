@@ -1,0 +1,94 @@
+//! A provider's reputation: each spot-check result or plausibility flag moves its score.
+//! Below `audit.quarantine_below` the provider is quarantined: it gets no traffic but
+//! spot checks, its unvested credits are clawed back, and moderators are told (log and
+//! the admin action log).
+
+use std::collections::HashMap;
+
+use potluck_store::trust::AuditRecord;
+
+use crate::state::HubState;
+
+/// Reputation bookkeeping (the auditor task's own state).
+#[derive(Debug, Default)]
+pub(crate) struct Reputation {
+    scores: HashMap<i64, f64>,
+    quarantined: HashMap<i64, bool>,
+}
+
+/// Apply one result to the provider's score; quarantine below the threshold.
+pub(crate) async fn judge(state: &HubState, rep: &mut Reputation, a: AuditRecord) {
+    let cfg = &state.config.audit;
+    let (score, quarantined) = match rep.scores.get(&a.provider_id) {
+        Some(s) => (
+            *s,
+            rep.quarantined
+                .get(&a.provider_id)
+                .copied()
+                .unwrap_or(false),
+        ),
+        None => match state.store.standing(a.provider_id).await {
+            Ok(s) => (s.reputation, s.quarantined_at_ms.is_some()),
+            Err(_) => return,
+        },
+    };
+    let new = if a.passed {
+        (score + cfg.pass_reward).min(1.0)
+    } else if a.kind == "replay" || a.kind == "canary" {
+        score * cfg.fail_factor
+    } else {
+        score * cfg.flag_factor
+    };
+    let quarantine = !quarantined && new < cfg.quarantine_below;
+    let reason = format!(
+        "reputation {new:.2} below {:.2} after a failed {} check",
+        cfg.quarantine_below, a.kind
+    );
+    tracing::info!(provider_id = a.provider_id, kind = a.kind, passed = a.passed, agreement = ?a.agreement, score = new, "provider audit");
+    if let Err(e) = state
+        .store
+        .record_audit(&a, new, quarantine.then_some(reason.as_str()))
+        .await
+    {
+        tracing::error!(error = ?e, "recording an audit failed");
+        return;
+    }
+    rep.scores.insert(a.provider_id, new);
+    if quarantine {
+        rep.quarantined.insert(a.provider_id, true);
+        quarantine_provider(state, a.provider_id, &reason).await;
+    }
+}
+
+/// Cut a provider off (audits still reach it) and claw back its unvested credits.
+pub(crate) async fn quarantine_provider(state: &HubState, provider_id: i64, reason: &str) {
+    let account = state
+        .registry
+        .tunnel_of(provider_id)
+        .map(|t| t.provider_account);
+    state.registry.set_trust_flags(provider_id, false, true);
+    if let Some(acct) = account {
+        // Through the usage writer, so that earnings queued before are clawed back too.
+        state.accounting.clawback(acct).await;
+    }
+    state.balances.clear();
+    // Moderators are told through the admin audit log (and the hub's log).
+    if let Err(e) = state
+        .store
+        .audit(&potluck_store::accounts::AuditEntry {
+            actor: state.treasury,
+            action: "provider.quarantine",
+            target_type: "provider",
+            target_id: provider_id.to_string(),
+            reason: Some(reason),
+        })
+        .await
+    {
+        tracing::error!(error = ?e, "audit row for a quarantine not written");
+    }
+    tracing::warn!(
+        provider_id,
+        reason,
+        "provider quarantined: it gets no traffic but audits until a moderator releases it"
+    );
+}
