@@ -459,4 +459,24 @@ mod tests {
             .to_string();
         assert!(e.contains("open") && e.contains("approval"), "{e}");
     }
+
+    #[test]
+    fn guard_and_spot_check_tables_take_old_and_new_names() {
+        for table in ["moderation", "guard"] {
+            let c: HubConfig = toml::from_str(&format!(
+                "[{table}]\nguard_model = \"g\"\nwindow_tokens = 7"
+            ))
+            .unwrap();
+            assert_eq!(c.moderation.guard_model, "g", "[{table}]");
+            assert_eq!(c.moderation.window_tokens, 7, "[{table}]");
+        }
+        for table in ["audit", "spot_checks"] {
+            let c: HubConfig = toml::from_str(&format!("[{table}]\nrate = 0.5")).unwrap();
+            assert_eq!(c.audit.rate, 0.5, "[{table}]");
+        }
+        let e = toml::from_str::<HubConfig>("[guard]\nguard_modell = \"g\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("guard_modell"), "{e}");
+    }
 }
