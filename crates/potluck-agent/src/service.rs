@@ -38,6 +38,7 @@ use crate::response::{self, Outcome, Usage};
 use crate::slots::{Bandwidth, SlotGuard, Slots};
 use crate::supply::HashCache;
 use crate::AGENT_VERSION;
+use potluck_protocol::request::RequestLimits;
 
 /// Retries of a backend request that failed before any response header.
 pub const BACKEND_RETRIES: u32 = 1;
@@ -641,11 +642,13 @@ async fn forward(
         max_tokens: route.rule.as_ref().and_then(|r| r.max_tokens),
         max_context: route.rule.as_ref().and_then(|r| r.max_context),
     };
-    let body = match request::check(endpoint, body, &caps) {
+    let rules = RequestLimits::new(limits.max_request_bytes);
+    let body = match request::check(endpoint, body, &caps, &rules) {
         Ok(b) => b,
-        Err(e) => {
-            tracing::info!(request_id = %request_id, model = %model, code = e.error.code.as_deref().unwrap_or(""), "request refused by the provider's rules");
-            return error_response(StatusCode::BAD_REQUEST, &e);
+        Err(r) => {
+            tracing::info!(request_id = %request_id, model = %model, code = r.body.error.code.as_deref().unwrap_or(""), "request refused by the provider's rules");
+            let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
+            return error_response(status, &r.body);
         }
     };
     let idx = route.backend;

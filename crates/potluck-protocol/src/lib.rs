@@ -1,12 +1,14 @@
-//! Wire types shared by the hub, the agent and the clients: OpenAI error bodies and the
-//! few request fields the hub reads, the tunnel's handshake constants and control
+//! Wire types shared by the hub, the agent and the clients: OpenAI error bodies, the
+//! request rules the hub and the agent share, the tunnel's handshake constants and control
 //! messages, and the admin API's bodies. No IO, no async runtime.
 
 pub mod admin;
 pub mod endpoint;
 pub mod openai;
 pub mod receipt;
+pub mod request;
 pub mod tunnel;
 
 pub use endpoint::InferenceEndpoint;
 pub use openai::{ErrorBody, ErrorObject, ModelName};
+pub use request::{InferenceRequest, ModelLimits, RequestError, RequestLimits};

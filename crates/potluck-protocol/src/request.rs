@@ -1,0 +1,828 @@
+//! The one set of request rules the hub and the agent both apply to an inference body.
+//!
+//! [`InferenceRequest::parse`] reads, in one pass and without building a JSON tree, the
+//! few fields that routing, accounting and a provider's caps depend on; every other field
+//! is skipped (but must be valid JSON) and passes through untouched. The rules:
+//!
+//! - the body is at most [`RequestLimits::max_body_bytes`] and is one JSON object;
+//! - `model` is present and a valid [`ModelName`]; the endpoint's input (`messages` for
+//!   chat, which must be an array; `prompt` for completions; `input` for embeddings) is
+//!   present and not `null`;
+//! - `stream` is a boolean (or `null`/absent: false) and never set for embeddings;
+//!   `stream_options` is an object and only allowed with `"stream": true`. The consumer
+//!   asked for the final usage chunk only if `stream_options.include_usage` is `true`;
+//! - `max_tokens` and `max_completion_tokens` are non-negative integers (or `null`:
+//!   unset), and **at most one of them is set**. This is what OpenAI does ("Setting
+//!   'max_tokens' and 'max_completion_tokens' at the same time is not supported",
+//!   `invalid_parameter_combination`), and it is the only rule under which a hub, an
+//!   agent and any backend cannot read a different limit from the same body: taking the
+//!   first, the larger or the newer still lets a backend that reads the other field
+//!   generate past the cap that was checked. Values above `u32::MAX` read as `u32::MAX`;
+//! - none of the fields above appears twice (a duplicate would let two readers see two
+//!   different values);
+//! - the prompt estimate is the UTF-8 bytes of the string values (not the keys) in
+//!   `messages`, `prompt`, `input` and `tools`, divided by [`BYTES_PER_TOKEN_ESTIMATE`]
+//!   and rounded up, plus one token per integer in `prompt` and `input` (token-id prompts
+//!   name their tokens exactly). Strings that are `data:` URIs are left out: an image's
+//!   base64 size says nothing about the tokens the model spends on it. Tools count because
+//!   the chat template puts them in the prompt. Four bytes per token is about right for
+//!   English with common tokenizers and an over-estimate for code;
+//! - walked fields (`messages`, `prompt`, `input`, `tools`) may nest at most
+//!   [`RequestLimits::max_depth`] deep, counting the body's object as 1: deeper content
+//!   would otherwise have to be either ignored (an undercount) or walked without bound;
+//! - an `image_url` inside `messages` (a content part's `{"url": ...}` or a bare string)
+//!   that is not a `data:` URI is reported in [`InferenceRequest::remote_image`]: a
+//!   backend would fetch a URL a stranger chose from inside the volunteer's network.
+//!
+//! A provider's caps are then checked by [`InferenceRequest::check_limits`]: the asked
+//! `max_tokens` (or, when unset, the cap the agent will insert) is at most the cap, and the
+//! prompt estimate plus that is at most the context cap.
+//!
+//! No error message ever quotes request content. No IO, no async.
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize as _;
+use serde_json::value::RawValue;
+
+use crate::openai::{ErrorBody, ModelName, ModelNameError};
+use crate::InferenceEndpoint;
+
+/// Bytes of prompt text per estimated token.
+pub const BYTES_PER_TOKEN_ESTIMATE: u64 = 4;
+
+/// Deepest nesting of the walked fields accepted by default, counting the body's object
+/// as 1 (serde_json itself stops at 128).
+pub const DEFAULT_MAX_DEPTH: usize = 64;
+
+/// Body fields that identify the consumer or their end user, which the hub removes before
+/// a request goes to a provider: `user` and its successor `safety_identifier` name the end
+/// user; `metadata` and `prompt_cache_key` are the consumer's own tags and would let a
+/// provider link requests. None changes what a backend generates.
+pub const CONSUMER_IDENTIFYING_FIELDS: &[&str] =
+    &["user", "safety_identifier", "metadata", "prompt_cache_key"];
+
+/// The bounds a parse works under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Largest body accepted, in bytes ([`RequestError::TooLarge`] above it). Callers
+    /// enforce it while reading; the parser checks again so no caller can forget.
+    pub max_body_bytes: usize,
+    /// Deepest nesting of the walked fields ([`RequestError::TooDeep`] below it).
+    pub max_depth: usize,
+}
+
+impl RequestLimits {
+    /// Limits with a body cap and the default depth.
+    pub const fn new(max_body_bytes: usize) -> Self {
+        Self {
+            max_body_bytes,
+            max_depth: DEFAULT_MAX_DEPTH,
+        }
+    }
+}
+
+/// Which of the two completion-length fields the request set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenField {
+    /// `max_tokens`
+    MaxTokens,
+    /// `max_completion_tokens`
+    MaxCompletionTokens,
+}
+
+impl TokenField {
+    /// The field's name in the body.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MaxTokens => "max_tokens",
+            Self::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
+}
+
+/// The completion-length limit a request set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenLimit {
+    /// The field that carried it.
+    pub field: TokenField,
+    /// Its value (saturated at `u32::MAX`).
+    pub tokens: u32,
+}
+
+/// What the rules read from one inference body. The body itself is not kept: callers
+/// forward their own bytes (rewritten if they must).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferenceRequest {
+    /// The endpoint it was sent to.
+    pub endpoint: InferenceEndpoint,
+    /// The model asked for.
+    pub model: ModelName,
+    /// `"stream": true`.
+    pub stream: bool,
+    /// The consumer asked for the final usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+    /// A non-null `stream_options` object is present.
+    pub has_stream_options: bool,
+    /// `max_tokens` or `max_completion_tokens`, whichever is set (never both).
+    pub token_limit: Option<TokenLimit>,
+    /// Estimated prompt tokens (see the module docs), saturated at `u32::MAX`.
+    pub prompt_estimate: u32,
+    /// `prompt` or `input` holds token ids (integers) rather than only text.
+    pub token_id_prompt: bool,
+    /// An `image_url` in `messages` is not a `data:` URI.
+    pub remote_image: bool,
+    /// One of [`CONSUMER_IDENTIFYING_FIELDS`] is present.
+    pub identifying_fields: bool,
+}
+
+/// A provider's caps for one model, as far as a request's size is concerned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Largest `max_tokens`; the agent inserts it into requests that set none.
+    pub max_tokens: Option<u32>,
+    /// Largest prompt estimate plus completion budget.
+    pub max_context: Option<u32>,
+}
+
+/// Why a body was refused. [`RequestError::TooLarge`] is a 413, everything else a 400;
+/// [`RequestError::to_error_body`] gives the OpenAI-shaped body. Messages never quote
+/// the request's content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Over [`RequestLimits::max_body_bytes`].
+    #[error("The request body is larger than {limit} bytes.")]
+    TooLarge {
+        /// The cap.
+        limit: usize,
+    },
+    /// Not JSON (where the parser stopped; 1-based, 0 when unknown).
+    #[error("We could not parse the JSON body of your request (line {line}, column {column}). The body must be a JSON object.")]
+    InvalidJson {
+        /// Line of the fault.
+        line: usize,
+        /// Column of the fault.
+        column: usize,
+    },
+    /// JSON, but not an object.
+    #[error("The request body must be a JSON object.")]
+    NotAnObject,
+    /// A walked field nests deeper than [`RequestLimits::max_depth`].
+    #[error("The request body nests deeper than {limit} levels.")]
+    TooDeep {
+        /// The cap.
+        limit: usize,
+    },
+    /// A required field is absent or `null`.
+    #[error("{}", missing_message(.0))]
+    Missing(&'static str),
+    /// A field of the wrong JSON type (or a negative or fractional token count).
+    #[error("'{param}' must be {expected}.")]
+    WrongType {
+        /// The field.
+        param: &'static str,
+        /// What it must be, as an English noun phrase.
+        expected: &'static str,
+    },
+    /// `model` is a string but not a valid model name.
+    #[error("Invalid 'model': {0}.")]
+    InvalidModel(ModelNameError),
+    /// A field the rules read appears more than once.
+    #[error("'{0}' appears more than once in the request body.")]
+    Duplicate(&'static str),
+    /// `"stream": true` on an endpoint that cannot stream.
+    #[error("Embeddings cannot be streamed.")]
+    StreamNotAllowed,
+    /// `stream_options` without `"stream": true`.
+    #[error("'stream_options' is only allowed with 'stream': true.")]
+    StreamOptionsWithoutStream,
+    /// Both `max_tokens` and `max_completion_tokens` are set.
+    #[error("Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported.")]
+    BothTokenLimits,
+    /// The asked completion length is over the provider's cap.
+    #[error(
+        "This provider allows at most {cap} completion tokens per request; {asked} were asked."
+    )]
+    MaxTokensExceeded {
+        /// The field that asked.
+        field: TokenField,
+        /// The cap.
+        cap: u32,
+        /// What was asked.
+        asked: u32,
+    },
+    /// Prompt estimate plus completion budget over the provider's context cap.
+    #[error("This model's context on this provider is {limit} tokens; the request needs about {need} (prompt estimated at {prompt} plus max_tokens).")]
+    ContextLengthExceeded {
+        /// The endpoint's prompt field.
+        param: &'static str,
+        /// The cap.
+        limit: u32,
+        /// Prompt estimate plus completion budget.
+        need: u64,
+        /// The prompt estimate.
+        prompt: u32,
+    },
+    /// An `image_url` that is not a `data:` URI, where only those are accepted.
+    #[error("This provider accepts images only as data: URIs, not URLs.")]
+    ImageUrlNotAllowed,
+}
+
+fn missing_message(param: &str) -> String {
+    if param == "model" {
+        "You must provide a model parameter.".to_owned()
+    } else {
+        format!("Missing required parameter: '{param}'.")
+    }
+}
+
+impl RequestError {
+    /// The HTTP status this error is answered with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::TooLarge { .. } => 413,
+            _ => 400,
+        }
+    }
+
+    /// The request field at fault, if any.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::TooLarge { .. } | Self::InvalidJson { .. } | Self::NotAnObject => None,
+            Self::TooDeep { .. } => None,
+            Self::Missing(p) | Self::Duplicate(p) => Some(p),
+            Self::WrongType { param, .. } => Some(param),
+            Self::InvalidModel(_) => Some("model"),
+            Self::StreamNotAllowed => Some("stream"),
+            Self::StreamOptionsWithoutStream => Some("stream_options"),
+            Self::BothTokenLimits => Some("max_tokens"),
+            Self::MaxTokensExceeded { field, .. } => Some(field.name()),
+            Self::ContextLengthExceeded { param, .. } => Some(param),
+            Self::ImageUrlNotAllowed => Some("messages"),
+        }
+    }
+
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "request_too_large",
+            Self::InvalidJson { .. } | Self::NotAnObject => "invalid_json",
+            Self::TooDeep { .. } => "nesting_too_deep",
+            Self::Missing(_) => "missing_required_parameter",
+            Self::WrongType { .. } => "invalid_type",
+            Self::InvalidModel(_) => "invalid_value",
+            Self::Duplicate(_) => "duplicate_parameter",
+            Self::StreamNotAllowed => "unsupported_parameter",
+            Self::StreamOptionsWithoutStream | Self::BothTokenLimits => {
+                "invalid_parameter_combination"
+            }
+            Self::MaxTokensExceeded { .. } => "max_tokens_exceeded",
+            Self::ContextLengthExceeded { .. } => "context_length_exceeded",
+            Self::ImageUrlNotAllowed => "image_url_not_allowed",
+        }
+    }
+
+    /// The OpenAI-shaped body (`invalid_request_error`).
+    pub fn to_error_body(&self) -> ErrorBody {
+        ErrorBody::new(
+            "invalid_request_error",
+            self.to_string(),
+            self.param(),
+            Some(self.code()),
+        )
+    }
+}
+
+impl InferenceRequest {
+    /// Apply the rules (see the module docs) to `body`, sent to `endpoint`.
+    pub fn parse(
+        endpoint: InferenceEndpoint,
+        body: &[u8],
+        limits: &RequestLimits,
+    ) -> Result<Self, RequestError> {
+        if body.len() > limits.max_body_bytes {
+            return Err(RequestError::TooLarge {
+                limit: limits.max_body_bytes,
+            });
+        }
+        let top = read_top(body, limits.max_depth)?;
+        if top.walk.too_deep {
+            return Err(RequestError::TooDeep {
+                limit: limits.max_depth,
+            });
+        }
+        if let Some(field) = top.duplicate {
+            return Err(RequestError::Duplicate(field));
+        }
+        let model = read_model(top.model)?;
+        let input = endpoint_input(endpoint);
+        let shape = match input {
+            "messages" => top.messages,
+            "prompt" => top.prompt,
+            "input" => top.input,
+            _ => top.model.map(|_| Shape::Other),
+        };
+        match shape {
+            None | Some(Shape::Null) => return Err(RequestError::Missing(input)),
+            Some(s) if endpoint == InferenceEndpoint::ChatCompletions && s != Shape::Array => {
+                return Err(RequestError::WrongType {
+                    param: "messages",
+                    expected: "an array",
+                })
+            }
+            Some(_) => {}
+        }
+        let stream = match non_null(top.stream) {
+            None => false,
+            Some("true") => true,
+            Some("false") => false,
+            Some(_) => {
+                return Err(RequestError::WrongType {
+                    param: "stream",
+                    expected: "a boolean",
+                })
+            }
+        };
+        if stream && endpoint == InferenceEndpoint::Embeddings {
+            return Err(RequestError::StreamNotAllowed);
+        }
+        let (has_stream_options, include_usage) = read_stream_options(top.stream_options)?;
+        if has_stream_options && !stream {
+            return Err(RequestError::StreamOptionsWithoutStream);
+        }
+        let max_tokens = read_tokens(top.max_tokens, TokenField::MaxTokens)?;
+        let max_completion =
+            read_tokens(top.max_completion_tokens, TokenField::MaxCompletionTokens)?;
+        let token_limit = match (max_tokens, max_completion) {
+            (Some(_), Some(_)) => return Err(RequestError::BothTokenLimits),
+            (a, b) => a.or(b),
+        };
+        let walk = &top.walk;
+        let tokens = walk
+            .text_bytes
+            .div_ceil(BYTES_PER_TOKEN_ESTIMATE)
+            .saturating_add(walk.token_ids);
+        Ok(Self {
+            endpoint,
+            model,
+            stream,
+            include_usage,
+            has_stream_options,
+            token_limit,
+            prompt_estimate: u32::try_from(tokens).unwrap_or(u32::MAX),
+            token_id_prompt: walk.token_ids > 0,
+            remote_image: walk.remote_image,
+            identifying_fields: top.identifying,
+        })
+    }
+
+    /// The request's `max_tokens` / `max_completion_tokens`, whichever is set.
+    pub fn max_tokens(&self) -> Option<u32> {
+        self.token_limit.map(|t| t.tokens)
+    }
+
+    /// Whether the endpoint generates tokens (so `max_tokens` applies).
+    pub fn generates(&self) -> bool {
+        matches!(
+            self.endpoint,
+            InferenceEndpoint::ChatCompletions | InferenceEndpoint::Completions
+        )
+    }
+
+    /// Completion tokens the request may use under `limits`: what it asked, else the cap
+    /// that will be inserted, else 0; always 0 for endpoints that do not generate.
+    pub fn completion_budget(&self, limits: &ModelLimits) -> u32 {
+        if !self.generates() {
+            return 0;
+        }
+        self.max_tokens().or(limits.max_tokens).unwrap_or(0)
+    }
+
+    /// Prompt estimate plus completion budget under `limits`.
+    pub fn context_need(&self, limits: &ModelLimits) -> u64 {
+        u64::from(self.prompt_estimate) + u64::from(self.completion_budget(limits))
+    }
+
+    /// Whether a provider with `limits` accepts this request's size.
+    pub fn check_limits(&self, limits: &ModelLimits) -> Result<(), RequestError> {
+        if let (true, Some(asked), Some(cap)) =
+            (self.generates(), self.token_limit, limits.max_tokens)
+        {
+            if asked.tokens > cap {
+                return Err(RequestError::MaxTokensExceeded {
+                    field: asked.field,
+                    cap,
+                    asked: asked.tokens,
+                });
+            }
+        }
+        if let Some(limit) = limits.max_context {
+            let need = self.context_need(limits);
+            if need > u64::from(limit) {
+                return Err(RequestError::ContextLengthExceeded {
+                    param: endpoint_input(self.endpoint),
+                    limit,
+                    need,
+                    prompt: self.prompt_estimate,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The field that carries an endpoint's input.
+fn endpoint_input(endpoint: InferenceEndpoint) -> &'static str {
+    match endpoint {
+        InferenceEndpoint::ChatCompletions => "messages",
+        InferenceEndpoint::Completions => "prompt",
+        InferenceEndpoint::Embeddings => "input",
+        InferenceEndpoint::Models => "model",
+    }
+}
+
+fn non_null(raw: Option<&RawValue>) -> Option<&str> {
+    raw.map(|r| r.get().trim()).filter(|s| *s != "null")
+}
+
+fn read_model(raw: Option<&RawValue>) -> Result<ModelName, RequestError> {
+    let text = non_null(raw).ok_or(RequestError::Missing("model"))?;
+    let name: String = serde_json::from_str(text).map_err(|_| RequestError::WrongType {
+        param: "model",
+        expected: "a string",
+    })?;
+    ModelName::parse(&name).map_err(RequestError::InvalidModel)
+}
+
+/// `(present, include_usage)`.
+fn read_stream_options(raw: Option<&RawValue>) -> Result<(bool, bool), RequestError> {
+    let Some(text) = non_null(raw) else {
+        return Ok((false, false));
+    };
+    let wrong = RequestError::WrongType {
+        param: "stream_options",
+        expected: "an object",
+    };
+    let opts: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|_| wrong)?;
+    let include_usage = opts.get("include_usage") == Some(&serde_json::Value::Bool(true));
+    Ok((true, include_usage))
+}
+
+fn read_tokens(
+    raw: Option<&RawValue>,
+    field: TokenField,
+) -> Result<Option<TokenLimit>, RequestError> {
+    let Some(text) = non_null(raw) else {
+        return Ok(None);
+    };
+    // A JSON integer without sign, fraction or exponent is exactly ASCII digits.
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(RequestError::WrongType {
+            param: field.name(),
+            expected: "a non-negative integer",
+        });
+    }
+    let tokens = text.parse::<u32>().unwrap_or(u32::MAX);
+    Ok(Some(TokenLimit { field, tokens }))
+}
+
+/// The JSON type of a walked field's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Null,
+    Array,
+    Other,
+}
+
+/// What the walk over the prompt fields counted.
+#[derive(Debug, Default)]
+struct Walked {
+    text_bytes: u64,
+    token_ids: u64,
+    remote_image: bool,
+    too_deep: bool,
+}
+
+/// The top-level fields, borrowed from the body.
+#[derive(Default)]
+struct Top<'a> {
+    model: Option<&'a RawValue>,
+    stream: Option<&'a RawValue>,
+    stream_options: Option<&'a RawValue>,
+    max_tokens: Option<&'a RawValue>,
+    max_completion_tokens: Option<&'a RawValue>,
+    messages: Option<Shape>,
+    prompt: Option<Shape>,
+    input: Option<Shape>,
+    tools: Option<Shape>,
+    identifying: bool,
+    duplicate: Option<&'static str>,
+    walk: Walked,
+}
+
+fn read_top(body: &[u8], max_depth: usize) -> Result<Top<'_>, RequestError> {
+    // A derived struct would also accept a JSON array as a struct; only objects pass.
+    let first = body
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = match first {
+        Some(b'{') => de
+            .deserialize_map(TopVisitor { max_depth })
+            .and_then(|t| de.end().map(|()| t)),
+        // Still report where the JSON breaks, if it does.
+        _ => IgnoredAny::deserialize(&mut de)
+            .and_then(|_| de.end())
+            .and_then(|()| Err(de::Error::custom("not an object"))),
+    };
+    parsed.map_err(|e| {
+        if e.is_data() {
+            RequestError::NotAnObject
+        } else {
+            RequestError::InvalidJson {
+                line: e.line(),
+                column: e.column(),
+            }
+        }
+    })
+}
+
+/// A top-level key, matched after unescaping.
+enum TopKey {
+    Model,
+    Stream,
+    StreamOptions,
+    MaxTokens,
+    MaxCompletionTokens,
+    Messages,
+    Prompt,
+    Input,
+    Tools,
+    Identifying,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for TopKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TopKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<TopKey, E> {
+                Ok(match s {
+                    "model" => TopKey::Model,
+                    "stream" => TopKey::Stream,
+                    "stream_options" => TopKey::StreamOptions,
+                    "max_tokens" => TopKey::MaxTokens,
+                    "max_completion_tokens" => TopKey::MaxCompletionTokens,
+                    "messages" => TopKey::Messages,
+                    "prompt" => TopKey::Prompt,
+                    "input" => TopKey::Input,
+                    "tools" => TopKey::Tools,
+                    s if CONSUMER_IDENTIFYING_FIELDS.contains(&s) => TopKey::Identifying,
+                    _ => TopKey::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+struct TopVisitor {
+    max_depth: usize,
+}
+
+impl<'de> Visitor<'de> for TopVisitor {
+    type Value = Top<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
+        let mut top = Top::default();
+        while let Some(key) = map.next_key::<TopKey>()? {
+            let (raw_slot, name) = match key {
+                TopKey::Model => (&mut top.model, "model"),
+                TopKey::Stream => (&mut top.stream, "stream"),
+                TopKey::StreamOptions => (&mut top.stream_options, "stream_options"),
+                TopKey::MaxTokens => (&mut top.max_tokens, "max_tokens"),
+                TopKey::MaxCompletionTokens => {
+                    (&mut top.max_completion_tokens, "max_completion_tokens")
+                }
+                TopKey::Messages | TopKey::Prompt | TopKey::Input | TopKey::Tools => {
+                    let (shape_slot, name, mode) = match key {
+                        TopKey::Messages => (&mut top.messages, "messages", Mode::Messages),
+                        TopKey::Prompt => (&mut top.prompt, "prompt", Mode::TokenIds),
+                        TopKey::Input => (&mut top.input, "input", Mode::TokenIds),
+                        _ => (&mut top.tools, "tools", Mode::Text),
+                    };
+                    let shape = map.next_value_seed(Walk {
+                        st: &mut top.walk,
+                        depth: 2,
+                        max_depth: self.max_depth,
+                        mode,
+                    })?;
+                    if shape_slot.replace(shape).is_some() {
+                        top.duplicate.get_or_insert(name);
+                    }
+                    continue;
+                }
+                TopKey::Identifying => {
+                    top.identifying = true;
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+                TopKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            let raw: &'de RawValue = map.next_value()?;
+            if raw_slot.replace(raw).is_some() {
+                top.duplicate.get_or_insert(name);
+            }
+        }
+        Ok(top)
+    }
+}
+
+/// How a walked value is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Text counts; `image_url` values are checked.
+    Messages,
+    /// Text counts; integers are token ids.
+    TokenIds,
+    /// Text counts.
+    Text,
+    /// The value of an `image_url` key: a string must be a `data:` URI, an object must
+    /// hold one under `url`, anything else is refused.
+    ImageUrl,
+    /// The `url` inside an `image_url` object: must be a `data:` URI string.
+    Url,
+}
+
+fn is_data_uri(s: &str) -> bool {
+    s.trim_start()
+        .get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case("data:"))
+}
+
+/// A key inside a walked object.
+enum InnerKey {
+    ImageUrl,
+    Url,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for InnerKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = InnerKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<InnerKey, E> {
+                Ok(match s {
+                    "image_url" => InnerKey::ImageUrl,
+                    "url" => InnerKey::Url,
+                    _ => InnerKey::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Walks one value, counting into `st`; returns its shape.
+struct Walk<'s> {
+    st: &'s mut Walked,
+    /// Nesting of a container that starts here (the body's object is 1).
+    depth: usize,
+    max_depth: usize,
+    mode: Mode,
+}
+
+impl Walk<'_> {
+    fn child(&mut self, mode: Mode) -> Walk<'_> {
+        Walk {
+            st: self.st,
+            depth: self.depth + 1,
+            max_depth: self.max_depth,
+            mode,
+        }
+    }
+
+    /// Children of a container keep the mode, except inside an image URL object.
+    fn inner_mode(&self) -> Mode {
+        match self.mode {
+            Mode::ImageUrl | Mode::Url => Mode::Text,
+            m => m,
+        }
+    }
+
+    fn not_an_image(&mut self) {
+        if matches!(self.mode, Mode::ImageUrl | Mode::Url) {
+            self.st.remote_image = true;
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Walk<'_> {
+    type Value = Shape;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Walk<'_> {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(mut self, _: bool) -> Result<Shape, E> {
+        self.not_an_image();
+        Ok(Shape::Other)
+    }
+
+    fn visit_u64<E: de::Error>(mut self, _: u64) -> Result<Shape, E> {
+        self.not_an_image();
+        if self.mode == Mode::TokenIds {
+            self.st.token_ids = self.st.token_ids.saturating_add(1);
+        }
+        Ok(Shape::Other)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Shape, E> {
+        // A negative number is no token id, but it still costs the backend a token.
+        self.visit_u64(v.unsigned_abs())
+    }
+
+    fn visit_f64<E: de::Error>(mut self, _: f64) -> Result<Shape, E> {
+        self.not_an_image();
+        Ok(Shape::Other)
+    }
+
+    fn visit_unit<E: de::Error>(mut self) -> Result<Shape, E> {
+        self.not_an_image();
+        Ok(Shape::Null)
+    }
+
+    fn visit_str<E: de::Error>(mut self, s: &str) -> Result<Shape, E> {
+        if is_data_uri(s) {
+            return Ok(Shape::Other);
+        }
+        self.not_an_image();
+        self.st.text_bytes = self.st.text_bytes.saturating_add(s.len() as u64);
+        Ok(Shape::Other)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Shape, A::Error> {
+        self.not_an_image();
+        if self.depth > self.max_depth {
+            self.st.too_deep = true;
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(Shape::Array);
+        }
+        let mode = self.inner_mode();
+        while seq.next_element_seed(self.child(mode))?.is_some() {}
+        Ok(Shape::Array)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Shape, A::Error> {
+        if self.depth > self.max_depth {
+            self.st.too_deep = true;
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Shape::Other);
+        }
+        if self.mode == Mode::Url {
+            self.st.remote_image = true;
+        }
+        let mut url_seen = false;
+        while let Some(key) = map.next_key::<InnerKey>()? {
+            let mode = match (self.mode, key) {
+                (Mode::Messages, InnerKey::ImageUrl) => Mode::ImageUrl,
+                (Mode::ImageUrl, InnerKey::Url) => {
+                    url_seen = true;
+                    Mode::Url
+                }
+                _ => self.inner_mode(),
+            };
+            map.next_value_seed(self.child(mode))?;
+        }
+        if self.mode == Mode::ImageUrl && !url_seen {
+            self.st.remote_image = true;
+        }
+        Ok(Shape::Other)
+    }
+}
+
+#[cfg(test)]
+mod tests;

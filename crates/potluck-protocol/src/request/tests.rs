@@ -1,0 +1,521 @@
+//! The cases only the parser decides: each rule of the module docs, its error and param.
+
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+
+const CHAT: InferenceEndpoint = InferenceEndpoint::ChatCompletions;
+const COMPLETIONS: InferenceEndpoint = InferenceEndpoint::Completions;
+const EMBEDDINGS: InferenceEndpoint = InferenceEndpoint::Embeddings;
+const LIMITS: RequestLimits = RequestLimits::new(1 << 20);
+const CANARY: &str = "CANARY-4d1e";
+
+fn parse(endpoint: InferenceEndpoint, body: &str) -> Result<InferenceRequest, RequestError> {
+    InferenceRequest::parse(endpoint, body.as_bytes(), &LIMITS)
+}
+
+fn chat(body: &str) -> Result<InferenceRequest, RequestError> {
+    parse(CHAT, body)
+}
+
+fn refused(endpoint: InferenceEndpoint, body: &str) -> RequestError {
+    match parse(endpoint, body) {
+        Ok(r) => panic!("accepted {body}: {r:?}"),
+        Err(e) => {
+            let wire = e.to_error_body().to_json();
+            assert!(!wire.contains(CANARY), "an error quoted the body: {wire}");
+            e
+        }
+    }
+}
+
+#[test]
+fn reads_the_fields_routing_needs() {
+    let r = chat(
+        r#"{"model":"m","messages":[{"role":"user","content":"hello"}],"stream":true,
+            "stream_options":{"include_usage":true},"max_tokens":7,"user":"alice","temperature":0.2}"#,
+    )
+    .unwrap();
+    assert_eq!(r.model.as_str(), "m");
+    assert!(r.stream && r.include_usage && r.has_stream_options);
+    assert_eq!(
+        r.token_limit,
+        Some(TokenLimit {
+            field: TokenField::MaxTokens,
+            tokens: 7
+        })
+    );
+    assert!(r.identifying_fields);
+    assert!(!r.remote_image && !r.token_id_prompt);
+
+    let r = chat(
+        r#"{"model":"m","messages":[],"stream":null,"max_tokens":null,"max_completion_tokens":9}"#,
+    )
+    .unwrap();
+    assert!(!r.stream && !r.include_usage && !r.has_stream_options && !r.identifying_fields);
+    assert_eq!(
+        r.token_limit,
+        Some(TokenLimit {
+            field: TokenField::MaxCompletionTokens,
+            tokens: 9
+        })
+    );
+    // include_usage other than `true` is not a request for usage.
+    let r = chat(
+        r#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":"yes"}}"#,
+    )
+    .unwrap();
+    assert!(r.has_stream_options && !r.include_usage);
+    // Escaped keys are the same keys.
+    let r = chat(r#"{"mod\u0065l":"m","messages":[],"max_tok\u0065ns":3}"#).unwrap();
+    assert_eq!((r.model.as_str(), r.max_tokens()), ("m", Some(3)));
+    // Whitespace around the body and its values is fine.
+    let r =
+        chat(" \n{ \"model\" : \"m\" , \"messages\" : [ ] , \"max_tokens\" : 12 }\r\n").unwrap();
+    assert_eq!(r.max_tokens(), Some(12));
+}
+
+#[test]
+fn every_refusal_names_its_param() {
+    let cases: &[(InferenceEndpoint, &str, Option<&str>, &str)] = &[
+        (
+            CHAT,
+            r#"{"messages":[]}"#,
+            Some("model"),
+            "missing_required_parameter",
+        ),
+        (
+            CHAT,
+            r#"{"model":null,"messages":[]}"#,
+            Some("model"),
+            "missing_required_parameter",
+        ),
+        (
+            CHAT,
+            r#"{"model":42,"messages":[]}"#,
+            Some("model"),
+            "invalid_type",
+        ),
+        (
+            CHAT,
+            r#"{"model":"","messages":[]}"#,
+            Some("model"),
+            "invalid_value",
+        ),
+        (
+            CHAT,
+            r#"{"model":" m","messages":[]}"#,
+            Some("model"),
+            "invalid_value",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m"}"#,
+            Some("messages"),
+            "missing_required_parameter",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":null}"#,
+            Some("messages"),
+            "missing_required_parameter",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":{}}"#,
+            Some("messages"),
+            "invalid_type",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":"CANARY-4d1e"}"#,
+            Some("messages"),
+            "invalid_type",
+        ),
+        (
+            COMPLETIONS,
+            r#"{"model":"m"}"#,
+            Some("prompt"),
+            "missing_required_parameter",
+        ),
+        (
+            EMBEDDINGS,
+            r#"{"model":"m","prompt":"x"}"#,
+            Some("input"),
+            "missing_required_parameter",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"stream":"yes"}"#,
+            Some("stream"),
+            "invalid_type",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"stream":1}"#,
+            Some("stream"),
+            "invalid_type",
+        ),
+        (
+            EMBEDDINGS,
+            r#"{"model":"m","input":"x","stream":true}"#,
+            Some("stream"),
+            "unsupported_parameter",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"stream_options":{}}"#,
+            Some("stream_options"),
+            "invalid_parameter_combination",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"stream":false,"stream_options":{"include_usage":true}}"#,
+            Some("stream_options"),
+            "invalid_parameter_combination",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"stream":true,"stream_options":[]}"#,
+            Some("stream_options"),
+            "invalid_type",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"stream":true,"stream_options":"x"}"#,
+            Some("stream_options"),
+            "invalid_type",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"max_tokens":-1}"#,
+            Some("max_tokens"),
+            "invalid_type",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"max_tokens":1.5}"#,
+            Some("max_tokens"),
+            "invalid_type",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"max_tokens":1e3}"#,
+            Some("max_tokens"),
+            "invalid_type",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"max_tokens":"7"}"#,
+            Some("max_tokens"),
+            "invalid_type",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"max_completion_tokens":true}"#,
+            Some("max_completion_tokens"),
+            "invalid_type",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"max_tokens":5,"max_completion_tokens":5}"#,
+            Some("max_tokens"),
+            "invalid_parameter_combination",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"max_tokens":0,"max_completion_tokens":900}"#,
+            Some("max_tokens"),
+            "invalid_parameter_combination",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","model":"n","messages":[]}"#,
+            Some("model"),
+            "duplicate_parameter",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","mod\u0065l":"n","messages":[]}"#,
+            Some("model"),
+            "duplicate_parameter",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"max_tokens":1,"max_tokens":900}"#,
+            Some("max_tokens"),
+            "duplicate_parameter",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"messages":[]}"#,
+            Some("messages"),
+            "duplicate_parameter",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[],"stream":false,"stream":true}"#,
+            Some("stream"),
+            "duplicate_parameter",
+        ),
+        (CHAT, r#"[1,2]"#, None, "invalid_json"),
+        (CHAT, r#""CANARY-4d1e""#, None, "invalid_json"),
+        (CHAT, r#"null"#, None, "invalid_json"),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[CANARY-4d1e"#,
+            None,
+            "invalid_json",
+        ),
+        (
+            CHAT,
+            r#"{"model":"m","messages":[]} {}"#,
+            None,
+            "invalid_json",
+        ),
+        (CHAT, "", None, "invalid_json"),
+        (CHAT, "\u{feff}{}", None, "invalid_json"),
+    ];
+    for (endpoint, body, param, code) in cases {
+        let e = refused(*endpoint, body);
+        assert_eq!((e.param(), e.code()), (*param, *code), "{body}: {e}");
+        assert_eq!(e.http_status(), 400);
+        let wire = e.to_error_body();
+        assert_eq!(wire.error.kind, "invalid_request_error");
+        assert_eq!(wire.error.param.as_deref(), *param);
+        assert!(!wire.error.message.is_empty());
+    }
+}
+
+#[test]
+fn invalid_json_says_where_it_broke() {
+    match refused(CHAT, "{\"model\":\"m\",\n\"messages\":[}") {
+        RequestError::InvalidJson { line, column } => assert_eq!((line, column), (2, 13)),
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn size_and_depth_are_bounded() {
+    let body = r#"{"model":"m","messages":[]}"#;
+    let tight = RequestLimits::new(body.len() - 1);
+    let e = InferenceRequest::parse(CHAT, body.as_bytes(), &tight).unwrap_err();
+    assert_eq!(
+        e,
+        RequestError::TooLarge {
+            limit: body.len() - 1
+        }
+    );
+    assert_eq!((e.http_status(), e.code()), (413, "request_too_large"));
+    InferenceRequest::parse(CHAT, body.as_bytes(), &RequestLimits::new(body.len())).unwrap();
+
+    let limits = RequestLimits {
+        max_body_bytes: 1 << 20,
+        max_depth: 5,
+    };
+    // The body's object is 1, `messages` 2, a message 3, `content` 4, a part 5.
+    let at_limit =
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"x"}]}]}"#;
+    InferenceRequest::parse(CHAT, at_limit.as_bytes(), &limits).unwrap();
+    let over =
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":["x"]}]}]}"#;
+    let e = InferenceRequest::parse(CHAT, over.as_bytes(), &limits).unwrap_err();
+    assert_eq!(e, RequestError::TooDeep { limit: 5 });
+    // Fields that are not walked may nest as deep as JSON allows.
+    let deep_other = format!(
+        r#"{{"model":"m","messages":[],"x":{}1{}}}"#,
+        "[".repeat(20),
+        "]".repeat(20)
+    );
+    InferenceRequest::parse(CHAT, deep_other.as_bytes(), &limits).unwrap();
+    // Far deeper than serde_json's own limit: refused, without a stack overflow.
+    let very_deep = format!(
+        r#"{{"model":"m","messages":{}{}}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    assert_eq!(
+        InferenceRequest::parse(CHAT, very_deep.as_bytes(), &RequestLimits::new(1 << 20)),
+        Err(RequestError::TooDeep {
+            limit: DEFAULT_MAX_DEPTH
+        })
+    );
+}
+
+#[test]
+fn prompt_estimate_counts_text_tools_and_token_ids() {
+    // "user" (4) + 9 bytes = 13 bytes: 4 tokens, rounded up.
+    let r = chat(r#"{"model":"m","messages":[{"role":"user","content":"123456789"}]}"#).unwrap();
+    assert_eq!(r.prompt_estimate, 4);
+    // Keys do not count; escapes count as the bytes they stand for ("é" is 2 bytes).
+    let r = chat(r#"{"model":"m","messages":[{"r":"\u00e9\u00e9"}]}"#).unwrap();
+    assert_eq!(r.prompt_estimate, 1);
+    // Tools count: they go into the prompt.
+    let r = chat(r#"{"model":"m","messages":[],"tools":[{"type":"12345678"}]}"#).unwrap();
+    assert_eq!(r.prompt_estimate, 2);
+    // Other fields do not.
+    let r = chat(r#"{"model":"m","messages":[],"x":"12345678","max_tokens":5}"#).unwrap();
+    assert_eq!(r.prompt_estimate, 0);
+    // data: URIs do not count, in any case or after spaces.
+    let r = chat(
+        r#"{"model":"m","messages":[{"content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAAAAAAAAAAAAAA"}},{"image_url":" DATA:x"}]}]}"#,
+    )
+    .unwrap();
+    // "image_url" (9) as a `type` value: 3 tokens.
+    assert_eq!(r.prompt_estimate, 3);
+    assert!(!r.remote_image);
+    // Token-id prompts: one token per id, with text rounded up on top.
+    let r = parse(COMPLETIONS, r#"{"model":"m","prompt":[1,2,3,4,5]}"#).unwrap();
+    assert_eq!(r.prompt_estimate, 5);
+    assert!(r.token_id_prompt);
+    let r = parse(COMPLETIONS, r#"{"model":"m","prompt":[[1,2],[3]]}"#).unwrap();
+    assert_eq!(r.prompt_estimate, 3);
+    let r = parse(EMBEDDINGS, r#"{"model":"m","input":["abcde",7]}"#).unwrap();
+    assert_eq!((r.prompt_estimate, r.token_id_prompt), (3, true));
+    let r = parse(COMPLETIONS, r#"{"model":"m","prompt":"abcd"}"#).unwrap();
+    assert_eq!((r.prompt_estimate, r.token_id_prompt), (1, false));
+    // Numbers in messages are not token ids.
+    let r = chat(r#"{"model":"m","messages":[{"n":1}]}"#).unwrap();
+    assert_eq!((r.prompt_estimate, r.token_id_prompt), (0, false));
+}
+
+#[test]
+fn images_must_be_data_uris() {
+    let ok = [
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},{"type":"text","text":"what"}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image_url":"data:image/png;base64,AA"}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image_url":{"url":"data:x","detail":"high"}}]}]}"#,
+        // `image_url` outside messages is not an image (a tool parameter may be named so).
+        r#"{"model":"m","messages":[],"tools":[{"function":{"parameters":{"properties":{"image_url":{"type":"string"}}}}}]}"#,
+    ];
+    for body in ok {
+        assert!(!chat(body).unwrap().remote_image, "{body}");
+    }
+    let bad = [
+        r#"{"model":"m","messages":[{"content":[{"type":"image_url","image_url":{"url":"http://192.168.1.1/admin"}}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"type":"image_url","image_url":"file:///etc/passwd"}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image_url":{"url":" HTTPS://x"}}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image_url":{}}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image_url":5}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image_url":null}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image_url":["data:x"]}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image_url":{"url":{"url":"data:x"}}}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image_url":{"url":"data:x","url":"http://x"}}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image\u005furl":{"url":"http://x"}}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image_url":{"ur\u006c":"http://x"}}]}]}"#,
+        r#"{"model":"m","messages":[[[{"image_url":"http://deep"}]]]}"#,
+    ];
+    for body in bad {
+        assert!(chat(body).unwrap().remote_image, "{body}");
+    }
+}
+
+#[test]
+fn provider_limits() {
+    let limits = ModelLimits {
+        max_tokens: Some(100),
+        max_context: Some(200),
+    };
+    // 396 bytes + "user" = 400: 100 tokens of prompt, plus the inserted cap of 100.
+    let fits = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(396)
+    );
+    let r = chat(&fits).unwrap();
+    assert_eq!(r.completion_budget(&limits), 100);
+    r.check_limits(&limits).unwrap();
+    let over = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(397)
+    );
+    let e = chat(&over).unwrap().check_limits(&limits).unwrap_err();
+    assert_eq!(
+        e,
+        RequestError::ContextLengthExceeded {
+            param: "messages",
+            limit: 200,
+            need: 201,
+            prompt: 101
+        }
+    );
+    assert_eq!(e.code(), "context_length_exceeded");
+    // A smaller max_tokens makes room for the prompt.
+    let smaller = over.replacen('{', r#"{"max_tokens":50,"#, 1);
+    chat(&smaller).unwrap().check_limits(&limits).unwrap();
+    // Over the cap, named by the field that asked.
+    for field in ["max_tokens", "max_completion_tokens"] {
+        let e = chat(&format!(r#"{{"model":"m","messages":[],"{field}":101}}"#))
+            .unwrap()
+            .check_limits(&limits)
+            .unwrap_err();
+        assert_eq!((e.param(), e.code()), (Some(field), "max_tokens_exceeded"));
+    }
+    chat(r#"{"model":"m","messages":[],"max_tokens":100}"#)
+        .unwrap()
+        .check_limits(&limits)
+        .unwrap();
+    // Embeddings generate nothing: only the prompt counts, and max_tokens is not capped.
+    let r = parse(
+        EMBEDDINGS,
+        r#"{"model":"m","input":[1,2,3],"max_tokens":5000}"#,
+    )
+    .unwrap();
+    assert_eq!(r.context_need(&limits), 3);
+    r.check_limits(&limits).unwrap();
+    let e = parse(COMPLETIONS, r#"{"model":"m","prompt":"xxxxxxxx"}"#)
+        .unwrap()
+        .check_limits(&ModelLimits {
+            max_tokens: None,
+            max_context: Some(1),
+        })
+        .unwrap_err();
+    assert_eq!(e.param(), Some("prompt"));
+    // No caps, nothing to refuse; a huge max_tokens saturates.
+    let r = chat(r#"{"model":"m","messages":[],"max_tokens":99999999999999999999}"#).unwrap();
+    assert_eq!(r.max_tokens(), Some(u32::MAX));
+    r.check_limits(&ModelLimits::default()).unwrap();
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        for endpoint in InferenceEndpoint::ALL {
+            if let Ok(r) = InferenceRequest::parse(endpoint, &bytes, &LIMITS) {
+                prop_assert_eq!(r.endpoint, endpoint);
+            }
+        }
+    }
+
+    #[test]
+    fn json_shaped_input_never_panics(s in r#"[{}\[\]",:0-9a-z_\\ ]{0,200}"#) {
+        let body = format!(r#"{{"model":"m","messages":[{s}"#);
+        let _ = InferenceRequest::parse(CHAT, body.as_bytes(), &LIMITS);
+        let _ = InferenceRequest::parse(CHAT, s.as_bytes(), &LIMITS);
+    }
+
+    #[test]
+    fn generated_requests_read_back(
+        model in "[a-z][a-z0-9./:_-]{0,40}",
+        text in ".{0,300}",
+        stream in any::<bool>(),
+        usage in any::<bool>(),
+        max in proptest::option::of(any::<u32>()),
+        completion_field in any::<bool>(),
+    ) {
+        let mut v = json!({"model": model, "messages": [{"role": "user", "content": text}], "stream": stream});
+        if stream {
+            v["stream_options"] = json!({"include_usage": usage});
+        }
+        if let Some(n) = max {
+            v[if completion_field { "max_completion_tokens" } else { "max_tokens" }] = json!(n);
+        }
+        let r = InferenceRequest::parse(CHAT, &serde_json::to_vec(&v).unwrap(), &LIMITS).unwrap();
+        prop_assert_eq!(r.model.as_str(), model.as_str());
+        prop_assert_eq!(r.stream, stream);
+        prop_assert_eq!(r.include_usage, stream && usage);
+        prop_assert_eq!(r.max_tokens(), max);
+        let bytes = ("user".len() + text.len()) as u64;
+        prop_assert_eq!(u64::from(r.prompt_estimate), bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE));
+    }
+}
