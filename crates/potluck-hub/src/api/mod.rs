@@ -160,8 +160,7 @@ async fn admit(
     let max = state.config.max_request_bytes;
     admit::check_length(headers, max)?;
     let raw = admit::read_body(body, max).await?;
-    let parsed = admit::parse(s.endpoint, &raw)?;
-    drop(raw);
+    let parsed = admit::parse(s.endpoint, raw, max)?;
     let in_flight = admit::limits(state, key, anonymous).await?;
     let priority = admit::priority(state, key, anonymous).await?;
     let stages = screen::stages(state, s.endpoint, &parsed.model);
@@ -177,10 +176,7 @@ async fn admit(
         low_power: header_has(headers, HEADER_PREFER, "low-power") || key.prefer_low_power,
         trusted_only: trusted_header(headers) || key.trusted_only,
         can_moderate: state.config.moderation.enabled(),
-        max_tokens: parsed.max_tokens,
-        context: parsed
-            .max_tokens
-            .map(|m| m.saturating_add(parsed.prompt_estimate)),
+        request: Some(Arc::clone(&parsed.request)),
     };
     Ok(Admitted {
         parsed,

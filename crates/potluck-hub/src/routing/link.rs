@@ -11,7 +11,7 @@ use hyper::client::conn::http2::SendRequest;
 use parking_lot::Mutex;
 use potluck_protocol::receipt::Receipt;
 use potluck_protocol::tunnel::{HubEvent, ModelHash, ModelOffer, ProviderProfile};
-use potluck_protocol::ModelName;
+use potluck_protocol::{InferenceRequest, ModelLimits, ModelName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -99,11 +99,10 @@ pub struct Need {
     pub groups: Arc<[String]>,
     /// Prefer NPU/CPU providers and the lowest energy per token.
     pub low_power: bool,
-    /// The request's `max_tokens`, checked against each provider's cap.
-    pub max_tokens: Option<u32>,
-    /// The request's estimated prompt tokens plus `max_tokens`, checked against each
-    /// provider's `max_context`.
-    pub context: Option<u32>,
+    /// The request as the shared rules read it: its size is checked against each
+    /// provider's caps by [`InferenceRequest::check_limits`], the rule the agent applies.
+    /// `None`: no size check (the hub's own requests).
+    pub request: Option<Arc<InferenceRequest>>,
     /// Only trusted reference providers.
     pub trusted_only: bool,
     /// The hub can moderate (a guard is configured), so providers that require
@@ -119,17 +118,17 @@ impl Offer {
         };
         let groups_ok = self.profile.groups.is_empty()
             || self.profile.groups.iter().any(|g| need.groups.contains(g));
-        let tokens_ok = match (need.max_tokens, m.max_tokens) {
-            (Some(want), Some(cap)) => want <= cap,
-            _ => true,
+        let caps = ModelLimits {
+            max_tokens: m.max_tokens,
+            max_context: m.max_context,
         };
-        let context_ok = match (need.context, m.max_context) {
-            (Some(want), Some(cap)) => want <= cap,
-            _ => true,
-        };
+        let size_ok = need
+            .request
+            .as_ref()
+            .is_none_or(|r| r.check_limits(&caps).is_ok());
         let moderation_ok = self.profile.moderation == potluck_protocol::tunnel::Moderation::None
             || need.can_moderate;
-        groups_ok && tokens_ok && context_ok && moderation_ok
+        groups_ok && size_ok && moderation_ok
     }
 }
 
