@@ -11,14 +11,12 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use potluck_testkit::{wait_until, FakeBackend, FakeBehavior};
 use serde_json::{json, Value};
 
