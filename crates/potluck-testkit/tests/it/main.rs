@@ -13,6 +13,7 @@ mod agent_supply;
 mod bad_input;
 mod fair;
 mod honesty;
+mod identity;
 mod moderation;
 mod pool;
 mod provider_routing;
