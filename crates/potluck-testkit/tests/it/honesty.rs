@@ -222,6 +222,8 @@ async fn dishonest_providers_are_caught_and_quarantined() {
                 .is_some()
         };
         let mut i = 0;
+        // The most the liar held in escrow before it was caught (what a claw-back takes).
+        let mut held = 0;
         while !quarantined().await {
             assert!(
                 served(&liar) < DETECT_WITHIN,
@@ -229,6 +231,7 @@ async fn dishonest_providers_are_caught_and_quarantined() {
             );
             ask(&hub, &key, i).await;
             i += 1;
+            held = held.max(hub.balance(name).await.1);
         }
         let caught_after = served(&liar);
         let standing = hub.state().store.standing(liar_id).await.unwrap();
@@ -248,6 +251,10 @@ async fn dishonest_providers_are_caught_and_quarantined() {
             "a quarantined provider gets no traffic"
         );
         // ...no unvested credits left (clawed back), and moderators are told.
+        assert!(
+            held > 0,
+            "{name} held earnings in escrow before it was caught"
+        );
         wait_until("claw-back", WAIT, || async {
             hub.balance(name).await.1 == 0
         })
@@ -281,11 +288,19 @@ async fn dishonest_providers_are_caught_and_quarantined() {
 
         // Audit replays look like the consumer's own requests at the provider: the same
         // header names, the consumer's own pseudonym, ordinary OpenAI parameters only.
+        // (Canaries carry a seed too, but are no consumer's request.)
         let reqs = liar.requests();
         let (replays, normal): (Vec<_>, Vec<_>) = reqs
             .iter()
+            .filter(|r| !is_canary(&serde_json::from_slice(&r.body).unwrap()))
             .partition(|r| String::from_utf8_lossy(&r.body).contains("\"seed\""));
-        if let (Some(rep), Some(norm)) = (replays.first(), normal.first()) {
+        assert!(!normal.is_empty(), "{name} served consumers");
+        if name == "canary-only-honest" {
+            // Honest on canaries: only replays of consumer requests can catch it.
+            assert!(!replays.is_empty(), "{name} was caught by replays");
+        }
+        let norm = normal[0];
+        for rep in replays {
             let names = |r: &potluck_testkit::scripted_agent::Received| {
                 let mut v: Vec<String> = r.headers.keys().map(|k| k.to_string()).collect();
                 v.sort();
