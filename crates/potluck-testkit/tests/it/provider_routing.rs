@@ -387,6 +387,15 @@ async fn group_only_providers_and_max_tokens_caps() {
     })
     .await;
     hub.wait_for_model("m", 1).await;
+    // The private offer is known to the hub: what follows is hiding, not a race.
+    wait_until("the private offer is known", WAIT, || async {
+        hub.state()
+            .registry
+            .provider_summary()
+            .values()
+            .any(|(_, models, _)| models.iter().any(|m| m == "private"))
+    })
+    .await;
 
     // A group-only model is invisible to an outsider and answers like no model at all.
     let list = models(&hub, &key).await;
