@@ -138,6 +138,9 @@ struct Parsed {
     /// Rough prompt size in tokens (bytes of the prompt fields / 4), for providers'
     /// context caps; 0 when no `max_tokens` is set (no context check then).
     prompt_estimate: u32,
+    /// Embeddings: bytes of the `input` as JSON, the bound on the tokens it can be
+    /// billed for (a token is at least a byte); 0 for other endpoints.
+    input_bytes: i64,
     /// The body to forward.
     body: Bytes,
 }
@@ -309,6 +312,12 @@ fn parse(endpoint: InferenceEndpoint, raw: &[u8]) -> Result<Parsed, ApiError> {
     } else {
         prompt_estimate(&obj)
     };
+    let input_bytes = match (endpoint, obj.get("input")) {
+        (InferenceEndpoint::Embeddings, Some(v)) => {
+            serde_json::to_vec(v).map_or(0, |b| i64::try_from(b.len()).unwrap_or(i64::MAX))
+        }
+        _ => 0,
+    };
     // Nothing that identifies the consumer goes to a provider: `user` and its successor
     // `safety_identifier` name the end user; `metadata` and `prompt_cache_key` are the
     // consumer's own tags and would let a provider link requests. None changes what a
@@ -348,6 +357,7 @@ fn parse(endpoint: InferenceEndpoint, raw: &[u8]) -> Result<Parsed, ApiError> {
         wants_usage,
         max_tokens,
         prompt_estimate,
+        input_bytes,
         body,
     })
 }
@@ -367,6 +377,8 @@ struct Ctx {
     need: Need,
     /// The body, kept when this request was sampled for an audit replay.
     audit_body: Option<Bytes>,
+    /// Embeddings: bytes of the input (see `Parsed::input_bytes`).
+    input_bytes: i64,
     /// The consumer's text, kept when the output may need a guard check.
     guard_input: Option<Arc<str>>,
     /// The key's concurrent-request slot, held until the request ends.
@@ -635,11 +647,24 @@ fn billable(
     seen: Delivered,
     completed: bool,
     endpoint: InferenceEndpoint,
+    input_bytes: i64,
     tunnel: &Tunnel,
     request_id: &str,
 ) -> Usage {
     if endpoint == InferenceEndpoint::Embeddings {
-        return reported.unwrap_or_default();
+        // The input is the whole bill: reported prompt tokens are taken up to a token
+        // per byte of input (plus slack), never any output; missing or implausible
+        // usage is the hub's own estimate.
+        let estimate = input_bytes / BYTES_PER_TOKEN_ESTIMATE as i64;
+        let bound = input_bytes.saturating_add(PLAUSIBILITY_SLACK_TOKENS);
+        let prompt = match reported {
+            Some(u) if (1..=bound).contains(&u.prompt) => u.prompt,
+            _ => estimate.max(1),
+        };
+        return Usage {
+            prompt,
+            completion: 0,
+        };
     }
     match reported {
         Some(u) if completed && seen.plausible(u.completion) => u,
@@ -857,6 +882,7 @@ async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Reque
         queue_ms: None,
         need: need.clone(),
         audit_body,
+        input_bytes: parsed.input_bytes,
         guard_input: check_output.then_some(guard_input).flatten(),
         _in_flight: in_flight,
     };
@@ -1154,6 +1180,7 @@ async fn relay_whole(
         seen,
         true,
         ctx.endpoint,
+        ctx.input_bytes,
         &tunnel,
         &ctx.request_id,
     );
@@ -1699,6 +1726,7 @@ impl Relay {
             self.seen,
             self.end == End::Done,
             self.ctx.endpoint,
+            self.ctx.input_bytes,
             &tunnel,
             &self.ctx.request_id,
         );
