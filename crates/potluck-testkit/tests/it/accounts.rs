@@ -10,7 +10,7 @@ use std::time::Duration;
 use potluck_hub::config::JoinMode;
 use potluck_store::Secret;
 use potluck_testkit::sse::{Event, SseReader};
-use potluck_testkit::{FakeBackend, FakeBehavior, TestAgent, TestHub};
+use potluck_testkit::{Consumer, FakeBackend, FakeBehavior, Moderator, TestAgent, TestHub};
 use serde_json::{json, Value};
 
 const MODEL: &str = "m1";
@@ -407,6 +407,74 @@ async fn every_admin_endpoint_against_every_role() {
     assert_eq!(
         call(&hub, "GET", "/v1/keys", Some(&member), None).await.0,
         200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_cuts_requests_still_waiting_for_the_providers_headers() {
+    let (hub, backend, _agent) = pool(|_| {}).await;
+    // The provider never answers: both requests wait for its headers.
+    backend.set_behavior(FakeBehavior {
+        hang: true,
+        ..Default::default()
+    });
+    let eve = Consumer::new(&hub, "eve").await;
+    let whole = {
+        let eve = eve.clone();
+        tokio::spawn(async move { eve.chat(MODEL, "x").await })
+    };
+    let streamed = {
+        let eve = eve.clone();
+        tokio::spawn(async move {
+            eve.post(
+                "chat/completions",
+                &json!({"model": MODEL, "stream": true, "messages": [{"role": "user", "content": "x"}]}),
+            )
+            .send()
+            .await
+            .unwrap()
+        })
+    };
+    potluck_testkit::wait_until("both reached the provider", WAIT, || async {
+        backend.inference_received().len() == 2
+    })
+    .await;
+    let moderator = Moderator::new(&hub, "mod", "moderator").await;
+    let a = moderator.ban("eve", "abuse").await;
+    assert_eq!(
+        (a.status, a.body["requests_cut"].as_u64()),
+        (200, Some(2)),
+        "{:?}",
+        a.body
+    );
+
+    let w = tokio::time::timeout(WAIT, whole)
+        .await
+        .expect("the whole request is cut at once")
+        .unwrap();
+    assert_eq!(
+        (w.status, w.code()),
+        (403, Some("account_banned")),
+        "{:?}",
+        w.body
+    );
+    let r = tokio::time::timeout(WAIT, streamed)
+        .await
+        .expect("the streamed request is cut at once")
+        .unwrap();
+    let code = if r.status() == 200 {
+        match SseReader::new(r).collect().await.last() {
+            Some(Event::Json(v)) => v["error"]["code"].clone(),
+            e => panic!("{e:?}"),
+        }
+    } else {
+        assert_eq!(r.status(), 403);
+        r.json::<Value>().await.unwrap()["error"]["code"].clone()
+    };
+    assert_eq!(code, "account_banned");
+    assert!(
+        hub.state().inflight.is_empty(),
+        "every guard left the registry"
     );
 }
 
