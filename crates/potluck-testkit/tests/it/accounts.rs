@@ -10,7 +10,7 @@ use std::time::Duration;
 use potluck_hub::config::JoinMode;
 use potluck_store::Secret;
 use potluck_testkit::sse::{Event, SseReader};
-use potluck_testkit::{Consumer, FakeBackend, FakeBehavior, Moderator, TestAgent, TestHub};
+use potluck_testkit::{Admin, Consumer, FakeBackend, FakeBehavior, Moderator, TestAgent, TestHub};
 use serde_json::{json, Value};
 
 const MODEL: &str = "m1";
@@ -476,6 +476,44 @@ async fn a_ban_cuts_requests_still_waiting_for_the_providers_headers() {
         hub.state().inflight.is_empty(),
         "every guard left the registry"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn banning_an_account_closes_its_providers() {
+    // The provider `p1` serves from the account of the same name.
+    let (hub, _backend, agent) = pool(|_| {}).await;
+    let carol = Consumer::new(&hub, "carol").await;
+    let (_, mut sse) = carol.chat_stream(MODEL, "x").await;
+    assert!(matches!(sse.next().await, Some(Event::Json(_))));
+    let a = Admin::admin(&hub).ban("p1", "runs a scam").await;
+    assert_eq!(
+        (
+            a.status,
+            a.body["tunnels_closed"].as_u64(),
+            a.body["requests_cut"].as_u64()
+        ),
+        (200, Some(1), Some(1)),
+        "{:?}",
+        a.body
+    );
+    // Carol's stream, served by the banned account's provider, ends with an error.
+    let rest = tokio::time::timeout(WAIT, sse.collect())
+        .await
+        .expect("cut at once");
+    match rest.last() {
+        Some(Event::Json(v)) => assert_eq!(v["error"]["code"], "provider_error", "{v}"),
+        e => panic!("{e:?}"),
+    }
+    hub.wait_for_model(MODEL, 0).await;
+    let refused = tokio::time::timeout(WAIT, agent.finished())
+        .await
+        .expect("the agent gives up");
+    assert!(
+        refused.is_err(),
+        "the banned account's provider token is refused"
+    );
+    // Carol did nothing wrong.
+    assert_eq!(carol.models().await.status, 200);
 }
 
 #[tokio::test]
