@@ -490,3 +490,77 @@ async fn implausible_speed_is_flagged() {
     let st = hub.state().store.standing(id).await.unwrap();
     assert!((st.reputation - 0.8).abs() < 1e-9, "{st:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_when_its_provider_is_quarantined_pays_the_treasury() {
+    use potluck_testkit::{Consumer, FakeBackend, FakeBehavior, TestAgent};
+    // One micro-credit per completion token, none per prompt token, no tax.
+    let hub = TestHub::start_with(|c| {
+        for r in c.credits.classes.values_mut() {
+            r.prompt = 0;
+            r.completion = 1;
+        }
+        c.credits.tax_per_request = 0.0;
+    })
+    .await;
+    let backend = FakeBackend::start(&["m"]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 10,
+        gap: Duration::from_millis(50),
+        ..Default::default()
+    });
+    let _agent = TestAgent::start(&hub, &hub.create_provider("q").await, &backend.base_url());
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let st = hub.state();
+    let treasury = st
+        .store
+        .system_account(potluck_store::ledger::TREASURY)
+        .await
+        .unwrap();
+    let before = (alice.available_micro().await, hub.balance("q").await, {
+        let b = st.store.balance(treasury).await.unwrap();
+        b.available + b.unvested
+    });
+
+    let (id, mut sse) = alice.chat_stream("m", "x").await;
+    assert!(matches!(
+        sse.next().await,
+        Some(potluck_testkit::sse::Event::Json(_))
+    ));
+    let q = provider_id(&hub, "q").await;
+    potluck_hub::audit::quarantine_provider(&st, q, "test: quarantined mid-request").await;
+    let rest = sse.collect().await;
+    assert_eq!(
+        rest.last(),
+        Some(&potluck_testkit::sse::Event::Done),
+        "it finishes"
+    );
+    let row = loop {
+        let rows = st.store.recent_usage(100).await.unwrap();
+        if let Some(r) = rows.into_iter().find(|r| r.request_id == id) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(row.completion_tokens, 10);
+    assert_eq!(
+        before.0 - alice.available_micro().await,
+        10,
+        "the consumer pays"
+    );
+    assert_eq!(
+        hub.balance("q").await,
+        before.1,
+        "the quarantined provider earns nothing"
+    );
+    // (It lands in the treasury's escrow bucket when the provider was not yet trusted,
+    // and vests there like any escrow.)
+    let total = |b: potluck_store::ledger::Balance| b.available + b.unvested;
+    assert_eq!(
+        total(st.store.balance(treasury).await.unwrap()) - before.2,
+        10,
+        "what it would have earned goes to the treasury"
+    );
+    st.store.audit_ledger().await.unwrap();
+}
