@@ -564,3 +564,92 @@ async fn a_request_in_flight_when_its_provider_is_quarantined_pays_the_treasury(
     );
     st.store.audit_ledger().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_replays_and_canaries_leave_no_text_in_the_database() {
+    let hash = ModelHash::parse(&"ef".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| {
+        audited(c, 1.0);
+        c.audit.canary_interval = Duration::from_secs(1);
+    })
+    .await;
+    let key = hub.create_key("consumer").await;
+    let reference = ScriptedAgent::connect_with(
+        "ref",
+        &hub.url(),
+        &hub.create_provider("ref").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    let audited_agent = ScriptedAgent::connect_with(
+        "audited",
+        &hub.url(),
+        &hub.create_provider("audited").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let audited_id = provider_id(&hub, "audited").await;
+    for i in 0..6 {
+        let r = hub
+            .http
+            .post(format!("{}/chat/completions", hub.v1()))
+            .bearer_auth(&key)
+            .json(&json!({"model": "m", "messages": [{"role": "user", "content": format!("zebra-marker-{i} question")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Positive controls: replays and canaries really ran, and their results are stored.
+    wait_until(
+        "replays and a canary checked the audited provider",
+        WAIT,
+        || async {
+            // Replays carry a seed; the consumer's own requests do not.
+            let replays = [&reference, &audited_agent]
+                .iter()
+                .flat_map(|a| a.requests())
+                .filter(|r| {
+                    let b = String::from_utf8_lossy(&r.body);
+                    b.contains("zebra-marker") && b.contains("\"seed\"")
+                })
+                .count();
+            let canaries = audited_agent
+                .requests()
+                .iter()
+                .filter(|r| is_canary(&serde_json::from_slice(&r.body).unwrap()))
+                .count();
+            let history = hub
+                .state()
+                .store
+                .audit_history(audited_id, 100)
+                .await
+                .unwrap();
+            replays > 0 && canaries > 0 && history.len() >= 2
+        },
+    )
+    .await;
+    hub.state().store.close().await;
+    let mut db = Vec::new();
+    for e in std::fs::read_dir(hub.data_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            db.extend(std::fs::read(p).unwrap());
+        }
+    }
+    let db = String::from_utf8_lossy(&db);
+    assert!(
+        db.contains("audited"),
+        "the provider's name is in the bytes read"
+    );
+    for text in ["zebra-marker", "Here is my answer"]
+        .into_iter()
+        .chain(potluck_hub::audit::CANARY_PROMPTS.iter().copied())
+    {
+        assert!(!db.contains(text), "{text} stored");
+    }
+}
