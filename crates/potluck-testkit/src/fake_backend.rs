@@ -42,6 +42,9 @@ pub struct FakeBehavior {
     pub invalid_utf8: bool,
     /// Hostile: answer non-streamed requests with this body, as JSON content type.
     pub raw_body: Option<&'static str>,
+    /// Whole answers and embeddings report this `usage` instead of the true one
+    /// (`Value::Null`: no `usage` at all).
+    pub reported_usage: Option<Value>,
 }
 
 impl Default for FakeBehavior {
@@ -57,6 +60,7 @@ impl Default for FakeBehavior {
             long_line: None,
             invalid_utf8: false,
             raw_body: None,
+            reported_usage: None,
         }
     }
 }
@@ -439,7 +443,9 @@ async fn inference(State(st): State<Arc<FakeState>>, req: Request) -> Response {
             let data: Vec<Value> = (0..n)
                 .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}))
                 .collect();
-            axum::Json(json!({"object": "list", "model": model, "data": data, "usage": {"prompt_tokens": 3 * n, "total_tokens": 3 * n}})).into_response()
+            let mut answer = json!({"object": "list", "model": model, "data": data, "usage": {"prompt_tokens": 3 * n, "total_tokens": 3 * n}});
+            report_usage(&mut answer, &b);
+            axum::Json(answer).into_response()
         }
         "/v1/chat/completions" | "/v1/completions" if !stream => {
             let chat = rec.target == "/v1/chat/completions";
@@ -449,17 +455,31 @@ async fn inference(State(st): State<Arc<FakeState>>, req: Request) -> Response {
             } else {
                 json!({"index": 0, "text": text, "finish_reason": "stop"})
             };
-            axum::Json(json!({
+            let mut answer = json!({
                 "id": "backend-id", "object": if chat {"chat.completion"} else {"text_completion"}, "created": 1, "model": model,
                 "choices": [choice],
                 "usage": {"prompt_tokens": 7, "completion_tokens": b.chunks, "total_tokens": 7 + b.chunks}
-            }))
-            .into_response()
+            });
+            report_usage(&mut answer, &b);
+            axum::Json(answer).into_response()
         }
         "/v1/chat/completions" | "/v1/completions" => {
             stream_answer(st, b, rec.target == "/v1/chat/completions", include_usage)
         }
         _ => (StatusCode::NOT_FOUND, "no such endpoint").into_response(),
+    }
+}
+
+/// Replace (or remove) an answer's `usage` as the behaviour says.
+fn report_usage(answer: &mut Value, b: &FakeBehavior) {
+    match (&b.reported_usage, answer.as_object_mut()) {
+        (Some(Value::Null), Some(o)) => {
+            o.remove("usage");
+        }
+        (Some(u), Some(o)) => {
+            o.insert("usage".into(), u.clone());
+        }
+        _ => {}
     }
 }
 

@@ -12,12 +12,14 @@ pub mod chaos_proxy;
 pub mod fake_backend;
 pub mod fake_hub;
 pub mod harness;
+pub mod personas;
 pub mod real_backend;
 pub mod scripted_agent;
 pub mod sse;
 
 pub use fake_backend::{FakeBackend, FakeBehavior, FakeOptions};
 pub use harness::{TestAgent, TestHub};
+pub use personas::{Admin, Consumer, Moderator, Staff};
 pub use real_backend::RealBackend;
 pub use scripted_agent::ScriptedAgent;
 

@@ -30,8 +30,27 @@ pub(crate) struct Parsed {
     pub(crate) wants_usage: bool,
     /// The request as the shared rules read it (its size, for providers' caps).
     pub(crate) request: Arc<InferenceRequest>,
+    /// Embeddings: bytes of the `input` as JSON, the bound on the tokens it can be
+    /// billed for (a token is at least a byte); 0 for other endpoints.
+    pub(crate) input_bytes: i64,
     /// The body to forward.
     pub(crate) body: Bytes,
+}
+
+/// Bytes of an embeddings request's `input` (its JSON text), read without a JSON tree.
+fn input_bytes(endpoint: InferenceEndpoint, raw: &[u8]) -> i64 {
+    #[derive(serde::Deserialize)]
+    struct Input<'a> {
+        #[serde(borrow)]
+        input: Option<&'a serde_json::value::RawValue>,
+    }
+    if endpoint != InferenceEndpoint::Embeddings {
+        return 0;
+    }
+    serde_json::from_slice::<Input<'_>>(raw)
+        .ok()
+        .and_then(|i| i.input)
+        .map_or(0, |v| i64::try_from(v.get().len()).unwrap_or(i64::MAX))
 }
 
 /// Request header by which a consumer asks for trusted providers only (`trusted`).
@@ -85,6 +104,7 @@ pub(crate) fn parse(
     let request = InferenceRequest::parse(endpoint, &raw, &RequestLimits::new(max_body_bytes))
         .map_err(refusal)?;
     let force_usage = request.stream && !request.include_usage;
+    let input_bytes = input_bytes(endpoint, &raw);
     let body = if request.identifying_fields || force_usage {
         rewrite(&raw, request.stream)?
     } else {
@@ -95,6 +115,7 @@ pub(crate) fn parse(
         stream: request.stream,
         wants_usage: request.stream && request.include_usage,
         request: Arc::new(request),
+        input_bytes,
         body,
     })
 }

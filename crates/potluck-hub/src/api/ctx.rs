@@ -42,6 +42,8 @@ pub(crate) struct Ctx {
     pub(crate) need: Need,
     /// The body, kept when this request was sampled for an audit replay.
     pub(crate) audit_body: Option<Bytes>,
+    /// Embeddings: bytes of the input (see `Parsed::input_bytes`).
+    pub(crate) input_bytes: i64,
     /// The consumer's text, kept when the output may need a guard check.
     pub(crate) guard_input: Option<Arc<str>>,
     /// The key's concurrent-request slot, held until the request ends.

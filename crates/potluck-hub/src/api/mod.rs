@@ -141,6 +141,7 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
         queue_ms: None,
         need: ctx_parts.need,
         audit_body: ctx_parts.audit_body,
+        input_bytes: parsed.input_bytes,
         guard_input: ctx_parts.guard_input,
         _in_flight: in_flight,
     };

@@ -91,6 +91,23 @@ impl Delivered {
 /// Tokens a backend may report beyond the delivered text (special and stop tokens).
 pub(crate) const PLAUSIBILITY_SLACK_TOKENS: i64 = 16;
 
+/// Embeddings: the input is the whole bill. Reported prompt tokens are taken up to a
+/// token per byte of input (plus slack), never any output; missing or implausible usage
+/// is the hub's own estimate (input bytes / 4).
+fn embeddings_billable(reported: Option<Usage>, input_bytes: i64) -> Usage {
+    let per_token = i64::try_from(potluck_protocol::request::BYTES_PER_TOKEN_ESTIMATE).unwrap_or(4);
+    let estimate = input_bytes / per_token;
+    let bound = input_bytes.saturating_add(PLAUSIBILITY_SLACK_TOKENS);
+    let prompt = match reported {
+        Some(u) if (1..=bound).contains(&u.prompt) => u.prompt,
+        _ => estimate.max(1),
+    };
+    Usage {
+        prompt,
+        completion: 0,
+    }
+}
+
 /// Decide what to bill: the backend's usage if present and plausible, else the hub's own
 /// conservative estimate (and the provider is flagged).
 pub(crate) fn billable(
@@ -99,11 +116,12 @@ pub(crate) fn billable(
     seen: Delivered,
     completed: bool,
     endpoint: InferenceEndpoint,
+    input_bytes: i64,
     tunnel: &ProviderLink,
     request_id: &str,
 ) -> Usage {
     if endpoint == InferenceEndpoint::Embeddings {
-        return reported.unwrap_or_default();
+        return embeddings_billable(reported, input_bytes);
     }
     match reported {
         Some(u) if completed && seen.plausible(u.completion) => u,

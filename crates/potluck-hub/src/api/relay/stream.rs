@@ -409,6 +409,7 @@ impl Relay {
             self.seen,
             self.end == End::Done,
             self.ctx.endpoint,
+            self.ctx.input_bytes,
             &tunnel,
             &self.ctx.request_id,
         );

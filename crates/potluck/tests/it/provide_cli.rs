@@ -11,14 +11,12 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use potluck_testkit::{wait_until, FakeBackend, FakeBehavior};
 use serde_json::{json, Value};
 
@@ -256,8 +254,10 @@ fn listening_by(pid: u32) -> BTreeSet<u64> {
         .collect()
 }
 
-/// The hub's queue wait in test 1: long enough to resume within, short enough to wait out.
-const QUEUE_WAIT_SECS: u64 = 4;
+/// The hub's queue wait in test 1: short enough to wait out once, and long enough that
+/// resuming (a CLI process, the socket, the tunnel, the dispatch) fits in it many times
+/// over on two busy cores. (4 s raced the resume.)
+const QUEUE_WAIT_SECS: u64 = 12;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_status_over_the_socket_through_the_binary() {

@@ -294,6 +294,49 @@ async fn low_power_prefers_npu_then_lowest_energy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_power_orders_by_device_class_npu_then_cpu_then_gpu() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("c").await;
+    let low_power = [("x-potluck-prefer", "low-power")];
+    // The class decides before the declared watts: this CPU declares more than the GPU.
+    let _gpu = ScriptedAgent::connect(
+        "gpu",
+        &hub.url(),
+        &hub.create_provider("gpu").await,
+        hello(&["m"], 8, device(DeviceClass::Gpu, 100.0)),
+    )
+    .await;
+    let _cpu = ScriptedAgent::connect(
+        "cpu",
+        &hub.url(),
+        &hub.create_provider("cpu").await,
+        hello(&["m"], 8, device(DeviceClass::Cpu, 400.0)),
+    )
+    .await;
+    hub.wait_for_model("m", 2).await;
+    // Positive control: without the preference the GPU serves too.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        seen.insert(served_by(&hub, &key, "m", &[]).await);
+    }
+    assert!(seen.contains("gpu"), "{seen:?}");
+    for _ in 0..20 {
+        assert_eq!(served_by(&hub, &key, "m", &low_power).await, "cpu");
+    }
+    let _npu = ScriptedAgent::connect(
+        "npu",
+        &hub.url(),
+        &hub.create_provider("npu").await,
+        hello(&["m"], 8, device(DeviceClass::Npu, 500.0)),
+    )
+    .await;
+    hub.wait_for_model("m", 3).await;
+    for _ in 0..20 {
+        assert_eq!(served_by(&hub, &key, "m", &low_power).await, "npu");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_provider_gets_nothing_new_and_queued_work_resumes() {
     let hub = TestHub::start().await;
     let key = hub.create_key("c").await;
@@ -387,6 +430,15 @@ async fn group_only_providers_and_max_tokens_caps() {
     })
     .await;
     hub.wait_for_model("m", 1).await;
+    // The private offer is known to the hub: what follows is hiding, not a race.
+    wait_until("the private offer is known", WAIT, || async {
+        hub.state()
+            .registry
+            .provider_summary()
+            .values()
+            .any(|(_, models, _)| models.iter().any(|m| m == "private"))
+    })
+    .await;
 
     // A group-only model is invisible to an outsider and answers like no model at all.
     let list = models(&hub, &key).await;

@@ -10,9 +10,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use potluck_testkit::{FakeBackend, FakeBehavior};
 use serde_json::json;
 

@@ -153,11 +153,32 @@ async fn pause_resume_status_and_energy() {
             .all(|(k, v)| !k.contains("consumer") && !v.contains("c-test")));
     }
 
-    // An unknown command is refused, not a crash.
+    // An unknown command is refused, not a crash, and the socket still answers after it
+    // (and after a client that connects and says nothing).
     let raw = tokio::net::UnixStream::connect(&rig.socket).await.unwrap();
     drop(raw);
+    let refusal = raw_command(&rig.socket, "{\"cmd\":\"reboot\"}\n").await;
+    assert!(!refusal.ok, "{refusal:?}");
+    assert!(refusal.status.is_none(), "{refusal:?}");
+    assert!(
+        refusal
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("unknown command")),
+        "{refusal:?}"
+    );
     let s = control::request(&rig.socket, Command::Status)
         .await
         .unwrap();
-    assert!(s.ok);
+    assert!(s.ok && s.status.is_some(), "{s:?}");
+}
+
+/// Send one raw line over the control socket and read the one-line answer.
+async fn raw_command(socket: &std::path::Path, line: &str) -> control::Answer {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    stream.write_all(line.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).await.unwrap();
+    serde_json::from_str(answer.trim()).unwrap()
 }

@@ -2,9 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use potluck_testkit::FakeBackend;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

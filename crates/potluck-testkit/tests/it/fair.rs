@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use potluck_testkit::sse::{Event, SseReader};
-use potluck_testkit::{FakeBackend, FakeBehavior, TestAgent, TestHub};
+use potluck_testkit::{Admin, Consumer, FakeBackend, FakeBehavior, TestAgent, TestHub};
 use serde_json::{json, Value};
 
 const MODEL: &str = "m1";
@@ -182,24 +182,23 @@ async fn a_high_balance_account_overtakes_waiting_low_balance_ones() {
     );
 }
 
+/// How long a waiter may take to leave the queue once its consumer has gone: a bound
+/// far below the queue's `max_wait` (below), so that a waiter that ignored the
+/// disconnect and timed out instead would fail.
+const LEAVES_WITHIN: Duration = Duration::from_secs(3);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiting_is_visible_bounded_and_cancellable() {
+async fn a_waiting_stream_tells_its_position_and_leaves_the_queue_when_the_consumer_goes() {
+    let max_wait = Duration::from_secs(120);
+    assert!(LEAVES_WITHIN * 20 <= max_wait);
     let (hub, backend, _agent) = one_slot_pool(|c| {
-        c.queue.max_wait = Duration::from_millis(800);
+        c.queue.max_wait = max_wait;
         c.queue.max_length = 3;
         c.queue.progress_interval = Duration::from_millis(50);
     })
     .await;
     let key = hub.create_key("K").await;
-    // Hold the only slot.
-    backend.set_behavior(FakeBehavior {
-        chunks: 100,
-        stall_after: Some(1),
-        ..Default::default()
-    });
-    let holder = request(&hub, &key, "K-hold", true).send().await.unwrap();
-    let mut holder = SseReader::new(holder);
-    assert!(matches!(holder.next().await, Some(Event::Json(_))));
+    let _holder = hold_the_slot(&hub, &backend).await;
 
     // A waiting stream starts at once and tells its position and estimated wait.
     let waiting = request(&hub, &key, "K-wait", true).send().await.unwrap();
@@ -213,9 +212,25 @@ async fn waiting_is_visible_bounded_and_cancellable() {
         ));
     }
     assert_eq!(pool_queued(&hub, &key).await, 1);
-    // The consumer goes away while waiting: it leaves the queue at once.
+    // The consumer goes away while waiting: it leaves the queue at once, long before
+    // its wait could have run out.
     drop(bytes);
-    wait_queued(&hub, &key, 0).await;
+    potluck_testkit::wait_until("the waiter left the queue", LEAVES_WITHIN, || async {
+        pool_queued(&hub, &key).await == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_is_bounded_by_length_and_time() {
+    let (hub, backend, _agent) = one_slot_pool(|c| {
+        c.queue.max_wait = Duration::from_millis(800);
+        c.queue.max_length = 3;
+        c.queue.progress_interval = Duration::from_millis(50);
+    })
+    .await;
+    let key = hub.create_key("K").await;
+    let _holder = hold_the_slot(&hub, &backend).await;
 
     // Past the queue length: 503 with Retry-After, immediately.
     let mut waiters = Vec::new();
@@ -243,7 +258,13 @@ async fn waiting_is_visible_bounded_and_cancellable() {
         Some(Event::Json(v)) => assert_eq!(v["error"]["code"], "queue_timeout"),
         e => panic!("{e:?}"),
     }
-    // Once the slot is free, a waiter gets it, and is told how long it waited.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_gets_the_freed_slot_and_is_told_how_long_it_waited() {
+    let (hub, backend, _agent) = one_slot_pool(|_| {}).await;
+    let key = hub.create_key("K").await;
+    let holder = hold_the_slot(&hub, &backend).await;
     backend.set_behavior(FakeBehavior {
         chunks: 2,
         gap: Duration::from_millis(20),
@@ -264,7 +285,10 @@ async fn waiting_is_visible_bounded_and_cancellable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_limit_trips_with_429_and_resets() {
+/// Each limit trips with a 429 that says when to retry, and lifts when the key's limits
+/// are raised or its slot is freed. (The minute and day windows rolling over are not
+/// seen here: that needs the hub's clock, which a test cannot move.)
+async fn each_limit_trips_with_429_and_lifts() {
     let hub = TestHub::start().await;
     let backend = FakeBackend::start(&[MODEL]).await;
     let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
@@ -320,6 +344,12 @@ async fn each_limit_trips_with_429_and_resets() {
         send(&key).await.unwrap().status() == 429
     })
     .await;
+    hub.set_limits(id, json!({"tpm": 1_000_000})).await;
+    assert_eq!(
+        send(&key).await.unwrap().status(),
+        200,
+        "a raised limit lifts it"
+    );
 
     // Tokens per day.
     let (id, key) = hub.create_key_in("day", "day").await;
@@ -336,6 +366,12 @@ async fn each_limit_trips_with_429_and_resets() {
                 > 0
     })
     .await;
+    hub.set_limits(id, json!({"daily_tokens": 1_000_000})).await;
+    assert_eq!(
+        send(&key).await.unwrap().status(),
+        200,
+        "a raised quota lifts it"
+    );
 
     // Out of credits: 429 with x-should-retry: false; a grant brings the key back.
     let (_, key) = hub.create_key_in("broke", "broke").await;
@@ -399,6 +435,10 @@ async fn ledger_adds_up_after_providers_die_mid_stream() {
                 }
             }
         }
+        assert_eq!(
+            got, cut_after as i64,
+            "trial {trial}: everything the backend sent before the cut was relayed"
+        );
         agent.kill().await;
         match sse.collect().await.last() {
             Some(Event::Json(v)) => assert_eq!(v["error"]["code"], "provider_error"),
@@ -571,5 +611,82 @@ async fn escrow_can_be_clawed_back_and_vests_at_the_trust_threshold() {
         (start + 20_000_000, 0),
         "vested once trusted"
     );
+    hub.state().store.audit_ledger().await.unwrap();
+}
+
+/// Read `n` content events from a stream, panicking on anything else.
+async fn content_events(sse: &mut SseReader, n: usize) {
+    for i in 0..n {
+        match sse.next().await {
+            Some(Event::Json(v)) if v["choices"][0]["delta"]["content"].is_string() => {}
+            e => panic!("content event {i}: {e:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_leaves_and_a_sanctioned_stream_pay_for_what_was_relayed() {
+    // One micro-credit per completion token, none per prompt token, escrow on.
+    let hub = TestHub::start_with(|c| {
+        c.limits.rpm = None;
+        for r in c.credits.classes.values_mut() {
+            r.prompt = 0;
+            r.completion = 1;
+        }
+        c.credits.trust_threshold = 1e9;
+    })
+    .await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("gpu").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let bob = Consumer::new(&hub, "bob").await;
+    let before = (
+        alice.available_micro().await,
+        bob.available_micro().await,
+        hub.balance("gpu").await,
+    );
+    let outcome_of = |id: String| {
+        let st = hub.state();
+        async move {
+            let rows = st.store.recent_usage(100).await.unwrap();
+            let row = rows.iter().find(|r| r.request_id == id).unwrap();
+            (row.outcome.clone(), row.completion_tokens)
+        }
+    };
+
+    // Alice goes away after three tokens: she pays for three.
+    backend.set_behavior(FakeBehavior {
+        chunks: 40,
+        stall_after: Some(3),
+        ..Default::default()
+    });
+    let (id, mut sse) = alice.chat_stream(MODEL, "x").await;
+    content_events(&mut sse, 3).await;
+    drop(sse);
+    hub.wait_usage_rows(1).await;
+    assert_eq!(outcome_of(id).await, ("cancelled".to_owned(), 3));
+    assert_eq!(before.0 - alice.available_micro().await, 3);
+
+    // Bob is banned after four tokens: he pays for four.
+    backend.set_behavior(FakeBehavior {
+        chunks: 40,
+        stall_after: Some(4),
+        ..Default::default()
+    });
+    let (id, mut sse) = bob.chat_stream(MODEL, "x").await;
+    content_events(&mut sse, 4).await;
+    let a = Admin::admin(&hub).ban("bob", "abuse").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    match sse.next().await {
+        Some(Event::Json(v)) => assert_eq!(v["error"]["code"], "account_banned", "{v}"),
+        e => panic!("{e:?}"),
+    }
+    hub.wait_usage_rows(2).await;
+    assert_eq!(outcome_of(id).await, ("sanctioned".to_owned(), 4));
+    assert_eq!(before.1 - hub.balance("bob").await.0, 4);
+
+    // The provider holds what both paid, in escrow.
+    assert_eq!(hub.balance("gpu").await, (before.2 .0, before.2 .1 + 7));
     hub.state().store.audit_ledger().await.unwrap();
 }

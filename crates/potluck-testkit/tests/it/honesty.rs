@@ -222,6 +222,8 @@ async fn dishonest_providers_are_caught_and_quarantined() {
                 .is_some()
         };
         let mut i = 0;
+        // The most the liar held in escrow before it was caught (what a claw-back takes).
+        let mut held = 0;
         while !quarantined().await {
             assert!(
                 served(&liar) < DETECT_WITHIN,
@@ -229,6 +231,7 @@ async fn dishonest_providers_are_caught_and_quarantined() {
             );
             ask(&hub, &key, i).await;
             i += 1;
+            held = held.max(hub.balance(name).await.1);
         }
         let caught_after = served(&liar);
         let standing = hub.state().store.standing(liar_id).await.unwrap();
@@ -248,6 +251,10 @@ async fn dishonest_providers_are_caught_and_quarantined() {
             "a quarantined provider gets no traffic"
         );
         // ...no unvested credits left (clawed back), and moderators are told.
+        assert!(
+            held > 0,
+            "{name} held earnings in escrow before it was caught"
+        );
         wait_until("claw-back", WAIT, || async {
             hub.balance(name).await.1 == 0
         })
@@ -281,11 +288,19 @@ async fn dishonest_providers_are_caught_and_quarantined() {
 
         // Audit replays look like the consumer's own requests at the provider: the same
         // header names, the consumer's own pseudonym, ordinary OpenAI parameters only.
+        // (Canaries carry a seed too, but are no consumer's request.)
         let reqs = liar.requests();
         let (replays, normal): (Vec<_>, Vec<_>) = reqs
             .iter()
+            .filter(|r| !is_canary(&serde_json::from_slice(&r.body).unwrap()))
             .partition(|r| String::from_utf8_lossy(&r.body).contains("\"seed\""));
-        if let (Some(rep), Some(norm)) = (replays.first(), normal.first()) {
+        assert!(!normal.is_empty(), "{name} served consumers");
+        if name == "canary-only-honest" {
+            // Honest on canaries: only replays of consumer requests can catch it.
+            assert!(!replays.is_empty(), "{name} was caught by replays");
+        }
+        let norm = normal[0];
+        for rep in replays {
             let names = |r: &potluck_testkit::scripted_agent::Received| {
                 let mut v: Vec<String> = r.headers.keys().map(|k| k.to_string()).collect();
                 v.sort();
@@ -474,4 +489,167 @@ async fn implausible_speed_is_flagged() {
     .await;
     let st = hub.state().store.standing(id).await.unwrap();
     assert!((st.reputation - 0.8).abs() < 1e-9, "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_when_its_provider_is_quarantined_pays_the_treasury() {
+    use potluck_testkit::{Consumer, FakeBackend, FakeBehavior, TestAgent};
+    // One micro-credit per completion token, none per prompt token, no tax.
+    let hub = TestHub::start_with(|c| {
+        for r in c.credits.classes.values_mut() {
+            r.prompt = 0;
+            r.completion = 1;
+        }
+        c.credits.tax_per_request = 0.0;
+    })
+    .await;
+    let backend = FakeBackend::start(&["m"]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 10,
+        gap: Duration::from_millis(50),
+        ..Default::default()
+    });
+    let _agent = TestAgent::start(&hub, &hub.create_provider("q").await, &backend.base_url());
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let st = hub.state();
+    let treasury = st
+        .store
+        .system_account(potluck_store::ledger::TREASURY)
+        .await
+        .unwrap();
+    let before = (alice.available_micro().await, hub.balance("q").await, {
+        let b = st.store.balance(treasury).await.unwrap();
+        b.available + b.unvested
+    });
+
+    let (id, mut sse) = alice.chat_stream("m", "x").await;
+    assert!(matches!(
+        sse.next().await,
+        Some(potluck_testkit::sse::Event::Json(_))
+    ));
+    let q = provider_id(&hub, "q").await;
+    potluck_hub::testing::quarantine_provider(&st, q, "test: quarantined mid-request").await;
+    let rest = sse.collect().await;
+    assert_eq!(
+        rest.last(),
+        Some(&potluck_testkit::sse::Event::Done),
+        "it finishes"
+    );
+    let row = loop {
+        let rows = st.store.recent_usage(100).await.unwrap();
+        if let Some(r) = rows.into_iter().find(|r| r.request_id == id) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(row.completion_tokens, 10);
+    assert_eq!(
+        before.0 - alice.available_micro().await,
+        10,
+        "the consumer pays"
+    );
+    assert_eq!(
+        hub.balance("q").await,
+        before.1,
+        "the quarantined provider earns nothing"
+    );
+    // (It lands in the treasury's escrow bucket when the provider was not yet trusted,
+    // and vests there like any escrow.)
+    let total = |b: potluck_store::ledger::Balance| b.available + b.unvested;
+    assert_eq!(
+        total(st.store.balance(treasury).await.unwrap()) - before.2,
+        10,
+        "what it would have earned goes to the treasury"
+    );
+    st.store.audit_ledger().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_replays_and_canaries_leave_no_text_in_the_database() {
+    let hash = ModelHash::parse(&"ef".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| {
+        audited(c, 1.0);
+        c.audit.canary_interval = Duration::from_secs(1);
+    })
+    .await;
+    let key = hub.create_key("consumer").await;
+    let reference = ScriptedAgent::connect_with(
+        "ref",
+        &hub.url(),
+        &hub.create_provider("ref").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    let audited_agent = ScriptedAgent::connect_with(
+        "audited",
+        &hub.url(),
+        &hub.create_provider("audited").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let audited_id = provider_id(&hub, "audited").await;
+    for i in 0..6 {
+        let r = hub
+            .http
+            .post(format!("{}/chat/completions", hub.v1()))
+            .bearer_auth(&key)
+            .json(&json!({"model": "m", "messages": [{"role": "user", "content": format!("zebra-marker-{i} question")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Positive controls: replays and canaries really ran, and their results are stored.
+    wait_until(
+        "replays and a canary checked the audited provider",
+        WAIT,
+        || async {
+            // Replays carry a seed; the consumer's own requests do not.
+            let replays = [&reference, &audited_agent]
+                .iter()
+                .flat_map(|a| a.requests())
+                .filter(|r| {
+                    let b = String::from_utf8_lossy(&r.body);
+                    b.contains("zebra-marker") && b.contains("\"seed\"")
+                })
+                .count();
+            let canaries = audited_agent
+                .requests()
+                .iter()
+                .filter(|r| is_canary(&serde_json::from_slice(&r.body).unwrap()))
+                .count();
+            let history = hub
+                .state()
+                .store
+                .audit_history(audited_id, 100)
+                .await
+                .unwrap();
+            replays > 0 && canaries > 0 && history.len() >= 2
+        },
+    )
+    .await;
+    hub.state().store.close().await;
+    let mut db = Vec::new();
+    for e in std::fs::read_dir(hub.data_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            db.extend(std::fs::read(p).unwrap());
+        }
+    }
+    let db = String::from_utf8_lossy(&db);
+    assert!(
+        db.contains("audited"),
+        "the provider's name is in the bytes read"
+    );
+    for text in ["zebra-marker", "Here is my answer"]
+        .into_iter()
+        .chain(potluck_hub::testing::CANARY_PROMPTS.iter().copied())
+    {
+        assert!(!db.contains(text), "{text} stored");
+    }
 }

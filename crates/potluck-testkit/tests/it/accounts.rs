@@ -10,7 +10,7 @@ use std::time::Duration;
 use potluck_hub::config::JoinMode;
 use potluck_store::Secret;
 use potluck_testkit::sse::{Event, SseReader};
-use potluck_testkit::{FakeBackend, FakeBehavior, TestAgent, TestHub};
+use potluck_testkit::{Admin, Consumer, FakeBackend, FakeBehavior, Moderator, TestAgent, TestHub};
 use serde_json::{json, Value};
 
 const MODEL: &str = "m1";
@@ -415,10 +415,25 @@ async fn every_admin_endpoint_against_every_role() {
             };
             match want_denied {
                 Some(d) => assert_eq!(status, d, "{who} {method} {path}: {v}"),
-                None => assert!(
-                    [200, 201, 400, 404, 409].contains(&status),
-                    "{who} {method} {path} is allowed: {status} {v}"
-                ),
+                None => {
+                    assert!(
+                        [200, 201, 400, 404, 409].contains(&status),
+                        "{who} {method} {path} is allowed: {status} {v}"
+                    );
+                    // An error here must come from the handler (the object does not
+                    // exist, the body is wrong), not from a missing route or the
+                    // role check: that is what shows the role was let through.
+                    if status >= 400 {
+                        assert_ne!(
+                            v["error"]["message"], "Unknown endpoint.",
+                            "{who} {method} {path}: the route exists: {v}"
+                        );
+                        assert_eq!(
+                            v["error"]["type"], "invalid_request_error",
+                            "{who} {method} {path}: not an auth error: {v}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -427,6 +442,112 @@ async fn every_admin_endpoint_against_every_role() {
         call(&hub, "GET", "/v1/keys", Some(&member), None).await.0,
         200
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_cuts_requests_still_waiting_for_the_providers_headers() {
+    let (hub, backend, _agent) = pool(|_| {}).await;
+    // The provider never answers: both requests wait for its headers.
+    backend.set_behavior(FakeBehavior {
+        hang: true,
+        ..Default::default()
+    });
+    let eve = Consumer::new(&hub, "eve").await;
+    let whole = {
+        let eve = eve.clone();
+        tokio::spawn(async move { eve.chat(MODEL, "x").await })
+    };
+    let streamed = {
+        let eve = eve.clone();
+        tokio::spawn(async move {
+            eve.post(
+                "chat/completions",
+                &json!({"model": MODEL, "stream": true, "messages": [{"role": "user", "content": "x"}]}),
+            )
+            .send()
+            .await
+            .unwrap()
+        })
+    };
+    potluck_testkit::wait_until("both reached the provider", WAIT, || async {
+        backend.inference_received().len() == 2
+    })
+    .await;
+    let moderator = Moderator::new(&hub, "mod", "moderator").await;
+    let a = moderator.ban("eve", "abuse").await;
+    assert_eq!(
+        (a.status, a.body["requests_cut"].as_u64()),
+        (200, Some(2)),
+        "{:?}",
+        a.body
+    );
+
+    let w = tokio::time::timeout(WAIT, whole)
+        .await
+        .expect("the whole request is cut at once")
+        .unwrap();
+    assert_eq!(
+        (w.status, w.code()),
+        (403, Some("account_banned")),
+        "{:?}",
+        w.body
+    );
+    let r = tokio::time::timeout(WAIT, streamed)
+        .await
+        .expect("the streamed request is cut at once")
+        .unwrap();
+    let code = if r.status() == 200 {
+        match SseReader::new(r).collect().await.last() {
+            Some(Event::Json(v)) => v["error"]["code"].clone(),
+            e => panic!("{e:?}"),
+        }
+    } else {
+        assert_eq!(r.status(), 403);
+        r.json::<Value>().await.unwrap()["error"]["code"].clone()
+    };
+    assert_eq!(code, "account_banned");
+    assert!(
+        hub.state().inflight.is_empty(),
+        "every guard left the registry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn banning_an_account_closes_its_providers() {
+    // The provider `p1` serves from the account of the same name.
+    let (hub, _backend, agent) = pool(|_| {}).await;
+    let carol = Consumer::new(&hub, "carol").await;
+    let (_, mut sse) = carol.chat_stream(MODEL, "x").await;
+    assert!(matches!(sse.next().await, Some(Event::Json(_))));
+    let a = Admin::admin(&hub).ban("p1", "runs a scam").await;
+    assert_eq!(
+        (
+            a.status,
+            a.body["tunnels_closed"].as_u64(),
+            a.body["requests_cut"].as_u64()
+        ),
+        (200, Some(1), Some(1)),
+        "{:?}",
+        a.body
+    );
+    // Carol's stream, served by the banned account's provider, ends with an error.
+    let rest = tokio::time::timeout(WAIT, sse.collect())
+        .await
+        .expect("cut at once");
+    match rest.last() {
+        Some(Event::Json(v)) => assert_eq!(v["error"]["code"], "provider_error", "{v}"),
+        e => panic!("{e:?}"),
+    }
+    hub.wait_for_model(MODEL, 0).await;
+    let refused = tokio::time::timeout(WAIT, agent.finished())
+        .await
+        .expect("the agent gives up");
+    assert!(
+        refused.is_err(),
+        "the banned account's provider token is refused"
+    );
+    // Carol did nothing wrong.
+    assert_eq!(carol.models().await.status, 200);
 }
 
 #[tokio::test]

@@ -1,0 +1,254 @@
+//! Failures and what they cost, and what reaches a backend: a provider too slow to
+//! answer gets a 504 `provider_timeout`; a request that fails before its first token
+//! costs nothing; usage that is missing or implausible is replaced by the hub's own
+//! count (chat and embeddings), as the consumer's balance shows; unknown request fields
+//! reach the backend unchanged (beyond 64-bit numbers: the nearest f64, as the README
+//! documents), and the consumer's own tags do not.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+use std::time::Duration;
+
+use potluck_testkit::sse::Event;
+use potluck_testkit::{Consumer, FakeBackend, FakeBehavior, TestAgent, TestHub};
+use serde_json::{json, Value};
+
+const MODEL: &str = "m1";
+
+/// A hub where a token costs one micro-credit and a request no tax, with one provider.
+async fn priced(
+    f: impl FnOnce(&mut potluck_hub::HubConfig),
+) -> (TestHub, FakeBackend, TestAgent, Consumer) {
+    let hub = TestHub::start_with(|c| {
+        c.limits.rpm = None;
+        for r in c.credits.classes.values_mut() {
+            r.prompt = 1;
+            r.completion = 1;
+        }
+        c.credits.tax_per_request = 0.0;
+        f(c);
+    })
+    .await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    (hub, backend, agent, alice)
+}
+
+/// The usage row of one request, once written (and settled with it).
+async fn usage_row(hub: &TestHub, request_id: &str) -> potluck_store::UsageRow {
+    let st = hub.state();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = st.store.recent_usage(1000).await.unwrap();
+        if let Some(row) = rows.into_iter().find(|r| r.request_id == request_id) {
+            return row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no usage row for {request_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_before_the_first_token_cost_nothing_and_a_slow_provider_is_a_504() {
+    let (hub, backend, _agent, alice) = priced(|c| {
+        c.provider_header_timeout = Duration::from_secs(1);
+        c.stream_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let start = alice.available_micro().await;
+
+    // Too slow to answer at all: 504 provider_timeout.
+    backend.set_behavior(FakeBehavior {
+        hang: true,
+        ..Default::default()
+    });
+    let a = alice.chat(MODEL, "slow").await;
+    assert_eq!(
+        (a.status, a.code()),
+        (504, Some("provider_timeout")),
+        "{:?}",
+        a.body
+    );
+    let row = usage_row(&hub, a.request_id.as_deref().unwrap()).await;
+    assert_eq!(row.status, 504);
+    assert_eq!(alice.available_micro().await, start, "a 504 costs nothing");
+
+    // A backend error before any token: 502, nothing billed.
+    backend.set_behavior(FakeBehavior {
+        fail_status: Some(500),
+        ..Default::default()
+    });
+    let a = alice.chat(MODEL, "fails").await;
+    assert_eq!(
+        (a.status, a.code()),
+        (502, Some("provider_error")),
+        "{:?}",
+        a.body
+    );
+    usage_row(&hub, a.request_id.as_deref().unwrap()).await;
+    assert_eq!(alice.available_micro().await, start, "a 502 costs nothing");
+
+    // A stream that stalls before its first token: an error event, nothing billed.
+    backend.set_behavior(FakeBehavior {
+        stall_after: Some(0),
+        ..Default::default()
+    });
+    let (id, sse) = alice.chat_stream(MODEL, "stalls").await;
+    match sse.collect().await.last() {
+        Some(Event::Json(v)) => assert_eq!(v["error"]["code"], "provider_timeout", "{v}"),
+        e => panic!("{e:?}"),
+    }
+    usage_row(&hub, &id).await;
+    assert_eq!(
+        alice.available_micro().await,
+        start,
+        "a stalled stream costs nothing"
+    );
+
+    // Positive control: a served request does cost.
+    backend.set_behavior(FakeBehavior::default());
+    let a = alice.chat(MODEL, "served").await;
+    assert_eq!(a.status, 200);
+    let row = usage_row(&hub, a.request_id.as_deref().unwrap()).await;
+    assert_eq!(
+        start - alice.available_micro().await,
+        row.prompt_tokens + row.completion_tokens
+    );
+    assert!(row.completion_tokens > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_implausible_usage_is_replaced_by_the_hubs_count() {
+    let (hub, backend, _agent, alice) = priced(|_| {}).await;
+    // Five tokens of "tokN " (25 characters) are delivered in every chat answer here.
+    let delivered_chars = 25;
+    let chat_cases = [
+        ("no usage", Value::Null),
+        (
+            "inflated usage",
+            json!({"prompt_tokens": 7, "completion_tokens": 10_000_000, "total_tokens": 10_000_007}),
+        ),
+    ];
+    for (what, usage) in chat_cases {
+        backend.set_behavior(FakeBehavior {
+            reported_usage: Some(usage),
+            ..Default::default()
+        });
+        let before = alice.available_micro().await;
+        let a = alice.chat(MODEL, "hello").await;
+        assert_eq!(a.status, 200, "{what}: {:?}", a.body);
+        let row = usage_row(&hub, a.request_id.as_deref().unwrap()).await;
+        assert!(
+            (1..=delivered_chars + 16).contains(&row.completion_tokens),
+            "{what}: the hub's count of what was delivered: {row:?}"
+        );
+        assert_eq!(
+            before - alice.available_micro().await,
+            row.prompt_tokens + row.completion_tokens,
+            "{what}: billed by the hub's count"
+        );
+    }
+
+    // Embeddings: the input is all there is to bill.
+    let input = ["a short text", "another short text"];
+    let input_bytes = serde_json::to_vec(&input).unwrap().len() as i64;
+    let embed_cases = [
+        ("no usage", Value::Null),
+        (
+            "inflated usage",
+            json!({"prompt_tokens": 10_000_000, "total_tokens": 10_000_000}),
+        ),
+        (
+            "usage with completion tokens",
+            json!({"prompt_tokens": 6, "completion_tokens": 10_000_000, "total_tokens": 10_000_006}),
+        ),
+    ];
+    for (what, usage) in embed_cases {
+        backend.set_behavior(FakeBehavior {
+            reported_usage: Some(usage),
+            ..Default::default()
+        });
+        let before = alice.available_micro().await;
+        let r = alice
+            .post("embeddings", &json!({"model": MODEL, "input": input}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{what}");
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let row = usage_row(&hub, &id).await;
+        assert!(
+            (1..=input_bytes + 16).contains(&row.prompt_tokens) && row.completion_tokens == 0,
+            "{what}: at most a token per byte of input, and no output: {row:?}"
+        );
+        assert_eq!(
+            before - alice.available_micro().await,
+            row.prompt_tokens,
+            "{what}: billed by the hub's count"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_fields_reach_the_backend_unchanged_and_consumer_tags_do_not() {
+    let (_hub, backend, _agent, alice) = priced(|_| {}).await;
+    // Sent as text, so that nothing on this side rounds the numbers.
+    let body = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}],
+        "x_vendor":{"nested":[1,"two",null,true,{"deep":-0.5}]},
+        "x_big":123456789012345678901234567890,
+        "x_negative_big":-98765432109876543210,
+        "x_long_float":3.14159265358979323846264338327950288,
+        "x_small":1e-300,
+        "x_u64_max":18446744073709551615,
+        "x_i64_min":-9223372036854775808,
+        "metadata":{"team":"alice-tag"},
+        "prompt_cache_key":"alice-cache-key"}"#;
+    let r = alice
+        .post("chat/completions", &Value::Null)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let got = backend.inference_received();
+    let got = String::from_utf8(got.last().unwrap().body.clone()).unwrap();
+    let v: Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(
+        v["x_vendor"],
+        json!({"nested": [1, "two", null, true, {"deep": -0.5}]}),
+        "{got}"
+    );
+    // Integers within u64 and i64 arrive digit for digit. Beyond them, and decimals
+    // longer than an f64, arrive as the nearest f64: the documented limit (README,
+    // "unknown request fields").
+    for literal in ["18446744073709551615", "-9223372036854775808"] {
+        assert!(got.contains(literal), "{literal} in {got}");
+    }
+    for (field, sent) in [
+        ("x_big", "123456789012345678901234567890"),
+        ("x_negative_big", "-98765432109876543210"),
+        ("x_long_float", "3.14159265358979323846264338327950288"),
+    ] {
+        assert_eq!(
+            v[field].as_f64(),
+            Some(sent.parse::<f64>().unwrap()),
+            "{field}: {got}"
+        );
+    }
+    assert_eq!(v["x_small"].as_f64(), Some(1e-300), "{got}");
+    // The consumer's own tags never reach a backend.
+    assert!(
+        v.get("metadata").is_none() && v.get("prompt_cache_key").is_none(),
+        "{got}"
+    );
+    assert!(
+        !got.contains("alice-tag") && !got.contains("alice-cache-key"),
+        "{got}"
+    );
+}

@@ -1,0 +1,22 @@
+//! The testkit's integration tests, in one binary so that they link once (as ripgrep does).
+//! Each module was a test binary of its own before; run one module with
+//! `cargo test -p potluck-testkit --test it fair::`.
+
+mod accounts;
+mod agent_boundary;
+mod agent_control;
+mod agent_hostile;
+mod agent_limits;
+mod agent_receipts;
+mod agent_schedule;
+mod agent_supply;
+mod bad_input;
+mod failures;
+mod fair;
+mod honesty;
+mod identity;
+mod moderation;
+mod pool;
+mod provider_routing;
+mod real_backend;
+mod real_trust;
