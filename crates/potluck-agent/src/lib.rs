@@ -23,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod discovery;
 pub mod energy;
+pub mod file;
 pub mod gate;
 mod gpu;
 pub mod journal;
