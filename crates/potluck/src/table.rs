@@ -91,5 +91,10 @@ mod tests {
         let mut ragged = Table::new(&["A"]);
         ragged.row(vec!["x".into(), "é".into()]);
         assert_eq!(ragged.render(), "A\nx  é\n");
+        // Width is counted in characters, not bytes.
+        let mut wide = Table::new(&["NAME", "X"]);
+        wide.row(vec!["zoë".into(), "1".into()]);
+        wide.row(vec!["ab".into(), "2".into()]);
+        assert_eq!(wide.render(), "NAME  X\nzoë   1\nab    2\n");
     }
 }
