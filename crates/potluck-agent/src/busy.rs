@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gate::DrainReason;
 use crate::policy::BusyRule;
-use crate::service::Shared;
+use crate::state::Shared;
 
 /// Time between samples.
 pub const BUSY_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);

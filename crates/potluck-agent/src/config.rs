@@ -7,6 +7,7 @@ use std::time::Duration;
 use potluck_tunnel::HubUrl;
 use url::Url;
 
+pub use crate::policy::ConfigError;
 use crate::policy::{Policy, PolicySource};
 use crate::schedule::{Clock, SystemClock};
 
@@ -17,26 +18,6 @@ pub const DEFAULT_MAX_CONCURRENCY: u32 = 64;
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// Default [`AgentConfig::schedule_recheck`].
 pub const DEFAULT_SCHEDULE_RECHECK: Duration = Duration::from_secs(30);
-
-/// A bad configuration value; names the field and what was expected.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid `{field}`: {message}")]
-pub struct ConfigError {
-    /// The field.
-    pub field: &'static str,
-    /// What was expected.
-    pub message: String,
-}
-
-impl ConfigError {
-    /// Build one.
-    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            field,
-            message: message.into(),
-        }
-    }
-}
 
 /// One local inference server.
 #[derive(Clone)]

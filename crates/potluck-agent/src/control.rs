@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::gate::DrainReason;
 use crate::journal::{self, Totals};
-use crate::service::{LastError, Shared};
+use crate::state::{LastError, Shared};
 
 /// Longest request line.
 pub const MAX_CONTROL_REQUEST_BYTES: u64 = 4096;

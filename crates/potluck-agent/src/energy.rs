@@ -4,7 +4,7 @@
 //! least one request is in flight; a request's energy is `E(end) - E(start)`. This is
 //! exact for piecewise-constant `k` and costs O(1) per start and end.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use tokio::time::Instant;
 
@@ -50,7 +50,7 @@ impl EnergyMeter {
 
     /// A request starts.
     pub fn start(&self, watts: f64) -> EnergyMark {
-        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.inner.lock();
         Self::advance(&mut s, watts);
         s.in_flight += 1;
         EnergyMark(s.per_request_joules)
@@ -58,7 +58,7 @@ impl EnergyMeter {
 
     /// A request ends: its energy in millijoules.
     pub fn finish(&self, mark: EnergyMark, watts: f64) -> u64 {
-        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.inner.lock();
         Self::advance(&mut s, watts);
         s.in_flight = s.in_flight.saturating_sub(1);
         let j = (s.per_request_joules - mark.0).max(0.0);

@@ -3,14 +3,14 @@
 //! driver, there is no GPU reading and configured values apply.
 
 /// An open NVML handle (or nothing).
-pub struct Gpu {
+pub(crate) struct Gpu {
     #[cfg(feature = "nvml")]
     nvml: nvml_wrapper::Nvml,
 }
 
 impl Gpu {
     /// Open NVML if it is built in and present.
-    pub fn open() -> Option<Self> {
+    pub(crate) fn open() -> Option<Self> {
         #[cfg(feature = "nvml")]
         {
             match nvml_wrapper::Nvml::init() {
@@ -28,7 +28,7 @@ impl Gpu {
     }
 
     /// Highest utilisation over the GPUs, percent.
-    pub fn utilization_percent(&self) -> Option<f64> {
+    pub(crate) fn utilization_percent(&self) -> Option<f64> {
         #[cfg(feature = "nvml")]
         {
             let n = self.nvml.device_count().ok()?;
@@ -44,7 +44,7 @@ impl Gpu {
     }
 
     /// Total power draw over the GPUs, watts.
-    pub fn power_watts(&self) -> Option<f64> {
+    pub(crate) fn power_watts(&self) -> Option<f64> {
         #[cfg(feature = "nvml")]
         {
             let n = self.nvml.device_count().ok()?;

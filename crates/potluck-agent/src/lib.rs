@@ -10,12 +10,20 @@
 //! Invariants: only allow-listed method and path pairs reach a backend; a backend gets
 //! the body and `Content-Type` only (no consumer header, key or address); bodies are
 //! never logged or written.
+//!
+//! Rooms: [`state`] holds what the tasks share and imports none of them; [`service`]
+//! (the tunnel server), [`discovery`], [`busy`] and [`control`] import [`state`];
+//! [`request`] and [`response`] are the pure rules on the way in and out.
+
+#![warn(unreachable_pub)]
 
 pub mod backend;
 pub mod busy;
 pub mod config;
 pub mod control;
+pub mod discovery;
 pub mod energy;
+pub mod file;
 pub mod gate;
 mod gpu;
 pub mod journal;
@@ -25,6 +33,7 @@ pub mod response;
 pub mod schedule;
 pub mod service;
 pub mod slots;
+pub mod state;
 pub mod supply;
 
 use std::sync::Arc;
@@ -75,7 +84,7 @@ pub async fn run_with_carrier(
         }
         None => journal::Journal::disabled(),
     };
-    let shared = Arc::new(service::Shared::new(config.clone(), journal, retention));
+    let shared = Arc::new(state::Shared::new(config.clone(), journal, retention));
     if let Some(path) = &config.control_socket {
         match control::bind(path).await {
             Ok(l) => {
@@ -90,7 +99,7 @@ pub async fn run_with_carrier(
             Err(e) => return Err(AgentError::Control(e.to_string())),
         }
     }
-    tasks.spawn(backend::discovery_loop(Arc::clone(&shared), stop.clone()));
+    tasks.spawn(discovery::discovery_loop(Arc::clone(&shared), stop.clone()));
     tasks.spawn(schedule_loop(Arc::clone(&shared), stop.clone()));
     tasks.spawn(busy::busy_loop(Arc::clone(&shared), stop.clone()));
     tasks.spawn(power_loop(Arc::clone(&shared), stop.clone()));
@@ -168,7 +177,7 @@ pub enum AgentError {
 }
 
 /// The schedule task: sets or clears the `schedule` drain reason at each window edge.
-async fn schedule_loop(sh: Arc<service::Shared>, stop: CancellationToken) {
+async fn schedule_loop(sh: Arc<state::Shared>, stop: CancellationToken) {
     loop {
         let changed = sh.policy_changed.notified();
         tokio::pin!(changed);
@@ -214,7 +223,7 @@ async fn schedule_loop(sh: Arc<service::Shared>, stop: CancellationToken) {
 pub const POWER_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Measures power draw (NVML) while no watts are configured.
-async fn power_loop(sh: Arc<service::Shared>, stop: CancellationToken) {
+async fn power_loop(sh: Arc<state::Shared>, stop: CancellationToken) {
     let Some(gpu) = gpu::Gpu::open() else { return };
     loop {
         if sh.policy().profile.watts.is_none() {
@@ -224,7 +233,7 @@ async fn power_loop(sh: Arc<service::Shared>, stop: CancellationToken) {
             // Rounded to whole watts so that the offer does not change at every reading.
             let w = w.map(f64::round);
             let changed = {
-                let mut m = sh.measured_watts.lock().unwrap_or_else(|p| p.into_inner());
+                let mut m = sh.measured_watts.lock();
                 let c = *m != w;
                 *m = w;
                 c
@@ -246,7 +255,7 @@ fn mtime(p: &std::path::Path) -> Option<std::time::SystemTime> {
 
 /// Reloads the policy when the config file's mtime changes or on `SIGHUP`; a bad file is
 /// logged and the running policy kept.
-async fn reload_loop(sh: Arc<service::Shared>, src: policy::PolicySource, stop: CancellationToken) {
+async fn reload_loop(sh: Arc<state::Shared>, src: policy::PolicySource, stop: CancellationToken) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut last = mtime(&src.path);
     loop {

@@ -17,8 +17,27 @@ use potluck_protocol::tunnel::{
 use potluck_protocol::ModelName;
 use serde::Deserialize;
 
-use crate::config::ConfigError;
 use crate::schedule::Schedule;
+
+/// A bad configuration value; names the field and what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid `{field}`: {message}")]
+pub struct ConfigError {
+    /// The field.
+    pub field: &'static str,
+    /// What was expected.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// Build one.
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
 
 /// Default [`Limits::max_request_bytes`].
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
@@ -309,72 +328,117 @@ impl PolicyFile {
             .map_err(|e| e.to_string())
     }
 
-    /// Validate.
+    /// Validate, one section at a time; the error names the field at fault.
     pub fn into_policy(self) -> Result<Policy, ConfigError> {
-        if self.models.len() > MAX_MODELS_PER_AGENT {
+        let models = models_rule(self.models)?;
+        let schedule = self.schedule.map(ScheduleSection::into_rule).transpose()?;
+        let limits = self.limits.unwrap_or_default().into_rule()?;
+        let busy = self.busy.map(BusySection::into_rule).transpose()?;
+        let (groups, moderation) = self.access.unwrap_or_default().into_rule()?;
+        let power = self.power.unwrap_or_default();
+        let watts = power.checked_watts()?;
+        let journal = self.journal.unwrap_or_default().into_rule()?;
+        Ok(Policy {
+            models,
+            schedule,
+            limits,
+            busy,
+            profile: ProviderProfile {
+                device: power.device.unwrap_or_default(),
+                watts,
+                groups,
+                moderation,
+            },
+            journal,
+        })
+    }
+}
+
+/// `[[models]]`: at most [`MAX_MODELS_PER_AGENT`], each listed once.
+fn models_rule(sections: Vec<ModelSection>) -> Result<Vec<ModelRule>, ConfigError> {
+    if sections.len() > MAX_MODELS_PER_AGENT {
+        return Err(ConfigError::new(
+            "models",
+            format!("more than {MAX_MODELS_PER_AGENT} models"),
+        ));
+    }
+    let mut models: Vec<ModelRule> = Vec::new();
+    for m in sections {
+        let rule = m.into_rule()?;
+        if models
+            .iter()
+            .any(|o| o.public_name == rule.public_name || o.backend_name == rule.backend_name)
+        {
             return Err(ConfigError::new(
                 "models",
-                format!("more than {MAX_MODELS_PER_AGENT} models"),
+                format!("{:?} is listed twice", rule.public_name.as_str()),
             ));
         }
-        let mut models: Vec<ModelRule> = Vec::new();
-        for m in self.models {
-            let public = m.public_name.as_deref().unwrap_or(&m.backend_name);
-            let public_name = ModelName::parse(public)
-                .map_err(|e| ConfigError::new("models.public_name", format!("{public:?}: {e}")))?;
-            if m.backend_name.is_empty() {
-                return Err(ConfigError::new("models.backend_name", "empty"));
-            }
-            if models
-                .iter()
-                .any(|o| o.public_name == public_name || o.backend_name == m.backend_name)
-            {
-                return Err(ConfigError::new(
-                    "models",
-                    format!("{public:?} is listed twice"),
-                ));
-            }
-            if m.max_context == Some(0) || m.max_tokens == Some(0) {
+        models.push(rule);
+    }
+    Ok(models)
+}
+
+impl ModelSection {
+    /// One `[[models]]` entry.
+    fn into_rule(self) -> Result<ModelRule, ConfigError> {
+        let public = self.public_name.as_deref().unwrap_or(&self.backend_name);
+        let public_name = ModelName::parse(public)
+            .map_err(|e| ConfigError::new("models.public_name", format!("{public:?}: {e}")))?;
+        if self.backend_name.is_empty() {
+            return Err(ConfigError::new("models.backend_name", "empty"));
+        }
+        if self.max_context == Some(0) || self.max_tokens == Some(0) {
+            return Err(ConfigError::new(
+                "models.max_tokens",
+                "max_context and max_tokens must be positive",
+            ));
+        }
+        if let (Some(c), Some(t)) = (self.max_context, self.max_tokens) {
+            if t > c {
                 return Err(ConfigError::new(
                     "models.max_tokens",
-                    "max_context and max_tokens must be positive",
+                    format!("{public:?}: max_tokens {t} exceeds max_context {c}"),
                 ));
             }
-            if let (Some(c), Some(t)) = (m.max_context, m.max_tokens) {
-                if t > c {
-                    return Err(ConfigError::new(
-                        "models.max_tokens",
-                        format!("{public:?}: max_tokens {t} exceeds max_context {c}"),
-                    ));
-                }
-            }
-            models.push(ModelRule {
-                backend_name: m.backend_name,
-                public_name,
-                max_context: m.max_context,
-                max_tokens: m.max_tokens,
-                max_concurrency: m
-                    .max_concurrency
-                    .map(|n| concurrency("models.max_concurrency", n))
-                    .transpose()?,
-                file: m.file,
-            });
         }
-        let schedule = self
-            .schedule
-            .map(|s| {
-                Schedule::parse(s.timezone.as_deref().unwrap_or("UTC"), &s.windows)
-                    .map_err(|e| ConfigError::new("schedule", e.to_string()))
-            })
-            .transpose()?;
-        let l = self.limits.unwrap_or_default();
+        Ok(ModelRule {
+            backend_name: self.backend_name,
+            public_name,
+            max_context: self.max_context,
+            max_tokens: self.max_tokens,
+            max_concurrency: self
+                .max_concurrency
+                .map(|n| concurrency("models.max_concurrency", n))
+                .transpose()?,
+            file: self.file,
+        })
+    }
+}
+
+impl ScheduleSection {
+    /// `[schedule]`: a time zone (UTC by default) and windows.
+    fn into_rule(self) -> Result<Schedule, ConfigError> {
+        Schedule::parse(self.timezone.as_deref().unwrap_or("UTC"), &self.windows)
+            .map_err(|e| ConfigError::new("schedule", e.to_string()))
+    }
+}
+
+impl LimitsSection {
+    /// `[limits]`: each cap positive, unset ones at their defaults.
+    fn into_rule(self) -> Result<Limits, ConfigError> {
         let d = Limits::default();
-        let limits = Limits {
-            max_concurrency: l
+        let bytes = |field, v: Option<usize>, default| {
+            v.map(|v| positive_bytes(field, v))
+                .transpose()
+                .map(|v| v.unwrap_or(default))
+        };
+        Ok(Limits {
+            max_concurrency: self
                 .max_concurrency
                 .map(|n| concurrency("limits.max_concurrency", n))
                 .transpose()?,
-            bandwidth_bytes_per_sec: match l.bandwidth_bytes_per_sec {
+            bandwidth_bytes_per_sec: match self.bandwidth_bytes_per_sec {
                 Some(b) if b < MIN_BANDWIDTH_BYTES_PER_SEC => {
                     return Err(ConfigError::new(
                         "limits.bandwidth_bytes_per_sec",
@@ -383,56 +447,63 @@ impl PolicyFile {
                 }
                 b => b,
             },
-            max_request_bytes: l
-                .max_request_bytes
-                .map(|v| positive_bytes("limits.max_request_bytes", v))
-                .transpose()?
-                .unwrap_or(d.max_request_bytes),
-            max_response_bytes: l
-                .max_response_bytes
-                .map(|v| positive_bytes("limits.max_response_bytes", v))
-                .transpose()?
-                .unwrap_or(d.max_response_bytes),
-            response_timeout: l
+            max_request_bytes: bytes(
+                "limits.max_request_bytes",
+                self.max_request_bytes,
+                d.max_request_bytes,
+            )?,
+            max_response_bytes: bytes(
+                "limits.max_response_bytes",
+                self.max_response_bytes,
+                d.max_response_bytes,
+            )?,
+            response_timeout: self
                 .response_timeout_secs
                 .map(|v| positive_secs("limits.response_timeout_secs", v))
                 .transpose()?
                 .unwrap_or(d.response_timeout),
-            max_line_bytes: l
-                .max_line_bytes
-                .map(|v| positive_bytes("limits.max_line_bytes", v))
-                .transpose()?
-                .unwrap_or(d.max_line_bytes),
-        };
-        let busy = self
-            .busy
-            .map(|b| {
-                if !(b.threshold_percent.is_finite()
-                    && b.threshold_percent > 0.0
-                    && b.threshold_percent <= 100.0)
-                {
-                    return Err(ConfigError::new(
-                        "busy.threshold_percent",
-                        "expected a percentage above 0, at most 100",
-                    ));
-                }
-                Ok(BusyRule {
-                    threshold_percent: b.threshold_percent,
-                    hold: positive_secs("busy.for_seconds", b.for_seconds)?,
-                    backend_pid: b.backend_pid,
-                    backend_process: b.backend_process.filter(|s| !s.is_empty()),
-                    gpu: b.gpu.unwrap_or(true),
-                })
-            })
-            .transpose()?;
-        let access = self.access.unwrap_or_default();
-        if access.groups.len() > MAX_PROVIDER_GROUPS {
+            max_line_bytes: bytes(
+                "limits.max_line_bytes",
+                self.max_line_bytes,
+                d.max_line_bytes,
+            )?,
+        })
+    }
+}
+
+impl BusySection {
+    /// `[busy]`: a percentage in (0, 100] held for a positive time.
+    fn into_rule(self) -> Result<BusyRule, ConfigError> {
+        if !(self.threshold_percent.is_finite()
+            && self.threshold_percent > 0.0
+            && self.threshold_percent <= 100.0)
+        {
+            return Err(ConfigError::new(
+                "busy.threshold_percent",
+                "expected a percentage above 0, at most 100",
+            ));
+        }
+        Ok(BusyRule {
+            threshold_percent: self.threshold_percent,
+            hold: positive_secs("busy.for_seconds", self.for_seconds)?,
+            backend_pid: self.backend_pid,
+            backend_process: self.backend_process.filter(|s| !s.is_empty()),
+            gpu: self.gpu.unwrap_or(true),
+        })
+    }
+}
+
+impl AccessSection {
+    /// `[access]`: at most [`MAX_PROVIDER_GROUPS`] printable group names; the moderation
+    /// the provider requires.
+    fn into_rule(self) -> Result<(Vec<String>, Moderation), ConfigError> {
+        if self.groups.len() > MAX_PROVIDER_GROUPS {
             return Err(ConfigError::new(
                 "access.groups",
                 format!("at most {MAX_PROVIDER_GROUPS} groups"),
             ));
         }
-        if let Some(g) = access.groups.iter().find(|g| {
+        if let Some(g) = self.groups.iter().find(|g| {
             g.is_empty() || g.len() > MAX_GROUP_NAME_BYTES || g.chars().any(char::is_control)
         }) {
             return Err(ConfigError::new(
@@ -440,40 +511,39 @@ impl PolicyFile {
                 format!("{g:?}: a group name is 1 to {MAX_GROUP_NAME_BYTES} printable bytes"),
             ));
         }
-        let power = self.power.unwrap_or_default();
-        if let Some(w) = power.watts {
-            if !(w.is_finite() && w > 0.0 && w <= MAX_DECLARED_WATTS) {
-                return Err(ConfigError::new(
+        Ok((self.groups, self.moderation.unwrap_or_default()))
+    }
+}
+
+impl PowerSection {
+    /// `[power]`: declared watts, if any, in (0, [`MAX_DECLARED_WATTS`]].
+    fn checked_watts(&self) -> Result<Option<f64>, ConfigError> {
+        match self.watts {
+            Some(w) if !(w.is_finite() && w > 0.0 && w <= MAX_DECLARED_WATTS) => {
+                Err(ConfigError::new(
                     "power.watts",
                     format!("expected more than 0, at most {MAX_DECLARED_WATTS}"),
-                ));
+                ))
             }
+            w => Ok(w),
         }
-        let journal = JournalPolicy {
-            retention_days: match self.journal.and_then(|j| j.retention_days) {
-                Some(0) => {
-                    return Err(ConfigError::new(
-                        "journal.retention_days",
-                        "expected at least 1 day",
-                    ))
-                }
-                Some(n) => n,
-                None => DEFAULT_RETENTION_DAYS,
-            },
+    }
+}
+
+impl JournalSection {
+    /// `[journal]`: retention of at least one day.
+    fn into_rule(self) -> Result<JournalPolicy, ConfigError> {
+        let retention_days = match self.retention_days {
+            Some(0) => {
+                return Err(ConfigError::new(
+                    "journal.retention_days",
+                    "expected at least 1 day",
+                ))
+            }
+            Some(n) => n,
+            None => DEFAULT_RETENTION_DAYS,
         };
-        Ok(Policy {
-            models,
-            schedule,
-            limits,
-            busy,
-            profile: ProviderProfile {
-                device: power.device.unwrap_or_default(),
-                watts: power.watts,
-                groups: access.groups,
-                moderation: access.moderation.unwrap_or_default(),
-            },
-            journal,
-        })
+        Ok(JournalPolicy { retention_days })
     }
 }
 

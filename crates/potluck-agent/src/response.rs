@@ -155,8 +155,8 @@ where
     B: Body<Data = Bytes> + Unpin,
     O: Outcome,
 {
+    /// End the stream with an error event; the outcome logs and records why.
     fn cut(&mut self, why: &'static str) {
-        tracing::warn!(reason = why, "cutting a streamed answer");
         self.outcome.cut(why);
         self.line.clear();
         self.out.extend_from_slice(&sse_error_event(why));

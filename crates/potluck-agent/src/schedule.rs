@@ -8,7 +8,7 @@
 //! hours across daylight-saving changes; at a spring-forward gap the skipped local
 //! minutes simply never occur.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
@@ -50,13 +50,13 @@ impl ManualClock {
 
     /// Jump to `t`.
     pub fn set(&self, t: Timestamp) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = t;
+        *self.0.lock() = t;
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+        *self.0.lock()
     }
 }
 

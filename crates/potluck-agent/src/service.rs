@@ -1,11 +1,9 @@
-//! The agent's HTTP/2 server over the tunnel: the control stream, the hub's event
+//! The agent's HTTP/2 server over the tunnel (its state lives in [`crate::state`]): the control stream, the hub's event
 //! batches, and the allow-listed inference endpoints forwarded to a local backend under
 //! the volunteer's rules.
 
-use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,29 +14,25 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
+use potluck_protocol::request::RequestLimits;
 use potluck_protocol::tunnel::{
-    AgentEvent, HubEvent, ModelHash, ModelOffer, ProviderProfile, CONTROL_PATH, EVENTS_PATH,
-    HEADER_AGENT_ERROR, HEADER_CONSUMER, HEADER_MODEL, HEADER_REQUEST_ID, MAX_EVENTS_BODY_BYTES,
-    MAX_SHORT_TEXT_BYTES, PROTOCOL_VERSION,
+    AgentEvent, HubEvent, CONTROL_PATH, EVENTS_PATH, HEADER_AGENT_ERROR, HEADER_CONSUMER,
+    HEADER_MODEL, HEADER_REQUEST_ID, MAX_EVENTS_BODY_BYTES, MAX_SHORT_TEXT_BYTES, PROTOCOL_VERSION,
 };
 use potluck_protocol::{ErrorBody, InferenceEndpoint, ModelName};
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::backend::{self, BackendClient};
-use crate::config::AgentConfig;
-use crate::energy::{EnergyMark, EnergyMeter};
-use crate::gate::Gate;
-use crate::journal::{Entry, Journal, RequestEntry};
-use crate::policy::{ModelRule, Policy};
+use crate::energy::EnergyMark;
+use crate::journal::{Entry, RequestEntry};
+use crate::policy::Limits;
 use crate::request::{self, ModelCaps};
 use crate::response::{self, Outcome, Usage};
-use crate::slots::{Bandwidth, SlotGuard, Slots};
-use crate::supply::HashCache;
+use crate::slots::SlotGuard;
+use crate::state::{Route, Shared};
 use crate::AGENT_VERSION;
-use potluck_protocol::request::RequestLimits;
 
 /// Retries of a backend request that failed before any response header.
 pub const BACKEND_RETRIES: u32 = 1;
@@ -46,275 +40,12 @@ pub const BACKEND_RETRIES: u32 = 1;
 pub const PERMIT_WAIT: Duration = Duration::from_secs(2);
 /// Agent events (energy) queued for the control stream; more are dropped.
 pub const EVENT_QUEUE: usize = 1024;
-/// Errors kept for `status`.
-pub const LAST_ERRORS: usize = 32;
 /// Longest consumer pseudonym kept.
 pub const MAX_CONSUMER_BYTES: usize = 128;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of every response the agent sends through the tunnel.
 pub type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// What the agent offers now (the content of `hello` / `models`).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Offer {
-    /// Models, sorted by public name.
-    pub models: Vec<ModelOffer>,
-    /// Requests the hub may send at once.
-    pub capacity: u32,
-    /// Device, power, audience, moderation.
-    pub profile: ProviderProfile,
-    /// False while draining.
-    pub accepting: bool,
-}
-
-/// One model as discovered and identified.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Route {
-    /// Public name.
-    pub public: ModelName,
-    /// Backend index.
-    pub backend: usize,
-    /// The backend's name for it.
-    pub backend_name: String,
-    /// The volunteer's rule for it.
-    pub rule: Option<ModelRule>,
-    /// Its file's hash.
-    pub sha256: Option<ModelHash>,
-}
-
-/// One remembered error (content-free).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LastError {
-    /// Milliseconds since the epoch.
-    pub time_ms: i64,
-    /// What happened.
-    pub message: String,
-}
-
-/// State shared by the tunnel server, discovery, the control socket and the main loop.
-pub struct Shared {
-    /// Configuration.
-    pub config: AgentConfig,
-    /// Client toward the backends.
-    pub client: BackendClient,
-    policy: Mutex<Arc<Policy>>,
-    /// Wakes tasks that read the policy (schedule).
-    pub policy_changed: Notify,
-    offer: watch::Sender<Offer>,
-    routes: Mutex<(Vec<Route>, u32)>,
-    /// Wakes discovery early (after a forwarding failure or a config change).
-    pub rediscover: Notify,
-    slots: Arc<Slots>,
-    /// The bandwidth cap.
-    pub bandwidth: Arc<Bandwidth>,
-    /// Drain switches.
-    pub gate: Gate,
-    connected: AtomicBool,
-    /// Cancelled when the current tunnel drains (ends the control stream).
-    draining: Mutex<CancellationToken>,
-    events: Mutex<Option<mpsc::Sender<AgentEvent>>>,
-    energy: EnergyMeter,
-    /// Power draw measured (NVML), watts.
-    pub measured_watts: Mutex<Option<f64>>,
-    /// The journal.
-    pub journal: Journal,
-    /// Model file hashes.
-    pub hashes: Arc<HashCache>,
-    errors: Mutex<VecDeque<LastError>>,
-    refused: Mutex<HashSet<String>>,
-    /// Journal retention, for the writer.
-    pub retention_days: Arc<AtomicU32>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Shared {
-    /// Fresh state.
-    pub fn new(config: AgentConfig, journal: Journal, retention_days: Arc<AtomicU32>) -> Self {
-        let policy = config.policy.clone();
-        let bandwidth = Arc::new(Bandwidth::default());
-        bandwidth.set_rate(policy.limits.bandwidth_bytes_per_sec);
-        let hashes = Arc::new(HashCache::load(config.state_dir.as_deref()));
-        Self {
-            client: backend::client(),
-            retention_days,
-            policy: Mutex::new(Arc::new(policy)),
-            policy_changed: Notify::new(),
-            offer: watch::Sender::new(Offer {
-                accepting: true,
-                ..Offer::default()
-            }),
-            routes: Mutex::new((Vec::new(), 0)),
-            rediscover: Notify::new(),
-            slots: Arc::new(Slots::default()),
-            bandwidth,
-            gate: Gate::default(),
-            connected: AtomicBool::new(false),
-            draining: Mutex::new(CancellationToken::new()),
-            events: Mutex::new(None),
-            energy: EnergyMeter::default(),
-            measured_watts: Mutex::new(None),
-            journal,
-            hashes,
-            errors: Mutex::new(VecDeque::new()),
-            refused: Mutex::new(HashSet::new()),
-            config,
-        }
-    }
-
-    /// The policy now.
-    pub fn policy(&self) -> Arc<Policy> {
-        Arc::clone(&lock(&self.policy))
-    }
-
-    /// Replace the policy (a config reload).
-    pub fn set_policy(&self, p: Policy) {
-        self.bandwidth.set_rate(p.limits.bandwidth_bytes_per_sec);
-        self.retention_days
-            .store(p.journal.retention_days, Ordering::Relaxed);
-        *lock(&self.policy) = Arc::new(p);
-        lock(&self.refused).clear();
-        self.policy_changed.notify_waiters();
-        self.rediscover.notify_one();
-        self.republish();
-    }
-
-    /// Remember an error for `status` (content-free text only).
-    pub fn record_error(&self, message: String) {
-        let mut e = lock(&self.errors);
-        if e.len() >= LAST_ERRORS {
-            e.pop_front();
-        }
-        e.push_back(LastError {
-            time_ms: self.config.clock.now().as_millisecond(),
-            message,
-        });
-    }
-
-    /// Recent errors, oldest first.
-    pub fn last_errors(&self) -> Vec<LastError> {
-        lock(&self.errors).iter().cloned().collect()
-    }
-
-    /// Log a refused model once per configuration (discovery repeats).
-    pub fn refuse_model(&self, key: String, message: String) {
-        if lock(&self.refused).insert(key) {
-            tracing::warn!("{message}");
-            self.record_error(message);
-        }
-    }
-
-    /// Most requests at once over all models, now.
-    pub fn total_limit(&self) -> u32 {
-        self.policy()
-            .limits
-            .max_concurrency
-            .unwrap_or(self.config.max_concurrency)
-    }
-
-    /// Publish a discovery result: the models found (first backend wins a name) and the
-    /// backends' summed capacity.
-    pub fn set_routes(&self, routes: Vec<Route>, capacity: u32) {
-        *lock(&self.routes) = (routes, capacity);
-        self.republish();
-    }
-
-    /// Watts for energy and the profile: configured, else measured.
-    pub fn watts(&self) -> Option<f64> {
-        self.policy().profile.watts.or(*lock(&self.measured_watts))
-    }
-
-    /// Recompute the offer from routes, policy and gate; the control stream sends it if
-    /// it changed.
-    pub fn republish(&self) {
-        let policy = self.policy();
-        let (models, capacity) = {
-            let r = lock(&self.routes);
-            let mut models: Vec<ModelOffer> =
-                r.0.iter()
-                    .map(|route| ModelOffer {
-                        id: route.public.clone(),
-                        sha256: route.sha256.clone(),
-                        max_concurrency: route.rule.as_ref().and_then(|x| x.max_concurrency),
-                        max_context: route.rule.as_ref().and_then(|x| x.max_context),
-                        max_tokens: route.rule.as_ref().and_then(|x| x.max_tokens),
-                    })
-                    .collect();
-            models.sort_by(|a, b| a.id.cmp(&b.id));
-            (models, r.1)
-        };
-        let mut profile = policy.profile.clone();
-        profile.watts = self.watts();
-        let next = Offer {
-            models,
-            capacity: capacity.clamp(1, self.total_limit().max(1)),
-            profile,
-            accepting: self.gate.accepting(),
-        };
-        self.offer.send_if_modified(|o| {
-            if *o == next {
-                false
-            } else {
-                tracing::info!(
-                    models = next.models.len(),
-                    capacity = next.capacity,
-                    accepting = next.accepting,
-                    "offer changed"
-                );
-                *o = next;
-                true
-            }
-        });
-    }
-
-    /// The offer now.
-    pub fn offer(&self) -> Offer {
-        self.offer.borrow().clone()
-    }
-
-    /// Routes now.
-    pub fn routes(&self) -> Vec<Route> {
-        lock(&self.routes).0.clone()
-    }
-
-    fn route(&self, m: &ModelName) -> Option<Route> {
-        lock(&self.routes)
-            .0
-            .iter()
-            .find(|r| &r.public == m)
-            .cloned()
-    }
-
-    /// Requests in flight.
-    pub fn in_flight(&self) -> usize {
-        self.slots.in_flight()
-    }
-
-    /// Requests in flight for one model.
-    pub fn in_flight_for(&self, m: &ModelName) -> usize {
-        self.slots.in_flight_for(m)
-    }
-
-    /// Whether a tunnel is open.
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn set_connected(&self, v: bool) {
-        self.connected.store(v, Ordering::Relaxed);
-    }
-
-    fn send_event(&self, ev: AgentEvent) {
-        if let Some(tx) = lock(&self.events).as_ref() {
-            if tx.try_send(ev).is_err() {
-                tracing::debug!("control event dropped (queue full or no hub)");
-            }
-        }
-    }
-}
 
 /// Serve the hub's requests over one tunnel until it closes or `shutdown`; returns why it ended.
 pub async fn serve_tunnel(
@@ -324,7 +55,7 @@ pub async fn serve_tunnel(
     grace: Duration,
 ) -> String {
     let draining = CancellationToken::new();
-    *lock(&shared.draining) = draining.clone();
+    *shared.draining.lock() = draining.clone();
     let sh = Arc::clone(&shared);
     let svc = service_fn(move |req| {
         let sh = Arc::clone(&sh);
@@ -348,7 +79,7 @@ pub async fn serve_tunnel(
         }
     };
     draining.cancel();
-    *lock(&shared.events) = None;
+    *shared.events.lock() = None;
     reason
 }
 
@@ -450,8 +181,8 @@ async fn hub_events(req: Request<Incoming>, sh: &Shared) -> Response<AgentBody> 
 fn control(sh: &Arc<Shared>) -> Response<AgentBody> {
     let rx = sh.offer.subscribe();
     let (tx, events) = mpsc::channel(EVENT_QUEUE);
-    *lock(&sh.events) = Some(tx);
-    let draining = lock(&sh.draining).clone();
+    *sh.events.lock() = Some(tx);
+    let draining = sh.draining.lock().clone();
     let stream = futures_util::stream::unfold(
         (rx, events, true, draining),
         move |(mut rx, mut events, first, draining)| async move {
@@ -497,9 +228,10 @@ fn control(sh: &Arc<Shared>) -> Response<AgentBody> {
 
 /// One forwarded request's bookkeeping: holds its slot and energy mark; on drop (the
 /// answer ended, was cut, or the hub went away) writes the journal line and sends the
-/// energy event.
+/// energy event, inside the request's span.
 struct RequestRecord {
     sh: Arc<Shared>,
+    span: tracing::Span,
     _slot: SlotGuard,
     request_id: String,
     model: ModelName,
@@ -517,6 +249,8 @@ impl Outcome for RequestRecord {
         self.usage = u;
     }
     fn cut(&mut self, why: &'static str) {
+        let _in = self.span.enter();
+        tracing::warn!(reason = why, "answer cut");
         self.outcome = why;
         self.sh.record_error(format!(
             "request {} ({}): {why}",
@@ -532,6 +266,7 @@ impl Outcome for RequestRecord {
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
+        let _in = self.span.enter();
         let watts = self.sh.watts().unwrap_or(0.0);
         let millijoules = self.sh.energy.finish(self.mark, watts);
         if watts > 0.0 && !self.request_id.is_empty() {
@@ -541,15 +276,14 @@ impl Drop for RequestRecord {
                 millijoules,
             });
         }
+        let duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(
-            request_id = %self.request_id,
-            model = %self.model,
             status = self.status,
             outcome = self.outcome,
             prompt_tokens = self.usage.prompt_tokens,
             completion_tokens = self.usage.completion_tokens,
             millijoules,
-            ms = self.started.elapsed().as_millis() as u64,
+            ms = duration_ms,
             "request done"
         );
         self.sh.journal.append(Entry::Request(RequestEntry {
@@ -561,7 +295,7 @@ impl Drop for RequestRecord {
             completion_tokens: self.usage.completion_tokens,
             status: self.status,
             outcome: self.outcome.to_owned(),
-            duration_ms: self.started.elapsed().as_millis() as u64,
+            duration_ms,
             millijoules,
         }));
     }
@@ -580,14 +314,31 @@ fn header_text(req: &Request<Incoming>, name: &str, max: usize) -> Option<String
     (!s.is_empty()).then_some(s)
 }
 
+/// Longest request id kept from the hub's header.
+pub const MAX_REQUEST_ID_BYTES: usize = 64;
+
+/// A request the agent has taken on: who and what it is for, where it goes, and its
+/// concurrency slot.
+struct Admitted {
+    request_id: String,
+    consumer: Option<String>,
+    model: ModelName,
+    route: Route,
+    limits: Limits,
+    slot: SlotGuard,
+    started: Instant,
+}
+
+/// Forward one inference request: admit it, read and check its body, send it to the
+/// backend (with one retry), then relay the answer while its record waits to be
+/// journalled. Everything logged for it is inside one span (request id, model, endpoint).
 async fn forward(
     req: Request<Incoming>,
     endpoint: InferenceEndpoint,
     sh: Arc<Shared>,
 ) -> Response<AgentBody> {
     let started = Instant::now();
-    let request_id = header_text(&req, HEADER_REQUEST_ID, 64).unwrap_or_default();
-    let consumer = header_text(&req, HEADER_CONSUMER, MAX_CONSUMER_BYTES);
+    let request_id = header_text(&req, HEADER_REQUEST_ID, MAX_REQUEST_ID_BYTES).unwrap_or_default();
     let Some(model) = req
         .headers()
         .get(HEADER_MODEL)
@@ -596,21 +347,46 @@ async fn forward(
     else {
         return agent_error(StatusCode::BAD_REQUEST, "missing model header");
     };
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        model = %model,
+        endpoint = endpoint.label()
+    );
+    let steps = async {
+        let (admitted, body) = admit(req, &sh, request_id, model, started).await?;
+        let body = read(body, endpoint, &admitted).await?;
+        let backend_resp = send_with_retry(&sh, endpoint, &admitted, body).await?;
+        Ok::<_, Response<AgentBody>>(relay(&sh, admitted, backend_resp).await)
+    };
+    match steps.instrument(span.clone()).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+/// Admission: the drain gate, the route for the model, and a concurrency slot.
+async fn admit(
+    req: Request<Incoming>,
+    sh: &Arc<Shared>,
+    request_id: String,
+    model: ModelName,
+    started: Instant,
+) -> Result<(Admitted, Incoming), Response<AgentBody>> {
+    let consumer = header_text(&req, HEADER_CONSUMER, MAX_CONSUMER_BYTES);
     if !sh.gate.accepting() {
         let why: Vec<&str> = sh.gate.reasons().iter().map(|r| r.as_str()).collect();
-        return agent_error(
+        return Err(agent_error(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!(
                 "this provider is not taking requests now ({})",
                 why.join(", ")
             ),
-        );
+        ));
     }
     let Some(route) = sh.route(&model) else {
-        return agent_error(StatusCode::NOT_FOUND, "model not served here");
+        return Err(agent_error(StatusCode::NOT_FOUND, "model not served here"));
     };
-    let policy = sh.policy();
-    let limits = policy.limits.clone();
+    let limits = sh.policy().limits.clone();
     let per_model = route
         .rule
         .as_ref()
@@ -623,37 +399,72 @@ async fn forward(
         .acquire(&model, sh.total_limit() as usize, per_model, PERMIT_WAIT)
         .await
     else {
-        return agent_error(StatusCode::SERVICE_UNAVAILABLE, "provider at capacity");
+        return Err(agent_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "provider at capacity",
+        ));
     };
-    let body = match Limited::new(req.into_body(), limits.max_request_bytes)
+    let admitted = Admitted {
+        request_id,
+        consumer,
+        model,
+        route,
+        limits,
+        slot,
+        started,
+    };
+    Ok((admitted, req.into_body()))
+}
+
+/// Read the body under the size cap and apply the request rules and the volunteer's
+/// caps ([`request::check`]); the body to send.
+async fn read(
+    body: Incoming,
+    endpoint: InferenceEndpoint,
+    a: &Admitted,
+) -> Result<Bytes, Response<AgentBody>> {
+    let body = match Limited::new(body, a.limits.max_request_bytes)
         .collect()
         .await
     {
         Ok(c) => c.to_bytes(),
         Err(_) => {
-            return agent_error(
+            return Err(agent_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request too large for this provider",
-            )
+            ))
         }
     };
     let caps = ModelCaps {
-        backend_name: &route.backend_name,
-        max_tokens: route.rule.as_ref().and_then(|r| r.max_tokens),
-        max_context: route.rule.as_ref().and_then(|r| r.max_context),
+        backend_name: &a.route.backend_name,
+        max_tokens: a.route.rule.as_ref().and_then(|r| r.max_tokens),
+        max_context: a.route.rule.as_ref().and_then(|r| r.max_context),
     };
-    let rules = RequestLimits::new(limits.max_request_bytes);
-    let body = match request::check(endpoint, body, &caps, &rules) {
-        Ok(b) => b,
-        Err(r) => {
-            tracing::info!(request_id = %request_id, model = %model, code = r.body.error.code.as_deref().unwrap_or(""), "request refused by the provider's rules");
-            let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
-            return error_response(status, &r.body);
-        }
-    };
-    let idx = route.backend;
+    let rules = RequestLimits::new(a.limits.max_request_bytes);
+    request::check(endpoint, body, &caps, &rules).map_err(|r| {
+        tracing::info!(
+            code = r.body.error.code.as_deref().unwrap_or(""),
+            "request refused by the provider's rules"
+        );
+        let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
+        error_response(status, &r.body)
+    })
+}
+
+/// Send the body to the route's backend, waiting for the response header until the
+/// header deadline; one retry on a connection that failed before any answer.
+async fn send_with_retry(
+    sh: &Shared,
+    endpoint: InferenceEndpoint,
+    a: &Admitted,
+    body: Bytes,
+) -> Result<Response<Incoming>, Response<AgentBody>> {
+    let idx = a.route.backend;
     let Some(backend) = sh.config.backends.get(idx) else {
-        return agent_error(StatusCode::INTERNAL_SERVER_ERROR, "no such backend");
+        return Err(agent_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no such backend",
+        ));
     };
     // Only the body and its type go to the backend: no consumer header, key or address.
     let build = || {
@@ -664,61 +475,74 @@ async fn forward(
         }
         r.body(Full::new(body.clone()))
     };
-    let deadline = started + limits.response_timeout;
-    let header_deadline = deadline.min(started + sh.config.backend_header_timeout);
+    let deadline = a.started + a.limits.response_timeout;
+    let header_deadline = deadline.min(a.started + sh.config.backend_header_timeout);
     let mut attempt = 0;
-    let resp = loop {
+    loop {
         let Ok(breq) = build() else {
-            return agent_error(
+            return Err(agent_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "could not build the backend request",
-            );
+            ));
         };
         match tokio::time::timeout_at(header_deadline, sh.client.request(breq)).await {
             Err(_) => {
-                sh.record_error(format!("request {request_id} ({model}): backend timed out"));
-                return agent_error(StatusCode::GATEWAY_TIMEOUT, "backend timed out");
+                sh.record_error(format!(
+                    "request {} ({}): backend timed out",
+                    a.request_id, a.model
+                ));
+                return Err(agent_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "backend timed out",
+                ));
             }
-            Ok(Ok(r)) => break r,
+            Ok(Ok(r)) => {
+                tracing::info!(
+                    backend = idx,
+                    status = r.status().as_u16(),
+                    header_ms = u64::try_from(a.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "forwarded"
+                );
+                return Ok(r);
+            }
             // A pooled connection the backend had already closed (llama.cpp closes after
             // each streamed answer despite `Keep-Alive`): one retry on a fresh connection.
             Ok(Err(e)) if attempt < BACKEND_RETRIES => {
-                tracing::debug!(request_id = %request_id, backend = idx, error = %e, "backend connection failed; retrying once");
+                tracing::debug!(backend = idx, error = %e, "backend connection failed; retrying once");
                 attempt += 1;
             }
             Ok(Err(e)) => {
-                tracing::warn!(request_id = %request_id, backend = idx, error = %e, "backend unreachable");
+                tracing::warn!(backend = idx, error = %e, "backend unreachable");
                 sh.record_error(format!("backend {idx} unreachable"));
                 sh.rediscover.notify_one();
-                return agent_error(StatusCode::BAD_GATEWAY, "backend unreachable");
+                return Err(agent_error(StatusCode::BAD_GATEWAY, "backend unreachable"));
             }
         }
-    };
+    }
+}
+
+/// Relay the backend's answer (streamed or whole) under the bandwidth cap; the request's
+/// record rides along and journals it when the answer ends or is dropped.
+async fn relay(sh: &Arc<Shared>, a: Admitted, resp: Response<Incoming>) -> Response<AgentBody> {
     let status = resp.status();
-    tracing::info!(
-        request_id = %request_id,
-        model = %model,
-        endpoint = endpoint.label(),
-        backend = idx,
-        status = status.as_u16(),
-        header_ms = started.elapsed().as_millis() as u64,
-        "forwarded"
-    );
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
     let streamed = content_type
         .as_ref()
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    let deadline = a.started + a.limits.response_timeout;
     let watts = sh.watts().unwrap_or(0.0);
     let mark = sh.energy.start(watts);
+    let limits = a.limits;
     let mut record = RequestRecord {
-        sh: Arc::clone(&sh),
-        _slot: slot,
-        request_id,
-        model,
-        consumer,
+        sh: Arc::clone(sh),
+        span: tracing::Span::current(),
+        _slot: a.slot,
+        request_id: a.request_id,
+        model: a.model,
+        consumer: a.consumer,
         time_ms: sh.config.clock.now().as_millisecond(),
-        started,
+        started: a.started,
         status: status.as_u16(),
         usage: Usage::default(),
         outcome: "cancelled",

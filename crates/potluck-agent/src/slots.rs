@@ -2,7 +2,9 @@
 //! config applies at once) and the bandwidth token bucket on response bytes.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use potluck_protocol::ModelName;
@@ -36,7 +38,7 @@ impl Slots {
         total: usize,
         per_model: Option<usize>,
     ) -> Option<SlotGuard> {
-        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = self.inner.lock();
         let m = c.per_model.get(model).copied().unwrap_or(0);
         if c.total >= total || per_model.is_some_and(|p| m >= p) {
             return None;
@@ -73,25 +75,19 @@ impl Slots {
 
     /// Requests in flight now.
     pub fn in_flight(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).total
+        self.inner.lock().total
     }
 
     /// Requests in flight for one model.
     pub fn in_flight_for(&self, model: &ModelName) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .per_model
-            .get(model)
-            .copied()
-            .unwrap_or(0)
+        self.inner.lock().per_model.get(model).copied().unwrap_or(0)
     }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         {
-            let mut c = self.slots.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = self.slots.inner.lock();
             c.total = c.total.saturating_sub(1);
             if let Some(n) = c.per_model.get_mut(&self.model) {
                 *n = n.saturating_sub(1);
@@ -146,12 +142,12 @@ impl Bandwidth {
 
     /// The largest piece a response should send at once now.
     pub fn chunk(&self) -> usize {
-        Self::chunk_for(self.state.lock().unwrap_or_else(|p| p.into_inner()).rate)
+        Self::chunk_for(self.state.lock().rate)
     }
 
     /// Change the rate (`None`: unlimited).
     pub fn set_rate(&self, rate: Option<u64>) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.lock();
         if s.rate != rate {
             s.rate = rate;
             s.tokens = 0.0;
@@ -162,7 +158,7 @@ impl Bandwidth {
     /// Wait until `n` bytes may be sent.
     pub async fn take(&self, n: usize) {
         let wait = {
-            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = self.state.lock();
             let Some(rate) = s.rate else { return };
             let rate = rate as f64;
             let burst = Self::chunk_for(Some(rate as u64)) as f64;

@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::UNIX_EPOCH;
 
 use potluck_protocol::tunnel::ModelHash;
@@ -153,12 +155,7 @@ impl HashCache {
     pub fn identify_blocking(&self, path: &Path) -> Result<(ModelHash, Format), SupplyError> {
         let io = |e| SupplyError::Io(path.to_owned(), e);
         let (size, mtime_ns) = stamp(path).map_err(io)?;
-        if let Some(e) = self
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(path)
-        {
+        if let Some(e) = self.entries.lock().get(path) {
             if e.size == size && e.mtime_ns == mtime_ns {
                 return Ok((e.sha256.clone(), e.format));
             }
@@ -168,7 +165,7 @@ impl HashCache {
         let sha256 = hash_file(path)?;
         self.hashed.fetch_add(1, Ordering::Relaxed);
         let snapshot = {
-            let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = self.entries.lock();
             m.insert(
                 path.to_owned(),
                 CacheEntry {

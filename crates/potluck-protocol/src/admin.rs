@@ -196,3 +196,325 @@ pub struct ResolveReport {
     #[serde(default)]
     pub reason: Option<String>,
 }
+
+// Answers of the admin and account API, as the hub serialises them today (field names
+// and types match its JSON exactly; fields added later are ignored when reading).
+
+/// `GET /v1/credits`, `GET|POST /admin/v1/accounts/{name}/credits`: a balance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreditBalance {
+    /// The account's name.
+    pub account: String,
+    /// Spendable, in micro-credits.
+    pub available_micro: i64,
+    /// In escrow, in micro-credits.
+    pub unvested_micro: i64,
+    /// Spendable, in credits (for display).
+    pub available: f64,
+    /// In escrow, in credits (for display).
+    pub unvested: f64,
+}
+
+/// One line of `GET .../credits/history` (inside [`List`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditLine {
+    /// Transaction id.
+    pub tx_id: i64,
+    /// `grant`, `usage`, `vest`, `clawback`.
+    pub kind: String,
+    /// The request, for usage.
+    pub request_id: Option<String>,
+    /// `available` or `unvested`.
+    pub bucket: String,
+    /// Signed amount for this account, in micro-credits.
+    pub amount: i64,
+    /// Unix milliseconds.
+    pub created_at_ms: i64,
+}
+
+/// `POST /admin/v1/providers/{id}/clawback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Clawback {
+    /// The provider's name.
+    pub provider: String,
+    /// Micro-credits taken back from escrow.
+    pub clawed_back_micro: i64,
+}
+
+/// `POST /admin/v1/{accounts,keys,providers}/{id}/sanction`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sanctioned {
+    /// `account`, `key` or `provider`.
+    pub target: String,
+    /// The target's id.
+    pub id: i64,
+    /// Its standing now (`active`, `suspended`, `banned`, `pending`).
+    pub status: String,
+    /// Requests in flight that were cut.
+    pub requests_cut: u64,
+    /// Provider tunnels that were closed.
+    pub tunnels_closed: u64,
+}
+
+/// An account as listed to staff (`GET /admin/v1/accounts`, inside [`List`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountInfo {
+    /// Id.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+    /// `admin`, `moderator` or `member`.
+    pub role: String,
+    /// Standing.
+    pub status: String,
+    /// The moderator's reason for the standing, if any.
+    pub status_reason: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Group names, sorted.
+    pub groups: Vec<String>,
+}
+
+/// A key as its account sees it (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnKey {
+    /// Id.
+    pub id: i64,
+    /// Label.
+    pub name: String,
+    /// Displayable prefix.
+    pub prefix: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Standing of the key itself.
+    pub status: String,
+    /// The moderator's reason, if suspended or banned.
+    pub status_reason: Option<String>,
+    /// Routing default.
+    pub prefer_low_power: bool,
+    /// Routing default.
+    pub trusted_only: bool,
+}
+
+/// A live provider of an account (never the token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountProvider {
+    /// Id.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+    /// Displayable prefix of the token.
+    pub prefix: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// `GET /admin/v1/accounts/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountDetail {
+    /// The account.
+    pub account: AccountInfo,
+    /// Its keys.
+    pub keys: Vec<OwnKey>,
+    /// Its live providers.
+    pub providers: Vec<AccountProvider>,
+}
+
+/// `POST /admin/v1/accounts`, `PUT /admin/v1/accounts/{name}/role`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRole {
+    /// Id.
+    pub id: i64,
+    /// Name.
+    pub name: String,
+    /// `admin`, `moderator` or `member`.
+    pub role: String,
+}
+
+/// `POST /admin/v1/accounts/{name}/approve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountStanding {
+    /// Id.
+    pub id: i64,
+    /// Name.
+    pub name: String,
+    /// Standing now.
+    pub status: String,
+}
+
+/// `POST /admin/v1/invites`: the code is shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteCreated {
+    /// Id.
+    pub id: i64,
+    /// The code (`pi-…`).
+    pub code: String,
+    /// Hours it stays valid.
+    pub hours: u32,
+}
+
+/// An invite as listed (`GET /admin/v1/invites`, inside [`List`]; never the code).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteInfo {
+    /// Id.
+    pub id: i64,
+    /// Displayable prefix of the code.
+    pub prefix: String,
+    /// Who created it.
+    pub created_by: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Unix seconds, once used.
+    pub used_at: Option<i64>,
+    /// The account it created.
+    pub used_by: Option<String>,
+    /// Unix seconds, if revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// One row of `GET /admin/v1/audit-log` (inside [`List`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionLogRow {
+    /// Id.
+    pub id: i64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// The acting account's id.
+    pub actor_id: Option<i64>,
+    /// The acting account's name.
+    pub actor: Option<String>,
+    /// What was done (`key.create`, `account.ban`, ...).
+    pub action: String,
+    /// `account`, `key`, `provider`, `invite`, `report`, `group`.
+    pub target_type: String,
+    /// The target's id or name.
+    pub target_id: String,
+    /// The reason the actor gave, if any.
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/reports`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportFiled {
+    /// The report's id.
+    pub id: i64,
+    /// The reported request.
+    pub request_id: String,
+    /// `open`.
+    pub status: String,
+}
+
+/// A request's content-free metadata, as moderators see it with a report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestMeta {
+    /// The hub's request id.
+    pub request_id: String,
+    /// Unix milliseconds.
+    pub started_at_ms: i64,
+    /// Consumer account id.
+    pub account_id: i64,
+    /// Consumer account name.
+    pub account: Option<String>,
+    /// Consumer key id.
+    pub key_id: i64,
+    /// Provider id.
+    pub provider_id: Option<i64>,
+    /// Provider name.
+    pub provider: Option<String>,
+    /// Model name.
+    pub model: String,
+    /// `chat`, `completions` or `embeddings`.
+    pub endpoint: String,
+    /// Streamed.
+    pub stream: bool,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// HTTP status given to the consumer.
+    pub status: i64,
+    /// Outcome label.
+    pub outcome: String,
+    /// Milliseconds.
+    pub duration_ms: i64,
+}
+
+/// A report as moderators see it (`GET /admin/v1/reports[/{id}]`): never any content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportView {
+    /// Id.
+    pub id: i64,
+    /// Unix milliseconds.
+    pub created_at_ms: i64,
+    /// The reported request.
+    pub request_id: String,
+    /// The reporter's account.
+    pub reporter_account: i64,
+    /// The reporting provider, if a provider token filed it.
+    pub reporter_provider: Option<i64>,
+    /// What the reporter typed (capped).
+    pub reason: String,
+    /// The consumer account of the request.
+    pub subject_account: i64,
+    /// The consumer key of the request.
+    pub subject_key: i64,
+    /// The provider that served it.
+    pub subject_provider: Option<i64>,
+    /// `open` or `resolved`.
+    pub status: String,
+    /// The action taken (`dismiss`, `ban_account`, ...).
+    pub resolution: Option<String>,
+    /// Unix milliseconds.
+    pub resolved_at_ms: Option<i64>,
+    /// The request's metadata, if its usage row is still kept.
+    pub request: Option<RequestMeta>,
+    /// Always `null`: the hub keeps no content.
+    pub content: Option<()>,
+    /// Why there is no content.
+    pub note: String,
+}
+
+/// `POST /admin/v1/reports/{id}/resolve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportResolved {
+    /// Id.
+    pub id: i64,
+    /// `resolved`.
+    pub status: String,
+    /// The action taken.
+    pub resolution: String,
+    /// The sanction applied, if the action was one.
+    pub sanction: Option<Sanctioned>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nulls the hub writes where a value is missing read as `None`; a sanction nested
+    /// in a resolution reads as the sanction answer.
+    #[test]
+    fn answers_read_nulls_and_nesting() {
+        let r: ReportView = serde_json::from_str(
+            r#"{"id":3,"created_at_ms":1,"request_id":"r","reporter_account":1,"reporter_provider":null,
+                "reason":"x","subject_account":2,"subject_key":5,"subject_provider":null,"status":"open",
+                "resolution":null,"resolved_at_ms":null,"request":null,"content":null,"note":"n"}"#,
+        )
+        .unwrap();
+        assert!(r.request.is_none() && r.content.is_none() && r.resolution.is_none());
+        let back: ReportView = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let done: ReportResolved = serde_json::from_str(
+            r#"{"id":3,"status":"resolved","resolution":"ban_key","sanction":{"target":"key","id":5,"status":"banned","requests_cut":1,"tunnels_closed":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(done.sanction.map(|s| s.status), Some("banned".to_owned()));
+        let dismissed: ReportResolved = serde_json::from_str(
+            r#"{"id":3,"status":"resolved","resolution":"dismiss","sanction":null}"#,
+        )
+        .unwrap();
+        assert!(dismissed.sanction.is_none());
+    }
+}

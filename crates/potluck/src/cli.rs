@@ -7,10 +7,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use potluck_hub::{Hub, HubConfig};
-use potluck_protocol::admin::{CreateKey, CreateProvider, Created, KeyInfo, List, ProviderInfo};
+use potluck_protocol::admin::{
+    Clawback, CreateKey, CreateProvider, Created, CreditBalance, CreditLine, KeyInfo, List,
+    ProviderInfo,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::AdminClient;
+use crate::table::{opt, Table};
 
 /// Potluck: pool a community's inference servers behind one OpenAI-compatible endpoint.
 #[derive(Debug, Parser)]
@@ -250,7 +254,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Provide(a) => crate::provide::run(a).await,
         Command::Keys { cmd, admin } => keys(cmd, admin).await,
         Command::Providers { cmd, admin } => providers(cmd, admin).await,
-        Command::Credits { cmd, admin } => credits(cmd, admin).await,
+        Command::Credits { cmd, admin } => credits_cmd(cmd, admin).await,
         Command::Accounts { cmd, admin } => crate::moderation::accounts(cmd, admin).await,
         Command::Invites { cmd, admin } => crate::moderation::invites(cmd, admin).await,
         Command::Reports { cmd, admin } => crate::moderation::reports(cmd, admin).await,
@@ -395,10 +399,6 @@ pub(crate) fn admin_client(a: &AdminArgs) -> anyhow::Result<AdminClient> {
     AdminClient::new(&a.hub, key.trim())
 }
 
-fn when(ts: Option<i64>) -> String {
-    ts.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
-}
-
 async fn keys(cmd: KeysCmd, a: AdminArgs) -> anyhow::Result<()> {
     let c = admin_client(&a)?;
     match cmd {
@@ -410,21 +410,18 @@ async fn keys(cmd: KeysCmd, a: AdminArgs) -> anyhow::Result<()> {
         }
         KeysCmd::List => {
             let list: List<KeyInfo> = c.get("/admin/v1/keys").await?;
-            println!(
-                "{:<6} {:<24} {:<20} {:<12} {:<12} REVOKED",
-                "ID", "NAME", "ACCOUNT", "PREFIX", "CREATED"
-            );
+            let mut t = Table::new(&["ID", "NAME", "ACCOUNT", "PREFIX", "CREATED", "REVOKED"]);
             for k in list.data {
-                println!(
-                    "{:<6} {:<24} {:<20} {:<12} {:<12} {}",
-                    k.id,
+                t.row(vec![
+                    k.id.to_string(),
                     k.name,
                     k.account,
                     k.prefix,
-                    k.created_at,
-                    when(k.revoked_at)
-                );
+                    k.created_at.to_string(),
+                    opt(k.revoked_at),
+                ]);
             }
+            t.print();
         }
         KeysCmd::Revoke { key } => {
             let _: serde_json::Value = c
@@ -452,10 +449,9 @@ async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result<()> {
         }
         ProvidersCmd::List => {
             let list: List<ProviderInfo> = c.get("/admin/v1/providers").await?;
-            println!(
-                "{:<6} {:<20} {:<12} {:<8} {:<6} {:<6} {:<9} MODELS",
-                "ID", "NAME", "STATE", "TRUSTED", "SCORE", "CONNS", "INFLIGHT"
-            );
+            let mut t = Table::new(&[
+                "ID", "NAME", "STATE", "TRUSTED", "SCORE", "CONNS", "INFLIGHT", "MODELS",
+            ]);
             for p in list.data {
                 let state = if p.revoked_at.is_some() {
                     "revoked"
@@ -466,18 +462,18 @@ async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result<()> {
                 } else {
                     "offline"
                 };
-                println!(
-                    "{:<6} {:<20} {:<12} {:<8} {:<6.2} {:<6} {:<9} {}",
-                    p.id,
-                    p.name,
-                    state,
-                    if p.trusted { "yes" } else { "no" },
-                    p.reputation,
-                    p.connections,
-                    p.in_flight,
-                    p.models.join(",")
-                );
+                t.row(vec![
+                    p.id.to_string(),
+                    p.name.clone(),
+                    state.to_owned(),
+                    if p.trusted { "yes" } else { "no" }.to_owned(),
+                    format!("{:.2}", p.reputation),
+                    p.connections.to_string(),
+                    p.in_flight.to_string(),
+                    p.models.join(","),
+                ]);
             }
+            t.print();
         }
         ProvidersCmd::Revoke { provider } => {
             let _: serde_json::Value = c
@@ -532,39 +528,42 @@ async fn set_trust(
     Ok(())
 }
 
-fn print_balance(v: &serde_json::Value) {
-    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+fn print_balance(b: &CreditBalance) {
     println!(
-        "available {:.6}  unvested {:.6}",
-        f("available"),
-        f("unvested")
+        "available {}  unvested {}",
+        credits(b.available_micro),
+        credits(b.unvested_micro)
     );
 }
 
-fn print_history(v: &serde_json::Value) {
-    println!(
-        "{:<8} {:<10} {:<10} {:>16}  REQUEST",
-        "TX", "KIND", "BUCKET", "CREDITS"
-    );
-    for l in v["data"].as_array().into_iter().flatten() {
-        println!(
-            "{:<8} {:<10} {:<10} {:>16.6}  {}",
-            l["tx_id"].as_i64().unwrap_or(0),
-            l["kind"].as_str().unwrap_or(""),
-            l["bucket"].as_str().unwrap_or(""),
-            l["amount"].as_f64().unwrap_or(0.0) / 1e6,
-            l["request_id"].as_str().unwrap_or("-")
-        );
+/// Micro-credits as credits with six decimals, exactly (no float rounding).
+fn credits(micro: i64) -> String {
+    let sign = if micro < 0 { "-" } else { "" };
+    let m = micro.unsigned_abs();
+    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+}
+
+fn print_history(list: &List<CreditLine>) {
+    let mut t = Table::new(&["TX", "KIND", "BUCKET", "CREDITS", "REQUEST"]);
+    for l in &list.data {
+        t.row(vec![
+            l.tx_id.to_string(),
+            l.kind.clone(),
+            l.bucket.clone(),
+            credits(l.amount),
+            opt(l.request_id.as_deref()),
+        ]);
     }
+    t.print();
 }
 
-async fn credits(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result<()> {
+async fn credits_cmd(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result<()> {
     match cmd {
         CreditsCmd::Balance {
             account: None,
             api_key: Some(k),
         } => {
-            let v: serde_json::Value = AdminClient::new(&a.hub, k.trim())?
+            let v: CreditBalance = AdminClient::new(&a.hub, k.trim())?
                 .get("/v1/credits")
                 .await?;
             print_balance(&v);
@@ -574,7 +573,7 @@ async fn credits(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result<()> {
             api_key: Some(k),
             limit,
         } => {
-            let v: serde_json::Value = AdminClient::new(&a.hub, k.trim())?
+            let v: List<CreditLine> = AdminClient::new(&a.hub, k.trim())?
                 .get(&format!("/v1/credits/history?limit={limit}"))
                 .await?;
             print_history(&v);
@@ -583,7 +582,7 @@ async fn credits(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result<()> {
             account: Some(acct),
             ..
         } => {
-            let v: serde_json::Value = admin_client(&a)?
+            let v: CreditBalance = admin_client(&a)?
                 .get(&format!(
                     "/admin/v1/accounts/{}/credits",
                     path_segment(&acct)
@@ -596,7 +595,7 @@ async fn credits(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result<()> {
             limit,
             ..
         } => {
-            let v: serde_json::Value = admin_client(&a)?
+            let v: List<CreditLine> = admin_client(&a)?
                 .get(&format!(
                     "/admin/v1/accounts/{}/credits/history?limit={limit}",
                     path_segment(&acct)
@@ -608,7 +607,7 @@ async fn credits(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result<()> {
             bail!("name an --account (admin), or pass your consumer key with --api-key or POTLUCK_API_KEY")
         }
         CreditsCmd::Grant { account, amount } => {
-            let v: serde_json::Value = admin_client(&a)?
+            let v: CreditBalance = admin_client(&a)?
                 .post(
                     &format!("/admin/v1/accounts/{}/credits", path_segment(&account)),
                     &serde_json::json!({"amount": amount}),
@@ -617,15 +616,16 @@ async fn credits(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result<()> {
             print_balance(&v);
         }
         CreditsCmd::Clawback { provider } => {
-            let v: serde_json::Value = admin_client(&a)?
+            let v: Clawback = admin_client(&a)?
                 .post(
                     &format!("/admin/v1/providers/{}/clawback", path_segment(&provider)),
                     &serde_json::json!({}),
                 )
                 .await?;
             println!(
-                "clawed back {:.6} credits",
-                v["clawed_back_micro"].as_f64().unwrap_or(0.0) / 1e6
+                "clawed back {} credits from {}",
+                credits(v.clawed_back_micro),
+                v.provider
             );
         }
     }

@@ -6,6 +6,7 @@ mod client;
 mod moderation;
 mod provide;
 mod provide_ctl;
+mod table;
 
 use clap::Parser;
 

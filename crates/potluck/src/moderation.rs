@@ -1,12 +1,19 @@
 //! Command line for accounts, invites, sanctions, abuse reports and the audit log.
-//! Secrets (keys, invite codes) are printed alone on stdout; everything else is a table.
+//! Secrets (keys, invite codes) are printed alone on stdout; everything else is a table
+//! (`table.rs`). Answers are read into the typed bodies of `potluck_protocol::admin`.
 
 use anyhow::bail;
 use clap::Subcommand;
+use potluck_protocol::admin::{
+    AccountDetail, AccountInfo, AccountRole, AccountStanding, ActionLogRow, CreateAccount,
+    CreateInvite, FileReport, GroupReq, InviteCreated, InviteInfo, List, ReportFiled,
+    ReportResolved, ReportView, ResolveReport, SanctionReq, Sanctioned, SetRole, SignedUp, Signup,
+};
 use serde_json::{json, Value};
 
 use crate::cli::{admin_client, path_segment, AdminArgs};
 use crate::client::AdminClient;
+use crate::table::{opt, Table};
 
 #[derive(Debug, Subcommand)]
 pub enum AccountsCmd {
@@ -147,33 +154,24 @@ pub enum ReportsCmd {
     },
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        v => v.to_string(),
-    }
-}
-
 async fn sanction(
     c: &AdminClient,
     what: &str,
     action: &str,
     reason: Option<String>,
 ) -> anyhow::Result<()> {
-    let v: Value = c
+    let s: Sanctioned = c
         .post(
             &format!("/admin/v1/{what}/sanction"),
-            &json!({"action": action, "reason": reason}),
+            &SanctionReq {
+                action: action.to_owned(),
+                reason,
+            },
         )
         .await?;
     println!(
         "{} {} is {} ({} requests cut, {} tunnels closed)",
-        s(&v["target"]),
-        s(&v["id"]),
-        s(&v["status"]),
-        s(&v["requests_cut"]),
-        s(&v["tunnels_closed"])
+        s.target, s.id, s.status, s.requests_cut, s.tunnels_closed
     );
     Ok(())
 }
@@ -195,76 +193,83 @@ pub async fn sanction_cmd(
     .await
 }
 
+fn print_accounts(list: &[AccountInfo]) {
+    let mut t = Table::new(&["ID", "NAME", "ROLE", "STATUS", "GROUPS", "REASON"]);
+    for r in list {
+        t.row(vec![
+            r.id.to_string(),
+            r.name.clone(),
+            r.role.clone(),
+            r.status.clone(),
+            r.groups.join(","),
+            opt(r.status_reason.as_deref()),
+        ]);
+    }
+    t.print();
+}
+
+fn print_account(d: &AccountDetail) {
+    let ac = &d.account;
+    println!("account  {} (id {})", ac.name, ac.id);
+    println!("role     {}", ac.role);
+    println!(
+        "status   {} {}",
+        ac.status,
+        opt(ac.status_reason.as_deref())
+    );
+    println!("groups   {}", ac.groups.join(","));
+    let mut t = Table::new(&["", "ID", "NAME", "PREFIX", "STATUS"]);
+    for k in &d.keys {
+        t.row(vec![
+            "key".into(),
+            k.id.to_string(),
+            k.name.clone(),
+            k.prefix.clone(),
+            k.status.clone(),
+        ]);
+    }
+    for p in &d.providers {
+        t.row(vec![
+            "provider".into(),
+            p.id.to_string(),
+            p.name.clone(),
+            p.prefix.clone(),
+        ]);
+    }
+    if !d.keys.is_empty() || !d.providers.is_empty() {
+        t.print();
+    }
+}
+
 pub async fn accounts(cmd: AccountsCmd, a: AdminArgs) -> anyhow::Result<()> {
     let c = admin_client(&a)?;
     let acct = |n: &str| format!("accounts/{}", path_segment(n));
     match cmd {
         AccountsCmd::Create { name, role } => {
-            let v: Value = c
-                .post("/admin/v1/accounts", &json!({"name": name, "role": role}))
+            let r: AccountRole = c
+                .post(
+                    "/admin/v1/accounts",
+                    &CreateAccount {
+                        name,
+                        role: Some(role),
+                    },
+                )
                 .await?;
-            println!("{}", s(&v["id"]));
+            println!("{}", r.id);
         }
         AccountsCmd::List => {
-            let v: Value = c.get("/admin/v1/accounts").await?;
-            println!(
-                "{:<6} {:<24} {:<10} {:<10} {:<20} REASON",
-                "ID", "NAME", "ROLE", "STATUS", "GROUPS"
-            );
-            for r in v["data"].as_array().into_iter().flatten() {
-                let groups: Vec<String> = r["groups"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(s)
-                    .collect();
-                println!(
-                    "{:<6} {:<24} {:<10} {:<10} {:<20} {}",
-                    s(&r["id"]),
-                    s(&r["name"]),
-                    s(&r["role"]),
-                    s(&r["status"]),
-                    groups.join(","),
-                    s(&r["status_reason"])
-                );
-            }
+            let list: List<AccountInfo> = c.get("/admin/v1/accounts").await?;
+            print_accounts(&list.data);
         }
         AccountsCmd::Show { name } => {
-            let v: Value = c.get(&format!("/admin/v1/{}", acct(&name))).await?;
-            let ac = &v["account"];
-            println!("account  {} (id {})", s(&ac["name"]), s(&ac["id"]));
-            println!("role     {}", s(&ac["role"]));
-            println!("status   {} {}", s(&ac["status"]), s(&ac["status_reason"]));
-            let groups: Vec<String> = ac["groups"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(s)
-                .collect();
-            println!("groups   {}", groups.join(","));
-            for k in v["keys"].as_array().into_iter().flatten() {
-                println!(
-                    "key      {} {} {} {}",
-                    s(&k["id"]),
-                    s(&k["name"]),
-                    s(&k["prefix"]),
-                    s(&k["status"])
-                );
-            }
-            for p in v["providers"].as_array().into_iter().flatten() {
-                println!(
-                    "provider {} {} {}",
-                    s(&p["id"]),
-                    s(&p["name"]),
-                    s(&p["prefix"])
-                );
-            }
+            let d: AccountDetail = c.get(&format!("/admin/v1/{}", acct(&name))).await?;
+            print_account(&d);
         }
         AccountsCmd::Approve { name } => {
-            let v: Value = c
+            let r: AccountStanding = c
                 .post(&format!("/admin/v1/{}/approve", acct(&name)), &json!({}))
                 .await?;
-            println!("{} is {}", s(&v["name"]), s(&v["status"]));
+            println!("{} is {}", r.name, r.status);
         }
         AccountsCmd::Suspend { name, reason } => {
             sanction(&c, &acct(&name), "suspend", Some(reason)).await?
@@ -275,13 +280,13 @@ pub async fn accounts(cmd: AccountsCmd, a: AdminArgs) -> anyhow::Result<()> {
         AccountsCmd::Unsuspend { name } => sanction(&c, &acct(&name), "unsuspend", None).await?,
         AccountsCmd::Unban { name } => sanction(&c, &acct(&name), "unban", None).await?,
         AccountsCmd::Role { name, role } => {
-            let v: Value = c
+            let r: AccountRole = c
                 .put(
                     &format!("/admin/v1/{}/role", acct(&name)),
-                    &json!({"role": role}),
+                    &SetRole { role },
                 )
                 .await?;
-            println!("{} is {}", s(&v["name"]), s(&v["role"]));
+            println!("{} is {}", r.name, r.role);
         }
         AccountsCmd::Groups {
             cmd: GroupsCmd::Add { name, group },
@@ -289,7 +294,9 @@ pub async fn accounts(cmd: AccountsCmd, a: AdminArgs) -> anyhow::Result<()> {
             let _: Value = c
                 .post(
                     &format!("/admin/v1/{}/groups", acct(&name)),
-                    &json!({"group": group}),
+                    &GroupReq {
+                        group: group.clone(),
+                    },
                 )
                 .await?;
             println!("{name} joined {group}");
@@ -314,28 +321,23 @@ pub async fn invites(cmd: InvitesCmd, a: AdminArgs) -> anyhow::Result<()> {
     let c = admin_client(&a)?;
     match cmd {
         InvitesCmd::Create { hours } => {
-            let v: Value = c
-                .post("/admin/v1/invites", &json!({"hours": hours}))
-                .await?;
-            println!("{}", s(&v["code"]));
+            let r: InviteCreated = c.post("/admin/v1/invites", &CreateInvite { hours }).await?;
+            println!("{}", r.code);
         }
         InvitesCmd::List => {
-            let v: Value = c.get("/admin/v1/invites").await?;
-            println!(
-                "{:<6} {:<12} {:<16} {:<12} {:<16} REVOKED",
-                "ID", "PREFIX", "BY", "EXPIRES", "USED BY"
-            );
-            for r in v["data"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<6} {:<12} {:<16} {:<12} {:<16} {}",
-                    s(&r["id"]),
-                    s(&r["prefix"]),
-                    s(&r["created_by"]),
-                    s(&r["expires_at"]),
-                    s(&r["used_by"]),
-                    s(&r["revoked_at"])
-                );
+            let list: List<InviteInfo> = c.get("/admin/v1/invites").await?;
+            let mut t = Table::new(&["ID", "PREFIX", "BY", "EXPIRES", "USED BY", "REVOKED"]);
+            for r in list.data {
+                t.row(vec![
+                    r.id.to_string(),
+                    r.prefix,
+                    r.created_by,
+                    r.expires_at.to_string(),
+                    opt(r.used_by),
+                    opt(r.revoked_at),
+                ]);
             }
+            t.print();
         }
         InvitesCmd::Revoke { id } => {
             let _: Value = c.delete(&format!("/admin/v1/invites/{id}")).await?;
@@ -346,60 +348,55 @@ pub async fn invites(cmd: InvitesCmd, a: AdminArgs) -> anyhow::Result<()> {
 }
 
 pub async fn audit_log(limit: u32, a: AdminArgs) -> anyhow::Result<()> {
-    let v: Value = admin_client(&a)?
+    let list: List<ActionLogRow> = admin_client(&a)?
         .get(&format!("/admin/v1/audit-log?limit={limit}"))
         .await?;
-    println!(
-        "{:<15} {:<16} {:<24} {:<18} REASON",
-        "AT_MS", "ACTOR", "ACTION", "TARGET"
-    );
-    for r in v["data"].as_array().into_iter().flatten() {
-        println!(
-            "{:<15} {:<16} {:<24} {:<18} {}",
-            s(&r["at_ms"]),
-            s(&r["actor"]),
-            s(&r["action"]),
-            format!("{}:{}", s(&r["target_type"]), s(&r["target_id"])),
-            s(&r["reason"])
-        );
+    let mut t = Table::new(&["AT_MS", "ACTOR", "ACTION", "TARGET", "REASON"]);
+    for r in list.data {
+        t.row(vec![
+            r.at_ms.to_string(),
+            opt(r.actor),
+            r.action,
+            format!("{}:{}", r.target_type, r.target_id),
+            opt(r.reason),
+        ]);
     }
+    t.print();
     Ok(())
 }
 
-fn print_report(r: &Value) {
-    println!("report   {} ({})", s(&r["id"]), s(&r["status"]));
-    println!("reason   {}", s(&r["reason"]));
-    println!("request  {}", s(&r["request_id"]));
-    let q = &r["request"];
-    if q.is_null() {
-        println!(
+fn print_report(r: &ReportView) {
+    println!("report   {} ({})", r.id, r.status);
+    println!("reason   {}", r.reason);
+    println!("request  {}", r.request_id);
+    match &r.request {
+        None => println!(
             "         (its usage row is past retention; ids: account {}, key {}, provider {})",
-            s(&r["subject_account"]),
-            s(&r["subject_key"]),
-            s(&r["subject_provider"])
-        );
-    } else {
-        println!(
+            r.subject_account,
+            r.subject_key,
+            opt(r.subject_provider)
+        ),
+        Some(q) => println!(
             "         at {} ms: account {} ({}), key {}, provider {} ({}), model {}, {} {}, tokens {}+{}, status {} {}, {} ms",
-            s(&q["started_at_ms"]),
-            s(&q["account"]),
-            s(&q["account_id"]),
-            s(&q["key_id"]),
-            s(&q["provider"]),
-            s(&q["provider_id"]),
-            s(&q["model"]),
-            s(&q["endpoint"]),
-            if q["stream"] == true { "streamed" } else { "whole" },
-            s(&q["prompt_tokens"]),
-            s(&q["completion_tokens"]),
-            s(&q["status"]),
-            s(&q["outcome"]),
-            s(&q["duration_ms"])
-        );
+            q.started_at_ms,
+            opt(q.account.as_deref()),
+            q.account_id,
+            q.key_id,
+            opt(q.provider.as_deref()),
+            opt(q.provider_id),
+            q.model,
+            q.endpoint,
+            if q.stream { "streamed" } else { "whole" },
+            q.prompt_tokens,
+            q.completion_tokens,
+            q.status,
+            q.outcome,
+            q.duration_ms
+        ),
     }
-    println!("content  none: {}", s(&r["note"]));
-    if !r["resolution"].is_null() {
-        println!("resolved {}", s(&r["resolution"]));
+    println!("content  none: {}", r.note);
+    if let Some(res) = &r.resolution {
+        println!("resolved {res}");
     }
 }
 
@@ -419,44 +416,40 @@ pub async fn reports(cmd: ReportsCmd, a: AdminArgs) -> anyhow::Result<()> {
                     "pass your consumer key with --key (or POTLUCK_API_KEY), or your provider token with --provider-token (or POTLUCK_TOKEN)"
                 ),
             };
-            let v: Value = AdminClient::new(&a.hub, secret.trim())?
-                .post(
-                    "/v1/reports",
-                    &json!({"request_id": request_id, "reason": reason}),
-                )
+            let r: ReportFiled = AdminClient::new(&a.hub, secret.trim())?
+                .post("/v1/reports", &FileReport { request_id, reason })
                 .await?;
-            println!("{}", s(&v["id"]));
+            println!("{}", r.id);
         }
         ReportsCmd::List { status } => {
-            let v: Value = admin_client(&a)?
+            let list: List<ReportView> = admin_client(&a)?
                 .get(&format!(
                     "/admin/v1/reports?status={}",
                     path_segment(&status)
                 ))
                 .await?;
-            let data = v["data"].as_array().cloned().unwrap_or_default();
-            if data.is_empty() {
+            if list.data.is_empty() {
                 eprintln!("no {status} reports");
             }
-            for r in &data {
+            for r in &list.data {
                 print_report(r);
                 println!();
             }
         }
         ReportsCmd::Show { id } => {
-            let v: Value = admin_client(&a)?
+            let r: ReportView = admin_client(&a)?
                 .get(&format!("/admin/v1/reports/{id}"))
                 .await?;
-            print_report(&v);
+            print_report(&r);
         }
         ReportsCmd::Resolve { id, action, reason } => {
-            let v: Value = admin_client(&a)?
+            let r: ReportResolved = admin_client(&a)?
                 .post(
                     &format!("/admin/v1/reports/{id}/resolve"),
-                    &json!({"action": action, "reason": reason}),
+                    &ResolveReport { action, reason },
                 )
                 .await?;
-            println!("report {} resolved: {}", s(&v["id"]), s(&v["resolution"]));
+            println!("report {} resolved: {}", r.id, r.resolution);
         }
     }
     Ok(())
@@ -464,15 +457,18 @@ pub async fn reports(cmd: ReportsCmd, a: AdminArgs) -> anyhow::Result<()> {
 
 /// `potluck signup`: prints the new key alone on stdout.
 pub async fn signup(hub: &str, name: String, invite_code: Option<String>) -> anyhow::Result<()> {
-    let v: Value = AdminClient::new(hub, "")?
+    let r: SignedUp = AdminClient::new(hub, "")?
         .post(
             "/v1/signup",
-            &json!({"name": name, "invite_code": invite_code}),
+            &Signup {
+                name: name.clone(),
+                invite_code,
+            },
         )
         .await?;
-    if v["status"] == "pending" {
+    if r.status == "pending" {
         eprintln!("account {name} created; it waits for a moderator's approval (the key answers 403 until then)");
     }
-    println!("{}", s(&v["secret"]));
+    println!("{}", r.secret);
     Ok(())
 }

@@ -1,22 +1,16 @@
-//! `potluck provide`: flags over environment over config file, validated into an
-//! [`AgentConfig`], then run until Ctrl-C. The file's policy sections are re-read while
-//! the agent runs (see `potluck_agent::policy`). Subcommands (`pause`, `resume`,
-//! `status`, `receipts`) talk to a running agent or read its journal: `provide_ctl.rs`.
+//! `potluck provide`: flags over environment over the config file, whose schema and
+//! validation live in `potluck_agent::file`, into an [`AgentConfig`]; then run until
+//! Ctrl-C. The file's policy sections are re-read while the agent runs (see
+//! `potluck_agent::policy`). Subcommands (`pause`, `resume`, `status`, `receipts`) talk
+//! to a running agent or read its journal: `provide_ctl.rs`.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
 use potluck_agent::config::ConfigError;
-use potluck_agent::policy::{
-    AccessSection, BusySection, JournalSection, LimitsSection, ModelSection, Policy, PolicyFile,
-    PolicySource, PowerSection, ScheduleSection,
-};
-use potluck_agent::{AgentConfig, BackendConfig};
-use potluck_tunnel::HubUrl;
-use serde::Deserialize;
+use potluck_agent::file::{FileConfig, Overrides, Paths};
+use potluck_agent::AgentConfig;
 use tokio_util::sync::CancellationToken;
 
 /// Flags of `potluck provide`. Each has an environment variable; both win over the file.
@@ -80,61 +74,6 @@ pub struct ProvideArgs {
     cmd: Option<crate::provide_ctl::ProvideCmd>,
 }
 
-/// The agent's config file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    hub: Option<String>,
-    token: Option<String>,
-    #[serde(default)]
-    backends: Vec<FileBackend>,
-    max_concurrency: Option<u32>,
-    discovery_interval_secs: Option<f64>,
-    reconnect_max_secs: Option<f64>,
-    /// Same as `[limits] max_request_bytes` (kept for older files).
-    max_request_bytes: Option<usize>,
-    state_dir: Option<PathBuf>,
-    control_socket: Option<PathBuf>,
-    #[serde(default)]
-    models: Vec<ModelSection>,
-    schedule: Option<ScheduleSection>,
-    limits: Option<LimitsSection>,
-    busy: Option<BusySection>,
-    access: Option<AccessSection>,
-    power: Option<PowerSection>,
-    journal: Option<JournalSection>,
-}
-
-impl FileConfig {
-    /// Read and parse a config file.
-    pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
-    }
-
-    /// The policy sections, with the flags that override them.
-    fn policy(&mut self, flag_max_concurrency: Option<u32>) -> Result<Policy, ConfigError> {
-        let mut limits = self.limits.take().unwrap_or_default();
-        if let Some(n) = flag_max_concurrency {
-            limits.max_concurrency = Some(n);
-        }
-        if limits.max_request_bytes.is_none() {
-            limits.max_request_bytes = self.max_request_bytes;
-        }
-        PolicyFile {
-            models: std::mem::take(&mut self.models),
-            schedule: self.schedule.take(),
-            limits: Some(limits),
-            busy: self.busy.take(),
-            access: self.access.take(),
-            power: self.power.take(),
-            journal: self.journal.take(),
-        }
-        .into_policy()
-    }
-}
-
 fn env_dir(var: &str) -> Option<PathBuf> {
     std::env::var_os(var)
         .filter(|v| !v.is_empty())
@@ -194,7 +133,7 @@ impl ProvideArgs {
     /// The config file, parsed (empty without one).
     pub fn file(&self) -> anyhow::Result<FileConfig> {
         match &self.config {
-            Some(p) => FileConfig::read(p),
+            Some(p) => Ok(FileConfig::read(p)?),
             None => Ok(FileConfig::default()),
         }
     }
@@ -215,93 +154,21 @@ impl ProvideArgs {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileBackend {
-    url: String,
-    api_key: Option<String>,
-    /// Parallel slots, for backends that do not report them (llama.cpp does, via /props).
-    slots: Option<u32>,
-}
-
-fn secs(field: &'static str, v: f64) -> Result<Duration, ConfigError> {
-    if v.is_finite() && v > 0.0 && v < 1e7 {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(ConfigError::new(
-            field,
-            "expected a positive number of seconds",
-        ))
-    }
-}
-
 /// Merge flags (with environment) over the file, and validate.
-pub fn resolve(args: &ProvideArgs, mut file: FileConfig) -> Result<AgentConfig, ConfigError> {
-    let (state, _) = state_dir(args, &file);
-    let socket = control_socket(args, &file);
-    let policy = file.policy(args.max_concurrency)?;
-    let hub = args.hub.clone().or(file.hub).ok_or_else(|| {
-        ConfigError::new(
-            "hub",
-            "missing; pass --hub URL, set POTLUCK_HUB, or `hub` in the config file",
-        )
-    })?;
-    let hub = HubUrl::parse(&hub).map_err(|e| ConfigError::new("hub", e.to_string()))?;
-    let token = args.token.clone().or(file.token).ok_or_else(|| {
-        ConfigError::new(
-            "token",
-            "missing; pass --token, set POTLUCK_TOKEN, or `token` in the config file",
-        )
-    })?;
-    let backends = if args.backends.is_empty() {
-        file.backends
-            .into_iter()
-            .map(|b| {
-                let mut c = BackendConfig::parse(&b.url, b.api_key)?;
-                c.slots = b.slots.filter(|s| *s > 0);
-                Ok(c)
-            })
-            .collect::<Result<Vec<_>, ConfigError>>()?
-    } else {
-        args.backends
-            .iter()
-            .map(|u| BackendConfig::parse(u.trim(), args.backend_api_key.clone()))
-            .collect::<Result<Vec<_>, _>>()?
+pub fn resolve(args: &ProvideArgs, file: FileConfig) -> Result<AgentConfig, ConfigError> {
+    let paths = Paths {
+        state_dir: state_dir(args, &file).0,
+        control_socket: control_socket(args, &file),
     };
-    let mut c = AgentConfig::new(hub, token, backends)?;
-    if let Some(n) = args.max_concurrency.or(file.max_concurrency) {
-        if n == 0 || n > potluck_protocol::tunnel::MAX_ANNOUNCED_CONCURRENCY {
-            return Err(ConfigError::new(
-                "max_concurrency",
-                format!(
-                    "expected 1 to {}",
-                    potluck_protocol::tunnel::MAX_ANNOUNCED_CONCURRENCY
-                ),
-            ));
-        }
-        c.max_concurrency = n;
-    }
-    if let Some(s) = file.discovery_interval_secs {
-        c.discovery_interval = secs("discovery_interval_secs", s)?;
-    }
-    if let Some(s) = file.reconnect_max_secs {
-        c.reconnect_max = secs("reconnect_max_secs", s)?;
-    }
-    c.policy = policy;
-    c.state_dir = Some(state);
-    c.control_socket = Some(socket);
-    if let Some(path) = &args.config {
-        let flag = args.max_concurrency;
-        let parse = move |text: &str| -> Result<Policy, String> {
-            let mut f: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-            f.policy(flag).map_err(|e| e.to_string())
-        };
-        c.policy_source = Some(PolicySource {
-            path: path.clone(),
-            parse: Arc::new(parse),
-        });
-    }
-    Ok(c)
+    let over = Overrides {
+        hub: args.hub.clone(),
+        token: args.token.clone(),
+        backends: args.backends.clone(),
+        backend_api_key: args.backend_api_key.clone(),
+        max_concurrency: args.max_concurrency,
+        config_path: args.config.clone(),
+    };
+    potluck_agent::file::resolve(&over, file, paths)
 }
 
 /// Run the agent.
@@ -332,74 +199,31 @@ pub async fn run(mut args: ProvideArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn args(hub: Option<&str>, backends: &[&str]) -> ProvideArgs {
-        ProvideArgs {
-            hub: hub.map(str::to_owned),
+    /// Flags reach the agent's resolver (its own tests cover the merge rules).
+    #[test]
+    fn flags_are_passed_over_the_file() {
+        let args = ProvideArgs {
+            hub: Some("http://flag:2".into()),
             token: None,
-            backends: backends.iter().map(|s| s.to_string()).collect(),
+            backends: vec![],
             backend_api_key: None,
-            max_concurrency: None,
+            max_concurrency: Some(5),
             config: None,
-            state_dir: None,
+            state_dir: Some(PathBuf::from("/flag-state")),
             control_socket: None,
             cmd: None,
-        }
-    }
-
-    #[test]
-    fn flags_win_over_file() {
+        };
         let file: FileConfig = toml::from_str(
-            "hub = \"http://file:1\"\ntoken = \"pt-file\"\nmax_concurrency = 3\n[[backends]]\nurl = \"http://127.0.0.1:9/v1\"\napi_key = \"k\"\n",
+            "hub = \"http://file:1\"\ntoken = \"pt-file\"\nmax_concurrency = 3\n[[backends]]\nurl = \"http://127.0.0.1:9/v1\"\n",
         )
         .unwrap();
-        let c = resolve(&args(Some("http://flag:2"), &[]), file).unwrap();
+        let c = resolve(&args, file).unwrap();
         assert_eq!(c.hub.as_str(), "http://flag:2/");
         assert_eq!(c.token, "pt-file");
-        assert_eq!(c.max_concurrency, 3);
-        assert_eq!(c.backends[0].api_key.as_deref(), Some("k"));
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        let e = resolve(&args(None, &["http://x/v1"]), FileConfig::default()).unwrap_err();
-        assert_eq!(e.field, "hub");
-        let file: FileConfig = toml::from_str("token = \"t\"").unwrap();
-        let e = resolve(&args(Some("http://h"), &["ftp://x"]), file).unwrap_err();
-        assert_eq!(e.field, "backend");
-        let e = toml::from_str::<FileConfig>("max_concurrency = \"lots\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("max_concurrency"), "{e}");
-        let file: FileConfig = toml::from_str("token = \"t\"\nmax_concurrency = 0").unwrap();
+        assert_eq!(c.max_concurrency, 5);
         assert_eq!(
-            resolve(&args(Some("http://h"), &["http://x"]), file)
-                .unwrap_err()
-                .field,
-            "max_concurrency"
+            c.state_dir.as_deref(),
+            Some(std::path::Path::new("/flag-state"))
         );
-    }
-
-    #[test]
-    fn the_example_config_is_valid() {
-        let text = include_str!("../../../deploy/provide.example.toml");
-        let file: FileConfig = toml::from_str(text).unwrap();
-        let mut a = args(None, &[]);
-        a.token = Some("pt-x".into());
-        let c = resolve(&a, file).unwrap();
-        let p = &c.policy;
-        assert_eq!(p.models[0].public_name.as_str(), "qwen2.5:7b");
-        assert!(p.schedule.is_some() && p.busy.is_some());
-        assert_eq!(p.limits.max_concurrency, Some(4));
-        assert_eq!(p.profile.groups, ["friends"]);
-        assert_eq!(p.journal.retention_days, 90);
-        // The reload parser reads the same file, and a flag still wins.
-        let mut a = args(Some("http://h"), &["http://x"]);
-        a.token = Some("t".into());
-        a.max_concurrency = Some(2);
-        a.config = Some(PathBuf::from("unused"));
-        let c = resolve(&a, FileConfig::default()).unwrap();
-        let parse = c.policy_source.unwrap().parse;
-        assert_eq!(parse(text).unwrap().limits.max_concurrency, Some(2));
-        assert!(parse("[limits]\nbogus = 1\n").is_err());
     }
 }

@@ -1,0 +1,285 @@
+//! The agent's shared state: configuration, policy, the routes discovery found, the
+//! offer the control stream announces, slots, bandwidth, the drain gate, recent errors
+//! and the journal. Read and written by the tunnel server, discovery, the busy watcher,
+//! the control socket and the main loop; it imports none of them.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use potluck_protocol::tunnel::{AgentEvent, ModelHash, ModelOffer, ProviderProfile};
+use potluck_protocol::ModelName;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{self, BackendClient};
+use crate::config::AgentConfig;
+use crate::energy::EnergyMeter;
+use crate::gate::Gate;
+use crate::journal::Journal;
+use crate::policy::{ModelRule, Policy};
+use crate::slots::{Bandwidth, Slots};
+use crate::supply::HashCache;
+
+/// Errors kept for `status`.
+pub const LAST_ERRORS: usize = 32;
+
+/// What the agent offers now (the content of `hello` / `models`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Offer {
+    /// Models, sorted by public name.
+    pub models: Vec<ModelOffer>,
+    /// Requests the hub may send at once.
+    pub capacity: u32,
+    /// Device, power, audience, moderation.
+    pub profile: ProviderProfile,
+    /// False while draining.
+    pub accepting: bool,
+}
+
+/// One model as discovered and identified.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Public name.
+    pub public: ModelName,
+    /// Backend index.
+    pub backend: usize,
+    /// The backend's name for it.
+    pub backend_name: String,
+    /// The volunteer's rule for it.
+    pub rule: Option<ModelRule>,
+    /// Its file's hash.
+    pub sha256: Option<ModelHash>,
+}
+
+/// One remembered error (content-free).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastError {
+    /// Milliseconds since the epoch.
+    pub time_ms: i64,
+    /// What happened.
+    pub message: String,
+}
+
+/// State shared by the tunnel server, discovery, the control socket and the main loop.
+pub struct Shared {
+    /// Configuration.
+    pub config: AgentConfig,
+    /// Client toward the backends.
+    pub client: BackendClient,
+    policy: Mutex<Arc<Policy>>,
+    /// Wakes tasks that read the policy (schedule).
+    pub policy_changed: Notify,
+    pub(crate) offer: watch::Sender<Offer>,
+    routes: Mutex<(Vec<Route>, u32)>,
+    /// Wakes discovery early (after a forwarding failure or a config change).
+    pub rediscover: Notify,
+    pub(crate) slots: Arc<Slots>,
+    /// The bandwidth cap.
+    pub bandwidth: Arc<Bandwidth>,
+    /// Drain switches.
+    pub gate: Gate,
+    connected: AtomicBool,
+    /// Cancelled when the current tunnel drains (ends the control stream).
+    pub(crate) draining: Mutex<CancellationToken>,
+    pub(crate) events: Mutex<Option<mpsc::Sender<AgentEvent>>>,
+    pub(crate) energy: EnergyMeter,
+    /// Power draw measured (NVML), watts.
+    pub measured_watts: Mutex<Option<f64>>,
+    /// The journal.
+    pub journal: Journal,
+    /// Model file hashes.
+    pub hashes: Arc<HashCache>,
+    errors: Mutex<VecDeque<LastError>>,
+    refused: Mutex<HashSet<String>>,
+    /// Journal retention, for the writer.
+    pub retention_days: Arc<AtomicU32>,
+}
+
+impl Shared {
+    /// Fresh state.
+    pub fn new(config: AgentConfig, journal: Journal, retention_days: Arc<AtomicU32>) -> Self {
+        let policy = config.policy.clone();
+        let bandwidth = Arc::new(Bandwidth::default());
+        bandwidth.set_rate(policy.limits.bandwidth_bytes_per_sec);
+        let hashes = Arc::new(HashCache::load(config.state_dir.as_deref()));
+        Self {
+            client: backend::client(),
+            retention_days,
+            policy: Mutex::new(Arc::new(policy)),
+            policy_changed: Notify::new(),
+            offer: watch::Sender::new(Offer {
+                accepting: true,
+                ..Offer::default()
+            }),
+            routes: Mutex::new((Vec::new(), 0)),
+            rediscover: Notify::new(),
+            slots: Arc::new(Slots::default()),
+            bandwidth,
+            gate: Gate::default(),
+            connected: AtomicBool::new(false),
+            draining: Mutex::new(CancellationToken::new()),
+            events: Mutex::new(None),
+            energy: EnergyMeter::default(),
+            measured_watts: Mutex::new(None),
+            journal,
+            hashes,
+            errors: Mutex::new(VecDeque::new()),
+            refused: Mutex::new(HashSet::new()),
+            config,
+        }
+    }
+
+    /// The policy now.
+    pub fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.lock())
+    }
+
+    /// Replace the policy (a config reload).
+    pub fn set_policy(&self, p: Policy) {
+        self.bandwidth.set_rate(p.limits.bandwidth_bytes_per_sec);
+        self.retention_days
+            .store(p.journal.retention_days, Ordering::Relaxed);
+        *self.policy.lock() = Arc::new(p);
+        self.refused.lock().clear();
+        self.policy_changed.notify_waiters();
+        self.rediscover.notify_one();
+        self.republish();
+    }
+
+    /// Remember an error for `status` (content-free text only).
+    pub fn record_error(&self, message: String) {
+        let mut e = self.errors.lock();
+        if e.len() >= LAST_ERRORS {
+            e.pop_front();
+        }
+        e.push_back(LastError {
+            time_ms: self.config.clock.now().as_millisecond(),
+            message,
+        });
+    }
+
+    /// Recent errors, oldest first.
+    pub fn last_errors(&self) -> Vec<LastError> {
+        self.errors.lock().iter().cloned().collect()
+    }
+
+    /// Log a refused model once per configuration (discovery repeats).
+    pub fn refuse_model(&self, key: String, message: String) {
+        if self.refused.lock().insert(key) {
+            tracing::warn!("{message}");
+            self.record_error(message);
+        }
+    }
+
+    /// Most requests at once over all models, now.
+    pub fn total_limit(&self) -> u32 {
+        self.policy()
+            .limits
+            .max_concurrency
+            .unwrap_or(self.config.max_concurrency)
+    }
+
+    /// Publish a discovery result: the models found (first backend wins a name) and the
+    /// backends' summed capacity.
+    pub fn set_routes(&self, routes: Vec<Route>, capacity: u32) {
+        *self.routes.lock() = (routes, capacity);
+        self.republish();
+    }
+
+    /// Watts for energy and the profile: configured, else measured.
+    pub fn watts(&self) -> Option<f64> {
+        self.policy().profile.watts.or(*self.measured_watts.lock())
+    }
+
+    /// Recompute the offer from routes, policy and gate; the control stream sends it if
+    /// it changed.
+    pub fn republish(&self) {
+        let policy = self.policy();
+        let (models, capacity) = {
+            let r = self.routes.lock();
+            let mut models: Vec<ModelOffer> =
+                r.0.iter()
+                    .map(|route| ModelOffer {
+                        id: route.public.clone(),
+                        sha256: route.sha256.clone(),
+                        max_concurrency: route.rule.as_ref().and_then(|x| x.max_concurrency),
+                        max_context: route.rule.as_ref().and_then(|x| x.max_context),
+                        max_tokens: route.rule.as_ref().and_then(|x| x.max_tokens),
+                    })
+                    .collect();
+            models.sort_by(|a, b| a.id.cmp(&b.id));
+            (models, r.1)
+        };
+        let mut profile = policy.profile.clone();
+        profile.watts = self.watts();
+        let next = Offer {
+            models,
+            capacity: capacity.clamp(1, self.total_limit().max(1)),
+            profile,
+            accepting: self.gate.accepting(),
+        };
+        self.offer.send_if_modified(|o| {
+            if *o == next {
+                false
+            } else {
+                tracing::info!(
+                    models = next.models.len(),
+                    capacity = next.capacity,
+                    accepting = next.accepting,
+                    "offer changed"
+                );
+                *o = next;
+                true
+            }
+        });
+    }
+
+    /// The offer now.
+    pub fn offer(&self) -> Offer {
+        self.offer.borrow().clone()
+    }
+
+    /// Routes now.
+    pub fn routes(&self) -> Vec<Route> {
+        self.routes.lock().0.clone()
+    }
+
+    pub(crate) fn route(&self, m: &ModelName) -> Option<Route> {
+        self.routes
+            .lock()
+            .0
+            .iter()
+            .find(|r| &r.public == m)
+            .cloned()
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.slots.in_flight()
+    }
+
+    /// Requests in flight for one model.
+    pub fn in_flight_for(&self, m: &ModelName) -> usize {
+        self.slots.in_flight_for(m)
+    }
+
+    /// Whether a tunnel is open.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_connected(&self, v: bool) {
+        self.connected.store(v, Ordering::Relaxed);
+    }
+
+    pub(crate) fn send_event(&self, ev: AgentEvent) {
+        if let Some(tx) = self.events.lock().as_ref() {
+            if tx.try_send(ev).is_err() {
+                tracing::debug!("control event dropped (queue full or no hub)");
+            }
+        }
+    }
+}
