@@ -1,5 +1,8 @@
 use super::*;
+use crate::openai::{Chunk, Completion};
+use crate::Usage;
 use proptest::prelude::*;
+use serde_json::{json, Value};
 
 fn chunk(v: Value) -> Chunk {
     Chunk::parse(v.to_string().as_bytes()).expect("chunk")

@@ -1,5 +1,8 @@
 use super::*;
+use crate::openai::{Chunk, Completion};
+use crate::{DialectError, Usage};
 use proptest::prelude::*;
+use serde_json::{json, Value};
 
 fn req(v: Value) -> Result<Request, DialectError> {
     to_openai(v.to_string().as_bytes())
