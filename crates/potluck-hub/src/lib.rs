@@ -13,6 +13,7 @@ pub mod audit;
 mod auth;
 pub mod cache;
 pub mod config;
+mod dialect;
 pub mod error;
 pub mod guard;
 mod honesty_admin;
@@ -195,6 +196,24 @@ impl Hub {
             .route("/v1/chat/completions", post(proxy::chat_completions))
             .route("/v1/completions", post(proxy::completions))
             .route("/v1/embeddings", post(proxy::embeddings))
+            .route("/v1/messages", post(dialect::anthropic_messages))
+            .route(
+                "/v1/messages/count_tokens",
+                post(dialect::anthropic_count_tokens),
+            )
+            .route("/v1/responses", post(dialect::responses))
+            .route("/api/chat", post(dialect::ollama_chat))
+            .route("/api/generate", post(dialect::ollama_generate))
+            .route("/api/embed", post(dialect::ollama_embed))
+            .route("/api/embeddings", post(dialect::ollama_embeddings))
+            .route("/api/tags", get(dialect::ollama_tags))
+            .route("/api/show", post(dialect::ollama_show))
+            .route("/api/version", get(dialect::ollama_version))
+            .route("/api/pull", post(dialect::ollama_manage))
+            .route("/api/push", post(dialect::ollama_manage))
+            .route("/api/create", post(dialect::ollama_manage))
+            .route("/api/copy", post(dialect::ollama_manage))
+            .route("/api/delete", axum::routing::delete(dialect::ollama_manage))
             .merge(admin::routes())
             .route(
                 "/admin/v1/providers/{id}/trust",

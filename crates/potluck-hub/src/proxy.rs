@@ -208,7 +208,7 @@ fn max_tokens_of(obj: &Map<String, Value>) -> Result<Option<u32>, ApiError> {
     Ok(None)
 }
 
-fn prompt_estimate(obj: &Map<String, Value>) -> u32 {
+pub(crate) fn prompt_estimate(obj: &Map<String, Value>) -> u32 {
     let bytes: usize = ["messages", "prompt", "input"]
         .iter()
         .filter_map(|f| obj.get(*f))
@@ -218,7 +218,7 @@ fn prompt_estimate(obj: &Map<String, Value>) -> u32 {
 }
 
 /// Read the body under the cap (413 above it).
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -675,7 +675,11 @@ fn day_now() -> (i64, u64, i64) {
     crate::limits::utc_day(SystemTime::now())
 }
 
-async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Request) -> Response {
+pub(crate) async fn inference(
+    state: Arc<HubState>,
+    endpoint: InferenceEndpoint,
+    req: Request,
+) -> Response {
     let started = Instant::now();
     let request_id = new_request_id();
     let (parts, body) = req.into_parts();
