@@ -232,3 +232,36 @@ pub(crate) fn function_tool(
     );
     serde_json::json!({"type": "function", "function": Value::Object(f)})
 }
+
+/// Set `tool_choice`. A choice of one named function becomes `"required"` with only that
+/// function offered: the same contract, and one that every backend honours (llama.cpp
+/// accepts only `auto`, `none` and `required`).
+pub(crate) fn set_tool_choice(
+    out: &mut serde_json::Map<String, Value>,
+    choice: Value,
+) -> Result<(), crate::DialectError> {
+    let Some(name) = choice
+        .pointer("/function/name")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        out.insert("tool_choice".into(), choice);
+        return Ok(());
+    };
+    let tools = out.get_mut("tools").and_then(Value::as_array_mut);
+    let Some(tools) = tools else {
+        return Err(crate::DialectError::invalid(
+            "tool_choice",
+            "names a tool but the request has no tools",
+        ));
+    };
+    tools.retain(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(name.as_str()));
+    if tools.is_empty() {
+        return Err(crate::DialectError::invalid(
+            "tool_choice",
+            "names a tool that is not in `tools`",
+        ));
+    }
+    out.insert("tool_choice".into(), Value::String("required".to_owned()));
+    Ok(())
+}

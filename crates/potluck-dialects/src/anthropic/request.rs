@@ -55,7 +55,7 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
     }
     if let Some(choice) = req.get("tool_choice").filter(|t| !t.is_null()) {
         let (choice, parallel) = tool_choice_to_openai(choice)?;
-        out.insert("tool_choice".into(), choice);
+        openai::set_tool_choice(&mut out, choice)?;
         if let Some(p) = parallel {
             out.insert("parallel_tool_calls".into(), Value::Bool(p));
         }

@@ -316,3 +316,24 @@ proptest! {
         let _ = to_openai(body.to_string().as_bytes());
     }
 }
+
+#[test]
+fn a_named_tool_choice_becomes_required_with_only_that_tool() {
+    let tools = json!([{"name": "a", "input_schema": {}}, {"name": "b", "input_schema": {}}]);
+    let r = req(
+        json!({"model": "m", "max_tokens": 1, "messages": [], "tools": tools,
+                       "tool_choice": {"type": "tool", "name": "b"}}),
+    )
+    .expect("valid");
+    assert_eq!(r.openai["tool_choice"], json!("required"));
+    assert_eq!(r.openai["tools"].as_array().map(Vec::len), Some(1));
+    assert_eq!(r.openai["tools"][0]["function"]["name"], json!("b"));
+    let unknown = req(
+        json!({"model": "m", "max_tokens": 1, "messages": [], "tools": tools,
+                             "tool_choice": {"type": "tool", "name": "zzz"}}),
+    );
+    assert_eq!(
+        unknown.expect_err("no such tool").param(),
+        Some("tool_choice")
+    );
+}

@@ -84,7 +84,7 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         out.insert("tools".into(), tools_to_openai(tools)?);
     }
     if let Some(choice) = req.get("tool_choice").filter(|t| !t.is_null()) {
-        out.insert("tool_choice".into(), tool_choice_to_openai(choice)?);
+        openai::set_tool_choice(&mut out, tool_choice_to_openai(choice)?)?;
     }
     if let Some(format) = req.get("text").and_then(|t| t.get("format")) {
         if let Some(rf) = response_format(format)? {
