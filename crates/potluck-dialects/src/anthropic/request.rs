@@ -111,15 +111,20 @@ fn turn_messages(turn: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), Dia
             out.push(json!({"role": role, "content": s}));
             Ok(())
         }
+        // Claude Code and newer clients put system text between turns, too.
+        ("system", _) => {
+            out.extend(system_messages(Some(content))?);
+            Ok(())
+        }
         ("user", Value::Array(blocks)) => user_blocks(blocks, &field, out),
         ("assistant", Value::Array(blocks)) => assistant_blocks(blocks, &field, out),
-        ("user" | "assistant", _) => Err(DialectError::invalid(
+        (_, _) if role == "user" || role == "assistant" => Err(DialectError::invalid(
             format!("{field}.content"),
             "must be a string or an array of content blocks",
         )),
         _ => Err(DialectError::invalid(
             format!("{field}.role"),
-            "must be `user` or `assistant`",
+            "must be `user`, `assistant` or `system`",
         )),
     }
 }

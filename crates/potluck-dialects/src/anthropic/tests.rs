@@ -34,6 +34,18 @@ fn a_plain_request_maps_system_turns_and_sampling() {
 }
 
 #[test]
+fn system_turns_between_messages_become_system_messages() {
+    let r = req(json!({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "reminder", "cache_control": {"type": "ephemeral"}}]}]}))
+    .expect("valid");
+    assert_eq!(
+        r.openai["messages"][1],
+        json!({"role": "system", "content": "reminder"})
+    );
+}
+
+#[test]
 fn streaming_asks_the_provider_for_usage() {
     let r =
         req(json!({"model": "m", "max_tokens": 1, "stream": true, "messages": []})).expect("valid");
@@ -112,7 +124,7 @@ fn bad_requests_name_the_field_without_echoing_text() {
         ),
         (json!({"model": "m", "max_tokens": 1}), "messages"),
         (
-            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "system", "content": secret}]}),
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "robot", "content": secret}]}),
             "messages.0.role",
         ),
         (
