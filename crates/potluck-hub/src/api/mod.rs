@@ -13,6 +13,7 @@
 
 pub(crate) mod admit;
 pub(crate) mod ctx;
+pub(crate) mod dialects;
 pub(crate) mod dispatch;
 pub(crate) mod finish;
 pub(crate) mod models;
@@ -65,7 +66,11 @@ pub(crate) async fn embeddings(State(state): State<Arc<HubState>>, req: Request)
 
 /// One inference request, in its span. The model and provider are recorded in the span
 /// once a provider is chosen (a refused request's model is the consumer's typing).
-async fn inference(state: Arc<HubState>, endpoint: InferenceEndpoint, req: Request) -> Response {
+pub(crate) async fn inference(
+    state: Arc<HubState>,
+    endpoint: InferenceEndpoint,
+    req: Request,
+) -> Response {
     let started = Instant::now();
     let request_id = new_request_id();
     let span = tracing::info_span!(

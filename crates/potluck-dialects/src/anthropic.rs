@@ -1,0 +1,17 @@
+//! Anthropic's Messages API (`POST /v1/messages`) onto chat completions, and chat
+//! completion answers and chunks back into Messages answers and events.
+//!
+//! Mapping: `system` becomes the first message; `tool_use` blocks become the assistant's
+//! `tool_calls`; each `tool_result` block becomes a `tool` message placed before the rest
+//! of its user turn; images travel only as base64 (`data:` URLs); `stop_sequences` is
+//! `stop`; `tool_choice` `any` is `required`. Document, PDF, URL-sourced images and
+//! server tools are refused: a provider's machine never fetches what a stranger names.
+
+mod answer;
+mod request;
+
+pub use answer::*;
+pub use request::*;
+
+#[cfg(test)]
+mod tests;

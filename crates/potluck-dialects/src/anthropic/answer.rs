@@ -1,0 +1,248 @@
+//! anthropic: a provider's answer and stream, translated for the consumer.
+
+use serde_json::{json, Value};
+
+use crate::openai::{self, Chunk, Completion};
+use crate::{Finish, Usage};
+
+/// Anthropic's `stop_reason` for an OpenAI finish.
+pub fn stop_reason(finish: Finish) -> &'static str {
+    match finish {
+        Finish::Stop => "end_turn",
+        Finish::Length => "max_tokens",
+        Finish::ToolCalls => "tool_use",
+        Finish::ContentFilter => "refusal",
+    }
+}
+
+/// A Messages id from the hub's answer id (`msg_` + the id's safe characters).
+pub fn message_id(openai_id: &str) -> String {
+    let tail: String = openai_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .take(64)
+        .collect();
+    format!("msg_{tail}")
+}
+
+/// Translate a whole chat completion into a Messages answer. `usage` is what the hub
+/// bills (never the provider's raw claim).
+pub fn from_openai(answer: &Completion, model: &str, usage: Usage) -> Value {
+    let choice = answer.first();
+    let mut content = Vec::new();
+    if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
+        content.push(json!({"type": "text", "text": text}));
+    }
+    for call in &choice.message.tool_calls {
+        content.push(json!({
+            "type": "tool_use", "id": call.id, "name": call.function.name,
+            "input": openai::arguments_value(&call.function.arguments),
+        }));
+    }
+    json!({
+        "id": message_id(&answer.id),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason(answer.finish()),
+        "stop_sequence": null,
+        "usage": {"input_tokens": usage.input, "output_tokens": usage.output},
+    })
+}
+
+/// Anthropic's `count_tokens` answer for the hub's estimate.
+pub fn count_tokens_answer(estimate: u64) -> Value {
+    json!({ "input_tokens": estimate })
+}
+
+/// One server-sent event: its name and its JSON data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// `message_start`, `content_block_delta`, …
+    pub name: &'static str,
+    /// The event's data.
+    pub data: Value,
+}
+
+impl Event {
+    fn new(name: &'static str, data: Value) -> Self {
+        Self { name, data }
+    }
+
+    /// The event as SSE bytes (`event:` line, `data:` line, blank line).
+    pub fn to_sse(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(b"\ndata: ");
+        out.extend_from_slice(self.data.to_string().as_bytes());
+        out.extend_from_slice(b"\n\n");
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    None,
+    Text,
+    Tool(u32),
+}
+
+/// Turns a chat completion stream into Messages events, chunk by chunk. Feed every chunk
+/// to [`Stream::chunk`], then call [`Stream::finish`] once with the billed usage.
+#[derive(Debug)]
+pub struct Stream {
+    model: String,
+    started: bool,
+    open: Open,
+    next_index: u32,
+    finish: Option<Finish>,
+}
+
+impl Stream {
+    /// A translator for one answer of `model`.
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            started: false,
+            open: Open::None,
+            next_index: 0,
+            finish: None,
+        }
+    }
+
+    /// The events opening the message (`message_start`, `ping`); emitted by the first
+    /// chunk, or by [`Stream::finish`] if no chunk came.
+    fn start(&mut self, id: &str, out: &mut Vec<Event>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        out.push(Event::new(
+            "message_start",
+            json!({"type": "message_start", "message": {
+                "id": message_id(id), "type": "message", "role": "assistant",
+                "model": self.model, "content": [], "stop_reason": null,
+                "stop_sequence": null, "usage": {"input_tokens": 0, "output_tokens": 0},
+            }}),
+        ));
+        out.push(Event::new("ping", json!({"type": "ping"})));
+    }
+
+    /// Translate one chunk.
+    pub fn chunk(&mut self, chunk: &Chunk) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.start(&chunk.id, &mut out);
+        if let Some(delta) = chunk.delta() {
+            if let Some(text) = delta.content.as_deref().filter(|t| !t.is_empty()) {
+                self.open_block(Open::Text, None, &mut out);
+                out.push(self.block_delta(json!({"type": "text_delta", "text": text})));
+            }
+            for call in &delta.tool_calls {
+                let f = call.function.as_ref();
+                if self.open != Open::Tool(call.index) {
+                    let name = f.and_then(|f| f.name.clone()).unwrap_or_default();
+                    let id = call
+                        .id
+                        .clone()
+                        .unwrap_or_else(|| format!("toolu_{}", call.index));
+                    self.open_block(Open::Tool(call.index), Some((id, name)), &mut out);
+                }
+                if let Some(args) = f
+                    .and_then(|f| f.arguments.as_deref())
+                    .filter(|a| !a.is_empty())
+                {
+                    out.push(
+                        self.block_delta(json!({"type": "input_json_delta", "partial_json": args})),
+                    );
+                }
+            }
+        }
+        if let Some(finish) = chunk.finish() {
+            self.finish = Some(finish);
+        }
+        out
+    }
+
+    fn open_block(&mut self, kind: Open, tool: Option<(String, String)>, out: &mut Vec<Event>) {
+        if self.open == kind {
+            return;
+        }
+        self.close_block(out);
+        let block = match (kind, tool) {
+            (Open::Tool(_), Some((id, name))) => {
+                json!({"type": "tool_use", "id": id, "name": name, "input": {}})
+            }
+            _ => json!({"type": "text", "text": ""}),
+        };
+        out.push(Event::new(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": self.next_index, "content_block": block}),
+        ));
+        self.open = kind;
+    }
+
+    fn close_block(&mut self, out: &mut Vec<Event>) {
+        if self.open == Open::None {
+            return;
+        }
+        out.push(Event::new(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": self.next_index}),
+        ));
+        self.open = Open::None;
+        self.next_index = self.next_index.saturating_add(1);
+    }
+
+    fn block_delta(&self, delta: Value) -> Event {
+        Event::new(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": self.next_index, "delta": delta}),
+        )
+    }
+
+    /// The closing events, with the usage the hub bills.
+    pub fn finish(&mut self, usage: Usage) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.start("", &mut out);
+        self.close_block(&mut out);
+        out.push(Event::new(
+            "message_delta",
+            json!({"type": "message_delta",
+                   "delta": {"stop_reason": stop_reason(self.finish.unwrap_or(Finish::Stop)), "stop_sequence": null},
+                   "usage": {"input_tokens": usage.input, "output_tokens": usage.output}}),
+        ));
+        out.push(Event::new("message_stop", json!({"type": "message_stop"})));
+        out
+    }
+}
+
+/// Anthropic's error `type` for an HTTP status.
+pub fn error_type(status: u16) -> &'static str {
+    match status {
+        400 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        402 | 403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        504 => "timeout_error",
+        _ => "api_error",
+    }
+}
+
+/// Anthropic's error body.
+pub fn error_body(status: u16, message: &str) -> Value {
+    json!({"type": "error", "error": {"type": error_type(status), "message": message}})
+}
+
+/// The status Anthropic uses for a hub status (no capacity is `529 overloaded_error`).
+pub fn error_status(status: u16) -> u16 {
+    if status == 503 {
+        529
+    } else {
+        status
+    }
+}

@@ -1,0 +1,325 @@
+//! anthropic: the consumer's request, translated for a provider.
+
+use serde_json::{json, Map, Value};
+
+use crate::openai;
+use crate::{copy, is_data_url, object, uint, DialectError};
+
+/// A Messages request translated for a provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The chat completions body to send.
+    pub openai: Value,
+    /// The model asked for.
+    pub model: String,
+    /// Whether the consumer wants events.
+    pub stream: bool,
+}
+
+/// Translate a Messages request body.
+pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
+    let req = object(body)?;
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or(DialectError::Missing("model"))?
+        .to_owned();
+    let max_tokens = uint(
+        req.get("max_tokens")
+            .ok_or(DialectError::Missing("max_tokens"))?,
+        "max_tokens",
+    )?;
+    let stream = match req.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(DialectError::invalid("stream", "must be a boolean")),
+    };
+    let mut messages = system_messages(req.get("system"))?;
+    let turns = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or(DialectError::Missing("messages"))?;
+    for (i, turn) in turns.iter().enumerate() {
+        turn_messages(turn, i, &mut messages)?;
+    }
+    let mut out = Map::new();
+    out.insert("model".into(), Value::String(model.clone()));
+    out.insert("messages".into(), Value::Array(messages));
+    out.insert("max_tokens".into(), json!(max_tokens));
+    copy(&req, "temperature", &mut out, "temperature");
+    copy(&req, "top_p", &mut out, "top_p");
+    copy(&req, "top_k", &mut out, "top_k");
+    copy(&req, "stop_sequences", &mut out, "stop");
+    if let Some(tools) = req.get("tools").filter(|t| !t.is_null()) {
+        out.insert("tools".into(), tools_to_openai(tools)?);
+    }
+    if let Some(choice) = req.get("tool_choice").filter(|t| !t.is_null()) {
+        let (choice, parallel) = tool_choice_to_openai(choice)?;
+        openai::set_tool_choice(&mut out, choice)?;
+        if let Some(p) = parallel {
+            out.insert("parallel_tool_calls".into(), Value::Bool(p));
+        }
+    }
+    if stream {
+        out.insert("stream".into(), Value::Bool(true));
+        out.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    Ok(Request {
+        openai: Value::Object(out),
+        model,
+        stream,
+    })
+}
+
+fn system_messages(system: Option<&Value>) -> Result<Vec<Value>, DialectError> {
+    let text = match system {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(blocks)) => {
+            let mut text = String::new();
+            for (i, b) in blocks.iter().enumerate() {
+                let t = b.get("text").and_then(Value::as_str).ok_or_else(|| {
+                    DialectError::invalid(format!("system.{i}"), "must be a text block")
+                })?;
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(t);
+            }
+            text
+        }
+        Some(_) => {
+            return Err(DialectError::invalid(
+                "system",
+                "must be a string or text blocks",
+            ))
+        }
+    };
+    Ok(vec![json!({"role": "system", "content": text})])
+}
+
+fn turn_messages(turn: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), DialectError> {
+    let field = format!("messages.{i}");
+    let role = turn.get("role").and_then(Value::as_str).ok_or_else(|| {
+        DialectError::invalid(format!("{field}.role"), "must be `user` or `assistant`")
+    })?;
+    let content = turn
+        .get("content")
+        .ok_or_else(|| DialectError::invalid(format!("{field}.content"), "is required"))?;
+    match (role, content) {
+        ("user" | "assistant", Value::String(s)) => {
+            out.push(json!({"role": role, "content": s}));
+            Ok(())
+        }
+        // Claude Code and newer clients put system text between turns, too.
+        ("system", _) => {
+            out.extend(system_messages(Some(content))?);
+            Ok(())
+        }
+        ("user", Value::Array(blocks)) => user_blocks(blocks, &field, out),
+        ("assistant", Value::Array(blocks)) => assistant_blocks(blocks, &field, out),
+        (_, _) if role == "user" || role == "assistant" => Err(DialectError::invalid(
+            format!("{field}.content"),
+            "must be a string or an array of content blocks",
+        )),
+        _ => Err(DialectError::invalid(
+            format!("{field}.role"),
+            "must be `user`, `assistant` or `system`",
+        )),
+    }
+}
+
+fn user_blocks(blocks: &[Value], field: &str, out: &mut Vec<Value>) -> Result<(), DialectError> {
+    let mut parts = Vec::new();
+    for (j, block) in blocks.iter().enumerate() {
+        let at = format!("{field}.content.{j}");
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => parts.push(json!({"type": "text", "text": text_of(block, &at)?})),
+            Some("image") => parts.push(image_part(block, &at)?),
+            Some("tool_result") => out.push(tool_result(block, &at)?),
+            Some("thinking" | "redacted_thinking") => {}
+            Some("document" | "search_result" | "container_upload") => {
+                return Err(DialectError::invalid(
+                    at,
+                    "documents are not supported by the pool",
+                ))
+            }
+            _ => return Err(DialectError::invalid(at, "unknown content block type")),
+        }
+    }
+    if !parts.is_empty() {
+        out.push(json!({"role": "user", "content": parts}));
+    }
+    Ok(())
+}
+
+fn assistant_blocks(
+    blocks: &[Value],
+    field: &str,
+    out: &mut Vec<Value>,
+) -> Result<(), DialectError> {
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for (j, block) in blocks.iter().enumerate() {
+        let at = format!("{field}.content.{j}");
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => text.push_str(text_of(block, &at)?),
+            Some("tool_use") => {
+                let id = str_field(block, "id", &at)?;
+                let name = str_field(block, "name", &at)?;
+                let input = block.get("input").cloned().unwrap_or_else(|| json!({}));
+                calls.push(json!({
+                    "id": id, "type": "function",
+                    "function": {"name": name, "arguments": input.to_string()}
+                }));
+            }
+            Some("thinking" | "redacted_thinking") => {}
+            _ => {
+                return Err(DialectError::invalid(
+                    at,
+                    "unknown content block type for an assistant turn",
+                ))
+            }
+        }
+    }
+    let mut msg = Map::new();
+    msg.insert("role".into(), json!("assistant"));
+    msg.insert(
+        "content".into(),
+        if text.is_empty() && !calls.is_empty() {
+            Value::Null
+        } else {
+            Value::String(text)
+        },
+    );
+    if !calls.is_empty() {
+        msg.insert("tool_calls".into(), Value::Array(calls));
+    }
+    out.push(Value::Object(msg));
+    Ok(())
+}
+
+fn text_of<'a>(block: &'a Value, at: &str) -> Result<&'a str, DialectError> {
+    block
+        .get("text")
+        .and_then(Value::as_str)
+        .ok_or_else(|| DialectError::invalid(format!("{at}.text"), "must be a string"))
+}
+
+fn str_field<'a>(block: &'a Value, key: &'static str, at: &str) -> Result<&'a str, DialectError> {
+    block
+        .get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| DialectError::invalid(format!("{at}.{key}"), "must be a string"))
+}
+
+fn image_part(block: &Value, at: &str) -> Result<Value, DialectError> {
+    let source = block
+        .get("source")
+        .ok_or_else(|| DialectError::invalid(format!("{at}.source"), "is required"))?;
+    match source.get("type").and_then(Value::as_str) {
+        Some("base64") => {
+            let media = str_field(source, "media_type", &format!("{at}.source"))?;
+            let data = str_field(source, "data", &format!("{at}.source"))?;
+            Ok(
+                json!({"type": "image_url", "image_url": {"url": format!("data:{media};base64,{data}")}}),
+            )
+        }
+        Some("url")
+            if source
+                .get("url")
+                .and_then(Value::as_str)
+                .is_some_and(is_data_url) =>
+        {
+            Ok(json!({"type": "image_url", "image_url": {"url": source["url"].clone()}}))
+        }
+        _ => Err(DialectError::invalid(
+            format!("{at}.source"),
+            "images must be sent inline as base64; the pool fetches no URLs",
+        )),
+    }
+}
+
+fn tool_result(block: &Value, at: &str) -> Result<Value, DialectError> {
+    let id = str_field(block, "tool_use_id", at)?;
+    let content = match block.get("content") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (k, p) in parts.iter().enumerate() {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") => text.push_str(text_of(p, &format!("{at}.content.{k}"))?),
+                    _ => {
+                        return Err(DialectError::invalid(
+                            format!("{at}.content.{k}"),
+                            "tool results may carry text only",
+                        ))
+                    }
+                }
+            }
+            text
+        }
+        Some(_) => {
+            return Err(DialectError::invalid(
+                format!("{at}.content"),
+                "must be a string or text blocks",
+            ))
+        }
+    };
+    Ok(json!({"role": "tool", "tool_call_id": id, "content": content}))
+}
+
+fn tools_to_openai(tools: &Value) -> Result<Value, DialectError> {
+    let list = tools
+        .as_array()
+        .ok_or_else(|| DialectError::invalid("tools", "must be an array"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        if t.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|ty| ty != "custom")
+        {
+            return Err(DialectError::invalid(
+                format!("tools.{i}"),
+                "server tools are not supported by the pool",
+            ));
+        }
+        let name = t
+            .get("name")
+            .filter(|n| n.is_string())
+            .ok_or_else(|| DialectError::invalid(format!("tools.{i}.name"), "must be a string"))?;
+        out.push(openai::function_tool(
+            name.clone(),
+            t.get("description"),
+            t.get("input_schema"),
+        ));
+    }
+    Ok(Value::Array(out))
+}
+
+fn tool_choice_to_openai(choice: &Value) -> Result<(Value, Option<bool>), DialectError> {
+    let parallel = choice
+        .get("disable_parallel_tool_use")
+        .and_then(Value::as_bool)
+        .map(|d| !d);
+    let mapped = match choice.get("type").and_then(Value::as_str) {
+        Some("auto") => json!("auto"),
+        Some("any") => json!("required"),
+        Some("none") => json!("none"),
+        Some("tool") => {
+            let name = choice
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| DialectError::invalid("tool_choice.name", "must be a string"))?;
+            json!({"type": "function", "function": {"name": name}})
+        }
+        _ => {
+            return Err(DialectError::invalid(
+                "tool_choice.type",
+                "must be auto, any, tool or none",
+            ))
+        }
+    };
+    Ok((mapped, parallel))
+}

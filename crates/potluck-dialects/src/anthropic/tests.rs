@@ -1,0 +1,351 @@
+use super::*;
+use crate::openai::{Chunk, Completion};
+use crate::{DialectError, Finish, Usage};
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+fn req(v: Value) -> Result<Request, DialectError> {
+    to_openai(v.to_string().as_bytes())
+}
+
+fn chunk(v: Value) -> Chunk {
+    Chunk::parse(v.to_string().as_bytes()).expect("chunk")
+}
+
+#[test]
+fn a_plain_request_maps_system_turns_and_sampling() {
+    let r = req(json!({
+        "model": "m", "max_tokens": 64, "system": [{"type": "text", "text": "be brief"}],
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                     {"role": "user", "content": [{"type": "text", "text": "more"}]}],
+        "temperature": 0.2, "top_p": 0.9, "stop_sequences": ["END"], "metadata": {"user_id": "x"}
+    }))
+    .expect("valid");
+    assert_eq!(r.model, "m");
+    assert!(!r.stream);
+    assert_eq!(
+        r.openai,
+        json!({"model": "m", "max_tokens": 64, "temperature": 0.2, "top_p": 0.9, "stop": ["END"],
+               "messages": [{"role": "system", "content": "be brief"},
+                            {"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": "hello"},
+                            {"role": "user", "content": [{"type": "text", "text": "more"}]}]})
+    );
+}
+
+#[test]
+fn system_turns_between_messages_become_system_messages() {
+    let r = req(json!({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "reminder", "cache_control": {"type": "ephemeral"}}]}]}))
+    .expect("valid");
+    assert_eq!(
+        r.openai["messages"][1],
+        json!({"role": "system", "content": "reminder"})
+    );
+}
+
+#[test]
+fn streaming_asks_the_provider_for_usage() {
+    let r =
+        req(json!({"model": "m", "max_tokens": 1, "stream": true, "messages": []})).expect("valid");
+    assert!(r.stream);
+    assert_eq!(r.openai["stream_options"], json!({"include_usage": true}));
+}
+
+#[test]
+fn tool_use_and_tool_result_become_tool_calls_and_tool_messages() {
+    let r = req(json!({
+        "model": "m", "max_tokens": 64,
+        "tools": [{"name": "get_weather", "description": "d", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "checking"},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "-3C"}]},
+                {"type": "text", "text": "thanks"}]}
+        ]
+    }))
+    .expect("valid");
+    let o = &r.openai;
+    assert_eq!(o["tool_choice"], json!("required"));
+    assert_eq!(o["parallel_tool_calls"], json!(false));
+    assert_eq!(o["tools"][0]["function"]["name"], json!("get_weather"));
+    assert_eq!(
+        o["tools"][0]["function"]["parameters"]["properties"]["city"]["type"],
+        json!("string")
+    );
+    let msgs = o["messages"].as_array().expect("messages");
+    assert_eq!(msgs[1]["tool_calls"][0]["id"], json!("toolu_1"));
+    let args: Value = serde_json::from_str(
+        msgs[1]["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .expect("text"),
+    )
+    .expect("json");
+    assert_eq!(args, json!({"city": "Oslo"}));
+    assert_eq!(
+        msgs[2],
+        json!({"role": "tool", "tool_call_id": "toolu_1", "content": "-3C"})
+    );
+    assert_eq!(
+        msgs[3],
+        json!({"role": "user", "content": [{"type": "text", "text": "thanks"}]})
+    );
+}
+
+#[test]
+fn images_travel_inline_only() {
+    let ok = req(json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}]}]}))
+    .expect("valid");
+    assert_eq!(
+        ok.openai["messages"][0]["content"][0]["image_url"]["url"],
+        json!("data:image/png;base64,iVBO")
+    );
+    let remote = req(
+        json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "http://10.0.0.1/x.png"}}]}]}),
+    )
+    .expect_err("remote image refused");
+    assert_eq!(remote.param(), Some("messages.0.content.0.source"));
+}
+
+#[test]
+fn bad_requests_name_the_field_without_echoing_text() {
+    let secret = "CANARY-9f3";
+    let cases = [
+        (json!({"max_tokens": 1, "messages": []}), "model"),
+        (json!({"model": "m", "messages": []}), "max_tokens"),
+        (
+            json!({"model": "m", "max_tokens": -1, "messages": []}),
+            "max_tokens",
+        ),
+        (json!({"model": "m", "max_tokens": 1}), "messages"),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "robot", "content": secret}]}),
+            "messages.0.role",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": secret}]}]}),
+            "messages.0.content.0",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 1, "messages": [], "tools": [{"type": "web_search_20250305", "name": "w"}]}),
+            "tools.0",
+        ),
+    ];
+    for (body, field) in cases {
+        let err = req(body).expect_err("invalid");
+        assert_eq!(err.param(), Some(field), "{err}");
+        assert!(!err.to_string().contains(secret));
+    }
+    assert!(matches!(
+        to_openai(b"{not json"),
+        Err(DialectError::Json(_))
+    ));
+    assert!(matches!(to_openai(b"[1]"), Err(DialectError::Json(_))));
+}
+
+#[test]
+fn a_whole_answer_becomes_a_message_with_billed_usage() {
+    let answer = Completion::parse(
+        json!({"id": "chatcmpl-abc", "model": "m", "choices": [{"index": 0, "finish_reason": "tool_calls",
+            "message": {"role": "assistant", "content": "let me see",
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]}}],
+            "usage": {"prompt_tokens": 999, "completion_tokens": 999}})
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("answer");
+    let msg = from_openai(
+        &answer,
+        "m",
+        Usage {
+            input: 12,
+            output: 7,
+        },
+    );
+    assert_eq!(msg["id"], json!("msg_chatcmpl-abc"));
+    assert_eq!(msg["stop_reason"], json!("tool_use"));
+    assert_eq!(
+        msg["content"][0],
+        json!({"type": "text", "text": "let me see"})
+    );
+    assert_eq!(
+        msg["content"][1],
+        json!({"type": "tool_use", "id": "call_1", "name": "f", "input": {"a": 1}})
+    );
+    assert_eq!(
+        msg["usage"],
+        json!({"input_tokens": 12, "output_tokens": 7})
+    );
+}
+
+#[test]
+fn finish_reasons_map_to_stop_reasons() {
+    assert_eq!(stop_reason(Finish::from_openai("stop")), "end_turn");
+    assert_eq!(stop_reason(Finish::from_openai("length")), "max_tokens");
+    assert_eq!(stop_reason(Finish::from_openai("tool_calls")), "tool_use");
+    assert_eq!(
+        stop_reason(Finish::from_openai("content_filter")),
+        "refusal"
+    );
+}
+
+fn names(events: &[Event]) -> Vec<&'static str> {
+    events.iter().map(|e| e.name).collect()
+}
+
+#[test]
+fn a_text_stream_has_anthropics_event_order() {
+    let mut s = Stream::new("m");
+    let mut all = Vec::new();
+    all.extend(s.chunk(&chunk(
+        json!({"id": "c1", "choices": [{"delta": {"role": "assistant", "content": ""}}]}),
+    )));
+    all.extend(s.chunk(&chunk(
+        json!({"id": "c1", "choices": [{"delta": {"content": "Hel"}}]}),
+    )));
+    all.extend(s.chunk(&chunk(
+        json!({"id": "c1", "choices": [{"delta": {"content": "lo"}, "finish_reason": "length"}]}),
+    )));
+    all.extend(s.chunk(&chunk(
+        json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}),
+    )));
+    all.extend(s.finish(Usage {
+        input: 3,
+        output: 2,
+    }));
+    assert_eq!(
+        names(&all),
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert_eq!(all[0].data["message"]["id"], json!("msg_c1"));
+    assert_eq!(
+        all[3].data["delta"],
+        json!({"type": "text_delta", "text": "Hel"})
+    );
+    assert_eq!(all[6].data["delta"]["stop_reason"], json!("max_tokens"));
+    assert_eq!(all[6].data["usage"]["output_tokens"], json!(2));
+    let sse = String::from_utf8(all[7].to_sse()).expect("utf8");
+    assert_eq!(
+        sse,
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+    );
+}
+
+#[test]
+fn streamed_tool_calls_become_tool_use_blocks_with_json_deltas() {
+    let mut s = Stream::new("m");
+    let mut all = Vec::new();
+    all.extend(s.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {"content": "ok"}}]}),
+    )));
+    all.extend(s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_a", "function": {"name": "f", "arguments": ""}}]}}]}))));
+    all.extend(s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"x\":"}}]}}]}))));
+    all.extend(s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}}]}))));
+    all.extend(s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 1, "id": "call_b", "function": {"name": "g", "arguments": "{}"}}]}, "finish_reason": "tool_calls"}]}))));
+    all.extend(s.finish(Usage::default()));
+    assert_eq!(
+        names(&all),
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert_eq!(all[5].data["index"], json!(1));
+    assert_eq!(
+        all[5].data["content_block"],
+        json!({"type": "tool_use", "id": "call_a", "name": "f", "input": {}})
+    );
+    assert_eq!(
+        all[6].data["delta"],
+        json!({"type": "input_json_delta", "partial_json": "{\"x\":"})
+    );
+    assert_eq!(all[9].data["index"], json!(2));
+    assert_eq!(all[12].data["delta"]["stop_reason"], json!("tool_use"));
+}
+
+#[test]
+fn an_empty_stream_still_opens_and_closes_the_message() {
+    let mut s = Stream::new("m");
+    assert_eq!(
+        names(&s.finish(Usage::default())),
+        ["message_start", "ping", "message_delta", "message_stop"]
+    );
+}
+
+#[test]
+fn errors_take_anthropics_types_and_statuses() {
+    assert_eq!(
+        error_body(401, "bad key")["error"]["type"],
+        json!("authentication_error")
+    );
+    assert_eq!(
+        error_body(429, "slow down")["error"]["type"],
+        json!("rate_limit_error")
+    );
+    assert_eq!(error_type(503), "overloaded_error");
+    assert_eq!(error_status(503), 529);
+    assert_eq!(error_body(413, "big")["type"], json!("error"));
+}
+
+proptest! {
+    #[test]
+    fn no_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = to_openai(&bytes);
+    }
+
+    #[test]
+    fn no_panic_on_arbitrary_json_shapes(model in ".{0,8}", n in any::<i64>(), text in ".{0,16}", ty in "[a-z_]{0,12}") {
+        let body = json!({"model": model, "max_tokens": n, "system": [{"type": ty, "text": text}],
+            "messages": [{"role": "user", "content": [{"type": ty, "text": text, "source": {"type": ty}}]},
+                         {"role": "assistant", "content": [{"type": ty, "id": text, "name": text}]}],
+            "tools": [{"name": text}], "tool_choice": {"type": ty}});
+        let _ = to_openai(body.to_string().as_bytes());
+    }
+}
+
+#[test]
+fn a_named_tool_choice_becomes_required_with_only_that_tool() {
+    let tools = json!([{"name": "a", "input_schema": {}}, {"name": "b", "input_schema": {}}]);
+    let r = req(
+        json!({"model": "m", "max_tokens": 1, "messages": [], "tools": tools,
+                       "tool_choice": {"type": "tool", "name": "b"}}),
+    )
+    .expect("valid");
+    assert_eq!(r.openai["tool_choice"], json!("required"));
+    assert_eq!(r.openai["tools"].as_array().map(Vec::len), Some(1));
+    assert_eq!(r.openai["tools"][0]["function"]["name"], json!("b"));
+    let unknown = req(
+        json!({"model": "m", "max_tokens": 1, "messages": [], "tools": tools,
+                             "tool_choice": {"type": "tool", "name": "zzz"}}),
+    );
+    assert_eq!(
+        unknown.expect_err("no such tool").param(),
+        Some("tool_choice")
+    );
+}

@@ -1,0 +1,164 @@
+//! Translations between the consumer APIs the hub speaks and the OpenAI chat completions
+//! API its providers serve. Every function here is pure: request bytes in, an OpenAI
+//! request out; OpenAI answers or stream chunks in, native answers or events out. The
+//! hub's relay, billing, limits and moderation therefore stay one code path (chat
+//! completions), and these modules are tested on their own.
+//!
+//! Invariant: no function here logs, stores or keeps text beyond the value it returns.
+
+#![warn(unreachable_pub)]
+
+pub mod anthropic;
+pub mod ollama;
+pub mod openai;
+pub mod responses;
+
+use serde_json::{Map, Value};
+
+/// Why a native request cannot be translated. Each dialect maps these to its own error
+/// shape and status (all are the consumer's fault: 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DialectError {
+    /// The body is not JSON, or not a JSON object.
+    #[error("the request body is not a JSON object: {0}")]
+    Json(String),
+    /// A required field is missing.
+    #[error("`{0}` is required")]
+    Missing(&'static str),
+    /// A field has the wrong type or an unusable value.
+    #[error("`{field}`: {why}")]
+    Invalid {
+        /// The field at fault (a JSON path such as `messages.2.content`).
+        field: String,
+        /// What is wrong, without echoing the consumer's text.
+        why: &'static str,
+    },
+    /// The request asks for something the hub deliberately does not do.
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+impl DialectError {
+    pub(crate) fn invalid(field: impl Into<String>, why: &'static str) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            why,
+        }
+    }
+
+    /// The field at fault, when there is one.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Self::Missing(f) => Some(f),
+            Self::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// Why an answer ended, in OpenAI's words; each dialect renders it in its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The model stopped by itself or at a stop sequence.
+    Stop,
+    /// The token limit was reached.
+    Length,
+    /// The model called tools.
+    ToolCalls,
+    /// A filter stopped the answer.
+    ContentFilter,
+}
+
+impl Finish {
+    /// Read OpenAI's `finish_reason`; unknown values count as a plain stop.
+    pub fn from_openai(reason: &str) -> Self {
+        match reason {
+            "length" => Self::Length,
+            "tool_calls" | "function_call" => Self::ToolCalls,
+            "content_filter" => Self::ContentFilter,
+            _ => Self::Stop,
+        }
+    }
+}
+
+/// Token counts as the hub bills them (already bounded by the hub before they reach a
+/// translator).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub input: u64,
+    /// Completion tokens.
+    pub output: u64,
+}
+
+/// Parse a request body into a JSON object.
+pub(crate) fn object(body: &[u8]) -> Result<Map<String, Value>, DialectError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(DialectError::Json("expected an object".to_owned())),
+        Err(e) => Err(DialectError::Json(format!(
+            "line {} column {}",
+            e.line(),
+            e.column()
+        ))),
+    }
+}
+
+/// Copy a field unchanged when present.
+pub(crate) fn copy(
+    from: &Map<String, Value>,
+    key: &str,
+    to: &mut Map<String, Value>,
+    as_key: &str,
+) {
+    if let Some(v) = from.get(key) {
+        if !v.is_null() {
+            to.insert(as_key.to_owned(), v.clone());
+        }
+    }
+}
+
+/// A non-negative integer field, or an error naming it.
+pub(crate) fn uint(v: &Value, field: &str) -> Result<u64, DialectError> {
+    v.as_u64()
+        .ok_or_else(|| DialectError::invalid(field, "must be a non-negative integer"))
+}
+
+/// Whether `url` is an inline `data:` URL (the only kind of media the pool accepts: a
+/// provider's machine never fetches a URL chosen by a stranger).
+pub(crate) fn is_data_url(url: &str) -> bool {
+    url.get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case("data:"))
+}
+
+/// `t` (seconds since the Unix epoch) as RFC 3339 in UTC, e.g. `2026-12-02T13:45:07Z`.
+pub fn rfc3339_utc(unix_secs: u64) -> String {
+    let days = i64::try_from(unix_secs / 86_400).unwrap_or(i64::MAX / 2);
+    let secs = unix_secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3_600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn rfc3339_matches_known_instants() {
+        assert_eq!(super::rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339_utc(1_796_219_107), "2026-12-02T13:45:07Z");
+    }
+}

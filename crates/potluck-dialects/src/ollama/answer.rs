@@ -1,0 +1,273 @@
+//! ollama: a provider's answer and stream, translated for the consumer.
+
+use serde_json::{json, Map, Value};
+
+use super::{Call, COMPAT_VERSION};
+use crate::openai::{self, Chunk, Completion};
+use crate::{object, DialectError, Finish, Usage};
+
+/// Ollama's `done_reason`.
+pub fn done_reason(finish: Finish) -> &'static str {
+    match finish {
+        Finish::Length => "length",
+        Finish::Stop | Finish::ToolCalls | Finish::ContentFilter => "stop",
+    }
+}
+
+/// What the hub measured about an answer, for Ollama's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// Wall time from the request to the answer's end, in nanoseconds.
+    pub total_ns: u64,
+}
+
+fn counters(out: &mut Map<String, Value>, usage: Usage, timing: Timing) {
+    out.insert("total_duration".into(), json!(timing.total_ns));
+    out.insert("load_duration".into(), json!(0));
+    out.insert("prompt_eval_count".into(), json!(usage.input));
+    out.insert("prompt_eval_duration".into(), json!(0));
+    out.insert("eval_count".into(), json!(usage.output));
+    out.insert("eval_duration".into(), json!(timing.total_ns));
+}
+
+fn ollama_calls(calls: &[openai::ToolCall]) -> Value {
+    Value::Array(
+        calls
+            .iter()
+            .map(|c| json!({"function": {"name": c.function.name, "arguments": openai::arguments_value(&c.function.arguments)}}))
+            .collect(),
+    )
+}
+
+/// Translate a whole chat completion into an `/api/chat` or `/api/generate` answer.
+/// `created_at` is the hub's clock (RFC 3339); `usage` is what the hub bills.
+pub fn from_openai(
+    call: Call,
+    answer: &Completion,
+    model: &str,
+    created_at: &str,
+    usage: Usage,
+    timing: Timing,
+) -> Value {
+    let choice = answer.first();
+    let text = choice.message.content.unwrap_or_default();
+    let mut out = Map::new();
+    out.insert("model".into(), json!(model));
+    out.insert("created_at".into(), json!(created_at));
+    match call {
+        Call::Chat => {
+            let mut message = json!({"role": "assistant", "content": text});
+            if !choice.message.tool_calls.is_empty() {
+                message["tool_calls"] = ollama_calls(&choice.message.tool_calls);
+            }
+            out.insert("message".into(), message);
+        }
+        Call::Generate => {
+            out.insert("response".into(), json!(text));
+        }
+    }
+    out.insert("done".into(), json!(true));
+    out.insert("done_reason".into(), json!(done_reason(answer.finish())));
+    counters(&mut out, usage, timing);
+    Value::Object(out)
+}
+
+/// Translate an OpenAI embeddings answer (`legacy` = `/api/embeddings`).
+pub fn embed_from_openai(
+    answer: &Value,
+    model: &str,
+    usage: Usage,
+    timing: Timing,
+    legacy: bool,
+) -> Value {
+    let mut rows: Vec<(u64, Value)> = answer
+        .get("data")
+        .and_then(Value::as_array)
+        .map(|d| {
+            d.iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let index = e.get("index").and_then(Value::as_u64).unwrap_or(i as u64);
+                    (
+                        index,
+                        e.get("embedding").cloned().unwrap_or_else(|| json!([])),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    rows.sort_by_key(|(i, _)| *i);
+    if legacy {
+        return json!({"embedding": rows.into_iter().next().map_or_else(|| json!([]), |(_, v)| v)});
+    }
+    json!({
+        "model": model,
+        "embeddings": rows.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        "total_duration": timing.total_ns,
+        "load_duration": 0,
+        "prompt_eval_count": usage.input,
+    })
+}
+
+#[derive(Debug, Default)]
+struct PendingCall {
+    name: String,
+    arguments: String,
+}
+
+/// Turns a chat completion stream into Ollama's NDJSON lines.
+#[derive(Debug)]
+pub struct Stream {
+    call: Call,
+    model: String,
+    calls: Vec<(u32, PendingCall)>,
+    finish: Option<Finish>,
+}
+
+impl Stream {
+    /// A translator for one answer.
+    pub fn new(call: Call, model: impl Into<String>) -> Self {
+        Self {
+            call,
+            model: model.into(),
+            calls: Vec::new(),
+            finish: None,
+        }
+    }
+
+    fn line(&self, created_at: &str, text: &str) -> Map<String, Value> {
+        let mut out = Map::new();
+        out.insert("model".into(), json!(self.model));
+        out.insert("created_at".into(), json!(created_at));
+        match self.call {
+            Call::Chat => out.insert(
+                "message".into(),
+                json!({"role": "assistant", "content": text}),
+            ),
+            Call::Generate => out.insert("response".into(), json!(text)),
+        };
+        out
+    }
+
+    /// Translate one chunk into zero or one line. Tool calls are gathered and sent whole
+    /// on the last line, as Ollama does.
+    pub fn chunk(&mut self, chunk: &Chunk, created_at: &str) -> Option<Value> {
+        if let Some(finish) = chunk.finish() {
+            self.finish = Some(finish);
+        }
+        let delta = chunk.delta()?;
+        for c in &delta.tool_calls {
+            let pos = match self.calls.iter().position(|(i, _)| *i == c.index) {
+                Some(p) => p,
+                None => {
+                    self.calls.push((c.index, PendingCall::default()));
+                    self.calls.len() - 1
+                }
+            };
+            if let Some(f) = &c.function {
+                if let Some(n) = &f.name {
+                    self.calls[pos].1.name.push_str(n);
+                }
+                if let Some(a) = &f.arguments {
+                    self.calls[pos].1.arguments.push_str(a);
+                }
+            }
+        }
+        let text = delta.content.as_deref().filter(|t| !t.is_empty())?;
+        let mut line = self.line(created_at, text);
+        line.insert("done".into(), json!(false));
+        Some(Value::Object(line))
+    }
+
+    /// The last line (`done: true`) with the usage the hub bills.
+    pub fn finish(&mut self, created_at: &str, usage: Usage, timing: Timing) -> Value {
+        let mut line = self.line(created_at, "");
+        if self.call == Call::Chat && !self.calls.is_empty() {
+            let calls: Vec<Value> = std::mem::take(&mut self.calls)
+                .into_iter()
+                .map(|(_, c)| json!({"function": {"name": c.name, "arguments": openai::arguments_value(&c.arguments)}}))
+                .collect();
+            line.insert(
+                "message".into(),
+                json!({"role": "assistant", "content": "", "tool_calls": calls}),
+            );
+        }
+        line.insert("done".into(), json!(true));
+        line.insert(
+            "done_reason".into(),
+            json!(done_reason(self.finish.unwrap_or(Finish::Stop))),
+        );
+        counters(&mut line, usage, timing);
+        Value::Object(line)
+    }
+}
+
+/// What the hub knows about one model, for `/api/tags` and `/api/show`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelCard {
+    /// The pool's name for the model.
+    pub name: String,
+    /// SHA-256 of the model file, hex, when the providers announced one.
+    pub sha256: Option<String>,
+    /// `gguf` or `safetensors`, when known.
+    pub format: Option<String>,
+    /// What the providers say it can do: `completion`, `tools`, `vision`, `embedding`.
+    pub capabilities: Vec<String>,
+    /// The largest context a provider announced, when known.
+    pub context_length: Option<u64>,
+}
+
+fn details(card: &ModelCard) -> Value {
+    json!({"parent_model": "", "format": card.format.clone().unwrap_or_default(), "family": "",
+           "families": null, "parameter_size": "", "quantization_level": ""})
+}
+
+/// The `/api/tags` answer.
+pub fn tags(cards: &[ModelCard], modified_at: &str) -> Value {
+    let models: Vec<Value> = cards
+        .iter()
+        .map(|c| {
+            json!({"name": c.name, "model": c.name, "modified_at": modified_at, "size": 0,
+                   "digest": c.sha256.clone().unwrap_or_default(), "details": details(c)})
+        })
+        .collect();
+    json!({ "models": models })
+}
+
+/// The `/api/show` answer for one model.
+pub fn show(card: &ModelCard, modified_at: &str) -> Value {
+    let mut info = Map::new();
+    if let Some(ctx) = card.context_length {
+        info.insert("general.context_length".into(), json!(ctx));
+    }
+    json!({"modelfile": "", "parameters": "", "template": "", "details": details(card),
+           "model_info": info, "capabilities": card.capabilities, "modified_at": modified_at})
+}
+
+/// The model named by an `/api/show` body (`model`, or the older `name`).
+pub fn show_model(body: &[u8]) -> Result<String, DialectError> {
+    let req = object(body)?;
+    req.get("model")
+        .or_else(|| req.get("name"))
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty())
+        .map(str::to_owned)
+        .ok_or(DialectError::Missing("model"))
+}
+
+/// The `/api/version` answer.
+pub fn version() -> Value {
+    json!({ "version": COMPAT_VERSION })
+}
+
+/// Ollama's error body: `{"error": "…"}`.
+pub fn error_body(message: &str) -> Value {
+    json!({ "error": message })
+}
+
+/// One NDJSON line: the value and a newline.
+pub fn ndjson(line: &Value) -> Vec<u8> {
+    let mut out = line.to_string().into_bytes();
+    out.push(b'\n');
+    out
+}

@@ -1,0 +1,268 @@
+use super::*;
+use crate::openai::{Chunk, Completion};
+use crate::Usage;
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+fn chunk(v: Value) -> Chunk {
+    Chunk::parse(v.to_string().as_bytes()).expect("chunk")
+}
+
+#[test]
+fn chat_maps_options_format_images_and_streams_by_default() {
+    let r = chat_to_openai(
+        json!({"model": "llama3:8b", "keep_alive": "5m",
+               "messages": [{"role": "system", "content": "s"},
+                            {"role": "user", "content": "what is this?", "images": ["/9j/4AAQ"]}],
+               "options": {"temperature": 0.1, "num_predict": 20, "stop": ["\n"], "seed": 7, "top_k": 5, "num_ctx": 99999},
+               "format": "json"})
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("valid");
+    assert!(r.stream, "ollama streams unless told not to");
+    let o = &r.openai;
+    assert_eq!(o["max_tokens"], json!(20));
+    assert_eq!(o["temperature"], json!(0.1));
+    assert_eq!(o["seed"], json!(7));
+    assert_eq!(o["top_k"], json!(5));
+    assert_eq!(o["stop"], json!(["\n"]));
+    assert!(o.get("num_ctx").is_none() && o.get("keep_alive").is_none());
+    assert_eq!(o["response_format"], json!({"type": "json_object"}));
+    assert_eq!(o["stream_options"], json!({"include_usage": true}));
+    assert_eq!(
+        o["messages"][1]["content"][1]["image_url"]["url"],
+        json!("data:image/jpeg;base64,/9j/4AAQ")
+    );
+}
+
+#[test]
+fn unlimited_num_predict_leaves_the_cap_to_the_pool() {
+    for n in [-1, -2] {
+        let r = chat_to_openai(
+            json!({"model": "m", "stream": false, "messages": [], "options": {"num_predict": n}})
+                .to_string()
+                .as_bytes(),
+        )
+        .expect("valid");
+        assert!(r.openai.get("max_tokens").is_none());
+        assert!(!r.stream);
+    }
+}
+
+#[test]
+fn tool_calls_get_ids_and_tool_messages_answer_them_in_order() {
+    let r = chat_to_openai(
+        json!({"model": "m", "messages": [
+            {"role": "user", "content": "weather in Oslo and Rome?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": "w", "arguments": {"city": "Oslo"}}},
+                {"function": {"name": "w", "arguments": {"city": "Rome"}}}]},
+            {"role": "tool", "content": "-3"}, {"role": "tool", "content": "18"}],
+            "tools": [{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("valid");
+    let m = &r.openai["messages"];
+    let first = m[1]["tool_calls"][0]["id"].clone();
+    let second = m[1]["tool_calls"][1]["id"].clone();
+    assert_ne!(first, second);
+    assert_eq!(m[2]["tool_call_id"], first);
+    assert_eq!(m[3]["tool_call_id"], second);
+    assert_eq!(
+        m[1]["tool_calls"][0]["function"]["arguments"],
+        json!("{\"city\":\"Oslo\"}")
+    );
+}
+
+#[test]
+fn generate_becomes_a_chat_and_refuses_what_it_cannot_honour() {
+    let r = generate_to_openai(
+        json!({"model": "m", "prompt": "why?", "system": "s", "stream": false})
+            .to_string()
+            .as_bytes(),
+    )
+    .expect("valid");
+    assert_eq!(
+        r.openai["messages"],
+        json!([{"role": "system", "content": "s"}, {"role": "user", "content": "why?"}])
+    );
+    for (body, field) in [
+        (
+            json!({"model": "m", "prompt": "a", "suffix": "b"}),
+            "suffix",
+        ),
+        (json!({"model": "m", "prompt": "a", "raw": true}), "raw"),
+        (
+            json!({"model": "m", "prompt": "a", "context": [1, 2]}),
+            "context",
+        ),
+        (
+            json!({"model": "m", "prompt": "a", "template": "{{ .Prompt }}"}),
+            "template",
+        ),
+        (json!({"prompt": "a"}), "model"),
+        (
+            json!({"model": "m", "prompt": "a", "images": ["http://x/y.png"]}),
+            "images.0",
+        ),
+    ] {
+        assert_eq!(
+            generate_to_openai(body.to_string().as_bytes())
+                .expect_err("refused")
+                .param(),
+            Some(field)
+        );
+    }
+}
+
+#[test]
+fn embed_and_legacy_embeddings_translate_both_ways() {
+    let r = embed_to_openai(
+        json!({"model": "e", "input": ["a", "b"], "truncate": true})
+            .to_string()
+            .as_bytes(),
+        false,
+    )
+    .expect("valid");
+    assert_eq!(r.openai, json!({"model": "e", "input": ["a", "b"]}));
+    let legacy = embed_to_openai(
+        json!({"model": "e", "prompt": "a"}).to_string().as_bytes(),
+        true,
+    )
+    .expect("valid");
+    assert_eq!(legacy.openai["input"], json!("a"));
+    let answer =
+        json!({"data": [{"index": 1, "embedding": [0.5]}, {"index": 0, "embedding": [0.25]}]});
+    let out = embed_from_openai(
+        &answer,
+        "e",
+        Usage {
+            input: 4,
+            output: 0,
+        },
+        Timing { total_ns: 9 },
+        false,
+    );
+    assert_eq!(out["embeddings"], json!([[0.25], [0.5]]));
+    assert_eq!(out["prompt_eval_count"], json!(4));
+    assert_eq!(
+        embed_from_openai(&answer, "e", Usage::default(), Timing::default(), true),
+        json!({"embedding": [0.25]})
+    );
+}
+
+#[test]
+fn a_whole_answer_has_ollamas_fields() {
+    let answer = Completion::parse(
+        json!({"id": "x", "choices": [{"finish_reason": "length", "message": {"content": "hi",
+            "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{\"a\":1}"}}]}}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("answer");
+    let chat = from_openai(
+        Call::Chat,
+        &answer,
+        "m",
+        "2026-12-02T00:00:00Z",
+        Usage {
+            input: 3,
+            output: 2,
+        },
+        Timing { total_ns: 5 },
+    );
+    assert_eq!(
+        chat["message"],
+        json!({"role": "assistant", "content": "hi", "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}]})
+    );
+    assert_eq!(chat["done"], json!(true));
+    assert_eq!(chat["done_reason"], json!("length"));
+    assert_eq!(chat["prompt_eval_count"], json!(3));
+    assert_eq!(chat["eval_count"], json!(2));
+    let gen = from_openai(
+        Call::Generate,
+        &answer,
+        "m",
+        "t",
+        Usage::default(),
+        Timing::default(),
+    );
+    assert_eq!(gen["response"], json!("hi"));
+}
+
+#[test]
+fn a_stream_is_ndjson_lines_ending_with_done_and_counts() {
+    let mut s = Stream::new(Call::Chat, "m");
+    let mut lines = Vec::new();
+    lines.extend(s.chunk(
+        &chunk(json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]})),
+        "t",
+    ));
+    lines.extend(s.chunk(
+        &chunk(json!({"choices": [{"delta": {"content": "Hi"}}]})),
+        "t",
+    ));
+    lines.extend(s.chunk(&chunk(json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c", "function": {"name": "f", "arguments": "{\"a\""}}]}}]})), "t"));
+    lines.extend(s.chunk(&chunk(json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": ":2}"}}]}, "finish_reason": "tool_calls"}]})), "t"));
+    lines.push(s.finish(
+        "t",
+        Usage {
+            input: 1,
+            output: 2,
+        },
+        Timing { total_ns: 3 },
+    ));
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        lines[0],
+        json!({"model": "m", "created_at": "t", "message": {"role": "assistant", "content": "Hi"}, "done": false})
+    );
+    assert_eq!(lines[1]["done"], json!(true));
+    assert_eq!(
+        lines[1]["message"]["tool_calls"],
+        json!([{"function": {"name": "f", "arguments": {"a": 2}}}])
+    );
+    assert_eq!(lines[1]["eval_count"], json!(2));
+    assert_eq!(ndjson(&lines[0]).last(), Some(&b'\n'));
+}
+
+#[test]
+fn tags_show_version_and_errors() {
+    let card = ModelCard {
+        name: "smollm2".into(),
+        sha256: Some("ab".into()),
+        format: Some("gguf".into()),
+        capabilities: vec!["completion".into(), "tools".into()],
+        context_length: Some(8192),
+    };
+    let t = tags(std::slice::from_ref(&card), "t");
+    assert_eq!(t["models"][0]["name"], json!("smollm2"));
+    assert_eq!(t["models"][0]["digest"], json!("ab"));
+    let s = show(&card, "t");
+    assert_eq!(s["capabilities"], json!(["completion", "tools"]));
+    assert_eq!(s["model_info"]["general.context_length"], json!(8192));
+    assert_eq!(show_model(br#"{"name":"x"}"#).expect("old field"), "x");
+    assert_eq!(version()["version"], json!(COMPAT_VERSION));
+    assert_eq!(error_body("nope"), json!({"error": "nope"}));
+}
+
+proptest! {
+    #[test]
+    fn no_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = chat_to_openai(&bytes);
+        let _ = generate_to_openai(&bytes);
+        let _ = embed_to_openai(&bytes, false);
+        let _ = embed_to_openai(&bytes, true);
+        let _ = show_model(&bytes);
+    }
+
+    #[test]
+    fn no_panic_on_arbitrary_shapes(role in "[a-z]{0,10}", text in ".{0,12}", n in any::<i64>(), f in any::<f64>()) {
+        let body = json!({"model": "m", "messages": [{"role": role, "content": text, "images": [text],
+            "tool_calls": [{"function": {"name": text, "arguments": n}}]}],
+            "options": {"num_predict": n, "temperature": f}, "format": text, "tools": [{"function": {"name": n}}]});
+        let _ = chat_to_openai(body.to_string().as_bytes());
+    }
+}

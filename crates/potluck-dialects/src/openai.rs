@@ -1,0 +1,267 @@
+//! Typed views of the OpenAI chat completions answers a provider sends (whole answers and
+//! stream chunks), reduced to what a translator needs. Unknown fields are ignored.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{Finish, Usage};
+
+/// A whole `chat.completion` answer.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Completion {
+    /// The answer's id (already rewritten by the hub).
+    #[serde(default)]
+    pub id: String,
+    /// The model name (already rewritten by the hub).
+    #[serde(default)]
+    pub model: String,
+    /// Choices; translators read the first.
+    #[serde(default)]
+    pub choices: Vec<Choice>,
+    /// Usage as the hub bills it.
+    #[serde(default)]
+    pub usage: Option<WireUsage>,
+}
+
+/// One choice of a whole answer.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Choice {
+    /// The assistant's message.
+    #[serde(default)]
+    pub message: Message,
+    /// Why it ended.
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+}
+
+/// The assistant's message in a whole answer.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Message {
+    /// Text, if any.
+    #[serde(default)]
+    pub content: Option<String>,
+    /// Reasoning text some servers (llama.cpp) send beside the content.
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
+    /// Tool calls, if any.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A complete tool call.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ToolCall {
+    /// The call's id.
+    #[serde(default)]
+    pub id: String,
+    /// The function called.
+    #[serde(default)]
+    pub function: FunctionCall,
+}
+
+/// The function of a tool call; `arguments` is a JSON text.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct FunctionCall {
+    /// Function name.
+    #[serde(default)]
+    pub name: String,
+    /// Arguments as a JSON text (as OpenAI sends them).
+    #[serde(default)]
+    pub arguments: String,
+}
+
+/// OpenAI's usage object.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct WireUsage {
+    /// Prompt tokens.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(u: WireUsage) -> Self {
+        Self {
+            input: u.prompt_tokens,
+            output: u.completion_tokens,
+        }
+    }
+}
+
+impl Completion {
+    /// Parse a whole answer.
+    pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+
+    /// The first choice, or an empty one.
+    pub fn first(&self) -> Choice {
+        self.choices.first().cloned().unwrap_or_default()
+    }
+
+    /// Why the first choice ended.
+    pub fn finish(&self) -> Finish {
+        self.choices
+            .first()
+            .and_then(|c| c.finish_reason.as_deref())
+            .map_or(Finish::Stop, Finish::from_openai)
+    }
+
+    /// Usage, zero when absent.
+    pub fn usage(&self) -> Usage {
+        self.usage.map(Usage::from).unwrap_or_default()
+    }
+}
+
+/// One `chat.completion.chunk` of a stream.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Chunk {
+    /// The answer's id.
+    #[serde(default)]
+    pub id: String,
+    /// The model name.
+    #[serde(default)]
+    pub model: String,
+    /// Choices; translators read index 0.
+    #[serde(default)]
+    pub choices: Vec<ChunkChoice>,
+    /// Usage, on the last chunk when `include_usage` is set.
+    #[serde(default)]
+    pub usage: Option<WireUsage>,
+}
+
+/// One choice of a chunk.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ChunkChoice {
+    /// The change.
+    #[serde(default)]
+    pub delta: Delta,
+    /// Set on the choice's last chunk.
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+}
+
+/// What a chunk adds.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Delta {
+    /// Text.
+    #[serde(default)]
+    pub content: Option<String>,
+    /// Reasoning text (llama.cpp's `reasoning_content`).
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
+    /// Pieces of tool calls.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCallDelta>,
+}
+
+/// A piece of a streamed tool call: the first piece of a call carries its id and name,
+/// later ones more of its arguments.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ToolCallDelta {
+    /// Which call this piece belongs to.
+    #[serde(default)]
+    pub index: u32,
+    /// The call's id (first piece).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Name and arguments so far.
+    #[serde(default)]
+    pub function: Option<FunctionDelta>,
+}
+
+/// Name (first piece) and a fragment of the arguments text.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct FunctionDelta {
+    /// Function name (first piece).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A fragment of the arguments' JSON text.
+    #[serde(default)]
+    pub arguments: Option<String>,
+}
+
+impl Chunk {
+    /// Parse one chunk (the text after `data: `).
+    pub fn parse(data: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(data)
+    }
+
+    /// The delta of choice 0, if the chunk has one.
+    pub fn delta(&self) -> Option<&Delta> {
+        self.choices.first().map(|c| &c.delta)
+    }
+
+    /// The finish reason of choice 0, if this is its last chunk.
+    pub fn finish(&self) -> Option<Finish> {
+        self.choices
+            .first()
+            .and_then(|c| c.finish_reason.as_deref())
+            .map(Finish::from_openai)
+    }
+}
+
+/// Parse a tool call's arguments text into a JSON value; text that is not JSON (a model
+/// that wrote broken arguments) is kept as a string so nothing is lost.
+pub fn arguments_value(arguments: &str) -> Value {
+    if arguments.trim().is_empty() {
+        return Value::Object(serde_json::Map::new());
+    }
+    serde_json::from_str(arguments).unwrap_or_else(|_| Value::String(arguments.to_owned()))
+}
+
+/// Build an OpenAI function tool from its parts.
+pub(crate) fn function_tool(
+    name: Value,
+    description: Option<&Value>,
+    parameters: Option<&Value>,
+) -> Value {
+    let mut f = serde_json::Map::new();
+    f.insert("name".into(), name);
+    if let Some(d) = description.filter(|d| !d.is_null()) {
+        f.insert("description".into(), d.clone());
+    }
+    f.insert(
+        "parameters".into(),
+        parameters
+            .filter(|p| !p.is_null())
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}})),
+    );
+    serde_json::json!({"type": "function", "function": Value::Object(f)})
+}
+
+/// Set `tool_choice`. A choice of one named function becomes `"required"` with only that
+/// function offered: the same contract, and one that every backend honours (llama.cpp
+/// accepts only `auto`, `none` and `required`).
+pub(crate) fn set_tool_choice(
+    out: &mut serde_json::Map<String, Value>,
+    choice: Value,
+) -> Result<(), crate::DialectError> {
+    let Some(name) = choice
+        .pointer("/function/name")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        out.insert("tool_choice".into(), choice);
+        return Ok(());
+    };
+    let tools = out.get_mut("tools").and_then(Value::as_array_mut);
+    let Some(tools) = tools else {
+        return Err(crate::DialectError::invalid(
+            "tool_choice",
+            "names a tool but the request has no tools",
+        ));
+    };
+    tools.retain(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(name.as_str()));
+    if tools.is_empty() {
+        return Err(crate::DialectError::invalid(
+            "tool_choice",
+            "names a tool that is not in `tools`",
+        ));
+    }
+    out.insert("tool_choice".into(), Value::String("required".to_owned()));
+    Ok(())
+}

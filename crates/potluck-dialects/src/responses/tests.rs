@@ -1,0 +1,221 @@
+use super::*;
+use crate::openai::{Chunk, Completion};
+use crate::{DialectError, Usage};
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+fn req(v: Value) -> Result<Request, DialectError> {
+    to_openai(v.to_string().as_bytes())
+}
+
+fn chunk(v: Value) -> Chunk {
+    Chunk::parse(v.to_string().as_bytes()).expect("chunk")
+}
+
+#[test]
+fn a_string_input_with_instructions_becomes_system_and_user() {
+    let r = req(
+        json!({"model": "m", "input": "hi", "instructions": "be brief", "max_output_tokens": 16,
+                       "temperature": 0.5, "store": true, "metadata": {"k": "v"}}),
+    )
+    .expect("valid");
+    assert_eq!(
+        r.openai,
+        json!({"model": "m", "max_tokens": 16, "temperature": 0.5,
+               "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]})
+    );
+    assert!(!r.stream);
+    assert_eq!(r.echo.instructions, json!("be brief"));
+}
+
+#[test]
+fn previous_response_id_is_refused_with_the_reason() {
+    let err = req(json!({"model": "m", "input": "hi", "previous_response_id": "resp_1"}))
+        .expect_err("refused");
+    assert!(matches!(err, DialectError::Unsupported(_)));
+    assert!(err.to_string().contains("stores no responses"));
+}
+
+#[test]
+fn items_map_to_messages_tool_calls_and_tool_outputs() {
+    let r = req(json!({"model": "m", "stream": true, "input": [
+        {"role": "developer", "content": "rules"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "weather?"},
+            {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]},
+        {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{\"city\":\"Oslo\"}"},
+        {"type": "function_call", "call_id": "c2", "name": "w", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "-3C"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "It is cold."}]}
+    ], "tools": [{"type": "function", "name": "w", "parameters": {"type": "object"}}], "tool_choice": "required"}))
+    .expect("valid");
+    let m = r.openai["messages"].as_array().expect("messages");
+    assert_eq!(m[0], json!({"role": "system", "content": "rules"}));
+    assert_eq!(
+        m[1]["content"][1],
+        json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}})
+    );
+    assert_eq!(
+        m[2]["tool_calls"].as_array().map(Vec::len),
+        Some(2),
+        "consecutive calls share a turn"
+    );
+    assert_eq!(
+        m[3],
+        json!({"role": "tool", "tool_call_id": "c1", "content": "-3C"})
+    );
+    assert_eq!(m[4], json!({"role": "assistant", "content": "It is cold."}));
+    assert_eq!(r.openai["tools"][0]["function"]["name"], json!("w"));
+    assert_eq!(r.openai["tool_choice"], json!("required"));
+    assert_eq!(r.openai["stream_options"], json!({"include_usage": true}));
+}
+
+#[test]
+fn remote_images_files_and_hosted_tools_are_refused() {
+    let image = req(
+        json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}),
+    );
+    assert_eq!(
+        image.expect_err("refused").param(),
+        Some("input.0.content.0.image_url")
+    );
+    let file = req(
+        json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}),
+    );
+    assert_eq!(
+        file.expect_err("refused").param(),
+        Some("input.0.content.0")
+    );
+    let tool = req(json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}));
+    assert_eq!(tool.expect_err("refused").param(), Some("tools.0.type"));
+    assert_eq!(
+        req(json!({"input": "x"})).expect_err("no model").param(),
+        Some("model")
+    );
+    assert_eq!(
+        req(json!({"model": "m"})).expect_err("no input").param(),
+        Some("input")
+    );
+}
+
+#[test]
+fn a_whole_answer_becomes_a_response_object() {
+    let answer = Completion::parse(
+        json!({"id": "chatcmpl-1", "choices": [{"finish_reason": "length", "message": {"content": "Hi there"}}]})
+            .to_string()
+            .as_bytes(),
+    )
+    .expect("answer");
+    let echo = Echo {
+        tools: json!([]),
+        tool_choice: json!("auto"),
+        ..Echo::default()
+    };
+    let r = from_openai(
+        &answer,
+        "m",
+        &echo,
+        1_700_000_000,
+        Usage {
+            input: 5,
+            output: 2,
+        },
+    );
+    assert_eq!(r["id"], json!("resp_chatcmpl-1"));
+    assert_eq!(r["object"], json!("response"));
+    assert_eq!(r["status"], json!("incomplete"));
+    assert_eq!(
+        r["incomplete_details"],
+        json!({"reason": "max_output_tokens"})
+    );
+    assert_eq!(r["store"], json!(false));
+    assert_eq!(r["output"][0]["content"][0]["text"], json!("Hi there"));
+    assert_eq!(r["usage"]["total_tokens"], json!(7));
+}
+
+#[test]
+fn a_stream_emits_the_documented_event_sequence() {
+    let mut s = Stream::new("m", Echo::default(), 1);
+    let mut all = Vec::new();
+    all.extend(s.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {"role": "assistant"}}]}),
+    )));
+    all.extend(s.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {"content": "Hel"}}]}),
+    )));
+    all.extend(s.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {"content": "lo"}, "finish_reason": "stop"}]}),
+    )));
+    all.extend(s.finish(Usage {
+        input: 4,
+        output: 2,
+    }));
+    let names: Vec<_> = all.iter().map(|e| e.name).collect();
+    assert_eq!(
+        names,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e.data["sequence_number"], json!(i));
+        assert_eq!(e.data["type"], json!(e.name));
+    }
+    assert_eq!(all[6].data["text"], json!("Hello"));
+    let done = &all[9].data["response"];
+    assert_eq!(done["status"], json!("completed"));
+    assert_eq!(done["output"][0]["content"][0]["text"], json!("Hello"));
+    assert_eq!(done["usage"]["output_tokens"], json!(2));
+}
+
+#[test]
+fn streamed_function_calls_accumulate_arguments() {
+    let mut s = Stream::new("m", Echo::default(), 1);
+    let mut all = Vec::new();
+    all.extend(s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_9", "function": {"name": "f", "arguments": "{\"a\""}}]}}]}))));
+    all.extend(s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]}, "finish_reason": "tool_calls"}]}))));
+    all.extend(s.finish(Usage::default()));
+    let names: Vec<_> = all.iter().map(|e| e.name).collect();
+    assert_eq!(
+        names,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    assert_eq!(all[5].data["arguments"], json!("{\"a\":1}"));
+    assert_eq!(
+        all[7].data["response"]["output"][0]["call_id"],
+        json!("call_9")
+    );
+}
+
+proptest! {
+    #[test]
+    fn no_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = to_openai(&bytes);
+    }
+
+    #[test]
+    fn no_panic_on_arbitrary_item_shapes(ty in "[a-z_]{0,16}", role in "[a-z]{0,10}", text in ".{0,12}", n in any::<i64>()) {
+        let body = json!({"model": "m", "max_output_tokens": n, "input": [
+            {"type": ty, "role": role, "content": [{"type": ty, "text": text, "image_url": text}],
+             "call_id": text, "name": text, "arguments": text, "output": [{"type": ty}]}],
+            "tools": [{"type": ty, "name": text}], "tool_choice": {"type": ty}, "text": {"format": {"type": ty}}});
+        let _ = to_openai(body.to_string().as_bytes());
+    }
+}

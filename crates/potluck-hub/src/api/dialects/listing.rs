@@ -1,0 +1,86 @@
+//! Ollama's model listing and housekeeping calls: `/api/tags`, `/api/show`,
+//! `/api/version`, and the model-management calls the pool refuses.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use potluck_dialects::ollama;
+
+use super::{error_response, from_api_error, translation_error, unix_now, Dialect};
+use crate::state::HubState;
+
+fn cards(state: &HubState, groups: &[String]) -> Vec<ollama::ModelCard> {
+    state
+        .registry
+        .pool_for(groups)
+        .iter()
+        .map(|(name, s)| ollama::ModelCard {
+            name: name.to_string(),
+            sha256: s.sha256.iter().next().cloned(),
+            format: None,
+            capabilities: vec!["completion".to_owned()],
+            context_length: None,
+        })
+        .collect()
+}
+
+/// `GET /api/tags`
+pub(crate) async fn ollama_tags(
+    State(state): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Response {
+    match crate::http::auth::consumer_or_anonymous(&state, &headers).await {
+        Ok((key, _)) => {
+            let now = potluck_dialects::rfc3339_utc(unix_now());
+            axum::Json(ollama::tags(&cards(&state, &key.groups), &now)).into_response()
+        }
+        Err(e) => from_api_error(Dialect::Ollama, e),
+    }
+}
+
+/// `POST /api/show`
+pub(crate) async fn ollama_show(State(state): State<Arc<HubState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let key = match crate::http::auth::consumer_or_anonymous(&state, &parts.headers).await {
+        Ok((key, _)) => key,
+        Err(e) => return from_api_error(Dialect::Ollama, e),
+    };
+    let raw = match crate::api::admit::read_body(body, state.config.max_request_bytes).await {
+        Ok(b) => b,
+        Err(e) => return from_api_error(Dialect::Ollama, e),
+    };
+    let model = match ollama::show_model(&raw) {
+        Ok(m) => m,
+        Err(e) => return translation_error(Dialect::Ollama, &e),
+    };
+    let now = potluck_dialects::rfc3339_utc(unix_now());
+    match cards(&state, &key.groups)
+        .into_iter()
+        .find(|c| c.name == model)
+    {
+        Some(card) => axum::Json(ollama::show(&card, &now)).into_response(),
+        None => error_response(
+            Dialect::Ollama,
+            StatusCode::NOT_FOUND,
+            "model not found in the pool",
+            None,
+        ),
+    }
+}
+
+/// `GET /api/version`
+pub(crate) async fn ollama_version() -> Response {
+    axum::Json(ollama::version()).into_response()
+}
+
+/// `pull`, `push`, `create`, `copy`, `delete`: the pool's models are the providers' choice.
+pub(crate) async fn ollama_manage() -> Response {
+    error_response(
+        Dialect::Ollama,
+        StatusCode::FORBIDDEN,
+        ollama::MANAGE_REFUSED,
+        None,
+    )
+}

@@ -1,0 +1,460 @@
+//! The consumer APIs other than OpenAI chat completions: Anthropic Messages
+//! (`/v1/messages`), OpenAI Responses (`/v1/responses`) and Ollama (`/api/*`).
+//!
+//! Each handler translates the native request into a chat completion (or embeddings)
+//! request with `potluck-dialects`, runs it through the one inference path (key, limits,
+//! credits, queue, guard, relay, billing, receipts: nothing is duplicated), and
+//! translates the answer, the stream or the error back into the dialect's own shapes.
+//! No text is logged or kept here either.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use potluck_dialects::openai::Completion;
+use potluck_dialects::{anthropic, ollama, responses, DialectError, Usage};
+use potluck_protocol::request::RequestLimits;
+use potluck_protocol::{ErrorBody, InferenceEndpoint, InferenceRequest};
+use serde_json::Value;
+
+use self::stream::stream_back;
+use crate::http::error::ApiError;
+use crate::state::HubState;
+
+mod listing;
+mod stream;
+
+pub(crate) use self::listing::{ollama_manage, ollama_show, ollama_tags, ollama_version};
+
+/// Largest hub-made error body read back for translation (they are a few hundred bytes).
+pub(crate) const MAX_TRANSLATED_ERROR_BYTES: usize = 64 * 1024;
+
+/// Which native API a request came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Anthropic,
+    Responses,
+    Ollama,
+}
+
+/// What a handler needs to translate the answer back.
+enum Back {
+    Anthropic {
+        model: String,
+    },
+    Responses {
+        model: String,
+        echo: Box<responses::Echo>,
+    },
+    Ollama {
+        call: ollama::Call,
+        model: String,
+    },
+    OllamaEmbed {
+        model: String,
+        legacy: bool,
+    },
+}
+
+impl Back {
+    fn dialect(&self) -> Dialect {
+        match self {
+            Back::Anthropic { .. } => Dialect::Anthropic,
+            Back::Responses { .. } => Dialect::Responses,
+            Back::Ollama { .. } | Back::OllamaEmbed { .. } => Dialect::Ollama,
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An error in the dialect's own shape.
+fn error_response(
+    dialect: Dialect,
+    status: StatusCode,
+    message: &str,
+    param: Option<&str>,
+) -> Response {
+    let (status, body) = match dialect {
+        Dialect::Anthropic => {
+            let s = anthropic::error_status(status.as_u16());
+            (
+                StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                anthropic::error_body(status.as_u16(), message),
+            )
+        }
+        Dialect::Responses => {
+            let kind = responses::error_type(status.as_u16());
+            let body = ErrorBody::new(kind, message, param, None);
+            (status, serde_json::to_value(body).unwrap_or(Value::Null))
+        }
+        Dialect::Ollama => (status, ollama::error_body(message)),
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+fn translation_error(dialect: Dialect, e: &DialectError) -> Response {
+    error_response(dialect, StatusCode::BAD_REQUEST, &e.to_string(), e.param())
+}
+
+/// Anthropic clients send the key as `x-api-key`; the inference path reads
+/// `Authorization: Bearer`. The key itself is never logged.
+fn key_from_x_api_key(headers: &mut HeaderMap) {
+    if headers.contains_key(header::AUTHORIZATION) {
+        return;
+    }
+    let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
+        headers.insert(header::AUTHORIZATION, v);
+    }
+}
+
+/// Read the native body under the hub's request cap, translate it, and run the
+/// translated request through the inference path.
+async fn run(
+    state: Arc<HubState>,
+    req: Request,
+    dialect: Dialect,
+    endpoint: InferenceEndpoint,
+    translate: impl FnOnce(&[u8]) -> Result<(Value, Back), DialectError>,
+) -> Response {
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    key_from_x_api_key(&mut parts.headers);
+    let limit = state.config.max_request_bytes;
+    let raw = match crate::api::admit::read_body(body, limit).await {
+        Ok(b) => b,
+        Err(e) => return from_api_error(dialect, e),
+    };
+    let (openai, back) = match translate(&raw) {
+        Ok(t) => t,
+        Err(e) => return translation_error(dialect, &e),
+    };
+    drop(raw);
+    let bytes = match serde_json::to_vec(&openai) {
+        Ok(b) => b,
+        Err(_) => return from_api_error(dialect, ApiError::Internal),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let inner = Request::from_parts(parts, Body::from(bytes));
+    let max_event = state.config.max_sse_line_bytes;
+    let resp = crate::api::inference(state, endpoint, inner).await;
+    translate_back(resp, back, started, max_event).await
+}
+
+fn from_api_error(dialect: Dialect, e: ApiError) -> Response {
+    let status = e.status();
+    let body = e.body();
+    let mut resp = error_response(
+        dialect,
+        status,
+        &body.error.message,
+        body.error.param.as_deref(),
+    );
+    let plain = e.into_response();
+    copy_headers(plain.headers(), resp.headers_mut());
+    resp
+}
+
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for name in [
+        header::RETRY_AFTER.as_str(),
+        crate::api::ctx::HEADER_X_REQUEST_ID,
+        "x-should-retry",
+        crate::api::relay::HEADER_QUEUE_MS,
+    ] {
+        if let Some(v) = from.get(name) {
+            to.insert(header::HeaderName::from_static(name), v.clone());
+        }
+    }
+}
+
+async fn translate_back(
+    resp: Response,
+    back: Back,
+    started: Instant,
+    max_event: usize,
+) -> Response {
+    let dialect = back.dialect();
+    let (parts, body) = resp.into_parts();
+    if parts.status != StatusCode::OK {
+        let bytes = read_capped(body, MAX_TRANSLATED_ERROR_BYTES).await;
+        let message = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|b| b.error.message)
+            .unwrap_or_else(|_| "the request failed".to_owned());
+        let mut out = error_response(dialect, parts.status, &message, None);
+        copy_headers(&parts.headers, out.headers_mut());
+        return out;
+    }
+    let streamed = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut out = if streamed {
+        stream_back(body, back, started, max_event)
+    } else {
+        whole_back(body, back, started).await
+    };
+    copy_headers(&parts.headers, out.headers_mut());
+    out
+}
+
+async fn read_capped(body: Body, limit: usize) -> Bytes {
+    http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default()
+}
+
+async fn whole_back(body: Body, back: Back, started: Instant) -> Response {
+    let dialect = back.dialect();
+    // The inference path already capped the answer at `max_response_bytes`.
+    let bytes = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            return error_response(
+                dialect,
+                StatusCode::BAD_GATEWAY,
+                "the provider's answer could not be read",
+                None,
+            )
+        }
+    };
+    let timing = ollama::Timing {
+        total_ns: nanos(started),
+    };
+    let value = match back {
+        Back::OllamaEmbed { model, legacy } => {
+            let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let usage = Usage {
+                input: answer
+                    .pointer("/usage/prompt_tokens")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                output: 0,
+            };
+            ollama::embed_from_openai(&answer, &model, usage, timing, legacy)
+        }
+        back => {
+            let Ok(answer) = Completion::parse(&bytes) else {
+                return error_response(
+                    dialect,
+                    StatusCode::BAD_GATEWAY,
+                    "the provider's answer was not valid",
+                    None,
+                );
+            };
+            let usage = answer.usage();
+            match back {
+                Back::Anthropic { model } => anthropic::from_openai(&answer, &model, usage),
+                Back::Responses { model, echo } => {
+                    responses::from_openai(&answer, &model, &echo, unix_now(), usage)
+                }
+                Back::Ollama { call, model } => ollama::from_openai(
+                    call,
+                    &answer,
+                    &model,
+                    &potluck_dialects::rfc3339_utc(unix_now()),
+                    usage,
+                    timing,
+                ),
+                Back::OllamaEmbed { .. } => Value::Null,
+            }
+        }
+    };
+    axum::Json(value).into_response()
+}
+
+fn nanos(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// `POST /v1/messages`
+pub(crate) async fn anthropic_messages(
+    State(state): State<Arc<HubState>>,
+    req: Request,
+) -> Response {
+    run(
+        state,
+        req,
+        Dialect::Anthropic,
+        InferenceEndpoint::ChatCompletions,
+        |b| {
+            let r = anthropic::to_openai(b)?;
+            Ok((r.openai, Back::Anthropic { model: r.model }))
+        },
+    )
+    .await
+}
+
+/// `POST /v1/messages/count_tokens`: the hub's own estimate (bytes-based, the same one
+/// admission uses), not a tokenizer's count.
+pub(crate) async fn anthropic_count_tokens(
+    State(state): State<Arc<HubState>>,
+    req: Request,
+) -> Response {
+    let (mut parts, body) = req.into_parts();
+    key_from_x_api_key(&mut parts.headers);
+    if let Err(e) = crate::http::auth::consumer_or_anonymous(&state, &parts.headers).await {
+        return from_api_error(Dialect::Anthropic, e);
+    }
+    let raw = match crate::api::admit::read_body(body, state.config.max_request_bytes).await {
+        Ok(b) => b,
+        Err(e) => return from_api_error(Dialect::Anthropic, e),
+    };
+    // count_tokens bodies carry no max_tokens; the translation needs one.
+    let mut v: Value = match serde_json::from_slice(&raw) {
+        Ok(v) => v,
+        Err(_) => {
+            return translation_error(
+                Dialect::Anthropic,
+                &DialectError::Json("not JSON".to_owned()),
+            )
+        }
+    };
+    if let Some(o) = v.as_object_mut() {
+        o.entry("max_tokens").or_insert(Value::from(1));
+    }
+    let bytes = serde_json::to_vec(&v).unwrap_or_default();
+    let translated = match anthropic::to_openai(&bytes) {
+        Ok(r) => serde_json::to_vec(&r.openai).unwrap_or_default(),
+        Err(e) => return translation_error(Dialect::Anthropic, &e),
+    };
+    // The same estimate admission uses (the shared request rules).
+    let limits = RequestLimits::new(state.config.max_request_bytes.saturating_mul(2));
+    match InferenceRequest::parse(InferenceEndpoint::ChatCompletions, &translated, &limits) {
+        Ok(r) => {
+            axum::Json(anthropic::count_tokens_answer(u64::from(r.prompt_estimate))).into_response()
+        }
+        Err(e) => error_response(
+            Dialect::Anthropic,
+            StatusCode::BAD_REQUEST,
+            &e.to_string(),
+            e.param(),
+        ),
+    }
+}
+
+/// `POST /v1/responses`
+pub(crate) async fn responses(State(state): State<Arc<HubState>>, req: Request) -> Response {
+    run(
+        state,
+        req,
+        Dialect::Responses,
+        InferenceEndpoint::ChatCompletions,
+        |b| {
+            let r = responses::to_openai(b)?;
+            Ok((
+                r.openai,
+                Back::Responses {
+                    model: r.model,
+                    echo: Box::new(r.echo),
+                },
+            ))
+        },
+    )
+    .await
+}
+
+/// `POST /api/chat`
+pub(crate) async fn ollama_chat(State(state): State<Arc<HubState>>, req: Request) -> Response {
+    run(
+        state,
+        req,
+        Dialect::Ollama,
+        InferenceEndpoint::ChatCompletions,
+        |b| {
+            let r = ollama::chat_to_openai(b)?;
+            Ok((
+                r.openai,
+                Back::Ollama {
+                    call: ollama::Call::Chat,
+                    model: r.model,
+                },
+            ))
+        },
+    )
+    .await
+}
+
+/// `POST /api/generate`
+pub(crate) async fn ollama_generate(State(state): State<Arc<HubState>>, req: Request) -> Response {
+    run(
+        state,
+        req,
+        Dialect::Ollama,
+        InferenceEndpoint::ChatCompletions,
+        |b| {
+            let r = ollama::generate_to_openai(b)?;
+            Ok((
+                r.openai,
+                Back::Ollama {
+                    call: ollama::Call::Generate,
+                    model: r.model,
+                },
+            ))
+        },
+    )
+    .await
+}
+
+/// `POST /api/embed`
+pub(crate) async fn ollama_embed(State(state): State<Arc<HubState>>, req: Request) -> Response {
+    run(
+        state,
+        req,
+        Dialect::Ollama,
+        InferenceEndpoint::Embeddings,
+        |b| {
+            let r = ollama::embed_to_openai(b, false)?;
+            Ok((
+                r.openai,
+                Back::OllamaEmbed {
+                    model: r.model,
+                    legacy: false,
+                },
+            ))
+        },
+    )
+    .await
+}
+
+/// `POST /api/embeddings` (Ollama's older call)
+pub(crate) async fn ollama_embeddings(
+    State(state): State<Arc<HubState>>,
+    req: Request,
+) -> Response {
+    run(
+        state,
+        req,
+        Dialect::Ollama,
+        InferenceEndpoint::Embeddings,
+        |b| {
+            let r = ollama::embed_to_openai(b, true)?;
+            Ok((
+                r.openai,
+                Back::OllamaEmbed {
+                    model: r.model,
+                    legacy: true,
+                },
+            ))
+        },
+    )
+    .await
+}

@@ -1,0 +1,422 @@
+//! The Anthropic Messages, OpenAI Responses and Ollama APIs through the real hub, tunnel
+//! and agent, against the recording fake backend: the translation reaches the provider as
+//! a chat completion, answers and streams come back in each API's own shapes, and every
+//! error is in the dialect's own shape and status without echoing the request.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+use potluck_testkit::{FakeBackend, TestAgent, TestHub};
+use serde_json::{json, Value};
+
+const MODEL: &str = "m1";
+const CANARY: &str = "CANARY-d1a1ec7-dialects";
+
+struct Pool {
+    hub: TestHub,
+    backend: FakeBackend,
+    _agent: TestAgent,
+    key: String,
+    key_id: i64,
+}
+
+async fn pool() -> Pool {
+    let hub = TestHub::start_with(|c| c.max_request_bytes = 16 * 1024).await;
+    let (key_id, key) = hub.create_key_in("consumer", "consumer").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    Pool {
+        hub,
+        backend,
+        _agent: agent,
+        key,
+        key_id,
+    }
+}
+
+async fn post(
+    p: &Pool,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut r = p
+        .hub
+        .http
+        .post(format!("{}{path}", p.hub.url()))
+        .header("content-type", "application/json")
+        .body(body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    assert!(
+        !text.contains(CANARY),
+        "a response echoed request content: {text}"
+    );
+    (status, headers, text)
+}
+
+fn last_backend_body(p: &Pool) -> Value {
+    let got = p.backend.inference_received();
+    let last = got.last().expect("the backend got the request");
+    assert_eq!(last.target, "/v1/chat/completions");
+    serde_json::from_slice(&last.body).unwrap()
+}
+
+/// `(event name, data)` pairs of an SSE body.
+fn sse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|block| {
+            let mut name = String::new();
+            let mut data = Value::Null;
+            for line in block.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_owned();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(d).unwrap();
+                }
+            }
+            (name, data)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_messages_whole_and_streamed_with_x_api_key() {
+    let p = pool().await;
+    let auth = [
+        ("x-api-key", p.key.as_str()),
+        ("anthropic-version", "2023-06-01"),
+        ("anthropic-beta", "tools-2024-04-04"),
+    ];
+    let body = json!({"model": MODEL, "max_tokens": 32, "system": "be brief",
+                      "messages": [{"role": "user", "content": "hello"}], "stop_sequences": ["END"]});
+    let (s, h, text) = post(
+        &p,
+        "/v1/messages?beta=true",
+        &auth,
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 200, "{text}");
+    assert!(h.contains_key("x-request-id"));
+    let msg: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(msg["type"], "message");
+    assert_eq!(msg["role"], "assistant");
+    assert_eq!(msg["model"], MODEL);
+    assert_eq!(msg["content"][0]["type"], "text");
+    assert!(msg["content"][0]["text"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty()));
+    assert_eq!(msg["stop_reason"], "end_turn");
+    assert_eq!(
+        msg["usage"]["output_tokens"], 5,
+        "the fake sends five chunks' worth"
+    );
+    let sent = last_backend_body(&p);
+    assert_eq!(
+        sent["messages"][0],
+        json!({"role": "system", "content": "be brief"})
+    );
+    assert_eq!(sent["max_tokens"], 32);
+    assert_eq!(sent["stop"], json!(["END"]));
+
+    let body = json!({"model": MODEL, "max_tokens": 32, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let (s, h, text) = post(
+        &p,
+        "/v1/messages",
+        &[("authorization", &format!("Bearer {}", p.key))],
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 200, "{text}");
+    assert_eq!(h["content-type"], "text/event-stream");
+    let events = sse_events(&text);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        &names[..3],
+        ["message_start", "ping", "content_block_start"]
+    );
+    assert_eq!(
+        &names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    let deltas = names
+        .iter()
+        .filter(|n| **n == "content_block_delta")
+        .count();
+    assert_eq!(deltas, 5);
+    let (_, delta) = &events[events.len() - 2];
+    assert_eq!(delta["usage"]["output_tokens"], 5);
+    assert_eq!(
+        last_backend_body(&p)["stream_options"],
+        json!({"include_usage": true})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_count_tokens_is_the_hubs_estimate() {
+    let p = pool().await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(400)}]});
+    let (s, _, text) = post(
+        &p,
+        "/v1/messages/count_tokens",
+        &[("x-api-key", &p.key)],
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 200, "{text}");
+    let n = serde_json::from_str::<Value>(&text).unwrap()["input_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (100..=200).contains(&n),
+        "about a token per four bytes: {n}"
+    );
+    assert!(
+        p.backend.inference_received().is_empty(),
+        "counting sends nothing to a provider"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_responses_whole_and_streamed() {
+    let p = pool().await;
+    let bearer = format!("Bearer {}", p.key);
+    let auth = [("authorization", bearer.as_str())];
+    let body = json!({"model": MODEL, "input": "hello", "instructions": "be brief", "max_output_tokens": 20, "store": true});
+    let (s, _, text) = post(&p, "/v1/responses", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    let r: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(r["object"], "response");
+    assert_eq!(r["status"], "completed");
+    assert_eq!(r["store"], false, "the hub stores nothing and says so");
+    assert_eq!(r["output"][0]["type"], "message");
+    assert_eq!(r["usage"]["output_tokens"], 5);
+    let sent = last_backend_body(&p);
+    assert_eq!(
+        sent["messages"][0],
+        json!({"role": "system", "content": "be brief"})
+    );
+    assert_eq!(sent["max_tokens"], 20);
+
+    let body =
+        json!({"model": MODEL, "input": [{"role": "user", "content": "hi"}], "stream": true});
+    let (s, _, text) = post(&p, "/v1/responses", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    let events = sse_events(&text);
+    assert_eq!(events[0].0, "response.created");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|(n, _)| n == "response.output_text.delta")
+            .count(),
+        5
+    );
+    let (last, done) = events.last().unwrap();
+    assert_eq!(last, "response.completed");
+    assert_eq!(done["response"]["usage"]["output_tokens"], 5);
+
+    let body = json!({"model": MODEL, "input": "hi", "previous_response_id": "resp_1"});
+    let (s, _, text) = post(&p, "/v1/responses", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 400);
+    assert!(text.contains("stores no responses"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_chat_generate_embed_and_model_listing() {
+    let p = pool().await;
+    let bearer = format!("Bearer {}", p.key);
+    let auth = [("authorization", bearer.as_str())];
+    // Streams by default, as ollama does: NDJSON lines, the last one `done` with counts.
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 9, "temperature": 0}, "keep_alive": "5m"});
+    let (s, h, text) = post(&p, "/api/chat", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    assert_eq!(h["content-type"], "application/x-ndjson");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6, "five content lines and the last: {text}");
+    assert!(lines[..5]
+        .iter()
+        .all(|l| l["done"] == false && l["message"]["role"] == "assistant"));
+    assert_eq!(lines[5]["done"], true);
+    assert_eq!(lines[5]["eval_count"], 5);
+    let sent = last_backend_body(&p);
+    assert_eq!(sent["max_tokens"], 9);
+    assert_eq!(sent["temperature"], 0);
+
+    let body = json!({"model": MODEL, "prompt": "why", "stream": false});
+    let (s, _, text) = post(&p, "/api/generate", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    let g: Value = serde_json::from_str(&text).unwrap();
+    assert!(g["response"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_eq!(g["done"], true);
+
+    let body = json!({"model": MODEL, "input": ["a", "b"]});
+    let (s, _, text) = post(&p, "/api/embed", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    let e: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(e["embeddings"].as_array().map(Vec::len), Some(2));
+
+    let tags: Value = p
+        .hub
+        .http
+        .get(format!("{}/api/tags", p.hub.url()))
+        .bearer_auth(&p.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tags["models"][0]["name"], MODEL);
+    let (s, _, text) = post(
+        &p,
+        "/api/show",
+        &auth,
+        json!({"model": MODEL}).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 200, "{text}");
+    let version: Value = p
+        .hub
+        .http
+        .get(format!("{}/api/version", p.hub.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(version["version"].is_string());
+    let (s, _, text) = post(
+        &p,
+        "/api/pull",
+        &auth,
+        json!({"model": "llama3"}).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 403);
+    assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("volunteers"));
+}
+
+/// `(path, body for model)` of one request in each dialect.
+fn dialect_requests(model: &str) -> Vec<(&'static str, Value)> {
+    let user = json!([{"role": "user", "content": CANARY}]);
+    vec![
+        (
+            "/v1/messages",
+            json!({"model": model, "max_tokens": 8, "messages": user}),
+        ),
+        ("/v1/responses", json!({"model": model, "input": CANARY})),
+        (
+            "/api/chat",
+            json!({"model": model, "messages": user, "stream": false}),
+        ),
+    ]
+}
+
+fn assert_dialect_error(
+    path: &str,
+    status: u16,
+    text: &str,
+    want_status: u16,
+    anthropic_type: &str,
+) {
+    let v: Value =
+        serde_json::from_str(text).unwrap_or_else(|_| panic!("{path}: not JSON: {text}"));
+    assert_eq!(status, want_status, "{path}: {text}");
+    match path {
+        "/v1/messages" => {
+            assert_eq!(v["type"], "error", "{text}");
+            assert_eq!(v["error"]["type"], anthropic_type, "{text}");
+            assert!(v["error"]["message"].is_string());
+        }
+        "/v1/responses" => {
+            assert!(
+                v["error"]["type"].is_string() && v["error"]["message"].is_string(),
+                "{text}"
+            );
+            assert!(v["error"].get("param").is_some() && v["error"].get("code").is_some());
+        }
+        _ => assert!(v["error"].is_string(), "{text}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dialect_answers_errors_in_its_own_shape() {
+    let p = pool().await;
+    let bearer = format!("Bearer {}", p.key);
+    for (path, body) in dialect_requests(MODEL) {
+        // Bad key.
+        let (s, _, t) = post(
+            &p,
+            path,
+            &[("authorization", "Bearer pk-wrong")],
+            body.to_string().into_bytes(),
+        )
+        .await;
+        assert_dialect_error(path, s, &t, 401, "authentication_error");
+        // Malformed JSON.
+        let (s, _, t) = post(
+            &p,
+            path,
+            &[("authorization", &bearer)],
+            format!("{{\"model\": [{CANARY}").into_bytes(),
+        )
+        .await;
+        assert_dialect_error(path, s, &t, 400, "invalid_request_error");
+        // Oversize body.
+        let big = json!({"model": MODEL, "pad": "x".repeat(20 * 1024)});
+        let (s, _, t) = post(
+            &p,
+            path,
+            &[("authorization", &bearer)],
+            big.to_string().into_bytes(),
+        )
+        .await;
+        assert_dialect_error(path, s, &t, 413, "request_too_large");
+    }
+    // Unknown model.
+    for (path, body) in dialect_requests("no-such-model") {
+        let (s, _, t) = post(
+            &p,
+            path,
+            &[("authorization", &bearer)],
+            body.to_string().into_bytes(),
+        )
+        .await;
+        assert_dialect_error(path, s, &t, 404, "not_found_error");
+    }
+    // Rate limit: 429 with retry-after in every dialect.
+    p.hub.set_limits(p.key_id, json!({"rpm": 1})).await;
+    let (s, _, _) = post(
+        &p,
+        "/api/chat",
+        &[("authorization", &bearer)],
+        dialect_requests(MODEL)[2].1.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    for (path, body) in dialect_requests(MODEL) {
+        let (s, h, t) = post(
+            &p,
+            path,
+            &[("authorization", &bearer)],
+            body.to_string().into_bytes(),
+        )
+        .await;
+        assert_dialect_error(path, s, &t, 429, "rate_limit_error");
+        assert!(h.contains_key("retry-after"), "{path}");
+    }
+}
