@@ -633,6 +633,121 @@ pub fn print_ratios(r: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::Summary;
+
+    fn chat_cell(target: &str, c: usize, rps: f64, p50_us: f64, added: Option<f64>) -> Cell {
+        Cell {
+            mode: "chat",
+            concurrency: c,
+            target: target.into(),
+            requests: 1,
+            errors: 0,
+            first_error: None,
+            elapsed_s: 1.0,
+            rps,
+            latency: Summary {
+                count: 1,
+                p50_us,
+                ..Summary::default()
+            },
+            ttft: None,
+            gap: None,
+            chunks: 0,
+            cpu_s: None,
+            cpu_per_request_us: None,
+            cpu_per_chunk_us: None,
+            added_p50_us: added,
+            added_p99_us: None,
+        }
+    }
+
+    fn oha_cell(target: &str, c: usize, rps: f64, p50_us: f64, added: Option<f64>) -> OhaCell {
+        OhaCell {
+            concurrency: c,
+            target: target.into(),
+            ok: 1,
+            errors: 0,
+            rps,
+            p50_us,
+            p99_us: p50_us,
+            added_p50_us: added,
+        }
+    }
+
+    fn report(chat: Vec<Cell>, oha: Vec<OhaCell>) -> Report {
+        Report {
+            machine: crate::sysinfo::machine(),
+            commands: Vec::new(),
+            settings: Settings {
+                slice_ms: 1,
+                rounds: 1,
+                concurrencies: vec![1, 64],
+                info_concurrencies: Vec::new(),
+                stream_chunks: 2,
+                stream_gap_ms: 1,
+                held_streams: 0,
+                held_chunks: 1,
+                held_gap_ms: 1,
+                request_timeout_s: 1,
+                real_slice_ms: 1,
+                real_rounds: 1,
+                real_max_tokens: 1,
+                real_parallel: 1,
+                real_clients_per_slot: Vec::new(),
+                quick: true,
+                floor_upstream: crate::suite::FLOOR_UPSTREAM,
+                floor_workers: crate::suite::FLOOR_WORKERS,
+            },
+            peer_status: String::new(),
+            chat,
+            stream: Vec::new(),
+            oha,
+            oha_status: "oha test".into(),
+            memory: Memory::default(),
+            held: None,
+            held_error: None,
+            real_model: Vec::new(),
+            real_model_error: None,
+            ratios: Vec::new(),
+            potluck_background_cpu_s: 0.0,
+            usage_records_dropped: 0,
+            notes: Vec::new(),
+            wall_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn cross_check_names_a_trusted_tool_only_where_the_tools_disagree() {
+        let chat = vec![
+            chat_cell("direct", 1, 10_000.0, 40.0, None),
+            chat_cell("floor", 1, 5_000.0, 120.0, Some(80.0)),
+            chat_cell("direct", 64, 30_000.0, 2000.0, None),
+            chat_cell("floor", 64, 20_000.0, 3000.0, Some(1000.0)),
+        ];
+        // c=1: the floor's added latency agrees (80 vs 90 µs); c=64: oha's direct rate is
+        // twice the suite's, and oha measured direct faster.
+        let oha = vec![
+            oha_cell("direct", 1, 9_000.0, 50.0, None),
+            oha_cell("floor", 1, 5_000.0, 140.0, Some(90.0)),
+            oha_cell("direct", 64, 60_000.0, 1000.0, None),
+            oha_cell("floor", 64, 19_000.0, 3100.0, Some(2100.0)),
+        ];
+        let r = report(chat, oha);
+        let a = agreements(&r);
+        assert_eq!(a.len(), 3, "{a:?}");
+        assert!(a
+            .iter()
+            .any(|x| x.what == "added p50, c=1, floor" && x.agree));
+        assert!(a
+            .iter()
+            .any(|x| x.what == "req/s, c=64, direct" && !x.agree));
+        assert!(a.iter().any(|x| x.what == "req/s, c=64, floor" && x.agree));
+        assert_eq!(trusted(&r, 1), None, "they agree at c=1");
+        assert_eq!(trusted(&r, 64), Some("oha"));
+        let md = markdown(&r);
+        assert!(md.contains("trust **oha**"), "{md}");
+        assert!(!md.contains("disagree at c=1"));
+    }
 
     #[test]
     fn splice_keeps_hand_written_text() {
