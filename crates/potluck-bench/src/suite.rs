@@ -579,6 +579,33 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
         stream_cells
             .extend(run_cell(&targets, "stream", &stream, c, &settings, &mut background).await);
     }
+    if let (false, Some(t)) = (
+        oha_cells.is_empty(),
+        targets.iter().find(|t| t.name == "potluck"),
+    ) {
+        let args = crosscheck::oha_args(
+            &t.endpoint,
+            &chat,
+            64,
+            Duration::from_millis(settings.slice_ms.saturating_mul(u64::from(settings.rounds))),
+        );
+        let auth = t
+            .endpoint
+            .auth
+            .as_ref()
+            .and_then(|a| a.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        commands.push(format!(
+            "(cross-check, each of direct, floor, potluck at -c 1 and -c 64, e.g.:) {}",
+            procs::display_command(
+                &format!("~/.cache/potluck/oha-{}/bin/oha", crosscheck::OHA_VERSION),
+                &args,
+                &[],
+                &[(&auth, "Bearer $KEY")],
+            )
+        ));
+    }
     let potluck_background_cpu_s = background as f64 / procs::ticks_per_second() as f64;
     add_overheads(&mut chat_cells);
     add_overheads(&mut stream_cells);
