@@ -314,6 +314,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             upstream,
             upstream_protocol,
+            // Already applied: `main` built the runtime with this many workers.
             workers: _,
         } => {
             let listener = tokio::net::TcpListener::bind(listen)
