@@ -2,6 +2,7 @@
 //! process control for the targets, and the report. `potluck-bench all` runs everything;
 //! `potluck-bench smoke` checks the harness in seconds.
 
+pub mod crosscheck;
 pub mod fake_backend;
 pub mod floor;
 pub mod held;

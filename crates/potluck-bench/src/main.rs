@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use potluck_bench::fake_backend::{FakeBackend, FakeConfig};
+use potluck_bench::floor::UpstreamProtocol;
 use potluck_bench::loadgen::{self, Endpoint, RequestSpec, Stop};
-use potluck_bench::suite::{Paths, Settings};
+use potluck_bench::suite::{Paths, Settings, FLOOR_UPSTREAM, FLOOR_WORKERS};
 use potluck_bench::targets::LlamaSetup;
 use potluck_bench::{floor, report, smoke, stats, suite, sysinfo};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,10 @@ const MIN_OPEN_FILES: u64 = 65_536;
 const OPEN_FILES_SLACK: u64 = 8_192;
 /// Longest one request of `potluck-bench load` may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Concurrency levels of `all --quick`.
+const QUICK_CONCURRENCY: [usize; 2] = [1, 64];
+/// Slices per target per cell in `all --quick`.
+const QUICK_ROUNDS: u32 = 2;
 
 /// Potluck's benchmark suite.
 #[derive(Debug, Parser)]
@@ -37,14 +42,20 @@ enum Cmd {
     All(Box<AllArgs>),
     /// A few seconds that check the harness works (non-zero exit on any failure).
     Smoke(CommonArgs),
-    /// Run the floor proxy (HTTP/1.1 in, one HTTP/2 connection out).
+    /// Run the floor proxy (HTTP/1.1 in; HTTP/1.1 or HTTP/2 out).
     Floor {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
-        /// The HTTP/2 (prior knowledge) upstream.
+        /// The upstream (it must speak the protocol chosen).
         #[arg(long)]
         upstream: SocketAddr,
+        /// Protocol to the upstream.
+        #[arg(long, value_enum, default_value_t = FLOOR_UPSTREAM)]
+        upstream_protocol: UpstreamProtocol,
+        /// Runtime worker threads.
+        #[arg(long, default_value_t = FLOOR_WORKERS)]
+        workers: usize,
     },
     /// Send load to one endpoint and print the figures (for profiling by hand).
     Load {
@@ -167,6 +178,23 @@ struct AllArgs {
     /// Real model: clients per slot, each measured (1: latency-bound; 2: saturated).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     real_clients_per_slot: Vec<u32>,
+    /// A quick check (about a minute): direct, floor and Potluck at c=1 and c=64, two
+    /// slices each, plus the oha cross-check; prints the ratios and writes only
+    /// WORK_DIR/quick.json (not BENCHMARKS.md).
+    #[arg(long)]
+    quick: bool,
+    /// The pinned `oha` binary for the cross-check (scripts/bench installs it).
+    #[arg(long)]
+    oha: Option<PathBuf>,
+    /// `oha` could not be installed: say why in the report instead of cross-checking.
+    #[arg(long, value_name = "REASON")]
+    oha_unavailable: Option<String>,
+    /// Protocol from the floor to the fake backend.
+    #[arg(long, value_enum, default_value_t = FLOOR_UPSTREAM)]
+    floor_upstream: UpstreamProtocol,
+    /// The floor's runtime worker threads.
+    #[arg(long, default_value_t = FLOOR_WORKERS)]
+    floor_workers: usize,
 }
 
 fn home() -> PathBuf {
@@ -190,10 +218,15 @@ fn potluck_bin(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 async fn all(a: AllArgs) -> anyhow::Result<()> {
     let cache = home().join(".cache/potluck");
+    let (concurrencies, rounds) = if a.quick {
+        (QUICK_CONCURRENCY.to_vec(), QUICK_ROUNDS)
+    } else {
+        (a.concurrency, a.rounds.max(1))
+    };
     let settings = Settings {
         slice_ms: a.slice_ms,
-        rounds: a.rounds.max(1),
-        concurrencies: a.concurrency,
+        rounds,
+        concurrencies,
         info_concurrencies: a.info_concurrency,
         stream_chunks: a.stream_chunks.max(2),
         stream_gap_ms: a.stream_gap_ms,
@@ -210,6 +243,9 @@ async fn all(a: AllArgs) -> anyhow::Result<()> {
             .into_iter()
             .map(|k| k.max(1))
             .collect(),
+        quick: a.quick,
+        floor_upstream: a.floor_upstream,
+        floor_workers: a.floor_workers.max(1),
     };
     let llama = (!a.no_real_model).then(|| LlamaSetup {
         python: a
@@ -228,8 +264,21 @@ async fn all(a: AllArgs) -> anyhow::Result<()> {
         litellm_venv: Some(a.litellm_venv.unwrap_or_else(|| cache.join("bench-venv"))),
         litellm_unavailable: a.litellm_unavailable,
         llama,
+        oha: a.oha,
+        oha_unavailable: a.oha_unavailable,
     };
+    let quick_json = paths.work_dir.join("quick.json");
     let r = suite::run_all(settings, paths).await?;
+    if a.quick {
+        report::write_json(&r, &quick_json)?;
+        report::print_ratios(&r);
+        println!(
+            "\nquick run: wrote {} only ({:.0} s)",
+            quick_json.display(),
+            r.wall_s
+        );
+        return Ok(());
+    }
     report::write(&r, &a.out_md, &a.out_json)?;
     report::print_ratios(&r);
     println!(
@@ -261,14 +310,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::All(a) => all(*a).await,
         Cmd::Smoke(c) => smoke::run(&potluck_bin(c.potluck_bin)?, &c.work_dir).await,
-        Cmd::Floor { listen, upstream } => {
+        Cmd::Floor {
+            listen,
+            upstream,
+            upstream_protocol,
+            // Already applied: `main` built the runtime with this many workers.
+            workers: _,
+        } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             println!("floor listening on http://{}", listener.local_addr()?);
             let token = CancellationToken::new();
             tokio::select! {
-                r = floor::run(listener, upstream, token.clone()) => r,
+                r = floor::run(listener, upstream, upstream_protocol, token.clone()) => r,
                 _ = until_signal(token.clone()) => Ok(()),
             }
         }
@@ -347,10 +402,11 @@ fn main() -> ExitCode {
     if got < want {
         eprintln!("warning: open-file limit is {got}, below the {want} wanted; the held-streams test may fail");
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Cmd::Floor { workers, .. } = &cli.cmd {
+        builder.worker_threads((*workers).max(1));
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Serialize;
 
+use crate::crosscheck::{self, OhaCell};
 use crate::suite::{Cell, Held, Memory, RealCell, Settings};
 use crate::sysinfo::Machine;
 
@@ -83,6 +84,10 @@ pub struct Report {
     pub chat: Vec<Cell>,
     /// Streamed cells.
     pub stream: Vec<Cell>,
+    /// The same non-streamed cells measured by `oha`.
+    pub oha: Vec<OhaCell>,
+    /// Whether `oha` ran, and which version.
+    pub oha_status: String,
     /// Memory.
     pub memory: Memory,
     /// Held streams.
@@ -180,6 +185,169 @@ fn stream_table(out: &mut String, cells: &[Cell]) {
     }
 }
 
+/// One cross-check comparison: what each tool says, and whether they agree.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agreement {
+    /// What is compared.
+    pub what: String,
+    /// `potluck-bench load`'s figure.
+    pub ours: String,
+    /// `oha`'s figure.
+    pub oha: String,
+    /// Within the noise bands of [`crosscheck`].
+    pub agree: bool,
+}
+
+/// Compare the two tools cell by cell: added p50 at c=1, requests/s at c=64, and the
+/// ratios each tool gives.
+pub fn agreements(r: &Report) -> Vec<Agreement> {
+    let mut out = Vec::new();
+    for o in &r.oha {
+        let Some(ours) = r
+            .chat
+            .iter()
+            .find(|c| c.target == o.target && c.concurrency == o.concurrency)
+        else {
+            continue;
+        };
+        if o.concurrency == 1 {
+            if let (Some(a), Some(b)) = (ours.added_p50_us, o.added_p50_us) {
+                out.push(Agreement {
+                    what: format!("added p50, c=1, {}", o.target),
+                    ours: format!("+{}", us(Some(a))),
+                    oha: format!("+{}", us(Some(b))),
+                    agree: crosscheck::latencies_agree(a, b),
+                });
+            }
+        } else {
+            out.push(Agreement {
+                what: format!("req/s, c={}, {}", o.concurrency, o.target),
+                ours: format!("{:.0}", ours.rps),
+                oha: format!("{:.0}", o.rps),
+                agree: crosscheck::rates_agree(ours.rps, o.rps),
+            });
+        }
+    }
+    out
+}
+
+/// The potluck / floor ratio each tool gives: added p50 at c=1, req/s at c=64.
+pub fn tool_ratios(r: &Report) -> Vec<(String, Option<f64>, Option<f64>)> {
+    let ours = |t: &str, c: usize| r.chat.iter().find(|x| x.target == t && x.concurrency == c);
+    let oha = |t: &str, c: usize| r.oha.iter().find(|x| x.target == t && x.concurrency == c);
+    let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    vec![
+        (
+            "added p50 latency, c=1: potluck / floor".to_owned(),
+            div(
+                ours("potluck", 1).and_then(|c| c.added_p50_us),
+                ours("floor", 1).and_then(|c| c.added_p50_us),
+            ),
+            div(
+                oha("potluck", 1).and_then(|c| c.added_p50_us),
+                oha("floor", 1).and_then(|c| c.added_p50_us),
+            ),
+        ),
+        (
+            "throughput, c=64: potluck / floor".to_owned(),
+            div(
+                ours("potluck", 64).map(|c| c.rps),
+                ours("floor", 64).map(|c| c.rps),
+            ),
+            div(
+                oha("potluck", 64).map(|c| c.rps),
+                oha("floor", 64).map(|c| c.rps),
+            ),
+        ),
+    ]
+}
+
+/// Which tool to trust at concurrency `c` if the two disagree there (None: they agree, or
+/// a figure is missing): the one that measured direct faster (lower p50 at c=1, more
+/// requests/s at c=64), since a load generator can only add its own cost to what it measures.
+pub fn trusted(r: &Report, c: usize) -> Option<&'static str> {
+    let disagree = agreements(r)
+        .iter()
+        .any(|a| !a.agree && a.what.contains(&format!("c={c},")));
+    if !disagree {
+        return None;
+    }
+    let ours = r
+        .chat
+        .iter()
+        .find(|x| x.target == "direct" && x.concurrency == c)?;
+    let oha = r
+        .oha
+        .iter()
+        .find(|x| x.target == "direct" && x.concurrency == c)?;
+    let ours_better = if c == 1 {
+        ours.latency.p50_us <= oha.p50_us
+    } else {
+        ours.rps >= oha.rps
+    };
+    Some(if ours_better { "potluck-bench" } else { "oha" })
+}
+
+fn crosscheck_section(o: &mut String, r: &Report) {
+    if r.oha.is_empty() {
+        let _ = writeln!(o, "Not run: {}", r.oha_status);
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "{}, run right after the in-process generator's cell, one run per target as long as that cell's slices together, same body and key. \
+         Added = minus `oha`'s own direct figure. Agreement: added latencies within {} µs or {:.0} %, rates within {:.0} %.\n",
+        r.oha_status,
+        crosscheck::AGREE_ABS_US,
+        crosscheck::AGREE_REL * 100.0,
+        (1.0 - crosscheck::AGREE_RPS) * 100.0
+    );
+    let _ = writeln!(o, "| c | target | req/s | p50 | p99 | added p50 | errors |");
+    let _ = writeln!(o, "|---:|---|---:|---:|---:|---:|---:|");
+    for c in &r.oha {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:.0} | {} | {} | {} | {} |",
+            c.concurrency,
+            c.target,
+            c.rps,
+            us(Some(c.p50_us)),
+            us(Some(c.p99_us)),
+            us(c.added_p50_us),
+            c.errors
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\n| compared | potluck-bench | oha | agree |\n|---|---:|---:|---|"
+    );
+    for a in agreements(r) {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} |",
+            a.what,
+            a.ours,
+            a.oha,
+            if a.agree { "yes" } else { "**no**" }
+        );
+    }
+    for (what, a, b) in tool_ratios(r) {
+        let _ = writeln!(o, "| ratio: {what} | {} | {} | |", num(a), num(b));
+    }
+    for c in crate::suite::CROSSCHECK_CONCURRENCIES {
+        if let Some(t) = trusted(r, c) {
+            let _ = writeln!(
+                o,
+                "\nThe tools disagree at c={c} by more than the noise: trust **{t}** there, as it measured direct {} (a load generator only adds its own cost to what it measures).",
+                if c == 1 { "with the lower p50" } else { "at the higher rate" }
+            );
+        }
+    }
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
@@ -234,8 +402,13 @@ pub fn markdown(r: &Report) -> String {
     }
 
     let _ = writeln!(o, "\n### Non-streamed chat completions\n");
-    let _ = writeln!(o, "Added = through the target minus direct, same cell. Server CPU: floor = its process; potluck = hub + agent; litellm = its process tree; direct = not measured (the fake backend lives in the load generator).\n");
+    let _ = writeln!(o, "Added = through the target minus direct, same cell. Server CPU: direct = the fake backend's process; floor = its process; potluck = hub + agent; litellm = its process tree. Every target, the fake backend included, is its own process; none shares one with the load generator.\n");
     chat_table(&mut o, &r.chat);
+    let _ = writeln!(
+        o,
+        "\n### Cross-check: the same non-streamed cells measured by `oha`\n"
+    );
+    crosscheck_section(&mut o, r);
     let _ = writeln!(o, "\n### Streamed chat completions\n");
     let _ = writeln!(o, "TTFT = time to the first content chunk; added TTFT is against direct. CPU per chunk = server CPU in the cell / content chunks delivered.\n");
     stream_table(&mut o, &r.stream);
@@ -402,23 +575,27 @@ pub fn splice(existing: Option<&str>, generated: &str) -> String {
     format!("# Benchmarks\n\nRun `scripts/bench`. The section below is rewritten by each run; analysis below it is kept.\n\n{block}")
 }
 
+/// Write the raw figures as JSON.
+pub fn write_json(r: &Report, json: &Path) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(r)?;
+    std::fs::write(json, text + "\n").with_context(|| format!("cannot write {}", json.display()))
+}
+
 /// Write the JSON and the Markdown.
 pub fn write(r: &Report, md: &Path, json: &Path) -> anyhow::Result<()> {
-    let text = serde_json::to_string_pretty(r)?;
-    std::fs::write(json, text + "\n")
-        .with_context(|| format!("cannot write {}", json.display()))?;
+    write_json(r, json)?;
     let existing = std::fs::read_to_string(md).ok();
     std::fs::write(md, splice(existing.as_deref(), &markdown(r)))
         .with_context(|| format!("cannot write {}", md.display()))?;
     Ok(())
 }
 
-/// The ratios, one per line, for the terminal.
+/// The ratios, one per line, and the cross-check, for the terminal.
 pub fn print_ratios(r: &Report) {
     println!("\nTargets:");
     for x in &r.ratios {
         println!(
-            "  {:4}  {:<72} {:>8}  (target {}; {})",
+            "  {:4}  {:<66} {:>8}  (target {}; {})",
             x.verdict(),
             x.name,
             x.shown,
@@ -426,11 +603,151 @@ pub fn print_ratios(r: &Report) {
             x.detail
         );
     }
+    if r.oha.is_empty() {
+        println!("\nCross-check: {}", r.oha_status);
+        return;
+    }
+    println!(
+        "\nCross-check, non-streamed ({}): potluck-bench vs oha",
+        r.oha_status
+    );
+    for a in agreements(r) {
+        println!(
+            "  {:<28} {:>10} {:>10}  {}",
+            a.what,
+            a.ours,
+            a.oha,
+            if a.agree { "agree" } else { "DISAGREE" }
+        );
+    }
+    for (what, a, b) in tool_ratios(r) {
+        println!("  ratio: {what:<40} {:>8} {:>8}", num(a), num(b));
+    }
+    for c in crate::suite::CROSSCHECK_CONCURRENCIES {
+        if let Some(t) = trusted(r, c) {
+            println!("  they disagree at c={c}: trust {t} there (it measured direct faster; a load generator only adds its own cost)");
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::Summary;
+
+    fn chat_cell(target: &str, c: usize, rps: f64, p50_us: f64, added: Option<f64>) -> Cell {
+        Cell {
+            mode: "chat",
+            concurrency: c,
+            target: target.into(),
+            requests: 1,
+            errors: 0,
+            first_error: None,
+            elapsed_s: 1.0,
+            rps,
+            latency: Summary {
+                count: 1,
+                p50_us,
+                ..Summary::default()
+            },
+            ttft: None,
+            gap: None,
+            chunks: 0,
+            cpu_s: None,
+            cpu_per_request_us: None,
+            cpu_per_chunk_us: None,
+            added_p50_us: added,
+            added_p99_us: None,
+        }
+    }
+
+    fn oha_cell(target: &str, c: usize, rps: f64, p50_us: f64, added: Option<f64>) -> OhaCell {
+        OhaCell {
+            concurrency: c,
+            target: target.into(),
+            ok: 1,
+            errors: 0,
+            rps,
+            p50_us,
+            p99_us: p50_us,
+            added_p50_us: added,
+        }
+    }
+
+    fn report(chat: Vec<Cell>, oha: Vec<OhaCell>) -> Report {
+        Report {
+            machine: crate::sysinfo::machine(),
+            commands: Vec::new(),
+            settings: Settings {
+                slice_ms: 1,
+                rounds: 1,
+                concurrencies: vec![1, 64],
+                info_concurrencies: Vec::new(),
+                stream_chunks: 2,
+                stream_gap_ms: 1,
+                held_streams: 0,
+                held_chunks: 1,
+                held_gap_ms: 1,
+                request_timeout_s: 1,
+                real_slice_ms: 1,
+                real_rounds: 1,
+                real_max_tokens: 1,
+                real_parallel: 1,
+                real_clients_per_slot: Vec::new(),
+                quick: true,
+                floor_upstream: crate::suite::FLOOR_UPSTREAM,
+                floor_workers: crate::suite::FLOOR_WORKERS,
+            },
+            peer_status: String::new(),
+            chat,
+            stream: Vec::new(),
+            oha,
+            oha_status: "oha test".into(),
+            memory: Memory::default(),
+            held: None,
+            held_error: None,
+            real_model: Vec::new(),
+            real_model_error: None,
+            ratios: Vec::new(),
+            potluck_background_cpu_s: 0.0,
+            usage_records_dropped: 0,
+            notes: Vec::new(),
+            wall_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn cross_check_names_a_trusted_tool_only_where_the_tools_disagree() {
+        let chat = vec![
+            chat_cell("direct", 1, 10_000.0, 40.0, None),
+            chat_cell("floor", 1, 5_000.0, 120.0, Some(80.0)),
+            chat_cell("direct", 64, 30_000.0, 2000.0, None),
+            chat_cell("floor", 64, 20_000.0, 3000.0, Some(1000.0)),
+        ];
+        // c=1: the floor's added latency agrees (80 vs 90 µs); c=64: oha's direct rate is
+        // twice the suite's, and oha measured direct faster.
+        let oha = vec![
+            oha_cell("direct", 1, 9_000.0, 50.0, None),
+            oha_cell("floor", 1, 5_000.0, 140.0, Some(90.0)),
+            oha_cell("direct", 64, 60_000.0, 1000.0, None),
+            oha_cell("floor", 64, 19_000.0, 3100.0, Some(2100.0)),
+        ];
+        let r = report(chat, oha);
+        let a = agreements(&r);
+        assert_eq!(a.len(), 3, "{a:?}");
+        assert!(a
+            .iter()
+            .any(|x| x.what == "added p50, c=1, floor" && x.agree));
+        assert!(a
+            .iter()
+            .any(|x| x.what == "req/s, c=64, direct" && !x.agree));
+        assert!(a.iter().any(|x| x.what == "req/s, c=64, floor" && x.agree));
+        assert_eq!(trusted(&r, 1), None, "they agree at c=1");
+        assert_eq!(trusted(&r, 64), Some("oha"));
+        let md = markdown(&r);
+        assert!(md.contains("trust **oha**"), "{md}");
+        assert!(!md.contains("disagree at c=1"));
+    }
 
     #[test]
     fn splice_keeps_hand_written_text() {

@@ -1,5 +1,6 @@
 //! `potluck-bench smoke`: a few seconds that prove the harness works end to end (direct,
-//! floor and Potluck at concurrency 1 and 4, streamed and not, plus 100 held streams).
+//! floor and Potluck at concurrency 1 and 4, streamed and not, plus 100 held streams; the fake
+//! backend, the floor and Potluck each in their own process).
 //! It checks only that every request succeeds and every process keeps serving: no timing.
 
 use std::path::Path;
@@ -7,10 +8,11 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use crate::fake_backend::{FakeBackend, FakeConfig, MODEL_FAST, MODEL_SLOW};
+use crate::fake_backend::{MODEL_FAST, MODEL_SLOW};
 use crate::held::Hold;
 use crate::loadgen::{self, Endpoint, RequestSpec, Stop};
-use crate::targets::{Floor, Potluck};
+use crate::suite::{FLOOR_UPSTREAM, FLOOR_WORKERS};
+use crate::targets::{FakeProcess, Floor, Potluck};
 
 /// Requests per target, mode and concurrency.
 pub const REQUESTS: u64 = 50;
@@ -26,16 +28,16 @@ pub const HELD_CHUNKS: u32 = 5;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest the held streams may take in all.
 pub const HELD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Gap between chunks of the fast model, ms.
+pub const GAP_MS: u64 = 1;
+/// Gap between chunks of the slow model (held streams), ms.
+pub const SLOW_GAP_MS: u64 = 100;
 
 /// Run the smoke test; an error lists every failure.
 pub async fn run(potluck_bin: &Path, work_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(work_dir)?;
-    let fake = FakeBackend::start(FakeConfig {
-        fast_gap: Duration::from_millis(1),
-        slow_gap: Duration::from_millis(100),
-    })
-    .await?;
-    let mut floor = Floor::start(fake.addr(), work_dir).await?;
+    let mut fake = FakeProcess::start("smoke-fake-backend", GAP_MS, SLOW_GAP_MS, work_dir).await?;
+    let mut floor = Floor::start(fake.addr, FLOOR_UPSTREAM, FLOOR_WORKERS, work_dir).await?;
     let mut pot = Potluck::start("smoke", potluck_bin, &work_dir.join("smoke"), "warn").await?;
     pot.add_provider(
         "p1",
@@ -45,7 +47,7 @@ pub async fn run(potluck_bin: &Path, work_dir: &Path) -> anyhow::Result<()> {
     .await?;
     pot.wait_model(MODEL_FAST, 1).await?;
     let targets = [
-        ("direct", Endpoint::open(fake.addr())),
+        ("direct", Endpoint::open(fake.addr)),
         ("floor", Endpoint::open(floor.addr)),
         ("potluck", pot.endpoint()?),
     ];
@@ -101,14 +103,18 @@ pub async fn run(potluck_bin: &Path, work_dir: &Path) -> anyhow::Result<()> {
             held.completed, held.failures
         ));
     }
-    for r in [floor.proc.ensure_running(), pot.ensure_running()] {
+    for r in [
+        fake.proc.ensure_running(),
+        floor.proc.ensure_running(),
+        pot.ensure_running(),
+    ] {
         if let Err(e) = r {
             failures.push(format!("{e:#}"));
         }
     }
     pot.stop().await;
     floor.proc.stop().await;
-    fake.stop().await;
+    fake.proc.stop().await;
     if !failures.is_empty() {
         bail!("smoke test failed:\n  {}", failures.join("\n  "));
     }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::time::Instant;
 
+use crate::floor::UpstreamProtocol;
 use crate::loadgen::{self, Endpoint};
 use crate::procs::{display_command, Proc};
 
@@ -89,7 +90,12 @@ pub struct Floor {
 
 impl Floor {
     /// Start `potluck-bench floor` (this very binary) in front of `upstream`.
-    pub async fn start(upstream: SocketAddr, log_dir: &Path) -> anyhow::Result<Self> {
+    pub async fn start(
+        upstream: SocketAddr,
+        protocol: UpstreamProtocol,
+        workers: usize,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let me = std::env::current_exe().context("cannot find this program's path")?;
         let args = vec![
             "floor".to_owned(),
@@ -97,6 +103,10 @@ impl Floor {
             "127.0.0.1:0".into(),
             "--upstream".into(),
             upstream.to_string(),
+            "--upstream-protocol".into(),
+            protocol.as_arg().into(),
+            "--workers".into(),
+            workers.to_string(),
         ];
         let command = display_command("target/release/potluck-bench", &args, &[], &[]);
         let mut proc = Proc::spawn("floor", &me, &args, &[], log_dir)?;
@@ -123,18 +133,26 @@ pub struct FakeProcess {
 }
 
 impl FakeProcess {
-    /// Start it with `slow_gap_ms` between the chunks of the slow model.
-    pub async fn start(slow_gap_ms: u64, log_dir: &Path) -> anyhow::Result<Self> {
+    /// Start it with `gap_ms` between the chunks of the fast model and `slow_gap_ms`
+    /// between those of the slow one; its output goes to `log_dir/NAME.{out,err}`.
+    pub async fn start(
+        name: &str,
+        gap_ms: u64,
+        slow_gap_ms: u64,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let me = std::env::current_exe().context("cannot find this program's path")?;
         let args = vec![
             "fake-backend".to_owned(),
             "--listen".into(),
             "127.0.0.1:0".into(),
+            "--gap-ms".into(),
+            gap_ms.to_string(),
             "--slow-gap-ms".into(),
             slow_gap_ms.to_string(),
         ];
         let command = display_command("target/release/potluck-bench", &args, &[], &[]);
-        let mut proc = Proc::spawn("fake-backend", &me, &args, &[], log_dir)?;
+        let mut proc = Proc::spawn(name, &me, &args, &[], log_dir)?;
         let line = proc
             .wait_for_line("fake backend listening on", STARTUP_TIMEOUT)
             .await?;
