@@ -91,6 +91,18 @@ pub struct Usage {
     pub output: u64,
 }
 
+/// One server-sent event with a name: `event:` line, `data:` line, blank line.
+pub fn sse_event(name: &str, data: &Value) -> Vec<u8> {
+    let data = data.to_string();
+    let mut out = Vec::with_capacity(name.len() + data.len() + 16);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(b"\n\n");
+    out
+}
+
 /// Parse a request body into a JSON object.
 pub(crate) fn object(body: &[u8]) -> Result<Map<String, Value>, DialectError> {
     match serde_json::from_slice::<Value>(body) {

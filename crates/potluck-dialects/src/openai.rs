@@ -265,3 +265,28 @@ pub(crate) fn set_tool_choice(
     out.insert("tool_choice".into(), Value::String("required".to_owned()));
     Ok(())
 }
+
+/// A list of tools as OpenAI function tools: each must pass `check` (which refuses kinds
+/// the pool does not run) and carry a string `name`; its schema is under `schema_key`.
+pub(crate) fn function_tools(
+    tools: &Value,
+    schema_key: &str,
+    check: fn(usize, &Value) -> Result<(), crate::DialectError>,
+) -> Result<Value, crate::DialectError> {
+    let list = tools
+        .as_array()
+        .ok_or_else(|| crate::DialectError::invalid("tools", "must be an array"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        check(i, t)?;
+        let name = t.get("name").filter(|n| n.is_string()).ok_or_else(|| {
+            crate::DialectError::invalid(format!("tools.{i}.name"), "must be a string")
+        })?;
+        out.push(function_tool(
+            name.clone(),
+            t.get("description"),
+            t.get(schema_key),
+        ));
+    }
+    Ok(Value::Array(out))
+}

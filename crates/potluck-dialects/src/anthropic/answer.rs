@@ -72,13 +72,7 @@ impl Event {
 
     /// The event as SSE bytes (`event:` line, `data:` line, blank line).
     pub fn to_sse(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64);
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(self.name.as_bytes());
-        out.extend_from_slice(b"\ndata: ");
-        out.extend_from_slice(self.data.to_string().as_bytes());
-        out.extend_from_slice(b"\n\n");
-        out
+        crate::sse_event(self.name, &self.data)
     }
 }
 

@@ -271,31 +271,15 @@ fn tool_result(block: &Value, at: &str) -> Result<Value, DialectError> {
 }
 
 fn tools_to_openai(tools: &Value) -> Result<Value, DialectError> {
-    let list = tools
-        .as_array()
-        .ok_or_else(|| DialectError::invalid("tools", "must be an array"))?;
-    let mut out = Vec::with_capacity(list.len());
-    for (i, t) in list.iter().enumerate() {
-        if t.get("type")
-            .and_then(Value::as_str)
-            .is_some_and(|ty| ty != "custom")
-        {
-            return Err(DialectError::invalid(
+    openai::function_tools(tools, "input_schema", |i, t| {
+        match t.get("type").and_then(Value::as_str) {
+            Some(ty) if ty != "custom" => Err(DialectError::invalid(
                 format!("tools.{i}"),
                 "server tools are not supported by the pool",
-            ));
+            )),
+            _ => Ok(()),
         }
-        let name = t
-            .get("name")
-            .filter(|n| n.is_string())
-            .ok_or_else(|| DialectError::invalid(format!("tools.{i}.name"), "must be a string"))?;
-        out.push(openai::function_tool(
-            name.clone(),
-            t.get("description"),
-            t.get("input_schema"),
-        ));
-    }
-    Ok(Value::Array(out))
+    })
 }
 
 fn tool_choice_to_openai(choice: &Value) -> Result<(Value, Option<bool>), DialectError> {

@@ -146,13 +146,7 @@ pub struct Event {
 impl Event {
     /// The event as SSE bytes.
     pub fn to_sse(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(96);
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(self.name.as_bytes());
-        out.extend_from_slice(b"\ndata: ");
-        out.extend_from_slice(self.data.to_string().as_bytes());
-        out.extend_from_slice(b"\n\n");
-        out
+        crate::sse_event(self.name, &self.data)
     }
 }
 

@@ -263,28 +263,16 @@ fn str_field<'a>(v: &'a Value, key: &'static str, at: &str) -> Result<&'a str, D
 }
 
 fn tools_to_openai(tools: &Value) -> Result<Value, DialectError> {
-    let list = tools
-        .as_array()
-        .ok_or_else(|| DialectError::invalid("tools", "must be an array"))?;
-    let mut out = Vec::with_capacity(list.len());
-    for (i, t) in list.iter().enumerate() {
-        if t.get("type").and_then(Value::as_str) != Some("function") {
-            return Err(DialectError::invalid(
+    openai::function_tools(tools, "parameters", |i, t| {
+        if t.get("type").and_then(Value::as_str) == Some("function") {
+            Ok(())
+        } else {
+            Err(DialectError::invalid(
                 format!("tools.{i}.type"),
                 "only function tools are supported by the pool",
-            ));
+            ))
         }
-        let name = t
-            .get("name")
-            .filter(|n| n.is_string())
-            .ok_or_else(|| DialectError::invalid(format!("tools.{i}.name"), "must be a string"))?;
-        out.push(openai::function_tool(
-            name.clone(),
-            t.get("description"),
-            t.get("parameters"),
-        ));
-    }
-    Ok(Value::Array(out))
+    })
 }
 
 fn tool_choice_to_openai(choice: &Value) -> Result<Value, DialectError> {
