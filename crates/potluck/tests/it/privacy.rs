@@ -88,6 +88,80 @@ async fn canary_never_reaches_disk_or_logs() {
         .await
         .unwrap();
 
+    // The other client APIs (Anthropic, Responses, Ollama), succeeding and failing, with
+    // the canary in every free-text field, in the model name, in bad bodies and as a key.
+    let dialect_bodies = [
+        (
+            "/v1/messages",
+            json!({"model": "m1", "max_tokens": 8, "system": CANARY, "stop_sequences": [CANARY],
+            "messages": [{"role": "user", "content": format!("hello {CANARY}")}],
+            "tools": [{"name": "f", "description": CANARY, "input_schema": {"type": "object"}}]}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "m1", "max_tokens": 8, "stream": true,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": CANARY}]}]}),
+        ),
+        (
+            "/v1/messages/count_tokens",
+            json!({"model": "m1", "messages": [{"role": "user", "content": CANARY}]}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "m1", "instructions": CANARY, "input": CANARY}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "m1", "input": [{"role": "user", "content": CANARY}], "stream": true}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": "m1", "messages": [{"role": "user", "content": CANARY}]}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "m1", "prompt": CANARY, "system": CANARY, "stream": false}),
+        ),
+        ("/api/embed", json!({"model": "m1", "input": [CANARY]})),
+        (
+            "/v1/messages",
+            json!({"model": format!("no-such-{CANARY}"), "max_tokens": 8, "messages": [{"role": "user", "content": CANARY}]}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": format!("no-such-{CANARY}"), "messages": [{"role": "user", "content": CANARY}]}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "m1", "input": [{"type": CANARY}]}),
+        ),
+    ];
+    for (path, body) in dialect_bodies {
+        http.post(format!("{url}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+    }
+    for path in ["/v1/messages", "/v1/responses", "/api/chat"] {
+        http.post(format!("{url}{path}"))
+            .bearer_auth(&key)
+            .body(format!("{{\"model\":\"m1\",\"messages\":[\"{CANARY}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    http.post(format!("{url}/v1/messages"))
+        .header("x-api-key", CANARY)
+        .json(&json!({"model": "m1", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+
     // Accountability on a request that carried the canary: a report (by the consumer and
     // by the provider), its resolution, a sanction, an invite, a group.
     backend.set_behavior(FakeBehavior::default());
