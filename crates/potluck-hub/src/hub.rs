@@ -1,13 +1,15 @@
-//! The hub's life: [`Hub::new`] checks the configuration and prepares the books,
-//! [`Hub::run`] serves on a bound listener until shutdown, then drains within the grace
-//! period and flushes the usage records.
+//! The hub's life: [`Hub::open`] opens the data directory's database, builds the hub and
+//! makes the operator's admin key on first start; [`Hub::new`] checks the configuration
+//! and prepares the books over an opened store; [`Hub::run`] serves on a bound listener
+//! until shutdown, then drains within the grace period and flushes the usage records.
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
-use potluck_store::Store;
+use potluck_store::{Secret, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,10 +30,31 @@ pub enum HubError {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The data directory could not be created.
+    #[error("cannot create data directory {}", .path.display())]
+    DataDir {
+        /// The configured data directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database in the data directory could not be opened.
+    #[error("cannot open the database in {}", .path.display())]
+    Open {
+        /// The configured data directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: potluck_store::StoreError,
+    },
     /// The database failed.
     #[error(transparent)]
     Store(#[from] potluck_store::StoreError),
 }
+
+/// File name of the hub's database inside its data directory.
+pub const DB_FILE: &str = "hub.db";
 
 /// A hub ready to serve on a bound listener.
 pub struct Hub {
@@ -44,6 +67,24 @@ pub struct Hub {
 pub const ANONYMOUS: &str = "anonymous";
 
 impl Hub {
+    /// Open the database in `config.data_dir` (creating the directory), build the hub over
+    /// it, then create the operator's admin key if the hub has none. The clear key comes
+    /// back only when it was created now: the caller shows it once and keeps it. The key
+    /// is made last, so a hub that cannot start does not make one nobody sees.
+    pub async fn open(config: HubConfig) -> Result<(Self, Option<Secret>), HubError> {
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|source| HubError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let store = Store::open(&dir.join(DB_FILE))
+            .await
+            .map_err(|source| HubError::Open { path: dir, source })?;
+        let hub = Self::new(config, store).await?;
+        let admin_key = hub.state.store.ensure_admin_key().await?;
+        Ok((hub, admin_key))
+    }
+
     /// Build a hub over an opened store (checks the configuration, prepares the books).
     pub async fn new(config: HubConfig, store: Store) -> Result<Self, HubError> {
         config.validate().map_err(HubError::Config)?;

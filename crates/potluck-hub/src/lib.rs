@@ -28,4 +28,4 @@ mod trust;
 
 pub use config::HubConfig;
 pub use http::error::ApiError;
-pub use hub::{Hub, HubError, ANONYMOUS};
+pub use hub::{Hub, HubError, ANONYMOUS, DB_FILE};

@@ -8,7 +8,6 @@ use std::time::Duration;
 use potluck_agent::{AgentConfig, BackendConfig};
 use potluck_hub::testing::HubState;
 use potluck_hub::{Hub, HubConfig};
-use potluck_store::Store;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -65,13 +64,10 @@ impl TestHub {
     }
 
     async fn launch(&mut self, listener: tokio::net::TcpListener) {
-        let store = Store::open(&self.data_dir.join("hub.db"))
-            .await
-            .expect("open store");
-        if let Some(k) = store.ensure_admin_key().await.expect("admin key") {
+        let (hub, admin_key) = Hub::open(self.config.clone()).await.expect("hub");
+        if let Some(k) = admin_key {
             self.admin_key = k.expose().to_owned();
         }
-        let hub = Hub::new(self.config.clone(), store).await.expect("hub");
         self.state = Some(hub.state());
         self.shutdown = CancellationToken::new();
         self.task = Some(tokio::spawn(hub.run(listener, self.shutdown.clone())));

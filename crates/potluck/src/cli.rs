@@ -336,13 +336,10 @@ async fn hub(a: HubArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
-    let store = potluck_store::Store::open(&config.data_dir.join("hub.db"))
-        .await
-        .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
     let key_path = config.data_dir.join("admin.key");
-    if let Some(admin) = store.ensure_admin_key().await? {
+    let data_dir = config.data_dir.clone();
+    let (hub, admin_key) = Hub::open(config).await?;
+    if let Some(admin) = admin_key {
         write_private(&key_path, &format!("{}\n", admin.expose()))?;
         say(&format!(
             "Created the admin key; it is shown once and saved to {} (mode 0600):\n  {}",
@@ -353,10 +350,9 @@ async fn hub(a: HubArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     say(&format!(
         "potluck hub listening on http://{addr}\n  OpenAI base URL: http://{addr}/v1   data: {}",
-        config.data_dir.display()
+        data_dir.display()
     ));
     let shutdown = CancellationToken::new();
-    let hub = Hub::new(config, store).await?;
     // The server on a worker thread, like the agent (see provide.rs).
     let server = tokio::spawn(hub.run(listener, shutdown.clone()));
     let (r, _) = tokio::join!(server, async {

@@ -6,8 +6,8 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::HeaderMap;
-use serde_json::json;
 
+use crate::accounts::wire;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
 use crate::http::extract::{limit, ListQuery};
@@ -19,5 +19,6 @@ pub(crate) async fn audit_log(
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     auth::staff(&st, &headers, Action::AuditLog).await?;
-    Ok(Json(json!({"data": st.store.audit_log(limit(&q)).await?})).into_response())
+    let rows = st.store.audit_log(limit(&q)).await?;
+    Ok(Json(wire::list(rows, wire::action_log_row)).into_response())
 }

@@ -7,10 +7,12 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::HeaderMap;
-use potluck_store::ledger::{Balance, CREDIT};
+use potluck_protocol::admin::Clawback;
 use potluck_store::KeyLimits;
 use serde::Deserialize;
 use serde_json::json;
+
+use crate::accounts::wire;
 
 use crate::books::action_log;
 use crate::books::money::Micro;
@@ -40,16 +42,6 @@ pub(crate) async fn usage(
     Ok(Json(json!({"data": rows})).into_response())
 }
 
-pub(crate) fn credits_json(account: &str, b: Balance) -> serde_json::Value {
-    json!({
-        "account": account,
-        "available_micro": b.available,
-        "unvested_micro": b.unvested,
-        "available": b.available as f64 / CREDIT as f64,
-        "unvested": b.unvested as f64 / CREDIT as f64,
-    })
-}
-
 pub(crate) async fn account_id(st: &HubState, name: &str) -> Result<i64, ApiError> {
     Ok(st
         .store
@@ -66,7 +58,7 @@ pub(crate) async fn my_credits(
 ) -> Result<Response, ApiError> {
     let key = auth::consumer(&st, &headers).await?;
     let b = st.store.balance(key.account_id).await?;
-    Ok(Json(credits_json("", b)).into_response())
+    Ok(Json(wire::balance("", b)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -89,7 +81,7 @@ pub(crate) async fn my_history(
             q.limit.unwrap_or(50).clamp(1, MAX_USAGE_ROWS),
         )
         .await?;
-    Ok(Json(json!({"data": rows})).into_response())
+    Ok(Json(wire::list(rows, wire::credit_line)).into_response())
 }
 
 pub(crate) async fn account_credits(
@@ -99,7 +91,7 @@ pub(crate) async fn account_credits(
 ) -> Result<Response, ApiError> {
     auth::staff(&st, &headers, Action::Credits).await?;
     let id = account_id(&st, &name).await?;
-    Ok(Json(credits_json(&name, st.store.balance(id).await?)).into_response())
+    Ok(Json(wire::balance(&name, st.store.balance(id).await?)).into_response())
 }
 
 pub(crate) async fn account_history(
@@ -114,7 +106,7 @@ pub(crate) async fn account_history(
         .store
         .history(id, q.limit.unwrap_or(50).clamp(1, MAX_USAGE_ROWS))
         .await?;
-    Ok(Json(json!({"data": rows})).into_response())
+    Ok(Json(wire::list(rows, wire::credit_line)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -161,7 +153,7 @@ pub(crate) async fn grant(
         tx,
         "credits granted"
     );
-    Ok(Json(credits_json(&name, st.store.balance(id).await?)).into_response())
+    Ok(Json(wire::balance(&name, st.store.balance(id).await?)).into_response())
 }
 
 pub(crate) async fn clawback(
@@ -192,7 +184,11 @@ pub(crate) async fn clawback(
         clawed_back = taken,
         "unvested earnings clawed back"
     );
-    Ok(Json(json!({"provider": p.name, "clawed_back_micro": taken})).into_response())
+    Ok(Json(Clawback {
+        provider: p.name.clone(),
+        clawed_back_micro: taken,
+    })
+    .into_response())
 }
 
 pub(crate) async fn set_limits(

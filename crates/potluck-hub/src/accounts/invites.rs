@@ -6,10 +6,12 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{HeaderMap, StatusCode};
-use potluck_protocol::admin::{CreateInvite, DEFAULT_INVITE_HOURS, MAX_INVITE_HOURS};
+use potluck_protocol::admin::{
+    CreateInvite, InviteCreated, DEFAULT_INVITE_HOURS, MAX_INVITE_HOURS,
+};
 use serde_json::json;
 
-use crate::accounts::not_found;
+use crate::accounts::{not_found, wire};
 use crate::books::action_log;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
@@ -41,7 +43,11 @@ pub(crate) async fn create_invite(
     action_log::record(&st, &actor, "invite.create", "invite", id.to_string(), None).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": id, "code": code.expose(), "hours": hours})),
+        Json(InviteCreated {
+            id,
+            code: code.expose().to_owned(),
+            hours,
+        }),
     )
         .into_response())
 }
@@ -51,7 +57,8 @@ pub(crate) async fn list_invites(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::staff(&st, &headers, Action::Invites).await?;
-    Ok(Json(json!({"data": st.store.list_invites().await?})).into_response())
+    let rows = st.store.list_invites().await?;
+    Ok(Json(wire::list(rows, wire::invite_info)).into_response())
 }
 
 pub(crate) async fn revoke_invite(

@@ -6,11 +6,13 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{HeaderMap, StatusCode};
-use potluck_protocol::admin::{CreateAccount, GroupReq, SetRole};
+use potluck_protocol::admin::{
+    AccountDetail, AccountRole, AccountStanding, CreateAccount, GroupReq, SetRole,
+};
 use potluck_store::{Role, Standing, Target};
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::accounts::{account, not_found};
+use crate::accounts::{account, not_found, wire};
 use crate::books::action_log;
 use crate::books::credits::starter_grant;
 use crate::http::auth::{self, Action};
@@ -23,7 +25,8 @@ pub(crate) async fn list_accounts(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::staff(&st, &headers, Action::ListAccounts).await?;
-    Ok(Json(json!({"data": st.store.list_accounts().await?})).into_response())
+    let rows = st.store.list_accounts().await?;
+    Ok(Json(wire::list(rows, wire::account_info)).into_response())
 }
 
 pub(crate) async fn show_account(
@@ -41,17 +44,20 @@ pub(crate) async fn show_account(
         .find(|x| x.id == a.id)
         .ok_or(ApiError::NotFound("account"))?;
     let keys = st.store.own_keys(a.id).await?;
-    let providers: Vec<Value> = st
+    let providers = st
         .store
         .list_providers()
         .await?
         .into_iter()
         .filter(|p| p.account == a.name && p.revoked_at.is_none())
-        .map(
-            |p| json!({"id": p.id, "name": p.name, "prefix": p.prefix, "created_at": p.created_at}),
-        )
+        .map(wire::account_provider)
         .collect();
-    Ok(Json(json!({"account": info, "keys": keys, "providers": providers})).into_response())
+    Ok(Json(AccountDetail {
+        account: wire::account_info(info),
+        keys: keys.into_iter().map(wire::own_key).collect(),
+        providers,
+    })
+    .into_response())
 }
 
 pub(crate) fn role_of(s: &str) -> Result<Role, ApiError> {
@@ -91,7 +97,11 @@ pub(crate) async fn create_account(
     .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": id, "name": req.name, "role": role.as_str()})),
+        Json(AccountRole {
+            id,
+            name: req.name,
+            role: role.as_str().to_owned(),
+        }),
     )
         .into_response())
 }
@@ -120,7 +130,12 @@ pub(crate) async fn approve(
         None,
     )
     .await?;
-    Ok(Json(json!({"id": a.id, "name": a.name, "status": Standing::Active})).into_response())
+    Ok(Json(AccountStanding {
+        id: a.id,
+        name: a.name,
+        status: Standing::Active.as_str().to_owned(),
+    })
+    .into_response())
 }
 
 pub(crate) async fn set_role(
@@ -147,7 +162,12 @@ pub(crate) async fn set_role(
         Some(role.as_str()),
     )
     .await?;
-    Ok(Json(json!({"id": a.id, "name": a.name, "role": role.as_str()})).into_response())
+    Ok(Json(AccountRole {
+        id: a.id,
+        name: a.name,
+        role: role.as_str().to_owned(),
+    })
+    .into_response())
 }
 
 pub(crate) async fn add_group(

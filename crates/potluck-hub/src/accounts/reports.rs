@@ -8,14 +8,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{HeaderMap, StatusCode};
 use potluck_protocol::admin::{
-    FileReport, ResolveReport, MAX_REASON_CHARS, MAX_REPORT_REASON_CHARS,
+    FileReport, List, ReportFiled, ReportResolved, ReportView, ResolveReport, MAX_REASON_CHARS,
+    MAX_REPORT_REASON_CHARS,
 };
 use potluck_store::accounts::ReportRow;
 use potluck_store::Target;
 use serde_json::{json, Value};
 
 use crate::accounts::sanctions::{sanction, SanctionAction};
-use crate::accounts::{not_found, MAX_REQUEST_ID_BYTES, NO_CONTENT_NOTE};
+use crate::accounts::{not_found, wire, MAX_REQUEST_ID_BYTES};
 use crate::books::action_log;
 use crate::http::auth::{self, Action, Reporter};
 use crate::http::error::ApiError;
@@ -61,7 +62,11 @@ pub(crate) async fn file_report(
     tracing::info!(report_id = id, request_id = %req.request_id, "abuse report filed");
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": id, "request_id": req.request_id, "status": "open"})),
+        Json(ReportFiled {
+            id,
+            request_id: req.request_id,
+            status: "open".to_owned(),
+        }),
     )
         .into_response())
 }
@@ -108,18 +113,9 @@ pub(crate) async fn my_report(
 }
 
 /// What a moderator sees: the report, and the request's content-free metadata.
-pub(crate) async fn moderator_view(st: &HubState, r: ReportRow) -> Result<Value, ApiError> {
+pub(crate) async fn moderator_view(st: &HubState, r: ReportRow) -> Result<ReportView, ApiError> {
     let request = st.store.request_meta(&r.request_id).await?;
-    let mut v = serde_json::to_value(&r).map_err(|_| ApiError::Internal)?;
-    if let Value::Object(o) = &mut v {
-        o.insert(
-            "request".into(),
-            serde_json::to_value(&request).map_err(|_| ApiError::Internal)?,
-        );
-        o.insert("content".into(), Value::Null);
-        o.insert("note".into(), Value::String(NO_CONTENT_NOTE.into()));
-    }
-    Ok(v)
+    Ok(wire::report_view(r, request))
 }
 
 pub(crate) async fn list_reports(
@@ -143,7 +139,7 @@ pub(crate) async fn list_reports(
     for r in st.store.list_reports(status, limit(&q)).await? {
         data.push(moderator_view(&st, r).await?);
     }
-    Ok(Json(json!({"data": data})).into_response())
+    Ok(Json(List { data }).into_response())
 }
 
 pub(crate) async fn show_report(
@@ -186,7 +182,7 @@ pub(crate) async fn resolve_report(
         }
     };
     let why = reason(req.reason.clone(), false, MAX_REASON_CHARS, "reason")?;
-    let mut sanctioned = Value::Null;
+    let mut sanctioned = None;
     if let Some((verb, what)) = action.split_once('_') {
         let verb = SanctionAction::parse(verb)?;
         let (target, tid) = match what {
@@ -199,7 +195,7 @@ pub(crate) async fn resolve_report(
                 })?,
             ),
         };
-        sanctioned = sanction(&st, &actor, target, tid, verb, req.reason.clone()).await?;
+        sanctioned = Some(sanction(&st, &actor, target, tid, verb, req.reason.clone()).await?);
     }
     st.store
         .resolve_report(id, actor.account_id, action)
@@ -213,8 +209,11 @@ pub(crate) async fn resolve_report(
         why.as_deref(),
     )
     .await?;
-    Ok(
-        Json(json!({"id": id, "status": "resolved", "resolution": action, "sanction": sanctioned}))
-            .into_response(),
-    )
+    Ok(Json(ReportResolved {
+        id,
+        status: "resolved".to_owned(),
+        resolution: action.to_owned(),
+        sanction: sanctioned,
+    })
+    .into_response())
 }

@@ -7,9 +7,8 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::HeaderMap;
-use potluck_protocol::admin::{SanctionReq, MAX_REASON_CHARS};
+use potluck_protocol::admin::{SanctionReq, Sanctioned, MAX_REASON_CHARS};
 use potluck_store::{Block, KeyAuth, Role, Standing, Target};
-use serde_json::{json, Value};
 
 use crate::accounts::{account, not_found};
 use crate::books::action_log;
@@ -63,7 +62,7 @@ pub(crate) async fn sanction(
     id: i64,
     action: SanctionAction,
     why: Option<String>,
-) -> Result<Value, ApiError> {
+) -> Result<Sanctioned, ApiError> {
     let current = may_sanction(st, actor, target, id).await?;
     let imposing = matches!(action, SanctionAction::Suspend | SanctionAction::Ban);
     let why = reason(why, imposing, MAX_REASON_CHARS, "reason")?;
@@ -101,13 +100,13 @@ pub(crate) async fn sanction(
         tunnels_closed = closed,
         "sanction"
     );
-    Ok(json!({
-        "target": target.as_str(),
-        "id": id,
-        "status": standing,
-        "requests_cut": cut,
-        "tunnels_closed": closed,
-    }))
+    Ok(Sanctioned {
+        target: target.as_str().to_owned(),
+        id,
+        status: standing.as_str().to_owned(),
+        requests_cut: u64::try_from(cut).unwrap_or(u64::MAX),
+        tunnels_closed: u64::try_from(closed).unwrap_or(u64::MAX),
+    })
 }
 
 /// Whether `actor` may sanction the party (not the system's, not their own, staff only

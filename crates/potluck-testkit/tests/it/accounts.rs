@@ -117,17 +117,6 @@ async fn wait_usage_of(hub: &TestHub, request_id: &str) {
     .await;
 }
 
-async fn sanction(hub: &TestHub, by: &str, what: &str, action: &str, reason: &str) -> (u16, Value) {
-    call(
-        hub,
-        "POST",
-        &format!("/admin/v1/{what}/sanction"),
-        Some(by),
-        Some(json!({"action": action, "reason": reason})),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn every_admin_endpoint_against_every_role() {
     let hub = TestHub::start().await;
@@ -706,21 +695,16 @@ async fn join_modes_invites_and_approval() {
 #[tokio::test]
 async fn sanctions_refuse_at_once_lift_and_are_audited() {
     let hub = TestHub::start().await;
-    let admin = hub.admin_key.clone();
-    let moderator = staff_key(&hub, "mod", "moderator").await;
+    let admin = Admin::admin(&hub);
+    let moderator = Moderator::new(&hub, "mod", "moderator").await;
     let (k1, eve) = hub.create_key_in("eve-1", "eve").await;
     let (_, eve2) = hub.create_key_in("eve-2", "eve").await;
     assert_eq!(models_status(&hub, &eve).await.0, 200, "cached as good");
 
-    let (s, v) = sanction(
-        &hub,
-        &moderator,
-        "accounts/eve",
-        "suspend",
-        "spamming the pool",
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
+    let a = moderator
+        .sanction("accounts/eve", "suspend", "spamming the pool")
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
     let (s, v) = models_status(&hub, &eve).await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
@@ -739,95 +723,92 @@ async fn sanctions_refuse_at_once_lift_and_are_audited() {
         "every key of the account"
     );
     assert_eq!(
-        sanction(&hub, &moderator, "accounts/eve", "unban", "")
-            .await
-            .0,
+        moderator.sanction("accounts/eve", "unban", "").await.status,
         200,
         "unban lifts a suspension too"
     );
     assert_eq!(models_status(&hub, &eve).await.0, 200);
     assert_eq!(
-        sanction(&hub, &moderator, "accounts/eve", "unsuspend", "")
+        moderator
+            .sanction("accounts/eve", "unsuspend", "")
             .await
-            .0,
+            .status,
         409
     );
 
-    let (s, _) = sanction(&hub, &moderator, &format!("keys/{k1}"), "ban", "leaked key").await;
-    assert_eq!(s, 200);
+    let a = moderator
+        .sanction(&format!("keys/{k1}"), "ban", "leaked key")
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
     let (s, v) = models_status(&hub, &eve).await;
     assert_eq!((s, v["error"]["code"].as_str()), (403, Some("key_banned")));
     assert_eq!(models_status(&hub, &eve2).await.0, 200, "only that key");
     assert_eq!(
-        sanction(&hub, &moderator, &format!("keys/{k1}"), "unban", "")
+        moderator
+            .sanction(&format!("keys/{k1}"), "unban", "")
             .await
-            .0,
+            .status,
         200
     );
     assert_eq!(models_status(&hub, &eve).await.0, 200);
 
     // A reason is required; moderators cannot touch staff or themselves.
     assert_eq!(
-        sanction(&hub, &moderator, "accounts/eve", "ban", " ")
-            .await
-            .0,
+        moderator.sanction("accounts/eve", "ban", " ").await.status,
         400
     );
     assert_eq!(
-        sanction(&hub, &moderator, "accounts/admin", "ban", "x")
+        moderator
+            .sanction("accounts/admin", "ban", "x")
             .await
-            .0,
+            .status,
         403
     );
     assert_eq!(
-        sanction(&hub, &moderator, "accounts/mod", "ban", "x")
-            .await
-            .0,
+        moderator.sanction("accounts/mod", "ban", "x").await.status,
         403
     );
     assert_eq!(
-        sanction(&hub, &admin, "accounts/admin", "ban", "x").await.0,
+        admin.sanction("accounts/admin", "ban", "x").await.status,
         403
     );
     let long = "x".repeat(potluck_protocol::admin::MAX_REASON_CHARS + 1);
     assert_eq!(
-        sanction(&hub, &moderator, "accounts/eve", "ban", &long)
+        moderator
+            .sanction("accounts/eve", "ban", &long)
             .await
-            .0,
+            .status,
         400
     );
 
     // Roles and groups (admin), and the key's routing settings reach KeyAuth.
     assert_eq!(
-        call(
-            &hub,
-            "PUT",
-            "/admin/v1/accounts/eve/role",
-            Some(&moderator),
-            Some(json!({"role": "admin"}))
-        )
-        .await
-        .0,
+        moderator
+            .send(
+                "PUT",
+                "/admin/v1/accounts/eve/role",
+                Some(json!({"role": "admin"}))
+            )
+            .await
+            .status,
         403
     );
-    let (s, _) = call(
-        &hub,
-        "POST",
-        "/admin/v1/accounts/eve/groups",
-        Some(&admin),
-        Some(json!({"group": "friends"})),
-    )
-    .await;
-    assert_eq!(s, 200);
-    let (s, _) = call(
-        &hub,
-        "PUT",
-        &format!("/admin/v1/keys/{k1}/settings"),
-        Some(&admin),
-        Some(json!({"prefer_low_power": true, "trusted_only": true})),
-    )
-    .await;
-    assert_eq!(s, 200);
+    let a = admin
+        .send(
+            "POST",
+            "/admin/v1/accounts/eve/groups",
+            Some(json!({"group": "friends"})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let a = admin
+        .send(
+            "PUT",
+            &format!("/admin/v1/keys/{k1}/settings"),
+            Some(json!({"prefer_low_power": true, "trusted_only": true})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
     let auth = hub
         .state()
         .store
@@ -837,24 +818,18 @@ async fn sanctions_refuse_at_once_lift_and_are_audited() {
         .unwrap();
     assert_eq!(&*auth.groups, ["friends".to_owned()]);
     assert!(auth.prefer_low_power && auth.trusted_only);
-    let (s, _) = call(
-        &hub,
-        "DELETE",
-        "/admin/v1/accounts/eve/groups/friends",
-        Some(&admin),
-        None,
-    )
-    .await;
-    assert_eq!(s, 200);
-    let (s, _) = call(
-        &hub,
-        "PUT",
-        "/admin/v1/accounts/eve/role",
-        Some(&admin),
-        Some(json!({"role": "moderator"})),
-    )
-    .await;
-    assert_eq!(s, 200);
+    let a = admin
+        .send("DELETE", "/admin/v1/accounts/eve/groups/friends", None)
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let a = admin
+        .send(
+            "PUT",
+            "/admin/v1/accounts/eve/role",
+            Some(json!({"role": "moderator"})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(
         call(&hub, "GET", "/admin/v1/audit-log", Some(&eve), None)
             .await
@@ -864,16 +839,11 @@ async fn sanctions_refuse_at_once_lift_and_are_audited() {
     );
 
     // Every action above is one audit row, with actor, target and reason.
-    let (s, log) = call(
-        &hub,
-        "GET",
-        "/admin/v1/audit-log?limit=1000",
-        Some(&moderator),
-        None,
-    )
-    .await;
-    assert_eq!(s, 200);
-    let rows: Vec<(String, String, Option<String>)> = log["data"]
+    let log = moderator
+        .send("GET", "/admin/v1/audit-log?limit=1000", None)
+        .await;
+    assert_eq!(log.status, 200, "{:?}", log.body);
+    let rows: Vec<(String, String, Option<String>)> = log.body["data"]
         .as_array()
         .unwrap()
         .iter()
@@ -918,7 +888,7 @@ async fn sanctions_refuse_at_once_lift_and_are_audited() {
 #[tokio::test]
 async fn a_ban_cuts_streams_in_flight() {
     let (hub, _backend, agent) = pool(|_| {}).await;
-    let moderator = staff_key(&hub, "mod", "moderator").await;
+    let moderator = Moderator::new(&hub, "mod", "moderator").await;
     let eve = hub.create_key("eve").await;
     let (kid, key2) = hub.create_key_in("eve-other", "eve2").await;
     let carol = hub.create_key("carol").await;
@@ -926,8 +896,13 @@ async fn a_ban_cuts_streams_in_flight() {
     // Account ban: eve's stream ends at once with the refusal and the reason.
     let (rid, sse) = stream_in_flight(&hub, &eve).await;
     assert_eq!(hub.state().inflight.len(), 1);
-    let (s, v) = sanction(&hub, &moderator, "accounts/eve", "ban", "abuse").await;
-    assert_eq!((s, v["requests_cut"].as_u64()), (200, Some(1)), "{v}");
+    let a = moderator.ban("eve", "abuse").await;
+    assert_eq!(
+        (a.status, a.body["requests_cut"].as_u64()),
+        (200, Some(1)),
+        "{:?}",
+        a.body
+    );
     let ev = cut_event(sse).await;
     assert_eq!(ev["error"]["code"], "account_banned", "{ev}");
     assert!(ev["error"]["message"].as_str().unwrap().contains("abuse"));
@@ -945,22 +920,22 @@ async fn a_ban_cuts_streams_in_flight() {
 
     // Key suspension: the same for one key.
     let (_, sse) = stream_in_flight(&hub, &key2).await;
-    let (s, _) = sanction(
-        &hub,
-        &moderator,
-        &format!("keys/{kid}"),
-        "suspend",
-        "leaked",
-    )
-    .await;
-    assert_eq!(s, 200);
+    let a = moderator
+        .sanction(&format!("keys/{kid}"), "suspend", "leaked")
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(cut_event(sse).await["error"]["code"], "key_suspended");
 
     // Provider ban: carol's stream (served by p1) ends with a provider error; p1's
     // tunnel closes and its token is refused, so the agent stops.
     let (_, sse) = stream_in_flight(&hub, &carol).await;
-    let (s, v) = sanction(&hub, &moderator, "providers/p1", "ban", "tampering").await;
-    assert_eq!((s, v["requests_cut"].as_u64()), (200, Some(1)), "{v}");
+    let a = moderator.sanction("providers/p1", "ban", "tampering").await;
+    assert_eq!(
+        (a.status, a.body["requests_cut"].as_u64()),
+        (200, Some(1)),
+        "{:?}",
+        a.body
+    );
     let ev = cut_event(sse).await;
     assert_eq!(ev["error"]["code"], "provider_error", "{ev}");
     hub.wait_for_model(MODEL, 0).await;

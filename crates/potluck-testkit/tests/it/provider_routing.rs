@@ -16,7 +16,7 @@ use potluck_protocol::tunnel::{
 };
 use potluck_protocol::ModelName;
 use potluck_testkit::scripted_agent::hello;
-use potluck_testkit::{wait_until, ScriptedAgent, TestHub};
+use potluck_testkit::{wait_until, Admin, ScriptedAgent, TestHub};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -604,21 +604,6 @@ async fn pseudonyms_and_signed_receipts() {
     }
 }
 
-async fn admin(
-    hub: &TestHub,
-    method: reqwest::Method,
-    path: &str,
-    body: Value,
-) -> reqwest::Response {
-    hub.http
-        .request(method, format!("{}{path}", hub.url()))
-        .bearer_auth(&hub.admin_key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn friends_only_trusted_only_and_per_key_defaults() {
     let hub = TestHub::start().await;
@@ -650,14 +635,15 @@ async fn friends_only_trusted_only_and_per_key_defaults() {
     hub.wait_for_model("m", 1).await;
 
     // Group membership opens the friends-only provider.
-    let r = admin(
-        &hub,
-        reqwest::Method::POST,
-        "/admin/v1/accounts/friend/groups",
-        json!({"group": "friends"}),
-    )
-    .await;
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let admin = Admin::admin(&hub);
+    let r = admin
+        .send(
+            "POST",
+            "/admin/v1/accounts/friend/groups",
+            Some(json!({"group": "friends"})),
+        )
+        .await;
+    assert!((200..300).contains(&r.status), "{:?}", r.body);
     for _ in 0..10 {
         assert_eq!(
             served_by(&hub, &outsider, "m", &[("x-potluck-prefer", "low-power")]).await,
@@ -670,14 +656,14 @@ async fn friends_only_trusted_only_and_per_key_defaults() {
     }
     assert_eq!(seen.len(), 2, "a member reaches both: {seen:?}");
     // A per-key default instead of the header: low power goes to the (NPU) friends box.
-    let r = admin(
-        &hub,
-        reqwest::Method::PUT,
-        &format!("/admin/v1/keys/{friend_key_id}/settings"),
-        json!({"prefer_low_power": true, "trusted_only": false}),
-    )
-    .await;
-    assert!(r.status().is_success());
+    let r = admin
+        .send(
+            "PUT",
+            &format!("/admin/v1/keys/{friend_key_id}/settings"),
+            Some(json!({"prefer_low_power": true, "trusted_only": false})),
+        )
+        .await;
+    assert!((200..300).contains(&r.status), "{:?}", r.body);
     for _ in 0..10 {
         assert_eq!(served_by(&hub, &friend, "m", &[]).await, "friends-box");
     }
@@ -692,14 +678,14 @@ async fn friends_only_trusted_only_and_per_key_defaults() {
     )
     .await;
     assert_eq!(r.status(), 404);
-    let r = admin(
-        &hub,
-        reqwest::Method::PUT,
-        "/admin/v1/providers/public-gpu/trust",
-        json!({"trusted": true}),
-    )
-    .await;
-    assert_eq!(r.status(), 200);
+    let r = admin
+        .send(
+            "PUT",
+            "/admin/v1/providers/public-gpu/trust",
+            Some(json!({"trusted": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
     for _ in 0..10 {
         assert_eq!(
             served_by(&hub, &friend, "m", &[("x-potluck-trust", "trusted")]).await,
