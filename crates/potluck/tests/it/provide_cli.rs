@@ -8,6 +8,8 @@
 //! - nothing that identifies the consumer (account, key, `user`, address, cookies,
 //!   organization) reaches a backend, while the journal keeps the pseudonym;
 //! - a model refused by the hub's allow-list shows, with its reason, in the status.
+//! - the policy file reloads live (on change and on SIGHUP); a bad one keeps the running
+//!   rules and shows in the status.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
@@ -991,4 +993,82 @@ async fn allow_list_refusal_is_listed_once() {
     wait_receipts(&rig, 1).await;
     let s = rig.status();
     assert_eq!(refusals(&s), 1, "{:#}", s["last_errors"]);
+}
+
+/// The models the agent's status lists, sorted.
+fn status_models(s: &Value) -> Vec<String> {
+    let mut v: Vec<String> = s["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model"].as_str().unwrap().to_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_file_reloads_on_change_and_sighup_and_a_bad_one_keeps_the_rules() {
+    let one = "[[models]]\nbackend_name = \"m1\"\n";
+    let both = "[[models]]\nbackend_name = \"m1\"\n\n[[models]]\nbackend_name = \"m2\"\n";
+    let rig = Rig::start(&["m1", "m2"], None, Some(one)).await;
+    let file = rig._tmp.path().join("provide.toml");
+    rig.wait_agent_ready(1).await;
+    assert_eq!(status_models(&rig.status()), ["m1"]);
+
+    // A changed file is picked up by itself (its mtime is polled).
+    std::fs::write(&file, both).unwrap();
+    wait_until(
+        "the changed file is picked up",
+        Duration::from_secs(60),
+        || {
+            let models = status_models(&rig.status());
+            async move { models == ["m1", "m2"] }
+        },
+    )
+    .await;
+
+    // A bad file: the running rules stay, and the status says why.
+    std::fs::write(&file, "[[models]]\nbackend_name = 7\n").unwrap();
+    wait_until(
+        "the bad file shows in status",
+        Duration::from_secs(60),
+        || {
+            let s = rig.status();
+            let shown = s["last_errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["message"].as_str().unwrap().contains("not reloaded"));
+            async move { shown }
+        },
+    )
+    .await;
+    let s = rig.status();
+    assert_eq!(status_models(&s), ["m1", "m2"], "rules kept: {s:#}");
+    assert_eq!(s["state"], "accepting", "{s:#}");
+
+    // SIGHUP: new rules with the mtime put back, so only the signal can reveal them.
+    let bad_mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    // (Written beside it and renamed over it, so that no poll sees a new mtime between.)
+    let next = file.with_extension("next");
+    std::fs::write(&next, one).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&next)
+        .unwrap()
+        .set_modified(bad_mtime)
+        .unwrap();
+    std::fs::rename(&next, &file).unwrap();
+    let pid = rig.agent.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_until("SIGHUP reloads the file", Duration::from_secs(60), || {
+        let models = status_models(&rig.status());
+        async move { models == ["m1"] }
+    })
+    .await;
 }
