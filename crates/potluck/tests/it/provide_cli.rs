@@ -10,6 +10,8 @@
 //! - a model refused by the hub's allow-list shows, with its reason, in the status.
 //! - the policy file reloads live (on change and on SIGHUP); a bad one keeps the running
 //!   rules and shows in the status.
+//! - `[busy]`: a busy machine drains the agent (status, hub, a refused request) and it
+//!   comes back when the machine is not.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
@@ -1071,4 +1073,94 @@ async fn policy_file_reloads_on_change_and_sighup_and_a_bad_one_keeps_the_rules(
         async move { models == ["m1"] }
     })
     .await;
+}
+
+/// Burns one core until dropped: "other use" of the machine that the busy rule sees.
+struct Spinner {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut x = 0u64;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_machine_drains_the_agent_end_to_end_and_it_comes_back() {
+    // Deterministic on a shared machine: a threshold of 100% can never be exceeded, and
+    // one of 0.01% always is while this test burns a core (one core of even 256 is 0.39%);
+    // the live reload switches between them.
+    let busy = |threshold: &str| {
+        format!(
+            "[[models]]\nbackend_name = \"m1\"\n\n[busy]\nthreshold_percent = {threshold}\n\
+             for_seconds = 1\ngpu = false\n"
+        )
+    };
+    let rig = Rig::start(&["m1"], Some("[queue]\nmax_wait = 2\n"), Some(&busy("100"))).await;
+    let file = rig._tmp.path().join("provide.toml");
+    let key = rig.key("alice", None);
+    wait_for_models(&rig.url, &key, |v| v["data"][0]["id"] == "m1").await;
+    rig.wait_agent_ready(1).await;
+    let (st, _, body) = rig.post(&key, "chat/completions", chat(false)).await;
+    assert_eq!(st, 200, "served while the machine is not busy: {body}");
+
+    // Busy: the agent drains, says why, and the hub stops routing to it.
+    let spinner = Spinner::start();
+    std::fs::write(&file, busy("0.01")).unwrap();
+    wait_until("the agent drains for busy", Duration::from_secs(60), || {
+        let s = rig.status();
+        async move { s["state"] == "draining" && s["reasons"] == json!(["busy"]) }
+    })
+    .await;
+    wait_until("hub sees the drain", Duration::from_secs(10), || {
+        let r = rig.get(&key, "/v1/pool");
+        async move { r.await["data"][0]["by_provider"][0]["accepting"] == false }
+    })
+    .await;
+    let served = rig.backend.inference_received().len();
+    let (st, _, body) = rig.post(&key, "chat/completions", chat(false)).await;
+    assert_eq!(st, 503, "refused while busy: {body}");
+    assert_eq!(
+        rig.backend.inference_received().len(),
+        served,
+        "nothing reached the backend while busy"
+    );
+
+    // Not busy any more: it comes back and serves.
+    drop(spinner);
+    std::fs::write(&file, busy("100")).unwrap();
+    wait_until("the agent accepts again", Duration::from_secs(60), || {
+        let s = rig.status();
+        async move { s["state"] == "accepting" }
+    })
+    .await;
+    wait_until("hub sees it back", Duration::from_secs(10), || {
+        let r = rig.get(&key, "/v1/pool");
+        async move { r.await["data"][0]["by_provider"][0]["accepting"] == true }
+    })
+    .await;
+    let (st, _, body) = rig.post(&key, "chat/completions", chat(false)).await;
+    assert_eq!(st, 200, "served again: {body}");
 }
