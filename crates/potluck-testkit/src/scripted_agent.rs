@@ -1,7 +1,9 @@
 //! A scripted agent: opens a real tunnel to a hub with a real provider token, announces
 //! exactly the control events a test gives it (any profile, hashes, accepting state),
 //! answers inference requests with a canned OpenAI answer, and records what the hub sent
-//! it: request headers and bodies, and hub events (receipts, refusals).
+//! it: request headers and bodies, and hub events (receipts, refusals). Told to, it
+//! answers with raw bytes of any status instead, or hangs up the tunnel: a failing or
+//! hostile provider that the real agent's filters would have stopped.
 //!
 //! It tests the hub's side of the protocol without the real agent's discovery; the real
 //! agent has its own tests.
@@ -61,10 +63,62 @@ pub struct Received {
     pub body: Bytes,
 }
 
+/// An answer sent instead of the canned one, whatever the request.
+#[derive(Debug, Clone)]
+pub enum RawAnswer {
+    /// This status, headers and body, as they are.
+    Bytes {
+        /// HTTP status.
+        status: u16,
+        /// Headers (name, value).
+        headers: Vec<(String, String)>,
+        /// The body, sent as these frames in order.
+        frames: Vec<Bytes>,
+    },
+    /// Close the tunnel without answering: the hub sees a connection error.
+    HangUp,
+}
+
+impl RawAnswer {
+    /// `status` with a JSON body `body` (one frame).
+    pub fn json(status: u16, body: &serde_json::Value) -> Self {
+        Self::Bytes {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            frames: vec![Bytes::from(body.to_string())],
+        }
+    }
+
+    /// The real agent's own refusal of a model it does not serve (404 marked as the
+    /// agent's, in the agent's error shape).
+    pub fn agent_not_served_here() -> Self {
+        let body = json!({"error": {"message": "model not served here", "type": "server_error",
+            "param": null, "code": "agent_error"}});
+        let Self::Bytes {
+            status,
+            mut headers,
+            frames,
+        } = Self::json(404, &body)
+        else {
+            unreachable!("json() gives bytes")
+        };
+        headers.push((
+            potluck_protocol::tunnel::HEADER_AGENT_ERROR.to_owned(),
+            "1".into(),
+        ));
+        Self::Bytes {
+            status,
+            headers,
+            frames,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Log {
     requests: Vec<Received>,
     events: Vec<HubEvent>,
+    raw: Option<RawAnswer>,
 }
 
 /// A connected scripted agent. Dropping it closes the tunnel.
@@ -129,9 +183,11 @@ impl ScriptedAgent {
         let log = Arc::new(Mutex::new(Log::default()));
         let cancel = CancellationToken::new();
         let (l, c) = (Arc::clone(&log), cancel.clone());
+        let hang_up = cancel.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
             let (rx, log, responder) = (Arc::clone(&rx), Arc::clone(&l), Arc::clone(&responder));
-            async move { Ok::<_, Infallible>(handle(req, rx, log, &responder).await) }
+            let hang_up = hang_up.clone();
+            async move { Ok::<_, Infallible>(handle(req, rx, log, &responder, &hang_up).await) }
         });
         tokio::spawn(async move {
             let conn = potluck_tunnel::settings::server_builder().serve_connection(io, svc);
@@ -153,6 +209,11 @@ impl ScriptedAgent {
         let _ = self.control.send(ev);
     }
 
+    /// From now on, answer every inference request with `raw` (`None`: the canned answer).
+    pub fn set_raw(&self, raw: Option<RawAnswer>) {
+        self.log.lock().unwrap().raw = raw;
+    }
+
     /// Inference requests received so far.
     pub fn requests(&self) -> Vec<Received> {
         self.log.lock().unwrap().requests.clone()
@@ -169,6 +230,7 @@ async fn handle(
     control: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<AgentEvent>>>,
     log: Arc<Mutex<Log>>,
     responder: &Responder,
+    hang_up: &CancellationToken,
 ) -> Response<Body> {
     let path = req.uri().path().to_owned();
     if path == CONTROL_PATH {
@@ -203,11 +265,43 @@ async fn handle(
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
     let reply = responder(&parsed);
-    log.lock().unwrap().requests.push(Received {
-        path: path.clone(),
-        headers,
-        body,
-    });
+    let raw = {
+        let mut l = log.lock().unwrap();
+        l.requests.push(Received {
+            path: path.clone(),
+            headers,
+            body,
+        });
+        l.raw.clone()
+    };
+    match raw {
+        None => {}
+        Some(RawAnswer::HangUp) => {
+            hang_up.cancel();
+            // The connection task drops this future with the connection.
+            std::future::pending::<()>().await;
+        }
+        Some(RawAnswer::Bytes {
+            status,
+            headers,
+            frames,
+        }) => {
+            let stream = futures_util::stream::iter(
+                frames
+                    .into_iter()
+                    .map(|f| Ok::<_, Infallible>(Frame::data(f))),
+            );
+            let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            for (k, v) in headers {
+                r.headers_mut().insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(&v).unwrap(),
+                );
+            }
+            return r;
+        }
+    }
     let text = reply.text;
     let completion = reply
         .completion_tokens

@@ -98,17 +98,61 @@ mod tests {
         );
     }
 
+    /// Feeds `wire` to a fresh parser in the given pieces and returns every event's data.
+    fn parse_in_pieces<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<Vec<u8>> {
+        let mut parser = SseParser::new(1 << 16);
+        let mut got = Vec::new();
+        for piece in pieces {
+            got.extend(parser.push(piece).unwrap());
+        }
+        got
+    }
+
+    /// Asserts that `wire` gives `want` whole, in 1-byte pieces, and cut in two at every
+    /// position.
+    fn assert_every_split(wire: &[u8], want: &[Vec<u8>]) {
+        assert_eq!(parse_in_pieces([wire]), want, "whole");
+        assert_eq!(parse_in_pieces(wire.chunks(1)), want, "1-byte pieces");
+        for cut in 0..=wire.len() {
+            let (a, b) = wire.split_at(cut);
+            assert_eq!(parse_in_pieces([a, b]), want, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn every_split_of_a_mixed_stream_gives_the_same_events() {
+        // CRLF and LF endings, a comment, `event:`/`id:` fields, a two-line event and a
+        // `data:` without its space: every boundary the parser must carry across pieces.
+        let wire = b"data: {\"a\":1}\r\n\r\n: keep-alive\n\nevent: x\nid: 7\ndata: a\ndata: b\n\ndata:{\"c\":\"\\r\"}\r\n\r\ndata: x\r\ndata: y\r\n\r\ndata: [DONE]\n\n";
+        let want = vec![
+            b"{\"a\":1}".to_vec(),
+            b"a\nb".to_vec(),
+            b"{\"c\":\"\\r\"}".to_vec(),
+            b"x\ny".to_vec(),
+            b"[DONE]".to_vec(),
+        ];
+        assert_every_split(wire, &want);
+    }
+
     proptest! {
         #[test]
-        fn any_split_gives_same_events(payloads in proptest::collection::vec("[a-z0-9{}\":,]{1,30}", 1..10), cut in 0usize..400) {
+        fn any_split_gives_same_events(
+            events in proptest::collection::vec(
+                proptest::collection::vec("[a-z0-9{}\":,]{1,30}", 1..4),
+                1..8,
+            ),
+            crlf in any::<bool>(),
+        ) {
+            let end = if crlf { "\r\n" } else { "\n" };
             let mut wire = Vec::new();
-            for p in &payloads { wire.extend_from_slice(format!("data: {p}\n\n").as_bytes()); }
-            let cut = cut.min(wire.len());
-            let mut parser = SseParser::new(1 << 16);
-            let mut got = parser.push(&wire[..cut]).unwrap();
-            got.extend(parser.push(&wire[cut..]).unwrap());
-            let want: Vec<Vec<u8>> = payloads.iter().map(|p| p.as_bytes().to_vec()).collect();
-            prop_assert_eq!(got, want);
+            for lines in &events {
+                for line in lines {
+                    wire.extend_from_slice(format!("data: {line}{end}").as_bytes());
+                }
+                wire.extend_from_slice(end.as_bytes());
+            }
+            let want: Vec<Vec<u8>> = events.iter().map(|l| l.join("\n").into_bytes()).collect();
+            assert_every_split(&wire, &want);
         }
 
         #[test]

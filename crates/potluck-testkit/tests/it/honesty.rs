@@ -565,8 +565,10 @@ async fn a_request_in_flight_when_its_provider_is_quarantined_pays_the_treasury(
     st.store.audit_ledger().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_replays_and_canaries_leave_no_text_in_the_database() {
+/// Consumer traffic marked `zebra-marker-N` to an audited provider beside a trusted
+/// reference, until replays and a canary have really run (positive control). Returns the
+/// hub and the agents (dropping them closes their tunnels).
+async fn audited_traffic() -> (TestHub, ScriptedAgent, ScriptedAgent) {
     let hash = ModelHash::parse(&"ef".repeat(32)).unwrap();
     let hub = TestHub::start_with(|c| {
         audited(c, 1.0);
@@ -633,6 +635,12 @@ async fn audit_replays_and_canaries_leave_no_text_in_the_database() {
         },
     )
     .await;
+    (hub, reference, audited_agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_replays_and_canaries_leave_no_text_in_the_database() {
+    let (hub, _reference, _audited) = audited_traffic().await;
     hub.state().store.close().await;
     let mut db = Vec::new();
     for e in std::fs::read_dir(hub.data_dir()).unwrap() {
@@ -651,5 +659,56 @@ async fn audit_replays_and_canaries_leave_no_text_in_the_database() {
         .chain(potluck_hub::testing::CANARY_PROMPTS.iter().copied())
     {
         assert!(!db.contains(text), "{text} stored");
+    }
+}
+
+/// A `MakeWriter` into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+// One thread: the hub, the agents and the client all run on it, so the scoped subscriber
+// below sees every log line the hub writes while it serves and audits.
+#[tokio::test(flavor = "current_thread")]
+async fn audit_replays_and_canaries_leave_no_text_in_the_logs() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(logs.clone())
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    let (mut hub, reference, audited) = audited_traffic().await;
+    let audited_id = provider_id(&hub, "audited").await;
+    drop((reference, audited));
+    hub.stop().await;
+    drop(guard);
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    // Positive control: the audits were logged, with the provider's id, at every level.
+    assert!(
+        text.contains("provider audit") && text.contains(&format!("provider_id={audited_id}")),
+        "the audits are in the captured logs"
+    );
+    for text_part in ["zebra-marker", "Here is my answer"]
+        .into_iter()
+        .chain(potluck_hub::testing::CANARY_PROMPTS.iter().copied())
+    {
+        assert!(!text.contains(text_part), "{text_part} logged");
     }
 }

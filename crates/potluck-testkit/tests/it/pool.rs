@@ -7,7 +7,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use potluck_testkit::{FakeBackend, FakeBehavior, TestAgent, TestHub};
+use potluck_protocol::tunnel::ProviderProfile;
+use potluck_testkit::scripted_agent::{hello, RawAnswer};
+use potluck_testkit::{FakeBackend, FakeBehavior, ScriptedAgent, TestAgent, TestHub};
 use serde_json::{json, Value};
 
 const MODEL: &str = "shared-model";
@@ -407,4 +409,117 @@ async fn a_silently_dead_tunnel_is_detected_by_keepalive() {
         404,
         "nothing routes to the dead tunnel"
     );
+}
+
+/// Attempts per provider for one request: how many requests each scripted agent got.
+fn counts(agents: &[&ScriptedAgent]) -> Vec<usize> {
+    agents.iter().map(|a| a.requests().len()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_failing_providers_are_retried_once_each_as_documented() {
+    // README "Consumer API behaviour": a provider that fails before answering is retried
+    // once on another provider; else 502 `provider_error`. Two failing providers (a
+    // backend 500, and the agent's own "model not served here") beside a good one.
+    let hub = TestHub::start().await;
+    let key = hub.create_key("consumer").await;
+    let agent = |name: &'static str| {
+        let hub = &hub;
+        async move {
+            let token = hub.create_provider(name).await;
+            ScriptedAgent::connect(
+                name,
+                &hub.url(),
+                &token,
+                hello(&[MODEL], 8, ProviderProfile::default()),
+            )
+            .await
+        }
+    };
+    let broken = agent("broken").await;
+    broken.set_raw(Some(RawAnswer::json(
+        500,
+        &json!({"error": {"message": "backend exploded"}}),
+    )));
+    let unserved = agent("unserved").await;
+    unserved.set_raw(Some(RawAnswer::agent_not_served_here()));
+    let good = agent("good").await;
+    hub.wait_for_model(MODEL, 3).await;
+
+    // Ties are broken at random: go on until each way through was seen (bounded; the
+    // chance of missing one in 300 requests is far below 1e-20).
+    let (mut broken_then_good, mut unserved_then_good, mut both_failed) = (0, 0, 0);
+    let mut sent = 0;
+    while broken_then_good == 0 || unserved_then_good == 0 || both_failed == 0 {
+        assert!(sent < 300, "not every way through was seen");
+        sent += 1;
+        let before = counts(&[&broken, &unserved, &good]);
+        let r = chat(&hub, &key, sent % 2 == 0).await;
+        let status = r.status();
+        let body = r.text().await.unwrap();
+        let after = counts(&[&broken, &unserved, &good]);
+        let tried: Vec<usize> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        assert!(
+            tried.iter().all(|&n| n <= 1),
+            "no provider is tried twice for one request: {tried:?}"
+        );
+        assert!(
+            (1..=2).contains(&tried.iter().sum::<usize>()),
+            "one try, and at most one retry: {tried:?}"
+        );
+        match tried.as_slice() {
+            [0, 0, 1] => assert_eq!(status, 200, "{body}"),
+            [1, 0, 1] | [0, 1, 1] => {
+                assert_eq!(status, 200, "the retry answers: {body}");
+                assert!(
+                    body.contains("good"),
+                    "answered by the good provider: {body}"
+                );
+                if tried[0] == 1 {
+                    broken_then_good += 1;
+                } else {
+                    unserved_then_good += 1;
+                }
+            }
+            [1, 1, 0] => {
+                assert_eq!(status, 502, "both tries failed: {body}");
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["error"]["code"], "provider_error", "{body}");
+                assert!(!body.contains("backend exploded"), "{body}");
+                both_failed += 1;
+            }
+            other => panic!("unexpected tries {other:?} ({status}): {body}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_whose_tunnel_fails_is_retried_on_another() {
+    // A connection error (the provider hangs up instead of answering) is retried too.
+    let hub = TestHub::start().await;
+    let key = hub.create_key("consumer").await;
+    let (t1, t2) = (
+        hub.create_provider("hangs-up").await,
+        hub.create_provider("good").await,
+    );
+    let profile = ProviderProfile::default;
+    let hangs_up =
+        ScriptedAgent::connect("hangs-up", &hub.url(), &t1, hello(&[MODEL], 8, profile())).await;
+    hangs_up.set_raw(Some(RawAnswer::HangUp));
+    let good = ScriptedAgent::connect("good", &hub.url(), &t2, hello(&[MODEL], 8, profile())).await;
+    hub.wait_for_model(MODEL, 2).await;
+    let mut sent = 0;
+    while hangs_up.requests().is_empty() {
+        assert!(sent < 200, "the provider that hangs up was never picked");
+        sent += 1;
+        let r = chat(&hub, &key, sent % 2 == 0).await;
+        assert_eq!(r.status(), 200, "the consumer does not notice");
+        assert!(r.text().await.unwrap().contains("good"));
+        assert_eq!(
+            good.requests().len(),
+            sent,
+            "the good provider answered each"
+        );
+    }
+    assert_eq!(hangs_up.requests().len(), 1, "tried once, then it was gone");
 }

@@ -8,6 +8,10 @@
 //! - nothing that identifies the consumer (account, key, `user`, address, cookies,
 //!   organization) reaches a backend, while the journal keeps the pseudonym;
 //! - a model refused by the hub's allow-list shows, with its reason, in the status.
+//! - the policy file reloads live (on change and on SIGHUP); a bad one keeps the running
+//!   rules and shows in the status.
+//! - `[busy]`: a busy machine drains the agent (status, hub, a refused request) and it
+//!   comes back when the machine is not.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
@@ -991,4 +995,172 @@ async fn allow_list_refusal_is_listed_once() {
     wait_receipts(&rig, 1).await;
     let s = rig.status();
     assert_eq!(refusals(&s), 1, "{:#}", s["last_errors"]);
+}
+
+/// The models the agent's status lists, sorted.
+fn status_models(s: &Value) -> Vec<String> {
+    let mut v: Vec<String> = s["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model"].as_str().unwrap().to_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_file_reloads_on_change_and_sighup_and_a_bad_one_keeps_the_rules() {
+    let one = "[[models]]\nbackend_name = \"m1\"\n";
+    let both = "[[models]]\nbackend_name = \"m1\"\n\n[[models]]\nbackend_name = \"m2\"\n";
+    let rig = Rig::start(&["m1", "m2"], None, Some(one)).await;
+    let file = rig._tmp.path().join("provide.toml");
+    rig.wait_agent_ready(1).await;
+    assert_eq!(status_models(&rig.status()), ["m1"]);
+
+    // A changed file is picked up by itself (its mtime is polled).
+    std::fs::write(&file, both).unwrap();
+    wait_until(
+        "the changed file is picked up",
+        Duration::from_secs(60),
+        || {
+            let models = status_models(&rig.status());
+            async move { models == ["m1", "m2"] }
+        },
+    )
+    .await;
+
+    // A bad file: the running rules stay, and the status says why.
+    std::fs::write(&file, "[[models]]\nbackend_name = 7\n").unwrap();
+    wait_until(
+        "the bad file shows in status",
+        Duration::from_secs(60),
+        || {
+            let s = rig.status();
+            let shown = s["last_errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["message"].as_str().unwrap().contains("not reloaded"));
+            async move { shown }
+        },
+    )
+    .await;
+    let s = rig.status();
+    assert_eq!(status_models(&s), ["m1", "m2"], "rules kept: {s:#}");
+    assert_eq!(s["state"], "accepting", "{s:#}");
+
+    // SIGHUP: new rules with the mtime put back, so only the signal can reveal them.
+    let bad_mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    // (Written beside it and renamed over it, so that no poll sees a new mtime between.)
+    let next = file.with_extension("next");
+    std::fs::write(&next, one).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&next)
+        .unwrap()
+        .set_modified(bad_mtime)
+        .unwrap();
+    std::fs::rename(&next, &file).unwrap();
+    let pid = rig.agent.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_until("SIGHUP reloads the file", Duration::from_secs(60), || {
+        let models = status_models(&rig.status());
+        async move { models == ["m1"] }
+    })
+    .await;
+}
+
+/// Burns one core until dropped: "other use" of the machine that the busy rule sees.
+struct Spinner {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut x = 0u64;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_machine_drains_the_agent_end_to_end_and_it_comes_back() {
+    // Deterministic on a shared machine: a threshold of 100% can never be exceeded, and
+    // one of 0.01% always is while this test burns a core (one core of even 256 is 0.39%);
+    // the live reload switches between them.
+    let busy = |threshold: &str| {
+        format!(
+            "[[models]]\nbackend_name = \"m1\"\n\n[busy]\nthreshold_percent = {threshold}\n\
+             for_seconds = 1\ngpu = false\n"
+        )
+    };
+    let rig = Rig::start(&["m1"], Some("[queue]\nmax_wait = 2\n"), Some(&busy("100"))).await;
+    let file = rig._tmp.path().join("provide.toml");
+    let key = rig.key("alice", None);
+    wait_for_models(&rig.url, &key, |v| v["data"][0]["id"] == "m1").await;
+    rig.wait_agent_ready(1).await;
+    let (st, _, body) = rig.post(&key, "chat/completions", chat(false)).await;
+    assert_eq!(st, 200, "served while the machine is not busy: {body}");
+
+    // Busy: the agent drains, says why, and the hub stops routing to it.
+    let spinner = Spinner::start();
+    std::fs::write(&file, busy("0.01")).unwrap();
+    wait_until("the agent drains for busy", Duration::from_secs(60), || {
+        let s = rig.status();
+        async move { s["state"] == "draining" && s["reasons"] == json!(["busy"]) }
+    })
+    .await;
+    wait_until("hub sees the drain", Duration::from_secs(10), || {
+        let r = rig.get(&key, "/v1/pool");
+        async move { r.await["data"][0]["by_provider"][0]["accepting"] == false }
+    })
+    .await;
+    let served = rig.backend.inference_received().len();
+    let (st, _, body) = rig.post(&key, "chat/completions", chat(false)).await;
+    assert_eq!(st, 503, "refused while busy: {body}");
+    assert_eq!(
+        rig.backend.inference_received().len(),
+        served,
+        "nothing reached the backend while busy"
+    );
+
+    // Not busy any more: it comes back and serves.
+    drop(spinner);
+    std::fs::write(&file, busy("100")).unwrap();
+    wait_until("the agent accepts again", Duration::from_secs(60), || {
+        let s = rig.status();
+        async move { s["state"] == "accepting" }
+    })
+    .await;
+    wait_until("hub sees it back", Duration::from_secs(10), || {
+        let r = rig.get(&key, "/v1/pool");
+        async move { r.await["data"][0]["by_provider"][0]["accepting"] == true }
+    })
+    .await;
+    let (st, _, body) = rig.post(&key, "chat/completions", chat(false)).await;
+    assert_eq!(st, 200, "served again: {body}");
 }

@@ -1,0 +1,182 @@
+//! The hub's own defences against a hostile provider, tested with a scripted agent that
+//! skips the real agent's filters: an answer over `max_response_bytes`, an SSE line over
+//! `max_sse_line_bytes`, a malformed event and a non-JSON answer each end with the
+//! documented error (502 `provider_error` whole, one SSE error event streamed), in bounded
+//! time, and nothing the provider sent is echoed.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use potluck_protocol::tunnel::ProviderProfile;
+use potluck_testkit::scripted_agent::{hello, RawAnswer};
+use potluck_testkit::{ScriptedAgent, TestHub};
+use serde_json::{json, Value};
+
+const MODEL: &str = "hostile-model";
+/// The hub's cap on a whole answer in these tests.
+const MAX_RESPONSE: usize = 64 * 1024;
+/// The hub's cap on one SSE line in these tests.
+const MAX_SSE_LINE: usize = 4 * 1024;
+/// How long the hub may take to refuse (generous for two busy cores; it is immediate).
+const BOUND: Duration = Duration::from_secs(20);
+/// A marker in every hostile answer; the consumer must never see it.
+const MARKER: &str = "HOSTILE-MARKER";
+
+struct Rig {
+    hub: TestHub,
+    key: String,
+    agent: ScriptedAgent,
+}
+
+async fn rig() -> Rig {
+    let hub = TestHub::start_with(|c| {
+        c.max_response_bytes = MAX_RESPONSE;
+        c.max_sse_line_bytes = MAX_SSE_LINE;
+    })
+    .await;
+    let key = hub.create_key("consumer").await;
+    let token = hub.create_provider("hostile").await;
+    let agent = ScriptedAgent::connect(
+        "hostile",
+        &hub.url(),
+        &token,
+        hello(&[MODEL], 8, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model(MODEL, 1).await;
+    Rig { hub, key, agent }
+}
+
+/// A 200 answer of `content_type` made of `frames`.
+fn answer(content_type: &str, frames: Vec<Bytes>) -> RawAnswer {
+    RawAnswer::Bytes {
+        status: 200,
+        headers: vec![("content-type".into(), content_type.into())],
+        frames,
+    }
+}
+
+/// Send one chat request; returns the status and the whole body, within [`BOUND`].
+async fn ask(rig: &Rig, stream: bool) -> (u16, String) {
+    let fut = async {
+        let r = rig
+            .hub
+            .http
+            .post(format!("{}/chat/completions", rig.hub.v1()))
+            .bearer_auth(&rig.key)
+            .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .expect("the hub ends a hostile answer in bounded time")
+}
+
+/// A whole answer is refused with 502 `provider_error`, echoing nothing.
+async fn assert_whole_refused(rig: &Rig, why: &str) {
+    let (status, body) = ask(rig, false).await;
+    assert_eq!(status, 502, "{why}: {body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "provider_error", "{why}: {body}");
+    assert!(!body.contains(MARKER), "{why}: nothing relayed: {body}");
+}
+
+/// A stream ends with exactly one SSE error event (`provider_error`), no `[DONE]`, and
+/// relays nothing of the hostile event.
+async fn assert_stream_refused(rig: &Rig, why: &str) {
+    let (status, body) = ask(rig, true).await;
+    assert_eq!(status, 200, "{why}: the stream had begun: {body}");
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    let errors: Vec<&&str> = events.iter().filter(|e| e.contains("\"error\"")).collect();
+    assert_eq!(errors.len(), 1, "{why}: one error event: {body}");
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "provider_error", "{why}: {body}");
+    assert!(!body.contains("[DONE]"), "{why}: {body}");
+    assert!(!body.contains(MARKER), "{why}: nothing relayed: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_max_response_bytes_is_a_502() {
+    let rig = rig().await;
+    // Valid JSON, four times the cap, in 16 KiB frames.
+    let text = MARKER.repeat(4 * MAX_RESPONSE / MARKER.len());
+    let whole = json!({"id": "x", "object": "chat.completion", "created": 0, "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+    .to_string();
+    let frames = whole
+        .as_bytes()
+        .chunks(16 * 1024)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    rig.agent.set_raw(Some(answer("application/json", frames)));
+    assert_whole_refused(&rig, "over max_response_bytes").await;
+
+    // Positive control: the same answer under the cap goes through.
+    let small = json!({"id": "x", "object": "chat.completion", "created": 0, "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}]});
+    rig.agent.set_raw(Some(RawAnswer::json(200, &small)));
+    let (status, body) = ask(&rig, false).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("fine"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_json_answer_is_a_502() {
+    let rig = rig().await;
+    let html = format!("<html>{MARKER}</html>");
+    rig.agent
+        .set_raw(Some(answer("application/json", vec![Bytes::from(html)])));
+    assert_whole_refused(&rig, "not JSON").await;
+    rig.agent.set_raw(Some(answer(
+        "application/json",
+        vec![Bytes::from(format!("[\"{MARKER}\"]"))],
+    )));
+    assert_whole_refused(&rig, "JSON but not an object").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_line_over_max_sse_line_bytes_ends_the_stream_with_one_error_event() {
+    let rig = rig().await;
+    // A good first event, then a well-formed event twice the cap (sent in 1 KiB frames),
+    // then the end: only the cap stops the long event.
+    let chunk = |content: &str| {
+        json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]})
+    };
+    let mut frames = vec![Bytes::from(format!("data: {}\n\n", chunk("ok")))];
+    let long = format!(
+        "data: {}\n\ndata: [DONE]\n\n",
+        chunk(&MARKER.repeat(2 * MAX_SSE_LINE / MARKER.len()))
+    );
+    frames.extend(long.as_bytes().chunks(1024).map(Bytes::copy_from_slice));
+    rig.agent.set_raw(Some(answer("text/event-stream", frames)));
+    assert_stream_refused(&rig, "over max_sse_line_bytes").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_event_ends_the_stream_with_one_error_event() {
+    let rig = rig().await;
+    for bad in [
+        format!("data: {{\"{MARKER}\": \n\n"),
+        format!("data: <{MARKER}>\n\n"),
+        format!("data: [\"{MARKER}\"]\n\n"),
+    ] {
+        let good = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+            "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": null}]});
+        let frames = vec![
+            Bytes::from(format!("data: {good}\n\n")),
+            Bytes::from(bad.clone()),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ];
+        rig.agent.set_raw(Some(answer("text/event-stream", frames)));
+        assert_stream_refused(&rig, &format!("malformed event {bad:?}")).await;
+    }
+}
