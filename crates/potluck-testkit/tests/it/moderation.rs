@@ -299,3 +299,105 @@ async fn a_providers_moderation_requirement_is_honoured() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// Post a body to one of the other client APIs.
+async fn native(p: &Pool, path: &str, body: Value) -> (u16, String) {
+    let r = p
+        .hub
+        .http
+        .post(format!("{}{path}", p.hub.url()))
+        .bearer_auth(&p.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_holds_in_every_client_api() {
+    let p = pool(|c| moderated(c, true), ProviderProfile::default()).await;
+    let user = |t: &str| json!([{"role": "user", "content": t}]);
+
+    // Blocked input: refused before any provider, in each API's own error shape.
+    let before = p.model.requests().len();
+    let (s, t) = native(
+        &p,
+        "/v1/messages",
+        json!({"model": "m", "max_tokens": 16, "messages": user("FORBIDDEN x")}),
+    )
+    .await;
+    assert_eq!(s, 400, "{t}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&t).unwrap()["error"]["type"],
+        "invalid_request_error"
+    );
+    let (s, t) = native(
+        &p,
+        "/v1/responses",
+        json!({"model": "m", "input": "FORBIDDEN x"}),
+    )
+    .await;
+    assert_eq!(s, 400, "{t}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&t).unwrap()["error"]["type"],
+        "invalid_request_error"
+    );
+    let (s, t) = native(
+        &p,
+        "/api/chat",
+        json!({"model": "m", "messages": user("FORBIDDEN x"), "stream": false}),
+    )
+    .await;
+    assert_eq!(s, 400, "{t}");
+    assert!(serde_json::from_str::<Value>(&t).unwrap()["error"].is_string());
+    assert_eq!(
+        p.model.requests().len(),
+        before,
+        "no blocked input reached the provider"
+    );
+
+    // Blocked output: withheld or cut at the window, and said so in each API's words.
+    let (s, t) = native(
+        &p,
+        "/v1/messages",
+        json!({"model": "m", "max_tokens": 16, "messages": user("say-bad")}),
+    )
+    .await;
+    assert_eq!(s, 200, "{t}");
+    let m: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(m["stop_reason"], "refusal", "{t}");
+    assert!(!t.contains("FORBIDDEN"));
+    let (s, t) = native(
+        &p,
+        "/v1/messages",
+        json!({"model": "m", "max_tokens": 16, "stream": true, "messages": user("say-bad")}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(!t.contains("FORBIDDEN"), "{t}");
+    assert!(t.contains("\"stop_reason\":\"refusal\""), "{t}");
+    let (s, t) = native(
+        &p,
+        "/v1/responses",
+        json!({"model": "m", "input": "say-bad", "stream": true}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(!t.contains("FORBIDDEN"), "{t}");
+    assert!(
+        t.contains("event: response.incomplete") && t.contains("\"reason\":\"content_filter\""),
+        "{t}"
+    );
+    let (s, t) = native(
+        &p,
+        "/api/chat",
+        json!({"model": "m", "messages": user("say-bad")}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(!t.contains("FORBIDDEN"), "{t}");
+    let last: Value = serde_json::from_str(t.lines().last().unwrap()).unwrap();
+    assert_eq!(last["done"], true, "{t}");
+}
