@@ -489,6 +489,94 @@ pub struct ReportResolved {
     pub sanction: Option<Sanctioned>,
 }
 
+/// A provider's reputation for audits: trusted reference, score, quarantine. The JSON key
+/// that holds it keeps the older word `standing`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reputation {
+    /// A trusted reference for audits.
+    pub trusted: bool,
+    /// Reputation in [0, 1].
+    pub reputation: f64,
+    /// Quarantined (no traffic but audits) since (Unix ms), if it is.
+    pub quarantined_at_ms: Option<i64>,
+    /// Why it is quarantined.
+    pub quarantine_reason: Option<String>,
+}
+
+/// Answer to `PUT /admin/v1/providers/{p}/trust` and `POST .../release`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderTrust {
+    /// Provider id.
+    pub id: i64,
+    /// Provider name.
+    pub name: String,
+    /// Its reputation after the change.
+    pub standing: Reputation,
+}
+
+/// One spot check in a provider's audit history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRow {
+    /// `replay`, `canary`, `speed`, `usage`.
+    pub kind: String,
+    /// Whether it passed.
+    pub passed: bool,
+    /// Token agreement with the reference, for replays and canaries.
+    pub agreement: Option<f64>,
+    /// Reputation after this check.
+    pub score_after: f64,
+    /// Unix ms.
+    pub at_ms: i64,
+}
+
+/// Answer to `GET /admin/v1/providers/{p}/standing`: reputation and recent audits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderAudits {
+    /// Provider id.
+    pub id: i64,
+    /// Provider name.
+    pub name: String,
+    /// Its reputation now.
+    pub standing: Reputation,
+    /// Recent spot checks, newest first.
+    pub audits: Vec<AuditRow>,
+}
+
+/// One guard verdict: category codes only, never content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardVerdict {
+    /// The request judged.
+    pub request_id: String,
+    /// The consumer's account.
+    pub account_id: i64,
+    /// The provider that served it, if any.
+    pub provider_id: Option<i64>,
+    /// Model asked for.
+    pub model: String,
+    /// `input` or `output`.
+    pub stage: String,
+    /// Whether the guard blocked it.
+    pub blocked: bool,
+    /// Category codes, comma-separated.
+    pub categories: String,
+    /// Unix ms.
+    pub at_ms: i64,
+}
+
+/// What the verdict listing says about content: there is none to show.
+pub const VERDICTS_NOTE: &str = "Verdicts hold category codes only. The hub stores no prompt or completion, so there is no content to show.";
+
+/// Answer to `GET /admin/v1/guard-verdicts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerdictList {
+    /// Always `list`.
+    pub object: String,
+    /// Verdicts, newest first.
+    pub data: Vec<GuardVerdict>,
+    /// [`VERDICTS_NOTE`].
+    pub note: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,5 +604,42 @@ mod tests {
         )
         .unwrap();
         assert!(dismissed.sanction.is_none());
+    }
+
+    /// The trust answers keep the exact JSON the hub wrote with `json!` before: key
+    /// names, key order and nulls.
+    #[test]
+    fn trust_answers_keep_their_json_text() {
+        let rep = Reputation {
+            trusted: false,
+            reputation: 0.5,
+            quarantined_at_ms: None,
+            quarantine_reason: None,
+        };
+        let t = ProviderTrust {
+            id: 7,
+            name: "gpu".into(),
+            standing: rep.clone(),
+        };
+        assert_eq!(
+            serde_json::to_string(&t).unwrap(),
+            r#"{"id":7,"name":"gpu","standing":{"trusted":false,"reputation":0.5,"quarantined_at_ms":null,"quarantine_reason":null}}"#
+        );
+        let a = ProviderAudits {
+            id: 7,
+            name: "gpu".into(),
+            standing: rep,
+            audits: vec![AuditRow {
+                kind: "replay".into(),
+                passed: true,
+                agreement: None,
+                score_after: 0.75,
+                at_ms: 9,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            r#"{"id":7,"name":"gpu","standing":{"trusted":false,"reputation":0.5,"quarantined_at_ms":null,"quarantine_reason":null},"audits":[{"kind":"replay","passed":true,"agreement":null,"score_after":0.75,"at_ms":9}]}"#
+        );
     }
 }

@@ -4,7 +4,7 @@ use anyhow::bail;
 use clap::Subcommand;
 use potluck_protocol::admin::{
     Clawback, CreateKey, CreateProvider, Created, CreditBalance, CreditLine, KeyInfo, List,
-    ProviderInfo,
+    ProviderAudits, ProviderInfo, ProviderTrust, Reputation,
 };
 
 use crate::cli::{admin_client, path_segment, AdminArgs};
@@ -221,22 +221,38 @@ pub(crate) async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result
         ProvidersCmd::Trust { provider } => set_trust(&c, &provider, true).await?,
         ProvidersCmd::Untrust { provider } => set_trust(&c, &provider, false).await?,
         ProvidersCmd::Release { provider } => {
-            let v: serde_json::Value = c
+            let v: ProviderTrust = c
                 .post(
                     &format!("/admin/v1/providers/{}/release", path_segment(&provider)),
                     &serde_json::json!({}),
                 )
                 .await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            eprintln!("released provider {} (on probation)", v.name);
+            print_reputation(v.id, &v.name, &v.standing);
         }
         ProvidersCmd::Audits { provider } => {
-            let v: serde_json::Value = c
+            let v: ProviderAudits = c
                 .get(&format!(
                     "/admin/v1/providers/{}/standing",
                     path_segment(&provider)
                 ))
                 .await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            print_reputation(v.id, &v.name, &v.standing);
+            let mut t = Table::new(&["KIND", "PASSED", "AGREEMENT", "SCORE", "AT_MS"]);
+            for a in &v.audits {
+                t.row(vec![
+                    a.kind.clone(),
+                    if a.passed { "yes" } else { "no" }.to_owned(),
+                    opt(a.agreement.map(|x| format!("{x:.2}"))),
+                    format!("{:.2}", a.score_after),
+                    a.at_ms.to_string(),
+                ]);
+            }
+            if v.audits.is_empty() {
+                println!("no audits yet");
+            } else {
+                t.print();
+            }
         }
     }
     Ok(())
@@ -247,7 +263,7 @@ async fn set_trust(
     provider: &str,
     trusted: bool,
 ) -> anyhow::Result<()> {
-    let _: serde_json::Value = c
+    let _: ProviderTrust = c
         .put(
             &format!("/admin/v1/providers/{}/trust", path_segment(provider)),
             &serde_json::json!({ "trusted": trusted }),
@@ -258,6 +274,20 @@ async fn set_trust(
         if trusted { "now" } else { "no longer" }
     );
     Ok(())
+}
+
+/// A provider's audit reputation, one line.
+fn print_reputation(id: i64, name: &str, r: &Reputation) {
+    let quarantine = match (&r.quarantined_at_ms, &r.quarantine_reason) {
+        (Some(at), Some(why)) => format!("since {at} ms ({why})"),
+        (Some(at), None) => format!("since {at} ms"),
+        (None, _) => "no".to_owned(),
+    };
+    println!(
+        "provider {name} (id {id})  trusted {}  reputation {:.2}  quarantined {quarantine}",
+        if r.trusted { "yes" } else { "no" },
+        r.reputation
+    );
 }
 
 fn print_balance(b: &CreditBalance) {
