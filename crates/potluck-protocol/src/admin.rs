@@ -577,6 +577,40 @@ pub struct VerdictList {
     pub note: String,
 }
 
+/// Answer to a revoke (key, own key, invite, provider).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revoked {
+    /// The id revoked.
+    pub id: i64,
+    /// Always true.
+    pub revoked: bool,
+    /// Provider revokes only: tunnels closed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnels_closed: Option<u64>,
+}
+
+/// Answer to `POST /admin/v1/accounts/{a}/groups`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupAdded {
+    /// Account id.
+    pub id: i64,
+    /// Account name.
+    pub name: String,
+    /// The group joined.
+    pub group: String,
+}
+
+/// Answer to `DELETE /admin/v1/accounts/{a}/groups/{g}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupRemoved {
+    /// Account id.
+    pub id: i64,
+    /// Account name.
+    pub name: String,
+    /// The group left.
+    pub removed_group: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -640,6 +674,28 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&a).unwrap(),
             r#"{"id":7,"name":"gpu","standing":{"trusted":false,"reputation":0.5,"quarantined_at_ms":null,"quarantine_reason":null},"audits":[{"kind":"replay","passed":true,"agreement":null,"score_after":0.75,"at_ms":9}]}"#
+        );
+    }
+
+    /// A revoke answer has `tunnels_closed` only for providers, as before.
+    #[test]
+    fn revoke_answers_keep_their_json_text() {
+        let key = Revoked {
+            id: 4,
+            revoked: true,
+            tunnels_closed: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&key).unwrap(),
+            r#"{"id":4,"revoked":true}"#
+        );
+        let prov = Revoked {
+            tunnels_closed: Some(2),
+            ..key
+        };
+        assert_eq!(
+            serde_json::to_string(&prov).unwrap(),
+            r#"{"id":4,"revoked":true,"tunnels_closed":2}"#
         );
     }
 }

@@ -4,7 +4,7 @@ use anyhow::bail;
 use clap::Subcommand;
 use potluck_protocol::admin::{
     Clawback, CreateKey, CreateProvider, Created, CreditBalance, CreditLine, KeyInfo, List,
-    ProviderAudits, ProviderInfo, ProviderTrust, Reputation,
+    ProviderAudits, ProviderInfo, ProviderTrust, Reputation, Revoked,
 };
 
 use crate::cli::{admin_client, path_segment, AdminArgs};
@@ -156,7 +156,7 @@ pub(crate) async fn keys(cmd: KeysCmd, a: AdminArgs) -> anyhow::Result<()> {
             t.print();
         }
         KeysCmd::Revoke { key } => {
-            let _: serde_json::Value = c
+            let _: Revoked = c
                 .delete(&format!("/admin/v1/keys/{}", path_segment(&key)))
                 .await?;
             eprintln!("revoked key {key}");
@@ -208,7 +208,7 @@ pub(crate) async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result
             t.print();
         }
         ProvidersCmd::Revoke { provider } => {
-            let _: serde_json::Value = c
+            let _: Revoked = c
                 .delete(&format!("/admin/v1/providers/{}", path_segment(&provider)))
                 .await?;
             eprintln!("revoked provider {provider}");

@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{HeaderMap, StatusCode};
-use potluck_protocol::admin::{CreateKey, CreateProvider, Created, KeyInfo, List};
+use potluck_protocol::admin::{CreateKey, CreateProvider, Created, KeyInfo, List, Revoked};
 use potluck_store::accounts::KeySettings;
 use serde::Deserialize;
 use serde_json::json;
@@ -110,7 +110,12 @@ pub(crate) async fn revoke_key(
     st.keys.clear();
     action_log::record(&st, &actor, "key.revoke", "key", id.to_string(), None).await?;
     tracing::info!(key_id = id, "consumer key revoked");
-    Ok(Json(json!({"id": id, "revoked": true})).into_response())
+    Ok(Json(Revoked {
+        id,
+        revoked: true,
+        tunnels_closed: None,
+    })
+    .into_response())
 }
 
 pub(crate) async fn admin_key_settings(
@@ -197,5 +202,10 @@ pub(crate) async fn revoke_my_key(
         .map_err(not_found("key"))?;
     st.keys.clear();
     tracing::info!(key_id = id, "member revoked a key");
-    Ok(Json(json!({"id": id, "revoked": true})).into_response())
+    Ok(Json(Revoked {
+        id,
+        revoked: true,
+        tunnels_closed: None,
+    })
+    .into_response())
 }
