@@ -611,6 +611,26 @@ pub struct GroupRemoved {
     pub removed_group: String,
 }
 
+/// What a reporter sees of their own report (`GET /v1/reports/mine`, `/v1/reports/{id}`):
+/// never who the other party is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnReport {
+    /// Report id.
+    pub id: i64,
+    /// The request reported.
+    pub request_id: String,
+    /// The reporter's reason.
+    pub reason: String,
+    /// `open` or `resolved`.
+    pub status: String,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    /// Unix ms, once resolved.
+    pub resolved_at_ms: Option<i64>,
+    /// `dismissed` or `action_taken`, once resolved.
+    pub outcome: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,6 +716,24 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&prov).unwrap(),
             r#"{"id":4,"revoked":true,"tunnels_closed":2}"#
+        );
+    }
+
+    /// The reporter's view keeps its key order and writes `null` for an open report.
+    #[test]
+    fn own_report_keeps_its_json_text() {
+        let r = OwnReport {
+            id: 1,
+            request_id: "r".into(),
+            reason: "x".into(),
+            status: "open".into(),
+            created_at_ms: 2,
+            resolved_at_ms: None,
+            outcome: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"id":1,"request_id":"r","reason":"x","status":"open","created_at_ms":2,"resolved_at_ms":null,"outcome":null}"#
         );
     }
 }
