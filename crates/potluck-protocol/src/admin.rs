@@ -631,6 +631,46 @@ pub struct OwnReport {
     pub outcome: Option<String>,
 }
 
+/// A key's routing defaults as the hub answers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySettingsView {
+    /// Prefer providers that draw little power.
+    pub prefer_low_power: bool,
+    /// Only trusted providers.
+    pub trusted_only: bool,
+}
+
+/// Answer to setting a key's routing defaults (admin or its owner).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySettingsSet {
+    /// Key id.
+    pub id: i64,
+    /// The settings now in force.
+    pub settings: KeySettingsView,
+}
+
+/// A key's limit overrides as the hub answers them; `None` is the hub's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyLimitsView {
+    /// Requests per minute.
+    pub rpm: Option<i64>,
+    /// Tokens (prompt + completion) per minute.
+    pub tpm: Option<i64>,
+    /// Requests in flight at once.
+    pub max_concurrent: Option<i64>,
+    /// Tokens per UTC day.
+    pub daily_tokens: Option<i64>,
+}
+
+/// Answer to `PUT /admin/v1/keys/{id}/limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyLimitsSet {
+    /// Key id.
+    pub id: i64,
+    /// The overrides now in force.
+    pub limits: KeyLimitsView,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -734,6 +774,24 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"id":1,"request_id":"r","reason":"x","status":"open","created_at_ms":2,"resolved_at_ms":null,"outcome":null}"#
+        );
+    }
+
+    /// Limit overrides keep their order and write `null` for a hub default.
+    #[test]
+    fn key_limits_keep_their_json_text() {
+        let l = KeyLimitsSet {
+            id: 3,
+            limits: KeyLimitsView {
+                rpm: Some(10),
+                tpm: None,
+                max_concurrent: Some(2),
+                daily_tokens: None,
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&l).unwrap(),
+            r#"{"id":3,"limits":{"rpm":10,"tpm":null,"max_concurrent":2,"daily_tokens":null}}"#
         );
     }
 }

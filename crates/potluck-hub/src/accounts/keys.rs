@@ -7,7 +7,9 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{HeaderMap, StatusCode};
-use potluck_protocol::admin::{CreateKey, CreateProvider, Created, KeyInfo, List, Revoked};
+use potluck_protocol::admin::{
+    CreateKey, CreateProvider, Created, KeyInfo, KeySettingsSet, KeySettingsView, List, Revoked,
+};
 use potluck_store::accounts::KeySettings;
 use serde::Deserialize;
 use serde_json::json;
@@ -133,7 +135,14 @@ pub(crate) async fn admin_key_settings(
         .map_err(not_found("key"))?;
     st.keys.clear();
     action_log::record(&st, &actor, "key.settings", "key", id.to_string(), None).await?;
-    Ok(Json(json!({"id": id, "settings": s})).into_response())
+    Ok(Json(KeySettingsSet {
+        id,
+        settings: KeySettingsView {
+            prefer_low_power: s.prefer_low_power,
+            trusted_only: s.trusted_only,
+        },
+    })
+    .into_response())
 }
 
 pub(crate) async fn my_key_settings(
@@ -150,7 +159,14 @@ pub(crate) async fn my_key_settings(
         .await
         .map_err(not_found("key"))?;
     st.keys.clear();
-    Ok(Json(json!({"id": id, "settings": s})).into_response())
+    Ok(Json(KeySettingsSet {
+        id,
+        settings: KeySettingsView {
+            prefer_low_power: s.prefer_low_power,
+            trusted_only: s.trusted_only,
+        },
+    })
+    .into_response())
 }
 
 pub(crate) async fn my_keys(
