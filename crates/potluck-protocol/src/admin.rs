@@ -489,6 +489,188 @@ pub struct ReportResolved {
     pub sanction: Option<Sanctioned>,
 }
 
+/// A provider's reputation for audits: trusted reference, score, quarantine. The JSON key
+/// that holds it keeps the older word `standing`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reputation {
+    /// A trusted reference for audits.
+    pub trusted: bool,
+    /// Reputation in [0, 1].
+    pub reputation: f64,
+    /// Quarantined (no traffic but audits) since (Unix ms), if it is.
+    pub quarantined_at_ms: Option<i64>,
+    /// Why it is quarantined.
+    pub quarantine_reason: Option<String>,
+}
+
+/// Answer to `PUT /admin/v1/providers/{p}/trust` and `POST .../release`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderTrust {
+    /// Provider id.
+    pub id: i64,
+    /// Provider name.
+    pub name: String,
+    /// Its reputation after the change.
+    pub standing: Reputation,
+}
+
+/// One spot check in a provider's audit history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRow {
+    /// `replay`, `canary`, `speed`, `usage`.
+    pub kind: String,
+    /// Whether it passed.
+    pub passed: bool,
+    /// Token agreement with the reference, for replays and canaries.
+    pub agreement: Option<f64>,
+    /// Reputation after this check.
+    pub score_after: f64,
+    /// Unix ms.
+    pub at_ms: i64,
+}
+
+/// Answer to `GET /admin/v1/providers/{p}/standing`: reputation and recent audits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderAudits {
+    /// Provider id.
+    pub id: i64,
+    /// Provider name.
+    pub name: String,
+    /// Its reputation now.
+    pub standing: Reputation,
+    /// Recent spot checks, newest first.
+    pub audits: Vec<AuditRow>,
+}
+
+/// One guard verdict: category codes only, never content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardVerdict {
+    /// The request judged.
+    pub request_id: String,
+    /// The consumer's account.
+    pub account_id: i64,
+    /// The provider that served it, if any.
+    pub provider_id: Option<i64>,
+    /// Model asked for.
+    pub model: String,
+    /// `input` or `output`.
+    pub stage: String,
+    /// Whether the guard blocked it.
+    pub blocked: bool,
+    /// Category codes, comma-separated.
+    pub categories: String,
+    /// Unix ms.
+    pub at_ms: i64,
+}
+
+/// What the verdict listing says about content: there is none to show.
+pub const VERDICTS_NOTE: &str = "Verdicts hold category codes only. The hub stores no prompt or completion, so there is no content to show.";
+
+/// Answer to `GET /admin/v1/guard-verdicts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerdictList {
+    /// Always `list`.
+    pub object: String,
+    /// Verdicts, newest first.
+    pub data: Vec<GuardVerdict>,
+    /// [`VERDICTS_NOTE`].
+    pub note: String,
+}
+
+/// Answer to a revoke (key, own key, invite, provider).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revoked {
+    /// The id revoked.
+    pub id: i64,
+    /// Always true.
+    pub revoked: bool,
+    /// Provider revokes only: tunnels closed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnels_closed: Option<u64>,
+}
+
+/// Answer to `POST /admin/v1/accounts/{a}/groups`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupAdded {
+    /// Account id.
+    pub id: i64,
+    /// Account name.
+    pub name: String,
+    /// The group joined.
+    pub group: String,
+}
+
+/// Answer to `DELETE /admin/v1/accounts/{a}/groups/{g}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupRemoved {
+    /// Account id.
+    pub id: i64,
+    /// Account name.
+    pub name: String,
+    /// The group left.
+    pub removed_group: String,
+}
+
+/// What a reporter sees of their own report (`GET /v1/reports/mine`, `/v1/reports/{id}`):
+/// never who the other party is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnReport {
+    /// Report id.
+    pub id: i64,
+    /// The request reported.
+    pub request_id: String,
+    /// The reporter's reason.
+    pub reason: String,
+    /// `open` or `resolved`.
+    pub status: String,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    /// Unix ms, once resolved.
+    pub resolved_at_ms: Option<i64>,
+    /// `dismissed` or `action_taken`, once resolved.
+    pub outcome: Option<String>,
+}
+
+/// A key's routing defaults as the hub answers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySettingsView {
+    /// Prefer providers that draw little power.
+    pub prefer_low_power: bool,
+    /// Only trusted providers.
+    pub trusted_only: bool,
+}
+
+/// Answer to setting a key's routing defaults (admin or its owner).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySettingsSet {
+    /// Key id.
+    pub id: i64,
+    /// The settings now in force.
+    pub settings: KeySettingsView,
+}
+
+/// A key's limit overrides as the hub answers them; `None` is the hub's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyLimitsView {
+    /// Requests per minute.
+    pub rpm: Option<i64>,
+    /// Tokens (prompt + completion) per minute.
+    pub tpm: Option<i64>,
+    /// Requests in flight at once.
+    pub max_concurrent: Option<i64>,
+    /// Tokens per UTC day.
+    pub daily_tokens: Option<i64>,
+}
+
+/// Answer to `PUT /admin/v1/keys/{id}/limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyLimitsSet {
+    /// Key id.
+    pub id: i64,
+    /// The overrides now in force.
+    pub limits: KeyLimitsView,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,5 +698,100 @@ mod tests {
         )
         .unwrap();
         assert!(dismissed.sanction.is_none());
+    }
+
+    /// The trust answers keep the exact JSON the hub wrote with `json!` before: key
+    /// names, key order and nulls.
+    #[test]
+    fn trust_answers_keep_their_json_text() {
+        let rep = Reputation {
+            trusted: false,
+            reputation: 0.5,
+            quarantined_at_ms: None,
+            quarantine_reason: None,
+        };
+        let t = ProviderTrust {
+            id: 7,
+            name: "gpu".into(),
+            standing: rep.clone(),
+        };
+        assert_eq!(
+            serde_json::to_string(&t).unwrap(),
+            r#"{"id":7,"name":"gpu","standing":{"trusted":false,"reputation":0.5,"quarantined_at_ms":null,"quarantine_reason":null}}"#
+        );
+        let a = ProviderAudits {
+            id: 7,
+            name: "gpu".into(),
+            standing: rep,
+            audits: vec![AuditRow {
+                kind: "replay".into(),
+                passed: true,
+                agreement: None,
+                score_after: 0.75,
+                at_ms: 9,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            r#"{"id":7,"name":"gpu","standing":{"trusted":false,"reputation":0.5,"quarantined_at_ms":null,"quarantine_reason":null},"audits":[{"kind":"replay","passed":true,"agreement":null,"score_after":0.75,"at_ms":9}]}"#
+        );
+    }
+
+    /// A revoke answer has `tunnels_closed` only for providers, as before.
+    #[test]
+    fn revoke_answers_keep_their_json_text() {
+        let key = Revoked {
+            id: 4,
+            revoked: true,
+            tunnels_closed: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&key).unwrap(),
+            r#"{"id":4,"revoked":true}"#
+        );
+        let prov = Revoked {
+            tunnels_closed: Some(2),
+            ..key
+        };
+        assert_eq!(
+            serde_json::to_string(&prov).unwrap(),
+            r#"{"id":4,"revoked":true,"tunnels_closed":2}"#
+        );
+    }
+
+    /// The reporter's view keeps its key order and writes `null` for an open report.
+    #[test]
+    fn own_report_keeps_its_json_text() {
+        let r = OwnReport {
+            id: 1,
+            request_id: "r".into(),
+            reason: "x".into(),
+            status: "open".into(),
+            created_at_ms: 2,
+            resolved_at_ms: None,
+            outcome: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"id":1,"request_id":"r","reason":"x","status":"open","created_at_ms":2,"resolved_at_ms":null,"outcome":null}"#
+        );
+    }
+
+    /// Limit overrides keep their order and write `null` for a hub default.
+    #[test]
+    fn key_limits_keep_their_json_text() {
+        let l = KeyLimitsSet {
+            id: 3,
+            limits: KeyLimitsView {
+                rpm: Some(10),
+                tpm: None,
+                max_concurrent: Some(2),
+                daily_tokens: None,
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&l).unwrap(),
+            r#"{"id":3,"limits":{"rpm":10,"tpm":null,"max_concurrent":2,"daily_tokens":null}}"#
+        );
     }
 }

@@ -1,8 +1,10 @@
 //! `potluck`: parse the command line, install logging, run the chosen role, map errors
 //! to an exit code. Behaviour lives in the library crates.
 
+mod admin_cmd;
 mod cli;
 mod client;
+mod hub_cmd;
 mod moderation;
 mod provide;
 mod provide_ctl;

@@ -6,10 +6,11 @@ use anyhow::bail;
 use clap::Subcommand;
 use potluck_protocol::admin::{
     AccountDetail, AccountInfo, AccountRole, AccountStanding, ActionLogRow, CreateAccount,
-    CreateInvite, FileReport, GroupReq, InviteCreated, InviteInfo, List, ReportFiled,
-    ReportResolved, ReportView, ResolveReport, SanctionReq, Sanctioned, SetRole, SignedUp, Signup,
+    CreateInvite, FileReport, GroupAdded, GroupRemoved, GroupReq, InviteCreated, InviteInfo, List,
+    ReportFiled, ReportResolved, ReportView, ResolveReport, Revoked, SanctionReq, Sanctioned,
+    SetRole, SignedUp, Signup,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::cli::{admin_client, path_segment, AdminArgs};
 use crate::client::AdminClient;
@@ -291,7 +292,7 @@ pub async fn accounts(cmd: AccountsCmd, a: AdminArgs) -> anyhow::Result<()> {
         AccountsCmd::Groups {
             cmd: GroupsCmd::Add { name, group },
         } => {
-            let _: Value = c
+            let _: GroupAdded = c
                 .post(
                     &format!("/admin/v1/{}/groups", acct(&name)),
                     &GroupReq {
@@ -304,7 +305,7 @@ pub async fn accounts(cmd: AccountsCmd, a: AdminArgs) -> anyhow::Result<()> {
         AccountsCmd::Groups {
             cmd: GroupsCmd::Remove { name, group },
         } => {
-            let _: Value = c
+            let _: GroupRemoved = c
                 .delete(&format!(
                     "/admin/v1/{}/groups/{}",
                     acct(&name),
@@ -340,7 +341,7 @@ pub async fn invites(cmd: InvitesCmd, a: AdminArgs) -> anyhow::Result<()> {
             t.print();
         }
         InvitesCmd::Revoke { id } => {
-            let _: Value = c.delete(&format!("/admin/v1/invites/{id}")).await?;
+            let _: Revoked = c.delete(&format!("/admin/v1/invites/{id}")).await?;
             eprintln!("revoked invite {id}");
         }
     }

@@ -180,7 +180,7 @@ pub async fn run(mut args: ProvideArgs) -> anyhow::Result<()> {
     let config = resolve(&args, file)?;
     tracing::info!(hub = %config.hub, backends = config.backends.len(), max_concurrency = config.max_concurrency, "provider agent starting (no listening port)");
     let shutdown = CancellationToken::new();
-    let signal = crate::cli::shutdown_signal(shutdown.clone());
+    let signal = crate::hub_cmd::shutdown_signal(shutdown.clone());
     tokio::pin!(signal);
     // On a worker thread, not the runtime's main thread: the tunnel's HTTP/2 connection
     // is polled there, next to the streams it serves (profiling showed a third of the

@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::HeaderMap;
-use potluck_protocol::admin::Clawback;
+use potluck_protocol::admin::{Clawback, KeyLimitsSet, KeyLimitsView};
 use potluck_store::KeyLimits;
 use serde::Deserialize;
 use serde_json::json;
@@ -219,5 +219,14 @@ pub(crate) async fn set_limits(
     st.keys.clear();
     action_log::record(&st, &actor, "key.limits", "key", id.to_string(), None).await?;
     tracing::info!(key_id = id, "key limits set");
-    Ok(Json(json!({"id": id, "limits": l})).into_response())
+    Ok(Json(KeyLimitsSet {
+        id,
+        limits: KeyLimitsView {
+            rpm: l.rpm,
+            tpm: l.tpm,
+            max_concurrent: l.max_concurrent,
+            daily_tokens: l.daily_tokens,
+        },
+    })
+    .into_response())
 }

@@ -7,9 +7,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{HeaderMap, StatusCode};
 use potluck_protocol::admin::{
-    CreateInvite, InviteCreated, DEFAULT_INVITE_HOURS, MAX_INVITE_HOURS,
+    CreateInvite, InviteCreated, Revoked, DEFAULT_INVITE_HOURS, MAX_INVITE_HOURS,
 };
-use serde_json::json;
 
 use crate::accounts::{not_found, wire};
 use crate::books::action_log;
@@ -73,5 +72,10 @@ pub(crate) async fn revoke_invite(
         .await
         .map_err(not_found("invite"))?;
     action_log::record(&st, &actor, "invite.revoke", "invite", id.to_string(), None).await?;
-    Ok(Json(json!({"id": id, "revoked": true})).into_response())
+    Ok(Json(Revoked {
+        id,
+        revoked: true,
+        tunnels_closed: None,
+    })
+    .into_response())
 }

@@ -7,7 +7,9 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{HeaderMap, StatusCode};
-use potluck_protocol::admin::{CreateKey, CreateProvider, Created, KeyInfo, List};
+use potluck_protocol::admin::{
+    CreateKey, CreateProvider, Created, KeyInfo, KeySettingsSet, KeySettingsView, List, Revoked,
+};
 use potluck_store::accounts::KeySettings;
 use serde::Deserialize;
 use serde_json::json;
@@ -110,7 +112,12 @@ pub(crate) async fn revoke_key(
     st.keys.clear();
     action_log::record(&st, &actor, "key.revoke", "key", id.to_string(), None).await?;
     tracing::info!(key_id = id, "consumer key revoked");
-    Ok(Json(json!({"id": id, "revoked": true})).into_response())
+    Ok(Json(Revoked {
+        id,
+        revoked: true,
+        tunnels_closed: None,
+    })
+    .into_response())
 }
 
 pub(crate) async fn admin_key_settings(
@@ -128,7 +135,14 @@ pub(crate) async fn admin_key_settings(
         .map_err(not_found("key"))?;
     st.keys.clear();
     action_log::record(&st, &actor, "key.settings", "key", id.to_string(), None).await?;
-    Ok(Json(json!({"id": id, "settings": s})).into_response())
+    Ok(Json(KeySettingsSet {
+        id,
+        settings: KeySettingsView {
+            prefer_low_power: s.prefer_low_power,
+            trusted_only: s.trusted_only,
+        },
+    })
+    .into_response())
 }
 
 pub(crate) async fn my_key_settings(
@@ -145,7 +159,14 @@ pub(crate) async fn my_key_settings(
         .await
         .map_err(not_found("key"))?;
     st.keys.clear();
-    Ok(Json(json!({"id": id, "settings": s})).into_response())
+    Ok(Json(KeySettingsSet {
+        id,
+        settings: KeySettingsView {
+            prefer_low_power: s.prefer_low_power,
+            trusted_only: s.trusted_only,
+        },
+    })
+    .into_response())
 }
 
 pub(crate) async fn my_keys(
@@ -197,5 +218,10 @@ pub(crate) async fn revoke_my_key(
         .map_err(not_found("key"))?;
     st.keys.clear();
     tracing::info!(key_id = id, "member revoked a key");
-    Ok(Json(json!({"id": id, "revoked": true})).into_response())
+    Ok(Json(Revoked {
+        id,
+        revoked: true,
+        tunnels_closed: None,
+    })
+    .into_response())
 }

@@ -7,10 +7,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{HeaderMap, StatusCode};
 use potluck_protocol::admin::{
-    AccountDetail, AccountRole, AccountStanding, CreateAccount, GroupReq, SetRole,
+    AccountDetail, AccountRole, AccountStanding, CreateAccount, GroupAdded, GroupRemoved, GroupReq,
+    SetRole,
 };
 use potluck_store::{Role, Standing, Target};
-use serde_json::json;
 
 use crate::accounts::{account, not_found, wire};
 use crate::books::action_log;
@@ -191,7 +191,12 @@ pub(crate) async fn add_group(
         Some(&req.group),
     )
     .await?;
-    Ok(Json(json!({"id": a.id, "name": a.name, "group": req.group})).into_response())
+    Ok(Json(GroupAdded {
+        id: a.id,
+        name: a.name,
+        group: req.group,
+    })
+    .into_response())
 }
 
 pub(crate) async fn remove_group(
@@ -215,5 +220,10 @@ pub(crate) async fn remove_group(
         Some(&group),
     )
     .await?;
-    Ok(Json(json!({"id": a.id, "name": a.name, "removed_group": group})).into_response())
+    Ok(Json(GroupRemoved {
+        id: a.id,
+        name: a.name,
+        removed_group: group,
+    })
+    .into_response())
 }

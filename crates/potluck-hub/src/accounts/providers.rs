@@ -7,8 +7,7 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::HeaderMap;
-use potluck_protocol::admin::{List, ProviderInfo};
-use serde_json::json;
+use potluck_protocol::admin::{List, ProviderInfo, Revoked};
 
 use crate::accounts::keys::{create, Kind};
 use crate::books::action_log;
@@ -90,5 +89,10 @@ pub(crate) async fn revoke_provider(
         tunnels_closed = closed,
         "provider revoked"
     );
-    Ok(Json(json!({"id": id, "revoked": true, "tunnels_closed": closed})).into_response())
+    Ok(Json(Revoked {
+        id,
+        revoked: true,
+        tunnels_closed: u64::try_from(closed).ok(),
+    })
+    .into_response())
 }

@@ -8,12 +8,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{HeaderMap, StatusCode};
 use potluck_protocol::admin::{
-    FileReport, List, ReportFiled, ReportResolved, ReportView, ResolveReport, MAX_REASON_CHARS,
-    MAX_REPORT_REASON_CHARS,
+    FileReport, List, OwnReport, ReportFiled, ReportResolved, ReportView, ResolveReport,
+    MAX_REASON_CHARS, MAX_REPORT_REASON_CHARS,
 };
 use potluck_store::accounts::ReportRow;
 use potluck_store::Target;
-use serde_json::{json, Value};
 
 use crate::accounts::sanctions::{sanction, SanctionAction};
 use crate::accounts::{not_found, wire, MAX_REQUEST_ID_BYTES};
@@ -72,16 +71,23 @@ pub(crate) async fn file_report(
 }
 
 /// What a reporter sees of their own report: never who the other party is.
-pub(crate) fn reporter_view(r: &ReportRow) -> Value {
-    json!({
-        "id": r.id,
-        "request_id": r.request_id,
-        "reason": r.reason,
-        "status": r.status,
-        "created_at_ms": r.created_at_ms,
-        "resolved_at_ms": r.resolved_at_ms,
-        "outcome": r.resolution.as_deref().map(|a| if a == "dismiss" { "dismissed" } else { "action_taken" }),
-    })
+pub(crate) fn reporter_view(r: &ReportRow) -> OwnReport {
+    OwnReport {
+        id: r.id,
+        request_id: r.request_id.clone(),
+        reason: r.reason.clone(),
+        status: r.status.clone(),
+        created_at_ms: r.created_at_ms,
+        resolved_at_ms: r.resolved_at_ms,
+        outcome: r.resolution.as_deref().map(|a| {
+            if a == "dismiss" {
+                "dismissed"
+            } else {
+                "action_taken"
+            }
+            .to_owned()
+        }),
+    }
 }
 
 pub(crate) async fn my_reports(
@@ -94,8 +100,8 @@ pub(crate) async fn my_reports(
         .store
         .reports_by(who.account_id(), who.provider_id(), limit(&q))
         .await?;
-    let data: Vec<Value> = rows.iter().map(reporter_view).collect();
-    Ok(Json(json!({"data": data})).into_response())
+    let data: Vec<OwnReport> = rows.iter().map(reporter_view).collect();
+    Ok(Json(List { data }).into_response())
 }
 
 pub(crate) async fn my_report(

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use http::HeaderMap;
+use potluck_protocol::admin::{
+    AuditRow, GuardVerdict, ProviderAudits, ProviderTrust, Reputation, VerdictList, VERDICTS_NOTE,
+};
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 use crate::http::auth;
 use crate::http::error::ApiError;
@@ -31,7 +33,7 @@ pub(crate) async fn set_trust(
     headers: HeaderMap,
     Path(name): Path<String>,
     Json(body): Json<TrustBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ProviderTrust>, ApiError> {
     let actor = auth::staff(&st, &headers, auth::Action::Trust).await?;
     let id = provider_id(&st, &name).await?;
     let name = st
@@ -67,7 +69,11 @@ pub(crate) async fn set_trust(
         None,
     )
     .await?;
-    Ok(Json(json!({"id": id, "name": name, "standing": standing})))
+    Ok(Json(ProviderTrust {
+        id,
+        name,
+        standing: reputation_of(standing),
+    }))
 }
 
 /// `POST /admin/v1/providers/{name}/release`: lift a quarantine, score back to the
@@ -76,7 +82,7 @@ pub(crate) async fn release(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ProviderTrust>, ApiError> {
     let actor = auth::staff(&st, &headers, auth::Action::Trust).await?;
     let id = provider_id(&st, &name).await?;
     let score = st.config.audit.quarantine_below.max(0.5);
@@ -93,7 +99,20 @@ pub(crate) async fn release(
         None,
     )
     .await?;
-    Ok(Json(json!({"id": id, "name": name, "standing": standing})))
+    Ok(Json(ProviderTrust {
+        id,
+        name,
+        standing: reputation_of(standing),
+    }))
+}
+
+fn reputation_of(s: potluck_store::trust::Standing) -> Reputation {
+    Reputation {
+        trusted: s.trusted,
+        reputation: s.reputation,
+        quarantined_at_ms: s.quarantined_at_ms,
+        quarantine_reason: s.quarantine_reason,
+    }
 }
 
 async fn provider_id(st: &HubState, name: &str) -> Result<i64, ApiError> {
@@ -113,22 +132,29 @@ pub(crate) async fn reputation(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ProviderAudits>, ApiError> {
     auth::staff(&st, &headers, auth::Action::Verdicts).await?;
     let id = provider_id(&st, &name).await?;
     let reputation = st.store.standing(id).await?;
-    let audits: Vec<Value> = st
+    let audits: Vec<AuditRow> = st
         .store
         .audit_history(id, MAX_LIST)
         .await?
         .into_iter()
-        .map(|(kind, passed, agreement, score, at)| {
-            json!({"kind": kind, "passed": passed, "agreement": agreement, "score_after": score, "at_ms": at})
+        .map(|(kind, passed, agreement, score_after, at_ms)| AuditRow {
+            kind,
+            passed,
+            agreement,
+            score_after,
+            at_ms,
         })
         .collect();
-    Ok(Json(
-        json!({"id": id, "name": name, "standing": reputation, "audits": audits}),
-    ))
+    Ok(Json(ProviderAudits {
+        id,
+        name,
+        standing: reputation_of(reputation),
+        audits,
+    }))
 }
 
 /// Query of `GET /admin/v1/guard-verdicts`.
@@ -144,19 +170,32 @@ pub(crate) async fn verdicts(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Query(q): Query<Limit>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VerdictList>, ApiError> {
     auth::staff(&st, &headers, auth::Action::Verdicts).await?;
     let rows = st
         .store
         .moderation_events(q.limit.unwrap_or(100).clamp(1, MAX_LIST))
         .await?;
-    let data: Vec<Value> = rows
+    let data: Vec<GuardVerdict> = rows
         .into_iter()
-        .map(|(rid, acct, prov, model, stage, blocked, cats, at)| {
-            json!({"request_id": rid, "account_id": acct, "provider_id": prov, "model": model,
-                   "stage": stage, "blocked": blocked, "categories": cats, "at_ms": at})
-        })
+        .map(
+            |(request_id, account_id, provider_id, model, stage, blocked, categories, at_ms)| {
+                GuardVerdict {
+                    request_id,
+                    account_id,
+                    provider_id,
+                    model,
+                    stage,
+                    blocked,
+                    categories,
+                    at_ms,
+                }
+            },
+        )
         .collect();
-    Ok(Json(json!({"object": "list", "data": data,
-        "note": "Verdicts hold category codes only. The hub stores no prompt or completion, so there is no content to show."})))
+    Ok(Json(VerdictList {
+        object: "list".to_owned(),
+        data,
+        note: VERDICTS_NOTE.to_owned(),
+    }))
 }

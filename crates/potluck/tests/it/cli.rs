@@ -58,7 +58,9 @@ async fn hub_keys_providers_and_provide() {
     assert!(ok && row.contains("yes") && row.contains("1.00"), "{list}");
     let (ok, out, _) = cli(&["providers", "audits", "box1"], &key_file, &url);
     assert!(
-        ok && out.contains("\"trusted\": true") && out.contains("\"audits\": []"),
+        ok && out.contains("trusted yes")
+            && out.contains("quarantined no")
+            && out.contains("no audits yet"),
         "{out}"
     );
     let (ok, _, err) = cli(&["providers", "trust", "nope"], &key_file, &url);

@@ -1,0 +1,121 @@
+//! `potluck hub`: run a hub in this process until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use potluck_hub::{Hub, HubConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::default_data_dir;
+
+#[derive(Debug, Args)]
+pub(crate) struct HubArgs {
+    /// Address to listen on [default: 127.0.0.1:8080; config: listen].
+    #[arg(long, env = "POTLUCK_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Directory for hub.db and admin.key [default: ~/.local/share/potluck; config: data_dir].
+    #[arg(long, env = "POTLUCK_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file (limits and timeouts; see README).
+    #[arg(long, env = "POTLUCK_HUB_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+    token.cancel();
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+pub(crate) async fn hub(a: HubArgs) -> anyhow::Result<()> {
+    let mut config = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?;
+            toml::from_str::<HubConfig>(&text)
+                .with_context(|| format!("invalid config file {}", p.display()))?
+        }
+        None => HubConfig {
+            data_dir: default_data_dir(),
+            ..HubConfig::default()
+        },
+    };
+    if let Some(l) = a.listen {
+        config.listen = l;
+    }
+    if let Some(d) = a.data_dir {
+        config.data_dir = d;
+    }
+    // Bind first: a taken port must not cost the operator a one-time admin key print.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let key_path = config.data_dir.join("admin.key");
+    let data_dir = config.data_dir.clone();
+    let (hub, admin_key) = Hub::open(config).await?;
+    if let Some(admin) = admin_key {
+        write_private(&key_path, &format!("{}\n", admin.expose()))?;
+        say(&format!(
+            "Created the admin key; it is shown once and saved to {} (mode 0600):\n  {}",
+            key_path.display(),
+            admin.expose()
+        ));
+    }
+    let addr = listener.local_addr()?;
+    say(&format!(
+        "potluck hub listening on http://{addr}\n  OpenAI base URL: http://{addr}/v1   data: {}",
+        data_dir.display()
+    ));
+    let shutdown = CancellationToken::new();
+    // The server on a worker thread, like the agent (see provide.rs).
+    let server = tokio::spawn(hub.run(listener, shutdown.clone()));
+    let (r, _) = tokio::join!(server, async {
+        tokio::select! {
+            _ = shutdown_signal(shutdown.clone()) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    });
+    r.context("hub task failed")?.context("hub server failed")
+}
+
+/// Print to stdout without panicking if stdout is closed (a supervisor stopped reading).
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+}
