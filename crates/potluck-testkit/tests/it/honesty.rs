@@ -22,6 +22,8 @@ use potluck_testkit::{wait_until, ScriptedAgent, TestHub};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
+/// How long the audit-only tests wait for replays and canaries to be checked.
+const AUDIT_WAIT: Duration = Duration::from_secs(60);
 /// Most requests a dishonest provider may serve before it is quarantined.
 const DETECT_WITHIN: usize = 1500;
 
@@ -609,7 +611,8 @@ async fn audited_traffic() -> (TestHub, ScriptedAgent, ScriptedAgent) {
     // Positive controls: replays and canaries really ran, and their results are stored.
     wait_until(
         "replays and a canary checked the audited provider",
-        WAIT,
+        // Audits run off the request path; on two busy cores they can lag well behind.
+        AUDIT_WAIT,
         || async {
             // Replays carry a seed; the consumer's own requests do not.
             let replays = [&reference, &audited_agent]
