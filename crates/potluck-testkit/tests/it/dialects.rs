@@ -420,3 +420,59 @@ async fn every_dialect_answers_errors_in_its_own_shape() {
         assert!(h.contains_key("retry-after"), "{path}");
     }
 }
+
+/// A hostile provider that streams without end cannot make the hub hold its text: the
+/// Responses and Ollama translators keep text and tool arguments until the end, so the
+/// translated stream ends with one error once the relayed bytes pass `max_response_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_stream_is_cut_at_max_response_bytes_in_every_dialect() {
+    const CAP: usize = 256 * 1024;
+    let hub = TestHub::start_with(|c| c.max_response_bytes = CAP).await;
+    let key = hub.create_key("consumer").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    backend.set_behavior(potluck_testkit::FakeBehavior {
+        stream_bytes: Some(8 * 1024 * 1024),
+        ..Default::default()
+    });
+    let user = json!([{"role": "user", "content": "go"}]);
+    for (path, body, error_mark, done_mark) in [
+        (
+            "/v1/responses",
+            json!({"model": MODEL, "input": "go", "stream": true}),
+            "event: error",
+            "response.completed",
+        ),
+        (
+            "/api/chat",
+            json!({"model": MODEL, "messages": user}),
+            "\"error\"",
+            "\"done\":true",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": MODEL, "max_tokens": 8, "stream": true, "messages": user}),
+            "event: error",
+            "message_stop",
+        ),
+    ] {
+        let r = hub
+            .http
+            .post(format!("{}{path}", hub.url()))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains(error_mark), "{path}: ends with an error");
+        assert!(!text.contains(done_mark), "{path}: never completes");
+        assert!(
+            text.len() < 4 * CAP,
+            "{path}: {} bytes reached the consumer",
+            text.len()
+        );
+    }
+}

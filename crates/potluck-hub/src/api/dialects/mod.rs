@@ -21,7 +21,7 @@ use potluck_protocol::request::RequestLimits;
 use potluck_protocol::{ErrorBody, InferenceEndpoint, InferenceRequest};
 use serde_json::Value;
 
-use self::stream::stream_back;
+use self::stream::{stream_back, StreamCaps};
 use crate::http::error::ApiError;
 use crate::state::HubState;
 
@@ -151,9 +151,12 @@ async fn run(
         HeaderValue::from_static("application/json"),
     );
     let inner = Request::from_parts(parts, Body::from(bytes));
-    let max_event = state.config.max_sse_line_bytes;
+    let caps = StreamCaps {
+        max_event: state.config.max_sse_line_bytes,
+        max_total: state.config.max_response_bytes,
+    };
     let resp = crate::api::inference(state, endpoint, inner).await;
-    translate_back(resp, back, started, max_event).await
+    translate_back(resp, back, started, caps).await
 }
 
 fn from_api_error(dialect: Dialect, e: ApiError) -> Response {
@@ -187,7 +190,7 @@ async fn translate_back(
     resp: Response,
     back: Back,
     started: Instant,
-    max_event: usize,
+    caps: StreamCaps,
 ) -> Response {
     let dialect = back.dialect();
     let (parts, body) = resp.into_parts();
@@ -206,7 +209,7 @@ async fn translate_back(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let mut out = if streamed {
-        stream_back(body, back, started, max_event)
+        stream_back(body, back, started, caps)
     } else {
         whole_back(body, back, started).await
     };

@@ -24,8 +24,20 @@ enum Translator {
     Ollama(ollama::Stream),
 }
 
+/// Bounds on a translated stream: one event (`max_sse_line_bytes`) and the whole relayed
+/// stream (`max_response_bytes`). The Responses and Ollama translators keep text and tool
+/// arguments until the end, so the whole stream must be bounded, whatever a provider sends.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StreamCaps {
+    pub(super) max_event: usize,
+    pub(super) max_total: usize,
+}
+
 struct StreamBack {
     parser: SseParser,
+    /// Bytes of the relayed stream read so far, and their cap.
+    read: usize,
+    max_total: usize,
     translator: Translator,
     usage: Usage,
     started: Instant,
@@ -102,6 +114,10 @@ impl StreamBack {
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.read = self.read.saturating_add(bytes.len());
+        if self.read > self.max_total {
+            return self.error("the provider's answer is too large");
+        }
         let events = match self.parser.push(bytes) {
             Ok(events) => events,
             Err(_) => return self.error("the provider's stream failed"),
@@ -129,7 +145,7 @@ fn anthropic_error_event(message: &str) -> Vec<u8> {
     .to_sse()
 }
 
-pub(super) fn stream_back(body: Body, back: Back, started: Instant, max_event: usize) -> Response {
+pub(super) fn stream_back(body: Body, back: Back, started: Instant, caps: StreamCaps) -> Response {
     let (translator, content_type) = match back {
         Back::Anthropic { model } => (
             Translator::Anthropic(anthropic::Stream::new(model)),
@@ -153,7 +169,9 @@ pub(super) fn stream_back(body: Body, back: Back, started: Instant, max_event: u
         }
     };
     let state = StreamBack {
-        parser: SseParser::new(max_event),
+        parser: SseParser::new(caps.max_event),
+        read: 0,
+        max_total: caps.max_total,
         translator,
         usage: Usage::default(),
         started,
