@@ -11,6 +11,8 @@ mod agent_receipts;
 mod agent_schedule;
 mod agent_supply;
 mod bad_input;
+mod chaos;
+mod chaos_trials;
 mod dialects;
 mod failures;
 mod fair;
