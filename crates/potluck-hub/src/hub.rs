@@ -121,7 +121,7 @@ impl Hub {
             auditor,
             service: Default::default(),
             keys: TtlCache::new(cache::KEY_TTL),
-            balances: TtlCache::new(cache::BALANCE_TTL),
+            balances: Default::default(),
             inflight: Default::default(),
         });
         Ok(Self {
@@ -150,8 +150,11 @@ impl Hub {
         } = self;
         let writer_stop = CancellationToken::new();
         state.tasks.spawn(usage::run_writer(
-            state.store.clone(),
-            state.config.credits.clone(),
+            usage::Writer::new(
+                state.store.clone(),
+                state.config.credits.clone(),
+                Arc::clone(&state.balances),
+            ),
             usage_rx,
             writer_stop.clone(),
         ));

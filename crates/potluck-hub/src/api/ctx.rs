@@ -14,12 +14,14 @@ use potluck_store::KeyAuth;
 use crate::api::finish::{self, Ended, Outcome, Parties, ReceiptParts};
 use crate::books::limits::InFlight;
 use crate::books::money::Micro;
+use crate::books::reserve::Hold;
+use crate::books::usage::UsagePlace;
 use crate::http::error::ApiError;
 use crate::routing::inflight::InFlightGuard;
 use crate::routing::link::{Outgoing, ProviderLink};
 use crate::routing::registry::Need;
 use crate::state::HubState;
-use crate::trust::plausibility::{self, Usage};
+use crate::trust::plausibility::{self, Bounds, Usage};
 use crate::trust::spot_checks::Job;
 
 /// Response header with the hub's request id.
@@ -42,8 +44,13 @@ pub(crate) struct Ctx {
     pub(crate) need: Need,
     /// The body, kept when this request was sampled for an audit replay.
     pub(crate) audit_body: Option<Bytes>,
-    /// Embeddings: bytes of the input (see `Parsed::input_bytes`).
-    pub(crate) input_bytes: i64,
+    /// The most it may be billed (fixed at admission from the request sent).
+    pub(crate) bounds: Bounds,
+    /// Its reservation of credits (none for anonymous use or when credits are not
+    /// required); settled by `finish`, released on drop.
+    pub(crate) hold: Option<Hold>,
+    /// Its place in the usage queue, used by `finish`.
+    pub(crate) usage_slot: parking_lot::Mutex<Option<UsagePlace>>,
     /// The consumer's text, kept when the output may need a guard check.
     pub(crate) guard_input: Option<Arc<str>>,
     /// The key's concurrent-request slot, held until the request ends.
@@ -122,18 +129,32 @@ impl Ctx {
                 .add_tokens(link.provider_id, &self.model, tokens);
         }
         let r = self.books_view();
-        let cost = finish::cost(state.config.credits.rates(self.model.as_str()), usage);
-        self.send_receipt(state, link, &ended, cost);
         let parties = Parties {
             treasury: state.treasury,
             provider_account: link.provider_account,
             quarantined: link.quarantined.load(Ordering::Relaxed),
             tax: Micro::from_credits(state.config.credits.tax_per_request),
         };
-        state.accounting.record(crate::books::usage::Finished {
-            usage: finish::usage_row(&r, link.provider_id, &ended),
-            settlement: finish::settlement(&r, parties, usage, cost),
+        let mut settlement = finish::settlement(&r, parties, usage, {
+            finish::cost(state.config.credits.rates(self.model.as_str()), usage)
         });
+        let pending = match (&self.hold, settlement.as_mut()) {
+            (Some(hold), Some(s)) => hold.settle(finish::within(s, hold.amount())),
+            _ => None,
+        };
+        let earned = settlement
+            .as_ref()
+            .filter(|s| s.provider_account == link.provider_account)
+            .map_or(Micro::ZERO, |s| Micro::new(s.cost));
+        self.send_receipt(state, link, &ended, earned);
+        state.accounting.record(
+            crate::books::usage::Finished {
+                usage: finish::usage_row(&r, link.provider_id, &ended),
+                settlement,
+                pending,
+            },
+            self.usage_slot.lock().take(),
+        );
     }
 
     fn send_receipt(&self, state: &HubState, link: &ProviderLink, ended: &Ended, cost: Micro) {

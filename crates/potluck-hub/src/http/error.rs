@@ -83,6 +83,13 @@ pub enum ApiError {
         /// Seconds for `Retry-After`.
         retry_after: u64,
     },
+    /// 503: the usage queue stayed full for `usage_queue_wait`; refused before it was
+    /// served, so that no answered request goes unbilled.
+    #[error("usage backlog")]
+    UsageBacklog {
+        /// Seconds for `Retry-After`.
+        retry_after: u64,
+    },
     /// 502: the provider failed.
     #[error("provider failed")]
     ProviderFailed(&'static str),
@@ -127,9 +134,9 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::NoCapacity { .. } | ApiError::QueueTimeout { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::NoCapacity { .. }
+            | ApiError::QueueTimeout { .. }
+            | ApiError::UsageBacklog { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } | ApiError::InsufficientCredits => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -145,9 +152,10 @@ impl ApiError {
     pub fn blame(&self) -> Blame {
         match self {
             ApiError::ProviderFailed(_) | ApiError::ProviderTimeout => Blame::Provider,
-            ApiError::NoCapacity { .. } | ApiError::QueueTimeout { .. } | ApiError::Internal => {
-                Blame::Hub
-            }
+            ApiError::NoCapacity { .. }
+            | ApiError::QueueTimeout { .. }
+            | ApiError::UsageBacklog { .. }
+            | ApiError::Internal => Blame::Hub,
             _ => Blame::Consumer,
         }
     }
@@ -204,7 +212,7 @@ impl ApiError {
             ),
             ApiError::InsufficientCredits => ErrorBody::new(
                 "insufficient_quota",
-                "This account has no credits left. Earn credits by providing to the pool, or ask the hub operator for a grant.",
+                "This account's available credits do not cover this request's largest possible cost (its prompt and max_tokens at the model's price, plus tax; credits held by requests in flight are not available). Set a smaller max_tokens, earn credits by providing to the pool, or ask the hub operator for a grant.",
                 None,
                 Some("insufficient_quota"),
             ),
@@ -213,6 +221,12 @@ impl ApiError {
                 "Waited too long for a free provider. Retry later.",
                 None,
                 Some("queue_timeout"),
+            ),
+            ApiError::UsageBacklog { .. } => ErrorBody::new(
+                "server_error",
+                "The hub is busy recording usage. Retry later.",
+                None,
+                Some("usage_backlog"),
             ),
             ApiError::ProviderFailed(why) => {
                 ErrorBody::new("server_error", format!("The provider failed: {why}."), None, Some("provider_error"))
@@ -266,6 +280,7 @@ impl IntoResponse for ApiError {
         match self {
             ApiError::NoCapacity { retry_after }
             | ApiError::QueueTimeout { retry_after }
+            | ApiError::UsageBacklog { retry_after }
             | ApiError::RateLimited { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }

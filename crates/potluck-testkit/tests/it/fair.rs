@@ -548,6 +548,9 @@ async fn escrow_can_be_clawed_back_and_vests_at_the_trust_threshold() {
             r.completion = 1_000_000; // one credit per completion token
         }
         c.credits.trust_threshold = 12.0;
+        c.credits.trust_min_account_age = Duration::ZERO;
+        // Reserve (and bill at most) what the backend sends: five tokens.
+        c.credits.default_max_tokens = 5;
     })
     .await;
     let alice = Consumer::new(&hub, "alice").await;
@@ -570,19 +573,20 @@ async fn escrow_can_be_clawed_back_and_vests_at_the_trust_threshold() {
         .body;
     assert_eq!(v["clawed_back_micro"], 5_000_000);
     assert_eq!(hub.balance("gpu").await, (start, 0));
-    // Claw-backs do not count towards trust: three more answers (15 credits, past the
-    // threshold of 12) are all held; the next one finds the provider trusted, which
-    // releases the escrow and pays out at once.
-    for n in 2..=4 {
+    // Neither claw-backs nor escrowed earnings count towards trust: four more answers
+    // (20 credits, past the threshold of 12) are all held...
+    for n in 2..=5 {
         assert_eq!(send().await.unwrap().status(), 200);
         hub.wait_usage_rows(n).await;
     }
-    assert_eq!(hub.balance("gpu").await, (start, 15_000_000));
+    assert_eq!(hub.balance("gpu").await, (start, 20_000_000));
+    // ...until they vest; then the provider is trusted and the next answer pays out at once.
+    hub.state().store.vest_due(i64::MAX / 2).await.unwrap();
     assert_eq!(send().await.unwrap().status(), 200);
-    hub.wait_usage_rows(5).await;
+    hub.wait_usage_rows(6).await;
     assert_eq!(
         hub.balance("gpu").await,
-        (start + 20_000_000, 0),
+        (start + 25_000_000, 0),
         "vested once trusted"
     );
     hub.state().store.audit_ledger().await.unwrap();

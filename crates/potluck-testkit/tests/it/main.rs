@@ -21,6 +21,7 @@ mod hub_defences;
 mod hub_open;
 mod identity;
 mod moderation;
+mod money;
 mod pool;
 mod provider_routing;
 mod real_backend;

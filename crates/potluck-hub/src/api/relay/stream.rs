@@ -409,7 +409,7 @@ impl Relay {
             self.seen,
             self.end == End::Done,
             self.ctx.endpoint,
-            self.ctx.input_bytes,
+            &self.ctx.bounds,
             &tunnel,
             &self.ctx.request_id,
         );

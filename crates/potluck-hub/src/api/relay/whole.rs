@@ -49,7 +49,7 @@ pub(crate) async fn relay_whole(
         seen,
         true,
         ctx.endpoint,
-        ctx.input_bytes,
+        &ctx.bounds,
         &link,
         &ctx.request_id,
     );
