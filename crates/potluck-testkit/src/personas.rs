@@ -19,7 +19,8 @@ pub struct Answer {
 }
 
 impl Answer {
-    async fn read(r: reqwest::Response) -> Self {
+    /// Read a response into an answer.
+    pub async fn read(r: reqwest::Response) -> Self {
         let status = r.status().as_u16();
         let request_id = r
             .headers()
