@@ -107,10 +107,11 @@ impl Hub {
         };
         let identity = HubIdentity::new(&store.hub_identity().await?);
         let (auditor, audit_rx) = Auditor::new(&config.audit);
+        let registry = Registry::new(config.routing.clone());
         let state = Arc::new(HubState {
             config,
             store,
-            registry: Registry::default(),
+            registry,
             accounting,
             tasks: TaskTracker::new(),
             hard_stop: CancellationToken::new(),

@@ -17,6 +17,7 @@ use crate::books::money::Micro;
 use crate::books::reserve::Hold;
 use crate::books::usage::UsagePlace;
 use crate::http::error::ApiError;
+use crate::routing::health::Verdict;
 use crate::routing::inflight::InFlightGuard;
 use crate::routing::link::{Outgoing, ProviderLink};
 use crate::routing::registry::Need;
@@ -108,6 +109,15 @@ impl Ctx {
     ) {
         let _entered = self.span.enter();
         self.log(status, outcome, usage);
+        match outcome {
+            Outcome::Ok | Outcome::ContentFilter => {
+                note_health(state, link.provider_id, &self.request_id, true);
+            }
+            Outcome::ProviderError | Outcome::ProviderTimeout => {
+                note_health(state, link.provider_id, &self.request_id, false);
+            }
+            _ => {}
+        }
         let ended = Ended {
             status,
             outcome,
@@ -209,6 +219,27 @@ impl Ctx {
         let status = e.status().as_u16();
         self.finish(state, link, status, outcome_of(&e), Usage::default(), None);
         with_request_id(e.into_response(), &self.request_id)
+    }
+}
+
+/// Count a request's outcome for its provider's circuit breaker; a provider that leaves
+/// routing now is flagged to the spot checker, which lowers its reputation.
+pub(crate) fn note_health(state: &HubState, provider_id: i64, request_id: &str, ok: bool) {
+    if ok {
+        state.registry.record_success(provider_id);
+        return;
+    }
+    if let Verdict::Tripped(trips) = state.registry.record_failure(provider_id) {
+        tracing::warn!(
+            provider_id,
+            trips,
+            "provider out of routing: too many failures (circuit breaker open)"
+        );
+        state.auditor.submit(Job::Flag {
+            provider_id,
+            kind: "failures",
+            request_id: request_id.to_owned(),
+        });
     }
 }
 

@@ -234,10 +234,10 @@ async fn route(state: Arc<HubState>, mut ctx: Ctx, parsed: Parsed, priority: u8)
         Err(e) => return reject(&ctx.request_id, ctx.endpoint, Some(&ctx.key), e),
     };
     match dispatch::dispatch(&state, &ctx, &parsed, lease).await {
-        Ok((lease, resp)) if parsed.stream && resp.status().is_success() => {
-            relay::stream::relay_stream(state, ctx, parsed.wants_usage, lease, resp)
+        Ok((lease, answer)) if parsed.stream => {
+            relay::stream::relay_stream(state, ctx, parsed.wants_usage, lease, answer)
         }
-        Ok((lease, resp)) => relay::whole::relay_whole(&state, &ctx, lease, resp).await,
+        Ok((lease, answer)) => relay::whole::relay_whole(&state, &ctx, lease, answer.resp).await,
         Err((link, e)) => ctx.provider_failed(&state, &link, e),
     }
 }

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod serving;
 mod trust;
 
+pub use serving::{RoutingConfig, ServerConfig};
 pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
 
 /// Default listen address.
@@ -69,6 +71,10 @@ pub struct HubConfig {
     pub accounts: AccountsConfig,
     /// How long content-free records are kept.
     pub retention: RetentionConfig,
+    /// Judging providers: circuit breaker, first-byte deadline, tunnel and slot caps.
+    pub routing: RoutingConfig,
+    /// Limits of the HTTP server: header and body read timeouts, connections, streams.
+    pub server: ServerConfig,
 }
 
 /// How new accounts join through `POST /v1/signup`.
@@ -405,6 +411,8 @@ impl HubConfig {
                 "credits.starter_grant and credits.tax_per_request must not be negative".into(),
             );
         }
+        self.routing.validate()?;
+        self.server.validate()?;
         Ok(())
     }
 }
@@ -435,6 +443,8 @@ impl Default for HubConfig {
             audit: SpotCheckConfig::default(),
             accounts: AccountsConfig::default(),
             retention: RetentionConfig::default(),
+            routing: RoutingConfig::default(),
+            server: ServerConfig::default(),
         }
     }
 }

@@ -96,13 +96,12 @@ pub enum ApiError {
     /// 504: the provider took too long.
     #[error("provider timed out")]
     ProviderTimeout,
-    /// 4xx relayed from the backend, normalised (message already sanitised).
+    /// A provider refused the request (400, 413 or 422): its status only, with the hub's
+    /// own message (a provider's text never reaches a consumer).
     #[error("backend rejected the request")]
     Upstream {
-        /// The backend's status (4xx only).
+        /// The provider's status (4xx only).
         status: StatusCode,
-        /// Sanitised message.
-        message: String,
     },
     /// 409: a name is taken.
     #[error("{0}")]
@@ -142,7 +141,7 @@ impl ApiError {
             }
             ApiError::ProviderFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::ProviderTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Upstream { status, .. } => *status,
+            ApiError::Upstream { status } => *status,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -234,7 +233,12 @@ impl ApiError {
             ApiError::ProviderTimeout => {
                 ErrorBody::new("server_error", "The provider did not answer in time.", None, Some("provider_timeout"))
             }
-            ApiError::Upstream { message, .. } => ErrorBody::new("invalid_request_error", message.clone(), None, None),
+            ApiError::Upstream { status } => ErrorBody::new(
+                "invalid_request_error",
+                format!("The provider refused the request (HTTP {}). Check its parameters; GET /v1/models shows each model's limits.", status.as_u16()),
+                None,
+                Some("provider_refused"),
+            ),
             ApiError::Conflict(m) => ErrorBody::new("invalid_request_error", m.clone(), None, Some("conflict")),
             ApiError::Internal => ErrorBody::new("server_error", "Internal error in the hub.", None, None),
         }

@@ -17,6 +17,7 @@ mod dialects;
 mod failures;
 mod fair;
 mod honesty;
+mod hostile;
 mod hub_defences;
 mod hub_open;
 mod identity;
