@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod observe;
 mod trust;
 
+pub use observe::{MetricsConfig, UsageApiConfig};
 pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
 
 /// Default listen address.
@@ -65,6 +67,12 @@ pub struct HubConfig {
     pub accounts: AccountsConfig,
     /// How long content-free records are kept.
     pub retention: RetentionConfig,
+    /// The usage analytics API's bounds (`[usage_api]`).
+    pub usage_api: UsageApiConfig,
+    /// A separate listener for `GET /metrics` without a key (off by default).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Prometheus metrics (`[metrics]`).
+    pub metrics: MetricsConfig,
 }
 
 /// How new accounts join through `POST /v1/signup`.
@@ -336,6 +344,7 @@ impl Default for AnonymousConfig {
 impl HubConfig {
     /// Check cross-field rules serde cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        self.usage_api.validate()?;
         if !self
             .credits
             .classes
@@ -410,6 +419,9 @@ impl Default for HubConfig {
             audit: SpotCheckConfig::default(),
             accounts: AccountsConfig::default(),
             retention: RetentionConfig::default(),
+            usage_api: UsageApiConfig::default(),
+            metrics_listen: None,
+            metrics: MetricsConfig::default(),
         }
     }
 }
