@@ -19,6 +19,7 @@ use crate::books::limits::Limiter;
 use crate::books::retention;
 use crate::books::usage::{self, Accounting};
 use crate::config::HubConfig;
+use crate::metrics::Metrics;
 use crate::routing::registry::Registry;
 use crate::state::HubState;
 use crate::trust::identity::HubIdentity;
@@ -51,6 +52,15 @@ pub enum HubError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] potluck_store::StoreError),
+    /// The separate metrics listener (`metrics_listen`) could not be bound.
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// File name of the hub's database inside its data directory.
@@ -61,6 +71,8 @@ pub struct Hub {
     state: Arc<HubState>,
     usage_rx: tokio::sync::mpsc::Receiver<usage::Record>,
     audit_rx: tokio::sync::mpsc::Receiver<spot_checks::Job>,
+    /// The separate `/metrics` listener, when `metrics_listen` is set.
+    metrics_listener: Option<TcpListener>,
 }
 
 /// Name of the shared account and key used for anonymous access.
@@ -108,6 +120,15 @@ impl Hub {
         let identity = HubIdentity::new(&store.hub_identity().await?);
         let (auditor, audit_rx) = Auditor::new(&config.audit);
         let registry = Registry::new(config.routing.clone());
+        let max_model_labels = config.metrics.max_model_labels;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| HubError::MetricsListen { addr, source })?,
+            ),
+            None => None,
+        };
         let state = Arc::new(HubState {
             config,
             store,
@@ -124,11 +145,17 @@ impl Hub {
             keys: TtlCache::new(cache::KEY_TTL),
             balances: Default::default(),
             inflight: Default::default(),
+            metrics: Metrics::new(max_model_labels),
         });
+        if let Some(addr) = metrics_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+            let _ = state.metrics.listen_addr.set(addr);
+            tracing::info!(%addr, "metrics listening");
+        }
         Ok(Self {
             state,
             usage_rx,
             audit_rx,
+            metrics_listener,
         })
     }
 
@@ -148,7 +175,17 @@ impl Hub {
             state,
             usage_rx,
             audit_rx,
+            metrics_listener,
         } = self;
+        if let Some(l) = metrics_listener {
+            let app = crate::router::metrics_router(Arc::clone(&state));
+            let stop = shutdown.clone().cancelled_owned();
+            state.tasks.spawn(async move {
+                if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
+                    tracing::warn!(error = %e, "metrics listener failed");
+                }
+            });
+        }
         let writer_stop = CancellationToken::new();
         state.tasks.spawn(usage::run_writer(
             usage::Writer::new(

@@ -20,6 +20,7 @@ mod books;
 pub mod config;
 mod http;
 mod hub;
+mod metrics;
 mod router;
 mod routing;
 mod state;

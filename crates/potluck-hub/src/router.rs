@@ -8,9 +8,10 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 
 use crate::accounts::{
-    action_log, credits, invites, keys, members, providers, reports, sanctions, signup,
+    action_log, credits, invites, keys, members, providers, reports, sanctions, signup, usage,
 };
 use crate::api::{self, dialects, models};
+use crate::metrics::scrape;
 use crate::routing::accept;
 use crate::state::HubState;
 use crate::trust::admin as trust_admin;
@@ -26,6 +27,7 @@ pub(crate) fn router(state: Arc<HubState>) -> Router {
     #[rustfmt::skip]
     let r = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route(scrape::METRICS_PATH, get(scrape::metrics))
         .route(potluck_protocol::tunnel::TUNNEL_PATH, get(accept::accept))
         // The consumer's OpenAI API.
         .route("/v1/models", get(models::list_models))
@@ -55,6 +57,7 @@ pub(crate) fn router(state: Arc<HubState>) -> Router {
         .route("/v1/signup", post(signup::signup))
         .route("/v1/credits", get(credits::my_credits))
         .route("/v1/credits/history", get(credits::my_history))
+        .route("/v1/usage", get(usage::my_usage))
         .route("/v1/keys", get(keys::my_keys).post(keys::create_my_key))
         .route("/v1/keys/{id}", delete(keys::revoke_my_key))
         .route("/v1/keys/{id}/settings", put(keys::my_key_settings))
@@ -76,6 +79,7 @@ pub(crate) fn router(state: Arc<HubState>) -> Router {
         .route("/admin/v1/reports/{id}", get(reports::show_report))
         .route("/admin/v1/reports/{id}/resolve", post(reports::resolve_report))
         .route("/admin/v1/usage", get(credits::usage))
+        .route("/admin/v1/usage/summary", get(usage::admin_summary))
         // Keys and providers (admin).
         .route("/admin/v1/keys", get(keys::list_keys).post(keys::create_key))
         .route("/admin/v1/keys/{id}", delete(keys::revoke_key))
@@ -97,6 +101,15 @@ pub(crate) fn router(state: Arc<HubState>) -> Router {
         .fallback(models::fallback)
         .method_not_allowed_fallback(models::method_not_allowed);
     // Our own cap is enforced while reading; this only lifts axum's default.
+    let counted = axum::middleware::from_fn_with_state(Arc::clone(&state), scrape::count_responses);
     r.layer(axum::extract::DefaultBodyLimit::max(max.saturating_add(1)))
+        .layer(counted)
+        .with_state(state)
+}
+
+/// The separate metrics listener's router: `/metrics` only, without a key.
+pub(crate) fn metrics_router(state: Arc<HubState>) -> Router {
+    Router::new()
+        .route(scrape::METRICS_PATH, get(scrape::open_metrics))
         .with_state(state)
 }

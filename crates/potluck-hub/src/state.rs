@@ -19,6 +19,7 @@ use crate::books::limits::Limiter;
 use crate::books::reserve::Reservations;
 use crate::books::usage::Accounting;
 use crate::config::HubConfig;
+use crate::metrics::Metrics;
 use crate::routing::inflight::InFlightRequests;
 use crate::routing::registry::Registry;
 use crate::trust::identity::HubIdentity;
@@ -56,6 +57,8 @@ pub struct HubState {
     pub inflight: Arc<InFlightRequests>,
     /// Typical request duration per model (exponential moving average, ms).
     pub(crate) service: Mutex<HashMap<ModelName, f64>>,
+    /// Prometheus metrics (this hub's own registry).
+    pub metrics: Metrics,
 }
 
 /// Weight of the newest sample in the per-model duration average.

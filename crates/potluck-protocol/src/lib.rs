@@ -8,6 +8,7 @@ pub mod openai;
 pub mod receipt;
 pub mod request;
 pub mod tunnel;
+pub mod usage;
 
 pub use endpoint::InferenceEndpoint;
 pub use openai::{ErrorBody, ErrorObject, ModelName};

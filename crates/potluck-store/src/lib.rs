@@ -8,6 +8,7 @@
 //! engine-neutral so that PostgreSQL can be added behind it.
 
 pub mod accounts;
+pub mod analytics;
 mod identity;
 pub mod ledger;
 mod migrations;

@@ -32,7 +32,7 @@ pub enum StoreError {
     Refused(&'static str),
 }
 
-type Result<T, E = StoreError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// An account's role on the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -157,6 +157,11 @@ impl Consumer {
         self.get("pool").await
     }
 
+    /// `GET /v1/usage?{query}`: the account's own usage totals.
+    pub async fn usage(&self, query: &str) -> Answer {
+        self.get(&format!("usage?{query}")).await
+    }
+
     /// `GET /v1/credits`: available micro-credits.
     pub async fn available_micro(&self) -> i64 {
         let a = self.get("credits").await;

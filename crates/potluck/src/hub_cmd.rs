@@ -18,6 +18,10 @@ pub(crate) struct HubArgs {
     /// Directory for hub.db and admin.key [default: ~/.local/share/potluck; config: data_dir].
     #[arg(long, env = "POTLUCK_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at /metrics on this address too, without a key
+    /// [default: off; config: metrics_listen]. Bind it to a private address.
+    #[arg(long, env = "POTLUCK_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// TOML configuration file (limits and timeouts; see README).
     #[arg(long, env = "POTLUCK_HUB_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -83,6 +87,9 @@ pub(crate) async fn hub(a: HubArgs) -> anyhow::Result<()> {
     };
     if let Some(l) = a.listen {
         config.listen = l;
+    }
+    if let Some(m) = a.metrics_listen {
+        config.metrics_listen = Some(m);
     }
     if let Some(d) = a.data_dir {
         config.data_dir = d;

@@ -16,6 +16,7 @@ pub(crate) mod providers;
 pub(crate) mod reports;
 pub(crate) mod sanctions;
 pub(crate) mod signup;
+pub(crate) mod usage;
 pub(crate) mod wire;
 
 use potluck_store::{Role, StoreError};

@@ -125,6 +125,7 @@ impl Ctx {
             elapsed: self.started.elapsed(),
             ttft,
         };
+        state.metrics.request_done(self.metrics_view(&ended));
         state
             .limiter
             .add_tokens(self.key.key_id, usage.prompt + usage.completion);
@@ -165,6 +166,21 @@ impl Ctx {
             },
             self.usage_slot.lock().take(),
         );
+    }
+
+    /// What the metrics count of a finished request (no content, a routed model name).
+    fn metrics_view<'a>(&'a self, e: &Ended) -> crate::metrics::Done<'a> {
+        let n = |t: i64| u64::try_from(t).unwrap_or(0);
+        crate::metrics::Done {
+            model: self.model.as_str(),
+            endpoint: self.endpoint.label(),
+            status: e.status,
+            outcome: e.outcome.as_str(),
+            tokens: (n(e.usage.prompt), n(e.usage.completion)),
+            elapsed: e.elapsed,
+            ttft: e.ttft,
+            queue_ms: self.queue_ms,
+        }
     }
 
     fn send_receipt(&self, state: &HubState, link: &ProviderLink, ended: &Ended, cost: Micro) {

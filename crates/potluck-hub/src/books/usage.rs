@@ -56,6 +56,8 @@ pub(crate) enum Record {
 #[derive(Clone, Debug)]
 pub(crate) struct Accounting {
     tx: mpsc::Sender<Record>,
+    /// Records dropped because the queue was full or closed (for the metrics).
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A place in the usage queue, taken when a request is admitted, so that its record can
@@ -67,7 +69,13 @@ impl Accounting {
     /// A queue of `capacity` records, and its receiving end for [`run_writer`].
     pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<Record>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Self { tx }, rx)
+        (
+            Self {
+                tx,
+                dropped: Default::default(),
+            },
+            rx,
+        )
     }
 
     /// A place in the queue, waiting at most `wait` for one; `None` if the queue stayed
@@ -91,8 +99,20 @@ impl Accounting {
             | mpsc::error::TrySendError::Closed(Record::Finished(rec)),
         ) = self.tx.try_send(Record::Finished(rec))
         {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(request_id = %rec.usage.request_id, "usage queue full or closed; record dropped");
         }
+    }
+
+    /// `(records waiting, capacity, records dropped so far)`.
+    pub(crate) fn queue_stats(&self) -> (usize, usize, u64) {
+        let capacity = self.tx.max_capacity();
+        (
+            capacity.saturating_sub(self.tx.capacity()),
+            capacity,
+            self.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// Claw back an account's unvested earnings once everything queued before is settled.

@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod observe;
 mod serving;
 mod trust;
 
+pub use observe::{MetricsConfig, UsageApiConfig};
 pub use serving::{RoutingConfig, ServerConfig};
 pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
 
@@ -75,6 +77,12 @@ pub struct HubConfig {
     pub routing: RoutingConfig,
     /// Limits of the HTTP server: header and body read timeouts, connections, streams.
     pub server: ServerConfig,
+    /// The usage analytics API's bounds (`[usage_api]`).
+    pub usage_api: UsageApiConfig,
+    /// A separate listener for `GET /metrics` without a key (off by default).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Prometheus metrics (`[metrics]`).
+    pub metrics: MetricsConfig,
 }
 
 /// How new accounts join through `POST /v1/signup`.
@@ -360,6 +368,7 @@ impl Default for AnonymousConfig {
 impl HubConfig {
     /// Check cross-field rules serde cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        self.usage_api.validate()?;
         if !self
             .credits
             .classes
@@ -445,6 +454,9 @@ impl Default for HubConfig {
             retention: RetentionConfig::default(),
             routing: RoutingConfig::default(),
             server: ServerConfig::default(),
+            usage_api: UsageApiConfig::default(),
+            metrics_listen: None,
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -308,6 +308,15 @@ pub(crate) fn note_verdict(
         return;
     }
     tracing::info!(stage = stage.label(), blocked = d.blocked, categories = %d.categories.join(","), "guard verdict");
+    for c in &d.categories {
+        let known = category_known(&state.config.moderation, c);
+        let label = if known {
+            c.as_str()
+        } else {
+            crate::metrics::OTHER
+        };
+        state.metrics.guard_verdict(stage.label(), label, d.blocked);
+    }
     let ev = potluck_store::trust::ModerationEvent {
         request_id: request_id.to_owned(),
         account_id,
@@ -323,6 +332,16 @@ pub(crate) fn note_verdict(
             tracing::error!(error = ?e, "recording a guard verdict failed");
         }
     });
+}
+
+/// Whether `code` is a category this hub's guard can name (a metrics label may be it):
+/// Llama Guard's codes, the ShieldGemma policies (default or configured), or one of the
+/// guard's own failure words. Anything else came from a model's free text.
+pub(crate) fn category_known(cfg: &crate::config::GuardConfig, code: &str) -> bool {
+    LLAMA_GUARD_CATEGORIES.iter().any(|(c, _)| *c == code)
+        || SHIELDGEMMA_POLICIES.iter().any(|(c, _)| *c == code)
+        || cfg.policies.contains_key(code)
+        || matches!(code, "guard_unavailable" | "unparseable")
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ pub(crate) async fn judge(state: &HubState, rep: &mut Reputation, a: AuditRecord
         cfg.quarantine_below, a.kind
     );
     tracing::info!(provider_id = a.provider_id, kind = a.kind, passed = a.passed, agreement = ?a.agreement, score = new, "provider audit");
+    state.metrics.audit(a.kind, a.passed);
     if let Err(e) = state
         .store
         .record_audit(&a, new, quarantine.then_some(reason.as_str()))
@@ -74,6 +75,7 @@ pub(crate) async fn quarantine_provider(state: &HubState, provider_id: i64, reas
         },
     };
     state.registry.set_trust_flags(provider_id, false, true);
+    state.metrics.quarantined();
     if let Some(acct) = account {
         // Through the usage writer, so that earnings queued before are clawed back too.
         state.accounting.clawback(acct).await;

@@ -235,6 +235,13 @@ async fn every_admin_endpoint_against_every_role() {
         ("GET", "/admin/v1/usage", "/admin/v1/usage", Value::Null, 3),
         (
             "GET",
+            "/admin/v1/usage/summary",
+            "/admin/v1/usage/summary?group_by=provider",
+            Value::Null,
+            3,
+        ),
+        (
+            "GET",
             "/admin/v1/accounts",
             "/admin/v1/accounts",
             Value::Null,

@@ -23,6 +23,7 @@ mod hub_open;
 mod identity;
 mod moderation;
 mod money;
+mod observe;
 mod pool;
 mod provider_routing;
 mod real_backend;

@@ -1,0 +1,335 @@
+//! Prometheus metrics, in a registry owned by the hub (several hubs in one process keep
+//! their own numbers). Counters and histograms are fed by a few one-line hooks where a
+//! request, an audit or a guard verdict ends; gauges (providers, tunnels, queues, in
+//! flight) are read from the hub's state when `/metrics` is scraped (`scrape.rs`).
+//!
+//! Labels are bounded: a model is a label only when the hub serves or prices it, and at
+//! most `metrics.max_model_labels` of them (the rest count as `other`); every other label
+//! is one of a fixed set of words. Nothing a consumer typed, and no content, is a label.
+
+pub(crate) mod scrape;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The label value of models beyond the bound, and of models the hub does not know.
+pub(crate) const OTHER: &str = "other";
+
+/// Request duration buckets (seconds).
+const DURATION_BUCKETS: [f64; 12] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+/// Time-to-first-token buckets (seconds).
+const TTFT_BUCKETS: [f64; 10] = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
+/// Queue wait buckets (seconds).
+const WAIT_BUCKETS: [f64; 10] = [0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    model: String,
+    endpoint: &'static str,
+    status: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ModelLabel {
+    pub(crate) model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TokenLabels {
+    model: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RouteLabels {
+    route: String,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct AuditLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct VerdictLabels {
+    stage: &'static str,
+    category: String,
+    blocked: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// A routed request that ended, as the metrics see it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Done<'a> {
+    /// The model (as served).
+    pub(crate) model: &'a str,
+    /// The endpoint's label.
+    pub(crate) endpoint: &'static str,
+    /// The status given to the consumer.
+    pub(crate) status: u16,
+    /// The outcome's label.
+    pub(crate) outcome: &'static str,
+    /// Prompt and completion tokens.
+    pub(crate) tokens: (u64, u64),
+    /// Start to end.
+    pub(crate) elapsed: Duration,
+    /// Time to the first token, if streamed.
+    pub(crate) ttft: Option<Duration>,
+    /// Time spent waiting in the queue, if it waited.
+    pub(crate) queue_ms: Option<u64>,
+}
+
+/// The hub's metrics.
+pub struct Metrics {
+    registry: Registry,
+    models: ModelLabels,
+    requests: Family<RequestLabels, Counter>,
+    duration: Histograms<ModelLabel>,
+    ttft: Histograms<ModelLabel>,
+    queue_wait: Histograms<ModelLabel>,
+    tokens: Family<TokenLabels, Counter>,
+    responses: Family<RouteLabels, Counter>,
+    audits: Family<AuditLabels, Counter>,
+    verdicts: Family<VerdictLabels, Counter>,
+    quarantines: Counter,
+    pub(crate) gauges: scrape::Gauges,
+    /// Serializes scrapes (gauges are set, then the registry is encoded).
+    pub(crate) scrape_lock: Mutex<()>,
+    /// Where the separate metrics listener listens, once bound.
+    pub(crate) listen_addr: OnceLock<SocketAddr>,
+}
+
+fn histograms<L: Clone + std::hash::Hash + Eq>(buckets: fn() -> Histogram) -> Histograms<L> {
+    Family::new_with_constructor(buckets)
+}
+
+impl Metrics {
+    /// A registry with every series, at most `max_model_labels` model label values.
+    pub(crate) fn new(max_model_labels: usize) -> Self {
+        let mut registry = Registry::with_prefix("potluck");
+        let m = Self {
+            models: ModelLabels::new(max_model_labels),
+            requests: Family::default(),
+            duration: histograms(|| Histogram::new(DURATION_BUCKETS)),
+            ttft: histograms(|| Histogram::new(TTFT_BUCKETS)),
+            queue_wait: histograms(|| Histogram::new(WAIT_BUCKETS)),
+            tokens: Family::default(),
+            responses: Family::default(),
+            audits: Family::default(),
+            verdicts: Family::default(),
+            quarantines: Counter::default(),
+            gauges: scrape::Gauges::default(),
+            scrape_lock: Mutex::new(()),
+            listen_addr: OnceLock::new(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Routed requests by model, endpoint, status class and outcome",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Routed request duration, start to end",
+            m.duration.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "Time to the first streamed token",
+            m.ttft.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time requests waited in the queue for a provider",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens by model and direction (prompt, completion)",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "http_responses",
+            "Every answer of the hub's HTTP API by route and status class",
+            m.responses.clone(),
+        );
+        registry.register(
+            "audits",
+            "Spot checks and plausibility flags by kind and result",
+            m.audits.clone(),
+        );
+        registry.register(
+            "guard_verdicts",
+            "Guard-model verdicts other than safe, by stage and category code",
+            m.verdicts.clone(),
+        );
+        registry.register(
+            "quarantines",
+            "Providers quarantined",
+            m.quarantines.clone(),
+        );
+        m.gauges.register(&mut registry);
+        Self { registry, ..m }
+    }
+
+    /// The label for `model`: itself when `known` (the hub serves or prices it) and the
+    /// bound is not reached, else `other`.
+    pub(crate) fn model_label(&self, model: &str, known: bool) -> String {
+        self.models.label(model, known)
+    }
+
+    /// A routed request ended (`Ctx::finish`). The model was routed, so the hub knows it.
+    pub(crate) fn request_done(&self, d: Done<'_>) {
+        let model = self.model_label(d.model, true);
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.clone(),
+                endpoint: d.endpoint,
+                status: status_class(d.status),
+                outcome: d.outcome,
+            })
+            .inc();
+        let by_model = ModelLabel {
+            model: model.clone(),
+        };
+        self.duration
+            .get_or_create(&by_model)
+            .observe(d.elapsed.as_secs_f64());
+        if let Some(t) = d.ttft {
+            self.ttft.get_or_create(&by_model).observe(t.as_secs_f64());
+        }
+        if let Some(ms) = d.queue_ms {
+            self.queue_wait
+                .get_or_create(&by_model)
+                .observe(ms as f64 / 1000.0);
+        }
+        for (direction, n) in [("prompt", d.tokens.0), ("completion", d.tokens.1)] {
+            if n > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        model: model.clone(),
+                        direction,
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// An answer of the HTTP API (`route` is the router's path template, or `unmatched`).
+    pub(crate) fn response(&self, route: &str, status: u16) {
+        self.responses
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+                status: status_class(status),
+            })
+            .inc();
+    }
+
+    /// A spot check or a plausibility flag was judged (`kind` is one of a fixed set).
+    pub(crate) fn audit(&self, kind: &'static str, passed: bool) {
+        let result = if passed { "pass" } else { "fail" };
+        self.audits
+            .get_or_create(&AuditLabels { kind, result })
+            .inc();
+    }
+
+    /// A guard verdict other than safe; `category` must already be bounded by the caller.
+    pub(crate) fn guard_verdict(&self, stage: &'static str, category: &str, blocked: bool) {
+        self.verdicts
+            .get_or_create(&VerdictLabels {
+                stage,
+                category: category.to_owned(),
+                blocked: if blocked { "true" } else { "false" },
+            })
+            .inc();
+    }
+
+    /// A provider was quarantined.
+    pub(crate) fn quarantined(&self) {
+        self.quarantines.inc();
+    }
+
+    /// The address of the separate metrics listener, once bound.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen_addr.get().copied()
+    }
+}
+
+/// `2xx`, `4xx`, ...
+pub(crate) fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The set of model names used as label values, at most `max`.
+struct ModelLabels {
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl ModelLabels {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn label(&self, model: &str, known: bool) -> String {
+        if !known || model == OTHER {
+            return OTHER.to_owned();
+        }
+        let mut seen = self.seen.lock();
+        if seen.contains(model) {
+            return model.to_owned();
+        }
+        if seen.len() < self.max {
+            seen.insert(model.to_owned());
+            return model.to_owned();
+        }
+        OTHER.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let m = ModelLabels::new(2);
+        assert_eq!(m.label("a", true), "a");
+        assert_eq!(m.label("typed-by-a-stranger", false), OTHER);
+        assert_eq!(m.label("b", true), "b");
+        assert_eq!(m.label("c", true), OTHER, "the bound is reached");
+        assert_eq!(m.label("a", true), "a", "a known label stays");
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(200), "2xx");
+        assert_eq!(status_class(429), "4xx");
+        assert_eq!(status_class(504), "5xx");
+        assert_eq!(status_class(0), "5xx");
+    }
+}

@@ -1,0 +1,488 @@
+//! Running the hub in the open: the usage analytics API (members see their own account,
+//! admins the hub, hostile queries get a clean 400) and the Prometheus metrics (they
+//! parse, they count the traffic, their label sets stay bounded, no content in them).
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures_util::StreamExt;
+use potluck_testkit::{Admin, Consumer, FakeBackend, TestAgent, TestHub};
+use serde_json::Value;
+
+const MODEL: &str = "m1";
+
+/// A hub with one provider serving `models` from a fake backend.
+async fn pool(
+    models: &[&str],
+    f: impl FnOnce(&mut potluck_hub::HubConfig),
+) -> (TestHub, FakeBackend, TestAgent) {
+    let hub = TestHub::start_with(f).await;
+    let backend = FakeBackend::start(models).await;
+    let agent = TestAgent::start(&hub, &hub.create_provider("p1").await, &backend.base_url());
+    for m in models {
+        hub.wait_for_model(m, 1).await;
+    }
+    (hub, backend, agent)
+}
+
+/// Chat `n` times as `who`; returns the (prompt, completion) tokens the answers reported.
+async fn traffic(who: &Consumer, model: &str, n: usize) -> (i64, i64) {
+    let mut sum = (0, 0);
+    for i in 0..n {
+        let a = who.chat(model, &format!("hello number {i}")).await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        sum.0 += a.body["usage"]["prompt_tokens"].as_i64().unwrap();
+        sum.1 += a.body["usage"]["completion_tokens"].as_i64().unwrap();
+    }
+    sum
+}
+
+/// The groups of a usage answer: group → (requests, prompt, completion).
+fn groups(a: &Value) -> BTreeMap<String, (i64, i64, i64)> {
+    a["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no data in {a}"))
+        .iter()
+        .map(|b| {
+            (
+                b["group"].as_str().unwrap().to_owned(),
+                (
+                    b["requests"].as_i64().unwrap(),
+                    b["prompt_tokens"].as_i64().unwrap(),
+                    b["completion_tokens"].as_i64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn today() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    potluck_protocol::usage::UtcDay::of_ms(ms).to_string()
+}
+
+#[tokio::test]
+async fn usage_totals_match_the_traffic_and_members_see_only_their_own() {
+    let (hub, _backend, _agent) = pool(&[MODEL], |_| {}).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let bob = Consumer::new(&hub, "bob").await;
+    let (ap, ac) = traffic(&alice, MODEL, 3).await;
+    let (bp, bc) = traffic(&bob, MODEL, 2).await;
+    hub.wait_usage_rows(5).await;
+
+    let a = alice.usage("group_by=model").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(groups(&a.body)[MODEL], (3, ap, ac), "alice's own totals");
+    let b = bob.usage("").await;
+    assert_eq!(b.body["group_by"], "day");
+    assert_eq!(
+        groups(&b.body)[&today()],
+        (2, bp, bc),
+        "bob's, by day (the default)"
+    );
+    let keys = alice.usage("group_by=key").await;
+    assert_eq!(
+        keys.body["data"].as_array().unwrap().len(),
+        1,
+        "only alice's key: {:?}",
+        keys.body
+    );
+    assert_eq!(keys.body["data"][0]["name"], "alice");
+
+    // A member may not group by account or provider, nor reach the admin summary.
+    let refused = alice.usage("group_by=account").await;
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.body["error"]["param"], "group_by");
+    let s = hub
+        .http
+        .get(format!("{}/admin/v1/usage/summary", hub.url()))
+        .bearer_auth(&alice.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(s.status(), 403);
+
+    // The admin sees the hub, grouped any way, as JSON or CSV.
+    let admin = Admin::admin(&hub);
+    let by_account = admin
+        .send("GET", "/admin/v1/usage/summary?group_by=account", None)
+        .await;
+    assert_eq!(by_account.status, 200, "{:?}", by_account.body);
+    let names: BTreeMap<String, i64> = by_account.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_owned(),
+                b["requests"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        BTreeMap::from([("alice".into(), 3), ("bob".into(), 2)])
+    );
+    let by_provider = admin
+        .send("GET", "/admin/v1/usage/summary?group_by=provider", None)
+        .await;
+    assert_eq!(
+        groups(&by_provider.body).values().next(),
+        Some(&(5, ap + bp, ac + bc))
+    );
+    let csv = hub
+        .http
+        .get(format!(
+            "{}/admin/v1/usage/summary?group_by=model&format=csv",
+            hub.url()
+        ))
+        .bearer_auth(&hub.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), 200);
+    assert!(csv.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    let text = csv.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        "group,name,requests,ok_requests,prompt_tokens,completion_tokens"
+    );
+    assert_eq!(lines[1], format!("{MODEL},,5,5,{},{}", ap + bp, ac + bc));
+
+    // A range that ends before today holds nothing.
+    let past = alice.usage("from=2001-01-01&to=2001-01-31").await;
+    assert_eq!(past.status, 200);
+    assert!(past.body["data"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn hostile_usage_queries_get_a_clean_400() {
+    let (hub, _backend, _agent) = pool(&[MODEL], |_| {}).await;
+    let mallory = Consumer::new(&hub, "mallory").await;
+    traffic(&mallory, MODEL, 1).await;
+    hub.wait_usage_rows(1).await;
+    let long = "9".repeat(10_000);
+    let hostile = [
+        "from=1970-01-01&to=9999-12-31".to_owned(),
+        "from=2026-01-02&to=2026-01-01".into(),
+        "group_by=bogus".into(),
+        "group_by=day&group_by=model".into(),
+        "group_by=Model".into(),
+        "from=2026-02-30".into(),
+        "to=%27%20OR%201%3D1%20--".into(),
+        "group_by=model%27%3B%20DROP%20TABLE%20usage_records%3B--".into(),
+        "group_by=u.model)%20UNION%20SELECT%20secret_hash%20FROM%20api_keys--".into(),
+        "from=%FF%FE%00".into(),
+        "injected=1".into(),
+        format!("from={long}"),
+        "format=xml".into(),
+        "from=2026-01-01&from=2026-01-02".into(),
+    ];
+    for q in &hostile {
+        let a = mallory.usage(q).await;
+        assert_eq!(a.status, 400, "{q}: {:?}", a.body);
+        assert_eq!(a.body["error"]["type"], "invalid_request_error", "{q}");
+        assert_eq!(a.body["error"]["code"], "invalid_usage_query", "{q}");
+        let message = a.body["error"]["message"].as_str().unwrap();
+        for echoed in ["DROP", "UNION", "OR 1", "bogus", "injected", "999999"] {
+            assert!(
+                !message.contains(echoed),
+                "{q}: the message echoes input: {message}"
+            );
+        }
+        let s = Admin::admin(&hub)
+            .send("GET", &format!("/admin/v1/usage/summary?{q}"), None)
+            .await;
+        assert_eq!(s.status, 400, "admin, {q}: {:?}", s.body);
+    }
+    // Without a key: 401 in the same shape. And the table is still there.
+    let anon = hub
+        .http
+        .get(format!("{}/usage", hub.v1()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anon.status(), 401);
+    assert_eq!(
+        groups(&mallory.usage("group_by=model").await.body)[MODEL].0,
+        1
+    );
+}
+
+/// Scrape `url` (with `key` if given) and parse it with a Prometheus text parser.
+async fn scrape(hub: &TestHub, url: &str, key: Option<&str>) -> (String, prometheus_parse::Scrape) {
+    let mut r = hub.http.get(url);
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let resp = r.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = resp.text().await.unwrap();
+    let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("does not parse: {e}\n{text}"));
+    (text, parsed)
+}
+
+/// Sum of the samples of `name` whose labels include every pair of `with`.
+fn sum(s: &prometheus_parse::Scrape, name: &str, with: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .filter(|x| with.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// Every distinct value of `label` over all samples.
+fn label_values(s: &prometheus_parse::Scrape, label: &str) -> BTreeSet<String> {
+    s.samples
+        .iter()
+        .filter_map(|x| x.labels.get(label).map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_parse_count_the_traffic_and_need_the_admin_key() {
+    let (hub, _backend, _agent) = pool(&[MODEL], |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let (p, c) = traffic(&alice, MODEL, 4).await;
+    let missing = alice.chat("no-such-model", "hi").await;
+    assert_eq!(missing.status, 404);
+    hub.wait_usage_rows(4).await;
+
+    let addr = hub
+        .state()
+        .metrics
+        .listen_addr()
+        .expect("metrics listener bound");
+    let (_, s) = scrape(&hub, &format!("http://{addr}/metrics"), None).await;
+    let m = [("model", MODEL)];
+    assert_eq!(
+        sum(
+            &s,
+            "potluck_requests_total",
+            &[("model", MODEL), ("status", "2xx")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        sum(
+            &s,
+            "potluck_tokens_total",
+            &[("model", MODEL), ("direction", "prompt")]
+        ),
+        p as f64
+    );
+    assert_eq!(
+        sum(
+            &s,
+            "potluck_tokens_total",
+            &[("model", MODEL), ("direction", "completion")]
+        ),
+        c as f64
+    );
+    assert_eq!(sum(&s, "potluck_request_duration_seconds_count", &m), 4.0);
+    assert_eq!(sum(&s, "potluck_providers_connected", &[]), 1.0);
+    assert_eq!(sum(&s, "potluck_tunnels_connected", &[]), 1.0);
+    assert_eq!(sum(&s, "potluck_model_providers", &m), 1.0);
+    assert_eq!(sum(&s, "potluck_requests_in_flight", &[]), 0.0);
+    assert_eq!(sum(&s, "potluck_usage_records_dropped_total", &[]), 0.0);
+    let chat = [("route", "/v1/chat/completions")];
+    assert_eq!(
+        sum(
+            &s,
+            "potluck_http_responses_total",
+            &[chat[0], ("status", "2xx")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        sum(
+            &s,
+            "potluck_http_responses_total",
+            &[chat[0], ("status", "4xx")]
+        ),
+        1.0
+    );
+
+    // On the main listener: the admin key only.
+    let url = format!("{}/metrics", hub.url());
+    assert_eq!(hub.http.get(&url).send().await.unwrap().status(), 401);
+    let member = hub
+        .http
+        .get(&url)
+        .bearer_auth(&alice.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(member.status(), 403);
+    let (_, main) = scrape(&hub, &url, Some(&hub.admin_key)).await;
+    assert_eq!(
+        sum(&main, "potluck_requests_total", &m),
+        4.0,
+        "one registry, two doors"
+    );
+}
+
+#[tokio::test]
+async fn metric_labels_stay_bounded_under_random_model_names() {
+    // A provider offering more models than the label bound, and 10,000 requests for
+    // random model names nobody serves.
+    let served: Vec<String> = (0..6).map(|i| format!("served-{i}")).collect();
+    let names: Vec<&str> = served.iter().map(String::as_str).collect();
+    let (hub, _backend, _agent) = pool(&names, |c| {
+        c.metrics.max_model_labels = 3;
+        c.limits.rpm = None;
+    })
+    .await;
+    let alice = Consumer::new(&hub, "alice").await;
+    for m in &names {
+        traffic(&alice, m, 1).await;
+    }
+    let admin_url = format!("{}/metrics", hub.url());
+    let (_, before) = scrape(&hub, &admin_url, Some(&hub.admin_key)).await;
+    let series_before = before.samples.len();
+
+    let random = futures_util::stream::iter(0..10_000u32).map(|i| {
+        let alice = alice.clone();
+        async move {
+            let name = format!("random-{i}-{:x}", i.wrapping_mul(2_654_435_761));
+            alice.chat(&name, "hi").await.status
+        }
+    });
+    let statuses: Vec<u16> = random.buffer_unordered(16).collect().await;
+    let odd: Vec<&u16> = statuses.iter().filter(|s| **s != 404).collect();
+    assert!(odd.is_empty(), "not all 404: {odd:?}");
+
+    let (_, after) = scrape(&hub, &admin_url, Some(&hub.admin_key)).await;
+    let models = label_values(&after, "model");
+    assert!(
+        models.len() <= 4,
+        "at most 3 models and `other`: {models:?}"
+    );
+    assert!(
+        models.contains("other"),
+        "the models past the bound: {models:?}"
+    );
+    assert!(models
+        .iter()
+        .all(|m| m == "other" || m.starts_with("served-")));
+    let routes = label_values(&after, "route");
+    assert!(
+        routes
+            .iter()
+            .all(|r| r.starts_with('/') || r == "unmatched"),
+        "{routes:?}"
+    );
+    assert!(
+        after.samples.len() <= series_before + 4,
+        "10,000 random names added series: {} → {}",
+        series_before,
+        after.samples.len()
+    );
+    assert_eq!(
+        sum(
+            &after,
+            "potluck_http_responses_total",
+            &[("route", "/v1/chat/completions"), ("status", "4xx")]
+        ),
+        10_000.0
+    );
+}
+
+#[tokio::test]
+async fn a_privacy_canary_never_reaches_the_metrics_or_the_usage_api() {
+    const CANARY: &str = "CANARY-7f3a9c-never-in-metrics";
+    let (hub, _backend, _agent) = pool(&[MODEL], |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let alice = Consumer::new(&hub, "alice").await;
+    // Through a prompt, a model name nobody serves, a bad body, a path and a query.
+    assert_eq!(alice.chat(MODEL, CANARY).await.status, 200);
+    assert_eq!(alice.chat(CANARY, CANARY).await.status, 404);
+    let bad = alice
+        .post(
+            "chat/completions",
+            &serde_json::json!({"model": MODEL, "messages": CANARY}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let odd = hub
+        .http
+        .get(format!("{}/{CANARY}", hub.v1()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(odd.status(), 404);
+    assert_eq!(alice.usage(&format!("group_by={CANARY}")).await.status, 400);
+    hub.wait_usage_rows(1).await;
+
+    let addr = hub.state().metrics.listen_addr().unwrap();
+    let (open, _) = scrape(&hub, &format!("http://{addr}/metrics"), None).await;
+    let (main, _) = scrape(
+        &hub,
+        &format!("{}/metrics", hub.url()),
+        Some(&hub.admin_key),
+    )
+    .await;
+    assert!(
+        open.contains("potluck_requests_total{"),
+        "positive control: traffic counted"
+    );
+    for text in [&open, &main] {
+        assert!(!text.contains("CANARY"), "the canary is in the metrics");
+    }
+    for g in ["day", "model", "key"] {
+        let a = alice.usage(&format!("group_by={g}")).await;
+        assert_eq!(a.status, 200);
+        assert!(!a.body.to_string().contains("CANARY"), "{g}: {}", a.body);
+    }
+    let s = Admin::admin(&hub)
+        .send("GET", "/admin/v1/usage/summary?group_by=model", None)
+        .await;
+    assert!(!s.body.to_string().contains("CANARY"));
+}
+
+#[tokio::test]
+async fn hubs_in_one_process_keep_their_own_numbers() {
+    let (one, _b1, _a1) = pool(&[MODEL], |_| {}).await;
+    let (two, _b2, _a2) = pool(&[MODEL], |_| {}).await;
+    traffic(&Consumer::new(&one, "alice").await, MODEL, 2).await;
+    let (_, s1) = scrape(
+        &one,
+        &format!("{}/metrics", one.url()),
+        Some(&one.admin_key),
+    )
+    .await;
+    let (_, s2) = scrape(
+        &two,
+        &format!("{}/metrics", two.url()),
+        Some(&two.admin_key),
+    )
+    .await;
+    assert_eq!(sum(&s1, "potluck_requests_total", &[("model", MODEL)]), 2.0);
+    assert_eq!(sum(&s2, "potluck_requests_total", &[("model", MODEL)]), 0.0);
+}
