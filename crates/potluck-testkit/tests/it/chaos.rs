@@ -53,20 +53,49 @@ pub async fn rig(f: impl FnOnce(&mut HubConfig)) -> Rig {
 }
 
 /// Start a stream that the backend stalls after `n` content chunks, and read those `n`.
-pub async fn stalled_stream(r: &Rig, n: usize) -> SseReader {
+/// Also returns how many starts were refused with 502 first (see [`start_stream`]).
+pub async fn stalled_stream(r: &Rig, n: usize) -> (SseReader, u32) {
     r.backend.set_behavior(FakeBehavior {
         chunks: 1000,
         stall_after: Some(n),
         ..Default::default()
     });
-    let (_, mut sse) = r.alice.stream_with(&chat_body(MODEL, "hi", true)).await;
+    let (mut sse, refused) = start_stream(r).await;
     for i in 0..n {
         match sse.next().await {
             Some(Event::Json(v)) if v["choices"][0]["delta"]["content"].is_string() => {}
             e => panic!("content chunk {i}: {e:?}"),
         }
     }
-    sse
+    (sse, refused)
+}
+
+/// Start a stream, retrying while the hub has no working provider for the model: right
+/// after a fault, the agent's new tunnel may not be registered yet (404, or 503 with no
+/// capacity), or the hub may route to the dead tunnel before it has dropped it (502
+/// `provider_error`, before anything is streamed). Returns the stream and how many
+/// starts were refused with 502.
+async fn start_stream(r: &Rig) -> (SseReader, u32) {
+    let deadline = Instant::now() + RECOVERY;
+    let mut refused = 0;
+    loop {
+        let resp = r.alice.send_chat(&chat_body(MODEL, "hi", true)).await;
+        match resp.status().as_u16() {
+            200 => return (SseReader::new(resp), refused),
+            s @ (404 | 502 | 503) if Instant::now() < deadline => {
+                if s == 502 {
+                    let a = Answer::read(resp).await;
+                    is_error(&a, 502, "provider_error");
+                    refused += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            s => panic!(
+                "the stream did not start: {s} {}",
+                resp.text().await.unwrap()
+            ),
+        }
+    }
 }
 
 /// The rest of a stream, within `bound`: exactly one event, an OpenAI error with
@@ -108,7 +137,7 @@ pub async fn recovers(r: &Rig) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_tunnel_ends_the_stream_with_one_error_at_once_and_the_agent_comes_back() {
     let r = rig(|_| {}).await;
-    let sse = stalled_stream(&r, 3).await;
+    let (sse, _) = stalled_stream(&r, 3).await;
     r.proxy.cut();
     ends_with_one_error(sse, "provider_error", CUT_BOUND).await;
     recovers(&r).await;
@@ -118,7 +147,7 @@ async fn a_cut_tunnel_ends_the_stream_with_one_error_at_once_and_the_agent_comes
 async fn a_half_open_tunnel_is_found_by_keepalive_and_the_agent_comes_back() {
     // The stream's idle timeout is far beyond the bound: only keepalive can end it.
     let r = rig(|c| c.stream_idle_timeout = Duration::from_secs(600)).await;
-    let sse = stalled_stream(&r, 3).await;
+    let (sse, _) = stalled_stream(&r, 3).await;
     r.proxy.half_open();
     ends_with_one_error(sse, "provider_error", HALF_OPEN_BOUND).await;
     recovers(&r).await;

@@ -18,7 +18,7 @@ use potluck_protocol::tunnel::{
 };
 use potluck_protocol::ModelName;
 use potluck_testkit::scripted_agent::{request_text, Reply, Responder};
-use potluck_testkit::{wait_until, ScriptedAgent, TestHub};
+use potluck_testkit::{wait_until, Admin, Consumer, ScriptedAgent, TestHub};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -146,29 +146,17 @@ async fn provider_id(hub: &TestHub, name: &str) -> i64 {
 }
 
 async fn trust(hub: &TestHub, name: &str) {
-    let r = hub
-        .http
-        .put(format!("{}/admin/v1/providers/{name}/trust", hub.url()))
-        .bearer_auth(&hub.admin_key)
-        .json(&json!({"trusted": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    Admin::admin(hub).trust(name).await;
 }
 
-async fn ask(hub: &TestHub, key: &str, i: usize) -> Value {
-    let r = hub
-        .http
-        .post(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth(key)
-        .json(&json!({"model": "m", "temperature": 0.8,
+/// Question `i` (one of seven topics) from `who`; panics unless it is answered.
+async fn ask(who: &Consumer, i: usize) -> Value {
+    let a = who
+        .chat_with(&json!({"model": "m", "temperature": 0.8,
                       "messages": [{"role": "user", "content": format!("question {i} about topic {}", i % 7)}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    a.body
 }
 
 /// Consumer requests (not audit replays, which carry a seed) a scripted provider got.
@@ -179,22 +167,25 @@ fn served(a: &ScriptedAgent) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dishonest_providers_are_caught_and_quarantined() {
+/// The red team, one liar (`name`, from [`liars`]) per test: a dishonest provider beside
+/// an honest trusted reference, at a 2% audit rate, is caught and quarantined, cut off,
+/// clawed back and reported, and its audits looked like consumer requests.
+/// `POTLUCK_RED_TEAM_TRIALS=N` repeats it with N audit seeds (for the detection figures
+/// in BENCHMARKS.md); the test suite runs one.
+async fn red_team(liar_name: &str) {
     let hash = ModelHash::parse(&"ab".repeat(32)).unwrap();
     let mut report = Vec::new();
-    // `POTLUCK_RED_TEAM_TRIALS=N` repeats each scenario with N audit seeds (for the
-    // detection figures in BENCHMARKS.md); the test suite runs one.
     let trials: u64 = std::env::var("POTLUCK_RED_TEAM_TRIALS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let scenarios: Vec<(u64, &'static str, Responder)> = (0..trials)
-        .flat_map(|t| liars().into_iter().map(move |(n, r)| (t, n, r)))
-        .collect();
-    for (trial, name, responder) in scenarios {
+    for trial in 0..trials {
+        let (name, responder) = liars()
+            .into_iter()
+            .find(|(n, _)| *n == liar_name)
+            .expect("a liar of that name");
         let hub = TestHub::start_with(|c| audited_seed(c, 0.02, 7 + trial)).await;
-        let key = hub.create_key("consumer").await;
+        let alice = Consumer::new(&hub, "consumer").await;
         let _reference = ScriptedAgent::connect_with(
             "ref",
             &hub.url(),
@@ -231,7 +222,7 @@ async fn dishonest_providers_are_caught_and_quarantined() {
                 served(&liar) < DETECT_WITHIN,
                 "{name} not caught within {DETECT_WITHIN} of its requests"
             );
-            ask(&hub, &key, i).await;
+            ask(&alice, i).await;
             i += 1;
             held = held.max(hub.balance(name).await.1);
         }
@@ -241,7 +232,7 @@ async fn dishonest_providers_are_caught_and_quarantined() {
         assert!(standing.quarantine_reason.unwrap().contains("below"));
         // Cut off: no consumer traffic any more...
         for j in 0..20 {
-            let v = ask(&hub, &key, 10_000 + j).await;
+            let v = ask(&alice, 10_000 + j).await;
             assert!(v["choices"][0]["message"]["content"]
                 .as_str()
                 .unwrap()
@@ -261,16 +252,7 @@ async fn dishonest_providers_are_caught_and_quarantined() {
             hub.balance(name).await.1 == 0
         })
         .await;
-        let log: Value = hub
-            .http
-            .get(format!("{}/admin/v1/audit-log", hub.url()))
-            .bearer_auth(&hub.admin_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let log = Admin::admin(&hub).get("/admin/v1/audit-log").await.body;
         assert!(log.to_string().contains("provider.quarantine"), "{log}");
         // The honest reference is untouched.
         let ref_id = provider_id(&hub, "ref").await;
@@ -336,11 +318,41 @@ async fn dishonest_providers_are_caught_and_quarantined() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_other_model_is_caught_and_quarantined() {
+    red_team("other-model").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_garbage_is_caught_and_quarantined() {
+    red_team("garbage").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_injector_is_caught_and_quarantined() {
+    red_team("injector").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_suffix_injector_is_caught_and_quarantined() {
+    red_team("suffix-injector").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_usage_inflater_is_caught_and_quarantined() {
+    red_team("usage-inflater").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_canary_only_honest_is_caught_and_quarantined() {
+    red_team("canary-only-honest").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn honest_providers_are_never_quarantined() {
     let hash = ModelHash::parse(&"cd".repeat(32)).unwrap();
     // A high audit rate makes this a hard test of false flags: 20% of 600 requests.
     let hub = TestHub::start_with(|c| audited(c, 0.2)).await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     let mut agents = Vec::new();
     for name in ["ref", "honest-a", "honest-b", "honest-c"] {
         agents.push(
@@ -357,7 +369,7 @@ async fn honest_providers_are_never_quarantined() {
     hub.wait_for_model("m", 4).await;
     trust(&hub, "ref").await;
     for i in 0..600 {
-        ask(&hub, &key, i).await;
+        ask(&alice, i).await;
     }
     let mut audits = 0;
     for name in ["honest-a", "honest-b", "honest-c"] {
@@ -463,7 +475,7 @@ async fn implausible_speed_is_flagged() {
         c.credits.models.insert("m".into(), "large".into());
     })
     .await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     let fast = Arc::new(|_b: &Value| Reply {
         text: "word ".repeat(400),
         completion_tokens: Some(400),
@@ -478,7 +490,7 @@ async fn implausible_speed_is_flagged() {
     .await;
     hub.wait_for_model("m", 1).await;
     let id = provider_id(&hub, "speedy").await;
-    ask(&hub, &key, 1).await;
+    ask(&alice, 1).await;
     wait_until("a speed flag", WAIT, || async {
         hub.state()
             .store
@@ -577,7 +589,7 @@ async fn audited_traffic() -> (TestHub, ScriptedAgent, ScriptedAgent) {
         c.audit.canary_interval = Duration::from_secs(1);
     })
     .await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     let reference = ScriptedAgent::connect_with(
         "ref",
         &hub.url(),
@@ -598,15 +610,8 @@ async fn audited_traffic() -> (TestHub, ScriptedAgent, ScriptedAgent) {
     trust(&hub, "ref").await;
     let audited_id = provider_id(&hub, "audited").await;
     for i in 0..6 {
-        let r = hub
-            .http
-            .post(format!("{}/chat/completions", hub.v1()))
-            .bearer_auth(&key)
-            .json(&json!({"model": "m", "messages": [{"role": "user", "content": format!("zebra-marker-{i} question")}]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        let r = alice.chat("m", &format!("zebra-marker-{i} question")).await;
+        assert_eq!(r.status, 200, "{}", r.text);
     }
     // Positive controls: replays and canaries really ran, and their results are stored.
     wait_until(
