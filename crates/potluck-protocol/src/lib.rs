@@ -3,12 +3,14 @@
 //! messages, and the admin API's bodies. No IO, no async runtime.
 
 pub mod admin;
+pub mod caps;
 pub mod endpoint;
 pub mod openai;
 pub mod receipt;
 pub mod request;
 pub mod tunnel;
 
+pub use caps::{Capability, ModelCapabilities};
 pub use endpoint::InferenceEndpoint;
 pub use openai::{ErrorBody, ErrorObject, ModelName};
 pub use request::{InferenceRequest, ModelLimits, RequestError, RequestLimits};

@@ -11,6 +11,7 @@ mod agent_receipts;
 mod agent_schedule;
 mod agent_supply;
 mod bad_input;
+mod capabilities;
 mod dialects;
 mod failures;
 mod fair;
