@@ -4,7 +4,7 @@ prebuilt PyPI wheel `xllamacpp`, bound to 127.0.0.1 only.
 
 Usage: serve_xllamacpp.py MODEL.gguf PORT [--ctx N] [--threads N] [--parallel N]
                           [--alias NAME] [--embeddings] [--pooling mean|last|cls|none]
-                          [--api-key KEY]
+                          [--api-key KEY] [--chat-template-file FILE.jinja]
 Runs in the foreground until SIGTERM/SIGINT.
 """
 import argparse
@@ -24,6 +24,9 @@ ap.add_argument("--alias", default="")
 ap.add_argument("--embeddings", action="store_true")
 ap.add_argument("--pooling", default="")
 ap.add_argument("--api-key", default="")
+ap.add_argument("--chat-template-file", default="",
+                help="a Jinja chat template to use instead of the model's own "
+                     "(smollm2-tools.jinja gives SmolLM2 tool calls)")
 ap.add_argument("--exit-with-parent", action="store_true",
                 help="exit when the parent process goes away (for test harnesses)")
 a = ap.parse_args()
@@ -46,6 +49,9 @@ if a.api_key:
     p.api_keys = [a.api_key]
 if a.embeddings:
     p.embedding = True
+if a.chat_template_file:
+    with open(a.chat_template_file, encoding="utf-8") as f:
+        p.chat_template = f.read()
 if a.pooling:
     p.pooling_type = getattr(xlc.llama_pooling_type, "LLAMA_POOLING_TYPE_" + a.pooling.upper())
 

@@ -6,7 +6,9 @@
 #   MODEL: smollm2 (default; real SmolLM2-135M-Instruct) | tiny (random weights) | /path/file.gguf
 # env: POTLUCK_CACHE, RB_THREADS (default: nproc), RB_PARALLEL (slots, default 4),
 #      RB_CTX (default 8192, shared by the slots), RB_EMBEDDINGS=1, RB_ALIAS, RB_API_KEY,
-#      RB_TIMEOUT (seconds to wait, default 120)
+#      RB_TIMEOUT (seconds to wait, default 120), RB_CHAT_TEMPLATE (a Jinja file; default for
+#      smollm2: smollm2-tools.jinja, its own template plus tools, so llama.cpp reports
+#      supports_tools; "none": the model's own)
 # prints: READY base_url=http://127.0.0.1:PORT/v1 model=ALIAS pid=PID
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -14,7 +16,8 @@ RB_HOME="${POTLUCK_CACHE:-$HOME/.cache/potluck}/realbackend"
 PORT="${1:?usage: start.sh PORT [MODEL]}"
 MODEL="${2:-smollm2}"
 case "$MODEL" in
-  smollm2) MPATH="$RB_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf"; ALIAS_DEF=smollm2-135m-instruct ;;
+  smollm2) MPATH="$RB_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf"; ALIAS_DEF=smollm2-135m-instruct
+           TEMPLATE_DEF="$HERE/smollm2-tools.jinja" ;;
   tiny)    MPATH="$RB_HOME/models/tiny-random-llama.gguf"; ALIAS_DEF=tiny-random-llama ;;
   *)       MPATH="$MODEL"; ALIAS_DEF="$(basename "$MODEL" .gguf)" ;;
 esac
@@ -23,6 +26,8 @@ ARGS=("$MPATH" "$PORT" --ctx "${RB_CTX:-8192}" --parallel "${RB_PARALLEL:-4}"
       --threads "${RB_THREADS:-$(nproc)}" --alias "${RB_ALIAS:-$ALIAS_DEF}")
 [ "${RB_EMBEDDINGS:-0}" = 1 ] && ARGS+=(--embeddings --pooling mean)
 [ -n "${RB_API_KEY:-}" ] && ARGS+=(--api-key "$RB_API_KEY")
+TEMPLATE="${RB_CHAT_TEMPLATE:-${TEMPLATE_DEF:-none}}"
+[ "$TEMPLATE" != none ] && ARGS+=(--chat-template-file "$TEMPLATE")
 mkdir -p "$RB_HOME/logs" "$RB_HOME/run"
 LOG="$RB_HOME/logs/server-$$.log"
 nohup "$RB_HOME/venv/bin/python" -u "$HERE/serve_xllamacpp.py" "${ARGS[@]}" >"$LOG" 2>&1 &

@@ -30,6 +30,11 @@ BIN = os.environ.get("POTLUCK_BIN", str(REPO / "target/debug/potluck"))
 MODEL_PATH = os.environ.get("POTLUCK_REAL_MODEL", str(RB_HOME / "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
 VENV_PY = RB_HOME / "venv/bin/python"
 MODEL = "smollm2-135m-instruct"
+# SmolLM2's own chat template has no tools (llama.cpp's /props says supports_tools=false,
+# and the hub then refuses requests with tools for want of a capable provider); this one
+# renders them. Only for the default model: another GGUF keeps its own template.
+TOOLS_TEMPLATE = [] if "POTLUCK_REAL_MODEL" in os.environ else [
+    "--chat-template-file", str(REPO / "scripts/realbackend/smollm2-tools.jinja")]
 STARTUP_S = 60
 
 
@@ -112,7 +117,7 @@ def stack(request, tmp_path_factory):
         start(procs, tmp, "backend", [
             python, "-u", str(REPO / "scripts/realbackend/serve_xllamacpp.py"), MODEL_PATH, "0",
             "--exit-with-parent", "--threads", "1", "--parallel", "4", "--alias", MODEL,
-            "--embeddings", "--pooling", "mean"])
+            "--embeddings", "--pooling", "mean", *TOOLS_TEMPLATE])
         backend = wait_for("backend URL", lambda: url_in(tmp / "backend.out", r"listening on (http://\S+)"),
                            procs, deadline)
         start(procs, tmp, "agent", [BIN, "provide", "--hub", hub, "--token", token, "--backend", f"{backend}/v1"])

@@ -3,7 +3,11 @@
 //! Discovery asks the OpenAI-style `GET {base}/models` first, then ollama's
 //! `GET /api/tags`. It runs at start, every `discovery_interval`, and soon after a
 //! forwarding failure; each model to share is identified (its file found, checked and
-//! hashed, see [`crate::supply`]) and the result is published into [`Shared`].
+//! hashed, see [`crate::supply`]), its capabilities read (llama.cpp's `GET /props`
+//! `chat_template_caps.supports_tools`, `modalities.vision` and the slots' `n_ctx`, for
+//! a backend serving one model; ollama's `POST /api/show` `capabilities` and
+//! `model_info` `<arch>.context_length`; the volunteer's `[[models]]` entry wins), and
+//! the result is published into [`Shared`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,8 +16,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Request};
 use http_body_util::{BodyExt, Full, Limited};
+use potluck_protocol::caps::MAX_ANNOUNCED_CONTEXT;
 use potluck_protocol::tunnel::ModelHash;
-use potluck_protocol::ModelName;
+use potluck_protocol::{ModelCapabilities, ModelName};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -87,32 +92,75 @@ pub async fn discover(client: &BackendClient, backend: &BackendConfig) -> Vec<Mo
 }
 
 /// A backend's parallel slots: configured, or llama.cpp's `/props` `total_slots`.
-pub async fn slots(client: &BackendClient, backend: &BackendConfig) -> Option<u32> {
+fn slots(backend: &BackendConfig, props: Option<&Value>) -> Option<u32> {
     if let Some(s) = backend.slots {
         return Some(s);
     }
-    let v = get_json(client, backend, backend.root_url("/props")).await?;
-    v.get("total_slots")
+    props?
+        .get("total_slots")
         .and_then(Value::as_u64)
         .and_then(|n| u32::try_from(n).ok())
         .filter(|n| *n > 0)
 }
 
 /// llama.cpp's `GET /props` `model_path`.
-async fn props_model_path(client: &BackendClient, backend: &BackendConfig) -> Option<PathBuf> {
-    let v = get_json(client, backend, backend.root_url("/props")).await?;
-    v.get("model_path")
+fn props_model_path(props: Option<&Value>) -> Option<PathBuf> {
+    props?
+        .get("model_path")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .map(PathBuf::from)
 }
 
-/// ollama's `POST /api/show` `modelfile`.
-async fn ollama_modelfile(
-    client: &BackendClient,
-    backend: &BackendConfig,
-    name: &str,
-) -> Option<String> {
+/// A context length as announced: a positive integer within the protocol's bound.
+fn context_length(v: Option<&Value>) -> Option<u32> {
+    v.and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n > 0 && *n <= MAX_ANNOUNCED_CONTEXT)
+}
+
+/// What llama.cpp's `GET /props` says of its model: tools from the chat template's
+/// caps, vision from `modalities`, the context of a slot. Embeddings it cannot tell.
+pub fn caps_from_props(props: &Value) -> ModelCapabilities {
+    let flag = |p: &str| props.pointer(p).and_then(Value::as_bool);
+    ModelCapabilities {
+        tools: flag("/chat_template_caps/supports_tools"),
+        vision: flag("/modalities/vision"),
+        embeddings: None,
+        context_length: context_length(props.pointer("/default_generation_settings/n_ctx")),
+    }
+}
+
+/// What ollama's `POST /api/show` says of a model. Its `capabilities` list names all
+/// the model can do, so `tools` and `vision` missing from it are a no; a model without
+/// `embedding` may still embed, so that stays unknown. No list (an older ollama): nothing
+/// known.
+pub fn caps_from_ollama_show(show: &Value) -> ModelCapabilities {
+    let context = show
+        .get("model_info")
+        .and_then(Value::as_object)
+        .and_then(|info| {
+            info.iter()
+                .find(|(k, _)| k.ends_with(".context_length"))
+                .and_then(|(_, v)| context_length(Some(v)))
+        });
+    let Some(list) = show.get("capabilities").and_then(Value::as_array) else {
+        return ModelCapabilities {
+            context_length: context,
+            ..ModelCapabilities::default()
+        };
+    };
+    let has = |c: &str| list.iter().any(|v| v.as_str() == Some(c));
+    ModelCapabilities {
+        tools: Some(has("tools")),
+        vision: Some(has("vision")),
+        embeddings: has("embedding").then_some(true),
+        context_length: context,
+    }
+}
+
+/// ollama's `POST /api/show` answer for one model.
+async fn ollama_show(client: &BackendClient, backend: &BackendConfig, name: &str) -> Option<Value> {
     let body = serde_json::json!({ "model": name }).to_string();
     let req = Request::post(backend.root_url("/api/show"))
         .header(header::CONTENT_TYPE, "application/json")
@@ -128,8 +176,7 @@ async fn ollama_modelfile(
             .await
             .ok()?
             .to_bytes();
-        let v: Value = serde_json::from_slice(&body).ok()?;
-        v.get("modelfile")?.as_str().map(str::to_owned)
+        serde_json::from_slice(&body).ok()
     };
     tokio::time::timeout(DISCOVERY_TIMEOUT, fut)
         .await
@@ -139,12 +186,14 @@ async fn ollama_modelfile(
 
 /// Find, check and hash a model's file (see [`crate::supply`]). `Ok(None)`: no file
 /// known, offered without a hash. `Err`: refused, not offered.
+/// `props`: the backend's `/props` when it serves this one model only; `show`: ollama's
+/// `/api/show` for it.
 async fn identify(
     shared: &Shared,
-    backend: &BackendConfig,
-    name: &str,
     rule: Option<&ModelRule>,
-    only_model: bool,
+    name: &str,
+    props: Option<&Value>,
+    show: Option<&Value>,
 ) -> Result<Option<ModelHash>, String> {
     if let Some(file) = rule.and_then(|r| r.file.clone()) {
         return match shared.hashes.identify(file).await {
@@ -152,23 +201,21 @@ async fn identify(
             Err(e) => Err(e.to_string()),
         };
     }
-    if only_model {
-        if let Some(path) = props_model_path(&shared.client, backend).await {
-            if !path.exists() {
-                tracing::debug!(
-                    model = name,
-                    "the backend's model file is not visible here; offered without a hash"
-                );
-                return Ok(None);
-            }
-            return match shared.hashes.identify(path).await {
-                Ok((h, _)) => Ok(Some(h)),
-                Err(e) => Err(e.to_string()),
-            };
+    if let Some(path) = props_model_path(props) {
+        if !path.exists() {
+            tracing::debug!(
+                model = name,
+                "the backend's model file is not visible here; offered without a hash"
+            );
+            return Ok(None);
         }
+        return match shared.hashes.identify(path).await {
+            Ok((h, _)) => Ok(Some(h)),
+            Err(e) => Err(e.to_string()),
+        };
     }
-    if let Some(mf) = ollama_modelfile(&shared.client, backend, name).await {
-        if let Some((hash, path)) = supply::ollama_blob(&mf) {
+    if let Some(mf) = show.and_then(|v| v.get("modelfile")?.as_str()) {
+        if let Some((hash, path)) = supply::ollama_blob(mf) {
             if path.exists() {
                 let p = path.clone();
                 let sniffed = tokio::task::spawn_blocking(move || supply::sniff(&p)).await;
@@ -195,12 +242,11 @@ pub async fn refresh(shared: &Shared) {
             tracing::warn!(backend = %b.base, "backend offers no models (down or empty)");
             continue;
         }
-        capacity = capacity.saturating_add(
-            slots(&shared.client, b)
-                .await
-                .unwrap_or(shared.config.max_concurrency),
-        );
-        let only = models.len() == 1;
+        let props = get_json(&shared.client, b, b.root_url("/props")).await;
+        capacity = capacity
+            .saturating_add(slots(b, props.as_ref()).unwrap_or(shared.config.max_concurrency));
+        // llama.cpp's /props describes the one model it serves.
+        let model_props = props.as_ref().filter(|_| models.len() == 1);
         for name in models {
             let rule = if policy.models.is_empty() {
                 None
@@ -216,13 +262,33 @@ pub async fn refresh(shared: &Shared) {
             if routes.iter().any(|r| r.public == public) {
                 continue;
             }
-            match identify(shared, b, name.as_str(), rule.as_ref(), only).await {
+            let show = match model_props {
+                Some(_) => None,
+                None => ollama_show(&shared.client, b, name.as_str()).await,
+            };
+            let found = model_props
+                .map(caps_from_props)
+                .or(show.as_ref().map(caps_from_ollama_show))
+                .unwrap_or_default();
+            let capabilities = rule
+                .as_ref()
+                .map_or(found, |r| found.overridden_by(&r.capabilities));
+            match identify(
+                shared,
+                rule.as_ref(),
+                name.as_str(),
+                model_props,
+                show.as_ref(),
+            )
+            .await
+            {
                 Ok(sha256) => routes.push(Route {
                     public,
                     backend: i,
                     backend_name: name.to_string(),
                     rule,
                     sha256,
+                    capabilities,
                 }),
                 Err(why) => shared.refuse_model(
                     format!("{i}/{name}"),
@@ -246,5 +312,54 @@ pub async fn discovery_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = shared.rediscover.notified() => {}
             _ = shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn llama_cpp_props() {
+        // The shape llama.cpp's server answers (fields trimmed).
+        let props = json!({"total_slots": 4, "model_path": "/m.gguf",
+            "modalities": {"vision": false, "audio": false},
+            "chat_template_caps": {"supports_tools": true, "supports_tool_calls": true},
+            "default_generation_settings": {"n_ctx": 8192}});
+        let c = caps_from_props(&props);
+        assert_eq!(
+            (c.tools, c.vision, c.embeddings, c.context_length),
+            (Some(true), Some(false), None, Some(8192))
+        );
+        // An older llama.cpp without these fields: nothing known.
+        assert!(caps_from_props(&json!({"total_slots": 4})).is_unknown());
+        // Hostile or odd values are not facts.
+        let odd = json!({"chat_template_caps": {"supports_tools": "yes"},
+            "modalities": {"vision": 1}, "default_generation_settings": {"n_ctx": 0}});
+        assert!(caps_from_props(&odd).is_unknown());
+        let huge = json!({"default_generation_settings": {"n_ctx": u64::MAX}});
+        assert_eq!(caps_from_props(&huge).context_length, None);
+    }
+
+    #[test]
+    fn ollama_show() {
+        let show = json!({"modelfile": "FROM x", "capabilities": ["completion", "tools"],
+            "model_info": {"general.architecture": "llama", "llama.context_length": 131072}});
+        let c = caps_from_ollama_show(&show);
+        assert_eq!(
+            (c.tools, c.vision, c.embeddings, c.context_length),
+            (Some(true), Some(false), None, Some(131072))
+        );
+        let embed = json!({"capabilities": ["embedding"]});
+        let c = caps_from_ollama_show(&embed);
+        assert_eq!(
+            (c.tools, c.vision, c.embeddings),
+            (Some(false), Some(false), Some(true))
+        );
+        let vision = json!({"capabilities": ["completion", "vision"]});
+        assert_eq!(caps_from_ollama_show(&vision).vision, Some(true));
+        // An older ollama without the list: nothing known.
+        assert!(caps_from_ollama_show(&json!({"modelfile": "FROM x"})).is_unknown());
     }
 }

@@ -14,7 +14,7 @@ use potluck_protocol::tunnel::{
     DeviceClass, Moderation, ProviderProfile, MAX_ANNOUNCED_CONCURRENCY, MAX_DECLARED_WATTS,
     MAX_GROUP_NAME_BYTES, MAX_MODELS_PER_AGENT, MAX_PROVIDER_GROUPS,
 };
-use potluck_protocol::ModelName;
+use potluck_protocol::{ModelCapabilities, ModelName};
 use serde::Deserialize;
 
 use crate::schedule::Schedule;
@@ -69,6 +69,13 @@ pub struct ModelSection {
     pub max_concurrency: Option<u32>,
     /// The model file, for its SHA-256 (else asked of the backend).
     pub file: Option<PathBuf>,
+    /// It calls tools [default: what the backend says (llama.cpp `/props`, ollama
+    /// `/api/show`), else unknown, which the hub treats as no].
+    pub tools: Option<bool>,
+    /// It reads images [default: what the backend says, else unknown (no)].
+    pub vision: Option<bool>,
+    /// It serves embeddings [default: what the backend says, else unknown (served)].
+    pub embeddings: Option<bool>,
 }
 
 /// `[schedule]`.
@@ -181,6 +188,8 @@ pub struct ModelRule {
     pub max_concurrency: Option<u32>,
     /// The model file.
     pub file: Option<PathBuf>,
+    /// What the volunteer says the model can do, over what discovery finds.
+    pub capabilities: ModelCapabilities,
 }
 
 /// Validated `[limits]`.
@@ -412,6 +421,12 @@ impl ModelSection {
                 .map(|n| concurrency("models.max_concurrency", n))
                 .transpose()?,
             file: self.file,
+            capabilities: ModelCapabilities {
+                tools: self.tools,
+                vision: self.vision,
+                embeddings: self.embeddings,
+                context_length: None,
+            },
         })
     }
 }
@@ -563,6 +578,9 @@ mod tests {
                 max_tokens: Some(512),
                 max_concurrency: Some(2),
                 file: None,
+                tools: Some(true),
+                vision: None,
+                embeddings: Some(false),
             }],
             schedule: Some(ScheduleSection {
                 timezone: Some("Europe/Berlin".into()),
@@ -573,6 +591,11 @@ mod tests {
         .into_policy()
         .unwrap();
         assert_eq!(ok.models[0].public_name.as_str(), "llama3:8b");
+        let caps = ok.models[0].capabilities;
+        assert_eq!(
+            (caps.tools, caps.vision, caps.embeddings),
+            (Some(true), None, Some(false))
+        );
         assert!(ok.schedule.is_some());
         assert_eq!(ok.limits, Limits::default());
 
@@ -617,6 +640,9 @@ mod tests {
             max_tokens: None,
             max_concurrency: None,
             file: None,
+            tools: None,
+            vision: None,
+            embeddings: None,
         };
         let f = PolicyFile {
             models: vec![twice.clone(), twice],

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use potluck_protocol::tunnel::{AgentEvent, ModelHash, ModelOffer, ProviderProfile};
-use potluck_protocol::ModelName;
+use potluck_protocol::{ModelCapabilities, ModelName};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,8 @@ pub struct Route {
     pub rule: Option<ModelRule>,
     /// Its file's hash.
     pub sha256: Option<ModelHash>,
+    /// What it can do: discovered, with the volunteer's `[[models]]` entry over it.
+    pub capabilities: ModelCapabilities,
 }
 
 /// One remembered error (content-free).
@@ -208,6 +210,7 @@ impl Shared {
                         max_concurrency: route.rule.as_ref().and_then(|x| x.max_concurrency),
                         max_context: route.rule.as_ref().and_then(|x| x.max_context),
                         max_tokens: route.rule.as_ref().and_then(|x| x.max_tokens),
+                        capabilities: route.capabilities,
                     })
                     .collect();
             models.sort_by(|a, b| a.id.cmp(&b.id));

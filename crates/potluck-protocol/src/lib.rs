@@ -3,6 +3,7 @@
 //! messages, and the admin API's bodies. No IO, no async runtime.
 
 pub mod admin;
+pub mod caps;
 pub mod endpoint;
 pub mod openai;
 pub mod receipt;
@@ -10,6 +11,7 @@ pub mod request;
 pub mod tunnel;
 pub mod usage;
 
+pub use caps::{Capability, ModelCapabilities};
 pub use endpoint::InferenceEndpoint;
 pub use openai::{ErrorBody, ErrorObject, ModelName};
 pub use request::{InferenceRequest, ModelLimits, RequestError, RequestLimits};

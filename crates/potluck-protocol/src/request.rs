@@ -32,7 +32,11 @@
 //!   would otherwise have to be either ignored (an undercount) or walked without bound;
 //! - an `image_url` inside `messages` (a content part's `{"url": ...}` or a bare string)
 //!   that is not a `data:` URI is reported in [`InferenceRequest::remote_image`]: a
-//!   backend would fetch a URL a stranger chose from inside the volunteer's network.
+//!   backend would fetch a URL a stranger chose from inside the volunteer's network;
+//! - what the request needs of a model (see [`crate::caps`]): a non-empty top-level
+//!   `tools` or legacy `functions` array ([`InferenceRequest::has_tools`]; `functions` is
+//!   walked like `tools`), and any `image_url` part in `messages`
+//!   ([`InferenceRequest::has_images`]).
 //!
 //! A provider's caps are then checked by [`InferenceRequest::check_limits`]: the asked
 //! `max_tokens` (or, when unset, the cap the agent will insert) is at most the cap, and the
@@ -133,6 +137,10 @@ pub struct InferenceRequest {
     pub remote_image: bool,
     /// One of [`CONSUMER_IDENTIFYING_FIELDS`] is present.
     pub identifying_fields: bool,
+    /// A non-empty `tools` or `functions` array: only a tool-capable model may serve it.
+    pub has_tools: bool,
+    /// An `image_url` part in `messages`: only a vision-capable model may serve it.
+    pub has_images: bool,
 }
 
 /// A provider's caps for one model, as far as a request's size is concerned.
@@ -323,7 +331,10 @@ impl InferenceRequest {
         };
         match shape {
             None | Some(Shape::Null) => return Err(RequestError::Missing(input)),
-            Some(s) if endpoint == InferenceEndpoint::ChatCompletions && s != Shape::Array => {
+            Some(s)
+                if endpoint == InferenceEndpoint::ChatCompletions
+                    && !matches!(s, Shape::Array | Shape::EmptyArray) =>
+            {
                 return Err(RequestError::WrongType {
                     param: "messages",
                     expected: "an array",
@@ -372,6 +383,8 @@ impl InferenceRequest {
             token_id_prompt: walk.token_ids > 0,
             remote_image: walk.remote_image,
             identifying_fields: top.identifying,
+            has_tools: top.tools == Some(Shape::Array) || top.functions == Some(Shape::Array),
+            has_images: walk.images,
         })
     }
 
@@ -490,7 +503,9 @@ fn read_tokens(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Shape {
     Null,
+    /// A non-empty array.
     Array,
+    EmptyArray,
     Other,
 }
 
@@ -500,6 +515,7 @@ struct Walked {
     text_bytes: u64,
     token_ids: u64,
     remote_image: bool,
+    images: bool,
     too_deep: bool,
 }
 
@@ -515,6 +531,7 @@ struct Top<'a> {
     prompt: Option<Shape>,
     input: Option<Shape>,
     tools: Option<Shape>,
+    functions: Option<Shape>,
     identifying: bool,
     duplicate: Option<&'static str>,
     walk: Walked,
@@ -558,6 +575,7 @@ enum TopKey {
     Prompt,
     Input,
     Tools,
+    Functions,
     Identifying,
     Other,
 }
@@ -581,6 +599,7 @@ impl<'de> serde::Deserialize<'de> for TopKey {
                     "prompt" => TopKey::Prompt,
                     "input" => TopKey::Input,
                     "tools" => TopKey::Tools,
+                    "functions" => TopKey::Functions,
                     s if CONSUMER_IDENTIFYING_FIELDS.contains(&s) => TopKey::Identifying,
                     _ => TopKey::Other,
                 })
@@ -612,11 +631,16 @@ impl<'de> Visitor<'de> for TopVisitor {
                 TopKey::MaxCompletionTokens => {
                     (&mut top.max_completion_tokens, "max_completion_tokens")
                 }
-                TopKey::Messages | TopKey::Prompt | TopKey::Input | TopKey::Tools => {
+                TopKey::Messages
+                | TopKey::Prompt
+                | TopKey::Input
+                | TopKey::Tools
+                | TopKey::Functions => {
                     let (shape_slot, name, mode) = match key {
                         TopKey::Messages => (&mut top.messages, "messages", Mode::Messages),
                         TopKey::Prompt => (&mut top.prompt, "prompt", Mode::TokenIds),
                         TopKey::Input => (&mut top.input, "input", Mode::TokenIds),
+                        TopKey::Functions => (&mut top.functions, "functions", Mode::Text),
                         _ => (&mut top.tools, "tools", Mode::Text),
                     };
                     let shape = map.next_value_seed(Walk {
@@ -792,8 +816,15 @@ impl<'de> Visitor<'de> for Walk<'_> {
             return Ok(Shape::Array);
         }
         let mode = self.inner_mode();
-        while seq.next_element_seed(self.child(mode))?.is_some() {}
-        Ok(Shape::Array)
+        let mut items: u64 = 0;
+        while seq.next_element_seed(self.child(mode))?.is_some() {
+            items = items.saturating_add(1);
+        }
+        Ok(if items == 0 {
+            Shape::EmptyArray
+        } else {
+            Shape::Array
+        })
     }
 
     fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Shape, A::Error> {
@@ -808,7 +839,10 @@ impl<'de> Visitor<'de> for Walk<'_> {
         let mut url_seen = false;
         while let Some(key) = map.next_key::<InnerKey>()? {
             let mode = match (self.mode, key) {
-                (Mode::Messages, InnerKey::ImageUrl) => Mode::ImageUrl,
+                (Mode::Messages, InnerKey::ImageUrl) => {
+                    self.st.images = true;
+                    Mode::ImageUrl
+                }
                 (Mode::ImageUrl, InnerKey::Url) => {
                     url_seen = true;
                     Mode::Url

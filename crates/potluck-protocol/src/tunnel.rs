@@ -16,6 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::caps::ModelCapabilities;
 use crate::openai::ModelName;
 
 /// Version of this tunnel protocol. Bumped on any incompatible change.
@@ -117,6 +118,10 @@ pub struct ModelOffer {
     /// Largest `max_tokens` the provider accepts per request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
+    /// What the model can do (tools, vision, embeddings, context length). Absent (an
+    /// older agent): nothing known, which still serves plain chat (see [`crate::caps`]).
+    #[serde(default, skip_serializing_if = "ModelCapabilities::is_unknown")]
+    pub capabilities: ModelCapabilities,
 }
 
 impl ModelOffer {
@@ -128,6 +133,7 @@ impl ModelOffer {
             max_concurrency: None,
             max_context: None,
             max_tokens: None,
+            capabilities: ModelCapabilities::default(),
         }
     }
 }
@@ -310,6 +316,12 @@ pub enum ControlError {
     /// A text field over [`MAX_SHORT_TEXT_BYTES`].
     #[error("text field longer than {MAX_SHORT_TEXT_BYTES} bytes")]
     TextTooLong,
+    /// A model's capabilities out of their limits (a zero or huge context length).
+    #[error(
+        "bad model capabilities: context_length must be 1 to {}",
+        crate::caps::MAX_ANNOUNCED_CONTEXT
+    )]
+    BadCapabilities,
 }
 
 impl AgentEvent {
@@ -353,6 +365,9 @@ impl AgentEvent {
         if bad(conc) || models.iter().any(|m| m.max_concurrency.is_some_and(bad)) {
             return Err(ControlError::BadConcurrency);
         }
+        if models.iter().any(|m| !m.capabilities.is_valid()) {
+            return Err(ControlError::BadCapabilities);
+        }
         profile.check()?;
         Ok(ev)
     }
@@ -372,7 +387,18 @@ mod tests {
         let ev = AgentEvent::Hello {
             protocol: PROTOCOL_VERSION,
             agent_version: "0.1.0".into(),
-            models: vec![offer("a"), offer("b")],
+            models: vec![
+                offer("a"),
+                ModelOffer {
+                    capabilities: ModelCapabilities {
+                        tools: Some(true),
+                        vision: Some(false),
+                        embeddings: None,
+                        context_length: Some(8192),
+                    },
+                    ..offer("b")
+                },
+            ],
             max_concurrency: 4,
             profile: ProviderProfile {
                 device: DeviceClass::Npu,
@@ -425,10 +451,14 @@ mod tests {
         let old_agent = br#"{"type":"models","models":[{"id":"m"}],"max_concurrency":1}"#;
         match AgentEvent::decode(old_agent).unwrap() {
             AgentEvent::Models {
-                accepting, profile, ..
+                accepting,
+                profile,
+                models,
+                ..
             } => {
                 assert!(accepting);
                 assert_eq!(profile, ProviderProfile::default());
+                assert!(models[0].capabilities.is_unknown());
             }
             other => panic!("{other:?}"),
         }
@@ -442,6 +472,16 @@ mod tests {
             br#"{"type":"models","models":[{"id":"m","sha256":"abc"}],"max_concurrency":1}"#;
         assert!(matches!(
             AgentEvent::decode(bad_hash),
+            Err(ControlError::Malformed(_))
+        ));
+        let bad_ctx = br#"{"type":"models","models":[{"id":"m","capabilities":{"context_length":0}}],"max_concurrency":1}"#;
+        assert!(matches!(
+            AgentEvent::decode(bad_ctx),
+            Err(ControlError::BadCapabilities)
+        ));
+        let bad_cap = br#"{"type":"models","models":[{"id":"m","capabilities":{"tools":"yes"}}],"max_concurrency":1}"#;
+        assert!(matches!(
+            AgentEvent::decode(bad_cap),
             Err(ControlError::Malformed(_))
         ));
         let bad_name = br#"{"type":"models","models":[{"id":""}],"max_concurrency":1}"#;

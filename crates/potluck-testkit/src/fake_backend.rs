@@ -76,6 +76,10 @@ pub struct FakeOptions {
     pub api_key: Option<String>,
     /// Answer llama.cpp's `GET /props` with this `model_path`.
     pub model_path: Option<String>,
+    /// Answer llama.cpp's `GET /props` with `chat_template_caps.supports_tools` set so.
+    pub tools: Option<bool>,
+    /// Answer llama.cpp's `GET /props` with `modalities.vision` set so.
+    pub vision: Option<bool>,
 }
 
 impl Default for FakeOptions {
@@ -85,6 +89,8 @@ impl Default for FakeOptions {
             ollama: false,
             api_key: None,
             model_path: None,
+            tools: None,
+            vision: None,
         }
     }
 }
@@ -144,7 +150,7 @@ impl FakeBackend {
         } else {
             app = app.route(&format!("{}/models", opts.prefix), get(list_models));
         }
-        if opts.model_path.is_some() {
+        if opts.model_path.is_some() || opts.tools.is_some() || opts.vision.is_some() {
             app = app.route("/props", get(props));
         }
         let app = app
@@ -214,8 +220,16 @@ impl FakeBackend {
 }
 
 async fn props(State(st): State<Arc<FakeState>>) -> Response {
-    let path = st.options.lock().unwrap().model_path.clone();
-    axum::Json(json!({"model_path": path, "total_slots": 4})).into_response()
+    let o = st.options.lock().unwrap().clone();
+    let mut v = json!({"model_path": o.model_path, "total_slots": 4,
+                       "default_generation_settings": {"n_ctx": 4096}});
+    if let Some(t) = o.tools {
+        v["chat_template_caps"] = json!({"supports_tools": t, "supports_tool_calls": t});
+    }
+    if let Some(vision) = o.vision {
+        v["modalities"] = json!({"vision": vision, "audio": false});
+    }
+    axum::Json(v).into_response()
 }
 
 /// Chunk size of the lazily generated hostile bodies.

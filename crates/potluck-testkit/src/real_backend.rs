@@ -30,14 +30,28 @@ fn repo_root() -> PathBuf {
 }
 
 impl RealBackend {
-    /// Start the real SmolLM2-135M-Instruct server with embeddings on, on a free port.
+    /// Start the real SmolLM2-135M-Instruct server with embeddings on, on a free port,
+    /// with the repository's tool-capable chat template
+    /// (`scripts/realbackend/smollm2-tools.jinja`: SmolLM2's own template says it has no
+    /// tools, so llama.cpp would report `supports_tools: false`).
     pub fn smollm2() -> Self {
         let model = cache_dir().join("realbackend/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        Self::start(model, "smollm2-135m-instruct", true)
+        let template = repo_root().join("scripts/realbackend/smollm2-tools.jinja");
+        Self::start_with(model, "smollm2-135m-instruct", true, Some(template))
     }
 
-    /// Start a server for a GGUF file.
+    /// Start a server for a GGUF file, with its own chat template.
     pub fn start(model_path: PathBuf, alias: &str, embeddings: bool) -> Self {
+        Self::start_with(model_path, alias, embeddings, None)
+    }
+
+    /// Start a server for a GGUF file, with a chat template file instead of its own.
+    pub fn start_with(
+        model_path: PathBuf,
+        alias: &str,
+        embeddings: bool,
+        chat_template: Option<PathBuf>,
+    ) -> Self {
         let python = cache_dir().join("realbackend/venv/bin/python");
         assert!(
             python.exists() && model_path.exists(),
@@ -63,6 +77,9 @@ impl RealBackend {
             ]);
         if embeddings {
             cmd.args(["--embeddings", "--pooling", "mean"]);
+        }
+        if let Some(t) = chat_template {
+            cmd.arg("--chat-template-file").arg(t);
         }
         let mut child = cmd
             .stdout(Stdio::piped())

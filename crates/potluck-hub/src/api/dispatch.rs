@@ -16,6 +16,8 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use potluck_protocol::tunnel::HEADER_AGENT_ERROR;
+use potluck_protocol::Capability;
+use serde_json::Value;
 
 use crate::api::admit::Parsed;
 use crate::api::ctx::{note_health, Ctx};
@@ -82,9 +84,27 @@ pub(crate) async fn acquire(
             "No provider of this model accepts a request this large: lower 'max_tokens' or shorten the prompt. GET /v1/models shows each model's limits.",
             Some("max_tokens"),
         )),
+        Err(PickError::Incapable(cap)) => Err(incapable(cap)),
         Err(_) => Err(ApiError::NoCapacity {
             retry_after: state.config.retry_after_secs,
         }),
+    }
+}
+
+/// The 400 for a request that needs what no provider of its model announced: retrying
+/// cannot help, unlike "no capacity now" (503).
+fn incapable(cap: Capability) -> ApiError {
+    let what = match cap {
+        Capability::Tools => "tools (function calling)",
+        Capability::Vision => "image input",
+        Capability::Embeddings => "embeddings",
+    };
+    ApiError::BadRequest {
+        message: format!(
+            "No provider of this model supports {what}. GET /v1/models lists each model's capabilities."
+        ),
+        param: Some(cap.param()),
+        code: Some("model_capability_unsupported"),
     }
 }
 

@@ -46,10 +46,13 @@ pub(crate) async fn get_model(
 }
 
 /// The OpenAI model object, plus the pool's facts: providers, the model files' SHA-256
-/// hashes, and the largest `max_tokens` a provider accepts.
+/// hashes, the largest `max_tokens` a provider accepts, what providers online announced
+/// the model can do (`capabilities`: `tools`, `vision`, `embeddings`; plain chat is
+/// always possible) and the largest context window announced.
 fn model_object(m: &ModelName, s: &ModelStatus) -> Value {
     json!({"id": m.as_str(), "object": "model", "created": 0, "owned_by": "potluck",
-           "providers": s.providers, "sha256": s.sha256, "max_tokens": s.max_tokens})
+           "providers": s.providers, "sha256": s.sha256, "max_tokens": s.max_tokens,
+           "capabilities": s.capabilities, "context_length": s.context_length})
 }
 
 /// The consumer's hub groups (providers may serve only some groups).

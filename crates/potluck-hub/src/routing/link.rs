@@ -11,7 +11,7 @@ use hyper::client::conn::http2::SendRequest;
 use parking_lot::Mutex;
 use potluck_protocol::receipt::Receipt;
 use potluck_protocol::tunnel::{HubEvent, ModelHash, ModelOffer, ProviderProfile};
-use potluck_protocol::{InferenceRequest, ModelLimits, ModelName};
+use potluck_protocol::{InferenceRequest, ModelCapabilities, ModelLimits, ModelName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -66,6 +66,8 @@ pub struct OfferedModel {
     pub max_tokens: Option<u32>,
     /// The provider's cap on prompt + completion tokens.
     pub max_context: Option<u32>,
+    /// What the model can do there (tools, vision, embeddings, context length).
+    pub capabilities: ModelCapabilities,
 }
 
 impl From<&ModelOffer> for OfferedModel {
@@ -74,6 +76,7 @@ impl From<&ModelOffer> for OfferedModel {
             sha256: o.sha256.clone(),
             max_tokens: o.max_tokens,
             max_context: o.max_context,
+            capabilities: o.capabilities,
         }
     }
 }
@@ -104,8 +107,10 @@ pub struct Need {
     /// Prefer NPU/CPU providers and the lowest energy per token.
     pub low_power: bool,
     /// The request as the shared rules read it: its size is checked against each
-    /// provider's caps by [`InferenceRequest::check_limits`], the rule the agent applies.
-    /// `None`: no size check (the hub's own requests).
+    /// provider's caps by [`InferenceRequest::check_limits`], the rule the agent applies,
+    /// and what it needs (tools, images) against each provider's announced capabilities
+    /// by [`InferenceRequest::missing_capability`].
+    /// `None`: no check (the hub's own requests).
     pub request: Option<Arc<InferenceRequest>>,
     /// Only trusted reference providers.
     pub trusted_only: bool,
@@ -126,10 +131,9 @@ impl Offer {
             max_tokens: m.max_tokens,
             max_context: m.max_context,
         };
-        let size_ok = need
-            .request
-            .as_ref()
-            .is_none_or(|r| r.check_limits(&caps).is_ok());
+        let size_ok = need.request.as_ref().is_none_or(|r| {
+            r.check_limits(&caps).is_ok() && r.missing_capability(&m.capabilities).is_none()
+        });
         let moderation_ok = self.profile.moderation == potluck_protocol::tunnel::Moderation::None
             || need.can_moderate;
         groups_ok && size_ok && moderation_ok

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use potluck_protocol::ModelName;
+use potluck_protocol::{Capability, ModelCapabilities, ModelName};
 
 use crate::routing::link::ProviderLink;
 use crate::routing::registry::Registry;
@@ -42,6 +42,11 @@ pub struct ModelStatus {
     pub max_tokens: Option<u32>,
     /// Each provider of it.
     pub by_provider: Vec<ProviderView>,
+    /// What at least one provider of it announced it can do (`tools`, `vision`,
+    /// `embeddings`): the union, since the hub routes each request to one that can.
+    pub capabilities: BTreeSet<&'static str>,
+    /// The largest context window a provider of it announced, in tokens.
+    pub context_length: Option<u32>,
 }
 
 /// One provider of one model, for `GET /v1/pool`.
@@ -63,6 +68,22 @@ pub struct ProviderView {
     pub groups: Vec<String>,
     /// Moderation the provider requires.
     pub moderation: potluck_protocol::tunnel::Moderation,
+}
+
+/// Add one provider's announced capabilities to a model's union.
+fn add_capabilities(s: &mut ModelStatus, c: &ModelCapabilities) {
+    for (said, cap) in [
+        (c.tools, Capability::Tools),
+        (c.vision, Capability::Vision),
+        (c.embeddings, Capability::Embeddings),
+    ] {
+        if said == Some(true) {
+            s.capabilities.insert(cap.name());
+        }
+    }
+    if let Some(n) = c.context_length {
+        s.context_length = Some(s.context_length.map_or(n, |x| x.max(n)));
+    }
 }
 
 impl Registry {
@@ -124,6 +145,7 @@ impl Registry {
                 if let Some(h) = &info.sha256 {
                     e.1.sha256.insert(h.to_string());
                 }
+                add_capabilities(&mut e.1, &info.capabilities);
                 match info.max_tokens {
                     None => e.2 = true,
                     Some(c) => e.1.max_tokens = Some(e.1.max_tokens.map_or(c, |x| x.max(c))),

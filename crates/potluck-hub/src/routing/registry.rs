@@ -67,6 +67,8 @@ pub enum PickError {
     TooLarge,
     /// Providers serve the model, but only to members of groups the consumer is not in.
     NotAllowed,
+    /// Providers serve the model, but none announced this capability the request needs.
+    Incapable(potluck_protocol::Capability),
 }
 
 /// The outcome of [`Registry::acquire`].
@@ -183,10 +185,21 @@ impl Inner {
             can_moderate: need.can_moderate,
             ..Need::default()
         };
-        if offering.iter().any(|t| t.serves(model, &anyone)) {
-            Some(PickError::TooLarge)
-        } else {
-            Some(PickError::NotAllowed)
+        let allowed: Vec<_> = offering
+            .into_iter()
+            .filter(|t| t.serves(model, &anyone))
+            .collect();
+        if allowed.is_empty() {
+            return Some(PickError::NotAllowed);
+        }
+        // What the request needs that no allowed provider announced, before its size.
+        let missing = |t: &&Arc<ProviderLink>| {
+            let caps = t.offered(model).unwrap_or_default().capabilities;
+            need.request.as_ref()?.missing_capability(&caps)
+        };
+        match allowed.iter().map(missing).collect::<Option<Vec<_>>>() {
+            Some(all) => all.first().map(|c| PickError::Incapable(*c)),
+            None => Some(PickError::TooLarge),
         }
     }
 

@@ -13,6 +13,7 @@ mod agent_supply;
 mod bad_input;
 mod chaos;
 mod chaos_trials;
+mod capabilities;
 mod dialects;
 mod failures;
 mod fair;

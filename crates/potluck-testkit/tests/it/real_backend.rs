@@ -26,7 +26,7 @@ async fn openai_client_through_hub_tunnel_and_agent() {
     let client = Client::with_config(
         OpenAIConfig::new()
             .with_api_base(hub.v1())
-            .with_api_key(key),
+            .with_api_key(&key),
     );
     let model = backend.model.clone();
 
@@ -40,6 +40,26 @@ async fn openai_client_through_hub_tunnel_and_agent() {
             .collect::<Vec<_>>(),
         [model.as_str()]
     );
+
+    // What llama.cpp's /props says, as the agent announced it: tools (from the chat
+    // template's caps; the test recipe serves SmolLM2 with a template that renders tools),
+    // no vision (no projector loaded), and the slots' context.
+    let listed: serde_json::Value = hub
+        .http
+        .get(format!("{}/models", hub.v1()))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["data"][0]["capabilities"],
+        serde_json::json!(["tools"]),
+        "{listed}"
+    );
+    assert_eq!(listed["data"][0]["context_length"], 4096, "{listed}");
 
     // Non-streaming chat.
     let req = CreateChatCompletionRequestArgs::default()

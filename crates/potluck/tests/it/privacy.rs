@@ -11,7 +11,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
 use crate::common::*;
-use potluck_testkit::{FakeBackend, FakeBehavior};
+use potluck_testkit::{FakeBackend, FakeBehavior, FakeOptions};
 use serde_json::json;
 
 const CANARY: &str = "CANARY-d41d8cd98f00-privacy";
@@ -30,7 +30,15 @@ async fn canary_never_reaches_disk_or_logs() {
     let (_, key, _) = cli(&["keys", "create", "--name", "alice"], &key_file, &url);
     let (_, token, _) = cli(&["providers", "create", "--name", "box1"], &key_file, &url);
     let key = key.trim().to_owned();
-    let backend = FakeBackend::start(&["m1"]).await;
+    // It says it calls tools, so that the requests with tools below reach it too.
+    let backend = FakeBackend::start_with(
+        &["m1"],
+        FakeOptions {
+            tools: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
     let mut agent = start_agent(&url, token.trim(), &backend.base_url(), &logs, trace);
     let http = reqwest::Client::new();
     wait_for_models(&url, &key, |v| v["data"][0]["id"] == "m1").await;

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use potluck_dialects::ollama;
 
 use super::{error_response, from_api_error, translation_error, unix_now, Dialect};
+use crate::routing::registry::ModelStatus;
 use crate::state::HubState;
 
 fn cards(state: &HubState, groups: &[String]) -> Vec<ollama::ModelCard> {
@@ -20,10 +21,26 @@ fn cards(state: &HubState, groups: &[String]) -> Vec<ollama::ModelCard> {
             name: name.to_string(),
             sha256: s.sha256.iter().next().cloned(),
             format: None,
-            capabilities: vec!["completion".to_owned()],
-            context_length: None,
+            capabilities: ollama_capabilities(s),
+            context_length: s.context_length.map(u64::from),
         })
         .collect()
+}
+
+/// Ollama's names for what the pool's providers announced: `completion` always (plain
+/// chat is never refused for want of a capability), then `tools`, `vision`, `embedding`.
+fn ollama_capabilities(s: &ModelStatus) -> Vec<String> {
+    let mut caps = vec!["completion".to_owned()];
+    for (ours, theirs) in [
+        ("tools", "tools"),
+        ("vision", "vision"),
+        ("embeddings", "embedding"),
+    ] {
+        if s.capabilities.contains(ours) {
+            caps.push(theirs.to_owned());
+        }
+    }
+    caps
 }
 
 /// `GET /api/tags`
