@@ -313,7 +313,9 @@ async fn earnings_in_escrow_or_a_young_account_do_not_make_a_provider_trusted() 
         let payer = Consumer::new(&hub, "payer").await;
         hub.grant("payer", 1.0).await;
         let body = json!({"model": "m", "messages": [{"role": "user", "content": "work"}]});
+        // One at a time, so that the second is settled after the first was written.
         served(&payer, &body).await;
+        hub.wait_usage_rows(1).await;
         served(&payer, &body).await;
         hub.wait_usage_rows(2).await;
         let (available, unvested) = hub.balance("climber").await;
