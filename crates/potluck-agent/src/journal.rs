@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,6 +84,32 @@ pub fn day_of(time_ms: i64) -> String {
         .to_string()
 }
 
+/// The `[journal]` settings the writer reads as they are now (the policy reloads live).
+#[derive(Debug)]
+pub struct JournalLimits {
+    /// Days kept.
+    pub retention_days: AtomicU32,
+    /// Most bytes of journal files together; lines past it are dropped.
+    pub max_bytes: AtomicU64,
+}
+
+impl JournalLimits {
+    /// The limits of a policy.
+    pub fn new(p: &crate::policy::JournalPolicy) -> Self {
+        Self {
+            retention_days: AtomicU32::new(p.retention_days),
+            max_bytes: AtomicU64::new(p.max_bytes),
+        }
+    }
+
+    /// Take a reloaded policy's limits.
+    pub fn set(&self, p: &crate::policy::JournalPolicy) {
+        self.retention_days
+            .store(p.retention_days, Ordering::Relaxed);
+        self.max_bytes.store(p.max_bytes, Ordering::Relaxed);
+    }
+}
+
 /// The handle the agent writes through.
 #[derive(Debug, Clone)]
 pub struct Journal {
@@ -114,32 +140,52 @@ impl Journal {
 }
 
 /// Start a journal in `dir`: the handle and the writer task (to be owned by the
-/// caller's tracker). `retention_days` is read at each purge.
+/// caller's tracker). `limits` are read at each batch and each purge.
 pub fn open(
     dir: PathBuf,
-    retention_days: Arc<AtomicU32>,
+    limits: Arc<JournalLimits>,
     shutdown: CancellationToken,
 ) -> (Journal, impl std::future::Future<Output = ()> + Send) {
     let (tx, rx) = mpsc::channel(JOURNAL_QUEUE);
-    (
-        Journal { tx: Some(tx) },
-        writer(dir, rx, retention_days, shutdown),
-    )
+    (Journal { tx: Some(tx) }, writer(dir, rx, limits, shutdown))
 }
 
-fn append_lines(dir: &Path, batch: &[Entry]) -> std::io::Result<()> {
+/// Bytes the journal's files take now.
+pub fn size(dir: &Path) -> u64 {
+    files(dir)
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .fold(0u64, |n, m| n.saturating_add(m.len()))
+}
+
+/// Append `batch`, keeping the journal's files under `max_bytes` together: lines that
+/// would pass it are dropped. Returns how many were dropped.
+fn append_lines(dir: &Path, batch: &[Entry], max_bytes: u64) -> std::io::Result<usize> {
+    let mut room = max_bytes.saturating_sub(size(dir));
+    let mut dropped = 0;
     let mut by_day: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut line = Vec::new();
     for e in batch {
-        let buf = by_day.entry(day_of(e.time_ms())).or_default();
-        serde_json::to_writer(&mut *buf, e).map_err(std::io::Error::other)?;
-        buf.push(b'\n');
+        line.clear();
+        serde_json::to_writer(&mut line, e).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let len = line.len() as u64;
+        if len > room {
+            dropped += 1;
+            continue;
+        }
+        room -= len;
+        by_day
+            .entry(day_of(e.time_ms()))
+            .or_default()
+            .extend_from_slice(&line);
     }
     for (day, bytes) in by_day {
         let mut f = open_append(&dir.join(format!("{PREFIX}{day}{SUFFIX}")))?;
         f.write_all(&bytes)?;
         f.flush()?;
     }
-    Ok(())
+    Ok(dropped)
 }
 
 fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
@@ -151,12 +197,16 @@ fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-/// Delete files of days before `today - retention_days`; returns how many.
+/// Delete files of days before `today - retention_days`, and files dated after
+/// tomorrow (a wrong clock or a hostile hub could date lines in the future: they would
+/// otherwise never expire); returns how many.
 pub fn purge(dir: &Path, now_ms: i64, retention_days: u32) -> usize {
-    let cutoff = day_of(now_ms - i64::from(retention_days) * 86_400_000);
+    const DAY_MS: i64 = 86_400_000;
+    let cutoff = day_of(now_ms.saturating_sub(i64::from(retention_days).saturating_mul(DAY_MS)));
+    let latest = day_of(now_ms.saturating_add(DAY_MS));
     let mut n = 0;
     for (day, path) in files(dir) {
-        if day < cutoff && std::fs::remove_file(&path).is_ok() {
+        if (day < cutoff || day > latest) && std::fs::remove_file(&path).is_ok() {
             n += 1;
         }
     }
@@ -166,7 +216,7 @@ pub fn purge(dir: &Path, now_ms: i64, retention_days: u32) -> usize {
 async fn writer(
     dir: PathBuf,
     mut rx: mpsc::Receiver<Entry>,
-    retention_days: Arc<AtomicU32>,
+    limits: Arc<JournalLimits>,
     shutdown: CancellationToken,
 ) {
     if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -183,7 +233,7 @@ async fn writer(
             }
             _ = purge_tick.tick() => {
                 let d = dir.clone();
-                let days = retention_days.load(Ordering::Relaxed);
+                let days = limits.retention_days.load(Ordering::Relaxed);
                 let now = Timestamp::now().as_millisecond();
                 let n = tokio::task::spawn_blocking(move || purge(&d, now, days)).await.unwrap_or(0);
                 if n > 0 {
@@ -196,8 +246,11 @@ async fn writer(
                     batch.push(e);
                 }
                 if !batch.is_empty() {
-                    if let Err(e) = append_lines(&dir, &batch) {
-                        tracing::error!(error = %e, "cannot write the journal");
+                    let max = limits.max_bytes.load(Ordering::Relaxed);
+                    match append_lines(&dir, &batch, max) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::warn!(lines = n, max_bytes = max, "journal full; lines dropped"),
+                        Err(e) => tracing::error!(error = %e, "cannot write the journal"),
                     }
                 }
                 return;
@@ -205,9 +258,17 @@ async fn writer(
         }
         let d = dir.clone();
         let b = std::mem::take(&mut batch);
-        let r = tokio::task::spawn_blocking(move || append_lines(&d, &b)).await;
-        if !matches!(r, Ok(Ok(()))) {
-            tracing::error!(dir = %dir.display(), "cannot write the journal");
+        let max = limits.max_bytes.load(Ordering::Relaxed);
+        match tokio::task::spawn_blocking(move || append_lines(&d, &b, max)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                tracing::warn!(
+                    lines = n,
+                    max_bytes = max,
+                    "journal full; lines dropped until retention frees room"
+                );
+            }
+            _ => tracing::error!(dir = %dir.display(), "cannot write the journal"),
         }
     }
 }
@@ -365,6 +426,7 @@ mod tests {
         append_lines(
             dir.path(),
             &[req(now, "a"), req(now, "b"), req(now - 100 * day, "old")],
+            u64::MAX,
         )
         .unwrap();
         assert_eq!(files(dir.path()).len(), 2);
@@ -379,5 +441,44 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// Lines dated in the future (a hostile hub's receipt, a clock that jumped) must not
+    /// sit in the journal for ever: their files are purged like old ones.
+    #[test]
+    fn files_dated_in_the_future_are_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = 86_400_000;
+        let now = 1_700_000_000_000;
+        let lines = [
+            req(now, "today"),
+            req(now + day, "tomorrow: clock skew"),
+            req(now + 3 * day, "future"),
+            req(now + 3000 * day, "far future"),
+        ];
+        append_lines(dir.path(), &lines, u64::MAX).unwrap();
+        assert_eq!(files(dir.path()).len(), 4);
+        assert_eq!(purge(dir.path(), now, 90), 2);
+        let left: Vec<String> = files(dir.path()).into_iter().map(|(d, _)| d).collect();
+        assert_eq!(left, vec![day_of(now), day_of(now + day)]);
+        // Extreme times do not overflow.
+        assert_eq!(purge(dir.path(), i64::MAX, u32::MAX), 2);
+    }
+
+    /// A flood of lines cannot fill the volunteer's disk: past `max_bytes` they are
+    /// dropped, and the files stay under the cap.
+    #[test]
+    fn the_journal_stays_under_its_size_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 1_700_000_000_000;
+        let cap = 4096;
+        let mut dropped = 0;
+        for i in 0..100 {
+            let batch: Vec<Entry> = (0..10).map(|j| req(now, &format!("r{i}-{j}"))).collect();
+            dropped += append_lines(dir.path(), &batch, cap).unwrap();
+        }
+        assert!(size(dir.path()) <= cap, "{} bytes", size(dir.path()));
+        assert!(size(dir.path()) > cap / 2, "it fills up to the cap");
+        assert!(dropped > 900, "{dropped}");
     }
 }

@@ -72,19 +72,20 @@ pub async fn run_with_carrier(
     // Background tasks stop on `stop`, cancelled after the tunnel has drained, so that
     // requests finishing in the grace period still reach the journal.
     let stop = CancellationToken::new();
-    let retention = Arc::new(std::sync::atomic::AtomicU32::new(
-        config.policy.journal.retention_days,
-    ));
+    let journal_limits = Arc::new(journal::JournalLimits::new(&config.policy.journal));
     let journal = match &config.state_dir {
         Some(dir) => {
-            let (j, writer) =
-                journal::open(dir.join("journal"), Arc::clone(&retention), stop.clone());
+            let (j, writer) = journal::open(
+                dir.join("journal"),
+                Arc::clone(&journal_limits),
+                stop.clone(),
+            );
             tasks.spawn(writer);
             j
         }
         None => journal::Journal::disabled(),
     };
-    let shared = Arc::new(state::Shared::new(config.clone(), journal, retention));
+    let shared = Arc::new(state::Shared::new(config.clone(), journal, journal_limits));
     if let Some(path) = &config.control_socket {
         match control::bind(path).await {
             Ok(l) => {

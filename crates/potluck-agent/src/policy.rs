@@ -50,6 +50,12 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_LINE_BYTES: usize = 1024 * 1024;
 /// Default [`JournalPolicy::retention_days`].
 pub const DEFAULT_RETENTION_DAYS: u32 = 90;
+/// Default [`JournalPolicy::max_bytes`]: the journal's files together (256 MiB).
+pub const DEFAULT_JOURNAL_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Smallest [`JournalPolicy::max_bytes`] accepted (1 MiB).
+pub const MIN_JOURNAL_MAX_BYTES: u64 = 1024 * 1024;
+/// Default [`JournalPolicy::receipt_skew`].
+pub const DEFAULT_RECEIPT_SKEW: Duration = Duration::from_secs(3600);
 /// Smallest bandwidth cap accepted, bytes per second (below it nothing useful flows).
 pub const MIN_BANDWIDTH_BYTES_PER_SEC: u64 = 1024;
 
@@ -150,6 +156,12 @@ pub struct PowerSection {
 pub struct JournalSection {
     /// Days of journal kept.
     pub retention_days: Option<u32>,
+    /// Most bytes the journal's files may take together; past it new lines are dropped
+    /// (with a warning) until retention frees room [default: 256 MiB].
+    pub max_bytes: Option<u64>,
+    /// A receipt is kept only if its time is within this many seconds of the agent's
+    /// clock [default: 3600; longer than the longest response].
+    pub receipt_skew_secs: Option<f64>,
 }
 
 /// All policy sections of the config file (the binary's file adds `hub`, `token`,
@@ -242,12 +254,18 @@ pub struct BusyRule {
 pub struct JournalPolicy {
     /// Days kept.
     pub retention_days: u32,
+    /// Most bytes of journal files.
+    pub max_bytes: u64,
+    /// Largest distance between a receipt's time and the agent's clock.
+    pub receipt_skew: Duration,
 }
 
 impl Default for JournalPolicy {
     fn default() -> Self {
         Self {
             retention_days: DEFAULT_RETENTION_DAYS,
+            max_bytes: DEFAULT_JOURNAL_MAX_BYTES,
+            receipt_skew: DEFAULT_RECEIPT_SKEW,
         }
     }
 }
@@ -558,7 +576,31 @@ impl JournalSection {
             Some(n) => n,
             None => DEFAULT_RETENTION_DAYS,
         };
-        Ok(JournalPolicy { retention_days })
+        let max_bytes = match self.max_bytes {
+            Some(n) if n < MIN_JOURNAL_MAX_BYTES => {
+                return Err(ConfigError::new(
+                    "journal.max_bytes",
+                    format!("expected at least {MIN_JOURNAL_MAX_BYTES} bytes"),
+                ))
+            }
+            Some(n) => n,
+            None => DEFAULT_JOURNAL_MAX_BYTES,
+        };
+        let receipt_skew = match self.receipt_skew_secs {
+            Some(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Duration::from_secs_f64(v),
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "journal.receipt_skew_secs",
+                    "expected a positive number of seconds, at most one day",
+                ))
+            }
+            None => DEFAULT_RECEIPT_SKEW,
+        };
+        Ok(JournalPolicy {
+            retention_days,
+            max_bytes,
+            receipt_skew,
+        })
     }
 }
 

@@ -54,10 +54,8 @@ pub fn check(
     caps: &ModelCaps<'_>,
     limits: &RequestLimits,
 ) -> Result<Bytes, Refusal> {
+    // The shared rules refuse remote images and any content part off the allow-list.
     let req = InferenceRequest::parse(endpoint, &body, limits)?;
-    if req.remote_image {
-        return Err(RequestError::ImageUrlNotAllowed.into());
-    }
     let model_limits = ModelLimits {
         max_tokens: caps.max_tokens,
         max_context: caps.max_context,

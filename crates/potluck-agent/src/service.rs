@@ -134,8 +134,29 @@ async fn handle(req: Request<Incoming>, sh: Arc<Shared>) -> Response<AgentBody> 
     forward(req, endpoint, sh).await
 }
 
-/// `POST /_potluck/events`: a batch of hub events, one JSON per line.
+/// Whether a receipt from the hub is kept: it is for a request this agent served and has
+/// not had a receipt yet, and its time is within `[journal] receipt_skew_secs` of the
+/// agent's clock. A hostile hub can neither fill the journal with receipts for requests
+/// that never happened nor date them where retention would not reach.
+fn receipt_acceptable(sh: &Shared, r: &potluck_protocol::receipt::SignedReceipt) -> bool {
+    let skew = i64::try_from(sh.policy().journal.receipt_skew.as_millis()).unwrap_or(i64::MAX);
+    let now = sh.config.clock.now().as_millisecond();
+    if r.receipt.time_ms.abs_diff(now) > skew.unsigned_abs() {
+        return false;
+    }
+    sh.take_served(&r.receipt.request_id).is_some()
+}
+
+/// `POST /_potluck/events`: a batch of hub events, one JSON per line. At most
+/// [`crate::state::MAX_EVENT_BATCHES`] are handled at once; more get a 503.
 async fn hub_events(req: Request<Incoming>, sh: &Shared) -> Response<AgentBody> {
+    let Ok(_batch) = Arc::clone(&sh.event_batches).try_acquire_owned() else {
+        tracing::warn!("refused a hub event batch: too many at once");
+        return agent_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many event batches at once",
+        );
+    };
     let body = match Limited::new(req.into_body(), MAX_EVENTS_BODY_BYTES)
         .collect()
         .await
@@ -143,16 +164,17 @@ async fn hub_events(req: Request<Incoming>, sh: &Shared) -> Response<AgentBody> 
         Ok(c) => c.to_bytes(),
         Err(_) => return agent_error(StatusCode::PAYLOAD_TOO_LARGE, "event batch too large"),
     };
-    let mut bad = 0usize;
+    let (mut bad, mut refused) = (0usize, 0usize);
     for line in body.split(|b| *b == b'\n') {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         match HubEvent::decode(line) {
-            Ok(HubEvent::Receipt(r)) => {
+            Ok(HubEvent::Receipt(r)) if receipt_acceptable(sh, &r) => {
                 tracing::debug!(request_id = %r.receipt.request_id, credits_micro = r.receipt.credits_micro, "receipt");
                 sh.journal.append_wait(Entry::Receipt(r)).await;
             }
+            Ok(HubEvent::Receipt(_)) => refused += 1,
             Ok(HubEvent::ModelRefused { model, reason }) => {
                 let reason: String = reason
                     .chars()
@@ -170,6 +192,12 @@ async fn hub_events(req: Request<Incoming>, sh: &Shared) -> Response<AgentBody> 
     }
     if bad > 0 {
         tracing::warn!(lines = bad, "malformed hub events ignored");
+    }
+    if refused > 0 {
+        tracing::warn!(
+            receipts = refused,
+            "receipts refused: for no request served here, repeated, or dated outside the skew window"
+        );
     }
     let mut r = Response::new(full(Bytes::new()));
     *r.status_mut() = StatusCode::NO_CONTENT;
@@ -534,6 +562,9 @@ async fn relay(sh: &Arc<Shared>, a: Admitted, resp: Response<Incoming>) -> Respo
     let watts = sh.watts().unwrap_or(0.0);
     let mark = sh.energy.start(watts);
     let limits = a.limits;
+    let time_ms = sh.config.clock.now().as_millisecond();
+    // From now on the hub may send this request's receipt (once).
+    sh.served(&a.request_id, time_ms);
     let mut record = RequestRecord {
         sh: Arc::clone(sh),
         span: tracing::Span::current(),
@@ -541,7 +572,7 @@ async fn relay(sh: &Arc<Shared>, a: Admitted, resp: Response<Incoming>) -> Respo
         request_id: a.request_id,
         model: a.model,
         consumer: a.consumer,
-        time_ms: sh.config.clock.now().as_millisecond(),
+        time_ms,
         started: a.started,
         status: status.as_u16(),
         usage: Usage::default(),

@@ -4,7 +4,7 @@
 //! the control socket and the main loop; it imports none of them.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -18,7 +18,7 @@ use crate::backend::{self, BackendClient};
 use crate::config::AgentConfig;
 use crate::energy::EnergyMeter;
 use crate::gate::Gate;
-use crate::journal::Journal;
+use crate::journal::{Journal, JournalLimits};
 use crate::policy::{ModelRule, Policy};
 use crate::slots::{Bandwidth, Slots};
 use crate::supply::HashCache;
@@ -96,20 +96,40 @@ pub struct Shared {
     pub hashes: Arc<HashCache>,
     errors: Mutex<VecDeque<LastError>>,
     refused: Mutex<HashSet<String>>,
-    /// Journal retention, for the writer.
-    pub retention_days: Arc<AtomicU32>,
+    /// Journal retention and size cap, for the writer.
+    pub journal_limits: Arc<JournalLimits>,
+    /// Requests served that await their receipt (see [`Shared::take_served`]).
+    awaiting_receipts: Mutex<AwaitingReceipts>,
+    /// Hub event batches being handled now (see [`MAX_EVENT_BATCHES`]).
+    pub(crate) event_batches: Arc<tokio::sync::Semaphore>,
+}
+
+/// Most served requests remembered while they await their receipt; the oldest is
+/// forgotten first (its receipt, if it ever comes, is then refused).
+pub const MAX_AWAITING_RECEIPTS: usize = 65_536;
+/// Hub event batches the agent handles at once; more are refused with 503 (a hostile hub
+/// cannot make it buffer many batches of [`potluck_protocol::tunnel::MAX_EVENTS_BODY_BYTES`]).
+pub const MAX_EVENT_BATCHES: usize = 2;
+
+/// Served request ids in arrival order, with the time each was served.
+#[derive(Debug, Default)]
+struct AwaitingReceipts {
+    order: VecDeque<String>,
+    served: std::collections::HashMap<String, i64>,
 }
 
 impl Shared {
     /// Fresh state.
-    pub fn new(config: AgentConfig, journal: Journal, retention_days: Arc<AtomicU32>) -> Self {
+    pub fn new(config: AgentConfig, journal: Journal, journal_limits: Arc<JournalLimits>) -> Self {
         let policy = config.policy.clone();
         let bandwidth = Arc::new(Bandwidth::default());
         bandwidth.set_rate(policy.limits.bandwidth_bytes_per_sec);
         let hashes = Arc::new(HashCache::load(config.state_dir.as_deref()));
         Self {
             client: backend::client(),
-            retention_days,
+            journal_limits,
+            awaiting_receipts: Mutex::new(AwaitingReceipts::default()),
+            event_batches: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_BATCHES)),
             policy: Mutex::new(Arc::new(policy)),
             policy_changed: Notify::new(),
             offer: watch::Sender::new(Offer {
@@ -134,6 +154,34 @@ impl Shared {
         }
     }
 
+    /// Remember that the request `id` was served at `time_ms`: the hub may now send its
+    /// receipt, once.
+    pub fn served(&self, id: &str, time_ms: i64) {
+        if id.is_empty() {
+            return;
+        }
+        let mut a = self.awaiting_receipts.lock();
+        if a.served.insert(id.to_owned(), time_ms).is_none() {
+            a.order.push_back(id.to_owned());
+        }
+        while a.order.len() > MAX_AWAITING_RECEIPTS {
+            if let Some(old) = a.order.pop_front() {
+                a.served.remove(&old);
+            }
+        }
+    }
+
+    /// Take the request `id` off the list of those awaiting a receipt: `Some(time it was
+    /// served)` the first time for a request this agent served, `None` otherwise.
+    pub fn take_served(&self, id: &str) -> Option<i64> {
+        let mut a = self.awaiting_receipts.lock();
+        let t = a.served.remove(id)?;
+        if let Some(i) = a.order.iter().position(|x| x == id) {
+            a.order.remove(i);
+        }
+        Some(t)
+    }
+
     /// The policy now.
     pub fn policy(&self) -> Arc<Policy> {
         Arc::clone(&self.policy.lock())
@@ -142,8 +190,7 @@ impl Shared {
     /// Replace the policy (a config reload).
     pub fn set_policy(&self, p: Policy) {
         self.bandwidth.set_rate(p.limits.bandwidth_bytes_per_sec);
-        self.retention_days
-            .store(p.journal.retention_days, Ordering::Relaxed);
+        self.journal_limits.set(&p.journal);
         *self.policy.lock() = Arc::new(p);
         self.refused.lock().clear();
         self.policy_changed.notify_waiters();

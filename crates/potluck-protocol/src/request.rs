@@ -30,9 +30,11 @@
 //! - walked fields (`messages`, `prompt`, `input`, `tools`) may nest at most
 //!   [`RequestLimits::max_depth`] deep, counting the body's object as 1: deeper content
 //!   would otherwise have to be either ignored (an undercount) or walked without bound;
-//! - an `image_url` inside `messages` (a content part's `{"url": ...}` or a bare string)
-//!   that is not a `data:` URI is reported in [`InferenceRequest::remote_image`]: a
-//!   backend would fetch a URL a stranger chose from inside the volunteer's network;
+//! - message content is an allow-list (see `walk`): text, and images or audio only
+//!   inline (`data:` URIs, base64). A remote `image_url` is refused
+//!   ([`RequestError::ImageUrlNotAllowed`]), and so is any other part that names a URL
+//!   or a file, or whose type is not known ([`RequestError::ContentPartNotAllowed`]): a
+//!   backend would fetch what a stranger chose from inside the volunteer's network.
 //! - what the request needs of a model (see [`crate::caps`]): a non-empty top-level
 //!   `tools` or legacy `functions` array ([`InferenceRequest::has_tools`]; `functions` is
 //!   walked like `tools`), and any `image_url` part in `messages`
@@ -44,7 +46,7 @@
 //!
 //! No error message ever quotes request content. No IO, no async.
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize as _;
 use serde_json::value::RawValue;
 
@@ -133,8 +135,6 @@ pub struct InferenceRequest {
     pub prompt_estimate: u32,
     /// `prompt` or `input` holds token ids (integers) rather than only text.
     pub token_id_prompt: bool,
-    /// An `image_url` in `messages` is not a `data:` URI.
-    pub remote_image: bool,
     /// One of [`CONSUMER_IDENTIFYING_FIELDS`] is present.
     pub identifying_fields: bool,
     /// A non-empty `tools` or `functions` array: only a tool-capable model may serve it.
@@ -230,9 +230,13 @@ pub enum RequestError {
         /// The prompt estimate.
         prompt: u32,
     },
-    /// An `image_url` that is not a `data:` URI, where only those are accepted.
-    #[error("This provider accepts images only as data: URIs, not URLs.")]
+    /// An `image_url` that is not a `data:` URI.
+    #[error("Images are accepted only as data: URIs, not URLs.")]
     ImageUrlNotAllowed,
+    /// A content part off the allow-list (see `walk`): it names a URL or a file, or its
+    /// type is not text, image_url or input_audio.
+    #[error("Content parts may be text, or images and audio given inline (data: URIs or base64); this request has a part that is not, or that names a URL or a file.")]
+    ContentPartNotAllowed,
 }
 
 fn missing_message(param: &str) -> String {
@@ -265,7 +269,7 @@ impl RequestError {
             Self::BothTokenLimits => Some("max_tokens"),
             Self::MaxTokensExceeded { field, .. } => Some(field.name()),
             Self::ContextLengthExceeded { param, .. } => Some(param),
-            Self::ImageUrlNotAllowed => Some("messages"),
+            Self::ImageUrlNotAllowed | Self::ContentPartNotAllowed => Some("messages"),
         }
     }
 
@@ -286,6 +290,7 @@ impl RequestError {
             Self::MaxTokensExceeded { .. } => "max_tokens_exceeded",
             Self::ContextLengthExceeded { .. } => "context_length_exceeded",
             Self::ImageUrlNotAllowed => "image_url_not_allowed",
+            Self::ContentPartNotAllowed => "content_part_not_allowed",
         }
     }
 
@@ -320,6 +325,12 @@ impl InferenceRequest {
         }
         if let Some(field) = top.duplicate {
             return Err(RequestError::Duplicate(field));
+        }
+        if top.walk.remote_image {
+            return Err(RequestError::ImageUrlNotAllowed);
+        }
+        if top.walk.bad_part {
+            return Err(RequestError::ContentPartNotAllowed);
         }
         let model = read_model(top.model)?;
         let input = endpoint_input(endpoint);
@@ -381,7 +392,6 @@ impl InferenceRequest {
             token_limit,
             prompt_estimate: u32::try_from(tokens).unwrap_or(u32::MAX),
             token_id_prompt: walk.token_ids > 0,
-            remote_image: walk.remote_image,
             identifying_fields: top.identifying,
             has_tools: top.tools == Some(Shape::Array) || top.functions == Some(Shape::Array),
             has_images: walk.images,
@@ -515,7 +525,10 @@ struct Walked {
     text_bytes: u64,
     token_ids: u64,
     remote_image: bool,
+    /// An `image_url` was seen in `messages` (the request needs vision).
     images: bool,
+    /// A content part off the allow-list (see [`walk`]).
+    bad_part: bool,
     too_deep: bool,
 }
 
@@ -673,190 +686,8 @@ impl<'de> Visitor<'de> for TopVisitor {
     }
 }
 
-/// How a walked value is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Text counts; `image_url` values are checked.
-    Messages,
-    /// Text counts; integers are token ids.
-    TokenIds,
-    /// Text counts.
-    Text,
-    /// The value of an `image_url` key: a string must be a `data:` URI, an object must
-    /// hold one under `url`, anything else is refused.
-    ImageUrl,
-    /// The `url` inside an `image_url` object: must be a `data:` URI string.
-    Url,
-}
-
-fn is_data_uri(s: &str) -> bool {
-    s.trim_start()
-        .get(..5)
-        .is_some_and(|p| p.eq_ignore_ascii_case("data:"))
-}
-
-/// A key inside a walked object.
-enum InnerKey {
-    ImageUrl,
-    Url,
-    Other,
-}
-
-impl<'de> serde::Deserialize<'de> for InnerKey {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = InnerKey;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a key")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<InnerKey, E> {
-                Ok(match s {
-                    "image_url" => InnerKey::ImageUrl,
-                    "url" => InnerKey::Url,
-                    _ => InnerKey::Other,
-                })
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-/// Walks one value, counting into `st`; returns its shape.
-struct Walk<'s> {
-    st: &'s mut Walked,
-    /// Nesting of a container that starts here (the body's object is 1).
-    depth: usize,
-    max_depth: usize,
-    mode: Mode,
-}
-
-impl Walk<'_> {
-    fn child(&mut self, mode: Mode) -> Walk<'_> {
-        Walk {
-            st: self.st,
-            depth: self.depth + 1,
-            max_depth: self.max_depth,
-            mode,
-        }
-    }
-
-    /// Children of a container keep the mode, except inside an image URL object.
-    fn inner_mode(&self) -> Mode {
-        match self.mode {
-            Mode::ImageUrl | Mode::Url => Mode::Text,
-            m => m,
-        }
-    }
-
-    fn not_an_image(&mut self) {
-        if matches!(self.mode, Mode::ImageUrl | Mode::Url) {
-            self.st.remote_image = true;
-        }
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for Walk<'_> {
-    type Value = Shape;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Walk<'_> {
-    type Value = Shape;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E: de::Error>(mut self, _: bool) -> Result<Shape, E> {
-        self.not_an_image();
-        Ok(Shape::Other)
-    }
-
-    fn visit_u64<E: de::Error>(mut self, _: u64) -> Result<Shape, E> {
-        self.not_an_image();
-        if self.mode == Mode::TokenIds {
-            self.st.token_ids = self.st.token_ids.saturating_add(1);
-        }
-        Ok(Shape::Other)
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Shape, E> {
-        // A negative number is no token id, but it still costs the backend a token.
-        self.visit_u64(v.unsigned_abs())
-    }
-
-    fn visit_f64<E: de::Error>(mut self, _: f64) -> Result<Shape, E> {
-        self.not_an_image();
-        Ok(Shape::Other)
-    }
-
-    fn visit_unit<E: de::Error>(mut self) -> Result<Shape, E> {
-        self.not_an_image();
-        Ok(Shape::Null)
-    }
-
-    fn visit_str<E: de::Error>(mut self, s: &str) -> Result<Shape, E> {
-        if is_data_uri(s) {
-            return Ok(Shape::Other);
-        }
-        self.not_an_image();
-        self.st.text_bytes = self.st.text_bytes.saturating_add(s.len() as u64);
-        Ok(Shape::Other)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Shape, A::Error> {
-        self.not_an_image();
-        if self.depth > self.max_depth {
-            self.st.too_deep = true;
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            return Ok(Shape::Array);
-        }
-        let mode = self.inner_mode();
-        let mut items: u64 = 0;
-        while seq.next_element_seed(self.child(mode))?.is_some() {
-            items = items.saturating_add(1);
-        }
-        Ok(if items == 0 {
-            Shape::EmptyArray
-        } else {
-            Shape::Array
-        })
-    }
-
-    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Shape, A::Error> {
-        if self.depth > self.max_depth {
-            self.st.too_deep = true;
-            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            return Ok(Shape::Other);
-        }
-        if self.mode == Mode::Url {
-            self.st.remote_image = true;
-        }
-        let mut url_seen = false;
-        while let Some(key) = map.next_key::<InnerKey>()? {
-            let mode = match (self.mode, key) {
-                (Mode::Messages, InnerKey::ImageUrl) => {
-                    self.st.images = true;
-                    Mode::ImageUrl
-                }
-                (Mode::ImageUrl, InnerKey::Url) => {
-                    url_seen = true;
-                    Mode::Url
-                }
-                _ => self.inner_mode(),
-            };
-            map.next_value_seed(self.child(mode))?;
-        }
-        if self.mode == Mode::ImageUrl && !url_seen {
-            self.st.remote_image = true;
-        }
-        Ok(Shape::Other)
-    }
-}
+mod walk;
+use walk::{Mode, Walk};
 
 #[cfg(test)]
 mod tests;

@@ -35,6 +35,17 @@ impl FakeHub {
 
     /// Accept one agent's tunnel (any token) and return the HTTP/2 client end.
     pub async fn accept(&mut self) -> SendRequest<Full<Bytes>> {
+        self.accept_with().await
+    }
+
+    /// Like [`FakeHub::accept`], with request bodies of any type (a body the test keeps
+    /// open, for example).
+    pub async fn accept_with<B>(&mut self) -> SendRequest<B>
+    where
+        B: hyper::body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let (tcp, _) = self.listener.accept().await.expect("accept");
         tcp.set_nodelay(true).expect("nodelay");
         let (tx, rx) = oneshot::channel();
@@ -64,7 +75,7 @@ impl FakeHub {
             })));
         let upgraded = rx.await.expect("upgrade request").await.expect("upgraded");
         let (send, conn) = potluck_tunnel::settings::client_builder()
-            .handshake::<_, Full<Bytes>>(upgraded)
+            .handshake::<_, B>(upgraded)
             .await
             .expect("h2 handshake");
         self.tasks

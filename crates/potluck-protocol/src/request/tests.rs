@@ -47,7 +47,7 @@ fn reads_the_fields_routing_needs() {
         })
     );
     assert!(r.identifying_fields);
-    assert!(!r.remote_image && !r.token_id_prompt);
+    assert!(!r.token_id_prompt);
 
     let r = chat(
         r#"{"model":"m","messages":[],"stream":null,"max_tokens":null,"max_completion_tokens":9}"#,
@@ -359,12 +359,11 @@ fn prompt_estimate_counts_text_tools_and_token_ids() {
     assert_eq!(r.prompt_estimate, 0);
     // data: URIs do not count, in any case or after spaces.
     let r = chat(
-        r#"{"model":"m","messages":[{"content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAAAAAAAAAAAAAA"}},{"image_url":" DATA:x"}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAAAAAAAAAAAAAA"}},{"type":"text","image_url":" DATA:x"}]}]}"#,
     )
     .unwrap();
-    // "image_url" (9) as a `type` value: 3 tokens.
-    assert_eq!(r.prompt_estimate, 3);
-    assert!(!r.remote_image);
+    // "image_url" (9) and "text" (4) as `type` values: 4 tokens.
+    assert_eq!(r.prompt_estimate, 4);
     // Token-id prompts: one token per id, with text rounded up on top.
     let r = parse(COMPLETIONS, r#"{"model":"m","prompt":[1,2,3,4,5]}"#).unwrap();
     assert_eq!(r.prompt_estimate, 5);
@@ -384,13 +383,13 @@ fn prompt_estimate_counts_text_tools_and_token_ids() {
 fn images_must_be_data_uris() {
     let ok = [
         r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},{"type":"text","text":"what"}]}]}"#,
-        r#"{"model":"m","messages":[{"content":[{"image_url":"data:image/png;base64,AA"}]}]}"#,
-        r#"{"model":"m","messages":[{"content":[{"image_url":{"url":"data:x","detail":"high"}}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"type":"image_url","image_url":"data:image/png;base64,AA"}]}]}"#,
+        r#"{"model":"m","messages":[{"content":[{"image_url":{"url":"data:x","detail":"high"},"type":"image_url"}]}]}"#,
         // `image_url` outside messages is not an image (a tool parameter may be named so).
         r#"{"model":"m","messages":[],"tools":[{"function":{"parameters":{"properties":{"image_url":{"type":"string"}}}}}]}"#,
     ];
     for body in ok {
-        assert!(!chat(body).unwrap().remote_image, "{body}");
+        assert!(chat(body).is_ok(), "{body}");
     }
     let bad = [
         r#"{"model":"m","messages":[{"content":[{"type":"image_url","image_url":{"url":"http://192.168.1.1/admin"}}]}]}"#,
@@ -407,7 +406,7 @@ fn images_must_be_data_uris() {
         r#"{"model":"m","messages":[[[{"image_url":"http://deep"}]]]}"#,
     ];
     for body in bad {
-        assert!(chat(body).unwrap().remote_image, "{body}");
+        assert_eq!(chat(body), Err(RequestError::ImageUrlNotAllowed), "{body}");
     }
 }
 
@@ -517,5 +516,74 @@ proptest! {
         prop_assert_eq!(r.max_tokens(), max);
         let bytes = ("user".len() + text.len()) as u64;
         prop_assert_eq!(u64::from(r.prompt_estimate), bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE));
+    }
+}
+
+/// A stranger's request must not make the volunteer's backend fetch anything: content
+/// parts are an allow-list (text; images and audio inline only), refused with a 400 in
+/// the API's error shape before any provider sees them.
+#[test]
+fn content_parts_that_would_make_a_backend_fetch_are_refused() {
+    let ok = [
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi","cache_control":{"type":"ephemeral"}}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{"data":"UklGRg==","format":"wav"}}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{"data":"data:audio/wav;base64,UklGRg==","format":"wav"}}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"assistant","content":[{"type":"refusal","refusal":"no"}]}]}"#,
+        // Text that mentions a URL is text.
+        r#"{"model":"m","messages":[{"role":"user","content":"see http://example.org/x.png"}]}"#,
+        // A tool may have parameters named like parts.
+        r#"{"model":"m","messages":[],"tools":[{"function":{"parameters":{"properties":{"file":{},"video_url":{}}}}}]}"#,
+        // A tool call's arguments are a string.
+        r#"{"model":"m","messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":"{\"file\":\"http://x\"}"}}]}]}"#,
+    ];
+    for body in ok {
+        assert!(chat(body).is_ok(), "{body}");
+    }
+    let bad = [
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"video_url","video_url":{"url":"http://10.0.0.1/v.mp4"}}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"audio_url","audio_url":{"url":"http://10.0.0.1/a.wav"}}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"file","file":{"file_id":"file-1"}}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"file","file":{"file_data":"data:application/pdf;base64,AA"}}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{"data":"http://10.0.0.1/a.wav","format":"wav"}}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{"url":"http://x","data":"AA"}}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":"http://x"}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"input_audio"}]}]}"#,
+        // A type not known, no type, two types, a type that is not a string.
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image","source":{"url":"http://x"}}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"text":"hi"}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","type":"video_url","text":"a"}]}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":["text"],"text":"a"}]}]}"#,
+        // A text part that also carries a URL-bearing payload.
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a","video_url":{"url":"http://x"}}]}]}"#,
+        // Escaped keys and type values are read as what they mean.
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"video\u005furl","video_url":{"url":"http://x"}}]}]}"#,
+        // A content object instead of an array, and parts in completions and embeddings.
+        r#"{"model":"m","messages":[{"role":"user","content":{"type":"file","file":{"file_id":"f"}}}]}"#,
+        // URL-bearing keys elsewhere in a message.
+        r#"{"model":"m","messages":[{"role":"user","content":"hi","audio_url":"http://x"}]}"#,
+    ];
+    for body in bad {
+        let e = chat(body).unwrap_err();
+        assert_eq!(e, RequestError::ContentPartNotAllowed, "{body}");
+        assert_eq!(
+            (e.http_status(), e.code(), e.param()),
+            (400, "content_part_not_allowed", Some("messages"))
+        );
+    }
+    for (endpoint, body) in [
+        (
+            COMPLETIONS,
+            r#"{"model":"m","prompt":[{"type":"file","file":{"file_id":"f"}}]}"#,
+        ),
+        (
+            EMBEDDINGS,
+            r#"{"model":"m","input":[{"type":"video_url","video_url":{"url":"http://x"}}]}"#,
+        ),
+        (
+            EMBEDDINGS,
+            r#"{"model":"m","input":[{"type":"image_url","image_url":{"url":"http://x"}}]}"#,
+        ),
+    ] {
+        assert!(parse(endpoint, body).is_err(), "{body}");
     }
 }

@@ -35,6 +35,12 @@ fn receipt(id: &str, credits: i64) -> Receipt {
 async fn receipts_land_in_the_journal_and_verify() {
     let mut rig = AgentRig::start(&["m1"], "", "2024-01-01T12:00:00Z", |_| {}).await;
     rig.wait_offered("m1").await;
+    // The agent keeps receipts only for requests it served.
+    for id in ["r1", "r2"] {
+        let body = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+        let (status, _, _) = rig.send("/v1/chat/completions", "m1", id, body).await;
+        assert_eq!(status, 200);
+    }
     let key = SigningKey::from_bytes(&[7u8; 32]);
     let info = HubInfo {
         hub_id: "hub-test".into(),

@@ -29,3 +29,4 @@ mod pool;
 mod provider_routing;
 mod real_backend;
 mod real_trust;
+mod volunteer_safety;
