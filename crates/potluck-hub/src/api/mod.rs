@@ -37,6 +37,7 @@ use crate::api::dispatch::Slot;
 use crate::books::limits::InFlight;
 use crate::http::auth;
 use crate::http::error::ApiError;
+use crate::routing::inflight::InFlightGuard;
 use crate::routing::registry::Need;
 use crate::routing::send::new_request_id;
 use crate::state::HubState;
@@ -119,7 +120,12 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
         Ok(k) => k,
         Err(e) => return reject(&s.request_id, s.endpoint, None, e),
     };
-    let admitted = match admit(&state, &s, &key, anonymous, &headers, body).await {
+    // In flight from here on, before the body is read: a ban, a suspension or a revoked
+    // key cuts a slow upload as it cuts a stream.
+    let cut = state
+        .inflight
+        .register(&s.request_id, key.account_id, key.key_id);
+    let admitted = match admit(&state, &s, &key, anonymous, &headers, body, &cut).await {
         Ok(a) => a,
         Err(e) => return reject(&s.request_id, s.endpoint, Some(&key), e),
     };
@@ -129,9 +135,6 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
         priority,
         ctx_parts,
     } = admitted;
-    let cut = state
-        .inflight
-        .register(&s.request_id, key.account_id, key.key_id);
     let ctx = Ctx {
         cut,
         request_id: s.request_id,
@@ -153,8 +156,8 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
     route(state, ctx, parsed, priority).await
 }
 
-/// Admission: body, parse, limits, credits, the guard's input check, and what a provider
-/// must offer.
+/// Admission: limits (before any byte of the body is buffered), body, parse, credits, the
+/// guard's input check, and what a provider must offer.
 async fn admit(
     state: &HubState,
     s: &Start,
@@ -162,12 +165,13 @@ async fn admit(
     anonymous: bool,
     headers: &HeaderMap,
     body: Body,
+    cut: &InFlightGuard,
 ) -> Result<Admitted, ApiError> {
     let max = state.config.max_request_bytes;
     admit::check_length(headers, max)?;
-    let raw = admit::read_body(body, max).await?;
-    let parsed = admit::parse(s.endpoint, raw, max)?;
     let in_flight = admit::limits(state, key, anonymous).await?;
+    let raw = admit::read_body_unless_cut(body, max, cut).await?;
+    let parsed = admit::parse(s.endpoint, raw, max)?;
     let priority = admit::priority(state, key, anonymous).await?;
     let stages = screen::stages(state, s.endpoint, &parsed.model);
     let guard_input: Option<Arc<str>> = (stages.input || stages.output)

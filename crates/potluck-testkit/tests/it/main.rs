@@ -19,6 +19,7 @@ mod hub_defences;
 mod hub_open;
 mod identity;
 mod moderation;
+mod no_escape;
 mod pool;
 mod provider_routing;
 mod real_backend;
