@@ -312,6 +312,9 @@ pub struct Store {
     pub(crate) system_ids: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     /// Consumer-key lookups made (`authenticate_key`), for tests and metrics.
     key_lookups: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Held for writing by [`Store::hold_key_lookups`]: lookups that have read the
+    /// database wait on it before they answer (tests stage races with it).
+    key_lookup_gate: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 pub(crate) fn now_secs() -> i64 {
@@ -344,6 +347,7 @@ impl Store {
             pool,
             system_ids: Default::default(),
             key_lookups: Default::default(),
+            key_lookup_gate: Default::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -360,6 +364,7 @@ impl Store {
             pool,
             system_ids: Default::default(),
             key_lookups: Default::default(),
+            key_lookup_gate: Default::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -395,6 +400,15 @@ impl Store {
     /// repeated bad key from reaching the database).
     pub fn key_lookups(&self) -> u64 {
         self.key_lookups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// For tests: until the guard is dropped, every key lookup that has read the database
+    /// waits before it answers (and is counted in [`Store::key_lookups`] before it waits),
+    /// so a test can change the database while a lookup holds an old answer.
+    pub async fn hold_key_lookups(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        std::sync::Arc::clone(&self.key_lookup_gate)
+            .write_owned()
+            .await
     }
 
     /// Close the pool (waits for connections to finish).
@@ -512,8 +526,14 @@ impl Store {
     /// Resolve a consumer or admin key. Revoked and unknown keys give `None`; a key of
     /// an account or a key not in good standing resolves with `block` set.
     pub async fn authenticate_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
+        let found = self.read_key(secret).await;
         self.key_lookups
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        drop(self.key_lookup_gate.read().await);
+        found
+    }
+
+    async fn read_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
         let row = sqlx::query(
             "SELECT k.id, k.account_id, a.role, \
              (SELECT MIN(o.rpm) FROM api_keys o WHERE o.account_id = k.account_id), \

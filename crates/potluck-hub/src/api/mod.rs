@@ -176,6 +176,7 @@ async fn admit(
     let stages = screen::stages(state, s.endpoint, &parsed.model);
     let guard_input: Option<Arc<str>> = (stages.input || stages.output)
         .then(|| Arc::from(crate::trust::guard::input_text(&parsed.body)));
+    screen::refuse_unreadable(state, stages, &parsed.request, guard_input.as_deref())?;
     if let (true, Some(text)) = (stages.input, &guard_input) {
         screen::check_input(state, &s.request_id, key.account_id, &parsed.model, text).await?;
     }
