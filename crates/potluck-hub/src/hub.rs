@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::books::cache::{self, TtlCache};
-use crate::books::limits::Limiter;
+use crate::books::limits::{Hourly, Limiter};
 use crate::books::retention;
 use crate::books::usage::{self, Accounting};
 use crate::config::HubConfig;
@@ -137,12 +137,16 @@ impl Hub {
             tasks: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
             limiter: Arc::new(Limiter::default()),
+            signups: Hourly::default(),
+            invites: Hourly::default(),
+            reports: Hourly::default(),
             treasury,
             anonymous,
             identity,
             auditor,
             service: Default::default(),
             keys: TtlCache::new(cache::KEY_TTL),
+            unknown_keys: TtlCache::new(cache::KEY_MISS_TTL),
             balances: Default::default(),
             inflight: Default::default(),
             metrics: Metrics::new(max_model_labels),

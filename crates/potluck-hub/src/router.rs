@@ -72,6 +72,7 @@ pub(crate) fn router(state: Arc<HubState>) -> Router {
         .route("/admin/v1/accounts/{name}/groups/{group}", delete(members::remove_group))
         .route("/admin/v1/accounts/{name}/credits", get(credits::account_credits).post(credits::grant))
         .route("/admin/v1/accounts/{name}/credits/history", get(credits::account_history))
+        .route("/admin/v1/accounts/{name}/limits", put(credits::set_account_limits))
         .route("/admin/v1/invites", get(invites::list_invites).post(invites::create_invite))
         .route("/admin/v1/invites/{id}", delete(invites::revoke_invite))
         .route("/admin/v1/audit-log", get(action_log::audit_log))

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::books::cache::TtlCache;
-use crate::books::limits::Limiter;
+use crate::books::limits::{Hourly, Limiter};
 use crate::books::reserve::Reservations;
 use crate::books::usage::Accounting;
 use crate::config::HubConfig;
@@ -41,12 +41,20 @@ pub struct HubState {
     pub(crate) hard_stop: CancellationToken,
     /// Per-key limit counters.
     pub(crate) limiter: Arc<Limiter>,
+    /// Signups, for the whole hub (key 0).
+    pub(crate) signups: Hourly,
+    /// Invites created, by staff account.
+    pub(crate) invites: Hourly,
+    /// Reports filed, by account.
+    pub(crate) reports: Hourly,
     /// The treasury account (pays for anonymous use, issues grants).
     pub(crate) treasury: i64,
     /// The shared anonymous key, when anonymous access is on.
     pub(crate) anonymous: Option<KeyAuth>,
     /// Resolved keys by secret hash.
     pub(crate) keys: TtlCache<String, KeyAuth>,
+    /// Secret hashes that matched no key: refused without asking the database.
+    pub(crate) unknown_keys: TtlCache<String, ()>,
     /// Available balances and the credits requests in flight hold, by account.
     pub(crate) balances: Arc<Reservations>,
     /// The hub's id and keys (receipts, pseudonyms).

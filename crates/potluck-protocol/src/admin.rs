@@ -698,6 +698,16 @@ pub struct KeyLimitsSet {
     pub limits: KeyLimitsView,
 }
 
+/// Answer to `PUT /admin/v1/accounts/{name}/limits` (the body is a [`KeyLimitsView`]).
+/// The overrides bind every key of the account, counted together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountLimitsSet {
+    /// Account name.
+    pub account: String,
+    /// The account's own overrides now in force.
+    pub limits: KeyLimitsView,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -216,4 +216,15 @@ CREATE TABLE moderation_events (
 CREATE INDEX moderation_events_time ON moderation_events(created_at_ms);
 "#,
     ),
+    (
+        11,
+        r#"
+-- Per-account limit overrides (NULL: no override). They bind every key of the account,
+-- counted together, as does any limit an admin set on one of its keys.
+ALTER TABLE accounts ADD COLUMN rpm INTEGER;
+ALTER TABLE accounts ADD COLUMN tpm INTEGER;
+ALTER TABLE accounts ADD COLUMN max_concurrent INTEGER;
+ALTER TABLE accounts ADD COLUMN daily_tokens INTEGER;
+"#,
+    ),
 ];

@@ -31,6 +31,15 @@ impl SecretKind {
             Self::Invite => "pi-",
         }
     }
+
+    /// Whether `s` has the shape of a secret of this kind (prefix, then the hex of
+    /// [`SECRET_RANDOM_BYTES`] random bytes): anything else cannot be one, and needs no
+    /// lookup.
+    pub fn looks_like(self, s: &str) -> bool {
+        s.strip_prefix(self.prefix()).is_some_and(|rest| {
+            rest.len() == 2 * SECRET_RANDOM_BYTES && rest.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+    }
 }
 
 /// A secret in clear. `Debug` and `Display` print a redacted form; use
@@ -88,6 +97,16 @@ mod tests {
         let s = Secret::generate(SecretKind::ConsumerKey);
         assert!(s.expose().starts_with("pk-"));
         assert_eq!(s.expose().len(), 3 + 2 * SECRET_RANDOM_BYTES);
+        assert!(SecretKind::ConsumerKey.looks_like(s.expose()));
+        assert!(!SecretKind::Admin.looks_like(s.expose()));
+        for bad in [
+            "pk-",
+            "pk-nope",
+            &s.expose()[..20],
+            &format!("{}0", s.expose()),
+        ] {
+            assert!(!SecretKind::ConsumerKey.looks_like(bad), "{bad}");
+        }
         let tail = &s.expose()[3..];
         assert!(!format!("{s:?}").contains(tail));
         assert!(!format!("{s}").contains(tail));

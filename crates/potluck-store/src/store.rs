@@ -170,7 +170,7 @@ fn block_of(account: (&str, Option<String>), own: (Target, &str, Option<String>)
     })
 }
 
-/// Per-key limit overrides; `None` means the hub's default.
+/// Limit overrides of a key or an account; `None` means no override (the hub's default).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeyLimits {
     /// Requests per minute.
@@ -183,6 +183,24 @@ pub struct KeyLimits {
     pub daily_tokens: Option<i64>,
 }
 
+impl KeyLimits {
+    /// Per field, the tighter of two sets of overrides (a missing one does not loosen).
+    pub fn tighter(self, other: KeyLimits) -> KeyLimits {
+        fn min(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        KeyLimits {
+            rpm: min(self.rpm, other.rpm),
+            tpm: min(self.tpm, other.tpm),
+            max_concurrent: min(self.max_concurrent, other.max_concurrent),
+            daily_tokens: min(self.daily_tokens, other.daily_tokens),
+        }
+    }
+}
+
 /// What a valid consumer or admin key resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyAuth {
@@ -192,7 +210,9 @@ pub struct KeyAuth {
     pub account_id: i64,
     /// The owning account's role.
     pub role: Role,
-    /// Limit overrides.
+    /// The overrides that bind this key: per field, the tightest of its account's and of
+    /// every key of that account (revoked ones too), so that a new key escapes nothing.
+    /// The hub counts them per account.
     pub limits: KeyLimits,
     /// The account's groups, sorted (providers can serve only some groups).
     pub groups: std::sync::Arc<[String]>,
@@ -290,6 +310,11 @@ pub struct Store {
     pool: SqlitePool,
     /// Ids of the system accounts (they never change once created).
     pub(crate) system_ids: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
+    /// Consumer-key lookups made (`authenticate_key`), for tests and metrics.
+    key_lookups: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Held for writing by [`Store::hold_key_lookups`]: lookups that have read the
+    /// database wait on it before they answer (tests stage races with it).
+    key_lookup_gate: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 pub(crate) fn now_secs() -> i64 {
@@ -321,6 +346,8 @@ impl Store {
         let store = Self {
             pool,
             system_ids: Default::default(),
+            key_lookups: Default::default(),
+            key_lookup_gate: Default::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -336,6 +363,8 @@ impl Store {
         let store = Self {
             pool,
             system_ids: Default::default(),
+            key_lookups: Default::default(),
+            key_lookup_gate: Default::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -365,6 +394,21 @@ impl Store {
             tracing::info!(version, "applied database migration");
         }
         Ok(())
+    }
+
+    /// How many consumer-key lookups this store has made (a hub's negative cache keeps a
+    /// repeated bad key from reaching the database).
+    pub fn key_lookups(&self) -> u64 {
+        self.key_lookups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// For tests: until the guard is dropped, every key lookup that has read the database
+    /// waits before it answers (and is counted in [`Store::key_lookups`] before it waits),
+    /// so a test can change the database while a lookup holds an old answer.
+    pub async fn hold_key_lookups(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        std::sync::Arc::clone(&self.key_lookup_gate)
+            .write_owned()
+            .await
     }
 
     /// Close the pool (waits for connections to finish).
@@ -482,11 +526,24 @@ impl Store {
     /// Resolve a consumer or admin key. Revoked and unknown keys give `None`; a key of
     /// an account or a key not in good standing resolves with `block` set.
     pub async fn authenticate_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
+        let found = self.read_key(secret).await;
+        self.key_lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        drop(self.key_lookup_gate.read().await);
+        found
+    }
+
+    async fn read_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
         let row = sqlx::query(
-            "SELECT k.id, k.account_id, a.role, k.rpm, k.tpm, k.max_concurrent, k.daily_tokens, \
+            "SELECT k.id, k.account_id, a.role, \
+             (SELECT MIN(o.rpm) FROM api_keys o WHERE o.account_id = k.account_id), \
+             (SELECT MIN(o.tpm) FROM api_keys o WHERE o.account_id = k.account_id), \
+             (SELECT MIN(o.max_concurrent) FROM api_keys o WHERE o.account_id = k.account_id), \
+             (SELECT MIN(o.daily_tokens) FROM api_keys o WHERE o.account_id = k.account_id), \
              a.status, a.status_reason, k.status, k.status_reason, k.prefer_low_power, k.trusted_only, \
              (SELECT group_concat(g.name, char(10)) FROM group_members m JOIN groups g ON g.id = m.group_id \
-              WHERE m.account_id = k.account_id) \
+              WHERE m.account_id = k.account_id), \
+             a.rpm, a.tpm, a.max_concurrent, a.daily_tokens \
              FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.secret_hash = ? AND k.revoked_at IS NULL",
         )
         .bind(secret.hash())
@@ -507,7 +564,13 @@ impl Store {
                     tpm: r.get(4),
                     max_concurrent: r.get(5),
                     daily_tokens: r.get(6),
-                },
+                }
+                .tighter(KeyLimits {
+                    rpm: r.get(14),
+                    tpm: r.get(15),
+                    max_concurrent: r.get(16),
+                    daily_tokens: r.get(17),
+                }),
                 block: block_of((r.get(7), r.get(8)), (Target::Key, r.get(9), r.get(10))),
                 prefer_low_power: r.get(11),
                 trusted_only: r.get(12),
@@ -554,14 +617,32 @@ impl Store {
         })
     }
 
-    /// Set a key's limit overrides (by id). `None` fields go back to the defaults.
+    /// Set a key's limit overrides (by id; a revoked key's too, since they keep binding its
+    /// account). `None` fields lift the override.
     pub async fn set_key_limits(&self, key_id: i64, l: KeyLimits) -> Result<()> {
-        let n = sqlx::query("UPDATE api_keys SET rpm = ?, tpm = ?, max_concurrent = ?, daily_tokens = ? WHERE id = ? AND revoked_at IS NULL")
+        let n = sqlx::query("UPDATE api_keys SET rpm = ?, tpm = ?, max_concurrent = ?, daily_tokens = ? WHERE id = ?")
             .bind(l.rpm)
             .bind(l.tpm)
             .bind(l.max_concurrent)
             .bind(l.daily_tokens)
             .bind(key_id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Set an account's limit overrides (by id). `None` fields lift the override.
+    pub async fn set_account_limits(&self, account_id: i64, l: KeyLimits) -> Result<()> {
+        let n = sqlx::query("UPDATE accounts SET rpm = ?, tpm = ?, max_concurrent = ?, daily_tokens = ? WHERE id = ?")
+            .bind(l.rpm)
+            .bind(l.tpm)
+            .bind(l.max_concurrent)
+            .bind(l.daily_tokens)
+            .bind(account_id)
             .execute(&self.pool)
             .await?
             .rows_affected();
@@ -727,12 +808,12 @@ impl Store {
         Ok(())
     }
 
-    /// Tokens (prompt + completion) used by a key since `since_ms`.
-    pub async fn tokens_used_since(&self, key_id: i64, since_ms: i64) -> Result<i64> {
+    /// Tokens (prompt + completion) used by an account's keys since `since_ms`.
+    pub async fn tokens_used_since(&self, account_id: i64, since_ms: i64) -> Result<i64> {
         let v: Option<i64> = sqlx::query_scalar(
-            "SELECT SUM(prompt_tokens + completion_tokens) FROM usage_records WHERE key_id = ? AND started_at_ms >= ?",
+            "SELECT SUM(prompt_tokens + completion_tokens) FROM usage_records WHERE account_id = ? AND started_at_ms >= ?",
         )
-        .bind(key_id)
+        .bind(account_id)
         .bind(since_ms)
         .fetch_one(&self.pool)
         .await?;

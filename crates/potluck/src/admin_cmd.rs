@@ -1,10 +1,10 @@
-//! The admin clients `keys`, `providers` and `credits`.
+//! The admin clients `keys`, `providers` and `credits`, and account limits.
 
 use anyhow::bail;
 use clap::Subcommand;
 use potluck_protocol::admin::{
-    Clawback, CreateKey, CreateProvider, Created, CreditBalance, CreditLine, KeyInfo, List,
-    ProviderAudits, ProviderInfo, ProviderTrust, Reputation, Revoked,
+    AccountLimitsSet, Clawback, CreateKey, CreateProvider, Created, CreditBalance, CreditLine,
+    KeyInfo, KeyLimitsView, List, ProviderAudits, ProviderInfo, ProviderTrust, Reputation, Revoked,
 };
 
 use crate::cli::{admin_client, path_segment, AdminArgs};
@@ -391,5 +391,47 @@ pub(crate) async fn credits_cmd(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result
             );
         }
     }
+    Ok(())
+}
+
+/// `--rpm --tpm --concurrent --daily-tokens`: limit overrides; one left out lifts it.
+#[derive(Debug, clap::Args)]
+pub(crate) struct LimitArgs {
+    /// Requests per minute.
+    #[arg(long)]
+    rpm: Option<u32>,
+    /// Tokens (prompt + completion) per minute.
+    #[arg(long)]
+    tpm: Option<u32>,
+    /// Requests in flight at once.
+    #[arg(long)]
+    concurrent: Option<u32>,
+    /// Tokens per UTC day.
+    #[arg(long)]
+    daily_tokens: Option<u32>,
+}
+
+/// `accounts limits NAME …` (`acct` is `accounts/NAME`, escaped).
+pub(crate) async fn account_limits(
+    c: &AdminClient,
+    acct: &str,
+    l: LimitArgs,
+) -> anyhow::Result<()> {
+    let body = KeyLimitsView {
+        rpm: l.rpm.map(i64::from),
+        tpm: l.tpm.map(i64::from),
+        max_concurrent: l.concurrent.map(i64::from),
+        daily_tokens: l.daily_tokens.map(i64::from),
+    };
+    let r: AccountLimitsSet = c.put(&format!("/admin/v1/{acct}/limits"), &body).await?;
+    let mut t = Table::new(&["ACCOUNT", "RPM", "TPM", "CONCURRENT", "DAILY TOKENS"]);
+    t.row(vec![
+        r.account,
+        opt(r.limits.rpm),
+        opt(r.limits.tpm),
+        opt(r.limits.max_concurrent),
+        opt(r.limits.daily_tokens),
+    ]);
+    t.print();
     Ok(())
 }

@@ -72,6 +72,14 @@ pub enum AccountsCmd {
         /// admin, moderator or member.
         role: String,
     },
+    /// Limits for every key of an account, counted together (admin). A flag left out
+    /// lifts that override (the hub's default applies, or a key's own override).
+    Limits {
+        /// Account name.
+        name: String,
+        #[command(flatten)]
+        limits: crate::admin_cmd::LimitArgs,
+    },
     /// Group membership (admin).
     Groups {
         #[command(subcommand)]
@@ -288,6 +296,9 @@ pub async fn accounts(cmd: AccountsCmd, a: AdminArgs) -> anyhow::Result<()> {
                 )
                 .await?;
             println!("{} is {}", r.name, r.role);
+        }
+        AccountsCmd::Limits { name, limits } => {
+            crate::admin_cmd::account_limits(&c, &acct(&name), limits).await?
         }
         AccountsCmd::Groups {
             cmd: GroupsCmd::Add { name, group },

@@ -1,5 +1,5 @@
 //! Credits, usage and limits: a member's own balance and history, the admin's view of any
-//! account's, grants, claw-backs, usage rows and key limits.
+//! account's, grants, claw-backs, usage rows, and key and account limits.
 
 use std::sync::Arc;
 
@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::HeaderMap;
-use potluck_protocol::admin::{Clawback, KeyLimitsSet, KeyLimitsView};
+use potluck_protocol::admin::{AccountLimitsSet, Clawback, KeyLimitsSet, KeyLimitsView};
 use potluck_store::KeyLimits;
 use serde::Deserialize;
 
@@ -17,7 +17,7 @@ use crate::books::action_log;
 use crate::books::money::Micro;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
-use crate::http::extract::json_body;
+use crate::http::extract::{json_body, read_capped};
 use crate::state::HubState;
 
 /// Most usage rows one call returns.
@@ -121,10 +121,10 @@ pub(crate) async fn grant(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let admin = auth::staff(&st, &headers, Action::Credits).await?;
-    let req: GrantBody = json_body(&body)?;
+    let req: GrantBody = json_body(&read_capped(body, st.config.max_admin_body_bytes).await?)?;
     if !req.amount.is_finite() || req.amount.abs() > MAX_GRANT_CREDITS || req.amount == 0.0 {
         return Err(ApiError::bad_request(
             format!("'amount' must be a non-zero number of credits up to {MAX_GRANT_CREDITS}."),
@@ -190,14 +190,9 @@ pub(crate) async fn clawback(
     .into_response())
 }
 
-pub(crate) async fn set_limits(
-    State(st): State<Arc<HubState>>,
-    headers: HeaderMap,
-    Path(id): Path<i64>,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let actor = auth::staff(&st, &headers, Action::Limits).await?;
-    let l: KeyLimits = json_body(&body)?;
+/// Limit overrides from a body: none negative.
+fn limits_body(body: &[u8]) -> Result<KeyLimits, ApiError> {
+    let l: KeyLimits = json_body(body)?;
     for (name, v) in [
         ("rpm", l.rpm),
         ("tpm", l.tpm),
@@ -207,10 +202,31 @@ pub(crate) async fn set_limits(
         if v.is_some_and(|v| v < 0) {
             return Err(ApiError::bad_request(
                 format!("'{name}' must not be negative."),
-                None,
+                Some(name),
             ));
         }
     }
+    Ok(l)
+}
+
+fn view(l: KeyLimits) -> KeyLimitsView {
+    KeyLimitsView {
+        rpm: l.rpm,
+        tpm: l.tpm,
+        max_concurrent: l.max_concurrent,
+        daily_tokens: l.daily_tokens,
+    }
+}
+
+/// `PUT /admin/v1/keys/{id}/limits`: they bind every key of its account too.
+pub(crate) async fn set_limits(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::Limits).await?;
+    let l = limits_body(&read_capped(body, st.config.max_admin_body_bytes).await?)?;
     st.store.set_key_limits(id, l).await.map_err(|e| match e {
         potluck_store::StoreError::NotFound => ApiError::NotFound("key"),
         e => e.into(),
@@ -220,12 +236,42 @@ pub(crate) async fn set_limits(
     tracing::info!(key_id = id, "key limits set");
     Ok(Json(KeyLimitsSet {
         id,
-        limits: KeyLimitsView {
-            rpm: l.rpm,
-            tpm: l.tpm,
-            max_concurrent: l.max_concurrent,
-            daily_tokens: l.daily_tokens,
-        },
+        limits: view(l),
+    })
+    .into_response())
+}
+
+/// `PUT /admin/v1/accounts/{name}/limits`: overrides for every key of the account.
+pub(crate) async fn set_account_limits(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let actor = auth::staff(&st, &headers, Action::Limits).await?;
+    let l = limits_body(&read_capped(body, st.config.max_admin_body_bytes).await?)?;
+    let id = account_id(&st, &name).await?;
+    st.store
+        .set_account_limits(id, l)
+        .await
+        .map_err(|e| match e {
+            potluck_store::StoreError::NotFound => ApiError::NotFound("account"),
+            e => e.into(),
+        })?;
+    st.keys.clear();
+    action_log::record(
+        &st,
+        &actor,
+        "account.limits",
+        "account",
+        id.to_string(),
+        None,
+    )
+    .await?;
+    tracing::info!(account_id = id, "account limits set");
+    Ok(Json(AccountLimitsSet {
+        account: name,
+        limits: view(l),
     })
     .into_response())
 }

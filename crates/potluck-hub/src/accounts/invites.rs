@@ -10,19 +10,26 @@ use potluck_protocol::admin::{
     CreateInvite, InviteCreated, Revoked, DEFAULT_INVITE_HOURS, MAX_INVITE_HOURS,
 };
 
-use crate::accounts::{not_found, wire};
+use crate::accounts::{not_found, per_hour, wire};
 use crate::books::action_log;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
-use crate::http::extract::{json_body, parse_id};
+use crate::http::extract::{json_body, parse_id, read_capped};
 use crate::state::HubState;
 
 pub(crate) async fn create_invite(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::Invites).await?;
+    per_hour(
+        &st.invites,
+        actor.account_id,
+        st.config.abuse.invites_per_hour,
+        "invites",
+    )?;
+    let body = read_capped(body, st.config.max_admin_body_bytes).await?;
     let req: CreateInvite = if body.is_empty() {
         CreateInvite::default()
     } else {

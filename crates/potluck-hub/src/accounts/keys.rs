@@ -18,7 +18,10 @@ use crate::books::action_log;
 use crate::books::credits::starter_grant;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
-use crate::http::extract::{check_name, json_body, parse_id};
+use crate::http::extract::{
+    check_account_name, check_name, json_body, parse_id, read_capped, read_json, OPERATOR_ACCOUNT,
+};
+use crate::routing::inflight::Cut;
 use crate::state::HubState;
 
 #[derive(Clone, Copy)]
@@ -31,7 +34,7 @@ pub(crate) enum Kind {
 pub(crate) async fn create(
     st: &HubState,
     headers: &HeaderMap,
-    body: &[u8],
+    body: axum::body::Body,
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let action = match kind {
@@ -39,13 +42,17 @@ pub(crate) async fn create(
         Kind::Provider => Action::Providers,
     };
     let actor = auth::staff(st, headers, action).await?;
+    let body = read_capped(body, st.config.max_admin_body_bytes).await?;
     let (name, account) = match kind {
-        Kind::Key => json_body::<CreateKey>(body).map(|r| (r.name, r.account))?,
-        Kind::Provider => json_body::<CreateProvider>(body).map(|r| (r.name, r.account))?,
+        Kind::Key => json_body::<CreateKey>(&body).map(|r| (r.name, r.account))?,
+        Kind::Provider => json_body::<CreateProvider>(&body).map(|r| (r.name, r.account))?,
     };
     check_name("name", &name)?;
     let account = account.unwrap_or_else(|| name.clone());
     check_name("account", &account)?;
+    if account != OPERATOR_ACCOUNT {
+        check_account_name("account", &account)?;
+    }
     let (id, secret) = match kind {
         Kind::Key => st.store.create_key(&name, &account).await?,
         Kind::Provider => st.store.create_provider(&name, &account).await?,
@@ -71,9 +78,9 @@ pub(crate) async fn create(
 pub(crate) async fn create_key(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    create(&st, &headers, &body, Kind::Key).await
+    create(&st, &headers, body, Kind::Key).await
 }
 
 pub(crate) async fn list_keys(
@@ -109,8 +116,9 @@ pub(crate) async fn revoke_key(
         e => e.into(),
     })?;
     st.keys.clear();
+    let cut = st.inflight.cancel_key(id, &Cut::Revoked);
     action_log::record(&st, &actor, "key.revoke", "key", id.to_string(), None).await?;
-    tracing::info!(key_id = id, "consumer key revoked");
+    tracing::info!(key_id = id, requests_cut = cut, "consumer key revoked");
     Ok(Json(Revoked {
         id,
         revoked: true,
@@ -123,11 +131,11 @@ pub(crate) async fn admin_key_settings(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::Limits).await?;
     let id = parse_id(&id, "key")?;
-    let s: KeySettings = json_body(&body)?;
+    let s: KeySettings = read_json(body, st.config.max_admin_body_bytes).await?;
     st.store
         .set_key_settings(id, None, s)
         .await
@@ -148,11 +156,11 @@ pub(crate) async fn my_key_settings(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let me = auth::consumer(&st, &headers).await?;
     let id = parse_id(&id, "key")?;
-    let s: KeySettings = json_body(&body)?;
+    let s: KeySettings = read_json(body, st.config.max_admin_body_bytes).await?;
     st.store
         .set_key_settings(id, Some(me.account_id), s)
         .await
@@ -186,10 +194,10 @@ pub(crate) struct NewKey {
 pub(crate) async fn create_my_key(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let me = auth::consumer(&st, &headers).await?;
-    let req: NewKey = json_body(&body)?;
+    let req: NewKey = read_json(body, st.config.max_admin_body_bytes).await?;
     check_name("name", &req.name)?;
     let (id, secret) = st.store.create_own_key(me.account_id, &req.name).await?;
     tracing::info!(
@@ -217,7 +225,8 @@ pub(crate) async fn revoke_my_key(
         .await
         .map_err(not_found("key"))?;
     st.keys.clear();
-    tracing::info!(key_id = id, "member revoked a key");
+    let cut = st.inflight.cancel_key(id, &Cut::Revoked);
+    tracing::info!(key_id = id, requests_cut = cut, "member revoked a key");
     Ok(Json(Revoked {
         id,
         revoked: true,

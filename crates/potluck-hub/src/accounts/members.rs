@@ -17,7 +17,7 @@ use crate::books::action_log;
 use crate::books::credits::starter_grant;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
-use crate::http::extract::{check_name, json_body};
+use crate::http::extract::{check_account_name, check_name, read_json};
 use crate::state::HubState;
 
 pub(crate) async fn list_accounts(
@@ -75,11 +75,11 @@ pub(crate) fn role_of(s: &str) -> Result<Role, ApiError> {
 pub(crate) async fn create_account(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::ManageAccounts).await?;
-    let req: CreateAccount = json_body(&body)?;
-    check_name("name", &req.name)?;
+    let req: CreateAccount = read_json(body, st.config.max_admin_body_bytes).await?;
+    check_account_name("name", &req.name)?;
     let role = role_of(req.role.as_deref().unwrap_or("member"))?;
     let id = st
         .store
@@ -142,10 +142,10 @@ pub(crate) async fn set_role(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::ManageAccounts).await?;
-    let req: SetRole = json_body(&body)?;
+    let req: SetRole = read_json(body, st.config.max_admin_body_bytes).await?;
     let role = role_of(&req.role)?;
     let a = account(&st, &name).await?;
     if a.id == actor.account_id {
@@ -174,10 +174,10 @@ pub(crate) async fn add_group(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::ManageAccounts).await?;
-    let req: GroupReq = json_body(&body)?;
+    let req: GroupReq = read_json(body, st.config.max_admin_body_bytes).await?;
     check_name("group", &req.group)?;
     let a = account(&st, &name).await?;
     st.store.add_to_group(a.id, &req.group).await?;

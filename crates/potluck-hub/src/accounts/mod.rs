@@ -19,8 +19,11 @@ pub(crate) mod signup;
 pub(crate) mod usage;
 pub(crate) mod wire;
 
+use std::time::Instant;
+
 use potluck_store::{Role, StoreError};
 
+use crate::books::limits::Hourly;
 use crate::http::error::ApiError;
 use crate::state::HubState;
 
@@ -29,6 +32,18 @@ pub(crate) const MAX_REQUEST_ID_BYTES: usize = 64;
 /// What moderators are told about content, with every report.
 pub(crate) const NO_CONTENT_NOTE: &str = "Potluck stores no prompt or completion content. \
      This metadata (who, when, which model and provider, token counts, status) is all there is.";
+
+/// Take one of `per_hour` from `bucket` for `key`, or answer 429 for `which`.
+pub(crate) fn per_hour(
+    bucket: &Hourly,
+    key: i64,
+    per_hour: u32,
+    which: &'static str,
+) -> Result<(), ApiError> {
+    bucket
+        .take(key, per_hour, Instant::now())
+        .map_err(|retry_after| ApiError::RateLimited { which, retry_after })
+}
 
 pub(crate) fn not_found(what: &'static str) -> impl Fn(StoreError) -> ApiError {
     move |e| match e {

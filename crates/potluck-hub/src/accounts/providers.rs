@@ -18,9 +18,9 @@ use crate::state::HubState;
 pub(crate) async fn create_provider(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    create(&st, &headers, &body, Kind::Provider).await
+    create(&st, &headers, body, Kind::Provider).await
 }
 
 pub(crate) async fn list_providers(

@@ -15,20 +15,26 @@ use potluck_store::accounts::ReportRow;
 use potluck_store::Target;
 
 use crate::accounts::sanctions::{sanction, SanctionAction};
-use crate::accounts::{not_found, wire, MAX_REQUEST_ID_BYTES};
+use crate::accounts::{not_found, per_hour, wire, MAX_REQUEST_ID_BYTES};
 use crate::books::action_log;
 use crate::http::auth::{self, Action, Reporter};
 use crate::http::error::ApiError;
-use crate::http::extract::{json_body, limit, parse_id, reason, ListQuery};
+use crate::http::extract::{limit, parse_id, read_json, reason, ListQuery};
 use crate::state::HubState;
 
 pub(crate) async fn file_report(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let who = auth::reporter(&st, &headers).await?;
-    let req: FileReport = json_body(&body)?;
+    per_hour(
+        &st.reports,
+        who.account_id(),
+        st.config.abuse.reports_per_hour,
+        "reports",
+    )?;
+    let req: FileReport = read_json(body, st.config.max_admin_body_bytes).await?;
     let why =
         reason(Some(req.reason), true, MAX_REPORT_REASON_CHARS, "reason")?.unwrap_or_default();
     if req.request_id.len() > MAX_REQUEST_ID_BYTES
@@ -163,11 +169,11 @@ pub(crate) async fn resolve_report(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::Reports).await?;
     let id = parse_id(&id, "report")?;
-    let req: ResolveReport = json_body(&body)?;
+    let req: ResolveReport = read_json(body, st.config.max_admin_body_bytes).await?;
     let r = st.store.report(id).await.map_err(not_found("report"))?;
     if r.status != "open" {
         return Err(ApiError::Conflict("the report is already resolved".into()));

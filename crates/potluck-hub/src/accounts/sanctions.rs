@@ -14,7 +14,8 @@ use crate::accounts::{account, not_found};
 use crate::books::action_log;
 use crate::http::auth::{self, rank, Action};
 use crate::http::error::ApiError;
-use crate::http::extract::{json_body, parse_id, reason};
+use crate::http::extract::{parse_id, read_json, reason};
+use crate::routing::inflight::Cut;
 use crate::state::HubState;
 
 /// A sanction's verb.
@@ -158,18 +159,19 @@ fn new_standing(
 /// Make an imposed sanction effective at once: cut the party's requests in flight and
 /// close its providers' links. Returns (requests cut, links closed).
 async fn enforce(st: &HubState, block: &Block, id: i64) -> Result<(usize, usize), ApiError> {
-    let as_provider = Block {
+    let as_provider = Cut::Sanction(Block {
         target: Target::Provider,
         ..block.clone()
-    };
+    });
+    let cut_by = Cut::Sanction(block.clone());
     let mut cut = 0;
     let providers = match block.target {
         Target::Account => {
-            cut += st.inflight.cancel_account(id, block);
+            cut += st.inflight.cancel_account(id, &cut_by);
             st.store.account_providers(id).await?
         }
         Target::Key => {
-            cut += st.inflight.cancel_key(id, block);
+            cut += st.inflight.cancel_key(id, &cut_by);
             Vec::new()
         }
         Target::Provider => vec![id],
@@ -185,12 +187,12 @@ async fn enforce(st: &HubState, block: &Block, id: i64) -> Result<(usize, usize)
 pub(crate) async fn sanction_req(
     st: &HubState,
     headers: &HeaderMap,
-    body: &[u8],
+    body: axum::body::Body,
     target: Target,
     id: &str,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(st, headers, Action::Sanction).await?;
-    let req: SanctionReq = json_body(body)?;
+    let req: SanctionReq = read_json(body, st.config.max_admin_body_bytes).await?;
     let verb = SanctionAction::parse(&req.action)?;
     let id = match target {
         Target::Account => account(st, id).await?.id,
@@ -208,25 +210,25 @@ pub(crate) async fn sanction_account(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    sanction_req(&st, &headers, &body, Target::Account, &name).await
+    sanction_req(&st, &headers, body, Target::Account, &name).await
 }
 
 pub(crate) async fn sanction_key(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    sanction_req(&st, &headers, &body, Target::Key, &id).await
+    sanction_req(&st, &headers, body, Target::Key, &id).await
 }
 
 pub(crate) async fn sanction_provider(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    sanction_req(&st, &headers, &body, Target::Provider, &id).await
+    sanction_req(&st, &headers, body, Target::Provider, &id).await
 }

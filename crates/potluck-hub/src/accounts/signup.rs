@@ -9,18 +9,22 @@ use http::StatusCode;
 use potluck_protocol::admin::{SignedUp, Signup};
 use potluck_store::{Secret, Standing};
 
+use crate::accounts::per_hour;
 use crate::books::credits::starter_grant;
 use crate::config::JoinMode;
 use crate::http::error::ApiError;
-use crate::http::extract::{check_name, json_body};
+use crate::http::extract::{check_account_name, read_json};
 use crate::state::HubState;
 
 pub(crate) async fn signup(
     State(st): State<Arc<HubState>>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let req: Signup = json_body(&body)?;
-    check_name("name", &req.name)?;
+    // Counted before the body is read: every attempt, so invite codes cannot be guessed
+    // at speed either.
+    per_hour(&st.signups, 0, st.config.abuse.signups_per_hour, "signups")?;
+    let req: Signup = read_json(body, st.config.max_admin_body_bytes).await?;
+    check_account_name("name", &req.name)?;
     let code = req
         .invite_code
         .filter(|c| !c.trim().is_empty())

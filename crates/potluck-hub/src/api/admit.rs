@@ -23,6 +23,7 @@ use crate::books::money::Micro;
 use crate::books::reserve::{Hold, NoHold};
 use crate::books::usage::UsagePlace;
 use crate::http::error::ApiError;
+use crate::routing::inflight::{cut_error, InFlightGuard};
 use crate::state::HubState;
 use crate::trust::plausibility::{Bounds, Usage};
 
@@ -73,6 +74,21 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiErro
             "The request body could not be read.",
             None,
         )),
+    }
+}
+
+/// [`read_body`], given up as soon as the request is cut (its account or key sanctioned or
+/// revoked while the body trickles in): the answer is the cut's error, and the unread rest
+/// of the body closes the connection.
+pub(crate) async fn read_body_unless_cut(
+    body: Body,
+    limit: usize,
+    cut: &InFlightGuard,
+) -> Result<Bytes, ApiError> {
+    tokio::select! {
+        biased;
+        c = cut.cancelled() => Err(cut_error(&c)),
+        r = read_body(body, limit) => r,
     }
 }
 
@@ -167,8 +183,8 @@ pub(crate) const PRIORITY_NORMAL: u8 = 2;
 /// An account with at least `credits.high_priority_balance`.
 pub(crate) const PRIORITY_HIGH: u8 = 3;
 
-/// Admit the request under the key's limits (seeding today's token count from the store
-/// when the limiter has none): the concurrent-request slot it holds until it ends.
+/// Admit the request under its account's limits (seeding today's token count from the
+/// store when the limiter has none): the concurrent-request slot it holds until it ends.
 pub(crate) async fn limits(
     state: &HubState,
     key: &KeyAuth,
@@ -181,11 +197,11 @@ pub(crate) async fn limits(
     };
     let limits = Effective::new(&key.limits, defaults);
     let (day, to_midnight, day_start_ms) = utc_day(SystemTime::now());
-    let seed = if limits.daily_tokens.is_some() && state.limiter.needs_day(key.key_id, day) {
+    let seed = if limits.daily_tokens.is_some() && state.limiter.needs_day(key.account_id, day) {
         Some(
             state
                 .store
-                .tokens_used_since(key.key_id, day_start_ms)
+                .tokens_used_since(key.account_id, day_start_ms)
                 .await?,
         )
     } else {
@@ -193,7 +209,14 @@ pub(crate) async fn limits(
     };
     state
         .limiter
-        .admit(key.key_id, limits, Instant::now(), day, to_midnight, seed)
+        .admit(
+            key.account_id,
+            limits,
+            Instant::now(),
+            day,
+            to_midnight,
+            seed,
+        )
         .map_err(|l| ApiError::RateLimited {
             which: l.which,
             retry_after: l.retry_after,

@@ -126,9 +126,10 @@ impl Ctx {
             ttft,
         };
         state.metrics.request_done(self.metrics_view(&ended));
-        state
-            .limiter
-            .add_tokens(self.key.key_id, usage.prompt + usage.completion);
+        state.limiter.add_tokens(
+            self.key.account_id,
+            usage.prompt.saturating_add(usage.completion),
+        );
         if outcome == Outcome::Ok {
             state.observe_service(&self.model, ended.elapsed);
             self.spot_checks(state, link, &ended);

@@ -17,7 +17,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use potluck_protocol::tunnel::HEADER_AGENT_ERROR;
 use potluck_protocol::Capability;
-use serde_json::Value;
 
 use crate::api::admit::Parsed;
 use crate::api::ctx::{note_health, Ctx};

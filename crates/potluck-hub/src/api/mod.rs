@@ -41,6 +41,7 @@ use crate::books::reserve::Hold;
 use crate::books::usage::UsagePlace;
 use crate::http::auth;
 use crate::http::error::ApiError;
+use crate::routing::inflight::InFlightGuard;
 use crate::routing::registry::Need;
 use crate::routing::send::new_request_id;
 use crate::state::HubState;
@@ -127,7 +128,12 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
         Ok(k) => k,
         Err(e) => return reject(&s.request_id, s.endpoint, None, e),
     };
-    let admitted = match admit(&state, &s, &key, anonymous, &headers, body).await {
+    // In flight from here on, before the body is read: a ban, a suspension or a revoked
+    // key cuts a slow upload as it cuts a stream.
+    let cut = state
+        .inflight
+        .register(&s.request_id, key.account_id, key.key_id);
+    let admitted = match admit(&state, &s, &key, anonymous, &headers, body, &cut).await {
         Ok(a) => a,
         Err(e) => return reject(&s.request_id, s.endpoint, Some(&key), e),
     };
@@ -137,9 +143,6 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
         priority,
         ctx_parts,
     } = admitted;
-    let cut = state
-        .inflight
-        .register(&s.request_id, key.account_id, key.key_id);
     let ctx = Ctx {
         cut,
         request_id: s.request_id,
@@ -163,8 +166,8 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
     route(state, ctx, parsed, priority).await
 }
 
-/// Admission: body, parse, limits, credits, the guard's input check, and what a provider
-/// must offer.
+/// Admission: limits (before any byte of the body is buffered), body, parse, credits, the
+/// guard's input check, and what a provider must offer.
 async fn admit(
     state: &HubState,
     s: &Start,
@@ -172,12 +175,13 @@ async fn admit(
     anonymous: bool,
     headers: &HeaderMap,
     body: Body,
+    cut: &InFlightGuard,
 ) -> Result<Admitted, ApiError> {
     let max = state.config.max_request_bytes;
     admit::check_length(headers, max)?;
-    let raw = admit::read_body(body, max).await?;
-    let parsed = admit::parse(s.endpoint, raw, max)?;
     let in_flight = admit::limits(state, key, anonymous).await?;
+    let raw = admit::read_body_unless_cut(body, max, cut).await?;
+    let parsed = admit::parse(s.endpoint, raw, max)?;
     let bounds = Bounds::of(
         &parsed.request,
         parsed.body.len(),
@@ -189,6 +193,7 @@ async fn admit(
     let stages = screen::stages(state, s.endpoint, &parsed.model);
     let guard_input: Option<Arc<str>> = (stages.input || stages.output)
         .then(|| Arc::from(crate::trust::guard::input_text(&parsed.body)));
+    screen::refuse_unreadable(state, stages, &parsed.request, guard_input.as_deref())?;
     if let (true, Some(text)) = (stages.input, &guard_input) {
         screen::check_input(state, &s.request_id, key.account_id, &parsed.model, text).await?;
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use potluck_protocol::tunnel::Moderation;
-use potluck_protocol::{InferenceEndpoint, ModelName};
+use potluck_protocol::{InferenceEndpoint, InferenceRequest, ModelName};
 
 use crate::http::error::ApiError;
 use crate::state::HubState;
@@ -35,14 +35,63 @@ pub(crate) fn stages(state: &HubState, endpoint: InferenceEndpoint, model: &Mode
     }
 }
 
-/// Check the consumer's text before dispatch; a block is the consumer's 400 (or a 503
-/// when no guard could answer).
+/// A request the guard cannot read whole: a prompt of token ids, or more text than
+/// `moderation.max_input_windows` windows. Refused when input is moderated.
+pub(crate) fn refuse_unreadable(
+    state: &HubState,
+    stages: Stages,
+    request: &InferenceRequest,
+    text: Option<&str>,
+) -> Result<(), ApiError> {
+    if !stages.input {
+        return Ok(());
+    }
+    let refuse = |message: &str| ApiError::BadRequest {
+        message: message.to_owned(),
+        param: None,
+        code: Some("content_filter"),
+    };
+    if request.token_id_prompt {
+        return Err(refuse(
+            "This hub moderates input, and a prompt of token ids cannot be checked: send text.",
+        ));
+    }
+    let max = state.config.moderation.max_input_windows;
+    if text.is_some_and(|t| {
+        guard::windows(t, guard::MAX_GUARD_TEXT_BYTES, guard::INPUT_OVERLAP_BYTES).len() > max
+    }) {
+        return Err(refuse(
+            "This hub moderates input, and this request's text is longer than it checks.",
+        ));
+    }
+    Ok(())
+}
+
+/// Check the consumer's whole text before dispatch, window by window; a block is the
+/// consumer's 400 (or a 503 when no guard could answer).
 pub(crate) async fn check_input(
     state: &HubState,
     request_id: &str,
     account_id: i64,
     model: &ModelName,
     text: &Arc<str>,
+) -> Result<(), ApiError> {
+    for w in guard::windows(
+        text,
+        guard::MAX_GUARD_TEXT_BYTES,
+        guard::INPUT_OVERLAP_BYTES,
+    ) {
+        check_window(state, request_id, account_id, model, w).await?;
+    }
+    Ok(())
+}
+
+async fn check_window(
+    state: &HubState,
+    request_id: &str,
+    account_id: i64,
+    model: &ModelName,
+    text: &str,
 ) -> Result<(), ApiError> {
     let d = guard::check(state, guard::Stage::Input, text, None).await;
     guard::note_verdict(

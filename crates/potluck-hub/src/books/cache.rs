@@ -1,7 +1,12 @@
-//! Small time-bounded caches in front of the database: the key behind a bearer secret.
-//! Admin changes in this hub (revocations, limits) clear them at once; the TTL bounds
-//! staleness from anything else (another hub on the same database). Balances live in
-//! the reservation table (`reserve.rs`).
+//! Small time-bounded caches in front of the database: the key behind a bearer secret,
+//! and bearer secrets that matched no key. Admin changes in this hub (revocations,
+//! limits) clear them at once; the TTL bounds staleness from anything else (another hub
+//! on the same database). Balances live in the reservation table (`reserve.rs`).
+//!
+//! A lookup that started before a change must not put back what the change removed (a
+//! revoked or banned key would live again for a TTL): each cache has a generation,
+//! bumped by every removal, and [`TtlCache::put_if`] stores only if it did not move
+//! since the lookup began.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -9,6 +14,9 @@ use std::time::{Duration, Instant};
 
 /// How long a resolved key is trusted without asking the database again.
 pub(crate) const KEY_TTL: Duration = Duration::from_secs(5);
+/// How long a bearer secret that matched no key is refused without asking the database
+/// again (keys are random, so a new key never matches a remembered miss).
+pub(crate) const KEY_MISS_TTL: Duration = Duration::from_secs(60);
 /// Entries before a cache is emptied (a bound on memory, not a working-set size).
 pub(crate) const MAX_ENTRIES: usize = 100_000;
 
@@ -16,7 +24,14 @@ pub(crate) const MAX_ENTRIES: usize = 100_000;
 #[derive(Debug)]
 pub(crate) struct TtlCache<K, V> {
     ttl: Duration,
-    map: parking_lot::Mutex<HashMap<K, (V, Instant)>>,
+    map: parking_lot::Mutex<Entries<K, V>>,
+}
+
+#[derive(Debug)]
+struct Entries<K, V> {
+    /// Bumped by every removal.
+    generation: u64,
+    map: HashMap<K, (V, Instant)>,
 }
 
 impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
@@ -24,29 +39,53 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     pub(crate) fn new(ttl: Duration) -> Self {
         Self {
             ttl,
-            map: parking_lot::Mutex::new(HashMap::new()),
+            map: parking_lot::Mutex::new(Entries {
+                generation: 0,
+                map: HashMap::new(),
+            }),
         }
     }
 
     /// A fresh value, if any.
     pub(crate) fn get(&self, k: &K) -> Option<V> {
-        let map = self.map.lock();
-        let (v, at) = map.get(k)?;
+        let e = self.map.lock();
+        let (v, at) = e.map.get(k)?;
         (at.elapsed() < self.ttl).then(|| v.clone())
+    }
+
+    /// The generation now: take it before a lookup whose answer goes to [`Self::put_if`].
+    pub(crate) fn generation(&self) -> u64 {
+        self.map.lock().generation
     }
 
     /// Remember a value.
     pub(crate) fn put(&self, k: K, v: V) {
-        let mut map = self.map.lock();
-        if map.len() >= MAX_ENTRIES {
-            map.clear();
+        let mut e = self.map.lock();
+        if e.map.len() >= MAX_ENTRIES {
+            e.map.clear();
         }
-        map.insert(k, (v, Instant::now()));
+        e.map.insert(k, (v, Instant::now()));
+    }
+
+    /// Remember a value looked up when the generation was `generation`, unless something
+    /// was removed since (the value may be what was removed). Returns whether it was kept.
+    pub(crate) fn put_if(&self, generation: u64, k: K, v: V) -> bool {
+        let mut e = self.map.lock();
+        if e.generation != generation {
+            return false;
+        }
+        if e.map.len() >= MAX_ENTRIES {
+            e.map.clear();
+        }
+        e.map.insert(k, (v, Instant::now()));
+        true
     }
 
     /// Forget everything.
     pub(crate) fn clear(&self) {
-        self.map.lock().clear();
+        let mut e = self.map.lock();
+        e.generation = e.generation.wrapping_add(1);
+        e.map.clear();
     }
 }
 
@@ -67,6 +106,24 @@ mod tests {
         for i in 0..=MAX_ENTRIES {
             c.put(i, "x");
         }
-        assert!(c.map.lock().len() <= MAX_ENTRIES);
+        assert!(c.map.lock().map.len() <= MAX_ENTRIES);
+    }
+
+    /// A lookup that began before a removal cannot put back what was removed.
+    #[test]
+    fn a_lookup_older_than_a_removal_is_not_kept() {
+        let c = TtlCache::new(Duration::from_secs(60));
+        let before = c.generation();
+        c.clear(); // e.g. a key revoked while the lookup was in flight
+        assert!(!c.put_if(before, 1, "stale"));
+        assert_eq!(c.get(&1), None);
+        let now = c.generation();
+        assert!(c.put_if(now, 1, "fresh"));
+        assert_eq!(c.get(&1), Some("fresh"));
+        c.remove(&2);
+        assert!(
+            !c.put_if(now, 3, "stale"),
+            "any removal moves the generation"
+        );
     }
 }

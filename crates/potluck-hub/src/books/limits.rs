@@ -1,7 +1,10 @@
-//! Per-key limits: requests per minute, tokens per minute, requests in flight, tokens per
-//! UTC day. Token buckets, in memory, behind one short `Mutex`. The daily count is seeded
-//! from the usage table the first time a key is seen each day, so a restart does not
-//! reset it.
+//! Limits: requests per minute, tokens per minute, requests in flight, tokens per UTC day.
+//! They are counted per **account**, so every key of an account draws on the same
+//! buckets: a new key escapes nothing and revoking one resets nothing. The numbers are the
+//! tightest overrides of the account and of any of its keys (`KeyAuth::limits`), each
+//! missing field taking the hub's default. Token buckets, in memory, behind one short
+//! `Mutex`. The daily count is seeded from the usage table the first time an account is
+//! seen each day, so a restart does not reset it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use potluck_store::KeyLimits;
 
 use crate::config::LimitsConfig;
 
-/// The limits in force for one key.
+/// The limits in force for one account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Effective {
     /// Requests per minute.
@@ -25,7 +28,8 @@ pub(crate) struct Effective {
 }
 
 impl Effective {
-    /// Key overrides over hub defaults.
+    /// Overrides (the account's and its keys', tightest first) over hub defaults: a field
+    /// with no override takes the default.
     pub(crate) fn new(key: &KeyLimits, defaults: &LimitsConfig) -> Self {
         Self {
             rpm: key.rpm.or(defaults.rpm),
@@ -46,7 +50,7 @@ pub(crate) struct Limited {
 }
 
 #[derive(Debug)]
-struct KeyState {
+struct AccountState {
     /// The limits the buckets were filled for; new limits start full buckets.
     limits: Effective,
     requests: f64,
@@ -57,23 +61,23 @@ struct KeyState {
     day_tokens: i64,
 }
 
-/// All keys' counters.
+/// All accounts' counters.
 #[derive(Debug, Default)]
 pub(crate) struct Limiter {
-    keys: parking_lot::Mutex<HashMap<i64, KeyState>>,
+    accounts: parking_lot::Mutex<HashMap<i64, AccountState>>,
 }
 
-/// Holds one concurrent-request slot of a key; freed on drop.
+/// Holds one concurrent-request slot of an account; freed on drop.
 #[derive(Debug)]
 pub(crate) struct InFlight {
     limiter: Arc<Limiter>,
-    key_id: i64,
+    account_id: i64,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(s) = self.limiter.keys.lock().get_mut(&self.key_id) {
-            s.in_flight -= 1;
+        if let Some(s) = self.limiter.accounts.lock().get_mut(&self.account_id) {
+            s.in_flight = s.in_flight.saturating_sub(1);
         }
     }
 }
@@ -83,24 +87,27 @@ fn retry(secs: f64) -> u64 {
 }
 
 impl Limiter {
-    /// Whether the key's daily count for `day` must be seeded from the database first.
-    pub(crate) fn needs_day(&self, key_id: i64, day: i64) -> bool {
-        self.keys.lock().get(&key_id).is_none_or(|s| s.day != day)
+    /// Whether the account's daily count for `day` must be seeded from the database first.
+    pub(crate) fn needs_day(&self, account_id: i64, day: i64) -> bool {
+        self.accounts
+            .lock()
+            .get(&account_id)
+            .is_none_or(|s| s.day != day)
     }
 
     /// Admit one request, or say which limit it hit. `seed_day_tokens` seeds the daily
     /// count when [`Limiter::needs_day`] said so.
     pub(crate) fn admit(
         self: &Arc<Self>,
-        key_id: i64,
+        account_id: i64,
         l: Effective,
         now: Instant,
         day: i64,
         secs_to_midnight: u64,
         seed_day_tokens: Option<i64>,
     ) -> Result<InFlight, Limited> {
-        let mut map = self.keys.lock();
-        let s = map.entry(key_id).or_insert_with(|| KeyState {
+        let mut map = self.accounts.lock();
+        let s = map.entry(account_id).or_insert_with(|| AccountState {
             limits: l,
             requests: l.rpm.unwrap_or(0) as f64,
             tokens: l.tpm.unwrap_or(0) as f64,
@@ -114,7 +121,7 @@ impl Limiter {
             s.day_tokens = seed_day_tokens.unwrap_or(0);
         }
         if s.limits != l {
-            // The operator changed this key's limits: start from full buckets.
+            // The operator changed this account's limits: start from full buckets.
             s.limits = l;
             s.requests = l.rpm.unwrap_or(0) as f64;
             s.tokens = l.tpm.unwrap_or(0) as f64;
@@ -160,19 +167,55 @@ impl Limiter {
             }
             s.requests -= 1.0;
         }
-        s.in_flight += 1;
+        s.in_flight = s.in_flight.saturating_add(1);
         Ok(InFlight {
             limiter: Arc::clone(self),
-            key_id,
+            account_id,
         })
     }
 
     /// Count tokens a finished request used (against tokens per minute and per day).
-    pub(crate) fn add_tokens(&self, key_id: i64, tokens: i64) {
-        if let Some(s) = self.keys.lock().get_mut(&key_id) {
+    pub(crate) fn add_tokens(&self, account_id: i64, tokens: i64) {
+        let tokens = tokens.max(0);
+        if let Some(s) = self.accounts.lock().get_mut(&account_id) {
             s.tokens -= tokens as f64;
-            s.day_tokens += tokens;
+            s.day_tokens = s.day_tokens.saturating_add(tokens);
         }
+    }
+}
+
+/// Hourly token buckets by key (an account id, or 0 for the whole hub), for the
+/// endpoints that make work for people: signup, invites, reports (`[abuse]`).
+#[derive(Debug, Default)]
+pub(crate) struct Hourly {
+    buckets: parking_lot::Mutex<HashMap<i64, (f64, Instant)>>,
+}
+
+/// Keys one [`Hourly`] keeps before it forgets them all (a bound on memory).
+const MAX_HOURLY_KEYS: usize = 100_000;
+
+impl Hourly {
+    /// Take one of `per_hour` for `key`, or say in how many seconds one is back. A
+    /// bucket starts full and refills evenly over the hour.
+    pub(crate) fn take(&self, key: i64, per_hour: u32, now: Instant) -> Result<(), u64> {
+        let cap = f64::from(per_hour);
+        let mut map = self.buckets.lock();
+        if map.len() >= MAX_HOURLY_KEYS && !map.contains_key(&key) {
+            map.clear();
+        }
+        let (left, at) = map.entry(key).or_insert((cap, now));
+        let dt = now.saturating_duration_since(*at).as_secs_f64();
+        *at = now;
+        *left = (*left + dt * cap / 3600.0).min(cap);
+        if *left < 1.0 {
+            return Err(if per_hour == 0 {
+                3600
+            } else {
+                retry((1.0 - *left) * 3600.0 / cap)
+            });
+        }
+        *left -= 1.0;
+        Ok(())
     }
 }
 
@@ -197,6 +240,19 @@ mod tests {
             max_concurrent: conc,
             daily_tokens: daily,
         }
+    }
+
+    #[test]
+    fn hourly_buckets_trip_and_refill() {
+        let h = Hourly::default();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            h.take(1, 3, t0).unwrap();
+        }
+        assert_eq!(h.take(1, 3, t0), Err(1200));
+        assert!(h.take(2, 3, t0).is_ok(), "other keys have their own");
+        assert!(h.take(1, 3, t0 + Duration::from_secs(1200)).is_ok());
+        assert_eq!(h.take(3, 0, t0), Err(3600), "zero per hour refuses all");
     }
 
     #[test]

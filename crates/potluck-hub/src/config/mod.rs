@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod limits;
 mod observe;
 mod serving;
 mod trust;
 
+pub use limits::{AbuseConfig, AnonymousConfig, LimitsConfig, MAX_ADMIN_BODY_BYTES};
 pub use observe::{MetricsConfig, UsageApiConfig};
 pub use serving::{RoutingConfig, ServerConfig};
 pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
@@ -55,10 +57,17 @@ pub struct HubConfig {
     pub queue: QueueConfig,
     /// Credits: prices, grants, escrow, priority.
     pub credits: CreditsConfig,
-    /// Default per-key limits (the admin API overrides them per key).
+    /// Default limits of an account, counted over all its keys (the admin API overrides
+    /// them per account or per key). A field left out takes its default; `"none"` lifts it.
     pub limits: LimitsConfig,
     /// Access without a key (off by default).
     pub anonymous: AnonymousConfig,
+    /// Largest body of an admin or member request (`/admin/v1/*`, `/v1/keys`, signup,
+    /// reports...), in bytes (413 above); read only after the caller is authenticated.
+    pub max_admin_body_bytes: usize,
+    /// Rates of the endpoints a stranger can call to make work for moderators: signup,
+    /// invites, reports.
+    pub abuse: AbuseConfig,
     /// Model supply chain: when not empty, only these model files may be served, by
     /// name and SHA-256 (`[[model_allowlist]]` entries).
     pub model_allowlist: Vec<AllowedModel>,
@@ -316,55 +325,6 @@ impl CreditsConfig {
     }
 }
 
-/// Default limits of a key. `None`: unlimited.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Requests per minute.
-    pub rpm: Option<i64>,
-    /// Tokens per minute.
-    pub tpm: Option<i64>,
-    /// Requests in flight.
-    pub max_concurrent: Option<i64>,
-    /// Tokens per UTC day.
-    pub daily_tokens: Option<i64>,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        Self {
-            rpm: Some(600),
-            tpm: None,
-            max_concurrent: Some(64),
-            daily_tokens: None,
-        }
-    }
-}
-
-/// Anonymous access: requests without a key, lowest priority, tight limits.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AnonymousConfig {
-    /// Allow it.
-    pub enabled: bool,
-    /// Limits of the shared anonymous key.
-    pub limits: LimitsConfig,
-}
-
-impl Default for AnonymousConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            limits: LimitsConfig {
-                rpm: Some(10),
-                tpm: Some(20_000),
-                max_concurrent: Some(2),
-                daily_tokens: Some(100_000),
-            },
-        }
-    }
-}
-
 impl HubConfig {
     /// Check cross-field rules serde cannot express.
     pub fn validate(&self) -> Result<(), String> {
@@ -447,6 +407,8 @@ impl Default for HubConfig {
             credits: CreditsConfig::default(),
             limits: LimitsConfig::default(),
             anonymous: AnonymousConfig::default(),
+            max_admin_body_bytes: MAX_ADMIN_BODY_BYTES,
+            abuse: AbuseConfig::default(),
             model_allowlist: Vec::new(),
             moderation: GuardConfig::default(),
             audit: SpotCheckConfig::default(),

@@ -50,6 +50,9 @@ pub struct GuardConfig {
     pub fail_closed: bool,
     /// Most tokens the guard may answer with.
     pub max_guard_tokens: u32,
+    /// Most windows (of 32 KiB each) a request's input is judged in; a longer input is
+    /// refused with 400 when input is moderated (every byte is judged, none skipped).
+    pub max_input_windows: usize,
 }
 
 impl Default for GuardConfig {
@@ -67,6 +70,7 @@ impl Default for GuardConfig {
             timeout: Duration::from_secs(30),
             fail_closed: true,
             max_guard_tokens: 20,
+            max_input_windows: 32,
         }
     }
 }

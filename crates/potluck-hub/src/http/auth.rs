@@ -31,17 +31,25 @@ pub(crate) async fn consumer(state: &HubState, headers: &HeaderMap) -> Result<Ke
     key(state, &secret).await
 }
 
+/// The key behind a secret: from the cache, else the store. A secret that is not shaped
+/// like a consumer key, or that matched nothing lately, is refused without a lookup; a
+/// lookup that raced a revocation or sanction is used once but not cached.
 async fn key(state: &HubState, secret: &Secret) -> Result<KeyAuth, ApiError> {
+    let s = secret.expose();
+    if !SecretKind::ConsumerKey.looks_like(s) && !SecretKind::Admin.looks_like(s) {
+        return Err(ApiError::Unauthorized);
+    }
     let hash = secret.hash();
     let k = match state.keys.get(&hash) {
         Some(k) => k,
+        None if state.unknown_keys.get(&hash).is_some() => return Err(ApiError::Unauthorized),
         None => {
-            let k = state
-                .store
-                .authenticate_key(secret)
-                .await?
-                .ok_or(ApiError::Unauthorized)?;
-            state.keys.put(hash, k.clone());
+            let generation = state.keys.generation();
+            let Some(k) = state.store.authenticate_key(secret).await? else {
+                state.unknown_keys.put(hash, ());
+                return Err(ApiError::Unauthorized);
+            };
+            state.keys.put_if(generation, hash, k.clone());
             k
         }
     };
@@ -109,7 +117,7 @@ pub(crate) enum Action {
     Usage,
     /// Read balances and history; grant credits.
     Credits,
-    /// Set a key's limits or routing settings.
+    /// Set a key's or an account's limits, or a key's routing settings.
     Limits,
     /// Create accounts, change roles and groups.
     ManageAccounts,

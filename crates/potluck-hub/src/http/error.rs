@@ -205,7 +205,7 @@ impl ApiError {
             ),
             ApiError::RateLimited { which, retry_after } => ErrorBody::new(
                 "requests",
-                format!("Rate limit reached for {which} on this key. Retry after {retry_after} s."),
+                format!("Rate limit reached for {which} on this account. Retry after {retry_after} s."),
                 None,
                 Some("rate_limit_exceeded"),
             ),

@@ -1,6 +1,8 @@
 //! Reading what a caller sent: JSON bodies with API-shaped errors, names, ids, reasons
 //! and list limits.
 
+use axum::body::{Body, Bytes};
+use http_body_util::{BodyExt, Limited};
 use potluck_protocol::admin::MAX_NAME_BYTES;
 use serde::Deserialize;
 
@@ -25,6 +27,59 @@ pub(crate) fn check_name(field: &'static str, s: &str) -> Result<(), ApiError> {
             Some(field),
         ))
     }
+}
+
+/// Read a body of at most `max` bytes (413 above). Admin and member handlers call it
+/// only once the caller is authenticated, so a stranger makes the hub buffer nothing.
+pub(crate) async fn read_capped(body: Body, max: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge(max)),
+        Err(_) => Err(ApiError::bad_request(
+            "The request body could not be read.",
+            None,
+        )),
+    }
+}
+
+/// [`read_capped`], then [`json_body`].
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+    body: Body,
+    max: usize,
+) -> Result<T, ApiError> {
+    json_body(&read_capped(body, max).await?)
+}
+
+/// The operator's own account, made at first start with the admin key.
+pub(crate) const OPERATOR_ACCOUNT: &str = "admin";
+
+/// Account names no one may take: the shared anonymous account (keys in it would spend
+/// the treasury), the operator's, and names that look like the hub's own (its system
+/// accounts are `hub:treasury` and `hub:tax`, which [`check_name`] already refuses).
+pub(crate) const RESERVED_ACCOUNT_NAMES: &[&str] = &[
+    "anonymous",
+    OPERATOR_ACCOUNT,
+    "hub",
+    "potluck",
+    "system",
+    "treasury",
+    "tax",
+    "root",
+];
+
+/// [`check_name`], and not a reserved name (compared without case).
+pub(crate) fn check_account_name(field: &'static str, s: &str) -> Result<(), ApiError> {
+    check_name(field, s)?;
+    if RESERVED_ACCOUNT_NAMES
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(s))
+    {
+        return Err(ApiError::bad_request(
+            format!("'{field}': this name is reserved."),
+            Some(field),
+        ));
+    }
+    Ok(())
 }
 
 /// JSON body with OpenAI-shaped errors instead of axum's plain-text rejections.

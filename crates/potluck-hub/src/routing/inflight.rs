@@ -2,8 +2,9 @@
 //! account, a key or a provider cancels every request it takes part in, and the relay
 //! ends each with one error event (streams) or an error answer.
 //!
-//! A request registers when it is admitted and holds an [`InFlightGuard`]; the guard
-//! leaves the registry when dropped, whatever the outcome. The map is touched under a
+//! A request registers as soon as its key is known, before its body is read (so a slow
+//! upload is cut too), and holds an [`InFlightGuard`]; the guard leaves the registry when
+//! dropped, whatever the outcome. Revoking a key cuts its requests the same way. The map is touched under a
 //! plain mutex for a few instructions; cancelling walks it (sanctions are rare).
 
 use std::collections::HashMap;
@@ -16,16 +17,35 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::error::ApiError;
 
-/// Why a request was cut: the sanction that hit one of its parties.
-pub(crate) type Cut = Block;
+/// Why a request was cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// A sanction hit one of its parties.
+    Sanction(Block),
+    /// Its key was revoked.
+    Revoked,
+}
+
+impl Cut {
+    /// What was hit, for logs: `account`, `key` or `provider`.
+    pub(crate) fn what(&self) -> &'static str {
+        match self {
+            Cut::Sanction(b) => b.target.as_str(),
+            Cut::Revoked => Target::Key.as_str(),
+        }
+    }
+}
 
 /// The error a cut request ends with. A consumer cut for its own account or key gets the
 /// same refusal a new request would; a consumer whose provider was sanctioned gets a
 /// provider failure (it did nothing wrong, and may retry elsewhere).
 pub(crate) fn cut_error(cut: &Cut) -> ApiError {
-    match cut.target {
-        Target::Provider => ApiError::ProviderFailed("the provider was removed by a moderator"),
-        Target::Account | Target::Key => ApiError::Blocked(cut.clone()),
+    match cut {
+        Cut::Sanction(b) if b.target == Target::Provider => {
+            ApiError::ProviderFailed("the provider was removed by a moderator")
+        }
+        Cut::Sanction(b) => ApiError::Blocked(b.clone()),
+        Cut::Revoked => ApiError::Unauthorized,
     }
 }
 
@@ -148,11 +168,11 @@ impl InFlightGuard {
     /// Resolves when the request is cut, with why.
     pub(crate) async fn cancelled(&self) -> Cut {
         self.slot.token.cancelled().await;
-        self.slot.why.get().cloned().unwrap_or(Block {
+        self.slot.why.get().cloned().unwrap_or(Cut::Sanction(Block {
             target: Target::Account,
             standing: Standing::Suspended,
             reason: None,
-        })
+        }))
     }
 }
 
@@ -167,11 +187,11 @@ mod tests {
     use super::*;
 
     fn ban(target: Target) -> Cut {
-        Block {
+        Cut::Sanction(Block {
             target,
             standing: Standing::Banned,
             reason: Some("spam".into()),
-        }
+        })
     }
 
     #[tokio::test]

@@ -79,7 +79,8 @@ pub(crate) struct Answer {
 }
 
 /// Route a request for `model` like a consumer's (queueing at internal priority) and
-/// collect its answer.
+/// collect its answer. `trusted_only`: only providers the operator marked trusted (the
+/// guard: a stranger who announces the guard's model must never judge anything).
 pub(crate) async fn ask(
     state: &HubState,
     endpoint: InferenceEndpoint,
@@ -87,6 +88,7 @@ pub(crate) async fn ask(
     body: Value,
     consumer: &str,
     timeout: Duration,
+    trusted_only: bool,
 ) -> Result<Answer, InternalError> {
     let work = async {
         let lease = match state.registry.acquire(
@@ -94,7 +96,10 @@ pub(crate) async fn ask(
             PRIORITY_INTERNAL,
             state.treasury,
             state.config.queue.max_length,
-            Need::default(),
+            Need {
+                trusted_only,
+                ..Need::default()
+            },
         ) {
             Ok(Acquired::Now(l)) => l,
             Ok(Acquired::Wait(mut t)) => t.recv().await.ok_or(InternalError::NoProvider)?,

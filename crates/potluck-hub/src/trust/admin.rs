@@ -32,9 +32,11 @@ pub(crate) async fn set_trust(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Json(body): Json<TrustBody>,
+    body: axum::body::Body,
 ) -> Result<Json<ProviderTrust>, ApiError> {
     let actor = auth::staff(&st, &headers, auth::Action::Trust).await?;
+    let body: TrustBody =
+        crate::http::extract::read_json(body, st.config.max_admin_body_bytes).await?;
     let id = provider_id(&st, &name).await?;
     let name = st
         .store

@@ -12,6 +12,35 @@ use crate::state::HubState;
 
 /// Largest text sent to the guard in one check (the end is kept: it is what is new).
 pub(crate) const MAX_GUARD_TEXT_BYTES: usize = 32 * 1024;
+/// Bytes each input window repeats of the one before (a phrase cut by a window edge is
+/// whole in one of the two).
+pub(crate) const INPUT_OVERLAP_BYTES: usize = 1024;
+
+/// The whole of `text` in windows of at most `size` bytes, each starting `overlap`
+/// bytes before the previous one ended, cut at character boundaries. No byte is left out.
+pub(crate) fn windows(text: &str, size: usize, overlap: usize) -> Vec<&str> {
+    let size = size.max(8);
+    let overlap = overlap.min(size / 2);
+    let floor = |mut i: usize| {
+        while i > 0 && !text.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let mut out = Vec::new();
+    let mut start: usize = 0;
+    loop {
+        // A window ends at most `size` bytes on, on a boundary (characters are at most 4
+        // bytes and `size` at least 8, so it always moves).
+        let end = floor(start.saturating_add(size).min(text.len()));
+        out.push(&text[start..end]);
+        if end >= text.len() {
+            return out;
+        }
+        let next = floor(end - overlap);
+        start = if next > start { next } else { end };
+    }
+}
 
 /// Llama Guard 3's hazard categories.
 pub(crate) const LLAMA_GUARD_CATEGORIES: [(&str, &str); 14] = [
@@ -192,6 +221,7 @@ async fn ask(state: &HubState, prompt: String) -> Result<String, InternalError> 
         body,
         &consumer,
         cfg.timeout,
+        true,
     )
     .await
     .map(|a| a.text)
@@ -385,6 +415,27 @@ mod tests {
         assert!(p.contains("Chatbot Response: a") && p.contains("* POLICY"));
         let long = "é".repeat(MAX_GUARD_TEXT_BYTES);
         assert!(llama_guard_prompt(Stage::Input, &long, None).len() < MAX_GUARD_TEXT_BYTES + 2048);
+    }
+
+    #[test]
+    fn windows_cover_every_byte() {
+        assert_eq!(windows("", 10, 2), vec![""]);
+        assert_eq!(windows("abc", 10, 2), vec!["abc"]);
+        let text: String = (0..1000)
+            .map(|i| if i % 7 == 0 { 'é' } else { 'a' })
+            .collect();
+        for (size, overlap) in [(10, 2), (16, 0), (33, 16), (64, 100), (1, 0)] {
+            let w = windows(&text, size, overlap);
+            let at = |p: &str| p.as_ptr() as usize - text.as_ptr() as usize;
+            assert_eq!(at(w[0]), 0);
+            let last = w[w.len() - 1];
+            assert_eq!(at(last) + last.len(), text.len(), "{size} {overlap}");
+            for pair in w.windows(2) {
+                assert!(pair[0].len() <= size.max(8));
+                assert!(at(pair[1]) > at(pair[0]), "moves on");
+                assert!(at(pair[1]) <= at(pair[0]) + pair[0].len(), "no gap");
+            }
+        }
     }
 
     #[test]

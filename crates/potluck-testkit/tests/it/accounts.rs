@@ -150,6 +150,13 @@ async fn every_admin_endpoint_against_every_role() {
         ),
         (
             "PUT",
+            "/admin/v1/accounts/{name}/limits",
+            "/admin/v1/accounts/nobody/limits",
+            json!({}),
+            3,
+        ),
+        (
+            "PUT",
             "/admin/v1/keys/{id}/settings",
             "/admin/v1/keys/999999/settings",
             json!({"prefer_low_power": true, "trusted_only": false}),

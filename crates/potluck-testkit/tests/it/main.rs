@@ -25,6 +25,7 @@ mod identity;
 mod moderation;
 mod money;
 mod observe;
+mod no_escape;
 mod pool;
 mod provider_routing;
 mod real_backend;

@@ -89,6 +89,7 @@ async fn pool(f: impl FnOnce(&mut HubConfig), profile: ProviderProfile) -> Pool 
     .await;
     hub.wait_for_model("guard", 1).await;
     hub.wait_for_model("m", 1).await;
+    trust(&hub, "guard").await;
     Pool {
         hub,
         alice,
@@ -121,6 +122,18 @@ async fn read_stream(r: reqwest::Response) -> (String, Option<String>) {
         }
     }
     (text, finish)
+}
+
+/// The operator marks a provider trusted (only trusted providers judge as the guard).
+async fn trust(hub: &TestHub, provider: &str) {
+    let a = Admin::admin(hub)
+        .send(
+            "PUT",
+            &format!("/admin/v1/providers/{provider}/trust"),
+            Some(json!({"trusted": true})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
 }
 
 fn db_bytes(hub: &TestHub) -> Vec<u8> {
@@ -359,4 +372,85 @@ async fn the_guard_holds_in_every_client_api() {
     assert!(!t.contains("FORBIDDEN"), "{t}");
     let last: Value = serde_json::from_str(t.lines().last().unwrap()).unwrap();
     assert_eq!(last["done"], true, "{t}");
+}
+
+/// The attack: a stranger's agent announces the guard's model name and answers "safe" to
+/// everything, to wave forbidden requests through. Guard calls go only to providers the
+/// operator trusts, so the stranger judges nothing, and with no trusted guard the hub
+/// fails closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_announcing_the_guard_model_judges_nothing() {
+    let hub = TestHub::start_with(|c| {
+        moderated(c, false);
+        c.moderation.timeout = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let key = hub.create_key("c").await;
+    let liar: Responder = Arc::new(|_: &Value| Reply {
+        text: "safe".into(),
+        completion_tokens: Some(1),
+    });
+    let liar = ScriptedAgent::connect_with(
+        "liar",
+        &hub.url(),
+        &hub.create_provider("liar").await,
+        hello(&["guard"], 8, ProviderProfile::default()),
+        liar,
+    )
+    .await;
+    let m = ScriptedAgent::connect_with(
+        "m",
+        &hub.url(),
+        &hub.create_provider("m").await,
+        hello(&["m"], 8, ProviderProfile::default()),
+        model(),
+    )
+    .await;
+    hub.wait_for_model("guard", 1).await;
+    hub.wait_for_model("m", 1).await;
+    let r = hub
+        .http
+        .post(format!("{}/chat/completions", hub.v1()))
+        .bearer_auth(&key)
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "FORBIDDEN"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "no trusted guard answered: fails closed");
+    assert!(liar.requests().is_empty(), "the stranger was never asked");
+    assert!(m.requests().is_empty(), "nothing reached the model");
+}
+
+/// The attack: hide the forbidden text at the start of a prompt and pad it past the
+/// guard's 32 KiB window, or send the prompt as token ids the guard cannot read. The
+/// whole input is judged in windows, and token ids are refused when input is moderated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_hidden_before_padding_or_in_token_ids_is_caught() {
+    let p = pool(|c| moderated(c, false), ProviderProfile::default()).await;
+    let hidden = format!("FORBIDDEN {}", "pad ".repeat(20_000));
+    let r = chat(&p, &hidden, false).await;
+    assert_eq!(r.status(), 400, "the head of a long prompt is judged too");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "content_filter");
+    // Long and harmless: judged in windows, and let through.
+    assert_eq!(chat(&p, &"pad ".repeat(20_000), false).await.status(), 200);
+    let r = p
+        .hub
+        .http
+        .post(format!("{}/completions", p.hub.v1()))
+        .bearer_auth(&p.key)
+        .json(&json!({"model": "m", "prompt": [1, 2, 3]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "token ids cannot be judged");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "content_filter");
+    assert!(
+        p.model
+            .requests()
+            .iter()
+            .all(|r| !String::from_utf8_lossy(&r.body).contains("FORBIDDEN")),
+        "nothing forbidden reached the model"
+    );
 }

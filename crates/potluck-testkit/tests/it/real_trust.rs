@@ -85,6 +85,16 @@ async fn real_model_as_guard_and_the_latency_it_adds() {
     let _g = TestAgent::start(&hub, &hub.create_provider("g").await, &guard.base_url());
     hub.wait_for_model(&model.model, 1).await;
     hub.wait_for_model("guard", 1).await;
+    // Only a provider the operator trusts judges as the guard.
+    let r = hub
+        .http
+        .put(format!("{}/admin/v1/providers/g/trust", hub.url()))
+        .bearer_auth(&hub.admin_key)
+        .json(&json!({"trusted": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 
     let (mut t0, mut d0, mut t1, mut d1) = (vec![], vec![], vec![], vec![]);
     // Interleaved, so that machine noise hits both alike.

@@ -131,11 +131,23 @@ async fn run(
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
     key_from_x_api_key(&mut parts.headers);
+    // The key before the body (a stranger makes the hub buffer nothing), and the request
+    // in flight while it is read, so that a sanction or revocation cuts a slow upload.
+    let key = match crate::http::auth::consumer_or_anonymous(&state, &parts.headers).await {
+        Ok((key, _)) => key,
+        Err(e) => return from_api_error(dialect, e),
+    };
+    let reading = state.inflight.register(
+        &crate::routing::send::new_request_id(),
+        key.account_id,
+        key.key_id,
+    );
     let limit = state.config.max_request_bytes;
-    let raw = match crate::api::admit::read_body(body, limit).await {
+    let raw = match crate::api::admit::read_body_unless_cut(body, limit, &reading).await {
         Ok(b) => b,
         Err(e) => return from_api_error(dialect, e),
     };
+    drop(reading);
     let (openai, back) = match translate(&raw) {
         Ok(t) => t,
         Err(e) => return translation_error(dialect, &e),

@@ -353,7 +353,7 @@ impl Relay {
             let frame = tokio::select! {
                 biased;
                 c = self.ctx.cut.cancelled() => {
-                    tracing::info!(target = c.target.as_str(), "stream cut by a sanction");
+                    tracing::info!(target = c.what(), "stream cut");
                     let body = cut_error(&c).body().to_json();
                     self.out.push_back(Bytes::from(format!("data: {body}\n\n")));
                     self.end = End::Cut;

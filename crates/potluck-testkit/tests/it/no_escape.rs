@@ -1,0 +1,553 @@
+//! Limits and sanctions that cannot be escaped, played by the attacker through real
+//! sockets: a new key or a revoked one does not reset an account's limits; a slow upload
+//! is cut by a ban or a revocation; a revoked key's stream is cut; a repeated bad key
+//! reaches the database once; admin and member routes refuse a stranger before reading
+//! a byte of the body, and cap the body of those they let in; signup, invites and reports
+//! are rate-limited; reserved account names cannot be taken.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+use std::time::Duration;
+
+use potluck_hub::config::JoinMode;
+use potluck_testkit::sse::{Event, SseReader};
+use potluck_testkit::{Admin, FakeBackend, FakeBehavior, TestAgent, TestHub};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MODEL: &str = "m1";
+/// How long the hub may take to answer (generous for two busy cores; it is immediate).
+const BOUND: Duration = Duration::from_secs(20);
+
+/// A hub with one provider serving MODEL from a fake backend.
+async fn pool(f: impl FnOnce(&mut potluck_hub::HubConfig)) -> (TestHub, FakeBackend, TestAgent) {
+    let hub = TestHub::start_with(f).await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let agent = TestAgent::start(&hub, &hub.create_provider("p1").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    (hub, backend, agent)
+}
+
+/// One call; the status and the JSON body (`Null` if none).
+async fn call(
+    hub: &TestHub,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = hub
+        .http
+        .request(method.parse().unwrap(), format!("{}{path}", hub.url()));
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn chat(hub: &TestHub, key: &str) -> u16 {
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    call(hub, "POST", "/v1/chat/completions", Some(key), Some(body))
+        .await
+        .0
+}
+
+/// Open a raw connection and send `head` (request line and headers, with its blank
+/// line) and `first` bytes of a body that never comes in full.
+async fn slow_request(hub: &TestHub, head: &str, first: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(hub.addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(first).await.unwrap();
+    s.flush().await.unwrap();
+    s
+}
+
+/// What the hub answers on a raw connection within [`BOUND`]: the status line, or
+/// `None` if it closed without one. Panics if the hub keeps waiting.
+async fn answer_line(s: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.windows(2).any(|w| w == b"\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(BOUND, read)
+        .await
+        .expect("the hub answers or closes at once, without waiting for the body");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.lines().next().map(str::to_owned)
+}
+
+fn post_head(path: &str, key: &str, length: usize) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: hub\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+    )
+}
+
+/// The attack: an admin limits one key; its owner makes a new key, or revokes the
+/// limited one, to get a fresh allowance. Both keys draw on the account's one bucket,
+/// and the admin's key limit binds the new key too.
+#[tokio::test]
+async fn a_new_key_or_a_revoked_one_escapes_no_limit() {
+    let (hub, _backend, _agent) = pool(|_| {}).await;
+    let (limited_id, limited) = hub.create_key_in("mallory-1", "mallory").await;
+    hub.set_limits(limited_id, json!({"rpm": 2})).await;
+    assert_eq!(chat(&hub, &limited).await, 200);
+
+    // A member's own new key.
+    let (s, v) = call(
+        &hub,
+        "POST",
+        "/v1/keys",
+        Some(&limited),
+        Some(json!({"name": "fresh"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let fresh = v["secret"].as_str().unwrap().to_owned();
+    assert_eq!(
+        chat(&hub, &fresh).await,
+        200,
+        "one left of the account's two"
+    );
+    assert_eq!(chat(&hub, &fresh).await, 429, "the new key is bound too");
+
+    // Revoking the limited key resets nothing and lifts nothing.
+    let (s, _) = call(
+        &hub,
+        "DELETE",
+        &format!("/v1/keys/{limited_id}"),
+        Some(&fresh),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(chat(&hub, &fresh).await, 429);
+    let (s, v) = call(
+        &hub,
+        "POST",
+        "/v1/keys",
+        Some(&fresh),
+        Some(json!({"name": "fresher"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(chat(&hub, v["secret"].as_str().unwrap()).await, 429);
+
+    // Another account is not touched.
+    assert_eq!(chat(&hub, &hub.create_key("bob").await).await, 200);
+}
+
+/// `PUT /admin/v1/accounts/{name}/limits` binds every key of the account, counted
+/// together; the tighter of a key's and its account's limit wins; lifting the account's
+/// limit leaves the hub's defaults.
+#[tokio::test]
+async fn account_limits_bind_every_key_and_the_tighter_wins() {
+    let (hub, _backend, _agent) = pool(|_| {}).await;
+    let admin = Admin::admin(&hub);
+    let (k1_id, k1) = hub.create_key_in("eve-1", "eve").await;
+    let (_, k2) = hub.create_key_in("eve-2", "eve").await;
+    let a = admin
+        .send(
+            "PUT",
+            "/admin/v1/accounts/eve/limits",
+            Some(json!({"max_concurrent": 10, "rpm": 3})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["account"], "eve");
+    assert_eq!(a.body["limits"]["rpm"], 3);
+    assert_eq!(chat(&hub, &k1).await, 200);
+    assert_eq!(chat(&hub, &k2).await, 200);
+    assert_eq!(chat(&hub, &k1).await, 200);
+    assert_eq!(chat(&hub, &k2).await, 429, "three per minute for both keys");
+
+    // A looser key limit does not loosen the account's.
+    hub.set_limits(k1_id, json!({"rpm": 1000})).await;
+    assert_eq!(chat(&hub, &k1).await, 429);
+
+    // Refused: a negative limit, an unknown account, a member.
+    for (path, body, key, status) in [
+        (
+            "/admin/v1/accounts/eve/limits",
+            json!({"rpm": -1}),
+            hub.admin_key.clone(),
+            400,
+        ),
+        (
+            "/admin/v1/accounts/nobody/limits",
+            json!({"rpm": 1}),
+            hub.admin_key.clone(),
+            404,
+        ),
+        ("/admin/v1/accounts/eve/limits", json!({}), k1.clone(), 403),
+    ] {
+        let (s, v) = call(&hub, "PUT", path, Some(&key), Some(body)).await;
+        assert_eq!(s, status, "{path}: {v}");
+    }
+}
+
+/// The attack: a banned account keeps a request alive by uploading its body one byte at
+/// a time. The request is in flight from its first byte, so the ban answers it at once.
+#[tokio::test]
+async fn a_slow_upload_is_cut_by_a_ban() {
+    let (hub, _backend, _agent) = pool(|_| {}).await;
+    let key = hub.create_key("slowpoke").await;
+    let mut s = slow_request(
+        &hub,
+        &post_head("/v1/chat/completions", &key, 100_000),
+        br#"{"model":"m1","messages":[{"role":"user","content":""#,
+    )
+    .await;
+    let st = hub.state();
+    potluck_testkit::wait_until("the upload is in flight", BOUND, || {
+        let st = st.clone();
+        async move { st.inflight.len() == 1 }
+    })
+    .await;
+    let a = Admin::admin(&hub).ban("slowpoke", "slow loris").await;
+    assert_eq!(
+        (a.status, a.body["requests_cut"].as_u64()),
+        (200, Some(1)),
+        "{:?}",
+        a.body
+    );
+    let line = answer_line(&mut s).await;
+    assert!(
+        line.as_deref().is_none_or(|l| l.contains(" 403 ")),
+        "{line:?}"
+    );
+    potluck_testkit::wait_until("the request left", BOUND, || {
+        let st = st.clone();
+        async move { st.inflight.is_empty() }
+    })
+    .await;
+}
+
+/// The same through a dialect (Anthropic Messages), and a revocation instead of a ban.
+#[tokio::test]
+async fn a_slow_upload_is_cut_when_its_key_is_revoked() {
+    let (hub, _backend, _agent) = pool(|_| {}).await;
+    let (id, key) = hub.create_key_in("slow-dialect", "slow-dialect").await;
+    let mut s = slow_request(
+        &hub,
+        &post_head("/v1/messages", &key, 100_000),
+        br#"{"model":"m1","max_tokens":5,"messages":[{"role":"user","content":""#,
+    )
+    .await;
+    let st = hub.state();
+    potluck_testkit::wait_until("the upload is in flight", BOUND, || {
+        let st = st.clone();
+        async move { st.inflight.len() == 1 }
+    })
+    .await;
+    let a = Admin::admin(&hub)
+        .send("DELETE", &format!("/admin/v1/keys/{id}"), None)
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let line = answer_line(&mut s).await;
+    assert!(
+        line.as_deref().is_none_or(|l| l.contains(" 401 ")),
+        "{line:?}"
+    );
+}
+
+/// The attack: a leaked key keeps streaming after its owner revoked it.
+#[tokio::test]
+async fn revoking_a_key_cuts_its_stream() {
+    let (hub, backend, _agent) = pool(|_| {}).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 100,
+        stall_after: Some(2),
+        ..Default::default()
+    });
+    let (id, key) = hub.create_key_in("leaky", "leaky").await;
+    let body =
+        json!({"model": MODEL, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let r = hub
+        .http
+        .post(format!("{}/chat/completions", hub.v1()))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut sse = SseReader::new(r);
+    for _ in 0..2 {
+        assert!(matches!(sse.next().await, Some(Event::Json(v)) if v.get("error").is_none()));
+    }
+    let (s, v) = call(&hub, "DELETE", &format!("/v1/keys/{id}"), Some(&key), None).await;
+    assert_eq!(s, 200, "{v}");
+    let ev = tokio::time::timeout(BOUND, sse.next())
+        .await
+        .expect("cut at once");
+    let Some(Event::Json(v)) = ev else {
+        panic!("an error event, not {ev:?}")
+    };
+    assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+    assert_eq!(sse.next().await, None, "the stream ends after the error");
+    assert_eq!(chat(&hub, &key).await, 401);
+}
+
+/// The attack: revoke races a lookup of the key. A lookup reads the key while it is
+/// still valid, the key is revoked, then the lookup answers: it may serve that one
+/// request, but must not put the key back in the cache for the next ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_cache_cannot_resurrect_a_revoked_key() {
+    let hub = TestHub::start().await;
+    let admin = Admin::admin(&hub);
+    let store = hub.state().store.clone();
+    let (id, key) = hub.create_key_in("racer", "racer").await;
+    // The admin's own key is cached now, so the revoke below needs no lookup.
+    assert_eq!(admin.send("GET", "/admin/v1/keys", None).await.status, 200);
+    let held = store.hold_key_lookups().await;
+    let before = store.key_lookups();
+    let (http, url, k) = (hub.http.clone(), hub.v1(), key.clone());
+    let racing = tokio::spawn(async move {
+        http.get(format!("{url}/credits"))
+            .bearer_auth(&k)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    potluck_testkit::wait_until("the lookup read the valid key", BOUND, || {
+        let store = store.clone();
+        async move { store.key_lookups() > before }
+    })
+    .await;
+    let a = admin
+        .send("DELETE", &format!("/admin/v1/keys/{id}"), None)
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    drop(held);
+    let _ = racing.await.unwrap(); // served or not, it was in flight before the revoke
+    for _ in 0..5 {
+        let (s, _) = call(&hub, "GET", "/v1/credits", Some(&key), None).await;
+        assert_eq!(s, 401, "the revoked key came back from the cache");
+    }
+}
+
+/// The attack: flood the hub with one bad key (or keys that cannot be keys) to load its
+/// database. A malformed key costs no lookup; a well-formed unknown one costs one.
+#[tokio::test]
+async fn a_repeated_bad_key_reaches_the_store_once() {
+    let hub = TestHub::start().await;
+    let store = hub.state().store.clone();
+    let bad = format!("pk-{}", "ab".repeat(24));
+    let before = store.key_lookups();
+    for _ in 0..50 {
+        let (s, v) = call(&hub, "GET", "/v1/models", Some(&bad), None).await;
+        assert_eq!(s, 401, "{v}");
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+    }
+    for junk in ["pk-nope", "x", &"a".repeat(400), "pa-", "pt-00"] {
+        for _ in 0..10 {
+            assert_eq!(
+                call(&hub, "GET", "/v1/models", Some(junk), None).await.0,
+                401
+            );
+        }
+    }
+    let lookups = store.key_lookups() - before;
+    assert!(lookups <= 1, "{lookups} store lookups for one bad key");
+    // A good key still works (and a new key is never a remembered miss).
+    assert_eq!(
+        call(
+            &hub,
+            "GET",
+            "/v1/models",
+            Some(&hub.create_key("ok").await),
+            None
+        )
+        .await
+        .0,
+        200
+    );
+}
+
+/// The attack: a stranger sends a large body to an admin or member route, or a slow
+/// one, to make the hub buffer it. The key is checked first: 401 before any body byte is
+/// read. And a staff member's body is capped at `max_admin_body_bytes`.
+#[tokio::test]
+async fn admin_and_member_routes_refuse_strangers_before_the_body() {
+    let hub = TestHub::start_with(|c| c.max_admin_body_bytes = 1024).await;
+    let stranger = format!("pk-{}", "cd".repeat(24));
+    for path in [
+        "/admin/v1/accounts",
+        "/admin/v1/keys",
+        "/admin/v1/accounts/x/credits",
+        "/admin/v1/keys/1/limits",
+        "/v1/keys",
+        "/v1/reports",
+        "/v1/keys/1/settings",
+    ] {
+        let mut s = slow_request(&hub, &post_head(path, &stranger, 8_000_000), b"{").await;
+        let line = answer_line(&mut s).await.unwrap_or_default();
+        assert!(
+            line.contains(" 401 ") || line.contains(" 405 "),
+            "{path}: {line}"
+        );
+    }
+    // Authenticated, but over the cap: 413.
+    let member = hub.create_key("member").await;
+    let pad = "x".repeat(2000);
+    for (key, path) in [
+        (&hub.admin_key, "/admin/v1/accounts"),
+        (&member, "/v1/keys"),
+    ] {
+        let (s, v) = call(
+            &hub,
+            "POST",
+            path,
+            Some(key),
+            Some(json!({"name": "n", "pad": pad})),
+        )
+        .await;
+        assert_eq!(s, 413, "{path}: {v}");
+    }
+}
+
+/// The attack: a stranger signs up in a loop (or guesses invite codes), files reports in
+/// a loop, or a moderator mints invites in a loop. Each has an hourly rate.
+#[tokio::test]
+async fn signup_invites_and_reports_are_rate_limited() {
+    let hub = TestHub::start_with(|c| {
+        c.accounts.mode = JoinMode::Open;
+        c.abuse.signups_per_hour = 2;
+        c.abuse.invites_per_hour = 2;
+        c.abuse.reports_per_hour = 2;
+    })
+    .await;
+    for i in 0..2 {
+        let (s, v) = call(
+            &hub,
+            "POST",
+            "/v1/signup",
+            None,
+            Some(json!({"name": format!("bot{i}")})),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let r = hub
+        .http
+        .post(format!("{}/v1/signup", hub.url()))
+        .json(&json!({"name": "bot3"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+
+    let admin = Admin::admin(&hub);
+    for _ in 0..2 {
+        assert_eq!(
+            admin
+                .send("POST", "/admin/v1/invites", Some(json!({})))
+                .await
+                .status,
+            201
+        );
+    }
+    assert_eq!(
+        admin
+            .send("POST", "/admin/v1/invites", Some(json!({})))
+            .await
+            .status,
+        429
+    );
+
+    let reporter = hub.create_key("reporter").await;
+    let report = json!({"request_id": "0123456789abcdef01234567", "reason": "spam"});
+    for _ in 0..2 {
+        let (s, _) = call(
+            &hub,
+            "POST",
+            "/v1/reports",
+            Some(&reporter),
+            Some(report.clone()),
+        )
+        .await;
+        assert_eq!(s, 404, "no such request");
+    }
+    let (s, v) = call(&hub, "POST", "/v1/reports", Some(&reporter), Some(report)).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("rate_limit_exceeded"))
+    );
+}
+
+/// The attack: take the name of the anonymous account (its keys spend the treasury) or
+/// of the operator's, by signup, by an admin's account create, or as a key's account.
+#[tokio::test]
+async fn reserved_account_names_cannot_be_taken() {
+    let hub = TestHub::start_with(|c| c.accounts.mode = JoinMode::Open).await;
+    for name in ["anonymous", "Anonymous", "admin", "treasury", "hub"] {
+        let (s, v) = call(
+            &hub,
+            "POST",
+            "/v1/signup",
+            None,
+            Some(json!({"name": name})),
+        )
+        .await;
+        assert_eq!(s, 400, "signup {name}: {v}");
+        let (s, v) = call(
+            &hub,
+            "POST",
+            "/admin/v1/accounts",
+            Some(&hub.admin_key),
+            Some(json!({"name": name})),
+        )
+        .await;
+        assert_eq!(s, 400, "create {name}: {v}");
+    }
+    let (s, v) = call(
+        &hub,
+        "POST",
+        "/admin/v1/keys",
+        Some(&hub.admin_key),
+        Some(json!({"name": "k", "account": "anonymous"})),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    // An ordinary name is fine, and the operator may add a key to its own account.
+    let (s, _) = call(
+        &hub,
+        "POST",
+        "/v1/signup",
+        None,
+        Some(json!({"name": "hubert"})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, _) = call(
+        &hub,
+        "POST",
+        "/admin/v1/keys",
+        Some(&hub.admin_key),
+        Some(json!({"name": "ops-2", "account": "admin"})),
+    )
+    .await;
+    assert_eq!(s, 201);
+}
