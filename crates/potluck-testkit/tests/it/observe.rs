@@ -486,3 +486,36 @@ async fn hubs_in_one_process_keep_their_own_numbers() {
     assert_eq!(sum(&s1, "potluck_requests_total", &[("model", MODEL)]), 2.0);
     assert_eq!(sum(&s2, "potluck_requests_total", &[("model", MODEL)]), 0.0);
 }
+
+#[test]
+fn the_grafana_dashboard_uses_only_series_the_hub_exports() {
+    // `METRIC_FAMILIES` is kept equal to what the registry encodes by the hub's own test.
+    let families: BTreeSet<&str> = potluck_hub::testing::METRIC_FAMILIES.into_iter().collect();
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana/potluck.json");
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut used = BTreeSet::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("potluck_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                used.insert(name);
+            }
+        }
+    }
+    assert!(used.len() >= 15, "{used:?}");
+    for name in &used {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| families.contains(f)))
+            .unwrap_or(name);
+        assert!(
+            families.contains(family),
+            "the dashboard uses {name}, which the hub does not export"
+        );
+    }
+}
