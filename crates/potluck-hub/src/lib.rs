@@ -15,6 +15,7 @@
 #![warn(unreachable_pub)]
 
 mod accounts;
+mod alerts;
 mod api;
 mod books;
 pub mod config;

@@ -9,7 +9,7 @@ use serde::Deserialize;
 mod observe;
 mod trust;
 
-pub use observe::{MetricsConfig, UsageApiConfig};
+pub use observe::{AlertConfig, AlertingConfig, MetricsConfig, UsageApiConfig};
 pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
 
 /// Default listen address.
@@ -73,6 +73,10 @@ pub struct HubConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Prometheus metrics (`[metrics]`).
     pub metrics: MetricsConfig,
+    /// Alert webhooks (`[[alerts]]`; none by default).
+    pub alerts: Vec<AlertConfig>,
+    /// When alerts fire (`[alerting]`).
+    pub alerting: AlertingConfig,
 }
 
 /// How new accounts join through `POST /v1/signup`.
@@ -422,6 +426,8 @@ impl Default for HubConfig {
             usage_api: UsageApiConfig::default(),
             metrics_listen: None,
             metrics: MetricsConfig::default(),
+            alerts: Vec::new(),
+            alerting: AlertingConfig::default(),
         }
     }
 }

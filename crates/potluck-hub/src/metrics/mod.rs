@@ -24,7 +24,8 @@ use prometheus_client::registry::Registry;
 /// Every series family `/metrics` can show (a family appears once it has a sample). The
 /// Grafana dashboard in `deploy/grafana/` may use only these; a test keeps this list
 /// equal to what the registry encodes.
-pub const FAMILIES: [&str; 19] = [
+pub const FAMILIES: [&str; 20] = [
+    "potluck_reports_total",
     "potluck_requests_total",
     "potluck_request_duration_seconds",
     "potluck_time_to_first_token_seconds",
@@ -132,6 +133,7 @@ pub struct Metrics {
     audits: Family<AuditLabels, Counter>,
     verdicts: Family<VerdictLabels, Counter>,
     quarantines: Counter,
+    reports: Counter,
     pub(crate) gauges: scrape::Gauges,
     /// Serializes scrapes (gauges are set, then the registry is encoded).
     pub(crate) scrape_lock: Mutex<()>,
@@ -158,6 +160,7 @@ impl Metrics {
             audits: Family::default(),
             verdicts: Family::default(),
             quarantines: Counter::default(),
+            reports: Counter::default(),
             gauges: scrape::Gauges::default(),
             scrape_lock: Mutex::new(()),
             listen_addr: OnceLock::new(),
@@ -208,6 +211,7 @@ impl Metrics {
             "Providers quarantined",
             m.quarantines.clone(),
         );
+        registry.register("reports", "Abuse reports filed", m.reports.clone());
         m.gauges.register(&mut registry);
         Self { registry, ..m }
     }
@@ -289,6 +293,21 @@ impl Metrics {
         self.quarantines.inc();
     }
 
+    /// Providers quarantined since the hub started.
+    pub(crate) fn quarantine_count(&self) -> u64 {
+        self.quarantines.get()
+    }
+
+    /// An abuse report was filed.
+    pub(crate) fn report_filed(&self) {
+        self.reports.inc();
+    }
+
+    /// Abuse reports filed since the hub started.
+    pub(crate) fn report_count(&self) -> u64 {
+        self.reports.get()
+    }
+
     /// The address of the separate metrics listener, once bound.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.listen_addr.get().copied()
@@ -367,6 +386,7 @@ mod tests {
         m.audit("replay", true);
         m.guard_verdict("input", "S1", true);
         m.quarantined();
+        m.report_filed();
         m.gauges.touch_every_model_gauge("m");
         let mut text = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut text, &m.registry).unwrap();

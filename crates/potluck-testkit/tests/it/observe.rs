@@ -519,3 +519,113 @@ fn the_grafana_dashboard_uses_only_series_the_hub_exports() {
         );
     }
 }
+
+/// A local webhook receiver: every JSON body POSTed to it, in order.
+async fn receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use axum::routing::post;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = axum::Router::new().route(
+        "/hooks/potluck",
+        post({
+            let got = std::sync::Arc::clone(&got);
+            move |axum::Json(v): axum::Json<Value>| {
+                let got = std::sync::Arc::clone(&got);
+                async move {
+                    got.lock().unwrap().push(v);
+                    "ok"
+                }
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/potluck", l.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        axum::serve(l, app).await.unwrap();
+    });
+    (url, got, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_reach_a_webhook_rate_limited_and_content_free() {
+    const CANARY: &str = "CANARY-alert-5e1d";
+    let (url, got, _server) = receiver().await;
+    let (hub, _backend, agent) = pool(&[MODEL], |c| {
+        c.alerts = vec![potluck_hub::config::AlertConfig {
+            url: url.clone(),
+            min_interval: std::time::Duration::from_secs(3600),
+        }];
+        c.alerting.check_interval = std::time::Duration::from_millis(50);
+        c.alerting.model_absent_after = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let kinds = |got: &std::sync::Mutex<Vec<Value>>| -> Vec<String> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["kind"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+    let wait_kind = |kind: &'static str| {
+        let got = std::sync::Arc::clone(&got);
+        potluck_testkit::wait_until(kind, std::time::Duration::from_secs(20), move || {
+            let seen = kinds(&got).iter().any(|k| k == kind);
+            async move { seen }
+        })
+    };
+
+    // A report, its reason and the request's prompt carrying a canary.
+    let alice = Consumer::new(&hub, "alice").await;
+    let a = alice.chat(MODEL, CANARY).await;
+    let request_id = a.request_id.clone().unwrap();
+    hub.wait_usage_rows(1).await;
+    let r = alice
+        .post(
+            "reports",
+            &serde_json::json!({"request_id": request_id, "reason": CANARY}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    wait_kind("report_filed").await;
+
+    // Two quarantines within the interval: one alert.
+    let st = hub.state();
+    let pid = *st.registry.provider_summary().keys().next().unwrap();
+    potluck_hub::testing::quarantine_provider(&st, pid, "test").await;
+    wait_kind("provider_quarantined").await;
+    potluck_hub::testing::quarantine_provider(&st, pid, "test").await;
+
+    // The provider leaves: after `model_absent_after`, the model is reported missing.
+    agent.stop().await;
+    wait_kind("model_unavailable").await;
+    let all = got.lock().unwrap().clone();
+    assert_eq!(
+        kinds(&got)
+            .iter()
+            .filter(|k| *k == "provider_quarantined")
+            .count(),
+        1,
+        "rate-limited: {all:?}"
+    );
+    for v in &all {
+        let text = v["text"].as_str().unwrap();
+        assert_eq!(v["content"], text, "Slack and Discord read the same text");
+        assert!(
+            !v.to_string().contains("CANARY"),
+            "content in an alert: {v}"
+        );
+    }
+    let missing = all
+        .iter()
+        .find(|v| v["kind"] == "model_unavailable")
+        .unwrap();
+    assert!(
+        missing["text"].as_str().unwrap().contains(MODEL),
+        "{missing}"
+    );
+}
