@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub hub: Option<String>,
     /// The provider token (a secret: this type has no `Debug`).
     pub token: Option<String>,
+    /// Allow an `http://` hub that is not this machine (the token travels in clear).
+    pub insecure: Option<bool>,
     /// Local backends.
     #[serde(default)]
     pub backends: Vec<FileBackend>,
@@ -139,6 +141,9 @@ pub struct Overrides {
     pub hub: Option<String>,
     /// The provider token.
     pub token: Option<String>,
+    /// `--insecure`: allow an `http://` hub that is not this machine (the file's
+    /// `insecure = true` does too).
+    pub insecure: bool,
     /// Backend URLs; when any is given, the file's `[[backends]]` are ignored.
     pub backends: Vec<String>,
     /// API key for the backends given here.
@@ -184,6 +189,16 @@ pub fn resolve(
         )
     })?;
     let hub = HubUrl::parse(&hub).map_err(|e| ConfigError::new("hub", e.to_string()))?;
+    if hub.is_clear_text_remote() && !(over.insecure || file.insecure == Some(true)) {
+        return Err(ConfigError::new(
+            "hub",
+            format!(
+                "{hub} is plain http to another machine: the provider token would travel \
+                 in clear. Use https://, or pass --insecure (`insecure = true` in the config \
+                 file) if the network between you and the hub is yours"
+            ),
+        ));
+    }
     let token = over.token.clone().or(file.token).ok_or_else(|| {
         ConfigError::new(
             "token",
@@ -246,8 +261,47 @@ mod tests {
     fn over(hub: Option<&str>, backends: &[&str]) -> Overrides {
         Overrides {
             hub: hub.map(str::to_owned),
+            // These tests are about the merge rules; the clear-text rule has its own.
+            insecure: true,
             backends: backends.iter().map(|s| s.to_string()).collect(),
             ..Overrides::default()
+        }
+    }
+
+    /// A network eavesdropper must not get the provider token: plain `http` is accepted
+    /// only to this machine, unless the volunteer says `--insecure` or `insecure = true`.
+    #[test]
+    fn plain_http_to_another_machine_needs_insecure() {
+        let file = || -> FileConfig {
+            toml::from_str("token = \"pt-x\"\n[[backends]]\nurl = \"http://127.0.0.1:9/v1\"\n")
+                .unwrap()
+        };
+        let strict = |hub: &str| Overrides {
+            insecure: false,
+            ..over(Some(hub), &[])
+        };
+        for hub in [
+            "http://hub.example.org",
+            "http://192.0.2.7:8080",
+            "http://[2001:db8::1]",
+        ] {
+            let e = resolve(&strict(hub), file(), paths()).unwrap_err();
+            assert_eq!(e.field, "hub", "{hub}");
+            assert!(e.to_string().contains("--insecure"), "{e}");
+            // The flag, or the file's setting, accepts it.
+            assert!(resolve(&over(Some(hub), &[]), file(), paths()).is_ok());
+            let mut f = file();
+            f.insecure = Some(true);
+            assert!(resolve(&strict(hub), f, paths()).is_ok(), "{hub}");
+        }
+        for hub in [
+            "https://hub.example.org",
+            "http://127.0.0.1:8080",
+            "http://127.3.4.5",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+        ] {
+            assert!(resolve(&strict(hub), file(), paths()).is_ok(), "{hub}");
         }
     }
 

@@ -23,6 +23,8 @@ use tokio_util::task::AbortOnDropHandle;
 
 /// Path of the chat endpoint on every target.
 pub const CHAT_PATH: &str = "/v1/chat/completions";
+/// Path of the Anthropic Messages API, one of the hub's translated client APIs.
+pub const MESSAGES_PATH: &str = "/v1/messages";
 /// Largest non-streamed answer read, in bytes.
 pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 /// Largest SSE event buffered by the reader, in bytes.
@@ -64,6 +66,10 @@ pub struct RequestSpec {
     /// Streamed or not.
     pub stream: bool,
     body: Bytes,
+    /// Where it is sent.
+    path: &'static str,
+    /// Bytes every good non-streamed answer contains.
+    answer_marker: &'static [u8],
 }
 
 impl RequestSpec {
@@ -77,6 +83,24 @@ impl RequestSpec {
         Self {
             stream: false,
             body: Bytes::from(body.to_string()),
+            path: CHAT_PATH,
+            answer_marker: b"\"choices\"",
+        }
+    }
+
+    /// A non-streamed Anthropic Messages request of `model` with `max_tokens`: the same
+    /// question as [`RequestSpec::chat`], in a dialect the hub translates.
+    pub fn messages(model: &str, max_tokens: u32) -> Self {
+        let body = serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens,
+        });
+        Self {
+            stream: false,
+            body: Bytes::from(body.to_string()),
+            path: MESSAGES_PATH,
+            answer_marker: b"\"content\"",
         }
     }
 
@@ -92,6 +116,8 @@ impl RequestSpec {
         Self {
             stream: true,
             body: Bytes::from(body.to_string()),
+            path: CHAT_PATH,
+            answer_marker: b"\"choices\"",
         }
     }
 
@@ -365,7 +391,7 @@ async fn one(
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let resp = conn
-        .send(ep, http::Method::POST, CHAT_PATH, spec.body.clone())
+        .send(ep, http::Method::POST, spec.path, spec.body.clone())
         .await?;
     let status = resp.status();
     let mut body = resp.into_body();
@@ -387,8 +413,11 @@ async fn one(
             .map_err(|e| anyhow!("{e}"))?
             .to_bytes();
         s.latency_ns.push(t0.elapsed().as_nanos() as u64);
-        if find(&bytes, b"\"choices\"").is_none() {
-            bail!("answer without choices");
+        if find(&bytes, spec.answer_marker).is_none() {
+            bail!(
+                "answer without {}",
+                String::from_utf8_lossy(spec.answer_marker)
+            );
         }
         s.completion_tokens += completion_tokens(&bytes).unwrap_or(0);
         return Ok(());

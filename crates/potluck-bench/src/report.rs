@@ -59,12 +59,25 @@ impl Ratio {
         }
     }
 
-    /// `PASS`, `MISS` or `n/a`.
+    /// A measured figure without a target, shown for information.
+    pub fn info(name: &str, value: Option<f64>, shown: String, detail: String) -> Self {
+        Self {
+            name: name.into(),
+            value,
+            shown,
+            target: "none".into(),
+            pass: None,
+            detail,
+        }
+    }
+
+    /// `PASS`, `MISS`, `info` (measured, no target) or `n/a`.
     pub fn verdict(&self) -> &'static str {
-        match self.pass {
-            Some(true) => "PASS",
-            Some(false) => "MISS",
-            None => "n/a",
+        match (self.pass, self.value) {
+            (Some(true), _) => "PASS",
+            (Some(false), _) => "MISS",
+            (None, Some(_)) => "info",
+            (None, None) => "n/a",
         }
     }
 }
@@ -774,6 +787,9 @@ mod tests {
             Ratio::at_least("x", None, 0.5, String::new()).verdict(),
             "n/a"
         );
+        let info = |v| Ratio::info("x", v, us(v), String::new()).verdict();
+        assert_eq!(info(Some(-3.0)), "info", "measured, no target");
+        assert_eq!(info(None), "n/a");
         assert_eq!(us(Some(1500.0)), "1.50 ms");
         assert_eq!(num(Some(123.4)), "123");
     }

@@ -1,6 +1,7 @@
 //! `potluck-bench smoke`: a few seconds that prove the harness works end to end (direct,
 //! floor and Potluck at concurrency 1 and 4, streamed and not, plus 100 held streams; the fake
-//! backend, the floor and Potluck each in their own process).
+//! backend, the floor and Potluck each in their own process), and Potluck's Anthropic
+//! Messages API at concurrency 1.
 //! It checks only that every request succeeds and every process keeps serving: no timing.
 
 use std::path::Path;
@@ -84,6 +85,28 @@ pub async fn run(potluck_bin: &Path, work_dir: &Path) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    // A translated API (Anthropic Messages) through the hub only: the benchmark's
+    // `potluck-messages` row.
+    let s = loadgen::run(
+        std::slice::from_ref(&targets[2].1),
+        &RequestSpec::messages(MODEL_FAST, 16),
+        1,
+        Stop::count(REQUESTS),
+        REQUEST_TIMEOUT,
+    )
+    .await;
+    println!(
+        "smoke messages c=1 potluck  ok {:3} errors {}",
+        s.ok, s.errors
+    );
+    if s.ok != REQUESTS || s.errors > 0 {
+        failures.push(format!(
+            "messages c=1 potluck: {} ok, {} errors ({})",
+            s.ok,
+            s.errors,
+            s.first_error.unwrap_or_default()
+        ));
     }
     let mut hold = Hold::start(
         &pot.endpoint()?,

@@ -37,6 +37,8 @@ pub const HELD_SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
 pub const REAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Non-streamed tokens asked of the fake backend (it ignores them).
 pub const CHAT_MAX_TOKENS: u32 = 16;
+/// The target name of the hub measured through a translated API (`/v1/messages`).
+pub const TRANSLATED: &str = "potluck-messages";
 /// The floor's upstream protocol. HTTP/1.1 with a pool was the leaner on this machine:
 /// 50-60 µs less added latency at c=1 than HTTP/2 over one connection, whose requests and
 /// answers pass through the connection's own task; throughput at c=64 was the same within
@@ -122,6 +124,10 @@ struct Target {
     cpu_tree: bool,
     /// Measured only at these concurrencies (empty: all).
     only_at: Vec<usize>,
+    /// Measured only in these modes (empty: all).
+    only_in: &'static [&'static str],
+    /// What this target is sent instead of the cell's request (a translated API).
+    spec: Option<RequestSpec>,
 }
 
 impl Target {
@@ -253,6 +259,7 @@ async fn run_cell(
     let active: Vec<&Target> = targets
         .iter()
         .filter(|t| t.only_at.is_empty() || t.only_at.contains(&c))
+        .filter(|t| t.only_in.is_empty() || t.only_in.contains(&mode))
         .collect();
     let mut acc: Vec<(Sample, u64)> = active.iter().map(|_| (Sample::default(), 0)).collect();
     let timeout = Duration::from_secs(s.request_timeout_s);
@@ -263,13 +270,14 @@ async fn run_cell(
             let t = active[i];
             let before = t.cpu_ticks();
             // Potluck's own CPU while another target is measured: deferred work.
+            // (Not while the same hub is measured through another of its APIs.)
             let watched = targets
                 .iter()
-                .find(|w| w.name == "potluck" && w.name != t.name);
+                .find(|w| w.name == "potluck" && w.cpu_pids != t.cpu_pids);
             let bg_before = watched.map(Target::cpu_ticks).unwrap_or(0);
             let sample = loadgen::run(
                 std::slice::from_ref(&t.endpoint),
-                spec,
+                t.spec.as_ref().unwrap_or(spec),
                 c,
                 Stop::After(Duration::from_millis(s.slice_ms)),
                 timeout,
@@ -498,6 +506,8 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
             cpu_pids: vec![fake.proc.pid()],
             cpu_tree: false,
             only_at: vec![],
+            only_in: &[],
+            spec: None,
         },
         Target {
             name: "floor".into(),
@@ -505,6 +515,8 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
             cpu_pids: vec![floor.proc.pid()],
             cpu_tree: false,
             only_at: vec![],
+            only_in: &[],
+            spec: None,
         },
         Target {
             name: "potluck".into(),
@@ -512,6 +524,19 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
             cpu_pids: pot.pids(),
             cpu_tree: false,
             only_at: vec![],
+            only_in: &[],
+            spec: None,
+        },
+        // The same hub through a translated API: Anthropic Messages, non-streamed, at
+        // c=1, interleaved with the chat completions above (issue 15).
+        Target {
+            name: TRANSLATED.into(),
+            endpoint: pot.endpoint()?,
+            cpu_pids: pot.pids(),
+            cpu_tree: false,
+            only_at: vec![1],
+            only_in: &["chat"],
+            spec: Some(RequestSpec::messages(MODEL_FAST, CHAT_MAX_TOKENS)),
         },
     ];
     if let Some(p) = &pot_info {
@@ -521,6 +546,8 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
             cpu_pids: p.pids(),
             cpu_tree: false,
             only_at: settings.info_concurrencies.clone(),
+            only_in: &[],
+            spec: None,
         });
     }
     if let Some(l) = &litellm {
@@ -530,6 +557,8 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
             cpu_pids: vec![l.proc.pid()],
             cpu_tree: true,
             only_at: vec![],
+            only_in: &[],
+            spec: None,
         });
     }
 
@@ -1026,6 +1055,17 @@ pub fn ratios(r: &Report) -> Vec<Ratio> {
             report::num(fc),
             report::us(added(&r.stream, "potluck", 64)),
             report::us(added(&r.stream, "floor", 64))
+        ),
+    ));
+    let (tm, tc) = (p50(&r.chat, TRANSLATED, 1), p50(&r.chat, "potluck", 1));
+    out.push(Ratio::info(
+        "Translated API, non-streamed, c=1: p50 of /v1/messages − /v1/chat/completions (hub)",
+        tm.zip(tc).map(|(m, c)| m - c),
+        report::us(tm.zip(tc).map(|(m, c)| m - c)),
+        format!(
+            "messages p50 {} vs chat completions p50 {}, same hub and backend, interleaved",
+            report::us(tm),
+            report::us(tc)
         ),
     ));
     if r.settings.quick {

@@ -85,13 +85,20 @@ impl Hub {
     /// is made last, so a hub that cannot start does not make one nobody sees.
     pub async fn open(config: HubConfig) -> Result<(Self, Option<Secret>), HubError> {
         let dir = config.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|source| HubError::DataDir {
+        let data_dir_error = |source| HubError::DataDir {
             path: dir.clone(),
             source,
-        })?;
+        };
+        private::create_dir(&dir).map_err(data_dir_error)?;
+        private::restrict_db_files(&dir.join(DB_FILE)).map_err(data_dir_error)?;
         let store = Store::open(&dir.join(DB_FILE))
             .await
-            .map_err(|source| HubError::Open { path: dir, source })?;
+            .map_err(|source| HubError::Open {
+                path: dir.clone(),
+                source,
+            })?;
+        // SQLite gives its -wal and -shm files the database file's mode; check anyway.
+        private::restrict_db_files(&dir.join(DB_FILE)).map_err(data_dir_error)?;
         let hub = Self::new(config, store).await?;
         let admin_key = hub.state.store.ensure_admin_key().await?;
         Ok((hub, admin_key))
@@ -113,6 +120,7 @@ impl Hub {
         };
         let identity = HubIdentity::new(&store.hub_identity().await?);
         let (auditor, audit_rx) = Auditor::new(&config.audit);
+        let registry = Registry::new(config.routing.clone());
         let max_model_labels = config.metrics.max_model_labels;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(
@@ -125,7 +133,7 @@ impl Hub {
         let state = Arc::new(HubState {
             config,
             store,
-            registry: Registry::default(),
+            registry,
             accounting,
             tasks: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
@@ -136,7 +144,7 @@ impl Hub {
             auditor,
             service: Default::default(),
             keys: TtlCache::new(cache::KEY_TTL),
-            balances: TtlCache::new(cache::BALANCE_TTL),
+            balances: Default::default(),
             inflight: Default::default(),
             metrics: Metrics::new(max_model_labels),
         });
@@ -181,8 +189,11 @@ impl Hub {
         }
         let writer_stop = CancellationToken::new();
         state.tasks.spawn(usage::run_writer(
-            state.store.clone(),
-            state.config.credits.clone(),
+            usage::Writer::new(
+                state.store.clone(),
+                state.config.credits.clone(),
+                Arc::clone(&state.balances),
+            ),
             usage_rx,
             writer_stop.clone(),
         ));
@@ -236,5 +247,65 @@ impl Hub {
         state.store.close().await;
         tracing::info!("hub stopped");
         result
+    }
+}
+
+/// Secrets at rest: the data directory is the operator's alone (0700 when the hub
+/// creates it) and the database files are 0600 (the database holds key hashes, the
+/// receipt signing key and every account's ledger).
+mod private {
+    use std::io;
+    use std::path::Path;
+
+    /// Mode of a data directory the hub creates.
+    pub(super) const DIR_MODE: u32 = 0o700;
+    /// Mode of the database files.
+    pub(super) const FILE_MODE: u32 = 0o600;
+
+    /// Create `dir` (and missing parents) as 0700. An existing directory is left as it
+    /// is, with a warning if others may read it.
+    pub(super) fn create_dir(dir: &Path) -> io::Result<()> {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            if let Ok(meta) = std::fs::metadata(dir) {
+                if meta.is_dir() && meta.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %dir.display(),
+                        "the hub's data directory is readable by others; `chmod 700` it"
+                    );
+                }
+            }
+            builder.mode(DIR_MODE);
+        }
+        builder.create(dir)
+    }
+
+    /// Create the database file as 0600 if it is missing (SQLite then gives its -wal
+    /// and -shm files the same mode), and bring existing ones to 0600.
+    pub(super) fn restrict_db_files(db: &Path) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(FILE_MODE)
+                .open(db)?;
+            let name = db.as_os_str();
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut path = name.to_owned();
+                path.push(suffix);
+                match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(FILE_MODE)) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    other => other?,
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = db;
+        Ok(())
     }
 }

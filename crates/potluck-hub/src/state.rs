@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::books::cache::TtlCache;
 use crate::books::limits::Limiter;
+use crate::books::reserve::Reservations;
 use crate::books::usage::Accounting;
 use crate::config::HubConfig;
 use crate::metrics::Metrics;
@@ -46,8 +47,8 @@ pub struct HubState {
     pub(crate) anonymous: Option<KeyAuth>,
     /// Resolved keys by secret hash.
     pub(crate) keys: TtlCache<String, KeyAuth>,
-    /// Available balances by account.
-    pub(crate) balances: TtlCache<i64, i64>,
+    /// Available balances and the credits requests in flight hold, by account.
+    pub(crate) balances: Arc<Reservations>,
     /// The hub's id and keys (receipts, pseudonyms).
     pub(crate) identity: HubIdentity,
     /// Samples requests for spot checks and queues plausibility flags.

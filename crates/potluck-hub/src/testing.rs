@@ -3,6 +3,7 @@
 //! spot checker sends. Nothing else of the hub's insides is public.
 
 pub use crate::metrics::{Metrics, FAMILIES as METRIC_FAMILIES};
+pub use crate::routing::health::Health;
 pub use crate::routing::inflight::InFlightRequests;
 pub use crate::routing::pool::{ModelStatus, ProviderView};
 pub use crate::routing::registry::Registry;

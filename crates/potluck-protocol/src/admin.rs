@@ -296,6 +296,33 @@ pub struct OwnKey {
     pub trusted_only: bool,
 }
 
+/// One usage row of `GET /admin/v1/usage` (counts and timings; never any text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// The hub's request id.
+    pub request_id: String,
+    /// Consumer key id.
+    pub key_id: i64,
+    /// Provider id, if one served it.
+    pub provider_id: Option<i64>,
+    /// Model name.
+    pub model: String,
+    /// Endpoint label.
+    pub endpoint: String,
+    /// Streamed.
+    pub stream: bool,
+    /// HTTP status.
+    pub status: i64,
+    /// Outcome label.
+    pub outcome: String,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// Duration in milliseconds.
+    pub duration_ms: i64,
+}
+
 /// A live provider of an account (never the token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountProvider {

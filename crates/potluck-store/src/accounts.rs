@@ -406,6 +406,15 @@ impl Store {
         .await?)
     }
 
+    /// The account a provider (live or revoked) earns for.
+    pub async fn provider_account(&self, provider_id: i64) -> Result<i64> {
+        sqlx::query_scalar("SELECT account_id FROM providers WHERE id = ?")
+            .bind(provider_id)
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
     /// A live provider's id by id or name.
     pub async fn provider_id(&self, id_or_name: &str) -> Result<i64> {
         sqlx::query_scalar(

@@ -223,6 +223,15 @@ impl Store {
         let tax_account = self.system_account(TAX).await?;
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         for s in batch {
+            // Amounts come from the network through the hub's pricing: refuse any that
+            // are negative or would overflow rather than wrap.
+            let charge = s
+                .cost
+                .checked_add(s.tax)
+                .filter(|_| s.cost >= 0 && s.tax >= 0)
+                .ok_or_else(|| {
+                    StoreError::Conflict(format!("settlement of {} out of range", s.request_id))
+                })?;
             let provider_bucket = if s.vests_at_ms.is_some() {
                 Bucket::Unvested
             } else {
@@ -232,7 +241,7 @@ impl Store {
                 Entry {
                     account_id: s.consumer_account,
                     bucket: Bucket::Available,
-                    amount: -(s.cost + s.tax),
+                    amount: -charge,
                 },
                 Entry {
                     account_id: s.provider_account,
@@ -312,6 +321,24 @@ impl Store {
             .fetch_optional(self.pool())
             .await?;
         Ok(v.unwrap_or(0))
+    }
+
+    /// What an account earned that has vested (net of claw-backs, without what is still
+    /// in escrow), and when the account was created (unix seconds; `None`: no such
+    /// account).
+    pub async fn vested_earnings(
+        &self,
+        account_id: i64,
+    ) -> Result<(Micro, Option<i64>), StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE((SELECT total FROM earnings WHERE account_id = ?1), 0) \
+             - COALESCE((SELECT amount FROM balances WHERE account_id = ?1 AND bucket = 'unvested'), 0), \
+             (SELECT created_at FROM accounts WHERE id = ?1)",
+        )
+        .bind(account_id)
+        .fetch_one(self.pool())
+        .await?;
+        Ok((row.get(0), row.get(1)))
     }
 
     /// Vest every escrowed earning due at `now_ms`. Returns how many vested.

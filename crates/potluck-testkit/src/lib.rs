@@ -19,7 +19,7 @@ pub mod sse;
 
 pub use fake_backend::{FakeBackend, FakeBehavior, FakeOptions};
 pub use harness::{TestAgent, TestHub};
-pub use personas::{Admin, Consumer, Moderator, Staff};
+pub use personas::{chat_body, Admin, Answer, Consumer, Moderator, Staff};
 pub use real_backend::RealBackend;
 pub use scripted_agent::ScriptedAgent;
 

@@ -7,31 +7,45 @@ use serde_json::{json, Value};
 use crate::harness::TestHub;
 use crate::sse::SseReader;
 
-/// An answer: its status, its request id and its JSON body (`Value::Null` if not JSON).
+/// An answer: its status, headers, request id, raw text and JSON body (`Value::Null` if
+/// not JSON).
 #[derive(Debug, Clone)]
 pub struct Answer {
     /// HTTP status.
     pub status: u16,
+    /// The response headers.
+    pub headers: reqwest::header::HeaderMap,
     /// The hub's `x-request-id`, if any.
     pub request_id: Option<String>,
+    /// The body as sent.
+    pub text: String,
     /// The body as JSON.
     pub body: Value,
 }
 
 impl Answer {
-    async fn read(r: reqwest::Response) -> Self {
+    /// Read a whole response.
+    pub async fn read(r: reqwest::Response) -> Self {
         let status = r.status().as_u16();
-        let request_id = r
-            .headers()
+        let headers = r.headers().clone();
+        let request_id = headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = r.json().await.unwrap_or(Value::Null);
+        let text = r.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
         Self {
             status,
+            headers,
             request_id,
+            text,
             body,
         }
+    }
+
+    /// A header's value as text, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     /// The error code of an error answer (`error.code`).
@@ -47,8 +61,14 @@ pub struct Consumer {
     pub account: String,
     /// The API key.
     pub key: String,
-    v1: String,
+    url: String,
     http: reqwest::Client,
+}
+
+/// A chat completion body with one user message.
+pub fn chat_body(model: &str, text: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream,
+           "messages": [{"role": "user", "content": text}]})
 }
 
 impl Consumer {
@@ -63,40 +83,62 @@ impl Consumer {
         Self {
             account: account.to_owned(),
             key,
-            v1: hub.v1(),
+            url: hub.url(),
             http: hub.http.clone(),
         }
     }
 
+    /// `METHOD {hub}{path}` with the key and no body, not yet sent: for tests of wire
+    /// details (raw bytes, chunked bodies, odd methods).
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
+    }
+
     /// `POST /v1/{endpoint}` with a JSON body, not yet sent.
     pub fn post(&self, endpoint: &str, body: &Value) -> reqwest::RequestBuilder {
-        self.http
-            .post(format!("{}/{endpoint}", self.v1))
-            .bearer_auth(&self.key)
-            .json(body)
+        self.post_at(&format!("/v1/{endpoint}"), body)
+    }
+
+    /// `POST {hub}{path}` with a JSON body, not yet sent: any of the hub's client APIs
+    /// (`/v1/messages`, `/api/chat`, ...).
+    pub fn post_at(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::POST, path).json(body)
+    }
+
+    /// `POST {hub}{path}` with a JSON body: the whole answer.
+    pub async fn call(&self, path: &str, body: &Value) -> Answer {
+        Answer::read(self.post_at(path, body).send().await.expect("send")).await
+    }
+
+    /// A chat completion with `body` as it is, sent: the response, streamed or not, unread.
+    pub async fn send_chat(&self, body: &Value) -> reqwest::Response {
+        self.post("chat/completions", body)
+            .send()
+            .await
+            .expect("send")
+    }
+
+    /// A whole chat completion with `body` as it is.
+    pub async fn chat_with(&self, body: &Value) -> Answer {
+        Answer::read(self.send_chat(body).await).await
     }
 
     /// A whole (non-streamed) chat completion with one user message.
     pub async fn chat(&self, model: &str, text: &str) -> Answer {
-        let body = json!({"model": model, "messages": [{"role": "user", "content": text}]});
-        Answer::read(
-            self.post("chat/completions", &body)
-                .send()
-                .await
-                .expect("send"),
-        )
-        .await
+        self.chat_with(&chat_body(model, text, false)).await
     }
 
     /// A streamed chat completion with one user message; panics unless it starts with 200.
     pub async fn chat_stream(&self, model: &str, text: &str) -> (String, SseReader) {
-        let body = json!({"model": model, "stream": true,
-                          "messages": [{"role": "user", "content": text}]});
-        let r = self
-            .post("chat/completions", &body)
-            .send()
-            .await
-            .expect("send");
+        self.stream_with(&chat_body(model, text, true)).await
+    }
+
+    /// A streamed chat completion with `body` as it is (which should ask for a stream);
+    /// panics unless it starts with 200.
+    pub async fn stream_with(&self, body: &Value) -> (String, SseReader) {
+        let r = self.send_chat(body).await;
         assert_eq!(r.status(), 200, "the stream starts");
         let id = r.headers()["x-request-id"]
             .to_str()
@@ -127,16 +169,10 @@ impl Consumer {
         a.body["available_micro"].as_i64().expect("available_micro")
     }
 
-    async fn get(&self, path: &str) -> Answer {
-        Answer::read(
-            self.http
-                .get(format!("{}/{path}", self.v1))
-                .bearer_auth(&self.key)
-                .send()
-                .await
-                .expect("send"),
-        )
-        .await
+    /// `GET /v1/{path}`.
+    pub async fn get(&self, path: &str) -> Answer {
+        let r = self.request(reqwest::Method::GET, &format!("/v1/{path}"));
+        Answer::read(r.send().await.expect("send")).await
     }
 }
 
@@ -190,6 +226,45 @@ impl Staff {
             r = r.json(&b);
         }
         Answer::read(r.send().await.expect("send")).await
+    }
+
+    /// `GET {path}`.
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send("GET", path, None).await
+    }
+
+    /// `POST {path}` with a JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> Answer {
+        self.send("POST", path, Some(body)).await
+    }
+
+    /// `DELETE {path}`.
+    pub async fn delete(&self, path: &str) -> Answer {
+        self.send("DELETE", path, None).await
+    }
+
+    /// Mark a provider as a trusted reference for audits; panics unless it is done.
+    pub async fn trust(&self, provider: &str) {
+        let a = self
+            .send(
+                "PUT",
+                &format!("/admin/v1/providers/{provider}/trust"),
+                Some(json!({"trusted": true})),
+            )
+            .await;
+        assert_eq!(a.status, 200, "trust {provider}: {:?}", a.body);
+    }
+
+    /// Set a key's limits (`{"requests_per_minute": ..}`); panics unless they are set.
+    pub async fn set_limits(&self, key_id: i64, limits: Value) {
+        let a = self
+            .send(
+                "PUT",
+                &format!("/admin/v1/keys/{key_id}/limits"),
+                Some(limits),
+            )
+            .await;
+        assert_eq!(a.status, 200, "set limits: {:?}", a.body);
     }
 
     /// Sanction `what` (`accounts/NAME`, `keys/ID`, `providers/NAME`).

@@ -77,6 +77,10 @@ pub enum RawAnswer {
     },
     /// Close the tunnel without answering: the hub sees a connection error.
     HangUp,
+    /// Never answer, and keep the tunnel open.
+    Silent,
+    /// Answer `200 text/event-stream` at once, then never send a byte of the body.
+    HeadThenSilence,
 }
 
 impl RawAnswer {
@@ -276,6 +280,16 @@ async fn handle(
     };
     match raw {
         None => {}
+        Some(RawAnswer::Silent) => return std::future::pending().await,
+        Some(RawAnswer::HeadThenSilence) => {
+            let stream = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+            let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            return r;
+        }
         Some(RawAnswer::HangUp) => {
             hang_up.cancel();
             // The connection task drops this future with the connection.

@@ -68,6 +68,22 @@ impl HubUrl {
         self.url.scheme() == "https"
     }
 
+    /// Whether the hub is this machine: `localhost`, or a loopback address.
+    pub fn is_loopback(&self) -> bool {
+        match self.url.host() {
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        }
+    }
+
+    /// Whether the provider token would cross a network in clear: `http` to a hub that
+    /// is not this machine. The agent refuses such a hub unless told `insecure`.
+    pub fn is_clear_text_remote(&self) -> bool {
+        !self.is_tls() && !self.is_loopback()
+    }
+
     /// Host name (for SNI and `Host:`).
     pub fn host(&self) -> &str {
         self.url.host_str().unwrap_or_default()

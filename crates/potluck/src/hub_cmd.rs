@@ -61,6 +61,13 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     let mut f = opts
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        // `mode` applies only when the file is created: close up one left by hand.
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {}", path.display()))?;
+    }
     f.write_all(contents.as_bytes())?;
     Ok(())
 }
@@ -96,10 +103,10 @@ pub(crate) async fn hub(a: HubArgs) -> anyhow::Result<()> {
     let (hub, admin_key) = Hub::open(config).await?;
     if let Some(admin) = admin_key {
         write_private(&key_path, &format!("{}\n", admin.expose()))?;
+        // The path, never the key: stdout often lands in a service journal.
         say(&format!(
-            "Created the admin key; it is shown once and saved to {} (mode 0600):\n  {}",
-            key_path.display(),
-            admin.expose()
+            "Created the admin key in {} (mode 0600); the admin commands read it from there.",
+            key_path.display()
         ));
     }
     let addr = listener.local_addr()?;

@@ -19,6 +19,10 @@ pub struct ProvideArgs {
     /// The hub's URL, e.g. https://hub.example.org [config: hub].
     #[arg(long, env = "POTLUCK_HUB", value_name = "URL")]
     hub: Option<String>,
+    /// Allow an http:// hub that is not this machine: the token travels in clear
+    /// [config: insecure].
+    #[arg(long, env = "POTLUCK_INSECURE")]
+    insecure: bool,
     /// The provider token from `potluck providers create` [config: token].
     #[arg(
         long,
@@ -163,6 +167,7 @@ pub fn resolve(args: &ProvideArgs, file: FileConfig) -> Result<AgentConfig, Conf
     let over = Overrides {
         hub: args.hub.clone(),
         token: args.token.clone(),
+        insecure: args.insecure,
         backends: args.backends.clone(),
         backend_api_key: args.backend_api_key.clone(),
         max_concurrency: args.max_concurrency,
@@ -204,6 +209,7 @@ mod tests {
     fn flags_are_passed_over_the_file() {
         let args = ProvideArgs {
             hub: Some("http://flag:2".into()),
+            insecure: true,
             token: None,
             backends: vec![],
             backend_api_key: None,

@@ -10,7 +10,6 @@ use http::HeaderMap;
 use potluck_protocol::admin::{Clawback, KeyLimitsSet, KeyLimitsView};
 use potluck_store::KeyLimits;
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::accounts::wire;
 
@@ -39,7 +38,7 @@ pub(crate) async fn usage(
         .store
         .recent_usage(q.limit.unwrap_or(100).clamp(1, MAX_USAGE_ROWS))
         .await?;
-    Ok(Json(json!({"data": rows})).into_response())
+    Ok(Json(wire::list(rows, wire::usage_row)).into_response())
 }
 
 pub(crate) async fn account_id(st: &HubState, name: &str) -> Result<i64, ApiError> {

@@ -12,9 +12,8 @@ use potluck_protocol::admin::{
 };
 use potluck_store::accounts::KeySettings;
 use serde::Deserialize;
-use serde_json::json;
 
-use crate::accounts::not_found;
+use crate::accounts::{not_found, wire};
 use crate::books::action_log;
 use crate::books::credits::starter_grant;
 use crate::http::auth::{self, Action};
@@ -174,7 +173,8 @@ pub(crate) async fn my_keys(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let me = auth::consumer(&st, &headers).await?;
-    Ok(Json(json!({"data": st.store.own_keys(me.account_id).await?})).into_response())
+    let keys = st.store.own_keys(me.account_id).await?;
+    Ok(Json(wire::list(keys, wire::own_key)).into_response())
 }
 
 #[derive(Deserialize)]

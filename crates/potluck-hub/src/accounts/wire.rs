@@ -4,7 +4,7 @@
 use potluck_protocol::admin as wire;
 use potluck_store::accounts::{AccountInfo, AuditRow, InviteInfo, OwnKey, ReportRow, RequestMeta};
 use potluck_store::ledger::{Balance, HistoryLine, CREDIT};
-use potluck_store::ProviderRecord;
+use potluck_store::{ProviderRecord, UsageRow};
 
 use crate::accounts::NO_CONTENT_NOTE;
 
@@ -58,6 +58,22 @@ pub(crate) fn own_key(k: OwnKey) -> wire::OwnKey {
         status_reason: k.status_reason,
         prefer_low_power: k.prefer_low_power,
         trusted_only: k.trusted_only,
+    }
+}
+
+pub(crate) fn usage_row(u: UsageRow) -> wire::UsageRow {
+    wire::UsageRow {
+        request_id: u.request_id,
+        key_id: u.key_id,
+        provider_id: u.provider_id,
+        model: u.model,
+        endpoint: u.endpoint,
+        stream: u.stream,
+        status: u.status,
+        outcome: u.outcome,
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        duration_ms: u.duration_ms,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Admission of a consumer's request, before any provider is chosen: the key, the body
-//! (under its cap), the few fields routing reads, the key's limits, its credits and the
-//! queue priority that follow from them. Each step fails with the consumer's error.
+//! (under its cap), the few fields routing reads, the key's limits, the credits it
+//! reserves and the queue priority that follow from them, and its place in the usage
+//! queue. Each step fails with the consumer's error.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -16,11 +17,14 @@ use potluck_protocol::{
 use potluck_store::KeyAuth;
 use serde_json::{Map, Value};
 
-use crate::books::credits::available;
+use crate::api::finish::cost;
 use crate::books::limits::{utc_day, Effective, InFlight};
 use crate::books::money::Micro;
+use crate::books::reserve::{Hold, NoHold};
+use crate::books::usage::UsagePlace;
 use crate::http::error::ApiError;
 use crate::state::HubState;
+use crate::trust::plausibility::{Bounds, Usage};
 
 /// What the hub took from a request.
 pub(crate) struct Parsed {
@@ -196,27 +200,95 @@ pub(crate) async fn limits(
         })
 }
 
-/// The queue priority of the key's account; refuses an account without credits when
-/// credits are required.
-pub(crate) async fn priority(
+/// What admission reserved for a request.
+pub(crate) struct Reserved {
+    /// The credits held for it (none for anonymous use, or when credits are not required
+    /// and the account cannot cover it).
+    pub(crate) hold: Option<Hold>,
+    /// Its queue priority.
+    pub(crate) priority: u8,
+}
+
+/// Store reads allowed while the writer keeps moving an account's balance, before the
+/// request is refused as a backlog (503).
+const SEED_TRIES: usize = 5;
+
+/// Reserve the request's largest possible cost (its [`Bounds`] at the model's price, plus
+/// tax) from the account's available balance, in the same step that checks it: when
+/// credits are required, a request it cannot cover is refused (429 `insufficient_quota`).
+/// No database round trip unless the account's balance must be read (first use, or
+/// after a change outside the request path). Also gives the queue priority.
+pub(crate) async fn reserve(
     state: &HubState,
     key: &KeyAuth,
     anonymous: bool,
-) -> Result<u8, ApiError> {
+    model: &ModelName,
+    bounds: &Bounds,
+) -> Result<Reserved, ApiError> {
     if anonymous {
-        return Ok(PRIORITY_ANONYMOUS);
+        return Ok(Reserved {
+            hold: None,
+            priority: PRIORITY_ANONYMOUS,
+        });
     }
-    let balance = available(state, key.account_id).await?;
-    if state.config.credits.require_credits && !balance.is_positive() {
-        return Err(ApiError::InsufficientCredits);
-    }
-    Ok(
-        if balance >= Micro::from_credits(state.config.credits.high_priority_balance) {
-            PRIORITY_HIGH
-        } else {
-            PRIORITY_NORMAL
+    let credits = &state.config.credits;
+    let most = cost(
+        credits.rates(model.as_str()),
+        Usage {
+            prompt: bounds.prompt,
+            completion: bounds.completion,
         },
     )
+    .checked_add(Micro::from_credits(credits.tax_per_request))
+    .unwrap_or(Micro::MAX);
+    let (hold, available) = hold(state, key.account_id, most).await?;
+    if credits.require_credits && (hold.is_none() || !available.is_positive()) {
+        return Err(ApiError::InsufficientCredits);
+    }
+    let priority = if available >= Micro::from_credits(credits.high_priority_balance) {
+        PRIORITY_HIGH
+    } else {
+        PRIORITY_NORMAL
+    };
+    Ok(Reserved { hold, priority })
+}
+
+/// Hold `amount` for `account`, reading its balance from the store first when the table
+/// needs it. Gives the hold (if covered) and what was available before it.
+async fn hold(
+    state: &HubState,
+    account: i64,
+    amount: Micro,
+) -> Result<(Option<Hold>, Micro), ApiError> {
+    for _ in 0..SEED_TRIES {
+        match state.balances.try_hold(account, amount, Instant::now()) {
+            Ok(h) => {
+                let available = h.available;
+                return Ok((Some(h), available));
+            }
+            Err(NoHold::Short(available)) => return Ok((None, available)),
+            Err(NoHold::Seed(generation)) => {
+                let balance = state.store.balance(account).await?.available;
+                state
+                    .balances
+                    .seed(account, balance, generation, Instant::now());
+            }
+        }
+    }
+    Err(ApiError::UsageBacklog { retry_after: 1 })
+}
+
+/// A place in the usage queue for the request's record, waiting at most
+/// `usage_queue_wait`; a request that cannot get one is refused (503) before it is
+/// served, so that every answered request is billed.
+pub(crate) async fn usage_slot(state: &HubState) -> Result<UsagePlace, ApiError> {
+    state
+        .accounting
+        .slot(state.config.usage_queue_wait)
+        .await
+        .ok_or(ApiError::UsageBacklog {
+            retry_after: state.config.usage_queue_wait.as_secs().max(1),
+        })
 }
 
 #[cfg(test)]

@@ -14,12 +14,15 @@ use potluck_store::KeyAuth;
 use crate::api::finish::{self, Ended, Outcome, Parties, ReceiptParts};
 use crate::books::limits::InFlight;
 use crate::books::money::Micro;
+use crate::books::reserve::Hold;
+use crate::books::usage::UsagePlace;
 use crate::http::error::ApiError;
+use crate::routing::health::Verdict;
 use crate::routing::inflight::InFlightGuard;
 use crate::routing::link::{Outgoing, ProviderLink};
 use crate::routing::registry::Need;
 use crate::state::HubState;
-use crate::trust::plausibility::{self, Usage};
+use crate::trust::plausibility::{self, Bounds, Usage};
 use crate::trust::spot_checks::Job;
 
 /// Response header with the hub's request id.
@@ -42,8 +45,13 @@ pub(crate) struct Ctx {
     pub(crate) need: Need,
     /// The body, kept when this request was sampled for an audit replay.
     pub(crate) audit_body: Option<Bytes>,
-    /// Embeddings: bytes of the input (see `Parsed::input_bytes`).
-    pub(crate) input_bytes: i64,
+    /// The most it may be billed (fixed at admission from the request sent).
+    pub(crate) bounds: Bounds,
+    /// Its reservation of credits (none for anonymous use or when credits are not
+    /// required); settled by `finish`, released on drop.
+    pub(crate) hold: Option<Hold>,
+    /// Its place in the usage queue, used by `finish`.
+    pub(crate) usage_slot: parking_lot::Mutex<Option<UsagePlace>>,
     /// The consumer's text, kept when the output may need a guard check.
     pub(crate) guard_input: Option<Arc<str>>,
     /// The key's concurrent-request slot, held until the request ends.
@@ -101,6 +109,15 @@ impl Ctx {
     ) {
         let _entered = self.span.enter();
         self.log(status, outcome, usage);
+        match outcome {
+            Outcome::Ok | Outcome::ContentFilter => {
+                note_health(state, link.provider_id, &self.request_id, true);
+            }
+            Outcome::ProviderError | Outcome::ProviderTimeout => {
+                note_health(state, link.provider_id, &self.request_id, false);
+            }
+            _ => {}
+        }
         let ended = Ended {
             status,
             outcome,
@@ -123,18 +140,32 @@ impl Ctx {
                 .add_tokens(link.provider_id, &self.model, tokens);
         }
         let r = self.books_view();
-        let cost = finish::cost(state.config.credits.rates(self.model.as_str()), usage);
-        self.send_receipt(state, link, &ended, cost);
         let parties = Parties {
             treasury: state.treasury,
             provider_account: link.provider_account,
             quarantined: link.quarantined.load(Ordering::Relaxed),
             tax: Micro::from_credits(state.config.credits.tax_per_request),
         };
-        state.accounting.record(crate::books::usage::Finished {
-            usage: finish::usage_row(&r, link.provider_id, &ended),
-            settlement: finish::settlement(&r, parties, usage, cost),
+        let mut settlement = finish::settlement(&r, parties, usage, {
+            finish::cost(state.config.credits.rates(self.model.as_str()), usage)
         });
+        let pending = match (&self.hold, settlement.as_mut()) {
+            (Some(hold), Some(s)) => hold.settle(finish::within(s, hold.amount())),
+            _ => None,
+        };
+        let earned = settlement
+            .as_ref()
+            .filter(|s| s.provider_account == link.provider_account)
+            .map_or(Micro::ZERO, |s| Micro::new(s.cost));
+        self.send_receipt(state, link, &ended, earned);
+        state.accounting.record(
+            crate::books::usage::Finished {
+                usage: finish::usage_row(&r, link.provider_id, &ended),
+                settlement,
+                pending,
+            },
+            self.usage_slot.lock().take(),
+        );
     }
 
     /// What the metrics count of a finished request (no content, a routed model name).
@@ -204,6 +235,27 @@ impl Ctx {
         let status = e.status().as_u16();
         self.finish(state, link, status, outcome_of(&e), Usage::default(), None);
         with_request_id(e.into_response(), &self.request_id)
+    }
+}
+
+/// Count a request's outcome for its provider's circuit breaker; a provider that leaves
+/// routing now is flagged to the spot checker, which lowers its reputation.
+pub(crate) fn note_health(state: &HubState, provider_id: i64, request_id: &str, ok: bool) {
+    if ok {
+        state.registry.record_success(provider_id);
+        return;
+    }
+    if let Verdict::Tripped(trips) = state.registry.record_failure(provider_id) {
+        tracing::warn!(
+            provider_id,
+            trips,
+            "provider out of routing: too many failures (circuit breaker open)"
+        );
+        state.auditor.submit(Job::Flag {
+            provider_id,
+            kind: "failures",
+            request_id: request_id.to_owned(),
+        });
     }
 }
 

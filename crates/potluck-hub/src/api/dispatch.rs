@@ -1,18 +1,24 @@
 //! From an admitted request to a provider's answer: wait for a slot ([`acquire`]), send
 //! the request down the provider's tunnel and retry once elsewhere if it fails before
-//! answering ([`dispatch`]), and turn a provider's error answer into the consumer's error.
+//! answering ([`dispatch`]), and judge the provider by what happened.
+//!
+//! A provider's failure before the answer starts (connection error, 5xx, the agent's own
+//! refusal, an error status no consumer can cause, a stream that sends no byte within
+//! `routing.first_byte_timeout`) counts against it and the request is retried on another
+//! provider. A refusal the consumer may have caused (400, 413, 422) is asked of another
+//! provider too: it counts against the first only if the second answers. A provider's
+//! error text never reaches the consumer: only its status, with the hub's own message.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use potluck_protocol::tunnel::HEADER_AGENT_ERROR;
-use serde_json::Value;
 
 use crate::api::admit::Parsed;
-use crate::api::ctx::Ctx;
+use crate::api::ctx::{note_health, Ctx};
 use crate::http::error::ApiError;
 use crate::routing::inflight::cut_error;
 use crate::routing::link::ProviderLink;
@@ -22,10 +28,6 @@ use crate::state::HubState;
 
 /// Attempts per request: the first provider, and one other if it fails before answering.
 pub(crate) const MAX_ATTEMPTS: usize = 2;
-/// Longest backend error message relayed to the consumer (characters).
-pub(crate) const MAX_RELAYED_ERROR_CHARS: usize = 512;
-/// Largest provider error body read.
-pub(crate) const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
 /// A slot now, or (for a stream) a place in the queue to show the consumer.
 pub(crate) enum Slot {
@@ -33,6 +35,14 @@ pub(crate) enum Slot {
     Now(Lease),
     /// A streamed request waits with progress comments.
     QueuedStream(WaitTicket),
+}
+
+/// A provider's successful answer: its head and body, and for a stream the first bytes
+/// already read from the body (they proved the provider alive before anything was
+/// relayed).
+pub(crate) struct Answer {
+    pub(crate) resp: http::Response<Incoming>,
+    pub(crate) first: Option<Bytes>,
 }
 
 /// Get a provider slot for `ctx`, waiting in the queue up to `queue.max_wait` (a streamed
@@ -79,50 +89,73 @@ pub(crate) async fn acquire(
 }
 
 /// Send the request on `first`'s tunnel, retrying once on another provider (no queueing)
-/// if it fails before answering. On error, returns the last tunnel tried.
+/// if it fails before answering. Only a successful answer comes back; on error, the last
+/// tunnel tried (whose failure the request's end records).
 pub(crate) async fn dispatch(
     state: &HubState,
     ctx: &Ctx,
     parsed: &Parsed,
     first: Lease,
-) -> Result<(Lease, http::Response<Incoming>), (Arc<ProviderLink>, ApiError)> {
+) -> Result<(Lease, Answer), (Arc<ProviderLink>, ApiError)> {
     let mut tried: Vec<i64> = Vec::new();
+    let mut refused_by: Option<i64> = None;
     let mut lease = first;
     loop {
         let link = Arc::clone(lease.tunnel());
-        let err = match send_once(state, ctx, parsed, &link).await {
-            Ok(resp) => return Ok((lease, resp)),
+        let (err, counted) = match send_once(state, ctx, parsed, &link).await {
+            Ok(answer) => {
+                // Another provider answered what the first refused: the refusal was its own.
+                if let Some(p) = refused_by {
+                    note_health(state, p, &ctx.request_id, false);
+                }
+                return Ok((lease, answer));
+            }
             Err(Failure::Final(e)) => return Err((link, e)),
-            Err(Failure::Retry(e)) => e,
+            Err(Failure::Provider(e)) => (e, true),
+            // Two providers refused it: the request's own fault, nobody's failure.
+            Err(Failure::Refused(e)) if refused_by.is_some() => return Err((link, e)),
+            Err(Failure::Refused(e)) => {
+                refused_by = Some(link.provider_id);
+                (e, false)
+            }
         };
         tried.push(link.provider_id);
-        if tried.len() >= MAX_ATTEMPTS {
+        let next = if tried.len() < MAX_ATTEMPTS {
+            state.registry.pick(&ctx.model, &tried, &ctx.need).ok()
+        } else {
+            None
+        };
+        // Without another provider, the request's end records this one's outcome.
+        let Some(next) = next else {
             return Err((link, err));
+        };
+        if counted {
+            note_health(state, link.provider_id, &ctx.request_id, false);
         }
         drop(lease);
-        lease = match state.registry.pick(&ctx.model, &tried, &ctx.need) {
-            Ok(l) => l,
-            Err(_) => return Err((link, err)),
-        };
+        lease = next;
         tracing::info!("retrying on another provider");
     }
 }
 
 /// Why one attempt failed.
 enum Failure {
-    /// Another provider may do better.
-    Retry(ApiError),
-    /// Give up (cut, timed out, or the request could not be built).
+    /// The provider's fault: it counts, and another provider may do better.
+    Provider(ApiError),
+    /// A refusal the consumer may have caused: another provider is asked.
+    Refused(ApiError),
+    /// Give up (cut, a non-streamed answer timed out, or the request could not be built).
     Final(ApiError),
 }
 
-/// One attempt on `link`.
+/// One attempt on `link`: the answer's head and, for a stream, its first bytes, within
+/// the first-byte deadline (streams) or the header timeout.
 async fn send_once(
     state: &HubState,
     ctx: &Ctx,
     parsed: &Parsed,
     link: &ProviderLink,
-) -> Result<http::Response<Incoming>, Failure> {
+) -> Result<Answer, Failure> {
     let provider_id = link.provider_id;
     ctx.cut.set_provider(provider_id);
     ctx.span.record("provider_id", provider_id);
@@ -137,104 +170,85 @@ async fn send_once(
     )
     .map_err(|_| Failure::Final(ApiError::Internal))?;
     let mut sender = link.sender.clone();
-    let sent = tokio::select! {
-        biased;
-        c = ctx.cut.cancelled() => return Err(Failure::Final(cut_error(&c))),
-        r = tokio::time::timeout(state.config.provider_header_timeout, sender.send_request(req)) => r,
-    };
-    match sent {
-        Err(_) => Err(Failure::Final(ApiError::ProviderTimeout)),
-        Ok(Err(e)) => {
+    let stream = parsed.stream;
+    let attempt = async move {
+        let resp = sender.send_request(req).await.map_err(|e| {
             tracing::warn!(error = %e, "provider failed before answering");
-            Err(Failure::Retry(ApiError::ProviderFailed(
+            Failure::Provider(ApiError::ProviderFailed(
                 "connection to the provider failed",
-            )))
-        }
-        Ok(Ok(resp)) => {
-            let agent_refused = resp.headers().contains_key(HEADER_AGENT_ERROR);
-            if resp.status().is_server_error()
-                || (agent_refused && resp.status() == StatusCode::NOT_FOUND)
-            {
-                tracing::warn!(
-                    status = resp.status().as_u16(),
-                    "provider answered an error"
-                );
-                Err(Failure::Retry(ApiError::ProviderFailed(
-                    "the provider's backend returned an error",
-                )))
-            } else {
-                Ok(resp)
-            }
-        }
-    }
-}
-
-/// Take a backend error body and keep only a short, printable `error.message`.
-pub(crate) fn sanitize_backend_error(status: StatusCode, body: &[u8]) -> ApiError {
-    let msg = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
-        let m = v
-            .get("error")
-            .and_then(|e| e.get("message").or(Some(e)))
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        m.or_else(|| v.get("detail").and_then(Value::as_str).map(str::to_owned))
-    });
-    let message = match msg {
-        Some(m) => m
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(MAX_RELAYED_ERROR_CHARS)
-            .collect(),
-        None => format!(
-            "The provider's backend rejected the request (HTTP {}).",
-            status.as_u16()
-        ),
+            ))
+        })?;
+        let mut resp = judge_status(resp)?;
+        let first = if stream {
+            Some(first_bytes(resp.body_mut()).await?)
+        } else {
+            None
+        };
+        Ok(Answer { resp, first })
     };
-    ApiError::Upstream { status, message }
-}
-
-/// Collect a non-success provider answer into the error the consumer gets.
-pub(crate) async fn error_from(state: &HubState, resp: http::Response<Incoming>) -> ApiError {
-    let status = resp.status();
-    let body = tokio::time::timeout(
-        state.config.provider_body_timeout,
-        Limited::new(resp.into_body(), MAX_ERROR_BODY_BYTES).collect(),
-    )
-    .await;
-    let bytes = match body {
-        Ok(Ok(c)) => c.to_bytes(),
-        _ => Bytes::new(),
-    };
-    if status.is_client_error() {
-        sanitize_backend_error(status, &bytes)
+    let wait = if stream {
+        state.config.routing.first_byte_timeout
     } else {
-        ApiError::ProviderFailed("the provider's backend returned an error")
+        state.config.provider_header_timeout
+    };
+    tokio::select! {
+        biased;
+        c = ctx.cut.cancelled() => Err(Failure::Final(cut_error(&c))),
+        r = tokio::time::timeout(wait, attempt) => match r {
+            Ok(r) => r,
+            Err(_) if stream => {
+                tracing::warn!("provider sent no byte before the first-byte deadline");
+                Err(Failure::Provider(ApiError::ProviderTimeout))
+            }
+            Err(_) => Err(Failure::Final(ApiError::ProviderTimeout)),
+        },
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Sort a provider's answer by its status: success, a refusal the consumer may have
+/// caused, or the provider's failure. Its body is never read back to the consumer.
+fn judge_status(resp: http::Response<Incoming>) -> Result<http::Response<Incoming>, Failure> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let agent = resp.headers().contains_key(HEADER_AGENT_ERROR);
+    tracing::warn!(
+        status = status.as_u16(),
+        agent,
+        "provider answered an error"
+    );
+    match status {
+        StatusCode::BAD_REQUEST
+        | StatusCode::PAYLOAD_TOO_LARGE
+        | StatusCode::UNPROCESSABLE_ENTITY => Err(Failure::Refused(ApiError::Upstream { status })),
+        _ => Err(Failure::Provider(ApiError::ProviderFailed(
+            "the provider's backend returned an error",
+        ))),
+    }
+}
 
-    #[test]
-    fn backend_errors_are_sanitised() {
-        let e = sanitize_backend_error(
-            StatusCode::BAD_REQUEST,
-            br#"{"error":{"message":"context\nlength exceeded","code":400}}"#,
-        );
-        match e {
-            ApiError::Upstream { message, status } => {
-                assert_eq!(status, 400);
-                assert_eq!(message, "contextlength exceeded");
+/// Read a streamed answer up to its first bytes of data.
+async fn first_bytes(body: &mut Incoming) -> Result<Bytes, Failure> {
+    loop {
+        match body.frame().await {
+            None => {
+                return Err(Failure::Provider(ApiError::ProviderFailed(
+                    "the provider ended the stream before answering",
+                )))
             }
-            _ => panic!(),
-        }
-        let long = format!(r#"{{"error":"{}"}}"#, "x".repeat(5000));
-        match sanitize_backend_error(StatusCode::BAD_REQUEST, long.as_bytes()) {
-            ApiError::Upstream { message, .. } => {
-                assert_eq!(message.len(), MAX_RELAYED_ERROR_CHARS)
+            Some(Err(_)) => {
+                return Err(Failure::Provider(ApiError::ProviderFailed(
+                    "the connection to the provider was lost",
+                )))
             }
-            _ => panic!(),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if !data.is_empty() {
+                        return Ok(data);
+                    }
+                }
+            }
         }
     }
 }

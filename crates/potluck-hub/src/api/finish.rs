@@ -62,7 +62,7 @@ pub(crate) struct Request<'a> {
     pub(crate) key_id: i64,
     /// The consumer's account.
     pub(crate) account_id: i64,
-    /// Anonymous use (the treasury pays; no tax).
+    /// Anonymous use (nothing is settled).
     pub(crate) anonymous: bool,
     /// The model asked for.
     pub(crate) model: &'a ModelName,
@@ -168,16 +168,15 @@ pub(crate) struct Parties {
     pub(crate) tax: Micro,
 }
 
-/// The settlement, if anything was delivered.
+/// The settlement, if anything was delivered and anyone earns from it. Nothing moves for
+/// anonymous use (the treasury would pay a provider for traffic anyone can make) or for a
+/// provider serving its own account (it would pay itself).
 pub(crate) fn settlement(r: &Request<'_>, p: Parties, u: Usage, cost: Micro) -> Option<Settlement> {
-    (u.prompt + u.completion > 0).then(|| Settlement {
+    let delivered = u.prompt.saturating_add(u.completion) > 0;
+    let earns = !r.anonymous && r.account_id != p.provider_account;
+    (delivered && earns).then(|| Settlement {
         request_id: r.request_id.to_owned(),
-        // The hub pays for anonymous use.
-        consumer_account: if r.anonymous {
-            p.treasury
-        } else {
-            r.account_id
-        },
+        consumer_account: r.account_id,
         // A quarantined provider earns nothing: what a request that was in flight
         // when it was quarantined pays goes to the treasury (an immediate claw-back).
         provider_account: if p.quarantined {
@@ -186,9 +185,18 @@ pub(crate) fn settlement(r: &Request<'_>, p: Parties, u: Usage, cost: Micro) -> 
             p.provider_account
         },
         cost: cost.get(),
-        tax: if r.anonymous { Micro::ZERO } else { p.tax }.get(),
+        tax: p.tax.get(),
         vests_at_ms: None,
     })
+}
+
+/// Cut a settlement to what its request reserved (`held`): the tax first, then the cost,
+/// so that the consumer never pays more than was held. Returns what it now charges.
+pub(crate) fn within(s: &mut Settlement, held: Micro) -> Micro {
+    let held = held.get().max(0);
+    s.tax = s.tax.clamp(0, held);
+    s.cost = s.cost.clamp(0, held - s.tax);
+    Micro::new(s.cost + s.tax)
 }
 
 #[cfg(test)]
@@ -209,7 +217,7 @@ mod tests {
     }
 
     #[test]
-    fn settlement_pays_the_provider_unless_quarantined_and_the_treasury_pays_for_anonymous() {
+    fn settlement_pays_the_provider_unless_quarantined_self_served_or_anonymous() {
         let m = ModelName::parse("m").unwrap();
         let u = Usage {
             prompt: 2,
@@ -234,7 +242,7 @@ mod tests {
         let s = settlement(&req(&m, false), p, u, Micro::new(320)).unwrap();
         assert_eq!((s.consumer_account, s.provider_account, s.tax), (8, 2, 5));
         let s = settlement(
-            &req(&m, true),
+            &req(&m, false),
             Parties {
                 quarantined: true,
                 ..p
@@ -243,7 +251,24 @@ mod tests {
             Micro::new(320),
         )
         .unwrap();
-        assert_eq!((s.consumer_account, s.provider_account, s.tax), (1, 1, 0));
+        assert_eq!((s.consumer_account, s.provider_account), (8, 1));
+        assert!(
+            settlement(&req(&m, true), p, u, Micro::new(320)).is_none(),
+            "the treasury pays no provider for anonymous use"
+        );
+        let own = Parties {
+            provider_account: 8,
+            ..p
+        };
+        assert!(
+            settlement(&req(&m, false), own, u, Micro::new(320)).is_none(),
+            "a provider serving its own account earns nothing"
+        );
+        let mut s = settlement(&req(&m, false), p, u, Micro::new(320)).unwrap();
+        assert_eq!(within(&mut s, Micro::new(100)), Micro::new(100));
+        assert_eq!((s.cost, s.tax), (95, 5), "cut to the hold, tax first");
+        assert_eq!(within(&mut s, Micro::new(3)), Micro::new(3));
+        assert_eq!((s.cost, s.tax), (0, 3));
         assert!(settlement(&req(&m, false), p, Usage::default(), Micro::ZERO).is_none());
     }
 

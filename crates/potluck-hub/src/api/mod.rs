@@ -5,8 +5,8 @@
 //! which are removed so that nothing identifying reaches a provider. Bodies are never
 //! logged.
 //!
-//! A request's steps, one file each: [`admit`] (key, body, parse, limits, credits,
-//! priority), [`screen`] (the guard's input check), [`dispatch`] (a slot, the tunnel, one
+//! A request's steps, one file each: [`admit`] (key, body, parse, limits, the credits
+//! it reserves, priority, its place in the usage queue), [`screen`] (the guard's input check), [`dispatch`] (a slot, the tunnel, one
 //! retry), [`relay`] (whole, streamed, queued), and [`ctx`]/[`finish`] (its end: usage row,
 //! receipt, settlement). Each request runs in one tracing span (request id, model,
 //! provider).
@@ -17,6 +17,8 @@ pub(crate) mod dialects;
 pub(crate) mod dispatch;
 pub(crate) mod finish;
 pub(crate) mod models;
+#[cfg(test)]
+mod money_props;
 pub(crate) mod relay;
 pub(crate) mod screen;
 
@@ -35,11 +37,14 @@ use crate::api::admit::{header_has, Parsed, HEADER_PREFER, HEADER_TRUST};
 use crate::api::ctx::{reject, Ctx};
 use crate::api::dispatch::Slot;
 use crate::books::limits::InFlight;
+use crate::books::reserve::Hold;
+use crate::books::usage::UsagePlace;
 use crate::http::auth;
 use crate::http::error::ApiError;
 use crate::routing::registry::Need;
 use crate::routing::send::new_request_id;
 use crate::state::HubState;
+use crate::trust::plausibility::Bounds;
 
 /// Milliseconds since the epoch (0 if the clock is before it).
 pub(crate) fn now_ms() -> i64 {
@@ -110,6 +115,9 @@ struct Admitted {
 /// The parts of a [`Ctx`] decided during admission.
 struct CtxParts {
     need: Need,
+    bounds: Bounds,
+    hold: Option<Hold>,
+    usage_slot: UsagePlace,
     audit_body: Option<bytes::Bytes>,
     guard_input: Option<Arc<str>>,
 }
@@ -146,7 +154,9 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
         queue_ms: None,
         need: ctx_parts.need,
         audit_body: ctx_parts.audit_body,
-        input_bytes: parsed.input_bytes,
+        bounds: ctx_parts.bounds,
+        hold: ctx_parts.hold,
+        usage_slot: parking_lot::Mutex::new(Some(ctx_parts.usage_slot)),
         guard_input: ctx_parts.guard_input,
         _in_flight: in_flight,
     };
@@ -168,7 +178,14 @@ async fn admit(
     let raw = admit::read_body(body, max).await?;
     let parsed = admit::parse(s.endpoint, raw, max)?;
     let in_flight = admit::limits(state, key, anonymous).await?;
-    let priority = admit::priority(state, key, anonymous).await?;
+    let bounds = Bounds::of(
+        &parsed.request,
+        parsed.body.len(),
+        parsed.input_bytes,
+        &state.config.credits,
+    );
+    let reserved = admit::reserve(state, key, anonymous, &parsed.model, &bounds).await?;
+    let usage_slot = admit::usage_slot(state).await?;
     let stages = screen::stages(state, s.endpoint, &parsed.model);
     let guard_input: Option<Arc<str>> = (stages.input || stages.output)
         .then(|| Arc::from(crate::trust::guard::input_text(&parsed.body)));
@@ -187,9 +204,12 @@ async fn admit(
     Ok(Admitted {
         parsed,
         in_flight,
-        priority,
+        priority: reserved.priority,
         ctx_parts: CtxParts {
             need,
+            bounds,
+            hold: reserved.hold,
+            usage_slot,
             audit_body,
             guard_input: guard_input.filter(|_| stages.output),
         },
@@ -214,10 +234,10 @@ async fn route(state: Arc<HubState>, mut ctx: Ctx, parsed: Parsed, priority: u8)
         Err(e) => return reject(&ctx.request_id, ctx.endpoint, Some(&ctx.key), e),
     };
     match dispatch::dispatch(&state, &ctx, &parsed, lease).await {
-        Ok((lease, resp)) if parsed.stream && resp.status().is_success() => {
-            relay::stream::relay_stream(state, ctx, parsed.wants_usage, lease, resp)
+        Ok((lease, answer)) if parsed.stream => {
+            relay::stream::relay_stream(state, ctx, parsed.wants_usage, lease, answer)
         }
-        Ok((lease, resp)) => relay::whole::relay_whole(&state, &ctx, lease, resp).await,
+        Ok((lease, answer)) => relay::whole::relay_whole(&state, &ctx, lease, answer.resp).await,
         Err((link, e)) => ctx.provider_failed(&state, &link, e),
     }
 }

@@ -1,7 +1,7 @@
-//! Small time-bounded caches in front of the database for the two lookups every request
-//! makes: the key behind a bearer secret, and an account's balance. Admin changes in this
-//! hub (revocations, limits, grants) clear them at once; the TTL bounds staleness from
-//! anything else (another hub on the same database, settlements in flight).
+//! Small time-bounded caches in front of the database: the key behind a bearer secret.
+//! Admin changes in this hub (revocations, limits) clear them at once; the TTL bounds
+//! staleness from anything else (another hub on the same database). Balances live in
+//! the reservation table (`reserve.rs`).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 /// How long a resolved key is trusted without asking the database again.
 pub(crate) const KEY_TTL: Duration = Duration::from_secs(5);
-/// How long a balance is trusted without asking the database again.
-pub(crate) const BALANCE_TTL: Duration = Duration::from_secs(1);
 /// Entries before a cache is emptied (a bound on memory, not a working-set size).
 pub(crate) const MAX_ENTRIES: usize = 100_000;
 
@@ -46,11 +44,6 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
         map.insert(k, (v, Instant::now()));
     }
 
-    /// Forget one value.
-    pub(crate) fn remove(&self, k: &K) {
-        self.map.lock().remove(k);
-    }
-
     /// Forget everything.
     pub(crate) fn clear(&self) {
         self.map.lock().clear();
@@ -69,7 +62,7 @@ mod tests {
         let c = TtlCache::new(Duration::from_secs(60));
         c.put(1, "a");
         assert_eq!(c.get(&1), Some("a"));
-        c.remove(&1);
+        c.clear();
         assert_eq!(c.get(&1), None);
         for i in 0..=MAX_ENTRIES {
             c.put(i, "x");

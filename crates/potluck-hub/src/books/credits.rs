@@ -1,5 +1,5 @@
-//! Credits as the request path and staff need them: a member's available balance
-//! (cached), and the starter grant of a new account.
+//! The starter grant of a new account (balances the request path needs are in
+//! `reserve.rs`).
 
 use crate::books::money::Micro;
 use crate::http::error::ApiError;
@@ -20,14 +20,4 @@ pub(crate) async fn starter_grant(st: &HubState, account: &str) -> Result<(), Ap
         }
     }
     Ok(())
-}
-
-/// An account's available balance (cached briefly).
-pub(crate) async fn available(state: &HubState, account_id: i64) -> Result<Micro, ApiError> {
-    if let Some(b) = state.balances.get(&account_id) {
-        return Ok(Micro::new(b));
-    }
-    let b = state.store.balance(account_id).await?.available;
-    state.balances.put(account_id, b);
-    Ok(Micro::new(b))
 }

@@ -1,5 +1,6 @@
 //! The books: what the hub records and counts. The usage writer and its settlement
-//! ([`usage`]), balances and grants ([`credits`]), per-key limits ([`limits`]), short-lived
+//! ([`usage`]), balances and grants ([`credits`]), per-key limits ([`limits`]), reservations of credits by requests in flight
+//! ([`reserve`]), short-lived
 //! caches ([`cache`]), money with checked arithmetic ([`money`]), retention
 //! ([`retention`]) and the admin action log
 //! ([`action_log`]). Imports only the base.
@@ -9,5 +10,6 @@ pub(crate) mod cache;
 pub(crate) mod credits;
 pub(crate) mod limits;
 pub(crate) mod money;
+pub(crate) mod reserve;
 pub(crate) mod retention;
 pub(crate) mod usage;

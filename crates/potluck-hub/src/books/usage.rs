@@ -1,7 +1,12 @@
 //! Content-free usage records and their settlement in the credits ledger: queued by
 //! requests, written in batches by one owned task, which also vests escrowed earnings.
 
+use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::FutureExt;
 
 use potluck_store::ledger::Settlement;
 use potluck_store::{Store, UsageRecord};
@@ -9,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::books::money::Micro;
+use crate::books::reserve::{Pending, Reservations};
 use crate::config::CreditsConfig;
 
 /// Most rows written in one transaction.
@@ -27,6 +33,8 @@ pub(crate) struct Finished {
     pub usage: UsageRecord,
     /// The money side (vesting decided by the writer).
     pub settlement: Option<Settlement>,
+    /// The consumer's reserved charge, released once the ledger has it.
+    pub pending: Option<Pending>,
 }
 
 /// What the writer is asked to do, in order. (Not boxed: `Finished` is the common case
@@ -44,13 +52,18 @@ pub(crate) enum Record {
     },
 }
 
-/// The request side: queue a record without waiting.
+/// The request side of the queue.
 #[derive(Clone, Debug)]
 pub(crate) struct Accounting {
     tx: mpsc::Sender<Record>,
     /// Records dropped because the queue was full or closed (for the metrics).
     dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// A place in the usage queue, taken when a request is admitted, so that its record can
+/// always be queued when it ends (a request that cannot get one is not served).
+#[derive(Debug)]
+pub(crate) struct UsagePlace(mpsc::OwnedPermit<Record>);
 
 impl Accounting {
     /// A queue of `capacity` records, and its receiving end for [`run_writer`].
@@ -65,9 +78,22 @@ impl Accounting {
         )
     }
 
-    /// Queue a record. Never blocks a request: if the queue is full the record is
-    /// dropped and a warning (ids only) is logged.
-    pub(crate) fn record(&self, rec: Finished) {
+    /// A place in the queue, waiting at most `wait` for one; `None` if the queue stayed
+    /// full (or the writer is gone).
+    pub(crate) async fn slot(&self, wait: Duration) -> Option<UsagePlace> {
+        match tokio::time::timeout(wait, self.tx.clone().reserve_owned()).await {
+            Ok(Ok(p)) => Some(UsagePlace(p)),
+            _ => None,
+        }
+    }
+
+    /// Queue a record in its slot. Without one (a second end of the same request) it is
+    /// queued if there is room, else dropped with a warning (ids only).
+    pub(crate) fn record(&self, rec: Finished, slot: Option<UsagePlace>) {
+        if let Some(UsagePlace(p)) = slot {
+            p.send(Record::Finished(rec));
+            return;
+        }
         if let Err(
             mpsc::error::TrySendError::Full(Record::Finished(rec))
             | mpsc::error::TrySendError::Closed(Record::Finished(rec)),
@@ -104,23 +130,54 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The writer task: batches records into the store until `stop`, then drains.
+/// What the writer works with.
+pub(crate) struct Writer {
+    /// The database.
+    pub(crate) store: Store,
+    /// Escrow settings.
+    pub(crate) credits: CreditsConfig,
+    /// Balances and holds, told what was written.
+    pub(crate) reservations: Arc<Reservations>,
+    /// Accounts whose escrow was already released when they became trusted.
+    released: HashSet<i64>,
+}
+
+impl Writer {
+    /// A writer over `store`.
+    pub(crate) fn new(
+        store: Store,
+        credits: CreditsConfig,
+        reservations: Arc<Reservations>,
+    ) -> Self {
+        Self {
+            store,
+            credits,
+            reservations,
+            released: HashSet::new(),
+        }
+    }
+}
+
+/// The writer task: batches records into the store until `stop`, then drains. One bad
+/// record never fails the others, and a panic while writing a batch is contained (its
+/// records are logged as lost, their holds released), so the task cannot die.
 pub(crate) async fn run_writer(
-    store: Store,
-    credits: CreditsConfig,
+    mut w: Writer,
     mut rx: mpsc::Receiver<Record>,
     stop: CancellationToken,
 ) {
-    let mut earned = Earned::default();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut vest = tokio::time::interval(VEST_INTERVAL);
     loop {
         let first = tokio::select! {
             r = rx.recv() => r,
             _ = vest.tick() => {
-                match store.vest_due(now_ms()).await {
+                match w.store.vest_due(now_ms()).await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(vested = n, "escrowed earnings vested"),
+                    Ok(n) => {
+                        w.reservations.clear();
+                        tracing::info!(vested = n, "escrowed earnings vested");
+                    }
                     Err(e) => tracing::error!(error = ?e, "vesting failed"),
                 }
                 continue;
@@ -144,17 +201,8 @@ pub(crate) async fn run_writer(
                 _ = stop.cancelled() => break,
             }
         }
-        write(&store, &credits, &mut earned, &mut batch).await;
-        for account_id in clawbacks {
-            match store.clawback(account_id).await {
-                Ok(n) => tracing::info!(
-                    account_id,
-                    clawed_back_micro = n,
-                    "unvested earnings clawed back"
-                ),
-                Err(e) => tracing::error!(error = ?e, account_id, "claw-back failed"),
-            }
-        }
+        write_contained(&mut w, &mut batch).await;
+        clawback(&w, clawbacks).await;
     }
     let drain = async {
         rx.close();
@@ -162,13 +210,11 @@ pub(crate) async fn run_writer(
             let mut clawbacks = Vec::new();
             take(r, &mut batch, &mut clawbacks);
             if batch.len() >= MAX_BATCH || !clawbacks.is_empty() {
-                write(&store, &credits, &mut earned, &mut batch).await;
+                write_contained(&mut w, &mut batch).await;
             }
-            for account_id in clawbacks {
-                let _ = store.clawback(account_id).await;
-            }
+            clawback(&w, clawbacks).await;
         }
-        write(&store, &credits, &mut earned, &mut batch).await;
+        write_contained(&mut w, &mut batch).await;
     };
     if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
         tracing::warn!("usage writer drain timed out");
@@ -182,49 +228,118 @@ fn take(r: Record, batch: &mut Vec<Finished>, clawbacks: &mut Vec<i64>) {
     }
 }
 
-/// Accounts whose escrow was already released when they became trusted.
-#[derive(Default)]
-struct Earned {
-    released: std::collections::HashSet<i64>,
+async fn clawback(w: &Writer, accounts: Vec<i64>) {
+    for account_id in accounts {
+        match w.store.clawback(account_id).await {
+            Ok(n) => tracing::info!(
+                account_id,
+                clawed_back_micro = n,
+                "unvested earnings clawed back"
+            ),
+            Err(e) => tracing::error!(error = ?e, account_id, "claw-back failed"),
+        }
+        w.reservations.remove(&account_id);
+    }
 }
 
-async fn write(
-    store: &Store,
-    credits: &CreditsConfig,
-    released: &mut Earned,
-    batch: &mut Vec<Finished>,
-) {
+/// Write a batch; a panic inside is caught, and what the batch held is released.
+pub(crate) async fn write_contained(w: &mut Writer, batch: &mut Vec<Finished>) {
     if batch.is_empty() {
         return;
     }
-    let mut settlements = Vec::new();
-    let mut earned: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+    let pending: Vec<Pending> = batch.iter().filter_map(|f| f.pending).collect();
+    let rows = batch.len();
+    if AssertUnwindSafe(write(w, batch))
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        tracing::error!(rows, "writing usage records panicked; the batch is lost");
+        for p in pending {
+            w.reservations.written(p, false);
+            w.reservations.remove(&p.account);
+        }
+    }
+    batch.clear();
+}
+
+/// Whether `account`'s earnings skip escrow: its vested earnings reached the trust
+/// threshold and it is old enough.
+async fn trusted(w: &Writer, account: i64) -> bool {
+    let Ok((vested, created_s)) = w.store.vested_earnings(account).await else {
+        return false;
+    };
+    let age_ms = created_s.map_or(0, |c| now_ms().saturating_sub(c.saturating_mul(1000)));
+    let min_age = i64::try_from(w.credits.trust_min_account_age.as_millis()).unwrap_or(i64::MAX);
+    vested >= Micro::from_credits(w.credits.trust_threshold).get() && age_ms >= min_age
+}
+
+async fn write(w: &mut Writer, batch: &mut [Finished]) {
+    let vest_ms = i64::try_from(w.credits.vesting.as_millis()).unwrap_or(i64::MAX);
+    let mut decided: HashMap<i64, bool> = HashMap::new();
     for f in batch.iter_mut() {
-        let Some(mut s) = f.settlement.take() else {
+        let Some(s) = f.settlement.as_mut() else {
             continue;
         };
-        // Escrow: a provider below the trust threshold earns into `unvested`.
-        let before = match earned.get(&s.provider_account) {
-            Some(v) => *v,
-            None => store.total_earned(s.provider_account).await.unwrap_or(0),
+        let account = s.provider_account;
+        let is_trusted = match decided.get(&account) {
+            Some(t) => *t,
+            None => {
+                let t = trusted(w, account).await;
+                decided.insert(account, t);
+                t
+            }
         };
-        earned.insert(s.provider_account, before + s.cost);
-        if before >= Micro::from_credits(credits.trust_threshold).get() {
+        if is_trusted {
             s.vests_at_ms = None;
-            if released.released.insert(s.provider_account) {
+            if w.released.insert(account) {
                 // Trusted now: release what it still holds in escrow, once.
-                if let Err(e) = store.vest_all(s.provider_account).await {
+                if let Err(e) = w.store.vest_all(account).await {
                     tracing::error!(error = ?e, "vesting a trusted provider failed");
                 }
             }
         } else {
-            s.vests_at_ms = Some(now_ms() + credits.vesting.as_millis() as i64);
+            s.vests_at_ms = Some(now_ms().saturating_add(vest_ms));
         }
-        settlements.push(s);
     }
-    let usage: Vec<UsageRecord> = batch.iter().map(|f| f.usage.clone()).collect();
-    if let Err(e) = store.record_finished(&usage, &settlements).await {
-        tracing::error!(error = ?e, rows = usage.len(), "writing usage records failed");
+    let (usage, settlements): (Vec<UsageRecord>, Vec<Settlement>) = (
+        batch.iter().map(|f| f.usage.clone()).collect(),
+        batch.iter().filter_map(|f| f.settlement.clone()).collect(),
+    );
+    if w.store.record_finished(&usage, &settlements).await.is_ok() {
+        for f in batch.iter() {
+            done(w, f, true);
+        }
+        return;
     }
-    batch.clear();
+    // One bad record must not cost the others: write them one by one.
+    for f in batch.iter() {
+        let settlement: Vec<Settlement> = f.settlement.iter().cloned().collect();
+        let res = w
+            .store
+            .record_finished(std::slice::from_ref(&f.usage), &settlement)
+            .await;
+        if let Err(e) = &res {
+            tracing::error!(error = ?e, request_id = %f.usage.request_id, "settlement refused; writing the usage row alone");
+            if let Err(e) = w
+                .store
+                .record_finished(std::slice::from_ref(&f.usage), &[])
+                .await
+            {
+                tracing::error!(error = ?e, request_id = %f.usage.request_id, "usage row not written");
+            }
+        }
+        done(w, f, res.is_ok());
+    }
+}
+
+/// Tell the reservations what happened to one record.
+fn done(w: &Writer, f: &Finished, ok: bool) {
+    if let Some(p) = f.pending {
+        w.reservations.written(p, ok);
+    }
+    if let Some(s) = f.settlement.as_ref().filter(|s| s.vests_at_ms.is_none()) {
+        // Its earning landed in `available`: read that balance again when it spends.
+        w.reservations.remove(&s.provider_account);
+    }
 }

@@ -7,9 +7,11 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod observe;
+mod serving;
 mod trust;
 
 pub use observe::{AlertConfig, AlertingConfig, MetricsConfig, UsageApiConfig};
+pub use serving::{RoutingConfig, ServerConfig};
 pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
 
 /// Default listen address.
@@ -45,6 +47,10 @@ pub struct HubConfig {
     pub shutdown_grace: Duration,
     /// Capacity of the usage-record queue between requests and the database writer.
     pub usage_queue: usize,
+    /// How long a request waits for a place in a full usage queue before it is refused
+    /// (503 `usage_backlog`) without being served.
+    #[serde(with = "secs")]
+    pub usage_queue_wait: Duration,
     /// The wait queue in front of busy providers.
     pub queue: QueueConfig,
     /// Credits: prices, grants, escrow, priority.
@@ -67,6 +73,10 @@ pub struct HubConfig {
     pub accounts: AccountsConfig,
     /// How long content-free records are kept.
     pub retention: RetentionConfig,
+    /// Judging providers: circuit breaker, first-byte deadline, tunnel and slot caps.
+    pub routing: RoutingConfig,
+    /// Limits of the HTTP server: header and body read timeouts, connections, streams.
+    pub server: ServerConfig,
     /// The usage analytics API's bounds (`[usage_api]`).
     pub usage_api: UsageApiConfig,
     /// A separate listener for `GET /metrics` without a key (off by default).
@@ -232,8 +242,19 @@ pub struct CreditsConfig {
     /// How long a provider's earnings stay in escrow (seconds).
     #[serde(with = "secs")]
     pub vesting: Duration,
-    /// Once a provider's account earned this much (credits), its earnings vest at once.
+    /// Once a provider's account holds this much *vested* earnings (credits, net of
+    /// claw-backs) and is at least `trust_min_account_age` old, its earnings vest at once.
     pub trust_threshold: f64,
+    /// How old an account must be before its earnings may skip escrow (seconds).
+    #[serde(with = "secs")]
+    pub trust_min_account_age: Duration,
+    /// Prompt tokens a request may be billed beyond its body's bytes: the chat template's
+    /// own tokens (role markers, a default system prompt). The bound on billed prompt
+    /// tokens is `bytes of the body sent + this` (a token is at least one byte of text).
+    pub prompt_overhead_tokens: i64,
+    /// Completion tokens reserved for, and billed at most to, a request that sets no
+    /// `max_tokens` (a request that sets one is reserved and billed at most that).
+    pub default_max_tokens: i64,
     /// Accounts with at least this balance (credits) get high priority.
     pub high_priority_balance: f64,
 }
@@ -274,6 +295,9 @@ impl Default for CreditsConfig {
             models: Default::default(),
             vesting: Duration::from_secs(24 * 3600),
             trust_threshold: 100.0,
+            trust_min_account_age: Duration::from_secs(7 * 24 * 3600),
+            prompt_overhead_tokens: 128,
+            default_max_tokens: 4096,
             high_priority_balance: 1000.0,
         }
     }
@@ -389,11 +413,19 @@ impl HubConfig {
                     .into(),
             );
         }
+        if self.credits.prompt_overhead_tokens < 0 || self.credits.default_max_tokens < 0 {
+            return Err(
+                "credits.prompt_overhead_tokens and credits.default_max_tokens must not be negative"
+                    .into(),
+            );
+        }
         if self.credits.starter_grant < 0.0 || self.credits.tax_per_request < 0.0 {
             return Err(
                 "credits.starter_grant and credits.tax_per_request must not be negative".into(),
             );
         }
+        self.routing.validate()?;
+        self.server.validate()?;
         Ok(())
     }
 }
@@ -414,6 +446,7 @@ impl Default for HubConfig {
             retry_after_secs: 5,
             shutdown_grace: Duration::from_secs(10),
             usage_queue: 65_536,
+            usage_queue_wait: Duration::from_secs(2),
             queue: QueueConfig::default(),
             credits: CreditsConfig::default(),
             limits: LimitsConfig::default(),
@@ -423,6 +456,8 @@ impl Default for HubConfig {
             audit: SpotCheckConfig::default(),
             accounts: AccountsConfig::default(),
             retention: RetentionConfig::default(),
+            routing: RoutingConfig::default(),
+            server: ServerConfig::default(),
             usage_api: UsageApiConfig::default(),
             metrics_listen: None,
             metrics: MetricsConfig::default(),

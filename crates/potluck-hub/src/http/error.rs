@@ -83,19 +83,25 @@ pub enum ApiError {
         /// Seconds for `Retry-After`.
         retry_after: u64,
     },
+    /// 503: the usage queue stayed full for `usage_queue_wait`; refused before it was
+    /// served, so that no answered request goes unbilled.
+    #[error("usage backlog")]
+    UsageBacklog {
+        /// Seconds for `Retry-After`.
+        retry_after: u64,
+    },
     /// 502: the provider failed.
     #[error("provider failed")]
     ProviderFailed(&'static str),
     /// 504: the provider took too long.
     #[error("provider timed out")]
     ProviderTimeout,
-    /// 4xx relayed from the backend, normalised (message already sanitised).
+    /// A provider refused the request (400, 413 or 422): its status only, with the hub's
+    /// own message (a provider's text never reaches a consumer).
     #[error("backend rejected the request")]
     Upstream {
-        /// The backend's status (4xx only).
+        /// The provider's status (4xx only).
         status: StatusCode,
-        /// Sanitised message.
-        message: String,
     },
     /// 409: a name is taken.
     #[error("{0}")]
@@ -127,15 +133,15 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::NoCapacity { .. } | ApiError::QueueTimeout { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::NoCapacity { .. }
+            | ApiError::QueueTimeout { .. }
+            | ApiError::UsageBacklog { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } | ApiError::InsufficientCredits => {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ApiError::ProviderFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::ProviderTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Upstream { status, .. } => *status,
+            ApiError::Upstream { status } => *status,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -145,9 +151,10 @@ impl ApiError {
     pub fn blame(&self) -> Blame {
         match self {
             ApiError::ProviderFailed(_) | ApiError::ProviderTimeout => Blame::Provider,
-            ApiError::NoCapacity { .. } | ApiError::QueueTimeout { .. } | ApiError::Internal => {
-                Blame::Hub
-            }
+            ApiError::NoCapacity { .. }
+            | ApiError::QueueTimeout { .. }
+            | ApiError::UsageBacklog { .. }
+            | ApiError::Internal => Blame::Hub,
             _ => Blame::Consumer,
         }
     }
@@ -204,7 +211,7 @@ impl ApiError {
             ),
             ApiError::InsufficientCredits => ErrorBody::new(
                 "insufficient_quota",
-                "This account has no credits left. Earn credits by providing to the pool, or ask the hub operator for a grant.",
+                "This account's available credits do not cover this request's largest possible cost (its prompt and max_tokens at the model's price, plus tax; credits held by requests in flight are not available). Set a smaller max_tokens, earn credits by providing to the pool, or ask the hub operator for a grant.",
                 None,
                 Some("insufficient_quota"),
             ),
@@ -214,13 +221,24 @@ impl ApiError {
                 None,
                 Some("queue_timeout"),
             ),
+            ApiError::UsageBacklog { .. } => ErrorBody::new(
+                "server_error",
+                "The hub is busy recording usage. Retry later.",
+                None,
+                Some("usage_backlog"),
+            ),
             ApiError::ProviderFailed(why) => {
                 ErrorBody::new("server_error", format!("The provider failed: {why}."), None, Some("provider_error"))
             }
             ApiError::ProviderTimeout => {
                 ErrorBody::new("server_error", "The provider did not answer in time.", None, Some("provider_timeout"))
             }
-            ApiError::Upstream { message, .. } => ErrorBody::new("invalid_request_error", message.clone(), None, None),
+            ApiError::Upstream { status } => ErrorBody::new(
+                "invalid_request_error",
+                format!("The provider refused the request (HTTP {}). Check its parameters; GET /v1/models shows each model's limits.", status.as_u16()),
+                None,
+                Some("provider_refused"),
+            ),
             ApiError::Conflict(m) => ErrorBody::new("invalid_request_error", m.clone(), None, Some("conflict")),
             ApiError::Internal => ErrorBody::new("server_error", "Internal error in the hub.", None, None),
         }
@@ -266,6 +284,7 @@ impl IntoResponse for ApiError {
         match self {
             ApiError::NoCapacity { retry_after }
             | ApiError::QueueTimeout { retry_after }
+            | ApiError::UsageBacklog { retry_after }
             | ApiError::RateLimited { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }

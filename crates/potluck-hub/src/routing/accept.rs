@@ -62,6 +62,21 @@ fn refused_token() -> Response {
     r
 }
 
+fn too_many_tunnels(max: u32) -> Response {
+    let body = ErrorBody::new(
+        "rate_limit_error",
+        format!("This provider token already holds {max} open tunnels, the most this hub allows. Close one first."),
+        None,
+        Some("too_many_tunnels"),
+    );
+    let mut r = (StatusCode::TOO_MANY_REQUESTS, body.to_json()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 /// `GET /v1/tunnel`: check the token and protocol, answer 101, and start the tunnel task.
 pub(crate) async fn accept(State(state): State<Arc<HubState>>, mut req: Request) -> Response {
     let wants_tunnel = req
@@ -104,13 +119,21 @@ pub(crate) async fn accept(State(state): State<Arc<HubState>>, mut req: Request)
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
+    let Some(permit) = state.registry.open_tunnel(provider.provider_id) else {
+        tracing::info!(
+            provider_id = provider.provider_id,
+            "tunnel refused: the provider holds the most tunnels allowed"
+        );
+        return too_many_tunnels(state.config.routing.max_tunnels_per_provider);
+    };
     let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
         return ApiError::Internal.into_response();
     };
     let st = Arc::clone(&state);
-    state
-        .tasks
-        .spawn(async move { run(st, provider, on_upgrade).await });
+    state.tasks.spawn(async move {
+        run(st, provider, on_upgrade).await;
+        drop(permit);
+    });
     let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
     r.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -147,6 +170,7 @@ async fn run(state: Arc<HubState>, provider: ProviderAuth, on_upgrade: OnUpgrade
         provider.name.clone(),
         sender.clone(),
         events_tx,
+        state.registry.health_of(provider.provider_id),
     ));
     if let Ok(st) = state.store.standing(provider.provider_id).await {
         use std::sync::atomic::Ordering;

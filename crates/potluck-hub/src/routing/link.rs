@@ -15,6 +15,8 @@ use potluck_protocol::{InferenceRequest, ModelLimits, ModelName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::routing::health::Health;
+
 /// An event queued for one tunnel's agent.
 #[derive(Debug)]
 pub enum Outgoing {
@@ -51,6 +53,8 @@ pub struct ProviderLink {
     pub quarantined: AtomicBool,
     /// Refusals already sent to the agent (model and hash), so each is sent once.
     pub refused: Mutex<HashSet<String>>,
+    /// The provider's measured health (shared by its tunnels).
+    pub health: Arc<Health>,
 }
 
 /// What a tunnel announced about one model (after the hub's allow-list check).
@@ -141,6 +145,7 @@ impl ProviderLink {
         provider_name: String,
         sender: SendRequest<Full<Bytes>>,
         events: mpsc::Sender<Outgoing>,
+        health: Arc<Health>,
     ) -> Self {
         Self {
             conn_id,
@@ -157,6 +162,7 @@ impl ProviderLink {
             trusted: AtomicBool::new(false),
             quarantined: AtomicBool::new(false),
             refused: Mutex::new(HashSet::new()),
+            health,
         }
     }
 

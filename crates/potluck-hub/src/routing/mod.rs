@@ -3,11 +3,13 @@
 //! `accounts`.
 //!
 //! [`link`] is one connected provider ([`link::ProviderLink`]); [`registry`] registers
-//! them, picks one and leases a slot; [`queue`] is the wait queue; [`pool`] tells what the
+//! them, picks one and leases a slot; [`health`] is each provider's circuit breaker and
+//! success rate, and its tunnel count; [`queue`] is the wait queue; [`pool`] tells what the
 //! pool holds; [`accept`] takes a tunnel upgrade; [`send`] builds every request sent down a
 //! tunnel and asks for the hub's own; [`inflight`] cuts a party's requests.
 
 pub(crate) mod accept;
+pub(crate) mod health;
 pub(crate) mod inflight;
 pub(crate) mod link;
 pub(crate) mod pool;

@@ -21,6 +21,8 @@ use potluck_protocol::ModelName;
 use rand::Rng;
 use tokio::sync::oneshot;
 
+use crate::config::RoutingConfig;
+use crate::routing::health::{weighted_choice, Health};
 use crate::routing::link::{OfferedModel, ProviderLink};
 use crate::routing::pool::EnergyStat;
 use crate::routing::queue::Queue;
@@ -121,6 +123,11 @@ pub(super) struct Inner {
     pub(super) queue: Mutex<Queue<Lease>>,
     next_conn: AtomicU64,
     pub(super) energy: Mutex<HashMap<(i64, ModelName), EnergyStat>>,
+    pub(super) routing: RoutingConfig,
+    /// Each provider's health, across its tunnels and reconnections.
+    pub(super) health: Mutex<HashMap<i64, Arc<Health>>>,
+    /// Open tunnels per provider (counted from the upgrade).
+    pub(super) tunnel_count: Mutex<HashMap<i64, u32>>,
 }
 
 impl Inner {
@@ -131,14 +138,21 @@ impl Inner {
     /// A slot of `t` came free: hand it to the best waiter of a model `t` serves, or free it.
     fn release(self: &Arc<Self>, t: Arc<ProviderLink>) {
         let mut q = self.queue.lock();
-        if t.is_open() && t.accepting() && t.in_flight() <= t.capacity() {
+        if t.is_open()
+            && t.accepting()
+            && t.in_flight() <= t.capacity()
+            && t.health.admits(Instant::now(), &self.routing)
+        {
             while let Some(w) = q.take_for(&t) {
                 let lease = Lease {
                     tunnel: Some(Arc::clone(&t)),
                     registry: Arc::clone(self),
                 };
                 match w.tx.send(lease) {
-                    Ok(()) => return,
+                    Ok(()) => {
+                        t.health.leased(Instant::now());
+                        return;
+                    }
                     // The waiter left in the meantime: keep the slot for the next one.
                     Err(mut back) => {
                         back.tunnel = None;
@@ -185,12 +199,32 @@ impl Inner {
         if let Some(e) = self.unservable(model, need) {
             return Err(e);
         }
-        let candidates: Vec<Arc<ProviderLink>> = self
-            .tunnels()
-            .values()
-            .filter(|t| !exclude.contains(&t.provider_id) && t.can_take(model, need))
-            .cloned()
-            .collect();
+        let now = Instant::now();
+        let (free, healthy_exists) = {
+            let tunnels = self.tunnels();
+            let free: Vec<Arc<ProviderLink>> = tunnels
+                .values()
+                .filter(|t| !exclude.contains(&t.provider_id) && t.can_take(model, need))
+                .cloned()
+                .collect();
+            let healthy = tunnels.values().any(|t| {
+                !exclude.contains(&t.provider_id)
+                    && t.serves(model, need)
+                    && t.health.admits(now, &self.routing)
+            });
+            (free, healthy)
+        };
+        // Measured health before announced capacity: a tripped provider gets nothing
+        // while a healthy one serves the model (busy or not). When none is healthy, the
+        // tripped ones are still tried rather than refusing everyone (a panic threshold,
+        // as load balancers have).
+        let candidates: Vec<Arc<ProviderLink>> = if healthy_exists {
+            free.into_iter()
+                .filter(|t| t.health.admits(now, &self.routing))
+                .collect()
+        } else {
+            free
+        };
         // Low power: device class first (NPU, CPU, GPU), then the lowest measured energy
         // per token, then load. Otherwise: lowest load relative to capacity. Ties are
         // broken at random so that sequential traffic spreads too.
@@ -216,8 +250,9 @@ impl Inner {
             .filter(|(k, _)| *k == best_key)
             .map(|(_, t)| *t)
             .collect();
-        let t = best[rand::rng().random_range(0..best.len())];
+        let t = weighted_choice(&best);
         t.in_flight.fetch_add(1, Ordering::Relaxed);
+        t.health.leased(now);
         Ok(Lease {
             tunnel: Some(Arc::clone(t)),
             registry: Arc::clone(self),
@@ -234,16 +269,21 @@ impl Inner {
 
     /// Give free slots to waiters (after a tunnel joined, its offer changed, or a
     /// request joined the queue).
-    fn fill(self: &Arc<Self>) {
+    pub(super) fn fill(self: &Arc<Self>) {
         let mut q = self.queue.lock();
         if q.is_empty() {
             return;
         }
         let tunnels: Vec<Arc<ProviderLink>> = self.tunnels().values().cloned().collect();
         for t in tunnels {
-            while t.is_open() && t.accepting() && t.in_flight() < t.capacity().max(1) {
+            while t.is_open()
+                && t.accepting()
+                && t.in_flight() < t.capacity().max(1)
+                && t.health.admits(Instant::now(), &self.routing)
+            {
                 let Some(w) = q.take_for(&t) else { break };
                 t.in_flight.fetch_add(1, Ordering::Relaxed);
+                t.health.leased(Instant::now());
                 let lease = Lease {
                     tunnel: Some(Arc::clone(&t)),
                     registry: Arc::clone(self),
@@ -269,18 +309,26 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
+        Self::new(RoutingConfig::default())
+    }
+}
+
+impl Registry {
+    /// An empty registry judging providers by `routing`.
+    pub fn new(routing: RoutingConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
                 tunnels: Mutex::new(HashMap::new()),
                 queue: Mutex::new(Queue::default()),
                 next_conn: AtomicU64::new(0),
                 energy: Mutex::new(HashMap::new()),
+                routing,
+                health: Mutex::new(HashMap::new()),
+                tunnel_count: Mutex::new(HashMap::new()),
             }),
         }
     }
-}
 
-impl Registry {
     /// A fresh tunnel id.
     pub fn next_conn_id(&self) -> u64 {
         self.inner.next_conn.fetch_add(1, Ordering::Relaxed) + 1
@@ -305,7 +353,8 @@ impl Registry {
         if let Some(t) = t {
             let mut o = t.state.lock();
             o.models = models;
-            o.capacity = capacity;
+            // An announcement, not a fact: capped.
+            o.capacity = capacity.min(self.inner.routing.max_slots_per_tunnel);
             o.profile = profile;
             o.accepting = accepting;
         }

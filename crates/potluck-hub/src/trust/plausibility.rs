@@ -5,9 +5,10 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use potluck_protocol::{InferenceEndpoint, ModelName};
+use potluck_protocol::{InferenceEndpoint, InferenceRequest, ModelName};
 use serde_json::{Map, Value};
 
+use crate::config::CreditsConfig;
 use crate::routing::link::ProviderLink;
 use crate::state::HubState;
 use crate::trust::spot_checks::{Auditor, Job};
@@ -91,15 +92,76 @@ impl Delivered {
 /// Tokens a backend may report beyond the delivered text (special and stop tokens).
 pub(crate) const PLAUSIBILITY_SLACK_TOKENS: i64 = 16;
 
+/// The most a request may be billed, fixed at admission from the request the hub sent.
+///
+/// - prompt: the bytes of the body sent plus `credits.prompt_overhead_tokens` (every
+///   prompt token comes from at least one byte of the body's text, and the JSON around
+///   each message is longer than the template's tokens for it; the overhead covers a
+///   default system prompt). Embeddings: the bytes of `input` plus
+///   [`PLAUSIBILITY_SLACK_TOKENS`];
+/// - completion: the request's `max_tokens` / `max_completion_tokens`, or
+///   `credits.default_max_tokens` when it sets none (the hub's cap); 0 for embeddings.
+///
+/// A provider's claim above either bound is cut to it and flagged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    /// Most prompt tokens billed.
+    pub(crate) prompt: i64,
+    /// Most completion tokens billed.
+    pub(crate) completion: i64,
+    /// Embeddings: bytes of the input (the hub's own estimate is a quarter of it).
+    pub(crate) input_bytes: i64,
+}
+
+impl Bounds {
+    /// The bounds of `req`, sent as `body_len` bytes (see the type's docs).
+    pub(crate) fn of(
+        req: &InferenceRequest,
+        body_len: usize,
+        input_bytes: i64,
+        credits: &CreditsConfig,
+    ) -> Self {
+        if req.endpoint == InferenceEndpoint::Embeddings {
+            return Self {
+                prompt: input_bytes.saturating_add(PLAUSIBILITY_SLACK_TOKENS),
+                completion: 0,
+                input_bytes,
+            };
+        }
+        let completion = if req.generates() {
+            req.max_tokens()
+                .map_or(credits.default_max_tokens, i64::from)
+        } else {
+            0
+        };
+        Self {
+            prompt: i64::try_from(body_len)
+                .unwrap_or(i64::MAX)
+                .saturating_add(credits.prompt_overhead_tokens.max(0)),
+            completion: completion.max(0),
+            input_bytes,
+        }
+    }
+
+    /// `u` cut to the bounds, and whether anything was cut.
+    pub(crate) fn cut(&self, u: Usage) -> (Usage, bool) {
+        let prompt = u.prompt.clamp(0, self.prompt);
+        let completion = u.completion.clamp(0, self.completion);
+        (
+            Usage { prompt, completion },
+            prompt < u.prompt || completion < u.completion,
+        )
+    }
+}
+
 /// Embeddings: the input is the whole bill. Reported prompt tokens are taken up to a
 /// token per byte of input (plus slack), never any output; missing or implausible usage
 /// is the hub's own estimate (input bytes / 4).
-fn embeddings_billable(reported: Option<Usage>, input_bytes: i64) -> Usage {
+fn embeddings_billable(reported: Option<Usage>, b: &Bounds) -> Usage {
     let per_token = i64::try_from(potluck_protocol::request::BYTES_PER_TOKEN_ESTIMATE).unwrap_or(4);
-    let estimate = input_bytes / per_token;
-    let bound = input_bytes.saturating_add(PLAUSIBILITY_SLACK_TOKENS);
+    let estimate = b.input_bytes / per_token;
     let prompt = match reported {
-        Some(u) if (1..=bound).contains(&u.prompt) => u.prompt,
+        Some(u) if (1..=b.prompt).contains(&u.prompt) => u.prompt,
         _ => estimate.max(1),
     };
     Usage {
@@ -108,35 +170,46 @@ fn embeddings_billable(reported: Option<Usage>, input_bytes: i64) -> Usage {
     }
 }
 
+/// Count a usage claim the hub did not believe against the provider, and queue a flag for
+/// the spot checker (its reputation falls as for other plausibility failures).
+fn flag_usage(auditor: &Auditor, tunnel: &ProviderLink, request_id: &str, what: &'static str) {
+    tunnel.usage_flags.fetch_add(1, Ordering::Relaxed);
+    auditor.submit(Job::Flag {
+        provider_id: tunnel.provider_id,
+        kind: "usage",
+        request_id: request_id.to_owned(),
+    });
+    tracing::warn!(
+        provider_id = tunnel.provider_id,
+        what,
+        "implausible usage from provider; billing the hub's bound"
+    );
+}
+
 /// Decide what to bill: the backend's usage if present and plausible, else the hub's own
-/// conservative estimate (and the provider is flagged).
+/// conservative estimate, and never more than the request's [`Bounds`] (a claim above
+/// them, or above what was delivered, flags the provider).
 pub(crate) fn billable(
     auditor: &Auditor,
     reported: Option<Usage>,
     seen: Delivered,
     completed: bool,
     endpoint: InferenceEndpoint,
-    input_bytes: i64,
+    bounds: &Bounds,
     tunnel: &ProviderLink,
     request_id: &str,
 ) -> Usage {
     if endpoint == InferenceEndpoint::Embeddings {
-        return embeddings_billable(reported, input_bytes);
+        return embeddings_billable(reported, bounds);
     }
-    match reported {
+    let asked = match reported {
         Some(u) if completed && seen.plausible(u.completion) => u,
         Some(u) if completed => {
-            tunnel.usage_flags.fetch_add(1, Ordering::Relaxed);
-            auditor.submit(Job::Flag {
-                provider_id: tunnel.provider_id,
-                kind: "usage",
-                request_id: request_id.to_owned(),
-            });
-            tracing::warn!(
-                provider_id = tunnel.provider_id,
-                reported = u.completion,
-                estimate = seen.estimate(),
-                "implausible usage from provider; billing the hub's estimate"
+            flag_usage(
+                auditor,
+                tunnel,
+                request_id,
+                "completion above the text delivered",
             );
             Usage {
                 prompt: u.prompt,
@@ -152,7 +225,12 @@ pub(crate) fn billable(
             prompt: 0,
             completion: seen.estimate(),
         },
+    };
+    let (billed, cut) = bounds.cut(asked);
+    if cut {
+        flag_usage(auditor, tunnel, request_id, "above the request's bound");
     }
+    billed
 }
 
 /// Flag a provider faster than its model's size class makes plausible (after a successful

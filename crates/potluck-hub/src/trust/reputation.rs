@@ -63,10 +63,17 @@ pub(crate) async fn judge(state: &HubState, rep: &mut Reputation, a: AuditRecord
 
 /// Cut a provider off (audits still reach it) and claw back its unvested credits.
 pub(crate) async fn quarantine_provider(state: &HubState, provider_id: i64, reason: &str) {
-    let account = state
-        .registry
-        .tunnel_of(provider_id)
-        .map(|t| t.provider_account);
+    // Connected or not: the store knows whose account it earns for.
+    let account = match state.registry.tunnel_of(provider_id) {
+        Some(t) => Some(t.provider_account),
+        None => match state.store.provider_account(provider_id).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::error!(error = ?e, provider_id, "no account for a quarantined provider");
+                None
+            }
+        },
+    };
     state.registry.set_trust_flags(provider_id, false, true);
     state.metrics.quarantined();
     if let Some(acct) = account {

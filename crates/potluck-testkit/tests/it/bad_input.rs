@@ -1,40 +1,84 @@
 //! Bad input gets an OpenAI-shaped error with the right status, never echoes the request's
-//! content, and never panics.
+//! content, and never panics. These tests send raw bytes on purpose (the wire is what
+//! they test), through the consumer persona's key.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
 use std::time::Duration;
 
-use potluck_testkit::{FakeBackend, FakeBehavior, TestAgent, TestHub};
+use potluck_testkit::{Answer, Consumer, FakeBackend, FakeBehavior, TestAgent, TestHub};
 use serde_json::{json, Value};
 
 const MODEL: &str = "m1";
 const CANARY: &str = "CANARY-7f3a91-bad-input";
 
-async fn post(
-    hub: &TestHub,
-    path: &str,
-    key: Option<&str>,
-    body: Vec<u8>,
-) -> (u16, reqwest::header::HeaderMap, Value) {
-    let mut r = hub
-        .http
-        .post(format!("{}{path}", hub.url()))
-        .header("content-type", "application/json")
-        .body(body);
-    if let Some(k) = key {
-        r = r.bearer_auth(k);
+/// A hub with a 4 KiB request cap, one provider of [`MODEL`] and a consumer.
+struct Rig {
+    hub: TestHub,
+    backend: FakeBackend,
+    _agent: TestAgent,
+    alice: Consumer,
+}
+
+async fn rig() -> Rig {
+    let hub = TestHub::start_with(|c| c.max_request_bytes = 4096).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    Rig {
+        hub,
+        backend,
+        _agent: agent,
+        alice,
     }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = resp.text().await.unwrap();
+}
+
+/// A chat body with the canary as the user's text, with `extra` fields merged in.
+fn msg(extra: Value) -> Vec<u8> {
+    let mut v = json!({"model": MODEL, "messages": [{"role": "user", "content": CANARY}]});
+    v.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// `POST path` with raw JSON bytes as `who` (nobody: no Authorization header). The
+/// answer never echoes the canary and is always JSON.
+async fn post(hub: &TestHub, path: &str, who: Option<&Consumer>, body: Vec<u8>) -> Answer {
+    let r = match who {
+        Some(c) => c.request(reqwest::Method::POST, path),
+        None => hub.http.post(format!("{}{path}", hub.url())),
+    };
+    let a = Answer::read(
+        r.header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert!(
-        !text.contains(CANARY),
-        "an error echoed request content: {text}"
+        !a.text.contains(CANARY),
+        "an error echoed request content: {}",
+        a.text
     );
-    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
-    (status, headers, v)
+    assert!(!a.body.is_null(), "not JSON: {}", a.text);
+    a
+}
+
+/// Nothing bad reached the provider, and a good request still works.
+async fn still_serves(r: &Rig) {
+    assert!(r.backend.inference_received().is_empty());
+    let a = post(
+        &r.hub,
+        "/v1/chat/completions",
+        Some(&r.alice),
+        msg(json!({})),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(r.backend.inference_received().len(), 1);
 }
 
 fn assert_openai_error(v: &Value, kind: &str) {
@@ -48,154 +92,164 @@ fn assert_openai_error(v: &Value, kind: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_bad_request_gets_the_right_error() {
-    let hub = TestHub::start_with(|c| c.max_request_bytes = 4096).await;
-    let key = hub.create_key("consumer").await;
-    let backend = FakeBackend::start(&[MODEL]).await;
-    let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
-    hub.wait_for_model(MODEL, 1).await;
-    let msg = |extra: Value| {
-        let mut v = json!({"model": MODEL, "messages": [{"role": "user", "content": CANARY}]});
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        serde_json::to_vec(&v).unwrap()
-    };
-
-    // Malformed JSON.
-    let (s, h, v) = post(
-        &hub,
+async fn malformed_json_and_a_non_object_are_400() {
+    let r = rig().await;
+    let a = post(
+        &r.hub,
         "/v1/chat/completions",
-        Some(&key),
+        Some(&r.alice),
         format!("{{\"model\": \"{MODEL}\", \"messages\": [{CANARY}").into_bytes(),
     )
     .await;
-    assert_eq!(s, 400);
-    assert_openai_error(&v, "invalid_request_error");
-    assert_eq!(h["content-type"], "application/json");
-    assert!(h.contains_key("x-request-id"));
-    // Not an object.
-    let (s, _, _) = post(&hub, "/v1/chat/completions", Some(&key), b"[1,2]".to_vec()).await;
-    assert_eq!(s, 400);
-    // Missing model.
-    let (s, _, v) = post(
-        &hub,
+    assert_eq!(a.status, 400);
+    assert_openai_error(&a.body, "invalid_request_error");
+    assert_eq!(a.header("content-type"), Some("application/json"));
+    assert!(a.request_id.is_some());
+    let a = post(
+        &r.hub,
         "/v1/chat/completions",
-        Some(&key),
-        serde_json::to_vec(&json!({"messages": [{"role": "user", "content": CANARY}]})).unwrap(),
+        Some(&r.alice),
+        b"[1,2]".to_vec(),
     )
     .await;
-    assert_eq!(s, 400);
-    assert_eq!(v["error"]["param"], "model");
+    assert_eq!(a.status, 400);
+    still_serves(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_mistyped_fields_name_their_param() {
+    let r = rig().await;
+    let alice = Some(&r.alice);
+    // Missing model.
+    let body = serde_json::to_vec(&json!({"messages": [{"role": "user", "content": CANARY}]}));
+    let a = post(&r.hub, "/v1/chat/completions", alice, body.unwrap()).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.body["error"]["param"], "model");
     // Model of the wrong type.
-    let (s, _, v) = post(
-        &hub,
+    let a = post(
+        &r.hub,
         "/v1/chat/completions",
-        Some(&key),
+        alice,
         msg(json!({"model": 42})),
     )
     .await;
-    assert_eq!((s, v["error"]["param"].as_str()), (400, Some("model")));
+    assert_eq!(
+        (a.status, a.body["error"]["param"].as_str()),
+        (400, Some("model"))
+    );
     // Missing messages / prompt / input.
     for (path, param) in [
         ("/v1/chat/completions", "messages"),
         ("/v1/completions", "prompt"),
         ("/v1/embeddings", "input"),
     ] {
-        let (s, _, v) = post(
-            &hub,
-            path,
-            Some(&key),
-            serde_json::to_vec(&json!({"model": MODEL})).unwrap(),
-        )
-        .await;
+        let body = serde_json::to_vec(&json!({"model": MODEL})).unwrap();
+        let a = post(&r.hub, path, alice, body).await;
         assert_eq!(
-            (s, v["error"]["param"].as_str()),
+            (a.status, a.body["error"]["param"].as_str()),
             (400, Some(param)),
             "{path}"
         );
     }
     // Wrong types of stream fields.
-    let (s, _, v) = post(
-        &hub,
+    let a = post(
+        &r.hub,
         "/v1/chat/completions",
-        Some(&key),
+        alice,
         msg(json!({"stream": "yes"})),
     )
     .await;
-    assert_eq!((s, v["error"]["param"].as_str()), (400, Some("stream")));
-    let (s, _, _) = post(
-        &hub,
+    assert_eq!(
+        (a.status, a.body["error"]["param"].as_str()),
+        (400, Some("stream"))
+    );
+    let body = json!({"model": MODEL, "input": CANARY, "stream": true});
+    let a = post(
+        &r.hub,
         "/v1/embeddings",
-        Some(&key),
-        serde_json::to_vec(&json!({"model": MODEL, "input": CANARY, "stream": true})).unwrap(),
+        alice,
+        serde_json::to_vec(&body).unwrap(),
     )
     .await;
-    assert_eq!(s, 400);
-    // Unknown model.
-    let (s, _, v) = post(
-        &hub,
-        "/v1/chat/completions",
-        Some(&key),
-        msg(json!({"model": "no-such-model"})),
-    )
-    .await;
-    assert_eq!(s, 404);
-    assert_eq!(v["error"]["code"], "model_not_found");
-    assert_openai_error(&v, "invalid_request_error");
+    assert_eq!(a.status, 400);
+    still_serves(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_model_is_404_model_not_found() {
+    let r = rig().await;
+    let body = msg(json!({"model": "no-such-model"}));
+    let a = post(&r.hub, "/v1/chat/completions", Some(&r.alice), body).await;
+    assert_eq!(a.status, 404);
+    assert_eq!(a.code(), Some("model_not_found"));
+    assert_openai_error(&a.body, "invalid_request_error");
+    still_serves(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_missing_or_misplaced_keys_are_refused() {
+    let r = rig().await;
     // Wrong key, no key, malformed header.
-    for k in [Some("pk-wrong"), None, Some("")] {
-        let (s, _, v) = post(&hub, "/v1/chat/completions", k, msg(json!({}))).await;
-        assert_eq!(s, 401);
-        assert_openai_error(&v, "authentication_error");
+    let wrong = Consumer::with_key(&r.hub, "mallory", "pk-wrong".into());
+    let empty = Consumer::with_key(&r.hub, "mallory", String::new());
+    for who in [Some(&wrong), None, Some(&empty)] {
+        let a = post(&r.hub, "/v1/chat/completions", who, msg(json!({}))).await;
+        assert_eq!(a.status, 401);
+        assert_openai_error(&a.body, "authentication_error");
     }
-    // A provider token is not a consumer key, nor is a consumer key an admin key.
-    let (s, _, _) = post(
-        &hub,
-        "/admin/v1/keys",
-        Some(&key),
-        b"{\"name\":\"x\"}".to_vec(),
-    )
-    .await;
-    assert_eq!(s, 403);
-    // Oversize body: by Content-Length and by a chunked body.
+    // A consumer key is not an admin key.
+    let body = b"{\"name\":\"x\"}".to_vec();
+    let a = post(&r.hub, "/admin/v1/keys", Some(&r.alice), body).await;
+    assert_eq!(a.status, 403);
+    still_serves(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_body_is_413_by_length_and_when_chunked() {
+    let r = rig().await;
     let big = msg(json!({"pad": "x".repeat(8192)}));
-    let (s, _, v) = post(&hub, "/v1/chat/completions", Some(&key), big.clone()).await;
-    assert_eq!(s, 413);
-    assert_eq!(v["error"]["code"], "request_too_large");
+    let a = post(&r.hub, "/v1/chat/completions", Some(&r.alice), big.clone()).await;
+    assert_eq!(a.status, 413);
+    assert_eq!(a.code(), Some("request_too_large"));
     let chunked = reqwest::Body::wrap_stream(futures_util::stream::iter(
         big.chunks(1000)
             .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
             .collect::<Vec<_>>(),
     ));
-    let r = hub
-        .http
-        .post(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth(&key)
+    let resp = r
+        .alice
+        .request(reqwest::Method::POST, "/v1/chat/completions")
         .body(chunked)
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 413);
-    // Unknown path, wrong method.
-    let r = hub
-        .http
-        .get(format!("{}/nope", hub.v1()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    assert_openai_error(&r.json().await.unwrap(), "invalid_request_error");
-    let r = hub
-        .http
-        .get(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 405);
-    assert_openai_error(&r.json().await.unwrap(), "invalid_request_error");
-    // Random bytes never panic the hub (it still answers afterwards).
+    assert_eq!(resp.status(), 413);
+    still_serves(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_wrong_methods_get_openai_errors() {
+    let r = rig().await;
+    let a = Answer::read(
+        r.hub
+            .http
+            .get(format!("{}/nope", r.hub.v1()))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, 404);
+    assert_openai_error(&a.body, "invalid_request_error");
+    let a = r.alice.get("chat/completions").await;
+    assert_eq!(a.status, 405);
+    assert_openai_error(&a.body, "invalid_request_error");
+    still_serves(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_never_panic_the_hub() {
+    let r = rig().await;
     let mut seed: u64 = 0x2545F4914F6CDD1D;
     for i in 0..200 {
         let len = (i * 7) % 300;
@@ -207,22 +261,17 @@ async fn every_bad_request_gets_the_right_error() {
                 seed as u8
             })
             .collect();
-        let r = hub
-            .http
-            .post(format!("{}/chat/completions", hub.v1()))
-            .bearer_auth(&key)
+        let resp = r
+            .alice
+            .request(reqwest::Method::POST, "/v1/chat/completions")
             .body(bytes)
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 400);
+        assert_eq!(resp.status(), 400);
     }
-    // None of the bad requests reached the provider.
-    assert!(backend.inference_received().is_empty());
-    // And a good one still works.
-    let (s, _, v) = post(&hub, "/v1/chat/completions", Some(&key), msg(json!({}))).await;
-    assert_eq!(s, 200, "{v}");
-    assert_eq!(backend.inference_received().len(), 1);
+    // None of them reached the provider, and the hub still answers.
+    still_serves(&r).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,7 +282,7 @@ async fn no_capacity_is_503_with_retry_after() {
         c.queue.max_length = 0;
     })
     .await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     let backend = FakeBackend::start(&[MODEL]).await;
     backend.set_behavior(FakeBehavior {
         chunks: 10,
@@ -249,38 +298,19 @@ async fn no_capacity_is_503_with_retry_after() {
     let _agent = TestAgent::start_with(cfg);
     hub.wait_for_model(MODEL, 1).await;
     let body = json!({"model": MODEL, "messages": [], "stream": true});
-    let first = hub
-        .http
-        .post(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let first = alice.send_chat(&body).await;
     assert_eq!(first.status(), 200);
-    let r = hub
-        .http
-        .post(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    assert_eq!(r.headers()["retry-after"], "7");
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "no_capacity");
+    let r = alice.chat_with(&body).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("7"));
+    assert_eq!(r.code(), Some("no_capacity"));
     drop(first);
     // Once the first stream is gone, the slot is free again.
     potluck_testkit::wait_until("slot freed", Duration::from_secs(5), || async {
-        hub.http
-            .post(format!("{}/chat/completions", hub.v1()))
-            .bearer_auth(&key)
-            .json(&json!({"model": MODEL, "messages": []}))
-            .send()
+        alice
+            .chat_with(&json!({"model": MODEL, "messages": []}))
             .await
-            .unwrap()
-            .status()
+            .status
             == 200
     })
     .await;

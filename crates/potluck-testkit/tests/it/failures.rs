@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use potluck_testkit::sse::Event;
+use potluck_testkit::personas::Answer;
 use potluck_testkit::{Consumer, FakeBackend, FakeBehavior, TestAgent, TestHub};
 use serde_json::{json, Value};
 
@@ -58,6 +58,7 @@ async fn failures_before_the_first_token_cost_nothing_and_a_slow_provider_is_a_5
     let (hub, backend, _agent, alice) = priced(|c| {
         c.provider_header_timeout = Duration::from_secs(1);
         c.stream_idle_timeout = Duration::from_secs(1);
+        c.routing.first_byte_timeout = Duration::from_secs(1);
     })
     .await;
     let start = alice.available_micro().await;
@@ -93,16 +94,22 @@ async fn failures_before_the_first_token_cost_nothing_and_a_slow_provider_is_a_5
     usage_row(&hub, a.request_id.as_deref().unwrap()).await;
     assert_eq!(alice.available_micro().await, start, "a 502 costs nothing");
 
-    // A stream that stalls before its first token: an error event, nothing billed.
+    // A stream that stalls before its first token: past the first-byte deadline (and no
+    // other provider to retry on), a 504 before the stream starts, nothing billed.
     backend.set_behavior(FakeBehavior {
         stall_after: Some(0),
         ..Default::default()
     });
-    let (id, sse) = alice.chat_stream(MODEL, "stalls").await;
-    match sse.collect().await.last() {
-        Some(Event::Json(v)) => assert_eq!(v["error"]["code"], "provider_timeout", "{v}"),
-        e => panic!("{e:?}"),
-    }
+    let body = json!({"model": MODEL, "stream": true,
+                      "messages": [{"role": "user", "content": "stalls"}]});
+    let a = Answer::read(alice.post("chat/completions", &body).send().await.unwrap()).await;
+    assert_eq!(
+        (a.status, a.code()),
+        (504, Some("provider_timeout")),
+        "{:?}",
+        a.body
+    );
+    let id = a.request_id.unwrap();
     usage_row(&hub, &id).await;
     assert_eq!(
         alice.available_micro().await,

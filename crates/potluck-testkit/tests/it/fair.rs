@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use potluck_testkit::sse::{Event, SseReader};
-use potluck_testkit::{Admin, Consumer, FakeBackend, FakeBehavior, TestAgent, TestHub};
+use potluck_testkit::{chat_body, Admin, Consumer, FakeBackend, FakeBehavior, TestAgent, TestHub};
 use serde_json::{json, Value};
 
 const MODEL: &str = "m1";
@@ -38,30 +38,21 @@ async fn one_slot_pool(
     (hub, backend, agent)
 }
 
-fn request(hub: &TestHub, key: &str, tag: &str, stream: bool) -> reqwest::RequestBuilder {
-    hub.http
-        .post(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth(key)
-        .json(&json!({"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": tag}]}))
+/// A chat request from `who` whose text is `tag` (the account's letter first), not yet sent.
+fn request(who: &Consumer, tag: &str, stream: bool) -> reqwest::RequestBuilder {
+    who.post("chat/completions", &chat_body(MODEL, tag, stream))
 }
 
-async fn pool_queued(hub: &TestHub, key: &str) -> u64 {
-    let v: Value = hub
-        .http
-        .get(format!("{}/pool", hub.v1()))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["data"][0]["queued"].as_u64().unwrap_or(0)
+/// Requests waiting in the queue, as `GET /v1/pool` tells `who`.
+async fn pool_queued(who: &Consumer) -> u64 {
+    who.pool().await.body["data"][0]["queued"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
-async fn wait_queued(hub: &TestHub, key: &str, n: u64) {
+async fn wait_queued(who: &Consumer, n: u64) {
     potluck_testkit::wait_until(&format!("{n} queued"), Duration::from_secs(30), || async {
-        pool_queued(hub, key).await == n
+        pool_queued(who).await == n
     })
     .await;
 }
@@ -87,13 +78,13 @@ fn service_order(backend: &FakeBackend) -> Vec<String> {
 
 /// Occupy the pool's only slot with a stalled stream (account `D`) until dropped.
 async fn hold_the_slot(hub: &TestHub, backend: &FakeBackend) -> SseReader {
-    let key = hub.create_key("D").await;
+    let d = Consumer::new(hub, "D").await;
     backend.set_behavior(FakeBehavior {
         chunks: 100,
         stall_after: Some(1),
         ..Default::default()
     });
-    let mut holder = SseReader::new(request(hub, &key, "D-hold", true).send().await.unwrap());
+    let mut holder = SseReader::new(request(&d, "D-hold", true).send().await.unwrap());
     assert!(matches!(holder.next().await, Some(Event::Json(_))));
     backend.set_behavior(FakeBehavior::default());
     holder
@@ -109,27 +100,27 @@ fn jain(xs: &[f64]) -> f64 {
 async fn a_flood_from_one_account_does_not_starve_the_others() {
     let (hub, backend, _agent) = one_slot_pool(|_| {}).await;
     let (a, b, c) = (
-        hub.create_key("A").await,
-        hub.create_key("B").await,
-        hub.create_key("C").await,
+        Consumer::new(&hub, "A").await,
+        Consumer::new(&hub, "B").await,
+        Consumer::new(&hub, "C").await,
     );
     let holder = hold_the_slot(&hub, &backend).await;
     let mut tasks = Vec::new();
-    let spawn = |key: String, tag: String, tasks: &mut Vec<tokio::task::JoinHandle<u16>>| {
-        let req = request(&hub, &key, &tag, false);
+    let spawn = |who: &Consumer, tag: String, tasks: &mut Vec<tokio::task::JoinHandle<u16>>| {
+        let req = request(who, &tag, false);
         tasks.push(tokio::spawn(async move {
             req.send().await.unwrap().status().as_u16()
         }));
     };
     for i in 0..100 {
-        spawn(a.clone(), format!("A-{i}"), &mut tasks);
+        spawn(&a, format!("A-{i}"), &mut tasks);
     }
-    wait_queued(&hub, &a, 100).await;
+    wait_queued(&a, 100).await;
     for i in 0..5 {
-        spawn(b.clone(), format!("B-{i}"), &mut tasks);
-        spawn(c.clone(), format!("C-{i}"), &mut tasks);
+        spawn(&b, format!("B-{i}"), &mut tasks);
+        spawn(&c, format!("C-{i}"), &mut tasks);
     }
-    wait_queued(&hub, &a, 110).await;
+    wait_queued(&a, 110).await;
     drop(holder);
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
@@ -154,23 +145,23 @@ async fn a_flood_from_one_account_does_not_starve_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_high_balance_account_overtakes_waiting_low_balance_ones() {
     let (hub, backend, _agent) = one_slot_pool(|c| c.credits.high_priority_balance = 500.0).await;
-    let low = hub.create_key("L").await;
-    let high = hub.create_key("H").await;
+    let low = Consumer::new(&hub, "L").await;
+    let high = Consumer::new(&hub, "H").await;
     hub.grant("H", 1000.0).await;
     let holder = hold_the_slot(&hub, &backend).await;
     let mut tasks = Vec::new();
     for i in 0..5 {
-        let r = request(&hub, &low, &format!("L-{i}"), false);
+        let r = request(&low, &format!("L-{i}"), false);
         tasks.push(tokio::spawn(async move {
             r.send().await.unwrap().status().as_u16()
         }));
     }
-    wait_queued(&hub, &low, 5).await;
-    let r = request(&hub, &high, "H-0", false);
+    wait_queued(&low, 5).await;
+    let r = request(&high, "H-0", false);
     tasks.push(tokio::spawn(async move {
         r.send().await.unwrap().status().as_u16()
     }));
-    wait_queued(&hub, &low, 6).await;
+    wait_queued(&low, 6).await;
     drop(holder);
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
@@ -197,11 +188,11 @@ async fn a_waiting_stream_tells_its_position_and_leaves_the_queue_when_the_consu
         c.queue.progress_interval = Duration::from_millis(50);
     })
     .await;
-    let key = hub.create_key("K").await;
+    let k = Consumer::new(&hub, "K").await;
     let _holder = hold_the_slot(&hub, &backend).await;
 
     // A waiting stream starts at once and tells its position and estimated wait.
-    let waiting = request(&hub, &key, "K-wait", true).send().await.unwrap();
+    let waiting = request(&k, "K-wait", true).send().await.unwrap();
     assert_eq!(waiting.status(), 200);
     let mut bytes = waiting.bytes_stream();
     let mut seen = String::new();
@@ -211,12 +202,12 @@ async fn a_waiting_stream_tells_its_position_and_leaves_the_queue_when_the_consu
             &bytes.next().await.unwrap().unwrap(),
         ));
     }
-    assert_eq!(pool_queued(&hub, &key).await, 1);
+    assert_eq!(pool_queued(&k).await, 1);
     // The consumer goes away while waiting: it leaves the queue at once, long before
     // its wait could have run out.
     drop(bytes);
     potluck_testkit::wait_until("the waiter left the queue", LEAVES_WITHIN, || async {
-        pool_queued(&hub, &key).await == 0
+        pool_queued(&k).await == 0
     })
     .await;
 }
@@ -229,17 +220,17 @@ async fn waiting_is_bounded_by_length_and_time() {
         c.queue.progress_interval = Duration::from_millis(50);
     })
     .await;
-    let key = hub.create_key("K").await;
+    let k = Consumer::new(&hub, "K").await;
     let _holder = hold_the_slot(&hub, &backend).await;
 
     // Past the queue length: 503 with Retry-After, immediately.
     let mut waiters = Vec::new();
     for i in 0..3 {
-        let r = request(&hub, &key, &format!("K-{i}"), false);
+        let r = request(&k, &format!("K-{i}"), false);
         waiters.push(tokio::spawn(async move { r.send().await.unwrap() }));
     }
-    wait_queued(&hub, &key, 3).await;
-    let r = request(&hub, &key, "K-over", false).send().await.unwrap();
+    wait_queued(&k, 3).await;
+    let r = request(&k, "K-over", false).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     // Past the wait time: 503 queue_timeout for the waiters.
@@ -251,7 +242,7 @@ async fn waiting_is_bounded_by_length_and_time() {
         assert_eq!(v["error"]["code"], "queue_timeout");
     }
     // A streamed waiter past the wait time ends with an error event.
-    let events = SseReader::new(request(&hub, &key, "K-late", true).send().await.unwrap())
+    let events = SseReader::new(request(&k, "K-late", true).send().await.unwrap())
         .collect()
         .await;
     match events.last() {
@@ -263,16 +254,16 @@ async fn waiting_is_bounded_by_length_and_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_gets_the_freed_slot_and_is_told_how_long_it_waited() {
     let (hub, backend, _agent) = one_slot_pool(|_| {}).await;
-    let key = hub.create_key("K").await;
+    let k = Consumer::new(&hub, "K").await;
     let holder = hold_the_slot(&hub, &backend).await;
     backend.set_behavior(FakeBehavior {
         chunks: 2,
         gap: Duration::from_millis(20),
         ..Default::default()
     });
-    let r = request(&hub, &key, "K-next", false);
+    let r = request(&k, "K-next", false);
     let next = tokio::spawn(async move { r.send().await.unwrap() });
-    wait_queued(&hub, &key, 1).await;
+    wait_queued(&k, 1).await;
     drop(holder);
     let r = next.await.unwrap();
     assert_eq!(r.status(), 200);
@@ -284,106 +275,109 @@ async fn a_waiter_gets_the_freed_slot_and_is_told_how_long_it_waited() {
     assert!(q > 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-/// Each limit trips with a 429 that says when to retry, and lifts when the key's limits
-/// are raised or its slot is freed. (The minute and day windows rolling over are not
-/// seen here: that needs the hub's clock, which a test cannot move.)
-async fn each_limit_trips_with_429_and_lifts() {
+// Each limit trips with a 429 that says when to retry, and lifts when the key's limits
+// are raised or its slot is freed. (The minute and day windows rolling over are not seen
+// here: that needs the hub's clock, which a test cannot move.)
+
+/// A hub with one provider, and a consumer whose key's limits are `limits`.
+async fn limited(name: &str, limits: Value) -> (TestHub, FakeBackend, TestAgent, Consumer, i64) {
     let hub = TestHub::start().await;
     let backend = FakeBackend::start(&[MODEL]).await;
-    let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    let agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
     hub.wait_for_model(MODEL, 1).await;
-    let send = |key: &str| request(&hub, key, "x", false).send();
+    let (id, key) = hub.create_key_in(name, name).await;
+    Admin::admin(&hub).set_limits(id, limits).await;
+    let who = Consumer::with_key(&hub, name, key);
+    (hub, backend, agent, who, id)
+}
 
-    // Requests per minute.
-    let (id, key) = hub.create_key_in("rpm", "rpm").await;
-    hub.set_limits(id, json!({"rpm": 2})).await;
-    assert_eq!(send(&key).await.unwrap().status(), 200);
-    assert_eq!(send(&key).await.unwrap().status(), 200);
-    let r = send(&key).await.unwrap();
-    assert_eq!(r.status(), 429);
-    assert!(
-        r.headers()["retry-after"]
-            .to_str()
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            >= 1
-    );
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
-    hub.set_limits(id, json!({})).await; // back to the defaults: allowed again
-    assert_eq!(send(&key).await.unwrap().status(), 200);
+/// Send one whole chat request; its status.
+async fn status_of(who: &Consumer) -> u16 {
+    who.chat(MODEL, "x").await.status
+}
 
-    // Concurrent requests.
-    let (id, key) = hub.create_key_in("conc", "conc").await;
-    hub.set_limits(id, json!({"max_concurrent": 1})).await;
+/// The `Retry-After` of an answer, in seconds.
+fn retry_after(a: &potluck_testkit::Answer) -> u64 {
+    a.header("retry-after").unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_requests_per_minute_limit_trips_with_429_and_lifts() {
+    let (hub, _b, _a, who, id) = limited("rpm", json!({"rpm": 2})).await;
+    assert_eq!(status_of(&who).await, 200);
+    assert_eq!(status_of(&who).await, 200);
+    let r = who.chat(MODEL, "x").await;
+    assert_eq!(r.status, 429);
+    assert!(retry_after(&r) >= 1);
+    assert_eq!(r.code(), Some("rate_limit_exceeded"));
+    // Back to the defaults: allowed again.
+    Admin::admin(&hub).set_limits(id, json!({})).await;
+    assert_eq!(status_of(&who).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_limit_trips_with_429_and_lifts_when_the_slot_is_freed() {
+    let (_hub, backend, _a, who, _) = limited("conc", json!({"max_concurrent": 1})).await;
     backend.set_behavior(FakeBehavior {
         chunks: 50,
         stall_after: Some(1),
         ..Default::default()
     });
-    let mut first = SseReader::new(request(&hub, &key, "x", true).send().await.unwrap());
+    let mut first = SseReader::new(request(&who, "x", true).send().await.unwrap());
     assert!(matches!(first.next().await, Some(Event::Json(_))));
-    let r = send(&key).await.unwrap();
-    assert_eq!(r.status(), 429);
-    assert!(r.headers().contains_key("retry-after"));
+    let r = who.chat(MODEL, "x").await;
+    assert_eq!(r.status, 429);
+    assert!(r.header("retry-after").is_some());
     drop(first);
     backend.set_behavior(FakeBehavior::default());
     potluck_testkit::wait_until("slot back", Duration::from_secs(5), || async {
-        send(&key).await.unwrap().status() == 200
+        status_of(&who).await == 200
     })
     .await;
+}
 
-    // Tokens per minute (a request uses 7 prompt + 5 completion tokens here).
-    let (id, key) = hub.create_key_in("tpm", "tpm").await;
-    hub.set_limits(id, json!({"tpm": 10})).await;
-    assert_eq!(send(&key).await.unwrap().status(), 200);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tokens_per_minute_limit_trips_and_a_raised_limit_lifts_it() {
+    // A request uses 7 prompt + 5 completion tokens here.
+    let (hub, _b, _a, who, id) = limited("tpm", json!({"tpm": 10})).await;
+    assert_eq!(status_of(&who).await, 200);
     hub.wait_usage_rows(1).await;
     potluck_testkit::wait_until("tpm trips", Duration::from_secs(5), || async {
-        send(&key).await.unwrap().status() == 429
+        status_of(&who).await == 429
     })
     .await;
-    hub.set_limits(id, json!({"tpm": 1_000_000})).await;
-    assert_eq!(
-        send(&key).await.unwrap().status(),
-        200,
-        "a raised limit lifts it"
-    );
+    Admin::admin(&hub)
+        .set_limits(id, json!({"tpm": 1_000_000}))
+        .await;
+    assert_eq!(status_of(&who).await, 200, "a raised limit lifts it");
+}
 
-    // Tokens per day.
-    let (id, key) = hub.create_key_in("day", "day").await;
-    hub.set_limits(id, json!({"daily_tokens": 10})).await;
-    assert_eq!(send(&key).await.unwrap().status(), 200);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_token_quota_trips_and_a_raised_quota_lifts_it() {
+    let (hub, _b, _a, who, id) = limited("day", json!({"daily_tokens": 10})).await;
+    assert_eq!(status_of(&who).await, 200);
     potluck_testkit::wait_until("daily quota trips", Duration::from_secs(5), || async {
-        let r = send(&key).await.unwrap();
-        r.status() == 429
-            && r.headers()["retry-after"]
-                .to_str()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-                > 0
+        let r = who.chat(MODEL, "x").await;
+        r.status == 429 && retry_after(&r) > 0
     })
     .await;
-    hub.set_limits(id, json!({"daily_tokens": 1_000_000})).await;
-    assert_eq!(
-        send(&key).await.unwrap().status(),
-        200,
-        "a raised quota lifts it"
-    );
+    Admin::admin(&hub)
+        .set_limits(id, json!({"daily_tokens": 1_000_000}))
+        .await;
+    assert_eq!(status_of(&who).await, 200, "a raised quota lifts it");
+}
 
-    // Out of credits: 429 with x-should-retry: false; a grant brings the key back.
-    let (_, key) = hub.create_key_in("broke", "broke").await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_credits_is_429_not_to_retry_and_a_grant_brings_the_key_back() {
+    let (hub, _b, _a, who, _) = limited("broke", json!({})).await;
     let (avail, _) = hub.balance("broke").await;
     hub.grant("broke", -(avail as f64) / 1e6).await;
-    let r = send(&key).await.unwrap();
-    assert_eq!(r.status(), 429);
-    assert_eq!(r.headers()["x-should-retry"], "false");
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "insufficient_quota");
+    let r = who.chat(MODEL, "x").await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    assert_eq!(r.code(), Some("insufficient_quota"));
     hub.grant("broke", 1.0).await;
-    assert_eq!(send(&key).await.unwrap().status(), 200);
+    assert_eq!(status_of(&who).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,7 +393,10 @@ async fn ledger_adds_up_after_providers_die_mid_stream() {
         c.credits.trust_threshold = 1e9;
     })
     .await;
-    let consumers = [hub.create_key("alice").await, hub.create_key("bob").await];
+    let consumers = [
+        Consumer::new(&hub, "alice").await,
+        Consumer::new(&hub, "bob").await,
+    ];
     let tokens = [
         hub.create_provider("gpu1").await,
         hub.create_provider("gpu2").await,
@@ -421,12 +418,7 @@ async fn ledger_adds_up_after_providers_die_mid_stream() {
         });
         let agent = TestAgent::start(&hub, &tokens[p], &backends[p].base_url());
         hub.wait_for_model(MODEL, 1).await;
-        let mut sse = SseReader::new(
-            request(&hub, &consumers[c], "x", true)
-                .send()
-                .await
-                .unwrap(),
-        );
+        let mut sse = SseReader::new(request(&consumers[c], "x", true).send().await.unwrap());
         let mut got = 0;
         for _ in 0..cut_after {
             if let Some(Event::Json(v)) = sse.next().await {
@@ -454,7 +446,7 @@ async fn ledger_adds_up_after_providers_die_mid_stream() {
             });
             let agent = TestAgent::start(&hub, &tokens[p], &backends[p].base_url());
             hub.wait_for_model(MODEL, 1).await;
-            let body = request(&hub, &consumers[c], "x", true)
+            let body = request(&consumers[c], "x", true)
                 .send()
                 .await
                 .unwrap()
@@ -485,17 +477,7 @@ async fn ledger_adds_up_after_providers_die_mid_stream() {
     let st = hub.state();
     st.store.audit_ledger().await.unwrap();
     // Both consumers spent, both providers earned: visible through the consumer API too.
-    let v: Value = hub
-        .http
-        .get(format!("{}/credits", hub.v1()))
-        .bearer_auth(&consumers[0])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(v["available_micro"].as_i64().unwrap(), after[0]);
+    assert_eq!(consumers[0].available_micro().await, after[0]);
     assert!(g1.1 > 0 && g2.1 > 0, "both providers earned");
     hub.restart().await; // the books survive a restart
     assert_eq!(hub.balance("alice").await.0, after[0]);
@@ -525,14 +507,14 @@ async fn anonymous_access_is_off_by_default_and_lowest_priority_when_on() {
         c.anonymous.limits.max_concurrent = None;
     })
     .await;
-    let member = hub.create_key("M").await;
+    let member = Consumer::new(&hub, "M").await;
     let holder = hold_the_slot(&hub, &backend).await;
     let a = anon(&hub);
     let first = tokio::spawn(async move { a.send().await.unwrap().status().as_u16() });
-    wait_queued(&hub, &member, 1).await;
-    let m = request(&hub, &member, "M-0", false);
+    wait_queued(&member, 1).await;
+    let m = request(&member, "M-0", false);
     let second = tokio::spawn(async move { m.send().await.unwrap().status().as_u16() });
-    wait_queued(&hub, &member, 2).await;
+    wait_queued(&member, 2).await;
     drop(holder);
     assert_eq!((first.await.unwrap(), second.await.unwrap()), (200, 200));
     let order = service_order(&backend);
@@ -551,15 +533,11 @@ async fn anonymous_access_is_off_by_default_and_lowest_priority_when_on() {
         "the fourth anonymous request within a minute"
     );
     // A wrong key is still a 401, not anonymous.
-    let r = hub
-        .http
-        .post(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth("pk-wrong")
-        .json(&json!({"model": MODEL, "messages": []}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
+    let mallory = Consumer::with_key(&hub, "mallory", "pk-wrong".into());
+    let r = mallory
+        .chat_with(&json!({"model": MODEL, "messages": []}))
+        .await;
+    assert_eq!(r.status, 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -570,14 +548,17 @@ async fn escrow_can_be_clawed_back_and_vests_at_the_trust_threshold() {
             r.completion = 1_000_000; // one credit per completion token
         }
         c.credits.trust_threshold = 12.0;
+        c.credits.trust_min_account_age = Duration::ZERO;
+        // Reserve (and bill at most) what the backend sends: five tokens.
+        c.credits.default_max_tokens = 5;
     })
     .await;
-    let key = hub.create_key("alice").await;
+    let alice = Consumer::new(&hub, "alice").await;
     let backend = FakeBackend::start(&[MODEL]).await; // 5 completion tokens per answer
     let _agent = TestAgent::start(&hub, &hub.create_provider("gpu").await, &backend.base_url());
     hub.wait_for_model(MODEL, 1).await;
     let (start, _) = hub.balance("gpu").await;
-    let send = || request(&hub, &key, "x", false).send();
+    let send = || request(&alice, "x", false).send();
     assert_eq!(send().await.unwrap().status(), 200);
     hub.wait_usage_rows(1).await;
     assert_eq!(
@@ -586,29 +567,26 @@ async fn escrow_can_be_clawed_back_and_vests_at_the_trust_threshold() {
         "a newcomer's earnings are held in escrow"
     );
     // A cheating provider loses what it holds in escrow.
-    let r = hub
-        .http
-        .post(format!("{}/admin/v1/providers/gpu/clawback", hub.url()))
-        .bearer_auth(&hub.admin_key)
-        .send()
+    let v = Admin::admin(&hub)
+        .send("POST", "/admin/v1/providers/gpu/clawback", None)
         .await
-        .unwrap();
-    let v: Value = r.json().await.unwrap();
+        .body;
     assert_eq!(v["clawed_back_micro"], 5_000_000);
     assert_eq!(hub.balance("gpu").await, (start, 0));
-    // Claw-backs do not count towards trust: three more answers (15 credits, past the
-    // threshold of 12) are all held; the next one finds the provider trusted, which
-    // releases the escrow and pays out at once.
-    for n in 2..=4 {
+    // Neither claw-backs nor escrowed earnings count towards trust: four more answers
+    // (20 credits, past the threshold of 12) are all held...
+    for n in 2..=5 {
         assert_eq!(send().await.unwrap().status(), 200);
         hub.wait_usage_rows(n).await;
     }
-    assert_eq!(hub.balance("gpu").await, (start, 15_000_000));
+    assert_eq!(hub.balance("gpu").await, (start, 20_000_000));
+    // ...until they vest; then the provider is trusted and the next answer pays out at once.
+    hub.state().store.vest_due(i64::MAX / 2).await.unwrap();
     assert_eq!(send().await.unwrap().status(), 200);
-    hub.wait_usage_rows(5).await;
+    hub.wait_usage_rows(6).await;
     assert_eq!(
         hub.balance("gpu").await,
-        (start + 20_000_000, 0),
+        (start + 25_000_000, 0),
         "vested once trusted"
     );
     hub.state().store.audit_ledger().await.unwrap();

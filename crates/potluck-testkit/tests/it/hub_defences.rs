@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use potluck_protocol::tunnel::ProviderProfile;
 use potluck_testkit::scripted_agent::{hello, RawAnswer};
-use potluck_testkit::{ScriptedAgent, TestHub};
+use potluck_testkit::{chat_body, Consumer, ScriptedAgent, TestHub};
 use serde_json::{json, Value};
 
 const MODEL: &str = "hostile-model";
@@ -25,8 +25,8 @@ const BOUND: Duration = Duration::from_secs(20);
 const MARKER: &str = "HOSTILE-MARKER";
 
 struct Rig {
-    hub: TestHub,
-    key: String,
+    _hub: TestHub,
+    alice: Consumer,
     agent: ScriptedAgent,
 }
 
@@ -36,7 +36,7 @@ async fn rig() -> Rig {
         c.max_sse_line_bytes = MAX_SSE_LINE;
     })
     .await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "alice").await;
     let token = hub.create_provider("hostile").await;
     let agent = ScriptedAgent::connect(
         "hostile",
@@ -46,7 +46,11 @@ async fn rig() -> Rig {
     )
     .await;
     hub.wait_for_model(MODEL, 1).await;
-    Rig { hub, key, agent }
+    Rig {
+        _hub: hub,
+        alice,
+        agent,
+    }
 }
 
 /// A 200 answer of `content_type` made of `frames`.
@@ -61,16 +65,8 @@ fn answer(content_type: &str, frames: Vec<Bytes>) -> RawAnswer {
 /// Send one chat request; returns the status and the whole body, within [`BOUND`].
 async fn ask(rig: &Rig, stream: bool) -> (u16, String) {
     let fut = async {
-        let r = rig
-            .hub
-            .http
-            .post(format!("{}/chat/completions", rig.hub.v1()))
-            .bearer_auth(&rig.key)
-            .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}))
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
+        let a = rig.alice.chat_with(&chat_body(MODEL, "hi", stream)).await;
+        (a.status, a.text)
     };
     tokio::time::timeout(BOUND, fut)
         .await

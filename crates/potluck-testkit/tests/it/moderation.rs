@@ -11,7 +11,7 @@ use std::sync::Arc;
 use potluck_hub::config::HubConfig;
 use potluck_protocol::tunnel::{Moderation, ProviderProfile};
 use potluck_testkit::scripted_agent::{hello, request_text, Reply, Responder};
-use potluck_testkit::{ScriptedAgent, TestHub};
+use potluck_testkit::{chat_body, Admin, Consumer, ScriptedAgent, TestHub};
 use serde_json::{json, Value};
 
 const BAD_ANSWER: &str = "w1 w2 w3 w4 w5 w6 FORBIDDEN w8 w9 w10 w11 w12";
@@ -63,14 +63,14 @@ fn moderated(c: &mut HubConfig, holdback: bool) {
 
 struct Pool {
     hub: TestHub,
-    key: String,
+    alice: Consumer,
     guard: ScriptedAgent,
     model: ScriptedAgent,
 }
 
 async fn pool(f: impl FnOnce(&mut HubConfig), profile: ProviderProfile) -> Pool {
     let hub = TestHub::start_with(f).await;
-    let key = hub.create_key("c").await;
+    let alice = Consumer::new(&hub, "c").await;
     let guard = ScriptedAgent::connect_with(
         "guard",
         &hub.url(),
@@ -91,21 +91,14 @@ async fn pool(f: impl FnOnce(&mut HubConfig), profile: ProviderProfile) -> Pool 
     hub.wait_for_model("m", 1).await;
     Pool {
         hub,
-        key,
+        alice,
         guard,
         model,
     }
 }
 
 async fn chat(p: &Pool, text: &str, stream: bool) -> reqwest::Response {
-    p.hub
-        .http
-        .post(format!("{}/chat/completions", p.hub.v1()))
-        .bearer_auth(&p.key)
-        .json(&json!({"model": "m", "messages": [{"role": "user", "content": text}], "stream": stream}))
-        .send()
-        .await
-        .unwrap()
+    p.alice.send_chat(&chat_body("m", text, stream)).await
 }
 
 /// The streamed text and the last finish_reason.
@@ -170,18 +163,8 @@ async fn input_blocked_flagged_and_only_codes_stored() {
     assert_eq!(p.model.requests().len(), 2);
 
     // Verdicts are written off the request path: wait for both, in any order.
-    let verdicts = || async {
-        p.hub
-            .http
-            .get(format!("{}/admin/v1/moderation", p.hub.url()))
-            .bearer_auth(&p.hub.admin_key)
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    };
+    let admin = Admin::admin(&p.hub);
+    let verdicts = || async { admin.get("/admin/v1/moderation").await.body };
     potluck_testkit::wait_until(
         "two verdicts recorded",
         std::time::Duration::from_secs(10),
@@ -192,17 +175,7 @@ async fn input_blocked_flagged_and_only_codes_stored() {
     let rows = v["data"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{v}");
     // The verdicts' own path answers the same as its older alias.
-    let named: Value = p
-        .hub
-        .http
-        .get(format!("{}/admin/v1/guard-verdicts", p.hub.url()))
-        .bearer_auth(&p.hub.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let named = admin.get("/admin/v1/guard-verdicts").await.body;
     assert_eq!(named, v);
     let row = |c: &str| {
         rows.iter()
@@ -278,7 +251,7 @@ async fn a_providers_moderation_requirement_is_honoured() {
 
     // A hub that cannot moderate does not route to a provider that requires it.
     let hub = TestHub::start().await;
-    let key = hub.create_key("c").await;
+    let alice = Consumer::new(&hub, "c").await;
     let _m = ScriptedAgent::connect_with(
         "m",
         &hub.url(),
@@ -289,30 +262,16 @@ async fn a_providers_moderation_requirement_is_honoured() {
     .await;
     // Its offer is known to the hub (so a 404 means "not routed", not "not yet offered").
     hub.wait_for_model("m", 1).await;
-    let r = hub
-        .http
-        .post(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth(&key)
-        .json(&json!({"model": "m", "messages": []}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    let r = alice
+        .chat_with(&json!({"model": "m", "messages": []}))
+        .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
 }
 
 /// Post a body to one of the other client APIs.
 async fn native(p: &Pool, path: &str, body: Value) -> (u16, String) {
-    let r = p
-        .hub
-        .http
-        .post(format!("{}{path}", p.hub.url()))
-        .bearer_auth(&p.key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.text().await.unwrap())
+    let a = p.alice.call(path, &body).await;
+    (a.status, a.text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

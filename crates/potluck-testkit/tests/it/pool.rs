@@ -9,25 +9,22 @@ use std::time::Duration;
 
 use potluck_protocol::tunnel::ProviderProfile;
 use potluck_testkit::scripted_agent::{hello, RawAnswer};
-use potluck_testkit::{FakeBackend, FakeBehavior, ScriptedAgent, TestAgent, TestHub};
+use potluck_testkit::{
+    chat_body, Admin, Consumer, FakeBackend, FakeBehavior, ScriptedAgent, TestAgent, TestHub,
+};
 use serde_json::{json, Value};
 
 const MODEL: &str = "shared-model";
 
-async fn chat(hub: &TestHub, key: &str, stream: bool) -> reqwest::Response {
-    hub.http
-        .post(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth(key)
-        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}))
-        .send()
-        .await
-        .unwrap()
+/// One chat request for the pool's model, sent; the response unread.
+async fn chat(alice: &Consumer, stream: bool) -> reqwest::Response {
+    alice.send_chat(&chat_body(MODEL, "hi", stream)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_spreads_failover_and_hub_restart() {
     let mut hub = TestHub::start().await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     let (b1, b2) = (
         FakeBackend::start(&[MODEL]).await,
         FakeBackend::start(&[MODEL]).await,
@@ -48,15 +45,11 @@ async fn load_spreads_failover_and_hub_restart() {
     b2.set_behavior(slow);
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let (http, url, key) = (hub.http.clone(), hub.v1(), key.clone());
+        let alice = alice.clone();
         tasks.push(tokio::spawn(async move {
-            let r = http
-                .post(format!("{url}/chat/completions"))
-                .bearer_auth(&key)
-                .json(&json!({"model": MODEL, "messages": [], "stream": true}))
-                .send()
-                .await
-                .unwrap();
+            let r = alice
+                .send_chat(&json!({"model": MODEL, "messages": [], "stream": true}))
+                .await;
             assert_eq!(r.status(), 200);
             let body = r.text().await.unwrap();
             assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
@@ -77,7 +70,7 @@ async fn load_spreads_failover_and_hub_restart() {
     hub.wait_for_model(MODEL, 1).await;
     let before = b2.inference_received().len();
     for _ in 0..5 {
-        let r = chat(&hub, &key, false).await;
+        let r = chat(&alice, false).await;
         assert_eq!(r.status(), 200);
     }
     assert_eq!(b2.inference_received().len(), before + 5);
@@ -87,7 +80,7 @@ async fn load_spreads_failover_and_hub_restart() {
     hub.wait_for_model(MODEL, 2).await;
     hub.restart().await;
     hub.wait_for_model(MODEL, 2).await;
-    let r = chat(&hub, &key, false).await;
+    let r = chat(&alice, false).await;
     assert_eq!(
         r.status(),
         200,
@@ -99,7 +92,7 @@ async fn load_spreads_failover_and_hub_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_failing_before_first_byte_is_retried_elsewhere() {
     let hub = TestHub::start().await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     let bad = FakeBackend::start(&[MODEL]).await;
     let good = FakeBackend::start(&[MODEL]).await;
     bad.set_behavior(FakeBehavior {
@@ -115,7 +108,7 @@ async fn provider_failing_before_first_byte_is_retried_elsewhere() {
     while bad.inference_received().len() < 3 {
         assert!(sent < 200, "the failing provider was never picked");
         let tried = bad.inference_received().len();
-        let r = chat(&hub, &key, sent % 2 == 0).await;
+        let r = chat(&alice, sent % 2 == 0).await;
         assert!(
             bad.inference_received().len() <= tried + 1,
             "the failing provider is tried at most once per request"
@@ -139,7 +132,7 @@ async fn provider_failing_before_first_byte_is_retried_elsewhere() {
     let _ = _b.kill().await;
     hub.wait_for_model(MODEL, 1).await;
     let tried = bad.inference_received().len();
-    let r = chat(&hub, &key, false).await;
+    let r = chat(&alice, false).await;
     assert_eq!(r.status(), 502);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "provider_error");
@@ -153,7 +146,7 @@ async fn provider_failing_before_first_byte_is_retried_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_disconnect_cancels_the_backend_request() {
     let hub = TestHub::start().await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     let backend = FakeBackend::start(&[MODEL]).await;
     backend.set_behavior(FakeBehavior {
         chunks: 10_000,
@@ -163,7 +156,7 @@ async fn consumer_disconnect_cancels_the_backend_request() {
     let _a = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
     hub.wait_for_model(MODEL, 1).await;
 
-    let r = chat(&hub, &key, true).await;
+    let r = chat(&alice, true).await;
     assert_eq!(r.status(), 200);
     let mut sse = potluck_testkit::sse::SseReader::new(r);
     for _ in 0..3 {
@@ -210,7 +203,7 @@ async fn provider_dropping_mid_stream_ends_the_stream_with_an_error_event() {
     let bound = Duration::from_secs(30);
     assert!(bound * 10 <= idle);
     let hub = TestHub::start_with(|c| c.stream_idle_timeout = idle).await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     let backend = FakeBackend::start(&[MODEL]).await;
     backend.set_behavior(FakeBehavior {
         chunks: 100,
@@ -220,7 +213,7 @@ async fn provider_dropping_mid_stream_ends_the_stream_with_an_error_event() {
     let agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
     hub.wait_for_model(MODEL, 1).await;
 
-    let r = chat(&hub, &key, true).await;
+    let r = chat(&alice, true).await;
     let mut sse = potluck_testkit::sse::SseReader::new(r);
     for _ in 0..3 {
         assert!(matches!(
@@ -245,7 +238,7 @@ async fn provider_dropping_mid_stream_ends_the_stream_with_an_error_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_provider_hits_the_idle_timeout() {
     let hub = TestHub::start_with(|c| c.stream_idle_timeout = Duration::from_millis(300)).await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     let backend = FakeBackend::start(&[MODEL]).await;
     backend.set_behavior(FakeBehavior {
         chunks: 100,
@@ -254,7 +247,7 @@ async fn stalled_provider_hits_the_idle_timeout() {
     });
     let _a = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
     hub.wait_for_model(MODEL, 1).await;
-    let events = potluck_testkit::sse::SseReader::new(chat(&hub, &key, true).await)
+    let events = potluck_testkit::sse::SseReader::new(chat(&alice, true).await)
         .collect()
         .await;
     assert_eq!(events.len(), 3);
@@ -277,14 +270,8 @@ async fn revoked_provider_is_cut_off_and_its_agent_stops() {
     let backend = FakeBackend::start(&[MODEL]).await;
     let agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
     hub.wait_for_model(MODEL, 1).await;
-    let r = hub
-        .http
-        .delete(format!("{}/admin/v1/providers/p", hub.url()))
-        .bearer_auth(&hub.admin_key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let r = Admin::admin(&hub).delete("/admin/v1/providers/p").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
     hub.wait_for_model(MODEL, 0).await;
     // The agent reconnects, is refused, and gives up with a clear error.
     let err = tokio::time::timeout(Duration::from_secs(20), agent.finished())
@@ -306,7 +293,7 @@ async fn revoked_provider_is_cut_off_and_its_agent_stops() {
 async fn backends_with_a_base_path_an_api_key_or_ollama_discovery() {
     use potluck_testkit::FakeOptions;
     let hub = TestHub::start().await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     // Lemonade serves under /api/v1; vLLM with --api-key wants a bearer key; ollama lists
     // its models at /api/tags.
     let lemonade = FakeBackend::start_with(
@@ -351,17 +338,9 @@ async fn backends_with_a_base_path_an_api_key_or_ollama_discovery() {
         hub.wait_for_model(m, 1).await;
     }
     for m in ["lemon", "vl", "llama3.2:1b"] {
-        let r = hub
-            .http
-            .post(format!("{}/chat/completions", hub.v1()))
-            .bearer_auth(&key)
-            .json(&json!({"model": m, "messages": [{"role": "user", "content": "hi"}]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{m}");
-        let v: Value = r.json().await.unwrap();
-        assert_eq!(v["model"], m);
+        let r = alice.chat(m, "hi").await;
+        assert_eq!(r.status, 200, "{m}");
+        assert_eq!(r.body["model"], m);
     }
     assert_eq!(
         lemonade.inference_received()[0].target,
@@ -403,9 +382,9 @@ async fn a_silently_dead_tunnel_is_detected_by_keepalive() {
         took < Duration::from_secs(20),
         "detected after {took:?} (pings every 2 s, 4 s to answer)"
     );
-    let key = hub.create_key("c").await;
+    let alice = Consumer::new(&hub, "c").await;
     assert_eq!(
-        chat(&hub, &key, false).await.status(),
+        chat(&alice, false).await.status(),
         404,
         "nothing routes to the dead tunnel"
     );
@@ -422,7 +401,7 @@ async fn several_failing_providers_are_retried_once_each_as_documented() {
     // once on another provider; else 502 `provider_error`. Two failing providers (a
     // backend 500, and the agent's own "model not served here") beside a good one.
     let hub = TestHub::start().await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     let agent = |name: &'static str| {
         let hub = &hub;
         async move {
@@ -454,7 +433,7 @@ async fn several_failing_providers_are_retried_once_each_as_documented() {
         assert!(sent < 300, "not every way through was seen");
         sent += 1;
         let before = counts(&[&broken, &unserved, &good]);
-        let r = chat(&hub, &key, sent % 2 == 0).await;
+        let r = chat(&alice, sent % 2 == 0).await;
         let status = r.status();
         let body = r.text().await.unwrap();
         let after = counts(&[&broken, &unserved, &good]);
@@ -497,7 +476,7 @@ async fn several_failing_providers_are_retried_once_each_as_documented() {
 async fn a_provider_whose_tunnel_fails_is_retried_on_another() {
     // A connection error (the provider hangs up instead of answering) is retried too.
     let hub = TestHub::start().await;
-    let key = hub.create_key("consumer").await;
+    let alice = Consumer::new(&hub, "consumer").await;
     let (t1, t2) = (
         hub.create_provider("hangs-up").await,
         hub.create_provider("good").await,
@@ -512,7 +491,7 @@ async fn a_provider_whose_tunnel_fails_is_retried_on_another() {
     while hangs_up.requests().is_empty() {
         assert!(sent < 200, "the provider that hangs up was never picked");
         sent += 1;
-        let r = chat(&hub, &key, sent % 2 == 0).await;
+        let r = chat(&alice, sent % 2 == 0).await;
         assert_eq!(r.status(), 200, "the consumer does not notice");
         assert!(r.text().await.unwrap().contains("good"));
         assert_eq!(

@@ -16,7 +16,7 @@ use potluck_protocol::tunnel::{
 };
 use potluck_protocol::ModelName;
 use potluck_testkit::scripted_agent::hello;
-use potluck_testkit::{wait_until, Admin, ScriptedAgent, TestHub};
+use potluck_testkit::{wait_until, Admin, Consumer, ScriptedAgent, TestHub};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -52,9 +52,9 @@ fn device(d: DeviceClass, watts: f64) -> ProviderProfile {
     }
 }
 
+/// A chat request from `who` for `model`, with `extra` body fields and `headers`.
 async fn chat(
-    hub: &TestHub,
-    key: &str,
+    who: &Consumer,
     model: &str,
     extra: Value,
     headers: &[(&str, &str)],
@@ -63,19 +63,16 @@ async fn chat(
     if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
         b.extend(e);
     }
-    let mut req = hub
-        .http
-        .post(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth(key)
-        .json(&body);
+    let mut req = who.post("chat/completions", &body);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     req.send().await.unwrap()
 }
 
-async fn served_by(hub: &TestHub, key: &str, model: &str, headers: &[(&str, &str)]) -> String {
-    let r = chat(hub, key, model, json!({}), headers).await;
+/// The provider that served one request of `who` (the scripted agents answer with it).
+async fn served_by(who: &Consumer, model: &str, headers: &[(&str, &str)]) -> String {
+    let r = chat(who, model, json!({}), headers).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     v["choices"][0]["message"]["content"]
@@ -85,16 +82,8 @@ async fn served_by(hub: &TestHub, key: &str, model: &str, headers: &[(&str, &str
         .to_owned()
 }
 
-async fn models(hub: &TestHub, key: &str) -> Value {
-    hub.http
-        .get(format!("{}/models", hub.v1()))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+async fn models(who: &Consumer) -> Value {
+    who.models().await.body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +108,7 @@ async fn allow_list_refuses_unknown_hashes_and_says_why() {
         ];
     })
     .await;
-    let key = hub.create_key("c").await;
+    let carol = Consumer::new(&hub, "c").await;
     let token = hub.create_provider("p").await;
     let agent = ScriptedAgent::connect(
         "p",
@@ -169,7 +158,7 @@ async fn allow_list_refuses_unknown_hashes_and_says_why() {
     );
     assert!(!reasons.contains_key("good"));
 
-    let list = models(&hub, &key).await;
+    let list = models(&carol).await;
     let ids: Vec<&str> = list["data"]
         .as_array()
         .unwrap()
@@ -178,15 +167,15 @@ async fn allow_list_refuses_unknown_hashes_and_says_why() {
         .collect();
     assert_eq!(ids, ["good"]);
     assert_eq!(list["data"][0]["sha256"], json!([hash('a').as_str()]));
-    assert_eq!(served_by(&hub, &key, "good", &[]).await, "p");
-    let r = chat(&hub, &key, "other", json!({}), &[]).await;
+    assert_eq!(served_by(&carol, "good", &[]).await, "p");
+    let r = chat(&carol, "other", json!({}), &[]).await;
     assert_eq!(r.status(), 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_power_prefers_npu_then_lowest_energy() {
     let hub = TestHub::start().await;
-    let key = hub.create_key("c").await;
+    let carol = Consumer::new(&hub, "c").await;
     let gpu = ScriptedAgent::connect(
         "gpu",
         &hub.url(),
@@ -206,13 +195,13 @@ async fn low_power_prefers_npu_then_lowest_energy() {
     // Without a preference, load spreads over both (ties broken at random).
     let mut seen = std::collections::HashSet::new();
     for _ in 0..40 {
-        seen.insert(served_by(&hub, &key, "m", &[]).await);
+        seen.insert(served_by(&carol, "m", &[]).await);
     }
     assert_eq!(seen.len(), 2, "both serve without a preference: {seen:?}");
     // With it, every request goes to the NPU while it has room.
     for _ in 0..20 {
         assert_eq!(
-            served_by(&hub, &key, "m", &[("x-potluck-prefer", "low-power")]).await,
+            served_by(&carol, "m", &[("x-potluck-prefer", "low-power")]).await,
             "npu"
         );
     }
@@ -220,7 +209,7 @@ async fn low_power_prefers_npu_then_lowest_energy() {
 
     // Two CPU providers: the lower measured Wh per 1k tokens wins.
     let hub = TestHub::start().await;
-    let key = hub.create_key("c").await;
+    let carol = Consumer::new(&hub, "c").await;
     let hungry = ScriptedAgent::connect(
         "hungry",
         &hub.url(),
@@ -239,9 +228,7 @@ async fn low_power_prefers_npu_then_lowest_energy() {
     // Warm up until each has served, then report energy per request: 7 tokens each.
     let mut counts: HashMap<String, u32> = HashMap::new();
     while counts.len() < 2 {
-        *counts
-            .entry(served_by(&hub, &key, "m", &[]).await)
-            .or_default() += 1;
+        *counts.entry(served_by(&carol, "m", &[]).await).or_default() += 1;
     }
     for (agent, mj) in [(&hungry, 50_000u64), (&frugal, 500u64)] {
         for i in 0..counts[&agent.name] {
@@ -253,19 +240,9 @@ async fn low_power_prefers_npu_then_lowest_energy() {
         }
     }
     let pool_energy = |name: &'static str| {
-        let hub = &hub;
-        let key = key.clone();
+        let carol = carol.clone();
         async move {
-            let v: Value = hub
-                .http
-                .get(format!("{}/pool", hub.v1()))
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = carol.pool().await.body;
             v["data"][0]["by_provider"]
                 .as_array()
                 .unwrap()
@@ -287,7 +264,7 @@ async fn low_power_prefers_npu_then_lowest_energy() {
     assert!(f < h);
     for _ in 0..20 {
         assert_eq!(
-            served_by(&hub, &key, "m", &[("x-potluck-prefer", "low-power")]).await,
+            served_by(&carol, "m", &[("x-potluck-prefer", "low-power")]).await,
             "frugal"
         );
     }
@@ -296,7 +273,7 @@ async fn low_power_prefers_npu_then_lowest_energy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_power_orders_by_device_class_npu_then_cpu_then_gpu() {
     let hub = TestHub::start().await;
-    let key = hub.create_key("c").await;
+    let carol = Consumer::new(&hub, "c").await;
     let low_power = [("x-potluck-prefer", "low-power")];
     // The class decides before the declared watts: this CPU declares more than the GPU.
     let _gpu = ScriptedAgent::connect(
@@ -317,11 +294,11 @@ async fn low_power_orders_by_device_class_npu_then_cpu_then_gpu() {
     // Positive control: without the preference the GPU serves too.
     let mut seen = std::collections::HashSet::new();
     for _ in 0..40 {
-        seen.insert(served_by(&hub, &key, "m", &[]).await);
+        seen.insert(served_by(&carol, "m", &[]).await);
     }
     assert!(seen.contains("gpu"), "{seen:?}");
     for _ in 0..20 {
-        assert_eq!(served_by(&hub, &key, "m", &low_power).await, "cpu");
+        assert_eq!(served_by(&carol, "m", &low_power).await, "cpu");
     }
     let _npu = ScriptedAgent::connect(
         "npu",
@@ -332,14 +309,14 @@ async fn low_power_orders_by_device_class_npu_then_cpu_then_gpu() {
     .await;
     hub.wait_for_model("m", 3).await;
     for _ in 0..20 {
-        assert_eq!(served_by(&hub, &key, "m", &low_power).await, "npu");
+        assert_eq!(served_by(&carol, "m", &low_power).await, "npu");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_provider_gets_nothing_new_and_queued_work_resumes() {
     let hub = TestHub::start().await;
-    let key = hub.create_key("c").await;
+    let carol = Consumer::new(&hub, "c").await;
     let token = hub.create_provider("p").await;
     let agent = ScriptedAgent::connect(
         "p",
@@ -349,7 +326,7 @@ async fn draining_provider_gets_nothing_new_and_queued_work_resumes() {
     )
     .await;
     hub.wait_for_model("m", 1).await;
-    assert_eq!(served_by(&hub, &key, "m", &[]).await, "p");
+    assert_eq!(served_by(&carol, "m", &[]).await, "p");
     let drain = |accepting| AgentEvent::Models {
         models: vec![offer("m", None, None)],
         max_concurrency: 4,
@@ -357,33 +334,16 @@ async fn draining_provider_gets_nothing_new_and_queued_work_resumes() {
         accepting,
     };
     agent.send(drain(false));
-    let pool_accepting = || async {
-        let v: Value = hub
-            .http
-            .get(format!("{}/pool", hub.v1()))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["data"][0]["by_provider"][0]["accepting"].as_bool()
-    };
+    let pool_accepting =
+        || async { carol.pool().await.body["data"][0]["by_provider"][0]["accepting"].as_bool() };
     wait_until("the hub sees the drain", WAIT, || async {
         pool_accepting().await == Some(false)
     })
     .await;
     // A request now waits in the queue rather than reaching the draining agent...
-    let (http, url, k) = (hub.http.clone(), hub.v1(), key.clone());
-    let pending = tokio::spawn(async move {
-        http.post(format!("{url}/chat/completions"))
-            .bearer_auth(&k)
-            .json(&json!({"model": "m", "messages": []}))
-            .send()
-            .await
-            .unwrap()
-    });
+    let k = carol.clone();
+    let pending =
+        tokio::spawn(async move { k.send_chat(&json!({"model": "m", "messages": []})).await });
     wait_until("the request is queued", WAIT, || async {
         hub.state().registry.queued(&ModelName::parse("m").unwrap()) == 1
     })
@@ -403,7 +363,7 @@ async fn draining_provider_gets_nothing_new_and_queued_work_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_only_providers_and_max_tokens_caps() {
     let hub = TestHub::start().await;
-    let key = hub.create_key("outsider").await;
+    let carol = Consumer::new(&hub, "outsider").await;
     let friends = ProviderProfile {
         groups: vec!["friends".into()],
         ..Default::default()
@@ -441,7 +401,7 @@ async fn group_only_providers_and_max_tokens_caps() {
     .await;
 
     // A group-only model is invisible to an outsider and answers like no model at all.
-    let list = models(&hub, &key).await;
+    let list = models(&carol).await;
     let ids: Vec<&str> = list["data"]
         .as_array()
         .unwrap()
@@ -450,18 +410,18 @@ async fn group_only_providers_and_max_tokens_caps() {
         .collect();
     assert_eq!(ids, ["m"]);
     assert_eq!(list["data"][0]["max_tokens"], 100);
-    let r = chat(&hub, &key, "private", json!({}), &[]).await;
+    let r = chat(&carol, "private", json!({}), &[]).await;
     assert_eq!(r.status(), 404);
 
     // Over every provider's cap: a clear 400 naming max_tokens; under it: served.
-    let r = chat(&hub, &key, "m", json!({"max_tokens": 500}), &[]).await;
+    let r = chat(&carol, "m", json!({"max_tokens": 500}), &[]).await;
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["param"], "max_tokens");
-    let r = chat(&hub, &key, "m", json!({"max_completion_tokens": 500}), &[]).await;
+    let r = chat(&carol, "m", json!({"max_completion_tokens": 500}), &[]).await;
     assert_eq!(r.status(), 400);
     assert_eq!(
-        chat(&hub, &key, "m", json!({"max_tokens": 50}), &[])
+        chat(&carol, "m", json!({"max_tokens": 50}), &[])
             .await
             .status(),
         200
@@ -476,19 +436,23 @@ async fn group_only_providers_and_max_tokens_caps() {
     .await;
     hub.wait_for_model("m", 2).await;
     for _ in 0..5 {
-        let r = chat(&hub, &key, "m", json!({"max_tokens": 500}), &[]).await;
+        let r = chat(&carol, "m", json!({"max_tokens": 500}), &[]).await;
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["choices"][0]["message"]["content"], "served by free");
     }
-    let r = chat(&hub, &key, "m", json!({"max_tokens": -1}), &[]).await;
+    let r = chat(&carol, "m", json!({"max_tokens": -1}), &[]).await;
     assert_eq!(r.status(), 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pseudonyms_and_signed_receipts() {
     let hub = TestHub::start().await;
-    let alice = hub.create_key_in("a", "alice-canary-account").await.1;
-    let bob = hub.create_key_in("b", "bob").await.1;
+    let alice = Consumer::with_key(
+        &hub,
+        "alice-canary-account",
+        hub.create_key_in("a", "alice-canary-account").await.1,
+    );
+    let bob = Consumer::with_key(&hub, "bob", hub.create_key_in("b", "bob").await.1);
     let p1 = ScriptedAgent::connect(
         "p1",
         &hub.url(),
@@ -506,10 +470,9 @@ async fn pseudonyms_and_signed_receipts() {
     hub.wait_for_model("one", 1).await;
     hub.wait_for_model("two", 1).await;
     for model in ["one", "two"] {
-        for key in [&alice, &alice, &bob] {
+        for who in [&alice, &alice, &bob] {
             let r = chat(
-                &hub,
-                key,
+                who,
                 model,
                 json!({"user": "alice@example.org"}),
                 &[("x-forwarded-for", "203.0.113.9")],
@@ -546,7 +509,7 @@ async fn pseudonyms_and_signed_receipts() {
                 "alice",
                 "example.org",
                 "203.0.113.9",
-                &alice[..12],
+                &alice.key[..12],
                 "authorization",
             ] {
                 assert!(
@@ -608,7 +571,9 @@ async fn pseudonyms_and_signed_receipts() {
 async fn friends_only_trusted_only_and_per_key_defaults() {
     let hub = TestHub::start().await;
     let (_, outsider) = hub.create_key_in("o", "outsider").await;
+    let outsider = Consumer::with_key(&hub, "outsider", outsider);
     let (friend_key_id, friend) = hub.create_key_in("f", "friend").await;
+    let friend = Consumer::with_key(&hub, "friend", friend);
     let friends = ProviderProfile {
         groups: vec!["friends".into()],
         device: DeviceClass::Npu,
@@ -646,13 +611,13 @@ async fn friends_only_trusted_only_and_per_key_defaults() {
     assert!((200..300).contains(&r.status), "{:?}", r.body);
     for _ in 0..10 {
         assert_eq!(
-            served_by(&hub, &outsider, "m", &[("x-potluck-prefer", "low-power")]).await,
+            served_by(&outsider, "m", &[("x-potluck-prefer", "low-power")]).await,
             "public-gpu"
         );
     }
     let mut seen = std::collections::HashSet::new();
     for _ in 0..30 {
-        seen.insert(served_by(&hub, &friend, "m", &[]).await);
+        seen.insert(served_by(&friend, "m", &[]).await);
     }
     assert_eq!(seen.len(), 2, "a member reaches both: {seen:?}");
     // A per-key default instead of the header: low power goes to the (NPU) friends box.
@@ -665,30 +630,16 @@ async fn friends_only_trusted_only_and_per_key_defaults() {
         .await;
     assert!((200..300).contains(&r.status), "{:?}", r.body);
     for _ in 0..10 {
-        assert_eq!(served_by(&hub, &friend, "m", &[]).await, "friends-box");
+        assert_eq!(served_by(&friend, "m", &[]).await, "friends-box");
     }
 
     // Trusted only: nobody is trusted yet, so the model is unavailable to such requests.
-    let r = chat(
-        &hub,
-        &outsider,
-        "m",
-        json!({}),
-        &[("x-potluck-trust", "trusted")],
-    )
-    .await;
+    let r = chat(&outsider, "m", json!({}), &[("x-potluck-trust", "trusted")]).await;
     assert_eq!(r.status(), 404);
-    let r = admin
-        .send(
-            "PUT",
-            "/admin/v1/providers/public-gpu/trust",
-            Some(json!({"trusted": true})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    admin.trust("public-gpu").await;
     for _ in 0..10 {
         assert_eq!(
-            served_by(&hub, &friend, "m", &[("x-potluck-trust", "trusted")]).await,
+            served_by(&friend, "m", &[("x-potluck-trust", "trusted")]).await,
             "public-gpu"
         );
     }

@@ -23,8 +23,12 @@ async fn hub_keys_providers_and_provide() {
     assert!(admin.starts_with("pa-"));
     let printed = std::fs::read_to_string(tmp.path().join("hub.stdout.log")).unwrap();
     assert!(
-        printed.contains(admin.trim()),
-        "the admin key is printed once on first start"
+        !printed.contains(admin.trim()),
+        "the admin key never reaches stdout (a service journal)"
+    );
+    assert!(
+        printed.contains(&key_file.display().to_string()),
+        "the hub says where the admin key is: {printed}"
     );
 
     // Create: the secret alone on stdout.

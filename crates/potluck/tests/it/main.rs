@@ -3,5 +3,6 @@
 
 mod cli;
 mod common;
+mod insecure;
 mod privacy;
 mod provide_cli;

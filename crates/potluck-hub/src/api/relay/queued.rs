@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::api::admit::Parsed;
 use crate::api::ctx::{outcome_of, Ctx};
-use crate::api::dispatch::{dispatch, error_from};
+use crate::api::dispatch::dispatch;
 use crate::api::relay::stream::Relay;
 use crate::api::relay::{sse_error, sse_response};
 use crate::http::error::ApiError;
@@ -102,26 +102,10 @@ async fn wait(mut w: Box<Waiting>) -> Step {
     ctx.queue_ms = Some(ticket.queued_at.elapsed().as_millis() as u64);
     drop(ticket);
     match dispatch(&state, &ctx, &parsed, lease).await {
-        Ok((lease, resp)) if resp.status().is_success() => {
-            let body = resp.into_body();
-            let mut relay = Box::new(Relay::new(state, ctx, parsed.wants_usage, lease, body));
+        Ok((lease, answer)) => {
+            let mut relay = Box::new(Relay::new(state, ctx, parsed.wants_usage, lease, answer));
             let b = relay.next().await?;
             Some((Ok(b), Queued::Relaying(relay)))
-        }
-        Ok((lease, resp)) => {
-            let link = Arc::clone(lease.tunnel());
-            let e = error_from(&state, resp).await;
-            drop(lease);
-            let status = e.status().as_u16();
-            ctx.finish(
-                &state,
-                &link,
-                status,
-                outcome_of(&e),
-                Usage::default(),
-                None,
-            );
-            Some((Ok(sse_error(&e)), Queued::Done))
         }
         Err((link, e)) => {
             let status = e.status().as_u16();

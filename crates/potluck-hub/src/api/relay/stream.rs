@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tracing::Instrument;
 
 use crate::api::ctx::Ctx;
+use crate::api::dispatch::Answer;
 use crate::api::finish::Outcome;
 use crate::api::now_ms;
 use crate::api::relay::chunk::{splice, ChoiceView, UsageView};
@@ -72,6 +73,8 @@ pub(crate) struct Relay {
     ctx: Ctx,
     lease: Option<Lease>,
     body: Incoming,
+    /// The answer's first bytes, read before the stream was committed to.
+    first: Option<Bytes>,
     parser: SseParser,
     out: std::collections::VecDeque<Bytes>,
     wants_usage: bool,
@@ -93,7 +96,7 @@ impl Relay {
         ctx: Ctx,
         wants_usage: bool,
         lease: Lease,
-        body: Incoming,
+        answer: Answer,
     ) -> Self {
         let max_line = state.config.max_sse_line_bytes;
         let guard = ctx.guard_input.clone().map(|user| OutputWindow {
@@ -113,7 +116,8 @@ impl Relay {
             state,
             ctx,
             lease: Some(lease),
-            body,
+            body: answer.resp.into_body(),
+            first: answer.first,
             parser: SseParser::new(max_line),
             out: Default::default(),
             wants_usage,
@@ -341,6 +345,10 @@ impl Relay {
                 self.event(&ev);
                 continue;
             }
+            if let Some(first) = self.first.take() {
+                self.data(&first);
+                continue;
+            }
             let idle = self.state.config.stream_idle_timeout;
             let frame = tokio::select! {
                 biased;
@@ -360,27 +368,31 @@ impl Relay {
                     self.fail("The connection to the provider was lost.", "provider_error")
                 }
                 Ok(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else {
-                        continue;
-                    };
-                    match self.parser.push(&data) {
-                        Err(_) => self.fail(
-                            "The provider sent an oversized stream event.",
-                            "provider_error",
-                        ),
-                        Ok(events) if self.guard.is_some() => {
-                            // One event at a time, so that a full window is checked
-                            // before anything after it is relayed.
-                            self.pending.extend(events);
-                        }
-                        Ok(events) => {
-                            for ev in events {
-                                self.event(&ev);
-                                if self.end != End::Open {
-                                    break;
-                                }
-                            }
-                        }
+                    if let Ok(data) = frame.into_data() {
+                        self.data(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parse bytes of the provider's stream and handle the events they complete.
+    fn data(&mut self, data: &[u8]) {
+        match self.parser.push(data) {
+            Err(_) => self.fail(
+                "The provider sent an oversized stream event.",
+                "provider_error",
+            ),
+            Ok(events) if self.guard.is_some() => {
+                // One event at a time, so that a full window is checked before anything
+                // after it is relayed.
+                self.pending.extend(events);
+            }
+            Ok(events) => {
+                for ev in events {
+                    self.event(&ev);
+                    if self.end != End::Open {
+                        break;
                     }
                 }
             }
@@ -409,7 +421,7 @@ impl Relay {
             self.seen,
             self.end == End::Done,
             self.ctx.endpoint,
-            self.ctx.input_bytes,
+            &self.ctx.bounds,
             &tunnel,
             &self.ctx.request_id,
         );
@@ -430,10 +442,10 @@ pub(crate) fn relay_stream(
     ctx: Ctx,
     wants_usage: bool,
     lease: Lease,
-    resp: http::Response<Incoming>,
+    answer: Answer,
 ) -> Response {
     let request_id = ctx.request_id.clone();
-    let relay = Relay::new(state, ctx, wants_usage, lease, resp.into_body());
+    let relay = Relay::new(state, ctx, wants_usage, lease, answer);
     let stream = futures_util::stream::unfold(relay, |mut r| async move {
         let b = r.next().await?;
         Some((Ok::<_, std::convert::Infallible>(b), r))

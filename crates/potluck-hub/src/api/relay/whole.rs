@@ -11,7 +11,6 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 use crate::api::ctx::{with_request_id, Ctx};
-use crate::api::dispatch::error_from;
 use crate::api::finish::Outcome;
 use crate::api::relay::{rewrite, HEADER_QUEUE_MS};
 use crate::http::error::ApiError;
@@ -49,7 +48,7 @@ pub(crate) async fn relay_whole(
         seen,
         true,
         ctx.endpoint,
-        ctx.input_bytes,
+        &ctx.bounds,
         &link,
         &ctx.request_id,
     );
@@ -80,11 +79,6 @@ async fn collect(
     lease: Lease,
     resp: http::Response<Incoming>,
 ) -> Result<Bytes, ApiError> {
-    if !resp.status().is_success() {
-        let e = error_from(state, resp).await;
-        drop(lease);
-        return Err(e);
-    }
     let collected = tokio::select! {
         biased;
         c = ctx.cut.cancelled() => {

@@ -1,0 +1,248 @@
+//! Reservations: admission holds a request's maximum cost against the account's available
+//! balance, in memory, in the same step that checks it, so that concurrent requests
+//! cannot together spend more than the account holds.
+//!
+//! Per account the table keeps `balance` (the store's available balance, read once and
+//! then kept in step with this hub's own settlements as the usage writer writes them) and
+//! `held` (reservations of requests in flight plus charges settled but not yet written).
+//! What a request may spend is `balance − held`. A request's [`Hold`] becomes its actual
+//! charge when it finishes ([`Hold::settle`], never more than was held) and is released
+//! by the writer once the ledger has it ([`Reservations::written`]); dropped unsettled, it
+//! releases everything. No database round trip per request: the store is read only when
+//! an account is first seen, after a change made outside the request path (grants,
+//! claw-backs, vesting: [`Reservations::remove`]), or every [`BALANCE_REFRESH`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::books::money::Micro;
+
+/// How long a balance read from the store is trusted before it is read again (changes
+/// made through this hub mark it stale at once; this bounds staleness from elsewhere).
+pub(crate) const BALANCE_REFRESH: Duration = Duration::from_secs(30);
+/// Accounts remembered before idle ones (nothing held) are forgotten.
+pub(crate) const MAX_ACCOUNTS: usize = 100_000;
+
+#[derive(Debug)]
+struct Account {
+    balance: i64,
+    held: i64,
+    /// Bumped whenever the writer moves the balance; a store read taken under another
+    /// generation is out of date.
+    generation: u64,
+    /// `None`: read the store again before trusting `balance`.
+    fresh_until: Option<Instant>,
+}
+
+/// Every account's balance and holds in this hub.
+#[derive(Debug, Default)]
+pub(crate) struct Reservations {
+    map: parking_lot::Mutex<HashMap<i64, Account>>,
+}
+
+/// Why a hold was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoHold {
+    /// The balance must be read from the store first; pass this generation to
+    /// [`Reservations::seed`].
+    Seed(u64),
+    /// Not enough available: what is.
+    Short(Micro),
+}
+
+/// A request's reservation; dropping it unsettled releases it.
+#[derive(Debug)]
+pub(crate) struct Hold {
+    table: Arc<Reservations>,
+    account: i64,
+    amount: Micro,
+    /// What this account could spend when the hold was taken (before it).
+    pub(crate) available: Micro,
+    settled: parking_lot::Mutex<bool>,
+}
+
+/// A settled charge the writer must release once it is in the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pending {
+    /// The account charged.
+    pub(crate) account: i64,
+    /// The charge (cost plus tax).
+    pub(crate) charge: Micro,
+}
+
+impl Reservations {
+    /// Hold `amount` for `account` if its available balance covers it.
+    pub(crate) fn try_hold(
+        self: &Arc<Self>,
+        account: i64,
+        amount: Micro,
+        now: Instant,
+    ) -> Result<Hold, NoHold> {
+        let mut map = self.map.lock();
+        let Some(a) = map.get_mut(&account) else {
+            return Err(NoHold::Seed(0));
+        };
+        if a.fresh_until.is_none_or(|t| now >= t) {
+            return Err(NoHold::Seed(a.generation));
+        }
+        let available = a.balance.saturating_sub(a.held);
+        if amount.get() < 0 || available < amount.get() {
+            return Err(NoHold::Short(Micro::new(available)));
+        }
+        a.held = a.held.saturating_add(amount.get());
+        Ok(Hold {
+            table: Arc::clone(self),
+            account,
+            amount,
+            available: Micro::new(available),
+            settled: parking_lot::Mutex::new(false),
+        })
+    }
+
+    /// The store said `account` has `balance` available, read after [`NoHold::Seed`] gave
+    /// `generation`. Ignored (returns false) when the writer moved the balance meanwhile:
+    /// the read may predate a write it already counted.
+    pub(crate) fn seed(&self, account: i64, balance: i64, generation: u64, now: Instant) -> bool {
+        let mut map = self.map.lock();
+        if map.len() >= MAX_ACCOUNTS && !map.contains_key(&account) {
+            map.retain(|_, a| a.held != 0);
+        }
+        let a = map.entry(account).or_insert(Account {
+            balance,
+            held: 0,
+            generation: 0,
+            fresh_until: None,
+        });
+        if a.generation != generation {
+            return false;
+        }
+        a.balance = balance;
+        a.fresh_until = now.checked_add(BALANCE_REFRESH);
+        true
+    }
+
+    /// The writer put a settled charge in the ledger (`ok`) or gave up on it: release it,
+    /// and move the balance by what was written.
+    pub(crate) fn written(&self, p: Pending, ok: bool) {
+        let mut map = self.map.lock();
+        if let Some(a) = map.get_mut(&p.account) {
+            a.held = a.held.saturating_sub(p.charge.get());
+            if ok {
+                a.balance = a.balance.saturating_sub(p.charge.get());
+            }
+            a.generation = a.generation.wrapping_add(1);
+        }
+    }
+
+    /// What `account` may spend now, if known.
+    #[cfg(test)]
+    pub(crate) fn available(&self, account: i64) -> Option<Micro> {
+        let map = self.map.lock();
+        map.get(&account)
+            .map(|a| Micro::new(a.balance.saturating_sub(a.held)))
+    }
+
+    /// The account's balance changed in the store outside the request path (a grant, a
+    /// claw-back, vesting, an earning): read it again before the next hold.
+    pub(crate) fn remove(&self, account: &i64) {
+        if let Some(a) = self.map.lock().get_mut(account) {
+            a.fresh_until = None;
+        }
+    }
+
+    /// Read every balance again before its next hold.
+    pub(crate) fn clear(&self) {
+        for a in self.map.lock().values_mut() {
+            a.fresh_until = None;
+        }
+    }
+}
+
+impl Hold {
+    /// What was held.
+    pub(crate) fn amount(&self) -> Micro {
+        self.amount
+    }
+
+    /// The request finished and costs `charge`: keep that much held (at most what was
+    /// held) until the writer has it, release the rest. Returns what the writer must
+    /// release, if anything was charged. Only the first call counts.
+    pub(crate) fn settle(&self, charge: Micro) -> Option<Pending> {
+        let mut settled = self.settled.lock();
+        if *settled {
+            return None;
+        }
+        *settled = true;
+        let charge = charge.clamp(Micro::ZERO, self.amount);
+        let mut map = self.table.map.lock();
+        if let Some(a) = map.get_mut(&self.account) {
+            a.held = a
+                .held
+                .saturating_sub(self.amount.get())
+                .saturating_add(charge.get());
+        }
+        charge.is_positive().then_some(Pending {
+            account: self.account,
+            charge,
+        })
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if !*self.settled.get_mut() {
+            if let Some(a) = self.table.map.lock().get_mut(&self.account) {
+                a.held = a.held.saturating_sub(self.amount.get());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_cover_at_most_the_balance_and_settle_releases_the_rest() {
+        let t = Arc::new(Reservations::default());
+        let now = Instant::now();
+        assert_eq!(
+            t.try_hold(1, Micro::new(5), now).unwrap_err(),
+            NoHold::Seed(0)
+        );
+        assert!(t.seed(1, 10, 0, now));
+        let a = t.try_hold(1, Micro::new(6), now).unwrap();
+        assert_eq!(
+            t.try_hold(1, Micro::new(6), now).unwrap_err(),
+            NoHold::Short(Micro::new(4))
+        );
+        let b = t.try_hold(1, Micro::new(4), now).unwrap();
+        // `a` cost 2 (charged, waiting for the writer); `b` ended with nothing.
+        let p = a.settle(Micro::new(2)).unwrap();
+        assert_eq!(a.settle(Micro::new(3)), None, "only once");
+        drop(a);
+        drop(b);
+        assert_eq!(t.available(1), Some(Micro::new(8)));
+        // The writer wrote it: the balance moves, the hold goes, and a store read taken
+        // before the write is refused.
+        t.written(p, true);
+        assert_eq!(t.available(1), Some(Micro::new(8)));
+        assert!(!t.seed(1, 10, 0, now), "a read from before the write");
+        // A charge above the hold is cut to it; a negative one is nothing.
+        let c = t.try_hold(1, Micro::new(3), now).unwrap();
+        assert_eq!(c.settle(Micro::MAX).unwrap().charge, Micro::new(3));
+        let d = t.try_hold(1, Micro::new(1), now).unwrap();
+        assert_eq!(d.settle(Micro::new(-5)), None);
+        // Stale after an outside change, and after the refresh interval.
+        t.remove(&1);
+        assert!(matches!(
+            t.try_hold(1, Micro::ZERO, now),
+            Err(NoHold::Seed(_))
+        ));
+        assert!(matches!(
+            t.try_hold(2, Micro::ZERO, now + BALANCE_REFRESH),
+            Err(NoHold::Seed(0))
+        ));
+    }
+}

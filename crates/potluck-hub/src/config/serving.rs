@@ -1,0 +1,123 @@
+//! Settings against bad providers (`[routing]`: the circuit breaker, the first-byte
+//! deadline, tunnel and slot caps) and hostile clients (`[server]`: header and body
+//! read timeouts, connection and stream limits).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How the hub judges providers by what they do, not by what they announce.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Consecutive failures (5xx, refusals another provider did not share, answers that
+    /// are not valid JSON or SSE, timeouts, dropped streams) after which a provider leaves
+    /// routing.
+    pub failure_threshold: u32,
+    /// A provider whose success rate (moving average, see `success_weight`) falls below
+    /// this after a failure leaves routing too, so that failing only most of the time
+    /// does not escape the breaker.
+    pub min_success_rate: f64,
+    /// Weight of the newest outcome in a provider's success rate (0 to 1). Picks among
+    /// equally loaded providers are weighted by the square of that rate.
+    pub success_weight: f64,
+    /// How long a tripped provider stays out before one probe request may reach it
+    /// (seconds). Doubles on every trip in a row, up to `max_cooldown`.
+    #[serde(with = "super::secs")]
+    pub cooldown: Duration,
+    /// Longest time out of routing after repeated trips (seconds).
+    #[serde(with = "super::secs")]
+    pub max_cooldown: Duration,
+    /// A streamed request whose provider sent no byte of its answer within this time
+    /// (seconds) is retried on another provider, and the silence counts as a failure.
+    /// Non-streamed requests keep `provider_header_timeout`.
+    #[serde(with = "super::secs")]
+    pub first_byte_timeout: Duration,
+    /// Most tunnels one provider token may hold open at once.
+    pub max_tunnels_per_provider: u32,
+    /// Most slots the hub believes one tunnel has, whatever its agent announces.
+    pub max_slots_per_tunnel: u32,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            min_success_rate: 0.5,
+            success_weight: 0.1,
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(600),
+            first_byte_timeout: Duration::from_secs(60),
+            max_tunnels_per_provider: 4,
+            max_slots_per_tunnel: 256,
+        }
+    }
+}
+
+/// Limits of the hub's HTTP server against slow and greedy clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// An HTTP/1 client must send a request's whole head within this time (seconds),
+    /// counted from when the connection is ready for it; else the connection is closed.
+    /// An idle keep-alive connection is closed after it too.
+    #[serde(with = "super::secs")]
+    pub header_read_timeout: Duration,
+    /// A request's whole body must arrive within this time after its head (seconds);
+    /// else the request fails and the connection is closed.
+    #[serde(with = "super::secs")]
+    pub body_read_timeout: Duration,
+    /// Most open client connections; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub http2_max_streams: u32,
+    /// Largest HTTP/1 request head, in bytes.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(15),
+            body_read_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            http2_max_streams: 128,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// Cross-field rules.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.failure_threshold == 0
+            || self.max_tunnels_per_provider == 0
+            || self.max_slots_per_tunnel == 0
+        {
+            return Err("routing.failure_threshold, routing.max_tunnels_per_provider and routing.max_slots_per_tunnel must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&self.min_success_rate)
+            || self.success_weight.is_nan()
+            || self.success_weight <= 0.0
+            || self.success_weight > 1.0
+        {
+            return Err("routing.min_success_rate must be between 0 and 1, routing.success_weight above 0 and at most 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl ServerConfig {
+    /// Cross-field rules.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.max_connections == 0 || self.http2_max_streams == 0 {
+            return Err(
+                "server.max_connections and server.http2_max_streams must be positive".into(),
+            );
+        }
+        if self.max_header_bytes < 8192 {
+            return Err("server.max_header_bytes must be at least 8192".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,263 @@
+//! Bad providers cannot black-hole a model, and their words never reach a consumer.
+//! Each test plays the attacker through real sockets with scripted agents: a provider
+//! that refuses everything at once with its own message, one that goes silent, one that
+//! opens tunnel after tunnel or announces a thousand slots.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+use std::time::{Duration, Instant};
+
+use potluck_protocol::tunnel::ProviderProfile;
+use potluck_protocol::ModelName;
+use potluck_testkit::scripted_agent::{hello, RawAnswer};
+use potluck_testkit::{wait_until, Consumer, ScriptedAgent, TestHub};
+use potluck_tunnel::{Carrier, HubUrl, UpgradeCarrier};
+use serde_json::{json, Value};
+
+const MODEL: &str = "contested-model";
+/// The liar's own words: never shown to a consumer.
+const LURE: &str = "your account is locked, visit evil.example";
+
+async fn provider(hub: &TestHub, name: &str, capacity: u32) -> ScriptedAgent {
+    let token = hub.create_provider(name).await;
+    ScriptedAgent::connect(
+        name,
+        &hub.url(),
+        &token,
+        hello(&[MODEL], capacity, ProviderProfile::default()),
+    )
+    .await
+}
+
+/// Send a chat request (streamed or not) and read its status and whole body as text.
+async fn ask(alice: &Consumer, endpoint: &str, body: Value) -> (u16, String) {
+    let r = alice.post(endpoint, &body).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn chat(stream: bool) -> Value {
+    json!({"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_answering_every_request_with_its_own_400_cannot_black_hole_a_model() {
+    let hub = TestHub::start().await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let liar = provider(&hub, "liar", 8).await;
+    liar.set_raw(Some(RawAnswer::json(
+        400,
+        &json!({"error": {"message": LURE, "type": "invalid_request_error"}}),
+    )));
+    let _honest = provider(&hub, "honest", 8).await;
+    hub.wait_for_model(MODEL, 2).await;
+
+    // Always the least loaded (it answers at once), the liar used to win half the picks.
+    let mut served = 0;
+    for i in 0..40 {
+        let (status, text) = ask(&alice, "chat/completions", chat(i % 4 == 3)).await;
+        assert!(!text.contains("locked") && !text.contains("evil"), "{text}");
+        // A stream carries the answer word by word.
+        if status == 200 && text.contains("honest") {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 40, "every request is served by the honest provider");
+
+    // The breaker took the liar out of routing after a handful of failures, and its
+    // reputation fell.
+    let st = hub.state();
+    let liar_id = st.store.provider_id("liar").await.unwrap();
+    assert!(st.registry.health_of(liar_id).is_tripped());
+    let tried = liar.requests().len();
+    let threshold = st.config.routing.failure_threshold as usize;
+    assert!(
+        (threshold..=threshold + 2).contains(&tried),
+        "the liar saw {tried} requests"
+    );
+    wait_until(
+        "the liar's reputation falls",
+        Duration::from_secs(20),
+        || {
+            let st = st.clone();
+            async move { st.store.standing(liar_id).await.unwrap().reputation < 1.0 }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_error_text_never_reaches_a_consumer_in_any_shape() {
+    // The breaker stays out of the way: every answer below reaches the liar.
+    let hub = TestHub::start_with(|c| {
+        c.routing.failure_threshold = 10_000;
+        c.routing.min_success_rate = 0.0;
+    })
+    .await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let liar = provider(&hub, "liar", 8).await;
+    hub.wait_for_model(MODEL, 1).await;
+    let lure = json!({"error": {"message": LURE, "type": "invalid_request_error"}, "detail": LURE});
+    // A refusal nobody else could check is not held against the only provider.
+    let liar_id = hub.state().store.provider_id("liar").await.unwrap();
+    liar.set_raw(Some(RawAnswer::json(400, &lure)));
+    for _ in 0..4 {
+        assert_eq!(ask(&alice, "chat/completions", chat(false)).await.0, 400);
+    }
+    assert_eq!(hub.state().registry.health_of(liar_id).success_rate(), 1.0);
+    let anthropic =
+        json!({"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]});
+    let ollama =
+        json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]});
+    for status in [400, 413, 422, 401, 429, 500, 503] {
+        liar.set_raw(Some(RawAnswer::json(status, &lure)));
+        for (endpoint, body) in [
+            ("chat/completions", chat(false)),
+            ("chat/completions", chat(true)),
+            ("messages", anthropic.clone()),
+        ] {
+            let (got, text) = ask(&alice, endpoint, body).await;
+            assert!(!text.contains("locked"), "{status} {endpoint}: {text}");
+            assert!(got >= 400, "{status} {endpoint}: {got}");
+        }
+        let r = hub
+            .http
+            .post(format!("{}/api/chat", hub.url()))
+            .bearer_auth(&alice.key)
+            .json(&ollama)
+            .send()
+            .await
+            .unwrap();
+        let text = r.text().await.unwrap();
+        assert!(!text.contains("locked"), "{status} ollama: {text}");
+    }
+    // The status is kept for a refusal the consumer may have caused, with the hub's words.
+    liar.set_raw(Some(RawAnswer::json(400, &lure)));
+    let (got, text) = ask(&alice, "chat/completions", chat(false)).await;
+    assert_eq!(got, 400);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["code"], "provider_refused", "{v}");
+    // An error event in the middle of a stream: one error event in the hub's words.
+    let event = format!("data: {}\n\n", json!({"error": {"message": LURE}}));
+    liar.set_raw(Some(RawAnswer::Bytes {
+        status: 200,
+        headers: vec![("content-type".into(), "text/event-stream".into())],
+        frames: vec![event.into()],
+    }));
+    let (got, text) = ask(&alice, "chat/completions", chat(true)).await;
+    assert_eq!(got, 200);
+    assert!(
+        text.contains("provider_error") && !text.contains("locked"),
+        "{text}"
+    );
+    assert!(
+        liar.requests().len() >= 4 + 7 * 4 + 2,
+        "every request reached the liar"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_goes_silent_is_passed_over_after_the_first_byte_deadline() {
+    let hub = TestHub::start_with(|c| {
+        c.routing.first_byte_timeout = Duration::from_millis(800);
+        c.routing.failure_threshold = 3;
+        c.provider_header_timeout = Duration::from_secs(60);
+        c.stream_idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let staller = provider(&hub, "staller", 8).await;
+    staller.set_raw(Some(RawAnswer::HeadThenSilence));
+    let _honest = provider(&hub, "honest", 8).await;
+    hub.wait_for_model(MODEL, 2).await;
+    let st = hub.state();
+    let staller_id = st.store.provider_id("staller").await.unwrap();
+    // Headers at once, then nothing: retried elsewhere, until the staller leaves routing.
+    for _ in 0..12 {
+        let started = Instant::now();
+        let (status, text) = ask(&alice, "chat/completions", chat(true)).await;
+        assert_eq!(status, 200);
+        assert!(text.contains("served") && text.contains("honest"), "{text}");
+        assert!(!text.contains("error"), "{text}");
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+    assert!(st.registry.health_of(staller_id).is_tripped());
+    assert!(
+        staller.requests().len() <= 4,
+        "{}",
+        staller.requests().len()
+    );
+    // Not even headers: the same.
+    let mute = provider(&hub, "mute", 8).await;
+    mute.set_raw(Some(RawAnswer::Silent));
+    wait_until("mute routed", Duration::from_secs(20), || {
+        let st = st.clone();
+        async move {
+            st.registry.pool_for(&[])[&ModelName::parse(MODEL).unwrap()]
+                .by_provider
+                .len()
+                == 3
+        }
+    })
+    .await;
+    let mute_id = st.store.provider_id("mute").await.unwrap();
+    for _ in 0..40 {
+        let (status, text) = ask(&alice, "chat/completions", chat(true)).await;
+        assert_eq!(status, 200);
+        assert!(text.contains("honest"), "{text}");
+        if st.registry.health_of(mute_id).is_tripped() {
+            break;
+        }
+    }
+    assert!(st.registry.health_of(mute_id).is_tripped());
+    assert!(mute.requests().len() <= 4, "{}", mute.requests().len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_cannot_open_tunnel_after_tunnel_or_claim_a_thousand_slots() {
+    let hub = TestHub::start_with(|c| {
+        c.routing.max_tunnels_per_provider = 2;
+        c.routing.max_slots_per_tunnel = 3;
+    })
+    .await;
+    let token = hub.create_provider("greedy").await;
+    let offer = || hello(&[MODEL], 1000, ProviderProfile::default());
+    let first = ScriptedAgent::connect("a", &hub.url(), &token, offer()).await;
+    let _second = ScriptedAgent::connect("b", &hub.url(), &token, offer()).await;
+    let carrier = UpgradeCarrier {
+        hub: HubUrl::parse(&hub.url()).unwrap(),
+        token: token.clone(),
+        agent_version: "greedy".into(),
+    };
+    assert!(
+        carrier.connect().await.is_err(),
+        "a third tunnel is refused"
+    );
+    let st = hub.state();
+    let capacity = || {
+        st.registry
+            .pool_for(&[])
+            .get(&ModelName::parse(MODEL).unwrap())
+            .map_or(0, |m| m.capacity)
+    };
+    wait_until("both tunnels offer", Duration::from_secs(20), || {
+        let c = capacity();
+        async move { c >= 6 }
+    })
+    .await;
+    assert_eq!(capacity(), 6, "two tunnels of at most three slots each");
+    // A closed tunnel frees its place.
+    drop(first);
+    wait_until(
+        "a tunnel can be opened again",
+        Duration::from_secs(20),
+        || {
+            let carrier = UpgradeCarrier {
+                hub: HubUrl::parse(&hub.url()).unwrap(),
+                token: token.clone(),
+                agent_version: "greedy".into(),
+            };
+            async move { carrier.connect().await.is_ok() }
+        },
+    )
+    .await;
+}

@@ -1,0 +1,514 @@
+//! Money that cannot be forged, played by the attacker through real sockets: a provider
+//! that bills tokens it never served (a huge, `i64::MAX`, negative, non-numeric or
+//! missing usage, or more completion than `max_tokens`), an account with almost no
+//! credits that fires many requests at once, a provider paid by itself or by the
+//! treasury, escrow that a provider tries to skip, a claw-back of a provider that went
+//! offline, and a usage queue that is full. Each test fails on the code before the fix.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use potluck_hub::config::HubConfig;
+use potluck_protocol::tunnel::ProviderProfile;
+use potluck_store::UsageRow;
+use potluck_testkit::scripted_agent::{hello, RawAnswer, Reply, Responder};
+use potluck_testkit::{wait_until, Consumer, ScriptedAgent, TestHub};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One micro-credit per token, no tax, no starter grant.
+fn cheap(c: &mut HubConfig) {
+    for r in c.credits.classes.values_mut() {
+        r.prompt = 1;
+        r.completion = 1;
+    }
+    c.credits.tax_per_request = 0.0;
+    c.credits.starter_grant = 0.0;
+}
+
+async fn usage_row(hub: &TestHub, request_id: &str) -> UsageRow {
+    let st = hub.state();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let rows = st.store.recent_usage(10_000).await.unwrap();
+        if let Some(r) = rows.into_iter().find(|r| r.request_id == request_id) {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no usage row for {request_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn provider_id(hub: &TestHub, name: &str) -> i64 {
+    hub.state()
+        .store
+        .list_providers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap()
+        .id
+}
+
+/// A whole answer, or a stream of one text chunk and a usage chunk, with `usage` spliced
+/// in as raw JSON text (so that it can be anything).
+fn answer_with_usage(stream: bool, text: &str, usage: &str) -> RawAnswer {
+    let (ct, body) = if stream {
+        let chunk = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
+        (
+            "text/event-stream",
+            format!(
+                "data: {chunk}\n\ndata: {{\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[],\"usage\":{{{usage}}}}}\n\ndata: [DONE]\n\n"
+            ),
+        )
+    } else {
+        let content = serde_json::to_string(text).unwrap();
+        (
+            "application/json",
+            format!(
+                "{{\"id\":\"x\",\"object\":\"chat.completion\",\"model\":\"m\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":{content}}},\"finish_reason\":\"stop\"}}],\"usage\":{{{usage}}}}}"
+            ),
+        )
+    };
+    RawAnswer::Bytes {
+        status: 200,
+        headers: vec![("content-type".into(), ct.into())],
+        frames: vec![Bytes::from(body)],
+    }
+}
+
+/// Send `body` as `who`; gives the request id after reading the whole answer (200).
+async fn served(who: &Consumer, body: &Value) -> String {
+    let r = who.post("chat/completions", body).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{body}");
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let _ = r.bytes().await.unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_forging_usage_is_billed_at_most_the_hubs_bound_and_flagged() {
+    // Flags lower its reputation; keep it routable to try every forgery.
+    let hub = TestHub::start_with(|c| {
+        cheap(c);
+        c.audit.quarantine_below = 0.0;
+    })
+    .await;
+    let p = ScriptedAgent::connect(
+        "forger",
+        &hub.url(),
+        &hub.create_provider("forger").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    hub.grant("alice", 1.0).await;
+    let overhead = HubConfig::default().credits.prompt_overhead_tokens;
+    let text = "hi there";
+    let forged = [
+        (
+            "four million",
+            "\"prompt_tokens\":4000000,\"completion_tokens\":2".to_owned(),
+        ),
+        (
+            "i64::MAX",
+            format!("\"prompt_tokens\":{0},\"completion_tokens\":{0}", i64::MAX),
+        ),
+        (
+            "negative",
+            "\"prompt_tokens\":-5,\"completion_tokens\":-9223372036854775808".into(),
+        ),
+        (
+            "non-numeric",
+            "\"prompt_tokens\":\"lots\",\"completion_tokens\":[1]".into(),
+        ),
+        (
+            "beyond i64",
+            "\"prompt_tokens\":18446744073709551615,\"completion_tokens\":1e300".into(),
+        ),
+        ("missing", String::new()),
+    ];
+    let mut charged = 0;
+    for stream in [false, true] {
+        for (what, usage) in &forged {
+            p.set_raw(Some(answer_with_usage(stream, text, usage)));
+            let id = served(
+                &alice,
+                &json!({"model": "m", "stream": stream, "messages":
+                    [{"role": "user", "content": "ten tokens of prompt, more or less, here"}]}),
+            )
+            .await;
+            // The bound: the bytes of the body the hub sent, plus the template overhead.
+            let sent = p.requests().last().unwrap().body.len() as i64;
+            let row = usage_row(&hub, &id).await;
+            assert!(
+                (0..=sent + overhead).contains(&row.prompt_tokens),
+                "{what} (stream {stream}): billed {} prompt tokens, bound {}",
+                row.prompt_tokens,
+                sent + overhead
+            );
+            assert!(
+                (0..=text.len() as i64 + 16).contains(&row.completion_tokens),
+                "{what} (stream {stream}): billed {} completion tokens for {text:?}",
+                row.completion_tokens
+            );
+            charged += row.prompt_tokens + row.completion_tokens;
+        }
+    }
+    // What the consumer paid is exactly what the rows say (nothing dropped, no wrap).
+    assert_eq!(1_000_000 - alice.available_micro().await, charged);
+
+    // Completion beyond the request's max_tokens is cut to it, however much was sent.
+    p.set_raw(Some(answer_with_usage(
+        false,
+        "one two three four five six seven eight nine ten",
+        "\"prompt_tokens\":3,\"completion_tokens\":10",
+    )));
+    let id = served(
+        &alice,
+        &json!({"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "count"}]}),
+    )
+    .await;
+    assert_eq!(usage_row(&hub, &id).await.completion_tokens, 3);
+
+    // The forger was flagged (its reputation falls like any plausibility failure).
+    let pid = provider_id(&hub, "forger").await;
+    wait_until("a usage flag on the forger", WAIT, || {
+        let st = hub.state();
+        async move {
+            st.store
+                .audit_history(pid, 100)
+                .await
+                .unwrap()
+                .iter()
+                .any(|a| a.0 == "usage" && !a.1)
+        }
+    })
+    .await;
+    hub.state().store.audit_ledger().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_requests_cannot_overdraw_a_tiny_balance() {
+    // Completion tokens cost 1000 micro-credits, prompts nothing: each request with
+    // max_tokens 10 can cost 10,000 at most, and the provider uses all of it.
+    let hub = TestHub::start_with(|c| {
+        cheap(c);
+        for r in c.credits.classes.values_mut() {
+            r.prompt = 0;
+            r.completion = 1000;
+        }
+    })
+    .await;
+    let full = Arc::new(|_b: &Value| Reply {
+        text: "w ".repeat(10),
+        completion_tokens: Some(10),
+    }) as Responder;
+    let _p = ScriptedAgent::connect_with(
+        "busy",
+        &hub.url(),
+        &hub.create_provider("busy").await,
+        hello(&["m"], 64, ProviderProfile::default()),
+        full,
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let tiny = Consumer::new(&hub, "tiny").await;
+    hub.grant("tiny", 0.035).await;
+    let body =
+        json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "go"}]});
+    let tiny = Arc::new(tiny);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (who, body) = (Arc::clone(&tiny), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = who.post("chat/completions", &body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or_default();
+            (status, v)
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let (status, v) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => assert_eq!(v["error"]["code"], "insufficient_quota", "{v}"),
+            s => panic!("unexpected {s}: {v}"),
+        }
+    }
+    assert!((1..=3).contains(&ok), "{ok} admitted; 35,000 covers three");
+    hub.wait_usage_rows(ok).await;
+    let left = tiny.available_micro().await;
+    assert!(left >= 0, "overdrawn: {left}");
+    assert_eq!(left, 35_000 - 10_000 * ok as i64);
+    hub.state().store.audit_ledger().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_paid_by_itself_or_by_the_treasury_earns_nothing() {
+    let hub = TestHub::start_with(|c| {
+        cheap(c);
+        c.anonymous.enabled = true;
+    })
+    .await;
+    let _p = ScriptedAgent::connect(
+        "selfish",
+        &hub.url(),
+        &hub.create_provider("selfish").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    hub.grant("selfish", 1.0).await;
+    let before = hub.balance("selfish").await;
+    // Its own key, in its own account.
+    let (_, key) = hub.create_key_in("own", "selfish").await;
+    let me = Consumer::with_key(&hub, "selfish", key);
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "pay me"}]});
+    served(&me, &body).await;
+    // Anonymous: no key at all, the treasury would pay.
+    let r = reqwest::Client::new()
+        .post(format!("{}/chat/completions", hub.v1()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    hub.wait_usage_rows(2).await;
+    assert_eq!(hub.balance("selfish").await, before, "it earned nothing");
+    hub.state().store.audit_ledger().await.unwrap();
+}
+
+/// Escrow: only vested earnings count toward the trust threshold, and only for an account
+/// old enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn earnings_in_escrow_or_a_young_account_do_not_make_a_provider_trusted() {
+    for min_age in [Duration::from_secs(86_400), Duration::ZERO] {
+        let hub = TestHub::start_with(|c| {
+            cheap(c);
+            c.credits.trust_threshold = 0.000_001; // one micro-credit
+            c.credits.vesting = Duration::from_secs(3600);
+            c.credits.trust_min_account_age = min_age;
+        })
+        .await;
+        let _p = ScriptedAgent::connect(
+            "climber",
+            &hub.url(),
+            &hub.create_provider("climber").await,
+            hello(&["m"], 4, ProviderProfile::default()),
+        )
+        .await;
+        hub.wait_for_model("m", 1).await;
+        let payer = Consumer::new(&hub, "payer").await;
+        hub.grant("payer", 1.0).await;
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "work"}]});
+        served(&payer, &body).await;
+        served(&payer, &body).await;
+        hub.wait_usage_rows(2).await;
+        let (available, unvested) = hub.balance("climber").await;
+        assert_eq!(available, 0, "escrowed earnings do not count: {min_age:?}");
+        assert!(unvested > 0);
+        // Let them vest; the next earning skips escrow only if the account is old enough.
+        let far = i64::MAX / 2;
+        hub.state().store.vest_due(far).await.unwrap();
+        served(&payer, &body).await;
+        hub.wait_usage_rows(3).await;
+        let (available2, unvested2) = hub.balance("climber").await;
+        if min_age.is_zero() {
+            assert!(available2 > available + unvested && unvested2 == 0);
+        } else {
+            assert_eq!(available2, unvested, "a young account stays in escrow");
+            assert!(unvested2 > 0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_claws_back_from_a_provider_that_went_offline() {
+    let hub = TestHub::start_with(cheap).await;
+    let p = ScriptedAgent::connect(
+        "runner",
+        &hub.url(),
+        &hub.create_provider("runner").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let payer = Consumer::new(&hub, "payer").await;
+    hub.grant("payer", 1.0).await;
+    served(
+        &payer,
+        &json!({"model": "m", "messages": [{"role": "user", "content": "work"}]}),
+    )
+    .await;
+    hub.wait_usage_rows(1).await;
+    assert!(hub.balance("runner").await.1 > 0, "earned into escrow");
+    drop(p);
+    hub.wait_for_model("m", 0).await;
+    let id = provider_id(&hub, "runner").await;
+    potluck_hub::testing::quarantine_provider(&hub.state(), id, "test: cheated, then left").await;
+    wait_until("the claw-back", WAIT, || async {
+        hub.balance("runner").await.1 == 0
+    })
+    .await;
+    hub.state().store.audit_ledger().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_usage_queue_refuses_requests_before_serving_them() {
+    use potluck_testkit::{FakeBackend, FakeBehavior, TestAgent};
+    let hub = TestHub::start_with(|c| {
+        cheap(c);
+        c.usage_queue = 1;
+        c.usage_queue_wait = Duration::from_millis(100);
+    })
+    .await;
+    let backend = FakeBackend::start(&["m"]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 10,
+        gap: Duration::from_millis(50),
+        ..Default::default()
+    });
+    let _agent = TestAgent::start(&hub, &hub.create_provider("q").await, &backend.base_url());
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    hub.grant("alice", 1.0).await;
+    // The one place in the queue is held by a stream in flight...
+    let (_, mut sse) = alice.chat_stream("m", "first").await;
+    assert!(sse.next().await.is_some());
+    // ...so the next request is refused, and no provider serves it unbilled.
+    let a = alice.chat("m", "second").await;
+    assert_eq!(a.status, 503, "{:?}", a.body);
+    assert_eq!(a.body["error"]["code"], "usage_backlog");
+    assert_eq!(backend.inference_received().len(), 1);
+    sse.collect().await;
+    // Once the place is free again, requests are served and every one is billed.
+    assert_eq!(alice.chat("m", "third").await.status, 200);
+    hub.wait_usage_rows(2).await;
+    assert_eq!(backend.inference_received().len(), 2);
+}
+
+/// One round of `n` requests per consumer, all at once, half of them streamed; every
+/// answer is read to its end (or its cut). Gives how many were served and refused.
+async fn round(consumers: &[Arc<Consumer>], n: usize) -> (usize, usize) {
+    let mut tasks = Vec::new();
+    for c in consumers {
+        for i in 0..n {
+            let c = Arc::clone(c);
+            tasks.push(tokio::spawn(async move {
+                let body = json!({"model": "m", "stream": i % 2 == 0, "max_tokens": 20,
+                    "messages": [{"role": "user", "content": "spend it"}]});
+                let r = c.post("chat/completions", &body).send().await.unwrap();
+                let status = r.status().as_u16();
+                let _ = r.bytes().await;
+                status
+            }));
+        }
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            429 => refused += 1,
+            _ => {}
+        }
+    }
+    (ok, refused)
+}
+
+/// Ledger chaos: accounts with tiny balances fire requests at once, a provider is killed
+/// mid-stream, the hub restarts. No account goes below zero, every transaction sums to
+/// zero, and what consumers paid is exactly what providers earned plus the hub's tax.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_chaos_tiny_balances_killed_providers_and_a_restart_keep_the_books_exact() {
+    use potluck_testkit::{FakeBackend, FakeBehavior, TestAgent};
+    let mut hub = TestHub::start_with(|c| {
+        cheap(c);
+        for r in c.credits.classes.values_mut() {
+            r.prompt = 1;
+            r.completion = 100;
+        }
+        c.credits.tax_per_request = 0.000_01; // ten micro-credits
+    })
+    .await;
+    let backend = FakeBackend::start(&["m"]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 20,
+        gap: Duration::from_millis(10),
+        ..Default::default()
+    });
+    let doomed = TestAgent::start(
+        &hub,
+        &hub.create_provider("doomed").await,
+        &backend.base_url(),
+    );
+    let _steady = TestAgent::start(
+        &hub,
+        &hub.create_provider("steady").await,
+        &backend.base_url(),
+    );
+    hub.wait_for_model("m", 2).await;
+    let names: Vec<String> = (0..5).map(|i| format!("tiny{i}")).collect();
+    let mut consumers = Vec::new();
+    for n in &names {
+        consumers.push(Arc::new(Consumer::new(&hub, n).await));
+        hub.grant(n, 0.01).await; // 10,000 micro-credits: four requests' worth at most
+    }
+    let granted = 10_000 * names.len() as i64;
+
+    // Round one, with a provider killed while streams are in flight.
+    let first = tokio::spawn({
+        let consumers = consumers.clone();
+        async move { round(&consumers, 8).await }
+    });
+    wait_until("streams in flight", WAIT, || async {
+        backend.inference_received().len() >= 6
+    })
+    .await;
+    doomed.kill().await;
+    let (ok1, refused1) = first.await.unwrap();
+    // The hub restarts; the surviving agent comes back; round two.
+    hub.restart().await;
+    hub.wait_for_model("m", 1).await;
+    let (ok2, refused2) = round(&consumers, 8).await;
+    assert!(ok1 + ok2 > 0, "some requests were served");
+    assert!(refused1 + refused2 > 0, "tiny balances refused some");
+    // Restart once more so that the writer has drained everything, then read the books.
+    hub.restart().await;
+    let st = hub.state();
+    st.store.audit_ledger().await.unwrap();
+    let mut left = 0;
+    for n in &names {
+        let (available, unvested) = hub.balance(n).await;
+        assert!(available >= 0, "{n} overdrawn: {available}");
+        left += available + unvested;
+    }
+    let mut earned = 0;
+    for p in ["doomed", "steady"] {
+        let (a, u) = hub.balance(p).await;
+        earned += a + u;
+    }
+    let tax_account = st
+        .store
+        .system_account(potluck_store::ledger::TAX)
+        .await
+        .unwrap();
+    let tax = st.store.balance(tax_account).await.unwrap().available;
+    assert!(earned > 0 && tax > 0);
+    assert_eq!(
+        granted - left,
+        earned + tax,
+        "consumer debits = provider credits + tax"
+    );
+}
