@@ -107,6 +107,7 @@ impl Hub {
     /// Build a hub over an opened store (checks the configuration, prepares the books).
     pub async fn new(config: HubConfig, store: Store) -> Result<Self, HubError> {
         config.validate().map_err(HubError::Config)?;
+        crate::alerts::validate(&config.alerts).map_err(HubError::Config)?;
         let (accounting, usage_rx) = Accounting::new(config.usage_queue);
         let treasury = store
             .system_account(potluck_store::ledger::TREASURY)
@@ -205,6 +206,9 @@ impl Hub {
             audit_rx,
             state.hard_stop.clone(),
         ));
+        state
+            .tasks
+            .spawn(crate::alerts::run(Arc::clone(&state), writer_stop.clone()));
         state.tasks.spawn(retention::run(
             state.store.clone(),
             state.config.retention.usage_days,

@@ -7,14 +7,15 @@
 //!
 //! The code is in rooms that import one way (ARCHITECTURE.md has the map, and
 //! `tests/imports.rs` fails on an upward import): the base (`config`, `http`, `state`),
-//! then `routing`, `books`, `trust`, and on top `api` and `accounts`; `hub` and `router`
-//! put them together.
+//! then `routing`, `books`, `metrics`, `alerts`, `trust`, and on top `api` and
+//! `accounts`; `hub` and `router` put them together.
 //!
 //! Invariant: request and response bodies are never logged, stored or put in metrics.
 
 #![warn(unreachable_pub)]
 
 mod accounts;
+mod alerts;
 mod api;
 mod books;
 pub mod config;

@@ -2,8 +2,8 @@
 //! (its store and registry), the registry's view of the pool, and the canary prompts the
 //! spot checker sends. Nothing else of the hub's insides is public.
 
+pub use crate::metrics::{Metrics, FAMILIES as METRIC_FAMILIES};
 pub use crate::routing::health::Health;
-pub use crate::metrics::Metrics;
 pub use crate::routing::inflight::InFlightRequests;
 pub use crate::routing::pool::{ModelStatus, ProviderView};
 pub use crate::routing::registry::Registry;

@@ -17,6 +17,8 @@ fn allowed(room: &str) -> Option<&'static [&'static str]> {
         // Metrics read the registry and the usage queue when scraped; the rooms above
         // count into them.
         "metrics" => &["config", "http", "state", "routing", "books"],
+        // Alerts watch the registry, the usage queue and the metrics' counters.
+        "alerts" => &["config", "http", "state", "routing", "books", "metrics"],
         "trust" => &["config", "http", "state", "routing", "books", "metrics"],
         "api" | "accounts" => &[
             "config", "http", "state", "routing", "books", "metrics", "trust",

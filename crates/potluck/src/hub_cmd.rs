@@ -114,6 +114,9 @@ pub(crate) async fn hub(a: HubArgs) -> anyhow::Result<()> {
         "potluck hub listening on http://{addr}\n  OpenAI base URL: http://{addr}/v1   data: {}",
         data_dir.display()
     ));
+    if let Some(m) = hub.state().metrics.listen_addr() {
+        say(&format!("  metrics (no key): http://{m}/metrics"));
+    }
     let shutdown = CancellationToken::new();
     // The server on a worker thread, like the agent (see provide.rs).
     let server = tokio::spawn(hub.run(listener, shutdown.clone()));

@@ -1,4 +1,4 @@
-//! `potluck provide pause|resume|status|receipts`: talk to the running agent over its
+//! `potluck provide pause|resume|status|metrics|receipts`: talk to the running agent over its
 //! local control socket, or read its journal.
 
 use anyhow::{bail, Context};
@@ -31,6 +31,9 @@ pub enum ProvideCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The running agent's state as Prometheus text (gauges), e.g. for node_exporter's
+    /// textfile collector: `potluck provide metrics > DIR/potluck.prom`.
+    Metrics,
     /// The hub's signed receipts in the journal.
     Receipts {
         #[command(subcommand)]
@@ -79,11 +82,33 @@ pub async fn run(cmd: ProvideCmd, args: &ProvideArgs) -> anyhow::Result<()> {
         ProvideCmd::Pause => ctl(args, Command::Pause, false).await,
         ProvideCmd::Resume => ctl(args, Command::Resume, false).await,
         ProvideCmd::Status { json } => ctl(args, Command::Status, json).await,
+        ProvideCmd::Metrics => metrics(args).await,
         ProvideCmd::Receipts { cmd } => receipts(cmd, args).await,
     }
 }
 
+async fn metrics(args: &ProvideArgs) -> anyhow::Result<()> {
+    let status = ask(args, Command::Status).await?;
+    // The text ends with a newline already.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(control::metrics_text(&status).as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
 async fn ctl(args: &ProvideArgs, cmd: Command, json: bool) -> anyhow::Result<()> {
+    let status = ask(args, cmd).await?;
+    if json {
+        say(&serde_json::to_string_pretty(&status)?);
+    } else {
+        say(&render(&status));
+    }
+    Ok(())
+}
+
+/// Send `cmd` to the running agent; its status after it.
+async fn ask(args: &ProvideArgs, cmd: Command) -> anyhow::Result<Status> {
     let path = args.socket()?;
     let answer = control::request(&path, cmd).await.with_context(|| {
         format!(
@@ -100,12 +125,7 @@ async fn ctl(args: &ProvideArgs, cmd: Command, json: bool) -> anyhow::Result<()>
     let Some(status) = answer.status else {
         bail!("the agent sent no status");
     };
-    if json {
-        say(&serde_json::to_string_pretty(&status)?);
-    } else {
-        say(&render(&status));
-    }
-    Ok(())
+    Ok(status)
 }
 
 /// The human view of a status.

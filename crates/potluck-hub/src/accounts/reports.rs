@@ -65,6 +65,7 @@ pub(crate) async fn file_report(
         )
         .await?;
     tracing::info!(report_id = id, request_id = %req.request_id, "abuse report filed");
+    st.metrics.report_filed();
     Ok((
         StatusCode::CREATED,
         Json(ReportFiled {

@@ -12,7 +12,7 @@ mod serving;
 mod trust;
 
 pub use limits::{AbuseConfig, AnonymousConfig, LimitsConfig, MAX_ADMIN_BODY_BYTES};
-pub use observe::{MetricsConfig, UsageApiConfig};
+pub use observe::{AlertConfig, AlertingConfig, MetricsConfig, UsageApiConfig};
 pub use serving::{RoutingConfig, ServerConfig};
 pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
 
@@ -92,6 +92,10 @@ pub struct HubConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Prometheus metrics (`[metrics]`).
     pub metrics: MetricsConfig,
+    /// Alert webhooks (`[[alerts]]`; none by default).
+    pub alerts: Vec<AlertConfig>,
+    /// When alerts fire (`[alerting]`).
+    pub alerting: AlertingConfig,
 }
 
 /// How new accounts join through `POST /v1/signup`.
@@ -419,6 +423,8 @@ impl Default for HubConfig {
             usage_api: UsageApiConfig::default(),
             metrics_listen: None,
             metrics: MetricsConfig::default(),
+            alerts: Vec::new(),
+            alerting: AlertingConfig::default(),
         }
     }
 }

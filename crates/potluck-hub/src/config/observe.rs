@@ -59,3 +59,44 @@ impl UsageApiConfig {
         Ok(())
     }
 }
+
+/// One alert webhook (`[[alerts]]`): Slack- and Discord-compatible JSON is POSTed to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// `http://` or `https://` URL, no query (Slack's and Discord's webhook URLs).
+    pub url: String,
+    /// Least time between two alerts of the same kind to this webhook (seconds); the
+    /// ones in between are counted and mentioned in the next.
+    #[serde(default = "default_alert_interval", with = "super::secs")]
+    pub min_interval: std::time::Duration,
+}
+
+fn default_alert_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(600)
+}
+
+/// When alerts fire (`[alerting]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertingConfig {
+    /// How often the hub looks for something to alert about (seconds).
+    #[serde(with = "super::secs")]
+    pub check_interval: std::time::Duration,
+    /// A model that was served and has had no provider for this long (seconds) alerts.
+    #[serde(with = "super::secs")]
+    pub model_absent_after: std::time::Duration,
+    /// Longest wait for a webhook's answer (seconds).
+    #[serde(with = "super::secs")]
+    pub timeout: std::time::Duration,
+}
+
+impl Default for AlertingConfig {
+    fn default() -> Self {
+        Self {
+            check_interval: std::time::Duration::from_secs(30),
+            model_absent_after: std::time::Duration::from_secs(600),
+            timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}

@@ -21,6 +21,32 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// Every series family `/metrics` can show (a family appears once it has a sample). The
+/// Grafana dashboard in `deploy/grafana/` may use only these; a test keeps this list
+/// equal to what the registry encodes.
+pub const FAMILIES: [&str; 20] = [
+    "potluck_reports_total",
+    "potluck_requests_total",
+    "potluck_request_duration_seconds",
+    "potluck_time_to_first_token_seconds",
+    "potluck_queue_wait_seconds",
+    "potluck_tokens_total",
+    "potluck_http_responses_total",
+    "potluck_audits_total",
+    "potluck_guard_verdicts_total",
+    "potluck_quarantines_total",
+    "potluck_tunnels_connected",
+    "potluck_providers_connected",
+    "potluck_requests_in_flight",
+    "potluck_usage_queue_depth",
+    "potluck_usage_queue_capacity",
+    "potluck_usage_records_dropped_total",
+    "potluck_model_providers",
+    "potluck_model_capacity",
+    "potluck_model_in_flight",
+    "potluck_queue_depth",
+];
+
 /// The label value of models beyond the bound, and of models the hub does not know.
 pub(crate) const OTHER: &str = "other";
 
@@ -107,6 +133,7 @@ pub struct Metrics {
     audits: Family<AuditLabels, Counter>,
     verdicts: Family<VerdictLabels, Counter>,
     quarantines: Counter,
+    reports: Counter,
     pub(crate) gauges: scrape::Gauges,
     /// Serializes scrapes (gauges are set, then the registry is encoded).
     pub(crate) scrape_lock: Mutex<()>,
@@ -133,6 +160,7 @@ impl Metrics {
             audits: Family::default(),
             verdicts: Family::default(),
             quarantines: Counter::default(),
+            reports: Counter::default(),
             gauges: scrape::Gauges::default(),
             scrape_lock: Mutex::new(()),
             listen_addr: OnceLock::new(),
@@ -183,6 +211,7 @@ impl Metrics {
             "Providers quarantined",
             m.quarantines.clone(),
         );
+        registry.register("reports", "Abuse reports filed", m.reports.clone());
         m.gauges.register(&mut registry);
         Self { registry, ..m }
     }
@@ -264,6 +293,21 @@ impl Metrics {
         self.quarantines.inc();
     }
 
+    /// Providers quarantined since the hub started.
+    pub(crate) fn quarantine_count(&self) -> u64 {
+        self.quarantines.get()
+    }
+
+    /// An abuse report was filed.
+    pub(crate) fn report_filed(&self) {
+        self.reports.inc();
+    }
+
+    /// Abuse reports filed since the hub started.
+    pub(crate) fn report_count(&self) -> u64 {
+        self.reports.get()
+    }
+
     /// The address of the separate metrics listener, once bound.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.listen_addr.get().copied()
@@ -323,6 +367,39 @@ mod tests {
         assert_eq!(m.label("b", true), "b");
         assert_eq!(m.label("c", true), OTHER, "the bound is reached");
         assert_eq!(m.label("a", true), "a", "a known label stays");
+    }
+
+    #[test]
+    fn the_family_list_is_what_the_registry_encodes() {
+        let m = Metrics::new(10);
+        m.request_done(Done {
+            model: "m",
+            endpoint: "chat",
+            status: 200,
+            outcome: "ok",
+            tokens: (1, 2),
+            elapsed: Duration::from_millis(5),
+            ttft: Some(Duration::from_millis(1)),
+            queue_ms: Some(3),
+        });
+        m.response("/v1/models", 200);
+        m.audit("replay", true);
+        m.guard_verdict("input", "S1", true);
+        m.quarantined();
+        m.report_filed();
+        m.gauges.touch_every_model_gauge("m");
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &m.registry).unwrap();
+        let encoded: HashSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert_eq!(
+            encoded,
+            FAMILIES.into_iter().collect::<HashSet<_>>(),
+            "{text}"
+        );
     }
 
     #[test]

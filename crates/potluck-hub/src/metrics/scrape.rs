@@ -94,6 +94,24 @@ impl Gauges {
     }
 }
 
+impl Gauges {
+    /// Give every per-model gauge a sample (tests of the family list).
+    #[cfg(test)]
+    pub(crate) fn touch_every_model_gauge(&self, model: &str) {
+        let l = ModelLabel {
+            model: model.to_owned(),
+        };
+        for f in [
+            &self.model_providers,
+            &self.model_capacity,
+            &self.model_in_flight,
+            &self.queue_depth,
+        ] {
+            f.get_or_create(&l).set(1);
+        }
+    }
+}
+
 fn int(n: impl TryInto<i64>) -> i64 {
     n.try_into().unwrap_or(i64::MAX)
 }

@@ -44,6 +44,34 @@ async fn pause_resume_status_and_energy() {
     assert_eq!(s.models[0].model, "m1");
     assert_eq!(s.watts, Some(100.0));
 
+    // The same state as Prometheus text (`potluck provide metrics`): it parses, and says
+    // what the status says.
+    let text = control::metrics_text(&s);
+    let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        let x = parsed
+            .samples
+            .iter()
+            .find(|x| x.metric == name && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("{name} missing in\n{text}"));
+        match x.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name} is not a gauge"),
+        }
+    };
+    assert_eq!(value("potluck_agent_accepting", None), 1.0);
+    assert_eq!(value("potluck_agent_hub_connected", None), 1.0);
+    assert_eq!(value("potluck_agent_watts", None), 100.0);
+    assert_eq!(value("potluck_agent_capacity", None), f64::from(s.capacity));
+    assert_eq!(
+        value("potluck_agent_model_in_flight", Some(("model", "m1"))),
+        0.0
+    );
+    assert_eq!(
+        value("potluck_agent_draining_reason", Some(("reason", "paused"))),
+        0.0
+    );
+
     // The profile reached the hub.
     match &offered {
         AgentEvent::Hello { profile, .. } | AgentEvent::Models { profile, .. } => {
@@ -63,6 +91,9 @@ async fn pause_resume_status_and_energy() {
     let s = a.status.unwrap();
     assert_eq!(s.state, "draining");
     assert_eq!(s.reasons, ["paused"]);
+    assert!(control::metrics_text(&s)
+        .lines()
+        .any(|l| l == "potluck_agent_draining_reason{reason=\"paused\"} 1"));
     rig.control
         .next_matching("paused", T, |e| accepting(e) == Some(false))
         .await;

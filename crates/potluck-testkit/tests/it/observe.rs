@@ -486,3 +486,146 @@ async fn hubs_in_one_process_keep_their_own_numbers() {
     assert_eq!(sum(&s1, "potluck_requests_total", &[("model", MODEL)]), 2.0);
     assert_eq!(sum(&s2, "potluck_requests_total", &[("model", MODEL)]), 0.0);
 }
+
+#[test]
+fn the_grafana_dashboard_uses_only_series_the_hub_exports() {
+    // `METRIC_FAMILIES` is kept equal to what the registry encodes by the hub's own test.
+    let families: BTreeSet<&str> = potluck_hub::testing::METRIC_FAMILIES.into_iter().collect();
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana/potluck.json");
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut used = BTreeSet::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("potluck_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                used.insert(name);
+            }
+        }
+    }
+    assert!(used.len() >= 15, "{used:?}");
+    for name in &used {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| families.contains(f)))
+            .unwrap_or(name);
+        assert!(
+            families.contains(family),
+            "the dashboard uses {name}, which the hub does not export"
+        );
+    }
+}
+
+/// A local webhook receiver: every JSON body POSTed to it, in order.
+async fn receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use axum::routing::post;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = axum::Router::new().route(
+        "/hooks/potluck",
+        post({
+            let got = std::sync::Arc::clone(&got);
+            move |axum::Json(v): axum::Json<Value>| {
+                let got = std::sync::Arc::clone(&got);
+                async move {
+                    got.lock().unwrap().push(v);
+                    "ok"
+                }
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/potluck", l.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        axum::serve(l, app).await.unwrap();
+    });
+    (url, got, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_reach_a_webhook_rate_limited_and_content_free() {
+    const CANARY: &str = "CANARY-alert-5e1d";
+    let (url, got, _server) = receiver().await;
+    let (hub, _backend, agent) = pool(&[MODEL], |c| {
+        c.alerts = vec![potluck_hub::config::AlertConfig {
+            url: url.clone(),
+            min_interval: std::time::Duration::from_secs(3600),
+        }];
+        c.alerting.check_interval = std::time::Duration::from_millis(50);
+        c.alerting.model_absent_after = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let kinds = |got: &std::sync::Mutex<Vec<Value>>| -> Vec<String> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["kind"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+    let wait_kind = |kind: &'static str| {
+        let got = std::sync::Arc::clone(&got);
+        potluck_testkit::wait_until(kind, std::time::Duration::from_secs(20), move || {
+            let seen = kinds(&got).iter().any(|k| k == kind);
+            async move { seen }
+        })
+    };
+
+    // A report, its reason and the request's prompt carrying a canary.
+    let alice = Consumer::new(&hub, "alice").await;
+    let a = alice.chat(MODEL, CANARY).await;
+    let request_id = a.request_id.clone().unwrap();
+    hub.wait_usage_rows(1).await;
+    let r = alice
+        .post(
+            "reports",
+            &serde_json::json!({"request_id": request_id, "reason": CANARY}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    wait_kind("report_filed").await;
+
+    // Two quarantines within the interval: one alert.
+    let st = hub.state();
+    let pid = *st.registry.provider_summary().keys().next().unwrap();
+    potluck_hub::testing::quarantine_provider(&st, pid, "test").await;
+    wait_kind("provider_quarantined").await;
+    potluck_hub::testing::quarantine_provider(&st, pid, "test").await;
+
+    // The provider leaves: after `model_absent_after`, the model is reported missing.
+    agent.stop().await;
+    wait_kind("model_unavailable").await;
+    let all = got.lock().unwrap().clone();
+    assert_eq!(
+        kinds(&got)
+            .iter()
+            .filter(|k| *k == "provider_quarantined")
+            .count(),
+        1,
+        "rate-limited: {all:?}"
+    );
+    for v in &all {
+        let text = v["text"].as_str().unwrap();
+        assert_eq!(v["content"], text, "Slack and Discord read the same text");
+        assert!(
+            !v.to_string().contains("CANARY"),
+            "content in an alert: {v}"
+        );
+    }
+    let missing = all
+        .iter()
+        .find(|v| v["kind"] == "model_unavailable")
+        .unwrap();
+    assert!(
+        missing["text"].as_str().unwrap().contains(MODEL),
+        "{missing}"
+    );
+}

@@ -399,3 +399,46 @@ async fn accounts_invites_reports_and_audit_log() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_serves_metrics_on_its_own_listener_without_a_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("hub.toml");
+    std::fs::write(&cfg, "metrics_listen = \"127.0.0.1:0\"\n").unwrap();
+    let (mut hub, url) = start_hub_with(&tmp.path().join("data"), tmp.path(), "info", Some(&cfg));
+    // The hub prints the metrics address after its own (stdout is drained to the log).
+    let log = tmp.path().join("hub.stdout.log");
+    let mut metrics = String::new();
+    potluck_testkit::wait_until(
+        "metrics address printed",
+        std::time::Duration::from_secs(20),
+        || {
+            let found = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| {
+                    l.trim()
+                        .strip_prefix("metrics (no key): ")
+                        .map(str::to_owned)
+                });
+            let done = found.is_some();
+            if let Some(f) = found {
+                metrics = f;
+            }
+            async move { done }
+        },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let r = http.get(&metrics).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("# TYPE potluck_tunnels_connected gauge"),
+        "{text}"
+    );
+    // The main listener still wants the admin key.
+    let main = http.get(format!("{url}/metrics")).send().await.unwrap();
+    assert_eq!(main.status(), 401);
+    hub.terminate();
+}

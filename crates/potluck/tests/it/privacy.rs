@@ -219,6 +219,34 @@ async fn canary_never_reaches_disk_or_logs() {
     admin_cli(&["accounts", "unban", "alice"]);
     admin_cli(&["audit-log"]);
 
+    // The monitoring answers hold no canary: metrics and the usage analytics.
+    let admin_key = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let mut seen_traffic = false;
+    for path in [
+        "/metrics",
+        "/admin/v1/usage/summary?group_by=model",
+        "/admin/v1/usage/summary?group_by=key&format=csv",
+        "/admin/v1/usage/summary?group_by=day",
+    ] {
+        let r = http
+            .get(format!("{url}{path}"))
+            .bearer_auth(&admin_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let text = r.text().await.unwrap();
+        assert!(!text.contains(CANARY), "the canary is in {path}: {text}");
+        seen_traffic |= text.contains("potluck_requests_total{");
+    }
+    assert!(
+        seen_traffic,
+        "positive control: the metrics counted the traffic"
+    );
+
     // Positive control: the backend did receive the canary (and never the `user` field).
     let received = backend.inference_received();
     assert!(

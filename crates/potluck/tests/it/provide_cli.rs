@@ -396,6 +396,23 @@ async fn pause_resume_status_over_the_socket_through_the_binary() {
     assert_eq!(s["in_flight"], 0, "{s:#}");
     assert_eq!(rig.backend.inference_received().len(), served + 2);
 
+    // `potluck provide metrics`: the same state as Prometheus text.
+    let (ok, text, err) = rig.provide(&["metrics"]);
+    assert!(ok, "provide metrics: {err}");
+    let line = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+            .to_owned()
+    };
+    assert_eq!(line("potluck_agent_accepting"), "1");
+    assert_eq!(line("potluck_agent_hub_connected"), "1");
+    assert_eq!(line("potluck_agent_requests_in_flight"), "0");
+    let today = s["journal"]["requests_today"].as_u64().unwrap();
+    assert!(today > 0, "{s:#}");
+    assert_eq!(line("potluck_agent_requests_today"), today.to_string());
+    assert!(text.contains("# TYPE potluck_agent_requests_today gauge\n"));
+
     // A second agent on the same control socket refuses to start; the first keeps it.
     let second_state = rig.state.with_file_name("state2");
     let mut second = Command::new(BIN);
