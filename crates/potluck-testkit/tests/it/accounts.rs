@@ -10,13 +10,18 @@ use std::time::Duration;
 use potluck_hub::config::JoinMode;
 use potluck_store::Secret;
 use potluck_testkit::sse::{Event, SseReader};
-use potluck_testkit::{Admin, Consumer, FakeBackend, FakeBehavior, Moderator, TestAgent, TestHub};
+use potluck_testkit::{
+    chat_body, Admin, Answer, Consumer, FakeBackend, FakeBehavior, Moderator, Staff, TestAgent,
+    TestHub,
+};
 use serde_json::{json, Value};
 
 const MODEL: &str = "m1";
 const WAIT: Duration = Duration::from_secs(20);
 
-/// One call; returns the status and the JSON body (`Null` if none).
+/// One call as the holder of `key` (any role; `None`: nobody, no Authorization header);
+/// returns the status and the JSON body (`Null` if none). The tables below call every
+/// endpoint as every role, so the caller is a key here rather than a persona's method.
 async fn call(
     hub: &TestHub,
     method: &str,
@@ -24,33 +29,21 @@ async fn call(
     key: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut r = hub
-        .http
-        .request(method.parse().unwrap(), format!("{}{path}", hub.url()));
-    if let Some(k) = key {
-        r = r.bearer_auth(k);
-    }
+    let method: reqwest::Method = method.parse().unwrap();
+    let mut r = match key {
+        Some(k) => Consumer::with_key(hub, "caller", k.to_owned()).request(method, path),
+        None => hub.http.request(method, format!("{}{path}", hub.url())),
+    };
     if let Some(b) = body {
         r = r.json(&b);
     }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    let a = Answer::read(r.send().await.unwrap()).await;
+    (a.status, a.body)
 }
 
 /// Admin persona: an account with a role, and a key in it.
 async fn staff_key(hub: &TestHub, name: &str, role: &str) -> String {
-    let (s, v) = call(
-        hub,
-        "POST",
-        "/admin/v1/accounts",
-        Some(&hub.admin_key),
-        Some(json!({"name": name, "role": role})),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
-    hub.create_key_in(&format!("{name}-key"), name).await.1
+    Staff::new(hub, name, role).await.key
 }
 
 async fn models_status(hub: &TestHub, key: &str) -> (u16, Value) {
@@ -73,13 +66,9 @@ async fn pool(f: impl FnOnce(&mut potluck_hub::HubConfig)) -> (TestHub, FakeBack
 }
 
 async fn chat(hub: &TestHub, key: &str, stream: bool) -> reqwest::Response {
-    hub.http
-        .post(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth(key)
-        .json(&json!({"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
+    Consumer::with_key(hub, "caller", key.to_owned())
+        .send_chat(&chat_body(MODEL, "hi", stream))
         .await
-        .unwrap()
 }
 
 /// A streamed request that is in flight (two chunks read); returns its request id.
@@ -1185,4 +1174,34 @@ async fn another_accounts_objects_answer_404() {
             assert!(s == 200 || s == 201, "{m} {path} of its own: {s} {v}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_keys_and_the_usage_rows_are_typed_answers() {
+    use potluck_protocol::admin::{List, OwnKey, UsageRow};
+    let (hub, backend, _agent) = pool(|_| {}).await;
+    backend.set_behavior(FakeBehavior::default());
+    let alice = Consumer::new(&hub, "alice").await;
+    let a = alice.chat(MODEL, "hi").await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let rid = a.request_id.unwrap();
+    wait_usage_of(&hub, &rid).await;
+    // The member's own keys: the typed list the CLI and hub share, never the secret.
+    let keys = alice.get("keys").await;
+    assert_eq!(keys.status, 200, "{}", keys.text);
+    let keys: List<OwnKey> = serde_json::from_value(keys.body).unwrap();
+    assert_eq!(keys.data.len(), 1);
+    assert!(alice.key.starts_with(&keys.data[0].prefix));
+    assert!(keys.data[0].prefix.len() < alice.key.len());
+    assert_eq!(keys.data[0].status, "active");
+    // The admin's usage rows, typed: counts and timings of that request.
+    let usage = Admin::admin(&hub).get("/admin/v1/usage").await;
+    assert_eq!(usage.status, 200, "{}", usage.text);
+    let usage: List<UsageRow> = serde_json::from_value(usage.body).unwrap();
+    let row = usage.data.iter().find(|u| u.request_id == rid).unwrap();
+    assert_eq!(
+        (row.model.as_str(), row.status, row.stream),
+        (MODEL, 200, false)
+    );
+    assert_eq!(row.completion_tokens, 5);
 }
