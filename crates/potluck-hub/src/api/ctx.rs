@@ -115,9 +115,10 @@ impl Ctx {
             elapsed: self.started.elapsed(),
             ttft,
         };
-        state
-            .limiter
-            .add_tokens(self.key.key_id, usage.prompt + usage.completion);
+        state.limiter.add_tokens(
+            self.key.key_id,
+            usage.prompt.saturating_add(usage.completion),
+        );
         if outcome == Outcome::Ok {
             state.observe_service(&self.model, ended.elapsed);
             self.spot_checks(state, link, &ended);

@@ -171,7 +171,7 @@ impl Limiter {
     pub(crate) fn add_tokens(&self, key_id: i64, tokens: i64) {
         if let Some(s) = self.keys.lock().get_mut(&key_id) {
             s.tokens -= tokens as f64;
-            s.day_tokens += tokens;
+            s.day_tokens = s.day_tokens.saturating_add(tokens);
         }
     }
 }

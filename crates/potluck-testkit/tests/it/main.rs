@@ -18,6 +18,7 @@ mod honesty;
 mod hub_defences;
 mod hub_open;
 mod identity;
+mod ledger_chaos;
 mod moderation;
 mod money;
 mod pool;
