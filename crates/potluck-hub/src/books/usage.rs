@@ -297,6 +297,7 @@ async fn write(w: &mut Writer, batch: &mut [Finished]) {
                 if let Err(e) = w.store.vest_all(account).await {
                     tracing::error!(error = ?e, "vesting a trusted provider failed");
                 }
+                w.reservations.remove(&account);
             }
         } else {
             s.vests_at_ms = Some(now_ms().saturating_add(vest_ms));

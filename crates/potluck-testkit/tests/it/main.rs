@@ -22,6 +22,7 @@ mod hostile;
 mod hub_defences;
 mod hub_open;
 mod identity;
+mod ledger_chaos;
 mod moderation;
 mod money;
 mod observe;
