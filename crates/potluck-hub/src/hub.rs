@@ -3,12 +3,9 @@
 //! and prepares the books over an opened store; [`Hub::run`] serves on a bound listener
 //! until shutdown, then drains within the grace period and flushes the usage records.
 
-use std::future::IntoFuture;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use potluck_store::{Secret, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -215,16 +212,14 @@ impl Hub {
             writer_stop.clone(),
         ));
 
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
-        let app = crate::router::router(Arc::clone(&state))
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let graceful =
-            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let server = graceful.into_future();
+        let app = crate::router::router(Arc::clone(&state));
+        let server = crate::http::serve::serve(
+            listener,
+            app,
+            &state.config.server,
+            shutdown.clone(),
+            state.hard_stop.clone(),
+        );
         tokio::pin!(server);
         let result = tokio::select! {
             r = &mut server => r,

@@ -14,3 +14,22 @@ pub use crate::trust::spot_checks::CANARY_PROMPTS;
 pub async fn quarantine_provider(state: &HubState, provider_id: i64, reason: &str) {
     crate::trust::reputation::quarantine_provider(state, provider_id, reason).await;
 }
+
+/// The hub's parser of a provider's SSE stream, for fuzzing and tests: feed `pieces` in
+/// order to a parser that refuses lines and events over `max` bytes; the data of every
+/// event completed, or why the stream was refused. Also the bytes it searched, which stay
+/// linear in the bytes fed.
+pub fn parse_sse<'a>(
+    max: usize,
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+) -> (Result<Vec<Vec<u8>>, String>, u64) {
+    let mut p = crate::http::sse::SseParser::new(max);
+    let mut events = Vec::new();
+    for piece in pieces {
+        match p.push(piece) {
+            Ok(e) => events.extend(e),
+            Err(e) => return (Err(e.to_string()), p.scanned()),
+        }
+    }
+    (Ok(events), p.scanned())
+}

@@ -2,9 +2,10 @@
 //!
 //! Only `data:` fields matter for the OpenAI API; `event:`, `id:`, `retry:` and comments
 //! are dropped. Every line and every event is capped, so a hostile provider cannot make
-//! the hub buffer without bound.
+//! the hub buffer without bound, and each byte is searched for a line end once
+//! ([`Lines`]), so the work is linear in what the provider sends however it cuts it.
 
-use bytes::{Buf, BytesMut};
+use crate::http::lines::Lines;
 
 /// Why the provider's stream was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -17,7 +18,7 @@ pub(crate) enum SseError {
 /// Incremental SSE parser.
 #[derive(Debug)]
 pub(crate) struct SseParser {
-    buf: BytesMut,
+    lines: Lines,
     data: Vec<u8>,
     has_data: bool,
     max: usize,
@@ -27,7 +28,7 @@ impl SseParser {
     /// A parser that refuses lines and events over `max` bytes.
     pub(crate) fn new(max: usize) -> Self {
         Self {
-            buf: BytesMut::new(),
+            lines: Lines::default(),
             data: Vec::new(),
             has_data: false,
             max,
@@ -36,10 +37,10 @@ impl SseParser {
 
     /// Feed bytes; returns the `data` of every event completed by them.
     pub(crate) fn push(&mut self, chunk: &[u8]) -> Result<Vec<Vec<u8>>, SseError> {
-        self.buf.extend_from_slice(chunk);
+        self.lines.push(chunk);
         let mut events = Vec::new();
-        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-            let mut line = &self.buf[..nl];
+        while let Some(line) = self.lines.next_line() {
+            let mut line = &line[..];
             if line.last() == Some(&b'\r') {
                 line = &line[..line.len() - 1];
             }
@@ -59,12 +60,16 @@ impl SseParser {
                     return Err(SseError::TooLong(self.max));
                 }
             }
-            self.buf.advance(nl + 1);
         }
-        if self.buf.len() > self.max {
+        if self.lines.pending() > self.max {
             return Err(SseError::TooLong(self.max));
         }
         Ok(events)
+    }
+
+    /// Bytes searched for a line end so far (linear in the bytes pushed).
+    pub(crate) fn scanned(&self) -> u64 {
+        self.lines.scanned()
     }
 }
 
@@ -132,6 +137,37 @@ mod tests {
             b"[DONE]".to_vec(),
         ];
         assert_every_split(wire, &want);
+    }
+
+    /// A provider streams one 1 MiB line a byte at a time, then many tiny events: the
+    /// parser's work stays a small multiple of the bytes received (counted, not timed).
+    #[test]
+    fn work_is_linear_in_the_bytes_received_however_they_are_cut() {
+        let mut p = SseParser::new(2 << 20);
+        let mut received = 0u64;
+        for b in b"data: ".iter().chain(std::iter::repeat_n(&b'x', 1 << 20)) {
+            assert!(p.push(std::slice::from_ref(b)).unwrap().is_empty());
+            received += 1;
+        }
+        let events = p.push(b"\n\n").unwrap();
+        received += 2;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].len(), 1 << 20);
+        assert!(
+            p.scanned() <= 2 * received,
+            "{} for {received}",
+            p.scanned()
+        );
+        let tiny = b"data: {}\n\n".repeat(10_000);
+        for piece in tiny.chunks(7) {
+            p.push(piece).unwrap();
+            received += piece.len() as u64;
+        }
+        assert!(
+            p.scanned() <= 2 * received,
+            "{} for {received}",
+            p.scanned()
+        );
     }
 
     proptest! {

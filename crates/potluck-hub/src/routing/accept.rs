@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::auth::bearer;
 use crate::http::error::ApiError;
+use crate::http::lines::Lines;
 use crate::routing::link::{OfferedModel, Outgoing, ProviderLink};
 use crate::state::HubState;
 
@@ -240,7 +241,7 @@ async fn control_stream(state: &HubState, tunnel: &Arc<ProviderLink>) -> Result<
         ));
     }
     let mut body = resp.into_body();
-    let mut buf = BytesMut::new();
+    let mut lines = Lines::default();
     let mut greeted = false;
     loop {
         let frame = match body.frame().await {
@@ -251,13 +252,12 @@ async fn control_stream(state: &HubState, tunnel: &Arc<ProviderLink>) -> Result<
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        buf.extend_from_slice(&data);
-        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            let line = buf.split_to(nl + 1);
-            let ev = AgentEvent::decode(&line[..nl]).map_err(|e| e.to_string())?;
+        lines.push(&data);
+        while let Some(line) = lines.next_line() {
+            let ev = AgentEvent::decode(&line).map_err(|e| e.to_string())?;
             apply(state, tunnel, ev, &mut greeted)?;
         }
-        if buf.len() > MAX_CONTROL_LINE_BYTES {
+        if lines.pending() > MAX_CONTROL_LINE_BYTES {
             return Err("control line too long".into());
         }
     }

@@ -19,6 +19,7 @@ mod failures;
 mod fair;
 mod honesty;
 mod hostile;
+mod hostile_clients;
 mod hub_defences;
 mod hub_open;
 mod identity;

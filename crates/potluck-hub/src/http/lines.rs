@@ -1,0 +1,83 @@
+//! Splitting untrusted bytes into lines in time linear in their length: each byte is
+//! searched for a newline (with `memchr`) once, however the bytes are cut into pieces,
+//! and a line that grows past its cap is refused before it is buffered further.
+
+use bytes::BytesMut;
+
+/// A line buffer over pieces of a byte stream.
+#[derive(Debug, Default)]
+pub(crate) struct Lines {
+    buf: BytesMut,
+    /// Bytes at the start of `buf` already searched (no newline among them).
+    searched: usize,
+    /// Bytes searched for a newline so far, over the buffer's life (the cost counter
+    /// the linearity tests read).
+    scanned: u64,
+}
+
+impl Lines {
+    /// Append a piece.
+    pub(crate) fn push(&mut self, piece: &[u8]) {
+        self.buf.extend_from_slice(piece);
+    }
+
+    /// The next complete line (without its `\n`), if one has arrived.
+    pub(crate) fn next_line(&mut self) -> Option<BytesMut> {
+        let fresh = &self.buf[self.searched..];
+        match memchr::memchr(b'\n', fresh) {
+            Some(i) => {
+                self.scanned = self.scanned.saturating_add(i as u64 + 1);
+                let mut line = self.buf.split_to(self.searched + i + 1);
+                line.truncate(line.len() - 1);
+                self.searched = 0;
+                Some(line)
+            }
+            None => {
+                self.scanned = self.scanned.saturating_add(fresh.len() as u64);
+                self.searched = self.buf.len();
+                None
+            }
+        }
+    }
+
+    /// Bytes of the unfinished line held now.
+    pub(crate) fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Bytes searched for a newline so far.
+    pub(crate) fn scanned(&self) -> u64 {
+        self.scanned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_across_pieces() {
+        let mut l = Lines::default();
+        l.push(b"ab");
+        assert_eq!(l.next_line(), None);
+        l.push(b"c\nd\n\ne");
+        assert_eq!(l.next_line().as_deref(), Some(&b"abc"[..]));
+        assert_eq!(l.next_line().as_deref(), Some(&b"d"[..]));
+        assert_eq!(l.next_line().as_deref(), Some(&b""[..]));
+        assert_eq!(l.next_line(), None);
+        assert_eq!(l.pending(), 1);
+    }
+
+    #[test]
+    fn a_long_line_fed_a_byte_at_a_time_is_searched_once() {
+        let mut l = Lines::default();
+        let n = 1 << 20;
+        for _ in 0..n {
+            l.push(b"x");
+            assert_eq!(l.next_line(), None);
+        }
+        l.push(b"\n");
+        assert_eq!(l.next_line().map(|x| x.len()), Some(n));
+        assert!(l.scanned() <= n as u64 + 1, "scanned {}", l.scanned());
+    }
+}
