@@ -3,6 +3,7 @@
 //! and prepares the books over an opened store; [`Hub::run`] serves on a bound listener
 //! until shutdown, then drains within the grace period and flushes the usage records.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
