@@ -436,7 +436,10 @@ async fn input_hidden_before_padding_or_in_token_ids_is_caught() {
     assert_eq!(chat(&p, &"pad ".repeat(20_000), false).await.status(), 200);
     let r = p
         .alice
-        .call("/v1/completions", &json!({"model": "m", "prompt": [1, 2, 3]}))
+        .call(
+            "/v1/completions",
+            &json!({"model": "m", "prompt": [1, 2, 3]}),
+        )
         .await;
     assert_eq!(r.status, 400, "token ids cannot be judged");
     assert_eq!(r.code(), Some("content_filter"));
