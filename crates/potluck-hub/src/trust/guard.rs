@@ -12,6 +12,9 @@ use crate::state::HubState;
 
 /// Largest text sent to the guard in one check (the end is kept: it is what is new).
 pub(crate) const MAX_GUARD_TEXT_BYTES: usize = 32 * 1024;
+/// Most bytes of streamed chunks held back (holdback) before their window is checked,
+/// whatever they carry: memory per stream stays bounded.
+pub(crate) const MAX_HELD_BYTES: usize = 256 * 1024;
 /// Bytes each input window repeats of the one before (a phrase cut by a window edge is
 /// whole in one of the two).
 pub(crate) const INPUT_OVERLAP_BYTES: usize = 1024;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use potluck_hub::config::HubConfig;
 use potluck_protocol::tunnel::{Moderation, ProviderProfile};
-use potluck_testkit::scripted_agent::{hello, request_text, Reply, Responder};
+use potluck_testkit::scripted_agent::{hello, request_text, RawAnswer, Reply, Responder};
 use potluck_testkit::{chat_body, Admin, Consumer, ScriptedAgent, TestHub};
 use serde_json::{json, Value};
 
@@ -450,4 +450,46 @@ async fn input_hidden_before_padding_or_in_token_ids_is_caught() {
             .all(|r| !String::from_utf8_lossy(&r.body).contains("FORBIDDEN")),
         "nothing forbidden reached the model"
     );
+}
+
+/// The attack: the model hides forbidden text where the guard did not look, in
+/// `reasoning_content` or in a tool call's arguments. Both are judged like content, and a
+/// blocked answer loses them (streamed with holdback, and whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_text_in_reasoning_or_tool_arguments_is_caught() {
+    let p = pool(|c| moderated(c, true), ProviderProfile::default()).await;
+    let tool = json!({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+        "function": {"name": "f", "arguments": "{\"x\":\"FORBIDDEN\"}"}}]});
+    let reasoning = json!({"reasoning_content": "think FORBIDDEN"});
+    for hidden in [reasoning, tool] {
+        let chunk = json!({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": hidden.clone(), "finish_reason": null}]});
+        let end = json!({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}});
+        p.model.set_raw(Some(RawAnswer::Bytes {
+            status: 200,
+            headers: vec![("content-type".into(), "text/event-stream".into())],
+            frames: vec![bytes::Bytes::from(format!(
+                "data: {chunk}\n\ndata: {end}\n\ndata: [DONE]\n\n"
+            ))],
+        }));
+        let body = chat(&p, "hi", true).await.text().await.unwrap();
+        assert!(!body.contains("FORBIDDEN"), "streamed {hidden}: {body}");
+        assert!(body.contains("content_filter"), "streamed {hidden}: {body}");
+
+        let mut message = json!({"role": "assistant", "content": "fine"});
+        for (k, v) in hidden.as_object().unwrap() {
+            message[k] = v.clone();
+        }
+        p.model.set_raw(Some(RawAnswer::json(
+            200,
+            &json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}),
+        )));
+        let body = chat(&p, "hi", false).await.text().await.unwrap();
+        assert!(!body.contains("FORBIDDEN"), "whole {hidden}: {body}");
+        assert!(body.contains("content_filter"), "whole {hidden}: {body}");
+    }
 }

@@ -311,6 +311,31 @@ async fn accounts_invites_reports_and_audit_log() {
         "{show}"
     );
 
+    // Account limits (admin): every key of the account, counted together.
+    let (ok, out, err) = cli(
+        &[
+            "accounts",
+            "limits",
+            "ann",
+            "--rpm",
+            "7",
+            "--daily-tokens",
+            "9000",
+        ],
+        &admin,
+        &url,
+    );
+    assert!(
+        ok && out.contains("ann") && out.contains('7') && out.contains("9000"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = cli(
+        &["accounts", "limits", "ann", "--rpm", "7"],
+        &moderator,
+        &url,
+    );
+    assert!(!ok && err.contains("403"), "an admin's job: {err}");
+
     // A request, a report on it, the queue, a resolution.
     let (_, token, _) = cli(&["providers", "create", "--name", "box1"], &admin, &url);
     let backend = FakeBackend::start(&["fake-model"]).await;

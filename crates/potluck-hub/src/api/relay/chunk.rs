@@ -21,6 +21,23 @@ pub(crate) struct TextView<'a> {
     content: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     reasoning_content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    tool_calls: Option<Vec<ToolCallView<'a>>>,
+}
+
+/// A streamed tool call: only its arguments are text the guard reads.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub(crate) struct ToolCallView<'a> {
+    #[serde(borrow)]
+    function: Option<FunctionView<'a>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub(crate) struct FunctionView<'a> {
+    #[serde(borrow)]
+    arguments: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// One streamed choice: chat (`delta`) or completions (`text`).
@@ -34,13 +51,23 @@ pub(crate) struct ChoiceView<'a> {
 }
 
 impl ChoiceView<'_> {
+    /// Every text the guard judges: content, reasoning, tool-call arguments, text.
     pub(crate) fn push_text(&self, out: &mut String) {
         let d = self.delta.as_ref();
-        for t in [d.and_then(|d| d.content.as_deref()), self.text.as_deref()]
-            .into_iter()
-            .flatten()
+        for t in [
+            d.and_then(|d| d.content.as_deref()),
+            d.and_then(|d| d.reasoning_content.as_deref()),
+            self.text.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             out.push_str(t);
+        }
+        for call in d.and_then(|d| d.tool_calls.as_deref()).unwrap_or_default() {
+            if let Some(a) = call.function.as_ref().and_then(|f| f.arguments.as_deref()) {
+                out.push_str(a);
+            }
         }
     }
 

@@ -55,14 +55,21 @@ struct OutputWindow {
     tokens: usize,
     /// Chunks not yet released (holdback), in order.
     held: std::collections::VecDeque<Bytes>,
+    /// Their bytes: a window is checked early when they pass `guard::MAX_HELD_BYTES`.
+    held_bytes: usize,
     holdback: bool,
     /// `[DONE]` arrived; the last window is checked before it is sent.
     done_pending: bool,
 }
 
 impl OutputWindow {
+    /// Time to check: the window is full (in chunks of text or in bytes), the held
+    /// chunks are large whatever they carry, or the stream ended.
     fn due(&self, window_tokens: usize) -> bool {
-        self.done_pending || self.tokens >= window_tokens
+        self.done_pending
+            || self.tokens >= window_tokens
+            || self.window.len() >= guard::MAX_GUARD_TEXT_BYTES
+            || self.held_bytes >= guard::MAX_HELD_BYTES
     }
 }
 
@@ -105,6 +112,7 @@ impl Relay {
             carry: String::new(),
             tokens: 0,
             held: Default::default(),
+            held_bytes: 0,
             holdback: state.config.moderation.holdback,
             done_pending: false,
         });
@@ -136,7 +144,10 @@ impl Relay {
     /// Queue a chunk for the consumer (held back while its window is unchecked).
     fn emit(&mut self, b: Bytes) {
         match &mut self.guard {
-            Some(g) if g.holdback => g.held.push_back(b),
+            Some(g) if g.holdback => {
+                g.held_bytes = g.held_bytes.saturating_add(b.len());
+                g.held.push_back(b);
+            }
             _ => self.out.push_back(b),
         }
     }
@@ -161,6 +172,7 @@ impl Relay {
         let Some(g) = self.guard.as_mut() else {
             return;
         };
+        g.held_bytes = 0;
         if d.blocked {
             g.held.clear();
             self.out.push_back(self.filtered_chunk());
@@ -250,10 +262,13 @@ impl Relay {
         if chars > 0 {
             self.seen.chunks += 1;
             self.seen.chars += chars as i64;
-            if let Some(g) = &mut self.guard {
-                for c in &choices {
-                    c.push_text(&mut g.window);
-                }
+        }
+        if let Some(g) = &mut self.guard {
+            let before = g.window.len();
+            for c in &choices {
+                c.push_text(&mut g.window);
+            }
+            if g.window.len() > before {
                 g.tokens += 1;
             }
         }
@@ -293,11 +308,11 @@ impl Relay {
         if has_choices && self.ttft.is_none() {
             self.ttft = Some(self.ctx.started.elapsed());
         }
-        let before = self.seen.chunks;
         self.seen.add_text_of(&obj);
-        if self.seen.chunks > before {
-            if let Some(g) = &mut self.guard {
-                g.window.push_str(&answer_text(&obj));
+        if let Some(g) = &mut self.guard {
+            let text = answer_text(&obj);
+            if !text.is_empty() {
+                g.window.push_str(&text);
                 g.tokens += 1;
             }
         }
@@ -452,4 +467,31 @@ pub(crate) fn relay_stream(
     })
     .boxed();
     sse_response(stream, &request_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Held chunks are checked (and so released or dropped) once they are large, whatever
+    /// they carry: chunks without text cannot make holdback keep them without bound.
+    #[test]
+    fn held_chunks_are_checked_once_large_whatever_they_carry() {
+        let mut g = OutputWindow {
+            user: Arc::from(""),
+            window: String::new(),
+            carry: String::new(),
+            tokens: 0,
+            held: Default::default(),
+            held_bytes: 0,
+            holdback: true,
+            done_pending: false,
+        };
+        assert!(!g.due(200));
+        g.held_bytes = guard::MAX_HELD_BYTES;
+        assert!(g.due(200), "by held bytes");
+        g.held_bytes = 0;
+        g.window = "x".repeat(guard::MAX_GUARD_TEXT_BYTES);
+        assert!(g.due(200), "by window bytes");
+    }
 }

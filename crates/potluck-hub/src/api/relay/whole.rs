@@ -140,9 +140,22 @@ pub(crate) fn answer_text(obj: &Map<String, Value>) -> String {
         .into_iter()
         .flatten()
     {
-        for p in ["/message/content", "/delta/content", "/text"] {
+        for p in [
+            "/message/content",
+            "/message/reasoning_content",
+            "/delta/content",
+            "/delta/reasoning_content",
+            "/text",
+        ] {
             if let Some(t) = c.pointer(p).and_then(Value::as_str) {
                 out.push_str(t);
+            }
+        }
+        for p in ["/message/tool_calls", "/delta/tool_calls"] {
+            for call in c.pointer(p).and_then(Value::as_array).into_iter().flatten() {
+                if let Some(a) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                    out.push_str(a);
+                }
             }
         }
     }
@@ -156,6 +169,7 @@ fn filter_whole(obj: &mut Map<String, Value>) {
             if let Some(Value::Object(m)) = c.get_mut("message") {
                 m.insert("content".into(), Value::String(String::new()));
                 m.remove("tool_calls");
+                m.remove("reasoning_content");
             }
             if c.contains_key("text") {
                 c.insert("text".into(), Value::String(String::new()));
