@@ -222,13 +222,14 @@ fn details(card: &ModelCard) -> Value {
            "families": null, "parameter_size": "", "quantization_level": ""})
 }
 
-/// The `/api/tags` answer.
+/// The `/api/tags` answer (with each model's `capabilities`, as `/api/show` has them).
 pub fn tags(cards: &[ModelCard], modified_at: &str) -> Value {
     let models: Vec<Value> = cards
         .iter()
         .map(|c| {
             json!({"name": c.name, "model": c.name, "modified_at": modified_at, "size": 0,
-                   "digest": c.sha256.clone().unwrap_or_default(), "details": details(c)})
+                   "digest": c.sha256.clone().unwrap_or_default(), "details": details(c),
+                   "capabilities": c.capabilities})
         })
         .collect();
     json!({ "models": models })

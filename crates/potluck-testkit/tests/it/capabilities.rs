@@ -149,6 +149,22 @@ async fn tools_go_only_to_the_tool_capable_provider_and_images_are_refused() {
         json!(["completion", "tools"]),
         "{show}"
     );
+    assert_eq!(show["model_info"]["general.context_length"], 4096, "{show}");
+    let tags: Value = hub
+        .http
+        .get(format!("{}/api/tags", hub.url()))
+        .bearer_auth(&alice.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        tags["models"][0]["capabilities"],
+        json!(["completion", "tools"]),
+        "{tags}"
+    );
 }
 
 fn offer(tools: Option<bool>) -> ModelOffer {
@@ -273,4 +289,63 @@ async fn an_old_agent_serves_plain_chat_and_cannot_now_is_not_cannot() {
     assert_eq!(status, 503, "{body}");
     assert_ne!(body["error"]["code"], "model_capability_unsupported");
     drop((old, no, new));
+}
+
+/// The agent's side, seen on the wire by a fake hub: what the backend's `/props` says is
+/// announced with the model, and the volunteer's `[[models]]` flags win over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_announces_what_props_say_and_the_volunteer_overrides() {
+    use potluck_testkit::agent_rig::AgentRig;
+    use potluck_testkit::fake_hub::offers;
+
+    let backend = FakeBackend::start_with(
+        &[MODEL],
+        FakeOptions {
+            tools: Some(false),
+            vision: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut rig = AgentRig::start_with_backend(backend, "", "2024-01-01T12:00:00Z", |_| {}).await;
+    let ev = rig.wait_offered(MODEL).await;
+    let found = offers(&ev).unwrap()[0].capabilities;
+    assert_eq!(
+        (
+            found.tools,
+            found.vision,
+            found.embeddings,
+            found.context_length
+        ),
+        (Some(false), Some(true), None, Some(4096))
+    );
+    drop(rig);
+
+    let backend = FakeBackend::start_with(
+        &[MODEL],
+        FakeOptions {
+            tools: Some(false),
+            vision: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut rig = AgentRig::start_with_backend(
+        backend,
+        "[[models]]\nbackend_name = \"m\"\ntools = true\nvision = false\nembeddings = false\n",
+        "2024-01-01T12:00:00Z",
+        |_| {},
+    )
+    .await;
+    let ev = rig.wait_offered(MODEL).await;
+    let said = offers(&ev).unwrap()[0].capabilities;
+    assert_eq!(
+        (
+            said.tools,
+            said.vision,
+            said.embeddings,
+            said.context_length
+        ),
+        (Some(true), Some(false), Some(false), Some(4096))
+    );
 }
