@@ -6,6 +6,7 @@ pub mod admin;
 pub mod caps;
 pub mod endpoint;
 pub mod openai;
+pub mod pool;
 pub mod receipt;
 pub mod request;
 pub mod tunnel;

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
+use potluck_protocol::pool::{List, ModelObject, PoolEntry};
 use potluck_protocol::ModelName;
 use potluck_store::KeyAuth;
-use serde_json::{json, Value};
 
 use crate::http::auth;
 use crate::http::error::ApiError;
@@ -21,13 +21,13 @@ pub(crate) async fn list_models(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (key, _) = auth::consumer_or_anonymous(&state, &headers).await?;
-    let data: Vec<Value> = state
+    let data = state
         .registry
         .pool_for(&consumer_groups(&key))
         .iter()
         .map(|(m, s)| model_object(m, s))
         .collect();
-    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+    Ok(axum::Json(List::new(data)).into_response())
 }
 
 /// `GET /v1/models/{model}`
@@ -49,10 +49,18 @@ pub(crate) async fn get_model(
 /// hashes, the largest `max_tokens` a provider accepts, what providers online announced
 /// the model can do (`capabilities`: `tools`, `vision`, `embeddings`; plain chat is
 /// always possible) and the largest context window announced.
-fn model_object(m: &ModelName, s: &ModelStatus) -> Value {
-    json!({"id": m.as_str(), "object": "model", "created": 0, "owned_by": "potluck",
-           "providers": s.providers, "sha256": s.sha256, "max_tokens": s.max_tokens,
-           "capabilities": s.capabilities, "context_length": s.context_length})
+fn model_object(m: &ModelName, s: &ModelStatus) -> ModelObject {
+    ModelObject {
+        id: m.as_str().to_owned(),
+        object: "model".to_owned(),
+        created: 0,
+        owned_by: "potluck".to_owned(),
+        providers: s.providers,
+        sha256: s.sha256.clone(),
+        max_tokens: s.max_tokens,
+        capabilities: s.capabilities.iter().map(|c| (*c).to_owned()).collect(),
+        context_length: s.context_length,
+    }
 }
 
 /// The consumer's hub groups (providers may serve only some groups).
@@ -76,16 +84,20 @@ pub(crate) async fn pool(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (key, _) = auth::consumer_or_anonymous(&state, &headers).await?;
-    let data: Vec<Value> = state
+    let data = state
         .registry
         .pool_for(&consumer_groups(&key))
         .into_iter()
-        .map(|(m, s)| {
-            let avg = state.service_ms(&m);
-            json!({"model": m.as_str(), "providers": s.providers, "capacity": s.capacity, "in_flight": s.in_flight,
-                   "queued": s.queued, "avg_duration_ms": avg.map(|v| v.round() as u64),
-                   "sha256": s.sha256, "by_provider": s.by_provider})
+        .map(|(m, s)| PoolEntry {
+            avg_duration_ms: state.service_ms(&m).map(|v| v.round() as u64),
+            model: m.as_str().to_owned(),
+            providers: s.providers,
+            capacity: s.capacity,
+            in_flight: s.in_flight,
+            queued: s.queued,
+            sha256: s.sha256,
+            by_provider: s.by_provider,
         })
         .collect();
-    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+    Ok(axum::Json(List::new(data)).into_response())
 }

@@ -49,26 +49,7 @@ pub struct ModelStatus {
     pub context_length: Option<u32>,
 }
 
-/// One provider of one model, for `GET /v1/pool`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ProviderView {
-    /// The provider's name.
-    pub provider: String,
-    /// Device class.
-    pub device: potluck_protocol::tunnel::DeviceClass,
-    /// Declared or measured busy power.
-    pub watts: Option<f64>,
-    /// Measured energy per 1,000 tokens (since the hub started).
-    pub wh_per_1k_tokens: Option<f64>,
-    /// Taking new requests (not draining).
-    pub accepting: bool,
-    /// The model file's hash.
-    pub sha256: Option<String>,
-    /// Restricted to these hub groups (empty: everyone).
-    pub groups: Vec<String>,
-    /// Moderation the provider requires.
-    pub moderation: potluck_protocol::tunnel::Moderation,
-}
+pub use potluck_protocol::pool::ProviderView;
 
 /// Add one provider's announced capabilities to a model's union.
 fn add_capabilities(s: &mut ModelStatus, c: &ModelCapabilities) {
