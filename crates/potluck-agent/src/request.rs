@@ -2,8 +2,9 @@
 //! volunteer's rules ask for. The rules themselves are the ones the hub applies too
 //! ([`potluck_protocol::request`]); this module adds the provider's side:
 //!
-//! - every `image_url` in `messages` must be a `data:` URI: the backend would otherwise
-//!   fetch a URL a consumer chose, from inside the volunteer's network;
+//! - message content is the shared allow-list (text; images and audio only inline): the
+//!   backend would otherwise fetch a URL a consumer chose, from inside the volunteer's
+//!   network;
 //! - `max_tokens` / `max_completion_tokens` over the model's cap is refused, and the
 //!   cap is inserted when the request names none;
 //! - the prompt estimate plus the completion budget over `max_context` is refused with
@@ -14,9 +15,10 @@
 //! body that needs no rewrite is forwarded byte for byte, without a JSON tree.
 
 use bytes::Bytes;
+use indexmap::IndexMap;
 use potluck_protocol::request::{InferenceRequest, ModelLimits, RequestError, RequestLimits};
 use potluck_protocol::{ErrorBody, InferenceEndpoint};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
 /// What the rules say about one routed model.
 #[derive(Debug, Clone, Default)]
@@ -73,15 +75,23 @@ pub fn check(
 }
 
 /// Insert the `max_tokens` cap and/or rename the model. The body has passed the parser,
-/// so it is one JSON object with no duplicate `model` or token fields.
+/// so it is one JSON object with no duplicate `model` or token fields. Every other value
+/// goes on exactly as the consumer wrote it (as raw JSON): a tree of `Value`s would turn an
+/// integer past `u64` into a float, so the backend would read a different number than
+/// the rules checked (found by the `request_parse` fuzz target).
 fn rewrite(body: &[u8], cap: Option<u32>, model: Option<&str>) -> Result<Bytes, Refusal> {
     let invalid = || Refusal::from(RequestError::NotAnObject);
-    let mut obj: Map<String, Value> = serde_json::from_slice(body).map_err(|_| invalid())?;
+    let mut obj: IndexMap<String, Box<RawValue>> =
+        serde_json::from_slice(body).map_err(|_| invalid())?;
     if let Some(cap) = cap {
-        obj.insert("max_tokens".into(), Value::from(cap));
+        let raw = RawValue::from_string(cap.to_string()).map_err(|_| invalid())?;
+        obj.insert("max_tokens".into(), raw);
     }
     if let Some(m) = model {
-        obj.insert("model".into(), Value::String(m.to_owned()));
+        let raw = serde_json::to_string(m)
+            .and_then(RawValue::from_string)
+            .map_err(|_| invalid())?;
+        obj.insert("model".into(), raw);
     }
     serde_json::to_vec(&obj)
         .map(Bytes::from)
@@ -92,6 +102,7 @@ fn rewrite(body: &[u8], cap: Option<u32>, model: Option<&str>) -> Result<Bytes, 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use serde_json::Value;
 
     const CHAT: InferenceEndpoint = InferenceEndpoint::ChatCompletions;
 
@@ -154,6 +165,34 @@ mod tests {
         // Over the size cap: a 413.
         let e = check(CHAT, Bytes::from(raw), &plain, &RequestLimits::new(8)).unwrap_err();
         assert_eq!(e.status, 413);
+    }
+
+    /// Found by the `request_parse` fuzz target: a rewrite went through a `Value` tree,
+    /// so a huge integer reached the backend as a float (`6.7e78`), not what was checked.
+    #[test]
+    fn a_rewrite_keeps_every_other_value_as_written() {
+        let huge = "6".repeat(79);
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"max_tokens":{huge},"seed":123456789012345678901234567890,"x":1.50}}"#
+        );
+        let caps = ModelCaps {
+            backend_name: "backend-m",
+            max_tokens: None,
+            max_context: None,
+        };
+        let out = check(CHAT, Bytes::from(body), &caps, &RequestLimits::new(1 << 20)).unwrap();
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(text.contains(&format!(r#""max_tokens":{huge}"#)), "{text}");
+        assert!(
+            text.contains(r#""seed":123456789012345678901234567890"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""x":1.50"#), "{text}");
+        assert!(
+            text.starts_with(r#"{"model":"backend-m","#),
+            "order kept: {text}"
+        );
+        assert!(InferenceRequest::parse(CHAT, &out, &RequestLimits::new(1 << 20)).is_ok());
     }
 
     #[test]

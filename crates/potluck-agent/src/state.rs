@@ -111,11 +111,14 @@ pub const MAX_AWAITING_RECEIPTS: usize = 65_536;
 /// cannot make it buffer many batches of [`potluck_protocol::tunnel::MAX_EVENTS_BODY_BYTES`]).
 pub const MAX_EVENT_BATCHES: usize = 2;
 
-/// Served request ids in arrival order, with the time each was served.
+/// Served request ids with the time each was served, and their arrival order for
+/// eviction. An id whose receipt came stays in `order` until it is popped; a sequence
+/// number tells such a stale entry from a newer one for the same id.
 #[derive(Debug, Default)]
 struct AwaitingReceipts {
-    order: VecDeque<String>,
-    served: std::collections::HashMap<String, i64>,
+    order: VecDeque<(String, u64)>,
+    served: std::collections::HashMap<String, (i64, u64)>,
+    next: u64,
 }
 
 impl Shared {
@@ -161,11 +164,15 @@ impl Shared {
             return;
         }
         let mut a = self.awaiting_receipts.lock();
-        if a.served.insert(id.to_owned(), time_ms).is_none() {
-            a.order.push_back(id.to_owned());
-        }
+        let seq = a.next;
+        a.next = a.next.wrapping_add(1);
+        a.served.insert(id.to_owned(), (time_ms, seq));
+        a.order.push_back((id.to_owned(), seq));
         while a.order.len() > MAX_AWAITING_RECEIPTS {
-            if let Some(old) = a.order.pop_front() {
+            let Some((old, old_seq)) = a.order.pop_front() else {
+                break;
+            };
+            if a.served.get(&old).is_some_and(|(_, s)| *s == old_seq) {
                 a.served.remove(&old);
             }
         }
@@ -174,12 +181,11 @@ impl Shared {
     /// Take the request `id` off the list of those awaiting a receipt: `Some(time it was
     /// served)` the first time for a request this agent served, `None` otherwise.
     pub fn take_served(&self, id: &str) -> Option<i64> {
-        let mut a = self.awaiting_receipts.lock();
-        let t = a.served.remove(id)?;
-        if let Some(i) = a.order.iter().position(|x| x == id) {
-            a.order.remove(i);
-        }
-        Some(t)
+        self.awaiting_receipts
+            .lock()
+            .served
+            .remove(id)
+            .map(|(t, _)| t)
     }
 
     /// The policy now.
@@ -331,5 +337,38 @@ impl Shared {
                 tracing::debug!("control event dropped (queue full or no hub)");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod receipt_tests {
+    use super::*;
+
+    /// The list of requests awaiting a receipt is bounded: the oldest is forgotten first,
+    /// and a receipt is taken once.
+    #[test]
+    fn awaiting_receipts_are_bounded_and_taken_once() {
+        let sh = Shared::new(
+            crate::config::AgentConfig::new(
+                potluck_tunnel::HubUrl::parse("http://127.0.0.1:1").expect("url"),
+                "pt-x".into(),
+                vec![
+                    crate::config::BackendConfig::parse("http://127.0.0.1:9/v1", None)
+                        .expect("backend"),
+                ],
+            )
+            .expect("config"),
+            Journal::disabled(),
+            Arc::new(JournalLimits::new(&Default::default())),
+        );
+        for i in 0..=MAX_AWAITING_RECEIPTS {
+            sh.served(&format!("r{i}"), 7);
+        }
+        assert_eq!(sh.take_served("r0"), None, "the oldest was forgotten");
+        assert_eq!(sh.take_served("r1"), Some(7));
+        assert_eq!(sh.take_served("r1"), None, "once");
+        sh.served("", 7);
+        assert_eq!(sh.take_served(""), None, "no id, no receipt");
+        assert!(sh.awaiting_receipts.lock().order.len() <= MAX_AWAITING_RECEIPTS);
     }
 }

@@ -33,3 +33,23 @@ pub fn parse_sse<'a>(
     }
     (Ok(events), p.scanned())
 }
+
+/// The provider SSE parser, for fuzzing and tests: feed `pieces` in order to one parser
+/// that refuses lines and events over `max` bytes; every event's `data`, or the refusal.
+pub fn sse_parse(pieces: &[&[u8]], max: usize) -> Result<Vec<Vec<u8>>, String> {
+    parse_sse(max, pieces.iter().copied()).0
+}
+
+/// What the hub reads from a guard model's answer, for fuzzing and tests: the Llama Guard
+/// verdict (`Some((unsafe, category codes))`) and the ShieldGemma one (`Some(violates)`).
+pub fn guard_verdicts(answer: &str) -> (Option<(bool, Vec<String>)>, Option<bool>) {
+    (
+        crate::trust::guard::parse_llama_guard(answer),
+        crate::trust::guard::parse_shieldgemma(answer),
+    )
+}
+
+/// The text the guard judges in a request body, for fuzzing and tests.
+pub fn guard_input_text(body: &[u8]) -> String {
+    crate::trust::guard::input_text(body)
+}

@@ -13,7 +13,7 @@ use potluck_protocol::tunnel::{
     HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION, TUNNEL_PATH, UPGRADE_PROTOCOL,
 };
 
-use crate::dial::{dial, DialError, HubUrl};
+use crate::dial::{dial, DialError, HubUrl, Io};
 
 /// How long the hub may take to answer the upgrade request.
 pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -64,6 +64,20 @@ pub async fn upgrade(
     token: String,
     agent_version: String,
 ) -> Result<Upgraded, TunnelError> {
+    let io = dial(&hub).await?;
+    upgrade_over(io, &hub, &token, &agent_version).await
+}
+
+/// The upgrade exchange over an already open byte stream: send the request, read the
+/// hub's answer (its head under hyper's limits, a refusal's body under
+/// [`MAX_REFUSAL_BYTES`]), all within [`UPGRADE_TIMEOUT`]. The hub's bytes are untrusted:
+/// the fuzz target `tunnel_handshake` drives this with arbitrary answers.
+pub async fn upgrade_over<I: Io>(
+    io: I,
+    hub: &HubUrl,
+    token: &str,
+    agent_version: &str,
+) -> Result<Upgraded, TunnelError> {
     let req = Request::builder()
         .method("GET")
         .uri(hub.path(TUNNEL_PATH))
@@ -78,7 +92,6 @@ pub async fn upgrade(
             status: StatusCode::BAD_REQUEST,
             message: "could not build the upgrade request".into(),
         })?;
-    let io = dial(&hub).await?;
     let fut = async move {
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         // The connection must be driven for the exchange to progress; `with_upgrades`
@@ -114,9 +127,18 @@ async fn refusal(resp: http::Response<hyper::body::Incoming>) -> TunnelError {
     }
 }
 
+/// Longest refusal message kept, in characters.
+pub const MAX_REFUSAL_MESSAGE_CHARS: usize = 200;
+
+/// The hub's message, for the volunteer's terminal: at most
+/// [`MAX_REFUSAL_MESSAGE_CHARS`], control characters (terminal escapes) dropped.
 fn refusal_message(body: &[u8]) -> String {
-    serde_json_message(body)
-        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect())
+    let raw =
+        serde_json_message(body).unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    raw.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_REFUSAL_MESSAGE_CHARS)
+        .collect()
 }
 
 /// Pull `error.message` out of an OpenAI-shaped body without a JSON dependency here.

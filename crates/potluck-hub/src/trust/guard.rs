@@ -140,16 +140,23 @@ pub(crate) fn parse_llama_guard(answer: &str) -> Option<(bool, Vec<String>)> {
     let first = lines.next()?.to_ascii_lowercase();
     if first.starts_with("unsafe") {
         let rest: String = lines.collect::<Vec<_>>().join(",");
-        let mut codes: Vec<String> = rest
-            .split(|c: char| c == ',' || c.is_whitespace())
-            .map(|c| c.trim().to_ascii_uppercase())
-            .filter(|c| {
-                c.len() >= 2
-                    && c.starts_with('S')
-                    && c[1..].parse::<u8>().is_ok_and(|n| (1..=14).contains(&n))
-            })
-            .collect();
-        codes.dedup();
+        // Codes are kept in their canonical form (`S1`..`S14`, once each): `s01`, `S+1`
+        // or `S0001` from a guard answer must match the operator's `S1` and never be
+        // stored as written.
+        let mut codes: Vec<String> = Vec::new();
+        for word in rest.split(|c: char| c == ',' || c.is_whitespace()) {
+            let Some(n) = word
+                .strip_prefix(['S', 's'])
+                .and_then(|n| n.parse::<u8>().ok())
+                .filter(|n| (1..=14).contains(n))
+            else {
+                continue;
+            };
+            let code = format!("S{n}");
+            if !codes.contains(&code) {
+                codes.push(code);
+            }
+        }
         Some((true, codes))
     } else if first.starts_with("safe") {
         Some((false, Vec::new()))
@@ -394,6 +401,12 @@ mod tests {
             Some((true, vec!["S2".into()]))
         );
         assert_eq!(parse_llama_guard("unsafe\nS99,X"), Some((true, vec![])));
+        // Found by the `guard_verdict` fuzz target: non-canonical spellings were kept as
+        // written (and missed the operator's `S1`).
+        assert_eq!(
+            parse_llama_guard("unsafe\nS001, s+1,S01\nS2,S1"),
+            Some((true, vec!["S1".into(), "S2".into()]))
+        );
         assert_eq!(parse_llama_guard("I think it is fine"), None);
         assert_eq!(parse_llama_guard(""), None);
     }
