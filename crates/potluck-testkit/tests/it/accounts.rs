@@ -543,7 +543,7 @@ async fn banning_an_account_closes_its_providers() {
 }
 
 #[tokio::test]
-async fn join_modes_invites_and_approval() {
+async fn joining_by_invite_uses_each_code_once_and_never_lists_it() {
     // Invite (the default).
     let hub = TestHub::start().await;
     let moderator = staff_key(&hub, "mod", "moderator").await;
@@ -596,7 +596,10 @@ async fn join_modes_invites_and_approval() {
     );
     // The starter grant came with the account.
     assert_eq!(hub.balance("ann").await.0, 100_000_000);
+}
 
+#[tokio::test]
+async fn joining_by_approval_is_pending_until_a_moderator_approves() {
     // Approval: pending until a moderator approves.
     let hub = TestHub::start_with(|c| c.accounts.mode = JoinMode::Approval).await;
     let moderator = staff_key(&hub, "mod", "moderator").await;
@@ -653,7 +656,10 @@ async fn join_modes_invites_and_approval() {
         .0,
         409
     );
+}
 
+#[tokio::test]
+async fn joining_in_open_mode_is_active_at_once_with_unique_names() {
     // Open: active at once; names stay unique.
     let hub = TestHub::start_with(|c| c.accounts.mode = JoinMode::Open).await;
     let (s, v) = call(
