@@ -82,10 +82,17 @@ impl UtcDay {
             std::str::from_utf8(part).ok()?.parse().ok()
         };
         let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-        if !YEARS.contains(&y) || !(1..=12).contains(&m) || d < 1 || d > days_in_month(y, m) {
+        if !YEARS.contains(&y) {
             return None;
         }
-        Some(UtcDay(days_from_civil(y, m, d)))
+        let date = jiff::civil::Date::new(
+            i16::try_from(y).ok()?,
+            i8::try_from(m).ok()?,
+            i8::try_from(d).ok()?,
+        )
+        .ok()?;
+        let days = EPOCH.until((jiff::Unit::Day, date)).ok()?.get_days();
+        Some(UtcDay(i64::from(days)))
     }
 
     /// The day that holds `ms` (Unix milliseconds).
@@ -111,48 +118,19 @@ impl UtcDay {
 
 impl std::fmt::Display for UtcDay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (y, m, d) = civil_from_days(self.0);
-        write!(f, "{y:04}-{m:02}-{d:02}")
+        let date = i32::try_from(self.0)
+            .ok()
+            .and_then(|n| EPOCH.checked_add(jiff::Span::new().try_days(n).ok()?).ok());
+        match date {
+            Some(d) => write!(f, "{}", d.strftime("%Y-%m-%d")),
+            // Outside the calendar jiff knows (a day far past a saturating add).
+            None => write!(f, "day {}", self.0),
+        }
     }
 }
 
-fn is_leap(y: i64) -> bool {
-    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
-}
-
-fn days_in_month(y: i64, m: i64) -> i64 {
-    match m {
-        2 if is_leap(y) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The inverse of [`days_from_civil`].
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
+/// Day 0 of [`UtcDay`].
+const EPOCH: jiff::civil::Date = jiff::civil::date(1970, 1, 1);
 
 /// One group of a usage summary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
