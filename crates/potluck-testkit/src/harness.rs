@@ -51,7 +51,13 @@ impl TestHub {
         let mut hub = Self {
             addr: listener.local_addr().expect("addr"),
             admin_key: String::new(),
-            http: reqwest::Client::builder().build().expect("client"),
+            // No idle connections kept: a hub restart closes its keep-alive connections,
+            // and a client that reuses one before reading the close gets a reset (as any
+            // HTTP client can). Personas share this client, so no test races a restart.
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("client"),
             data_dir,
             _tmp: Some(tmp),
             config,
