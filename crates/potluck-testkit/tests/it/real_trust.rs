@@ -8,28 +8,18 @@
 use std::time::{Duration, Instant};
 
 use potluck_protocol::tunnel::Moderation;
-use potluck_testkit::{wait_until, RealBackend, TestAgent, TestHub};
+use potluck_testkit::{wait_until, Admin, Consumer, RealBackend, TestAgent, TestHub};
 use serde_json::{json, Value};
 
 /// Streamed requests per measurement.
 const SAMPLES: usize = 8;
 
-async fn timed_stream(
-    hub: &TestHub,
-    key: &str,
-    model: &str,
-    i: usize,
-) -> (Duration, Duration, String) {
+async fn timed_stream(who: &Consumer, model: &str, i: usize) -> (Duration, Duration, String) {
     let started = Instant::now();
-    let mut r = hub
-        .http
-        .post(format!("{}/chat/completions", hub.v1()))
-        .bearer_auth(key)
-        .json(&json!({"model": model, "stream": true, "max_tokens": 24, "temperature": 0,
-                      "messages": [{"role": "user", "content": format!("Name a color and a fruit, number {i}.")}]}))
-        .send()
-        .await
-        .unwrap();
+    let mut r = who
+        .send_chat(&json!({"model": model, "stream": true, "max_tokens": 24, "temperature": 0,
+                           "messages": [{"role": "user", "content": format!("Name a color and a fruit, number {i}.")}]}))
+        .await;
     assert_eq!(r.status(), 200);
     let mut ttft = None;
     let mut body = String::new();
@@ -66,7 +56,7 @@ async fn real_model_as_guard_and_the_latency_it_adds() {
 
     // Baseline hub: no moderation.
     let plain = TestHub::start().await;
-    let plain_key = plain.create_key("c").await;
+    let plain_consumer = Consumer::new(&plain, "c").await;
     let _a = TestAgent::start(&plain, &plain.create_provider("p").await, &model.base_url());
     plain.wait_for_model(&model.model, 1).await;
 
@@ -80,29 +70,22 @@ async fn real_model_as_guard_and_the_latency_it_adds() {
         c.moderation.overlap_tokens = 4;
     })
     .await;
-    let key = hub.create_key("c").await;
+    let consumer = Consumer::new(&hub, "c").await;
+    let admin = Admin::admin(&hub);
     let _b = TestAgent::start(&hub, &hub.create_provider("p").await, &model.base_url());
     let _g = TestAgent::start(&hub, &hub.create_provider("g").await, &guard.base_url());
     hub.wait_for_model(&model.model, 1).await;
     hub.wait_for_model("guard", 1).await;
     // Only a provider the operator trusts judges as the guard.
-    let r = hub
-        .http
-        .put(format!("{}/admin/v1/providers/g/trust", hub.url()))
-        .bearer_auth(&hub.admin_key)
-        .json(&json!({"trusted": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    admin.trust("g").await;
 
     let (mut t0, mut d0, mut t1, mut d1) = (vec![], vec![], vec![], vec![]);
     // Interleaved, so that machine noise hits both alike.
     for i in 0..SAMPLES {
-        let (t, d, _) = timed_stream(&plain, &plain_key, &model.model, i).await;
+        let (t, d, _) = timed_stream(&plain_consumer, &model.model, i).await;
         t0.push(t);
         d0.push(d);
-        let (t, d, body) = timed_stream(&hub, &key, &model.model, i).await;
+        let (t, d, body) = timed_stream(&consumer, &model.model, i).await;
         t1.push(t);
         d1.push(d);
         assert!(
@@ -113,17 +96,9 @@ async fn real_model_as_guard_and_the_latency_it_adds() {
     // The guard was really asked, input once per request and output per window, and
     // what it said is kept as codes only. Verdicts are written off the request path.
     let verdicts = || async {
-        let v: Value = hub
-            .http
-            .get(format!("{}/admin/v1/moderation?limit=1000", hub.url()))
-            .bearer_auth(&hub.admin_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["data"].as_array().unwrap().clone()
+        let v = admin.get("/admin/v1/guard-verdicts?limit=1000").await;
+        assert_eq!(v.status, 200, "{:?}", v.body);
+        v.body["data"].as_array().unwrap().clone()
     };
     let per_stage = |rows: &[Value], stage: &str| {
         rows.iter()
@@ -171,31 +146,14 @@ async fn real_honest_providers_pass_audits() {
         c.audit.canary_interval = Duration::ZERO;
     })
     .await;
-    let key = hub.create_key("c").await;
+    let consumer = Consumer::new(&hub, "c").await;
     let _ta = TestAgent::start(&hub, &hub.create_provider("ref").await, &a.base_url());
     let _tb = TestAgent::start(&hub, &hub.create_provider("honest").await, &b.base_url());
     hub.wait_for_model(&a.model, 2).await;
     // Both announce the same model file hash (found through llama.cpp's /props).
-    let v: Value = hub
-        .http
-        .get(format!("{}/models", hub.v1()))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = consumer.models().await.body;
     assert_eq!(v["data"][0]["sha256"].as_array().unwrap().len(), 1, "{v}");
-    let r = hub
-        .http
-        .put(format!("{}/admin/v1/providers/ref/trust", hub.url()))
-        .bearer_auth(&hub.admin_key)
-        .json(&json!({"trusted": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    Admin::admin(&hub).trust("ref").await;
     let honest_id = hub
         .state()
         .store
@@ -207,11 +165,11 @@ async fn real_honest_providers_pass_audits() {
         .unwrap()
         .id;
     for i in 0..48 {
-        let r = hub.http.post(format!("{}/chat/completions", hub.v1())).bearer_auth(&key)
-            .json(&json!({"model": a.model, "max_tokens": 24, "temperature": 0.9,
-                          "messages": [{"role": "user", "content": format!("Tell me a fact about the number {i}.")}]}))
-            .send().await.unwrap();
-        assert_eq!(r.status(), 200);
+        let r = consumer
+            .chat_with(&json!({"model": a.model, "max_tokens": 24, "temperature": 0.9,
+                               "messages": [{"role": "user", "content": format!("Tell me a fact about the number {i}.")}]}))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
     }
     wait_until("audits done", Duration::from_secs(120), || async {
         hub.state()
