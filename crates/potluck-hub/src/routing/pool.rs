@@ -1,11 +1,15 @@
 //! What the registry tells about the pool: per model and per provider (`GET /v1/pool`,
-//! `/v1/models`, the admin's provider list), and the energy and tokens each provider
-//! served.
+//! `/v1/models`, the admin's provider list), the energy and tokens each provider
+//! served, and what the trust room asks of it (a provider's link, trusted references,
+//! canary targets, the moderation providers require).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use potluck_protocol::tunnel::ModelHash;
 use potluck_protocol::{Capability, ModelCapabilities, ModelName};
+use rand::Rng;
 
 use crate::routing::link::ProviderLink;
 use crate::routing::registry::Registry;
@@ -94,6 +98,70 @@ impl Registry {
             .into_iter()
             .map(|(m, s)| (m, s.providers))
             .collect()
+    }
+
+    /// An open tunnel of a provider.
+    pub fn tunnel_of(&self, provider_id: i64) -> Option<Arc<ProviderLink>> {
+        self.open_tunnels()
+            .into_iter()
+            .find(|t| t.provider_id == provider_id)
+    }
+
+    /// A trusted reference for `model` (same file hash when one is given), other than
+    /// `exclude`.
+    pub fn trusted_reference(
+        &self,
+        model: &ModelName,
+        sha256: Option<&ModelHash>,
+        exclude: i64,
+    ) -> Option<Arc<ProviderLink>> {
+        let mut refs: Vec<Arc<ProviderLink>> = self
+            .open_tunnels()
+            .into_iter()
+            .filter(|t| {
+                t.provider_id != exclude
+                    && t.trusted.load(Ordering::Relaxed)
+                    && !t.quarantined.load(Ordering::Relaxed)
+                    && t.offered(model)
+                        .is_some_and(|o| sha256.is_none() || o.sha256.as_ref() == sha256)
+            })
+            .collect();
+        if refs.is_empty() {
+            return None;
+        }
+        let i = rand::rng().random_range(0..refs.len());
+        Some(refs.swap_remove(i))
+    }
+
+    /// Untrusted, open providers of `model` (canary targets), quarantined ones included.
+    pub fn auditable(&self, model: &ModelName) -> Vec<Arc<ProviderLink>> {
+        self.open_tunnels()
+            .into_iter()
+            .filter(|t| !t.trusted.load(Ordering::Relaxed) && t.offers(model))
+            .collect()
+    }
+
+    /// The strongest moderation any open provider of `model` requires.
+    pub fn required_moderation(&self, model: &ModelName) -> potluck_protocol::tunnel::Moderation {
+        use potluck_protocol::tunnel::Moderation as M;
+        let (mut input, mut output) = (false, false);
+        for t in self.open_tunnels() {
+            let o = t.state.lock();
+            if o.models.contains_key(model) {
+                match o.profile.moderation {
+                    M::None => {}
+                    M::Input => input = true,
+                    M::Output => output = true,
+                    M::Both => (input, output) = (true, true),
+                }
+            }
+        }
+        match (input, output) {
+            (true, true) => M::Both,
+            (true, false) => M::Input,
+            (false, true) => M::Output,
+            (false, false) => M::None,
+        }
     }
 
     /// The open tunnels, copied out of the lock.

@@ -16,9 +16,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::{Mutex, MutexGuard};
-use potluck_protocol::tunnel::{ModelHash, ProviderProfile};
+use potluck_protocol::tunnel::ProviderProfile;
 use potluck_protocol::ModelName;
-use rand::Rng;
 use tokio::sync::oneshot;
 
 use crate::config::RoutingConfig;
@@ -405,70 +404,6 @@ impl Registry {
             }
         }
         self.inner.fill();
-    }
-
-    /// An open tunnel of a provider.
-    pub fn tunnel_of(&self, provider_id: i64) -> Option<Arc<ProviderLink>> {
-        self.open_tunnels()
-            .into_iter()
-            .find(|t| t.provider_id == provider_id)
-    }
-
-    /// A trusted reference for `model` (same file hash when one is given), other than
-    /// `exclude`.
-    pub fn trusted_reference(
-        &self,
-        model: &ModelName,
-        sha256: Option<&ModelHash>,
-        exclude: i64,
-    ) -> Option<Arc<ProviderLink>> {
-        let mut refs: Vec<Arc<ProviderLink>> = self
-            .open_tunnels()
-            .into_iter()
-            .filter(|t| {
-                t.provider_id != exclude
-                    && t.trusted.load(Ordering::Relaxed)
-                    && !t.quarantined.load(Ordering::Relaxed)
-                    && t.offered(model)
-                        .is_some_and(|o| sha256.is_none() || o.sha256.as_ref() == sha256)
-            })
-            .collect();
-        if refs.is_empty() {
-            return None;
-        }
-        let i = rand::rng().random_range(0..refs.len());
-        Some(refs.swap_remove(i))
-    }
-
-    /// Untrusted, open providers of `model` (canary targets), quarantined ones included.
-    pub fn auditable(&self, model: &ModelName) -> Vec<Arc<ProviderLink>> {
-        self.open_tunnels()
-            .into_iter()
-            .filter(|t| !t.trusted.load(Ordering::Relaxed) && t.offers(model))
-            .collect()
-    }
-
-    /// The strongest moderation any open provider of `model` requires.
-    pub fn required_moderation(&self, model: &ModelName) -> potluck_protocol::tunnel::Moderation {
-        use potluck_protocol::tunnel::Moderation as M;
-        let (mut input, mut output) = (false, false);
-        for t in self.open_tunnels() {
-            let o = t.state.lock();
-            if o.models.contains_key(model) {
-                match o.profile.moderation {
-                    M::None => {}
-                    M::Input => input = true,
-                    M::Output => output = true,
-                    M::Both => (input, output) = (true, true),
-                }
-            }
-        }
-        match (input, output) {
-            (true, true) => M::Both,
-            (true, false) => M::Input,
-            (false, true) => M::Output,
-            (false, false) => M::None,
-        }
     }
 
     /// Remove a tunnel: nothing new is routed to it from now on.
