@@ -264,6 +264,9 @@ async fn a_waiter_gets_the_freed_slot_and_is_told_how_long_it_waited() {
     let r = request(&k, "K-next", false);
     let next = tokio::spawn(async move { r.send().await.unwrap() });
     wait_queued(&k, 1).await;
+    // Hold the slot a known time after the waiter is queued: it must be told at least
+    // that much (in whole milliseconds, so a wait under 1 ms would read 0).
+    tokio::time::sleep(HELD).await;
     drop(holder);
     let r = next.await.unwrap();
     assert_eq!(r.status(), 200);
@@ -272,8 +275,11 @@ async fn a_waiter_gets_the_freed_slot_and_is_told_how_long_it_waited() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(q > 0);
+    assert!(q >= HELD.as_millis() as u64, "told {q} ms");
 }
+
+/// How long the slot is held after a waiter queues.
+const HELD: Duration = Duration::from_millis(30);
 
 // Each limit trips with a 429 that says when to retry, and lifts when the key's limits
 // are raised or its slot is freed. (The minute and day windows rolling over are not seen
