@@ -34,11 +34,21 @@ pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_DISCOVERY_BYTES: usize = 1024 * 1024;
 
 async fn get_json(client: &BackendClient, backend: &BackendConfig, url: String) -> Option<Value> {
-    let mut req = Request::get(url).header(header::ACCEPT, "application/json");
-    if let Some(k) = &backend.api_key {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    let req = with_key(Request::get(url), backend).header(header::ACCEPT, "application/json");
+    fetch_json(client, req.body(Full::new(Bytes::new())).ok()?).await
+}
+
+/// The backend's own API key, if it has one, on a request to it.
+fn with_key(req: http::request::Builder, backend: &BackendConfig) -> http::request::Builder {
+    match &backend.api_key {
+        Some(k) => req.header(header::AUTHORIZATION, format!("Bearer {k}")),
+        None => req,
     }
-    let req = req.body(Full::new(Bytes::new())).ok()?;
+}
+
+/// Send a discovery request and read a successful JSON answer, within
+/// `MAX_DISCOVERY_BYTES` and `DISCOVERY_TIMEOUT`; `None` on any failure.
+async fn fetch_json(client: &BackendClient, req: Request<Full<Bytes>>) -> Option<Value> {
     let fut = async {
         let resp = client.request(req).await.ok()?;
         if !resp.status().is_success() {
@@ -162,26 +172,11 @@ pub fn caps_from_ollama_show(show: &Value) -> ModelCapabilities {
 /// ollama's `POST /api/show` answer for one model.
 async fn ollama_show(client: &BackendClient, backend: &BackendConfig, name: &str) -> Option<Value> {
     let body = serde_json::json!({ "model": name }).to_string();
-    let req = Request::post(backend.root_url("/api/show"))
+    let req = with_key(Request::post(backend.root_url("/api/show")), backend)
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .ok()?;
-    let fut = async {
-        let resp = client.request(req).await.ok()?;
-        if !resp.status().is_success() {
-            return None;
-        }
-        let body = Limited::new(resp.into_body(), MAX_DISCOVERY_BYTES)
-            .collect()
-            .await
-            .ok()?
-            .to_bytes();
-        serde_json::from_slice(&body).ok()
-    };
-    tokio::time::timeout(DISCOVERY_TIMEOUT, fut)
-        .await
-        .ok()
-        .flatten()
+    fetch_json(client, req).await
 }
 
 /// Find, check and hash a model's file (see [`crate::supply`]). `Ok(None)`: no file
