@@ -46,6 +46,11 @@ pub(crate) async fn judge(state: &HubState, rep: &mut Reputation, a: AuditRecord
     );
     tracing::info!(provider_id = a.provider_id, kind = a.kind, passed = a.passed, agreement = ?a.agreement, score = new, "provider audit");
     state.metrics.audit(a.kind, a.passed);
+    if quarantine {
+        // Cut off before the slower store write: no consumer request may reach it once
+        // the store says it is quarantined (fail closed if that write fails).
+        state.registry.set_trust_flags(a.provider_id, false, true);
+    }
     if let Err(e) = state
         .store
         .record_audit(&a, new, quarantine.then_some(reason.as_str()))
