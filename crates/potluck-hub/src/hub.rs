@@ -128,6 +128,8 @@ impl Hub {
             ),
             None => None,
         };
+        let metrics = Metrics::new(max_model_labels)
+            .with_settlement_lag(accounting.settlement_lag().histogram());
         let state = Arc::new(HubState {
             config,
             store,
@@ -148,7 +150,7 @@ impl Hub {
             unknown_keys: TtlCache::new(cache::KEY_MISS_TTL),
             balances: Default::default(),
             inflight: Default::default(),
-            metrics: Metrics::new(max_model_labels),
+            metrics,
         });
         if let Some(addr) = metrics_listener.as_ref().and_then(|l| l.local_addr().ok()) {
             let _ = state.metrics.listen_addr.set(addr);
@@ -195,7 +197,8 @@ impl Hub {
                 state.store.clone(),
                 state.config.credits.clone(),
                 Arc::clone(&state.balances),
-            ),
+            )
+            .observing(state.accounting.settlement_lag()),
             usage_rx,
             writer_stop.clone(),
         ));

@@ -1,7 +1,8 @@
 //! Alert webhooks (`[[alerts]]`): one owned task looks at the hub every
 //! `alerting.check_interval` and POSTs Slack- and Discord-compatible JSON when a model
 //! that was served has had no provider for `alerting.model_absent_after`, a provider was
-//! quarantined, an abuse report was filed, or usage records were dropped.
+//! quarantined, an abuse report was filed, usage records were dropped, or the treasury's
+//! balance fell below `alerting.treasury_below`.
 //!
 //! Content-free: an alert is built from fixed words, counts and the names of models the
 //! hub served; never a prompt, a completion, a report's reason or anything a consumer
@@ -30,6 +31,7 @@ pub(crate) enum Kind {
     ProviderQuarantined,
     ReportFiled,
     UsageDropped,
+    TreasuryLow,
 }
 
 impl Kind {
@@ -39,6 +41,7 @@ impl Kind {
             Kind::ProviderQuarantined => "provider_quarantined",
             Kind::ReportFiled => "report_filed",
             Kind::UsageDropped => "usage_dropped",
+            Kind::TreasuryLow => "treasury_low",
         }
     }
 }
@@ -67,6 +70,8 @@ struct Watch {
     quarantines: u64,
     reports: u64,
     dropped: u64,
+    /// Whether the treasury is below its floor now (alerted once per fall).
+    treasury_low: bool,
 }
 
 impl Watch {
@@ -132,6 +137,31 @@ impl Watch {
     }
 }
 
+impl Watch {
+    /// The treasury fell below `floor` micro-credits (once per fall: it must rise above
+    /// the floor again before it alerts again).
+    fn treasury(&mut self, balance: i64, floor: i64) -> Option<Alert> {
+        let low = balance < floor;
+        let fell = low && !self.treasury_low;
+        self.treasury_low = low;
+        fell.then(|| Alert {
+            kind: Kind::TreasuryLow,
+            text: format!(
+                "Potluck: the treasury's balance is below {} credits; grants and anonymous use draw on it (see `potluck credits`).",
+                floor / potluck_store::ledger::CREDIT
+            ),
+        })
+    }
+}
+
+/// The treasury's floor in micro-credits, if one is set.
+fn treasury_floor(st: &HubState) -> Option<i64> {
+    let credits = st.config.alerting.treasury_below?;
+    let micro = (credits * potluck_store::ledger::CREDIT as f64).round();
+    // Saturating float-to-int conversion: any setting maps to a usable floor.
+    Some(micro as i64)
+}
+
 /// `90 s`, `10 min`.
 fn span(d: Duration) -> String {
     match d.as_secs() {
@@ -192,7 +222,16 @@ pub(crate) async fn run(st: Arc<HubState>, stop: CancellationToken) {
             _ = tokio::time::sleep(cfg.check_interval) => {}
         }
         let now = Instant::now();
-        for alert in watch.check(&st, now) {
+        let mut alerts = watch.check(&st, now);
+        if let Some(floor) = treasury_floor(&st) {
+            match st.store.balance(st.treasury).await {
+                Ok(b) => {
+                    alerts.extend(watch.treasury(b.available.saturating_add(b.unvested), floor))
+                }
+                Err(e) => tracing::warn!(error = ?e, "treasury balance not read for alerts"),
+            }
+        }
+        for alert in alerts {
             for h in &mut hooks {
                 if let Some(text) = h.admit(&alert, now) {
                     let sent = tokio::select! {
@@ -244,6 +283,22 @@ mod tests {
         );
         let later = h.admit(&q, t0 + Duration::from_secs(61)).unwrap();
         assert!(later.starts_with("q (2 more"), "{later}");
+    }
+
+    #[test]
+    fn the_treasury_alerts_once_per_fall_below_its_floor() {
+        let mut w = Watch::default();
+        let floor = -100 * potluck_store::ledger::CREDIT;
+        assert!(w.treasury(0, floor).is_none());
+        let a = w.treasury(floor - 1, floor).expect("fell below");
+        assert_eq!(a.kind, Kind::TreasuryLow);
+        assert!(a.text.contains("-100 credits"), "{}", a.text);
+        assert!(
+            w.treasury(floor - 5, floor).is_none(),
+            "still low: told once"
+        );
+        assert!(w.treasury(floor, floor).is_none(), "back at the floor");
+        assert!(w.treasury(floor - 1, floor).is_some(), "fell again");
     }
 
     #[test]

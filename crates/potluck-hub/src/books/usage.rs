@@ -25,6 +25,34 @@ pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// How often escrowed earnings are checked for vesting.
 pub(crate) const VEST_INTERVAL: Duration = Duration::from_secs(60);
+/// Buckets of the settlement lag (seconds from a request's end to its row in the ledger).
+const LAG_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+
+/// The settlement lag: how long finished requests waited for the ledger. The writer
+/// observes it; the metrics room registers the same histogram (`Histogram` is shared).
+#[derive(Debug, Clone)]
+pub(crate) struct SettlementLag(prometheus_client::metrics::histogram::Histogram);
+
+impl Default for SettlementLag {
+    fn default() -> Self {
+        Self(prometheus_client::metrics::histogram::Histogram::new(
+            LAG_BUCKETS,
+        ))
+    }
+}
+
+impl SettlementLag {
+    /// The histogram, to register.
+    pub(crate) fn histogram(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.0.clone()
+    }
+
+    /// A record written now that ended at `ended_ms`.
+    fn observe(&self, ended_ms: i64, now_ms: i64) {
+        let lag_ms = now_ms.saturating_sub(ended_ms).max(0);
+        self.0.observe(lag_ms as f64 / 1000.0);
+    }
+}
 
 /// One finished request: its usage row, and what it cost if anything was delivered.
 #[derive(Debug)]
@@ -58,6 +86,8 @@ pub(crate) struct Accounting {
     tx: mpsc::Sender<Record>,
     /// Records dropped because the queue was full or closed (for the metrics).
     dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Time from a request's end to its settlement (observed by the writer).
+    lag: SettlementLag,
 }
 
 /// A place in the usage queue, taken when a request is admitted, so that its record can
@@ -73,6 +103,7 @@ impl Accounting {
             Self {
                 tx,
                 dropped: Default::default(),
+                lag: SettlementLag::default(),
             },
             rx,
         )
@@ -103,6 +134,11 @@ impl Accounting {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(request_id = %rec.usage.request_id, "usage queue full or closed; record dropped");
         }
+    }
+
+    /// The settlement-lag histogram the writer observes.
+    pub(crate) fn settlement_lag(&self) -> &SettlementLag {
+        &self.lag
     }
 
     /// `(records waiting, capacity, records dropped so far)`.
@@ -140,6 +176,8 @@ pub(crate) struct Writer {
     pub(crate) reservations: Arc<Reservations>,
     /// Accounts whose escrow was already released when they became trusted.
     released: HashSet<i64>,
+    /// Where settled records' lag is observed.
+    lag: SettlementLag,
 }
 
 impl Writer {
@@ -154,6 +192,15 @@ impl Writer {
             credits,
             reservations,
             released: HashSet::new(),
+            lag: SettlementLag::default(),
+        }
+    }
+
+    /// Observe the settlement lag into `lag` (the hub's, registered in its metrics).
+    pub(crate) fn observing(self, lag: &SettlementLag) -> Self {
+        Self {
+            lag: lag.clone(),
+            ..self
         }
     }
 }
@@ -336,6 +383,10 @@ async fn write(w: &mut Writer, batch: &mut [Finished]) {
 
 /// Tell the reservations what happened to one record.
 fn done(w: &Writer, f: &Finished, ok: bool) {
+    if ok {
+        let ended = f.usage.started_at_ms.saturating_add(f.usage.duration_ms);
+        w.lag.observe(ended, now_ms());
+    }
     if let Some(p) = f.pending {
         w.reservations.written(p, ok);
     }

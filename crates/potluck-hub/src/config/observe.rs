@@ -89,6 +89,11 @@ pub struct AlertingConfig {
     /// Longest wait for a webhook's answer (seconds).
     #[serde(with = "super::secs")]
     pub timeout: std::time::Duration,
+    /// Alert when the treasury's balance falls below this many credits (off when left
+    /// out). The treasury issues every grant, so its balance falls by what it granted and
+    /// is usually negative: `-100000` alerts once it has granted 100,000 credits more than
+    /// it took back.
+    pub treasury_below: Option<f64>,
 }
 
 impl Default for AlertingConfig {
@@ -97,6 +102,7 @@ impl Default for AlertingConfig {
             check_interval: std::time::Duration::from_secs(30),
             model_absent_after: std::time::Duration::from_secs(600),
             timeout: std::time::Duration::from_secs(10),
+            treasury_below: None,
         }
     }
 }

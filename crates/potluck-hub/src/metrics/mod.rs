@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 /// Every series family `/metrics` can show (a family appears once it has a sample). The
 /// Grafana dashboard in `deploy/grafana/` may use only these; a test keeps this list
 /// equal to what the registry encodes.
-pub const FAMILIES: [&str; 20] = [
+pub const FAMILIES: [&str; 21] = [
     "potluck_reports_total",
     "potluck_requests_total",
     "potluck_request_duration_seconds",
@@ -45,6 +45,7 @@ pub const FAMILIES: [&str; 20] = [
     "potluck_model_capacity",
     "potluck_model_in_flight",
     "potluck_queue_depth",
+    "potluck_ledger_settlement_lag_seconds",
 ];
 
 /// The label value of models beyond the bound, and of models the hub does not know.
@@ -216,6 +217,16 @@ impl Metrics {
         Self { registry, ..m }
     }
 
+    /// Register the ledger's settlement-lag histogram (observed by the usage writer).
+    pub(crate) fn with_settlement_lag(mut self, lag: Histogram) -> Self {
+        self.registry.register(
+            "ledger_settlement_lag_seconds",
+            "Time from a request's end to its usage row and charge in the ledger",
+            lag,
+        );
+        self
+    }
+
     /// The label for `model`: itself when `known` (the hub serves or prices it) and the
     /// bound is not reached, else `other`.
     pub(crate) fn model_label(&self, model: &str, known: bool) -> String {
@@ -371,7 +382,9 @@ mod tests {
 
     #[test]
     fn the_family_list_is_what_the_registry_encodes() {
-        let m = Metrics::new(10);
+        let lag = Histogram::new([1.0]);
+        lag.observe(0.5);
+        let m = Metrics::new(10).with_settlement_lag(lag);
         m.request_done(Done {
             model: "m",
             endpoint: "chat",

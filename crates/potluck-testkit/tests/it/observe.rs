@@ -275,7 +275,18 @@ async fn metrics_parse_count_the_traffic_and_need_the_admin_key() {
         .metrics
         .listen_addr()
         .expect("metrics listener bound");
-    let (_, s) = scrape(&hub, &format!("http://{addr}/metrics"), None).await;
+    let metrics_url = format!("http://{addr}/metrics");
+    // Every settled record is timed (the writer observes right after its transaction).
+    potluck_testkit::wait_until(
+        "settlement lag observed",
+        std::time::Duration::from_secs(20),
+        || async {
+            let (_, s) = scrape(&hub, &metrics_url, None).await;
+            sum(&s, "potluck_ledger_settlement_lag_seconds_count", &[]) >= 4.0
+        },
+    )
+    .await;
+    let (_, s) = scrape(&hub, &metrics_url, None).await;
     let m = [("model", MODEL)];
     assert_eq!(
         sum(
@@ -560,6 +571,8 @@ async fn alerts_reach_a_webhook_rate_limited_and_content_free() {
         }];
         c.alerting.check_interval = std::time::Duration::from_millis(50);
         c.alerting.model_absent_after = std::time::Duration::from_millis(300);
+        // Any grant takes the treasury below -1 credit.
+        c.alerting.treasury_below = Some(-1.0);
     })
     .await;
     let kinds = |got: &std::sync::Mutex<Vec<Value>>| -> Vec<String> {
@@ -579,6 +592,8 @@ async fn alerts_reach_a_webhook_rate_limited_and_content_free() {
 
     // A report, its reason and the request's prompt carrying a canary.
     let alice = Consumer::new(&hub, "alice").await;
+    // Alice's starter grant came from the treasury.
+    wait_kind("treasury_low").await;
     let a = alice.chat(MODEL, CANARY).await;
     let request_id = a.request_id.clone().unwrap();
     hub.wait_usage_rows(1).await;
@@ -604,14 +619,13 @@ async fn alerts_reach_a_webhook_rate_limited_and_content_free() {
     agent.stop().await;
     wait_kind("model_unavailable").await;
     let all = got.lock().unwrap().clone();
-    assert_eq!(
-        kinds(&got)
-            .iter()
-            .filter(|k| *k == "provider_quarantined")
-            .count(),
-        1,
-        "rate-limited: {all:?}"
-    );
+    for once in ["provider_quarantined", "treasury_low"] {
+        assert_eq!(
+            kinds(&got).iter().filter(|k| *k == once).count(),
+            1,
+            "{once} once: {all:?}"
+        );
+    }
     for v in &all {
         let text = v["text"].as_str().unwrap();
         assert_eq!(v["content"], text, "Slack and Discord read the same text");
