@@ -382,7 +382,14 @@ impl Store {
             .execute(self.pool())
             .await?
             .rows_affected();
-        not_found_if_zero(n)
+        not_found_if_zero(n)?;
+        self.announce(crate::changes::Change::Standing {
+            target,
+            id,
+            standing,
+            reason: reason.map(str::to_owned),
+        })
+        .await
     }
 
     /// The standing of an account, a key or a provider, and the owning account's id and
@@ -447,7 +454,8 @@ impl Store {
             .execute(self.pool())
             .await?
             .rows_affected();
-        not_found_if_zero(n)
+        not_found_if_zero(n)?;
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// Add an account to a group (created if missing). Idempotent.
@@ -469,7 +477,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// Remove an account from a group. `NotFound` if it was not a member.
@@ -482,7 +490,8 @@ impl Store {
         .execute(self.pool())
         .await?
         .rows_affected();
-        not_found_if_zero(n)
+        not_found_if_zero(n)?;
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// An account's live keys.
@@ -528,7 +537,8 @@ impl Store {
         .execute(self.pool())
         .await?
         .rows_affected();
-        not_found_if_zero(n)
+        not_found_if_zero(n)?;
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// Set a live key's routing defaults; with `owner`, only that account's key.
@@ -550,7 +560,8 @@ impl Store {
         .execute(self.pool())
         .await?
         .rows_affected();
-        not_found_if_zero(n)
+        not_found_if_zero(n)?;
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// Create an invite code valid for `ttl_secs`. Only its hash is stored.

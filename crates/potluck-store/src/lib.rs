@@ -11,6 +11,7 @@
 
 pub mod accounts;
 pub mod analytics;
+pub mod changes;
 mod engine;
 mod identity;
 pub mod ledger;

@@ -306,6 +306,8 @@ pub struct Store {
     pool: AnyPool,
     /// The engine behind the pool (for the few dialect differences).
     engine: Engine,
+    /// The URL it was opened with (PostgreSQL's change listener connects to it too).
+    url: Option<std::sync::Arc<str>>,
     /// Ids of the system accounts (they never change once created).
     pub(crate) system_ids: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     /// Consumer-key lookups made (`authenticate_key`), for tests and metrics.
@@ -331,26 +333,27 @@ impl Store {
     /// Open (creating if needed) the SQLite database at `path`, and migrate it.
     pub async fn open(path: &Path) -> Result<Self> {
         let (pool, engine) = engine::connect_file(path).await?;
-        Self::over(pool, engine).await
+        Self::over(pool, engine, None).await
     }
 
     /// Open the database at `url` (`sqlite:` or `postgres://`), and migrate it. Several
     /// hubs may open one PostgreSQL database at once.
     pub async fn open_url(url: &str) -> Result<Self> {
         let (pool, engine) = engine::connect(url, MAX_CONNECTIONS).await?;
-        Self::over(pool, engine).await
+        Self::over(pool, engine, Some(url.into())).await
     }
 
     /// A private in-memory database, for tests.
     pub async fn open_in_memory() -> Result<Self> {
         let (pool, engine) = engine::connect("sqlite::memory:", 1).await?;
-        Self::over(pool, engine).await
+        Self::over(pool, engine, None).await
     }
 
-    async fn over(pool: AnyPool, engine: Engine) -> Result<Self> {
+    async fn over(pool: AnyPool, engine: Engine, url: Option<std::sync::Arc<str>>) -> Result<Self> {
         let store = Self {
             pool,
             engine,
+            url,
             system_ids: Default::default(),
             key_lookups: Default::default(),
             key_lookup_gate: Default::default(),
@@ -387,6 +390,11 @@ impl Store {
             tracing::info!(version, "applied database migration");
         }
         Ok(())
+    }
+
+    /// The URL the store was opened with, if any.
+    pub(crate) fn url(&self) -> Option<&str> {
+        self.url.as_deref()
     }
 
     /// The engine this store runs on.
@@ -637,7 +645,7 @@ impl Store {
         if n == 0 {
             return Err(StoreError::NotFound);
         }
-        Ok(())
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// Set an account's limit overrides (by id). `None` fields lift the override.
@@ -654,7 +662,7 @@ impl Store {
         if n == 0 {
             return Err(StoreError::NotFound);
         }
-        Ok(())
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// An account by name.
@@ -769,6 +777,7 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
+        self.announce(crate::changes::Change::Credentials).await?;
         Ok(id)
     }
 
@@ -786,6 +795,8 @@ impl Store {
             .bind(now_secs())
             .bind(id)
             .execute(&self.pool)
+            .await?;
+        self.announce(crate::changes::Change::ProviderRevoked(id))
             .await?;
         Ok(id)
     }
