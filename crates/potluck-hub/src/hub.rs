@@ -47,6 +47,15 @@ pub enum HubError {
         #[source]
         source: potluck_store::StoreError,
     },
+    /// The configured database (`database`) could not be opened.
+    #[error("cannot open the database {url}")]
+    OpenDatabase {
+        /// The URL, without its password.
+        url: String,
+        /// Why.
+        #[source]
+        source: potluck_store::StoreError,
+    },
     /// The database failed.
     #[error(transparent)]
     Store(#[from] potluck_store::StoreError),
@@ -77,7 +86,8 @@ pub struct Hub {
 pub const ANONYMOUS: &str = "anonymous";
 
 impl Hub {
-    /// Open the database in `config.data_dir` (creating the directory), build the hub over
+    /// Open the database (`config.database`, else `hub.db` in `config.data_dir`; the
+    /// directory is created either way, for `admin.key`), build the hub over
     /// it, then create the operator's admin key if the hub has none. The clear key comes
     /// back only when it was created now: the caller shows it once and keeps it. The key
     /// is made last, so a hub that cannot start does not make one nobody sees.
@@ -88,15 +98,30 @@ impl Hub {
             source,
         };
         private::create_dir(&dir).map_err(data_dir_error)?;
-        private::restrict_db_files(&dir.join(DB_FILE)).map_err(data_dir_error)?;
-        let store = Store::open(&dir.join(DB_FILE))
-            .await
-            .map_err(|source| HubError::Open {
-                path: dir.clone(),
-                source,
-            })?;
-        // SQLite gives its -wal and -shm files the database file's mode; check anyway.
-        private::restrict_db_files(&dir.join(DB_FILE)).map_err(data_dir_error)?;
+        let store = match &config.database {
+            Some(url) => {
+                config.validate().map_err(HubError::Config)?;
+                Store::open_url(url.expose())
+                    .await
+                    .map_err(|source| HubError::OpenDatabase {
+                        url: url.redacted(),
+                        source,
+                    })?
+            }
+            None => {
+                private::restrict_db_files(&dir.join(DB_FILE)).map_err(data_dir_error)?;
+                let store =
+                    Store::open(&dir.join(DB_FILE))
+                        .await
+                        .map_err(|source| HubError::Open {
+                            path: dir.clone(),
+                            source,
+                        })?;
+                // SQLite gives its -wal and -shm files the database file's mode; check anyway.
+                private::restrict_db_files(&dir.join(DB_FILE)).map_err(data_dir_error)?;
+                store
+            }
+        };
         let hub = Self::new(config, store).await?;
         let admin_key = hub.state.store.ensure_admin_key().await?;
         Ok((hub, admin_key))

@@ -6,7 +6,7 @@
 //! and copy only the ids of who took part; the only free text is what an admin or a
 //! moderator typed as a reason, or what a reporter typed as a report's reason.
 
-use sqlx::{Row, SqliteConnection};
+use sqlx::{AnyConnection, Row};
 
 use crate::secret::{Secret, SecretKind};
 use crate::store::{is_unique_violation, now_secs, Role, Standing, Store, StoreError, Target};
@@ -209,12 +209,12 @@ fn not_found_if_zero(n: u64) -> Result<()> {
 }
 
 async fn insert_key(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     account_id: i64,
     name: &str,
 ) -> Result<(i64, Secret)> {
     let live: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM api_keys WHERE account_id = ? AND revoked_at IS NULL",
+        "SELECT COUNT(*) FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL",
     )
     .bind(account_id)
     .fetch_one(&mut *conn)
@@ -225,7 +225,7 @@ async fn insert_key(
         )));
     }
     let secret = Secret::generate(SecretKind::ConsumerKey);
-    let id = sqlx::query_scalar("INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id")
+    let id = sqlx::query_scalar("INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id")
         .bind(account_id)
         .bind(name)
         .bind(secret.hash())
@@ -248,7 +248,7 @@ impl Store {
     /// Create an account. Fails with `Conflict` if the name is taken.
     pub async fn create_account(&self, name: &str, role: Role, status: Standing) -> Result<i64> {
         sqlx::query_scalar(
-            "INSERT INTO accounts (name, role, created_at, status) VALUES (?, ?, ?, ?) RETURNING id",
+            "INSERT INTO accounts (name, role, created_at, status) VALUES ($1, $2, $3, $4) RETURNING id",
         )
         .bind(name)
         .bind(role.as_str())
@@ -275,13 +275,13 @@ impl Store {
         status: Standing,
         now_s: i64,
     ) -> Result<(i64, i64, Secret)> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let invite_id = match invite {
             None => None,
             Some(code) => {
                 let id: Option<i64> = sqlx::query_scalar(
-                    "SELECT id FROM invites WHERE code_hash = ? AND used_at IS NULL \
-                     AND revoked_at IS NULL AND expires_at > ?",
+                    "SELECT id FROM invites WHERE code_hash = $1 AND used_at IS NULL \
+                     AND revoked_at IS NULL AND expires_at > $2",
                 )
                 .bind(code.hash())
                 .bind(now_s)
@@ -292,7 +292,7 @@ impl Store {
                 ))?)
             }
         };
-        let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM accounts WHERE name = ?")
+        let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM accounts WHERE name = $1")
             .bind(name)
             .fetch_optional(&mut *tx)
             .await?;
@@ -302,7 +302,7 @@ impl Store {
             )));
         }
         let account_id: i64 = sqlx::query_scalar(
-            "INSERT INTO accounts (name, role, created_at, status) VALUES (?, 'member', ?, ?) RETURNING id",
+            "INSERT INTO accounts (name, role, created_at, status) VALUES ($1, 'member', $2, $3) RETURNING id",
         )
         .bind(name)
         .bind(now_s)
@@ -310,12 +310,21 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         if let Some(id) = invite_id {
-            sqlx::query("UPDATE invites SET used_at = ?, used_by = ? WHERE id = ?")
-                .bind(now_s)
-                .bind(account_id)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            // Atomic on its own too: only an unused invite is taken.
+            let n = sqlx::query(
+                "UPDATE invites SET used_at = $1, used_by = $2 WHERE id = $3 AND used_at IS NULL",
+            )
+            .bind(now_s)
+            .bind(account_id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n != 1 {
+                return Err(StoreError::Refused(
+                    "The invite code is unknown, used, revoked or expired.",
+                ));
+            }
         }
         let (key_id, secret) = insert_key(&mut tx, account_id, key_name).await?;
         tx.commit().await?;
@@ -324,14 +333,14 @@ impl Store {
 
     /// Every human account (system accounts are not listed), with its groups.
     pub async fn list_accounts(&self) -> Result<Vec<AccountInfo>> {
-        let rows = sqlx::query(
+        let sql = format!(
             "SELECT a.id, a.name, a.role, a.status, a.status_reason, a.created_at, \
-             (SELECT group_concat(g.name, char(10)) FROM group_members m JOIN groups g ON g.id = m.group_id \
+             (SELECT {} FROM group_members m JOIN groups g ON g.id = m.group_id \
               WHERE m.account_id = a.id) \
              FROM accounts a WHERE a.role != 'system' ORDER BY a.id",
-        )
-        .fetch_all(self.pool())
-        .await?;
+            self.engine().concat_lines("g.name")
+        );
+        let rows = sqlx::query(&sql).fetch_all(self.pool()).await?;
         Ok(rows
             .into_iter()
             .map(|r| AccountInfo {
@@ -365,7 +374,7 @@ impl Store {
         } else {
             reason
         };
-        let sql = format!("UPDATE {table} SET status = ?, status_reason = ? WHERE id = ?");
+        let sql = format!("UPDATE {table} SET status = $1, status_reason = $2 WHERE id = $3");
         let n = sqlx::query(&sql)
             .bind(standing.as_str())
             .bind(reason)
@@ -373,16 +382,23 @@ impl Store {
             .execute(self.pool())
             .await?
             .rows_affected();
-        not_found_if_zero(n)
+        not_found_if_zero(n)?;
+        self.announce(crate::changes::Change::Standing {
+            target,
+            id,
+            standing,
+            reason: reason.map(str::to_owned),
+        })
+        .await
     }
 
     /// The standing of an account, a key or a provider, and the owning account's id and
     /// role (for keys and providers: their account's).
     pub async fn standing_of(&self, target: Target, id: i64) -> Result<(Standing, i64, Role)> {
         let sql = match target {
-            Target::Account => "SELECT status, id, role FROM accounts WHERE id = ?",
-            Target::Key => "SELECT k.status, a.id, a.role FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = ?",
-            Target::Provider => "SELECT p.status, a.id, a.role FROM providers p JOIN accounts a ON a.id = p.account_id WHERE p.id = ?",
+            Target::Account => "SELECT status, id, role FROM accounts WHERE id = $1",
+            Target::Key => "SELECT k.status, a.id, a.role FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = $1",
+            Target::Provider => "SELECT p.status, a.id, a.role FROM providers p JOIN accounts a ON a.id = p.account_id WHERE p.id = $1",
         };
         let r = sqlx::query(sql)
             .bind(id)
@@ -399,7 +415,7 @@ impl Store {
     /// Ids of an account's providers (live ones).
     pub async fn account_providers(&self, account_id: i64) -> Result<Vec<i64>> {
         Ok(sqlx::query_scalar(
-            "SELECT id FROM providers WHERE account_id = ? AND revoked_at IS NULL",
+            "SELECT id FROM providers WHERE account_id = $1 AND revoked_at IS NULL",
         )
         .bind(account_id)
         .fetch_all(self.pool())
@@ -408,7 +424,7 @@ impl Store {
 
     /// The account a provider (live or revoked) earns for.
     pub async fn provider_account(&self, provider_id: i64) -> Result<i64> {
-        sqlx::query_scalar("SELECT account_id FROM providers WHERE id = ?")
+        sqlx::query_scalar("SELECT account_id FROM providers WHERE id = $1")
             .bind(provider_id)
             .fetch_optional(self.pool())
             .await?
@@ -418,7 +434,7 @@ impl Store {
     /// A live provider's id by id or name.
     pub async fn provider_id(&self, id_or_name: &str) -> Result<i64> {
         sqlx::query_scalar(
-            "SELECT id FROM providers WHERE revoked_at IS NULL AND (CAST(id AS TEXT) = ? OR name = ?)",
+            "SELECT id FROM providers WHERE revoked_at IS NULL AND (CAST(id AS TEXT) = $1 OR name = $2)",
         )
         .bind(id_or_name)
         .bind(id_or_name)
@@ -432,27 +448,28 @@ impl Store {
         if role == Role::System {
             return Err(StoreError::Refused("The system role cannot be given."));
         }
-        let n = sqlx::query("UPDATE accounts SET role = ? WHERE id = ? AND role != 'system'")
+        let n = sqlx::query("UPDATE accounts SET role = $1 WHERE id = $2 AND role != 'system'")
             .bind(role.as_str())
             .bind(account_id)
             .execute(self.pool())
             .await?
             .rows_affected();
-        not_found_if_zero(n)
+        not_found_if_zero(n)?;
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// Add an account to a group (created if missing). Idempotent.
     pub async fn add_to_group(&self, account_id: i64, group: &str) -> Result<()> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
-            "INSERT INTO groups (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO groups (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
         )
         .bind(group)
         .bind(now_secs())
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO group_members (group_id, account_id) SELECT id, ? FROM groups WHERE name = ? \
+            "INSERT INTO group_members (group_id, account_id) SELECT id, $1 FROM groups WHERE name = $2 \
              ON CONFLICT DO NOTHING",
         )
         .bind(account_id)
@@ -460,27 +477,28 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// Remove an account from a group. `NotFound` if it was not a member.
     pub async fn remove_from_group(&self, account_id: i64, group: &str) -> Result<()> {
         let n = sqlx::query(
-            "DELETE FROM group_members WHERE account_id = ? AND group_id = (SELECT id FROM groups WHERE name = ?)",
+            "DELETE FROM group_members WHERE account_id = $1 AND group_id = (SELECT id FROM groups WHERE name = $2)",
         )
         .bind(account_id)
         .bind(group)
         .execute(self.pool())
         .await?
         .rows_affected();
-        not_found_if_zero(n)
+        not_found_if_zero(n)?;
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// An account's live keys.
     pub async fn own_keys(&self, account_id: i64) -> Result<Vec<OwnKey>> {
         let rows = sqlx::query(
             "SELECT id, name, prefix, created_at, status, status_reason, prefer_low_power, trusted_only \
-             FROM api_keys WHERE account_id = ? AND revoked_at IS NULL ORDER BY id",
+             FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL ORDER BY id",
         )
         .bind(account_id)
         .fetch_all(self.pool())
@@ -494,15 +512,15 @@ impl Store {
                 created_at: r.get(3),
                 status: Standing::parse(r.get::<&str, _>(4)),
                 status_reason: r.get(5),
-                prefer_low_power: r.get(6),
-                trusted_only: r.get(7),
+                prefer_low_power: r.get::<i64, _>(6) != 0,
+                trusted_only: r.get::<i64, _>(7) != 0,
             })
             .collect())
     }
 
     /// A new key in an existing account (at most `MAX_KEYS_PER_ACCOUNT` live).
     pub async fn create_own_key(&self, account_id: i64, name: &str) -> Result<(i64, Secret)> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let r = insert_key(&mut tx, account_id, name).await?;
         tx.commit().await?;
         Ok(r)
@@ -511,7 +529,7 @@ impl Store {
     /// Revoke a key of `account_id` (`NotFound` for anyone else's key).
     pub async fn revoke_own_key(&self, account_id: i64, key_id: i64) -> Result<()> {
         let n = sqlx::query(
-            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND account_id = ? AND revoked_at IS NULL",
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND account_id = $3 AND revoked_at IS NULL",
         )
         .bind(now_secs())
         .bind(key_id)
@@ -519,7 +537,8 @@ impl Store {
         .execute(self.pool())
         .await?
         .rows_affected();
-        not_found_if_zero(n)
+        not_found_if_zero(n)?;
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// Set a live key's routing defaults; with `owner`, only that account's key.
@@ -530,18 +549,19 @@ impl Store {
         s: KeySettings,
     ) -> Result<()> {
         let n = sqlx::query(
-            "UPDATE api_keys SET prefer_low_power = ?, trusted_only = ? \
-             WHERE id = ? AND revoked_at IS NULL AND (? IS NULL OR account_id = ?)",
+            "UPDATE api_keys SET prefer_low_power = $1, trusted_only = $2 \
+             WHERE id = $3 AND revoked_at IS NULL AND ($4 IS NULL OR account_id = $5)",
         )
-        .bind(s.prefer_low_power)
-        .bind(s.trusted_only)
+        .bind(i64::from(s.prefer_low_power))
+        .bind(i64::from(s.trusted_only))
         .bind(key_id)
         .bind(owner)
         .bind(owner)
         .execute(self.pool())
         .await?
         .rows_affected();
-        not_found_if_zero(n)
+        not_found_if_zero(n)?;
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// Create an invite code valid for `ttl_secs`. Only its hash is stored.
@@ -549,7 +569,7 @@ impl Store {
         let code = Secret::generate(SecretKind::Invite);
         let now = now_secs();
         let id = sqlx::query_scalar(
-            "INSERT INTO invites (code_hash, prefix, created_by, created_at, expires_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO invites (code_hash, prefix, created_by, created_at, expires_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
         )
         .bind(code.hash())
         .bind(code.display_prefix())
@@ -588,7 +608,7 @@ impl Store {
     /// Revoke an unused invite.
     pub async fn revoke_invite(&self, id: i64) -> Result<()> {
         let n = sqlx::query(
-            "UPDATE invites SET revoked_at = ? WHERE id = ? AND used_at IS NULL AND revoked_at IS NULL",
+            "UPDATE invites SET revoked_at = $1 WHERE id = $2 AND used_at IS NULL AND revoked_at IS NULL",
         )
         .bind(now_secs())
         .bind(id)
@@ -601,7 +621,7 @@ impl Store {
     /// Append one row to the audit log.
     pub async fn audit(&self, e: &AuditEntry<'_>) -> Result<()> {
         sqlx::query(
-            "INSERT INTO audit_log (at_ms, actor, action, target_type, target_id, reason) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO audit_log (at_ms, actor, action, target_type, target_id, reason) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(crate::ledger::now_ms())
         .bind(e.actor)
@@ -618,7 +638,7 @@ impl Store {
     pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditRow>> {
         let rows = sqlx::query(
             "SELECT l.id, l.at_ms, l.actor, a.name, l.action, l.target_type, l.target_id, l.reason \
-             FROM audit_log l LEFT JOIN accounts a ON a.id = l.actor ORDER BY l.id DESC LIMIT ?",
+             FROM audit_log l LEFT JOIN accounts a ON a.id = l.actor ORDER BY l.id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(self.pool())
@@ -641,7 +661,7 @@ impl Store {
     /// Who took part in a request (from its usage row), if the row exists.
     pub async fn participants(&self, request_id: &str) -> Result<Option<Participants>> {
         let r = sqlx::query(
-            "SELECT account_id, key_id, provider_id FROM usage_records WHERE request_id = ? ORDER BY id LIMIT 1",
+            "SELECT account_id, key_id, provider_id FROM usage_records WHERE request_id = $1 ORDER BY id LIMIT 1",
         )
         .bind(request_id)
         .fetch_optional(self.pool())
@@ -659,7 +679,7 @@ impl Store {
             "SELECT u.request_id, u.started_at_ms, u.account_id, a.name, u.key_id, u.provider_id, p.name, \
              u.model, u.endpoint, u.stream, u.prompt_tokens, u.completion_tokens, u.status, u.outcome, u.duration_ms \
              FROM usage_records u LEFT JOIN accounts a ON a.id = u.account_id LEFT JOIN providers p ON p.id = u.provider_id \
-             WHERE u.request_id = ? ORDER BY u.id LIMIT 1",
+             WHERE u.request_id = $1 ORDER BY u.id LIMIT 1",
         )
         .bind(request_id)
         .fetch_optional(self.pool())
@@ -674,7 +694,7 @@ impl Store {
             provider: r.get(6),
             model: r.get(7),
             endpoint: r.get(8),
-            stream: r.get(9),
+            stream: r.get::<i64, _>(9) != 0,
             prompt_tokens: r.get(10),
             completion_tokens: r.get(11),
             status: r.get(12),
@@ -694,7 +714,7 @@ impl Store {
     ) -> Result<i64> {
         Ok(sqlx::query_scalar(
             "INSERT INTO reports (created_at_ms, request_id, reporter_account, reporter_provider, reason, \
-             subject_account, subject_key, subject_provider) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+             subject_account, subject_key, subject_provider) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
         )
         .bind(crate::ledger::now_ms())
         .bind(request_id)
@@ -711,7 +731,7 @@ impl Store {
     /// Reports, newest first, optionally only those with `status`.
     pub async fn list_reports(&self, status: Option<&str>, limit: i64) -> Result<Vec<ReportRow>> {
         let rows = sqlx::query(&format!(
-            "{REPORT_COLUMNS} WHERE (? IS NULL OR status = ?) ORDER BY id DESC LIMIT ?"
+            "{REPORT_COLUMNS} WHERE ($1 IS NULL OR status = $2) ORDER BY id DESC LIMIT $3"
         ))
         .bind(status)
         .bind(status)
@@ -723,7 +743,7 @@ impl Store {
 
     /// One report.
     pub async fn report(&self, id: i64) -> Result<ReportRow> {
-        let r = sqlx::query(&format!("{REPORT_COLUMNS} WHERE id = ?"))
+        let r = sqlx::query(&format!("{REPORT_COLUMNS} WHERE id = $1"))
             .bind(id)
             .fetch_optional(self.pool())
             .await?
@@ -739,7 +759,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<ReportRow>> {
         let rows = sqlx::query(&format!(
-            "{REPORT_COLUMNS} WHERE reporter_account = ? AND reporter_provider IS ? ORDER BY id DESC LIMIT ?"
+            "{REPORT_COLUMNS} WHERE reporter_account = $1 AND reporter_provider IS NOT DISTINCT FROM $2 ORDER BY id DESC LIMIT $3"
         ))
         .bind(account_id)
         .bind(provider)
@@ -752,8 +772,8 @@ impl Store {
     /// Mark an open report resolved with `resolution`. `Conflict` if already resolved.
     pub async fn resolve_report(&self, id: i64, actor: i64, resolution: &str) -> Result<()> {
         let n = sqlx::query(
-            "UPDATE reports SET status = 'resolved', resolution = ?, resolved_by = ?, resolved_at_ms = ? \
-             WHERE id = ? AND status = 'open'",
+            "UPDATE reports SET status = 'resolved', resolution = $1, resolved_by = $2, resolved_at_ms = $3 \
+             WHERE id = $4 AND status = 'open'",
         )
         .bind(resolution)
         .bind(actor)
@@ -775,8 +795,8 @@ impl Store {
     /// are financial records and are never purged. Returns how many rows went.
     pub async fn purge_usage(&self, now_ms: i64, days: u32) -> Result<u64> {
         let cutoff = now_ms.saturating_sub(i64::from(days).saturating_mul(DAY_MS));
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let n = sqlx::query("DELETE FROM usage_records WHERE started_at_ms < ?")
+        let mut tx = self.begin_write().await?;
+        let n = sqlx::query("DELETE FROM usage_records WHERE started_at_ms < $1")
             .bind(cutoff)
             .execute(&mut *tx)
             .await?
@@ -789,7 +809,7 @@ impl Store {
 const REPORT_COLUMNS: &str = "SELECT id, created_at_ms, request_id, reporter_account, reporter_provider, reason, \
      subject_account, subject_key, subject_provider, status, resolution, resolved_at_ms FROM reports";
 
-fn report_row(r: &sqlx::sqlite::SqliteRow) -> ReportRow {
+fn report_row(r: &sqlx::any::AnyRow) -> ReportRow {
     ReportRow {
         id: r.get(0),
         created_at_ms: r.get(1),
@@ -830,9 +850,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn retention_purges_old_usage_and_keeps_the_ledger() {
-        let s = Store::open_in_memory().await.unwrap();
+    crate::conformance!(retention_purges_old_usage_and_keeps_the_ledger, |db| {
+        let s = db.open().await;
         let (_, key) = s.create_key("k", "alice").await.unwrap();
         let alice = s.authenticate_key(&key).await.unwrap().unwrap().account_id;
         s.grant(alice, 5).await.unwrap();
@@ -859,11 +878,10 @@ mod tests {
         // Moving the clock on purges the rest.
         assert_eq!(s.purge_usage(now + 40 * DAY_MS, 30).await.unwrap(), 2);
         assert!(s.recent_usage(10).await.unwrap().is_empty());
-    }
+    });
 
-    #[tokio::test]
-    async fn invites_are_single_use_and_expire() {
-        let s = Store::open_in_memory().await.unwrap();
+    crate::conformance!(invites_are_single_use_and_expire, |db| {
+        let s = db.open().await;
         let admin = s
             .create_account("root", Role::Admin, Standing::Active)
             .await
@@ -896,5 +914,5 @@ mod tests {
         let listed = s.list_invites().await.unwrap();
         assert_eq!(listed.len(), 2);
         assert_eq!(listed[1].used_by.as_deref(), Some("bob"));
-    }
+    });
 }

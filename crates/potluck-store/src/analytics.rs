@@ -7,6 +7,7 @@
 use sqlx::Row;
 
 use crate::store::{Result, Store};
+use crate::Engine;
 
 /// What the rows are grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,16 +25,19 @@ pub enum Grouping {
 }
 
 impl Grouping {
-    /// `(group expression, name expression, extra join, extra condition)`.
-    fn sql(self) -> (&'static str, &'static str, &'static str, &'static str) {
-        match self {
-            Grouping::Day => (
-                "strftime('%Y-%m-%d', u.started_at_ms / 1000, 'unixepoch')",
-                "NULL",
-                "",
-                "",
-            ),
-            Grouping::Model => ("u.model", "NULL", "", ""),
+    /// `(group expression, name expression, extra join, extra condition)`. The name is
+    /// the same in every row of a group; it is aggregated (`MAX`) for PostgreSQL's sake.
+    fn sql(self, engine: Engine) -> (String, &'static str, &'static str, &'static str) {
+        let (group, name, join, cond) = match self {
+            Grouping::Day => {
+                return (
+                    engine.utc_day("u.started_at_ms"),
+                    "CAST(NULL AS TEXT)",
+                    "",
+                    "",
+                )
+            }
+            Grouping::Model => ("u.model", "CAST(NULL AS TEXT)", "", ""),
             Grouping::Key => (
                 "CAST(u.key_id AS TEXT)",
                 "k.name",
@@ -52,7 +56,8 @@ impl Grouping {
                 "LEFT JOIN providers p ON p.id = u.provider_id",
                 "AND u.provider_id IS NOT NULL",
             ),
-        }
+        };
+        (group.to_owned(), name, join, cond)
     }
 }
 
@@ -93,19 +98,20 @@ impl Store {
         grouping: Grouping,
         max_groups: u32,
     ) -> Result<(Vec<UsageTotals>, bool)> {
-        let (group, name, join, cond) = grouping.sql();
+        let (group, name, join, cond) = grouping.sql(self.engine());
         let order = match grouping {
             Grouping::Day => "g ASC",
             _ => "SUM(u.prompt_tokens) + SUM(u.completion_tokens) DESC, g ASC",
         };
         let sql = format!(
-            "SELECT {group} AS g, {name} AS n, COUNT(*), \
-             COALESCE(SUM(u.outcome = 'ok'), 0), \
-             COALESCE(SUM(u.prompt_tokens), 0), COALESCE(SUM(u.completion_tokens), 0) \
+            "SELECT {group} AS g, MAX({name}) AS n, COUNT(*), \
+             CAST(COALESCE(SUM(CASE WHEN u.outcome = 'ok' THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT) \
              FROM usage_records u {join} \
-             WHERE u.started_at_ms >= ? AND u.started_at_ms < ? \
-             AND (? IS NULL OR u.account_id = ?) {cond} \
-             GROUP BY g ORDER BY {order} LIMIT ?"
+             WHERE u.started_at_ms >= $1 AND u.started_at_ms < $2 \
+             AND ($3 IS NULL OR u.account_id = $4) {cond} \
+             GROUP BY g ORDER BY {order} LIMIT $5"
         );
         let rows = sqlx::query(&sql)
             .bind(filter.from_ms)
@@ -162,9 +168,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn totals_by_each_grouping_within_the_range() {
-        let s = Store::open_in_memory().await.unwrap();
+    crate::conformance!(totals_by_each_grouping_within_the_range, |db| {
+        let s = db.open().await;
         s.record_usage(&[
             row(1, 11, Some(7), "a", 0),
             row(1, 11, Some(7), "b", DAY + 5),
@@ -222,5 +227,5 @@ mod tests {
             .await
             .unwrap();
         assert!(none.is_empty() && !more);
-    }
+    });
 }

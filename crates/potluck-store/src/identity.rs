@@ -35,7 +35,7 @@ fn key32(v: &[u8]) -> Option<[u8; 32]> {
 impl Store {
     /// The hub's identity, created on first call.
     pub async fn hub_identity(&self) -> Result<HubIdentityRecord> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let row: Option<(String, Vec<u8>, Vec<u8>)> = sqlx::query_as(
             "SELECT hub_id, signing_key, pseudonym_key FROM hub_identity WHERE id = 1",
         )
@@ -63,7 +63,7 @@ impl Store {
         rng.fill_bytes(&mut id);
         let hub_id = format!("hub-{}", hex::encode(id));
         sqlx::query(
-            "INSERT INTO hub_identity (id, hub_id, signing_key, pseudonym_key, created_at_ms) VALUES (1, ?, ?, ?, ?)",
+            "INSERT INTO hub_identity (id, hub_id, signing_key, pseudonym_key, created_at_ms) VALUES (1, $1, $2, $3, $4)",
         )
         .bind(&hub_id)
         .bind(&signing_key[..])
@@ -89,24 +89,17 @@ impl Store {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    #[allow(unused_imports)]
     use super::*;
 
-    #[tokio::test]
-    async fn created_once_and_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hub.db");
-        let a = Store::open(&path)
-            .await
-            .unwrap()
-            .hub_identity()
-            .await
-            .unwrap();
-        let store = Store::open(&path).await.unwrap();
+    crate::conformance!(created_once_and_kept, |db| {
+        let a = db.open().await.hub_identity().await.unwrap();
+        let store = db.open().await;
         let b = store.hub_identity().await.unwrap();
         assert_eq!(a.hub_id, b.hub_id);
         assert_eq!(a.signing_key, b.signing_key);
         assert_eq!(a.pseudonym_key, b.pseudonym_key);
         assert_ne!(a.signing_key, a.pseudonym_key);
         assert!(!format!("{b:?}").contains(&hex::encode(b.signing_key)));
-    }
+    });
 }

@@ -7,7 +7,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sqlx::{Row, SqliteConnection};
+use sqlx::{AnyConnection, Row};
 
 use crate::store::{Store, StoreError};
 
@@ -99,12 +99,28 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A grant of `amount` from the treasury to `account_id`.
+fn grant_entries(treasury: i64, account_id: i64, amount: Micro) -> [Entry; 2] {
+    [
+        Entry {
+            account_id: treasury,
+            bucket: Bucket::Available,
+            amount: amount.saturating_neg(),
+        },
+        Entry {
+            account_id,
+            bucket: Bucket::Available,
+            amount,
+        },
+    ]
+}
+
 async fn add_earnings(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     account_id: i64,
     amount: Micro,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO earnings (account_id, total) VALUES (?, ?) ON CONFLICT (account_id) DO UPDATE SET total = total + excluded.total")
+    sqlx::query("INSERT INTO earnings (account_id, total) VALUES ($1, $2) ON CONFLICT (account_id) DO UPDATE SET total = earnings.total + excluded.total")
         .bind(account_id)
         .bind(amount)
         .execute(&mut *conn)
@@ -114,7 +130,7 @@ async fn add_earnings(
 
 /// Insert one balanced transaction and keep balances in step (inside the caller's DB transaction).
 async fn post(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     kind: &str,
     request_id: Option<&str>,
     entries: &[Entry],
@@ -127,7 +143,7 @@ async fn post(
         )));
     }
     let tx_id: i64 = sqlx::query_scalar(
-        "INSERT INTO ledger_tx (kind, request_id, created_at_ms, vests_at_ms) VALUES (?, ?, ?, ?) RETURNING id",
+        "INSERT INTO ledger_tx (kind, request_id, created_at_ms, vests_at_ms) VALUES ($1, $2, $3, $4) RETURNING id",
     )
     .bind(kind)
     .bind(request_id)
@@ -137,7 +153,7 @@ async fn post(
     .await?;
     for e in entries.iter().filter(|e| e.amount != 0) {
         sqlx::query(
-            "INSERT INTO ledger_entries (tx_id, account_id, bucket, amount) VALUES (?, ?, ?, ?)",
+            "INSERT INTO ledger_entries (tx_id, account_id, bucket, amount) VALUES ($1, $2, $3, $4)",
         )
         .bind(tx_id)
         .bind(e.account_id)
@@ -146,8 +162,8 @@ async fn post(
         .execute(&mut *conn)
         .await?;
         sqlx::query(
-            "INSERT INTO balances (account_id, bucket, amount) VALUES (?, ?, ?) \
-             ON CONFLICT (account_id, bucket) DO UPDATE SET amount = amount + excluded.amount",
+            "INSERT INTO balances (account_id, bucket, amount) VALUES ($1, $2, $3) \
+             ON CONFLICT (account_id, bucket) DO UPDATE SET amount = balances.amount + excluded.amount",
         )
         .bind(e.account_id)
         .bind(e.bucket.as_str())
@@ -169,7 +185,7 @@ impl Store {
         {
             return Ok(*id);
         }
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let id =
             crate::store::account_id_or_create(&mut tx, name, crate::store::Role::System).await?;
         tx.commit().await?;
@@ -183,22 +199,47 @@ impl Store {
     /// Grant credits from the treasury (negative: take back to it).
     pub async fn grant(&self, account_id: i64, amount: Micro) -> Result<i64, StoreError> {
         let treasury = self.system_account(TREASURY).await?;
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let entries = [
-            Entry {
-                account_id: treasury,
-                bucket: Bucket::Available,
-                amount: -amount,
-            },
-            Entry {
-                account_id,
-                bucket: Bucket::Available,
-                amount,
-            },
-        ];
-        let id = post(&mut tx, "grant", None, &entries, None).await?;
+        let mut tx = self.begin_write().await?;
+        let id = post(
+            &mut tx,
+            "grant",
+            None,
+            &grant_entries(treasury, account_id, amount),
+            None,
+        )
+        .await?;
         tx.commit().await?;
         Ok(id)
+    }
+
+    /// Grant `amount` if the account never had a grant: the check and the grant are one
+    /// write transaction, so two concurrent calls (on any hubs) give it once.
+    pub(crate) async fn grant_unless_granted(
+        &self,
+        account_id: i64,
+        amount: Micro,
+    ) -> Result<bool, StoreError> {
+        let treasury = self.system_account(TREASURY).await?;
+        let mut tx = self.begin_write().await?;
+        let had: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM ledger_entries e JOIN ledger_tx t ON t.id = e.tx_id WHERE t.kind = 'grant' AND e.account_id = $1",
+        )
+        .bind(account_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if had > 0 {
+            return Ok(false);
+        }
+        post(
+            &mut tx,
+            "grant",
+            None,
+            &grant_entries(treasury, account_id, amount),
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Record what a served request cost and earned, in one transaction.
@@ -221,7 +262,7 @@ impl Store {
             return Ok(());
         }
         let tax_account = self.system_account(TAX).await?;
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         for s in batch {
             // Amounts come from the network through the hub's pricing: refuse any that
             // are negative or would overflow rather than wrap.
@@ -273,7 +314,7 @@ impl Store {
 
     /// An account's balance.
     pub async fn balance(&self, account_id: i64) -> Result<Balance, StoreError> {
-        let rows = sqlx::query("SELECT bucket, amount FROM balances WHERE account_id = ?")
+        let rows = sqlx::query("SELECT bucket, amount FROM balances WHERE account_id = $1")
             .bind(account_id)
             .fetch_all(self.pool())
             .await?;
@@ -295,7 +336,7 @@ impl Store {
     ) -> Result<Vec<HistoryLine>, StoreError> {
         let rows = sqlx::query(
             "SELECT t.id, t.kind, t.request_id, e.bucket, e.amount, t.created_at_ms FROM ledger_entries e \
-             JOIN ledger_tx t ON t.id = e.tx_id WHERE e.account_id = ? ORDER BY t.id DESC LIMIT ?",
+             JOIN ledger_tx t ON t.id = e.tx_id WHERE e.account_id = $1 ORDER BY t.id DESC LIMIT $2",
         )
         .bind(account_id)
         .bind(limit)
@@ -316,7 +357,7 @@ impl Store {
 
     /// What an account earned by serving, net of claw-backs.
     pub async fn total_earned(&self, account_id: i64) -> Result<Micro, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT total FROM earnings WHERE account_id = ?")
+        let v: Option<i64> = sqlx::query_scalar("SELECT total FROM earnings WHERE account_id = $1")
             .bind(account_id)
             .fetch_optional(self.pool())
             .await?;
@@ -331,9 +372,9 @@ impl Store {
         account_id: i64,
     ) -> Result<(Micro, Option<i64>), StoreError> {
         let row = sqlx::query(
-            "SELECT COALESCE((SELECT total FROM earnings WHERE account_id = ?1), 0) \
-             - COALESCE((SELECT amount FROM balances WHERE account_id = ?1 AND bucket = 'unvested'), 0), \
-             (SELECT created_at FROM accounts WHERE id = ?1)",
+            "SELECT COALESCE((SELECT total FROM earnings WHERE account_id = $1), 0) \
+             - COALESCE((SELECT amount FROM balances WHERE account_id = $1 AND bucket = 'unvested'), 0), \
+             (SELECT created_at FROM accounts WHERE id = $1)",
         )
         .bind(account_id)
         .fetch_one(self.pool())
@@ -343,10 +384,10 @@ impl Store {
 
     /// Vest every escrowed earning due at `now_ms`. Returns how many vested.
     pub async fn vest_due(&self, now_ms: i64) -> Result<usize, StoreError> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let due = sqlx::query(
             "SELECT t.id, e.account_id, e.amount FROM ledger_tx t JOIN ledger_entries e ON e.tx_id = t.id \
-             WHERE t.vested = 0 AND t.vests_at_ms IS NOT NULL AND t.vests_at_ms <= ? AND e.bucket = 'unvested' AND e.amount > 0",
+             WHERE t.vested = 0 AND t.vests_at_ms IS NOT NULL AND t.vests_at_ms <= $1 AND e.bucket = 'unvested' AND e.amount > 0",
         )
         .bind(now_ms)
         .fetch_all(&mut *tx)
@@ -366,7 +407,7 @@ impl Store {
                 },
             ];
             post(&mut tx, "vest", None, &entries, None).await?;
-            sqlx::query("UPDATE ledger_tx SET vested = 1 WHERE id = ?")
+            sqlx::query("UPDATE ledger_tx SET vested = 1 WHERE id = $1")
                 .bind(tx_id)
                 .execute(&mut *tx)
                 .await?;
@@ -393,9 +434,9 @@ impl Store {
         kind: &str,
         to: Option<i64>,
     ) -> Result<Micro, StoreError> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let held: Option<i64> = sqlx::query_scalar(
-            "SELECT amount FROM balances WHERE account_id = ? AND bucket = 'unvested'",
+            "SELECT amount FROM balances WHERE account_id = $1 AND bucket = 'unvested'",
         )
         .bind(account_id)
         .fetch_optional(&mut *tx)
@@ -428,7 +469,7 @@ impl Store {
             }
             sqlx::query(
                 "UPDATE ledger_tx SET vested = 1 WHERE vested = 0 AND id IN \
-                 (SELECT tx_id FROM ledger_entries WHERE account_id = ? AND bucket = 'unvested')",
+                 (SELECT tx_id FROM ledger_entries WHERE account_id = $1 AND bucket = 'unvested')",
             )
             .bind(account_id)
             .execute(&mut *tx)
@@ -442,7 +483,7 @@ impl Store {
     /// of its entries. Returns the number of transactions checked.
     pub async fn audit_ledger(&self) -> Result<i64, StoreError> {
         let unbalanced: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM (SELECT tx_id FROM ledger_entries GROUP BY tx_id HAVING SUM(amount) != 0)",
+            "SELECT COUNT(*) FROM (SELECT tx_id FROM ledger_entries GROUP BY tx_id HAVING SUM(amount) != 0) AS u",
         )
         .fetch_one(self.pool())
         .await?;
@@ -471,9 +512,10 @@ impl Store {
     /// Sum of all balances of a kind of account: `system` or not.
     pub async fn sum_balances(&self, system: bool) -> Result<Micro, StoreError> {
         let v: Option<i64> = sqlx::query_scalar(
-            "SELECT SUM(b.amount) FROM balances b JOIN accounts a ON a.id = b.account_id WHERE (a.role = 'system') = ?",
+            "SELECT CAST(SUM(b.amount) AS BIGINT) FROM balances b JOIN accounts a ON a.id = b.account_id \
+             WHERE (CASE WHEN a.role = 'system' THEN 1 ELSE 0 END) = $1",
         )
-        .bind(system)
+        .bind(i64::from(system))
         .fetch_one(self.pool())
         .await?;
         Ok(v.unwrap_or(0))
@@ -484,9 +526,8 @@ impl Store {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn unbalanced_transactions_are_refused() {
-        let store = Store::open_in_memory().await.unwrap();
+    crate::conformance!(unbalanced_transactions_are_refused, |db| {
+        let store = db.open().await;
         let a = store.system_account(TREASURY).await.unwrap();
         let mut tx = store.pool().begin().await.unwrap();
         let bad = [Entry {
@@ -498,5 +539,5 @@ mod tests {
             post(&mut tx, "grant", None, &bad, None).await,
             Err(StoreError::Conflict(_))
         ));
-    }
+    });
 }

@@ -4,18 +4,24 @@
 //! Invariant: nothing a consumer sent or received is ever written here. Usage rows hold
 //! ids, the model name, timestamps, token counts and a status code, and nothing else.
 //!
-//! SQLite (embedded, one file in the data directory) is the engine today; the API is
-//! engine-neutral so that PostgreSQL can be added behind it.
+//! Two engines behind one API and one set of queries: SQLite (embedded, one file in the
+//! data directory, the default) and PostgreSQL (one database that several hubs share).
+//! See `engine` for where their dialects differ, and [`testing`] for the conformance
+//! suite that runs every store test on both.
 
 pub mod accounts;
 pub mod analytics;
+pub mod changes;
+mod engine;
 mod identity;
 pub mod ledger;
 mod migrations;
 pub mod secret;
 mod store;
+pub mod testing;
 pub mod trust;
 
+pub use engine::Engine;
 pub use identity::HubIdentityRecord;
 pub use secret::{Secret, SecretKind};
 pub use store::{

@@ -1,19 +1,15 @@
 //! The store itself: one engine-neutral API over an SQLite pool.
 
 use std::path::Path;
-use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{Any, AnyPool, Row, Transaction};
 
+use crate::engine;
 use crate::migrations::MIGRATIONS;
 use crate::secret::{Secret, SecretKind};
 
-/// How long a writer waits for the SQLite lock before failing.
-pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections in the pool.
-pub const MAX_CONNECTIONS: u32 = 8;
+pub use crate::engine::{Engine, MAX_CONNECTIONS};
 
 /// Store faults. None of them carries request content.
 #[derive(Debug, thiserror::Error)]
@@ -307,7 +303,11 @@ pub struct UsageRecord {
 /// The hub's database.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    /// The engine behind the pool (for the few dialect differences).
+    engine: Engine,
+    /// The URL it was opened with (PostgreSQL's change listener connects to it too).
+    url: Option<std::sync::Arc<str>>,
     /// Ids of the system accounts (they never change once created).
     pub(crate) system_ids: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     /// Consumer-key lookups made (`authenticate_key`), for tests and metrics.
@@ -332,36 +332,28 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
 impl Store {
     /// Open (creating if needed) the SQLite database at `path`, and migrate it.
     pub async fn open(path: &Path) -> Result<Self> {
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .connect_with(opts)
-            .await?;
-        let store = Self {
-            pool,
-            system_ids: Default::default(),
-            key_lookups: Default::default(),
-            key_lookup_gate: Default::default(),
-        };
-        store.migrate().await?;
-        Ok(store)
+        let (pool, engine) = engine::connect_file(path).await?;
+        Self::over(pool, engine, None).await
+    }
+
+    /// Open the database at `url` (`sqlite:` or `postgres://`), and migrate it. Several
+    /// hubs may open one PostgreSQL database at once.
+    pub async fn open_url(url: &str) -> Result<Self> {
+        let (pool, engine) = engine::connect(url, MAX_CONNECTIONS).await?;
+        Self::over(pool, engine, Some(url.into())).await
     }
 
     /// A private in-memory database, for tests.
     pub async fn open_in_memory() -> Result<Self> {
-        let opts = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts)
-            .await?;
+        let (pool, engine) = engine::connect("sqlite::memory:", 1).await?;
+        Self::over(pool, engine, None).await
+    }
+
+    async fn over(pool: AnyPool, engine: Engine, url: Option<std::sync::Arc<str>>) -> Result<Self> {
         let store = Self {
             pool,
+            engine,
+            url,
             system_ids: Default::default(),
             key_lookups: Default::default(),
             key_lookup_gate: Default::default(),
@@ -371,21 +363,25 @@ impl Store {
     }
 
     async fn migrate(&self) -> Result<()> {
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
-            .execute(&self.pool)
+        let mut tx = self.begin_write().await?;
+        sqlx::query(&self.engine.ddl("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"))
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         for (version, sql) in MIGRATIONS {
-            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let mut tx = self.begin_write().await?;
             let done: Option<i64> =
-                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
                     .bind(version)
                     .fetch_optional(&mut *tx)
                     .await?;
             if done.is_some() {
                 continue;
             }
-            sqlx::raw_sql(sql).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)")
+            sqlx::raw_sql(&self.engine.ddl(sql))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(version)
                 .bind(now_secs())
                 .execute(&mut *tx)
@@ -394,6 +390,21 @@ impl Store {
             tracing::info!(version, "applied database migration");
         }
         Ok(())
+    }
+
+    /// The URL the store was opened with, if any.
+    pub(crate) fn url(&self) -> Option<&str> {
+        self.url.as_deref()
+    }
+
+    /// The engine this store runs on.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// Begin a write transaction (one at a time on the database: see [`engine::begin_write`]).
+    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
+        engine::begin_write(&self.pool, self.engine).await
     }
 
     /// How many consumer-key lookups this store has made (a hub's negative cache keeps a
@@ -417,18 +428,18 @@ impl Store {
     }
 
     /// The pool.
-    pub(crate) fn pool(&self) -> &SqlitePool {
+    pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }
 }
 
 /// An account's id, creating it with `role` if missing.
 pub(crate) async fn account_id_or_create(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut sqlx::AnyConnection,
     name: &str,
     role: Role,
 ) -> Result<i64> {
-    if let Some(id) = sqlx::query_scalar::<_, i64>("SELECT id FROM accounts WHERE name = ?")
+    if let Some(id) = sqlx::query_scalar::<_, i64>("SELECT id FROM accounts WHERE name = $1")
         .bind(name)
         .fetch_optional(&mut *tx)
         .await?
@@ -436,7 +447,7 @@ pub(crate) async fn account_id_or_create(
         return Ok(id);
     }
     let id = sqlx::query_scalar(
-        "INSERT INTO accounts (name, role, created_at) VALUES (?, ?, ?) RETURNING id",
+        "INSERT INTO accounts (name, role, created_at) VALUES ($1, $2, $3) RETURNING id",
     )
     .bind(name)
     .bind(role.as_str())
@@ -450,7 +461,7 @@ impl Store {
     /// Create the operator's admin key if the hub has none yet. Returns the clear
     /// secret only when it was created now (to be shown once and written to a file).
     pub async fn ensure_admin_key(&self) -> Result<Option<Secret>> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let existing: Option<i64> = sqlx::query_scalar(
             "SELECT k.id FROM api_keys k JOIN accounts a ON a.id = k.account_id \
              WHERE a.role = 'admin' AND k.revoked_at IS NULL LIMIT 1",
@@ -462,7 +473,7 @@ impl Store {
         }
         let account = account_id_or_create(&mut tx, "admin", Role::Admin).await?;
         let secret = Secret::generate(SecretKind::Admin);
-        sqlx::query("INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES (?, 'admin', ?, ?, ?)")
+        sqlx::query("INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES ($1, 'admin', $2, $3, $4)")
             .bind(account)
             .bind(secret.hash())
             .bind(secret.display_prefix())
@@ -500,10 +511,10 @@ impl Store {
         name: &str,
         account: &str,
     ) -> Result<(i64, Secret)> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let account_id = account_id_or_create(&mut tx, account, Role::Member).await?;
         let secret = Secret::generate(kind);
-        let sql = format!("INSERT INTO {table} (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id");
+        let sql = format!("INSERT INTO {table} (account_id, name, secret_hash, prefix, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id");
         let id = sqlx::query_scalar(&sql)
             .bind(account_id)
             .bind(name)
@@ -534,21 +545,23 @@ impl Store {
     }
 
     async fn read_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
-        let row = sqlx::query(
+        let sql = format!(
             "SELECT k.id, k.account_id, a.role, \
              (SELECT MIN(o.rpm) FROM api_keys o WHERE o.account_id = k.account_id), \
              (SELECT MIN(o.tpm) FROM api_keys o WHERE o.account_id = k.account_id), \
              (SELECT MIN(o.max_concurrent) FROM api_keys o WHERE o.account_id = k.account_id), \
              (SELECT MIN(o.daily_tokens) FROM api_keys o WHERE o.account_id = k.account_id), \
              a.status, a.status_reason, k.status, k.status_reason, k.prefer_low_power, k.trusted_only, \
-             (SELECT group_concat(g.name, char(10)) FROM group_members m JOIN groups g ON g.id = m.group_id \
+             (SELECT {} FROM group_members m JOIN groups g ON g.id = m.group_id \
               WHERE m.account_id = k.account_id), \
              a.rpm, a.tpm, a.max_concurrent, a.daily_tokens \
-             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.secret_hash = ? AND k.revoked_at IS NULL",
-        )
-        .bind(secret.hash())
-        .fetch_optional(&self.pool)
-        .await?;
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.secret_hash = $1 AND k.revoked_at IS NULL",
+            self.engine.concat_lines("g.name")
+        );
+        let row = sqlx::query(&sql)
+            .bind(secret.hash())
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(|r| {
             let mut groups: Vec<String> = r
                 .get::<Option<String>, _>(13)
@@ -572,8 +585,8 @@ impl Store {
                     daily_tokens: r.get(17),
                 }),
                 block: block_of((r.get(7), r.get(8)), (Target::Key, r.get(9), r.get(10))),
-                prefer_low_power: r.get(11),
-                trusted_only: r.get(12),
+                prefer_low_power: r.get::<i64, _>(11) != 0,
+                trusted_only: r.get::<i64, _>(12) != 0,
                 groups: groups.into(),
             }
         }))
@@ -581,10 +594,10 @@ impl Store {
 
     /// The shared key of anonymous access (created on first use; its secret is never used).
     pub async fn anonymous_key(&self, name: &str) -> Result<KeyAuth> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let account_id = account_id_or_create(&mut tx, name, Role::Member).await?;
         let existing: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM api_keys WHERE account_id = ? AND name = ? AND revoked_at IS NULL",
+            "SELECT id FROM api_keys WHERE account_id = $1 AND name = $2 AND revoked_at IS NULL",
         )
         .bind(account_id)
         .bind(name)
@@ -594,7 +607,7 @@ impl Store {
             Some(id) => id,
             None => {
                 let secret = Secret::generate(SecretKind::ConsumerKey);
-                sqlx::query_scalar("INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id")
+                sqlx::query_scalar("INSERT INTO api_keys (account_id, name, secret_hash, prefix, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id")
                     .bind(account_id)
                     .bind(name)
                     .bind(secret.hash())
@@ -620,7 +633,7 @@ impl Store {
     /// Set a key's limit overrides (by id; a revoked key's too, since they keep binding its
     /// account). `None` fields lift the override.
     pub async fn set_key_limits(&self, key_id: i64, l: KeyLimits) -> Result<()> {
-        let n = sqlx::query("UPDATE api_keys SET rpm = ?, tpm = ?, max_concurrent = ?, daily_tokens = ? WHERE id = ?")
+        let n = sqlx::query("UPDATE api_keys SET rpm = $1, tpm = $2, max_concurrent = $3, daily_tokens = $4 WHERE id = $5")
             .bind(l.rpm)
             .bind(l.tpm)
             .bind(l.max_concurrent)
@@ -632,12 +645,12 @@ impl Store {
         if n == 0 {
             return Err(StoreError::NotFound);
         }
-        Ok(())
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// Set an account's limit overrides (by id). `None` fields lift the override.
     pub async fn set_account_limits(&self, account_id: i64, l: KeyLimits) -> Result<()> {
-        let n = sqlx::query("UPDATE accounts SET rpm = ?, tpm = ?, max_concurrent = ?, daily_tokens = ? WHERE id = ?")
+        let n = sqlx::query("UPDATE accounts SET rpm = $1, tpm = $2, max_concurrent = $3, daily_tokens = $4 WHERE id = $5")
             .bind(l.rpm)
             .bind(l.tpm)
             .bind(l.max_concurrent)
@@ -649,13 +662,13 @@ impl Store {
         if n == 0 {
             return Err(StoreError::NotFound);
         }
-        Ok(())
+        self.announce(crate::changes::Change::Credentials).await
     }
 
     /// An account by name.
     pub async fn account_by_name(&self, name: &str) -> Result<Option<Account>> {
         let row = sqlx::query(
-            "SELECT id, name, role, status, status_reason FROM accounts WHERE name = ?",
+            "SELECT id, name, role, status, status_reason FROM accounts WHERE name = $1",
         )
         .bind(name)
         .fetch_optional(&self.pool)
@@ -674,17 +687,7 @@ impl Store {
         if amount <= 0 {
             return Ok(false);
         }
-        let had: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM ledger_entries e JOIN ledger_tx t ON t.id = e.tx_id WHERE t.kind = 'grant' AND e.account_id = ?",
-        )
-        .bind(account_id)
-        .fetch_one(&self.pool)
-        .await?;
-        if had > 0 {
-            return Ok(false);
-        }
-        self.grant(account_id, amount).await?;
-        Ok(true)
+        self.grant_unless_granted(account_id, amount).await
     }
 
     /// Resolve a provider token. Revoked and unknown tokens give `None`; a provider (or
@@ -693,7 +696,7 @@ impl Store {
         let row = sqlx::query(
             "SELECT p.id, p.name, p.account_id, a.status, a.status_reason, p.status, p.status_reason \
              FROM providers p JOIN accounts a ON a.id = p.account_id \
-             WHERE p.secret_hash = ? AND p.revoked_at IS NULL",
+             WHERE p.secret_hash = $1 AND p.revoked_at IS NULL",
         )
         .bind(secret.hash())
         .fetch_optional(&self.pool)
@@ -753,7 +756,7 @@ impl Store {
     pub async fn revoke_key(&self, id_or_name: &str) -> Result<i64> {
         let ids: Vec<i64> = sqlx::query_scalar(
             "SELECT k.id FROM api_keys k JOIN accounts a ON a.id = k.account_id \
-             WHERE a.role != 'admin' AND k.revoked_at IS NULL AND (CAST(k.id AS TEXT) = ? OR k.name = ?)",
+             WHERE a.role != 'admin' AND k.revoked_at IS NULL AND (CAST(k.id AS TEXT) = $1 OR k.name = $2)",
         )
         .bind(id_or_name)
         .bind(id_or_name)
@@ -769,28 +772,31 @@ impl Store {
                 )))
             }
         };
-        sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ?")
+        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2")
             .bind(now_secs())
             .bind(id)
             .execute(&self.pool)
             .await?;
+        self.announce(crate::changes::Change::Credentials).await?;
         Ok(id)
     }
 
     /// Revoke a provider's token by id or name. Returns the provider's id.
     pub async fn revoke_provider(&self, id_or_name: &str) -> Result<i64> {
         let id: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM providers WHERE revoked_at IS NULL AND (CAST(id AS TEXT) = ? OR name = ?)",
+            "SELECT id FROM providers WHERE revoked_at IS NULL AND (CAST(id AS TEXT) = $1 OR name = $2)",
         )
         .bind(id_or_name)
         .bind(id_or_name)
         .fetch_optional(&self.pool)
         .await?;
         let id = id.ok_or(StoreError::NotFound)?;
-        sqlx::query("UPDATE providers SET revoked_at = ? WHERE id = ?")
+        sqlx::query("UPDATE providers SET revoked_at = $1 WHERE id = $2")
             .bind(now_secs())
             .bind(id)
             .execute(&self.pool)
+            .await?;
+        self.announce(crate::changes::Change::ProviderRevoked(id))
             .await?;
         Ok(id)
     }
@@ -800,7 +806,7 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         for u in batch {
             insert_usage(&mut tx, u).await?;
         }
@@ -811,7 +817,7 @@ impl Store {
     /// Tokens (prompt + completion) used by an account's keys since `since_ms`.
     pub async fn tokens_used_since(&self, account_id: i64, since_ms: i64) -> Result<i64> {
         let v: Option<i64> = sqlx::query_scalar(
-            "SELECT SUM(prompt_tokens + completion_tokens) FROM usage_records WHERE account_id = ? AND started_at_ms >= ?",
+            "SELECT CAST(SUM(prompt_tokens + completion_tokens) AS BIGINT) FROM usage_records WHERE account_id = $1 AND started_at_ms >= $2",
         )
         .bind(account_id)
         .bind(since_ms)
@@ -824,7 +830,7 @@ impl Store {
     pub async fn recent_usage(&self, limit: i64) -> Result<Vec<UsageRow>> {
         let rows = sqlx::query(
             "SELECT request_id, key_id, provider_id, model, endpoint, stream, status, outcome, \
-             prompt_tokens, completion_tokens, duration_ms FROM usage_records ORDER BY id DESC LIMIT ?",
+             prompt_tokens, completion_tokens, duration_ms FROM usage_records ORDER BY id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -837,7 +843,7 @@ impl Store {
                 provider_id: r.get(2),
                 model: r.get(3),
                 endpoint: r.get(4),
-                stream: r.get(5),
+                stream: r.get::<i64, _>(5) != 0,
                 status: r.get(6),
                 outcome: r.get(7),
                 prompt_tokens: r.get(8),
@@ -876,11 +882,11 @@ pub struct UsageRow {
 }
 
 /// Insert one usage row (inside the caller's transaction).
-pub(crate) async fn insert_usage(conn: &mut sqlx::SqliteConnection, u: &UsageRecord) -> Result<()> {
+pub(crate) async fn insert_usage(conn: &mut sqlx::AnyConnection, u: &UsageRecord) -> Result<()> {
     sqlx::query(
         "INSERT INTO usage_records (request_id, key_id, account_id, provider_id, model, endpoint, stream, \
          status, outcome, prompt_tokens, completion_tokens, started_at_ms, duration_ms, ttft_ms) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(&u.request_id)
     .bind(u.key_id)
@@ -888,7 +894,7 @@ pub(crate) async fn insert_usage(conn: &mut sqlx::SqliteConnection, u: &UsageRec
     .bind(u.provider_id)
     .bind(&u.model)
     .bind(u.endpoint)
-    .bind(u.stream)
+    .bind(i64::from(u.stream))
     .bind(i64::from(u.status))
     .bind(u.outcome)
     .bind(u.prompt_tokens)
@@ -905,10 +911,8 @@ pub(crate) async fn insert_usage(conn: &mut sqlx::SqliteConnection, u: &UsageRec
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn keys_and_tokens_lifecycle() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("hub.db")).await.unwrap();
+    crate::conformance!(keys_and_tokens_lifecycle, |db| {
+        let store = db.open().await;
         let admin = store
             .ensure_admin_key()
             .await
@@ -970,35 +974,49 @@ mod tests {
             .expect("a revoked name can be used again");
         assert_ne!(pid2, pid);
 
-        // The secrets themselves are nowhere in the database file.
-        store.close().await;
+        // The secrets themselves are nowhere in the database: not in SQLite's files, not
+        // in any text column of the key and provider tables.
         let mut all = Vec::new();
-        for e in std::fs::read_dir(dir.path()).unwrap() {
-            all.extend(std::fs::read(e.unwrap().path()).unwrap());
+        for table in ["api_keys", "providers"] {
+            let rows: Vec<(String, String, String)> =
+                sqlx::query_as(&format!("SELECT name, secret_hash, prefix FROM {table}"))
+                    .fetch_all(store.pool())
+                    .await
+                    .unwrap();
+            for (a, b, c) in rows {
+                all.extend([a, b, c].concat().into_bytes());
+            }
+        }
+        store.close().await;
+        if let Some(dir) = db.dir() {
+            for e in std::fs::read_dir(dir).unwrap() {
+                all.extend(std::fs::read(e.unwrap().path()).unwrap());
+            }
         }
         for s in [&admin, &key, &token] {
             let needle = s.expose().as_bytes();
             assert!(!all.windows(needle.len()).any(|w| w == needle));
         }
-    }
+    });
 
-    #[tokio::test]
-    async fn reopen_keeps_data_and_migrates_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hub.db");
+    crate::conformance!(reopen_keeps_data_and_migrates_once, |db| {
         let (_, key) = {
-            let s = Store::open(&path).await.unwrap();
+            let s = db.open().await;
             let r = s.create_key("k", "a").await.unwrap();
             s.close().await;
             r
         };
-        let s = Store::open(&path).await.unwrap();
+        let s = db.open().await;
         assert!(s.authenticate_key(&key).await.unwrap().is_some());
-    }
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+        assert_eq!(applied, MIGRATIONS.len() as i64, "each migration once");
+    });
 
-    #[tokio::test]
-    async fn usage_batches() {
-        let s = Store::open_in_memory().await.unwrap();
+    crate::conformance!(usage_batches, |db| {
+        let s = db.open().await;
         let rec = UsageRecord {
             request_id: "req_1".into(),
             key_id: 1,
@@ -1028,5 +1046,5 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].request_id, "req_2");
         assert_eq!(rows[1].completion_tokens, 7);
-    }
+    });
 }

@@ -65,9 +65,9 @@ impl Store {
     /// Mark a live provider as a trusted reference (or not). Returns its id.
     pub async fn set_trusted(&self, name: &str, trusted: bool) -> Result<i64> {
         let id: Option<i64> = sqlx::query_scalar(
-            "UPDATE providers SET trusted = ? WHERE name = ? AND revoked_at IS NULL RETURNING id",
+            "UPDATE providers SET trusted = $1 WHERE name = $2 AND revoked_at IS NULL RETURNING id",
         )
-        .bind(trusted)
+        .bind(i64::from(trusted))
         .bind(name)
         .fetch_optional(self.pool())
         .await?;
@@ -76,8 +76,8 @@ impl Store {
 
     /// A provider's standing.
     pub async fn standing(&self, provider_id: i64) -> Result<Standing> {
-        let row: Option<(bool, f64, Option<i64>, Option<String>)> = sqlx::query_as(
-            "SELECT trusted, reputation, quarantined_at_ms, quarantine_reason FROM providers WHERE id = ?",
+        let row: Option<(i64, f64, Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT trusted, reputation, quarantined_at_ms, quarantine_reason FROM providers WHERE id = $1",
         )
         .bind(provider_id)
         .fetch_optional(self.pool())
@@ -85,7 +85,7 @@ impl Store {
         let (trusted, reputation, quarantined_at_ms, quarantine_reason) =
             row.ok_or(StoreError::NotFound)?;
         Ok(Standing {
-            trusted,
+            trusted: trusted != 0,
             reputation,
             quarantined_at_ms,
             quarantine_reason,
@@ -101,27 +101,27 @@ impl Store {
         quarantine: Option<&str>,
     ) -> Result<()> {
         let now = now_ms();
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
-            "INSERT INTO audit_results (provider_id, request_id, kind, passed, agreement, score_after, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO audit_results (provider_id, request_id, kind, passed, agreement, score_after, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(a.provider_id)
         .bind(&a.request_id)
         .bind(a.kind)
-        .bind(a.passed)
+        .bind(i64::from(a.passed))
         .bind(a.agreement)
         .bind(score_after)
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE providers SET reputation = ? WHERE id = ?")
+        sqlx::query("UPDATE providers SET reputation = $1 WHERE id = $2")
             .bind(score_after)
             .bind(a.provider_id)
             .execute(&mut *tx)
             .await?;
         if let Some(reason) = quarantine {
             sqlx::query(
-                "UPDATE providers SET quarantined_at_ms = ?, quarantine_reason = ? WHERE id = ? AND quarantined_at_ms IS NULL",
+                "UPDATE providers SET quarantined_at_ms = $1, quarantine_reason = $2 WHERE id = $3 AND quarantined_at_ms IS NULL",
             )
             .bind(now)
             .bind(reason)
@@ -137,21 +137,21 @@ impl Store {
     pub async fn provider_honesty(
         &self,
     ) -> Result<std::collections::HashMap<i64, (bool, f64, bool, String)>> {
-        let rows: Vec<(i64, bool, f64, bool, String)> = sqlx::query_as(
-            "SELECT id, trusted, reputation, quarantined_at_ms IS NOT NULL, status FROM providers",
+        let rows: Vec<(i64, i64, f64, i64, String)> = sqlx::query_as(
+            "SELECT id, trusted, reputation, CASE WHEN quarantined_at_ms IS NULL THEN 0 ELSE 1 END, status FROM providers",
         )
         .fetch_all(self.pool())
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, t, r, q, s)| (id, (t, r, q, s)))
+            .map(|(id, t, r, q, s)| (id, (t != 0, r, q != 0, s)))
             .collect())
     }
 
     /// Lift a quarantine (a moderator's decision) and reset the score.
     pub async fn release_quarantine(&self, provider_id: i64, score: f64) -> Result<()> {
         let n = sqlx::query(
-            "UPDATE providers SET quarantined_at_ms = NULL, quarantine_reason = NULL, reputation = ? WHERE id = ?",
+            "UPDATE providers SET quarantined_at_ms = NULL, quarantine_reason = NULL, reputation = $1 WHERE id = $2",
         )
         .bind(score)
         .bind(provider_id)
@@ -170,26 +170,30 @@ impl Store {
         provider_id: i64,
         limit: i64,
     ) -> Result<Vec<(String, bool, Option<f64>, f64, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT kind, passed, agreement, score_after, created_at_ms FROM audit_results WHERE provider_id = ? ORDER BY id DESC LIMIT ?",
+        let rows: Vec<(String, i64, Option<f64>, f64, i64)> = sqlx::query_as(
+            "SELECT kind, passed, agreement, score_after, created_at_ms FROM audit_results WHERE provider_id = $1 ORDER BY id DESC LIMIT $2",
         )
         .bind(provider_id)
         .bind(limit)
         .fetch_all(self.pool())
-        .await?)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, p, a, s, t)| (k, p != 0, a, s, t))
+            .collect())
     }
 
     /// Keep a guard verdict (category codes only).
     pub async fn record_moderation(&self, e: &ModerationEvent) -> Result<()> {
         sqlx::query(
-            "INSERT INTO moderation_events (request_id, account_id, provider_id, model, stage, blocked, categories, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO moderation_events (request_id, account_id, provider_id, model, stage, blocked, categories, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&e.request_id)
         .bind(e.account_id)
         .bind(e.provider_id)
         .bind(&e.model)
         .bind(e.stage)
-        .bind(e.blocked)
+        .bind(i64::from(e.blocked))
         .bind(&e.categories)
         .bind(now_ms())
         .execute(self.pool())
@@ -204,11 +208,15 @@ impl Store {
         &self,
         limit: i64,
     ) -> Result<Vec<(String, i64, Option<i64>, String, String, bool, String, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT request_id, account_id, provider_id, model, stage, blocked, categories, created_at_ms FROM moderation_events ORDER BY id DESC LIMIT ?",
+        let rows: Vec<(String, i64, Option<i64>, String, String, i64, String, i64)> = sqlx::query_as(
+            "SELECT request_id, account_id, provider_id, model, stage, blocked, categories, created_at_ms FROM moderation_events ORDER BY id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(self.pool())
-        .await?)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(r, a, p, m, s, b, c, t)| (r, a, p, m, s, b != 0, c, t))
+            .collect())
     }
 }

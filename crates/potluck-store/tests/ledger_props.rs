@@ -7,7 +7,11 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
 use potluck_store::ledger::{Settlement, TAX, TREASURY};
-use potluck_store::{Store, UsageRecord};
+use potluck_store::testing::TestDb;
+use potluck_store::{Engine, Store, UsageRecord};
+
+/// Every property runs on both engines (PostgreSQL when configured: see `testing`).
+const ENGINES: [Engine; 2] = [Engine::Sqlite, Engine::Postgres];
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -235,9 +239,9 @@ proptest! {
     #[test]
     fn every_account_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
-            let dir = tempfile::tempdir().unwrap();
-            let store = Store::open(&dir.path().join("hub.db")).await.unwrap();
+        rt.block_on(async move { for engine in ENGINES {
+            let Some(db) = TestDb::new(engine).await else { continue };
+            let store = db.open().await;
             let (accounts, keys) = members(&store).await;
             let mut model = Model::default();
             for (n, op) in ops.iter().enumerate() {
@@ -247,10 +251,10 @@ proptest! {
                 if let Op::Clawback { provider } = *op {
                     assert_eq!(clawed, before[provider].1, "a claw-back takes all the escrow");
                 }
-                assert_eq!(books(&store, &accounts).await, model, "after op {n}: {op:?}");
+                assert_eq!(books(&store, &accounts).await, model, "{engine:?}, after op {n}: {op:?}");
             }
             store.audit_ledger().await.unwrap();
-        });
+        }});
     }
 
     /// Several tasks at once: the order of vests and claw-backs is up to the scheduler,
@@ -259,9 +263,9 @@ proptest! {
     #[test]
     fn books_balance_under_concurrency(ops in proptest::collection::vec(op(), 1..60), tasks in 2usize..5) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let dir = tempfile::tempdir().unwrap();
-            let store = Store::open(&dir.path().join("hub.db")).await.unwrap();
+        rt.block_on(async move { for engine in ENGINES {
+            let Some(db) = TestDb::new(engine).await else { continue };
+            let store = db.open().await;
             let (accounts, keys) = members(&store).await;
             let mut handles = Vec::new();
             for t in 0..tasks {
@@ -303,17 +307,42 @@ proptest! {
             let members = store.sum_balances(false).await.unwrap();
             let system = store.sum_balances(true).await.unwrap();
             assert_eq!(members + system, 0, "the books sum to zero");
-        });
+        }});
     }
 }
 
-#[tokio::test]
-async fn starter_grant_is_given_once() {
-    let store = Store::open_in_memory().await.unwrap();
+potluck_store::conformance!(starter_grant_is_given_once, |db| {
+    let store = db.open().await;
     store.create_key("k", "a").await.unwrap();
     let a = store.account_by_name("a").await.unwrap().unwrap().id;
     assert!(store.starter_grant(a, 100).await.unwrap());
     assert!(!store.starter_grant(a, 100).await.unwrap(), "only once");
     assert_eq!(store.balance(a).await.unwrap().available, 100);
     store.audit_ledger().await.unwrap();
-}
+});
+
+// Two hubs (two stores on one database) racing to give the same account its starter
+// grant: the check and the grant are one write transaction, so it is given once.
+potluck_store::conformance!(starter_grant_is_given_once_across_hubs, |db| {
+    let (hub_a, hub_b) = (db.open().await, db.open().await);
+    hub_a.create_key("k", "a").await.unwrap();
+    let a = hub_a.account_by_name("a").await.unwrap().unwrap().id;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s = if i % 2 == 0 {
+            hub_a.clone()
+        } else {
+            hub_b.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            s.starter_grant(a, 100).await.unwrap()
+        }));
+    }
+    let mut given = 0;
+    for t in tasks {
+        given += i32::from(t.await.unwrap());
+    }
+    assert_eq!(given, 1, "one grant among the racing calls");
+    assert_eq!(hub_b.balance(a).await.unwrap().available, 100);
+    hub_a.audit_ledger().await.unwrap();
+});

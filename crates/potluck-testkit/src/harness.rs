@@ -1,4 +1,6 @@
-//! A hub and agents in this process, on 127.0.0.1 port 0, with a real SQLite file.
+//! A hub and agents in this process, on 127.0.0.1 port 0, with a real SQLite file (or,
+//! with `POTLUCK_TEST_HUB_DATABASE=postgres`, a fresh PostgreSQL database per hub on the
+//! server `POTLUCK_TEST_DATABASE_URL` names: see `potluck_store::testing`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,10 +24,34 @@ pub struct TestHub {
     pub http: reqwest::Client,
     data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
+    /// The PostgreSQL database this hub made for itself (dropped with the hub).
+    _db: Option<potluck_store::testing::TestDb>,
     config: HubConfig,
     state: Option<Arc<HubState>>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// The environment variable that puts every test hub on PostgreSQL (`postgres`).
+pub const HUB_DATABASE_ENV: &str = "POTLUCK_TEST_HUB_DATABASE";
+
+/// A fresh PostgreSQL database when [`HUB_DATABASE_ENV`] asks for one (then a missing
+/// server is an error, not a skip: the run was asked to be on PostgreSQL).
+async fn hub_database() -> Option<potluck_store::testing::TestDb> {
+    match std::env::var(HUB_DATABASE_ENV).as_deref() {
+        Ok("postgres") => Some(
+            potluck_store::testing::TestDb::postgres()
+                .await
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{HUB_DATABASE_ENV}=postgres needs {}",
+                        potluck_store::testing::TEST_DATABASE_URL
+                    )
+                }),
+        ),
+        Ok("") | Ok("sqlite") | Err(_) => None,
+        Ok(other) => panic!("{HUB_DATABASE_ENV}={other:?}: expected postgres or sqlite"),
+    }
 }
 
 impl TestHub {
@@ -44,6 +70,13 @@ impl TestHub {
             ..HubConfig::default()
         };
         f(&mut config);
+        let db = match config.database {
+            None => hub_database().await,
+            Some(_) => None,
+        };
+        if let Some(db) = &db {
+            config.database = Some(potluck_hub::config::DatabaseUrl::new(db.url()));
+        }
         let data_dir = config.data_dir.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -60,6 +93,7 @@ impl TestHub {
                 .expect("client"),
             data_dir,
             _tmp: Some(tmp),
+            _db: db,
             config,
             state: None,
             shutdown: CancellationToken::new(),

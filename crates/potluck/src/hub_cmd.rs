@@ -18,6 +18,16 @@ pub(crate) struct HubArgs {
     /// Directory for hub.db and admin.key [default: ~/.local/share/potluck; config: data_dir].
     #[arg(long, env = "POTLUCK_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// A PostgreSQL database to keep the hub's data in instead of hub.db in the data
+    /// directory: postgres://USER:PASSWORD@HOST/DB. Several hubs may share one
+    /// [default: none, SQLite; config: database].
+    #[arg(
+        long,
+        env = "POTLUCK_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database: Option<String>,
     /// Serve Prometheus metrics at /metrics on this address too, without a key
     /// [default: off; config: metrics_listen]. Bind it to a private address.
     #[arg(long, env = "POTLUCK_METRICS_LISTEN", value_name = "ADDR")]
@@ -94,12 +104,18 @@ pub(crate) async fn hub(a: HubArgs) -> anyhow::Result<()> {
     if let Some(d) = a.data_dir {
         config.data_dir = d;
     }
+    if let Some(url) = a.database {
+        config.database = Some(potluck_hub::config::DatabaseUrl::new(url));
+    }
     // Bind first: a taken port must not cost the operator a one-time admin key print.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let key_path = config.data_dir.join("admin.key");
-    let data_dir = config.data_dir.clone();
+    let data = match &config.database {
+        Some(url) => format!("{}   admin key: {}", url.redacted(), key_path.display()),
+        None => config.data_dir.display().to_string(),
+    };
     let (hub, admin_key) = Hub::open(config).await?;
     if let Some(admin) = admin_key {
         write_private(&key_path, &format!("{}\n", admin.expose()))?;
@@ -112,7 +128,7 @@ pub(crate) async fn hub(a: HubArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     say(&format!(
         "potluck hub listening on http://{addr}\n  OpenAI base URL: http://{addr}/v1   data: {}",
-        data_dir.display()
+        data
     ));
     if let Some(m) = hub.state().metrics.listen_addr() {
         say(&format!("  metrics (no key): http://{m}/metrics"));

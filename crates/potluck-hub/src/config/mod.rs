@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod database;
 mod limits;
 mod observe;
 mod serving;
 mod trust;
 
+pub use database::DatabaseUrl;
 pub use limits::{AbuseConfig, AnonymousConfig, LimitsConfig, MAX_ADMIN_BODY_BYTES};
 pub use observe::{AlertConfig, AlertingConfig, MetricsConfig, UsageApiConfig};
 pub use serving::{RoutingConfig, ServerConfig};
@@ -27,6 +29,9 @@ pub struct HubConfig {
     pub listen: SocketAddr,
     /// Holds `hub.db` and `admin.key`.
     pub data_dir: PathBuf,
+    /// A PostgreSQL database (`postgres://USER:PASSWORD@HOST/DB`) instead of `hub.db` in
+    /// the data directory; several hubs may share it. Default: none (SQLite).
+    pub database: Option<DatabaseUrl>,
     /// Largest consumer request body, in bytes (413 above).
     pub max_request_bytes: usize,
     /// Largest non-streamed provider response, in bytes (502 above).
@@ -333,6 +338,9 @@ impl HubConfig {
     /// Check cross-field rules serde cannot express.
     pub fn validate(&self) -> Result<(), String> {
         self.usage_api.validate()?;
+        if let Some(db) = &self.database {
+            db.validate()?;
+        }
         if !self
             .credits
             .classes
@@ -397,6 +405,7 @@ impl Default for HubConfig {
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080))),
             data_dir: PathBuf::from("potluck-data"),
+            database: None,
             max_request_bytes: 8 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
             max_sse_line_bytes: 1024 * 1024,
