@@ -71,17 +71,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     run_with_carriers(config, carriers, shutdown).await
 }
 
-/// A hub URL as the tunnels to open: one per address its name resolves to now, when
-/// there are several (each pinned to its address, TLS and `Host:` keeping the name);
-/// else the URL itself, resolved again at each connect.
+/// A hub URL as the tunnels to open: one per address when its name resolves to several
+/// of one family ([`HubUrl::tunnel_targets`]), else the URL itself.
 async fn expand(hub: &HubUrl) -> Vec<HubUrl> {
-    match hub.resolve_all(config::MAX_ADDRESSES_PER_HUB).await {
-        Ok(addrs) if addrs.len() > 1 => {
-            tracing::info!(hub = %hub, addresses = addrs.len(), "the hub's name has several addresses: one tunnel to each");
-            addrs.into_iter().map(|a| hub.pinned(a)).collect()
-        }
-        _ => vec![hub.clone()],
+    let targets = hub.tunnel_targets(config::MAX_ADDRESSES_PER_HUB).await;
+    if targets.len() > 1 {
+        tracing::info!(hub = %hub, addresses = targets.len(), "the hub's name has several addresses: one tunnel to each");
     }
+    targets
 }
 
 /// Like [`run`], over any [`Carrier`] (one tunnel).

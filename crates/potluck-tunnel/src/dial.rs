@@ -81,19 +81,23 @@ impl HubUrl {
         self.addr
     }
 
-    /// Every address the host resolves to now, deduplicated, in the resolver's order (a
-    /// literal IP gives itself). At most `max`.
-    pub async fn resolve_all(&self, max: usize) -> std::io::Result<Vec<SocketAddr>> {
-        let mut out: Vec<SocketAddr> = Vec::new();
-        for sa in tokio::net::lookup_host((self.host(), self.port())).await? {
-            if out.len() >= max {
-                break;
-            }
-            if !out.contains(&sa) {
-                out.push(sa);
-            }
+    /// The tunnels to open to this hub: one per address when its name resolves now to
+    /// several of one family ([`spread`]), each pinned; else this URL itself (resolved
+    /// again at each connect, trying every address). At most `max`.
+    pub async fn tunnel_targets(&self, max: usize) -> Vec<HubUrl> {
+        if self.addr.is_some() {
+            return vec![self.clone()];
         }
-        Ok(out)
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((self.host(), self.port())).await
+        {
+            Ok(a) => a.collect(),
+            Err(_) => Vec::new(),
+        };
+        let spread = spread(&addrs, max);
+        if spread.len() < 2 {
+            return vec![self.clone()];
+        }
+        spread.into_iter().map(|a| self.pinned(a)).collect()
     }
 
     /// Whether TLS is used.
@@ -154,6 +158,26 @@ impl std::fmt::Display for HubUrl {
             None => Ok(()),
         }
     }
+}
+
+/// The addresses that get a tunnel each: those of the family of the first (the
+/// resolver's preferred), deduplicated, at most `max`. Only one family, so that a single
+/// server with an IPv4 and an IPv6 address (or `localhost` as `::1` and `127.0.0.1`) is
+/// not taken for two hubs; with fewer than two, the caller dials the name as usual.
+pub fn spread(addrs: &[SocketAddr], max: usize) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return Vec::new();
+    };
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in addrs.iter().filter(|a| a.is_ipv4() == first.is_ipv4()) {
+        if out.len() >= max {
+            break;
+        }
+        if !out.contains(a) {
+            out.push(*a);
+        }
+    }
+    out
 }
 
 fn tls_config() -> Arc<rustls::ClientConfig> {
@@ -274,11 +298,31 @@ mod tests {
             .await
             .expect("dialed the pinned address, not port 1");
         accepted.await.unwrap().unwrap();
-        let all = HubUrl::parse("http://127.0.0.1:9")
-            .unwrap()
-            .resolve_all(8)
-            .await
-            .unwrap();
-        assert_eq!(all, vec!["127.0.0.1:9".parse().unwrap()]);
+        // A literal address is one tunnel, the URL itself.
+        let one = HubUrl::parse("http://127.0.0.1:9").unwrap();
+        assert_eq!(one.tunnel_targets(8).await, vec![one.clone()]);
+    }
+
+    /// Several addresses of one family: one tunnel each (deduplicated, capped); a name
+    /// with one address per family is one server, dialed by name.
+    #[test]
+    fn spread_takes_one_family() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let v4 = [
+            a("10.0.0.1:443"),
+            a("10.0.0.2:443"),
+            a("10.0.0.1:443"),
+            a("10.0.0.3:443"),
+        ];
+        assert_eq!(
+            spread(&v4, 8),
+            [a("10.0.0.1:443"), a("10.0.0.2:443"), a("10.0.0.3:443")]
+        );
+        assert_eq!(spread(&v4, 2).len(), 2);
+        let dual = [a("[::1]:80"), a("127.0.0.1:80")];
+        assert_eq!(spread(&dual, 8), [a("[::1]:80")]);
+        let mixed = [a("10.0.0.1:443"), a("[2001:db8::1]:443"), a("10.0.0.2:443")];
+        assert_eq!(spread(&mixed, 8), [a("10.0.0.1:443"), a("10.0.0.2:443")]);
+        assert!(spread(&[], 8).is_empty());
     }
 }

@@ -12,8 +12,10 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
+use std::path::Path;
 use std::time::Duration;
 
+use potluck_agent::control::{self, Command, HubStatus};
 use potluck_testkit::{
     chat_body, Consumer, FakeBackend, FakeBehavior, RealBackend, TestAgent, TestHub,
 };
@@ -33,6 +35,17 @@ async fn two_hubs() -> (TestHub, TestHub) {
 
 /// An agent serving `backend` on both hubs with `slots` slots in all.
 fn agent_on(hubs: [&TestHub; 2], token: &str, backend: &str, slots: u32) -> TestAgent {
+    agent_with_socket(hubs, token, backend, slots, None)
+}
+
+/// The same, with a control socket at `socket` if given.
+fn agent_with_socket(
+    hubs: [&TestHub; 2],
+    token: &str,
+    backend: &str,
+    slots: u32,
+    socket: Option<&Path>,
+) -> TestAgent {
     let urls: Vec<HubUrl> = hubs
         .iter()
         .map(|h| HubUrl::parse(&h.url()).unwrap())
@@ -41,7 +54,18 @@ fn agent_on(hubs: [&TestHub; 2], token: &str, backend: &str, slots: u32) -> Test
         .with_hubs(urls)
         .unwrap();
     c.max_concurrency = slots;
+    c.control_socket = socket.map(Path::to_path_buf);
     TestAgent::start_with(c)
+}
+
+/// The agent's tunnels as `potluck provide status` shows them.
+async fn tunnels(socket: &Path) -> Vec<HubStatus> {
+    control::request(socket, Command::Status)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .hubs
 }
 
 /// A streamed chat through `who`'s hub; the whole body, which must end well.
@@ -106,11 +130,16 @@ async fn killing_a_hub_loses_no_provider_and_a_restart_gets_it_back() {
         Consumer::with_key(&b, "bob", key),
     );
     let backend = FakeBackend::start(&[MODEL]).await;
-    let _agent = agent_on([&a, &b], &token, &backend.base_url(), 4);
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("provide.sock");
+    let _agent = agent_with_socket([&a, &b], &token, &backend.base_url(), 4, Some(&socket));
     a.wait_for_model(MODEL, 1).await;
     b.wait_for_model(MODEL, 1).await;
     served(&via_a).await;
     served(&via_b).await;
+    let t = tunnels(&socket).await;
+    assert_eq!(t.len(), 2);
+    assert!(t.iter().all(|h| h.connected && h.opened == 1), "{t:?}");
 
     // Traffic through B keeps flowing while A goes down.
     let traffic = {
@@ -126,12 +155,68 @@ async fn killing_a_hub_loses_no_provider_and_a_restart_gets_it_back() {
         served(&via_b).await;
     }
     traffic.await.unwrap();
+    potluck_testkit::wait_until("A's tunnel seen closed", Duration::from_secs(10), || {
+        let socket = socket.clone();
+        async move { !tunnels(&socket).await[0].connected }
+    })
+    .await;
+    let t = tunnels(&socket).await;
+    assert!(!t[0].connected && t[0].last_error.is_some(), "{t:?}");
+    assert!(
+        t[1].connected && t[1].opened == 1,
+        "B's tunnel never dropped: {t:?}"
+    );
 
     // A comes back on the same address: the agent reconnects by itself.
     a.restart().await;
     a.wait_for_model(MODEL, 1).await;
     served(&via_a).await;
     served(&via_b).await;
+    let t = tunnels(&socket).await;
+    assert!(t[0].connected && t[0].opened >= 2, "{t:?}");
+}
+
+/// A hub that does not know the token (here one with a database of its own) is given up
+/// on alone: the agent keeps serving through the hub that knows it, and its status says
+/// which tunnel was refused and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_that_refuses_the_token_is_given_up_alone() {
+    let a = TestHub::start().await;
+    let stranger = TestHub::start().await;
+    let token = a.create_provider("one-hub-box").await;
+    let alice = Consumer::new(&a, "alice").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("provide.sock");
+    let _agent = agent_with_socket(
+        [&a, &stranger],
+        &token,
+        &backend.base_url(),
+        2,
+        Some(&socket),
+    );
+    a.wait_for_model(MODEL, 1).await;
+    potluck_testkit::wait_until(
+        "the stranger refused the token",
+        Duration::from_secs(10),
+        || {
+            let socket = socket.clone();
+            async move {
+                tunnels(&socket).await[1]
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("refused the provider token"))
+            }
+        },
+    )
+    .await;
+    let t = tunnels(&socket).await;
+    assert!(
+        t[0].connected && !t[1].connected && t[1].opened == 0,
+        "{t:?}"
+    );
+    assert_eq!(alice.chat(MODEL, "hi").await.status, 200);
+    assert!(stranger.state().registry.models().is_empty());
 }
 
 /// The real llama.cpp backend behind one agent on two hubs: a request through each hub
