@@ -14,6 +14,12 @@ use crate::schedule::{Clock, SystemClock};
 /// Default for [`AgentConfig::max_concurrency`].
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 64;
 
+/// Most hubs one agent serves (`--hub` given this many times, or `hubs = [...]`).
+pub const MAX_HUBS: usize = 16;
+/// Most tunnels one hub URL becomes when its name resolves to several addresses (one
+/// tunnel per address).
+pub const MAX_ADDRESSES_PER_HUB: usize = 8;
+
 /// Default [`AgentConfig::reload_interval`].
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// Default [`AgentConfig::schedule_recheck`].
@@ -89,9 +95,11 @@ impl BackendConfig {
 /// Everything the agent needs.
 #[derive(Clone)]
 pub struct AgentConfig {
-    /// The hub.
-    pub hub: HubUrl,
-    /// The provider token (never logged).
+    /// The hubs, at least one and at most [`MAX_HUBS`]: one tunnel to each (to each of
+    /// its addresses, when its name resolves to several), each reconnecting on its own.
+    /// The agent's slots are shared by all of them.
+    pub hubs: Vec<HubUrl>,
+    /// The provider token (never logged); the same on every hub (they share a database).
     pub token: String,
     /// Local backends, tried in order for a model several serve.
     pub backends: Vec<BackendConfig>,
@@ -127,7 +135,10 @@ pub struct AgentConfig {
 impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")
-            .field("hub", &self.hub.as_str())
+            .field(
+                "hubs",
+                &self.hubs.iter().map(HubUrl::as_str).collect::<Vec<_>>(),
+            )
             .field("token", &"<redacted>")
             .field("backends", &self.backends)
             .field("max_concurrency", &self.max_concurrency)
@@ -136,6 +147,25 @@ impl std::fmt::Debug for AgentConfig {
 }
 
 impl AgentConfig {
+    /// The same with several hubs (duplicates dropped): at least one, at most
+    /// [`MAX_HUBS`].
+    pub fn with_hubs(mut self, hubs: Vec<HubUrl>) -> Result<Self, ConfigError> {
+        let mut unique: Vec<HubUrl> = Vec::with_capacity(hubs.len());
+        for h in hubs {
+            if !unique.contains(&h) {
+                unique.push(h);
+            }
+        }
+        if unique.is_empty() || unique.len() > MAX_HUBS {
+            return Err(ConfigError::new(
+                "hubs",
+                format!("expected 1 to {MAX_HUBS} hub URLs"),
+            ));
+        }
+        self.hubs = unique;
+        Ok(self)
+    }
+
     /// A configuration with defaults for everything but the hub, token and backends.
     pub fn new(
         hub: HubUrl,
@@ -155,7 +185,7 @@ impl AgentConfig {
             ));
         }
         Ok(Self {
-            hub,
+            hubs: vec![hub],
             token: token.trim().to_owned(),
             backends,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,

@@ -71,6 +71,19 @@ pub struct ModelStatus {
     pub max_context: Option<u32>,
 }
 
+/// One tunnel in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubStatus {
+    /// The hub's URL (with the address it is pinned to, if any).
+    pub url: String,
+    /// Whether its tunnel is open now.
+    pub connected: bool,
+    /// Times its tunnel was opened (more than 1 after reconnects).
+    pub opened: u64,
+    /// Why it last closed or failed to open (content-free).
+    pub last_error: Option<String>,
+}
+
 /// What `potluck provide status` shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -78,10 +91,13 @@ pub struct Status {
     pub state: String,
     /// Why draining (`paused`, `schedule`, `busy`) or why nothing arrives (`no_hub`).
     pub reasons: Vec<String>,
-    /// The hub's URL.
+    /// The first hub's URL.
     pub hub: String,
-    /// Whether the tunnel is open.
+    /// Whether at least one tunnel is open.
     pub hub_connected: bool,
+    /// Each tunnel (one per hub, per address of a hub with several).
+    #[serde(default)]
+    pub hubs: Vec<HubStatus>,
     /// Models offered.
     pub models: Vec<ModelStatus>,
     /// Requests in flight.
@@ -127,8 +143,23 @@ pub async fn status(sh: &Shared) -> Status {
     Status {
         state: if accepting { "accepting" } else { "draining" }.into(),
         reasons,
-        hub: sh.config.hub.as_str().to_owned(),
+        hub: sh
+            .config
+            .hubs
+            .first()
+            .map(|h| h.as_str().to_owned())
+            .unwrap_or_default(),
         hub_connected: sh.is_connected(),
+        hubs: sh
+            .hubs
+            .iter()
+            .map(|h| HubStatus {
+                url: h.label.clone(),
+                connected: h.is_connected(),
+                opened: h.times_opened(),
+                last_error: h.last_error(),
+            })
+            .collect(),
         models: routes
             .iter()
             .map(|r| ModelStatus {
@@ -182,8 +213,24 @@ pub fn metrics_text(s: &Status) -> String {
     );
     gauge(
         "hub_connected",
-        "1 while the tunnel to the hub is open",
+        "1 while at least one tunnel to a hub is open",
         &[(None, flag(s.hub_connected))],
+    );
+    let up: Vec<(Option<(&str, &str)>, f64)> = s
+        .hubs
+        .iter()
+        .map(|h| (Some(("hub", h.url.as_str())), flag(h.connected)))
+        .collect();
+    gauge("hub_tunnel_up", "1 while this hub's tunnel is open", &up);
+    let opened: Vec<(Option<(&str, &str)>, f64)> = s
+        .hubs
+        .iter()
+        .map(|h| (Some(("hub", h.url.as_str())), h.opened as f64))
+        .collect();
+    gauge(
+        "hub_tunnel_opened",
+        "Times this hub's tunnel was opened since the agent started",
+        &opened,
     );
     gauge(
         "requests_in_flight",
@@ -399,6 +446,12 @@ mod tests {
             reasons: vec!["paused".into()],
             hub: "http://hub".into(),
             hub_connected: false,
+            hubs: vec![HubStatus {
+                url: "http://a\"} 1\nevil_hub 9".into(),
+                connected: true,
+                opened: 3,
+                last_error: None,
+            }],
             models: vec![ModelStatus {
                 model: "a\"} 1\nevil_metric 9".into(),
                 backend_name: "b".into(),
@@ -421,6 +474,11 @@ mod tests {
         );
         assert!(
             text.contains(r#"potluck_agent_model_in_flight{model="a\"} 1\nevil_metric 9"} 2"#),
+            "{text}"
+        );
+        assert!(text.lines().all(|l| !l.starts_with("evil_hub")), "{text}");
+        assert!(
+            text.contains(r#"potluck_agent_hub_tunnel_opened{hub="http://a\"} 1\nevil_hub 9"} 3"#),
             "{text}"
         );
         assert!(text.contains("potluck_agent_accepting 0\n"));

@@ -13,7 +13,7 @@ use potluck_protocol::tunnel::MAX_ANNOUNCED_CONCURRENCY;
 use potluck_tunnel::HubUrl;
 use serde::Deserialize;
 
-use crate::config::{AgentConfig, BackendConfig};
+use crate::config::{AgentConfig, BackendConfig, MAX_HUBS};
 use crate::policy::{
     AccessSection, BusySection, ConfigError, JournalSection, LimitsSection, ModelSection, Policy,
     PolicyFile, PolicySource, PowerSection, ScheduleSection,
@@ -28,6 +28,8 @@ pub const MAX_FILE_SECS: f64 = 1e7;
 pub struct FileConfig {
     /// The hub's URL.
     pub hub: Option<String>,
+    /// More hubs (with `hub`, if set): one tunnel to each.
+    pub hubs: Option<Vec<String>>,
     /// The provider token (a secret: this type has no `Debug`).
     pub token: Option<String>,
     /// Allow an `http://` hub that is not this machine (the token travels in clear).
@@ -137,8 +139,8 @@ impl FileConfig {
 /// field wins. No `Debug`: it holds secrets.
 #[derive(Default, Clone)]
 pub struct Overrides {
-    /// The hub's URL.
-    pub hub: Option<String>,
+    /// The hubs' URLs (`--hub`, repeatable); when any is given, the file's are ignored.
+    pub hubs: Vec<String>,
     /// The provider token.
     pub token: Option<String>,
     /// `--insecure`: allow an `http://` hub that is not this machine (the file's
@@ -175,6 +177,46 @@ fn secs(field: &'static str, v: f64) -> Result<Duration, ConfigError> {
     }
 }
 
+/// The hubs: the flags' if any, else the file's `hub` then `hubs`; each parsed, and
+/// refused in clear text to another machine unless `insecure`.
+fn hub_urls(
+    over: &Overrides,
+    hub: Option<String>,
+    hubs: Option<Vec<String>>,
+    insecure: bool,
+) -> Result<Vec<HubUrl>, ConfigError> {
+    let raw: Vec<String> = if over.hubs.is_empty() {
+        hub.into_iter().chain(hubs.unwrap_or_default()).collect()
+    } else {
+        over.hubs.clone()
+    };
+    if raw.is_empty() {
+        return Err(ConfigError::new(
+            "hub",
+            "missing; pass --hub URL (repeatable), set POTLUCK_HUB, or `hub`/`hubs` in the config file",
+        ));
+    }
+    if raw.len() > MAX_HUBS {
+        return Err(ConfigError::new("hubs", format!("at most {MAX_HUBS} hubs")));
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for h in raw {
+        let hub = HubUrl::parse(h.trim()).map_err(|e| ConfigError::new("hub", e.to_string()))?;
+        if hub.is_clear_text_remote() && !insecure {
+            return Err(ConfigError::new(
+                "hub",
+                format!(
+                    "{hub} is plain http to another machine: the provider token would travel \
+                     in clear. Use https://, or pass --insecure (`insecure = true` in the config \
+                     file) if the network between you and the hub is yours"
+                ),
+            ));
+        }
+        out.push(hub);
+    }
+    Ok(out)
+}
+
 /// Merge `over` over `file`, and validate into an [`AgentConfig`].
 pub fn resolve(
     over: &Overrides,
@@ -182,23 +224,8 @@ pub fn resolve(
     paths: Paths,
 ) -> Result<AgentConfig, ConfigError> {
     let policy = file.policy(over.max_concurrency)?;
-    let hub = over.hub.clone().or(file.hub).ok_or_else(|| {
-        ConfigError::new(
-            "hub",
-            "missing; pass --hub URL, set POTLUCK_HUB, or `hub` in the config file",
-        )
-    })?;
-    let hub = HubUrl::parse(&hub).map_err(|e| ConfigError::new("hub", e.to_string()))?;
-    if hub.is_clear_text_remote() && !(over.insecure || file.insecure == Some(true)) {
-        return Err(ConfigError::new(
-            "hub",
-            format!(
-                "{hub} is plain http to another machine: the provider token would travel \
-                 in clear. Use https://, or pass --insecure (`insecure = true` in the config \
-                 file) if the network between you and the hub is yours"
-            ),
-        ));
-    }
+    let insecure = over.insecure || file.insecure == Some(true);
+    let hubs = hub_urls(over, file.hub.take(), file.hubs.take(), insecure)?;
     let token = over.token.clone().or(file.token).ok_or_else(|| {
         ConfigError::new(
             "token",
@@ -220,7 +247,11 @@ pub fn resolve(
             .map(|u| BackendConfig::parse(u.trim(), over.backend_api_key.clone()))
             .collect::<Result<Vec<_>, _>>()?
     };
-    let mut c = AgentConfig::new(hub, token, backends)?;
+    let first = hubs
+        .first()
+        .cloned()
+        .ok_or_else(|| ConfigError::new("hub", "missing"))?;
+    let mut c = AgentConfig::new(first, token, backends)?.with_hubs(hubs)?;
     if let Some(n) = over.max_concurrency.or(file.max_concurrency) {
         if n == 0 || n > MAX_ANNOUNCED_CONCURRENCY {
             return Err(ConfigError::new(
@@ -260,7 +291,7 @@ mod tests {
 
     fn over(hub: Option<&str>, backends: &[&str]) -> Overrides {
         Overrides {
-            hub: hub.map(str::to_owned),
+            hubs: hub.map(str::to_owned).into_iter().collect(),
             // These tests are about the merge rules; the clear-text rule has its own.
             insecure: true,
             backends: backends.iter().map(|s| s.to_string()).collect(),
@@ -319,11 +350,66 @@ mod tests {
         )
         .unwrap();
         let c = resolve(&over(Some("http://flag:2"), &[]), file, paths()).unwrap();
-        assert_eq!(c.hub.as_str(), "http://flag:2/");
+        assert_eq!(c.hubs.len(), 1);
+        assert_eq!(c.hubs[0].as_str(), "http://flag:2/");
         assert_eq!(c.token, "pt-file");
         assert_eq!(c.max_concurrency, 3);
         assert_eq!(c.backends[0].api_key.as_deref(), Some("k"));
         assert_eq!(c.state_dir.as_deref(), Some(Path::new("/state")));
+    }
+
+    /// Several hubs: the file's `hub` then `hubs` (duplicates dropped), or the flags'
+    /// instead; each is checked for clear text; more than [`MAX_HUBS`] is refused.
+    #[test]
+    fn several_hubs_from_file_or_flags() {
+        let file = |extra: &str| -> FileConfig {
+            toml::from_str(&format!(
+                "token = \"pt-x\"\n{extra}\n[[backends]]\nurl = \"http://127.0.0.1:9/v1\"\n"
+            ))
+            .unwrap()
+        };
+        let strict = Overrides {
+            insecure: false,
+            ..over(None, &[])
+        };
+        let c = resolve(
+            &strict,
+            file("hub = \"https://a.example\"\nhubs = [\"https://b.example\", \"https://a.example\"]"),
+            paths(),
+        )
+        .unwrap();
+        let urls: Vec<&str> = c.hubs.iter().map(HubUrl::as_str).collect();
+        assert_eq!(urls, ["https://a.example/", "https://b.example/"]);
+        let c = resolve(&strict, file("hubs = [\"https://b.example\"]"), paths()).unwrap();
+        assert_eq!(c.hubs.len(), 1);
+        // Flags replace the file's hubs.
+        let mut o = strict.clone();
+        o.hubs = vec!["https://c.example".into(), "https://d.example".into()];
+        let c = resolve(&o, file("hubs = [\"https://b.example\"]"), paths()).unwrap();
+        let urls: Vec<&str> = c.hubs.iter().map(HubUrl::as_str).collect();
+        assert_eq!(urls, ["https://c.example/", "https://d.example/"]);
+        // One clear-text hub among several is refused.
+        let e = resolve(
+            &strict,
+            file("hubs = [\"https://b.example\", \"http://c.example\"]"),
+            paths(),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.field, "hub");
+        let many: Vec<String> = (0..=MAX_HUBS)
+            .map(|i| format!("\"https://h{i}.example\""))
+            .collect();
+        let e = resolve(
+            &strict,
+            file(&format!("hubs = [{}]", many.join(","))),
+            paths(),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.field, "hubs");
+        let e = resolve(&strict, file("hubs = []"), paths()).err().unwrap();
+        assert_eq!(e.field, "hub");
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod file;
 pub mod gate;
 mod gpu;
 pub mod journal;
+pub mod link;
 pub mod policy;
 pub mod request;
 pub mod response;
@@ -39,10 +40,11 @@ pub mod supply;
 use std::sync::Arc;
 use std::time::Duration;
 
-use potluck_tunnel::{Carrier, UpgradeCarrier};
+use potluck_tunnel::{Carrier, HubUrl, UpgradeCarrier};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 pub use config::{AgentConfig, BackendConfig};
 
@@ -51,25 +53,57 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// A tunnel that lived this long resets the reconnect backoff.
 pub const STABLE_TUNNEL: Duration = Duration::from_secs(10);
 
-/// Run the agent until `shutdown`: keep one tunnel to the hub open, reconnecting with
-/// exponential backoff and jitter; keep discovering the backends' models.
+/// Run the agent until `shutdown`: keep one tunnel open to each hub (to each address of
+/// a hub whose name resolves to several), each reconnecting on its own with exponential
+/// backoff and jitter; keep discovering the backends' models.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let carrier = UpgradeCarrier {
-        hub: config.hub.clone(),
-        token: config.token.clone(),
-        agent_version: AGENT_VERSION.to_owned(),
-    };
-    run_with_carrier(config, Arc::new(carrier), shutdown).await
+    let mut carriers: Vec<(String, Arc<dyn Carrier>)> = Vec::new();
+    for hub in &config.hubs {
+        for url in expand(hub).await {
+            let carrier = UpgradeCarrier {
+                hub: url.clone(),
+                token: config.token.clone(),
+                agent_version: AGENT_VERSION.to_owned(),
+            };
+            carriers.push((url.to_string(), Arc::new(carrier)));
+        }
+    }
+    run_with_carriers(config, carriers, shutdown).await
 }
 
-/// Like [`run`], over any [`Carrier`].
+/// A hub URL as the tunnels to open: one per address when its name resolves to several
+/// of one family ([`HubUrl::tunnel_targets`]), else the URL itself.
+async fn expand(hub: &HubUrl) -> Vec<HubUrl> {
+    let targets = hub.tunnel_targets(config::MAX_ADDRESSES_PER_HUB).await;
+    if targets.len() > 1 {
+        tracing::info!(hub = %hub, addresses = targets.len(), "the hub's name has several addresses: one tunnel to each");
+    }
+    targets
+}
+
+/// Like [`run`], over any [`Carrier`] (one tunnel).
 pub async fn run_with_carrier(
     config: AgentConfig,
     carrier: Arc<dyn Carrier>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    let label = config
+        .hubs
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    run_with_carriers(config, vec![(label, carrier)], shutdown).await
+}
+
+/// Like [`run`], with one tunnel per carrier (named by its label in status and logs).
+/// The agent stops when `shutdown` fires, or when every hub refused the token.
+pub async fn run_with_carriers(
+    config: AgentConfig,
+    carriers: Vec<(String, Arc<dyn Carrier>)>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let tasks = TaskTracker::new();
-    // Background tasks stop on `stop`, cancelled after the tunnel has drained, so that
+    // Background tasks stop on `stop`, cancelled after the tunnels have drained, so that
     // requests finishing in the grace period still reach the journal.
     let stop = CancellationToken::new();
     let journal_limits = Arc::new(journal::JournalLimits::new(&config.policy.journal));
@@ -85,7 +119,12 @@ pub async fn run_with_carrier(
         }
         None => journal::Journal::disabled(),
     };
-    let shared = Arc::new(state::Shared::new(config.clone(), journal, journal_limits));
+    let mut shared = state::Shared::new(config.clone(), journal, journal_limits);
+    shared.hubs = carriers
+        .iter()
+        .map(|(label, _)| Arc::new(link::HubLink::new(label.clone())))
+        .collect();
+    let shared = Arc::new(shared);
     if let Some(path) = &config.control_socket {
         match control::bind(path).await {
             Ok(l) => {
@@ -107,53 +146,25 @@ pub async fn run_with_carrier(
     if let Some(src) = config.policy_source.clone() {
         tasks.spawn(reload_loop(Arc::clone(&shared), src, stop.clone()));
     }
-    let mut backoff = config.reconnect_min;
-    let mut outcome = Ok(());
-    loop {
-        if shutdown.is_cancelled() {
-            break;
-        }
-        let started = tokio::time::Instant::now();
-        let attempt = tokio::select! {
-            r = carrier.connect() => r,
-            _ = shutdown.cancelled() => break,
-        };
-        match attempt {
-            Ok(io) => {
-                tracing::info!(hub = %config.hub, "tunnel open");
-                backoff = config.reconnect_min;
-                shared.set_connected(true);
-                let why = service::serve_tunnel(
-                    io,
-                    Arc::clone(&shared),
-                    shutdown.clone(),
-                    config.shutdown_grace,
-                )
-                .await;
-                shared.set_connected(false);
-                if shutdown.is_cancelled() {
-                    break;
-                }
-                tracing::warn!(reason = %why, "tunnel closed; reconnecting");
-                if started.elapsed() >= STABLE_TUNNEL {
-                    backoff = config.reconnect_min;
-                }
-            }
-            Err(e) if e.is_auth() => {
-                // Retrying cannot help: the token is unknown or revoked. Stop, loudly.
-                outcome = Err(AgentError::Refused(e.to_string()));
-                break;
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot open the tunnel; retrying"),
-        }
-        let wait = jitter(backoff);
-        tracing::debug!(wait_ms = wait.as_millis() as u64, "reconnect backoff");
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.cancelled() => break,
-        }
-        backoff = (backoff * 2).min(config.reconnect_max);
+    let tunnels = TaskTracker::new();
+    for ((_, carrier), link) in carriers.into_iter().zip(shared.hubs.iter()) {
+        tunnels.spawn(tunnel_loop(
+            carrier,
+            Arc::clone(&shared),
+            Arc::clone(link),
+            shutdown.clone(),
+        ));
     }
+    tunnels.close();
+    // Every tunnel loop ends on shutdown; one ends early only when its hub refused the
+    // token. The agent gives up when all of them did.
+    tunnels.wait().await;
+    let outcome = if shutdown.is_cancelled() {
+        Ok(())
+    } else {
+        let why: Vec<String> = shared.hubs.iter().filter_map(|h| h.last_error()).collect();
+        Err(AgentError::Refused(why.join("; ")))
+    };
     stop.cancel();
     tasks.close();
     if tokio::time::timeout(config.shutdown_grace, tasks.wait())
@@ -164,6 +175,73 @@ pub async fn run_with_carrier(
     }
     tracing::info!("agent stopped");
     outcome
+}
+
+/// One hub's tunnel until `shutdown`: connect, serve, and after it closes reconnect with
+/// its own backoff (reset by a tunnel that lived [`STABLE_TUNNEL`]). Returns early only
+/// when the hub refused the token (retrying cannot help; the other hubs go on).
+async fn tunnel_loop(
+    carrier: Arc<dyn Carrier>,
+    shared: Arc<state::Shared>,
+    link: Arc<link::HubLink>,
+    shutdown: CancellationToken,
+) {
+    let config = &shared.config;
+    let span = tracing::info_span!("tunnel", hub = %link.label);
+    let mut backoff = config.reconnect_min;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        let attempt = tokio::select! {
+            r = carrier.connect().instrument(span.clone()) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match attempt {
+            Ok(io) => {
+                span.in_scope(|| tracing::info!("tunnel open"));
+                backoff = config.reconnect_min;
+                link.opened();
+                let why = service::serve_tunnel(
+                    io,
+                    Arc::clone(&shared),
+                    Arc::clone(&link),
+                    shutdown.clone(),
+                    config.shutdown_grace,
+                )
+                .instrument(span.clone())
+                .await;
+                link.closed(&why);
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                span.in_scope(|| tracing::warn!(reason = %why, "tunnel closed; reconnecting"));
+                if started.elapsed() >= STABLE_TUNNEL {
+                    backoff = config.reconnect_min;
+                }
+            }
+            Err(e) if e.is_auth() => {
+                // Retrying cannot help: the token is unknown or revoked here. Stop, loudly.
+                span.in_scope(
+                    || tracing::error!(error = %e, "the hub refused the token; not retrying it"),
+                );
+                link.failed(&format!("{}: {e}", link.label));
+                return;
+            }
+            Err(e) => {
+                span.in_scope(|| tracing::warn!(error = %e, "cannot open the tunnel; retrying"));
+                link.failed(&e.to_string());
+            }
+        }
+        let wait = jitter(backoff);
+        tracing::debug!(parent: &span, wait_ms = wait.as_millis() as u64, "reconnect backoff");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(config.reconnect_max);
+    }
 }
 
 /// Why the agent gave up (everything else is retried).

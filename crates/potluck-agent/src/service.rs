@@ -16,8 +16,9 @@ use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
 use potluck_protocol::request::RequestLimits;
 use potluck_protocol::tunnel::{
-    AgentEvent, HubEvent, CONTROL_PATH, EVENTS_PATH, HEADER_AGENT_ERROR, HEADER_CONSUMER,
-    HEADER_MODEL, HEADER_REQUEST_ID, MAX_EVENTS_BODY_BYTES, MAX_SHORT_TEXT_BYTES, PROTOCOL_VERSION,
+    AgentEvent, HubEvent, CONTROL_PATH, EVENTS_PATH, HEADER_AGENT_BUSY, HEADER_AGENT_ERROR,
+    HEADER_CONSUMER, HEADER_MODEL, HEADER_REQUEST_ID, MAX_EVENTS_BODY_BYTES, MAX_SHORT_TEXT_BYTES,
+    PROTOCOL_VERSION,
 };
 use potluck_protocol::{ErrorBody, InferenceEndpoint, ModelName};
 use tokio::sync::mpsc;
@@ -27,6 +28,7 @@ use tracing::Instrument;
 
 use crate::energy::EnergyMark;
 use crate::journal::{Entry, RequestEntry};
+use crate::link::HubLink;
 use crate::policy::Limits;
 use crate::request::{self, ModelCaps};
 use crate::response::{self, Outcome, Usage};
@@ -36,7 +38,8 @@ use crate::AGENT_VERSION;
 
 /// Retries of a backend request that failed before any response header.
 pub const BACKEND_RETRIES: u32 = 1;
-/// How long a request waits for a concurrency slot before the agent refuses it.
+/// How long a request waits for a concurrency slot before the agent answers "busy" (the
+/// slots are shared by every hub the agent serves, so another hub may hold them).
 pub const PERMIT_WAIT: Duration = Duration::from_secs(2);
 /// Agent events (energy) queued for the control stream; more are dropped.
 pub const EVENT_QUEUE: usize = 1024;
@@ -47,19 +50,23 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of every response the agent sends through the tunnel.
 pub type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Serve the hub's requests over one tunnel until it closes or `shutdown`; returns why it ended.
+/// Serve one hub's requests over its tunnel (`link`) until it closes or `shutdown`;
+/// returns why it ended.
 pub async fn serve_tunnel(
     io: Upgraded,
     shared: Arc<Shared>,
+    link: Arc<HubLink>,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> String {
     let draining = CancellationToken::new();
-    *shared.draining.lock() = draining.clone();
+    *link.draining.lock() = draining.clone();
     let sh = Arc::clone(&shared);
+    let ln = Arc::clone(&link);
     let svc = service_fn(move |req| {
         let sh = Arc::clone(&sh);
-        async move { Ok::<_, Infallible>(handle(req, sh).await) }
+        let ln = Arc::clone(&ln);
+        async move { Ok::<_, Infallible>(handle(req, sh, ln).await) }
     });
     let conn = potluck_tunnel::settings::server_builder().serve_connection(io, svc);
     tokio::pin!(conn);
@@ -79,7 +86,7 @@ pub async fn serve_tunnel(
         }
     };
     draining.cancel();
-    *shared.events.lock() = None;
+    *link.events.lock() = None;
     reason
 }
 
@@ -108,11 +115,15 @@ fn agent_error(status: StatusCode, message: &str) -> Response<AgentBody> {
     )
 }
 
-async fn handle(req: Request<Incoming>, sh: Arc<Shared>) -> Response<AgentBody> {
+async fn handle(
+    req: Request<Incoming>,
+    sh: Arc<Shared>,
+    link: Arc<HubLink>,
+) -> Response<AgentBody> {
     let method = req.method().clone();
     let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("");
     if method == Method::GET && target == CONTROL_PATH {
-        return control(&sh);
+        return control(&sh, &link);
     }
     if method == Method::POST && target == EVENTS_PATH {
         return hub_events(req, &sh).await;
@@ -131,7 +142,7 @@ async fn handle(req: Request<Incoming>, sh: Arc<Shared>) -> Response<AgentBody> 
         let body = serde_json::json!({"object": "list", "data": data}).to_string();
         return Response::new(full(body));
     }
-    forward(req, endpoint, sh).await
+    forward(req, endpoint, sh, link).await
 }
 
 /// Whether a receipt from the hub is kept: it is for a request this agent served and has
@@ -206,11 +217,11 @@ async fn hub_events(req: Request<Incoming>, sh: &Shared) -> Response<AgentBody> 
 
 /// The control stream: `hello`, then `models` on every change and energy events, until
 /// the tunnel drains.
-fn control(sh: &Arc<Shared>) -> Response<AgentBody> {
+fn control(sh: &Arc<Shared>, link: &HubLink) -> Response<AgentBody> {
     let rx = sh.offer.subscribe();
     let (tx, events) = mpsc::channel(EVENT_QUEUE);
-    *sh.events.lock() = Some(tx);
-    let draining = sh.draining.lock().clone();
+    *link.events.lock() = Some(tx);
+    let draining = link.draining.lock().clone();
     let stream = futures_util::stream::unfold(
         (rx, events, true, draining),
         move |(mut rx, mut events, first, draining)| async move {
@@ -259,6 +270,8 @@ fn control(sh: &Arc<Shared>) -> Response<AgentBody> {
 /// energy event, inside the request's span.
 struct RequestRecord {
     sh: Arc<Shared>,
+    /// The tunnel the request came by: its energy event goes back there.
+    link: Arc<HubLink>,
     span: tracing::Span,
     _slot: SlotGuard,
     request_id: String,
@@ -298,7 +311,7 @@ impl Drop for RequestRecord {
         let watts = self.sh.watts().unwrap_or(0.0);
         let millijoules = self.sh.energy.finish(self.mark, watts);
         if watts > 0.0 && !self.request_id.is_empty() {
-            self.sh.send_event(AgentEvent::Energy {
+            self.link.send_event(AgentEvent::Energy {
                 request_id: self.request_id.clone(),
                 model: self.model.clone(),
                 millijoules,
@@ -364,6 +377,7 @@ async fn forward(
     req: Request<Incoming>,
     endpoint: InferenceEndpoint,
     sh: Arc<Shared>,
+    link: Arc<HubLink>,
 ) -> Response<AgentBody> {
     let started = Instant::now();
     let request_id = header_text(&req, HEADER_REQUEST_ID, MAX_REQUEST_ID_BYTES).unwrap_or_default();
@@ -385,7 +399,7 @@ async fn forward(
         let (admitted, body) = admit(req, &sh, request_id, model, started).await?;
         let body = read(body, endpoint, &admitted).await?;
         let backend_resp = send_with_retry(&sh, endpoint, &admitted, body).await?;
-        Ok::<_, Response<AgentBody>>(relay(&sh, admitted, backend_resp).await)
+        Ok::<_, Response<AgentBody>>(relay(&sh, link, admitted, backend_resp).await)
     };
     match steps.instrument(span.clone()).await {
         Ok(r) | Err(r) => r,
@@ -420,17 +434,19 @@ async fn admit(
         .as_ref()
         .and_then(|r| r.max_concurrency)
         .map(|n| n as usize);
-    // The hub never sends more than the announced capacity, but a slot it reuses can
-    // arrive a moment before the previous response body is dropped here: wait briefly.
+    // One hub never sends more than the announced capacity, but a slot it reuses can
+    // arrive a moment before the previous response body is dropped here, and every hub
+    // this agent serves is told the same capacity: wait briefly, then answer "busy",
+    // which a hub retries elsewhere without counting it against this provider.
     let Some(slot) = sh
         .slots
         .acquire(&model, sh.total_limit() as usize, per_model, PERMIT_WAIT)
         .await
     else {
-        return Err(agent_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "provider at capacity",
-        ));
+        let mut r = agent_error(StatusCode::SERVICE_UNAVAILABLE, "provider at capacity");
+        r.headers_mut()
+            .insert(HEADER_AGENT_BUSY, HeaderValue::from_static("1"));
+        return Err(r);
     };
     let admitted = Admitted {
         request_id,
@@ -551,7 +567,12 @@ async fn send_with_retry(
 
 /// Relay the backend's answer (streamed or whole) under the bandwidth cap; the request's
 /// record rides along and journals it when the answer ends or is dropped.
-async fn relay(sh: &Arc<Shared>, a: Admitted, resp: Response<Incoming>) -> Response<AgentBody> {
+async fn relay(
+    sh: &Arc<Shared>,
+    link: Arc<HubLink>,
+    a: Admitted,
+    resp: Response<Incoming>,
+) -> Response<AgentBody> {
     let status = resp.status();
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
     let streamed = content_type
@@ -567,6 +588,7 @@ async fn relay(sh: &Arc<Shared>, a: Admitted, resp: Response<Incoming>) -> Respo
     sh.served(&a.request_id, time_ms);
     let mut record = RequestRecord {
         sh: Arc::clone(sh),
+        link,
         span: tracing::Span::current(),
         _slot: a.slot,
         request_id: a.request_id,

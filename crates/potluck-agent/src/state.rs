@@ -4,21 +4,20 @@
 //! the control socket and the main loop; it imports none of them.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use potluck_protocol::tunnel::{AgentEvent, ModelHash, ModelOffer, ProviderProfile};
+use potluck_protocol::tunnel::{ModelHash, ModelOffer, ProviderProfile};
 use potluck_protocol::{ModelCapabilities, ModelName};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch, Notify};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{watch, Notify};
 
 use crate::backend::{self, BackendClient};
 use crate::config::AgentConfig;
 use crate::energy::EnergyMeter;
 use crate::gate::Gate;
 use crate::journal::{Journal, JournalLimits};
+use crate::link::HubLink;
 use crate::policy::{ModelRule, Policy};
 use crate::slots::{Bandwidth, Slots};
 use crate::supply::HashCache;
@@ -83,10 +82,9 @@ pub struct Shared {
     pub bandwidth: Arc<Bandwidth>,
     /// Drain switches.
     pub gate: Gate,
-    connected: AtomicBool,
-    /// Cancelled when the current tunnel drains (ends the control stream).
-    pub(crate) draining: Mutex<CancellationToken>,
-    pub(crate) events: Mutex<Option<mpsc::Sender<AgentEvent>>>,
+    /// One link per tunnel (per hub, per address of a hub with several), set before the
+    /// tunnels start; they share everything else here.
+    pub hubs: Vec<Arc<HubLink>>,
     pub(crate) energy: EnergyMeter,
     /// Power draw measured (NVML), watts.
     pub measured_watts: Mutex<Option<f64>>,
@@ -144,9 +142,7 @@ impl Shared {
             slots: Arc::new(Slots::default()),
             bandwidth,
             gate: Gate::default(),
-            connected: AtomicBool::new(false),
-            draining: Mutex::new(CancellationToken::new()),
-            events: Mutex::new(None),
+            hubs: Vec::new(),
             energy: EnergyMeter::default(),
             measured_watts: Mutex::new(None),
             journal,
@@ -322,21 +318,9 @@ impl Shared {
         self.slots.in_flight_for(m)
     }
 
-    /// Whether a tunnel is open.
+    /// Whether at least one tunnel is open.
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn set_connected(&self, v: bool) {
-        self.connected.store(v, Ordering::Relaxed);
-    }
-
-    pub(crate) fn send_event(&self, ev: AgentEvent) {
-        if let Some(tx) = self.events.lock().as_ref() {
-            if tx.try_send(ev).is_err() {
-                tracing::debug!("control event dropped (queue full or no hub)");
-            }
-        }
+        self.hubs.iter().any(|h| h.is_connected())
     }
 }
 

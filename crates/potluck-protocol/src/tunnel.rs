@@ -35,6 +35,10 @@ pub const HEADER_MODEL: &str = "x-potluck-model";
 pub const HEADER_REQUEST_ID: &str = "x-potluck-request-id";
 /// Response header the agent sets on errors it produced itself (not the backend's).
 pub const HEADER_AGENT_ERROR: &str = "x-potluck-agent-error";
+/// Response header (with a 503 and [`HEADER_AGENT_ERROR`]) the agent sets when all its
+/// slots are taken, possibly by another hub it serves: the hub retries elsewhere (or the
+/// same agent a moment later) and does not count it as the provider's failure.
+pub const HEADER_AGENT_BUSY: &str = "x-potluck-agent-busy";
 
 /// Longest control line (one JSON event plus newline).
 pub const MAX_CONTROL_LINE_BYTES: usize = 256 * 1024;

@@ -1,5 +1,6 @@
 //! Dialing the hub: TCP with `TCP_NODELAY`, then TLS (rustls, webpki roots) for `https`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,10 +18,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 /// A boxed [`Io`].
 pub type BoxIo = Box<dyn Io>;
 
-/// A validated hub base URL: `http` or `https`, with a host, no query.
+/// A validated hub base URL: `http` or `https`, with a host, no query. It may be pinned
+/// to one of its host's addresses ([`HubUrl::pinned`]): it then dials that address and
+/// still names the host for TLS and `Host:`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubUrl {
     url: Url,
+    addr: Option<SocketAddr>,
 }
 
 /// Why dialing failed.
@@ -60,7 +64,40 @@ impl HubUrl {
                 "{s:?}: no query or fragment allowed"
             )));
         }
-        Ok(Self { url })
+        Ok(Self { url, addr: None })
+    }
+
+    /// The same hub, dialed at `addr` (one of the addresses its name resolves to); TLS
+    /// and `Host:` keep the name.
+    pub fn pinned(&self, addr: SocketAddr) -> Self {
+        Self {
+            url: self.url.clone(),
+            addr: Some(addr),
+        }
+    }
+
+    /// The address this URL is pinned to, if any.
+    pub fn pinned_addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+
+    /// The tunnels to open to this hub: one per address when its name resolves now to
+    /// several of one family ([`spread`]), each pinned; else this URL itself (resolved
+    /// again at each connect, trying every address). At most `max`.
+    pub async fn tunnel_targets(&self, max: usize) -> Vec<HubUrl> {
+        if self.addr.is_some() {
+            return vec![self.clone()];
+        }
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((self.host(), self.port())).await
+        {
+            Ok(a) => a.collect(),
+            Err(_) => Vec::new(),
+        };
+        let spread = spread(&addrs, max);
+        if spread.len() < 2 {
+            return vec![self.clone()];
+        }
+        spread.into_iter().map(|a| self.pinned(a)).collect()
     }
 
     /// Whether TLS is used.
@@ -115,8 +152,32 @@ impl HubUrl {
 
 impl std::fmt::Display for HubUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.url.as_str().trim_end_matches('/'))
+        f.write_str(self.url.as_str().trim_end_matches('/'))?;
+        match self.addr {
+            Some(a) => write!(f, " ({a})"),
+            None => Ok(()),
+        }
     }
+}
+
+/// The addresses that get a tunnel each: those of the family of the first (the
+/// resolver's preferred), deduplicated, at most `max`. Only one family, so that a single
+/// server with an IPv4 and an IPv6 address (or `localhost` as `::1` and `127.0.0.1`) is
+/// not taken for two hubs; with fewer than two, the caller dials the name as usual.
+pub fn spread(addrs: &[SocketAddr], max: usize) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return Vec::new();
+    };
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in addrs.iter().filter(|a| a.is_ipv4() == first.is_ipv4()) {
+        if out.len() >= max {
+            break;
+        }
+        if !out.contains(a) {
+            out.push(*a);
+        }
+    }
+    out
 }
 
 fn tls_config() -> Arc<rustls::ClientConfig> {
@@ -135,11 +196,16 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
     }))
 }
 
-/// Resolve and connect, trying each address in turn. Takes an owned name so that the
-/// future stays `Send` for every lifetime (it is boxed as a `dyn Future + Send`).
-async fn connect_tcp(addr: String) -> std::io::Result<TcpStream> {
+/// Resolve and connect, trying each address in turn (only the pinned one if any). Takes
+/// an owned name so that the future stays `Send` for every lifetime (it is boxed as a
+/// `dyn Future + Send`).
+async fn connect_tcp(addr: String, pinned: Option<SocketAddr>) -> std::io::Result<TcpStream> {
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
-    for sa in tokio::net::lookup_host(addr).await? {
+    let addrs: Vec<SocketAddr> = match pinned {
+        Some(a) => vec![a],
+        None => tokio::net::lookup_host(addr).await?.collect(),
+    };
+    for sa in addrs {
         match TcpStream::connect(sa).await {
             Ok(s) => return Ok(s),
             Err(e) => last = e,
@@ -152,8 +218,15 @@ async fn connect_tcp(addr: String) -> std::io::Result<TcpStream> {
 pub fn dial(
     hub: &HubUrl,
 ) -> impl std::future::Future<Output = Result<BoxIo, DialError>> + Send + 'static {
-    let addr = format!("{}:{}", hub.host(), hub.port());
-    let fut = connect(addr.clone(), hub.is_tls().then(|| hub.host().to_owned()));
+    let addr = match hub.addr {
+        Some(a) => a.to_string(),
+        None => format!("{}:{}", hub.host(), hub.port()),
+    };
+    let fut = connect(
+        addr.clone(),
+        hub.addr,
+        hub.is_tls().then(|| hub.host().to_owned()),
+    );
     async move {
         tokio::time::timeout(CONNECT_TIMEOUT, fut)
             .await
@@ -161,8 +234,12 @@ pub fn dial(
     }
 }
 
-async fn connect(addr: String, tls_name: Option<String>) -> Result<BoxIo, DialError> {
-    let tcp = match connect_tcp(addr.clone()).await {
+async fn connect(
+    addr: String,
+    pinned: Option<SocketAddr>,
+    tls_name: Option<String>,
+) -> Result<BoxIo, DialError> {
+    let tcp = match connect_tcp(addr.clone(), pinned).await {
         Ok(t) => t,
         Err(source) => return Err(DialError::Connect { addr, source }),
     };
@@ -201,5 +278,51 @@ mod tests {
         assert!(HubUrl::parse("ftp://x").is_err());
         assert!(HubUrl::parse("http://x/?a=1").is_err());
         assert!(HubUrl::parse("nonsense").is_err());
+    }
+
+    /// A pinned URL dials its address but keeps the name for TLS and `Host:`; the
+    /// name's other addresses are not tried.
+    #[tokio::test]
+    async fn pinned_dials_its_address_and_keeps_the_name() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let there = l.local_addr().unwrap();
+        let u = HubUrl::parse("http://localhost:1/base")
+            .unwrap()
+            .pinned(there);
+        assert_eq!(u.authority(), "localhost:1");
+        assert_eq!(u.host(), "localhost");
+        assert_eq!(u.pinned_addr(), Some(there));
+        assert!(u.to_string().contains(&there.to_string()));
+        let accepted = tokio::spawn(async move { l.accept().await.map(|_| ()) });
+        dial(&u)
+            .await
+            .expect("dialed the pinned address, not port 1");
+        accepted.await.unwrap().unwrap();
+        // A literal address is one tunnel, the URL itself.
+        let one = HubUrl::parse("http://127.0.0.1:9").unwrap();
+        assert_eq!(one.tunnel_targets(8).await, vec![one.clone()]);
+    }
+
+    /// Several addresses of one family: one tunnel each (deduplicated, capped); a name
+    /// with one address per family is one server, dialed by name.
+    #[test]
+    fn spread_takes_one_family() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let v4 = [
+            a("10.0.0.1:443"),
+            a("10.0.0.2:443"),
+            a("10.0.0.1:443"),
+            a("10.0.0.3:443"),
+        ];
+        assert_eq!(
+            spread(&v4, 8),
+            [a("10.0.0.1:443"), a("10.0.0.2:443"), a("10.0.0.3:443")]
+        );
+        assert_eq!(spread(&v4, 2).len(), 2);
+        let dual = [a("[::1]:80"), a("127.0.0.1:80")];
+        assert_eq!(spread(&dual, 8), [a("[::1]:80")]);
+        let mixed = [a("10.0.0.1:443"), a("[2001:db8::1]:443"), a("10.0.0.2:443")];
+        assert_eq!(spread(&mixed, 8), [a("10.0.0.1:443"), a("10.0.0.2:443")]);
+        assert!(spread(&[], 8).is_empty());
     }
 }

@@ -16,9 +16,15 @@ use tokio_util::sync::CancellationToken;
 /// Flags of `potluck provide`. Each has an environment variable; both win over the file.
 #[derive(Debug, Args)]
 pub struct ProvideArgs {
-    /// The hub's URL, e.g. https://hub.example.org [config: hub].
-    #[arg(long, env = "POTLUCK_HUB", value_name = "URL")]
-    hub: Option<String>,
+    /// A hub's URL, e.g. https://hub.example.org; repeatable: one tunnel to each hub
+    /// (comma-separated in the environment) [config: hub, hubs].
+    #[arg(
+        long = "hub",
+        env = "POTLUCK_HUB",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    hubs: Vec<String>,
     /// Allow an http:// hub that is not this machine: the token travels in clear
     /// [config: insecure].
     #[arg(long, env = "POTLUCK_INSECURE")]
@@ -154,7 +160,13 @@ impl ProvideArgs {
 
     /// The hub URL from flag, environment or file, if any.
     pub fn hub_url(&self) -> anyhow::Result<Option<String>> {
-        Ok(self.hub.clone().or(self.file()?.hub))
+        let file = self.file()?;
+        Ok(self
+            .hubs
+            .first()
+            .cloned()
+            .or(file.hub)
+            .or_else(|| file.hubs.and_then(|h| h.into_iter().next())))
     }
 }
 
@@ -165,7 +177,7 @@ pub fn resolve(args: &ProvideArgs, file: FileConfig) -> Result<AgentConfig, Conf
         control_socket: control_socket(args, &file),
     };
     let over = Overrides {
-        hub: args.hub.clone(),
+        hubs: args.hubs.clone(),
         token: args.token.clone(),
         insecure: args.insecure,
         backends: args.backends.clone(),
@@ -183,7 +195,8 @@ pub async fn run(mut args: ProvideArgs) -> anyhow::Result<()> {
     }
     let file = args.file()?;
     let config = resolve(&args, file)?;
-    tracing::info!(hub = %config.hub, backends = config.backends.len(), max_concurrency = config.max_concurrency, "provider agent starting (no listening port)");
+    let hubs: Vec<String> = config.hubs.iter().map(ToString::to_string).collect();
+    tracing::info!(hubs = %hubs.join(" "), backends = config.backends.len(), max_concurrency = config.max_concurrency, "provider agent starting (no listening port)");
     let shutdown = CancellationToken::new();
     let signal = crate::hub_cmd::shutdown_signal(shutdown.clone());
     tokio::pin!(signal);
@@ -208,7 +221,7 @@ mod tests {
     #[test]
     fn flags_are_passed_over_the_file() {
         let args = ProvideArgs {
-            hub: Some("http://flag:2".into()),
+            hubs: vec!["http://flag:2".into(), "http://flag:3".into()],
             insecure: true,
             token: None,
             backends: vec![],
@@ -224,7 +237,8 @@ mod tests {
         )
         .unwrap();
         let c = resolve(&args, file).unwrap();
-        assert_eq!(c.hub.as_str(), "http://flag:2/");
+        let hubs: Vec<&str> = c.hubs.iter().map(|h| h.as_str()).collect();
+        assert_eq!(hubs, ["http://flag:2/", "http://flag:3/"]);
         assert_eq!(c.token, "pt-file");
         assert_eq!(c.max_concurrency, 5);
         assert_eq!(

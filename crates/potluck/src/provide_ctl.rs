@@ -146,6 +146,24 @@ pub fn render(s: &Status) -> String {
             "not connected"
         }
     ));
+    if s.hubs.len() > 1 {
+        for h in &s.hubs {
+            out.push_str(&format!(
+                "  tunnel {} ({}, opened {} times{})\n",
+                h.url,
+                if h.connected {
+                    "connected"
+                } else {
+                    "not connected"
+                },
+                h.opened,
+                h.last_error
+                    .as_deref()
+                    .map(|e| format!("; last: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
     out.push_str(&format!(
         "in flight:  {} (capacity {})\n",
         s.in_flight, s.capacity

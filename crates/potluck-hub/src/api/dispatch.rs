@@ -8,6 +8,12 @@
 //! provider. A refusal the consumer may have caused (400, 413, 422) is asked of another
 //! provider too: it counts against the first only if the second answers. A provider's
 //! error text never reaches the consumer: only its status, with the hub's own message.
+//!
+//! An agent that serves several hubs shares its slots among them: when another hub
+//! holds them all it answers "busy" (503 with `x-potluck-agent-busy`). That is nobody's
+//! failure: the request goes to another free provider, else asks the same one again
+//! after `routing.busy_retry_delay`, at most `routing.busy_retries` times, then ends as
+//! 503 `no_capacity` (not billed, not counted against the provider).
 
 use std::sync::Arc;
 
@@ -15,7 +21,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use potluck_protocol::tunnel::HEADER_AGENT_ERROR;
+use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR};
 use potluck_protocol::Capability;
 
 use crate::api::admit::Parsed;
@@ -118,10 +124,17 @@ pub(crate) async fn dispatch(
 ) -> Result<(Lease, Answer), (Arc<ProviderLink>, ApiError)> {
     let mut tried: Vec<i64> = Vec::new();
     let mut refused_by: Option<i64> = None;
+    let mut busy_left = state.config.routing.busy_retries;
     let mut lease = first;
     loop {
         let link = Arc::clone(lease.tunnel());
         let (err, counted) = match send_once(state, ctx, parsed, &link).await {
+            Err(Failure::Busy) => {
+                lease = busy_again(state, ctx, lease, &tried, &mut busy_left)
+                    .await
+                    .map_err(|e| (link, e))?;
+                continue;
+            }
             Ok(answer) => {
                 // Another provider answered what the first refused: the refusal was its own.
                 if let Some(p) = refused_by {
@@ -157,8 +170,42 @@ pub(crate) async fn dispatch(
     }
 }
 
+/// After a "busy" answer from `lease`'s provider: another free provider's lease, else
+/// the same after `routing.busy_retry_delay`; an error once `busy_left` is spent (or the
+/// request is cut while it waits).
+async fn busy_again(
+    state: &HubState,
+    ctx: &Ctx,
+    lease: Lease,
+    tried: &[i64],
+    busy_left: &mut u32,
+) -> Result<Lease, ApiError> {
+    let no_capacity = ApiError::NoCapacity {
+        retry_after: state.config.retry_after_secs,
+    };
+    let Some(left) = busy_left.checked_sub(1) else {
+        tracing::warn!("provider still busy (its slots are held through another hub)");
+        return Err(no_capacity);
+    };
+    *busy_left = left;
+    let busy_id = lease.tunnel().provider_id;
+    let skip: Vec<i64> = tried.iter().copied().chain([busy_id]).collect();
+    if let Ok(next) = state.registry.pick(&ctx.model, &skip, &ctx.need) {
+        tracing::info!("provider busy; trying another");
+        return Ok(next);
+    }
+    tracing::debug!("provider busy; asking it again shortly");
+    tokio::select! {
+        biased;
+        c = ctx.cut.cancelled() => Err(cut_error(&c)),
+        _ = tokio::time::sleep(state.config.routing.busy_retry_delay) => Ok(lease),
+    }
+}
+
 /// Why one attempt failed.
 enum Failure {
+    /// The agent's slots are all taken (by another hub it serves): nobody's fault.
+    Busy,
     /// The provider's fault: it counts, and another provider may do better.
     Provider(ApiError),
     /// A refusal the consumer may have caused: another provider is asked.
@@ -232,6 +279,12 @@ fn judge_status(resp: http::Response<Incoming>) -> Result<http::Response<Incomin
         return Ok(resp);
     }
     let agent = resp.headers().contains_key(HEADER_AGENT_ERROR);
+    if agent
+        && status == StatusCode::SERVICE_UNAVAILABLE
+        && resp.headers().contains_key(HEADER_AGENT_BUSY)
+    {
+        return Err(Failure::Busy);
+    }
     tracing::warn!(
         status = status.as_u16(),
         agent,

@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Largest `routing.busy_retries` accepted (a request must not bounce for ever).
+pub(crate) const MAX_BUSY_RETRIES: u32 = 100;
+/// Largest `routing.busy_retry_delay` accepted.
+pub(crate) const MAX_BUSY_RETRY_DELAY: Duration = Duration::from_secs(10);
+
 /// How the hub judges providers by what they do, not by what they announce.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -37,6 +42,15 @@ pub struct RoutingConfig {
     pub max_tunnels_per_provider: u32,
     /// Most slots the hub believes one tunnel has, whatever its agent announces.
     pub max_slots_per_tunnel: u32,
+    /// An agent that serves several hubs shares its slots among them and answers "busy"
+    /// (503 with `x-potluck-agent-busy`) when another hub holds them all. Such an answer
+    /// is not the provider's failure: the request goes to another provider if one is
+    /// free, else asks the same one again after `busy_retry_delay`, at most this many
+    /// times in all; then the consumer gets 503 `no_capacity` (nothing billed).
+    pub busy_retries: u32,
+    /// Wait before asking a busy provider again (seconds).
+    #[serde(with = "super::secs")]
+    pub busy_retry_delay: Duration,
 }
 
 impl Default for RoutingConfig {
@@ -50,6 +64,8 @@ impl Default for RoutingConfig {
             first_byte_timeout: Duration::from_secs(60),
             max_tunnels_per_provider: 4,
             max_slots_per_tunnel: 256,
+            busy_retries: 8,
+            busy_retry_delay: Duration::from_millis(250),
         }
     }
 }
@@ -95,6 +111,12 @@ impl RoutingConfig {
             || self.max_slots_per_tunnel == 0
         {
             return Err("routing.failure_threshold, routing.max_tunnels_per_provider and routing.max_slots_per_tunnel must be positive".into());
+        }
+        if self.busy_retries > MAX_BUSY_RETRIES || self.busy_retry_delay > MAX_BUSY_RETRY_DELAY {
+            return Err(format!(
+                "routing.busy_retries must be at most {MAX_BUSY_RETRIES} and routing.busy_retry_delay at most {}s",
+                MAX_BUSY_RETRY_DELAY.as_secs()
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_success_rate)
             || self.success_weight.is_nan()

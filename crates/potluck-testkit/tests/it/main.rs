@@ -26,6 +26,7 @@ mod identity;
 mod ledger_chaos;
 mod moderation;
 mod money;
+mod multi_hub;
 mod no_escape;
 mod observe;
 mod pool;
