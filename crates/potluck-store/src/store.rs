@@ -777,7 +777,8 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
-        self.announce(crate::changes::Change::Credentials).await?;
+        self.announce(crate::changes::Change::KeyRevoked(id))
+            .await?;
         Ok(id)
     }
 
