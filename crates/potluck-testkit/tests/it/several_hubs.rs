@@ -91,3 +91,29 @@ async fn a_ban_through_one_hub_refuses_the_key_on_the_other_within_a_second() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Hubs started at the same moment on an empty database: one makes the admin key, and all
+/// share one identity (the write transactions are one at a time on the database).
+#[tokio::test]
+async fn hubs_started_at_once_make_one_admin_key_and_one_identity() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let config = |n: usize| potluck_hub::HubConfig {
+        data_dir: tmp.path().join(format!("hub{n}")),
+        database: Some(DatabaseUrl::new(db.url())),
+        ..potluck_hub::HubConfig::default()
+    };
+    let opened =
+        futures_util::future::join_all((0..4).map(|n| potluck_hub::Hub::open(config(n)))).await;
+    let mut keys = 0;
+    let mut ids = std::collections::HashSet::new();
+    for o in opened {
+        let (hub, key) = o.unwrap();
+        keys += usize::from(key.is_some());
+        ids.insert(hub.state().store.hub_identity().await.unwrap().hub_id);
+    }
+    assert_eq!(keys, 1, "one admin key among hubs started at once");
+    assert_eq!(ids.len(), 1, "one identity");
+}
