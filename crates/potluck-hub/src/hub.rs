@@ -235,6 +235,10 @@ impl Hub {
         state
             .tasks
             .spawn(crate::alerts::run(Arc::clone(&state), writer_stop.clone()));
+        state.tasks.spawn(crate::accounts::remote::follow(
+            Arc::clone(&state),
+            writer_stop.clone(),
+        ));
         state.tasks.spawn(retention::run(
             state.store.clone(),
             state.config.retention.usage_days,

@@ -538,7 +538,8 @@ impl Store {
         .await?
         .rows_affected();
         not_found_if_zero(n)?;
-        self.announce(crate::changes::Change::Credentials).await
+        self.announce(crate::changes::Change::KeyRevoked(key_id))
+            .await
     }
 
     /// Set a live key's routing defaults; with `owner`, only that account's key.

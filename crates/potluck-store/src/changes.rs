@@ -36,6 +36,8 @@ pub enum Change {
     },
     /// A provider's token was revoked: its links must close.
     ProviderRevoked(i64),
+    /// A consumer key was revoked: its requests in flight must end.
+    KeyRevoked(i64),
 }
 
 impl Change {
@@ -43,6 +45,7 @@ impl Change {
         match self {
             Change::Credentials => "credentials".into(),
             Change::ProviderRevoked(id) => format!("revoked:{id}"),
+            Change::KeyRevoked(id) => format!("key-revoked:{id}"),
             Change::Standing {
                 target,
                 id,
@@ -73,6 +76,9 @@ impl Change {
             (Some("revoked"), Some(id)) => id
                 .parse()
                 .map_or(Change::Credentials, Change::ProviderRevoked),
+            (Some("key-revoked"), Some(id)) => {
+                id.parse().map_or(Change::Credentials, Change::KeyRevoked)
+            }
             (Some("standing"), Some(target)) => {
                 let target = match target {
                     "account" => Target::Account,
@@ -151,6 +157,7 @@ mod tests {
         for c in [
             Change::Credentials,
             Change::ProviderRevoked(7),
+            Change::KeyRevoked(8),
             Change::Standing {
                 target: Target::Key,
                 id: 12,

@@ -777,7 +777,8 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
-        self.announce(crate::changes::Change::Credentials).await?;
+        self.announce(crate::changes::Change::KeyRevoked(id))
+            .await?;
         Ok(id)
     }
 
@@ -1013,6 +1014,32 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(applied, MIGRATIONS.len() as i64, "each migration once");
+    });
+
+    // Every integer column is 64-bit on both engines (a daily token cap past 2^31 too).
+    crate::conformance!(limits_hold_any_i64, |db| {
+        let s = db.open().await;
+        let (kid, key) = s.create_key("k", "a").await.unwrap();
+        let l = KeyLimits {
+            rpm: Some(1),
+            tpm: None,
+            max_concurrent: Some(2),
+            daily_tokens: Some(i64::MAX / 2),
+        };
+        s.set_key_limits(kid, l).await.unwrap();
+        let auth = s.authenticate_key(&key).await.unwrap().unwrap();
+        assert_eq!(auth.limits, l);
+        s.set_account_limits(
+            auth.account_id,
+            KeyLimits {
+                tpm: Some(5_000_000_000),
+                ..l
+            },
+        )
+        .await
+        .unwrap();
+        let auth = s.authenticate_key(&key).await.unwrap().unwrap();
+        assert_eq!(auth.limits.tpm, Some(5_000_000_000));
     });
 
     crate::conformance!(usage_batches, |db| {

@@ -220,3 +220,35 @@ impl Store {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::conformance!(audits_are_recorded_and_quarantine, |db| {
+        let s = db.open().await;
+        let (pid, _) = s.create_provider("gpu", "bob").await.unwrap();
+        for (passed, agreement) in [(true, Some(0.9)), (false, None)] {
+            let a = AuditRecord {
+                provider_id: pid,
+                request_id: Some("req_1".into()),
+                kind: "replay",
+                passed,
+                agreement,
+            };
+            s.record_audit(&a, 0.25, (!passed).then_some("lied"))
+                .await
+                .unwrap();
+        }
+        let st = s.standing(pid).await.unwrap();
+        assert_eq!(st.reputation, 0.25);
+        assert!(st.quarantined_at_ms.is_some());
+        assert_eq!(st.quarantine_reason.as_deref(), Some("lied"));
+        let h = s.audit_history(pid, 10).await.unwrap();
+        assert_eq!(h.len(), 2);
+        assert!(!h[0].1 && h[1].1, "newest first, passed flags kept");
+        assert_eq!(h[1].2, Some(0.9));
+        let honesty = s.provider_honesty().await.unwrap();
+        assert_eq!(honesty[&pid], (false, 0.25, true, "active".to_owned()));
+    });
+}

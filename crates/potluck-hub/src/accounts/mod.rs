@@ -13,6 +13,7 @@ pub(crate) mod invites;
 pub(crate) mod keys;
 pub(crate) mod members;
 pub(crate) mod providers;
+pub(crate) mod remote;
 pub(crate) mod reports;
 pub(crate) mod sanctions;
 pub(crate) mod signup;

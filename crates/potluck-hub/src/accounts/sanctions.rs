@@ -158,7 +158,11 @@ fn new_standing(
 
 /// Make an imposed sanction effective at once: cut the party's requests in flight and
 /// close its providers' links. Returns (requests cut, links closed).
-async fn enforce(st: &HubState, block: &Block, id: i64) -> Result<(usize, usize), ApiError> {
+pub(crate) async fn enforce(
+    st: &HubState,
+    block: &Block,
+    id: i64,
+) -> Result<(usize, usize), ApiError> {
     let as_provider = Cut::Sanction(Block {
         target: Target::Provider,
         ..block.clone()

@@ -1,7 +1,9 @@
 //! Small time-bounded caches in front of the database: the key behind a bearer secret,
 //! and bearer secrets that matched no key. Admin changes in this hub (revocations,
-//! limits) clear them at once; the TTL bounds staleness from anything else (another hub
-//! on the same database). Balances live in the reservation table (`reserve.rs`).
+//! limits) clear them at once; so do other hubs' changes on a shared PostgreSQL database,
+//! heard through `accounts::remote`; the TTL bounds staleness from anything else (a
+//! notification lost with its connection is covered by clearing on reconnect). Balances
+//! live in the reservation table (`reserve.rs`).
 //!
 //! A lookup that started before a change must not put back what the change removed (a
 //! revoked or banned key would live again for a TTL): each cache has a generation,

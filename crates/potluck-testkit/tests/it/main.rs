@@ -33,4 +33,5 @@ mod pool;
 mod provider_routing;
 mod real_backend;
 mod real_trust;
+mod several_hubs;
 mod volunteer_safety;
