@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::procs::{display_command, rss_kib, Proc};
+use crate::procs::{cpu_ticks, display_command, rss_kib, ticks_per_second, Proc};
 use crate::targets::{parse_listen_line, HUB_CONFIG, READY_POLL, STARTUP_TIMEOUT};
 
 /// The model every idle agent offers.
@@ -79,6 +79,9 @@ pub struct IdleReport {
     pub hub_rss_before_kib: u64,
     /// The hub's RSS with every tunnel open and idle, KiB.
     pub hub_rss_after_kib: u64,
+    /// The hub's CPU use while every tunnel is idle (keep-alive pings), in percent of
+    /// one core, over the settle window.
+    pub hub_idle_cpu_pct: f64,
     /// (after − before) / connected, bytes.
     pub hub_bytes_per_tunnel: u64,
     /// This process's RSS per client, bytes (the clients' side, for scale).
@@ -159,7 +162,13 @@ pub async fn run(bin: &Path, dir: &Path, s: &IdleSettings) -> anyhow::Result<Idl
     println!("{connected} tunnels open in {connect_all_s:.1} s");
     wait_providers(addr, &key, connected, s.connect_timeout).await?;
     let routable_all_s = started.elapsed().as_secs_f64();
+    let ticks = cpu_ticks(hub.pid());
+    let t = Instant::now();
     tokio::time::sleep(s.settle).await;
+    let hub_idle_cpu_pct = cpu_ticks(hub.pid()).saturating_sub(ticks) as f64
+        / ticks_per_second() as f64
+        / t.elapsed().as_secs_f64()
+        * 100.0;
     hub.ensure_running()?;
     let hub_rss_after_kib = rss_kib(hub.pid());
     let client_rss_after = rss_kib(std::process::id());
@@ -174,6 +183,7 @@ pub async fn run(bin: &Path, dir: &Path, s: &IdleSettings) -> anyhow::Result<Idl
         create_tokens_s,
         hub_rss_before_kib,
         hub_rss_after_kib,
+        hub_idle_cpu_pct,
         hub_bytes_per_tunnel: per(hub_rss_before_kib, hub_rss_after_kib),
         client_bytes_per_tunnel: per(client_rss_before, client_rss_after),
         connect_all_s,
@@ -504,6 +514,7 @@ pub fn render(r: &IdleReport) -> String {
     format!(
         "idle agents: {connected} of {count} connected ({failed} failed)\n\
          hub RSS: {b} KiB before, {a} KiB after: {per} bytes ({perk:.1} KiB) per idle tunnel\n\
+         hub CPU while all are idle (keep-alive pings): {cpu:.1} % of one core\n\
          clients' RSS per tunnel (this process): {cper} bytes\n\
          tokens created in {ct:.1} s; the other {rest} tunnels open in {ca:.1} s, all routable in {ra:.1} s\n\
          route latency, 1 agent: median {o1:.2} ms, max {o2:.2} ms\n\
@@ -518,6 +529,7 @@ pub fn render(r: &IdleReport) -> String {
         per = r.hub_bytes_per_tunnel,
         perk = r.hub_bytes_per_tunnel as f64 / 1024.0,
         cper = r.client_bytes_per_tunnel,
+        cpu = r.hub_idle_cpu_pct,
         ct = r.create_tokens_s,
         ca = r.connect_all_s,
         ra = r.routable_all_s,
