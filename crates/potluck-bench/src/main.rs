@@ -13,7 +13,7 @@ use potluck_bench::floor::UpstreamProtocol;
 use potluck_bench::loadgen::{self, Endpoint, RequestSpec, Stop};
 use potluck_bench::suite::{Paths, Settings, FLOOR_UPSTREAM, FLOOR_WORKERS};
 use potluck_bench::targets::LlamaSetup;
-use potluck_bench::{floor, report, smoke, stats, suite, sysinfo};
+use potluck_bench::{floor, idle, report, smoke, stats, suite, sysinfo};
 use tokio_util::sync::CancellationToken;
 
 /// Open files wanted at least: each held stream costs the load generator two sockets (its
@@ -80,6 +80,31 @@ enum Cmd {
         /// How long, in seconds.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// Hold COUNT idle agents (lightweight in-process tunnel clients, real handshake) on
+    /// one release hub: its memory per idle tunnel, the time for all to connect, and the
+    /// time to route a request once they have.
+    IdleAgents {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Idle tunnels, each with its own provider token.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Tunnels being opened at once.
+        #[arg(long, default_value_t = 256)]
+        connect_concurrency: usize,
+        /// Requests timed with one agent, then with all.
+        #[arg(long, default_value_t = 50)]
+        route_requests: usize,
+        /// Seconds to wait after the last tunnel opened before reading the hub's memory.
+        #[arg(long, default_value_t = 10)]
+        settle_s: u64,
+        /// Longest time for all tunnels to open, s.
+        #[arg(long, default_value_t = 600)]
+        connect_timeout_s: u64,
+        /// Also write the figures here as JSON.
+        #[arg(long)]
+        out_json: Option<PathBuf>,
     },
     /// Run the fake backend alone (for trying things by hand).
     FakeBackend {
@@ -370,6 +395,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::IdleAgents {
+            common,
+            count,
+            connect_concurrency,
+            route_requests,
+            settle_s,
+            connect_timeout_s,
+            out_json,
+        } => {
+            let settings = idle::IdleSettings {
+                count: count.max(1),
+                connect_concurrency,
+                route_requests,
+                settle: Duration::from_secs(settle_s),
+                connect_timeout: Duration::from_secs(connect_timeout_s),
+            };
+            let bin = potluck_bin(common.potluck_bin)?;
+            let r = idle::run(&bin, &common.work_dir.join("idle-agents"), &settings).await?;
+            print!("{}", idle::render(&r));
+            if let Some(p) = out_json {
+                std::fs::write(&p, serde_json::to_string_pretty(&r)?)
+                    .with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            Ok(())
+        }
         Cmd::FakeBackend {
             listen,
             gap_ms,
@@ -393,14 +443,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let held = match &cli.cmd {
-        Cmd::All(a) => a.held_streams,
-        _ => 0,
+    let want = match &cli.cmd {
+        // One socket per idle tunnel here, and one in the hub (a child: it inherits the limit).
+        Cmd::IdleAgents { count, .. } => (*count as u64).saturating_add(OPEN_FILES_SLACK),
+        Cmd::All(a) => MIN_OPEN_FILES.max(
+            a.held_streams
+                .saturating_mul(2)
+                .saturating_add(OPEN_FILES_SLACK),
+        ),
+        _ => MIN_OPEN_FILES,
     };
-    let want = MIN_OPEN_FILES.max(held.saturating_mul(2).saturating_add(OPEN_FILES_SLACK));
     let got = sysinfo::raise_fd_limit(want);
     if got < want {
-        eprintln!("warning: open-file limit is {got}, below the {want} wanted; the held-streams test may fail");
+        eprintln!("warning: open-file limit is {got}, below the {want} wanted; the run may run out of sockets");
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Cmd::Floor { workers, .. } = &cli.cmd {

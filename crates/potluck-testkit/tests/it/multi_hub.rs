@@ -250,3 +250,70 @@ async fn real_backend_on_two_hubs() {
         );
     }
 }
+
+/// A provider that says "busy" for ever (a hostile one, or one whose slots another hub
+/// holds): the consumer waits a bounded time (`busy_retries` more asks) and gets 503
+/// `no_capacity`; the provider is not judged failed for it, so once it answers again it
+/// shares the load with a healthy newcomer instead of sitting out a breaker's cool-down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_for_ever_is_a_bounded_wait_and_no_failure() {
+    use potluck_protocol::tunnel::{ProviderProfile, HEADER_AGENT_BUSY, HEADER_AGENT_ERROR};
+    use potluck_testkit::scripted_agent::{hello, RawAnswer};
+    use potluck_testkit::ScriptedAgent;
+
+    let hub = TestHub::start_with(|c| {
+        c.routing.busy_retries = 3;
+        c.routing.busy_retry_delay = Duration::from_millis(20);
+    })
+    .await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let busy_token = hub.create_provider("busy").await;
+    let busy = ScriptedAgent::connect(
+        "busy",
+        &hub.url(),
+        &busy_token,
+        hello(&[MODEL], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model(MODEL, 1).await;
+    busy.set_raw(Some(RawAnswer::Bytes {
+        status: 503,
+        headers: vec![
+            (HEADER_AGENT_ERROR.into(), "1".into()),
+            (HEADER_AGENT_BUSY.into(), "1".into()),
+        ],
+        frames: vec![bytes::Bytes::from_static(b"{}")],
+    }));
+    // More busy answers than the breaker's failure threshold (5).
+    for round in 1..=3 {
+        let a = alice.chat(MODEL, "hi").await;
+        assert_eq!(a.status, 503, "{}", a.text);
+        assert_eq!(a.code(), Some("no_capacity"), "{}", a.text);
+        assert_eq!(
+            busy.requests().len(),
+            4 * round,
+            "asked once and 3 more times"
+        );
+    }
+    // Busy no more; a healthy provider joins. Both share the load: the busy answers did
+    // not trip the first one's breaker (a trip keeps it out for 30 s).
+    busy.set_raw(None);
+    let other_token = hub.create_provider("other").await;
+    let other = ScriptedAgent::connect(
+        "other",
+        &hub.url(),
+        &other_token,
+        hello(&[MODEL], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model(MODEL, 2).await;
+    let before = busy.requests().len();
+    for _ in 0..20 {
+        assert_eq!(alice.chat(MODEL, "hi").await.status, 200);
+    }
+    assert!(
+        busy.requests().len() > before,
+        "the once-busy provider still gets requests"
+    );
+    assert!(!other.requests().is_empty());
+}
