@@ -46,6 +46,7 @@ use crate::routing::registry::Need;
 use crate::routing::send::new_request_id;
 use crate::state::HubState;
 use crate::trust::plausibility::Bounds;
+use crate::trust::sample::AuditSample;
 
 /// Milliseconds since the epoch (0 if the clock is before it).
 pub(crate) fn now_ms() -> i64 {
@@ -119,7 +120,7 @@ struct CtxParts {
     bounds: Bounds,
     hold: Option<Hold>,
     usage_slot: UsagePlace,
-    audit_body: Option<bytes::Bytes>,
+    audit: Option<AuditSample>,
     guard_input: Option<Arc<str>>,
 }
 
@@ -156,7 +157,7 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
         started_ms: now_ms(),
         queue_ms: None,
         need: ctx_parts.need,
-        audit_body: ctx_parts.audit_body,
+        audit: parking_lot::Mutex::new(ctx_parts.audit),
         bounds: ctx_parts.bounds,
         hold: ctx_parts.hold,
         usage_slot: parking_lot::Mutex::new(Some(ctx_parts.usage_slot)),
@@ -197,8 +198,13 @@ async fn admit(
     if let (true, Some(text)) = (stages.input, &guard_input) {
         screen::check_input(state, &s.request_id, key.account_id, &parsed.model, text).await?;
     }
-    let audit_body = (s.endpoint != InferenceEndpoint::Embeddings && state.auditor.sample())
-        .then(|| parsed.body.clone());
+    let audit = (s.endpoint != InferenceEndpoint::Embeddings
+        && state.auditor.sample()
+        && state.auditor.has_room())
+    .then(|| {
+        let cap = state.config.audit.max_text_bytes;
+        AuditSample::new(parsed.body.clone(), parsed.stream, cap)
+    });
     let need = Need {
         groups: Arc::clone(&key.groups),
         low_power: header_has(headers, HEADER_PREFER, "low-power") || key.prefer_low_power,
@@ -215,7 +221,7 @@ async fn admit(
             bounds,
             hold: reserved.hold,
             usage_slot,
-            audit_body,
+            audit,
             guard_input: guard_input.filter(|_| stages.output),
         },
     })
