@@ -71,6 +71,7 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiErro
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ApiError::PayloadTooLarge(limit))
         }
+        Err(e) if crate::http::serve::is_body_timeout(&*e) => Err(ApiError::RequestTimeout),
         Err(_) => Err(ApiError::bad_request(
             "The request body could not be read.",
             None,

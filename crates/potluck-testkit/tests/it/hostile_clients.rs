@@ -101,7 +101,13 @@ async fn a_slowloris_body_is_cut_off() {
     let got = drip_until_closed(&mut tcp, body.as_bytes()).await;
     let got = got.expect("a body sent one byte at a time is cut off");
     let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 4"), "{text}");
+    // 408 Request Timeout, in the API's error shape (not a 400: the client did nothing
+    // malformed, it was too slow).
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let json = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     assert!(!text.contains("aaaa"), "{text}");
 }
 
