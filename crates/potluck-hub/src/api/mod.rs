@@ -71,12 +71,31 @@ pub(crate) async fn embeddings(State(state): State<Arc<HubState>>, req: Request)
     inference(state, InferenceEndpoint::Embeddings, req).await
 }
 
+/// A request whose key and limits were checked before its body was read, by a route that
+/// reads and translates the body itself (the dialects): its key and the concurrent-request
+/// slot it holds (its rpm already counted).
+pub(crate) struct Early {
+    pub(crate) key: KeyAuth,
+    pub(crate) anonymous: bool,
+    pub(crate) in_flight: InFlight,
+}
+
 /// One inference request, in its span. The model and provider are recorded in the span
 /// once a provider is chosen (a refused request's model is the consumer's typing).
 pub(crate) async fn inference(
     state: Arc<HubState>,
     endpoint: InferenceEndpoint,
     req: Request,
+) -> Response {
+    inference_after(state, endpoint, req, None).await
+}
+
+/// [`inference`] for a request admitted [`Early`] (or not, with `None`).
+pub(crate) async fn inference_after(
+    state: Arc<HubState>,
+    endpoint: InferenceEndpoint,
+    req: Request,
+    early: Option<Early>,
 ) -> Response {
     let started = Instant::now();
     let request_id = new_request_id();
@@ -93,7 +112,7 @@ pub(crate) async fn inference(
         started,
         span: span.clone(),
     };
-    serve(state, start, parts.headers, body)
+    serve(state, start, parts.headers, body, early)
         .instrument(span)
         .await
 }
@@ -124,17 +143,27 @@ struct CtxParts {
     guard_input: Option<Arc<str>>,
 }
 
-async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -> Response {
-    let (key, anonymous) = match auth::consumer_or_anonymous(&state, &headers).await {
-        Ok(k) => k,
-        Err(e) => return reject(&s.request_id, s.endpoint, None, e),
+async fn serve(
+    state: Arc<HubState>,
+    s: Start,
+    headers: HeaderMap,
+    body: Body,
+    early: Option<Early>,
+) -> Response {
+    let (key, anonymous, early_slot) = match early {
+        Some(e) => (e.key, e.anonymous, Some(e.in_flight)),
+        None => match auth::consumer_or_anonymous(&state, &headers).await {
+            Ok((k, a)) => (k, a, None),
+            Err(e) => return reject(&s.request_id, s.endpoint, None, e),
+        },
     };
     // In flight from here on, before the body is read: a ban, a suspension or a revoked
     // key cuts a slow upload as it cuts a stream.
     let cut = state
         .inflight
         .register(&s.request_id, key.account_id, key.key_id);
-    let admitted = match admit(&state, &s, &key, anonymous, &headers, body, &cut).await {
+    let who = (&key, anonymous, early_slot);
+    let admitted = match admit(&state, &s, who, &headers, body, &cut).await {
         Ok(a) => a,
         Err(e) => return reject(&s.request_id, s.endpoint, Some(&key), e),
     };
@@ -172,15 +201,17 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
 async fn admit(
     state: &HubState,
     s: &Start,
-    key: &KeyAuth,
-    anonymous: bool,
+    (key, anonymous, early_slot): (&KeyAuth, bool, Option<InFlight>),
     headers: &HeaderMap,
     body: Body,
     cut: &InFlightGuard,
 ) -> Result<Admitted, ApiError> {
     let max = state.config.max_request_bytes;
     admit::check_length(headers, max)?;
-    let in_flight = admit::limits(state, key, anonymous).await?;
+    let in_flight = match early_slot {
+        Some(slot) => slot,
+        None => admit::limits(state, key, anonymous).await?,
+    };
     let raw = admit::read_body_unless_cut(body, max, cut).await?;
     let parsed = admit::parse(s.endpoint, raw, max)?;
     let bounds = Bounds::of(
