@@ -108,13 +108,13 @@ pub(crate) async fn ask(
     let work = async {
         let lease = match state.registry.acquire(
             model,
-            PRIORITY_INTERNAL,
-            state.treasury,
+            (PRIORITY_INTERNAL, state.treasury),
             state.config.queue.max_length,
             Need {
                 trusted_only,
                 ..Need::default()
             },
+            false,
         ) {
             Ok(Acquired::Now(l)) => l,
             Ok(Acquired::Wait(mut t)) => t.recv().await.ok_or(InternalError::NoProvider)?,
