@@ -821,3 +821,70 @@ async fn audit_replays_and_canaries_leave_no_text_in_the_logs() {
         assert!(!text.contains(text_part), "{text_part} logged");
     }
 }
+
+/// Streamed requests are audited on the text that was streamed: an honest provider's
+/// replays pass, and a liar that is honest only to prompts it has seen before (which
+/// streams cheap text to consumers) is quarantined; every audit judges what the relay
+/// collected from the stream (an empty or wrong collection fails the honest one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_requests_are_audited_on_the_text_streamed() {
+    let hash = ModelHash::parse(&"34".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let liars = liars();
+    let (_, seen_before) = liars
+        .iter()
+        .find(|(n, _)| *n == "seen-before-only-honest")
+        .unwrap();
+    let mut agents = Vec::new();
+    for (name, responder) in [
+        ("ref", honest()),
+        ("honest", honest()),
+        ("liar", Arc::clone(seen_before)),
+    ] {
+        agents.push(
+            ScriptedAgent::connect_with(
+                name,
+                &hub.url(),
+                &hub.create_provider(name).await,
+                hello(&hash),
+                responder,
+            )
+            .await,
+        );
+    }
+    hub.wait_for_model("m", 3).await;
+    trust(&hub, "ref").await;
+    let (honest_id, liar_id) = (
+        provider_id(&hub, "honest").await,
+        provider_id(&hub, "liar").await,
+    );
+    let st = hub.state();
+    let history = |id| {
+        let st = Arc::clone(&st);
+        async move { st.store.audit_history(id, 100).await.unwrap() }
+    };
+    let mut i = 0;
+    while history(honest_id).await.len() < 3
+        || hub
+            .state()
+            .store
+            .standing(liar_id)
+            .await
+            .unwrap()
+            .quarantined_at_ms
+            .is_none()
+    {
+        assert!(i < 300, "streamed audits did not conclude");
+        let (_, sse) = alice
+            .chat_stream("m", &format!("streamed {i} {ASK_MARK}{}", i % 5))
+            .await;
+        assert_eq!(
+            sse.collect().await.last(),
+            Some(&potluck_testkit::sse::Event::Done)
+        );
+        i += 1;
+    }
+    let h = history(honest_id).await;
+    assert!(h.iter().all(|a| a.1 && a.2 == Some(1.0)), "{h:?}");
+}
