@@ -1,6 +1,6 @@
 //! What tests may touch beyond [`crate::Hub`] and [`crate::HubConfig`]: the shared state
-//! (its store and registry), the registry's view of the pool, and the canary prompts the
-//! spot checker sends. Nothing else of the hub's insides is public.
+//! (its store and registry) and the registry's view of the pool. Nothing else of the
+//! hub's insides is public (canary prompts are generated, and no list of them is).
 
 pub use crate::metrics::{Metrics, FAMILIES as METRIC_FAMILIES};
 pub use crate::routing::health::Health;
@@ -8,7 +8,6 @@ pub use crate::routing::inflight::InFlightRequests;
 pub use crate::routing::pool::{ModelStatus, ProviderView};
 pub use crate::routing::registry::Registry;
 pub use crate::state::HubState;
-pub use crate::trust::spot_checks::CANARY_PROMPTS;
 
 /// Quarantine a provider as a failed spot check would (tests drive it at a chosen moment).
 pub async fn quarantine_provider(state: &HubState, provider_id: i64, reason: &str) {

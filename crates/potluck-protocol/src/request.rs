@@ -18,7 +18,9 @@
 //!   agent and any backend cannot read a different limit from the same body: taking the
 //!   first, the larger or the newer still lets a backend that reads the other field
 //!   generate past the cap that was checked. Values above `u32::MAX` read as `u32::MAX`;
-//! - none of the fields above appears twice (a duplicate would let two readers see two
+//! - `seed`, when present and not `null`, is passed through as it is
+//!   ([`InferenceRequest::has_seed`]: the hub gives a request without one a seed of its own);
+//! - none of the fields above (nor `seed`) appears twice (a duplicate would let two readers see two
 //!   different values);
 //! - the prompt estimate is the UTF-8 bytes of the string values (not the keys) in
 //!   `messages`, `prompt`, `input` and `tools`, divided by [`BYTES_PER_TOKEN_ESTIMATE`]
@@ -137,6 +139,10 @@ pub struct InferenceRequest {
     pub token_id_prompt: bool,
     /// One of [`CONSUMER_IDENTIFYING_FIELDS`] is present.
     pub identifying_fields: bool,
+    /// A `seed` that is not `null` is present (its value is the backend's to judge).
+    pub has_seed: bool,
+    /// `"seed": null` is present (a body that needs a seed must have it replaced).
+    pub null_seed: bool,
     /// A non-empty `tools` or `functions` array: only a tool-capable model may serve it.
     pub has_tools: bool,
     /// An `image_url` part in `messages`: only a vision-capable model may serve it.
@@ -393,6 +399,8 @@ impl InferenceRequest {
             prompt_estimate: u32::try_from(tokens).unwrap_or(u32::MAX),
             token_id_prompt: walk.token_ids > 0,
             identifying_fields: top.identifying,
+            has_seed: non_null(top.seed).is_some(),
+            null_seed: top.seed.is_some() && non_null(top.seed).is_none(),
             has_tools: top.tools == Some(Shape::Array) || top.functions == Some(Shape::Array),
             has_images: walk.images,
         })
@@ -540,6 +548,7 @@ struct Top<'a> {
     stream_options: Option<&'a RawValue>,
     max_tokens: Option<&'a RawValue>,
     max_completion_tokens: Option<&'a RawValue>,
+    seed: Option<&'a RawValue>,
     messages: Option<Shape>,
     prompt: Option<Shape>,
     input: Option<Shape>,
@@ -584,6 +593,7 @@ enum TopKey {
     StreamOptions,
     MaxTokens,
     MaxCompletionTokens,
+    Seed,
     Messages,
     Prompt,
     Input,
@@ -608,6 +618,7 @@ impl<'de> serde::Deserialize<'de> for TopKey {
                     "stream_options" => TopKey::StreamOptions,
                     "max_tokens" => TopKey::MaxTokens,
                     "max_completion_tokens" => TopKey::MaxCompletionTokens,
+                    "seed" => TopKey::Seed,
                     "messages" => TopKey::Messages,
                     "prompt" => TopKey::Prompt,
                     "input" => TopKey::Input,
@@ -644,6 +655,7 @@ impl<'de> Visitor<'de> for TopVisitor {
                 TopKey::MaxCompletionTokens => {
                     (&mut top.max_completion_tokens, "max_completion_tokens")
                 }
+                TopKey::Seed => (&mut top.seed, "seed"),
                 TopKey::Messages
                 | TopKey::Prompt
                 | TopKey::Input

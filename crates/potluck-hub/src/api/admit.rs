@@ -24,6 +24,7 @@ use crate::books::reserve::{Hold, NoHold};
 use crate::books::usage::UsagePlace;
 use crate::http::error::ApiError;
 use crate::routing::inflight::{cut_error, InFlightGuard};
+use crate::routing::send::hub_seed;
 use crate::state::HubState;
 use crate::trust::plausibility::{Bounds, Usage};
 
@@ -70,6 +71,7 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiErro
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ApiError::PayloadTooLarge(limit))
         }
+        Err(e) if crate::http::serve::is_body_timeout(&*e) => Err(ApiError::RequestTimeout),
         Err(_) => Err(ApiError::bad_request(
             "The request body could not be read.",
             None,
@@ -113,9 +115,11 @@ pub(crate) fn header_has(headers: &HeaderMap, name: &str, token: &str) -> bool {
 }
 
 /// Apply the request rules shared with the agent ([`InferenceRequest::parse`]), and
-/// prepare the body to forward: without the fields that identify the consumer, and, when
-/// streamed, asking the backend for usage (for accounting; the hub drops the usage chunk
-/// if the consumer did not ask for it). A body that needs neither goes as it came.
+/// prepare the body to forward: without the fields that identify the consumer, when
+/// streamed asking the backend for usage (for accounting; the hub drops the usage chunk
+/// if the consumer did not ask for it), and, when it generates text and has no `seed`,
+/// with a fresh seed of the hub's ([`crate::routing::send::hub_seed`]). A body that needs only the seed gets it
+/// spliced in front of its first field; one that needs nothing goes as it came.
 pub(crate) fn parse(
     endpoint: InferenceEndpoint,
     raw: Bytes,
@@ -125,8 +129,11 @@ pub(crate) fn parse(
         .map_err(refusal)?;
     let force_usage = request.stream && !request.include_usage;
     let input_bytes = input_bytes(endpoint, &raw);
-    let body = if request.identifying_fields || force_usage {
-        rewrite(&raw, request.stream)?
+    let seed = (request.generates() && !request.has_seed).then(hub_seed);
+    let body = if request.identifying_fields || force_usage || request.null_seed {
+        rewrite(&raw, request.stream, seed)?
+    } else if let Some(seed) = seed {
+        splice_seed(&raw, seed)
     } else {
         raw
     };
@@ -152,14 +159,33 @@ fn refusal(e: RequestError) -> ApiError {
     }
 }
 
-/// Remove the consumer-identifying fields and, when streamed, set
-/// `stream_options.include_usage` (the rules already checked the body's shape).
-fn rewrite(raw: &[u8], stream: bool) -> Result<Bytes, ApiError> {
+/// `raw` (one JSON object with at least one field: the rules checked it) with
+/// `"seed":<seed>,` written in front of its first field, without a JSON tree.
+fn splice_seed(raw: &[u8], seed: u32) -> Bytes {
+    use std::io::Write as _;
+    let Some(open) = raw.iter().position(|b| *b == b'{') else {
+        return Bytes::copy_from_slice(raw);
+    };
+    let mut out = Vec::with_capacity(raw.len() + 20);
+    out.extend_from_slice(&raw[..=open]);
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "\"seed\":{seed},");
+    out.extend_from_slice(&raw[open + 1..]);
+    Bytes::from(out)
+}
+
+/// Remove the consumer-identifying fields, when streamed set
+/// `stream_options.include_usage`, and set `seed` when given (the rules already checked
+/// the body's shape).
+fn rewrite(raw: &[u8], stream: bool, seed: Option<u32>) -> Result<Bytes, ApiError> {
     let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(raw) else {
         return Err(ApiError::Internal);
     };
     for field in CONSUMER_IDENTIFYING_FIELDS {
         obj.remove(*field);
+    }
+    if let Some(seed) = seed {
+        obj.insert("seed".into(), Value::from(seed));
     }
     if stream {
         let opts = obj
@@ -320,6 +346,46 @@ mod tests {
 
     const MAX: usize = 1 << 20;
 
+    fn seed_of(endpoint: InferenceEndpoint, body: &'static [u8]) -> Value {
+        let p = parse(endpoint, Bytes::from_static(body), MAX).unwrap();
+        let v: Value = serde_json::from_slice(&p.body).unwrap();
+        v["seed"].clone()
+    }
+
+    #[test]
+    fn every_generating_request_gets_a_fresh_seed_unless_it_has_one() {
+        let chat = InferenceEndpoint::ChatCompletions;
+        // Spliced without a tree: the rest of the body stays byte for byte.
+        let raw = br#" {"model":"m", "messages":[],"temperature":0.7}"#;
+        let p = parse(chat, Bytes::from_static(raw), MAX).unwrap();
+        let text = std::str::from_utf8(&p.body).unwrap();
+        let (head, rest) = text.split_once(',').unwrap();
+        assert!(head.starts_with(r#" {"seed":"#), "{text}");
+        assert_eq!(rest, r#""model":"m", "messages":[],"temperature":0.7}"#);
+        let seeds: std::collections::HashSet<u64> = (0..20)
+            .map(|_| seed_of(chat, raw).as_u64().unwrap())
+            .collect();
+        assert!(seeds.len() > 15, "fresh per request: {seeds:?}");
+        assert!(seeds.iter().all(|s| *s < u64::from(u32::MAX)));
+        // Completions too, and streamed ones (rewritten for usage) too.
+        assert!(seed_of(
+            InferenceEndpoint::Completions,
+            br#"{"model":"m","prompt":"x"}"#
+        )
+        .is_u64());
+        assert!(seed_of(chat, br#"{"model":"m","messages":[],"stream":true}"#).is_u64());
+        // The consumer's own seed is kept; a null one is replaced (not duplicated).
+        assert_eq!(seed_of(chat, br#"{"model":"m","messages":[],"seed":7}"#), 7);
+        let p = parse(
+            chat,
+            Bytes::from_static(br#"{"model":"m","messages":[],"seed":null}"#),
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&p.body).matches("seed").count(), 1);
+        assert!(seed_of(chat, br#"{"model":"m","messages":[],"seed":null}"#).is_u64());
+    }
+
     #[test]
     fn parse_checks_and_strips() {
         let p = parse(
@@ -330,11 +396,12 @@ mod tests {
         .unwrap();
         let v: Value = serde_json::from_slice(&p.body).unwrap();
         assert!(v.get("user").is_none(), "user never reaches a provider");
+        assert!(v["seed"].is_u64(), "a rewritten body gets a seed too");
         assert_eq!(v["tools"][0]["x"], 1, "unknown fields pass through");
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert!(p.stream && !p.wants_usage);
         // A body that needs no change goes as it came, byte for byte.
-        let plain = br#"{ "model": "m", "messages": [],  "temperature": 0 }"#;
+        let plain = br#"{ "model": "m", "messages": [],  "temperature": 0, "seed": 5 }"#;
         let p = parse(
             InferenceEndpoint::ChatCompletions,
             Bytes::from_static(plain),
@@ -342,6 +409,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(&p.body[..], &plain[..]);
+        // Embeddings generate nothing and get no seed.
+        let emb = br#"{"model":"m","input":"x"}"#;
+        let p = parse(InferenceEndpoint::Embeddings, Bytes::from_static(emb), MAX).unwrap();
+        assert_eq!(&p.body[..], &emb[..]);
         // Both length fields: refused, as the agent refuses them.
         let both = br#"{"model":"m","messages":[],"max_tokens":1,"max_completion_tokens":2}"#;
         match parse(

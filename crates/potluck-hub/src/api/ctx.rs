@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use http::HeaderValue;
 use potluck_protocol::{InferenceEndpoint, ModelName};
 use potluck_store::KeyAuth;
@@ -23,7 +22,8 @@ use crate::routing::link::{Outgoing, ProviderLink};
 use crate::routing::registry::Need;
 use crate::state::HubState;
 use crate::trust::plausibility::{self, Bounds, Usage};
-use crate::trust::spot_checks::Job;
+use crate::trust::sample::AuditSample;
+use crate::trust::spot_checks::{Job, ReplayJob};
 
 /// Response header with the hub's request id.
 pub(crate) const HEADER_X_REQUEST_ID: &str = "x-request-id";
@@ -43,8 +43,8 @@ pub(crate) struct Ctx {
     pub(crate) queue_ms: Option<u64>,
     /// What a provider must offer for this request.
     pub(crate) need: Need,
-    /// The body, kept when this request was sampled for an audit replay.
-    pub(crate) audit_body: Option<Bytes>,
+    /// The body and the delivered text, kept when this request was sampled for an audit.
+    pub(crate) audit: parking_lot::Mutex<Option<AuditSample>>,
     /// The most it may be billed (fixed at admission from the request sent).
     pub(crate) bounds: Bounds,
     /// Its reservation of credits (none for anonymous use or when credits are not
@@ -203,18 +203,16 @@ impl Ctx {
     /// After a successful request: queue its audit replay if it was sampled, and flag a
     /// provider faster than its model's size class makes plausible.
     fn spot_checks(&self, state: &HubState, link: &ProviderLink, ended: &Ended) {
-        if let Some(body) = &self.audit_body {
-            if let Some(t) = state.registry.tunnel_of(link.provider_id) {
-                state.auditor.submit(Job::Replay {
-                    sha256: t.offered(&self.model).and_then(|o| o.sha256),
-                    tunnel: t,
-                    endpoint: self.endpoint,
-                    model: self.model.clone(),
-                    body: body.clone(),
-                    account_id: self.key.account_id,
-                    request_id: self.request_id.clone(),
-                });
-            }
+        if let Some(sample) = self.audit.lock().take() {
+            state.auditor.submit(Job::Replay(ReplayJob {
+                provider_id: link.provider_id,
+                endpoint: self.endpoint,
+                model: self.model.clone(),
+                sha256: link.offered(&self.model).and_then(|o| o.sha256),
+                sample,
+                account_id: self.key.account_id,
+                request_id: self.request_id.clone(),
+            }));
         }
         plausibility::check_speed(
             state,
@@ -224,6 +222,14 @@ impl Ctx {
             (ended.elapsed, ended.ttft),
             &self.request_id,
         );
+    }
+
+    /// Text of the first choice delivered to the consumer, kept when the request was
+    /// sampled for an audit (nothing is done otherwise).
+    pub(crate) fn delivered(&self, first_choice: Option<&str>) {
+        if let (Some(t), Some(sample)) = (first_choice, self.audit.lock().as_mut()) {
+            sample.push(t);
+        }
     }
 
     /// A provider failed (or the request was cut) before anything was relayed.

@@ -62,10 +62,10 @@ pub(crate) async fn acquire(
 ) -> Result<Slot, ApiError> {
     let acquired = state.registry.acquire(
         &ctx.model,
-        priority,
-        ctx.key.account_id,
+        (priority, ctx.key.account_id),
         state.config.queue.max_length,
         ctx.need.clone(),
+        false,
     );
     match acquired {
         Ok(Acquired::Now(l)) => Ok(Slot::Now(l)),
@@ -125,6 +125,8 @@ pub(crate) async fn dispatch(
     let mut tried: Vec<i64> = Vec::new();
     let mut refused_by: Option<i64> = None;
     let mut busy_left = state.config.routing.busy_retries;
+    // A request whose tunnel closed is rerouted once, on top of the attempts.
+    let mut rerouted = false;
     let mut lease = first;
     loop {
         let link = Arc::clone(lease.tunnel());
@@ -143,7 +145,20 @@ pub(crate) async fn dispatch(
                 return Ok((lease, answer));
             }
             Err(Failure::Final(e)) => return Err((link, e)),
-            Err(Failure::Provider(e)) => (e, true),
+            Err(Failure::Gone(e)) if !rerouted => {
+                rerouted = true;
+                note_health(state, link.provider_id, &ctx.request_id, false);
+                match after_gone(state, ctx, &link).await {
+                    Some(next) => {
+                        drop(lease);
+                        lease = next;
+                        tracing::info!("tunnel gone before answering; rerouted");
+                        continue;
+                    }
+                    None => return Err((link, e)),
+                }
+            }
+            Err(Failure::Provider(e) | Failure::Gone(e)) => (e, true),
             // Two providers refused it: the request's own fault, nobody's failure.
             Err(Failure::Refused(e)) if refused_by.is_some() => return Err((link, e)),
             Err(Failure::Refused(e)) => {
@@ -202,12 +217,57 @@ async fn busy_again(
     }
 }
 
+/// The tunnel `gone` closed before answering: it leaves routing now (no other request
+/// goes to it), and the request waits up to `routing.reroute_wait` for a slot on any
+/// tunnel of its model, the same provider's included (an agent reconnects at once).
+async fn after_gone(state: &HubState, ctx: &Ctx, gone: &ProviderLink) -> Option<Lease> {
+    state.registry.remove(gone.conn_id);
+    let acquired = state.registry.acquire(
+        &ctx.model,
+        (send::PRIORITY_INTERNAL, ctx.key.account_id),
+        state.config.queue.max_length,
+        ctx.need.clone(),
+        true,
+    );
+    match acquired {
+        Ok(Acquired::Now(l)) => Some(l),
+        Ok(Acquired::Wait(mut ticket)) => {
+            let wait = state.config.routing.reroute_wait;
+            tokio::select! {
+                biased;
+                _ = ctx.cut.cancelled() => None,
+                l = tokio::time::timeout(wait, ticket.recv()) => l.ok().flatten(),
+            }
+        }
+        Err(_) => None,
+    }
+}
+
+/// Whether a request failed because its tunnel's connection is gone (closed, or broken
+/// underneath: an IO error), not because of the one request.
+fn connection_lost(e: &hyper::Error) -> bool {
+    if e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.is::<std::io::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Why one attempt failed.
 enum Failure {
     /// The agent's slots are all taken (by another hub it serves): nobody's fault.
     Busy,
     /// The provider's fault: it counts, and another provider may do better.
     Provider(ApiError),
+    /// The tunnel closed before answering (the agent died, or its link was cut): the
+    /// request never reached a backend, and may wait for the provider to come back.
+    Gone(ApiError),
     /// A refusal the consumer may have caused: another provider is asked.
     Refused(ApiError),
     /// Give up (cut, a non-streamed answer timed out, or the request could not be built).
@@ -240,9 +300,12 @@ async fn send_once(
     let attempt = async move {
         let resp = sender.send_request(req).await.map_err(|e| {
             tracing::warn!(error = %e, "provider failed before answering");
-            Failure::Provider(ApiError::ProviderFailed(
-                "connection to the provider failed",
-            ))
+            let failed = ApiError::ProviderFailed("connection to the provider failed");
+            if connection_lost(&e) || sender.is_closed() {
+                Failure::Gone(failed)
+            } else {
+                Failure::Provider(failed)
+            }
         })?;
         let mut resp = judge_status(resp)?;
         let first = if stream {

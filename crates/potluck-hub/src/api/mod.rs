@@ -46,6 +46,7 @@ use crate::routing::registry::Need;
 use crate::routing::send::new_request_id;
 use crate::state::HubState;
 use crate::trust::plausibility::Bounds;
+use crate::trust::sample::AuditSample;
 
 /// Milliseconds since the epoch (0 if the clock is before it).
 pub(crate) fn now_ms() -> i64 {
@@ -70,12 +71,31 @@ pub(crate) async fn embeddings(State(state): State<Arc<HubState>>, req: Request)
     inference(state, InferenceEndpoint::Embeddings, req).await
 }
 
+/// A request whose key and limits were checked before its body was read, by a route that
+/// reads and translates the body itself (the dialects): its key and the concurrent-request
+/// slot it holds (its rpm already counted).
+pub(crate) struct Early {
+    pub(crate) key: KeyAuth,
+    pub(crate) anonymous: bool,
+    pub(crate) in_flight: InFlight,
+}
+
 /// One inference request, in its span. The model and provider are recorded in the span
 /// once a provider is chosen (a refused request's model is the consumer's typing).
 pub(crate) async fn inference(
     state: Arc<HubState>,
     endpoint: InferenceEndpoint,
     req: Request,
+) -> Response {
+    inference_after(state, endpoint, req, None).await
+}
+
+/// [`inference`] for a request admitted [`Early`] (or not, with `None`).
+pub(crate) async fn inference_after(
+    state: Arc<HubState>,
+    endpoint: InferenceEndpoint,
+    req: Request,
+    early: Option<Early>,
 ) -> Response {
     let started = Instant::now();
     let request_id = new_request_id();
@@ -92,7 +112,7 @@ pub(crate) async fn inference(
         started,
         span: span.clone(),
     };
-    serve(state, start, parts.headers, body)
+    serve(state, start, parts.headers, body, early)
         .instrument(span)
         .await
 }
@@ -119,21 +139,31 @@ struct CtxParts {
     bounds: Bounds,
     hold: Option<Hold>,
     usage_slot: UsagePlace,
-    audit_body: Option<bytes::Bytes>,
+    audit: Option<AuditSample>,
     guard_input: Option<Arc<str>>,
 }
 
-async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -> Response {
-    let (key, anonymous) = match auth::consumer_or_anonymous(&state, &headers).await {
-        Ok(k) => k,
-        Err(e) => return reject(&s.request_id, s.endpoint, None, e),
+async fn serve(
+    state: Arc<HubState>,
+    s: Start,
+    headers: HeaderMap,
+    body: Body,
+    early: Option<Early>,
+) -> Response {
+    let (key, anonymous, early_slot) = match early {
+        Some(e) => (e.key, e.anonymous, Some(e.in_flight)),
+        None => match auth::consumer_or_anonymous(&state, &headers).await {
+            Ok((k, a)) => (k, a, None),
+            Err(e) => return reject(&s.request_id, s.endpoint, None, e),
+        },
     };
     // In flight from here on, before the body is read: a ban, a suspension or a revoked
     // key cuts a slow upload as it cuts a stream.
     let cut = state
         .inflight
         .register(&s.request_id, key.account_id, key.key_id);
-    let admitted = match admit(&state, &s, &key, anonymous, &headers, body, &cut).await {
+    let who = (&key, anonymous, early_slot);
+    let admitted = match admit(&state, &s, who, &headers, body, &cut).await {
         Ok(a) => a,
         Err(e) => return reject(&s.request_id, s.endpoint, Some(&key), e),
     };
@@ -156,7 +186,7 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
         started_ms: now_ms(),
         queue_ms: None,
         need: ctx_parts.need,
-        audit_body: ctx_parts.audit_body,
+        audit: parking_lot::Mutex::new(ctx_parts.audit),
         bounds: ctx_parts.bounds,
         hold: ctx_parts.hold,
         usage_slot: parking_lot::Mutex::new(Some(ctx_parts.usage_slot)),
@@ -171,15 +201,17 @@ async fn serve(state: Arc<HubState>, s: Start, headers: HeaderMap, body: Body) -
 async fn admit(
     state: &HubState,
     s: &Start,
-    key: &KeyAuth,
-    anonymous: bool,
+    (key, anonymous, early_slot): (&KeyAuth, bool, Option<InFlight>),
     headers: &HeaderMap,
     body: Body,
     cut: &InFlightGuard,
 ) -> Result<Admitted, ApiError> {
     let max = state.config.max_request_bytes;
     admit::check_length(headers, max)?;
-    let in_flight = admit::limits(state, key, anonymous).await?;
+    let in_flight = match early_slot {
+        Some(slot) => slot,
+        None => admit::limits(state, key, anonymous).await?,
+    };
     let raw = admit::read_body_unless_cut(body, max, cut).await?;
     let parsed = admit::parse(s.endpoint, raw, max)?;
     let bounds = Bounds::of(
@@ -197,8 +229,13 @@ async fn admit(
     if let (true, Some(text)) = (stages.input, &guard_input) {
         screen::check_input(state, &s.request_id, key.account_id, &parsed.model, text).await?;
     }
-    let audit_body = (s.endpoint != InferenceEndpoint::Embeddings && state.auditor.sample())
-        .then(|| parsed.body.clone());
+    let audit = (s.endpoint != InferenceEndpoint::Embeddings
+        && state.auditor.sample()
+        && state.auditor.has_room())
+    .then(|| {
+        let cap = state.config.audit.max_text_bytes;
+        AuditSample::new(parsed.body.clone(), parsed.stream, cap)
+    });
     let need = Need {
         groups: Arc::clone(&key.groups),
         low_power: header_has(headers, HEADER_PREFER, "low-power") || key.prefer_low_power,
@@ -215,7 +252,7 @@ async fn admit(
             bounds,
             hold: reserved.hold,
             usage_slot,
-            audit_body,
+            audit,
             guard_input: guard_input.filter(|_| stages.output),
         },
     })

@@ -363,6 +363,9 @@ impl HubConfig {
                 ));
             }
         }
+        if self.audit.max_pending == 0 {
+            return Err("audit.max_pending must be at least 1".into());
+        }
         if !(0.0..=1.0).contains(&self.audit.rate)
             || !(0.0..=1.0).contains(&self.audit.min_agreement)
             || !(0.0..=1.0).contains(&self.audit.quarantine_below)

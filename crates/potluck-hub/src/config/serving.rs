@@ -38,6 +38,12 @@ pub struct RoutingConfig {
     /// Non-streamed requests keep `provider_header_timeout`.
     #[serde(with = "super::secs")]
     pub first_byte_timeout: Duration,
+    /// A request whose tunnel closed before answering (the agent died or its link was
+    /// cut) leaves that tunnel out of routing at once and waits up to this long (seconds)
+    /// for another tunnel of its model, such as the same agent reconnecting, instead of
+    /// failing with 502.
+    #[serde(with = "super::secs")]
+    pub reroute_wait: Duration,
     /// Most tunnels one provider token may hold open at once.
     pub max_tunnels_per_provider: u32,
     /// Most slots the hub believes one tunnel has, whatever its agent announces.
@@ -62,6 +68,8 @@ impl Default for RoutingConfig {
             cooldown: Duration::from_secs(30),
             max_cooldown: Duration::from_secs(600),
             first_byte_timeout: Duration::from_secs(60),
+            // Agents reconnect within 50 to 500 ms of a cut (RELIABILITY.md).
+            reroute_wait: Duration::from_secs(2),
             max_tunnels_per_provider: 4,
             max_slots_per_tunnel: 256,
             busy_retries: 8,

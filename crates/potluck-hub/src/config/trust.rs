@@ -113,6 +113,15 @@ pub struct SpotCheckConfig {
     pub canary_interval: Duration,
     /// Fixed seed for the audit sampler (tests); random when unset.
     pub seed: Option<u64>,
+    /// Most bytes of a sampled request's delivered answer kept in memory until its
+    /// replay is judged (never on disk, never logged). Text past it is not compared.
+    pub max_text_bytes: usize,
+    /// Most tokens a canary asks for (its `max_tokens` follows recent requests' up to
+    /// this), on the audited provider and on the reference each.
+    pub canary_max_tokens: u64,
+    /// Most sampled requests waiting for their replay; more are not audited (audits
+    /// are samples). With `max_text_bytes`, this bounds the memory audits hold.
+    pub max_pending: usize,
     /// Most completion tokens per second a provider of a size class may plausibly
     /// deliver (`credits.classes` names).
     pub max_tokens_per_sec: std::collections::BTreeMap<String, f64>,
@@ -137,6 +146,11 @@ impl Default for SpotCheckConfig {
             quarantine_below: 0.3,
             canary_interval: Duration::from_secs(600),
             seed: None,
+            // 16 KiB of text is about 4,000 tokens, past any answer's beginning that
+            // `compare_tokens` reads; 256 pending audits hold at most 4 MiB of text.
+            max_text_bytes: 16 * 1024,
+            max_pending: 256,
+            canary_max_tokens: 256,
             max_tokens_per_sec: [
                 ("small".to_owned(), 5000.0),
                 ("medium".to_owned(), 1000.0),

@@ -60,6 +60,9 @@ pub enum ApiError {
     /// 415.
     #[error("unsupported media type")]
     UnsupportedMediaType,
+    /// 408: the body did not arrive within `server.body_read_timeout`.
+    #[error("request body timed out")]
+    RequestTimeout,
     /// 503: no provider can take it now.
     #[error("no provider available")]
     NoCapacity {
@@ -133,6 +136,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::NoCapacity { .. }
             | ApiError::QueueTimeout { .. }
             | ApiError::UsageBacklog { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -196,6 +200,12 @@ impl ApiError {
                 "Send the request body as JSON with 'Content-Type: application/json'.",
                 None,
                 None,
+            ),
+            ApiError::RequestTimeout => ErrorBody::new(
+                "invalid_request_error",
+                "The request body did not arrive within the time this hub allows.",
+                None,
+                Some("request_timeout"),
             ),
             ApiError::NoCapacity { .. } => ErrorBody::new(
                 "server_error",

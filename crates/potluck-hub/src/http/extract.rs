@@ -35,6 +35,7 @@ pub(crate) async fn read_capped(body: Body, max: usize) -> Result<Bytes, ApiErro
     match Limited::new(body, max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge(max)),
+        Err(e) if crate::http::serve::is_body_timeout(&*e) => Err(ApiError::RequestTimeout),
         Err(_) => Err(ApiError::bad_request(
             "The request body could not be read.",
             None,

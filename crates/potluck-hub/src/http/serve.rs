@@ -126,6 +126,19 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
 #[error("request body not received within the time allowed")]
 pub(crate) struct BodyTimeout;
 
+/// Whether a body read failed because of [`BodyTimeout`] (anywhere in its chain of
+/// causes: the body types around it wrap it).
+pub(crate) fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<BodyTimeout>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// A request body that fails once its deadline passes, however slowly it trickles in.
 pub(crate) struct DeadlineBody {
     inner: Body,

@@ -441,24 +441,31 @@ impl Registry {
     }
 
     /// A slot now if one is free and nobody waits for `model`; else a place in its queue
-    /// (at most `max_queue` waiting per model).
+    /// (at most `max_queue` waiting per model). With `await_tunnel`, a model no open
+    /// tunnel serves right now gets a place too (a request whose tunnel closed before
+    /// answering waits, bounded by its caller, for a tunnel of its model to come back).
     pub fn acquire(
         &self,
         model: &ModelName,
-        priority: u8,
-        account: i64,
+        (priority, account): (u8, i64),
         max_queue: usize,
         need: Need,
+        await_tunnel: bool,
     ) -> Result<Acquired, PickError> {
         let mut q = self.inner.queue.lock();
-        if q.len(model) == 0 {
+        let unservable = if q.len(model) == 0 {
             match self.inner.pick(model, &[], &need) {
                 Ok(l) => return Ok(Acquired::Now(l)),
-                Err(PickError::Busy) => {}
-                Err(e) => return Err(e),
+                Err(PickError::Busy) => None,
+                Err(e) => Some(e),
             }
-        } else if let Some(e) = self.inner.unservable(model, &need) {
-            return Err(e);
+        } else {
+            self.inner.unservable(model, &need)
+        };
+        match unservable {
+            None => {}
+            Some(PickError::UnknownModel) if await_tunnel => {}
+            Some(e) => return Err(e),
         }
         if q.len(model) >= max_queue {
             return Err(PickError::QueueFull);

@@ -29,6 +29,18 @@ pub(crate) fn new_request_id() -> String {
     hex::encode(b)
 }
 
+/// A seed for a request that has none: fresh for every request (so a consumer who wants
+/// varied answers still gets them), and below `u32::MAX`, which llama.cpp reads as "draw
+/// a random seed" (its seeds are 32-bit).
+///
+/// Every generating request carries a seed, so an audit's replay on a trusted reference
+/// is the very body the audited provider already answered, and a provider cannot tell
+/// audits from ordinary traffic by the presence of a seed.
+pub(crate) fn hub_seed() -> u32 {
+    use rand::Rng as _;
+    rand::rng().random_range(0..u32::MAX)
+}
+
 /// The request a provider gets: the endpoint's path, the model and request id headers,
 /// the consumer's pseudonym towards this provider, and the body as forwarded.
 pub(crate) fn tunneled_request(
@@ -74,6 +86,9 @@ pub(crate) struct Answer {
     pub text: String,
     /// Completion tokens the provider reported.
     pub completion_tokens: i64,
+    /// The first choice ended at its length limit (`finish_reason: "length"`): it may
+    /// have gone on.
+    pub cut_at_length: bool,
     /// The provider that answered.
     pub provider_id: i64,
 }
@@ -93,32 +108,43 @@ pub(crate) async fn ask(
     let work = async {
         let lease = match state.registry.acquire(
             model,
-            PRIORITY_INTERNAL,
-            state.treasury,
+            (PRIORITY_INTERNAL, state.treasury),
             state.config.queue.max_length,
             Need {
                 trusted_only,
                 ..Need::default()
             },
+            false,
         ) {
             Ok(Acquired::Now(l)) => l,
             Ok(Acquired::Wait(mut t)) => t.recv().await.ok_or(InternalError::NoProvider)?,
             Err(_) => return Err(InternalError::NoProvider),
         };
-        send_on(state, lease, endpoint, model, &body, consumer).await
+        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let bytes = serde_json::to_vec(&body).map_err(|_| InternalError::Failed("encode"))?;
+        send_on(
+            state,
+            lease,
+            endpoint,
+            model,
+            (Bytes::from(bytes), stream),
+            consumer,
+        )
+        .await
     };
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| InternalError::Timeout)?
 }
 
-/// Send on one given tunnel (audits), waiting for a free slot on it.
+/// Send `body` as it is (streamed or not, as it says) on one given tunnel (audits),
+/// waiting for a free slot on it.
 pub(crate) async fn ask_on(
     state: &HubState,
     tunnel: &Arc<ProviderLink>,
     endpoint: InferenceEndpoint,
     model: &ModelName,
-    body: &Value,
+    body: (Bytes, bool),
     consumer: &str,
     timeout: Duration,
 ) -> Result<Answer, InternalError> {
@@ -140,20 +166,12 @@ async fn send_on(
     lease: Lease,
     endpoint: InferenceEndpoint,
     model: &ModelName,
-    body: &Value,
+    (body, stream): (Bytes, bool),
     consumer: &str,
 ) -> Result<Answer, InternalError> {
     let tunnel = Arc::clone(lease.tunnel());
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let bytes = serde_json::to_vec(body).map_err(|_| InternalError::Failed("encode"))?;
-    let req = tunneled_request(
-        endpoint,
-        model,
-        &new_request_id(),
-        consumer,
-        Bytes::from(bytes),
-    )
-    .map_err(|_| InternalError::Failed("request"))?;
+    let req = tunneled_request(endpoint, model, &new_request_id(), consumer, body)
+        .map_err(|_| InternalError::Failed("request"))?;
     let resp = tunnel
         .sender
         .clone()
@@ -178,12 +196,18 @@ async fn send_on(
     Ok(answer)
 }
 
-fn text_of(choice: &Value) -> Option<&str> {
+/// The text of one choice as audits compare it: content (whole or streamed), or
+/// completions' text.
+pub(crate) fn text_of(choice: &Value) -> Option<&str> {
     choice
         .pointer("/message/content")
         .or_else(|| choice.pointer("/delta/content"))
         .or_else(|| choice.get("text"))
         .and_then(Value::as_str)
+}
+
+fn at_length(choice: &Value) -> bool {
+    choice.get("finish_reason").and_then(Value::as_str) == Some("length")
 }
 
 fn completion_tokens(v: &Value) -> Option<i64> {
@@ -200,6 +224,7 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
             .unwrap_or_default()
             .to_owned(),
         completion_tokens: completion_tokens(&v).unwrap_or(0),
+        cut_at_length: v.pointer("/choices/0").is_some_and(at_length),
         provider_id: 0,
     })
 }
@@ -215,8 +240,9 @@ fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
         let Ok(v) = serde_json::from_slice::<Value>(&ev) else {
             return Err(InternalError::Failed("sse json"));
         };
-        if let Some(t) = v.pointer("/choices/0").and_then(text_of) {
-            a.text.push_str(t);
+        if let Some(c) = v.pointer("/choices/0") {
+            a.text.push_str(text_of(c).unwrap_or_default());
+            a.cut_at_length |= at_length(c);
         }
         if let Some(n) = completion_tokens(&v) {
             a.completion_tokens = n;
@@ -239,6 +265,11 @@ mod tests {
         assert_eq!((a.text.as_str(), a.completion_tokens), ("unsafe", 2));
         let c = br#"{"choices":[{"text":"No"}]}"#;
         assert_eq!(read_json(c).unwrap().text, "No");
+        assert!(!read_json(c).unwrap().cut_at_length);
+        let l = br#"{"choices":[{"text":"No","finish_reason":"length"}]}"#;
+        assert!(read_json(l).unwrap().cut_at_length);
+        let s = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\n";
+        assert!(read_sse(s, 1 << 20).unwrap().cut_at_length);
         assert!(read_json(b"nope").is_err());
     }
 }

@@ -1,13 +1,19 @@
 //! Spot checks of providers, who run stock servers the hub cannot change, so they are checked
-//! from outside:
+//! from outside, with requests a provider cannot tell from ordinary traffic:
 //!
-//! - **Replays.** A sampled fraction of real requests (`audit.rate`) is sent again, at
-//!   temperature 0 with a random seed, to the audited provider and to a provider marked
-//!   *trusted* that serves the same model file (by hash). Both look like any consumer's
-//!   request: same path, headers, consumer pseudonym and body shape. The first
-//!   `audit.compare_tokens` words must agree (tolerance `audit.min_agreement`).
-//! - **Canaries.** Every `audit.canary_interval`, an ordinary-looking prompt goes to one
-//!   untrusted provider and a trusted reference, compared the same way.
+//! - **Replays.** A sampled fraction of real requests (`audit.rate`) keeps, in memory, the
+//!   body exactly as forwarded and the text the provider delivered (up to
+//!   `audit.max_text_bytes`, at most `audit.max_pending` such requests). The same body (the
+//!   same seed: the hub seeds every request that has none, see
+//!   [`crate::routing::send::hub_seed`]; the same temperature) then goes to a provider
+//!   marked *trusted* that serves the same model file (by hash), with the consumer's
+//!   pseudonym towards it, and its answer is compared with what the audited provider
+//!   already delivered. The audited provider gets no second request, so nothing marks the
+//!   requests it is judged on. The first `audit.compare_tokens` words must agree
+//!   (tolerance `audit.min_agreement`).
+//! - **Canaries.** Every `audit.canary_interval`, a generated prompt ([`super::canary`])
+//!   in the shape of recent requests goes to one untrusted provider and the same body to
+//!   a trusted reference, compared the same way.
 //! - **Plausibility flags** from the request path: usage far above what was delivered,
 //!   and more tokens per second than the model's size class makes plausible.
 //!
@@ -23,7 +29,7 @@ use potluck_protocol::{InferenceEndpoint, ModelName};
 use potluck_store::trust::AuditRecord;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -31,44 +37,18 @@ use crate::config::SpotCheckConfig;
 use crate::routing::link::ProviderLink;
 use crate::routing::send;
 use crate::state::HubState;
+use crate::trust::canary::{self, Shape, Shapes};
 use crate::trust::reputation::{judge, Reputation};
+use crate::trust::sample::{prefix, AuditSample};
 
-/// Queued audit jobs; more are dropped (audits are samples).
-pub(crate) const AUDIT_QUEUE: usize = 1024;
 /// Longest an audit replay may take on either provider.
 pub(crate) const AUDIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Ordinary prompts used as canaries (nothing marks them as tests).
-pub const CANARY_PROMPTS: [&str; 8] = [
-    "Write a short paragraph about why the sky is blue.",
-    "List three tips for keeping houseplants alive.",
-    "Explain what a hash function is in two sentences.",
-    "Summarize the plot of a typical detective story.",
-    "What are the main differences between tea and coffee?",
-    "Give me a haiku about autumn rain.",
-    "How does a bicycle stay upright while moving?",
-    "Describe a good morning routine for a student.",
-];
-
 /// Work for the auditor.
 pub(crate) enum Job {
-    /// Replay a finished request on the provider and on a trusted reference.
-    Replay {
-        /// The audited tunnel.
-        tunnel: Arc<ProviderLink>,
-        /// The request's endpoint.
-        endpoint: InferenceEndpoint,
-        /// Its model and the file hash the provider announced.
-        model: ModelName,
-        /// File hash.
-        sha256: Option<ModelHash>,
-        /// The body as forwarded.
-        body: Bytes,
-        /// The consumer (for the pseudonym the replay carries).
-        account_id: i64,
-        /// The original request id.
-        request_id: String,
-    },
+    /// Replay a finished request on a trusted reference and compare with what the
+    /// audited provider delivered.
+    Replay(ReplayJob),
     /// A plausibility flag raised on the request path.
     Flag {
         /// The provider.
@@ -96,7 +76,7 @@ impl std::fmt::Debug for Auditor {
 impl Auditor {
     /// A sampler at `cfg.rate` and the receiving end for [`run`].
     pub(crate) fn new(cfg: &SpotCheckConfig) -> (Self, mpsc::Receiver<Job>) {
-        let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
+        let (tx, rx) = mpsc::channel(cfg.max_pending.max(1));
         let rng = match cfg.seed {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
@@ -114,6 +94,12 @@ impl Auditor {
     /// Whether to audit the next request.
     pub(crate) fn sample(&self) -> bool {
         self.rate > 0.0 && self.rng.lock().random_bool(self.rate.min(1.0))
+    }
+
+    /// Whether a sampled request may keep its text: a place is free in the queue (a
+    /// sample that could not be queued is not kept).
+    pub(crate) fn has_room(&self) -> bool {
+        self.tx.capacity() > 0
     }
 
     /// Queue a job; dropped if the queue is full.
@@ -149,22 +135,16 @@ pub(crate) fn appended(a: &str, b: &str) -> bool {
     !wb.is_empty() && wa.len() > wb.len() + MAX_APPENDED_WORDS && wa.starts_with(&wb)
 }
 
-/// The verdict on one replay or canary: (passed, agreement).
-fn verdict(cfg: &SpotCheckConfig, a: &str, b: &str) -> (bool, f64) {
+/// The verdict on one replay or canary, `a` the audited answer, `b` the reference's:
+/// (passed, agreement). Text past `audit.max_text_bytes` is not compared, and appended
+/// text counts only against a reference that ended by itself (not at its length limit
+/// or the byte cap, where an honest answer may go on).
+fn verdict(cfg: &SpotCheckConfig, a: &str, b: &str, b_cut: bool) -> (bool, f64) {
+    let cap = cfg.max_text_bytes;
+    let (a, b) = (prefix(a, cap), prefix(b, cap));
+    let b_cut = b_cut || b.len() >= cap;
     let g = agreement(a, b, cfg.compare_tokens);
-    (g >= cfg.min_agreement && !appended(a, b), g)
-}
-
-/// The body of a replay: temperature 0, a random seed, a bounded `max_tokens`.
-fn replay_body(original: &[u8], seed: u32, max_tokens: usize) -> Option<Value> {
-    let mut v: Value = serde_json::from_slice(original).ok()?;
-    let o = v.as_object_mut()?;
-    o.insert("temperature".into(), json!(0));
-    o.insert("seed".into(), json!(seed));
-    o.remove("max_completion_tokens");
-    o.insert("max_tokens".into(), json!(max_tokens));
-    o.remove("n");
-    Some(v)
+    (g >= cfg.min_agreement && (b_cut || !appended(a, b)), g)
 }
 
 /// The auditor task: runs jobs one at a time and canaries on a timer, until `stop`.
@@ -174,6 +154,7 @@ pub(crate) async fn run(
     stop: CancellationToken,
 ) {
     let mut rep = Reputation::default();
+    let mut shapes = Shapes::default();
     let interval = state.config.audit.canary_interval;
     let mut canary = tokio::time::interval(if interval.is_zero() {
         std::time::Duration::from_secs(3600 * 24 * 365)
@@ -186,7 +167,7 @@ pub(crate) async fn run(
             j = rx.recv() => match j { Some(j) => j, None => return },
             _ = canary.tick() => {
                 if !interval.is_zero() {
-                    run_canary(&state, &mut rep).await;
+                    run_canary(&state, &mut rep, &shapes).await;
                 }
                 continue;
             }
@@ -194,20 +175,11 @@ pub(crate) async fn run(
         };
         let work = async {
             match job {
-                Job::Replay {
-                    tunnel,
-                    endpoint,
-                    model,
-                    sha256,
-                    body,
-                    account_id,
-                    request_id,
-                } => {
-                    replay(
-                        &state, &mut rep, tunnel, endpoint, model, sha256, body, account_id,
-                        request_id,
-                    )
-                    .await
+                Job::Replay(job) => {
+                    if let Some(shape) = Shape::of(&job.sample.body) {
+                        shapes.note(shape);
+                    }
+                    replay(&state, &mut rep, job).await
                 }
                 Job::Flag {
                     provider_id,
@@ -232,54 +204,67 @@ pub(crate) async fn run(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn replay(
-    state: &HubState,
-    rep: &mut Reputation,
-    tunnel: Arc<ProviderLink>,
-    endpoint: InferenceEndpoint,
-    model: ModelName,
-    sha256: Option<ModelHash>,
-    body: Bytes,
-    account_id: i64,
-    request_id: String,
-) {
+/// A sampled request to judge by a replay (see [`Job::Replay`]).
+pub(crate) struct ReplayJob {
+    /// The audited provider.
+    pub(crate) provider_id: i64,
+    /// The request's endpoint.
+    pub(crate) endpoint: InferenceEndpoint,
+    /// Its model.
+    pub(crate) model: ModelName,
+    /// The model file's hash the audited provider announced.
+    pub(crate) sha256: Option<ModelHash>,
+    /// The body as forwarded and the text delivered.
+    pub(crate) sample: AuditSample,
+    /// The consumer (for the pseudonym the replay carries).
+    pub(crate) account_id: i64,
+    /// The original request id.
+    pub(crate) request_id: String,
+}
+
+/// Send the sampled body, as it is, to a trusted reference only, and judge what the
+/// audited provider delivered against the reference's answer.
+async fn replay(state: &HubState, rep: &mut Reputation, job: ReplayJob) {
     let Some(reference) =
         state
             .registry
-            .trusted_reference(&model, sha256.as_ref(), tunnel.provider_id)
+            .trusted_reference(&job.model, job.sha256.as_ref(), job.provider_id)
     else {
         tracing::debug!(
-            provider_id = tunnel.provider_id,
+            provider_id = job.provider_id,
             "no trusted reference for an audit"
         );
         return;
     };
-    let seed: u32 = rand::rng().random();
-    let k = state.config.audit.compare_tokens;
-    let Some(body) = replay_body(&body, seed, k * 2) else {
-        return;
-    };
-    let consumers = [
-        state.identity.pseudonym(tunnel.provider_id, account_id),
-        state.identity.pseudonym(reference.provider_id, account_id),
-    ];
-    let Some((passed, agreement)) = compare(
-        state, &tunnel, &reference, endpoint, &model, &body, &consumers,
+    let consumer = state
+        .identity
+        .pseudonym(reference.provider_id, job.account_id);
+    let body = (job.sample.body.clone(), job.sample.stream);
+    let answer = send::ask_on(
+        state,
+        &reference,
+        job.endpoint,
+        &job.model,
+        body,
+        &consumer,
+        AUDIT_TIMEOUT,
     )
-    .await
-    else {
+    .await;
+    let Ok(b) = answer else {
+        tracing::debug!("trusted reference failed an audit; no verdict");
         return;
     };
+    let delivered = job.sample.into_text();
+    let (passed, agreement) = verdict(&state.config.audit, &delivered, &b.text, b.cut_at_length);
     judge(
         state,
         rep,
         AuditRecord {
-            provider_id: tunnel.provider_id,
-            request_id: Some(request_id),
+            provider_id: job.provider_id,
+            request_id: Some(job.request_id),
             kind: "replay",
             passed,
-            agreement,
+            agreement: Some(agreement),
         },
     )
     .await;
@@ -292,28 +277,30 @@ async fn compare(
     state: &HubState,
     target: &Arc<ProviderLink>,
     reference: &Arc<ProviderLink>,
-    endpoint: InferenceEndpoint,
     model: &ModelName,
     body: &Value,
-    consumers: &[String; 2],
+    consumer: &str,
 ) -> Option<(bool, Option<f64>)> {
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let bytes = Bytes::from(serde_json::to_vec(body).ok()?);
+    let ep = InferenceEndpoint::ChatCompletions;
     let (a, b) = tokio::join!(
         send::ask_on(
             state,
             target,
-            endpoint,
+            ep,
             model,
-            body,
-            &consumers[0],
+            (bytes.clone(), stream),
+            consumer,
             AUDIT_TIMEOUT
         ),
         send::ask_on(
             state,
             reference,
-            endpoint,
+            ep,
             model,
-            body,
-            &consumers[1],
+            (bytes, stream),
+            consumer,
             AUDIT_TIMEOUT
         ),
     );
@@ -323,14 +310,14 @@ async fn compare(
     };
     Some(match a {
         Ok(a) => {
-            let (passed, g) = verdict(&state.config.audit, &a.text, &b.text);
+            let (passed, g) = verdict(&state.config.audit, &a.text, &b.text, b.cut_at_length);
             (passed, Some(g))
         }
         Err(_) => (false, None),
     })
 }
 
-async fn run_canary(state: &HubState, rep: &mut Reputation) {
+async fn run_canary(state: &HubState, rep: &mut Reputation, shapes: &Shapes) {
     let models: Vec<ModelName> = state.registry.pool().into_keys().collect();
     for model in models {
         let targets = state.registry.auditable(&model);
@@ -346,10 +333,15 @@ async fn run_canary(state: &HubState, rep: &mut Reputation) {
         else {
             continue;
         };
-        let prompt = CANARY_PROMPTS[rand::rng().random_range(0..CANARY_PROMPTS.len())];
-        let k = state.config.audit.compare_tokens;
-        let body = json!({"model": model.as_str(), "messages": [{"role": "user", "content": prompt}],
-                          "temperature": 0, "seed": rand::rng().random::<u32>(), "max_tokens": k * 2});
+        let body = {
+            let mut rng = rand::rng();
+            canary::body(
+                &mut rng,
+                shapes,
+                model.as_str(),
+                state.config.audit.canary_max_tokens,
+            )
+        };
         let mut id = [0u8; 12];
         rand::rng().fill_bytes(&mut id);
         let consumer = format!(
@@ -357,10 +349,7 @@ async fn run_canary(state: &HubState, rep: &mut Reputation) {
             crate::trust::identity::PSEUDONYM_PREFIX,
             hex::encode(id)
         );
-        let ep = InferenceEndpoint::ChatCompletions;
-        let consumers = [consumer.clone(), consumer];
-        let Some((passed, g)) =
-            compare(state, &target, &reference, ep, &model, &body, &consumers).await
+        let Some((passed, g)) = compare(state, &target, &reference, &model, &body, &consumer).await
         else {
             continue;
         };
@@ -406,18 +395,20 @@ mod tests {
     }
 
     #[test]
-    fn replay_body_is_deterministic_and_bounded() {
-        let v = replay_body(
-            br#"{"model":"m","messages":[],"temperature":0.9,"max_completion_tokens":900,"n":3}"#,
-            7,
-            64,
-        )
-        .unwrap();
-        assert_eq!(v["temperature"], 0);
-        assert_eq!(v["seed"], 7);
-        assert_eq!(v["max_tokens"], 64);
-        assert!(v.get("max_completion_tokens").is_none() && v.get("n").is_none());
-        assert!(replay_body(b"[1]", 1, 1).is_none());
+    fn verdicts_read_the_capped_text_and_forgive_a_reference_cut_short() {
+        let cfg = SpotCheckConfig {
+            max_text_bytes: 12,
+            ..SpotCheckConfig::default()
+        };
+        assert!(verdict(&cfg, "a b c", "a b c", false).0);
+        assert!(!verdict(&cfg, "a b c d e f", "a b", false).0, "appended");
+        assert!(
+            verdict(&cfg, "a b c d e f", "a b", true).0,
+            "the reference hit its limit"
+        );
+        // Past the byte cap nothing counts: not even an appended tail.
+        assert!(verdict(&cfg, "a b c d e f g h i j", "a b c d e f", false).0);
+        assert!(!verdict(&cfg, "x y z", "a b c", false).0);
     }
 
     #[test]

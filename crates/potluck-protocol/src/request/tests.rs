@@ -587,3 +587,18 @@ fn content_parts_that_would_make_a_backend_fetch_are_refused() {
         assert!(parse(endpoint, body).is_err(), "{body}");
     }
 }
+
+#[test]
+fn a_seed_is_noticed_and_cannot_appear_twice() {
+    let m = r#""model":"m","messages":[]"#;
+    let r = chat(&format!("{{{m}}}")).unwrap();
+    assert!(!r.has_seed && !r.null_seed);
+    let r = chat(&format!(r#"{{{m},"seed":42}}"#)).unwrap();
+    assert!(r.has_seed && !r.null_seed);
+    let r = chat(&format!(r#"{{{m},"seed":null}}"#)).unwrap();
+    assert!(!r.has_seed && r.null_seed);
+    assert_eq!(
+        refused(CHAT, &format!(r#"{{{m},"seed":1,"seed":2}}"#)),
+        RequestError::Duplicate("seed")
+    );
+}

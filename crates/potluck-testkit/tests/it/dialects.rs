@@ -476,3 +476,39 @@ async fn an_endless_stream_is_cut_at_max_response_bytes_in_every_dialect() {
         );
     }
 }
+
+/// Every dialect's request reaches the provider with a seed (the hub seeds every request
+/// that has none, so that audits cannot be told apart), a fresh one each time; a seed the
+/// consumer set (ollama's `options.seed`) is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dialect_request_reaches_the_provider_with_a_seed() {
+    let p = pool().await;
+    let bearer = format!("Bearer {}", p.key);
+    let auth = [("authorization", bearer.as_str())];
+    let mut requests = dialect_requests(MODEL);
+    requests.push((
+        "/api/generate",
+        json!({"model": MODEL, "prompt": "why", "stream": false}),
+    ));
+    let mut seeds = std::collections::HashSet::new();
+    for (path, body) in requests {
+        for _ in 0..2 {
+            let (s, _, text) = post(&p, path, &auth, body.to_string().into_bytes()).await;
+            assert_eq!(s, 200, "{path}: {text}");
+            let sent = last_backend_body(&p);
+            let seed = sent["seed"].as_u64();
+            assert!(seed.is_some(), "{path}: {sent}");
+            seeds.insert(seed);
+        }
+    }
+    assert_eq!(seeds.len(), 8, "a fresh seed per request");
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                      "stream": false, "options": {"seed": 7}});
+    let (s, _, text) = post(&p, "/api/chat", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    assert_eq!(
+        last_backend_body(&p)["seed"],
+        7,
+        "the consumer's seed is kept"
+    );
+}

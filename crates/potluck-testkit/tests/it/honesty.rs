@@ -1,11 +1,14 @@
-//! A red team of dishonest providers against the hub's audits, at the default 2% audit
-//! rate: each is detected and quarantined within a bounded number of the requests it
-//! served, then gets no traffic, loses its unvested credits, and moderators see it in the
-//! audit log. Honest providers are never quarantined over a long run. Audit replays look
-//! like the consumer's own requests at the provider.
+//! A red team of dishonest providers against the hub's audits, at the default audit rate
+//! (`HubConfig::default().audit.rate`, 2%): each is detected and quarantined within a
+//! bounded number of the requests it served, then gets no traffic, loses its unvested
+//! credits, and moderators see it in the audit log. Honest providers are never
+//! quarantined over a long run. Audits are indistinguishable from consumer requests: a
+//! replay goes only to the trusted reference, as the very body the audited provider got
+//! (the hub seeds every request), so liars that are honest only to requests with a
+//! `seed`, at temperature 0, or to prompts they have seen before gain nothing.
 //!
 //! Providers are scripted (real tunnels, real tokens); the trusted reference answers
-//! like an honest model at temperature 0: a pure function of the prompt.
+//! like an honest model with a seed: a pure function of the prompt.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
@@ -24,8 +27,14 @@ use serde_json::{json, Value};
 const WAIT: Duration = Duration::from_secs(20);
 /// How long the audit-only tests wait for replays and canaries to be checked.
 const AUDIT_WAIT: Duration = Duration::from_secs(60);
-/// Most requests a dishonest provider may serve before it is quarantined.
+/// Most requests a dishonest provider may serve before it is quarantined. At the default
+/// audit rate p = 0.02, three failed audits in a row quarantine (1 → 0.6 → 0.36 → 0.22,
+/// below 0.3), so a liar that lies to every consumer is caught after serving about
+/// 3 / p = 150 requests; it escapes 1,500 only if fewer than 3 of them were sampled:
+/// P(Binomial(1500, 0.02) < 3) = e^-30 (1 + 30 + 450) ≈ 5e-11 (and the sampler is seeded).
 const DETECT_WITHIN: usize = 1500;
+/// What every consumer question carries (canaries and nothing else of the hub's do).
+const ASK_MARK: &str = "about topic ";
 
 fn honest_text(body: &Value) -> String {
     let q = request_text(body);
@@ -43,8 +52,33 @@ fn honest() -> Responder {
     })
 }
 
+/// Whether a request is one of the consumer's questions (see [`ask`]).
+fn is_ask(b: &Value) -> bool {
+    request_text(b).contains(ASK_MARK)
+}
+
+/// The oracle of a provider that somehow tells canaries apart (the worst case for
+/// canaries): whatever is not a consumer's question. Only replays can catch it.
 fn is_canary(b: &Value) -> bool {
-    potluck_hub::testing::CANARY_PROMPTS.contains(&request_text(b).as_str())
+    !is_ask(b)
+}
+
+fn cheap() -> Reply {
+    Reply {
+        text: "cheap answer".into(),
+        completion_tokens: None,
+    }
+}
+
+fn honest_or_cheap(honest_now: bool, b: &Value) -> Reply {
+    if honest_now {
+        Reply {
+            text: honest_text(b),
+            completion_tokens: None,
+        }
+    } else {
+        cheap()
+    }
 }
 
 /// The red team: name and behaviour.
@@ -97,15 +131,28 @@ fn liars() -> Vec<(&'static str, Responder)> {
         ),
         (
             "canary-only-honest",
-            Arc::new(|b: &Value| Reply {
-                text: if is_canary(b) {
-                    honest_text(b)
-                } else {
-                    "cheap answer".into()
-                },
-                completion_tokens: None,
+            Arc::new(|b: &Value| honest_or_cheap(is_canary(b), b)),
+        ),
+        // Honest only when the body carries a `seed` (audits used to be the only ones).
+        (
+            "seed-only-honest",
+            Arc::new(|b: &Value| honest_or_cheap(b.get("seed").is_some(), b)),
+        ),
+        // Honest only at temperature 0 (replays used to be sent at 0).
+        (
+            "temperature-zero-only-honest",
+            Arc::new(|b: &Value| {
+                honest_or_cheap(b.get("temperature").and_then(Value::as_f64) == Some(0.0), b)
             }),
         ),
+        // Honest only to a prompt it has seen before (replays used to repeat one).
+        ("seen-before-only-honest", {
+            let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+            Arc::new(move |b: &Value| {
+                let repeat = !seen.lock().unwrap().insert(request_text(b));
+                honest_or_cheap(repeat, b)
+            })
+        }),
     ]
 }
 
@@ -153,23 +200,24 @@ async fn trust(hub: &TestHub, name: &str) {
 async fn ask(who: &Consumer, i: usize) -> Value {
     let a = who
         .chat_with(&json!({"model": "m", "temperature": 0.8,
-                      "messages": [{"role": "user", "content": format!("question {i} about topic {}", i % 7)}]}))
+                      "messages": [{"role": "user", "content": format!("question {i} {ASK_MARK}{}", i % 7)}]}))
         .await;
     assert_eq!(a.status, 200, "{}", a.text);
     a.body
 }
 
-/// Consumer requests (not audit replays, which carry a seed) a scripted provider got.
+/// Consumer questions a scripted provider got (by their marker; every request carries a
+/// seed, so a seed tells nothing apart).
 fn served(a: &ScriptedAgent) -> usize {
     a.requests()
         .iter()
-        .filter(|r| !String::from_utf8_lossy(&r.body).contains("\"seed\""))
+        .filter(|r| is_ask(&serde_json::from_slice(&r.body).unwrap()))
         .count()
 }
 
 /// The red team, one liar (`name`, from [`liars`]) per test: a dishonest provider beside
-/// an honest trusted reference, at a 2% audit rate, is caught and quarantined, cut off,
-/// clawed back and reported, and its audits looked like consumer requests.
+/// an honest trusted reference, at the default audit rate, is caught and quarantined, cut
+/// off, clawed back and reported, and it never got a request that was not a consumer's.
 /// `POTLUCK_RED_TEAM_TRIALS=N` repeats it with N audit seeds (for the detection figures
 /// in BENCHMARKS.md); the test suite runs one.
 async fn red_team(liar_name: &str) {
@@ -184,9 +232,10 @@ async fn red_team(liar_name: &str) {
             .into_iter()
             .find(|(n, _)| *n == liar_name)
             .expect("a liar of that name");
-        let hub = TestHub::start_with(|c| audited_seed(c, 0.02, 7 + trial)).await;
+        let rate = HubConfig::default().audit.rate;
+        let hub = TestHub::start_with(|c| audited_seed(c, rate, 7 + trial)).await;
         let alice = Consumer::new(&hub, "consumer").await;
-        let _reference = ScriptedAgent::connect_with(
+        let reference = ScriptedAgent::connect_with(
             "ref",
             &hub.url(),
             &hub.create_provider("ref").await,
@@ -270,51 +319,32 @@ async fn red_team(liar_name: &str) {
         let failed = audits.iter().filter(|a| !a.1).count();
         report.push(format!("{name}: quarantined after serving {caught_after} requests ({} checks, {failed} failed)", audits.len()));
 
-        // Audit replays look like the consumer's own requests at the provider: the same
-        // header names, the consumer's own pseudonym, ordinary OpenAI parameters only.
-        // (Canaries carry a seed too, but are no consumer's request.)
+        // Audits are invisible to the audited provider: it got consumer questions only,
+        // each once (no replay, no copy), every one with a seed; the reference got some of
+        // those very bodies, byte for byte (the replays).
         let reqs = liar.requests();
-        let (replays, normal): (Vec<_>, Vec<_>) = reqs
+        assert!(reqs.iter().all(|r| {
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            is_ask(&v) && v["seed"].is_u64()
+        }));
+        let bodies: std::collections::HashSet<&[u8]> = reqs.iter().map(|r| &r.body[..]).collect();
+        assert_eq!(bodies.len(), reqs.len(), "{name} got no request twice");
+        let replayed = reference
+            .requests()
             .iter()
-            .filter(|r| !is_canary(&serde_json::from_slice(&r.body).unwrap()))
-            .partition(|r| String::from_utf8_lossy(&r.body).contains("\"seed\""));
-        assert!(!normal.is_empty(), "{name} served consumers");
-        if name == "canary-only-honest" {
-            // Honest on canaries: only replays of consumer requests can catch it.
-            assert!(!replays.is_empty(), "{name} was caught by replays");
-        }
-        let norm = normal[0];
-        for rep in replays {
-            let names = |r: &potluck_testkit::scripted_agent::Received| {
-                let mut v: Vec<String> = r.headers.keys().map(|k| k.to_string()).collect();
-                v.sort();
-                v
-            };
-            assert_eq!(names(rep), names(norm));
-            assert_eq!(
-                rep.headers["x-potluck-consumer"],
-                norm.headers["x-potluck-consumer"]
-            );
-            assert_eq!(rep.path, norm.path);
-            let keys = |r: &potluck_testkit::scripted_agent::Received| -> Vec<String> {
-                let v: Value = serde_json::from_slice(&r.body).unwrap();
-                let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
-                k.sort();
-                k
-            };
-            let extra: Vec<String> = keys(rep)
-                .into_iter()
-                .filter(|k| !keys(norm).contains(k))
-                .collect();
-            assert!(
-                extra
-                    .iter()
-                    .all(|k| ["seed", "max_tokens"].contains(&k.as_str())),
-                "{extra:?}"
-            );
-        }
+            .filter(|r| bodies.contains(&r.body[..]))
+            .count();
+        // (A usage inflater is caught by its usage flags, with or without a replay.)
+        let replay_audits = audits.iter().filter(|a| a.0 == "replay").count();
+        assert!(
+            replayed >= replay_audits && (replay_audits > 0 || name == "usage-inflater"),
+            "{name} was judged on replays of its own requests: {replayed} of {replay_audits}"
+        );
     }
-    eprintln!("red team at a 2% audit rate:\n  {}", report.join("\n  "));
+    eprintln!(
+        "red team at the default audit rate:\n  {}",
+        report.join("\n  ")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,6 +375,67 @@ async fn a_liar_usage_inflater_is_caught_and_quarantined() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liar_canary_only_honest_is_caught_and_quarantined() {
     red_team("canary-only-honest").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_temperature_zero_only_honest_is_caught_and_quarantined() {
+    red_team("temperature-zero-only-honest").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_seen_before_only_honest_is_caught_and_quarantined() {
+    red_team("seen-before-only-honest").await;
+}
+
+/// A provider honest only to requests that carry a `seed` (what audits alone used to
+/// carry) finds no request it can lie to: the hub seeds every request, so at the default
+/// audit rate, over 3 / rate = 150 of its consumer requests (where a liar is caught on
+/// average, see [`DETECT_WITHIN`]), every consumer got the honest answer, and no audit
+/// flagged it. Before the hub seeded requests, it lied to every consumer unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_honest_only_with_a_seed_can_lie_to_no_consumer() {
+    let hash = ModelHash::parse(&"ab".repeat(32)).unwrap();
+    let rate = HubConfig::default().audit.rate;
+    let hub = TestHub::start_with(|c| audited_seed(c, rate, 7)).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let _reference = ScriptedAgent::connect_with(
+        "ref",
+        &hub.url(),
+        &hub.create_provider("ref").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    let (name, responder) = liars()
+        .into_iter()
+        .find(|(n, _)| *n == "seed-only-honest")
+        .unwrap();
+    let liar = ScriptedAgent::connect_with(
+        name,
+        &hub.url(),
+        &hub.create_provider(name).await,
+        hello(&hash),
+        responder,
+    )
+    .await;
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let serve = (3.0 / rate).round() as usize;
+    let mut i = 0;
+    while served(&liar) < serve {
+        let v = ask(&alice, i).await;
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(
+            text.starts_with("Here is my answer"),
+            "{name} lied to a consumer after serving {} requests: {text}",
+            served(&liar)
+        );
+        i += 1;
+    }
+    let id = provider_id(&hub, name).await;
+    let st = hub.state().store.standing(id).await.unwrap();
+    assert!(st.quarantined_at_ms.is_none(), "{st:?}");
+    eprintln!("{name}: {serve} consumer requests served, every one honestly ({i} asked)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,6 +670,16 @@ async fn a_request_in_flight_when_its_provider_is_quarantined_pays_the_treasury(
     st.store.audit_ledger().await.unwrap();
 }
 
+/// The texts of the canaries a provider got in [`audited_traffic`] (whatever is not the
+/// consumer's `zebra-marker` traffic).
+fn canary_texts(a: &ScriptedAgent) -> Vec<String> {
+    a.requests()
+        .iter()
+        .map(|r| request_text(&serde_json::from_slice(&r.body).unwrap()))
+        .filter(|t| !t.contains("zebra-marker"))
+        .collect()
+}
+
 /// Consumer traffic marked `zebra-marker-N` to an audited provider beside a trusted
 /// reference, until replays and a canary have really run (positive control). Returns the
 /// hub and the agents (dropping them closes their tunnels).
@@ -619,20 +720,18 @@ async fn audited_traffic() -> (TestHub, ScriptedAgent, ScriptedAgent) {
         // Audits run off the request path; on two busy cores they can lag well behind.
         AUDIT_WAIT,
         || async {
-            // Replays carry a seed; the consumer's own requests do not.
-            let replays = [&reference, &audited_agent]
-                .iter()
-                .flat_map(|a| a.requests())
-                .filter(|r| {
-                    let b = String::from_utf8_lossy(&r.body);
-                    b.contains("zebra-marker") && b.contains("\"seed\"")
-                })
-                .count();
-            let canaries = audited_agent
+            // Replays go to the reference only, as the very body the audited provider got.
+            let seen: Vec<bytes::Bytes> = audited_agent
+                .requests()
+                .into_iter()
+                .map(|r| r.body)
+                .collect();
+            let replays = reference
                 .requests()
                 .iter()
-                .filter(|r| is_canary(&serde_json::from_slice(&r.body).unwrap()))
+                .filter(|r| seen.contains(&r.body))
                 .count();
+            let canaries = canary_texts(&audited_agent).len();
             let history = hub
                 .state()
                 .store
@@ -648,7 +747,8 @@ async fn audited_traffic() -> (TestHub, ScriptedAgent, ScriptedAgent) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_replays_and_canaries_leave_no_text_in_the_database() {
-    let (hub, _reference, _audited) = audited_traffic().await;
+    let (hub, _reference, audited) = audited_traffic().await;
+    let canaries = canary_texts(&audited);
     hub.state().store.close().await;
     let mut db = Vec::new();
     for e in std::fs::read_dir(hub.data_dir()).unwrap() {
@@ -664,7 +764,7 @@ async fn audit_replays_and_canaries_leave_no_text_in_the_database() {
     );
     for text in ["zebra-marker", "Here is my answer"]
         .into_iter()
-        .chain(potluck_hub::testing::CANARY_PROMPTS.iter().copied())
+        .chain(canaries.iter().map(String::as_str))
     {
         assert!(!db.contains(text), "{text} stored");
     }
@@ -704,6 +804,7 @@ async fn audit_replays_and_canaries_leave_no_text_in_the_logs() {
     let guard = tracing::subscriber::set_default(subscriber);
     let (mut hub, reference, audited) = audited_traffic().await;
     let audited_id = provider_id(&hub, "audited").await;
+    let canaries = canary_texts(&audited);
     drop((reference, audited));
     hub.stop().await;
     drop(guard);
@@ -715,8 +816,75 @@ async fn audit_replays_and_canaries_leave_no_text_in_the_logs() {
     );
     for text_part in ["zebra-marker", "Here is my answer"]
         .into_iter()
-        .chain(potluck_hub::testing::CANARY_PROMPTS.iter().copied())
+        .chain(canaries.iter().map(String::as_str))
     {
         assert!(!text.contains(text_part), "{text_part} logged");
     }
+}
+
+/// Streamed requests are audited on the text that was streamed: an honest provider's
+/// replays pass, and a liar that is honest only to prompts it has seen before (which
+/// streams cheap text to consumers) is quarantined; every audit judges what the relay
+/// collected from the stream (an empty or wrong collection fails the honest one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_requests_are_audited_on_the_text_streamed() {
+    let hash = ModelHash::parse(&"34".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let liars = liars();
+    let (_, seen_before) = liars
+        .iter()
+        .find(|(n, _)| *n == "seen-before-only-honest")
+        .unwrap();
+    let mut agents = Vec::new();
+    for (name, responder) in [
+        ("ref", honest()),
+        ("honest", honest()),
+        ("liar", Arc::clone(seen_before)),
+    ] {
+        agents.push(
+            ScriptedAgent::connect_with(
+                name,
+                &hub.url(),
+                &hub.create_provider(name).await,
+                hello(&hash),
+                responder,
+            )
+            .await,
+        );
+    }
+    hub.wait_for_model("m", 3).await;
+    trust(&hub, "ref").await;
+    let (honest_id, liar_id) = (
+        provider_id(&hub, "honest").await,
+        provider_id(&hub, "liar").await,
+    );
+    let st = hub.state();
+    let history = |id| {
+        let st = Arc::clone(&st);
+        async move { st.store.audit_history(id, 100).await.unwrap() }
+    };
+    let mut i = 0;
+    while history(honest_id).await.len() < 3
+        || hub
+            .state()
+            .store
+            .standing(liar_id)
+            .await
+            .unwrap()
+            .quarantined_at_ms
+            .is_none()
+    {
+        assert!(i < 300, "streamed audits did not conclude");
+        let (_, sse) = alice
+            .chat_stream("m", &format!("streamed {i} {ASK_MARK}{}", i % 5))
+            .await;
+        assert_eq!(
+            sse.collect().await.last(),
+            Some(&potluck_testkit::sse::Event::Done)
+        );
+        i += 1;
+    }
+    let h = history(honest_id).await;
+    assert!(h.iter().all(|a| a.1 && a.2 == Some(1.0)), "{h:?}");
 }

@@ -101,7 +101,13 @@ async fn a_slowloris_body_is_cut_off() {
     let got = drip_until_closed(&mut tcp, body.as_bytes()).await;
     let got = got.expect("a body sent one byte at a time is cut off");
     let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 4"), "{text}");
+    // 408 Request Timeout, in the API's error shape (not a 400: the client did nothing
+    // malformed, it was too slow).
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let json = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     assert!(!text.contains("aaaa"), "{text}");
 }
 
@@ -158,4 +164,69 @@ async fn an_http2_client_gets_few_concurrent_streams() {
     assert_eq!(client.current_max_send_streams(), 3);
     drop(client);
     driver.abort();
+}
+
+/// Send a request head promising a body of `len` bytes, and none of it; the status line
+/// the hub answers with before [`BOUND`], if any.
+async fn answer_before_body(hub: &TestHub, path: &str, key: &str, len: usize) -> Option<String> {
+    let mut tcp = connect(hub).await;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while !got.windows(2).any(|w| w == b"\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(BOUND, read).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    text.lines().next().map(str::to_owned)
+}
+
+/// A key over its rate (rpm 1) is refused with 429 on every dialect route before it sends
+/// a byte of its body, as on the OpenAI routes: a slow body cannot hold the hub's
+/// attention (or a reading slot) past the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_rate_is_refused_on_the_dialect_routes_before_its_body() {
+    // The body deadline is far past the bound: an answer within it came before the body.
+    let hub = TestHub::start_with(|c| {
+        c.server.body_read_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let (id, key) = hub.create_key_in("fast", "fast").await;
+    hub.set_limits(id, serde_json::json!({"rpm": 1})).await;
+    // The one request of the minute (its answer does not matter: it counted).
+    let body = br#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"x"}]}"#;
+    let mut tcp = connect(&hub).await;
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(BOUND, tcp.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.starts_with(b"HTTP/1.1 429"), "the first is allowed");
+    for path in [
+        "/v1/messages",
+        "/v1/responses",
+        "/api/chat",
+        "/api/generate",
+    ] {
+        let status = answer_before_body(&hub, path, &key, 4096).await;
+        assert_eq!(
+            status.as_deref(),
+            Some("HTTP/1.1 429 Too Many Requests"),
+            "{path}: refused before the body"
+        );
+    }
 }

@@ -502,3 +502,43 @@ async fn a_provider_whose_tunnel_fails_is_retried_on_another() {
     }
     assert_eq!(hangs_up.requests().len(), 1, "tried once, then it was gone");
 }
+
+/// A provider's only agent killed right as a request reaches it (its tunnel closes before
+/// answering: RELIABILITY.md's one 502 after a cut): the dead tunnel leaves routing, and
+/// the request, which no backend ever saw, waits for a tunnel of its model instead of
+/// failing with 502; the agent reconnects with the same token and serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_tunnel_dies_before_answering_waits_for_the_agent_to_come_back() {
+    let hub = TestHub::start_with(|c| {
+        // Far longer than this test needs: the request is served as soon as it can be.
+        c.routing.reroute_wait = Duration::from_secs(30);
+    })
+    .await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let token = hub.create_provider("p").await;
+    let profile = ProviderProfile::default;
+    let dying =
+        ScriptedAgent::connect("dying", &hub.url(), &token, hello(&[MODEL], 8, profile())).await;
+    dying.set_raw(Some(RawAnswer::HangUp));
+    hub.wait_for_model(MODEL, 1).await;
+    let (r, back) = tokio::join!(chat(&alice, false), async {
+        potluck_testkit::wait_until(
+            "the request reached the dying agent",
+            Duration::from_secs(20),
+            || async { !dying.requests().is_empty() },
+        )
+        .await;
+        // The agent comes back: a new tunnel with the same token.
+        ScriptedAgent::connect("back", &hub.url(), &token, hello(&[MODEL], 8, profile())).await
+    });
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("served by back"), "{body}");
+    assert_eq!(
+        dying.requests().len(),
+        1,
+        "the dead tunnel got nothing more"
+    );
+    assert_eq!(back.requests().len(), 1);
+}

@@ -131,10 +131,17 @@ async fn run(
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
     key_from_x_api_key(&mut parts.headers);
-    // The key before the body (a stranger makes the hub buffer nothing), and the request
-    // in flight while it is read, so that a sanction or revocation cuts a slow upload.
-    let key = match crate::http::auth::consumer_or_anonymous(&state, &parts.headers).await {
-        Ok((key, _)) => key,
+    // The key and its limits before the body (a stranger makes the hub buffer nothing,
+    // and a key over its rate buffers nothing either, as on the OpenAI routes), and the
+    // request in flight while it is read, so that a sanction or revocation cuts a slow
+    // upload.
+    let (key, anonymous) =
+        match crate::http::auth::consumer_or_anonymous(&state, &parts.headers).await {
+            Ok(k) => k,
+            Err(e) => return from_api_error(dialect, e),
+        };
+    let in_flight = match crate::api::admit::limits(&state, &key, anonymous).await {
+        Ok(slot) => slot,
         Err(e) => return from_api_error(dialect, e),
     };
     let reading = state.inflight.register(
@@ -167,7 +174,12 @@ async fn run(
         max_event: state.config.max_sse_line_bytes,
         max_total: state.config.max_response_bytes,
     };
-    let resp = crate::api::inference(state, endpoint, inner).await;
+    let early = crate::api::Early {
+        key,
+        anonymous,
+        in_flight,
+    };
+    let resp = crate::api::inference_after(state, endpoint, inner, Some(early)).await;
     translate_back(resp, back, started, caps).await
 }
 

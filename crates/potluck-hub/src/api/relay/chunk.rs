@@ -71,6 +71,15 @@ impl ChoiceView<'_> {
         }
     }
 
+    /// The text audits compare: content, or completions' text (as
+    /// `routing::send::text_of` reads a choice).
+    pub(crate) fn answer(&self) -> Option<&str> {
+        self.delta
+            .as_ref()
+            .and_then(|d| d.content.as_deref())
+            .or(self.text.as_deref())
+    }
+
     pub(crate) fn chars(&self) -> usize {
         let d = self.delta.as_ref();
         [

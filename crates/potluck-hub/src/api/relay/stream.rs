@@ -262,6 +262,11 @@ impl Relay {
         if chars > 0 {
             self.seen.chunks += 1;
             self.seen.chars += chars as i64;
+            if let Some(sample) = self.ctx.audit.get_mut() {
+                if let Some(t) = choices.first().and_then(ChoiceView::answer) {
+                    sample.push(t);
+                }
+            }
         }
         if let Some(g) = &mut self.guard {
             let before = g.window.len();
@@ -309,6 +314,11 @@ impl Relay {
             self.ttft = Some(self.ctx.started.elapsed());
         }
         self.seen.add_text_of(&obj);
+        self.ctx.delivered(
+            obj.get("choices")
+                .and_then(|c| c.get(0))
+                .and_then(crate::routing::send::text_of),
+        );
         if let Some(g) = &mut self.guard {
             let text = answer_text(&obj);
             if !text.is_empty() {

@@ -42,6 +42,11 @@ pub(crate) async fn relay_whole(
     let reported = Usage::from_obj(&obj);
     let mut seen = Delivered::default();
     seen.add_text_of(&obj);
+    ctx.delivered(
+        obj.get("choices")
+            .and_then(|c| c.get(0))
+            .and_then(crate::routing::send::text_of),
+    );
     let usage = billable(
         &state.auditor,
         reported,

@@ -1,0 +1,71 @@
+//! A request sampled for an audit: the body exactly as the provider got it, and the text
+//! the provider delivered (of the first choice, as the relay saw it), kept in memory
+//! under `audit.max_text_bytes` until the replay on a trusted reference is judged. Only
+//! sampled requests carry one, so the request path allocates nothing for the others.
+//! Never written to disk or to a log.
+
+use bytes::Bytes;
+
+/// One sampled request's body and delivered text.
+pub(crate) struct AuditSample {
+    /// The body as forwarded (with its seed).
+    pub(crate) body: Bytes,
+    /// Whether the body asked for a stream.
+    pub(crate) stream: bool,
+    text: String,
+    cap: usize,
+}
+
+impl AuditSample {
+    /// A sample of `body`, keeping at most `cap` bytes of delivered text.
+    pub(crate) fn new(body: Bytes, stream: bool, cap: usize) -> Self {
+        Self {
+            body,
+            stream,
+            text: String::new(),
+            cap,
+        }
+    }
+
+    /// Add delivered text; whatever passes the cap is dropped (cut at a character).
+    pub(crate) fn push(&mut self, t: &str) {
+        let room = self.cap.saturating_sub(self.text.len());
+        self.text.push_str(prefix(t, room));
+    }
+
+    /// The text delivered (at most the cap).
+    pub(crate) fn into_text(self) -> String {
+        self.text
+    }
+}
+
+/// The longest prefix of `t` of at most `max` bytes that ends on a character.
+pub(crate) fn prefix(t: &str, max: usize) -> &str {
+    if t.len() <= max {
+        return t;
+    }
+    let mut n = max;
+    while !t.is_char_boundary(n) {
+        n -= 1;
+    }
+    &t[..n]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_kept_up_to_the_cap_at_a_character() {
+        let mut s = AuditSample::new(Bytes::new(), false, 5);
+        s.push("ab");
+        s.push("cé");
+        s.push("zzz");
+        // "abcé" is 5 bytes; nothing more fits.
+        assert_eq!(s.into_text(), "abcé");
+        let mut s = AuditSample::new(Bytes::new(), false, 4);
+        s.push("abcé");
+        assert_eq!(s.into_text(), "abc", "never half a character");
+        assert_eq!(prefix("", 0), "");
+    }
+}
