@@ -128,7 +128,9 @@ impl Hub {
             ),
             None => None,
         };
+        let web = crate::web::WebState::new(&identity);
         let state = Arc::new(HubState {
+            web,
             config,
             store,
             registry,

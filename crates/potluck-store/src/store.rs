@@ -526,14 +526,19 @@ impl Store {
     /// Resolve a consumer or admin key. Revoked and unknown keys give `None`; a key of
     /// an account or a key not in good standing resolves with `block` set.
     pub async fn authenticate_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
-        let found = self.read_key(secret).await;
+        self.authenticate_key_hash(&secret.hash()).await
+    }
+
+    /// [`Store::authenticate_key`] by the secret's hash (what a web session names).
+    pub async fn authenticate_key_hash(&self, hash: &str) -> Result<Option<KeyAuth>> {
+        let found = self.read_key(hash).await;
         self.key_lookups
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         drop(self.key_lookup_gate.read().await);
         found
     }
 
-    async fn read_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
+    async fn read_key(&self, hash: &str) -> Result<Option<KeyAuth>> {
         let row = sqlx::query(
             "SELECT k.id, k.account_id, a.role, \
              (SELECT MIN(o.rpm) FROM api_keys o WHERE o.account_id = k.account_id), \
@@ -546,7 +551,7 @@ impl Store {
              a.rpm, a.tpm, a.max_concurrent, a.daily_tokens \
              FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.secret_hash = ? AND k.revoked_at IS NULL",
         )
-        .bind(secret.hash())
+        .bind(hash)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| {

@@ -33,3 +33,4 @@ mod provider_routing;
 mod real_backend;
 mod real_trust;
 mod volunteer_safety;
+mod web_http;
