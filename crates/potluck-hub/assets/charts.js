@@ -25,10 +25,11 @@
       rect.appendChild(t);
       svg.appendChild(rect);
     });
-    var label = el("text", { x: pad, y: 12 });
-    label.textContent = "max " + max;
-    svg.appendChild(label);
     fig.appendChild(svg);
+    var cap = document.createElement("figcaption");
+    cap.className = "muted";
+    cap.textContent = "Tallest bar: " + max + " " + key + " (" + (n ? (rows[0].day || rows[0].at) + " to " + (rows[n - 1].day || rows[n - 1].at) : "no data") + ")";
+    fig.appendChild(cap);
   }
   document.querySelectorAll("figure.chart[data-src]").forEach(function (fig) {
     fetch(fig.getAttribute("data-src"), { credentials: "same-origin" })

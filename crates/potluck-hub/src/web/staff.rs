@@ -133,7 +133,7 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
         let open = st.store.list_reports(Some("open"), rows).await?;
         out.push(Section {
             id: "reports",
-            title: "Reports queue (reasons: read them with the CLI; pages show no free text)",
+            title: "Open reports",
             columns: &["Id", "Filed", "Request", "Account", "Key", "Provider"],
             rows: open
                 .into_iter()

@@ -45,6 +45,7 @@ pub(crate) struct ProviderCard {
 struct VolunteerPage {
     nav: Nav,
     earned: String,
+    available: String,
     escrow: String,
     chart_days: u32,
     providers: Vec<ProviderCard>,
@@ -122,9 +123,11 @@ pub(crate) async fn page(
         });
     }
     let b = st.store.balance(me).await.map_err(err)?;
+    let earned = st.store.total_earned(me).await.map_err(err)?;
     let page = VolunteerPage {
         nav: Nav::of(&s),
-        earned: credits(b.available),
+        earned: credits(earned),
+        available: credits(b.available),
         escrow: credits(b.unvested),
         chart_days: st.config.web.chart_days,
         providers,

@@ -33,4 +33,5 @@ mod provider_routing;
 mod real_backend;
 mod real_trust;
 mod volunteer_safety;
+mod web;
 mod web_http;
