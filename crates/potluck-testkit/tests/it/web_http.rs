@@ -355,6 +355,39 @@ async fn a_privacy_canary_never_reaches_a_page() {
         .call("/v1/reports", &json!({"request_id": rid, "reason": CANARY}))
         .await;
     assert_eq!(filed.status, 201, "{:?}", filed.body);
+    // A usage row naming a model the hub does not serve (a provider's model since gone,
+    // or a row a bug let through): its name is not rendered either.
+    let key_id = mia.get("keys").await.body["data"][0]["id"]
+        .as_i64()
+        .unwrap();
+    let account_id = hub
+        .state()
+        .store
+        .account_by_name("mia")
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let row = potluck_store::UsageRecord {
+        request_id: "0".repeat(24),
+        key_id,
+        account_id,
+        provider_id: None,
+        model: format!("{CANARY}-gone"),
+        endpoint: "chat",
+        stream: false,
+        status: 200,
+        outcome: "ok",
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        started_at_ms: now.as_millis() as i64,
+        duration_ms: 1,
+        ttft_ms: None,
+    };
+    hub.state().store.record_usage(&[row]).await.unwrap();
     let admin = WebClient::signed_in(&hub, &hub.admin_key).await;
     let member = WebClient::signed_in(&hub, &mia.key).await;
     let mut seen = 0;
