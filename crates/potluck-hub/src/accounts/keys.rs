@@ -165,21 +165,30 @@ pub(crate) async fn my_key_settings(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let me = auth::consumer(&st, &headers).await?;
-    let id = parse_id(&id, "key")?;
     let s: KeySettings = read_json(body, st.config.max_admin_body_bytes).await?;
+    Ok(Json(set_own_settings(&st, &me, &id, s).await?).into_response())
+}
+
+/// A member sets a key's routing settings: the API's and the web pages' one path.
+pub(crate) async fn set_own_settings(
+    st: &HubState,
+    me: &KeyAuth,
+    id: &str,
+    s: KeySettings,
+) -> Result<KeySettingsSet, ApiError> {
+    let id = parse_id(id, "key")?;
     st.store
         .set_key_settings(id, Some(me.account_id), s)
         .await
         .map_err(not_found("key"))?;
     st.keys.clear();
-    Ok(Json(KeySettingsSet {
+    Ok(KeySettingsSet {
         id,
         settings: KeySettingsView {
             prefer_low_power: s.prefer_low_power,
             trusted_only: s.trusted_only,
         },
     })
-    .into_response())
 }
 
 pub(crate) async fn my_keys(

@@ -10,13 +10,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use potluck_protocol::usage::GroupBy;
+use potluck_store::accounts::KeySettings;
 use serde::Deserialize;
 
 use crate::accounts::{keys, usage};
 use crate::state::HubState;
 use crate::web::public::{daily, today, DayRow};
 use crate::web::session::{session, Session};
-use crate::web::{back, credits, form, known_model, render, when_ms, Nav, WebError};
+use crate::web::{back, credits, form, known_model, render, when_ms, Created, Nav, WebError};
 
 pub(crate) struct HistoryRow {
     when: String,
@@ -36,6 +37,8 @@ pub(crate) struct KeyRow {
     name: String,
     prefix: String,
     status: String,
+    prefer_low_power: bool,
+    trusted_only: bool,
 }
 
 pub(crate) struct ReportRow {
@@ -58,14 +61,6 @@ struct MemberPage {
     models: Vec<ModelUse>,
     keys: Vec<KeyRow>,
     reports: Vec<ReportRow>,
-}
-
-#[derive(Template)]
-#[template(path = "key_created.html")]
-struct KeyCreated {
-    nav: Nav,
-    name: String,
-    secret: String,
 }
 
 async fn by_model(st: &HubState, account: i64) -> Result<Vec<ModelUse>, WebError> {
@@ -121,6 +116,8 @@ pub(crate) async fn home(
                 name: k.name,
                 prefix: k.prefix,
                 status: k.status.as_str().to_owned(),
+                prefer_low_power: k.prefer_low_power,
+                trusted_only: k.trusted_only,
             })
             .collect(),
         reports: reports
@@ -199,10 +196,11 @@ pub(crate) async fn create_key(
     let f: NewKeyForm = form(&st, body).await?;
     let s = checked(&st, &headers, &f.csrf).await?;
     let created = keys::create_own(&st, &s.auth, f.name).await?;
-    let page = KeyCreated {
+    let page = Created {
         nav: Nav::of(&s),
-        name: created.name,
+        title: format!("Key \"{}\" created", created.name),
         secret: created.secret,
+        back: "/web/me",
     };
     Ok((StatusCode::CREATED, render(&page)).into_response())
 }
@@ -217,5 +215,29 @@ pub(crate) async fn revoke_key(
     let f: CsrfForm = form(&st, body).await?;
     let s = checked(&st, &headers, &f.csrf).await?;
     keys::revoke_own(&st, &s.auth, &id).await?;
+    Ok(back("/web/me"))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct SettingsForm {
+    csrf: String,
+    prefer_low_power: Option<String>,
+    trusted_only: Option<String>,
+}
+
+/// `POST /web/me/keys/{id}/settings`: a key's routing settings (checkboxes).
+pub(crate) async fn key_settings(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: SettingsForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    let settings = KeySettings {
+        prefer_low_power: f.prefer_low_power.is_some(),
+        trusted_only: f.trusted_only.is_some(),
+    };
+    keys::set_own_settings(&st, &s.auth, &id, settings).await?;
     Ok(back("/web/me"))
 }

@@ -7,6 +7,7 @@
 //! consumer sent is rendered: model names only when the pool or the price list knows
 //! them, report reasons never (moderators read them through the API).
 
+mod actions;
 mod assets;
 mod member;
 mod public;
@@ -51,12 +52,15 @@ pub(crate) fn router(st: &HubState) -> Router<Arc<HubState>> {
         .route("/web/me/usage.csv", get(member::usage_csv))
         .route("/web/me/keys", post(member::create_key))
         .route("/web/me/keys/{id}/revoke", post(member::revoke_key))
+        .route("/web/me/keys/{id}/settings", post(member::key_settings))
         .route("/web/volunteer", get(volunteer::page))
         .route("/web/staff", get(staff::page))
-        .route("/web/staff/reports/{id}/resolve", post(staff::resolve))
-        .route("/web/staff/keys/{id}/revoke", post(staff::revoke_key))
-        .route("/web/staff/providers/{id}/release", post(staff::release))
-        .route("/web/staff/accounts/{name}/approve", post(staff::approve));
+        .route("/web/staff/reports/{id}/resolve", post(actions::resolve))
+        .route("/web/staff/keys/{id}/revoke", post(actions::revoke_key))
+        .route("/web/staff/providers/{id}/release", post(actions::release))
+        .route("/web/staff/accounts/{name}/approve", post(actions::approve))
+        .route("/web/staff/accounts/{name}/sanction", post(actions::sanction_account))
+        .route("/web/staff/invites", post(actions::create_invite));
     r.layer(axum::middleware::from_fn(secure_headers))
 }
 
@@ -102,6 +106,16 @@ impl Nav {
             csrf: s.csrf.clone(),
         }
     }
+}
+
+/// A secret shown once (a new key, an invite code).
+#[derive(Template)]
+#[template(path = "created.html")]
+pub(crate) struct Created {
+    pub(crate) nav: Nav,
+    pub(crate) title: String,
+    pub(crate) secret: String,
+    pub(crate) back: &'static str,
 }
 
 /// A page's failure: the API's error, shown as a short HTML page that echoes nothing.

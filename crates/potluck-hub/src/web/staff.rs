@@ -1,25 +1,20 @@
 //! The staff page: each section shown only to a role the admin API's table lets read it
-//! (`Action::min_role` through `auth::require`), each action the admin API's own
-//! function: approve, resolve a report, revoke a key, release a quarantine.
+//! (`Action::min_role` through `auth::require`), each row's button only to a role that
+//! may do its action; the forms are in `actions.rs`.
 
 use std::sync::Arc;
 
 use askama::Template;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 use http::HeaderMap;
-use potluck_protocol::admin::ResolveReport;
 use potluck_store::Standing;
-use serde::Deserialize;
 
-use crate::accounts::{keys, members, reports};
 use crate::http::auth::{require, Action};
 use crate::http::error::ApiError;
 use crate::state::HubState;
-use crate::trust::admin as trust_admin;
-use crate::web::member::{checked, CsrfForm};
 use crate::web::session::{session, Session};
-use crate::web::{back, form, known_model, render, when_ms, Nav, WebError};
+use crate::web::{known_model, render, when_ms, Nav, WebError};
 
 /// The report actions a moderator may pick (the admin API's names).
 const REPORT_ACTIONS: [&str; 7] = [
@@ -41,14 +36,22 @@ pub(crate) struct Section {
     columns: &'static [&'static str],
     rows: Vec<(Row, Option<String>)>,
     action: &'static str,
+    /// The choices of the row's form (`action`), if it has any.
+    choices: &'static [&'static str],
+    /// Whether the row's form asks for a reason.
+    reason: bool,
 }
+
+/// The sanctions a moderator may pick (the admin API's names).
+const SANCTIONS: [&str; 4] = ["suspend", "ban", "unsuspend", "unban"];
 
 #[derive(Template)]
 #[template(path = "staff.html")]
 struct StaffPage {
     nav: Nav,
     sections: Vec<Section>,
-    report_actions: [&'static str; 7],
+    /// May create invites (shows the form).
+    invites: bool,
 }
 
 fn may(s: &Session, a: Action) -> bool {
@@ -79,6 +82,8 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
             })
             .collect(),
         action: "Approve",
+        choices: &[],
+        reason: false,
     });
     out.push(Section {
         id: "accounts",
@@ -88,18 +93,20 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
             .into_iter()
             .take(st.config.web.page_rows.unsigned_abs() as usize)
             .map(|a| {
-                (
-                    cells([
-                        a.id.to_string(),
-                        a.name,
-                        a.role.to_owned(),
-                        a.status.as_str().to_owned(),
-                    ]),
-                    None,
-                )
+                let url = may(s, Action::Sanction)
+                    .then(|| format!("/web/staff/accounts/{}/sanction", a.name));
+                let c = cells([
+                    a.id.to_string(),
+                    a.name,
+                    a.role.to_owned(),
+                    a.status.as_str().to_owned(),
+                ]);
+                (c, url)
             })
             .collect(),
-        action: "",
+        action: "Apply",
+        choices: &SANCTIONS,
+        reason: true,
     });
     if may(s, Action::Invites) {
         let invites = st.store.list_invites().await?;
@@ -122,6 +129,8 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
                 })
                 .collect(),
             action: "",
+            choices: &[],
+            reason: false,
         });
     }
     Ok(())
@@ -150,6 +159,8 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
                 })
                 .collect(),
             action: "Resolve",
+            choices: &REPORT_ACTIONS,
+            reason: false,
         });
     }
     if may(s, Action::Verdicts) {
@@ -173,6 +184,8 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
                 })
                 .collect(),
             action: "",
+            choices: &[],
+            reason: false,
         });
     }
     if may(s, Action::AuditLog) {
@@ -196,6 +209,8 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
                 })
                 .collect(),
             action: "",
+            choices: &[],
+            reason: false,
         });
     }
     Ok(())
@@ -223,6 +238,8 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
                 })
                 .collect(),
             action: "Revoke",
+            choices: &[],
+            reason: false,
         });
     }
     if may(s, Action::Providers) {
@@ -263,6 +280,8 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
             ],
             rows,
             action: "Release",
+            choices: &[],
+            reason: false,
         });
     }
     Ok(())
@@ -282,69 +301,6 @@ pub(crate) async fn page(
     Ok(render(&StaffPage {
         nav: Nav::of(&s),
         sections,
-        report_actions: REPORT_ACTIONS,
+        invites: may(&s, Action::Invites),
     }))
-}
-
-#[derive(Deserialize)]
-pub(crate) struct ResolveForm {
-    csrf: String,
-    action: String,
-}
-
-/// `POST /web/staff/reports/{id}/resolve`
-pub(crate) async fn resolve(
-    State(st): State<Arc<HubState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: axum::body::Body,
-) -> Result<Response, WebError> {
-    let f: ResolveForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
-    let id = crate::http::extract::parse_id(&id, "report")?;
-    let req = ResolveReport {
-        action: f.action,
-        reason: None,
-    };
-    reports::resolve(&st, &s.auth, id, req).await?;
-    Ok(back("/web/staff"))
-}
-
-/// `POST /web/staff/keys/{id}/revoke`
-pub(crate) async fn revoke_key(
-    State(st): State<Arc<HubState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: axum::body::Body,
-) -> Result<Response, WebError> {
-    let f: CsrfForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
-    keys::revoke(&st, &s.auth, &id).await?;
-    Ok(back("/web/staff"))
-}
-
-/// `POST /web/staff/providers/{id}/release`
-pub(crate) async fn release(
-    State(st): State<Arc<HubState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: axum::body::Body,
-) -> Result<Response, WebError> {
-    let f: CsrfForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
-    trust_admin::release_provider(&st, &s.auth, id).await?;
-    Ok(back("/web/staff"))
-}
-
-/// `POST /web/staff/accounts/{name}/approve`
-pub(crate) async fn approve(
-    State(st): State<Arc<HubState>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-    body: axum::body::Body,
-) -> Result<Response, WebError> {
-    let f: CsrfForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
-    members::approve_account(&st, &s.auth, &name).await?;
-    Ok(back("/web/staff"))
 }

@@ -246,6 +246,23 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
             .status,
         200
     );
+    // Routing settings of the spare key, by checkbox.
+    let form = format!("form[action='/web/me/keys/{spare_id}/settings']");
+    b.click(&format!("{form} input[name='trusted_only']")).await;
+    b.click(&format!("#settings-{spare_id}")).await;
+    b.c.wait()
+        .for_element(Locator::Css("#available"))
+        .await
+        .unwrap();
+    let keys = mia.get("keys").await.body;
+    let spare_now = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == spare_id)
+        .unwrap()
+        .clone();
+    assert_eq!(spare_now["trusted_only"], true, "{spare_now}");
     b.click(&format!("#revoke-{spare_id}")).await;
     b.c.wait()
         .for_element(Locator::Css("#available"))
@@ -289,6 +306,12 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
         .for_element(Locator::Css("#reports"))
         .await
         .unwrap();
+    // An invite, its code shown once.
+    b.click("form[action='/web/staff/invites'] button").await;
+    let code = b.text("#secret").await;
+    assert!(!code.is_empty());
+    let listed = admin.get("/admin/v1/invites").await.body;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
     let r = admin.get(&format!("/admin/v1/reports/{report}")).await;
     assert_eq!(r.body["status"], "resolved", "{:?}", r.body);
     assert_eq!(r.body["resolution"], "dismiss");

@@ -138,28 +138,72 @@ async fn roles(hub: &TestHub) -> Vec<(&'static str, Option<String>)> {
     ]
 }
 
-/// Each staff form and the admin-API call that does the same (on a target that does not
-/// exist, so that an allowed role reaches the lookup and gets 404, a refused one 403).
-const STAFF_FORMS: &[(&str, &str, &str)] = &[
+/// Each form (path, its fields besides the token) and the API call that does the same
+/// (method, path, JSON body), on targets that do not exist where it names one: a role
+/// the table allows reaches the lookup (404), one it refuses gets 403, on both sides.
+type FormCase = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+);
+const FORMS: &[FormCase] = &[
+    (
+        "/web/me/keys/999999/revoke",
+        &[],
+        "DELETE",
+        "/v1/keys/999999",
+        None,
+    ),
+    (
+        "/web/me/keys/999999/settings",
+        &[("trusted_only", "on")],
+        "PUT",
+        "/v1/keys/999999/settings",
+        Some(r#"{"prefer_low_power":false,"trusted_only":true}"#),
+    ),
     (
         "/web/staff/reports/999999/resolve",
+        &[("action", "dismiss")],
         "POST",
         "/admin/v1/reports/999999/resolve",
+        Some(r#"{"action":"dismiss"}"#),
     ),
     (
         "/web/staff/keys/999999/revoke",
+        &[],
         "DELETE",
         "/admin/v1/keys/999999",
+        None,
     ),
     (
         "/web/staff/providers/999999/release",
+        &[],
         "POST",
         "/admin/v1/providers/999999/release",
+        None,
     ),
     (
         "/web/staff/accounts/nobody-here/approve",
+        &[],
         "POST",
         "/admin/v1/accounts/nobody-here/approve",
+        None,
+    ),
+    (
+        "/web/staff/accounts/nobody-here/sanction",
+        &[("action", "suspend"), ("reason", "spam")],
+        "POST",
+        "/admin/v1/accounts/nobody-here/sanction",
+        Some(r#"{"action":"suspend","reason":"spam"}"#),
+    ),
+    (
+        "/web/staff/invites",
+        &[("hours", "2")],
+        "POST",
+        "/admin/v1/invites",
+        Some(r#"{"hours":2}"#),
     ),
 ];
 
@@ -199,23 +243,23 @@ async fn every_page_and_form_against_every_role() {
             if key.is_some() { 201 } else { 303 },
             "{role} creates a key"
         );
-        // Staff forms: the same verdict as the admin API's for this role.
-        for (form, method, api) in STAFF_FORMS {
-            let body = [("csrf", c.csrf.as_str()), ("action", "dismiss")];
-            let (web, _) = c.post(form, &body).await;
+        // Every other form: the same verdict as the API's for this role.
+        for (path, fields, method, api, body) in FORMS {
+            let mut f = vec![("csrf", c.csrf.as_str())];
+            f.extend_from_slice(fields);
+            let (web, _) = c.post(path, &f).await;
             let Some(k) = &key else {
-                assert_eq!(web, 303, "anonymous {form}: sent to sign in");
+                assert_eq!(web, 303, "anonymous {path}: sent to sign in");
                 continue;
             };
-            let a = Staff::with_key(&hub, k)
-                .send(
-                    method,
-                    api,
-                    (*method == "POST").then(|| json!({"action": "dismiss"})),
-                )
-                .await;
-            assert!(matches!(a.status, 403 | 404), "{role} {api}: {}", a.status);
-            assert_eq!(web, a.status, "{role} {form} answers as {method} {api}");
+            let body = body.map(|b| serde_json::from_str(b).unwrap());
+            let a = Staff::with_key(&hub, k).send(method, api, body).await;
+            assert!(
+                matches!(a.status, 201 | 403 | 404),
+                "{role} {api}: {}",
+                a.status
+            );
+            assert_eq!(web, a.status, "{role} {path} answers as {method} {api}");
         }
     }
 }
