@@ -457,3 +457,42 @@ async fn a_privacy_canary_never_reaches_a_page() {
     );
     assert!(seen > 0);
 }
+
+#[tokio::test]
+async fn a_hostile_model_name_is_escaped_and_sign_in_is_rate_limited() {
+    const EVIL: &str = "<img src=x onerror=alert(1)>\"'&m";
+    let hub = TestHub::start_with(|c| c.web.signin_attempts_per_hour = 3).await;
+    let token = hub.create_provider("evil-box").await;
+    let profile = potluck_protocol::tunnel::ProviderProfile::default();
+    let _agent = potluck_testkit::ScriptedAgent::connect(
+        "evil-box",
+        &hub.url(),
+        &token,
+        potluck_testkit::scripted_agent::hello(&[EVIL], 2, profile),
+    )
+    .await;
+    hub.wait_for_model(EVIL, 1).await;
+    let (status, page) = WebClient::new(&hub).get("/").await;
+    assert_eq!(status, 200);
+    assert!(!page.contains("<img"), "the name is escaped");
+    assert!(
+        page.contains("&#60;img src=x onerror=alert(1)&#62;&#34;&#39;&#38;m"),
+        "and shown, escaped"
+    );
+
+    // Three attempts an hour over the whole hub, whatever they carry.
+    let c = WebClient::new(&hub);
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(
+            c.post("/web/signin", &[("csrf", "x"), ("key", "pk-wrong")])
+                .await
+                .0,
+        );
+    }
+    assert_eq!(
+        answers,
+        [403, 403, 403, 429],
+        "the fourth attempt is refused"
+    );
+}
