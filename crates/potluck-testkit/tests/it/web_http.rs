@@ -496,3 +496,20 @@ async fn a_hostile_model_name_is_escaped_and_sign_in_is_rate_limited() {
         "the fourth attempt is refused"
     );
 }
+
+#[tokio::test]
+async fn a_session_works_on_every_hub_of_one_database_and_no_other() {
+    let a = TestHub::start().await;
+    let dir = a.data_dir().to_path_buf();
+    let b = TestHub::start_with(|c| c.data_dir = dir).await;
+    let other = TestHub::start().await;
+    let key = a.create_key("mia").await;
+    let on_a = WebClient::signed_in(&a, &key).await;
+    let cookie = on_a.cookie.clone();
+    let mut on_b = WebClient::new(&b);
+    on_b.cookie = cookie.clone();
+    assert_eq!(on_b.get("/web/me").await.0, 200, "the same store's secret");
+    let mut elsewhere = WebClient::new(&other);
+    elsewhere.cookie = cookie;
+    assert_eq!(elsewhere.get("/web/me").await.0, 303, "another hub's cookie is worthless");
+}
