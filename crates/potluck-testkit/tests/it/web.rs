@@ -97,6 +97,17 @@ impl Browser {
     async fn shot(&self, name: &str) {
         for (w, h) in SIZES {
             self.c.set_window_size(w, h).await.unwrap();
+            // Usable at this width: nothing wider than the window (tables scroll inside).
+            let wide = self
+                .c
+                .execute("return document.documentElement.scrollWidth", vec![])
+                .await
+                .unwrap();
+            let url = self.c.current_url().await.unwrap();
+            assert!(
+                wide.as_u64().unwrap() <= u64::from(w),
+                "{url} is {wide} px wide at {w} px"
+            );
             let png = self.c.screenshot().await.unwrap();
             std::fs::write(self.shots.join(format!("{name}-{w}.png")), png).unwrap();
         }
@@ -226,6 +237,18 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
         .await
         .unwrap();
     b.shot("status").await;
+    // By keyboard: the first Tab reaches the skip link, which leads to the content.
+    b.c.find(Locator::Css("body"))
+        .await
+        .unwrap()
+        .send_keys("\u{E004}")
+        .await
+        .unwrap();
+    let focused =
+        b.c.execute("return document.activeElement.className", vec![])
+            .await
+            .unwrap();
+    assert_eq!(focused, "skip", "the skip link is the first stop");
     b.goto(&format!("{}/web/signin", hub.url())).await;
     b.shot("signin").await;
 

@@ -511,5 +511,9 @@ async fn a_session_works_on_every_hub_of_one_database_and_no_other() {
     assert_eq!(on_b.get("/web/me").await.0, 200, "the same store's secret");
     let mut elsewhere = WebClient::new(&other);
     elsewhere.cookie = cookie;
-    assert_eq!(elsewhere.get("/web/me").await.0, 303, "another hub's cookie is worthless");
+    assert_eq!(
+        elsewhere.get("/web/me").await.0,
+        303,
+        "another hub's cookie is worthless"
+    );
 }
