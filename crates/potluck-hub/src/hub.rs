@@ -155,7 +155,9 @@ impl Hub {
         };
         let metrics = Metrics::new(max_model_labels)
             .with_settlement_lag(accounting.settlement_lag().histogram());
+        let web = crate::web::WebState::new(&identity);
         let state = Arc::new(HubState {
+            web,
             config,
             store,
             registry,

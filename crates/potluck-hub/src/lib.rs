@@ -27,6 +27,7 @@ mod routing;
 mod state;
 pub mod testing;
 mod trust;
+pub(crate) mod web;
 
 pub use config::HubConfig;
 pub use http::error::ApiError;

@@ -99,6 +99,7 @@ pub(crate) fn router(state: Arc<HubState>) -> Router {
         .route("/admin/v1/providers/{id}/standing", get(trust_admin::reputation))
         .route(GUARD_VERDICTS_PATH, get(trust_admin::verdicts))
         .route(GUARD_VERDICTS_ALIAS, get(trust_admin::verdicts))
+        .merge(crate::web::router(&state))
         .fallback(models::fallback)
         .method_not_allowed_fallback(models::method_not_allowed);
     // Our own cap is enforced while reading; this only lifts axum's default.

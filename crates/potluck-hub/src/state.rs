@@ -24,6 +24,7 @@ use crate::routing::inflight::InFlightRequests;
 use crate::routing::registry::Registry;
 use crate::trust::identity::HubIdentity;
 use crate::trust::spot_checks::Auditor;
+use crate::web::WebState;
 
 /// State shared by every handler.
 pub struct HubState {
@@ -67,6 +68,8 @@ pub struct HubState {
     pub(crate) service: Mutex<HashMap<ModelName, f64>>,
     /// Prometheus metrics (this hub's own registry).
     pub metrics: Metrics,
+    /// The web dashboard's session key, sign-in bucket and samples.
+    pub(crate) web: WebState,
 }
 
 /// Weight of the newest sample in the per-model duration average.

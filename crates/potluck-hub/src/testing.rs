@@ -8,6 +8,7 @@ pub use crate::routing::inflight::InFlightRequests;
 pub use crate::routing::pool::{ModelStatus, ProviderView};
 pub use crate::routing::registry::Registry;
 pub use crate::state::HubState;
+pub use crate::web::CSP as WEB_CSP;
 
 /// Quarantine a provider as a failed spot check would (tests drive it at a chosen moment).
 pub async fn quarantine_provider(state: &HubState, provider_id: i64, reason: &str) {

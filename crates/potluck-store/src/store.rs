@@ -537,14 +537,19 @@ impl Store {
     /// Resolve a consumer or admin key. Revoked and unknown keys give `None`; a key of
     /// an account or a key not in good standing resolves with `block` set.
     pub async fn authenticate_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
-        let found = self.read_key(secret).await;
+        self.authenticate_key_hash(&secret.hash()).await
+    }
+
+    /// [`Store::authenticate_key`] by the secret's hash (what a web session names).
+    pub async fn authenticate_key_hash(&self, hash: &str) -> Result<Option<KeyAuth>> {
+        let found = self.read_key(hash).await;
         self.key_lookups
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         drop(self.key_lookup_gate.read().await);
         found
     }
 
-    async fn read_key(&self, secret: &Secret) -> Result<Option<KeyAuth>> {
+    async fn read_key(&self, hash: &str) -> Result<Option<KeyAuth>> {
         let sql = format!(
             "SELECT k.id, k.account_id, a.role, \
              (SELECT MIN(o.rpm) FROM api_keys o WHERE o.account_id = k.account_id), \
@@ -559,7 +564,7 @@ impl Store {
             self.engine.concat_lines("g.name")
         );
         let row = sqlx::query(&sql)
-            .bind(secret.hash())
+            .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|r| {

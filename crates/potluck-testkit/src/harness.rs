@@ -239,6 +239,18 @@ impl TestHub {
             .to_owned()
     }
 
+    /// Admin persona: create a provider token owned by `account` (made if missing).
+    pub async fn create_provider_in(&self, name: &str, account: &str) -> String {
+        self.admin_post(
+            "/admin/v1/providers",
+            json!({"name": name, "account": account}),
+        )
+        .await["secret"]
+            .as_str()
+            .expect("secret")
+            .to_owned()
+    }
+
     /// Wait until `model` is offered by exactly `providers` providers.
     pub async fn wait_for_model(&self, model: &str, providers: usize) {
         let st = self.state();

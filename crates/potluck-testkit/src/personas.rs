@@ -200,6 +200,14 @@ impl Staff {
         }
     }
 
+    /// Staff acting with an existing key (any role's: the hub decides what it may do).
+    pub fn with_key(hub: &TestHub, key: &str) -> Self {
+        Self {
+            key: key.to_owned(),
+            ..Self::admin(hub)
+        }
+    }
+
     /// A new staff account with `role` ("moderator", "admin") and a key in it.
     pub async fn new(hub: &TestHub, name: &str, role: &str) -> Self {
         let admin = Self::admin(hub);

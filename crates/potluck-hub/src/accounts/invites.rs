@@ -16,6 +16,7 @@ use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
 use crate::http::extract::{json_body, parse_id, read_capped};
 use crate::state::HubState;
+use potluck_store::KeyAuth;
 
 pub(crate) async fn create_invite(
     State(st): State<Arc<HubState>>,
@@ -23,19 +24,34 @@ pub(crate) async fn create_invite(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::Invites).await?;
-    per_hour(
-        &st.invites,
-        actor.account_id,
-        st.config.abuse.invites_per_hour,
-        "invites",
-    )?;
     let body = read_capped(body, st.config.max_admin_body_bytes).await?;
     let req: CreateInvite = if body.is_empty() {
         CreateInvite::default()
     } else {
         json_body(&body)?
     };
-    let hours = req.hours.unwrap_or(DEFAULT_INVITE_HOURS);
+    Ok((
+        StatusCode::CREATED,
+        Json(create(&st, &actor, req.hours).await?),
+    )
+        .into_response())
+}
+
+/// Create an invite valid `hours` (default [`DEFAULT_INVITE_HOURS`]): the API's and the
+/// web pages' one path.
+pub(crate) async fn create(
+    st: &HubState,
+    actor: &KeyAuth,
+    hours: Option<u32>,
+) -> Result<InviteCreated, ApiError> {
+    auth::require(actor, Action::Invites)?;
+    per_hour(
+        &st.invites,
+        actor.account_id,
+        st.config.abuse.invites_per_hour,
+        "invites",
+    )?;
+    let hours = hours.unwrap_or(DEFAULT_INVITE_HOURS);
     if !(1..=MAX_INVITE_HOURS).contains(&hours) {
         return Err(ApiError::bad_request(
             format!("'hours' must be between 1 and {MAX_INVITE_HOURS}."),
@@ -46,16 +62,12 @@ pub(crate) async fn create_invite(
         .store
         .create_invite(actor.account_id, i64::from(hours) * 3600)
         .await?;
-    action_log::record(&st, &actor, "invite.create", "invite", id.to_string(), None).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(InviteCreated {
-            id,
-            code: code.expose().to_owned(),
-            hours,
-        }),
-    )
-        .into_response())
+    action_log::record(st, actor, "invite.create", "invite", id.to_string(), None).await?;
+    Ok(InviteCreated {
+        id,
+        code: code.expose().to_owned(),
+        hours,
+    })
 }
 
 pub(crate) async fn list_invites(

@@ -11,6 +11,7 @@ use potluck_protocol::admin::{
     CreateKey, CreateProvider, Created, KeyInfo, KeySettingsSet, KeySettingsView, List, Revoked,
 };
 use potluck_store::accounts::KeySettings;
+use potluck_store::KeyAuth;
 use serde::Deserialize;
 
 use crate::accounts::{not_found, wire};
@@ -111,20 +112,25 @@ pub(crate) async fn revoke_key(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::Keys).await?;
-    let id = st.store.revoke_key(&id).await.map_err(|e| match e {
+    Ok(Json(revoke(&st, &actor, &id).await?).into_response())
+}
+
+/// Revoke any key (admin): the API's and the web pages' one path.
+pub(crate) async fn revoke(st: &HubState, actor: &KeyAuth, id: &str) -> Result<Revoked, ApiError> {
+    auth::require(actor, Action::Keys)?;
+    let id = st.store.revoke_key(id).await.map_err(|e| match e {
         potluck_store::StoreError::NotFound => ApiError::NotFound("key"),
         e => e.into(),
     })?;
     st.keys.clear();
     let cut = st.inflight.cancel_key(id, &Cut::Revoked);
-    action_log::record(&st, &actor, "key.revoke", "key", id.to_string(), None).await?;
+    action_log::record(st, actor, "key.revoke", "key", id.to_string(), None).await?;
     tracing::info!(key_id = id, requests_cut = cut, "consumer key revoked");
-    Ok(Json(Revoked {
+    Ok(Revoked {
         id,
         revoked: true,
         tunnels_closed: None,
     })
-    .into_response())
 }
 
 pub(crate) async fn admin_key_settings(
@@ -159,21 +165,30 @@ pub(crate) async fn my_key_settings(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let me = auth::consumer(&st, &headers).await?;
-    let id = parse_id(&id, "key")?;
     let s: KeySettings = read_json(body, st.config.max_admin_body_bytes).await?;
+    Ok(Json(set_own_settings(&st, &me, &id, s).await?).into_response())
+}
+
+/// A member sets a key's routing settings: the API's and the web pages' one path.
+pub(crate) async fn set_own_settings(
+    st: &HubState,
+    me: &KeyAuth,
+    id: &str,
+    s: KeySettings,
+) -> Result<KeySettingsSet, ApiError> {
+    let id = parse_id(id, "key")?;
     st.store
         .set_key_settings(id, Some(me.account_id), s)
         .await
         .map_err(not_found("key"))?;
     st.keys.clear();
-    Ok(Json(KeySettingsSet {
+    Ok(KeySettingsSet {
         id,
         settings: KeySettingsView {
             prefer_low_power: s.prefer_low_power,
             trusted_only: s.trusted_only,
         },
     })
-    .into_response())
 }
 
 pub(crate) async fn my_keys(
@@ -198,19 +213,28 @@ pub(crate) async fn create_my_key(
 ) -> Result<Response, ApiError> {
     let me = auth::consumer(&st, &headers).await?;
     let req: NewKey = read_json(body, st.config.max_admin_body_bytes).await?;
-    check_name("name", &req.name)?;
-    let (id, secret) = st.store.create_own_key(me.account_id, &req.name).await?;
+    let created = create_own(&st, &me, req.name).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+/// A member creates a key of their own account: the API's and the web pages' one path.
+pub(crate) async fn create_own(
+    st: &HubState,
+    me: &KeyAuth,
+    name: String,
+) -> Result<Created, ApiError> {
+    check_name("name", &name)?;
+    let (id, secret) = st.store.create_own_key(me.account_id, &name).await?;
     tracing::info!(
         key_id = id,
         account_id = me.account_id,
         "member created a key"
     );
-    let created = Created {
+    Ok(Created {
         id,
-        name: req.name,
+        name,
         secret: secret.expose().to_owned(),
-    };
-    Ok((StatusCode::CREATED, Json(created)).into_response())
+    })
 }
 
 pub(crate) async fn revoke_my_key(
@@ -219,7 +243,12 @@ pub(crate) async fn revoke_my_key(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let me = auth::consumer(&st, &headers).await?;
-    let id = parse_id(&id, "key")?;
+    Ok(Json(revoke_own(&st, &me, &id).await?).into_response())
+}
+
+/// A member revokes a key of their own account: the API's and the web pages' one path.
+pub(crate) async fn revoke_own(st: &HubState, me: &KeyAuth, id: &str) -> Result<Revoked, ApiError> {
+    let id = parse_id(id, "key")?;
     st.store
         .revoke_own_key(me.account_id, id)
         .await
@@ -227,10 +256,9 @@ pub(crate) async fn revoke_my_key(
     st.keys.clear();
     let cut = st.inflight.cancel_key(id, &Cut::Revoked);
     tracing::info!(key_id = id, requests_cut = cut, "member revoked a key");
-    Ok(Json(Revoked {
+    Ok(Revoked {
         id,
         revoked: true,
         tunnels_closed: None,
     })
-    .into_response())
 }

@@ -112,7 +112,17 @@ pub(crate) async fn approve(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::Approve).await?;
-    let a = account(&st, &name).await?;
+    Ok(Json(approve_account(&st, &actor, &name).await?).into_response())
+}
+
+/// Approve a pending account: the API's and the web pages' one path.
+pub(crate) async fn approve_account(
+    st: &HubState,
+    actor: &potluck_store::KeyAuth,
+    name: &str,
+) -> Result<AccountStanding, ApiError> {
+    auth::require(actor, Action::Approve)?;
+    let a = account(st, name).await?;
     if a.status != Standing::Pending {
         return Err(ApiError::Conflict("the account is not pending".into()));
     }
@@ -120,22 +130,21 @@ pub(crate) async fn approve(
         .set_standing(Target::Account, a.id, Standing::Active, None)
         .await?;
     st.keys.clear();
-    starter_grant(&st, &a.name).await?;
+    starter_grant(st, &a.name).await?;
     action_log::record(
-        &st,
-        &actor,
+        st,
+        actor,
         "account.approve",
         "account",
         a.id.to_string(),
         None,
     )
     .await?;
-    Ok(Json(AccountStanding {
+    Ok(AccountStanding {
         id: a.id,
         name: a.name,
         status: Standing::Active.as_str().to_owned(),
     })
-    .into_response())
 }
 
 pub(crate) async fn set_role(

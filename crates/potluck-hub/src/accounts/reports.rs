@@ -12,7 +12,7 @@ use potluck_protocol::admin::{
     MAX_REASON_CHARS, MAX_REPORT_REASON_CHARS,
 };
 use potluck_store::accounts::ReportRow;
-use potluck_store::Target;
+use potluck_store::{KeyAuth, Target};
 
 use crate::accounts::sanctions::{sanction, SanctionAction};
 use crate::accounts::{not_found, per_hour, wire, MAX_REQUEST_ID_BYTES};
@@ -175,6 +175,17 @@ pub(crate) async fn resolve_report(
     let actor = auth::staff(&st, &headers, Action::Reports).await?;
     let id = parse_id(&id, "report")?;
     let req: ResolveReport = read_json(body, st.config.max_admin_body_bytes).await?;
+    Ok(Json(resolve(&st, &actor, id, req).await?).into_response())
+}
+
+/// Resolve a report, with the sanction it names: the API's and the web pages' one path.
+pub(crate) async fn resolve(
+    st: &HubState,
+    actor: &KeyAuth,
+    id: i64,
+    req: ResolveReport,
+) -> Result<ReportResolved, ApiError> {
+    auth::require(actor, Action::Reports)?;
     let r = st.store.report(id).await.map_err(not_found("report"))?;
     if r.status != "open" {
         return Err(ApiError::Conflict("the report is already resolved".into()));
@@ -208,25 +219,24 @@ pub(crate) async fn resolve_report(
                 })?,
             ),
         };
-        sanctioned = Some(sanction(&st, &actor, target, tid, verb, req.reason.clone()).await?);
+        sanctioned = Some(sanction(st, actor, target, tid, verb, req.reason.clone()).await?);
     }
     st.store
         .resolve_report(id, actor.account_id, action)
         .await?;
     action_log::record(
-        &st,
-        &actor,
+        st,
+        actor,
         &format!("report.{action}"),
         "report",
         id.to_string(),
         why.as_deref(),
     )
     .await?;
-    Ok(Json(ReportResolved {
+    Ok(ReportResolved {
         id,
         status: "resolved".to_owned(),
         resolution: action.to_owned(),
         sanction: sanctioned,
     })
-    .into_response())
 }

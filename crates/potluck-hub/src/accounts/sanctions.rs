@@ -64,6 +64,7 @@ pub(crate) async fn sanction(
     action: SanctionAction,
     why: Option<String>,
 ) -> Result<Sanctioned, ApiError> {
+    auth::require(actor, Action::Sanction)?;
     let current = may_sanction(st, actor, target, id).await?;
     let imposing = matches!(action, SanctionAction::Suspend | SanctionAction::Ban);
     let why = reason(why, imposing, MAX_REASON_CHARS, "reason")?;
@@ -198,6 +199,20 @@ pub(crate) async fn sanction_req(
     let actor = auth::staff(st, headers, Action::Sanction).await?;
     let req: SanctionReq = read_json(body, st.config.max_admin_body_bytes).await?;
     let verb = SanctionAction::parse(&req.action)?;
+    Ok(Json(sanction_named(st, &actor, target, id, verb, req.reason).await?).into_response())
+}
+
+/// Sanction a party named as in a path (account name, key id, provider name or id): the
+/// API's and the web pages' one path.
+pub(crate) async fn sanction_named(
+    st: &HubState,
+    actor: &KeyAuth,
+    target: Target,
+    id: &str,
+    verb: SanctionAction,
+    why: Option<String>,
+) -> Result<Sanctioned, ApiError> {
+    auth::require(actor, Action::Sanction)?;
     let id = match target {
         Target::Account => account(st, id).await?.id,
         Target::Key => parse_id(id, "key")?,
@@ -207,7 +222,7 @@ pub(crate) async fn sanction_req(
             .await
             .map_err(not_found("provider"))?,
     };
-    Ok(Json(sanction(st, &actor, target, id, verb, req.reason).await?).into_response())
+    sanction(st, actor, target, id, verb, why).await
 }
 
 pub(crate) async fn sanction_account(

@@ -170,11 +170,47 @@ pub(crate) async fn admin_summary(
     summary(&st, q, None).await
 }
 
+impl UsageQuery {
+    /// The `days` days up to `to`, grouped by `group_by`, as JSON (the web pages' query).
+    pub(crate) fn last_days(to: UtcDay, days: u32, group_by: GroupBy) -> Self {
+        Self {
+            from: to.plus(1 - i64::from(days.max(1))),
+            to,
+            group_by,
+            csv: false,
+        }
+    }
+}
+
 async fn summary(
     st: &HubState,
     q: UsageQuery,
     account_id: Option<i64>,
 ) -> Result<Response, ApiError> {
+    let answer = totals(st, q, account_id).await?;
+    if !q.csv {
+        return Ok(Json(answer).into_response());
+    }
+    let mut resp = to_csv(&answer).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"potluck-usage.csv\""),
+    );
+    Ok(resp)
+}
+
+/// The totals a query asks for, of one account or every one: the API's and the web
+/// pages' one path.
+pub(crate) async fn totals(
+    st: &HubState,
+    q: UsageQuery,
+    account_id: Option<i64>,
+) -> Result<UsageSummary, ApiError> {
     let filter = UsageFilter {
         from_ms: q.from.start_ms(),
         to_ms: q.to.plus(1).start_ms(),
@@ -201,20 +237,7 @@ async fn summary(
             .collect(),
         truncated,
     };
-    if !q.csv {
-        return Ok(Json(answer).into_response());
-    }
-    let mut resp = to_csv(&answer).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/csv; charset=utf-8"),
-    );
-    h.insert(
-        header::CONTENT_DISPOSITION,
-        HeaderValue::from_static("attachment; filename=\"potluck-usage.csv\""),
-    );
-    Ok(resp)
+    Ok(answer)
 }
 
 /// The summary as CSV (RFC 4180), one header line then one line per group.

@@ -11,12 +11,14 @@ mod limits;
 mod observe;
 mod serving;
 mod trust;
+mod web;
 
 pub use database::DatabaseUrl;
 pub use limits::{AbuseConfig, AnonymousConfig, LimitsConfig, MAX_ADMIN_BODY_BYTES};
 pub use observe::{AlertConfig, AlertingConfig, MetricsConfig, UsageApiConfig};
 pub use serving::{RoutingConfig, ServerConfig};
 pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
+pub use web::WebConfig;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -101,6 +103,8 @@ pub struct HubConfig {
     pub alerts: Vec<AlertConfig>,
     /// When alerts fire (`[alerting]`).
     pub alerting: AlertingConfig,
+    /// The web dashboard (`[web]`).
+    pub web: WebConfig,
 }
 
 /// How new accounts join through `POST /v1/signup`.
@@ -397,6 +401,7 @@ impl HubConfig {
         }
         self.routing.validate()?;
         self.server.validate()?;
+        self.web.validate()?;
         Ok(())
     }
 }
@@ -437,6 +442,7 @@ impl Default for HubConfig {
             metrics: MetricsConfig::default(),
             alerts: Vec::new(),
             alerting: AlertingConfig::default(),
+            web: WebConfig::default(),
         }
     }
 }

@@ -28,24 +28,29 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<Secret> {
 /// A pending, suspended or banned account or key is refused with 403 and the reason.
 pub(crate) async fn consumer(state: &HubState, headers: &HeaderMap) -> Result<KeyAuth, ApiError> {
     let secret = bearer(headers).ok_or(ApiError::Unauthorized)?;
-    key(state, &secret).await
+    authenticate(state, &secret).await
 }
 
 /// The key behind a secret: from the cache, else the store. A secret that is not shaped
 /// like a consumer key, or that matched nothing lately, is refused without a lookup; a
 /// lookup that raced a revocation or sanction is used once but not cached.
-async fn key(state: &HubState, secret: &Secret) -> Result<KeyAuth, ApiError> {
+pub(crate) async fn authenticate(state: &HubState, secret: &Secret) -> Result<KeyAuth, ApiError> {
     let s = secret.expose();
     if !SecretKind::ConsumerKey.looks_like(s) && !SecretKind::Admin.looks_like(s) {
         return Err(ApiError::Unauthorized);
     }
-    let hash = secret.hash();
+    key_by_hash(state, secret.hash()).await
+}
+
+/// The key whose secret hashes to `hash`, through the same cache as a bearer key: what a
+/// web session resolves on every request, so that a revoked or sanctioned key ends it.
+pub(crate) async fn key_by_hash(state: &HubState, hash: String) -> Result<KeyAuth, ApiError> {
     let k = match state.keys.get(&hash) {
         Some(k) => k,
         None if state.unknown_keys.get(&hash).is_some() => return Err(ApiError::Unauthorized),
         None => {
             let generation = state.keys.generation();
-            let Some(k) = state.store.authenticate_key(secret).await? else {
+            let Some(k) = state.store.authenticate_key_hash(&hash).await? else {
                 state.unknown_keys.put(hash, ());
                 return Err(ApiError::Unauthorized);
             };
@@ -93,7 +98,7 @@ pub(crate) async fn reporter(state: &HubState, headers: &HeaderMap) -> Result<Re
         .expose()
         .starts_with(SecretKind::ProviderToken.prefix())
     {
-        return Ok(Reporter::Consumer(key(state, &secret).await?));
+        return Ok(Reporter::Consumer(authenticate(state, &secret).await?));
     }
     let p = state
         .store
@@ -181,10 +186,17 @@ pub(crate) async fn staff(
     action: Action,
 ) -> Result<KeyAuth, ApiError> {
     let auth = consumer(state, headers).await?;
+    require(&auth, action)?;
+    Ok(auth)
+}
+
+/// Whether `auth`'s role may do `action` (403 if not): the role check of [`staff`],
+/// which the web pages call too.
+pub(crate) fn require(auth: &KeyAuth, action: Action) -> Result<(), ApiError> {
     if rank(auth.role) < rank(action.min_role()) {
         return Err(ApiError::Forbidden);
     }
-    Ok(auth)
+    Ok(())
 }
 
 /// Authenticate a consumer, or, with no `Authorization` header on a hub that allows it,

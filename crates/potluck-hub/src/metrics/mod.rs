@@ -140,7 +140,12 @@ pub struct Metrics {
     pub(crate) scrape_lock: Mutex<()>,
     /// Where the separate metrics listener listens, once bound.
     pub(crate) listen_addr: OnceLock<SocketAddr>,
+    /// The latest [`RECENT_TTFT`] times to first token (seconds), for the status page.
+    recent_ttft: Mutex<std::collections::VecDeque<f64>>,
 }
+
+/// How many recent times to first token the status page's median is taken over.
+pub(crate) const RECENT_TTFT: usize = 1024;
 
 fn histograms<L: Clone + std::hash::Hash + Eq>(buckets: fn() -> Histogram) -> Histograms<L> {
     Family::new_with_constructor(buckets)
@@ -165,6 +170,7 @@ impl Metrics {
             gauges: scrape::Gauges::default(),
             scrape_lock: Mutex::new(()),
             listen_addr: OnceLock::new(),
+            recent_ttft: Mutex::new(std::collections::VecDeque::new()),
             registry: Registry::default(),
         };
         registry.register(
@@ -234,6 +240,16 @@ impl Metrics {
     }
 
     /// A routed request ended (`Ctx::finish`). The model was routed, so the hub knows it.
+    /// The median of the latest times to first token (seconds), if any was seen.
+    pub(crate) fn median_ttft(&self) -> Option<f64> {
+        let mut v: Vec<f64> = self.recent_ttft.lock().iter().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some(v[v.len() / 2])
+    }
+
     pub(crate) fn request_done(&self, d: Done<'_>) {
         let model = self.model_label(d.model, true);
         self.requests
@@ -252,6 +268,11 @@ impl Metrics {
             .observe(d.elapsed.as_secs_f64());
         if let Some(t) = d.ttft {
             self.ttft.get_or_create(&by_model).observe(t.as_secs_f64());
+            let mut recent = self.recent_ttft.lock();
+            if recent.len() >= RECENT_TTFT {
+                recent.pop_front();
+            }
+            recent.push_back(t.as_secs_f64());
         }
         if let Some(ms) = d.queue_ms {
             self.queue_wait

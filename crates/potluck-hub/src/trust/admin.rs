@@ -86,26 +86,36 @@ pub(crate) async fn release(
     Path(name): Path<String>,
 ) -> Result<Json<ProviderTrust>, ApiError> {
     let actor = auth::staff(&st, &headers, auth::Action::Trust).await?;
-    let id = provider_id(&st, &name).await?;
+    Ok(Json(release_provider(&st, &actor, name).await?))
+}
+
+/// Release a provider's quarantine: the API's and the web pages' one path.
+pub(crate) async fn release_provider(
+    st: &HubState,
+    actor: &potluck_store::KeyAuth,
+    name: String,
+) -> Result<ProviderTrust, ApiError> {
+    auth::require(actor, auth::Action::Trust)?;
+    let id = provider_id(st, &name).await?;
     let score = st.config.audit.quarantine_below.max(0.5);
     st.store.release_quarantine(id, score).await?;
     let standing = st.store.standing(id).await?;
     st.registry.set_trust_flags(id, standing.trusted, false);
     tracing::info!(provider_id = id, "provider quarantine released");
     crate::books::action_log::record(
-        &st,
-        &actor,
+        st,
+        actor,
         "provider.release",
         "provider",
         id.to_string(),
         None,
     )
     .await?;
-    Ok(Json(ProviderTrust {
+    Ok(ProviderTrust {
         id,
         name,
         standing: reputation_of(standing),
-    }))
+    })
 }
 
 fn reputation_of(s: potluck_store::trust::Standing) -> Reputation {

@@ -66,6 +66,12 @@ impl HubIdentity {
         }
     }
 
+    /// A key for one `purpose` (the web sessions' MAC), derived from the pseudonym secret
+    /// the store keeps: the same on every hub of one database, useless for anything else.
+    pub(crate) fn derive_key(&self, purpose: &str) -> [u8; 32] {
+        hmac(&self.pseudonym_key, format!("purpose:{purpose}").as_bytes())
+    }
+
     /// The consumer's pseudonym for one provider.
     pub(crate) fn pseudonym(&self, provider_id: i64, account_id: i64) -> String {
         let k = hmac(

@@ -35,3 +35,5 @@ mod real_backend;
 mod real_trust;
 mod several_hubs;
 mod volunteer_safety;
+mod web;
+mod web_http;

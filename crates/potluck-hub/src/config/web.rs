@@ -1,0 +1,67 @@
+//! Settings of the web dashboard (`[web]`): whether the public status page is served,
+//! how long a session lasts, how often sign-in may be tried, and the cookie's `Secure`.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The web dashboard.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Serve the dashboard at all (`/`, `/web/...`). Off: every page is a 404.
+    pub enabled: bool,
+    /// Serve the public status page at `/` to anyone. Off: `/` sends visitors to sign in.
+    pub public_status: bool,
+    /// How long a session lasts after signing in (seconds); then the key is asked again.
+    #[serde(with = "super::secs")]
+    pub session_lifetime: Duration,
+    /// Sign-in attempts per hour over the whole hub (the hub sees no client address
+    /// behind a proxy); past it a sign-in answers 429.
+    pub signin_attempts_per_hour: u32,
+    /// Mark the session cookie `Secure`. Turn on when the hub is reached over HTTPS
+    /// (behind a TLS proxy): the hub cannot tell.
+    pub secure_cookies: bool,
+    /// How often the public page records how many providers are online (seconds); the
+    /// samples are kept in memory, at most `history_samples` of them.
+    #[serde(with = "super::secs")]
+    pub sample_interval: Duration,
+    /// Most samples of providers online kept in memory.
+    pub history_samples: usize,
+    /// Days the usage charts cover.
+    pub chart_days: u32,
+    /// Most rows a page's table shows (history, keys, reports, accounts, log).
+    pub page_rows: i64,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            public_status: true,
+            session_lifetime: Duration::from_secs(12 * 3600),
+            signin_attempts_per_hour: 600,
+            secure_cookies: false,
+            sample_interval: Duration::from_secs(300),
+            history_samples: 288,
+            chart_days: 30,
+            page_rows: 100,
+        }
+    }
+}
+
+impl WebConfig {
+    /// Check the bounds are usable.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.session_lifetime < Duration::from_secs(60) {
+            return Err("web.session_lifetime must be at least 60 seconds".into());
+        }
+        if self.chart_days == 0 || self.chart_days > 400 || self.page_rows <= 0 {
+            return Err("web.chart_days must be 1..=400 and web.page_rows positive".into());
+        }
+        if self.history_samples == 0 || self.sample_interval.is_zero() {
+            return Err("web.history_samples and web.sample_interval must be positive".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! The staff page's forms. Each checks the session's CSRF token, then calls the admin
+//! API's own function, which checks the role table: resolve a report, revoke a key,
+//! release a quarantine, approve an account, sanction an account, create an invite.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, StatusCode};
+use potluck_protocol::admin::ResolveReport;
+use potluck_store::Target;
+use serde::Deserialize;
+
+use crate::accounts::sanctions::{sanction_named, SanctionAction};
+use crate::accounts::{invites, keys, members, reports};
+use crate::state::HubState;
+use crate::trust::admin as trust_admin;
+use crate::web::member::{checked, CsrfForm};
+use crate::web::{back, form, render, Created, Nav, WebError};
+
+#[derive(Deserialize)]
+pub(crate) struct ResolveForm {
+    csrf: String,
+    action: String,
+}
+
+/// `POST /web/staff/reports/{id}/resolve`
+pub(crate) async fn resolve(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: ResolveForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    let id = crate::http::extract::parse_id(&id, "report")?;
+    let req = ResolveReport {
+        action: f.action,
+        reason: None,
+    };
+    reports::resolve(&st, &s.auth, id, req).await?;
+    Ok(back("/web/staff"))
+}
+
+/// `POST /web/staff/keys/{id}/revoke`
+pub(crate) async fn revoke_key(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: CsrfForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    keys::revoke(&st, &s.auth, &id).await?;
+    Ok(back("/web/staff"))
+}
+
+/// `POST /web/staff/providers/{id}/release`
+pub(crate) async fn release(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: CsrfForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    trust_admin::release_provider(&st, &s.auth, id).await?;
+    Ok(back("/web/staff"))
+}
+
+/// `POST /web/staff/accounts/{name}/approve`
+pub(crate) async fn approve(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: CsrfForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    members::approve_account(&st, &s.auth, &name).await?;
+    Ok(back("/web/staff"))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct SanctionForm {
+    csrf: String,
+    action: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /web/staff/accounts/{name}/sanction`
+pub(crate) async fn sanction_account(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: SanctionForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    let verb = SanctionAction::parse(&f.action)?;
+    let why = Some(f.reason).filter(|r| !r.trim().is_empty());
+    sanction_named(&st, &s.auth, Target::Account, &name, verb, why).await?;
+    Ok(back("/web/staff"))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct InviteForm {
+    csrf: String,
+    hours: Option<u32>,
+}
+
+/// `POST /web/staff/invites`: the code is shown once, on this answer only.
+pub(crate) async fn create_invite(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: InviteForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    let made = invites::create(&st, &s.auth, f.hours).await?;
+    let page = Created {
+        nav: Nav::of(&s),
+        title: format!("Invite created, valid {} hours", made.hours),
+        secret: made.code,
+        back: "/web/staff",
+    };
+    Ok((StatusCode::CREATED, render(&page)).into_response())
+}

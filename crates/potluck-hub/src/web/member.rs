@@ -1,0 +1,243 @@
+//! A member's pages: credits and history, usage by day and model (chart, table, CSV),
+//! their keys (create, revoke) and their reports with the outcome. Key actions call the
+//! account API's own functions (`keys::create_own`, `keys::revoke_own`).
+
+use std::sync::Arc;
+
+use askama::Template;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use potluck_protocol::usage::GroupBy;
+use potluck_store::accounts::KeySettings;
+use serde::Deserialize;
+
+use crate::accounts::{keys, usage};
+use crate::state::HubState;
+use crate::web::public::{daily, today, DayRow};
+use crate::web::session::{session, Session};
+use crate::web::{back, credits, form, known_model, render, when_ms, Created, Nav, WebError};
+
+pub(crate) struct HistoryRow {
+    when: String,
+    kind: String,
+    bucket: String,
+    amount: String,
+}
+
+pub(crate) struct ModelUse {
+    model: String,
+    requests: i64,
+    tokens: i64,
+}
+
+pub(crate) struct KeyRow {
+    id: i64,
+    name: String,
+    prefix: String,
+    status: String,
+    prefer_low_power: bool,
+    trusted_only: bool,
+}
+
+pub(crate) struct ReportRow {
+    id: i64,
+    filed: String,
+    request_id: String,
+    status: String,
+    resolution: String,
+}
+
+#[derive(Template)]
+#[template(path = "member.html")]
+struct MemberPage {
+    nav: Nav,
+    available: String,
+    unvested: String,
+    history: Vec<HistoryRow>,
+    chart_days: u32,
+    days: Vec<DayRow>,
+    models: Vec<ModelUse>,
+    keys: Vec<KeyRow>,
+    reports: Vec<ReportRow>,
+}
+
+async fn by_model(st: &HubState, account: i64) -> Result<Vec<ModelUse>, WebError> {
+    let q = usage::UsageQuery::last_days(today(), st.config.web.chart_days, GroupBy::Model);
+    let s = usage::totals(st, q, Some(account)).await?;
+    Ok(s.data
+        .into_iter()
+        .map(|b| ModelUse {
+            model: match b.name.or(Some(b.group)) {
+                Some(m) if known_model(st, &m) => m,
+                _ => "(a model this hub does not serve now)".into(),
+            },
+            requests: b.requests,
+            tokens: b.prompt_tokens.saturating_add(b.completion_tokens),
+        })
+        .collect())
+}
+
+/// `GET /web/me`
+pub(crate) async fn home(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, WebError> {
+    let s = session(&st, &headers).await?;
+    let me = s.auth.account_id;
+    let rows = st.config.web.page_rows;
+    let store = &st.store;
+    let err = crate::http::error::ApiError::from;
+    let b = store.balance(me).await.map_err(err)?;
+    let history = store.history(me, rows).await.map_err(err)?;
+    let own_keys = store.own_keys(me).await.map_err(err)?;
+    let reports = store.reports_by(me, None, rows).await.map_err(err)?;
+    let page = MemberPage {
+        nav: Nav::of(&s),
+        available: credits(b.available),
+        unvested: credits(b.unvested),
+        history: history
+            .into_iter()
+            .map(|l| HistoryRow {
+                when: when_ms(l.created_at_ms),
+                kind: l.kind,
+                bucket: l.bucket,
+                amount: credits(l.amount),
+            })
+            .collect(),
+        chart_days: st.config.web.chart_days,
+        days: daily(&st, Some(me)).await?,
+        models: by_model(&st, me).await?,
+        keys: own_keys
+            .into_iter()
+            .map(|k| KeyRow {
+                id: k.id,
+                name: k.name,
+                prefix: k.prefix,
+                status: k.status.as_str().to_owned(),
+                prefer_low_power: k.prefer_low_power,
+                trusted_only: k.trusted_only,
+            })
+            .collect(),
+        reports: reports
+            .into_iter()
+            .map(|r| ReportRow {
+                id: r.id,
+                filed: when_ms(r.created_at_ms),
+                request_id: r.request_id,
+                status: r.status,
+                resolution: r.resolution.unwrap_or_default(),
+            })
+            .collect(),
+    };
+    Ok(render(&page))
+}
+
+/// `GET /web/me/usage.json`: the member's chart data.
+pub(crate) async fn usage_json(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, WebError> {
+    let s = session(&st, &headers).await?;
+    let days = daily(&st, Some(s.auth.account_id)).await?;
+    Ok(Json(serde_json::json!({ "days": days })).into_response())
+}
+
+/// `GET /web/me/usage.csv`: the member's usage by day, as the usage API writes CSV.
+pub(crate) async fn usage_csv(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, WebError> {
+    let s = session(&st, &headers).await?;
+    let q = usage::UsageQuery::last_days(today(), st.config.web.chart_days, GroupBy::Day);
+    let summary = usage::totals(&st, q, Some(s.auth.account_id)).await?;
+    let mut r = usage::to_csv(&summary).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"potluck-usage.csv\""),
+    );
+    Ok(r)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct NewKeyForm {
+    csrf: String,
+    name: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CsrfForm {
+    pub(crate) csrf: String,
+}
+
+/// A session whose form carries its CSRF token.
+pub(crate) async fn checked(
+    st: &HubState,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<Session, WebError> {
+    let s = session(st, headers).await?;
+    s.check(&st.web, csrf)?;
+    Ok(s)
+}
+
+/// `POST /web/me/keys`: create a key; its secret is shown once, on this answer only.
+pub(crate) async fn create_key(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: NewKeyForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    let created = keys::create_own(&st, &s.auth, f.name).await?;
+    let page = Created {
+        nav: Nav::of(&s),
+        title: format!("Key \"{}\" created", created.name),
+        secret: created.secret,
+        back: "/web/me",
+    };
+    Ok((StatusCode::CREATED, render(&page)).into_response())
+}
+
+/// `POST /web/me/keys/{id}/revoke`
+pub(crate) async fn revoke_key(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: CsrfForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    keys::revoke_own(&st, &s.auth, &id).await?;
+    Ok(back("/web/me"))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct SettingsForm {
+    csrf: String,
+    prefer_low_power: Option<String>,
+    trusted_only: Option<String>,
+}
+
+/// `POST /web/me/keys/{id}/settings`: a key's routing settings (checkboxes).
+pub(crate) async fn key_settings(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: SettingsForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    let settings = KeySettings {
+        prefer_low_power: f.prefer_low_power.is_some(),
+        trusted_only: f.trusted_only.is_some(),
+    };
+    keys::set_own_settings(&st, &s.auth, &id, settings).await?;
+    Ok(back("/web/me"))
+}

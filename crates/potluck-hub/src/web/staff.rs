@@ -1,0 +1,306 @@
+//! The staff page: each section shown only to a role the admin API's table lets read it
+//! (`Action::min_role` through `auth::require`), each row's button only to a role that
+//! may do its action; the forms are in `actions.rs`.
+
+use std::sync::Arc;
+
+use askama::Template;
+use axum::extract::State;
+use axum::response::Response;
+use http::HeaderMap;
+use potluck_store::Standing;
+
+use crate::http::auth::{require, Action};
+use crate::http::error::ApiError;
+use crate::state::HubState;
+use crate::web::session::{session, Session};
+use crate::web::{known_model, render, when_ms, Nav, WebError};
+
+/// The report actions a moderator may pick (the admin API's names).
+const REPORT_ACTIONS: [&str; 7] = [
+    "dismiss",
+    "suspend_key",
+    "ban_key",
+    "suspend_account",
+    "ban_account",
+    "suspend_provider",
+    "ban_provider",
+];
+
+pub(crate) struct Row(Vec<String>);
+
+/// A section: a title, column names, rows, and the action each row's form posts.
+pub(crate) struct Section {
+    id: &'static str,
+    title: &'static str,
+    columns: &'static [&'static str],
+    rows: Vec<(Row, Option<String>)>,
+    action: &'static str,
+    /// The choices of the row's form (`action`), if it has any.
+    choices: &'static [&'static str],
+    /// Whether the row's form asks for a reason.
+    reason: bool,
+}
+
+/// The sanctions a moderator may pick (the admin API's names).
+const SANCTIONS: [&str; 4] = ["suspend", "ban", "unsuspend", "unban"];
+
+#[derive(Template)]
+#[template(path = "staff.html")]
+struct StaffPage {
+    nav: Nav,
+    sections: Vec<Section>,
+    /// May create invites (shows the form).
+    invites: bool,
+}
+
+fn may(s: &Session, a: Action) -> bool {
+    require(&s.auth, a).is_ok()
+}
+
+fn cells(v: impl IntoIterator<Item = String>) -> Row {
+    Row(v.into_iter().collect())
+}
+
+async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(), ApiError> {
+    if !may(s, Action::ListAccounts) {
+        return Ok(());
+    }
+    let accounts = st.store.list_accounts().await?;
+    let pending = accounts.iter().filter(|a| a.status == Standing::Pending);
+    out.push(Section {
+        id: "approvals",
+        title: "Pending approvals",
+        columns: &["Account", "Since"],
+        rows: pending
+            .map(|a| {
+                (
+                    cells([a.name.clone(), a.created_at.to_string()]),
+                    (may(s, Action::Approve))
+                        .then(|| format!("/web/staff/accounts/{}/approve", a.name)),
+                )
+            })
+            .collect(),
+        action: "Approve",
+        choices: &[],
+        reason: false,
+    });
+    out.push(Section {
+        id: "accounts",
+        title: "Accounts",
+        columns: &["Id", "Account", "Role", "Standing"],
+        rows: accounts
+            .into_iter()
+            .take(st.config.web.page_rows.unsigned_abs() as usize)
+            .map(|a| {
+                let url = may(s, Action::Sanction)
+                    .then(|| format!("/web/staff/accounts/{}/sanction", a.name));
+                let c = cells([
+                    a.id.to_string(),
+                    a.name,
+                    a.role.to_owned(),
+                    a.status.as_str().to_owned(),
+                ]);
+                (c, url)
+            })
+            .collect(),
+        action: "Apply",
+        choices: &SANCTIONS,
+        reason: true,
+    });
+    if may(s, Action::Invites) {
+        let invites = st.store.list_invites().await?;
+        out.push(Section {
+            id: "invites",
+            title: "Invites",
+            columns: &["Id", "Prefix", "Expires", "Used"],
+            rows: invites
+                .into_iter()
+                .map(|i| {
+                    (
+                        cells([
+                            i.id.to_string(),
+                            i.prefix,
+                            i.expires_at.to_string(),
+                            i.used_at.map_or("no".into(), |_| "yes".into()),
+                        ]),
+                        None,
+                    )
+                })
+                .collect(),
+            action: "",
+            choices: &[],
+            reason: false,
+        });
+    }
+    Ok(())
+}
+
+async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(), ApiError> {
+    let rows = st.config.web.page_rows;
+    if may(s, Action::Reports) {
+        let open = st.store.list_reports(Some("open"), rows).await?;
+        out.push(Section {
+            id: "reports",
+            title: "Open reports",
+            columns: &["Id", "Filed", "Request", "Account", "Key", "Provider"],
+            rows: open
+                .into_iter()
+                .map(|r| {
+                    let c = cells([
+                        r.id.to_string(),
+                        when_ms(r.created_at_ms),
+                        r.request_id,
+                        r.subject_account.to_string(),
+                        r.subject_key.to_string(),
+                        r.subject_provider.map_or("-".into(), |p| p.to_string()),
+                    ]);
+                    (c, Some(format!("/web/staff/reports/{}/resolve", r.id)))
+                })
+                .collect(),
+            action: "Resolve",
+            choices: &REPORT_ACTIONS,
+            reason: false,
+        });
+    }
+    if may(s, Action::Verdicts) {
+        let v = st.store.moderation_events(rows).await?;
+        out.push(Section {
+            id: "verdicts",
+            title: "Guard verdicts (category codes only)",
+            columns: &["When", "Request", "Model", "Stage", "Blocked", "Codes"],
+            rows: v
+                .into_iter()
+                .map(|(req, _, _, model, stage, blocked, codes, at)| {
+                    let model = if known_model(st, &model) {
+                        model
+                    } else {
+                        "(other)".into()
+                    };
+                    (
+                        cells([when_ms(at), req, model, stage, blocked.to_string(), codes]),
+                        None,
+                    )
+                })
+                .collect(),
+            action: "",
+            choices: &[],
+            reason: false,
+        });
+    }
+    if may(s, Action::AuditLog) {
+        let log = st.store.audit_log(rows).await?;
+        out.push(Section {
+            id: "log",
+            title: "Action log",
+            columns: &["When", "Who", "Action", "Target"],
+            rows: log
+                .into_iter()
+                .map(|r| {
+                    (
+                        cells([
+                            when_ms(r.at_ms),
+                            r.actor.unwrap_or_else(|| "system".into()),
+                            r.action,
+                            format!("{} {}", r.target_type, r.target_id),
+                        ]),
+                        None,
+                    )
+                })
+                .collect(),
+            action: "",
+            choices: &[],
+            reason: false,
+        });
+    }
+    Ok(())
+}
+
+async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(), ApiError> {
+    if may(s, Action::Keys) {
+        let keys = st.store.list_keys().await?;
+        out.push(Section {
+            id: "keys",
+            title: "Keys",
+            columns: &["Id", "Name", "Account", "Prefix", "Revoked"],
+            rows: keys
+                .into_iter()
+                .map(|k| {
+                    let live = k.revoked_at.is_none();
+                    let c = cells([
+                        k.id.to_string(),
+                        k.name,
+                        k.account,
+                        k.prefix,
+                        (!live).to_string(),
+                    ]);
+                    (c, live.then(|| format!("/web/staff/keys/{}/revoke", k.id)))
+                })
+                .collect(),
+            action: "Revoke",
+            choices: &[],
+            reason: false,
+        });
+    }
+    if may(s, Action::Providers) {
+        let mut rows = Vec::new();
+        for p in st
+            .store
+            .list_providers()
+            .await?
+            .into_iter()
+            .filter(|p| p.revoked_at.is_none())
+        {
+            let standing = st.store.standing(p.id).await?;
+            let q = standing.quarantined_at_ms.is_some();
+            let c = cells([
+                p.id.to_string(),
+                p.name,
+                p.account,
+                format!("{:.2}", standing.reputation),
+                standing.trusted.to_string(),
+                q.to_string(),
+            ]);
+            rows.push((
+                c,
+                (q && may(s, Action::Trust))
+                    .then(|| format!("/web/staff/providers/{}/release", p.id)),
+            ));
+        }
+        out.push(Section {
+            id: "providers",
+            title: "Providers",
+            columns: &[
+                "Id",
+                "Name",
+                "Account",
+                "Reputation",
+                "Trusted",
+                "Quarantined",
+            ],
+            rows,
+            action: "Release",
+            choices: &[],
+            reason: false,
+        });
+    }
+    Ok(())
+}
+
+/// `GET /web/staff`: 403 for a role that may read none of it.
+pub(crate) async fn page(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+) -> Result<Response, WebError> {
+    let s = session(&st, &headers).await?;
+    require(&s.auth, Action::ListAccounts)?;
+    let mut sections = Vec::new();
+    queue(&st, &s, &mut sections).await?;
+    people(&st, &s, &mut sections).await?;
+    admin(&st, &s, &mut sections).await?;
+    Ok(render(&StaffPage {
+        nav: Nav::of(&s),
+        sections,
+        invites: may(&s, Action::Invites),
+    }))
+}

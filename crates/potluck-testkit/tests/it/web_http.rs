@@ -1,0 +1,519 @@
+//! The web dashboard over plain HTTP: the role table of every page and form against
+//! every role (compared with the admin API's answer for the same role), CSRF, session
+//! end on revocation and ban, security headers and cookie flags, the switches, and a
+//! privacy canary that never reaches a page. The browser tests are in `web.rs`.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failure
+
+use potluck_testkit::{Consumer, FakeBackend, Staff, TestAgent, TestHub};
+use reqwest::redirect::Policy;
+use serde_json::json;
+
+/// A browser-like client over HTTP: keeps the session cookie, reads forms' tokens.
+pub(crate) struct WebClient {
+    http: reqwest::Client,
+    base: String,
+    cookie: Option<String>,
+    /// The session's CSRF token (from the last page read).
+    pub(crate) csrf: String,
+}
+
+/// The value of the first `name="csrf" value="..."` in a page.
+pub(crate) fn csrf_of(html: &str) -> Option<String> {
+    let i = html.find("name=\"csrf\" value=\"")? + "name=\"csrf\" value=\"".len();
+    Some(html[i..].split('"').next()?.to_owned())
+}
+
+/// `name=value` of a `Set-Cookie` for `name`, if any.
+fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(str::to_owned)
+}
+
+fn form_body(fields: &[(&str, &str)]) -> String {
+    fields
+        .iter()
+        .map(|(k, v)| {
+            let enc: String = v
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            format!("{k}={enc}")
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+impl WebClient {
+    pub(crate) fn new(hub: &TestHub) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .redirect(Policy::none())
+                .build()
+                .unwrap(),
+            base: hub.url(),
+            cookie: None,
+            csrf: String::new(),
+        }
+    }
+
+    /// Sign in with `key`; panics unless the hub sets a session cookie.
+    pub(crate) async fn signed_in(hub: &TestHub, key: &str) -> Self {
+        let mut c = Self::new(hub);
+        let r = c
+            .http
+            .get(format!("{}/web/signin", c.base))
+            .send()
+            .await
+            .unwrap();
+        let pre = set_cookie(&r, "potluck_signin").unwrap();
+        let pre = pre.split(';').next().unwrap().to_owned();
+        let csrf = csrf_of(&r.text().await.unwrap()).unwrap();
+        let r = c
+            .http
+            .post(format!("{}/web/signin", c.base))
+            .header("cookie", pre)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_body(&[("csrf", &csrf), ("key", key)]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303, "sign-in");
+        let s = set_cookie(&r, "potluck_session").unwrap();
+        assert!(!s.contains(key), "the key is not in the cookie");
+        c.cookie = Some(s.split(';').next().unwrap().to_owned());
+        let (status, page) = c.get("/web/me").await;
+        assert_eq!(status, 200);
+        c.csrf = csrf_of(&page).unwrap();
+        c
+    }
+
+    /// `GET path`: status and body.
+    pub(crate) async fn get(&self, path: &str) -> (u16, String) {
+        let mut r = self.http.get(format!("{}{path}", self.base));
+        if let Some(c) = &self.cookie {
+            r = r.header("cookie", c);
+        }
+        let r = r.send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// `POST path` with form fields: status and body.
+    pub(crate) async fn post(&self, path: &str, fields: &[(&str, &str)]) -> (u16, String) {
+        let mut r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_body(fields));
+        if let Some(c) = &self.cookie {
+            r = r.header("cookie", c);
+        }
+        let r = r.send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+}
+
+/// The five roles: (name, key or none).
+async fn roles(hub: &TestHub) -> Vec<(&'static str, Option<String>)> {
+    let member = hub.create_key("mia").await;
+    let (_, volunteer) = hub.create_key_in("vic-key", "vic").await;
+    let _token = hub.create_provider_in("vic-box", "vic").await;
+    let moderator = Staff::new(hub, "mod", "moderator").await.key;
+    let admin = Staff::new(hub, "boss", "admin").await.key;
+    vec![
+        ("anonymous", None),
+        ("member", Some(member)),
+        ("volunteer", Some(volunteer)),
+        ("moderator", Some(moderator)),
+        ("admin", Some(admin)),
+    ]
+}
+
+/// Each form (path, its fields besides the token) and the API call that does the same
+/// (method, path, JSON body), on targets that do not exist where it names one: a role
+/// the table allows reaches the lookup (404), one it refuses gets 403, on both sides.
+type FormCase = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+);
+const FORMS: &[FormCase] = &[
+    (
+        "/web/me/keys/999999/revoke",
+        &[],
+        "DELETE",
+        "/v1/keys/999999",
+        None,
+    ),
+    (
+        "/web/me/keys/999999/settings",
+        &[("trusted_only", "on")],
+        "PUT",
+        "/v1/keys/999999/settings",
+        Some(r#"{"prefer_low_power":false,"trusted_only":true}"#),
+    ),
+    (
+        "/web/staff/reports/999999/resolve",
+        &[("action", "dismiss")],
+        "POST",
+        "/admin/v1/reports/999999/resolve",
+        Some(r#"{"action":"dismiss"}"#),
+    ),
+    (
+        "/web/staff/keys/999999/revoke",
+        &[],
+        "DELETE",
+        "/admin/v1/keys/999999",
+        None,
+    ),
+    (
+        "/web/staff/providers/999999/release",
+        &[],
+        "POST",
+        "/admin/v1/providers/999999/release",
+        None,
+    ),
+    (
+        "/web/staff/accounts/nobody-here/approve",
+        &[],
+        "POST",
+        "/admin/v1/accounts/nobody-here/approve",
+        None,
+    ),
+    (
+        "/web/staff/accounts/nobody-here/sanction",
+        &[("action", "suspend"), ("reason", "spam")],
+        "POST",
+        "/admin/v1/accounts/nobody-here/sanction",
+        Some(r#"{"action":"suspend","reason":"spam"}"#),
+    ),
+    (
+        "/web/staff/invites",
+        &[("hours", "2")],
+        "POST",
+        "/admin/v1/invites",
+        Some(r#"{"hours":2}"#),
+    ),
+];
+
+#[tokio::test]
+async fn every_page_and_form_against_every_role() {
+    let hub = TestHub::start().await;
+    for (role, key) in roles(&hub).await {
+        let c = match &key {
+            Some(k) => WebClient::signed_in(&hub, k).await,
+            None => WebClient::new(&hub),
+        };
+        let staff = matches!(role, "moderator" | "admin");
+        let pages = [
+            ("/", 200),
+            ("/web/status.json", 200),
+            ("/web/me", if key.is_some() { 200 } else { 303 }),
+            ("/web/me/usage.csv", if key.is_some() { 200 } else { 303 }),
+            ("/web/volunteer", if key.is_some() { 200 } else { 303 }),
+            (
+                "/web/staff",
+                match (key.is_some(), staff) {
+                    (false, _) => 303,
+                    (true, false) => 403,
+                    _ => 200,
+                },
+            ),
+        ];
+        for (path, want) in pages {
+            assert_eq!(c.get(path).await.0, want, "{role} GET {path}");
+        }
+        // The member's own forms.
+        let (s, _) = c
+            .post("/web/me/keys", &[("csrf", &c.csrf), ("name", "web-made")])
+            .await;
+        assert_eq!(
+            s,
+            if key.is_some() { 201 } else { 303 },
+            "{role} creates a key"
+        );
+        // Every other form: the same verdict as the API's for this role.
+        for (path, fields, method, api, body) in FORMS {
+            let mut f = vec![("csrf", c.csrf.as_str())];
+            f.extend_from_slice(fields);
+            let (web, _) = c.post(path, &f).await;
+            let Some(k) = &key else {
+                assert_eq!(web, 303, "anonymous {path}: sent to sign in");
+                continue;
+            };
+            let body = body.map(|b| serde_json::from_str(b).unwrap());
+            let a = Staff::with_key(&hub, k).send(method, api, body).await;
+            assert!(
+                matches!(a.status, 201 | 403 | 404),
+                "{role} {api}: {}",
+                a.status
+            );
+            assert_eq!(web, a.status, "{role} {path} answers as {method} {api}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_form_without_the_sessions_token_is_refused() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("mia").await;
+    let c = WebClient::signed_in(&hub, &key).await;
+    let other = WebClient::signed_in(&hub, &hub.create_key("olga").await).await;
+    let me = Consumer::with_key(&hub, "mia", key.clone());
+    let count = || async { me.get("keys").await.body["data"].as_array().unwrap().len() };
+    let before = count().await;
+    assert_eq!(
+        c.post("/web/me/keys", &[("name", "x")]).await.0,
+        400,
+        "no token"
+    );
+    assert_eq!(
+        c.post("/web/me/keys", &[("csrf", "00ff"), ("name", "x")])
+            .await
+            .0,
+        403,
+        "wrong"
+    );
+    let theirs = [("csrf", other.csrf.as_str()), ("name", "x")];
+    assert_eq!(
+        c.post("/web/me/keys", &theirs).await.0,
+        403,
+        "another session's token"
+    );
+    assert_eq!(count().await, before, "no key was made");
+    assert_eq!(
+        c.post("/web/me/keys", &[("csrf", &c.csrf), ("name", "x")])
+            .await
+            .0,
+        201
+    );
+    assert_eq!(count().await, before + 1);
+    // Signing in needs the sign-in form's own token.
+    let bare = WebClient::new(&hub);
+    let (s, _) = bare
+        .post("/web/signin", &[("csrf", &c.csrf), ("key", &key)])
+        .await;
+    assert_eq!(s, 403, "sign-in without its pre-session");
+}
+
+#[tokio::test]
+async fn revoking_or_banning_the_key_ends_the_session_at_once() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("mia").await;
+    let c = WebClient::signed_in(&hub, &key).await;
+    let me = Consumer::with_key(&hub, "mia", key.clone());
+    let id = me.get("keys").await.body["data"][0]["id"].as_i64().unwrap();
+    assert_eq!(
+        me.request(reqwest::Method::DELETE, &format!("/v1/keys/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(c.get("/web/me").await.0, 303, "revoked: back to sign in");
+
+    let key = hub.create_key("ben").await;
+    let c = WebClient::signed_in(&hub, &key).await;
+    assert_eq!(Staff::admin(&hub).ban("ben", "test").await.status, 200);
+    assert_eq!(c.get("/web/me").await.0, 303, "banned: back to sign in");
+}
+
+#[tokio::test]
+async fn pages_carry_strict_headers_and_the_cookie_its_flags() {
+    for secure in [false, true] {
+        let hub = TestHub::start_with(|c| c.web.secure_cookies = secure).await;
+        let r = reqwest::get(format!("{}/", hub.url())).await.unwrap();
+        let h = r.headers();
+        assert_eq!(h["content-security-policy"], potluck_hub::testing::WEB_CSP);
+        assert!(potluck_hub::testing::WEB_CSP.contains("default-src 'self'"));
+        assert!(!potluck_hub::testing::WEB_CSP.contains("unsafe-inline"));
+        assert_eq!(h["x-frame-options"], "DENY");
+        assert_eq!(h["referrer-policy"], "no-referrer");
+        let c = reqwest::Client::builder()
+            .redirect(Policy::none())
+            .build()
+            .unwrap();
+        let r = c
+            .get(format!("{}/web/signin", hub.url()))
+            .send()
+            .await
+            .unwrap();
+        let pre = set_cookie(&r, "potluck_signin").unwrap();
+        assert!(
+            pre.contains("HttpOnly") && pre.contains("SameSite=Strict"),
+            "{pre}"
+        );
+        assert_eq!(pre.contains("Secure"), secure, "{pre}");
+        let html = r.text().await.unwrap();
+        assert!(
+            !html.contains("<script>") && !html.contains(" style="),
+            "no inline script or style"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_switches_turn_pages_off() {
+    let hub = TestHub::start_with(|c| c.web.public_status = false).await;
+    let c = WebClient::new(&hub);
+    assert_eq!(c.get("/").await.0, 303);
+    assert_eq!(c.get("/web/status.json").await.0, 404);
+    let hub = TestHub::start_with(|c| c.web.enabled = false).await;
+    let c = WebClient::new(&hub);
+    assert_eq!(c.get("/web/signin").await.0, 404);
+    assert_eq!(c.get("/web/me").await.0, 404);
+}
+
+#[tokio::test]
+async fn a_privacy_canary_never_reaches_a_page() {
+    const CANARY: &str = "CANARYweb7731";
+    let hub = TestHub::start().await;
+    let backend = FakeBackend::start(&["m1"]).await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p1").await, &backend.base_url());
+    hub.wait_for_model("m1", 1).await;
+    let mia = Consumer::new(&hub, "mia").await;
+    assert_eq!(
+        mia.chat("m1", &format!("tell me {CANARY}")).await.status,
+        200
+    );
+    let unknown = mia.chat(&format!("{CANARY}-model"), "hi").await;
+    assert_eq!(unknown.status, 404);
+    let r = mia
+        .send_chat(&potluck_testkit::chat_body("m1", CANARY, false))
+        .await;
+    let rid = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    hub.wait_usage_rows(2).await;
+    let filed = mia
+        .call("/v1/reports", &json!({"request_id": rid, "reason": CANARY}))
+        .await;
+    assert_eq!(filed.status, 201, "{:?}", filed.body);
+    // A usage row naming a model the hub does not serve (a provider's model since gone,
+    // or a row a bug let through): its name is not rendered either.
+    let key_id = mia.get("keys").await.body["data"][0]["id"]
+        .as_i64()
+        .unwrap();
+    let account_id = hub
+        .state()
+        .store
+        .account_by_name("mia")
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let row = potluck_store::UsageRecord {
+        request_id: "0".repeat(24),
+        key_id,
+        account_id,
+        provider_id: None,
+        model: format!("{CANARY}-gone"),
+        endpoint: "chat",
+        stream: false,
+        status: 200,
+        outcome: "ok",
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        started_at_ms: now.as_millis() as i64,
+        duration_ms: 1,
+        ttft_ms: None,
+    };
+    hub.state().store.record_usage(&[row]).await.unwrap();
+    let admin = WebClient::signed_in(&hub, &hub.admin_key).await;
+    let member = WebClient::signed_in(&hub, &mia.key).await;
+    let mut seen = 0;
+    for c in [&admin, &member] {
+        for p in [
+            "/",
+            "/web/status.json",
+            "/web/me",
+            "/web/me/usage.json",
+            "/web/me/usage.csv",
+            "/web/volunteer",
+            "/web/staff",
+        ] {
+            let (_, body) = c.get(p).await;
+            assert!(!body.contains(CANARY), "{p} shows the canary");
+            seen += body.len();
+        }
+    }
+    let (_, staff) = admin.get("/web/staff").await;
+    assert!(
+        staff.contains(&rid),
+        "the report is on the queue, without its reason"
+    );
+    assert!(seen > 0);
+}
+
+#[tokio::test]
+async fn a_hostile_model_name_is_escaped_and_sign_in_is_rate_limited() {
+    const EVIL: &str = "<img src=x onerror=alert(1)>\"'&m";
+    let hub = TestHub::start_with(|c| c.web.signin_attempts_per_hour = 3).await;
+    let token = hub.create_provider("evil-box").await;
+    let profile = potluck_protocol::tunnel::ProviderProfile::default();
+    let _agent = potluck_testkit::ScriptedAgent::connect(
+        "evil-box",
+        &hub.url(),
+        &token,
+        potluck_testkit::scripted_agent::hello(&[EVIL], 2, profile),
+    )
+    .await;
+    hub.wait_for_model(EVIL, 1).await;
+    let (status, page) = WebClient::new(&hub).get("/").await;
+    assert_eq!(status, 200);
+    assert!(!page.contains("<img"), "the name is escaped");
+    assert!(
+        page.contains("&#60;img src=x onerror=alert(1)&#62;&#34;&#39;&#38;m"),
+        "and shown, escaped"
+    );
+
+    // Three attempts an hour over the whole hub, whatever they carry.
+    let c = WebClient::new(&hub);
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(
+            c.post("/web/signin", &[("csrf", "x"), ("key", "pk-wrong")])
+                .await
+                .0,
+        );
+    }
+    assert_eq!(
+        answers,
+        [403, 403, 403, 429],
+        "the fourth attempt is refused"
+    );
+}
+
+#[tokio::test]
+async fn a_session_works_on_every_hub_of_one_database_and_no_other() {
+    let a = TestHub::start().await;
+    let dir = a.data_dir().to_path_buf();
+    let b = TestHub::start_with(|c| c.data_dir = dir).await;
+    let other = TestHub::start().await;
+    let key = a.create_key("mia").await;
+    let on_a = WebClient::signed_in(&a, &key).await;
+    let cookie = on_a.cookie.clone();
+    let mut on_b = WebClient::new(&b);
+    on_b.cookie = cookie.clone();
+    assert_eq!(on_b.get("/web/me").await.0, 200, "the same store's secret");
+    let mut elsewhere = WebClient::new(&other);
+    elsewhere.cookie = cookie;
+    assert_eq!(
+        elsewhere.get("/web/me").await.0,
+        303,
+        "another hub's cookie is worthless"
+    );
+}
