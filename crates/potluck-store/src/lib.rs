@@ -9,6 +9,7 @@
 
 pub mod accounts;
 pub mod analytics;
+mod finished;
 mod identity;
 pub mod ledger;
 mod migrations;

@@ -795,17 +795,9 @@ impl Store {
         Ok(id)
     }
 
-    /// Write a batch of usage rows in one transaction.
+    /// Write a batch of usage rows in one transaction (multi-row statements).
     pub async fn record_usage(&self, batch: &[UsageRecord]) -> Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for u in batch {
-            insert_usage(&mut tx, u).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.record_finished(batch, &[]).await
     }
 
     /// Tokens (prompt + completion) used by an account's keys since `since_ms`.
@@ -876,31 +868,6 @@ pub struct UsageRow {
 }
 
 /// Insert one usage row (inside the caller's transaction).
-pub(crate) async fn insert_usage(conn: &mut sqlx::SqliteConnection, u: &UsageRecord) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO usage_records (request_id, key_id, account_id, provider_id, model, endpoint, stream, \
-         status, outcome, prompt_tokens, completion_tokens, started_at_ms, duration_ms, ttft_ms) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&u.request_id)
-    .bind(u.key_id)
-    .bind(u.account_id)
-    .bind(u.provider_id)
-    .bind(&u.model)
-    .bind(u.endpoint)
-    .bind(u.stream)
-    .bind(i64::from(u.status))
-    .bind(u.outcome)
-    .bind(u.prompt_tokens)
-    .bind(u.completion_tokens)
-    .bind(u.started_at_ms)
-    .bind(u.duration_ms)
-    .bind(u.ttft_ms)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -189,7 +189,8 @@ impl Ctx {
             hub_id: state.identity.hub_id().to_owned(),
             consumer: state
                 .identity
-                .pseudonym(link.provider_id, self.key.account_id),
+                .pseudonym(link.provider_id, self.key.account_id)
+                .to_string(),
             provider_id: link.provider_id,
             model_sha256: link.offered(&self.model).and_then(|o| o.sha256),
             time_ms: super::now_ms(),

@@ -261,8 +261,14 @@ async fn replay(
         return;
     };
     let consumers = [
-        state.identity.pseudonym(tunnel.provider_id, account_id),
-        state.identity.pseudonym(reference.provider_id, account_id),
+        state
+            .identity
+            .pseudonym(tunnel.provider_id, account_id)
+            .to_string(),
+        state
+            .identity
+            .pseudonym(reference.provider_id, account_id)
+            .to_string(),
     ];
     let Some((passed, agreement)) = compare(
         state, &tunnel, &reference, endpoint, &model, &body, &consumers,
