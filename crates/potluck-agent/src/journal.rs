@@ -160,32 +160,76 @@ pub fn size(dir: &Path) -> u64 {
 
 /// Append `batch`, keeping the journal's files under `max_bytes` together: lines that
 /// would pass it are dropped. Returns how many were dropped.
+#[cfg(test)]
 fn append_lines(dir: &Path, batch: &[Entry], max_bytes: u64) -> std::io::Result<usize> {
-    let mut room = max_bytes.saturating_sub(size(dir));
-    let mut dropped = 0;
-    let mut by_day: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut line = Vec::new();
-    for e in batch {
-        line.clear();
-        serde_json::to_writer(&mut line, e).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        let len = line.len() as u64;
-        if len > room {
-            dropped += 1;
-            continue;
+    Sink::default().append(dir, batch, max_bytes)
+}
+
+/// How long the writer keeps today's file open and trusts its own count of the journal's
+/// bytes before it looks at the directory again (a volunteer may delete files by hand).
+pub const JOURNAL_REOPEN: Duration = Duration::from_secs(60);
+
+/// The writer's open file and its count of the journal's bytes, so that a batch costs
+/// one `write`, not a directory listing, a `stat` per file, an `open` and a `close`.
+#[derive(Default)]
+struct Sink {
+    /// Bytes of all journal files (`None`: read the directory first).
+    used: Option<u64>,
+    /// The open file, its day, and when it was opened.
+    open: Option<(String, std::fs::File, std::time::Instant)>,
+}
+
+impl Sink {
+    /// Forget what was counted and opened (after a purge, or when it is old).
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Append `batch` under `max_bytes` (see [`append_lines`]); returns how many lines
+    /// were dropped.
+    fn append(&mut self, dir: &Path, batch: &[Entry], max_bytes: u64) -> std::io::Result<usize> {
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|(_, _, at)| at.elapsed() >= JOURNAL_REOPEN)
+        {
+            self.reset();
         }
-        room -= len;
-        by_day
-            .entry(day_of(e.time_ms()))
-            .or_default()
-            .extend_from_slice(&line);
+        let used = *self.used.get_or_insert_with(|| size(dir));
+        let mut room = max_bytes.saturating_sub(used);
+        let mut dropped = 0;
+        let mut by_day: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut line = Vec::new();
+        for e in batch {
+            line.clear();
+            serde_json::to_writer(&mut line, e).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            let len = line.len() as u64;
+            if len > room {
+                dropped += 1;
+                continue;
+            }
+            room -= len;
+            by_day
+                .entry(day_of(e.time_ms()))
+                .or_default()
+                .extend_from_slice(&line);
+        }
+        for (day, bytes) in by_day {
+            if self.open.as_ref().is_none_or(|(d, _, _)| *d != day) {
+                let f = open_append(&dir.join(format!("{PREFIX}{day}{SUFFIX}")))?;
+                self.open = Some((day, f, std::time::Instant::now()));
+            }
+            if let Some((_, f, _)) = &mut self.open {
+                if let Err(e) = f.write_all(&bytes) {
+                    self.reset();
+                    return Err(e);
+                }
+            }
+            self.used = self.used.map(|u| u.saturating_add(bytes.len() as u64));
+        }
+        Ok(dropped)
     }
-    for (day, bytes) in by_day {
-        let mut f = open_append(&dir.join(format!("{PREFIX}{day}{SUFFIX}")))?;
-        f.write_all(&bytes)?;
-        f.flush()?;
-    }
-    Ok(dropped)
 }
 
 fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
@@ -224,6 +268,7 @@ async fn writer(
     }
     let mut purge_tick = tokio::time::interval(PURGE_INTERVAL);
     let mut batch = Vec::new();
+    let mut sink = Sink::default();
     loop {
         tokio::select! {
             n = rx.recv_many(&mut batch, 256) => {
@@ -236,6 +281,7 @@ async fn writer(
                 let days = limits.retention_days.load(Ordering::Relaxed);
                 let now = Timestamp::now().as_millisecond();
                 let n = tokio::task::spawn_blocking(move || purge(&d, now, days)).await.unwrap_or(0);
+                sink.reset();
                 if n > 0 {
                     tracing::info!(files = n, retention_days = days, "purged old journal files");
                 }
@@ -247,7 +293,7 @@ async fn writer(
                 }
                 if !batch.is_empty() {
                     let max = limits.max_bytes.load(Ordering::Relaxed);
-                    match append_lines(&dir, &batch, max) {
+                    match sink.append(&dir, &batch, max) {
                         Ok(0) => {}
                         Ok(n) => tracing::warn!(lines = n, max_bytes = max, "journal full; lines dropped"),
                         Err(e) => tracing::error!(error = %e, "cannot write the journal"),
@@ -259,7 +305,20 @@ async fn writer(
         let d = dir.clone();
         let b = std::mem::take(&mut batch);
         let max = limits.max_bytes.load(Ordering::Relaxed);
-        match tokio::task::spawn_blocking(move || append_lines(&d, &b, max)).await {
+        let mut s = std::mem::take(&mut sink);
+        let done = tokio::task::spawn_blocking(move || {
+            let r = s.append(&d, &b, max);
+            (s, r)
+        })
+        .await;
+        let written = match done {
+            Ok((s, r)) => {
+                sink = s;
+                Ok(r)
+            }
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => {
                 tracing::warn!(
@@ -480,5 +539,42 @@ mod tests {
         assert!(size(dir.path()) <= cap, "{} bytes", size(dir.path()));
         assert!(size(dir.path()) > cap / 2, "it fills up to the cap");
         assert!(dropped > 900, "{dropped}");
+    }
+
+    /// The writer's sink keeps one file open and counts bytes itself: across many
+    /// batches (and days) the cap holds as when the directory is read each time, the
+    /// lines all arrive, and a reset (a purge, a file deleted by hand) counts again.
+    #[test]
+    fn one_sink_keeps_the_cap_across_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = 86_400_000;
+        let now = 1_700_000_000_000;
+        let cap = 4096;
+        let mut sink = Sink::default();
+        let mut dropped = 0;
+        for i in 0..100 {
+            let batch: Vec<Entry> = (0..10)
+                .map(|j| req(now + (i % 2) * day, &format!("r{i}-{j}")))
+                .collect();
+            dropped += sink.append(dir.path(), &batch, cap).unwrap();
+        }
+        assert!(size(dir.path()) <= cap, "{} bytes", size(dir.path()));
+        assert!(size(dir.path()) > cap / 2, "it fills up to the cap");
+        let kept = read_all(dir.path()).len();
+        assert_eq!(
+            kept + dropped,
+            1000,
+            "every line written or counted as dropped"
+        );
+        // A file deleted by hand frees room once the sink counts again.
+        for (_, p) in files(dir.path()) {
+            std::fs::remove_file(p).unwrap();
+        }
+        sink.reset();
+        assert_eq!(
+            sink.append(dir.path(), &[req(now, "after")], cap).unwrap(),
+            0
+        );
+        assert_eq!(read_all(dir.path()).len(), 1);
     }
 }

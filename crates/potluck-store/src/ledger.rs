@@ -30,7 +30,7 @@ pub enum Bucket {
 }
 
 impl Bucket {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Bucket::Available => "available",
             Bucket::Unvested => "unvested",
@@ -250,66 +250,6 @@ impl Store {
     /// Settle a batch in one database transaction.
     pub async fn settle_many(&self, batch: &[Settlement]) -> Result<(), StoreError> {
         self.record_finished(&[], batch).await
-    }
-
-    /// Write usage rows and settle what they cost, in one database transaction.
-    pub async fn record_finished(
-        &self,
-        usage: &[crate::UsageRecord],
-        batch: &[Settlement],
-    ) -> Result<(), StoreError> {
-        if usage.is_empty() && batch.is_empty() {
-            return Ok(());
-        }
-        let tax_account = self.system_account(TAX).await?;
-        let mut tx = self.begin_write().await?;
-        for s in batch {
-            // Amounts come from the network through the hub's pricing: refuse any that
-            // are negative or would overflow rather than wrap.
-            let charge = s
-                .cost
-                .checked_add(s.tax)
-                .filter(|_| s.cost >= 0 && s.tax >= 0)
-                .ok_or_else(|| {
-                    StoreError::Conflict(format!("settlement of {} out of range", s.request_id))
-                })?;
-            let provider_bucket = if s.vests_at_ms.is_some() {
-                Bucket::Unvested
-            } else {
-                Bucket::Available
-            };
-            let entries = [
-                Entry {
-                    account_id: s.consumer_account,
-                    bucket: Bucket::Available,
-                    amount: -charge,
-                },
-                Entry {
-                    account_id: s.provider_account,
-                    bucket: provider_bucket,
-                    amount: s.cost,
-                },
-                Entry {
-                    account_id: tax_account,
-                    bucket: Bucket::Available,
-                    amount: s.tax,
-                },
-            ];
-            post(
-                &mut tx,
-                "usage",
-                Some(&s.request_id),
-                &entries,
-                s.vests_at_ms,
-            )
-            .await?;
-            add_earnings(&mut tx, s.provider_account, s.cost).await?;
-        }
-        for u in usage {
-            crate::store::insert_usage(&mut tx, u).await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// An account's balance.

@@ -13,6 +13,7 @@ pub mod accounts;
 pub mod analytics;
 pub mod changes;
 mod engine;
+mod finished;
 mod identity;
 pub mod ledger;
 mod migrations;

@@ -189,7 +189,8 @@ impl Ctx {
             hub_id: state.identity.hub_id().to_owned(),
             consumer: state
                 .identity
-                .pseudonym(link.provider_id, self.key.account_id),
+                .pseudonym(link.provider_id, self.key.account_id)
+                .to_string(),
             provider_id: link.provider_id,
             model_sha256: link.offered(&self.model).and_then(|o| o.sha256),
             time_ms: super::now_ms(),
@@ -222,6 +223,11 @@ impl Ctx {
             (ended.elapsed, ended.ttft),
             &self.request_id,
         );
+    }
+
+    /// Whether the request was sampled for an audit (its delivered text is kept).
+    pub(crate) fn sampled(&self) -> bool {
+        self.audit.lock().is_some()
     }
 
     /// Text of the first choice delivered to the consumer, kept when the request was

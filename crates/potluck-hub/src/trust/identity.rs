@@ -5,8 +5,12 @@
 //! providers, and meaningless without `k`. Only the hub (its moderators) can map a
 //! pseudonym back to an account, through the request id a provider reports.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use ed25519_dalek::SigningKey;
 use hmac::{Hmac, Mac};
+use parking_lot::Mutex;
 use potluck_protocol::receipt::{HubInfo, Receipt, SignedReceipt};
 use potluck_store::HubIdentityRecord;
 use sha2::Sha256;
@@ -16,11 +20,17 @@ pub(crate) const PSEUDONYM_PREFIX: &str = "c-";
 /// Bytes of HMAC output kept in a pseudonym (96 bits).
 pub(crate) const PSEUDONYM_BYTES: usize = 12;
 
+/// Pseudonyms kept computed, per (provider, account); the cache starts over when it
+/// holds this many (each entry is about 100 bytes, so at most ~1.6 MB).
+pub(crate) const PSEUDONYM_CACHE_ENTRIES: usize = 16_384;
+
 /// The hub's keys. `Debug` shows the id only.
 pub(crate) struct HubIdentity {
     hub_id: String,
     signing: SigningKey,
     pseudonym_key: [u8; 32],
+    /// Pseudonyms already computed: two HMACs and two allocations per request saved.
+    pseudonyms: Mutex<HashMap<(i64, i64), Arc<str>>>,
 }
 
 impl std::fmt::Debug for HubIdentity {
@@ -48,6 +58,7 @@ impl HubIdentity {
             hub_id: rec.hub_id.clone(),
             signing: SigningKey::from_bytes(&rec.signing_key),
             pseudonym_key: rec.pseudonym_key,
+            pseudonyms: Mutex::new(HashMap::new()),
         }
     }
 
@@ -72,8 +83,21 @@ impl HubIdentity {
         hmac(&self.pseudonym_key, format!("purpose:{purpose}").as_bytes())
     }
 
-    /// The consumer's pseudonym for one provider.
-    pub(crate) fn pseudonym(&self, provider_id: i64, account_id: i64) -> String {
+    /// The consumer's pseudonym for one provider (cached).
+    pub(crate) fn pseudonym(&self, provider_id: i64, account_id: i64) -> Arc<str> {
+        if let Some(p) = self.pseudonyms.lock().get(&(provider_id, account_id)) {
+            return Arc::clone(p);
+        }
+        let p: Arc<str> = Arc::from(self.compute_pseudonym(provider_id, account_id));
+        let mut cache = self.pseudonyms.lock();
+        if cache.len() >= PSEUDONYM_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert((provider_id, account_id), Arc::clone(&p));
+        p
+    }
+
+    fn compute_pseudonym(&self, provider_id: i64, account_id: i64) -> String {
         let k = hmac(
             &self.pseudonym_key,
             format!("provider:{provider_id}").as_bytes(),
@@ -119,6 +143,28 @@ mod tests {
     }
 
     #[test]
+    fn cached_pseudonyms_are_the_computed_ones_and_the_cache_is_bounded() {
+        let h = id();
+        for round in 0..2 {
+            for p in 0..3 {
+                for a in 0..(PSEUDONYM_CACHE_ENTRIES as i64 / 2) {
+                    if a % 997 == 0 || round == 0 {
+                        let got = h.pseudonym(p, a);
+                        if a % 997 == 0 {
+                            assert_eq!(
+                                &*got,
+                                h.compute_pseudonym(p, a),
+                                "provider {p} account {a}"
+                            );
+                        }
+                    }
+                }
+            }
+            assert!(h.pseudonyms.lock().len() <= PSEUDONYM_CACHE_ENTRIES);
+        }
+    }
+
+    #[test]
     fn info_key_verifies_signatures() {
         let h = id();
         let r = Receipt {
@@ -126,7 +172,7 @@ mod tests {
             request_id: "r".into(),
             time_ms: 1,
             provider_id: 1,
-            consumer: h.pseudonym(1, 1),
+            consumer: h.pseudonym(1, 1).to_string(),
             model: potluck_protocol::ModelName::parse("m").unwrap(),
             model_sha256: None,
             prompt_tokens: 1,

@@ -22,7 +22,11 @@ pub(crate) struct Usage {
 
 impl Usage {
     pub(crate) fn from_obj(obj: &Map<String, Value>) -> Option<Self> {
-        let u = obj.get("usage")?.as_object()?;
+        Self::from_map(obj.get("usage")?.as_object()?)
+    }
+
+    /// From the usage object itself.
+    pub(crate) fn from_map(u: &Map<String, Value>) -> Option<Self> {
         let prompt = u
             .get("prompt_tokens")
             .and_then(Value::as_i64)
@@ -49,6 +53,14 @@ pub(crate) struct Delivered {
 }
 
 impl Delivered {
+    /// One answer or chunk with `chars` characters of text (nothing when 0).
+    pub(crate) fn add_chars(&mut self, chars: i64) {
+        if chars > 0 {
+            self.chunks += 1;
+            self.chars = self.chars.saturating_add(chars);
+        }
+    }
+
     pub(crate) fn add_text_of(&mut self, obj: &Map<String, Value>) {
         let Some(choices) = obj.get("choices").and_then(Value::as_array) else {
             return;

@@ -105,29 +105,49 @@ pub(crate) fn splice(
     size_hint: usize,
 ) -> Vec<u8> {
     let mut line = Vec::with_capacity(size_hint + 64);
-    line.extend_from_slice(b"data: {");
+    line.extend_from_slice(b"data: ");
+    let skip: &[&str] = if wants_usage { &[] } else { &["usage"] };
+    write_object(
+        &mut line,
+        top,
+        &[("model", model_json), ("id", id_json)],
+        skip,
+    );
+    line.extend_from_slice(b"\n\n");
+    line
+}
+
+/// Write a JSON object split into raw top-level values back into `out`: its fields in
+/// order, the value of each key named in `replace` swapped for the JSON beside it (a key
+/// absent from `top` is not added), the keys in `skip` left out, every other value copied
+/// as its bytes. Nothing is parsed or rebuilt below the top level.
+pub(crate) fn write_object(
+    out: &mut Vec<u8>,
+    top: &IndexMap<&str, &RawValue>,
+    replace: &[(&str, &[u8])],
+    skip: &[&str],
+) {
+    out.push(b'{');
     let mut first = true;
     for (k, v) in top {
-        if *k == "usage" && !wants_usage {
+        if skip.contains(k) {
             continue;
         }
         if !first {
-            line.push(b',');
+            out.push(b',');
         }
         first = false;
         // Keys came unescaped from valid JSON (borrowing fails otherwise), so they
         // can be written back as they are.
-        line.push(b'"');
-        line.extend_from_slice(k.as_bytes());
-        line.extend_from_slice(b"\":");
-        match *k {
-            "model" => line.extend_from_slice(model_json),
-            "id" => line.extend_from_slice(id_json),
-            _ => line.extend_from_slice(v.get().as_bytes()),
+        out.push(b'"');
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b"\":");
+        match replace.iter().find(|(name, _)| name == k) {
+            Some((_, json)) => out.extend_from_slice(json),
+            None => out.extend_from_slice(v.get().as_bytes()),
         }
     }
-    line.extend_from_slice(b"}\n\n");
-    line
+    out.push(b'}');
 }
 
 #[cfg(test)]

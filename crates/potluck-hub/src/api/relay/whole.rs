@@ -1,5 +1,7 @@
 //! Relaying a complete (non-streamed) answer: collect it under the size and time caps,
-//! bill it, rewrite `id` and `model`, and let the guard check it when asked.
+//! bill it, rewrite `id` and `model`, and let the guard check it when asked. Without the
+//! guard the answer is not parsed into a JSON tree: its top level is split into raw
+//! values and `id`/`model` are spliced into the bytes ([`Spliced`]).
 
 use std::sync::Arc;
 
@@ -8,10 +10,13 @@ use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use indexmap::IndexMap;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::api::ctx::{with_request_id, Ctx};
 use crate::api::finish::Outcome;
+use crate::api::relay::chunk::write_object;
 use crate::api::relay::{rewrite, HEADER_QUEUE_MS};
 use crate::http::error::ApiError;
 use crate::routing::inflight::cut_error;
@@ -32,21 +37,20 @@ pub(crate) async fn relay_whole(
         Ok(b) => b,
         Err(e) => return ctx.provider_failed(state, &link, e),
     };
-    let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&bytes) else {
-        return ctx.provider_failed(
-            state,
-            &link,
-            ApiError::ProviderFailed("the provider's answer was not valid JSON"),
-        );
+    // Without an output check or an audit sample, the answer is read and spliced without
+    // a JSON tree; the tree path below takes whatever the splice cannot, the guard's
+    // checks, and the sampled requests (whose delivered text is kept for the audit).
+    let read = match (&ctx.guard_input, ctx.sampled()) {
+        (None, false) => Spliced::read(&bytes, ctx.model.as_str(), &ctx.response_id()),
+        _ => None,
     };
-    let reported = Usage::from_obj(&obj);
-    let mut seen = Delivered::default();
-    seen.add_text_of(&obj);
-    ctx.delivered(
-        obj.get("choices")
-            .and_then(|c| c.get(0))
-            .and_then(crate::routing::send::text_of),
-    );
+    let (reported, seen, body) = match read {
+        Some(s) => (s.reported, s.seen, Ok(s.body)),
+        None => match tree(state, ctx, link.provider_id, &bytes).await {
+            Ok(t) => t,
+            Err(e) => return ctx.provider_failed(state, &link, e),
+        },
+    };
     let usage = billable(
         &state.auditor,
         reported,
@@ -57,11 +61,9 @@ pub(crate) async fn relay_whole(
         &link,
         &ctx.request_id,
     );
-    rewrite(&mut obj, ctx);
-    let outcome = screen_output(state, ctx, link.provider_id, &mut obj).await;
-    let body = match serde_json::to_vec(&Value::Object(obj)) {
-        Ok(b) => b,
-        Err(_) => return ctx.provider_failed(state, &link, ApiError::Internal),
+    let (body, outcome) = match body {
+        Ok(b) => (b, Outcome::Ok),
+        Err(filtered) => (filtered, Outcome::ContentFilter),
     };
     ctx.finish(state, &link, 200, outcome, usage, None);
     let mut r = (StatusCode::OK, body).into_response();
@@ -74,6 +76,161 @@ pub(crate) async fn relay_whole(
             .insert(HEADER_QUEUE_MS, HeaderValue::from(q));
     }
     with_request_id(r, &ctx.request_id)
+}
+
+/// What a whole answer gives: the usage it reports, the text the hub saw, and the body
+/// for the consumer (`Err` when the guard withheld it).
+type Read = (Option<Usage>, Delivered, Result<Vec<u8>, Vec<u8>>);
+
+/// The general path: the answer as a JSON tree, rewritten and checked by the guard when
+/// the request asked for it.
+async fn tree(
+    state: &HubState,
+    ctx: &Ctx,
+    provider_id: i64,
+    bytes: &[u8],
+) -> Result<Read, ApiError> {
+    let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(bytes) else {
+        return Err(ApiError::ProviderFailed(
+            "the provider's answer was not valid JSON",
+        ));
+    };
+    let reported = Usage::from_obj(&obj);
+    let mut seen = Delivered::default();
+    seen.add_text_of(&obj);
+    ctx.delivered(
+        obj.get("choices")
+            .and_then(|c| c.get(0))
+            .and_then(crate::routing::send::text_of),
+    );
+    rewrite(&mut obj, ctx);
+    let outcome = screen_output(state, ctx, provider_id, &mut obj).await;
+    let body = serde_json::to_vec(&Value::Object(obj)).map_err(|_| ApiError::Internal)?;
+    Ok((
+        reported,
+        seen,
+        if outcome == Outcome::Ok {
+            Ok(body)
+        } else {
+            Err(body)
+        },
+    ))
+}
+
+/// A whole answer read without a JSON tree: its top level split into raw values, the
+/// usage and the choices' text read from them, and `id`/`model` spliced into the bytes.
+struct Spliced {
+    reported: Option<Usage>,
+    seen: Delivered,
+    body: Vec<u8>,
+}
+
+impl Spliced {
+    /// `None` when the answer cannot be read this way (not an object, escaped keys, a
+    /// repeated field in a choice or its message): the tree path decides then, so both
+    /// paths agree on every answer this one takes.
+    fn read(bytes: &[u8], model: &str, response_id: &str) -> Option<Self> {
+        let top: IndexMap<&str, &RawValue> = serde_json::from_slice(bytes).ok()?;
+        let reported = match top.get("usage") {
+            Some(u) => usage_of(u)?,
+            None => None,
+        };
+        let mut seen = Delivered::default();
+        if let Some(choices) = top.get("choices") {
+            seen.add_chars(choices_chars(choices)?);
+        }
+        let model_json = serde_json::to_vec(model).ok()?;
+        let id_json = serde_json::to_vec(response_id).ok()?;
+        let mut body = Vec::with_capacity(bytes.len() + 64);
+        write_object(
+            &mut body,
+            &top,
+            &[("model", &model_json), ("id", &id_json)],
+            &[],
+        );
+        Some(Self {
+            reported,
+            seen,
+            body,
+        })
+    }
+}
+
+/// The usage object's counts as [`Usage::from_obj`] reads them (`Some(None)`: not an
+/// object). `None` when it cannot be read.
+fn usage_of(raw: &RawValue) -> Option<Option<Usage>> {
+    if !raw.get().starts_with('{') {
+        return Some(None);
+    }
+    let map: Map<String, Value> = serde_json::from_str(raw.get()).ok()?;
+    Some(Usage::from_map(&map))
+}
+
+/// Text-bearing fields of a whole answer's choice, as raw values.
+#[derive(serde::Deserialize)]
+struct ChoiceRaw<'a> {
+    #[serde(borrow, default)]
+    message: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    delta: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+}
+
+/// The string fields of a `message` or `delta`, as raw values.
+#[derive(serde::Deserialize)]
+struct TextRaw<'a> {
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<&'a RawValue>,
+}
+
+/// Characters of text in `choices`, counted as [`Delivered::add_text_of`] counts them
+/// (`message.content`, `delta.content`, `delta.reasoning_content`, `text`; a field that is
+/// not a string counts 0). `None` when a choice cannot be read without a tree.
+fn choices_chars(raw: &RawValue) -> Option<i64> {
+    if !raw.get().starts_with('[') {
+        return Some(0);
+    }
+    let choices: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
+    let mut chars = 0i64;
+    for c in choices {
+        if !c.get().starts_with('{') {
+            continue; // no text in a choice that is not an object
+        }
+        let c: ChoiceRaw<'_> = serde_json::from_str(c.get()).ok()?;
+        let message = object_of(c.message)?;
+        let delta = object_of(c.delta)?;
+        for s in [
+            message.as_ref().and_then(|m| m.content),
+            delta.as_ref().and_then(|d| d.content),
+            delta.as_ref().and_then(|d| d.reasoning_content),
+            c.text,
+        ] {
+            chars = chars.saturating_add(str_chars(s)?);
+        }
+    }
+    Some(chars)
+}
+
+/// A `message` or `delta` that is an object; `Some(None)` for anything else.
+fn object_of(raw: Option<&RawValue>) -> Option<Option<TextRaw<'_>>> {
+    match raw {
+        Some(r) if r.get().starts_with('{') => serde_json::from_str(r.get()).ok().map(Some),
+        _ => Some(None),
+    }
+}
+
+/// Characters of a JSON string (0 for any other value).
+fn str_chars(raw: Option<&RawValue>) -> Option<i64> {
+    match raw {
+        Some(r) if r.get().starts_with('"') => {
+            let s: std::borrow::Cow<'_, str> = serde_json::from_str(r.get()).ok()?;
+            Some(i64::try_from(s.chars().count()).unwrap_or(i64::MAX))
+        }
+        _ => Some(0),
+    }
 }
 
 /// Collect a successful answer under `max_response_bytes` and the body timeout (a cut
@@ -184,5 +341,82 @@ fn filter_whole(obj: &mut Map<String, Value>) {
                 Value::String("content_filter".into()),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tree path's reading of an answer (without the guard): usage, text, body.
+    fn by_tree(bytes: &[u8], model: &str, id: &str) -> (Option<Usage>, i64, i64, Value) {
+        let Value::Object(mut obj) = serde_json::from_slice::<Value>(bytes).unwrap() else {
+            panic!("not an object")
+        };
+        let reported = Usage::from_obj(&obj);
+        let mut seen = Delivered::default();
+        seen.add_text_of(&obj);
+        if obj.contains_key("model") {
+            obj.insert("model".into(), Value::String(model.into()));
+        }
+        if obj.contains_key("id") {
+            obj.insert("id".into(), Value::String(id.into()));
+        }
+        (reported, seen.chunks, seen.chars, Value::Object(obj))
+    }
+
+    #[test]
+    fn splice_agrees_with_the_tree() {
+        let answers: &[&[u8]] = &[
+            br#"{"id":"b-1","object":"chat.completion","model":"alias","choices":[{"index":0,"message":{"role":"assistant","content":"Hi \"you\" \u00e9"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}"#,
+            br#" { "model" : "x" , "choices" : [ { "text" : "abc" } , 7 , [1,2,"zzzz"] ] } "#,
+            br#"{"id":"i","choices":[{"message":{"content":null,"tool_calls":[]}},{"delta":{"content":"ab","reasoning_content":"cd"}}],"usage":null}"#,
+            br#"{"choices":{"not":"an array"},"usage":{"prompt_tokens":"7","completion_tokens":-4}}"#,
+            br#"{"choices":[{"message":{"content":["parts"],"reasoning_content":"not counted"}}],"usage":[1]}"#,
+            br#"{"data":[{"embedding":[0.1,0.2]}],"model":"e","usage":{"prompt_tokens":2}}"#,
+            br#"{}"#,
+        ];
+        for a in answers {
+            let s = Spliced::read(a, "pub/model", "chatcmpl-42").unwrap();
+            let (u, chunks, chars, v) = by_tree(a, "pub/model", "chatcmpl-42");
+            let what = String::from_utf8_lossy(a);
+            assert_eq!(s.reported, u, "usage of {what}");
+            assert_eq!(
+                (s.seen.chunks, s.seen.chars),
+                (chunks, chars),
+                "text of {what}"
+            );
+            let spliced: Value = serde_json::from_slice(&s.body).unwrap();
+            assert_eq!(spliced, v, "body of {what}");
+            let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+            assert_eq!(keys(&spliced), keys(&v), "field order of {what}");
+        }
+    }
+
+    #[test]
+    fn splice_gives_way_to_the_tree() {
+        for a in [
+            &br#"[1]"#[..],
+            br#"{"choices":[{"message":{"content":"a","content":"b"}}]}"#,
+            br#"{"ch\u006fices":[]}"#,
+            br#"{"model":"#,
+            br#"not json"#,
+        ] {
+            assert!(
+                Spliced::read(a, "m", "i").is_none(),
+                "{}",
+                String::from_utf8_lossy(a)
+            );
+        }
+    }
+
+    #[test]
+    fn splice_replaces_only_id_and_model_and_keeps_bytes() {
+        let a = br#"{"id":"backend-id","model":"backend-alias","x":{"model":"inner"},"created":1}"#;
+        let s = Spliced::read(a, "m\"q", "cmpl-1").unwrap();
+        assert_eq!(
+            std::str::from_utf8(&s.body).unwrap(),
+            r#"{"id":"cmpl-1","model":"m\"q","x":{"model":"inner"},"created":1}"#
+        );
     }
 }
