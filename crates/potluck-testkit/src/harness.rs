@@ -128,6 +128,25 @@ impl TestHub {
         Arc::clone(self.state.as_ref().expect("hub running"))
     }
 
+    /// Everything this hub's database holds, as bytes to search (close the store first
+    /// on SQLite): its files in the data directory, or, on the PostgreSQL database the
+    /// harness made for it, every row as text.
+    pub async fn database_contents(&self) -> Vec<u8> {
+        match &self._db {
+            Some(db) => db.contents().await,
+            None => {
+                let mut all = Vec::new();
+                for e in std::fs::read_dir(&self.data_dir).expect("data dir") {
+                    let p = e.expect("entry").path();
+                    if p.is_file() {
+                        all.extend(std::fs::read(p).expect("read"));
+                    }
+                }
+                all
+            }
+        }
+    }
+
     /// The data directory (database file).
     pub fn data_dir(&self) -> &std::path::Path {
         &self.data_dir
