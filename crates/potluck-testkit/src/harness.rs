@@ -24,12 +24,13 @@ pub struct TestHub {
     pub http: reqwest::Client,
     data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
-    /// The PostgreSQL database this hub made for itself (dropped with the hub).
-    _db: Option<potluck_store::testing::TestDb>,
     config: HubConfig,
     state: Option<Arc<HubState>>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<std::io::Result<()>>>,
+    /// The PostgreSQL database this hub made for itself; the last field, so that it is
+    /// dropped after everything else of the hub.
+    _db: Option<potluck_store::testing::TestDb>,
 }
 
 /// The environment variable that puts every test hub on PostgreSQL (`postgres`).
