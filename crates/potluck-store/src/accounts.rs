@@ -881,6 +881,42 @@ mod tests {
         assert!(s.recent_usage(10).await.unwrap().is_empty());
     });
 
+    // Two hubs (two stores on one database) racing to sign up with one invite code: one
+    // account is made, the others are refused.
+    crate::conformance!(an_invite_is_used_once_across_hubs, |db| {
+        let (a, b) = (db.open().await, db.open().await);
+        let admin = a
+            .create_account("root", Role::Admin, Standing::Active)
+            .await
+            .unwrap();
+        let (_, code) = a.create_invite(admin, 3600).await.unwrap();
+        let now = now_secs();
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let code = Secret::new(code.expose());
+            tasks.push(tokio::spawn(async move {
+                let name = format!("user{i}");
+                s.signup(&name, &name, Some(&code), Standing::Active, now)
+                    .await
+                    .is_ok()
+            }));
+        }
+        let mut made = 0;
+        for t in tasks {
+            made += i32::from(t.await.unwrap());
+        }
+        assert_eq!(made, 1, "one account per invite");
+        let members = b.list_accounts().await.unwrap();
+        assert_eq!(
+            members
+                .iter()
+                .filter(|m| m.name.starts_with("user"))
+                .count(),
+            1
+        );
+    });
+
     crate::conformance!(invites_are_single_use_and_expire, |db| {
         let s = db.open().await;
         let admin = s

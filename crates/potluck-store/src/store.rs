@@ -300,6 +300,16 @@ pub struct UsageRecord {
     pub ttft_ms: Option<i64>,
 }
 
+/// A database URL kept to connect again; its `Debug` hides it (it may hold a password).
+#[derive(Clone)]
+pub(crate) struct ConnectUrl(std::sync::Arc<str>);
+
+impl std::fmt::Debug for ConnectUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectUrl(..)")
+    }
+}
+
 /// The hub's database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -307,7 +317,7 @@ pub struct Store {
     /// The engine behind the pool (for the few dialect differences).
     engine: Engine,
     /// The URL it was opened with (PostgreSQL's change listener connects to it too).
-    url: Option<std::sync::Arc<str>>,
+    url: Option<ConnectUrl>,
     /// Ids of the system accounts (they never change once created).
     pub(crate) system_ids: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     /// Consumer-key lookups made (`authenticate_key`), for tests and metrics.
@@ -340,7 +350,7 @@ impl Store {
     /// hubs may open one PostgreSQL database at once.
     pub async fn open_url(url: &str) -> Result<Self> {
         let (pool, engine) = engine::connect(url, MAX_CONNECTIONS).await?;
-        Self::over(pool, engine, Some(url.into())).await
+        Self::over(pool, engine, Some(ConnectUrl(url.into()))).await
     }
 
     /// A private in-memory database, for tests.
@@ -349,7 +359,7 @@ impl Store {
         Self::over(pool, engine, None).await
     }
 
-    async fn over(pool: AnyPool, engine: Engine, url: Option<std::sync::Arc<str>>) -> Result<Self> {
+    async fn over(pool: AnyPool, engine: Engine, url: Option<ConnectUrl>) -> Result<Self> {
         let store = Self {
             pool,
             engine,
@@ -394,7 +404,7 @@ impl Store {
 
     /// The URL the store was opened with, if any.
     pub(crate) fn url(&self) -> Option<&str> {
-        self.url.as_deref()
+        self.url.as_ref().map(|u| &*u.0)
     }
 
     /// The engine this store runs on.
@@ -992,6 +1002,12 @@ mod tests {
             .unwrap();
         assert_eq!(applied, MIGRATIONS.len() as i64, "each migration once");
     });
+
+    #[tokio::test]
+    async fn the_url_never_prints() {
+        let url = ConnectUrl("postgres://hub:s3cr3t@db/potluck".into());
+        assert!(!format!("{url:?}").contains("s3cr3t"));
+    }
 
     // Every integer column is 64-bit on both engines (a daily token cap past 2^31 too).
     crate::conformance!(limits_hold_any_i64, |db| {

@@ -141,6 +141,24 @@ impl TestDb {
         }
     }
 
+    /// Everything the database holds, as bytes to search: SQLite's files (close the
+    /// stores first, so the log is checkpointed), or on PostgreSQL every row of every
+    /// table as text (a privacy test looks for what must never be stored).
+    pub async fn contents(&self) -> Vec<u8> {
+        match &self.cleanup {
+            Cleanup::Dir(d) => {
+                let mut all = Vec::new();
+                for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                    if let Ok(b) = std::fs::read(e.path()) {
+                        all.extend(b);
+                    }
+                }
+                all
+            }
+            Cleanup::Database { .. } => postgres_rows(&self.url).await,
+        }
+    }
+
     /// Open (and migrate) a store on this database. Panics on failure: tests only.
     pub async fn open(&self) -> Store {
         match Store::open_url(&self.url).await {
@@ -148,6 +166,35 @@ impl TestDb {
             Err(e) => panic!("cannot open the test database {}: {e:?}", self.url),
         }
     }
+}
+
+/// Every row of every table of the database at `url`, as text.
+async fn postgres_rows(url: &str) -> Vec<u8> {
+    let mut conn = match sqlx::PgConnection::connect(url).await {
+        Ok(c) => c,
+        Err(e) => panic!("cannot reach the test database: {e}"),
+    };
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_default();
+    assert!(!tables.is_empty(), "the test database has no tables");
+    let mut all = Vec::new();
+    for t in tables {
+        let rows: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT CAST(t AS TEXT) FROM \"{t}\" t"))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("reading {t}: {e}"));
+        for r in rows {
+            all.extend(r.into_bytes());
+            all.push(b'\n');
+        }
+    }
+    let _ = conn.close().await;
+    all
 }
 
 impl Drop for TestDb {

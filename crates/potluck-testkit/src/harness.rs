@@ -24,12 +24,13 @@ pub struct TestHub {
     pub http: reqwest::Client,
     data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
-    /// The PostgreSQL database this hub made for itself (dropped with the hub).
-    _db: Option<potluck_store::testing::TestDb>,
     config: HubConfig,
     state: Option<Arc<HubState>>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<std::io::Result<()>>>,
+    /// The PostgreSQL database this hub made for itself; the last field, so that it is
+    /// dropped after everything else of the hub.
+    _db: Option<potluck_store::testing::TestDb>,
 }
 
 /// The environment variable that puts every test hub on PostgreSQL (`postgres`).
@@ -126,6 +127,25 @@ impl TestHub {
     /// The hub's state (registry, store).
     pub fn state(&self) -> Arc<HubState> {
         Arc::clone(self.state.as_ref().expect("hub running"))
+    }
+
+    /// Everything this hub's database holds, as bytes to search (close the store first
+    /// on SQLite): its files in the data directory, or, on the PostgreSQL database the
+    /// harness made for it, every row as text.
+    pub async fn database_contents(&self) -> Vec<u8> {
+        match &self._db {
+            Some(db) => db.contents().await,
+            None => {
+                let mut all = Vec::new();
+                for e in std::fs::read_dir(&self.data_dir).expect("data dir") {
+                    let p = e.expect("entry").path();
+                    if p.is_file() {
+                        all.extend(std::fs::read(p).expect("read"));
+                    }
+                }
+                all
+            }
+        }
     }
 
     /// The data directory (database file).

@@ -750,13 +750,7 @@ async fn audit_replays_and_canaries_leave_no_text_in_the_database() {
     let (hub, _reference, audited) = audited_traffic().await;
     let canaries = canary_texts(&audited);
     hub.state().store.close().await;
-    let mut db = Vec::new();
-    for e in std::fs::read_dir(hub.data_dir()).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            db.extend(std::fs::read(p).unwrap());
-        }
-    }
+    let db = hub.database_contents().await;
     let db = String::from_utf8_lossy(&db);
     assert!(
         db.contains("audited"),

@@ -136,17 +136,6 @@ async fn trust(hub: &TestHub, provider: &str) {
     assert_eq!(a.status, 200, "{:?}", a.body);
 }
 
-fn db_bytes(hub: &TestHub) -> Vec<u8> {
-    let mut all = Vec::new();
-    for e in std::fs::read_dir(hub.data_dir()).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            all.extend(std::fs::read(p).unwrap());
-        }
-    }
-    all
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_blocked_flagged_and_only_codes_stored() {
     let p = pool(|c| moderated(c, false), ProviderProfile::default()).await;
@@ -201,7 +190,7 @@ async fn input_blocked_flagged_and_only_codes_stored() {
     assert!(v["note"].as_str().unwrap().contains("no content"));
     // Only codes reach the database: none of the judged text.
     p.hub.state().store.close().await;
-    let db = String::from_utf8_lossy(&db_bytes(&p.hub)).into_owned();
+    let db = String::from_utf8_lossy(&p.hub.database_contents().await).into_owned();
     for canary in ["FORBIDDEN", "SLUR", "hello there"] {
         assert!(!db.contains(canary), "{canary} stored");
     }
