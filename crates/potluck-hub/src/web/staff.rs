@@ -44,6 +44,10 @@ pub(crate) struct Section {
 
 /// The sanctions a moderator may pick (the admin API's names).
 const SANCTIONS: [&str; 4] = ["suspend", "ban", "unsuspend", "unban"];
+/// What the keys' form offers.
+const KEY_ACTIONS: [&str; 5] = ["revoke", "suspend", "ban", "unsuspend", "unban"];
+/// What the providers' form offers.
+const PROVIDER_ACTIONS: [&str; 3] = ["release", "trust", "untrust"];
 
 #[derive(Template)]
 #[template(path = "staff.html")]
@@ -234,12 +238,12 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
                         k.prefix,
                         (!live).to_string(),
                     ]);
-                    (c, live.then(|| format!("/web/staff/keys/{}/revoke", k.id)))
+                    (c, live.then(|| format!("/web/staff/keys/{}/act", k.id)))
                 })
                 .collect(),
-            action: "Revoke",
-            choices: &[],
-            reason: false,
+            action: "Apply",
+            choices: &KEY_ACTIONS,
+            reason: true,
         });
     }
     if may(s, Action::Providers) {
@@ -263,8 +267,7 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
             ]);
             rows.push((
                 c,
-                (q && may(s, Action::Trust))
-                    .then(|| format!("/web/staff/providers/{}/release", p.id)),
+                may(s, Action::Trust).then(|| format!("/web/staff/providers/{}/act", p.id)),
             ));
         }
         out.push(Section {
@@ -279,8 +282,8 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
                 "Quarantined",
             ],
             rows,
-            action: "Release",
-            choices: &[],
+            action: "Apply",
+            choices: &PROVIDER_ACTIONS,
             reason: false,
         });
     }

@@ -361,10 +361,24 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
     b.sign_in(&hub, &hub.admin_key).await;
     b.goto(&format!("{}/web/staff", hub.url())).await;
     b.shot("staff-admin").await;
-    b.click(&format!(
-        "form[action='/web/staff/providers/{pid}/release'] button"
-    ))
-    .await;
+    for id in ["keys", "providers"] {
+        let png =
+            b.c.find(Locator::Id(id))
+                .await
+                .unwrap()
+                .screenshot()
+                .await
+                .unwrap();
+        std::fs::write(b.shots.join(format!("staff-{id}-1440.png")), png).unwrap();
+    }
+    let form = format!("form[action='/web/staff/providers/{pid}/act']");
+    b.c.find(Locator::Css(&format!("{form} select")))
+        .await
+        .unwrap()
+        .select_by_value("release")
+        .await
+        .unwrap();
+    b.click(&format!("{form} button")).await;
     b.c.wait()
         .for_element(Locator::Css("#providers"))
         .await
