@@ -248,6 +248,25 @@ async fn every_page_and_form_against_every_role() {
         for (path, want) in pages {
             assert_eq!(c.get(path).await.0, want, "{role} GET {path}");
         }
+        // The staff page's sections follow the role table.
+        if staff {
+            let (_, page) = c.get("/web/staff").await;
+            let admin = role == "admin";
+            for (id, shown) in [
+                ("reports", true),
+                ("accounts", true),
+                ("log", true),
+                ("keys", admin),
+                ("providers", admin),
+                ("limits", admin),
+            ] {
+                assert_eq!(
+                    page.contains(&format!("id=\"{id}\"")),
+                    shown,
+                    "{role} sees section {id}"
+                );
+            }
+        }
         // The member's own forms.
         let (s, _) = c
             .post("/web/me/keys", &[("csrf", &c.csrf), ("name", "web-made")])
