@@ -235,6 +235,10 @@ async fn every_page_and_form_against_every_role() {
             ("/web/status.json", 200),
             ("/web/me", if key.is_some() { 200 } else { 303 }),
             ("/web/me/usage.csv", if key.is_some() { 200 } else { 303 }),
+            (
+                "/web/me/usage.csv?by=model",
+                if key.is_some() { 200 } else { 303 },
+            ),
             ("/web/volunteer", if key.is_some() { 200 } else { 303 }),
             (
                 "/web/staff",
@@ -475,6 +479,7 @@ async fn a_privacy_canary_never_reaches_a_page() {
             "/web/me",
             "/web/me/usage.json",
             "/web/me/usage.csv",
+            "/web/me/usage.csv?by=model",
             "/web/volunteer",
             "/web/staff",
         ] {
@@ -483,6 +488,12 @@ async fn a_privacy_canary_never_reaches_a_page() {
             seen += body.len();
         }
     }
+    let (_, csv) = member.get("/web/me/usage.csv?by=model").await;
+    assert!(csv.lines().any(|l| l.starts_with("m1,")), "{csv}");
+    assert!(
+        csv.lines().any(|l| l.starts_with("other,")),
+        "the unknown model, unnamed: {csv}"
+    );
     let (_, staff) = admin.get("/web/staff").await;
     assert!(
         staff.contains(&rid),
