@@ -21,11 +21,22 @@ const DRIVER_START: Duration = Duration::from_secs(30);
 /// Screenshot sizes (width, height).
 const SIZES: [(u32, u32); 2] = [(360, 780), (1440, 900)];
 
-/// A headless chromium session and its chromedriver (killed on drop).
+/// A headless chromium session and its chromedriver, in a process group of their own
+/// that is killed on drop, so that a failing test leaves no browser behind.
 struct Browser {
     c: fantoccini::Client,
-    _driver: tokio::process::Child,
+    driver: tokio::process::Child,
     shots: PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(pid) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+    }
 }
 
 fn has_driver() -> bool {
@@ -60,6 +71,7 @@ impl Browser {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .unwrap();
         let url = format!("http://127.0.0.1:{port}");
@@ -82,11 +94,7 @@ impl Browser {
             .unwrap();
         let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-screenshots");
         std::fs::create_dir_all(&shots).unwrap();
-        Some(Self {
-            c,
-            _driver: driver,
-            shots,
-        })
+        Some(Self { c, driver, shots })
     }
 
     async fn goto(&self, url: &str) {
