@@ -37,7 +37,20 @@ pub(crate) async fn set_trust(
     let actor = auth::staff(&st, &headers, auth::Action::Trust).await?;
     let body: TrustBody =
         crate::http::extract::read_json(body, st.config.max_admin_body_bytes).await?;
-    let id = provider_id(&st, &name).await?;
+    Ok(Json(
+        set_provider_trust(&st, &actor, &name, body.trusted).await?,
+    ))
+}
+
+/// Mark a provider as a trusted reference or not: the API's and the web pages' one path.
+pub(crate) async fn set_provider_trust(
+    st: &HubState,
+    actor: &potluck_store::KeyAuth,
+    name: &str,
+    trusted: bool,
+) -> Result<ProviderTrust, ApiError> {
+    auth::require(actor, auth::Action::Trust)?;
+    let id = provider_id(st, name).await?;
     let name = st
         .store
         .list_providers()
@@ -47,7 +60,7 @@ pub(crate) async fn set_trust(
         .map(|p| p.name)
         .ok_or(ApiError::NotFound("provider"))?;
     st.store
-        .set_trusted(&name, body.trusted)
+        .set_trusted(&name, trusted)
         .await
         .map_err(|_| ApiError::NotFound("provider"))?;
     let standing = st.store.standing(id).await?;
@@ -55,13 +68,13 @@ pub(crate) async fn set_trust(
         .set_trust_flags(id, standing.trusted, standing.quarantined_at_ms.is_some());
     tracing::info!(
         provider_id = id,
-        trusted = body.trusted,
+        trusted = trusted,
         "provider trust changed"
     );
     crate::books::action_log::record(
-        &st,
-        &actor,
-        if body.trusted {
+        st,
+        actor,
+        if trusted {
             "provider.trust"
         } else {
             "provider.untrust"
@@ -71,11 +84,11 @@ pub(crate) async fn set_trust(
         None,
     )
     .await?;
-    Ok(Json(ProviderTrust {
+    Ok(ProviderTrust {
         id,
         name,
         standing: reputation_of(standing),
-    }))
+    })
 }
 
 /// `POST /admin/v1/providers/{name}/release`: lift a quarantine, score back to the

@@ -1,6 +1,6 @@
 //! The staff page's forms. Each checks the session's CSRF token, then calls the admin
-//! API's own function, which checks the role table: resolve a report, revoke a key,
-//! release a quarantine, approve an account, sanction an account, create an invite.
+//! API's own function, which checks the role table: resolve a report, revoke or sanction
+//! a key, release or trust a provider, approve or sanction an account, create an invite.
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::accounts::sanctions::{sanction_named, SanctionAction};
 use crate::accounts::{invites, keys, members, reports};
+use crate::http::error::ApiError;
 use crate::state::HubState;
 use crate::trust::admin as trust_admin;
 use crate::web::member::{checked, CsrfForm};
@@ -42,29 +43,55 @@ pub(crate) async fn resolve(
     Ok(back("/web/staff"))
 }
 
-/// `POST /web/staff/keys/{id}/revoke`
-pub(crate) async fn revoke_key(
+#[derive(Deserialize)]
+pub(crate) struct ActForm {
+    csrf: String,
+    action: String,
+    #[serde(default)]
+    reason: String,
+}
+
+fn unknown_action() -> WebError {
+    ApiError::bad_request("The action is not one the form offers.", Some("action")).into()
+}
+
+/// `POST /web/staff/keys/{id}/act`: revoke, or a sanction (suspend, ban, lift).
+pub(crate) async fn key_act(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
-    let f: CsrfForm = form(&st, body).await?;
+    let f: ActForm = form(&st, body).await?;
     let s = checked(&st, &headers, &f.csrf).await?;
-    keys::revoke(&st, &s.auth, &id).await?;
+    if f.action == "revoke" {
+        keys::revoke(&st, &s.auth, &id).await?;
+    } else {
+        let verb = SanctionAction::parse(&f.action).map_err(|_| unknown_action())?;
+        let why = Some(f.reason).filter(|r| !r.trim().is_empty());
+        sanction_named(&st, &s.auth, Target::Key, &id, verb, why).await?;
+    }
     Ok(back("/web/staff"))
 }
 
-/// `POST /web/staff/providers/{id}/release`
-pub(crate) async fn release(
+/// `POST /web/staff/providers/{id}/act`: release a quarantine, trust or untrust.
+pub(crate) async fn provider_act(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
-    let f: CsrfForm = form(&st, body).await?;
+    let f: ActForm = form(&st, body).await?;
     let s = checked(&st, &headers, &f.csrf).await?;
-    trust_admin::release_provider(&st, &s.auth, id).await?;
+    match f.action.as_str() {
+        "release" => {
+            trust_admin::release_provider(&st, &s.auth, id).await?;
+        }
+        "trust" | "untrust" => {
+            trust_admin::set_provider_trust(&st, &s.auth, &id, f.action == "trust").await?;
+        }
+        _ => return Err(unknown_action()),
+    }
     Ok(back("/web/staff"))
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use askama::Template;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -144,14 +144,33 @@ pub(crate) async fn usage_json(
     Ok(Json(serde_json::json!({ "days": days })).into_response())
 }
 
-/// `GET /web/me/usage.csv`: the member's usage by day, as the usage API writes CSV.
+#[derive(Deserialize)]
+pub(crate) struct CsvQuery {
+    by: Option<String>,
+}
+
+/// `GET /web/me/usage.csv[?by=model]`: the member's usage by day (or by model), as the
+/// usage API writes CSV; a model the hub does not know is not named.
 pub(crate) async fn usage_csv(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
+    Query(q): Query<CsvQuery>,
 ) -> Result<Response, WebError> {
     let s = session(&st, &headers).await?;
-    let q = usage::UsageQuery::last_days(today(), st.config.web.chart_days, GroupBy::Day);
-    let summary = usage::totals(&st, q, Some(s.auth.account_id)).await?;
+    let group = match q.by.as_deref() {
+        Some("model") => GroupBy::Model,
+        _ => GroupBy::Day,
+    };
+    let q = usage::UsageQuery::last_days(today(), st.config.web.chart_days, group);
+    let mut summary = usage::totals(&st, q, Some(s.auth.account_id)).await?;
+    if group == GroupBy::Model {
+        for b in &mut summary.data {
+            if !known_model(&st, &b.group) {
+                b.group = "other".into();
+                b.name = None;
+            }
+        }
+    }
     let mut r = usage::to_csv(&summary).into_response();
     let h = r.headers_mut();
     h.insert(

@@ -56,8 +56,8 @@ pub(crate) fn router(st: &HubState) -> Router<Arc<HubState>> {
         .route("/web/volunteer", get(volunteer::page))
         .route("/web/staff", get(staff::page))
         .route("/web/staff/reports/{id}/resolve", post(actions::resolve))
-        .route("/web/staff/keys/{id}/revoke", post(actions::revoke_key))
-        .route("/web/staff/providers/{id}/release", post(actions::release))
+        .route("/web/staff/keys/{id}/act", post(actions::key_act))
+        .route("/web/staff/providers/{id}/act", post(actions::provider_act))
         .route("/web/staff/accounts/{name}/approve", post(actions::approve))
         .route("/web/staff/accounts/{name}/sanction", post(actions::sanction_account))
         .route("/web/staff/invites", post(actions::create_invite));

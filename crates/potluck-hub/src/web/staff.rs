@@ -44,6 +44,10 @@ pub(crate) struct Section {
 
 /// The sanctions a moderator may pick (the admin API's names).
 const SANCTIONS: [&str; 4] = ["suspend", "ban", "unsuspend", "unban"];
+/// What the keys' form offers.
+const KEY_ACTIONS: [&str; 5] = ["revoke", "suspend", "ban", "unsuspend", "unban"];
+/// What the providers' form offers.
+const PROVIDER_ACTIONS: [&str; 3] = ["release", "trust", "untrust"];
 
 #[derive(Template)]
 #[template(path = "staff.html")]
@@ -216,7 +220,48 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
     Ok(())
 }
 
+/// The hub's default per-key limits and abuse rates (set per key or account with
+/// `potluck keys limits` and the admin API).
+fn limits(st: &HubState, out: &mut Vec<Section>) {
+    let l = &st.config.limits;
+    let show = |v: Option<i64>| v.map_or_else(|| "none".to_owned(), |v| v.to_string());
+    let a = &st.config.abuse;
+    let rows = [
+        ("requests per minute", show(l.rpm)),
+        ("tokens per minute", show(l.tpm)),
+        ("requests in flight", show(l.max_concurrent)),
+        ("tokens per UTC day", show(l.daily_tokens)),
+        (
+            "reports per hour (each account)",
+            a.reports_per_hour.to_string(),
+        ),
+        (
+            "invites per hour (each staff account)",
+            a.invites_per_hour.to_string(),
+        ),
+        (
+            "web sign-ins per hour (hub)",
+            st.config.web.signin_attempts_per_hour.to_string(),
+        ),
+    ];
+    out.push(Section {
+        id: "limits",
+        title: "Limits (hub defaults)",
+        columns: &["Limit", "Value"],
+        rows: rows
+            .into_iter()
+            .map(|(k, v)| (cells([k.to_owned(), v]), None))
+            .collect(),
+        action: "",
+        choices: &[],
+        reason: false,
+    });
+}
+
 async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(), ApiError> {
+    if may(s, Action::Limits) {
+        limits(st, out);
+    }
     if may(s, Action::Keys) {
         let keys = st.store.list_keys().await?;
         out.push(Section {
@@ -234,12 +279,12 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
                         k.prefix,
                         (!live).to_string(),
                     ]);
-                    (c, live.then(|| format!("/web/staff/keys/{}/revoke", k.id)))
+                    (c, live.then(|| format!("/web/staff/keys/{}/act", k.id)))
                 })
                 .collect(),
-            action: "Revoke",
-            choices: &[],
-            reason: false,
+            action: "Apply",
+            choices: &KEY_ACTIONS,
+            reason: true,
         });
     }
     if may(s, Action::Providers) {
@@ -263,8 +308,7 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
             ]);
             rows.push((
                 c,
-                (q && may(s, Action::Trust))
-                    .then(|| format!("/web/staff/providers/{}/release", p.id)),
+                may(s, Action::Trust).then(|| format!("/web/staff/providers/{}/act", p.id)),
             ));
         }
         out.push(Section {
@@ -279,8 +323,8 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
                 "Quarantined",
             ],
             rows,
-            action: "Release",
-            choices: &[],
+            action: "Apply",
+            choices: &PROVIDER_ACTIONS,
             reason: false,
         });
     }

@@ -21,11 +21,22 @@ const DRIVER_START: Duration = Duration::from_secs(30);
 /// Screenshot sizes (width, height).
 const SIZES: [(u32, u32); 2] = [(360, 780), (1440, 900)];
 
-/// A headless chromium session and its chromedriver (killed on drop).
+/// A headless chromium session and its chromedriver, in a process group of their own
+/// that is killed on drop, so that a failing test leaves no browser behind.
 struct Browser {
     c: fantoccini::Client,
-    _driver: tokio::process::Child,
+    driver: tokio::process::Child,
     shots: PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(pid) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+    }
 }
 
 fn has_driver() -> bool {
@@ -60,6 +71,7 @@ impl Browser {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .unwrap();
         let url = format!("http://127.0.0.1:{port}");
@@ -82,11 +94,7 @@ impl Browser {
             .unwrap();
         let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-screenshots");
         std::fs::create_dir_all(&shots).unwrap();
-        Some(Self {
-            c,
-            _driver: driver,
-            shots,
-        })
+        Some(Self { c, driver, shots })
     }
 
     async fn goto(&self, url: &str) {
@@ -361,10 +369,24 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
     b.sign_in(&hub, &hub.admin_key).await;
     b.goto(&format!("{}/web/staff", hub.url())).await;
     b.shot("staff-admin").await;
-    b.click(&format!(
-        "form[action='/web/staff/providers/{pid}/release'] button"
-    ))
-    .await;
+    for id in ["keys", "providers"] {
+        let png =
+            b.c.find(Locator::Id(id))
+                .await
+                .unwrap()
+                .screenshot()
+                .await
+                .unwrap();
+        std::fs::write(b.shots.join(format!("staff-{id}-1440.png")), png).unwrap();
+    }
+    let form = format!("form[action='/web/staff/providers/{pid}/act']");
+    b.c.find(Locator::Css(&format!("{form} select")))
+        .await
+        .unwrap()
+        .select_by_value("release")
+        .await
+        .unwrap();
+    b.click(&format!("{form} button")).await;
     b.c.wait()
         .for_element(Locator::Css("#providers"))
         .await

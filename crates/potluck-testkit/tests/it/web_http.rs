@@ -171,18 +171,32 @@ const FORMS: &[FormCase] = &[
         Some(r#"{"action":"dismiss"}"#),
     ),
     (
-        "/web/staff/keys/999999/revoke",
-        &[],
+        "/web/staff/keys/999999/act",
+        &[("action", "revoke")],
         "DELETE",
         "/admin/v1/keys/999999",
         None,
     ),
     (
-        "/web/staff/providers/999999/release",
-        &[],
+        "/web/staff/keys/999999/act",
+        &[("action", "suspend"), ("reason", "spam")],
+        "POST",
+        "/admin/v1/keys/999999/sanction",
+        Some(r#"{"action":"suspend","reason":"spam"}"#),
+    ),
+    (
+        "/web/staff/providers/999999/act",
+        &[("action", "release")],
         "POST",
         "/admin/v1/providers/999999/release",
         None,
+    ),
+    (
+        "/web/staff/providers/999999/act",
+        &[("action", "trust")],
+        "PUT",
+        "/admin/v1/providers/999999/trust",
+        Some(r#"{"trusted":true}"#),
     ),
     (
         "/web/staff/accounts/nobody-here/approve",
@@ -221,6 +235,10 @@ async fn every_page_and_form_against_every_role() {
             ("/web/status.json", 200),
             ("/web/me", if key.is_some() { 200 } else { 303 }),
             ("/web/me/usage.csv", if key.is_some() { 200 } else { 303 }),
+            (
+                "/web/me/usage.csv?by=model",
+                if key.is_some() { 200 } else { 303 },
+            ),
             ("/web/volunteer", if key.is_some() { 200 } else { 303 }),
             (
                 "/web/staff",
@@ -233,6 +251,25 @@ async fn every_page_and_form_against_every_role() {
         ];
         for (path, want) in pages {
             assert_eq!(c.get(path).await.0, want, "{role} GET {path}");
+        }
+        // The staff page's sections follow the role table.
+        if staff {
+            let (_, page) = c.get("/web/staff").await;
+            let admin = role == "admin";
+            for (id, shown) in [
+                ("reports", true),
+                ("accounts", true),
+                ("log", true),
+                ("keys", admin),
+                ("providers", admin),
+                ("limits", admin),
+            ] {
+                assert_eq!(
+                    page.contains(&format!("id=\"{id}\"")),
+                    shown,
+                    "{role} sees section {id}"
+                );
+            }
         }
         // The member's own forms.
         let (s, _) = c
@@ -442,6 +479,7 @@ async fn a_privacy_canary_never_reaches_a_page() {
             "/web/me",
             "/web/me/usage.json",
             "/web/me/usage.csv",
+            "/web/me/usage.csv?by=model",
             "/web/volunteer",
             "/web/staff",
         ] {
@@ -450,6 +488,12 @@ async fn a_privacy_canary_never_reaches_a_page() {
             seen += body.len();
         }
     }
+    let (_, csv) = member.get("/web/me/usage.csv?by=model").await;
+    assert!(csv.lines().any(|l| l.starts_with("m1,")), "{csv}");
+    assert!(
+        csv.lines().any(|l| l.starts_with("other,")),
+        "the unknown model, unnamed: {csv}"
+    );
     let (_, staff) = admin.get("/web/staff").await;
     assert!(
         staff.contains(&rid),
