@@ -386,6 +386,52 @@ mod tests {
         assert!(seed_of(chat, br#"{"model":"m","messages":[],"seed":null}"#).is_u64());
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the body's shape, what the hub forwards passes the shared rules again
+        /// (the agent applies them), reads the same, and carries exactly one seed: the
+        /// consumer's if it set one.
+        #[test]
+        fn forwarded_bodies_parse_again_with_one_seed(
+            pad in "[ \t\r\n]{0,3}",
+            seed in proptest::option::of(prop_oneof![
+                Just("null".to_owned()),
+                (0u64..u64::MAX).prop_map(|n| n.to_string()),
+            ]),
+            stream in proptest::bool::ANY,
+            user in proptest::bool::ANY,
+            completions in proptest::bool::ANY,
+            extra in "[a-z]{1,8}",
+        ) {
+            let (endpoint, input) = if completions {
+                (InferenceEndpoint::Completions, r#""prompt":"hi""#)
+            } else {
+                (InferenceEndpoint::ChatCompletions, r#""messages":[]"#)
+            };
+            let mut fields = vec![r#""model":"m""#.to_owned(), input.to_owned(), format!(r#""{extra}x":1"#)];
+            if let Some(s) = &seed {
+                fields.insert(1, format!(r#""seed":{s}"#));
+            }
+            if stream {
+                fields.push(r#""stream":true"#.to_owned());
+            }
+            if user {
+                fields.push(r#""user":"u""#.to_owned());
+            }
+            let raw = format!("{pad}{{{}}}", fields.join(","));
+            let p = parse(endpoint, Bytes::from(raw), MAX).unwrap();
+            let again = InferenceRequest::parse(endpoint, &p.body, &RequestLimits::new(MAX)).unwrap();
+            prop_assert!(again.has_seed && !again.null_seed && !again.identifying_fields);
+            prop_assert_eq!(again.stream, stream);
+            let v: Value = serde_json::from_slice(&p.body).unwrap();
+            match seed.as_deref() {
+                Some(s) if s != "null" => prop_assert_eq!(v["seed"].to_string(), s),
+                _ => prop_assert!(v["seed"].as_u64().is_some_and(|n| n < u64::from(u32::MAX))),
+            }
+        }
+    }
+
     #[test]
     fn parse_checks_and_strips() {
         let p = parse(
