@@ -1,9 +1,10 @@
 //! The consumer's OpenAI API: models, chat completions, completions, embeddings.
 //!
-//! Only `model`, `stream`, `stream_options` and `max_tokens` are read from a request;
-//! everything else passes through untouched, except the fields that identify the consumer,
-//! which are removed so that nothing identifying reaches a provider. Bodies are never
-//! logged.
+//! Only `model`, `stream`, `stream_options`, `max_tokens` and `seed` are read from a
+//! request; everything else passes through untouched, except the fields that identify the
+//! consumer, which are removed so that nothing identifying reaches a provider, and a
+//! missing `seed`, which the hub supplies (fresh per request) so that audits look like any
+//! request. Bodies are never logged.
 //!
 //! A request's steps, one file each: [`admit`] (key, body, parse, limits, the credits
 //! it reserves, priority, its place in the usage queue), [`screen`] (the guard's input check), [`dispatch`] (a slot, the tunnel, one
