@@ -225,7 +225,7 @@ impl Hub {
                 state.config.credits.clone(),
                 Arc::clone(&state.balances),
             )
-            .observing(state.accounting.settlement_lag()),
+            .for_books(&state.accounting, state.treasury),
             usage_rx,
             writer_stop.clone(),
         ));

@@ -88,7 +88,14 @@ pub(crate) struct Accounting {
     dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Time from a request's end to its settlement (observed by the writer).
     lag: SettlementLag,
+    /// Provider accounts clawed back (quarantined): what their requests still in flight
+    /// earn goes to the treasury, whenever their records reach the writer.
+    barred: Barred,
 }
+
+/// Provider accounts that earn nothing (quarantined), shared by the request side and the
+/// writer.
+pub(crate) type Barred = Arc<parking_lot::Mutex<HashSet<i64>>>;
 
 /// A place in the usage queue, taken when a request is admitted, so that its record can
 /// always be queued when it ends (a request that cannot get one is not served).
@@ -104,6 +111,7 @@ impl Accounting {
                 tx,
                 dropped: Default::default(),
                 lag: SettlementLag::default(),
+                barred: Default::default(),
             },
             rx,
         )
@@ -136,6 +144,11 @@ impl Accounting {
         }
     }
 
+    /// The account earns again (its provider's quarantine was released).
+    pub(crate) fn unbar(&self, account_id: i64) {
+        self.barred.lock().remove(&account_id);
+    }
+
     /// The settlement-lag histogram the writer observes.
     pub(crate) fn settlement_lag(&self) -> &SettlementLag {
         &self.lag
@@ -151,8 +164,11 @@ impl Accounting {
         )
     }
 
-    /// Claw back an account's unvested earnings once everything queued before is settled.
+    /// Claw back an account's unvested earnings once everything queued before is settled,
+    /// and bar it from earning until [`Accounting::unbar`]: a request that was in flight
+    /// (its record queued after the claw-back) pays the treasury instead.
     pub(crate) async fn clawback(&self, account_id: i64) {
+        self.barred.lock().insert(account_id);
         if self.tx.send(Record::Clawback { account_id }).await.is_err() {
             tracing::warn!(account_id, "usage writer gone; claw-back not queued");
         }
@@ -178,6 +194,8 @@ pub(crate) struct Writer {
     released: HashSet<i64>,
     /// Where settled records' lag is observed.
     lag: SettlementLag,
+    /// Barred provider accounts, and the treasury their earnings go to instead.
+    barred: (Barred, Option<i64>),
 }
 
 impl Writer {
@@ -193,13 +211,16 @@ impl Writer {
             reservations,
             released: HashSet::new(),
             lag: SettlementLag::default(),
+            barred: (Barred::default(), None),
         }
     }
 
-    /// Observe the settlement lag into `lag` (the hub's, registered in its metrics).
-    pub(crate) fn observing(self, lag: &SettlementLag) -> Self {
+    /// Work for the hub's `accounting`: observe the settlement lag into its histogram,
+    /// and pay what barred accounts would earn to `treasury`.
+    pub(crate) fn for_books(self, accounting: &Accounting, treasury: i64) -> Self {
         Self {
-            lag: lag.clone(),
+            lag: accounting.lag.clone(),
+            barred: (Arc::clone(&accounting.barred), Some(treasury)),
             ..self
         }
     }
@@ -321,9 +342,26 @@ async fn trusted(w: &Writer, account: i64) -> bool {
     vested >= Micro::from_credits(w.credits.trust_threshold).get() && age_ms >= min_age
 }
 
+/// Earnings of barred accounts go to the treasury (unvested, like any earning).
+fn redirect_barred(w: &Writer, batch: &mut [Finished]) {
+    let (barred, Some(treasury)) = (&w.barred.0, w.barred.1) else {
+        return;
+    };
+    let barred = barred.lock();
+    if barred.is_empty() {
+        return;
+    }
+    for s in batch.iter_mut().filter_map(|f| f.settlement.as_mut()) {
+        if barred.contains(&s.provider_account) {
+            s.provider_account = treasury;
+        }
+    }
+}
+
 async fn write(w: &mut Writer, batch: &mut [Finished]) {
     let vest_ms = i64::try_from(w.credits.vesting.as_millis()).unwrap_or(i64::MAX);
     let mut decided: HashMap<i64, bool> = HashMap::new();
+    redirect_barred(w, batch);
     for f in batch.iter_mut() {
         let Some(s) = f.settlement.as_mut() else {
             continue;
@@ -393,5 +431,83 @@ fn done(w: &Writer, f: &Finished, ok: bool) {
     if let Some(s) = f.settlement.as_ref().filter(|s| s.vests_at_ms.is_none()) {
         // Its earning landed in `available`: read that balance again when it spends.
         w.reservations.remove(&s.provider_account);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use potluck_store::{Role, Standing};
+
+    fn finished(id: &str, consumer: i64, provider: i64) -> Finished {
+        Finished {
+            usage: UsageRecord {
+                request_id: id.to_owned(),
+                key_id: 1,
+                account_id: consumer,
+                provider_id: None,
+                model: "m".into(),
+                endpoint: "chat",
+                stream: false,
+                status: 200,
+                outcome: "ok",
+                prompt_tokens: 5,
+                completion_tokens: 5,
+                started_at_ms: 0,
+                duration_ms: 0,
+                ttft_ms: None,
+            },
+            settlement: Some(Settlement {
+                request_id: id.to_owned(),
+                consumer_account: consumer,
+                provider_account: provider,
+                cost: 700,
+                tax: 0,
+                vests_at_ms: None,
+            }),
+            pending: None,
+        }
+    }
+
+    /// A request that was in flight when its provider was quarantined reaches the writer
+    /// after the claw-back: what it earns goes to the treasury, until the release.
+    #[tokio::test]
+    async fn a_record_queued_after_the_claw_back_pays_the_treasury() {
+        let store = Store::open_in_memory().await.unwrap();
+        let consumer = store
+            .create_account("c", Role::Member, Standing::Active)
+            .await
+            .unwrap();
+        let provider = store
+            .create_account("p", Role::Member, Standing::Active)
+            .await
+            .unwrap();
+        let treasury = store
+            .system_account(potluck_store::ledger::TREASURY)
+            .await
+            .unwrap();
+        let (accounting, _rx) = Accounting::new(16);
+        let mut w = Writer::new(
+            store.clone(),
+            CreditsConfig::default(),
+            Arc::new(Reservations::default()),
+        )
+        .for_books(&accounting, treasury);
+        accounting.clawback(provider).await;
+        write_contained(&mut w, &mut vec![finished("late", consumer, provider)]).await;
+        let b = store.balance(provider).await.unwrap();
+        assert_eq!(
+            (b.available, b.unvested),
+            (0, 0),
+            "the barred provider earned"
+        );
+        let t = store.balance(treasury).await.unwrap();
+        assert_eq!(t.available + t.unvested, 700, "the treasury got it");
+        // Released: it earns again.
+        accounting.unbar(provider);
+        write_contained(&mut w, &mut vec![finished("after", consumer, provider)]).await;
+        let b = store.balance(provider).await.unwrap();
+        assert_eq!(b.available + b.unvested, 700);
+        store.audit_ledger().await.unwrap();
     }
 }

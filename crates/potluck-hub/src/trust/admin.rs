@@ -114,6 +114,9 @@ pub(crate) async fn release_provider(
     st.store.release_quarantine(id, score).await?;
     let standing = st.store.standing(id).await?;
     st.registry.set_trust_flags(id, standing.trusted, false);
+    if let Ok(account) = st.store.provider_account(id).await {
+        st.accounting.unbar(account);
+    }
     tracing::info!(provider_id = id, "provider quarantine released");
     crate::books::action_log::record(
         st,
