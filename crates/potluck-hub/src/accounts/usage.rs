@@ -191,7 +191,12 @@ async fn summary(
     if !q.csv {
         return Ok(Json(answer).into_response());
     }
-    let mut resp = to_csv(&answer).into_response();
+    Ok(csv_download(&answer))
+}
+
+/// The usage answer as a CSV download (the API's `format=csv`, and the dashboard's export).
+pub(crate) fn csv_download(answer: &UsageSummary) -> Response {
+    let mut resp = to_csv(answer).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -201,7 +206,7 @@ async fn summary(
         header::CONTENT_DISPOSITION,
         HeaderValue::from_static("attachment; filename=\"potluck-usage.csv\""),
     );
-    Ok(resp)
+    resp
 }
 
 /// The totals a query asks for, of one account or every one: the API's and the web

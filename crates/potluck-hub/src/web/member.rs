@@ -8,7 +8,7 @@ use askama::Template;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, StatusCode};
 use potluck_protocol::usage::GroupBy;
 use potluck_store::accounts::KeySettings;
 use serde::Deserialize;
@@ -171,17 +171,7 @@ pub(crate) async fn usage_csv(
             }
         }
     }
-    let mut r = usage::to_csv(&summary).into_response();
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/csv; charset=utf-8"),
-    );
-    h.insert(
-        header::CONTENT_DISPOSITION,
-        HeaderValue::from_static("attachment; filename=\"potluck-usage.csv\""),
-    );
-    Ok(r)
+    Ok(usage::csv_download(&summary))
 }
 
 #[derive(Deserialize)]
