@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::HeaderMap;
 use potluck_protocol::admin::{AccountLimitsSet, Clawback, KeyLimitsSet, KeyLimitsView};
-use potluck_store::KeyLimits;
+use potluck_store::{KeyAuth, KeyLimits};
 use serde::Deserialize;
 
 use crate::accounts::wire;
@@ -191,8 +191,8 @@ pub(crate) async fn clawback(
 }
 
 /// Limit overrides from a body: none negative.
-fn limits_body(body: &[u8]) -> Result<KeyLimits, ApiError> {
-    let l: KeyLimits = json_body(body)?;
+/// Refuse a negative limit (`None` clears the override).
+fn check_limits(l: &KeyLimits) -> Result<(), ApiError> {
     for (name, v) in [
         ("rpm", l.rpm),
         ("tpm", l.tpm),
@@ -206,7 +206,7 @@ fn limits_body(body: &[u8]) -> Result<KeyLimits, ApiError> {
             ));
         }
     }
-    Ok(l)
+    Ok(())
 }
 
 fn view(l: KeyLimits) -> KeyLimitsView {
@@ -226,19 +226,30 @@ pub(crate) async fn set_limits(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::Limits).await?;
-    let l = limits_body(&read_capped(body, st.config.max_admin_body_bytes).await?)?;
+    let l: KeyLimits = json_body(&read_capped(body, st.config.max_admin_body_bytes).await?)?;
+    Ok(Json(set_key_limits(&st, &actor, id, l).await?).into_response())
+}
+
+/// Set a key's limit overrides: the API's and the web pages' one path.
+pub(crate) async fn set_key_limits(
+    st: &HubState,
+    actor: &KeyAuth,
+    id: i64,
+    l: KeyLimits,
+) -> Result<KeyLimitsSet, ApiError> {
+    auth::require(actor, Action::Limits)?;
+    check_limits(&l)?;
     st.store.set_key_limits(id, l).await.map_err(|e| match e {
         potluck_store::StoreError::NotFound => ApiError::NotFound("key"),
         e => e.into(),
     })?;
     st.keys.clear();
-    action_log::record(&st, &actor, "key.limits", "key", id.to_string(), None).await?;
+    action_log::record(st, actor, "key.limits", "key", id.to_string(), None).await?;
     tracing::info!(key_id = id, "key limits set");
-    Ok(Json(KeyLimitsSet {
+    Ok(KeyLimitsSet {
         id,
         limits: view(l),
     })
-    .into_response())
 }
 
 /// `PUT /admin/v1/accounts/{name}/limits`: overrides for every key of the account.
@@ -249,8 +260,20 @@ pub(crate) async fn set_account_limits(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::Limits).await?;
-    let l = limits_body(&read_capped(body, st.config.max_admin_body_bytes).await?)?;
-    let id = account_id(&st, &name).await?;
+    let l: KeyLimits = json_body(&read_capped(body, st.config.max_admin_body_bytes).await?)?;
+    Ok(Json(set_limits_named(&st, &actor, name, l).await?).into_response())
+}
+
+/// Set an account's limit overrides: the API's and the web pages' one path.
+pub(crate) async fn set_limits_named(
+    st: &HubState,
+    actor: &KeyAuth,
+    name: String,
+    l: KeyLimits,
+) -> Result<AccountLimitsSet, ApiError> {
+    auth::require(actor, Action::Limits)?;
+    check_limits(&l)?;
+    let id = account_id(st, &name).await?;
     st.store
         .set_account_limits(id, l)
         .await
@@ -259,19 +282,10 @@ pub(crate) async fn set_account_limits(
             e => e.into(),
         })?;
     st.keys.clear();
-    action_log::record(
-        &st,
-        &actor,
-        "account.limits",
-        "account",
-        id.to_string(),
-        None,
-    )
-    .await?;
+    action_log::record(st, actor, "account.limits", "account", id.to_string(), None).await?;
     tracing::info!(account_id = id, "account limits set");
-    Ok(Json(AccountLimitsSet {
+    Ok(AccountLimitsSet {
         account: name,
         limits: view(l),
     })
-    .into_response())
 }

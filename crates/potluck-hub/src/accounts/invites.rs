@@ -85,16 +85,21 @@ pub(crate) async fn revoke_invite(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::Invites).await?;
-    let id = parse_id(&id, "invite")?;
+    Ok(Json(revoke(&st, &actor, &id).await?).into_response())
+}
+
+/// Revoke an invite by its id (as in a path): the API's and the web pages' one path.
+pub(crate) async fn revoke(st: &HubState, actor: &KeyAuth, id: &str) -> Result<Revoked, ApiError> {
+    auth::require(actor, Action::Invites)?;
+    let id = parse_id(id, "invite")?;
     st.store
         .revoke_invite(id)
         .await
         .map_err(not_found("invite"))?;
-    action_log::record(&st, &actor, "invite.revoke", "invite", id.to_string(), None).await?;
-    Ok(Json(Revoked {
+    action_log::record(st, actor, "invite.revoke", "invite", id.to_string(), None).await?;
+    Ok(Revoked {
         id,
         revoked: true,
         tunnels_closed: None,
     })
-    .into_response())
 }

@@ -10,7 +10,7 @@ use potluck_protocol::admin::{
     AccountDetail, AccountRole, AccountStanding, CreateAccount, GroupAdded, GroupRemoved, GroupReq,
     SetRole,
 };
-use potluck_store::{Role, Standing, Target};
+use potluck_store::{KeyAuth, Role, Standing, Target};
 
 use crate::accounts::{account, not_found, wire};
 use crate::books::action_log;
@@ -155,28 +155,38 @@ pub(crate) async fn set_role(
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::ManageAccounts).await?;
     let req: SetRole = read_json(body, st.config.max_admin_body_bytes).await?;
-    let role = role_of(&req.role)?;
-    let a = account(&st, &name).await?;
+    Ok(Json(set_role_named(&st, &actor, &name, &req.role).await?).into_response())
+}
+
+/// Give an account a role: the API's and the web pages' one path.
+pub(crate) async fn set_role_named(
+    st: &HubState,
+    actor: &KeyAuth,
+    name: &str,
+    role: &str,
+) -> Result<AccountRole, ApiError> {
+    auth::require(actor, Action::ManageAccounts)?;
+    let role = role_of(role)?;
+    let a = account(st, name).await?;
     if a.id == actor.account_id {
         return Err(ApiError::Refused("You cannot change your own role."));
     }
     st.store.set_role(a.id, role).await?;
     st.keys.clear();
     action_log::record(
-        &st,
-        &actor,
+        st,
+        actor,
         "account.role",
         "account",
         a.id.to_string(),
         Some(role.as_str()),
     )
     .await?;
-    Ok(Json(AccountRole {
+    Ok(AccountRole {
         id: a.id,
         name: a.name,
         role: role.as_str().to_owned(),
     })
-    .into_response())
 }
 
 pub(crate) async fn add_group(
@@ -187,25 +197,35 @@ pub(crate) async fn add_group(
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::ManageAccounts).await?;
     let req: GroupReq = read_json(body, st.config.max_admin_body_bytes).await?;
-    check_name("group", &req.group)?;
-    let a = account(&st, &name).await?;
-    st.store.add_to_group(a.id, &req.group).await?;
+    Ok(Json(add_to_group(&st, &actor, &name, req.group).await?).into_response())
+}
+
+/// Put an account in a group: the API's and the web pages' one path.
+pub(crate) async fn add_to_group(
+    st: &HubState,
+    actor: &KeyAuth,
+    name: &str,
+    group: String,
+) -> Result<GroupAdded, ApiError> {
+    auth::require(actor, Action::ManageAccounts)?;
+    check_name("group", &group)?;
+    let a = account(st, name).await?;
+    st.store.add_to_group(a.id, &group).await?;
     st.keys.clear();
     action_log::record(
-        &st,
-        &actor,
+        st,
+        actor,
         "account.group_add",
         "account",
         a.id.to_string(),
-        Some(&req.group),
+        Some(&group),
     )
     .await?;
-    Ok(Json(GroupAdded {
+    Ok(GroupAdded {
         id: a.id,
         name: a.name,
-        group: req.group,
+        group,
     })
-    .into_response())
 }
 
 pub(crate) async fn remove_group(
@@ -214,25 +234,35 @@ pub(crate) async fn remove_group(
     Path((name, group)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::ManageAccounts).await?;
-    let a = account(&st, &name).await?;
+    Ok(Json(remove_from_group(&st, &actor, &name, group).await?).into_response())
+}
+
+/// Take an account out of a group: the API's and the web pages' one path.
+pub(crate) async fn remove_from_group(
+    st: &HubState,
+    actor: &KeyAuth,
+    name: &str,
+    group: String,
+) -> Result<GroupRemoved, ApiError> {
+    auth::require(actor, Action::ManageAccounts)?;
+    let a = account(st, name).await?;
     st.store
         .remove_from_group(a.id, &group)
         .await
         .map_err(not_found("group membership"))?;
     st.keys.clear();
     action_log::record(
-        &st,
-        &actor,
+        st,
+        actor,
         "account.group_remove",
         "account",
         a.id.to_string(),
         Some(&group),
     )
     .await?;
-    Ok(Json(GroupRemoved {
+    Ok(GroupRemoved {
         id: a.id,
         name: a.name,
         removed_group: group,
     })
-    .into_response())
 }

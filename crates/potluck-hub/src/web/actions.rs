@@ -1,6 +1,7 @@
 //! The staff page's forms. Each checks the session's CSRF token, then calls the admin
 //! API's own function, which checks the role table: resolve a report, revoke or sanction
-//! a key, release or trust a provider, approve or sanction an account, create an invite.
+//! a key, release, trust or sanction a provider, approve or sanction an account, create
+//! or revoke an invite. The admin-only account forms are in `admin_forms.rs`.
 
 use std::sync::Arc;
 
@@ -51,7 +52,7 @@ pub(crate) struct ActForm {
     reason: String,
 }
 
-fn unknown_action() -> WebError {
+pub(crate) fn unknown_action() -> WebError {
     ApiError::bad_request("The action is not one the form offers.", Some("action")).into()
 }
 
@@ -74,7 +75,8 @@ pub(crate) async fn key_act(
     Ok(back("/web/staff"))
 }
 
-/// `POST /web/staff/providers/{id}/act`: release a quarantine, trust or untrust.
+/// `POST /web/staff/providers/{id}/act`: release a quarantine, trust or untrust, or a
+/// sanction (suspend, ban, lift).
 pub(crate) async fn provider_act(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
@@ -90,7 +92,11 @@ pub(crate) async fn provider_act(
         "trust" | "untrust" => {
             trust_admin::set_provider_trust(&st, &s.auth, &id, f.action == "trust").await?;
         }
-        _ => return Err(unknown_action()),
+        other => {
+            let verb = SanctionAction::parse(other).map_err(|_| unknown_action())?;
+            let why = Some(f.reason).filter(|r| !r.trim().is_empty());
+            sanction_named(&st, &s.auth, Target::Provider, &id, verb, why).await?;
+        }
     }
     Ok(back("/web/staff"))
 }
@@ -153,4 +159,17 @@ pub(crate) async fn create_invite(
         back: "/web/staff",
     };
     Ok((StatusCode::CREATED, render(&page)).into_response())
+}
+
+/// `POST /web/staff/invites/{id}/revoke`
+pub(crate) async fn revoke_invite(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: CsrfForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    invites::revoke(&st, &s.auth, &id).await?;
+    Ok(back("/web/staff"))
 }

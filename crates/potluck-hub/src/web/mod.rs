@@ -8,6 +8,7 @@
 //! them, report reasons never (moderators read them through the API).
 
 mod actions;
+mod admin_forms;
 mod assets;
 mod member;
 mod public;
@@ -60,7 +61,12 @@ pub(crate) fn router(st: &HubState) -> Router<Arc<HubState>> {
         .route("/web/staff/providers/{id}/act", post(actions::provider_act))
         .route("/web/staff/accounts/{name}/approve", post(actions::approve))
         .route("/web/staff/accounts/{name}/sanction", post(actions::sanction_account))
-        .route("/web/staff/invites", post(actions::create_invite));
+        .route("/web/staff/invites", post(actions::create_invite))
+        .route("/web/staff/invites/{id}/revoke", post(actions::revoke_invite))
+        .route("/web/staff/accounts/{name}/limits", post(admin_forms::account_limits))
+        .route("/web/staff/keys/{id}/limits", post(admin_forms::key_limits))
+        .route("/web/staff/accounts/{name}/role", post(admin_forms::set_role))
+        .route("/web/staff/accounts/{name}/groups", post(admin_forms::groups));
     r.layer(axum::middleware::from_fn(secure_headers))
 }
 
@@ -134,6 +140,8 @@ struct ErrorPage {
     nav: Nav,
     status: u16,
     message: &'static str,
+    /// The form field at fault, if the API named one (a name from the hub's code).
+    field: Option<&'static str>,
 }
 
 impl IntoResponse for WebError {
@@ -149,6 +157,10 @@ impl IntoResponse for WebError {
             );
             return r;
         }
+        let field = match &self.0 {
+            ApiError::BadRequest { param, .. } => *param,
+            _ => None,
+        };
         let status = self.0.into_response().status();
         let message = match status {
             StatusCode::FORBIDDEN => {
@@ -164,6 +176,7 @@ impl IntoResponse for WebError {
             nav: Nav::default(),
             status: status.as_u16(),
             message,
+            field,
         };
         (status, render(&page)).into_response()
     }

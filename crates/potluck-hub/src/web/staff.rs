@@ -27,19 +27,21 @@ const REPORT_ACTIONS: [&str; 7] = [
     "ban_provider",
 ];
 
-pub(crate) struct Row(Vec<String>);
+pub(crate) struct Row(pub(super) Vec<String>);
 
 /// A section: a title, column names, rows, and the action each row's form posts.
 pub(crate) struct Section {
-    id: &'static str,
-    title: &'static str,
-    columns: &'static [&'static str],
-    rows: Vec<(Row, Option<String>)>,
-    action: &'static str,
+    pub(super) id: &'static str,
+    pub(super) title: &'static str,
+    pub(super) columns: &'static [&'static str],
+    pub(super) rows: Vec<(Row, Option<String>)>,
+    pub(super) action: &'static str,
     /// The choices of the row's form (`action`), if it has any.
-    choices: &'static [&'static str],
+    pub(super) choices: &'static [&'static str],
     /// Whether the row's form asks for a reason.
-    reason: bool,
+    pub(super) reason: bool,
+    /// The row's form's text fields (their names), if it has any.
+    pub(super) fields: &'static [&'static str],
 }
 
 /// The sanctions a moderator may pick (the admin API's names).
@@ -47,7 +49,15 @@ const SANCTIONS: [&str; 4] = ["suspend", "ban", "unsuspend", "unban"];
 /// What the keys' form offers.
 const KEY_ACTIONS: [&str; 5] = ["revoke", "suspend", "ban", "unsuspend", "unban"];
 /// What the providers' form offers.
-const PROVIDER_ACTIONS: [&str; 3] = ["release", "trust", "untrust"];
+const PROVIDER_ACTIONS: [&str; 7] = [
+    "release",
+    "trust",
+    "untrust",
+    "suspend",
+    "ban",
+    "unsuspend",
+    "unban",
+];
 
 #[derive(Template)]
 #[template(path = "staff.html")]
@@ -58,11 +68,11 @@ struct StaffPage {
     invites: bool,
 }
 
-fn may(s: &Session, a: Action) -> bool {
+pub(super) fn may(s: &Session, a: Action) -> bool {
     require(&s.auth, a).is_ok()
 }
 
-fn cells(v: impl IntoIterator<Item = String>) -> Row {
+pub(super) fn cells(v: impl IntoIterator<Item = String>) -> Row {
     Row(v.into_iter().collect())
 }
 
@@ -88,6 +98,7 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
         action: "Approve",
         choices: &[],
         reason: false,
+        fields: &[],
     });
     out.push(Section {
         id: "accounts",
@@ -111,6 +122,7 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
         action: "Apply",
         choices: &SANCTIONS,
         reason: true,
+        fields: &[],
     });
     if may(s, Action::Invites) {
         let invites = st.store.list_invites().await?;
@@ -128,13 +140,15 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
                             i.expires_at.to_string(),
                             i.used_at.map_or("no".into(), |_| "yes".into()),
                         ]),
-                        None,
+                        (i.used_at.is_none() && i.revoked_at.is_none())
+                            .then(|| format!("/web/staff/invites/{}/revoke", i.id)),
                     )
                 })
                 .collect(),
-            action: "",
+            action: "Revoke",
             choices: &[],
             reason: false,
+            fields: &[],
         });
     }
     Ok(())
@@ -165,6 +179,7 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
             action: "Resolve",
             choices: &REPORT_ACTIONS,
             reason: false,
+            fields: &[],
         });
     }
     if may(s, Action::Verdicts) {
@@ -190,6 +205,7 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
             action: "",
             choices: &[],
             reason: false,
+            fields: &[],
         });
     }
     if may(s, Action::AuditLog) {
@@ -215,6 +231,7 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
             action: "",
             choices: &[],
             reason: false,
+            fields: &[],
         });
     }
     Ok(())
@@ -255,6 +272,7 @@ fn limits(st: &HubState, out: &mut Vec<Section>) {
         action: "",
         choices: &[],
         reason: false,
+        fields: &[],
     });
 }
 
@@ -262,6 +280,7 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
     if may(s, Action::Limits) {
         limits(st, out);
     }
+    crate::web::admin_forms::settings(st, s, out).await?;
     if may(s, Action::Keys) {
         let keys = st.store.list_keys().await?;
         out.push(Section {
@@ -285,6 +304,7 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
             action: "Apply",
             choices: &KEY_ACTIONS,
             reason: true,
+            fields: &[],
         });
     }
     if may(s, Action::Providers) {
@@ -325,7 +345,8 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
             rows,
             action: "Apply",
             choices: &PROVIDER_ACTIONS,
-            reason: false,
+            reason: true,
+            fields: &[],
         });
     }
     Ok(())

@@ -369,7 +369,7 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
     b.sign_in(&hub, &hub.admin_key).await;
     b.goto(&format!("{}/web/staff", hub.url())).await;
     b.shot("staff-admin").await;
-    for id in ["keys", "providers"] {
+    for id in ["keys", "providers", "account-limits", "groups"] {
         let png =
             b.c.find(Locator::Id(id))
                 .await
@@ -399,6 +399,22 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
         "{:?}",
         s.body
     );
+    // The admin limits mia to one request a minute in the page; her next two calls
+    // through the API: the second is refused.
+    let form = "form[action='/web/staff/accounts/mia/limits']";
+    b.c.find(Locator::Css(&format!("{form} input[name='rpm']")))
+        .await
+        .unwrap()
+        .send_keys("1")
+        .await
+        .unwrap();
+    b.click(&format!("{form} button")).await;
+    b.c.wait()
+        .for_element(Locator::Css("#account-limits"))
+        .await
+        .unwrap();
+    assert_eq!(mia.chat("m1", "after").await.status, 200);
+    assert_eq!(mia.chat("m1", "limited").await.status, 429, "rpm 1 set");
     b.c.clone().close().await.unwrap();
 }
 

@@ -219,6 +219,55 @@ const FORMS: &[FormCase] = &[
         "/admin/v1/invites",
         Some(r#"{"hours":2}"#),
     ),
+    (
+        "/web/staff/invites/999999/revoke",
+        &[],
+        "DELETE",
+        "/admin/v1/invites/999999",
+        None,
+    ),
+    (
+        "/web/staff/accounts/nobody-here/limits",
+        &[("rpm", "5"), ("daily_tokens", "")],
+        "PUT",
+        "/admin/v1/accounts/nobody-here/limits",
+        Some(r#"{"rpm":5}"#),
+    ),
+    (
+        "/web/staff/keys/999999/limits",
+        &[("tpm", "100")],
+        "PUT",
+        "/admin/v1/keys/999999/limits",
+        Some(r#"{"tpm":100}"#),
+    ),
+    (
+        "/web/staff/providers/999999/act",
+        &[("action", "suspend"), ("reason", "spam")],
+        "POST",
+        "/admin/v1/providers/999999/sanction",
+        Some(r#"{"action":"suspend","reason":"spam"}"#),
+    ),
+    (
+        "/web/staff/accounts/nobody-here/role",
+        &[("action", "moderator")],
+        "PUT",
+        "/admin/v1/accounts/nobody-here/role",
+        Some(r#"{"role":"moderator"}"#),
+    ),
+    (
+        "/web/staff/accounts/nobody-here/groups",
+        &[("action", "add"), ("group", "beta")],
+        "POST",
+        "/admin/v1/accounts/nobody-here/groups",
+        Some(r#"{"group":"beta"}"#),
+    ),
+    (
+        "/web/staff/accounts/nobody-here/groups",
+        &[("action", "remove"), ("group", "beta")],
+        "DELETE",
+        "/admin/v1/accounts/nobody-here/groups/beta",
+        None,
+    ),
 ];
 
 #[tokio::test]
@@ -263,6 +312,10 @@ async fn every_page_and_form_against_every_role() {
                 ("keys", admin),
                 ("providers", admin),
                 ("limits", admin),
+                ("account-limits", admin),
+                ("key-limits", admin),
+                ("roles", admin),
+                ("groups", admin),
             ] {
                 assert_eq!(
                     page.contains(&format!("id=\"{id}\"")),
@@ -365,6 +418,126 @@ async fn revoking_or_banning_the_key_ends_the_session_at_once() {
     let c = WebClient::signed_in(&hub, &key).await;
     assert_eq!(Staff::admin(&hub).ban("ben", "test").await.status, 200);
     assert_eq!(c.get("/web/me").await.0, 303, "banned: back to sign in");
+}
+
+#[tokio::test]
+async fn the_admin_forms_take_effect_through_the_api() {
+    let hub = TestHub::start().await;
+    let backend = FakeBackend::start(&["m1"]).await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p1").await, &backend.base_url());
+    hub.wait_for_model("m1", 1).await;
+    let mia = Consumer::new(&hub, "mia").await;
+    let ben = Consumer::new(&hub, "ben").await;
+    let boss = Staff::new(&hub, "boss", "admin").await;
+    let c = WebClient::signed_in(&hub, &boss.key).await;
+    let post = |path: String, f: Vec<(&'static str, String)>| {
+        let c = &c;
+        async move {
+            let mut all = vec![("csrf", c.csrf.clone())];
+            all.extend(f);
+            let all: Vec<(&str, &str)> = all.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            c.post(&path, &all).await
+        }
+    };
+    // Bad limits: a clear 400 page naming the field, nothing echoed, nothing set.
+    for bad in ["-1", "abc", "1.5", "99999999999999999999", "<b>7</b>"] {
+        let (s, page) = post(
+            "/web/staff/accounts/mia/limits".into(),
+            vec![("rpm", bad.into())],
+        )
+        .await;
+        assert_eq!(s, 400, "rpm={bad}");
+        assert!(page.contains("<code>rpm</code>"), "rpm={bad}: {page}");
+        assert!(!page.contains(bad), "rpm={bad} echoed");
+    }
+    let key_id = ben.get("keys").await.body["data"][0]["id"]
+        .as_i64()
+        .unwrap();
+    let (s, page) = post(
+        format!("/web/staff/keys/{key_id}/limits"),
+        vec![("concurrent", "x".into())],
+    )
+    .await;
+    assert_eq!((s, page.contains("<code>concurrent</code>")), (400, true));
+    assert_eq!(mia.chat("m1", "one").await.status, 200);
+    assert_eq!(mia.chat("m1", "two").await.status, 200, "no limit was set");
+    // Account and key limits: one request a minute, then 429.
+    let (s, _) = post(
+        "/web/staff/accounts/mia/limits".into(),
+        vec![("rpm", " 1 ".into())],
+    )
+    .await;
+    assert_eq!(s, 303);
+    assert_eq!(mia.chat("m1", "three").await.status, 200);
+    assert_eq!(mia.chat("m1", "four").await.status, 429, "account rpm 1");
+    let (s, _) = post(
+        format!("/web/staff/keys/{key_id}/limits"),
+        vec![("rpm", "1".into())],
+    )
+    .await;
+    assert_eq!(s, 303);
+    assert_eq!(ben.chat("m1", "one").await.status, 200);
+    assert_eq!(ben.chat("m1", "two").await.status, 429, "key rpm 1");
+    // An invite revoked on the page is revoked in the API.
+    let inv = boss.post("/admin/v1/invites", json!({})).await;
+    let id = inv.body["id"].as_i64().unwrap();
+    let (s, _) = post(format!("/web/staff/invites/{id}/revoke"), vec![]).await;
+    assert_eq!(s, 303);
+    let list = boss.get("/admin/v1/invites").await.body;
+    let row = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == id)
+        .unwrap()
+        .clone();
+    assert!(row["revoked_at"].is_i64(), "{row}");
+    // Role and groups.
+    let (s, _) = post(
+        "/web/staff/accounts/mia/role".into(),
+        vec![("action", "moderator".into())],
+    )
+    .await;
+    assert_eq!(s, 303);
+    let add = vec![("action", "add".into()), ("group", "beta".into())];
+    assert_eq!(
+        post("/web/staff/accounts/mia/groups".into(), add).await.0,
+        303
+    );
+    let shown = boss.get("/admin/v1/accounts/mia").await.body;
+    assert_eq!(shown["account"]["role"], "moderator", "{shown}");
+    assert_eq!(shown["account"]["groups"], json!(["beta"]), "{shown}");
+    let rm = vec![("action", "remove".into()), ("group", "beta".into())];
+    assert_eq!(
+        post("/web/staff/accounts/mia/groups".into(), rm).await.0,
+        303
+    );
+    let shown = boss.get("/admin/v1/accounts/mia").await.body;
+    assert_eq!(shown["account"]["groups"], json!([]), "{shown}");
+    let own = vec![("action", "member".into())];
+    assert_eq!(
+        post("/web/staff/accounts/boss/role".into(), own).await.0,
+        403,
+        "own role"
+    );
+    // A provider suspended on the page is suspended in the API.
+    let pid = boss.get("/admin/v1/providers").await.body["data"][0]["id"]
+        .as_i64()
+        .unwrap();
+    let sus = vec![("action", "suspend".into()), ("reason", "test".into())];
+    assert_eq!(
+        post(format!("/web/staff/providers/{pid}/act"), sus).await.0,
+        303
+    );
+    let p = boss.get("/admin/v1/providers").await.body["data"][0].clone();
+    assert_eq!(p["state"], "suspended", "{p}");
+    let bogus = vec![("action", "explode".into())];
+    assert_eq!(
+        post(format!("/web/staff/providers/{pid}/act"), bogus)
+            .await
+            .0,
+        400
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,244 @@
+//! The staff page's admin-only account forms: limits of an account or a key, an account's
+//! role and groups, and the staff page's sections that show them. Each form checks the session's CSRF token, then calls the admin API's own
+//! function, which checks the role table.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use http::HeaderMap;
+use potluck_store::KeyLimits;
+use serde::Deserialize;
+
+use crate::accounts::credits::{set_key_limits, set_limits_named};
+use crate::accounts::members::{add_to_group, remove_from_group, set_role_named};
+use crate::http::auth::{require, Action};
+use crate::http::error::ApiError;
+use crate::state::HubState;
+use crate::web::actions::unknown_action;
+use crate::web::member::checked;
+use crate::web::session::Session;
+use crate::web::staff::{cells, may, Row, Section};
+use crate::web::{back, form, WebError};
+
+/// The limits form: each field a whole number, or empty for no override.
+#[derive(Deserialize)]
+pub(crate) struct LimitsForm {
+    csrf: String,
+    #[serde(default)]
+    rpm: String,
+    #[serde(default)]
+    tpm: String,
+    #[serde(default)]
+    concurrent: String,
+    #[serde(default)]
+    daily_tokens: String,
+}
+
+/// One field: empty is no override; anything else must be a whole number (the admin
+/// API's check then refuses a negative one).
+fn whole(v: &str, name: &'static str) -> Result<Option<i64>, ApiError> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .map_err(|_| ApiError::bad_request(format!("'{name}' must be a whole number."), Some(name)))
+}
+
+impl LimitsForm {
+    fn limits(&self) -> Result<KeyLimits, ApiError> {
+        Ok(KeyLimits {
+            rpm: whole(&self.rpm, "rpm")?,
+            tpm: whole(&self.tpm, "tpm")?,
+            max_concurrent: whole(&self.concurrent, "concurrent")?,
+            daily_tokens: whole(&self.daily_tokens, "daily_tokens")?,
+        })
+    }
+}
+
+/// `POST /web/staff/accounts/{name}/limits`
+pub(crate) async fn account_limits(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: LimitsForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    require(&s.auth, Action::Limits)?;
+    set_limits_named(&st, &s.auth, name, f.limits()?).await?;
+    Ok(back("/web/staff"))
+}
+
+/// `POST /web/staff/keys/{id}/limits`
+pub(crate) async fn key_limits(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: LimitsForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    require(&s.auth, Action::Limits)?;
+    let limits = f.limits()?;
+    let id = crate::http::extract::parse_id(&id, "key")?;
+    set_key_limits(&st, &s.auth, id, limits).await?;
+    Ok(back("/web/staff"))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct RoleForm {
+    csrf: String,
+    action: String,
+}
+
+/// `POST /web/staff/accounts/{name}/role`: the role is the form's `action`.
+pub(crate) async fn set_role(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: RoleForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    set_role_named(&st, &s.auth, &name, &f.action).await?;
+    Ok(back("/web/staff"))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct GroupForm {
+    csrf: String,
+    action: String,
+    #[serde(default)]
+    group: String,
+}
+
+/// `POST /web/staff/accounts/{name}/groups`: add to or remove from a group.
+pub(crate) async fn groups(
+    State(st): State<Arc<HubState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, WebError> {
+    let f: GroupForm = form(&st, body).await?;
+    let s = checked(&st, &headers, &f.csrf).await?;
+    match f.action.as_str() {
+        "add" => {
+            add_to_group(&st, &s.auth, &name, f.group).await?;
+        }
+        "remove" => {
+            remove_from_group(&st, &s.auth, &name, f.group).await?;
+        }
+        _ => return Err(unknown_action()),
+    }
+    Ok(back("/web/staff"))
+}
+
+/// What the limits forms ask (empty for no override).
+const LIMIT_FIELDS: [&str; 4] = ["rpm", "tpm", "concurrent", "daily_tokens"];
+/// The roles an admin may give.
+const ROLES: [&str; 3] = ["member", "moderator", "admin"];
+
+/// One form a row per account (or key): the admin-only settings sections.
+fn per_row(
+    id: &'static str,
+    title: &'static str,
+    columns: &'static [&'static str],
+    rows: Vec<(Row, Option<String>)>,
+    action: &'static str,
+) -> Section {
+    Section {
+        id,
+        title,
+        columns,
+        rows,
+        action,
+        choices: &[],
+        reason: false,
+        fields: &[],
+    }
+}
+
+/// Limits of accounts and keys, roles and groups (the CLI's `accounts limits|role|group`
+/// and `keys limits`), each shown only to a role the table lets do it.
+pub(super) async fn settings(
+    st: &HubState,
+    s: &Session,
+    out: &mut Vec<Section>,
+) -> Result<(), ApiError> {
+    let (limits, manage) = (may(s, Action::Limits), may(s, Action::ManageAccounts));
+    if !(limits || manage) {
+        return Ok(());
+    }
+    let n = st.config.web.page_rows.unsigned_abs() as usize;
+    let accounts: Vec<_> = st
+        .store
+        .list_accounts()
+        .await?
+        .into_iter()
+        .take(n)
+        .collect();
+    let row = |a: &potluck_store::accounts::AccountInfo, path: &str, extra: String| {
+        let url = format!("/web/staff/accounts/{}/{path}", a.name);
+        (cells([a.name.clone(), extra]), Some(url))
+    };
+    if limits {
+        let rows = accounts.iter().map(|a| row(a, "limits", a.role.to_owned()));
+        let mut sec = per_row(
+            "account-limits",
+            "Account limits (empty: hub default)",
+            &["Account", "Role"],
+            rows.collect(),
+            "Set limits",
+        );
+        sec.fields = &LIMIT_FIELDS;
+        out.push(sec);
+        let keys = st
+            .store
+            .list_keys()
+            .await?
+            .into_iter()
+            .filter(|k| k.revoked_at.is_none());
+        let rows = keys.take(n).map(|k| {
+            let url = format!("/web/staff/keys/{}/limits", k.id);
+            (cells([k.id.to_string(), k.name, k.account]), Some(url))
+        });
+        let mut sec = per_row(
+            "key-limits",
+            "Key limits (empty: hub default)",
+            &["Id", "Name", "Account"],
+            rows.collect(),
+            "Set limits",
+        );
+        sec.fields = &LIMIT_FIELDS;
+        out.push(sec);
+    }
+    if manage {
+        let rows = accounts.iter().map(|a| row(a, "role", a.role.to_owned()));
+        let mut sec = per_row(
+            "roles",
+            "Roles",
+            &["Account", "Role"],
+            rows.collect(),
+            "Set role",
+        );
+        sec.choices = &ROLES;
+        out.push(sec);
+        let rows = accounts
+            .iter()
+            .map(|a| row(a, "groups", a.groups.join(", ")));
+        let mut sec = per_row(
+            "groups",
+            "Groups",
+            &["Account", "Groups"],
+            rows.collect(),
+            "Apply",
+        );
+        sec.choices = &["add", "remove"];
+        sec.fields = &["group"];
+        out.push(sec);
+    }
+    Ok(())
+}
