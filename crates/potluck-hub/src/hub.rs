@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::books::cache::{self, TtlCache};
 use crate::books::limits::{Hourly, Limiter};
+use crate::books::reserve::{LeaseTerms, Reservations};
 use crate::books::retention;
 use crate::books::usage::{self, Accounting};
 use crate::config::HubConfig;
@@ -156,6 +157,7 @@ impl Hub {
         let metrics = Metrics::new(max_model_labels)
             .with_settlement_lag(accounting.settlement_lag().histogram());
         let web = crate::web::WebState::new(&identity);
+        let balances = Arc::new(balance_table(&store, &config));
         let state = Arc::new(HubState {
             web,
             config,
@@ -175,7 +177,7 @@ impl Hub {
             service: Default::default(),
             keys: TtlCache::new(cache::KEY_TTL),
             unknown_keys: TtlCache::new(cache::KEY_MISS_TTL),
-            balances: Default::default(),
+            balances,
             inflight: Default::default(),
             metrics,
         });
@@ -237,6 +239,10 @@ impl Hub {
         state
             .tasks
             .spawn(crate::alerts::run(Arc::clone(&state), writer_stop.clone()));
+        state.tasks.spawn(crate::books::presence::run(
+            Arc::clone(&state),
+            writer_stop.clone(),
+        ));
         state.tasks.spawn(crate::accounts::remote::follow(
             Arc::clone(&state),
             writer_stop.clone(),
@@ -278,9 +284,28 @@ impl Hub {
         {
             tracing::warn!("hub tasks did not stop within the grace period");
         }
+        if let Some(terms) = state.balances.lease_terms() {
+            // The writer has drained: give this hub's share of every balance back now
+            // rather than when the leases expire.
+            if let Err(e) = state.store.release_leases(&terms.holder).await {
+                tracing::warn!(error = ?e, "balance leases not released; they expire on their own");
+            }
+        }
         state.store.close().await;
         tracing::info!("hub stopped");
         result
+    }
+}
+
+/// The balance table: on a database that several hubs may share (PostgreSQL), balances
+/// are spent from leases (see `books::reserve`); on SQLite this hub alone spends them.
+fn balance_table(store: &Store, config: &HubConfig) -> Reservations {
+    match store.engine() {
+        potluck_store::Engine::Sqlite => Reservations::default(),
+        potluck_store::Engine::Postgres => Reservations::leased(LeaseTerms {
+            holder: format!("hub-{}", crate::routing::send::new_request_id()),
+            ttl: config.credits.lease_ttl,
+        }),
     }
 }
 

@@ -78,6 +78,11 @@ pub(crate) const SERVICE_EWMA_ALPHA: f64 = 0.2;
 pub(crate) const DEFAULT_SERVICE_MS: f64 = 1000.0;
 
 impl HubState {
+    /// How many hubs split per-account limits now (1 unless several share the database).
+    pub fn hubs_sharing_limits(&self) -> u64 {
+        self.limiter.hubs()
+    }
+
     /// Record how long a successful request to `model` took.
     pub(crate) fn observe_service(&self, model: &ModelName, d: Duration) {
         let ms = d.as_secs_f64() * 1000.0;

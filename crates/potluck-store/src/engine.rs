@@ -2,7 +2,7 @@
 //! several hubs). Both are reached through sqlx's `Any` driver, so every query is one text
 //! (`$1` placeholders, which SQLite accepts too); the few places where the dialects differ
 //! are here: connecting, starting a write transaction, the migrations' column types, and
-//! two SQL fragments (string aggregation and the UTC day of a timestamp).
+//! three SQL fragments (string aggregation, the UTC day of a timestamp, the clock).
 //!
 //! `Any` decodes integers, floats, text and blobs on both engines, but not booleans from
 //! SQLite, so flags are `INTEGER`/`BIGINT` 0 or 1 on both and are bound as `i64`.
@@ -50,6 +50,14 @@ impl Engine {
         match self {
             Engine::Sqlite => format!("group_concat({expr}, char(10))"),
             Engine::Postgres => format!("string_agg({expr}, chr(10))"),
+        }
+    }
+
+    /// The database server's clock, in unix milliseconds: one clock for every hub.
+    pub(crate) fn now_ms(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS BIGINT)",
+            Engine::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
         }
     }
 

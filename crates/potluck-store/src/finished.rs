@@ -16,7 +16,7 @@ use sqlx::query::Query;
 use sqlx::{Any, AnyConnection};
 
 use crate::engine::Engine;
-use crate::ledger::{now_ms, Bucket, Entry, Settlement, TAX};
+use crate::ledger::{now_ms, Bucket, Entry, Micro, Settlement, TAX};
 use crate::store::{Store, StoreError, UsageRecord};
 
 /// Rows per multi-row statement: 64 usage rows bind 896 values, under SQLite's oldest
@@ -67,6 +67,17 @@ impl Store {
         usage: &[UsageRecord],
         batch: &[Settlement],
     ) -> Result<(), StoreError> {
+        self.record_finished_for(usage, batch, None).await
+    }
+
+    /// [`Store::record_finished`] for a hub that spends leased balances (see
+    /// [`crate::leases`]): its leases drop by what it charged, in the same transaction.
+    pub async fn record_finished_for(
+        &self,
+        usage: &[UsageRecord],
+        batch: &[Settlement],
+        lease_holder: Option<&str>,
+    ) -> Result<(), StoreError> {
         if usage.is_empty() && batch.is_empty() {
             return Ok(());
         }
@@ -93,11 +104,27 @@ impl Store {
             insert_entries(&mut tx, max, &posts).await?;
             add_balances(&mut tx, &posts).await?;
             add_earnings(&mut tx, batch).await?;
+            if let Some(hub) = lease_holder {
+                crate::leases::spend(&mut tx, hub, &charges(batch)?).await?;
+            }
         }
         insert_usage(&mut tx, usage).await?;
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// What each consumer account was charged in `batch` (cost plus tax), summed.
+fn charges(batch: &[Settlement]) -> Result<Vec<(i64, Micro)>, StoreError> {
+    let mut sums: BTreeMap<i64, Micro> = Default::default();
+    for s in batch {
+        let sum = sums.entry(s.consumer_account).or_default();
+        *sum = sum
+            .checked_add(s.cost)
+            .and_then(|v| v.checked_add(s.tax))
+            .ok_or_else(|| StoreError::Conflict("charge out of range".into()))?;
+    }
+    Ok(sums.into_iter().collect())
 }
 
 /// `INSERT … VALUES` for `rows` rows of `cols` values each, numbered `$1`, `$2`, ….

@@ -227,4 +227,24 @@ ALTER TABLE accounts ADD COLUMN max_concurrent INTEGER;
 ALTER TABLE accounts ADD COLUMN daily_tokens INTEGER;
 "#,
     ),
+    (
+        12,
+        r#"
+-- Balance leases (see `leases`): what each hub may spend of an account's balance from
+-- memory. The live leases of all hubs together never exceed the available balance.
+CREATE TABLE balance_leases (
+    account_id    INTEGER NOT NULL,
+    hub           TEXT NOT NULL,
+    amount        INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (account_id, hub)
+);
+-- Hubs alive on this database (each renews its row every few seconds): per-account
+-- limits are split evenly among them.
+CREATE TABLE hub_presence (
+    hub        TEXT PRIMARY KEY,
+    seen_at_ms INTEGER NOT NULL
+);
+"#,
+    ),
 ];

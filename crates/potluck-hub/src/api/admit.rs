@@ -309,13 +309,25 @@ async fn hold(
     account: i64,
     amount: Micro,
 ) -> Result<(Option<Hold>, Micro), ApiError> {
+    let mut renewed = false;
     for _ in 0..SEED_TRIES {
         match state.balances.try_hold(account, amount, Instant::now()) {
             Ok(h) => {
                 let available = h.available;
                 return Ok((Some(h), available));
             }
-            Err(NoHold::Short(available)) => return Ok((None, available)),
+            Err(NoHold::Short(available)) if renewed || state.balances.lease_terms().is_none() => {
+                return Ok((None, available))
+            }
+            // A lease that runs short may grow: renew it once before refusing.
+            Err(NoHold::Short(_)) => {
+                renew_lease(state, account, amount).await?;
+                renewed = true;
+            }
+            Err(NoHold::Seed(_)) if state.balances.lease_terms().is_some() => {
+                renew_lease(state, account, amount).await?;
+                renewed = true;
+            }
             Err(NoHold::Seed(generation)) => {
                 let balance = state.store.balance(account).await?.available;
                 state
@@ -325,6 +337,30 @@ async fn hold(
         }
     }
     Err(ApiError::UsageBacklog { retry_after: 1 })
+}
+
+/// Renew this hub's lease on `account`'s balance (a shared database): enough for what it
+/// holds plus `amount`, if the other hubs' leases leave that much.
+async fn renew_lease(state: &HubState, account: i64, amount: Micro) -> Result<(), ApiError> {
+    let Some(terms) = state.balances.lease_terms() else {
+        return Ok(());
+    };
+    let _one_at_a_time = state.balances.renewing(account).await;
+    let stale = state.balances.stale(account);
+    let need = stale.held.checked_add(amount).unwrap_or(Micro::MAX);
+    let ttl_ms = i64::try_from(terms.ttl.as_millis()).unwrap_or(i64::MAX);
+    let lease = state
+        .store
+        .lease(account, &terms.holder, need.get(), ttl_ms)
+        .await?;
+    state.balances.seed_lease(
+        account,
+        lease.granted,
+        lease.available,
+        stale.generation,
+        Instant::now(),
+    );
+    Ok(())
 }
 
 /// A place in the usage queue for the request's record, waiting at most

@@ -7,6 +7,7 @@
 //! seen each day, so a restart does not reset it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,24 @@ struct AccountState {
 #[derive(Debug, Default)]
 pub(crate) struct Limiter {
     accounts: parking_lot::Mutex<HashMap<i64, AccountState>>,
+    /// Hubs alive on this hub's database (0 or 1: this hub alone). Each hub admits its
+    /// even share of every limit, so N hubs together admit at most `limit + N − 1`.
+    hubs: AtomicU64,
+}
+
+impl Effective {
+    /// One hub's share when `hubs` hubs split the limits: `⌈limit / hubs⌉` each (never 0
+    /// for a positive limit).
+    pub(crate) fn share(self, hubs: u64) -> Self {
+        let hubs = i64::try_from(hubs.max(1)).unwrap_or(i64::MAX);
+        let part = |v: Option<i64>| v.map(|v| if v <= 0 { v } else { (v - 1) / hubs + 1 });
+        Self {
+            rpm: part(self.rpm),
+            tpm: part(self.tpm),
+            max_concurrent: part(self.max_concurrent),
+            daily_tokens: part(self.daily_tokens),
+        }
+    }
 }
 
 /// Holds one concurrent-request slot of an account; freed on drop.
@@ -87,6 +106,16 @@ fn retry(secs: f64) -> u64 {
 }
 
 impl Limiter {
+    /// How many hubs share the limits now (see [`Limiter::hubs`]).
+    pub(crate) fn set_hubs(&self, n: u64) {
+        self.hubs.store(n, Ordering::Relaxed);
+    }
+
+    /// How many hubs share the limits (at least 1).
+    pub(crate) fn hubs(&self) -> u64 {
+        self.hubs.load(Ordering::Relaxed).max(1)
+    }
+
     /// Whether the account's daily count for `day` must be seeded from the database first.
     pub(crate) fn needs_day(&self, account_id: i64, day: i64) -> bool {
         self.accounts
@@ -106,9 +135,11 @@ impl Limiter {
         secs_to_midnight: u64,
         seed_day_tokens: Option<i64>,
     ) -> Result<InFlight, Limited> {
+        let full = l;
+        let l = l.share(self.hubs());
         let mut map = self.accounts.lock();
         let s = map.entry(account_id).or_insert_with(|| AccountState {
-            limits: l,
+            limits: full,
             requests: l.rpm.unwrap_or(0) as f64,
             tokens: l.tpm.unwrap_or(0) as f64,
             refilled: now,
@@ -120,9 +151,11 @@ impl Limiter {
             s.day = day;
             s.day_tokens = seed_day_tokens.unwrap_or(0);
         }
-        if s.limits != l {
-            // The operator changed this account's limits: start from full buckets.
-            s.limits = l;
+        if s.limits != full {
+            // The operator changed this account's limits: start from full buckets. (A
+            // change in the number of hubs does not refill them: the refill below only
+            // caps them at the new share.)
+            s.limits = full;
             s.requests = l.rpm.unwrap_or(0) as f64;
             s.tokens = l.tpm.unwrap_or(0) as f64;
         }
@@ -240,6 +273,31 @@ mod tests {
             max_concurrent: conc,
             daily_tokens: daily,
         }
+    }
+
+    #[test]
+    fn hubs_split_limits_evenly_and_never_to_nothing() {
+        let full = lim(Some(600), Some(7), Some(1), None);
+        assert_eq!(full.share(0), full);
+        assert_eq!(full.share(1), full);
+        assert_eq!(full.share(2), lim(Some(300), Some(4), Some(1), None));
+        assert_eq!(full.share(3), lim(Some(200), Some(3), Some(1), None));
+        for n in 1..50u64 {
+            for v in [1i64, 7, 599, 600, 601] {
+                let each = lim(Some(v), None, None, None).share(n).rpm.unwrap();
+                let total = each * n as i64;
+                assert!(total >= v && total < v + n as i64, "{v} over {n}: {each}");
+            }
+        }
+        // A hub count that changes does not refill the buckets.
+        let l = Arc::new(Limiter::default());
+        let now = Instant::now();
+        let one = lim(Some(2), None, None, None);
+        l.set_hubs(1);
+        drop(l.admit(1, one, now, 0, 1, None).unwrap());
+        drop(l.admit(1, one, now, 0, 1, None).unwrap());
+        l.set_hubs(2);
+        assert!(l.admit(1, one, now, 0, 1, None).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub(crate) mod cache;
 pub(crate) mod credits;
 pub(crate) mod limits;
 pub(crate) mod money;
+pub(crate) mod presence;
 pub(crate) mod reserve;
 pub(crate) mod retention;
 pub(crate) mod usage;

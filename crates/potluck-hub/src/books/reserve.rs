@@ -11,6 +11,11 @@
 //! releases everything. No database round trip per request: the store is read only when
 //! an account is first seen, after a change made outside the request path (grants,
 //! claw-backs, vesting: [`Reservations::remove`]), or every [`BALANCE_REFRESH`].
+//!
+//! On a database that several hubs share, `balance` is not the account's balance but this
+//! hub's *lease* on it ([`LeaseTerms`], `potluck_store::leases`): the leases of all hubs
+//! together never exceed the account's balance, so neither do their holds. A lease is
+//! renewed (one database round trip) when it runs short or after half its time to live.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +31,11 @@ pub(crate) const MAX_ACCOUNTS: usize = 100_000;
 
 #[derive(Debug)]
 struct Account {
+    /// What this hub may spend: the account's balance, or this hub's lease on it.
     balance: i64,
+    /// The ledger's balance beyond this hub's lease (0 without leases): shown as available
+    /// (it decides priority), never spent.
+    beyond: i64,
     held: i64,
     /// Bumped whenever the writer moves the balance; a store read taken under another
     /// generation is out of date.
@@ -39,6 +48,32 @@ struct Account {
 #[derive(Debug, Default)]
 pub(crate) struct Reservations {
     map: parking_lot::Mutex<HashMap<i64, Account>>,
+    /// How balances are leased from a shared database; `None`: this hub alone spends them.
+    lease: Option<LeaseTerms>,
+    /// One lease renewal at a time per stripe of accounts, so that the last lease
+    /// written to the database is the one this table holds.
+    renewing: [tokio::sync::Mutex<()>; RENEW_STRIPES],
+}
+
+/// Stripes of accounts whose lease renewals wait for each other.
+const RENEW_STRIPES: usize = 16;
+
+/// How a hub on a shared database leases balances.
+#[derive(Debug, Clone)]
+pub(crate) struct LeaseTerms {
+    /// This hub process's name in the lease table (random per start).
+    pub(crate) holder: String,
+    /// How long a lease lives unless renewed; the table renews it after half of that.
+    pub(crate) ttl: Duration,
+}
+
+/// What a lease renewal must cover: the account's holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stale {
+    /// Pass to [`Reservations::seed`].
+    pub(crate) generation: u64,
+    /// What this hub holds for the account now.
+    pub(crate) held: Micro,
 }
 
 /// Why a hold was not taken.
@@ -72,6 +107,50 @@ pub(crate) struct Pending {
 }
 
 impl Reservations {
+    /// A table whose balances are leases on a shared database's balances.
+    pub(crate) fn leased(terms: LeaseTerms) -> Self {
+        Self {
+            lease: Some(terms),
+            ..Self::default()
+        }
+    }
+
+    /// How balances are leased, if they are.
+    pub(crate) fn lease_terms(&self) -> Option<&LeaseTerms> {
+        self.lease.as_ref()
+    }
+
+    /// How long a balance read (or a lease) is trusted.
+    fn fresh_for(&self) -> Duration {
+        self.lease
+            .as_ref()
+            .map_or(BALANCE_REFRESH, |l| (l.ttl / 2).min(BALANCE_REFRESH))
+    }
+
+    /// Wait for this account's stripe: one lease renewal at a time.
+    pub(crate) async fn renewing(&self, account: i64) -> tokio::sync::MutexGuard<'_, ()> {
+        let stripe = account.rem_euclid(RENEW_STRIPES as i64) as usize;
+        self.renewing[stripe].lock().await
+    }
+
+    /// Mark `account` stale and say what a renewed lease must cover.
+    pub(crate) fn stale(&self, account: i64) -> Stale {
+        let mut map = self.map.lock();
+        match map.get_mut(&account) {
+            Some(a) => {
+                a.fresh_until = None;
+                Stale {
+                    generation: a.generation,
+                    held: Micro::new(a.held),
+                }
+            }
+            None => Stale {
+                generation: 0,
+                held: Micro::ZERO,
+            },
+        }
+    }
+
     /// Hold `amount` for `account` if its available balance covers it.
     pub(crate) fn try_hold(
         self: &Arc<Self>,
@@ -87,15 +166,16 @@ impl Reservations {
             return Err(NoHold::Seed(a.generation));
         }
         let available = a.balance.saturating_sub(a.held);
+        let shown = Micro::new(available.saturating_add(a.beyond));
         if amount.get() < 0 || available < amount.get() {
-            return Err(NoHold::Short(Micro::new(available)));
+            return Err(NoHold::Short(shown));
         }
         a.held = a.held.saturating_add(amount.get());
         Ok(Hold {
             table: Arc::clone(self),
             account,
             amount,
-            available: Micro::new(available),
+            available: shown,
             settled: parking_lot::Mutex::new(false),
         })
     }
@@ -104,12 +184,27 @@ impl Reservations {
     /// `generation`. Ignored (returns false) when the writer moved the balance meanwhile:
     /// the read may predate a write it already counted.
     pub(crate) fn seed(&self, account: i64, balance: i64, generation: u64, now: Instant) -> bool {
+        self.seed_lease(account, balance, balance, generation, now)
+    }
+
+    /// [`Reservations::seed`] with a lease: this hub may spend `leased` of the account's
+    /// `available` balance.
+    pub(crate) fn seed_lease(
+        &self,
+        account: i64,
+        leased: i64,
+        available: i64,
+        generation: u64,
+        now: Instant,
+    ) -> bool {
+        let fresh_for = self.fresh_for();
         let mut map = self.map.lock();
         if map.len() >= MAX_ACCOUNTS && !map.contains_key(&account) {
             map.retain(|_, a| a.held != 0);
         }
         let a = map.entry(account).or_insert(Account {
-            balance,
+            balance: leased,
+            beyond: 0,
             held: 0,
             generation: 0,
             fresh_until: None,
@@ -117,8 +212,9 @@ impl Reservations {
         if a.generation != generation {
             return false;
         }
-        a.balance = balance;
-        a.fresh_until = now.checked_add(BALANCE_REFRESH);
+        a.balance = leased;
+        a.beyond = available.saturating_sub(leased).max(0);
+        a.fresh_until = now.checked_add(fresh_for);
         true
     }
 

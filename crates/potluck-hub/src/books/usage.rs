@@ -392,7 +392,12 @@ async fn write(w: &mut Writer, batch: &mut [Finished]) {
         batch.iter().map(|f| f.usage.clone()).collect(),
         batch.iter().filter_map(|f| f.settlement.clone()).collect(),
     );
-    if w.store.record_finished(&usage, &settlements).await.is_ok() {
+    let holder = w.reservations.lease_terms().map(|t| t.holder.as_str());
+    if w.store
+        .record_finished_for(&usage, &settlements, holder)
+        .await
+        .is_ok()
+    {
         for f in batch.iter() {
             done(w, f, true);
         }
@@ -403,7 +408,7 @@ async fn write(w: &mut Writer, batch: &mut [Finished]) {
         let settlement: Vec<Settlement> = f.settlement.iter().cloned().collect();
         let res = w
             .store
-            .record_finished(std::slice::from_ref(&f.usage), &settlement)
+            .record_finished_for(std::slice::from_ref(&f.usage), &settlement, holder)
             .await;
         if let Err(e) = &res {
             tracing::error!(error = ?e, request_id = %f.usage.request_id, "settlement refused; writing the usage row alone");

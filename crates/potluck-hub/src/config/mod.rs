@@ -34,6 +34,11 @@ pub struct HubConfig {
     /// A PostgreSQL database (`postgres://USER:PASSWORD@HOST/DB`) instead of `hub.db` in
     /// the data directory; several hubs may share it. Default: none (SQLite).
     pub database: Option<DatabaseUrl>,
+    /// On a database several hubs share: how often each says it is alive (seconds).
+    /// Per-account limits are split evenly among the live hubs; a hub silent for three
+    /// intervals is no longer counted.
+    #[serde(with = "secs")]
+    pub presence_interval: Duration,
     /// Largest consumer request body, in bytes (413 above).
     pub max_request_bytes: usize,
     /// Largest non-streamed provider response, in bytes (502 above).
@@ -275,6 +280,10 @@ pub struct CreditsConfig {
     pub default_max_tokens: i64,
     /// Accounts with at least this balance (credits) get high priority.
     pub high_priority_balance: f64,
+    /// On a database several hubs share: how long a hub's lease on an account's balance
+    /// lives unless renewed (seconds). A hub that dies gives its share back after this.
+    #[serde(with = "secs")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for CreditsConfig {
@@ -317,6 +326,7 @@ impl Default for CreditsConfig {
             prompt_overhead_tokens: 128,
             default_max_tokens: 4096,
             high_priority_balance: 1000.0,
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -367,6 +377,12 @@ impl HubConfig {
                 ));
             }
         }
+        if self.presence_interval.is_zero() {
+            return Err("presence_interval must be more than 0 seconds".into());
+        }
+        if self.credits.lease_ttl < std::time::Duration::from_secs(1) {
+            return Err("credits.lease_ttl must be at least 1 second".into());
+        }
         if self.audit.max_pending == 0 {
             return Err("audit.max_pending must be at least 1".into());
         }
@@ -414,6 +430,7 @@ impl Default for HubConfig {
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080))),
             data_dir: PathBuf::from("potluck-data"),
             database: None,
+            presence_interval: Duration::from_secs(1),
             max_request_bytes: 8 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
             max_sse_line_bytes: 1024 * 1024,

@@ -10,18 +10,35 @@
 
 use std::time::{Duration, Instant};
 
-use potluck_hub::config::DatabaseUrl;
-use potluck_store::testing::TestDb;
+use std::sync::Arc;
 
-use potluck_testkit::{Consumer, Staff, TestHub};
+use potluck_hub::config::{DatabaseUrl, HubConfig};
+use potluck_protocol::tunnel::ProviderProfile;
+use potluck_store::testing::TestDb;
+use potluck_testkit::scripted_agent::{hello, Reply, Responder};
+use potluck_testkit::{Consumer, ScriptedAgent, Staff, TestHub};
+use serde_json::{json, Value};
 
 /// Two hubs on one fresh PostgreSQL database; the second is given the first's admin key
 /// (as an operator copies `admin.key`).
 async fn two_hubs() -> Option<(TestDb, TestHub, TestHub)> {
+    two_hubs_with(|_| {}).await
+}
+
+/// [`two_hubs`], both configured by `f`.
+async fn two_hubs_with(f: impl Fn(&mut HubConfig)) -> Option<(TestDb, TestHub, TestHub)> {
     let db = TestDb::postgres().await?;
     let url = db.url().to_owned();
-    let a = TestHub::start_with(|c| c.database = Some(DatabaseUrl::new(url.clone()))).await;
-    let mut b = TestHub::start_with(|c| c.database = Some(DatabaseUrl::new(url))).await;
+    let a = TestHub::start_with(|c| {
+        f(c);
+        c.database = Some(DatabaseUrl::new(url.clone()));
+    })
+    .await;
+    let mut b = TestHub::start_with(|c| {
+        f(c);
+        c.database = Some(DatabaseUrl::new(url));
+    })
+    .await;
     assert!(!a.admin_key.is_empty(), "the first hub makes the admin key");
     assert!(b.admin_key.is_empty(), "the second finds it and makes none");
     b.admin_key = a.admin_key.clone();
@@ -116,4 +133,156 @@ async fn hubs_started_at_once_make_one_admin_key_and_one_identity() {
     }
     assert_eq!(keys, 1, "one admin key among hubs started at once");
     assert_eq!(ids.len(), 1, "one identity");
+}
+
+/// Completion tokens cost 1000 micro-credits and prompts nothing, so a request with
+/// `max_tokens` 10 costs at most 10,000; one scripted provider on both hubs uses all of it.
+fn priced(c: &mut HubConfig) {
+    crate::money::cheap(c);
+    for r in c.credits.classes.values_mut() {
+        r.prompt = 0;
+        r.completion = 1000;
+    }
+}
+
+/// One provider connected to both hubs, answering every request with 10 tokens.
+async fn provider_on_both(a: &TestHub, b: &TestHub) -> [ScriptedAgent; 2] {
+    let full = Arc::new(|_b: &Value| Reply {
+        text: "w ".repeat(10),
+        completion_tokens: Some(10),
+    }) as Responder;
+    let token = a.create_provider("busy").await;
+    let mut agents = Vec::new();
+    for hub in [a, b] {
+        agents.push(
+            ScriptedAgent::connect_with(
+                "busy",
+                &hub.url(),
+                &token,
+                hello(&["m"], 64, ProviderProfile::default()),
+                Arc::clone(&full),
+            )
+            .await,
+        );
+        hub.wait_for_model("m", 1).await;
+    }
+    agents.try_into().map_err(|_| ()).unwrap()
+}
+
+/// Fire `n` requests at once, alternating between the hubs; the statuses, with every
+/// refusal checked to be the quota error an OpenAI client expects.
+async fn spend_through_both(who: [&Consumer; 2], n: usize) -> usize {
+    let body =
+        json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "go"}]});
+    let sends = (0..n).map(|i| {
+        let who = who[i % 2];
+        let body = body.clone();
+        async move {
+            let r = who.post("chat/completions", &body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or_default();
+            (status, v)
+        }
+    });
+    let mut ok = 0;
+    for (status, v) in futures_util::future::join_all(sends).await {
+        match status {
+            200 => ok += 1,
+            429 => assert_eq!(v["error"]["code"], "insufficient_quota", "{v}"),
+            s => panic!("unexpected {s}: {v}"),
+        }
+    }
+    ok
+}
+
+/// The attack: an account with credits for three requests fires fifty at once, half
+/// through each hub. Each hub alone keeps its holds within what it may spend; without
+/// leases both would spend the whole balance and the account would end overdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_spends_through_two_hubs_cannot_overdraw_a_tiny_balance() {
+    let Some((_db, a, b)) = two_hubs_with(priced).await else {
+        return;
+    };
+    let _p = provider_on_both(&a, &b).await;
+    let on_a = Consumer::new(&a, "tiny").await;
+    let on_b = Consumer::with_key(&b, "tiny", on_a.key.clone());
+    a.grant("tiny", 0.035).await;
+    let ok = spend_through_both([&on_a, &on_b], 50).await;
+    assert!((1..=3).contains(&ok), "{ok} admitted; 35,000 covers three");
+    a.wait_usage_rows(ok).await;
+    let left = on_b.available_micro().await;
+    assert!(left >= 0, "overdrawn: {left}");
+    assert_eq!(left, 35_000 - 10_000 * ok as i64);
+    a.state().store.audit_ledger().await.unwrap();
+}
+
+/// Leases do not cost a funded account its requests: a hundred spends alternating
+/// between the hubs are all served, and the ledger afterwards is exact (the account paid
+/// exactly what was served, every transaction sums to zero).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_funded_account_spends_through_both_hubs_and_the_ledger_is_exact() {
+    let Some((_db, a, b)) = two_hubs_with(priced).await else {
+        return;
+    };
+    let _p = provider_on_both(&a, &b).await;
+    let on_a = Consumer::new(&a, "funded").await;
+    let on_b = Consumer::with_key(&b, "funded", on_a.key.clone());
+    a.grant("funded", 2.0).await;
+    let mut ok = 0;
+    for _ in 0..5 {
+        ok += spend_through_both([&on_a, &on_b], 20).await;
+    }
+    assert_eq!(ok, 100, "2 credits cover 200 of these; every one is served");
+    a.wait_usage_rows(ok).await;
+    // Both hubs' writers have written: the balance is the grant less what was served.
+    let left = on_a.available_micro().await;
+    assert_eq!(left, 2_000_000 - 10_000 * ok as i64);
+    a.state().store.audit_ledger().await.unwrap();
+}
+
+/// Per-account limits hold across hubs: each hub admits `⌈limit / N⌉` of the N live
+/// hubs, so a 10 rpm account firing thirty requests through two hubs at once is admitted
+/// at most 10 + N − 1 = 11 times (each hub alone would admit 10: 20 together).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_rate_limit_holds_across_two_hubs() {
+    let Some((_db, a, b)) = two_hubs_with(|c| {
+        priced(c);
+        c.limits.rpm = Some(10);
+        c.presence_interval = std::time::Duration::from_millis(100);
+    })
+    .await
+    else {
+        return;
+    };
+    for hub in [&a, &b] {
+        let st = hub.state();
+        potluck_testkit::wait_until("both hubs counted", Duration::from_secs(10), || {
+            let st = Arc::clone(&st);
+            async move { st.hubs_sharing_limits() == 2 }
+        })
+        .await;
+    }
+    let _p = provider_on_both(&a, &b).await;
+    let on_a = Consumer::new(&a, "eager").await;
+    let on_b = Consumer::with_key(&b, "eager", on_a.key.clone());
+    a.grant("eager", 10.0).await;
+    let body =
+        json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "go"}]});
+    let sends = (0..30).map(|i| {
+        let who = [&on_a, &on_b][i % 2];
+        let body = body.clone();
+        async move {
+            let r = who.post("chat/completions", &body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let _ = r.bytes().await;
+            status
+        }
+    });
+    let statuses = futures_util::future::join_all(sends).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!((5..=11).contains(&ok), "{ok} admitted of 30 at 10 rpm");
 }

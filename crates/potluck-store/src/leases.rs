@@ -1,0 +1,238 @@
+//! Balance leases: how several hubs on one database share an account's credits without
+//! a database round trip per request and without overdrawing it.
+//!
+//! A hub may spend, from its memory, only what it leased: a row `(account, hub, amount,
+//! expires_at_ms)`. A lease is taken in one write transaction (one at a time on the
+//! database), so the leases of all hubs together never exceed the account's available
+//! balance: a hub is granted at most `available − Σ other hubs' live leases`. Settling a
+//! charge through the hub lowers its lease by the charge in the same transaction that
+//! debits the account, so the two move together. A lease not renewed expires, so a hub
+//! that died gives its share back after at most its time to live, judged by the
+//! database's clock (hubs' clocks may disagree).
+
+use crate::ledger::Micro;
+use crate::store::Result;
+use crate::Store;
+
+/// How much of the unleased rest a hub takes beyond what it needs now: `1/LEASE_SPLIT`.
+/// Taking half leaves the other half for the other hubs, and keeps the hub from coming
+/// back for every request of a well-funded account.
+pub const LEASE_SPLIT: i64 = 2;
+
+/// What a lease call granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// What this hub may spend (its lease now).
+    pub granted: Micro,
+    /// The account's available balance in the ledger (all hubs together).
+    pub available: Micro,
+}
+
+impl Store {
+    /// Renew `hub`'s lease on `account`'s balance for `ttl_ms`, asking for `need` (what
+    /// the hub holds already plus what it is admitting). Grants `need` plus
+    /// `1/LEASE_SPLIT` of what no other hub has leased beyond it; or, when that rest does
+    /// not cover `need`, all of it (the hub then refuses what it cannot cover).
+    pub async fn lease(&self, account: i64, hub: &str, need: Micro, ttl_ms: i64) -> Result<Lease> {
+        let mut tx = self.begin_write().await?;
+        // The database's clock, not this hub's: every hub judges expiry by the same one.
+        let now: i64 = sqlx::query_scalar(&format!("SELECT {}", self.engine().now_ms()))
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM balance_leases WHERE account_id = $1 AND expires_at_ms <= $2")
+            .bind(account)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let available: Micro = sqlx::query_scalar(
+            "SELECT amount FROM balances WHERE account_id = $1 AND bucket = 'available'",
+        )
+        .bind(account)
+        .fetch_optional(&mut *tx)
+        .await?
+        .unwrap_or(0);
+        let others: Micro = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM balance_leases \
+             WHERE account_id = $1 AND hub <> $2 AND expires_at_ms > $3",
+        )
+        .bind(account)
+        .bind(hub)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let granted = grant(available.saturating_sub(others), need);
+        sqlx::query(
+            "INSERT INTO balance_leases (account_id, hub, amount, expires_at_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (account_id, hub) DO UPDATE SET amount = excluded.amount, expires_at_ms = excluded.expires_at_ms",
+        )
+        .bind(account)
+        .bind(hub)
+        .bind(granted)
+        .bind(now.saturating_add(ttl_ms))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Lease { granted, available })
+    }
+
+    /// Give back every lease of `hub` (it is stopping).
+    pub async fn release_leases(&self, hub: &str) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM balance_leases WHERE hub = $1")
+            .bind(hub)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// What `hub` holds leased on `account` now (0 without a live lease).
+    pub async fn leased(&self, account: i64, hub: &str) -> Result<Micro> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT amount FROM balance_leases WHERE account_id = $1 AND hub = $2 AND expires_at_ms > {}",
+            self.engine().now_ms()
+        ))
+        .bind(account)
+        .bind(hub)
+        .fetch_optional(self.pool())
+        .await?
+        .unwrap_or(0))
+    }
+}
+
+/// Lower `hub`'s leases by what it just charged, inside the settling transaction.
+pub(crate) async fn spend(
+    conn: &mut sqlx::AnyConnection,
+    hub: &str,
+    charges: &[(i64, Micro)],
+) -> Result<()> {
+    for &(account, charge) in charges {
+        sqlx::query(
+            "UPDATE balance_leases SET amount = CASE WHEN amount > $1 THEN amount - $1 ELSE 0 END \
+             WHERE account_id = $2 AND hub = $3",
+        )
+        .bind(charge)
+        .bind(account)
+        .bind(hub)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// What a hub is granted from `free` (the unleased rest) when it needs `need`.
+fn grant(free: Micro, need: Micro) -> Micro {
+    let free = free.max(0);
+    let need = need.max(0);
+    if free <= need {
+        return free;
+    }
+    need.saturating_add((free - need) / LEASE_SPLIT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Role, Standing};
+
+    #[test]
+    fn a_grant_never_exceeds_what_is_free() {
+        for free in [-5, 0, 1, 7, 100, i64::MAX] {
+            for need in [-1, 0, 1, 7, 99, 100, 101, i64::MAX] {
+                let g = grant(free, need);
+                assert!(g >= 0 && g <= free.max(0), "{free} {need} → {g}");
+                if free >= need && need >= 0 {
+                    assert!(g >= need, "{free} {need} → {g}");
+                }
+            }
+        }
+        assert_eq!(grant(100, 10), 55);
+    }
+
+    crate::conformance!(leases_of_all_hubs_never_exceed_the_balance, |db| {
+        let store = db.open().await;
+        let alice = store
+            .create_account("alice", Role::Member, Standing::Active)
+            .await
+            .unwrap();
+        store.grant(alice, 1_000).await.unwrap();
+        let a = store.lease(alice, "hub-a", 100, 60_000).await.unwrap();
+        assert_eq!(
+            a,
+            Lease {
+                granted: 550,
+                available: 1_000
+            }
+        );
+        let b = store.lease(alice, "hub-b", 100, 60_000).await.unwrap();
+        assert_eq!(b.granted, 100 + (450 - 100) / 2);
+        // Asking for more than is free gets what is free, never more.
+        let c = store.lease(alice, "hub-c", 10_000, 60_000).await.unwrap();
+        assert_eq!(c.granted, 1_000 - 550 - 275);
+        // Renewing replaces the hub's own lease rather than adding to it.
+        let a2 = store.lease(alice, "hub-a", 0, 60_000).await.unwrap();
+        assert_eq!(a2.granted, (550) / 2);
+        assert_eq!(store.leased(alice, "hub-a").await.unwrap(), 275);
+        // A hub that stops gives everything back.
+        store.release_leases("hub-c").await.unwrap();
+        assert_eq!(store.leased(alice, "hub-c").await.unwrap(), 0);
+    });
+
+    crate::conformance!(an_expired_lease_frees_its_share, |db| {
+        let store = db.open().await;
+        let bob = store
+            .create_account("bob", Role::Member, Standing::Active)
+            .await
+            .unwrap();
+        store.grant(bob, 1_000).await.unwrap();
+        let dead = store.lease(bob, "dead", 1_000, 1).await.unwrap();
+        assert_eq!(dead.granted, 1_000);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let live = store.lease(bob, "live", 1_000, 60_000).await.unwrap();
+        assert_eq!(live.granted, 1_000, "the dead hub's lease expired");
+    });
+
+    crate::conformance!(settling_through_a_hub_lowers_its_lease, |db| {
+        let store = db.open().await;
+        let carol = store
+            .create_account("carol", Role::Member, Standing::Active)
+            .await
+            .unwrap();
+        let prov = store
+            .create_account("prov", Role::Member, Standing::Active)
+            .await
+            .unwrap();
+        store.grant(carol, 1_000).await.unwrap();
+        assert_eq!(
+            store
+                .lease(carol, "h", 1_000, 60_000)
+                .await
+                .unwrap()
+                .granted,
+            1_000
+        );
+        let s = crate::ledger::Settlement {
+            request_id: "r1".into(),
+            consumer_account: carol,
+            provider_account: prov,
+            cost: 300,
+            tax: 0,
+            vests_at_ms: None,
+        };
+        store
+            .record_finished_for(&[], &[s], Some("h"))
+            .await
+            .unwrap();
+        assert_eq!(store.leased(carol, "h").await.unwrap(), 700);
+        assert_eq!(store.balance(carol).await.unwrap().available, 700);
+        // Another hub still finds nothing free: the lease and the balance moved together.
+        assert_eq!(
+            store
+                .lease(carol, "other", 1, 60_000)
+                .await
+                .unwrap()
+                .granted,
+            0
+        );
+    });
+}
