@@ -286,3 +286,65 @@ async fn a_request_rate_limit_holds_across_two_hubs() {
     );
     assert!((5..=11).contains(&ok), "{ok} admitted of 30 at 10 rpm");
 }
+
+/// Hub A stops while one account spends through both hubs at once: every request sent
+/// through hub B afterwards is served, and the ledger is exact afterwards (every
+/// transaction sums to zero, balances match their entries, the account is not below
+/// zero and paid exactly for the requests whose usage was recorded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_stopped_mid_traffic_leaves_the_other_serving_and_the_ledger_exact() {
+    let Some((_db, mut a, b)) = two_hubs_with(priced).await else {
+        return;
+    };
+    let _p = provider_on_both(&a, &b).await;
+    let on_a = Consumer::new(&a, "steady").await;
+    let on_b = Consumer::with_key(&b, "steady", on_a.key.clone());
+    a.grant("steady", 1.0).await;
+    let body =
+        json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "go"}]});
+    let through_a = {
+        let (on_a, body) = (on_a.clone(), body.clone());
+        tokio::spawn(async move {
+            let mut served = 0;
+            for _ in 0..40 {
+                match on_a.post("chat/completions", &body).send().await {
+                    Ok(r) => {
+                        let ok = r.status() == 200;
+                        if r.bytes().await.is_ok() && ok {
+                            served += 1;
+                        }
+                    }
+                    Err(_) => break, // hub A is gone
+                }
+            }
+            served
+        })
+    };
+    for _ in 0..5 {
+        assert_eq!(spend_through_both([&on_b, &on_b], 2).await, 2);
+    }
+    a.stop().await;
+    let served_by_a = through_a.await.unwrap();
+    for _ in 0..10 {
+        assert_eq!(
+            spend_through_both([&on_b, &on_b], 2).await,
+            2,
+            "B serves on"
+        );
+    }
+    // Every served request is in the ledger once the writers are done.
+    b.wait_usage_rows(served_by_a + 30).await;
+    // The only consumer: every recorded completion token is its spending.
+    let store = &b.state().store;
+    let billed: i64 = store
+        .recent_usage(100_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|u| u.completion_tokens * 1000)
+        .sum();
+    let left = on_b.available_micro().await;
+    assert!(left >= 0, "overdrawn: {left}");
+    assert_eq!(left, 1_000_000 - billed, "paid exactly what was recorded");
+    store.audit_ledger().await.unwrap();
+}
