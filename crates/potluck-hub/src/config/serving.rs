@@ -57,6 +57,13 @@ pub struct RoutingConfig {
     /// Wait before asking a busy provider again (seconds).
     #[serde(with = "super::secs")]
     pub busy_retry_delay: Duration,
+    /// With more open tunnels than this, a request (not in low-power mode) is routed to
+    /// the least loaded of `pick_sample` free, healthy tunnels found from a random place,
+    /// instead of scanning every tunnel; it falls back to the full scan when the sample
+    /// finds none. 0: always sample.
+    pub scan_all_below: usize,
+    /// How many free, healthy tunnels a sampled pick compares (at least 1).
+    pub pick_sample: usize,
 }
 
 impl Default for RoutingConfig {
@@ -74,6 +81,8 @@ impl Default for RoutingConfig {
             max_slots_per_tunnel: 256,
             busy_retries: 8,
             busy_retry_delay: Duration::from_millis(250),
+            scan_all_below: 256,
+            pick_sample: 8,
         }
     }
 }

@@ -41,7 +41,20 @@ fn chat(stream: bool) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_answering_every_request_with_its_own_400_cannot_black_hole_a_model() {
-    let hub = TestHub::start().await;
+    black_hole_attempt(TestHub::start().await).await;
+}
+
+/// The same attack on a hub that routes by sampling (`routing.scan_all_below`, here 0:
+/// always), as a hub with many tunnels does: the sampled pick, too, skips a tripped
+/// provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sampled_pick_leaves_a_tripped_provider_out_too() {
+    black_hole_attempt(TestHub::start_with(|c| c.routing.scan_all_below = 0).await).await;
+}
+
+/// A liar answering every request with its own 400 beside an honest provider: every
+/// request is served by the honest one, and the breaker takes the liar out.
+async fn black_hole_attempt(hub: TestHub) {
     let alice = Consumer::new(&hub, "alice").await;
     let liar = provider(&hub, "liar", 8).await;
     liar.set_raw(Some(RawAnswer::json(
