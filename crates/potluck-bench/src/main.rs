@@ -42,6 +42,10 @@ enum Cmd {
     All(Box<AllArgs>),
     /// A few seconds that check the harness works (non-zero exit on any failure).
     Smoke(CommonArgs),
+    /// Only the real-model rows (llama.cpp through Potluck against direct), printed with
+    /// their ratios; nothing written. With `--real-pin-model-cpu`, separates the CPU the
+    /// hub and agent take from llama.cpp from the latency they add.
+    Real(Box<AllArgs>),
     /// Run the floor proxy (HTTP/1.1 in; HTTP/1.1 or HTTP/2 out).
     Floor {
         /// Where to listen.
@@ -188,6 +192,11 @@ struct AllArgs {
     /// Skip the real-model test.
     #[arg(long)]
     no_real_model: bool,
+    /// Real model: run every llama.cpp server on this CPU alone (`taskset -c`); run this
+    /// program under `taskset -c` on the other CPUs so that the hub, the agents and the
+    /// load generator never take the model's CPU.
+    #[arg(long)]
+    real_pin_model_cpu: Option<usize>,
     /// Real model: slice length, ms.
     #[arg(long, default_value_t = 3000)]
     real_slice_ms: u64,
@@ -241,7 +250,7 @@ fn potluck_bin(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-async fn all(a: AllArgs) -> anyhow::Result<()> {
+async fn all(a: AllArgs, real_only: bool) -> anyhow::Result<()> {
     let cache = home().join(".cache/potluck");
     let (concurrencies, rounds) = if a.quick {
         (QUICK_CONCURRENCY.to_vec(), QUICK_ROUNDS)
@@ -282,6 +291,7 @@ async fn all(a: AllArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| cache.join("realbackend/models/tiny-random-llama.gguf")),
         alias: "tiny".into(),
         parallel: settings.real_parallel,
+        pin_cpu: a.real_pin_model_cpu,
     });
     let paths = Paths {
         potluck_bin: potluck_bin(a.common.potluck_bin)?,
@@ -292,6 +302,9 @@ async fn all(a: AllArgs) -> anyhow::Result<()> {
         oha: a.oha,
         oha_unavailable: a.oha_unavailable,
     };
+    if real_only {
+        return suite::run_real(&settings, &paths).await;
+    }
     let quick_json = paths.work_dir.join("quick.json");
     let r = suite::run_all(settings, paths).await?;
     if a.quick {
@@ -333,7 +346,8 @@ async fn until_signal(token: CancellationToken) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::All(a) => all(*a).await,
+        Cmd::All(a) => all(*a, false).await,
+        Cmd::Real(a) => all(*a, true).await,
         Cmd::Smoke(c) => smoke::run(&potluck_bin(c.potluck_bin)?, &c.work_dir).await,
         Cmd::Floor {
             listen,

@@ -895,6 +895,45 @@ async fn held_streams(
     })
 }
 
+/// Only the real-model rows: run them and print each with Potluck's ratio to direct.
+pub async fn run_real(s: &Settings, paths: &Paths) -> anyhow::Result<()> {
+    let Some(setup) = &paths.llama else {
+        anyhow::bail!("the real model is skipped (--no-real-model): nothing to run");
+    };
+    std::fs::create_dir_all(&paths.work_dir)?;
+    let mut commands = Vec::new();
+    let cells = real_model(s, setup, paths, &mut commands).await?;
+    println!("\n| providers | clients per slot | direct tokens/s | potluck tokens/s | ratio | TTFT p50 direct | TTFT p50 potluck | errors d/p |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for d in cells.iter().filter(|c| c.target == "direct") {
+        let Some(p) = cells.iter().find(|c| {
+            c.target == "potluck"
+                && c.providers == d.providers
+                && c.clients_per_slot == d.clients_per_slot
+        }) else {
+            continue;
+        };
+        let ratio = ratio_of(Some(p.tokens_per_s), Some(d.tokens_per_s)).unwrap_or(0.0);
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} ms | {:.2} ms | {}/{} |",
+            d.providers,
+            d.clients_per_slot,
+            d.tokens_per_s,
+            p.tokens_per_s,
+            ratio,
+            d.ttft.p50_us / 1000.0,
+            p.ttft.p50_us / 1000.0,
+            d.errors,
+            p.errors
+        );
+    }
+    println!("\ncommands:");
+    for c in &commands {
+        println!("  {c}");
+    }
+    Ok(())
+}
+
 async fn real_model(
     s: &Settings,
     setup: &LlamaSetup,

@@ -509,6 +509,8 @@ pub struct LlamaSetup {
     pub alias: String,
     /// Slots.
     pub parallel: u32,
+    /// Run the server on this CPU alone (`taskset -c`), if set.
+    pub pin_cpu: Option<usize>,
 }
 
 impl Llama {
@@ -534,13 +536,29 @@ impl Llama {
             s.alias.clone(),
             "--exit-with-parent".into(),
         ];
-        let command = display_command(
-            "~/.cache/potluck/realbackend/venv/bin/python",
-            &args,
-            &[],
-            &[],
-        );
-        let mut proc = Proc::spawn(name, &s.python, &args, &[], dir)?;
+        let (program, args, shown) = match s.pin_cpu {
+            Some(cpu) => {
+                let mut pinned = vec![
+                    "-c".to_owned(),
+                    cpu.to_string(),
+                    s.python.display().to_string(),
+                ];
+                pinned.extend(args);
+                let shown = display_command("taskset", &pinned, &[], &[]);
+                (PathBuf::from("taskset"), pinned, shown)
+            }
+            None => {
+                let shown = display_command(
+                    "~/.cache/potluck/realbackend/venv/bin/python",
+                    &args,
+                    &[],
+                    &[],
+                );
+                (s.python.clone(), args, shown)
+            }
+        };
+        let command = shown;
+        let mut proc = Proc::spawn(name, &program, &args, &[], dir)?;
         let line = proc
             .wait_for_line("xllamacpp listening on", LLAMA_STARTUP_TIMEOUT)
             .await?;
