@@ -4,7 +4,9 @@
 //! the other hubs' credential caches, whose TTL alone is `KEY_TTL`, 5 s).
 //!
 //! PostgreSQL comes from `POTLUCK_TEST_DATABASE_URL` (see `potluck_store::testing`):
-//! without it these tests skip with a message, and fail when `CI=true`.
+//! without it these tests skip with a message, and fail when `CI=true`. Also here: credits
+//! and limits shared through several hubs (leases, split limits), a hub stopped mid-traffic,
+//! and three hubs with one real agent serving the real llama.cpp backend.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
@@ -16,7 +18,8 @@ use potluck_hub::config::{DatabaseUrl, HubConfig};
 use potluck_protocol::tunnel::ProviderProfile;
 use potluck_store::testing::TestDb;
 use potluck_testkit::scripted_agent::{hello, Reply, Responder};
-use potluck_testkit::{Consumer, ScriptedAgent, Staff, TestHub};
+use potluck_testkit::{Consumer, RealBackend, ScriptedAgent, Staff, TestAgent, TestHub};
+use potluck_tunnel::HubUrl;
 use serde_json::{json, Value};
 
 /// Two hubs on one fresh PostgreSQL database; the second is given the first's admin key
@@ -347,4 +350,63 @@ async fn a_hub_stopped_mid_traffic_leaves_the_other_serving_and_the_ledger_exact
     assert!(left >= 0, "overdrawn: {left}");
     assert_eq!(left, 1_000_000 - billed, "paid exactly what was recorded");
     store.audit_ledger().await.unwrap();
+}
+
+/// Three hubs on one PostgreSQL database and one real agent on all three, serving the real
+/// llama.cpp backend: a request through each hub is answered by the model, and a ban made
+/// through hub A refuses the key on hubs B and C within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hubs_serve_one_real_agent_and_share_a_ban() {
+    let Some((db, a, b)) = two_hubs().await else {
+        return;
+    };
+    let mut c = TestHub::start_with(|cfg| cfg.database = Some(DatabaseUrl::new(db.url()))).await;
+    c.admin_key = a.admin_key.clone();
+    let backend = tokio::task::spawn_blocking(RealBackend::smollm2)
+        .await
+        .unwrap();
+    let token = a.create_provider("real-three-hub").await;
+    let hubs = [&a, &b, &c];
+    let urls: Vec<HubUrl> = hubs
+        .iter()
+        .map(|h| HubUrl::parse(&h.url()).unwrap())
+        .collect();
+    let config = TestAgent::config(&a.url(), &token, &[backend.base_url()])
+        .with_hubs(urls)
+        .unwrap();
+    let _agent = TestAgent::start_with(config);
+    let (key_id, key) = a.create_key_in("k", "dora").await;
+    for hub in hubs {
+        hub.wait_for_model(&backend.model, 1).await;
+        let dora = Consumer::with_key(hub, "dora", key.clone());
+        let answer = dora.chat(&backend.model, "Say hello.").await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert!(
+            answer.body["usage"]["completion_tokens"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0,
+            "{}",
+            answer.text
+        );
+    }
+    let banned = Staff::admin(&a)
+        .sanction(&format!("keys/{key_id}"), "ban", "spam")
+        .await;
+    assert_eq!(banned.status, 200, "{:?}", banned.body);
+    let at = Instant::now();
+    for hub in [&b, &c] {
+        let dora = Consumer::with_key(hub, "dora", key.clone());
+        loop {
+            let r = dora.models().await;
+            if r.status == 403 {
+                break;
+            }
+            assert!(
+                at.elapsed() < Duration::from_secs(1),
+                "a hub still admits the key banned through hub A"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
