@@ -25,6 +25,7 @@ use crate::http::error::ApiError;
 use crate::http::lines::Lines;
 use crate::routing::link::{OfferedModel, Outgoing, ProviderLink};
 use crate::state::HubState;
+use crate::trust::identity::HubIdentity;
 
 /// Hub-to-agent events waiting to be sent, per tunnel.
 pub(crate) const EVENTS_QUEUE: usize = 4096;
@@ -374,8 +375,29 @@ fn admit(
     out
 }
 
-/// One tunnel's events task: sign receipts and send events in batches, one `POST` per
-/// batch, until the tunnel ends.
+/// The events of one batch in their order, its receipts signed together: one signature
+/// over their Merkle root, a proof in each.
+fn sign_receipts(identity: &HubIdentity, batch: impl Iterator<Item = Outgoing>) -> Vec<HubEvent> {
+    let mut receipts = Vec::new();
+    // `None`: the next signed receipt goes here.
+    let slots: Vec<Option<HubEvent>> = batch
+        .map(|e| match e {
+            Outgoing::Receipt(r) => {
+                receipts.push(r);
+                None
+            }
+            Outgoing::Event(ev) => Some(ev),
+        })
+        .collect();
+    let mut signed = identity.sign_batch(receipts).into_iter();
+    slots
+        .into_iter()
+        .filter_map(|slot| slot.or_else(|| signed.next().map(HubEvent::Receipt)))
+        .collect()
+}
+
+/// One tunnel's events task: sign each batch's receipts with one signature and send the
+/// events in batches, one `POST` per batch, until the tunnel ends.
 async fn send_events(
     state: Arc<HubState>,
     mut sender: SendRequest<Full<Bytes>>,
@@ -398,11 +420,7 @@ async fn send_events(
             }
         }
         let mut body = Vec::new();
-        for e in batch.drain(..) {
-            let ev = match e {
-                Outgoing::Receipt(r) => HubEvent::Receipt(state.identity.sign(r)),
-                Outgoing::Event(ev) => ev,
-            };
+        for ev in sign_receipts(&state.identity, batch.drain(..)) {
             let line = ev.encode();
             if body.len() + line.len() > MAX_EVENTS_BODY_BYTES {
                 break;
@@ -430,6 +448,67 @@ async fn send_events(
             Err(e) => {
                 tracing::debug!(provider_id, error = %e, events = n, "sending hub events failed");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use potluck_protocol::receipt::Receipt;
+    use potluck_store::HubIdentityRecord;
+
+    fn receipt(id: &str) -> Receipt {
+        Receipt {
+            hub_id: "hub-test".into(),
+            request_id: id.into(),
+            time_ms: 1,
+            provider_id: 1,
+            consumer: "c-1".into(),
+            model: ModelName::parse("m").unwrap(),
+            model_sha256: None,
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            credits_micro: 3,
+            outcome: "ok".into(),
+        }
+    }
+
+    #[test]
+    fn one_batch_one_signature_and_the_order_kept() {
+        let id = HubIdentity::new(&HubIdentityRecord {
+            hub_id: "hub-test".into(),
+            signing_key: [1; 32],
+            pseudonym_key: [2; 32],
+        });
+        let refused = HubEvent::ModelRefused {
+            model: ModelName::parse("m9").unwrap(),
+            reason: "no".into(),
+        };
+        let batch = vec![
+            Outgoing::Receipt(receipt("a")),
+            Outgoing::Event(refused.clone()),
+            Outgoing::Receipt(receipt("b")),
+            Outgoing::Receipt(receipt("c")),
+        ];
+        let out = sign_receipts(&id, batch.into_iter());
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[1], refused);
+        let signed: Vec<_> = out
+            .iter()
+            .filter_map(|e| match e {
+                HubEvent::Receipt(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        let ids: Vec<_> = signed
+            .iter()
+            .map(|r| r.receipt.request_id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        for r in &signed {
+            assert_eq!(r.signature, signed[0].signature, "one signature per batch");
+            r.verify_for(&id.info()).unwrap();
         }
     }
 }

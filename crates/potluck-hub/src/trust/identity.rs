@@ -106,9 +106,10 @@ impl HubIdentity {
         format!("{PSEUDONYM_PREFIX}{}", hex::encode(&tag[..PSEUDONYM_BYTES]))
     }
 
-    /// Sign a receipt.
-    pub(crate) fn sign(&self, r: Receipt) -> SignedReceipt {
-        SignedReceipt::sign(r, &self.signing)
+    /// Sign a batch of receipts with one signature over their Merkle root (see
+    /// [`SignedReceipt::sign_batch`]); a batch of one is signed alone.
+    pub(crate) fn sign_batch(&self, rs: Vec<Receipt>) -> Vec<SignedReceipt> {
+        SignedReceipt::sign_batch(rs, &self.signing)
     }
 }
 
@@ -180,8 +181,14 @@ mod tests {
             credits_micro: 3,
             outcome: "ok".into(),
         };
-        let s = h.sign(r);
-        s.verify_for(&h.info()).unwrap();
+        let alone = h.sign_batch(vec![r.clone()]);
+        assert_eq!(alone[0].proof, None, "a batch of one is signed alone");
+        alone[0].verify_for(&h.info()).unwrap();
+        let batch = h.sign_batch(vec![r.clone(), r.clone(), r]);
+        assert!(batch.iter().all(|s| s.signature == batch[0].signature));
+        for s in &batch {
+            s.verify_for(&h.info()).unwrap();
+        }
         assert!(!format!("{h:?}").contains(&hex::encode([1u8; 32])));
     }
 }

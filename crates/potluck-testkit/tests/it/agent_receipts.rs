@@ -1,5 +1,7 @@
 //! The hub's event batches: signed receipts land in the provider's journal and verify
-//! against the hub's key; a tampered journal fails; refused models show in status.
+//! against the hub's key, signed alone (older hubs) or in batches with a Merkle proof; a
+//! tampered journal fails; refused models show in status; the real hub signs the
+//! receipts of concurrent requests with one signature that the journal check accepts.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
@@ -13,7 +15,7 @@ use potluck_protocol::receipt::{HubInfo, Receipt, SignedReceipt};
 use potluck_protocol::tunnel::{HubEvent, EVENTS_PATH};
 use potluck_protocol::ModelName;
 use potluck_testkit::agent_rig::AgentRig;
-use potluck_testkit::wait_until;
+use potluck_testkit::{wait_until, Consumer, FakeBackend, Staff, TestAgent, TestHub};
 
 fn receipt(id: &str, credits: i64) -> Receipt {
     Receipt {
@@ -36,7 +38,7 @@ async fn receipts_land_in_the_journal_and_verify() {
     let mut rig = AgentRig::start(&["m1"], "", "2024-01-01T12:00:00Z", |_| {}).await;
     rig.wait_offered("m1").await;
     // The agent keeps receipts only for requests it served.
-    for id in ["r1", "r2"] {
+    for id in ["r1", "r2", "r3", "r4", "r5"] {
         let body = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
         let (status, _, _) = rig.send("/v1/chat/completions", "m1", id, body).await;
         assert_eq!(status, 200);
@@ -51,6 +53,11 @@ async fn receipts_land_in_the_journal_and_verify() {
     let mut batch = Vec::new();
     batch.extend(HubEvent::Receipt(SignedReceipt::sign(receipt("r1", 80), &key)).encode());
     batch.extend(HubEvent::Receipt(SignedReceipt::sign(receipt("r2", 1_000_000), &key)).encode());
+    // A batch-signed hub: three receipts, one signature over their Merkle root.
+    let three = vec![receipt("r3", 1), receipt("r4", 2), receipt("r5", 4)];
+    for r in SignedReceipt::sign_batch(three, &key) {
+        batch.extend(HubEvent::Receipt(r).encode());
+    }
     batch.extend(
         HubEvent::ModelRefused {
             model: ModelName::parse("m9").unwrap(),
@@ -69,25 +76,29 @@ async fn receipts_land_in_the_journal_and_verify() {
 
     let dir = rig.state_dir.join("journal");
     wait_until(
-        "two receipts in the journal",
+        "five receipts in the journal",
         Duration::from_secs(10),
         || {
             let dir = dir.clone();
-            async move { journal::receipts(&dir).0.len() == 2 }
+            async move { journal::receipts(&dir).0.len() == 5 }
         },
     )
     .await;
+    // Old single-signed lines and batch lines side by side: all verify.
+    let (list, _) = journal::receipts(&dir);
+    let proofs = list.iter().filter(|(_, r)| r.proof.is_some()).count();
+    assert_eq!(proofs, 3);
     let report = journal::verify(&dir, &info);
-    assert_eq!((report.verified, report.failed.len()), (2, 0), "{report:?}");
+    assert_eq!((report.verified, report.failed.len()), (5, 0), "{report:?}");
 
     let s = potluck_agent::control::request(&rig.socket, potluck_agent::control::Command::Status)
         .await
         .unwrap()
         .status
         .unwrap();
-    assert_eq!(s.journal.receipts, 2);
-    assert_eq!(s.journal.credits_today_micro, 1_000_080);
-    assert_eq!(s.journal.credits_total_micro, 1_000_080);
+    assert_eq!(s.journal.receipts, 5);
+    assert_eq!(s.journal.credits_today_micro, 1_000_087);
+    assert_eq!(s.journal.credits_total_micro, 1_000_087);
     assert!(s
         .last_errors
         .iter()
@@ -98,10 +109,10 @@ async fn receipts_land_in_the_journal_and_verify() {
     other.public_key = hex(&SigningKey::from_bytes(&[8u8; 32])
         .verifying_key()
         .to_bytes());
-    assert_eq!(journal::verify(&dir, &other).failed.len(), 2);
+    assert_eq!(journal::verify(&dir, &other).failed.len(), 5);
     let mut other = info.clone();
     other.hub_id = "hub-other".into();
-    assert_eq!(journal::verify(&dir, &other).failed.len(), 2);
+    assert_eq!(journal::verify(&dir, &other).failed.len(), 5);
 
     // Tamper with the journal: one receipt now claims more credits.
     let (_, path) = journal::files(&dir).pop().unwrap();
@@ -113,12 +124,117 @@ async fn receipts_land_in_the_journal_and_verify() {
     )
     .unwrap();
     let report = journal::verify(&dir, &info);
-    assert_eq!((report.verified, report.failed.len()), (1, 1), "{report:?}");
+    assert_eq!((report.verified, report.failed.len()), (4, 1), "{report:?}");
     assert!(report.failed[0].contains("r1"));
+    // A batch line: more credits, or r5's proof claimed for index 0 of its batch.
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\"credits_micro\":4,"));
+    assert!(text.contains("\"index\":2,"));
+    std::fs::write(
+        &path,
+        text.replace("\"credits_micro\":4,", "\"credits_micro\":40,"),
+    )
+    .unwrap();
+    let report = journal::verify(&dir, &info);
+    assert_eq!((report.verified, report.failed.len()), (3, 2), "{report:?}");
+    assert!(report.failed[1].contains("r5"), "{report:?}");
+    std::fs::write(&path, text.replace("\"index\":2,", "\"index\":0,")).unwrap();
+    let report = journal::verify(&dir, &info);
+    assert_eq!((report.verified, report.failed.len()), (3, 2), "{report:?}");
+    assert!(report.failed[1].contains("r5"), "{report:?}");
     // A broken line is a failure too.
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, format!("{text}{{\"kind\":\"receipt\",\"broken\n")).unwrap();
-    assert_eq!(journal::verify(&dir, &info).failed.len(), 2);
+    assert_eq!(journal::verify(&dir, &info).failed.len(), 3);
+}
+
+/// Concurrent requests through the real hub to the real agent: the receipts of one events
+/// `POST` carry one signature over one Merkle root, and the journal check (what
+/// `potluck provide receipts verify` runs) accepts every one. Rounds of concurrent
+/// requests until one `POST` held more than one receipt (the first usually does: the
+/// hub's events task queues receipts while the agent writes the previous batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_batch_signature_that_verifies() {
+    const AT_ONCE: usize = 6;
+    const ROUNDS: usize = 10;
+    let hub = TestHub::start().await;
+    let backend = FakeBackend::start(&["m1"]).await;
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = TestAgent::config(
+        &hub.url(),
+        &hub.create_provider("p1").await,
+        &[backend.base_url()],
+    );
+    cfg.state_dir = Some(state.path().to_path_buf());
+    cfg.max_concurrency = 16;
+    let _agent = TestAgent::start_with(cfg);
+    hub.wait_for_model("m1", 1).await;
+    let consumer = Consumer::new(&hub, "alice").await;
+    let hub_info = Staff::admin(&hub).get("/v1/hub").await;
+    assert_eq!(hub_info.status, 200);
+    let info: HubInfo = serde_json::from_value(hub_info.body).unwrap();
+    let dir = state.path().join("journal");
+
+    let mut sent = 0;
+    for _ in 0..ROUNDS {
+        let answers =
+            futures_util::future::join_all((0..AT_ONCE).map(|_| consumer.chat("m1", "hi"))).await;
+        assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
+        sent += AT_ONCE;
+        wait_until(
+            "every receipt in the journal",
+            Duration::from_secs(10),
+            || {
+                let dir = dir.clone();
+                async move { journal::receipts(&dir).0.len() == sent }
+            },
+        )
+        .await;
+        if shared_signatures(&dir).values().any(|n| *n > 1) {
+            break;
+        }
+    }
+    let (list, bad) = journal::receipts(&dir);
+    assert!(bad.is_empty(), "{bad:?}");
+    let shared = shared_signatures(&dir);
+    assert!(
+        shared.values().any(|n| *n > 1),
+        "no two receipts share a signature: {:?}",
+        shared.values().collect::<Vec<_>>()
+    );
+    // Receipts sharing a signature share the batch's root and size, each at its own index.
+    for sig in shared.iter().filter(|(_, n)| **n > 1).map(|(s, _)| s) {
+        let batch: Vec<_> = list
+            .iter()
+            .map(|(_, r)| r)
+            .filter(|r| &r.signature == sig)
+            .collect();
+        let root = batch[0].batch_root().unwrap().unwrap();
+        let size = batch[0].proof.as_ref().unwrap().size;
+        let mut indices = std::collections::BTreeSet::new();
+        for r in &batch {
+            assert_eq!(r.batch_root().unwrap(), Some(root));
+            let p = r.proof.as_ref().unwrap();
+            assert_eq!(p.size, size);
+            assert!(indices.insert(p.index), "index {} twice", p.index);
+        }
+        assert!(batch.len() as u64 <= size);
+    }
+    let report = journal::verify(&dir, &info);
+    assert_eq!(
+        (report.verified, report.failed.len()),
+        (sent, 0),
+        "{report:?}"
+    );
+}
+
+/// How many journal receipts carry each signature.
+fn shared_signatures(dir: &std::path::Path) -> std::collections::BTreeMap<String, usize> {
+    let mut by_sig = std::collections::BTreeMap::new();
+    for (_, r) in journal::receipts(dir).0 {
+        *by_sig.entry(r.signature).or_insert(0) += 1;
+    }
+    by_sig
 }
 
 fn hex(b: &[u8]) -> String {

@@ -684,6 +684,99 @@ async fn receipts_listed_verified_and_tampering_caught() {
     assert!(err.contains("unreadable journal line"), "{err}");
 }
 
+/// `receipts verify` offline on a journal that mixes receipts signed alone (hubs before
+/// batches) and receipts signed in a batch with Merkle proofs: all verify; a batch line
+/// with more credits, or with its proof moved to a neighbour, is named as failed.
+#[test]
+fn receipts_verify_accepts_single_and_batch_lines_side_by_side() {
+    use potluck_agent::journal::Entry;
+    use potluck_protocol::receipt::{Receipt, SignedReceipt};
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let pk: String = key
+        .verifying_key()
+        .to_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let receipt = |id: &str, credits: i64| Receipt {
+        hub_id: "hub-mixed".into(),
+        request_id: id.into(),
+        time_ms: 1_704_110_400_000,
+        provider_id: 3,
+        consumer: "c-test".into(),
+        model: potluck_protocol::ModelName::parse("m1").unwrap(),
+        model_sha256: None,
+        prompt_tokens: 7,
+        completion_tokens: 5,
+        credits_micro: credits,
+        outcome: "ok".into(),
+    };
+    let mut lines = vec![
+        SignedReceipt::sign(receipt("old-1", 10), &key),
+        SignedReceipt::sign(receipt("old-2", 20), &key),
+    ];
+    lines.extend(SignedReceipt::sign_batch(
+        vec![
+            receipt("new-1", 1),
+            receipt("new-2", 2),
+            receipt("new-3", 3),
+        ],
+        &key,
+    ));
+    let state = tempfile::tempdir().unwrap();
+    let journal = state.path().join("journal");
+    std::fs::create_dir_all(&journal).unwrap();
+    let file = journal.join("journal-2024-01-01.ndjson");
+    let write = |rs: &[SignedReceipt]| {
+        let text: String = rs
+            .iter()
+            .map(|r| serde_json::to_string(&Entry::Receipt(r.clone())).unwrap() + "\n")
+            .collect();
+        std::fs::write(&file, text).unwrap();
+    };
+    let verify = || {
+        let out = Command::new(BIN)
+            .arg("provide")
+            .arg("--state-dir")
+            .arg(state.path())
+            .args([
+                "receipts",
+                "verify",
+                "--public-key",
+                &pk,
+                "--hub-id",
+                "hub-mixed",
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    write(&lines);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.matches("\"proof\"").count(), 3, "{text}");
+    let (ok, out, err) = verify();
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("5 verified, 0 failed"), "{out}{err}");
+
+    // A batch line claims more credits; then a batch line carries its neighbour's proof.
+    let mut tampered = lines.clone();
+    tampered[3].receipt.credits_micro = 2_000;
+    write(&tampered);
+    let (ok, out, err) = verify();
+    assert!(!ok && out.contains("4 verified, 1 failed"), "{out}{err}");
+    assert!(err.contains("FAILED  new-2"), "{err}");
+    let mut moved = lines.clone();
+    moved[4].proof = lines[3].proof.clone();
+    write(&moved);
+    let (ok, out, err) = verify();
+    assert!(!ok && out.contains("4 verified, 1 failed"), "{out}{err}");
+    assert!(err.contains("FAILED  new-3"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_a_lost_hub() {
     let mut rig = Rig::start(&["m1"], None, None).await;
