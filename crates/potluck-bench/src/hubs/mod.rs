@@ -10,9 +10,11 @@
 //!    measured window, less what the same hubs do idle for as long (presence heartbeats),
 //!    divided by the requests served. With one provider and one consumer account, every
 //!    usage-writer batch upserts exactly one `earnings` row and lowers one
-//!    `balance_leases` row (one transaction); every other `balance_leases` write is a
-//!    lease renewal by admission (one transaction). So: writer transactions = `earnings`
-//!    rows written; admission transactions = `balance_leases` rows written − that.
+//!    `balance_leases` row in its one write transaction, after one read (the provider's
+//!    vested earnings); every other `balance_leases` write is a lease renewal by admission
+//!    (one transaction). So: batches = `earnings` rows written, writer transactions = 2 ×
+//!    batches; admission transactions = `balance_leases` rows written − batches; the rest
+//!    wrote no row (reads).
 //! 3. Fairness across hubs: a high-priority consumer (balance ≥
 //!    `credits.high_priority_balance`) and a normal one saturate a one-slot agent, through
 //!    1 hub, through 2 hubs with each consumer spread over both, and through 2 hubs with
@@ -53,6 +55,9 @@ pub const HIGH_PRIORITY_BALANCE: f64 = 1000.0;
 pub const HIGH_GRANT: f64 = 1_000_000.0;
 /// Table that every usage-writer batch writes one row of (one provider).
 pub const EARNINGS_TABLE: &str = "earnings";
+/// Transactions of one usage-writer batch: the provider's vested earnings read (is it
+/// trusted?) and the one write transaction.
+pub const WRITER_XACTS_PER_BATCH: f64 = 2.0;
 /// Table of balance leases.
 pub const LEASES_TABLE: &str = "balance_leases";
 /// Table of usage rows (one per request).
@@ -120,7 +125,7 @@ pub struct DbShare {
     pub idle: Delta,
     /// Transactions per request, idle background subtracted.
     pub xacts_per_request: f64,
-    /// Usage-writer transactions (batches) per request.
+    /// Usage-writer transactions per request (two per batch).
     pub writer_per_request: f64,
     /// Admission (lease renewal) transactions per request.
     pub admission_per_request: f64,
@@ -372,8 +377,9 @@ pub fn db_share(load: Delta, load_s: f64, idle: Delta, idle_s: f64, ok: u64) -> 
     let scale = if idle_s > 0.0 { load_s / idle_s } else { 0.0 };
     let per = |v: f64| v / ok.max(1) as f64;
     let net = |table: &str| rows(&load, table) as f64 - rows(&idle, table) as f64 * scale;
-    let writer = net(EARNINGS_TABLE).max(0.0);
-    let admission = (net(LEASES_TABLE) - writer).max(0.0);
+    let batches = net(EARNINGS_TABLE).max(0.0);
+    let writer = batches * WRITER_XACTS_PER_BATCH;
+    let admission = (net(LEASES_TABLE) - batches).max(0.0);
     DbShare {
         xacts_per_request: per(load.xacts as f64 - idle.xacts as f64 * scale),
         writer_per_request: per(writer),
@@ -477,7 +483,7 @@ pub fn render_throughput(t: &Throughput) -> String {
          hubs+agent CPU {:.3} ms per request\n  database: {:.3} transactions per request \
          (idle background subtracted: {} in {:.1} s idle, {} in {:.1} s with load); \
          usage writer {:.4} (batched; {:.2} usage rows per request), admission (lease \
-         renewals) {:.4}\n",
+         renewals) {:.4}, other {:.4}\n",
         t.hubs,
         t.ok,
         t.errors,
@@ -493,6 +499,7 @@ pub fn render_throughput(t: &Throughput) -> String {
         d.writer_per_request,
         d.usage_rows_per_request,
         d.admission_per_request,
+        d.xacts_per_request - d.writer_per_request - d.admission_per_request,
     );
     for (table, r) in &d.load.tables {
         out.push_str(&format!(
@@ -561,9 +568,10 @@ mod tests {
     #[test]
     fn db_share_subtracts_idle_and_splits_writer_from_admission() {
         // 1000 requests in 20 s: 40 writer batches (40 earnings upserts and 40 lease
-        // spends), 4 lease renewals, 20 presence heartbeats; idle for 10 s: 10 heartbeats.
+        // spends, 80 transactions), 4 lease renewals, 20 presence heartbeats; idle for
+        // 10 s: 10 heartbeats.
         let load = delta(
-            40 + 4 + 20,
+            80 + 4 + 20,
             &[
                 (EARNINGS_TABLE, [0, 40, 0]),
                 (LEASES_TABLE, [0, 44, 0]),
@@ -573,8 +581,8 @@ mod tests {
         );
         let idle = delta(10, &[("hub_presence", [0, 10, 0])]);
         let d = db_share(load, 20.0, idle, 10.0, 1000);
-        assert!((d.xacts_per_request - 0.044).abs() < 1e-9, "{d:?}");
-        assert!((d.writer_per_request - 0.040).abs() < 1e-9);
+        assert!((d.xacts_per_request - 0.084).abs() < 1e-9, "{d:?}");
+        assert!((d.writer_per_request - 0.080).abs() < 1e-9);
         assert!((d.admission_per_request - 0.004).abs() < 1e-9);
         assert!((d.usage_rows_per_request - 1.0).abs() < 1e-9);
     }
