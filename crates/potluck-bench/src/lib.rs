@@ -6,6 +6,7 @@ pub mod crosscheck;
 pub mod fake_backend;
 pub mod floor;
 pub mod held;
+pub mod hubs;
 pub mod idle;
 pub mod loadgen;
 pub mod procs;

@@ -13,7 +13,7 @@ use potluck_bench::floor::UpstreamProtocol;
 use potluck_bench::loadgen::{self, Endpoint, RequestSpec, Stop};
 use potluck_bench::suite::{Paths, Settings, FLOOR_UPSTREAM, FLOOR_WORKERS};
 use potluck_bench::targets::LlamaSetup;
-use potluck_bench::{floor, idle, report, smoke, stats, suite, sysinfo};
+use potluck_bench::{floor, hubs, idle, report, smoke, stats, suite, sysinfo};
 use tokio_util::sync::CancellationToken;
 
 /// Open files wanted at least: each held stream costs the load generator two sockets (its
@@ -110,6 +110,10 @@ enum Cmd {
         #[arg(long)]
         out_json: Option<PathBuf>,
     },
+    /// Several hubs on one PostgreSQL database (issue 13): requests/s through 2 hubs
+    /// against 1, database transactions per request, and fairness across hubs.
+    /// `scripts/bench-hubs` builds the binaries and finds a cluster.
+    Hubs(HubsArgs),
     /// Run the fake backend alone (for trying things by hand).
     FakeBackend {
         /// Where to listen.
@@ -132,6 +136,46 @@ struct CommonArgs {
     /// Scratch directory for data and logs.
     #[arg(long, default_value = "target/potluck-bench")]
     work_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct HubsArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// A URL of the PostgreSQL cluster (any database you may connect to); one database
+    /// per scenario is made in it and dropped at the end.
+    #[arg(long, env = "POTLUCK_BENCH_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Prefix of the databases made (a-z, 0-9, _).
+    #[arg(long, default_value = "potluck_bench_hubs")]
+    db_prefix: String,
+    /// Hub counts measured for throughput (the ratio is the second over the first).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    hubs: Vec<usize>,
+    /// Length of each throughput window, s.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Load before each throughput window, s.
+    #[arg(long, default_value_t = 3)]
+    warmup_s: u64,
+    /// Requests in flight in the throughput runs.
+    #[arg(long, short = 'c', default_value_t = 64)]
+    concurrency: usize,
+    /// Length of each fairness run, s.
+    #[arg(long, default_value_t = 10)]
+    fair_seconds: u64,
+    /// Clients of each of the two consumers in the fairness runs.
+    #[arg(long, default_value_t = 8)]
+    fair_clients: usize,
+    /// Chunks per streamed fairness request (10 ms apart).
+    #[arg(long, default_value_t = 4)]
+    fair_chunks: u32,
+    /// Longest one request may take, s.
+    #[arg(long, default_value_t = 60)]
+    request_timeout_s: u64,
+    /// Also write the figures here as JSON.
+    #[arg(long)]
+    out_json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -328,6 +372,44 @@ async fn all(a: AllArgs, real_only: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn hubs(a: HubsArgs) -> anyhow::Result<()> {
+    let settings = hubs::HubsSettings {
+        admin_url: a.database_url,
+        db_prefix: a.db_prefix,
+        hub_counts: a.hubs.into_iter().map(|n| n.max(1)).collect(),
+        window: Duration::from_secs(a.seconds.max(1)),
+        warmup: Duration::from_secs(a.warmup_s),
+        concurrency: a.concurrency.max(1),
+        fair_window: Duration::from_secs(a.fair_seconds.max(1)),
+        fair_clients: a.fair_clients.max(1),
+        fair_chunks: a.fair_chunks.max(1),
+        request_timeout: Duration::from_secs(a.request_timeout_s.max(1)),
+    };
+    let bin = potluck_bin(a.common.potluck_bin)?;
+    let dir = a.common.work_dir.join("hubs");
+    // Interrupted: the run is dropped, which kills every child (the script drops the
+    // databases left behind).
+    let token = CancellationToken::new();
+    let r = tokio::select! {
+        r = hubs::run(&bin, &dir, &settings) => r?,
+        _ = until_signal(token) => anyhow::bail!("interrupted"),
+    };
+    if let Some(x) = hubs::ratio(&r) {
+        println!(
+            "requests/s, {} hubs / {} hub: {x:.2} ({} cores: {})",
+            r.throughput[1].hubs, r.throughput[0].hubs, r.machine.nproc, r.machine.cpu_model
+        );
+    }
+    for c in &r.commands {
+        println!("  {c}");
+    }
+    if let Some(p) = a.out_json {
+        std::fs::write(&p, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
 async fn until_signal(token: CancellationToken) {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -434,6 +516,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Hubs(a) => hubs(a).await,
         Cmd::FakeBackend {
             listen,
             gap_ms,

@@ -216,7 +216,7 @@ async fn create_tokens(addr: SocketAddr, admin: &str, count: usize) -> anyhow::R
     Ok(out)
 }
 
-async fn create_secret(
+pub(crate) async fn create_secret(
     addr: SocketAddr,
     admin: &str,
     path: &str,
@@ -233,7 +233,7 @@ async fn create_secret(
 }
 
 /// One HTTP/1.1 request on a fresh connection; the status and the JSON body.
-async fn call(
+pub(crate) async fn call(
     addr: SocketAddr,
     method: &str,
     path: &str,
