@@ -67,19 +67,21 @@ impl Store {
         usage: &[UsageRecord],
         batch: &[Settlement],
     ) -> Result<(), StoreError> {
-        self.record_finished_for(usage, batch, None).await
+        self.record_finished_for(usage, batch, None).await.map(drop)
     }
 
     /// [`Store::record_finished`] for a hub that spends leased balances (see
-    /// [`crate::leases`]): its leases drop by what it charged, in the same transaction.
+    /// [`crate::leases`]): its leases drop by what it charged, in the same transaction;
+    /// gives their new amounts.
     pub async fn record_finished_for(
         &self,
         usage: &[UsageRecord],
         batch: &[Settlement],
         lease_holder: Option<&str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<crate::leases::LeaseNow>, StoreError> {
+        let mut leases = Vec::new();
         if usage.is_empty() && batch.is_empty() {
-            return Ok(());
+            return Ok(leases);
         }
         let tax_account = self.system_account(TAX).await?;
         let posts = batch
@@ -105,12 +107,12 @@ impl Store {
             add_balances(&mut tx, &posts).await?;
             add_earnings(&mut tx, batch).await?;
             if let Some(hub) = lease_holder {
-                crate::leases::spend(&mut tx, hub, &charges(batch)?).await?;
+                leases = crate::leases::spend(&mut tx, hub, &charges(batch)?).await?;
             }
         }
         insert_usage(&mut tx, usage).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(leases)
     }
 }
 

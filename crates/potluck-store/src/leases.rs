@@ -26,6 +26,21 @@ pub struct Lease {
     pub granted: Micro,
     /// The account's available balance in the ledger (all hubs together).
     pub available: Micro,
+    /// The lease row's version after this change.
+    pub version: i64,
+}
+
+/// A lease's amount after a settlement lowered it, with the row's version: the renewal
+/// and the settling transactions are ordered by the database, and the hub keeps the value
+/// with the highest version, whatever order it hears of them in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseNow {
+    /// The account.
+    pub account: i64,
+    /// What the hub may spend now.
+    pub amount: Micro,
+    /// The row's version after the change.
+    pub version: i64,
 }
 
 impl Store {
@@ -61,18 +76,24 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let granted = grant(available.saturating_sub(others), need);
-        sqlx::query(
-            "INSERT INTO balance_leases (account_id, hub, amount, expires_at_ms) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (account_id, hub) DO UPDATE SET amount = excluded.amount, expires_at_ms = excluded.expires_at_ms",
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO balance_leases (account_id, hub, amount, expires_at_ms, version) VALUES ($1, $2, $3, $4, 1) \
+             ON CONFLICT (account_id, hub) DO UPDATE SET amount = excluded.amount, \
+             expires_at_ms = excluded.expires_at_ms, version = balance_leases.version + 1 \
+             RETURNING version",
         )
         .bind(account)
         .bind(hub)
         .bind(granted)
         .bind(now.saturating_add(ttl_ms))
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Lease { granted, available })
+        Ok(Lease {
+            granted,
+            available,
+            version,
+        })
     }
 
     /// Give back every lease of `hub` (it is stopping).
@@ -100,24 +121,33 @@ impl Store {
     }
 }
 
-/// Lower `hub`'s leases by what it just charged, inside the settling transaction.
+/// Lower `hub`'s leases by what it just charged, inside the settling transaction; the
+/// leases' new amounts (accounts without a lease row are left out).
 pub(crate) async fn spend(
     conn: &mut sqlx::AnyConnection,
     hub: &str,
     charges: &[(i64, Micro)],
-) -> Result<()> {
+) -> Result<Vec<LeaseNow>> {
+    let mut now = Vec::with_capacity(charges.len());
     for &(account, charge) in charges {
-        sqlx::query(
-            "UPDATE balance_leases SET amount = CASE WHEN amount > $1 THEN amount - $1 ELSE 0 END \
-             WHERE account_id = $2 AND hub = $3",
+        let row: Option<(Micro, i64)> = sqlx::query_as(
+            "UPDATE balance_leases SET amount = CASE WHEN amount > $1 THEN amount - $1 ELSE 0 END, \
+             version = version + 1 WHERE account_id = $2 AND hub = $3 RETURNING amount, version",
         )
         .bind(charge)
         .bind(account)
         .bind(hub)
-        .execute(&mut *conn)
+        .fetch_optional(&mut *conn)
         .await?;
+        if let Some((amount, version)) = row {
+            now.push(LeaseNow {
+                account,
+                amount,
+                version,
+            });
+        }
     }
-    Ok(())
+    Ok(now)
 }
 
 /// What a hub is granted from `free` (the unleased rest) when it needs `need`.
@@ -161,7 +191,8 @@ mod tests {
             a,
             Lease {
                 granted: 550,
-                available: 1_000
+                available: 1_000,
+                version: 1
             }
         );
         let b = store.lease(alice, "hub-b", 100, 60_000).await.unwrap();
@@ -172,6 +203,7 @@ mod tests {
         // Renewing replaces the hub's own lease rather than adding to it.
         let a2 = store.lease(alice, "hub-a", 0, 60_000).await.unwrap();
         assert_eq!(a2.granted, (550) / 2);
+        assert_eq!(a2.version, 2, "each change of a row bumps its version");
         assert_eq!(store.leased(alice, "hub-a").await.unwrap(), 275);
         // A hub that stops gives everything back.
         store.release_leases("hub-c").await.unwrap();

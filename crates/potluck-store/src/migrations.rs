@@ -237,6 +237,8 @@ CREATE TABLE balance_leases (
     hub           TEXT NOT NULL,
     amount        INTEGER NOT NULL,
     expires_at_ms INTEGER NOT NULL,
+    -- Bumped by every change of the row, so a hub applies the newest value it hears of.
+    version       INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (account_id, hub)
 );
 -- Hubs alive on this database (each renews its row every few seconds): per-account

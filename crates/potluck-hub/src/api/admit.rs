@@ -346,20 +346,18 @@ async fn renew_lease(state: &HubState, account: i64, amount: Micro) -> Result<()
         return Ok(());
     };
     let _one_at_a_time = state.balances.renewing(account).await;
-    let stale = state.balances.stale(account);
-    let need = stale.held.checked_add(amount).unwrap_or(Micro::MAX);
+    if state.balances.covers(account, amount, Instant::now()) {
+        // The renewal this one waited for covers it too.
+        return Ok(());
+    }
+    let held = state.balances.stale(account);
+    let need = held.checked_add(amount).unwrap_or(Micro::MAX);
     let ttl_ms = i64::try_from(terms.ttl.as_millis()).unwrap_or(i64::MAX);
     let lease = state
         .store
         .lease(account, &terms.holder, need.get(), ttl_ms)
         .await?;
-    state.balances.seed_lease(
-        account,
-        lease.granted,
-        lease.available,
-        stale.generation,
-        Instant::now(),
-    );
+    state.balances.seed_lease(account, lease, Instant::now());
     Ok(())
 }
 

@@ -21,6 +21,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use potluck_store::leases::{Lease, LeaseNow};
+
 use crate::books::money::Micro;
 
 /// How long a balance read from the store is trusted before it is read again (changes
@@ -40,6 +42,8 @@ struct Account {
     /// Bumped whenever the writer moves the balance; a store read taken under another
     /// generation is out of date.
     generation: u64,
+    /// With leases: the version of the lease row `balance` came from (the newest wins).
+    lease_version: i64,
     /// `None`: read the store again before trusting `balance`.
     fresh_until: Option<Instant>,
 }
@@ -65,15 +69,6 @@ pub(crate) struct LeaseTerms {
     pub(crate) holder: String,
     /// How long a lease lives unless renewed; the table renews it after half of that.
     pub(crate) ttl: Duration,
-}
-
-/// What a lease renewal must cover: the account's holds now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stale {
-    /// Pass to [`Reservations::seed`].
-    pub(crate) generation: u64,
-    /// What this hub holds for the account now.
-    pub(crate) held: Micro,
 }
 
 /// Why a hold was not taken.
@@ -133,22 +128,13 @@ impl Reservations {
         self.renewing[stripe].lock().await
     }
 
-    /// Mark `account` stale and say what a renewed lease must cover.
-    pub(crate) fn stale(&self, account: i64) -> Stale {
+    /// Mark `account` stale and say what a renewed lease must cover: what it holds now.
+    pub(crate) fn stale(&self, account: i64) -> Micro {
         let mut map = self.map.lock();
-        match map.get_mut(&account) {
-            Some(a) => {
-                a.fresh_until = None;
-                Stale {
-                    generation: a.generation,
-                    held: Micro::new(a.held),
-                }
-            }
-            None => Stale {
-                generation: 0,
-                held: Micro::ZERO,
-            },
-        }
+        map.get_mut(&account).map_or(Micro::ZERO, |a| {
+            a.fresh_until = None;
+            Micro::new(a.held)
+        })
     }
 
     /// Hold `amount` for `account` if its available balance covers it.
@@ -184,47 +170,65 @@ impl Reservations {
     /// `generation`. Ignored (returns false) when the writer moved the balance meanwhile:
     /// the read may predate a write it already counted.
     pub(crate) fn seed(&self, account: i64, balance: i64, generation: u64, now: Instant) -> bool {
-        self.seed_lease(account, balance, balance, generation, now)
-    }
-
-    /// [`Reservations::seed`] with a lease: this hub may spend `leased` of the account's
-    /// `available` balance.
-    pub(crate) fn seed_lease(
-        &self,
-        account: i64,
-        leased: i64,
-        available: i64,
-        generation: u64,
-        now: Instant,
-    ) -> bool {
         let fresh_for = self.fresh_for();
         let mut map = self.map.lock();
-        if map.len() >= MAX_ACCOUNTS && !map.contains_key(&account) {
-            map.retain(|_, a| a.held != 0);
-        }
-        let a = map.entry(account).or_insert(Account {
-            balance: leased,
-            beyond: 0,
-            held: 0,
-            generation: 0,
-            fresh_until: None,
-        });
+        let a = entry(&mut map, account);
         if a.generation != generation {
             return false;
         }
-        a.balance = leased;
-        a.beyond = available.saturating_sub(leased).max(0);
+        a.balance = balance;
         a.fresh_until = now.checked_add(fresh_for);
         true
+    }
+
+    /// A renewed lease: this hub may spend `l.granted` of the account's `l.available`.
+    /// The lease row's version orders it against the writer's settlements
+    /// ([`Reservations::apply_leases`]): the newest amount is kept, whichever arrives last.
+    pub(crate) fn seed_lease(&self, account: i64, l: Lease, now: Instant) {
+        let fresh_for = self.fresh_for();
+        let mut map = self.map.lock();
+        let a = entry(&mut map, account);
+        if l.version > a.lease_version {
+            a.balance = l.granted;
+            a.lease_version = l.version;
+        }
+        a.beyond = l.available.saturating_sub(l.granted).max(0);
+        a.fresh_until = now.checked_add(fresh_for);
+    }
+
+    /// The writer's settlements lowered these leases (call before [`Reservations::written`]
+    /// releases the charges, so what may be spent never rises in between).
+    pub(crate) fn apply_leases(&self, leases: &[LeaseNow]) {
+        let mut map = self.map.lock();
+        for l in leases {
+            if let Some(a) = map.get_mut(&l.account) {
+                if l.version > a.lease_version {
+                    a.balance = l.amount;
+                    a.lease_version = l.version;
+                }
+            }
+        }
+    }
+
+    /// Whether `account` is fresh and could hold `amount` now (a renewal that waited for
+    /// another is then not needed).
+    pub(crate) fn covers(&self, account: i64, amount: Micro, now: Instant) -> bool {
+        let map = self.map.lock();
+        map.get(&account).is_some_and(|a| {
+            a.fresh_until.is_some_and(|t| now < t)
+                && a.balance.saturating_sub(a.held) >= amount.get()
+        })
     }
 
     /// The writer put a settled charge in the ledger (`ok`) or gave up on it: release it,
     /// and move the balance by what was written.
     pub(crate) fn written(&self, p: Pending, ok: bool) {
+        let leased = self.lease.is_some();
         let mut map = self.map.lock();
         if let Some(a) = map.get_mut(&p.account) {
             a.held = a.held.saturating_sub(p.charge.get());
-            if ok {
+            // With leases the writer set the lowered lease already (`apply_leases`).
+            if ok && !leased {
                 a.balance = a.balance.saturating_sub(p.charge.get());
             }
             a.generation = a.generation.wrapping_add(1);
@@ -253,6 +257,22 @@ impl Reservations {
             a.fresh_until = None;
         }
     }
+}
+
+/// The account's entry, made empty (stale) if missing; idle entries are forgotten first
+/// when the table is full.
+fn entry(map: &mut HashMap<i64, Account>, account: i64) -> &mut Account {
+    if map.len() >= MAX_ACCOUNTS && !map.contains_key(&account) {
+        map.retain(|_, a| a.held != 0);
+    }
+    map.entry(account).or_insert(Account {
+        balance: 0,
+        beyond: 0,
+        held: 0,
+        generation: 0,
+        lease_version: 0,
+        fresh_until: None,
+    })
 }
 
 impl Hold {
@@ -339,6 +359,42 @@ mod tests {
         assert!(matches!(
             t.try_hold(2, Micro::ZERO, now + BALANCE_REFRESH),
             Err(NoHold::Seed(0))
+        ));
+    }
+
+    #[test]
+    fn the_newest_lease_value_wins_whatever_order_it_arrives_in() {
+        let t = Arc::new(Reservations::leased(LeaseTerms {
+            holder: "h".into(),
+            ttl: Duration::from_secs(10),
+        }));
+        let now = Instant::now();
+        let lease = |granted, version| Lease {
+            granted,
+            available: 2_000,
+            version,
+        };
+        t.seed_lease(1, lease(1_000, 1), now);
+        let h = t.try_hold(1, Micro::new(300), now).unwrap();
+        let p = h.settle(Micro::new(300)).unwrap();
+        // The database wrote the settlement (version 3) after a renewal (version 2), but
+        // the renewal's answer arrives last: it must not undo the settlement.
+        t.apply_leases(&[LeaseNow {
+            account: 1,
+            amount: 600,
+            version: 3,
+        }]);
+        t.written(p, true);
+        t.seed_lease(1, lease(900, 2), now);
+        assert_eq!(t.available(1), Some(Micro::new(600)));
+        assert!(t.covers(1, Micro::new(600), now));
+        assert!(!t.covers(1, Micro::new(601), now));
+        // A later renewal replaces it; a lease is trusted for half its time to live.
+        t.seed_lease(1, lease(1_500, 4), now);
+        assert_eq!(t.available(1), Some(Micro::new(1_500)));
+        assert!(matches!(
+            t.try_hold(1, Micro::ZERO, now + Duration::from_secs(5)),
+            Err(NoHold::Seed(_))
         ));
     }
 }

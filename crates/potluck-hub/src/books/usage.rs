@@ -393,11 +393,12 @@ async fn write(w: &mut Writer, batch: &mut [Finished]) {
         batch.iter().filter_map(|f| f.settlement.clone()).collect(),
     );
     let holder = w.reservations.lease_terms().map(|t| t.holder.as_str());
-    if w.store
+    if let Ok(leases) = w
+        .store
         .record_finished_for(&usage, &settlements, holder)
         .await
-        .is_ok()
     {
+        w.reservations.apply_leases(&leases);
         for f in batch.iter() {
             done(w, f, true);
         }
@@ -410,6 +411,9 @@ async fn write(w: &mut Writer, batch: &mut [Finished]) {
             .store
             .record_finished_for(std::slice::from_ref(&f.usage), &settlement, holder)
             .await;
+        if let Ok(leases) = &res {
+            w.reservations.apply_leases(leases);
+        }
         if let Err(e) = &res {
             tracing::error!(error = ?e, request_id = %f.usage.request_id, "settlement refused; writing the usage row alone");
             if let Err(e) = w
