@@ -64,6 +64,10 @@ pub struct RoutingConfig {
     pub scan_all_below: usize,
     /// How many free, healthy tunnels a sampled pick compares (at least 1).
     pub pick_sample: usize,
+    /// How long the hub gathers receipts and other events for one agent before sending
+    /// them in one batch under one signature (seconds).
+    #[serde(with = "super::secs")]
+    pub events_linger: Duration,
 }
 
 impl Default for RoutingConfig {
@@ -83,6 +87,7 @@ impl Default for RoutingConfig {
             busy_retry_delay: Duration::from_millis(250),
             scan_all_below: 256,
             pick_sample: 8,
+            events_linger: Duration::from_millis(100),
         }
     }
 }

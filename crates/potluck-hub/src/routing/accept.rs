@@ -396,6 +396,30 @@ fn sign_receipts(identity: &HubIdentity, batch: impl Iterator<Item = Outgoing>) 
         .collect()
 }
 
+/// Add to `batch` what arrives for this agent within `linger` of the first event, up to
+/// [`EVENTS_BATCH`]: at one request at a time, one POST (and one receipt signature) per
+/// window instead of one per request, each costing both ends a round of wake-ups.
+async fn gather(
+    rx: &mut mpsc::Receiver<Outgoing>,
+    batch: &mut Vec<Outgoing>,
+    linger: std::time::Duration,
+    done: &CancellationToken,
+) {
+    let window = tokio::time::sleep(linger);
+    tokio::pin!(window);
+    while batch.len() < EVENTS_BATCH {
+        tokio::select! {
+            biased;
+            r = rx.recv() => match r {
+                Some(e) => batch.push(e),
+                None => return,
+            },
+            _ = &mut window => return,
+            _ = done.cancelled() => return,
+        }
+    }
+}
+
 /// One tunnel's events task: sign each batch's receipts with one signature and send the
 /// events in batches, one `POST` per batch, until the tunnel ends.
 async fn send_events(
@@ -413,12 +437,13 @@ async fn send_events(
         };
         let Some(first) = first else { return };
         batch.push(first);
-        while batch.len() < EVENTS_BATCH {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
-            }
-        }
+        gather(
+            &mut rx,
+            &mut batch,
+            state.config.routing.events_linger,
+            &done,
+        )
+        .await;
         let mut body = Vec::new();
         for ev in sign_receipts(&state.identity, batch.drain(..)) {
             let line = ev.encode();
