@@ -17,10 +17,11 @@ use potluck_protocol::{
 use potluck_store::KeyAuth;
 use serde_json::{Map, Value};
 
+use crate::api::balance;
 use crate::api::finish::cost;
 use crate::books::limits::{utc_day, Effective, InFlight};
 use crate::books::money::Micro;
-use crate::books::reserve::{Hold, NoHold};
+use crate::books::reserve::Hold;
 use crate::books::usage::UsagePlace;
 use crate::http::error::ApiError;
 use crate::routing::inflight::{cut_error, InFlightGuard};
@@ -258,10 +259,6 @@ pub(crate) struct Reserved {
     pub(crate) priority: u8,
 }
 
-/// Store reads allowed while the writer keeps moving an account's balance, before the
-/// request is refused as a backlog (503).
-const SEED_TRIES: usize = 5;
-
 /// Reserve the request's largest possible cost (its [`Bounds`] at the model's price, plus
 /// tax) from the account's available balance, in the same step that checks it: when
 /// credits are required, a request it cannot cover is refused (429 `insufficient_quota`).
@@ -290,7 +287,7 @@ pub(crate) async fn reserve(
     )
     .checked_add(Micro::from_credits(credits.tax_per_request))
     .unwrap_or(Micro::MAX);
-    let (hold, available) = hold(state, key.account_id, most).await?;
+    let (hold, available) = balance::hold(state, key.account_id, most).await?;
     if credits.require_credits && (hold.is_none() || !available.is_positive()) {
         return Err(ApiError::InsufficientCredits);
     }
@@ -300,65 +297,6 @@ pub(crate) async fn reserve(
         PRIORITY_NORMAL
     };
     Ok(Reserved { hold, priority })
-}
-
-/// Hold `amount` for `account`, reading its balance from the store first when the table
-/// needs it. Gives the hold (if covered) and what was available before it.
-async fn hold(
-    state: &HubState,
-    account: i64,
-    amount: Micro,
-) -> Result<(Option<Hold>, Micro), ApiError> {
-    let mut renewed = false;
-    for _ in 0..SEED_TRIES {
-        match state.balances.try_hold(account, amount, Instant::now()) {
-            Ok(h) => {
-                let available = h.available;
-                return Ok((Some(h), available));
-            }
-            Err(NoHold::Short(available)) if renewed || state.balances.lease_terms().is_none() => {
-                return Ok((None, available))
-            }
-            // A lease that runs short may grow: renew it once before refusing.
-            Err(NoHold::Short(_)) => {
-                renew_lease(state, account, amount).await?;
-                renewed = true;
-            }
-            Err(NoHold::Seed(_)) if state.balances.lease_terms().is_some() => {
-                renew_lease(state, account, amount).await?;
-                renewed = true;
-            }
-            Err(NoHold::Seed(generation)) => {
-                let balance = state.store.balance(account).await?.available;
-                state
-                    .balances
-                    .seed(account, balance, generation, Instant::now());
-            }
-        }
-    }
-    Err(ApiError::UsageBacklog { retry_after: 1 })
-}
-
-/// Renew this hub's lease on `account`'s balance (a shared database): enough for what it
-/// holds plus `amount`, if the other hubs' leases leave that much.
-async fn renew_lease(state: &HubState, account: i64, amount: Micro) -> Result<(), ApiError> {
-    let Some(terms) = state.balances.lease_terms() else {
-        return Ok(());
-    };
-    let _one_at_a_time = state.balances.renewing(account).await;
-    if state.balances.covers(account, amount, Instant::now()) {
-        // The renewal this one waited for covers it too.
-        return Ok(());
-    }
-    let held = state.balances.stale(account);
-    let need = held.checked_add(amount).unwrap_or(Micro::MAX);
-    let ttl_ms = i64::try_from(terms.ttl.as_millis()).unwrap_or(i64::MAX);
-    let lease = state
-        .store
-        .lease(account, &terms.holder, need.get(), ttl_ms)
-        .await?;
-    state.balances.seed_lease(account, lease, Instant::now());
-    Ok(())
 }
 
 /// A place in the usage queue for the request's record, waiting at most

@@ -1,0 +1,182 @@
+//! Hub-to-agent events on one tunnel: receipts and notices gathered for
+//! `routing.events_linger`, the batch's receipts signed together, one `POST` per batch.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header;
+use http_body_util::Full;
+use hyper::client::conn::http2::SendRequest;
+use potluck_protocol::receipt::{Receipt, SignedReceipt};
+use potluck_protocol::tunnel::{HubEvent, EVENTS_PATH, MAX_EVENTS_BODY_BYTES};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::routing::link::Outgoing;
+use crate::state::HubState;
+
+/// Hub-to-agent events waiting to be sent, per tunnel.
+pub(crate) const EVENTS_QUEUE: usize = 4096;
+/// Most events in one batch.
+pub(crate) const EVENTS_BATCH: usize = 256;
+
+/// The events of one batch in their order, its receipts signed together by `sign` (the
+/// hub identity's `sign_batch`: one signature over their Merkle root, a proof in each).
+fn sign_receipts(
+    sign: impl FnOnce(Vec<Receipt>) -> Vec<SignedReceipt>,
+    batch: impl Iterator<Item = Outgoing>,
+) -> Vec<HubEvent> {
+    let mut receipts = Vec::new();
+    // `None`: the next signed receipt goes here.
+    let slots: Vec<Option<HubEvent>> = batch
+        .map(|e| match e {
+            Outgoing::Receipt(r) => {
+                receipts.push(r);
+                None
+            }
+            Outgoing::Event(ev) => Some(ev),
+        })
+        .collect();
+    let mut signed = sign(receipts).into_iter();
+    slots
+        .into_iter()
+        .filter_map(|slot| slot.or_else(|| signed.next().map(HubEvent::Receipt)))
+        .collect()
+}
+
+/// Add to `batch` what arrives for this agent within `linger` of the first event, up to
+/// [`EVENTS_BATCH`]: at one request at a time, one POST (and one receipt signature) per
+/// window instead of one per request, each costing both ends a round of wake-ups.
+async fn gather(
+    rx: &mut mpsc::Receiver<Outgoing>,
+    batch: &mut Vec<Outgoing>,
+    linger: std::time::Duration,
+    done: &CancellationToken,
+) {
+    let window = tokio::time::sleep(linger);
+    tokio::pin!(window);
+    while batch.len() < EVENTS_BATCH {
+        tokio::select! {
+            biased;
+            r = rx.recv() => match r {
+                Some(e) => batch.push(e),
+                None => return,
+            },
+            _ = &mut window => return,
+            _ = done.cancelled() => return,
+        }
+    }
+}
+
+/// One tunnel's events task: sign each batch's receipts with one signature and send the
+/// events in batches, one `POST` per batch, until the tunnel ends.
+pub(super) async fn send_events(
+    state: Arc<HubState>,
+    mut sender: SendRequest<Full<Bytes>>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    done: CancellationToken,
+    provider_id: i64,
+) {
+    let mut batch = Vec::with_capacity(EVENTS_BATCH);
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = done.cancelled() => None,
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        gather(
+            &mut rx,
+            &mut batch,
+            state.config.routing.events_linger,
+            &done,
+        )
+        .await;
+        let mut body = Vec::new();
+        for ev in sign_receipts(|rs| state.identity.sign_batch(rs), batch.drain(..)) {
+            let line = ev.encode();
+            if body.len() + line.len() > MAX_EVENTS_BODY_BYTES {
+                break;
+            }
+            body.extend_from_slice(&line);
+        }
+        let n = body.iter().filter(|&&b| b == b'\n').count();
+        let Ok(req) = http::Request::builder()
+            .method("POST")
+            .uri(EVENTS_PATH)
+            .header(header::CONTENT_TYPE, "application/x-ndjson")
+            .body(Full::new(Bytes::from(body)))
+        else {
+            continue;
+        };
+        let sent = tokio::select! {
+            r = sender.send_request(req) => r,
+            _ = done.cancelled() => return,
+        };
+        match sent {
+            Ok(resp) if resp.status().is_success() => {}
+            Ok(resp) => {
+                tracing::debug!(provider_id, status = %resp.status(), events = n, "agent did not take hub events");
+            }
+            Err(e) => {
+                tracing::debug!(provider_id, error = %e, events = n, "sending hub events failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use potluck_protocol::ModelName;
+
+    fn receipt(id: &str) -> Receipt {
+        Receipt {
+            hub_id: "hub-test".into(),
+            request_id: id.into(),
+            time_ms: 1,
+            provider_id: 1,
+            consumer: "c-1".into(),
+            model: ModelName::parse("m").unwrap(),
+            model_sha256: None,
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            credits_micro: 3,
+            outcome: "ok".into(),
+        }
+    }
+
+    #[test]
+    fn one_batch_one_signature_and_the_order_kept() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let refused = HubEvent::ModelRefused {
+            model: ModelName::parse("m9").unwrap(),
+            reason: "no".into(),
+        };
+        let batch = vec![
+            Outgoing::Receipt(receipt("a")),
+            Outgoing::Event(refused.clone()),
+            Outgoing::Receipt(receipt("b")),
+            Outgoing::Receipt(receipt("c")),
+        ];
+        let out = sign_receipts(|rs| SignedReceipt::sign_batch(rs, &key), batch.into_iter());
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[1], refused);
+        let signed: Vec<_> = out
+            .iter()
+            .filter_map(|e| match e {
+                HubEvent::Receipt(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        let ids: Vec<_> = signed
+            .iter()
+            .map(|r| r.receipt.request_id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        for r in &signed {
+            assert_eq!(r.signature, signed[0].signature, "one signature per batch");
+            r.verify(&key.verifying_key()).unwrap();
+        }
+    }
+}
