@@ -377,6 +377,9 @@ impl HubConfig {
                 ));
             }
         }
+        if self.routing.events_linger > std::time::Duration::from_secs(60) {
+            return Err("routing.events_linger must be at most 60 seconds".into());
+        }
         if self.presence_interval.is_zero() {
             return Err("presence_interval must be more than 0 seconds".into());
         }
@@ -484,6 +487,20 @@ pub(crate) mod secs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scale_out_settings_refuse_their_worst_values() {
+        for (toml, field) in [
+            ("presence_interval = 0", "presence_interval"),
+            ("[credits]\nlease_ttl = 0.5", "lease_ttl"),
+            ("[routing]\nevents_linger = 3600", "events_linger"),
+        ] {
+            let c: HubConfig = toml::from_str(toml).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(field), "{toml}: {e}");
+        }
+        assert!(HubConfig::default().validate().is_ok());
+    }
 
     #[test]
     fn toml_fields_and_errors() {
