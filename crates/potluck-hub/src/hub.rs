@@ -17,6 +17,7 @@ use crate::books::limits::{Hourly, Limiter};
 use crate::books::reserve::{LeaseTerms, Reservations};
 use crate::books::retention;
 use crate::books::usage::{self, Accounting};
+use crate::books::writer;
 use crate::config::HubConfig;
 use crate::metrics::Metrics;
 use crate::routing::registry::Registry;
@@ -221,8 +222,8 @@ impl Hub {
             });
         }
         let writer_stop = CancellationToken::new();
-        state.tasks.spawn(usage::run_writer(
-            usage::Writer::new(
+        state.tasks.spawn(writer::run_writer(
+            writer::Writer::new(
                 state.store.clone(),
                 state.config.credits.clone(),
                 Arc::clone(&state.balances),

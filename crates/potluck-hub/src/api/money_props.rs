@@ -16,7 +16,8 @@ use crate::api::finish::{cost, settlement, within, Parties, Request};
 use crate::api::relay::chunk::UsageView;
 use crate::books::money::Micro;
 use crate::books::reserve::Reservations;
-use crate::books::usage::{write_contained, Finished, Writer};
+use crate::books::usage::Finished;
+use crate::books::writer::{write_contained, Writer};
 use crate::config::{CreditsConfig, Rates};
 use crate::trust::plausibility::{Bounds, Usage};
 

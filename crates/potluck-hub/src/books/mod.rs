@@ -1,5 +1,5 @@
 //! The books: what the hub records and counts. The usage writer and its settlement
-//! ([`usage`]), balances and grants ([`credits`]), per-key limits ([`limits`]), reservations of credits by requests in flight
+//! ([`usage`], [`writer`]), balances and grants ([`credits`]), per-key limits ([`limits`]), reservations of credits by requests in flight
 //! ([`reserve`]), short-lived
 //! caches ([`cache`]), money with checked arithmetic ([`money`]), retention
 //! ([`retention`]) and the admin action log
@@ -14,3 +14,4 @@ pub(crate) mod presence;
 pub(crate) mod reserve;
 pub(crate) mod retention;
 pub(crate) mod usage;
+pub(crate) mod writer;

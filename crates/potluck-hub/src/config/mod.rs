@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod credits;
 mod database;
 mod limits;
 mod observe;
@@ -13,6 +14,7 @@ mod serving;
 mod trust;
 mod web;
 
+pub use credits::{CreditsConfig, Rates};
 pub use database::DatabaseUrl;
 pub use limits::{AbuseConfig, AnonymousConfig, LimitsConfig, MAX_ADMIN_BODY_BYTES};
 pub use observe::{AlertConfig, AlertingConfig, MetricsConfig, UsageApiConfig};
@@ -233,118 +235,6 @@ impl Default for QueueConfig {
             max_length: 10_000,
             progress_interval: Duration::from_secs(1),
         }
-    }
-}
-
-/// Prices of one model size class, in micro-credits per token.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Rates {
-    /// Per prompt (input) token.
-    pub prompt: i64,
-    /// Per completion (output) token.
-    pub completion: i64,
-}
-
-/// Credits.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CreditsConfig {
-    /// Refuse requests (429, `x-should-retry: false`) from accounts with no credits left.
-    pub require_credits: bool,
-    /// Given once to every new account (credits).
-    pub starter_grant: f64,
-    /// Paid to the hub per served request on top of the price (credits).
-    pub tax_per_request: f64,
-    /// Size class of models not listed in `models`.
-    pub default_class: String,
-    /// Prices per size class.
-    pub classes: std::collections::BTreeMap<String, Rates>,
-    /// Model name → size class.
-    pub models: std::collections::BTreeMap<String, String>,
-    /// How long a provider's earnings stay in escrow (seconds).
-    #[serde(with = "secs")]
-    pub vesting: Duration,
-    /// Once a provider's account holds this much *vested* earnings (credits, net of
-    /// claw-backs) and is at least `trust_min_account_age` old, its earnings vest at once.
-    pub trust_threshold: f64,
-    /// How old an account must be before its earnings may skip escrow (seconds).
-    #[serde(with = "secs")]
-    pub trust_min_account_age: Duration,
-    /// Prompt tokens a request may be billed beyond its body's bytes: the chat template's
-    /// own tokens (role markers, a default system prompt). The bound on billed prompt
-    /// tokens is `bytes of the body sent + this` (a token is at least one byte of text).
-    pub prompt_overhead_tokens: i64,
-    /// Completion tokens reserved for, and billed at most to, a request that sets no
-    /// `max_tokens` (a request that sets one is reserved and billed at most that).
-    pub default_max_tokens: i64,
-    /// Accounts with at least this balance (credits) get high priority.
-    pub high_priority_balance: f64,
-    /// On a database several hubs share: how long a hub's lease on an account's balance
-    /// lives unless renewed (seconds). A hub that dies gives its share back after this.
-    #[serde(with = "secs")]
-    pub lease_ttl: Duration,
-}
-
-impl Default for CreditsConfig {
-    fn default() -> Self {
-        let classes = [
-            (
-                "small".to_owned(),
-                Rates {
-                    prompt: 25,
-                    completion: 100,
-                },
-            ),
-            (
-                "medium".to_owned(),
-                Rates {
-                    prompt: 100,
-                    completion: 400,
-                },
-            ),
-            (
-                "large".to_owned(),
-                Rates {
-                    prompt: 400,
-                    completion: 1600,
-                },
-            ),
-        ]
-        .into_iter()
-        .collect();
-        Self {
-            require_credits: true,
-            starter_grant: 100.0,
-            tax_per_request: 0.0,
-            default_class: "small".into(),
-            classes,
-            models: Default::default(),
-            vesting: Duration::from_secs(24 * 3600),
-            trust_threshold: 100.0,
-            trust_min_account_age: Duration::from_secs(7 * 24 * 3600),
-            prompt_overhead_tokens: 128,
-            default_max_tokens: 4096,
-            high_priority_balance: 1000.0,
-            lease_ttl: Duration::from_secs(10),
-        }
-    }
-}
-
-impl CreditsConfig {
-    /// Rates for a model.
-    /// The size class of a model.
-    pub fn class_of(&self, model: &str) -> &str {
-        self.models.get(model).unwrap_or(&self.default_class)
-    }
-
-    /// Prices of a model.
-    pub fn rates(&self, model: &str) -> Rates {
-        let class = self.models.get(model).unwrap_or(&self.default_class);
-        self.classes.get(class).copied().unwrap_or(Rates {
-            prompt: 0,
-            completion: 0,
-        })
     }
 }
 
