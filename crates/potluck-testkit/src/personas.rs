@@ -52,6 +52,22 @@ impl Answer {
     pub fn code(&self) -> Option<&str> {
         self.body["error"]["code"].as_str()
     }
+
+    /// Panic unless this is a served chat completion with text that a model generated:
+    /// status 200, a non-empty first message and completion tokens counted.
+    pub fn assert_generated(&self) {
+        assert_eq!(self.status, 200, "{}", self.text);
+        let text = self.body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(!text.is_empty(), "no text: {}", self.text);
+        let tokens = self.body["usage"]["completion_tokens"].as_u64();
+        assert!(
+            tokens.unwrap_or(0) > 0,
+            "no completion tokens: {}",
+            self.text
+        );
+    }
 }
 
 /// A member with an API key, using the OpenAI API of the hub.
