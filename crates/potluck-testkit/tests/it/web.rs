@@ -143,6 +143,26 @@ impl Browser {
             .unwrap();
     }
 
+    /// Click a form's submit button and wait until the answer's page has loaded: the
+    /// old page is marked, and the wait ends when a document without the mark is
+    /// complete. (Waiting for an element that both pages have would return at once,
+    /// before the form's POST was answered.)
+    async fn submit(&self, css: &str) {
+        self.c
+            .execute("window.potluckOldPage = true", vec![])
+            .await
+            .unwrap();
+        self.click(css).await;
+        let loaded =
+            "return window.potluckOldPage === undefined && document.readyState === 'complete'";
+        potluck_testkit::wait_until(
+            &format!("the page after submitting {css}"),
+            Duration::from_secs(10),
+            || async { self.c.execute(loaded, vec![]).await.ok() == Some(json!(true)) },
+        )
+        .await;
+    }
+
     /// Sign in with `key` through the form; lands on the member's page.
     async fn sign_in(&self, hub: &TestHub, key: &str) {
         self.goto(&format!("{}/web/signin", hub.url())).await;
@@ -153,7 +173,7 @@ impl Browser {
             .send_keys(key)
             .await
             .unwrap();
-        self.click("form.card button").await;
+        self.submit("form.card button").await;
         self.c
             .wait()
             .for_element(Locator::Css("#available"))
@@ -162,7 +182,7 @@ impl Browser {
     }
 
     async fn sign_out(&self) {
-        self.click("nav form button").await;
+        self.submit("nav form button").await;
         self.c
             .wait()
             .for_element(Locator::Css("a[href='/web/signin']"))
@@ -280,11 +300,7 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
     // Routing settings of the spare key, by checkbox.
     let form = format!("form[action='/web/me/keys/{spare_id}/settings']");
     b.click(&format!("{form} input[name='trusted_only']")).await;
-    b.click(&format!("#settings-{spare_id}")).await;
-    b.c.wait()
-        .for_element(Locator::Css("#available"))
-        .await
-        .unwrap();
+    b.submit(&format!("#settings-{spare_id}")).await;
     let keys = mia.get("keys").await.body;
     let spare_now = keys["data"]
         .as_array()
@@ -294,11 +310,7 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
         .unwrap()
         .clone();
     assert_eq!(spare_now["trusted_only"], true, "{spare_now}");
-    b.click(&format!("#revoke-{spare_id}")).await;
-    b.c.wait()
-        .for_element(Locator::Css("#available"))
-        .await
-        .unwrap();
+    b.submit(&format!("#revoke-{spare_id}")).await;
     assert_eq!(
         Consumer::with_key(&hub, "mia", spare_key)
             .get("credits")
@@ -332,13 +344,9 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
         .select_by_value("dismiss")
         .await
         .unwrap();
-    b.click(&format!("{form} button")).await;
-    b.c.wait()
-        .for_element(Locator::Css("#reports"))
-        .await
-        .unwrap();
+    b.submit(&format!("{form} button")).await;
     // An invite, its code shown once.
-    b.click("form[action='/web/staff/invites'] button").await;
+    b.submit("form[action='/web/staff/invites'] button").await;
     let code = b.text("#secret").await;
     assert!(!code.is_empty());
     let listed = admin.get("/admin/v1/invites").await.body;
@@ -386,11 +394,7 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
         .select_by_value("release")
         .await
         .unwrap();
-    b.click(&format!("{form} button")).await;
-    b.c.wait()
-        .for_element(Locator::Css("#providers"))
-        .await
-        .unwrap();
+    b.submit(&format!("{form} button")).await;
     let s = admin
         .get(&format!("/admin/v1/providers/{pid}/standing"))
         .await;
@@ -408,11 +412,7 @@ async fn every_role_sees_its_numbers_and_acts_in_a_browser() {
         .send_keys("1")
         .await
         .unwrap();
-    b.click(&format!("{form} button")).await;
-    b.c.wait()
-        .for_element(Locator::Css("#account-limits"))
-        .await
-        .unwrap();
+    b.submit(&format!("{form} button")).await;
     assert_eq!(mia.chat("m1", "after").await.status, 200);
     assert_eq!(mia.chat("m1", "limited").await.status, 429, "rpm 1 set");
     b.c.clone().close().await.unwrap();
