@@ -32,6 +32,9 @@ pub struct Ratio {
     pub pass: Option<bool>,
     /// The figures behind it.
     pub detail: String,
+    /// Why the measurement cannot be trusted, if it cannot (the two load tools disagreed
+    /// on a figure behind it): a pass then reads `NOISY`, never `PASS`.
+    pub doubt: Option<String>,
 }
 
 impl Ratio {
@@ -44,6 +47,7 @@ impl Ratio {
             target: format!("≤ {limit}"),
             pass: value.map(|v| v <= limit),
             detail,
+            doubt: None,
         }
     }
 
@@ -56,6 +60,7 @@ impl Ratio {
             target: format!("≥ {limit}"),
             pass: value.map(|v| v >= limit),
             detail,
+            doubt: None,
         }
     }
 
@@ -68,12 +73,28 @@ impl Ratio {
             target: "none".into(),
             pass: None,
             detail,
+            doubt: None,
         }
     }
 
-    /// `PASS`, `MISS`, `info` (measured, no target) or `n/a`.
+    /// The same, marked untrustworthy for `why` (see [`Ratio::doubt`]).
+    pub fn doubted(self, why: Option<String>) -> Self {
+        Self { doubt: why, ..self }
+    }
+
+    /// The figures, and the doubt if there is one.
+    pub fn detail_with_doubt(&self) -> String {
+        match &self.doubt {
+            Some(why) => format!("{}; {why}", self.detail),
+            None => self.detail.clone(),
+        }
+    }
+
+    /// `PASS`, `MISS`, `NOISY` (it would pass, but the measurement is in doubt), `info`
+    /// (measured, no target) or `n/a`.
     pub fn verdict(&self) -> &'static str {
         match (self.pass, self.value) {
+            (Some(true), _) if self.doubt.is_some() => "NOISY",
             (Some(true), _) => "PASS",
             (Some(false), _) => "MISS",
             (None, Some(_)) => "info",
@@ -397,7 +418,7 @@ pub fn markdown(r: &Report) -> String {
         s.stream_chunks, s.stream_gap_ms, s.held_streams, s.held_chunks, s.held_gap_ms
     );
 
-    let _ = writeln!(o, "### Targets (PASS/MISS)\n");
+    let _ = writeln!(o, "### Targets (PASS/MISS/NOISY)\n");
     let _ = writeln!(
         o,
         "| measure | value | target | verdict | figures |\n|---|---:|---|---|---|"
@@ -410,7 +431,7 @@ pub fn markdown(r: &Report) -> String {
             x.shown,
             x.target,
             x.verdict(),
-            x.detail
+            x.detail_with_doubt()
         );
     }
 
@@ -608,12 +629,12 @@ pub fn print_ratios(r: &Report) {
     println!("\nTargets:");
     for x in &r.ratios {
         println!(
-            "  {:4}  {:<66} {:>8}  (target {}; {})",
+            "  {:5} {:<66} {:>8}  (target {}; {})",
             x.verdict(),
             x.name,
             x.shown,
             x.target,
-            x.detail
+            x.detail_with_doubt()
         );
     }
     if r.oha.is_empty() {
@@ -762,6 +783,47 @@ mod tests {
         assert!(!md.contains("disagree at c=1"));
     }
 
+    /// The run after the LTO change (3 December 2026, 07:50 UTC) in small: the floor's
+    /// added latency at c=1 blew up in one tool only, so Potluck's ratio "passed". With
+    /// the tools disagreeing the verdict is NOISY; with them agreeing, or without the
+    /// cross-check, it stands.
+    #[test]
+    fn a_pass_the_cross_check_disputes_is_noisy() {
+        let chat = vec![
+            chat_cell("direct", 1, 3_000.0, 290.0, None),
+            chat_cell("floor", 1, 1_400.0, 717.0, Some(427.0)),
+            chat_cell("potluck", 1, 1_400.0, 702.0, Some(412.0)),
+        ];
+        let oha = |floor_added: f64, potluck_added: f64| {
+            vec![
+                oha_cell("direct", 1, 3_000.0, 300.0, None),
+                oha_cell("floor", 1, 1_400.0, 300.0 + floor_added, Some(floor_added)),
+                oha_cell(
+                    "potluck",
+                    1,
+                    1_400.0,
+                    300.0 + potluck_added,
+                    Some(potluck_added),
+                ),
+            ]
+        };
+        let latency = |r: &Report| {
+            crate::suite::ratios(r)
+                .into_iter()
+                .find(|x| x.name.starts_with("Added p50 latency"))
+                .unwrap()
+        };
+        let disputed = latency(&report(chat.clone(), oha(110.0, 627.0)));
+        assert_eq!(disputed.verdict(), "NOISY", "{disputed:?}");
+        assert!(disputed
+            .detail_with_doubt()
+            .contains("added p50, c=1, floor"));
+        let agreed = latency(&report(chat.clone(), oha(420.0, 430.0)));
+        assert_eq!(agreed.verdict(), "PASS", "both tools agree: {agreed:?}");
+        let unchecked = latency(&report(chat, Vec::new()));
+        assert_eq!(unchecked.verdict(), "PASS", "no cross-check, no doubt");
+    }
+
     #[test]
     fn splice_keeps_hand_written_text() {
         let first = splice(None, "gen1\n");
@@ -787,6 +849,13 @@ mod tests {
             Ratio::at_least("x", None, 0.5, String::new()).verdict(),
             "n/a"
         );
+        let noisy = |v| {
+            Ratio::at_most("x", Some(v), 3.0, String::new())
+                .doubted(Some("tools disagree".into()))
+                .verdict()
+        };
+        assert_eq!(noisy(2.0), "NOISY", "a pass in doubt is not a pass");
+        assert_eq!(noisy(4.0), "MISS", "a miss stays a miss");
         let info = |v| Ratio::info("x", v, us(v), String::new()).verdict();
         assert_eq!(info(Some(-3.0)), "info", "measured, no target");
         assert_eq!(info(None), "n/a");

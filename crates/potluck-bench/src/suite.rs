@@ -1030,7 +1030,26 @@ fn ratio_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-/// Every target ratio, with PASS or MISS.
+/// Why a ratio built on the cells the cross-check names `what_prefix…` (floor and
+/// Potluck) cannot be trusted: the two load tools disagreed on one of them, so the
+/// machine's noise, not the code, may have made it pass. `None` if they agree, or if the
+/// cross-check did not run.
+fn cross_check_doubt(r: &Report, what_prefix: &str) -> Option<String> {
+    let split: Vec<String> = report::agreements(r)
+        .into_iter()
+        .filter(|a| a.what.starts_with(what_prefix) && !a.agree)
+        .filter(|a| a.what.ends_with("floor") || a.what.ends_with("potluck"))
+        .map(|a| format!("{} {} vs {}", a.what, a.ours, a.oha))
+        .collect();
+    (!split.is_empty()).then(|| {
+        format!(
+            "NOISY: the cross-check disagrees ({}); rerun on a quiet machine",
+            split.join(", ")
+        )
+    })
+}
+
+/// Every target ratio, with PASS, MISS or NOISY.
 pub fn ratios(r: &Report) -> Vec<Ratio> {
     let mut out = Vec::new();
     let c1 = |cells: &[Cell], t: &str| find(cells, t, 1).cloned();
@@ -1041,17 +1060,20 @@ pub fn ratios(r: &Report) -> Vec<Ratio> {
     let added = |cells: &[Cell], t: &str, c: usize| find(cells, t, c).and_then(|x| x.added_p50_us);
     let p50 = |cells: &[Cell], t: &str, c: usize| find(cells, t, c).map(|x| x.latency.p50_us);
     let (pa, fa) = (added(&r.chat, "potluck", 1), added(&r.chat, "floor", 1));
-    out.push(Ratio::at_most(
-        "Added p50 latency, non-streamed, c=1: potluck / floor",
-        ratio_of(pa, fa),
-        3.0,
-        format!(
-            "potluck +{} vs floor +{} over direct's p50 {}",
-            report::us(pa),
-            report::us(fa),
-            report::us(p50(&r.chat, "direct", 1))
-        ),
-    ));
+    out.push(
+        Ratio::at_most(
+            "Added p50 latency, non-streamed, c=1: potluck / floor",
+            ratio_of(pa, fa),
+            3.0,
+            format!(
+                "potluck +{} vs floor +{} over direct's p50 {}",
+                report::us(pa),
+                report::us(fa),
+                report::us(p50(&r.chat, "direct", 1))
+            ),
+        )
+        .doubted(cross_check_doubt(r, "added p50, c=1, ")),
+    );
     let ttft = added(&r.stream, "potluck", 1);
     out.push(Ratio::at_most(
         "Added time to first token (p50), c=1, ms",
@@ -1068,18 +1090,21 @@ pub fn ratios(r: &Report) -> Vec<Ratio> {
         c64(&r.chat, "potluck").map(|c| c.rps),
         c64(&r.chat, "floor").map(|c| c.rps),
     );
-    out.push(Ratio::at_least(
-        "Non-streamed throughput, c=64: potluck / floor",
-        ratio_of(pt, ft),
-        0.5,
-        format!(
-            "{} vs {} req/s; added p50 potluck +{}, floor +{}",
-            report::num(pt),
-            report::num(ft),
-            report::us(added(&r.chat, "potluck", 64)),
-            report::us(added(&r.chat, "floor", 64))
-        ),
-    ));
+    out.push(
+        Ratio::at_least(
+            "Non-streamed throughput, c=64: potluck / floor",
+            ratio_of(pt, ft),
+            0.5,
+            format!(
+                "{} vs {} req/s; added p50 potluck +{}, floor +{}",
+                report::num(pt),
+                report::num(ft),
+                report::us(added(&r.chat, "potluck", 64)),
+                report::us(added(&r.chat, "floor", 64))
+            ),
+        )
+        .doubted(cross_check_doubt(r, "req/s, c=64, ")),
+    );
     let (pc, fc) = (
         c64(&r.stream, "potluck").and_then(|c| c.cpu_per_chunk_us),
         c64(&r.stream, "floor").and_then(|c| c.cpu_per_chunk_us),
@@ -1140,6 +1165,7 @@ pub fn ratios(r: &Report) -> Vec<Ratio> {
         target: "all".into(),
         pass: open.map(|(o, n)| o == n && n > 0),
         detail: "most streams open at the same time".into(),
+        doubt: None,
     });
     let held = r
         .held
@@ -1158,6 +1184,7 @@ pub fn ratios(r: &Report) -> Vec<Ratio> {
             .as_ref()
             .map(|h| format!("failures: {:?}", h.result.failures))
             .unwrap_or_default(),
+        doubt: None,
     });
     let lt = c64(&r.chat, "litellm").map(|c| c.rps);
     out.push(Ratio::at_least(
