@@ -187,7 +187,7 @@ where
         }
         let mut rest = &data[..];
         while !rest.is_empty() {
-            let (piece, nl) = match memchr(b'\n', rest) {
+            let (piece, nl) = match memchr::memchr(b'\n', rest) {
                 Some(i) => (&rest[..i], true),
                 None => (rest, false),
             };
@@ -237,10 +237,6 @@ where
             }
         }
     }
-}
-
-fn memchr(b: u8, s: &[u8]) -> Option<usize> {
-    s.iter().position(|x| *x == b)
 }
 
 /// Relay a streamed answer under the caps (see the module docs).
