@@ -181,6 +181,11 @@ max_concurrent = 1000000
 
 [credits]
 starter_grant = 1000000000.0
+
+[routing]
+# One agent carries the held-streams test's 10,000 streams; the default caps a tunnel at
+# 256 slots whatever its agent announces (a defence against a hostile agent).
+max_slots_per_tunnel = 1000000
 ";
 
 /// A Potluck hub and its agents, as child processes.
