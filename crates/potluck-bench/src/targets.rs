@@ -186,6 +186,10 @@ starter_grant = 1000000000.0
 # One agent carries the held-streams test's 10,000 streams; the default caps a tunnel at
 # 256 slots whatever its agent announces (a defence against a hostile agent).
 max_slots_per_tunnel = 1000000
+
+[server]
+# The held-streams test opens one client connection per stream; the default is 4,096.
+max_connections = 1000000
 ";
 
 /// A Potluck hub and its agents, as child processes.
