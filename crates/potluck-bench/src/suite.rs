@@ -1043,7 +1043,7 @@ fn cross_check_doubt(r: &Report, what_prefix: &str) -> Option<String> {
         .collect();
     (!split.is_empty()).then(|| {
         format!(
-            "NOISY: the cross-check disagrees ({}); rerun on a quiet machine",
+            "in doubt: the cross-check disagrees ({}); rerun on a quiet machine",
             split.join(", ")
         )
     })
