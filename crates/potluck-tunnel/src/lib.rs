@@ -6,9 +6,11 @@
 //! This crate owns dialing, the upgrade handshake and the HTTP/2 settings of both ends.
 //! It knows nothing of accounts, credits or models.
 
+pub mod client;
 pub mod dial;
 pub mod settings;
 pub mod upgrade;
 
+pub use client::{SendError, TunnelBody, TunnelClient, TunnelConnection};
 pub use dial::{dial, BoxIo, DialError, HubUrl};
 pub use upgrade::{upgrade, Carrier, TunnelError, UpgradeCarrier};

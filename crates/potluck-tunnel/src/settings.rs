@@ -33,6 +33,18 @@ pub fn client_builder() -> hyper::client::conn::http2::Builder<TokioExecutor> {
     b
 }
 
+/// The hub's end driven straight on `h2` ([`crate::client`]), with the same settings as
+/// [`client_builder`]; keep-alive pings are [`crate::client`]'s.
+pub fn h2_client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .max_concurrent_reset_streams(MAX_CONCURRENT_STREAMS as usize);
+    b
+}
+
 /// The agent's end: an HTTP/2 server over the upgraded connection.
 pub fn server_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR};
 use potluck_protocol::Capability;
+use potluck_tunnel::TunnelBody;
 
 use crate::api::admit::Parsed;
 use crate::api::ctx::{note_health, Ctx};
@@ -48,7 +48,7 @@ pub(crate) enum Slot {
 /// already read from the body (they proved the provider alive before anything was
 /// relayed).
 pub(crate) struct Answer {
-    pub(crate) resp: http::Response<Incoming>,
+    pub(crate) resp: http::Response<TunnelBody>,
     pub(crate) first: Option<Bytes>,
 }
 
@@ -243,22 +243,6 @@ async fn after_gone(state: &HubState, ctx: &Ctx, gone: &ProviderLink) -> Option<
     }
 }
 
-/// Whether a request failed because its tunnel's connection is gone (closed, or broken
-/// underneath: an IO error), not because of the one request.
-fn connection_lost(e: &hyper::Error) -> bool {
-    if e.is_canceled() || e.is_closed() {
-        return true;
-    }
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if c.is::<std::io::Error>() {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
-}
-
 /// Why one attempt failed.
 enum Failure {
     /// The agent's slots are all taken (by another hub it serves): nobody's fault.
@@ -295,13 +279,13 @@ async fn send_once(
         parsed.body.clone(),
     )
     .map_err(|_| Failure::Final(ApiError::Internal))?;
-    let mut sender = link.sender.clone();
+    let sender = &link.sender;
     let stream = parsed.stream;
     let attempt = async move {
-        let resp = sender.send_request(req).await.map_err(|e| {
+        let resp = sender.send(req).await.map_err(|e| {
             tracing::warn!(error = %e, "provider failed before answering");
             let failed = ApiError::ProviderFailed("connection to the provider failed");
-            if connection_lost(&e) || sender.is_closed() {
+            if e.connection_lost() || sender.is_closed() {
                 Failure::Gone(failed)
             } else {
                 Failure::Provider(failed)
@@ -336,7 +320,9 @@ async fn send_once(
 
 /// Sort a provider's answer by its status: success, a refusal the consumer may have
 /// caused, or the provider's failure. Its body is never read back to the consumer.
-fn judge_status(resp: http::Response<Incoming>) -> Result<http::Response<Incoming>, Failure> {
+fn judge_status(
+    resp: http::Response<TunnelBody>,
+) -> Result<http::Response<TunnelBody>, Failure> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
@@ -364,7 +350,7 @@ fn judge_status(resp: http::Response<Incoming>) -> Result<http::Response<Incomin
 }
 
 /// Read a streamed answer up to its first bytes of data.
-async fn first_bytes(body: &mut Incoming) -> Result<Bytes, Failure> {
+async fn first_bytes(body: &mut TunnelBody) -> Result<Bytes, Failure> {
     loop {
         match body.frame().await {
             None => {

@@ -94,17 +94,20 @@ pub(crate) async fn run_writer(
         let mut clawbacks = Vec::new();
         take(first, &mut batch, &mut clawbacks);
         // Collect what arrives within a short window, so that a steady trickle of
-        // requests costs one database transaction per window, not one each.
-        let window = tokio::time::sleep(BATCH_WINDOW);
-        tokio::pin!(window);
-        while batch.len() < MAX_BATCH && clawbacks.is_empty() {
+        // requests costs one database transaction per window, not one each. The writer
+        // sleeps through the window and then takes what queued, so that a record sent
+        // meanwhile does not wake it (a wake-up per request costs the request path more
+        // than the record itself).
+        if clawbacks.is_empty() && rx.len() < MAX_BATCH {
             tokio::select! {
-                r = rx.recv() => match r {
-                    Some(r) => take(r, &mut batch, &mut clawbacks),
-                    None => break,
-                },
-                _ = &mut window => break,
-                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(BATCH_WINDOW) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+        while batch.len() < MAX_BATCH && clawbacks.is_empty() {
+            match rx.try_recv() {
+                Ok(r) => take(r, &mut batch, &mut clawbacks),
+                Err(_) => break,
             }
         }
         write_contained(&mut w, &mut batch).await;

@@ -7,8 +7,9 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use potluck_protocol::tunnel::{
     AgentEvent, HubEvent, ModelOffer, CONTROL_PATH, HEADER_PROTOCOL_VERSION,
     MAX_CONTROL_LINE_BYTES, PROTOCOL_VERSION, UPGRADE_PROTOCOL,
@@ -148,10 +149,7 @@ async fn run(state: Arc<HubState>, provider: ProviderAuth, on_upgrade: OnUpgrade
             return;
         }
     };
-    let (sender, conn) = match potluck_tunnel::settings::client_builder()
-        .handshake::<_, Full<Bytes>>(upgraded)
-        .await
-    {
+    let (sender, conn) = match potluck_tunnel::client::handshake(TokioIo::new(upgraded)).await {
         Ok(x) => x,
         Err(e) => {
             tracing::warn!(provider_id = provider.provider_id, error = %e, "tunnel HTTP/2 handshake failed");
@@ -222,12 +220,11 @@ async fn control_stream(state: &HubState, tunnel: &Arc<ProviderLink>) -> Result<
     let req = http::Request::builder()
         .method("GET")
         .uri(CONTROL_PATH)
-        .body(Full::new(Bytes::new()))
+        .body(Bytes::new())
         .map_err(|e| e.to_string())?;
     let resp = tunnel
         .sender
-        .clone()
-        .send_request(req)
+        .send(req)
         .await
         .map_err(|e| e.to_string())?;
     if resp.status() != StatusCode::OK {

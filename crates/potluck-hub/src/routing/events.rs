@@ -5,10 +5,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header;
-use http_body_util::Full;
-use hyper::client::conn::http2::SendRequest;
 use potluck_protocol::receipt::{Receipt, SignedReceipt};
 use potluck_protocol::tunnel::{HubEvent, EVENTS_PATH, MAX_EVENTS_BODY_BYTES};
+use potluck_tunnel::TunnelClient;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -72,7 +71,7 @@ async fn gather(
 /// events in batches, one `POST` per batch, until the tunnel ends.
 pub(super) async fn send_events(
     state: Arc<HubState>,
-    mut sender: SendRequest<Full<Bytes>>,
+    sender: TunnelClient,
     mut rx: mpsc::Receiver<Outgoing>,
     done: CancellationToken,
     provider_id: i64,
@@ -105,12 +104,12 @@ pub(super) async fn send_events(
             .method("POST")
             .uri(EVENTS_PATH)
             .header(header::CONTENT_TYPE, "application/x-ndjson")
-            .body(Full::new(Bytes::from(body)))
+            .body(Bytes::from(body))
         else {
             continue;
         };
         let sent = tokio::select! {
-            r = sender.send_request(req) => r,
+            r = sender.send(req) => r,
             _ = done.cancelled() => return,
         };
         match sent {

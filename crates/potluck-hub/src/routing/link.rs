@@ -5,13 +5,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::client::conn::http2::SendRequest;
 use parking_lot::Mutex;
 use potluck_protocol::receipt::Receipt;
 use potluck_protocol::tunnel::{HubEvent, ModelHash, ModelOffer, ProviderProfile};
 use potluck_protocol::{InferenceRequest, ModelCapabilities, ModelLimits, ModelName};
+use potluck_tunnel::TunnelClient;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +35,7 @@ pub struct ProviderLink {
     /// The provider's name.
     pub provider_name: String,
     /// The HTTP/2 client end.
-    pub sender: SendRequest<Full<Bytes>>,
+    pub sender: TunnelClient,
     pub(super) state: Mutex<Offer>,
     pub(super) in_flight: AtomicU32,
     pub(super) closed: AtomicBool,
@@ -147,7 +145,7 @@ impl ProviderLink {
         provider_id: i64,
         provider_account: i64,
         provider_name: String,
-        sender: SendRequest<Full<Bytes>>,
+        sender: TunnelClient,
         events: mpsc::Sender<Outgoing>,
         health: Arc<Health>,
     ) -> Self {

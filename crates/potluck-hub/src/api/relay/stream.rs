@@ -9,7 +9,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use potluck_tunnel::TunnelBody;
 use indexmap::IndexMap;
 use potluck_protocol::InferenceEndpoint;
 use serde_json::value::RawValue;
@@ -79,7 +79,7 @@ pub(crate) struct Relay {
     state: Arc<HubState>,
     ctx: Ctx,
     lease: Option<Lease>,
-    body: Incoming,
+    body: TunnelBody,
     /// The answer's first bytes, read before the stream was committed to.
     first: Option<Bytes>,
     parser: SseParser,

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use potluck_tunnel::TunnelBody;
 use indexmap::IndexMap;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -30,7 +30,7 @@ pub(crate) async fn relay_whole(
     state: &HubState,
     ctx: &Ctx,
     lease: Lease,
-    resp: http::Response<Incoming>,
+    resp: http::Response<TunnelBody>,
 ) -> Response {
     let link = Arc::clone(lease.tunnel());
     let bytes = match collect(state, ctx, lease, resp).await {
@@ -239,7 +239,7 @@ async fn collect(
     state: &HubState,
     ctx: &Ctx,
     lease: Lease,
-    resp: http::Response<Incoming>,
+    resp: http::Response<TunnelBody>,
 ) -> Result<Bytes, ApiError> {
     let collected = tokio::select! {
         biased;
