@@ -320,9 +320,7 @@ async fn send_once(
 
 /// Sort a provider's answer by its status: success, a refusal the consumer may have
 /// caused, or the provider's failure. Its body is never read back to the consumer.
-fn judge_status(
-    resp: http::Response<TunnelBody>,
-) -> Result<http::Response<TunnelBody>, Failure> {
+fn judge_status(resp: http::Response<TunnelBody>) -> Result<http::Response<TunnelBody>, Failure> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);

@@ -290,7 +290,8 @@ mod tests {
         assert_eq!(a.len(), 2 * (REQUEST_ID_CLOCK_BYTES + REQUEST_ID_BYTES));
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert!(a < b, "{a} then {b}");
-        let same_ms: std::collections::HashSet<String> = (0..1000).map(|_| new_request_id()).collect();
+        let same_ms: std::collections::HashSet<String> =
+            (0..1000).map(|_| new_request_id()).collect();
         assert_eq!(same_ms.len(), 1000, "ids collided");
         assert_ne!(a[12..], b[12..], "the random part repeats");
     }

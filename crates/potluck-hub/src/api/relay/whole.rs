@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use potluck_tunnel::TunnelBody;
 use indexmap::IndexMap;
+use potluck_tunnel::TunnelBody;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
