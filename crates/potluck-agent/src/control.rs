@@ -104,6 +104,9 @@ pub struct Status {
     pub in_flight: usize,
     /// Capacity announced.
     pub capacity: u32,
+    /// Runtime worker threads the agent relays on (`potluck provide --threads`).
+    #[serde(default)]
+    pub threads: usize,
     /// Watts used for energy.
     pub watts: Option<f64>,
     /// Journal totals (today is the UTC day).
@@ -174,6 +177,7 @@ pub async fn status(sh: &Shared) -> Status {
             .collect(),
         in_flight: sh.in_flight(),
         capacity: offer.capacity,
+        threads: tokio::runtime::Handle::current().metrics().num_workers(),
         watts: sh.watts(),
         journal: totals,
         last_errors: sh.last_errors(),
@@ -463,6 +467,7 @@ mod tests {
             }],
             in_flight: 2,
             capacity: 4,
+            threads: 1,
             watts: None,
             journal: Totals::default(),
             last_errors: Vec::new(),

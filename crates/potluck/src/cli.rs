@@ -24,6 +24,17 @@ pub struct Cli {
     command: Command,
 }
 
+impl Cli {
+    /// How many runtime worker threads the chosen role asks for (`None`: one per core,
+    /// or `TOKIO_WORKER_THREADS`).
+    pub fn worker_threads(&self) -> Option<usize> {
+        match &self.command {
+            Command::Provide(a) => Some(usize::from(a.threads)),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a hub: the shared OpenAI-compatible endpoint, with an embedded SQLite database.

@@ -13,6 +13,9 @@ use potluck_agent::file::{FileConfig, Overrides, Paths};
 use potluck_agent::AgentConfig;
 use tokio_util::sync::CancellationToken;
 
+/// Most threads `--threads` may ask for.
+const MAX_AGENT_THREADS: i64 = 64;
+
 /// Flags of `potluck provide`. Each has an environment variable; both win over the file.
 #[derive(Debug, Args)]
 pub struct ProvideArgs {
@@ -57,6 +60,17 @@ pub struct ProvideArgs {
     /// Most requests served at once [default: 64; config: max_concurrency].
     #[arg(long, env = "POTLUCK_MAX_CONCURRENCY", value_name = "N")]
     max_concurrency: Option<u32>,
+    /// Threads the agent relays on. One leaves the machine's other cores to the model
+    /// server, and relays thousands of requests a second; more only help an agent that
+    /// relays more than that.
+    #[arg(
+        long,
+        env = "POTLUCK_AGENT_THREADS",
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=MAX_AGENT_THREADS)
+    )]
+    pub(crate) threads: u16,
     /// TOML configuration file (see deploy/provide.example.toml); its policy sections
     /// are reloaded when it changes or on SIGHUP.
     #[arg(

@@ -165,8 +165,11 @@ pub fn render(s: &Status) -> String {
         }
     }
     out.push_str(&format!(
-        "in flight:  {} (capacity {})\n",
-        s.in_flight, s.capacity
+        "in flight:  {} (capacity {}; {} relay thread{})\n",
+        s.in_flight,
+        s.capacity,
+        s.threads,
+        if s.threads == 1 { "" } else { "s" }
     ));
     if let Some(w) = s.watts {
         out.push_str(&format!("power:      {w} W\n"));

@@ -31,6 +31,7 @@ const PROVIDE_ENV: &[&str] = &[
     "POTLUCK_BACKEND",
     "POTLUCK_BACKEND_API_KEY",
     "POTLUCK_MAX_CONCURRENCY",
+    "POTLUCK_AGENT_THREADS",
     "POTLUCK_PROVIDE_CONFIG",
     "POTLUCK_STATE_DIR",
     "POTLUCK_CONTROL_SOCKET",
@@ -287,6 +288,12 @@ async fn pause_resume_status_over_the_socket_through_the_binary() {
         s["hub"].as_str().unwrap().starts_with(url_no_slash),
         "{s:#}"
     );
+
+    // The agent relays on one runtime thread unless told otherwise (the model server
+    // keeps the other cores), and refuses a thread count of zero in words.
+    assert_eq!(s["threads"], 1, "{s:#}");
+    let (ok, _, err) = rig.provide(&["--threads", "0"]);
+    assert!(!ok && err.contains("--threads"), "{err}");
 
     // The socket: where the flag said, a socket, mode 0600, in a 0700 directory.
     {
