@@ -241,6 +241,7 @@ mod tests {
             backends: vec![],
             backend_api_key: None,
             max_concurrency: Some(5),
+            threads: 1,
             config: None,
             state_dir: Some(PathBuf::from("/flag-state")),
             control_socket: None,
