@@ -11,7 +11,9 @@
 //!   (`data: {"error":{...,"code":"agent_error"}}`). The last `usage` seen is kept.
 //! - Non-success answers are passed on, capped at [`MAX_ERROR_BODY_BYTES`].
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
@@ -132,6 +134,69 @@ pub fn paced_whole<O: Outcome>(
     http_body_util::StreamBody::new(stream)
 }
 
+/// A body that looks one frame ahead, so that when the end is already known the last
+/// frame goes out with it: hyper asks [`Body::is_end_stream`] after each frame and then
+/// sets HTTP/2's END_STREAM on that frame, instead of sending an empty frame of its own
+/// later. The hub then sees the end with the last bytes, in one read, rather than
+/// stopping at `[DONE]` and resetting a stream whose end is still on its way (which
+/// costs both ends a wake-up and can journal a finished answer as cancelled).
+pub struct LookAhead<B> {
+    inner: B,
+    next: Option<Result<Frame<Bytes>, BoxError>>,
+    ended: bool,
+}
+
+impl<B> LookAhead<B> {
+    /// Wrap `inner`.
+    pub fn new(inner: B) -> Self {
+        Self {
+            inner,
+            next: None,
+            ended: false,
+        }
+    }
+}
+
+impl<B> Body for LookAhead<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let current = match this.next.take() {
+            Some(f) => f,
+            None if this.ended => return Poll::Ready(None),
+            None => match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                None => {
+                    this.ended = true;
+                    return Poll::Ready(None);
+                }
+                Some(f) => f,
+            },
+        };
+        if current.is_ok() {
+            // Peek: the end, or the next frame, may be here already. If not, the inner
+            // body has registered the waker and is polled again next time.
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(None) => this.ended = true,
+                Poll::Ready(Some(f)) => this.next = Some(f),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Ready(Some(current))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.next.is_none()
+    }
+}
+
 /// The SSE event that ends a cut stream.
 pub fn sse_error_event(message: &str) -> Bytes {
     let body = ErrorBody::new("server_error", message, None, Some("agent_error")).to_json();
@@ -139,7 +204,12 @@ pub fn sse_error_event(message: &str) -> Bytes {
 }
 
 struct Relay<B, O> {
-    body: B,
+    /// The backend's answer; taken at `[DONE]` (see [`drain_after_done`]).
+    body: Option<B>,
+    /// `data: [DONE]` was relayed: nothing after it counts.
+    done: bool,
+    /// The blank line that ends the `[DONE]` event was relayed too.
+    done_closed: bool,
     deadline: Instant,
     limits: Limits,
     bw: Arc<Bandwidth>,
@@ -152,7 +222,7 @@ struct Relay<B, O> {
 
 impl<B, O> Relay<B, O>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
     O: Outcome,
 {
     /// End the stream with an error event; the outcome logs and records why.
@@ -166,6 +236,11 @@ where
     fn end_line(&mut self) -> Result<(), &'static str> {
         let line = std::mem::take(&mut self.line);
         let text = std::str::from_utf8(&line).map_err(|_| "the backend sent invalid UTF-8")?;
+        if text.strip_prefix("data:").map(str::trim) == Some("[DONE]") {
+            self.done = true;
+        } else if self.done && text.trim_end().is_empty() {
+            self.done_closed = true;
+        }
         if text.starts_with("data:") && text.contains("\"usage\"") {
             if let Ok(UsageOnly { usage: Some(u) }) =
                 serde_json::from_str::<UsageOnly>(text[5..].trim())
@@ -214,7 +289,25 @@ where
             if self.finished {
                 return None;
             }
-            match tokio::time::timeout_at(self.deadline, self.body.frame()).await {
+            if self.done && self.line.is_empty() {
+                // The answer is over: end it now, so that its last bytes carry the end,
+                // and read the backend's own end apart (its connection is then reused).
+                if !self.done_closed {
+                    self.out.extend_from_slice(b"\n");
+                    self.done_closed = true;
+                    continue;
+                }
+                if let Some(body) = self.body.take() {
+                    drain_after_done(body, self.limits.max_line_bytes);
+                }
+                self.outcome.complete();
+                self.finished = true;
+                continue;
+            }
+            let Some(body) = self.body.as_mut() else {
+                return None;
+            };
+            match tokio::time::timeout_at(self.deadline, body.frame()).await {
                 Err(_) => self.cut("the backend's answer exceeded the response time limit"),
                 Ok(None) => {
                     if !self.line.is_empty() {
@@ -239,6 +332,32 @@ where
     }
 }
 
+/// How long the backend may take to end its answer after `data: [DONE]`.
+pub const DRAIN_AFTER_DONE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Read what a backend sends after `data: [DONE]` (normally only the end of its chunked
+/// body) and drop it, for at most [`DRAIN_AFTER_DONE`] and `max_bytes`: a connection
+/// read to its end goes back to the pool; one that is not is closed.
+fn drain_after_done<B>(mut body: B, max_bytes: usize)
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let read = async {
+            let mut seen = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(d) = frame.into_data() {
+                    seen = seen.saturating_add(d.len());
+                    if seen > max_bytes {
+                        break;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_AFTER_DONE, read).await;
+    });
+}
+
 /// Relay a streamed answer under the caps (see the module docs).
 pub fn relay_sse<B, O>(
     body: B,
@@ -252,7 +371,9 @@ where
     O: Outcome,
 {
     let relay = Relay {
-        body,
+        body: Some(body),
+        done: false,
+        done_closed: false,
         deadline,
         limits,
         bw,
@@ -271,6 +392,43 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
     use std::sync::Mutex;
+
+    /// The end is reported with the last frame when it is already known, and frames
+    /// keep their order and content either way.
+    #[tokio::test]
+    async fn look_ahead_reports_the_end_with_the_last_frame() {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"a"))),
+            Ok(Frame::data(Bytes::from_static(b"b"))),
+        ];
+        let mut body = LookAhead::new(StreamBody::new(futures_util::stream::iter(frames)));
+        assert!(!body.is_end_stream());
+        let a = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!((&a[..], body.is_end_stream()), (&b"a"[..], false));
+        let b = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&b[..], b"b");
+        assert!(body.is_end_stream(), "the end is known with the last frame");
+        assert!(body.frame().await.is_none());
+        // A body whose end comes later: not reported early, and nothing is lost.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let mut body = LookAhead::new(StreamBody::new(tokio_stream_from(rx)));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .unwrap();
+        let x = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!((&x[..], body.is_end_stream()), (&b"x"[..], false));
+        drop(tx);
+        assert!(body.frame().await.is_none());
+        assert!(body.is_end_stream());
+    }
+
+    fn tokio_stream_from<T: Send + 'static>(
+        rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> + Unpin {
+        Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|t| (t, rx))
+        }))
+    }
 
     type SeenState = (Option<Usage>, Option<&'static str>, bool);
 
@@ -318,6 +476,59 @@ mod tests {
         );
         let out = body.collect().await.unwrap().to_bytes();
         (String::from_utf8(out.to_vec()).unwrap(), seen)
+    }
+
+    /// A backend that keeps its answer open after `data: [DONE]` (or sends more) holds
+    /// neither the stream nor the slot: the relay ends at `[DONE]`, closes the event,
+    /// and reports the answer complete; nothing after `[DONE]` is relayed.
+    #[tokio::test]
+    async fn the_answer_ends_at_done_whatever_follows() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        for c in [
+            &b"data: {\"choices\":[]}\n\n"[..],
+            b"data: [DONE]\n",
+            b"\n",
+            b"data: late\n\n",
+        ] {
+            tx.send(Ok(Frame::data(Bytes::from_static(c))))
+                .await
+                .unwrap();
+        }
+        let seen = Seen::default();
+        let body = LookAhead::new(Box::pin(relay_sse(
+            StreamBody::new(tokio_stream_from(rx)),
+            limits(),
+            Instant::now() + std::time::Duration::from_secs(30),
+            Arc::new(Bandwidth::default()),
+            seen.clone(),
+        )));
+        let out = tokio::time::timeout(std::time::Duration::from_secs(5), body.collect())
+            .await
+            .expect("the relay waited for the backend after [DONE]")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&out[..], b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
+        assert!(seen.0.lock().unwrap().2, "complete");
+        drop(tx);
+        // `[DONE]` split from its blank line, then nothing: the event is closed anyway.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n"))))
+            .await
+            .unwrap();
+        let body = relay_sse(
+            StreamBody::new(tokio_stream_from(rx)),
+            limits(),
+            Instant::now() + std::time::Duration::from_secs(30),
+            Arc::new(Bandwidth::default()),
+            Seen::default(),
+        );
+        let out = tokio::time::timeout(std::time::Duration::from_secs(5), body.collect())
+            .await
+            .expect("the relay waited for the backend after [DONE]")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&out[..], b"data: [DONE]\n\n");
+        drop(tx);
     }
 
     #[tokio::test]

@@ -30,6 +30,9 @@ use crate::state::HubState;
 use crate::trust::guard;
 use crate::trust::plausibility::{billable, Delivered, Usage};
 
+/// Frames after `[DONE]` read (and dropped) while looking for the stream's end.
+const MAX_FRAMES_AFTER_DONE: usize = 4;
+
 /// How a relayed stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -362,6 +365,9 @@ impl Relay {
                 continue;
             }
             if self.end != End::Open {
+                if self.end == End::Done {
+                    self.take_arrived_end();
+                }
                 // Free the provider slot as soon as the stream is over.
                 self.finish();
                 return None;
@@ -397,6 +403,22 @@ impl Relay {
                         self.data(&data);
                     }
                 }
+            }
+        }
+    }
+
+    /// After `[DONE]`: take the stream's end if it has already arrived (without
+    /// waiting), so that dropping the body does not reset a stream that ended: a reset
+    /// costs both ends a frame and a wake-up, and the agent would read it as a cancel.
+    fn take_arrived_end(&mut self) {
+        use futures_util::FutureExt as _;
+        for _ in 0..MAX_FRAMES_AFTER_DONE {
+            if http_body::Body::is_end_stream(&self.body) {
+                return;
+            }
+            match self.body.frame().now_or_never() {
+                Some(Some(Ok(_))) => {}
+                _ => return,
             }
         }
     }
