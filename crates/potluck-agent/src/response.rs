@@ -304,9 +304,7 @@ where
                 self.finished = true;
                 continue;
             }
-            let Some(body) = self.body.as_mut() else {
-                return None;
-            };
+            let body = self.body.as_mut()?;
             match tokio::time::timeout_at(self.deadline, body.frame()).await {
                 Err(_) => self.cut("the backend's answer exceeded the response time limit"),
                 Ok(None) => {
