@@ -476,6 +476,26 @@ mod tests {
         (String::from_utf8(out.to_vec()).unwrap(), seen)
     }
 
+    /// Relay what `rx` yields (a backend that may never end its answer) through
+    /// [`LookAhead`], as the agent does; what reached the hub, within 5 s.
+    async fn relay_open_backend(
+        rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+        seen: Seen,
+    ) -> Bytes {
+        let body = LookAhead::new(Box::pin(relay_sse(
+            StreamBody::new(tokio_stream_from(rx)),
+            limits(),
+            Instant::now() + std::time::Duration::from_secs(30),
+            Arc::new(Bandwidth::default()),
+            seen,
+        )));
+        tokio::time::timeout(std::time::Duration::from_secs(5), body.collect())
+            .await
+            .expect("the relay waited for the backend after [DONE]")
+            .unwrap()
+            .to_bytes()
+    }
+
     /// A backend that keeps its answer open after `data: [DONE]` (or sends more) holds
     /// neither the stream nor the slot: the relay ends at `[DONE]`, closes the event,
     /// and reports the answer complete; nothing after `[DONE]` is relayed.
@@ -493,18 +513,7 @@ mod tests {
                 .unwrap();
         }
         let seen = Seen::default();
-        let body = LookAhead::new(Box::pin(relay_sse(
-            StreamBody::new(tokio_stream_from(rx)),
-            limits(),
-            Instant::now() + std::time::Duration::from_secs(30),
-            Arc::new(Bandwidth::default()),
-            seen.clone(),
-        )));
-        let out = tokio::time::timeout(std::time::Duration::from_secs(5), body.collect())
-            .await
-            .expect("the relay waited for the backend after [DONE]")
-            .unwrap()
-            .to_bytes();
+        let out = relay_open_backend(rx, seen.clone()).await;
         assert_eq!(&out[..], b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
         assert!(seen.0.lock().unwrap().2, "complete");
         drop(tx);
@@ -513,18 +522,7 @@ mod tests {
         tx.send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n"))))
             .await
             .unwrap();
-        let body = relay_sse(
-            StreamBody::new(tokio_stream_from(rx)),
-            limits(),
-            Instant::now() + std::time::Duration::from_secs(30),
-            Arc::new(Bandwidth::default()),
-            Seen::default(),
-        );
-        let out = tokio::time::timeout(std::time::Duration::from_secs(5), body.collect())
-            .await
-            .expect("the relay waited for the backend after [DONE]")
-            .unwrap()
-            .to_bytes();
+        let out = relay_open_backend(rx, Seen::default()).await;
         assert_eq!(&out[..], b"data: [DONE]\n\n");
         drop(tx);
     }
