@@ -26,6 +26,11 @@ use tokio_util::sync::CancellationToken;
 pub const JOURNAL_QUEUE: usize = 4096;
 /// How often old files are purged.
 pub const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long the writer gathers entries before it writes them (one hand-off to a blocking
+/// thread per window, not one per request).
+pub const JOURNAL_BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// Most entries written in one batch.
+pub const JOURNAL_BATCH_LINES: usize = 256;
 /// File name prefix.
 const PREFIX: &str = "journal-";
 /// File name suffix.
@@ -257,6 +262,24 @@ pub fn purge(dir: &Path, now_ms: i64, retention_days: u32) -> usize {
     n
 }
 
+/// Add what queues within [`JOURNAL_BATCH_WINDOW`] to `batch`, up to
+/// [`JOURNAL_BATCH_LINES`]. The writer sleeps the window out and then takes what queued,
+/// so that an entry queued meanwhile does not wake it.
+async fn gather(rx: &mut mpsc::Receiver<Entry>, batch: &mut Vec<Entry>, stop: &CancellationToken) {
+    if batch.len() + rx.len() < JOURNAL_BATCH_LINES {
+        tokio::select! {
+            _ = tokio::time::sleep(JOURNAL_BATCH_WINDOW) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+    while batch.len() < JOURNAL_BATCH_LINES {
+        match rx.try_recv() {
+            Ok(e) => batch.push(e),
+            Err(_) => break,
+        }
+    }
+}
+
 async fn writer(
     dir: PathBuf,
     mut rx: mpsc::Receiver<Entry>,
@@ -271,10 +294,11 @@ async fn writer(
     let mut sink = Sink::default();
     loop {
         tokio::select! {
-            n = rx.recv_many(&mut batch, 256) => {
+            n = rx.recv_many(&mut batch, JOURNAL_BATCH_LINES) => {
                 if n == 0 {
                     return;
                 }
+                gather(&mut rx, &mut batch, &shutdown).await;
             }
             _ = purge_tick.tick() => {
                 let d = dir.clone();
