@@ -139,6 +139,25 @@ impl Rig {
         )
     }
 
+    /// The journal's `requests_today` once it stops changing (at most 10 s).
+    async fn settled_requests_today(&self) -> u64 {
+        let read = || {
+            self.status()["journal"]["requests_today"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        let mut last = read();
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = read();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        panic!("the journal's request count kept changing");
+    }
+
     /// `potluck provide status --json`, parsed.
     fn status(&self) -> Value {
         let (ok, out, err) = self.provide(&["status", "--json"]);
@@ -403,7 +422,9 @@ async fn pause_resume_status_over_the_socket_through_the_binary() {
     assert_eq!(s["in_flight"], 0, "{s:#}");
     assert_eq!(rig.backend.inference_received().len(), served + 2);
 
-    // `potluck provide metrics`: the same state as Prometheus text.
+    // `potluck provide metrics`: the same state as Prometheus text (once the journal
+    // has written what these requests queued: it gathers for a short window).
+    let today = rig.settled_requests_today().await;
     let (ok, text, err) = rig.provide(&["metrics"]);
     assert!(ok, "provide metrics: {err}");
     let line = |name: &str| {
@@ -415,7 +436,6 @@ async fn pause_resume_status_over_the_socket_through_the_binary() {
     assert_eq!(line("potluck_agent_accepting"), "1");
     assert_eq!(line("potluck_agent_hub_connected"), "1");
     assert_eq!(line("potluck_agent_requests_in_flight"), "0");
-    let today = s["journal"]["requests_today"].as_u64().unwrap();
     assert!(today > 0, "{s:#}");
     assert_eq!(line("potluck_agent_requests_today"), today.to_string());
     assert!(text.contains("# TYPE potluck_agent_requests_today gauge\n"));
