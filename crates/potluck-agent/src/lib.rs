@@ -22,6 +22,7 @@ pub mod busy;
 pub mod config;
 pub mod control;
 pub mod discovery;
+pub mod ending;
 pub mod energy;
 pub mod file;
 pub mod gate;

@@ -11,9 +11,7 @@
 //!   (`data: {"error":{...,"code":"agent_error"}}`). The last `usage` seen is kept.
 //! - Non-success answers are passed on, capped at [`MAX_ERROR_BODY_BYTES`].
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
@@ -22,6 +20,7 @@ use potluck_protocol::ErrorBody;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::ending::drain_after_done;
 use crate::policy::Limits;
 use crate::slots::Bandwidth;
 
@@ -134,69 +133,6 @@ pub fn paced_whole<O: Outcome>(
     http_body_util::StreamBody::new(stream)
 }
 
-/// A body that looks one frame ahead, so that when the end is already known the last
-/// frame goes out with it: hyper asks [`Body::is_end_stream`] after each frame and then
-/// sets HTTP/2's END_STREAM on that frame, instead of sending an empty frame of its own
-/// later. The hub then sees the end with the last bytes, in one read, rather than
-/// stopping at `[DONE]` and resetting a stream whose end is still on its way (which
-/// costs both ends a wake-up and can journal a finished answer as cancelled).
-pub struct LookAhead<B> {
-    inner: B,
-    next: Option<Result<Frame<Bytes>, BoxError>>,
-    ended: bool,
-}
-
-impl<B> LookAhead<B> {
-    /// Wrap `inner`.
-    pub fn new(inner: B) -> Self {
-        Self {
-            inner,
-            next: None,
-            ended: false,
-        }
-    }
-}
-
-impl<B> Body for LookAhead<B>
-where
-    B: Body<Data = Bytes, Error = BoxError> + Unpin,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let current = match this.next.take() {
-            Some(f) => f,
-            None if this.ended => return Poll::Ready(None),
-            None => match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-                None => {
-                    this.ended = true;
-                    return Poll::Ready(None);
-                }
-                Some(f) => f,
-            },
-        };
-        if current.is_ok() {
-            // Peek: the end, or the next frame, may be here already. If not, the inner
-            // body has registered the waker and is polled again next time.
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(None) => this.ended = true,
-                Poll::Ready(Some(f)) => this.next = Some(f),
-                Poll::Pending => {}
-            }
-        }
-        Poll::Ready(Some(current))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ended && self.next.is_none()
-    }
-}
-
 /// The SSE event that ends a cut stream.
 pub fn sse_error_event(message: &str) -> Bytes {
     let body = ErrorBody::new("server_error", message, None, Some("agent_error")).to_json();
@@ -204,7 +140,7 @@ pub fn sse_error_event(message: &str) -> Bytes {
 }
 
 struct Relay<B, O> {
-    /// The backend's answer; taken at `[DONE]` (see [`drain_after_done`]).
+    /// The backend's answer; taken at `[DONE]` (see [`drain_after_done`](crate::ending)).
     body: Option<B>,
     /// `data: [DONE]` was relayed: nothing after it counts.
     done: bool,
@@ -234,6 +170,11 @@ where
     }
 
     fn end_line(&mut self) -> Result<(), &'static str> {
+        if self.done_closed {
+            // After the `[DONE]` event nothing is relayed.
+            self.line.clear();
+            return Ok(());
+        }
         let line = std::mem::take(&mut self.line);
         let text = std::str::from_utf8(&line).map_err(|_| "the backend sent invalid UTF-8")?;
         if text.strip_prefix("data:").map(str::trim) == Some("[DONE]") {
@@ -330,32 +271,6 @@ where
     }
 }
 
-/// How long the backend may take to end its answer after `data: [DONE]`.
-pub const DRAIN_AFTER_DONE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Read what a backend sends after `data: [DONE]` (normally only the end of its chunked
-/// body) and drop it, for at most [`DRAIN_AFTER_DONE`] and `max_bytes`: a connection
-/// read to its end goes back to the pool; one that is not is closed.
-fn drain_after_done<B>(mut body: B, max_bytes: usize)
-where
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
-{
-    tokio::spawn(async move {
-        let read = async {
-            let mut seen = 0usize;
-            while let Some(Ok(frame)) = body.frame().await {
-                if let Ok(d) = frame.into_data() {
-                    seen = seen.saturating_add(d.len());
-                    if seen > max_bytes {
-                        break;
-                    }
-                }
-            }
-        };
-        let _ = tokio::time::timeout(DRAIN_AFTER_DONE, read).await;
-    });
-}
-
 /// Relay a streamed answer under the caps (see the module docs).
 pub fn relay_sse<B, O>(
     body: B,
@@ -385,42 +300,13 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
     use std::sync::Mutex;
 
-    /// The end is reported with the last frame when it is already known, and frames
-    /// keep their order and content either way.
-    #[tokio::test]
-    async fn look_ahead_reports_the_end_with_the_last_frame() {
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"a"))),
-            Ok(Frame::data(Bytes::from_static(b"b"))),
-        ];
-        let mut body = LookAhead::new(StreamBody::new(futures_util::stream::iter(frames)));
-        assert!(!body.is_end_stream());
-        let a = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!((&a[..], body.is_end_stream()), (&b"a"[..], false));
-        let b = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(&b[..], b"b");
-        assert!(body.is_end_stream(), "the end is known with the last frame");
-        assert!(body.frame().await.is_none());
-        // A body whose end comes later: not reported early, and nothing is lost.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
-        let mut body = LookAhead::new(StreamBody::new(tokio_stream_from(rx)));
-        tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
-            .await
-            .unwrap();
-        let x = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!((&x[..], body.is_end_stream()), (&b"x"[..], false));
-        drop(tx);
-        assert!(body.frame().await.is_none());
-        assert!(body.is_end_stream());
-    }
-
-    fn tokio_stream_from<T: Send + 'static>(
+    pub(crate) fn tokio_stream_from<T: Send + 'static>(
         rx: tokio::sync::mpsc::Receiver<T>,
     ) -> impl futures_util::Stream<Item = T> + Unpin {
         Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
@@ -482,7 +368,7 @@ mod tests {
         rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
         seen: Seen,
     ) -> Bytes {
-        let body = LookAhead::new(Box::pin(relay_sse(
+        let body = crate::ending::LookAhead::new(Box::pin(relay_sse(
             StreamBody::new(tokio_stream_from(rx)),
             limits(),
             Instant::now() + std::time::Duration::from_secs(30),
@@ -505,8 +391,8 @@ mod tests {
         for c in [
             &b"data: {\"choices\":[]}\n\n"[..],
             b"data: [DONE]\n",
-            b"\n",
-            b"data: late\n\n",
+            b"\ndata: late, in the same read\n\n",
+            b"data: later\n\n",
         ] {
             tx.send(Ok(Frame::data(Bytes::from_static(c))))
                 .await

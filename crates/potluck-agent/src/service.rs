@@ -631,7 +631,7 @@ async fn relay(
             }
         }
     };
-    let mut r = Response::new(response::LookAhead::new(body).boxed_unsync());
+    let mut r = Response::new(crate::ending::LookAhead::new(body).boxed_unsync());
     *r.status_mut() = status;
     if let Some(ct) = content_type {
         r.headers_mut().insert(header::CONTENT_TYPE, ct);
