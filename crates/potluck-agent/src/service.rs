@@ -68,7 +68,12 @@ pub async fn serve_tunnel(
         let ln = Arc::clone(&ln);
         async move { Ok::<_, Infallible>(handle(req, sh, ln).await) }
     });
-    let conn = potluck_tunnel::settings::server_builder().serve_connection(io, svc);
+    let busy = {
+        let sh = Arc::clone(&shared);
+        Arc::new(move || sh.in_flight() > 1)
+    };
+    let conn = potluck_tunnel::settings::server_builder()
+        .serve_connection(potluck_tunnel::coalesce::coalesced(io, busy), svc);
     tokio::pin!(conn);
     let reason = tokio::select! {
         r = &mut conn => match r {

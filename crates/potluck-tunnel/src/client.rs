@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -38,19 +38,39 @@ impl SendError {
     }
 }
 
+/// One request open on the tunnel, counted until its answer's body is dropped (or the
+/// request fails), so the connection's writer knows whether others may join a write.
+#[derive(Debug)]
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The answer's body, read from its HTTP/2 stream. Flow-control capacity is given back
 /// as each chunk is taken, so a slow reader bounds what the agent may send ahead.
 #[derive(Debug)]
 pub struct TunnelBody {
     recv: h2::RecvStream,
     data_done: bool,
+    _open: Open,
 }
 
 impl TunnelBody {
-    fn new(recv: h2::RecvStream) -> Self {
+    fn new(recv: h2::RecvStream, open: Open) -> Self {
         Self {
             recv,
             data_done: false,
+            _open: open,
         }
     }
 }
@@ -95,6 +115,7 @@ impl Body for TunnelBody {
 pub struct TunnelClient {
     send: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    open: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for TunnelClient {
@@ -118,9 +139,28 @@ impl TunnelClient {
         &self,
         req: http::Request<Bytes>,
     ) -> Result<http::Response<TunnelBody>, SendError> {
+        self.send_counted(req, &self.open).await
+    }
+
+    /// [`TunnelClient::send`] for a stream that lasts as long as the tunnel (the control
+    /// stream): not counted among the open requests, which tell the connection's writer
+    /// whether other streams may join a write.
+    pub async fn send_lasting(
+        &self,
+        req: http::Request<Bytes>,
+    ) -> Result<http::Response<TunnelBody>, SendError> {
+        self.send_counted(req, &Arc::new(AtomicUsize::new(0))).await
+    }
+
+    async fn send_counted(
+        &self,
+        req: http::Request<Bytes>,
+        count: &Arc<AtomicUsize>,
+    ) -> Result<http::Response<TunnelBody>, SendError> {
         if self.is_closed() {
             return Err(SendError::Closed("the connection ended".into()));
         }
+        let open = Open::enter(count);
         let (mut head, body) = req.into_parts();
         let eos = body.is_empty();
         if !eos && !head.headers.contains_key(header::CONTENT_LENGTH) {
@@ -137,7 +177,7 @@ impl TunnelClient {
             stream.send_data(body, true).map_err(|e| self.error(e))?;
         }
         let resp = answer.await.map_err(|e| self.error(e))?;
-        Ok(resp.map(TunnelBody::new))
+        Ok(resp.map(|recv| TunnelBody::new(recv, open)))
     }
 
     fn error(&self, e: h2::Error) -> SendError {
@@ -189,7 +229,14 @@ pub async fn handshake<T>(io: T) -> Result<(TunnelClient, TunnelConnection), Con
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (send, mut conn) = crate::settings::h2_client_builder().handshake(io).await?;
+    let open = Arc::new(AtomicUsize::new(0));
+    let busy = {
+        let open = Arc::clone(&open);
+        Arc::new(move || open.load(Ordering::Relaxed) > 1)
+    };
+    let (send, mut conn) = crate::settings::h2_client_builder()
+        .handshake(crate::coalesce::Coalesce::new(io, busy))
+        .await?;
     let pings = conn.ping_pong();
     let closed = Arc::new(AtomicBool::new(false));
     let inner = async move {
@@ -205,6 +252,7 @@ where
         TunnelClient {
             send,
             closed: Arc::clone(&closed),
+            open,
         },
         TunnelConnection {
             inner: Box::pin(inner),

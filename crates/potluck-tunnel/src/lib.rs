@@ -7,6 +7,7 @@
 //! It knows nothing of accounts, credits or models.
 
 pub mod client;
+pub mod coalesce;
 pub mod dial;
 pub mod settings;
 pub mod upgrade;

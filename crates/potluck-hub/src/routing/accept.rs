@@ -222,7 +222,11 @@ async fn control_stream(state: &HubState, tunnel: &Arc<ProviderLink>) -> Result<
         .uri(CONTROL_PATH)
         .body(Bytes::new())
         .map_err(|e| e.to_string())?;
-    let resp = tunnel.sender.send(req).await.map_err(|e| e.to_string())?;
+    let resp = tunnel
+        .sender
+        .send_lasting(req)
+        .await
+        .map_err(|e| e.to_string())?;
     if resp.status() != StatusCode::OK {
         return Err(format!(
             "agent answered {} to the control request",
