@@ -8,8 +8,7 @@
 //! buffer and, at a flush, first yields once to the scheduler: the other ready tasks
 //! queue their frames meanwhile, and one write carries them all. It yields only while
 //! its [`Busy`] says more than one stream is open: with one request in flight nothing
-//! else could join the write, and a yield would only cost a wake-up (measured: 20–50 µs
-//! more per request at one in flight on a multi-threaded runtime).
+//! else could join the write, and a yield would only cost another poll.
 
 use std::io;
 use std::pin::Pin;
