@@ -367,10 +367,9 @@ impl SignedReceipt {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn receipt() -> Receipt {
+impl Receipt {
+    /// A receipt for tests in this crate.
+    pub(crate) fn example() -> Self {
         Receipt {
             hub_id: "hub-1".into(),
             request_id: "req-1".into(),
@@ -384,6 +383,15 @@ mod tests {
             credits_micro: 80,
             outcome: "ok".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receipt() -> Receipt {
+        Receipt::example()
     }
 
     #[test]

@@ -409,17 +409,10 @@ mod tests {
         let key = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
         let receipts: Vec<Receipt> = (0..3)
             .map(|i| Receipt {
-                hub_id: "hub-1".into(),
                 request_id: format!("req-{i}"),
                 time_ms: 1_700_000_000_000 + i,
-                provider_id: 7,
                 consumer: "c-\"quoted\"".into(),
-                model: ModelName::parse("m").unwrap(),
-                model_sha256: None,
-                prompt_tokens: 3,
-                completion_tokens: 5,
-                credits_micro: 80,
-                outcome: "ok".into(),
+                ..Receipt::example()
             })
             .collect();
         for signed in SignedReceipt::sign_batch(receipts, &key) {
