@@ -21,6 +21,7 @@ use potluck_protocol::tunnel::{
     PROTOCOL_VERSION,
 };
 use potluck_protocol::{ErrorBody, InferenceEndpoint, ModelName};
+use potluck_tunnel::coalesce::{CountedBody, OpenCount};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -63,15 +64,19 @@ pub async fn serve_tunnel(
     *link.draining.lock() = draining.clone();
     let sh = Arc::clone(&shared);
     let ln = Arc::clone(&link);
-    let svc = service_fn(move |req| {
+    // Requests open on this tunnel until their answers end, the control stream aside:
+    // the tunnel's writer yields for other streams' frames only while others are open.
+    let open = OpenCount::default();
+    let busy = open.busy();
+    let svc = service_fn(move |req: Request<Incoming>| {
         let sh = Arc::clone(&sh);
         let ln = Arc::clone(&ln);
-        async move { Ok::<_, Infallible>(handle(req, sh, ln).await) }
+        let counted = (req.uri().path() != CONTROL_PATH).then(|| open.enter());
+        async move {
+            let resp = handle(req, sh, ln).await;
+            Ok::<_, Infallible>(resp.map(|b| CountedBody::new(b, counted).boxed_unsync()))
+        }
     });
-    let busy = {
-        let sh = Arc::clone(&shared);
-        Arc::new(move || sh.in_flight() > 1)
-    };
     let conn = potluck_tunnel::settings::server_builder()
         .serve_connection(potluck_tunnel::coalesce::coalesced(io, busy), svc);
     tokio::pin!(conn);

@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -18,6 +18,7 @@ use http::{header, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::coalesce::{OpenCount, OpenGuard};
 use crate::settings::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
 /// Why a request on the tunnel failed.
@@ -38,39 +39,23 @@ impl SendError {
     }
 }
 
-/// One request open on the tunnel, counted until its answer's body is dropped (or the
-/// request fails), so the connection's writer knows whether others may join a write.
-#[derive(Debug)]
-struct Open(Arc<AtomicUsize>);
-
-impl Open {
-    fn enter(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(count))
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// The answer's body, read from its HTTP/2 stream. Flow-control capacity is given back
 /// as each chunk is taken, so a slow reader bounds what the agent may send ahead.
 #[derive(Debug)]
 pub struct TunnelBody {
     recv: h2::RecvStream,
     data_done: bool,
-    _open: Open,
+    /// Counts this request as open on the tunnel until the answer ends (or the body is
+    /// dropped), for the connection's writer ([`crate::coalesce`]).
+    open: Option<OpenGuard>,
 }
 
 impl TunnelBody {
-    fn new(recv: h2::RecvStream, open: Open) -> Self {
+    fn new(recv: h2::RecvStream, open: OpenGuard) -> Self {
         Self {
             recv,
             data_done: false,
-            _open: open,
+            open: Some(open),
         }
     }
 }
@@ -94,7 +79,9 @@ impl Body for TunnelBody {
                 None => self.data_done = true,
             }
         }
-        match ready!(self.recv.poll_trailers(cx)) {
+        let end = ready!(self.recv.poll_trailers(cx));
+        self.open = None;
+        match end {
             Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
             Ok(None) => Poll::Ready(None),
             Err(e) => Poll::Ready(Some(Err(e))),
@@ -115,7 +102,7 @@ impl Body for TunnelBody {
 pub struct TunnelClient {
     send: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
-    open: Arc<AtomicUsize>,
+    open: OpenCount,
 }
 
 impl std::fmt::Debug for TunnelClient {
@@ -149,18 +136,18 @@ impl TunnelClient {
         &self,
         req: http::Request<Bytes>,
     ) -> Result<http::Response<TunnelBody>, SendError> {
-        self.send_counted(req, &Arc::new(AtomicUsize::new(0))).await
+        self.send_counted(req, &OpenCount::default()).await
     }
 
     async fn send_counted(
         &self,
         req: http::Request<Bytes>,
-        count: &Arc<AtomicUsize>,
+        count: &OpenCount,
     ) -> Result<http::Response<TunnelBody>, SendError> {
         if self.is_closed() {
             return Err(SendError::Closed("the connection ended".into()));
         }
-        let open = Open::enter(count);
+        let open = count.enter();
         let (mut head, body) = req.into_parts();
         let eos = body.is_empty();
         if !eos && !head.headers.contains_key(header::CONTENT_LENGTH) {
@@ -229,13 +216,9 @@ pub async fn handshake<T>(io: T) -> Result<(TunnelClient, TunnelConnection), Con
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let open = Arc::new(AtomicUsize::new(0));
-    let busy = {
-        let open = Arc::clone(&open);
-        Arc::new(move || open.load(Ordering::Relaxed) > 1)
-    };
+    let open = OpenCount::default();
     let (send, mut conn) = crate::settings::h2_client_builder()
-        .handshake(crate::coalesce::Coalesce::new(io, busy))
+        .handshake(crate::coalesce::Coalesce::new(io, open.busy()))
         .await?;
     let pings = conn.ping_pong();
     let closed = Arc::new(AtomicBool::new(false));

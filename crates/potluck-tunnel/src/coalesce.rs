@@ -12,9 +12,11 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use http_body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -24,6 +26,75 @@ pub const COALESCE_MAX_BYTES: usize = 64 * 1024;
 /// Whether other streams are open on the connection now, so that a yield before a
 /// write may let their frames join it.
 pub type Busy = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The requests open on one tunnel connection, each counted by an [`OpenGuard`] until
+/// its answer has ended. Long-lived streams (the control stream) are not counted.
+#[derive(Debug, Clone, Default)]
+pub struct OpenCount(Arc<AtomicUsize>);
+
+impl OpenCount {
+    /// Count one more open request until the guard is dropped.
+    pub fn enter(&self) -> OpenGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(Arc::clone(&self.0))
+    }
+
+    /// [`Busy`] while more than one request is open.
+    pub fn busy(&self) -> Busy {
+        let n = Arc::clone(&self.0);
+        Arc::new(move || n.load(Ordering::Relaxed) > 1)
+    }
+}
+
+/// One open request of an [`OpenCount`].
+#[derive(Debug)]
+pub struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A body that holds its request's [`OpenGuard`] until it reports its end (or is
+/// dropped), so that an answer already sent in full no longer counts as open while
+/// its task winds down.
+pub struct CountedBody<B> {
+    inner: B,
+    open: Option<OpenGuard>,
+}
+
+impl<B> CountedBody<B> {
+    /// Wrap `inner`; `open` is released at its end.
+    pub fn new(inner: B, open: Option<OpenGuard>) -> Self {
+        Self { inner, open }
+    }
+}
+
+impl<B: Body + Unpin> Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if frame.is_none() || this.inner.is_end_stream() {
+            this.open = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A writer that gathers writes and sends them at the next flush, after one yield when
 /// [`Busy`]. Reads pass straight through.
@@ -134,7 +205,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn busy() -> Busy {
@@ -296,5 +367,35 @@ mod tests {
         assert!(w.as_mut().poll_flush(&mut cx).is_pending());
         assert!(w.as_mut().poll_flush(&mut cx).is_pending());
         assert!(w.buf.len() <= COALESCE_MAX_BYTES);
+    }
+
+    /// An answer stops counting as open when it reports its end, not when its task
+    /// lets go of it.
+    #[tokio::test]
+    async fn an_answer_stops_counting_at_its_end() {
+        use http_body_util::{BodyExt, Empty, Full};
+        let open = OpenCount::default();
+        let busy = open.busy();
+        let _other = open.enter();
+        let mut body = CountedBody::new(
+            Full::new(bytes::Bytes::from_static(b"the whole answer")),
+            Some(open.enter()),
+        );
+        assert!(busy(), "two open");
+        assert!(body.frame().await.is_some());
+        assert!(
+            !busy(),
+            "its end came with its last frame; the body is not dropped yet"
+        );
+        drop(body);
+        assert!(!busy());
+        let mut body = CountedBody::new(Empty::<bytes::Bytes>::new(), Some(open.enter()));
+        assert!(busy());
+        assert!(body.frame().await.is_none());
+        assert!(!busy(), "ended");
+        let body = CountedBody::new(Empty::<bytes::Bytes>::new(), Some(open.enter()));
+        assert!(busy());
+        drop(body);
+        assert!(!busy(), "a body dropped before its end lets go too");
     }
 }
