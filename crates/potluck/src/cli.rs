@@ -25,11 +25,13 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// How many runtime worker threads the chosen role asks for (`None`: one per core,
-    /// or `TOKIO_WORKER_THREADS`).
+    /// How many runtime worker threads the chosen role asks for: the hub and the agent
+    /// their `--threads`; the short admin commands `None` (one per core, or
+    /// `TOKIO_WORKER_THREADS`).
     pub fn worker_threads(&self) -> Option<usize> {
         match &self.command {
             Command::Provide(a) => Some(usize::from(a.threads)),
+            Command::Hub(a) => Some(usize::from(a.threads)),
             _ => None,
         }
     }

@@ -35,7 +35,22 @@ pub(crate) struct HubArgs {
     /// TOML configuration file (limits and timeouts; see README).
     #[arg(long, env = "POTLUCK_HUB_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Threads the hub serves requests on. One relays many thousands of requests a
+    /// second and never hands a request from one thread to another (a hand-off costs a
+    /// request tens of µs); raise it only for a hub whose process keeps one core busy.
+    /// SQLite has a thread of its own either way.
+    #[arg(
+        long,
+        env = "POTLUCK_HUB_THREADS",
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=MAX_HUB_THREADS)
+    )]
+    pub(crate) threads: u16,
 }
+
+/// Most threads `--threads` may ask for.
+const MAX_HUB_THREADS: i64 = 1024;
 
 /// Ctrl-C or SIGTERM.
 pub async fn shutdown_signal(token: CancellationToken) {

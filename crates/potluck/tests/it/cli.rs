@@ -467,3 +467,46 @@ async fn the_hub_serves_metrics_on_its_own_listener_without_a_key() {
     assert_eq!(main.status(), 401);
     hub.terminate();
 }
+
+/// The runtime's worker threads of a running process, by their name.
+#[cfg(target_os = "linux")]
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+/// The hub serves on one thread unless told otherwise (`--threads` or
+/// `POTLUCK_HUB_THREADS`), and refuses a count of zero or past its limit.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_runs_on_the_threads_it_is_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(&tmp.path().join("a"), tmp.path(), "warn");
+    assert_eq!(worker_threads(hub.child.id()), 1, "one by default");
+    drop(hub);
+    let (hub, url) = start_hub_args(
+        &tmp.path().join("b"),
+        tmp.path(),
+        "warn",
+        &["--threads", "3"],
+    );
+    assert_eq!(worker_threads(hub.child.id()), 3);
+    let health = reqwest::get(format!("{url}/healthz")).await.unwrap();
+    assert!(health.status().is_success(), "{}", health.status());
+    drop(hub);
+    for bad in ["0", "1025", "many"] {
+        let out = std::process::Command::new(BIN)
+            .args(["hub", "--listen", "127.0.0.1:0", "--threads", bad])
+            .env_remove("POTLUCK_HUB_THREADS")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("--threads"),
+            "{bad}: {err}"
+        );
+    }
+}

@@ -53,18 +53,30 @@ pub fn start_hub_with(
     rust_log: &str,
     config: Option<&Path>,
 ) -> (Proc, String) {
+    let config = config.map(|c| c.display().to_string());
+    let extra: Vec<&str> = match &config {
+        Some(c) => vec!["--config", c],
+        None => vec![],
+    };
+    start_hub_args(data_dir, log_dir, rust_log, &extra)
+}
+
+/// Start `potluck hub` on port 0 with more flags.
+pub fn start_hub_args(
+    data_dir: &Path,
+    log_dir: &Path,
+    rust_log: &str,
+    extra: &[&str],
+) -> (Proc, String) {
     let stderr_log = log_dir.join("hub.stderr.log");
     let stdout_log = log_dir.join("hub.stdout.log");
-    let mut cmd = Command::new(BIN);
-    if let Some(c) = config {
-        cmd.arg("hub").arg("--config").arg(c);
-    } else {
-        cmd.arg("hub");
-    }
-    let mut child = cmd
+    let mut child = Command::new(BIN)
+        .arg("hub")
+        .args(extra)
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env_remove("POTLUCK_HUB_CONFIG")
+        .env_remove("POTLUCK_HUB_THREADS")
         .env("RUST_LOG", rust_log)
         .env_remove("POTLUCK_ADMIN_KEY")
         .stdout(Stdio::piped())
