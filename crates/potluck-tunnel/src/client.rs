@@ -51,11 +51,11 @@ pub struct TunnelBody {
 }
 
 impl TunnelBody {
-    fn new(recv: h2::RecvStream, open: OpenGuard) -> Self {
+    fn new(recv: h2::RecvStream, open: Option<OpenGuard>) -> Self {
         Self {
             recv,
             data_done: false,
-            open: Some(open),
+            open,
         }
     }
 }
@@ -126,7 +126,7 @@ impl TunnelClient {
         &self,
         req: http::Request<Bytes>,
     ) -> Result<http::Response<TunnelBody>, SendError> {
-        self.send_counted(req, &self.open).await
+        self.send_counted(req, Some(&self.open)).await
     }
 
     /// [`TunnelClient::send`] for a stream that lasts as long as the tunnel (the control
@@ -136,18 +136,18 @@ impl TunnelClient {
         &self,
         req: http::Request<Bytes>,
     ) -> Result<http::Response<TunnelBody>, SendError> {
-        self.send_counted(req, &OpenCount::default()).await
+        self.send_counted(req, None).await
     }
 
     async fn send_counted(
         &self,
         req: http::Request<Bytes>,
-        count: &OpenCount,
+        count: Option<&OpenCount>,
     ) -> Result<http::Response<TunnelBody>, SendError> {
         if self.is_closed() {
             return Err(SendError::Closed("the connection ended".into()));
         }
-        let open = count.enter();
+        let open = count.map(OpenCount::enter);
         let (mut head, body) = req.into_parts();
         let eos = body.is_empty();
         if !eos && !head.headers.contains_key(header::CONTENT_LENGTH) {
