@@ -1,32 +1,23 @@
-//! The agent's HTTP/2 server over the tunnel (its state lives in [`crate::state`]): the control stream, the hub's event
-//! batches, and the allow-listed inference endpoints forwarded to a local backend under
-//! the volunteer's rules.
+//! The inference path: admit a request (drain gate, route, concurrency slot), read and
+//! check its body under the volunteer's rules, send it to the backend (one retry), and
+//! relay the answer while its record waits to be journalled.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body::Frame;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::upgrade::Upgraded;
 use potluck_protocol::request::RequestLimits;
 use potluck_protocol::tunnel::{
-    AgentEvent, HubEvent, CONTROL_PATH, EVENTS_PATH, HEADER_AGENT_BUSY, HEADER_AGENT_ERROR,
-    HEADER_CONSUMER, HEADER_MODEL, HEADER_REQUEST_ID, MAX_EVENTS_BODY_BYTES, MAX_SHORT_TEXT_BYTES,
-    PROTOCOL_VERSION,
+    AgentEvent, HEADER_AGENT_BUSY, HEADER_CONSUMER, HEADER_MODEL, HEADER_REQUEST_ID,
 };
-use potluck_protocol::{ErrorBody, InferenceEndpoint, ModelName};
-use potluck_tunnel::coalesce::{CountedBody, OpenCount};
-use tokio::sync::mpsc;
+use potluck_protocol::{InferenceEndpoint, ModelName};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::reply::{agent_error, error_response, AgentBody};
 use crate::energy::EnergyMark;
 use crate::journal::{Entry, RequestEntry};
 use crate::link::HubLink;
@@ -35,245 +26,14 @@ use crate::request::{self, ModelCaps};
 use crate::response::{self, Outcome, Usage};
 use crate::slots::SlotGuard;
 use crate::state::{Route, Shared};
-use crate::AGENT_VERSION;
 
 /// Retries of a backend request that failed before any response header.
 pub const BACKEND_RETRIES: u32 = 1;
 /// How long a request waits for a concurrency slot before the agent answers "busy" (the
 /// slots are shared by every hub the agent serves, so another hub may hold them).
 pub const PERMIT_WAIT: Duration = Duration::from_secs(2);
-/// Agent events (energy) queued for the control stream; more are dropped.
-pub const EVENT_QUEUE: usize = 1024;
 /// Longest consumer pseudonym kept.
 pub const MAX_CONSUMER_BYTES: usize = 128;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Body of every response the agent sends through the tunnel.
-pub type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// Serve one hub's requests over its tunnel (`link`) until it closes or `shutdown`;
-/// returns why it ended.
-pub async fn serve_tunnel(
-    io: Upgraded,
-    shared: Arc<Shared>,
-    link: Arc<HubLink>,
-    shutdown: CancellationToken,
-    grace: Duration,
-) -> String {
-    let draining = CancellationToken::new();
-    *link.draining.lock() = draining.clone();
-    let sh = Arc::clone(&shared);
-    let ln = Arc::clone(&link);
-    // Requests open on this tunnel until their answers end, the control stream aside:
-    // the tunnel's writer yields for other streams' frames only while others are open.
-    let open = OpenCount::default();
-    let busy = open.busy();
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let sh = Arc::clone(&sh);
-        let ln = Arc::clone(&ln);
-        let counted = (req.uri().path() != CONTROL_PATH).then(|| open.enter());
-        async move {
-            let resp = handle(req, sh, ln).await;
-            Ok::<_, Infallible>(resp.map(|b| CountedBody::new(b, counted).boxed_unsync()))
-        }
-    });
-    let conn = potluck_tunnel::settings::server_builder()
-        .serve_connection(potluck_tunnel::coalesce::coalesced(io, busy), svc);
-    tokio::pin!(conn);
-    let reason = tokio::select! {
-        r = &mut conn => match r {
-            Ok(()) => "closed by the hub".to_owned(),
-            Err(e) => e.to_string(),
-        },
-        _ = shutdown.cancelled() => {
-            // Stop the control stream and refuse new streams; let streams in flight end.
-            draining.cancel();
-            conn.as_mut().graceful_shutdown();
-            if tokio::time::timeout(grace, &mut conn).await.is_err() {
-                tracing::warn!("streams still open after the grace period; closing the tunnel");
-            }
-            "shutdown".to_owned()
-        }
-    };
-    draining.cancel();
-    *link.events.lock() = None;
-    reason
-}
-
-fn full(body: impl Into<Bytes>) -> AgentBody {
-    Full::new(body.into())
-        .map_err(|e| match e {})
-        .boxed_unsync()
-}
-
-fn error_response(status: StatusCode, body: &ErrorBody) -> Response<AgentBody> {
-    let mut r = Response::new(full(body.to_json()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(HEADER_AGENT_ERROR, HeaderValue::from_static("1"));
-    r
-}
-
-fn agent_error(status: StatusCode, message: &str) -> Response<AgentBody> {
-    error_response(
-        status,
-        &ErrorBody::new("server_error", message, None, Some("agent_error")),
-    )
-}
-
-async fn handle(
-    req: Request<Incoming>,
-    sh: Arc<Shared>,
-    link: Arc<HubLink>,
-) -> Response<AgentBody> {
-    let method = req.method().clone();
-    let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("");
-    if method == Method::GET && target == CONTROL_PATH {
-        return control(&sh, &link);
-    }
-    if method == Method::POST && target == EVENTS_PATH {
-        return hub_events(req, &sh).await;
-    }
-    let Some(endpoint) = InferenceEndpoint::from_method_path(method.as_str(), target) else {
-        tracing::warn!(method = %method, "refused a request outside the allow-list");
-        return agent_error(StatusCode::NOT_FOUND, "not an allowed endpoint");
-    };
-    if endpoint == InferenceEndpoint::Models {
-        let data: Vec<_> = sh
-            .offer()
-            .models
-            .iter()
-            .map(|m| serde_json::json!({"id": m.id, "object": "model", "owned_by": "potluck"}))
-            .collect();
-        let body = serde_json::json!({"object": "list", "data": data}).to_string();
-        return Response::new(full(body));
-    }
-    forward(req, endpoint, sh, link).await
-}
-
-/// Whether a receipt from the hub is kept: it is for a request this agent served and has
-/// not had a receipt yet, and its time is within `[journal] receipt_skew_secs` of the
-/// agent's clock. A hostile hub can neither fill the journal with receipts for requests
-/// that never happened nor date them where retention would not reach.
-fn receipt_acceptable(sh: &Shared, r: &potluck_protocol::receipt::SignedReceipt) -> bool {
-    let skew = i64::try_from(sh.policy().journal.receipt_skew.as_millis()).unwrap_or(i64::MAX);
-    let now = sh.config.clock.now().as_millisecond();
-    if r.receipt.time_ms.abs_diff(now) > skew.unsigned_abs() {
-        return false;
-    }
-    sh.take_served(&r.receipt.request_id).is_some()
-}
-
-/// `POST /_potluck/events`: a batch of hub events, one JSON per line. At most
-/// [`crate::state::MAX_EVENT_BATCHES`] are handled at once; more get a 503.
-async fn hub_events(req: Request<Incoming>, sh: &Shared) -> Response<AgentBody> {
-    let Ok(_batch) = Arc::clone(&sh.event_batches).try_acquire_owned() else {
-        tracing::warn!("refused a hub event batch: too many at once");
-        return agent_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many event batches at once",
-        );
-    };
-    let body = match Limited::new(req.into_body(), MAX_EVENTS_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(c) => c.to_bytes(),
-        Err(_) => return agent_error(StatusCode::PAYLOAD_TOO_LARGE, "event batch too large"),
-    };
-    let (mut bad, mut refused) = (0usize, 0usize);
-    for line in body.split(|b| *b == b'\n') {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match HubEvent::decode(line) {
-            Ok(HubEvent::Receipt(r)) if receipt_acceptable(sh, &r) => {
-                tracing::debug!(request_id = %r.receipt.request_id, credits_micro = r.receipt.credits_micro, "receipt");
-                sh.journal.append_wait(Entry::Receipt(r)).await;
-            }
-            Ok(HubEvent::Receipt(_)) => refused += 1,
-            Ok(HubEvent::ModelRefused { model, reason }) => {
-                let reason: String = reason
-                    .chars()
-                    .filter(|c| !c.is_control())
-                    .take(MAX_SHORT_TEXT_BYTES)
-                    .collect();
-                // Once per distinct refusal: the hub may repeat it on each offer change.
-                sh.refuse_model(
-                    format!("hub:{model}:{reason}"),
-                    format!("hub refused model {model}: {reason}"),
-                );
-            }
-            Err(_) => bad += 1,
-        }
-    }
-    if bad > 0 {
-        tracing::warn!(lines = bad, "malformed hub events ignored");
-    }
-    if refused > 0 {
-        tracing::warn!(
-            receipts = refused,
-            "receipts refused: for no request served here, repeated, or dated outside the skew window"
-        );
-    }
-    let mut r = Response::new(full(Bytes::new()));
-    *r.status_mut() = StatusCode::NO_CONTENT;
-    r
-}
-
-/// The control stream: `hello`, then `models` on every change and energy events, until
-/// the tunnel drains.
-fn control(sh: &Arc<Shared>, link: &HubLink) -> Response<AgentBody> {
-    let rx = sh.offer.subscribe();
-    let (tx, events) = mpsc::channel(EVENT_QUEUE);
-    *link.events.lock() = Some(tx);
-    let draining = link.draining.lock().clone();
-    let stream = futures_util::stream::unfold(
-        (rx, events, true, draining),
-        move |(mut rx, mut events, first, draining)| async move {
-            let ev = if first {
-                let o = rx.borrow_and_update().clone();
-                AgentEvent::Hello {
-                    protocol: PROTOCOL_VERSION,
-                    agent_version: AGENT_VERSION.to_owned(),
-                    models: o.models,
-                    max_concurrency: o.capacity.max(1),
-                    profile: o.profile,
-                    accepting: o.accepting,
-                }
-            } else {
-                tokio::select! {
-                    r = rx.changed() => {
-                        r.ok()?;
-                        let o = rx.borrow_and_update().clone();
-                        AgentEvent::Models {
-                            models: o.models,
-                            max_concurrency: o.capacity.max(1),
-                            profile: o.profile,
-                            accepting: o.accepting,
-                        }
-                    }
-                    Some(ev) = events.recv() => ev,
-                    _ = draining.cancelled() => return None,
-                }
-            };
-            Some((
-                Ok::<_, BoxError>(Frame::data(Bytes::from(ev.encode()))),
-                (rx, events, false, draining),
-            ))
-        },
-    );
-    let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
-    r
-}
 
 /// One forwarded request's bookkeeping: holds its slot and energy mark; on drop (the
 /// answer ended, was cut, or the hub went away) writes the journal line and sends the
@@ -389,7 +149,7 @@ struct Admitted {
 /// Forward one inference request: admit it, read and check its body, send it to the
 /// backend (with one retry), then relay the answer while its record waits to be
 /// journalled. Everything logged for it is inside one span (request id, model, endpoint).
-async fn forward(
+pub(super) async fn forward(
     req: Request<Incoming>,
     endpoint: InferenceEndpoint,
     sh: Arc<Shared>,
