@@ -11,6 +11,7 @@
 //!   (`data: {"error":{...,"code":"agent_error"}}`). The last `usage` seen is kept.
 //! - Non-success answers are passed on, capped at [`MAX_ERROR_BODY_BYTES`].
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -18,7 +19,7 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use potluck_protocol::ErrorBody;
 use serde::Deserialize;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::ending::drain_after_done;
 use crate::policy::Limits;
@@ -146,7 +147,9 @@ struct Relay<B, O> {
     done: bool,
     /// The blank line that ends the `[DONE]` event was relayed too.
     done_closed: bool,
-    deadline: Instant,
+    /// The response time limit: one timer for the whole answer (one made and dropped
+    /// per frame cost a timer-wheel insert and removal each).
+    deadline: Pin<Box<Sleep>>,
     limits: Limits,
     bw: Arc<Bandwidth>,
     line: Vec<u8>,
@@ -246,8 +249,13 @@ where
                 continue;
             }
             let body = self.body.as_mut()?;
-            match tokio::time::timeout_at(self.deadline, body.frame()).await {
-                Err(_) => self.cut("the backend's answer exceeded the response time limit"),
+            let frame = tokio::select! {
+                biased;
+                f = body.frame() => Ok(f),
+                () = self.deadline.as_mut() => Err(()),
+            };
+            match frame {
+                Err(()) => self.cut("the backend's answer exceeded the response time limit"),
                 Ok(None) => {
                     if !self.line.is_empty() {
                         if let Err(why) = self.end_line() {
@@ -287,7 +295,7 @@ where
         body: Some(body),
         done: false,
         done_closed: false,
-        deadline,
+        deadline: Box::pin(tokio::time::sleep_until(deadline)),
         limits,
         bw,
         line: Vec::new(),

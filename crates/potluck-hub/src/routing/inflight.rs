@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 
 use potluck_store::{Block, Standing, Target};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::http::error::ApiError;
 
@@ -168,6 +168,18 @@ impl InFlightGuard {
     /// Resolves when the request is cut, with why.
     pub(crate) async fn cancelled(&self) -> Cut {
         self.slot.token.cancelled().await;
+        self.why()
+    }
+
+    /// What [`InFlightGuard::cancelled`] waits for, owned: for a caller that waits on it
+    /// again and again (a stream, at every frame), which then registers with the token
+    /// once instead of at every wait. [`InFlightGuard::why`] says why, once it resolved.
+    pub(crate) fn cut_signal(&self) -> WaitForCancellationFutureOwned {
+        self.slot.token.clone().cancelled_owned()
+    }
+
+    /// Why the request was cut (a suspension of the account if no reason was recorded).
+    pub(crate) fn why(&self) -> Cut {
         self.slot.why.get().cloned().unwrap_or(Cut::Sanction(Block {
             target: Target::Account,
             standing: Standing::Suspended,

@@ -235,6 +235,41 @@ async fn provider_dropping_mid_stream_ends_the_stream_with_an_error_event() {
     }
 }
 
+/// The idle timeout is between frames, not for the whole stream: a provider that keeps
+/// sending, each chunk well within the timeout, streams for as long as it likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_stream_outlives_the_idle_timeout() {
+    let idle = Duration::from_millis(1000);
+    let hub = TestHub::start_with(|c| c.stream_idle_timeout = idle).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 10,
+        gap: Duration::from_millis(250),
+        ..Default::default()
+    });
+    let _a = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let started = std::time::Instant::now();
+    let events = potluck_testkit::sse::SseReader::new(chat(&alice, true).await)
+        .collect()
+        .await;
+    assert!(
+        started.elapsed() > 2 * idle,
+        "the stream lasted {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(events.last(), Some(potluck_testkit::sse::Event::Done)),
+        "{events:?}"
+    );
+    let texts = events
+        .iter()
+        .filter(|e| matches!(e, potluck_testkit::sse::Event::Json(v) if v.get("error").is_none()))
+        .count();
+    assert!(texts >= 10, "every chunk arrived: {events:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_provider_hits_the_idle_timeout() {
     let hub = TestHub::start_with(|c| c.stream_idle_timeout = Duration::from_millis(300)).await;

@@ -2,6 +2,7 @@
 //! rewritten, the guard's output windows checked (with holdback when configured), and
 //! the stream accounted exactly once however it ends.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ use potluck_protocol::InferenceEndpoint;
 use potluck_tunnel::TunnelBody;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::Instrument;
 
 use crate::api::ctx::Ctx;
@@ -98,6 +101,12 @@ pub(crate) struct Relay {
     guard: Option<OutputWindow>,
     /// Parsed events not handled yet (a guard window filled before them).
     pending: std::collections::VecDeque<Vec<u8>>,
+    /// `stream_idle_timeout` from the last frame: one timer for the whole stream, pushed
+    /// later at each frame (a timer made and dropped per frame cost a timer-wheel
+    /// insert and removal each, as did the cut's waiter below).
+    idle: Pin<Box<Sleep>>,
+    /// Resolves when the request is cut; registered once for the whole stream.
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl Relay {
@@ -119,6 +128,8 @@ impl Relay {
             holdback: state.config.moderation.holdback,
             done_pending: false,
         });
+        let idle = Box::pin(tokio::time::sleep(state.config.stream_idle_timeout));
+        let cut = Box::pin(ctx.cut.cut_signal());
         let model_json = serde_json::to_vec(ctx.model.as_str()).unwrap_or_default();
         let id_json = serde_json::to_vec(&ctx.response_id()).unwrap_or_default();
         Self {
@@ -141,6 +152,8 @@ impl Relay {
             end: End::Open,
             guard,
             pending: Default::default(),
+            idle,
+            cut,
         }
     }
 
@@ -381,24 +394,27 @@ impl Relay {
                 continue;
             }
             let idle = self.state.config.stream_idle_timeout;
+            self.idle.as_mut().reset(Instant::now() + idle);
             let frame = tokio::select! {
                 biased;
-                c = self.ctx.cut.cancelled() => {
+                () = self.cut.as_mut() => {
+                    let c = self.ctx.cut.why();
                     tracing::info!(target = c.what(), "stream cut");
                     let body = cut_error(&c).body().to_json();
                     self.out.push_back(Bytes::from(format!("data: {body}\n\n")));
                     self.end = End::Cut;
                     continue;
                 }
-                f = tokio::time::timeout(idle, self.body.frame()) => f,
+                f = self.body.frame() => Some(f),
+                () = self.idle.as_mut() => None,
             };
             match frame {
-                Err(_) => self.fail("The provider stalled.", "provider_timeout"),
-                Ok(None) => self.fail("The provider ended the stream early.", "provider_error"),
-                Ok(Some(Err(_))) => {
+                None => self.fail("The provider stalled.", "provider_timeout"),
+                Some(None) => self.fail("The provider ended the stream early.", "provider_error"),
+                Some(Some(Err(_))) => {
                     self.fail("The connection to the provider was lost.", "provider_error")
                 }
-                Ok(Some(Ok(frame))) => {
+                Some(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         self.data(&data);
                     }
