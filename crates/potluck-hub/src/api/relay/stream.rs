@@ -393,8 +393,8 @@ impl Relay {
                 self.data(&first);
                 continue;
             }
-            let idle = self.state.config.stream_idle_timeout;
-            self.idle.as_mut().reset(Instant::now() + idle);
+            let idle = after(self.state.config.stream_idle_timeout);
+            self.idle.as_mut().reset(idle);
             let frame = tokio::select! {
                 biased;
                 () = self.cut.as_mut() => {
@@ -517,9 +517,24 @@ pub(crate) fn relay_stream(
     sse_response(stream, &request_id)
 }
 
+/// `d` from now; about 30 years from now when that does not fit in an `Instant` (as
+/// tokio's own timeouts do), so that no setting can make the relay panic.
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeout_past_the_clock_is_far_away_not_a_panic() {
+        assert!(after(Duration::MAX) > Instant::now() + Duration::from_secs(365 * 86_400));
+        let soon = after(Duration::from_secs(1));
+        assert!(soon > Instant::now() && soon <= Instant::now() + Duration::from_secs(1));
+    }
 
     /// Held chunks are checked (and so released or dropped) once they are large, whatever
     /// they carry: chunks without text cannot make holdback keep them without bound.
