@@ -1,11 +1,12 @@
 //! Relaying a provider's answer to the consumer: whole ([`whole`]), streamed
 //! ([`stream`]), streamed after a wait in the queue ([`queued`]); [`chunk`] reads one
-//! streamed chunk.
+//! streamed chunk; [`window`] holds a stream's output moderation.
 
 pub(crate) mod chunk;
 pub(crate) mod queued;
 pub(crate) mod stream;
 pub(crate) mod whole;
+pub(crate) mod window;
 
 use axum::body::Body;
 use axum::response::Response;

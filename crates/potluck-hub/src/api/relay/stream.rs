@@ -25,6 +25,7 @@ use crate::api::finish::Outcome;
 use crate::api::now_ms;
 use crate::api::relay::chunk::{splice, ChoiceView, UsageView};
 use crate::api::relay::whole::answer_text;
+use crate::api::relay::window::OutputWindow;
 use crate::api::relay::{rewrite, sse_error_msg, sse_response};
 use crate::http::sse::SseParser;
 use crate::routing::inflight::cut_error;
@@ -49,34 +50,6 @@ enum End {
     Filtered,
     /// A sanction cut it; the consumer got an error event.
     Cut,
-}
-
-/// Output moderation of one stream: text is checked in windows of
-/// `moderation.window_tokens` chunks, each with the previous window's last
-/// `moderation.overlap_tokens` words in front.
-struct OutputWindow {
-    user: Arc<str>,
-    window: String,
-    carry: String,
-    tokens: usize,
-    /// Chunks not yet released (holdback), in order.
-    held: std::collections::VecDeque<Bytes>,
-    /// Their bytes: a window is checked early when they pass `guard::MAX_HELD_BYTES`.
-    held_bytes: usize,
-    holdback: bool,
-    /// `[DONE]` arrived; the last window is checked before it is sent.
-    done_pending: bool,
-}
-
-impl OutputWindow {
-    /// Time to check: the window is full (in chunks of text or in bytes), the held
-    /// chunks are large whatever they carry, or the stream ended.
-    fn due(&self, window_tokens: usize) -> bool {
-        self.done_pending
-            || self.tokens >= window_tokens
-            || self.window.len() >= guard::MAX_GUARD_TEXT_BYTES
-            || self.held_bytes >= guard::MAX_HELD_BYTES
-    }
 }
 
 /// State of one relayed stream. Its `Drop` writes the usage record, so a stream that ends
@@ -118,16 +91,11 @@ impl Relay {
         answer: Answer,
     ) -> Self {
         let max_line = state.config.max_sse_line_bytes;
-        let guard = ctx.guard_input.clone().map(|user| OutputWindow {
-            user,
-            window: String::new(),
-            carry: String::new(),
-            tokens: 0,
-            held: Default::default(),
-            held_bytes: 0,
-            holdback: state.config.moderation.holdback,
-            done_pending: false,
-        });
+        let holdback = state.config.moderation.holdback;
+        let guard = ctx
+            .guard_input
+            .clone()
+            .map(|user| OutputWindow::new(user, holdback));
         let idle = Box::pin(tokio::time::sleep(state.config.stream_idle_timeout));
         let cut = Box::pin(ctx.cut.cut_signal());
         let model_json = serde_json::to_vec(ctx.model.as_str()).unwrap_or_default();
@@ -160,10 +128,7 @@ impl Relay {
     /// Queue a chunk for the consumer (held back while its window is unchecked).
     fn emit(&mut self, b: Bytes) {
         match &mut self.guard {
-            Some(g) if g.holdback => {
-                g.held_bytes = g.held_bytes.saturating_add(b.len());
-                g.held.push_back(b);
-            }
+            Some(g) if g.holdback => g.hold(b),
             _ => self.out.push_back(b),
         }
     }
@@ -188,20 +153,15 @@ impl Relay {
         let Some(g) = self.guard.as_mut() else {
             return;
         };
-        g.held_bytes = 0;
         if d.blocked {
-            g.held.clear();
+            g.release();
             self.out.push_back(self.filtered_chunk());
             self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
             self.end = End::Filtered;
             return;
         }
-        self.out.extend(g.held.drain(..));
-        let overlap = self.state.config.moderation.overlap_tokens;
-        let words: Vec<&str> = g.window.split_inclusive(char::is_whitespace).collect();
-        g.carry = words[words.len().saturating_sub(overlap)..].concat();
-        g.window.clear();
-        g.tokens = 0;
+        self.out.extend(g.release());
+        g.next_window(self.state.config.moderation.overlap_tokens);
         if g.done_pending {
             self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
             self.end = End::Done;
@@ -534,27 +494,5 @@ mod tests {
         assert!(after(Duration::MAX) > Instant::now() + Duration::from_secs(365 * 86_400));
         let soon = after(Duration::from_secs(1));
         assert!(soon > Instant::now() && soon <= Instant::now() + Duration::from_secs(1));
-    }
-
-    /// Held chunks are checked (and so released or dropped) once they are large, whatever
-    /// they carry: chunks without text cannot make holdback keep them without bound.
-    #[test]
-    fn held_chunks_are_checked_once_large_whatever_they_carry() {
-        let mut g = OutputWindow {
-            user: Arc::from(""),
-            window: String::new(),
-            carry: String::new(),
-            tokens: 0,
-            held: Default::default(),
-            held_bytes: 0,
-            holdback: true,
-            done_pending: false,
-        };
-        assert!(!g.due(200));
-        g.held_bytes = guard::MAX_HELD_BYTES;
-        assert!(g.due(200), "by held bytes");
-        g.held_bytes = 0;
-        g.window = "x".repeat(guard::MAX_GUARD_TEXT_BYTES);
-        assert!(g.due(200), "by window bytes");
     }
 }
