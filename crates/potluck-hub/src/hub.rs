@@ -228,7 +228,8 @@ impl Hub {
                 state.config.credits.clone(),
                 Arc::clone(&state.balances),
             )
-            .for_books(&state.accounting, state.treasury),
+            .for_books(&state.accounting, state.treasury)
+            .batch_window(state.config.usage_batch_window),
             usage_rx,
             writer_stop.clone(),
         ));

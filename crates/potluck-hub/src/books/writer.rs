@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use potluck_store::ledger::Settlement;
@@ -34,6 +35,8 @@ pub(crate) struct Writer {
     lag: SettlementLag,
     /// Barred provider accounts, and the treasury their earnings go to instead.
     barred: (Barred, Option<i64>),
+    /// How long records are gathered into one transaction.
+    window: Duration,
 }
 
 impl Writer {
@@ -50,7 +53,13 @@ impl Writer {
             released: HashSet::new(),
             lag: SettlementLag::default(),
             barred: (Barred::default(), None),
+            window: BATCH_WINDOW,
         }
+    }
+
+    /// Gather records for `window` before each transaction.
+    pub(crate) fn batch_window(self, window: Duration) -> Self {
+        Self { window, ..self }
     }
 
     /// Work for the hub's `accounting`: observe the settlement lag into its histogram,
@@ -100,7 +109,7 @@ pub(crate) async fn run_writer(
         // than the record itself).
         if clawbacks.is_empty() && rx.len() < MAX_BATCH {
             tokio::select! {
-                _ = tokio::time::sleep(BATCH_WINDOW) => {}
+                _ = tokio::time::sleep(w.window) => {}
                 _ = stop.cancelled() => {}
             }
         }
@@ -359,5 +368,86 @@ mod tests {
         let b = store.balance(provider).await.unwrap();
         assert_eq!(b.available + b.unvested, 700);
         store.audit_ledger().await.unwrap();
+    }
+
+    async fn two_accounts(store: &Store) -> (i64, i64) {
+        let c = store.create_account("c", Role::Member, Standing::Active);
+        let c = c.await.unwrap();
+        let p = store.create_account("p", Role::Member, Standing::Active);
+        (c, p.await.unwrap())
+    }
+
+    async fn earned(store: &Store, account: i64) -> i64 {
+        let b = store.balance(account).await.unwrap();
+        b.available + b.unvested
+    }
+
+    /// What trickles in within the window waits for it (one transaction for all), and a
+    /// stop writes it at once instead of waiting the window out.
+    #[tokio::test]
+    async fn records_wait_out_the_window_and_a_stop_writes_them_at_once() {
+        let store = Store::open_in_memory().await.unwrap();
+        let (consumer, provider) = two_accounts(&store).await;
+        let (tx, rx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let w = Writer::new(
+            store.clone(),
+            CreditsConfig::default(),
+            Arc::new(Reservations::default()),
+        )
+        .batch_window(Duration::from_secs(600));
+        let task = tokio::spawn(run_writer(w, rx, stop.clone()));
+        for id in ["a", "b"] {
+            let f = finished(id, consumer, provider);
+            tx.send(Record::Finished(f)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_eq!(
+            earned(&store, provider).await,
+            0,
+            "written inside the window"
+        );
+        let stopping = std::time::Instant::now();
+        stop.cancel();
+        task.await.unwrap();
+        assert!(
+            stopping.elapsed() < Duration::from_secs(5),
+            "the stop waited"
+        );
+        assert_eq!(
+            earned(&store, provider).await,
+            1400,
+            "both written at the stop"
+        );
+        store.audit_ledger().await.unwrap();
+    }
+
+    /// A short window writes a lone record soon.
+    #[tokio::test]
+    async fn a_short_window_writes_a_lone_record_soon() {
+        let store = Store::open_in_memory().await.unwrap();
+        let (consumer, provider) = two_accounts(&store).await;
+        let (tx, rx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let w = Writer::new(
+            store.clone(),
+            CreditsConfig::default(),
+            Arc::new(Reservations::default()),
+        )
+        .batch_window(Duration::from_millis(10));
+        let task = tokio::spawn(run_writer(w, rx, stop.clone()));
+        let f = finished("a", consumer, provider);
+        tx.send(Record::Finished(f)).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while earned(&store, provider).await == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            earned(&store, provider).await,
+            700,
+            "not written before the stop"
+        );
+        stop.cancel();
+        task.await.unwrap();
     }
 }

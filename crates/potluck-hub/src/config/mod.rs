@@ -22,6 +22,9 @@ pub use serving::{RoutingConfig, ServerConfig};
 pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
 pub use web::WebConfig;
 
+/// Longest `usage_batch_window`: what a crash can lose, and how stale `/v1/usage` may be.
+pub const MAX_USAGE_BATCH_WINDOW: Duration = Duration::from_secs(10);
+
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
@@ -67,6 +70,12 @@ pub struct HubConfig {
     /// (503 `usage_backlog`) without being served.
     #[serde(with = "secs")]
     pub usage_queue_wait: Duration,
+    /// How long the usage writer gathers finished requests before it writes them in one
+    /// database transaction (seconds, at most [`MAX_USAGE_BATCH_WINDOW`]). Longer: fewer
+    /// transactions while requests trickle in; shorter: the ledger and `/v1/usage` show
+    /// a request sooner. Balances are right either way (held charges count until written).
+    #[serde(with = "secs")]
+    pub usage_batch_window: Duration,
     /// The wait queue in front of busy providers.
     pub queue: QueueConfig,
     /// Credits: prices, grants, escrow, priority.
@@ -270,6 +279,12 @@ impl HubConfig {
         if self.routing.events_linger > std::time::Duration::from_secs(60) {
             return Err("routing.events_linger must be at most 60 seconds".into());
         }
+        if self.usage_batch_window > MAX_USAGE_BATCH_WINDOW {
+            return Err(format!(
+                "usage_batch_window must be at most {} seconds",
+                MAX_USAGE_BATCH_WINDOW.as_secs()
+            ));
+        }
         if self.presence_interval.is_zero() {
             return Err("presence_interval must be more than 0 seconds".into());
         }
@@ -334,6 +349,7 @@ impl Default for HubConfig {
             shutdown_grace: Duration::from_secs(10),
             usage_queue: 65_536,
             usage_queue_wait: Duration::from_secs(2),
+            usage_batch_window: Duration::from_millis(100),
             queue: QueueConfig::default(),
             credits: CreditsConfig::default(),
             limits: LimitsConfig::default(),
@@ -384,6 +400,7 @@ mod tests {
             ("presence_interval = 0", "presence_interval"),
             ("[credits]\nlease_ttl = 0.5", "lease_ttl"),
             ("[routing]\nevents_linger = 3600", "events_linger"),
+            ("usage_batch_window = 60", "usage_batch_window"),
         ] {
             let c: HubConfig = toml::from_str(toml).unwrap();
             let e = c.validate().unwrap_err();

@@ -256,6 +256,58 @@ async fn fifty_concurrent_requests_cannot_overdraw_a_tiny_balance() {
     hub.state().store.audit_ledger().await.unwrap();
 }
 
+/// A long `usage_batch_window`: requests one after another, each finished and held but
+/// not yet in the ledger, still cannot spend more than the balance, and the rows land
+/// together when the window ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_inside_a_long_batch_window_cannot_overdraw() {
+    let hub = TestHub::start_with(|c| {
+        cheap(c);
+        for r in c.credits.classes.values_mut() {
+            r.prompt = 0;
+            r.completion = 1000;
+        }
+        c.usage_batch_window = Duration::from_secs(4);
+    })
+    .await;
+    let full = Arc::new(|_b: &Value| Reply {
+        text: "w ".repeat(10),
+        completion_tokens: Some(10),
+    }) as Responder;
+    let _p = ScriptedAgent::connect_with(
+        "slow-books",
+        &hub.url(),
+        &hub.create_provider("slow-books").await,
+        hello(&["m"], 8, ProviderProfile::default()),
+        full,
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let tiny = Consumer::new(&hub, "tiny").await;
+    hub.grant("tiny", 0.035).await;
+    let body =
+        json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "go"}]});
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let r = tiny.post("chat/completions", &body).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    // Well past the default window, well inside this one.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rows = hub.state().store.recent_usage(100).await.unwrap();
+    assert!(
+        rows.is_empty(),
+        "written inside the window: {} rows",
+        rows.len()
+    );
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(ok, 3, "35,000 covers three: {statuses:?}");
+    assert!(statuses[ok..].iter().all(|s| *s == 429), "{statuses:?}");
+    hub.wait_usage_rows(ok).await;
+    assert_eq!(tiny.available_micro().await, 35_000 - 10_000 * ok as i64);
+    hub.state().store.audit_ledger().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_paid_by_itself_or_by_the_treasury_earns_nothing() {
     let hub = TestHub::start_with(|c| {
