@@ -176,7 +176,7 @@ impl Hub {
             identity,
             auditor,
             service: Default::default(),
-            keys: TtlCache::new(cache::KEY_TTL),
+            keys: Arc::new(TtlCache::new(cache::KEY_TTL)),
             unknown_keys: TtlCache::new(cache::KEY_MISS_TTL),
             balances,
             inflight: Default::default(),

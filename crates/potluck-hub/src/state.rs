@@ -53,7 +53,7 @@ pub struct HubState {
     /// The shared anonymous key, when anonymous access is on.
     pub(crate) anonymous: Option<KeyAuth>,
     /// Resolved keys by secret hash.
-    pub(crate) keys: TtlCache<String, KeyAuth>,
+    pub(crate) keys: Arc<TtlCache<String, KeyAuth>>,
     /// Secret hashes that matched no key: refused without asking the database.
     pub(crate) unknown_keys: TtlCache<String, ()>,
     /// Available balances and the credits requests in flight hold, by account.

@@ -1,6 +1,8 @@
 //! Bearer-key authentication for the consumer and admin APIs, and the one table of
 //! which role may call which admin endpoint ([`Action::min_role`]).
 
+use std::sync::Arc;
+
 use http::HeaderMap;
 use potluck_store::{KeyAuth, ProviderAuth, Role, Secret, SecretKind};
 
@@ -45,8 +47,13 @@ pub(crate) async fn authenticate(state: &HubState, secret: &Secret) -> Result<Ke
 /// The key whose secret hashes to `hash`, through the same cache as a bearer key: what a
 /// web session resolves on every request, so that a revoked or sanctioned key ends it.
 pub(crate) async fn key_by_hash(state: &HubState, hash: String) -> Result<KeyAuth, ApiError> {
-    let k = match state.keys.get(&hash) {
-        Some(k) => k,
+    let k = match state.keys.get_renewing(&hash) {
+        Some((k, renew)) => {
+            if renew {
+                renew_key(state, hash);
+            }
+            k
+        }
         None if state.unknown_keys.get(&hash).is_some() => return Err(ApiError::Unauthorized),
         None => {
             let generation = state.keys.generation();
@@ -62,6 +69,25 @@ pub(crate) async fn key_by_hash(state: &HubState, hash: String) -> Result<KeyAut
         Some(b) => Err(ApiError::Blocked(b)),
         None => Ok(k),
     }
+}
+
+/// Read a cached key again in the background, so that a key in steady use never waits
+/// for the database when its entry would expire. A removal meanwhile wins (the
+/// generation moved); a key the database no longer has is forgotten; on an error the
+/// entry simply expires at its TTL.
+fn renew_key(state: &HubState, hash: String) {
+    let keys = Arc::clone(&state.keys);
+    let store = state.store.clone();
+    let generation = keys.generation();
+    state.tasks.spawn(async move {
+        match store.authenticate_key_hash(&hash).await {
+            Ok(Some(k)) => {
+                keys.put_if(generation, hash, k);
+            }
+            Ok(None) => keys.forget(&hash),
+            Err(e) => tracing::warn!(error = %e, "renewing a cached key failed"),
+        }
+    });
 }
 
 /// Who files or reads a report: a consumer key, or a provider token (`pt-…`).

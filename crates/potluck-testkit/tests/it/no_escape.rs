@@ -347,6 +347,44 @@ async fn the_key_cache_cannot_resurrect_a_revoked_key() {
     }
 }
 
+/// A key in steady use is read again in the background before its cache entry expires,
+/// so no request waits for the database: here the store is stalled when the first entry
+/// would have expired, and the request is still answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_steady_use_never_waits_for_the_database() {
+    let hub = TestHub::start().await;
+    let store = hub.state().store.clone();
+    let key = hub.create_key("steady").await;
+    let first = std::time::Instant::now();
+    assert_eq!(
+        call(&hub, "GET", "/v1/credits", Some(&key), None).await.0,
+        200
+    );
+    // Past half the entry's life: this request is served from the cache and renews it.
+    tokio::time::sleep(Duration::from_millis(2_700)).await;
+    let before = store.key_lookups();
+    assert_eq!(
+        call(&hub, "GET", "/v1/credits", Some(&key), None).await.0,
+        200
+    );
+    potluck_testkit::wait_until("the background renewal", BOUND, || {
+        let store = store.clone();
+        async move { store.key_lookups() > before }
+    })
+    .await;
+    // Past the first entry's life: without the renewal this request would wait for a
+    // lookup, and lookups are stalled now.
+    tokio::time::sleep(Duration::from_millis(5_300).saturating_sub(first.elapsed())).await;
+    let held = store.hold_key_lookups().await;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(2),
+        call(&hub, "GET", "/v1/credits", Some(&key), None),
+    )
+    .await;
+    drop(held);
+    assert_eq!(answered.expect("waited for the store").0, 200);
+}
+
 /// The attack: flood the hub with one bad key (or keys that cannot be keys) to load its
 /// database. A malformed key costs no lookup; a well-formed unknown one costs one.
 #[tokio::test]
