@@ -1,10 +1,12 @@
 //! Child processes of the suite (hub, agents, floor, LiteLLM, llama.cpp) and what `/proc`
-//! says about them: CPU time (utime + stime) and resident memory (VmRSS).
+//! says about them: CPU time (the scheduler's own count per thread, [`CpuSnapshot`], or
+//! utime + stime) and resident memory (VmRSS).
 //!
 //! Each child runs in its own process group with stdout and stderr sent to files in the
 //! run directory; it is stopped with SIGTERM, then SIGKILL after a grace period, and killed
 //! on drop if still running.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -235,6 +237,64 @@ pub fn cpu_ticks_of(pids: &[u32], tree: bool) -> u64 {
     }
 }
 
+/// On-CPU time of processes, thread by thread, in nanoseconds: the scheduler's own count
+/// (`/proc/PID/task/TID/schedstat`), exact. `/proc/PID/stat`'s utime and stime are
+/// sampled at the clock tick instead (100 a second here): a process that runs 60 ms in a
+/// one-second measurement is counted 6 ticks, give or take two, which made the floor's
+/// CPU per streamed chunk swing by a quarter from one quick run to the next. Where a
+/// process's threads cannot be read, its ticks stand in.
+#[derive(Debug, Default, Clone)]
+pub struct CpuSnapshot(HashMap<(u32, u32), u64>);
+
+/// Stands for "the whole process, from its ticks" in a [`CpuSnapshot`].
+const WHOLE_PROCESS: u32 = u32::MAX;
+
+impl CpuSnapshot {
+    /// The processes' threads now (and their descendants' when `tree` is set).
+    pub fn take(pids: &[u32], tree: bool) -> Self {
+        let all: Vec<u32> = if tree {
+            pids.iter().flat_map(|&p| process_tree(p)).collect()
+        } else {
+            pids.to_vec()
+        };
+        let mut threads = HashMap::new();
+        for pid in all {
+            let before = threads.len();
+            if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                for e in dir.flatten() {
+                    let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+                    else {
+                        continue;
+                    };
+                    if let Some(ns) = thread_cpu_ns(pid, tid) {
+                        threads.insert((pid, tid), ns);
+                    }
+                }
+            }
+            if threads.len() == before {
+                let ns = cpu_ticks(pid).saturating_mul(1_000_000_000) / ticks_per_second();
+                threads.insert((pid, WHOLE_PROCESS), ns);
+            }
+        }
+        Self(threads)
+    }
+
+    /// Nanoseconds on a CPU since `before`: what each thread ran since, all of what a
+    /// thread born since ran. A thread that ended in between takes its share with it.
+    pub fn ns_since(&self, before: &Self) -> u64 {
+        self.0
+            .iter()
+            .map(|(k, now)| now.saturating_sub(before.0.get(k).copied().unwrap_or(0)))
+            .sum()
+    }
+}
+
+/// The first field of a thread's `schedstat`: nanoseconds it ran.
+fn thread_cpu_ns(pid: u32, tid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
 /// Resident memory of one process, in KiB (0 if gone).
 pub fn rss_kib(pid: u32) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -257,6 +317,32 @@ mod tests {
         assert!(spin > 0);
         assert!(cpu_ticks(me) > 0 || ticks_per_second() > 1000);
         assert!(process_tree(me).contains(&me));
+    }
+
+    /// A spinning thread's count grows by less than a clock tick at a time: it is seen
+    /// between 3 and 9 ms, where counts in ticks jump from 0 to 10 ms.
+    #[test]
+    fn a_snapshot_sees_less_than_a_tick() {
+        let ran = std::thread::spawn(|| {
+            let link = std::fs::read_link("/proc/thread-self").unwrap();
+            let tid: u32 = link.file_name().unwrap().to_str().unwrap().parse().unwrap();
+            let me = std::process::id();
+            let own = |s: &CpuSnapshot| s.0.get(&(me, tid)).copied().unwrap_or(0);
+            let start = own(&CpuSnapshot::take(&[me], false));
+            let wall = std::time::Instant::now();
+            let mut x = 0u64;
+            loop {
+                let ran = own(&CpuSnapshot::take(&[me], false)).saturating_sub(start);
+                if ran >= 3_000_000 || wall.elapsed() > Duration::from_secs(10) {
+                    return ran;
+                }
+                for _ in 0..10_000 {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+        });
+        let ns = ran.join().unwrap();
+        assert!((3_000_000..9_000_000).contains(&ns), "{ns} ns");
     }
 
     #[test]

@@ -131,8 +131,8 @@ struct Target {
 }
 
 impl Target {
-    fn cpu_ticks(&self) -> u64 {
-        procs::cpu_ticks_of(&self.cpu_pids, self.cpu_tree)
+    fn cpu(&self) -> procs::CpuSnapshot {
+        procs::CpuSnapshot::take(&self.cpu_pids, self.cpu_tree)
     }
 }
 
@@ -180,10 +180,10 @@ fn cell(
     concurrency: usize,
     target: &str,
     mut s: Sample,
-    ticks: Option<u64>,
+    cpu_ns: Option<u64>,
 ) -> Cell {
     let elapsed_s = s.elapsed.as_secs_f64();
-    let cpu_s = ticks.map(|t| t as f64 / procs::ticks_per_second() as f64);
+    let cpu_s = cpu_ns.map(|n| n as f64 / 1e9);
     let per = |n: u64| cpu_s.and_then(|c| (n > 0).then(|| c * 1e6 / n as f64));
     let stream = mode == "stream";
     Cell {
@@ -268,13 +268,13 @@ async fn run_cell(
             // Rotate the order each round so no target always follows the same one.
             let i = (k + round) % active.len();
             let t = active[i];
-            let before = t.cpu_ticks();
+            let before = t.cpu();
             // Potluck's own CPU while another target is measured: deferred work.
             // (Not while the same hub is measured through another of its APIs.)
             let watched = targets
                 .iter()
                 .find(|w| w.name == "potluck" && w.cpu_pids != t.cpu_pids);
-            let bg_before = watched.map(Target::cpu_ticks).unwrap_or(0);
+            let bg_before = watched.map(Target::cpu).unwrap_or_default();
             let sample = loadgen::run(
                 std::slice::from_ref(&t.endpoint),
                 t.spec.as_ref().unwrap_or(spec),
@@ -283,25 +283,22 @@ async fn run_cell(
                 timeout,
             )
             .await;
-            let after = t.cpu_ticks();
-            *background += watched
-                .map(Target::cpu_ticks)
-                .unwrap_or(0)
-                .saturating_sub(bg_before);
+            let after = t.cpu();
+            *background += watched.map_or(0, |w| w.cpu().ns_since(&bg_before));
             acc[i].0.merge(sample);
-            acc[i].1 += after.saturating_sub(before);
+            acc[i].1 += after.ns_since(&before);
         }
     }
     let cells: Vec<Cell> = active
         .iter()
         .zip(acc)
-        .map(|(t, (sample, ticks))| {
+        .map(|(t, (sample, cpu_ns))| {
             cell(
                 mode,
                 c,
                 &t.name,
                 sample,
-                (!t.cpu_pids.is_empty()).then_some(ticks),
+                (!t.cpu_pids.is_empty()).then_some(cpu_ns),
             )
         })
         .collect();
@@ -635,7 +632,7 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
             )
         ));
     }
-    let potluck_background_cpu_s = background as f64 / procs::ticks_per_second() as f64;
+    let potluck_background_cpu_s = background as f64 / 1e9;
     add_overheads(&mut chat_cells);
     add_overheads(&mut stream_cells);
     oha_overheads(&mut oha_cells);
