@@ -131,10 +131,15 @@ pub(crate) fn parse(
     let force_usage = request.stream && !request.include_usage;
     let input_bytes = input_bytes(endpoint, &raw);
     let seed = (request.generates() && !request.has_seed).then(hub_seed);
-    let body = if request.identifying_fields || force_usage || request.null_seed {
+    // A JSON tree only where a field must go or change; what is only added (a seed, a
+    // stream's usage request where the body has no `stream_options`) goes in front.
+    let tree = request.identifying_fields
+        || request.null_seed
+        || (force_usage && request.has_stream_options);
+    let body = if tree {
         rewrite(&raw, request.stream, seed)?
-    } else if let Some(seed) = seed {
-        splice_seed(&raw, seed)
+    } else if force_usage || seed.is_some() {
+        splice_front(&raw, seed, force_usage)
     } else {
         raw
     };
@@ -160,17 +165,27 @@ fn refusal(e: RequestError) -> ApiError {
     }
 }
 
+/// What [`splice_front`] writes to ask a stream's backend for usage.
+const USAGE_OPTIONS: &[u8] = br#""stream_options":{"include_usage":true},"#;
+
 /// `raw` (one JSON object with at least one field: the rules checked it) with
-/// `"seed":<seed>,` written in front of its first field, without a JSON tree.
-fn splice_seed(raw: &[u8], seed: u32) -> Bytes {
+/// `"seed":<seed>,` and, when `usage`, [`USAGE_OPTIONS`] written in front of its first
+/// field, without a JSON tree. Only for fields the body does not have: the rules refuse
+/// a body that names one twice, and the caller rewrites one that has them.
+fn splice_front(raw: &[u8], seed: Option<u32>, usage: bool) -> Bytes {
     use std::io::Write as _;
     let Some(open) = raw.iter().position(|b| *b == b'{') else {
         return Bytes::copy_from_slice(raw);
     };
-    let mut out = Vec::with_capacity(raw.len() + 20);
+    let mut out = Vec::with_capacity(raw.len() + 20 + USAGE_OPTIONS.len());
     out.extend_from_slice(&raw[..=open]);
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "\"seed\":{seed},");
+    if let Some(seed) = seed {
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "\"seed\":{seed},");
+    }
+    if usage {
+        out.extend_from_slice(USAGE_OPTIONS);
+    }
     out.extend_from_slice(&raw[open + 1..]);
     Bytes::from(out)
 }
@@ -372,6 +387,11 @@ mod tests {
                 (0u64..u64::MAX).prop_map(|n| n.to_string()),
             ]),
             stream in proptest::bool::ANY,
+            options in proptest::option::of(prop_oneof![
+                Just(r#"{"include_usage":true}"#),
+                Just(r#"{"include_usage":false}"#),
+                Just(r#"{"x":1}"#),
+            ]),
             user in proptest::bool::ANY,
             completions in proptest::bool::ANY,
             extra in "[a-z]{1,8}",
@@ -387,6 +407,9 @@ mod tests {
             }
             if stream {
                 fields.push(r#""stream":true"#.to_owned());
+                if let Some(o) = options {
+                    fields.push(format!(r#""stream_options":{o}"#));
+                }
             }
             if user {
                 fields.push(r#""user":"u""#.to_owned());
@@ -396,11 +419,45 @@ mod tests {
             let again = InferenceRequest::parse(endpoint, &p.body, &RequestLimits::new(MAX)).unwrap();
             prop_assert!(again.has_seed && !again.null_seed && !again.identifying_fields);
             prop_assert_eq!(again.stream, stream);
+            // A stream always asks its backend for usage, in one `stream_options`.
+            prop_assert_eq!(again.include_usage, stream);
+            let text = String::from_utf8_lossy(&p.body);
+            prop_assert_eq!(text.matches("stream_options").count(), usize::from(stream));
             let v: Value = serde_json::from_slice(&p.body).unwrap();
+            if options == Some(r#"{"x":1}"#) && stream {
+                prop_assert_eq!(&v["stream_options"]["x"], 1, "the consumer's options are kept");
+            }
             match seed.as_deref() {
                 Some(s) if s != "null" => prop_assert_eq!(v["seed"].to_string(), s),
                 _ => prop_assert!(v["seed"].as_u64().is_some_and(|n| n < u64::from(u32::MAX))),
             }
+        }
+    }
+
+    /// A stream that does not ask for usage gets the request for it written in front,
+    /// without a JSON tree: the rest of the body byte for byte. One that names
+    /// `stream_options` twice (to hide one from the hub) is refused.
+    #[test]
+    fn a_stream_is_asked_for_usage_without_a_tree() {
+        let chat = InferenceEndpoint::ChatCompletions;
+        let raw =
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"seed":3}"#;
+        let p = parse(chat, Bytes::from_static(raw), MAX).unwrap();
+        let text = std::str::from_utf8(&p.body).unwrap();
+        assert_eq!(
+            text,
+            r#"{"stream_options":{"include_usage":true},"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"seed":3}"#
+        );
+        assert!(
+            p.stream && !p.wants_usage,
+            "the consumer did not ask for it"
+        );
+        let hidden = br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true},"stream_options":{"include_usage":false}}"#;
+        match parse(chat, Bytes::from_static(hidden), MAX) {
+            Err(ApiError::BadRequest { code, .. }) => {
+                assert_eq!(code, Some("duplicate_parameter"));
+            }
+            other => panic!("not refused: {:?}", other.map(|p| p.body)),
         }
     }
 
