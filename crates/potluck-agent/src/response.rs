@@ -153,6 +153,8 @@ struct Relay<B, O> {
     limits: Limits,
     bw: Arc<Bandwidth>,
     line: Vec<u8>,
+    /// Whole lines of a frame, relayed as they came (no copy); before `out`.
+    pass: Option<Bytes>,
     out: BytesMut,
     total: usize,
     finished: bool,
@@ -172,14 +174,13 @@ where
         self.finished = true;
     }
 
-    fn end_line(&mut self) -> Result<(), &'static str> {
+    /// Look at one whole line (without its `\n`): the end of the answer, the usage.
+    /// Whether it is relayed (nothing after the `[DONE]` event is).
+    fn observe(&mut self, line: &[u8]) -> Result<bool, &'static str> {
         if self.done_closed {
-            // After the `[DONE]` event nothing is relayed.
-            self.line.clear();
-            return Ok(());
+            return Ok(false);
         }
-        let line = std::mem::take(&mut self.line);
-        let text = std::str::from_utf8(&line).map_err(|_| "the backend sent invalid UTF-8")?;
+        let text = std::str::from_utf8(line).map_err(|_| "the backend sent invalid UTF-8")?;
         if text.strip_prefix("data:").map(str::trim) == Some("[DONE]") {
             self.done = true;
         } else if self.done && text.trim_end().is_empty() {
@@ -192,17 +193,61 @@ where
                 self.outcome.usage(u);
             }
         }
-        self.out.extend_from_slice(&line);
-        self.out.extend_from_slice(b"\n");
+        Ok(true)
+    }
+
+    fn end_line(&mut self) -> Result<(), &'static str> {
+        let line = std::mem::take(&mut self.line);
+        let relayed = self.observe(&line);
+        if relayed == Ok(true) {
+            self.out.extend_from_slice(&line);
+            self.out.extend_from_slice(b"\n");
+        }
         self.line = line;
         self.line.clear();
-        Ok(())
+        relayed.map(|_| ())
+    }
+
+    /// A frame of whole lines with nothing held before it (the usual case): each line
+    /// looked at in place, and the frame relayed as it came, up to the last line that is
+    /// relayed. `None` when the frame is not of that kind.
+    fn take_whole_lines(&mut self, data: &Bytes) -> Option<Result<(), &'static str>> {
+        if !self.line.is_empty() || !self.out.is_empty() || data.last() != Some(&b'\n') {
+            return None;
+        }
+        let mut start = 0;
+        let mut relayed = 0;
+        let mut result = Ok(());
+        while start < data.len() {
+            let end = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i);
+            let line = &data[start..end];
+            if line.len() > self.limits.max_line_bytes {
+                result = Err("the backend sent an SSE line over the line size limit");
+                break;
+            }
+            match self.observe(line) {
+                Ok(true) => relayed = end + 1,
+                Ok(false) => break,
+                Err(why) => {
+                    result = Err(why);
+                    break;
+                }
+            }
+            start = end + 1;
+        }
+        if relayed > 0 {
+            self.pass = Some(data.slice(..relayed));
+        }
+        Some(result)
     }
 
     fn take(&mut self, data: Bytes) -> Result<(), &'static str> {
         self.total = self.total.saturating_add(data.len());
         if self.total > self.limits.max_response_bytes {
             return Err("the backend's answer exceeded the response size limit");
+        }
+        if let Some(done) = self.take_whole_lines(&data) {
+            return done;
         }
         let mut rest = &data[..];
         while !rest.is_empty() {
@@ -224,6 +269,14 @@ where
 
     async fn step(mut self) -> Option<(Result<Frame<Bytes>, BoxError>, Self)> {
         loop {
+            if let Some(mut piece) = self.pass.take() {
+                let n = piece.len().min(self.bw.chunk());
+                self.bw.take(n).await;
+                if n < piece.len() {
+                    self.pass = Some(piece.split_off(n));
+                }
+                return Some((Ok(Frame::data(piece)), self));
+            }
             if !self.out.is_empty() {
                 let n = self.out.len().min(self.bw.chunk());
                 self.bw.take(n).await;
@@ -299,6 +352,7 @@ where
         limits,
         bw,
         line: Vec::new(),
+        pass: None,
         out: BytesMut::new(),
         total: 0,
         finished: false,
@@ -439,6 +493,54 @@ pub(crate) mod tests {
             })
         );
         assert!(s.2 && s.1.is_none());
+    }
+
+    /// What the relay makes of `frames`: the bytes relayed and what it saw.
+    async fn relay_frames(frames: Vec<Bytes>) -> (Vec<u8>, SeenState) {
+        let seen = Seen::default();
+        let body = relay_sse(
+            StreamBody::new(futures_util::stream::iter(
+                frames
+                    .into_iter()
+                    .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(c))),
+            )),
+            limits(),
+            Instant::now() + std::time::Duration::from_secs(5),
+            Arc::new(Bandwidth::default()),
+            seen.clone(),
+        );
+        let out = body.collect().await.unwrap().to_bytes().to_vec();
+        let state = *seen.0.lock().unwrap();
+        (out, state)
+    }
+
+    /// Frames of whole lines are relayed as they came, others line by line through the
+    /// buffer: however a backend splits its answer, the hub gets the same bytes and the
+    /// agent sees the same usage, end and cut.
+    #[tokio::test]
+    async fn any_framing_relays_the_same() {
+        let streams: [&[u8]; 5] = [
+            b"data: {\"choices\":[]}\n\ndata: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n",
+            b": comment\r\ndata: {\"a\":1}\r\n\r\ndata: [DONE]\n\ndata: after\n\n",
+            b"data: {\"a\":1}\n\ndata: \xff\n\ndata: [DONE]\n\n",
+            b"data: {\"a\":1}\n\ndata: [DONE]\n",
+            b"data: ok\n\ndata: yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy\n\n",
+        ];
+        for stream in streams {
+            let whole = relay_frames(vec![Bytes::from_static(stream)]).await;
+            let bytewise = stream.iter().map(|b| Bytes::from(vec![*b])).collect();
+            assert_eq!(relay_frames(bytewise).await, whole, "byte by byte");
+            let lines = stream
+                .split_inclusive(|b| *b == b'\n')
+                .map(Bytes::copy_from_slice)
+                .collect();
+            assert_eq!(relay_frames(lines).await, whole, "line by line");
+            for at in 1..stream.len() {
+                let (a, b) = stream.split_at(at);
+                let two = vec![Bytes::copy_from_slice(a), Bytes::copy_from_slice(b)];
+                assert_eq!(relay_frames(two).await, whole, "split at {at}");
+            }
+        }
     }
 
     #[tokio::test]
