@@ -238,11 +238,11 @@ pub fn cpu_ticks_of(pids: &[u32], tree: bool) -> u64 {
 }
 
 /// On-CPU time of processes, thread by thread, in nanoseconds: the scheduler's own count
-/// (`/proc/PID/task/TID/schedstat`), exact. `/proc/PID/stat`'s utime and stime are
-/// sampled at the clock tick instead (100 a second here): a process that runs 60 ms in a
-/// one-second measurement is counted 6 ticks, give or take two, which made the floor's
-/// CPU per streamed chunk swing by a quarter from one quick run to the next. Where a
-/// process's threads cannot be read, its ticks stand in.
+/// (`/proc/PID/task/TID/schedstat`). `/proc/PID/stat`'s utime and stime come in whole
+/// clock ticks (10 ms here), so each reading drops up to a tick: a stream cell of a
+/// quick run, about 60 ms of the floor's CPU in three slices, read in steps of a sixth,
+/// which made the floor's CPU per streamed chunk swing by a quarter from one quick run to
+/// the next. Where a process's threads cannot be read, its ticks stand in.
 #[derive(Debug, Default, Clone)]
 pub struct CpuSnapshot(HashMap<(u32, u32), u64>);
 
