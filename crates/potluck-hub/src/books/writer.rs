@@ -382,10 +382,17 @@ mod tests {
         b.available + b.unvested
     }
 
-    /// What trickles in within the window waits for it (one transaction for all), and a
-    /// stop writes it at once instead of waiting the window out.
-    #[tokio::test]
-    async fn records_wait_out_the_window_and_a_stop_writes_them_at_once() {
+    /// A writer task over a fresh store with a consumer and a provider account.
+    struct Running {
+        store: Store,
+        consumer: i64,
+        provider: i64,
+        tx: mpsc::Sender<Record>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn run_with_window(window: Duration) -> Running {
         let store = Store::open_in_memory().await.unwrap();
         let (consumer, provider) = two_accounts(&store).await;
         let (tx, rx) = mpsc::channel(16);
@@ -395,8 +402,30 @@ mod tests {
             CreditsConfig::default(),
             Arc::new(Reservations::default()),
         )
-        .batch_window(Duration::from_secs(600));
+        .batch_window(window);
         let task = tokio::spawn(run_writer(w, rx, stop.clone()));
+        Running {
+            store,
+            consumer,
+            provider,
+            tx,
+            stop,
+            task,
+        }
+    }
+
+    /// What trickles in within the window waits for it (one transaction for all), and a
+    /// stop writes it at once instead of waiting the window out.
+    #[tokio::test]
+    async fn records_wait_out_the_window_and_a_stop_writes_them_at_once() {
+        let Running {
+            store,
+            consumer,
+            provider,
+            tx,
+            stop,
+            task,
+        } = run_with_window(Duration::from_secs(600)).await;
         for id in ["a", "b"] {
             let f = finished(id, consumer, provider);
             tx.send(Record::Finished(f)).await.unwrap();
@@ -425,17 +454,14 @@ mod tests {
     /// A short window writes a lone record soon.
     #[tokio::test]
     async fn a_short_window_writes_a_lone_record_soon() {
-        let store = Store::open_in_memory().await.unwrap();
-        let (consumer, provider) = two_accounts(&store).await;
-        let (tx, rx) = mpsc::channel(16);
-        let stop = CancellationToken::new();
-        let w = Writer::new(
-            store.clone(),
-            CreditsConfig::default(),
-            Arc::new(Reservations::default()),
-        )
-        .batch_window(Duration::from_millis(10));
-        let task = tokio::spawn(run_writer(w, rx, stop.clone()));
+        let Running {
+            store,
+            consumer,
+            provider,
+            tx,
+            stop,
+            task,
+        } = run_with_window(Duration::from_millis(10)).await;
         let f = finished("a", consumer, provider);
         tx.send(Record::Finished(f)).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

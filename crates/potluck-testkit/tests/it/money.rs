@@ -199,27 +199,32 @@ async fn provider_forging_usage_is_billed_at_most_the_hubs_bound_and_flagged() {
     hub.state().store.audit_ledger().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_concurrent_requests_cannot_overdraw_a_tiny_balance() {
-    // Completion tokens cost 1000 micro-credits, prompts nothing: each request with
-    // max_tokens 10 can cost 10,000 at most, and the provider uses all of it.
+/// A hub where completion tokens cost 1000 micro-credits and prompts nothing, a provider
+/// named `provider` (`slots` slots) that uses all of a request's 10 tokens (10,000 each),
+/// and a consumer `tiny` with 35,000: three requests' worth. `tune` adjusts the hub.
+async fn tiny_balance(
+    provider: &str,
+    slots: u32,
+    tune: impl FnOnce(&mut HubConfig),
+) -> (TestHub, ScriptedAgent, Consumer, Value) {
     let hub = TestHub::start_with(|c| {
         cheap(c);
         for r in c.credits.classes.values_mut() {
             r.prompt = 0;
             r.completion = 1000;
         }
+        tune(c);
     })
     .await;
     let full = Arc::new(|_b: &Value| Reply {
         text: "w ".repeat(10),
         completion_tokens: Some(10),
     }) as Responder;
-    let _p = ScriptedAgent::connect_with(
-        "busy",
+    let agent = ScriptedAgent::connect_with(
+        provider,
         &hub.url(),
-        &hub.create_provider("busy").await,
-        hello(&["m"], 64, ProviderProfile::default()),
+        &hub.create_provider(provider).await,
+        hello(&["m"], slots, ProviderProfile::default()),
         full,
     )
     .await;
@@ -228,6 +233,12 @@ async fn fifty_concurrent_requests_cannot_overdraw_a_tiny_balance() {
     hub.grant("tiny", 0.035).await;
     let body =
         json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "go"}]});
+    (hub, agent, tiny, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_requests_cannot_overdraw_a_tiny_balance() {
+    let (hub, _p, tiny, body) = tiny_balance("busy", 64, |_| {}).await;
     let tiny = Arc::new(tiny);
     let mut tasks = Vec::new();
     for _ in 0..50 {
@@ -261,32 +272,10 @@ async fn fifty_concurrent_requests_cannot_overdraw_a_tiny_balance() {
 /// together when the window ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_inside_a_long_batch_window_cannot_overdraw() {
-    let hub = TestHub::start_with(|c| {
-        cheap(c);
-        for r in c.credits.classes.values_mut() {
-            r.prompt = 0;
-            r.completion = 1000;
-        }
+    let (hub, _p, tiny, body) = tiny_balance("slow-books", 8, |c| {
         c.usage_batch_window = Duration::from_secs(4);
     })
     .await;
-    let full = Arc::new(|_b: &Value| Reply {
-        text: "w ".repeat(10),
-        completion_tokens: Some(10),
-    }) as Responder;
-    let _p = ScriptedAgent::connect_with(
-        "slow-books",
-        &hub.url(),
-        &hub.create_provider("slow-books").await,
-        hello(&["m"], 8, ProviderProfile::default()),
-        full,
-    )
-    .await;
-    hub.wait_for_model("m", 1).await;
-    let tiny = Consumer::new(&hub, "tiny").await;
-    hub.grant("tiny", 0.035).await;
-    let body =
-        json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "go"}]});
     let mut statuses = Vec::new();
     for _ in 0..6 {
         let r = tiny.post("chat/completions", &body).send().await.unwrap();
