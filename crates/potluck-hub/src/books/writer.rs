@@ -418,62 +418,48 @@ mod tests {
     /// stop writes it at once instead of waiting the window out.
     #[tokio::test]
     async fn records_wait_out_the_window_and_a_stop_writes_them_at_once() {
-        let Running {
-            store,
-            consumer,
-            provider,
-            tx,
-            stop,
-            task,
-        } = run_with_window(Duration::from_secs(600)).await;
+        let r = run_with_window(Duration::from_secs(600)).await;
         for id in ["a", "b"] {
-            let f = finished(id, consumer, provider);
-            tx.send(Record::Finished(f)).await.unwrap();
+            let f = finished(id, r.consumer, r.provider);
+            r.tx.send(Record::Finished(f)).await.unwrap();
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         assert_eq!(
-            earned(&store, provider).await,
+            earned(&r.store, r.provider).await,
             0,
             "written inside the window"
         );
         let stopping = std::time::Instant::now();
-        stop.cancel();
-        task.await.unwrap();
+        r.stop.cancel();
+        r.task.await.unwrap();
         assert!(
             stopping.elapsed() < Duration::from_secs(5),
             "the stop waited"
         );
         assert_eq!(
-            earned(&store, provider).await,
+            earned(&r.store, r.provider).await,
             1400,
             "both written at the stop"
         );
-        store.audit_ledger().await.unwrap();
+        r.store.audit_ledger().await.unwrap();
     }
 
     /// A short window writes a lone record soon.
     #[tokio::test]
     async fn a_short_window_writes_a_lone_record_soon() {
-        let Running {
-            store,
-            consumer,
-            provider,
-            tx,
-            stop,
-            task,
-        } = run_with_window(Duration::from_millis(10)).await;
-        let f = finished("a", consumer, provider);
-        tx.send(Record::Finished(f)).await.unwrap();
+        let r = run_with_window(Duration::from_millis(10)).await;
+        let f = finished("a", r.consumer, r.provider);
+        r.tx.send(Record::Finished(f)).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while earned(&store, provider).await == 0 && std::time::Instant::now() < deadline {
+        while earned(&r.store, r.provider).await == 0 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(
-            earned(&store, provider).await,
+            earned(&r.store, r.provider).await,
             700,
             "not written before the stop"
         );
-        stop.cancel();
-        task.await.unwrap();
+        r.stop.cancel();
+        r.task.await.unwrap();
     }
 }
