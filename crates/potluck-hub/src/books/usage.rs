@@ -15,9 +15,6 @@ use crate::books::reserve::Pending;
 pub(crate) const MAX_BATCH: usize = 512;
 /// How long the writer may take to drain the queue at shutdown.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the writer gathers records before writing them in one transaction, unless
-/// the hub's `usage_batch_window` says otherwise.
-pub(crate) const BATCH_WINDOW: Duration = Duration::from_millis(100);
 /// How often escrowed earnings are checked for vesting.
 pub(crate) const VEST_INTERVAL: Duration = Duration::from_secs(60);
 /// Buckets of the settlement lag (seconds from a request's end to its row in the ledger).

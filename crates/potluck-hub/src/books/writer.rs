@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 use crate::books::money::Micro;
 use crate::books::reserve::{Pending, Reservations};
 use crate::books::usage::{
-    now_ms, Accounting, Barred, Finished, Record, SettlementLag, BATCH_WINDOW, DRAIN_TIMEOUT,
-    MAX_BATCH, VEST_INTERVAL,
+    now_ms, Accounting, Barred, Finished, Record, SettlementLag, DRAIN_TIMEOUT, MAX_BATCH,
+    VEST_INTERVAL,
 };
-use crate::config::CreditsConfig;
+use crate::config::{CreditsConfig, DEFAULT_USAGE_BATCH_WINDOW};
 
 /// What the writer works with.
 pub(crate) struct Writer {
@@ -53,11 +53,12 @@ impl Writer {
             released: HashSet::new(),
             lag: SettlementLag::default(),
             barred: (Barred::default(), None),
-            window: BATCH_WINDOW,
+            window: DEFAULT_USAGE_BATCH_WINDOW,
         }
     }
 
-    /// Gather records for `window` before each transaction.
+    /// Gather records for `window` before each transaction (default
+    /// [`DEFAULT_USAGE_BATCH_WINDOW`]).
     pub(crate) fn batch_window(self, window: Duration) -> Self {
         Self { window, ..self }
     }

@@ -22,6 +22,8 @@ pub use serving::{RoutingConfig, ServerConfig};
 pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
 pub use web::WebConfig;
 
+/// Default `usage_batch_window`.
+pub const DEFAULT_USAGE_BATCH_WINDOW: Duration = Duration::from_millis(100);
 /// Longest `usage_batch_window`: what a crash can lose, and how stale `/v1/usage` may be.
 pub const MAX_USAGE_BATCH_WINDOW: Duration = Duration::from_secs(10);
 
@@ -349,7 +351,7 @@ impl Default for HubConfig {
             shutdown_grace: Duration::from_secs(10),
             usage_queue: 65_536,
             usage_queue_wait: Duration::from_secs(2),
-            usage_batch_window: Duration::from_millis(100),
+            usage_batch_window: DEFAULT_USAGE_BATCH_WINDOW,
             queue: QueueConfig::default(),
             credits: CreditsConfig::default(),
             limits: LimitsConfig::default(),

@@ -1,0 +1,144 @@
+//! Backend answers are untrusted: they are size-capped, time-capped and checked before
+//! they go to the hub, and paced by the bandwidth cap. Memory stays bounded: a streamed
+//! answer holds at most one SSE line and one frame; a non-streamed one at most
+//! `max_response_bytes`.
+//!
+//! - Non-streamed success: must be one JSON document within the cap, else a 502 agent
+//!   error. Its `usage` is read for the journal.
+//! - Streamed (`text/event-stream`): relayed line by line; each line must be UTF-8 and at
+//!   most `max_line_bytes`, the whole at most `max_response_bytes`, and the answer must
+//!   end within `response_timeout`. A violation ends the stream with one SSE error event
+//!   (`data: {"error":{...,"code":"agent_error"}}`). The last `usage` seen is kept.
+//! - Non-success answers are passed on, capped at [`MAX_ERROR_BODY_BYTES`].
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use potluck_protocol::ErrorBody;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::slots::Bandwidth;
+
+/// Largest error body relayed from a backend.
+pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Token counts a backend reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+/// Where a relayed answer reports what happened.
+pub trait Outcome: Send + 'static {
+    /// The backend's usage.
+    fn usage(&mut self, u: Usage);
+    /// The answer was cut, and why (content-free).
+    fn cut(&mut self, why: &'static str);
+    /// The answer went out whole.
+    fn complete(&mut self);
+}
+
+/// Why a non-streamed answer was not relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WholeError {
+    /// Over `max_response_bytes`.
+    TooLarge,
+    /// Not one JSON document.
+    Malformed,
+    /// Over `response_timeout`.
+    Timeout,
+    /// The backend's connection failed mid-body.
+    Broken,
+}
+
+impl WholeError {
+    /// For messages and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WholeError::TooLarge => "the backend's answer exceeded the response size limit",
+            WholeError::Malformed => "the backend's answer was not valid JSON",
+            WholeError::Timeout => "the backend's answer exceeded the response time limit",
+            WholeError::Broken => "the backend's connection failed mid-answer",
+        }
+    }
+}
+
+/// Read a whole non-streamed answer under the caps. `check_json`: success answers must
+/// be JSON (their `usage` is returned).
+pub async fn read_whole<B>(
+    body: B,
+    cap: usize,
+    deadline: Instant,
+    check_json: bool,
+) -> Result<(Bytes, Option<Usage>), WholeError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let collected =
+        tokio::time::timeout_at(deadline, http_body_util::Limited::new(body, cap).collect())
+            .await
+            .map_err(|_| WholeError::Timeout)?;
+    let bytes = match collected {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(WholeError::TooLarge),
+        Err(_) => return Err(WholeError::Broken),
+    };
+    if !check_json {
+        return Ok((bytes, None));
+    }
+    let u: UsageOnly = serde_json::from_slice(&bytes).map_err(|_| WholeError::Malformed)?;
+    Ok((bytes, u.usage))
+}
+
+/// A body that sends `bytes` in pieces paced by the bandwidth cap, then reports.
+pub fn paced_whole<O: Outcome>(
+    bytes: Bytes,
+    bw: Arc<Bandwidth>,
+    outcome: O,
+) -> impl Body<Data = Bytes, Error = BoxError> + Send {
+    let stream = futures_util::stream::unfold(
+        (bytes, bw, Some(outcome)),
+        |(mut rest, bw, mut outcome)| async move {
+            if rest.is_empty() {
+                if let Some(mut o) = outcome.take() {
+                    o.complete();
+                }
+                return None;
+            }
+            let n = rest.len().min(bw.chunk());
+            bw.take(n).await;
+            let piece = rest.split_to(n);
+            Some((Ok::<_, BoxError>(Frame::data(piece)), (rest, bw, outcome)))
+        },
+    );
+    http_body_util::StreamBody::new(stream)
+}
+
+/// The SSE event that ends a cut stream.
+pub fn sse_error_event(message: &str) -> Bytes {
+    let body = ErrorBody::new("server_error", message, None, Some("agent_error")).to_json();
+    Bytes::from(format!("\ndata: {body}\n\n"))
+}
+
+mod sse;
+#[cfg(test)]
+pub(crate) mod tests;
+
+pub use sse::relay_sse;

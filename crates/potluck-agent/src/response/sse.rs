@@ -1,0 +1,237 @@
+//! A streamed answer, relayed under the caps (see the room's docs): line by line through
+//! a buffer, or, for a frame of whole lines with nothing held before it, looked at in
+//! place and relayed as it came.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use tokio::time::{Instant, Sleep};
+
+use super::{sse_error_event, BoxError, Outcome, UsageOnly};
+use crate::ending::drain_after_done;
+use crate::policy::Limits;
+use crate::slots::Bandwidth;
+
+struct Relay<B, O> {
+    /// The backend's answer; taken at `[DONE]` (see [`drain_after_done`](crate::ending)).
+    body: Option<B>,
+    /// `data: [DONE]` was relayed: nothing after it counts.
+    done: bool,
+    /// The blank line that ends the `[DONE]` event was relayed too.
+    done_closed: bool,
+    /// The response time limit: one timer for the whole answer (one made and dropped
+    /// per frame cost a timer-wheel insert and removal each).
+    deadline: Pin<Box<Sleep>>,
+    limits: Limits,
+    bw: Arc<Bandwidth>,
+    line: Vec<u8>,
+    /// Whole lines of a frame, relayed as they came (no copy); before `out`.
+    pass: Option<Bytes>,
+    out: BytesMut,
+    total: usize,
+    finished: bool,
+    outcome: O,
+}
+
+impl<B, O> Relay<B, O>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    O: Outcome,
+{
+    /// End the stream with an error event; the outcome logs and records why.
+    fn cut(&mut self, why: &'static str) {
+        self.outcome.cut(why);
+        self.line.clear();
+        self.out.extend_from_slice(&sse_error_event(why));
+        self.finished = true;
+    }
+
+    /// Look at one whole line (without its `\n`): the end of the answer, the usage.
+    /// Whether it is relayed (nothing after the `[DONE]` event is).
+    fn observe(&mut self, line: &[u8]) -> Result<bool, &'static str> {
+        if self.done_closed {
+            return Ok(false);
+        }
+        let text = std::str::from_utf8(line).map_err(|_| "the backend sent invalid UTF-8")?;
+        if text.strip_prefix("data:").map(str::trim) == Some("[DONE]") {
+            self.done = true;
+        } else if self.done && text.trim_end().is_empty() {
+            self.done_closed = true;
+        }
+        if text.starts_with("data:") && text.contains("\"usage\"") {
+            if let Ok(UsageOnly { usage: Some(u) }) =
+                serde_json::from_str::<UsageOnly>(text[5..].trim())
+            {
+                self.outcome.usage(u);
+            }
+        }
+        Ok(true)
+    }
+
+    fn end_line(&mut self) -> Result<(), &'static str> {
+        let line = std::mem::take(&mut self.line);
+        let relayed = self.observe(&line);
+        if relayed == Ok(true) {
+            self.out.extend_from_slice(&line);
+            self.out.extend_from_slice(b"\n");
+        }
+        self.line = line;
+        self.line.clear();
+        relayed.map(|_| ())
+    }
+
+    /// A frame of whole lines with nothing held before it (the usual case): each line
+    /// looked at in place, and the frame relayed as it came, up to the last line that is
+    /// relayed. `None` when the frame is not of that kind.
+    fn take_whole_lines(&mut self, data: &Bytes) -> Option<Result<(), &'static str>> {
+        if !self.line.is_empty() || !self.out.is_empty() || data.last() != Some(&b'\n') {
+            return None;
+        }
+        let mut start = 0;
+        let mut relayed = 0;
+        let mut result = Ok(());
+        while start < data.len() {
+            let end = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i);
+            let line = &data[start..end];
+            if line.len() > self.limits.max_line_bytes {
+                result = Err("the backend sent an SSE line over the line size limit");
+                break;
+            }
+            match self.observe(line) {
+                Ok(true) => relayed = end + 1,
+                Ok(false) => break,
+                Err(why) => {
+                    result = Err(why);
+                    break;
+                }
+            }
+            start = end + 1;
+        }
+        if relayed > 0 {
+            self.pass = Some(data.slice(..relayed));
+        }
+        Some(result)
+    }
+
+    fn take(&mut self, data: Bytes) -> Result<(), &'static str> {
+        self.total = self.total.saturating_add(data.len());
+        if self.total > self.limits.max_response_bytes {
+            return Err("the backend's answer exceeded the response size limit");
+        }
+        if let Some(done) = self.take_whole_lines(&data) {
+            return done;
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let (piece, nl) = match memchr::memchr(b'\n', rest) {
+                Some(i) => (&rest[..i], true),
+                None => (rest, false),
+            };
+            if self.line.len() + piece.len() > self.limits.max_line_bytes {
+                return Err("the backend sent an SSE line over the line size limit");
+            }
+            self.line.extend_from_slice(piece);
+            rest = &rest[piece.len() + usize::from(nl)..];
+            if nl {
+                self.end_line()?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn step(mut self) -> Option<(Result<Frame<Bytes>, BoxError>, Self)> {
+        loop {
+            if let Some(mut piece) = self.pass.take() {
+                let n = piece.len().min(self.bw.chunk());
+                self.bw.take(n).await;
+                if n < piece.len() {
+                    self.pass = Some(piece.split_off(n));
+                }
+                return Some((Ok(Frame::data(piece)), self));
+            }
+            if !self.out.is_empty() {
+                let n = self.out.len().min(self.bw.chunk());
+                self.bw.take(n).await;
+                let piece = self.out.split_to(n).freeze();
+                return Some((Ok(Frame::data(piece)), self));
+            }
+            if self.finished {
+                return None;
+            }
+            if self.done && self.line.is_empty() {
+                // The answer is over: end it now, so that its last bytes carry the end,
+                // and read the backend's own end apart (its connection is then reused).
+                if !self.done_closed {
+                    self.out.extend_from_slice(b"\n");
+                    self.done_closed = true;
+                    continue;
+                }
+                if let Some(body) = self.body.take() {
+                    drain_after_done(body, self.limits.max_line_bytes);
+                }
+                self.outcome.complete();
+                self.finished = true;
+                continue;
+            }
+            let body = self.body.as_mut()?;
+            let frame = tokio::select! {
+                biased;
+                f = body.frame() => Ok(f),
+                () = self.deadline.as_mut() => Err(()),
+            };
+            match frame {
+                Err(()) => self.cut("the backend's answer exceeded the response time limit"),
+                Ok(None) => {
+                    if !self.line.is_empty() {
+                        if let Err(why) = self.end_line() {
+                            self.cut(why);
+                            continue;
+                        }
+                    }
+                    self.outcome.complete();
+                    self.finished = true;
+                }
+                Ok(Some(Err(_))) => self.cut("the backend's connection failed mid-stream"),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        if let Err(why) = self.take(data) {
+                            self.cut(why);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Relay a streamed answer under the caps (see the module docs).
+pub fn relay_sse<B, O>(
+    body: B,
+    limits: Limits,
+    deadline: Instant,
+    bw: Arc<Bandwidth>,
+    outcome: O,
+) -> impl Body<Data = Bytes, Error = BoxError> + Send
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    O: Outcome,
+{
+    let relay = Relay {
+        body: Some(body),
+        done: false,
+        done_closed: false,
+        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        limits,
+        bw,
+        line: Vec::new(),
+        pass: None,
+        out: BytesMut::new(),
+        total: 0,
+        finished: false,
+        outcome,
+    };
+    http_body_util::StreamBody::new(futures_util::stream::unfold(relay, Relay::step))
+}
