@@ -181,6 +181,9 @@ fn audited_seed(c: &mut HubConfig, rate: f64, seed: u64) {
     // The red team watches a liar's escrow grow request by request before it is caught,
     // so the ledger must keep up with one request at a time.
     c.usage_batch_window = Duration::from_millis(10);
+    // A liar may take up to DETECT_WITHIN requests to catch, more than the default
+    // per-minute limit lets one consumer send.
+    c.limits.rpm = None;
 }
 
 async fn provider_id(hub: &TestHub, name: &str) -> i64 {
