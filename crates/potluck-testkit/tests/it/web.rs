@@ -445,8 +445,13 @@ async fn the_real_backends_traffic_shows_on_the_members_page() {
         }))
         .await;
     assert_eq!(a.status, 200, "{:?}", a.body);
-    let tokens = a.body["usage"]["total_tokens"].as_i64().unwrap();
     hub.wait_usage_rows(1).await;
+    // The page shows what the hub recorded, which is the provider's count only when
+    // it is plausible: a short text reported as 32 tokens is billed by the text (seen
+    // once in CI: 65 reported, 36 recorded and shown). So compare with the row.
+    let rows = hub.state().store.recent_usage(1).await.unwrap();
+    let tokens = rows[0].prompt_tokens + rows[0].completion_tokens;
+    assert!(tokens > 0, "{:?}", a.body);
     b.sign_in(&hub, &mia.key).await;
     let row = today_row(&b, "#usage-days").await;
     assert!(
