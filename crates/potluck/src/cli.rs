@@ -35,6 +35,16 @@ impl Cli {
             _ => None,
         }
     }
+
+    /// The nice value the chosen role asks for (`--nice`); `None` for the admin
+    /// commands, which keep the shell's.
+    pub fn nice(&self) -> Option<u8> {
+        match &self.command {
+            Command::Provide(a) => Some(a.nice),
+            Command::Hub(a) => Some(a.nice),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -47,6 +47,18 @@ pub(crate) struct HubArgs {
         value_parser = clap::value_parser!(u16).range(1..=MAX_HUB_THREADS)
     )]
     pub(crate) threads: u16,
+    /// CPU priority of the hub, as a nice value from 0 to 19 (the lowest priority).
+    /// Raise it (10 to 19) where the hub shares a machine with a model server, so that
+    /// the model wins the CPU; it changes nothing while a core is free. A hub started
+    /// nicer than this stays as it is.
+    #[arg(
+        long,
+        env = "POTLUCK_HUB_NICE",
+        value_name = "N",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u8).range(0..=i64::from(crate::priority::MAX_NICE))
+    )]
+    pub(crate) nice: u8,
 }
 
 /// Most threads `--threads` may ask for.

@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod hub_cmd;
 mod moderation;
+mod priority;
 mod provide;
 mod provide_ctl;
 mod table;
@@ -33,6 +34,11 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+    // Before any runtime thread starts: threads inherit the nice value of the thread
+    // that starts them.
+    if let Some(nice) = args.nice() {
+        priority::yield_cpu(nice);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.worker_threads() {
         builder.worker_threads(n);

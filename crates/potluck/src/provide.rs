@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Most threads `--threads` may ask for.
 const MAX_AGENT_THREADS: i64 = 64;
+/// The agent's nice value unless told otherwise: the lowest priority.
+const DEFAULT_AGENT_NICE: u8 = 19;
 
 /// Flags of `potluck provide`. Each has an environment variable; both win over the file.
 #[derive(Debug, Args)]
@@ -71,6 +73,18 @@ pub struct ProvideArgs {
         value_parser = clap::value_parser!(u16).range(1..=MAX_AGENT_THREADS)
     )]
     pub(crate) threads: u16,
+    /// CPU priority of the agent, as a nice value from 0 to 19 (the lowest priority).
+    /// The agent yields the CPU to the model server and to the machine's own work, as
+    /// volunteer-computing clients do; it changes nothing while a core is free. An
+    /// agent started nicer than this (`nice -n 19 potluck provide`) stays as it is.
+    #[arg(
+        long,
+        env = "POTLUCK_AGENT_NICE",
+        value_name = "N",
+        default_value_t = DEFAULT_AGENT_NICE,
+        value_parser = clap::value_parser!(u8).range(0..=i64::from(crate::priority::MAX_NICE))
+    )]
+    pub(crate) nice: u8,
     /// TOML configuration file (see deploy/provide.example.toml); its policy sections
     /// are reloaded when it changes or on SIGHUP.
     #[arg(
@@ -242,6 +256,7 @@ mod tests {
             backend_api_key: None,
             max_concurrency: Some(5),
             threads: 1,
+            nice: DEFAULT_AGENT_NICE,
             config: None,
             state_dir: Some(PathBuf::from("/flag-state")),
             control_socket: None,

@@ -510,3 +510,100 @@ async fn the_hub_runs_on_the_threads_it_is_given() {
         );
     }
 }
+
+/// The nice value of each thread of a running process, by thread name.
+#[cfg(target_os = "linux")]
+fn thread_nice(pid: u32) -> Vec<(String, i32)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .map(|stat| {
+            // `pid (comm) state ppid …`: the comm may hold spaces, so split after it;
+            // nice is field 19, the 17th after the comm.
+            let (head, rest) = stat.rsplit_once(") ").unwrap();
+            let comm = head.split_once(" (").unwrap().1.to_owned();
+            let nice = rest.split(' ').nth(16).unwrap().parse().unwrap();
+            (comm, nice)
+        })
+        .collect()
+}
+
+/// Every thread of `pid` at `want`, once its runtime and database threads are up.
+#[cfg(target_os = "linux")]
+async fn assert_threads_nice(pid: u32, min_threads: usize, want: i32, who: &str) {
+    for _ in 0..200 {
+        if thread_nice(pid).len() >= min_threads {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let threads = thread_nice(pid);
+    assert!(threads.len() >= min_threads, "{who}: {threads:?}");
+    assert!(
+        threads.iter().all(|(_, n)| *n == want),
+        "{who}: every thread at nice {want}: {threads:?}"
+    );
+}
+
+/// The agent yields the CPU by default (nice 19, every thread); the hub keeps its
+/// priority unless told (`--nice`); a process started nicer stays so; values outside
+/// 0..=19 are refused naming the flag.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_yields_the_cpu_and_the_hub_when_told() {
+    let own: i32 = thread_nice(std::process::id())[0].1;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("a");
+    let (hub, url) = start_hub(&data, tmp.path(), "warn");
+    assert_threads_nice(hub.child.id(), 3, own, "hub by default").await;
+    let (ok, token, err) = cli(
+        &["providers", "create", "--name", "box1"],
+        &data.join("admin.key"),
+        &url,
+    );
+    assert!(ok, "{err}");
+    let backend = FakeBackend::start(&["fake-model"]).await;
+    let agent = start_agent(&url, token.trim(), &backend.base_url(), tmp.path(), "warn");
+    assert_threads_nice(agent.child.id(), 2, own.max(19), "agent by default").await;
+    drop(agent);
+    drop(hub);
+
+    let (hub, _) = start_hub_args(&tmp.path().join("b"), tmp.path(), "warn", &["--nice", "7"]);
+    assert_threads_nice(hub.child.id(), 3, own.max(7), "hub --nice 7").await;
+    drop(hub);
+    // Started at 12, asked for 7: stays at 12.
+    let mut hub = std::process::Command::new("nice");
+    hub.args([
+        "-n",
+        "12",
+        BIN,
+        "hub",
+        "--listen",
+        "127.0.0.1:0",
+        "--nice",
+        "7",
+        "--data-dir",
+    ])
+    .arg(tmp.path().join("c"))
+    .env("RUST_LOG", "warn")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let mut hub = hub.spawn().unwrap();
+    assert_threads_nice(hub.id(), 3, (own + 12).min(19), "hub started at 12").await;
+    let _ = hub.kill();
+    let _ = hub.wait();
+
+    for (role, bad) in [("hub", "20"), ("hub", "-1"), ("provide", "twenty")] {
+        let out = std::process::Command::new(BIN)
+            .args([role, &format!("--nice={bad}")])
+            .env_remove("POTLUCK_HUB_NICE")
+            .env_remove("POTLUCK_AGENT_NICE")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("--nice"),
+            "{role} {bad}: {err}"
+        );
+    }
+}

@@ -77,6 +77,7 @@ pub fn start_hub_args(
         .arg(data_dir)
         .env_remove("POTLUCK_HUB_CONFIG")
         .env_remove("POTLUCK_HUB_THREADS")
+        .env_remove("POTLUCK_HUB_NICE")
         .env("RUST_LOG", rust_log)
         .env_remove("POTLUCK_ADMIN_KEY")
         .stdout(Stdio::piped())
@@ -126,6 +127,7 @@ pub fn start_agent(hub: &str, token: &str, backend: &str, log_dir: &Path, rust_l
     let child = Command::new(BIN)
         .args(["provide", "--hub", hub, "--backend", backend])
         .env("POTLUCK_TOKEN", token)
+        .env_remove("POTLUCK_AGENT_NICE")
         // Journal, hash cache and control socket of this test alone.
         .env("POTLUCK_STATE_DIR", log_dir.join("agent-state"))
         .env("RUST_LOG", rust_log)
