@@ -256,6 +256,11 @@ struct AllArgs {
     /// Real model: clients per slot, each measured (1: latency-bound; 2: saturated).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     real_clients_per_slot: Vec<u32>,
+    /// Real model: the hub's `--nice`. The hub shares this machine with llama.cpp, where
+    /// the README has it yield the CPU to the model (19); 0 measures a hub left at the
+    /// model's priority. The agents run at their default (19).
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(u8).range(0..=19))]
+    real_hub_nice: u8,
     /// A quick check (about a minute): direct, floor and Potluck at c=1 and c=64, two
     /// slices each, plus the oha cross-check; prints the ratios and writes only
     /// WORK_DIR/quick.json (not BENCHMARKS.md).
@@ -316,6 +321,7 @@ async fn all(a: AllArgs, real_only: bool) -> anyhow::Result<()> {
         real_rounds: a.real_rounds.max(1),
         real_max_tokens: a.real_max_tokens.max(1),
         real_parallel: a.real_parallel.max(1),
+        real_hub_nice: a.real_hub_nice,
         real_clients_per_slot: a
             .real_clients_per_slot
             .into_iter()

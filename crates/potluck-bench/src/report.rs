@@ -534,9 +534,10 @@ pub fn markdown(r: &Report) -> String {
         );
     } else {
         let _ = writeln!(o, "Streams of `max_tokens` = {}; direct = the load generator spreads clients over the servers itself. \
-         The agents run with the default `--max-concurrency`. One client per slot is latency-bound (every ms the hub adds leaves a slot idle); \
+         The agents run with their defaults (`--max-concurrency`, `--nice 19`); the hub, which shares this machine with llama.cpp, with `--nice {}` \
+         (the README's advice for a hub on a model's machine; 0 = the model's priority). One client per slot is latency-bound (every ms the hub adds leaves a slot idle); \
          two per slot keep the servers saturated (aggregate capacity). \
-         Tokens/s counts the content chunks that arrived within the measurement windows.\n", s.real_max_tokens);
+         Tokens/s counts the content chunks that arrived within the measurement windows.\n", s.real_max_tokens, s.real_hub_nice);
         let _ = writeln!(o, "| providers | target | clients per slot | clients | streams | tokens/s | TTFT p50 | errors |\n|---:|---|---:|---:|---:|---:|---:|---:|");
         for c in &r.real_model {
             let _ = writeln!(
@@ -727,6 +728,7 @@ mod tests {
                 real_rounds: 1,
                 real_max_tokens: 1,
                 real_parallel: 1,
+                real_hub_nice: 19,
                 real_clients_per_slot: Vec::new(),
                 quick: true,
                 floor_upstream: crate::suite::FLOOR_UPSTREAM,

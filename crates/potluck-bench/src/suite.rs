@@ -84,6 +84,8 @@ pub struct Settings {
     pub real_max_tokens: u32,
     /// Real model: slots per llama.cpp server.
     pub real_parallel: u32,
+    /// Real model: the hub's `--nice` (it shares the machine with llama.cpp).
+    pub real_hub_nice: u8,
     /// Real model: clients per slot, each measured (1: latency-bound; 2: saturated).
     pub real_clients_per_slot: Vec<u32>,
     /// The quick run: direct, floor and Potluck only (no info logging, LiteLLM, held
@@ -939,11 +941,12 @@ async fn real_model(
 ) -> anyhow::Result<Vec<RealCell>> {
     let dir = paths.work_dir.join("llama");
     std::fs::create_dir_all(&dir)?;
-    let mut hub = Potluck::start(
+    let mut hub = Potluck::start_with(
         "real",
         &paths.potluck_bin,
         &paths.work_dir.join("real"),
         "warn",
+        &["--nice".to_owned(), s.real_hub_nice.to_string()],
     )
     .await?;
     let pot = &mut hub;
@@ -999,8 +1002,15 @@ async fn real_model(
                     ttft: summarize(&mut sample.ttft_ns),
                 };
                 say(&format!(
-                    "real model, {n} provider(s), {c} clients, {:7}: {:8.1} tokens/s, {} errors",
-                    cellr.target, cellr.tokens_per_s, cellr.errors
+                    "real model, {n} provider(s), {c} clients, {:7}: {:8.1} tokens/s, {} errors{}",
+                    cellr.target,
+                    cellr.tokens_per_s,
+                    cellr.errors,
+                    cellr
+                        .first_error
+                        .as_deref()
+                        .map(|e| format!(" (first: {e})"))
+                        .unwrap_or_default()
                 ));
                 cells.push(cellr);
             }

@@ -220,6 +220,17 @@ impl Potluck {
         dir: &Path,
         rust_log: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with(label, bin, dir, rust_log, &[]).await
+    }
+
+    /// [`Potluck::start`] with more arguments for `potluck hub`.
+    pub async fn start_with(
+        label: &str,
+        bin: &Path,
+        dir: &Path,
+        rust_log: &str,
+        hub_args: &[String],
+    ) -> anyhow::Result<Self> {
         if dir.exists() {
             std::fs::remove_dir_all(dir)
                 .with_context(|| format!("cannot clear {}", dir.display()))?;
@@ -229,7 +240,7 @@ impl Potluck {
         let config = dir.join("hub.toml");
         std::fs::write(&config, HUB_CONFIG)
             .with_context(|| format!("cannot write {}", config.display()))?;
-        let args = vec![
+        let mut args = vec![
             "hub".to_owned(),
             "--listen".into(),
             "127.0.0.1:0".into(),
@@ -238,6 +249,7 @@ impl Potluck {
             "--config".into(),
             config.display().to_string(),
         ];
+        args.extend_from_slice(hub_args);
         let env = [("RUST_LOG", rust_log)];
         let mut commands = vec![display_command("target/release/potluck", &args, &env, &[])];
         let mut hub = Proc::spawn(&format!("{label}-hub"), bin, &args, &env, dir)?;
