@@ -107,6 +107,10 @@ pub struct Status {
     /// Runtime worker threads the agent relays on (`potluck provide --threads`).
     #[serde(default)]
     pub threads: usize,
+    /// The agent's CPU priority as a nice value (`potluck provide --nice`; 19 is the
+    /// lowest); `None` where it cannot be read.
+    #[serde(default)]
+    pub nice: Option<i32>,
     /// Watts used for energy.
     pub watts: Option<f64>,
     /// Journal totals (today is the UTC day).
@@ -178,6 +182,7 @@ pub async fn status(sh: &Shared) -> Status {
         in_flight: sh.in_flight(),
         capacity: offer.capacity,
         threads: tokio::runtime::Handle::current().metrics().num_workers(),
+        nice: own_nice(),
         watts: sh.watts(),
         journal: totals,
         last_errors: sh.last_errors(),
@@ -187,6 +192,19 @@ pub async fn status(sh: &Shared) -> Status {
 /// The status as Prometheus text (format 0.0.4), for `potluck provide metrics` and a
 /// node_exporter textfile collector. Gauges only (the journal's totals are today's);
 /// label values are fixed words and the volunteer's own model names.
+/// This thread's nice value (threads inherit the one set at start).
+#[cfg(target_os = "linux")]
+fn own_nice() -> Option<i32> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    // `pid (comm) state …`: nice is field 19, the 17th after the comm.
+    stat.rsplit_once(") ")?.1.split(' ').nth(16)?.parse().ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn own_nice() -> Option<i32> {
+    None
+}
+
 pub fn metrics_text(s: &Status) -> String {
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, samples: &[(Option<(&str, &str)>, f64)]| {
@@ -468,6 +486,7 @@ mod tests {
             in_flight: 2,
             capacity: 4,
             threads: 1,
+            nice: Some(19),
             watts: None,
             journal: Totals::default(),
             last_errors: Vec::new(),

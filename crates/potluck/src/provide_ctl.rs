@@ -165,11 +165,12 @@ pub fn render(s: &Status) -> String {
         }
     }
     out.push_str(&format!(
-        "in flight:  {} (capacity {}; {} relay thread{})\n",
+        "in flight:  {} (capacity {}; {} relay thread{}{})\n",
         s.in_flight,
         s.capacity,
         s.threads,
-        if s.threads == 1 { "" } else { "s" }
+        if s.threads == 1 { "" } else { "s" },
+        s.nice.map(|n| format!(" at nice {n}")).unwrap_or_default()
     ));
     if let Some(w) = s.watts {
         out.push_str(&format!("power:      {w} W\n"));

@@ -311,6 +311,9 @@ async fn pause_resume_status_over_the_socket_through_the_binary() {
     // The agent relays on one runtime thread unless told otherwise (the model server
     // keeps the other cores), and refuses a thread count of zero in words.
     assert_eq!(s["threads"], 1, "{s:#}");
+    // And at the lowest CPU priority unless told otherwise (`--nice`).
+    #[cfg(target_os = "linux")]
+    assert_eq!(s["nice"], 19, "{s:#}");
     let (ok, _, err) = rig.provide(&["--threads", "0"]);
     assert!(!ok && err.contains("--threads"), "{err}");
 
