@@ -498,17 +498,28 @@ async fn the_hub_runs_on_the_threads_it_is_given() {
     assert!(health.status().is_success(), "{}", health.status());
     drop(hub);
     for bad in ["0", "1025", "many"] {
-        let out = std::process::Command::new(BIN)
-            .args(["hub", "--listen", "127.0.0.1:0", "--threads", bad])
-            .env_remove("POTLUCK_HUB_THREADS")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains("--threads"),
-            "{bad}: {err}"
+        assert_refused(
+            &["hub", "--listen", "127.0.0.1:0", "--threads", bad],
+            "--threads",
         );
     }
+}
+
+/// `potluck ARGS` (with the flags' environment variables cleared) fails, naming `flag`.
+#[cfg(target_os = "linux")]
+fn assert_refused(args: &[&str], flag: &str) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("POTLUCK_HUB_THREADS")
+        .env_remove("POTLUCK_HUB_NICE")
+        .env_remove("POTLUCK_AGENT_NICE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(flag),
+        "{args:?}: {err}"
+    );
 }
 
 /// The nice value of each thread of a running process, by thread name.
@@ -594,16 +605,6 @@ async fn the_agent_yields_the_cpu_and_the_hub_when_told() {
     let _ = hub.wait();
 
     for (role, bad) in [("hub", "20"), ("hub", "-1"), ("provide", "twenty")] {
-        let out = std::process::Command::new(BIN)
-            .args([role, &format!("--nice={bad}")])
-            .env_remove("POTLUCK_HUB_NICE")
-            .env_remove("POTLUCK_AGENT_NICE")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains("--nice"),
-            "{role} {bad}: {err}"
-        );
+        assert_refused(&[role, &format!("--nice={bad}")], "--nice");
     }
 }
