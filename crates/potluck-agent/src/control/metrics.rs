@@ -3,7 +3,9 @@
 
 use super::Status;
 
-/// The status as Prometheus text: one gauge per figure, per model and per hub.
+/// The status as Prometheus text (format 0.0.4), for `potluck provide metrics` and a
+/// node_exporter textfile collector. Gauges only (the journal's totals are today's);
+/// label values are fixed words and the volunteer's own model names.
 pub fn metrics_text(s: &Status) -> String {
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, samples: &[(Option<(&str, &str)>, f64)]| {

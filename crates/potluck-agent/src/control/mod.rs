@@ -192,14 +192,15 @@ pub async fn status(sh: &Shared) -> Status {
     }
 }
 
-/// The status as Prometheus text (format 0.0.4), for `potluck provide metrics` and a
-/// node_exporter textfile collector. Gauges only (the journal's totals are today's);
-/// label values are fixed words and the volunteer's own model names.
 /// This thread's nice value (threads inherit the one set at start).
 #[cfg(target_os = "linux")]
 fn own_nice() -> Option<i32> {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
-    // `pid (comm) state …`: nice is field 19, the 17th after the comm.
+    nice_in_stat(&std::fs::read_to_string("/proc/thread-self/stat").ok()?)
+}
+
+/// The nice value in a line of Linux's `/proc/…/stat`: `pid (comm) state …`, where the
+/// comm may hold spaces and parentheses, and nice is field 19, the 17th after the comm.
+pub fn nice_in_stat(stat: &str) -> Option<i32> {
     stat.rsplit_once(") ")?.1.split(' ').nth(16)?.parse().ok()
 }
 
@@ -336,4 +337,18 @@ pub async fn request(path: &Path, cmd: Command) -> std::io::Result<Answer> {
         .map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer from the agent")
         })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nice_in_stat;
+
+    #[test]
+    fn nice_is_read_past_a_comm_with_spaces_and_parentheses() {
+        let fields = "S 1 1 1 0 -1 4194560 100 0 0 0 5 3 0 0 39 19 3 0 123 456 789";
+        assert_eq!(nice_in_stat(&format!("4242 (potluck) {fields}")), Some(19));
+        assert_eq!(nice_in_stat(&format!("4242 (a) b (c) {fields}")), Some(19));
+        assert_eq!(nice_in_stat("4242 (potluck) S 1 2"), None, "too short");
+        assert_eq!(nice_in_stat("no parentheses at all"), None);
+    }
 }

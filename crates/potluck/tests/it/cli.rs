@@ -529,12 +529,15 @@ fn thread_nice(pid: u32) -> Vec<(String, i32)> {
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
         .map(|stat| {
-            // `pid (comm) state ppid …`: the comm may hold spaces, so split after it;
-            // nice is field 19, the 17th after the comm.
-            let (head, rest) = stat.rsplit_once(") ").unwrap();
-            let comm = head.split_once(" (").unwrap().1.to_owned();
-            let nice = rest.split(' ').nth(16).unwrap().parse().unwrap();
-            (comm, nice)
+            let comm = stat
+                .split_once(" (")
+                .unwrap()
+                .1
+                .rsplit_once(") ")
+                .unwrap()
+                .0;
+            let nice = potluck_agent::control::nice_in_stat(&stat).unwrap();
+            (comm.to_owned(), nice)
         })
         .collect()
 }
