@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
             hub_end
         };
         let (result, _hub_end) =
-            tokio::join!(upgrade_over(agent_end, &hub, "pt-fuzz", "0.0.0"), fake_hub);
+            tokio::join!(upgrade_over(agent_end, &hub, "pt-fuzz", "0.0.0", &[]), fake_hub);
         match result {
             Err(TunnelError::Refused { message, .. })
             | Err(TunnelError::Unauthorized { message, .. }) => {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
-use potluck_protocol::receipt::SignedReceipt;
+use potluck_protocol::receipt::{ReceiptBatch, SignedReceipt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +69,9 @@ pub enum Entry {
     Request(RequestEntry),
     /// A signed receipt from the hub.
     Receipt(SignedReceipt),
+    /// Receipts the hub signed together, as it sent them (without those refused here,
+    /// whose leaf hashes stand in for them): one line for a batch.
+    ReceiptBatch(ReceiptBatch),
 }
 
 impl Entry {
@@ -76,6 +79,7 @@ impl Entry {
         match self {
             Entry::Request(r) => r.time_ms,
             Entry::Receipt(r) => r.receipt.time_ms,
+            Entry::ReceiptBatch(b) => b.receipts.first().map_or(0, |r| r.time_ms),
         }
     }
 }
@@ -395,7 +399,8 @@ pub fn read_all(dir: &Path) -> Vec<(String, Result<Entry, String>)> {
 }
 
 /// Receipts in the journal, one per request id (the last one kept), and lines that did
-/// not parse.
+/// not parse. A batch line gives each of its receipts with its proof, rebuilt from the
+/// batch; a batch that cannot be rebuilt is a bad line.
 pub fn receipts(dir: &Path) -> (Vec<(String, SignedReceipt)>, Vec<String>) {
     let mut by_id: BTreeMap<String, (String, SignedReceipt)> = BTreeMap::new();
     let mut bad = Vec::new();
@@ -404,6 +409,14 @@ pub fn receipts(dir: &Path) -> (Vec<(String, SignedReceipt)>, Vec<String>) {
             Ok(Entry::Receipt(r)) => {
                 by_id.insert(r.receipt.request_id.clone(), (day, r));
             }
+            Ok(Entry::ReceiptBatch(b)) => match b.expand() {
+                Ok(rs) => {
+                    for r in rs {
+                        by_id.insert(r.receipt.request_id.clone(), (day.clone(), r));
+                    }
+                }
+                Err(e) => bad.push(format!("a batch of {} receipts ({}): {e}", b.size(), day)),
+            },
             Ok(Entry::Request(_)) => {}
             Err(why) => bad.push(why),
         }

@@ -65,6 +65,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 hub: url.clone(),
                 token: config.token.clone(),
                 agent_version: AGENT_VERSION.to_owned(),
+                features: &[potluck_protocol::tunnel::FEATURE_RECEIPT_BATCHES],
             };
             carriers.push((url.to_string(), Arc::new(carrier)));
         }

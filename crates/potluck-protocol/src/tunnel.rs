@@ -27,6 +27,13 @@ pub const TUNNEL_PATH: &str = "/v1/tunnel";
 pub const UPGRADE_PROTOCOL: &str = "potluck-tunnel/1";
 /// Request header carrying the agent's [`PROTOCOL_VERSION`].
 pub const HEADER_PROTOCOL_VERSION: &str = "x-potluck-protocol";
+/// Upgrade request header: the optional parts of the protocol the agent takes, as
+/// comma-separated tokens (a hub ignores tokens it does not know; an agent that sends
+/// none gets only what version 1 always had).
+pub const HEADER_FEATURES: &str = "x-potluck-features";
+/// [`HEADER_FEATURES`] token: send receipts as [`HubEvent::ReceiptBatch`], a batch in
+/// one line without per-receipt proofs.
+pub const FEATURE_RECEIPT_BATCHES: &str = "receipt-batches";
 /// Path of the control stream, opened by the hub over HTTP/2.
 pub const CONTROL_PATH: &str = "/_potluck/control";
 /// Header on tunneled requests: the model the hub routed for.
@@ -273,6 +280,9 @@ pub enum AgentEvent {
 pub enum HubEvent {
     /// A signed receipt for one request this provider served.
     Receipt(crate::receipt::SignedReceipt),
+    /// Receipts signed together, for requests this provider served (only to an agent
+    /// that announced [`FEATURE_RECEIPT_BATCHES`]).
+    ReceiptBatch(crate::receipt::ReceiptBatch),
     /// The hub will not route this model to the agent; the reason is for its log.
     ModelRefused {
         /// The model.
@@ -295,24 +305,26 @@ impl HubEvent {
         if line.len() > MAX_CONTROL_LINE_BYTES {
             return Err(ControlError::TooLong);
         }
-        if let Some(r) = Self::decode_receipt(line) {
+        if let Some(r) = untagged(line, br#"{"type":"receipt","#) {
             return Ok(HubEvent::Receipt(r));
+        }
+        if let Some(b) = untagged(line, br#"{"type":"receipt_batch","#) {
+            return Ok(HubEvent::ReceiptBatch(b));
         }
         Ok(serde_json::from_slice(line)?)
     }
+}
 
-    /// A receipt line as [`HubEvent::encode`] writes it (the tag first), read straight
-    /// into the receipt: serde's tagged-enum path buffers every field into an
-    /// intermediate tree first, which was 6 % of the agent's CPU at 64 requests in
-    /// flight. `None` for any other shape, which then takes the general path.
-    fn decode_receipt(line: &[u8]) -> Option<crate::receipt::SignedReceipt> {
-        const TAG: &[u8] = br#"{"type":"receipt","#;
-        let rest = line.strip_prefix(TAG)?;
-        let mut object = Vec::with_capacity(rest.len() + 1);
-        object.push(b'{');
-        object.extend_from_slice(rest);
-        serde_json::from_slice(&object).ok()
-    }
+/// A line as [`HubEvent::encode`] writes it (the tag first), read straight into its
+/// variant's content: serde's tagged-enum path buffers every field into an intermediate
+/// tree first, which was 6 % of the agent's CPU at 64 requests in flight. `None` for any
+/// other shape, which then takes the general path.
+fn untagged<T: serde::de::DeserializeOwned>(line: &[u8], tag: &[u8]) -> Option<T> {
+    let rest = line.strip_prefix(tag)?;
+    let mut object = Vec::with_capacity(rest.len() + 1);
+    object.push(b'{');
+    object.extend_from_slice(rest);
+    serde_json::from_slice(&object).ok()
 }
 
 /// Why a control line was refused.
@@ -415,11 +427,22 @@ mod tests {
                 ..Receipt::example()
             })
             .collect();
-        for signed in SignedReceipt::sign_batch(receipts, &key) {
-            let ev = HubEvent::Receipt(signed);
+        let whole = crate::receipt::ReceiptBatch::sign(receipts.clone(), &key).unwrap();
+        let events = SignedReceipt::sign_batch(receipts, &key)
+            .into_iter()
+            .map(HubEvent::Receipt)
+            .chain([HubEvent::ReceiptBatch(whole)]);
+        for ev in events {
             let line = ev.encode();
             let line = &line[..line.len() - 1];
-            assert!(HubEvent::decode_receipt(line).is_some(), "fast path taken");
+            let fast = match ev {
+                HubEvent::Receipt(_) => {
+                    untagged::<SignedReceipt>(line, br#"{"type":"receipt","#).is_some()
+                }
+                _ => untagged::<crate::receipt::ReceiptBatch>(line, br#"{"type":"receipt_batch","#)
+                    .is_some(),
+            };
+            assert!(fast, "fast path taken");
             let general: HubEvent = serde_json::from_slice(line).unwrap();
             assert_eq!(HubEvent::decode(line).unwrap(), general);
             assert_eq!(general, ev);
@@ -435,6 +458,8 @@ mod tests {
             &br#"{"type":"receipt","#[..],
             br#"{"type":"receipt","receipt":{}}"#,
             br#"{"type":"receipt"}"#,
+            br#"{"type":"receipt_batch","receipts":[]}"#,
+            br#"{"type":"receipt_batch","signature":"00","receipts":{}}"#,
             br#"{"type":"nonsense"}"#,
         ] {
             assert!(

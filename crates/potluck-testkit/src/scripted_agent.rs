@@ -179,6 +179,7 @@ impl ScriptedAgent {
             hub: HubUrl::parse(hub_url).unwrap(),
             token: token.to_owned(),
             agent_version: "scripted".into(),
+            features: &[],
         };
         let io = carrier.connect().await.unwrap();
         let (tx, rx) = mpsc::unbounded_channel();

@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use potluck_protocol::tunnel::{
-    HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION, TUNNEL_PATH, UPGRADE_PROTOCOL,
+    HEADER_FEATURES, HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION, TUNNEL_PATH, UPGRADE_PROTOCOL,
 };
 
 use crate::dial::{dial, DialError, HubUrl, Io};
@@ -63,22 +63,25 @@ pub async fn upgrade(
     hub: HubUrl,
     token: String,
     agent_version: String,
+    features: &[&str],
 ) -> Result<Upgraded, TunnelError> {
     let io = dial(&hub).await?;
-    upgrade_over(io, &hub, &token, &agent_version).await
+    upgrade_over(io, &hub, &token, &agent_version, features).await
 }
 
 /// The upgrade exchange over an already open byte stream: send the request, read the
 /// hub's answer (its head under hyper's limits, a refusal's body under
-/// [`MAX_REFUSAL_BYTES`]), all within [`UPGRADE_TIMEOUT`]. The hub's bytes are untrusted:
-/// the fuzz target `tunnel_handshake` drives this with arbitrary answers.
+/// [`MAX_REFUSAL_BYTES`]), all within [`UPGRADE_TIMEOUT`]. `features` are the optional
+/// parts of the protocol the agent takes ([`HEADER_FEATURES`]). The hub's bytes are
+/// untrusted: the fuzz target `tunnel_handshake` drives this with arbitrary answers.
 pub async fn upgrade_over<I: Io>(
     io: I,
     hub: &HubUrl,
     token: &str,
     agent_version: &str,
+    features: &[&str],
 ) -> Result<Upgraded, TunnelError> {
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method("GET")
         .uri(hub.path(TUNNEL_PATH))
         .header(header::HOST, hub.authority())
@@ -86,7 +89,11 @@ pub async fn upgrade_over<I: Io>(
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, UPGRADE_PROTOCOL)
         .header(HEADER_PROTOCOL_VERSION, PROTOCOL_VERSION.to_string())
-        .header(header::USER_AGENT, format!("potluck-agent/{agent_version}"))
+        .header(header::USER_AGENT, format!("potluck-agent/{agent_version}"));
+    if !features.is_empty() {
+        req = req.header(HEADER_FEATURES, features.join(","));
+    }
+    let req = req
         .body(Empty::<Bytes>::new())
         .map_err(|_| TunnelError::Refused {
             status: StatusCode::BAD_REQUEST,
@@ -165,6 +172,8 @@ pub struct UpgradeCarrier {
     pub token: String,
     /// The agent's version string.
     pub agent_version: String,
+    /// The optional parts of the protocol the agent takes ([`HEADER_FEATURES`]).
+    pub features: &'static [&'static str],
 }
 
 impl std::fmt::Debug for UpgradeCarrier {
@@ -182,6 +191,7 @@ impl Carrier for UpgradeCarrier {
             self.hub.clone(),
             self.token.clone(),
             self.agent_version.clone(),
+            self.features,
         ))
     }
 }

@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
+use potluck_protocol::receipt::ReceiptBatch;
 use potluck_protocol::tunnel::{
     AgentEvent, HubEvent, CONTROL_PATH, EVENTS_PATH, MAX_EVENTS_BODY_BYTES, MAX_SHORT_TEXT_BYTES,
     PROTOCOL_VERSION,
@@ -118,17 +119,29 @@ async fn handle(
     forward(req, endpoint, sh, link).await
 }
 
+/// The receipts of a batch from the hub that are kept ([`receipt_acceptable`]), each
+/// other one leaving its leaf hash so that the batch's signature still checks; and how
+/// many receipts the batch had. A batch that comes with receipts already left out is
+/// kept whole or not at all: the hub sends whole batches, so one with gaps is refused.
+fn keep_receipts(sh: &Shared, b: ReceiptBatch) -> (usize, ReceiptBatch) {
+    let sent = b.size();
+    if !b.omitted.is_empty() {
+        return (sent, b.keep(|_| false));
+    }
+    (sent, b.keep(|r| receipt_acceptable(sh, r)))
+}
+
 /// Whether a receipt from the hub is kept: it is for a request this agent served and has
 /// not had a receipt yet, and its time is within `[journal] receipt_skew_secs` of the
 /// agent's clock. A hostile hub can neither fill the journal with receipts for requests
 /// that never happened nor date them where retention would not reach.
-fn receipt_acceptable(sh: &Shared, r: &potluck_protocol::receipt::SignedReceipt) -> bool {
+fn receipt_acceptable(sh: &Shared, r: &potluck_protocol::receipt::Receipt) -> bool {
     let skew = i64::try_from(sh.policy().journal.receipt_skew.as_millis()).unwrap_or(i64::MAX);
     let now = sh.config.clock.now().as_millisecond();
-    if r.receipt.time_ms.abs_diff(now) > skew.unsigned_abs() {
+    if r.time_ms.abs_diff(now) > skew.unsigned_abs() {
         return false;
     }
-    sh.take_served(&r.receipt.request_id).is_some()
+    sh.take_served(&r.request_id).is_some()
 }
 
 /// `POST /_potluck/events`: a batch of hub events, one JSON per line. At most
@@ -154,11 +167,19 @@ async fn hub_events(req: Request<Incoming>, sh: &Shared) -> Response<AgentBody> 
             continue;
         }
         match HubEvent::decode(line) {
-            Ok(HubEvent::Receipt(r)) if receipt_acceptable(sh, &r) => {
+            Ok(HubEvent::Receipt(r)) if receipt_acceptable(sh, &r.receipt) => {
                 tracing::debug!(request_id = %r.receipt.request_id, credits_micro = r.receipt.credits_micro, "receipt");
                 sh.journal.append_wait(Entry::Receipt(r)).await;
             }
             Ok(HubEvent::Receipt(_)) => refused += 1,
+            Ok(HubEvent::ReceiptBatch(b)) => {
+                let (sent, kept) = keep_receipts(sh, b);
+                refused += sent - kept.receipts.len();
+                if !kept.receipts.is_empty() {
+                    tracing::debug!(receipts = kept.receipts.len(), "receipt batch");
+                    sh.journal.append_wait(Entry::ReceiptBatch(kept)).await;
+                }
+            }
             Ok(HubEvent::ModelRefused { model, reason }) => {
                 let reason: String = reason
                     .chars()

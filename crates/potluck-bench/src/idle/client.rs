@@ -115,8 +115,13 @@ impl Client {
         let mut tries = 0;
         let io = loop {
             tries += 1;
-            match potluck_tunnel::upgrade(self.hub.clone(), self.token.clone(), "idle-bench".into())
-                .await
+            match potluck_tunnel::upgrade(
+                self.hub.clone(),
+                self.token.clone(),
+                "idle-bench".into(),
+                &[],
+            )
+            .await
             {
                 Ok(io) => break io,
                 Err(e) if tries >= CONNECT_TRIES => {

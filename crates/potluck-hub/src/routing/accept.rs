@@ -11,8 +11,8 @@ use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use potluck_protocol::tunnel::{
-    AgentEvent, HubEvent, ModelOffer, CONTROL_PATH, HEADER_PROTOCOL_VERSION,
-    MAX_CONTROL_LINE_BYTES, PROTOCOL_VERSION, UPGRADE_PROTOCOL,
+    AgentEvent, HubEvent, ModelOffer, CONTROL_PATH, FEATURE_RECEIPT_BATCHES, HEADER_FEATURES,
+    HEADER_PROTOCOL_VERSION, MAX_CONTROL_LINE_BYTES, PROTOCOL_VERSION, UPGRADE_PROTOCOL,
 };
 use potluck_protocol::ErrorBody;
 use potluck_protocol::ModelName;
@@ -97,6 +97,11 @@ pub(crate) async fn accept(State(state): State<Arc<HubState>>, mut req: Request)
             "Unsupported tunnel protocol version: upgrade the agent (this hub speaks version 1).",
         );
     }
+    let receipt_batches = req
+        .headers()
+        .get(HEADER_FEATURES)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == FEATURE_RECEIPT_BATCHES));
     let Some(token) = bearer(req.headers()) else {
         return refused_token();
     };
@@ -129,7 +134,7 @@ pub(crate) async fn accept(State(state): State<Arc<HubState>>, mut req: Request)
     };
     let st = Arc::clone(&state);
     state.tasks.spawn(async move {
-        run(st, provider, on_upgrade).await;
+        run(st, provider, on_upgrade, receipt_batches).await;
         drop(permit);
     });
     let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
@@ -140,8 +145,14 @@ pub(crate) async fn accept(State(state): State<Arc<HubState>>, mut req: Request)
     r
 }
 
-/// One tunnel's life: HTTP/2 handshake, control stream, registry membership.
-async fn run(state: Arc<HubState>, provider: ProviderAuth, on_upgrade: OnUpgrade) {
+/// One tunnel's life: HTTP/2 handshake, control stream, registry membership. Receipts go
+/// to the agent as whole batches when it said it takes them (`receipt_batches`).
+async fn run(
+    state: Arc<HubState>,
+    provider: ProviderAuth,
+    on_upgrade: OnUpgrade,
+    receipt_batches: bool,
+) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -182,6 +193,7 @@ async fn run(state: Arc<HubState>, provider: ProviderAuth, on_upgrade: OnUpgrade
         events_rx,
         done,
         provider.provider_id,
+        receipt_batches,
     ));
     let span = tracing::info_span!("tunnel", conn_id, provider_id = provider.provider_id);
     tracing::info!(parent: &span, provider = %provider.name, "tunnel open");

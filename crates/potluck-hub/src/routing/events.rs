@@ -1,12 +1,16 @@
 //! Hub-to-agent events on one tunnel: receipts and notices gathered for
 //! `routing.events_linger`, the batch's receipts signed together, one `POST` per batch.
+//! An agent that takes receipt batches gets them whole, one line and no proofs
+//! ([`HubEvent::ReceiptBatch`]); any other, one line per receipt with its proof.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header;
-use potluck_protocol::receipt::{Receipt, SignedReceipt};
-use potluck_protocol::tunnel::{HubEvent, EVENTS_PATH, MAX_EVENTS_BODY_BYTES};
+use potluck_protocol::receipt::{Receipt, ReceiptBatch, SignedReceipt};
+use potluck_protocol::tunnel::{
+    HubEvent, EVENTS_PATH, MAX_CONTROL_LINE_BYTES, MAX_EVENTS_BODY_BYTES,
+};
 use potluck_tunnel::TunnelClient;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +47,47 @@ fn sign_receipts(
         .collect()
 }
 
+/// The events of one batch for an agent that takes receipt batches: its notices in
+/// their order, then its receipts as one [`HubEvent::ReceiptBatch`] signed by `whole`.
+/// A batch whose line would be longer than an agent reads ([`MAX_CONTROL_LINE_BYTES`])
+/// is sent as two halves, each signed alone (a receipt's fields are bounded, so a half
+/// of a batch of [`EVENTS_BATCH`] fits long before it comes to one receipt).
+fn whole_receipts(
+    whole: &impl Fn(Vec<Receipt>) -> Option<ReceiptBatch>,
+    batch: impl Iterator<Item = Outgoing>,
+) -> Vec<HubEvent> {
+    let mut receipts = Vec::new();
+    let mut events: Vec<HubEvent> = batch
+        .filter_map(|e| match e {
+            Outgoing::Receipt(r) => {
+                receipts.push(r);
+                None
+            }
+            Outgoing::Event(ev) => Some(ev),
+        })
+        .collect();
+    push_whole(whole, receipts, &mut events);
+    events
+}
+
+fn push_whole(
+    whole: &impl Fn(Vec<Receipt>) -> Option<ReceiptBatch>,
+    mut receipts: Vec<Receipt>,
+    out: &mut Vec<HubEvent>,
+) {
+    let Some(batch) = whole(receipts.clone()) else {
+        return;
+    };
+    let ev = HubEvent::ReceiptBatch(batch);
+    if receipts.len() < 2 || ev.encode().len() <= MAX_CONTROL_LINE_BYTES {
+        out.push(ev);
+        return;
+    }
+    let second = receipts.split_off(receipts.len() / 2);
+    push_whole(whole, receipts, out);
+    push_whole(whole, second, out);
+}
+
 /// Add to `batch` what arrives for this agent within `linger` of the first event, up to
 /// [`EVENTS_BATCH`]: at one request at a time, one POST (and one receipt signature) per
 /// window instead of one per request, each costing both ends a round of wake-ups. The
@@ -77,6 +122,7 @@ pub(super) async fn send_events(
     mut rx: mpsc::Receiver<Outgoing>,
     done: CancellationToken,
     provider_id: i64,
+    receipt_batches: bool,
 ) {
     let mut batch = Vec::with_capacity(EVENTS_BATCH);
     loop {
@@ -93,8 +139,13 @@ pub(super) async fn send_events(
             &done,
         )
         .await;
+        let events = if receipt_batches {
+            whole_receipts(&|rs| state.identity.sign_whole(rs), batch.drain(..))
+        } else {
+            sign_receipts(|rs| state.identity.sign_batch(rs), batch.drain(..))
+        };
         let mut body = Vec::new();
-        for ev in sign_receipts(|rs| state.identity.sign_batch(rs), batch.drain(..)) {
+        for ev in events {
             let line = ev.encode();
             if body.len() + line.len() > MAX_EVENTS_BODY_BYTES {
                 break;
@@ -179,5 +230,55 @@ mod tests {
             assert_eq!(r.signature, signed[0].signature, "one signature per batch");
             r.verify(&key.verifying_key()).unwrap();
         }
+    }
+
+    #[test]
+    fn an_agent_that_takes_batches_gets_one_line_that_an_agent_can_read() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let whole = |rs| ReceiptBatch::sign(rs, &key);
+        let refused = HubEvent::ModelRefused {
+            model: ModelName::parse("m9").unwrap(),
+            reason: "no".into(),
+        };
+        let batch = vec![
+            Outgoing::Receipt(receipt("a")),
+            Outgoing::Event(refused.clone()),
+            Outgoing::Receipt(receipt("b")),
+        ];
+        let out = whole_receipts(&whole, batch.into_iter());
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0], refused);
+        let HubEvent::ReceiptBatch(b) = &out[1] else {
+            panic!("{:?}", out[1]);
+        };
+        let ids: Vec<_> = b.receipts.iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        for r in b.expand().unwrap() {
+            r.verify(&key.verifying_key()).unwrap();
+        }
+        assert!(whole_receipts(&whole, std::iter::empty()).is_empty());
+
+        // Receipts too long for one line go as several batches, each line readable.
+        let long = |id: &str| Receipt {
+            outcome: "x".repeat(MAX_CONTROL_LINE_BYTES / 3),
+            ..receipt(id)
+        };
+        let batch = ["a", "b", "c", "d", "e"].map(|id| Outgoing::Receipt(long(id)));
+        let out = whole_receipts(&whole, batch.into_iter());
+        assert!(out.len() > 1, "split");
+        let mut ids = Vec::new();
+        for ev in &out {
+            let line = ev.encode();
+            assert!(line.len() <= MAX_CONTROL_LINE_BYTES, "{}", line.len());
+            let HubEvent::ReceiptBatch(b) = HubEvent::decode(&line[..line.len() - 1]).unwrap()
+            else {
+                panic!("not a batch");
+            };
+            for r in b.expand().unwrap() {
+                r.verify(&key.verifying_key()).unwrap();
+                ids.push(r.receipt.request_id);
+            }
+        }
+        assert_eq!(ids, ["a", "b", "c", "d", "e"], "all of them, in order");
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use ed25519_dalek::SigningKey;
 use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
-use potluck_protocol::receipt::{HubInfo, Receipt, SignedReceipt};
+use potluck_protocol::receipt::{HubInfo, Receipt, ReceiptBatch, SignedReceipt};
 use potluck_store::HubIdentityRecord;
 use sha2::Sha256;
 
@@ -110,6 +110,12 @@ impl HubIdentity {
     /// [`SignedReceipt::sign_batch`]); a batch of one is signed alone.
     pub(crate) fn sign_batch(&self, rs: Vec<Receipt>) -> Vec<SignedReceipt> {
         SignedReceipt::sign_batch(rs, &self.signing)
+    }
+
+    /// Sign a batch of receipts the same way, kept whole for an agent that takes batches
+    /// (see [`ReceiptBatch`]); `None` for none.
+    pub(crate) fn sign_whole(&self, rs: Vec<Receipt>) -> Option<ReceiptBatch> {
+        ReceiptBatch::sign(rs, &self.signing)
     }
 }
 

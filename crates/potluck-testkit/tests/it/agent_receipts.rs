@@ -1,7 +1,8 @@
 //! The hub's event batches: signed receipts land in the provider's journal and verify
-//! against the hub's key, signed alone (older hubs) or in batches with a Merkle proof; a
-//! tampered journal fails; refused models show in status; the real hub signs the
-//! receipts of concurrent requests with one signature that the journal check accepts.
+//! against the hub's key, signed alone (older hubs), in batches with a Merkle proof, or
+//! as whole batches kept in one line; a tampered journal fails; refused models show in
+//! status; the real hub signs the receipts of concurrent requests with one signature
+//! that the journal check accepts.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
@@ -11,7 +12,7 @@ use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use http_body_util::{BodyExt, Full};
 use potluck_agent::journal;
-use potluck_protocol::receipt::{HubInfo, Receipt, SignedReceipt};
+use potluck_protocol::receipt::{HubInfo, OmittedLeaf, Receipt, ReceiptBatch, SignedReceipt};
 use potluck_protocol::tunnel::{HubEvent, EVENTS_PATH};
 use potluck_protocol::ModelName;
 use potluck_testkit::agent_rig::AgentRig;
@@ -148,6 +149,114 @@ async fn receipts_land_in_the_journal_and_verify() {
     assert_eq!(journal::verify(&dir, &info).failed.len(), 3);
 }
 
+/// A whole batch from a hostile hub: the agent keeps only the receipts of requests it
+/// served, dated near its clock, and the leaf hashes of the others, so that what it kept
+/// still verifies; a batch that arrives with gaps is refused whole; a changed line fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_batches_keep_what_was_served_and_verify() {
+    let mut rig = AgentRig::start(&["m1"], "", "2024-01-01T12:00:00Z", |_| {}).await;
+    rig.wait_offered("m1").await;
+    for id in ["r1", "r2", "r3", "r4"] {
+        let body = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+        let (status, _, _) = rig.send("/v1/chat/completions", "m1", id, body).await;
+        assert_eq!(status, 200);
+    }
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let info = HubInfo {
+        hub_id: "hub-test".into(),
+        receipt_algorithm: "ed25519".into(),
+        public_key: hex(&key.verifying_key().to_bytes()),
+        version: "test".into(),
+    };
+    let far = Receipt {
+        time_ms: receipt("r3", 0).time_ms + 3000 * 86_400_000,
+        ..receipt("r3", 5)
+    };
+    let first = ReceiptBatch::sign(
+        vec![
+            receipt("r1", 10),
+            receipt("ghost", 1_000_000),
+            receipt("r2", 20),
+            far,
+            receipt("r1", 10),
+        ],
+        &key,
+    )
+    .unwrap();
+    // A batch with a gap already in it: the hub never sends one.
+    let mut gapped = ReceiptBatch::sign(vec![receipt("r3", 30), receipt("r4", 40)], &key)
+        .unwrap()
+        .keep(|r| r.request_id == "r4");
+    gapped.omitted.push(OmittedLeaf {
+        index: 9,
+        leaf: "00".repeat(32),
+    });
+    // The marker that both were handled: r4's receipt, alone.
+    let last = ReceiptBatch::sign(vec![receipt("r4", 40)], &key).unwrap();
+    let body: Vec<u8> = [first, gapped, last]
+        .into_iter()
+        .flat_map(|b| HubEvent::ReceiptBatch(b).encode())
+        .collect();
+    let req = http::Request::post(EVENTS_PATH)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = rig.h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 204);
+    let _ = resp.into_body().collect().await;
+
+    let dir = rig.state_dir.join("journal");
+    wait_until(
+        "r4's receipt in the journal",
+        Duration::from_secs(10),
+        || {
+            let dir = dir.clone();
+            async move {
+                journal::receipts(&dir)
+                    .0
+                    .iter()
+                    .any(|(_, r)| r.receipt.request_id == "r4")
+            }
+        },
+    )
+    .await;
+    let (list, bad) = journal::receipts(&dir);
+    assert!(bad.is_empty(), "{bad:?}");
+    let kept: Vec<(&str, i64)> = list
+        .iter()
+        .map(|(_, r)| (r.receipt.request_id.as_str(), r.receipt.credits_micro))
+        .collect();
+    assert_eq!(kept, [("r1", 10), ("r2", 20), ("r4", 40)]);
+    let report = journal::verify(&dir, &info);
+    assert_eq!((report.verified, report.failed.len()), (3, 0), "{report:?}");
+    let (_, path) = journal::files(&dir).pop().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"receipt"))
+        .map(|l| {
+            if l.contains("receipt_batch") {
+                "batch"
+            } else {
+                "one"
+            }
+        })
+        .collect();
+    assert_eq!(kinds, ["batch", "batch"], "one line per batch kept");
+    assert!(
+        !text.contains("ghost"),
+        "a receipt refused leaves only its hash"
+    );
+
+    // One number changed in a batch line: none of that batch verifies any more.
+    std::fs::write(
+        &path,
+        text.replace("\"credits_micro\":20,", "\"credits_micro\":2000,"),
+    )
+    .unwrap();
+    let report = journal::verify(&dir, &info);
+    assert_eq!((report.verified, report.failed.len()), (1, 2), "{report:?}");
+}
+
 /// Concurrent requests through the real hub to the real agent: the receipts of one events
 /// `POST` carry one signature over one Merkle root, and the journal check (what
 /// `potluck provide receipts verify` runs) accepts every one. Rounds of concurrent
@@ -226,6 +335,13 @@ async fn concurrent_requests_share_one_batch_signature_that_verifies() {
         (sent, 0),
         "{report:?}"
     );
+    // This agent takes whole batches: the journal holds batch lines, not one per receipt.
+    let lines: String = journal::files(&dir)
+        .into_iter()
+        .map(|(_, p)| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(lines.contains("\"kind\":\"receipt_batch\""));
+    assert!(!lines.contains("\"kind\":\"receipt\","));
 }
 
 /// How many journal receipts carry each signature.

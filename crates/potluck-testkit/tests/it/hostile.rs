@@ -243,6 +243,7 @@ async fn a_provider_cannot_open_tunnel_after_tunnel_or_claim_a_thousand_slots() 
         hub: HubUrl::parse(&hub.url()).unwrap(),
         token: token.clone(),
         agent_version: "greedy".into(),
+        features: &[],
     };
     assert!(
         carrier.connect().await.is_err(),
@@ -271,6 +272,7 @@ async fn a_provider_cannot_open_tunnel_after_tunnel_or_claim_a_thousand_slots() 
                 hub: HubUrl::parse(&hub.url()).unwrap(),
                 token: token.clone(),
                 agent_version: "greedy".into(),
+                features: &[],
             };
             async move { carrier.connect().await.is_ok() }
         },

@@ -538,6 +538,8 @@ async fn pseudonyms_and_signed_receipts() {
     for (agent, model) in [(&p1, "one"), (&p2, "two")] {
         let requests = agent.requests();
         for (i, ev) in agent.hub_events().into_iter().enumerate() {
+            // A scripted agent announces no features, as an agent from before whole
+            // receipt batches: it gets one line per receipt, with its proof.
             let HubEvent::Receipt(signed) = ev else {
                 panic!("{ev:?}")
             };

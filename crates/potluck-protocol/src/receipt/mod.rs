@@ -11,6 +11,10 @@
 //! alone (older journals, batches of one) has no proof and its signature covers
 //! [`Receipt::signing_bytes`]. [`SignedReceipt::verify`] checks both forms.
 //!
+//! To an agent that takes them, the hub sends a batch whole instead ([`ReceiptBatch`]:
+//! the receipts and the one signature, no proofs), and the agent keeps it as one journal
+//! line; [`ReceiptBatch::expand`] gives back each receipt with its proof.
+//!
 //! The tree is the one of RFC 9162 (Certificate Transparency 2.0), section 2.1.1: a tree
 //! of `n > 1` leaves splits after the largest power of two below `n`, so a node with no
 //! sibling is *promoted* to the level above, never duplicated. A leaf is
@@ -25,6 +29,10 @@ use sha2::{Digest, Sha256};
 
 use crate::openai::ModelName;
 use crate::tunnel::ModelHash;
+
+mod batch;
+
+pub use batch::{OmittedLeaf, ReceiptBatch};
 
 /// Where the hub publishes [`HubInfo`].
 pub const HUB_INFO_PATH: &str = "/v1/hub";
