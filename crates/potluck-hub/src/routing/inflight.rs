@@ -178,6 +178,11 @@ impl InFlightGuard {
         self.slot.token.clone().cancelled_owned()
     }
 
+    /// Whether the request was cut (one atomic load; no waiter registered).
+    pub(crate) fn is_cut(&self) -> bool {
+        self.slot.token.is_cancelled()
+    }
+
     /// Why the request was cut (a suspension of the account if no reason was recorded).
     pub(crate) fn why(&self) -> Cut {
         self.slot.why.get().cloned().unwrap_or(Cut::Sanction(Block {

@@ -2,8 +2,10 @@
 //! rewritten, the guard's output windows checked (with holdback when configured), and
 //! the stream accounted exactly once however it ends.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::response::Response;
@@ -74,10 +76,14 @@ pub(crate) struct Relay {
     guard: Option<OutputWindow>,
     /// Parsed events not handled yet (a guard window filled before them).
     pending: std::collections::VecDeque<Vec<u8>>,
-    /// `stream_idle_timeout` from the last frame: one timer for the whole stream, pushed
-    /// later at each frame (a timer made and dropped per frame cost a timer-wheel
-    /// insert and removal each, as did the cut's waiter below).
+    /// `stream_idle_timeout` from the last frame: one timer for the whole stream, set
+    /// for the first frame's deadline and, when it fires, pushed to the deadline of the
+    /// last frame seen (a timer made and dropped per frame cost a timer-wheel insert and
+    /// removal each, as did the cut's waiter below; a timer pushed later at each frame
+    /// cost the timer driver's lock per frame).
     idle: Pin<Box<Sleep>>,
+    /// When the last frame came.
+    last_frame: Instant,
     /// Resolves when the request is cut; registered once for the whole stream.
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
 }
@@ -121,6 +127,7 @@ impl Relay {
             guard,
             pending: Default::default(),
             idle,
+            last_frame: Instant::now(),
             cut,
         }
     }
@@ -353,33 +360,53 @@ impl Relay {
                 self.data(&first);
                 continue;
             }
-            let idle = after(self.state.config.stream_idle_timeout);
-            self.idle.as_mut().reset(idle);
-            let frame = tokio::select! {
-                biased;
-                () = self.cut.as_mut() => {
+            match std::future::poll_fn(|cx| self.poll_wait(cx)).await {
+                Wait::Cut => {
                     let c = self.ctx.cut.why();
                     tracing::info!(target = c.what(), "stream cut");
                     let body = cut_error(&c).body().to_json();
                     self.out.push_back(Bytes::from(format!("data: {body}\n\n")));
                     self.end = End::Cut;
-                    continue;
                 }
-                f = self.body.frame() => Some(f),
-                () = self.idle.as_mut() => None,
-            };
-            match frame {
-                None => self.fail("The provider stalled.", "provider_timeout"),
-                Some(None) => self.fail("The provider ended the stream early.", "provider_error"),
-                Some(Some(Err(_))) => {
+                Wait::Stalled => self.fail("The provider stalled.", "provider_timeout"),
+                Wait::Frame(None) => {
+                    self.fail("The provider ended the stream early.", "provider_error")
+                }
+                Wait::Frame(Some(Err(_))) => {
                     self.fail("The connection to the provider was lost.", "provider_error")
                 }
-                Some(Some(Ok(frame))) => {
+                Wait::Frame(Some(Ok(frame))) => {
+                    self.last_frame = Instant::now();
                     if let Ok(data) = frame.into_data() {
                         self.data(&data);
                     }
                 }
             }
+        }
+    }
+
+    /// The next thing to act on: a cut first, then a frame, then the idle timeout. A
+    /// frame that is ready is taken with one check of the cut (an atomic load) and
+    /// nothing else; the cut's waiter and the timer are polled (registered) only when the
+    /// provider has nothing yet, which is when they can matter.
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Wait> {
+        if self.ctx.cut.is_cut() {
+            return Poll::Ready(Wait::Cut);
+        }
+        if let Poll::Ready(f) = http_body::Body::poll_frame(Pin::new(&mut self.body), cx) {
+            return Poll::Ready(Wait::Frame(f));
+        }
+        if self.cut.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Wait::Cut);
+        }
+        loop {
+            ready!(self.idle.as_mut().poll(cx));
+            let deadline = after_from(self.last_frame, self.state.config.stream_idle_timeout);
+            if deadline <= Instant::now() {
+                return Poll::Ready(Wait::Stalled);
+            }
+            // Frames came since the timer was set: wait until the last one's deadline.
+            self.idle.as_mut().reset(deadline);
         }
     }
 
@@ -479,10 +506,20 @@ pub(crate) fn relay_stream(
 
 /// `d` from now; about 30 years from now when that does not fit in an `Instant` (as
 /// tokio's own timeouts do), so that no setting can make the relay panic.
-fn after(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
+/// `d` after `t`, or about thirty years after it if that overflows.
+fn after_from(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .unwrap_or_else(|| t + Duration::from_secs(30 * 365 * 86_400))
+}
+
+/// What a relayed stream waited for.
+enum Wait {
+    /// The request was cut.
+    Cut,
+    /// Nothing came for `stream_idle_timeout`.
+    Stalled,
+    /// The provider's next frame, its end, or an error.
+    Frame(Option<Result<http_body::Frame<Bytes>, <TunnelBody as http_body::Body>::Error>>),
 }
 
 #[cfg(test)]
@@ -491,8 +528,11 @@ mod tests {
 
     #[test]
     fn a_timeout_past_the_clock_is_far_away_not_a_panic() {
-        assert!(after(Duration::MAX) > Instant::now() + Duration::from_secs(365 * 86_400));
-        let soon = after(Duration::from_secs(1));
-        assert!(soon > Instant::now() && soon <= Instant::now() + Duration::from_secs(1));
+        let now = Instant::now();
+        assert!(after_from(now, Duration::MAX) > now + Duration::from_secs(365 * 86_400));
+        assert_eq!(
+            after_from(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
     }
 }
