@@ -1,8 +1,65 @@
 //! One streamed chunk, read without building a JSON tree: the usage object, the text of
 //! each choice, and the chunk written back with the hub's `id` and `model`.
 
-use indexmap::IndexMap;
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
+
+/// Most top-level keys [`TopLevel`] reads; an object with more takes the caller's tree
+/// path. (Each key is looked for among those before it, so the bound keeps that cheap
+/// whatever a provider sends; answers and chunks have about six.)
+pub(crate) const MAX_TOP_LEVEL_KEYS: usize = 32;
+
+/// A JSON object's top level split into raw values, in order, as a map reads it: a key
+/// that repeats keeps its first place and takes its last value. A short list instead
+/// of a hash map: no hashing and one allocation for a chunk's half-dozen keys.
+#[derive(Debug, Default)]
+pub(crate) struct TopLevel<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'a> TopLevel<'a> {
+    /// The value of `key`.
+    pub(crate) fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+
+    /// Whether `key` is there.
+    pub(crate) fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn insert(&mut self, key: &'a str, value: &'a RawValue) -> bool {
+        if let Some(slot) = self.0.iter_mut().find(|(k, _)| *k == key) {
+            slot.1 = value;
+            return true;
+        }
+        if self.0.len() == MAX_TOP_LEVEL_KEYS {
+            return false;
+        }
+        self.0.push((key, value));
+        true
+    }
+}
+
+impl<'de> Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopLevel<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut top = TopLevel(Vec::with_capacity(8));
+                while let Some((k, v)) = map.next_entry::<&'de str, &'de RawValue>()? {
+                    if !top.insert(k, v) {
+                        return Err(A::Error::custom("too many top-level keys"));
+                    }
+                }
+                Ok(top)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
 
 /// The usage object of a chunk.
 #[derive(serde::Deserialize)]
@@ -98,7 +155,7 @@ impl ChoiceView<'_> {
 /// and `id` replaced by the hub's (`model_json`, `id_json`, already JSON), and `usage`
 /// left out unless the consumer asked for it.
 pub(crate) fn splice(
-    top: &IndexMap<&str, &RawValue>,
+    top: &TopLevel<'_>,
     model_json: &[u8],
     id_json: &[u8],
     wants_usage: bool,
@@ -123,13 +180,13 @@ pub(crate) fn splice(
 /// as its bytes. Nothing is parsed or rebuilt below the top level.
 pub(crate) fn write_object(
     out: &mut Vec<u8>,
-    top: &IndexMap<&str, &RawValue>,
+    top: &TopLevel<'_>,
     replace: &[(&str, &[u8])],
     skip: &[&str],
 ) {
     out.push(b'{');
     let mut first = true;
-    for (k, v) in top {
+    for (k, v) in &top.0 {
         if skip.contains(k) {
             continue;
         }
@@ -167,11 +224,37 @@ mod tests {
     #[test]
     fn splice_rewrites_id_and_model_and_drops_usage() {
         let data = br#"{"id":"x","model":"alias","choices":[],"usage":{"prompt_tokens":1}}"#;
-        let top: IndexMap<&str, &RawValue> = serde_json::from_slice(data).unwrap();
+        let top: TopLevel<'_> = serde_json::from_slice(data).unwrap();
         let line = splice(&top, br#""m""#, br#""cmpl-1""#, false, data.len());
         assert_eq!(
             std::str::from_utf8(&line).unwrap(),
             "data: {\"id\":\"cmpl-1\",\"model\":\"m\",\"choices\":[]}\n\n"
         );
+    }
+
+    #[test]
+    fn the_top_level_reads_as_a_map_does_and_is_bounded() {
+        let data = br#"{"id":"a","usage":{"prompt_tokens":1},"x":[1,{"y":2}],"usage":null}"#;
+        let top: TopLevel<'_> = serde_json::from_slice(data).unwrap();
+        let map: indexmap::IndexMap<&str, &RawValue> = serde_json::from_slice(data).unwrap();
+        let ours: Vec<(&str, &str)> = top.0.iter().map(|(k, v)| (*k, v.get())).collect();
+        let theirs: Vec<(&str, &str)> = map.iter().map(|(k, v)| (*k, v.get())).collect();
+        assert_eq!(ours, theirs, "a repeated key: first place, last value");
+        assert_eq!(top.get("usage").map(RawValue::get), Some("null"));
+        assert!(top.contains_key("x") && !top.contains_key("y"));
+        let many = format!(
+            "{{{}}}",
+            (0..=MAX_TOP_LEVEL_KEYS)
+                .map(|i| format!("\"k{i}\":{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert!(serde_json::from_str::<TopLevel<'_>>(&many).is_err());
+        let repeated = format!("{{{}}}", vec![r#""k":1"#; 10_000].join(","));
+        let top: TopLevel<'_> = serde_json::from_str(&repeated).unwrap();
+        assert_eq!(top.0.len(), 1);
+        for bad in ["[]", "1", "{\"a\":}", ""] {
+            assert!(serde_json::from_str::<TopLevel<'_>>(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -9,14 +9,13 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use indexmap::IndexMap;
 use potluck_tunnel::TunnelBody;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::api::ctx::{with_request_id, Ctx};
 use crate::api::finish::Outcome;
-use crate::api::relay::chunk::write_object;
+use crate::api::relay::chunk::{write_object, TopLevel};
 use crate::api::relay::{rewrite, HEADER_QUEUE_MS};
 use crate::http::error::ApiError;
 use crate::routing::inflight::cut_error;
@@ -130,7 +129,7 @@ impl Spliced {
     /// repeated field in a choice or its message): the tree path decides then, so both
     /// paths agree on every answer this one takes.
     fn read(bytes: &[u8], model: &str, response_id: &str) -> Option<Self> {
-        let top: IndexMap<&str, &RawValue> = serde_json::from_slice(bytes).ok()?;
+        let top: TopLevel<'_> = serde_json::from_slice(bytes).ok()?;
         let reported = match top.get("usage") {
             Some(u) => usage_of(u)?,
             None => None,
