@@ -656,49 +656,66 @@ async fn receipts_listed_verified_and_tampering_caught() {
     assert!(!ok, "another hub id must fail: {out}");
     assert!(err.contains("not this one"), "{err}");
 
-    // Tamper: one more completion token on one receipt line.
+    // Tamper: one more completion token on one receipt. The agent keeps the hub's whole
+    // batches, one line each: the changed receipt fails, and so does every other receipt
+    // of its batch (the batch's root no longer matches its signature).
     let victim = list[0]["receipt"]["request_id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let mut tampered = false;
+    let mut in_batch = Vec::new();
     for f in rig.journal_files() {
         let text = std::fs::read_to_string(&f).unwrap();
         let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
         for l in lines.iter_mut() {
             let v: Value = serde_json::from_str(l).unwrap();
-            if v["kind"] == "receipt" && v["receipt"]["request_id"] == victim.as_str() {
-                let n = v["receipt"]["completion_tokens"].as_u64().unwrap();
-                let (from, to) = (
-                    format!("\"completion_tokens\":{n},"),
-                    format!("\"completion_tokens\":{},", n + 1),
-                );
-                assert_eq!(l.matches(&from).count(), 1, "{l}");
-                *l = l.replace(&from, &to);
-                tampered = true;
+            if v["kind"] != "receipt_batch" {
+                continue;
             }
+            let receipts = v["receipts"].as_array().unwrap();
+            let Some(r) = receipts.iter().find(|r| r["request_id"] == victim.as_str()) else {
+                continue;
+            };
+            let n = r["completion_tokens"].as_u64().unwrap();
+            let at = l.find(&format!("\"request_id\":\"{victim}\"")).unwrap();
+            let (from, to) = (
+                format!("\"completion_tokens\":{n},"),
+                format!("\"completion_tokens\":{},", n + 1),
+            );
+            let i = at + l[at..].find(&from).unwrap();
+            l.replace_range(i..i + from.len(), &to);
+            in_batch = receipts
+                .iter()
+                .map(|r| r["request_id"].as_str().unwrap().to_owned())
+                .collect();
         }
-        if tampered {
+        if !in_batch.is_empty() {
             std::fs::write(&f, lines.join("\n") + "\n").unwrap();
             break;
         }
     }
-    assert!(tampered, "found the receipt line of {victim}");
+    assert!(!in_batch.is_empty(), "found the batch line of {victim}");
     let (_, out, _) = rig.provide(&["receipts", "list", "--json"]);
     assert!(
         out.contains(&victim),
         "the tampered line still parses: {out}"
     );
+    let failed = in_batch.len();
     for (ok, out, err) in [
         rig.provide(&["receipts", "verify", "--hub", &rig.url]),
         offline(&pk, &hub_id),
     ] {
         assert!(!ok, "verify must fail after tampering: {out}");
-        assert!(out.contains("3 verified, 1 failed"), "{out}");
         assert!(
-            err.contains(&format!("FAILED  {victim}: signature does not match")),
-            "the failure is named: {err}"
+            out.contains(&format!("{} verified, {failed} failed", 4 - failed)),
+            "{out}"
         );
+        for id in &in_batch {
+            assert!(
+                err.contains(&format!("FAILED  {id}: signature does not match")),
+                "the failure is named: {err}"
+            );
+        }
     }
 
     // A line that is not a journal entry at all is a failure too, and is reported.
@@ -708,15 +725,19 @@ async fn receipts_listed_verified_and_tampering_caught() {
     std::fs::write(&last, text).unwrap();
     let (ok, out, err) = rig.provide(&["receipts", "verify", "--hub", &rig.url]);
     assert!(!ok, "{out}");
-    assert!(out.contains("3 verified, 2 failed"), "{out}{err}");
+    assert!(
+        out.contains(&format!("{} verified, {} failed", 4 - failed, failed + 1)),
+        "{out}{err}"
+    );
     let (ok, _, err) = rig.provide(&["receipts", "list"]);
     assert!(ok, "list still lists the readable receipts: {err}");
     assert!(err.contains("unreadable journal line"), "{err}");
 }
 
 /// `receipts verify` offline on a journal that mixes receipts signed alone (hubs before
-/// batches) and receipts signed in a batch with Merkle proofs: all verify; a batch line
-/// with more credits, or with its proof moved to a neighbour, is named as failed.
+/// batches), receipts signed in a batch with Merkle proofs, and a whole batch's line: all
+/// verify; a batch line with more credits, or with its proof moved to a neighbour, or a
+/// whole batch naming a receipt it left out, is named as failed.
 #[test]
 fn receipts_verify_accepts_single_and_batch_lines_side_by_side() {
     use potluck_agent::journal::Entry;
@@ -805,6 +826,33 @@ fn receipts_verify_accepts_single_and_batch_lines_side_by_side() {
     let (ok, out, err) = verify();
     assert!(!ok && out.contains("4 verified, 1 failed"), "{out}{err}");
     assert!(err.contains("FAILED  new-3"), "{err}");
+
+    // A whole batch's line (what an agent that takes them keeps), one receipt left out,
+    // beside the other kinds: all verify; a receipt moved between its lines fails.
+    let whole = potluck_protocol::receipt::ReceiptBatch::sign(
+        vec![
+            receipt("whole-1", 4),
+            receipt("ghost", 999),
+            receipt("whole-2", 5),
+        ],
+        &key,
+    )
+    .unwrap()
+    .keep(|r| r.request_id != "ghost");
+    write(&lines);
+    let batch_line = serde_json::to_string(&Entry::ReceiptBatch(whole)).unwrap();
+    let mixed = std::fs::read_to_string(&file).unwrap() + &batch_line + "\n";
+    std::fs::write(&file, &mixed).unwrap();
+    let (ok, out, err) = verify();
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("7 verified, 0 failed"), "{out}{err}");
+    std::fs::write(&file, mixed.replace("whole-2", "ghost")).unwrap();
+    let (ok, out, err) = verify();
+    assert!(!ok && out.contains("5 verified, 2 failed"), "{out}{err}");
+    assert!(
+        err.contains("FAILED  whole-1") && err.contains("FAILED  ghost"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
