@@ -23,15 +23,10 @@ pub(crate) const EVENTS_QUEUE: usize = 4096;
 /// Most events in one batch.
 pub(crate) const EVENTS_BATCH: usize = 256;
 
-/// The events of one batch in their order, its receipts signed together by `sign` (the
-/// hub identity's `sign_batch`: one signature over their Merkle root, a proof in each).
-fn sign_receipts(
-    sign: impl FnOnce(Vec<Receipt>) -> Vec<SignedReceipt>,
-    batch: impl Iterator<Item = Outgoing>,
-) -> Vec<HubEvent> {
+/// A batch's receipts, and its events in order with `None` where each receipt was.
+fn split(batch: impl Iterator<Item = Outgoing>) -> (Vec<Receipt>, Vec<Option<HubEvent>>) {
     let mut receipts = Vec::new();
-    // `None`: the next signed receipt goes here.
-    let slots: Vec<Option<HubEvent>> = batch
+    let slots = batch
         .map(|e| match e {
             Outgoing::Receipt(r) => {
                 receipts.push(r);
@@ -40,6 +35,16 @@ fn sign_receipts(
             Outgoing::Event(ev) => Some(ev),
         })
         .collect();
+    (receipts, slots)
+}
+
+/// The events of one batch in their order, its receipts signed together by `sign` (the
+/// hub identity's `sign_batch`: one signature over their Merkle root, a proof in each).
+fn sign_receipts(
+    sign: impl FnOnce(Vec<Receipt>) -> Vec<SignedReceipt>,
+    batch: impl Iterator<Item = Outgoing>,
+) -> Vec<HubEvent> {
+    let (receipts, slots) = split(batch);
     let mut signed = sign(receipts).into_iter();
     slots
         .into_iter()
@@ -56,16 +61,8 @@ fn whole_receipts(
     whole: &impl Fn(Vec<Receipt>) -> Option<ReceiptBatch>,
     batch: impl Iterator<Item = Outgoing>,
 ) -> Vec<HubEvent> {
-    let mut receipts = Vec::new();
-    let mut events: Vec<HubEvent> = batch
-        .filter_map(|e| match e {
-            Outgoing::Receipt(r) => {
-                receipts.push(r);
-                None
-            }
-            Outgoing::Event(ev) => Some(ev),
-        })
-        .collect();
+    let (receipts, slots) = split(batch);
+    let mut events: Vec<HubEvent> = slots.into_iter().flatten().collect();
     push_whole(whole, receipts, &mut events);
     events
 }
@@ -198,13 +195,17 @@ mod tests {
         }
     }
 
+    fn refused() -> HubEvent {
+        HubEvent::ModelRefused {
+            model: ModelName::parse("m9").unwrap(),
+            reason: "no".into(),
+        }
+    }
+
     #[test]
     fn one_batch_one_signature_and_the_order_kept() {
         let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        let refused = HubEvent::ModelRefused {
-            model: ModelName::parse("m9").unwrap(),
-            reason: "no".into(),
-        };
+        let refused = refused();
         let batch = vec![
             Outgoing::Receipt(receipt("a")),
             Outgoing::Event(refused.clone()),
@@ -236,10 +237,7 @@ mod tests {
     fn an_agent_that_takes_batches_gets_one_line_that_an_agent_can_read() {
         let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
         let whole = |rs| ReceiptBatch::sign(rs, &key);
-        let refused = HubEvent::ModelRefused {
-            model: ModelName::parse("m9").unwrap(),
-            reason: "no".into(),
-        };
+        let refused = refused();
         let batch = vec![
             Outgoing::Receipt(receipt("a")),
             Outgoing::Event(refused.clone()),

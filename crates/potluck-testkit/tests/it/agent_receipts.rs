@@ -34,12 +34,12 @@ fn receipt(id: &str, credits: i64) -> Receipt {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receipts_land_in_the_journal_and_verify() {
+/// An agent (clock at 2024-01-01T12:00:00Z) that served the requests `ids`; the test
+/// hub's key and its published info.
+async fn served(ids: &[&str]) -> (AgentRig, SigningKey, HubInfo) {
     let mut rig = AgentRig::start(&["m1"], "", "2024-01-01T12:00:00Z", |_| {}).await;
     rig.wait_offered("m1").await;
-    // The agent keeps receipts only for requests it served.
-    for id in ["r1", "r2", "r3", "r4", "r5"] {
+    for id in ids {
         let body = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
         let (status, _, _) = rig.send("/v1/chat/completions", "m1", id, body).await;
         assert_eq!(status, 200);
@@ -51,6 +51,24 @@ async fn receipts_land_in_the_journal_and_verify() {
         public_key: hex(&key.verifying_key().to_bytes()),
         version: "test".into(),
     };
+    (rig, key, info)
+}
+
+/// `POST` one event batch to the agent, as the hub does; it answers 204.
+async fn post_events(rig: &mut AgentRig, body: Vec<u8>) {
+    let req = http::Request::post(EVENTS_PATH)
+        .header("content-type", "application/x-ndjson")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = rig.h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 204);
+    let _ = resp.into_body().collect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_land_in_the_journal_and_verify() {
+    // The agent keeps receipts only for requests it served.
+    let (mut rig, key, info) = served(&["r1", "r2", "r3", "r4", "r5"]).await;
     let mut batch = Vec::new();
     batch.extend(HubEvent::Receipt(SignedReceipt::sign(receipt("r1", 80), &key)).encode());
     batch.extend(HubEvent::Receipt(SignedReceipt::sign(receipt("r2", 1_000_000), &key)).encode());
@@ -67,13 +85,7 @@ async fn receipts_land_in_the_journal_and_verify() {
         .encode(),
     );
     batch.extend(b"{not an event}\n");
-    let req = http::Request::post(EVENTS_PATH)
-        .header("content-type", "application/x-ndjson")
-        .body(Full::new(Bytes::from(batch)))
-        .unwrap();
-    let resp = rig.h2.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 204);
-    let _ = resp.into_body().collect().await;
+    post_events(&mut rig, batch).await;
 
     let dir = rig.state_dir.join("journal");
     wait_until(
@@ -154,20 +166,7 @@ async fn receipts_land_in_the_journal_and_verify() {
 /// still verifies; a batch that arrives with gaps is refused whole; a changed line fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_batches_keep_what_was_served_and_verify() {
-    let mut rig = AgentRig::start(&["m1"], "", "2024-01-01T12:00:00Z", |_| {}).await;
-    rig.wait_offered("m1").await;
-    for id in ["r1", "r2", "r3", "r4"] {
-        let body = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
-        let (status, _, _) = rig.send("/v1/chat/completions", "m1", id, body).await;
-        assert_eq!(status, 200);
-    }
-    let key = SigningKey::from_bytes(&[7u8; 32]);
-    let info = HubInfo {
-        hub_id: "hub-test".into(),
-        receipt_algorithm: "ed25519".into(),
-        public_key: hex(&key.verifying_key().to_bytes()),
-        version: "test".into(),
-    };
+    let (mut rig, key, info) = served(&["r1", "r2", "r3", "r4"]).await;
     let far = Receipt {
         time_ms: receipt("r3", 0).time_ms + 3000 * 86_400_000,
         ..receipt("r3", 5)
@@ -197,12 +196,7 @@ async fn whole_batches_keep_what_was_served_and_verify() {
         .into_iter()
         .flat_map(|b| HubEvent::ReceiptBatch(b).encode())
         .collect();
-    let req = http::Request::post(EVENTS_PATH)
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    let resp = rig.h2.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 204);
-    let _ = resp.into_body().collect().await;
+    post_events(&mut rig, body).await;
 
     let dir = rig.state_dir.join("journal");
     wait_until(
