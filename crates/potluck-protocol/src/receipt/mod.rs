@@ -630,7 +630,7 @@ mod tests {
         good.verify(&vk()).unwrap();
     }
 
-    fn arb_receipt() -> impl Strategy<Value = Receipt> {
+    pub(super) fn arb_receipt() -> impl Strategy<Value = Receipt> {
         (
             (
                 "hub-[a-z0-9]{1,6}",
@@ -669,7 +669,7 @@ mod tests {
     /// Flip one bit of one field (`field` and `bit` chosen by the test); strings keep
     /// their ASCII (bits 0..7 of a byte below 0x80). `false` when the change is not a
     /// valid receipt (a model name that no longer parses).
-    fn flip_receipt_bit(r: &mut Receipt, field: usize, at: usize, bit: u32) -> bool {
+    pub(super) fn flip_receipt_bit(r: &mut Receipt, field: usize, at: usize, bit: u32) -> bool {
         fn flip_str(s: &mut String, at: usize, bit: u32) {
             let mut b = std::mem::take(s).into_bytes();
             let i = at % b.len();
