@@ -120,15 +120,15 @@ async fn handle(
 }
 
 /// The receipts of a batch from the hub that are kept ([`receipt_acceptable`]), each
-/// other one leaving its leaf hash so that the batch's signature still checks; and how
-/// many receipts the batch had. A batch that comes with receipts already left out is
-/// kept whole or not at all: the hub sends whole batches, so one with gaps is refused.
-fn keep_receipts(sh: &Shared, b: ReceiptBatch) -> (usize, ReceiptBatch) {
-    let sent = b.size();
+/// other one leaving its leaf hash so that the batch's signature still checks (`None`
+/// when none is kept). The hub sends whole batches, so one that comes with receipts
+/// already left out is refused whole.
+fn keep_receipts(sh: &Shared, b: ReceiptBatch) -> Option<ReceiptBatch> {
     if !b.omitted.is_empty() {
-        return (sent, b.keep(|_| false));
+        return None;
     }
-    (sent, b.keep(|r| receipt_acceptable(sh, r)))
+    let kept = b.keep(|r| receipt_acceptable(sh, r));
+    (!kept.receipts.is_empty()).then_some(kept)
 }
 
 /// Whether a receipt from the hub is kept: it is for a request this agent served and has
@@ -173,10 +173,12 @@ async fn hub_events(req: Request<Incoming>, sh: &Shared) -> Response<AgentBody> 
             }
             Ok(HubEvent::Receipt(_)) => refused += 1,
             Ok(HubEvent::ReceiptBatch(b)) => {
-                let (sent, kept) = keep_receipts(sh, b);
-                refused += sent - kept.receipts.len();
-                if !kept.receipts.is_empty() {
-                    tracing::debug!(receipts = kept.receipts.len(), "receipt batch");
+                let sent = b.receipts.len();
+                let kept = keep_receipts(sh, b);
+                let n = kept.as_ref().map_or(0, |k| k.receipts.len());
+                refused += sent - n;
+                if let Some(kept) = kept {
+                    tracing::debug!(receipts = n, "receipt batch");
                     sh.journal.append_wait(Entry::ReceiptBatch(kept)).await;
                 }
             }

@@ -52,37 +52,41 @@ fn sign_receipts(
         .collect()
 }
 
-/// The events of one batch for an agent that takes receipt batches: its notices in
-/// their order, then its receipts as one [`HubEvent::ReceiptBatch`] signed by `whole`.
-/// A batch whose line would be longer than an agent reads ([`MAX_CONTROL_LINE_BYTES`])
-/// is sent as two halves, each signed alone (a receipt's fields are bounded, so a half
-/// of a batch of [`EVENTS_BATCH`] fits long before it comes to one receipt).
+/// The lines of one batch for an agent that takes receipt batches: its notices in their
+/// order, then its receipts as one [`HubEvent::ReceiptBatch`] signed by `whole`. A batch
+/// whose line would be longer than an agent reads ([`MAX_CONTROL_LINE_BYTES`]) is sent as
+/// two halves, each signed alone (a receipt's fields are bounded, so a half of a batch of
+/// [`EVENTS_BATCH`] fits long before it comes to one receipt).
 fn whole_receipts(
     whole: &impl Fn(Vec<Receipt>) -> Option<ReceiptBatch>,
     batch: impl Iterator<Item = Outgoing>,
-) -> Vec<HubEvent> {
+) -> Vec<Vec<u8>> {
     let (receipts, slots) = split(batch);
-    let mut events: Vec<HubEvent> = slots.into_iter().flatten().collect();
-    push_whole(whole, receipts, &mut events);
-    events
+    let mut lines: Vec<Vec<u8>> = slots.into_iter().flatten().map(|e| e.encode()).collect();
+    push_whole(whole, receipts, &mut lines);
+    lines
 }
 
 fn push_whole(
     whole: &impl Fn(Vec<Receipt>) -> Option<ReceiptBatch>,
-    mut receipts: Vec<Receipt>,
-    out: &mut Vec<HubEvent>,
+    receipts: Vec<Receipt>,
+    out: &mut Vec<Vec<u8>>,
 ) {
-    let Some(batch) = whole(receipts.clone()) else {
+    let n = receipts.len();
+    let Some(batch) = whole(receipts) else {
         return;
     };
     let ev = HubEvent::ReceiptBatch(batch);
-    if receipts.len() < 2 || ev.encode().len() <= MAX_CONTROL_LINE_BYTES {
-        out.push(ev);
-        return;
+    let line = ev.encode();
+    match ev {
+        HubEvent::ReceiptBatch(b) if n >= 2 && line.len() > MAX_CONTROL_LINE_BYTES => {
+            let mut first = b.receipts;
+            let second = first.split_off(n / 2);
+            push_whole(whole, first, out);
+            push_whole(whole, second, out);
+        }
+        _ => out.push(line),
     }
-    let second = receipts.split_off(receipts.len() / 2);
-    push_whole(whole, receipts, out);
-    push_whole(whole, second, out);
 }
 
 /// Add to `batch` what arrives for this agent within `linger` of the first event, up to
@@ -136,14 +140,16 @@ pub(super) async fn send_events(
             &done,
         )
         .await;
-        let events = if receipt_batches {
+        let lines = if receipt_batches {
             whole_receipts(&|rs| state.identity.sign_whole(rs), batch.drain(..))
         } else {
             sign_receipts(|rs| state.identity.sign_batch(rs), batch.drain(..))
+                .iter()
+                .map(HubEvent::encode)
+                .collect()
         };
         let mut body = Vec::new();
-        for ev in events {
-            let line = ev.encode();
+        for line in lines {
             if body.len() + line.len() > MAX_EVENTS_BODY_BYTES {
                 break;
             }
@@ -243,7 +249,11 @@ mod tests {
             Outgoing::Event(refused.clone()),
             Outgoing::Receipt(receipt("b")),
         ];
-        let out = whole_receipts(&whole, batch.into_iter());
+        let decode = |line: &[u8]| HubEvent::decode(&line[..line.len() - 1]).unwrap();
+        let out: Vec<HubEvent> = whole_receipts(&whole, batch.into_iter())
+            .iter()
+            .map(|l| decode(l))
+            .collect();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0], refused);
         let HubEvent::ReceiptBatch(b) = &out[1] else {
@@ -265,11 +275,9 @@ mod tests {
         let out = whole_receipts(&whole, batch.into_iter());
         assert!(out.len() > 1, "split");
         let mut ids = Vec::new();
-        for ev in &out {
-            let line = ev.encode();
+        for line in &out {
             assert!(line.len() <= MAX_CONTROL_LINE_BYTES, "{}", line.len());
-            let HubEvent::ReceiptBatch(b) = HubEvent::decode(&line[..line.len() - 1]).unwrap()
-            else {
+            let HubEvent::ReceiptBatch(b) = decode(line) else {
                 panic!("not a batch");
             };
             for r in b.expand().unwrap() {
