@@ -84,20 +84,39 @@ pub(crate) fn drain_after_done<B>(mut body: B, max_bytes: usize)
 where
     B: Body<Data = Bytes> + Unpin + Send + 'static,
 {
+    // Usually the end came with `[DONE]` or just after it: read what is here already,
+    // and only when the end is still on its way give the rest a task of its own.
+    let mut seen = 0usize;
+    loop {
+        use futures_util::FutureExt as _;
+        match body.frame().now_or_never() {
+            None => break,
+            Some(Some(Ok(frame))) => {
+                if !add_seen(&mut seen, &frame, max_bytes) {
+                    return;
+                }
+            }
+            Some(_) => return,
+        }
+    }
     tokio::spawn(async move {
         let read = async {
-            let mut seen = 0usize;
             while let Some(Ok(frame)) = body.frame().await {
-                if let Ok(d) = frame.into_data() {
-                    seen = seen.saturating_add(d.len());
-                    if seen > max_bytes {
-                        break;
-                    }
+                if !add_seen(&mut seen, &frame, max_bytes) {
+                    break;
                 }
             }
         };
         let _ = tokio::time::timeout(DRAIN_AFTER_DONE, read).await;
     });
+}
+
+/// Count a drained frame's bytes; false once past `max_bytes`.
+fn add_seen(seen: &mut usize, frame: &Frame<Bytes>, max_bytes: usize) -> bool {
+    if let Some(d) = frame.data_ref() {
+        *seen = seen.saturating_add(d.len());
+    }
+    *seen <= max_bytes
 }
 
 #[cfg(test)]
@@ -135,5 +154,73 @@ mod tests {
         drop(tx);
         assert!(body.frame().await.is_none());
         assert!(body.is_end_stream());
+    }
+
+    /// A body that records when it is dropped (a backend connection going back).
+    struct Watched<B>(B, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl<B: Body<Data = Bytes> + Unpin> Body for Watched<B> {
+        type Data = Bytes;
+        type Error = B::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+            Pin::new(&mut self.0).poll_frame(cx)
+        }
+    }
+
+    impl<B> Drop for Watched<B> {
+        fn drop(&mut self) {
+            self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// An end that has arrived is read at once, without a task; one still on its way is
+    /// read by a task, within the byte cap.
+    #[tokio::test]
+    async fn the_end_after_done_is_read_now_when_it_is_here() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dropped = Arc::new(AtomicBool::new(false));
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"\n")))];
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        drain_after_done(Watched(body, Arc::clone(&dropped)), 16);
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "read to its end before returning"
+        );
+
+        let dropped = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let body = StreamBody::new(crate::response::tests::tokio_stream_from(rx));
+        drain_after_done(Watched(body, Arc::clone(&dropped)), 16);
+        assert!(!dropped.load(Ordering::SeqCst), "still waiting for its end");
+        tx.send(Ok(Frame::data(Bytes::from_static(b"tail"))))
+            .await
+            .unwrap();
+        drop(tx);
+        for _ in 0..100 {
+            if dropped.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(dropped.load(Ordering::SeqCst), "the task read the end");
+
+        // Past the cap: dropped (the connection closes) without waiting for an end.
+        let dropped = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 17]))))
+            .await
+            .unwrap();
+        let body = StreamBody::new(crate::response::tests::tokio_stream_from(rx));
+        drain_after_done(Watched(body, Arc::clone(&dropped)), 16);
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "over the cap: dropped at once"
+        );
+        drop(tx);
     }
 }

@@ -142,7 +142,9 @@ where
         Ok(())
     }
 
-    async fn step(mut self) -> Option<(Result<Frame<Bytes>, BoxError>, Self)> {
+    /// The next frame for the hub. The relay is boxed so that each step moves a pointer
+    /// in and out of the stream's state, not the whole relay.
+    async fn step(mut self: Box<Self>) -> Option<(Result<Frame<Bytes>, BoxError>, Box<Self>)> {
         loop {
             if let Some(mut piece) = self.pass.take() {
                 let n = piece.len().min(self.bw.chunk());
@@ -219,7 +221,7 @@ where
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     O: Outcome,
 {
-    let relay = Relay {
+    let relay = Box::new(Relay {
         body: Some(body),
         done: false,
         done_closed: false,
@@ -232,6 +234,6 @@ where
         total: 0,
         finished: false,
         outcome,
-    };
+    });
     http_body_util::StreamBody::new(futures_util::stream::unfold(relay, Relay::step))
 }

@@ -40,6 +40,15 @@ impl Lines {
         }
     }
 
+    /// Hold `piece`, which the caller has already searched (it holds no newline), and
+    /// count it as searched.
+    pub(crate) fn push_searched(&mut self, piece: &[u8]) {
+        debug_assert!(self.buf.is_empty() && memchr::memchr(b'\n', piece).is_none());
+        self.scanned = self.scanned.saturating_add(piece.len() as u64);
+        self.buf.extend_from_slice(piece);
+        self.searched = self.buf.len();
+    }
+
     /// Bytes of the unfinished line held now.
     pub(crate) fn pending(&self) -> usize {
         self.buf.len()

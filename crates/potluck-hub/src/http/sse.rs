@@ -7,6 +7,12 @@
 
 use crate::http::lines::Lines;
 
+/// The value of a `data:` field line (without the one space that may follow the colon).
+fn data_field(line: &[u8]) -> Option<&[u8]> {
+    let rest = line.strip_prefix(b"data:")?;
+    Some(rest.strip_prefix(b" ").unwrap_or(rest))
+}
+
 /// Why the provider's stream was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum SseError {
@@ -37,34 +43,110 @@ impl SseParser {
 
     /// Feed bytes; returns the `data` of every event completed by them.
     pub(crate) fn push(&mut self, chunk: &[u8]) -> Result<Vec<Vec<u8>>, SseError> {
-        self.lines.push(chunk);
         let mut events = Vec::new();
-        while let Some(line) = self.lines.next_line() {
-            let mut line = &line[..];
-            if line.last() == Some(&b'\r') {
-                line = &line[..line.len() - 1];
+        self.push_each(chunk, |e| {
+            events.push(e.to_vec());
+            true
+        })?;
+        Ok(events)
+    }
+
+    /// Feed bytes; hand `each` the `data` of every event they complete, in order, until
+    /// it returns false. With no line part-way (the usual case: a provider's frame holds
+    /// whole events) the chunk is read in place, and an event of one `data:` line is
+    /// handed over without a copy.
+    pub(crate) fn push_each(
+        &mut self,
+        chunk: &[u8],
+        mut each: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), SseError> {
+        if self.lines.pending() > 0 {
+            self.lines.push(chunk);
+            while let Some(line) = self.lines.next_line() {
+                if self.line(&line)? && !self.emit(&mut each) {
+                    return Ok(());
+                }
             }
-            if line.is_empty() {
-                if self.has_data {
-                    events.push(std::mem::take(&mut self.data));
-                    self.has_data = false;
-                }
-            } else if let Some(rest) = line.strip_prefix(b"data:") {
-                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-                if self.has_data {
-                    self.data.push(b'\n');
-                }
-                self.data.extend_from_slice(rest);
-                self.has_data = true;
-                if self.data.len() > self.max {
-                    return Err(SseError::TooLong(self.max));
+        } else {
+            let mut pos = 0;
+            // The open event's only `data:` line so far, where it lies in `chunk`.
+            let mut single: Option<std::ops::Range<usize>> = None;
+            while let Some(i) = memchr::memchr(b'\n', &chunk[pos..]) {
+                let line = &chunk[pos..pos + i];
+                pos += i + 1;
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.is_empty() {
+                    if let Some(r) = single.take() {
+                        self.has_data = false;
+                        if !each(&chunk[r]) {
+                            return Ok(());
+                        }
+                    } else if self.end_event() && !self.emit(&mut each) {
+                        return Ok(());
+                    }
+                } else if let Some(rest) = data_field(line) {
+                    if self.has_data {
+                        if let Some(r) = single.take() {
+                            self.data.extend_from_slice(&chunk[r]);
+                        }
+                        self.append(rest)?;
+                    } else {
+                        let at = rest.as_ptr() as usize - chunk.as_ptr() as usize;
+                        if rest.len() > self.max {
+                            return Err(SseError::TooLong(self.max));
+                        }
+                        single = Some(at..at + rest.len());
+                        self.has_data = true;
+                    }
                 }
             }
+            if let Some(r) = single {
+                self.data.extend_from_slice(&chunk[r]);
+            }
+            self.lines.push_searched(&chunk[pos..]);
         }
         if self.lines.pending() > self.max {
             return Err(SseError::TooLong(self.max));
         }
-        Ok(events)
+        Ok(())
+    }
+
+    /// One whole line, held in the parser: whether it ended an event (its data is then
+    /// in `self.data`).
+    fn line(&mut self, line: &[u8]) -> Result<bool, SseError> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return Ok(self.end_event());
+        }
+        if let Some(rest) = data_field(line) {
+            self.append(rest)?;
+        }
+        Ok(false)
+    }
+
+    /// A blank line: whether it ends an event with data.
+    fn end_event(&mut self) -> bool {
+        std::mem::replace(&mut self.has_data, false)
+    }
+
+    /// Add a `data:` line's value to the open event.
+    fn append(&mut self, rest: &[u8]) -> Result<(), SseError> {
+        if self.has_data {
+            self.data.push(b'\n');
+        }
+        self.data.extend_from_slice(rest);
+        self.has_data = true;
+        if self.data.len() > self.max {
+            return Err(SseError::TooLong(self.max));
+        }
+        Ok(())
+    }
+
+    /// Hand the event held in `self.data` to `each`, keeping the buffer for the next.
+    fn emit(&mut self, each: &mut impl FnMut(&[u8]) -> bool) -> bool {
+        let go = each(&self.data);
+        self.data.clear();
+        go
     }
 
     /// Bytes searched for a line end so far (linear in the bytes pushed).
@@ -100,6 +182,42 @@ mod tests {
         assert_eq!(
             p.push(b"data: 123\ndata: 45678\n"),
             Err(SseError::TooLong(8))
+        );
+    }
+
+    #[test]
+    fn events_are_handed_over_in_order_until_the_caller_stops() {
+        let mut p = SseParser::new(1024);
+        let mut got = Vec::new();
+        p.push_each(b"data: a\n\ndata: b\ndata: c\n\ndata: d\n\ndata: e", |e| {
+            got.push(e.to_vec());
+            got.len() < 2
+        })
+        .unwrap();
+        assert_eq!(got, vec![b"a".to_vec(), b"b\nc".to_vec()]);
+        // Events before an oversized one are handed over; the oversized one is refused.
+        let mut p = SseParser::new(8);
+        let mut got = Vec::new();
+        let r = p.push_each(b"data: ok\n\ndata: 123456789\n\n", |e| {
+            got.push(e.to_vec());
+            true
+        });
+        assert_eq!((got, r), (vec![b"ok".to_vec()], Err(SseError::TooLong(8))));
+    }
+
+    /// An event left open at a chunk's end keeps its data, whether it was one line read
+    /// in place or several, and whatever ends it next.
+    #[test]
+    fn an_open_event_carries_over_to_the_next_chunk() {
+        let mut p = SseParser::new(1024);
+        assert!(p.push(b"data: one\n").unwrap().is_empty());
+        assert_eq!(p.push(b"\n").unwrap(), vec![b"one".to_vec()]);
+        assert!(p.push(b"data: a\ndata: b\n").unwrap().is_empty());
+        assert_eq!(p.push(b"data: c\n\n").unwrap(), vec![b"a\nb\nc".to_vec()]);
+        assert!(p.push(b"data: x\r\n").unwrap().is_empty());
+        assert_eq!(
+            p.push(b"\r\ndata: y\n\n").unwrap(),
+            vec![b"x".to_vec(), b"y".to_vec()]
         );
     }
 

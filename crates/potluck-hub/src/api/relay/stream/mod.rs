@@ -386,24 +386,26 @@ impl Relay {
 
     /// Parse bytes of the provider's stream and handle the events they complete.
     fn data(&mut self, data: &[u8]) {
-        match self.parser.push(data) {
-            Err(_) => self.fail(
-                "The provider sent an oversized stream event.",
-                "provider_error",
-            ),
-            Ok(events) if self.guard.is_some() => {
+        // The parser is taken out for the call, so that each event can be handled (which
+        // needs the relay) while the parser still holds it.
+        let mut parser = std::mem::replace(&mut self.parser, SseParser::new(0));
+        let guarded = self.guard.is_some();
+        let parsed = parser.push_each(data, |ev| {
+            if guarded {
                 // One event at a time, so that a full window is checked before anything
                 // after it is relayed.
-                self.pending.extend(events);
+                self.pending.push_back(ev.to_vec());
+                return true;
             }
-            Ok(events) => {
-                for ev in events {
-                    self.event(&ev);
-                    if self.end != End::Open {
-                        break;
-                    }
-                }
-            }
+            self.event(ev);
+            self.end == End::Open
+        });
+        self.parser = parser;
+        if parsed.is_err() && self.end == End::Open {
+            self.fail(
+                "The provider sent an oversized stream event.",
+                "provider_error",
+            );
         }
     }
 
@@ -453,7 +455,8 @@ pub(crate) fn relay_stream(
     answer: Answer,
 ) -> Response {
     let request_id = ctx.request_id.clone();
-    let relay = Relay::new(state, ctx, wants_usage, lease, answer);
+    // Boxed: each chunk moves a pointer in and out of the stream's state, not the relay.
+    let relay = Box::new(Relay::new(state, ctx, wants_usage, lease, answer));
     let stream = futures_util::stream::unfold(relay, |mut r| async move {
         let b = r.next().await?;
         Some((Ok::<_, std::convert::Infallible>(b), r))
