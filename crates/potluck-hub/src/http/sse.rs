@@ -72,7 +72,8 @@ impl SseParser {
             // The open event's only `data:` line so far, where it lies in `chunk`.
             let mut single: Option<std::ops::Range<usize>> = None;
             while let Some(i) = memchr::memchr(b'\n', &chunk[pos..]) {
-                let line = &chunk[pos..pos + i];
+                let start = pos;
+                let line = &chunk[start..start + i];
                 pos += i + 1;
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 if line.is_empty() {
@@ -91,7 +92,8 @@ impl SseParser {
                         }
                         self.append(rest)?;
                     } else {
-                        let at = rest.as_ptr() as usize - chunk.as_ptr() as usize;
+                        // `rest` ends the line that begins at `start`.
+                        let at = start + (line.len() - rest.len());
                         if rest.len() > self.max {
                             return Err(SseError::TooLong(self.max));
                         }
@@ -307,6 +309,31 @@ mod tests {
             }
             let want: Vec<Vec<u8>> = events.iter().map(|l| l.join("\n").into_bytes()).collect();
             assert_every_split(&wire, &want);
+        }
+
+        /// Any stream of SSE fragments, cut anywhere: the same events as fed whole (the
+        /// in-place path and the buffered one agree, whatever a provider sends).
+        #[test]
+        fn any_fragments_cut_anywhere_give_the_same_events(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "data:", "data: ", "\n", "\r\n", "\r", "x", "{\"a\":1}", ": c", "event: e", " ",
+                ]),
+                0..40,
+            ),
+            cuts in proptest::collection::vec(any::<usize>(), 0..6),
+        ) {
+            let wire: Vec<u8> = parts.concat().into_bytes();
+            let whole = parse_in_pieces([&wire[..]]);
+            let mut at: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+            at.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut prev = 0;
+            for c in at.into_iter().chain([wire.len()]) {
+                pieces.push(&wire[prev..c]);
+                prev = c;
+            }
+            prop_assert_eq!(parse_in_pieces(pieces), whole);
         }
 
         #[test]
