@@ -19,9 +19,9 @@ use crate::engine::Engine;
 use crate::ledger::{now_ms, Bucket, Entry, Micro, Settlement, TAX};
 use crate::store::{Store, StoreError, UsageRecord};
 
-/// Rows per multi-row statement: 64 usage rows bind 896 values, under SQLite's oldest
-/// limit of 999 bound values per statement.
-pub const ROWS_PER_STATEMENT: usize = 64;
+/// Rows per multi-row statement: 512 usage rows bind 7,168 values, under the bundled
+/// SQLite's limit of 32,766 bound values per statement and PostgreSQL's 65,535.
+pub const ROWS_PER_STATEMENT: usize = 512;
 
 /// The three entries of a usage settlement: the consumer pays cost and tax, the provider
 /// earns the cost (in escrow when it vests later), the hub's tax account gets the tax.
