@@ -77,6 +77,9 @@ where
 /// How long the backend may take to end its answer after `data: [DONE]`.
 pub const DRAIN_AFTER_DONE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Frames after `[DONE]` read at once, before the rest is left to a task.
+const MAX_READY_FRAMES: usize = 16;
+
 /// Read what a backend sends after `data: [DONE]` (normally only the end of its chunked
 /// body) and drop it, for at most [`DRAIN_AFTER_DONE`] and `max_bytes`: a connection
 /// read to its end goes back to the pool; one that is not is closed.
@@ -87,7 +90,7 @@ where
     // Usually the end came with `[DONE]` or just after it: read what is here already,
     // and only when the end is still on its way give the rest a task of its own.
     let mut seen = 0usize;
-    loop {
+    for _ in 0..MAX_READY_FRAMES {
         use futures_util::FutureExt as _;
         match body.frame().now_or_never() {
             None => break,
