@@ -67,50 +67,65 @@ impl SseParser {
                     return Ok(());
                 }
             }
-        } else {
-            let mut pos = 0;
-            // The open event's only `data:` line so far, where it lies in `chunk`.
-            let mut single: Option<std::ops::Range<usize>> = None;
-            while let Some(i) = memchr::memchr(b'\n', &chunk[pos..]) {
-                let start = pos;
-                let line = &chunk[start..start + i];
-                pos += i + 1;
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if line.is_empty() {
-                    if let Some(r) = single.take() {
-                        self.has_data = false;
-                        if !each(&chunk[r]) {
-                            return Ok(());
-                        }
-                    } else if self.end_event() && !self.emit(&mut each) {
-                        return Ok(());
-                    }
-                } else if let Some(rest) = data_field(line) {
-                    if self.has_data {
-                        if let Some(r) = single.take() {
-                            self.data.extend_from_slice(&chunk[r]);
-                        }
-                        self.append(rest)?;
-                    } else {
-                        // `rest` ends the line that begins at `start`.
-                        let at = start + (line.len() - rest.len());
-                        if rest.len() > self.max {
-                            return Err(SseError::TooLong(self.max));
-                        }
-                        single = Some(at..at + rest.len());
-                        self.has_data = true;
-                    }
-                }
-            }
-            if let Some(r) = single {
-                self.data.extend_from_slice(&chunk[r]);
-            }
-            self.lines.push_searched(&chunk[pos..]);
+        } else if !self.in_place(chunk, &mut each)? {
+            return Ok(());
         }
         if self.lines.pending() > self.max {
             return Err(SseError::TooLong(self.max));
         }
         Ok(())
+    }
+
+    /// Read `chunk` where it lies (no line part-way before it). A `data:` line that
+    /// opens an event is only noted by its place in `chunk`; if a blank line ends the
+    /// event next, the event is handed over from there, and anything else (another data
+    /// line, the chunk's end) copies it into `self.data` first, where [`Self::line`]
+    /// carries on as for a buffered line. Whether to go on.
+    fn in_place(
+        &mut self,
+        chunk: &[u8],
+        each: &mut impl FnMut(&[u8]) -> bool,
+    ) -> Result<bool, SseError> {
+        let mut pos = 0;
+        // The open event's only `data:` line so far, where its value lies in `chunk`.
+        let mut single: Option<std::ops::Range<usize>> = None;
+        while let Some(i) = memchr::memchr(b'\n', &chunk[pos..]) {
+            let start = pos;
+            let line = &chunk[start..start + i];
+            pos += i + 1;
+            let bare = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(r) = single.clone() {
+                if bare.is_empty() {
+                    single = None;
+                    self.has_data = false;
+                    if !each(&chunk[r]) {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+                if data_field(bare).is_some() {
+                    single = None;
+                    self.data.extend_from_slice(&chunk[r]);
+                }
+            } else if let Some(rest) = data_field(bare).filter(|_| !self.has_data) {
+                if rest.len() > self.max {
+                    return Err(SseError::TooLong(self.max));
+                }
+                // `rest` ends the line that begins at `start`.
+                let at = start + (bare.len() - rest.len());
+                single = Some(at..at + rest.len());
+                self.has_data = true;
+                continue;
+            }
+            if self.line(line)? && !self.emit(each) {
+                return Ok(false);
+            }
+        }
+        if let Some(r) = single {
+            self.data.extend_from_slice(&chunk[r]);
+        }
+        self.lines.push_searched(&chunk[pos..]);
+        Ok(true)
     }
 
     /// One whole line, held in the parser: whether it ended an event (its data is then
