@@ -1,13 +1,8 @@
-//! The volunteer's rules, from the config file, reloadable while the agent runs: which
-//! models to share and with what caps, when (schedule), how much (limits), when to step
-//! aside (busy), for whom (access), and what the machine draws (power).
-//!
-//! The file sections (`[[models]]`, `[schedule]`, `[limits]`, `[busy]`, `[access]`,
-//! `[power]`, `[journal]`) are the `*Section` types here; [`PolicyFile::into_policy`]
-//! validates them into a [`Policy`], naming the field on error.
+//! The config file's sections (`[[models]]`, `[schedule]`, `[limits]`, `[busy]`,
+//! `[access]`, `[power]`, `[journal]`) as read, and their validation into a [`Policy`]
+//! ([`PolicyFile::into_policy`]), naming the field on error.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use potluck_protocol::tunnel::{
@@ -17,49 +12,12 @@ use potluck_protocol::tunnel::{
 use potluck_protocol::{ModelCapabilities, ModelName};
 use serde::Deserialize;
 
+use super::{
+    BusyRule, ConfigError, JournalPolicy, Limits, ModelRule, Policy, DEFAULT_JOURNAL_MAX_BYTES,
+    DEFAULT_RECEIPT_SKEW, DEFAULT_RETENTION_DAYS, MIN_BANDWIDTH_BYTES_PER_SEC,
+    MIN_JOURNAL_MAX_BYTES,
+};
 use crate::schedule::Schedule;
-
-/// A bad configuration value; names the field and what was expected.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid `{field}`: {message}")]
-pub struct ConfigError {
-    /// The field.
-    pub field: &'static str,
-    /// What was expected.
-    pub message: String,
-}
-
-impl ConfigError {
-    /// Build one.
-    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            field,
-            message: message.into(),
-        }
-    }
-}
-
-/// Default [`Limits::max_request_bytes`].
-pub const DEFAULT_MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
-/// Default [`Limits::max_response_bytes`] (a non-streamed answer is held whole to be
-/// checked, so this also bounds memory per request).
-pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
-/// Default [`Limits::response_timeout`].
-pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(600);
-/// Default [`Limits::max_line_bytes`] (one SSE line).
-pub const DEFAULT_MAX_LINE_BYTES: usize = 1024 * 1024;
-/// Default [`JournalPolicy::retention_days`].
-pub const DEFAULT_RETENTION_DAYS: u32 = 90;
-/// Default [`JournalPolicy::max_bytes`]: the journal's files together (256 MiB).
-pub const DEFAULT_JOURNAL_MAX_BYTES: u64 = 256 * 1024 * 1024;
-/// Smallest [`JournalPolicy::max_bytes`] accepted (1 MiB).
-pub const MIN_JOURNAL_MAX_BYTES: u64 = 1024 * 1024;
-/// Default [`JournalPolicy::receipt_skew`].
-pub const DEFAULT_RECEIPT_SKEW: Duration = Duration::from_secs(3600);
-/// Smallest bandwidth cap accepted, bytes per second (below it nothing useful flows).
-pub const MIN_BANDWIDTH_BYTES_PER_SEC: u64 = 1024;
-
-/// `[[models]]`: one backend model to share.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
@@ -186,136 +144,6 @@ pub struct PolicyFile {
 }
 
 /// One model rule, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelRule {
-    /// The backend's name.
-    pub backend_name: String,
-    /// The public name.
-    pub public_name: ModelName,
-    /// Largest prompt + completion tokens.
-    pub max_context: Option<u32>,
-    /// Largest completion tokens.
-    pub max_tokens: Option<u32>,
-    /// Most requests at once.
-    pub max_concurrency: Option<u32>,
-    /// The model file.
-    pub file: Option<PathBuf>,
-    /// What the volunteer says the model can do, over what discovery finds.
-    pub capabilities: ModelCapabilities,
-}
-
-/// Validated `[limits]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    /// Most requests at once (None: the agent's `max_concurrency`).
-    pub max_concurrency: Option<u32>,
-    /// Response bytes per second toward the hub.
-    pub bandwidth_bytes_per_sec: Option<u64>,
-    /// Largest request body.
-    pub max_request_bytes: usize,
-    /// Largest response body.
-    pub max_response_bytes: usize,
-    /// Longest response.
-    pub response_timeout: Duration,
-    /// Longest SSE line.
-    pub max_line_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_concurrency: None,
-            bandwidth_bytes_per_sec: None,
-            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
-            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
-            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
-        }
-    }
-}
-
-/// Validated `[busy]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BusyRule {
-    /// Percent of the machine used by others that counts as busy.
-    pub threshold_percent: f64,
-    /// How long over (or under) before switching.
-    pub hold: Duration,
-    /// Backend pid.
-    pub backend_pid: Option<u32>,
-    /// Backend process name.
-    pub backend_process: Option<String>,
-    /// Watch the GPU too.
-    pub gpu: bool,
-}
-
-/// Validated `[journal]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JournalPolicy {
-    /// Days kept.
-    pub retention_days: u32,
-    /// Most bytes of journal files.
-    pub max_bytes: u64,
-    /// Largest distance between a receipt's time and the agent's clock.
-    pub receipt_skew: Duration,
-}
-
-impl Default for JournalPolicy {
-    fn default() -> Self {
-        Self {
-            retention_days: DEFAULT_RETENTION_DAYS,
-            max_bytes: DEFAULT_JOURNAL_MAX_BYTES,
-            receipt_skew: DEFAULT_RECEIPT_SKEW,
-        }
-    }
-}
-
-/// The volunteer's rules, validated.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Policy {
-    /// Models to share; empty means every model the backends list.
-    pub models: Vec<ModelRule>,
-    /// Sharing windows; `None` means always.
-    pub schedule: Option<Schedule>,
-    /// Caps.
-    pub limits: Limits,
-    /// Pause while busy.
-    pub busy: Option<BusyRule>,
-    /// Device, configured watts, groups and moderation (watts may be replaced by a
-    /// measurement).
-    pub profile: ProviderProfile,
-    /// Journal retention.
-    pub journal: JournalPolicy,
-}
-
-impl Policy {
-    /// The rule for a backend model name, if rules are given.
-    pub fn rule_for_backend(&self, backend_name: &str) -> Option<&ModelRule> {
-        self.models.iter().find(|m| m.backend_name == backend_name)
-    }
-}
-
-/// Parses the config file's text into a policy (supplied by the binary, which owns the
-/// file format and the flag overrides).
-pub type PolicyParser = Arc<dyn Fn(&str) -> Result<Policy, String> + Send + Sync>;
-
-/// Where the policy comes from, for live reload.
-#[derive(Clone)]
-pub struct PolicySource {
-    /// The config file.
-    pub path: PathBuf,
-    /// Its parser.
-    pub parse: PolicyParser,
-}
-
-impl std::fmt::Debug for PolicySource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicySource")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
-    }
-}
-
 fn concurrency(field: &'static str, n: u32) -> Result<u32, ConfigError> {
     if n == 0 || n > MAX_ANNOUNCED_CONCURRENCY {
         Err(ConfigError::new(
@@ -601,95 +429,5 @@ impl JournalSection {
             max_bytes,
             receipt_skew,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    #[allow(clippy::field_reassign_with_default)]
-    fn sections_validate_and_name_the_field() {
-        let ok = PolicyFile {
-            models: vec![ModelSection {
-                backend_name: "llama-3".into(),
-                public_name: Some("llama3:8b".into()),
-                max_context: Some(4096),
-                max_tokens: Some(512),
-                max_concurrency: Some(2),
-                file: None,
-                tools: Some(true),
-                vision: None,
-                embeddings: Some(false),
-            }],
-            schedule: Some(ScheduleSection {
-                timezone: Some("Europe/Berlin".into()),
-                windows: vec!["mon-fri 22:00-07:00".into()],
-            }),
-            ..Default::default()
-        }
-        .into_policy()
-        .unwrap();
-        assert_eq!(ok.models[0].public_name.as_str(), "llama3:8b");
-        let caps = ok.models[0].capabilities;
-        assert_eq!(
-            (caps.tools, caps.vision, caps.embeddings),
-            (Some(true), None, Some(false))
-        );
-        assert!(ok.schedule.is_some());
-        assert_eq!(ok.limits, Limits::default());
-
-        let bad = |f: PolicyFile| f.into_policy().unwrap_err().field;
-        let mut f = PolicyFile::default();
-        f.power = Some(PowerSection {
-            device: None,
-            watts: Some(-3.0),
-        });
-        assert_eq!(bad(f), "power.watts");
-        let mut f = PolicyFile::default();
-        f.schedule = Some(ScheduleSection {
-            timezone: None,
-            windows: vec!["someday".into()],
-        });
-        assert_eq!(bad(f), "schedule");
-        let mut f = PolicyFile::default();
-        f.limits = Some(LimitsSection {
-            bandwidth_bytes_per_sec: Some(10),
-            ..Default::default()
-        });
-        assert_eq!(bad(f), "limits.bandwidth_bytes_per_sec");
-        let mut f = PolicyFile::default();
-        f.access = Some(AccessSection {
-            groups: vec![String::new()],
-            moderation: None,
-        });
-        assert_eq!(bad(f), "access.groups");
-        let mut f = PolicyFile::default();
-        f.busy = Some(BusySection {
-            threshold_percent: 150.0,
-            for_seconds: 1.0,
-            backend_pid: None,
-            backend_process: None,
-            gpu: None,
-        });
-        assert_eq!(bad(f), "busy.threshold_percent");
-        let twice = ModelSection {
-            backend_name: "a".into(),
-            public_name: None,
-            max_context: None,
-            max_tokens: None,
-            max_concurrency: None,
-            file: None,
-            tools: None,
-            vision: None,
-            embeddings: None,
-        };
-        let f = PolicyFile {
-            models: vec![twice.clone(), twice],
-            ..Default::default()
-        };
-        assert_eq!(bad(f), "models");
     }
 }
