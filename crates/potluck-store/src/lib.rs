@@ -12,6 +12,7 @@
 pub mod accounts;
 pub mod analytics;
 pub mod changes;
+mod credentials;
 mod engine;
 mod finished;
 mod identity;
