@@ -20,6 +20,7 @@ pub mod leases;
 pub mod ledger;
 mod migrations;
 pub mod presence;
+pub mod reports;
 pub mod secret;
 mod store;
 pub mod testing;

@@ -11,7 +11,7 @@ use potluck_protocol::admin::{
     FileReport, List, OwnReport, ReportFiled, ReportResolved, ReportView, ResolveReport,
     MAX_REASON_CHARS, MAX_REPORT_REASON_CHARS,
 };
-use potluck_store::accounts::ReportRow;
+use potluck_store::reports::ReportRow;
 use potluck_store::{KeyAuth, Target};
 
 use crate::accounts::sanctions::{sanction, SanctionAction};

@@ -2,8 +2,9 @@
 //! `potluck_protocol::admin`, which the CLI reads, so hub and CLI share one definition.
 
 use potluck_protocol::admin as wire;
-use potluck_store::accounts::{AccountInfo, AuditRow, InviteInfo, OwnKey, ReportRow, RequestMeta};
+use potluck_store::accounts::{AccountInfo, AuditRow, InviteInfo, OwnKey};
 use potluck_store::ledger::{Balance, HistoryLine, CREDIT};
+use potluck_store::reports::{ReportRow, RequestMeta};
 use potluck_store::{ProviderRecord, UsageRow};
 
 use crate::accounts::NO_CONTENT_NOTE;
