@@ -19,13 +19,25 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The HTTP client the agent uses toward its backends (HTTP/1.1, `TCP_NODELAY`).
 pub type BackendClient = Client<HttpConnector, Full<Bytes>>;
 
-/// A client for local backends.
+/// A client for local backends, keeping up to [`POOL_IDLE_PER_HOST`] idle connections.
 pub fn client() -> BackendClient {
+    with_idle(POOL_IDLE_PER_HOST)
+}
+
+/// A client that keeps no connection: each request opens its own. For the retry of a
+/// request whose pooled connection the backend had closed (llama.cpp closes one after
+/// each streamed answer despite `Keep-Alive`): the pool may hold more such connections,
+/// and a retry through it could meet the next one.
+pub fn fresh_client() -> BackendClient {
+    with_idle(0)
+}
+
+fn with_idle(idle_per_host: usize) -> BackendClient {
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
     conn.set_connect_timeout(Some(CONNECT_TIMEOUT));
     Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
+        .pool_max_idle_per_host(idle_per_host)
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .build(conn)
 }

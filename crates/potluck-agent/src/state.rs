@@ -70,6 +70,8 @@ pub struct Shared {
     pub config: AgentConfig,
     /// Client toward the backends.
     pub client: BackendClient,
+    /// Client toward the backends over a new connection each time (retries).
+    pub fresh_client: BackendClient,
     policy: Mutex<Arc<Policy>>,
     /// Wakes tasks that read the policy (schedule).
     pub policy_changed: Notify,
@@ -128,6 +130,7 @@ impl Shared {
         let hashes = Arc::new(HashCache::load(config.state_dir.as_deref()));
         Self {
             client: backend::client(),
+            fresh_client: backend::fresh_client(),
             journal_limits,
             awaiting_receipts: Mutex::new(AwaitingReceipts::default()),
             event_batches: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_BATCHES)),

@@ -27,7 +27,8 @@ use crate::response::{self, Outcome, Usage};
 use crate::slots::SlotGuard;
 use crate::state::{Route, Shared};
 
-/// Retries of a backend request that failed before any response header.
+/// Retries of a backend request that failed before any response header, each over a new
+/// connection.
 pub const BACKEND_RETRIES: u32 = 1;
 /// How long a request waits for a concurrency slot before the agent answers "busy" (the
 /// slots are shared by every hub the agent serves, so another hub may hold them).
@@ -273,7 +274,8 @@ async fn read(
 }
 
 /// Send the body to the route's backend, waiting for the response header until the
-/// header deadline; one retry on a connection that failed before any answer.
+/// header deadline; one retry, over a new connection, of a request that failed before any
+/// answer.
 async fn send_with_retry(
     sh: &Shared,
     endpoint: InferenceEndpoint,
@@ -306,7 +308,14 @@ async fn send_with_retry(
                 "could not build the backend request",
             ));
         };
-        match tokio::time::timeout_at(header_deadline, sh.client.request(breq)).await {
+        // A retry never goes through the pool: it may hold more connections the backend
+        // has closed.
+        let client = if attempt == 0 {
+            &sh.client
+        } else {
+            &sh.fresh_client
+        };
+        match tokio::time::timeout_at(header_deadline, client.request(breq)).await {
             Err(_) => {
                 sh.record_error(format!(
                     "request {} ({}): backend timed out",
@@ -327,7 +336,7 @@ async fn send_with_retry(
                 return Ok(r);
             }
             // A pooled connection the backend had already closed (llama.cpp closes after
-            // each streamed answer despite `Keep-Alive`): one retry on a fresh connection.
+            // each streamed answer despite `Keep-Alive`): one retry on a new connection.
             Ok(Err(e)) if attempt < BACKEND_RETRIES => {
                 tracing::debug!(backend = idx, error = %e, "backend connection failed; retrying once");
                 attempt += 1;

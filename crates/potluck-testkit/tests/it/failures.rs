@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use potluck_testkit::personas::Answer;
@@ -258,4 +260,120 @@ async fn unknown_fields_reach_the_backend_unchanged_and_consumer_tags_do_not() {
         !got.contains("alice-tag") && !got.contains("alice-cache-key"),
         "{got}"
     );
+}
+
+/// A backend that, like llama.cpp after a streamed answer, drops a kept-alive connection
+/// that the agent's pool still holds: each connection answers one inference request
+/// (and any number of discovery requests) with `keep-alive`, then reads the next
+/// inference request on it and closes without answering. Counts what it did.
+struct ClosingBackend {
+    url: String,
+    answered: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl ClosingBackend {
+    const ANSWER: &'static str = r#"{"object":"list","data":[{"id":"m1","object":"model","owned_by":"test"}],"id":"c1","created":1,"model":"m1","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let answered = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let (a, d) = (answered.clone(), dropped.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(Self::serve(tcp, a.clone(), d.clone()));
+            }
+        });
+        Self {
+            url,
+            answered,
+            dropped,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+
+    async fn serve(
+        mut tcp: tokio::net::TcpStream,
+        answered: Arc<AtomicUsize>,
+        dropped: Arc<AtomicUsize>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = Vec::new();
+        let mut posts = 0;
+        loop {
+            // One request: its head, then its body by Content-Length.
+            let head_end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < head_end + len {
+                let mut chunk = [0u8; 4096];
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..head_end + len);
+            if head.starts_with("post") {
+                posts += 1;
+                if posts > 1 {
+                    dropped.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                answered.fetch_add(1, Ordering::SeqCst);
+                // Slow enough that requests at once each need a connection of their own.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: keep-alive\r\n\r\n{}",
+                Self::ANSWER.len(),
+                Self::ANSWER
+            );
+            if tcp.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_drops_pooled_connections_costs_the_consumer_nothing() {
+    let hub = TestHub::start_with(|c| c.limits.rpm = None).await;
+    let backend = ClosingBackend::start().await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.url);
+    hub.wait_for_model(MODEL, 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+
+    // Several answers at once: the agent's pool keeps several connections, each of which
+    // the backend will drop when it is used again.
+    let first = futures_util::future::join_all((0..4).map(|_| alice.chat(MODEL, "hi"))).await;
+    assert!(first.iter().all(|a| a.status == 200), "{first:?}");
+    // Every later request first meets a dropped connection; the retry must not meet
+    // another one.
+    for i in 0..6 {
+        let a = alice.chat(MODEL, "hi").await;
+        assert_eq!(a.status, 200, "request {i}: {}", a.text);
+    }
+    assert!(
+        backend.dropped.load(Ordering::SeqCst) >= 1,
+        "the backend dropped no pooled connection: the test did not test"
+    );
+    assert_eq!(backend.answered.load(Ordering::SeqCst), 10);
 }
