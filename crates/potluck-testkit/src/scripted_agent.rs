@@ -96,13 +96,19 @@ impl RawAnswer {
     /// The real agent's own refusal of a model it does not serve (404 marked as the
     /// agent's, in the agent's error shape).
     pub fn agent_not_served_here() -> Self {
-        let body = json!({"error": {"message": "model not served here", "type": "server_error",
+        Self::agent_error(404, "model not served here")
+    }
+
+    /// The real agent's own error answer: `status`, marked as the agent's, in the agent's
+    /// error shape (for example 502 "backend unreachable").
+    pub fn agent_error(status: u16, message: &str) -> Self {
+        let body = json!({"error": {"message": message, "type": "server_error",
             "param": null, "code": "agent_error"}});
         let Self::Bytes {
             status,
             mut headers,
             frames,
-        } = Self::json(404, &body)
+        } = Self::json(status, &body)
         else {
             unreachable!("json() gives bytes")
         };

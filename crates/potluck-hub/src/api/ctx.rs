@@ -1,7 +1,7 @@
 //! One routed request's context, and the two ways a request ends: refused before routing
 //! (`reject`), or finished after a provider was chosen (`Ctx::finish`).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,9 @@ pub(crate) struct Ctx {
     pub(crate) hold: Option<Hold>,
     /// Its place in the usage queue, used by `finish`.
     pub(crate) usage_slot: parking_lot::Mutex<Option<UsagePlace>>,
+    /// Whether the last provider asked answered with the agent's own error (marked
+    /// `x-potluck-agent-error`): its backend served nothing, so it gets no receipt.
+    pub(crate) agent_failed: AtomicBool,
     /// The consumer's text, kept when the output may need a guard check.
     pub(crate) guard_input: Option<Arc<str>>,
     /// The key's concurrent-request slot, held until the request ends.
@@ -185,6 +188,10 @@ impl Ctx {
     }
 
     fn send_receipt(&self, state: &HubState, link: &ProviderLink, ended: &Ended, cost: Micro) {
+        if self.agent_failed.load(Ordering::Relaxed) {
+            // The agent refuses a receipt for what it did not serve (and warns).
+            return;
+        }
         let parts = ReceiptParts {
             hub_id: state.identity.hub_id().to_owned(),
             consumer: state

@@ -15,6 +15,7 @@
 //! after `routing.busy_retry_delay`, at most `routing.busy_retries` times, then ends as
 //! 503 `no_capacity` (not billed, not counted against the provider).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -281,6 +282,8 @@ async fn send_once(
     .map_err(|_| Failure::Final(ApiError::Internal))?;
     let sender = &link.sender;
     let stream = parsed.stream;
+    let agent_failed = &ctx.agent_failed;
+    agent_failed.store(false, Ordering::Relaxed);
     let attempt = async move {
         let resp = sender.send(req).await.map_err(|e| {
             tracing::warn!(error = %e, "provider failed before answering");
@@ -291,6 +294,7 @@ async fn send_once(
                 Failure::Provider(failed)
             }
         })?;
+        agent_failed.store(answered_by_agent(&resp), Ordering::Relaxed);
         let mut resp = judge_status(resp)?;
         let first = if stream {
             Some(first_bytes(resp.body_mut()).await?)
@@ -325,7 +329,7 @@ fn judge_status(resp: http::Response<TunnelBody>) -> Result<http::Response<Tunne
     if status.is_success() {
         return Ok(resp);
     }
-    let agent = resp.headers().contains_key(HEADER_AGENT_ERROR);
+    let agent = answered_by_agent(&resp);
     if agent
         && status == StatusCode::SERVICE_UNAVAILABLE
         && resp.headers().contains_key(HEADER_AGENT_BUSY)
@@ -345,6 +349,12 @@ fn judge_status(resp: http::Response<TunnelBody>) -> Result<http::Response<Tunne
             "the provider's backend returned an error",
         ))),
     }
+}
+
+/// Whether an answer is the agent's own error (not its backend's): the request was not
+/// served there.
+fn answered_by_agent(resp: &http::Response<TunnelBody>) -> bool {
+    !resp.status().is_success() && resp.headers().contains_key(HEADER_AGENT_ERROR)
 }
 
 /// Read a streamed answer up to its first bytes of data.

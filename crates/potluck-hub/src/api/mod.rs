@@ -24,6 +24,7 @@ mod money_props;
 pub(crate) mod relay;
 pub(crate) mod screen;
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -192,6 +193,7 @@ async fn serve(
         bounds: ctx_parts.bounds,
         hold: ctx_parts.hold,
         usage_slot: parking_lot::Mutex::new(Some(ctx_parts.usage_slot)),
+        agent_failed: AtomicBool::new(false),
         guard_input: ctx_parts.guard_input,
         _in_flight: in_flight,
     };

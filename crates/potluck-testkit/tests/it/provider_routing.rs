@@ -15,7 +15,7 @@ use potluck_protocol::tunnel::{
     AgentEvent, DeviceClass, HubEvent, ModelHash, ModelOffer, ProviderProfile, PROTOCOL_VERSION,
 };
 use potluck_protocol::ModelName;
-use potluck_testkit::scripted_agent::hello;
+use potluck_testkit::scripted_agent::{hello, RawAnswer};
 use potluck_testkit::{wait_until, Admin, Consumer, ScriptedAgent, TestHub};
 use serde_json::{json, Value};
 
@@ -645,4 +645,51 @@ async fn friends_only_trusted_only_and_per_key_defaults() {
             "public-gpu"
         );
     }
+}
+
+/// An agent that answered a request with its own error (its backend unreachable, say)
+/// served nothing: the hub sends it no receipt for that request (the real agent refuses
+/// one and warns the volunteer), and still sends one for a request it served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_receipt_for_a_request_the_agent_failed_itself() {
+    let hub = TestHub::start().await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let token = hub.create_provider("p").await;
+    let agent = ScriptedAgent::connect(
+        "p",
+        &hub.url(),
+        &token,
+        hello(&["one"], 8, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("one", 1).await;
+
+    agent.set_raw(Some(RawAnswer::agent_error(502, "backend unreachable")));
+    let failed = alice.chat("one", "hi").await;
+    assert_eq!(failed.status, 502, "{}", failed.text);
+    let failed_id = agent.requests()[0].headers["x-potluck-request-id"].clone();
+
+    agent.set_raw(None);
+    let served = alice.chat("one", "hi").await;
+    assert_eq!(served.status, 200, "{}", served.text);
+    let served_id = agent.requests()[1].headers["x-potluck-request-id"].clone();
+    let receipts = || {
+        agent
+            .hub_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                HubEvent::Receipt(s) => Some(s.receipt.request_id.to_string()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    wait_until("the served request's receipt", WAIT, || async {
+        receipts().contains(&served_id.to_str().unwrap().to_owned())
+    })
+    .await;
+    assert!(
+        !receipts().contains(&failed_id.to_str().unwrap().to_owned()),
+        "a receipt for a request the agent failed itself: {:?}",
+        receipts()
+    );
 }
