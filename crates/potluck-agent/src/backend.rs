@@ -24,10 +24,10 @@ pub fn client() -> BackendClient {
     with_idle(POOL_IDLE_PER_HOST)
 }
 
-/// A client that keeps no connection: each request opens its own. For the retry of a
-/// request whose pooled connection the backend had closed (llama.cpp closes one after
-/// each streamed answer despite `Keep-Alive`): the pool may hold more such connections,
-/// and a retry through it could meet the next one.
+/// A client that keeps no connection: each request opens its own. For discovery and for
+/// the retry of a request whose pooled connection the backend had closed (llama.cpp
+/// closes one after each streamed answer despite `Keep-Alive`): the pool may hold more
+/// such connections, and a retry or a discovery request through it could meet one.
 pub fn fresh_client() -> BackendClient {
     with_idle(0)
 }

@@ -229,15 +229,20 @@ async fn identify(
 /// not say how many it has counts as `max_concurrency`), capped by the total limit.
 pub async fn refresh(shared: &Shared) {
     let policy = shared.policy();
+    // A connection of its own for each discovery request: the pool may hold connections
+    // the backend has closed (llama.cpp closes one after each streamed answer), and a
+    // discovery request that met one would take the backend for down and withdraw its
+    // models until the next round.
+    let client = &shared.fresh_client;
     let mut routes: Vec<Route> = Vec::new();
     let mut capacity: u32 = 0;
     for (i, b) in shared.config.backends.iter().enumerate() {
-        let models = discover(&shared.client, b).await;
+        let models = discover(client, b).await;
         if models.is_empty() {
             tracing::warn!(backend = %b.base, "backend offers no models (down or empty)");
             continue;
         }
-        let props = get_json(&shared.client, b, b.root_url("/props")).await;
+        let props = get_json(client, b, b.root_url("/props")).await;
         capacity = capacity
             .saturating_add(slots(b, props.as_ref()).unwrap_or(shared.config.max_concurrency));
         // llama.cpp's /props describes the one model it serves.
@@ -259,7 +264,7 @@ pub async fn refresh(shared: &Shared) {
             }
             let show = match model_props {
                 Some(_) => None,
-                None => ollama_show(&shared.client, b, name.as_str()).await,
+                None => ollama_show(client, b, name.as_str()).await,
             };
             let found = model_props
                 .map(caps_from_props)

@@ -70,7 +70,7 @@ pub struct Shared {
     pub config: AgentConfig,
     /// Client toward the backends.
     pub client: BackendClient,
-    /// Client toward the backends over a new connection each time (retries).
+    /// Client toward the backends over a new connection each time (retries, discovery).
     pub fresh_client: BackendClient,
     policy: Mutex<Arc<Policy>>,
     /// Wakes tasks that read the policy (schedule).

@@ -263,13 +263,14 @@ async fn unknown_fields_reach_the_backend_unchanged_and_consumer_tags_do_not() {
 }
 
 /// A backend that, like llama.cpp after a streamed answer, drops a kept-alive connection
-/// that the agent's pool still holds: each connection answers one inference request
-/// (and any number of discovery requests) with `keep-alive`, then reads the next
-/// inference request on it and closes without answering. Counts what it did.
+/// that the agent's pool still holds: a connection answers discovery requests and one
+/// inference request with `keep-alive`, then reads the next request on it, whatever it
+/// is, and closes without answering. Counts what it did.
 struct ClosingBackend {
     url: String,
     answered: Arc<AtomicUsize>,
     dropped: Arc<AtomicUsize>,
+    dropped_discovery: Arc<AtomicUsize>,
     _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
@@ -281,31 +282,30 @@ impl ClosingBackend {
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
         let answered = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicUsize::new(0));
-        let (a, d) = (answered.clone(), dropped.clone());
+        let dropped_discovery = Arc::new(AtomicUsize::new(0));
+        let counters = [answered.clone(), dropped.clone(), dropped_discovery.clone()];
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                tokio::spawn(Self::serve(tcp, a.clone(), d.clone()));
+                tokio::spawn(Self::serve(tcp, counters.clone()));
             }
         });
         Self {
             url,
             answered,
             dropped,
+            dropped_discovery,
             _task: tokio_util::task::AbortOnDropHandle::new(task),
         }
     }
 
-    async fn serve(
-        mut tcp: tokio::net::TcpStream,
-        answered: Arc<AtomicUsize>,
-        dropped: Arc<AtomicUsize>,
-    ) {
+    async fn serve(mut tcp: tokio::net::TcpStream, counters: [Arc<AtomicUsize>; 3]) {
+        let [answered, dropped, dropped_discovery] = counters;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf = Vec::new();
-        let mut posts = 0;
+        let mut served_inference = false;
         loop {
             // One request: its head, then its body by Content-Length.
             let head_end = loop {
@@ -331,12 +331,18 @@ impl ClosingBackend {
                 }
             }
             buf.drain(..head_end + len);
-            if head.starts_with("post") {
-                posts += 1;
-                if posts > 1 {
-                    dropped.fetch_add(1, Ordering::SeqCst);
-                    return;
-                }
+            let inference = head.starts_with("post");
+            if served_inference {
+                let which = if inference {
+                    &dropped
+                } else {
+                    &dropped_discovery
+                };
+                which.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            if inference {
+                served_inference = true;
                 answered.fetch_add(1, Ordering::SeqCst);
                 // Slow enough that requests at once each need a connection of their own.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -376,4 +382,31 @@ async fn a_backend_that_drops_pooled_connections_costs_the_consumer_nothing() {
         "the backend dropped no pooled connection: the test did not test"
     );
     assert_eq!(backend.answered.load(Ordering::SeqCst), 10);
+}
+
+/// Discovery after inference: what llama.cpp has closed in the pool must not make the
+/// agent think its backend is down (it would withdraw its models until the next round).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_meets_no_connection_the_backend_has_closed() {
+    let hub = TestHub::start_with(|c| c.limits.rpm = None).await;
+    let backend = ClosingBackend::start().await;
+    let token = hub.create_provider("p").await;
+    let mut config = TestAgent::config(&hub.url(), &token, std::slice::from_ref(&backend.url));
+    config.discovery_interval = Duration::from_millis(50);
+    let _agent = TestAgent::start_with(config);
+    hub.wait_for_model(MODEL, 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+
+    // Four connections in the pool, each of which the backend drops when it is used again.
+    let first = futures_util::future::join_all((0..4).map(|_| alice.chat(MODEL, "hi"))).await;
+    assert!(first.iter().all(|a| a.status == 200), "{first:?}");
+    // Several discovery rounds.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        backend.dropped_discovery.load(Ordering::SeqCst),
+        0,
+        "a discovery request went over a pooled connection the backend had closed"
+    );
+    let a = alice.chat(MODEL, "hi").await;
+    assert_eq!(a.status, 200, "{}", a.text);
 }
