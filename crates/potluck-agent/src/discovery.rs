@@ -300,16 +300,28 @@ pub async fn refresh(shared: &Shared) {
     shared.set_routes(routes, capacity);
 }
 
-/// Discovery task: at start, every interval, and when a failure or a reload asks for it.
+/// Least time between the end of one discovery round and the start of the next one asked
+/// for by a failure or a reload: a backend that fails every request would otherwise be
+/// asked for its models once per failed request.
+pub const MIN_REDISCOVERY_GAP: Duration = Duration::from_secs(1);
+
+/// Discovery task: at start, every interval, and when a failure or a reload asks for it
+/// (at most once per [`MIN_REDISCOVERY_GAP`]).
 pub async fn discovery_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = refresh(&shared) => {}
             _ = shutdown.cancelled() => return,
         }
+        let earliest = tokio::time::Instant::now() + MIN_REDISCOVERY_GAP;
         tokio::select! {
             _ = tokio::time::sleep(shared.config.discovery_interval) => {}
-            _ = shared.rediscover.notified() => {}
+            _ = shared.rediscover.notified() => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(earliest) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
             _ = shutdown.cancelled() => return,
         }
     }

@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -262,15 +262,28 @@ async fn unknown_fields_reach_the_backend_unchanged_and_consumer_tags_do_not() {
     );
 }
 
+/// What a [`ClosingBackend`] did, and how it behaves.
+#[derive(Default)]
+struct Counts {
+    /// Inference requests answered.
+    answered: AtomicUsize,
+    /// Inference requests dropped (the connection closed without an answer).
+    dropped: AtomicUsize,
+    /// Discovery requests dropped.
+    dropped_discovery: AtomicUsize,
+    /// Discovery requests received.
+    discovery: AtomicUsize,
+    /// Drop every inference request, not only those on a used connection.
+    drop_every_inference: AtomicBool,
+}
+
 /// A backend that, like llama.cpp after a streamed answer, drops a kept-alive connection
 /// that the agent's pool still holds: a connection answers discovery requests and one
 /// inference request with `keep-alive`, then reads the next request on it, whatever it
-/// is, and closes without answering. Counts what it did.
+/// is, and closes without answering.
 struct ClosingBackend {
     url: String,
-    answered: Arc<AtomicUsize>,
-    dropped: Arc<AtomicUsize>,
-    dropped_discovery: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
     _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
@@ -280,70 +293,46 @@ impl ClosingBackend {
     async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
-        let answered = Arc::new(AtomicUsize::new(0));
-        let dropped = Arc::new(AtomicUsize::new(0));
-        let dropped_discovery = Arc::new(AtomicUsize::new(0));
-        let counters = [answered.clone(), dropped.clone(), dropped_discovery.clone()];
+        let counts = Arc::new(Counts::default());
+        let c = counts.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                tokio::spawn(Self::serve(tcp, counters.clone()));
+                tokio::spawn(Self::serve(tcp, c.clone()));
             }
         });
         Self {
             url,
-            answered,
-            dropped,
-            dropped_discovery,
+            counts,
             _task: tokio_util::task::AbortOnDropHandle::new(task),
         }
     }
 
-    async fn serve(mut tcp: tokio::net::TcpStream, counters: [Arc<AtomicUsize>; 3]) {
-        let [answered, dropped, dropped_discovery] = counters;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn serve(mut tcp: tokio::net::TcpStream, counts: Arc<Counts>) {
+        use tokio::io::AsyncWriteExt;
         let mut buf = Vec::new();
         let mut served_inference = false;
-        loop {
-            // One request: its head, then its body by Content-Length.
-            let head_end = loop {
-                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break i + 4;
-                }
-                let mut chunk = [0u8; 4096];
-                match tcp.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            };
-            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            while buf.len() < head_end + len {
-                let mut chunk = [0u8; 4096];
-                match tcp.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            buf.drain(..head_end + len);
+        while let Some(head) = Self::read_request(&mut tcp, &mut buf).await {
             let inference = head.starts_with("post");
-            if served_inference {
+            if !inference {
+                counts.discovery.fetch_add(1, Ordering::SeqCst);
+            }
+            let drop_it = served_inference
+                || (inference && counts.drop_every_inference.load(Ordering::SeqCst));
+            if drop_it {
                 let which = if inference {
-                    &dropped
+                    &counts.dropped
                 } else {
-                    &dropped_discovery
+                    &counts.dropped_discovery
                 };
                 which.fetch_add(1, Ordering::SeqCst);
                 return;
             }
             if inference {
                 served_inference = true;
-                answered.fetch_add(1, Ordering::SeqCst);
+                counts.answered.fetch_add(1, Ordering::SeqCst);
                 // Slow enough that requests at once each need a connection of their own.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -356,6 +345,40 @@ impl ClosingBackend {
                 return;
             }
         }
+    }
+
+    /// More bytes from the connection into `buf`; `None` when it ends.
+    async fn read_more(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                Some(())
+            }
+        }
+    }
+
+    /// One request off the connection (its head, then its body by Content-Length): its
+    /// head in lower case, or `None` when the connection ends.
+    async fn read_request(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            Self::read_more(tcp, buf).await?;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        while buf.len() < head_end + len {
+            Self::read_more(tcp, buf).await?;
+        }
+        buf.drain(..head_end + len);
+        Some(head)
     }
 }
 
@@ -378,10 +401,10 @@ async fn a_backend_that_drops_pooled_connections_costs_the_consumer_nothing() {
         assert_eq!(a.status, 200, "request {i}: {}", a.text);
     }
     assert!(
-        backend.dropped.load(Ordering::SeqCst) >= 1,
+        backend.counts.dropped.load(Ordering::SeqCst) >= 1,
         "the backend dropped no pooled connection: the test did not test"
     );
-    assert_eq!(backend.answered.load(Ordering::SeqCst), 10);
+    assert_eq!(backend.counts.answered.load(Ordering::SeqCst), 10);
 }
 
 /// Discovery after inference: what llama.cpp has closed in the pool must not make the
@@ -403,10 +426,52 @@ async fn discovery_meets_no_connection_the_backend_has_closed() {
     // Several discovery rounds.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
-        backend.dropped_discovery.load(Ordering::SeqCst),
+        backend.counts.dropped_discovery.load(Ordering::SeqCst),
         0,
         "a discovery request went over a pooled connection the backend had closed"
     );
     let a = alice.chat(MODEL, "hi").await;
     assert_eq!(a.status, 200, "{}", a.text);
+}
+
+/// A backend whose every inference request fails at the connection: each failure asks the
+/// agent to look at its backends again, and those rounds are spaced
+/// (`potluck_agent::discovery::MIN_REDISCOVERY_GAP`), not one per failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_requests_do_not_storm_the_backend_with_discovery() {
+    let hub = TestHub::start_with(|c| {
+        c.limits.rpm = None;
+        // Keep the provider in routing, so that the failures go on.
+        c.routing.failure_threshold = u32::MAX;
+        c.routing.min_success_rate = 0.0;
+    })
+    .await;
+    let backend = ClosingBackend::start().await;
+    backend
+        .counts
+        .drop_every_inference
+        .store(true, Ordering::SeqCst);
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.url);
+    hub.wait_for_model(MODEL, 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+
+    let before = backend.counts.discovery.load(Ordering::SeqCst);
+    let started = tokio::time::Instant::now();
+    let mut failed = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let a = alice.chat(MODEL, "hi").await;
+        assert_eq!(a.status, 502, "{}", a.text);
+        failed += 1;
+    }
+    let discovery = backend.counts.discovery.load(Ordering::SeqCst) - before;
+    assert!(
+        failed >= 10,
+        "only {failed} failed requests: the test did not test"
+    );
+    // A round asks at most three things (models, props, ollama's tags); 1.5 s allow two
+    // rounds after the first failure.
+    assert!(
+        discovery <= 3 * 3,
+        "{discovery} discovery requests for {failed} failed requests in 1.5 s"
+    );
 }
