@@ -30,6 +30,6 @@ pub use engine::Engine;
 pub use identity::HubIdentityRecord;
 pub use secret::{Secret, SecretKind};
 pub use store::{
-    Account, Block, KeyAuth, KeyLimits, KeyRecord, ProviderAuth, ProviderRecord, Role, Standing,
-    Store, StoreError, Target, UsageRecord, UsageRow,
+    Account, Block, CredentialRecord, KeyAuth, KeyLimits, KeyRecord, ProviderAuth, ProviderRecord,
+    Role, Standing, Store, StoreError, Target, UsageRecord, UsageRow,
 };

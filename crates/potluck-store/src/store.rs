@@ -235,12 +235,12 @@ pub struct ProviderAuth {
     pub block: Option<Block>,
 }
 
-/// A key as listed (never the secret).
+/// A consumer key or a provider token as listed (never the secret).
 #[derive(Debug, Clone)]
-pub struct KeyRecord {
+pub struct CredentialRecord {
     /// Id.
     pub id: i64,
-    /// Label.
+    /// Label (a provider's is unique among live providers).
     pub name: String,
     /// Owning account's name.
     pub account: String,
@@ -252,22 +252,11 @@ pub struct KeyRecord {
     pub revoked_at: Option<i64>,
 }
 
+/// A key as listed (never the secret).
+pub type KeyRecord = CredentialRecord;
+
 /// A provider as listed (never the token).
-#[derive(Debug, Clone)]
-pub struct ProviderRecord {
-    /// Id.
-    pub id: i64,
-    /// Unique name.
-    pub name: String,
-    /// Owning account's name.
-    pub account: String,
-    /// Displayable prefix.
-    pub prefix: String,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// Unix seconds.
-    pub revoked_at: Option<i64>,
-}
+pub type ProviderRecord = CredentialRecord;
 
 /// One content-free usage row.
 #[derive(Debug, Clone, PartialEq, Eq)]
