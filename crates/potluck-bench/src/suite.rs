@@ -1056,6 +1056,23 @@ fn cross_check_doubt(r: &Report, what_prefix: &str) -> Option<String> {
     })
 }
 
+/// Why a real-model ratio is in doubt: either side lost streams to errors. A stream that
+/// hangs until the request timeout idles a client for the rest of the slice, which lowers
+/// that side's tokens per second for a reason that is not the path measured (llama.cpp
+/// has left a direct stream unanswered now and then in these runs).
+fn errors_doubt(cells: &[Option<&RealCell>]) -> Option<String> {
+    let lost: Vec<String> = cells
+        .iter()
+        .flatten()
+        .filter(|c| c.errors > 0)
+        .map(|c| {
+            let first = c.first_error.as_deref().unwrap_or("no message");
+            format!("{} lost {} stream(s) ({first})", c.target, c.errors)
+        })
+        .collect();
+    (!lost.is_empty()).then(|| format!("in doubt: {}; rerun", lost.join(", ")))
+}
+
 /// Every target ratio, with PASS, MISS or NOISY.
 pub fn ratios(r: &Report) -> Vec<Ratio> {
     let mut out = Vec::new();
@@ -1226,18 +1243,52 @@ pub fn ratios(r: &Report) -> Vec<Ratio> {
             } else {
                 format!("{k} clients per slot")
             };
-            out.push(Ratio::at_least(
-                &format!("Real model, {n} llama.cpp provider(s), {how}: tokens/s through the hub / direct"),
-                ratio_of(h, d),
-                0.95,
-                format!(
-                    "{} vs {} tokens/s; added TTFT p50 +{}",
-                    report::num(h),
-                    report::num(d),
-                    report::us(ttft_added)
-                ),
-            ));
+            out.push(
+                Ratio::at_least(
+                    &format!("Real model, {n} llama.cpp provider(s), {how}: tokens/s through the hub / direct"),
+                    ratio_of(h, d),
+                    0.95,
+                    format!(
+                        "{} vs {} tokens/s; added TTFT p50 +{}",
+                        report::num(h),
+                        report::num(d),
+                        report::us(ttft_added)
+                    ),
+                )
+                .doubted(errors_doubt(&[hc, dc])),
+            );
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(target: &str, errors: u64) -> RealCell {
+        RealCell {
+            providers: 1,
+            target: target.into(),
+            clients_per_slot: 1,
+            concurrency: 4,
+            requests: 100,
+            errors,
+            first_error: (errors > 0).then(|| "request timed out after 10s".into()),
+            tokens: 3200,
+            elapsed_s: 9.0,
+            tokens_per_s: 5000.0,
+            ttft: Summary::default(),
+        }
+    }
+
+    #[test]
+    fn a_real_model_pass_with_lost_streams_is_in_doubt() {
+        let (clean, lost) = (cell("potluck", 0), cell("direct", 2));
+        assert_eq!(errors_doubt(&[Some(&clean), None]), None);
+        let why = errors_doubt(&[Some(&clean), Some(&lost)]).expect("doubt");
+        assert!(why.contains("direct lost 2 stream(s)"), "{why}");
+        let r = Ratio::at_least("x", Some(1.07), 0.95, String::new()).doubted(Some(why));
+        assert_eq!(r.verdict(), "NOISY");
+    }
 }
