@@ -111,6 +111,12 @@ pub struct ServerConfig {
     pub http2_max_streams: u32,
     /// Largest HTTP/1 request head, in bytes.
     pub max_header_bytes: usize,
+    /// A client that takes nothing of a streamed answer for this long while data waits
+    /// for it (it stopped reading, or opened an HTTP/2 stream with no window) has its
+    /// connection closed (seconds): the request ends as if it had gone away, so that it
+    /// holds no provider's slot. A stream waiting for its provider is not affected.
+    #[serde(with = "super::secs")]
+    pub consumer_stall_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -121,6 +127,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             http2_max_streams: 128,
             max_header_bytes: 64 * 1024,
+            consumer_stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -161,6 +168,9 @@ impl ServerConfig {
         }
         if self.max_header_bytes < 8192 {
             return Err("server.max_header_bytes must be at least 8192".into());
+        }
+        if self.consumer_stall_timeout.is_zero() {
+            return Err("server.consumer_stall_timeout must be positive".into());
         }
         Ok(())
     }

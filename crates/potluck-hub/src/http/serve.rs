@@ -3,7 +3,8 @@
 //! connection that sends nothing, or an idle keep-alive one, is closed after it too), a request body within
 //! `server.body_read_timeout` of its head, at most `server.max_connections` connections
 //! are served (more are closed on accept), and an HTTP/2 connection carries at most
-//! `server.http2_max_streams` streams at once.
+//! `server.http2_max_streams` streams at once. A client that stops reading a streamed
+//! answer has its connection closed after `server.consumer_stall_timeout` ([`super::stall`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,8 +24,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
 use crate::config::ServerConfig;
+use crate::http::stall::Watchdog;
 
 /// Pause after a failed `accept` (out of file descriptors, say) before the next one.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -49,6 +52,9 @@ pub(crate) async fn serve(
     let builder = builder(cfg);
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let conns = TaskTracker::new();
+    let dog = Watchdog::new(cfg.consumer_stall_timeout);
+    let sweeping = CancellationToken::new();
+    let sweeper = tokio::spawn(Arc::clone(&dog).run(sweeping.clone()));
     loop {
         let tcp = tokio::select! {
             r = listener.accept() => match r {
@@ -71,7 +77,16 @@ pub(crate) async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "could not set TCP_NODELAY");
         }
-        let (builder, svc) = (builder.clone(), TowerToHyperService::new(app.clone()));
+        // Closed by the watchdog when the client stops reading a stream.
+        let close = CancellationToken::new();
+        let svc = {
+            let (dog, close) = (Arc::clone(&dog), close.clone());
+            ServiceExt::<http::Request<hyper::body::Incoming>>::map_response(
+                app.clone(),
+                move |resp: axum::response::Response| dog.watch(resp, &close),
+            )
+        };
+        let (builder, svc) = (builder.clone(), TowerToHyperService::new(svc));
         let (stop, hard) = (shutdown.clone(), hard_stop.clone());
         let first_byte = cfg.header_read_timeout;
         conns.spawn(async move {
@@ -95,15 +110,20 @@ pub(crate) async fn serve(
                     tokio::select! {
                         _ = conn.as_mut() => {}
                         _ = hard.cancelled() => {}
+                        _ = close.cancelled() => {}
                     }
                 }
                 _ = hard.cancelled() => {}
+                _ = close.cancelled() => {}
             }
         });
     }
     drop(listener);
     conns.close();
+    // The sweep goes on while connections drain: a stalled one must not hold the drain.
     conns.wait().await;
+    sweeping.cancel();
+    let _ = sweeper.await;
     Ok(())
 }
 

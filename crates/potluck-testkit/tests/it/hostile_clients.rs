@@ -1,15 +1,22 @@
 //! The hub survives hostile clients, each played through raw sockets: a head sent one
 //! byte at a time (slowloris), a body sent the same way, a connection that says nothing,
-//! a flood of connections and an HTTP/2 client that wants many streams. Each is bounded
-//! by a named `[server]` setting.
+//! a flood of connections, an HTTP/2 client that wants many streams, and clients that
+//! stop reading a streamed answer (over HTTP/1, or an HTTP/2 stream with no window).
+//! Each is bounded by a named `[server]` setting.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
 
 use std::time::{Duration, Instant};
 
-use potluck_testkit::{wait_until, TestHub};
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use potluck_testkit::sse::{Event, SseReader};
+use potluck_testkit::{
+    chat_body, wait_until, Consumer, FakeBackend, FakeBehavior, TestAgent, TestHub,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// How long the hub may take to cut a client off in these tests (settings of about one
 /// second, generous for two busy cores).
@@ -229,4 +236,136 @@ async fn a_key_over_its_rate_is_refused_on_the_dialect_routes_before_its_body() 
             "{path}: refused before the body"
         );
     }
+}
+
+const MODEL: &str = "m1";
+
+/// A hub that closes a stalled stream's connection after a second, with one provider
+/// whose backend streams `chunks` chunks `gap` apart (a long answer, still in flight when
+/// the client stops reading).
+async fn streaming_pool(chunks: usize, gap: Duration) -> (TestHub, FakeBackend, TestAgent) {
+    let hub = TestHub::start_with(|c| {
+        c.server.consumer_stall_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks,
+        gap,
+        ..Default::default()
+    });
+    let agent = TestAgent::start(&hub, &hub.create_provider("p1").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    (hub, backend, agent)
+}
+
+/// The request ends (its slots returned) and the provider's backend sees its client go.
+async fn slot_freed(hub: &TestHub, backend: &FakeBackend) {
+    let st = hub.state();
+    wait_until("the request ended at the hub", BOUND, || {
+        let st = st.clone();
+        async move { st.inflight.is_empty() }
+    })
+    .await;
+    wait_until("the backend's stream was cut", BOUND, || async {
+        backend.state().streams_disconnected.load(Ordering::SeqCst) > 0
+    })
+    .await;
+}
+
+/// An HTTP/2 client that opens a stream with a window of zero gets the answer's head and
+/// can be sent nothing after it. Without a stall deadline it held the provider's slot
+/// (and the backend's) for as long as it kept the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_with_no_window_frees_the_providers_slot() {
+    let (hub, backend, _agent) = streaming_pool(100_000, Duration::from_millis(5)).await;
+    let key = hub.create_key("eve").await;
+    let tcp = connect(&hub).await;
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(format!("{}/v1/chat/completions", hub.url()))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let (resp, mut body) = client.send_request(req, false).unwrap();
+    let json = serde_json::to_vec(&chat_body(MODEL, "hi", true)).unwrap();
+    body.send_data(Bytes::from(json), true).unwrap();
+    let resp = tokio::time::timeout(BOUND, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        hub.state().inflight.len(),
+        1,
+        "streaming to a client that takes nothing"
+    );
+    slot_freed(&hub, &backend).await;
+    let closed = tokio::time::timeout(BOUND, driver).await;
+    assert!(closed.is_ok(), "the hub closed the connection");
+    // The provider serves the next consumer.
+    let c = Consumer::new(&hub, "carol").await;
+    let r = c.send_chat(&chat_body(MODEL, "hi", false)).await;
+    assert_eq!(r.status(), 200);
+}
+
+/// An HTTP/1 client that stops reading once the answer has begun: when the socket's
+/// buffers are full the hub can write nothing more, and closes the connection after the
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_stops_reading_frees_the_providers_slot() {
+    let (hub, backend, _agent) = streaming_pool(1_000_000, Duration::ZERO).await;
+    let key = hub.create_key("eve").await;
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let addr = hub.url().trim_start_matches("http://").parse().unwrap();
+    let mut tcp = sock.connect(addr).await.unwrap();
+    let json = serde_json::to_string(&chat_body(MODEL, "hi", true)).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+        json.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 12];
+    tokio::time::timeout(BOUND, tcp.read_exact(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // From here on the client reads nothing, and keeps the connection.
+    slot_freed(&hub, &backend).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(BOUND, tcp.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the hub closed the connection");
+}
+
+/// The deadline is the client's, not the provider's: a client that reads a stream whose
+/// provider pauses longer than the deadline between chunks gets the whole answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_provider_is_not_a_stalled_client() {
+    let (hub, backend, _agent) = streaming_pool(3, Duration::from_millis(1600)).await;
+    let c = Consumer::new(&hub, "carol").await;
+    let r = c.send_chat(&chat_body(MODEL, "hi", true)).await;
+    assert_eq!(r.status(), 200);
+    let mut sse = SseReader::new(r);
+    let mut chunks = 0;
+    loop {
+        match sse.next().await {
+            Some(Event::Json(v)) => {
+                assert!(v.get("error").is_none(), "{v}");
+                chunks += 1;
+            }
+            Some(Event::Done) => break,
+            other => panic!("the stream ended early: {other:?}"),
+        }
+    }
+    assert!(chunks >= 3, "{chunks} chunks");
+    assert_eq!(
+        backend.state().streams_disconnected.load(Ordering::SeqCst),
+        0
+    );
 }
