@@ -298,6 +298,7 @@ async fn an_http2_stream_with_no_window_frees_the_providers_slot() {
     body.send_data(Bytes::from(json), true).unwrap();
     let resp = tokio::time::timeout(BOUND, resp).await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(
         hub.state().inflight.len(),
         1,
@@ -306,6 +307,17 @@ async fn an_http2_stream_with_no_window_frees_the_providers_slot() {
     slot_freed(&hub, &backend).await;
     let closed = tokio::time::timeout(BOUND, driver).await;
     assert!(closed.is_ok(), "the hub closed the connection");
+    // It ended as a client gone away: one usage row, `cancelled`.
+    let st = hub.state();
+    wait_until("the request's usage row", BOUND, || {
+        let (st, id) = (st.clone(), request_id.clone());
+        async move {
+            let rows = st.store.recent_usage(10).await.unwrap();
+            rows.iter()
+                .any(|r| r.request_id == id && r.outcome == "cancelled")
+        }
+    })
+    .await;
     // The provider serves the next consumer.
     let c = Consumer::new(&hub, "carol").await;
     let r = c.send_chat(&chat_body(MODEL, "hi", false)).await;
