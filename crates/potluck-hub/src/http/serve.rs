@@ -23,7 +23,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tower::ServiceExt;
 
 use crate::config::ServerConfig;
@@ -54,7 +54,8 @@ pub(crate) async fn serve(
     let conns = TaskTracker::new();
     let dog = Watchdog::new(cfg.consumer_stall_timeout);
     let sweeping = CancellationToken::new();
-    let sweeper = tokio::spawn(Arc::clone(&dog).run(sweeping.clone()));
+    // Ends with this function, even if it is dropped.
+    let sweeper = AbortOnDropHandle::new(tokio::spawn(Arc::clone(&dog).run(sweeping.clone())));
     loop {
         let tcp = tokio::select! {
             r = listener.accept() => match r {
