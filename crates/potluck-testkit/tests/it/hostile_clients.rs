@@ -1,7 +1,8 @@
 //! The hub survives hostile clients, each played through raw sockets: a head sent one
 //! byte at a time (slowloris), a body sent the same way, a connection that says nothing,
-//! a flood of connections, an HTTP/2 client that wants many streams, and clients that
-//! stop reading a streamed answer (over HTTP/1, or an HTTP/2 stream with no window).
+//! a flood of connections, an HTTP/2 client that wants many streams or resets them as
+//! fast as it can, and clients that stop reading a streamed answer (over HTTP/1, or an
+//! HTTP/2 stream with no window).
 //! Each is bounded by a named `[server]` setting.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failure
@@ -171,6 +172,55 @@ async fn an_http2_client_gets_few_concurrent_streams() {
     assert_eq!(client.current_max_send_streams(), 3);
     drop(client);
     driver.abort();
+}
+
+/// HTTP/2 "rapid reset": open a stream and cancel it at once, as fast as the client can.
+/// Each stream would start a request at the hub; the connection is closed long before the
+/// attacker's 20,000th (hyper's HTTP/2 server counts streams reset before it took them),
+/// nothing is left in flight, and others are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_resets_streams_as_fast_as_it_can_is_cut_off() {
+    let hub = TestHub::start_with(|_| {}).await;
+    let key = hub.create_key("eve").await;
+    let tcp = connect(&hub).await;
+    let (mut client, conn) = h2::client::Builder::new()
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let mut sent = 0;
+    for _ in 0..20_000 {
+        client = match client.ready().await {
+            Ok(c) => c,
+            Err(_) => break,
+        };
+        let req = http::Request::post(format!("{}/v1/chat/completions", hub.url()))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap();
+        match client.send_request(req, false) {
+            Ok((_, mut body)) => body.send_reset(h2::Reason::CANCEL),
+            Err(_) => break,
+        }
+        sent += 1;
+    }
+    assert!(
+        sent < 20_000,
+        "the hub took {sent} reset streams on one connection"
+    );
+    let closed = tokio::time::timeout(BOUND, driver).await;
+    assert!(
+        closed.is_ok(),
+        "the hub closed the connection after {sent} streams"
+    );
+    let st = hub.state();
+    wait_until("nothing left in flight", BOUND, || {
+        let st = st.clone();
+        async move { st.inflight.is_empty() }
+    })
+    .await;
+    assert!(answers(&hub).await, "others are still served");
 }
 
 /// Send a request head promising a body of `len` bytes, and none of it; the status line
