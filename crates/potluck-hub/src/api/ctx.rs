@@ -25,7 +25,7 @@ use crate::trust::plausibility::{self, Bounds, Usage};
 use crate::trust::sample::AuditSample;
 use crate::trust::spot_checks::{Job, ReplayJob};
 
-pub(crate) use crate::http::HEADER_X_REQUEST_ID;
+use crate::http::HEADER_X_REQUEST_ID;
 
 /// Per-request context for relaying and accounting.
 pub(crate) struct Ctx {

@@ -20,8 +20,8 @@ use http_body::{Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tower::ServiceExt;
@@ -49,13 +49,20 @@ pub(crate) async fn serve(
                 req.map(|b| Body::new(DeadlineBody::new(b, body_timeout)))
             },
         ));
-    let builder = builder(cfg);
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let conns = TaskTracker::new();
     let dog = Watchdog::new(cfg.consumer_stall_timeout);
-    let sweeping = CancellationToken::new();
-    // Ends with this function, even if it is dropped.
-    let sweeper = AbortOnDropHandle::new(tokio::spawn(Arc::clone(&dog).run(sweeping.clone())));
+    // The sweep goes on while connections drain (a stalled one must not hold the drain)
+    // and ends with this function, even if it is dropped.
+    let sweeper = AbortOnDropHandle::new(tokio::spawn(Arc::clone(&dog).run()));
+    let each = Connection {
+        builder: builder(cfg),
+        app,
+        dog,
+        first_byte: cfg.header_read_timeout,
+        stop: shutdown.clone(),
+        hard: hard_stop,
+    };
     loop {
         let tcp = tokio::select! {
             r = listener.accept() => match r {
@@ -78,54 +85,68 @@ pub(crate) async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "could not set TCP_NODELAY");
         }
-        // Closed by the watchdog when the client stops reading a stream.
-        let close = CancellationToken::new();
-        let svc = {
-            let (dog, close) = (Arc::clone(&dog), close.clone());
-            ServiceExt::<http::Request<hyper::body::Incoming>>::map_response(
-                app.clone(),
-                move |resp: axum::response::Response| dog.watch(resp, &close),
-            )
-        };
-        let (builder, svc) = (builder.clone(), TowerToHyperService::new(svc));
-        let (stop, hard) = (shutdown.clone(), hard_stop.clone());
-        let first_byte = cfg.header_read_timeout;
-        conns.spawn(async move {
-            let _permit = permit;
-            // Telling HTTP/1 from HTTP/2 waits for the first bytes, before hyper's header
-            // timer runs: a client that sends nothing is closed here.
-            match tokio::time::timeout(first_byte, tcp.peek(&mut [0u8; 1])).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
-            }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                }
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = hard.cancelled() => {}
-                        _ = close.cancelled() => {}
-                    }
-                }
-                _ = hard.cancelled() => {}
-                _ = close.cancelled() => {}
-            }
-        });
+        conns.spawn(each.clone().serve(tcp, permit));
     }
     drop(listener);
     conns.close();
-    // The sweep goes on while connections drain: a stalled one must not hold the drain.
     conns.wait().await;
-    sweeping.cancel();
-    let _ = sweeper.await;
+    drop(sweeper);
     Ok(())
+}
+
+/// What serving one connection needs.
+#[derive(Clone)]
+struct Connection {
+    builder: auto::Builder<TokioExecutor>,
+    app: Router,
+    dog: Arc<Watchdog>,
+    first_byte: Duration,
+    /// The server stops: finish the requests in flight.
+    stop: CancellationToken,
+    /// Drop everything now.
+    hard: CancellationToken,
+}
+
+impl Connection {
+    /// Serve `tcp` until it ends, the server stops, or the watchdog closes it (its client
+    /// stopped reading a stream).
+    async fn serve(self, tcp: TcpStream, _permit: OwnedSemaphorePermit) {
+        // Telling HTTP/1 from HTTP/2 waits for the first bytes, before hyper's header
+        // timer runs: a client that sends nothing is closed here.
+        match tokio::time::timeout(self.first_byte, tcp.peek(&mut [0u8; 1])).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+        let close = CancellationToken::new();
+        let svc = {
+            let (dog, close) = (self.dog, close.clone());
+            ServiceExt::<http::Request<hyper::body::Incoming>>::map_response(
+                self.app,
+                move |resp: axum::response::Response| dog.watch(resp, &close),
+            )
+        };
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(svc));
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            }
+            _ = self.stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = self.hard.cancelled() => {}
+                    _ = close.cancelled() => {}
+                }
+            }
+            _ = self.hard.cancelled() => {}
+            _ = close.cancelled() => {}
+        }
+    }
 }
 
 /// HTTP/1 and HTTP/2 (prior knowledge) with the configured limits.

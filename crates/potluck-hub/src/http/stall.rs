@@ -106,22 +106,20 @@ impl Watchdog {
         })
     }
 
-    /// Sweep until `stop`.
-    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
+    /// Sweep for ever (its owner aborts it).
+    pub(crate) async fn run(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.sweep_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = tick.tick() => self.sweep(Instant::now()),
-                _ = stop.cancelled() => return,
-            }
+            tick.tick().await;
+            self.sweep(Instant::now());
         }
     }
 
     /// Close the connection of every stream whose frame has waited `timeout` by `now`.
     fn sweep(&self, now: Instant) {
-        let mut streams = self.streams.lock();
-        streams.retain(|_, e| {
+        let mut closed = Vec::new();
+        self.streams.lock().retain(|_, e| {
             let taken = e.progress.taken.load(Ordering::Relaxed);
             if taken != e.seen || !e.progress.waiting.load(Ordering::Relaxed) {
                 e.seen = taken;
@@ -132,16 +130,20 @@ impl Watchdog {
             if now.duration_since(since) < self.timeout {
                 return true;
             }
-            let request_id = e.request_id.as_ref().and_then(|v| v.to_str().ok());
-            tracing::warn!(
-                request_id = request_id.unwrap_or("-"),
-                waited_s = self.timeout.as_secs_f64(),
-                "closing a connection whose client stopped reading its stream \
-                 (server.consumer_stall_timeout)"
-            );
             e.close.cancel();
+            closed.push(e.request_id.take());
             false
         });
+        // Logged outside the lock that every new stream takes.
+        for id in closed {
+            let request_id = id.as_ref().and_then(|v| v.to_str().ok());
+            tracing::warn!(
+                request_id = request_id.unwrap_or("-"),
+                timeout_s = self.timeout.as_secs_f64(),
+                "closed a connection whose client stopped reading its stream \
+                 (server.consumer_stall_timeout)"
+            );
+        }
     }
 
     /// Streams watched now.

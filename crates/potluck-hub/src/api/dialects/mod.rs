@@ -200,7 +200,7 @@ fn from_api_error(dialect: Dialect, e: ApiError) -> Response {
 fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     for name in [
         header::RETRY_AFTER.as_str(),
-        crate::api::ctx::HEADER_X_REQUEST_ID,
+        crate::http::HEADER_X_REQUEST_ID,
         "x-should-retry",
         crate::api::relay::HEADER_QUEUE_MS,
     ] {
