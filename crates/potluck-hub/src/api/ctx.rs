@@ -16,6 +16,7 @@ use crate::books::money::Micro;
 use crate::books::reserve::Hold;
 use crate::books::usage::UsagePlace;
 use crate::http::error::ApiError;
+use crate::http::HEADER_X_REQUEST_ID;
 use crate::routing::health::Verdict;
 use crate::routing::inflight::InFlightGuard;
 use crate::routing::link::{Outgoing, ProviderLink};
@@ -24,8 +25,6 @@ use crate::state::HubState;
 use crate::trust::plausibility::{self, Bounds, Usage};
 use crate::trust::sample::AuditSample;
 use crate::trust::spot_checks::{Job, ReplayJob};
-
-use crate::http::HEADER_X_REQUEST_ID;
 
 /// Per-request context for relaying and accounting.
 pub(crate) struct Ctx {
