@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use potluck_protocol::tunnel::ProviderProfile;
 use potluck_protocol::ModelName;
 use potluck_testkit::scripted_agent::{hello, RawAnswer};
-use potluck_testkit::{wait_until, Consumer, ScriptedAgent, TestHub};
+use potluck_testkit::{wait_until, Consumer, FakeBackend, ScriptedAgent, TestAgent, TestHub};
 use potluck_tunnel::{Carrier, HubUrl, UpgradeCarrier};
 use serde_json::{json, Value};
 
@@ -278,4 +278,50 @@ async fn a_provider_cannot_open_tunnel_after_tunnel_or_claim_a_thousand_slots() 
         },
     )
     .await;
+}
+
+/// A provider that streams without end (here 8 MiB, content the consumer never asked for)
+/// cannot make the hub relay it all: a streamed chat completion, like a whole answer, is
+/// cut once the provider's bytes pass `max_response_bytes`, with one error event, and the
+/// provider is counted as failed. Before the cap, the hub relayed all 8 MiB of a request
+/// that asked for 8 tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_streams_without_end_is_cut_at_max_response_bytes() {
+    const CAP: usize = 256 * 1024;
+    let hub = TestHub::start_with(|c| c.max_response_bytes = CAP).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    backend.set_behavior(potluck_testkit::FakeBehavior {
+        stream_bytes: Some(8 * 1024 * 1024),
+        ..Default::default()
+    });
+    let st = hub.state();
+    let provider_id = st.store.provider_id("p").await.unwrap();
+    let mut body = chat(true);
+    body["max_tokens"] = json!(8);
+    for endpoint in ["chat/completions", "completions"] {
+        let mut body = body.clone();
+        if endpoint == "completions" {
+            body = json!({"model": MODEL, "stream": true, "max_tokens": 8, "prompt": "go"});
+        }
+        let (status, text) = ask(&alice, endpoint, body).await;
+        assert_eq!(status, 200, "{endpoint}");
+        assert!(
+            text.len() < 2 * CAP,
+            "{endpoint}: {} bytes reached the consumer",
+            text.len()
+        );
+        let last = text.trim_end().lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("data: {\"error\"") && last.contains("provider_error"),
+            "{endpoint}: ends with one error event: {last}"
+        );
+        assert!(!text.contains("[DONE]"), "{endpoint}: never completes");
+    }
+    assert!(
+        st.registry.health_of(provider_id).success_rate() < 1.0,
+        "a cut counts against the provider"
+    );
 }

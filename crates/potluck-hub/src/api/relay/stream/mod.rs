@@ -63,6 +63,10 @@ pub(crate) struct Relay {
     /// The answer's first bytes, read before the stream was committed to.
     first: Option<Bytes>,
     parser: SseParser,
+    /// The provider's bytes taken so far, and the most it may send
+    /// (`max_response_bytes`, as for a whole answer).
+    received: usize,
+    max_received: usize,
     out: std::collections::VecDeque<Bytes>,
     wants_usage: bool,
     usage: Option<Usage>,
@@ -96,6 +100,7 @@ impl Relay {
         answer: Answer,
     ) -> Self {
         let max_line = state.config.max_sse_line_bytes;
+        let max_received = state.config.max_response_bytes;
         let holdback = state.config.moderation.holdback;
         let guard = ctx
             .guard_input
@@ -114,6 +119,8 @@ impl Relay {
             body: answer.resp.into_body(),
             first: answer.first,
             parser: SseParser::new(max_line),
+            received: 0,
+            max_received,
             out: Default::default(),
             wants_usage,
             usage: None,
@@ -386,6 +393,14 @@ impl Relay {
 
     /// Parse bytes of the provider's stream and handle the events they complete.
     fn data(&mut self, data: &[u8]) {
+        self.received = self.received.saturating_add(data.len());
+        if self.received > self.max_received {
+            // A provider streaming without end: the hub relays no more of it.
+            return self.fail(
+                "The provider's answer is larger than this hub relays.",
+                "provider_error",
+            );
+        }
         // The parser is taken out for the call, so that each event can be handled (which
         // needs the relay) while the parser still holds it.
         let mut parser = std::mem::replace(&mut self.parser, SseParser::new(0));
