@@ -48,10 +48,15 @@ pub struct HubConfig {
     pub presence_interval: Duration,
     /// Largest consumer request body, in bytes (413 above).
     pub max_request_bytes: usize,
-    /// Largest non-streamed provider response, in bytes (502 above).
+    /// Largest provider answer, in bytes: a whole answer above it is a 502; a stream is
+    /// ended with an error event once the provider has sent more.
     pub max_response_bytes: usize,
     /// Longest SSE line accepted from a provider, in bytes.
     pub max_sse_line_bytes: usize,
+    /// Most distinct tool calls one streamed answer may carry when the hub translates it
+    /// into another API (Responses, Ollama, Anthropic), which gathers them; past it the
+    /// stream ends with one error.
+    pub max_tool_calls: usize,
     /// How long a provider may take to send response headers (504 after).
     #[serde(with = "secs")]
     pub provider_header_timeout: Duration,
@@ -287,6 +292,9 @@ impl HubConfig {
                 MAX_USAGE_BATCH_WINDOW.as_secs()
             ));
         }
+        if self.max_tool_calls == 0 {
+            return Err("max_tool_calls must be at least 1".into());
+        }
         if self.presence_interval.is_zero() {
             return Err("presence_interval must be more than 0 seconds".into());
         }
@@ -344,6 +352,7 @@ impl Default for HubConfig {
             max_request_bytes: 8 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
             max_sse_line_bytes: 1024 * 1024,
+            max_tool_calls: 128,
             provider_header_timeout: Duration::from_secs(600),
             provider_body_timeout: Duration::from_secs(600),
             stream_idle_timeout: Duration::from_secs(120),

@@ -176,3 +176,66 @@ async fn a_malformed_event_ends_the_stream_with_one_error_event() {
         assert_stream_refused(&rig, &format!("malformed event {bad:?}")).await;
     }
 }
+
+/// A provider that names thousands of tool calls in a stream cannot make the hub's
+/// translators work in the square of their number, nor hold them all: the Responses and
+/// Ollama translators gather calls until the end, each new call looked for among the
+/// others. Past `max_tool_calls` distinct calls the translated stream ends with one error,
+/// in bounded time, and the hub still serves. Before the cap, this stream (eight lines of
+/// 50,000 calls each, under the default caps on a line and an answer) held the hub's one
+/// thread for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_tool_calls_in_a_stream_end_it_with_one_error_in_bounded_time() {
+    let hub = TestHub::start().await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let token = hub.create_provider("hostile").await;
+    let agent = ScriptedAgent::connect(
+        "hostile",
+        &hub.url(),
+        &token,
+        hello(&[MODEL], 8, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model(MODEL, 1).await;
+    let frames: Vec<Bytes> = (0..8u32)
+        .map(|line| {
+            let calls: Vec<Value> = (0..50_000u32)
+                .map(|i| json!({"index": line * 50_000 + i}))
+                .collect();
+            let chunk = json!({"id": "x", "object": "chat.completion.chunk", "created": 0,
+                "model": MODEL, "choices": [{"index": 0, "delta": {"tool_calls": calls}}]});
+            Bytes::from(format!("data: {chunk}\n\n"))
+        })
+        .chain([Bytes::from_static(b"data: [DONE]\n\n")])
+        .collect();
+    agent.set_raw(Some(answer("text/event-stream", frames)));
+    let user = json!([{"role": "user", "content": "hi"}]);
+    for (path, body, error_mark, done_mark) in [
+        (
+            "/v1/responses",
+            json!({"model": MODEL, "input": "hi", "stream": true}),
+            "event: error",
+            "response.completed",
+        ),
+        (
+            "/api/chat",
+            json!({"model": MODEL, "messages": user}),
+            "\"error\"",
+            "\"done\":true",
+        ),
+    ] {
+        let fut = async {
+            let r = alice.post_at(path, &body).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        };
+        let (status, text) = tokio::time::timeout(BOUND, fut)
+            .await
+            .unwrap_or_else(|_| panic!("{path}: the hub ends the stream in bounded time"));
+        assert_eq!(status, 200, "{path}: {text}");
+        assert!(text.contains(error_mark), "{path}: ends with an error");
+        assert!(!text.contains(done_mark), "{path}: never completes");
+        assert!(text.len() < 1024 * 1024, "{path}: {} bytes", text.len());
+    }
+    let models = tokio::time::timeout(BOUND, alice.models()).await.unwrap();
+    assert_eq!(models.status, 200, "the hub still serves");
+}

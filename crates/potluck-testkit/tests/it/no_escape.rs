@@ -589,3 +589,59 @@ async fn reserved_account_names_cannot_be_taken() {
     .await;
     assert_eq!(s, 201);
 }
+
+/// The side routes of the other APIs (Anthropic's `count_tokens`, Ollama's `show`) read a
+/// body too: before, they read up to `max_request_bytes` for any key with no rate or
+/// concurrency limit and outside the requests a sanction cuts, so a key over its limits
+/// could still make the hub buffer and parse megabytes at will. Now they take the key's
+/// limits before the body, like the inference routes, and a slow upload to them is cut by
+/// a ban.
+#[tokio::test]
+async fn the_other_apis_side_routes_are_rate_limited_and_cut_by_a_ban() {
+    let (hub, _backend, _agent) = pool(|_| {}).await;
+    let (id, key) = hub.create_key_in("counter", "counter").await;
+    hub.set_limits(id, json!({"rpm": 2})).await;
+    let count = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let show = json!({"model": MODEL});
+    let mut statuses = Vec::new();
+    for (path, body) in [
+        ("/v1/messages/count_tokens", &count),
+        ("/api/show", &show),
+        ("/v1/messages/count_tokens", &count),
+        ("/api/show", &show),
+    ] {
+        let (s, v) = call(&hub, "POST", path, Some(&key), Some(body.clone())).await;
+        statuses.push((path, s));
+        if s == 429 {
+            let text = v.to_string();
+            assert!(text.to_lowercase().contains("rate limit"), "{path}: {text}");
+        }
+    }
+    assert_eq!(
+        statuses.iter().map(|(_, s)| *s).collect::<Vec<_>>(),
+        [200, 200, 429, 429],
+        "{statuses:?}"
+    );
+
+    let (hub, _backend, _agent) = pool(|_| {}).await;
+    let key = hub.create_key("slow-counter").await;
+    let mut s = slow_request(
+        &hub,
+        &post_head("/v1/messages/count_tokens", &key, 100_000),
+        br#"{"model":"m1","messages":[{"role":"user","content":""#,
+    )
+    .await;
+    let st = hub.state();
+    potluck_testkit::wait_until("the upload is in flight", BOUND, || {
+        let st = st.clone();
+        async move { st.inflight.len() == 1 }
+    })
+    .await;
+    let a = Admin::admin(&hub).ban("slow-counter", "slow loris").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let line = answer_line(&mut s).await;
+    assert!(
+        line.as_deref().is_none_or(|l| l.contains(" 403 ")),
+        "{line:?}"
+    );
+}

@@ -59,15 +59,12 @@ pub(crate) async fn ollama_tags(
 
 /// `POST /api/show`
 pub(crate) async fn ollama_show(State(state): State<Arc<HubState>>, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
-    let key = match crate::http::auth::consumer_or_anonymous(&state, &parts.headers).await {
-        Ok((key, _)) => key,
+    let (mut parts, body) = req.into_parts();
+    let (admitted, raw) = match super::admitted_body(&state, &mut parts.headers, body).await {
+        Ok(a) => a,
         Err(e) => return from_api_error(Dialect::Ollama, e),
     };
-    let raw = match crate::api::admit::read_body(body, state.config.max_request_bytes).await {
-        Ok(b) => b,
-        Err(e) => return from_api_error(Dialect::Ollama, e),
-    };
+    let key = admitted.key;
     let model = match ollama::show_model(&raw) {
         Ok(m) => m,
         Err(e) => return translation_error(Dialect::Ollama, &e),

@@ -130,31 +130,10 @@ async fn run(
 ) -> Response {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
-    key_from_x_api_key(&mut parts.headers);
-    // The key and its limits before the body (a stranger makes the hub buffer nothing,
-    // and a key over its rate buffers nothing either, as on the OpenAI routes), and the
-    // request in flight while it is read, so that a sanction or revocation cuts a slow
-    // upload.
-    let (key, anonymous) =
-        match crate::http::auth::consumer_or_anonymous(&state, &parts.headers).await {
-            Ok(k) => k,
-            Err(e) => return from_api_error(dialect, e),
-        };
-    let in_flight = match crate::api::admit::limits(&state, &key, anonymous).await {
-        Ok(slot) => slot,
+    let (early, raw) = match admitted_body(&state, &mut parts.headers, body).await {
+        Ok(a) => a,
         Err(e) => return from_api_error(dialect, e),
     };
-    let reading = state.inflight.register(
-        &crate::routing::send::new_request_id(),
-        key.account_id,
-        key.key_id,
-    );
-    let limit = state.config.max_request_bytes;
-    let raw = match crate::api::admit::read_body_unless_cut(body, limit, &reading).await {
-        Ok(b) => b,
-        Err(e) => return from_api_error(dialect, e),
-    };
-    drop(reading);
     let (openai, back) = match translate(&raw) {
         Ok(t) => t,
         Err(e) => return translation_error(dialect, &e),
@@ -173,14 +152,38 @@ async fn run(
     let caps = StreamCaps {
         max_event: state.config.max_sse_line_bytes,
         max_total: state.config.max_response_bytes,
+        max_tool_calls: state.config.max_tool_calls,
     };
+    let resp = crate::api::inference_after(state, endpoint, inner, Some(early)).await;
+    translate_back(resp, back, started, caps).await
+}
+
+/// The key and its limits before the body (a stranger makes the hub buffer nothing, and
+/// a key over its rate buffers nothing either, as on the OpenAI routes), then the body,
+/// read under `max_request_bytes` with the request in flight, so that a sanction or
+/// revocation cuts a slow upload. Every route of the other APIs that reads a body comes
+/// through here.
+async fn admitted_body(
+    state: &HubState,
+    headers: &mut HeaderMap,
+    body: Body,
+) -> Result<(crate::api::Early, Bytes), ApiError> {
+    key_from_x_api_key(headers);
+    let (key, anonymous) = crate::http::auth::consumer_or_anonymous(state, headers).await?;
+    let in_flight = crate::api::admit::limits(state, &key, anonymous).await?;
+    let reading = state.inflight.register(
+        &crate::routing::send::new_request_id(),
+        key.account_id,
+        key.key_id,
+    );
+    let limit = state.config.max_request_bytes;
+    let raw = crate::api::admit::read_body_unless_cut(body, limit, &reading).await?;
     let early = crate::api::Early {
         key,
         anonymous,
         in_flight,
     };
-    let resp = crate::api::inference_after(state, endpoint, inner, Some(early)).await;
-    translate_back(resp, back, started, caps).await
+    Ok((early, raw))
 }
 
 fn from_api_error(dialect: Dialect, e: ApiError) -> Response {
@@ -337,12 +340,9 @@ pub(crate) async fn anthropic_count_tokens(
     req: Request,
 ) -> Response {
     let (mut parts, body) = req.into_parts();
-    key_from_x_api_key(&mut parts.headers);
-    if let Err(e) = crate::http::auth::consumer_or_anonymous(&state, &parts.headers).await {
-        return from_api_error(Dialect::Anthropic, e);
-    }
-    let raw = match crate::api::admit::read_body(body, state.config.max_request_bytes).await {
-        Ok(b) => b,
+    // The key's concurrency slot is held until the answer.
+    let (_admitted, raw) = match admitted_body(&state, &mut parts.headers, body).await {
+        Ok(a) => a,
         Err(e) => return from_api_error(Dialect::Anthropic, e),
     };
     // count_tokens bodies carry no max_tokens; the translation needs one.

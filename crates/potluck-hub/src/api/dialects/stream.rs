@@ -24,13 +24,15 @@ enum Translator {
     Ollama(ollama::Stream),
 }
 
-/// Bounds on a translated stream: one event (`max_sse_line_bytes`) and the whole relayed
-/// stream (`max_response_bytes`). The Responses and Ollama translators keep text and tool
-/// arguments until the end, so the whole stream must be bounded, whatever a provider sends.
+/// Bounds on a translated stream: one event (`max_sse_line_bytes`), the whole relayed
+/// stream (`max_response_bytes`) and its distinct tool calls (`max_tool_calls`). The
+/// Responses and Ollama translators keep text and tool calls until the end, each new call
+/// looked for among the others, so all must be bounded, whatever a provider sends.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct StreamCaps {
     pub(super) max_event: usize,
     pub(super) max_total: usize,
+    pub(super) max_tool_calls: usize,
 }
 
 struct StreamBack {
@@ -38,6 +40,9 @@ struct StreamBack {
     /// Bytes of the relayed stream read so far, and their cap.
     read: usize,
     max_total: usize,
+    /// The tool calls' indexes seen so far, and their cap.
+    calls: std::collections::HashSet<u32>,
+    max_calls: usize,
     translator: Translator,
     usage: Usage,
     started: Instant,
@@ -45,7 +50,26 @@ struct StreamBack {
 }
 
 impl StreamBack {
+    /// Whether `chunk` names a tool call past the cap (counted by distinct index).
+    fn too_many_calls(&mut self, chunk: &Chunk) -> bool {
+        let Some(delta) = chunk.delta() else {
+            return false;
+        };
+        for c in &delta.tool_calls {
+            if !self.calls.contains(&c.index) {
+                if self.calls.len() >= self.max_calls {
+                    return true;
+                }
+                self.calls.insert(c.index);
+            }
+        }
+        false
+    }
+
     fn chunk(&mut self, chunk: &Chunk) -> Vec<u8> {
+        if self.too_many_calls(chunk) {
+            return self.error("the provider's answer has too many tool calls");
+        }
         if let Some(u) = chunk.usage {
             self.usage = u.into();
         }
@@ -172,6 +196,8 @@ pub(super) fn stream_back(body: Body, back: Back, started: Instant, caps: Stream
         parser: SseParser::new(caps.max_event),
         read: 0,
         max_total: caps.max_total,
+        calls: std::collections::HashSet::new(),
+        max_calls: caps.max_tool_calls,
         translator,
         usage: Usage::default(),
         started,
