@@ -15,6 +15,11 @@ pub mod responses;
 
 use serde_json::{Map, Value};
 
+/// The most images one request may carry (Ollama's `images`, counted over the whole
+/// request; Anthropic's Messages API has the same limit). Each becomes a content part of
+/// a few hundred bytes in memory, so the count is checked before any is built.
+pub const MAX_IMAGES: usize = 100;
+
 /// Why a native request cannot be translated. Each dialect maps these to its own error
 /// shape and status (all are the consumer's fault: 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

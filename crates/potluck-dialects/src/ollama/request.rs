@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use serde_json::{json, Map, Value};
 
 use crate::openai;
-use crate::{object, DialectError};
+use crate::{object, DialectError, MAX_IMAGES};
 
 /// The Ollama version `/api/version` reports: the API level this translation follows.
 pub const COMPAT_VERSION: &str = "0.12.6";
@@ -59,6 +59,12 @@ pub fn chat_to_openai(body: &[u8]) -> Result<Request, DialectError> {
         .get("messages")
         .and_then(Value::as_array)
         .ok_or(DialectError::Missing("messages"))?;
+    let images = list
+        .iter()
+        .filter_map(|m| m.get("images").and_then(Value::as_array))
+        .map(Vec::len)
+        .fold(0usize, usize::saturating_add);
+    check_image_count(images, "messages")?;
     let mut pending = VecDeque::new();
     let mut messages = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
@@ -116,6 +122,11 @@ pub fn generate_to_openai(body: &[u8]) -> Result<Request, DialectError> {
         Some(Value::String(s)) => s.clone(),
         Some(_) => return Err(DialectError::invalid("prompt", "must be a string")),
     };
+    let images = req
+        .get("images")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    check_image_count(images, "images")?;
     let mut messages = Vec::new();
     if let Some(system) = req
         .get("system")
@@ -222,6 +233,20 @@ fn assistant_message(
     Ok(json!({"role": "assistant", "content": content, "tool_calls": out}))
 }
 
+/// Refuse a request of more than [`MAX_IMAGES`] images before any is translated: each
+/// bare base64 string (as little as three bytes of the request) becomes a content part of
+/// a few hundred bytes.
+fn check_image_count(n: usize, at: &str) -> Result<(), DialectError> {
+    if n > MAX_IMAGES {
+        return Err(DialectError::invalid(at, TOO_MANY_IMAGES));
+    }
+    Ok(())
+}
+
+/// The refusal of [`check_image_count`] (it names [`MAX_IMAGES`]; a unit test keeps the
+/// two together).
+pub(crate) const TOO_MANY_IMAGES: &str = "too many images: at most 100 in one request";
+
 fn user_content(text: &str, images: Option<&Value>, at: &str) -> Result<Value, DialectError> {
     let Some(images) = images.filter(|v| !v.is_null()) else {
         return Ok(json!(text));
@@ -234,12 +259,15 @@ fn user_content(text: &str, images: Option<&Value>, at: &str) -> Result<Value, D
     }
     let mut parts = vec![json!({"type": "text", "text": text})];
     for (k, img) in list.iter().enumerate() {
-        let b64 = img.as_str().filter(|s| !s.contains(':')).ok_or_else(|| {
-            DialectError::invalid(
-                format!("{at}.{k}"),
-                "must be base64 image data (the pool fetches no URLs)",
-            )
-        })?;
+        let b64 = img
+            .as_str()
+            .filter(|s| !s.is_empty() && !s.contains(':'))
+            .ok_or_else(|| {
+                DialectError::invalid(
+                    format!("{at}.{k}"),
+                    "must be base64 image data (the pool fetches no URLs)",
+                )
+            })?;
         parts.push(json!({"type": "image_url", "image_url": {"url": format!("data:{};base64,{b64}", sniff_image(b64))}}));
     }
     Ok(Value::Array(parts))

@@ -266,3 +266,19 @@ proptest! {
         let _ = chat_to_openai(body.to_string().as_bytes());
     }
 }
+
+#[test]
+fn the_image_refusal_names_the_limit_it_enforces() {
+    assert!(
+        request::TOO_MANY_IMAGES.contains(&format!("at most {} ", crate::MAX_IMAGES)),
+        "{}",
+        request::TOO_MANY_IMAGES
+    );
+    let images = vec!["iVBORw0KGgo="; crate::MAX_IMAGES + 1];
+    let body = json!({"model": "m", "prompt": "p", "images": images});
+    let e = generate_to_openai(body.to_string().as_bytes()).unwrap_err();
+    assert_eq!(e.param(), Some("images"));
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "", "images": [""]}]});
+    let e = chat_to_openai(body.to_string().as_bytes()).unwrap_err();
+    assert_eq!(e.param(), Some("messages.0.images.0"));
+}

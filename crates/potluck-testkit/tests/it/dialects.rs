@@ -512,3 +512,72 @@ async fn every_dialect_request_reaches_the_provider_with_a_seed() {
         "the consumer's seed is kept"
     );
 }
+
+/// Ollama's images are bare base64 strings: three bytes of a request (`"",`) became an
+/// OpenAI content part of several hundred bytes in memory, so an 8 MiB body of empty
+/// images grew to gigabytes before anything refused it. A request names at most
+/// `potluck_dialects::MAX_IMAGES` images, each non-empty; past that, a 400 in Ollama's
+/// shape, before the translation builds anything. A provider that can see images gets
+/// a request of exactly that many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_images_are_counted_before_they_are_translated() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("consumer").await;
+    let backend = FakeBackend::start_with(
+        &[MODEL],
+        potluck_testkit::FakeOptions {
+            vision: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let send = |path: &'static str, body: Value| {
+        let r = hub
+            .http
+            .post(format!("{}{path}", hub.url()))
+            .bearer_auth(&key)
+            .json(&body);
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    const PNG: &str = "iVBORw0KGgo=";
+    let most = vec![PNG; potluck_dialects::MAX_IMAGES];
+    let (s, text) = send(
+        "/api/chat",
+        json!({"model": MODEL, "stream": false, "messages": [
+            {"role": "user", "content": "a", "images": most}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "as many as allowed: {text}");
+    let too_many = vec![PNG; potluck_dialects::MAX_IMAGES + 1];
+    for (path, body) in [
+        (
+            "/api/chat",
+            json!({"model": MODEL, "stream": false, "messages": [
+                {"role": "user", "content": "a", "images": &too_many[..50]},
+                {"role": "user", "content": "b", "images": &too_many[50..]}]}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": MODEL, "stream": false, "prompt": "a", "images": too_many}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": MODEL, "stream": false, "messages": [
+                {"role": "user", "content": "a", "images": ["", "", ""]}]}),
+        ),
+    ] {
+        let (s, text) = send(path, body).await;
+        assert_dialect_error(path, s, &text, 400, "invalid_request_error");
+        assert!(text.contains("images"), "{path}: names the images: {text}");
+    }
+    assert_eq!(
+        backend.inference_received().len(),
+        1,
+        "only the allowed request reached the provider"
+    );
+}
