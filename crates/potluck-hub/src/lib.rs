@@ -32,3 +32,4 @@ pub(crate) mod web;
 pub use config::HubConfig;
 pub use http::error::ApiError;
 pub use hub::{Hub, HubError, ANONYMOUS, DB_FILE};
+pub use routing::link::MAX_REFUSALS_KEPT;

@@ -24,7 +24,7 @@ use crate::http::auth::bearer;
 use crate::http::error::ApiError;
 use crate::http::lines::Lines;
 use crate::routing::events::{self, EVENTS_QUEUE};
-use crate::routing::link::{OfferedModel, Outgoing, ProviderLink};
+use crate::routing::link::{OfferedModel, Outgoing, ProviderLink, MAX_REFUSALS_KEPT};
 use crate::state::HubState;
 
 /// Largest energy one request may report (100 Wh); more is implausible and ignored.
@@ -341,6 +341,16 @@ fn apply(
     Ok(())
 }
 
+/// Whether `m`'s refusal is new for this tunnel (and so told and logged): each is told
+/// once, and at most [`MAX_REFUSALS_KEPT`] are remembered; past them, none is told.
+fn first_refusal(tunnel: &ProviderLink, m: &ModelOffer) -> bool {
+    let mut refused = tunnel.refused.lock();
+    if refused.len() >= MAX_REFUSALS_KEPT {
+        return false;
+    }
+    refused.insert(format!("{}\n{:?}", m.id, m.sha256))
+}
+
 /// Check each offered model against the hub's allow-list; tell the agent why a model is
 /// refused.
 fn admit(
@@ -355,9 +365,7 @@ fn admit(
                 out.insert(m.id.clone(), OfferedModel::from(&m));
             }
             Err(reason) => {
-                let seen = format!("{}\n{:?}", m.id, m.sha256);
-                let first = tunnel.refused.lock().insert(seen);
-                if !first {
+                if !first_refusal(tunnel, &m) {
                     continue;
                 }
                 // The name and hash are the provider's own announcement, not consumer input.

@@ -24,6 +24,12 @@ pub enum Outgoing {
     Event(HubEvent),
 }
 
+/// The most refusals (model and hash) a tunnel remembers, each told to the agent and
+/// logged once: twice what one offer may hold. Past it, a refused model is still refused,
+/// but silently, so that a provider renaming its models again and again grows neither the
+/// hub's memory nor its log.
+pub const MAX_REFUSALS_KEPT: usize = 2 * potluck_protocol::tunnel::MAX_MODELS_PER_AGENT;
+
 /// A connected provider: one open tunnel to one agent, and what it offers.
 pub struct ProviderLink {
     /// Unique per tunnel for the life of the hub.
@@ -49,7 +55,8 @@ pub struct ProviderLink {
     pub trusted: AtomicBool,
     /// Quarantined: no traffic but audits.
     pub quarantined: AtomicBool,
-    /// Refusals already sent to the agent (model and hash), so each is sent once.
+    /// Refusals already sent to the agent (model and hash), so each is sent once; at
+    /// most [`MAX_REFUSALS_KEPT`].
     pub refused: Mutex<HashSet<String>>,
     /// The provider's measured health (shared by its tunnels).
     pub health: Arc<Health>,

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use potluck_protocol::tunnel::ModelHash;
+use potluck_protocol::tunnel::{ModelHash, MAX_MODELS_PER_AGENT};
 use potluck_protocol::{Capability, ModelCapabilities, ModelName};
 use rand::Rng;
 
@@ -74,16 +74,59 @@ fn add_capabilities(s: &mut ModelStatus, c: &ModelCapabilities) {
 impl Registry {
     /// Count energy a provider reported for one request of `model`.
     pub fn add_energy(&self, provider_id: i64, model: &ModelName, millijoules: u64) {
-        let mut e = self.inner.energy.lock();
-        let s = e.entry((provider_id, model.clone())).or_default();
-        s.millijoules = s.millijoules.saturating_add(millijoules);
+        self.count_energy(provider_id, model, |s| {
+            s.millijoules = s.millijoules.saturating_add(millijoules);
+        });
     }
 
     /// Count tokens a provider served for `model` (for energy per token).
     pub fn add_tokens(&self, provider_id: i64, model: &ModelName, tokens: u64) {
-        let mut e = self.inner.energy.lock();
-        let s = e.entry((provider_id, model.clone())).or_default();
-        s.tokens = s.tokens.saturating_add(tokens);
+        self.count_energy(provider_id, model, |s| {
+            s.tokens = s.tokens.saturating_add(tokens);
+        });
+    }
+
+    /// Apply `f` to the books of (`provider_id`, `model`). A provider's books hold at most
+    /// what its tunnels can offer at once ([`MAX_MODELS_PER_AGENT`] per tunnel): a report
+    /// for a new model when they are full first drops the models none of its tunnels
+    /// offers now, and is itself dropped if that frees nothing, so a provider that renames
+    /// its models again and again cannot grow the hub's memory.
+    fn count_energy(&self, provider_id: i64, model: &ModelName, f: impl Fn(&mut EnergyStat)) {
+        let bound = self.energy_bound();
+        {
+            let mut books = self.inner.energy.lock();
+            let mine = books.entry(provider_id).or_default();
+            if let Some(s) = mine.get_mut(model) {
+                return f(s);
+            }
+            if mine.len() < bound {
+                return f(mine.entry(model.clone()).or_default());
+            }
+        }
+        // Full: learn what the provider offers now (the tunnels' locks are never taken
+        // under the books' lock), then make room.
+        let offered: HashSet<ModelName> = self
+            .inner
+            .tunnels()
+            .values()
+            .filter(|t| t.provider_id == provider_id)
+            .flat_map(|t| t.models())
+            .collect();
+        let mut books = self.inner.energy.lock();
+        let mine = books.entry(provider_id).or_default();
+        mine.retain(|m, _| offered.contains(m));
+        if mine.len() < bound {
+            f(mine.entry(model.clone()).or_default());
+        }
+    }
+
+    fn energy_bound(&self) -> usize {
+        MAX_MODELS_PER_AGENT.saturating_mul(self.inner.routing.max_tunnels_per_provider as usize)
+    }
+
+    /// How many (provider, model) pairs the energy books hold.
+    pub fn energy_entries(&self) -> usize {
+        self.inner.energy.lock().values().map(HashMap::len).sum()
     }
 
     /// Measured Wh per 1,000 tokens of a provider for a model, if known.

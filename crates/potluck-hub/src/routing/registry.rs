@@ -123,7 +123,8 @@ pub(super) struct Inner {
     pub(super) tunnels: Mutex<HashMap<u64, Arc<ProviderLink>>>,
     pub(super) queue: Mutex<Queue<Lease>>,
     next_conn: AtomicU64,
-    pub(super) energy: Mutex<HashMap<(i64, ModelName), EnergyStat>>,
+    /// Energy books: per provider, per model (bounded: `Registry::count_energy`).
+    pub(super) energy: Mutex<HashMap<i64, HashMap<ModelName, EnergyStat>>>,
     pub(super) routing: RoutingConfig,
     /// Each provider's health, across its tunnels and reconnections.
     pub(super) health: Mutex<HashMap<i64, Arc<Health>>>,
@@ -283,7 +284,8 @@ impl Inner {
     pub(super) fn energy_per_1k(&self, provider_id: i64, model: &ModelName) -> Option<f64> {
         self.energy
             .lock()
-            .get(&(provider_id, model.clone()))
+            .get(&provider_id)
+            .and_then(|m| m.get(model))
             .and_then(EnergyStat::wh_per_1k)
     }
 

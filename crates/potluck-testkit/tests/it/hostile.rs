@@ -325,3 +325,114 @@ async fn a_provider_that_streams_without_end_is_cut_at_max_response_bytes() {
         "a cut counts against the provider"
     );
 }
+
+/// A provider that renames its models again and again, and reports energy for each new
+/// name, cannot grow the hub's memory without end: the energy books keep at most what
+/// the provider's tunnels can offer at once (`MAX_MODELS_PER_AGENT` per tunnel). Before,
+/// every name ever reported stayed for the life of the hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_renaming_its_models_cannot_grow_the_hubs_energy_books() {
+    use potluck_protocol::tunnel::{AgentEvent, ModelOffer, MAX_MODELS_PER_AGENT};
+    let hub = TestHub::start().await;
+    let agent = provider(&hub, "renamer", 8).await;
+    hub.wait_for_model(MODEL, 1).await;
+    let st = hub.state();
+    let offer = |names: &[ModelName]| AgentEvent::Models {
+        models: names.iter().cloned().map(ModelOffer::named).collect(),
+        max_concurrency: 8,
+        profile: ProviderProfile::default(),
+        accepting: true,
+    };
+    for round in 0..12 {
+        let names: Vec<ModelName> = (0..MAX_MODELS_PER_AGENT)
+            .map(|i| ModelName::parse(&format!("r{round}-m{i}")).unwrap())
+            .collect();
+        agent.send(offer(&names));
+        for model in names {
+            agent.send(AgentEvent::Energy {
+                request_id: format!("req-{round}"),
+                model,
+                millijoules: 5,
+            });
+        }
+    }
+    // The control stream is in order: once this offer is applied, so is every report.
+    let last = ModelName::parse("the-last-offer").unwrap();
+    agent.send(offer(std::slice::from_ref(&last)));
+    wait_until("the last offer is applied", Duration::from_secs(60), || {
+        let st = st.clone();
+        let last = last.clone();
+        async move { st.registry.models().keys().eq([&last]) }
+    })
+    .await;
+    let bound = MAX_MODELS_PER_AGENT * hub.state().config.routing.max_tunnels_per_provider as usize;
+    let kept = st.registry.energy_entries();
+    assert!(
+        kept <= bound,
+        "{kept} energy entries kept, at most {bound} allowed"
+    );
+}
+
+/// The same provider on a hub with a model allow-list: every new name is refused, and the
+/// hub remembers each refusal so that it tells the agent (and its log) once. Those
+/// memories are bounded too (`MAX_REFUSALS_KEPT` per tunnel): past them a refused model
+/// is still refused, silently. Before, a provider could grow the set, the agent's events
+/// and the hub's log by one entry per name without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_renaming_its_models_cannot_grow_the_hubs_refusals() {
+    use potluck_hub::config::AllowedModel;
+    use potluck_protocol::tunnel::MAX_MODELS_PER_AGENT;
+    use potluck_protocol::tunnel::{AgentEvent, HubEvent, ModelHash, ModelOffer};
+    let hash = ModelHash::parse(&"a".repeat(64)).unwrap();
+    let allowed = hash.clone();
+    let hub = TestHub::start_with(move |c| {
+        c.model_allowlist = vec![AllowedModel {
+            name: "allowed".into(),
+            sha256: vec![allowed],
+            source: String::new(),
+        }];
+    })
+    .await;
+    let agent = provider(&hub, "renamer", 8).await;
+    let offer = |models: Vec<ModelOffer>| AgentEvent::Models {
+        models,
+        max_concurrency: 8,
+        profile: ProviderProfile::default(),
+        accepting: true,
+    };
+    for round in 0..12 {
+        agent.send(offer(
+            (0..MAX_MODELS_PER_AGENT)
+                .map(|i| ModelOffer::named(ModelName::parse(&format!("r{round}-m{i}")).unwrap()))
+                .collect(),
+        ));
+    }
+    agent.send(offer(vec![ModelOffer {
+        sha256: Some(hash),
+        ..ModelOffer::named(ModelName::parse("allowed").unwrap())
+    }]));
+    hub.wait_for_model("allowed", 1).await;
+    let refusals = || {
+        agent
+            .hub_events()
+            .iter()
+            .filter(|e| matches!(e, HubEvent::ModelRefused { .. }))
+            .count()
+    };
+    // Let the refusals already queued reach the agent.
+    let mut seen = refusals();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = refusals();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    let bound = potluck_hub::MAX_REFUSALS_KEPT;
+    assert!(seen <= bound, "{seen} refusals sent, at most {bound}");
+    assert!(
+        seen >= MAX_MODELS_PER_AGENT,
+        "the first ones are told: {seen}"
+    );
+}
