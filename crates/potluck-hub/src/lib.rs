@@ -31,5 +31,6 @@ pub(crate) mod web;
 
 pub use config::HubConfig;
 pub use http::error::ApiError;
+pub use http::stall::WATCH_BODIES_OVER;
 pub use hub::{Hub, HubError, ANONYMOUS, DB_FILE};
 pub use routing::link::MAX_REFUSALS_KEPT;

@@ -5,7 +5,8 @@
 //! and everything behind it (the provider's slot, the key's concurrency slot, the credit
 //! reservation, the volunteer's model slot) for as long as it keeps the connection open.
 //!
-//! Every response body of unknown length (a stream) is watched: [`Watched`] counts the
+//! Every response body of unknown length (a stream), and every body larger than
+//! [`WATCH_BODIES_OVER`] (a whole answer the server holds until it is read), is watched: [`Watched`] counts the
 //! frames the server takes and notes whether one is waiting to be taken. The
 //! [`Watchdog`]'s sweep, every quarter of `server.consumer_stall_timeout`, closes the
 //! connection of any stream whose frame has waited that long; dropping the connection
@@ -29,6 +30,11 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::HEADER_X_REQUEST_ID;
+
+/// A response body of known length up to this size is not watched: the sockets' buffers
+/// take it whole. A larger one (a whole answer of megabytes) is, like a stream: the
+/// server holds it until its client has read it.
+pub const WATCH_BODIES_OVER: u64 = 64 * 1024;
 
 /// Shortest pause between two sweeps, whatever the timeout.
 const MIN_SWEEP_EVERY: Duration = Duration::from_millis(100);
@@ -75,9 +81,11 @@ impl Watchdog {
         (self.timeout / 4).max(MIN_SWEEP_EVERY)
     }
 
-    /// Watch `resp`'s body if it is a stream, on the connection `close` closes.
+    /// Watch `resp`'s body if it is a stream or larger than [`WATCH_BODIES_OVER`], on the
+    /// connection `close` closes.
     pub(crate) fn watch(self: &Arc<Self>, resp: Response, close: &CancellationToken) -> Response {
-        if http_body::Body::size_hint(resp.body()).exact().is_some() {
+        let exact = http_body::Body::size_hint(resp.body()).exact();
+        if exact.is_some_and(|n| n <= WATCH_BODIES_OVER) {
             return resp;
         }
         let progress = Arc::new(Progress {
@@ -99,6 +107,7 @@ impl Watchdog {
         resp.map(|inner| {
             Body::new(Watched {
                 inner,
+                rest: Bytes::new(),
                 progress,
                 id,
                 dog: Arc::clone(self),
@@ -153,9 +162,14 @@ impl Watchdog {
     }
 }
 
-/// A streamed body that tells the [`Watchdog`] how its client keeps up.
+/// A streamed body that tells the [`Watchdog`] how its client keeps up. A frame larger
+/// than [`WATCH_BODIES_OVER`] is handed to the server in pieces of that size (without a
+/// copy): the server asks for the next piece only when its client has taken the last, so
+/// the watch sees how far the client has read, not only that the server took the frame.
 struct Watched {
     inner: Body,
+    /// What is left of a large frame.
+    rest: Bytes,
     progress: Arc<Progress>,
     id: u64,
     dog: Arc<Watchdog>,
@@ -172,7 +186,12 @@ impl http_body::Body for Watched {
         let this = self.get_mut();
         let p = &this.progress;
         p.waiting.store(false, Ordering::Relaxed);
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let r = if this.rest.is_empty() {
+            Pin::new(&mut this.inner).poll_frame(cx)
+        } else {
+            Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut this.rest)))))
+        };
+        let r = r.map(|f| f.map(|f| f.map(|f| piece(f, &mut this.rest))));
         if let Poll::Ready(Some(_)) = r {
             // This body is the only writer: no read-modify-write needed.
             let taken = p.taken.load(Ordering::Relaxed);
@@ -183,11 +202,33 @@ impl http_body::Body for Watched {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        // The upper bound first: a lower bound above the upper one panics.
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint.set_lower(hint.lower().saturating_add(rest));
+        hint
+    }
+}
+
+/// The first [`WATCH_BODIES_OVER`] bytes of a data frame; the rest into `rest` (which is
+/// empty when this is called).
+fn piece(frame: Frame<Bytes>, rest: &mut Bytes) -> Frame<Bytes> {
+    match frame.into_data() {
+        Ok(mut data) => {
+            let max = WATCH_BODIES_OVER as usize;
+            if data.len() > max {
+                *rest = data.split_off(max);
+            }
+            Frame::data(data)
+        }
+        Err(frame) => frame,
     }
 }
 
@@ -250,10 +291,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn whole_answers_are_not_watched() {
+    async fn small_whole_answers_are_not_watched() {
         let dog = Watchdog::new(Duration::from_secs(1));
         let close = CancellationToken::new();
-        let _resp = dog.watch(Response::new(Body::from("{}")), &close);
+        let small = vec![b'x'; WATCH_BODIES_OVER as usize];
+        let _resp = dog.watch(Response::new(Body::from(small)), &close);
+        assert_eq!(dog.len(), 0);
+    }
+
+    /// A large whole answer is watched and handed over in pieces, its length known
+    /// throughout and its end only after the last piece.
+    #[tokio::test]
+    async fn a_large_whole_answer_is_watched_in_pieces_of_known_length() {
+        let dog = Watchdog::new(Duration::from_secs(1));
+        let close = CancellationToken::new();
+        let max = WATCH_BODIES_OVER as usize;
+        let whole: Vec<u8> = (0..3 * max + 10).map(|i| i as u8).collect();
+        let mut body = dog
+            .watch(Response::new(Body::from(whole.clone())), &close)
+            .into_body();
+        assert_eq!(dog.len(), 1);
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        loop {
+            let left = whole.len() - got.len();
+            assert_eq!(http_body::Body::size_hint(&body).exact(), Some(left as u64));
+            assert_eq!(http_body::Body::is_end_stream(&body), left == 0);
+            let Some(frame) = body.frame().await else {
+                break;
+            };
+            let data = frame.unwrap().into_data().unwrap();
+            sizes.push(data.len());
+            got.extend_from_slice(&data);
+        }
+        assert_eq!(got, whole);
+        assert_eq!(sizes, [max, max, max, 10]);
+        drop(body);
         assert_eq!(dog.len(), 0);
     }
 }

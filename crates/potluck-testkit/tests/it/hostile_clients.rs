@@ -405,6 +405,46 @@ async fn an_http1_client_that_stops_reading_frees_the_providers_slot() {
     assert!(read.is_ok(), "the hub closed the connection");
 }
 
+/// The same with a large whole answer (about 27 MB, under `max_response_bytes`): the
+/// hub's server takes it whole and writes it as the client reads, so a client that stops
+/// reading held all of it in the hub's memory for as long as it kept the connection open,
+/// one such answer per connection. A body larger than [`potluck_hub::WATCH_BODIES_OVER`]
+/// is watched like a stream, and the connection closed after
+/// `server.consumer_stall_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_stops_reading_a_large_whole_answer_is_cut_off() {
+    let (hub, _backend, _agent) = streaming_pool(2_500_000, Duration::ZERO).await;
+    let key = hub.create_key("eve").await;
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let addr = hub.url().trim_start_matches("http://").parse().unwrap();
+    let mut tcp = sock.connect(addr).await.unwrap();
+    let json = serde_json::to_string(&chat_body(MODEL, "hi", false)).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+        json.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(60), tcp.read_exact(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // From here on the client reads nothing for three stall timeouts, and keeps the
+    // connection; then it reads what is left.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(BOUND, tcp.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the hub closed the connection");
+    assert!(
+        rest.len() < 20_000_000,
+        "the answer was cut: {} bytes",
+        rest.len()
+    );
+}
+
 /// The deadline is the client's, not the provider's: a client that reads a stream whose
 /// provider pauses longer than the deadline between chunks gets the whole answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
