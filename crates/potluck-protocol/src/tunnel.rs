@@ -174,7 +174,7 @@ impl DeviceClass {
 }
 
 /// Which side of a request a provider requires the hub to moderate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Moderation {
     /// No requirement (the hub's own policy applies).
@@ -186,6 +186,46 @@ pub enum Moderation {
     Output,
     /// Both.
     Both,
+}
+
+impl Moderation {
+    /// Moderation of the sides `input` and `output`.
+    pub fn of(input: bool, output: bool) -> Self {
+        match (input, output) {
+            (true, true) => Self::Both,
+            (true, false) => Self::Input,
+            (false, true) => Self::Output,
+            (false, false) => Self::None,
+        }
+    }
+
+    /// Whether the consumer's input is checked.
+    pub fn input(self) -> bool {
+        matches!(self, Self::Input | Self::Both)
+    }
+
+    /// Whether the model's output is checked.
+    pub fn output(self) -> bool {
+        matches!(self, Self::Output | Self::Both)
+    }
+
+    /// Every side either checks.
+    pub fn with(self, other: Self) -> Self {
+        Self::of(
+            self.input() || other.input(),
+            self.output() || other.output(),
+        )
+    }
+
+    /// Whether a request moderated as `self` meets the requirement `required`.
+    pub fn covers(self, required: Self) -> bool {
+        (self.input() || !required.input()) && (self.output() || !required.output())
+    }
+
+    /// How many sides are checked.
+    pub fn sides(self) -> u8 {
+        u8::from(self.input()) + u8::from(self.output())
+    }
 }
 
 /// The provider's declared shape and rules, sent with every offer.
@@ -412,6 +452,28 @@ mod tests {
 
     fn offer(s: &str) -> ModelOffer {
         ModelOffer::named(ModelName::parse(s).unwrap())
+    }
+
+    /// `covers` is "checks at least the sides required", `with` the union, for all 16
+    /// pairs.
+    #[test]
+    fn moderation_covers_and_unions_side_by_side() {
+        use Moderation::*;
+        let all = [None, Input, Output, Both];
+        for a in all {
+            assert_eq!(Moderation::of(a.input(), a.output()), a);
+            for b in all {
+                let covers = (a.input() || !b.input()) && (a.output() || !b.output());
+                assert_eq!(a.covers(b), covers, "{a:?} covers {b:?}");
+                assert!(a.with(b).covers(a) && a.with(b).covers(b));
+                assert_eq!(
+                    a.with(b).sides(),
+                    u8::from(a.input() || b.input()) + u8::from(a.output() || b.output())
+                );
+            }
+        }
+        assert!(None.covers(None) && !None.covers(Input) && Both.covers(Output));
+        assert!(!Input.covers(Output) && !Output.covers(Both));
     }
 
     /// The receipt fast path reads what the general path reads, and nothing it refuses.

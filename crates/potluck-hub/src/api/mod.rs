@@ -244,7 +244,7 @@ async fn admit(
         groups: Arc::clone(&key.groups),
         low_power: header_has(headers, HEADER_PREFER, "low-power") || key.prefer_low_power,
         trusted_only: trusted_header(headers) || key.trusted_only,
-        can_moderate: state.config.moderation.enabled(),
+        moderated: stages.moderation(),
         request: Some(Arc::clone(&parsed.request)),
     };
     Ok(Admitted {

@@ -1,6 +1,7 @@
 //! Guard-model checks a request asks for: which stages apply (the hub's policy for the
 //! model and what any of its providers requires), and the input check before dispatch.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use potluck_protocol::tunnel::Moderation;
@@ -19,6 +20,13 @@ pub(crate) struct Stages {
     pub(crate) output: bool,
 }
 
+impl Stages {
+    /// As a requirement a provider may have.
+    pub(crate) fn moderation(self) -> Moderation {
+        Moderation::of(self.input, self.output)
+    }
+}
+
 /// Which stages apply to a request for `model` at `endpoint`.
 pub(crate) fn stages(state: &HubState, endpoint: InferenceEndpoint, model: &ModelName) -> Stages {
     let cfg = &state.config.moderation;
@@ -26,13 +34,23 @@ pub(crate) fn stages(state: &HubState, endpoint: InferenceEndpoint, model: &Mode
         return Stages::default();
     }
     let hub = cfg.mode_for(model.as_str());
-    let providers = state.registry.required_moderation(model);
-    let input = |m| matches!(m, Moderation::Input | Moderation::Both);
-    let output = |m| matches!(m, Moderation::Output | Moderation::Both);
+    let got = least_cover(hub, &state.registry.moderation_required(model));
     Stages {
-        input: input(hub) || input(providers),
-        output: output(hub) || output(providers),
+        input: got.input(),
+        output: got.output(),
     }
+}
+
+/// The least moderation, beyond the hub's own policy `hub`, that lets some provider
+/// requiring one of `required` serve: a provider's requirement binds the requests routed
+/// to it, not every request for its model (a stranger announcing a model and requiring
+/// moderation would otherwise put everyone's requests through the guard).
+fn least_cover(hub: Moderation, required: &BTreeSet<Moderation>) -> Moderation {
+    required
+        .iter()
+        .map(|r| hub.with(*r))
+        .min_by_key(|m| m.sides())
+        .unwrap_or(hub)
 }
 
 /// A request the guard cannot read whole: a prompt of token ids, or more text than
@@ -120,4 +138,28 @@ async fn check_window(
             code: Some("content_filter"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ms: &[Moderation]) -> BTreeSet<Moderation> {
+        ms.iter().copied().collect()
+    }
+
+    /// One provider that requires nothing keeps every request as the hub's policy says;
+    /// otherwise the least requirement is added, never the strongest.
+    #[test]
+    fn a_request_gets_the_least_moderation_some_provider_accepts() {
+        use Moderation::*;
+        assert_eq!(least_cover(None, &set(&[])), None);
+        assert_eq!(least_cover(None, &set(&[None, Both])), None);
+        assert_eq!(least_cover(Output, &set(&[None, Both])), Output);
+        assert_eq!(least_cover(None, &set(&[Input, Both])), Input);
+        assert_eq!(least_cover(None, &set(&[Output, Both])), Output);
+        assert_eq!(least_cover(None, &set(&[Both])), Both);
+        assert_eq!(least_cover(Output, &set(&[Input, Output])), Output);
+        assert_eq!(least_cover(Input, &set(&[Output, Both])), Both);
+    }
 }

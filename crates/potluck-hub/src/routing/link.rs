@@ -119,9 +119,9 @@ pub struct Need {
     pub request: Option<Arc<InferenceRequest>>,
     /// Only trusted reference providers.
     pub trusted_only: bool,
-    /// The hub can moderate (a guard is configured), so providers that require
-    /// moderation may serve.
-    pub can_moderate: bool,
+    /// The guard stages this request gets: a provider that requires more does not serve
+    /// it (`api::screen::stages`).
+    pub moderated: potluck_protocol::tunnel::Moderation,
 }
 
 impl Offer {
@@ -139,8 +139,7 @@ impl Offer {
         let size_ok = need.request.as_ref().is_none_or(|r| {
             r.check_limits(&caps).is_ok() && r.missing_capability(&m.capabilities).is_none()
         });
-        let moderation_ok = self.profile.moderation == potluck_protocol::tunnel::Moderation::None
-            || need.can_moderate;
+        let moderation_ok = need.moderated.covers(self.profile.moderation);
         groups_ok && size_ok && moderation_ok
     }
 }

@@ -184,27 +184,18 @@ impl Registry {
             .collect()
     }
 
-    /// The strongest moderation any open provider of `model` requires.
-    pub fn required_moderation(&self, model: &ModelName) -> potluck_protocol::tunnel::Moderation {
-        use potluck_protocol::tunnel::Moderation as M;
-        let (mut input, mut output) = (false, false);
-        for t in self.open_tunnels() {
-            let o = t.state.lock();
-            if o.models.contains_key(model) {
-                match o.profile.moderation {
-                    M::None => {}
-                    M::Input => input = true,
-                    M::Output => output = true,
-                    M::Both => (input, output) = (true, true),
-                }
-            }
-        }
-        match (input, output) {
-            (true, true) => M::Both,
-            (true, false) => M::Input,
-            (false, true) => M::Output,
-            (false, false) => M::None,
-        }
+    /// The moderation each open provider of `model` requires (each value once).
+    pub fn moderation_required(
+        &self,
+        model: &ModelName,
+    ) -> BTreeSet<potluck_protocol::tunnel::Moderation> {
+        self.open_tunnels()
+            .iter()
+            .filter_map(|t| {
+                let o = t.state.lock();
+                o.models.contains_key(model).then_some(o.profile.moderation)
+            })
+            .collect()
     }
 
     /// The open tunnels, copied out of the lock.

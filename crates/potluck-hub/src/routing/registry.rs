@@ -182,7 +182,7 @@ impl Inner {
         let anyone = Need {
             groups: Arc::clone(&need.groups),
             trusted_only: need.trusted_only,
-            can_moderate: need.can_moderate,
+            moderated: need.moderated,
             ..Need::default()
         };
         let allowed: Vec<_> = offering

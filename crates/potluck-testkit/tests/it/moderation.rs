@@ -482,3 +482,60 @@ async fn forbidden_text_in_reasoning_or_tool_arguments_is_caught() {
         assert!(body.contains("content_filter"), "whole {hidden}: {body}");
     }
 }
+
+/// A stranger who announces a popular model and requires moderation of both sides cannot
+/// put everyone's requests for that model through the guard (latency, the guard's
+/// capacity, prompts of token ids and long inputs refused for all): a request gets the
+/// moderation the hub's policy gives it plus the least that some open provider of the
+/// model requires, and a provider is routed only requests moderated as it requires.
+/// Before, the strongest requirement of any provider applied to every request for the
+/// model. A provider whose requirement is the only one left is still honoured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_moderation_requirement_does_not_moderate_everyone() {
+    let p = pool(
+        |c| c.moderation.guard_model = "guard".into(),
+        ProviderProfile::default(),
+    )
+    .await;
+    let both = ProviderProfile {
+        moderation: Moderation::Both,
+        ..Default::default()
+    };
+    let stranger = ScriptedAgent::connect_with(
+        "stranger",
+        &p.hub.url(),
+        &p.hub.create_provider("stranger").await,
+        hello(&["m"], 8, both),
+        model(),
+    )
+    .await;
+    p.hub.wait_for_model("m", 2).await;
+    for stream in [false, true, false, true] {
+        let r = chat(&p, "FORBIDDEN, and the hub moderates nothing", stream).await;
+        assert_eq!(r.status(), 200);
+        let _ = r.text().await.unwrap();
+    }
+    assert!(p.guard.requests().is_empty(), "the guard judged nothing");
+    assert!(
+        stranger.requests().is_empty(),
+        "the stranger was routed nothing it would not accept"
+    );
+    assert_eq!(p.model.requests().len(), 4);
+
+    // The stranger alone: its requirement is honoured.
+    let Pool {
+        hub,
+        alice,
+        guard,
+        model: honest,
+    } = p;
+    drop(honest);
+    hub.wait_for_model("m", 1).await;
+    let r = alice.send_chat(&chat_body("m", "FORBIDDEN", false)).await;
+    assert_eq!(r.status(), 400);
+    assert!(stranger.requests().is_empty());
+    let r = alice.send_chat(&chat_body("m", "fine", false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(stranger.requests().len(), 1);
+    assert_eq!(guard.requests().len(), 3, "input twice, the output once");
+}
