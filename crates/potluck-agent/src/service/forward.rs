@@ -245,15 +245,21 @@ async fn read(
     endpoint: InferenceEndpoint,
     a: &Admitted,
 ) -> Result<Bytes, Response<AgentBody>> {
-    let body = match Limited::new(body, a.limits.max_request_bytes)
-        .collect()
-        .await
-    {
-        Ok(c) => c.to_bytes(),
-        Err(_) => {
+    // The slot is already taken: the body must arrive within the response's time limit,
+    // or a hub that sends a head and no body would hold the slot for ever.
+    let collect = Limited::new(body, a.limits.max_request_bytes).collect();
+    let body = match tokio::time::timeout(a.limits.response_timeout, collect).await {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(_)) => {
             return Err(agent_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request too large for this provider",
+            ))
+        }
+        Err(_) => {
+            return Err(agent_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request's body did not arrive in time",
             ))
         }
     };

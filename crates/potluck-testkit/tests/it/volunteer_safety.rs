@@ -265,3 +265,53 @@ async fn a_hostile_hub_cannot_flood_the_agent_event_endpoint() {
         t.await.unwrap();
     }
 }
+
+/// A request `body` that arrives whole at once.
+fn whole_body(body: &'static str) -> HeldBody {
+    Full::new(Bytes::from_static(body.as_bytes())).boxed()
+}
+
+/// A hostile hub (or a broken link) that sends a request's head and never its body held
+/// one of the volunteer's slots for as long as it kept the tunnel open: the slot is taken
+/// when the head arrives, and the body was read without a deadline. Now the body must
+/// arrive within the volunteer's `[limits] response_timeout_secs`, or the request ends
+/// with 408 and the slot is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_hub_cannot_hold_a_slot_with_a_body_that_never_ends() {
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let mut hub = FakeHub::start().await;
+    let mut c = TestAgent::config(&hub.url(), "pt-any", &[backend.base_url()]);
+    c.max_concurrency = 1;
+    c.policy = potluck_testkit::agent_rig::policy("[limits]\nresponse_timeout_secs = 1\n");
+    let _agent = TestAgent::start_with(c);
+    let h2 = hub.accept_with::<HeldBody>().await;
+    const CHAT: &str = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+    let send = |body: HeldBody, id: &str| {
+        let mut h2 = h2.clone();
+        let req = http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header(potluck_protocol::tunnel::HEADER_MODEL, MODEL)
+            .header(potluck_protocol::tunnel::HEADER_REQUEST_ID, id)
+            .header(potluck_protocol::tunnel::HEADER_CONSUMER, "c-test")
+            .body(body)
+            .unwrap();
+        async move {
+            h2.ready().await.unwrap();
+            h2.send_request(req).await.unwrap().status().as_u16()
+        }
+    };
+    wait_until("the agent serves", T, || async {
+        send(whole_body(CHAT), "warm").await == 200
+    })
+    .await;
+    let (_release, held) = held_body();
+    let status = tokio::time::timeout(T, send(held, "held"))
+        .await
+        .expect("the agent gives up on a body that never ends");
+    assert_eq!(status, 408);
+    assert_eq!(
+        send(whole_body(CHAT), "after").await,
+        200,
+        "the one slot serves again"
+    );
+}
