@@ -159,7 +159,9 @@ impl Hub {
             .with_settlement_lag(accounting.settlement_lag().histogram());
         let web = crate::web::WebState::new(&identity);
         let balances = Arc::new(balance_table(&store, &config));
+        let answers = crate::api::relay::budget::Budget::new(config.max_buffered_answer_bytes);
         let state = Arc::new(HubState {
+            answers,
             web,
             config,
             store,

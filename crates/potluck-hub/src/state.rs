@@ -70,6 +70,8 @@ pub struct HubState {
     pub metrics: Metrics,
     /// The web dashboard's session key, sign-in bucket and samples.
     pub(crate) web: WebState,
+    /// What whole answers the hub holds may take together (`max_buffered_answer_bytes`).
+    pub(crate) answers: crate::api::relay::budget::Budget,
 }
 
 /// Weight of the newest sample in the per-model duration average.

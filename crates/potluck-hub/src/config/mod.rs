@@ -51,6 +51,11 @@ pub struct HubConfig {
     /// Largest provider answer, in bytes: a whole answer above it is a 502; a stream is
     /// ended with an error event once the provider has sent more.
     pub max_response_bytes: usize,
+    /// Most bytes of whole answers the hub holds at once, over all requests (from the
+    /// first byte collected until the consumer has read the last): past it, a request
+    /// whose answer would not fit gets 503 `hub_overloaded`, and no provider is blamed.
+    /// At least `max_response_bytes`.
+    pub max_buffered_answer_bytes: usize,
     /// Longest SSE line accepted from a provider, in bytes.
     pub max_sse_line_bytes: usize,
     /// Most distinct tool calls one streamed answer may carry when the hub translates it
@@ -292,6 +297,9 @@ impl HubConfig {
                 MAX_USAGE_BATCH_WINDOW.as_secs()
             ));
         }
+        if self.max_buffered_answer_bytes < self.max_response_bytes {
+            return Err("max_buffered_answer_bytes must be at least max_response_bytes".into());
+        }
         if self.max_tool_calls == 0 {
             return Err("max_tool_calls must be at least 1".into());
         }
@@ -351,6 +359,7 @@ impl Default for HubConfig {
             presence_interval: Duration::from_secs(1),
             max_request_bytes: 8 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
+            max_buffered_answer_bytes: 1024 * 1024 * 1024,
             max_sse_line_bytes: 1024 * 1024,
             max_tool_calls: 128,
             provider_header_timeout: Duration::from_secs(600),

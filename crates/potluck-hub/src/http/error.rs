@@ -93,6 +93,13 @@ pub enum ApiError {
         /// Seconds for `Retry-After`.
         retry_after: u64,
     },
+    /// 503: the whole answers the hub holds fill `max_buffered_answer_bytes`; not the
+    /// provider's fault.
+    #[error("hub overloaded")]
+    Overloaded {
+        /// Seconds for `Retry-After`.
+        retry_after: u64,
+    },
     /// 502: the provider failed.
     #[error("provider failed")]
     ProviderFailed(&'static str),
@@ -139,7 +146,8 @@ impl ApiError {
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::NoCapacity { .. }
             | ApiError::QueueTimeout { .. }
-            | ApiError::UsageBacklog { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::UsageBacklog { .. }
+            | ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } | ApiError::InsufficientCredits => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -158,6 +166,7 @@ impl ApiError {
             ApiError::NoCapacity { .. }
             | ApiError::QueueTimeout { .. }
             | ApiError::UsageBacklog { .. }
+            | ApiError::Overloaded { .. }
             | ApiError::Internal => Blame::Hub,
             _ => Blame::Consumer,
         }
@@ -231,6 +240,12 @@ impl ApiError {
                 None,
                 Some("queue_timeout"),
             ),
+            ApiError::Overloaded { .. } => ErrorBody::new(
+                "server_error",
+                "The hub holds as many large answers as it may now. Retry later.",
+                None,
+                Some("hub_overloaded"),
+            ),
             ApiError::UsageBacklog { .. } => ErrorBody::new(
                 "server_error",
                 "The hub is busy recording usage. Retry later.",
@@ -295,6 +310,7 @@ impl IntoResponse for ApiError {
             ApiError::NoCapacity { retry_after }
             | ApiError::QueueTimeout { retry_after }
             | ApiError::UsageBacklog { retry_after }
+            | ApiError::Overloaded { retry_after }
             | ApiError::RateLimited { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }

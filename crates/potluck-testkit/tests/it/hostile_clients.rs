@@ -445,6 +445,68 @@ async fn an_http1_client_that_stops_reading_a_large_whole_answer_is_cut_off() {
     );
 }
 
+/// Whole answers the hub holds are bounded together (`max_buffered_answer_bytes`): clients
+/// that ask for large answers (here about 3.3 MB each) and read none cannot make the hub
+/// hold more than the budget. Past it, a request gets 503 `hub_overloaded` at once, its
+/// provider not blamed; once the stalled connections are closed the budget is free again.
+/// Before, each such client held its whole answer, with nothing bounding them together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_whole_answers_nobody_reads_are_bounded_together() {
+    let hub = TestHub::start_with(|c| {
+        c.server.consumer_stall_timeout = Duration::from_secs(4);
+        c.max_response_bytes = 4 * 1024 * 1024;
+        c.max_buffered_answer_bytes = 8 * 1024 * 1024;
+    })
+    .await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 300_000,
+        ..Default::default()
+    });
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p1").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let key = hub.create_key("eve").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let addr = hub.url().trim_start_matches("http://").parse().unwrap();
+        let mut tcp = sock.connect(addr).await.unwrap();
+        let json = serde_json::to_string(&chat_body(MODEL, "hi", false)).unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+            json.len()
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut first = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(60), tcp.read_exact(&mut first))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+        held.push(tcp);
+    }
+    let carol = Consumer::new(&hub, "carol").await;
+    let a = carol.chat_with(&chat_body(MODEL, "hi", false)).await;
+    assert_eq!(a.status, 503, "{:?}", a.code());
+    assert_eq!(a.code(), Some("hub_overloaded"));
+    let st = hub.state();
+    let p1 = st.store.provider_id("p1").await.unwrap();
+    assert_eq!(
+        st.registry.health_of(p1).success_rate(),
+        1.0,
+        "not the provider's fault"
+    );
+    wait_until(
+        "the budget is free again",
+        Duration::from_secs(30),
+        || async { carol.chat_with(&chat_body(MODEL, "hi", false)).await.status == 200 },
+    )
+    .await;
+    drop(held);
+}
+
 /// The deadline is the client's, not the provider's: a client that reads a stream whose
 /// provider pauses longer than the deadline between chunks gets the whole answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

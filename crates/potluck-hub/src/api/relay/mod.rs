@@ -2,6 +2,7 @@
 //! ([`stream`]), streamed after a wait in the queue ([`queued`]); [`chunk`] reads one
 //! streamed chunk; [`window`] holds a stream's output moderation.
 
+pub(crate) mod budget;
 pub(crate) mod chunk;
 pub(crate) mod queued;
 pub(crate) mod stream;

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use potluck_tunnel::TunnelBody;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::api::ctx::{with_request_id, Ctx};
 use crate::api::finish::Outcome;
+use crate::api::relay::budget::{gather, Share, Shortfall};
 use crate::api::relay::chunk::{write_object, TopLevel};
 use crate::api::relay::{rewrite, HEADER_QUEUE_MS};
 use crate::http::error::ApiError;
@@ -32,7 +32,7 @@ pub(crate) async fn relay_whole(
     resp: http::Response<TunnelBody>,
 ) -> Response {
     let link = Arc::clone(lease.tunnel());
-    let bytes = match collect(state, ctx, lease, resp).await {
+    let (bytes, share) = match collect(state, ctx, lease, resp).await {
         Ok(b) => b,
         Err(e) => return ctx.provider_failed(state, &link, e),
     };
@@ -65,7 +65,10 @@ pub(crate) async fn relay_whole(
         Err(filtered) => (filtered, Outcome::ContentFilter),
     };
     ctx.finish(state, &link, 200, outcome, usage, None);
-    let mut r = (StatusCode::OK, body).into_response();
+    // The answer's share of the budget is given back once the consumer has read it.
+    let mut r = (StatusCode::OK, body)
+        .into_response()
+        .map(|b| share.hold(b));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -232,14 +235,15 @@ fn str_chars(raw: Option<&RawValue>) -> Option<i64> {
     }
 }
 
-/// Collect a successful answer under `max_response_bytes` and the body timeout (a cut
-/// ends it at once); the lease is given back as soon as the body is in.
+/// Collect a successful answer under `max_response_bytes`, the hub's budget of answers
+/// held (`max_buffered_answer_bytes`) and the body timeout (a cut ends it at once); the
+/// lease is given back as soon as the body is in.
 async fn collect(
     state: &HubState,
     ctx: &Ctx,
     lease: Lease,
     resp: http::Response<TunnelBody>,
-) -> Result<Bytes, ApiError> {
+) -> Result<(Bytes, Share), ApiError> {
     let collected = tokio::select! {
         biased;
         c = ctx.cut.cancelled() => {
@@ -248,16 +252,22 @@ async fn collect(
         }
         r = tokio::time::timeout(
             state.config.provider_body_timeout,
-            Limited::new(resp.into_body(), state.config.max_response_bytes).collect(),
+            gather(resp.into_body(), state.config.max_response_bytes, state.answers.share()),
         ) => r,
     };
     drop(lease);
     match collected {
         Err(_) => Err(ApiError::ProviderTimeout),
-        Ok(Err(_)) => Err(ApiError::ProviderFailed(
+        Ok(Err(Shortfall::Provider)) => Err(ApiError::ProviderFailed(
             "the provider's answer was cut off or too large",
         )),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(Shortfall::Budget)) => {
+            tracing::warn!("whole answer refused: the hub holds max_buffered_answer_bytes");
+            Err(ApiError::Overloaded {
+                retry_after: state.config.retry_after_secs,
+            })
+        }
+        Ok(Ok(c)) => Ok(c),
     }
 }
 
