@@ -12,7 +12,7 @@ use potluck_protocol::{Capability, ModelCapabilities, ModelName};
 use rand::Rng;
 
 use crate::routing::link::ProviderLink;
-use crate::routing::registry::Registry;
+use crate::routing::registry::{Inner, Registry};
 
 /// Energy and tokens served by one provider for one model (since the hub started).
 #[derive(Debug, Clone, Copy, Default)]
@@ -68,6 +68,17 @@ fn add_capabilities(s: &mut ModelStatus, c: &ModelCapabilities) {
     }
     if let Some(n) = c.context_length {
         s.context_length = Some(s.context_length.map_or(n, |x| x.max(n)));
+    }
+}
+
+impl Inner {
+    /// Measured Wh per 1,000 tokens of a provider for a model, if known.
+    pub(super) fn energy_per_1k(&self, provider_id: i64, model: &ModelName) -> Option<f64> {
+        self.energy
+            .lock()
+            .get(&provider_id)
+            .and_then(|m| m.get(model))
+            .and_then(EnergyStat::wh_per_1k)
     }
 }
 

@@ -280,15 +280,6 @@ impl Inner {
         }
     }
 
-    /// Measured Wh per 1,000 tokens of a provider for a model, if known.
-    pub(super) fn energy_per_1k(&self, provider_id: i64, model: &ModelName) -> Option<f64> {
-        self.energy
-            .lock()
-            .get(&provider_id)
-            .and_then(|m| m.get(model))
-            .and_then(EnergyStat::wh_per_1k)
-    }
-
     /// Give free slots to waiters (after a tunnel joined, its offer changed, or a
     /// request joined the queue).
     pub(super) fn fill(self: &Arc<Self>) {
