@@ -374,18 +374,20 @@ async fn an_http2_stream_with_no_window_frees_the_providers_slot() {
     assert_eq!(r.status(), 200);
 }
 
-/// An HTTP/1 client that stops reading once the answer has begun: when the socket's
-/// buffers are full the hub can write nothing more, and closes the connection after the
-/// deadline.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http1_client_that_stops_reading_frees_the_providers_slot() {
-    let (hub, backend, _agent) = streaming_pool(1_000_000, Duration::ZERO).await;
-    let key = hub.create_key("eve").await;
+/// A client with a small receive buffer that asks `hub` for a chat completion (streamed
+/// or not) with `key` and reads only the answer's status line, within `wait`: it must be
+/// a 200. The caller then reads nothing more, and keeps the connection.
+async fn client_that_stops_reading(
+    hub: &TestHub,
+    key: &str,
+    stream: bool,
+    wait: Duration,
+) -> TcpStream {
     let sock = TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let addr = hub.url().trim_start_matches("http://").parse().unwrap();
     let mut tcp = sock.connect(addr).await.unwrap();
-    let json = serde_json::to_string(&chat_body(MODEL, "hi", true)).unwrap();
+    let json = serde_json::to_string(&chat_body(MODEL, "hi", stream)).unwrap();
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
@@ -393,11 +395,22 @@ async fn an_http1_client_that_stops_reading_frees_the_providers_slot() {
     );
     tcp.write_all(head.as_bytes()).await.unwrap();
     let mut first = [0u8; 12];
-    tokio::time::timeout(BOUND, tcp.read_exact(&mut first))
+    tokio::time::timeout(wait, tcp.read_exact(&mut first))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
+    tcp
+}
+
+/// An HTTP/1 client that stops reading once the answer has begun: when the socket's
+/// buffers are full the hub can write nothing more, and closes the connection after the
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_stops_reading_frees_the_providers_slot() {
+    let (hub, backend, _agent) = streaming_pool(1_000_000, Duration::ZERO).await;
+    let key = hub.create_key("eve").await;
+    let mut tcp = client_that_stops_reading(&hub, &key, true, BOUND).await;
     // From here on the client reads nothing, and keeps the connection.
     slot_freed(&hub, &backend).await;
     let mut rest = Vec::new();
@@ -415,23 +428,7 @@ async fn an_http1_client_that_stops_reading_frees_the_providers_slot() {
 async fn an_http1_client_that_stops_reading_a_large_whole_answer_is_cut_off() {
     let (hub, _backend, _agent) = streaming_pool(2_500_000, Duration::ZERO).await;
     let key = hub.create_key("eve").await;
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let addr = hub.url().trim_start_matches("http://").parse().unwrap();
-    let mut tcp = sock.connect(addr).await.unwrap();
-    let json = serde_json::to_string(&chat_body(MODEL, "hi", false)).unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
-        json.len()
-    );
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut first = [0u8; 12];
-    tokio::time::timeout(Duration::from_secs(60), tcp.read_exact(&mut first))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&first, b"HTTP/1.1 200");
+    let mut tcp = client_that_stops_reading(&hub, &key, false, Duration::from_secs(60)).await;
     // From here on the client reads nothing for three stall timeouts, and keeps the
     // connection; then it reads what is left.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -468,24 +465,7 @@ async fn large_whole_answers_nobody_reads_are_bounded_together() {
     let key = hub.create_key("eve").await;
     let mut held = Vec::new();
     for _ in 0..2 {
-        let sock = TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        let addr = hub.url().trim_start_matches("http://").parse().unwrap();
-        let mut tcp = sock.connect(addr).await.unwrap();
-        let json = serde_json::to_string(&chat_body(MODEL, "hi", false)).unwrap();
-        let head = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
-            json.len()
-        );
-        tcp.write_all(head.as_bytes()).await.unwrap();
-        let mut first = [0u8; 12];
-        tokio::time::timeout(Duration::from_secs(60), tcp.read_exact(&mut first))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&first, b"HTTP/1.1 200");
-        held.push(tcp);
+        held.push(client_that_stops_reading(&hub, &key, false, Duration::from_secs(60)).await);
     }
     let carol = Consumer::new(&hub, "carol").await;
     let a = carol.chat_with(&chat_body(MODEL, "hi", false)).await;

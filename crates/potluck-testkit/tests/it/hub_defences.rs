@@ -31,11 +31,16 @@ struct Rig {
 }
 
 async fn rig() -> Rig {
-    let hub = TestHub::start_with(|c| {
+    rig_with(|c| {
         c.max_response_bytes = MAX_RESPONSE;
         c.max_sse_line_bytes = MAX_SSE_LINE;
     })
-    .await;
+    .await
+}
+
+/// The rig on a hub configured by `f`.
+async fn rig_with(f: impl FnOnce(&mut potluck_hub::HubConfig)) -> Rig {
+    let hub = TestHub::start_with(f).await;
     let alice = Consumer::new(&hub, "alice").await;
     let token = hub.create_provider("hostile").await;
     let agent = ScriptedAgent::connect(
@@ -186,17 +191,7 @@ async fn a_malformed_event_ends_the_stream_with_one_error_event() {
 /// thread for minutes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_tool_calls_in_a_stream_end_it_with_one_error_in_bounded_time() {
-    let hub = TestHub::start().await;
-    let alice = Consumer::new(&hub, "alice").await;
-    let token = hub.create_provider("hostile").await;
-    let agent = ScriptedAgent::connect(
-        "hostile",
-        &hub.url(),
-        &token,
-        hello(&[MODEL], 8, ProviderProfile::default()),
-    )
-    .await;
-    hub.wait_for_model(MODEL, 1).await;
+    let Rig { _hub, alice, agent } = rig_with(|_| {}).await;
     let frames: Vec<Bytes> = (0..8u32)
         .map(|line| {
             let calls: Vec<Value> = (0..50_000u32)

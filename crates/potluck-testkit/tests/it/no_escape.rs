@@ -209,10 +209,16 @@ async fn account_limits_bind_every_key_and_the_tighter_wins() {
 #[tokio::test]
 async fn a_slow_upload_is_cut_by_a_ban() {
     let (hub, _backend, _agent) = pool(|_| {}).await;
+    ban_cuts_a_slow_upload(&hub, "/v1/chat/completions").await;
+}
+
+/// `slowpoke` starts a body to `path` that never ends; once it is in flight, a ban answers
+/// it at once (403, or the connection closed) and it leaves the requests in flight.
+async fn ban_cuts_a_slow_upload(hub: &TestHub, path: &str) {
     let key = hub.create_key("slowpoke").await;
     let mut s = slow_request(
-        &hub,
-        &post_head("/v1/chat/completions", &key, 100_000),
+        hub,
+        &post_head(path, &key, 100_000),
         br#"{"model":"m1","messages":[{"role":"user","content":""#,
     )
     .await;
@@ -222,17 +228,17 @@ async fn a_slow_upload_is_cut_by_a_ban() {
         async move { st.inflight.len() == 1 }
     })
     .await;
-    let a = Admin::admin(&hub).ban("slowpoke", "slow loris").await;
+    let a = Admin::admin(hub).ban("slowpoke", "slow loris").await;
     assert_eq!(
         (a.status, a.body["requests_cut"].as_u64()),
         (200, Some(1)),
-        "{:?}",
+        "{path}: {:?}",
         a.body
     );
     let line = answer_line(&mut s).await;
     assert!(
         line.as_deref().is_none_or(|l| l.contains(" 403 ")),
-        "{line:?}"
+        "{path}: {line:?}"
     );
     potluck_testkit::wait_until("the request left", BOUND, || {
         let st = st.clone();
@@ -624,24 +630,5 @@ async fn the_other_apis_side_routes_are_rate_limited_and_cut_by_a_ban() {
     );
 
     let (hub, _backend, _agent) = pool(|_| {}).await;
-    let key = hub.create_key("slow-counter").await;
-    let mut s = slow_request(
-        &hub,
-        &post_head("/v1/messages/count_tokens", &key, 100_000),
-        br#"{"model":"m1","messages":[{"role":"user","content":""#,
-    )
-    .await;
-    let st = hub.state();
-    potluck_testkit::wait_until("the upload is in flight", BOUND, || {
-        let st = st.clone();
-        async move { st.inflight.len() == 1 }
-    })
-    .await;
-    let a = Admin::admin(&hub).ban("slow-counter", "slow loris").await;
-    assert_eq!(a.status, 200, "{:?}", a.body);
-    let line = answer_line(&mut s).await;
-    assert!(
-        line.as_deref().is_none_or(|l| l.contains(" 403 ")),
-        "{line:?}"
-    );
+    ban_cuts_a_slow_upload(&hub, "/v1/messages/count_tokens").await;
 }
