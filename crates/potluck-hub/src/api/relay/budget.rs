@@ -24,9 +24,10 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    /// A budget of `bytes`.
+    /// A budget of `bytes` (rounded up to the unit: an answer of at most `bytes` always
+    /// fits an empty budget).
     pub(crate) fn new(bytes: usize) -> Self {
-        let units = (bytes / UNIT).min(Semaphore::MAX_PERMITS);
+        let units = bytes.div_ceil(UNIT).min(Semaphore::MAX_PERMITS);
         Self {
             units: Arc::new(Semaphore::new(units)),
         }
@@ -178,5 +179,13 @@ mod tests {
         drop(a);
         assert!(b.grow(2 * UNIT));
         assert_eq!(budget.units.available_permits(), 2);
+    }
+
+    #[test]
+    fn an_answer_as_large_as_a_small_budget_fits_it() {
+        let budget = Budget::new(100);
+        let mut a = budget.share();
+        assert!(a.grow(100));
+        assert!(!budget.share().grow(1));
     }
 }
