@@ -430,6 +430,21 @@ mod tests {
     }
 
     #[test]
+    fn answer_bounds_refuse_their_worst_values() {
+        for (toml, field) in [
+            ("max_tool_calls = 0", "max_tool_calls"),
+            (
+                "max_buffered_answer_bytes = 1024",
+                "max_buffered_answer_bytes",
+            ),
+        ] {
+            let c: HubConfig = toml::from_str(toml).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(field), "{toml}: {e}");
+        }
+    }
+
+    #[test]
     fn toml_fields_and_errors() {
         let c: HubConfig =
             toml::from_str("listen = \"0.0.0.0:9000\"\nstream_idle_timeout = 2.5").unwrap();
