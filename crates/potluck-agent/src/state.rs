@@ -24,6 +24,10 @@ use crate::supply::HashCache;
 
 /// Errors kept for `status`.
 pub const LAST_ERRORS: usize = 32;
+/// The most refused models (the hub's refusals and discovery's) remembered, and logged,
+/// per policy: past it a refusal is neither kept nor logged, so that a hub sending
+/// refusal after refusal grows neither the agent's memory nor the volunteer's log.
+pub const MAX_REFUSALS_KEPT: usize = 1024;
 
 /// What the agent offers now (the content of `hello` / `models`).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -220,12 +224,22 @@ impl Shared {
         self.errors.lock().iter().cloned().collect()
     }
 
-    /// Log a refused model once per configuration (discovery repeats).
+    /// Log a refused model once per configuration (discovery repeats), at most
+    /// [`MAX_REFUSALS_KEPT`] of them.
     pub fn refuse_model(&self, key: String, message: String) {
-        if self.refused.lock().insert(key) {
+        let first = {
+            let mut refused = self.refused.lock();
+            refused.len() < MAX_REFUSALS_KEPT && refused.insert(key)
+        };
+        if first {
             tracing::warn!("{message}");
             self.record_error(message);
         }
+    }
+
+    /// Whether `model` is offered now.
+    pub fn offers(&self, model: &ModelName) -> bool {
+        self.offer.borrow().models.iter().any(|m| &m.id == model)
     }
 
     /// Most requests at once over all models, now.

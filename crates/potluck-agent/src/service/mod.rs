@@ -182,6 +182,8 @@ async fn hub_events(req: Request<Incoming>, sh: &Shared) -> Response<AgentBody> 
                     sh.journal.append_wait(Entry::ReceiptBatch(kept)).await;
                 }
             }
+            // A refusal of a model this agent does not offer is the hub's noise.
+            Ok(HubEvent::ModelRefused { model, .. }) if !sh.offers(&model) => {}
             Ok(HubEvent::ModelRefused { model, reason }) => {
                 let reason: String = reason
                     .chars()

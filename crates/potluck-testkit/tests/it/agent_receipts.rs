@@ -79,7 +79,7 @@ async fn receipts_land_in_the_journal_and_verify() {
     }
     batch.extend(
         HubEvent::ModelRefused {
-            model: ModelName::parse("m9").unwrap(),
+            model: ModelName::parse("m1").unwrap(),
             reason: "hash not on the allow-list".into(),
         }
         .encode(),
@@ -115,7 +115,7 @@ async fn receipts_land_in_the_journal_and_verify() {
     assert!(s
         .last_errors
         .iter()
-        .any(|e| e.message.contains("m9") && e.message.contains("allow-list")));
+        .any(|e| e.message.contains("m1") && e.message.contains("allow-list")));
 
     // Another hub's key, or another hub id: fails.
     let mut other = info.clone();
@@ -349,4 +349,53 @@ fn shared_signatures(dir: &std::path::Path) -> std::collections::BTreeMap<String
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A hostile hub that sends refusal after refusal, each with new words, cannot grow the
+/// agent's memory or the volunteer's log without end: the agent remembers (and logs) at
+/// most `potluck_agent::state::MAX_REFUSALS_KEPT` refusals per policy, and only of
+/// models it offers. Past that, a new refusal is not logged (so it is not among the
+/// status's last errors either). Before, each distinct line stayed and was logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_hub_cannot_grow_the_agents_refusals() {
+    let (mut rig, _, _) = served(&[]).await;
+    let refusal = |model: &str, reason: String| {
+        HubEvent::ModelRefused {
+            model: ModelName::parse(model).unwrap(),
+            reason,
+        }
+        .encode()
+    };
+    let cap = potluck_agent::state::MAX_REFUSALS_KEPT;
+    let mut batch = Vec::new();
+    for i in 0..cap {
+        batch.extend(refusal("m1", format!("reason {i}")));
+    }
+    post_events(&mut rig, batch).await;
+    let status = |rig: &AgentRig| {
+        let socket = rig.socket.clone();
+        async move {
+            potluck_agent::control::request(&socket, potluck_agent::control::Command::Status)
+                .await
+                .unwrap()
+                .status
+                .unwrap()
+        }
+    };
+    let last = format!("reason {}", cap - 1);
+    let s = status(&rig).await;
+    assert!(
+        s.last_errors.iter().any(|e| e.message.ends_with(&last)),
+        "the first ones are logged"
+    );
+    let mut more = refusal("m1", "one too many".into());
+    more.extend(refusal("m-not-offered", "never offered".into()));
+    post_events(&mut rig, more).await;
+    let s = status(&rig).await;
+    assert!(
+        !s.last_errors
+            .iter()
+            .any(|e| e.message.contains("one too many") || e.message.contains("never offered")),
+        "past the cap, and for a model not offered, nothing is kept or logged"
+    );
 }
