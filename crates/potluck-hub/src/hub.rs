@@ -173,6 +173,7 @@ impl Hub {
             signups: Hourly::default(),
             invites: Hourly::default(),
             reports: Hourly::default(),
+            key_changes: Hourly::default(),
             treasury,
             anonymous,
             identity,

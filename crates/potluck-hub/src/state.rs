@@ -48,6 +48,8 @@ pub struct HubState {
     pub(crate) invites: Hourly,
     /// Reports filed, by account.
     pub(crate) reports: Hourly,
+    /// Members' changes to their own keys, by account.
+    pub(crate) key_changes: Hourly,
     /// The treasury account (pays for anonymous use, issues grants).
     pub(crate) treasury: i64,
     /// The shared anonymous key, when anonymous access is on.

@@ -169,6 +169,17 @@ pub(crate) async fn my_key_settings(
     Ok(Json(set_own_settings(&st, &me, &id, s).await?).into_response())
 }
 
+/// One of `me`'s changes to its own keys, from its hourly bucket
+/// (`abuse.key_changes_per_hour`): each empties the key cache.
+fn key_change(st: &HubState, me: &KeyAuth) -> Result<(), ApiError> {
+    super::per_hour(
+        &st.key_changes,
+        me.account_id,
+        st.config.abuse.key_changes_per_hour,
+        "key changes",
+    )
+}
+
 /// A member sets a key's routing settings: the API's and the web pages' one path.
 pub(crate) async fn set_own_settings(
     st: &HubState,
@@ -177,6 +188,7 @@ pub(crate) async fn set_own_settings(
     s: KeySettings,
 ) -> Result<KeySettingsSet, ApiError> {
     let id = parse_id(id, "key")?;
+    key_change(st, me)?;
     st.store
         .set_key_settings(id, Some(me.account_id), s)
         .await
@@ -224,6 +236,7 @@ pub(crate) async fn create_own(
     name: String,
 ) -> Result<Created, ApiError> {
     check_name("name", &name)?;
+    key_change(st, me)?;
     let (id, secret) = st.store.create_own_key(me.account_id, &name).await?;
     tracing::info!(
         key_id = id,
@@ -249,6 +262,7 @@ pub(crate) async fn revoke_my_key(
 /// A member revokes a key of their own account: the API's and the web pages' one path.
 pub(crate) async fn revoke_own(st: &HubState, me: &KeyAuth, id: &str) -> Result<Revoked, ApiError> {
     let id = parse_id(id, "key")?;
+    key_change(st, me)?;
     st.store
         .revoke_own_key(me.account_id, id)
         .await

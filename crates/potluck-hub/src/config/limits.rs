@@ -132,6 +132,9 @@ pub struct AbuseConfig {
     pub invites_per_hour: u32,
     /// Reports one account may file per hour (consumer keys and provider tokens alike).
     pub reports_per_hour: u32,
+    /// Changes a member may make to its own keys per hour (create, revoke, settings):
+    /// each empties the hub's key cache.
+    pub key_changes_per_hour: u32,
 }
 
 impl Default for AbuseConfig {
@@ -140,6 +143,7 @@ impl Default for AbuseConfig {
             signups_per_hour: 30,
             invites_per_hour: 60,
             reports_per_hour: 20,
+            key_changes_per_hour: 60,
         }
     }
 }

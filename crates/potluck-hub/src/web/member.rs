@@ -123,11 +123,14 @@ pub(crate) async fn home(
         reports: reports
             .into_iter()
             .map(|r| ReportRow {
+                // What the API tells a reporter: whether action was taken, not which.
+                resolution: crate::accounts::reports::reporter_view(&r)
+                    .outcome
+                    .unwrap_or_default(),
                 id: r.id,
                 filed: when_ms(r.created_at_ms),
                 request_id: r.request_id,
                 status: r.status,
-                resolution: r.resolution.unwrap_or_default(),
             })
             .collect(),
     };

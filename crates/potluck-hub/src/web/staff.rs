@@ -257,6 +257,10 @@ fn limits(st: &HubState, out: &mut Vec<Section>) {
             a.invites_per_hour.to_string(),
         ),
         (
+            "own key changes per hour (each account)",
+            a.key_changes_per_hour.to_string(),
+        ),
+        (
             "web sign-ins per hour (hub)",
             st.config.web.signin_attempts_per_hour.to_string(),
         ),
@@ -282,13 +286,16 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
     }
     crate::web::admin_forms::settings(st, s, out).await?;
     if may(s, Action::Keys) {
-        let keys = st.store.list_keys().await?;
+        // Live keys first, then at most a page: revoked rows are kept for ever.
+        let mut keys = st.store.list_keys().await?;
+        keys.sort_by_key(|k| k.revoked_at.is_some());
         out.push(Section {
             id: "keys",
             title: "Keys",
             columns: &["Id", "Name", "Account", "Prefix", "Revoked"],
             rows: keys
                 .into_iter()
+                .take(st.config.web.page_rows.unsigned_abs() as usize)
                 .map(|k| {
                     let live = k.revoked_at.is_none();
                     let c = cells([

@@ -632,3 +632,47 @@ async fn the_other_apis_side_routes_are_rate_limited_and_cut_by_a_ban() {
     let (hub, _backend, _agent) = pool(|_| {}).await;
     ban_cuts_a_slow_upload(&hub, "/v1/messages/count_tokens").await;
 }
+
+/// Every change a member makes to its own keys (create, revoke, settings) empties the
+/// hub's key cache, so that the change binds at once; a member looping on them (with no
+/// change at all) kept every consumer's key lookups on the database, and left revoked
+/// rows behind without end. They now share one hourly bucket per account
+/// (`abuse.key_changes_per_hour`), through the API and the web pages alike.
+#[tokio::test]
+async fn a_members_key_changes_are_rate_limited() {
+    let (hub, _backend, _agent) = pool(|c| c.abuse.key_changes_per_hour = 3).await;
+    let (id, key) = hub.create_key_in("looper", "looper").await;
+    let settings = json!({"prefer_low_power": false, "trusted_only": false});
+    let path = format!("/v1/keys/{id}/settings");
+    let (s, _) = call(&hub, "PUT", &path, Some(&key), Some(settings.clone())).await;
+    assert_eq!(s, 200);
+    let (s, v) = call(
+        &hub,
+        "POST",
+        "/v1/keys",
+        Some(&key),
+        Some(json!({"name": "k2"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let revoke = format!("/v1/keys/{}", v["id"]);
+    let (s, _) = call(&hub, "DELETE", &revoke, Some(&key), None).await;
+    assert_eq!(s, 200);
+    let (s, v) = call(&hub, "PUT", &path, Some(&key), Some(settings.clone())).await;
+    assert_eq!(s, 429, "the fourth change in the hour: {v}");
+    let (s, _) = call(
+        &hub,
+        "POST",
+        "/v1/keys",
+        Some(&key),
+        Some(json!({"name": "k3"})),
+    )
+    .await;
+    assert_eq!(s, 429);
+    // Another account has its own bucket; requests are not key changes.
+    let (other_id, other) = hub.create_key_in("other", "other").await;
+    let path = format!("/v1/keys/{other_id}/settings");
+    let (s, _) = call(&hub, "PUT", &path, Some(&other), Some(settings)).await;
+    assert_eq!(s, 200);
+    assert_eq!(chat(&hub, &key).await, 200);
+}

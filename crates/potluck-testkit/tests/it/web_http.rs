@@ -739,3 +739,75 @@ async fn a_session_works_on_every_hub_of_one_database_and_no_other() {
         "another hub's cookie is worthless"
     );
 }
+
+/// A reporter learns whether its report led to action, never which party was sanctioned
+/// or how (the API's `outcome`: `dismissed` or `action_taken`). The member page printed
+/// the moderator's stored action (`ban_provider`, `suspend_key`, ...); now it prints the
+/// same outcome as the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_member_page_tells_a_reporter_the_outcome_not_the_sanction() {
+    let hub = TestHub::start().await;
+    let backend = FakeBackend::start(&["m1"]).await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p1").await, &backend.base_url());
+    hub.wait_for_model("m1", 1).await;
+    let key = hub.create_key("reporter").await;
+    let alice = Consumer::with_key(&hub, "reporter", key.clone());
+    let r = alice.chat("m1", "hi").await;
+    assert_eq!(r.status, 200);
+    let rid = r.header("x-request-id").unwrap().to_owned();
+    // The report is accepted once the request's usage row is written.
+    let mut filed = None;
+    for _ in 0..100 {
+        let a = alice
+            .call("/v1/reports", &json!({"request_id": rid, "reason": "rude"}))
+            .await;
+        if a.status == 201 {
+            filed = Some(a);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let filed = filed.expect("the report is filed");
+    let report = filed.body["id"].as_i64().unwrap();
+    let moderator = Staff::new(&hub, "mod", "moderator").await;
+    let a = moderator
+        .post(
+            &format!("/admin/v1/reports/{report}/resolve"),
+            json!({"action": "ban_provider", "reason": "report upheld"}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let c = WebClient::signed_in(&hub, &key).await;
+    let (status, page) = c.get("/web/me").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("action_taken"), "the outcome is shown");
+    assert!(!page.contains("ban_provider"), "the sanction is not");
+}
+
+/// Revoked keys stay in the database for good; the staff page's key list showed every one
+/// of them, so a member who made and revoked keys in a loop grew the admin's page without
+/// bound. The list now shows live keys first and at most `web.page_rows` rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_staff_key_list_is_one_page_with_live_keys_first() {
+    let hub = TestHub::start_with(|c| c.web.page_rows = 3).await;
+    let admin = Staff::new(&hub, "boss", "admin").await;
+    let mut revoked = Vec::new();
+    for i in 0..4 {
+        let (id, _) = hub.create_key_in(&format!("old-{i}"), "looper").await;
+        let a = admin.delete(&format!("/admin/v1/keys/{id}")).await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        revoked.push(id);
+    }
+    let (live, _) = hub.create_key_in("still-live", "looper").await;
+    let c = WebClient::signed_in(&hub, &admin.key).await;
+    let (status, page) = c.get("/web/staff").await;
+    assert_eq!(status, 200);
+    let keys = &page[page.find("id=\"keys\"").expect("the keys section")..];
+    let keys = &keys[..keys.find("</section>").unwrap_or(keys.len())];
+    assert!(
+        keys.contains(&format!("/web/staff/keys/{live}/act")),
+        "the live key first"
+    );
+    let rows = keys.matches("<tr").count();
+    assert!(rows <= 3 + 1, "one page (and the header): {rows} rows");
+}
