@@ -17,7 +17,7 @@ use crate::accounts::{invites, keys, members, reports};
 use crate::http::error::ApiError;
 use crate::state::HubState;
 use crate::trust::admin as trust_admin;
-use crate::web::member::{checked, CsrfForm};
+use crate::web::member::{signed_in, CsrfForm};
 use crate::web::{back, form, render, Created, Nav, WebError};
 
 #[derive(Deserialize)]
@@ -33,8 +33,9 @@ pub(crate) async fn resolve(
     Path(id): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: ResolveForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     let id = crate::http::extract::parse_id(&id, "report")?;
     let req = ResolveReport {
         action: f.action,
@@ -63,8 +64,9 @@ pub(crate) async fn key_act(
     Path(id): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: ActForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     if f.action == "revoke" {
         keys::revoke(&st, &s.auth, &id).await?;
     } else {
@@ -83,8 +85,9 @@ pub(crate) async fn provider_act(
     Path(id): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: ActForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     match f.action.as_str() {
         "release" => {
             trust_admin::release_provider(&st, &s.auth, id).await?;
@@ -108,8 +111,9 @@ pub(crate) async fn approve(
     Path(name): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: CsrfForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     members::approve_account(&st, &s.auth, &name).await?;
     Ok(back("/web/staff"))
 }
@@ -129,8 +133,9 @@ pub(crate) async fn sanction_account(
     Path(name): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: SanctionForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     let verb = SanctionAction::parse(&f.action)?;
     let why = Some(f.reason).filter(|r| !r.trim().is_empty());
     sanction_named(&st, &s.auth, Target::Account, &name, verb, why).await?;
@@ -149,8 +154,9 @@ pub(crate) async fn create_invite(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: InviteForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     let made = invites::create(&st, &s.auth, f.hours).await?;
     let page = Created {
         nav: Nav::of(&s),
@@ -168,8 +174,9 @@ pub(crate) async fn revoke_invite(
     Path(id): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: CsrfForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     invites::revoke(&st, &s.auth, &id).await?;
     Ok(back("/web/staff"))
 }

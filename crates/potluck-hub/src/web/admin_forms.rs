@@ -16,7 +16,7 @@ use crate::http::auth::{require, Action};
 use crate::http::error::ApiError;
 use crate::state::HubState;
 use crate::web::actions::unknown_action;
-use crate::web::member::checked;
+use crate::web::member::signed_in;
 use crate::web::session::Session;
 use crate::web::staff::{cells, may, Row, Section};
 use crate::web::{back, form, WebError};
@@ -65,8 +65,9 @@ pub(crate) async fn account_limits(
     Path(name): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: LimitsForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     require(&s.auth, Action::Limits)?;
     set_limits_named(&st, &s.auth, name, f.limits()?).await?;
     Ok(back("/web/staff"))
@@ -79,8 +80,9 @@ pub(crate) async fn key_limits(
     Path(id): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: LimitsForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     require(&s.auth, Action::Limits)?;
     let limits = f.limits()?;
     let id = crate::http::extract::parse_id(&id, "key")?;
@@ -101,8 +103,9 @@ pub(crate) async fn set_role(
     Path(name): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: RoleForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     set_role_named(&st, &s.auth, &name, &f.action).await?;
     Ok(back("/web/staff"))
 }
@@ -122,8 +125,9 @@ pub(crate) async fn groups(
     Path(name): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: GroupForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     match f.action.as_str() {
         "add" => {
             add_to_group(&st, &s.auth, &name, f.group).await?;

@@ -188,15 +188,11 @@ pub(crate) struct CsrfForm {
     pub(crate) csrf: String,
 }
 
-/// A session whose form carries its CSRF token.
-pub(crate) async fn checked(
-    st: &HubState,
-    headers: &HeaderMap,
-    csrf: &str,
-) -> Result<Session, WebError> {
-    let s = session(st, headers).await?;
-    s.check(&st.web, csrf)?;
-    Ok(s)
+/// The request's session, known before a byte of its form is read (a stranger makes the
+/// hub read nothing); the form's CSRF token is then checked against it
+/// (`Session::check`).
+pub(crate) async fn signed_in(st: &HubState, headers: &HeaderMap) -> Result<Session, WebError> {
+    Ok(session(st, headers).await?)
 }
 
 /// `POST /web/me/keys`: create a key; its secret is shown once, on this answer only.
@@ -205,8 +201,9 @@ pub(crate) async fn create_key(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: NewKeyForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     let created = keys::create_own(&st, &s.auth, f.name).await?;
     let page = Created {
         nav: Nav::of(&s),
@@ -224,8 +221,9 @@ pub(crate) async fn revoke_key(
     Path(id): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: CsrfForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     keys::revoke_own(&st, &s.auth, &id).await?;
     Ok(back("/web/me"))
 }
@@ -244,8 +242,9 @@ pub(crate) async fn key_settings(
     Path(id): Path<String>,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
+    let s = signed_in(&st, &headers).await?;
     let f: SettingsForm = form(&st, body).await?;
-    let s = checked(&st, &headers, &f.csrf).await?;
+    s.check(&st.web, &f.csrf)?;
     let settings = KeySettings {
         prefer_low_power: f.prefer_low_power.is_some(),
         trusted_only: f.trusted_only.is_some(),

@@ -75,11 +75,12 @@ pub(crate) async fn signin(
         st.config.web.signin_attempts_per_hour,
         "sign-in attempts",
     )?;
-    let f: SigninForm = super::form(&st, body).await?;
+    // The sign-in cookie (given with the form) before a byte of the body is read.
     let pre = cookie(&headers, SIGNIN_COOKIE)
         .and_then(|t| st.web.open(t))
         .filter(|(_, hash)| hash.is_none())
         .ok_or(ApiError::Forbidden)?;
+    let f: SigninForm = super::form(&st, body).await?;
     if !st.web.csrf_ok(&pre.0, &f.csrf) {
         return Err(ApiError::Forbidden.into());
     }

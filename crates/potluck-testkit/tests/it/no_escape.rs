@@ -676,3 +676,35 @@ async fn a_members_key_changes_are_rate_limited() {
     assert_eq!(s, 200);
     assert_eq!(chat(&hub, &key).await, 200);
 }
+
+/// The web pages' forms, like the API's member routes: a stranger (no session, or no
+/// sign-in cookie) is answered before a byte of the form is read. Before, each form was
+/// read whole (up to `max_admin_body_bytes`, under the body timer) before the cookie was
+/// looked at, so a stranger could hold a connection and a buffer per form post.
+#[tokio::test]
+async fn web_forms_refuse_strangers_before_the_body() {
+    let hub = TestHub::start().await;
+    for path in [
+        "/web/signin",
+        "/web/signout",
+        "/web/me/keys",
+        "/web/me/keys/1/revoke",
+        "/web/me/keys/1/settings",
+        "/web/staff/reports/1/resolve",
+        "/web/staff/keys/1/act",
+        "/web/staff/limits",
+    ] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: hub\r\n\
+             content-type: application/x-www-form-urlencoded\r\ncontent-length: 1000\r\n\r\n"
+        );
+        let mut s = slow_request(&hub, &head, b"csrf=").await;
+        let line = answer_line(&mut s).await.unwrap_or_default();
+        assert!(
+            [" 401 ", " 403 ", " 303 ", " 404 ", " 405 "]
+                .iter()
+                .any(|c| line.contains(c)),
+            "{path}: {line}"
+        );
+    }
+}
