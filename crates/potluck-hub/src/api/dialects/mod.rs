@@ -151,7 +151,6 @@ async fn run(
     let inner = Request::from_parts(parts, Body::from(bytes));
     let caps = StreamCaps {
         max_event: state.config.max_sse_line_bytes,
-        max_total: state.config.max_response_bytes,
         max_tool_calls: state.config.max_tool_calls,
     };
     let resp = crate::api::inference_after(state, endpoint, inner, Some(early)).await;

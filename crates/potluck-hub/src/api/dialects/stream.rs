@@ -24,22 +24,19 @@ enum Translator {
     Ollama(ollama::Stream),
 }
 
-/// Bounds on a translated stream: one event (`max_sse_line_bytes`), the whole relayed
-/// stream (`max_response_bytes`) and its distinct tool calls (`max_tool_calls`). The
-/// Responses and Ollama translators keep text and tool calls until the end, each new call
-/// looked for among the others, so all must be bounded, whatever a provider sends.
+/// Bounds on a translated stream: one event (`max_sse_line_bytes`) and its distinct tool
+/// calls (`max_tool_calls`). The Responses and Ollama translators keep text and tool calls
+/// until the end, each new call looked for among the others, so both must be bounded,
+/// whatever a provider sends; the whole stream is bounded by the relay underneath
+/// (`max_response_bytes`: its error event ends the translated stream with one error).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct StreamCaps {
     pub(super) max_event: usize,
-    pub(super) max_total: usize,
     pub(super) max_tool_calls: usize,
 }
 
 struct StreamBack {
     parser: SseParser,
-    /// Bytes of the relayed stream read so far, and their cap.
-    read: usize,
-    max_total: usize,
     /// The tool calls' indexes seen so far, and their cap.
     calls: std::collections::HashSet<u32>,
     max_calls: usize,
@@ -138,10 +135,6 @@ impl StreamBack {
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
-        self.read = self.read.saturating_add(bytes.len());
-        if self.read > self.max_total {
-            return self.error("the provider's answer is too large");
-        }
         let events = match self.parser.push(bytes) {
             Ok(events) => events,
             Err(_) => return self.error("the provider's stream failed"),
@@ -194,8 +187,6 @@ pub(super) fn stream_back(body: Body, back: Back, started: Instant, caps: Stream
     };
     let state = StreamBack {
         parser: SseParser::new(caps.max_event),
-        read: 0,
-        max_total: caps.max_total,
         calls: std::collections::HashSet::new(),
         max_calls: caps.max_tool_calls,
         translator,
