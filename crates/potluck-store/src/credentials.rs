@@ -259,12 +259,23 @@ impl Store {
         .bind(secret.hash())
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|r| ProviderAuth {
-            provider_id: r.get(0),
-            name: r.get(1),
-            account_id: r.get(2),
-            block: block_of((r.get(3), r.get(4)), (Target::Provider, r.get(5), r.get(6))),
-        }))
+        Ok(row.map(provider_auth))
+    }
+
+    /// A provider as [`Store::authenticate_provider`] resolves it, by id: `None` once its
+    /// token is revoked (or it never was), `block` set when it or its account is not in
+    /// good standing. The hub asks again after a tunnel is in its registry, so that a
+    /// revocation or sanction between the upgrade and the registration is not missed.
+    pub async fn provider_admission(&self, provider_id: i64) -> Result<Option<ProviderAuth>> {
+        let row = sqlx::query(
+            "SELECT p.id, p.name, p.account_id, a.status, a.status_reason, p.status, p.status_reason \
+             FROM providers p JOIN accounts a ON a.id = p.account_id \
+             WHERE p.id = $1 AND p.revoked_at IS NULL",
+        )
+        .bind(provider_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(provider_auth))
     }
 
     /// Consumer keys (admin keys are not listed).
@@ -476,4 +487,15 @@ mod tests {
         let auth = s.authenticate_key(&key).await.unwrap().unwrap();
         assert_eq!(auth.limits.tpm, Some(5_000_000_000));
     });
+}
+
+/// A provider row (id, name, account, the account's and the provider's status and
+/// reason, in that order) as the hub admits it.
+fn provider_auth(r: sqlx::any::AnyRow) -> ProviderAuth {
+    ProviderAuth {
+        provider_id: r.get(0),
+        name: r.get(1),
+        account_id: r.get(2),
+        block: block_of((r.get(3), r.get(4)), (Target::Provider, r.get(5), r.get(6))),
+    }
 }

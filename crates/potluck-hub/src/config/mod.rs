@@ -291,6 +291,11 @@ impl HubConfig {
         if self.routing.events_linger > std::time::Duration::from_secs(60) {
             return Err("routing.events_linger must be at most 60 seconds".into());
         }
+        if self.routing.hello_timeout.is_zero()
+            || self.routing.hello_timeout > std::time::Duration::from_secs(600)
+        {
+            return Err("routing.hello_timeout must be above 0 and at most 600 seconds".into());
+        }
         if self.usage_batch_window > MAX_USAGE_BATCH_WINDOW {
             return Err(format!(
                 "usage_batch_window must be at most {} seconds",
@@ -420,6 +425,8 @@ mod tests {
             ("presence_interval = 0", "presence_interval"),
             ("[credits]\nlease_ttl = 0.5", "lease_ttl"),
             ("[routing]\nevents_linger = 3600", "events_linger"),
+            ("[routing]\nhello_timeout = 0", "hello_timeout"),
+            ("[routing]\nhello_timeout = 3600", "hello_timeout"),
             ("usage_batch_window = 60", "usage_batch_window"),
         ] {
             let c: HubConfig = toml::from_str(toml).unwrap();

@@ -68,6 +68,11 @@ pub struct RoutingConfig {
     /// them in one batch under one signature (seconds).
     #[serde(with = "super::secs")]
     pub events_linger: Duration,
+    /// A tunnel must send its `hello` within this time of opening (seconds), else it is
+    /// closed: an open tunnel holds one of its provider's `max_tunnels_per_provider`
+    /// places and the hub's memory before it serves anything.
+    #[serde(with = "super::secs")]
+    pub hello_timeout: Duration,
 }
 
 impl Default for RoutingConfig {
@@ -88,6 +93,7 @@ impl Default for RoutingConfig {
             scan_all_below: 256,
             pick_sample: 8,
             events_linger: Duration::from_millis(100),
+            hello_timeout: Duration::from_secs(30),
         }
     }
 }

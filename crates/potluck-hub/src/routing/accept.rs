@@ -1,6 +1,7 @@
 //! The hub's end of the tunnel: authenticate the agent's upgrade, then act as the HTTP/2
 //! client over it, read the agent's control stream and keep the registry in step.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -26,6 +27,9 @@ use crate::http::lines::Lines;
 use crate::routing::events::{self, EVENTS_QUEUE};
 use crate::routing::link::{OfferedModel, Outgoing, ProviderLink, MAX_REFUSALS_KEPT};
 use crate::state::HubState;
+
+/// Why a tunnel that sent no `hello` in time is closed.
+const NO_HELLO: &str = "no hello within routing.hello_timeout";
 
 /// Largest energy one request may report (100 Wh); more is implausible and ignored.
 pub(crate) const MAX_ENERGY_PER_REQUEST_MJ: u64 = 360_000_000;
@@ -178,12 +182,18 @@ async fn run(
         events_tx,
         state.registry.health_of(provider.provider_id),
     ));
-    if let Ok(st) = state.store.standing(provider.provider_id).await {
-        use std::sync::atomic::Ordering;
-        tunnel.trusted.store(st.trusted, Ordering::Relaxed);
-        tunnel
-            .quarantined
-            .store(st.quarantined_at_ms.is_some(), Ordering::Relaxed);
+    // In the registry before the provider's standing is read again: a revocation,
+    // sanction or change of trust from now on reaches this tunnel, and one before it is
+    // in the read. Nothing is routed to it before its hello.
+    state.registry.insert(Arc::clone(&tunnel));
+    if let Err(why) = admit_tunnel(&state, &tunnel).await {
+        tracing::info!(
+            provider_id = provider.provider_id,
+            reason = why,
+            "tunnel refused"
+        );
+        state.registry.remove(conn_id);
+        return;
     }
     let done = CancellationToken::new();
     let _done_guard = done.clone().drop_guard();
@@ -199,7 +209,8 @@ async fn run(
     tracing::info!(parent: &span, provider = %provider.name, "tunnel open");
 
     tokio::pin!(conn);
-    let control = control_stream(&state, &tunnel);
+    let greeted = AtomicBool::new(false);
+    let control = control_stream(&state, &tunnel, &greeted);
     tokio::pin!(control);
     let revoked = tunnel.cancel.clone();
     tokio::select! {
@@ -210,8 +221,12 @@ async fn run(
             if let Err(why) = r {
                 tracing::warn!(parent: &span, reason = %why, "control stream ended");
             }
-            // Route nothing new here, but let streams in flight finish.
+            // Route nothing new here, but let streams in flight finish (a tunnel that
+            // never said hello has none).
             state.registry.remove(conn_id);
+            if !greeted.load(Ordering::Relaxed) {
+                return;
+            }
             tokio::select! {
                 _ = &mut conn => {}
                 _ = state.hard_stop.cancelled() => {}
@@ -227,17 +242,51 @@ async fn run(
     tracing::info!(parent: &span, "tunnel gone");
 }
 
-/// Open the control stream and apply its events until it ends.
-async fn control_stream(state: &HubState, tunnel: &Arc<ProviderLink>) -> Result<(), String> {
+/// Ask the store again, now that `tunnel` is in the registry, whether its provider may
+/// be served (its token not revoked, it and its account in good standing), and set its
+/// trust flags from the same moment. A change of trust that lands during the read has
+/// already set them; the read is then made again. Any failure refuses the tunnel (the
+/// agent tries again later): a quarantined provider is not let in because a read failed.
+async fn admit_tunnel(state: &HubState, tunnel: &ProviderLink) -> Result<(), &'static str> {
+    const TRIES: usize = 3;
+    match state.store.provider_admission(tunnel.provider_id).await {
+        Ok(Some(p)) if p.block.is_none() => {}
+        Ok(_) => return Err("provider revoked or not in good standing"),
+        Err(_) => return Err("the store could not be read"),
+    }
+    for _ in 0..TRIES {
+        let seen = state.registry.trust_epoch();
+        let Ok(st) = state.store.standing(tunnel.provider_id).await else {
+            return Err("the store could not be read");
+        };
+        let quarantined = st.quarantined_at_ms.is_some();
+        if state
+            .registry
+            .apply_standing(tunnel, seen, st.trusted, quarantined)
+        {
+            return Ok(());
+        }
+    }
+    Err("its trust kept changing while it was read")
+}
+
+/// Open the control stream and apply its events until it ends. The agent's `hello` must
+/// come within `routing.hello_timeout` of the tunnel's opening; `greeted` says whether
+/// it came.
+async fn control_stream(
+    state: &HubState,
+    tunnel: &Arc<ProviderLink>,
+    greeted: &AtomicBool,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + state.config.routing.hello_timeout;
     let req = http::Request::builder()
         .method("GET")
         .uri(CONTROL_PATH)
         .body(Bytes::new())
         .map_err(|e| e.to_string())?;
-    let resp = tunnel
-        .sender
-        .send_lasting(req)
+    let resp = tokio::time::timeout_at(deadline, tunnel.sender.send_lasting(req))
         .await
+        .map_err(|_| NO_HELLO.to_owned())?
         .map_err(|e| e.to_string())?;
     if resp.status() != StatusCode::OK {
         return Err(format!(
@@ -247,9 +296,16 @@ async fn control_stream(state: &HubState, tunnel: &Arc<ProviderLink>) -> Result<
     }
     let mut body = resp.into_body();
     let mut lines = Lines::default();
-    let mut greeted = false;
+    let mut hello = false;
     loop {
-        let frame = match body.frame().await {
+        let next = if hello {
+            body.frame().await
+        } else {
+            tokio::time::timeout_at(deadline, body.frame())
+                .await
+                .map_err(|_| NO_HELLO.to_owned())?
+        };
+        let frame = match next {
             None => return Err("agent closed the control stream".into()),
             Some(Err(e)) => return Err(e.to_string()),
             Some(Ok(f)) => f,
@@ -260,7 +316,8 @@ async fn control_stream(state: &HubState, tunnel: &Arc<ProviderLink>) -> Result<
         lines.push(&data);
         while let Some(line) = lines.next_line() {
             let ev = AgentEvent::decode(&line).map_err(|e| e.to_string())?;
-            apply(state, tunnel, ev, &mut greeted)?;
+            apply(state, tunnel, ev, &mut hello)?;
+            greeted.store(hello, Ordering::Relaxed);
         }
         if lines.pending() > MAX_CONTROL_LINE_BYTES {
             return Err("control line too long".into());
@@ -290,7 +347,6 @@ fn apply(
                 return Err("second hello".into());
             }
             *greeted = true;
-            state.registry.insert(Arc::clone(tunnel));
             tracing::info!(
                 conn_id = tunnel.conn_id,
                 provider_id = tunnel.provider_id,

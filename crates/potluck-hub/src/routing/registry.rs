@@ -130,6 +130,9 @@ pub(super) struct Inner {
     pub(super) health: Mutex<HashMap<i64, Arc<Health>>>,
     /// Open tunnels per provider (counted from the upgrade).
     pub(super) tunnel_count: Mutex<HashMap<i64, u32>>,
+    /// Changes of trust applied so far (`Registry::set_trust_flags`); a new tunnel's own
+    /// standing read applies only when none came since (`Registry::apply_standing`).
+    pub(super) trust_epoch: Mutex<u64>,
 }
 
 impl Inner {
@@ -338,6 +341,7 @@ impl Registry {
                 routing,
                 health: Mutex::new(HashMap::new()),
                 tunnel_count: Mutex::new(HashMap::new()),
+                trust_epoch: Mutex::new(0),
             }),
         }
     }
@@ -347,7 +351,8 @@ impl Registry {
         self.inner.next_conn.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Add a tunnel (after its hello).
+    /// Add a tunnel as soon as it is open: with no offer, nothing is routed to it until its
+    /// hello, but a revocation, sanction or change of trust reaches it from now on.
     pub fn insert(&self, t: Arc<ProviderLink>) {
         self.inner.tunnels().insert(t.conn_id, t);
         self.inner.fill();
@@ -398,13 +403,43 @@ impl Registry {
 
     /// Set a provider's trust flags (trusted reference, quarantined) on its open links.
     pub fn set_trust_flags(&self, provider_id: i64, trusted: bool, quarantined: bool) {
-        for t in self.open_tunnels() {
-            if t.provider_id == provider_id {
-                t.trusted.store(trusted, Ordering::Relaxed);
-                t.quarantined.store(quarantined, Ordering::Relaxed);
+        {
+            let mut epoch = self.inner.trust_epoch.lock();
+            *epoch = epoch.wrapping_add(1);
+            for t in self.open_tunnels() {
+                if t.provider_id == provider_id {
+                    t.trusted.store(trusted, Ordering::Relaxed);
+                    t.quarantined.store(quarantined, Ordering::Relaxed);
+                }
             }
         }
         self.inner.fill();
+    }
+
+    /// How many changes of trust were applied so far: read before a standing read that
+    /// [`Registry::apply_standing`] is to apply.
+    pub fn trust_epoch(&self) -> u64 {
+        *self.inner.trust_epoch.lock()
+    }
+
+    /// Set a new tunnel's flags from a standing read made after `seen` (a
+    /// [`Registry::trust_epoch`]), unless a change of trust came since: that change set
+    /// the flags of every open tunnel from a later read, and an older one must not undo
+    /// it. Returns whether the flags were set.
+    pub fn apply_standing(
+        &self,
+        t: &ProviderLink,
+        seen: u64,
+        trusted: bool,
+        quarantined: bool,
+    ) -> bool {
+        let epoch = self.inner.trust_epoch.lock();
+        if *epoch != seen {
+            return false;
+        }
+        t.trusted.store(trusted, Ordering::Relaxed);
+        t.quarantined.store(quarantined, Ordering::Relaxed);
+        true
     }
 
     /// Remove a tunnel: nothing new is routed to it from now on.

@@ -436,3 +436,120 @@ async fn a_provider_renaming_its_models_cannot_grow_the_hubs_refusals() {
         "the first ones are told: {seen}"
     );
 }
+
+/// Open a second tunnel with `token` that says everything but `hello` (an energy line),
+/// so that the hub has it open but not yet in routing.
+async fn spare_tunnel(hub: &TestHub, token: &str) -> ScriptedAgent {
+    use potluck_protocol::tunnel::AgentEvent;
+    let spare = ScriptedAgent::connect(
+        "spare",
+        &hub.url(),
+        token,
+        AgentEvent::Energy {
+            request_id: "r-0".into(),
+            model: ModelName::parse(MODEL).unwrap(),
+            millijoules: 1,
+        },
+    )
+    .await;
+    // The hub has read the provider's standing for it by now (before the fix it did so
+    // at once, and put the tunnel in routing only at its hello).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    spare
+}
+
+/// A provider keeps a spare tunnel open without a `hello`, so that it is not yet in
+/// routing, waits for the operator to revoke its token, then says hello on the spare.
+/// Before the fix the revocation closed only the tunnels in routing, and the spare came
+/// back into routing with the revoked token and served the consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_tunnel_that_says_hello_late_is_cut_by_a_revocation() {
+    use potluck_testkit::Admin;
+    let hub = TestHub::start().await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let token = hub.create_provider("p").await;
+    let first = ScriptedAgent::connect(
+        "first",
+        &hub.url(),
+        &token,
+        hello(&[MODEL], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model(MODEL, 1).await;
+    let spare = spare_tunnel(&hub, &token).await;
+    let r = Admin::admin(&hub).delete("/admin/v1/providers/p").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    hub.wait_for_model(MODEL, 0).await;
+    spare.send(hello(&[MODEL], 4, ProviderProfile::default()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = ask(&alice, "chat/completions", chat(false)).await;
+    assert_ne!(status, 200, "a revoked provider served: {body}");
+    assert!(body.contains("model_not_found"), "{status} {body}");
+    assert!(spare.requests().is_empty(), "the spare got a request");
+    drop(first);
+}
+
+/// The same spare tunnel against a change of trust: the operator un-trusts a reference
+/// while its spare tunnel waits, and the spare must not come back as a trusted reference
+/// (which judges other providers in audits and may serve as the guard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_tunnel_that_says_hello_late_keeps_no_trust_it_lost() {
+    use potluck_testkit::Admin;
+    let hub = TestHub::start().await;
+    let token = hub.create_provider("p").await;
+    let set_trust = |trusted: bool| {
+        let hub = &hub;
+        async move {
+            let a = Admin::admin(hub)
+                .send(
+                    "PUT",
+                    "/admin/v1/providers/p/trust",
+                    Some(json!({ "trusted": trusted })),
+                )
+                .await;
+            assert_eq!(a.status, 200, "{:?}", a.body);
+        }
+    };
+    set_trust(true).await;
+    let spare = spare_tunnel(&hub, &token).await;
+    set_trust(false).await;
+    spare.send(hello(&[MODEL], 4, ProviderProfile::default()));
+    hub.wait_for_model(MODEL, 1).await;
+    let model = ModelName::parse(MODEL).unwrap();
+    assert!(
+        hub.state()
+            .registry
+            .trusted_reference(&model, None, -1)
+            .is_none(),
+        "the spare came back trusted"
+    );
+}
+
+/// A tunnel that never says hello is closed after `routing.hello_timeout`, and gives
+/// its place back: it cannot hold one of the provider's tunnels (or the hub's memory)
+/// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_that_never_says_hello_is_closed() {
+    let hub = TestHub::start_with(|c| {
+        c.routing.max_tunnels_per_provider = 1;
+        c.routing.hello_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let token = hub.create_provider("mute").await;
+    let _spare = spare_tunnel(&hub, &token).await;
+    let started = Instant::now();
+    wait_until("the mute tunnel is closed", Duration::from_secs(10), || {
+        let carrier = UpgradeCarrier {
+            hub: HubUrl::parse(&hub.url()).unwrap(),
+            token: token.clone(),
+            agent_version: "next".into(),
+            features: &[],
+        };
+        async move { carrier.connect().await.is_ok() }
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the first tunnel held its place until the deadline"
+    );
+}
