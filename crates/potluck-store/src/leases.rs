@@ -77,7 +77,7 @@ impl Store {
         .await?;
         let granted = grant(available.saturating_sub(others), need);
         let version: i64 = sqlx::query_scalar(
-            "INSERT INTO balance_leases (account_id, hub, amount, expires_at_ms, version) VALUES ($1, $2, $3, $4, 1) \
+            "INSERT INTO balance_leases (account_id, hub, amount, expires_at_ms, version) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (account_id, hub) DO UPDATE SET amount = excluded.amount, \
              expires_at_ms = excluded.expires_at_ms, version = balance_leases.version + 1 \
              RETURNING version",
@@ -86,6 +86,7 @@ impl Store {
         .bind(hub)
         .bind(granted)
         .bind(now.saturating_add(ttl_ms))
+        .bind(first_version(now))
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -150,6 +151,20 @@ pub(crate) async fn spend(
     Ok(now)
 }
 
+/// Versions a row may take in one life per millisecond of the database's clock.
+const VERSIONS_PER_MS: i64 = 1 << 20;
+
+/// The version a lease row starts at when it is made (again): above every version the
+/// row had before it expired and was deleted, so that a hub, which keeps the value of
+/// the highest version it heard of, takes the new row's. A row lives at least until it
+/// expires, which is at least a millisecond after it was made, and is changed far fewer
+/// than [`VERSIONS_PER_MS`] times a millisecond, so the database's clock at its making
+/// times `VERSIONS_PER_MS` is above anything it reached before. (A database clock set
+/// back by more than a row's life would break this; hubs already judge expiry by it.)
+fn first_version(now_ms: i64) -> i64 {
+    now_ms.max(0).saturating_mul(VERSIONS_PER_MS)
+}
+
 /// What a hub is granted from `free` (the unleased rest) when it needs `need`.
 fn grant(free: Micro, need: Micro) -> Micro {
     let free = free.max(0);
@@ -187,14 +202,7 @@ mod tests {
             .unwrap();
         store.grant(alice, 1_000).await.unwrap();
         let a = store.lease(alice, "hub-a", 100, 60_000).await.unwrap();
-        assert_eq!(
-            a,
-            Lease {
-                granted: 550,
-                available: 1_000,
-                version: 1
-            }
-        );
+        assert_eq!((a.granted, a.available), (550, 1_000));
         let b = store.lease(alice, "hub-b", 100, 60_000).await.unwrap();
         assert_eq!(b.granted, 100 + (450 - 100) / 2);
         // Asking for more than is free gets what is free, never more.
@@ -203,7 +211,11 @@ mod tests {
         // Renewing replaces the hub's own lease rather than adding to it.
         let a2 = store.lease(alice, "hub-a", 0, 60_000).await.unwrap();
         assert_eq!(a2.granted, (550) / 2);
-        assert_eq!(a2.version, 2, "each change of a row bumps its version");
+        assert_eq!(
+            a2.version,
+            a.version + 1,
+            "each change of a row bumps its version"
+        );
         assert_eq!(store.leased(alice, "hub-a").await.unwrap(), 275);
         // A hub that stops gives everything back.
         store.release_leases("hub-c").await.unwrap();
@@ -267,4 +279,34 @@ mod tests {
             0
         );
     });
+
+    /// A lease row that expired is deleted (by its own hub's renewal, or by another
+    /// hub's) and made again; the hub keeps the value of the highest version it heard of.
+    /// Before, the new row started again at version 1, below what the hub had seen of the
+    /// old one, so the hub kept spending from the old, larger value: an overdraft.
+    crate::conformance!(
+        a_lease_made_again_after_it_expired_has_a_higher_version,
+        |db| {
+            let store = db.open().await;
+            let dan = store
+                .create_account("dan", Role::Member, Standing::Active)
+                .await
+                .unwrap();
+            store.grant(dan, 1_000).await.unwrap();
+            let mut seen = 0;
+            for _ in 0..5 {
+                seen = store.lease(dan, "h", 10, 1).await.unwrap().version;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            // Another hub's renewal deletes the expired row; then "h" makes it again.
+            store.lease(dan, "other", 10, 60_000).await.unwrap();
+            let again = store.lease(dan, "h", 10, 60_000).await.unwrap();
+            assert!(again.version > seen, "{} after {seen}", again.version);
+            // And so does its own renewal.
+            let short = store.lease(dan, "h", 10, 1).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            let after = store.lease(dan, "h", 10, 60_000).await.unwrap();
+            assert!(after.version > short.version, "{after:?} after {short:?}");
+        }
+    );
 }
