@@ -248,6 +248,10 @@ impl Hub {
             Arc::clone(&state),
             writer_stop.clone(),
         ));
+        state.tasks.spawn(crate::api::balance::keep_leases(
+            Arc::clone(&state),
+            writer_stop.clone(),
+        ));
         state.tasks.spawn(crate::accounts::remote::follow(
             Arc::clone(&state),
             writer_stop.clone(),

@@ -2,7 +2,10 @@
 //! from the store when the table needs it, or (on a database several hubs share) after
 //! renewing this hub's lease on it.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::books::money::Micro;
 use crate::books::reserve::{Hold, NoHold};
@@ -70,4 +73,27 @@ async fn renew_lease(state: &HubState, account: i64, amount: Micro) -> Result<()
         .await?;
     state.balances.seed_lease(account, lease, Instant::now());
     Ok(())
+}
+
+/// On a database several hubs share: renew, every quarter of a lease's time to live, the
+/// lease of each account that holds something in flight once its lease is half through
+/// its life, so that it never expires under requests still to settle (a lease is
+/// otherwise renewed only when a request is admitted, and a stream may outlive it).
+/// Does nothing when this hub alone spends the balances.
+pub(crate) async fn keep_leases(state: Arc<HubState>, stop: CancellationToken) {
+    let Some(ttl) = state.balances.lease_terms().map(|t| t.ttl) else {
+        return;
+    };
+    let every = (ttl / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for account in state.balances.holding_and_due(Instant::now()) {
+            if let Err(e) = renew_lease(&state, account, Micro::ZERO).await {
+                tracing::warn!(error = ?e, account, "renewing a lease under holds in flight failed");
+            }
+        }
+    }
 }

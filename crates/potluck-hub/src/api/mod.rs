@@ -13,7 +13,7 @@
 //! provider).
 
 pub(crate) mod admit;
-mod balance;
+pub(crate) mod balance;
 pub(crate) mod ctx;
 pub(crate) mod dialects;
 pub(crate) mod dispatch;

@@ -251,6 +251,18 @@ impl Reservations {
         }
     }
 
+    /// Accounts that hold something in flight and whose balance (lease) is no longer
+    /// fresh at `now`: with leases, each must be renewed before it expires, or another
+    /// hub would be granted what these holds will spend.
+    pub(crate) fn holding_and_due(&self, now: Instant) -> Vec<i64> {
+        self.map
+            .lock()
+            .iter()
+            .filter(|(_, a)| a.held > 0 && a.fresh_until.is_none_or(|t| now >= t))
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// Read every balance again before its next hold.
     pub(crate) fn clear(&self) {
         for a in self.map.lock().values_mut() {

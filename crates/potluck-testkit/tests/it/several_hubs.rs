@@ -219,6 +219,69 @@ async fn concurrent_spends_through_two_hubs_cannot_overdraw_a_tiny_balance() {
     a.state().store.audit_ledger().await.unwrap();
 }
 
+/// The attack: hold the whole balance through one hub with slow streams for longer than
+/// a lease lives, then spend it again through the other. The first hub must keep its
+/// lease alive while its holds are in flight; before, it renewed only at admission, the
+/// lease expired under the streams, the second hub was granted the whole balance, and
+/// the account ended overdrawn when the streams settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_in_flight_longer_than_a_lease_lives_cannot_be_spent_twice() {
+    use potluck_testkit::{FakeBackend, FakeBehavior};
+    let Some((_db, a, b)) = two_hubs_with(|c| {
+        priced(c);
+        c.credits.lease_ttl = Duration::from_secs(1);
+    })
+    .await
+    else {
+        return;
+    };
+    let backend = FakeBackend::start(&["m"]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 10,
+        gap: Duration::from_millis(300),
+        ..FakeBehavior::default()
+    });
+    let _slow = TestAgent::start(&a, &a.create_provider("slow").await, &backend.base_url());
+    a.wait_for_model("m", 1).await;
+    let _fast = ScriptedAgent::connect(
+        "fast",
+        &b.url(),
+        &b.create_provider("fast").await,
+        hello(&["m"], 64, ProviderProfile::default()),
+    )
+    .await;
+    b.wait_for_model("m", 1).await;
+    let on_a = Consumer::new(&a, "patient").await;
+    let on_b = Consumer::with_key(&b, "patient", on_a.key.clone());
+    a.grant("patient", 0.035).await;
+    let body = |stream: bool| {
+        json!({"model": "m", "max_tokens": 10, "stream": stream,
+            "messages": [{"role": "user", "content": "go"}]})
+    };
+    let slow = (0..3).map(|_| {
+        let body = body(true);
+        let on_a = &on_a;
+        async move {
+            let r = on_a.post("chat/completions", &body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let _ = r.text().await;
+            status
+        }
+    });
+    let later = async {
+        // Past the lease's time to live, with the three streams still going.
+        tokio::time::sleep(Duration::from_millis(1_600)).await;
+        spend_through_both([&on_b, &on_b], 3).await
+    };
+    let (streams, spent_on_b) = tokio::join!(futures_util::future::join_all(slow), later);
+    assert_eq!(streams, vec![200; 3], "the three streams were served");
+    assert_eq!(spent_on_b, 0, "the balance was held by the streams");
+    a.wait_usage_rows(3).await;
+    let left = on_a.available_micro().await;
+    assert!(left >= 0, "overdrawn: {left}");
+    a.state().store.audit_ledger().await.unwrap();
+}
+
 /// Leases do not cost a funded account its requests: a hundred spends alternating
 /// between the hubs are all served, and the ledger afterwards is exact (the account paid
 /// exactly what was served, every transaction sums to zero).
