@@ -98,6 +98,8 @@ impl Store {
         grouping: Grouping,
         max_groups: u32,
     ) -> Result<(Vec<UsageTotals>, bool)> {
+        self.usage_scans
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (group, name, join, cond) = grouping.sql(self.engine());
         let order = match grouping {
             Grouping::Day => "g ASC",

@@ -316,6 +316,8 @@ pub struct Store {
     /// Held for writing by [`Store::hold_key_lookups`]: lookups that have read the
     /// database wait on it before they answer (tests stage races with it).
     pub(crate) key_lookup_gate: std::sync::Arc<tokio::sync::RwLock<()>>,
+    /// Usage aggregates run (`usage_totals`: scans of the usage window), for tests.
+    pub(crate) usage_scans: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub(crate) fn now_secs() -> i64 {
@@ -357,6 +359,7 @@ impl Store {
             url,
             system_ids: Default::default(),
             key_lookups: Default::default(),
+            usage_scans: Default::default(),
             key_lookup_gate: Default::default(),
         };
         store.migrate().await?;
@@ -412,6 +415,12 @@ impl Store {
     /// repeated bad key from reaching the database).
     pub fn key_lookups(&self) -> u64 {
         self.key_lookups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many usage aggregates (`usage_totals`) this store has run: the pages that
+    /// chart usage must not run one per view.
+    pub fn usage_scans(&self) -> u64 {
+        self.usage_scans.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// For tests: until the guard is dropped, every key lookup that has read the database

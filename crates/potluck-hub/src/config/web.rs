@@ -30,6 +30,10 @@ pub struct WebConfig {
     pub history_samples: usize,
     /// Days the usage charts cover.
     pub chart_days: u32,
+    /// How long the public status page's usage chart is drawn from one reading of the
+    /// usage table (seconds): views in between, however many, read nothing.
+    #[serde(with = "super::secs")]
+    pub chart_cache: Duration,
     /// Most rows a page's table shows (history, keys, reports, accounts, log).
     pub page_rows: i64,
 }
@@ -45,6 +49,7 @@ impl Default for WebConfig {
             sample_interval: Duration::from_secs(300),
             history_samples: 288,
             chart_days: 30,
+            chart_cache: Duration::from_secs(30),
             page_rows: 100,
         }
     }
@@ -58,6 +63,9 @@ impl WebConfig {
         }
         if self.chart_days == 0 || self.chart_days > 400 || self.page_rows <= 0 {
             return Err("web.chart_days must be 1..=400 and web.page_rows positive".into());
+        }
+        if self.chart_cache > Duration::from_secs(86_400) {
+            return Err("web.chart_cache must be at most 86400 seconds".into());
         }
         if self.history_samples == 0 || self.sample_interval.is_zero() {
             return Err("web.history_samples and web.sample_interval must be positive".into());

@@ -29,7 +29,7 @@ pub(crate) struct ModelRow {
 }
 
 /// Requests and tokens of one day.
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 pub(crate) struct DayRow {
     pub(crate) day: String,
     pub(crate) requests: i64,
@@ -79,8 +79,38 @@ pub(crate) fn today() -> UtcDay {
 }
 
 /// Requests and tokens per day over the chart's days, every day present (zeros too),
-/// for one account or the whole hub.
+/// for one account or the whole hub. The whole hub's chart (public, shown to strangers)
+/// is read from the store at most once per `web.chart_cache`; every chart is read one
+/// at a time (`WebState::chart_reads`), so that views of the pages, however many at
+/// once, take at most one of the store's connections.
 pub(crate) async fn daily(st: &HubState, account_id: Option<i64>) -> Result<Vec<DayRow>, WebError> {
+    let cached = || {
+        let c = st.web.hub_chart.lock();
+        c.as_ref()
+            .filter(|(at, _)| at.elapsed() < st.config.web.chart_cache)
+            .map(|(_, rows)| rows.as_ref().clone())
+    };
+    if account_id.is_none() {
+        if let Some(rows) = cached() {
+            return Ok(rows);
+        }
+    }
+    let _one_at_a_time = st.web.chart_reads.lock().await;
+    if account_id.is_none() {
+        // Read by the view this one waited for.
+        if let Some(rows) = cached() {
+            return Ok(rows);
+        }
+    }
+    let rows = read_daily(st, account_id).await?;
+    if account_id.is_none() {
+        *st.web.hub_chart.lock() = Some((Instant::now(), Arc::new(rows.clone())));
+    }
+    Ok(rows)
+}
+
+/// [`daily`], read from the store.
+async fn read_daily(st: &HubState, account_id: Option<i64>) -> Result<Vec<DayRow>, WebError> {
     let to = today();
     let from = to.plus(1 - i64::from(st.config.web.chart_days));
     let filter = UsageFilter {

@@ -6,6 +6,7 @@
 //! under a short pre-session (no key yet) so that its form carries a token too.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
@@ -19,6 +20,7 @@ use crate::config::WebConfig;
 use crate::http::auth;
 use crate::http::error::ApiError;
 use crate::trust::identity::HubIdentity;
+use crate::web::public::DayRow;
 
 /// The session cookie.
 pub(crate) const SESSION_COOKIE: &str = "potluck_session";
@@ -40,6 +42,11 @@ pub(crate) struct WebState {
     pub(crate) samples: Mutex<VecDeque<(i64, usize)>>,
     /// When the last sample was taken.
     pub(crate) last_sample: Mutex<Option<Instant>>,
+    /// The public status page's usage chart and when it was read (`web.chart_cache`).
+    pub(crate) hub_chart: Mutex<Option<(Instant, Arc<Vec<DayRow>>)>>,
+    /// Held while a usage chart is read from the store: pages never run more than one
+    /// usage aggregate at a time, however many are viewed at once.
+    pub(crate) chart_reads: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for WebState {
@@ -56,6 +63,8 @@ impl WebState {
             signins: Hourly::default(),
             samples: Mutex::new(VecDeque::new()),
             last_sample: Mutex::new(None),
+            hub_chart: Mutex::new(None),
+            chart_reads: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -811,3 +811,25 @@ async fn the_staff_key_list_is_one_page_with_live_keys_first() {
     let rows = keys.matches("<tr").count();
     assert!(rows <= 3 + 1, "one page (and the header): {rows} rows");
 }
+
+/// A stranger reloads the public status page and its chart data as fast as it can: the
+/// usage chart is read from the store once per `web.chart_cache`, not once per view
+/// (each read is an aggregate over the usage window; before, fifty views ran fifty, and
+/// eight at once held every connection of the store's pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_reloading_the_status_page_read_the_usage_table_once() {
+    let hub = TestHub::start().await;
+    let c = WebClient::new(&hub);
+    let before = hub.state().store.usage_scans();
+    let views = (0..50).map(|i| {
+        let c = &c;
+        async move {
+            let path = if i % 2 == 0 { "/" } else { "/web/status.json" };
+            c.get(path).await.0
+        }
+    });
+    let statuses = futures_util::future::join_all(views).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let scans = hub.state().store.usage_scans() - before;
+    assert_eq!(scans, 1, "{scans} usage aggregates for 50 views");
+}
