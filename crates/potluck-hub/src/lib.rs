@@ -34,3 +34,4 @@ pub use http::error::ApiError;
 pub use http::stall::WATCH_BODIES_OVER;
 pub use hub::{Hub, HubError, ANONYMOUS, DB_FILE};
 pub use routing::link::MAX_REFUSALS_KEPT;
+pub use state::MAX_SERVICE_MODELS;

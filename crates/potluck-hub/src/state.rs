@@ -76,6 +76,8 @@ pub struct HubState {
     pub(crate) answers: crate::api::relay::budget::Budget,
 }
 
+/// Most models whose typical request duration the hub keeps ([`HubState::observe_service`]).
+pub const MAX_SERVICE_MODELS: usize = 1024;
 /// Weight of the newest sample in the per-model duration average.
 pub(crate) const SERVICE_EWMA_ALPHA: f64 = 0.2;
 /// Assumed duration of a request to a model none was seen for (ms).
@@ -87,12 +89,36 @@ impl HubState {
         self.limiter.hubs()
     }
 
-    /// Record how long a successful request to `model` took.
+    /// Record how long a successful request to `model` took. At most
+    /// [`MAX_SERVICE_MODELS`] models are kept: a new one when full first drops the models
+    /// no open tunnel offers now, and is not kept if that frees nothing, so that a
+    /// provider renaming its models (and asking for each name itself) cannot grow the
+    /// hub's memory.
     pub(crate) fn observe_service(&self, model: &ModelName, d: Duration) {
         let ms = d.as_secs_f64() * 1000.0;
+        {
+            let mut map = self.service.lock();
+            if let Some(e) = map.get_mut(model) {
+                *e = SERVICE_EWMA_ALPHA * ms + (1.0 - SERVICE_EWMA_ALPHA) * *e;
+                return;
+            }
+            if map.len() < MAX_SERVICE_MODELS {
+                map.insert(model.clone(), ms);
+                return;
+            }
+        }
+        // Full: learn what is offered now (never under the map's lock), then make room.
+        let offered = self.registry.models();
         let mut map = self.service.lock();
-        let e = map.entry(model.clone()).or_insert(ms);
-        *e = SERVICE_EWMA_ALPHA * ms + (1.0 - SERVICE_EWMA_ALPHA) * *e;
+        map.retain(|m, _| offered.contains_key(m));
+        if map.len() < MAX_SERVICE_MODELS {
+            map.insert(model.clone(), ms);
+        }
+    }
+
+    /// How many models' typical durations are kept (at most [`MAX_SERVICE_MODELS`]).
+    pub fn service_entries(&self) -> usize {
+        self.service.lock().len()
     }
 
     /// Typical duration of a request to `model`, if any was seen.

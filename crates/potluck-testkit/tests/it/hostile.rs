@@ -373,6 +373,55 @@ async fn a_provider_renaming_its_models_cannot_grow_the_hubs_energy_books() {
     );
 }
 
+/// The same renamer, now also a consumer asking for each new name once (its own
+/// requests cost it nothing it does not earn back): the hub's typical duration per
+/// model, kept for the queue's estimates, keeps at most `MAX_SERVICE_MODELS` models.
+/// Before, every name ever served stayed for the life of the hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_renaming_its_models_cannot_grow_the_hubs_service_times() {
+    use potluck_protocol::tunnel::{AgentEvent, ModelOffer, MAX_MODELS_PER_AGENT};
+    let hub = TestHub::start_with(|c| {
+        c.limits.rpm = None;
+        c.limits.tpm = None;
+        c.limits.daily_tokens = None;
+    })
+    .await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let agent = provider(&hub, "renamer", 64).await;
+    hub.wait_for_model(MODEL, 1).await;
+    let st = hub.state();
+    let bound = potluck_hub::MAX_SERVICE_MODELS;
+    for round in 0..bound / MAX_MODELS_PER_AGENT + 1 {
+        let names: Vec<String> = (0..MAX_MODELS_PER_AGENT)
+            .map(|i| format!("s{round}-m{i}"))
+            .collect();
+        agent.send(AgentEvent::Models {
+            models: names
+                .iter()
+                .map(|n| ModelOffer::named(ModelName::parse(n).unwrap()))
+                .collect(),
+            max_concurrency: 64,
+            profile: ProviderProfile::default(),
+            accepting: true,
+        });
+        hub.wait_for_model(&names[0], 1).await;
+        for batch in names.chunks(32) {
+            let asks = batch.iter().map(|n| {
+                let body = json!({"model": n, "messages": [{"role": "user", "content": "hi"}]});
+                let alice = &alice;
+                async move { ask(alice, "chat/completions", body).await.0 }
+            });
+            let statuses = futures_util::future::join_all(asks).await;
+            assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+        }
+    }
+    let kept = st.service_entries();
+    assert!(
+        kept <= bound,
+        "{kept} models' durations kept, at most {bound}"
+    );
+}
+
 /// The same provider on a hub with a model allow-list: every new name is refused, and the
 /// hub remembers each refusal so that it tells the agent (and its log) once. Those
 /// memories are bounded too (`MAX_REFUSALS_KEPT` per tunnel): past them a refused model
