@@ -367,15 +367,44 @@ fn untagged<T: serde::de::DeserializeOwned>(line: &[u8], tag: &[u8]) -> Option<T
     serde_json::from_slice(&object).ok()
 }
 
+impl From<serde_json::Error> for ControlError {
+    fn from(e: serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        Self::Malformed {
+            kind: match e.classify() {
+                Category::Io => "I/O",
+                Category::Syntax => "syntax",
+                Category::Data => "data",
+                Category::Eof => "end of input",
+            },
+            line: e.line(),
+            column: e.column(),
+        }
+    }
+}
+
 /// Why a control line was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// Over [`MAX_CONTROL_LINE_BYTES`].
     #[error("control line longer than {MAX_CONTROL_LINE_BYTES} bytes")]
     TooLong,
-    /// Not a valid event.
-    #[error("malformed control event: {0}")]
-    Malformed(#[from] serde_json::Error),
+    /// Not a valid event. Only where it went wrong is kept: the parser's own message can
+    /// quote the peer's text (an unknown tag, with newlines and terminal escapes in it),
+    /// and this error is logged.
+    #[error("malformed control event ({kind} error at line {line}, column {column})")]
+    Malformed {
+        /// Syntax, data, end of input, or I/O.
+        kind: &'static str,
+        /// Where (1-based).
+        line: usize,
+        /// Where (1-based).
+        column: usize,
+    },
+    /// A text field with a control character (a newline or a terminal escape, which
+    /// would forge or hide lines where it is logged or shown).
+    #[error("text field with a control character")]
+    ControlCharacter,
     /// Over [`MAX_MODELS_PER_AGENT`].
     #[error("more than {MAX_MODELS_PER_AGENT} models offered")]
     TooManyModels,
@@ -410,6 +439,14 @@ impl AgentEvent {
             return Err(ControlError::TooLong);
         }
         let ev: AgentEvent = serde_json::from_slice(line)?;
+        if let AgentEvent::Hello { agent_version, .. } = &ev {
+            if agent_version.len() > MAX_SHORT_TEXT_BYTES {
+                return Err(ControlError::TextTooLong);
+            }
+            if agent_version.chars().any(char::is_control) {
+                return Err(ControlError::ControlCharacter);
+            }
+        }
         let (models, conc, profile) = match &ev {
             AgentEvent::Hello {
                 models,
@@ -448,6 +485,37 @@ impl AgentEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer's text never reaches the error (which is logged): an unknown tag with a
+    /// forged log line and a terminal escape in it, or an agent version with a newline.
+    #[test]
+    fn a_refused_line_quotes_none_of_the_peers_text() {
+        let forged = br#"{"type":"x
+2026-12-06T00:00:00Z INFO forged line[2K"}"#;
+        for e in [
+            AgentEvent::decode(forged).unwrap_err(),
+            HubEvent::decode(forged).unwrap_err(),
+        ] {
+            let text = e.to_string();
+            assert!(
+                !text.contains("forged") && !text.chars().any(char::is_control),
+                "{text}"
+            );
+        }
+        let hello = AgentEvent::Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_version: "1.0\n2026 INFO forged".into(),
+            models: vec![],
+            max_concurrency: 1,
+            profile: ProviderProfile::default(),
+            accepting: true,
+        };
+        let line = hello.encode();
+        assert!(matches!(
+            AgentEvent::decode(&line[..line.len() - 1]),
+            Err(ControlError::ControlCharacter)
+        ));
+    }
     use proptest::prelude::*;
 
     fn offer(s: &str) -> ModelOffer {
@@ -597,7 +665,7 @@ mod tests {
         ));
         assert!(matches!(
             AgentEvent::decode(b"{\"type\":\"nope\"}"),
-            Err(ControlError::Malformed(_))
+            Err(ControlError::Malformed { .. })
         ));
         assert!(matches!(
             AgentEvent::decode(&vec![b' '; MAX_CONTROL_LINE_BYTES + 1]),
@@ -627,7 +695,7 @@ mod tests {
             br#"{"type":"models","models":[{"id":"m","sha256":"abc"}],"max_concurrency":1}"#;
         assert!(matches!(
             AgentEvent::decode(bad_hash),
-            Err(ControlError::Malformed(_))
+            Err(ControlError::Malformed { .. })
         ));
         let bad_ctx = br#"{"type":"models","models":[{"id":"m","capabilities":{"context_length":0}}],"max_concurrency":1}"#;
         assert!(matches!(
@@ -637,12 +705,12 @@ mod tests {
         let bad_cap = br#"{"type":"models","models":[{"id":"m","capabilities":{"tools":"yes"}}],"max_concurrency":1}"#;
         assert!(matches!(
             AgentEvent::decode(bad_cap),
-            Err(ControlError::Malformed(_))
+            Err(ControlError::Malformed { .. })
         ));
         let bad_name = br#"{"type":"models","models":[{"id":""}],"max_concurrency":1}"#;
         assert!(matches!(
             AgentEvent::decode(bad_name),
-            Err(ControlError::Malformed(_))
+            Err(ControlError::Malformed { .. })
         ));
     }
 

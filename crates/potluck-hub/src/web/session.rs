@@ -207,6 +207,8 @@ mod tests {
             signins: Hourly::default(),
             samples: Mutex::new(VecDeque::new()),
             last_sample: Mutex::new(None),
+            hub_chart: Mutex::new(None),
+            chart_reads: tokio::sync::Mutex::new(()),
         }
     }
 
