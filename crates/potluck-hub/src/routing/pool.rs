@@ -161,30 +161,42 @@ impl Registry {
             .find(|t| t.provider_id == provider_id)
     }
 
-    /// A trusted reference for `model` (same file hash when one is given), other than
-    /// `exclude`.
+    /// A trusted reference for `model`, other than `exclude`: one serving the same file
+    /// (`sha256`) when there is one, else any serving the model's name. A hash is the
+    /// provider's own claim (unless the model allow-list pins it), and consumers ask for
+    /// the name: a provider must not escape every audit by announcing a file no
+    /// reference has.
     pub fn trusted_reference(
         &self,
         model: &ModelName,
         sha256: Option<&ModelHash>,
         exclude: i64,
     ) -> Option<Arc<ProviderLink>> {
-        let mut refs: Vec<Arc<ProviderLink>> = self
+        let refs: Vec<(Arc<ProviderLink>, bool)> = self
             .open_tunnels()
             .into_iter()
             .filter(|t| {
                 t.provider_id != exclude
                     && t.trusted.load(Ordering::Relaxed)
                     && !t.quarantined.load(Ordering::Relaxed)
-                    && t.offered(model)
-                        .is_some_and(|o| sha256.is_none() || o.sha256.as_ref() == sha256)
+            })
+            .filter_map(|t| {
+                let same_file = t.offered(model)?.sha256.as_ref() == sha256;
+                Some((t, same_file))
             })
             .collect();
-        if refs.is_empty() {
+        let same: Vec<&Arc<ProviderLink>> =
+            refs.iter().filter(|(_, s)| *s).map(|(t, _)| t).collect();
+        let pool: Vec<&Arc<ProviderLink>> = if same.is_empty() || sha256.is_none() {
+            refs.iter().map(|(t, _)| t).collect()
+        } else {
+            same
+        };
+        if pool.is_empty() {
             return None;
         }
-        let i = rand::rng().random_range(0..refs.len());
-        Some(refs.swap_remove(i))
+        let i = rand::rng().random_range(0..pool.len());
+        Some(Arc::clone(pool[i]))
     }
 
     /// Untrusted, open providers of `model` (canary targets), quarantined ones included.

@@ -227,7 +227,14 @@ fn served(a: &ScriptedAgent) -> usize {
 /// `POTLUCK_RED_TEAM_TRIALS=N` repeats it with N audit seeds (for the detection figures
 /// in BENCHMARKS.md); the test suite runs one.
 async fn red_team(liar_name: &str) {
+    red_team_announcing(liar_name, None).await;
+}
+
+/// [`red_team`], the liar announcing `liar_hash` as its model file's hash instead of the
+/// reference's.
+async fn red_team_announcing(liar_name: &str, liar_hash: Option<&ModelHash>) {
     let hash = ModelHash::parse(&"ab".repeat(32)).unwrap();
+    let liar_hash = liar_hash.unwrap_or(&hash);
     let mut report = Vec::new();
     let trials: u64 = std::env::var("POTLUCK_RED_TEAM_TRIALS")
         .ok()
@@ -253,7 +260,7 @@ async fn red_team(liar_name: &str) {
             name,
             &hub.url(),
             &hub.create_provider(name).await,
-            hello(&hash),
+            hello(liar_hash),
             responder,
         )
         .await;
@@ -356,6 +363,17 @@ async fn red_team(liar_name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liar_other_model_is_caught_and_quarantined() {
     red_team("other-model").await;
+}
+
+/// The liar announces a model file no trusted reference has (a hash it made up: without
+/// a model allow-list the hub cannot refuse it), so that no reference "serves the same
+/// file" to judge it by. It still serves the model's name to consumers, so it is judged
+/// against a trusted reference of that name. Before, every replay and canary found no
+/// reference and the liar was never judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_announcing_a_file_no_reference_has_is_caught_and_quarantined() {
+    let made_up = ModelHash::parse(&"99".repeat(32)).unwrap();
+    red_team_announcing("other-model", Some(&made_up)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
