@@ -65,16 +65,20 @@ impl Delivered {
         let Some(choices) = obj.get("choices").and_then(Value::as_array) else {
             return;
         };
-        let mut chars = 0;
+        let count = |v: Option<&Value>| {
+            v.and_then(Value::as_str)
+                .map_or(0, |s| s.chars().count() as i64)
+        };
+        let mut chars = 0i64;
         for c in choices {
-            for p in [
-                "/delta/content",
-                "/message/content",
-                "/text",
-                "/delta/reasoning_content",
-            ] {
-                if let Some(s) = c.pointer(p).and_then(Value::as_str) {
-                    chars += s.chars().count() as i64;
+            chars = chars.saturating_add(count(c.get("text")));
+            for part in ["message", "delta"].into_iter().filter_map(|k| c.get(k)) {
+                chars = chars
+                    .saturating_add(count(part.get("content")))
+                    .saturating_add(count(part.get("reasoning_content")));
+                let calls = part.get("tool_calls").and_then(Value::as_array);
+                for call in calls.into_iter().flatten() {
+                    chars = chars.saturating_add(count(call.pointer("/function/arguments")));
                 }
             }
         }

@@ -442,3 +442,82 @@ async fn a_full_usage_queue_refuses_requests_before_serving_them() {
     hub.wait_usage_rows(2).await;
     assert_eq!(backend.inference_received().len(), 2);
 }
+
+/// An honest answer whose text is a tool call's arguments, or a reasoning model's
+/// reasoning, is billed at its reported usage and flags nothing. Before, only content
+/// counted as delivered text: the hub billed such an answer at its estimate of none
+/// (the consumer got the output free) and flagged the honest provider, whose
+/// reputation fell at every such answer until it was quarantined and clawed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_and_reasoning_are_delivered_text_and_billed() {
+    let hub = TestHub::start_with(cheap).await;
+    let p = ScriptedAgent::connect(
+        "honest",
+        &hub.url(),
+        &hub.create_provider("honest").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    hub.grant("alice", 1.0).await;
+    let args = serde_json::to_string(&json!({"text": "word ".repeat(80)})).unwrap();
+    let call = json!([{"index": 0, "id": "call_1", "type": "function",
+        "function": {"name": "write", "arguments": args}}]);
+    let usage = json!({"prompt_tokens": 5, "completion_tokens": 100, "total_tokens": 105});
+    let whole = |message: Value| {
+        json!({"id": "x", "object": "chat.completion", "model": "m", "usage": usage,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+        .to_string()
+    };
+    let chunk = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": call}, "finish_reason": null}]});
+    let tail = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+        "choices": [], "usage": usage});
+    let answers = [
+        (
+            "whole tool call",
+            false,
+            whole(json!({"role": "assistant", "content": null, "tool_calls": call})),
+        ),
+        (
+            "whole reasoning",
+            false,
+            whole(json!({"role": "assistant", "content": "ok",
+                "reasoning_content": "thinking ".repeat(60)})),
+        ),
+        (
+            "streamed tool call",
+            true,
+            format!("data: {chunk}\n\ndata: {tail}\n\ndata: [DONE]\n\n"),
+        ),
+    ];
+    for (what, stream, body) in answers {
+        let ct = if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        p.set_raw(Some(RawAnswer::Bytes {
+            status: 200,
+            headers: vec![("content-type".into(), ct.into())],
+            frames: vec![Bytes::from(body)],
+        }));
+        let id = served(
+            &alice,
+            &json!({"model": "m", "stream": stream, "max_tokens": 200,
+                "messages": [{"role": "user", "content": "write it"}]}),
+        )
+        .await;
+        let row = usage_row(&hub, &id).await;
+        assert_eq!(row.completion_tokens, 100, "{what}");
+    }
+    // Flags are written after the answer: give one the time to land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = provider_id(&hub, "honest").await;
+    let history = hub.state().store.audit_history(pid, 100).await.unwrap();
+    assert!(
+        history.iter().all(|a| a.0 != "usage"),
+        "the honest provider was flagged: {history:?}"
+    );
+}

@@ -137,8 +137,15 @@ impl ChoiceView<'_> {
             .or(self.text.as_deref())
     }
 
+    /// Characters of delivered text: content, reasoning, tool-call arguments, text (as
+    /// `trust::plausibility::Delivered::add_text_of` counts them).
     pub(crate) fn chars(&self) -> usize {
         let d = self.delta.as_ref();
+        let calls = d
+            .and_then(|d| d.tool_calls.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| c.function.as_ref().and_then(|f| f.arguments.as_deref()));
         [
             d.and_then(|d| d.content.as_deref()),
             d.and_then(|d| d.reasoning_content.as_deref()),
@@ -146,6 +153,7 @@ impl ChoiceView<'_> {
         ]
         .into_iter()
         .flatten()
+        .chain(calls)
         .map(|s| s.chars().count())
         .sum()
     }

@@ -179,18 +179,55 @@ struct ChoiceRaw<'a> {
     text: Option<&'a RawValue>,
 }
 
-/// The string fields of a `message` or `delta`, as raw values.
+/// The text fields of a `message` or `delta`, as raw values.
 #[derive(serde::Deserialize)]
 struct TextRaw<'a> {
     #[serde(borrow, default)]
     content: Option<&'a RawValue>,
     #[serde(borrow, default)]
     reasoning_content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tool_calls: Option<&'a RawValue>,
+}
+
+/// A tool call's `function`, as a raw value.
+#[derive(serde::Deserialize)]
+struct CallRaw<'a> {
+    #[serde(borrow, default)]
+    function: Option<&'a RawValue>,
+}
+
+/// A function's `arguments`, as a raw value.
+#[derive(serde::Deserialize)]
+struct FunctionRaw<'a> {
+    #[serde(borrow, default)]
+    arguments: Option<&'a RawValue>,
+}
+
+impl TextRaw<'_> {
+    /// Characters of its content, reasoning and tool calls' arguments.
+    fn chars(&self) -> Option<i64> {
+        let mut n = str_chars(self.content)?.saturating_add(str_chars(self.reasoning_content)?);
+        let Some(calls) = self.tool_calls.filter(|r| r.get().starts_with('[')) else {
+            return Some(n);
+        };
+        let calls: Vec<&RawValue> = serde_json::from_str(calls.get()).ok()?;
+        for call in calls.into_iter().filter(|c| c.get().starts_with('{')) {
+            let call: CallRaw<'_> = serde_json::from_str(call.get()).ok()?;
+            let Some(f) = call.function.filter(|f| f.get().starts_with('{')) else {
+                continue;
+            };
+            let f: FunctionRaw<'_> = serde_json::from_str(f.get()).ok()?;
+            n = n.saturating_add(str_chars(f.arguments)?);
+        }
+        Some(n)
+    }
 }
 
 /// Characters of text in `choices`, counted as [`Delivered::add_text_of`] counts them
-/// (`message.content`, `delta.content`, `delta.reasoning_content`, `text`; a field that is
-/// not a string counts 0). `None` when a choice cannot be read without a tree.
+/// (of `message` and `delta`: `content`, `reasoning_content` and each tool call's
+/// `function.arguments`; and `text`; a field that is not a string counts 0). `None`
+/// when a choice cannot be read without a tree.
 fn choices_chars(raw: &RawValue) -> Option<i64> {
     if !raw.get().starts_with('[') {
         return Some(0);
@@ -204,14 +241,10 @@ fn choices_chars(raw: &RawValue) -> Option<i64> {
         let c: ChoiceRaw<'_> = serde_json::from_str(c.get()).ok()?;
         let message = object_of(c.message)?;
         let delta = object_of(c.delta)?;
-        for s in [
-            message.as_ref().and_then(|m| m.content),
-            delta.as_ref().and_then(|d| d.content),
-            delta.as_ref().and_then(|d| d.reasoning_content),
-            c.text,
-        ] {
-            chars = chars.saturating_add(str_chars(s)?);
+        for part in [message, delta].iter().flatten() {
+            chars = chars.saturating_add(part.chars()?);
         }
+        chars = chars.saturating_add(str_chars(c.text)?);
     }
     Some(chars)
 }
@@ -381,7 +414,8 @@ mod tests {
             br#" { "model" : "x" , "choices" : [ { "text" : "abc" } , 7 , [1,2,"zzzz"] ] } "#,
             br#"{"id":"i","choices":[{"message":{"content":null,"tool_calls":[]}},{"delta":{"content":"ab","reasoning_content":"cd"}}],"usage":null}"#,
             br#"{"choices":{"not":"an array"},"usage":{"prompt_tokens":"7","completion_tokens":-4}}"#,
-            br#"{"choices":[{"message":{"content":["parts"],"reasoning_content":"not counted"}}],"usage":[1]}"#,
+            br#"{"choices":[{"message":{"content":["parts"],"reasoning_content":"counted as well"}}],"usage":[1]}"#,
+            br#"{"choices":[{"message":{"tool_calls":[{"function":{"name":"f","arguments":"{\"a\":1}"}},{"function":{"arguments":7}},"x",{"function":"y"}]}}]}"#,
             br#"{"data":[{"embedding":[0.1,0.2]}],"model":"e","usage":{"prompt_tokens":2}}"#,
             br#"{}"#,
         ];
