@@ -55,6 +55,10 @@ pub(crate) struct Ctx {
     pub(crate) agent_failed: AtomicBool,
     /// The consumer's text, kept when the output may need a guard check.
     pub(crate) guard_input: Option<Arc<str>>,
+    /// Its place in the queue's order (its account's credits buy it): kept when it
+    /// waits again after a "busy" answer, so that a provider cannot lift a request
+    /// above others by answering it "busy".
+    pub(crate) priority: u8,
     /// The key's concurrent-request slot, held until the request ends.
     pub(crate) _in_flight: InFlight,
     /// Registered in the in-flight registry: a sanction cancels it.

@@ -29,7 +29,7 @@ use crate::api::admit::Parsed;
 use crate::api::ctx::{note_health, Ctx};
 use crate::http::error::ApiError;
 use crate::routing::inflight::cut_error;
-use crate::routing::link::ProviderLink;
+use crate::routing::link::{Need, ProviderLink};
 use crate::routing::registry::{Acquired, Lease, PickError, WaitTicket};
 use crate::routing::send;
 use crate::state::HubState;
@@ -126,6 +126,8 @@ pub(crate) async fn dispatch(
     let mut tried: Vec<i64> = Vec::new();
     let mut refused_by: Option<i64> = None;
     let mut busy_left = state.config.routing.busy_retries;
+    // Providers that answered "busy" to this request.
+    let mut busy_at: Vec<i64> = Vec::new();
     // A request whose tunnel closed is rerouted once, on top of the attempts.
     let mut rerouted = false;
     let mut lease = first;
@@ -133,7 +135,7 @@ pub(crate) async fn dispatch(
         let link = Arc::clone(lease.tunnel());
         let (err, counted) = match send_once(state, ctx, parsed, &link).await {
             Err(Failure::Busy) => {
-                lease = busy_again(state, ctx, lease, &tried, &mut busy_left)
+                lease = busy_again(state, ctx, lease, &tried, &mut busy_at, &mut busy_left)
                     .await
                     .map_err(|e| (link, e))?;
                 continue;
@@ -186,14 +188,18 @@ pub(crate) async fn dispatch(
     }
 }
 
-/// After a "busy" answer from `lease`'s provider: another free provider's lease, else
-/// the same after `routing.busy_retry_delay`; an error once `busy_left` is spent (or the
-/// request is cut while it waits).
+/// After a "busy" answer from `lease`'s provider: another provider's lease, waiting in
+/// the queue for one (up to `queue.max_wait`) when the others are full, so that a
+/// provider that always says "busy" cannot turn the queue into errors; when no other
+/// provider serves the request, the same one again after `routing.busy_retry_delay`, at
+/// most `busy_left` times. An error once that is spent, or when the request is cut
+/// while it waits.
 async fn busy_again(
     state: &HubState,
     ctx: &Ctx,
     lease: Lease,
     tried: &[i64],
+    busy_at: &mut Vec<i64>,
     busy_left: &mut u32,
 ) -> Result<Lease, ApiError> {
     let no_capacity = ApiError::NoCapacity {
@@ -205,16 +211,49 @@ async fn busy_again(
     };
     *busy_left = left;
     let busy_id = lease.tunnel().provider_id;
-    let skip: Vec<i64> = tried.iter().copied().chain([busy_id]).collect();
-    if let Ok(next) = state.registry.pick(&ctx.model, &skip, &ctx.need) {
-        tracing::info!("provider busy; trying another");
-        return Ok(next);
+    if !busy_at.contains(&busy_id) {
+        busy_at.push(busy_id);
     }
-    tracing::debug!("provider busy; asking it again shortly");
+    let need = Need {
+        avoid: tried.iter().chain(busy_at.iter()).copied().collect(),
+        ..ctx.need.clone()
+    };
+    let acquired = state.registry.acquire(
+        &ctx.model,
+        (ctx.priority, ctx.key.account_id),
+        state.config.queue.max_length,
+        need,
+        false,
+    );
+    match acquired {
+        Ok(Acquired::Now(next)) => {
+            tracing::info!("provider busy; trying another");
+            Ok(next)
+        }
+        Ok(Acquired::Wait(ticket)) => {
+            drop(lease);
+            tracing::debug!("provider busy; waiting for another");
+            wait_in_queue(state, ctx, ticket).await.ok_or(no_capacity)
+        }
+        // Nobody else serves it: ask the busy one again shortly.
+        Err(_) => {
+            tracing::debug!("provider busy; asking it again shortly");
+            tokio::select! {
+                biased;
+                c = ctx.cut.cancelled() => Err(cut_error(&c)),
+                _ = tokio::time::sleep(state.config.routing.busy_retry_delay) => Ok(lease),
+            }
+        }
+    }
+}
+
+/// A lease from `ticket` within `queue.max_wait`; `None` on timeout, a cut, or a queue
+/// that dropped it.
+async fn wait_in_queue(state: &HubState, ctx: &Ctx, mut ticket: WaitTicket) -> Option<Lease> {
     tokio::select! {
         biased;
-        c = ctx.cut.cancelled() => Err(cut_error(&c)),
-        _ = tokio::time::sleep(state.config.routing.busy_retry_delay) => Ok(lease),
+        _ = ctx.cut.cancelled() => None,
+        l = tokio::time::timeout(state.config.queue.max_wait, ticket.recv()) => l.ok().flatten(),
     }
 }
 
@@ -225,7 +264,7 @@ async fn after_gone(state: &HubState, ctx: &Ctx, gone: &ProviderLink) -> Option<
     state.registry.remove(gone.conn_id);
     let acquired = state.registry.acquire(
         &ctx.model,
-        (send::PRIORITY_INTERNAL, ctx.key.account_id),
+        (ctx.priority, ctx.key.account_id),
         state.config.queue.max_length,
         ctx.need.clone(),
         true,

@@ -195,6 +195,7 @@ async fn serve(
         usage_slot: parking_lot::Mutex::new(Some(ctx_parts.usage_slot)),
         agent_failed: AtomicBool::new(false),
         guard_input: ctx_parts.guard_input,
+        priority,
         _in_flight: in_flight,
     };
     route(state, ctx, parsed, priority).await
@@ -246,6 +247,7 @@ async fn admit(
         trusted_only: trusted_header(headers) || key.trusted_only,
         moderated: stages.moderation(),
         request: Some(Arc::clone(&parsed.request)),
+        avoid: Arc::from([]),
     };
     Ok(Admitted {
         parsed,

@@ -122,6 +122,8 @@ pub struct Need {
     /// The guard stages this request gets: a provider that requires more does not serve
     /// it (`api::screen::stages`).
     pub moderated: potluck_protocol::tunnel::Moderation,
+    /// Providers not to hand it to (they answered "busy" to it: `api::dispatch`).
+    pub avoid: Arc<[i64]>,
 }
 
 impl Offer {
@@ -219,6 +221,7 @@ impl ProviderLink {
         self.is_open()
             && !self.quarantined.load(Ordering::Relaxed)
             && (!need.trusted_only || self.trusted.load(Ordering::Relaxed))
+            && !need.avoid.contains(&self.provider_id)
             && self.state.lock().serves(m, need)
     }
 
@@ -229,6 +232,7 @@ impl ProviderLink {
         }
         if self.quarantined.load(Ordering::Relaxed)
             || (need.trusted_only && !self.trusted.load(Ordering::Relaxed))
+            || need.avoid.contains(&self.provider_id)
         {
             return false;
         }

@@ -486,6 +486,54 @@ async fn a_provider_renaming_its_models_cannot_grow_the_hubs_refusals() {
     );
 }
 
+/// A provider announces many free slots and answers every request at once with the
+/// agent's "busy" (which a real agent says when another hub holds its slots): it looks
+/// the least loaded, so every request and every waiter of the queue went to it, and
+/// bounced until its busy retries were spent, then failed with 503, while an honest
+/// provider was about to be free. A "busy" now takes the provider out of picks for
+/// `routing.busy_retry_delay`, and the request waits in the queue meanwhile: all four
+/// requests are served by the honest provider, one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_always_says_busy_cannot_turn_a_queue_into_errors() {
+    use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR};
+    use potluck_testkit::FakeBehavior;
+    let hub = TestHub::start_with(|c| {
+        c.limits.max_concurrent = None;
+        c.limits.rpm = None;
+    })
+    .await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 5,
+        gap: Duration::from_millis(200),
+        ..FakeBehavior::default()
+    });
+    let mut config = TestAgent::config(
+        &hub.url(),
+        &hub.create_provider("honest").await,
+        &[backend.base_url()],
+    );
+    config.max_concurrency = 1;
+    let _honest = TestAgent::start_with(config);
+    hub.wait_for_model(MODEL, 1).await;
+    let liar = provider(&hub, "liar", 64).await;
+    liar.set_raw(Some(RawAnswer::Bytes {
+        status: 503,
+        headers: vec![
+            (HEADER_AGENT_ERROR.into(), "1".into()),
+            (HEADER_AGENT_BUSY.into(), "1".into()),
+        ],
+        frames: vec![bytes::Bytes::from_static(b"{}")],
+    }));
+    hub.wait_for_model(MODEL, 2).await;
+    let asks = (0..4).map(|_| ask(&alice, "chat/completions", chat(true)));
+    let answers = futures_util::future::join_all(asks).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+    }
+}
+
 /// Open a second tunnel with `token` that says everything but `hello` (an energy line),
 /// so that the hub has it open but not yet in routing.
 async fn spare_tunnel(hub: &TestHub, token: &str) -> ScriptedAgent {
