@@ -365,6 +365,17 @@ impl Store {
     }
 }
 
+/// A provider row (id, name, account, the account's and the provider's status and
+/// reason, in that order) as the hub admits it.
+fn provider_auth(r: sqlx::any::AnyRow) -> ProviderAuth {
+    ProviderAuth {
+        provider_id: r.get(0),
+        name: r.get(1),
+        account_id: r.get(2),
+        block: block_of((r.get(3), r.get(4)), (Target::Provider, r.get(5), r.get(6))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,15 +498,4 @@ mod tests {
         let auth = s.authenticate_key(&key).await.unwrap().unwrap();
         assert_eq!(auth.limits.tpm, Some(5_000_000_000));
     });
-}
-
-/// A provider row (id, name, account, the account's and the provider's status and
-/// reason, in that order) as the hub admits it.
-fn provider_auth(r: sqlx::any::AnyRow) -> ProviderAuth {
-    ProviderAuth {
-        provider_id: r.get(0),
-        name: r.get(1),
-        account_id: r.get(2),
-        block: block_of((r.get(3), r.get(4)), (Target::Provider, r.get(5), r.get(6))),
-    }
 }

@@ -280,10 +280,10 @@ mod tests {
         );
     });
 
-    /// A lease row that expired is deleted (by its own hub's renewal, or by another
-    /// hub's) and made again; the hub keeps the value of the highest version it heard of.
-    /// Before, the new row started again at version 1, below what the hub had seen of the
-    /// old one, so the hub kept spending from the old, larger value: an overdraft.
+    // A lease row that expired is deleted (by its own hub's renewal, or by another
+    // hub's) and made again; the hub keeps the value of the highest version it heard of.
+    // Before, the new row started again at version 1, below what the hub had seen of the
+    // old one, so the hub kept spending from the old, larger value: an overdraft.
     crate::conformance!(
         a_lease_made_again_after_it_expired_has_a_higher_version,
         |db| {
