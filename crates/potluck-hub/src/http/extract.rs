@@ -13,17 +13,20 @@ pub(crate) const MAX_LIST_ROWS: i64 = 10_000;
 /// Rows a list call returns when no `limit` is given.
 pub(crate) const DEFAULT_LIST_ROWS: i64 = 100;
 
-/// A name (account, key, provider, group): 1 to `MAX_NAME_BYTES` of a safe alphabet.
+/// A name (account, key, provider, group): 1 to `MAX_NAME_BYTES` of a safe alphabet,
+/// starting with a letter or digit. Names go into the pages' form paths, where `.` and
+/// `..` would be read as the path's own steps (a browser sends `/accounts/../sanction`
+/// as `/sanction`), so that staff could not act on such an account from the pages.
 pub(crate) fn check_name(field: &'static str, s: &str) -> Result<(), ApiError> {
-    let ok = !s.is_empty()
-        && s.len() <= MAX_NAME_BYTES
+    let ok = s.len() <= MAX_NAME_BYTES
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
     if ok {
         Ok(())
     } else {
         Err(ApiError::bad_request(
-            format!("'{field}' must be 1 to {MAX_NAME_BYTES} characters of letters, digits, '-', '_', '.' or '@'."),
+            format!("'{field}' must be 1 to {MAX_NAME_BYTES} characters of letters, digits, '-', '_', '.' or '@', starting with a letter or digit."),
             Some(field),
         ))
     }

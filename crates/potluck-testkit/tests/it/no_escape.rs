@@ -546,7 +546,17 @@ async fn signup_invites_and_reports_are_rate_limited() {
 #[tokio::test]
 async fn reserved_account_names_cannot_be_taken() {
     let hub = TestHub::start_with(|c| c.accounts.mode = JoinMode::Open).await;
-    for name in ["anonymous", "Anonymous", "admin", "treasury", "hub"] {
+    // (".", ".." and names like them would be read as steps of the pages' form paths.)
+    for name in [
+        "anonymous",
+        "Anonymous",
+        "admin",
+        "treasury",
+        "hub",
+        ".",
+        "..",
+        "-x",
+    ] {
         let (s, v) = call(
             &hub,
             "POST",
