@@ -127,6 +127,9 @@ pub(crate) struct Bounds {
     pub(crate) completion: i64,
     /// Embeddings: bytes of the input (the hub's own estimate is a quarter of it).
     pub(crate) input_bytes: i64,
+    /// The hub's own estimate of the prompt's tokens (about four bytes of its text
+    /// each), billed when no usage came with an answer that delivered text.
+    pub(crate) prompt_estimate: i64,
 }
 
 impl Bounds {
@@ -137,11 +140,13 @@ impl Bounds {
         input_bytes: i64,
         credits: &CreditsConfig,
     ) -> Self {
+        let prompt_estimate = i64::from(req.prompt_estimate);
         if req.endpoint == InferenceEndpoint::Embeddings {
             return Self {
                 prompt: input_bytes.saturating_add(PLAUSIBILITY_SLACK_TOKENS),
                 completion: 0,
                 input_bytes,
+                prompt_estimate,
             };
         }
         let completion = if req.generates() {
@@ -156,6 +161,7 @@ impl Bounds {
                 .saturating_add(credits.prompt_overhead_tokens.max(0)),
             completion: completion.max(0),
             input_bytes,
+            prompt_estimate,
         }
     }
 
@@ -241,6 +247,19 @@ pub(crate) fn billable(
             prompt: 0,
             completion: seen.estimate(),
         },
+    };
+    // No prompt tokens reported (no usage at all, none in it, or the consumer left before
+    // it came): the prompt was read once text came back or the answer completed, so it
+    // is billed at the hub's estimate. Before, it was free, and a consumer that left one
+    // token early paid nothing for a long prompt.
+    let read = completed || seen.estimate() > 0;
+    let asked = Usage {
+        prompt: if asked.prompt <= 0 && read {
+            bounds.prompt_estimate
+        } else {
+            asked.prompt
+        },
+        ..asked
     };
     let (billed, cut) = bounds.cut(asked);
     if cut {

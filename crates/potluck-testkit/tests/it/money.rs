@@ -521,3 +521,39 @@ async fn tool_calls_and_reasoning_are_delivered_text_and_billed() {
         "the honest provider was flagged: {history:?}"
     );
 }
+
+/// An answer with no usage at all (a provider that sends none, or a stream the consumer
+/// leaves before its usage chunk) bills the prompt at the hub's own estimate (about four
+/// bytes of its text a token). Before, such a prompt was free: a consumer could have a
+/// long prompt read for nothing by leaving one token early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_without_usage_still_bills_its_prompt() {
+    let hub = TestHub::start_with(cheap).await;
+    let p = ScriptedAgent::connect(
+        "quiet",
+        &hub.url(),
+        &hub.create_provider("quiet").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    hub.grant("alice", 1.0).await;
+    let prompt = "lorem ipsum ".repeat(400);
+    for stream in [false, true] {
+        p.set_raw(Some(answer_with_usage(stream, "short answer", "")));
+        let id = served(
+            &alice,
+            &json!({"model": "m", "stream": stream,
+                "messages": [{"role": "user", "content": prompt}]}),
+        )
+        .await;
+        let row = usage_row(&hub, &id).await;
+        let estimate = prompt.len() as i64 / 4;
+        assert!(
+            row.prompt_tokens >= estimate,
+            "stream {stream}: {} prompt tokens billed for ~{estimate}",
+            row.prompt_tokens
+        );
+    }
+}
