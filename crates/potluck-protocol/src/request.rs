@@ -147,7 +147,17 @@ pub struct InferenceRequest {
     pub has_tools: bool,
     /// An `image_url` part in `messages`: only a vision-capable model may serve it.
     pub has_images: bool,
+    /// Completions the backend generates for it, each up to `max_tokens`: the larger of
+    /// `n` and `best_of`, times the prompts of a `/v1/completions` batch (an array of
+    /// strings or of token-id arrays). At least 1.
+    pub choices: u32,
 }
+
+/// Largest `n` or `best_of` accepted.
+pub const MAX_CHOICES: u32 = 16;
+/// What `n` and `best_of` must be (it names [`MAX_CHOICES`]; a unit test keeps the two
+/// in step).
+const CHOICES_EXPECTED: &str = "an integer from 1 to 16";
 
 /// A provider's caps for one model, as far as a request's size is concerned.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -384,6 +394,9 @@ impl InferenceRequest {
             (Some(_), Some(_)) => return Err(RequestError::BothTokenLimits),
             (a, b) => a.or(b),
         };
+        let choices = read_choices(top.n, "n")?
+            .max(read_choices(top.best_of, "best_of")?)
+            .saturating_mul(u32::try_from(top.walk.batch_items.max(1)).unwrap_or(u32::MAX));
         let walk = &top.walk;
         let tokens = walk
             .text_bytes
@@ -403,6 +416,7 @@ impl InferenceRequest {
             null_seed: top.seed.is_some() && non_null(top.seed).is_none(),
             has_tools: top.tools == Some(Shape::Array) || top.functions == Some(Shape::Array),
             has_images: walk.images,
+            choices,
         })
     }
 
@@ -499,6 +513,22 @@ fn read_stream_options(raw: Option<&RawValue>) -> Result<(bool, bool), RequestEr
     Ok((true, include_usage))
 }
 
+/// `n` or `best_of`: 1 when absent or `null`, else an integer from 1 to [`MAX_CHOICES`].
+fn read_choices(raw: Option<&RawValue>, param: &'static str) -> Result<u32, RequestError> {
+    let Some(text) = non_null(raw) else {
+        return Ok(1);
+    };
+    match text.parse::<u32>() {
+        Ok(n) if (1..=MAX_CHOICES).contains(&n) && text.bytes().all(|b| b.is_ascii_digit()) => {
+            Ok(n)
+        }
+        _ => Err(RequestError::WrongType {
+            param,
+            expected: CHOICES_EXPECTED,
+        }),
+    }
+}
+
 fn read_tokens(
     raw: Option<&RawValue>,
     field: TokenField,
@@ -538,6 +568,9 @@ struct Walked {
     /// A content part off the allow-list (see [`walk`]).
     bad_part: bool,
     too_deep: bool,
+    /// Prompts in a batch: strings or arrays directly in a top-level `prompt` (or
+    /// `input`) array; 0 for a single prompt.
+    batch_items: u64,
 }
 
 /// The top-level fields, borrowed from the body.
@@ -549,6 +582,8 @@ struct Top<'a> {
     max_tokens: Option<&'a RawValue>,
     max_completion_tokens: Option<&'a RawValue>,
     seed: Option<&'a RawValue>,
+    n: Option<&'a RawValue>,
+    best_of: Option<&'a RawValue>,
     messages: Option<Shape>,
     prompt: Option<Shape>,
     input: Option<Shape>,
@@ -594,6 +629,8 @@ enum TopKey {
     MaxTokens,
     MaxCompletionTokens,
     Seed,
+    N,
+    BestOf,
     Messages,
     Prompt,
     Input,
@@ -619,6 +656,8 @@ impl<'de> serde::Deserialize<'de> for TopKey {
                     "max_tokens" => TopKey::MaxTokens,
                     "max_completion_tokens" => TopKey::MaxCompletionTokens,
                     "seed" => TopKey::Seed,
+                    "n" => TopKey::N,
+                    "best_of" => TopKey::BestOf,
                     "messages" => TopKey::Messages,
                     "prompt" => TopKey::Prompt,
                     "input" => TopKey::Input,
@@ -656,6 +695,8 @@ impl<'de> Visitor<'de> for TopVisitor {
                     (&mut top.max_completion_tokens, "max_completion_tokens")
                 }
                 TopKey::Seed => (&mut top.seed, "seed"),
+                TopKey::N => (&mut top.n, "n"),
+                TopKey::BestOf => (&mut top.best_of, "best_of"),
                 TopKey::Messages
                 | TopKey::Prompt
                 | TopKey::Input

@@ -116,7 +116,8 @@ pub(crate) const PLAUSIBILITY_SLACK_TOKENS: i64 = 16;
 ///   default system prompt). Embeddings: the bytes of `input` plus
 ///   [`PLAUSIBILITY_SLACK_TOKENS`];
 /// - completion: the request's `max_tokens` / `max_completion_tokens`, or
-///   `credits.default_max_tokens` when it sets none (the hub's cap); 0 for embeddings.
+///   `credits.default_max_tokens` when it sets none (the hub's cap), times its choices
+///   (`n`, `best_of`, prompts of a batch); 0 for embeddings.
 ///
 /// A provider's claim above either bound is cut to it and flagged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -149,9 +150,12 @@ impl Bounds {
                 prompt_estimate,
             };
         }
+        // Each of the request's choices (`n`, `best_of`, a batch of prompts) may use
+        // its whole `max_tokens`.
         let completion = if req.generates() {
             req.max_tokens()
                 .map_or(credits.default_max_tokens, i64::from)
+                .saturating_mul(i64::from(req.choices.max(1)))
         } else {
             0
         };

@@ -602,3 +602,32 @@ fn a_seed_is_noticed_and_cannot_appear_twice() {
         RequestError::Duplicate("seed")
     );
 }
+
+#[test]
+fn choices_count_n_best_of_and_batched_prompts() {
+    let one = chat(r#"{"model":"m","messages":[]}"#).unwrap();
+    assert_eq!(one.choices, 1);
+    let r = chat(r#"{"model":"m","messages":[],"n":4}"#).unwrap();
+    assert_eq!(r.choices, 4);
+    let r = chat(r#"{"model":"m","messages":[],"n":null,"best_of":3}"#).unwrap();
+    assert_eq!(r.choices, 3);
+    // A single prompt, as text or token ids, is one; a batch is one per prompt.
+    for (body, want) in [
+        (r#"{"model":"m","prompt":"abc"}"#, 1),
+        (r#"{"model":"m","prompt":[1,2,3]}"#, 1),
+        (r#"{"model":"m","prompt":["a","b","c"]}"#, 3),
+        (r#"{"model":"m","prompt":[[1,2],[3]],"n":2}"#, 4),
+    ] {
+        assert_eq!(parse(COMPLETIONS, body).unwrap().choices, want, "{body}");
+    }
+    for bad in [
+        r#"{"model":"m","messages":[],"n":0}"#,
+        r#"{"model":"m","messages":[],"n":17}"#,
+        r#"{"model":"m","messages":[],"n":1.5}"#,
+        r#"{"model":"m","messages":[],"best_of":"2"}"#,
+    ] {
+        let e = chat(bad).unwrap_err();
+        assert!(matches!(e, RequestError::WrongType { .. }), "{bad}: {e:?}");
+    }
+    assert!(CHOICES_EXPECTED.ends_with(&MAX_CHOICES.to_string()));
+}

@@ -224,6 +224,14 @@ impl Walk<'_> {
         }
     }
 
+    /// A string or array directly in a top-level `prompt` (or `input`) array is one
+    /// prompt of a batch, each completed on its own.
+    fn count_batch_item(&mut self) {
+        if self.mode == Mode::TokenIds && self.depth == 3 {
+            self.st.batch_items = self.st.batch_items.saturating_add(1);
+        }
+    }
+
     /// A scalar or array where only a `data:` URI (or an audio object) belongs.
     fn not_an_image(&mut self) {
         match self.mode {
@@ -329,12 +337,14 @@ impl<'de> Visitor<'de> for Walk<'_> {
             return Ok(Shape::Other);
         }
         self.not_an_image();
+        self.count_batch_item();
         self.st.text_bytes = self.st.text_bytes.saturating_add(s.len() as u64);
         Ok(Shape::Other)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Shape, A::Error> {
         self.not_an_image();
+        self.count_batch_item();
         if self.depth > self.max_depth {
             self.st.too_deep = true;
             while seq.next_element::<IgnoredAny>()?.is_some() {}

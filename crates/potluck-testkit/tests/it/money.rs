@@ -557,3 +557,42 @@ async fn an_answer_without_usage_still_bills_its_prompt() {
         );
     }
 }
+
+/// A request for several choices (`n`, or a batch of prompts) may use `max_tokens` for
+/// each: an honest provider's usage for all of them is billed, and flags nothing.
+/// Before, the bound was one `max_tokens`: the consumer got four answers for the price
+/// of one and the honest provider was flagged (and, answer after answer, quarantined).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_choices_are_billed_for_each_and_flag_nothing() {
+    let hub = TestHub::start_with(cheap).await;
+    let p = ScriptedAgent::connect(
+        "honest",
+        &hub.url(),
+        &hub.create_provider("honest").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    hub.grant("alice", 1.0).await;
+    let choices: Vec<Value> = (0..4)
+        .map(|i| {
+            json!({"index": i, "message": {"role": "assistant", "content": "word ".repeat(60)},
+            "finish_reason": "length"})
+        })
+        .collect();
+    let answer = json!({"id": "x", "object": "chat.completion", "model": "m", "choices": choices,
+        "usage": {"prompt_tokens": 5, "completion_tokens": 200, "total_tokens": 205}});
+    p.set_raw(Some(RawAnswer::json(200, &answer)));
+    let id = served(
+        &alice,
+        &json!({"model": "m", "n": 4, "max_tokens": 50,
+            "messages": [{"role": "user", "content": "four takes"}]}),
+    )
+    .await;
+    assert_eq!(usage_row(&hub, &id).await.completion_tokens, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = provider_id(&hub, "honest").await;
+    let history = hub.state().store.audit_history(pid, 100).await.unwrap();
+    assert!(history.iter().all(|a| a.0 != "usage"), "{history:?}");
+}
