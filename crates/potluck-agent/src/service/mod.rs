@@ -131,11 +131,19 @@ fn keep_receipts(sh: &Shared, b: ReceiptBatch) -> Option<ReceiptBatch> {
     (!kept.receipts.is_empty()).then_some(kept)
 }
 
-/// Whether a receipt from the hub is kept: it is for a request this agent served and has
-/// not had a receipt yet, and its time is within `[journal] receipt_skew_secs` of the
-/// agent's clock. A hostile hub can neither fill the journal with receipts for requests
-/// that never happened nor date them where retention would not reach.
+/// Whether a receipt from the hub is kept: its text fields are of ordinary size
+/// (`MAX_RECEIPT_TEXT_BYTES`), it is for a request this agent served and has not had a
+/// receipt yet, and its time is within `[journal] receipt_skew_secs` of the agent's
+/// clock. A hostile hub can neither fill the journal with receipts for requests that
+/// never happened or with fat ones, nor date them where retention would not reach.
 fn receipt_acceptable(sh: &Shared, r: &potluck_protocol::receipt::Receipt) -> bool {
+    use potluck_protocol::receipt::MAX_RECEIPT_TEXT_BYTES;
+    if [&r.hub_id, &r.consumer, &r.outcome]
+        .iter()
+        .any(|t| t.len() > MAX_RECEIPT_TEXT_BYTES)
+    {
+        return false;
+    }
     let skew = i64::try_from(sh.policy().journal.receipt_skew.as_millis()).unwrap_or(i64::MAX);
     let now = sh.config.clock.now().as_millisecond();
     if r.time_ms.abs_diff(now) > skew.unsigned_abs() {

@@ -62,6 +62,11 @@ pub struct HubInfo {
     pub version: String,
 }
 
+/// Longest text field of a receipt an agent keeps (`hub_id`, `consumer`, `outcome`): a
+/// hub makes them short (an id, a pseudonym, a word), and a hostile one must not fill the
+/// volunteer's journal with long ones.
+pub const MAX_RECEIPT_TEXT_BYTES: usize = 128;
+
 /// The signed facts about one request. Field order is the signed order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {

@@ -199,6 +199,52 @@ async fn a_hostile_hub_cannot_plant_receipts_for_requests_never_served() {
     );
 }
 
+/// A hostile hub signs receipts for requests the agent did serve, with a text field of
+/// 100 KB each (the consumer's pseudonym, the outcome, the hub's id), to fill the
+/// volunteer's journal (capped in bytes, so that once full it drops the volunteer's own
+/// lines). Receipts whose text fields pass `MAX_RECEIPT_TEXT_BYTES` are refused, and the
+/// request's proper receipt still lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_hub_cannot_fill_the_journal_with_fat_receipts() {
+    let mut rig = AgentRig::start(&[MODEL], "", "2024-01-01T12:00:00Z", |_| {}).await;
+    rig.wait_offered(MODEL).await;
+    let chat = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+    for id in ["r1", "r2", "r3", "r4"] {
+        let (status, _, _) = rig.send("/v1/chat/completions", MODEL, id, chat).await;
+        assert_eq!(status, 200);
+    }
+    let fat = "x".repeat(100_000);
+    let fattened = |id: &str, how: usize| {
+        let HubEvent::Receipt(signed) = receipt(id, NOW_MS) else {
+            unreachable!()
+        };
+        let mut r = signed.receipt;
+        match how {
+            0 => r.consumer = fat.clone(),
+            1 => r.outcome = fat.clone(),
+            _ => r.hub_id = fat.clone(),
+        }
+        HubEvent::Receipt(SignedReceipt::sign(r, &SigningKey::from_bytes(&[7u8; 32])))
+    };
+    post_events(
+        &mut rig,
+        &[fattened("r1", 0), fattened("r2", 1), fattened("r3", 2)],
+    )
+    .await;
+    post_events(&mut rig, &[receipt("r4", NOW_MS + 1000)]).await;
+    let dir = rig.state_dir.join("journal");
+    wait_until("r4's receipt in the journal", T, || {
+        let dir = dir.clone();
+        async move { receipt_lines(&dir).iter().any(|(id, _)| id == "r4") }
+    })
+    .await;
+    assert_eq!(
+        receipt_lines(&dir),
+        vec![("r4".to_owned(), NOW_MS + 1000)],
+        "only the receipt of ordinary size is kept"
+    );
+}
+
 type HeldBody = BoxBody<Bytes, Infallible>;
 
 /// A request body that sends nothing until `release` is dropped or sent to.
