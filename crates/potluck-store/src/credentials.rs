@@ -251,6 +251,8 @@ impl Store {
     /// Resolve a provider token. Revoked and unknown tokens give `None`; a provider (or
     /// its account) not in good standing resolves with `block` set.
     pub async fn authenticate_provider(&self, secret: &Secret) -> Result<Option<ProviderAuth>> {
+        self.key_lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let row = sqlx::query(
             "SELECT p.id, p.name, p.account_id, a.status, a.status_reason, p.status, p.status_reason \
              FROM providers p JOIN accounts a ON a.id = p.account_id \

@@ -311,7 +311,8 @@ pub struct Store {
     url: Option<ConnectUrl>,
     /// Ids of the system accounts (they never change once created).
     pub(crate) system_ids: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
-    /// Consumer-key lookups made (`authenticate_key`), for tests and metrics.
+    /// Credential lookups made (`authenticate_key`, `authenticate_provider`), for tests
+    /// and metrics.
     pub(crate) key_lookups: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Held for writing by [`Store::hold_key_lookups`]: lookups that have read the
     /// database wait on it before they answer (tests stage races with it).
@@ -411,8 +412,9 @@ impl Store {
         engine::begin_write(&self.pool, self.engine).await
     }
 
-    /// How many consumer-key lookups this store has made (a hub's negative cache keeps a
-    /// repeated bad key from reaching the database).
+    /// How many credential lookups (consumer keys and provider tokens) this store has
+    /// made (a hub's negative cache keeps a repeated bad secret from reaching the
+    /// database).
     pub fn key_lookups(&self) -> u64 {
         self.key_lookups.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -117,6 +117,26 @@ impl Reporter {
     }
 }
 
+/// The provider behind a token (its `block` set when it is not in good standing): a
+/// secret not shaped like a provider token, or one that matched nothing lately, is
+/// refused without a lookup, as a consumer key is.
+pub(crate) async fn provider(state: &HubState, secret: &Secret) -> Result<ProviderAuth, ApiError> {
+    if !SecretKind::ProviderToken.looks_like(secret.expose()) {
+        return Err(ApiError::Unauthorized);
+    }
+    let hash = secret.hash();
+    if state.unknown_keys.get(&hash).is_some() {
+        return Err(ApiError::Unauthorized);
+    }
+    match state.store.authenticate_provider(secret).await? {
+        Some(p) => Ok(p),
+        None => {
+            state.unknown_keys.put(hash, ());
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
 /// Authenticate a consumer key or a provider token, in good standing.
 pub(crate) async fn reporter(state: &HubState, headers: &HeaderMap) -> Result<Reporter, ApiError> {
     let secret = bearer(headers).ok_or(ApiError::Unauthorized)?;
@@ -126,11 +146,7 @@ pub(crate) async fn reporter(state: &HubState, headers: &HeaderMap) -> Result<Re
     {
         return Ok(Reporter::Consumer(authenticate(state, &secret).await?));
     }
-    let p = state
-        .store
-        .authenticate_provider(&secret)
-        .await?
-        .ok_or(ApiError::Unauthorized)?;
+    let p = provider(state, &secret).await?;
     match p.block {
         Some(b) => Err(ApiError::Blocked(b)),
         None => Ok(Reporter::Provider(p)),

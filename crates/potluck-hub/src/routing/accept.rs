@@ -109,8 +109,8 @@ pub(crate) async fn accept(State(state): State<Arc<HubState>>, mut req: Request)
     let Some(token) = bearer(req.headers()) else {
         return refused_token();
     };
-    let provider = match state.store.authenticate_provider(&token).await {
-        Ok(Some(p)) => match p.block.clone() {
+    let provider = match crate::http::auth::provider(&state, &token).await {
+        Ok(p) => match p.block.clone() {
             Some(block) => {
                 tracing::info!(
                     provider_id = p.provider_id,
@@ -120,11 +120,11 @@ pub(crate) async fn accept(State(state): State<Arc<HubState>>, mut req: Request)
             }
             None => p,
         },
-        Ok(None) => {
-            tracing::info!("tunnel refused: unknown or revoked provider token");
+        Err(ApiError::Unauthorized) => {
+            tracing::debug!("tunnel refused: unknown or revoked provider token");
             return refused_token();
         }
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return e.into_response(),
     };
     let Some(permit) = state.registry.open_tunnel(provider.provider_id) else {
         tracing::info!(

@@ -429,6 +429,45 @@ async fn a_repeated_bad_key_reaches_the_store_once() {
     );
 }
 
+/// The same stranger with provider tokens: a tunnel upgrade or a report with a token
+/// shaped like one reaches the store once, a malformed one never. Before, every attempt
+/// was a database lookup (and an info line in the hub's log).
+#[tokio::test]
+async fn a_repeated_bad_provider_token_reaches_the_store_once() {
+    use potluck_tunnel::{Carrier, HubUrl, UpgradeCarrier};
+    let hub = TestHub::start().await;
+    let store = hub.state().store.clone();
+    let bad = format!("pt-{}", "cd".repeat(24));
+    let before = store.key_lookups();
+    for token in [bad.as_str(), "pt-nope", "x"] {
+        for _ in 0..10 {
+            let carrier = UpgradeCarrier {
+                hub: HubUrl::parse(&hub.url()).unwrap(),
+                token: token.to_owned(),
+                agent_version: "stranger".into(),
+                features: &[],
+            };
+            assert!(carrier.connect().await.is_err(), "{token}");
+            let report = json!({"target": "provider", "name": "x", "reason": "spam"});
+            let (s, v) = call(&hub, "POST", "/v1/reports", Some(token), Some(report)).await;
+            assert_eq!(s, 401, "{token}: {v}");
+        }
+    }
+    let lookups = store.key_lookups() - before;
+    assert!(
+        lookups <= 1,
+        "{lookups} store lookups for one bad provider token"
+    );
+    // A real token still opens a tunnel.
+    let carrier = UpgradeCarrier {
+        hub: HubUrl::parse(&hub.url()).unwrap(),
+        token: hub.create_provider("real").await,
+        agent_version: "real".into(),
+        features: &[],
+    };
+    assert!(carrier.connect().await.is_ok());
+}
+
 /// The attack: a stranger sends a large body to an admin or member route, or a slow
 /// one, to make the hub buffer it. The key is checked first: 401 before any body byte is
 /// read. And a staff member's body is capped at `max_admin_body_bytes`.
