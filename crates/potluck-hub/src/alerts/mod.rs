@@ -5,8 +5,8 @@
 //! balance fell below `alerting.treasury_below`.
 //!
 //! Content-free: an alert is built from fixed words, counts and the names of models the
-//! hub served; never a prompt, a completion, a report's reason or anything a consumer
-//! typed. Rate-limited per webhook and kind (`min_interval`); the alerts held back are
+//! hub served (stripped of chat markup: a provider chooses them); never a prompt, a
+//! completion, a report's reason or anything a consumer typed. Rate-limited per webhook and kind (`min_interval`); the alerts held back are
 //! counted in the next one.
 
 mod send;
@@ -87,7 +87,10 @@ impl Watch {
         let mut out = Vec::new();
         let served = st.registry.models();
         for (m, n) in &served {
+            // Only models that served a request here: a provider announcing names by
+            // the thousand must not fill the watch list.
             if *n > 0
+                && st.service_ms(m).is_some()
                 && (self.models.len() < MAX_WATCHED_MODELS || self.models.contains_key(m.as_str()))
             {
                 self.models.insert(m.to_string(), (None, false));
@@ -107,7 +110,8 @@ impl Watch {
                 out.push(Alert {
                     kind: Kind::ModelUnavailable,
                     text: format!(
-                        "Potluck: model {m} has had no provider for {}.",
+                        "Potluck: model {} has had no provider for {}.",
+                        plain_name(m),
                         span(after)
                     ),
                 });
@@ -160,6 +164,26 @@ fn treasury_floor(st: &HubState) -> Option<i64> {
     let micro = (credits * potluck_store::ledger::CREDIT as f64).round();
     // Saturating float-to-int conversion: any setting maps to a usable floor.
     Some(micro as i64)
+}
+
+/// Longest model name an alert shows.
+const MAX_ALERT_NAME_CHARS: usize = 100;
+
+/// A model name as an alert shows it: letters, digits and `._:/+-` kept, anything else
+/// (`<`, `>`, `@`, brackets, spaces: Slack's and Discord's markup for mentions and links)
+/// made `_`, at most [`MAX_ALERT_NAME_CHARS`]. A provider names its models, and an alert
+/// goes to the operators' channel.
+fn plain_name(m: &str) -> String {
+    m.chars()
+        .take(MAX_ALERT_NAME_CHARS)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._:/+-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// `90 s`, `10 min`.

@@ -23,6 +23,8 @@ pub(crate) async fn post(
         "text": text,
         "content": text,
         "kind": kind.as_str(),
+        // Discord: ping nobody, whatever the text says.
+        "allowed_mentions": {"parse": []},
     })
     .to_string();
     let exchange = async {

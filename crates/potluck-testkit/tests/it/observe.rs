@@ -643,3 +643,76 @@ async fn alerts_reach_a_webhook_rate_limited_and_content_free() {
         "{missing}"
     );
 }
+
+/// A provider names a model with chat markup (a Slack `<!channel>`, a Discord
+/// `@everyone`, a link), serves it once to itself, and leaves: the operators' channel
+/// gets an alert that names the model without its markup and mentions nobody. A model
+/// only announced, never served, is not watched at all (a provider announcing a
+/// thousand names could fill the watch list, and later models would go unwatched).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_names_a_model_without_its_markup() {
+    use potluck_protocol::tunnel::ProviderProfile;
+    use potluck_testkit::scripted_agent::hello;
+    use potluck_testkit::ScriptedAgent;
+    const EVIL: &str = "<!channel> rotate [here](https://evil.example) @everyone";
+    let (url, got, _server) = receiver().await;
+    let hub = TestHub::start_with(|c| {
+        c.alerts = vec![potluck_hub::config::AlertConfig {
+            url,
+            min_interval: std::time::Duration::from_millis(1),
+        }];
+        c.alerting.check_interval = std::time::Duration::from_millis(50);
+        c.alerting.model_absent_after = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let agent = ScriptedAgent::connect(
+        "p",
+        &hub.url(),
+        &hub.create_provider("p").await,
+        hello(&[EVIL, "never-served"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model(EVIL, 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    assert_eq!(alice.chat(EVIL, "hi").await.status, 200);
+    // Let the watcher see the model served before it goes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(agent);
+    let unavailable = || {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["kind"] == "model_unavailable")
+            .cloned()
+            .collect::<Vec<Value>>()
+    };
+    potluck_testkit::wait_until(
+        "an absence alert",
+        std::time::Duration::from_secs(20),
+        || {
+            let n = unavailable().len();
+            async move { n > 0 }
+        },
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let alerts = unavailable();
+    assert_eq!(
+        alerts.len(),
+        1,
+        "only the served model is watched: {alerts:?}"
+    );
+    let text = alerts[0]["text"].as_str().unwrap();
+    for markup in ["<", ">", "@everyone", "](", "!channel"] {
+        assert!(!text.contains(markup), "{markup:?} in {text:?}");
+    }
+    assert!(
+        text.contains("rotate"),
+        "the name is still recognisable: {text}"
+    );
+    assert_eq!(
+        alerts[0]["allowed_mentions"],
+        serde_json::json!({"parse": []}),
+        "Discord mentions nobody"
+    );
+}
