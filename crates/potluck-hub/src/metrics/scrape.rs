@@ -137,10 +137,13 @@ fn refresh(st: &HubState) {
         f.clear();
     }
     for (model, s) in st.registry.pool() {
+        // A model takes a label of its own once it served a request here: a provider
+        // announcing names by the thousand must not take every label first.
+        let served = st.service_ms(&model).is_some();
         let label = ModelLabel {
-            model: st.metrics.model_label(model.as_str(), true),
+            model: st.metrics.model_label(model.as_str(), served),
         };
-        // Models past the label bound add up under `other`.
+        // Models past the label bound, or not yet served, add up under `other`.
         g.model_providers
             .get_or_create(&label)
             .inc_by(int(s.providers));

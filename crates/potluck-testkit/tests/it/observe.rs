@@ -716,3 +716,42 @@ async fn an_alert_names_a_model_without_its_markup() {
         "Discord mentions nobody"
     );
 }
+
+/// A provider announces more model names than the metrics have labels for, before any
+/// real model served a request: the names take no label (they add up under `other`),
+/// and a model that then serves a request is shown under its own name. Before, the
+/// first scrape gave the junk every label and real models read `other` until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_names_cannot_take_every_metrics_label() {
+    use potluck_protocol::tunnel::ProviderProfile;
+    use potluck_testkit::scripted_agent::hello;
+    use potluck_testkit::ScriptedAgent;
+    let (hub, _backend, _agent) = pool(&[MODEL], |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.metrics.max_model_labels = 10;
+    })
+    .await;
+    let junk: Vec<String> = (0..50).map(|i| format!("junk-{i}")).collect();
+    let names: Vec<&str> = junk.iter().map(String::as_str).collect();
+    let _squatter = ScriptedAgent::connect(
+        "squatter",
+        &hub.url(),
+        &hub.create_provider("squatter").await,
+        hello(&names, 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("junk-49", 1).await;
+    let addr = hub.state().metrics.listen_addr().unwrap();
+    let url = format!("http://{addr}/metrics");
+    let (_, s) = scrape(&hub, &url, None).await;
+    assert!(
+        label_values(&s, "model")
+            .iter()
+            .all(|m| !m.starts_with("junk")),
+        "announced names took labels"
+    );
+    let alice = Consumer::new(&hub, "alice").await;
+    traffic(&alice, MODEL, 1).await;
+    let (_, s) = scrape(&hub, &url, None).await;
+    assert_eq!(sum(&s, "potluck_model_providers", &[("model", MODEL)]), 1.0);
+}
