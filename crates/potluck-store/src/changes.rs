@@ -38,6 +38,9 @@ pub enum Change {
     ProviderRevoked(i64),
     /// A consumer key was revoked: its requests in flight must end.
     KeyRevoked(i64),
+    /// A provider was quarantined or released, or trusted or not: every hub's links of
+    /// it must carry its new standing (a quarantined provider gets no traffic).
+    ProviderTrust(i64),
 }
 
 impl Change {
@@ -46,6 +49,7 @@ impl Change {
             Change::Credentials => "credentials".into(),
             Change::ProviderRevoked(id) => format!("revoked:{id}"),
             Change::KeyRevoked(id) => format!("key-revoked:{id}"),
+            Change::ProviderTrust(id) => format!("trust:{id}"),
             Change::Standing {
                 target,
                 id,
@@ -79,6 +83,9 @@ impl Change {
             (Some("key-revoked"), Some(id)) => {
                 id.parse().map_or(Change::Credentials, Change::KeyRevoked)
             }
+            (Some("trust"), Some(id)) => id
+                .parse()
+                .map_or(Change::Credentials, Change::ProviderTrust),
             (Some("standing"), Some(target)) => {
                 let target = match target {
                     "account" => Target::Account,
@@ -158,6 +165,7 @@ mod tests {
             Change::Credentials,
             Change::ProviderRevoked(7),
             Change::KeyRevoked(8),
+            Change::ProviderTrust(9),
             Change::Standing {
                 target: Target::Key,
                 id: 12,

@@ -71,7 +71,22 @@ impl Store {
         .bind(name)
         .fetch_optional(self.pool())
         .await?;
-        id.ok_or(StoreError::NotFound)
+        let id = id.ok_or(StoreError::NotFound)?;
+        self.announce(crate::changes::Change::ProviderTrust(id))
+            .await?;
+        Ok(id)
+    }
+
+    /// Whether any live provider of `account` is quarantined (its earnings stay barred).
+    pub async fn account_has_quarantined_provider(&self, account: i64) -> Result<bool> {
+        let n: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM providers WHERE account_id = $1 AND quarantined_at_ms IS NOT NULL \
+             AND revoked_at IS NULL LIMIT 1",
+        )
+        .bind(account)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(n.is_some())
     }
 
     /// A provider's standing.
@@ -130,6 +145,10 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        if quarantine.is_some() {
+            self.announce(crate::changes::Change::ProviderTrust(a.provider_id))
+                .await?;
+        }
         Ok(())
     }
 
@@ -161,7 +180,8 @@ impl Store {
         if n == 0 {
             return Err(StoreError::NotFound);
         }
-        Ok(())
+        self.announce(crate::changes::Change::ProviderTrust(provider_id))
+            .await
     }
 
     /// Audit results of a provider, newest first: (kind, passed, agreement, score, time).

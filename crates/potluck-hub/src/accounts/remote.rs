@@ -89,6 +89,33 @@ async fn apply(st: &HubState, change: Change) {
             // As on the hub that revoked it: its links close (and what they carry ends).
             st.registry.remove_provider(id);
         }
+        Change::ProviderTrust(id) => trust_changed(st, id).await,
         Change::Standing { .. } | Change::Credentials => {}
+    }
+}
+
+/// A provider's trust or quarantine changed through another hub: its links here carry
+/// the new standing (a quarantined provider gets no traffic here either), and a
+/// quarantine claws back what it earned through this hub meanwhile, as the hub that
+/// quarantined it did.
+async fn trust_changed(st: &HubState, provider_id: i64) {
+    let standing = match st.store.standing(provider_id).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = ?e, provider_id, "reading a provider's new standing failed");
+            return;
+        }
+    };
+    let quarantined = standing.quarantined_at_ms.is_some();
+    st.registry
+        .set_trust_flags(provider_id, standing.trusted, quarantined);
+    let Ok(account) = st.store.provider_account(provider_id).await else {
+        return;
+    };
+    if quarantined {
+        st.accounting.clawback(account).await;
+        st.balances.clear();
+    } else if let Ok(false) = st.store.account_has_quarantined_provider(account).await {
+        st.accounting.unbar(account);
     }
 }

@@ -282,6 +282,67 @@ async fn holds_in_flight_longer_than_a_lease_lives_cannot_be_spent_twice() {
     a.state().store.audit_ledger().await.unwrap();
 }
 
+/// A provider serves through two hubs; one hub's spot checks quarantine it. The other
+/// hub must stop routing to it too. Before, the quarantine lived in the first hub's
+/// memory and the database: the second kept sending it consumers' requests, and paying
+/// it into fresh escrow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_through_one_hub_cuts_the_provider_off_on_the_other() {
+    let Some((_db, a, b)) = two_hubs().await else {
+        return;
+    };
+    let p = provider_on_both(&a, &b).await;
+    let on_b = Consumer::new(&b, "asker").await;
+    assert_eq!(on_b.chat("m", "hi").await.status, 200);
+    let pid = a
+        .state()
+        .store
+        .list_providers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|x| x.name == "busy")
+        .unwrap()
+        .id;
+    // What the spot checker writes when a provider falls below the threshold.
+    let failed = potluck_store::trust::AuditRecord {
+        provider_id: pid,
+        request_id: None,
+        kind: "replay",
+        passed: false,
+        agreement: Some(0.0),
+    };
+    a.state()
+        .store
+        .record_audit(&failed, 0.1, Some("test quarantine"))
+        .await
+        .unwrap();
+    potluck_hub::testing::quarantine_provider(&a.state(), pid, "test quarantine").await;
+    let served_before = p[1].requests().len();
+    potluck_testkit::wait_until(
+        "the other hub stops routing to it",
+        Duration::from_secs(10),
+        || {
+            let on_b = &on_b;
+            async move { on_b.chat("m", "hi").await.status != 200 }
+        },
+    )
+    .await;
+    let served_after = p[1].requests().len();
+    for _ in 0..5 {
+        assert_ne!(on_b.chat("m", "hi").await.status, 200);
+    }
+    assert_eq!(
+        p[1].requests().len(),
+        served_after,
+        "no more traffic through the other hub"
+    );
+    assert!(
+        served_after <= served_before + 1,
+        "cut off within a request or so"
+    );
+}
+
 /// Leases do not cost a funded account its requests: a hundred spends alternating
 /// between the hubs are all served, and the ledger afterwards is exact (the account paid
 /// exactly what was served, every transaction sums to zero).
