@@ -296,6 +296,9 @@ impl HubConfig {
         {
             return Err("routing.hello_timeout must be above 0 and at most 600 seconds".into());
         }
+        if self.routing.max_offer_changes_per_minute == 0 {
+            return Err("routing.max_offer_changes_per_minute must be at least 1".into());
+        }
         if self.usage_batch_window > MAX_USAGE_BATCH_WINDOW {
             return Err(format!(
                 "usage_batch_window must be at most {} seconds",
@@ -427,6 +430,10 @@ mod tests {
             ("[routing]\nevents_linger = 3600", "events_linger"),
             ("[routing]\nhello_timeout = 0", "hello_timeout"),
             ("[routing]\nhello_timeout = 3600", "hello_timeout"),
+            (
+                "[routing]\nmax_offer_changes_per_minute = 0",
+                "max_offer_changes_per_minute",
+            ),
             ("usage_batch_window = 60", "usage_batch_window"),
         ] {
             let c: HubConfig = toml::from_str(toml).unwrap();

@@ -73,6 +73,10 @@ pub struct RoutingConfig {
     /// places and the hub's memory before it serves anything.
     #[serde(with = "super::secs")]
     pub hello_timeout: Duration,
+    /// Most offer changes (`models` events) one tunnel may send in a minute; a tunnel
+    /// that sends more is closed (its agent reconnects). An agent sends one when its
+    /// backends' models change or its volunteer pauses it, far less often.
+    pub max_offer_changes_per_minute: u32,
 }
 
 impl Default for RoutingConfig {
@@ -94,6 +98,7 @@ impl Default for RoutingConfig {
             pick_sample: 8,
             events_linger: Duration::from_millis(100),
             hello_timeout: Duration::from_secs(30),
+            max_offer_changes_per_minute: 60,
         }
     }
 }

@@ -534,6 +534,27 @@ async fn a_provider_that_always_says_busy_cannot_turn_a_queue_into_errors() {
     }
 }
 
+/// A provider sends offer changes in a loop (each a decode, an allow-list check, a
+/// registry update, a walk of the queue and a line in the hub's log): past
+/// `routing.max_offer_changes_per_minute` its tunnel is closed. Before, the hub took
+/// them all, as fast as the provider could send them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_flooding_offer_changes_is_closed() {
+    use potluck_protocol::tunnel::{AgentEvent, ModelOffer};
+    let hub = TestHub::start_with(|c| c.routing.max_offer_changes_per_minute = 20).await;
+    let agent = provider(&hub, "flooder", 8).await;
+    hub.wait_for_model(MODEL, 1).await;
+    for i in 0..2_000 {
+        agent.send(AgentEvent::Models {
+            models: vec![ModelOffer::named(ModelName::parse(MODEL).unwrap())],
+            max_concurrency: 8 + (i % 2),
+            profile: ProviderProfile::default(),
+            accepting: true,
+        });
+    }
+    hub.wait_for_model(MODEL, 0).await;
+}
+
 /// Open a second tunnel with `token` that says everything but `hello` (an energy line),
 /// so that the hub has it open but not yet in routing.
 async fn spare_tunnel(hub: &TestHub, token: &str) -> ScriptedAgent {
