@@ -5,6 +5,7 @@
 //! offer, the journal — is shared by all of them in [`crate::state::Shared`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use potluck_protocol::tunnel::AgentEvent;
@@ -26,6 +27,10 @@ pub struct HubLink {
     pub(crate) draining: Mutex<CancellationToken>,
     /// This tunnel's control stream's queue of agent events (energy).
     pub(crate) events: Mutex<Option<mpsc::Sender<AgentEvent>>>,
+    /// This hub's event batches being handled now (at most
+    /// [`crate::state::MAX_EVENT_BATCHES`]): one hub holding its own cannot keep
+    /// another's receipts out.
+    pub(crate) event_batches: Arc<tokio::sync::Semaphore>,
 }
 
 impl HubLink {
@@ -38,6 +43,7 @@ impl HubLink {
             last_error: Mutex::new(None),
             draining: Mutex::new(CancellationToken::new()),
             events: Mutex::new(None),
+            event_batches: Arc::new(tokio::sync::Semaphore::new(crate::state::MAX_EVENT_BATCHES)),
         }
     }
 

@@ -104,15 +104,15 @@ pub struct Shared {
     pub journal_limits: Arc<JournalLimits>,
     /// Requests served that await their receipt (see [`Shared::take_served`]).
     awaiting_receipts: Mutex<AwaitingReceipts>,
-    /// Hub event batches being handled now (see [`MAX_EVENT_BATCHES`]).
-    pub(crate) event_batches: Arc<tokio::sync::Semaphore>,
 }
 
 /// Most served requests remembered while they await their receipt; the oldest is
 /// forgotten first (its receipt, if it ever comes, is then refused).
 pub const MAX_AWAITING_RECEIPTS: usize = 65_536;
-/// Hub event batches the agent handles at once; more are refused with 503 (a hostile hub
-/// cannot make it buffer many batches of [`potluck_protocol::tunnel::MAX_EVENTS_BODY_BYTES`]).
+/// Event batches the agent handles at once from one hub; more are refused with 503 (a
+/// hostile hub cannot make it buffer many batches of
+/// [`potluck_protocol::tunnel::MAX_EVENTS_BODY_BYTES`]), and each must arrive within
+/// `[limits] response_timeout_secs`.
 pub const MAX_EVENT_BATCHES: usize = 2;
 
 /// Served request ids with the time each was served, and their arrival order for
@@ -137,7 +137,6 @@ impl Shared {
             fresh_client: backend::fresh_client(),
             journal_limits,
             awaiting_receipts: Mutex::new(AwaitingReceipts::default()),
-            event_batches: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_BATCHES)),
             policy: Mutex::new(Arc::new(policy)),
             policy_changed: Notify::new(),
             offer: watch::Sender::new(Offer {

@@ -100,7 +100,7 @@ async fn handle(
         return control(&sh, &link);
     }
     if method == Method::POST && target == EVENTS_PATH {
-        return hub_events(req, &sh).await;
+        return hub_events(req, &sh, &link).await;
     }
     let Some(endpoint) = InferenceEndpoint::from_method_path(method.as_str(), target) else {
         tracing::warn!(method = %method, "refused a request outside the allow-list");
@@ -153,21 +153,22 @@ fn receipt_acceptable(sh: &Shared, r: &potluck_protocol::receipt::Receipt) -> bo
 }
 
 /// `POST /_potluck/events`: a batch of hub events, one JSON per line. At most
-/// [`crate::state::MAX_EVENT_BATCHES`] are handled at once; more get a 503.
-async fn hub_events(req: Request<Incoming>, sh: &Shared) -> Response<AgentBody> {
-    let Ok(_batch) = Arc::clone(&sh.event_batches).try_acquire_owned() else {
+/// [`crate::state::MAX_EVENT_BATCHES`] are handled at once per hub (more get a 503), and
+/// each body must arrive within `[limits] response_timeout_secs` (408 after).
+async fn hub_events(req: Request<Incoming>, sh: &Shared, link: &HubLink) -> Response<AgentBody> {
+    let Ok(_batch) = Arc::clone(&link.event_batches).try_acquire_owned() else {
         tracing::warn!("refused a hub event batch: too many at once");
         return agent_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many event batches at once",
         );
     };
-    let body = match Limited::new(req.into_body(), MAX_EVENTS_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(c) => c.to_bytes(),
-        Err(_) => return agent_error(StatusCode::PAYLOAD_TOO_LARGE, "event batch too large"),
+    let deadline = sh.policy().limits.response_timeout;
+    let read = Limited::new(req.into_body(), MAX_EVENTS_BODY_BYTES).collect();
+    let body = match tokio::time::timeout(deadline, read).await {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(_)) => return agent_error(StatusCode::PAYLOAD_TOO_LARGE, "event batch too large"),
+        Err(_) => return agent_error(StatusCode::REQUEST_TIMEOUT, "event batch too slow"),
     };
     let (mut bad, mut refused) = (0usize, 0usize);
     for line in body.split(|b| *b == b'\n') {

@@ -257,6 +257,51 @@ fn held_body() -> (tokio::sync::oneshot::Sender<()>, HeldBody) {
     (tx, StreamBody::new(stream).boxed())
 }
 
+/// A volunteer serves two hubs; one holds the agent's event endpoint with batches whose
+/// bodies never end. The other hub's batches (its receipts) are still taken, and the
+/// held ones end after `[limits] response_timeout_secs`. Before, one semaphore served
+/// every hub and had no deadline: the first hub kept the second's receipts out for as
+/// long as it liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hub_cannot_keep_another_hubs_events_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let mut hostile = FakeHub::start().await;
+    let mut other = FakeHub::start().await;
+    let mut c = TestAgent::config(&hostile.url(), "pt-any", &[backend.base_url()]);
+    c.hubs
+        .push(potluck_tunnel::HubUrl::parse(&other.url()).unwrap());
+    c.state_dir = Some(tmp.path().to_path_buf());
+    c.policy.limits.response_timeout = Duration::from_secs(1);
+    let _agent = TestAgent::start_with(c);
+    let h2 = hostile.accept_with::<HeldBody>().await;
+    let mut fair = other.accept().await;
+    let mut held = Vec::new();
+    let mut releases = Vec::new();
+    for _ in 0..potluck_agent::state::MAX_EVENT_BATCHES {
+        let (release, body) = held_body();
+        releases.push(release);
+        let req = http::Request::post(EVENTS_PATH).body(body).unwrap();
+        let mut h2 = h2.clone();
+        held.push(tokio::spawn(async move {
+            h2.ready().await.unwrap();
+            h2.send_request(req).await.unwrap().status().as_u16()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let req = http::Request::post(EVENTS_PATH)
+        .body(Full::new(Bytes::from_static(b"\n")))
+        .unwrap();
+    fair.ready().await.unwrap();
+    let status = fair.send_request(req).await.unwrap().status();
+    assert_eq!(status, 204, "the other hub's batch is taken");
+    for h in held {
+        let status = tokio::time::timeout(T, h).await.unwrap().unwrap();
+        assert_eq!(status, 408, "a body that never ends is cut at the deadline");
+    }
+    drop(releases);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_hub_cannot_flood_the_agent_event_endpoint() {
     const FLOOD: usize = 8;
