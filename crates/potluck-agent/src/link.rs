@@ -31,6 +31,9 @@ pub struct HubLink {
     /// [`crate::state::MAX_EVENT_BATCHES`]): one hub holding its own cannot keep
     /// another's receipts out.
     pub(crate) event_batches: Arc<tokio::sync::Semaphore>,
+    /// Whether this tunnel's control stream is open: a hub gets one (a hub opening
+    /// thousands would hold a queue and the offer's lines in each).
+    pub(crate) control_open: AtomicBool,
 }
 
 impl HubLink {
@@ -44,6 +47,7 @@ impl HubLink {
             draining: Mutex::new(CancellationToken::new()),
             events: Mutex::new(None),
             event_batches: Arc::new(tokio::sync::Semaphore::new(crate::state::MAX_EVENT_BATCHES)),
+            control_open: AtomicBool::new(false),
         }
     }
 
@@ -89,5 +93,24 @@ impl HubLink {
                 tracing::debug!(hub = %self.label, "control event dropped (queue full or no hub)");
             }
         }
+    }
+}
+
+/// Marks a tunnel's control stream open for as long as it lives ([`HubLink::control_open`]).
+pub(crate) struct ControlOpen(Arc<HubLink>);
+
+impl ControlOpen {
+    /// Mark `link`'s control stream open; `None` if one is open already.
+    pub(crate) fn take(link: &Arc<HubLink>) -> Option<Self> {
+        link.control_open
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| Self(Arc::clone(link)))
+    }
+}
+
+impl Drop for ControlOpen {
+    fn drop(&mut self) {
+        self.0.control_open.store(false, Ordering::Release);
     }
 }

@@ -224,14 +224,18 @@ async fn hub_events(req: Request<Incoming>, sh: &Shared, link: &HubLink) -> Resp
 
 /// The control stream: `hello`, then `models` on every change and energy events, until
 /// the tunnel drains.
-fn control(sh: &Arc<Shared>, link: &HubLink) -> Response<AgentBody> {
+fn control(sh: &Arc<Shared>, link: &Arc<HubLink>) -> Response<AgentBody> {
+    let Some(open) = crate::link::ControlOpen::take(link) else {
+        tracing::warn!("refused a second control stream on one tunnel");
+        return agent_error(StatusCode::CONFLICT, "a control stream is open already");
+    };
     let rx = sh.offer.subscribe();
     let (tx, events) = mpsc::channel(EVENT_QUEUE);
     *link.events.lock() = Some(tx);
     let draining = link.draining.lock().clone();
     let stream = futures_util::stream::unfold(
-        (rx, events, true, draining),
-        move |(mut rx, mut events, first, draining)| async move {
+        (rx, events, true, draining, open),
+        move |(mut rx, mut events, first, draining, open)| async move {
             let ev = if first {
                 let o = rx.borrow_and_update().clone();
                 AgentEvent::Hello {
@@ -260,7 +264,7 @@ fn control(sh: &Arc<Shared>, link: &HubLink) -> Response<AgentBody> {
             };
             Some((
                 Ok::<_, BoxError>(Frame::data(Bytes::from(ev.encode()))),
-                (rx, events, false, draining),
+                (rx, events, false, draining, open),
             ))
         },
     );

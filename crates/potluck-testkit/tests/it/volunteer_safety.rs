@@ -257,6 +257,27 @@ fn held_body() -> (tokio::sync::oneshot::Sender<()>, HeldBody) {
     (tx, StreamBody::new(stream).boxed())
 }
 
+/// A hostile hub opens control stream after control stream on one tunnel, each holding
+/// a queue and the offer's lines in the agent: the second is refused (409), and the first
+/// still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_hub_gets_one_control_stream_per_tunnel() {
+    use potluck_protocol::tunnel::CONTROL_PATH;
+    let mut rig = AgentRig::start(&[MODEL], "", "2024-01-01T12:00:00Z", |_| {}).await;
+    rig.wait_offered(MODEL).await;
+    for _ in 0..3 {
+        let req = http::Request::get(CONTROL_PATH)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = rig.h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 409, "a second control stream");
+    }
+    // The first one is still the agent's: a request is served and its offer holds.
+    let chat = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, _, _) = rig.send("/v1/chat/completions", MODEL, "r1", chat).await;
+    assert_eq!(status, 200);
+}
+
 /// A volunteer serves two hubs; one holds the agent's event endpoint with batches whose
 /// bodies never end. The other hub's batches (its receipts) are still taken, and the
 /// held ones end after `[limits] response_timeout_secs`. Before, one semaphore served
