@@ -1,22 +1,100 @@
 //! Typed views of the OpenAI chat completions answers a provider sends (whole answers and
 //! stream chunks), reduced to what a translator needs. Unknown fields are ignored.
 
+use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{Finish, Usage};
 
+/// Most tool calls a translator reads from one answer or chunk, and most choices:
+/// parsing refuses more (a provider could send millions of empty calls, each a map in
+/// every translated copy).
+pub const MAX_LIST_ITEMS: usize = 1024;
+/// Longest tool call id or function name a translator takes: each is repeated in the
+/// translated events (a Responses stream names the call in every arguments delta).
+pub const MAX_TOOL_TEXT_BYTES: usize = 256;
+
+/// A list of at most [`MAX_LIST_ITEMS`] items; `null` reads as empty.
+fn bounded<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list or null")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Vec<T>, E> {
+            Ok(Vec::new())
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Vec<T>, E> {
+            Ok(Vec::new())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                if out.len() == MAX_LIST_ITEMS {
+                    return Err(serde::de::Error::custom("too many items"));
+                }
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V(std::marker::PhantomData))
+}
+
+/// A tool call's id or name: at most [`MAX_TOOL_TEXT_BYTES`]; `null` reads as absent.
+fn short_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    if s.as_ref().is_some_and(|s| s.len() > MAX_TOOL_TEXT_BYTES) {
+        return Err(serde::de::Error::custom("tool call id or name too long"));
+    }
+    Ok(s)
+}
+
+/// [`short_text`], empty when absent.
+fn short_text_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(short_text(d)?.unwrap_or_default())
+}
+
+/// Text, empty when `null`.
+fn text_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A token count as the hub's relay reads it: any number (a negative one is 0, a
+/// fraction is cut, a huge one saturates), anything else 0. Stricter reading here than
+/// in the relay would fail an answer the hub has already billed.
+fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Number(n) => n
+            .as_u64()
+            .or_else(|| n.as_i64().map(|i| i.max(0).unsigned_abs()))
+            .or_else(|| {
+                n.as_f64()
+                    .map(|f| if f.is_nan() { 0 } else { f.max(0.0) as u64 })
+            })
+            .unwrap_or(0),
+        _ => 0,
+    })
+}
+
+/// A tool call's index: as [`count`], within `u32`.
+fn index<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    Ok(u32::try_from(count(d)?).unwrap_or(u32::MAX))
+}
+
 /// A whole `chat.completion` answer.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Completion {
     /// The answer's id (already rewritten by the hub).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_empty")]
     pub id: String,
     /// The model name (already rewritten by the hub).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_empty")]
     pub model: String,
     /// Choices; translators read the first.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded")]
     pub choices: Vec<Choice>,
     /// Usage as the hub bills it.
     #[serde(default)]
@@ -44,7 +122,7 @@ pub struct Message {
     #[serde(default)]
     pub reasoning_content: Option<String>,
     /// Tool calls, if any.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded")]
     pub tool_calls: Vec<ToolCall>,
 }
 
@@ -52,7 +130,7 @@ pub struct Message {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ToolCall {
     /// The call's id.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "short_text_or_empty")]
     pub id: String,
     /// The function called.
     #[serde(default)]
@@ -63,10 +141,10 @@ pub struct ToolCall {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct FunctionCall {
     /// Function name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "short_text_or_empty")]
     pub name: String,
     /// Arguments as a JSON text (as OpenAI sends them).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_empty")]
     pub arguments: String,
 }
 
@@ -74,10 +152,10 @@ pub struct FunctionCall {
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 pub struct WireUsage {
     /// Prompt tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "count")]
     pub prompt_tokens: u64,
     /// Completion tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "count")]
     pub completion_tokens: u64,
 }
 
@@ -119,13 +197,13 @@ impl Completion {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Chunk {
     /// The answer's id.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_empty")]
     pub id: String,
     /// The model name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_empty")]
     pub model: String,
     /// Choices; translators read index 0.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded")]
     pub choices: Vec<ChunkChoice>,
     /// Usage, on the last chunk when `include_usage` is set.
     #[serde(default)]
@@ -153,7 +231,7 @@ pub struct Delta {
     #[serde(default)]
     pub reasoning_content: Option<String>,
     /// Pieces of tool calls.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded")]
     pub tool_calls: Vec<ToolCallDelta>,
 }
 
@@ -162,10 +240,10 @@ pub struct Delta {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ToolCallDelta {
     /// Which call this piece belongs to.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "index")]
     pub index: u32,
     /// The call's id (first piece).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "short_text")]
     pub id: Option<String>,
     /// Name and arguments so far.
     #[serde(default)]
@@ -176,7 +254,7 @@ pub struct ToolCallDelta {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct FunctionDelta {
     /// Function name (first piece).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "short_text")]
     pub name: Option<String>,
     /// A fragment of the arguments' JSON text.
     #[serde(default)]

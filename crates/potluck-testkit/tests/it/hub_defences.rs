@@ -234,3 +234,133 @@ async fn thousands_of_tool_calls_in_a_stream_end_it_with_one_error_in_bounded_ti
     let models = tokio::time::timeout(BOUND, alice.models()).await.unwrap();
     assert_eq!(models.status, 200, "the hub still serves");
 }
+
+/// Send `body` to `path` and read the whole answer, within [`BOUND`].
+async fn ask_at(alice: &Consumer, path: &str, body: &Value) -> (u16, String) {
+    let fut = async {
+        let r = alice.post_at(path, body).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{path}: the hub answers in bounded time"))
+}
+
+/// A stream of `chunks` (each a list of tool-call pieces) then `[DONE]`.
+fn tool_call_stream(chunks: &[Value]) -> RawAnswer {
+    let frames = chunks
+        .iter()
+        .map(|calls| {
+            let chunk = json!({"id": "x", "object": "chat.completion.chunk", "created": 0,
+                "model": MODEL, "choices": [{"index": 0, "delta": {"tool_calls": calls}}]});
+            Bytes::from(format!("data: {chunk}\n\n"))
+        })
+        .chain([Bytes::from_static(b"data: [DONE]\n\n")])
+        .collect();
+    answer("text/event-stream", frames)
+}
+
+/// A provider makes the translators multiply what it sends: a tool call id of 10 KB that
+/// the Responses stream repeats in every arguments delta, ten thousand argument pieces in
+/// one chunk, or a whole answer of thousands of tool calls (each a map in every copy the
+/// translation makes). Each ends in bounded time with one error in the API's own shape,
+/// and the answer stays small. Before, the first stream built about 100 MB per chunk
+/// (a chunk of a megabyte built gigabytes), and the whole answer was translated in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_cannot_make_a_translation_multiply_its_answer() {
+    let Rig { _hub, alice, agent } = rig_with(|_| {}).await;
+    let streamed = json!({"model": MODEL, "input": "hi", "stream": true});
+    let pieces: Vec<Value> = (0..10_000)
+        .map(|_| json!({"index": 0, "function": {"arguments": "x"}}))
+        .collect();
+    for (what, stream) in [
+        (
+            "a long id",
+            tool_call_stream(&[
+                json!([{"index": 0, "id": "i".repeat(10_000), "function": {"name": "f"}}]),
+                json!(pieces[..1_000]),
+            ]),
+        ),
+        (
+            "ten thousand pieces in a chunk",
+            tool_call_stream(&[
+                json!([{"index": 0, "id": "call_1", "function": {"name": "f"}}]),
+                json!(pieces),
+            ]),
+        ),
+    ] {
+        agent.set_raw(Some(stream));
+        let (status, text) = ask_at(&alice, "/v1/responses", &streamed).await;
+        assert_eq!(status, 200, "{what}: {text}");
+        assert!(text.contains("event: error"), "{what}: ends with an error");
+        assert!(
+            !text.contains("response.completed"),
+            "{what}: never completes"
+        );
+        assert!(text.len() < 1024 * 1024, "{what}: {} bytes", text.len());
+    }
+    let calls: Vec<Value> = (0..2_000)
+        .map(|i| json!({"id": format!("c{i}"), "type": "function", "function": {"name": "f", "arguments": "{}"}}))
+        .collect();
+    let whole = json!({"id": "x", "object": "chat.completion", "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": calls},
+            "finish_reason": "tool_calls"}]});
+    agent.set_raw(Some(answer(
+        "application/json",
+        vec![Bytes::from(whole.to_string())],
+    )));
+    let user = json!([{"role": "user", "content": "hi"}]);
+    for (path, body) in [
+        (
+            "/v1/messages",
+            json!({"model": MODEL, "max_tokens": 16, "messages": user}),
+        ),
+        ("/v1/responses", json!({"model": MODEL, "input": "hi"})),
+        (
+            "/api/chat",
+            json!({"model": MODEL, "messages": user, "stream": false}),
+        ),
+    ] {
+        let (status, text) = ask_at(&alice, path, &body).await;
+        assert_eq!(status, 502, "{path}: {}", &text[..text.len().min(300)]);
+    }
+}
+
+/// An honest answer that spells things loosely (`"tool_calls": null`, a usage count with
+/// a fraction or below zero, an id of `null`), which the hub's relay reads and bills:
+/// the translated answer is whole too. Before, the translators read types more strictly
+/// than the relay and turned such an answer, already billed, into an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loosely_typed_answer_is_translated_as_the_relay_read_it() {
+    let Rig { _hub, alice, agent } = rig_with(|_| {}).await;
+    let whole = json!({"id": null, "object": "chat.completion", "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello", "tool_calls": null},
+            "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3.0, "completion_tokens": -1, "total_tokens": 2}});
+    agent.set_raw(Some(answer(
+        "application/json",
+        vec![Bytes::from(whole.to_string())],
+    )));
+    let body =
+        json!({"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, text) = ask_at(&alice, "/v1/messages", &body).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("hello"), "{text}");
+    let chunk = json!({"id": "x", "object": "chat.completion.chunk", "model": MODEL,
+        "choices": [{"index": 0, "delta": {"content": "hello", "tool_calls": null}, "finish_reason": null}]});
+    let last = json!({"id": "x", "object": "chat.completion.chunk", "model": MODEL,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2.5}});
+    agent.set_raw(Some(answer(
+        "text/event-stream",
+        vec![Bytes::from(format!(
+            "data: {chunk}\n\ndata: {last}\n\ndata: [DONE]\n\n"
+        ))],
+    )));
+    let streamed = json!({"model": MODEL, "max_tokens": 16, "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let (status, text) = ask_at(&alice, "/v1/messages", &streamed).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("message_stop"), "{text}");
+    assert!(!text.contains("event: error"), "{text}");
+}
