@@ -24,6 +24,9 @@ use crate::web::{back, form, render, Created, Nav, WebError};
 pub(crate) struct ResolveForm {
     csrf: String,
     action: String,
+    /// Required for a suspension or a ban, as in the API.
+    #[serde(default)]
+    reason: String,
 }
 
 /// `POST /web/staff/reports/{id}/resolve`
@@ -39,7 +42,7 @@ pub(crate) async fn resolve(
     let id = crate::http::extract::parse_id(&id, "report")?;
     let req = ResolveReport {
         action: f.action,
-        reason: None,
+        reason: Some(f.reason).filter(|r| !r.trim().is_empty()),
     };
     reports::resolve(&st, &s.auth, id, req).await?;
     Ok(back("/web/staff"))

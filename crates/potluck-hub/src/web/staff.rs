@@ -178,7 +178,7 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
                 .collect(),
             action: "Resolve",
             choices: &REPORT_ACTIONS,
-            reason: false,
+            reason: true,
             fields: &[],
         });
     }

@@ -833,3 +833,55 @@ async fn strangers_reloading_the_status_page_read_the_usage_table_once() {
     let scans = hub.state().store.usage_scans() - before;
     assert_eq!(scans, 1, "{scans} usage aggregates for 50 views");
 }
+
+/// A moderator resolves a report from the dashboard with a sanction (which needs a
+/// reason, as in the API): the reported account is banned. Before, the page's form sent
+/// no reason, so every choice but "dismiss" was refused and the report stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_is_resolved_with_a_sanction_from_the_page() {
+    let hub = TestHub::start().await;
+    let backend = FakeBackend::start(&["m1"]).await;
+    let token = hub.create_provider("p1").await;
+    let _agent = TestAgent::start(&hub, &token, &backend.base_url());
+    hub.wait_for_model("m1", 1).await;
+    let rude = Consumer::new(&hub, "rude").await;
+    let a = rude.chat("m1", "hello").await;
+    let request_id = a.request_id.clone().unwrap();
+    hub.wait_usage_rows(1).await;
+    // The provider that served it reports the consumer.
+    let provider = Consumer::with_key(&hub, "p1", token);
+    let filed = provider
+        .post(
+            "reports",
+            &json!({"request_id": request_id, "reason": "abuse"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(filed.status(), 201);
+    let filed: serde_json::Value = filed.json().await.unwrap();
+    let id = filed["id"].as_i64().unwrap();
+    let mo = Staff::new(&hub, "mo", "moderator").await;
+    let c = WebClient::signed_in(&hub, &mo.key).await;
+    let page = c.get("/web/staff").await.1;
+    assert!(
+        page.contains(&format!("/web/staff/reports/{id}/resolve")),
+        "{page}"
+    );
+    let (s, page) = c
+        .post(
+            &format!("/web/staff/reports/{id}/resolve"),
+            &[
+                ("csrf", c.csrf.as_str()),
+                ("action", "ban_account"),
+                ("reason", "spam after warnings"),
+            ],
+        )
+        .await;
+    assert_eq!(s, 303, "{page}");
+    assert_eq!(
+        rude.chat("m1", "again").await.status,
+        403,
+        "the account is banned"
+    );
+}
