@@ -325,7 +325,7 @@ pub(crate) async fn credits_cmd(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result
             account: None,
             api_key: Some(k),
         } => {
-            let v: CreditBalance = AdminClient::new(&a.hub, k.trim())?
+            let v: CreditBalance = AdminClient::new(&a.hub, k.trim(), a.insecure)?
                 .get("/v1/credits")
                 .await?;
             print_balance(&v);
@@ -335,7 +335,7 @@ pub(crate) async fn credits_cmd(cmd: CreditsCmd, a: AdminArgs) -> anyhow::Result
             api_key: Some(k),
             limit,
         } => {
-            let v: List<CreditLine> = AdminClient::new(&a.hub, k.trim())?
+            let v: List<CreditLine> = AdminClient::new(&a.hub, k.trim(), a.insecure)?
                 .get(&format!("/v1/credits/history?limit={limit}"))
                 .await?;
             print_history(&v);

@@ -114,6 +114,9 @@ enum Command {
         /// The hub's base URL.
         #[arg(long, env = "POTLUCK_HUB", default_value = "http://127.0.0.1:8080")]
         hub: String,
+        /// Allow an http:// hub that is not this machine: the new key comes back in clear.
+        #[arg(long, env = "POTLUCK_INSECURE")]
+        insecure: bool,
     },
 }
 
@@ -130,6 +133,9 @@ pub(crate) struct AdminArgs {
     /// File holding the admin key (the hub writes DATA_DIR/admin.key on first start).
     #[arg(long, value_name = "FILE", global = true)]
     admin_key_file: Option<PathBuf>,
+    /// Allow an http:// hub that is not this machine: the key travels in clear.
+    #[arg(long, env = "POTLUCK_INSECURE", global = true)]
+    pub(crate) insecure: bool,
 }
 
 /// Run the parsed command.
@@ -148,7 +154,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             invite_code,
             hub,
-        } => crate::moderation::signup(&hub, name, invite_code).await,
+            insecure,
+        } => crate::moderation::signup(&hub, name, invite_code, insecure).await,
     }
 }
 
@@ -180,7 +187,7 @@ pub(crate) fn admin_client(a: &AdminArgs) -> anyhow::Result<AdminClient> {
             }
         }
     };
-    AdminClient::new(&a.hub, key.trim())
+    AdminClient::new(&a.hub, key.trim(), a.insecure)
 }
 
 /// Percent-encode a path segment (names are restricted, but ids come from users).

@@ -20,9 +20,20 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    pub fn new(hub: &str, key: &str) -> anyhow::Result<Self> {
+    /// A client of `hub` with `key`. A plain `http://` hub on another machine is refused
+    /// unless `insecure`: the key (or the secret an answer carries, such as a new key)
+    /// would cross the network in clear.
+    pub fn new(hub: &str, key: &str, insecure: bool) -> anyhow::Result<Self> {
+        let hub = HubUrl::parse(hub)?;
+        if hub.is_clear_text_remote() && !insecure {
+            bail!(
+                "refusing to talk to {hub} over plain http: keys and tokens would cross the \
+                 network in clear. Use https://, or pass --insecure (POTLUCK_INSECURE=true) \
+                 on a network you trust"
+            );
+        }
         Ok(Self {
-            hub: HubUrl::parse(hub)?,
+            hub,
             key: key.to_owned(),
         })
     }

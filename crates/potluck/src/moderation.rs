@@ -428,7 +428,7 @@ pub async fn reports(cmd: ReportsCmd, a: AdminArgs) -> anyhow::Result<()> {
                     "pass your consumer key with --key (or POTLUCK_API_KEY), or your provider token with --provider-token (or POTLUCK_TOKEN)"
                 ),
             };
-            let r: ReportFiled = AdminClient::new(&a.hub, secret.trim())?
+            let r: ReportFiled = AdminClient::new(&a.hub, secret.trim(), a.insecure)?
                 .post("/v1/reports", &FileReport { request_id, reason })
                 .await?;
             println!("{}", r.id);
@@ -468,8 +468,13 @@ pub async fn reports(cmd: ReportsCmd, a: AdminArgs) -> anyhow::Result<()> {
 }
 
 /// `potluck signup`: prints the new key alone on stdout.
-pub async fn signup(hub: &str, name: String, invite_code: Option<String>) -> anyhow::Result<()> {
-    let r: SignedUp = AdminClient::new(hub, "")?
+pub async fn signup(
+    hub: &str,
+    name: String,
+    invite_code: Option<String>,
+    insecure: bool,
+) -> anyhow::Result<()> {
+    let r: SignedUp = AdminClient::new(hub, "", insecure)?
         .post(
             "/v1/signup",
             &Signup {

@@ -98,3 +98,44 @@ fn insecure_lets_the_volunteer_choose_plain_http() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+/// The same eavesdropper against the other commands that carry a secret: an admin
+/// command with the admin key, a report filed with a provider token, a signup (whose
+/// answer is a new key). Each refuses a plain `http://` hub on another machine, at once
+/// and without dialing, naming `--insecure`. Before, only `provide` refused it.
+#[test]
+fn admin_commands_and_reports_never_send_a_secret_in_clear() {
+    let runs: [&[&str]; 3] = [
+        &["accounts", "list", "--hub", REMOTE_HUB],
+        &[
+            "reports",
+            "file",
+            "--hub",
+            REMOTE_HUB,
+            "--request-id",
+            "r1",
+            "--reason",
+            "spam",
+            "--provider-token",
+            TOKEN,
+        ],
+        &["signup", "--hub", REMOTE_HUB, "--name", "eve"],
+    ];
+    for args in runs {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("POTLUCK_ADMIN_KEY", "pa-secret-admin-key")
+            .env_remove("POTLUCK_HUB")
+            .env_remove("POTLUCK_INSECURE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} ran");
+        assert!(err.contains("--insecure"), "{args:?}: {err}");
+        assert!(
+            !err.contains("pa-secret") && !err.contains(TOKEN),
+            "{args:?}: {err}"
+        );
+    }
+}
