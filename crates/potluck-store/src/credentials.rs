@@ -326,10 +326,13 @@ impl Store {
         .bind(id_or_name)
         .fetch_all(self.pool())
         .await?;
-        let id = match ids.as_slice() {
-            [] => return Err(StoreError::NotFound),
-            [id] => *id,
-            _ => {
+        // An id names one key: a key whose name is another key's id must not shield it.
+        let by_id = id_or_name.parse::<i64>().ok().filter(|n| ids.contains(n));
+        let id = match (by_id, ids.as_slice()) {
+            (Some(id), _) => id,
+            (None, []) => return Err(StoreError::NotFound),
+            (None, [id]) => *id,
+            (None, _) => {
                 return Err(StoreError::Conflict(format!(
                     "{} keys match; revoke by id",
                     ids.len()
@@ -499,5 +502,28 @@ mod tests {
         .unwrap();
         let auth = s.authenticate_key(&key).await.unwrap().unwrap();
         assert_eq!(auth.limits.tpm, Some(5_000_000_000));
+    });
+
+    // A member names its keys after ids (its own next key's, another member's): revoking
+    // by id still revokes the key with that id. Before, the id and the name both matched
+    // and the revocation was refused as ambiguous.
+    crate::conformance!(a_key_named_after_an_id_cannot_shield_that_key, |db| {
+        let store = db.open().await;
+        store
+            .create_account("mallory", Role::Member, Standing::Active)
+            .await
+            .unwrap();
+        let (first, _) = store.create_key("placeholder", "mallory").await.unwrap();
+        let (named, _) = store
+            .create_key(&(first + 2).to_string(), "mallory")
+            .await
+            .unwrap();
+        let (target, _) = store
+            .create_key(&named.to_string(), "mallory")
+            .await
+            .unwrap();
+        assert_eq!(target, first + 2);
+        assert_eq!(store.revoke_key(&target.to_string()).await.unwrap(), target);
+        assert_eq!(store.revoke_key(&named.to_string()).await.unwrap(), named);
     });
 }
