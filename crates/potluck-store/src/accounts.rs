@@ -204,9 +204,13 @@ impl Store {
         let invite_id = match invite {
             None => None,
             Some(code) => {
+                // The invite carries its maker's authority: a maker since demoted,
+                // suspended or banned leaves codes that no longer open the hub.
                 let id: Option<i64> = sqlx::query_scalar(
-                    "SELECT id FROM invites WHERE code_hash = $1 AND used_at IS NULL \
-                     AND revoked_at IS NULL AND expires_at > $2",
+                    "SELECT i.id FROM invites i JOIN accounts c ON c.id = i.created_by \
+                     WHERE i.code_hash = $1 AND i.used_at IS NULL \
+                     AND i.revoked_at IS NULL AND i.expires_at > $2 \
+                     AND c.status = 'active' AND c.role IN ('moderator', 'admin')",
                 )
                 .bind(code.hash())
                 .bind(now_s)

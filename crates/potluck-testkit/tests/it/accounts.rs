@@ -542,6 +542,47 @@ async fn banning_an_account_closes_its_providers() {
     assert_eq!(carol.models().await.status, 200);
 }
 
+/// A rogue moderator mints invites, then is demoted or banned: the codes it made no
+/// longer open the hub (each would make an account, with its starter grant, and skip
+/// approval). Before, an invite was checked only for use, revocation and expiry.
+#[tokio::test]
+async fn invites_lose_their_force_with_their_makers_authority() {
+    let hub = TestHub::start().await;
+    let signup = |name: &str, code: &str| {
+        let body = json!({"name": name, "invite_code": code});
+        let hub = &hub;
+        async move { call(hub, "POST", "/v1/signup", None, Some(body)).await }
+    };
+    for (who, undo) in [("demoted", "role"), ("banned", "ban")] {
+        let key = staff_key(&hub, who, "moderator").await;
+        let (s, inv) = call(&hub, "POST", "/admin/v1/invites", Some(&key), None).await;
+        assert_eq!(s, 201, "{inv}");
+        let code = inv["code"].as_str().unwrap().to_owned();
+        let (method, path, body) = if undo == "role" {
+            (
+                "PUT",
+                format!("/admin/v1/accounts/{who}/role"),
+                json!({"role": "member"}),
+            )
+        } else {
+            (
+                "POST",
+                format!("/admin/v1/accounts/{who}/sanction"),
+                json!({"action": "ban", "reason": "rogue invites"}),
+            )
+        };
+        let (s, v) = call(&hub, method, &path, Some(&hub.admin_key), Some(body)).await;
+        assert_eq!(s, 200, "{v}");
+        let (s, v) = signup(&format!("via-{who}"), &code).await;
+        assert_eq!(s, 403, "{who}'s invite still opened the hub: {v}");
+    }
+    // An invite from a moderator in good standing still works.
+    let key = staff_key(&hub, "good", "moderator").await;
+    let (_, inv) = call(&hub, "POST", "/admin/v1/invites", Some(&key), None).await;
+    let (s, v) = signup("welcome", inv["code"].as_str().unwrap()).await;
+    assert_eq!(s, 201, "{v}");
+}
+
 #[tokio::test]
 async fn joining_by_invite_uses_each_code_once_and_never_lists_it() {
     // Invite (the default).
