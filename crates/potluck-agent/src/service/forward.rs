@@ -176,12 +176,44 @@ pub(super) async fn forward(
     let steps = async {
         let (admitted, body) = admit(req, &sh, request_id, model, started).await?;
         let body = read(body, endpoint, &admitted).await?;
+        // Again once the body is in: a hub may send a head before a pause, the end of a
+        // schedule window or a reload that drops the model, and the body after it.
+        still_admitted(&sh, &admitted.model)?;
         let backend_resp = send_with_retry(&sh, endpoint, &admitted, body).await?;
         Ok::<_, Response<AgentBody>>(relay(&sh, link, admitted, backend_resp).await)
     };
     match steps.instrument(span.clone()).await {
         Ok(r) | Err(r) => r,
     }
+}
+
+/// The drain gate is open (not paused, inside the schedule, not draining).
+fn gate_open(sh: &Shared) -> Result<(), Response<AgentBody>> {
+    if sh.gate.accepting() {
+        return Ok(());
+    }
+    let why: Vec<&str> = sh.gate.reasons().iter().map(|r| r.as_str()).collect();
+    Err(agent_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!(
+            "this provider is not taking requests now ({})",
+            why.join(", ")
+        ),
+    ))
+}
+
+fn not_served() -> Response<AgentBody> {
+    agent_error(StatusCode::NOT_FOUND, "model not served here")
+}
+
+/// Whether a request admitted before its body came may still go to the backend: the
+/// gate is still open and the model still shared.
+fn still_admitted(sh: &Shared, model: &ModelName) -> Result<(), Response<AgentBody>> {
+    gate_open(sh)?;
+    if sh.route(model).is_none() {
+        return Err(not_served());
+    }
+    Ok(())
 }
 
 /// Admission: the drain gate, the route for the model, and a concurrency slot.
@@ -193,18 +225,9 @@ async fn admit(
     started: Instant,
 ) -> Result<(Admitted, Incoming), Response<AgentBody>> {
     let consumer = header_text(req.headers(), HEADER_CONSUMER, MAX_CONSUMER_BYTES);
-    if !sh.gate.accepting() {
-        let why: Vec<&str> = sh.gate.reasons().iter().map(|r| r.as_str()).collect();
-        return Err(agent_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "this provider is not taking requests now ({})",
-                why.join(", ")
-            ),
-        ));
-    }
+    gate_open(sh)?;
     let Some(route) = sh.route(&model) else {
-        return Err(agent_error(StatusCode::NOT_FOUND, "model not served here"));
+        return Err(not_served());
     };
     let limits = sh.policy().limits.clone();
     let per_model = route

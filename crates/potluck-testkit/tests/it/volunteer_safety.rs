@@ -427,3 +427,58 @@ async fn a_hostile_hub_cannot_hold_a_slot_with_a_body_that_never_ends() {
         "the one slot serves again"
     );
 }
+
+/// A hostile hub sends a request's head while the agent is open, the volunteer pauses
+/// it (or its schedule window ends), and the hub sends the body afterwards: the request
+/// is refused, and the backend never sees it. Before, the gate was checked only when the
+/// head came, so a hub could slip work past a pause for as long as a body may take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_hub_cannot_slip_a_request_past_a_pause() {
+    use potluck_agent::control::{self, Command};
+    use std::sync::atomic::Ordering;
+    const CHAT: &str = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let mut hub = FakeHub::start().await;
+    let mut c = TestAgent::config(&hub.url(), "pt-any", &[backend.base_url()]);
+    let socket = tmp.path().join("provide.sock");
+    c.control_socket = Some(socket.clone());
+    let _agent = TestAgent::start_with(c);
+    let h2 = hub.accept_with::<HeldBody>().await;
+    let send = |body: HeldBody, id: &str| {
+        let mut h2 = h2.clone();
+        let req = http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header(potluck_protocol::tunnel::HEADER_MODEL, MODEL)
+            .header(potluck_protocol::tunnel::HEADER_REQUEST_ID, id)
+            .header(potluck_protocol::tunnel::HEADER_CONSUMER, "c-test")
+            .body(body)
+            .unwrap();
+        async move {
+            h2.ready().await.unwrap();
+            h2.send_request(req).await.unwrap().status().as_u16()
+        }
+    };
+    wait_until("the agent serves", T, || async {
+        send(whole_body(CHAT), "warm").await == 200
+    })
+    .await;
+    let served = backend.state().inference_requests.load(Ordering::SeqCst);
+    let (release, rx) = tokio::sync::oneshot::channel::<()>();
+    let late = futures_util::stream::once(async move {
+        let _ = rx.await;
+        Ok::<_, Infallible>(Frame::data(Bytes::from_static(CHAT.as_bytes())))
+    });
+    let pending = tokio::spawn(send(StreamBody::new(late).boxed(), "late"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let paused = control::request(&socket, Command::Pause).await.unwrap();
+    assert!(paused.ok);
+    release.send(()).unwrap();
+    let status = tokio::time::timeout(T, pending).await.unwrap().unwrap();
+    assert_eq!(status, 503, "a paused agent serves nothing");
+    assert_eq!(
+        backend.state().inference_requests.load(Ordering::SeqCst),
+        served,
+        "the backend never saw it"
+    );
+}
