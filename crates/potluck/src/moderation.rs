@@ -370,16 +370,31 @@ pub async fn audit_log(limit: u32, a: AdminArgs) -> anyhow::Result<()> {
             opt(r.actor),
             r.action,
             format!("{}:{}", r.target_type, r.target_id),
-            opt(r.reason),
+            one_line(&opt(r.reason)),
         ]);
     }
     t.print();
     Ok(())
 }
 
+/// `s` on one line: control characters (a newline, a terminal escape) written as
+/// escapes, so that text someone typed (a report's reason) cannot add or hide lines of
+/// the moderator's output.
+pub(crate) fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn print_report(r: &ReportView) {
     println!("report   {} ({})", r.id, r.status);
-    println!("reason   {}", r.reason);
+    println!("reason   {}", one_line(&r.reason));
     println!("request  {}", r.request_id);
     match &r.request {
         None => println!(

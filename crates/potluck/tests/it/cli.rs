@@ -371,7 +371,7 @@ async fn accounts_invites_reports_and_audit_log() {
                 "--request-id",
                 &rid,
                 "--reason",
-                "rude answer",
+                "rude answer\n         at 1 ms: account victim",
                 "--key",
                 &key,
                 "--hub",
@@ -386,6 +386,13 @@ async fn accounts_invites_reports_and_audit_log() {
     .await;
     let (ok, q, err) = cli(&["reports", "list"], &moderator, &url);
     assert!(ok, "{err}");
+    // The reporter's words stay on the reason's line: a newline in them cannot forge a
+    // line of the report naming another account.
+    assert!(
+        !q.lines()
+            .any(|l| l.trim_start().starts_with("at 1 ms: account victim")),
+        "{q}"
+    );
     assert!(
         q.contains("rude answer")
             && q.contains("ann")
