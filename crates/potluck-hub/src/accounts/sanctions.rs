@@ -132,6 +132,13 @@ async fn may_sanction(
             "You cannot sanction your own account, keys or providers.",
         ));
     }
+    // Anonymous use is one shared key the hub holds, not a party that can be banned: a
+    // sanction would answer "banned" and change nothing.
+    if st.anonymous.as_ref().is_some_and(|k| k.account_id == owner) {
+        return Err(ApiError::Refused(
+            "The anonymous account cannot be sanctioned: turn anonymous use off ([anonymous] enabled = false) or lower its limits.",
+        ));
+    }
     if rank(owner_role) >= rank(Role::Moderator) && actor.role != Role::Admin {
         return Err(ApiError::Refused("Only an admin can sanction staff."));
     }

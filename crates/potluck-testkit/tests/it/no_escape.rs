@@ -580,6 +580,30 @@ async fn signup_invites_and_reports_are_rate_limited() {
     );
 }
 
+/// A moderator bans the anonymous account in an abuse wave: the hub says so plainly
+/// (it cannot be sanctioned; anonymous use is turned off in the config) rather than
+/// answering "banned" while keyless requests go on being admitted.
+#[tokio::test]
+async fn a_sanction_of_anonymous_use_is_refused_not_pretended() {
+    let hub = TestHub::start_with(|c| c.anonymous.enabled = true).await;
+    let (s, v) = call(
+        &hub,
+        "POST",
+        "/admin/v1/accounts/anonymous/sanction",
+        Some(&hub.admin_key),
+        Some(json!({"action": "ban", "reason": "abuse wave"})),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("enabled = false"),
+        "{v}"
+    );
+}
+
 /// The attack: take the name of the anonymous account (its keys spend the treasury) or
 /// of the operator's, by signup, by an admin's account create, or as a key's account.
 #[tokio::test]
