@@ -276,6 +276,8 @@ async fn handle(
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
     let reply = responder(&parsed);
+    // Not held while an answer waits (a test may measure the hub's memory meanwhile).
+    drop(parsed);
     let raw = {
         let mut l = log.lock().unwrap();
         l.requests.push(Received {

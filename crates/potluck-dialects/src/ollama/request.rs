@@ -52,7 +52,7 @@ fn stream_of(req: &Map<String, Value>) -> Result<bool, DialectError> {
 
 /// Translate an `/api/chat` body.
 pub fn chat_to_openai(body: &[u8]) -> Result<Request, DialectError> {
-    let req = object(body)?;
+    let mut req = object(body)?;
     let model = model_of(&req)?;
     let stream = stream_of(&req)?;
     let list = req
@@ -74,7 +74,7 @@ pub fn chat_to_openai(body: &[u8]) -> Result<Request, DialectError> {
     if let Some(tools) = req.get("tools").filter(|t| !t.is_null()) {
         out.insert("tools".into(), tools_to_openai(tools)?);
     }
-    apply_common(&req, &mut out)?;
+    apply_common(&mut req, &mut out)?;
     Ok(Request {
         openai: Value::Object(out),
         model,
@@ -84,7 +84,7 @@ pub fn chat_to_openai(body: &[u8]) -> Result<Request, DialectError> {
 
 /// Translate an `/api/generate` body (a prompt with an optional system text).
 pub fn generate_to_openai(body: &[u8]) -> Result<Request, DialectError> {
-    let req = object(body)?;
+    let mut req = object(body)?;
     let model = model_of(&req)?;
     let stream = stream_of(&req)?;
     for (field, why) in [
@@ -139,7 +139,7 @@ pub fn generate_to_openai(body: &[u8]) -> Result<Request, DialectError> {
         json!({"role": "user", "content": user_content(&prompt, req.get("images"), "images")?}),
     );
     let mut out = base(&model, messages, stream);
-    apply_common(&req, &mut out)?;
+    apply_common(&mut req, &mut out)?;
     Ok(Request {
         openai: Value::Object(out),
         model,
@@ -308,9 +308,10 @@ fn tools_to_openai(tools: &Value) -> Result<Value, DialectError> {
     Ok(Value::Array(out))
 }
 
-/// `options`, `format` and friends, shared by chat and generate.
+/// `options`, `format` and friends, shared by chat and generate. `format` is moved out
+/// of `req`, not copied: a schema may be megabytes, tens of times that as a tree.
 fn apply_common(
-    req: &Map<String, Value>,
+    req: &mut Map<String, Value>,
     out: &mut Map<String, Value>,
 ) -> Result<(), DialectError> {
     if let Some(options) = req.get("options").filter(|o| !o.is_null()) {
@@ -340,17 +341,21 @@ fn apply_common(
             }
         }
     }
-    match req.get("format") {
+    match req.remove("format") {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) if s == "json" => {
             out.insert("response_format".into(), json!({"type": "json_object"}));
         }
         Some(Value::String(s)) if s.is_empty() => {}
         Some(schema @ Value::Object(_)) => {
-            out.insert(
-                "response_format".into(),
-                json!({"type": "json_schema", "json_schema": {"name": "format", "schema": schema}}),
-            );
+            // Built by hand: `json!` would copy the schema.
+            let mut named = Map::new();
+            named.insert("name".into(), Value::from("format"));
+            named.insert("schema".into(), schema);
+            let mut format = Map::new();
+            format.insert("type".into(), Value::from("json_schema"));
+            format.insert("json_schema".into(), Value::Object(named));
+            out.insert("response_format".into(), Value::Object(format));
         }
         Some(_) => {
             return Err(DialectError::invalid(

@@ -1,5 +1,6 @@
 //! responses: the consumer's request, translated for a provider.
 
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::openai;
@@ -29,10 +30,45 @@ pub struct Echo {
     pub temperature: Value,
     /// `top_p`, or null.
     pub top_p: Value,
-    /// `tools` as sent, or `[]`.
-    pub tools: Value,
+    /// `tools` as sent, or `[]`: kept as JSON text for the request's life (a tree of a
+    /// large `tools` takes tens of times its bytes).
+    pub tools: JsonText,
     /// `tool_choice` as sent, or `"auto"`.
     pub tool_choice: Value,
+}
+
+/// A JSON value kept as its text, written back as it is.
+#[derive(Debug, Clone)]
+pub struct JsonText(Box<RawValue>);
+
+impl JsonText {
+    fn of(v: &Value) -> Result<Self, DialectError> {
+        serde_json::value::to_raw_value(v)
+            .map(Self)
+            .map_err(|_| DialectError::Invalid {
+                field: "tools".into(),
+                why: "not valid JSON",
+            })
+    }
+}
+
+impl Default for JsonText {
+    /// `[]`.
+    fn default() -> Self {
+        Self(RawValue::from_string("[]".to_owned()).unwrap_or_default())
+    }
+}
+
+impl PartialEq for JsonText {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl serde::Serialize for JsonText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
 }
 
 /// Translate a Responses request body.
@@ -100,7 +136,7 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         max_output_tokens: req.get("max_output_tokens").cloned().unwrap_or(Value::Null),
         temperature: req.get("temperature").cloned().unwrap_or(Value::Null),
         top_p: req.get("top_p").cloned().unwrap_or(Value::Null),
-        tools: req.get("tools").cloned().unwrap_or_else(|| json!([])),
+        tools: JsonText::of(req.get("tools").unwrap_or(&json!([])))?,
         tool_choice: req
             .get("tool_choice")
             .cloned()

@@ -106,7 +106,7 @@ fn a_whole_answer_becomes_a_response_object() {
     )
     .expect("answer");
     let echo = Echo {
-        tools: json!([]),
+        tools: Default::default(),
         tool_choice: json!("auto"),
         ..Echo::default()
     };
