@@ -46,6 +46,7 @@ pub(crate) async fn create(
 ) -> Result<InviteCreated, ApiError> {
     auth::require(actor, Action::Invites)?;
     per_hour(
+        st,
         &st.invites,
         actor.account_id,
         st.config.abuse.invites_per_hour,

@@ -173,6 +173,7 @@ pub(crate) async fn my_key_settings(
 /// (`abuse.key_changes_per_hour`): each empties the key cache.
 fn key_change(st: &HubState, me: &KeyAuth) -> Result<(), ApiError> {
     super::per_hour(
+        st,
         &st.key_changes,
         me.account_id,
         st.config.abuse.key_changes_per_hour,

@@ -36,14 +36,27 @@ pub(crate) const NO_CONTENT_NOTE: &str = "Potluck stores no prompt or completion
 
 /// Take one of `per_hour` from `bucket` for `key`, or answer 429 for `which`.
 pub(crate) fn per_hour(
+    st: &HubState,
     bucket: &Hourly,
     key: i64,
     per_hour: u32,
     which: &'static str,
 ) -> Result<(), ApiError> {
     bucket
-        .take(key, per_hour, Instant::now())
+        .take(key, hub_share(per_hour, st.limiter.hubs()), Instant::now())
         .map_err(|retry_after| ApiError::RateLimited { which, retry_after })
+}
+
+/// This hub's part of an hourly limit that all `hubs` on the database share (rounded
+/// up, as the per-account limits are split): N hubs together allow at most the limit
+/// plus N − 1, not N times it.
+pub(crate) fn hub_share(per_hour: u32, hubs: u64) -> u32 {
+    let hubs = u32::try_from(hubs.max(1)).unwrap_or(u32::MAX);
+    if per_hour == 0 {
+        0
+    } else {
+        (per_hour - 1) / hubs + 1
+    }
 }
 
 pub(crate) fn not_found(what: &'static str) -> impl Fn(StoreError) -> ApiError {

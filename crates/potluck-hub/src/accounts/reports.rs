@@ -29,6 +29,7 @@ pub(crate) async fn file_report(
 ) -> Result<Response, ApiError> {
     let who = auth::reporter(&st, &headers).await?;
     per_hour(
+        &st,
         &st.reports,
         who.account_id(),
         st.config.abuse.reports_per_hour,

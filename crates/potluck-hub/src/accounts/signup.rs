@@ -22,7 +22,13 @@ pub(crate) async fn signup(
 ) -> Result<Response, ApiError> {
     // Counted before the body is read: every attempt, so invite codes cannot be guessed
     // at speed either.
-    per_hour(&st.signups, 0, st.config.abuse.signups_per_hour, "signups")?;
+    per_hour(
+        &st,
+        &st.signups,
+        0,
+        st.config.abuse.signups_per_hour,
+        "signups",
+    )?;
     let req: Signup = read_json(body, st.config.max_admin_body_bytes).await?;
     check_account_name("name", &req.name)?;
     let code = req

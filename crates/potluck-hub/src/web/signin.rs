@@ -70,6 +70,7 @@ pub(crate) async fn signin(
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
     crate::accounts::per_hour(
+        &st,
         &st.web.signins,
         0,
         st.config.web.signin_attempts_per_hour,

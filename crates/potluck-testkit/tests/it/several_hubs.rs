@@ -343,6 +343,50 @@ async fn a_quarantine_through_one_hub_cuts_the_provider_off_on_the_other() {
     );
 }
 
+/// The hourly abuse limits (here signups) hold across hubs as the per-account limits
+/// do: two hubs with `signups_per_hour = 2` admit at most 2 + 1 signups together, not
+/// 4. Before, each hub counted alone, so N hubs gave a stranger N times the limit (and
+/// on an open hub N times the starter grants).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hourly_abuse_limits_hold_across_two_hubs() {
+    let Some((_db, a, b)) = two_hubs_with(|c| {
+        c.accounts.mode = potluck_hub::config::JoinMode::Open;
+        c.abuse.signups_per_hour = 2;
+        c.presence_interval = std::time::Duration::from_millis(100);
+    })
+    .await
+    else {
+        return;
+    };
+    for hub in [&a, &b] {
+        let st = hub.state();
+        potluck_testkit::wait_until("both hubs counted", Duration::from_secs(10), || {
+            let st = Arc::clone(&st);
+            async move { st.hubs_sharing_limits() == 2 }
+        })
+        .await;
+    }
+    let mut admitted = 0;
+    for (i, hub) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let r = hub
+            .http
+            .post(format!("{}/v1/signup", hub.url()))
+            .json(&json!({"name": format!("newcomer{i}")}))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            201 => admitted += 1,
+            429 => {}
+            s => panic!("signup {i}: {s}"),
+        }
+    }
+    assert!(
+        admitted <= 3,
+        "{admitted} signups through two hubs with a limit of 2"
+    );
+}
+
 /// Leases do not cost a funded account its requests: a hundred spends alternating
 /// between the hubs are all served, and the ledger afterwards is exact (the account paid
 /// exactly what was served, every transaction sums to zero).
