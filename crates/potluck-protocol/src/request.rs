@@ -222,9 +222,10 @@ pub enum RequestError {
     /// Both `max_tokens` and `max_completion_tokens` are set.
     #[error("Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported.")]
     BothTokenLimits,
-    /// The asked completion length is over the provider's cap.
+    /// The asked completion length (over all of a request's choices) is over the
+    /// provider's cap.
     #[error(
-        "This provider allows at most {cap} completion tokens per request; {asked} were asked."
+        "This provider allows at most {cap} completion tokens per request; {asked} were asked (max_tokens times the choices asked for)."
     )]
     MaxTokensExceeded {
         /// The field that asked.
@@ -449,14 +450,17 @@ impl InferenceRequest {
 
     /// Whether a provider with `limits` accepts this request's size.
     pub fn check_limits(&self, limits: &ModelLimits) -> Result<(), RequestError> {
-        if let (true, Some(asked), Some(cap)) =
-            (self.generates(), self.token_limit, limits.max_tokens)
-        {
-            if asked.tokens > cap {
+        if let (true, Some(cap)) = (self.generates(), limits.max_tokens) {
+            // The cap bounds what one request generates: each of its choices (`n`,
+            // `best_of`, a batch of prompts) may use its whole `max_tokens`, which is
+            // the cap itself when the request sets none.
+            let per_choice = self.token_limit.map_or(cap, |t| t.tokens);
+            let asked = per_choice.saturating_mul(self.choices.max(1));
+            if asked > cap {
                 return Err(RequestError::MaxTokensExceeded {
-                    field: asked.field,
+                    field: self.token_limit.map_or(TokenField::MaxTokens, |t| t.field),
                     cap,
-                    asked: asked.tokens,
+                    asked,
                 });
             }
         }

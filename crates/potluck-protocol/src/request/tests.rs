@@ -631,3 +631,34 @@ fn choices_count_n_best_of_and_batched_prompts() {
     }
     assert!(CHOICES_EXPECTED.ends_with(&MAX_CHOICES.to_string()));
 }
+
+#[test]
+fn a_providers_token_cap_counts_every_choice() {
+    let caps = ModelLimits {
+        max_tokens: Some(100),
+        max_context: None,
+    };
+    let one = chat(r#"{"model":"m","messages":[],"max_tokens":100}"#).unwrap();
+    assert!(one.check_limits(&caps).is_ok());
+    let four = chat(r#"{"model":"m","messages":[],"max_tokens":50,"n":4}"#).unwrap();
+    assert!(matches!(
+        four.check_limits(&caps),
+        Err(RequestError::MaxTokensExceeded {
+            asked: 200,
+            cap: 100,
+            ..
+        })
+    ));
+    // No max_tokens: each choice may use the cap, so two choices pass it.
+    let two = chat(r#"{"model":"m","messages":[],"n":2}"#).unwrap();
+    assert!(two.check_limits(&caps).is_err());
+    let batch = parse(
+        COMPLETIONS,
+        r#"{"model":"m","prompt":["a","b"],"max_tokens":50}"#,
+    )
+    .unwrap();
+    assert!(
+        batch.check_limits(&caps).is_ok(),
+        "two prompts of 50 fit 100"
+    );
+}

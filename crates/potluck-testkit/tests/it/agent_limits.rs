@@ -67,6 +67,25 @@ async fn model_rules_caps_and_images() {
     assert_eq!(v["error"]["code"], "max_tokens_exceeded");
     assert_eq!(v["error"]["param"], "max_tokens");
 
+    // A hub (or a consumer through it) asks for many choices, each within the cap: the
+    // cap bounds what one request generates, so sixteen batched prompts of 100 tokens are
+    // refused. Before, the backend was handed 16 × 100 tokens of work from one slot.
+    let batch = format!(
+        r#"{{"model":"public-m","prompt":{},"max_tokens":100}}"#,
+        serde_json::to_string(&vec!["go"; 16]).unwrap()
+    );
+    let (status, _, body) = rig.send("/v1/completions", "public-m", "n", &batch).await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    let (status, _, body) = rig
+        .send(
+            "/v1/chat/completions",
+            "public-m",
+            "n2",
+            r#"{"model":"public-m","messages":[],"max_tokens":60,"n":2}"#,
+        )
+        .await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+
     // Too long for the context: 1000 bytes ≈ 250 tokens + 100 > 300.
     let long = "y".repeat(1000);
     let (status, _, body) = rig
