@@ -81,7 +81,13 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
         return Ok(());
     }
     let accounts = st.store.list_accounts().await?;
-    let pending = accounts.iter().filter(|a| a.status == Standing::Pending);
+    let page = st.config.web.page_rows.unsigned_abs() as usize;
+    // One page each: strangers can add pending accounts by the hundred. Accounts are
+    // listed newest first (the newest are the likeliest to need a moderator).
+    let pending = accounts
+        .iter()
+        .filter(|a| a.status == Standing::Pending)
+        .take(page);
     out.push(Section {
         id: "approvals",
         title: "Pending approvals",
@@ -106,7 +112,8 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
         columns: &["Id", "Account", "Role", "Standing"],
         rows: accounts
             .into_iter()
-            .take(st.config.web.page_rows.unsigned_abs() as usize)
+            .rev()
+            .take(page)
             .map(|a| {
                 let url = may(s, Action::Sanction)
                     .then(|| format!("/web/staff/accounts/{}/sanction", a.name));

@@ -885,3 +885,42 @@ async fn a_report_is_resolved_with_a_sanction_from_the_page() {
         "the account is banned"
     );
 }
+
+/// Strangers sign up by the dozen on a hub that needs approval: the staff page shows one
+/// page of pending accounts, and its account list starts with the newest (the likeliest
+/// to need a moderator). Before, every pending account was listed, and the account list
+/// showed the oldest page only, so the newest accounts could not be reached from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_staff_page_lists_one_page_of_pending_and_the_newest_accounts() {
+    let hub = TestHub::start_with(|c| {
+        c.web.page_rows = 3;
+        c.accounts.mode = potluck_hub::config::JoinMode::Approval;
+        c.abuse.signups_per_hour = 100;
+    })
+    .await;
+    for i in 0..6 {
+        let r = hub
+            .http
+            .post(format!("{}/v1/signup", hub.url()))
+            .json(&json!({"name": format!("stranger{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let admin = Staff::new(&hub, "boss", "admin").await;
+    let c = WebClient::signed_in(&hub, &admin.key).await;
+    let (status, page) = c.get("/web/staff").await;
+    assert_eq!(status, 200);
+    let section = |id: &str| {
+        let s = &page[page.find(&format!("id=\"{id}\"")).expect("the section")..];
+        s[..s.find("</section>").unwrap_or(s.len())].to_owned()
+    };
+    let approvals = section("approvals");
+    let rows = approvals.matches("<tr").count();
+    assert!(rows <= 3 + 1, "one page (and the header): {rows} rows");
+    assert!(
+        section("accounts").contains("/web/staff/accounts/boss/sanction"),
+        "the newest account is on the page"
+    );
+}
