@@ -398,6 +398,28 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// The stream failed mid-way: an `error` event numbered in the stream's order, then
+    /// `response.failed` with the response (status `failed`, the error in it), as the
+    /// Responses API ends a failed stream; the response is opened first if it was not.
+    pub fn fail(&mut self, code: &str, message: &str) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.start("", &mut out);
+        let e = self.event(
+            "error",
+            json!({"code": code, "message": message, "param": null}),
+        );
+        out.push(e);
+        let mut r = self.object("failed", None, Vec::new(), None);
+        if let Some(o) = r.as_object_mut() {
+            o.insert("error".into(), json!({"code": code, "message": message}));
+        }
+        let e = self.event("response.failed", json!({ "response": r }));
+        out.push(e);
+        out
+    }
+}
+
 /// The OpenAI error `type` for a status (the Responses API shares chat completions'
 /// error shape).
 pub fn error_type(status: u16) -> &'static str {
@@ -407,13 +429,5 @@ pub fn error_type(status: u16) -> &'static str {
         403 => "permission_error",
         429 => "rate_limit_error",
         _ => "server_error",
-    }
-}
-
-/// A stream's error event (`type: error`), sent when the answer fails mid-way.
-pub fn error_event(code: &str, message: &str, seq: u64) -> Event {
-    Event {
-        name: "error",
-        data: json!({"type": "error", "code": code, "message": message, "param": null, "sequence_number": seq}),
     }
 }

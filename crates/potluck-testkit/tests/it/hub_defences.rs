@@ -298,6 +298,7 @@ async fn a_provider_cannot_make_a_translation_multiply_its_answer() {
             "{what}: never completes"
         );
         assert!(text.len() < 1024 * 1024, "{what}: {} bytes", text.len());
+        assert_failed_in_order(&text, what);
     }
     let calls: Vec<Value> = (0..2_000)
         .map(|i| json!({"id": format!("c{i}"), "type": "function", "function": {"name": "f", "arguments": "{}"}}))
@@ -418,4 +419,23 @@ async fn translated_requests_do_not_hold_their_trees() {
         "the hub grew by {} MB holding four translated requests",
         grown / (1024 * 1024)
     );
+}
+
+/// A failed Responses stream ends as the API ends one: its `error` event numbered in
+/// the stream's order (every `sequence_number` one more than the last), then
+/// `response.failed`. Before, the error event always said 0 and nothing followed it.
+fn assert_failed_in_order(text: &str, what: &str) {
+    let numbers: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| v["sequence_number"].as_u64())
+        .collect();
+    assert!(!numbers.is_empty(), "{what}: numbered events");
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "{what}: {numbers:?}"
+    );
+    let last = text.lines().rfind(|l| l.starts_with("event: ")).unwrap();
+    assert_eq!(last, "event: response.failed", "{what}");
 }

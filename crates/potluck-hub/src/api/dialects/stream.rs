@@ -112,9 +112,13 @@ impl StreamBack {
     /// The stream failed: one error event in the dialect's shape, then the end.
     fn error(&mut self, message: &str) -> Vec<u8> {
         self.finished = true;
-        match &self.translator {
+        match &mut self.translator {
             Translator::Anthropic(_) => anthropic_error_event(message),
-            Translator::Responses(_) => responses::error_event("server_error", message, 0).to_sse(),
+            Translator::Responses(s) => s
+                .fail("server_error", message)
+                .iter()
+                .flat_map(|e| e.to_sse())
+                .collect(),
             Translator::Ollama(_) => ollama::ndjson(&ollama::error_body(message)),
         }
     }
