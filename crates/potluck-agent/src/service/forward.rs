@@ -178,7 +178,9 @@ pub(super) async fn forward(
         let body = read(body, endpoint, &admitted).await?;
         // Again once the body is in: a hub may send a head before a pause, the end of a
         // schedule window or a reload that drops the model, and the body after it.
-        still_admitted(&sh, &admitted.model)?;
+        if let Some(refused) = admission_lost(&sh, &admitted.model) {
+            return Err(refused);
+        }
         let backend_resp = send_with_retry(&sh, endpoint, &admitted, body).await?;
         Ok::<_, Response<AgentBody>>(relay(&sh, link, admitted, backend_resp).await)
     };
@@ -187,13 +189,14 @@ pub(super) async fn forward(
     }
 }
 
-/// The drain gate is open (not paused, inside the schedule, not draining).
-fn gate_open(sh: &Shared) -> Result<(), Response<AgentBody>> {
+/// The refusal of a closed drain gate (paused, outside the schedule, draining), if it
+/// is closed.
+fn gate_closed(sh: &Shared) -> Option<Response<AgentBody>> {
     if sh.gate.accepting() {
-        return Ok(());
+        return None;
     }
     let why: Vec<&str> = sh.gate.reasons().iter().map(|r| r.as_str()).collect();
-    Err(agent_error(
+    Some(agent_error(
         StatusCode::SERVICE_UNAVAILABLE,
         &format!(
             "this provider is not taking requests now ({})",
@@ -206,14 +209,10 @@ fn not_served() -> Response<AgentBody> {
     agent_error(StatusCode::NOT_FOUND, "model not served here")
 }
 
-/// Whether a request admitted before its body came may still go to the backend: the
-/// gate is still open and the model still shared.
-fn still_admitted(sh: &Shared, model: &ModelName) -> Result<(), Response<AgentBody>> {
-    gate_open(sh)?;
-    if sh.route(model).is_none() {
-        return Err(not_served());
-    }
-    Ok(())
+/// The refusal of a request admitted before its body came, if it may no longer go to
+/// the backend: the gate closed or the model is no longer shared.
+fn admission_lost(sh: &Shared, model: &ModelName) -> Option<Response<AgentBody>> {
+    gate_closed(sh).or_else(|| sh.route(model).is_none().then(not_served))
 }
 
 /// Admission: the drain gate, the route for the model, and a concurrency slot.
@@ -225,7 +224,9 @@ async fn admit(
     started: Instant,
 ) -> Result<(Admitted, Incoming), Response<AgentBody>> {
     let consumer = header_text(req.headers(), HEADER_CONSUMER, MAX_CONSUMER_BYTES);
-    gate_open(sh)?;
+    if let Some(refused) = gate_closed(sh) {
+        return Err(refused);
+    }
     let Some(route) = sh.route(&model) else {
         return Err(not_served());
     };
