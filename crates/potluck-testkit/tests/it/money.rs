@@ -96,6 +96,23 @@ async fn served(who: &Consumer, body: &Value) -> String {
     id
 }
 
+/// A hub priced by [`cheap`], one scripted provider `provider` of model `m`, and a
+/// consumer `consumer` granted one credit.
+async fn priced_pair(provider: &str, consumer: &str) -> (TestHub, ScriptedAgent, Consumer) {
+    let hub = TestHub::start_with(cheap).await;
+    let p = ScriptedAgent::connect(
+        provider,
+        &hub.url(),
+        &hub.create_provider(provider).await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let c = Consumer::new(&hub, consumer).await;
+    hub.grant(consumer, 1.0).await;
+    (hub, p, c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_forging_usage_is_billed_at_most_the_hubs_bound_and_flagged() {
     // Flags lower its reputation; keep it routable to try every forgery.
@@ -380,17 +397,7 @@ async fn earnings_in_escrow_or_a_young_account_do_not_make_a_provider_trusted() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantine_claws_back_from_a_provider_that_went_offline() {
-    let hub = TestHub::start_with(cheap).await;
-    let p = ScriptedAgent::connect(
-        "runner",
-        &hub.url(),
-        &hub.create_provider("runner").await,
-        hello(&["m"], 4, ProviderProfile::default()),
-    )
-    .await;
-    hub.wait_for_model("m", 1).await;
-    let payer = Consumer::new(&hub, "payer").await;
-    hub.grant("payer", 1.0).await;
+    let (hub, p, payer) = priced_pair("runner", "payer").await;
     served(
         &payer,
         &json!({"model": "m", "messages": [{"role": "user", "content": "work"}]}),
@@ -450,17 +457,7 @@ async fn a_full_usage_queue_refuses_requests_before_serving_them() {
 /// reputation fell at every such answer until it was quarantined and clawed back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_and_reasoning_are_delivered_text_and_billed() {
-    let hub = TestHub::start_with(cheap).await;
-    let p = ScriptedAgent::connect(
-        "honest",
-        &hub.url(),
-        &hub.create_provider("honest").await,
-        hello(&["m"], 4, ProviderProfile::default()),
-    )
-    .await;
-    hub.wait_for_model("m", 1).await;
-    let alice = Consumer::new(&hub, "alice").await;
-    hub.grant("alice", 1.0).await;
+    let (hub, p, alice) = priced_pair("honest", "alice").await;
     let args = serde_json::to_string(&json!({"text": "word ".repeat(80)})).unwrap();
     let call = json!([{"index": 0, "id": "call_1", "type": "function",
         "function": {"name": "write", "arguments": args}}]);
@@ -528,17 +525,7 @@ async fn tool_calls_and_reasoning_are_delivered_text_and_billed() {
 /// long prompt read for nothing by leaving one token early.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_without_usage_still_bills_its_prompt() {
-    let hub = TestHub::start_with(cheap).await;
-    let p = ScriptedAgent::connect(
-        "quiet",
-        &hub.url(),
-        &hub.create_provider("quiet").await,
-        hello(&["m"], 4, ProviderProfile::default()),
-    )
-    .await;
-    hub.wait_for_model("m", 1).await;
-    let alice = Consumer::new(&hub, "alice").await;
-    hub.grant("alice", 1.0).await;
+    let (hub, p, alice) = priced_pair("quiet", "alice").await;
     let prompt = "lorem ipsum ".repeat(400);
     for stream in [false, true] {
         p.set_raw(Some(answer_with_usage(stream, "short answer", "")));
@@ -564,17 +551,7 @@ async fn an_answer_without_usage_still_bills_its_prompt() {
 /// of one and the honest provider was flagged (and, answer after answer, quarantined).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_choices_are_billed_for_each_and_flag_nothing() {
-    let hub = TestHub::start_with(cheap).await;
-    let p = ScriptedAgent::connect(
-        "honest",
-        &hub.url(),
-        &hub.create_provider("honest").await,
-        hello(&["m"], 4, ProviderProfile::default()),
-    )
-    .await;
-    hub.wait_for_model("m", 1).await;
-    let alice = Consumer::new(&hub, "alice").await;
-    hub.grant("alice", 1.0).await;
+    let (hub, p, alice) = priced_pair("honest", "alice").await;
     let choices: Vec<Value> = (0..4)
         .map(|i| {
             json!({"index": i, "message": {"role": "assistant", "content": "word ".repeat(60)},

@@ -138,6 +138,18 @@ async fn hubs_started_at_once_make_one_admin_key_and_one_identity() {
     assert_eq!(ids.len(), 1, "one identity");
 }
 
+/// Wait until each of the two hubs counts both among the hubs sharing limits.
+async fn both_counted(a: &TestHub, b: &TestHub) {
+    for hub in [a, b] {
+        let st = hub.state();
+        potluck_testkit::wait_until("both hubs counted", Duration::from_secs(10), || {
+            let st = Arc::clone(&st);
+            async move { st.hubs_sharing_limits() == 2 }
+        })
+        .await;
+    }
+}
+
 /// Completion tokens cost 1000 micro-credits and prompts nothing, so a request with
 /// `max_tokens` 10 costs at most 10,000; one scripted provider on both hubs uses all of it.
 fn priced(c: &mut HubConfig) {
@@ -358,14 +370,7 @@ async fn hourly_abuse_limits_hold_across_two_hubs() {
     else {
         return;
     };
-    for hub in [&a, &b] {
-        let st = hub.state();
-        potluck_testkit::wait_until("both hubs counted", Duration::from_secs(10), || {
-            let st = Arc::clone(&st);
-            async move { st.hubs_sharing_limits() == 2 }
-        })
-        .await;
-    }
+    both_counted(&a, &b).await;
     let mut admitted = 0;
     for (i, hub) in [&a, &b, &a, &b].into_iter().enumerate() {
         let r = hub
@@ -425,14 +430,7 @@ async fn a_request_rate_limit_holds_across_two_hubs() {
     else {
         return;
     };
-    for hub in [&a, &b] {
-        let st = hub.state();
-        potluck_testkit::wait_until("both hubs counted", Duration::from_secs(10), || {
-            let st = Arc::clone(&st);
-            async move { st.hubs_sharing_limits() == 2 }
-        })
-        .await;
-    }
+    both_counted(&a, &b).await;
     let _p = provider_on_both(&a, &b).await;
     let on_a = Consumer::new(&a, "eager").await;
     let on_b = Consumer::with_key(&b, "eager", on_a.key.clone());

@@ -247,6 +247,27 @@ async fn a_hostile_hub_cannot_fill_the_journal_with_fat_receipts() {
 
 type HeldBody = BoxBody<Bytes, Infallible>;
 
+/// Send a chat completion with `body` down the tunnel `h2` as the hub would (request
+/// `id`); its status.
+fn send_chat(
+    h2: &hyper::client::conn::http2::SendRequest<HeldBody>,
+    body: HeldBody,
+    id: &str,
+) -> impl std::future::Future<Output = u16> {
+    let mut h2 = h2.clone();
+    let req = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header(potluck_protocol::tunnel::HEADER_MODEL, MODEL)
+        .header(potluck_protocol::tunnel::HEADER_REQUEST_ID, id)
+        .header(potluck_protocol::tunnel::HEADER_CONSUMER, "c-test")
+        .body(body)
+        .unwrap();
+    async move {
+        h2.ready().await.unwrap();
+        h2.send_request(req).await.unwrap().status().as_u16()
+    }
+}
+
 /// A request body that sends nothing until `release` is dropped or sent to.
 fn held_body() -> (tokio::sync::oneshot::Sender<()>, HeldBody) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -398,20 +419,7 @@ async fn a_hostile_hub_cannot_hold_a_slot_with_a_body_that_never_ends() {
     let _agent = TestAgent::start_with(c);
     let h2 = hub.accept_with::<HeldBody>().await;
     const CHAT: &str = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
-    let send = |body: HeldBody, id: &str| {
-        let mut h2 = h2.clone();
-        let req = http::Request::post("/v1/chat/completions")
-            .header("content-type", "application/json")
-            .header(potluck_protocol::tunnel::HEADER_MODEL, MODEL)
-            .header(potluck_protocol::tunnel::HEADER_REQUEST_ID, id)
-            .header(potluck_protocol::tunnel::HEADER_CONSUMER, "c-test")
-            .body(body)
-            .unwrap();
-        async move {
-            h2.ready().await.unwrap();
-            h2.send_request(req).await.unwrap().status().as_u16()
-        }
-    };
+    let send = |body: HeldBody, id: &str| send_chat(&h2, body, id);
     wait_until("the agent serves", T, || async {
         send(whole_body(CHAT), "warm").await == 200
     })
@@ -445,20 +453,7 @@ async fn a_hostile_hub_cannot_slip_a_request_past_a_pause() {
     c.control_socket = Some(socket.clone());
     let _agent = TestAgent::start_with(c);
     let h2 = hub.accept_with::<HeldBody>().await;
-    let send = |body: HeldBody, id: &str| {
-        let mut h2 = h2.clone();
-        let req = http::Request::post("/v1/chat/completions")
-            .header("content-type", "application/json")
-            .header(potluck_protocol::tunnel::HEADER_MODEL, MODEL)
-            .header(potluck_protocol::tunnel::HEADER_REQUEST_ID, id)
-            .header(potluck_protocol::tunnel::HEADER_CONSUMER, "c-test")
-            .body(body)
-            .unwrap();
-        async move {
-            h2.ready().await.unwrap();
-            h2.send_request(req).await.unwrap().status().as_u16()
-        }
-    };
+    let send = |body: HeldBody, id: &str| send_chat(&h2, body, id);
     wait_until("the agent serves", T, || async {
         send(whole_body(CHAT), "warm").await == 200
     })
