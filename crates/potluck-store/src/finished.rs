@@ -83,6 +83,7 @@ impl Store {
         if usage.is_empty() && batch.is_empty() {
             return Ok(leases);
         }
+        self.injected_failure()?;
         let tax_account = self.system_account(TAX).await?;
         let posts = batch
             .iter()

@@ -27,6 +27,24 @@ pub enum StoreError {
     Refused(&'static str),
 }
 
+impl StoreError {
+    /// Whether the database could not be reached or did not answer in time (a lost
+    /// connection, a full pool, a timeout), as opposed to refusing what was asked: the
+    /// same write may succeed if tried again.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+                    | sqlx::Error::Protocol(_)
+            )
+        )
+    }
+}
+
 pub(crate) type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// An account's role on the hub.
@@ -319,6 +337,9 @@ pub struct Store {
     pub(crate) key_lookup_gate: std::sync::Arc<tokio::sync::RwLock<()>>,
     /// Usage aggregates run (`usage_totals`: scans of the usage window), for tests.
     pub(crate) usage_scans: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Fault injection for tests: this many of the next settlement writes fail as if
+    /// the database had timed out ([`Store::fail_next_settlements`]).
+    pub(crate) failing_settlements: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 pub(crate) fn now_secs() -> i64 {
@@ -361,6 +382,7 @@ impl Store {
             system_ids: Default::default(),
             key_lookups: Default::default(),
             usage_scans: Default::default(),
+            failing_settlements: Default::default(),
             key_lookup_gate: Default::default(),
         };
         store.migrate().await?;
@@ -417,6 +439,26 @@ impl Store {
     /// database).
     pub fn key_lookups(&self) -> u64 {
         self.key_lookups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// For tests: make the next `n` settlement writes (`record_finished_for`) fail as a
+    /// database that timed out would, before they touch it.
+    pub fn fail_next_settlements(&self, n: u32) {
+        self.failing_settlements
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Take one injected settlement failure, if any is left.
+    pub(crate) fn injected_failure(&self) -> Result<()> {
+        let left = &self.failing_settlements;
+        match left.fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        ) {
+            Ok(_) => Err(StoreError::Db(sqlx::Error::PoolTimedOut)),
+            Err(_) => Ok(()),
+        }
     }
 
     /// How many usage aggregates (`usage_totals`) this store has run: the pages that

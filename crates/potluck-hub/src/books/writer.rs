@@ -244,11 +244,7 @@ async fn write(w: &mut Writer, batch: &mut [Finished]) {
         batch.iter().filter_map(|f| f.settlement.clone()).collect(),
     );
     let holder = w.reservations.lease_terms().map(|t| t.holder.as_str());
-    if let Ok(leases) = w
-        .store
-        .record_finished_for(&usage, &settlements, holder)
-        .await
-    {
+    if let Some(leases) = write_batch(w, &usage, &settlements, holder).await {
         w.reservations.apply_leases(&leases);
         for f in batch.iter() {
             done(w, f, true);
@@ -277,6 +273,48 @@ async fn write(w: &mut Writer, batch: &mut [Finished]) {
         }
         done(w, f, res.is_ok());
     }
+}
+
+/// Times a batch is written again after the database did not answer, before its records
+/// are tried one by one.
+pub(crate) const WRITE_RETRIES: u32 = 8;
+/// The first pause before writing a batch again; it doubles each time, up to
+/// [`MAX_RETRY_PAUSE`].
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// The longest pause between two tries.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
+
+/// Write a batch, again after a pause while the database does not answer (a lost
+/// connection, a timeout: up to [`WRITE_RETRIES`] times); `None` if it failed for good
+/// or refused the batch. Before, one failed try sent every record to the one-by-one path,
+/// which on a database still down wrote usage rows without their settlements: served
+/// requests not billed, providers not paid.
+async fn write_batch(
+    w: &Writer,
+    usage: &[UsageRecord],
+    settlements: &[Settlement],
+    holder: Option<&str>,
+) -> Option<Vec<potluck_store::leases::LeaseNow>> {
+    let mut pause = RETRY_PAUSE;
+    for attempt in 0..=WRITE_RETRIES {
+        match w
+            .store
+            .record_finished_for(usage, settlements, holder)
+            .await
+        {
+            Ok(leases) => return Some(leases),
+            Err(e) if e.is_transient() && attempt < WRITE_RETRIES => {
+                tracing::warn!(error = ?e, attempt, "writing usage records failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_RETRY_PAUSE);
+            }
+            Err(e) => {
+                tracing::error!(error = ?e, rows = usage.len(), "writing usage records failed");
+                return None;
+            }
+        }
+    }
+    None
 }
 
 /// Tell the reservations what happened to one record.

@@ -573,3 +573,32 @@ async fn several_choices_are_billed_for_each_and_flag_nothing() {
     let history = hub.state().store.audit_history(pid, 100).await.unwrap();
     assert!(history.iter().all(|a| a.0 != "usage"), "{history:?}");
 }
+
+/// The database stops answering while a batch of usage records is written (injected:
+/// three writes time out): every served request is still billed, its provider paid,
+/// and the ledger exact. Before, one failed write sent each record of the batch down the
+/// one-by-one path, which on a database still down wrote a usage row without its
+/// settlement: a request served, nobody billed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_for_a_moment_loses_no_settlement() {
+    let (hub, _p, alice) = priced_pair("steady", "alice").await;
+    hub.state().store.fail_next_settlements(3);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let body =
+            json!({"model": "m", "messages": [{"role": "user", "content": format!("q{i}")}]});
+        ids.push(served(&alice, &body).await);
+    }
+    let mut charged = 0;
+    for id in &ids {
+        let row = usage_row(&hub, id).await;
+        charged += row.prompt_tokens + row.completion_tokens;
+    }
+    assert!(charged > 0);
+    wait_until("every request billed", WAIT, || {
+        let alice = &alice;
+        async move { 1_000_000 - alice.available_micro().await == charged }
+    })
+    .await;
+    hub.state().store.audit_ledger().await.unwrap();
+}
