@@ -199,11 +199,34 @@ impl Shared {
     pub fn set_policy(&self, p: Policy) {
         self.bandwidth.set_rate(p.limits.bandwidth_bytes_per_sec);
         self.journal_limits.set(&p.journal);
+        self.restrict_routes(&p);
         *self.policy.lock() = Arc::new(p);
         self.refused.lock().clear();
         self.policy_changed.notify_waiters();
         self.rediscover.notify_one();
         self.republish();
+    }
+
+    /// Apply a new policy's model rules to the routes now, not at the end of the next
+    /// discovery round (which may hash a new model's file for minutes): a model no longer
+    /// shared, renamed, or pinned to another file leaves at once; a kept one takes its new
+    /// caps. Discovery adds what the policy newly shares.
+    fn restrict_routes(&self, p: &Policy) {
+        if p.models.is_empty() {
+            return;
+        }
+        let mut routes = self.routes.lock();
+        routes.0.retain_mut(|r| {
+            let Some(rule) = p.rule_for_backend(&r.backend_name) else {
+                return false;
+            };
+            let same_file = r.rule.as_ref().map(|o| &o.file) == Some(&rule.file);
+            if rule.public_name != r.public || !same_file {
+                return false;
+            }
+            r.rule = Some(rule.clone());
+            true
+        });
     }
 
     /// Remember an error for `status` (content-free text only).
@@ -370,5 +393,70 @@ mod receipt_tests {
         sh.served("", 7);
         assert_eq!(sh.take_served(""), None, "no id, no receipt");
         assert!(sh.awaiting_receipts.lock().order.len() <= MAX_AWAITING_RECEIPTS);
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+    use crate::policy::ModelRule;
+
+    fn shared() -> Shared {
+        Shared::new(
+            crate::config::AgentConfig::new(
+                potluck_tunnel::HubUrl::parse("http://127.0.0.1:1").expect("url"),
+                "pt-x".into(),
+                vec![
+                    crate::config::BackendConfig::parse("http://127.0.0.1:9/v1", None)
+                        .expect("backend"),
+                ],
+            )
+            .expect("config"),
+            Journal::disabled(),
+            Arc::new(JournalLimits::new(&Default::default())),
+        )
+    }
+
+    fn rule(backend: &str, public: &str, max_tokens: u32) -> ModelRule {
+        ModelRule {
+            backend_name: backend.into(),
+            public_name: ModelName::parse(public).expect("name"),
+            max_context: None,
+            max_tokens: Some(max_tokens),
+            max_concurrency: None,
+            file: None,
+            capabilities: ModelCapabilities::default(),
+        }
+    }
+
+    fn route(r: &ModelRule) -> Route {
+        Route {
+            public: r.public_name.clone(),
+            backend: 0,
+            backend_name: r.backend_name.clone(),
+            rule: Some(r.clone()),
+            sha256: None,
+            capabilities: ModelCapabilities::default(),
+        }
+    }
+
+    /// The volunteer stops sharing a model and lowers another's cap: a reload applies both
+    /// at once. Before, both waited for the next discovery round to end, and a hub could
+    /// keep sending the dropped model requests, with the old caps, meanwhile.
+    #[test]
+    fn a_reload_drops_a_model_and_applies_new_caps_at_once() {
+        let sh = shared();
+        let (a, b) = (rule("a", "model-a", 1000), rule("b", "model-b", 1000));
+        sh.set_routes(vec![route(&a), route(&b)], 4);
+        let mut p = (*sh.policy()).clone();
+        p.models = vec![rule("b", "model-b", 10)];
+        sh.set_policy(p);
+        assert!(sh
+            .route(&ModelName::parse("model-a").expect("name"))
+            .is_none());
+        let kept = sh
+            .route(&ModelName::parse("model-b").expect("name"))
+            .expect("kept");
+        assert_eq!(kept.rule.and_then(|r| r.max_tokens), Some(10));
     }
 }
