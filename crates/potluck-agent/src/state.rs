@@ -363,6 +363,24 @@ impl Shared {
     }
 }
 
+/// A `Shared` for unit tests: one backend, no journal.
+#[cfg(test)]
+fn test_shared() -> Shared {
+    Shared::new(
+        crate::config::AgentConfig::new(
+            potluck_tunnel::HubUrl::parse("http://127.0.0.1:1").expect("url"),
+            "pt-x".into(),
+            vec![
+                crate::config::BackendConfig::parse("http://127.0.0.1:9/v1", None)
+                    .expect("backend"),
+            ],
+        )
+        .expect("config"),
+        Journal::disabled(),
+        Arc::new(JournalLimits::new(&Default::default())),
+    )
+}
+
 #[cfg(test)]
 mod receipt_tests {
     use super::*;
@@ -371,19 +389,7 @@ mod receipt_tests {
     /// and a receipt is taken once.
     #[test]
     fn awaiting_receipts_are_bounded_and_taken_once() {
-        let sh = Shared::new(
-            crate::config::AgentConfig::new(
-                potluck_tunnel::HubUrl::parse("http://127.0.0.1:1").expect("url"),
-                "pt-x".into(),
-                vec![
-                    crate::config::BackendConfig::parse("http://127.0.0.1:9/v1", None)
-                        .expect("backend"),
-                ],
-            )
-            .expect("config"),
-            Journal::disabled(),
-            Arc::new(JournalLimits::new(&Default::default())),
-        );
+        let sh = test_shared();
         for i in 0..=MAX_AWAITING_RECEIPTS {
             sh.served(&format!("r{i}"), 7);
         }
@@ -400,22 +406,6 @@ mod receipt_tests {
 mod reload_tests {
     use super::*;
     use crate::policy::ModelRule;
-
-    fn shared() -> Shared {
-        Shared::new(
-            crate::config::AgentConfig::new(
-                potluck_tunnel::HubUrl::parse("http://127.0.0.1:1").expect("url"),
-                "pt-x".into(),
-                vec![
-                    crate::config::BackendConfig::parse("http://127.0.0.1:9/v1", None)
-                        .expect("backend"),
-                ],
-            )
-            .expect("config"),
-            Journal::disabled(),
-            Arc::new(JournalLimits::new(&Default::default())),
-        )
-    }
 
     fn rule(backend: &str, public: &str, max_tokens: u32) -> ModelRule {
         ModelRule {
@@ -445,7 +435,7 @@ mod reload_tests {
     /// keep sending the dropped model requests, with the old caps, meanwhile.
     #[test]
     fn a_reload_drops_a_model_and_applies_new_caps_at_once() {
-        let sh = shared();
+        let sh = super::test_shared();
         let (a, b) = (rule("a", "model-a", 1000), rule("b", "model-b", 1000));
         sh.set_routes(vec![route(&a), route(&b)], 4);
         let mut p = (*sh.policy()).clone();

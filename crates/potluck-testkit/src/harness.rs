@@ -250,6 +250,19 @@ impl TestHub {
         .await;
     }
 
+    /// The id of the provider named `name` (panics if there is none).
+    pub async fn provider_id(&self, name: &str) -> i64 {
+        self.state()
+            .store
+            .list_providers()
+            .await
+            .expect("providers")
+            .into_iter()
+            .find(|p| p.name == name)
+            .expect("a provider of that name")
+            .id
+    }
+
     /// Admin persona: create a provider token.
     pub async fn create_provider(&self, name: &str) -> String {
         self.admin_post("/admin/v1/providers", json!({"name": name}))

@@ -401,47 +401,6 @@ impl Registry {
         }
     }
 
-    /// Set a provider's trust flags (trusted reference, quarantined) on its open links.
-    pub fn set_trust_flags(&self, provider_id: i64, trusted: bool, quarantined: bool) {
-        {
-            let mut epoch = self.inner.trust_epoch.lock();
-            *epoch = epoch.wrapping_add(1);
-            for t in self.open_tunnels() {
-                if t.provider_id == provider_id {
-                    t.trusted.store(trusted, Ordering::Relaxed);
-                    t.quarantined.store(quarantined, Ordering::Relaxed);
-                }
-            }
-        }
-        self.inner.fill();
-    }
-
-    /// How many changes of trust were applied so far: read before a standing read that
-    /// [`Registry::apply_standing`] is to apply.
-    pub fn trust_epoch(&self) -> u64 {
-        *self.inner.trust_epoch.lock()
-    }
-
-    /// Set a new tunnel's flags from a standing read made after `seen` (a
-    /// [`Registry::trust_epoch`]), unless a change of trust came since: that change set
-    /// the flags of every open tunnel from a later read, and an older one must not undo
-    /// it. Returns whether the flags were set.
-    pub fn apply_standing(
-        &self,
-        t: &ProviderLink,
-        seen: u64,
-        trusted: bool,
-        quarantined: bool,
-    ) -> bool {
-        let epoch = self.inner.trust_epoch.lock();
-        if *epoch != seen {
-            return false;
-        }
-        t.trusted.store(trusted, Ordering::Relaxed);
-        t.quarantined.store(quarantined, Ordering::Relaxed);
-        true
-    }
-
     /// Remove a tunnel: nothing new is routed to it from now on.
     pub fn remove(&self, conn_id: u64) {
         if let Some(t) = self.inner.tunnels().remove(&conn_id) {

@@ -186,18 +186,6 @@ fn audited_seed(c: &mut HubConfig, rate: f64, seed: u64) {
     c.limits.rpm = None;
 }
 
-async fn provider_id(hub: &TestHub, name: &str) -> i64 {
-    hub.state()
-        .store
-        .list_providers()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|p| p.name == name)
-        .unwrap()
-        .id
-}
-
 async fn trust(hub: &TestHub, name: &str) {
     Admin::admin(hub).trust(name).await;
 }
@@ -266,7 +254,7 @@ async fn red_team_announcing(liar_name: &str, liar_hash: Option<&ModelHash>) {
         .await;
         hub.wait_for_model("m", 2).await;
         trust(&hub, "ref").await;
-        let liar_id = provider_id(&hub, name).await;
+        let liar_id = hub.provider_id(name).await;
         let quarantined = || async {
             hub.state()
                 .store
@@ -317,7 +305,7 @@ async fn red_team_announcing(liar_name: &str, liar_hash: Option<&ModelHash>) {
         let log = Admin::admin(&hub).get("/admin/v1/audit-log").await.body;
         assert!(log.to_string().contains("provider.quarantine"), "{log}");
         // The honest reference is untouched.
-        let ref_id = provider_id(&hub, "ref").await;
+        let ref_id = hub.provider_id("ref").await;
         let rs = hub.state().store.standing(ref_id).await.unwrap();
         assert!(
             rs.quarantined_at_ms.is_none() && rs.reputation >= 0.99,
@@ -456,7 +444,7 @@ async fn a_liar_honest_only_with_a_seed_can_lie_to_no_consumer() {
         );
         i += 1;
     }
-    let id = provider_id(&hub, name).await;
+    let id = hub.provider_id(name).await;
     let st = hub.state().store.standing(id).await.unwrap();
     assert!(st.quarantined_at_ms.is_none(), "{st:?}");
     eprintln!("{name}: {serve} consumer requests served, every one honestly ({i} asked)");
@@ -488,7 +476,7 @@ async fn honest_providers_are_never_quarantined() {
     }
     let mut audits = 0;
     for name in ["honest-a", "honest-b", "honest-c"] {
-        let id = provider_id(&hub, name).await;
+        let id = hub.provider_id(name).await;
         let st = hub.state().store.standing(id).await.unwrap();
         assert!(st.quarantined_at_ms.is_none(), "{name} quarantined: {st:?}");
         let hist = hub.state().store.audit_history(id, 1000).await.unwrap();
@@ -542,10 +530,7 @@ async fn canaries_alone_catch_a_provider_that_always_lies() {
     .await;
     hub.wait_for_model("m", 3).await;
     trust(&hub, "ref").await;
-    let (liar_id, sly_id) = (
-        provider_id(&hub, "liar").await,
-        provider_id(&hub, "sly").await,
-    );
+    let (liar_id, sly_id) = (hub.provider_id("liar").await, hub.provider_id("sly").await);
     wait_until("canaries quarantine the liar", WAIT, || async {
         hub.state()
             .store
@@ -604,7 +589,7 @@ async fn implausible_speed_is_flagged() {
     )
     .await;
     hub.wait_for_model("m", 1).await;
-    let id = provider_id(&hub, "speedy").await;
+    let id = hub.provider_id("speedy").await;
     ask(&alice, 1).await;
     wait_until("a speed flag", WAIT, || async {
         hub.state()
@@ -657,7 +642,7 @@ async fn a_request_in_flight_when_its_provider_is_quarantined_pays_the_treasury(
         sse.next().await,
         Some(potluck_testkit::sse::Event::Json(_))
     ));
-    let q = provider_id(&hub, "q").await;
+    let q = hub.provider_id("q").await;
     potluck_hub::testing::quarantine_provider(&st, q, "test: quarantined mid-request").await;
     let rest = sse.collect().await;
     assert_eq!(
@@ -733,7 +718,7 @@ async fn audited_traffic() -> (TestHub, ScriptedAgent, ScriptedAgent) {
     .await;
     hub.wait_for_model("m", 2).await;
     trust(&hub, "ref").await;
-    let audited_id = provider_id(&hub, "audited").await;
+    let audited_id = hub.provider_id("audited").await;
     for i in 0..6 {
         let r = alice.chat("m", &format!("zebra-marker-{i} question")).await;
         assert_eq!(r.status, 200, "{}", r.text);
@@ -821,7 +806,7 @@ async fn audit_replays_and_canaries_leave_no_text_in_the_logs() {
         .finish();
     let guard = tracing::subscriber::set_default(subscriber);
     let (mut hub, reference, audited) = audited_traffic().await;
-    let audited_id = provider_id(&hub, "audited").await;
+    let audited_id = hub.provider_id("audited").await;
     let canaries = canary_texts(&audited);
     drop((reference, audited));
     hub.stop().await;
@@ -874,8 +859,8 @@ async fn streamed_requests_are_audited_on_the_text_streamed() {
     hub.wait_for_model("m", 3).await;
     trust(&hub, "ref").await;
     let (honest_id, liar_id) = (
-        provider_id(&hub, "honest").await,
-        provider_id(&hub, "liar").await,
+        hub.provider_id("honest").await,
+        hub.provider_id("liar").await,
     );
     let st = hub.state();
     let history = |id| {

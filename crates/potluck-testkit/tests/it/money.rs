@@ -47,18 +47,6 @@ async fn usage_row(hub: &TestHub, request_id: &str) -> UsageRow {
     }
 }
 
-async fn provider_id(hub: &TestHub, name: &str) -> i64 {
-    hub.state()
-        .store
-        .list_providers()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|p| p.name == name)
-        .unwrap()
-        .id
-}
-
 /// A whole answer, or a stream of one text chunk and a usage chunk, with `usage` spliced
 /// in as raw JSON text (so that it can be anything).
 fn answer_with_usage(stream: bool, text: &str, usage: &str) -> RawAnswer {
@@ -200,7 +188,7 @@ async fn provider_forging_usage_is_billed_at_most_the_hubs_bound_and_flagged() {
     assert_eq!(usage_row(&hub, &id).await.completion_tokens, 3);
 
     // The forger was flagged (its reputation falls like any plausibility failure).
-    let pid = provider_id(&hub, "forger").await;
+    let pid = hub.provider_id("forger").await;
     wait_until("a usage flag on the forger", WAIT, || {
         let st = hub.state();
         async move {
@@ -407,7 +395,7 @@ async fn quarantine_claws_back_from_a_provider_that_went_offline() {
     assert!(hub.balance("runner").await.1 > 0, "earned into escrow");
     drop(p);
     hub.wait_for_model("m", 0).await;
-    let id = provider_id(&hub, "runner").await;
+    let id = hub.provider_id("runner").await;
     potluck_hub::testing::quarantine_provider(&hub.state(), id, "test: cheated, then left").await;
     wait_until("the claw-back", WAIT, || async {
         hub.balance("runner").await.1 == 0
@@ -511,7 +499,7 @@ async fn tool_calls_and_reasoning_are_delivered_text_and_billed() {
     }
     // Flags are written after the answer: give one the time to land.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = provider_id(&hub, "honest").await;
+    let pid = hub.provider_id("honest").await;
     let history = hub.state().store.audit_history(pid, 100).await.unwrap();
     assert!(
         history.iter().all(|a| a.0 != "usage"),
@@ -569,7 +557,7 @@ async fn several_choices_are_billed_for_each_and_flag_nothing() {
     .await;
     assert_eq!(usage_row(&hub, &id).await.completion_tokens, 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = provider_id(&hub, "honest").await;
+    let pid = hub.provider_id("honest").await;
     let history = hub.state().store.audit_history(pid, 100).await.unwrap();
     assert!(history.iter().all(|a| a.0 != "usage"), "{history:?}");
 }

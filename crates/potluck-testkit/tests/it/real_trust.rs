@@ -154,16 +154,7 @@ async fn real_honest_providers_pass_audits() {
     let v = consumer.models().await.body;
     assert_eq!(v["data"][0]["sha256"].as_array().unwrap().len(), 1, "{v}");
     Admin::admin(&hub).trust("ref").await;
-    let honest_id = hub
-        .state()
-        .store
-        .list_providers()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|p| p.name == "honest")
-        .unwrap()
-        .id;
+    let honest_id = hub.provider_id("honest").await;
     for i in 0..48 {
         let r = consumer
             .chat_with(&json!({"model": a.model, "max_tokens": 24, "temperature": 0.9,

@@ -306,16 +306,7 @@ async fn a_quarantine_through_one_hub_cuts_the_provider_off_on_the_other() {
     let p = provider_on_both(&a, &b).await;
     let on_b = Consumer::new(&b, "asker").await;
     assert_eq!(on_b.chat("m", "hi").await.status, 200);
-    let pid = a
-        .state()
-        .store
-        .list_providers()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|x| x.name == "busy")
-        .unwrap()
-        .id;
+    let pid = a.provider_id("busy").await;
     // What the spot checker writes when a provider falls below the threshold.
     let failed = potluck_store::trust::AuditRecord {
         provider_id: pid,
