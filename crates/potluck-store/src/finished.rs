@@ -9,7 +9,8 @@
 //! `ledger_tx` row per settlement (ids in batch order), its non-zero entries, balances and
 //! earnings moved by the same sums.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
 
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
@@ -59,6 +60,19 @@ fn usage_entries(s: &Settlement, tax_account: i64) -> Result<[Entry; 3], StoreEr
     ])
 }
 
+/// Whether a write of finished requests is their first, or a retry after the database
+/// did not answer: a write whose commit the database made but whose answer was lost
+/// (the connection dropped in between) is already in the books, and must not be posted
+/// twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// The records were never sent to the database.
+    First,
+    /// An earlier try may have been committed: a request whose usage row is already
+    /// written is skipped, its row and its settlement both (they are written together).
+    Again,
+}
+
 impl Store {
     /// Write usage rows and settle what they cost, in one database transaction: all of
     /// them, or (on any error) none.
@@ -67,17 +81,21 @@ impl Store {
         usage: &[UsageRecord],
         batch: &[Settlement],
     ) -> Result<(), StoreError> {
-        self.record_finished_for(usage, batch, None).await.map(drop)
+        self.record_finished_for(usage, batch, None, Attempt::First)
+            .await
+            .map(drop)
     }
 
     /// [`Store::record_finished`] for a hub that spends leased balances (see
     /// [`crate::leases`]): its leases drop by what it charged, in the same transaction;
-    /// gives their new amounts.
+    /// gives their new amounts. A retry ([`Attempt::Again`]) skips the requests an
+    /// earlier try wrote.
     pub async fn record_finished_for(
         &self,
         usage: &[UsageRecord],
         batch: &[Settlement],
         lease_holder: Option<&str>,
+        attempt: Attempt,
     ) -> Result<Vec<crate::leases::LeaseNow>, StoreError> {
         let mut leases = Vec::new();
         if usage.is_empty() && batch.is_empty() {
@@ -85,12 +103,22 @@ impl Store {
         }
         self.injected_failure()?;
         let tax_account = self.system_account(TAX).await?;
+        // Checked before the database is asked anything.
+        for s in batch {
+            usage_entries(s, tax_account)?;
+        }
+        let engine = self.engine();
+        let mut tx = self.begin_write().await?;
+        let (usage, batch) = match attempt {
+            Attempt::First => (Cow::Borrowed(usage), Cow::Borrowed(batch)),
+            // Under the write lock: what is found written cannot change before the commit.
+            Attempt::Again => unwritten(engine, &mut tx, usage, batch).await?,
+        };
         let posts = batch
             .iter()
             .map(|s| usage_entries(s, tax_account))
             .collect::<Result<Vec<_>, _>>()?;
-        let engine = self.engine();
-        let mut tx = self.begin_write().await?;
+        let batch = &batch[..];
         if !batch.is_empty() {
             // Under the write lock: nobody else can take these ids before the commit.
             let max: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM ledger_tx")
@@ -112,10 +140,58 @@ impl Store {
                 leases = crate::leases::spend(&mut tx, hub, &charges(batch)?).await?;
             }
         }
-        insert_usage(engine, &mut tx, usage).await?;
+        insert_usage(engine, &mut tx, &usage).await?;
         tx.commit().await?;
+        self.injected_lost_ack()?;
         Ok(leases)
     }
+}
+
+type Unwritten<'a> = (Cow<'a, [UsageRecord]>, Cow<'a, [Settlement]>);
+
+/// The usage rows and settlements of requests whose usage row is not in the database yet.
+async fn unwritten<'a>(
+    engine: Engine,
+    conn: &mut AnyConnection,
+    usage: &'a [UsageRecord],
+    batch: &'a [Settlement],
+) -> Result<Unwritten<'a>, StoreError> {
+    let mut written: HashSet<String> = HashSet::new();
+    let ids: Vec<&str> = usage
+        .iter()
+        .map(|u| u.request_id.as_str())
+        .chain(batch.iter().map(|s| s.request_id.as_str()))
+        .collect();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT request_id FROM usage_records WHERE request_id IN ({})",
+            placeholders(engine, chunk.len())
+        );
+        let mut q = sqlx::query_scalar::<Any, String>(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        written.extend(q.fetch_all(&mut *conn).await?);
+    }
+    if written.is_empty() {
+        return Ok((Cow::Borrowed(usage), Cow::Borrowed(batch)));
+    }
+    tracing::warn!(
+        requests = written.len(),
+        "an earlier write of these requests was committed; not writing them again"
+    );
+    Ok((
+        usage
+            .iter()
+            .filter(|u| !written.contains(&u.request_id))
+            .cloned()
+            .collect(),
+        batch
+            .iter()
+            .filter(|s| !written.contains(&s.request_id))
+            .cloned()
+            .collect(),
+    ))
 }
 
 /// What each consumer account was charged in `batch` (cost plus tax), summed.
@@ -155,6 +231,24 @@ fn values_sql(engine: Engine, head: &str, rows: usize, cols: usize) -> String {
             }
         }
         sql.push(')');
+    }
+    sql
+}
+
+/// `n` placeholders separated by commas, for `IN (…)`.
+fn placeholders(engine: Engine, n: usize) -> String {
+    let mut sql = String::with_capacity(n * 5);
+    for i in 0..n {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        match engine {
+            Engine::Sqlite => sql.push('?'),
+            Engine::Postgres => {
+                sql.push('$');
+                sql.push_str(&(i + 1).to_string());
+            }
+        }
     }
     sql
 }
@@ -342,184 +436,4 @@ async fn insert_usage(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::{Role, Standing};
-
-    type Rows = Vec<(i64, String, i64)>;
-
-    /// SQLite gets anonymous parameters (sqlx would look each `$N` up by name, walking
-    /// all of them: quadratic in the statement's size); PostgreSQL needs `$N`.
-    #[test]
-    fn placeholders_suit_the_engine() {
-        let lite = values_sql(Engine::Sqlite, "INSERT INTO t (a, b)", 2, 2);
-        assert_eq!(lite, "INSERT INTO t (a, b) VALUES (?, ?), (?, ?)");
-        let pg = values_sql(Engine::Postgres, "INSERT INTO t (a, b)", 2, 2);
-        assert_eq!(pg, "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4)");
-    }
-
-    /// Everything the books hold, without timestamps.
-    async fn dump(s: &Store) -> (Rows, Rows, Vec<(i64, i64)>, Vec<(i64, String)>, usize) {
-        let entries: Rows = sqlx::query_as(
-            "SELECT e.tx_id * 1000000 + e.account_id, e.bucket || ':' || COALESCE(t.request_id, ''), e.amount \
-             FROM ledger_entries e JOIN ledger_tx t ON t.id = e.tx_id ORDER BY e.tx_id, e.account_id, e.bucket, e.amount",
-        )
-        .fetch_all(s.pool())
-        .await
-        .unwrap();
-        let balances: Rows = sqlx::query_as(
-            "SELECT account_id, bucket, amount FROM balances ORDER BY account_id, bucket",
-        )
-        .fetch_all(s.pool())
-        .await
-        .unwrap();
-        let earnings: Vec<(i64, i64)> =
-            sqlx::query_as("SELECT account_id, total FROM earnings ORDER BY account_id")
-                .fetch_all(s.pool())
-                .await
-                .unwrap();
-        let txs: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT COALESCE(vests_at_ms, -1), kind || ':' || COALESCE(request_id, '') FROM ledger_tx ORDER BY id",
-        )
-        .fetch_all(s.pool())
-        .await
-        .unwrap();
-        let usage: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_records")
-            .fetch_one(s.pool())
-            .await
-            .unwrap();
-        (entries, balances, earnings, txs, usage as usize)
-    }
-
-    async fn store_with_accounts(db: &crate::testing::TestDb) -> (Store, Vec<i64>) {
-        let s = db.open().await;
-        let mut ids = Vec::new();
-        for i in 0..5 {
-            ids.push(
-                s.create_account(&format!("a{i}"), Role::Member, Standing::Active)
-                    .await
-                    .unwrap(),
-            );
-        }
-        (s, ids)
-    }
-
-    fn settlements(ids: &[i64], n: usize) -> Vec<Settlement> {
-        (0..n)
-            .map(|i| Settlement {
-                request_id: format!("r{i}"),
-                consumer_account: ids[i % ids.len()],
-                provider_account: ids[(i * 7 + 1) % ids.len()],
-                // Some free requests and some without tax: their zero entries are skipped.
-                cost: ((i * 37) % 11) as i64,
-                tax: (i % 3) as i64,
-                vests_at_ms: (i % 4 == 0).then_some(1_000 + i as i64),
-            })
-            .collect()
-    }
-
-    fn usage(ids: &[i64], n: usize) -> Vec<UsageRecord> {
-        (0..n)
-            .map(|i| UsageRecord {
-                request_id: format!("r{i}"),
-                key_id: 1,
-                account_id: ids[i % ids.len()],
-                provider_id: None,
-                model: "m".into(),
-                endpoint: "chat",
-                stream: i % 2 == 0,
-                status: 200,
-                outcome: "ok",
-                prompt_tokens: i as i64,
-                completion_tokens: 1,
-                started_at_ms: 0,
-                duration_ms: 1,
-                ttft_ms: None,
-            })
-            .collect()
-    }
-
-    crate::conformance!(
-        a_batch_writes_the_same_books_as_one_settlement_at_a_time,
-        |db| {
-            // More rows than one statement holds, so the chunking is exercised.
-            let n = ROWS_PER_STATEMENT * 2 + 5;
-            let Some(db2) = crate::testing::TestDb::new(db.engine()).await else {
-                return;
-            };
-            let (one, ids1) = store_with_accounts(&db).await;
-            let (many, ids2) = store_with_accounts(&db2).await;
-            assert_eq!(ids1, ids2);
-            one.grant(ids1[0], 5).await.unwrap();
-            many.grant(ids2[0], 5).await.unwrap();
-            let (s, u) = (settlements(&ids1, n), usage(&ids1, n));
-            for (s, u) in s.iter().zip(&u) {
-                one.record_finished(std::slice::from_ref(u), std::slice::from_ref(s))
-                    .await
-                    .unwrap();
-            }
-            many.record_finished(&u, &s).await.unwrap();
-            let (a, b) = (dump(&one).await, dump(&many).await);
-            assert_eq!(a, b);
-            assert_eq!(
-                b.3.len(),
-                n + 1,
-                "one transaction per settlement, and the grant"
-            );
-            assert_eq!(b.4, n);
-            assert!(b.0.iter().all(|(_, _, amount)| *amount != 0));
-            many.audit_ledger().await.unwrap();
-            // A second batch continues the ids.
-            many.record_finished(&u[..3], &s[..3]).await.unwrap();
-            one.record_finished(&u[..3], &s[..3]).await.unwrap();
-            assert_eq!(dump(&one).await, dump(&many).await);
-            // A transaction posted the ordinary way after the batch takes the next id.
-            many.grant(ids2[1], 1).await.unwrap();
-            one.grant(ids1[1], 1).await.unwrap();
-            assert_eq!(dump(&one).await, dump(&many).await);
-        }
-    );
-
-    crate::conformance!(one_bad_settlement_writes_nothing_of_its_batch, |db| {
-        let (store, ids) = store_with_accounts(&db).await;
-        let before = dump(&store).await;
-        for bad in [
-            Settlement {
-                cost: -1,
-                ..settlements(&ids, 1)[0].clone()
-            },
-            Settlement {
-                cost: i64::MAX,
-                tax: 1,
-                ..settlements(&ids, 1)[0].clone()
-            },
-            Settlement {
-                provider_account: 9_999, // no such account
-                cost: 3,
-                ..settlements(&ids, 1)[0].clone()
-            },
-        ] {
-            let mut batch = settlements(&ids, 10);
-            batch.insert(5, bad);
-            assert!(store
-                .record_finished(&usage(&ids, 10), &batch)
-                .await
-                .is_err());
-            assert_eq!(dump(&store).await, before);
-        }
-        // Two large earnings that overflow only when summed are refused too.
-        let big = |r: &str| Settlement {
-            request_id: r.into(),
-            consumer_account: ids[0],
-            provider_account: ids[1],
-            cost: i64::MAX / 2 + 1,
-            tax: 0,
-            vests_at_ms: None,
-        };
-        assert!(store
-            .record_finished(&[], &[big("x"), big("y")])
-            .await
-            .is_err());
-        assert_eq!(dump(&store).await, before);
-    });
-}
+mod tests;

@@ -264,7 +264,7 @@ mod tests {
             vests_at_ms: None,
         };
         store
-            .record_finished_for(&[], &[s], Some("h"))
+            .record_finished_for(&[], &[s], Some("h"), crate::Attempt::First)
             .await
             .unwrap();
         assert_eq!(store.leased(carol, "h").await.unwrap(), 700);

@@ -27,6 +27,7 @@ pub mod testing;
 pub mod trust;
 
 pub use engine::Engine;
+pub use finished::Attempt;
 pub use identity::HubIdentityRecord;
 pub use secret::{Secret, SecretKind};
 pub use store::{

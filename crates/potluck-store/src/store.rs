@@ -340,6 +340,21 @@ pub struct Store {
     /// Fault injection for tests: this many of the next settlement writes fail as if
     /// the database had timed out ([`Store::fail_next_settlements`]).
     pub(crate) failing_settlements: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// Fault injection for tests: this many of the next settlement writes are committed,
+    /// then answered as if the connection dropped ([`Store::lose_next_commit_acks`]).
+    pub(crate) lost_acks: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// An injected timeout if `left` is above zero (then one less).
+fn take_one(left: &std::sync::atomic::AtomicU32) -> Result<()> {
+    match left.fetch_update(
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+        |n| n.checked_sub(1),
+    ) {
+        Ok(_) => Err(StoreError::Db(sqlx::Error::PoolTimedOut)),
+        Err(_) => Ok(()),
+    }
 }
 
 pub(crate) fn now_secs() -> i64 {
@@ -383,6 +398,7 @@ impl Store {
             key_lookups: Default::default(),
             usage_scans: Default::default(),
             failing_settlements: Default::default(),
+            lost_acks: Default::default(),
             key_lookup_gate: Default::default(),
         };
         store.migrate().await?;
@@ -448,17 +464,21 @@ impl Store {
             .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// For tests: commit the next `n` settlement writes, then answer each as a database
+    /// whose connection dropped before it said so would (the write is in the books; the
+    /// hub does not know).
+    pub fn lose_next_commit_acks(&self, n: u32) {
+        self.lost_acks.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Take one injected settlement failure, if any is left.
     pub(crate) fn injected_failure(&self) -> Result<()> {
-        let left = &self.failing_settlements;
-        match left.fetch_update(
-            std::sync::atomic::Ordering::SeqCst,
-            std::sync::atomic::Ordering::SeqCst,
-            |n| n.checked_sub(1),
-        ) {
-            Ok(_) => Err(StoreError::Db(sqlx::Error::PoolTimedOut)),
-            Err(_) => Ok(()),
-        }
+        take_one(&self.failing_settlements)
+    }
+
+    /// Take one injected lost acknowledgement, if any is left.
+    pub(crate) fn injected_lost_ack(&self) -> Result<()> {
+        take_one(&self.lost_acks)
     }
 
     /// How many usage aggregates (`usage_totals`) this store has run: the pages that

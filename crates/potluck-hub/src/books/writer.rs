@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use potluck_store::ledger::Settlement;
-use potluck_store::{Store, UsageRecord};
+use potluck_store::{Attempt, Store, UsageRecord};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -251,12 +251,18 @@ async fn write(w: &mut Writer, batch: &mut [Finished]) {
         }
         return;
     }
-    // One bad record must not cost the others: write them one by one.
+    // One bad record must not cost the others: write them one by one. The batch may have
+    // been committed by a try whose answer was lost: each write skips what is written.
     for f in batch.iter() {
         let settlement: Vec<Settlement> = f.settlement.iter().cloned().collect();
         let res = w
             .store
-            .record_finished_for(std::slice::from_ref(&f.usage), &settlement, holder)
+            .record_finished_for(
+                std::slice::from_ref(&f.usage),
+                &settlement,
+                holder,
+                Attempt::Again,
+            )
             .await;
         if let Ok(leases) = &res {
             w.reservations.apply_leases(leases);
@@ -265,7 +271,7 @@ async fn write(w: &mut Writer, batch: &mut [Finished]) {
             tracing::error!(error = ?e, request_id = %f.usage.request_id, "settlement refused; writing the usage row alone");
             if let Err(e) = w
                 .store
-                .record_finished(std::slice::from_ref(&f.usage), &[])
+                .record_finished_for(std::slice::from_ref(&f.usage), &[], None, Attempt::Again)
                 .await
             {
                 tracing::error!(error = ?e, request_id = %f.usage.request_id, "usage row not written");
@@ -297,9 +303,15 @@ async fn write_batch(
 ) -> Option<Vec<potluck_store::leases::LeaseNow>> {
     let mut pause = RETRY_PAUSE;
     for attempt in 0..=WRITE_RETRIES {
+        // A try after one the database did not answer skips what that one committed.
+        let again = if attempt == 0 {
+            Attempt::First
+        } else {
+            Attempt::Again
+        };
         match w
             .store
-            .record_finished_for(usage, settlements, holder)
+            .record_finished_for(usage, settlements, holder, again)
             .await
         {
             Ok(leases) => return Some(leases),

@@ -590,3 +590,35 @@ async fn a_database_that_stops_answering_for_a_moment_loses_no_settlement() {
     .await;
     hub.state().store.audit_ledger().await.unwrap();
 }
+
+/// The database commits a batch and the connection drops before it says so (injected:
+/// the commit is made, then answered as a timeout): the writer tries again, and the
+/// requests are billed once, not twice. Before, the retry posted the batch a second time
+/// (no settlement knew it was already in the books): the consumer paid double and the
+/// provider earned double.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_was_lost_is_not_billed_twice() {
+    let (hub, _p, alice) = priced_pair("steady", "alice").await;
+    hub.state().store.lose_next_commit_acks(1);
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "once"}]});
+    let id = served(&alice, &body).await;
+    let row = usage_row(&hub, &id).await;
+    let charged = row.prompt_tokens + row.completion_tokens;
+    assert!(charged > 0);
+    wait_until("the request billed", WAIT, || {
+        let alice = &alice;
+        async move { 1_000_000 - alice.available_micro().await >= charged }
+    })
+    .await;
+    // Past the writer's first pauses: a second posting would have landed by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        1_000_000 - alice.available_micro().await,
+        charged,
+        "billed twice"
+    );
+    let rows = hub.state().store.recent_usage(10_000).await.unwrap();
+    let rows = rows.iter().filter(|r| r.request_id == id).count();
+    assert_eq!(rows, 1, "the usage row written twice");
+    hub.state().store.audit_ledger().await.unwrap();
+}
