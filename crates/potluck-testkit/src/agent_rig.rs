@@ -32,7 +32,8 @@ pub struct AgentRig {
     pub socket: PathBuf,
     /// The agent.
     pub agent: Option<TestAgent>,
-    _hub: FakeHub,
+    config: AgentConfig,
+    hub: FakeHub,
     _tmp: tempfile::TempDir,
 }
 
@@ -73,7 +74,7 @@ impl AgentRig {
         c.reload_interval = Duration::from_millis(50);
         f(&mut c);
         let socket = c.control_socket.clone().expect("socket");
-        let agent = TestAgent::start_with(c);
+        let agent = TestAgent::start_with(c.clone());
         let mut h2 = hub.accept().await;
         let control = ControlReader::open(&mut h2).await;
         Self {
@@ -84,9 +85,21 @@ impl AgentRig {
             state_dir: tmp.path().to_path_buf(),
             socket,
             agent: Some(agent),
-            _hub: hub,
+            config: c,
+            hub,
             _tmp: tmp,
         }
+    }
+
+    /// Stop the agent and start it again with the same settings and state directory (a
+    /// crash, a reboot, a service manager's restart), its new tunnel to the same hub.
+    pub async fn restart(&mut self) {
+        if let Some(a) = self.agent.take() {
+            a.stop().await;
+        }
+        self.agent = Some(TestAgent::start_with(self.config.clone()));
+        self.h2 = self.hub.accept().await;
+        self.control = ControlReader::open(&mut self.h2).await;
     }
 
     /// Wait until an offer lists `model`; that event.

@@ -19,6 +19,7 @@ use crate::journal::{self, Totals};
 use crate::state::{LastError, Shared};
 
 mod metrics;
+pub mod pause;
 pub use metrics::metrics_text;
 
 /// Longest request line.
@@ -289,25 +290,13 @@ async fn serve_one(stream: UnixStream, sh: &Shared) -> std::io::Result<()> {
             error: Some("unknown command; expected pause, resume or status".into()),
         },
         Ok(cmd) => {
-            match cmd {
-                Command::Pause => {
-                    if sh.gate.set(DrainReason::Paused, true) {
-                        tracing::info!("paused by the local operator: draining");
-                        sh.republish();
-                    }
-                }
-                Command::Resume => {
-                    if sh.gate.set(DrainReason::Paused, false) {
-                        tracing::info!("resumed by the local operator");
-                        sh.republish();
-                    }
-                }
-                Command::Status => {}
-            }
+            let error = apply(cmd, sh).err().map(|e| {
+                format!("applied until the agent stops, but not remembered across a restart: {e}")
+            });
             Answer {
-                ok: true,
+                ok: error.is_none(),
                 status: Some(status(sh).await),
-                error: None,
+                error,
             }
         }
     };
@@ -315,6 +304,25 @@ async fn serve_one(stream: UnixStream, sh: &Shared) -> std::io::Result<()> {
     out.push(b'\n');
     w.write_all(&out).await?;
     w.shutdown().await
+}
+
+/// Carry out a command; an error only where a pause or resume could not be written to
+/// the state directory (it took effect all the same).
+fn apply(cmd: Command, sh: &Shared) -> std::io::Result<()> {
+    let paused = match cmd {
+        Command::Pause => true,
+        Command::Resume => false,
+        Command::Status => return Ok(()),
+    };
+    if sh.gate.set(DrainReason::Paused, paused) {
+        if paused {
+            tracing::info!("paused by the local operator: draining");
+        } else {
+            tracing::info!("resumed by the local operator");
+        }
+        sh.republish();
+    }
+    pause::remember(sh.config.state_dir.as_deref(), paused)
 }
 
 /// Client side: send one command, read the answer.

@@ -213,3 +213,62 @@ async fn raw_command(socket: &std::path::Path, line: &str) -> control::Answer {
     BufReader::new(stream).read_line(&mut answer).await.unwrap();
     serde_json::from_str(answer.trim()).unwrap()
 }
+
+/// A volunteer pauses, and the agent restarts (a crash, a reboot, a service manager):
+/// it comes back paused, telling the hub it is not accepting, and refuses requests, until
+/// the volunteer resumes; a resume is remembered too. Before, a pause lived in memory
+/// only: the restarted agent served again without the volunteer's word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_outlives_a_restart_of_the_agent() {
+    let mut rig = AgentRig::start(&["m1"], "", "2024-01-01T12:00:00Z", |_| {}).await;
+    rig.wait_offered("m1").await;
+    let a = control::request(&rig.socket, Command::Pause).await.unwrap();
+    assert!(a.ok, "{:?}", a.error);
+    rig.restart().await;
+    rig.control
+        .next_matching("paused after the restart", T, |e| {
+            accepting(e) == Some(false)
+        })
+        .await;
+    let s = control::request(&rig.socket, Command::Status)
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(
+        (s.state.as_str(), &s.reasons[..]),
+        ("draining", &["paused".to_owned()][..])
+    );
+    let (status, _, body) = rig
+        .send(
+            "/v1/chat/completions",
+            "m1",
+            "p1",
+            r#"{"model":"m1","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(status, 503);
+    assert!(String::from_utf8_lossy(&body).contains("paused"));
+
+    let a = control::request(&rig.socket, Command::Resume)
+        .await
+        .unwrap();
+    assert!(a.ok, "{:?}", a.error);
+    rig.restart().await;
+    rig.wait_offered("m1").await;
+    let s = control::request(&rig.socket, Command::Status)
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(s.state, "accepting", "{:?}", s.reasons);
+    let (status, _, _) = rig
+        .send(
+            "/v1/chat/completions",
+            "m1",
+            "p2",
+            r#"{"model":"m1","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+}
