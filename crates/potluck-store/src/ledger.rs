@@ -100,7 +100,7 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 /// A grant of `amount` from the treasury to `account_id`.
-fn grant_entries(treasury: i64, account_id: i64, amount: Micro) -> [Entry; 2] {
+pub(crate) fn grant_entries(treasury: i64, account_id: i64, amount: Micro) -> [Entry; 2] {
     [
         Entry {
             account_id: treasury,
@@ -129,7 +129,7 @@ async fn add_earnings(
 }
 
 /// Insert one balanced transaction and keep balances in step (inside the caller's DB transaction).
-async fn post(
+pub(crate) async fn post(
     conn: &mut AnyConnection,
     kind: &str,
     request_id: Option<&str>,

@@ -132,10 +132,16 @@ pub(crate) async fn grant(
         ));
     }
     let id = account_id(&st, &name).await?;
-    let tx = st
-        .store
-        .grant(id, Micro::from_credits(req.amount).get())
-        .await?;
+    let amount = Micro::from_credits(req.amount).get();
+    let tx = if amount < 0 {
+        // Only out of what no request holds and no hub leases: never below zero.
+        let held = st.balances.held(id);
+        st.store
+            .take_back(id, amount.saturating_neg(), held.get())
+            .await?
+    } else {
+        st.store.grant(id, amount).await?
+    };
     st.balances.remove(&id);
     action_log::record(
         &st,

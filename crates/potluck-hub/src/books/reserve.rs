@@ -235,6 +235,19 @@ impl Reservations {
         }
     }
 
+    /// What this hub's requests hold of `account`'s balance where it leases nothing (in
+    /// flight, or settled and not yet written); with leases, 0: what they hold is inside
+    /// this hub's lease, which the database counts.
+    pub(crate) fn held(&self, account: i64) -> Micro {
+        if self.lease.is_some() {
+            return Micro::ZERO;
+        }
+        self.map
+            .lock()
+            .get(&account)
+            .map_or(Micro::ZERO, |a| Micro::new(a.held.max(0)))
+    }
+
     /// What `account` may spend now, if known.
     #[cfg(test)]
     pub(crate) fn available(&self, account: i64) -> Option<Micro> {

@@ -622,3 +622,46 @@ async fn a_commit_whose_answer_was_lost_is_not_billed_twice() {
     assert_eq!(rows, 1, "the usage row written twice");
     hub.state().store.audit_ledger().await.unwrap();
 }
+
+/// An admin takes back more than an account has, or what its requests already hold:
+/// refused with the amount that can be taken now, and the account is never driven below
+/// zero. Before, a take-back was posted whatever the balance: the account went negative,
+/// and charges held in flight (or settled and not yet written) landed on top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_back_never_drives_an_account_below_zero() {
+    let (hub, _p, tiny, body) = tiny_balance("books", 8, |c| {
+        c.usage_batch_window = Duration::from_secs(3);
+    })
+    .await;
+    let take = |credits: f64| {
+        hub.http
+            .post(format!("{}/admin/v1/accounts/tiny/credits", hub.url()))
+            .bearer_auth(&hub.admin_key)
+            .json(&json!({"amount": -credits}))
+            .send()
+    };
+    // More than it has.
+    let r = take(0.05).await.unwrap();
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("only 0.035000 credits"), "{v}");
+    assert_eq!(tiny.available_micro().await, 35_000);
+    // Two requests served, their charges (20,000) held until the writer's window ends.
+    for _ in 0..2 {
+        let r = tiny.post("chat/completions", &body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = take(0.035).await.unwrap();
+    assert_eq!(r.status(), 409, "took back what requests hold");
+    // What nobody holds can be taken.
+    let r = take(0.015).await.unwrap();
+    assert_eq!(r.status(), 200);
+    hub.wait_usage_rows(2).await;
+    wait_until("the charges written", WAIT, || {
+        let h = &hub;
+        async move { h.balance("tiny").await.0 == 0 }
+    })
+    .await;
+    hub.state().store.audit_ledger().await.unwrap();
+}
