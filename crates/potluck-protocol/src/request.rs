@@ -213,6 +213,16 @@ pub enum RequestError {
     /// A field the rules read appears more than once.
     #[error("'{0}' appears more than once in the request body.")]
     Duplicate(&'static str),
+    /// A field the rules read, spelled in another case (`Model`, `MAX_TOKENS`, or with
+    /// the Kelvin sign for `k`): backends that match keys without regard to case (ollama,
+    /// through Go's JSON decoder) would read it in place of the checked one.
+    #[error("'{0}' is spelled in another case in the request body; send it once, as '{0}'.")]
+    CaseVariant(&'static str),
+    /// A backend's own field that would override what the rules checked (llama.cpp's
+    /// `n_predict` replaces `max_tokens`; `lora` and `id_slot` reach into the
+    /// volunteer's server).
+    #[error("'{0}' is not accepted here; use the OpenAI fields ('max_tokens').")]
+    BackendOverride(&'static str),
     /// `"stream": true` on an endpoint that cannot stream.
     #[error("Embeddings cannot be streamed.")]
     StreamNotAllowed,
@@ -278,7 +288,10 @@ impl RequestError {
         match self {
             Self::TooLarge { .. } | Self::InvalidJson { .. } | Self::NotAnObject => None,
             Self::TooDeep { .. } => None,
-            Self::Missing(p) | Self::Duplicate(p) => Some(p),
+            Self::Missing(p)
+            | Self::Duplicate(p)
+            | Self::CaseVariant(p)
+            | Self::BackendOverride(p) => Some(p),
             Self::WrongType { param, .. } => Some(param),
             Self::InvalidModel(_) => Some("model"),
             Self::StreamNotAllowed => Some("stream"),
@@ -299,7 +312,8 @@ impl RequestError {
             Self::Missing(_) => "missing_required_parameter",
             Self::WrongType { .. } => "invalid_type",
             Self::InvalidModel(_) => "invalid_value",
-            Self::Duplicate(_) => "duplicate_parameter",
+            Self::Duplicate(_) | Self::CaseVariant(_) => "duplicate_parameter",
+            Self::BackendOverride(_) => "unsupported_parameter",
             Self::StreamNotAllowed => "unsupported_parameter",
             Self::StreamOptionsWithoutStream | Self::BothTokenLimits => {
                 "invalid_parameter_combination"
@@ -342,6 +356,12 @@ impl InferenceRequest {
         }
         if let Some(field) = top.duplicate {
             return Err(RequestError::Duplicate(field));
+        }
+        if let Some(field) = top.case_variant {
+            return Err(RequestError::CaseVariant(field));
+        }
+        if let Some(field) = top.backend_override {
+            return Err(RequestError::BackendOverride(field));
         }
         if top.walk.remote_image {
             return Err(RequestError::ImageUrlNotAllowed);
@@ -595,6 +615,8 @@ struct Top<'a> {
     functions: Option<Shape>,
     identifying: bool,
     duplicate: Option<&'static str>,
+    case_variant: Option<&'static str>,
+    backend_override: Option<&'static str>,
     walk: Walked,
 }
 
@@ -641,7 +663,64 @@ enum TopKey {
     Tools,
     Functions,
     Identifying,
+    /// A tracked key in another case: which.
+    CaseVariant(&'static str),
+    /// One of [`BACKEND_OVERRIDE_FIELDS`].
+    BackendOverride(&'static str),
     Other,
+}
+
+/// The keys the rules read, as sent.
+const TRACKED_KEYS: &[&str] = &[
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "n",
+    "best_of",
+    "messages",
+    "prompt",
+    "input",
+    "tools",
+    "functions",
+];
+
+/// Backends' own request fields that would override what the rules check, refused at
+/// the top level (matched without regard to case): llama.cpp reads `n_predict` in place
+/// of `max_tokens`, applies the adapters `lora` names, and pins a request to `id_slot`.
+pub const BACKEND_OVERRIDE_FIELDS: &[&str] = &["n_predict", "lora", "id_slot"];
+
+/// Whether `key` equals `name` (ASCII) the way Go's `encoding/json` matches a key to a
+/// field: ASCII case folded, and the two non-ASCII letters that fold to ASCII ones (the
+/// Kelvin sign to `k`, the long s to `s`).
+fn folds_to(key: &str, name: &str) -> bool {
+    let mut k = key.chars();
+    for n in name.chars() {
+        let Some(c) = k.next() else { return false };
+        let c = match c {
+            '\u{212A}' => 'k',
+            '\u{017F}' => 's',
+            c => c.to_ascii_lowercase(),
+        };
+        if c != n {
+            return false;
+        }
+    }
+    k.next().is_none()
+}
+
+/// What an untracked key is: a tracked one in another case, a backend override, or
+/// anything else.
+fn classify_other(s: &str) -> TopKey {
+    if let Some(name) = TRACKED_KEYS.iter().find(|n| folds_to(s, n)) {
+        return TopKey::CaseVariant(name);
+    }
+    if let Some(name) = BACKEND_OVERRIDE_FIELDS.iter().find(|n| folds_to(s, n)) {
+        return TopKey::BackendOverride(name);
+    }
+    TopKey::Other
 }
 
 impl<'de> serde::Deserialize<'de> for TopKey {
@@ -668,7 +747,7 @@ impl<'de> serde::Deserialize<'de> for TopKey {
                     "tools" => TopKey::Tools,
                     "functions" => TopKey::Functions,
                     s if CONSUMER_IDENTIFYING_FIELDS.contains(&s) => TopKey::Identifying,
-                    _ => TopKey::Other,
+                    s => classify_other(s),
                 })
             }
         }
@@ -726,6 +805,16 @@ impl<'de> Visitor<'de> for TopVisitor {
                 }
                 TopKey::Identifying => {
                     top.identifying = true;
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+                TopKey::CaseVariant(name) => {
+                    top.case_variant.get_or_insert(name);
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+                TopKey::BackendOverride(name) => {
+                    top.backend_override.get_or_insert(name);
                     map.next_value::<IgnoredAny>()?;
                     continue;
                 }

@@ -662,3 +662,47 @@ fn a_providers_token_cap_counts_every_choice() {
         "two prompts of 50 fit 100"
     );
 }
+
+/// A backend that matches keys without regard to case (ollama reads JSON with Go's
+/// decoder, which also folds the Kelvin sign to `k` and the long s to `s`) would take a
+/// second `Model` or `MAX_TOKENS` in place of the checked one: such keys are refused,
+/// and so are a backend's own fields that override the checked ones (llama.cpp's
+/// `n_predict` replaces `max_tokens`). Other keys in any case still pass.
+#[test]
+fn keys_a_backend_would_read_in_place_of_the_checked_ones_are_refused() {
+    let m = r#""model":"m","messages":[]"#;
+    for (key, field) in [
+        ("Model", "model"),
+        ("MAX_TOKENS", "max_tokens"),
+        ("max_to\\u212Aens", "max_tokens"),
+        ("Messages", "messages"),
+        ("\\u017Ftream", "stream"),
+        ("N", "n"),
+    ] {
+        let e = refused(CHAT, &format!(r#"{{{m},"{key}":1}}"#));
+        assert_eq!(e, RequestError::CaseVariant(field), "{key}");
+        assert_eq!(e.code(), "duplicate_parameter");
+        assert_eq!(e.param(), Some(field));
+    }
+    for (key, field) in [
+        ("n_predict", "n_predict"),
+        ("N_Predict", "n_predict"),
+        ("lora", "lora"),
+        ("id_slot", "id_slot"),
+    ] {
+        let e = refused(CHAT, &format!(r#"{{{m},"max_tokens":5,"{key}":-1}}"#));
+        assert_eq!(e, RequestError::BackendOverride(field), "{key}");
+        assert_eq!(e.code(), "unsupported_parameter");
+    }
+    // Untracked keys pass whatever their case; a key that only starts like one passes.
+    for key in [
+        "Temperature",
+        "top_p",
+        "models",
+        "max_tokens_x",
+        "inputs",
+        "k",
+    ] {
+        chat(&format!(r#"{{{m},"{key}":1}}"#)).unwrap_or_else(|e| panic!("{key}: {e}"));
+    }
+}

@@ -195,3 +195,39 @@ async fn only_allow_listed_endpoints_and_no_consumer_headers_reach_the_backend()
         }
     }
 }
+
+/// A hostile hub sends a body whose checked fields a backend would read otherwise: a
+/// second `Model` naming a model the volunteer does not share (ollama folds case), a
+/// `MAX_TOKENS` past the cap, llama.cpp's `n_predict` that replaces `max_tokens`. The
+/// agent refuses each with a 400 of its own, and the backend never sees one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_would_override_the_checked_ones_never_reach_the_backend() {
+    let mut rig = potluck_testkit::agent_rig::AgentRig::start(
+        &[MODEL],
+        "[[models]]\nbackend_name = \"m1\"\nmax_tokens = 100\n",
+        "2024-01-01T12:00:00Z",
+        |_| {},
+    )
+    .await;
+    rig.wait_offered(MODEL).await;
+    for body in [
+        r#"{"model":"m1","Model":"private-70b","messages":[]}"#,
+        r#"{"model":"m1","messages":[],"max_tokens":10,"MAX_TOKENS":100000}"#,
+        r#"{"model":"m1","messages":[],"max_tokens":10,"n_predict":-1}"#,
+        r#"{"model":"m1","messages":[],"lora":[{"id":0,"scale":1.0}]}"#,
+    ] {
+        let (status, agent, text) = rig.send("/v1/chat/completions", MODEL, "x", body).await;
+        assert_eq!(status, 400, "{body}: {}", String::from_utf8_lossy(&text));
+        assert!(agent, "not the agent's own refusal: {body}");
+    }
+    assert!(rig.backend.inference_received().is_empty());
+    let (status, _, _) = rig
+        .send(
+            "/v1/chat/completions",
+            MODEL,
+            "ok",
+            r#"{"model":"m1","messages":[],"max_tokens":10,"temperature":0}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+}
