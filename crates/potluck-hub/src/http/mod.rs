@@ -7,6 +7,7 @@
 pub(crate) mod auth;
 pub(crate) mod error;
 pub(crate) mod extract;
+pub(crate) mod idle;
 pub(crate) mod lines;
 pub(crate) mod serve;
 pub(crate) mod sse;

@@ -1,6 +1,7 @@
 //! The hub's HTTP server, hardened against slow and greedy clients: an HTTP/1 request
 //! head must arrive within `server.header_read_timeout` (hyper's timer is on; a
-//! connection that sends nothing, or an idle keep-alive one, is closed after it too), a request body within
+//! connection that sends nothing, or an idle keep-alive one, is closed after it too, and
+//! so is any connection, HTTP/2's included, with nothing in progress: [`super::idle`]), a request body within
 //! `server.body_read_timeout` of its head, at most `server.max_connections` connections
 //! are served (more are closed on accept), and an HTTP/2 connection carries at most
 //! `server.http2_max_streams` streams at once. A client that stops reading a streamed
@@ -27,6 +28,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tower::ServiceExt;
 
 use crate::config::ServerConfig;
+use crate::http::idle::{idle, Activity};
 use crate::http::stall::Watchdog;
 
 /// Pause after a failed `accept` (out of file descriptors, say) before the next one.
@@ -118,13 +120,28 @@ impl Connection {
             _ => return,
         }
         let close = CancellationToken::new();
+        let activity = Arc::new(Activity::default());
         let svc = {
-            let (dog, close) = (self.dog, close.clone());
-            ServiceExt::<http::Request<hyper::body::Incoming>>::map_response(
+            let (dog, close, act) = (self.dog, close.clone(), Arc::clone(&activity));
+            let app = ServiceExt::<http::Request<hyper::body::Incoming>>::map_response(
                 self.app,
-                move |resp: axum::response::Response| dog.watch(resp, &close),
-            )
+                move |resp: axum::response::Response| {
+                    let busy = act.hold();
+                    dog.watch(resp, &close, Some(busy))
+                },
+            );
+            let act = Arc::clone(&activity);
+            ServiceExt::<http::Request<hyper::body::Incoming>>::map_future(app, move |fut| {
+                let busy = act.enter();
+                async move {
+                    let r = fut.await;
+                    drop(busy);
+                    r
+                }
+            })
         };
+        let idle = idle(activity, self.first_byte);
+        tokio::pin!(idle);
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(svc));
@@ -145,6 +162,9 @@ impl Connection {
             }
             _ = self.hard.cancelled() => {}
             _ = close.cancelled() => {}
+            () = &mut idle => {
+                tracing::debug!("connection closed: nothing asked of it within server.header_read_timeout");
+            }
         }
     }
 }

@@ -29,6 +29,7 @@ use http_body::{Frame, SizeHint};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::http::idle::Busy;
 use crate::http::HEADER_X_REQUEST_ID;
 
 /// A response body of known length up to this size is not watched: the sockets' buffers
@@ -83,7 +84,13 @@ impl Watchdog {
 
     /// Watch `resp`'s body if it is a stream or larger than [`WATCH_BODIES_OVER`], on the
     /// connection `close` closes.
-    pub(crate) fn watch(self: &Arc<Self>, resp: Response, close: &CancellationToken) -> Response {
+    /// `busy` (if any) is held until the body ends: the connection is not idle meanwhile.
+    pub(crate) fn watch(
+        self: &Arc<Self>,
+        resp: Response,
+        close: &CancellationToken,
+        busy: Option<Busy>,
+    ) -> Response {
         let exact = http_body::Body::size_hint(resp.body()).exact();
         if exact.is_some_and(|n| n <= WATCH_BODIES_OVER) {
             return resp;
@@ -111,6 +118,7 @@ impl Watchdog {
                 progress,
                 id,
                 dog: Arc::clone(self),
+                _busy: busy,
             })
         })
     }
@@ -173,6 +181,7 @@ struct Watched {
     progress: Arc<Progress>,
     id: u64,
     dog: Arc<Watchdog>,
+    _busy: Option<Busy>,
 }
 
 impl http_body::Body for Watched {
@@ -256,7 +265,7 @@ mod tests {
     async fn a_stream_nobody_reads_closes_its_connection_after_the_timeout() {
         let dog = Watchdog::new(Duration::from_secs(10));
         let close = CancellationToken::new();
-        let resp = dog.watch(stream_response(), &close);
+        let resp = dog.watch(stream_response(), &close, None);
         let t0 = Instant::now();
         dog.sweep(t0);
         dog.sweep(t0 + Duration::from_secs(9));
@@ -271,7 +280,7 @@ mod tests {
     async fn a_stream_read_at_any_pace_or_waiting_for_its_provider_is_left_alone() {
         let dog = Watchdog::new(Duration::from_secs(10));
         let close = CancellationToken::new();
-        let mut body = dog.watch(stream_response(), &close).into_body();
+        let mut body = dog.watch(stream_response(), &close, None).into_body();
         let t0 = Instant::now();
         for i in 0..3u64 {
             dog.sweep(t0 + Duration::from_secs(9 * i));
@@ -295,7 +304,7 @@ mod tests {
         let dog = Watchdog::new(Duration::from_secs(1));
         let close = CancellationToken::new();
         let small = vec![b'x'; WATCH_BODIES_OVER as usize];
-        let _resp = dog.watch(Response::new(Body::from(small)), &close);
+        let _resp = dog.watch(Response::new(Body::from(small)), &close, None);
         assert_eq!(dog.len(), 0);
     }
 
@@ -308,7 +317,7 @@ mod tests {
         let max = WATCH_BODIES_OVER as usize;
         let whole: Vec<u8> = (0..3 * max + 10).map(|i| i as u8).collect();
         let mut body = dog
-            .watch(Response::new(Body::from(whole.clone())), &close)
+            .watch(Response::new(Body::from(whole.clone())), &close, None)
             .into_body();
         assert_eq!(dog.len(), 1);
         let mut got = Vec::new();

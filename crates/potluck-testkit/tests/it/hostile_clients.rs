@@ -513,3 +513,83 @@ async fn a_slow_provider_is_not_a_stalled_client() {
         0
     );
 }
+
+/// Connections that hold a place without ever asking anything of the HTTP server that
+/// hyper times: the start of HTTP/2's preface and then silence (hyper waits for the
+/// rest of it with no timer), an HTTP/2 connection that opens no stream, and one whose
+/// only stream ended long ago. Each is closed after `server.header_read_timeout`, so a
+/// stranger cannot take every place (`server.max_connections`) and keep consumers and
+/// agents out. Before, all three were kept for ever: with four places, a fifth client
+/// was turned away for as long as the stranger liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_ask_nothing_give_their_place_back() {
+    let hub = TestHub::start_with(|c| {
+        c.server.max_connections = 4;
+        c.server.header_read_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut preface = connect(&hub).await;
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let (quiet, quiet_conn) = h2::client::handshake(connect(&hub).await).await.unwrap();
+    let quiet_driver = tokio::spawn(quiet_conn);
+    let (done, done_conn) = h2::client::handshake(connect(&hub).await).await.unwrap();
+    let done_driver = tokio::spawn(done_conn);
+    let mut done = done.ready().await.unwrap();
+    let req = http::Request::get(format!("{}/v1/hub", hub.url()))
+        .body(())
+        .unwrap();
+    let (resp, _) = done.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(BOUND, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    let mut idle_h1 = connect(&hub).await;
+    idle_h1
+        .write_all(b"GET /v1/hub HTTP/1.1\r\nHost: hub\r\n\r\n")
+        .await
+        .unwrap();
+    // Every place is taken now, and held by connections that ask nothing more.
+    assert!(
+        drip_until_closed(&mut preface, b"").await.is_some(),
+        "a half preface is closed"
+    );
+    wait_until("a new client is served", BOUND, || answers(&hub)).await;
+    for driver in [quiet_driver, done_driver] {
+        let ended = tokio::time::timeout(BOUND, driver).await;
+        assert!(ended.is_ok(), "an idle HTTP/2 connection was kept");
+    }
+    drop((quiet, done));
+}
+
+/// The idle rule closes only connections that ask nothing: an agent's tunnel (upgraded
+/// from its first request) and a consumer's slow stream outlive many
+/// `server.header_read_timeout`s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_and_a_long_stream_outlive_the_idle_rule() {
+    let hub = TestHub::start_with(|c| {
+        c.server.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let backend = potluck_testkit::FakeBackend::start(&["m1"]).await;
+    backend.set_behavior(potluck_testkit::FakeBehavior {
+        chunks: 8,
+        gap: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let token = hub.create_provider("steady").await;
+    let _agent = potluck_testkit::TestAgent::start(&hub, &token, &backend.base_url());
+    hub.wait_for_model("m1", 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let key = hub.create_key("c").await;
+    let r = hub
+        .http
+        .post(format!("{}/v1/chat/completions", hub.url()))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "m1", "stream": true,
+            "messages": [{"role": "user", "content": "slow"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("[DONE]"), "{text}");
+}
