@@ -3,36 +3,30 @@
 //! spot checks, its unvested credits are clawed back, and moderators are told (log and
 //! the admin action log).
 
-use std::collections::HashMap;
-
 use potluck_store::trust::AuditRecord;
 
 use crate::state::HubState;
 
-/// Reputation bookkeeping (the auditor task's own state).
-#[derive(Debug, Default)]
-pub(crate) struct Reputation {
-    scores: HashMap<i64, f64>,
-    quarantined: HashMap<i64, bool>,
-}
-
-/// Apply one result to the provider's score; quarantine below the threshold.
-pub(crate) async fn judge(state: &HubState, rep: &mut Reputation, a: AuditRecord) {
+/// Apply one result to the provider's score; quarantine below the threshold. The score
+/// and the quarantine are read from the store each time, never from a copy of this
+/// task's: a moderator's release (on any hub) and other hubs' results are what the next
+/// result moves. (Before, the first read was kept: a released provider stayed "already
+/// quarantined" here and was never quarantined again, however it lied; and each hub
+/// wrote its own copy's score over the others'.)
+pub(crate) async fn judge(state: &HubState, a: AuditRecord) {
     let cfg = &state.config.audit;
-    let (score, quarantined) = match rep.scores.get(&a.provider_id) {
-        Some(s) => (
-            *s,
-            rep.quarantined
-                .get(&a.provider_id)
-                .copied()
-                .unwrap_or(false),
-        ),
-        None => match state.store.standing(a.provider_id).await {
-            Ok(s) => (s.reputation, s.quarantined_at_ms.is_some()),
-            Err(_) => return,
-        },
+    let (score, quarantined) = match state.store.standing(a.provider_id).await {
+        Ok(s) => (s.reputation, s.quarantined_at_ms.is_some()),
+        Err(e) => {
+            tracing::error!(error = ?e, provider_id = a.provider_id, "an audit result not applied: the provider's standing could not be read");
+            return;
+        }
     };
-    let new = if a.passed {
+    let new = if a.passed && a.kind == "canary" {
+        // A canary can be told from a consumer's request by one who reads this code: a
+        // liar honest on canaries alone must not earn back what its replays cost it.
+        score
+    } else if a.passed {
         (score + cfg.pass_reward).min(1.0)
     } else if a.kind == "replay" || a.kind == "canary" {
         score * cfg.fail_factor
@@ -59,9 +53,7 @@ pub(crate) async fn judge(state: &HubState, rep: &mut Reputation, a: AuditRecord
         tracing::error!(error = ?e, "recording an audit failed");
         return;
     }
-    rep.scores.insert(a.provider_id, new);
     if quarantine {
-        rep.quarantined.insert(a.provider_id, true);
         quarantine_provider(state, a.provider_id, &reason).await;
     }
 }

@@ -38,7 +38,7 @@ use crate::routing::link::ProviderLink;
 use crate::routing::send;
 use crate::state::HubState;
 use crate::trust::canary::{self, Shape, Shapes};
-use crate::trust::reputation::{judge, Reputation};
+use crate::trust::reputation::judge;
 use crate::trust::sample::{prefix, AuditSample};
 
 /// Longest an audit replay may take on either provider.
@@ -153,7 +153,6 @@ pub(crate) async fn run(
     mut rx: mpsc::Receiver<Job>,
     stop: CancellationToken,
 ) {
-    let mut rep = Reputation::default();
     let mut shapes = Shapes::default();
     let interval = state.config.audit.canary_interval;
     let mut canary = tokio::time::interval(if interval.is_zero() {
@@ -167,7 +166,7 @@ pub(crate) async fn run(
             j = rx.recv() => match j { Some(j) => j, None => return },
             _ = canary.tick() => {
                 if !interval.is_zero() {
-                    run_canary(&state, &mut rep, &shapes).await;
+                    run_canary(&state, &shapes).await;
                 }
                 continue;
             }
@@ -179,7 +178,7 @@ pub(crate) async fn run(
                     if let Some(shape) = Shape::of(&job.sample.body) {
                         shapes.note(shape);
                     }
-                    replay(&state, &mut rep, job).await
+                    replay(&state, job).await
                 }
                 Job::Flag {
                     provider_id,
@@ -193,7 +192,7 @@ pub(crate) async fn run(
                         passed: false,
                         agreement: None,
                     };
-                    judge(&state, &mut rep, a).await;
+                    judge(&state, a).await;
                 }
             }
         };
@@ -224,7 +223,7 @@ pub(crate) struct ReplayJob {
 
 /// Send the sampled body, as it is, to a trusted reference only, and judge what the
 /// audited provider delivered against the reference's answer.
-async fn replay(state: &HubState, rep: &mut Reputation, job: ReplayJob) {
+async fn replay(state: &HubState, job: ReplayJob) {
     let Some(reference) =
         state
             .registry
@@ -258,7 +257,6 @@ async fn replay(state: &HubState, rep: &mut Reputation, job: ReplayJob) {
     let (passed, agreement) = verdict(&state.config.audit, &delivered, &b.text, b.cut_at_length);
     judge(
         state,
-        rep,
         AuditRecord {
             provider_id: job.provider_id,
             request_id: Some(job.request_id),
@@ -317,7 +315,7 @@ async fn compare(
     })
 }
 
-async fn run_canary(state: &HubState, rep: &mut Reputation, shapes: &Shapes) {
+async fn run_canary(state: &HubState, shapes: &Shapes) {
     let models: Vec<ModelName> = state.registry.pool().into_keys().collect();
     for model in models {
         let targets = state.registry.auditable(&model);
@@ -355,7 +353,6 @@ async fn run_canary(state: &HubState, rep: &mut Reputation, shapes: &Shapes) {
         };
         judge(
             state,
-            rep,
             AuditRecord {
                 provider_id: target.provider_id,
                 request_id: None,

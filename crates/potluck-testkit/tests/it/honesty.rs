@@ -891,3 +891,106 @@ async fn streamed_requests_are_audited_on_the_text_streamed() {
     let h = history(honest_id).await;
     assert!(h.iter().all(|a| a.1 && a.2 == Some(1.0)), "{h:?}");
 }
+
+/// A liar is quarantined, a moderator releases it, and it goes on lying: the next failed
+/// checks quarantine it again. Before, the auditor kept its own copy of each standing,
+/// read once: after the release it still took the liar for "already quarantined" and
+/// never quarantined it again (until the hub restarted), however often it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_liar_that_lies_again_is_quarantined_again() {
+    let hash = ModelHash::parse(&"ef".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| {
+        c.audit.rate = 0.0;
+        c.audit.canary_interval = Duration::from_millis(50);
+    })
+    .await;
+    let _r = ScriptedAgent::connect_with(
+        "ref",
+        &hub.url(),
+        &hub.create_provider("ref").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    let (_, other_model) = &liars()[0];
+    let _liar = ScriptedAgent::connect_with(
+        "liar",
+        &hub.url(),
+        &hub.create_provider("liar").await,
+        hello(&hash),
+        Arc::clone(other_model),
+    )
+    .await;
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let liar_id = hub.provider_id("liar").await;
+    let quarantined = || async {
+        hub.state()
+            .store
+            .standing(liar_id)
+            .await
+            .unwrap()
+            .quarantined_at_ms
+            .is_some()
+    };
+    wait_until("canaries quarantine the liar", WAIT, quarantined).await;
+    let r = hub
+        .http
+        .post(format!(
+            "{}/admin/v1/providers/{liar_id}/release",
+            hub.url()
+        ))
+        .bearer_auth(&hub.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert!(!quarantined().await, "the release did not take");
+    wait_until("the liar quarantined again", WAIT, quarantined).await;
+}
+
+/// Canaries follow a grammar anyone can read in this repository, so a liar can answer
+/// them honestly alone: a passed canary earns no reputation back (a failed one still
+/// costs). A released provider that only ever meets canaries stays where the release
+/// put it. Before, each passed canary added `pass_reward`, so a liar honest on canaries
+/// paid for its lies to consumers with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passed_canaries_earn_no_reputation() {
+    let hash = ModelHash::parse(&"ef".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| {
+        c.audit.rate = 0.0;
+        c.audit.canary_interval = Duration::from_millis(50);
+    })
+    .await;
+    let _r = ScriptedAgent::connect_with(
+        "ref",
+        &hub.url(),
+        &hub.create_provider("ref").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    let sly = ScriptedAgent::connect_with(
+        "sly",
+        &hub.url(),
+        &hub.create_provider("sly").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let id = hub.provider_id("sly").await;
+    let st = hub.state();
+    potluck_hub::testing::quarantine_provider(&st, id, "test").await;
+    st.store.release_quarantine(id, 0.5).await.unwrap();
+    let before = sly.requests().len();
+    wait_until("canaries reach the provider", WAIT, || async {
+        sly.requests().len() >= before + 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s = st.store.standing(id).await.unwrap();
+    assert!(s.quarantined_at_ms.is_none());
+    assert!((s.reputation - 0.5).abs() < 1e-9, "{s:?}");
+}
