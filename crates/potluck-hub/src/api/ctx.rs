@@ -222,6 +222,7 @@ impl Ctx {
                 sample,
                 account_id: self.key.account_id,
                 request_id: self.request_id.clone(),
+                billed: ended.usage,
             }));
         }
         plausibility::check_speed(

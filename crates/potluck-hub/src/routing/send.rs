@@ -95,6 +95,8 @@ pub(crate) struct Answer {
     pub text: String,
     /// Completion tokens the provider reported.
     pub completion_tokens: i64,
+    /// Prompt tokens the provider reported (0: none).
+    pub prompt_tokens: i64,
     /// The first choice ended at its length limit (`finish_reason: "length"`): it may
     /// have gone on.
     pub cut_at_length: bool,
@@ -223,6 +225,10 @@ fn completion_tokens(v: &Value) -> Option<i64> {
         .and_then(Value::as_i64)
 }
 
+fn prompt_tokens(v: &Value) -> Option<i64> {
+    v.pointer("/usage/prompt_tokens").and_then(Value::as_i64)
+}
+
 fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
     let v: Value = serde_json::from_slice(body).map_err(|_| InternalError::Failed("json"))?;
     Ok(Answer {
@@ -232,6 +238,7 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
             .unwrap_or_default()
             .to_owned(),
         completion_tokens: completion_tokens(&v).unwrap_or(0),
+        prompt_tokens: prompt_tokens(&v).unwrap_or(0),
         cut_at_length: v.pointer("/choices/0").is_some_and(at_length),
         provider_id: 0,
     })
@@ -254,6 +261,9 @@ fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
         }
         if let Some(n) = completion_tokens(&v) {
             a.completion_tokens = n;
+        }
+        if let Some(n) = prompt_tokens(&v) {
+            a.prompt_tokens = n;
         }
     }
     Ok(a)

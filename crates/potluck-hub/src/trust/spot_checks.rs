@@ -35,9 +35,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SpotCheckConfig;
 use crate::routing::link::ProviderLink;
-use crate::routing::send;
+use crate::routing::send::{self, Answer};
 use crate::state::HubState;
 use crate::trust::canary::{self, Shape, Shapes};
+use crate::trust::plausibility::{Usage, PLAUSIBILITY_SLACK_TOKENS};
 use crate::trust::reputation::judge;
 use crate::trust::sample::{prefix, AuditSample};
 
@@ -219,6 +220,8 @@ pub(crate) struct ReplayJob {
     pub(crate) account_id: i64,
     /// The original request id.
     pub(crate) request_id: String,
+    /// What the request was billed (the provider's usage, within the hub's bounds).
+    pub(crate) billed: Usage,
 }
 
 /// Send the sampled body, as it is, to a trusted reference only, and judge what the
@@ -255,17 +258,52 @@ async fn replay(state: &HubState, job: ReplayJob) {
     };
     let delivered = job.sample.into_text();
     let (passed, agreement) = verdict(&state.config.audit, &delivered, &b.text, b.cut_at_length);
+    // The same text billed above what the reference counted for it fails the replay too.
+    let inflated = passed
+        && usage_over_reference(
+            job.billed,
+            &b,
+            delivered == b.text,
+            state.config.credits.prompt_overhead_tokens,
+        );
+    if inflated {
+        tracing::warn!(
+            provider_id = job.provider_id,
+            "usage above the trusted reference's for the same request"
+        );
+    }
     judge(
         state,
         AuditRecord {
             provider_id: job.provider_id,
             request_id: Some(job.request_id),
             kind: "replay",
-            passed,
+            passed: passed && !inflated,
             agreement: Some(agreement),
         },
     )
     .await;
+}
+
+/// Whether `billed` is more than a trusted reference reported for the same body on the
+/// same model file: its prompt tokens (the same text through the same tokenizer; beyond
+/// `overhead`, the template difference the hub allows, and a tenth), and, where the
+/// answers are the same text, its completion tokens (beyond
+/// [`PLAUSIBILITY_SLACK_TOKENS`]). A reference that reported nothing proves nothing.
+fn usage_over_reference(billed: Usage, reference: &Answer, same_text: bool, overhead: i64) -> bool {
+    let prompt_bound = reference
+        .prompt_tokens
+        .saturating_add(overhead.max(0))
+        .max(reference.prompt_tokens.saturating_mul(11) / 10);
+    let prompt = reference.prompt_tokens > 0 && billed.prompt > prompt_bound;
+    let completion = same_text
+        && !reference.cut_at_length
+        && reference.completion_tokens > 0
+        && billed.completion
+            > reference
+                .completion_tokens
+                .saturating_add(PLAUSIBILITY_SLACK_TOKENS);
+    prompt || completion
 }
 
 /// Send `body` to the audited tunnel and the reference at once and judge the answers:
@@ -389,6 +427,62 @@ mod tests {
             "divergence is not appending"
         );
         assert!(!appended("a b c d e f", ""));
+    }
+
+    #[test]
+    fn usage_is_judged_against_the_references_for_the_same_body() {
+        let reference = Answer {
+            prompt_tokens: 1000,
+            completion_tokens: 50,
+            ..Answer::default()
+        };
+        let billed = |prompt, completion| Usage { prompt, completion };
+        // The template difference the hub allows (128), or a tenth of the prompt.
+        assert!(!usage_over_reference(
+            billed(1128, 50),
+            &reference,
+            true,
+            128
+        ));
+        assert!(usage_over_reference(
+            billed(1129, 50),
+            &reference,
+            true,
+            128
+        ));
+        assert!(!usage_over_reference(billed(1100, 50), &reference, true, 0));
+        assert!(usage_over_reference(billed(1101, 50), &reference, true, 0));
+        // Completion only where the text is the same, and the reference ran to its end.
+        assert!(usage_over_reference(
+            billed(1000, 67),
+            &reference,
+            true,
+            128
+        ));
+        assert!(!usage_over_reference(
+            billed(1000, 66),
+            &reference,
+            true,
+            128
+        ));
+        assert!(!usage_over_reference(
+            billed(1000, 500),
+            &reference,
+            false,
+            128
+        ));
+        let cut = Answer {
+            cut_at_length: true,
+            ..reference.clone()
+        };
+        assert!(!usage_over_reference(billed(1000, 500), &cut, true, 128));
+        // A reference that reported nothing proves nothing.
+        assert!(!usage_over_reference(
+            billed(9999, 9999),
+            &Answer::default(),
+            true,
+            0
+        ));
     }
 
     #[test]

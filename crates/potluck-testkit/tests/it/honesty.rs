@@ -153,6 +153,20 @@ fn liars() -> Vec<(&'static str, Responder)> {
                 honest_or_cheap(repeat, b)
             })
         }),
+        // The honest text, billed at about a token per character: under the bound the
+        // delivered text sets, so no plausibility flag; four to five times what the same
+        // text costs on the reference.
+        (
+            "subtle-inflater",
+            Arc::new(|b: &Value| {
+                let text = honest_text(b);
+                let chars = text.chars().count() as i64;
+                Reply {
+                    text,
+                    completion_tokens: Some(chars),
+                }
+            }),
+        ),
     ]
 }
 
@@ -234,7 +248,15 @@ async fn red_team_announcing(liar_name: &str, liar_hash: Option<&ModelHash>) {
             .find(|(n, _)| *n == liar_name)
             .expect("a liar of that name");
         let rate = HubConfig::default().audit.rate;
-        let hub = TestHub::start_with(|c| audited_seed(c, rate, 7 + trial)).await;
+        let hub = TestHub::start_with(|c| {
+            audited_seed(c, rate, 7 + trial);
+            if name == "subtle-inflater" {
+                // Judged on its bills alone: a scripted provider answers at once, and the
+                // speed rule would catch its many tokens first.
+                c.audit.min_tokens_for_speed = i64::MAX;
+            }
+        })
+        .await;
         let alice = Consumer::new(&hub, "consumer").await;
         let reference = ScriptedAgent::connect_with(
             "ref",
@@ -382,6 +404,12 @@ async fn a_liar_suffix_injector_is_caught_and_quarantined() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liar_usage_inflater_is_caught_and_quarantined() {
     red_team("usage-inflater").await;
+}
+
+/// Its text agrees with the reference's; its bill does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_subtle_inflater_is_caught_and_quarantined() {
+    red_team("subtle-inflater").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
