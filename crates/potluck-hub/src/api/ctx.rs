@@ -225,11 +225,12 @@ impl Ctx {
                 billed: ended.usage,
             }));
         }
+        // Choices are generated side by side: each at the model's speed, not all of them.
         plausibility::check_speed(
             state,
             link,
             &self.model,
-            ended.usage.completion,
+            ended.usage.completion / self.bounds.choices.max(1),
             (ended.elapsed, ended.ttft),
             &self.request_id,
         );

@@ -48,7 +48,9 @@ pub(crate) struct Delivered {
     pub(crate) streamed: bool,
     /// Chunks with text in them (each carries at least one token).
     pub(crate) chunks: i64,
-    /// Characters of text.
+    /// UTF-8 bytes of text (every token the model generates decodes to at least one
+    /// byte, whatever the script: counting characters flagged honest answers in scripts
+    /// a tokenizer spends several tokens a character on).
     pub(crate) chars: i64,
 }
 
@@ -67,7 +69,7 @@ impl Delivered {
         };
         let count = |v: Option<&Value>| {
             v.and_then(Value::as_str)
-                .map_or(0, |s| s.chars().count() as i64)
+                .map_or(0, |s| i64::try_from(s.len()).unwrap_or(i64::MAX))
         };
         let mut chars = 0i64;
         for c in choices {
@@ -89,17 +91,18 @@ impl Delivered {
     }
 
     /// Conservative token estimate: a stream carries at least one token per chunk with
-    /// text; a whole answer is taken at about four characters per token.
+    /// text (but no more than a token a byte, however finely a provider cuts it); a whole
+    /// answer is taken at about four bytes per token.
     pub(crate) fn estimate(&self) -> i64 {
         if self.streamed {
-            self.chunks
+            self.chunks.min(self.chars)
         } else {
             (self.chars + 3) / 4
         }
     }
 
-    /// Whether a reported completion count is plausible: a token is at least about one
-    /// character of text, with slack for special tokens.
+    /// Whether a reported completion count is plausible: a token is at least one byte of
+    /// text, with slack for special tokens.
     pub(crate) fn plausible(&self, completion: i64) -> bool {
         completion <= self.chars + self.chunks + PLAUSIBILITY_SLACK_TOKENS
     }
@@ -131,6 +134,12 @@ pub(crate) struct Bounds {
     /// The hub's own estimate of the prompt's tokens (about four bytes of its text
     /// each), billed when no usage came with an answer that delivered text.
     pub(crate) prompt_estimate: i64,
+    /// The completion bound is the consumer's own `max_tokens` (not the hub's default):
+    /// only then does a provider that went past it deserve a flag (a backend without a
+    /// cap of its own honestly generates past the hub's default).
+    pub(crate) completion_asked: bool,
+    /// The request's choices (`n`, `best_of`, prompts of a batch), at least 1.
+    pub(crate) choices: i64,
 }
 
 impl Bounds {
@@ -148,6 +157,8 @@ impl Bounds {
                 completion: 0,
                 input_bytes,
                 prompt_estimate,
+                completion_asked: false,
+                choices: 1,
             };
         }
         // Each of the request's choices (`n`, `best_of`, a batch of prompts) may use
@@ -166,16 +177,20 @@ impl Bounds {
             completion: completion.max(0),
             input_bytes,
             prompt_estimate,
+            completion_asked: req.max_tokens().is_some(),
+            choices: i64::from(req.choices.max(1)),
         }
     }
 
-    /// `u` cut to the bounds, and whether anything was cut.
+    /// `u` cut to the bounds, and whether a cut is the provider's fault: a prompt above
+    /// its bound, or a completion above the consumer's own `max_tokens` (one above the
+    /// hub's default is cut without blame).
     pub(crate) fn cut(&self, u: Usage) -> (Usage, bool) {
         let prompt = u.prompt.clamp(0, self.prompt);
         let completion = u.completion.clamp(0, self.completion);
         (
             Usage { prompt, completion },
-            prompt < u.prompt || completion < u.completion,
+            prompt < u.prompt || (self.completion_asked && completion < u.completion),
         )
     }
 }

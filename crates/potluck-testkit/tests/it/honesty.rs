@@ -1022,3 +1022,70 @@ async fn passed_canaries_earn_no_reputation() {
     assert!(s.quarantined_at_ms.is_none());
     assert!((s.reputation - 0.5).abs() < 1e-9, "{s:?}");
 }
+
+/// A consumer cannot get an honest provider flagged (and, flag by flag, quarantined) by
+/// the shape of its requests: an answer in a script the tokenizer spends several tokens a
+/// character on, honestly counted, and a request without `max_tokens` that an uncapped
+/// backend answers past the hub's default. Before, each of these raised a usage flag:
+/// the first because the delivered text was counted in characters, the second because
+/// the hub's own default was taken for the consumer's bound; six such requests
+/// quarantined the provider and clawed back its earnings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_cannot_get_an_honest_provider_flagged() {
+    let hub = TestHub::start_with(|c| {
+        c.audit.rate = 0.0;
+        c.audit.canary_interval = Duration::ZERO;
+        c.audit.min_tokens_for_speed = i64::MAX;
+        c.credits.default_max_tokens = 100;
+    })
+    .await;
+    let honest_counts = Arc::new(|b: &Value| {
+        if request_text(b).contains("tamil") {
+            // 50 characters of three bytes each; a byte-fallback tokenizer: 150 tokens.
+            Reply {
+                text: "ஆ".repeat(50),
+                completion_tokens: Some(150),
+            }
+        } else {
+            // An uncapped backend runs past the hub's default of 100.
+            Reply {
+                text: "word ".repeat(300),
+                completion_tokens: Some(300),
+            }
+        }
+    }) as Responder;
+    let _p = ScriptedAgent::connect_with(
+        "honest",
+        &hub.url(),
+        &hub.create_provider("honest").await,
+        hello(&ModelHash::parse(&"ab".repeat(32)).unwrap()),
+        honest_counts,
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    hub.grant("alice", 100.0).await;
+    for i in 0..8 {
+        let what = if i % 2 == 0 { "tamil" } else { "long" };
+        let r = alice
+            .post(
+                "chat/completions",
+                &serde_json::json!({"model": "m", "stream": i % 4 < 2,
+                    "messages": [{"role": "user", "content": what}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = hub.provider_id("honest").await;
+    let audits = hub.state().store.audit_history(id, 100).await.unwrap();
+    assert!(audits.is_empty(), "an honest provider flagged: {audits:?}");
+    let s = hub.state().store.standing(id).await.unwrap();
+    assert!(
+        s.quarantined_at_ms.is_none() && s.reputation >= 0.99,
+        "{s:?}"
+    );
+}

@@ -137,7 +137,7 @@ impl ChoiceView<'_> {
             .or(self.text.as_deref())
     }
 
-    /// Characters of delivered text: content, reasoning, tool-call arguments, text (as
+    /// UTF-8 bytes of delivered text: content, reasoning, tool-call arguments, text (as
     /// `trust::plausibility::Delivered::add_text_of` counts them).
     pub(crate) fn chars(&self) -> usize {
         let d = self.delta.as_ref();
@@ -154,7 +154,7 @@ impl ChoiceView<'_> {
         .into_iter()
         .flatten()
         .chain(calls)
-        .map(|s| s.chars().count())
+        .map(str::len)
         .sum()
     }
 }
@@ -223,7 +223,8 @@ mod tests {
     fn streamed_text_is_counted_with_escapes() {
         let c: Vec<ChoiceView<'_>> =
             serde_json::from_str(r#"[{"index":0,"delta":{"content":"a\"b\u00e9","role":"assistant"},"finish_reason":null},{"text":"xy"}]"#).unwrap();
-        assert_eq!(c.iter().map(ChoiceView::chars).sum::<usize>(), 6);
+        // a " b é (two bytes) x y: UTF-8 bytes, not characters.
+        assert_eq!(c.iter().map(ChoiceView::chars).sum::<usize>(), 7);
         let empty: Vec<ChoiceView<'_>> =
             serde_json::from_str(r#"[{"index":0,"delta":{},"finish_reason":"stop"}]"#).unwrap();
         assert_eq!(empty[0].chars(), 0);

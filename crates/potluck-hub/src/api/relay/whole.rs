@@ -257,12 +257,12 @@ fn object_of(raw: Option<&RawValue>) -> Option<Option<TextRaw<'_>>> {
     }
 }
 
-/// Characters of a JSON string (0 for any other value).
+/// UTF-8 bytes of a JSON string (0 for any other value).
 fn str_chars(raw: Option<&RawValue>) -> Option<i64> {
     match raw {
         Some(r) if r.get().starts_with('"') => {
             let s: std::borrow::Cow<'_, str> = serde_json::from_str(r.get()).ok()?;
-            Some(i64::try_from(s.chars().count()).unwrap_or(i64::MAX))
+            Some(i64::try_from(s.len()).unwrap_or(i64::MAX))
         }
         _ => Some(0),
     }
