@@ -119,16 +119,42 @@ async fn handle(
     forward(req, endpoint, sh, link).await
 }
 
+/// Leaves of refused receipts a kept batch may carry beyond one per kept receipt before
+/// its kept receipts are journalled one by one instead (each with its own proof).
+pub const MAX_SPARE_LEAVES: usize = 8;
+
+/// What of a receipt batch goes to the journal.
+enum Kept {
+    /// The batch, the refused receipts leaving their leaf hashes.
+    Batch(ReceiptBatch),
+    /// Its kept receipts alone, each with its Merkle proof (a few hashes).
+    Each(Vec<potluck_protocol::receipt::SignedReceipt>),
+}
+
 /// The receipts of a batch from the hub that are kept ([`receipt_acceptable`]), each
 /// other one leaving its leaf hash so that the batch's signature still checks (`None`
 /// when none is kept). The hub sends whole batches, so one that comes with receipts
-/// already left out is refused whole.
-fn keep_receipts(sh: &Shared, b: ReceiptBatch) -> Option<ReceiptBatch> {
+/// already left out is refused whole. A batch padded with receipts the agent refuses
+/// (each leaf costs the journal about 90 bytes: a hostile hub could fill it with one real
+/// receipt and a thousand made up) is kept as its real receipts alone, each with its
+/// proof of `log2(size)` hashes.
+fn keep_receipts(sh: &Shared, b: ReceiptBatch) -> Option<Kept> {
     if !b.omitted.is_empty() {
         return None;
     }
     let kept = b.keep(|r| receipt_acceptable(sh, r));
-    (!kept.receipts.is_empty()).then_some(kept)
+    if kept.receipts.is_empty() {
+        return None;
+    }
+    if kept.omitted.len() <= kept.receipts.len().saturating_add(MAX_SPARE_LEAVES) {
+        return Some(Kept::Batch(kept));
+    }
+    tracing::warn!(
+        kept = kept.receipts.len(),
+        refused = kept.omitted.len(),
+        "a receipt batch mostly of receipts refused: keeping its receipts one by one"
+    );
+    kept.expand().ok().map(Kept::Each)
 }
 
 /// Whether a receipt from the hub is kept: its text fields are of ordinary size
@@ -140,7 +166,7 @@ fn receipt_acceptable(sh: &Shared, r: &potluck_protocol::receipt::Receipt) -> bo
     use potluck_protocol::receipt::MAX_RECEIPT_TEXT_BYTES;
     if [&r.hub_id, &r.consumer, &r.outcome]
         .iter()
-        .any(|t| t.len() > MAX_RECEIPT_TEXT_BYTES)
+        .any(|t| t.len() > MAX_RECEIPT_TEXT_BYTES || t.chars().any(unprintable))
     {
         return false;
     }
@@ -150,6 +176,14 @@ fn receipt_acceptable(sh: &Shared, r: &potluck_protocol::receipt::Receipt) -> bo
         return false;
     }
     sh.take_served(&r.request_id).is_some()
+}
+
+/// A control character (a terminal escape) or a bidirectional format character (which
+/// reorders what a terminal shows): never in a receipt's text, which the volunteer's
+/// `receipts list` prints.
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `POST /_potluck/events`: a batch of hub events, one JSON per line. At most
@@ -184,11 +218,21 @@ async fn hub_events(req: Request<Incoming>, sh: &Shared, link: &HubLink) -> Resp
             Ok(HubEvent::ReceiptBatch(b)) => {
                 let sent = b.receipts.len();
                 let kept = keep_receipts(sh, b);
-                let n = kept.as_ref().map_or(0, |k| k.receipts.len());
-                refused += sent - n;
-                if let Some(kept) = kept {
-                    tracing::debug!(receipts = n, "receipt batch");
-                    sh.journal.append_wait(Entry::ReceiptBatch(kept)).await;
+                let n = match &kept {
+                    None => 0,
+                    Some(Kept::Batch(k)) => k.receipts.len(),
+                    Some(Kept::Each(e)) => e.len(),
+                };
+                refused += sent.saturating_sub(n);
+                tracing::debug!(receipts = n, "receipt batch");
+                match kept {
+                    None => {}
+                    Some(Kept::Batch(k)) => sh.journal.append_wait(Entry::ReceiptBatch(k)).await,
+                    Some(Kept::Each(each)) => {
+                        for r in each {
+                            sh.journal.append_wait(Entry::Receipt(r)).await;
+                        }
+                    }
                 }
             }
             // A refusal of a model this agent does not offer is the hub's noise.

@@ -399,3 +399,55 @@ async fn a_hostile_hub_cannot_grow_the_agents_refusals() {
         "past the cap, and for a model not offered, nothing is kept or logged"
     );
 }
+
+/// A hostile hub pads each real receipt's batch with a thousand made-up ones, signed
+/// alike: the agent refuses those, and would keep a leaf hash (about 90 bytes) for each
+/// to make the batch's signature check, 90 KB of the volunteer's journal per request
+/// served. A batch that is mostly refused is kept as its real receipts alone, each with
+/// its own proof (a few hashes), and they still verify. A receipt whose text carries a
+/// terminal escape is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_padded_with_refused_receipts_costs_the_journal_little() {
+    let (mut rig, key, info) = served(&["r1", "r2"]).await;
+    let padded = |real: &str| {
+        let mut all = vec![receipt(real, 10)];
+        all.extend((0..1000).map(|i| receipt(&format!("fake-{real}-{i}"), 1)));
+        ReceiptBatch::sign(all, &key).unwrap()
+    };
+    let escaped = Receipt {
+        consumer: "c-\u{1b}]52;c;cGF3bmVk\u{7}".into(),
+        ..receipt("r2", 99)
+    };
+    let body: Vec<u8> = [
+        HubEvent::ReceiptBatch(padded("r1")).encode(),
+        HubEvent::Receipt(SignedReceipt::sign(escaped, &key)).encode(),
+        HubEvent::ReceiptBatch(padded("r2")).encode(),
+    ]
+    .concat();
+    post_events(&mut rig, body).await;
+    let dir = rig.state_dir.join("journal");
+    wait_until(
+        "both receipts in the journal",
+        Duration::from_secs(10),
+        || {
+            let dir = dir.clone();
+            async move { journal::receipts(&dir).0.len() == 2 }
+        },
+    )
+    .await;
+    let report = journal::verify(&dir, &info);
+    assert_eq!((report.verified, report.failed.len()), (2, 0), "{report:?}");
+    let (list, _) = journal::receipts(&dir);
+    assert!(
+        list.iter().all(|(_, r)| r.receipt.credits_micro == 10),
+        "the escaped receipt was kept"
+    );
+    let bytes: u64 = journal::files(&dir)
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        bytes < 8 * 1024,
+        "the journal grew by {bytes} bytes for two receipts"
+    );
+}
