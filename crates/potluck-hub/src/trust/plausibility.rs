@@ -158,7 +158,8 @@ impl Bounds {
                 input_bytes,
                 prompt_estimate,
                 completion_asked: false,
-                choices: 1,
+                // Embeddings: the inputs of the batch (one vector each).
+                choices: i64::from(req.choices.max(1)),
             };
         }
         // Each of the request's choices (`n`, `best_of`, a batch of prompts) may use

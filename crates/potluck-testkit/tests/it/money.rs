@@ -665,3 +665,37 @@ async fn a_take_back_never_drives_an_account_below_zero() {
     .await;
     hub.state().store.audit_ledger().await.unwrap();
 }
+
+/// A provider that answers embeddings with nothing in them (`{}`, an empty list, fewer
+/// vectors than inputs, vectors of two sizes): the consumer gets a 502, pays nothing, and
+/// the provider's failures count against it; a well-formed answer is billed. Before, any
+/// JSON object was billed in full, as a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_with_nothing_in_them_are_not_billed() {
+    let (hub, p, alice) = priced_pair("hollow", "alice").await;
+    let body = json!({"model": "m", "input": ["one text", "another text"]});
+    let vector = |n: usize| json!({"object": "embedding", "embedding": vec![0.5; n]});
+    for answer in [
+        json!({}),
+        json!({"object": "list", "data": [],
+            "usage": {"prompt_tokens": 900, "total_tokens": 900}}),
+        json!({"object": "list", "data": [vector(4)],
+            "usage": {"prompt_tokens": 900, "total_tokens": 900}}),
+        json!({"object": "list", "data": [vector(4), vector(3)],
+            "usage": {"prompt_tokens": 900, "total_tokens": 900}}),
+    ] {
+        p.set_raw(Some(RawAnswer::json(200, &answer)));
+        let before = alice.available_micro().await;
+        let r = alice.post("embeddings", &body).send().await.unwrap();
+        assert_eq!(r.status(), 502, "{answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(alice.available_micro().await, before, "billed for {answer}");
+    }
+    let good = json!({"object": "list", "data": [vector(4), vector(4)],
+        "usage": {"prompt_tokens": 6, "total_tokens": 6}});
+    p.set_raw(Some(RawAnswer::json(200, &good)));
+    let r = alice.post("embeddings", &body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(usage_row(&hub, &id).await.prompt_tokens, 6);
+}

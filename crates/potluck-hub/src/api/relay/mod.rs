@@ -4,6 +4,7 @@
 
 pub(crate) mod budget;
 pub(crate) mod chunk;
+pub(crate) mod embeddings;
 pub(crate) mod queued;
 pub(crate) mod stream;
 pub(crate) mod whole;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
+use potluck_protocol::InferenceEndpoint;
 use potluck_tunnel::TunnelBody;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -16,6 +17,7 @@ use crate::api::ctx::{with_request_id, Ctx};
 use crate::api::finish::Outcome;
 use crate::api::relay::budget::{gather, Share, Shortfall};
 use crate::api::relay::chunk::{write_object, TopLevel};
+use crate::api::relay::embeddings;
 use crate::api::relay::{rewrite, HEADER_QUEUE_MS};
 use crate::http::error::ApiError;
 use crate::routing::inflight::cut_error;
@@ -36,6 +38,11 @@ pub(crate) async fn relay_whole(
         Ok(b) => b,
         Err(e) => return ctx.provider_failed(state, &link, e),
     };
+    if ctx.endpoint == InferenceEndpoint::Embeddings {
+        if let Err(e) = embeddings::check(&bytes, ctx.bounds.choices) {
+            return ctx.provider_failed(state, &link, e);
+        }
+    }
     // Without an output check or an audit sample, the answer is read and spliced without
     // a JSON tree; the tree path below takes whatever the splice cannot, the guard's
     // checks, and the sampled requests (whose delivered text is kept for the audit).
