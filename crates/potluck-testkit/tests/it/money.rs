@@ -699,3 +699,41 @@ async fn embeddings_with_nothing_in_them_are_not_billed() {
     let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(usage_row(&hub, &id).await.prompt_tokens, 6);
 }
+
+/// A consumer asks for a whole answer and leaves before it comes (a client timeout, a
+/// reset just before the end): the request still ends in the books, cancelled, its
+/// prompt billed at the hub's estimate and counted against the key's token limits. Before,
+/// the handler was dropped with nothing written: leaving just before the answer made
+/// volunteers work for free, past every token limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_before_a_whole_answer_is_not_free() {
+    let (hub, p, alice) = priced_pair("patient", "alice").await;
+    p.set_raw(Some(RawAnswer::Silent));
+    let before = alice.available_micro().await;
+    let body = json!({"model": "m", "max_tokens": 50,
+        "messages": [{"role": "user", "content": "a prompt of a few words ".repeat(40)}]});
+    let left = alice
+        .post("chat/completions", &body)
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(left.is_err(), "the consumer did not leave: {left:?}");
+    wait_until("the request in the books", WAIT, || {
+        let hub = &hub;
+        async move {
+            let rows = hub.state().store.recent_usage(100).await.unwrap();
+            rows.iter().any(|r| r.outcome == "cancelled")
+        }
+    })
+    .await;
+    let rows = hub.state().store.recent_usage(100).await.unwrap();
+    let row = rows.iter().find(|r| r.outcome == "cancelled").unwrap();
+    assert!(row.prompt_tokens > 100, "{row:?}");
+    assert_eq!(row.completion_tokens, 0);
+    wait_until("the prompt billed", WAIT, || {
+        let alice = &alice;
+        async move { before - alice.available_micro().await == row.prompt_tokens }
+    })
+    .await;
+    hub.state().store.audit_ledger().await.unwrap();
+}
