@@ -219,6 +219,9 @@ pub enum ControlError {
     /// IO.
     #[error("control socket {0}: {1}")]
     Io(PathBuf, std::io::Error),
+    /// Its directory lets other users in.
+    #[error("control socket {0}: its directory {1}; choose a directory only you can write (the default, in the state directory, is one)")]
+    Unsafe(PathBuf, String),
 }
 
 /// Bind the socket: parent directory created with mode 0700, a stale socket removed, the
@@ -243,7 +246,38 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     }
     let l = UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    if let Err(why) = check_dir(path) {
+        let _ = std::fs::remove_file(path);
+        return Err(ControlError::Unsafe(path.to_owned(), why));
+    }
     Ok(l)
+}
+
+/// The socket's directory may be written only by the socket's owner (this user) or root,
+/// unless it is sticky (`/tmp`): there, others cannot replace the socket. In a directory
+/// others may write, another user could swap the socket for one of theirs, and catch the
+/// volunteer's `pause`.
+fn check_dir(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let me = std::fs::metadata(path).map_err(|e| e.to_string())?.uid();
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let m = std::fs::metadata(dir).map_err(|e| e.to_string())?;
+    let mode = m.permissions().mode();
+    if m.uid() != me && m.uid() != 0 {
+        return Err(format!("{} belongs to another user", dir.display()));
+    }
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(format!("{} may be written by other users", dir.display()));
+    }
+    Ok(())
+}
+
+/// The user the socket belongs to, whose connections alone are served (root's too).
+fn owner(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.uid())
 }
 
 /// Serve the socket until `shutdown`; removes the socket file at the end.
@@ -254,10 +288,17 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let conns = TaskTracker::new();
+    let me = owner(&path);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
+                    // Another user who connected before the socket's mode was set.
+                    let peer = stream.peer_cred().ok().map(|c| c.uid());
+                    if peer.is_none_or(|uid| Some(uid) != me && uid != 0) {
+                        tracing::warn!(uid = ?peer, "refused a control connection from another user");
+                        continue;
+                    }
                     let sh = Arc::clone(&sh);
                     conns.spawn(async move {
                         let _ = tokio::time::timeout(CONTROL_TIMEOUT, serve_one(stream, &sh)).await;
@@ -349,7 +390,11 @@ pub async fn request(path: &Path, cmd: Command) -> std::io::Result<Answer> {
 
 #[cfg(test)]
 mod tests {
-    use super::nice_in_stat;
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
 
     #[test]
     fn nice_is_read_past_a_comm_with_spaces_and_parentheses() {
@@ -358,5 +403,30 @@ mod tests {
         assert_eq!(nice_in_stat(&format!("4242 (a) b (c) {fields}")), Some(19));
         assert_eq!(nice_in_stat("4242 (potluck) S 1 2"), None, "too short");
         assert_eq!(nice_in_stat("no parentheses at all"), None);
+    }
+
+    /// A socket in a directory other users may write is refused (one of them could put
+    /// their own socket in its place); a sticky one (`/tmp`) and one only this user
+    /// writes are fine.
+    #[tokio::test]
+    async fn a_socket_in_a_directory_others_may_write_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (mode, ok) in [
+            (0o777, false),
+            (0o770, false),
+            (0o1777, true),
+            (0o700, true),
+            (0o755, true),
+        ] {
+            let dir = tmp.path().join(format!("d{mode:o}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+            let sock = dir.join(SOCKET_NAME);
+            let r = bind(&sock).await;
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}: {:?}", r.err());
+            if !ok {
+                assert!(!sock.exists(), "the refused socket was left behind");
+            }
+        }
     }
 }

@@ -261,6 +261,8 @@ impl Reservations {
     pub(crate) fn remove(&self, account: &i64) {
         if let Some(a) = self.map.lock().get_mut(account) {
             a.fresh_until = None;
+            // A store read begun before the change must not be seeded after it.
+            a.generation = a.generation.wrapping_add(1);
         }
     }
 
@@ -280,6 +282,7 @@ impl Reservations {
     pub(crate) fn clear(&self) {
         for a in self.map.lock().values_mut() {
             a.fresh_until = None;
+            a.generation = a.generation.wrapping_add(1);
         }
     }
 }
@@ -343,6 +346,34 @@ impl Drop for Hold {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A balance read that began before an admin's grant or take-back (which marks the
+    /// account stale) is not seeded after it. Before, the stale mark kept the
+    /// generation, so the old read was taken and trusted for `BALANCE_REFRESH`.
+    #[test]
+    fn a_read_from_before_a_change_outside_the_request_path_is_refused() {
+        let t = Arc::new(Reservations::default());
+        let now = Instant::now();
+        assert!(t.seed(1, 10, 0, now));
+        let Err(NoHold::Seed(g)) = t.try_hold(1, Micro::new(1), now + BALANCE_REFRESH) else {
+            panic!("stale after the refresh period");
+        };
+        // The read begins (generation g); a take-back lands meanwhile.
+        t.remove(&1);
+        assert!(
+            !t.seed(1, 10, g, now),
+            "a read from before the take-back was seeded"
+        );
+        let Err(NoHold::Seed(g2)) = t.try_hold(1, Micro::new(1), now) else {
+            panic!("stale after the take-back");
+        };
+        assert!(t.seed(1, 4, g2, now));
+        t.clear();
+        assert!(
+            !t.seed(1, 10, g2, now),
+            "a read from before a clear was seeded"
+        );
+    }
 
     #[test]
     fn holds_cover_at_most_the_balance_and_settle_releases_the_rest() {

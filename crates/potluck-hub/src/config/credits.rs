@@ -102,7 +102,39 @@ impl Default for CreditsConfig {
     }
 }
 
+/// The largest amount of credits a setting may name (a larger one would overflow the
+/// ledger's micro-credits on its first few uses).
+pub(crate) const MAX_CREDITS_SETTING: f64 = 1e9;
+
 impl CreditsConfig {
+    /// Every amount of money a finite number from 0 to [`MAX_CREDITS_SETTING`] credits
+    /// (TOML can write `nan` and `inf`: a NaN compares false with everything and would
+    /// read as 0, an infinity as the largest amount), and no price negative.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("starter_grant", self.starter_grant),
+            ("tax_per_request", self.tax_per_request),
+            ("trust_threshold", self.trust_threshold),
+            ("high_priority_balance", self.high_priority_balance),
+        ] {
+            if !(v.is_finite() && (0.0..=MAX_CREDITS_SETTING).contains(&v)) {
+                return Err(format!(
+                    "credits.{name} must be a number of credits from 0 to {MAX_CREDITS_SETTING}"
+                ));
+            }
+        }
+        if let Some((class, _)) = self
+            .classes
+            .iter()
+            .find(|(_, r)| r.prompt < 0 || r.completion < 0)
+        {
+            return Err(format!(
+                "credits.classes.{class}: prices must not be negative"
+            ));
+        }
+        Ok(())
+    }
+
     /// The size class of a model.
     pub fn class_of(&self, model: &str) -> &str {
         self.models.get(model).unwrap_or(&self.default_class)

@@ -320,14 +320,31 @@ impl HubConfig {
         if self.audit.max_pending == 0 {
             return Err("audit.max_pending must be at least 1".into());
         }
-        if !(0.0..=1.0).contains(&self.audit.rate)
-            || !(0.0..=1.0).contains(&self.audit.min_agreement)
-            || !(0.0..=1.0).contains(&self.audit.quarantine_below)
+        let a = &self.audit;
+        if [
+            a.rate,
+            a.min_agreement,
+            a.quarantine_below,
+            a.pass_reward,
+            a.fail_factor,
+            a.flag_factor,
+        ]
+        .iter()
+        .any(|v| !(0.0..=1.0).contains(v))
         {
             return Err(
-                "audit.rate, audit.min_agreement and audit.quarantine_below must be between 0 and 1"
+                "audit.rate, audit.min_agreement, audit.quarantine_below, audit.pass_reward, audit.fail_factor and audit.flag_factor must be between 0 and 1"
                     .into(),
             );
+        }
+        if let Some((class, _)) = a
+            .max_tokens_per_sec
+            .iter()
+            .find(|(_, v)| !(v.is_finite() && **v > 0.0))
+        {
+            return Err(format!(
+                "audit.max_tokens_per_sec.{class} must be a positive number"
+            ));
         }
         if self.moderation.enabled()
             && (self.moderation.window_tokens == 0
@@ -344,11 +361,7 @@ impl HubConfig {
                     .into(),
             );
         }
-        if self.credits.starter_grant < 0.0 || self.credits.tax_per_request < 0.0 {
-            return Err(
-                "credits.starter_grant and credits.tax_per_request must not be negative".into(),
-            );
-        }
+        self.credits.validate()?;
         self.routing.validate()?;
         self.server.validate()?;
         self.web.validate()?;

@@ -80,3 +80,34 @@ fn guard_and_spot_check_tables_take_old_and_new_names() {
         .to_string();
     assert!(e.contains("guard_modell"), "{e}");
 }
+
+/// Money settings TOML can write as `nan` or `inf`, or negative: each refused with its
+/// name. Before, only two of them were checked, and only against negatives (a NaN
+/// compares false): `high_priority_balance = nan` read as 0 gave every account high
+/// priority, `trust_threshold = -1` let every old account skip escrow, and
+/// `starter_grant = inf` granted the largest amount there is.
+#[test]
+fn money_settings_refuse_nan_infinity_and_negatives() {
+    for (toml, field) in [
+        ("[credits]\nstarter_grant = inf", "starter_grant"),
+        ("[credits]\nstarter_grant = 1e12", "starter_grant"),
+        ("[credits]\ntrust_threshold = nan", "trust_threshold"),
+        ("[credits]\ntrust_threshold = -1.0", "trust_threshold"),
+        (
+            "[credits]\nhigh_priority_balance = nan",
+            "high_priority_balance",
+        ),
+        ("[credits]\ntax_per_request = nan", "tax_per_request"),
+        (
+            "[credits.classes.small]\nprompt = -1\ncompletion = 1",
+            "small",
+        ),
+        ("[audit]\nfail_factor = nan", "fail_factor"),
+        ("[audit]\npass_reward = 2.0", "pass_reward"),
+        ("[audit.max_tokens_per_sec]\nsmall = nan", "small"),
+    ] {
+        let c: HubConfig = toml::from_str(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
+        let e = c.validate().unwrap_err();
+        assert!(e.contains(field), "{toml}: {e}");
+    }
+}

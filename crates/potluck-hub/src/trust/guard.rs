@@ -294,15 +294,35 @@ pub(crate) async fn check(
     }
 }
 
-/// The text a guard judges in a request body: message contents (strings and text parts)
-/// for chat, the prompt for completions.
+/// The text a guard judges in a request body: everything a chat template shows the
+/// model. Message contents (strings and text parts), the arguments of the tool calls in
+/// earlier turns, the tools' and functions' definitions (names, descriptions, parameter
+/// schemas) and a `response_format` schema, for chat; the prompt for completions.
+/// (Before, only message contents and the prompt: a consumer put what the guard would
+/// block in a tool's description, and a volunteer who required input moderation got it
+/// unscreened.)
 pub(crate) fn input_text(body: &[u8]) -> String {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return String::new();
     };
     let mut out = String::new();
+    for key in ["tools", "functions", "response_format"] {
+        if let Some(defs) = v.get(key).filter(|d| !d.is_null()) {
+            out.push_str(&defs.to_string());
+            out.push('\n');
+        }
+    }
     if let Some(msgs) = v.get("messages").and_then(Value::as_array) {
         for m in msgs {
+            let calls = m.get("tool_calls").and_then(Value::as_array);
+            for f in calls
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("function"))
+            {
+                out.push_str(&f.to_string());
+                out.push('\n');
+            }
             match m.get("content") {
                 Some(Value::String(s)) => {
                     out.push_str(s);

@@ -539,3 +539,68 @@ async fn a_strangers_moderation_requirement_does_not_moderate_everyone() {
     assert_eq!(stranger.requests().len(), 1);
     assert_eq!(guard.requests().len(), 3, "input twice, the output once");
 }
+
+/// What the guard would block, put where a chat template shows it to the model but the
+/// guard did not look: a tool's description, its parameter schema, an earlier turn's
+/// tool-call arguments, a `response_format` schema. Each is blocked like a message, and
+/// never reaches the provider. Before, only message contents were judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_in_tools_and_schemas_is_judged_too() {
+    let p = pool(|c| moderated(c, false), ProviderProfile::default()).await;
+    // The model's provider takes tools (so the requests are not refused for that).
+    let tools = potluck_protocol::tunnel::ModelOffer {
+        capabilities: potluck_protocol::caps::ModelCapabilities {
+            tools: Some(true),
+            ..Default::default()
+        },
+        ..potluck_protocol::tunnel::ModelOffer::named(
+            potluck_protocol::ModelName::parse("m").unwrap(),
+        )
+    };
+    let Pool { hub, alice, .. } = p;
+    let model = ScriptedAgent::connect_with(
+        "m-tools",
+        &hub.url(),
+        &hub.create_provider("m-tools").await,
+        potluck_protocol::tunnel::AgentEvent::Hello {
+            protocol: potluck_protocol::tunnel::PROTOCOL_VERSION,
+            agent_version: "scripted".into(),
+            models: vec![tools],
+            max_concurrency: 8,
+            profile: ProviderProfile::default(),
+            accepting: true,
+        },
+        model(),
+    )
+    .await;
+    hub.wait_for_model("m", 2).await;
+    let user = json!({"role": "user", "content": "hi"});
+    let tool = |description: &str, schema: Value| {
+        json!([{"type": "function", "function": {"name": "f", "description": description,
+            "parameters": schema}}])
+    };
+    for body in [
+        json!({"model": "m", "messages": [user], "tools": tool("FORBIDDEN", json!({}))}),
+        json!({"model": "m", "messages": [user], "tools": tool("ok",
+            json!({"type": "object", "properties": {"x": {"description": "FORBIDDEN"}}}))}),
+        json!({"model": "m", "messages": [user, {"role": "assistant", "content": null,
+            "tool_calls": [{"id": "1", "type": "function",
+                "function": {"name": "f", "arguments": "{\"x\":\"FORBIDDEN\"}"}}]},
+            {"role": "tool", "tool_call_id": "1", "content": "done"}]}),
+        json!({"model": "m", "messages": [user], "response_format": {"type": "json_schema",
+            "json_schema": {"name": "s", "schema": {"description": "FORBIDDEN"}}}}),
+    ] {
+        let r = alice.send_chat(&body).await;
+        assert_eq!(r.status(), 400, "{body}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "content_filter", "{body}");
+    }
+    assert!(
+        model.requests().is_empty(),
+        "a blocked request reached the provider"
+    );
+    // The same shapes without the forbidden text are served.
+    let body = json!({"model": "m", "messages": [user],
+        "tools": tool("look things up", json!({"type": "object"}))});
+    assert_eq!(alice.send_chat(&body).await.status(), 200);
+}
