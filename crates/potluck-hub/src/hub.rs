@@ -160,6 +160,7 @@ impl Hub {
         let web = crate::web::WebState::new(&identity);
         let balances = Arc::new(balance_table(&store, &config));
         let answers = crate::api::relay::budget::Budget::new(config.max_buffered_answer_bytes);
+        let key_lookups = tokio::sync::Semaphore::new(config.server.max_key_lookups);
         let state = Arc::new(HubState {
             answers,
             web,
@@ -181,6 +182,7 @@ impl Hub {
             service: Default::default(),
             keys: Arc::new(TtlCache::new(cache::KEY_TTL)),
             unknown_keys: TtlCache::new(cache::KEY_MISS_TTL),
+            key_lookups,
             balances,
             inflight: Default::default(),
             metrics,

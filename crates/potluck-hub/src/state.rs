@@ -58,6 +58,8 @@ pub struct HubState {
     pub(crate) keys: Arc<TtlCache<String, KeyAuth>>,
     /// Secret hashes that matched no key: refused without asking the database.
     pub(crate) unknown_keys: TtlCache<String, ()>,
+    /// Turns for credential lookups on the database (`server.max_key_lookups`).
+    pub(crate) key_lookups: tokio::sync::Semaphore,
     /// Available balances and the credits requests in flight hold, by account.
     pub(crate) balances: Arc<Reservations>,
     /// The hub's id and keys (receipts, pseudonyms).

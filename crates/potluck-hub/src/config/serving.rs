@@ -128,6 +128,13 @@ pub struct ServerConfig {
     /// holds no provider's slot. A stream waiting for its provider is not affected.
     #[serde(with = "super::secs")]
     pub consumer_stall_timeout: Duration,
+    /// Most database lookups of credentials not in the hub's caches (consumer keys,
+    /// provider tokens) at once: a stranger sending a new well-formed random key with
+    /// every request gets this many of the database's connections, not all of them.
+    pub max_key_lookups: usize,
+    /// How long a credential lookup waits for its turn (seconds); past it, 503.
+    #[serde(with = "super::secs")]
+    pub key_lookup_wait: Duration,
 }
 
 impl Default for ServerConfig {
@@ -139,6 +146,8 @@ impl Default for ServerConfig {
             http2_max_streams: 128,
             max_header_bytes: 64 * 1024,
             consumer_stall_timeout: Duration::from_secs(60),
+            max_key_lookups: 4,
+            key_lookup_wait: Duration::from_secs(5),
         }
     }
 }
@@ -182,6 +191,11 @@ impl ServerConfig {
         }
         if self.consumer_stall_timeout.is_zero() {
             return Err("server.consumer_stall_timeout must be positive".into());
+        }
+        if self.max_key_lookups == 0 || self.key_lookup_wait.is_zero() {
+            return Err(
+                "server.max_key_lookups and server.key_lookup_wait must be positive".into(),
+            );
         }
         Ok(())
     }

@@ -57,7 +57,10 @@ pub(crate) async fn key_by_hash(state: &HubState, hash: String) -> Result<KeyAut
         None if state.unknown_keys.get(&hash).is_some() => return Err(ApiError::Unauthorized),
         None => {
             let generation = state.keys.generation();
-            let Some(k) = state.store.authenticate_key_hash(&hash).await? else {
+            let turn = lookup_turn(state).await?;
+            let found = state.store.authenticate_key_hash(&hash).await;
+            drop(turn);
+            let Some(k) = found? else {
                 state.unknown_keys.put(hash, ());
                 return Err(ApiError::Unauthorized);
             };
@@ -68,6 +71,18 @@ pub(crate) async fn key_by_hash(state: &HubState, hash: String) -> Result<KeyAut
     match k.block {
         Some(b) => Err(ApiError::Blocked(b)),
         None => Ok(k),
+    }
+}
+
+/// A turn for one credential lookup on the database: at most `server.max_key_lookups`
+/// at once, so that a stranger sending a new random key with every request (each one a
+/// cache miss) holds that many of the database's connections, not all of them, and the
+/// usage writer, balance reads and known keys go on. Past `server.key_lookup_wait`, 503.
+async fn lookup_turn(state: &HubState) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    let wait = state.config.server.key_lookup_wait;
+    match tokio::time::timeout(wait, state.key_lookups.acquire()).await {
+        Ok(Ok(turn)) => Ok(turn),
+        _ => Err(ApiError::LookupsBusy { retry_after: 1 }),
     }
 }
 
@@ -128,7 +143,10 @@ pub(crate) async fn provider(state: &HubState, secret: &Secret) -> Result<Provid
     if state.unknown_keys.get(&hash).is_some() {
         return Err(ApiError::Unauthorized);
     }
-    match state.store.authenticate_provider(secret).await? {
+    let turn = lookup_turn(state).await?;
+    let found = state.store.authenticate_provider(secret).await;
+    drop(turn);
+    match found? {
         Some(p) => Ok(p),
         None => {
             state.unknown_keys.put(hash, ());

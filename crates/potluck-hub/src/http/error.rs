@@ -86,6 +86,13 @@ pub enum ApiError {
         /// Seconds for `Retry-After`.
         retry_after: u64,
     },
+    /// 503: `server.max_key_lookups` credential lookups were in progress for all of
+    /// `server.key_lookup_wait` (many keys the hub had not seen lately at once).
+    #[error("key lookups busy")]
+    LookupsBusy {
+        /// Seconds for `Retry-After`.
+        retry_after: u64,
+    },
     /// 503: the usage queue stayed full for `usage_queue_wait`; refused before it was
     /// served, so that no answered request goes unbilled.
     #[error("usage backlog")]
@@ -147,6 +154,7 @@ impl ApiError {
             ApiError::NoCapacity { .. }
             | ApiError::QueueTimeout { .. }
             | ApiError::UsageBacklog { .. }
+            | ApiError::LookupsBusy { .. }
             | ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } | ApiError::InsufficientCredits => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -166,6 +174,7 @@ impl ApiError {
             ApiError::NoCapacity { .. }
             | ApiError::QueueTimeout { .. }
             | ApiError::UsageBacklog { .. }
+            | ApiError::LookupsBusy { .. }
             | ApiError::Overloaded { .. }
             | ApiError::Internal => Blame::Hub,
             _ => Blame::Consumer,
@@ -252,6 +261,12 @@ impl ApiError {
                 None,
                 Some("usage_backlog"),
             ),
+            ApiError::LookupsBusy { .. } => ErrorBody::new(
+                "server_error",
+                "The hub is checking many keys at once. Retry in a moment.",
+                None,
+                Some("hub_busy"),
+            ),
             ApiError::ProviderFailed(why) => {
                 ErrorBody::new("server_error", format!("The provider failed: {why}."), None, Some("provider_error"))
             }
@@ -310,6 +325,7 @@ impl IntoResponse for ApiError {
             ApiError::NoCapacity { retry_after }
             | ApiError::QueueTimeout { retry_after }
             | ApiError::UsageBacklog { retry_after }
+            | ApiError::LookupsBusy { retry_after }
             | ApiError::Overloaded { retry_after }
             | ApiError::RateLimited { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));

@@ -781,3 +781,51 @@ async fn web_forms_refuse_strangers_before_the_body() {
         );
     }
 }
+
+/// A stranger sends a new well-formed random key with every request, many at once: each
+/// is a cache miss, so each asks the database. At most `server.max_key_lookups` of those
+/// lookups run at once (held here mid-lookup to count them), the others wait their turn
+/// (503 `hub_busy` past `server.key_lookup_wait`), and a consumer whose key the hub
+/// knows is served meanwhile. Before, every miss took a database connection at once:
+/// the pool's eight went to the stranger, and the usage writer and balance reads waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_keys_get_a_few_database_lookups_at_a_time() {
+    let hub = TestHub::start_with(|c| {
+        c.server.max_key_lookups = 2;
+        c.server.key_lookup_wait = std::time::Duration::from_secs(30);
+    })
+    .await;
+    let known = hub.create_key("known").await;
+    assert_eq!(
+        call(&hub, "GET", "/v1/models", Some(&known), None).await.0,
+        200
+    );
+    let store = hub.state().store.clone();
+    let held = store.hold_key_lookups().await;
+    let before = store.key_lookups();
+    let mut strangers = Vec::new();
+    for i in 0..24u32 {
+        let hub_url = hub.url();
+        strangers.push(tokio::spawn(async move {
+            let key = format!("pk-{:048x}", u128::from(i) * 7919 + 1);
+            reqwest::Client::new()
+                .get(format!("{hub_url}/v1/models"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let running = store.key_lookups() - before;
+    assert!(running <= 2, "{running} lookups at once");
+    // A known key needs no lookup: served while the strangers wait.
+    assert_eq!(
+        call(&hub, "GET", "/v1/models", Some(&known), None).await.0,
+        200
+    );
+    drop(held);
+    for s in strangers {
+        assert_eq!(s.await.unwrap().unwrap(), 401);
+    }
+}
