@@ -199,8 +199,12 @@ impl Shared {
     pub fn set_policy(&self, p: Policy) {
         self.bandwidth.set_rate(p.limits.bandwidth_bytes_per_sec);
         self.journal_limits.set(&p.journal);
+        // The policy first, then the routes: a discovery round ending meanwhile
+        // (`set_routes`) reads this policy after it stores its routes, so one of the two
+        // restricts the other's.
+        let p = Arc::new(p);
+        *self.policy.lock() = Arc::clone(&p);
         self.restrict_routes(&p);
-        *self.policy.lock() = Arc::new(p);
         self.refused.lock().clear();
         self.policy_changed.notify_waiters();
         self.rediscover.notify_one();
@@ -274,8 +278,13 @@ impl Shared {
 
     /// Publish a discovery result: the models found (first backend wins a name) and the
     /// backends' summed capacity.
+    /// A discovery round's routes, restricted by the policy as it is now: a round that
+    /// began before a reload (hashing a new file can take minutes) must not bring back
+    /// a model the reload dropped, or its old caps.
     pub fn set_routes(&self, routes: Vec<Route>, capacity: u32) {
         *self.routes.lock() = (routes, capacity);
+        let policy = self.policy();
+        self.restrict_routes(&policy);
         self.republish();
     }
 
@@ -441,6 +450,30 @@ mod reload_tests {
         let mut p = (*sh.policy()).clone();
         p.models = vec![rule("b", "model-b", 10)];
         sh.set_policy(p);
+        assert!(sh
+            .route(&ModelName::parse("model-a").expect("name"))
+            .is_none());
+        let kept = sh
+            .route(&ModelName::parse("model-b").expect("name"))
+            .expect("kept");
+        assert_eq!(kept.rule.and_then(|r| r.max_tokens), Some(10));
+    }
+
+    /// A discovery round that began before the reload (hashing a new file can take
+    /// minutes) ends after it, with routes computed under the old rules: they are
+    /// restricted by the rules as they are now. Before, the stale round brought the
+    /// dropped model back, with its old caps, until the next round ended.
+    #[test]
+    fn a_discovery_round_that_ends_after_a_reload_does_not_undo_it() {
+        let sh = super::test_shared();
+        let (a, b) = (rule("a", "model-a", 1000), rule("b", "model-b", 1000));
+        let mut p = (*sh.policy()).clone();
+        p.models = vec![a.clone(), b.clone()];
+        sh.set_policy(p.clone());
+        p.models = vec![rule("b", "model-b", 10)];
+        sh.set_policy(p);
+        // The round that started under the first rules ends now.
+        sh.set_routes(vec![route(&a), route(&b)], 4);
         assert!(sh
             .route(&ModelName::parse("model-a").expect("name"))
             .is_none());

@@ -174,13 +174,13 @@ pub(super) async fn forward(
         endpoint = endpoint.label()
     );
     let steps = async {
-        let (admitted, body) = admit(req, &sh, request_id, model, started).await?;
-        let body = read(body, endpoint, &admitted).await?;
+        let (mut admitted, body) = admit(req, &sh, request_id, model, started).await?;
+        let body = collect(body, &admitted).await?;
         // Again once the body is in: a hub may send a head before a pause, the end of a
-        // schedule window or a reload that drops the model, and the body after it.
-        if let Some(refused) = admission_lost(&sh, &admitted.model) {
-            return Err(refused);
-        }
+        // schedule window or a reload that drops the model or lowers its caps, and the
+        // body after it. The body is checked against the route as it is now.
+        admitted.route = admission_lost(&sh, &admitted.model).map_err(|r| *r)?;
+        let body = check(endpoint, body, &admitted).map_err(|r| *r)?;
         let backend_resp = send_with_retry(&sh, endpoint, &admitted, body).await?;
         Ok::<_, Response<AgentBody>>(relay(&sh, link, admitted, backend_resp).await)
     };
@@ -209,10 +209,13 @@ fn not_served() -> Response<AgentBody> {
     agent_error(StatusCode::NOT_FOUND, "model not served here")
 }
 
-/// The refusal of a request admitted before its body came, if it may no longer go to
-/// the backend: the gate closed or the model is no longer shared.
-fn admission_lost(sh: &Shared, model: &ModelName) -> Option<Response<AgentBody>> {
-    gate_closed(sh).or_else(|| sh.route(model).is_none().then(not_served))
+/// For a request admitted before its body came: its route now, or its refusal if it
+/// may no longer go to the backend (the gate closed, or the model is no longer shared).
+fn admission_lost(sh: &Shared, model: &ModelName) -> Result<Route, Box<Response<AgentBody>>> {
+    if let Some(refused) = gate_closed(sh) {
+        return Err(Box::new(refused));
+    }
+    sh.route(model).ok_or_else(|| Box::new(not_served()))
 }
 
 /// Admission: the drain gate, the route for the model, and a concurrency slot.
@@ -262,13 +265,8 @@ async fn admit(
     Ok((admitted, req.into_body()))
 }
 
-/// Read the body under the size cap and apply the request rules and the volunteer's
-/// caps ([`request::check`]); the body to send.
-async fn read(
-    body: Incoming,
-    endpoint: InferenceEndpoint,
-    a: &Admitted,
-) -> Result<Bytes, Response<AgentBody>> {
+/// Read the body under the size cap, within the response's time limit.
+async fn collect(body: Incoming, a: &Admitted) -> Result<Bytes, Response<AgentBody>> {
     // The slot is already taken: the body must arrive within the response's time limit,
     // or a hub that sends a head and no body would hold the slot for ever.
     let collect = Limited::new(body, a.limits.max_request_bytes).collect();
@@ -287,6 +285,16 @@ async fn read(
             ))
         }
     };
+    Ok(body)
+}
+
+/// Apply the request rules and the volunteer's caps ([`request::check`]) with the
+/// request's route; the body to send.
+fn check(
+    endpoint: InferenceEndpoint,
+    body: Bytes,
+    a: &Admitted,
+) -> Result<Bytes, Box<Response<AgentBody>>> {
     let caps = ModelCaps {
         backend_name: &a.route.backend_name,
         max_tokens: a.route.rule.as_ref().and_then(|r| r.max_tokens),
@@ -299,7 +307,7 @@ async fn read(
             "request refused by the provider's rules"
         );
         let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
-        error_response(status, &r.body)
+        Box::new(error_response(status, &r.body))
     })
 }
 
