@@ -101,6 +101,35 @@ pub async fn discover(client: &BackendClient, backend: &BackendConfig) -> Vec<Mo
     names
 }
 
+/// The name a model the volunteer did not name is offered under: its backend's name,
+/// unless that is a path on this machine (llama.cpp without `--alias`, vLLM serving a
+/// local directory, report the path they loaded: `/home/alice/models/x.gguf`), which
+/// would tell every hub and consumer the volunteer's user name and directories; then the
+/// file's name without its extension.
+fn public_of(name: &ModelName) -> ModelName {
+    let s = name.as_str();
+    let drive = s.as_bytes().get(1) == Some(&b':');
+    if !(s.starts_with('/')
+        || s.starts_with('~')
+        || s.starts_with('.')
+        || s.contains('\\')
+        || drive)
+    {
+        return name.clone();
+    }
+    let file = s
+        .rsplit(['/', '\\'])
+        .find(|p| !p.is_empty())
+        .unwrap_or_default();
+    let stem = [".gguf", ".safetensors", ".bin"]
+        .iter()
+        .find_map(|ext| file.strip_suffix(ext))
+        .unwrap_or(file);
+    ModelName::parse(stem)
+        .or_else(|_| ModelName::parse("local-model"))
+        .unwrap_or_else(|_| name.clone())
+}
+
 /// A backend's parallel slots: configured, or llama.cpp's `/props` `total_slots`.
 fn slots(backend: &BackendConfig, props: Option<&Value>) -> Option<u32> {
     if let Some(s) = backend.slots {
@@ -256,9 +285,10 @@ pub async fn refresh(shared: &Shared) {
                     None => continue,
                 }
             };
-            let public = rule
-                .as_ref()
-                .map_or(name.clone(), |r| r.public_name.clone());
+            let public = match &rule {
+                Some(r) => r.public_name.clone(),
+                None => public_of(&name),
+            };
             if routes.iter().any(|r| r.public == public) {
                 continue;
             }
@@ -330,6 +360,29 @@ pub async fn discovery_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend that names its model by the path it loaded (llama.cpp without
+    /// `--alias`) would tell every hub the volunteer's user name and directories: the
+    /// model is offered under the file's name. Ordinary names, `org/model` included,
+    /// are offered as they are.
+    #[test]
+    fn a_model_named_by_its_path_is_offered_under_its_file_name() {
+        let public = |s: &str| public_of(&ModelName::parse(s).unwrap()).as_str().to_owned();
+        assert_eq!(
+            public("/home/alice/models/SmolLM2-135M.Q8_0.gguf"),
+            "SmolLM2-135M.Q8_0"
+        );
+        assert_eq!(public("~/m/x.safetensors"), "x");
+        assert_eq!(public("./x.gguf"), "x");
+        assert_eq!(public("C:\\Users\\alice\\m.gguf"), "m");
+        assert_eq!(public("/srv/vllm/qwen2.5-7b/"), "qwen2.5-7b");
+        assert_eq!(public("/"), "local-model");
+        assert_eq!(
+            public("Qwen/Qwen2.5-7B-Instruct"),
+            "Qwen/Qwen2.5-7B-Instruct"
+        );
+        assert_eq!(public("llama3:8b"), "llama3:8b");
+    }
     use serde_json::json;
 
     #[test]
