@@ -239,15 +239,25 @@ async fn identify(
         };
     }
     if let Some(mf) = show.and_then(|v| v.get("modelfile")?.as_str()) {
-        if let Some((hash, path)) = supply::ollama_blob(mf) {
-            if path.exists() {
-                let p = path.clone();
-                let sniffed = tokio::task::spawn_blocking(move || supply::sniff(&p)).await;
-                if let Ok(Err(e)) = sniffed {
-                    return Err(e.to_string());
-                }
+        if let Some((named, path)) = supply::ollama_blob(mf) {
+            // ollama names a blob by its hash; offered under it only once read and found
+            // so (hashed once, then cached like any model file).
+            if !path.exists() {
+                tracing::debug!(
+                    model = name,
+                    "the backend's model file is not visible here; offered without a hash"
+                );
+                return Ok(None);
             }
-            return Ok(Some(hash));
+            return match shared.hashes.identify(path).await {
+                Ok((h, _)) if h == named => Ok(Some(h)),
+                Ok((h, _)) => Err(format!(
+                    "its file's content hashes to {}, not to the {} its name says",
+                    h.as_str(),
+                    named.as_str()
+                )),
+                Err(e) => Err(e.to_string()),
+            };
         }
     }
     Ok(None)

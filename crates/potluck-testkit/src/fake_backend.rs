@@ -80,6 +80,8 @@ pub struct FakeOptions {
     pub tools: Option<bool>,
     /// Answer llama.cpp's `GET /props` with `modalities.vision` set so.
     pub vision: Option<bool>,
+    /// Answer ollama's `POST /api/show` with this `modelfile`.
+    pub modelfile: Option<String>,
 }
 
 impl Default for FakeOptions {
@@ -91,6 +93,7 @@ impl Default for FakeOptions {
             model_path: None,
             tools: None,
             vision: None,
+            modelfile: None,
         }
     }
 }
@@ -152,6 +155,9 @@ impl FakeBackend {
         }
         if opts.model_path.is_some() || opts.tools.is_some() || opts.vision.is_some() {
             app = app.route("/props", get(props));
+        }
+        if opts.modelfile.is_some() {
+            app = app.route("/api/show", axum::routing::post(show));
         }
         let app = app
             .route(&format!("{}/{{*rest}}", opts.prefix), any(inference))
@@ -230,6 +236,11 @@ async fn props(State(st): State<Arc<FakeState>>) -> Response {
         v["modalities"] = json!({"vision": vision, "audio": false});
     }
     axum::Json(v).into_response()
+}
+
+async fn show(State(st): State<Arc<FakeState>>) -> Response {
+    let o = st.options.lock().unwrap().clone();
+    axum::Json(json!({"modelfile": o.modelfile, "capabilities": ["completion"]})).into_response()
 }
 
 /// Chunk size of the lazily generated hostile bodies.

@@ -169,3 +169,67 @@ async fn only_safe_formats_are_offered_with_their_hash() {
     );
     let _ = Arc::new(());
 }
+
+/// ollama names a model's file by its hash (`FROM …/blobs/sha256-<hex>`): the agent
+/// offers that hash only once it has hashed the file and found it so, refuses a model
+/// whose file's content is not what its name says, and offers one whose file it cannot
+/// see without a hash (as for llama.cpp). Before, the name was announced unread: a
+/// provider could claim the hash of a file it does not serve, and pass as serving the
+/// reference's model; and a blob it could not see was offered without even a format
+/// check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ollama_model_is_offered_under_the_hash_its_file_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = dir.path().join("blobs");
+    std::fs::create_dir(&blobs).unwrap();
+    let real = sha(&gguf());
+    let true_name = write(&blobs, &format!("sha256-{real}"), &gguf());
+    let claimed = "cd".repeat(32);
+    let liar = write(&blobs, &format!("sha256-{claimed}"), &gguf());
+    let unseen = format!("/nonexistent/blobs/sha256-{}", "ef".repeat(32));
+    for (path, expect) in [
+        (true_name.display().to_string(), Some(Some(real.clone()))),
+        (liar.display().to_string(), None),
+        (unseen, Some(None)),
+    ] {
+        let backend = FakeBackend::start_with(
+            &["llama3:8b"],
+            FakeOptions {
+                modelfile: Some(format!("# Modelfile\nFROM {path}\nTEMPLATE x\n")),
+                ..Default::default()
+            },
+        )
+        .await;
+        let mut rig =
+            AgentRig::start_with_backend(backend, "", "2024-01-01T12:00:00Z", |_| {}).await;
+        match expect {
+            Some(hash) => {
+                let ev = rig.wait_offered("llama3:8b").await;
+                let offered = offers(&ev).unwrap()[0].sha256.clone();
+                assert_eq!(offered.map(|h| h.as_str().to_owned()), hash, "{path}");
+            }
+            None => {
+                let refused = || async {
+                    let s = potluck_agent::control::request(
+                        &rig.socket,
+                        potluck_agent::control::Command::Status,
+                    )
+                    .await
+                    .unwrap()
+                    .status
+                    .unwrap();
+                    (s.models.is_empty(), s.last_errors)
+                };
+                potluck_testkit::wait_until(
+                    "the liar refused",
+                    Duration::from_secs(10),
+                    || async {
+                        let (none, errors) = refused().await;
+                        none && errors.iter().any(|e| e.message.contains("llama3:8b"))
+                    },
+                )
+                .await;
+            }
+        }
+    }
+}
