@@ -161,6 +161,7 @@ impl Hub {
         let balances = Arc::new(balance_table(&store, &config));
         let answers = crate::api::relay::budget::Budget::new(config.max_buffered_answer_bytes);
         let key_lookups = tokio::sync::Semaphore::new(config.server.max_key_lookups);
+        let member_reads = tokio::sync::Semaphore::new(config.server.max_member_reads);
         let state = Arc::new(HubState {
             answers,
             web,
@@ -183,6 +184,7 @@ impl Hub {
             keys: Arc::new(TtlCache::new(cache::KEY_TTL)),
             unknown_keys: TtlCache::new(cache::KEY_MISS_TTL),
             key_lookups,
+            member_reads,
             balances,
             inflight: Default::default(),
             metrics,

@@ -56,6 +56,7 @@ pub(crate) async fn my_credits(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = auth::consumer(&st, &headers).await?;
+    let _turn = auth::member_read(&st).await?;
     let b = st.store.balance(key.account_id).await?;
     Ok(Json(wire::balance("", b)).into_response())
 }
@@ -73,6 +74,7 @@ pub(crate) async fn my_history(
     Query(q): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
     let key = auth::consumer(&st, &headers).await?;
+    let _turn = auth::member_read(&st).await?;
     let rows = st
         .store
         .history(

@@ -155,6 +155,7 @@ pub(crate) async fn my_usage(
     let key = auth::consumer(&st, &headers).await?;
     let Query(p) = q.map_err(|_| QueryError::Malformed)?;
     let q = UsageQuery::parse(&p, false, today(), &st.config.usage_api)?;
+    let _turn = auth::member_read(&st).await?;
     summary(&st, q, Some(key.account_id)).await
 }
 

@@ -132,9 +132,14 @@ pub struct ServerConfig {
     /// provider tokens) at once: a stranger sending a new well-formed random key with
     /// every request gets this many of the database's connections, not all of them.
     pub max_key_lookups: usize,
-    /// How long a credential lookup waits for its turn (seconds); past it, 503.
+    /// How long a credential lookup, or a member's read, waits for its turn (seconds);
+    /// past it, 503.
     #[serde(with = "super::secs")]
     pub key_lookup_wait: Duration,
+    /// Most database reads members ask for at once (their balance, credit history and
+    /// usage, through the API and the member page): one account, or many, asking for the
+    /// largest history again and again gets this many of the database's connections.
+    pub max_member_reads: usize,
 }
 
 impl Default for ServerConfig {
@@ -148,6 +153,7 @@ impl Default for ServerConfig {
             consumer_stall_timeout: Duration::from_secs(60),
             max_key_lookups: 4,
             key_lookup_wait: Duration::from_secs(5),
+            max_member_reads: 4,
         }
     }
 }
@@ -192,10 +198,9 @@ impl ServerConfig {
         if self.consumer_stall_timeout.is_zero() {
             return Err("server.consumer_stall_timeout must be positive".into());
         }
-        if self.max_key_lookups == 0 || self.key_lookup_wait.is_zero() {
-            return Err(
-                "server.max_key_lookups and server.key_lookup_wait must be positive".into(),
-            );
+        if self.max_key_lookups == 0 || self.key_lookup_wait.is_zero() || self.max_member_reads == 0
+        {
+            return Err("server.max_key_lookups, server.key_lookup_wait and server.max_member_reads must be positive".into());
         }
         Ok(())
     }

@@ -79,8 +79,25 @@ pub(crate) async fn key_by_hash(state: &HubState, hash: String) -> Result<KeyAut
 /// cache miss) holds that many of the database's connections, not all of them, and the
 /// usage writer, balance reads and known keys go on. Past `server.key_lookup_wait`, 503.
 async fn lookup_turn(state: &HubState) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    turn(state, &state.key_lookups).await
+}
+
+/// A turn for a member's own read on the database (balance, credit history, usage):
+/// at most `server.max_member_reads` at once, so that asking for the largest history
+/// again and again, from one account or many, cannot take the database's connections
+/// from the usage writer and the request path. Past `server.key_lookup_wait`, 503.
+pub(crate) async fn member_read(
+    state: &HubState,
+) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    turn(state, &state.member_reads).await
+}
+
+async fn turn<'a>(
+    state: &HubState,
+    turns: &'a tokio::sync::Semaphore,
+) -> Result<tokio::sync::SemaphorePermit<'a>, ApiError> {
     let wait = state.config.server.key_lookup_wait;
-    match tokio::time::timeout(wait, state.key_lookups.acquire()).await {
+    match tokio::time::timeout(wait, turns.acquire()).await {
         Ok(Ok(turn)) => Ok(turn),
         _ => Err(ApiError::LookupsBusy { retry_after: 1 }),
     }

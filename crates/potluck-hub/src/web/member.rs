@@ -89,6 +89,7 @@ pub(crate) async fn home(
     let rows = st.config.web.page_rows;
     let store = &st.store;
     let err = crate::http::error::ApiError::from;
+    let _turn = crate::http::auth::member_read(&st).await?;
     let b = store.balance(me).await.map_err(err)?;
     let history = store.history(me, rows).await.map_err(err)?;
     let own_keys = store.own_keys(me).await.map_err(err)?;

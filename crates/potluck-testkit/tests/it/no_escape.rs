@@ -829,3 +829,50 @@ async fn random_keys_get_a_few_database_lookups_at_a_time() {
         assert_eq!(s.await.unwrap().unwrap(), 401);
     }
 }
+
+/// A member asks for the largest credit history, many times at once (from one account;
+/// sybils would do the same from many): at most `server.max_member_reads` of those reads
+/// run on the database at once, the rest wait their turn up to `server.key_lookup_wait`
+/// and are then told to come back (503 `hub_busy`), while inference goes on. Before,
+/// every one took a connection of the database's pool at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_reads_take_a_few_database_connections_at_a_time() {
+    let hub = TestHub::start_with(|c| {
+        c.server.max_member_reads = 1;
+        c.server.key_lookup_wait = std::time::Duration::from_millis(1);
+    })
+    .await;
+    let key = hub.create_key("reader").await;
+    assert_eq!(
+        call(&hub, "GET", "/v1/credits", Some(&key), None).await.0,
+        200
+    );
+    let mut reads = Vec::new();
+    for _ in 0..48 {
+        let (url, key) = (hub.url(), key.clone());
+        reads.push(tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .get(format!("{url}/v1/credits/history?limit=10000"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            (status, v)
+        }));
+    }
+    let mut busy = 0;
+    for r in reads {
+        let (status, v) = r.await.unwrap();
+        match status {
+            200 => {}
+            503 => {
+                assert_eq!(v["error"]["code"], "hub_busy", "{v}");
+                busy += 1;
+            }
+            s => panic!("{s}: {v}"),
+        }
+    }
+    assert!(busy > 0, "48 reads at once, and none waited for its turn");
+}
