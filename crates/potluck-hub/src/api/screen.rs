@@ -86,7 +86,11 @@ pub(crate) fn refuse_unreadable(
 }
 
 /// Check the consumer's whole text before dispatch, window by window; a block is the
-/// consumer's 400 (or a 503 when no guard could answer).
+/// consumer's 400 (or a 503 when no guard could answer). The text the guard read for a
+/// request it blocked counts against the account's token limits (at the hub's estimate,
+/// four bytes a token): a request refused after up to `moderation.max_input_windows`
+/// guard calls is not free to send again and again. (An answered request's prompt is
+/// counted when it ends.)
 pub(crate) async fn check_input(
     state: &HubState,
     request_id: &str,
@@ -94,12 +98,20 @@ pub(crate) async fn check_input(
     model: &ModelName,
     text: &Arc<str>,
 ) -> Result<(), ApiError> {
+    let mut read = 0u64;
     for w in guard::windows(
         text,
         guard::MAX_GUARD_TEXT_BYTES,
         guard::INPUT_OVERLAP_BYTES,
     ) {
-        check_window(state, request_id, account_id, model, w).await?;
+        read = read.saturating_add(w.len() as u64);
+        if let Err(e) = check_window(state, request_id, account_id, model, w).await {
+            let tokens = read.div_ceil(potluck_protocol::request::BYTES_PER_TOKEN_ESTIMATE);
+            state
+                .limiter
+                .add_tokens(account_id, i64::try_from(tokens).unwrap_or(i64::MAX));
+            return Err(e);
+        }
     }
     Ok(())
 }

@@ -604,3 +604,36 @@ async fn text_in_tools_and_schemas_is_judged_too() {
         "tools": tool("look things up", json!({"type": "object"}))});
     assert_eq!(alice.send_chat(&body).await.status(), 200);
 }
+
+/// A consumer sends long requests the guard blocks, again and again: each cost the pool
+/// one guard call per window of its text, and it cost the consumer nothing. The text the
+/// guard read now counts against the account's token limit, so the consumer is soon
+/// told to slow down (429) and the guard's work stops. Before, blocked requests never
+/// counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_input_counts_against_the_token_limit() {
+    let p = pool(
+        |c| {
+            moderated(c, false);
+            c.limits.tpm = Some(3000);
+        },
+        ProviderProfile::default(),
+    )
+    .await;
+    // About 2,000 tokens of text (8 KB), the forbidden word at its end.
+    let text = format!("{} FORBIDDEN", "lorem ipsum dolor ".repeat(450));
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(chat(&p, &text, false).await.status().as_u16());
+    }
+    assert_eq!(statuses[0], 400, "{statuses:?}");
+    assert!(
+        statuses.contains(&429),
+        "blocked requests never slowed down: {statuses:?}"
+    );
+    let guard_calls = p.guard.requests().len();
+    assert!(
+        guard_calls <= 3,
+        "{guard_calls} guard calls for {statuses:?}"
+    );
+}
