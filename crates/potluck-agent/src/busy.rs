@@ -129,6 +129,7 @@ pub async fn busy_loop(sh: Arc<Shared>, shutdown: CancellationToken) {
     let mut h = Hysteresis::default();
     let mut prev: Option<(u64, u64, u64)> = None;
     let gpu = crate::gpu::Gpu::open();
+    let mut gpu_busy = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(BUSY_SAMPLE_INTERVAL) => {}
@@ -152,19 +153,45 @@ pub async fn busy_loop(sh: Arc<Shared>, shutdown: CancellationToken) {
             _ => 0.0,
         };
         prev = sample;
-        let gpu_use = if rule.gpu && sh.in_flight() == 0 {
+        let reading = if rule.gpu && sh.in_flight() == 0 {
             gpu.as_ref().and_then(|g| g.utilization_percent())
         } else {
             None
         };
-        let over =
-            cpu > rule.threshold_percent || gpu_use.is_some_and(|g| g > rule.threshold_percent);
+        gpu_busy = gpu_over(
+            gpu_busy,
+            rule.gpu,
+            sh.in_flight(),
+            reading,
+            rule.threshold_percent,
+        );
+        let over = cpu > rule.threshold_percent || gpu_busy;
         let busy = h.observe(over, rule.hold, Instant::now());
         if sh.gate.set(DrainReason::Busy, busy) {
             tracing::info!(busy, cpu_percent = cpu as u32, "machine busy state changed");
             sh.republish();
         }
     }
+}
+
+/// Whether the GPU counts as used by others: read while nothing is served here (the
+/// backend's own use would read as the volunteer's), and kept as last read while
+/// something is. (Before, a request in flight read as "not busy": a hub keeping one
+/// request open lifted a drain the volunteer's own use of the GPU had set.)
+fn gpu_over(
+    last: bool,
+    rule_gpu: bool,
+    in_flight: usize,
+    reading: Option<f64>,
+    threshold: f64,
+) -> bool {
+    if !rule_gpu {
+        return false;
+    }
+    if in_flight > 0 {
+        return last;
+    }
+    reading.is_some_and(|g| g > threshold)
 }
 
 #[cfg(test)]
@@ -185,6 +212,21 @@ mod tests {
         assert!(h.observe(true, hold, t0 + Duration::from_secs(12)));
         assert!(h.observe(false, hold, t0 + Duration::from_secs(13)));
         assert!(!h.observe(false, hold, t0 + Duration::from_secs(23)));
+    }
+
+    /// A hub keeping a request open cannot lift the drain the volunteer's own use of
+    /// the GPU set: while something is served, the last reading stands.
+    #[test]
+    fn a_request_in_flight_keeps_the_last_gpu_reading() {
+        assert!(gpu_over(false, true, 0, Some(95.0), 80.0));
+        assert!(
+            gpu_over(true, true, 1, None, 80.0),
+            "cleared by a request in flight"
+        );
+        assert!(!gpu_over(false, true, 1, None, 80.0));
+        assert!(!gpu_over(true, true, 0, Some(10.0), 80.0));
+        assert!(!gpu_over(true, false, 0, Some(95.0), 80.0));
+        assert!(!gpu_over(true, true, 0, None, 80.0), "no GPU to read");
     }
 
     #[test]
