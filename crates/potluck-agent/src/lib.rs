@@ -311,12 +311,8 @@ pub const POWER_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 async fn power_loop(sh: Arc<state::Shared>, stop: CancellationToken) {
     let Some(gpu) = gpu::Gpu::open() else { return };
     loop {
-        if sh.policy().profile.watts.is_none() {
-            let w = gpu.power_watts().filter(|w| {
-                w.is_finite() && *w > 0.0 && *w <= potluck_protocol::tunnel::MAX_DECLARED_WATTS
-            });
-            // Rounded to whole watts so that the offer does not change at every reading.
-            let w = w.map(f64::round);
+        if sh.policy().profile.watts.is_none() && sh.in_flight() > 0 {
+            let w = published_watts(gpu.power_watts());
             let changed = {
                 let mut m = sh.measured_watts.lock();
                 let c = *m != w;
@@ -333,6 +329,19 @@ async fn power_loop(sh: Arc<state::Shared>, stop: CancellationToken) {
         }
     }
 }
+
+/// What a GPU power reading is announced as: read only while this agent serves (the
+/// draw that its requests cost; an idle reading is the volunteer's own use, and every
+/// change of it would tell the hubs when the volunteer is at the machine), and rounded
+/// to [`WATTS_STEP`], so that the offer does not change at every reading.
+fn published_watts(reading: Option<f64>) -> Option<f64> {
+    reading
+        .filter(|w| w.is_finite() && *w > 0.0 && *w <= potluck_protocol::tunnel::MAX_DECLARED_WATTS)
+        .map(|w| ((w / WATTS_STEP).round() * WATTS_STEP).max(WATTS_STEP))
+}
+
+/// Measured watts are announced in steps of this many.
+const WATTS_STEP: f64 = 10.0;
 
 fn mtime(p: &std::path::Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
@@ -380,4 +389,21 @@ async fn reload_loop(sh: Arc<state::Shared>, src: policy::PolicySource, stop: Ca
 fn jitter(d: Duration) -> Duration {
     let f: f64 = rand::rng().random_range(0.5..=1.0);
     d.mul_f64(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Measured power is announced in steps of ten watts (the power loop reads it only
+    /// while serving): the small moves of the volunteer's own use do not reach the hubs.
+    #[test]
+    fn measured_watts_are_announced_in_steps() {
+        assert_eq!(published_watts(Some(143.7)), Some(140.0));
+        assert_eq!(published_watts(Some(146.0)), Some(150.0));
+        assert_eq!(published_watts(Some(2.0)), Some(10.0));
+        assert_eq!(published_watts(Some(f64::NAN)), None);
+        assert_eq!(published_watts(Some(-5.0)), None);
+        assert_eq!(published_watts(None), None);
+    }
 }
