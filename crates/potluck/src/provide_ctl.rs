@@ -286,8 +286,15 @@ async fn receipts(cmd: ReceiptsCmd, args: &ProvideArgs) -> anyhow::Result<()> {
             for f in &report.failed {
                 eprintln!("FAILED  {f}");
             }
+            for s in &report.short {
+                eprintln!("SHORT   {s}");
+            }
             let (ok, failed) = (report.verified, report.failed.len());
-            say(&format!("{ok} verified, {failed} failed"));
+            let short = match report.short.len() {
+                0 => String::new(),
+                n => format!(" ({n} counted fewer tokens than your backend reported)"),
+            };
+            say(&format!("{ok} verified, {failed} failed{short}"));
             if failed > 0 {
                 bail!("{failed} receipt(s) failed verification");
             }

@@ -67,6 +67,11 @@ pub struct VerifyReport {
     pub verified: usize,
     /// What failed: a request id and why, or an unreadable line.
     pub failed: Vec<String>,
+    /// Receipts that verify but count fewer tokens than this agent's backend reported
+    /// for the same request (a request id and both counts): what the volunteer was paid
+    /// for less than what was served. A hub may cut a count to the request's bound, so
+    /// these are told, not failed.
+    pub short: Vec<String>,
 }
 
 /// Check every receipt (and every line) of the journal in `dir` against a hub's key.
@@ -75,11 +80,31 @@ pub fn verify(dir: &Path, hub: &potluck_protocol::receipt::HubInfo) -> VerifyRep
     let mut report = VerifyReport {
         verified: 0,
         failed: bad,
+        short: Vec::new(),
     };
+    let served: std::collections::HashMap<String, (u64, u64)> = read_all(dir)
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            Ok(Entry::Request(r)) => Some((r.request_id, (r.prompt_tokens, r.completion_tokens))),
+            _ => None,
+        })
+        .collect();
     for (_, r) in list {
         match r.verify_for(hub) {
             Ok(()) => report.verified += 1,
-            Err(e) => report.failed.push(format!("{}: {e}", r.receipt.request_id)),
+            Err(e) => {
+                report.failed.push(format!("{}: {e}", r.receipt.request_id));
+                continue;
+            }
+        }
+        let c = &r.receipt;
+        if let Some(&(prompt, completion)) = served.get(&c.request_id) {
+            if c.prompt_tokens < prompt || c.completion_tokens < completion {
+                report.short.push(format!(
+                    "{}: the hub counted {} prompt and {} completion tokens; your backend reported {prompt} and {completion}",
+                    c.request_id, c.prompt_tokens, c.completion_tokens
+                ));
+            }
         }
     }
     report

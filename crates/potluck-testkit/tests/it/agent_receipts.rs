@@ -451,3 +451,33 @@ async fn a_batch_padded_with_refused_receipts_costs_the_journal_little() {
         "the journal grew by {bytes} bytes for two receipts"
     );
 }
+
+/// A hub signs receipts that count fewer tokens than the volunteer's backend served (7
+/// prompt and 5 completion tokens here): `receipts verify` tells the volunteer which, with
+/// both counts, where before it said "verified" and nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_that_count_less_than_was_served_are_told() {
+    let (mut rig, key, info) = served(&["r1", "r2"]).await;
+    let short = Receipt {
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        ..receipt("r1", 10)
+    };
+    let body: Vec<u8> =
+        HubEvent::ReceiptBatch(ReceiptBatch::sign(vec![short, receipt("r2", 10)], &key).unwrap())
+            .encode();
+    post_events(&mut rig, body).await;
+    let dir = rig.state_dir.join("journal");
+    wait_until("both receipts", Duration::from_secs(10), || {
+        let dir = dir.clone();
+        async move { journal::receipts(&dir).0.len() == 2 }
+    })
+    .await;
+    let report = journal::verify(&dir, &info);
+    assert_eq!((report.verified, report.failed.len()), (2, 0), "{report:?}");
+    assert_eq!(report.short.len(), 1, "{report:?}");
+    assert!(
+        report.short[0].starts_with("r1:") && report.short[0].contains("7 and 5"),
+        "{report:?}"
+    );
+}
