@@ -40,7 +40,8 @@ pub struct FakeBehavior {
     pub long_line: Option<u64>,
     /// Hostile: in a stream, a line of invalid UTF-8.
     pub invalid_utf8: bool,
-    /// Hostile: answer non-streamed requests with this body, as JSON content type.
+    /// Hostile: answer non-streamed requests with this body, as JSON content type (with
+    /// `fail_status`: the failure's body).
     pub raw_body: Option<&'static str>,
     /// Whole answers and embeddings report this `usage` instead of the true one
     /// (`Value::Null`: no `usage` at all).
@@ -403,6 +404,15 @@ async fn inference(State(st): State<Arc<FakeState>>, req: Request) -> Response {
     }
     if let Some(code) = b.fail_status {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if let Some(body) = b.raw_body {
+            // The failure's own body (what a real backend says when it fails).
+            let mut r = (status, body).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            return r;
+        }
         return (
             status,
             axum::Json(

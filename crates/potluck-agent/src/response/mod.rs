@@ -9,7 +9,9 @@
 //!   most `max_line_bytes`, the whole at most `max_response_bytes`, and the answer must
 //!   end within `response_timeout`. A violation ends the stream with one SSE error event
 //!   (`data: {"error":{...,"code":"agent_error"}}`). The last `usage` seen is kept.
-//! - Non-success answers are passed on, capped at [`MAX_ERROR_BODY_BYTES`].
+//! - Non-success answers are read up to [`MAX_ERROR_BODY_BYTES`] and passed on as an
+//!   OpenAI error with the backend's message, paths on the volunteer's machine removed
+//!   ([`scrub`]).
 
 use std::sync::Arc;
 
@@ -21,6 +23,8 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::slots::Bandwidth;
+
+pub mod scrub;
 
 /// Largest error body relayed from a backend.
 pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;

@@ -398,7 +398,7 @@ async fn relay(
     resp: Response<Incoming>,
 ) -> Response<AgentBody> {
     let status = resp.status();
-    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+    let mut content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
     let streamed = content_type
         .as_ref()
         .and_then(|v| v.to_str().ok())
@@ -445,6 +445,12 @@ async fn relay(
                 if let Some(u) = usage {
                     record.usage = u;
                 }
+                let bytes = if status.is_success() {
+                    bytes
+                } else {
+                    content_type = Some(HeaderValue::from_static("application/json"));
+                    response::scrub::error_body(status, &bytes)
+                };
                 response::paced_whole(bytes, Arc::clone(&sh.bandwidth), record).boxed_unsync()
             }
             Err(e) => {

@@ -231,3 +231,41 @@ async fn keys_that_would_override_the_checked_ones_never_reach_the_backend() {
         .await;
     assert_eq!(status, 200);
 }
+
+/// A backend that fails names the volunteer's files in its error (ollama: `open
+/// /home/alice/.ollama/…`): the hub receives the error with its message and code, and
+/// without the path. Before, the backend's body went to the hub (and on to consumers)
+/// as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backends_error_reaches_the_hub_without_the_volunteers_paths() {
+    let mut rig =
+        potluck_testkit::agent_rig::AgentRig::start(&[MODEL], "", "2024-01-01T12:00:00Z", |_| {})
+            .await;
+    rig.wait_offered(MODEL).await;
+    rig.backend.set_behavior(potluck_testkit::FakeBehavior {
+        fail_status: Some(500),
+        raw_body: Some(
+            r#"{"error":"open /home/alice/.ollama/models/blobs/sha256-ab: permission denied"}"#,
+        ),
+        ..Default::default()
+    });
+    let (status, _, body) = rig
+        .send(
+            "/v1/chat/completions",
+            MODEL,
+            "e1",
+            r#"{"model":"m1","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(status, 500);
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        !text.contains("/home/") && !text.contains("alice"),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v["error"]["message"], "open <path> permission denied",
+        "{v}"
+    );
+}

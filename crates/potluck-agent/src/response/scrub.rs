@@ -1,0 +1,134 @@
+//! A backend's error answer, as the hub may see it: rebuilt as an OpenAI error with the
+//! backend's message, type and code, and every path on the volunteer's machine in the
+//! message replaced by `<path>`. Backends name their files in errors (ollama's `open
+//! /home/alice/.ollama/models/blobs/…`, a Python traceback's `File "/srv/…"`), which
+//! would tell every hub and consumer the volunteer's user name and directories. An answer
+//! that is not a JSON error (a traceback, an HTML page) becomes a short one of the
+//! agent's, with the status alone.
+
+use bytes::Bytes;
+use http::StatusCode;
+use potluck_protocol::ErrorBody;
+use serde_json::Value;
+
+/// Longest message kept of a backend's error, in bytes.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// The error body to relay for a backend's non-success answer `body`.
+pub fn error_body(status: StatusCode, body: &[u8]) -> Bytes {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let err = parsed.as_ref().map(|v| v.get("error").unwrap_or(v));
+    let text = |v: Option<&Value>, key: &str| {
+        v.and_then(|e| e.get(key)).and_then(|x| match x {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+    };
+    let message = err
+        .and_then(|e| e.as_str().map(str::to_owned))
+        .or_else(|| text(err, "message"))
+        .or_else(|| text(err, "detail"));
+    let out = match message {
+        Some(m) => ErrorBody::new(
+            &text(err, "type").unwrap_or_else(|| "backend_error".into()),
+            scrub(&m),
+            None,
+            text(err, "code").as_deref(),
+        ),
+        None => ErrorBody::new(
+            "backend_error",
+            format!(
+                "The provider's backend refused the request (HTTP {}).",
+                status.as_u16()
+            ),
+            None,
+            None,
+        ),
+    };
+    Bytes::from(serde_json::to_vec(&out).unwrap_or_default())
+}
+
+/// `message` with every path replaced by `<path>`, cut to [`MAX_ERROR_MESSAGE_BYTES`].
+pub fn scrub(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(MAX_ERROR_MESSAGE_BYTES));
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        out.push_str(if is_path(word) { "<path>" } else { word });
+        word.clear();
+    };
+    for c in message.chars() {
+        if c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '(' | ')' | ',' | '[' | ']') {
+            flush(&mut word, &mut out);
+            out.push(if c.is_control() { ' ' } else { c });
+        } else if !c.is_control() {
+            word.push(c);
+        }
+        if out.len() > MAX_ERROR_MESSAGE_BYTES {
+            break;
+        }
+    }
+    flush(&mut word, &mut out);
+    if out.len() > MAX_ERROR_MESSAGE_BYTES {
+        let mut end = MAX_ERROR_MESSAGE_BYTES;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    out
+}
+
+/// A word that names a place on a file system: absolute (`/…`, `~/…`, `C:\…`), or
+/// relative with a directory in it (`./…`, `../…`), or any with a backslash.
+fn is_path(w: &str) -> bool {
+    let w = w.trim_end_matches([':', '.', ';']);
+    let b = w.as_bytes();
+    let drive =
+        b.len() > 2 && b[0].is_ascii_alphabetic() && b[1] == b':' && matches!(b[2], b'\\' | b'/');
+    (w.starts_with('/') && w.len() > 1)
+        || w.starts_with("~/")
+        || w.starts_with("./")
+        || w.starts_with("../")
+        || w.contains('\\')
+        || drive
+        || w.starts_with("file:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_in_a_backends_error_never_reach_the_hub() {
+        let ollama =
+            br#"{"error":"open /home/alice/.ollama/models/blobs/sha256-ab: permission denied"}"#;
+        let v: Value =
+            serde_json::from_slice(&error_body(StatusCode::INTERNAL_SERVER_ERROR, ollama)).unwrap();
+        assert_eq!(v["error"]["message"], "open <path> permission denied");
+        assert_eq!(v["error"]["type"], "backend_error");
+        let openai = br#"{"error":{"message":"This model's maximum context length is 2048 tokens (C:\\models\\m.gguf)","type":"invalid_request_error","code":"context_length_exceeded"}}"#;
+        let v: Value =
+            serde_json::from_slice(&error_body(StatusCode::BAD_REQUEST, openai)).unwrap();
+        assert_eq!(v["error"]["code"], "context_length_exceeded");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(
+            v["error"]["message"],
+            "This model's maximum context length is 2048 tokens (<path>)"
+        );
+        let vllm = br#"{"object":"error","message":"File \"/srv/vllm/engine.py\", line 3","type":"BadRequestError","code":400}"#;
+        let v: Value = serde_json::from_slice(&error_body(StatusCode::BAD_REQUEST, vllm)).unwrap();
+        assert_eq!(v["error"]["message"], "File \"<path>\", line 3");
+        assert_eq!(v["error"]["code"], "400");
+        let html = b"<html>Traceback (most recent call last): /usr/lib/python3</html>";
+        let v: Value = serde_json::from_slice(&error_body(StatusCode::BAD_GATEWAY, html)).unwrap();
+        assert!(!v.to_string().contains("/usr"), "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("502"));
+        // Ordinary words with slashes stay: a ratio, a model's org/name.
+        assert_eq!(
+            scrub("1/2 of Qwen/Qwen2.5 at tokens/s"),
+            "1/2 of Qwen/Qwen2.5 at tokens/s"
+        );
+        assert!(scrub(&"x".repeat(5000)).len() <= MAX_ERROR_MESSAGE_BYTES);
+    }
+}
