@@ -20,22 +20,38 @@ pub(crate) async fn signup(
     State(st): State<Arc<HubState>>,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    // Counted before the body is read: every attempt, so invite codes cannot be guessed
-    // at speed either.
-    per_hour(
-        &st,
-        &st.signups,
-        0,
-        st.config.abuse.signups_per_hour,
-        "signups",
-    )?;
     let req: Signup = read_json(body, st.config.max_admin_body_bytes).await?;
-    check_account_name("name", &req.name)?;
     let code = req
         .invite_code
         .filter(|c| !c.trim().is_empty())
         .map(Secret::new);
     let mode = st.config.accounts.mode;
+    // A signup with an invite code is bounded by the codes (192 random bits: not to be
+    // guessed at any speed), its lookups by `server.max_key_lookups`; the hub-wide
+    // hourly bucket counts the others. (Before, every attempt took from the bucket
+    // before its body was read: thirty junk posts an hour kept every invitee out.)
+    let invited = mode != JoinMode::Open && code.is_some();
+    let _turn = if invited {
+        if !code
+            .as_ref()
+            .is_some_and(|c| potluck_store::SecretKind::Invite.looks_like(c.expose()))
+        {
+            return Err(ApiError::Refused(
+                "The invite code is unknown, used, revoked or expired.",
+            ));
+        }
+        Some(crate::http::auth::lookup_turn(&st).await?)
+    } else {
+        per_hour(
+            &st,
+            &st.signups,
+            0,
+            st.config.abuse.signups_per_hour,
+            "signups",
+        )?;
+        None
+    };
+    check_account_name("name", &req.name)?;
     let (code, status) = match (mode, code) {
         (JoinMode::Open, _) => (None, Standing::Active),
         (JoinMode::Invite, None) => {

@@ -78,7 +78,9 @@ pub(crate) async fn key_by_hash(state: &HubState, hash: String) -> Result<KeyAut
 /// at once, so that a stranger sending a new random key with every request (each one a
 /// cache miss) holds that many of the database's connections, not all of them, and the
 /// usage writer, balance reads and known keys go on. Past `server.key_lookup_wait`, 503.
-async fn lookup_turn(state: &HubState) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+pub(crate) async fn lookup_turn(
+    state: &HubState,
+) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
     turn(state, &state.key_lookups).await
 }
 

@@ -876,3 +876,61 @@ async fn a_members_reads_take_a_few_database_connections_at_a_time() {
     }
     assert!(busy > 0, "48 reads at once, and none waited for its turn");
 }
+
+/// A stranger spends the hub's hourly signup bucket with junk posts: an invitee with a
+/// real code still gets in (the codes are 192 random bits, not to be guessed at any
+/// speed), while codeless signups stay limited. Before, every attempt took from the
+/// bucket before its body was read: thirty junk posts an hour kept every invitee out.
+#[tokio::test]
+async fn junk_signups_cannot_keep_an_invitee_out() {
+    let hub = TestHub::start_with(|c| {
+        c.accounts.mode = JoinMode::Approval;
+        c.abuse.signups_per_hour = 2;
+    })
+    .await;
+    for body in [
+        json!({}),
+        json!({"name": "junk1"}),
+        json!({"name": "junk2"}),
+        json!({"name": "junk3"}),
+    ] {
+        let (s, _) = call(&hub, "POST", "/v1/signup", None, Some(body)).await;
+        assert!(s >= 400 || s == 201, "{s}");
+    }
+    let (s, _) = call(
+        &hub,
+        "POST",
+        "/v1/signup",
+        None,
+        Some(json!({"name": "junk4"})),
+    )
+    .await;
+    assert_eq!(s, 429, "codeless signups are still limited");
+    // Guesses at codes are refused, and do not lock the invitee out either.
+    for i in 0..5 {
+        let guess = format!("pi-{:048x}", i + 1);
+        let (s, _) = call(
+            &hub,
+            "POST",
+            "/v1/signup",
+            None,
+            Some(json!({"name": format!("g{i}"), "invite_code": guess})),
+        )
+        .await;
+        assert_eq!(s, 403, "a guessed code");
+    }
+    let invite = Admin::admin(&hub)
+        .send("POST", "/admin/v1/invites", Some(json!({})))
+        .await;
+    assert_eq!(invite.status, 201, "{:?}", invite.body);
+    let code = invite.body["code"].as_str().unwrap().to_owned();
+    let (s, v) = call(
+        &hub,
+        "POST",
+        "/v1/signup",
+        None,
+        Some(json!({"name": "invitee", "invite_code": code})),
+    )
+    .await;
+    assert_eq!(s, 201, "the invitee was kept out: {v}");
+}
