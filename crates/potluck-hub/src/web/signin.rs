@@ -69,13 +69,6 @@ pub(crate) async fn signin(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, WebError> {
-    crate::accounts::per_hour(
-        &st,
-        &st.web.signins,
-        0,
-        st.config.web.signin_attempts_per_hour,
-        "sign-in attempts",
-    )?;
     // The sign-in cookie (given with the form) before a byte of the body is read.
     let pre = cookie(&headers, SIGNIN_COOKIE)
         .and_then(|t| st.web.open(t))
@@ -86,9 +79,20 @@ pub(crate) async fn signin(
         return Err(ApiError::Forbidden.into());
     }
     let secret = Secret::new(f.key.trim());
+    // Failed attempts count against the hub-wide hourly bucket; a member's good key
+    // signs in whatever a stranger spent of it (keys are 192 random bits, and their
+    // lookups are bounded by `server.max_key_lookups`). Before, every attempt took from
+    // the bucket first: a stranger's posts kept every member out for the hour.
     let auth = match auth::authenticate(&st, &secret).await {
         Ok(a) => a,
         Err(ApiError::Unauthorized | ApiError::Blocked(_)) => {
+            crate::accounts::per_hour(
+                &st,
+                &st.web.signins,
+                0,
+                st.config.web.signin_attempts_per_hour,
+                "sign-in attempts",
+            )?;
             return Ok(fresh_form(&st, StatusCode::UNAUTHORIZED, true));
         }
         Err(e) => return Err(e.into()),
