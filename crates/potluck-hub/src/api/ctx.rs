@@ -154,7 +154,13 @@ impl Ctx {
         };
         let mut settlement = finish::settlement(&r, parties, usage, {
             finish::cost(state.config.credits.rates(self.model.as_str()), usage)
-        });
+        })
+        // No hold: the account could not cover the request (a hub with
+        // `credits.require_credits = false` serves it all the same). Nothing is charged
+        // and nothing earned: credits a provider earns are always some consumer's, never
+        // a debt (before, the account went below zero without end, and a provider paid
+        // by an empty account of its own owner's made credits from nothing).
+        .filter(|_| self.hold.is_some());
         let pending = match (&self.hold, settlement.as_mut()) {
             (Some(hold), Some(s)) => hold.settle(finish::within(s, hold.amount())),
             _ => None,

@@ -737,3 +737,35 @@ async fn leaving_before_a_whole_answer_is_not_free() {
     .await;
     hub.state().store.audit_ledger().await.unwrap();
 }
+
+/// A hub that serves accounts without credits (`credits.require_credits = false`): an
+/// empty account is served, and neither charged nor paying its provider. Before, the
+/// account went below zero without end, and a provider run by the same person earned
+/// real credits from it (credits made from nothing, spendable where credits count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_account_served_for_free_pays_no_provider() {
+    let hub = TestHub::start_with(|c| {
+        cheap(c);
+        c.credits.require_credits = false;
+        c.credits.starter_grant = 0.0;
+    })
+    .await;
+    let _p = ScriptedAgent::connect(
+        "minter",
+        &hub.url(),
+        &hub.create_provider("minter").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let broke = Consumer::new(&hub, "broke").await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "free"}]});
+    for _ in 0..5 {
+        served(&broke, &body).await;
+    }
+    hub.wait_usage_rows(5).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(broke.available_micro().await, 0, "charged below zero");
+    assert_eq!(hub.balance("minter").await, (0, 0), "earned from nothing");
+    hub.state().store.audit_ledger().await.unwrap();
+}
