@@ -415,9 +415,15 @@ impl InferenceRequest {
             (Some(_), Some(_)) => return Err(RequestError::BothTokenLimits),
             (a, b) => a.or(b),
         };
-        let choices = read_choices(top.n, "n")?
-            .max(read_choices(top.best_of, "best_of")?)
-            .saturating_mul(u32::try_from(top.walk.batch_items.max(1)).unwrap_or(u32::MAX));
+        let batch = u32::try_from(top.walk.batch_items.max(1)).unwrap_or(u32::MAX);
+        // Embeddings: one vector per input, whatever `n` says (it means nothing there).
+        let choices = if endpoint == InferenceEndpoint::Embeddings {
+            batch
+        } else {
+            read_choices(top.n, "n")?
+                .max(read_choices(top.best_of, "best_of")?)
+                .saturating_mul(batch)
+        };
         let walk = &top.walk;
         let tokens = walk
             .text_bytes

@@ -112,6 +112,26 @@ impl Ctx {
         usage: Usage,
         ttft: Option<Duration>,
     ) {
+        self.end(state, link, (status, outcome), usage, ttft, true);
+    }
+
+    /// The end of a request whose consumer left before any provider answered it: its
+    /// usage row, and `usage` counted against the key's token limits, but nothing charged
+    /// or earned and no receipt (no provider gave anything; one that stalls until the
+    /// consumer gives up is paid nothing for it).
+    pub(crate) fn finish_unanswered(&self, state: &HubState, link: &ProviderLink, usage: Usage) {
+        self.end(state, link, (499, Outcome::Cancelled), usage, None, false);
+    }
+
+    fn end(
+        &self,
+        state: &HubState,
+        link: &ProviderLink,
+        (status, outcome): (u16, Outcome),
+        usage: Usage,
+        ttft: Option<Duration>,
+        answered: bool,
+    ) {
         let _entered = self.span.enter();
         self.log(status, outcome, usage);
         match outcome {
@@ -160,7 +180,7 @@ impl Ctx {
         // and nothing earned: credits a provider earns are always some consumer's, never
         // a debt (before, the account went below zero without end, and a provider paid
         // by an empty account of its own owner's made credits from nothing).
-        .filter(|_| self.hold.is_some());
+        .filter(|_| self.hold.is_some() && answered);
         let pending = match (&self.hold, settlement.as_mut()) {
             (Some(hold), Some(s)) => hold.settle(finish::within(s, hold.amount())),
             _ => None,
@@ -169,7 +189,9 @@ impl Ctx {
             .as_ref()
             .filter(|s| s.provider_account == link.provider_account)
             .map_or(Micro::ZERO, |s| Micro::new(s.cost));
-        self.send_receipt(state, link, &ended, earned);
+        if answered {
+            self.send_receipt(state, link, &ended, earned);
+        }
         state.accounting.record(
             crate::books::usage::Finished {
                 usage: finish::usage_row(&r, link.provider_id, &ended),
@@ -229,6 +251,8 @@ impl Ctx {
                 account_id: self.key.account_id,
                 request_id: self.request_id.clone(),
                 billed: ended.usage,
+                prompt_estimate: self.bounds.prompt_estimate,
+                choices: self.bounds.choices,
             }));
         }
         // Choices are generated side by side: each at the model's speed, not all of them.
@@ -324,4 +348,62 @@ pub(crate) fn with_request_id(mut r: Response, id: &str) -> Response {
         r.headers_mut().insert(HEADER_X_REQUEST_ID, v);
     }
     r
+}
+
+/// A request sent to a provider whose consumer may leave before it ends (the handler
+/// dropped while it waits for the answer, or collects a whole one, or has it checked by
+/// the guard). Dropped armed, it finishes the request as cancelled: its prompt, at the
+/// hub's estimate, counts against the key's token limits, so that leaving just before
+/// the answer is no way past them; and once a provider has answered (its head came),
+/// the prompt is billed and that provider paid for it (it read the prompt; the stream
+/// relay does the same for a stream its consumer left). Before an answer, nothing is
+/// charged or paid: no provider gave anything, and one that stalls until consumers give
+/// up earns nothing by it. Every path that finishes the request itself disarms it
+/// (after its last await: a handler is only dropped at one).
+pub(crate) struct Unfinished<'a> {
+    state: &'a HubState,
+    ctx: &'a Ctx,
+    link: Option<Arc<ProviderLink>>,
+    answered: bool,
+}
+
+impl<'a> Unfinished<'a> {
+    /// Armed for `ctx`, sent to `link` (and maybe rerouted: the row names the first).
+    pub(crate) fn new(state: &'a HubState, ctx: &'a Ctx, link: &Arc<ProviderLink>) -> Self {
+        Self {
+            state,
+            ctx,
+            link: Some(Arc::clone(link)),
+            answered: false,
+        }
+    }
+
+    /// `link`'s head came: the provider answered (and read the prompt).
+    pub(crate) fn answered_by(&mut self, link: &Arc<ProviderLink>) {
+        self.link = Some(Arc::clone(link));
+        self.answered = true;
+    }
+
+    /// The request is finished by whoever took it over.
+    pub(crate) fn disarm(mut self) {
+        self.link = None;
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        let Some(link) = self.link.take() else {
+            return;
+        };
+        let prompt = Usage {
+            prompt: self.ctx.bounds.prompt_estimate,
+            completion: 0,
+        };
+        if self.answered {
+            self.ctx
+                .finish(self.state, &link, 499, Outcome::Cancelled, prompt, None);
+        } else {
+            self.ctx.finish_unanswered(self.state, &link, prompt);
+        }
+    }
 }

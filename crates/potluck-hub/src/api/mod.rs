@@ -37,9 +37,8 @@ use potluck_store::KeyAuth;
 use tracing::Instrument;
 
 use crate::api::admit::{header_has, Parsed, HEADER_PREFER, HEADER_TRUST};
-use crate::api::ctx::{reject, Ctx};
+use crate::api::ctx::{reject, Ctx, Unfinished};
 use crate::api::dispatch::Slot;
-use crate::api::finish::Outcome;
 use crate::books::limits::InFlight;
 use crate::books::reserve::Hold;
 use crate::books::usage::UsagePlace;
@@ -49,7 +48,7 @@ use crate::routing::inflight::InFlightGuard;
 use crate::routing::registry::Need;
 use crate::routing::send::new_request_id;
 use crate::state::HubState;
-use crate::trust::plausibility::{Bounds, Usage};
+use crate::trust::plausibility::Bounds;
 use crate::trust::sample::AuditSample;
 
 /// Milliseconds since the epoch (0 if the clock is before it).
@@ -282,17 +281,14 @@ async fn route(state: Arc<HubState>, mut ctx: Ctx, parsed: Parsed, priority: u8)
         }
         Err(e) => return reject(&ctx.request_id, ctx.endpoint, Some(&ctx.key), e),
     };
-    let unfinished = Unfinished {
-        state: &state,
-        ctx: &ctx,
-        link: Some(Arc::clone(lease.tunnel())),
-    };
+    let mut unfinished = Unfinished::new(&state, &ctx, lease.tunnel());
     match dispatch::dispatch(&state, &ctx, &parsed, lease).await {
         Ok((lease, answer)) if parsed.stream => {
             unfinished.disarm();
             relay::stream::relay_stream(state, ctx, parsed.wants_usage, lease, answer)
         }
         Ok((lease, answer)) => {
+            unfinished.answered_by(lease.tunnel());
             let r = relay::whole::relay_whole(&state, &ctx, lease, answer.resp).await;
             unfinished.disarm();
             r
@@ -301,38 +297,5 @@ async fn route(state: Arc<HubState>, mut ctx: Ctx, parsed: Parsed, priority: u8)
             unfinished.disarm();
             ctx.provider_failed(&state, &link, e)
         }
-    }
-}
-
-/// A request sent to a provider whose consumer may leave before it ends (the handler
-/// dropped while waiting for the answer, or collecting a whole one). Dropped armed, it
-/// finishes the request as cancelled and bills the prompt at the hub's estimate (the
-/// provider read it; the stream relay does the same for a stream its consumer left), so
-/// that leaving just before the answer is not a free way to make volunteers work, past
-/// the key's token limits. Every path that finishes the request itself disarms it (after
-/// its last await: a handler is only dropped at one).
-struct Unfinished<'a> {
-    state: &'a HubState,
-    ctx: &'a Ctx,
-    link: Option<Arc<crate::routing::link::ProviderLink>>,
-}
-
-impl Unfinished<'_> {
-    fn disarm(mut self) {
-        self.link = None;
-    }
-}
-
-impl Drop for Unfinished<'_> {
-    fn drop(&mut self) {
-        let Some(link) = self.link.take() else {
-            return;
-        };
-        let prompt = Usage {
-            prompt: self.ctx.bounds.prompt_estimate,
-            completion: 0,
-        };
-        self.ctx
-            .finish(self.state, &link, 499, Outcome::Cancelled, prompt, None);
     }
 }

@@ -24,8 +24,17 @@ pub(crate) async fn judge(state: &HubState, a: AuditRecord) {
     };
     let new = if a.passed && a.kind == "canary" {
         // A canary can be told from a consumer's request by one who reads this code: a
-        // liar honest on canaries alone must not earn back what its replays cost it.
-        score
+        // liar honest on canaries alone must not earn back what its replays cost it. A
+        // passed canary lifts a low score only up to half again the quarantine
+        // threshold, so that an honest provider with few consumer requests to replay
+        // recovers from the odd flag, while a liar's next failed replay from there
+        // quarantines it.
+        let floor = (cfg.quarantine_below * 1.5).min(1.0);
+        if score < floor {
+            (score + cfg.pass_reward).min(floor)
+        } else {
+            score
+        }
     } else if a.passed {
         (score + cfg.pass_reward).min(1.0)
     } else if a.kind == "replay" || a.kind == "canary" {

@@ -222,6 +222,11 @@ pub(crate) struct ReplayJob {
     pub(crate) request_id: String,
     /// What the request was billed (the provider's usage, within the hub's bounds).
     pub(crate) billed: Usage,
+    /// The hub's own estimate of the prompt (billed when the provider reported none:
+    /// then the prompt is the hub's doing, not the provider's).
+    pub(crate) prompt_estimate: i64,
+    /// The request's choices (`n`, `best_of`): the reference may have made fewer.
+    pub(crate) choices: i64,
 }
 
 /// Send the sampled body, as it is, to a trusted reference only, and judge what the
@@ -259,11 +264,21 @@ async fn replay(state: &HubState, job: ReplayJob) {
     let delivered = job.sample.into_text();
     let (passed, agreement) = verdict(&state.config.audit, &delivered, &b.text, b.cut_at_length);
     // The same text billed above what the reference counted for it fails the replay too.
+    let provider_counted = Usage {
+        // The hub's own estimate, billed for want of the provider's count, is not held
+        // against it.
+        prompt: if job.billed.prompt == job.prompt_estimate {
+            0
+        } else {
+            job.billed.prompt
+        },
+        ..job.billed
+    };
     let inflated = passed
         && usage_over_reference(
-            job.billed,
+            provider_counted,
             &b,
-            delivered == b.text,
+            job.choices <= 1 && delivered == b.text,
             state.config.credits.prompt_overhead_tokens,
         );
     if inflated {
@@ -286,15 +301,17 @@ async fn replay(state: &HubState, job: ReplayJob) {
 }
 
 /// Whether `billed` is more than a trusted reference reported for the same body on the
-/// same model file: its prompt tokens (the same text through the same tokenizer; beyond
-/// `overhead`, the template difference the hub allows, and a tenth), and, where the
-/// answers are the same text, its completion tokens (beyond
-/// [`PLAUSIBILITY_SLACK_TOKENS`]). A reference that reported nothing proves nothing.
+/// same model file: its prompt tokens (the same text through the same tokenizer, but
+/// maybe another server's template: a default system prompt, tools rendered otherwise;
+/// beyond half again the reference's count plus `overhead`), and, where the answers are
+/// the same single text, its completion tokens (beyond [`PLAUSIBILITY_SLACK_TOKENS`]). A
+/// reference that reported nothing proves nothing.
 fn usage_over_reference(billed: Usage, reference: &Answer, same_text: bool, overhead: i64) -> bool {
     let prompt_bound = reference
         .prompt_tokens
-        .saturating_add(overhead.max(0))
-        .max(reference.prompt_tokens.saturating_mul(11) / 10);
+        .saturating_mul(3)
+        .saturating_div(2)
+        .saturating_add(overhead.max(0));
     let prompt = reference.prompt_tokens > 0 && billed.prompt > prompt_bound;
     let completion = same_text
         && !reference.cut_at_length
@@ -437,21 +454,21 @@ mod tests {
             ..Answer::default()
         };
         let billed = |prompt, completion| Usage { prompt, completion };
-        // The template difference the hub allows (128), or a tenth of the prompt.
+        // Half again the reference's prompt, plus the template difference the hub allows.
         assert!(!usage_over_reference(
-            billed(1128, 50),
+            billed(1628, 50),
             &reference,
             true,
             128
         ));
         assert!(usage_over_reference(
-            billed(1129, 50),
+            billed(1629, 50),
             &reference,
             true,
             128
         ));
-        assert!(!usage_over_reference(billed(1100, 50), &reference, true, 0));
-        assert!(usage_over_reference(billed(1101, 50), &reference, true, 0));
+        assert!(!usage_over_reference(billed(1500, 50), &reference, true, 0));
+        assert!(usage_over_reference(billed(1501, 50), &reference, true, 0));
         // Completion only where the text is the same, and the reference ran to its end.
         assert!(usage_over_reference(
             billed(1000, 67),

@@ -978,9 +978,9 @@ async fn a_released_liar_that_lies_again_is_quarantined_again() {
 }
 
 /// Canaries follow a grammar anyone can read in this repository, so a liar can answer
-/// them honestly alone: a passed canary earns no reputation back (a failed one still
-/// costs). A released provider that only ever meets canaries stays where the release
-/// put it. Before, each passed canary added `pass_reward`, so a liar honest on canaries
+/// them honestly alone: a passed canary earns no reputation above half again the
+/// quarantine threshold (a failed one still costs). A released provider that only ever
+/// meets canaries stays where the release put it. Before, each passed canary added `pass_reward`, so a liar honest on canaries
 /// paid for its lies to consumers with them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passed_canaries_earn_no_reputation() {
@@ -1021,6 +1021,17 @@ async fn passed_canaries_earn_no_reputation() {
     let s = st.store.standing(id).await.unwrap();
     assert!(s.quarantined_at_ms.is_none());
     assert!((s.reputation - 0.5).abs() < 1e-9, "{s:?}");
+    // Below half again the threshold (0.45), passed canaries lift it that far, no more:
+    // an honest provider with few requests to replay recovers from the odd flag.
+    st.store.release_quarantine(id, 0.31).await.unwrap();
+    let before = sly.requests().len();
+    wait_until("canaries reach the provider again", WAIT, || async {
+        sly.requests().len() >= before + 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s = st.store.standing(id).await.unwrap();
+    assert!((s.reputation - 0.45).abs() < 1e-9, "{s:?}");
 }
 
 /// A consumer cannot get an honest provider flagged (and, flag by flag, quarantined) by

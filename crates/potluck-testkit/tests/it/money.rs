@@ -694,6 +694,14 @@ async fn embeddings_with_nothing_in_them_are_not_billed() {
     let good = json!({"object": "list", "data": [vector(4), vector(4)],
         "usage": {"prompt_tokens": 6, "total_tokens": 6}});
     p.set_raw(Some(RawAnswer::json(200, &good)));
+    // `n` means nothing to embeddings: it cannot make an honest answer look short.
+    let with_n = json!({"model": "m", "input": ["one text", "another text"], "n": 16});
+    let r = alice.post("embeddings", &with_n).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "an honest answer refused for the consumer's n"
+    );
     let r = alice.post("embeddings", &body).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
@@ -701,38 +709,58 @@ async fn embeddings_with_nothing_in_them_are_not_billed() {
 }
 
 /// A consumer asks for a whole answer and leaves before it comes (a client timeout, a
-/// reset just before the end): the request still ends in the books, cancelled, its
-/// prompt billed at the hub's estimate and counted against the key's token limits. Before,
-/// the handler was dropped with nothing written: leaving just before the answer made
-/// volunteers work for free, past every token limit.
+/// reset just before the end): the request still ends in the books, cancelled. Once its
+/// provider has answered (the head came, the body is on its way), the prompt is billed
+/// at the hub's estimate and that provider paid for it; before any answer, nothing is
+/// billed or paid (a provider that stalls until consumers give up earns nothing by it),
+/// and the prompt still counts against the key's token limits. Before, the handler was
+/// dropped with nothing written: leaving just before the answer made volunteers work
+/// for free, past every token limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaving_before_a_whole_answer_is_not_free() {
     let (hub, p, alice) = priced_pair("patient", "alice").await;
-    p.set_raw(Some(RawAnswer::Silent));
-    let before = alice.available_micro().await;
     let body = json!({"model": "m", "max_tokens": 50,
         "messages": [{"role": "user", "content": "a prompt of a few words ".repeat(40)}]});
-    let left = alice
-        .post("chat/completions", &body)
-        .timeout(Duration::from_millis(500))
-        .send()
-        .await;
-    assert!(left.is_err(), "the consumer did not leave: {left:?}");
-    wait_until("the request in the books", WAIT, || {
-        let hub = &hub;
-        async move {
-            let rows = hub.state().store.recent_usage(100).await.unwrap();
-            rows.iter().any(|r| r.outcome == "cancelled")
-        }
+    let leave = || {
+        alice
+            .post("chat/completions", &body)
+            .timeout(Duration::from_millis(500))
+            .send()
+    };
+    let cancelled = || async {
+        let rows = hub.state().store.recent_usage(100).await.unwrap();
+        rows.into_iter()
+            .filter(|r| r.outcome == "cancelled")
+            .collect::<Vec<_>>()
+    };
+    // No answer at all: written, not billed, the provider paid nothing.
+    p.set_raw(Some(RawAnswer::Silent));
+    let before = alice.available_micro().await;
+    assert!(leave().await.is_err(), "the consumer did not leave");
+    wait_until("the request in the books", WAIT, || async {
+        cancelled().await.len() == 1
     })
     .await;
-    let rows = hub.state().store.recent_usage(100).await.unwrap();
-    let row = rows.iter().find(|r| r.outcome == "cancelled").unwrap();
+    let row = &cancelled().await[0];
     assert!(row.prompt_tokens > 100, "{row:?}");
-    assert_eq!(row.completion_tokens, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        alice.available_micro().await,
+        before,
+        "billed for no answer"
+    );
+    assert_eq!(hub.balance("patient").await, (0, 0), "paid for stalling");
+    // The head came, the body did not yet: the prompt is billed, the provider paid.
+    p.set_raw(Some(RawAnswer::HeadThenSilence));
+    assert!(leave().await.is_err(), "the consumer did not leave");
+    wait_until("the second request in the books", WAIT, || async {
+        cancelled().await.len() == 2
+    })
+    .await;
+    let prompt = cancelled().await[0].prompt_tokens;
     wait_until("the prompt billed", WAIT, || {
         let alice = &alice;
-        async move { before - alice.available_micro().await == row.prompt_tokens }
+        async move { before - alice.available_micro().await == prompt }
     })
     .await;
     hub.state().store.audit_ledger().await.unwrap();

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use tracing::Instrument;
 
 use crate::api::admit::Parsed;
-use crate::api::ctx::{outcome_of, Ctx};
+use crate::api::ctx::{outcome_of, Ctx, Unfinished};
 use crate::api::dispatch::dispatch;
 use crate::api::relay::stream::Relay;
 use crate::api::relay::{sse_error, sse_response};
@@ -101,7 +101,10 @@ async fn wait(mut w: Box<Waiting>) -> Step {
     };
     ctx.queue_ms = Some(ticket.queued_at.elapsed().as_millis() as u64);
     drop(ticket);
-    match dispatch(&state, &ctx, &parsed, lease).await {
+    let unfinished = Unfinished::new(&state, &ctx, lease.tunnel());
+    let dispatched = dispatch(&state, &ctx, &parsed, lease).await;
+    unfinished.disarm();
+    match dispatched {
         Ok((lease, answer)) => {
             let mut relay = Box::new(Relay::new(state, ctx, parsed.wants_usage, lease, answer));
             let b = relay.next().await?;
