@@ -153,7 +153,10 @@ pub async fn busy_loop(sh: Arc<Shared>, shutdown: CancellationToken) {
             _ => 0.0,
         };
         prev = sample;
-        let reading = if rule.gpu && sh.in_flight() == 0 {
+        // Read once: a request ending between two reads would read as "not serving"
+        // with no GPU reading taken.
+        let in_flight = sh.in_flight();
+        let reading = if rule.gpu && in_flight == 0 {
             gpu.as_ref().and_then(|g| g.utilization_percent())
         } else {
             None
@@ -161,7 +164,7 @@ pub async fn busy_loop(sh: Arc<Shared>, shutdown: CancellationToken) {
         gpu_busy = gpu_over(
             gpu_busy,
             rule.gpu,
-            sh.in_flight(),
+            in_flight,
             reading,
             rule.threshold_percent,
         );

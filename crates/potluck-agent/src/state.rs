@@ -216,21 +216,7 @@ impl Shared {
     /// shared, renamed, or pinned to another file leaves at once; a kept one takes its new
     /// caps. Discovery adds what the policy newly shares.
     fn restrict_routes(&self, p: &Policy) {
-        if p.models.is_empty() {
-            return;
-        }
-        let mut routes = self.routes.lock();
-        routes.0.retain_mut(|r| {
-            let Some(rule) = p.rule_for_backend(&r.backend_name) else {
-                return false;
-            };
-            let same_file = r.rule.as_ref().map(|o| &o.file) == Some(&rule.file);
-            if rule.public_name != r.public || !same_file {
-                return false;
-            }
-            r.rule = Some(rule.clone());
-            true
-        });
+        restrict(&mut self.routes.lock().0, p);
     }
 
     /// Remember an error for `status` (content-free text only).
@@ -282,9 +268,12 @@ impl Shared {
     /// began before a reload (hashing a new file can take minutes) must not bring back
     /// a model the reload dropped, or its old caps.
     pub fn set_routes(&self, routes: Vec<Route>, capacity: u32) {
-        *self.routes.lock() = (routes, capacity);
-        let policy = self.policy();
-        self.restrict_routes(&policy);
+        {
+            // Stored and restricted under one lock: no request sees them unrestricted.
+            let mut r = self.routes.lock();
+            *r = (routes, capacity);
+            restrict(&mut r.0, &self.policy());
+        }
         self.republish();
     }
 
@@ -373,6 +362,25 @@ impl Shared {
 }
 
 /// A `Shared` for unit tests: one backend, no journal.
+/// Keep the routes `p`'s model rules still share, with their new caps: a model no
+/// longer shared, renamed, or pinned to another file leaves.
+fn restrict(routes: &mut Vec<Route>, p: &Policy) {
+    if p.models.is_empty() {
+        return;
+    }
+    routes.retain_mut(|r| {
+        let Some(rule) = p.rule_for_backend(&r.backend_name) else {
+            return false;
+        };
+        let same_file = r.rule.as_ref().map(|o| &o.file) == Some(&rule.file);
+        if rule.public_name != r.public || !same_file {
+            return false;
+        }
+        r.rule = Some(rule.clone());
+        true
+    });
+}
+
 #[cfg(test)]
 fn test_shared() -> Shared {
     Shared::new(

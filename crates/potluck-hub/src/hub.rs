@@ -162,6 +162,7 @@ impl Hub {
         let answers = crate::api::relay::budget::Budget::new(config.max_buffered_answer_bytes);
         let key_lookups = tokio::sync::Semaphore::new(config.server.max_key_lookups);
         let member_reads = tokio::sync::Semaphore::new(config.server.max_member_reads);
+        let provider_lookups = tokio::sync::Semaphore::new(config.server.max_key_lookups);
         let state = Arc::new(HubState {
             answers,
             web,
@@ -185,6 +186,7 @@ impl Hub {
             unknown_keys: TtlCache::new(cache::KEY_MISS_TTL),
             key_lookups,
             member_reads,
+            provider_lookups,
             balances,
             inflight: Default::default(),
             metrics,

@@ -60,6 +60,9 @@ pub struct HubState {
     pub(crate) unknown_keys: TtlCache<String, ()>,
     /// Turns for credential lookups on the database (`server.max_key_lookups`).
     pub(crate) key_lookups: tokio::sync::Semaphore,
+    /// Turns for provider token lookups (`server.max_key_lookups` too, apart from the
+    /// consumer keys').
+    pub(crate) provider_lookups: tokio::sync::Semaphore,
     /// Turns for members' own reads on the database (`server.max_member_reads`).
     pub(crate) member_reads: tokio::sync::Semaphore,
     /// Available balances and the credits requests in flight hold, by account.

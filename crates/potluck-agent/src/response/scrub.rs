@@ -58,7 +58,7 @@ pub fn scrub(message: &str) -> String {
         word.clear();
     };
     for c in message.chars() {
-        if c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '(' | ')' | ',' | '[' | ']') {
+        if c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '(' | ')' | ',' | '[' | ']' | '=') {
             flush(&mut word, &mut out);
             out.push(if c.is_control() { ' ' } else { c });
         } else if !c.is_control() {
@@ -124,6 +124,11 @@ mod tests {
         let v: Value = serde_json::from_slice(&error_body(StatusCode::BAD_GATEWAY, html)).unwrap();
         assert!(!v.to_string().contains("/usr"), "{v}");
         assert!(v["error"]["message"].as_str().unwrap().contains("502"));
+        // After `=`, too.
+        assert_eq!(
+            scrub("model=/home/alice/x.gguf failed"),
+            "model=<path> failed"
+        );
         // Ordinary words with slashes stay: a ratio, a model's org/name.
         assert_eq!(
             scrub("1/2 of Qwen/Qwen2.5 at tokens/s"),

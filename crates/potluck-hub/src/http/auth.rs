@@ -56,8 +56,16 @@ pub(crate) async fn key_by_hash(state: &HubState, hash: String) -> Result<KeyAut
         }
         None if state.unknown_keys.get(&hash).is_some() => return Err(ApiError::Unauthorized),
         None => {
-            let generation = state.keys.generation();
             let turn = lookup_turn(state).await?;
+            // Another request for the same key may have looked it up while this one
+            // waited for its turn (after a restart every key is cold at once).
+            if let Some(k) = state.keys.get(&hash) {
+                return checked(k);
+            }
+            if state.unknown_keys.get(&hash).is_some() {
+                return Err(ApiError::Unauthorized);
+            }
+            let generation = state.keys.generation();
             let found = state.store.authenticate_key_hash(&hash).await;
             drop(turn);
             let Some(k) = found? else {
@@ -68,6 +76,11 @@ pub(crate) async fn key_by_hash(state: &HubState, hash: String) -> Result<KeyAut
             k
         }
     };
+    checked(k)
+}
+
+/// A key, unless it or its account is blocked.
+fn checked(k: KeyAuth) -> Result<KeyAuth, ApiError> {
     match k.block {
         Some(b) => Err(ApiError::Blocked(b)),
         None => Ok(k),
@@ -162,7 +175,8 @@ pub(crate) async fn provider(state: &HubState, secret: &Secret) -> Result<Provid
     if state.unknown_keys.get(&hash).is_some() {
         return Err(ApiError::Unauthorized);
     }
-    let turn = lookup_turn(state).await?;
+    // Agents reconnecting wait in a queue of their own, not behind a stranger's keys.
+    let turn = turn(state, &state.provider_lookups).await?;
     let found = state.store.authenticate_provider(secret).await;
     drop(turn);
     match found? {

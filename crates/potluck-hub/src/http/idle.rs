@@ -10,12 +10,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Requests started on one connection, and what is still in progress (handlers
-/// running, answers still being sent).
-#[derive(Debug, Default)]
+use tokio::time::Instant;
+
+/// Requests in progress on one connection (handlers running, answers still being
+/// sent), and when it last started or ended something.
+#[derive(Debug)]
 pub(crate) struct Activity {
-    started: AtomicU64,
     open: AtomicU64,
+    /// Milliseconds from `born` to the last start or end.
+    last_ms: AtomicU64,
+    born: Instant,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            open: AtomicU64::new(0),
+            last_ms: AtomicU64::new(0),
+            born: Instant::now(),
+        }
+    }
 }
 
 /// Something in progress on a connection; dropping it ends it.
@@ -25,13 +39,22 @@ pub(crate) struct Busy(Arc<Activity>);
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
     }
 }
 
 impl Activity {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn touch(&self) {
+        self.last_ms.fetch_max(self.now_ms(), Ordering::AcqRel);
+    }
+
     /// A request starts (its handler runs until the returned guard is dropped).
     pub(crate) fn enter(self: &Arc<Self>) -> Busy {
-        self.started.fetch_add(1, Ordering::AcqRel);
+        self.touch();
         self.hold()
     }
 
@@ -40,21 +63,28 @@ impl Activity {
         self.open.fetch_add(1, Ordering::AcqRel);
         Busy(Arc::clone(self))
     }
+
+    /// How long the connection has had nothing in progress (zero while it has).
+    fn quiet_for(&self) -> Duration {
+        if self.open.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        let last = self.last_ms.load(Ordering::Acquire);
+        Duration::from_millis(self.now_ms().saturating_sub(last))
+    }
 }
 
-/// Resolves once the connection has had nothing in progress and started nothing for a
-/// whole `after` (checked every `after`: it is closed between one and two of them).
+/// Resolves once the connection has had nothing in progress for a whole `after` since
+/// it was accepted or since its last request started or ended.
 pub(crate) async fn idle(activity: Arc<Activity>, after: Duration) {
-    let mut seen = u64::MAX;
+    let mut wait = after;
     loop {
-        tokio::time::sleep(after).await;
-        let started = activity.started.load(Ordering::Acquire);
-        // The first check: nothing started since the connection was accepted.
-        let quiet = started == seen || (seen == u64::MAX && started == 0);
-        if quiet && activity.open.load(Ordering::Acquire) == 0 {
+        tokio::time::sleep(wait).await;
+        let quiet = activity.quiet_for();
+        if quiet >= after {
             return;
         }
-        seen = started;
+        wait = after.saturating_sub(quiet).max(Duration::from_millis(10));
     }
 }
 
@@ -65,20 +95,26 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_connection_is_idle_only_when_nothing_is_in_progress_or_started() {
+    async fn a_connection_is_idle_only_after_a_whole_quiet_period() {
         let a = Arc::new(Activity::default());
-        let t = Duration::from_millis(50);
+        let t = Duration::from_millis(200);
         // Nothing ever started: idle after one period.
-        let start = tokio::time::Instant::now();
+        let start = Instant::now();
         idle(Arc::clone(&a), t).await;
-        assert!(start.elapsed() < t * 2);
+        assert!(start.elapsed() >= t);
         // A request in progress keeps it, however long.
         let busy = a.enter();
         let waiting = tokio::spawn(idle(Arc::clone(&a), t));
-        tokio::time::sleep(t * 10).await;
+        tokio::time::sleep(t * 3).await;
         assert!(!waiting.is_finished());
-        // Ended: idle within two periods.
+        // Ended: idle a whole period after the end, not at the next check.
         drop(busy);
+        let ended = Instant::now();
         tokio::time::timeout(t * 4, waiting).await.unwrap().unwrap();
+        assert!(
+            ended.elapsed() >= t,
+            "closed {:?} after the request ended",
+            ended.elapsed()
+        );
     }
 }

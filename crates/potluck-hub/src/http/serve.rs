@@ -31,6 +31,9 @@ use crate::config::ServerConfig;
 use crate::http::idle::{idle, Activity};
 use crate::http::stall::Watchdog;
 
+/// How long an idle connection has to close cleanly (a request that raced the close).
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// Pause after a failed `accept` (out of file descriptors, say) before the next one.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
@@ -164,6 +167,9 @@ impl Connection {
             _ = close.cancelled() => {}
             () = &mut idle => {
                 tracing::debug!("connection closed: nothing asked of it within server.header_read_timeout");
+                // A clean close (HTTP/2: GOAWAY) for a client about to reuse it.
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, conn.as_mut()).await;
             }
         }
     }

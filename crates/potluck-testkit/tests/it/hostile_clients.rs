@@ -578,7 +578,16 @@ async fn a_tunnel_and_a_long_stream_outlive_the_idle_rule() {
     let token = hub.create_provider("steady").await;
     let _agent = potluck_testkit::TestAgent::start(&hub, &token, &backend.base_url());
     hub.wait_for_model("m1", 1).await;
+    let pid = hub.provider_id("steady").await;
+    let conn = |h: &TestHub| h.state().registry.tunnel_of(pid).map(|t| t.conn_id);
+    let first = conn(&hub);
+    assert!(first.is_some());
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        conn(&hub),
+        first,
+        "the tunnel was closed (and the agent came back)"
+    );
     let key = hub.create_key("c").await;
     let r = hub
         .http
@@ -592,4 +601,5 @@ async fn a_tunnel_and_a_long_stream_outlive_the_idle_rule() {
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     assert!(text.contains("[DONE]"), "{text}");
+    assert_eq!(conn(&hub), first, "the tunnel was closed during the stream");
 }
