@@ -109,6 +109,7 @@ impl Store {
         }
         let engine = self.engine();
         let mut tx = self.begin_write().await?;
+        let everyone = batch;
         let (usage, batch) = match attempt {
             Attempt::First => (Cow::Borrowed(usage), Cow::Borrowed(batch)),
             // Under the write lock: what is found written cannot change before the commit.
@@ -139,6 +140,14 @@ impl Store {
             if let Some(hub) = lease_holder {
                 leases = crate::leases::spend(&mut tx, hub, &charges(batch)?).await?;
             }
+        }
+        if let (Attempt::Again, Some(hub)) = (attempt, lease_holder) {
+            // An earlier try may have lowered leases and lost its answer: tell the hub
+            // every charged account's lease as it is now (the newest version wins).
+            let mut accounts: Vec<i64> = everyone.iter().map(|s| s.consumer_account).collect();
+            accounts.sort_unstable();
+            accounts.dedup();
+            leases = crate::leases::current(&mut tx, hub, &accounts).await?;
         }
         insert_usage(engine, &mut tx, &usage).await?;
         tx.commit().await?;

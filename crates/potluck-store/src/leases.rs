@@ -187,6 +187,33 @@ fn credits(m: Micro) -> String {
     format!("{sign}{}.{:06}", m / unit, m % unit)
 }
 
+/// `hub`'s leases on `accounts` as they are (accounts without a lease row are left out):
+/// what a retry tells the hub when an earlier try, whose answer was lost, lowered them.
+pub(crate) async fn current(
+    conn: &mut sqlx::AnyConnection,
+    hub: &str,
+    accounts: &[i64],
+) -> Result<Vec<LeaseNow>> {
+    let mut now = Vec::with_capacity(accounts.len());
+    for &account in accounts {
+        let row: Option<(Micro, i64)> = sqlx::query_as(
+            "SELECT amount, version FROM balance_leases WHERE account_id = $1 AND hub = $2",
+        )
+        .bind(account)
+        .bind(hub)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some((amount, version)) = row {
+            now.push(LeaseNow {
+                account,
+                amount,
+                version,
+            });
+        }
+    }
+    Ok(now)
+}
+
 /// Lower `hub`'s leases by what it just charged, inside the settling transaction; the
 /// leases' new amounts (accounts without a lease row are left out).
 pub(crate) async fn spend(

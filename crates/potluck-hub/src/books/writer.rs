@@ -255,15 +255,23 @@ async fn write(w: &mut Writer, batch: &mut [Finished]) {
     // been committed by a try whose answer was lost: each write skips what is written.
     for f in batch.iter() {
         let settlement: Vec<Settlement> = f.settlement.iter().cloned().collect();
-        let res = w
-            .store
-            .record_finished_for(
+        let one = || {
+            w.store.record_finished_for(
                 std::slice::from_ref(&f.usage),
                 &settlement,
                 holder,
                 Attempt::Again,
             )
-            .await;
+        };
+        let mut res = one().await;
+        if res
+            .as_ref()
+            .is_err_and(potluck_store::StoreError::is_transient)
+        {
+            // Its commit may have been made and its answer lost: once more, which finds
+            // it written and says so, rather than writing the usage row alone.
+            res = one().await;
+        }
         if let Ok(leases) = &res {
             w.reservations.apply_leases(leases);
         }

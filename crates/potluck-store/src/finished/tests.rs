@@ -211,3 +211,46 @@ crate::conformance!(a_retry_skips_what_an_earlier_try_committed, |db| {
     assert_eq!(dump(&store).await, dump(&one).await);
     store.audit_ledger().await.unwrap();
 });
+
+// The earlier try lowered the hub's lease and its answer was lost; the retry finds it
+// all written and writes nothing, but still tells the hub the lease as it is now.
+// Before, it told nothing: the hub kept spending from the lease as it was before the
+// charges.
+crate::conformance!(a_retry_that_writes_nothing_still_tells_the_lease, |db| {
+    let (store, ids) = store_with_accounts(&db).await;
+    store.grant(ids[0], 1_000).await.unwrap();
+    let lease = store.lease(ids[0], "h", 1_000, 60_000).await.unwrap();
+    assert_eq!(lease.granted, 1_000);
+    let s = Settlement {
+        request_id: "r-lost".into(),
+        consumer_account: ids[0],
+        provider_account: ids[1],
+        cost: 300,
+        tax: 0,
+        vests_at_ms: None,
+    };
+    let u = &usage(&ids, 1)[0];
+    let u = UsageRecord {
+        request_id: "r-lost".into(),
+        account_id: ids[0],
+        ..u.clone()
+    };
+    store.lose_next_commit_acks(1);
+    assert!(store
+        .record_finished_for(
+            std::slice::from_ref(&u),
+            std::slice::from_ref(&s),
+            Some("h"),
+            Attempt::First
+        )
+        .await
+        .is_err());
+    let told = store
+        .record_finished_for(&[u], &[s], Some("h"), Attempt::Again)
+        .await
+        .unwrap();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0].amount, 700);
+    assert!(told[0].version > lease.version);
+    assert_eq!(store.balance(ids[0]).await.unwrap().available, 700);
+});
