@@ -52,6 +52,8 @@ pub(crate) struct Delivered {
     /// byte, whatever the script: counting characters flagged honest answers in scripts
     /// a tokenizer spends several tokens a character on).
     pub(crate) chars: i64,
+    /// A choice came (an object in `choices`): an answer with none held nothing at all.
+    pub(crate) choices: bool,
 }
 
 impl Delivered {
@@ -67,6 +69,7 @@ impl Delivered {
         let Some(choices) = obj.get("choices").and_then(Value::as_array) else {
             return;
         };
+        self.choices |= choices.iter().any(Value::is_object);
         let count = |v: Option<&Value>| {
             v.and_then(Value::as_str)
                 .map_or(0, |s| i64::try_from(s.len()).unwrap_or(i64::MAX))

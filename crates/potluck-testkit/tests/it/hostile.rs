@@ -671,3 +671,60 @@ async fn a_tunnel_that_never_says_hello_is_closed() {
         "the first tunnel held its place until the deadline"
     );
 }
+
+/// A provider answers every request at once with nothing in it: `{}` to a whole request,
+/// `data: [DONE]` to a stream. It looked idle and always succeeded, so it won the picks,
+/// black-holed the model's traffic and was paid for the prompts. Now each such answer is
+/// the provider's failure: the consumer gets an error, pays nothing, and the provider's
+/// breaker counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_nothing_in_it_is_the_providers_failure() {
+    let hub = TestHub::start_with(crate::money::cheap).await;
+    let hollow = ScriptedAgent::connect(
+        "hollow",
+        &hub.url(),
+        &hub.create_provider("hollow").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let c = Consumer::new(&hub, "c").await;
+    hub.grant("c", 1.0).await;
+    let before = c.available_micro().await;
+    let body = |stream: bool| json!({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+    hollow.set_raw(Some(RawAnswer::json(200, &json!({}))));
+    let r = c
+        .post("chat/completions", &body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    hollow.set_raw(Some(RawAnswer::json(200, &json!({"choices": []}))));
+    let r = c
+        .post("chat/completions", &body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    hollow.set_raw(Some(RawAnswer::Bytes {
+        status: 200,
+        headers: vec![("content-type".into(), "text/event-stream".into())],
+        frames: vec![bytes::Bytes::from_static(b"data: [DONE]\n\n")],
+    }));
+    let r = c
+        .post("chat/completions", &body(true))
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert!(text.contains("provider_error"), "{text}");
+    hub.wait_usage_rows(3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(c.available_micro().await, before, "billed for nothing");
+    assert_eq!(hub.balance("hollow").await, (0, 0), "paid for nothing");
+    let rows = hub.state().store.recent_usage(10).await.unwrap();
+    assert!(
+        rows.iter().all(|r| r.outcome == "provider_error"),
+        "{rows:?}"
+    );
+}

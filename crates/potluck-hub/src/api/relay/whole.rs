@@ -57,6 +57,20 @@ pub(crate) async fn relay_whole(
             Err(e) => return ctx.provider_failed(state, &link, e),
         },
     };
+    let generates = matches!(
+        ctx.endpoint,
+        InferenceEndpoint::ChatCompletions | InferenceEndpoint::Completions
+    );
+    if generates && !seen.choices {
+        // `{}` or `"choices": []`: nothing at all, not an answer (an empty completion
+        // still comes as a choice). A provider answering so at once, to win picks by
+        // looking idle and to be paid for the prompt, has failed the request.
+        return ctx.provider_failed(
+            state,
+            &link,
+            ApiError::ProviderFailed("the provider's answer held no choices"),
+        );
+    }
     let usage = billable(
         &state.auditor,
         reported,
@@ -147,6 +161,10 @@ impl Spliced {
         let mut seen = Delivered::default();
         if let Some(choices) = top.get("choices") {
             seen.add_chars(choices_chars(choices)?);
+            seen.choices = choices
+                .get()
+                .strip_prefix('[')
+                .is_some_and(|rest| rest.trim_start().starts_with('{'));
         }
         let model_json = serde_json::to_vec(model).ok()?;
         let id_json = serde_json::to_vec(response_id).ok()?;

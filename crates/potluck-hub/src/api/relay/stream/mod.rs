@@ -205,6 +205,10 @@ impl Relay {
     /// Handle one event's data.
     fn event(&mut self, data: &[u8]) {
         if data == b"[DONE]" {
+            if self.ttft.is_none() {
+                // The end, and no choice ever came: nothing at all, not an answer.
+                return self.fail("The provider's stream held no answer.", "provider_error");
+            }
             if let Some(g) = &mut self.guard {
                 g.done_pending = true;
                 return;
