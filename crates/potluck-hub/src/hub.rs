@@ -159,7 +159,10 @@ impl Hub {
             .with_settlement_lag(accounting.settlement_lag().histogram());
         let web = crate::web::WebState::new(&identity);
         let balances = Arc::new(balance_table(&store, &config));
-        let answers = crate::api::relay::budget::Budget::new(config.max_buffered_answer_bytes);
+        let answers = crate::api::relay::budget::Budget::new(
+            config.max_buffered_answer_bytes,
+            config.max_response_bytes,
+        );
         let key_lookups = tokio::sync::Semaphore::new(config.server.max_key_lookups);
         let member_reads = tokio::sync::Semaphore::new(config.server.max_member_reads);
         let provider_lookups = tokio::sync::Semaphore::new(config.server.max_key_lookups);

@@ -310,7 +310,11 @@ async fn collect(
         }
         r = tokio::time::timeout(
             state.config.provider_body_timeout,
-            gather(resp.into_body(), state.config.max_response_bytes, state.answers.share()),
+            gather(
+                resp.into_body(),
+                state.config.max_response_bytes,
+                state.answers.share(lease.tunnel().provider_id),
+            ),
         ) => r,
     };
     drop(lease);
