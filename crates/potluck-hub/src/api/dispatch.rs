@@ -141,9 +141,14 @@ pub(crate) async fn dispatch(
                 continue;
             }
             Ok(answer) => {
-                // Another provider answered what the first refused: the refusal was its own.
-                if let Some(p) = refused_by {
-                    note_health(state, p, &ctx.request_id, false);
+                // Another provider answered what the first refused: the refusal was its
+                // own, and counts against its breaker (not its reputation: a refusal may
+                // be honest, a request over its context that a larger one took). Unless
+                // the answer came from the consumer's own account: a provider of its
+                // owner's could "answer" what honest ones rightly refuse, to trip them.
+                if let Some(p) = refused_by.filter(|_| link.provider_account != ctx.key.account_id)
+                {
+                    note_refusal(state, p);
                 }
                 return Ok((lease, answer));
             }
@@ -418,5 +423,20 @@ async fn first_bytes(body: &mut TunnelBody) -> Result<Bytes, Failure> {
                 }
             }
         }
+    }
+}
+
+/// A refusal another provider then answered: its breaker counts a failure, and a trip
+/// takes it out of routing for its cool-down, but it is not flagged to the spot checker
+/// (a flag lowers reputation, and enough of them quarantine and claw back).
+fn note_refusal(state: &HubState, provider_id: i64) {
+    if let crate::routing::health::Verdict::Tripped(trips) =
+        state.registry.record_failure(provider_id)
+    {
+        tracing::warn!(
+            provider_id,
+            trips,
+            "provider out of routing: too many requests refused that others answered"
+        );
     }
 }
