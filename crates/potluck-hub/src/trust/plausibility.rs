@@ -114,6 +114,10 @@ impl Delivered {
 /// Tokens a backend may report beyond the delivered text (special and stop tokens).
 pub(crate) const PLAUSIBILITY_SLACK_TOKENS: i64 = 16;
 
+/// The most bytes of text one generated token can decode to (the longest tokens of
+/// common vocabularies, runs of spaces or dashes, are well under it).
+pub(crate) const MAX_TEXT_BYTES_PER_TOKEN: i64 = 128;
+
 /// The most a request may be billed, fixed at admission from the request the hub sent.
 ///
 /// - prompt: the bytes of the body sent plus `credits.prompt_overhead_tokens` (every
@@ -184,6 +188,15 @@ impl Bounds {
             completion_asked: req.max_tokens().is_some(),
             choices: i64::from(req.choices.max(1)),
         }
+    }
+
+    /// The most text, in bytes, an answer within the completion bound can hold: more is
+    /// a provider sending what nobody asked for (and making the output guard judge it,
+    /// window after window).
+    pub(crate) fn text_bytes(&self) -> i64 {
+        self.completion
+            .saturating_add(PLAUSIBILITY_SLACK_TOKENS)
+            .saturating_mul(MAX_TEXT_BYTES_PER_TOKEN)
     }
 
     /// `u` cut to the bounds, and whether a cut is the provider's fault: a prompt above

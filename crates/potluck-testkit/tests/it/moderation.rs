@@ -637,3 +637,37 @@ async fn blocked_input_counts_against_the_token_limit() {
         "{guard_calls} guard calls for {statuses:?}"
     );
 }
+
+/// A provider streams far more text than the request's `max_tokens` allows, to make the
+/// output guard judge window after window (every consumer's moderated requests wait on
+/// the same guards): the stream is cut as the provider's failure once its text passes
+/// what the bound allows (128 bytes a token), and the guard's work stops there. Before,
+/// only `max_response_bytes` (64 MiB) ended it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_cannot_make_the_guard_judge_more_than_was_asked() {
+    let p = pool(|c| moderated(c, false), ProviderProfile::default()).await;
+    let chunk = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x \"}}]}\n\n";
+    let mut frames: Vec<bytes::Bytes> = (0..5000).map(|_| bytes::Bytes::from(chunk)).collect();
+    frames.push(bytes::Bytes::from_static(b"data: [DONE]\n\n"));
+    p.model.set_raw(Some(RawAnswer::Bytes {
+        status: 200,
+        headers: vec![("content-type".into(), "text/event-stream".into())],
+        frames,
+    }));
+    let body = json!({"model": "m", "stream": true, "max_tokens": 16,
+        "messages": [{"role": "user", "content": "a short answer please"}]});
+    let r = p.alice.send_chat(&body).await;
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("provider_error"),
+        "{}",
+        &text[text.len().saturating_sub(300)..]
+    );
+    let delivered = text.matches("\"content\":\"x \"").count();
+    assert!(
+        delivered <= 2100,
+        "{delivered} chunks delivered for max_tokens 16"
+    );
+    let calls = p.guard.requests().len();
+    assert!(calls <= 600, "{calls} guard calls");
+}

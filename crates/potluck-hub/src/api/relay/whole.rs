@@ -61,6 +61,13 @@ pub(crate) async fn relay_whole(
         ctx.endpoint,
         InferenceEndpoint::ChatCompletions | InferenceEndpoint::Completions
     );
+    if generates && seen.chars > ctx.bounds.text_bytes() {
+        return ctx.provider_failed(
+            state,
+            &link,
+            ApiError::ProviderFailed("the provider sent more text than the request allows"),
+        );
+    }
     if generates && !seen.choices {
         // `{}` or `"choices": []`: nothing at all, not an answer (an empty completion
         // still comes as a choice). A provider answering so at once, to win picks by
@@ -121,6 +128,12 @@ async fn tree(
     let reported = Usage::from_obj(&obj);
     let mut seen = Delivered::default();
     seen.add_text_of(&obj);
+    if seen.chars > ctx.bounds.text_bytes() {
+        // Before the guard reads it, window after window.
+        return Err(ApiError::ProviderFailed(
+            "the provider sent more text than the request allows",
+        ));
+    }
     ctx.delivered(
         obj.get("choices")
             .and_then(|c| c.get(0))

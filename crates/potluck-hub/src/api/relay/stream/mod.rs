@@ -255,6 +255,12 @@ impl Relay {
         if chars > 0 {
             self.seen.chunks += 1;
             self.seen.chars += chars as i64;
+            if self.seen.chars > self.ctx.bounds.text_bytes() {
+                return self.fail(
+                    "The provider sent more text than the request allows.",
+                    "provider_error",
+                );
+            }
             if let Some(sample) = self.ctx.audit.get_mut() {
                 if let Some(t) = choices.first().and_then(ChoiceView::answer) {
                     sample.push(t);
@@ -307,6 +313,12 @@ impl Relay {
             self.ttft = Some(self.ctx.started.elapsed());
         }
         self.seen.add_text_of(&obj);
+        if self.seen.chars > self.ctx.bounds.text_bytes() {
+            return self.fail(
+                "The provider sent more text than the request allows.",
+                "provider_error",
+            );
+        }
         self.ctx.delivered(
             obj.get("choices")
                 .and_then(|c| c.get(0))
