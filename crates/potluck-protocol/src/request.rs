@@ -357,7 +357,7 @@ impl InferenceRequest {
         if let Some(field) = top.duplicate {
             return Err(RequestError::Duplicate(field));
         }
-        if let Some(field) = top.case_variant {
+        if let Some(field) = top.case_variant.or(top.walk.case_variant) {
             return Err(RequestError::CaseVariant(field));
         }
         if let Some(field) = top.backend_override {
@@ -601,6 +601,8 @@ struct Walked {
     /// Prompts in a batch: strings or arrays directly in a top-level `prompt` (or
     /// `input`) array; 0 for a single prompt.
     batch_items: u64,
+    /// A message's key in another case (`Content`): which.
+    case_variant: Option<&'static str>,
 }
 
 /// The top-level fields, borrowed from the body.

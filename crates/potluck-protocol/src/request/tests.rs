@@ -706,3 +706,29 @@ fn keys_a_backend_would_read_in_place_of_the_checked_ones_are_refused() {
         chat(&format!(r#"{{{m},"{key}":1}}"#)).unwrap_or_else(|e| panic!("{key}: {e}"));
     }
 }
+
+/// ollama folds key case inside a message too (`Content` read in place of `content`,
+/// the text the guard and the rules read): a message key in another case is refused.
+/// Keys in another case anywhere else (a tool's parameter named `Content`, a part's own
+/// keys are checked as parts) are the consumer's own business.
+#[test]
+fn a_message_key_in_another_case_is_refused() {
+    for (msg, field) in [
+        (
+            r#"{"role":"user","content":"benign","Content":"hidden"}"#,
+            "content",
+        ),
+        (r#"{"Role":"system","role":"user","content":"x"}"#, "role"),
+        (
+            r#"{"role":"assistant","content":null,"Tool_Calls":[]}"#,
+            "tool_calls",
+        ),
+    ] {
+        let e = refused(CHAT, &format!(r#"{{"model":"m","messages":[{msg}]}}"#));
+        assert_eq!(e, RequestError::CaseVariant(field), "{msg}");
+    }
+    let tools = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],
+        "tools":[{"type":"function","function":{"name":"f","parameters":
+        {"type":"object","properties":{"Content":{"type":"string"},"Role":{"type":"string"}}}}}]}"#;
+    chat(tools).unwrap();
+}

@@ -78,8 +78,24 @@ enum InnerKey {
     Format,
     /// `video_url`, `audio_url`, `file`, `file_url`: never forwarded.
     Remote,
+    /// A key of [`MESSAGE_KEYS`] in another case (see [`super::folds_to`]).
+    CaseVariant(&'static str),
     Other,
 }
+
+/// The keys of a message a backend reads, as sent: one in another case (`Content`) is
+/// refused in a message, since ollama (Go's JSON decoder folds key case) would read it in
+/// place of the one the guard and the rules read.
+const MESSAGE_KEYS: &[&str] = &[
+    "content",
+    "role",
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "images",
+    "thinking",
+    "reasoning_content",
+];
 
 impl<'de> serde::Deserialize<'de> for InnerKey {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -102,7 +118,10 @@ impl<'de> serde::Deserialize<'de> for InnerKey {
                     "data" => InnerKey::Data,
                     "format" => InnerKey::Format,
                     "video_url" | "audio_url" | "file" | "file_url" => InnerKey::Remote,
-                    _ => InnerKey::Other,
+                    s => MESSAGE_KEYS
+                        .iter()
+                        .find(|k| **k != s && super::folds_to(s, k))
+                        .map_or(InnerKey::Other, |k| InnerKey::CaseVariant(k)),
                 })
             }
         }
@@ -205,6 +224,10 @@ impl Walk<'_> {
     fn key_mode(&mut self, key: InnerKey) -> Mode {
         match (self.mode, key) {
             (Mode::Message, InnerKey::Content) => Mode::Content,
+            (Mode::Message, InnerKey::CaseVariant(name)) => {
+                self.st.case_variant.get_or_insert(name);
+                self.inner_mode()
+            }
             (Mode::Message | Mode::Nested | Mode::TokenIds, InnerKey::ImageUrl) => {
                 self.st.images = true;
                 Mode::ImageUrl
