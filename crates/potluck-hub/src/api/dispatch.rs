@@ -135,6 +135,7 @@ pub(crate) async fn dispatch(
         let link = Arc::clone(lease.tunnel());
         let (err, counted) = match send_once(state, ctx, parsed, &link).await {
             Err(Failure::Busy) => {
+                link.rest(state.config.routing.busy_retry_delay);
                 lease = busy_again(state, ctx, lease, &tried, &mut busy_at, &mut busy_left)
                     .await
                     .map_err(|e| (link, e))?;

@@ -60,6 +60,20 @@ pub struct ProviderLink {
     pub refused: Mutex<HashSet<String>>,
     /// The provider's measured health (shared by its tunnels).
     pub health: Arc<Health>,
+    /// After a "busy" answer, taken for full until this time (ms on [`clock_ms`]; 0:
+    /// not resting): a tunnel that answers "busy" gets no new request meanwhile, so that
+    /// answering "busy" cannot give a provider a first look at every request while it
+    /// serves none.
+    resting_until: std::sync::atomic::AtomicU64,
+}
+
+/// Milliseconds since the hub's routing clock started (for short rests).
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// What a tunnel announced about one model (after the hub's allow-list check).
@@ -173,6 +187,7 @@ impl ProviderLink {
             quarantined: AtomicBool::new(false),
             refused: Mutex::new(HashSet::new()),
             health,
+            resting_until: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -226,8 +241,30 @@ impl ProviderLink {
     }
 
     /// Whether it may take `m` for `need` now (serves it, accepting, a slot free).
+    /// The tunnel answered "busy": take it for full for `rest`.
+    pub fn rest(&self, rest: std::time::Duration) {
+        let until = clock_ms().saturating_add(u64::try_from(rest.as_millis()).unwrap_or(u64::MAX));
+        self.resting_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Whether the tunnel rests after a "busy" answer.
+    fn resting(&self) -> bool {
+        let until = self.resting_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if clock_ms() < until {
+            return true;
+        }
+        // Over: back to the fast path (unless a newer rest came meanwhile).
+        let _ = self
+            .resting_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
+    }
+
     pub(super) fn can_take(&self, m: &ModelName, need: &Need) -> bool {
-        if !self.is_open() {
+        if !self.is_open() || self.resting() {
             return false;
         }
         if self.quarantined.load(Ordering::Relaxed)

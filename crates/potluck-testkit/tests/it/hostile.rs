@@ -782,3 +782,36 @@ async fn an_answer_with_nothing_in_it_is_the_providers_failure() {
         "{rows:?}"
     );
 }
+
+/// A provider answers "busy" to everything it is sent: it reads each request's body and
+/// pseudonym, serves none, costs nothing, and is at once the least loaded again, so it
+/// got a first look at about every request of the model. A "busy" now rests its tunnel
+/// for `routing.busy_retry_delay`: other requests go elsewhere meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saying_busy_gives_no_first_look_at_every_request() {
+    use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR};
+    let hub = TestHub::start_with(|c| {
+        c.limits.rpm = None;
+        c.routing.busy_retry_delay = Duration::from_secs(5);
+    })
+    .await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let _honest = provider(&hub, "honest", 8).await;
+    hub.wait_for_model(MODEL, 1).await;
+    let peeker = provider(&hub, "peeker", 8).await;
+    peeker.set_raw(Some(RawAnswer::Bytes {
+        status: 503,
+        headers: vec![
+            (HEADER_AGENT_ERROR.into(), "1".into()),
+            (HEADER_AGENT_BUSY.into(), "1".into()),
+        ],
+        frames: vec![bytes::Bytes::from_static(b"{}")],
+    }));
+    hub.wait_for_model(MODEL, 2).await;
+    for i in 0..20 {
+        let (status, body) = ask(&alice, "chat/completions", chat(i % 2 == 0)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let looked = peeker.requests().len();
+    assert!(looked <= 2, "the busy provider saw {looked} of 20 requests");
+}
