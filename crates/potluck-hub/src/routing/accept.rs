@@ -298,7 +298,7 @@ async fn control_stream(
     let mut body = resp.into_body();
     let mut lines = Lines::default();
     let mut hello = false;
-    let mut changes = OfferChanges::new(state.config.routing.max_offer_changes_per_minute);
+    let per_minute = state.config.routing.max_offer_changes_per_minute;
     loop {
         let next = if hello {
             body.frame().await
@@ -318,7 +318,8 @@ async fn control_stream(
         lines.push(&data);
         while let Some(line) = lines.next_line() {
             let ev = AgentEvent::decode(&line).map_err(|e| e.to_string())?;
-            if matches!(ev, AgentEvent::Models { .. }) && !changes.allow(Instant::now()) {
+            let offer = matches!(ev, AgentEvent::Models { .. } | AgentEvent::Hello { .. });
+            if offer && !tunnel.health.allow_offer(per_minute, Instant::now()) {
                 return Err(
                     "offer changes faster than routing.max_offer_changes_per_minute".into(),
                 );
@@ -329,37 +330,6 @@ async fn control_stream(
         if lines.pending() > MAX_CONTROL_LINE_BYTES {
             return Err("control line too long".into());
         }
-    }
-}
-
-/// Offer changes a tunnel made in the current minute, against its allowance.
-struct OfferChanges {
-    per_minute: u32,
-    since: Option<Instant>,
-    count: u32,
-}
-
-impl OfferChanges {
-    fn new(per_minute: u32) -> Self {
-        Self {
-            per_minute,
-            since: None,
-            count: 0,
-        }
-    }
-
-    /// Count one change at `now`; whether it is within the allowance.
-    fn allow(&mut self, now: Instant) -> bool {
-        const MINUTE: std::time::Duration = std::time::Duration::from_secs(60);
-        match self.since {
-            Some(t) if now.duration_since(t) < MINUTE => {}
-            _ => {
-                self.since = Some(now);
-                self.count = 0;
-            }
-        }
-        self.count = self.count.saturating_add(1);
-        self.count <= self.per_minute
     }
 }
 

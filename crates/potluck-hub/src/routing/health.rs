@@ -23,6 +23,9 @@ use crate::routing::registry::{Inner, Registry};
 #[derive(Debug)]
 pub struct Health {
     state: Mutex<State>,
+    /// Offers (hellos and offer changes) this provider made in the current minute, over
+    /// all its tunnels and reconnections: (the minute's start, how many).
+    offers: Mutex<(Option<Instant>, u32)>,
 }
 
 #[derive(Debug)]
@@ -58,11 +61,26 @@ impl Default for Health {
                 open_until: None,
                 probe_since: None,
             }),
+            offers: Mutex::new((None, 0)),
         }
     }
 }
 
 impl Health {
+    /// Count one offer (a hello or an offer change) at `now`; whether the provider is
+    /// within `per_minute`. Kept per provider, not per tunnel: a provider reconnecting
+    /// in a loop does not start a fresh allowance with each tunnel.
+    pub(crate) fn allow_offer(&self, per_minute: u32, now: Instant) -> bool {
+        const MINUTE: std::time::Duration = std::time::Duration::from_secs(60);
+        let mut o = self.offers.lock();
+        match o.0 {
+            Some(t) if now.duration_since(t) < MINUTE => {}
+            _ => *o = (Some(now), 0),
+        }
+        o.1 = o.1.saturating_add(1);
+        o.1 <= per_minute
+    }
+
     /// Whether a new request may go to it now (no side effect; see [`Health::leased`]).
     pub(crate) fn admits(&self, now: Instant, cfg: &RoutingConfig) -> bool {
         let s = self.state.lock();

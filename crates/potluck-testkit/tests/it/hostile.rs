@@ -815,3 +815,45 @@ async fn saying_busy_gives_no_first_look_at_every_request() {
     let looked = peeker.requests().len();
     assert!(looked <= 2, "the busy provider saw {looked} of 20 requests");
 }
+
+/// The offer-change flood again, from a provider that reconnects before its tunnel is
+/// closed: each new tunnel used to start a fresh allowance (and cost the hub a token
+/// lookup, two store reads and a registry update). The allowance is now the provider's,
+/// over all its tunnels and hellos: the loop is cut within the minute's allowance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_does_not_renew_the_offer_change_allowance() {
+    use potluck_protocol::tunnel::{AgentEvent, ModelOffer};
+    let hub = TestHub::start_with(|c| c.routing.max_offer_changes_per_minute = 20).await;
+    let token = hub.create_provider("looper").await;
+    let mut served_hellos = 0;
+    for _ in 0..6 {
+        let agent = ScriptedAgent::connect(
+            "looper",
+            &hub.url(),
+            &token,
+            hello(&[MODEL], 8, ProviderProfile::default()),
+        )
+        .await;
+        if tokio::time::timeout(Duration::from_secs(2), hub.wait_for_model(MODEL, 1))
+            .await
+            .is_ok()
+        {
+            served_hellos += 1;
+        }
+        for i in 0..8 {
+            agent.send(AgentEvent::Models {
+                models: vec![ModelOffer::named(ModelName::parse(MODEL).unwrap())],
+                max_concurrency: 8 + (i % 2),
+                profile: ProviderProfile::default(),
+                accepting: true,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(agent);
+        hub.wait_for_model(MODEL, 0).await;
+    }
+    assert!(
+        served_hellos <= 3,
+        "{served_hellos} of 6 reconnections were routed"
+    );
+}
