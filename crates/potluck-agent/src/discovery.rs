@@ -220,47 +220,53 @@ async fn identify(
     show: Option<&Value>,
 ) -> Result<Option<ModelHash>, String> {
     if let Some(file) = rule.and_then(|r| r.file.clone()) {
-        return match shared.hashes.identify(file).await {
-            Ok((h, _)) => Ok(Some(h)),
-            Err(e) => Err(e.to_string()),
-        };
+        return hash_of(shared, file).await.map(Some);
     }
     if let Some(path) = props_model_path(props) {
-        if !path.exists() {
-            tracing::debug!(
-                model = name,
-                "the backend's model file is not visible here; offered without a hash"
-            );
-            return Ok(None);
-        }
-        return match shared.hashes.identify(path).await {
-            Ok((h, _)) => Ok(Some(h)),
-            Err(e) => Err(e.to_string()),
-        };
+        return hash_if_visible(shared, name, path).await;
     }
     if let Some(mf) = show.and_then(|v| v.get("modelfile")?.as_str()) {
         if let Some((named, path)) = supply::ollama_blob(mf) {
             // ollama names a blob by its hash; offered under it only once read and found
             // so (hashed once, then cached like any model file).
-            if !path.exists() {
-                tracing::debug!(
-                    model = name,
-                    "the backend's model file is not visible here; offered without a hash"
-                );
-                return Ok(None);
-            }
-            return match shared.hashes.identify(path).await {
-                Ok((h, _)) if h == named => Ok(Some(h)),
-                Ok((h, _)) => Err(format!(
+            return match hash_if_visible(shared, name, path).await? {
+                Some(h) if h != named => Err(format!(
                     "its file's content hashes to {}, not to the {} its name says",
                     h.as_str(),
                     named.as_str()
                 )),
-                Err(e) => Err(e.to_string()),
+                found => Ok(found),
             };
         }
     }
     Ok(None)
+}
+
+/// The hash of the model file at `path` (checked and hashed once, then cached).
+async fn hash_of(shared: &Shared, path: PathBuf) -> Result<ModelHash, String> {
+    shared
+        .hashes
+        .identify(path)
+        .await
+        .map(|(h, _)| h)
+        .map_err(|e| e.to_string())
+}
+
+/// [`hash_of`] the backend's model file, or `None` when it is not visible here (another
+/// machine, a container, another user): then the model is offered without a hash.
+async fn hash_if_visible(
+    shared: &Shared,
+    name: &str,
+    path: PathBuf,
+) -> Result<Option<ModelHash>, String> {
+    if !path.exists() {
+        tracing::debug!(
+            model = name,
+            "the backend's model file is not visible here; offered without a hash"
+        );
+        return Ok(None);
+    }
+    hash_of(shared, path).await.map(Some)
 }
 
 /// Re-discover every backend now, identify the models to share, and publish the result.

@@ -193,7 +193,14 @@ impl Bounds {
     /// The most text, in bytes, an answer within the completion bound can hold: more is
     /// a provider sending what nobody asked for (and making the output guard judge it,
     /// window after window).
+    ///
+    /// Only against the consumer's own `max_tokens`: a request without one is bounded by
+    /// the hub's default for billing, but an uncapped backend honestly runs past it, and
+    /// `max_response_bytes` bounds what comes.
     pub(crate) fn text_bytes(&self) -> i64 {
+        if !self.completion_asked {
+            return i64::MAX;
+        }
         self.completion
             .saturating_add(PLAUSIBILITY_SLACK_TOKENS)
             .saturating_mul(MAX_TEXT_BYTES_PER_TOKEN)

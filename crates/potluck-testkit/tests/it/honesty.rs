@@ -920,19 +920,16 @@ async fn streamed_requests_are_audited_on_the_text_streamed() {
     assert!(h.iter().all(|a| a.1 && a.2 == Some(1.0)), "{h:?}");
 }
 
-/// A liar is quarantined, a moderator releases it, and it goes on lying: the next failed
-/// checks quarantine it again. Before, the auditor kept its own copy of each standing,
-/// read once: after the release it still took the liar for "already quarantined" and
-/// never quarantined it again (until the hub restarted), however often it failed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_released_liar_that_lies_again_is_quarantined_again() {
+/// A hub that audits by canaries alone, often, with the honest trusted reference `ref`
+/// and `name` answering with `responder`, both serving one model file.
+async fn canaried(name: &str, responder: Responder) -> (TestHub, ScriptedAgent, ScriptedAgent) {
     let hash = ModelHash::parse(&"ef".repeat(32)).unwrap();
     let hub = TestHub::start_with(|c| {
         c.audit.rate = 0.0;
         c.audit.canary_interval = Duration::from_millis(50);
     })
     .await;
-    let _r = ScriptedAgent::connect_with(
+    let reference = ScriptedAgent::connect_with(
         "ref",
         &hub.url(),
         &hub.create_provider("ref").await,
@@ -940,17 +937,27 @@ async fn a_released_liar_that_lies_again_is_quarantined_again() {
         honest(),
     )
     .await;
-    let (_, other_model) = &liars()[0];
-    let _liar = ScriptedAgent::connect_with(
-        "liar",
+    let agent = ScriptedAgent::connect_with(
+        name,
         &hub.url(),
-        &hub.create_provider("liar").await,
+        &hub.create_provider(name).await,
         hello(&hash),
-        Arc::clone(other_model),
+        responder,
     )
     .await;
     hub.wait_for_model("m", 2).await;
     trust(&hub, "ref").await;
+    (hub, reference, agent)
+}
+
+/// A liar is quarantined, a moderator releases it, and it goes on lying: the next failed
+/// checks quarantine it again. Before, the auditor kept its own copy of each standing,
+/// read once: after the release it still took the liar for "already quarantined" and
+/// never quarantined it again (until the hub restarted), however often it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_liar_that_lies_again_is_quarantined_again() {
+    let (_, other_model) = &liars()[0];
+    let (hub, _r, _liar) = canaried("liar", Arc::clone(other_model)).await;
     let liar_id = hub.provider_id("liar").await;
     let quarantined = || async {
         hub.state()
@@ -984,30 +991,7 @@ async fn a_released_liar_that_lies_again_is_quarantined_again() {
 /// paid for its lies to consumers with them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passed_canaries_earn_no_reputation() {
-    let hash = ModelHash::parse(&"ef".repeat(32)).unwrap();
-    let hub = TestHub::start_with(|c| {
-        c.audit.rate = 0.0;
-        c.audit.canary_interval = Duration::from_millis(50);
-    })
-    .await;
-    let _r = ScriptedAgent::connect_with(
-        "ref",
-        &hub.url(),
-        &hub.create_provider("ref").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
-    let sly = ScriptedAgent::connect_with(
-        "sly",
-        &hub.url(),
-        &hub.create_provider("sly").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
-    hub.wait_for_model("m", 2).await;
-    trust(&hub, "ref").await;
+    let (hub, _r, sly) = canaried("sly", honest()).await;
     let id = hub.provider_id("sly").await;
     let st = hub.state();
     potluck_hub::testing::quarantine_provider(&st, id, "test").await;

@@ -29,6 +29,19 @@ async fn provider(hub: &TestHub, name: &str, capacity: u32) -> ScriptedAgent {
     .await
 }
 
+/// The real agent's "busy" answer (its slots are full), as a hostile provider sends it.
+fn busy() -> RawAnswer {
+    use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR};
+    RawAnswer::Bytes {
+        status: 503,
+        headers: vec![
+            (HEADER_AGENT_ERROR.into(), "1".into()),
+            (HEADER_AGENT_BUSY.into(), "1".into()),
+        ],
+        frames: vec![bytes::Bytes::from_static(b"{}")],
+    }
+}
+
 /// Send a chat request (streamed or not) and read its status and whole body as text.
 async fn ask(alice: &Consumer, endpoint: &str, body: Value) -> (u16, String) {
     let r = alice.post(endpoint, &body).send().await.unwrap();
@@ -549,7 +562,6 @@ async fn a_provider_renaming_its_models_cannot_grow_the_hubs_refusals() {
 /// requests are served by the honest provider, one after another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_always_says_busy_cannot_turn_a_queue_into_errors() {
-    use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR};
     use potluck_testkit::FakeBehavior;
     let hub = TestHub::start_with(|c| {
         c.limits.max_concurrent = None;
@@ -572,14 +584,7 @@ async fn a_provider_that_always_says_busy_cannot_turn_a_queue_into_errors() {
     let _honest = TestAgent::start_with(config);
     hub.wait_for_model(MODEL, 1).await;
     let liar = provider(&hub, "liar", 64).await;
-    liar.set_raw(Some(RawAnswer::Bytes {
-        status: 503,
-        headers: vec![
-            (HEADER_AGENT_ERROR.into(), "1".into()),
-            (HEADER_AGENT_BUSY.into(), "1".into()),
-        ],
-        frames: vec![bytes::Bytes::from_static(b"{}")],
-    }));
+    liar.set_raw(Some(busy()));
     hub.wait_for_model(MODEL, 2).await;
     let asks = (0..4).map(|_| ask(&alice, "chat/completions", chat(true)));
     let answers = futures_util::future::join_all(asks).await;
@@ -789,7 +794,6 @@ async fn an_answer_with_nothing_in_it_is_the_providers_failure() {
 /// for `routing.busy_retry_delay`: other requests go elsewhere meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saying_busy_gives_no_first_look_at_every_request() {
-    use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR};
     let hub = TestHub::start_with(|c| {
         c.limits.rpm = None;
         c.routing.busy_retry_delay = Duration::from_secs(5);
@@ -799,14 +803,7 @@ async fn saying_busy_gives_no_first_look_at_every_request() {
     let _honest = provider(&hub, "honest", 8).await;
     hub.wait_for_model(MODEL, 1).await;
     let peeker = provider(&hub, "peeker", 8).await;
-    peeker.set_raw(Some(RawAnswer::Bytes {
-        status: 503,
-        headers: vec![
-            (HEADER_AGENT_ERROR.into(), "1".into()),
-            (HEADER_AGENT_BUSY.into(), "1".into()),
-        ],
-        frames: vec![bytes::Bytes::from_static(b"{}")],
-    }));
+    peeker.set_raw(Some(busy()));
     hub.wait_for_model(MODEL, 2).await;
     for i in 0..20 {
         let (status, body) = ask(&alice, "chat/completions", chat(i % 2 == 0)).await;
