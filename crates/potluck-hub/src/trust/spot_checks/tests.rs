@@ -1,0 +1,108 @@
+use super::*;
+
+#[test]
+fn agreement_over_prefix() {
+    assert_eq!(agreement("a b c d", "a b c d", 32), 1.0);
+    assert_eq!(agreement("", "", 32), 1.0);
+    assert_eq!(agreement("a b x d", "a b c d", 32), 0.5);
+    assert_eq!(agreement("a b c d", "a b c d e f g h", 4), 1.0);
+    assert_eq!(agreement("AD a b c", "a b c", 32), 0.0);
+    assert_eq!(agreement("a b c", "a b c AD AD AD", 32), 0.5);
+    assert_eq!(agreement("", "a b", 32), 0.0);
+}
+
+#[test]
+fn appended_text_is_caught() {
+    assert!(appended("a b c buy pills now", "a b c"));
+    assert!(!appended("a b c d", "a b c"), "a word or two of slack");
+    assert!(
+        !appended("a b x y z w", "a b c"),
+        "divergence is not appending"
+    );
+    assert!(!appended("a b c d e f", ""));
+}
+
+#[test]
+fn usage_is_judged_against_the_references_for_the_same_body() {
+    let reference = Answer {
+        prompt_tokens: 1000,
+        completion_tokens: 50,
+        ..Answer::default()
+    };
+    let billed = |prompt, completion| Usage { prompt, completion };
+    // Half again the reference's prompt, plus the template difference the hub allows.
+    assert!(!usage_over_reference(
+        billed(1628, 50),
+        &reference,
+        true,
+        128
+    ));
+    assert!(usage_over_reference(
+        billed(1629, 50),
+        &reference,
+        true,
+        128
+    ));
+    assert!(!usage_over_reference(billed(1500, 50), &reference, true, 0));
+    assert!(usage_over_reference(billed(1501, 50), &reference, true, 0));
+    // Completion only where the text is the same, and the reference ran to its end.
+    assert!(usage_over_reference(
+        billed(1000, 67),
+        &reference,
+        true,
+        128
+    ));
+    assert!(!usage_over_reference(
+        billed(1000, 66),
+        &reference,
+        true,
+        128
+    ));
+    assert!(!usage_over_reference(
+        billed(1000, 500),
+        &reference,
+        false,
+        128
+    ));
+    let cut = Answer {
+        cut_at_length: true,
+        ..reference.clone()
+    };
+    assert!(!usage_over_reference(billed(1000, 500), &cut, true, 128));
+    // A reference that reported nothing proves nothing.
+    assert!(!usage_over_reference(
+        billed(9999, 9999),
+        &Answer::default(),
+        true,
+        0
+    ));
+}
+
+#[test]
+fn verdicts_read_the_capped_text_and_forgive_a_reference_cut_short() {
+    let cfg = SpotCheckConfig {
+        max_text_bytes: 12,
+        ..SpotCheckConfig::default()
+    };
+    assert!(verdict(&cfg, "a b c", "a b c", false).0);
+    assert!(!verdict(&cfg, "a b c d e f", "a b", false).0, "appended");
+    assert!(
+        verdict(&cfg, "a b c d e f", "a b", true).0,
+        "the reference hit its limit"
+    );
+    // Past the byte cap nothing counts: not even an appended tail.
+    assert!(verdict(&cfg, "a b c d e f g h i j", "a b c d e f", false).0);
+    assert!(!verdict(&cfg, "x y z", "a b c", false).0);
+}
+
+#[test]
+fn sampling_rate_is_honoured() {
+    let cfg = SpotCheckConfig {
+        rate: 0.02,
+        seed: Some(42),
+        ..SpotCheckConfig::default()
+    };
+    let (a, _rx) = Auditor::new(&cfg);
+    let n = (0..100_000).filter(|_| a.sample()).count();
+    assert!((1_700..2_300).contains(&n), "{n}");
+}
