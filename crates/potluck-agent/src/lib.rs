@@ -126,10 +126,7 @@ pub async fn run_with_carriers(
         .iter()
         .map(|(label, _)| Arc::new(link::HubLink::new(label.clone())))
         .collect();
-    if control::pause::remembered(config.state_dir.as_deref()) {
-        shared.gate.set(gate::DrainReason::Paused, true);
-        tracing::warn!("paused since an earlier run: `potluck provide resume` serves again");
-    }
+    control::pause::restore(&shared);
     let shared = Arc::new(shared);
     if let Some(path) = &config.control_socket {
         match control::bind(path).await {

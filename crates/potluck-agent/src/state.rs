@@ -447,6 +447,16 @@ mod reload_tests {
         }
     }
 
+    fn model_a_dropped_model_b_capped_at_10(sh: &Shared) {
+        assert!(sh
+            .route(&ModelName::parse("model-a").expect("name"))
+            .is_none());
+        let kept = sh
+            .route(&ModelName::parse("model-b").expect("name"))
+            .expect("kept");
+        assert_eq!(kept.rule.and_then(|r| r.max_tokens), Some(10));
+    }
+
     /// The volunteer stops sharing a model and lowers another's cap: a reload applies both
     /// at once. Before, both waited for the next discovery round to end, and a hub could
     /// keep sending the dropped model requests, with the old caps, meanwhile.
@@ -458,13 +468,7 @@ mod reload_tests {
         let mut p = (*sh.policy()).clone();
         p.models = vec![rule("b", "model-b", 10)];
         sh.set_policy(p);
-        assert!(sh
-            .route(&ModelName::parse("model-a").expect("name"))
-            .is_none());
-        let kept = sh
-            .route(&ModelName::parse("model-b").expect("name"))
-            .expect("kept");
-        assert_eq!(kept.rule.and_then(|r| r.max_tokens), Some(10));
+        model_a_dropped_model_b_capped_at_10(&sh);
     }
 
     /// A discovery round that began before the reload (hashing a new file can take
@@ -482,12 +486,6 @@ mod reload_tests {
         sh.set_policy(p);
         // The round that started under the first rules ends now.
         sh.set_routes(vec![route(&a), route(&b)], 4);
-        assert!(sh
-            .route(&ModelName::parse("model-a").expect("name"))
-            .is_none());
-        let kept = sh
-            .route(&ModelName::parse("model-b").expect("name"))
-            .expect("kept");
-        assert_eq!(kept.rule.and_then(|r| r.max_tokens), Some(10));
+        model_a_dropped_model_b_capped_at_10(&sh);
     }
 }

@@ -203,13 +203,11 @@ pub(crate) async fn current(
         .bind(hub)
         .fetch_optional(&mut *conn)
         .await?;
-        if let Some((amount, version)) = row {
-            now.push(LeaseNow {
-                account,
-                amount,
-                version,
-            });
-        }
+        now.extend(row.map(|(amount, version)| LeaseNow {
+            account,
+            amount,
+            version,
+        }));
     }
     Ok(now)
 }
@@ -232,13 +230,11 @@ pub(crate) async fn spend(
         .bind(hub)
         .fetch_optional(&mut *conn)
         .await?;
-        if let Some((amount, version)) = row {
-            now.push(LeaseNow {
-                account,
-                amount,
-                version,
-            });
-        }
+        now.extend(row.map(|(amount, version)| LeaseNow {
+            account,
+            amount,
+            version,
+        }));
     }
     Ok(now)
 }

@@ -17,6 +17,14 @@ pub fn remembered(state_dir: Option<&Path>) -> bool {
     state_dir.is_some_and(|d| file(d).exists())
 }
 
+/// Start paused if the volunteer's last word, in an earlier run, was `pause`.
+pub(crate) fn restore(sh: &crate::state::Shared) {
+    if remembered(sh.config.state_dir.as_deref()) {
+        sh.gate.set(crate::gate::DrainReason::Paused, true);
+        tracing::warn!("paused since an earlier run: `potluck provide resume` serves again");
+    }
+}
+
 /// Remember `paused` across restarts (nothing to do without a state directory: then the
 /// agent keeps nothing on disk, and a pause lasts until it stops).
 pub fn remember(state_dir: Option<&Path>, paused: bool) -> std::io::Result<()> {

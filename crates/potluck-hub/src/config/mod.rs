@@ -317,35 +317,7 @@ impl HubConfig {
         if self.credits.lease_ttl < std::time::Duration::from_secs(1) {
             return Err("credits.lease_ttl must be at least 1 second".into());
         }
-        if self.audit.max_pending == 0 {
-            return Err("audit.max_pending must be at least 1".into());
-        }
-        let a = &self.audit;
-        if [
-            a.rate,
-            a.min_agreement,
-            a.quarantine_below,
-            a.pass_reward,
-            a.fail_factor,
-            a.flag_factor,
-        ]
-        .iter()
-        .any(|v| !(0.0..=1.0).contains(v))
-        {
-            return Err(
-                "audit.rate, audit.min_agreement, audit.quarantine_below, audit.pass_reward, audit.fail_factor and audit.flag_factor must be between 0 and 1"
-                    .into(),
-            );
-        }
-        if let Some((class, _)) = a
-            .max_tokens_per_sec
-            .iter()
-            .find(|(_, v)| !(v.is_finite() && **v > 0.0))
-        {
-            return Err(format!(
-                "audit.max_tokens_per_sec.{class} must be a positive number"
-            ));
-        }
+        self.audit.validate()?;
         if self.moderation.enabled()
             && (self.moderation.window_tokens == 0
                 || self.moderation.overlap_tokens >= self.moderation.window_tokens)

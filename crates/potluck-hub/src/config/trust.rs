@@ -129,6 +129,37 @@ pub struct SpotCheckConfig {
     pub min_tokens_for_speed: i64,
 }
 
+impl SpotCheckConfig {
+    /// Cross-field rules: at least one pending audit, every factor in [0, 1] (TOML can
+    /// write `nan`, which no range contains), every speed limit a positive number.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.max_pending == 0 {
+            return Err("audit.max_pending must be at least 1".into());
+        }
+        let factors = [
+            self.rate,
+            self.min_agreement,
+            self.quarantine_below,
+            self.pass_reward,
+            self.fail_factor,
+            self.flag_factor,
+        ];
+        if factors.iter().any(|v| !(0.0..=1.0).contains(v)) {
+            return Err("audit.rate, audit.min_agreement, audit.quarantine_below, audit.pass_reward, audit.fail_factor and audit.flag_factor must be between 0 and 1".into());
+        }
+        let bad_speed = self
+            .max_tokens_per_sec
+            .iter()
+            .find(|(_, v)| !(v.is_finite() && **v > 0.0));
+        if let Some((class, _)) = bad_speed {
+            return Err(format!(
+                "audit.max_tokens_per_sec.{class} must be a positive number"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for SpotCheckConfig {
     fn default() -> Self {
         Self {

@@ -522,40 +522,13 @@ async fn honest_providers_are_never_quarantined() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canaries_alone_catch_a_provider_that_always_lies() {
-    let hash = ModelHash::parse(&"ef".repeat(32)).unwrap();
     // No replays of real requests: only synthetic canaries, often.
-    let hub = TestHub::start_with(|c| {
-        c.audit.rate = 0.0;
-        c.audit.canary_interval = Duration::from_millis(50);
-    })
-    .await;
-    let _r = ScriptedAgent::connect_with(
-        "ref",
-        &hub.url(),
-        &hub.create_provider("ref").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
+    let (hub, _r) = canary_hub().await;
     let liars = liars();
     let (_, other_model) = &liars[0];
     let (_, canary_honest) = &liars[5];
-    let liar = ScriptedAgent::connect_with(
-        "liar",
-        &hub.url(),
-        &hub.create_provider("liar").await,
-        hello(&hash),
-        Arc::clone(other_model),
-    )
-    .await;
-    let sly = ScriptedAgent::connect_with(
-        "sly",
-        &hub.url(),
-        &hub.create_provider("sly").await,
-        hello(&hash),
-        Arc::clone(canary_honest),
-    )
-    .await;
+    let liar = serving_canary_file(&hub, "liar", Arc::clone(other_model)).await;
+    let sly = serving_canary_file(&hub, "sly", Arc::clone(canary_honest)).await;
     hub.wait_for_model("m", 3).await;
     trust(&hub, "ref").await;
     let (liar_id, sly_id) = (hub.provider_id("liar").await, hub.provider_id("sly").await);
@@ -920,31 +893,39 @@ async fn streamed_requests_are_audited_on_the_text_streamed() {
     assert!(h.iter().all(|a| a.1 && a.2 == Some(1.0)), "{h:?}");
 }
 
-/// A hub that audits by canaries alone, often, with the honest trusted reference `ref`
-/// and `name` answering with `responder`, both serving one model file.
-async fn canaried(name: &str, responder: Responder) -> (TestHub, ScriptedAgent, ScriptedAgent) {
-    let hash = ModelHash::parse(&"ef".repeat(32)).unwrap();
+/// The model file every provider of the canary tests announces.
+fn canary_file() -> ModelHash {
+    ModelHash::parse(&"ef".repeat(32)).unwrap()
+}
+
+/// A hub that audits by canaries alone, often (no replays), with the honest reference
+/// `ref` (trusted by the caller once the others are in).
+async fn canary_hub() -> (TestHub, ScriptedAgent) {
     let hub = TestHub::start_with(|c| {
         c.audit.rate = 0.0;
         c.audit.canary_interval = Duration::from_millis(50);
     })
     .await;
-    let reference = ScriptedAgent::connect_with(
-        "ref",
-        &hub.url(),
-        &hub.create_provider("ref").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
-    let agent = ScriptedAgent::connect_with(
+    let reference = serving_canary_file(&hub, "ref", honest()).await;
+    (hub, reference)
+}
+
+/// A provider `name` answering with `responder`, serving the canary tests' model file.
+async fn serving_canary_file(hub: &TestHub, name: &str, responder: Responder) -> ScriptedAgent {
+    ScriptedAgent::connect_with(
         name,
         &hub.url(),
         &hub.create_provider(name).await,
-        hello(&hash),
+        hello(&canary_file()),
         responder,
     )
-    .await;
+    .await
+}
+
+/// [`canary_hub`] with `name` answering with `responder`, the reference trusted.
+async fn canaried(name: &str, responder: Responder) -> (TestHub, ScriptedAgent, ScriptedAgent) {
+    let (hub, reference) = canary_hub().await;
+    let agent = serving_canary_file(&hub, name, responder).await;
     hub.wait_for_model("m", 2).await;
     trust(&hub, "ref").await;
     (hub, reference, agent)

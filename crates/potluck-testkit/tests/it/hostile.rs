@@ -20,10 +20,15 @@ const LURE: &str = "your account is locked, visit evil.example";
 
 async fn provider(hub: &TestHub, name: &str, capacity: u32) -> ScriptedAgent {
     let token = hub.create_provider(name).await;
+    tunnel(hub, name, &token, capacity).await
+}
+
+/// A tunnel with `token`, offering the model with `capacity` slots.
+async fn tunnel(hub: &TestHub, name: &str, token: &str, capacity: u32) -> ScriptedAgent {
     ScriptedAgent::connect(
         name,
         &hub.url(),
-        &token,
+        token,
         hello(&[MODEL], capacity, ProviderProfile::default()),
     )
     .await
@@ -645,13 +650,7 @@ async fn a_spare_tunnel_that_says_hello_late_is_cut_by_a_revocation() {
     let hub = TestHub::start().await;
     let alice = Consumer::new(&hub, "alice").await;
     let token = hub.create_provider("p").await;
-    let first = ScriptedAgent::connect(
-        "first",
-        &hub.url(),
-        &token,
-        hello(&[MODEL], 4, ProviderProfile::default()),
-    )
-    .await;
+    let first = tunnel(&hub, "first", &token, 4).await;
     hub.wait_for_model(MODEL, 1).await;
     let spare = spare_tunnel(&hub, &token).await;
     let r = Admin::admin(&hub).delete("/admin/v1/providers/p").await;
@@ -824,13 +823,7 @@ async fn reconnecting_does_not_renew_the_offer_change_allowance() {
     let token = hub.create_provider("looper").await;
     let mut served_hellos = 0;
     for _ in 0..6 {
-        let agent = ScriptedAgent::connect(
-            "looper",
-            &hub.url(),
-            &token,
-            hello(&[MODEL], 8, ProviderProfile::default()),
-        )
-        .await;
+        let agent = tunnel(&hub, "looper", &token, 8).await;
         if tokio::time::timeout(Duration::from_secs(2), hub.wait_for_model(MODEL, 1))
             .await
             .is_ok()

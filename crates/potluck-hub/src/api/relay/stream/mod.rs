@@ -202,20 +202,24 @@ impl Relay {
         self.end = End::ProviderError;
     }
 
+    /// The provider's `[DONE]`: the end (after the guard's last window, if it reads the
+    /// stream), unless no choice ever came: then nothing at all, not an answer.
+    fn done(&mut self) {
+        if self.ttft.is_none() {
+            return self.fail("The provider's stream held no answer.", "provider_error");
+        }
+        if let Some(g) = &mut self.guard {
+            g.done_pending = true;
+            return;
+        }
+        self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        self.end = End::Done;
+    }
+
     /// Handle one event's data.
     fn event(&mut self, data: &[u8]) {
         if data == b"[DONE]" {
-            if self.ttft.is_none() {
-                // The end, and no choice ever came: nothing at all, not an answer.
-                return self.fail("The provider's stream held no answer.", "provider_error");
-            }
-            if let Some(g) = &mut self.guard {
-                g.done_pending = true;
-                return;
-            }
-            self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
-            self.end = End::Done;
-            return;
+            return self.done();
         }
         // Fast path: split the top level into raw values, look only at what matters, and
         // copy the rest through as bytes (profiling showed the full JSON tree costing 13%
