@@ -383,13 +383,24 @@ async fn client_that_stops_reading(
     stream: bool,
     wait: Duration,
 ) -> TcpStream {
+    let json = serde_json::to_string(&chat_body(MODEL, "hi", stream)).unwrap();
+    client_that_stops_reading_at(hub, key, "/v1/chat/completions", &json, wait).await
+}
+
+/// [`client_that_stops_reading`] with any path and body.
+async fn client_that_stops_reading_at(
+    hub: &TestHub,
+    key: &str,
+    path: &str,
+    json: &str,
+    wait: Duration,
+) -> TcpStream {
     let sock = TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let addr = hub.url().trim_start_matches("http://").parse().unwrap();
     let mut tcp = sock.connect(addr).await.unwrap();
-    let json = serde_json::to_string(&chat_body(MODEL, "hi", stream)).unwrap();
     let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\n\
+        "POST {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {key}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
         json.len()
     );
@@ -477,6 +488,57 @@ async fn large_whole_answers_nobody_reads_are_bounded_together() {
         1.0,
         "not the provider's fault"
     );
+    wait_until(
+        "the budget is free again",
+        Duration::from_secs(30),
+        || async { carol.chat_with(&chat_body(MODEL, "hi", false)).await.status == 200 },
+    )
+    .await;
+    drop(held);
+}
+
+/// The same through the other APIs: a whole answer translated into Anthropic's (or
+/// Ollama's, or the Responses API's) shape keeps its share of the budget until its
+/// consumer has read it. Before, the translation read the relayed answer to its end,
+/// which gave the share back at once, and the translated copy waited for its reader
+/// outside the budget: clients of the other APIs that read nothing could make the hub hold
+/// any number of large answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_translated_answers_nobody_reads_are_bounded_too() {
+    let hub = TestHub::start_with(|c| {
+        c.server.consumer_stall_timeout = Duration::from_secs(4);
+        c.max_response_bytes = 4 * 1024 * 1024;
+        c.max_buffered_answer_bytes = 8 * 1024 * 1024;
+    })
+    .await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 300_000,
+        ..Default::default()
+    });
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p1").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let key = hub.create_key("eve").await;
+    let messages = serde_json::json!({
+        "model": MODEL,
+        "max_tokens": 100_000,
+        "messages": [{"role": "user", "content": "hi"}],
+    })
+    .to_string();
+    let held = vec![
+        client_that_stops_reading_at(
+            &hub,
+            &key,
+            "/v1/messages",
+            &messages,
+            Duration::from_secs(60),
+        )
+        .await,
+    ];
+    let carol = Consumer::new(&hub, "carol").await;
+    let a = carol.chat_with(&chat_body(MODEL, "hi", false)).await;
+    assert_eq!(a.status, 503, "{:?}", a.code());
+    assert_eq!(a.code(), Some("hub_overloaded"));
     wait_until(
         "the budget is free again",
         Duration::from_secs(30),

@@ -254,10 +254,12 @@ async fn read_capped(body: Body, limit: usize) -> Bytes {
         .unwrap_or_default()
 }
 
-async fn whole_back(body: Body, back: Back, started: Instant) -> Response {
+async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
     let dialect = back.dialect();
-    // The inference path already capped the answer at `max_response_bytes`.
-    let bytes = match body.collect().await {
+    // The inference path already capped the answer at `max_response_bytes`. The body is
+    // read, not consumed: it holds the answer's share of `max_buffered_answer_bytes`,
+    // which the translated answer keeps until its consumer has read it.
+    let bytes = match (&mut body).collect().await {
         Ok(c) => c.to_bytes(),
         Err(_) => {
             return error_response(
@@ -310,7 +312,10 @@ async fn whole_back(body: Body, back: Back, started: Instant) -> Response {
             }
         }
     };
-    axum::Json(value).into_response()
+    drop(bytes);
+    axum::Json(value)
+        .into_response()
+        .map(|translated| crate::api::relay::budget::keeping(translated, body))
 }
 
 fn nanos(started: Instant) -> u64 {

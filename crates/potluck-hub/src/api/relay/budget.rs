@@ -105,11 +105,18 @@ impl Share {
 
     /// `body`, which keeps this share until it is dropped.
     pub(crate) fn hold(self, body: Body) -> Body {
-        Body::new(Held {
-            inner: body,
-            _share: self,
-        })
+        keeping(body, self)
     }
+}
+
+/// `body`, which keeps `kept` (an answer's [`Share`], or the body that holds one) until
+/// the server drops it: a whole answer translated into another API's shape keeps the
+/// share of the answer it was made from for as long as it is waiting to be read.
+pub(crate) fn keeping<K: Send + Unpin + 'static>(body: Body, kept: K) -> Body {
+    Body::new(Held {
+        inner: body,
+        _kept: kept,
+    })
 }
 
 /// Why a whole answer could not be gathered.
@@ -159,12 +166,12 @@ pub(crate) async fn gather(
 }
 
 /// A response body that keeps its answer's [`Share`] until the server drops it.
-struct Held {
+struct Held<K> {
     inner: Body,
-    _share: Share,
+    _kept: K,
 }
 
-impl http_body::Body for Held {
+impl<K: Unpin> http_body::Body for Held<K> {
     type Data = Bytes;
     type Error = axum::Error;
 
