@@ -135,6 +135,19 @@ def test_ollama_list_chat_generate_embed(olla):
     assert olla.show(MODEL).capabilities
 
 
+def test_ollama_load_and_unload(olla):
+    # What `ollama run` and `ollama stop` send: answered at once by the hub.
+    loaded = olla.generate(model=MODEL)
+    assert loaded.done and loaded.done_reason == "load" and loaded.response == ""
+    unloaded = olla.generate(model=MODEL, keep_alive=0)
+    assert unloaded.done and unloaded.done_reason == "unload"
+    chat = olla.chat(model=MODEL, messages=[])
+    assert chat.done and chat.done_reason == "load" and chat.message.content == ""
+    with pytest.raises(ollama.ResponseError) as e:
+        olla.generate(model="no-such-model")
+    assert e.value.status_code == 404
+
+
 def test_ollama_errors(olla):
     with pytest.raises(ollama.ResponseError) as e:
         olla.chat(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

@@ -72,6 +72,29 @@ pub fn from_openai(
     Value::Object(out)
 }
 
+/// The answer to a call that only loads or unloads its model ([`crate::ollama::Load`]):
+/// done at once, with nothing generated.
+pub fn load_answer(call: Call, load: &crate::ollama::Load, created_at: &str) -> Value {
+    let mut out = Map::new();
+    out.insert("model".into(), json!(load.model));
+    out.insert("created_at".into(), json!(created_at));
+    match call {
+        Call::Chat => {
+            out.insert(
+                "message".into(),
+                json!({"role": "assistant", "content": ""}),
+            );
+        }
+        Call::Generate => {
+            out.insert("response".into(), json!(""));
+        }
+    }
+    out.insert("done".into(), json!(true));
+    let reason = if load.unload { "unload" } else { "load" };
+    out.insert("done_reason".into(), json!(reason));
+    Value::Object(out)
+}
+
 /// Translate an OpenAI embeddings answer (`legacy` = `/api/embeddings`).
 pub fn embed_from_openai(
     answer: &Value,

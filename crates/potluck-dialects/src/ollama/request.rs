@@ -34,6 +34,57 @@ pub struct Request {
     pub stream: bool,
 }
 
+/// A call that only loads or unloads its model: Ollama's `/api/generate` with no prompt
+/// (and no image), or `/api/chat` with no message. `ollama run` and `ollama stop` send
+/// one; a pool has nothing to load, so the hub answers it itself, for nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Load {
+    /// The model named.
+    pub model: String,
+    /// `keep_alive` was zero: unload.
+    pub unload: bool,
+}
+
+/// The fields of a chat or generate body that tell a load: counted, not kept.
+#[derive(serde::Deserialize)]
+struct LoadProbe<'a> {
+    model: Option<String>,
+    #[serde(borrow)]
+    prompt: Option<std::borrow::Cow<'a, str>>,
+    messages: Option<Vec<serde::de::IgnoredAny>>,
+    images: Option<Vec<serde::de::IgnoredAny>>,
+    keep_alive: Option<Value>,
+}
+
+/// `Some` when `body` (of `call`) only loads or unloads its model. A body this cannot
+/// read is `None`: the translation reports what is wrong with it.
+pub fn load_only(call: Call, body: &[u8]) -> Option<Load> {
+    let p: LoadProbe = serde_json::from_slice(body).ok()?;
+    let model = p.model.filter(|m| !m.is_empty())?;
+    let empty = match call {
+        Call::Chat => p.messages.is_none_or(|m| m.is_empty()),
+        Call::Generate => {
+            p.prompt.is_none_or(|t| t.is_empty()) && p.images.is_none_or(|i| i.is_empty())
+        }
+    };
+    empty.then(|| Load {
+        model,
+        unload: p.keep_alive.as_ref().is_some_and(is_zero_duration),
+    })
+}
+
+/// Whether a `keep_alive` is zero: `0`, `0.0`, `"0"`, `"0s"`, `"0m"`, ...
+fn is_zero_duration(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => {
+            let number = s.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic());
+            !number.is_empty() && number.parse::<f64>().is_ok_and(|n| n == 0.0)
+        }
+        _ => false,
+    }
+}
+
 fn model_of(req: &Map<String, Value>) -> Result<String, DialectError> {
     req.get("model")
         .and_then(Value::as_str)

@@ -282,3 +282,71 @@ fn the_image_refusal_names_the_limit_it_enforces() {
     let e = chat_to_openai(body.to_string().as_bytes()).unwrap_err();
     assert_eq!(e.param(), Some("messages.0.images.0"));
 }
+
+#[test]
+fn an_empty_prompt_or_message_list_only_loads_the_model() {
+    let load = |call, body: Value| load_only(call, body.to_string().as_bytes());
+    // `ollama run` (a load) and `ollama stop` (an unload), and the chat forms.
+    assert_eq!(
+        load(Call::Generate, json!({"model": "m", "prompt": ""})),
+        Some(Load {
+            model: "m".into(),
+            unload: false
+        })
+    );
+    assert_eq!(
+        load(Call::Generate, json!({"model": "m", "keep_alive": 0})),
+        Some(Load {
+            model: "m".into(),
+            unload: true
+        })
+    );
+    for zero in [json!("0"), json!("0s"), json!("0m"), json!(0.0)] {
+        let l = load(
+            Call::Chat,
+            json!({"model": "m", "messages": [], "keep_alive": zero}),
+        );
+        assert!(l.is_some_and(|l| l.unload), "{zero}");
+    }
+    for kept in [json!("5m"), json!(-1), json!("-1m"), json!(300), json!("")] {
+        let l = load(
+            Call::Chat,
+            json!({"model": "m", "messages": null, "keep_alive": kept}),
+        );
+        assert!(l.is_some_and(|l| !l.unload), "{kept}");
+    }
+    // Anything to generate from is not a load.
+    assert_eq!(
+        load(Call::Generate, json!({"model": "m", "prompt": "hi"})),
+        None
+    );
+    assert_eq!(
+        load(Call::Generate, json!({"model": "m", "images": ["aGk="]})),
+        None
+    );
+    assert_eq!(
+        load(
+            Call::Chat,
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        ),
+        None
+    );
+    // Nor is a body the translation must refuse.
+    assert_eq!(load(Call::Chat, json!({"messages": []})), None);
+    assert_eq!(load(Call::Chat, json!({"model": "m", "messages": 3})), None);
+    assert_eq!(load_only(Call::Chat, b"not json"), None);
+    let answer = load_answer(
+        Call::Chat,
+        &Load {
+            model: "m".into(),
+            unload: true,
+        },
+        "2026-01-01T00:00:00Z",
+    );
+    assert_eq!(answer["done"], json!(true));
+    assert_eq!(answer["done_reason"], json!("unload"));
+    assert_eq!(
+        answer["message"],
+        json!({"role": "assistant", "content": ""})
+    );
+}

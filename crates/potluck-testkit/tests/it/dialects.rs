@@ -581,3 +581,75 @@ async fn ollama_images_are_counted_before_they_are_translated() {
         "only the allowed request reached the provider"
     );
 }
+
+/// `ollama run` loads its model with an empty prompt, `ollama stop` unloads it with
+/// `keep_alive: 0`, and older clients load with an empty chat. A pool has nothing to
+/// load: the hub answers these itself, as Ollama does (done at once, `done_reason`
+/// `load` or `unload`), without sending anything to a provider (so nothing is billed).
+/// Before, each became a real generation, billed (up to the provider's `max_tokens`), and
+/// `ollama stop` made the model write. Questions about the pool (`/api/show`, which
+/// editors send for every model `/api/tags` lists) do not spend the key's request rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_loads_and_unloads_are_answered_by_the_hub_for_nothing() {
+    let p = pool().await;
+    let bearer = format!("Bearer {}", p.key);
+    let auth = [("authorization", bearer.as_str())];
+    let before = p.backend.inference_received().len();
+    for (path, body, reason) in [
+        (
+            "/api/generate",
+            json!({"model": MODEL, "prompt": ""}),
+            "load",
+        ),
+        (
+            "/api/generate",
+            json!({"model": MODEL, "keep_alive": 0}),
+            "unload",
+        ),
+        ("/api/chat", json!({"model": MODEL, "messages": []}), "load"),
+    ] {
+        let (s, h, text) = post(&p, path, &auth, body.to_string().into_bytes()).await;
+        assert_eq!(s, 200, "{path}: {text}");
+        assert_eq!(h["content-type"], "application/json", "{path}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["done"], true, "{text}");
+        assert_eq!(v["done_reason"], reason, "{text}");
+        assert_eq!(v["model"], MODEL);
+    }
+    assert_eq!(
+        p.backend.inference_received().len(),
+        before,
+        "nothing reached the provider"
+    );
+    // A model the pool does not serve: Ollama's 404 (which `ollama run` follows with a
+    // pull, refused with the pool's reason).
+    let (s, _, text) = post(
+        &p,
+        "/api/generate",
+        &auth,
+        json!({"model": "no-such-model", "prompt": ""})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 404, "{text}");
+    assert!(serde_json::from_str::<Value>(&text).unwrap()["error"].is_string());
+    // Questions about the pool do not spend the request rate: with a rate of one a
+    // minute, spent, they are still answered, and the next generation is not.
+    p.hub.set_limits(p.key_id, json!({"rpm": 1})).await;
+    let generate = json!({"model": MODEL, "prompt": "hi", "stream": false}).to_string();
+    let (s, _, text) = post(&p, "/api/generate", &auth, generate.clone().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    for _ in 0..3 {
+        let (s, _, text) = post(
+            &p,
+            "/api/show",
+            &auth,
+            json!({"model": MODEL}).to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(s, 200, "{text}");
+    }
+    let (s, _, text) = post(&p, "/api/generate", &auth, generate.into_bytes()).await;
+    assert_eq!(s, 429, "{text}");
+}

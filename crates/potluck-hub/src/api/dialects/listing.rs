@@ -57,14 +57,23 @@ pub(crate) async fn ollama_tags(
     }
 }
 
-/// `POST /api/show`
+/// Largest body of `/api/show` (a model's name, and a flag or two).
+pub(crate) const MAX_SHOW_BODY_BYTES: usize = 64 * 1024;
+
+/// `POST /api/show`: a question about the pool, like `/api/tags`: the key is checked,
+/// but no request rate or concurrency is spent on it (editors ask it once for each model
+/// `/api/tags` lists).
 pub(crate) async fn ollama_show(State(state): State<Arc<HubState>>, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
-    let (admitted, raw) = match super::admitted_body(&state, &mut parts.headers, body).await {
-        Ok(a) => a,
+    super::key_from_x_api_key(&mut parts.headers);
+    let key = match crate::http::auth::consumer_or_anonymous(&state, &parts.headers).await {
+        Ok((key, _)) => key,
         Err(e) => return from_api_error(Dialect::Ollama, e),
     };
-    let key = admitted.key;
+    let raw = match crate::http::extract::read_capped(body, MAX_SHOW_BODY_BYTES).await {
+        Ok(raw) => raw,
+        Err(e) => return from_api_error(Dialect::Ollama, e),
+    };
     let model = match ollama::show_model(&raw) {
         Ok(m) => m,
         Err(e) => return translation_error(Dialect::Ollama, &e),
@@ -82,6 +91,31 @@ pub(crate) async fn ollama_show(State(state): State<Arc<HubState>>, req: Request
             None,
         ),
     }
+}
+
+/// A call that only loads or unloads `load.model` ([`ollama::Load`]): done at once if
+/// the pool serves that model to this consumer (a 404 as Ollama gives it otherwise).
+pub(super) fn ollama_load(
+    state: &HubState,
+    key: &potluck_store::KeyAuth,
+    call: ollama::Call,
+    load: &ollama::Load,
+) -> Response {
+    let served = state
+        .registry
+        .pool_for(&key.groups)
+        .keys()
+        .any(|m| m.as_str() == load.model);
+    if !served {
+        return error_response(
+            Dialect::Ollama,
+            StatusCode::NOT_FOUND,
+            &format!("model '{}' not found in the pool", load.model),
+            None,
+        );
+    }
+    let now = potluck_dialects::rfc3339_utc(unix_now());
+    axum::Json(ollama::load_answer(call, load, &now)).into_response()
 }
 
 /// `GET /api/version`

@@ -134,6 +134,37 @@ async fn run(
         Ok(a) => a,
         Err(e) => return from_api_error(dialect, e),
     };
+    let admitted = Admitted {
+        parts,
+        early,
+        raw,
+        started,
+    };
+    run_admitted(state, admitted, dialect, endpoint, translate).await
+}
+
+/// A request of another API with its key and limits checked and its body read.
+struct Admitted {
+    parts: axum::http::request::Parts,
+    early: crate::api::Early,
+    raw: Bytes,
+    started: Instant,
+}
+
+/// [`run`] from the admitted request on.
+async fn run_admitted(
+    state: Arc<HubState>,
+    a: Admitted,
+    dialect: Dialect,
+    endpoint: InferenceEndpoint,
+    translate: impl FnOnce(&[u8]) -> Result<(Value, Back), DialectError>,
+) -> Response {
+    let Admitted {
+        mut parts,
+        early,
+        raw,
+        started,
+    } = a;
     let (openai, back) = match translate(&raw) {
         Ok(t) => t,
         Err(e) => return translation_error(dialect, &e),
@@ -408,38 +439,47 @@ pub(crate) async fn responses(State(state): State<Arc<HubState>>, req: Request) 
 
 /// `POST /api/chat`
 pub(crate) async fn ollama_chat(State(state): State<Arc<HubState>>, req: Request) -> Response {
-    run(
-        state,
-        req,
-        Dialect::Ollama,
-        InferenceEndpoint::ChatCompletions,
-        |b| {
-            let r = ollama::chat_to_openai(b)?;
-            Ok((
-                r.openai,
-                Back::Ollama {
-                    call: ollama::Call::Chat,
-                    model: r.model,
-                },
-            ))
-        },
-    )
-    .await
+    ollama_inference(state, req, ollama::Call::Chat).await
 }
 
 /// `POST /api/generate`
 pub(crate) async fn ollama_generate(State(state): State<Arc<HubState>>, req: Request) -> Response {
-    run(
+    ollama_inference(state, req, ollama::Call::Generate).await
+}
+
+/// `/api/chat` and `/api/generate`: a call that only loads or unloads its model (what
+/// `ollama run` and `ollama stop` send) is answered by the hub, for nothing; any other
+/// goes through the inference path.
+async fn ollama_inference(state: Arc<HubState>, req: Request, call: ollama::Call) -> Response {
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let (early, raw) = match admitted_body(&state, &mut parts.headers, body).await {
+        Ok(a) => a,
+        Err(e) => return from_api_error(Dialect::Ollama, e),
+    };
+    if let Some(load) = ollama::load_only(call, &raw) {
+        return listing::ollama_load(&state, &early.key, call, &load);
+    }
+    let admitted = Admitted {
+        parts,
+        early,
+        raw,
+        started,
+    };
+    run_admitted(
         state,
-        req,
+        admitted,
         Dialect::Ollama,
         InferenceEndpoint::ChatCompletions,
-        |b| {
-            let r = ollama::generate_to_openai(b)?;
+        move |b| {
+            let r = match call {
+                ollama::Call::Chat => ollama::chat_to_openai(b)?,
+                ollama::Call::Generate => ollama::generate_to_openai(b)?,
+            };
             Ok((
                 r.openai,
                 Back::Ollama {
-                    call: ollama::Call::Generate,
+                    call,
                     model: r.model,
                 },
             ))
