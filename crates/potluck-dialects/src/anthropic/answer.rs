@@ -56,6 +56,21 @@ pub fn count_tokens_answer(estimate: u64) -> Value {
     json!({ "input_tokens": estimate })
 }
 
+/// Anthropic's model object for a pool model (the pool has no creation date: the epoch).
+pub fn model_info(id: &str) -> Value {
+    json!({"type": "model", "id": id, "display_name": id, "created_at": "1970-01-01T00:00:00Z"})
+}
+
+/// Anthropic's model list (one page holding every model).
+pub fn model_list(ids: &[&str]) -> Value {
+    json!({
+        "data": ids.iter().map(|id| model_info(id)).collect::<Vec<_>>(),
+        "has_more": false,
+        "first_id": ids.first(),
+        "last_id": ids.last(),
+    })
+}
+
 /// One server-sent event: its name and its JSON data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -215,12 +230,14 @@ impl Stream {
 /// Anthropic's error `type` for an HTTP status.
 pub fn error_type(status: u16) -> &'static str {
     match status {
-        400 | 422 => "invalid_request_error",
         401 => "authentication_error",
-        402 | 403 => "permission_error",
+        402 => "billing_error",
+        403 => "permission_error",
         404 => "not_found_error",
         413 => "request_too_large",
         429 => "rate_limit_error",
+        // Anthropic's type for every other client error.
+        400..=499 => "invalid_request_error",
         503 | 529 => "overloaded_error",
         504 => "timeout_error",
         _ => "api_error",
@@ -232,11 +249,13 @@ pub fn error_body(status: u16, message: &str) -> Value {
     json!({"type": "error", "error": {"type": error_type(status), "message": message}})
 }
 
-/// The status Anthropic uses for a hub status (no capacity is `529 overloaded_error`).
-pub fn error_status(status: u16) -> u16 {
-    if status == 503 {
-        529
-    } else {
-        status
+/// The status Anthropic uses for a hub error of `status` and OpenAI `code`: no capacity is
+/// `529 overloaded_error`, credits that do not cover the request `402 billing_error`
+/// (the OpenAI routes' `429 insufficient_quota`, which no client should retry).
+pub fn error_status(status: u16, code: Option<&str>) -> u16 {
+    match (status, code) {
+        (_, Some("insufficient_quota")) => 402,
+        (503, _) => 529,
+        _ => status,
     }
 }

@@ -309,7 +309,15 @@ fn errors_take_anthropics_types_and_statuses() {
         json!("rate_limit_error")
     );
     assert_eq!(error_type(503), "overloaded_error");
-    assert_eq!(error_status(503), 529);
+    assert_eq!(error_status(503, Some("no_capacity")), 529);
+    assert_eq!(error_status(429, Some("rate_limit_exceeded")), 429);
+    assert_eq!(error_status(429, Some("insufficient_quota")), 402);
+    assert_eq!(error_type(402), "billing_error");
+    for other_client_error in [400, 405, 408, 409, 415, 422] {
+        assert_eq!(error_type(other_client_error), "invalid_request_error");
+    }
+    assert_eq!(error_type(500), "api_error");
+    assert_eq!(error_type(504), "timeout_error");
     assert_eq!(error_body(413, "big")["type"], json!("error"));
 }
 

@@ -10,39 +10,61 @@ use potluck_protocol::pool::{List, ModelObject, PoolEntry};
 use potluck_protocol::ModelName;
 use potluck_store::KeyAuth;
 
+use crate::api::dialects;
 use crate::http::auth;
 use crate::http::error::ApiError;
 use crate::routing::registry::ModelStatus;
 use crate::state::HubState;
 
-/// `GET /v1/models`
+/// `GET /v1/models`. Anthropic's clients (the key as `x-api-key`, an
+/// `anthropic-version` header) get Anthropic's list and errors.
 pub(crate) async fn list_models(
     State(state): State<Arc<HubState>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let (key, _) = auth::consumer_or_anonymous(&state, &headers).await?;
-    let data = state
-        .registry
-        .pool_for(&consumer_groups(&key))
-        .iter()
-        .map(|(m, s)| model_object(m, s))
-        .collect();
-    Ok(axum::Json(List::new(data)).into_response())
+    mut headers: HeaderMap,
+) -> Response {
+    let anthropic = dialects::is_anthropic(&mut headers);
+    let key = match auth::consumer_or_anonymous(&state, &headers).await {
+        Ok((key, _)) => key,
+        Err(e) => return dialects::reshaped("/v1/models", &headers, e),
+    };
+    let pool = state.registry.pool_for(&consumer_groups(&key));
+    if anthropic {
+        let ids: Vec<&str> = pool.keys().map(ModelName::as_str).collect();
+        return axum::Json(potluck_dialects::anthropic::model_list(&ids)).into_response();
+    }
+    let data = pool.iter().map(|(m, s)| model_object(m, s)).collect();
+    axum::Json(List::new(data)).into_response()
 }
 
-/// `GET /v1/models/{model}`
+/// `GET /v1/models/{model}`, shaped like [`list_models`].
 pub(crate) async fn get_model(
     State(state): State<Arc<HubState>>,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     Path(model): Path<String>,
-) -> Result<Response, ApiError> {
-    let (key, _) = auth::consumer_or_anonymous(&state, &headers).await?;
-    let name = ModelName::parse(&model).map_err(|_| ApiError::NotFound("model"))?;
-    let pool = state.registry.pool_for(&consumer_groups(&key));
+) -> Response {
+    let anthropic = dialects::is_anthropic(&mut headers);
+    match one_model(&state, &headers, &model).await {
+        Ok((name, _)) if anthropic => {
+            axum::Json(potluck_dialects::anthropic::model_info(name.as_str())).into_response()
+        }
+        Ok((name, s)) => axum::Json(model_object(&name, &s)).into_response(),
+        Err(e) => dialects::reshaped("/v1/models", &headers, e),
+    }
+}
+
+/// The pool's view of `model`, as the key's groups see it.
+async fn one_model(
+    state: &HubState,
+    headers: &HeaderMap,
+    model: &str,
+) -> Result<(ModelName, ModelStatus), ApiError> {
+    let (key, _) = auth::consumer_or_anonymous(state, headers).await?;
+    let name = ModelName::parse(model).map_err(|_| ApiError::NotFound("model"))?;
+    let mut pool = state.registry.pool_for(&consumer_groups(&key));
     let s = pool
-        .get(&name)
+        .remove(&name)
         .ok_or(ApiError::ModelNotFound(name.to_string()))?;
-    Ok(axum::Json(model_object(&name, s)).into_response())
+    Ok((name, s))
 }
 
 /// The OpenAI model object, plus the pool's facts: providers, the model files' SHA-256
@@ -68,14 +90,16 @@ fn consumer_groups(key: &KeyAuth) -> Vec<String> {
     key.groups.to_vec()
 }
 
-/// Unknown path.
-pub(crate) async fn fallback() -> ApiError {
-    ApiError::NotFound("endpoint")
+/// Unknown path: in the shape of the API its path belongs to (an Ollama client asking
+/// `/api/ps` reads `{"error": "..."}`, an Anthropic one asking `/v1/messages/batches`
+/// Anthropic's error).
+pub(crate) async fn fallback(uri: axum::http::Uri, headers: HeaderMap) -> Response {
+    dialects::reshaped(uri.path(), &headers, ApiError::NotFound("endpoint"))
 }
 
-/// Known path, wrong method.
-pub(crate) async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed
+/// Known path, wrong method; shaped like [`fallback`]'s.
+pub(crate) async fn method_not_allowed(uri: axum::http::Uri, headers: HeaderMap) -> Response {
+    dialects::reshaped(uri.path(), &headers, ApiError::MethodNotAllowed)
 }
 
 /// `GET /v1/pool`: per model, providers, capacity, in flight, queued and typical duration.

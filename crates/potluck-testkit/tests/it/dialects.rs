@@ -349,7 +349,7 @@ fn assert_dialect_error(
             );
             assert!(v["error"].get("param").is_some() && v["error"].get("code").is_some());
         }
-        _ => assert!(v["error"].is_string(), "{text}"),
+        _ => assert!(v["error"].is_string(), "{path}: {text}"),
     }
 }
 
@@ -652,4 +652,137 @@ async fn ollama_loads_and_unloads_are_answered_by_the_hub_for_nothing() {
     }
     let (s, _, text) = post(&p, "/api/generate", &auth, generate.into_bytes()).await;
     assert_eq!(s, 429, "{text}");
+}
+
+async fn get(
+    p: &Pool,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut r = p.hub.http.get(format!("{}{path}", p.hub.url()));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.text().await.unwrap())
+}
+
+/// What each API's own clients read of an error besides its shape. Before: paths the
+/// pool lacks (`/api/ps`, `/v1/messages/batches`) and wrong methods answered in OpenAI's
+/// shape whatever the API; out of credits reached Anthropic's clients as a
+/// `rate_limit_error` (a thing to retry) and the Responses API's without its
+/// `insufficient_quota` code; Anthropic's clients got no `request-id`; `/v1/models`
+/// ignored `x-api-key`; translated streams lacked `x-accel-buffering: no`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_apis_clients_read_errors_and_headers_as_they_expect() {
+    let p = pool().await;
+    let bearer = format!("Bearer {}", p.key);
+    let auth = [("authorization", bearer.as_str())];
+    // Unknown paths and wrong methods, in the path's API.
+    let (s, _, t) = get(&p, "/api/ps", &auth).await;
+    assert_dialect_error("/api/ps", s, &t, 404, "");
+    let (s, _, t) = post(&p, "/v1/messages/batches", &auth, b"{}".to_vec()).await;
+    assert_dialect_error("/v1/messages", s, &t, 404, "not_found_error");
+    let (s, _, t) = get(&p, "/v1/messages", &auth).await;
+    assert_dialect_error("/v1/messages", s, &t, 405, "invalid_request_error");
+    let (s, _, t) = get(&p, "/v1/no-such-thing", &auth).await;
+    assert_eq!(s, 404);
+    assert_eq!(
+        serde_json::from_str::<Value>(&t).unwrap()["error"]["code"],
+        "not_found"
+    );
+
+    // Anthropic's clients: the model list with their key header, a request id.
+    let anthropic = [
+        ("x-api-key", p.key.as_str()),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    let (s, _, t) = get(&p, "/v1/models", &anthropic).await;
+    assert_eq!(s, 200, "{t}");
+    let list: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(list["data"][0]["type"], "model", "{t}");
+    assert_eq!(list["data"][0]["id"], MODEL);
+    assert_eq!(list["has_more"], false);
+    let (s, _, t) = get(&p, &format!("/v1/models/{MODEL}"), &anthropic).await;
+    assert_eq!(
+        (
+            s,
+            serde_json::from_str::<Value>(&t).unwrap()["type"].clone()
+        ),
+        (200, json!("model"))
+    );
+    let (s, _, t) = get(
+        &p,
+        "/v1/models",
+        &[
+            ("x-api-key", "pk-wrong"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+    )
+    .await;
+    assert_dialect_error("/v1/messages", s, &t, 401, "authentication_error");
+    let body = json!({"model": MODEL, "max_tokens": 8, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let (s, h, t) = post(
+        &p,
+        "/v1/messages",
+        &anthropic,
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 200, "{t}");
+    assert!(h.contains_key("request-id"), "{h:?}");
+    assert_eq!(h["request-id"], h["x-request-id"]);
+    assert_eq!(h["x-accel-buffering"], "no");
+
+    // Out of credits: Anthropic's billing error, the Responses API's own code; neither
+    // to be retried.
+    // (Once the stream above is settled: credits it holds cannot be taken back.)
+    potluck_testkit::wait_until(
+        "every credit taken back",
+        std::time::Duration::from_secs(10),
+        || async {
+            let (avail, _) = p.hub.balance("consumer").await;
+            p.hub
+                .http
+                .post(format!(
+                    "{}/admin/v1/accounts/consumer/credits",
+                    p.hub.url()
+                ))
+                .bearer_auth(&p.hub.admin_key)
+                .json(&json!({"amount": -(avail as f64) / 1e6}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 200
+        },
+    )
+    .await;
+    let (s, h, t) = post(
+        &p,
+        "/v1/messages",
+        &anthropic,
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_dialect_error("/v1/messages", s, &t, 402, "billing_error");
+    assert_eq!(h["x-should-retry"], "false");
+    let (s, h, t) = post(
+        &p,
+        "/v1/responses",
+        &auth,
+        json!({"model": MODEL, "input": "hi"})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 429, "{t}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&t).unwrap()["error"]["code"],
+        "insufficient_quota",
+        "{t}"
+    );
+    assert_eq!(h["x-should-retry"], "false");
 }

@@ -76,29 +76,64 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// An error in the dialect's own shape.
+/// An error in the dialect's own shape, made by the hub here.
 fn error_response(
     dialect: Dialect,
     status: StatusCode,
     message: &str,
     param: Option<&str>,
 ) -> Response {
+    let kind = responses::error_type(status.as_u16());
+    shaped(dialect, status, ErrorBody::new(kind, message, param, None))
+}
+
+/// The hub's OpenAI error `body` (of `status`) in the dialect's shape: Anthropic's, with
+/// its types and statuses; the Responses API's, which is OpenAI's own, kept whole (its
+/// type, parameter and code); Ollama's `{"error": message}`.
+fn shaped(dialect: Dialect, status: StatusCode, body: ErrorBody) -> Response {
     let (status, body) = match dialect {
         Dialect::Anthropic => {
-            let s = anthropic::error_status(status.as_u16());
+            let s = anthropic::error_status(status.as_u16(), body.error.code.as_deref());
             (
                 StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                anthropic::error_body(status.as_u16(), message),
+                anthropic::error_body(s, &body.error.message),
             )
         }
-        Dialect::Responses => {
-            let kind = responses::error_type(status.as_u16());
-            let body = ErrorBody::new(kind, message, param, None);
-            (status, serde_json::to_value(body).unwrap_or(Value::Null))
-        }
-        Dialect::Ollama => (status, ollama::error_body(message)),
+        Dialect::Responses => (status, serde_json::to_value(body).unwrap_or(Value::Null)),
+        Dialect::Ollama => (status, ollama::error_body(&body.error.message)),
     };
     (status, axum::Json(body)).into_response()
+}
+
+/// The API a request's path (or, under `/v1`, an `anthropic-version` header) names, if
+/// not OpenAI's.
+fn dialect_of(path: &str, headers: &HeaderMap) -> Option<Dialect> {
+    if path.starts_with("/api/") {
+        Some(Dialect::Ollama)
+    } else if path == "/v1/messages"
+        || path.starts_with("/v1/messages/")
+        || headers.contains_key("anthropic-version")
+    {
+        Some(Dialect::Anthropic)
+    } else {
+        None
+    }
+}
+
+/// Whether a request to a route both APIs share (`/v1/models`) comes from Anthropic's
+/// clients: they send `anthropic-version`, and their key as `x-api-key` (read into
+/// `Authorization` here, as on `/v1/messages`).
+pub(crate) fn is_anthropic(headers: &mut HeaderMap) -> bool {
+    key_from_x_api_key(headers);
+    headers.contains_key("anthropic-version")
+}
+
+/// `e` in the shape of the API `path` belongs to (OpenAI's when none other).
+pub(crate) fn reshaped(path: &str, headers: &HeaderMap, e: ApiError) -> Response {
+    match dialect_of(path, headers) {
+        Some(d) => from_api_error(d, e),
+        None => e.into_response(),
+    }
 }
 
 fn translation_error(dialect: Dialect, e: &DialectError) -> Response {
@@ -107,7 +142,7 @@ fn translation_error(dialect: Dialect, e: &DialectError) -> Response {
 
 /// Anthropic clients send the key as `x-api-key`; the inference path reads
 /// `Authorization: Bearer`. The key itself is never logged.
-fn key_from_x_api_key(headers: &mut HeaderMap) {
+pub(crate) fn key_from_x_api_key(headers: &mut HeaderMap) {
     if headers.contains_key(header::AUTHORIZATION) {
         return;
     }
@@ -220,20 +255,16 @@ async fn admitted_body(
 }
 
 fn from_api_error(dialect: Dialect, e: ApiError) -> Response {
-    let status = e.status();
-    let body = e.body();
-    let mut resp = error_response(
-        dialect,
-        status,
-        &body.error.message,
-        body.error.param.as_deref(),
-    );
+    let mut resp = shaped(dialect, e.status(), e.body());
     let plain = e.into_response();
-    copy_headers(plain.headers(), resp.headers_mut());
+    copy_headers(dialect, plain.headers(), resp.headers_mut());
     resp
 }
 
-fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+/// The headers of the hub's answer a client of `dialect` reads: `retry-after`,
+/// `x-should-retry`, the request's id (also as Anthropic's `request-id`), the time it
+/// queued.
+fn copy_headers(dialect: Dialect, from: &HeaderMap, to: &mut HeaderMap) {
     for name in [
         header::RETRY_AFTER.as_str(),
         crate::http::HEADER_X_REQUEST_ID,
@@ -242,6 +273,11 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     ] {
         if let Some(v) = from.get(name) {
             to.insert(header::HeaderName::from_static(name), v.clone());
+        }
+    }
+    if dialect == Dialect::Anthropic {
+        if let Some(id) = from.get(crate::http::HEADER_X_REQUEST_ID) {
+            to.insert("request-id", id.clone());
         }
     }
 }
@@ -256,11 +292,12 @@ async fn translate_back(
     let (parts, body) = resp.into_parts();
     if parts.status != StatusCode::OK {
         let bytes = read_capped(body, MAX_TRANSLATED_ERROR_BYTES).await;
-        let message = serde_json::from_slice::<ErrorBody>(&bytes)
-            .map(|b| b.error.message)
-            .unwrap_or_else(|_| "the request failed".to_owned());
-        let mut out = error_response(dialect, parts.status, &message, None);
-        copy_headers(&parts.headers, out.headers_mut());
+        let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| {
+            let kind = responses::error_type(parts.status.as_u16());
+            ErrorBody::new(kind, "the request failed", None, None)
+        });
+        let mut out = shaped(dialect, parts.status, body);
+        copy_headers(dialect, &parts.headers, out.headers_mut());
         return out;
     }
     let streamed = parts
@@ -273,7 +310,7 @@ async fn translate_back(
     } else {
         whole_back(body, back, started).await
     };
-    copy_headers(&parts.headers, out.headers_mut());
+    copy_headers(dialect, &parts.headers, out.headers_mut());
     out
 }
 

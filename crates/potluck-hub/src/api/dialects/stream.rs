@@ -65,7 +65,7 @@ impl StreamBack {
 
     fn chunk(&mut self, chunk: &Chunk) -> Vec<u8> {
         if self.too_many_calls(chunk) {
-            return self.error("the provider's answer has too many tool calls");
+            return self.error("the provider's answer has too many tool calls", None);
         }
         if let Some(u) = chunk.usage {
             self.usage = u.into();
@@ -109,13 +109,15 @@ impl StreamBack {
         out
     }
 
-    /// The stream failed: one error event in the dialect's shape, then the end.
-    fn error(&mut self, message: &str) -> Vec<u8> {
+    /// The stream failed (with the hub's error `code`, if it said one): one error event in
+    /// the dialect's shape, then the end.
+    fn error(&mut self, message: &str, code: Option<&str>) -> Vec<u8> {
         self.finished = true;
+        let status = status_of(code);
         match &mut self.translator {
-            Translator::Anthropic(_) => anthropic_error_event(message),
+            Translator::Anthropic(_) => anthropic_error_event(status, code, message),
             Translator::Responses(s) => s
-                .fail("server_error", message)
+                .fail(responses_code(status), message)
                 .iter()
                 .flat_map(|e| e.to_sse())
                 .collect(),
@@ -129,19 +131,26 @@ impl StreamBack {
         }
         match Chunk::parse(data) {
             Ok(chunk) if !is_error(data) => self.chunk(&chunk),
-            _ => {
-                let message = serde_json::from_slice::<ErrorBody>(data)
-                    .map(|b| b.error.message)
-                    .unwrap_or_else(|_| "the provider's stream failed".to_owned());
-                self.error(&message)
-            }
+            _ => match serde_json::from_slice::<ErrorBody>(data) {
+                Ok(b) => self.error(&b.error.message, b.error.code.as_deref()),
+                Err(_) => self.error("the provider's stream failed", None),
+            },
         }
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        if is_comment(bytes) {
+            // The hub's own progress while the request queues (`: queued …`): kept on
+            // the SSE dialects, whose clients skip comments, so that a proxy in front
+            // sees bytes while the stream waits; Ollama's NDJSON has no comments.
+            return match self.translator {
+                Translator::Ollama(_) => Vec::new(),
+                _ => bytes.to_vec(),
+            };
+        }
         let events = match self.parser.push(bytes) {
             Ok(events) => events,
-            Err(_) => return self.error("the provider's stream failed"),
+            Err(_) => return self.error("the provider's stream failed", None),
         };
         let mut out = Vec::new();
         for data in events {
@@ -154,14 +163,46 @@ impl StreamBack {
     }
 }
 
+/// Whether a relayed frame is whole SSE comments and nothing else.
+fn is_comment(bytes: &[u8]) -> bool {
+    bytes.ends_with(b"\n\n")
+        && bytes
+            .split(|b| *b == b'\n')
+            .all(|line| line.is_empty() || line.starts_with(b":"))
+}
+
 fn is_error(data: &[u8]) -> bool {
     serde_json::from_slice::<Value>(data).is_ok_and(|v| v.get("error").is_some())
 }
 
-fn anthropic_error_event(message: &str) -> Vec<u8> {
+/// The status the hub gives an error of `code` before a head is sent: what a translated
+/// stream's error says of it once the head has gone (a queued stream that waited too
+/// long is `overloaded_error` to Anthropic's clients, which retry it, not `api_error`).
+fn status_of(code: Option<&str>) -> u16 {
+    match code.unwrap_or("") {
+        "queue_timeout" | "no_capacity" | "hub_overloaded" | "usage_backlog" | "hub_busy" => 503,
+        "provider_timeout" => 504,
+        "rate_limit_exceeded" | "insufficient_quota" => 429,
+        "invalid_api_key" => 401,
+        c if c.starts_with("account_") || c.starts_with("key_") || c == "refused" => 403,
+        "internal_error" => 500,
+        _ => 502,
+    }
+}
+
+/// The Responses API's error code for a failed stream of `status`.
+fn responses_code(status: u16) -> &'static str {
+    if status == 429 {
+        "rate_limit_exceeded"
+    } else {
+        "server_error"
+    }
+}
+
+fn anthropic_error_event(status: u16, code: Option<&str>, message: &str) -> Vec<u8> {
     anthropic::Event {
         name: "error",
-        data: anthropic::error_body(502, message),
+        data: anthropic::error_body(anthropic::error_status(status, code), message),
     }
     .to_sse()
 }
@@ -216,7 +257,7 @@ pub(super) fn stream_back(body: Body, back: Back, started: Instant, caps: Stream
                         }
                     }
                     Some(Err(_)) | None => {
-                        let out = st.error("the provider's stream ended early");
+                        let out = st.error("the provider's stream ended early", None);
                         return Some((Ok(Bytes::from(out)), (upstream, st)));
                     }
                 }
@@ -227,5 +268,51 @@ pub(super) fn stream_back(body: Body, back: Back, started: Instant, caps: Stream
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // As on the OpenAI routes: nginx in front must not buffer the stream.
+    resp.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_frames_of_whole_comments_are_comments() {
+        assert!(is_comment(b": queued position=1 eta_ms=20\n\n"));
+        assert!(is_comment(b": a\n: b\n\n"));
+        assert!(!is_comment(b": a\ndata: {}\n\n"));
+        assert!(!is_comment(b"data: [DONE]\n\n"));
+        assert!(!is_comment(b": cut"));
+    }
+
+    #[test]
+    fn an_error_mid_stream_keeps_what_its_code_says() {
+        let anthropic = |code| {
+            let text =
+                String::from_utf8(anthropic_error_event(status_of(code), code, "m")).unwrap();
+            let data = text
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap()
+                .to_owned();
+            serde_json::from_str::<Value>(&data).unwrap()["error"]["type"].clone()
+        };
+        assert_eq!(anthropic(Some("queue_timeout")), "overloaded_error");
+        assert_eq!(anthropic(Some("provider_timeout")), "timeout_error");
+        assert_eq!(anthropic(Some("rate_limit_exceeded")), "rate_limit_error");
+        assert_eq!(anthropic(Some("insufficient_quota")), "billing_error");
+        assert_eq!(anthropic(Some("account_suspended")), "permission_error");
+        assert_eq!(anthropic(Some("provider_error")), "api_error");
+        assert_eq!(anthropic(None), "api_error");
+        assert_eq!(
+            responses_code(status_of(Some("rate_limit_exceeded"))),
+            "rate_limit_exceeded"
+        );
+        assert_eq!(
+            responses_code(status_of(Some("queue_timeout"))),
+            "server_error"
+        );
+    }
 }
