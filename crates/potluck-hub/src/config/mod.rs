@@ -71,6 +71,13 @@ pub struct HubConfig {
     /// Longest silence between two streamed chunks before the stream is ended.
     #[serde(with = "secs")]
     pub stream_idle_timeout: Duration,
+    /// Longest a relayed stream may run, from its provider's first bytes, however often
+    /// chunks come (a provider that drips a byte now and then holds the consumer's slot,
+    /// key and credits no longer); past it the stream ends as the provider's failure.
+    /// Above the agent's own `response_timeout_secs` (600 s by default), so that an honest
+    /// provider's agent ends a stream first.
+    #[serde(with = "secs")]
+    pub stream_total_timeout: Duration,
     /// `Retry-After` seconds when no provider can take a request.
     pub retry_after_secs: u64,
     /// Grace period for in-flight requests at shutdown.
@@ -288,6 +295,9 @@ impl HubConfig {
                 ));
             }
         }
+        if self.stream_idle_timeout.is_zero() || self.stream_total_timeout.is_zero() {
+            return Err("stream_idle_timeout and stream_total_timeout must be positive".into());
+        }
         if self.routing.events_linger > std::time::Duration::from_secs(60) {
             return Err("routing.events_linger must be at most 60 seconds".into());
         }
@@ -358,6 +368,7 @@ impl Default for HubConfig {
             provider_header_timeout: Duration::from_secs(600),
             provider_body_timeout: Duration::from_secs(600),
             stream_idle_timeout: Duration::from_secs(120),
+            stream_total_timeout: Duration::from_secs(1800),
             retry_after_secs: 5,
             shutdown_grace: Duration::from_secs(10),
             usage_queue: 65_536,

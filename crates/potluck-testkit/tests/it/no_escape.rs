@@ -669,12 +669,13 @@ async fn reserved_account_names_cannot_be_taken() {
     assert_eq!(s, 201);
 }
 
-/// The side routes of the other APIs (Anthropic's `count_tokens`, Ollama's `show`) read a
-/// body too: before, they read up to `max_request_bytes` for any key with no rate or
-/// concurrency limit and outside the requests a sanction cuts, so a key over its limits
-/// could still make the hub buffer and parse megabytes at will. Now they take the key's
-/// limits before the body, like the inference routes, and a slow upload to them is cut by
-/// a ban.
+/// The side routes of the other APIs read a body too: before, they read up to
+/// `max_request_bytes` for any key with no rate or concurrency limit and outside the
+/// requests a sanction cuts, so a key over its limits could still make the hub buffer and
+/// parse megabytes at will. Anthropic's `count_tokens` (a whole conversation) takes the
+/// key's limits before the body, like the inference routes, and a slow upload to it is
+/// cut by a ban; Ollama's `show` (a model's name: editors ask it for every model
+/// `/api/tags` lists) spends no request rate, like `/api/tags`, and reads at most 64 KiB.
 #[tokio::test]
 async fn the_other_apis_side_routes_are_rate_limited_and_cut_by_a_ban() {
     let (hub, _backend, _agent) = pool(|_| {}).await;
@@ -684,6 +685,8 @@ async fn the_other_apis_side_routes_are_rate_limited_and_cut_by_a_ban() {
     let show = json!({"model": MODEL});
     let mut statuses = Vec::new();
     for (path, body) in [
+        ("/v1/messages/count_tokens", &count),
+        ("/api/show", &show),
         ("/v1/messages/count_tokens", &count),
         ("/api/show", &show),
         ("/v1/messages/count_tokens", &count),
@@ -698,9 +701,12 @@ async fn the_other_apis_side_routes_are_rate_limited_and_cut_by_a_ban() {
     }
     assert_eq!(
         statuses.iter().map(|(_, s)| *s).collect::<Vec<_>>(),
-        [200, 200, 429, 429],
+        [200, 200, 200, 200, 429, 200],
         "{statuses:?}"
     );
+    let big = json!({"model": MODEL, "pad": "x".repeat(100 * 1024)});
+    let (s, _) = call(&hub, "POST", "/api/show", Some(&key), Some(big)).await;
+    assert_eq!(s, 413);
 
     let (hub, _backend, _agent) = pool(|_| {}).await;
     ban_cuts_a_slow_upload(&hub, "/v1/messages/count_tokens").await;

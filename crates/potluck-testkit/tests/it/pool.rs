@@ -270,6 +270,51 @@ async fn a_steady_stream_outlives_the_idle_timeout() {
     assert!(texts >= 10, "every chunk arrived: {events:?}");
 }
 
+/// A provider that keeps a stream alive with a chunk now and then, never silent for the
+/// idle timeout, holds the consumer's place, key and credits no longer than
+/// `stream_total_timeout`: the stream ends with `provider_timeout`, as the provider's
+/// failure. Before, nothing bounded a stream's whole length at the hub (the agent's own
+/// `response_timeout` binds only an honest agent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dripping_provider_is_cut_at_the_streams_total_timeout() {
+    let total = Duration::from_secs(2);
+    let hub = TestHub::start_with(|c| {
+        c.stream_idle_timeout = Duration::from_secs(1);
+        c.stream_total_timeout = total;
+    })
+    .await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 1000,
+        gap: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let _a = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let started = std::time::Instant::now();
+    let events = tokio::time::timeout(
+        Duration::from_secs(60),
+        potluck_testkit::sse::SseReader::new(chat(&alice, true).await).collect(),
+    )
+    .await
+    .expect("the stream ends");
+    assert!(started.elapsed() >= total, "{:?}", started.elapsed());
+    match events.last() {
+        Some(potluck_testkit::sse::Event::Json(v)) => {
+            assert_eq!(v["error"]["code"], "provider_timeout", "{v}")
+        }
+        e => panic!("{e:?}"),
+    }
+    assert!(events.len() > 3, "chunks came before the cut: {events:?}");
+    let st = hub.state();
+    let p = st.store.provider_id("p").await.unwrap();
+    potluck_testkit::wait_until("the failure is counted", Duration::from_secs(5), || async {
+        st.registry.health_of(p).success_rate() < 1.0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_provider_hits_the_idle_timeout() {
     let hub = TestHub::start_with(|c| c.stream_idle_timeout = Duration::from_millis(300)).await;

@@ -87,6 +87,8 @@ pub(crate) struct Relay {
     idle: Pin<Box<Sleep>>,
     /// When the last frame came.
     last_frame: Instant,
+    /// `stream_total_timeout` from the stream's start: its end, however often frames come.
+    ends_by: Instant,
     /// Resolves when the request is cut; registered once for the whole stream.
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
 }
@@ -106,7 +108,11 @@ impl Relay {
             .guard_input
             .clone()
             .map(|user| OutputWindow::new(user, holdback));
-        let idle = Box::pin(tokio::time::sleep(state.config.stream_idle_timeout));
+        let now = Instant::now();
+        let ends_by = wait::after_from(now, state.config.stream_total_timeout);
+        let idle = Box::pin(tokio::time::sleep_until(
+            wait::after_from(now, state.config.stream_idle_timeout).min(ends_by),
+        ));
         let cut = Box::pin(ctx.cut.cut_signal());
         let model_json = serde_json::to_vec(ctx.model.as_str()).unwrap_or_default();
         let id_json = serde_json::to_vec(&ctx.response_id()).unwrap_or_default();
@@ -133,7 +139,8 @@ impl Relay {
             guard,
             pending: Default::default(),
             idle,
-            last_frame: Instant::now(),
+            last_frame: now,
+            ends_by,
             cut,
         }
     }
@@ -395,6 +402,10 @@ impl Relay {
                     self.end = End::Cut;
                 }
                 Wait::Stalled => self.fail("The provider stalled.", "provider_timeout"),
+                Wait::TooLong => self.fail(
+                    "The stream ran longer than this hub allows (stream_total_timeout).",
+                    "provider_timeout",
+                ),
                 Wait::Frame(None) => {
                     self.fail("The provider ended the stream early.", "provider_error")
                 }

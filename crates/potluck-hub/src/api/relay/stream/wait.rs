@@ -30,12 +30,17 @@ impl Relay {
         }
         loop {
             ready!(self.idle.as_mut().poll(cx));
+            let now = Instant::now();
+            if self.ends_by <= now {
+                return Poll::Ready(Wait::TooLong);
+            }
             let deadline = after_from(self.last_frame, self.state.config.stream_idle_timeout);
-            if deadline <= Instant::now() {
+            if deadline <= now {
                 return Poll::Ready(Wait::Stalled);
             }
-            // Frames came since the timer was set: wait until the last one's deadline.
-            self.idle.as_mut().reset(deadline);
+            // Frames came since the timer was set: wait until the last one's deadline (or
+            // the stream's own end, if sooner).
+            self.idle.as_mut().reset(deadline.min(self.ends_by));
         }
     }
 
@@ -58,7 +63,7 @@ impl Relay {
 
 /// `d` after `t`; about thirty years after it when that does not fit in an `Instant` (as
 /// tokio's own timeouts do), so that no setting can make the relay panic.
-fn after_from(t: Instant, d: Duration) -> Instant {
+pub(super) fn after_from(t: Instant, d: Duration) -> Instant {
     t.checked_add(d)
         .unwrap_or_else(|| t + Duration::from_secs(30 * 365 * 86_400))
 }
@@ -69,6 +74,8 @@ pub(super) enum Wait {
     Cut,
     /// Nothing came for `stream_idle_timeout`.
     Stalled,
+    /// The stream ran `stream_total_timeout`.
+    TooLong,
     /// The provider's next frame, its end, or an error.
     Frame(Option<Result<http_body::Frame<Bytes>, <TunnelBody as http_body::Body>::Error>>),
 }
