@@ -21,6 +21,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::BodyExt;
+use potluck_protocol::request::RequestError;
 use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR};
 use potluck_protocol::Capability;
 use potluck_tunnel::TunnelBody;
@@ -86,14 +87,45 @@ pub(crate) async fn acquire(
         Err(PickError::UnknownModel | PickError::NotAllowed) => {
             Err(ApiError::ModelNotFound(ctx.model.to_string()))
         }
-        Err(PickError::TooLarge) => Err(ApiError::bad_request(
-            "No provider of this model accepts a request this large: lower 'max_tokens' or shorten the prompt. GET /v1/models shows each model's limits.",
-            Some("max_tokens"),
-        )),
+        Err(PickError::TooLarge(why)) => Err(too_large(why)),
         Err(PickError::Incapable(cap)) => Err(incapable(cap)),
         Err(_) => Err(ApiError::NoCapacity {
             retry_after: state.config.retry_after_secs,
         }),
+    }
+}
+
+/// The 400 for a request larger than any provider of its model accepts, in the words
+/// OpenAI's clients look for (`context_length_exceeded`, "maximum context length": a
+/// client such as LiteLLM then trims the conversation), with the widest provider's
+/// figures.
+fn too_large(why: Option<RequestError>) -> ApiError {
+    let (message, param, code) = match why {
+        Some(RequestError::ContextLengthExceeded { limit, need, prompt, param }) => (
+            format!(
+                "This model's maximum context length in this pool is {limit} tokens. However, you requested about {need} tokens (about {prompt} in the prompt, the rest for the completion). Please reduce the length of the messages or of the completion (max_tokens)."
+            ),
+            param,
+            "context_length_exceeded",
+        ),
+        Some(RequestError::MaxTokensExceeded { field, cap, asked }) => (
+            format!(
+                "{} is too large: {asked}. This model accepts at most {cap} completion tokens in this pool.",
+                field.name()
+            ),
+            field.name(),
+            "max_tokens_exceeded",
+        ),
+        _ => (
+            "No provider of this model accepts a request this large: lower 'max_tokens' or shorten the prompt. GET /v1/models shows each model's limits.".to_owned(),
+            "max_tokens",
+            "request_too_large",
+        ),
+    };
+    ApiError::BadRequest {
+        message,
+        param: Some(param),
+        code: Some(code),
     }
 }
 

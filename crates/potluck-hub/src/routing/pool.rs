@@ -7,11 +7,22 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use potluck_protocol::request::ModelLimits;
 use potluck_protocol::tunnel::{ModelHash, MAX_MODELS_PER_AGENT};
 use potluck_protocol::{Capability, ModelCapabilities, ModelName};
 use rand::Rng;
 
 use crate::routing::link::ProviderLink;
+
+/// The widest of some providers' limits: each the largest any of them accepts (`None`,
+/// no cap, when one has none); `None` when there are none.
+pub(crate) fn widest(limits: impl IntoIterator<Item = ModelLimits>) -> Option<ModelLimits> {
+    let wider = |a: Option<u32>, b: Option<u32>| a.zip(b).map(|(a, b)| a.max(b));
+    limits.into_iter().reduce(|a, b| ModelLimits {
+        max_tokens: wider(a.max_tokens, b.max_tokens),
+        max_context: wider(a.max_context, b.max_context),
+    })
+}
 use crate::routing::registry::{Inner, Registry};
 
 /// Energy and tokens served by one provider for one model (since the hub started).
@@ -320,6 +331,27 @@ impl Registry {
                 (m, s)
             })
             .collect()
+    }
+
+    /// The widest size limits among the open tunnels that offer `model` to a consumer in
+    /// `groups` (the largest `max_tokens` and context any of them accepts); `None` when
+    /// none offers it.
+    pub fn widest_limits(&self, model: &ModelName, groups: &[String]) -> Option<ModelLimits> {
+        let offers: Vec<ModelLimits> = self
+            .open_tunnels()
+            .iter()
+            .filter_map(|t| {
+                let o = t.state.lock();
+                let visible = o.profile.groups.is_empty()
+                    || o.profile.groups.iter().any(|g| groups.contains(g));
+                let m = o.models.get(model).filter(|_| visible)?;
+                Some(ModelLimits {
+                    max_tokens: m.max_tokens,
+                    max_context: m.max_context,
+                })
+            })
+            .collect();
+        widest(offers)
     }
 
     /// [`Registry::pool_for`] as seen by a consumer in no group.

@@ -62,8 +62,9 @@ pub enum PickError {
     Busy,
     /// The model's wait queue is full.
     QueueFull,
-    /// Providers serve the model, but none with a `max_tokens` (or context) this large.
-    TooLarge,
+    /// Providers serve the model, but none with a `max_tokens` (or context) this large;
+    /// what the widest of them says of the request, if that says anything.
+    TooLarge(Option<potluck_protocol::request::RequestError>),
     /// Providers serve the model, but only to members of groups the consumer is not in.
     NotAllowed,
     /// Providers serve the model, but none announced this capability the request needs.
@@ -202,7 +203,19 @@ impl Inner {
         };
         match allowed.iter().map(missing).collect::<Option<Vec<_>>>() {
             Some(all) => all.first().map(|c| PickError::Incapable(*c)),
-            None => Some(PickError::TooLarge),
+            None => {
+                let widest = crate::routing::pool::widest(allowed.iter().filter_map(|t| {
+                    let m = t.offered(model)?;
+                    Some(potluck_protocol::request::ModelLimits {
+                        max_tokens: m.max_tokens,
+                        max_context: m.max_context,
+                    })
+                }));
+                let why = widest
+                    .zip(need.request.as_ref())
+                    .and_then(|(w, r)| r.check_limits(&w).err());
+                Some(PickError::TooLarge(why))
+            }
         }
     }
 

@@ -786,3 +786,113 @@ async fn each_apis_clients_read_errors_and_headers_as_they_expect() {
     );
     assert_eq!(h["x-should-retry"], "false");
 }
+
+/// Anthropic's `max_tokens` is required and its clients set it high (Claude Code asks for
+/// tens of thousands); a volunteer's provider accepts what its model allows. Before, every
+/// such request was refused with a 400 no Anthropic client understands. Now the request
+/// asks for the most the widest provider accepts (its cap, or its context less the
+/// prompt) and is served, and a prompt longer than any provider's context is refused in
+/// Anthropic's own words. OpenAI's clients, whose `max_tokens` is their own choice, still
+/// get a refusal, in the words they look for (`context_length_exceeded`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_max_tokens_is_fitted_to_the_pool_and_a_long_prompt_refused_in_its_words() {
+    let hub = TestHub::start().await;
+    let (_, key) = hub.create_key_in("consumer", "consumer").await;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let mut c = TestAgent::config(
+        &hub.url(),
+        &hub.create_provider("p").await,
+        &[backend.base_url()],
+    );
+    c.policy = potluck_testkit::agent_rig::policy(
+        "[[models]]\nbackend_name = \"m1\"\nmax_tokens = 100\nmax_context = 3000\n",
+    );
+    let _agent = TestAgent::start_with(c);
+    hub.wait_for_model(MODEL, 1).await;
+    let anthropic = |body: Value| {
+        hub.http
+            .post(format!("{}/v1/messages", hub.url()))
+            .header("x-api-key", &key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+    };
+    let r = anthropic(json!({"model": MODEL, "max_tokens": 32000, "messages": [{"role": "user", "content": "hi"}]}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let sent: Value =
+        serde_json::from_slice(&backend.inference_received().last().unwrap().body).unwrap();
+    assert_eq!(sent["max_tokens"], 100, "the provider's cap");
+    // A long prompt leaves less room than the cap: the room is what is asked.
+    let long = "word ".repeat(2360);
+    let r = anthropic(json!({"model": MODEL, "max_tokens": 32000, "messages": [{"role": "user", "content": long}]}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let sent: Value =
+        serde_json::from_slice(&backend.inference_received().last().unwrap().body).unwrap();
+    let room = sent["max_tokens"].as_u64().unwrap();
+    assert!(room < 100 && room > 0, "{room}");
+    // A prompt longer than the context: Anthropic's words, nothing sent.
+    let before = backend.inference_received().len();
+    let longer = "word ".repeat(20_000);
+    let r = anthropic(json!({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": longer}]}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("prompt is too long: "),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with(" > 3000 maximum"),
+        "{v}"
+    );
+    assert_eq!(backend.inference_received().len(), before);
+    // OpenAI's clients: refused, in their words.
+    let r = hub
+        .http
+        .post(format!("{}/v1/chat/completions", hub.url()))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "max_tokens": 32000, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "max_tokens_exceeded", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 100"),
+        "{v}"
+    );
+    let r = hub
+        .http
+        .post(format!("{}/v1/chat/completions", hub.url()))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": longer}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum context length"),
+        "{v}"
+    );
+}
