@@ -111,6 +111,15 @@ pub struct SpotCheckConfig {
     /// Seconds between synthetic canary prompts (0: none).
     #[serde(with = "super::secs")]
     pub canary_interval: Duration,
+    /// How long an audit (a canary, a replay) waits for a free slot on the audited
+    /// provider and on its reference; a provider whose slots stay full that long is busy,
+    /// not judged.
+    #[serde(with = "super::secs")]
+    pub lease_wait: Duration,
+    /// How long the audited provider and the reference each have to answer, once they
+    /// have a slot; an audited provider that does not has failed the audit.
+    #[serde(with = "super::secs")]
+    pub answer_timeout: Duration,
     /// Fixed seed for the audit sampler (tests); random when unset.
     pub seed: Option<u64>,
     /// Most bytes of a sampled request's delivered answer kept in memory until its
@@ -147,6 +156,9 @@ impl SpotCheckConfig {
         if factors.iter().any(|v| !(0.0..=1.0).contains(v)) {
             return Err("audit.rate, audit.min_agreement, audit.quarantine_below, audit.pass_reward, audit.fail_factor and audit.flag_factor must be between 0 and 1".into());
         }
+        if self.lease_wait.is_zero() || self.answer_timeout.is_zero() {
+            return Err("audit.lease_wait and audit.answer_timeout must be positive".into());
+        }
         let bad_speed = self
             .max_tokens_per_sec
             .iter()
@@ -176,6 +188,8 @@ impl Default for SpotCheckConfig {
             flag_factor: 0.8,
             quarantine_below: 0.3,
             canary_interval: Duration::from_secs(600),
+            lease_wait: Duration::from_secs(30),
+            answer_timeout: Duration::from_secs(120),
             seed: None,
             // 16 KiB of text is about 4,000 tokens, past any answer's beginning that
             // `compare_tokens` reads; 256 pending audits hold at most 4 MiB of text.

@@ -148,28 +148,37 @@ pub(crate) async fn ask(
         .map_err(|_| InternalError::Timeout)?
 }
 
-/// Send `body` as it is (streamed or not, as it says) on one given tunnel (audits),
-/// waiting for a free slot on it.
-pub(crate) async fn ask_on(
+/// A slot on `tunnel`, waiting up to `wait` for one (`None`: none freed, or the tunnel
+/// closed). The hub's own requests (audits) take a slot of the provider they must reach,
+/// not any provider's.
+pub(crate) async fn lease_within(
     state: &HubState,
     tunnel: &Arc<ProviderLink>,
+    wait: Duration,
+) -> Option<Lease> {
+    tokio::time::timeout(wait, state.registry.lease_on(tunnel))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Send `body` on `lease`'s tunnel as the hub's own request, collecting the answer within
+/// `timeout`.
+pub(crate) async fn ask_leased(
+    state: &HubState,
+    lease: Lease,
     endpoint: InferenceEndpoint,
     model: &ModelName,
     body: (Bytes, bool),
     consumer: &str,
     timeout: Duration,
 ) -> Result<Answer, InternalError> {
-    let work = async {
-        let lease = state
-            .registry
-            .lease_on(tunnel)
-            .await
-            .ok_or(InternalError::NoProvider)?;
-        send_on(state, lease, endpoint, model, body, consumer).await
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| InternalError::Timeout)?
+    tokio::time::timeout(
+        timeout,
+        send_on(state, lease, endpoint, model, body, consumer),
+    )
+    .await
+    .map_err(|_| InternalError::Timeout)?
 }
 
 async fn send_on(

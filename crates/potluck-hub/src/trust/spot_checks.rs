@@ -42,9 +42,6 @@ use crate::trust::plausibility::{Usage, PLAUSIBILITY_SLACK_TOKENS};
 use crate::trust::reputation::judge;
 use crate::trust::sample::{prefix, AuditSample};
 
-/// Longest an audit replay may take on either provider.
-pub(crate) const AUDIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-
 /// Work for the auditor.
 pub(crate) enum Job {
     /// Replay a finished request on a trusted reference and compare with what the
@@ -161,13 +158,18 @@ pub(crate) async fn run(
     } else {
         interval
     });
+    // A round longer than the interval is followed by the next at once, not by a burst.
+    canary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     canary.tick().await;
     loop {
         let job = tokio::select! {
             j = rx.recv() => match j { Some(j) => j, None => return },
             _ = canary.tick() => {
                 if !interval.is_zero() {
-                    run_canary(&state, &shapes).await;
+                    tokio::select! {
+                        () = run_canary(&state, &shapes) => {}
+                        () = stop.cancelled() => return,
+                    }
                 }
                 continue;
             }
@@ -247,14 +249,19 @@ async fn replay(state: &HubState, job: ReplayJob) {
         .identity
         .pseudonym(reference.provider_id, job.account_id);
     let body = (job.sample.body.clone(), job.sample.stream);
-    let answer = send::ask_on(
+    let audit = &state.config.audit;
+    let Some(lease) = send::lease_within(state, &reference, audit.lease_wait).await else {
+        tracing::debug!("trusted reference busy; no verdict");
+        return;
+    };
+    let answer = send::ask_leased(
         state,
-        &reference,
+        lease,
         job.endpoint,
         &job.model,
         body,
         &consumer,
-        AUDIT_TIMEOUT,
+        audit.answer_timeout,
     )
     .await;
     let Ok(b) = answer else {
@@ -324,8 +331,9 @@ fn usage_over_reference(billed: Usage, reference: &Answer, same_text: bool, over
 }
 
 /// Send `body` to the audited tunnel and the reference at once and judge the answers:
-/// `None` if the reference failed (no verdict), else (passed, agreement). Failing an
-/// audited request is failing the audit.
+/// `None` if either had no free slot within `audit.lease_wait` (a busy provider is not
+/// judged) or the reference failed (no verdict), else (passed, agreement). Failing an
+/// audited request, once it has a slot, is failing the audit.
 async fn compare(
     state: &HubState,
     target: &Arc<ProviderLink>,
@@ -337,24 +345,34 @@ async fn compare(
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let bytes = Bytes::from(serde_json::to_vec(body).ok()?);
     let ep = InferenceEndpoint::ChatCompletions;
+    let audit = &state.config.audit;
+    let (on_target, on_reference) = tokio::join!(
+        send::lease_within(state, target, audit.lease_wait),
+        send::lease_within(state, reference, audit.lease_wait),
+    );
+    let (Some(on_target), Some(on_reference)) = (on_target, on_reference) else {
+        tracing::debug!("audited provider or reference busy; no verdict");
+        return None;
+    };
+    let wait = audit.answer_timeout;
     let (a, b) = tokio::join!(
-        send::ask_on(
+        send::ask_leased(
             state,
-            target,
+            on_target,
             ep,
             model,
             (bytes.clone(), stream),
             consumer,
-            AUDIT_TIMEOUT
+            wait
         ),
-        send::ask_on(
+        send::ask_leased(
             state,
-            reference,
+            on_reference,
             ep,
             model,
             (bytes, stream),
             consumer,
-            AUDIT_TIMEOUT
+            wait
         ),
     );
     let Ok(b) = b else {

@@ -1065,3 +1065,70 @@ async fn a_consumer_cannot_get_an_honest_provider_flagged() {
         "{s:?}"
     );
 }
+
+/// An audit waits a while for a free slot on the provider it checks, and a provider whose
+/// slots stay full is busy, not judged: before, the wait for a slot counted against the
+/// provider's time to answer, so an honest provider kept busy by the pool (the most
+/// generous volunteers) failed canaries and lost its reputation. Once a slot is free, a
+/// provider that does not answer in time fails as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_busy_with_the_pools_work_is_not_failed_by_an_audit() {
+    let hub = TestHub::start_with(|c| {
+        c.audit.rate = 0.0;
+        c.audit.canary_interval = Duration::from_millis(50);
+        c.audit.lease_wait = Duration::from_millis(300);
+        c.audit.answer_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut one_slot = hello(&canary_file());
+    if let AgentEvent::Hello {
+        max_concurrency, ..
+    } = &mut one_slot
+    {
+        *max_concurrency = 1;
+    }
+    let busy = ScriptedAgent::connect_with(
+        "busy",
+        &hub.url(),
+        &hub.create_provider("busy").await,
+        one_slot,
+        honest(),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    // A consumer's request takes the busy provider's one slot and holds it: the provider
+    // answers nothing.
+    busy.set_raw(Some(potluck_testkit::scripted_agent::RawAnswer::Silent));
+    let busy_id = hub.provider_id("busy").await;
+    let consumer = Consumer::new(&hub, "carol").await;
+    let held = tokio::spawn(async move {
+        consumer
+            .chat_with(&json!({"model": "m", "messages": [{"role": "user", "content": "hold"}]}))
+            .await
+    });
+    wait_until("the busy provider's slot is taken", WAIT, || async {
+        busy.requests()
+            .iter()
+            .any(|r| r.path.ends_with("/chat/completions"))
+    })
+    .await;
+    let _reference = serving_canary_file(&hub, "ref", honest()).await;
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let reputation = || async {
+        hub.state()
+            .store
+            .standing(busy_id)
+            .await
+            .unwrap()
+            .reputation
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(reputation().await, 1.0, "busy, so not judged");
+    // Its slot freed, a provider that answers nothing fails the canaries.
+    held.abort();
+    wait_until("a silent provider fails canaries", WAIT, || async {
+        reputation().await < 1.0
+    })
+    .await;
+}
