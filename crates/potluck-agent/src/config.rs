@@ -115,6 +115,9 @@ pub struct AgentConfig {
     pub backend_header_timeout: Duration,
     /// Grace period for streams in flight at shutdown.
     pub shutdown_grace: Duration,
+    /// How long past its `response_timeout` an answer the hub stops taking is kept before
+    /// it is ended (`response::watch`).
+    pub hub_stall_grace: Duration,
     /// The volunteer's rules (models, schedule, limits, busy, access, power, journal).
     pub policy: Policy,
     /// The config file to watch for changes (mtime polled, or `SIGHUP`).
@@ -194,6 +197,7 @@ impl AgentConfig {
             reconnect_max: Duration::from_secs(30),
             backend_header_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(10),
+            hub_stall_grace: crate::response::watch::HUB_STALL_GRACE,
             policy: Policy::default(),
             policy_source: None,
             reload_interval: DEFAULT_RELOAD_INTERVAL,

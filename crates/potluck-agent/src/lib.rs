@@ -145,6 +145,7 @@ pub async fn run_with_carriers(
     tasks.spawn(discovery::discovery_loop(Arc::clone(&shared), stop.clone()));
     tasks.spawn(schedule_loop(Arc::clone(&shared), stop.clone()));
     tasks.spawn(busy::busy_loop(Arc::clone(&shared), stop.clone()));
+    tasks.spawn(Arc::clone(&shared.watchdog).run(stop.clone()));
     tasks.spawn(power_loop(Arc::clone(&shared), stop.clone()));
     if let Some(src) = config.policy_source.clone() {
         tasks.spawn(reload_loop(Arc::clone(&shared), src, stop.clone()));

@@ -86,6 +86,8 @@ pub struct Shared {
     pub(crate) slots: Arc<Slots>,
     /// The bandwidth cap.
     pub bandwidth: Arc<Bandwidth>,
+    /// Answers the hub stops taking are ended past their time (`response::watch`).
+    pub(crate) watchdog: Arc<crate::response::watch::Watchdog>,
     /// Drain switches.
     pub gate: Gate,
     /// One link per tunnel (per hub, per address of a hub with several), set before the
@@ -147,6 +149,9 @@ impl Shared {
             rediscover: Notify::new(),
             slots: Arc::new(Slots::default()),
             bandwidth,
+            watchdog: Arc::new(crate::response::watch::Watchdog::new(
+                config.hub_stall_grace,
+            )),
             gate: Gate::default(),
             hubs: Vec::new(),
             energy: EnergyMeter::default(),

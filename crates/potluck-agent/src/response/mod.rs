@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use crate::slots::Bandwidth;
 
 pub mod scrub;
+pub mod watch;
 
 /// Largest error body relayed from a backend.
 pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;

@@ -461,6 +461,8 @@ async fn relay(
             }
         }
     };
+    // A hub that stops taking the answer does not hold it (and the slot) past its time.
+    let body = sh.watchdog.watch(body, deadline);
     let mut r = Response::new(crate::ending::LookAhead::new(body).boxed_unsync());
     *r.status_mut() = status;
     if let Some(ct) = content_type {

@@ -477,3 +477,61 @@ async fn a_hostile_hub_cannot_slip_a_request_past_a_pause() {
         "the backend never saw it"
     );
 }
+
+/// A hostile hub that stops taking an answer (it grants no more HTTP/2 window) held the
+/// volunteer's slot, the backend's connection and the answer for as long as it kept the
+/// tunnel open: the answer's own deadline runs only while the tunnel's server polls it,
+/// which it does not without window. Now an answer still open past its
+/// `response_timeout_secs` (and `hub_stall_grace`) is ended: the backend's stream is cut
+/// and the one slot serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_hub_that_stops_reading_cannot_hold_a_slot() {
+    use std::sync::atomic::Ordering;
+    let backend = FakeBackend::start(&[MODEL]).await;
+    let mut hub = FakeHub::start().await;
+    let mut c = TestAgent::config(&hub.url(), "pt-any", &[backend.base_url()]);
+    c.max_concurrency = 1;
+    c.hub_stall_grace = Duration::from_millis(500);
+    c.policy = potluck_testkit::agent_rig::policy(
+        "[limits]\nresponse_timeout_secs = 1\nmax_response_bytes = 1073741824\n",
+    );
+    let _agent = TestAgent::start_with(c);
+    let h2 = hub.accept_with::<HeldBody>().await;
+    const CHAT: &str = r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#;
+    const STREAM: &str =
+        r#"{"model":"m1","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+    wait_until("the agent serves", T, || async {
+        send_chat(&h2, whole_body(CHAT), "warm").await == 200
+    })
+    .await;
+    // An endless stream the hub never reads past its first window.
+    backend.set_behavior(potluck_testkit::FakeBehavior {
+        chunks: 10_000_000,
+        ..Default::default()
+    });
+    let mut unread = h2.clone();
+    let req = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header(potluck_protocol::tunnel::HEADER_MODEL, MODEL)
+        .header(potluck_protocol::tunnel::HEADER_REQUEST_ID, "unread")
+        .header(potluck_protocol::tunnel::HEADER_CONSUMER, "c-test")
+        .body(whole_body(STREAM))
+        .unwrap();
+    let resp = tokio::time::timeout(T, unread.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let _kept = resp; // its body is never read
+    let state = backend.state().clone();
+    wait_until("the backend's stream is cut", T, || async {
+        state.streams_disconnected.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    backend.set_behavior(potluck_testkit::FakeBehavior::default());
+    assert_eq!(
+        send_chat(&h2, whole_body(CHAT), "after").await,
+        200,
+        "the one slot serves again"
+    );
+}
