@@ -205,3 +205,12 @@ def test_missing_messages(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.post("/chat/completions", body={"model": MODEL}, cast_to=object)
     assert e.value.status_code == 400
+
+
+def test_prompt_past_the_context(client):
+    # llama.cpp refuses it itself; the hub says so as OpenAI does, without llama.cpp's text.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, max_tokens=8,
+                                       messages=[{"role": "user", "content": "word " * 200000}])
+    assert e.value.code == "context_length_exceeded"
+    assert "maximum context length" in str(e.value)

@@ -43,6 +43,20 @@ def test_anthropic_message(claude):
     assert m.usage.input_tokens > 0 and 0 < m.usage.output_tokens <= 16
 
 
+def test_anthropic_max_tokens_past_the_model_is_fitted(claude):
+    # Claude Code asks for 32,000 tokens whatever the model; the agent announces the
+    # model's context (llama.cpp's n_ctx), and the hub asks for what fits, not a refusal.
+    m = claude.messages.create(model=MODEL, max_tokens=32000,
+                               messages=[{"role": "user", "content": "Say hi."}],
+                               extra_body={"temperature": 0})
+    assert m.type == "message" and m.stop_reason in ("end_turn", "max_tokens")
+    assert m.content[0].text.strip()
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model=MODEL, max_tokens=16,
+                               messages=[{"role": "user", "content": "word " * 200000}])
+    assert "prompt is too long" in str(e.value)
+
+
 def test_anthropic_stream(claude):
     with claude.messages.stream(**ask()) as s:
         text = "".join(s.text_stream)

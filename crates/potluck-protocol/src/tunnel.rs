@@ -46,6 +46,10 @@ pub const HEADER_AGENT_ERROR: &str = "x-potluck-agent-error";
 /// slots are taken, possibly by another hub it serves: the hub retries elsewhere (or the
 /// same agent a moment later) and does not count it as the provider's failure.
 pub const HEADER_AGENT_BUSY: &str = "x-potluck-agent-busy";
+/// Response header the agent sets on a backend's refusal of a prompt longer than the
+/// model's context: `"<prompt tokens> <context tokens>"`, as the backend counted them.
+/// The hub answers it in its own words (a provider's text never reaches a consumer).
+pub const HEADER_CONTEXT_OVERFLOW: &str = "x-potluck-context-overflow";
 
 /// Longest control line (one JSON event plus newline).
 pub const MAX_CONTROL_LINE_BYTES: usize = 256 * 1024;

@@ -49,6 +49,28 @@ pub fn error_body(status: StatusCode, body: &[u8]) -> Bytes {
     Bytes::from(serde_json::to_vec(&out).unwrap_or_default())
 }
 
+/// A backend's refusal of a prompt longer than its model's context, as (prompt tokens,
+/// context tokens): llama.cpp's `exceed_context_size_error` (with `n_prompt_tokens` and
+/// `n_ctx`), or vLLM's "This model's maximum context length is N tokens. However, you
+/// requested M tokens".
+pub fn context_overflow(body: &[u8]) -> Option<(u64, u64)> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let err = v.get("error").unwrap_or(&v);
+    let number = |key: &str| err.get(key).and_then(Value::as_u64);
+    if err.get("type").and_then(Value::as_str) == Some("exceed_context_size_error") {
+        return number("n_prompt_tokens").zip(number("n_ctx"));
+    }
+    let message = err.get("message").and_then(Value::as_str)?;
+    let after = |prefix: &str| -> Option<u64> {
+        let rest = &message[message.find(prefix)? + prefix.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    let limit = after("maximum context length is ")?;
+    let asked = after("you requested ")?;
+    Some((asked, limit))
+}
+
 /// `message` with every path replaced by `<path>`, cut to [`MAX_ERROR_MESSAGE_BYTES`].
 pub fn scrub(message: &str) -> String {
     let mut out = String::with_capacity(message.len().min(MAX_ERROR_MESSAGE_BYTES));
@@ -135,5 +157,21 @@ mod tests {
             "1/2 of Qwen/Qwen2.5 at tokens/s"
         );
         assert!(scrub(&"x".repeat(5000)).len() <= MAX_ERROR_MESSAGE_BYTES);
+    }
+
+    #[test]
+    fn a_prompt_past_the_context_is_read_from_llama_cpp_and_vllm() {
+        let llama = br#"{"error":{"code":400,"message":"request (4476 tokens) exceeds the available context size (4096 tokens)","type":"exceed_context_size_error","n_prompt_tokens":4476,"n_ctx":4096}}"#;
+        assert_eq!(context_overflow(llama), Some((4476, 4096)));
+        let vllm = br#"{"object":"error","message":"This model's maximum context length is 2048 tokens. However, you requested 3000 tokens (2900 in the messages, 100 in the completion). Please reduce the length of the messages or completion.","type":"BadRequestError","code":400}"#;
+        assert_eq!(context_overflow(vllm), Some((3000, 2048)));
+        for other in [
+            &br#"{"error":{"message":"bad temperature","type":"invalid_request_error"}}"#[..],
+            br#"{"error":{"type":"exceed_context_size_error","n_prompt_tokens":"many"}}"#,
+            br#"{"error":{"message":"maximum context length is lots"}}"#,
+            b"not json",
+        ] {
+            assert_eq!(context_overflow(other), None);
+        }
     }
 }

@@ -11,7 +11,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use potluck_protocol::request::RequestLimits;
 use potluck_protocol::tunnel::{
-    AgentEvent, HEADER_AGENT_BUSY, HEADER_CONSUMER, HEADER_MODEL, HEADER_REQUEST_ID,
+    AgentEvent, HEADER_AGENT_BUSY, HEADER_CONSUMER, HEADER_CONTEXT_OVERFLOW, HEADER_MODEL,
+    HEADER_REQUEST_ID,
 };
 use potluck_protocol::{InferenceEndpoint, ModelName};
 use tokio::time::Instant;
@@ -425,6 +426,7 @@ async fn relay(
         outcome: "cancelled",
         mark,
     };
+    let mut overflow = None;
     let body: AgentBody = if streamed && status.is_success() {
         response::relay_sse(
             resp.into_body(),
@@ -449,6 +451,7 @@ async fn relay(
                     bytes
                 } else {
                     content_type = Some(HeaderValue::from_static("application/json"));
+                    overflow = response::scrub::context_overflow(&bytes);
                     response::scrub::error_body(status, &bytes)
                 };
                 response::paced_whole(bytes, Arc::clone(&sh.bandwidth), record).boxed_unsync()
@@ -467,6 +470,11 @@ async fn relay(
     *r.status_mut() = status;
     if let Some(ct) = content_type {
         r.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    if let Some((prompt, context)) = overflow {
+        if let Ok(v) = HeaderValue::from_str(&format!("{prompt} {context}")) {
+            r.headers_mut().insert(HEADER_CONTEXT_OVERFLOW, v);
+        }
     }
     r
 }

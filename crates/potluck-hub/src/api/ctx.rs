@@ -319,7 +319,7 @@ pub(crate) fn outcome_of(e: &ApiError) -> Outcome {
         ApiError::NoCapacity { .. } => Outcome::NoCapacity,
         ApiError::ProviderTimeout => Outcome::ProviderTimeout,
         ApiError::ProviderFailed(_) => Outcome::ProviderError,
-        ApiError::Upstream { .. } => Outcome::BackendRejected,
+        ApiError::Upstream { .. } | ApiError::ContextTooLong { .. } => Outcome::BackendRejected,
         _ => Outcome::Rejected,
     }
 }

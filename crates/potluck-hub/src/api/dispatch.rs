@@ -22,7 +22,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use potluck_protocol::request::RequestError;
-use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR};
+use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR, HEADER_CONTEXT_OVERFLOW};
 use potluck_protocol::Capability;
 use potluck_tunnel::TunnelBody;
 
@@ -418,6 +418,11 @@ fn judge_status(resp: http::Response<TunnelBody>) -> Result<http::Response<Tunne
         agent,
         "provider answered an error"
     );
+    if let Some((prompt, limit)) =
+        context_overflow(&resp).filter(|_| status == StatusCode::BAD_REQUEST)
+    {
+        return Err(Failure::Refused(ApiError::ContextTooLong { prompt, limit }));
+    }
     match status {
         StatusCode::BAD_REQUEST
         | StatusCode::PAYLOAD_TOO_LARGE
@@ -426,6 +431,14 @@ fn judge_status(resp: http::Response<TunnelBody>) -> Result<http::Response<Tunne
             "the provider's backend returned an error",
         ))),
     }
+}
+
+/// The figures of a backend's refusal of a prompt longer than its context, as the agent
+/// reports them: two numbers, read as numbers only.
+fn context_overflow(resp: &http::Response<TunnelBody>) -> Option<(u64, u64)> {
+    let v = resp.headers().get(HEADER_CONTEXT_OVERFLOW)?.to_str().ok()?;
+    let (prompt, limit) = v.split_once(' ')?;
+    Some((prompt.parse().ok()?, limit.parse().ok()?))
 }
 
 /// Whether an answer is the agent's own error (not its backend's): the request was not

@@ -113,6 +113,16 @@ pub enum ApiError {
     /// 504: the provider took too long.
     #[error("provider timed out")]
     ProviderTimeout,
+    /// 400: the provider's backend refused a prompt longer than its model's context (the
+    /// agent's [`potluck_protocol::tunnel::HEADER_CONTEXT_OVERFLOW`]); answered in the
+    /// hub's words, with the backend's two figures.
+    #[error("the prompt is longer than the model's context")]
+    ContextTooLong {
+        /// The prompt's tokens, as the provider's backend counted them.
+        prompt: u64,
+        /// The model's context there, in tokens.
+        limit: u64,
+    },
     /// A provider refused the request (400, 413 or 422): its status only, with the hub's
     /// own message (a provider's text never reaches a consumer).
     #[error("backend rejected the request")]
@@ -162,6 +172,7 @@ impl ApiError {
             ApiError::ProviderFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::ProviderTimeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Upstream { status } => *status,
+            ApiError::ContextTooLong { .. } => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -273,6 +284,12 @@ impl ApiError {
             ApiError::ProviderTimeout => {
                 ErrorBody::new("server_error", "The provider did not answer in time.", None, Some("provider_timeout"))
             }
+            ApiError::ContextTooLong { prompt, limit } => ErrorBody::new(
+                "invalid_request_error",
+                format!("This model's maximum context length is {limit} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages."),
+                Some("messages"),
+                Some("context_length_exceeded"),
+            ),
             ApiError::Upstream { status } => ErrorBody::new(
                 "invalid_request_error",
                 format!("The provider refused the request (HTTP {}). Check its parameters; GET /v1/models shows each model's limits.", status.as_u16()),
@@ -313,6 +330,15 @@ fn blocked_message(b: &potluck_store::Block) -> (&'static str, String) {
     (code, message)
 }
 
+/// On the response of [`ApiError::ContextTooLong`]: its figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ContextOverflow {
+    /// The prompt's tokens.
+    pub(crate) prompt: u64,
+    /// The model's context, in tokens.
+    pub(crate) limit: u64,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), self.body().to_json()).into_response();
@@ -332,6 +358,11 @@ impl IntoResponse for ApiError {
             }
             ApiError::InsufficientCredits => {
                 h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            ApiError::ContextTooLong { prompt, limit } => {
+                // For the other APIs, which say it in their own words.
+                resp.extensions_mut()
+                    .insert(ContextOverflow { prompt, limit });
             }
             _ => {}
         }

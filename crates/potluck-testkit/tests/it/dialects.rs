@@ -896,3 +896,70 @@ async fn anthropic_max_tokens_is_fitted_to_the_pool_and_a_long_prompt_refused_in
         "{v}"
     );
 }
+
+/// A prompt longer than the model's context, refused by llama.cpp itself (the hub cannot
+/// count tokens): before, every client read "The provider refused the request (HTTP
+/// 400)", which none of them recognises. The agent reads llama.cpp's (or vLLM's) figures
+/// and the hub answers in each API's words: OpenAI's `context_length_exceeded`
+/// ("maximum context length"), Anthropic's "prompt is too long: N tokens > M maximum".
+/// The provider's own text still never reaches the consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backends_context_refusal_reaches_each_client_in_its_words() {
+    let p = pool().await;
+    p.backend.set_behavior(potluck_testkit::FakeBehavior {
+        fail_status: Some(400),
+        raw_body: Some(
+            r#"{"error":{"code":400,"message":"request (4476 tokens) exceeds the available context size (4096 tokens) PROVIDER-TEXT","type":"exceed_context_size_error","n_prompt_tokens":4476,"n_ctx":4096}}"#,
+        ),
+        ..Default::default()
+    });
+    let bearer = format!("Bearer {}", p.key);
+    let auth = [("authorization", bearer.as_str())];
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let (s, _, t) = post(
+        &p,
+        "/v1/chat/completions",
+        &auth,
+        chat.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 400, "{t}");
+    let v: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{t}");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("maximum context length is 4096 tokens") && m.contains("4476"),
+        "{t}"
+    );
+    assert!(!t.contains("PROVIDER-TEXT"));
+    let messages =
+        json!({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]});
+    let (s, _, t) = post(&p, "/v1/messages", &auth, messages.to_string().into_bytes()).await;
+    assert_eq!(s, 400, "{t}");
+    let v: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        v["error"]["message"], "prompt is too long: 4476 tokens > 4096 maximum",
+        "{t}"
+    );
+    // Any other refusal stays the hub's plain one.
+    p.backend.set_behavior(potluck_testkit::FakeBehavior {
+        fail_status: Some(400),
+        raw_body: Some(
+            r#"{"error":{"message":"bad PROVIDER-TEXT","type":"invalid_request_error"}}"#,
+        ),
+        ..Default::default()
+    });
+    let (s, _, t) = post(
+        &p,
+        "/v1/chat/completions",
+        &auth,
+        chat.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 400, "{t}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&t).unwrap()["error"]["code"],
+        "provider_refused"
+    );
+}

@@ -196,10 +196,20 @@ async fn translate_back(
     let (parts, body) = resp.into_parts();
     if parts.status != StatusCode::OK {
         let bytes = read_capped(body, MAX_TRANSLATED_ERROR_BYTES).await;
-        let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| {
+        let mut body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| {
             let kind = responses::error_type(parts.status.as_u16());
             ErrorBody::new(kind, "the request failed", None, None)
         });
+        let overflow = parts
+            .extensions
+            .get::<crate::http::error::ContextOverflow>();
+        if let (Dialect::Anthropic, Some(c)) = (dialect, overflow) {
+            // Anthropic's own words, which its clients read to shorten the conversation.
+            body.error.message = format!(
+                "prompt is too long: {} tokens > {} maximum",
+                c.prompt, c.limit
+            );
+        }
         let mut out = shaped(dialect, parts.status, body);
         copy_headers(dialect, &parts.headers, out.headers_mut());
         return out;
