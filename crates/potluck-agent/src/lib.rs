@@ -163,6 +163,9 @@ pub async fn run_with_carriers(
     // Every tunnel loop ends on shutdown; one ends early only when its hub refused the
     // token. The agent gives up when all of them did.
     tunnels.wait().await;
+    // A model file being hashed (minutes for tens of gigabytes, on a blocking thread the
+    // runtime would wait for) is given up.
+    shared.hashes.stop();
     let outcome = if shutdown.is_cancelled() {
         Ok(())
     } else {

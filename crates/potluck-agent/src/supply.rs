@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -89,11 +89,23 @@ pub fn sniff(path: &Path) -> Result<Format, SupplyError> {
 
 /// SHA-256 of a file.
 pub fn hash_file(path: &Path) -> Result<ModelHash, SupplyError> {
+    hash_file_unless(path, &AtomicBool::new(false))
+}
+
+/// [`hash_file`], given up (an `Interrupted` error) as soon as `stop` is set: hashing a
+/// model of tens of gigabytes takes minutes, and the agent's shutdown must not wait for it.
+pub fn hash_file_unless(path: &Path, stop: &AtomicBool) -> Result<ModelHash, SupplyError> {
     let io = |e| SupplyError::Io(path.to_owned(), e);
     let mut f = std::fs::File::open(path).map_err(io)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; HASH_BUF];
     loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "the agent is stopping",
+            )));
+        }
         let n = f.read(&mut buf).map_err(io)?;
         if n == 0 {
             break;
@@ -117,6 +129,8 @@ pub struct HashCache {
     file: Option<PathBuf>,
     entries: Mutex<HashMap<PathBuf, CacheEntry>>,
     hashed: AtomicU64,
+    /// Set when the agent stops: hashing in progress gives up.
+    stopping: AtomicBool,
 }
 
 fn stamp(path: &Path) -> std::io::Result<(u64, u128)> {
@@ -142,6 +156,7 @@ impl HashCache {
             file,
             entries: Mutex::new(entries),
             hashed: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -162,7 +177,7 @@ impl HashCache {
         }
         let format = sniff(path)?;
         tracing::info!(file = %path.display(), bytes = size, "hashing model file (once; cached afterwards)");
-        let sha256 = hash_file(path)?;
+        let sha256 = hash_file_unless(path, &self.stopping)?;
         self.hashed.fetch_add(1, Ordering::Relaxed);
         let snapshot = {
             let mut m = self.entries.lock();
@@ -187,6 +202,11 @@ impl HashCache {
             }
         }
         Ok((sha256, format))
+    }
+
+    /// Give up any hashing in progress, and all later hashing: the agent is stopping.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// [`HashCache::identify_blocking`] on a blocking thread.
@@ -223,6 +243,21 @@ pub fn ollama_blob(modelfile: &str) -> Option<(ModelHash, PathBuf)> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn hashing_gives_up_once_the_agent_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, b"GGUF\x03\x00\x00\x00 some weights").unwrap();
+        let cache = HashCache::load(None);
+        assert!(cache.identify_blocking(&path).is_ok());
+        std::fs::write(&path, b"GGUF\x03\x00\x00\x00 other weights, changed").unwrap();
+        cache.stop();
+        match cache.identify_blocking(&path) {
+            Err(SupplyError::Io(_, e)) => assert_eq!(e.kind(), std::io::ErrorKind::Interrupted),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn ollama_modelfile() {
