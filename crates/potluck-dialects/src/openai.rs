@@ -281,14 +281,47 @@ impl Chunk {
     }
 }
 
-/// Parse a tool call's arguments text into a JSON value; text that is not JSON (a model
-/// that wrote broken arguments) is kept as a string so nothing is lost.
+/// Parse a tool call's arguments text into the JSON object Anthropic's `input` and
+/// Ollama's `arguments` must be (their clients refuse anything else: the `ollama` Python
+/// client's model raises, and with it the stream's last line and its counts). Arguments
+/// that are not a JSON object (a model that wrote broken JSON, or one cut by its token
+/// limit in the middle of a call) are kept, as text, under [`RAW_ARGUMENTS_KEY`], so
+/// nothing is lost and the client's own schema check reports them.
 pub fn arguments_value(arguments: &str) -> Value {
     if arguments.trim().is_empty() {
         return Value::Object(serde_json::Map::new());
     }
-    serde_json::from_str(arguments).unwrap_or_else(|_| Value::String(arguments.to_owned()))
+    match serde_json::from_str::<Value>(arguments) {
+        Ok(Value::Object(o)) => Value::Object(o),
+        _ => {
+            let mut o = serde_json::Map::new();
+            o.insert(
+                RAW_ARGUMENTS_KEY.into(),
+                Value::String(arguments.to_owned()),
+            );
+            Value::Object(o)
+        }
+    }
 }
+
+/// A tool call's id: the provider's, or, when it gave none (or an empty one), `prefix`,
+/// the answer's id and the call's index: unique across answers, since clients pair each
+/// result with its call by this id (Claude Code's `tool_use_id`, the Responses API's
+/// `call_id`).
+pub fn call_id(given: Option<&str>, prefix: &str, answer_id: &str, index: u64) -> String {
+    if let Some(id) = given.filter(|id| !id.is_empty()) {
+        return id.to_owned();
+    }
+    let tail: String = answer_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .take(48)
+        .collect();
+    format!("{prefix}{tail}_{index}")
+}
+
+/// The key under which tool-call arguments that are not a JSON object are kept.
+pub const RAW_ARGUMENTS_KEY: &str = "_raw";
 
 /// Build an OpenAI function tool from its parts.
 pub(crate) fn function_tool(

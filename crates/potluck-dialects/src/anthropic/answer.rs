@@ -33,9 +33,10 @@ pub fn from_openai(answer: &Completion, model: &str, usage: Usage) -> Value {
     if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
         content.push(json!({"type": "text", "text": text}));
     }
-    for call in &choice.message.tool_calls {
+    for (i, call) in (0u64..).zip(&choice.message.tool_calls) {
         content.push(json!({
-            "type": "tool_use", "id": call.id, "name": call.function.name,
+            "type": "tool_use", "id": openai::call_id(Some(&call.id), "toolu_", &answer.id, i),
+            "name": call.function.name,
             "input": openai::arguments_value(&call.function.arguments),
         }));
     }
@@ -103,6 +104,8 @@ enum Open {
 #[derive(Debug)]
 pub struct Stream {
     model: String,
+    /// The answer's id, from its first chunk.
+    id: String,
     started: bool,
     open: Open,
     next_index: u32,
@@ -114,6 +117,7 @@ impl Stream {
     pub fn new(model: impl Into<String>) -> Self {
         Self {
             model: model.into(),
+            id: String::new(),
             started: false,
             open: Open::None,
             next_index: 0,
@@ -128,6 +132,7 @@ impl Stream {
             return;
         }
         self.started = true;
+        id.clone_into(&mut self.id);
         out.push(Event::new(
             "message_start",
             json!({"type": "message_start", "message": {
@@ -152,10 +157,8 @@ impl Stream {
                 let f = call.function.as_ref();
                 if self.open != Open::Tool(call.index) {
                     let name = f.and_then(|f| f.name.clone()).unwrap_or_default();
-                    let id = call
-                        .id
-                        .clone()
-                        .unwrap_or_else(|| format!("toolu_{}", call.index));
+                    let index = u64::from(call.index);
+                    let id = openai::call_id(call.id.as_deref(), "toolu_", &self.id, index);
                     self.open_block(Open::Tool(call.index), Some((id, name)), &mut out);
                 }
                 if let Some(args) = f

@@ -357,3 +357,22 @@ fn a_named_tool_choice_becomes_required_with_only_that_tool() {
         Some("tool_choice")
     );
 }
+
+#[test]
+fn tool_uses_without_ids_get_ids_unique_across_answers() {
+    let answer = |id: &str| {
+        Completion::parse(
+            json!({"id": id, "choices": [{"finish_reason": "tool_calls", "message": {
+                "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}}]})
+            .to_string()
+            .as_bytes(),
+        )
+        .expect("answer")
+    };
+    let a = from_openai(&answer("chatcmpl-1"), "m", Usage::default());
+    let b = from_openai(&answer("chatcmpl-2"), "m", Usage::default());
+    assert_eq!(a["content"][0]["id"], json!("toolu_chatcmpl-1_0"));
+    assert_ne!(a["content"][0]["id"], b["content"][0]["id"]);
+    // Arguments that are not an object are kept, inside one.
+    assert_eq!(a["content"][0]["input"], json!({"_raw": "[1]"}));
+}

@@ -240,9 +240,14 @@ pub struct ModelCard {
     pub context_length: Option<u64>,
 }
 
+/// The architecture name the pool's models are shown under (providers announce no
+/// architecture): tools read the context length at `model_info["<architecture>.context_length"]`.
+pub const POOL_ARCHITECTURE: &str = "potluck";
+
 fn details(card: &ModelCard) -> Value {
-    json!({"parent_model": "", "format": card.format.clone().unwrap_or_default(), "family": "",
-           "families": null, "parameter_size": "", "quantization_level": ""})
+    json!({"parent_model": "", "format": card.format.clone().unwrap_or_default(),
+           "family": POOL_ARCHITECTURE, "families": [POOL_ARCHITECTURE],
+           "parameter_size": "", "quantization_level": ""})
 }
 
 /// The `/api/tags` answer (with each model's `capabilities`, as `/api/show` has them).
@@ -261,8 +266,11 @@ pub fn tags(cards: &[ModelCard], modified_at: &str) -> Value {
 /// The `/api/show` answer for one model.
 pub fn show(card: &ModelCard, modified_at: &str) -> Value {
     let mut info = Map::new();
+    info.insert("general.architecture".into(), json!(POOL_ARCHITECTURE));
+    info.insert("general.basename".into(), json!(card.name));
     if let Some(ctx) = card.context_length {
         info.insert("general.context_length".into(), json!(ctx));
+        info.insert(format!("{POOL_ARCHITECTURE}.context_length"), json!(ctx));
     }
     json!({"modelfile": "", "parameters": "", "template": "", "details": details(card),
            "model_info": info, "capabilities": card.capabilities, "modified_at": modified_at})

@@ -243,6 +243,14 @@ fn tags_show_version_and_errors() {
     let s = show(&card, "t");
     assert_eq!(s["capabilities"], json!(["completion", "tools"]));
     assert_eq!(s["model_info"]["general.context_length"], json!(8192));
+    // Where editors (VS Code's Ollama provider) read the context: `<architecture>.context_length`.
+    let arch = s["model_info"]["general.architecture"].as_str().unwrap();
+    assert_eq!(
+        s["model_info"][format!("{arch}.context_length")],
+        json!(8192)
+    );
+    assert_eq!(s["model_info"]["general.basename"], json!("smollm2"));
+    assert_eq!(s["details"]["family"], json!(arch));
     assert_eq!(show_model(br#"{"name":"x"}"#).expect("old field"), "x");
     assert_eq!(version()["version"], json!(COMPAT_VERSION));
     assert_eq!(error_body("nope"), json!({"error": "nope"}));
@@ -349,4 +357,19 @@ fn an_empty_prompt_or_message_list_only_loads_the_model() {
         answer["message"],
         json!({"role": "assistant", "content": ""})
     );
+}
+
+#[test]
+fn tool_arguments_are_always_an_object() {
+    use crate::openai::{arguments_value, RAW_ARGUMENTS_KEY};
+    assert_eq!(arguments_value(r#"{"a":1}"#), json!({"a": 1}));
+    assert_eq!(arguments_value("  "), json!({}));
+    // Cut by the token limit mid-call, or not an object at all: kept as text.
+    for raw in [r#"{"a":"#, "[1,2]", "3", "null", "not json"] {
+        assert_eq!(
+            arguments_value(raw),
+            json!({RAW_ARGUMENTS_KEY: raw}),
+            "{raw}"
+        );
+    }
 }

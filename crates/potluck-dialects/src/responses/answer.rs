@@ -115,11 +115,12 @@ pub fn from_openai(
     let finish = answer.finish();
     let mut output = Vec::new();
     if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
-        output.push(message_output(&answer.id, &text, "completed"));
+        let status = status_for(finish);
+        output.push(message_output(&answer.id, &text, status));
     }
-    for call in &choice.message.tool_calls {
+    for (i, call) in (0u64..).zip(&choice.message.tool_calls) {
         output.push(call_output(
-            &call.id,
+            &openai::call_id(Some(&call.id), "call_", &answer.id, i),
             &call.function.name,
             &call.function.arguments,
             "completed",
@@ -299,10 +300,8 @@ impl Stream {
             Some(pos) => pos,
             None => {
                 let output_index = self.take_output_index();
-                let call_id = delta
-                    .id
-                    .clone()
-                    .unwrap_or_else(|| format!("call_{}", delta.index));
+                let index = u64::from(delta.index);
+                let call_id = openai::call_id(delta.id.as_deref(), "call_", &self.id, index);
                 let name = f.and_then(|f| f.name.clone()).unwrap_or_default();
                 let item = call_output(&call_id, &name, "", "in_progress");
                 let e = self.event(
@@ -355,7 +354,8 @@ impl Stream {
                 json!({"item_id": item_id, "output_index": index, "content_index": 0, "part": part}),
             );
             out.push(e);
-            let item = message_output(&self.id, &text, "completed");
+            let status = status_for(self.finish.unwrap_or(Finish::Stop));
+            let item = message_output(&self.id, &text, status);
             let e = self.event(
                 "response.output_item.done",
                 json!({"output_index": index, "item": item.clone()}),
@@ -367,7 +367,7 @@ impl Stream {
             let item_id = format!("fc_{}", call.call_id);
             let e = self.event(
                 "response.function_call_arguments.done",
-                json!({"item_id": item_id, "output_index": call.output_index, "arguments": call.arguments}),
+                json!({"item_id": item_id, "output_index": call.output_index, "name": call.name, "arguments": call.arguments}),
             );
             out.push(e);
             let item = call_output(&call.call_id, &call.name, &call.arguments, "completed");

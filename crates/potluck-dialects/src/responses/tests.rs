@@ -128,6 +128,11 @@ fn a_whole_answer_becomes_a_response_object() {
         json!({"reason": "max_output_tokens"})
     );
     assert_eq!(r["store"], json!(false));
+    assert_eq!(
+        r["output"][0]["status"],
+        json!("incomplete"),
+        "the item of an incomplete response"
+    );
     assert_eq!(r["output"][0]["content"][0]["text"], json!("Hi there"));
     assert_eq!(r["usage"]["total_tokens"], json!(7));
 }
@@ -218,4 +223,49 @@ proptest! {
             "tools": [{"type": ty, "name": text}], "tool_choice": {"type": ty}, "text": {"format": {"type": ty}}});
         let _ = to_openai(body.to_string().as_bytes());
     }
+}
+
+#[test]
+fn tool_calls_without_ids_get_ids_unique_across_answers_and_their_done_event_a_name() {
+    let answer = |id: &str| {
+        Completion::parse(
+            json!({"id": id, "choices": [{"finish_reason": "tool_calls", "message": {
+                "tool_calls": [{"id": "", "function": {"name": "f", "arguments": "{}"}}]}}]})
+            .to_string()
+            .as_bytes(),
+        )
+        .expect("answer")
+    };
+    let ids: Vec<Value> = ["chatcmpl-1", "chatcmpl-2"]
+        .iter()
+        .map(|id| {
+            from_openai(&answer(id), "m", &Echo::default(), 0, Usage::default())["output"][0]
+                ["call_id"]
+                .clone()
+        })
+        .collect();
+    assert!(
+        ids[0].as_str().is_some_and(|i| i.starts_with("call_")),
+        "{ids:?}"
+    );
+    assert_ne!(ids[0], ids[1]);
+    let mut s = Stream::new("m", Echo::default(), 0);
+    let mut events = s.chunk(&chunk(
+        json!({"id": "chatcmpl-9", "choices": [{"delta": {"tool_calls": [
+        {"index": 0, "function": {"name": "lookup", "arguments": "{\"q\":1}"}}]}}]}),
+    ));
+    events.extend(s.chunk(&chunk(
+        json!({"id": "chatcmpl-9", "choices": [{"delta": {}, "finish_reason": "tool_calls"}]}),
+    )));
+    events.extend(s.finish(Usage::default()));
+    let done = events
+        .iter()
+        .find(|e| e.name == "response.function_call_arguments.done")
+        .expect("done event");
+    assert_eq!(done.data["name"], json!("lookup"));
+    let added = events
+        .iter()
+        .find(|e| e.name == "response.output_item.added")
+        .expect("added");
+    assert_eq!(added.data["item"]["call_id"], json!("call_chatcmpl-9_0"));
 }
