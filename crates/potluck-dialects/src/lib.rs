@@ -86,8 +86,9 @@ impl Finish {
     }
 }
 
-/// Token counts as the hub bills them (already bounded by the hub before they reach a
-/// translator).
+/// Token counts as the relayed answer reports them: the provider's own count, which the
+/// hub relays as it came (what it bills is bounded separately, and is what `/v1/usage`
+/// shows).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     /// Prompt tokens.

@@ -96,7 +96,7 @@ pub struct Completion {
     /// Choices; translators read the first.
     #[serde(default, deserialize_with = "bounded")]
     pub choices: Vec<Choice>,
-    /// Usage as the hub bills it.
+    /// Usage as the relayed answer reports it (the provider's count).
     #[serde(default)]
     pub usage: Option<WireUsage>,
 }

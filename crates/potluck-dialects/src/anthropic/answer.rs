@@ -25,8 +25,7 @@ pub fn message_id(openai_id: &str) -> String {
     format!("msg_{tail}")
 }
 
-/// Translate a whole chat completion into a Messages answer. `usage` is what the hub
-/// bills (never the provider's raw claim).
+/// Translate a whole chat completion into a Messages answer, with the answer's `usage`.
 pub fn from_openai(answer: &Completion, model: &str, usage: Usage) -> Value {
     let choice = answer.first();
     let mut content = Vec::new();
@@ -214,7 +213,7 @@ impl Stream {
         )
     }
 
-    /// The closing events, with the usage the hub bills.
+    /// The closing events, with the answer's usage.
     pub fn finish(&mut self, usage: Usage) -> Vec<Event> {
         let mut out = Vec::new();
         self.start("", &mut out);

@@ -40,7 +40,7 @@ fn ollama_calls(calls: &[openai::ToolCall]) -> Value {
 }
 
 /// Translate a whole chat completion into an `/api/chat` or `/api/generate` answer.
-/// `created_at` is the hub's clock (RFC 3339); `usage` is what the hub bills.
+/// `created_at` is the hub's clock (RFC 3339); `usage` is the answer's.
 pub fn from_openai(
     call: Call,
     answer: &Completion,
@@ -202,7 +202,7 @@ impl Stream {
         Some(Value::Object(line))
     }
 
-    /// The last line (`done: true`) with the usage the hub bills.
+    /// The last line (`done: true`) with the answer's usage.
     pub fn finish(&mut self, created_at: &str, usage: Usage, timing: Timing) -> Value {
         let mut line = self.line(created_at, "");
         if self.call == Call::Chat && !self.calls.is_empty() {

@@ -102,8 +102,7 @@ fn call_output(call_id: &str, name: &str, arguments: &str, status: &str) -> Valu
     })
 }
 
-/// Translate a whole chat completion into a response object. `usage` is what the hub
-/// bills; `created_at` is the hub's clock in Unix seconds.
+/// Translate a whole chat completion into a response object. `usage` is the answer's; `created_at` is the hub's clock in Unix seconds.
 pub fn from_openai(
     answer: &Completion,
     model: &str,
@@ -336,7 +335,7 @@ impl Stream {
     }
 
     /// The closing events (`…done` for every open item, then `response.completed` or
-    /// `response.incomplete`) with the usage the hub bills.
+    /// `response.incomplete`) with the answer's usage.
     pub fn finish(&mut self, usage: Usage) -> Vec<Event> {
         let mut out = Vec::new();
         self.start("", &mut out);
