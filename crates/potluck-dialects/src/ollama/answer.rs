@@ -51,12 +51,16 @@ pub fn from_openai(
 ) -> Value {
     let choice = answer.first();
     let text = choice.message.content.unwrap_or_default();
+    let thinking = choice.message.reasoning_content.filter(|t| !t.is_empty());
     let mut out = Map::new();
     out.insert("model".into(), json!(model));
     out.insert("created_at".into(), json!(created_at));
     match call {
         Call::Chat => {
             let mut message = json!({"role": "assistant", "content": text});
+            if let Some(t) = thinking {
+                message["thinking"] = json!(t);
+            }
             if !choice.message.tool_calls.is_empty() {
                 message["tool_calls"] = ollama_calls(&choice.message.tool_calls);
             }
@@ -64,6 +68,9 @@ pub fn from_openai(
         }
         Call::Generate => {
             out.insert("response".into(), json!(text));
+            if let Some(t) = thinking {
+                out.insert("thinking".into(), json!(t));
+            }
         }
     }
     out.insert("done".into(), json!(true));
@@ -196,8 +203,22 @@ impl Stream {
                 }
             }
         }
-        let text = delta.content.as_deref().filter(|t| !t.is_empty())?;
-        let mut line = self.line(created_at, text);
+        let text = delta.content.as_deref().filter(|t| !t.is_empty());
+        // A reasoning model's thinking (llama.cpp's `reasoning_content`), as Ollama sends
+        // it: beside the content, so a client shows it as it comes, not a long silence.
+        let thinking = delta.reasoning_content.as_deref().filter(|t| !t.is_empty());
+        if text.is_none() && thinking.is_none() {
+            return None;
+        }
+        let mut line = self.line(created_at, text.unwrap_or_default());
+        if let Some(t) = thinking {
+            match line.get_mut("message") {
+                Some(m) => m["thinking"] = json!(t),
+                None => {
+                    line.insert("thinking".into(), json!(t));
+                }
+            }
+        }
         line.insert("done".into(), json!(false));
         Some(Value::Object(line))
     }

@@ -373,3 +373,44 @@ fn tool_arguments_are_always_an_object() {
         );
     }
 }
+
+#[test]
+fn a_reasoning_models_thinking_is_sent_as_ollama_does() {
+    let mut s = Stream::new(Call::Chat, "m");
+    let line = s
+        .chunk(
+            &chunk(json!({"choices": [{"delta": {"reasoning_content": "hmm"}}]})),
+            "t",
+        )
+        .expect("a line for thinking alone");
+    assert_eq!(line["message"]["thinking"], json!("hmm"));
+    assert_eq!(line["message"]["content"], json!(""));
+    assert_eq!(line["done"], json!(false));
+    let mut g = Stream::new(Call::Generate, "m");
+    let line = g
+        .chunk(
+            &chunk(json!({"choices": [{"delta": {"reasoning_content": "so"}}]})),
+            "t",
+        )
+        .expect("line");
+    assert_eq!(line["thinking"], json!("so"));
+    assert!(s
+        .chunk(&chunk(json!({"choices": [{"delta": {}}]})), "t")
+        .is_none());
+    let answer = Completion::parse(
+        json!({"choices": [{"finish_reason": "stop", "message": {"content": "4", "reasoning_content": "2+2"}}]})
+            .to_string()
+            .as_bytes(),
+    )
+    .expect("answer");
+    let whole = from_openai(
+        Call::Chat,
+        &answer,
+        "m",
+        "t",
+        Usage::default(),
+        Timing::default(),
+    );
+    assert_eq!(whole["message"]["thinking"], json!("2+2"));
+    assert_eq!(whole["message"]["content"], json!("4"));
+}
