@@ -265,7 +265,7 @@ async fn admit(
 }
 
 /// `x-potluck-trust: trusted` (the whole value, not a list).
-fn trusted_header(headers: &HeaderMap) -> bool {
+pub(crate) fn trusted_header(headers: &HeaderMap) -> bool {
     headers
         .get(HEADER_TRUST)
         .and_then(|v| v.to_str().ok())

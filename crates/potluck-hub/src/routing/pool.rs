@@ -12,16 +12,28 @@ use potluck_protocol::tunnel::{ModelHash, MAX_MODELS_PER_AGENT};
 use potluck_protocol::{Capability, ModelCapabilities, ModelName};
 use rand::Rng;
 
-use crate::routing::link::ProviderLink;
+use crate::routing::link::{Need, ProviderLink};
 
-/// The widest of some providers' limits: each the largest any of them accepts (`None`,
-/// no cap, when one has none); `None` when there are none.
-pub(crate) fn widest(limits: impl IntoIterator<Item = ModelLimits>) -> Option<ModelLimits> {
-    let wider = |a: Option<u32>, b: Option<u32>| a.zip(b).map(|(a, b)| a.max(b));
-    limits.into_iter().reduce(|a, b| ModelLimits {
-        max_tokens: wider(a.max_tokens, b.max_tokens),
-        max_context: wider(a.max_context, b.max_context),
-    })
+/// Of the refusals some providers' limits give `request` (each provider's own), the one
+/// it misses by least: what the consumer is told (a limit none of them has is never
+/// named, as a merge of several providers' limits would).
+pub(crate) fn closest_refusal(
+    request: &potluck_protocol::InferenceRequest,
+    limits: impl IntoIterator<Item = ModelLimits>,
+) -> Option<potluck_protocol::request::RequestError> {
+    use potluck_protocol::request::RequestError;
+    limits
+        .into_iter()
+        .filter_map(|l| request.check_limits(&l).err())
+        .min_by_key(|e| match e {
+            RequestError::MaxTokensExceeded { cap, asked, .. } => {
+                u64::from(asked.saturating_sub(*cap))
+            }
+            RequestError::ContextLengthExceeded { limit, need, .. } => {
+                need.saturating_sub(u64::from(*limit))
+            }
+            _ => u64::MAX,
+        })
 }
 use crate::routing::registry::{Inner, Registry};
 
@@ -333,25 +345,20 @@ impl Registry {
             .collect()
     }
 
-    /// The widest size limits among the open tunnels that offer `model` to a consumer in
-    /// `groups` (the largest `max_tokens` and context any of them accepts); `None` when
-    /// none offers it.
-    pub fn widest_limits(&self, model: &ModelName, groups: &[String]) -> Option<ModelLimits> {
-        let offers: Vec<ModelLimits> = self
-            .open_tunnels()
+    /// The size limits of each open tunnel that may serve `model` for `need` (its size
+    /// aside: `need.request` is not read): its `max_tokens` cap and its context.
+    pub fn limits_serving(&self, model: &ModelName, need: &Need) -> Vec<ModelLimits> {
+        self.open_tunnels()
             .iter()
+            .filter(|t| t.serves(model, need))
             .filter_map(|t| {
-                let o = t.state.lock();
-                let visible = o.profile.groups.is_empty()
-                    || o.profile.groups.iter().any(|g| groups.contains(g));
-                let m = o.models.get(model).filter(|_| visible)?;
+                let m = t.offered(model)?;
                 Some(ModelLimits {
                     max_tokens: m.max_tokens,
                     max_context: m.max_context,
                 })
             })
-            .collect();
-        widest(offers)
+            .collect()
     }
 
     /// [`Registry::pool_for`] as seen by a consumer in no group.

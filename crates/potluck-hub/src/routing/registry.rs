@@ -63,7 +63,7 @@ pub enum PickError {
     /// The model's wait queue is full.
     QueueFull,
     /// Providers serve the model, but none with a `max_tokens` (or context) this large;
-    /// what the widest of them says of the request, if that says anything.
+    /// the refusal of the one the request misses by least.
     TooLarge(Option<potluck_protocol::request::RequestError>),
     /// Providers serve the model, but only to members of groups the consumer is not in.
     NotAllowed,
@@ -204,16 +204,17 @@ impl Inner {
         match allowed.iter().map(missing).collect::<Option<Vec<_>>>() {
             Some(all) => all.first().map(|c| PickError::Incapable(*c)),
             None => {
-                let widest = crate::routing::pool::widest(allowed.iter().filter_map(|t| {
+                let limits = allowed.iter().filter_map(|t| {
                     let m = t.offered(model)?;
                     Some(potluck_protocol::request::ModelLimits {
                         max_tokens: m.max_tokens,
                         max_context: m.max_context,
                     })
-                }));
-                let why = widest
-                    .zip(need.request.as_ref())
-                    .and_then(|(w, r)| r.check_limits(&w).err());
+                });
+                let why = need
+                    .request
+                    .as_ref()
+                    .and_then(|r| crate::routing::pool::closest_refusal(r, limits));
                 Some(PickError::TooLarge(why))
             }
         }

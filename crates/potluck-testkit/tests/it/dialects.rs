@@ -808,7 +808,17 @@ async fn anthropic_max_tokens_is_fitted_to_the_pool_and_a_long_prompt_refused_in
         "[[models]]\nbackend_name = \"m1\"\nmax_tokens = 100\nmax_context = 3000\n",
     );
     let _agent = TestAgent::start_with(c);
-    hub.wait_for_model(MODEL, 1).await;
+    // A provider the audits caught, announcing no limit at all: it serves no one, so it
+    // cannot make the fit ask for more than the honest provider takes.
+    let uncapped = FakeBackend::start(&[MODEL]).await;
+    let _quarantined = TestAgent::start(
+        &hub,
+        &hub.create_provider("caught").await,
+        &uncapped.base_url(),
+    );
+    hub.wait_for_model(MODEL, 2).await;
+    let caught = hub.state().store.provider_id("caught").await.unwrap();
+    potluck_hub::testing::quarantine_provider(&hub.state(), caught, "test").await;
     let anthropic = |body: Value| {
         hub.http
             .post(format!("{}/v1/messages", hub.url()))

@@ -133,7 +133,7 @@ async fn run_admitted(
     };
     drop(raw);
     if dialect == Dialect::Anthropic {
-        if let Err(refused) = fit::fit_max_tokens(&state, &early.key.groups, &mut openai) {
+        if let Err(refused) = fit::fit_max_tokens(&state, &early.key, &parts.headers, &mut openai) {
             return *refused;
         }
     }
