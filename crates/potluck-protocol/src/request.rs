@@ -474,6 +474,11 @@ impl InferenceRequest {
         u64::from(self.prompt_estimate) + u64::from(self.completion_budget(limits))
     }
 
+    /// The field that carries this request's input (`messages`, `prompt`, `input`).
+    pub fn input_param(&self) -> &'static str {
+        endpoint_input(self.endpoint)
+    }
+
     /// Whether a provider with `limits` accepts this request's size.
     pub fn check_limits(&self, limits: &ModelLimits) -> Result<(), RequestError> {
         if let (true, Some(cap)) = (self.generates(), limits.max_tokens) {

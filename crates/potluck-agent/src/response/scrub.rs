@@ -66,9 +66,12 @@ pub fn context_overflow(body: &[u8]) -> Option<(u64, u64)> {
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         digits.parse().ok()
     };
+    // vLLM counts the prompt and the completion together ("you requested M tokens (P in
+    // the messages, C in the completion)"): only a prompt past the context is this
+    // refusal; a completion that does not fit is an ordinary one.
     let limit = after("maximum context length is ")?;
-    let asked = after("you requested ")?;
-    Some((asked, limit))
+    let prompt = after("tokens (")?;
+    (prompt > limit).then_some((prompt, limit))
 }
 
 /// `message` with every path replaced by `<path>`, cut to [`MAX_ERROR_MESSAGE_BYTES`].
@@ -164,7 +167,10 @@ mod tests {
         let llama = br#"{"error":{"code":400,"message":"request (4476 tokens) exceeds the available context size (4096 tokens)","type":"exceed_context_size_error","n_prompt_tokens":4476,"n_ctx":4096}}"#;
         assert_eq!(context_overflow(llama), Some((4476, 4096)));
         let vllm = br#"{"object":"error","message":"This model's maximum context length is 2048 tokens. However, you requested 3000 tokens (2900 in the messages, 100 in the completion). Please reduce the length of the messages or completion.","type":"BadRequestError","code":400}"#;
-        assert_eq!(context_overflow(vllm), Some((3000, 2048)));
+        assert_eq!(context_overflow(vllm), Some((2900, 2048)));
+        // The prompt fits; only the completion does not: not a prompt past the context.
+        let fits = br#"{"object":"error","message":"This model's maximum context length is 2048 tokens. However, you requested 3000 tokens (1000 in the messages, 2000 in the completion).","type":"BadRequestError","code":400}"#;
+        assert_eq!(context_overflow(fits), None);
         for other in [
             &br#"{"error":{"message":"bad temperature","type":"invalid_request_error"}}"#[..],
             br#"{"error":{"type":"exceed_context_size_error","n_prompt_tokens":"many"}}"#,

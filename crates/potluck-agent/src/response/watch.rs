@@ -5,8 +5,11 @@
 //! answer held the volunteer's slot, the backend's connection (a model slot) and, for a
 //! whole answer, its bytes for as long as the hub kept the tunnel open. Every answer is
 //! watched: a sweep every [`SWEEP_EVERY`] ends any answer still open a grace
-//! (`AgentConfig::hub_stall_grace`, [`HUB_STALL_GRACE`] by default) past its deadline by dropping its body (the request is journaled as cut, the slot and
-//! the backend's connection are freed); a hub that polls it afterwards reads an error.
+//! (`AgentConfig::hub_stall_grace`, [`HUB_STALL_GRACE`] by default) past its deadline and
+//! not taken from since the sweep before, by dropping its body (the request is journaled
+//! as cut, the slot and the backend's connection are freed); a hub that polls it
+//! afterwards reads an error. An answer the hub goes on taking (a whole answer paced by
+//! the volunteer's bandwidth cap past the deadline) is left to end.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -32,14 +35,27 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A watched answer's body, until the sweep takes it.
-type Held = Mutex<Option<AgentBody>>;
+/// A watched answer: its body, until the sweep takes it, and how often it was polled.
+#[derive(Default)]
+struct Held {
+    body: Mutex<Option<AgentBody>>,
+    polls: AtomicU64,
+}
+
+/// One open answer, as the sweep keeps it.
+struct Entry {
+    /// Its deadline and the grace after it.
+    ends: Instant,
+    held: Weak<Held>,
+    /// `polls` at the last sweep.
+    seen: u64,
+}
 
 /// The open answers and their deadlines.
 pub struct Watchdog {
     grace: Duration,
     next_id: AtomicU64,
-    open: Mutex<HashMap<u64, (Instant, Weak<Held>)>>,
+    open: Mutex<HashMap<u64, Entry>>,
 }
 
 impl Watchdog {
@@ -54,10 +70,18 @@ impl Watchdog {
 
     /// `body`, ended by the sweep if it is still open the grace after `deadline`.
     pub fn watch(self: &Arc<Self>, body: AgentBody, deadline: Instant) -> AgentBody {
-        let inner = Arc::new(Mutex::new(Some(body)));
+        let inner = Arc::new(Held {
+            body: Mutex::new(Some(body)),
+            polls: AtomicU64::new(0),
+        });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ends = deadline.checked_add(self.grace).unwrap_or(deadline);
-        self.open.lock().insert(id, (ends, Arc::downgrade(&inner)));
+        let entry = Entry {
+            ends,
+            held: Arc::downgrade(&inner),
+            seen: 0,
+        };
+        self.open.lock().insert(id, entry);
         Watched {
             inner,
             id,
@@ -83,14 +107,21 @@ impl Watchdog {
         }
     }
 
-    /// End every answer whose time is up by `now`.
+    /// End every answer whose time is up by `now` and that was not taken from since the
+    /// last sweep.
     fn sweep(&self, now: Instant) {
         let mut late = Vec::new();
-        self.open.lock().retain(|_, (ends, body)| {
-            if *ends > now {
+        self.open.lock().retain(|_, e| {
+            let Some(held) = e.held.upgrade() else {
+                return false;
+            };
+            let polls = held.polls.load(Ordering::Relaxed);
+            let taken = polls != e.seen;
+            e.seen = polls;
+            if e.ends > now || taken {
                 return true;
             }
-            late.extend(body.upgrade());
+            late.push(held);
             false
         });
         if late.is_empty() {
@@ -100,9 +131,9 @@ impl Watchdog {
             answers = late.len(),
             "the hub took no more of answers past their deadline; ended them"
         );
-        for body in late {
+        for held in late {
             // Dropped outside the lock: its record journals the request.
-            let taken = body.lock().take();
+            let taken = held.body.lock().take();
             drop(taken);
         }
     }
@@ -123,7 +154,8 @@ impl Body for Watched {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut inner = self.inner.lock();
+        self.inner.polls.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.inner.body.lock();
         match inner.as_mut() {
             Some(body) => Pin::new(body).poll_frame(cx),
             None => Poll::Ready(Some(Err(
@@ -133,11 +165,16 @@ impl Body for Watched {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.lock().as_ref().is_some_and(Body::is_end_stream)
+        self.inner
+            .body
+            .lock()
+            .as_ref()
+            .is_some_and(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner
+            .body
             .lock()
             .as_ref()
             .map_or_else(SizeHint::default, Body::size_hint)
@@ -193,6 +230,29 @@ mod tests {
         );
         assert_eq!(dog.open(), 0);
         assert!(watched.frame().await.is_some_and(|f| f.is_err()));
+    }
+
+    #[tokio::test]
+    async fn an_answer_still_being_taken_past_its_deadline_is_left_to_end() {
+        let dog = Arc::new(Watchdog::new(HUB_STALL_GRACE));
+        let now = Instant::now();
+        let mut watched = dog.watch(
+            Full::new(Bytes::from_static(b"x"))
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+            now,
+        );
+        let late = now + HUB_STALL_GRACE;
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        // Taken from between every two sweeps (a paced answer, slowly): kept.
+        for i in 0..3 {
+            let _ = Pin::new(&mut watched).poll_frame(&mut cx);
+            dog.sweep(late + i * SWEEP_EVERY);
+            assert_eq!(dog.open(), 1, "sweep {i}");
+        }
+        // Then nothing for a sweep: ended.
+        dog.sweep(late + 3 * SWEEP_EVERY);
+        assert_eq!(dog.open(), 0);
     }
 
     #[tokio::test]

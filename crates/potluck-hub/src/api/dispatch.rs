@@ -359,6 +359,14 @@ async fn send_once(
     .map_err(|_| Failure::Final(ApiError::Internal))?;
     let sender = &link.sender;
     let stream = parsed.stream;
+    let overflow = OverflowCheck {
+        estimate: u64::try_from(ctx.bounds.prompt_estimate).unwrap_or(0),
+        announced: link
+            .offered(&ctx.model)
+            .and_then(|m| m.max_context)
+            .map(u64::from),
+        param: parsed.request.input_param(),
+    };
     let agent_failed = &ctx.agent_failed;
     agent_failed.store(false, Ordering::Relaxed);
     let attempt = async move {
@@ -372,7 +380,7 @@ async fn send_once(
             }
         })?;
         agent_failed.store(answered_by_agent(&resp), Ordering::Relaxed);
-        let mut resp = judge_status(resp)?;
+        let mut resp = judge_status(resp, &overflow)?;
         let first = if stream {
             Some(first_bytes(resp.body_mut()).await?)
         } else {
@@ -401,7 +409,10 @@ async fn send_once(
 
 /// Sort a provider's answer by its status: success, a refusal the consumer may have
 /// caused, or the provider's failure. Its body is never read back to the consumer.
-fn judge_status(resp: http::Response<TunnelBody>) -> Result<http::Response<TunnelBody>, Failure> {
+fn judge_status(
+    resp: http::Response<TunnelBody>,
+    overflow: &OverflowCheck,
+) -> Result<http::Response<TunnelBody>, Failure> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
@@ -419,9 +430,14 @@ fn judge_status(resp: http::Response<TunnelBody>) -> Result<http::Response<Tunne
         "provider answered an error"
     );
     if let Some((prompt, limit)) =
-        context_overflow(&resp).filter(|_| status == StatusCode::BAD_REQUEST)
+        context_overflow(&resp, overflow).filter(|_| status == StatusCode::BAD_REQUEST)
     {
-        return Err(Failure::Refused(ApiError::ContextTooLong { prompt, limit }));
+        let param = overflow.param;
+        return Err(Failure::Refused(ApiError::ContextTooLong {
+            prompt,
+            limit,
+            param,
+        }));
     }
     match status {
         StatusCode::BAD_REQUEST
@@ -433,12 +449,42 @@ fn judge_status(resp: http::Response<TunnelBody>) -> Result<http::Response<Tunne
     }
 }
 
+/// What a provider's report that a prompt overflowed its context is checked against: a
+/// hostile provider's figures would otherwise make clients shorten (Claude Code: compact)
+/// conversations for nothing.
+struct OverflowCheck {
+    /// The hub's own estimate of the prompt's tokens.
+    estimate: u64,
+    /// The context the provider announced for the model, if any.
+    announced: Option<u64>,
+    /// The request's input field.
+    param: &'static str,
+}
+
+/// How far a backend's count of a prompt may be from the hub's estimate (about four bytes
+/// a token) and still be believed: tokenizers differ, by less than this.
+const OVERFLOW_ESTIMATE_FACTOR: u64 = 8;
+
 /// The figures of a backend's refusal of a prompt longer than its context, as the agent
-/// reports them: two numbers, read as numbers only.
-fn context_overflow(resp: &http::Response<TunnelBody>) -> Option<(u64, u64)> {
+/// reports them (two numbers, read as numbers only), when they are plausible: the prompt
+/// over the context, the context within what the provider announced, and the prompt
+/// within [`OVERFLOW_ESTIMATE_FACTOR`] of the hub's estimate.
+fn context_overflow(
+    resp: &http::Response<TunnelBody>,
+    check: &OverflowCheck,
+) -> Option<(u64, u64)> {
     let v = resp.headers().get(HEADER_CONTEXT_OVERFLOW)?.to_str().ok()?;
     let (prompt, limit) = v.split_once(' ')?;
-    Some((prompt.parse().ok()?, limit.parse().ok()?))
+    let (prompt, limit): (u64, u64) = (prompt.parse().ok()?, limit.parse().ok()?);
+    let plausible = prompt > limit
+        && check.announced.is_none_or(|c| limit <= c)
+        && prompt
+            <= check
+                .estimate
+                .saturating_mul(OVERFLOW_ESTIMATE_FACTOR)
+                .saturating_add(64)
+        && prompt.saturating_mul(OVERFLOW_ESTIMATE_FACTOR) >= check.estimate;
+    plausible.then_some((prompt, limit))
 }
 
 /// Whether an answer is the agent's own error (not its backend's): the request was not

@@ -122,6 +122,8 @@ pub enum ApiError {
         prompt: u64,
         /// The model's context there, in tokens.
         limit: u64,
+        /// The request's input field (`messages`, `prompt`, `input`).
+        param: &'static str,
     },
     /// A provider refused the request (400, 413 or 422): its status only, with the hub's
     /// own message (a provider's text never reaches a consumer).
@@ -284,10 +286,10 @@ impl ApiError {
             ApiError::ProviderTimeout => {
                 ErrorBody::new("server_error", "The provider did not answer in time.", None, Some("provider_timeout"))
             }
-            ApiError::ContextTooLong { prompt, limit } => ErrorBody::new(
+            ApiError::ContextTooLong { prompt, limit, param } => ErrorBody::new(
                 "invalid_request_error",
                 format!("This model's maximum context length is {limit} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages."),
-                Some("messages"),
+                Some(param),
                 Some("context_length_exceeded"),
             ),
             ApiError::Upstream { status } => ErrorBody::new(
@@ -359,7 +361,7 @@ impl IntoResponse for ApiError {
             ApiError::InsufficientCredits => {
                 h.insert("x-should-retry", HeaderValue::from_static("false"));
             }
-            ApiError::ContextTooLong { prompt, limit } => {
+            ApiError::ContextTooLong { prompt, limit, .. } => {
                 // For the other APIs, which say it in their own words.
                 resp.extensions_mut()
                     .insert(ContextOverflow { prompt, limit });

@@ -925,7 +925,9 @@ async fn a_backends_context_refusal_reaches_each_client_in_its_words() {
     });
     let bearer = format!("Bearer {}", p.key);
     let auth = [("authorization", bearer.as_str())];
-    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    // A prompt the hub estimates near the backend's count (about four bytes a token).
+    let long = "word ".repeat(3000);
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": long}]});
     let (s, _, t) = post(
         &p,
         "/v1/chat/completions",
@@ -943,7 +945,7 @@ async fn a_backends_context_refusal_reaches_each_client_in_its_words() {
     );
     assert!(!t.contains("PROVIDER-TEXT"));
     let messages =
-        json!({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]});
+        json!({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": long}]});
     let (s, _, t) = post(&p, "/v1/messages", &auth, messages.to_string().into_bytes()).await;
     assert_eq!(s, 400, "{t}");
     let v: Value = serde_json::from_str(&t).unwrap();
@@ -952,6 +954,19 @@ async fn a_backends_context_refusal_reaches_each_client_in_its_words() {
         v["error"]["message"], "prompt is too long: 4476 tokens > 4096 maximum",
         "{t}"
     );
+    // Figures the hub's own estimate belies (a hostile provider making clients shorten
+    // their conversations for nothing): the hub's plain refusal.
+    let short = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let (s, _, t) = post(
+        &p,
+        "/v1/chat/completions",
+        &auth,
+        short.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 400, "{t}");
+    let code = serde_json::from_str::<Value>(&t).unwrap()["error"]["code"].clone();
+    assert_eq!(code, "provider_refused", "{t}");
     // Any other refusal stays the hub's plain one.
     p.backend.set_behavior(potluck_testkit::FakeBehavior {
         fail_status: Some(400),

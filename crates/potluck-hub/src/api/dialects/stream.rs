@@ -117,7 +117,7 @@ impl StreamBack {
         match &mut self.translator {
             Translator::Anthropic(_) => anthropic_error_event(status, code, message),
             Translator::Responses(s) => s
-                .fail(responses_code(status), message)
+                .fail(responses_code(status, code), message)
                 .iter()
                 .flat_map(|e| e.to_sse())
                 .collect(),
@@ -184,25 +184,39 @@ fn status_of(code: Option<&str>) -> u16 {
         "provider_timeout" => 504,
         "rate_limit_exceeded" | "insufficient_quota" => 429,
         "invalid_api_key" => 401,
+        // A queued stream's head went before its provider refused it.
+        "context_length_exceeded"
+        | "max_tokens_exceeded"
+        | "request_too_large"
+        | "provider_refused"
+        | "model_capability_unsupported" => 400,
+        "model_not_found" => 404,
         c if c.starts_with("account_") || c.starts_with("key_") || c == "refused" => 403,
         "internal_error" => 500,
         _ => 502,
     }
 }
 
-/// The Responses API's error code for a failed stream of `status`.
-fn responses_code(status: u16) -> &'static str {
-    if status == 429 {
-        "rate_limit_exceeded"
-    } else {
-        "server_error"
+/// The Responses API's error code for a failed stream of `status` with the hub's `code`:
+/// out of credits stays `insufficient_quota` (not a thing to retry), as before a head.
+fn responses_code(status: u16, code: Option<&str>) -> &'static str {
+    match (status, code) {
+        (_, Some("insufficient_quota")) => "insufficient_quota",
+        (429, _) => "rate_limit_exceeded",
+        (400..=499, _) => "invalid_request_error",
+        _ => "server_error",
     }
 }
 
 fn anthropic_error_event(status: u16, code: Option<&str>, message: &str) -> Vec<u8> {
+    // Anthropic's words for a prompt past the context, which its clients look for.
+    let message = match code {
+        Some("context_length_exceeded") => format!("prompt is too long: {message}"),
+        _ => message.to_owned(),
+    };
     anthropic::Event {
         name: "error",
-        data: anthropic::error_body(anthropic::error_status(status, code), message),
+        data: anthropic::error_body(anthropic::error_status(status, code), &message),
     }
     .to_sse()
 }
@@ -307,12 +321,27 @@ mod tests {
         assert_eq!(anthropic(Some("provider_error")), "api_error");
         assert_eq!(anthropic(None), "api_error");
         assert_eq!(
-            responses_code(status_of(Some("rate_limit_exceeded"))),
+            anthropic(Some("context_length_exceeded")),
+            "invalid_request_error"
+        );
+        assert_eq!(anthropic(Some("model_not_found")), "not_found_error");
+        let responses = |code| responses_code(status_of(code), code);
+        assert_eq!(
+            responses(Some("rate_limit_exceeded")),
             "rate_limit_exceeded"
         );
+        assert_eq!(responses(Some("insufficient_quota")), "insufficient_quota");
+        assert_eq!(responses(Some("queue_timeout")), "server_error");
         assert_eq!(
-            responses_code(status_of(Some("queue_timeout"))),
-            "server_error"
+            responses(Some("context_length_exceeded")),
+            "invalid_request_error"
         );
+        let text = String::from_utf8(anthropic_error_event(
+            400,
+            Some("context_length_exceeded"),
+            "m",
+        ))
+        .unwrap();
+        assert!(text.contains("prompt is too long: m"), "{text}");
     }
 }

@@ -1,0 +1,151 @@
+//! A relayed stream's events: each read (the fast path over raw top-level values, or the
+//! general path for what it cannot borrow) and written back for the consumer.
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::Relay;
+use crate::api::relay::chunk::{splice, ChoiceView, TopLevel, UsageView};
+use crate::api::relay::rewrite;
+use crate::api::relay::whole::answer_text;
+use crate::trust::plausibility::Usage;
+
+impl Relay {
+    /// Handle one event's data.
+    pub(super) fn event(&mut self, data: &[u8]) {
+        if data == b"[DONE]" {
+            return self.done();
+        }
+        // Fast path: split the top level into raw values, look only at what matters, and
+        // copy the rest through as bytes (profiling showed the full JSON tree costing 13%
+        // of the hub's CPU per chunk).
+        let Ok(top) = serde_json::from_slice::<TopLevel<'_>>(data) else {
+            return self.event_slow(data);
+        };
+        if top.contains_key("error") {
+            self.fail(
+                "The provider's backend failed during generation.",
+                "provider_error",
+            );
+            return;
+        }
+        if let Some(u) = top.get("usage").filter(|u| u.get() != "null") {
+            if let Ok(u) = serde_json::from_str::<UsageView>(u.get()) {
+                self.usage = Some(Usage {
+                    prompt: u.prompt_tokens.max(0),
+                    completion: u.completion_tokens.max(0),
+                });
+            }
+        }
+        let choices: Vec<ChoiceView<'_>> = match top.get("choices") {
+            Some(c) => match serde_json::from_str(c.get()) {
+                Ok(v) => v,
+                Err(_) => {
+                    return self.fail("The provider sent a malformed stream.", "provider_error")
+                }
+            },
+            None => Vec::new(),
+        };
+        let has_choices = !choices.is_empty();
+        if has_choices && self.ttft.is_none() {
+            self.ttft = Some(self.ctx.started.elapsed());
+        }
+        let chars: usize = choices.iter().map(ChoiceView::chars).sum();
+        if chars > 0 {
+            self.seen.chunks += 1;
+            self.seen.chars += chars as i64;
+            if self.seen.chars > self.ctx.bounds.text_bytes() {
+                return self.fail(
+                    "The provider sent more text than the request allows.",
+                    "provider_error",
+                );
+            }
+            if let Some(sample) = self.ctx.audit.get_mut() {
+                if let Some(t) = choices.first().and_then(ChoiceView::answer) {
+                    sample.push(t);
+                }
+            }
+        }
+        if let Some(g) = &mut self.guard {
+            let before = g.window.len();
+            for c in &choices {
+                c.push_text(&mut g.window);
+            }
+            if g.window.len() > before {
+                g.tokens += 1;
+            }
+        }
+        if !self.wants_usage && !has_choices {
+            return;
+        }
+        let line = splice(
+            &top,
+            &self.model_json,
+            &self.id_json,
+            self.wants_usage,
+            data.len(),
+        );
+        self.emit(Bytes::from(line));
+    }
+
+    /// The general path, for events the fast path cannot borrow (escaped keys).
+    fn event_slow(&mut self, data: &[u8]) {
+        let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(data) else {
+            self.fail("The provider sent a malformed stream.", "provider_error");
+            return;
+        };
+        if obj.contains_key("error") {
+            self.fail(
+                "The provider's backend failed during generation.",
+                "provider_error",
+            );
+            return;
+        }
+        if let Some(u) = Usage::from_obj(&obj) {
+            self.usage = Some(u);
+        }
+        let has_choices = obj
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| !c.is_empty());
+        if has_choices && self.ttft.is_none() {
+            self.ttft = Some(self.ctx.started.elapsed());
+        }
+        self.seen.add_text_of(&obj);
+        if self.seen.chars > self.ctx.bounds.text_bytes() {
+            return self.fail(
+                "The provider sent more text than the request allows.",
+                "provider_error",
+            );
+        }
+        self.ctx.delivered(
+            obj.get("choices")
+                .and_then(|c| c.get(0))
+                .and_then(crate::routing::send::text_of),
+        );
+        if let Some(g) = &mut self.guard {
+            let text = answer_text(&obj);
+            if !text.is_empty() {
+                g.window.push_str(&text);
+                g.tokens += 1;
+            }
+        }
+        if !self.wants_usage {
+            obj.remove("usage");
+            if !has_choices {
+                return;
+            }
+        }
+        rewrite(&mut obj, &self.ctx);
+        match serde_json::to_vec(&Value::Object(obj)) {
+            Ok(json) => {
+                let mut line = Vec::with_capacity(json.len() + 8);
+                line.extend_from_slice(b"data: ");
+                line.extend_from_slice(&json);
+                line.extend_from_slice(b"\n\n");
+                self.emit(Bytes::from(line));
+            }
+            Err(_) => self.fail("The hub could not relay the stream.", "internal_error"),
+        }
+    }
+}
