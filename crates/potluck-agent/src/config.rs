@@ -105,11 +105,13 @@ pub struct AgentConfig {
     pub backends: Vec<BackendConfig>,
     /// Most requests at once, over all models.
     pub max_concurrency: u32,
-    /// How often backends' models are re-checked.
+    /// How often backends' models are re-checked (the config file's
+    /// `discovery_interval_secs`: at least 1 s there).
     pub discovery_interval: Duration,
     /// First reconnect delay.
     pub reconnect_min: Duration,
-    /// Longest reconnect delay.
+    /// Longest reconnect delay: at least `reconnect_min` (the config file's
+    /// `reconnect_max_secs`: at least 1 s there).
     pub reconnect_max: Duration,
     /// How long a backend may take to send response headers.
     pub backend_header_timeout: Duration,

@@ -21,6 +21,14 @@ use crate::policy::{
 
 /// Longest interval accepted for the file's `*_secs` settings (about 115 days).
 pub const MAX_FILE_SECS: f64 = 1e7;
+/// Shortest `discovery_interval_secs`: each discovery asks every backend for its models
+/// (and llama.cpp for its `/props`), so a tiny interval asked back to back; a backend's
+/// model list does not change faster than a second matters.
+pub const MIN_DISCOVERY_INTERVAL_SECS: f64 = 1.0;
+/// Shortest `reconnect_max_secs`: above the first reconnect delay (0.25 s), so backoff
+/// still grows, and slow enough that a hub coming back up is not met by every agent
+/// reconnecting without pause (a tiny value retried back to back).
+pub const MIN_RECONNECT_MAX_SECS: f64 = 1.0;
 
 /// The config file as written. Validated by [`resolve`].
 #[derive(Default, Deserialize)]
@@ -39,9 +47,11 @@ pub struct FileConfig {
     pub backends: Vec<FileBackend>,
     /// Most requests served at once.
     pub max_concurrency: Option<u32>,
-    /// Seconds between discoveries.
+    /// Seconds between discoveries: from [`MIN_DISCOVERY_INTERVAL_SECS`] (1) to
+    /// [`MAX_FILE_SECS`].
     pub discovery_interval_secs: Option<f64>,
-    /// Longest reconnect backoff, seconds.
+    /// Longest reconnect backoff, seconds: from [`MIN_RECONNECT_MAX_SECS`] (1) to
+    /// [`MAX_FILE_SECS`].
     pub reconnect_max_secs: Option<f64>,
     /// Same as `[limits] max_request_bytes` (kept for older files).
     pub max_request_bytes: Option<usize>,
@@ -166,13 +176,14 @@ pub struct Paths {
     pub control_socket: PathBuf,
 }
 
-fn secs(field: &'static str, v: f64) -> Result<Duration, ConfigError> {
-    if v.is_finite() && v > 0.0 && v < MAX_FILE_SECS {
+/// A number of seconds from `min` (above 0) to [`MAX_FILE_SECS`].
+fn secs(field: &'static str, v: f64, min: f64) -> Result<Duration, ConfigError> {
+    if v.is_finite() && v >= min && v < MAX_FILE_SECS {
         Ok(Duration::from_secs_f64(v))
     } else {
         Err(ConfigError::new(
             field,
-            "expected a positive number of seconds",
+            format!("expected a number of seconds from {min} to {MAX_FILE_SECS}"),
         ))
     }
 }
@@ -262,10 +273,19 @@ pub fn resolve(
         c.max_concurrency = n;
     }
     if let Some(s) = file.discovery_interval_secs {
-        c.discovery_interval = secs("discovery_interval_secs", s)?;
+        c.discovery_interval = secs("discovery_interval_secs", s, MIN_DISCOVERY_INTERVAL_SECS)?;
     }
     if let Some(s) = file.reconnect_max_secs {
-        c.reconnect_max = secs("reconnect_max_secs", s)?;
+        c.reconnect_max = secs("reconnect_max_secs", s, MIN_RECONNECT_MAX_SECS)?;
+    }
+    if c.reconnect_max < c.reconnect_min {
+        return Err(ConfigError::new(
+            "reconnect_max_secs",
+            format!(
+                "expected at least the first reconnect delay, {} seconds",
+                c.reconnect_min.as_secs_f64()
+            ),
+        ));
     }
     c.policy = policy;
     c.state_dir = Some(paths.state_dir);
@@ -285,195 +305,4 @@ pub fn resolve(
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn over(hub: Option<&str>, backends: &[&str]) -> Overrides {
-        Overrides {
-            hubs: hub.map(str::to_owned).into_iter().collect(),
-            // These tests are about the merge rules; the clear-text rule has its own.
-            insecure: true,
-            backends: backends.iter().map(|s| s.to_string()).collect(),
-            ..Overrides::default()
-        }
-    }
-
-    /// A network eavesdropper must not get the provider token: plain `http` is accepted
-    /// only to this machine, unless the volunteer says `--insecure` or `insecure = true`.
-    #[test]
-    fn plain_http_to_another_machine_needs_insecure() {
-        let file = || -> FileConfig {
-            toml::from_str("token = \"pt-x\"\n[[backends]]\nurl = \"http://127.0.0.1:9/v1\"\n")
-                .unwrap()
-        };
-        let strict = |hub: &str| Overrides {
-            insecure: false,
-            ..over(Some(hub), &[])
-        };
-        for hub in [
-            "http://hub.example.org",
-            "http://192.0.2.7:8080",
-            "http://[2001:db8::1]",
-        ] {
-            let e = resolve(&strict(hub), file(), paths()).unwrap_err();
-            assert_eq!(e.field, "hub", "{hub}");
-            assert!(e.to_string().contains("--insecure"), "{e}");
-            // The flag, or the file's setting, accepts it.
-            assert!(resolve(&over(Some(hub), &[]), file(), paths()).is_ok());
-            let mut f = file();
-            f.insecure = Some(true);
-            assert!(resolve(&strict(hub), f, paths()).is_ok(), "{hub}");
-        }
-        for hub in [
-            "https://hub.example.org",
-            "http://127.0.0.1:8080",
-            "http://127.3.4.5",
-            "http://localhost:8080",
-            "http://[::1]:8080",
-        ] {
-            assert!(resolve(&strict(hub), file(), paths()).is_ok(), "{hub}");
-        }
-    }
-
-    fn paths() -> Paths {
-        Paths {
-            state_dir: PathBuf::from("/state"),
-            control_socket: PathBuf::from("/state/provide.sock"),
-        }
-    }
-
-    #[test]
-    fn overrides_win_over_file() {
-        let file: FileConfig = toml::from_str(
-            "hub = \"http://file:1\"\ntoken = \"pt-file\"\nmax_concurrency = 3\n[[backends]]\nurl = \"http://127.0.0.1:9/v1\"\napi_key = \"k\"\n",
-        )
-        .unwrap();
-        let c = resolve(&over(Some("http://flag:2"), &[]), file, paths()).unwrap();
-        assert_eq!(c.hubs.len(), 1);
-        assert_eq!(c.hubs[0].as_str(), "http://flag:2/");
-        assert_eq!(c.token, "pt-file");
-        assert_eq!(c.max_concurrency, 3);
-        assert_eq!(c.backends[0].api_key.as_deref(), Some("k"));
-        assert_eq!(c.state_dir.as_deref(), Some(Path::new("/state")));
-    }
-
-    /// Several hubs: the file's `hub` then `hubs` (duplicates dropped), or the flags'
-    /// instead; each is checked for clear text; more than [`MAX_HUBS`] is refused.
-    #[test]
-    fn several_hubs_from_file_or_flags() {
-        let file = |extra: &str| -> FileConfig {
-            toml::from_str(&format!(
-                "token = \"pt-x\"\n{extra}\n[[backends]]\nurl = \"http://127.0.0.1:9/v1\"\n"
-            ))
-            .unwrap()
-        };
-        let strict = Overrides {
-            insecure: false,
-            ..over(None, &[])
-        };
-        let c = resolve(
-            &strict,
-            file("hub = \"https://a.example\"\nhubs = [\"https://b.example\", \"https://a.example\"]"),
-            paths(),
-        )
-        .unwrap();
-        let urls: Vec<&str> = c.hubs.iter().map(HubUrl::as_str).collect();
-        assert_eq!(urls, ["https://a.example/", "https://b.example/"]);
-        let c = resolve(&strict, file("hubs = [\"https://b.example\"]"), paths()).unwrap();
-        assert_eq!(c.hubs.len(), 1);
-        // Flags replace the file's hubs.
-        let mut o = strict.clone();
-        o.hubs = vec!["https://c.example".into(), "https://d.example".into()];
-        let c = resolve(&o, file("hubs = [\"https://b.example\"]"), paths()).unwrap();
-        let urls: Vec<&str> = c.hubs.iter().map(HubUrl::as_str).collect();
-        assert_eq!(urls, ["https://c.example/", "https://d.example/"]);
-        // One clear-text hub among several is refused.
-        let e = resolve(
-            &strict,
-            file("hubs = [\"https://b.example\", \"http://c.example\"]"),
-            paths(),
-        )
-        .err()
-        .unwrap();
-        assert_eq!(e.field, "hub");
-        let many: Vec<String> = (0..=MAX_HUBS)
-            .map(|i| format!("\"https://h{i}.example\""))
-            .collect();
-        let e = resolve(
-            &strict,
-            file(&format!("hubs = [{}]", many.join(","))),
-            paths(),
-        )
-        .err()
-        .unwrap();
-        assert_eq!(e.field, "hubs");
-        let e = resolve(&strict, file("hubs = []"), paths()).err().unwrap();
-        assert_eq!(e.field, "hub");
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        let e = resolve(
-            &over(None, &["http://x/v1"]),
-            FileConfig::default(),
-            paths(),
-        )
-        .unwrap_err();
-        assert_eq!(e.field, "hub");
-        let file: FileConfig = toml::from_str("token = \"t\"").unwrap();
-        let e = resolve(&over(Some("http://h"), &["ftp://x"]), file, paths()).unwrap_err();
-        assert_eq!(e.field, "backend");
-        let e = toml::from_str::<FileConfig>("max_concurrency = \"lots\"")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("max_concurrency"), "{e}");
-        let file: FileConfig = toml::from_str("token = \"t\"\nmax_concurrency = 0").unwrap();
-        assert_eq!(
-            resolve(&over(Some("http://h"), &["http://x"]), file, paths())
-                .unwrap_err()
-                .field,
-            "max_concurrency"
-        );
-        let file: FileConfig = toml::from_str("token = \"t\"\nreconnect_max_secs = -1").unwrap();
-        assert_eq!(
-            resolve(&over(Some("http://h"), &["http://x"]), file, paths())
-                .unwrap_err()
-                .field,
-            "reconnect_max_secs"
-        );
-    }
-
-    #[test]
-    fn read_names_the_file() {
-        let e = FileConfig::read(Path::new("/nonexistent/provide.toml"))
-            .err()
-            .unwrap();
-        assert!(e.to_string().contains("/nonexistent/provide.toml"), "{e}");
-    }
-
-    #[test]
-    fn the_example_config_is_valid() {
-        let text = include_str!("../../../deploy/provide.example.toml");
-        let file: FileConfig = toml::from_str(text).unwrap();
-        let mut o = over(None, &[]);
-        o.token = Some("pt-x".into());
-        let c = resolve(&o, file, paths()).unwrap();
-        let p = &c.policy;
-        assert_eq!(p.models[0].public_name.as_str(), "qwen2.5:7b");
-        assert!(p.schedule.is_some() && p.busy.is_some());
-        assert_eq!(p.limits.max_concurrency, Some(4));
-        assert_eq!(p.profile.groups, ["friends"]);
-        assert_eq!(p.journal.retention_days, 90);
-        // The reload parser reads the same file, and an override still wins.
-        let mut o = over(Some("http://h"), &["http://x"]);
-        o.token = Some("t".into());
-        o.max_concurrency = Some(2);
-        o.config_path = Some(PathBuf::from("unused"));
-        let c = resolve(&o, FileConfig::default(), paths()).unwrap();
-        let parse = c.policy_source.unwrap().parse;
-        assert_eq!(parse(text).unwrap().limits.max_concurrency, Some(2));
-        assert!(parse("[limits]\nbogus = 1\n").is_err());
-    }
-}
+mod tests;

@@ -17,15 +17,35 @@ mod web;
 pub use credits::{CreditsConfig, Rates};
 pub use database::DatabaseUrl;
 pub use limits::{AbuseConfig, AnonymousConfig, LimitsConfig, MAX_ADMIN_BODY_BYTES};
-pub use observe::{AlertConfig, AlertingConfig, MetricsConfig, UsageApiConfig};
-pub use serving::{RoutingConfig, ServerConfig};
-pub use trust::{GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig};
+pub use observe::{
+    AlertConfig, AlertingConfig, MetricsConfig, UsageApiConfig, MAX_TREASURY_FLOOR,
+    MIN_ALERT_CHECK_INTERVAL,
+};
+pub use serving::{
+    RoutingConfig, ServerConfig, MAX_DATABASE_TURNS, MAX_PICK_SAMPLE, MAX_SERVER_CONNECTIONS,
+};
+pub use trust::{
+    GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig, MAX_PENDING_AUDITS,
+    MIN_AUDIT_TEXT_BYTES, MIN_CANARY_INTERVAL, MIN_TOKENS_FOR_SPEED,
+};
 pub use web::WebConfig;
 
 /// Default `usage_batch_window`.
 pub const DEFAULT_USAGE_BATCH_WINDOW: Duration = Duration::from_millis(100);
 /// Longest `usage_batch_window`: what a crash can lose, and how stale `/v1/usage` may be.
 pub const MAX_USAGE_BATCH_WINDOW: Duration = Duration::from_secs(10);
+
+/// Smallest `max_response_bytes` and `max_sse_line_bytes`: the shortest whole chat answer,
+/// or SSE line with usage, is a few hundred bytes, so a smaller cap would make every
+/// provider's answer look too long (and trip every provider's breaker).
+pub const MIN_ANSWER_BYTES: usize = 1024;
+/// Largest `usage_queue`: 16 times the default; a queued record is a few hundred bytes, so
+/// the queue holds at most some hundreds of MiB (and stays far below tokio's channel
+/// limit, past which the hub panicked at start).
+pub const MAX_USAGE_QUEUE: usize = 1 << 20;
+/// Shortest `queue.progress_interval`: a hundred `: queued` comments a second per waiting
+/// stream at most (a zero interval panicked; a tiny one sent comments back to back).
+pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -49,23 +69,25 @@ pub struct HubConfig {
     /// Largest consumer request body, in bytes (413 above).
     pub max_request_bytes: usize,
     /// Largest provider answer, in bytes: a whole answer above it is a 502; a stream is
-    /// ended with an error event once the provider has sent more.
+    /// ended with an error event once the provider has sent more. At least
+    /// [`MIN_ANSWER_BYTES`] (1024).
     pub max_response_bytes: usize,
     /// Most bytes of whole answers the hub holds at once, over all requests (from the
     /// first byte collected until the consumer has read the last): past it, a request
     /// whose answer would not fit gets 503 `hub_overloaded`, and no provider is blamed.
     /// At least `max_response_bytes`.
     pub max_buffered_answer_bytes: usize,
-    /// Longest SSE line accepted from a provider, in bytes.
+    /// Longest SSE line accepted from a provider, in bytes. At least [`MIN_ANSWER_BYTES`]
+    /// (1024).
     pub max_sse_line_bytes: usize,
     /// Most distinct tool calls one streamed answer may carry when the hub translates it
     /// into another API (Responses, Ollama, Anthropic), which gathers them; past it the
     /// stream ends with one error.
     pub max_tool_calls: usize,
-    /// How long a provider may take to send response headers (504 after).
+    /// How long a provider may take to send response headers (504 after). Above 0.
     #[serde(with = "secs")]
     pub provider_header_timeout: Duration,
-    /// How long a non-streamed body may take once headers arrived.
+    /// How long a non-streamed body may take once headers arrived. Above 0.
     #[serde(with = "secs")]
     pub provider_body_timeout: Duration,
     /// Longest silence between two streamed chunks before the stream is ended.
@@ -83,7 +105,8 @@ pub struct HubConfig {
     /// Grace period for in-flight requests at shutdown.
     #[serde(with = "secs")]
     pub shutdown_grace: Duration,
-    /// Capacity of the usage-record queue between requests and the database writer.
+    /// Capacity of the usage-record queue between requests and the database writer:
+    /// 1 to [`MAX_USAGE_QUEUE`] (1,048,576) records.
     pub usage_queue: usize,
     /// How long a request waits for a place in a full usage queue before it is refused
     /// (503 `usage_backlog`) without being served.
@@ -251,7 +274,8 @@ pub struct QueueConfig {
     pub max_wait: Duration,
     /// Most requests waiting per model before 503.
     pub max_length: usize,
-    /// How often a waiting stream gets a `: queued` comment (seconds).
+    /// How often a waiting stream gets a `: queued` comment (seconds): at least
+    /// [`MIN_PROGRESS_INTERVAL`] (0.01).
     #[serde(with = "secs")]
     pub progress_interval: Duration,
 }
@@ -295,6 +319,7 @@ impl HubConfig {
                 ));
             }
         }
+        self.check_answer_bounds()?;
         if self.stream_idle_timeout.is_zero() || self.stream_total_timeout.is_zero() {
             return Err("stream_idle_timeout and stream_total_timeout must be positive".into());
         }
@@ -328,15 +353,7 @@ impl HubConfig {
             return Err("credits.lease_ttl must be at least 1 second".into());
         }
         self.audit.validate()?;
-        if self.moderation.enabled()
-            && (self.moderation.window_tokens == 0
-                || self.moderation.overlap_tokens >= self.moderation.window_tokens)
-        {
-            return Err(
-                "moderation.window_tokens must be positive and larger than moderation.overlap_tokens"
-                    .into(),
-            );
-        }
+        self.moderation.validate()?;
         if self.credits.prompt_overhead_tokens < 0 || self.credits.default_max_tokens < 0 {
             return Err(
                 "credits.prompt_overhead_tokens and credits.default_max_tokens must not be negative"
@@ -347,6 +364,42 @@ impl HubConfig {
         self.routing.validate()?;
         self.server.validate()?;
         self.web.validate()?;
+        self.alerting.validate()?;
+        Ok(())
+    }
+
+    /// The top-level bounds on a provider's answer and on the queues in front of the
+    /// database and of busy providers: a zero timeout or a tiny byte cap made every
+    /// provider look broken, a zero progress interval panicked, an oversized usage queue
+    /// panicked at start.
+    fn check_answer_bounds(&self) -> Result<(), String> {
+        if self.provider_header_timeout.is_zero() {
+            return Err("provider_header_timeout must be positive".into());
+        }
+        if self.provider_body_timeout.is_zero() {
+            return Err("provider_body_timeout must be positive".into());
+        }
+        if self.max_response_bytes < MIN_ANSWER_BYTES {
+            return Err(format!(
+                "max_response_bytes must be at least {MIN_ANSWER_BYTES}"
+            ));
+        }
+        if self.max_sse_line_bytes < MIN_ANSWER_BYTES {
+            return Err(format!(
+                "max_sse_line_bytes must be at least {MIN_ANSWER_BYTES}"
+            ));
+        }
+        if !(1..=MAX_USAGE_QUEUE).contains(&self.usage_queue) {
+            return Err(format!(
+                "usage_queue must be from 1 to {MAX_USAGE_QUEUE} records"
+            ));
+        }
+        if self.queue.progress_interval < MIN_PROGRESS_INTERVAL {
+            return Err(format!(
+                "queue.progress_interval must be at least {} seconds",
+                MIN_PROGRESS_INTERVAL.as_secs_f64()
+            ));
+        }
         Ok(())
     }
 }

@@ -76,23 +76,34 @@ fn default_alert_interval() -> std::time::Duration {
     std::time::Duration::from_secs(600)
 }
 
+/// Shortest `alerting.check_interval`. Each check compares the registry with what the
+/// last one saw, and reads the treasury's balance from the database when
+/// `treasury_below` is set: at 0 the loop spun on the database. 50 ms is at most 20 checks
+/// a second (the integration tests' setting; the default is 30 s).
+pub const MIN_ALERT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// Largest `alerting.treasury_below`, either way, in credits: its micro-credits must fit
+/// the ledger's `i64` (about 9.2e12 credits), else it read as the largest floor there is
+/// (or, for NaN, as 0).
+pub const MAX_TREASURY_FLOOR: f64 = 1e12;
+
 /// When alerts fire (`[alerting]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertingConfig {
-    /// How often the hub looks for something to alert about (seconds).
+    /// How often the hub looks for something to alert about (seconds): at least
+    /// [`MIN_ALERT_CHECK_INTERVAL`] (0.05).
     #[serde(with = "super::secs")]
     pub check_interval: std::time::Duration,
     /// A model that was served and has had no provider for this long (seconds) alerts.
     #[serde(with = "super::secs")]
     pub model_absent_after: std::time::Duration,
-    /// Longest wait for a webhook's answer (seconds).
+    /// Longest wait for a webhook's answer (seconds). Above 0 (at 0 every alert failed).
     #[serde(with = "super::secs")]
     pub timeout: std::time::Duration,
     /// Alert when the treasury's balance falls below this many credits (off when left
     /// out). The treasury issues every grant, so its balance falls by what it granted and
     /// is usually negative: `-100000` alerts once it has granted 100,000 credits more than
-    /// it took back.
+    /// it took back. A finite number from `-1e12` to `1e12` ([`MAX_TREASURY_FLOOR`]).
     pub treasury_below: Option<f64>,
 }
 
@@ -104,5 +115,29 @@ impl Default for AlertingConfig {
             timeout: std::time::Duration::from_secs(10),
             treasury_below: None,
         }
+    }
+}
+
+impl AlertingConfig {
+    /// Check the bounds are usable: no spinning check loop, no webhook call that cannot
+    /// succeed, a treasury floor that is a number the ledger can hold.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.check_interval < MIN_ALERT_CHECK_INTERVAL {
+            return Err(format!(
+                "alerting.check_interval must be at least {} seconds",
+                MIN_ALERT_CHECK_INTERVAL.as_secs_f64()
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err("alerting.timeout must be positive".into());
+        }
+        if let Some(v) = self.treasury_below {
+            if !(v.is_finite() && (-MAX_TREASURY_FLOOR..=MAX_TREASURY_FLOOR).contains(&v)) {
+                return Err(format!(
+                    "alerting.treasury_below must be a number of credits from -{MAX_TREASURY_FLOOR} to {MAX_TREASURY_FLOOR}"
+                ));
+            }
+        }
+        Ok(())
     }
 }

@@ -11,6 +11,22 @@ pub(crate) const MAX_BUSY_RETRIES: u32 = 100;
 /// Largest `routing.busy_retry_delay` accepted.
 pub(crate) const MAX_BUSY_RETRY_DELAY: Duration = Duration::from_secs(10);
 
+/// Largest `routing.pick_sample`. The power of d choices gains little past a few (the
+/// default is 8), a larger sample only walks more tunnels before falling back to the full
+/// scan anyway, and each pick reserves room for the whole sample (a huge value aborted the
+/// hub on its first sampled pick); 1024 is 8 KiB of pointers.
+pub const MAX_PICK_SAMPLE: usize = 1024;
+/// Largest `server.max_connections`: far above any host's open-file limit (each
+/// connection holds a descriptor; benchmarks use 1,000,000), far below tokio's semaphore
+/// limit, past which the hub panicked at start.
+pub const MAX_SERVER_CONNECTIONS: usize = 1 << 24;
+/// Largest `server.max_key_lookups` and `server.max_member_reads`. They count database
+/// reads at once, and bound how many of the pool's connections (8) strangers' lookups and
+/// members' reads may hold; a value at or above the pool's size no longer leaves any for
+/// the rest. 1024 is far above any pool (PostgreSQL allows 100 connections by default)
+/// and far below tokio's semaphore limit, past which the hub panicked at start.
+pub const MAX_DATABASE_TURNS: usize = 1024;
+
 /// How the hub judges providers by what they do, not by what they announce.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -27,15 +43,16 @@ pub struct RoutingConfig {
     /// equally loaded providers are weighted by the square of that rate.
     pub success_weight: f64,
     /// How long a tripped provider stays out before one probe request may reach it
-    /// (seconds). Doubles on every trip in a row, up to `max_cooldown`.
+    /// (seconds). Doubles on every trip in a row, up to `max_cooldown`. Above 0 (at 0
+    /// the breaker never kept a failing provider out).
     #[serde(with = "super::secs")]
     pub cooldown: Duration,
-    /// Longest time out of routing after repeated trips (seconds).
+    /// Longest time out of routing after repeated trips (seconds): at least `cooldown`.
     #[serde(with = "super::secs")]
     pub max_cooldown: Duration,
     /// A streamed request whose provider sent no byte of its answer within this time
     /// (seconds) is retried on another provider, and the silence counts as a failure.
-    /// Non-streamed requests keep `provider_header_timeout`.
+    /// Non-streamed requests keep `provider_header_timeout`. Above 0.
     #[serde(with = "super::secs")]
     pub first_byte_timeout: Duration,
     /// A request whose tunnel closed before answering (the agent died or its link was
@@ -62,7 +79,8 @@ pub struct RoutingConfig {
     /// instead of scanning every tunnel; it falls back to the full scan when the sample
     /// finds none. 0: always sample.
     pub scan_all_below: usize,
-    /// How many free, healthy tunnels a sampled pick compares (at least 1).
+    /// How many free, healthy tunnels a sampled pick compares: 1 to [`MAX_PICK_SAMPLE`]
+    /// (1024).
     pub pick_sample: usize,
     /// How long the hub gathers receipts and other events for one agent before sending
     /// them in one batch under one signature (seconds).
@@ -109,14 +127,15 @@ impl Default for RoutingConfig {
 pub struct ServerConfig {
     /// An HTTP/1 client must send a request's whole head within this time (seconds),
     /// counted from when the connection is ready for it; else the connection is closed.
-    /// An idle keep-alive connection is closed after it too.
+    /// An idle keep-alive connection is closed after it too. Above 0.
     #[serde(with = "super::secs")]
     pub header_read_timeout: Duration,
     /// A request's whole body must arrive within this time after its head (seconds);
-    /// else the request fails and the connection is closed.
+    /// else the request fails and the connection is closed. Above 0.
     #[serde(with = "super::secs")]
     pub body_read_timeout: Duration,
-    /// Most open client connections; more are closed as soon as they are accepted.
+    /// Most open client connections; more are closed as soon as they are accepted. 1 to
+    /// [`MAX_SERVER_CONNECTIONS`] (16,777,216).
     pub max_connections: usize,
     /// Most concurrent HTTP/2 streams per connection.
     pub http2_max_streams: u32,
@@ -130,7 +149,9 @@ pub struct ServerConfig {
     pub consumer_stall_timeout: Duration,
     /// Most database lookups of credentials not in the hub's caches (consumer keys,
     /// provider tokens) at once: a stranger sending a new well-formed random key with
-    /// every request gets this many of the database's connections, not all of them.
+    /// every request gets this many of the database's connections, not all of them. 1 to
+    /// [`MAX_DATABASE_TURNS`] (1024); keep it below the database pool's 8 connections to
+    /// leave some for the rest of the hub.
     pub max_key_lookups: usize,
     /// How long a credential lookup, or a member's read, waits for its turn (seconds);
     /// past it, 503.
@@ -138,7 +159,9 @@ pub struct ServerConfig {
     pub key_lookup_wait: Duration,
     /// Most database reads members ask for at once (their balance, credit history and
     /// usage, through the API and the member page): one account, or many, asking for the
-    /// largest history again and again gets this many of the database's connections.
+    /// largest history again and again gets this many of the database's connections. 1
+    /// to [`MAX_DATABASE_TURNS`] (1024); keep it below the database pool's 8 connections
+    /// to leave some for the rest of the hub.
     pub max_member_reads: usize,
 }
 
@@ -180,6 +203,20 @@ impl RoutingConfig {
         {
             return Err("routing.min_success_rate must be between 0 and 1, routing.success_weight above 0 and at most 1".into());
         }
+        if self.cooldown.is_zero() {
+            return Err("routing.cooldown must be positive".into());
+        }
+        if self.max_cooldown < self.cooldown {
+            return Err("routing.max_cooldown must be at least routing.cooldown".into());
+        }
+        if self.first_byte_timeout.is_zero() {
+            return Err("routing.first_byte_timeout must be positive".into());
+        }
+        if !(1..=MAX_PICK_SAMPLE).contains(&self.pick_sample) {
+            return Err(format!(
+                "routing.pick_sample must be from 1 to {MAX_PICK_SAMPLE}"
+            ));
+        }
         Ok(())
     }
 }
@@ -187,10 +224,19 @@ impl RoutingConfig {
 impl ServerConfig {
     /// Cross-field rules.
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.max_connections == 0 || self.http2_max_streams == 0 {
-            return Err(
-                "server.max_connections and server.http2_max_streams must be positive".into(),
-            );
+        if !(1..=MAX_SERVER_CONNECTIONS).contains(&self.max_connections) {
+            return Err(format!(
+                "server.max_connections must be from 1 to {MAX_SERVER_CONNECTIONS}"
+            ));
+        }
+        if self.http2_max_streams == 0 {
+            return Err("server.http2_max_streams must be positive".into());
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err("server.header_read_timeout must be positive".into());
+        }
+        if self.body_read_timeout.is_zero() {
+            return Err("server.body_read_timeout must be positive".into());
         }
         if self.max_header_bytes < 8192 {
             return Err("server.max_header_bytes must be at least 8192".into());
@@ -198,9 +244,18 @@ impl ServerConfig {
         if self.consumer_stall_timeout.is_zero() {
             return Err("server.consumer_stall_timeout must be positive".into());
         }
-        if self.max_key_lookups == 0 || self.key_lookup_wait.is_zero() || self.max_member_reads == 0
-        {
-            return Err("server.max_key_lookups, server.key_lookup_wait and server.max_member_reads must be positive".into());
+        for (name, n) in [
+            ("max_key_lookups", self.max_key_lookups),
+            ("max_member_reads", self.max_member_reads),
+        ] {
+            if !(1..=MAX_DATABASE_TURNS).contains(&n) {
+                return Err(format!(
+                    "server.{name} must be from 1 to {MAX_DATABASE_TURNS}"
+                ));
+            }
+        }
+        if self.key_lookup_wait.is_zero() {
+            return Err("server.key_lookup_wait must be positive".into());
         }
         Ok(())
     }

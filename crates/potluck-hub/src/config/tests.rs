@@ -111,3 +111,183 @@ fn money_settings_refuse_nan_infinity_and_negatives() {
         assert!(e.contains(field), "{toml}: {e}");
     }
 }
+
+/// Values the hub used to accept and then panicked on (`clamp(1, 0)`, a zero
+/// `tokio::time::interval`, a semaphore or channel past tokio's limit, a huge
+/// `Vec::with_capacity`), spun on (a zero or tiny interval), or that silently turned a
+/// protection off (a breaker that never cools down, audits that compare nothing, a
+/// treasury alert at NaN), or made every provider look broken (a zero timeout or byte
+/// cap): each is refused by `validate`, with the setting's full name in the error. The
+/// lowest and highest values accepted, and `audit.canary_interval = 0` ("no canaries"),
+/// still validate.
+#[test]
+fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
+    // Past tokio's `Semaphore::MAX_PERMITS` (usize::MAX >> 3), still a TOML integer.
+    const HUGE: &str = "4000000000000000000";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "[audit]\ncanary_max_tokens = 0".into(),
+            "audit.canary_max_tokens",
+        ),
+        (
+            "[queue]\nprogress_interval = 0".into(),
+            "queue.progress_interval",
+        ),
+        (
+            "[queue]\nprogress_interval = 1e-9".into(),
+            "queue.progress_interval",
+        ),
+        ("[routing]\npick_sample = 0".into(), "routing.pick_sample"),
+        (
+            format!("[routing]\npick_sample = {HUGE}"),
+            "routing.pick_sample",
+        ),
+        (
+            "[routing]\npick_sample = 1025".into(),
+            "routing.pick_sample",
+        ),
+        (
+            format!("[server]\nmax_key_lookups = {HUGE}"),
+            "server.max_key_lookups",
+        ),
+        (
+            "[server]\nmax_key_lookups = 0".into(),
+            "server.max_key_lookups",
+        ),
+        (
+            format!("[server]\nmax_member_reads = {HUGE}"),
+            "server.max_member_reads",
+        ),
+        (
+            "[server]\nmax_member_reads = 0".into(),
+            "server.max_member_reads",
+        ),
+        (format!("usage_queue = {HUGE}"), "usage_queue"),
+        ("usage_queue = 0".into(), "usage_queue"),
+        (
+            format!("[audit]\nmax_pending = {HUGE}"),
+            "audit.max_pending",
+        ),
+        (
+            format!("[server]\nmax_connections = {HUGE}"),
+            "server.max_connections",
+        ),
+        (
+            "[alerting]\ncheck_interval = 0".into(),
+            "alerting.check_interval",
+        ),
+        (
+            "[alerting]\ncheck_interval = 0.001".into(),
+            "alerting.check_interval",
+        ),
+        ("[alerting]\ntimeout = 0".into(), "alerting.timeout"),
+        ("[routing]\ncooldown = 0".into(), "routing.cooldown"),
+        (
+            "[routing]\ncooldown = 60\nmax_cooldown = 30".into(),
+            "routing.max_cooldown",
+        ),
+        ("[audit]\nmax_text_bytes = 0".into(), "audit.max_text_bytes"),
+        ("[audit]\nmax_text_bytes = 1".into(), "audit.max_text_bytes"),
+        ("[audit]\ncompare_tokens = 0".into(), "audit.compare_tokens"),
+        (
+            "[moderation]\nguard_model = \"g\"\ntimeout = 0".into(),
+            "moderation.timeout",
+        ),
+        (
+            "[moderation]\nguard_model = \" g\"".into(),
+            "moderation.guard_model",
+        ),
+        (
+            format!("[moderation]\nguard_model = \"{}\"", "g".repeat(300)),
+            "moderation.guard_model",
+        ),
+        (
+            "[moderation]\nguard_model = \"g\"\nmax_guard_tokens = 0".into(),
+            "moderation.max_guard_tokens",
+        ),
+        (
+            "[routing]\nfirst_byte_timeout = 0".into(),
+            "routing.first_byte_timeout",
+        ),
+        (
+            "provider_header_timeout = 0".into(),
+            "provider_header_timeout",
+        ),
+        ("provider_body_timeout = 0".into(), "provider_body_timeout"),
+        ("max_response_bytes = 0".into(), "max_response_bytes"),
+        ("max_sse_line_bytes = 0".into(), "max_sse_line_bytes"),
+        (
+            "[server]\nheader_read_timeout = 0".into(),
+            "server.header_read_timeout",
+        ),
+        (
+            "[server]\nbody_read_timeout = 0".into(),
+            "server.body_read_timeout",
+        ),
+        (
+            "[audit]\ncanary_interval = 0.001".into(),
+            "audit.canary_interval",
+        ),
+        ("[web]\nchart_cache = 0".into(), "web.chart_cache"),
+        ("[web]\nchart_cache = 0.5".into(), "web.chart_cache"),
+        (
+            "[alerting]\ntreasury_below = nan".into(),
+            "alerting.treasury_below",
+        ),
+        (
+            "[alerting]\ntreasury_below = inf".into(),
+            "alerting.treasury_below",
+        ),
+        (
+            "[alerting]\ntreasury_below = -inf".into(),
+            "alerting.treasury_below",
+        ),
+        (
+            "[alerting]\ntreasury_below = -1e15".into(),
+            "alerting.treasury_below",
+        ),
+        (
+            "[audit]\nmin_tokens_for_speed = 1".into(),
+            "audit.min_tokens_for_speed",
+        ),
+        (
+            "[audit]\nmin_tokens_for_speed = -5".into(),
+            "audit.min_tokens_for_speed",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (toml, field) in &cases {
+        let c: HubConfig = toml::from_str(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
+        match c.validate() {
+            Err(e) if e.contains(field) => {}
+            other => wrong.push(format!(
+                "{toml:?} (want an error naming {field}): {other:?}"
+            )),
+        }
+    }
+    // The edges of each range, and the documented "off", are accepted.
+    for toml in [
+        "[audit]\ncanary_interval = 0",
+        "[audit]\ncanary_interval = 1\ncanary_max_tokens = 1\nmin_tokens_for_speed = 16",
+        "[queue]\nprogress_interval = 0.01",
+        "[routing]\npick_sample = 1024",
+        "[routing]\npick_sample = 1",
+        "[routing]\ncooldown = 30\nmax_cooldown = 30",
+        "[server]\nmax_connections = 1000000",
+        "usage_queue = 1",
+        "[alerting]\ncheck_interval = 0.05\ntreasury_below = -100000",
+        "[web]\nchart_cache = 1",
+        "[moderation]\nguard_model = \"llama-guard3:8b\"",
+    ] {
+        if let Err(e) = toml::from_str::<HubConfig>(toml).unwrap().validate() {
+            wrong.push(format!("{toml:?} must validate: {e}"));
+        }
+    }
+    assert!(HubConfig::default().validate().is_ok());
+    assert!(
+        wrong.is_empty(),
+        "{} wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}

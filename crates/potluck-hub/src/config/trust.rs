@@ -5,6 +5,26 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Shortest `audit.canary_interval` other than 0 (off). A canary round whose providers
+/// answer at once (or that finds none) is followed by the next after the interval, so a
+/// tiny interval spun; each round costs providers a real generation. 50 ms bounds an idle
+/// hub to 20 empty rounds a second (the integration tests' fastest setting; production
+/// wants minutes).
+pub const MIN_CANARY_INTERVAL: Duration = Duration::from_millis(50);
+/// Largest `audit.max_pending`: 256 times the default; with the default 16 KiB of
+/// `max_text_bytes` that is at most 1 GiB of held text (and far below tokio's channel
+/// limit, past which the hub panicked at start).
+pub const MAX_PENDING_AUDITS: usize = 65_536;
+/// Smallest `audit.max_text_bytes`: a kibibyte holds well over a hundred words. A cap of
+/// 0 made every replay compare two empty texts and pass; a few bytes compare one word.
+pub const MIN_AUDIT_TEXT_BYTES: usize = 1024;
+/// Smallest `audit.min_tokens_for_speed`. Speed is the tokens over the time from the
+/// first token to the last, which holds one token fewer: over `n` tokens that reads
+/// `n / (n - 1)` times too fast, and with one token the time is about zero, so every
+/// honest provider of a one-token answer was flagged. From 16 tokens the error is under
+/// 7%, below the margin of the `max_tokens_per_sec` limits.
+pub const MIN_TOKENS_FOR_SPEED: i64 = 16;
+
 /// Which side of a request a guard model checks.
 pub type ModerationMode = potluck_protocol::tunnel::Moderation;
 
@@ -22,7 +42,8 @@ pub enum GuardFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
-    /// A model in the pool that acts as the guard (empty: no moderation).
+    /// A model in the pool that acts as the guard (empty: no moderation). When set, a
+    /// valid model name (1 to 256 bytes, no control characters or surrounding spaces).
     pub guard_model: String,
     /// Its prompt format.
     pub format: GuardFormat,
@@ -42,13 +63,15 @@ pub struct GuardConfig {
     /// Hold output back until its window passed the guard (no unchecked text reaches
     /// the consumer; adds latency). Off: text flows and a failed window ends the stream.
     pub holdback: bool,
-    /// Longest wait for a guard verdict (seconds).
+    /// Longest wait for a guard verdict (seconds). Above 0 when moderation is on (at 0
+    /// every guard call failed).
     #[serde(with = "super::secs")]
     pub timeout: Duration,
     /// Block when the guard fails or its answer cannot be read (fail closed); off:
     /// let the request through (fail open).
     pub fail_closed: bool,
-    /// Most tokens the guard may answer with.
+    /// Most tokens the guard may answer with. At least 1 when moderation is on (at 0 no
+    /// verdict could be read: every request blocked, or with `fail_closed` off, none).
     pub max_guard_tokens: u32,
     /// Most windows (of 32 KiB each) a request's input is judged in; a longer input is
     /// refused with 400 when input is moderated (every byte is judged, none skipped).
@@ -81,6 +104,33 @@ impl GuardConfig {
         !self.guard_model.is_empty()
     }
 
+    /// When a guard is configured: its name a valid model name, a positive timeout, room
+    /// for a verdict, and windows that move forward.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        if let Err(e) = potluck_protocol::ModelName::parse(&self.guard_model) {
+            return Err(format!(
+                "moderation.guard_model {:?} is not a model name: {e}",
+                self.guard_model
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err("moderation.timeout must be positive".into());
+        }
+        if self.max_guard_tokens == 0 {
+            return Err("moderation.max_guard_tokens must be at least 1".into());
+        }
+        if self.window_tokens == 0 || self.overlap_tokens >= self.window_tokens {
+            return Err(
+                "moderation.window_tokens must be positive and larger than moderation.overlap_tokens"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// The hub's own policy for a model.
     pub fn mode_for(&self, model: &str) -> ModerationMode {
         if !self.enabled() {
@@ -96,7 +146,7 @@ impl GuardConfig {
 pub struct SpotCheckConfig {
     /// Fraction of real requests replayed on a trusted reference (0 to 1).
     pub rate: f64,
-    /// Tokens (words) of the answers compared.
+    /// Tokens (words) of the answers compared. At least 1 (at 0 every audit passed).
     pub compare_tokens: usize,
     /// Least agreement over those tokens that passes (honest nondeterminism tolerance).
     pub min_agreement: f64,
@@ -108,7 +158,8 @@ pub struct SpotCheckConfig {
     pub flag_factor: f64,
     /// Below this score a provider is quarantined.
     pub quarantine_below: f64,
-    /// Seconds between synthetic canary prompts (0: none).
+    /// Seconds between synthetic canary prompts: 0 (none), or at least
+    /// [`MIN_CANARY_INTERVAL`] (0.05).
     #[serde(with = "super::secs")]
     pub canary_interval: Duration,
     /// How long an audit (a canary, a replay) waits for a free slot on the audited
@@ -123,27 +174,55 @@ pub struct SpotCheckConfig {
     /// Fixed seed for the audit sampler (tests); random when unset.
     pub seed: Option<u64>,
     /// Most bytes of a sampled request's delivered answer kept in memory until its
-    /// replay is judged (never on disk, never logged). Text past it is not compared.
+    /// replay is judged (never on disk, never logged). Text past it is not compared. At
+    /// least [`MIN_AUDIT_TEXT_BYTES`] (1024).
     pub max_text_bytes: usize,
     /// Most tokens a canary asks for (its `max_tokens` follows recent requests' up to
-    /// this), on the audited provider and on the reference each.
+    /// this), on the audited provider and on the reference each. At least 1.
     pub canary_max_tokens: u64,
     /// Most sampled requests waiting for their replay; more are not audited (audits
-    /// are samples). With `max_text_bytes`, this bounds the memory audits hold.
+    /// are samples). With `max_text_bytes`, this bounds the memory audits hold. 1 to
+    /// [`MAX_PENDING_AUDITS`] (65,536).
     pub max_pending: usize,
     /// Most completion tokens per second a provider of a size class may plausibly
     /// deliver (`credits.classes` names).
     pub max_tokens_per_sec: std::collections::BTreeMap<String, f64>,
-    /// Speed is judged only on answers with at least this many completion tokens.
+    /// Speed is judged only on answers with at least this many completion tokens: at
+    /// least [`MIN_TOKENS_FOR_SPEED`] (16).
     pub min_tokens_for_speed: i64,
 }
 
 impl SpotCheckConfig {
     /// Cross-field rules: at least one pending audit, every factor in [0, 1] (TOML can
-    /// write `nan`, which no range contains), every speed limit a positive number.
+    /// write `nan`, which no range contains), every speed limit a positive number, and
+    /// each bound in its range (see the fields).
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.max_pending == 0 {
-            return Err("audit.max_pending must be at least 1".into());
+        if !(1..=MAX_PENDING_AUDITS).contains(&self.max_pending) {
+            return Err(format!(
+                "audit.max_pending must be from 1 to {MAX_PENDING_AUDITS}"
+            ));
+        }
+        if self.compare_tokens == 0 {
+            return Err("audit.compare_tokens must be at least 1".into());
+        }
+        if self.max_text_bytes < MIN_AUDIT_TEXT_BYTES {
+            return Err(format!(
+                "audit.max_text_bytes must be at least {MIN_AUDIT_TEXT_BYTES}"
+            ));
+        }
+        if self.canary_max_tokens == 0 {
+            return Err("audit.canary_max_tokens must be at least 1".into());
+        }
+        if !self.canary_interval.is_zero() && self.canary_interval < MIN_CANARY_INTERVAL {
+            return Err(format!(
+                "audit.canary_interval must be 0 (no canaries) or at least {} seconds",
+                MIN_CANARY_INTERVAL.as_secs_f64()
+            ));
+        }
+        if self.min_tokens_for_speed < MIN_TOKENS_FOR_SPEED {
+            return Err(format!(
+                "audit.min_tokens_for_speed must be at least {MIN_TOKENS_FOR_SPEED}"
+            ));
         }
         let factors = [
             self.rate,

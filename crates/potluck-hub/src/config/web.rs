@@ -31,7 +31,8 @@ pub struct WebConfig {
     /// Days the usage charts cover.
     pub chart_days: u32,
     /// How long the public status page's usage chart is drawn from one reading of the
-    /// usage table (seconds): views in between, however many, read nothing.
+    /// usage table (seconds): views in between, however many, read nothing. From 1 to
+    /// 86400 (at 0 every anonymous view ran a 30-day aggregate).
     #[serde(with = "super::secs")]
     pub chart_cache: Duration,
     /// Most rows a page's table shows (history, keys, reports, accounts, log).
@@ -64,8 +65,10 @@ impl WebConfig {
         if self.chart_days == 0 || self.chart_days > 400 || self.page_rows <= 0 {
             return Err("web.chart_days must be 1..=400 and web.page_rows positive".into());
         }
-        if self.chart_cache > Duration::from_secs(86_400) {
-            return Err("web.chart_cache must be at most 86400 seconds".into());
+        if self.chart_cache < Duration::from_secs(1)
+            || self.chart_cache > Duration::from_secs(86_400)
+        {
+            return Err("web.chart_cache must be from 1 to 86400 seconds".into());
         }
         if self.history_samples == 0 || self.sample_interval.is_zero() {
             return Err("web.history_samples and web.sample_interval must be positive".into());
