@@ -21,13 +21,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::BodyExt;
-use potluck_protocol::request::RequestError;
-use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR, HEADER_CONTEXT_OVERFLOW};
-use potluck_protocol::Capability;
+use potluck_protocol::tunnel::{HEADER_AGENT_BUSY, HEADER_AGENT_ERROR};
 use potluck_tunnel::TunnelBody;
 
 use crate::api::admit::Parsed;
 use crate::api::ctx::{note_health, Ctx};
+use crate::api::refusals;
 use crate::http::error::ApiError;
 use crate::routing::inflight::cut_error;
 use crate::routing::link::{Need, ProviderLink};
@@ -87,62 +86,11 @@ pub(crate) async fn acquire(
         Err(PickError::UnknownModel | PickError::NotAllowed) => {
             Err(ApiError::ModelNotFound(ctx.model.to_string()))
         }
-        Err(PickError::TooLarge(why)) => Err(too_large(why)),
-        Err(PickError::Incapable(cap)) => Err(incapable(cap)),
+        Err(PickError::TooLarge(why)) => Err(refusals::too_large(why)),
+        Err(PickError::Incapable(cap)) => Err(refusals::incapable(cap)),
         Err(_) => Err(ApiError::NoCapacity {
             retry_after: state.config.retry_after_secs,
         }),
-    }
-}
-
-/// The 400 for a request larger than any provider of its model accepts, in the words
-/// OpenAI's clients look for (`context_length_exceeded`, "maximum context length": a
-/// client such as LiteLLM then trims the conversation), with the widest provider's
-/// figures.
-fn too_large(why: Option<RequestError>) -> ApiError {
-    let (message, param, code) = match why {
-        Some(RequestError::ContextLengthExceeded { limit, need, prompt, param }) => (
-            format!(
-                "This model's maximum context length in this pool is {limit} tokens. However, you requested about {need} tokens (about {prompt} in the prompt, the rest for the completion). Please reduce the length of the messages or of the completion (max_tokens)."
-            ),
-            param,
-            "context_length_exceeded",
-        ),
-        Some(RequestError::MaxTokensExceeded { field, cap, asked }) => (
-            format!(
-                "{} is too large: {asked}. This model accepts at most {cap} completion tokens in this pool.",
-                field.name()
-            ),
-            field.name(),
-            "max_tokens_exceeded",
-        ),
-        _ => (
-            "No provider of this model accepts a request this large: lower 'max_tokens' or shorten the prompt. GET /v1/models shows each model's limits.".to_owned(),
-            "max_tokens",
-            "request_too_large",
-        ),
-    };
-    ApiError::BadRequest {
-        message,
-        param: Some(param),
-        code: Some(code),
-    }
-}
-
-/// The 400 for a request that needs what no provider of its model announced: retrying
-/// cannot help, unlike "no capacity now" (503).
-fn incapable(cap: Capability) -> ApiError {
-    let what = match cap {
-        Capability::Tools => "tools (function calling)",
-        Capability::Vision => "image input",
-        Capability::Embeddings => "embeddings",
-    };
-    ApiError::BadRequest {
-        message: format!(
-            "No provider of this model supports {what}. GET /v1/models lists each model's capabilities."
-        ),
-        param: Some(cap.param()),
-        code: Some("model_capability_unsupported"),
     }
 }
 
@@ -359,7 +307,7 @@ async fn send_once(
     .map_err(|_| Failure::Final(ApiError::Internal))?;
     let sender = &link.sender;
     let stream = parsed.stream;
-    let overflow = OverflowCheck {
+    let overflow = refusals::OverflowCheck {
         estimate: u64::try_from(ctx.bounds.prompt_estimate).unwrap_or(0),
         announced: link
             .offered(&ctx.model)
@@ -411,7 +359,7 @@ async fn send_once(
 /// caused, or the provider's failure. Its body is never read back to the consumer.
 fn judge_status(
     resp: http::Response<TunnelBody>,
-    overflow: &OverflowCheck,
+    overflow: &refusals::OverflowCheck,
 ) -> Result<http::Response<TunnelBody>, Failure> {
     let status = resp.status();
     if status.is_success() {
@@ -429,8 +377,8 @@ fn judge_status(
         agent,
         "provider answered an error"
     );
-    if let Some((prompt, limit)) =
-        context_overflow(&resp, overflow).filter(|_| status == StatusCode::BAD_REQUEST)
+    if let Some((prompt, limit)) = refusals::context_overflow(resp.headers(), overflow)
+        .filter(|_| status == StatusCode::BAD_REQUEST)
     {
         let param = overflow.param;
         return Err(Failure::Refused(ApiError::ContextTooLong {
@@ -447,44 +395,6 @@ fn judge_status(
             "the provider's backend returned an error",
         ))),
     }
-}
-
-/// What a provider's report that a prompt overflowed its context is checked against: a
-/// hostile provider's figures would otherwise make clients shorten (Claude Code: compact)
-/// conversations for nothing.
-struct OverflowCheck {
-    /// The hub's own estimate of the prompt's tokens.
-    estimate: u64,
-    /// The context the provider announced for the model, if any.
-    announced: Option<u64>,
-    /// The request's input field.
-    param: &'static str,
-}
-
-/// How far a backend's count of a prompt may be from the hub's estimate (about four bytes
-/// a token) and still be believed: tokenizers differ, by less than this.
-const OVERFLOW_ESTIMATE_FACTOR: u64 = 8;
-
-/// The figures of a backend's refusal of a prompt longer than its context, as the agent
-/// reports them (two numbers, read as numbers only), when they are plausible: the prompt
-/// over the context, the context within what the provider announced, and the prompt
-/// within [`OVERFLOW_ESTIMATE_FACTOR`] of the hub's estimate.
-fn context_overflow(
-    resp: &http::Response<TunnelBody>,
-    check: &OverflowCheck,
-) -> Option<(u64, u64)> {
-    let v = resp.headers().get(HEADER_CONTEXT_OVERFLOW)?.to_str().ok()?;
-    let (prompt, limit) = v.split_once(' ')?;
-    let (prompt, limit): (u64, u64) = (prompt.parse().ok()?, limit.parse().ok()?);
-    let plausible = prompt > limit
-        && check.announced.is_none_or(|c| limit <= c)
-        && prompt
-            <= check
-                .estimate
-                .saturating_mul(OVERFLOW_ESTIMATE_FACTOR)
-                .saturating_add(64)
-        && prompt.saturating_mul(OVERFLOW_ESTIMATE_FACTOR) >= check.estimate;
-    plausible.then_some((prompt, limit))
 }
 
 /// Whether an answer is the agent's own error (not its backend's): the request was not

@@ -21,6 +21,7 @@ pub(crate) mod finish;
 pub(crate) mod models;
 #[cfg(test)]
 mod money_props;
+pub(crate) mod refusals;
 pub(crate) mod relay;
 pub(crate) mod screen;
 

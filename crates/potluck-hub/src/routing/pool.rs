@@ -35,7 +35,7 @@ pub(crate) fn closest_refusal(
             _ => u64::MAX,
         })
 }
-use crate::routing::registry::{Inner, Registry};
+use crate::routing::registry::{Inner, PickError, Registry};
 
 /// Energy and tokens served by one provider for one model (since the hub started).
 #[derive(Debug, Clone, Copy, Default)]
@@ -393,5 +393,57 @@ impl Registry {
     /// No open tunnels.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Inner {
+    /// Why nothing serves `model` for `need`, if nothing does (capacity ignored).
+    pub(super) fn unservable(&self, model: &ModelName, need: &Need) -> Option<PickError> {
+        let tunnels = self.tunnels();
+        let offering: Vec<&Arc<ProviderLink>> = tunnels
+            .values()
+            .filter(|t| t.is_open() && t.offers(model))
+            .collect();
+        if offering.is_empty() {
+            return Some(PickError::UnknownModel);
+        }
+        if offering.iter().any(|t| t.serves(model, need)) {
+            return None;
+        }
+        let anyone = Need {
+            groups: Arc::clone(&need.groups),
+            trusted_only: need.trusted_only,
+            moderated: need.moderated,
+            ..Need::default()
+        };
+        let allowed: Vec<_> = offering
+            .into_iter()
+            .filter(|t| t.serves(model, &anyone))
+            .collect();
+        if allowed.is_empty() {
+            return Some(PickError::NotAllowed);
+        }
+        // What the request needs that no allowed provider announced, before its size.
+        let missing = |t: &&Arc<ProviderLink>| {
+            let caps = t.offered(model).unwrap_or_default().capabilities;
+            need.request.as_ref()?.missing_capability(&caps)
+        };
+        match allowed.iter().map(missing).collect::<Option<Vec<_>>>() {
+            Some(all) => all.first().map(|c| PickError::Incapable(*c)),
+            None => {
+                let limits = allowed.iter().filter_map(|t| {
+                    let m = t.offered(model)?;
+                    Some(potluck_protocol::request::ModelLimits {
+                        max_tokens: m.max_tokens,
+                        max_context: m.max_context,
+                    })
+                });
+                let why = need
+                    .request
+                    .as_ref()
+                    .and_then(|r| crate::routing::pool::closest_refusal(r, limits));
+                Some(PickError::TooLarge(why))
+            }
+        }
     }
 }

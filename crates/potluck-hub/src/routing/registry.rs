@@ -170,56 +170,6 @@ impl Inner {
         t.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Why nothing serves `model` for `need`, if nothing does (capacity ignored).
-    fn unservable(&self, model: &ModelName, need: &Need) -> Option<PickError> {
-        let tunnels = self.tunnels();
-        let offering: Vec<&Arc<ProviderLink>> = tunnels
-            .values()
-            .filter(|t| t.is_open() && t.offers(model))
-            .collect();
-        if offering.is_empty() {
-            return Some(PickError::UnknownModel);
-        }
-        if offering.iter().any(|t| t.serves(model, need)) {
-            return None;
-        }
-        let anyone = Need {
-            groups: Arc::clone(&need.groups),
-            trusted_only: need.trusted_only,
-            moderated: need.moderated,
-            ..Need::default()
-        };
-        let allowed: Vec<_> = offering
-            .into_iter()
-            .filter(|t| t.serves(model, &anyone))
-            .collect();
-        if allowed.is_empty() {
-            return Some(PickError::NotAllowed);
-        }
-        // What the request needs that no allowed provider announced, before its size.
-        let missing = |t: &&Arc<ProviderLink>| {
-            let caps = t.offered(model).unwrap_or_default().capabilities;
-            need.request.as_ref()?.missing_capability(&caps)
-        };
-        match allowed.iter().map(missing).collect::<Option<Vec<_>>>() {
-            Some(all) => all.first().map(|c| PickError::Incapable(*c)),
-            None => {
-                let limits = allowed.iter().filter_map(|t| {
-                    let m = t.offered(model)?;
-                    Some(potluck_protocol::request::ModelLimits {
-                        max_tokens: m.max_tokens,
-                        max_context: m.max_context,
-                    })
-                });
-                let why = need
-                    .request
-                    .as_ref()
-                    .and_then(|r| crate::routing::pool::closest_refusal(r, limits));
-                Some(PickError::TooLarge(why))
-            }
-        }
-    }
-
     fn pick(
         self: &Arc<Self>,
         model: &ModelName,
