@@ -208,9 +208,23 @@ def test_missing_messages(client):
 
 
 def test_prompt_past_the_context(client):
-    # llama.cpp refuses it itself; the hub says so as OpenAI does, without llama.cpp's text.
+    # The agent announces llama.cpp's context; the hub's own estimate (about four bytes a
+    # token) refuses a prompt far past it, as OpenAI does.
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, max_tokens=8,
                                        messages=[{"role": "user", "content": "word " * 200000}])
     assert e.value.code == "context_length_exceeded"
     assert "maximum context length" in str(e.value)
+
+
+def test_prompt_past_the_context_as_llama_cpp_counts_it(client):
+    # A prompt of one-digit words: about one token for two bytes, so the hub's estimate
+    # (four bytes a token) lets it through and llama.cpp itself refuses it; the agent
+    # reads llama.cpp's figures and the hub says so in OpenAI's words, not llama.cpp's.
+    context = next(m for m in client.models.list().data if m.id == MODEL).model_extra["context_length"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, max_tokens=8,
+                                       messages=[{"role": "user", "content": "7 " * (context * 3 // 4)}])
+    assert e.value.code == "context_length_exceeded", e.value
+    # The backend's count ("resulted in"), not the hub's estimate ("about").
+    assert "However, your messages resulted in" in str(e.value), e.value

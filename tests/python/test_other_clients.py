@@ -45,7 +45,9 @@ def test_anthropic_message(claude):
 
 def test_anthropic_max_tokens_past_the_model_is_fitted(claude):
     # Claude Code asks for 32,000 tokens whatever the model; the agent announces the
-    # model's context (llama.cpp's n_ctx), and the hub asks for what fits, not a refusal.
+    # model's context (llama.cpp's n_ctx), and the hub asks for what fits, not a refusal;
+    # a prompt far past the context is refused by the hub's own estimate, in Anthropic's
+    # words.
     m = claude.messages.create(model=MODEL, max_tokens=32000,
                                messages=[{"role": "user", "content": "Say hi."}],
                                extra_body={"temperature": 0})
