@@ -497,9 +497,9 @@ async fn large_whole_answers_nobody_reads_are_bounded_together() {
     drop(held);
 }
 
-/// The same through the other APIs: a whole answer translated into Anthropic's (or
-/// Ollama's, or the Responses API's) shape keeps its share of the budget until its
-/// consumer has read it. Before, the translation read the relayed answer to its end,
+/// The same through the other APIs: a whole answer translated into another API's shape
+/// (here Anthropic's; Ollama's and the Responses API's take the same path,
+/// `dialects::whole_back`) keeps its share of the budget until its consumer has read it. Before, the translation read the relayed answer to its end,
 /// which gave the share back at once, and the translated copy waited for its reader
 /// outside the budget: clients of the other APIs that read nothing could make the hub hold
 /// any number of large answers.
