@@ -107,6 +107,8 @@ pub struct Stream {
     id: String,
     started: bool,
     open: Open,
+    /// The open tool block's arguments, sent whole when it closes.
+    arguments: String,
     next_index: u32,
     finish: Option<Finish>,
 }
@@ -119,6 +121,7 @@ impl Stream {
             id: String::new(),
             started: false,
             open: Open::None,
+            arguments: String::new(),
             next_index: 0,
             finish: None,
         }
@@ -160,13 +163,8 @@ impl Stream {
                     let id = openai::call_id(call.id.as_deref(), "toolu_", &self.id, index);
                     self.open_block(Open::Tool(call.index), Some((id, name)), &mut out);
                 }
-                if let Some(args) = f
-                    .and_then(|f| f.arguments.as_deref())
-                    .filter(|a| !a.is_empty())
-                {
-                    out.push(
-                        self.block_delta(json!({"type": "input_json_delta", "partial_json": args})),
-                    );
+                if let Some(args) = f.and_then(|f| f.arguments.as_deref()) {
+                    self.arguments.push_str(args);
                 }
             }
         }
@@ -197,6 +195,14 @@ impl Stream {
     fn close_block(&mut self, out: &mut Vec<Event>) {
         if self.open == Open::None {
             return;
+        }
+        if let Open::Tool(_) = self.open {
+            // The arguments, whole and always an object (a model's broken or cut-off
+            // arguments kept as text inside one): Claude Code checks `input` against the
+            // tool's schema, and a delta of partial text cannot be made an object later.
+            let args = std::mem::take(&mut self.arguments);
+            let input = openai::arguments_value(&args).to_string();
+            out.push(self.block_delta(json!({"type": "input_json_delta", "partial_json": input})));
         }
         out.push(Event::new(
             "content_block_stop",

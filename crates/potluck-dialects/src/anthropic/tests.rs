@@ -267,7 +267,6 @@ fn streamed_tool_calls_become_tool_use_blocks_with_json_deltas() {
             "content_block_stop",
             "content_block_start",
             "content_block_delta",
-            "content_block_delta",
             "content_block_stop",
             "content_block_start",
             "content_block_delta",
@@ -281,12 +280,27 @@ fn streamed_tool_calls_become_tool_use_blocks_with_json_deltas() {
         all[5].data["content_block"],
         json!({"type": "tool_use", "id": "call_a", "name": "f", "input": {}})
     );
+    // The arguments come whole, when the block closes: always an object.
     assert_eq!(
         all[6].data["delta"],
-        json!({"type": "input_json_delta", "partial_json": "{\"x\":"})
+        json!({"type": "input_json_delta", "partial_json": "{\"x\":1}"})
     );
-    assert_eq!(all[9].data["index"], json!(2));
-    assert_eq!(all[12].data["delta"]["stop_reason"], json!("tool_use"));
+    assert_eq!(all[8].data["index"], json!(2));
+    assert_eq!(all[11].data["delta"]["stop_reason"], json!("tool_use"));
+}
+
+#[test]
+fn streamed_arguments_cut_off_or_not_an_object_still_make_an_object() {
+    let mut s = Stream::new("m");
+    let mut all = s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 0, "id": "t", "function": {"name": "f", "arguments": "{\"x\": [1, 2"}}]}, "finish_reason": "length"}]})));
+    all.extend(s.finish(Usage::default()));
+    let delta = all
+        .iter()
+        .find(|e| e.name == "content_block_delta")
+        .expect("a delta");
+    let input: Value =
+        serde_json::from_str(delta.data["delta"]["partial_json"].as_str().unwrap()).unwrap();
+    assert_eq!(input, json!({"_raw": "{\"x\": [1, 2"}));
 }
 
 #[test]
