@@ -105,6 +105,8 @@ pub(crate) async fn dispatch(
 ) -> Result<(Lease, Answer), (Arc<ProviderLink>, ApiError)> {
     let mut tried: Vec<i64> = Vec::new();
     let mut refused_by: Option<i64> = None;
+    // The first refusal's figures, when it was a prompt past the provider's context.
+    let mut context_refusal: Option<(u64, u64, &'static str)> = None;
     let mut busy_left = state.config.routing.busy_retries;
     // Providers that answered "busy" to this request.
     let mut busy_at: Vec<i64> = Vec::new();
@@ -148,10 +150,22 @@ pub(crate) async fn dispatch(
                 }
             }
             Err(Failure::Provider(e) | Failure::Gone(e)) => (e, true),
-            // Two providers refused it: the request's own fault, nobody's failure.
-            Err(Failure::Refused(e)) if refused_by.is_some() => return Err((link, e)),
+            // Two providers refused it: the request's own fault, nobody's failure. The
+            // more telling refusal is answered: a prompt past a context, with its figures,
+            // over a plain one.
+            Err(Failure::Refused(e)) if refused_by.is_some() => {
+                return Err((link, context_refusal.take().map_or(e, context_too_long)));
+            }
             Err(Failure::Refused(e)) => {
                 refused_by = Some(link.provider_id);
+                if let ApiError::ContextTooLong {
+                    prompt,
+                    limit,
+                    param,
+                } = e
+                {
+                    context_refusal = Some((prompt, limit, param));
+                }
                 (e, false)
             }
         };
@@ -171,6 +185,14 @@ pub(crate) async fn dispatch(
         drop(lease);
         lease = next;
         tracing::info!("retrying on another provider");
+    }
+}
+
+fn context_too_long((prompt, limit, param): (u64, u64, &'static str)) -> ApiError {
+    ApiError::ContextTooLong {
+        prompt,
+        limit,
+        param,
     }
 }
 

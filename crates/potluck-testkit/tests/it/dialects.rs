@@ -967,6 +967,34 @@ async fn a_backends_context_refusal_reaches_each_client_in_its_words() {
     assert_eq!(s, 400, "{t}");
     let code = serde_json::from_str::<Value>(&t).unwrap()["error"]["code"].clone();
     assert_eq!(code, "provider_refused", "{t}");
+    // A second provider refusing the same request plainly: the more telling refusal,
+    // whichever of the two came first.
+    let plain = FakeBackend::start(&[MODEL]).await;
+    plain.set_behavior(potluck_testkit::FakeBehavior {
+        fail_status: Some(400),
+        raw_body: Some(r#"{"error":{"message":"no","type":"invalid_request_error"}}"#),
+        ..Default::default()
+    });
+    let _second = TestAgent::start(
+        &p.hub,
+        &p.hub.create_provider("plain").await,
+        &plain.base_url(),
+    );
+    p.hub.wait_for_model(MODEL, 2).await;
+    for _ in 0..6 {
+        let (s, _, t) = post(
+            &p,
+            "/v1/chat/completions",
+            &auth,
+            chat.to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(s, 400, "{t}");
+        let code = serde_json::from_str::<Value>(&t).unwrap()["error"]["code"].clone();
+        assert_eq!(code, "context_length_exceeded", "{t}");
+    }
+    drop(_second);
+    p.hub.wait_for_model(MODEL, 1).await;
     // Any other refusal stays the hub's plain one.
     p.backend.set_behavior(potluck_testkit::FakeBehavior {
         fail_status: Some(400),
