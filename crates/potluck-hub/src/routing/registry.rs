@@ -343,26 +343,48 @@ impl Registry {
         self.inner.fill();
     }
 
-    /// closed. The caller bounds the wait.
+    /// A slot on `t`, waiting for one to free; `None` once the tunnel is closed. The
+    /// caller bounds the wait.
     pub async fn lease_on(&self, t: &Arc<ProviderLink>) -> Option<Lease> {
+        self.lease_both(t, None).await.map(|(lease, _)| lease)
+    }
+
+    /// A slot on `a` and, at the same moment, one on `b` (if given): neither is held
+    /// while the other is awaited (an audit's target and its reference: a slot taken
+    /// early would sit idle, on a volunteer's machine or on the reference every audit
+    /// shares). `None` once either tunnel closed. The caller bounds the wait.
+    pub async fn lease_both(
+        &self,
+        a: &Arc<ProviderLink>,
+        b: Option<&Arc<ProviderLink>>,
+    ) -> Option<(Lease, Option<Lease>)> {
         loop {
-            if !t.is_open() {
+            if !a.is_open() || b.is_some_and(|b| !b.is_open()) {
                 return None;
             }
-            let cap = t.capacity().max(1);
-            let cur = t.in_flight.load(Ordering::Relaxed);
-            if cur < cap
-                && t.in_flight
-                    .compare_exchange(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                return Some(Lease {
-                    tunnel: Some(Arc::clone(t)),
-                    registry: Arc::clone(&self.inner),
-                });
+            if let Some(first) = self.try_lease_on(a) {
+                match b.map(|b| self.try_lease_on(b)) {
+                    None => return Some((first, None)),
+                    Some(Some(second)) => return Some((first, Some(second))),
+                    Some(None) => drop(first),
+                }
             }
             tokio::time::sleep(LEASE_ON_POLL).await;
         }
+    }
+
+    /// A slot on `t` now, if it has one free.
+    fn try_lease_on(&self, t: &Arc<ProviderLink>) -> Option<Lease> {
+        let cap = t.capacity().max(1);
+        let cur = t.in_flight.load(Ordering::Relaxed);
+        let taken = cur < cap
+            && t.in_flight
+                .compare_exchange(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        taken.then(|| Lease {
+            tunnel: Some(Arc::clone(t)),
+            registry: Arc::clone(&self.inner),
+        })
     }
 
     /// Remove a tunnel: nothing new is routed to it from now on.

@@ -162,6 +162,21 @@ pub(crate) async fn lease_within(
         .flatten()
 }
 
+/// Slots on `a` and `b` taken at the same moment (neither held idle while the other is
+/// awaited), waiting up to `wait` (`None`: not both freed, or a tunnel closed).
+pub(crate) async fn lease_pair_within(
+    state: &HubState,
+    a: &Arc<ProviderLink>,
+    b: &Arc<ProviderLink>,
+    wait: Duration,
+) -> Option<(Lease, Lease)> {
+    let both = tokio::time::timeout(wait, state.registry.lease_both(a, Some(b))).await;
+    match both.ok().flatten() {
+        Some((first, Some(second))) => Some((first, second)),
+        _ => None,
+    }
+}
+
 /// Send `body` on `lease`'s tunnel as the hub's own request, collecting the answer within
 /// `timeout`.
 pub(crate) async fn ask_leased(

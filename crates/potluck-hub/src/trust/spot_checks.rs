@@ -346,11 +346,9 @@ async fn compare(
     let bytes = Bytes::from(serde_json::to_vec(body).ok()?);
     let ep = InferenceEndpoint::ChatCompletions;
     let audit = &state.config.audit;
-    let (on_target, on_reference) = tokio::join!(
-        send::lease_within(state, target, audit.lease_wait),
-        send::lease_within(state, reference, audit.lease_wait),
-    );
-    let (Some(on_target), Some(on_reference)) = (on_target, on_reference) else {
+    let Some((on_target, on_reference)) =
+        send::lease_pair_within(state, target, reference, audit.lease_wait).await
+    else {
         tracing::debug!("audited provider or reference busy; no verdict");
         return None;
     };
