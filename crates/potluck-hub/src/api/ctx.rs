@@ -150,13 +150,20 @@ impl Ctx {
             elapsed: self.started.elapsed(),
             ttft,
         };
-        state.metrics.request_done(self.metrics_view(&ended));
+        // A provider serving its own account gives its models no label and no watch
+        // (metrics and alerts are bounded in models; its own requests must not fill them).
+        let by_another = link.provider_account != self.key.account_id;
+        state
+            .metrics
+            .request_done(self.metrics_view(&ended, by_another));
         state.limiter.add_tokens(
             self.key.account_id,
             usage.prompt.saturating_add(usage.completion),
         );
-        if outcome == Outcome::Ok {
+        if outcome == Outcome::Ok && by_another {
             state.observe_service(&self.model, ended.elapsed);
+        }
+        if outcome == Outcome::Ok {
             self.spot_checks(state, link, &ended);
         }
         let tokens = finish::tokens(usage);
@@ -203,7 +210,7 @@ impl Ctx {
     }
 
     /// What the metrics count of a finished request (no content, a routed model name).
-    fn metrics_view<'a>(&'a self, e: &Ended) -> crate::metrics::Done<'a> {
+    fn metrics_view<'a>(&'a self, e: &Ended, may_label: bool) -> crate::metrics::Done<'a> {
         let n = |t: i64| u64::try_from(t).unwrap_or(0);
         crate::metrics::Done {
             model: self.model.as_str(),
@@ -214,6 +221,7 @@ impl Ctx {
             elapsed: e.elapsed,
             ttft: e.ttft,
             queue_ms: self.queue_ms,
+            may_label,
         }
     }
 

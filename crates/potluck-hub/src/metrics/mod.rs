@@ -119,6 +119,10 @@ pub(crate) struct Done<'a> {
     pub(crate) ttft: Option<Duration>,
     /// Time spent waiting in the queue, if it waited.
     pub(crate) queue_ms: Option<u64>,
+    /// Whether the request may give its model a label of its own: not when its provider
+    /// served its own account (a provider renaming its models and asking for each itself
+    /// would take every label, and the real models would count as `other`).
+    pub(crate) may_label: bool,
 }
 
 /// The hub's metrics.
@@ -251,7 +255,7 @@ impl Metrics {
     }
 
     pub(crate) fn request_done(&self, d: Done<'_>) {
-        let model = self.model_label(d.model, true);
+        let model = self.model_label(d.model, d.may_label);
         self.requests
             .get_or_create(&RequestLabels {
                 model: model.clone(),
@@ -415,6 +419,7 @@ mod tests {
             elapsed: Duration::from_millis(5),
             ttft: Some(Duration::from_millis(1)),
             queue_ms: Some(3),
+            may_label: true,
         });
         m.response("/v1/models", 200);
         m.audit("replay", true);

@@ -755,3 +755,41 @@ async fn announced_names_cannot_take_every_metrics_label() {
     let (_, s) = scrape(&hub, &url, None).await;
     assert_eq!(sum(&s, "potluck_model_providers", &[("model", MODEL)]), 1.0);
 }
+
+/// A provider that renames its models and asks for each with a key of its own account
+/// took every model label of the metrics (and a place on the alerts' watch list): the
+/// real models then counted as `other`. Requests a provider serves to its own account
+/// now give no label and no watch; the same model asked by anyone else does.
+#[tokio::test]
+async fn a_provider_serving_itself_takes_no_metric_label() {
+    let names = ["fake-1", "fake-2", "fake-3"];
+    let hub = TestHub::start_with(|c| c.metrics.max_model_labels = 2).await;
+    let backend = FakeBackend::start(&names).await;
+    let _agent = TestAgent::start(
+        &hub,
+        &hub.create_provider_in("mallory-p", "mallory").await,
+        &backend.base_url(),
+    );
+    for m in names {
+        hub.wait_for_model(m, 1).await;
+    }
+    let (_, key) = hub.create_key_in("mallory-k", "mallory").await;
+    let mallory = Consumer::with_key(&hub, "mallory", key);
+    for m in names {
+        traffic(&mallory, m, 1).await;
+    }
+    let admin_url = format!("{}/metrics", hub.url());
+    let (_, s) = scrape(&hub, &admin_url, Some(&hub.admin_key)).await;
+    let models = label_values(&s, "model");
+    assert!(models.iter().all(|m| m == "other"), "{models:?}");
+    assert_eq!(
+        hub.state().service_entries(),
+        0,
+        "nothing on the watch list"
+    );
+    let alice = Consumer::new(&hub, "alice").await;
+    traffic(&alice, "fake-1", 1).await;
+    let (_, s) = scrape(&hub, &admin_url, Some(&hub.admin_key)).await;
+    assert!(label_values(&s, "model").contains("fake-1"));
+    assert_eq!(hub.state().service_entries(), 1);
+}
