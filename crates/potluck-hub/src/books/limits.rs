@@ -62,6 +62,20 @@ struct AccountState {
     day_tokens: i64,
 }
 
+/// Accounts counted before idle ones are forgotten: one entry per account that ever
+/// asked, and accounts come from signups and invites without end.
+pub(crate) const PRUNE_ACCOUNTS_ABOVE: usize = 10_000;
+
+/// How long an account must have asked nothing before it is forgotten: its per-minute
+/// buckets are full again by then, so a new entry says the same (its day's count is read
+/// again from the database on its next request).
+pub(crate) const IDLE_ACCOUNT_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Forget accounts with nothing in flight that asked nothing for [`IDLE_ACCOUNT_AFTER`].
+fn prune_idle(map: &mut HashMap<i64, AccountState>, now: Instant) {
+    map.retain(|_, s| s.in_flight > 0 || now.duration_since(s.refilled) < IDLE_ACCOUNT_AFTER);
+}
+
 /// All accounts' counters.
 #[derive(Debug, Default)]
 pub(crate) struct Limiter {
@@ -138,6 +152,9 @@ impl Limiter {
         let full = l;
         let l = l.share(self.hubs());
         let mut map = self.accounts.lock();
+        if map.len() >= PRUNE_ACCOUNTS_ABOVE && !map.contains_key(&account_id) {
+            prune_idle(&mut map, now);
+        }
         let s = map.entry(account_id).or_insert_with(|| AccountState {
             limits: full,
             requests: l.rpm.unwrap_or(0) as f64,
@@ -273,6 +290,30 @@ mod tests {
             max_concurrent: conc,
             daily_tokens: daily,
         }
+    }
+
+    #[test]
+    fn accounts_that_ask_nothing_are_forgotten_past_the_bound() {
+        let l = Arc::new(Limiter::default());
+        let t0 = Instant::now();
+        let one = lim(Some(5), None, None, None);
+        let held = l.admit(0, one, t0, 0, 1, None).unwrap();
+        for id in 1..PRUNE_ACCOUNTS_ABOVE as i64 {
+            drop(l.admit(id, one, t0, 0, 1, None).unwrap());
+        }
+        assert_eq!(l.accounts.lock().len(), PRUNE_ACCOUNTS_ABOVE);
+        // A new account while the others are still recent: nothing forgotten.
+        let soon = t0 + IDLE_ACCOUNT_AFTER / 2;
+        drop(l.admit(-1, one, soon, 0, 1, None).unwrap());
+        assert_eq!(l.accounts.lock().len(), PRUNE_ACCOUNTS_ABOVE + 1);
+        // Later: the idle ones are forgotten; the one with a request in flight is kept.
+        let later = t0 + IDLE_ACCOUNT_AFTER;
+        drop(l.admit(-2, one, later, 0, 1, None).unwrap());
+        let map = l.accounts.lock();
+        assert!(map.contains_key(&0) && map.contains_key(&-1) && map.contains_key(&-2));
+        assert_eq!(map.len(), 3);
+        drop(map);
+        drop(held);
     }
 
     #[test]
