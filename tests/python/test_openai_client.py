@@ -208,8 +208,8 @@ def test_missing_messages(client):
 
 
 def test_prompt_past_the_context(client):
-    # The agent announces llama.cpp's context; the hub's own estimate (about four bytes a
-    # token) refuses a prompt far past it, as OpenAI does.
+    # llama.cpp refuses a prompt far past its context; the agent reads its figures and the
+    # hub says so as OpenAI does, without llama.cpp's text.
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, max_tokens=8,
                                        messages=[{"role": "user", "content": "word " * 200000}])
@@ -218,9 +218,10 @@ def test_prompt_past_the_context(client):
 
 
 def test_prompt_past_the_context_as_llama_cpp_counts_it(client):
-    # A prompt of one-digit words: about one token for two bytes, so the hub's estimate
-    # (four bytes a token) lets it through and llama.cpp itself refuses it; the agent
-    # reads llama.cpp's figures and the hub says so in OpenAI's words, not llama.cpp's.
+    # A prompt of one-digit words, which SmolLM2's tokenizer splits into about a token a
+    # byte: the hub's estimate (four bytes a token) finds it within the context the agent
+    # announced, and llama.cpp itself refuses it; the agent reads llama.cpp's figures and
+    # the hub says so in OpenAI's words, not llama.cpp's.
     context = next(m for m in client.models.list().data if m.id == MODEL).model_extra["context_length"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, max_tokens=8,

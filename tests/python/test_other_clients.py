@@ -44,10 +44,11 @@ def test_anthropic_message(claude):
 
 
 def test_anthropic_max_tokens_past_the_model_is_fitted(claude):
-    # Claude Code asks for 32,000 tokens whatever the model; the agent announces the
-    # model's context (llama.cpp's n_ctx), and the hub asks for what fits, not a refusal;
-    # a prompt far past the context is refused by the hub's own estimate, in Anthropic's
-    # words.
+    # Claude Code asks for 32,000 tokens whatever the model: with no volunteer's cap here
+    # (llama.cpp stops at its context by itself) it is served as asked; a prompt far past
+    # the context, which llama.cpp refuses, reaches the client in Anthropic's words (the
+    # fit to a volunteer's caps is proved by the Rust test
+    # `dialects::anthropic_max_tokens_is_fitted_to_the_pool_and_a_long_prompt_refused_in_its_words`).
     m = claude.messages.create(model=MODEL, max_tokens=32000,
                                messages=[{"role": "user", "content": "Say hi."}],
                                extra_body={"temperature": 0})

@@ -71,7 +71,7 @@ pub fn context_overflow(body: &[u8]) -> Option<(u64, u64)> {
     // refusal; a completion that does not fit is an ordinary one.
     let limit = after("maximum context length is ")?;
     let prompt = after("tokens (")?;
-    (prompt > limit).then_some((prompt, limit))
+    (prompt >= limit).then_some((prompt, limit))
 }
 
 /// `message` with every path replaced by `<path>`, cut to [`MAX_ERROR_MESSAGE_BYTES`].

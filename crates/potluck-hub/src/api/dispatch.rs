@@ -331,10 +331,11 @@ async fn send_once(
     let stream = parsed.stream;
     let overflow = refusals::OverflowCheck {
         estimate: u64::try_from(ctx.bounds.prompt_estimate).unwrap_or(0),
-        announced: link
-            .offered(&ctx.model)
-            .and_then(|m| m.max_context)
-            .map(u64::from),
+        announced: link.offered(&ctx.model).and_then(|m| {
+            let context = m.capabilities.context_length.max(m.max_context)?;
+            Some(u64::from(context))
+        }),
+        has_images: parsed.request.has_images,
         param: parsed.request.input_param(),
     };
     let agent_failed = &ctx.agent_failed;

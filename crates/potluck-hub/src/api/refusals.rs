@@ -11,8 +11,8 @@ use crate::http::error::ApiError;
 
 /// The 400 for a request larger than any provider of its model accepts, in the words
 /// OpenAI's clients look for (`context_length_exceeded`, "maximum context length": a
-/// client such as LiteLLM then trims the conversation), with the widest provider's
-/// figures.
+/// client such as LiteLLM then trims the conversation), with the figures of the
+/// provider it misses by least.
 pub(crate) fn too_large(why: Option<RequestError>) -> ApiError {
     let (message, param, code) = match why {
         Some(RequestError::ContextLengthExceeded { limit, need, prompt, param }) => (
@@ -66,8 +66,11 @@ pub(crate) fn incapable(cap: Capability) -> ApiError {
 pub(crate) struct OverflowCheck {
     /// The hub's own estimate of the prompt's tokens.
     pub(crate) estimate: u64,
-    /// The context the provider announced for the model, if any.
+    /// The context the provider announced for the model (its context length, or its
+    /// volunteer's cap if larger), if any.
     pub(crate) announced: Option<u64>,
+    /// The request carries images (which the estimate does not count).
+    pub(crate) has_images: bool,
     /// The request's input field.
     pub(crate) param: &'static str,
 }
@@ -78,8 +81,9 @@ const OVERFLOW_ESTIMATE_FACTOR: u64 = 8;
 
 /// The figures of a backend's refusal of a prompt longer than its context, as the agent
 /// reports them (two numbers, read as numbers only), when they are plausible: the prompt
-/// over the context, the context within what the provider announced, and the prompt
-/// within [`OVERFLOW_ESTIMATE_FACTOR`] of the hub's estimate.
+/// at or over the context, the context within what the provider announced, and the
+/// prompt within [`OVERFLOW_ESTIMATE_FACTOR`] of the hub's estimate (no upper bound when
+/// the request has images, which the estimate does not count).
 pub(crate) fn context_overflow(
     headers: &http::HeaderMap,
     check: &OverflowCheck,
@@ -90,13 +94,15 @@ pub(crate) fn context_overflow(
         .ok()?;
     let (prompt, limit) = v.split_once(' ')?;
     let (prompt, limit): (u64, u64) = (prompt.parse().ok()?, limit.parse().ok()?);
-    let plausible = prompt > limit
-        && check.announced.is_none_or(|c| limit <= c)
-        && prompt
+    let near_estimate = check.has_images
+        || prompt
             <= check
                 .estimate
                 .saturating_mul(OVERFLOW_ESTIMATE_FACTOR)
-                .saturating_add(64)
+                .saturating_add(64);
+    let plausible = prompt >= limit
+        && check.announced.is_none_or(|c| limit <= c)
+        && near_estimate
         && prompt.saturating_mul(OVERFLOW_ESTIMATE_FACTOR) >= check.estimate;
     plausible.then_some((prompt, limit))
 }

@@ -346,13 +346,22 @@ impl Registry {
     }
 
     /// The size limits of each open tunnel that may serve `model` for `need` (its size
-    /// aside: `need.request` is not read): its `max_tokens` cap and its context.
-    pub fn limits_serving(&self, model: &ModelName, need: &Need) -> Vec<ModelLimits> {
+    /// aside: `need.request` is not read) and offers what `request` needs (tools,
+    /// images): its `max_tokens` cap and its context.
+    pub fn limits_serving(
+        &self,
+        model: &ModelName,
+        need: &Need,
+        request: &potluck_protocol::InferenceRequest,
+    ) -> Vec<ModelLimits> {
         self.open_tunnels()
             .iter()
             .filter(|t| t.serves(model, need))
             .filter_map(|t| {
                 let m = t.offered(model)?;
+                if request.missing_capability(&m.capabilities).is_some() {
+                    return None;
+                }
                 Some(ModelLimits {
                     max_tokens: m.max_tokens,
                     max_context: m.max_context,

@@ -790,7 +790,7 @@ async fn each_apis_clients_read_errors_and_headers_as_they_expect() {
 /// Anthropic's `max_tokens` is required and its clients set it high (Claude Code asks for
 /// tens of thousands); a volunteer's provider accepts what its model allows. Before, every
 /// such request was refused with a 400 no Anthropic client understands. Now the request
-/// asks for the most the widest provider accepts (its cap, or its context less the
+/// asks for the most one provider accepts (its cap, or its context less the
 /// prompt) and is served, and a prompt longer than any provider's context is refused in
 /// Anthropic's own words. OpenAI's clients, whose `max_tokens` is their own choice, still
 /// get a refusal, in the words they look for (`context_length_exceeded`).

@@ -60,7 +60,8 @@ fn room(limits: &[ModelLimits], prompt: u64) -> Option<Room> {
 
 /// Lower the translated request's `max_tokens` to what the provider of its model that
 /// leaves the most room accepts, among those that may serve this consumer (its groups,
-/// its trust setting, the moderation its requests get; quarantined providers never);
+/// its trust setting, the moderation its requests get; quarantined providers never) and
+/// offer what the request needs (tools, images);
 /// `Err` with Anthropic's 400 when the prompt alone is longer than every one's context.
 pub(super) fn fit_max_tokens(
     state: &HubState,
@@ -85,19 +86,15 @@ pub(super) fn fit_max_tokens(
             .moderation(),
         ..Need::default()
     };
-    let limits = state.registry.limits_serving(&model, &need);
+    // The request as admission reads it: what it needs (tools, images) and its prompt.
+    let Some(request) = read(state, openai) else {
+        return Ok(());
+    };
+    let limits = state.registry.limits_serving(&model, &need, &request);
     if limits.iter().all(|l| *l == ModelLimits::default()) {
         return Ok(());
     }
-    let prompt = if limits.iter().any(|l| l.max_context.is_some()) {
-        match prompt_estimate(state, openai) {
-            Some(p) => p,
-            None => return Ok(()),
-        }
-    } else {
-        0
-    };
-    match room(&limits, prompt) {
+    match room(&limits, u64::from(request.prompt_estimate)) {
         Some(Room::Upto(n)) if asked > n && n > 0 => openai["max_tokens"] = Value::from(n),
         Some(Room::PromptTooLong { prompt, limit }) => {
             let message = format!("prompt is too long: {prompt} tokens > {limit} maximum");
@@ -113,14 +110,12 @@ pub(super) fn fit_max_tokens(
     Ok(())
 }
 
-/// The hub's estimate of the request's prompt, as admission and every provider's size
-/// check read it.
-fn prompt_estimate(state: &HubState, openai: &Value) -> Option<u64> {
+/// The translated request as admission and every provider's size check read it (its
+/// prompt estimate, what it needs).
+fn read(state: &HubState, openai: &Value) -> Option<InferenceRequest> {
     let bytes = serde_json::to_vec(openai).ok()?;
     let limits = RequestLimits::new(state.config.max_request_bytes.saturating_mul(2));
-    InferenceRequest::parse(InferenceEndpoint::ChatCompletions, &bytes, &limits)
-        .ok()
-        .map(|r| u64::from(r.prompt_estimate))
+    InferenceRequest::parse(InferenceEndpoint::ChatCompletions, &bytes, &limits).ok()
 }
 
 #[cfg(test)]

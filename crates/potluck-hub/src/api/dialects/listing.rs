@@ -62,8 +62,8 @@ pub(crate) const MAX_SHOW_BODY_BYTES: usize = 64 * 1024;
 
 /// `POST /api/show`: a question about the pool, like `/api/tags`: the key is checked,
 /// but no request rate or concurrency of the key's is spent on it (editors ask it once
-/// for each model `/api/tags` lists); its small body is read in one of the hub's few
-/// turns for members' reads.
+/// for each model `/api/tags` lists); its small body is read under
+/// [`MAX_SHOW_BODY_BYTES`].
 pub(crate) async fn ollama_show(State(state): State<Arc<HubState>>, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     super::key_from_x_api_key(&mut parts.headers);
@@ -71,21 +71,15 @@ pub(crate) async fn ollama_show(State(state): State<Arc<HubState>>, req: Request
         Ok((key, _)) => key,
         Err(e) => return from_api_error(Dialect::Ollama, e),
     };
-    // A body declared too large is refused unread; the others are read a few at a time
-    // (`server.max_member_reads`, the turns of members' own reads), so that strangers
-    // trickling bodies on many streams hold no more than that many.
+    // A body declared too large is refused unread; the rest is read under the cap (and
+    // the server's body deadline), holding nothing shared meanwhile.
     if let Err(e) = crate::api::admit::check_length(&parts.headers, MAX_SHOW_BODY_BYTES) {
         return from_api_error(Dialect::Ollama, e);
     }
-    let turn = match crate::http::auth::member_read(&state).await {
-        Ok(turn) => turn,
-        Err(e) => return from_api_error(Dialect::Ollama, e),
-    };
     let raw = match crate::http::extract::read_capped(body, MAX_SHOW_BODY_BYTES).await {
         Ok(raw) => raw,
         Err(e) => return from_api_error(Dialect::Ollama, e),
     };
-    drop(turn);
     let model = match ollama::show_model(&raw) {
         Ok(m) => m,
         Err(e) => return translation_error(Dialect::Ollama, &e),

@@ -26,7 +26,8 @@ enum Translator {
 
 /// Bounds on a translated stream: one event (`max_sse_line_bytes`) and its distinct tool
 /// calls (`max_tool_calls`). The Responses and Ollama translators keep text and tool calls
-/// until the end, each new call looked for among the others, so both must be bounded,
+/// until the end, and Anthropic's a tool call's arguments until its block closes, each new
+/// call looked for among the others, so both must be bounded,
 /// whatever a provider sends; the whole stream is bounded by the relay underneath
 /// (`max_response_bytes`: its error event ends the translated stream with one error).
 #[derive(Debug, Clone, Copy)]
@@ -197,6 +198,15 @@ fn status_of(code: Option<&str>) -> u16 {
     }
 }
 
+/// The first two numbers of the hub's own context message: the context, then the prompt.
+fn context_figures(message: &str) -> Option<(u64, u64)> {
+    let mut numbers = message
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(str::parse::<u64>);
+    Some((numbers.next()?.ok()?, numbers.next()?.ok()?))
+}
+
 /// The Responses API's error code for a failed stream of `status` with the hub's `code`:
 /// out of credits stays `insufficient_quota` (not a thing to retry), as before a head.
 fn responses_code(status: u16, code: Option<&str>) -> &'static str {
@@ -209,9 +219,14 @@ fn responses_code(status: u16, code: Option<&str>) -> &'static str {
 }
 
 fn anthropic_error_event(status: u16, code: Option<&str>, message: &str) -> Vec<u8> {
-    // Anthropic's words for a prompt past the context, which its clients look for.
-    let message = match code {
-        Some("context_length_exceeded") => format!("prompt is too long: {message}"),
+    // Anthropic's words for a prompt past the context, which its clients look for, with
+    // the figures of the hub's own message ("maximum context length is L tokens …
+    // resulted in P tokens", or "… about N tokens").
+    let message = match (code, context_figures(message)) {
+        (Some("context_length_exceeded"), Some((limit, prompt))) => {
+            format!("prompt is too long: {prompt} tokens > {limit} maximum")
+        }
+        (Some("context_length_exceeded"), None) => format!("prompt is too long: {message}"),
         _ => message.to_owned(),
     };
     anthropic::Event {
@@ -343,5 +358,16 @@ mod tests {
         ))
         .unwrap();
         assert!(text.contains("prompt is too long: m"), "{text}");
+        let hub = "This model's maximum context length is 4096 tokens. However, your messages resulted in 4476 tokens.";
+        let text = String::from_utf8(anthropic_error_event(
+            400,
+            Some("context_length_exceeded"),
+            hub,
+        ))
+        .unwrap();
+        assert!(
+            text.contains("prompt is too long: 4476 tokens > 4096 maximum"),
+            "{text}"
+        );
     }
 }
