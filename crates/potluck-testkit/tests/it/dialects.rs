@@ -1016,3 +1016,54 @@ async fn a_backends_context_refusal_reaches_each_client_in_its_words() {
         "provider_refused"
     );
 }
+
+/// The fit counts only providers that offer what the request needs: a request with tools
+/// (Claude Code's always carry them) is fitted to the provider that has tools, not to a
+/// larger one without them, which could not serve it. Before, the request asked for the
+/// larger one's room, no provider could take it, and Claude Code got a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_max_tokens_is_fitted_to_a_provider_that_has_the_tools() {
+    let hub = TestHub::start().await;
+    let (_, key) = hub.create_key_in("consumer", "consumer").await;
+    let with_tools = FakeBackend::start_with(
+        &[MODEL],
+        potluck_testkit::FakeOptions {
+            tools: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    let without = FakeBackend::start(&[MODEL]).await;
+    let mut agents = Vec::new();
+    for (name, backend, context) in [("tools", &with_tools, 3000), ("plain", &without, 100_000)] {
+        let mut c = TestAgent::config(
+            &hub.url(),
+            &hub.create_provider(name).await,
+            &[backend.base_url()],
+        );
+        c.policy = potluck_testkit::agent_rig::policy(&format!(
+            "[[models]]\nbackend_name = \"m1\"\nmax_context = {context}\n"
+        ));
+        agents.push(TestAgent::start_with(c));
+    }
+    hub.wait_for_model(MODEL, 2).await;
+    let tool = json!({"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}});
+    let r = hub
+        .http
+        .post(format!("{}/v1/messages", hub.url()))
+        .header("x-api-key", &key)
+        .header("anthropic-version", "2023-06-01")
+        .json(
+            &json!({"model": MODEL, "max_tokens": 32000, "tools": [tool],
+                      "messages": [{"role": "user", "content": "word ".repeat(1600)}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let sent: Value =
+        serde_json::from_slice(&with_tools.inference_received().last().unwrap().body).unwrap();
+    let asked = sent["max_tokens"].as_u64().unwrap();
+    assert!(asked < 3000, "fitted to the provider with tools: {asked}");
+    assert!(without.inference_received().is_empty());
+}
