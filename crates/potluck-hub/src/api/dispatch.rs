@@ -329,7 +329,8 @@ async fn send_once(
     .map_err(|_| Failure::Final(ApiError::Internal))?;
     let sender = &link.sender;
     let stream = parsed.stream;
-    let overflow = refusals::OverflowCheck {
+    // Read only when a provider refused (its offer is looked up then, not per request).
+    let overflow = || refusals::OverflowCheck {
         estimate: u64::try_from(ctx.bounds.prompt_estimate).unwrap_or(0),
         announced: link.offered(&ctx.model).and_then(|m| {
             let context = m.capabilities.context_length.max(m.max_context)?;
@@ -351,7 +352,7 @@ async fn send_once(
             }
         })?;
         agent_failed.store(answered_by_agent(&resp), Ordering::Relaxed);
-        let mut resp = judge_status(resp, &overflow)?;
+        let mut resp = judge_status(resp, overflow)?;
         let first = if stream {
             Some(first_bytes(resp.body_mut()).await?)
         } else {
@@ -382,7 +383,7 @@ async fn send_once(
 /// caused, or the provider's failure. Its body is never read back to the consumer.
 fn judge_status(
     resp: http::Response<TunnelBody>,
-    overflow: &refusals::OverflowCheck,
+    overflow: impl FnOnce() -> refusals::OverflowCheck,
 ) -> Result<http::Response<TunnelBody>, Failure> {
     let status = resp.status();
     if status.is_success() {
@@ -400,10 +401,11 @@ fn judge_status(
         agent,
         "provider answered an error"
     );
-    if let Some((prompt, limit)) = refusals::context_overflow(resp.headers(), overflow)
-        .filter(|_| status == StatusCode::BAD_REQUEST)
-    {
-        let param = overflow.param;
+    let overflow = (status == StatusCode::BAD_REQUEST).then(overflow);
+    if let Some((prompt, limit, param)) = overflow.and_then(|check| {
+        let (prompt, limit) = refusals::context_overflow(resp.headers(), &check)?;
+        Some((prompt, limit, check.param))
+    }) {
         return Err(Failure::Refused(ApiError::ContextTooLong {
             prompt,
             limit,
