@@ -312,12 +312,16 @@ pub fn call_id(given: Option<&str>, prefix: &str, answer_id: &str, index: u64) -
     if let Some(id) = given.filter(|id| !id.is_empty()) {
         return id.to_owned();
     }
-    let tail: String = answer_id
-        .chars()
+    format!("{prefix}{}_{index}", id_tail(answer_id, 48))
+}
+
+/// At most `n` of an id's characters that are safe in another API's ids (ASCII letters,
+/// digits, `_`, `-`).
+pub fn id_tail(id: &str, n: usize) -> String {
+    id.chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-        .take(48)
-        .collect();
-    format!("{prefix}{tail}_{index}")
+        .take(n)
+        .collect()
 }
 
 /// The key under which tool-call arguments that are not a JSON object are kept.

@@ -17,12 +17,7 @@ pub fn stop_reason(finish: Finish) -> &'static str {
 
 /// A Messages id from the hub's answer id (`msg_` + the id's safe characters).
 pub fn message_id(openai_id: &str) -> String {
-    let tail: String = openai_id
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-        .take(64)
-        .collect();
-    format!("msg_{tail}")
+    format!("msg_{}", openai::id_tail(openai_id, 64))
 }
 
 /// Translate a whole chat completion into a Messages answer, with the answer's `usage`.

@@ -869,42 +869,32 @@ async fn anthropic_max_tokens_is_fitted_to_the_pool_and_a_long_prompt_refused_in
     );
     assert_eq!(backend.inference_received().len(), before);
     // OpenAI's clients: refused, in their words.
-    let r = hub
-        .http
-        .post(format!("{}/v1/chat/completions", hub.url()))
-        .bearer_auth(&key)
-        .json(&json!({"model": MODEL, "max_tokens": 32000, "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "max_tokens_exceeded", "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("at most 100"),
-        "{v}"
-    );
-    let r = hub
-        .http
-        .post(format!("{}/v1/chat/completions", hub.url()))
-        .bearer_auth(&key)
-        .json(&json!({"model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": longer}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("maximum context length"),
-        "{v}"
-    );
+    let refused = |max_tokens: u32, content: String, code: &'static str, words: &'static str| {
+        let (hub, key) = (&hub, &key);
+        async move {
+            let r = hub
+                .http
+                .post(format!("{}/v1/chat/completions", hub.url()))
+                .bearer_auth(key)
+                .json(&json!({"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 400);
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"]["code"], code, "{v}");
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.contains(words), "{v}");
+        }
+    };
+    refused(32000, "hi".into(), "max_tokens_exceeded", "at most 100").await;
+    refused(
+        50,
+        longer,
+        "context_length_exceeded",
+        "maximum context length",
+    )
+    .await;
 }
 
 /// A prompt longer than the model's context, refused by llama.cpp itself (the hub cannot

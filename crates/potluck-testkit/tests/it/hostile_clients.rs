@@ -453,14 +453,9 @@ async fn an_http1_client_that_stops_reading_a_large_whole_answer_is_cut_off() {
     );
 }
 
-/// Whole answers the hub holds are bounded together (`max_buffered_answer_bytes`, and
-/// for one provider's answers a part of it: a sixteenth, or one whole answer, here 4 MiB):
-/// clients that ask for large answers (here about 3.3 MB each) and read none cannot make
-/// the hub hold more. Past it, a request gets 503 `hub_overloaded` at once, its provider
-/// not blamed; once the stalled connections are closed the budget is free again. Before,
-/// each such client held its whole answer, with nothing bounding them together.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_whole_answers_nobody_reads_are_bounded_together() {
+/// A hub with a budget of whole answers of 8 MiB (4 MiB for one provider), and one
+/// provider whose answers are about 3.3 MB.
+async fn budget_pool() -> (TestHub, FakeBackend, TestAgent) {
     let hub = TestHub::start_with(|c| {
         c.server.consumer_stall_timeout = Duration::from_secs(4);
         c.max_response_bytes = 4 * 1024 * 1024;
@@ -474,6 +469,18 @@ async fn large_whole_answers_nobody_reads_are_bounded_together() {
     });
     let _agent = TestAgent::start(&hub, &hub.create_provider("p1").await, &backend.base_url());
     hub.wait_for_model(MODEL, 1).await;
+    (hub, backend, _agent)
+}
+
+/// Whole answers the hub holds are bounded together (`max_buffered_answer_bytes`, and
+/// for one provider's answers a part of it: a sixteenth, or one whole answer, here 4 MiB):
+/// clients that ask for large answers (here about 3.3 MB each) and read none cannot make
+/// the hub hold more. Past it, a request gets 503 `hub_overloaded` at once, its provider
+/// not blamed; once the stalled connections are closed the budget is free again. Before,
+/// each such client held its whole answer, with nothing bounding them together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_whole_answers_nobody_reads_are_bounded_together() {
+    let (hub, _backend, _agent) = budget_pool().await;
     let key = hub.create_key("eve").await;
     // One answer nobody reads fills the provider's part.
     let held = vec![client_that_stops_reading(&hub, &key, false, Duration::from_secs(60)).await];
@@ -505,19 +512,7 @@ async fn large_whole_answers_nobody_reads_are_bounded_together() {
 /// any number of large answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_translated_answers_nobody_reads_are_bounded_too() {
-    let hub = TestHub::start_with(|c| {
-        c.server.consumer_stall_timeout = Duration::from_secs(4);
-        c.max_response_bytes = 4 * 1024 * 1024;
-        c.max_buffered_answer_bytes = 8 * 1024 * 1024;
-    })
-    .await;
-    let backend = FakeBackend::start(&[MODEL]).await;
-    backend.set_behavior(FakeBehavior {
-        chunks: 300_000,
-        ..Default::default()
-    });
-    let _agent = TestAgent::start(&hub, &hub.create_provider("p1").await, &backend.base_url());
-    hub.wait_for_model(MODEL, 1).await;
+    let (hub, _backend, _agent) = budget_pool().await;
     let key = hub.create_key("eve").await;
     let messages = serde_json::json!({
         "model": MODEL,
