@@ -897,6 +897,19 @@ async fn anthropic_max_tokens_is_fitted_to_the_pool_and_a_long_prompt_refused_in
     .await;
 }
 
+/// A chat completion `body` a provider refuses: its 400's error object.
+async fn chat_refusal(p: &Pool, auth: &[(&str, &str)], body: &Value) -> Value {
+    let (s, _, t) = post(
+        p,
+        "/v1/chat/completions",
+        auth,
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 400, "{t}");
+    serde_json::from_str::<Value>(&t).unwrap()["error"].clone()
+}
+
 /// A prompt longer than the model's context, refused by llama.cpp itself (the hub cannot
 /// count tokens): before, every client read "The provider refused the request (HTTP
 /// 400)", which none of them recognises. The agent reads llama.cpp's (or vLLM's) figures
@@ -947,16 +960,10 @@ async fn a_backends_context_refusal_reaches_each_client_in_its_words() {
     // Figures the hub's own estimate belies (a hostile provider making clients shorten
     // their conversations for nothing): the hub's plain refusal.
     let short = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
-    let (s, _, t) = post(
-        &p,
-        "/v1/chat/completions",
-        &auth,
-        short.to_string().into_bytes(),
-    )
-    .await;
-    assert_eq!(s, 400, "{t}");
-    let code = serde_json::from_str::<Value>(&t).unwrap()["error"]["code"].clone();
-    assert_eq!(code, "provider_refused", "{t}");
+    assert_eq!(
+        chat_refusal(&p, &auth, &short).await["code"],
+        "provider_refused"
+    );
     // A second provider refusing the same request plainly: the more telling refusal,
     // whichever of the two came first.
     let plain = FakeBackend::start(&[MODEL]).await;
@@ -972,16 +979,10 @@ async fn a_backends_context_refusal_reaches_each_client_in_its_words() {
     );
     p.hub.wait_for_model(MODEL, 2).await;
     for _ in 0..6 {
-        let (s, _, t) = post(
-            &p,
-            "/v1/chat/completions",
-            &auth,
-            chat.to_string().into_bytes(),
-        )
-        .await;
-        assert_eq!(s, 400, "{t}");
-        let code = serde_json::from_str::<Value>(&t).unwrap()["error"]["code"].clone();
-        assert_eq!(code, "context_length_exceeded", "{t}");
+        assert_eq!(
+            chat_refusal(&p, &auth, &chat).await["code"],
+            "context_length_exceeded"
+        );
     }
     drop(_second);
     p.hub.wait_for_model(MODEL, 1).await;

@@ -472,6 +472,23 @@ async fn budget_pool() -> (TestHub, FakeBackend, TestAgent) {
     (hub, backend, _agent)
 }
 
+/// `who`'s whole answer is refused at once: the budget is full.
+async fn budget_is_full(who: &Consumer) {
+    let a = who.chat_with(&chat_body(MODEL, "hi", false)).await;
+    assert_eq!(a.status, 503, "{:?}", a.code());
+    assert_eq!(a.code(), Some("hub_overloaded"));
+}
+
+/// `who`'s whole answers are served again (the stalled connections were closed).
+async fn budget_frees(who: &Consumer) {
+    wait_until(
+        "the budget is free again",
+        Duration::from_secs(30),
+        || async { who.chat_with(&chat_body(MODEL, "hi", false)).await.status == 200 },
+    )
+    .await;
+}
+
 /// Whole answers the hub holds are bounded together (`max_buffered_answer_bytes`, and
 /// for one provider's answers a part of it: a sixteenth, or one whole answer, here 4 MiB):
 /// clients that ask for large answers (here about 3.3 MB each) and read none cannot make
@@ -485,9 +502,7 @@ async fn large_whole_answers_nobody_reads_are_bounded_together() {
     // One answer nobody reads fills the provider's part.
     let held = vec![client_that_stops_reading(&hub, &key, false, Duration::from_secs(60)).await];
     let carol = Consumer::new(&hub, "carol").await;
-    let a = carol.chat_with(&chat_body(MODEL, "hi", false)).await;
-    assert_eq!(a.status, 503, "{:?}", a.code());
-    assert_eq!(a.code(), Some("hub_overloaded"));
+    budget_is_full(&carol).await;
     let st = hub.state();
     let p1 = st.store.provider_id("p1").await.unwrap();
     assert_eq!(
@@ -495,20 +510,15 @@ async fn large_whole_answers_nobody_reads_are_bounded_together() {
         1.0,
         "not the provider's fault"
     );
-    wait_until(
-        "the budget is free again",
-        Duration::from_secs(30),
-        || async { carol.chat_with(&chat_body(MODEL, "hi", false)).await.status == 200 },
-    )
-    .await;
+    budget_frees(&carol).await;
     drop(held);
 }
 
 /// The same through the other APIs: a whole answer translated into another API's shape
 /// (here Anthropic's; Ollama's and the Responses API's take the same path,
-/// `dialects::whole_back`) keeps its share of the budget until its consumer has read it. Before, the translation read the relayed answer to its end,
-/// which gave the share back at once, and the translated copy waited for its reader
-/// outside the budget: clients of the other APIs that read nothing could make the hub hold
+/// `dialects::whole_back`) keeps its share of the budget until its consumer has read it.
+/// Before, the translation read the relayed answer to its end, which gave the share back
+/// at once, and the translated copy waited for its reader outside the budget: clients of the other APIs that read nothing could make the hub hold
 /// any number of large answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_translated_answers_nobody_reads_are_bounded_too() {
@@ -531,15 +541,8 @@ async fn large_translated_answers_nobody_reads_are_bounded_too() {
         .await,
     ];
     let carol = Consumer::new(&hub, "carol").await;
-    let a = carol.chat_with(&chat_body(MODEL, "hi", false)).await;
-    assert_eq!(a.status, 503, "{:?}", a.code());
-    assert_eq!(a.code(), Some("hub_overloaded"));
-    wait_until(
-        "the budget is free again",
-        Duration::from_secs(30),
-        || async { carol.chat_with(&chat_body(MODEL, "hi", false)).await.status == 200 },
-    )
-    .await;
+    budget_is_full(&carol).await;
+    budget_frees(&carol).await;
     drop(held);
 }
 
