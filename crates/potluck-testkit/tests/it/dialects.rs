@@ -634,6 +634,19 @@ async fn ollama_loads_and_unloads_are_answered_by_the_hub_for_nothing() {
     .await;
     assert_eq!(s, 404, "{text}");
     assert!(serde_json::from_str::<Value>(&text).unwrap()["error"].is_string());
+    // A name no model has, of any size, is not echoed back.
+    let huge = "x".repeat(12 * 1024);
+    let (s, _, text) = post(
+        &p,
+        "/api/generate",
+        &auth,
+        json!({"model": huge, "prompt": ""})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(s, 404, "{text}");
+    assert!(text.len() < 200, "{} bytes", text.len());
     // Questions about the pool do not spend the request rate: with a rate of one a
     // minute, spent, they are still answered, and the next generation is not.
     p.hub.set_limits(p.key_id, json!({"rpm": 1})).await;

@@ -107,16 +107,20 @@ pub(super) fn ollama_load(
     call: ollama::Call,
     load: &ollama::Load,
 ) -> Response {
-    let served = state
-        .registry
-        .pool_for(&key.groups)
-        .keys()
-        .any(|m| m.as_str() == load.model);
-    if !served {
+    // A name that is not a model's (any length a body may hold) is not echoed back.
+    let Ok(name) = potluck_protocol::ModelName::parse(&load.model) else {
         return error_response(
             Dialect::Ollama,
             StatusCode::NOT_FOUND,
-            &format!("model '{}' not found in the pool", load.model),
+            "model not found in the pool",
+            None,
+        );
+    };
+    if !state.registry.pool_for(&key.groups).contains_key(&name) {
+        return error_response(
+            Dialect::Ollama,
+            StatusCode::NOT_FOUND,
+            &format!("model '{name}' not found in the pool"),
             None,
         );
     }
