@@ -43,8 +43,8 @@ pub struct FakeBehavior {
     /// Hostile: answer non-streamed requests with this body, as JSON content type (with
     /// `fail_status`: the failure's body).
     pub raw_body: Option<&'static str>,
-    /// Whole answers and embeddings report this `usage` instead of the true one
-    /// (`Value::Null`: no `usage` at all).
+    /// Whole answers, embeddings and streams (asked for usage) report this `usage`
+    /// instead of the true one (`Value::Null`: no `usage` at all).
     pub reported_usage: Option<Value>,
 }
 
@@ -519,6 +519,7 @@ fn report_usage(answer: &mut Value, b: &FakeBehavior) {
 }
 
 fn stream_answer(st: Arc<FakeState>, b: FakeBehavior, chat: bool, include_usage: bool) -> Response {
+    let include_usage = include_usage && b.reported_usage != Some(Value::Null);
     st.streams_started.fetch_add(1, Ordering::SeqCst);
     let guard = StreamGuard { st, done: false };
     let object = if chat {
@@ -557,10 +558,13 @@ fn stream_answer(st: Arc<FakeState>, b: FakeBehavior, chat: bool, include_usage:
                     json!({"id": "backend-id", "object": object, "created": 1, "model": "fake-alias", "choices": [choice]})
                 )
             } else if i == n + 1 && include_usage {
+                let usage = b.reported_usage.clone().unwrap_or_else(
+                    || json!({"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}),
+                );
                 format!(
                     "data: {}\n\n",
                     json!({"id": "backend-id", "object": object, "created": 1, "model": "fake-alias", "choices": [],
-                           "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}})
+                           "usage": usage})
                 )
             } else if i <= n + 2 {
                 guard.done = true;

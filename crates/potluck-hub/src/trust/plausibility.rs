@@ -264,18 +264,31 @@ pub(crate) fn billable(
     tunnel: &ProviderLink,
     request_id: &str,
 ) -> Usage {
-    if endpoint == InferenceEndpoint::Embeddings {
-        return embeddings_billable(reported, bounds);
+    let (billed, doubts) = assess(reported, seen, completed, endpoint, bounds);
+    for what in doubts.into_iter().flatten() {
+        flag_usage(auditor, tunnel, request_id, what);
     }
+    billed
+}
+
+/// What [`billable`] bills, and the doubts about the provider's claim it would flag,
+/// without flagging anything: what the consumer is shown as the answer's usage, when
+/// the answer passes, is what it will be billed.
+pub(crate) fn assess(
+    reported: Option<Usage>,
+    seen: Delivered,
+    completed: bool,
+    endpoint: InferenceEndpoint,
+    bounds: &Bounds,
+) -> (Usage, [Option<&'static str>; 2]) {
+    if endpoint == InferenceEndpoint::Embeddings {
+        return (embeddings_billable(reported, bounds), [None; 2]);
+    }
+    let mut doubts = [None; 2];
     let asked = match reported {
         Some(u) if completed && seen.plausible(u.completion) => u,
         Some(u) if completed => {
-            flag_usage(
-                auditor,
-                tunnel,
-                request_id,
-                "completion above the text delivered",
-            );
+            doubts[0] = Some("completion above the text delivered");
             Usage {
                 prompt: u.prompt,
                 completion: seen.estimate(),
@@ -306,9 +319,9 @@ pub(crate) fn billable(
     };
     let (billed, cut) = bounds.cut(asked);
     if cut {
-        flag_usage(auditor, tunnel, request_id, "above the request's bound");
+        doubts[1] = Some("above the request's bound");
     }
-    billed
+    (billed, doubts)
 }
 
 /// Flag a provider faster than its model's size class makes plausible (after a successful

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use potluck_testkit::personas::Answer;
+use potluck_testkit::sse::Event;
 use potluck_testkit::{Consumer, FakeBackend, FakeBehavior, TestAgent, TestHub};
 use serde_json::{json, Value};
 
@@ -161,6 +162,42 @@ async fn missing_or_implausible_usage_is_replaced_by_the_hubs_count() {
             row.prompt_tokens + row.completion_tokens,
             "{what}: billed by the hub's count"
         );
+        // The consumer is shown what it is billed, not the provider's claim.
+        assert_eq!(
+            a.body["usage"],
+            json!({"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
+                   "total_tokens": row.prompt_tokens + row.completion_tokens}),
+            "{what}: the usage shown"
+        );
+
+        // The same, streamed with usage asked for: the usage chunk shows the bill (one
+        // is added when the provider sent none), and comes once, before `[DONE]`.
+        let before = alice.available_micro().await;
+        let body = json!({"model": MODEL, "stream": true, "stream_options": {"include_usage": true},
+                          "messages": [{"role": "user", "content": "hello"}]});
+        let (id, sse) = alice.stream_with(&body).await;
+        let events = sse.collect().await;
+        let row = usage_row(&hub, &id).await;
+        let billed = before - alice.available_micro().await;
+        assert_eq!(billed, row.prompt_tokens + row.completion_tokens, "{what}");
+        assert!((1..=5).contains(&row.completion_tokens), "{what}: {row:?}");
+        let shown: Vec<&Value> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Json(v) if v.get("usage").is_some_and(|u| !u.is_null()) => Some(v),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(shown.len(), 1, "{what}: one usage chunk: {events:?}");
+        assert_eq!(
+            shown[0]["usage"],
+            json!({"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
+                   "total_tokens": billed}),
+            "{what}: the usage streamed"
+        );
+        assert_eq!(shown[0]["object"], "chat.completion.chunk", "{what}");
+        assert_eq!(shown[0]["model"], MODEL, "{what}");
+        assert_eq!(events.last(), Some(&Event::Done), "{what}");
     }
 
     // Embeddings: the input is all there is to bill.
@@ -199,6 +236,12 @@ async fn missing_or_implausible_usage_is_replaced_by_the_hubs_count() {
             before - alice.available_micro().await,
             row.prompt_tokens,
             "{what}: billed by the hub's count"
+        );
+        let shown: Value = r.json().await.unwrap();
+        assert_eq!(
+            shown["usage"],
+            json!({"prompt_tokens": row.prompt_tokens, "total_tokens": row.prompt_tokens}),
+            "{what}: the usage shown"
         );
     }
 }

@@ -21,6 +21,11 @@ impl<'a> TopLevel<'a> {
         self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
     }
 
+    /// Whether the object has no keys.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Whether `key` is there.
     pub(crate) fn contains_key(&self, key: &str) -> bool {
         self.get(key).is_some()
@@ -161,25 +166,52 @@ impl ChoiceView<'_> {
 
 /// Write one chunk back as an SSE `data:` line: its top-level fields in order, `model`
 /// and `id` replaced by the hub's (`model_json`, `id_json`, already JSON), and `usage`
-/// left out unless the consumer asked for it.
+/// kept, left out or replaced as [`UsageField`] says.
 pub(crate) fn splice(
     top: &TopLevel<'_>,
     model_json: &[u8],
     id_json: &[u8],
-    wants_usage: bool,
+    usage: UsageField<'_>,
     size_hint: usize,
 ) -> Vec<u8> {
     let mut line = Vec::with_capacity(size_hint + 64);
     line.extend_from_slice(b"data: ");
-    let skip: &[&str] = if wants_usage { &[] } else { &["usage"] };
-    write_object(
-        &mut line,
-        top,
-        &[("model", model_json), ("id", id_json)],
-        skip,
-    );
+    let skip: &[&str] = if usage == UsageField::Drop {
+        &["usage"]
+    } else {
+        &[]
+    };
+    let all = [
+        ("model", model_json),
+        ("id", id_json),
+        (
+            "usage",
+            if let UsageField::Replace(u) = usage {
+                u
+            } else {
+                &[]
+            },
+        ),
+    ];
+    let replace = if matches!(usage, UsageField::Replace(_)) {
+        &all[..]
+    } else {
+        &all[..2]
+    };
+    write_object(&mut line, top, replace, skip);
     line.extend_from_slice(b"\n\n");
     line
+}
+
+/// What [`splice`] does with a chunk's `usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UsageField<'a> {
+    /// Copied as it came.
+    Keep,
+    /// Left out (the consumer did not ask for usage).
+    Drop,
+    /// Replaced by this JSON (the billed counts).
+    Replace(&'a [u8]),
 }
 
 /// Write a JSON object split into raw top-level values back into `out`: its fields in
@@ -234,10 +266,33 @@ mod tests {
     fn splice_rewrites_id_and_model_and_drops_usage() {
         let data = br#"{"id":"x","model":"alias","choices":[],"usage":{"prompt_tokens":1}}"#;
         let top: TopLevel<'_> = serde_json::from_slice(data).unwrap();
-        let line = splice(&top, br#""m""#, br#""cmpl-1""#, false, data.len());
+        let line = splice(
+            &top,
+            br#""m""#,
+            br#""cmpl-1""#,
+            UsageField::Drop,
+            data.len(),
+        );
         assert_eq!(
             std::str::from_utf8(&line).unwrap(),
             "data: {\"id\":\"cmpl-1\",\"model\":\"m\",\"choices\":[]}\n\n"
+        );
+    }
+
+    #[test]
+    fn splice_keeps_or_replaces_usage() {
+        let data = br#"{"id":"x","usage":{"prompt_tokens":1,"completion_tokens":900}}"#;
+        let top: TopLevel<'_> = serde_json::from_slice(data).unwrap();
+        let kept = splice(&top, br#""m""#, br#""c""#, UsageField::Keep, 0);
+        assert_eq!(
+            std::str::from_utf8(&kept).unwrap(),
+            "data: {\"id\":\"c\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":900}}\n\n"
+        );
+        let billed = br#"{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}"#;
+        let replaced = splice(&top, br#""m""#, br#""c""#, UsageField::Replace(billed), 0);
+        assert_eq!(
+            std::str::from_utf8(&replaced).unwrap(),
+            "data: {\"id\":\"c\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n"
         );
     }
 

@@ -1,11 +1,13 @@
 //! Relaying a provider's answer to the consumer: whole ([`whole`]), streamed
 //! ([`stream`]), streamed after a wait in the queue ([`queued`]); [`chunk`] reads one
-//! streamed chunk; [`window`] holds a stream's output moderation.
+//! streamed chunk; [`window`] holds a stream's output moderation; [`shown`] puts the
+//! billed usage in the answer.
 
 pub(crate) mod budget;
 pub(crate) mod chunk;
 pub(crate) mod embeddings;
 pub(crate) mod queued;
+pub(crate) mod shown;
 pub(crate) mod stream;
 pub(crate) mod whole;
 pub(crate) mod window;

@@ -17,8 +17,7 @@ use crate::api::ctx::{with_request_id, Ctx};
 use crate::api::finish::Outcome;
 use crate::api::relay::budget::{gather, Share, Shortfall};
 use crate::api::relay::chunk::{write_object, TopLevel};
-use crate::api::relay::embeddings;
-use crate::api::relay::{rewrite, HEADER_QUEUE_MS};
+use crate::api::relay::{embeddings, rewrite, shown, HEADER_QUEUE_MS};
 use crate::http::error::ApiError;
 use crate::routing::inflight::cut_error;
 use crate::routing::registry::Lease;
@@ -88,9 +87,15 @@ pub(crate) async fn relay_whole(
         &link,
         &ctx.request_id,
     );
+    // The consumer is shown the usage it is billed (the provider's object when it is).
+    let shown = shown::to_show(reported, usage).map(|u| shown::object(u, ctx.endpoint));
+    let show = |b: Vec<u8>| match &shown {
+        Some(u) => shown::with_usage(&b, u.as_bytes()).unwrap_or(b),
+        None => b,
+    };
     let (body, outcome) = match body {
-        Ok(b) => (b, Outcome::Ok),
-        Err(filtered) => (filtered, Outcome::ContentFilter),
+        Ok(b) => (show(b), Outcome::Ok),
+        Err(filtered) => (show(filtered), Outcome::ContentFilter),
     };
     ctx.finish(state, &link, 200, outcome, usage, None);
     // The answer's share of the budget is given back once the consumer has read it.

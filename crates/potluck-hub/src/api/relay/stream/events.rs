@@ -2,13 +2,15 @@
 //! general path for what it cannot borrow) and written back for the consumer.
 
 use bytes::Bytes;
-use serde_json::Value;
+use potluck_protocol::InferenceEndpoint;
+use serde_json::{json, Value};
 
 use super::Relay;
-use crate::api::relay::chunk::{splice, ChoiceView, TopLevel, UsageView};
-use crate::api::relay::rewrite;
+use crate::api::now_ms;
+use crate::api::relay::chunk::{splice, ChoiceView, TopLevel, UsageField, UsageView};
 use crate::api::relay::whole::answer_text;
-use crate::trust::plausibility::Usage;
+use crate::api::relay::{rewrite, shown};
+use crate::trust::plausibility::{assess, Usage};
 
 impl Relay {
     /// Handle one event's data.
@@ -29,7 +31,8 @@ impl Relay {
             );
             return;
         }
-        if let Some(u) = top.get("usage").filter(|u| u.get() != "null") {
+        let carries_usage = top.get("usage").is_some_and(|u| u.get() != "null");
+        if let Some(u) = top.get("usage").filter(|_| carries_usage) {
             if let Ok(u) = serde_json::from_str::<UsageView>(u.get()) {
                 self.usage = Some(Usage {
                     prompt: u.prompt_tokens.max(0),
@@ -78,14 +81,49 @@ impl Relay {
         if !self.wants_usage && !has_choices {
             return;
         }
-        let line = splice(
-            &top,
-            &self.model_json,
-            &self.id_json,
-            self.wants_usage,
-            data.len(),
-        );
+        let shows_usage = self.wants_usage && carries_usage;
+        let billed_json = shows_usage
+            .then(|| self.billed_if_not_reported())
+            .flatten()
+            .map(|u| shown::object(u, self.ctx.endpoint));
+        let usage = match (self.wants_usage, &billed_json) {
+            (false, _) => UsageField::Drop,
+            (true, Some(json)) => UsageField::Replace(json.as_bytes()),
+            (true, None) => UsageField::Keep,
+        };
+        self.usage_sent |= shows_usage;
+        let line = splice(&top, &self.model_json, &self.id_json, usage, data.len());
         self.emit(Bytes::from(line));
+    }
+
+    /// The counts the consumer is shown in a chunk that carries usage: what the stream
+    /// is billed if it ends now, as it should (the usage comes last), when that is not
+    /// what the provider reported (`None`: it is). A stream that ends otherwise after
+    /// it (cut short, no `[DONE]`) is billed again at its end.
+    fn billed_if_not_reported(&self) -> Option<Usage> {
+        let (billed, _) = assess(
+            self.usage,
+            self.seen,
+            true,
+            self.ctx.endpoint,
+            &self.ctx.bounds,
+        );
+        shown::to_show(self.usage, billed)
+    }
+
+    /// A usage chunk with what the stream is billed, for a consumer that asked for usage
+    /// from a provider that sent none.
+    pub(super) fn usage_chunk(&self) -> Bytes {
+        let (billed, _) = assess(None, self.seen, true, self.ctx.endpoint, &self.ctx.bounds);
+        let object = if self.ctx.endpoint == InferenceEndpoint::ChatCompletions {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let v = json!({"id": self.ctx.response_id(), "object": object,
+            "created": now_ms() / 1000, "model": self.ctx.model.as_str(), "choices": [],
+            "usage": shown::value(billed, self.ctx.endpoint)});
+        Bytes::from(format!("data: {v}\n\n"))
     }
 
     /// The general path, for events the fast path cannot borrow (escaped keys).
@@ -135,6 +173,11 @@ impl Relay {
             if !has_choices {
                 return;
             }
+        } else if obj.get("usage").is_some_and(|u| !u.is_null()) {
+            if let Some(billed) = self.billed_if_not_reported() {
+                obj.insert("usage".into(), shown::value(billed, self.ctx.endpoint));
+            }
+            self.usage_sent = true;
         }
         rewrite(&mut obj, &self.ctx);
         match serde_json::to_vec(&Value::Object(obj)) {

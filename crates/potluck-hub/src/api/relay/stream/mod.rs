@@ -68,6 +68,8 @@ pub(crate) struct Relay {
     max_received: usize,
     out: std::collections::VecDeque<Bytes>,
     wants_usage: bool,
+    /// A chunk with usage in it went to the consumer.
+    usage_sent: bool,
     usage: Option<Usage>,
     seen: Delivered,
     ttft: Option<Duration>,
@@ -128,6 +130,7 @@ impl Relay {
             max_received,
             out: Default::default(),
             wants_usage,
+            usage_sent: false,
             usage: None,
             seen: Delivered {
                 streamed: true,
@@ -182,8 +185,7 @@ impl Relay {
         self.out.extend(g.release());
         g.next_window(self.state.config.moderation.overlap_tokens);
         if g.done_pending {
-            self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
-            self.end = End::Done;
+            self.end_done();
         }
     }
 
@@ -225,6 +227,16 @@ impl Relay {
         if let Some(g) = &mut self.guard {
             g.done_pending = true;
             return;
+        }
+        self.end_done();
+    }
+
+    /// The stream's last events: the billed usage if the consumer asked for it and the
+    /// provider sent none, and `[DONE]`.
+    fn end_done(&mut self) {
+        if self.wants_usage && !self.usage_sent {
+            let chunk = self.usage_chunk();
+            self.out.push_back(chunk);
         }
         self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
         self.end = End::Done;
