@@ -165,6 +165,14 @@ def test_ollama_load_and_unload(olla):
     assert e.value.status_code == 404
 
 
+def test_ollama_ps(olla):
+    # `ollama ps`: the models the pool serves now, parsed by the client's own types.
+    running = olla.ps().models
+    assert MODEL in [m.model for m in running]
+    m = next(m for m in running if m.model == MODEL)
+    assert m.expires_at is not None and m.details is not None
+
+
 def test_ollama_errors(olla):
     with pytest.raises(ollama.ResponseError) as e:
         olla.chat(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

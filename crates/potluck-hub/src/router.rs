@@ -45,6 +45,7 @@ pub(crate) fn router(state: Arc<HubState>) -> Router {
         .route("/api/embed", post(dialects::ollama_embed))
         .route("/api/embeddings", post(dialects::ollama_embeddings))
         .route("/api/tags", get(dialects::ollama_tags))
+        .route("/api/ps", get(dialects::ollama_ps))
         .route("/api/show", post(dialects::ollama_show))
         .route("/api/version", get(dialects::ollama_version))
         .route("/api/pull", post(dialects::ollama_manage))

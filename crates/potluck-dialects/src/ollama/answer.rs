@@ -284,6 +284,25 @@ pub fn tags(cards: &[ModelCard], modified_at: &str) -> Value {
     json!({ "models": models })
 }
 
+/// The `/api/ps` answer: the models the pool serves now. A pool's model stays "loaded"
+/// while a provider serves it; `expires_at` is when the caller should look again (the
+/// hub unloads nothing on a timer), `size` and `size_vram` are unknown (0).
+pub fn ps(cards: &[ModelCard], expires_at: &str) -> Value {
+    let models: Vec<Value> = cards
+        .iter()
+        .map(|c| {
+            let mut m = json!({"name": c.name, "model": c.name, "size": 0,
+                   "digest": c.sha256.clone().unwrap_or_default(), "details": details(c),
+                   "expires_at": expires_at, "size_vram": 0});
+            if let (Some(ctx), Some(o)) = (c.context_length, m.as_object_mut()) {
+                o.insert("context_length".into(), json!(ctx));
+            }
+            m
+        })
+        .collect();
+    json!({ "models": models })
+}
+
 /// The `/api/show` answer for one model.
 pub fn show(card: &ModelCard, modified_at: &str) -> Value {
     let mut info = Map::new();

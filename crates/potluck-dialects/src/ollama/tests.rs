@@ -251,6 +251,12 @@ fn tags_show_version_and_errors() {
     );
     assert_eq!(s["model_info"]["general.basename"], json!("smollm2"));
     assert_eq!(s["details"]["family"], json!(arch));
+    let p = ps(std::slice::from_ref(&card), "2026-12-06T12:05:00Z");
+    assert_eq!(p["models"][0]["model"], json!("smollm2"));
+    assert_eq!(p["models"][0]["digest"], json!("ab"));
+    assert_eq!(p["models"][0]["expires_at"], json!("2026-12-06T12:05:00Z"));
+    assert_eq!(p["models"][0]["context_length"], json!(8192));
+    assert_eq!(p["models"][0]["details"], t["models"][0]["details"]);
     assert_eq!(show_model(br#"{"name":"x"}"#).expect("old field"), "x");
     assert_eq!(version()["version"], json!(COMPAT_VERSION));
     assert_eq!(error_body("nope"), json!({"error": "nope"}));

@@ -91,7 +91,7 @@ fn consumer_groups(key: &KeyAuth) -> Vec<String> {
 }
 
 /// Unknown path: in the shape of the API its path belongs to (an Ollama client asking
-/// `/api/ps` reads `{"error": "..."}`, an Anthropic one asking `/v1/messages/batches`
+/// `/api/blobs` reads `{"error": "..."}`, an Anthropic one asking `/v1/messages/batches`
 /// Anthropic's error).
 pub(crate) async fn fallback(uri: axum::http::Uri, headers: HeaderMap) -> Response {
     dialects::reshaped(uri.path(), &headers, ApiError::NotFound("endpoint"))

@@ -683,7 +683,7 @@ async fn get(
 }
 
 /// What each API's own clients read of an error besides its shape. Before: paths the
-/// pool lacks (`/api/ps`, `/v1/messages/batches`) and wrong methods answered in OpenAI's
+/// pool lacks (`/api/blobs`, `/v1/messages/batches`) and wrong methods answered in OpenAI's
 /// shape whatever the API; out of credits reached Anthropic's clients as a
 /// `rate_limit_error` (a thing to retry) and the Responses API's without its
 /// `insufficient_quota` code; Anthropic's clients got no `request-id`; `/v1/models`
@@ -694,8 +694,14 @@ async fn each_apis_clients_read_errors_and_headers_as_they_expect() {
     let bearer = format!("Bearer {}", p.key);
     let auth = [("authorization", bearer.as_str())];
     // Unknown paths and wrong methods, in the path's API.
+    let (s, _, t) = get(&p, "/api/blobs/sha256:00", &auth).await;
+    assert_dialect_error("/api/blobs", s, &t, 404, "");
+    // `ollama ps` lists what the pool serves (it was a 404 before).
     let (s, _, t) = get(&p, "/api/ps", &auth).await;
-    assert_dialect_error("/api/ps", s, &t, 404, "");
+    assert_eq!(s, 200, "{t}");
+    let ps: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(ps["models"][0]["model"], MODEL, "{t}");
+    assert!(ps["models"][0]["expires_at"].is_string(), "{t}");
     let (s, _, t) = post(&p, "/v1/messages/batches", &auth, b"{}".to_vec()).await;
     assert_dialect_error("/v1/messages", s, &t, 404, "not_found_error");
     let (s, _, t) = get(&p, "/v1/messages", &auth).await;

@@ -1,4 +1,4 @@
-//! Ollama's model listing and housekeeping calls: `/api/tags`, `/api/show`,
+//! Ollama's model listing and housekeeping calls: `/api/tags`, `/api/ps`, `/api/show`,
 //! `/api/version`, and the model-management calls the pool refuses.
 
 use std::sync::Arc;
@@ -52,6 +52,23 @@ pub(crate) async fn ollama_tags(
         Ok((key, _)) => {
             let now = potluck_dialects::rfc3339_utc(unix_now());
             axum::Json(ollama::tags(&cards(&state, &key.groups), &now)).into_response()
+        }
+        Err(e) => from_api_error(Dialect::Ollama, e),
+    }
+}
+
+/// How far ahead `/api/ps` dates a model's `expires_at`: Ollama's default keep-alive.
+/// The pool unloads nothing on a timer; a model is listed while a provider serves it, and
+/// a client that looks again after this sees whether one still does.
+pub(crate) const PS_LOOK_AGAIN_SECS: u64 = 300;
+
+/// `GET /api/ps`: the models the pool serves this consumer now (`ollama ps`).
+pub(crate) async fn ollama_ps(State(state): State<Arc<HubState>>, headers: HeaderMap) -> Response {
+    match crate::http::auth::consumer_or_anonymous(&state, &headers).await {
+        Ok((key, _)) => {
+            let until =
+                potluck_dialects::rfc3339_utc(unix_now().saturating_add(PS_LOOK_AGAIN_SECS));
+            axum::Json(ollama::ps(&cards(&state, &key.groups), &until)).into_response()
         }
         Err(e) => from_api_error(Dialect::Ollama, e),
     }

@@ -33,7 +33,9 @@ mod stream;
 use self::errors::{copy_headers, error_response, from_api_error, shaped, translation_error};
 pub(crate) use self::errors::{is_anthropic, key_from_x_api_key, reshaped};
 
-pub(crate) use self::listing::{ollama_manage, ollama_show, ollama_tags, ollama_version};
+pub(crate) use self::listing::{
+    ollama_manage, ollama_ps, ollama_show, ollama_tags, ollama_version,
+};
 
 /// Largest hub-made error body read back for translation (they are a few hundred bytes).
 pub(crate) const MAX_TRANSLATED_ERROR_BYTES: usize = 64 * 1024;
