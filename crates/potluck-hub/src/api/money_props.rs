@@ -52,10 +52,7 @@ fn reported(prompt: &Option<String>, completion: &Option<String>) -> [Option<Usa
         .and_then(|v| v.as_object().and_then(Usage::from_obj));
     let chunk = serde_json::from_str::<UsageView>(&usage)
         .ok()
-        .map(|u| Usage {
-            prompt: u.prompt_tokens.max(0),
-            completion: u.completion_tokens.max(0),
-        });
+        .map(|u| u.usage());
     [whole, chunk]
 }
 

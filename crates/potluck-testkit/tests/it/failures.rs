@@ -138,15 +138,22 @@ async fn missing_or_implausible_usage_is_replaced_by_the_hubs_count() {
     // Five tokens of "tokN " (25 characters) are delivered in every chat answer here.
     let delivered_chars = 25;
     let chat_cases = [
-        ("no usage", Value::Null),
+        ("honest usage", None),
+        ("no usage", Some(Value::Null)),
         (
             "inflated usage",
-            json!({"prompt_tokens": 7, "completion_tokens": 10_000_000, "total_tokens": 10_000_007}),
+            Some(
+                json!({"prompt_tokens": 7, "completion_tokens": 10_000_000, "total_tokens": 10_000_007}),
+            ),
+        ),
+        (
+            "a total that lies",
+            Some(json!({"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 999_999})),
         ),
     ];
     for (what, usage) in chat_cases {
         backend.set_behavior(FakeBehavior {
-            reported_usage: Some(usage),
+            reported_usage: usage,
             ..Default::default()
         });
         let before = alice.available_micro().await;

@@ -66,13 +66,26 @@ impl<'de> Deserialize<'de> for TopLevel<'de> {
     }
 }
 
-/// The usage object of a chunk.
+/// The usage object of a chunk, its counts read as [`Usage::from_map`] reads them (one
+/// that is not an integer counts 0), so that the fast path and the tree path agree.
+///
+/// [`Usage::from_map`]: crate::trust::plausibility::Usage::from_map
 #[derive(serde::Deserialize)]
 pub(crate) struct UsageView {
     #[serde(default)]
-    pub(crate) prompt_tokens: i64,
+    prompt_tokens: serde_json::Value,
     #[serde(default)]
-    pub(crate) completion_tokens: i64,
+    completion_tokens: serde_json::Value,
+}
+
+impl UsageView {
+    pub(crate) fn usage(&self) -> crate::trust::plausibility::Usage {
+        let count = |v: &serde_json::Value| v.as_i64().unwrap_or(0).max(0);
+        crate::trust::plausibility::Usage {
+            prompt: count(&self.prompt_tokens),
+            completion: count(&self.completion_tokens),
+        }
+    }
 }
 
 /// Text-bearing fields of a streamed choice (everything else is ignored).
@@ -166,52 +179,25 @@ impl ChoiceView<'_> {
 
 /// Write one chunk back as an SSE `data:` line: its top-level fields in order, `model`
 /// and `id` replaced by the hub's (`model_json`, `id_json`, already JSON), and `usage`
-/// kept, left out or replaced as [`UsageField`] says.
+/// left out unless `keep_usage`.
 pub(crate) fn splice(
     top: &TopLevel<'_>,
     model_json: &[u8],
     id_json: &[u8],
-    usage: UsageField<'_>,
+    keep_usage: bool,
     size_hint: usize,
 ) -> Vec<u8> {
     let mut line = Vec::with_capacity(size_hint + 64);
     line.extend_from_slice(b"data: ");
-    let skip: &[&str] = if usage == UsageField::Drop {
-        &["usage"]
-    } else {
-        &[]
-    };
-    let all = [
-        ("model", model_json),
-        ("id", id_json),
-        (
-            "usage",
-            if let UsageField::Replace(u) = usage {
-                u
-            } else {
-                &[]
-            },
-        ),
-    ];
-    let replace = if matches!(usage, UsageField::Replace(_)) {
-        &all[..]
-    } else {
-        &all[..2]
-    };
-    write_object(&mut line, top, replace, skip);
+    let skip: &[&str] = if keep_usage { &[] } else { &["usage"] };
+    write_object(
+        &mut line,
+        top,
+        &[("model", model_json), ("id", id_json)],
+        skip,
+    );
     line.extend_from_slice(b"\n\n");
     line
-}
-
-/// What [`splice`] does with a chunk's `usage`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum UsageField<'a> {
-    /// Copied as it came.
-    Keep,
-    /// Left out (the consumer did not ask for usage).
-    Drop,
-    /// Replaced by this JSON (the billed counts).
-    Replace(&'a [u8]),
 }
 
 /// Write a JSON object split into raw top-level values back into `out`: its fields in
@@ -266,33 +252,10 @@ mod tests {
     fn splice_rewrites_id_and_model_and_drops_usage() {
         let data = br#"{"id":"x","model":"alias","choices":[],"usage":{"prompt_tokens":1}}"#;
         let top: TopLevel<'_> = serde_json::from_slice(data).unwrap();
-        let line = splice(
-            &top,
-            br#""m""#,
-            br#""cmpl-1""#,
-            UsageField::Drop,
-            data.len(),
-        );
+        let line = splice(&top, br#""m""#, br#""cmpl-1""#, false, data.len());
         assert_eq!(
             std::str::from_utf8(&line).unwrap(),
             "data: {\"id\":\"cmpl-1\",\"model\":\"m\",\"choices\":[]}\n\n"
-        );
-    }
-
-    #[test]
-    fn splice_keeps_or_replaces_usage() {
-        let data = br#"{"id":"x","usage":{"prompt_tokens":1,"completion_tokens":900}}"#;
-        let top: TopLevel<'_> = serde_json::from_slice(data).unwrap();
-        let kept = splice(&top, br#""m""#, br#""c""#, UsageField::Keep, 0);
-        assert_eq!(
-            std::str::from_utf8(&kept).unwrap(),
-            "data: {\"id\":\"c\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":900}}\n\n"
-        );
-        let billed = br#"{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}"#;
-        let replaced = splice(&top, br#""m""#, br#""c""#, UsageField::Replace(billed), 0);
-        assert_eq!(
-            std::str::from_utf8(&replaced).unwrap(),
-            "data: {\"id\":\"c\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n"
         );
     }
 

@@ -87,15 +87,13 @@ pub(crate) async fn relay_whole(
         &link,
         &ctx.request_id,
     );
-    // The consumer is shown the usage it is billed (the provider's object when it is).
-    let shown = shown::to_show(reported, usage).map(|u| shown::object(u, ctx.endpoint));
-    let show = |b: Vec<u8>| match &shown {
-        Some(u) => shown::with_usage(&b, u.as_bytes()).unwrap_or(b),
-        None => b,
-    };
+    // The consumer is shown the usage it is billed (the provider's object when it says so).
     let (body, outcome) = match body {
-        Ok(b) => (show(b), Outcome::Ok),
-        Err(filtered) => (show(filtered), Outcome::ContentFilter),
+        Ok(b) => (shown::settle(b, usage, ctx.endpoint), Outcome::Ok),
+        Err(filtered) => (
+            shown::settle(filtered, usage, ctx.endpoint),
+            Outcome::ContentFilter,
+        ),
     };
     ctx.finish(state, &link, 200, outcome, usage, None);
     // The answer's share of the budget is given back once the consumer has read it.

@@ -3,11 +3,11 @@
 
 use bytes::Bytes;
 use potluck_protocol::InferenceEndpoint;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::Relay;
 use crate::api::now_ms;
-use crate::api::relay::chunk::{splice, ChoiceView, TopLevel, UsageField, UsageView};
+use crate::api::relay::chunk::{splice, ChoiceView, TopLevel, UsageView};
 use crate::api::relay::whole::answer_text;
 use crate::api::relay::{rewrite, shown};
 use crate::trust::plausibility::{assess, Usage};
@@ -31,14 +31,14 @@ impl Relay {
             );
             return;
         }
+        // The provider's usage is read and kept, never relayed as it comes: the stream
+        // shows its usage once, before `[DONE]`, when its bill is known (`usage_chunk`).
         let carries_usage = top.get("usage").is_some_and(|u| u.get() != "null");
         if let Some(u) = top.get("usage").filter(|_| carries_usage) {
-            if let Ok(u) = serde_json::from_str::<UsageView>(u.get()) {
-                self.usage = Some(Usage {
-                    prompt: u.prompt_tokens.max(0),
-                    completion: u.completion_tokens.max(0),
-                });
+            if let Ok(view) = serde_json::from_str::<UsageView>(u.get()) {
+                self.usage = Some(view.usage());
             }
+            self.usage_raw = Some(u.get().as_bytes().to_vec());
         }
         let choices: Vec<ChoiceView<'_>> = match top.get("choices") {
             Some(c) => match serde_json::from_str(c.get()) {
@@ -78,52 +78,50 @@ impl Relay {
                 g.tokens += 1;
             }
         }
-        if !self.wants_usage && !has_choices {
+        if !has_choices && (carries_usage || !self.wants_usage) {
             return;
         }
-        let shows_usage = self.wants_usage && carries_usage;
-        let billed_json = shows_usage
-            .then(|| self.billed_if_not_reported())
-            .flatten()
-            .map(|u| shown::object(u, self.ctx.endpoint));
-        let usage = match (self.wants_usage, &billed_json) {
-            (false, _) => UsageField::Drop,
-            (true, Some(json)) => UsageField::Replace(json.as_bytes()),
-            (true, None) => UsageField::Keep,
-        };
-        self.usage_sent |= shows_usage;
-        let line = splice(&top, &self.model_json, &self.id_json, usage, data.len());
+        let keep_usage = self.wants_usage && !carries_usage;
+        let line = splice(
+            &top,
+            &self.model_json,
+            &self.id_json,
+            keep_usage,
+            data.len(),
+        );
         self.emit(Bytes::from(line));
     }
 
-    /// The counts the consumer is shown in a chunk that carries usage: what the stream
-    /// is billed if it ends now, as it should (the usage comes last), when that is not
-    /// what the provider reported (`None`: it is). A stream that ends otherwise after
-    /// it (cut short, no `[DONE]`) is billed again at its end.
-    fn billed_if_not_reported(&self) -> Option<Usage> {
-        let (billed, _) = assess(
-            self.usage,
-            self.seen,
-            true,
-            self.ctx.endpoint,
-            &self.ctx.bounds,
-        );
-        shown::to_show(self.usage, billed)
-    }
-
-    /// A usage chunk with what the stream is billed, for a consumer that asked for usage
-    /// from a provider that sent none.
-    pub(super) fn usage_chunk(&self) -> Bytes {
-        let (billed, _) = assess(None, self.seen, true, self.ctx.endpoint, &self.ctx.bounds);
-        let object = if self.ctx.endpoint == InferenceEndpoint::ChatCompletions {
-            "chat.completion.chunk"
+    /// The stream's usage chunk, for a consumer that asked for usage: what the stream is
+    /// billed if it ends as `completed` says, shown as the provider's own object when
+    /// that says the same ([`shown::honest`]).
+    pub(super) fn usage_chunk(&self, completed: bool) -> Bytes {
+        let endpoint = self.ctx.endpoint;
+        let (billed, _) = assess(self.usage, self.seen, completed, endpoint, &self.ctx.bounds);
+        let usage = shown::usage_json(self.usage_raw.as_deref(), billed, endpoint);
+        let object: &[u8] = if endpoint == InferenceEndpoint::ChatCompletions {
+            b"chat.completion.chunk"
         } else {
-            "text_completion"
+            b"text_completion"
         };
-        let v = json!({"id": self.ctx.response_id(), "object": object,
-            "created": now_ms() / 1000, "model": self.ctx.model.as_str(), "choices": [],
-            "usage": shown::value(billed, self.ctx.endpoint)});
-        Bytes::from(format!("data: {v}\n\n"))
+        let created = (now_ms() / 1000).to_string();
+        let mut line = Vec::with_capacity(128 + usage.len());
+        for part in [
+            &b"data: {\"id\":"[..],
+            &self.id_json,
+            b",\"object\":\"",
+            object,
+            b"\",\"created\":",
+            created.as_bytes(),
+            b",\"model\":",
+            &self.model_json,
+            b",\"choices\":[],\"usage\":",
+            &usage,
+            b"}\n\n",
+        ] {
+            line.extend_from_slice(part);
+        }
+        Bytes::from(line)
     }
 
     /// The general path, for events the fast path cannot borrow (escaped keys).
@@ -168,16 +166,15 @@ impl Relay {
                 g.tokens += 1;
             }
         }
-        if !self.wants_usage {
+        let carries_usage = obj.get("usage").is_some_and(|u| !u.is_null());
+        if carries_usage {
+            self.usage_raw = obj.get("usage").map(|u| u.to_string().into_bytes());
+        }
+        if !self.wants_usage || carries_usage {
             obj.remove("usage");
             if !has_choices {
                 return;
             }
-        } else if obj.get("usage").is_some_and(|u| !u.is_null()) {
-            if let Some(billed) = self.billed_if_not_reported() {
-                obj.insert("usage".into(), shown::value(billed, self.ctx.endpoint));
-            }
-            self.usage_sent = true;
         }
         rewrite(&mut obj, &self.ctx);
         match serde_json::to_vec(&Value::Object(obj)) {

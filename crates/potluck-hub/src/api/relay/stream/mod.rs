@@ -68,8 +68,8 @@ pub(crate) struct Relay {
     max_received: usize,
     out: std::collections::VecDeque<Bytes>,
     wants_usage: bool,
-    /// A chunk with usage in it went to the consumer.
-    usage_sent: bool,
+    /// The provider's last usage object, as it came (shown when it says the bill).
+    usage_raw: Option<Vec<u8>>,
     usage: Option<Usage>,
     seen: Delivered,
     ttft: Option<Duration>,
@@ -130,7 +130,7 @@ impl Relay {
             max_received,
             out: Default::default(),
             wants_usage,
-            usage_sent: false,
+            usage_raw: None,
             usage: None,
             seen: Delivered {
                 streamed: true,
@@ -178,6 +178,11 @@ impl Relay {
         if d.blocked {
             g.release();
             self.out.push_back(self.filtered_chunk());
+            if self.wants_usage {
+                // Billed as a stream cut short (what was delivered), as `finish` bills it.
+                let chunk = self.usage_chunk(false);
+                self.out.push_back(chunk);
+            }
             self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
             self.end = End::Filtered;
             return;
@@ -231,11 +236,10 @@ impl Relay {
         self.end_done();
     }
 
-    /// The stream's last events: the billed usage if the consumer asked for it and the
-    /// provider sent none, and `[DONE]`.
+    /// The stream's last events: its usage if the consumer asked for it, and `[DONE]`.
     fn end_done(&mut self) {
-        if self.wants_usage && !self.usage_sent {
-            let chunk = self.usage_chunk();
+        if self.wants_usage {
+            let chunk = self.usage_chunk(true);
             self.out.push_back(chunk);
         }
         self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
