@@ -32,9 +32,11 @@ pub(crate) fn object(billed: Usage, endpoint: InferenceEndpoint) -> String {
 /// Whether the provider's usage object `raw` says exactly what is billed (see the
 /// module's docs); then it is shown as it came, its details with it.
 pub(crate) fn honest(raw: &[u8], billed: Usage) -> bool {
-    let Ok(u) = serde_json::from_slice::<Map<String, Value>>(raw) else {
-        return false;
-    };
+    serde_json::from_slice::<Map<String, Value>>(raw).is_ok_and(|u| honest_map(&u, billed))
+}
+
+/// [`honest`] for a usage object already read.
+pub(crate) fn honest_map(u: &Map<String, Value>, billed: Usage) -> bool {
     let count = |k: &str| u.get(k).map(Value::as_i64);
     let total = billed.prompt.checked_add(billed.completion);
     let within = |k: &str, most: i64| match u.get(k) {

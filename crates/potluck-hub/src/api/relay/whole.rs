@@ -49,10 +49,10 @@ pub(crate) async fn relay_whole(
         (None, false) => Spliced::read(&bytes, ctx.model.as_str(), &ctx.response_id()),
         _ => None,
     };
-    let (reported, seen, body) = match read {
-        Some(s) => (s.reported, s.seen, Ok(s.body)),
+    let (reported, seen, body, usage_obj) = match read {
+        Some(s) => (s.reported, s.seen, Ok(s.body), Some(s.usage)),
         None => match tree(state, ctx, link.provider_id, &bytes).await {
-            Ok(t) => t,
+            Ok((reported, seen, body)) => (reported, seen, body, None),
             Err(e) => return ctx.provider_failed(state, &link, e),
         },
     };
@@ -87,13 +87,15 @@ pub(crate) async fn relay_whole(
         &link,
         &ctx.request_id,
     );
-    // The consumer is shown the usage it is billed (the provider's object when it says so).
+    // The consumer is shown the usage it is billed: the provider's object when it says
+    // so (checked on the object the splice read), else the hub's.
+    let settle = |b: Vec<u8>| match &usage_obj {
+        Some(Some(u)) if shown::honest_map(u, usage) => b,
+        _ => shown::settle(b, usage, ctx.endpoint),
+    };
     let (body, outcome) = match body {
-        Ok(b) => (shown::settle(b, usage, ctx.endpoint), Outcome::Ok),
-        Err(filtered) => (
-            shown::settle(filtered, usage, ctx.endpoint),
-            Outcome::ContentFilter,
-        ),
+        Ok(b) => (settle(b), Outcome::Ok),
+        Err(filtered) => (settle(filtered), Outcome::ContentFilter),
     };
     ctx.finish(state, &link, 200, outcome, usage, None);
     // The answer's share of the budget is given back once the consumer has read it.
@@ -160,6 +162,8 @@ async fn tree(
 /// usage and the choices' text read from them, and `id`/`model` spliced into the bytes.
 struct Spliced {
     reported: Option<Usage>,
+    /// The usage object as read, when the answer has one.
+    usage: Option<Map<String, Value>>,
     seen: Delivered,
     body: Vec<u8>,
 }
@@ -170,10 +174,12 @@ impl Spliced {
     /// paths agree on every answer this one takes.
     fn read(bytes: &[u8], model: &str, response_id: &str) -> Option<Self> {
         let top: TopLevel<'_> = serde_json::from_slice(bytes).ok()?;
-        let reported = match top.get("usage") {
-            Some(u) => usage_of(u)?,
-            None => None,
+        // As [`Usage::from_obj`] reads it; an object that cannot be read: the tree path.
+        let usage: Option<Map<String, Value>> = match top.get("usage") {
+            Some(u) if u.get().starts_with('{') => Some(serde_json::from_str(u.get()).ok()?),
+            _ => None,
         };
+        let reported = usage.as_ref().and_then(Usage::from_map);
         let mut seen = Delivered::default();
         if let Some(choices) = top.get("choices") {
             seen.add_chars(choices_chars(choices)?);
@@ -193,20 +199,11 @@ impl Spliced {
         );
         Some(Self {
             reported,
+            usage,
             seen,
             body,
         })
     }
-}
-
-/// The usage object's counts as [`Usage::from_obj`] reads them (`Some(None)`: not an
-/// object). `None` when it cannot be read.
-fn usage_of(raw: &RawValue) -> Option<Option<Usage>> {
-    if !raw.get().starts_with('{') {
-        return Some(None);
-    }
-    let map: Map<String, Value> = serde_json::from_str(raw.get()).ok()?;
-    Some(Usage::from_map(&map))
 }
 
 /// Text-bearing fields of a whole answer's choice, as raw values.
