@@ -82,6 +82,8 @@ pub(crate) struct Early {
     pub(crate) key: KeyAuth,
     pub(crate) anonymous: bool,
     pub(crate) in_flight: InFlight,
+    /// The id the request was given on arrival (its early refusals carry it too).
+    pub(crate) request_id: String,
 }
 
 /// One inference request, in its span. The model and provider are recorded in the span
@@ -102,7 +104,9 @@ pub(crate) async fn inference_after(
     early: Option<Early>,
 ) -> Response {
     let started = Instant::now();
-    let request_id = new_request_id();
+    let request_id = early
+        .as_ref()
+        .map_or_else(new_request_id, |e| e.request_id.clone());
     let span = tracing::info_span!(
         "request",
         request_id = %request_id,

@@ -754,6 +754,34 @@ async fn each_apis_clients_read_errors_and_headers_as_they_expect() {
     assert!(h.contains_key("request-id"), "{h:?}");
     assert_eq!(h["request-id"], h["x-request-id"]);
     assert_eq!(h["x-accel-buffering"], "no");
+    // What the routes answer themselves carries an id too: a request that does not
+    // translate, a token count, an Ollama load, a refused key.
+    for (path, headers, body, status) in [
+        ("/v1/messages", &anthropic[..], json!({"model": MODEL}), 400),
+        (
+            "/v1/messages/count_tokens",
+            &anthropic[..],
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+            200,
+        ),
+        ("/api/generate", &auth[..], json!({"model": MODEL}), 200),
+        (
+            "/api/chat",
+            &[("authorization", "Bearer pk-wrong")][..],
+            json!({"model": MODEL}),
+            401,
+        ),
+    ] {
+        let (s, h, t) = post(&p, path, headers, body.to_string().into_bytes()).await;
+        assert_eq!(s, status, "{path}: {t}");
+        let id = h
+            .get("x-request-id")
+            .unwrap_or_else(|| panic!("{path}: {h:?}"));
+        assert!(!id.is_empty(), "{path}");
+        if path.starts_with("/v1/messages") {
+            assert_eq!(h.get("request-id"), Some(id), "{path}");
+        }
+    }
 
     // Out of credits: Anthropic's billing error, the Responses API's own code; neither
     // to be retried.
@@ -870,6 +898,9 @@ async fn anthropic_max_tokens_is_fitted_to_the_pool_and_a_long_prompt_refused_in
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    // Refused before the inference path, with a request id all the same.
+    let id = r.headers()["request-id"].clone();
+    assert_eq!(r.headers()["x-request-id"], id);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     assert!(

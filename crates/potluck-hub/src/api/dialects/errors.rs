@@ -95,6 +95,21 @@ pub(super) fn from_api_error(dialect: Dialect, e: ApiError) -> Response {
     resp
 }
 
+/// `resp` with the request's id, as the inference path's answers have it (`x-request-id`,
+/// and Anthropic's `request-id`): for what the dialect's route answers itself (a refusal
+/// before the inference path, a load, a token count).
+pub(super) fn with_id(dialect: Dialect, request_id: &str, mut resp: Response) -> Response {
+    let Ok(id) = HeaderValue::from_str(request_id) else {
+        return resp;
+    };
+    let h = resp.headers_mut();
+    h.insert(crate::http::HEADER_X_REQUEST_ID, id.clone());
+    if dialect == Dialect::Anthropic {
+        h.insert("request-id", id);
+    }
+    resp
+}
+
 /// The headers of the hub's answer a client of `dialect` reads: `retry-after`,
 /// `x-should-retry`, the request's id (also as Anthropic's `request-id`), the time it
 /// queued.

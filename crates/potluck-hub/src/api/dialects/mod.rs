@@ -30,7 +30,9 @@ mod fit;
 mod listing;
 mod stream;
 
-use self::errors::{copy_headers, error_response, from_api_error, shaped, translation_error};
+use self::errors::{
+    copy_headers, error_response, from_api_error, shaped, translation_error, with_id,
+};
 pub(crate) use self::errors::{is_anthropic, key_from_x_api_key, reshaped};
 
 pub(crate) use self::listing::{
@@ -93,10 +95,11 @@ async fn run(
     translate: impl FnOnce(&[u8]) -> Result<(Value, Back), DialectError>,
 ) -> Response {
     let started = Instant::now();
+    let request_id = crate::routing::send::new_request_id();
     let (mut parts, body) = req.into_parts();
-    let (early, raw) = match admitted_body(&state, &mut parts.headers, body).await {
+    let (early, raw) = match admitted_body(&state, &mut parts.headers, body, &request_id).await {
         Ok(a) => a,
-        Err(e) => return from_api_error(dialect, e),
+        Err(e) => return with_id(dialect, &request_id, from_api_error(dialect, e)),
     };
     let admitted = Admitted {
         parts,
@@ -129,19 +132,20 @@ async fn run_admitted(
         raw,
         started,
     } = a;
+    let refused = |r: Response| with_id(dialect, &early.request_id, r);
     let (mut openai, back) = match translate(&raw) {
         Ok(t) => t,
-        Err(e) => return translation_error(dialect, &e),
+        Err(e) => return refused(translation_error(dialect, &e)),
     };
     drop(raw);
     if dialect == Dialect::Anthropic {
-        if let Err(refused) = fit::fit_max_tokens(&state, &early.key, &parts.headers, &mut openai) {
-            return *refused;
+        if let Err(r) = fit::fit_max_tokens(&state, &early.key, &parts.headers, &mut openai) {
+            return refused(*r);
         }
     }
     let bytes = match serde_json::to_vec(&openai) {
         Ok(b) => b,
-        Err(_) => return from_api_error(dialect, ApiError::Internal),
+        Err(_) => return refused(from_api_error(dialect, ApiError::Internal)),
     };
     // The translated request as a tree takes tens of times its bytes (every number and
     // string a node): free it now, not when the request ends.
@@ -169,21 +173,21 @@ async fn admitted_body(
     state: &HubState,
     headers: &mut HeaderMap,
     body: Body,
+    request_id: &str,
 ) -> Result<(crate::api::Early, Bytes), ApiError> {
     key_from_x_api_key(headers);
     let (key, anonymous) = crate::http::auth::consumer_or_anonymous(state, headers).await?;
     let in_flight = crate::api::admit::limits(state, &key, anonymous).await?;
-    let reading = state.inflight.register(
-        &crate::routing::send::new_request_id(),
-        key.account_id,
-        key.key_id,
-    );
+    let reading = state
+        .inflight
+        .register(request_id, key.account_id, key.key_id);
     let limit = state.config.max_request_bytes;
     let raw = crate::api::admit::read_body_unless_cut(body, limit, &reading).await?;
     let early = crate::api::Early {
         key,
         anonymous,
         in_flight,
+        request_id: request_id.to_owned(),
     };
     Ok((early, raw))
 }
@@ -330,9 +334,15 @@ pub(crate) async fn anthropic_count_tokens(
     State(state): State<Arc<HubState>>,
     req: Request,
 ) -> Response {
+    let request_id = crate::routing::send::new_request_id();
+    let r = count_tokens(&state, req, &request_id).await;
+    with_id(Dialect::Anthropic, &request_id, r)
+}
+
+async fn count_tokens(state: &HubState, req: Request, request_id: &str) -> Response {
     let (mut parts, body) = req.into_parts();
     // The key's concurrency slot is held until the answer.
-    let (_admitted, raw) = match admitted_body(&state, &mut parts.headers, body).await {
+    let (_admitted, raw) = match admitted_body(state, &mut parts.headers, body, request_id).await {
         Ok(a) => a,
         Err(e) => return from_api_error(Dialect::Anthropic, e),
     };
@@ -405,13 +415,21 @@ pub(crate) async fn ollama_generate(State(state): State<Arc<HubState>>, req: Req
 /// goes through the inference path.
 async fn ollama_inference(state: Arc<HubState>, req: Request, call: ollama::Call) -> Response {
     let started = Instant::now();
+    let request_id = crate::routing::send::new_request_id();
     let (mut parts, body) = req.into_parts();
-    let (early, raw) = match admitted_body(&state, &mut parts.headers, body).await {
+    let (early, raw) = match admitted_body(&state, &mut parts.headers, body, &request_id).await {
         Ok(a) => a,
-        Err(e) => return from_api_error(Dialect::Ollama, e),
+        Err(e) => {
+            return with_id(
+                Dialect::Ollama,
+                &request_id,
+                from_api_error(Dialect::Ollama, e),
+            )
+        }
     };
     if let Some(load) = ollama::load_only(call, &raw) {
-        return listing::ollama_load(&state, &early.key, call, &load);
+        let answer = listing::ollama_load(&state, &early.key, call, &load);
+        return with_id(Dialect::Ollama, &request_id, answer);
     }
     let admitted = Admitted {
         parts,
