@@ -17,14 +17,14 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use potluck_dialects::openai::Completion;
 use potluck_dialects::{anthropic, ollama, responses, DialectError, Usage};
-use potluck_protocol::request::RequestLimits;
-use potluck_protocol::{ErrorBody, InferenceEndpoint, InferenceRequest};
+use potluck_protocol::{ErrorBody, InferenceEndpoint};
 use serde_json::Value;
 
 use self::stream::{stream_back, StreamCaps};
 use crate::http::error::ApiError;
 use crate::state::HubState;
 
+mod count_tokens;
 mod errors;
 mod fit;
 mod listing;
@@ -35,6 +35,7 @@ use self::errors::{
 };
 pub(crate) use self::errors::{is_anthropic, key_from_x_api_key, reshaped};
 
+pub(crate) use self::count_tokens::anthropic_count_tokens;
 pub(crate) use self::listing::{
     ollama_manage, ollama_ps, ollama_show, ollama_tags, ollama_version,
 };
@@ -326,57 +327,6 @@ pub(crate) async fn anthropic_messages(
         },
     )
     .await
-}
-
-/// `POST /v1/messages/count_tokens`: the hub's own estimate (bytes-based, the same one
-/// admission uses), not a tokenizer's count.
-pub(crate) async fn anthropic_count_tokens(
-    State(state): State<Arc<HubState>>,
-    req: Request,
-) -> Response {
-    let request_id = crate::routing::send::new_request_id();
-    let r = count_tokens(&state, req, &request_id).await;
-    with_id(Dialect::Anthropic, &request_id, r)
-}
-
-async fn count_tokens(state: &HubState, req: Request, request_id: &str) -> Response {
-    let (mut parts, body) = req.into_parts();
-    // The key's concurrency slot is held until the answer.
-    let (_admitted, raw) = match admitted_body(state, &mut parts.headers, body, request_id).await {
-        Ok(a) => a,
-        Err(e) => return from_api_error(Dialect::Anthropic, e),
-    };
-    // count_tokens bodies carry no max_tokens; the translation needs one.
-    let mut v: Value = match serde_json::from_slice(&raw) {
-        Ok(v) => v,
-        Err(_) => {
-            return translation_error(
-                Dialect::Anthropic,
-                &DialectError::Json("not JSON".to_owned()),
-            )
-        }
-    };
-    if let Some(o) = v.as_object_mut() {
-        o.entry("max_tokens").or_insert(Value::from(1));
-    }
-    let bytes = serde_json::to_vec(&v).unwrap_or_default();
-    let translated = match anthropic::to_openai(&bytes) {
-        Ok(r) => serde_json::to_vec(&r.openai).unwrap_or_default(),
-        Err(e) => return translation_error(Dialect::Anthropic, &e),
-    };
-    // The same estimate admission uses (the shared request rules).
-    let limits = RequestLimits::new(state.config.max_request_bytes.saturating_mul(2));
-    match InferenceRequest::parse(InferenceEndpoint::ChatCompletions, &translated, &limits) {
-        Ok(r) => {
-            axum::Json(anthropic::count_tokens_answer(u64::from(r.prompt_estimate))).into_response()
-        }
-        Err(e) => error_response(
-            Dialect::Anthropic,
-            StatusCode::BAD_REQUEST,
-            &e.to_string(),
-            e.param(),
-        ),
-    }
 }
 
 /// `POST /v1/responses`
