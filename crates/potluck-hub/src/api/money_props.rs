@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use serde_json::Value;
 
 use crate::api::finish::{cost, settlement, within, Parties, Request};
-use crate::api::relay::chunk::UsageView;
+use crate::api::relay::shown::Claim;
 use crate::books::money::Micro;
 use crate::books::reserve::Reservations;
 use crate::books::usage::Finished;
@@ -50,9 +50,7 @@ fn reported(prompt: &Option<String>, completion: &Option<String>) -> [Option<Usa
     let whole = serde_json::from_str::<Value>(&format!("{{\"usage\":{usage}}}"))
         .ok()
         .and_then(|v| v.as_object().and_then(Usage::from_obj));
-    let chunk = serde_json::from_str::<UsageView>(&usage)
-        .ok()
-        .map(|u| u.usage());
+    let chunk = Claim::read(&usage).map(|c| c.counts());
     [whole, chunk]
 }
 

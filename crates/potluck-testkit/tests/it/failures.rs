@@ -130,6 +130,42 @@ async fn failures_before_the_first_token_cost_nothing_and_a_slow_provider_is_a_5
         row.prompt_tokens + row.completion_tokens
     );
     assert!(row.completion_tokens > 0);
+
+    // A stream that stalls mid-way is billed for what came, and a consumer that asked for
+    // usage is shown that bill before the error event (it saw nothing before).
+    backend.set_behavior(FakeBehavior {
+        stall_after: Some(2),
+        ..Default::default()
+    });
+    let before = alice.available_micro().await;
+    let body = json!({"model": MODEL, "stream": true, "stream_options": {"include_usage": true},
+                      "messages": [{"role": "user", "content": "stalls later"}]});
+    let (id, sse) = alice.stream_with(&body).await;
+    let events = sse.collect().await;
+    let row = usage_row(&hub, &id).await;
+    let billed = before - alice.available_micro().await;
+    assert_eq!(billed, row.prompt_tokens + row.completion_tokens);
+    assert_eq!(row.completion_tokens, 2, "{row:?}");
+    let json: Vec<&Value> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Json(v) => Some(v),
+            Event::Done => None,
+        })
+        .collect();
+    let n = json.len();
+    assert!(n >= 2, "{events:?}");
+    assert_eq!(
+        json[n - 2]["usage"],
+        json!({"prompt_tokens": row.prompt_tokens, "completion_tokens": 2, "total_tokens": billed}),
+        "{events:?}"
+    );
+    assert_eq!(
+        json[n - 1]["error"]["code"],
+        "provider_timeout",
+        "{events:?}"
+    );
+    assert!(!events.contains(&Event::Done));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,28 +66,6 @@ impl<'de> Deserialize<'de> for TopLevel<'de> {
     }
 }
 
-/// The usage object of a chunk, its counts read as [`Usage::from_map`] reads them (one
-/// that is not an integer counts 0), so that the fast path and the tree path agree.
-///
-/// [`Usage::from_map`]: crate::trust::plausibility::Usage::from_map
-#[derive(serde::Deserialize)]
-pub(crate) struct UsageView {
-    #[serde(default)]
-    prompt_tokens: serde_json::Value,
-    #[serde(default)]
-    completion_tokens: serde_json::Value,
-}
-
-impl UsageView {
-    pub(crate) fn usage(&self) -> crate::trust::plausibility::Usage {
-        let count = |v: &serde_json::Value| v.as_i64().unwrap_or(0).max(0);
-        crate::trust::plausibility::Usage {
-            prompt: count(&self.prompt_tokens),
-            completion: count(&self.completion_tokens),
-        }
-    }
-}
-
 /// Text-bearing fields of a streamed choice (everything else is ignored).
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]

@@ -9,7 +9,9 @@
 use std::borrow::Cow;
 
 use potluck_protocol::InferenceEndpoint;
-use serde_json::{Map, Value};
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::api::relay::chunk::{write_object, TopLevel};
 use crate::trust::plausibility::Usage;
@@ -29,33 +31,122 @@ pub(crate) fn object(billed: Usage, endpoint: InferenceEndpoint) -> String {
     )
 }
 
-/// Whether the provider's usage object `raw` says exactly what is billed (see the
-/// module's docs); then it is shown as it came, its details with it.
-pub(crate) fn honest(raw: &[u8], billed: Usage) -> bool {
-    serde_json::from_slice::<Map<String, Value>>(raw).is_ok_and(|u| honest_map(&u, billed))
+/// Keys a usage object the hub passes on may hold (each once): what OpenAI's has.
+const SHOWN_KEYS: [&str; 5] = [
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "prompt_tokens_details",
+    "completion_tokens_details",
+];
+
+/// Most entries of a usage object (or of its details) read; more and it is not one.
+const MAX_USAGE_ENTRIES: usize = 16;
+
+/// A provider's usage object as it came: its entries in order, repeats included, each
+/// value unread. Read once for the counts billed ([`Claim::counts`]) and for whether it
+/// may be shown ([`Claim::says`]).
+pub(crate) struct Claim<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'a> Claim<'a> {
+    /// `raw`'s entries; `None` when it is not a JSON object (an array, a number, text)
+    /// or holds more than [`MAX_USAGE_ENTRIES`].
+    pub(crate) fn read(raw: &'a str) -> Option<Self> {
+        serde_json::from_str(raw).ok()
+    }
+
+    fn last(&self, key: &str) -> Option<&'a RawValue> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+    }
+
+    /// The counts billed against: each the key's last value, as an integer (one that is
+    /// not an integer, or is negative, counts 0), as [`Usage::from_map`] reads a tree.
+    pub(crate) fn counts(&self) -> Usage {
+        let count = |k: &str| self.last(k).and_then(integer).unwrap_or(0).max(0);
+        Usage {
+            prompt: count("prompt_tokens"),
+            completion: count("completion_tokens"),
+        }
+    }
+
+    /// Whether the object says exactly `billed`: only OpenAI's keys, each once; its
+    /// counts integers equal to the bill (no completion at all for an embedding's);
+    /// its total, if any, their sum; each detail null or an integer within its count.
+    pub(crate) fn says(&self, billed: Usage) -> bool {
+        let known = self.0.iter().all(|(k, _)| SHOWN_KEYS.contains(k));
+        let once = self
+            .0
+            .iter()
+            .enumerate()
+            .all(|(i, (k, _))| self.0[..i].iter().all(|(seen, _)| seen != k));
+        let count = |k: &str| self.last(k).map(integer);
+        let completion_ok = match count("completion_tokens") {
+            Some(c) => c == Some(billed.completion),
+            None => billed.completion == 0,
+        };
+        let total_ok = count("total_tokens")
+            .is_none_or(|t| t.is_some() && t == billed.prompt.checked_add(billed.completion));
+        known
+            && once
+            && count("prompt_tokens") == Some(Some(billed.prompt))
+            && completion_ok
+            && total_ok
+            && details_within(self.last("prompt_tokens_details"), billed.prompt)
+            && details_within(self.last("completion_tokens_details"), billed.completion)
+    }
 }
 
-/// [`honest`] for a usage object already read.
-pub(crate) fn honest_map(u: &Map<String, Value>, billed: Usage) -> bool {
-    let count = |k: &str| u.get(k).map(Value::as_i64);
-    let total = billed.prompt.checked_add(billed.completion);
-    let within = |k: &str, most: i64| match u.get(k) {
-        None | Some(Value::Null) => true,
-        Some(Value::Object(d)) => d.values().all(|v| match v {
-            Value::Null => true,
-            v => v.as_i64().is_some_and(|n| (0..=most).contains(&n)),
-        }),
-        Some(_) => false,
-    };
-    count("prompt_tokens") == Some(Some(billed.prompt))
-        && match count("completion_tokens") {
-            Some(c) => c == Some(billed.completion),
-            // Embeddings: no completion at all.
-            None => billed.completion == 0,
+impl<'de> Deserialize<'de> for Claim<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Claim<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a usage object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::with_capacity(4);
+                while let Some(e) = map.next_entry::<&'de str, &'de RawValue>()? {
+                    if entries.len() == MAX_USAGE_ENTRIES {
+                        return Err(A::Error::custom("too many usage entries"));
+                    }
+                    entries.push(e);
+                }
+                Ok(Claim(entries))
+            }
         }
-        && count("total_tokens").is_none_or(|t| t.is_some() && t == total)
-        && within("prompt_tokens_details", billed.prompt)
-        && within("completion_tokens_details", billed.completion)
+        d.deserialize_map(V)
+    }
+}
+
+/// A JSON integer within `i64`; `None` for anything else (a float, text, null).
+fn integer(v: &RawValue) -> Option<i64> {
+    serde_json::from_str::<i64>(v.get()).ok()
+}
+
+/// A `*_tokens_details` value: absent, null, or an object of nulls and integers within
+/// `most`.
+fn details_within(v: Option<&RawValue>, most: i64) -> bool {
+    let Some(v) = v.filter(|v| v.get() != "null") else {
+        return true;
+    };
+    Claim::read(v.get()).is_some_and(|d| {
+        d.0.iter()
+            .all(|(_, x)| x.get() == "null" || integer(x).is_some_and(|n| (0..=most).contains(&n)))
+    })
+}
+
+/// Whether the provider's usage object `raw` may be shown: it says exactly what is
+/// billed ([`Claim::says`]).
+pub(crate) fn honest(raw: &[u8], billed: Usage) -> bool {
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(Claim::read)
+        .is_some_and(|c| c.says(billed))
 }
 
 /// What to show as usage: the provider's object when [`honest`], else the bill's.
@@ -139,11 +230,29 @@ mod tests {
             r#"{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":13}}"#,
             r#"{"prompt_tokens":12,"completion_tokens":3,"completion_tokens_details":[1]}"#,
             r#"{"completion_tokens":3}"#,
+            r#"{"prompt_tokens":12,"completion_tokens":3,"cost":999}"#,
+            r#"{"prompt_tokens":999,"prompt_tokens":12,"completion_tokens":3}"#,
+            r#"{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":99}}"#,
             r#""x""#,
+            "[12,3]",
             "null",
         ] {
             assert!(!honest(replaced.as_bytes(), BILL), "{replaced}");
         }
+        // The counts billed against, read as the tree path reads them.
+        let counts = |raw: &str| Claim::read(raw).map(|c| c.counts());
+        assert_eq!(
+            counts(r#"{"prompt_tokens":12,"completion_tokens":3}"#),
+            Some(BILL)
+        );
+        assert_eq!(
+            counts(r#"{"prompt_tokens":-4,"completion_tokens":3.5,"prompt_tokens":12}"#),
+            Some(Usage {
+                prompt: 12,
+                completion: 0
+            })
+        );
+        assert_eq!(counts("[500,3]"), None);
         // An embedding's usage has no completion.
         assert!(honest(
             br#"{"prompt_tokens":12,"total_tokens":12}"#,

@@ -17,7 +17,8 @@ use crate::api::ctx::{with_request_id, Ctx};
 use crate::api::finish::Outcome;
 use crate::api::relay::budget::{gather, Share, Shortfall};
 use crate::api::relay::chunk::{write_object, TopLevel};
-use crate::api::relay::{embeddings, rewrite, shown, HEADER_QUEUE_MS};
+use crate::api::relay::shown::{self, Claim};
+use crate::api::relay::{embeddings, rewrite, HEADER_QUEUE_MS};
 use crate::http::error::ApiError;
 use crate::routing::inflight::cut_error;
 use crate::routing::registry::Lease;
@@ -90,7 +91,7 @@ pub(crate) async fn relay_whole(
     // The consumer is shown the usage it is billed: the provider's object when it says
     // so (checked on the object the splice read), else the hub's.
     let settle = |b: Vec<u8>| match &usage_obj {
-        Some(Some(u)) if shown::honest_map(u, usage) => b,
+        Some(Some(claim)) if claim.says(usage) => b,
         _ => shown::settle(b, usage, ctx.endpoint),
     };
     let (body, outcome) = match body {
@@ -160,26 +161,26 @@ async fn tree(
 
 /// A whole answer read without a JSON tree: its top level split into raw values, the
 /// usage and the choices' text read from them, and `id`/`model` spliced into the bytes.
-struct Spliced {
+struct Spliced<'a> {
     reported: Option<Usage>,
-    /// The usage object as read, when the answer has one.
-    usage: Option<Map<String, Value>>,
+    /// The usage object as it came, when the answer has one.
+    usage: Option<Claim<'a>>,
     seen: Delivered,
     body: Vec<u8>,
 }
 
-impl Spliced {
+impl<'a> Spliced<'a> {
     /// `None` when the answer cannot be read this way (not an object, escaped keys, a
     /// repeated field in a choice or its message): the tree path decides then, so both
     /// paths agree on every answer this one takes.
-    fn read(bytes: &[u8], model: &str, response_id: &str) -> Option<Self> {
-        let top: TopLevel<'_> = serde_json::from_slice(bytes).ok()?;
+    fn read(bytes: &'a [u8], model: &str, response_id: &str) -> Option<Self> {
+        let top: TopLevel<'a> = serde_json::from_slice(bytes).ok()?;
         // As [`Usage::from_obj`] reads it; an object that cannot be read: the tree path.
-        let usage: Option<Map<String, Value>> = match top.get("usage") {
-            Some(u) if u.get().starts_with('{') => Some(serde_json::from_str(u.get()).ok()?),
+        let usage = match top.get("usage").map(RawValue::get) {
+            Some(u) if u.starts_with('{') => Some(Claim::read(u)?),
             _ => None,
         };
-        let reported = usage.as_ref().and_then(Usage::from_map);
+        let reported = usage.as_ref().map(Claim::counts);
         let mut seen = Delivered::default();
         if let Some(choices) = top.get("choices") {
             seen.add_chars(choices_chars(choices)?);

@@ -7,7 +7,8 @@ use serde_json::Value;
 
 use super::Relay;
 use crate::api::now_ms;
-use crate::api::relay::chunk::{splice, ChoiceView, TopLevel, UsageView};
+use crate::api::relay::chunk::{splice, ChoiceView, TopLevel};
+use crate::api::relay::shown::Claim;
 use crate::api::relay::whole::answer_text;
 use crate::api::relay::{rewrite, shown};
 use crate::trust::plausibility::{assess, Usage};
@@ -35,8 +36,8 @@ impl Relay {
         // shows its usage once, before `[DONE]`, when its bill is known (`usage_chunk`).
         let carries_usage = top.get("usage").is_some_and(|u| u.get() != "null");
         if let Some(u) = top.get("usage").filter(|_| carries_usage) {
-            if let Ok(view) = serde_json::from_str::<UsageView>(u.get()) {
-                self.usage = Some(view.usage());
+            if let Some(claim) = Claim::read(u.get()) {
+                self.usage = Some(claim.counts());
             }
             self.usage_raw = Some(u.get().as_bytes().to_vec());
         }

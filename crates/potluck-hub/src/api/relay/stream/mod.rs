@@ -179,7 +179,8 @@ impl Relay {
             g.release();
             self.out.push_back(self.filtered_chunk());
             if self.wants_usage {
-                // Billed as a stream cut short (what was delivered), as `finish` bills it.
+                // Billed as a stream cut short (the text the provider sent, held back
+                // or not), as `finish` bills it.
                 let chunk = self.usage_chunk(false);
                 self.out.push_back(chunk);
             }
@@ -219,8 +220,18 @@ impl Relay {
 
     fn fail(&mut self, message: &str, code: &str) {
         tracing::warn!(reason = code, "stream ended by provider fault");
-        self.out.push_back(sse_error_msg(message, code));
-        self.end = End::ProviderError;
+        self.end_with(sse_error_msg(message, code), End::ProviderError);
+    }
+
+    /// End the stream with an error event: after the usage it is billed, when the
+    /// consumer asked for usage (a stream cut short is billed for what came).
+    fn end_with(&mut self, error: Bytes, end: End) {
+        if self.wants_usage {
+            let chunk = self.usage_chunk(false);
+            self.out.push_back(chunk);
+        }
+        self.out.push_back(error);
+        self.end = end;
     }
 
     /// The provider's `[DONE]`: the end (after the guard's last window, if it reads the
@@ -283,8 +294,7 @@ impl Relay {
                     let c = self.ctx.cut.why();
                     tracing::info!(target = c.what(), "stream cut");
                     let body = cut_error(&c).body().to_json();
-                    self.out.push_back(Bytes::from(format!("data: {body}\n\n")));
-                    self.end = End::Cut;
+                    self.end_with(Bytes::from(format!("data: {body}\n\n")), End::Cut);
                 }
                 Wait::Stalled => self.fail("The provider stalled.", "provider_timeout"),
                 Wait::TooLong => self.too_long(),
