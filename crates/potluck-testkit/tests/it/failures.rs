@@ -39,6 +39,24 @@ async fn priced(
     (hub, backend, agent, alice)
 }
 
+/// A streamed chat asking for usage: its events, its usage row, and the credits it took
+/// (checked to be the row's tokens at the test's price of one a token).
+async fn stream_with_usage(
+    hub: &TestHub,
+    alice: &Consumer,
+    text: &str,
+) -> (Vec<Event>, potluck_store::UsageRow, i64) {
+    let before = alice.available_micro().await;
+    let body = json!({"model": MODEL, "stream": true, "stream_options": {"include_usage": true},
+                      "messages": [{"role": "user", "content": text}]});
+    let (id, sse) = alice.stream_with(&body).await;
+    let events = sse.collect().await;
+    let row = usage_row(hub, &id).await;
+    let billed = before - alice.available_micro().await;
+    assert_eq!(billed, row.prompt_tokens + row.completion_tokens, "{row:?}");
+    (events, row, billed)
+}
+
 /// The usage row of one request, once written (and settled with it).
 async fn usage_row(hub: &TestHub, request_id: &str) -> potluck_store::UsageRow {
     let st = hub.state();
@@ -137,14 +155,7 @@ async fn failures_before_the_first_token_cost_nothing_and_a_slow_provider_is_a_5
         stall_after: Some(2),
         ..Default::default()
     });
-    let before = alice.available_micro().await;
-    let body = json!({"model": MODEL, "stream": true, "stream_options": {"include_usage": true},
-                      "messages": [{"role": "user", "content": "stalls later"}]});
-    let (id, sse) = alice.stream_with(&body).await;
-    let events = sse.collect().await;
-    let row = usage_row(&hub, &id).await;
-    let billed = before - alice.available_micro().await;
-    assert_eq!(billed, row.prompt_tokens + row.completion_tokens);
+    let (events, row, billed) = stream_with_usage(&hub, &alice, "stalls later").await;
     assert_eq!(row.completion_tokens, 2, "{row:?}");
     let json: Vec<&Value> = events
         .iter()
@@ -215,14 +226,7 @@ async fn missing_or_implausible_usage_is_replaced_by_the_hubs_count() {
 
         // The same, streamed with usage asked for: the usage chunk shows the bill (one
         // is added when the provider sent none), and comes once, before `[DONE]`.
-        let before = alice.available_micro().await;
-        let body = json!({"model": MODEL, "stream": true, "stream_options": {"include_usage": true},
-                          "messages": [{"role": "user", "content": "hello"}]});
-        let (id, sse) = alice.stream_with(&body).await;
-        let events = sse.collect().await;
-        let row = usage_row(&hub, &id).await;
-        let billed = before - alice.available_micro().await;
-        assert_eq!(billed, row.prompt_tokens + row.completion_tokens, "{what}");
+        let (events, row, billed) = stream_with_usage(&hub, &alice, "hello").await;
         assert!((1..=5).contains(&row.completion_tokens), "{what}: {row:?}");
         let shown: Vec<&Value> = events
             .iter()

@@ -40,8 +40,10 @@ const SHOWN_KEYS: [&str; 5] = [
     "completion_tokens_details",
 ];
 
-/// Most entries of a usage object (or of its details) read; more and it is not one.
-const MAX_USAGE_ENTRIES: usize = 16;
+/// Most entries of a usage object (or of its details) read (OpenAI's has five); past
+/// them it is not read as one: a whole answer takes the tree path, a stream keeps the
+/// counts it had, and the hub's figures are shown.
+const MAX_USAGE_ENTRIES: usize = 64;
 
 /// A provider's usage object as it came: its entries in order, repeats included, each
 /// value unread. Read once for the counts billed ([`Claim::counts`]) and for whether it
@@ -253,6 +255,8 @@ mod tests {
             })
         );
         assert_eq!(counts("[500,3]"), None);
+        let many: String = (0..65).map(|i| format!("\"k{i}\":{i},")).collect();
+        assert!(counts(&format!("{{{many}\"prompt_tokens\":12}}")).is_none());
         // An embedding's usage has no completion.
         assert!(honest(
             br#"{"prompt_tokens":12,"total_tokens":12}"#,
