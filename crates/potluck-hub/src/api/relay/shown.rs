@@ -1,10 +1,11 @@
 //! The usage a consumer is shown is what the hub bills for the answer. The provider's
-//! usage object is passed on only when it says exactly that (its token counts integers
-//! equal to the bill, its total their sum, each detail within its count); anything else
-//! (a claim the hub does not believe, a prompt of no tokens, a total or a detail that
-//! disagrees, a count that is not an integer) is replaced by the hub's figures, and an
-//! answer that came without usage gets them. A stream shows its usage once, in one chunk
-//! before `[DONE]`, when the stream's bill is known.
+//! usage object is passed on only when it says exactly that ([`Claim::says`]: OpenAI's
+//! keys alone, each once, its token counts integers equal to the bill, its total their
+//! sum, each detail within its count); anything else (a claim the hub does not believe,
+//! a prompt of no tokens, a total or a detail that disagrees, a count that is not an
+//! integer, a key of its own) is replaced by the hub's figures, and an answer that came
+//! without usage gets them. A stream shows its usage once, when its bill is known: in a
+//! chunk before `[DONE]`, or before the error event that ends it.
 
 use std::borrow::Cow;
 

@@ -34,8 +34,9 @@ impl Relay {
         }
         // The provider's usage is read and kept, never relayed as it comes: the stream
         // shows its usage once, before `[DONE]`, when its bill is known (`usage_chunk`).
-        let carries_usage = top.get("usage").is_some_and(|u| u.get() != "null");
-        if let Some(u) = top.get("usage").filter(|_| carries_usage) {
+        let usage = top.get("usage").filter(|u| u.get() != "null");
+        let carries_usage = usage.is_some();
+        if let Some(u) = usage {
             if let Some(claim) = Claim::read(u.get()) {
                 self.usage = Some(claim.counts());
             }
@@ -168,8 +169,8 @@ impl Relay {
             }
         }
         let carries_usage = obj.get("usage").is_some_and(|u| !u.is_null());
-        if carries_usage {
-            self.usage_raw = obj.get("usage").map(|u| u.to_string().into_bytes());
+        if let Some(u) = obj.get("usage").filter(|_| carries_usage) {
+            self.usage_raw = Some(u.to_string().into_bytes());
         }
         if !self.wants_usage || carries_usage {
             obj.remove("usage");
