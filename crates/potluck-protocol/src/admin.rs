@@ -85,11 +85,30 @@ pub struct ProviderInfo {
     pub reputation: f64,
 }
 
-/// `{"data": [...]}` wrapper of list answers.
+/// `{"data": [...]}` wrapper of list answers. A list read a page at a time (accounts,
+/// keys, providers, invites) also says whether more rows follow and the id its page ended
+/// on: ask again with `?after=<last_id>` for the next page.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct List<T> {
     /// The items.
     pub data: Vec<T>,
+    /// More rows follow this page.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub has_more: bool,
+    /// The id of this page's last row (the next page's `after`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_id: Option<i64>,
+}
+
+impl<T> List<T> {
+    /// A whole list (not paged).
+    pub fn whole(data: Vec<T>) -> Self {
+        Self {
+            data,
+            has_more: false,
+            last_id: None,
+        }
+    }
 }
 
 /// Longest reason a moderator or admin gives for an action (characters).

@@ -161,7 +161,7 @@ async fn insert_key(
     Ok((id, secret))
 }
 
-fn split_groups(g: Option<String>) -> Vec<String> {
+pub(crate) fn split_groups(g: Option<String>) -> Vec<String> {
     let mut v: Vec<String> = g
         .map(|g| g.split('\n').map(str::to_owned).collect())
         .unwrap_or_default();
@@ -258,30 +258,6 @@ impl Store {
         let (key_id, secret) = insert_key(&mut tx, account_id, key_name).await?;
         tx.commit().await?;
         Ok((account_id, key_id, secret))
-    }
-
-    /// Every human account (system accounts are not listed), with its groups.
-    pub async fn list_accounts(&self) -> Result<Vec<AccountInfo>> {
-        let sql = format!(
-            "SELECT a.id, a.name, a.role, a.status, a.status_reason, a.created_at, \
-             (SELECT {} FROM group_members m JOIN groups g ON g.id = m.group_id \
-              WHERE m.account_id = a.id) \
-             FROM accounts a WHERE a.role != 'system' ORDER BY a.id",
-            self.engine().concat_lines("g.name")
-        );
-        let rows = sqlx::query(&sql).fetch_all(self.pool()).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| AccountInfo {
-                id: r.get(0),
-                name: r.get(1),
-                role: Role::parse(r.get::<&str, _>(2)).as_str(),
-                status: Standing::parse(r.get::<&str, _>(3)),
-                status_reason: r.get(4),
-                created_at: r.get(5),
-                groups: split_groups(r.get(6)),
-            })
-            .collect())
     }
 
     /// Set the standing of an account, a key or a provider (by id), with a reason.
@@ -511,30 +487,6 @@ impl Store {
         Ok((id, code))
     }
 
-    /// Every invite, newest first.
-    pub async fn list_invites(&self) -> Result<Vec<InviteInfo>> {
-        let rows = sqlx::query(
-            "SELECT i.id, i.prefix, c.name, i.created_at, i.expires_at, i.used_at, u.name, i.revoked_at \
-             FROM invites i JOIN accounts c ON c.id = i.created_by LEFT JOIN accounts u ON u.id = i.used_by \
-             ORDER BY i.id DESC",
-        )
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| InviteInfo {
-                id: r.get(0),
-                prefix: r.get(1),
-                created_by: r.get(2),
-                created_at: r.get(3),
-                expires_at: r.get(4),
-                used_at: r.get(5),
-                used_by: r.get(6),
-                revoked_at: r.get(7),
-            })
-            .collect())
-    }
-
     /// Revoke an unused invite.
     pub async fn revoke_invite(&self, id: i64) -> Result<()> {
         let n = sqlx::query(
@@ -606,6 +558,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::listing::{AccountFilter, PageReq};
     use crate::UsageRecord;
 
     fn usage(request_id: &str, account_id: i64, started_at_ms: i64) -> UsageRecord {
@@ -683,7 +636,11 @@ mod tests {
             made += i32::from(t.await.unwrap());
         }
         assert_eq!(made, 1, "one account per invite");
-        let members = b.list_accounts().await.unwrap();
+        let members = b
+            .accounts_page(AccountFilter::All, PageReq::first(100))
+            .await
+            .unwrap()
+            .items;
         assert_eq!(
             members
                 .iter()
@@ -719,12 +676,13 @@ mod tests {
             Err(StoreError::Refused(_))
         ));
         assert!(s
-            .list_accounts()
+            .accounts_page(AccountFilter::All, PageReq::first(100))
             .await
             .unwrap()
+            .items
             .iter()
             .all(|a| a.name != "carol"));
-        let listed = s.list_invites().await.unwrap();
+        let listed = s.invites_page(PageReq::first(100)).await.unwrap().items;
         assert_eq!(listed.len(), 2);
         assert_eq!(listed[1].used_by.as_deref(), Some("bob"));
     });

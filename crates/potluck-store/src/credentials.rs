@@ -5,9 +5,8 @@ use sqlx::Row;
 
 use crate::secret::{Secret, SecretKind};
 use crate::store::{
-    account_id_or_create, block_of, is_unique_violation, now_secs, Account, CredentialRecord,
-    KeyAuth, KeyLimits, KeyRecord, ProviderAuth, ProviderRecord, Result, Role, Standing, Store,
-    StoreError, Target,
+    account_id_or_create, block_of, is_unique_violation, now_secs, Account, KeyAuth, KeyLimits,
+    ProviderAuth, Result, Role, Standing, Store, StoreError, Target,
 };
 
 impl Store {
@@ -280,41 +279,6 @@ impl Store {
         Ok(row.map(provider_auth))
     }
 
-    /// Consumer keys (admin keys are not listed).
-    pub async fn list_keys(&self) -> Result<Vec<KeyRecord>> {
-        self.list_credentials(
-            "SELECT k.id, k.name, a.name, k.prefix, k.created_at, k.revoked_at FROM api_keys k \
-             JOIN accounts a ON a.id = k.account_id WHERE a.role NOT IN ('admin', 'system') ORDER BY k.id",
-        )
-        .await
-    }
-
-    /// Providers.
-    pub async fn list_providers(&self) -> Result<Vec<ProviderRecord>> {
-        self.list_credentials(
-            "SELECT p.id, p.name, a.name, p.prefix, p.created_at, p.revoked_at FROM providers p \
-             JOIN accounts a ON a.id = p.account_id ORDER BY p.id",
-        )
-        .await
-    }
-
-    /// Keys or tokens from `sql`, which selects id, name, account name, prefix, creation
-    /// and revocation times, in that order.
-    async fn list_credentials(&self, sql: &str) -> Result<Vec<CredentialRecord>> {
-        let rows = sqlx::query(sql).fetch_all(self.pool()).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| CredentialRecord {
-                id: r.get(0),
-                name: r.get(1),
-                account: r.get(2),
-                prefix: r.get(3),
-                created_at: r.get(4),
-                revoked_at: r.get(5),
-            })
-            .collect())
-    }
-
     /// Revoke a consumer key by id or by name (a name must be unambiguous).
     /// Returns the key's id.
     pub async fn revoke_key(&self, id_or_name: &str) -> Result<i64> {
@@ -410,7 +374,14 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        let listed = store.list_keys().await.unwrap();
+        let listed = store
+            .keys_page(
+                crate::listing::Liveness::Any,
+                crate::listing::PageReq::first(100),
+            )
+            .await
+            .unwrap()
+            .items;
         assert_eq!(listed.len(), 1, "admin keys are not listed");
         assert_eq!(listed[0].account, "alice");
         assert!(!listed[0].prefix.contains(&key.expose()[10..]));

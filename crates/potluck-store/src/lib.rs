@@ -18,6 +18,7 @@ mod finished;
 mod identity;
 pub mod leases;
 pub mod ledger;
+pub mod listing;
 mod migrations;
 pub mod presence;
 pub mod reports;

@@ -152,13 +152,18 @@ impl Store {
         Ok(())
     }
 
-    /// Every provider's (trusted, reputation, quarantined, moderation status), by id.
+    /// The (trusted, reputation, quarantined, moderation status) of the providers whose
+    /// ids lie in `ids` (a page's first and last), by id.
     pub async fn provider_honesty(
         &self,
+        ids: std::ops::RangeInclusive<i64>,
     ) -> Result<std::collections::HashMap<i64, (bool, f64, bool, String)>> {
         let rows: Vec<(i64, i64, f64, i64, String)> = sqlx::query_as(
-            "SELECT id, trusted, reputation, CASE WHEN quarantined_at_ms IS NULL THEN 0 ELSE 1 END, status FROM providers",
+            "SELECT id, trusted, reputation, CASE WHEN quarantined_at_ms IS NULL THEN 0 ELSE 1 END, status \
+             FROM providers WHERE id >= $1 AND id <= $2",
         )
+        .bind(*ids.start())
+        .bind(*ids.end())
         .fetch_all(self.pool())
         .await?;
         Ok(rows
@@ -268,7 +273,12 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert!(!h[0].1 && h[1].1, "newest first, passed flags kept");
         assert_eq!(h[1].2, Some(0.9));
-        let honesty = s.provider_honesty().await.unwrap();
+        let honesty = s.provider_honesty(pid..=pid).await.unwrap();
         assert_eq!(honesty[&pid], (false, 0.25, true, "active".to_owned()));
+        assert!(s
+            .provider_honesty(pid + 1..=i64::MAX)
+            .await
+            .unwrap()
+            .is_empty());
     });
 }

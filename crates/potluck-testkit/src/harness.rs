@@ -254,11 +254,9 @@ impl TestHub {
     pub async fn provider_id(&self, name: &str) -> i64 {
         self.state()
             .store
-            .list_providers()
+            .provider_record(name, potluck_store::listing::Liveness::Any)
             .await
             .expect("providers")
-            .into_iter()
-            .find(|p| p.name == name)
             .expect("a provider of that name")
             .id
     }

@@ -141,9 +141,9 @@ pub(crate) async fn keys(cmd: KeysCmd, a: AdminArgs) -> anyhow::Result<()> {
             println!("{}", created.secret);
         }
         KeysCmd::List => {
-            let list: List<KeyInfo> = c.get("/admin/v1/keys").await?;
+            let list: Vec<KeyInfo> = c.get_all("/admin/v1/keys").await?;
             let mut t = Table::new(&["ID", "NAME", "ACCOUNT", "PREFIX", "CREATED", "REVOKED"]);
-            for k in list.data {
+            for k in list {
                 t.row(vec![
                     k.id.to_string(),
                     k.name,
@@ -180,11 +180,11 @@ pub(crate) async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result
             println!("{}", created.secret);
         }
         ProvidersCmd::List => {
-            let list: List<ProviderInfo> = c.get("/admin/v1/providers").await?;
+            let list: Vec<ProviderInfo> = c.get_all("/admin/v1/providers").await?;
             let mut t = Table::new(&[
                 "ID", "NAME", "STATE", "TRUSTED", "SCORE", "CONNS", "INFLIGHT", "MODELS",
             ]);
-            for p in list.data {
+            for p in list {
                 let state = if p.revoked_at.is_some() {
                     "revoked"
                 } else if !p.state.is_empty() && p.state != "active" {

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::{header, Method, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
+use potluck_protocol::admin::List;
 use potluck_protocol::ErrorBody;
 use potluck_tunnel::HubUrl;
 use serde::de::DeserializeOwned;
@@ -13,6 +14,10 @@ use serde::Serialize;
 
 /// Largest admin answer read.
 const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+/// Rows asked for per page of a list.
+const LIST_PAGE_ROWS: usize = 500;
+/// Most rows of one list the CLI reads (pages after that are an error).
+const MAX_LISTED_ROWS: usize = 1_000_000;
 
 pub struct AdminClient {
     hub: HubUrl,
@@ -78,6 +83,39 @@ impl AdminClient {
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.call(Method::GET, path, None).await
+    }
+
+    /// Every row of a list the hub answers a page at a time (`has_more`, `last_id`),
+    /// asking for the next page with `after` until none follows. A hub whose cursor does
+    /// not move, that says more follow a page it did not fill, or that sends more than
+    /// [`MAX_LISTED_ROWS`] rows is an error, not a loop.
+    pub async fn get_all<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Vec<T>> {
+        let mut rows = Vec::new();
+        let mut after: Option<i64> = None;
+        loop {
+            let url = match after {
+                None => format!("{path}?limit={LIST_PAGE_ROWS}"),
+                Some(a) => format!("{path}?limit={LIST_PAGE_ROWS}&after={a}"),
+            };
+            let page: List<T> = self.get(&url).await?;
+            let full = page.data.len() >= LIST_PAGE_ROWS;
+            rows.extend(page.data);
+            if !page.has_more {
+                return Ok(rows);
+            }
+            // A hub with more rows fills the page asked for (its own cap is higher): a
+            // short page that says more follow is a hub keeping the CLI asking.
+            if !full {
+                bail!("the hub's list of {path} says more rows follow a page it did not fill");
+            }
+            if rows.len() > MAX_LISTED_ROWS {
+                bail!("the hub's list of {path} goes on past {MAX_LISTED_ROWS} rows");
+            }
+            match page.last_id {
+                Some(id) if Some(id) != after => after = Some(id),
+                _ => bail!("the hub's list of {path} says more rows follow but not where"),
+            }
+        }
     }
 
     pub async fn post<T: DeserializeOwned, B: Serialize>(

@@ -267,8 +267,8 @@ pub async fn accounts(cmd: AccountsCmd, a: AdminArgs) -> anyhow::Result<()> {
             println!("{}", r.id);
         }
         AccountsCmd::List => {
-            let list: List<AccountInfo> = c.get("/admin/v1/accounts").await?;
-            print_accounts(&list.data);
+            let list: Vec<AccountInfo> = c.get_all("/admin/v1/accounts").await?;
+            print_accounts(&list);
         }
         AccountsCmd::Show { name } => {
             let d: AccountDetail = c.get(&format!("/admin/v1/{}", acct(&name))).await?;
@@ -337,9 +337,9 @@ pub async fn invites(cmd: InvitesCmd, a: AdminArgs) -> anyhow::Result<()> {
             println!("{}", r.code);
         }
         InvitesCmd::List => {
-            let list: List<InviteInfo> = c.get("/admin/v1/invites").await?;
+            let list: Vec<InviteInfo> = c.get_all("/admin/v1/invites").await?;
             let mut t = Table::new(&["ID", "PREFIX", "BY", "EXPIRES", "USED BY", "REVOKED"]);
-            for r in list.data {
+            for r in list {
                 t.row(vec![
                     r.id.to_string(),
                     r.prefix,

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::HeaderMap;
@@ -10,15 +10,17 @@ use http::HeaderMap;
 use crate::accounts::wire;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
-use crate::http::extract::{limit, ListQuery};
+use crate::http::extract::{limit, no_after, no_status, Listing};
 use crate::state::HubState;
 
 pub(crate) async fn audit_log(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    Listing(q): Listing,
 ) -> Result<Response, ApiError> {
     auth::staff(&st, &headers, Action::AuditLog).await?;
+    no_after(&q)?;
+    no_status(&q)?;
     let rows = st.store.audit_log(limit(&q)).await?;
     Ok(Json(wire::list(rows, wire::action_log_row)).into_response())
 }

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::HeaderMap;
 use potluck_protocol::admin::{AccountLimitsSet, Clawback, KeyLimitsSet, KeyLimitsView};
+use potluck_store::listing::Liveness;
 use potluck_store::{KeyAuth, KeyLimits};
 use serde::Deserialize;
 
@@ -169,10 +170,10 @@ pub(crate) async fn clawback(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let actor = auth::staff(&st, &headers, Action::Providers).await?;
-    let providers = st.store.list_providers().await?;
-    let p = providers
-        .iter()
-        .find(|p| p.id.to_string() == id || p.name == id)
+    let p = st
+        .store
+        .provider_record(&id, Liveness::Any)
+        .await?
         .ok_or(ApiError::NotFound("provider"))?;
     let account = account_id(&st, &p.account).await?;
     let taken = st.store.clawback(account).await?;

@@ -14,7 +14,7 @@ use crate::accounts::{not_found, per_hour, wire};
 use crate::books::action_log;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
-use crate::http::extract::{json_body, parse_id, read_capped};
+use crate::http::extract::{json_body, no_status, page_req, parse_id, read_capped, Listing};
 use crate::state::HubState;
 use potluck_store::KeyAuth;
 
@@ -71,13 +71,17 @@ pub(crate) async fn create(
     })
 }
 
+/// `GET /admin/v1/invites?limit=N&after=ID`: a page of invites, newest first (`after`
+/// is the id the page before ended on; older invites follow).
 pub(crate) async fn list_invites(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
+    Listing(q): Listing,
 ) -> Result<Response, ApiError> {
     auth::staff(&st, &headers, Action::Invites).await?;
-    let rows = st.store.list_invites().await?;
-    Ok(Json(wire::list(rows, wire::invite_info)).into_response())
+    no_status(&q)?;
+    let rows = st.store.invites_page(page_req(&q)).await?;
+    Ok(Json(wire::page(rows, |i| i.id, wire::invite_info)).into_response())
 }
 
 pub(crate) async fn revoke_invite(

@@ -11,6 +11,7 @@ use potluck_protocol::admin::{
     CreateKey, CreateProvider, Created, KeyInfo, KeySettingsSet, KeySettingsView, List, Revoked,
 };
 use potluck_store::accounts::KeySettings;
+use potluck_store::listing::Liveness;
 use potluck_store::KeyAuth;
 use serde::Deserialize;
 
@@ -20,7 +21,8 @@ use crate::books::credits::starter_grant;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
 use crate::http::extract::{
-    check_account_name, check_name, json_body, parse_id, read_capped, read_json, OPERATOR_ACCOUNT,
+    check_account_name, check_name, json_body, no_status, page_req, parse_id, read_capped,
+    read_json, Listing, OPERATOR_ACCOUNT,
 };
 use crate::routing::inflight::Cut;
 use crate::state::HubState;
@@ -84,26 +86,27 @@ pub(crate) async fn create_key(
     create(&st, &headers, body, Kind::Key).await
 }
 
+/// `GET /admin/v1/keys?limit=N&after=ID`: a page of consumer keys (revoked ones too), by id.
 pub(crate) async fn list_keys(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
+    Listing(q): Listing,
 ) -> Result<Json<List<KeyInfo>>, ApiError> {
     auth::staff(&st, &headers, Action::Keys).await?;
-    let data = st
-        .store
-        .list_keys()
-        .await?
-        .into_iter()
-        .map(|k| KeyInfo {
+    no_status(&q)?;
+    let page = st.store.keys_page(Liveness::Any, page_req(&q)).await?;
+    Ok(Json(wire::page(
+        page,
+        |k| k.id,
+        |k| KeyInfo {
             id: k.id,
             name: k.name,
             account: k.account,
             prefix: k.prefix,
             created_at: k.created_at,
             revoked_at: k.revoked_at,
-        })
-        .collect();
-    Ok(Json(List { data }))
+        },
+    )))
 }
 
 pub(crate) async fn revoke_key(

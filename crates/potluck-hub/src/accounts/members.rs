@@ -10,6 +10,7 @@ use potluck_protocol::admin::{
     AccountDetail, AccountRole, AccountStanding, CreateAccount, GroupAdded, GroupRemoved, GroupReq,
     SetRole,
 };
+use potluck_store::listing::{AccountFilter, PageReq};
 use potluck_store::{KeyAuth, Role, Standing, Target};
 
 use crate::accounts::{account, not_found, wire};
@@ -17,16 +18,24 @@ use crate::books::action_log;
 use crate::books::credits::starter_grant;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
-use crate::http::extract::{check_account_name, check_name, read_json};
+use crate::http::extract::{
+    check_account_name, check_name, no_status, page_req, read_json, Listing, MAX_LIST_ROWS,
+};
 use crate::state::HubState;
 
+/// `GET /admin/v1/accounts?limit=N&after=ID`: a page of accounts, by id.
 pub(crate) async fn list_accounts(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
+    Listing(q): Listing,
 ) -> Result<Response, ApiError> {
     auth::staff(&st, &headers, Action::ListAccounts).await?;
-    let rows = st.store.list_accounts().await?;
-    Ok(Json(wire::list(rows, wire::account_info)).into_response())
+    no_status(&q)?;
+    let rows = st
+        .store
+        .accounts_page(AccountFilter::All, page_req(&q))
+        .await?;
+    Ok(Json(wire::page(rows, |a| a.id, wire::account_info)).into_response())
 }
 
 pub(crate) async fn show_account(
@@ -38,18 +47,16 @@ pub(crate) async fn show_account(
     let a = account(&st, &name).await?;
     let info = st
         .store
-        .list_accounts()
+        .account_info(a.id)
         .await?
-        .into_iter()
-        .find(|x| x.id == a.id)
         .ok_or(ApiError::NotFound("account"))?;
     let keys = st.store.own_keys(a.id).await?;
     let providers = st
         .store
-        .list_providers()
+        .providers_of_account(a.id, PageReq::first(MAX_LIST_ROWS))
         .await?
+        .items
         .into_iter()
-        .filter(|p| p.account == a.name && p.revoked_at.is_none())
         .map(wire::account_provider)
         .collect();
     Ok(Json(AccountDetail {

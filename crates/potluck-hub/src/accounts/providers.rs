@@ -8,11 +8,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::HeaderMap;
 use potluck_protocol::admin::{List, ProviderInfo, Revoked};
+use potluck_store::listing::Liveness;
 
 use crate::accounts::keys::{create, Kind};
+use crate::accounts::wire;
 use crate::books::action_log;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
+use crate::http::extract::{no_status, page_req, Listing};
 use crate::state::HubState;
 
 pub(crate) async fn create_provider(
@@ -23,19 +26,25 @@ pub(crate) async fn create_provider(
     create(&st, &headers, body, Kind::Provider).await
 }
 
+/// `GET /admin/v1/providers?limit=N&after=ID`: a page of providers (revoked ones too), by
+/// id, with their live links and reputation.
 pub(crate) async fn list_providers(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
+    Listing(q): Listing,
 ) -> Result<Json<List<ProviderInfo>>, ApiError> {
     auth::staff(&st, &headers, Action::Providers).await?;
+    no_status(&q)?;
+    let page = st.store.providers_page(Liveness::Any, page_req(&q)).await?;
+    let honesty = match (page.items.first(), page.items.last()) {
+        (Some(a), Some(b)) => st.store.provider_honesty(a.id..=b.id).await?,
+        _ => Default::default(),
+    };
     let live = st.registry.provider_summary();
-    let honesty = st.store.provider_honesty().await?;
-    let data = st
-        .store
-        .list_providers()
-        .await?
-        .into_iter()
-        .map(|p| {
+    Ok(Json(wire::page(
+        page,
+        |p| p.id,
+        |p| {
             let (connections, models, in_flight) = live.get(&p.id).cloned().unwrap_or_default();
             let (trusted, reputation, quarantined, status) = honesty
                 .get(&p.id)
@@ -59,9 +68,8 @@ pub(crate) async fn list_providers(
                 models,
                 in_flight,
             }
-        })
-        .collect();
-    Ok(Json(List { data }))
+        },
+    )))
 }
 
 pub(crate) async fn revoke_provider(

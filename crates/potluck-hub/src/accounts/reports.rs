@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{HeaderMap, StatusCode};
@@ -19,7 +19,7 @@ use crate::accounts::{not_found, per_hour, wire, MAX_REQUEST_ID_BYTES};
 use crate::books::action_log;
 use crate::http::auth::{self, Action, Reporter};
 use crate::http::error::ApiError;
-use crate::http::extract::{limit, parse_id, read_json, reason, ListQuery};
+use crate::http::extract::{limit, no_after, no_status, parse_id, read_json, reason, Listing};
 use crate::state::HubState;
 
 pub(crate) async fn file_report(
@@ -101,15 +101,17 @@ pub(crate) fn reporter_view(r: &ReportRow) -> OwnReport {
 pub(crate) async fn my_reports(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    Listing(q): Listing,
 ) -> Result<Response, ApiError> {
     let who = auth::reporter(&st, &headers).await?;
+    no_after(&q)?;
+    no_status(&q)?;
     let rows = st
         .store
         .reports_by(who.account_id(), who.provider_id(), limit(&q))
         .await?;
     let data: Vec<OwnReport> = rows.iter().map(reporter_view).collect();
-    Ok(Json(List { data }).into_response())
+    Ok(Json(List::whole(data)).into_response())
 }
 
 pub(crate) async fn my_report(
@@ -135,9 +137,10 @@ pub(crate) async fn moderator_view(st: &HubState, r: ReportRow) -> Result<Report
 pub(crate) async fn list_reports(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    Listing(q): Listing,
 ) -> Result<Response, ApiError> {
     auth::staff(&st, &headers, Action::Reports).await?;
+    no_after(&q)?;
     let status = match q.status.as_deref() {
         None | Some("open") => Some("open"),
         Some("resolved") => Some("resolved"),
@@ -153,7 +156,7 @@ pub(crate) async fn list_reports(
     for r in st.store.list_reports(status, limit(&q)).await? {
         data.push(moderator_view(&st, r).await?);
     }
-    Ok(Json(List { data }).into_response())
+    Ok(Json(List::whole(data)).into_response())
 }
 
 pub(crate) async fn show_report(

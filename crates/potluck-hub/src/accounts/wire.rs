@@ -4,6 +4,7 @@
 use potluck_protocol::admin as wire;
 use potluck_store::accounts::{AccountInfo, AuditRow, InviteInfo, OwnKey};
 use potluck_store::ledger::{Balance, HistoryLine, CREDIT};
+use potluck_store::listing::Page;
 use potluck_store::reports::{ReportRow, RequestMeta};
 use potluck_store::{ProviderRecord, UsageRow};
 
@@ -11,8 +12,21 @@ use crate::accounts::NO_CONTENT_NOTE;
 
 /// `{"data": [...]}` of `items`, each converted by `f`.
 pub(crate) fn list<S, T>(items: Vec<S>, f: impl FnMut(S) -> T) -> wire::List<T> {
+    wire::List::whole(items.into_iter().map(f).collect())
+}
+
+/// One page of a list, each row converted by `f`; `id` names a row for the next page's
+/// `after`.
+pub(crate) fn page<S, T>(
+    page: Page<S>,
+    id: impl Fn(&S) -> i64,
+    f: impl FnMut(S) -> T,
+) -> wire::List<T> {
+    let last_id = page.items.last().map(id);
     wire::List {
-        data: items.into_iter().map(f).collect(),
+        data: page.items.into_iter().map(f).collect(),
+        has_more: page.has_more,
+        last_id,
     }
 }
 

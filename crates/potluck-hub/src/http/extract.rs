@@ -2,13 +2,17 @@
 //! and list limits.
 
 use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
 use http_body_util::{BodyExt, Limited};
 use potluck_protocol::admin::MAX_NAME_BYTES;
+use potluck_store::listing::PageReq;
 use serde::Deserialize;
 
 use crate::http::error::ApiError;
 
-/// Most rows one list call returns (audit log, reports).
+/// Most rows one list call returns (every admin list: accounts, keys, providers, invites,
+/// reports, the audit log).
 pub(crate) const MAX_LIST_ROWS: i64 = 10_000;
 /// Rows a list call returns when no `limit` is given.
 pub(crate) const DEFAULT_LIST_ROWS: i64 = 100;
@@ -130,13 +134,66 @@ pub(crate) fn parse_id(s: &str, what: &'static str) -> Result<i64, ApiError> {
     s.parse().map_err(|_| ApiError::NotFound(what))
 }
 
-#[derive(Deserialize)]
+/// A list call's query: `limit` (rows), `after` (the id the page before ended on),
+/// `status` (where the list has one).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct ListQuery {
     pub(crate) limit: Option<i64>,
+    pub(crate) after: Option<i64>,
     pub(crate) status: Option<String>,
+}
+
+/// A [`ListQuery`] read with an error in the API's shape (axum's own is plain text).
+pub(crate) struct Listing(pub(crate) ListQuery);
+
+impl<S: Send + Sync> FromRequestParts<S> for Listing {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<ListQuery>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(Listing(q)),
+            Err(_) => Err(ApiError::bad_request(
+                "A list takes 'limit' (rows, an integer), 'after' (the id the page before \
+                 ended on) and, where it has one, 'status'; nothing else.",
+                None,
+            )),
+        }
+    }
 }
 
 /// The rows a list call returns.
 pub(crate) fn limit(q: &ListQuery) -> i64 {
     q.limit.unwrap_or(DEFAULT_LIST_ROWS).clamp(1, MAX_LIST_ROWS)
+}
+
+/// Refuse a `status` on a list that has none (rather than ignore it).
+pub(crate) fn no_status(q: &ListQuery) -> Result<(), ApiError> {
+    match q.status {
+        None => Ok(()),
+        Some(_) => Err(ApiError::bad_request(
+            "This list takes no 'status'.",
+            Some("status"),
+        )),
+    }
+}
+
+/// Refuse an `after` on a list that answers its newest rows only, in one page (the audit
+/// log, reports): ignoring it would let a client think it pages.
+pub(crate) fn no_after(q: &ListQuery) -> Result<(), ApiError> {
+    match q.after {
+        None => Ok(()),
+        Some(_) => Err(ApiError::bad_request(
+            "This list answers its newest rows only (up to 'limit'); it takes no 'after'.",
+            Some("after"),
+        )),
+    }
+}
+
+/// The page a list call asks for.
+pub(crate) fn page_req(q: &ListQuery) -> PageReq {
+    PageReq {
+        after: q.after,
+        limit: limit(q),
+    }
 }

@@ -10,6 +10,8 @@ use http::HeaderMap;
 use potluck_protocol::admin::{
     AuditRow, GuardVerdict, ProviderAudits, ProviderTrust, Reputation, VerdictList, VERDICTS_NOTE,
 };
+use potluck_store::listing::Liveness;
+use potluck_store::ProviderRecord;
 use serde::Deserialize;
 
 use crate::http::auth;
@@ -50,15 +52,8 @@ pub(crate) async fn set_provider_trust(
     trusted: bool,
 ) -> Result<ProviderTrust, ApiError> {
     auth::require(actor, auth::Action::Trust)?;
-    let id = provider_id(st, name).await?;
-    let name = st
-        .store
-        .list_providers()
-        .await?
-        .into_iter()
-        .find(|p| p.id == id)
-        .map(|p| p.name)
-        .ok_or(ApiError::NotFound("provider"))?;
+    let p = live_provider(st, name).await?;
+    let (id, name) = (p.id, p.name);
     st.store
         .set_trusted(&name, trusted)
         .await
@@ -143,14 +138,16 @@ fn reputation_of(s: potluck_store::trust::Standing) -> Reputation {
     }
 }
 
-async fn provider_id(st: &HubState, name: &str) -> Result<i64, ApiError> {
+/// A live provider by id or name (the one row, never the whole table).
+async fn live_provider(st: &HubState, name: &str) -> Result<ProviderRecord, ApiError> {
     st.store
-        .list_providers()
+        .provider_record(name, Liveness::Live)
         .await?
-        .into_iter()
-        .find(|p| p.revoked_at.is_none() && (p.name == name || p.id.to_string() == name))
-        .map(|p| p.id)
         .ok_or(ApiError::NotFound("provider"))
+}
+
+async fn provider_id(st: &HubState, name: &str) -> Result<i64, ApiError> {
+    Ok(live_provider(st, name).await?.id)
 }
 
 /// `GET /admin/v1/providers/{name}/standing`: the provider's reputation (trusted,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use http::HeaderMap;
+use potluck_store::listing::{AccountFilter, Liveness, PageReq};
 use potluck_store::KeyLimits;
 use serde::Deserialize;
 
@@ -176,14 +177,12 @@ pub(super) async fn settings(
     if !(limits || manage) {
         return Ok(());
     }
-    let n = st.config.web.page_rows.unsigned_abs() as usize;
-    let accounts: Vec<_> = st
+    let page = PageReq::first(st.config.web.page_rows);
+    let accounts = st
         .store
-        .list_accounts()
+        .accounts_page(AccountFilter::All, page)
         .await?
-        .into_iter()
-        .take(n)
-        .collect();
+        .items;
     let row = |a: &potluck_store::accounts::AccountInfo, path: &str, extra: String| {
         let url = format!("/web/staff/accounts/{}/{path}", a.name);
         (cells([a.name.clone(), extra]), Some(url))
@@ -199,13 +198,8 @@ pub(super) async fn settings(
         );
         sec.fields = &LIMIT_FIELDS;
         out.push(sec);
-        let keys = st
-            .store
-            .list_keys()
-            .await?
-            .into_iter()
-            .filter(|k| k.revoked_at.is_none());
-        let rows = keys.take(n).map(|k| {
+        let keys = st.store.keys_page(Liveness::Live, page).await?.items;
+        let rows = keys.into_iter().map(|k| {
             let url = format!("/web/staff/keys/{}/limits", k.id);
             (cells([k.id.to_string(), k.name, k.account]), Some(url))
         });

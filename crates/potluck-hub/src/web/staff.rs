@@ -8,7 +8,7 @@ use askama::Template;
 use axum::extract::State;
 use axum::response::Response;
 use http::HeaderMap;
-use potluck_store::Standing;
+use potluck_store::listing::{AccountFilter, Liveness, PageReq};
 
 use crate::http::auth::{require, Action};
 use crate::http::error::ApiError;
@@ -80,19 +80,22 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
     if !may(s, Action::ListAccounts) {
         return Ok(());
     }
-    let accounts = st.store.list_accounts().await?;
-    let page = st.config.web.page_rows.unsigned_abs() as usize;
-    // One page each: strangers can add pending accounts by the hundred. Accounts are
-    // listed newest first (the newest are the likeliest to need a moderator).
-    let pending = accounts
-        .iter()
-        .filter(|a| a.status == Standing::Pending)
-        .take(page);
+    let page = st.config.web.page_rows;
+    // One page each, read as a page: strangers can add pending accounts by the hundred.
+    // Pending accounts oldest first (the longest waiting); the others newest first (the
+    // newest are the likeliest to need a moderator).
+    let pending = st
+        .store
+        .accounts_page(AccountFilter::Pending, PageReq::first(page))
+        .await?
+        .items;
+    let accounts = st.store.newest_accounts(page).await?;
     out.push(Section {
         id: "approvals",
         title: "Pending approvals",
         columns: &["Account", "Since"],
         rows: pending
+            .iter()
             .map(|a| {
                 (
                     cells([a.name.clone(), a.created_at.to_string()]),
@@ -112,8 +115,6 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
         columns: &["Id", "Account", "Role", "Standing"],
         rows: accounts
             .into_iter()
-            .rev()
-            .take(page)
             .map(|a| {
                 let url = may(s, Action::Sanction)
                     .then(|| format!("/web/staff/accounts/{}/sanction", a.name));
@@ -132,7 +133,7 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
         fields: &[],
     });
     if may(s, Action::Invites) {
-        let invites = st.store.list_invites().await?;
+        let invites = st.store.invites_page(PageReq::first(page)).await?.items;
         out.push(Section {
             id: "invites",
             title: "Invites",
@@ -293,16 +294,25 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
     }
     crate::web::admin_forms::settings(st, s, out).await?;
     if may(s, Action::Keys) {
-        // Live keys first, then at most a page: revoked rows are kept for ever.
-        let mut keys = st.store.list_keys().await?;
-        keys.sort_by_key(|k| k.revoked_at.is_some());
+        // Live keys first, then revoked ones, one page in all: revoked rows are kept for
+        // ever.
+        let page = st.config.web.page_rows;
+        let mut keys = st
+            .store
+            .keys_page(Liveness::Live, PageReq::first(page))
+            .await?
+            .items;
+        let room = page.saturating_sub(i64::try_from(keys.len()).unwrap_or(page));
+        if room > 0 {
+            let revoked = st.store.keys_page(Liveness::Revoked, PageReq::first(room));
+            keys.extend(revoked.await?.items);
+        }
         out.push(Section {
             id: "keys",
             title: "Keys",
             columns: &["Id", "Name", "Account", "Prefix", "Revoked"],
             rows: keys
                 .into_iter()
-                .take(st.config.web.page_rows.unsigned_abs() as usize)
                 .map(|k| {
                     let live = k.revoked_at.is_none();
                     let c = cells([
@@ -323,13 +333,11 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
     }
     if may(s, Action::Providers) {
         let mut rows = Vec::new();
-        for p in st
+        // One page, newest first (the likeliest to need a moderator).
+        let newest = st
             .store
-            .list_providers()
-            .await?
-            .into_iter()
-            .filter(|p| p.revoked_at.is_none())
-        {
+            .newest_providers(Liveness::Live, st.config.web.page_rows);
+        for p in newest.await? {
             let standing = st.store.standing(p.id).await?;
             let q = standing.quarantined_at_ms.is_some();
             let c = cells([

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::response::Response;
 use http::HeaderMap;
 use potluck_protocol::usage::GroupBy;
+use potluck_store::listing::PageReq;
 
 use crate::accounts::usage;
 use crate::http::error::ApiError;
@@ -76,13 +77,14 @@ pub(crate) async fn page(
     let s = session(&st, &headers).await?;
     let me = s.auth.account_id;
     let err = ApiError::from;
-    let owned = st.store.account_providers(me).await.map_err(err)?;
-    let all = st.store.list_providers().await.map_err(err)?;
+    // One page of the member's own providers, read alone (never every provider).
+    let page = PageReq::first(st.config.web.page_rows);
+    let owned = st.store.providers_of_account(me, page).await.map_err(err)?;
     let q = usage::UsageQuery::last_days(today(), st.config.web.chart_days, GroupBy::Provider);
     let served = usage::totals(&st, q, None).await?.data;
     let online = st.registry.provider_summary();
     let mut providers = Vec::new();
-    for p in all.into_iter().filter(|p| owned.contains(&p.id)) {
+    for p in owned.items {
         let standing = st.store.standing(p.id).await.map_err(err)?;
         let audits = st
             .store

@@ -141,15 +141,7 @@ async fn a_consumers_own_provider_cannot_get_an_honest_one_blamed_for_refusing()
         .provider_account(st.store.provider_id("mallory-box").await.unwrap())
         .await
         .unwrap();
-    let owner_name = st
-        .store
-        .list_accounts()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|a| a.id == owner)
-        .unwrap()
-        .name;
+    let owner_name = st.store.account_info(owner).await.unwrap().unwrap().name;
     let (_, key) = hub.create_key_in("own", &owner_name).await;
     let mallory = Consumer::with_key(&hub, &owner_name, key);
     for i in 0..30 {

@@ -3,6 +3,7 @@
 //! `cargo test -p potluck-testkit --test it fair::`.
 
 mod accounts;
+mod admin_lists;
 mod agent_boundary;
 mod agent_control;
 mod agent_hostile;

@@ -4,5 +4,6 @@
 mod cli;
 mod common;
 mod insecure;
+mod lists;
 mod privacy;
 mod provide_cli;
