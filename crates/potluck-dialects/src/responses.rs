@@ -9,9 +9,11 @@
 
 mod answer;
 mod request;
+mod stream;
 
 pub use answer::*;
 pub use request::*;
+pub use stream::*;
 
 #[cfg(test)]
 mod tests;

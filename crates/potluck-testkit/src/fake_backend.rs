@@ -46,6 +46,9 @@ pub struct FakeBehavior {
     /// Whole answers, embeddings and streams (asked for usage) report this `usage`
     /// instead of the true one (`Value::Null`: no `usage` at all).
     pub reported_usage: Option<Value>,
+    /// A reasoning model: the first this many of a chat answer's `chunks` are thinking
+    /// (`reasoning_content`, as llama.cpp sends it: `think{i} `), the rest its answer.
+    pub reasoning: usize,
 }
 
 impl Default for FakeBehavior {
@@ -62,6 +65,7 @@ impl Default for FakeBehavior {
             invalid_utf8: false,
             raw_body: None,
             reported_usage: None,
+            reasoning: 0,
         }
     }
 }
@@ -484,8 +488,13 @@ async fn inference(State(st): State<Arc<FakeState>>, req: Request) -> Response {
         }
         "/v1/chat/completions" | "/v1/completions" if !stream => {
             let chat = rec.target == "/v1/chat/completions";
-            let text: String = (0..b.chunks).map(|i| format!("tok{i} ")).collect();
-            let choice = if chat {
+            let thinking = b.reasoning.min(b.chunks);
+            let text: String = (thinking..b.chunks).map(|i| format!("tok{i} ")).collect();
+            let choice = if chat && thinking > 0 {
+                let reasoning: String = (0..thinking).map(|i| format!("think{i} ")).collect();
+                json!({"index": 0, "message": {"role": "assistant", "content": text,
+                       "reasoning_content": reasoning}, "finish_reason": "stop"})
+            } else if chat {
                 json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
             } else {
                 json!({"index": 0, "text": text, "finish_reason": "stop"})
@@ -538,7 +547,9 @@ fn stream_answer(st: Arc<FakeState>, b: FakeBehavior, chat: bool, include_usage:
             }
             let n = b.chunks;
             let data = if i < n {
-                let choice = if chat {
+                let choice = if chat && i < b.reasoning {
+                    json!({"index": 0, "delta": {"reasoning_content": format!("think{i} ")}, "finish_reason": null})
+                } else if chat {
                     json!({"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null})
                 } else {
                     json!({"index": 0, "text": format!("tok{i} "), "finish_reason": null})

@@ -21,9 +21,19 @@ pub fn message_id(openai_id: &str) -> String {
 }
 
 /// Translate a whole chat completion into a Messages answer, with the answer's `usage`.
-pub fn from_openai(answer: &Completion, model: &str, usage: Usage) -> Value {
+/// With `thinking` (the consumer turned extended thinking on), a reasoning model's
+/// thinking comes first, as a `thinking` block; without, it is left out, as Anthropic
+/// leaves it out.
+pub fn from_openai(answer: &Completion, model: &str, thinking: bool, usage: Usage) -> Value {
     let choice = answer.first();
     let mut content = Vec::new();
+    if let Some(t) = choice
+        .message
+        .reasoning_content
+        .filter(|t| thinking && !t.is_empty())
+    {
+        content.push(thinking_block(&t));
+    }
     if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
         content.push(json!({"type": "text", "text": text}));
     }
@@ -44,6 +54,13 @@ pub fn from_openai(answer: &Completion, model: &str, usage: Usage) -> Value {
         "stop_sequence": null,
         "usage": {"input_tokens": usage.input, "output_tokens": usage.output},
     })
+}
+
+/// A `thinking` block. Anthropic signs its own thinking so that it can check the block
+/// when a client sends it back; a pool model's thinking has no signature, so it is empty
+/// (and the hub drops thinking blocks a client sends back).
+fn thinking_block(text: &str) -> Value {
+    json!({"type": "thinking", "thinking": text, "signature": ""})
 }
 
 /// Anthropic's `count_tokens` answer for the hub's estimate.
@@ -89,6 +106,7 @@ impl Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Open {
     None,
+    Thinking,
     Text,
     Tool(u32),
 }
@@ -98,6 +116,8 @@ enum Open {
 #[derive(Debug)]
 pub struct Stream {
     model: String,
+    /// Show a reasoning model's thinking (the consumer turned extended thinking on).
+    thinking: bool,
     /// The answer's id, from its first chunk.
     id: String,
     started: bool,
@@ -109,10 +129,12 @@ pub struct Stream {
 }
 
 impl Stream {
-    /// A translator for one answer of `model`.
-    pub fn new(model: impl Into<String>) -> Self {
+    /// A translator for one answer of `model`; `thinking`: show a reasoning model's
+    /// thinking as `thinking` blocks.
+    pub fn new(model: impl Into<String>, thinking: bool) -> Self {
         Self {
             model: model.into(),
+            thinking,
             id: String::new(),
             started: false,
             open: Open::None,
@@ -146,6 +168,11 @@ impl Stream {
         let mut out = Vec::new();
         self.start(&chunk.id, &mut out);
         if let Some(delta) = chunk.delta() {
+            let thought = delta.reasoning_content.as_deref();
+            if let Some(t) = thought.filter(|t| self.thinking && !t.is_empty()) {
+                self.open_block(Open::Thinking, None, &mut out);
+                out.push(self.block_delta(json!({"type": "thinking_delta", "thinking": t})));
+            }
             if let Some(text) = delta.content.as_deref().filter(|t| !t.is_empty()) {
                 self.open_block(Open::Text, None, &mut out);
                 out.push(self.block_delta(json!({"type": "text_delta", "text": text})));
@@ -178,6 +205,7 @@ impl Stream {
             (Open::Tool(_), Some((id, name))) => {
                 json!({"type": "tool_use", "id": id, "name": name, "input": {}})
             }
+            (Open::Thinking, _) => thinking_block(""),
             _ => json!({"type": "text", "text": ""}),
         };
         out.push(Event::new(

@@ -14,6 +14,9 @@ pub struct Request {
     pub model: String,
     /// Whether the consumer wants events.
     pub stream: bool,
+    /// Whether the consumer turned extended thinking on (`thinking.type` `enabled` or
+    /// `adaptive`): only then is a reasoning model's thinking shown, as `thinking` blocks.
+    pub thinking: bool,
 }
 
 /// Translate a Messages request body.
@@ -34,6 +37,7 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(DialectError::invalid("stream", "must be a boolean")),
     };
+    let thinking = thinking_wanted(req.get("thinking"))?;
     let mut messages = system_messages(req.get("system"))?;
     let turns = req
         .get("messages")
@@ -68,7 +72,30 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         openai: Value::Object(out),
         model,
         stream,
+        thinking,
     })
+}
+
+/// Whether `thinking` turns extended thinking on. Anthropic's shapes: `{"type":
+/// "enabled", "budget_tokens": N}`, `{"type": "adaptive"}`, `{"type": "disabled"}`. The
+/// budget is checked for its type only: the provider's model thinks as it was set up to.
+fn thinking_wanted(thinking: Option<&Value>) -> Result<bool, DialectError> {
+    let t = match thinking {
+        None | Some(Value::Null) => return Ok(false),
+        Some(Value::Object(t)) => t,
+        Some(_) => return Err(DialectError::invalid("thinking", "must be an object")),
+    };
+    if let Some(b) = t.get("budget_tokens").filter(|b| !b.is_null()) {
+        uint(b, "thinking.budget_tokens")?;
+    }
+    match t.get("type").and_then(Value::as_str) {
+        Some("enabled" | "adaptive") => Ok(true),
+        Some("disabled") => Ok(false),
+        _ => Err(DialectError::invalid(
+            "thinking.type",
+            "must be enabled, adaptive or disabled",
+        )),
+    }
 }
 
 fn system_messages(system: Option<&Value>) -> Result<Vec<Value>, DialectError> {

@@ -162,6 +162,7 @@ fn a_whole_answer_becomes_a_message_with_billed_usage() {
     let msg = from_openai(
         &answer,
         "m",
+        false,
         Usage {
             input: 12,
             output: 7,
@@ -200,7 +201,7 @@ fn names(events: &[Event]) -> Vec<&'static str> {
 
 #[test]
 fn a_text_stream_has_anthropics_event_order() {
-    let mut s = Stream::new("m");
+    let mut s = Stream::new("m", false);
     let mut all = Vec::new();
     all.extend(s.chunk(&chunk(
         json!({"id": "c1", "choices": [{"delta": {"role": "assistant", "content": ""}}]}),
@@ -247,7 +248,7 @@ fn a_text_stream_has_anthropics_event_order() {
 
 #[test]
 fn streamed_tool_calls_become_tool_use_blocks_with_json_deltas() {
-    let mut s = Stream::new("m");
+    let mut s = Stream::new("m", false);
     let mut all = Vec::new();
     all.extend(s.chunk(&chunk(
         json!({"id": "c", "choices": [{"delta": {"content": "ok"}}]}),
@@ -291,7 +292,7 @@ fn streamed_tool_calls_become_tool_use_blocks_with_json_deltas() {
 
 #[test]
 fn streamed_arguments_cut_off_or_not_an_object_still_make_an_object() {
-    let mut s = Stream::new("m");
+    let mut s = Stream::new("m", false);
     let mut all = s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 0, "id": "t", "function": {"name": "f", "arguments": "{\"x\": [1, 2"}}]}, "finish_reason": "length"}]})));
     all.extend(s.finish(Usage::default()));
     let delta = all
@@ -305,7 +306,7 @@ fn streamed_arguments_cut_off_or_not_an_object_still_make_an_object() {
 
 #[test]
 fn an_empty_stream_still_opens_and_closes_the_message() {
-    let mut s = Stream::new("m");
+    let mut s = Stream::new("m", false);
     assert_eq!(
         names(&s.finish(Usage::default())),
         ["message_start", "ping", "message_delta", "message_stop"]
@@ -383,10 +384,103 @@ fn tool_uses_without_ids_get_ids_unique_across_answers() {
         )
         .expect("answer")
     };
-    let a = from_openai(&answer("chatcmpl-1"), "m", Usage::default());
-    let b = from_openai(&answer("chatcmpl-2"), "m", Usage::default());
+    let a = from_openai(&answer("chatcmpl-1"), "m", false, Usage::default());
+    let b = from_openai(&answer("chatcmpl-2"), "m", false, Usage::default());
     assert_eq!(a["content"][0]["id"], json!("toolu_chatcmpl-1_0"));
     assert_ne!(a["content"][0]["id"], b["content"][0]["id"]);
     // Arguments that are not an object are kept, inside one.
     assert_eq!(a["content"][0]["input"], json!({"_raw": "[1]"}));
+}
+
+/// A reasoning model's thinking (llama.cpp's `reasoning_content`) is shown as Anthropic
+/// shows it, a `thinking` block before the text, when the consumer turned extended
+/// thinking on; otherwise it is left out, as Anthropic leaves it out.
+#[test]
+fn a_reasoning_models_thinking_is_a_thinking_block_when_asked_for() {
+    let on = req(json!({"model": "m", "max_tokens": 9, "messages": [],
+                        "thinking": {"type": "enabled", "budget_tokens": 2048}}));
+    assert!(on.unwrap().thinking);
+    let adaptive = req(json!({"model": "m", "max_tokens": 9, "messages": [],
+                              "thinking": {"type": "adaptive"}}));
+    assert!(adaptive.unwrap().thinking);
+    for off in [json!(null), json!({"type": "disabled"})] {
+        let r = req(json!({"model": "m", "max_tokens": 9, "messages": [], "thinking": off}));
+        assert!(!r.unwrap().thinking);
+    }
+    for bad in [
+        json!(true),
+        json!({"type": "maybe"}),
+        json!({"type": "enabled", "budget_tokens": -1}),
+    ] {
+        let r = req(json!({"model": "m", "max_tokens": 9, "messages": [], "thinking": bad}));
+        assert!(matches!(r, Err(DialectError::Invalid { .. })), "{r:?}");
+    }
+
+    let whole = Completion::parse(
+        json!({"id": "c", "choices": [{"finish_reason": "stop",
+               "message": {"content": "4", "reasoning_content": "2+2"}}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap();
+    let shown = from_openai(&whole, "m", true, Usage::default());
+    assert_eq!(
+        shown["content"],
+        json!([{"type": "thinking", "thinking": "2+2", "signature": ""},
+               {"type": "text", "text": "4"}])
+    );
+    let hidden = from_openai(&whole, "m", false, Usage::default());
+    assert_eq!(hidden["content"], json!([{"type": "text", "text": "4"}]));
+
+    let mut s = Stream::new("m", true);
+    let mut all = Vec::new();
+    for delta in [
+        json!({"reasoning_content": "hm"}),
+        json!({"reasoning_content": "m"}),
+        json!({"content": "4"}),
+    ] {
+        all.extend(s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": delta}]}))));
+    }
+    all.extend(s.finish(Usage::default()));
+    assert_eq!(
+        names(&all),
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert_eq!(
+        all[2].data["content_block"],
+        json!({"type": "thinking", "thinking": "", "signature": ""})
+    );
+    assert_eq!(
+        all[3].data["delta"],
+        json!({"type": "thinking_delta", "thinking": "hm"})
+    );
+    assert_eq!(
+        (all[5].data["index"].clone(), all[6].data["index"].clone()),
+        (json!(0), json!(1))
+    );
+    assert_eq!(
+        all[7].data["delta"],
+        json!({"type": "text_delta", "text": "4"})
+    );
+
+    let mut quiet = Stream::new("m", false);
+    let events = quiet.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {"reasoning_content": "hm"}}]}),
+    ));
+    assert!(
+        events.iter().all(|e| e.name != "content_block_start"),
+        "no block for thinking nobody asked to see"
+    );
 }

@@ -269,3 +269,94 @@ fn tool_calls_without_ids_get_ids_unique_across_answers_and_their_done_event_a_n
         .expect("added");
     assert_eq!(added.data["item"]["call_id"], json!("call_chatcmpl-9_0"));
 }
+
+/// A reasoning model's thinking (llama.cpp's `reasoning_content`) becomes a reasoning item
+/// before the message, with `reasoning_text` content, as the Responses API carries an
+/// open-weight model's; streamed, it is closed before the message opens. Before, it was
+/// dropped.
+#[test]
+fn a_reasoning_models_thinking_is_a_reasoning_item() {
+    let whole = Completion::parse(
+        json!({"id": "c", "choices": [{"finish_reason": "stop",
+               "message": {"content": "4", "reasoning_content": "2+2"}}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap();
+    let r = from_openai(&whole, "m", &Echo::default(), 1, Usage::default());
+    assert_eq!(
+        r["output"][0],
+        json!({"type": "reasoning", "id": "rs_c_0", "summary": [],
+               "content": [{"type": "reasoning_text", "text": "2+2"}], "status": "completed"})
+    );
+    assert_eq!(r["output"][1]["type"], json!("message"));
+
+    let mut s = Stream::new("m", Echo::default(), 1);
+    let mut all = Vec::new();
+    for delta in [
+        json!({"reasoning_content": "2+"}),
+        json!({"reasoning_content": "2"}),
+        json!({"content": "4"}),
+    ] {
+        all.extend(s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": delta}]}))));
+    }
+    all.extend(s.finish(Usage::default()));
+    let names: Vec<_> = all.iter().map(|e| e.name).collect();
+    assert_eq!(
+        names,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.reasoning_text.delta",
+            "response.reasoning_text.delta",
+            "response.reasoning_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e.data["sequence_number"], json!(i));
+    }
+    assert_eq!(all[2].data["item"]["type"], json!("reasoning"));
+    assert_eq!(
+        all[3].data["part"],
+        json!({"type": "reasoning_text", "text": ""})
+    );
+    assert_eq!(
+        (all[4].data["item_id"].clone(), all[4].data["delta"].clone()),
+        (json!("rs_c_0"), json!("2+"))
+    );
+    assert_eq!(all[6].data["text"], json!("2+2"));
+    assert_eq!(
+        (
+            all[8].data["output_index"].clone(),
+            all[9].data["output_index"].clone()
+        ),
+        (json!(0), json!(1))
+    );
+    let done = &all[15].data["response"]["output"];
+    assert_eq!(done[0]["content"][0]["text"], json!("2+2"));
+    assert_eq!(done[1]["content"][0]["text"], json!("4"));
+
+    // Thinking alone (cut off by max tokens) still closes its item.
+    let mut s = Stream::new("m", Echo::default(), 1);
+    let mut all = s.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {"reasoning_content": "hm"}, "finish_reason": "length"}]}),
+    ));
+    all.extend(s.finish(Usage::default()));
+    let last = all.last().unwrap();
+    assert_eq!(last.name, "response.incomplete");
+    assert_eq!(
+        last.data["response"]["output"][0]["type"],
+        json!("reasoning")
+    );
+}

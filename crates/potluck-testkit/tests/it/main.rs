@@ -35,6 +35,7 @@ mod provider_routing;
 mod real_backend;
 mod real_trust;
 mod several_hubs;
+mod thinking;
 mod volunteer_safety;
 mod web;
 mod web_http;

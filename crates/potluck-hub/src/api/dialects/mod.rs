@@ -55,6 +55,8 @@ enum Dialect {
 enum Back {
     Anthropic {
         model: String,
+        /// Show a reasoning model's thinking.
+        thinking: bool,
     },
     Responses {
         model: String,
@@ -285,7 +287,9 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
             };
             let usage = answer.usage();
             match back {
-                Back::Anthropic { model } => anthropic::from_openai(&answer, &model, usage),
+                Back::Anthropic { model, thinking } => {
+                    anthropic::from_openai(&answer, &model, thinking, usage)
+                }
                 Back::Responses { model, echo } => {
                     responses::from_openai(&answer, &model, &echo, unix_now(), usage)
                 }
@@ -323,7 +327,11 @@ pub(crate) async fn anthropic_messages(
         InferenceEndpoint::ChatCompletions,
         |b| {
             let r = anthropic::to_openai(b)?;
-            Ok((r.openai, Back::Anthropic { model: r.model }))
+            let back = Back::Anthropic {
+                model: r.model,
+                thinking: r.thinking,
+            };
+            Ok((r.openai, back))
         },
     )
     .await

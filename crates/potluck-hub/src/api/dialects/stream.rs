@@ -238,8 +238,8 @@ fn anthropic_error_event(status: u16, code: Option<&str>, message: &str) -> Vec<
 
 pub(super) fn stream_back(body: Body, back: Back, started: Instant, caps: StreamCaps) -> Response {
     let (translator, content_type) = match back {
-        Back::Anthropic { model } => (
-            Translator::Anthropic(anthropic::Stream::new(model)),
+        Back::Anthropic { model, thinking } => (
+            Translator::Anthropic(anthropic::Stream::new(model, thinking)),
             "text/event-stream",
         ),
         Back::Responses { model, echo } => (
