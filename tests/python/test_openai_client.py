@@ -126,7 +126,7 @@ def stack(request, tmp_path_factory):
         dump_logs(request, tmp)
         stop_all(procs)
         raise
-    yield SimpleNamespace(base_url=f"{hub}/v1", key=key)
+    yield SimpleNamespace(base_url=f"{hub}/v1", key=key, hub=hub, admin=admin, tmp=tmp)
     if request.session.testsfailed > failed_before:
         dump_logs(request, tmp)
     stop_all(procs)
