@@ -46,6 +46,24 @@ pub const MAX_USAGE_QUEUE: usize = 1 << 20;
 /// Shortest `queue.progress_interval`: a hundred `: queued` comments a second per waiting
 /// stream at most (a zero interval panicked; a tiny one sent comments back to back).
 pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(10);
+/// Shortest timeout a config file may set for waiting on a provider, a client, a guard
+/// model or a webhook. Below it every honest peer looks broken (a model answers its first
+/// byte in tens of milliseconds at best, a client on a slow link sends its headers in
+/// hundreds), so a setting of 0.001 is a typo, refused like 0.
+pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Refuse a timeout under [`MIN_TIMEOUT`], naming the setting.
+pub(crate) fn check_timeout(name: &str, value: Duration) -> Result<(), String> {
+    if value < MIN_TIMEOUT {
+        return Err(format!(
+            "{name} must be at least {} second (it was {} s): shorter, every honest peer would \
+             time out",
+            MIN_TIMEOUT.as_secs(),
+            value.as_secs_f64()
+        ));
+    }
+    Ok(())
+}
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -320,16 +338,14 @@ impl HubConfig {
             }
         }
         self.check_answer_bounds()?;
-        if self.stream_idle_timeout.is_zero() || self.stream_total_timeout.is_zero() {
-            return Err("stream_idle_timeout and stream_total_timeout must be positive".into());
-        }
+        check_timeout("stream_idle_timeout", self.stream_idle_timeout)?;
+        check_timeout("stream_total_timeout", self.stream_total_timeout)?;
         if self.routing.events_linger > std::time::Duration::from_secs(60) {
             return Err("routing.events_linger must be at most 60 seconds".into());
         }
-        if self.routing.hello_timeout.is_zero()
-            || self.routing.hello_timeout > std::time::Duration::from_secs(600)
-        {
-            return Err("routing.hello_timeout must be above 0 and at most 600 seconds".into());
+        check_timeout("routing.hello_timeout", self.routing.hello_timeout)?;
+        if self.routing.hello_timeout > std::time::Duration::from_secs(600) {
+            return Err("routing.hello_timeout must be at most 600 seconds".into());
         }
         if self.routing.max_offer_changes_per_minute == 0 {
             return Err("routing.max_offer_changes_per_minute must be at least 1".into());
@@ -373,12 +389,8 @@ impl HubConfig {
     /// provider look broken, a zero progress interval panicked, an oversized usage queue
     /// panicked at start.
     fn check_answer_bounds(&self) -> Result<(), String> {
-        if self.provider_header_timeout.is_zero() {
-            return Err("provider_header_timeout must be positive".into());
-        }
-        if self.provider_body_timeout.is_zero() {
-            return Err("provider_body_timeout must be positive".into());
-        }
+        check_timeout("provider_header_timeout", self.provider_header_timeout)?;
+        check_timeout("provider_body_timeout", self.provider_body_timeout)?;
         if self.max_response_bytes < MIN_ANSWER_BYTES {
             return Err(format!(
                 "max_response_bytes must be at least {MIN_ANSWER_BYTES}"

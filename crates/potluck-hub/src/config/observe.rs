@@ -128,9 +128,7 @@ impl AlertingConfig {
                 MIN_ALERT_CHECK_INTERVAL.as_secs_f64()
             ));
         }
-        if self.timeout.is_zero() {
-            return Err("alerting.timeout must be positive".into());
-        }
+        super::check_timeout("alerting.timeout", self.timeout)?;
         if let Some(v) = self.treasury_below {
             if !(v.is_finite() && (-MAX_TREASURY_FLOOR..=MAX_TREASURY_FLOOR).contains(&v)) {
                 return Err(format!(

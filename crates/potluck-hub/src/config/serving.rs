@@ -209,9 +209,7 @@ impl RoutingConfig {
         if self.max_cooldown < self.cooldown {
             return Err("routing.max_cooldown must be at least routing.cooldown".into());
         }
-        if self.first_byte_timeout.is_zero() {
-            return Err("routing.first_byte_timeout must be positive".into());
-        }
+        super::check_timeout("routing.first_byte_timeout", self.first_byte_timeout)?;
         if !(1..=MAX_PICK_SAMPLE).contains(&self.pick_sample) {
             return Err(format!(
                 "routing.pick_sample must be from 1 to {MAX_PICK_SAMPLE}"
@@ -232,18 +230,12 @@ impl ServerConfig {
         if self.http2_max_streams == 0 {
             return Err("server.http2_max_streams must be positive".into());
         }
-        if self.header_read_timeout.is_zero() {
-            return Err("server.header_read_timeout must be positive".into());
-        }
-        if self.body_read_timeout.is_zero() {
-            return Err("server.body_read_timeout must be positive".into());
-        }
+        super::check_timeout("server.header_read_timeout", self.header_read_timeout)?;
+        super::check_timeout("server.body_read_timeout", self.body_read_timeout)?;
         if self.max_header_bytes < 8192 {
             return Err("server.max_header_bytes must be at least 8192".into());
         }
-        if self.consumer_stall_timeout.is_zero() {
-            return Err("server.consumer_stall_timeout must be positive".into());
-        }
+        super::check_timeout("server.consumer_stall_timeout", self.consumer_stall_timeout)?;
         for (name, n) in [
             ("max_key_lookups", self.max_key_lookups),
             ("max_member_reads", self.max_member_reads),

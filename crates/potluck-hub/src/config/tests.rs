@@ -119,7 +119,8 @@ fn money_settings_refuse_nan_infinity_and_negatives() {
 /// treasury alert at NaN), or made every provider look broken (a zero timeout or byte
 /// cap): each is refused by `validate`, with the setting's full name in the error. The
 /// lowest and highest values accepted, and `audit.canary_interval = 0` ("no canaries"),
-/// still validate.
+/// still validate. A timeout under a second (`0.001`, a typo for 1 or for 1000) was
+/// accepted like any positive one and made every honest peer time out.
 #[test]
 fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
     // Past tokio's `Semaphore::MAX_PERMITS` (usize::MAX >> 3), still a TOML integer.
@@ -254,6 +255,48 @@ fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
             "[audit]\nmin_tokens_for_speed = -5".into(),
             "audit.min_tokens_for_speed",
         ),
+        (
+            "provider_header_timeout = 0.001".into(),
+            "provider_header_timeout",
+        ),
+        (
+            "provider_body_timeout = 0.001".into(),
+            "provider_body_timeout",
+        ),
+        ("stream_idle_timeout = 0.001".into(), "stream_idle_timeout"),
+        (
+            "stream_total_timeout = 0.001".into(),
+            "stream_total_timeout",
+        ),
+        (
+            "[routing]\nfirst_byte_timeout = 0.001".into(),
+            "routing.first_byte_timeout",
+        ),
+        (
+            "[routing]\nhello_timeout = 0.001".into(),
+            "routing.hello_timeout",
+        ),
+        (
+            "[server]\nheader_read_timeout = 0.001".into(),
+            "server.header_read_timeout",
+        ),
+        (
+            "[server]\nbody_read_timeout = 0.001".into(),
+            "server.body_read_timeout",
+        ),
+        (
+            "[server]\nconsumer_stall_timeout = 0.001".into(),
+            "server.consumer_stall_timeout",
+        ),
+        ("[alerting]\ntimeout = 0.001".into(), "alerting.timeout"),
+        (
+            "[audit]\nanswer_timeout = 0.001".into(),
+            "audit.answer_timeout",
+        ),
+        (
+            "[moderation]\nguard_model = \"g\"\ntimeout = 0.5".into(),
+            "moderation.timeout",
+        ),
     ];
     let mut wrong = Vec::new();
     for (toml, field) in &cases {
@@ -280,6 +323,9 @@ fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
         "[alerting]\ncheck_interval = 0.05\ntreasury_below = -100000",
         "[web]\nchart_cache = 1",
         "[moderation]\nguard_model = \"llama-guard3:8b\"",
+        "provider_header_timeout = 1\nprovider_body_timeout = 1\nstream_idle_timeout = 1\nstream_total_timeout = 1",
+        "[server]\nheader_read_timeout = 1\nbody_read_timeout = 1\nconsumer_stall_timeout = 1",
+        "[routing]\nfirst_byte_timeout = 1\nhello_timeout = 1",
     ] {
         if let Err(e) = toml::from_str::<HubConfig>(toml).unwrap().validate() {
             wrong.push(format!("{toml:?} must validate: {e}"));

@@ -116,9 +116,7 @@ impl GuardConfig {
                 self.guard_model
             ));
         }
-        if self.timeout.is_zero() {
-            return Err("moderation.timeout must be positive".into());
-        }
+        super::check_timeout("moderation.timeout", self.timeout)?;
         if self.max_guard_tokens == 0 {
             return Err("moderation.max_guard_tokens must be at least 1".into());
         }
@@ -235,9 +233,10 @@ impl SpotCheckConfig {
         if factors.iter().any(|v| !(0.0..=1.0).contains(v)) {
             return Err("audit.rate, audit.min_agreement, audit.quarantine_below, audit.pass_reward, audit.fail_factor and audit.flag_factor must be between 0 and 1".into());
         }
-        if self.lease_wait.is_zero() || self.answer_timeout.is_zero() {
-            return Err("audit.lease_wait and audit.answer_timeout must be positive".into());
+        if self.lease_wait.is_zero() {
+            return Err("audit.lease_wait must be positive".into());
         }
+        super::check_timeout("audit.answer_timeout", self.answer_timeout)?;
         let bad_speed = self
             .max_tokens_per_sec
             .iter()
