@@ -118,6 +118,8 @@ pub struct Stream {
     model: String,
     /// Show a reasoning model's thinking (the consumer turned extended thinking on).
     thinking: bool,
+    /// The prompt's tokens as the hub estimates them, for `message_start`.
+    input_estimate: u64,
     /// The answer's id, from its first chunk.
     id: String,
     started: bool,
@@ -135,6 +137,7 @@ impl Stream {
         Self {
             model: model.into(),
             thinking,
+            input_estimate: 0,
             id: String::new(),
             started: false,
             open: Open::None,
@@ -142,6 +145,14 @@ impl Stream {
             next_index: 0,
             finish: None,
         }
+    }
+
+    /// `message_start` shows `tokens` as the prompt's size (Anthropic's clients read it
+    /// there to show a conversation's size before the answer ends); the billed count
+    /// follows in `message_delta`, as Anthropic's own streams repeat it.
+    pub fn with_input_estimate(mut self, tokens: u64) -> Self {
+        self.input_estimate = tokens;
+        self
     }
 
     /// The events opening the message (`message_start`, `ping`); emitted by the first
@@ -157,7 +168,8 @@ impl Stream {
             json!({"type": "message_start", "message": {
                 "id": message_id(id), "type": "message", "role": "assistant",
                 "model": self.model, "content": [], "stop_reason": null,
-                "stop_sequence": null, "usage": {"input_tokens": 0, "output_tokens": 0},
+                "stop_sequence": null,
+                "usage": {"input_tokens": self.input_estimate, "output_tokens": 0},
             }}),
         ));
         out.push(Event::new("ping", json!({"type": "ping"})));

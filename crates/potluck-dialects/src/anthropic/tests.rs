@@ -484,3 +484,27 @@ fn a_reasoning_models_thinking_is_a_thinking_block_when_asked_for() {
         "no block for thinking nobody asked to see"
     );
 }
+
+/// `message_start` carries the prompt's size the hub estimated (clients read a
+/// conversation's size there); the billed figures come in `message_delta`.
+#[test]
+fn message_start_shows_the_hubs_prompt_estimate() {
+    let mut s = Stream::new("m", false).with_input_estimate(42);
+    let start = s.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {"content": "a"}}]}),
+    ));
+    assert_eq!(start[0].name, "message_start");
+    assert_eq!(
+        start[0].data["message"]["usage"],
+        json!({"input_tokens": 42, "output_tokens": 0})
+    );
+    let end = s.finish(Usage {
+        input: 40,
+        output: 1,
+    });
+    let delta = end.iter().find(|e| e.name == "message_delta").unwrap();
+    assert_eq!(
+        delta.data["usage"],
+        json!({"input_tokens": 40, "output_tokens": 1})
+    );
+}

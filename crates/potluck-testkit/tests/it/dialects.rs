@@ -154,9 +154,26 @@ async fn anthropic_messages_whole_and_streamed_with_x_api_key() {
     let (_, delta) = &events[events.len() - 2];
     assert_eq!(delta["usage"]["output_tokens"], 5);
     assert_eq!(
+        delta["usage"]["input_tokens"], 7,
+        "the billed prompt, at the end"
+    );
+    assert_eq!(
         last_backend_body(&p)["stream_options"],
         json!({"include_usage": true})
     );
+    // `message_start` shows the prompt's size as the hub estimates it (what count_tokens
+    // answers for the same body); before, it said 0, and a client that reads the size
+    // there (as Anthropic's own streams give it) saw an empty conversation.
+    let counted = post(
+        &p,
+        "/v1/messages/count_tokens",
+        &[("x-api-key", &p.key)],
+        body.to_string().into_bytes(),
+    )
+    .await;
+    let estimate = serde_json::from_str::<Value>(&counted.2).unwrap()["input_tokens"].clone();
+    assert!(estimate.as_u64().is_some_and(|n| n > 0), "{estimate}");
+    assert_eq!(events[0].1["message"]["usage"]["input_tokens"], estimate);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

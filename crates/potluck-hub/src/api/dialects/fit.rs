@@ -63,21 +63,23 @@ fn room(limits: &[ModelLimits], prompt: u64) -> Option<Room> {
 /// its trust setting, the moderation its requests get; quarantined providers never) and
 /// offer what the request needs (tools, images);
 /// `Err` with Anthropic's 400 when the prompt alone is longer than every one's context.
+/// `Ok` holds the prompt's estimate in tokens as admission reads it (0 when the request
+/// could not be read: admission refuses it then).
 pub(super) fn fit_max_tokens(
     state: &HubState,
     key: &KeyAuth,
     headers: &HeaderMap,
     openai: &mut Value,
-) -> Result<(), Box<Response>> {
+) -> Result<u64, Box<Response>> {
     let Some(model) = openai
         .get("model")
         .and_then(Value::as_str)
         .and_then(|m| ModelName::parse(m).ok())
     else {
-        return Ok(());
+        return Ok(0);
     };
     let Some(asked) = openai.get("max_tokens").and_then(Value::as_u64) else {
-        return Ok(());
+        return Ok(0);
     };
     let need = Need {
         groups: std::sync::Arc::clone(&key.groups),
@@ -88,13 +90,14 @@ pub(super) fn fit_max_tokens(
     };
     // The request as admission reads it: what it needs (tools, images) and its prompt.
     let Some(request) = read(state, openai) else {
-        return Ok(());
+        return Ok(0);
     };
+    let prompt = u64::from(request.prompt_estimate);
     let limits = state.registry.limits_serving(&model, &need, &request);
     if limits.iter().all(|l| *l == ModelLimits::default()) {
-        return Ok(());
+        return Ok(prompt);
     }
-    match room(&limits, u64::from(request.prompt_estimate)) {
+    match room(&limits, prompt) {
         Some(Room::Upto(n)) if asked > n && n > 0 => openai["max_tokens"] = Value::from(n),
         Some(Room::PromptTooLong { prompt, limit }) => {
             let message = format!("prompt is too long: {prompt} tokens > {limit} maximum");
@@ -107,7 +110,7 @@ pub(super) fn fit_max_tokens(
         }
         _ => {}
     }
-    Ok(())
+    Ok(prompt)
 }
 
 /// The translated request as admission and every provider's size check read it (its

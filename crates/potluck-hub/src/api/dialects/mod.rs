@@ -57,6 +57,9 @@ enum Back {
         model: String,
         /// Show a reasoning model's thinking.
         thinking: bool,
+        /// The hub's estimate of the prompt's tokens (a stream's `message_start` shows it;
+        /// the billed count follows in `message_delta`).
+        input_estimate: u64,
     },
     Responses {
         model: String,
@@ -136,14 +139,15 @@ async fn run_admitted(
         started,
     } = a;
     let refused = |r: Response| with_id(dialect, &early.request_id, r);
-    let (mut openai, back) = match translate(&raw) {
+    let (mut openai, mut back) = match translate(&raw) {
         Ok(t) => t,
         Err(e) => return refused(translation_error(dialect, &e)),
     };
     drop(raw);
-    if dialect == Dialect::Anthropic {
-        if let Err(r) = fit::fit_max_tokens(&state, &early.key, &parts.headers, &mut openai) {
-            return refused(*r);
+    if let Back::Anthropic { input_estimate, .. } = &mut back {
+        match fit::fit_max_tokens(&state, &early.key, &parts.headers, &mut openai) {
+            Ok(prompt) => *input_estimate = prompt,
+            Err(r) => return refused(*r),
         }
     }
     let bytes = match serde_json::to_vec(&openai) {
@@ -287,9 +291,9 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
             };
             let usage = answer.usage();
             match back {
-                Back::Anthropic { model, thinking } => {
-                    anthropic::from_openai(&answer, &model, thinking, usage)
-                }
+                Back::Anthropic {
+                    model, thinking, ..
+                } => anthropic::from_openai(&answer, &model, thinking, usage),
                 Back::Responses { model, echo } => {
                     responses::from_openai(&answer, &model, &echo, unix_now(), usage)
                 }
@@ -330,6 +334,7 @@ pub(crate) async fn anthropic_messages(
             let back = Back::Anthropic {
                 model: r.model,
                 thinking: r.thinking,
+                input_estimate: 0,
             };
             Ok((r.openai, back))
         },

@@ -238,8 +238,14 @@ fn anthropic_error_event(status: u16, code: Option<&str>, message: &str) -> Vec<
 
 pub(super) fn stream_back(body: Body, back: Back, started: Instant, caps: StreamCaps) -> Response {
     let (translator, content_type) = match back {
-        Back::Anthropic { model, thinking } => (
-            Translator::Anthropic(anthropic::Stream::new(model, thinking)),
+        Back::Anthropic {
+            model,
+            thinking,
+            input_estimate,
+        } => (
+            Translator::Anthropic(
+                anthropic::Stream::new(model, thinking).with_input_estimate(input_estimate),
+            ),
             "text/event-stream",
         ),
         Back::Responses { model, echo } => (
