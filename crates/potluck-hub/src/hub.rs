@@ -24,6 +24,7 @@ use crate::routing::registry::Registry;
 use crate::state::HubState;
 use crate::trust::identity::HubIdentity;
 use crate::trust::spot_checks::{self, Auditor};
+use crate::trust::verdicts::Verdicts;
 
 /// Why a hub could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,7 @@ pub struct Hub {
     state: Arc<HubState>,
     usage_rx: tokio::sync::mpsc::Receiver<usage::Record>,
     audit_rx: tokio::sync::mpsc::Receiver<spot_checks::Job>,
+    verdict_rx: tokio::sync::mpsc::Receiver<potluck_store::trust::ModerationEvent>,
     /// The separate `/metrics` listener, when `metrics_listen` is set.
     metrics_listener: Option<TcpListener>,
 }
@@ -145,6 +147,7 @@ impl Hub {
         };
         let identity = HubIdentity::new(&store.hub_identity().await?);
         let (auditor, audit_rx) = Auditor::new(&config.audit);
+        let (verdicts, verdict_rx) = Verdicts::new(config.moderation.verdict_queue);
         let registry = Registry::new(config.routing.clone());
         let max_model_labels = config.metrics.max_model_labels;
         let metrics_listener = match config.metrics_listen {
@@ -184,6 +187,7 @@ impl Hub {
             anonymous,
             identity,
             auditor,
+            verdicts,
             service: Default::default(),
             keys: Arc::new(TtlCache::new(cache::KEY_TTL)),
             unknown_keys: TtlCache::new(cache::KEY_MISS_TTL),
@@ -202,6 +206,7 @@ impl Hub {
             state,
             usage_rx,
             audit_rx,
+            verdict_rx,
             metrics_listener,
         })
     }
@@ -222,6 +227,7 @@ impl Hub {
             state,
             usage_rx,
             audit_rx,
+            verdict_rx,
             metrics_listener,
         } = self;
         if let Some(l) = metrics_listener {
@@ -243,6 +249,11 @@ impl Hub {
             .for_books(&state.accounting, state.treasury)
             .batch_window(state.config.usage_batch_window),
             usage_rx,
+            writer_stop.clone(),
+        ));
+        state.tasks.spawn(crate::trust::verdicts::run(
+            state.store.clone(),
+            verdict_rx,
             writer_stop.clone(),
         ));
         state.tasks.spawn(spot_checks::run(

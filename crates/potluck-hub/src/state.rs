@@ -71,6 +71,8 @@ pub struct HubState {
     pub(crate) identity: HubIdentity,
     /// Samples requests for spot checks and queues plausibility flags.
     pub(crate) auditor: Auditor,
+    /// Guard verdicts queued for their writer.
+    pub(crate) verdicts: crate::trust::verdicts::Verdicts,
     /// Requests in flight, so that sanctions cut them at once.
     pub inflight: Arc<InFlightRequests>,
     /// Typical request duration per model (exponential moving average, ms).

@@ -208,21 +208,29 @@ impl Store {
             .collect())
     }
 
-    /// Keep a guard verdict (category codes only).
-    pub async fn record_moderation(&self, e: &ModerationEvent) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO moderation_events (request_id, account_id, provider_id, model, stage, blocked, categories, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(&e.request_id)
-        .bind(e.account_id)
-        .bind(e.provider_id)
-        .bind(&e.model)
-        .bind(e.stage)
-        .bind(i64::from(e.blocked))
-        .bind(&e.categories)
-        .bind(now_ms())
-        .execute(self.pool())
-        .await?;
+    /// Keep guard verdicts (category codes only), in one transaction.
+    pub async fn record_moderation(&self, events: &[ModerationEvent]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        for e in events {
+            sqlx::query(
+                "INSERT INTO moderation_events (request_id, account_id, provider_id, model, stage, blocked, categories, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(&e.request_id)
+            .bind(e.account_id)
+            .bind(e.provider_id)
+            .bind(&e.model)
+            .bind(e.stage)
+            .bind(i64::from(e.blocked))
+            .bind(&e.categories)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -297,6 +297,14 @@ fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
             "[moderation]\nguard_model = \"g\"\ntimeout = 0.5".into(),
             "moderation.timeout",
         ),
+        (
+            "[moderation]\nverdict_queue = 0".into(),
+            "moderation.verdict_queue",
+        ),
+        (
+            format!("[moderation]\nverdict_queue = {HUGE}"),
+            "moderation.verdict_queue",
+        ),
     ];
     let mut wrong = Vec::new();
     for (toml, field) in &cases {

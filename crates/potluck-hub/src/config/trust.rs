@@ -76,7 +76,14 @@ pub struct GuardConfig {
     /// Most windows (of 32 KiB each) a request's input is judged in; a longer input is
     /// refused with 400 when input is moderated (every byte is judged, none skipped).
     pub max_input_windows: usize,
+    /// Guard verdicts waiting for the database (1 to 1048576). One writer stores them in
+    /// batches; a verdict that finds the queue full is not stored (its metric still
+    /// counts it, and `potluck_guard_verdicts_dropped_total` says how many).
+    pub verdict_queue: usize,
 }
+
+/// Most guard verdicts `moderation.verdict_queue` may hold.
+pub(crate) const MAX_VERDICT_QUEUE: usize = 1 << 20;
 
 impl Default for GuardConfig {
     fn default() -> Self {
@@ -94,6 +101,7 @@ impl Default for GuardConfig {
             fail_closed: true,
             max_guard_tokens: 20,
             max_input_windows: 32,
+            verdict_queue: 4096,
         }
     }
 }
@@ -107,6 +115,11 @@ impl GuardConfig {
     /// When a guard is configured: its name a valid model name, a positive timeout, room
     /// for a verdict, and windows that move forward.
     pub(crate) fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_VERDICT_QUEUE).contains(&self.verdict_queue) {
+            return Err(format!(
+                "moderation.verdict_queue must be from 1 to {MAX_VERDICT_QUEUE}"
+            ));
+        }
         if !self.enabled() {
             return Ok(());
         }

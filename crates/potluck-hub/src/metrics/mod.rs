@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 /// Every series family `/metrics` can show (a family appears once it has a sample). The
 /// Grafana dashboard in `deploy/grafana/` may use only these; a test keeps this list
 /// equal to what the registry encodes.
-pub const FAMILIES: [&str; 21] = [
+pub const FAMILIES: [&str; 22] = [
     "potluck_reports_total",
     "potluck_requests_total",
     "potluck_request_duration_seconds",
@@ -34,6 +34,7 @@ pub const FAMILIES: [&str; 21] = [
     "potluck_http_responses_total",
     "potluck_audits_total",
     "potluck_guard_verdicts_total",
+    "potluck_guard_verdicts_dropped_total",
     "potluck_quarantines_total",
     "potluck_tunnels_connected",
     "potluck_providers_connected",
@@ -137,6 +138,7 @@ pub struct Metrics {
     responses: Family<RouteLabels, Counter>,
     audits: Family<AuditLabels, Counter>,
     verdicts: Family<VerdictLabels, Counter>,
+    verdicts_dropped: Counter,
     quarantines: Counter,
     reports: Counter,
     pub(crate) gauges: scrape::Gauges,
@@ -169,6 +171,7 @@ impl Metrics {
             responses: Family::default(),
             audits: Family::default(),
             verdicts: Family::default(),
+            verdicts_dropped: Counter::default(),
             quarantines: Counter::default(),
             reports: Counter::default(),
             gauges: scrape::Gauges::default(),
@@ -216,6 +219,11 @@ impl Metrics {
             "guard_verdicts",
             "Guard-model verdicts other than safe, by stage and category code",
             m.verdicts.clone(),
+        );
+        registry.register(
+            "guard_verdicts_dropped",
+            "Guard verdicts not stored because the writer's queue (moderation.verdict_queue) was full",
+            m.verdicts_dropped.clone(),
         );
         registry.register(
             "quarantines",
@@ -322,6 +330,11 @@ impl Metrics {
                 blocked: if blocked { "true" } else { "false" },
             })
             .inc();
+    }
+
+    /// A guard verdict found the writer's queue full and was not stored.
+    pub(crate) fn verdict_dropped(&self) {
+        self.verdicts_dropped.inc();
     }
 
     /// A provider was quarantined.

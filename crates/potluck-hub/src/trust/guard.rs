@@ -386,12 +386,9 @@ pub(crate) fn note_verdict(
         blocked: d.blocked,
         categories: d.categories.join(","),
     };
-    let store = state.store.clone();
-    state.tasks.spawn(async move {
-        if let Err(e) = store.record_moderation(&ev).await {
-            tracing::error!(error = ?e, "recording a guard verdict failed");
-        }
-    });
+    if !state.verdicts.queue(ev) {
+        state.metrics.verdict_dropped();
+    }
 }
 
 /// Whether `code` is a category this hub's guard can name (a metrics label may be it):

@@ -13,3 +13,4 @@ pub(crate) mod plausibility;
 pub(crate) mod reputation;
 pub(crate) mod sample;
 pub(crate) mod spot_checks;
+pub(crate) mod verdicts;
