@@ -64,8 +64,13 @@ impl<T> Page<T> {
 pub enum AccountFilter {
     /// Every human account (system accounts are never listed).
     All,
+    /// Accounts in one standing (`Pending`: waiting for a moderator's approval).
+    In(Standing),
+}
+
+impl AccountFilter {
     /// Accounts waiting for a moderator's approval.
-    Pending,
+    pub const PENDING: AccountFilter = AccountFilter::In(Standing::Pending);
 }
 
 /// Which keys or providers a page lists.
@@ -149,19 +154,27 @@ impl Store {
         filter: AccountFilter,
         req: PageReq,
     ) -> Result<Page<AccountInfo>> {
-        let only = match filter {
-            AccountFilter::All => "",
-            AccountFilter::Pending => " AND a.status = 'pending'",
+        let cols = self.account_columns();
+        let after = req.after.unwrap_or(i64::MIN);
+        let rows = match filter {
+            AccountFilter::All => {
+                let sql = format!("{cols} AND a.id > $1 ORDER BY a.id LIMIT $2");
+                sqlx::query(&sql)
+                    .bind(after)
+                    .bind(req.rows() + 1)
+                    .fetch_all(self.pool())
+                    .await?
+            }
+            AccountFilter::In(standing) => {
+                let sql = format!("{cols} AND a.status = $1 AND a.id > $2 ORDER BY a.id LIMIT $3");
+                sqlx::query(&sql)
+                    .bind(standing.as_str())
+                    .bind(after)
+                    .bind(req.rows() + 1)
+                    .fetch_all(self.pool())
+                    .await?
+            }
         };
-        let sql = format!(
-            "{}{only} AND a.id > $1 ORDER BY a.id LIMIT $2",
-            self.account_columns()
-        );
-        let rows = sqlx::query(&sql)
-            .bind(req.after.unwrap_or(i64::MIN))
-            .bind(req.rows() + 1)
-            .fetch_all(self.pool())
-            .await?;
         Ok(Page::cut(rows.iter().map(account_info).collect(), req))
     }
 
@@ -361,8 +374,11 @@ mod tests {
             newest,
             ids.iter().rev().take(3).copied().collect::<Vec<_>>()
         );
-        let pending = walk(2, |r| s.accounts_page(AccountFilter::Pending, r), |a| a.id).await;
+        let pending = walk(2, |r| s.accounts_page(AccountFilter::PENDING, r), |a| a.id).await;
         assert_eq!(pending.len(), 3, "m0, m3, m6 wait for approval");
+        let active = AccountFilter::In(Standing::Active);
+        let active = walk(2, |r| s.accounts_page(active, r), |a| a.id).await;
+        assert_eq!(active.len(), 5, "root and the four others");
 
         let keys = walk(3, |r| s.keys_page(Liveness::Any, r), |k| k.id).await;
         assert_eq!(keys.len(), 7, "admin keys are not listed");

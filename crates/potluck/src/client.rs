@@ -93,9 +93,10 @@ impl AdminClient {
         let mut rows = Vec::new();
         let mut after: Option<i64> = None;
         loop {
+            let join = if path.contains('?') { '&' } else { '?' };
             let url = match after {
-                None => format!("{path}?limit={LIST_PAGE_ROWS}"),
-                Some(a) => format!("{path}?limit={LIST_PAGE_ROWS}&after={a}"),
+                None => format!("{path}{join}limit={LIST_PAGE_ROWS}"),
+                Some(a) => format!("{path}{join}limit={LIST_PAGE_ROWS}&after={a}"),
             };
             let page: List<T> = self.get(&url).await?;
             let full = page.data.len() >= LIST_PAGE_ROWS;

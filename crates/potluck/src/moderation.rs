@@ -28,7 +28,11 @@ pub enum AccountsCmd {
         role: String,
     },
     /// List accounts with role, standing and groups.
-    List,
+    List {
+        /// Only accounts in this standing: pending, active, suspended or banned.
+        #[arg(long)]
+        status: Option<String>,
+    },
     /// One account: standing, keys and providers.
     Show {
         /// Account name.
@@ -266,8 +270,12 @@ pub async fn accounts(cmd: AccountsCmd, a: AdminArgs) -> anyhow::Result<()> {
                 .await?;
             println!("{}", r.id);
         }
-        AccountsCmd::List => {
-            let list: Vec<AccountInfo> = c.get_all("/admin/v1/accounts").await?;
+        AccountsCmd::List { status } => {
+            let path = match status {
+                Some(s) => format!("/admin/v1/accounts?status={}", path_segment(&s)),
+                None => "/admin/v1/accounts".to_owned(),
+            };
+            let list: Vec<AccountInfo> = c.get_all(&path).await?;
             print_accounts(&list);
         }
         AccountsCmd::Show { name } => {

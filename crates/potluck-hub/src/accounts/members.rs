@@ -19,22 +19,32 @@ use crate::books::credits::starter_grant;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
 use crate::http::extract::{
-    check_account_name, check_name, no_status, page_req, read_json, Listing, MAX_LIST_ROWS,
+    check_account_name, check_name, page_req, read_json, Listing, MAX_LIST_ROWS,
 };
 use crate::state::HubState;
 
-/// `GET /admin/v1/accounts?limit=N&after=ID`: a page of accounts, by id.
+/// `GET /admin/v1/accounts?limit=N&after=ID&status=S`: a page of accounts, by id; with
+/// `status` (`pending`, `active`, `suspended`, `banned`), those in that standing only.
 pub(crate) async fn list_accounts(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
     Listing(q): Listing,
 ) -> Result<Response, ApiError> {
     auth::staff(&st, &headers, Action::ListAccounts).await?;
-    no_status(&q)?;
-    let rows = st
-        .store
-        .accounts_page(AccountFilter::All, page_req(&q))
-        .await?;
+    let filter = match q.status.as_deref() {
+        None => AccountFilter::All,
+        Some("pending") => AccountFilter::In(Standing::Pending),
+        Some("active") => AccountFilter::In(Standing::Active),
+        Some("suspended") => AccountFilter::In(Standing::Suspended),
+        Some("banned") => AccountFilter::In(Standing::Banned),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "'status' must be pending, active, suspended or banned.",
+                Some("status"),
+            ))
+        }
+    };
+    let rows = st.store.accounts_page(filter, page_req(&q)).await?;
     Ok(Json(wire::page(rows, |a| a.id, wire::account_info)).into_response())
 }
 

@@ -86,7 +86,7 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
     // newest are the likeliest to need a moderator).
     let pending = st
         .store
-        .accounts_page(AccountFilter::Pending, PageReq::first(page))
+        .accounts_page(AccountFilter::PENDING, PageReq::first(page))
         .await?
         .items;
     let accounts = st.store.newest_accounts(page).await?;

@@ -39,6 +39,11 @@ async fn a_list_longer_than_a_page_is_listed_whole() {
     }
     let members = list.lines().filter(|l| l.contains("member")).count();
     assert_eq!(members, 520, "each account once");
+    let (ok, banned, err) = cli(&["accounts", "list", "--status", "banned"], &key_file, &url);
+    assert!(ok, "{err}");
+    assert!(!banned.contains("member"), "{banned}");
+    let (ok, _, err) = cli(&["accounts", "list", "--status", "maybe"], &key_file, &url);
+    assert!(!ok && err.contains("'status' must be"), "{err}");
 }
 
 /// A hostile hub that answers each page with `page(after)`; counts the pages asked for.
