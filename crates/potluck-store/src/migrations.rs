@@ -249,4 +249,12 @@ CREATE TABLE hub_presence (
 );
 "#,
     ),
+    (
+        13,
+        r#"
+-- The staff lists of accounts in one standing (pending approvals above all) read a page
+-- at a time: after a signup flood, a rare standing must not walk every account.
+CREATE INDEX accounts_status_id ON accounts(status, id);
+"#,
+    ),
 ];

@@ -129,7 +129,16 @@ pub fn from_openai(
     let finish = answer.finish();
     let mut output = Vec::new();
     if let Some(thought) = choice.message.reasoning_content.filter(|t| !t.is_empty()) {
-        output.push(reasoning_output(&answer.id, 0, &thought, "completed"));
+        // Thinking the answer was cut in (nothing followed it) is as incomplete as the
+        // answer; thinking followed by the answer is complete.
+        let last = choice.message.content.as_deref().is_none_or(str::is_empty)
+            && choice.message.tool_calls.is_empty();
+        let status = if last {
+            status_for(finish)
+        } else {
+            "completed"
+        };
+        output.push(reasoning_output(&answer.id, 0, &thought, status));
     }
     if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
         let status = status_for(finish);

@@ -215,10 +215,16 @@ impl Stream {
         out.push(e);
     }
 
-    /// Close the open reasoning item (its `…done` events), if there is one.
+    /// Close the open reasoning item (its `…done` events), if there is one: `completed`
+    /// when more of the answer follows it, else with the answer's own status.
     fn close_reasoning(&mut self, out: &mut Vec<Event>) {
         let Some((index, n, text)) = self.reasoning.take() else {
             return;
+        };
+        let status = if self.text.is_some() || !self.calls.is_empty() || self.finish.is_none() {
+            "completed"
+        } else {
+            status_for(self.finish.unwrap_or(Finish::Stop))
         };
         let item_id = reasoning_id(&self.id, n);
         let e = self.event(
@@ -232,7 +238,7 @@ impl Stream {
             json!({"item_id": item_id, "output_index": index, "content_index": 0, "part": part}),
         );
         out.push(e);
-        let item = reasoning_output(&self.id, n, &text, "completed");
+        let item = reasoning_output(&self.id, n, &text, status);
         let e = self.event(
             "response.output_item.done",
             json!({"output_index": index, "item": item.clone()}),

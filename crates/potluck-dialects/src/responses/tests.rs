@@ -359,4 +359,18 @@ fn a_reasoning_models_thinking_is_a_reasoning_item() {
         last.data["response"]["output"][0]["type"],
         json!("reasoning")
     );
+    assert_eq!(
+        last.data["response"]["output"][0]["status"],
+        json!("incomplete"),
+        "thinking the answer was cut in is as incomplete as the answer"
+    );
+    let cut = Completion::parse(
+        json!({"id": "c", "choices": [{"finish_reason": "length",
+               "message": {"content": "", "reasoning_content": "hm"}}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap();
+    let r = from_openai(&cut, "m", &Echo::default(), 1, Usage::default());
+    assert_eq!(r["output"][0]["status"], json!("incomplete"));
 }

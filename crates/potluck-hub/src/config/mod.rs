@@ -47,18 +47,18 @@ pub const MAX_USAGE_QUEUE: usize = 1 << 20;
 /// stream at most (a zero interval panicked; a tiny one sent comments back to back).
 pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(10);
 /// Shortest timeout a config file may set for waiting on a provider, a client, a guard
-/// model or a webhook. Below it every honest peer looks broken (a model answers its first
+/// model or a webhook. Below it honest peers look broken (a small model answers its first
 /// byte in tens of milliseconds at best, a client on a slow link sends its headers in
-/// hundreds), so a setting of 0.001 is a typo, refused like 0.
-pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// hundreds), so a setting of 0.001 (milliseconds meant, seconds read) is refused like 0.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Refuse a timeout under [`MIN_TIMEOUT`], naming the setting.
 pub(crate) fn check_timeout(name: &str, value: Duration) -> Result<(), String> {
     if value < MIN_TIMEOUT {
         return Err(format!(
-            "{name} must be at least {} second (it was {} s): shorter, every honest peer would \
+            "{name} must be at least {} seconds (it was {} s): shorter, honest peers would \
              time out",
-            MIN_TIMEOUT.as_secs(),
+            MIN_TIMEOUT.as_secs_f64(),
             value.as_secs_f64()
         ));
     }

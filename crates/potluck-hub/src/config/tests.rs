@@ -119,8 +119,8 @@ fn money_settings_refuse_nan_infinity_and_negatives() {
 /// treasury alert at NaN), or made every provider look broken (a zero timeout or byte
 /// cap): each is refused by `validate`, with the setting's full name in the error. The
 /// lowest and highest values accepted, and `audit.canary_interval = 0` ("no canaries"),
-/// still validate. A timeout under a second (`0.001`, a typo for 1 or for 1000) was
-/// accepted like any positive one and made every honest peer time out.
+/// still validate. A timeout under a tenth of a second (`0.001`: milliseconds meant,
+/// seconds read) was accepted like any positive one and made honest peers time out.
 #[test]
 fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
     // Past tokio's `Semaphore::MAX_PERMITS` (usize::MAX >> 3), still a TOML integer.
@@ -294,7 +294,7 @@ fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
             "audit.answer_timeout",
         ),
         (
-            "[moderation]\nguard_model = \"g\"\ntimeout = 0.5".into(),
+            "[moderation]\nguard_model = \"g\"\ntimeout = 0.05".into(),
             "moderation.timeout",
         ),
         (
@@ -331,9 +331,9 @@ fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
         "[alerting]\ncheck_interval = 0.05\ntreasury_below = -100000",
         "[web]\nchart_cache = 1",
         "[moderation]\nguard_model = \"llama-guard3:8b\"",
-        "provider_header_timeout = 1\nprovider_body_timeout = 1\nstream_idle_timeout = 1\nstream_total_timeout = 1",
-        "[server]\nheader_read_timeout = 1\nbody_read_timeout = 1\nconsumer_stall_timeout = 1",
-        "[routing]\nfirst_byte_timeout = 1\nhello_timeout = 1",
+        "provider_header_timeout = 0.1\nprovider_body_timeout = 0.1\nstream_idle_timeout = 0.1\nstream_total_timeout = 0.1",
+        "[server]\nheader_read_timeout = 0.1\nbody_read_timeout = 0.1\nconsumer_stall_timeout = 0.1",
+        "[routing]\nfirst_byte_timeout = 0.1\nhello_timeout = 0.1",
     ] {
         if let Err(e) = toml::from_str::<HubConfig>(toml).unwrap().validate() {
             wrong.push(format!("{toml:?} must validate: {e}"));

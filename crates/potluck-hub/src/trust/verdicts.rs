@@ -7,10 +7,15 @@
 //! finds the queue full is not stored (its metric still counts it) and
 //! `potluck_guard_verdicts_dropped_total` says how many were not.
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
 use potluck_store::trust::ModerationEvent;
 use potluck_store::Store;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::books::usage::DRAIN_TIMEOUT;
 
 /// Most verdicts stored in one transaction.
 pub(crate) const MAX_VERDICT_BATCH: usize = 256;
@@ -35,8 +40,8 @@ impl Verdicts {
     }
 }
 
-/// Store queued verdicts in batches until `stop`, then store what is still queued and
-/// return.
+/// Store queued verdicts in batches until `stop`, then store what is still queued (for
+/// at most [`DRAIN_TIMEOUT`]) and return.
 pub(crate) async fn run(
     store: Store,
     mut rx: mpsc::Receiver<ModerationEvent>,
@@ -55,14 +60,27 @@ pub(crate) async fn run(
         }
     }
     rx.close();
-    while rx.recv_many(&mut batch, MAX_VERDICT_BATCH).await > 0 {
-        write(&store, &mut batch).await;
+    let drain = async {
+        while rx.recv_many(&mut batch, MAX_VERDICT_BATCH).await > 0 {
+            write(&store, &mut batch).await;
+        }
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        tracing::warn!("the database did not take the last guard verdicts in time");
     }
 }
 
+/// Store a batch; a failure or a panic inside loses this batch only (the writer goes on).
 async fn write(store: &Store, batch: &mut Vec<ModerationEvent>) {
-    if let Err(e) = store.record_moderation(batch).await {
-        tracing::error!(error = ?e, verdicts = batch.len(), "recording guard verdicts failed");
+    match AssertUnwindSafe(store.record_moderation(batch))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = ?e, verdicts = batch.len(), "recording guard verdicts failed");
+        }
+        Err(_) => tracing::error!(verdicts = batch.len(), "recording guard verdicts panicked"),
     }
     batch.clear();
 }
