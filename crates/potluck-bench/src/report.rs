@@ -826,6 +826,39 @@ mod tests {
         assert_eq!(unchecked.verdict(), "PASS", "no cross-check, no doubt");
     }
 
+    /// The full run of 6 December 2026, 15:39 UTC: each tool's figures agree within the
+    /// bands (the floor +68 against +47 µs, Potluck +182 and +182 µs), but `oha`'s ratio
+    /// of them is 3.88 where the suite's is 2.69. A pass only one tool's ratio gives is
+    /// NOISY.
+    #[test]
+    fn a_pass_the_other_tools_ratio_misses_is_noisy() {
+        let chat = vec![
+            chat_cell("direct", 1, 30_000.0, 32.0, None),
+            chat_cell("floor", 1, 11_000.0, 100.0, Some(68.0)),
+            chat_cell("potluck", 1, 4_300.0, 214.0, Some(182.0)),
+        ];
+        let oha = |floor_added: f64| {
+            vec![
+                oha_cell("direct", 1, 28_000.0, 33.0, None),
+                oha_cell("floor", 1, 11_600.0, 33.0 + floor_added, Some(floor_added)),
+                oha_cell("potluck", 1, 4_200.0, 215.0, Some(182.0)),
+            ]
+        };
+        let latency = |r: &Report| {
+            crate::suite::ratios(r)
+                .into_iter()
+                .find(|x| x.name.starts_with("Added p50 latency"))
+                .unwrap()
+        };
+        let r = report(chat.clone(), oha(47.0));
+        assert!(agreements(&r).iter().all(|a| a.agree), "each figure agrees");
+        let split = latency(&r);
+        assert_eq!(split.verdict(), "NOISY", "{split:?}");
+        assert!(split.detail_with_doubt().contains("3.87"), "{split:?}");
+        let both = latency(&report(chat, oha(66.0)));
+        assert_eq!(both.verdict(), "PASS", "both ratios pass: {both:?}");
+    }
+
     #[test]
     fn splice_keeps_hand_written_text() {
         let first = splice(None, "gen1\n");

@@ -1056,6 +1056,23 @@ fn cross_check_doubt(r: &Report, what_prefix: &str) -> Option<String> {
     })
 }
 
+/// Why a ratio that passes cannot be trusted although each figure behind it agrees
+/// within the noise: `oha`'s own ratio of the same figures (named by `ratio_prefix` in
+/// [`report::tool_ratios`]) fails `passes`. A floor read slower by one tool (+68 against
+/// +47 µs, 21 µs apart and so "agreeing") turned a c=1 latency of 3.88 by `oha` into a
+/// pass of 2.69 (6 December 2026, 15:39 UTC).
+fn oha_ratio_doubt(r: &Report, ratio_prefix: &str, passes: impl Fn(f64) -> bool) -> Option<String> {
+    let (_, _, theirs) = report::tool_ratios(r)
+        .into_iter()
+        .find(|(name, _, _)| name.starts_with(ratio_prefix))?;
+    let theirs = theirs?;
+    (!passes(theirs)).then(|| {
+        format!(
+            "in doubt: oha's own ratio of the same cells is {theirs:.2}, which misses; rerun on a quiet machine"
+        )
+    })
+}
+
 /// Why a real-model ratio is in doubt: either side lost streams to errors. A stream that
 /// hangs until the request timeout idles a client for the rest of the slice, which lowers
 /// that side's tokens per second for a reason that is not the path measured (llama.cpp
@@ -1096,7 +1113,10 @@ pub fn ratios(r: &Report) -> Vec<Ratio> {
                 report::us(p50(&r.chat, "direct", 1))
             ),
         )
-        .doubted(cross_check_doubt(r, "added p50, c=1, ")),
+        .doubted(
+            cross_check_doubt(r, "added p50, c=1, ")
+                .or_else(|| oha_ratio_doubt(r, "added p50 latency, c=1", |v| v <= 3.0)),
+        ),
     );
     let ttft = added(&r.stream, "potluck", 1);
     out.push(Ratio::at_most(
@@ -1127,7 +1147,10 @@ pub fn ratios(r: &Report) -> Vec<Ratio> {
                 report::us(added(&r.chat, "floor", 64))
             ),
         )
-        .doubted(cross_check_doubt(r, "req/s, c=64, ")),
+        .doubted(
+            cross_check_doubt(r, "req/s, c=64, ")
+                .or_else(|| oha_ratio_doubt(r, "throughput, c=64", |v| v >= 0.5)),
+        ),
     );
     let (pc, fc) = (
         c64(&r.stream, "potluck").and_then(|c| c.cpu_per_chunk_us),
