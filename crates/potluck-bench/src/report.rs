@@ -855,8 +855,15 @@ mod tests {
         let split = latency(&r);
         assert_eq!(split.verdict(), "NOISY", "{split:?}");
         assert!(split.detail_with_doubt().contains("3.87"), "{split:?}");
-        let both = latency(&report(chat, oha(66.0)));
+        let both = latency(&report(chat.clone(), oha(66.0)));
         assert_eq!(both.verdict(), "PASS", "both ratios pass: {both:?}");
+        let mut slow = chat;
+        slow[2].added_p50_us = Some(250.0);
+        let mut slow_oha = oha(47.0);
+        slow_oha[2].added_p50_us = Some(250.0);
+        let missed = latency(&report(slow, slow_oha));
+        assert_eq!(missed.verdict(), "MISS");
+        assert!(missed.doubt.is_none(), "a miss needs no doubt: {missed:?}");
     }
 
     #[test]
