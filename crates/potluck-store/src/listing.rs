@@ -188,6 +188,16 @@ impl Store {
         Ok(rows.iter().map(account_info).collect())
     }
 
+    /// One human account with its groups, by its exact name.
+    pub async fn account_info_named(&self, name: &str) -> Result<Option<AccountInfo>> {
+        let sql = format!("{} AND a.name = $1", self.account_columns());
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.as_ref().map(account_info))
+    }
+
     /// One human account with its groups, by id.
     pub async fn account_info(&self, id: i64) -> Result<Option<AccountInfo>> {
         let sql = format!("{} AND a.id = $1", self.account_columns());
@@ -437,6 +447,12 @@ mod tests {
 
         let info = s.account_info(a).await.unwrap().expect("ann");
         assert_eq!(info.name, "ann");
+        let named = s.account_info_named("ann").await.unwrap().expect("ann");
+        assert_eq!(named.id, a);
+        assert!(
+            s.account_info_named("an").await.unwrap().is_none(),
+            "exact names only"
+        );
         assert!(s.account_info(a + 1000).await.unwrap().is_none());
 
         let by_name = s

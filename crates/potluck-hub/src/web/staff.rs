@@ -5,13 +5,15 @@
 use std::sync::Arc;
 
 use askama::Template;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::response::Response;
 use http::HeaderMap;
 use potluck_store::listing::{AccountFilter, Liveness, PageReq};
 
 use crate::http::auth::{require, Action};
 use crate::http::error::ApiError;
+use crate::http::extract::check_name;
 use crate::state::HubState;
 use crate::web::session::{session, Session};
 use crate::web::{known_model, render, when_ms, Nav, WebError};
@@ -66,6 +68,15 @@ struct StaffPage {
     sections: Vec<Section>,
     /// May create invites (shows the form).
     invites: bool,
+    /// The account name asked for in the finder, as typed (shown back in its field).
+    find: String,
+}
+
+/// The staff page's query: `account` finds one account by its exact name (the lists show
+/// one page each, so an older account is found by name).
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct StaffQuery {
+    account: Option<String>,
 }
 
 pub(super) fn may(s: &Session, a: Action) -> bool {
@@ -76,7 +87,31 @@ pub(super) fn cells(v: impl IntoIterator<Item = String>) -> Row {
     Row(v.into_iter().collect())
 }
 
-async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(), ApiError> {
+/// The accounts section's rows: the newest page, or the one account `find` names (none
+/// when it names no account, or is not a name at all: nothing but a name reaches the
+/// database).
+async fn listed_accounts(
+    st: &HubState,
+    find: Option<&str>,
+) -> Result<Vec<potluck_store::accounts::AccountInfo>, ApiError> {
+    match find {
+        None => Ok(st.store.newest_accounts(st.config.web.page_rows).await?),
+        Some(name) if check_name("account", name).is_ok() => Ok(st
+            .store
+            .account_info_named(name)
+            .await?
+            .into_iter()
+            .collect()),
+        Some(_) => Ok(Vec::new()),
+    }
+}
+
+async fn people(
+    st: &HubState,
+    s: &Session,
+    find: Option<&str>,
+    out: &mut Vec<Section>,
+) -> Result<(), ApiError> {
     if !may(s, Action::ListAccounts) {
         return Ok(());
     }
@@ -89,7 +124,7 @@ async fn people(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<()
         .accounts_page(AccountFilter::PENDING, PageReq::first(page))
         .await?
         .items;
-    let accounts = st.store.newest_accounts(page).await?;
+    let accounts = listed_accounts(st, find).await?;
     out.push(Section {
         id: "approvals",
         title: "Pending approvals",
@@ -378,16 +413,20 @@ async fn admin(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
 pub(crate) async fn page(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
+    query: Result<Query<StaffQuery>, QueryRejection>,
 ) -> Result<Response, WebError> {
     let s = session(&st, &headers).await?;
     require(&s.auth, Action::ListAccounts)?;
+    let Query(q) = query.unwrap_or_default();
+    let find = q.account.filter(|a| !a.is_empty());
     let mut sections = Vec::new();
     queue(&st, &s, &mut sections).await?;
-    people(&st, &s, &mut sections).await?;
+    people(&st, &s, find.as_deref(), &mut sections).await?;
     admin(&st, &s, &mut sections).await?;
     Ok(render(&StaffPage {
         nav: Nav::of(&s),
         sections,
         invites: may(&s, Action::Invites),
+        find: find.unwrap_or_default(),
     }))
 }

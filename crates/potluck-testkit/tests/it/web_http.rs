@@ -940,3 +940,54 @@ async fn the_staff_page_lists_one_page_of_pending_and_the_newest_accounts() {
         "the newest account is on the page"
     );
 }
+
+/// The staff page shows one page of accounts (newest first), so an older account (the
+/// one a report names, say) could not be reached from it at all. The finder shows any
+/// account by its exact name; a name that is no account, or text that is no name at all
+/// (markup included), finds nothing and is shown back escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_staff_page_finds_an_account_past_its_one_page() {
+    let hub = TestHub::start_with(|c| {
+        c.web.page_rows = 3;
+        c.accounts.mode = potluck_hub::config::JoinMode::Open;
+        c.abuse.signups_per_hour = 100;
+    })
+    .await;
+    for i in 0..6 {
+        let r = hub
+            .http
+            .post(format!("{}/v1/signup", hub.url()))
+            .json(&json!({"name": format!("member{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let admin = Staff::new(&hub, "boss", "admin").await;
+    let c = WebClient::signed_in(&hub, &admin.key).await;
+    let accounts = |page: &str| {
+        let s = &page[page.find("id=\"accounts\"").expect("the accounts section")..];
+        s[..s.find("</section>").unwrap_or(s.len())].to_owned()
+    };
+    let (status, page) = c.get("/web/staff").await;
+    assert_eq!(status, 200);
+    assert!(
+        !accounts(&page).contains("/web/staff/accounts/member0/"),
+        "the oldest member is past the page"
+    );
+    let (status, page) = c.get("/web/staff?account=member0").await;
+    assert_eq!(status, 200);
+    let found = accounts(&page);
+    assert!(
+        found.contains("/web/staff/accounts/member0/sanction"),
+        "{found}"
+    );
+    assert!(!found.contains("member5"), "that account alone: {found}");
+    assert!(page.contains("value=\"member0\""), "the name is shown back");
+    for nothing in ["nobody", "member", "%3Cscript%3Ealert(1)%3C%2Fscript%3E"] {
+        let (status, page) = c.get(&format!("/web/staff?account={nothing}")).await;
+        assert_eq!(status, 200, "{nothing}");
+        assert!(accounts(&page).contains("None."), "{nothing} finds nothing");
+        assert!(!page.contains("<script>alert"), "shown back escaped");
+    }
+}
