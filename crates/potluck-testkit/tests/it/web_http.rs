@@ -902,15 +902,15 @@ async fn a_report_is_resolved_with_a_sanction_from_the_page() {
     );
 }
 
-/// Strangers sign up by the dozen on a hub that needs approval: the staff page shows one
-/// page of pending accounts, and its account list starts with the newest (the likeliest
-/// to need a moderator). Before, every pending account was listed, and the account list
-/// showed the oldest page only, so the newest accounts could not be reached from it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_staff_page_lists_one_page_of_pending_and_the_newest_accounts() {
+/// A hub whose staff page shows three rows a section, after six strangers signed up
+/// (`{prefix}0` to `{prefix}5`, in `mode`), and an admin (`boss`) signed in to it.
+async fn staff_page_after_signups(
+    mode: potluck_hub::config::JoinMode,
+    prefix: &str,
+) -> (TestHub, WebClient) {
     let hub = TestHub::start_with(|c| {
         c.web.page_rows = 3;
-        c.accounts.mode = potluck_hub::config::JoinMode::Approval;
+        c.accounts.mode = mode;
         c.abuse.signups_per_hour = 100;
     })
     .await;
@@ -918,7 +918,7 @@ async fn the_staff_page_lists_one_page_of_pending_and_the_newest_accounts() {
         let r = hub
             .http
             .post(format!("{}/v1/signup", hub.url()))
-            .json(&json!({"name": format!("stranger{i}")}))
+            .json(&json!({"name": format!("{prefix}{i}")}))
             .send()
             .await
             .unwrap();
@@ -926,12 +926,26 @@ async fn the_staff_page_lists_one_page_of_pending_and_the_newest_accounts() {
     }
     let admin = Staff::new(&hub, "boss", "admin").await;
     let c = WebClient::signed_in(&hub, &admin.key).await;
+    (hub, c)
+}
+
+/// The section of `page` with HTML id `id`, up to its end.
+fn section_of(page: &str, id: &str) -> String {
+    let s = &page[page.find(&format!("id=\"{id}\"")).expect("the section")..];
+    s[..s.find("</section>").unwrap_or(s.len())].to_owned()
+}
+
+/// Strangers sign up by the dozen on a hub that needs approval: the staff page shows one
+/// page of pending accounts, and its account list starts with the newest (the likeliest
+/// to need a moderator). Before, every pending account was listed, and the account list
+/// showed the oldest page only, so the newest accounts could not be reached from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_staff_page_lists_one_page_of_pending_and_the_newest_accounts() {
+    let (_hub, c) =
+        staff_page_after_signups(potluck_hub::config::JoinMode::Approval, "stranger").await;
     let (status, page) = c.get("/web/staff").await;
     assert_eq!(status, 200);
-    let section = |id: &str| {
-        let s = &page[page.find(&format!("id=\"{id}\"")).expect("the section")..];
-        s[..s.find("</section>").unwrap_or(s.len())].to_owned()
-    };
+    let section = |id: &str| section_of(&page, id);
     let approvals = section("approvals");
     let rows = approvals.matches("<tr").count();
     assert!(rows <= 3 + 1, "one page (and the header): {rows} rows");
@@ -947,28 +961,8 @@ async fn the_staff_page_lists_one_page_of_pending_and_the_newest_accounts() {
 /// (markup included), finds nothing and is shown back escaped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_staff_page_finds_an_account_past_its_one_page() {
-    let hub = TestHub::start_with(|c| {
-        c.web.page_rows = 3;
-        c.accounts.mode = potluck_hub::config::JoinMode::Open;
-        c.abuse.signups_per_hour = 100;
-    })
-    .await;
-    for i in 0..6 {
-        let r = hub
-            .http
-            .post(format!("{}/v1/signup", hub.url()))
-            .json(&json!({"name": format!("member{i}")}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-    }
-    let admin = Staff::new(&hub, "boss", "admin").await;
-    let c = WebClient::signed_in(&hub, &admin.key).await;
-    let accounts = |page: &str| {
-        let s = &page[page.find("id=\"accounts\"").expect("the accounts section")..];
-        s[..s.find("</section>").unwrap_or(s.len())].to_owned()
-    };
+    let (_hub, c) = staff_page_after_signups(potluck_hub::config::JoinMode::Open, "member").await;
+    let accounts = |page: &str| section_of(page, "accounts");
     let (status, page) = c.get("/web/staff").await;
     assert_eq!(status, 200);
     assert!(
