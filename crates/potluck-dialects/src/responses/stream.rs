@@ -10,6 +10,13 @@ use super::Echo;
 use crate::openai::{self, Chunk};
 use crate::{Finish, Usage};
 
+/// Most reasoning items one streamed response holds. Each is kept until the end (the
+/// final response lists them), as a JSON tree many times its text: a provider that
+/// alternated a byte of thinking with a byte of answer would otherwise make one stream
+/// hold a tree per chunk. Thinking that resumes past this many items is not shown (its
+/// tokens are billed as delivered text all the same).
+pub const MAX_REASONING_ITEMS: usize = 64;
+
 /// One Responses stream event: its type (also the SSE event name) and its data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -184,6 +191,7 @@ impl Stream {
     fn reasoning_delta(&mut self, text: &str, out: &mut Vec<Event>) {
         let (index, n) = match &self.reasoning {
             Some((index, n, _)) => (*index, *n),
+            None if self.thoughts.len() >= MAX_REASONING_ITEMS => return,
             None => {
                 let index = self.take_output_index();
                 let n = u32::try_from(self.thoughts.len()).unwrap_or(u32::MAX);

@@ -374,3 +374,27 @@ fn a_reasoning_models_thinking_is_a_reasoning_item() {
     let r = from_openai(&cut, "m", &Echo::default(), 1, Usage::default());
     assert_eq!(r["output"][0]["status"], json!("incomplete"));
 }
+
+/// A hostile provider alternates a byte of thinking with a byte of answer: the stream
+/// keeps at most [`MAX_REASONING_ITEMS`] reasoning items (each held until the end as a
+/// tree), not one per chunk; the answer's text is all there.
+#[test]
+fn interleaved_thinking_makes_a_bounded_number_of_reasoning_items() {
+    let mut s = Stream::new("m", Echo::default(), 1);
+    let rounds = MAX_REASONING_ITEMS * 3;
+    for _ in 0..rounds {
+        for delta in [json!({"reasoning_content": "r"}), json!({"content": "t"})] {
+            s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": delta}]})));
+        }
+    }
+    let end = s.finish(Usage::default());
+    let output = &end.last().unwrap().data["response"]["output"];
+    let items = output.as_array().unwrap();
+    let reasoning = items.iter().filter(|i| i["type"] == "reasoning").count();
+    assert_eq!(reasoning, MAX_REASONING_ITEMS);
+    let message = items.iter().find(|i| i["type"] == "message").unwrap();
+    assert_eq!(
+        message["content"][0]["text"].as_str().unwrap().len(),
+        rounds
+    );
+}
