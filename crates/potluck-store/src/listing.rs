@@ -178,14 +178,19 @@ impl Store {
         Ok(Page::cut(rows.iter().map(account_info).collect(), req))
     }
 
-    /// The newest `limit` human accounts with their groups, newest first.
-    pub async fn newest_accounts(&self, limit: i64) -> Result<Vec<AccountInfo>> {
-        let sql = format!("{} ORDER BY a.id DESC LIMIT $1", self.account_columns());
+    /// A page of human accounts with their groups, newest first (`after` is the id of the
+    /// page before's last, older, account).
+    pub async fn newest_accounts(&self, req: PageReq) -> Result<Page<AccountInfo>> {
+        let sql = format!(
+            "{} AND a.id < $1 ORDER BY a.id DESC LIMIT $2",
+            self.account_columns()
+        );
         let rows = sqlx::query(&sql)
-            .bind(PageReq::first(limit).rows())
+            .bind(req.after.unwrap_or(i64::MAX))
+            .bind(req.rows() + 1)
             .fetch_all(self.pool())
             .await?;
-        Ok(rows.iter().map(account_info).collect())
+        Ok(Page::cut(rows.iter().map(account_info).collect(), req))
     }
 
     /// One human account with its groups, by its exact name.
@@ -230,21 +235,23 @@ impl Store {
         self.credentials_page(&sql, req).await
     }
 
-    /// The newest `limit` providers, newest first.
+    /// A page of providers, newest first (`after` is the id of the page before's last,
+    /// older, provider).
     pub async fn newest_providers(
         &self,
         live: Liveness,
-        limit: i64,
-    ) -> Result<Vec<ProviderRecord>> {
+        req: PageReq,
+    ) -> Result<Page<ProviderRecord>> {
         let sql = format!(
-            "{PROVIDER_COLUMNS}{} ORDER BY p.id DESC LIMIT $1",
+            "{PROVIDER_COLUMNS}{} AND p.id < $1 ORDER BY p.id DESC LIMIT $2",
             live.clause("p")
         );
         let rows = sqlx::query(&sql)
-            .bind(PageReq::first(limit).rows())
+            .bind(req.after.unwrap_or(i64::MAX))
+            .bind(req.rows() + 1)
             .fetch_all(self.pool())
             .await?;
-        Ok(rows.iter().map(credential).collect())
+        Ok(Page::cut(rows.iter().map(credential).collect(), req))
     }
 
     async fn credentials_page(&self, sql: &str, req: PageReq) -> Result<Page<CredentialRecord>> {
@@ -373,17 +380,11 @@ mod tests {
             let paged = walk(limit, |r| s.accounts_page(AccountFilter::All, r), |a| a.id).await;
             assert_eq!(paged, ids, "accounts in pages of {limit}");
         }
-        let newest: Vec<i64> = s
-            .newest_accounts(3)
-            .await
-            .unwrap()
-            .iter()
-            .map(|a| a.id)
-            .collect();
-        assert_eq!(
-            newest,
-            ids.iter().rev().take(3).copied().collect::<Vec<_>>()
-        );
+        let newest_first: Vec<i64> = ids.iter().rev().copied().collect();
+        for limit in [1, 3, 8] {
+            let newest = walk(limit, |r| s.newest_accounts(r), |a| a.id).await;
+            assert_eq!(newest, newest_first, "newest accounts in pages of {limit}");
+        }
         let pending = walk(2, |r| s.accounts_page(AccountFilter::PENDING, r), |a| a.id).await;
         assert_eq!(pending.len(), 3, "m0, m3, m6 wait for approval");
         let active = AccountFilter::In(Standing::Active);
@@ -402,12 +403,8 @@ mod tests {
         assert_eq!(providers.len(), 7);
         let live = walk(2, |r| s.providers_page(Liveness::Live, r), |p| p.id).await;
         assert_eq!(live.len(), 6);
-        let newest = s.newest_providers(Liveness::Live, 2).await.unwrap();
-        let newest: Vec<i64> = newest.iter().map(|p| p.id).collect();
-        assert_eq!(
-            newest,
-            live.iter().rev().take(2).copied().collect::<Vec<_>>()
-        );
+        let newest = walk(2, |r| s.newest_providers(Liveness::Live, r), |p| p.id).await;
+        assert_eq!(newest, live.iter().rev().copied().collect::<Vec<_>>());
 
         let invites = walk(4, |r| s.invites_page(r), |i| i.id).await;
         assert_eq!(invites.len(), 7);

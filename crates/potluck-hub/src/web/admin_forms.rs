@@ -7,7 +7,8 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use http::HeaderMap;
-use potluck_store::listing::{AccountFilter, Liveness, PageReq};
+use potluck_store::accounts::AccountInfo;
+use potluck_store::listing::{Liveness, PageReq};
 use potluck_store::KeyLimits;
 use serde::Deserialize;
 
@@ -17,9 +18,10 @@ use crate::http::auth::{require, Action};
 use crate::http::error::ApiError;
 use crate::state::HubState;
 use crate::web::actions::unknown_action;
+use crate::web::lists::{cells, Cursors, Listed, Row, Section};
 use crate::web::member::signed_in;
 use crate::web::session::Session;
-use crate::web::staff::{cells, may, Row, Section};
+use crate::web::staff::may;
 use crate::web::{back, form, WebError};
 
 /// The limits form: each field a whole number, or empty for no override.
@@ -155,88 +157,98 @@ fn per_row(
     action: &'static str,
 ) -> Section {
     Section {
-        id,
-        title,
-        columns,
-        rows,
         action,
-        choices: &[],
-        reason: false,
-        fields: &[],
+        ..Section::new(id, title, columns, rows)
     }
 }
 
 /// Limits of accounts and keys, roles and groups (the CLI's `accounts limits|role|group`
-/// and `keys limits`), each shown only to a role the table lets do it.
+/// and `keys limits`), each shown only to a role the table lets do it. The account forms
+/// show the accounts the accounts section does (a page, or the one found by name), the
+/// key forms the live keys' page.
 pub(super) async fn settings(
     st: &HubState,
     s: &Session,
+    q: &Cursors,
+    accounts: &Listed<AccountInfo>,
     out: &mut Vec<Section>,
 ) -> Result<(), ApiError> {
     let (limits, manage) = (may(s, Action::Limits), may(s, Action::ManageAccounts));
-    if !(limits || manage) {
-        return Ok(());
-    }
-    let page = PageReq::first(st.config.web.page_rows);
-    let accounts = st
-        .store
-        .accounts_page(AccountFilter::All, page)
-        .await?
-        .items;
-    let row = |a: &potluck_store::accounts::AccountInfo, path: &str, extra: String| {
+    let row = |a: &AccountInfo, path: &str, extra: String| {
         let url = format!("/web/staff/accounts/{}/{path}", a.name);
         (cells([a.name.clone(), extra]), Some(url))
     };
     if limits {
-        let rows = accounts.iter().map(|a| row(a, "limits", a.role.to_owned()));
-        let mut sec = per_row(
-            "account-limits",
-            "Account limits (empty: hub default)",
-            &["Account", "Role"],
-            rows.collect(),
-            "Set limits",
-        );
-        sec.fields = &LIMIT_FIELDS;
-        out.push(sec);
-        let keys = st.store.keys_page(Liveness::Live, page).await?.items;
-        let rows = keys.into_iter().map(|k| {
+        let rows = accounts
+            .items
+            .iter()
+            .map(|a| row(a, "limits", a.role.to_owned()));
+        out.push(Section {
+            fields: &LIMIT_FIELDS,
+            paging: accounts.paging("account-limits"),
+            ..per_row(
+                "account-limits",
+                "Account limits (empty: hub default)",
+                &["Account", "Role"],
+                rows.collect(),
+                "Set limits",
+            )
+        });
+        let req = PageReq {
+            after: q.keys,
+            limit: st.config.web.page_rows,
+        };
+        let keys = st.store.keys_page(Liveness::Live, req).await?;
+        let keys = Listed::of(keys, req, "keys_after", |k| k.id);
+        let paging = keys.paging("key-limits");
+        let rows = keys.items.into_iter().map(|k| {
             let url = format!("/web/staff/keys/{}/limits", k.id);
             (cells([k.id.to_string(), k.name, k.account]), Some(url))
         });
-        let mut sec = per_row(
-            "key-limits",
-            "Key limits (empty: hub default)",
-            &["Id", "Name", "Account"],
-            rows.collect(),
-            "Set limits",
-        );
-        sec.fields = &LIMIT_FIELDS;
-        out.push(sec);
+        out.push(Section {
+            fields: &LIMIT_FIELDS,
+            paging,
+            ..per_row(
+                "key-limits",
+                "Key limits (empty: hub default)",
+                &["Id", "Name", "Account"],
+                rows.collect(),
+                "Set limits",
+            )
+        });
     }
     if manage {
-        let rows = accounts.iter().map(|a| row(a, "role", a.role.to_owned()));
-        let mut sec = per_row(
-            "roles",
-            "Roles",
-            &["Account", "Role"],
-            rows.collect(),
-            "Set role",
-        );
-        sec.choices = &ROLES;
-        out.push(sec);
         let rows = accounts
+            .items
+            .iter()
+            .map(|a| row(a, "role", a.role.to_owned()));
+        out.push(Section {
+            choices: &ROLES,
+            paging: accounts.paging("roles"),
+            ..per_row(
+                "roles",
+                "Roles",
+                &["Account", "Role"],
+                rows.collect(),
+                "Set role",
+            )
+        });
+        let rows = accounts
+            .items
             .iter()
             .map(|a| row(a, "groups", a.groups.join(", ")));
-        let mut sec = per_row(
-            "groups",
-            "Groups",
-            &["Account", "Groups"],
-            rows.collect(),
-            "Apply",
-        );
-        sec.choices = &["add", "remove"];
-        sec.fields = &["group"];
-        out.push(sec);
+        out.push(Section {
+            choices: &["add", "remove"],
+            fields: &["group"],
+            paging: accounts.paging("groups"),
+            ..per_row(
+                "groups",
+                "Groups",
+                &["Account", "Groups"],
+                rows.collect(),
+                "Apply",
+            )
+        });
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 mod actions;
 mod admin_forms;
 mod assets;
+mod lists;
 mod member;
 mod public;
 mod session;

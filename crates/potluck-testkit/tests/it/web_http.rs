@@ -826,6 +826,54 @@ async fn the_staff_key_list_is_one_page_with_live_keys_first() {
     );
     let rows = keys.matches("<tr").count();
     assert!(rows <= 3 + 1, "one page (and the header): {rows} rows");
+    // The revoked keys are a list of their own, a page at a time, without forms.
+    let mut seen: Vec<i64> = Vec::new();
+    for page in walk_section(&c, "/web/staff", "revoked-keys").await {
+        assert!(
+            !page.contains("/act\""),
+            "no form for a revoked key: {page}"
+        );
+        let on_page = revoked
+            .iter()
+            .filter(|id| page.contains(&format!("<td>{id}</td>")));
+        seen.extend(on_page);
+    }
+    assert_eq!(seen, revoked, "each revoked key once, in order");
+}
+
+/// The sections of HTML id `id` on each page of its list, from `first` and following its
+/// "Next page" links to the end (each later page links back to the first).
+async fn walk_section(c: &WebClient, first: &str, id: &str) -> Vec<String> {
+    let mut pages = Vec::new();
+    let mut url = first.to_owned();
+    loop {
+        let (status, page) = c.get(&url).await;
+        assert_eq!(status, 200, "{url}");
+        let section = section_of(&page, id);
+        assert_eq!(
+            section.contains(&format!("href=\"/web/staff#{id}\"")),
+            !pages.is_empty(),
+            "a link back to the first page on every later page: {section}"
+        );
+        let next = next_link(&section);
+        pages.push(section);
+        match next {
+            Some(n) => url = n,
+            None => return pages,
+        }
+        assert!(pages.len() < 20, "the pages end");
+    }
+}
+
+/// A section's "Next page" address.
+fn next_link(section: &str) -> Option<String> {
+    let end = section.find("\" rel=\"next\"")?;
+    let start = section[..end].rfind("href=\"")? + "href=\"".len();
+    Some(
+        section[start..end]
+            .replace("&amp;", "&")
+            .replace("&#x23;", "#"),
+    )
 }
 
 /// A stranger reloads the public status page and its chart data as fast as it can: the
@@ -955,6 +1003,76 @@ async fn the_staff_page_lists_one_page_of_pending_and_the_newest_accounts() {
     );
 }
 
+/// Every pending account and every account is reached from the staff page, page after
+/// page, each once and in the list's order (pending oldest first, accounts newest first).
+/// Before, each list showed its first page alone: the seventh stranger waiting for
+/// approval could not be approved from the page at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_staff_page_walks_every_list_page_by_page() {
+    let (_hub, c) =
+        staff_page_after_signups(potluck_hub::config::JoinMode::Approval, "stranger").await;
+    let names_in = |pages: &[String], action: &str| -> Vec<String> {
+        let mut names = Vec::new();
+        for p in pages {
+            let mut rest = p.as_str();
+            while let Some(i) = rest.find("/web/staff/accounts/") {
+                rest = &rest[i + "/web/staff/accounts/".len()..];
+                let (name, after) = rest.split_once('/').expect("an account's form");
+                if after.starts_with(action) {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        names
+    };
+    let pending = walk_section(&c, "/web/staff", "approvals").await;
+    assert_eq!(pending.len(), 2, "six pending in pages of three");
+    let strangers: Vec<String> = (0..6).map(|i| format!("stranger{i}")).collect();
+    assert_eq!(
+        names_in(&pending, "approve"),
+        strangers,
+        "oldest first, each once"
+    );
+    let accounts = walk_section(&c, "/web/staff", "accounts").await;
+    let mut newest_first = strangers.clone();
+    newest_first.insert(0, "boss".into());
+    newest_first[1..].reverse();
+    let listed = names_in(&accounts, "sanction");
+    assert_eq!(listed[..7], newest_first, "newest first: {listed:?}");
+    let mut once = listed.clone();
+    once.sort();
+    once.dedup();
+    assert_eq!(once.len(), listed.len(), "each once: {listed:?}");
+    // The admin's forms for the same accounts follow the same pages.
+    let roles = walk_section(&c, "/web/staff", "roles").await;
+    assert_eq!(names_in(&roles, "role"), listed);
+}
+
+/// A list's position that is not a whole number is refused, not read as the first page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staff_page_position_that_is_no_number_is_refused() {
+    let (_hub, c) = staff_page_after_signups(potluck_hub::config::JoinMode::Open, "member").await;
+    for bad in [
+        "accounts_after=abc",
+        "keys_after=1.5",
+        "pending_after=99999999999999999999",
+        "providers_after=",
+    ] {
+        let (status, page) = c.get(&format!("/web/staff?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {page}");
+        let field = bad.split('=').next().unwrap_or_default();
+        assert!(
+            page.contains(&format!("<code>{field}</code>")),
+            "{bad}: {page}"
+        );
+    }
+    let (status, _) = c.get("/web/staff?accounts_after=-5").await;
+    assert_eq!(
+        status, 200,
+        "a cursor before every id is an empty page, not an error"
+    );
+}
+
 /// The staff page shows one page of accounts (newest first), so an older account (the
 /// one a report names, say) could not be reached from it at all. The finder shows any
 /// account by its exact name; a name that is no account, or text that is no name at all
@@ -977,6 +1095,14 @@ async fn the_staff_page_finds_an_account_past_its_one_page() {
         "{found}"
     );
     assert!(!found.contains("member5"), "that account alone: {found}");
+    for form in ["roles", "groups", "account-limits"] {
+        let sec = section_of(&page, form);
+        assert!(
+            sec.contains("/web/staff/accounts/member0/"),
+            "{form}: {sec}"
+        );
+        assert!(!sec.contains("member5"), "{form}: that account alone");
+    }
     assert!(page.contains("value=\"member0\""), "the name is shown back");
     for nothing in ["nobody", "member", "%3Cscript%3Ealert(1)%3C%2Fscript%3E"] {
         let (status, page) = c.get(&format!("/web/staff?account={nothing}")).await;
