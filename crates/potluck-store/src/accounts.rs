@@ -336,11 +336,14 @@ impl Store {
             .ok_or(StoreError::NotFound)
     }
 
-    /// A live provider's id by id or name.
+    /// A live provider's id by id or name. An id wins over a name: a provider named
+    /// after another's id ("12") must not take a sanction meant for provider 12.
     pub async fn provider_id(&self, id_or_name: &str) -> Result<i64> {
         sqlx::query_scalar(
-            "SELECT id FROM providers WHERE revoked_at IS NULL AND (CAST(id AS TEXT) = $1 OR name = $2)",
+            "SELECT id FROM providers WHERE revoked_at IS NULL AND (CAST(id AS TEXT) = $1 OR name = $2) \
+             ORDER BY CASE WHEN CAST(id AS TEXT) = $3 THEN 0 ELSE 1 END LIMIT 1",
         )
+        .bind(id_or_name)
         .bind(id_or_name)
         .bind(id_or_name)
         .fetch_optional(self.pool())

@@ -470,6 +470,17 @@ mod tests {
             .unwrap()
             .is_none());
 
+        // A provider named after another's id: the id wins, whichever row the database
+        // happens to read first (the one named so was made last, so a scan meets it last
+        // and an index on the name first).
+        let (first, _) = s.create_provider("first", "bo").await.unwrap();
+        let (namesake, _) = s.create_provider(&first.to_string(), "bo").await.unwrap();
+        let id = first.to_string();
+        assert_eq!(s.provider_id(&id).await.unwrap(), first);
+        let by_id = s.provider_record(&id, Liveness::Live).await.unwrap();
+        assert_eq!(by_id.unwrap().id, first);
+        assert_ne!(namesake, first);
+
         let mine = s.providers_of_account(a, PageReq::first(10)).await.unwrap();
         assert_eq!(
             mine.items.iter().map(|p| p.id).collect::<Vec<_>>(),
