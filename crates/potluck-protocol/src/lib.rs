@@ -9,6 +9,7 @@ pub mod openai;
 pub mod pool;
 pub mod receipt;
 pub mod request;
+pub mod text;
 pub mod tunnel;
 pub mod usage;
 

@@ -69,8 +69,11 @@ pub enum ModelNameError {
     /// Over [`MAX_MODEL_NAME_BYTES`].
     #[error("model name is longer than {MAX_MODEL_NAME_BYTES} bytes")]
     TooLong,
-    /// Control characters or surrounding whitespace.
-    #[error("model name contains control characters or surrounding whitespace")]
+    /// Control, bidirectional or invisible characters ([`crate::text::unprintable`]), or
+    /// surrounding whitespace.
+    #[error(
+        "model name contains control, bidirectional or invisible characters, or surrounding whitespace"
+    )]
     BadCharacters,
 }
 
@@ -83,7 +86,7 @@ impl ModelName {
         if s.len() > MAX_MODEL_NAME_BYTES {
             return Err(ModelNameError::TooLong);
         }
-        if s.chars().any(char::is_control) || s.trim() != s {
+        if crate::text::has_unprintable(s) || s.trim() != s {
             return Err(ModelNameError::BadCharacters);
         }
         Ok(Self(s.to_owned()))
@@ -129,6 +132,9 @@ mod tests {
         assert_eq!(ModelName::parse(""), Err(ModelNameError::Empty));
         assert_eq!(ModelName::parse(" a"), Err(ModelNameError::BadCharacters));
         assert_eq!(ModelName::parse("a\nb"), Err(ModelNameError::BadCharacters));
+        for spoof in ["gpt\u{202E}o4", "smol\u{200B}lm", "\u{FEFF}llama"] {
+            assert_eq!(ModelName::parse(spoof), Err(ModelNameError::BadCharacters));
+        }
         assert_eq!(
             ModelName::parse(&"x".repeat(257)),
             Err(ModelNameError::TooLong)

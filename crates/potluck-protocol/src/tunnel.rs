@@ -260,7 +260,7 @@ impl ProviderProfile {
             return Err(ControlError::BadProfile("too many groups"));
         }
         if self.groups.iter().any(|g| {
-            g.is_empty() || g.len() > MAX_GROUP_NAME_BYTES || g.chars().any(char::is_control)
+            g.is_empty() || g.len() > MAX_GROUP_NAME_BYTES || crate::text::has_unprintable(g)
         }) {
             return Err(ControlError::BadProfile("bad group name"));
         }
@@ -447,7 +447,7 @@ impl AgentEvent {
             if agent_version.len() > MAX_SHORT_TEXT_BYTES {
                 return Err(ControlError::TextTooLong);
             }
-            if agent_version.chars().any(char::is_control) {
+            if crate::text::has_unprintable(agent_version) {
                 return Err(ControlError::ControlCharacter);
             }
         }
@@ -520,6 +520,38 @@ mod tests {
             Err(ControlError::ControlCharacter)
         ));
     }
+
+    /// A hostile provider names its model, its groups or its version with a bidirectional
+    /// override or an invisible character, to spoof what the hub's pages show (a model
+    /// that reads as another, a name that reverses the text after it): the hello is
+    /// refused whole. Before, only control characters were.
+    #[test]
+    fn a_hello_whose_names_are_not_shown_as_themselves_is_refused() {
+        let hello = |model: &str, group: &str, version: &str| {
+            let profile = ProviderProfile {
+                groups: vec![group.to_owned()],
+                ..ProviderProfile::default()
+            };
+            let line = serde_json::json!({
+                "type": "hello", "protocol": PROTOCOL_VERSION, "agent_version": version,
+                "models": [{"id": model}], "max_concurrency": 1,
+                "profile": profile, "accepting": true,
+            });
+            AgentEvent::decode(line.to_string().as_bytes())
+        };
+        assert!(hello("smollm2", "lab", "1.0").is_ok());
+        for bad in [
+            "gpt\u{202E}o4-tpg",
+            "smol\u{200B}lm2",
+            "\u{FEFF}smollm2",
+            "a\u{2066}b",
+        ] {
+            assert!(hello(bad, "lab", "1.0").is_err(), "model {bad:?}");
+            assert!(hello("smollm2", bad, "1.0").is_err(), "group {bad:?}");
+            assert!(hello("smollm2", "lab", bad).is_err(), "version {bad:?}");
+        }
+    }
+
     use proptest::prelude::*;
 
     fn offer(s: &str) -> ModelOffer {

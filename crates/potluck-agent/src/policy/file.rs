@@ -365,7 +365,9 @@ impl AccessSection {
             ));
         }
         if let Some(g) = self.groups.iter().find(|g| {
-            g.is_empty() || g.len() > MAX_GROUP_NAME_BYTES || g.chars().any(char::is_control)
+            g.is_empty()
+                || g.len() > MAX_GROUP_NAME_BYTES
+                || potluck_protocol::text::has_unprintable(g)
         }) {
             return Err(ConfigError::new(
                 "access.groups",

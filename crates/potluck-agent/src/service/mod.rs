@@ -166,7 +166,7 @@ fn receipt_acceptable(sh: &Shared, r: &potluck_protocol::receipt::Receipt) -> bo
     use potluck_protocol::receipt::MAX_RECEIPT_TEXT_BYTES;
     if [&r.hub_id, &r.consumer, &r.outcome]
         .iter()
-        .any(|t| t.len() > MAX_RECEIPT_TEXT_BYTES || t.chars().any(unprintable))
+        .any(|t| t.len() > MAX_RECEIPT_TEXT_BYTES || potluck_protocol::text::has_unprintable(t))
     {
         return false;
     }
@@ -176,14 +176,6 @@ fn receipt_acceptable(sh: &Shared, r: &potluck_protocol::receipt::Receipt) -> bo
         return false;
     }
     sh.take_served(&r.request_id).is_some()
-}
-
-/// A control character (a terminal escape) or a bidirectional format character (which
-/// reorders what a terminal shows): never in a receipt's text, which the volunteer's
-/// `receipts list` prints.
-fn unprintable(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `POST /_potluck/events`: a batch of hub events, one JSON per line. At most

@@ -1,0 +1,51 @@
+//! Text a stranger names things with (a model, a group, an agent's version, a receipt's
+//! fields) and that a page or a terminal then shows: none of it may hold a character
+//! that is not shown as itself.
+
+/// A character that is not shown as itself: a control character (a terminal escape), a
+/// bidirectional format character (which reorders what is shown around it: a model
+/// named `gpt\u{202E}...` reads backwards), an invisible one (zero-width spaces and
+/// joiners, the word joiner, the byte order mark, the soft hyphen: two names that look
+/// alike and differ), or a line or paragraph separator.
+pub fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
+}
+
+/// Whether `s` holds an [`unprintable`] character.
+pub fn has_unprintable(s: &str) -> bool {
+    s.chars().any(unprintable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_not_shown_as_itself() {
+        for c in [
+            '\u{1b}', '\n', '\u{7f}', '\u{85}', '\u{200B}', '\u{200D}', '\u{200E}', '\u{202E}',
+            '\u{2028}', '\u{2066}', '\u{2069}', '\u{FEFF}', '\u{00AD}', '\u{061C}',
+        ] {
+            assert!(unprintable(c), "{:?}", c);
+        }
+        for c in [
+            'a', ' ', '-', ':', '/', 'é', 'ß', '中', '\u{2013}', '\u{2070}',
+        ] {
+            assert!(!unprintable(c), "{:?}", c);
+        }
+        assert!(has_unprintable("gpt\u{202E}4o"));
+        assert!(!has_unprintable("hf.co/org/model:Q4_K_M"));
+    }
+}
