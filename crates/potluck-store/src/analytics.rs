@@ -62,7 +62,7 @@ impl Grouping {
 }
 
 /// Which rows to aggregate.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct UsageFilter {
     /// Unix milliseconds, inclusive.
     pub from_ms: i64,
@@ -70,6 +70,9 @@ pub struct UsageFilter {
     pub to_ms: i64,
     /// Only this account's rows (a member's own view); `None`: every account.
     pub account_id: Option<i64>,
+    /// Only the rows this account's providers (live or revoked) served (a volunteer's
+    /// own view); `None`: whoever served them.
+    pub served_by: Option<i64>,
 }
 
 /// One group's totals.
@@ -113,13 +116,16 @@ impl Store {
              FROM usage_records u {join} \
              WHERE u.started_at_ms >= $1 AND u.started_at_ms < $2 \
              AND ($3 IS NULL OR u.account_id = $4) {cond} \
-             GROUP BY g ORDER BY {order} LIMIT $5"
+             AND ($5 IS NULL OR u.provider_id IN (SELECT id FROM providers WHERE account_id = $6)) \
+             GROUP BY g ORDER BY {order} LIMIT $7"
         );
         let rows = sqlx::query(&sql)
             .bind(filter.from_ms)
             .bind(filter.to_ms)
             .bind(filter.account_id)
             .bind(filter.account_id)
+            .bind(filter.served_by)
+            .bind(filter.served_by)
             .bind(i64::from(max_groups).saturating_add(1))
             .fetch_all(self.pool())
             .await?;
@@ -184,7 +190,7 @@ mod tests {
         let all = UsageFilter {
             from_ms: 0,
             to_ms: 3 * DAY,
-            account_id: None,
+            ..UsageFilter::default()
         };
         let (days, more) = s.usage_totals(all, Grouping::Day, 10).await.unwrap();
         assert!(!more);
@@ -221,7 +227,7 @@ mod tests {
                 UsageFilter {
                     from_ms: 5,
                     to_ms: 5,
-                    account_id: None,
+                    ..UsageFilter::default()
                 },
                 Grouping::Day,
                 10,
@@ -229,5 +235,46 @@ mod tests {
             .await
             .unwrap();
         assert!(none.is_empty() && !more);
+    });
+
+    // A volunteer's view reads what its own providers served, revoked ones included, and
+    // nothing another account's providers served.
+    crate::conformance!(totals_of_what_one_accounts_providers_served, |db| {
+        use crate::store::{Role, Standing};
+        let s = db.open().await;
+        for name in ["vee", "wes"] {
+            s.create_account(name, Role::Member, Standing::Active)
+                .await
+                .unwrap();
+        }
+        let vee = s.account_info_named("vee").await.unwrap().unwrap().id;
+        let (mine, _) = s.create_provider("box", "vee").await.unwrap();
+        let (old, _) = s.create_provider("old-box", "vee").await.unwrap();
+        s.revoke_provider(&old.to_string()).await.unwrap();
+        let (theirs, _) = s.create_provider("rig", "wes").await.unwrap();
+        s.record_usage(&[
+            row(1, 11, Some(mine), "a", 1),
+            row(1, 11, Some(old), "a", 2),
+            row(2, 21, Some(theirs), "a", 3),
+            row(2, 21, Some(theirs), "a", 4),
+            row(2, 21, None, "a", 5),
+        ])
+        .await
+        .unwrap();
+        let served = UsageFilter {
+            from_ms: 0,
+            to_ms: DAY,
+            served_by: Some(vee),
+            ..UsageFilter::default()
+        };
+        let (by, _) = s
+            .usage_totals(served, Grouping::Provider, 10)
+            .await
+            .unwrap();
+        let mut by: Vec<(String, i64)> = by.into_iter().map(|t| (t.group, t.requests)).collect();
+        by.sort();
+        let mut want = vec![(mine.to_string(), 1), (old.to_string(), 1)];
+        want.sort();
+        assert_eq!(by, want);
     });
 }

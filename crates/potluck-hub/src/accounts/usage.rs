@@ -217,10 +217,30 @@ pub(crate) async fn totals(
     q: UsageQuery,
     account_id: Option<i64>,
 ) -> Result<UsageSummary, ApiError> {
+    read_totals(st, q, account_id, None).await
+}
+
+/// The totals of what one account's providers served (a volunteer's page): only their
+/// rows are read, never the whole hub's.
+pub(crate) async fn served_totals(
+    st: &HubState,
+    q: UsageQuery,
+    volunteer: i64,
+) -> Result<UsageSummary, ApiError> {
+    read_totals(st, q, None, Some(volunteer)).await
+}
+
+async fn read_totals(
+    st: &HubState,
+    q: UsageQuery,
+    account_id: Option<i64>,
+    served_by: Option<i64>,
+) -> Result<UsageSummary, ApiError> {
     let filter = UsageFilter {
         from_ms: q.from.start_ms(),
         to_ms: q.to.plus(1).start_ms(),
         account_id,
+        served_by,
     };
     let (rows, truncated) = st
         .store

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use askama::Template;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,6 +15,7 @@ use potluck_store::accounts::KeySettings;
 use serde::Deserialize;
 
 use crate::accounts::{keys, usage};
+use crate::http::error::ApiError;
 use crate::state::HubState;
 use crate::web::public::{daily, today, DayRow};
 use crate::web::session::{session, Session};
@@ -153,18 +155,23 @@ pub(crate) struct CsvQuery {
     by: Option<String>,
 }
 
-/// `GET /web/me/usage.csv[?by=model]`: the member's usage by day (or by model), as the
-/// usage API writes CSV; a model the hub does not know is not named.
+/// `GET /web/me/usage.csv[?by=day|model]`: the member's usage by day (or by model), as
+/// the usage API writes CSV; a model the hub does not know is not named. Any other `by`
+/// is a bad request naming it.
 pub(crate) async fn usage_csv(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
-    Query(q): Query<CsvQuery>,
+    q: Result<Query<CsvQuery>, QueryRejection>,
 ) -> Result<Response, WebError> {
     let s = session(&st, &headers).await?;
+    let bad = || ApiError::bad_request("'by' must be day or model.", Some("by"));
+    let Query(q) = q.map_err(|_| bad())?;
     let group = match q.by.as_deref() {
+        None | Some("day") => GroupBy::Day,
         Some("model") => GroupBy::Model,
-        _ => GroupBy::Day,
+        Some(_) => return Err(bad().into()),
     };
+    let _turn = crate::http::auth::member_read(&st).await?;
     let q = usage::UsageQuery::last_days(today(), st.config.web.chart_days, group);
     let mut summary = usage::totals(&st, q, Some(s.auth.account_id)).await?;
     if group == GroupBy::Model {

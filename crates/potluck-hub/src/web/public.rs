@@ -117,6 +117,7 @@ async fn read_daily(st: &HubState, account_id: Option<i64>) -> Result<Vec<DayRow
         from_ms: from.start_ms(),
         to_ms: to.plus(1).start_ms(),
         account_id,
+        served_by: None,
     };
     let (rows, _) = st
         .store

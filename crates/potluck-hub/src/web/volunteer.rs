@@ -77,11 +77,14 @@ pub(crate) async fn page(
     let s = session(&st, &headers).await?;
     let me = s.auth.account_id;
     let err = ApiError::from;
-    // One page of the member's own providers, read alone (never every provider).
+    // A member's own read: in turn with the others (`server.max_member_reads`).
+    let _turn = crate::http::auth::member_read(&st).await?;
+    // One page of the member's own providers, read alone (never every provider), and
+    // what they served (never the whole hub's usage).
     let page = PageReq::first(st.config.web.page_rows);
     let owned = st.store.providers_of_account(me, page).await.map_err(err)?;
     let q = usage::UsageQuery::last_days(today(), st.config.web.chart_days, GroupBy::Provider);
-    let served = usage::totals(&st, q, None).await?.data;
+    let served = usage::served_totals(&st, q, me).await?.data;
     let online = st.registry.provider_summary();
     let mut providers = Vec::new();
     for p in owned.items {

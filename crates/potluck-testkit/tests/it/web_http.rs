@@ -1111,3 +1111,59 @@ async fn the_staff_page_finds_an_account_past_its_one_page() {
         assert!(!page.contains("<script>alert"), "shown back escaped");
     }
 }
+
+/// A member reloads the volunteer page and the usage CSV in many tabs at once: each view
+/// is a read of the usage table, so they take turns with the member's other reads
+/// (`server.max_member_reads`; past `server.key_lookup_wait`, 503), as the API's do.
+/// Before, every view ran at once, and the volunteer page summed the whole hub's usage
+/// for each view, whether or not the member served any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_heavy_pages_take_turns_on_the_database() {
+    let hub = TestHub::start_with(|c| {
+        c.server.max_member_reads = 1;
+        c.server.key_lookup_wait = std::time::Duration::from_millis(1);
+    })
+    .await;
+    let key = hub.create_key("reader").await;
+    let c = std::sync::Arc::new(WebClient::signed_in(&hub, &key).await);
+    for page in ["/web/volunteer", "/web/me/usage.csv"] {
+        assert_eq!(c.get(page).await.0, 200, "{page} alone");
+        let views = (0..48).map(|_| {
+            let c = std::sync::Arc::clone(&c);
+            tokio::spawn(async move { c.get(page).await.0 })
+        });
+        let mut busy = 0;
+        for v in views.collect::<Vec<_>>() {
+            match v.await.unwrap() {
+                200 => {}
+                503 => busy += 1,
+                s => panic!("{page}: {s}"),
+            }
+        }
+        assert!(
+            busy > 0,
+            "{page}: 48 views at once, and none waited for its turn"
+        );
+    }
+}
+
+/// The usage CSV's grouping is day or model; anything else (or the parameter twice) is
+/// refused on a page naming it, not read as a day's grouping or answered in plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_csv_grouping_that_is_neither_day_nor_model_is_refused() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("reader").await;
+    let c = WebClient::signed_in(&hub, &key).await;
+    for ok in ["", "?by=day", "?by=model"] {
+        assert_eq!(
+            c.get(&format!("/web/me/usage.csv{ok}")).await.0,
+            200,
+            "{ok}"
+        );
+    }
+    for bad in ["?by=key", "?by=", "?by=day&by=model"] {
+        let (status, page) = c.get(&format!("/web/me/usage.csv{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {page}");
+        assert!(page.contains("<code>by</code>"), "{bad}: {page}");
+    }
+}
