@@ -18,6 +18,7 @@ mod signin;
 mod staff;
 mod volunteer;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use askama::Template;
@@ -140,7 +141,7 @@ impl From<ApiError> for WebError {
 struct ErrorPage {
     nav: Nav,
     status: u16,
-    message: &'static str,
+    message: Cow<'static, str>,
     /// The form field at fault, if the API named one (a name from the hub's code).
     field: Option<&'static str>,
 }
@@ -162,24 +163,46 @@ impl IntoResponse for WebError {
             ApiError::BadRequest { param, .. } => *param,
             _ => None,
         };
-        let status = self.0.into_response().status();
-        let message = match status {
-            StatusCode::FORBIDDEN => {
-                "Your role may not do this, or the form was stale. Reload the page and try again."
-            }
-            StatusCode::NOT_FOUND => "Not found.",
-            StatusCode::CONFLICT => "That was already done.",
-            StatusCode::TOO_MANY_REQUESTS => "Too many attempts. Wait a while and try again.",
-            s if s.is_client_error() => "The form was not accepted.",
-            _ => "Something went wrong on the hub.",
-        };
+        let message = page_message(&self.0);
+        let api = self.0.into_response();
+        let status = api.status();
         let page = ErrorPage {
             nav: Nav::default(),
             status: status.as_u16(),
-            message,
+            message: message.unwrap_or_else(|| status_message(status).into()),
             field,
         };
-        (status, render(&page)).into_response()
+        let mut r = (status, render(&page)).into_response();
+        if let Some(wait) = api.headers().get(header::RETRY_AFTER) {
+            r.headers_mut().insert(header::RETRY_AFTER, wait.clone());
+        }
+        r
+    }
+}
+
+/// The error's own message, where it is the hub's fixed words about this refusal (a
+/// role the table refuses, a moderator acting on staff, the keys' cap, a name taken):
+/// what the member needs to know, and nothing a stranger typed but a checked name.
+fn page_message(e: &ApiError) -> Option<Cow<'static, str>> {
+    match e {
+        ApiError::Refused(m) => Some(Cow::Borrowed(m)),
+        ApiError::Conflict(m) => Some(Cow::Owned(m.clone())),
+        _ => None,
+    }
+}
+
+/// What a page says for a status whose error has no message of its own to show.
+fn status_message(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::FORBIDDEN => {
+            "Your role may not do this, or the form was stale. Reload the page and try again."
+        }
+        StatusCode::NOT_FOUND => "Not found.",
+        StatusCode::CONFLICT => "That was already done.",
+        StatusCode::TOO_MANY_REQUESTS => "Too many attempts. Wait a while and try again.",
+        StatusCode::SERVICE_UNAVAILABLE => "The hub is busy. Wait a moment and try again.",
+        s if s.is_client_error() => "The form was not accepted.",
+        _ => "Something went wrong on the hub.",
     }
 }
 
@@ -235,4 +258,17 @@ pub(crate) fn known_model(st: &HubState, model: &str) -> bool {
     st.config.credits.models.contains_key(model)
         || st.config.model_allowlist.iter().any(|m| m.name == model)
         || st.registry.pool().keys().any(|m| m.as_str() == model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A busy hub's error page tells the browser when to come back, as the API does.
+    #[test]
+    fn a_busy_hubs_page_keeps_its_retry_after() {
+        let r = WebError(ApiError::LookupsBusy { retry_after: 1 }).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
 }

@@ -1167,3 +1167,41 @@ async fn a_usage_csv_grouping_that_is_neither_day_nor_model_is_refused() {
         assert!(page.contains("<code>by</code>"), "{bad}: {page}");
     }
 }
+
+/// A member at the keys' cap, or a moderator acting on an admin, is told why on the error
+/// page (the hub's own words for that refusal), not "That was already done" or "the form
+/// was stale".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_page_says_why_in_the_hubs_words() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("mia").await;
+    let c = WebClient::signed_in(&hub, &key).await;
+    let mut made = 1;
+    loop {
+        let (status, page) = c
+            .post(
+                "/web/me/keys",
+                &[("csrf", &c.csrf), ("name", &format!("k{made}"))],
+            )
+            .await;
+        if status >= 300 {
+            assert_eq!(status, 409, "{page}");
+            assert!(page.contains("at most 20 live keys"), "{page}");
+            assert!(!page.contains("already done"), "{page}");
+            break;
+        }
+        made += 1;
+        assert!(made <= 20, "the cap holds");
+    }
+    let moderator = Staff::new(&hub, "mod", "moderator").await;
+    Staff::new(&hub, "boss", "admin").await;
+    let m = WebClient::signed_in(&hub, &moderator.key).await;
+    let (status, page) = m
+        .post(
+            "/web/staff/accounts/boss/sanction",
+            &[("csrf", &m.csrf), ("action", "suspend"), ("reason", "x")],
+        )
+        .await;
+    assert_eq!(status, 403, "{page}");
+    assert!(!page.contains("the form was stale"), "{page}");
+}
