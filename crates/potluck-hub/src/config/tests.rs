@@ -230,6 +230,20 @@ fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
             "audit.canary_interval",
         ),
         ("[web]\nchart_cache = 0".into(), "web.chart_cache"),
+        ("[web]\npage_rows = 0".into(), "web.page_rows"),
+        (format!("[web]\npage_rows = {HUGE}"), "web.page_rows"),
+        (
+            "[web]\nsession_lifetime = 2592001".into(),
+            "web.session_lifetime",
+        ),
+        (
+            format!("[web]\nhistory_samples = {HUGE}"),
+            "web.history_samples",
+        ),
+        (
+            "[web]\nsample_interval = 0.01".into(),
+            "web.sample_interval",
+        ),
         ("[web]\nchart_cache = 0.5".into(), "web.chart_cache"),
         (
             "[alerting]\ntreasury_below = nan".into(),
@@ -321,6 +335,8 @@ fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
         "[audit]\ncanary_interval = 0",
         "[audit]\ncanary_interval = 1\ncanary_max_tokens = 1\nmin_tokens_for_speed = 16",
         "[queue]\nprogress_interval = 0.01",
+        "[web]\nsession_lifetime = 2592000\npage_rows = 10000\nhistory_samples = 100000",
+        "[web]\nsample_interval = 1\npage_rows = 1",
         "[routing]\npick_sample = 1024",
         "[routing]\npick_sample = 1",
         "[routing]\ncooldown = 30\nmax_cooldown = 30",
@@ -346,4 +362,14 @@ fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
         wrong.len(),
         wrong.join("\n")
     );
+}
+
+/// The scale-out example's settings parse and pass the checks, and keep the session
+/// cookie to HTTPS (its hubs are reached through Caddy's TLS).
+#[test]
+fn the_scale_out_example_is_a_valid_config() {
+    let text = include_str!("../../../../deploy/scale-out/hub.toml");
+    let c: HubConfig = toml::from_str(text).expect("the example parses");
+    c.validate().expect("the example passes the checks");
+    assert!(c.web.secure_cookies);
 }

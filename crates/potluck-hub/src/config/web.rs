@@ -56,22 +56,41 @@ impl Default for WebConfig {
     }
 }
 
+/// Longest `web.session_lifetime`: a session outlives a sign-out on another device
+/// and a copied cookie works until it ends, so it must end within days.
+pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
+/// Most `web.history_samples` kept in memory.
+pub const MAX_HISTORY_SAMPLES: usize = 100_000;
+
 impl WebConfig {
     /// Check the bounds are usable.
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.session_lifetime < Duration::from_secs(60) {
-            return Err("web.session_lifetime must be at least 60 seconds".into());
+        if self.session_lifetime < Duration::from_secs(60)
+            || self.session_lifetime > MAX_SESSION_LIFETIME
+        {
+            return Err("web.session_lifetime must be from 60 seconds to 30 days".into());
         }
-        if self.chart_days == 0 || self.chart_days > 400 || self.page_rows <= 0 {
-            return Err("web.chart_days must be 1..=400 and web.page_rows positive".into());
+        if self.chart_days == 0 || self.chart_days > 400 {
+            return Err("web.chart_days must be 1..=400".into());
+        }
+        if !(1..=potluck_store::listing::MAX_PAGE_ROWS).contains(&self.page_rows) {
+            return Err(format!(
+                "web.page_rows must be 1..={}",
+                potluck_store::listing::MAX_PAGE_ROWS
+            ));
         }
         if self.chart_cache < Duration::from_secs(1)
             || self.chart_cache > Duration::from_secs(86_400)
         {
             return Err("web.chart_cache must be from 1 to 86400 seconds".into());
         }
-        if self.history_samples == 0 || self.sample_interval.is_zero() {
-            return Err("web.history_samples and web.sample_interval must be positive".into());
+        if self.history_samples == 0 || self.history_samples > MAX_HISTORY_SAMPLES {
+            return Err(format!(
+                "web.history_samples must be 1..={MAX_HISTORY_SAMPLES}"
+            ));
+        }
+        if self.sample_interval < Duration::from_secs(1) {
+            return Err("web.sample_interval must be at least 1 second".into());
         }
         Ok(())
     }
