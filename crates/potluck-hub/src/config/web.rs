@@ -58,9 +58,9 @@ impl Default for WebConfig {
 
 /// Longest `web.session_lifetime`: a session outlives a sign-out on another device
 /// and a copied cookie works until it ends, so it must end within days.
-pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
+pub(crate) const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
 /// Most `web.history_samples` kept in memory.
-pub const MAX_HISTORY_SAMPLES: usize = 100_000;
+pub(crate) const MAX_HISTORY_SAMPLES: usize = 100_000;
 
 impl WebConfig {
     /// Check the bounds are usable.
