@@ -37,7 +37,8 @@ pub(crate) fn check_name(field: &'static str, s: &str) -> Result<(), ApiError> {
 }
 
 /// Read a body of at most `max` bytes (413 above). Admin and member handlers call it
-/// only once the caller is authenticated, so a stranger makes the hub buffer nothing.
+/// only once the caller is authenticated; the one form a stranger may post, the web
+/// sign-in, is read with a cap of its own (`web::signin::MAX_SIGNIN_FORM_BYTES`).
 pub(crate) async fn read_capped(body: Body, max: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, max).collect().await {
         Ok(c) => Ok(c.to_bytes()),

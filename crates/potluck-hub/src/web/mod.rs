@@ -222,7 +222,15 @@ pub(crate) async fn form<T: DeserializeOwned>(
     st: &HubState,
     body: axum::body::Body,
 ) -> Result<T, ApiError> {
-    let bytes = crate::http::extract::read_capped(body, st.config.max_admin_body_bytes).await?;
+    form_capped(body, st.config.max_admin_body_bytes).await
+}
+
+/// A form of at most `max` bytes (413 above).
+pub(crate) async fn form_capped<T: DeserializeOwned>(
+    body: axum::body::Body,
+    max: usize,
+) -> Result<T, ApiError> {
+    let bytes = crate::http::extract::read_capped(body, max).await?;
     serde_urlencoded::from_bytes(&bytes)
         .map_err(|_| ApiError::bad_request("The form was malformed.", None))
 }

@@ -57,6 +57,12 @@ pub(crate) async fn form_page(State(st): State<Arc<HubState>>) -> Response {
     fresh_form(&st, StatusCode::OK, false)
 }
 
+/// Largest sign-in form read: its two fields (a 32-digit token and a key of about 50
+/// characters) fit many times over. Anyone can get the form's pre-session cookie, so a
+/// stranger's post must not make the hub buffer what a staff member's form may hold
+/// (`max_admin_body_bytes`).
+pub(crate) const MAX_SIGNIN_FORM_BYTES: usize = 1024;
+
 #[derive(Deserialize)]
 pub(crate) struct SigninForm {
     csrf: String,
@@ -74,7 +80,7 @@ pub(crate) async fn signin(
         .and_then(|t| st.web.open(t))
         .filter(|(_, hash)| hash.is_none())
         .ok_or(ApiError::Forbidden)?;
-    let f: SigninForm = super::form(&st, body).await?;
+    let f: SigninForm = super::form_capped(body, MAX_SIGNIN_FORM_BYTES).await?;
     if !st.web.csrf_ok(&pre.0, &f.csrf) {
         return Err(ApiError::Forbidden.into());
     }
@@ -118,8 +124,9 @@ pub(crate) struct CsrfForm {
     csrf: String,
 }
 
-/// `POST /web/signout`: drop the cookie (the key stays valid; revoke it to end every
-/// session made with it).
+/// `POST /web/signout`: drop this browser's cookie. Sessions are not kept on the hub, so a
+/// copy of the cookie taken before stays valid until `web.session_lifetime` ends it; the
+/// key stays valid too. Revoking the key ends every session made with it at once.
 pub(crate) async fn signout(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,

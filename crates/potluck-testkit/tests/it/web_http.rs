@@ -1205,3 +1205,32 @@ async fn an_error_page_says_why_in_the_hubs_words() {
     assert_eq!(status, 403, "{page}");
     assert!(!page.contains("the form was stale"), "{page}");
 }
+
+/// Anyone can fetch the sign-in form and its cookie, then post: the hub reads at most a
+/// kilobyte of that post (413 past it), not the 64 KiB a signed-in staff member's form
+/// may hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_sign_in_post_is_read_a_kilobyte_at_most() {
+    let hub = TestHub::start().await;
+    let c = WebClient::new(&hub);
+    let r = c
+        .http
+        .get(format!("{}/web/signin", c.base))
+        .send()
+        .await
+        .unwrap();
+    let pre = set_cookie(&r, "potluck_signin").unwrap();
+    let pre = pre.split(';').next().unwrap().to_owned();
+    let csrf = csrf_of(&r.text().await.unwrap()).unwrap();
+    let post = |key: String| {
+        c.http
+            .post(format!("{}/web/signin", c.base))
+            .header("cookie", pre.clone())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_body(&[("csrf", &csrf), ("key", &key)]))
+            .send()
+    };
+    assert_eq!(post("x".repeat(2000)).await.unwrap().status(), 413);
+    let wrong = post(format!("pk-{}", "0".repeat(48))).await.unwrap();
+    assert_eq!(wrong.status(), 401, "a key of the usual size is read");
+}
