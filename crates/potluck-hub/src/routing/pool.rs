@@ -209,7 +209,6 @@ impl Registry {
         self.inner.energy_per_1k(provider_id, model)
     }
 
-    /// A slot on this very tunnel (audits), waiting while it is full; `None` once it
     /// Every model offered now, with the number of distinct providers offering it.
     pub fn models(&self) -> BTreeMap<ModelName, usize> {
         self.pool()

@@ -19,7 +19,7 @@ use crate::http::error::ApiError;
 use crate::state::HubState;
 use crate::web::public::{daily, today, DayRow};
 use crate::web::session::{session, Session};
-use crate::web::{back, credits, form, known_model, render, when_ms, Created, Nav, WebError};
+use crate::web::{back, credits, form, render, when_ms, Created, KnownModels, Nav, WebError};
 
 pub(crate) struct HistoryRow {
     when: String,
@@ -68,11 +68,12 @@ struct MemberPage {
 async fn by_model(st: &HubState, account: i64) -> Result<Vec<ModelUse>, WebError> {
     let q = usage::UsageQuery::last_days(today(), st.config.web.chart_days, GroupBy::Model);
     let s = usage::totals(st, q, Some(account)).await?;
+    let known = KnownModels::now(st);
     Ok(s.data
         .into_iter()
         .map(|b| ModelUse {
             model: match b.name.or(Some(b.group)) {
-                Some(m) if known_model(st, &m) => m,
+                Some(m) if known.has(&m) => m,
                 _ => "(a model this hub does not serve now)".into(),
             },
             requests: b.requests,
@@ -175,8 +176,9 @@ pub(crate) async fn usage_csv(
     let q = usage::UsageQuery::last_days(today(), st.config.web.chart_days, group);
     let mut summary = usage::totals(&st, q, Some(s.auth.account_id)).await?;
     if group == GroupBy::Model {
+        let known = KnownModels::now(&st);
         for b in &mut summary.data {
-            if !known_model(&st, &b.group) {
+            if !known.has(&b.group) {
                 b.group = "other".into();
                 b.name = None;
             }

@@ -260,12 +260,27 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Whether the hub itself knows `model` (served now, priced or allowed): only such names
-/// are rendered, so that a name a consumer made up never reaches a page.
-pub(crate) fn known_model(st: &HubState, model: &str) -> bool {
-    st.config.credits.models.contains_key(model)
-        || st.config.model_allowlist.iter().any(|m| m.name == model)
-        || st.registry.pool().keys().any(|m| m.as_str() == model)
+/// The model names the hub itself knows (served now, priced or allowed): only such names
+/// are rendered, so that a name a consumer made up never reaches a page. Read once per
+/// page (the pool's models are a snapshot of every tunnel), then asked of each row.
+pub(crate) struct KnownModels(std::collections::BTreeSet<String>);
+
+impl KnownModels {
+    pub(crate) fn now(st: &HubState) -> Self {
+        let priced = st.config.credits.models.keys().cloned();
+        let allowed = st.config.model_allowlist.iter().map(|m| m.name.clone());
+        let served = st
+            .registry
+            .pool()
+            .into_keys()
+            .map(|m| m.as_str().to_owned());
+        Self(priced.chain(allowed).chain(served).collect())
+    }
+
+    /// Whether the hub knows `model`.
+    pub(crate) fn has(&self, model: &str) -> bool {
+        self.0.contains(model)
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::http::extract::check_name;
 use crate::state::HubState;
 use crate::web::lists::{cells, Cursors, Listed, Section, StaffQuery};
 use crate::web::session::{session, Session};
-use crate::web::{known_model, render, when_ms, Nav, WebError};
+use crate::web::{render, when_ms, KnownModels, Nav, WebError};
 
 /// The report actions a moderator may pick (the admin API's names).
 const REPORT_ACTIONS: [&str; 7] = [
@@ -216,10 +216,11 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
     }
     if may(s, Action::Verdicts) {
         let v = st.store.moderation_events(rows).await?;
+        let known = KnownModels::now(st);
         let rows = v
             .into_iter()
             .map(|(req, _, _, model, stage, blocked, codes, at)| {
-                let model = if known_model(st, &model) {
+                let model = if known.has(&model) {
                     model
                 } else {
                     "(other)".into()
