@@ -279,6 +279,32 @@ impl Store {
         Ok(row.map(provider_auth))
     }
 
+    /// End every web session made with a key at or before `at_us` (unix microseconds):
+    /// "Sign out". The time only moves forward, so that a sign-out is never undone by a
+    /// hub whose clock is behind.
+    pub async fn sign_out_sessions(&self, key_id: i64, at_us: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE api_keys SET sessions_after_us = $1 WHERE id = $2 AND sessions_after_us < $3",
+        )
+        .bind(at_us)
+        .bind(key_id)
+        .bind(at_us)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// When a key's web sessions were last signed out (unix microseconds; 0: never; no
+    /// such key: `i64::MAX`). A session made at or before it is over.
+    pub async fn sessions_after(&self, key_id: i64) -> Result<i64> {
+        let at: Option<i64> =
+            sqlx::query_scalar("SELECT sessions_after_us FROM api_keys WHERE id = $1")
+                .bind(key_id)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(at.unwrap_or(i64::MAX))
+    }
+
     /// Revoke a consumer key by id or by name (a name must be unambiguous).
     /// Returns the key's id.
     pub async fn revoke_key(&self, id_or_name: &str) -> Result<i64> {
@@ -450,6 +476,29 @@ mod tests {
     });
 
     // Every integer column is 64-bit on both engines (a daily token cap past 2^31 too).
+    crate::conformance!(a_sign_out_only_moves_forward, |db| {
+        let store = db.open().await;
+        let (kid, _) = store.create_key("laptop", "alice").await.unwrap();
+        assert_eq!(
+            store.sessions_after(kid).await.unwrap(),
+            0,
+            "never signed out"
+        );
+        store.sign_out_sessions(kid, 5_000).await.unwrap();
+        assert_eq!(store.sessions_after(kid).await.unwrap(), 5_000);
+        store.sign_out_sessions(kid, 4_000).await.unwrap();
+        assert_eq!(
+            store.sessions_after(kid).await.unwrap(),
+            5_000,
+            "a late clock"
+        );
+        assert_eq!(
+            store.sessions_after(kid + 99).await.unwrap(),
+            i64::MAX,
+            "no such key: every session is over"
+        );
+    });
+
     crate::conformance!(limits_hold_any_i64, |db| {
         let s = db.open().await;
         let (kid, key) = s.create_key("k", "a").await.unwrap();

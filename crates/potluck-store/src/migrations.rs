@@ -257,4 +257,12 @@ CREATE TABLE hub_presence (
 CREATE INDEX accounts_status_id ON accounts(status, id);
 "#,
     ),
+    (
+        14,
+        r#"
+-- Web sessions made with a key at or before this time (unix microseconds) are over: "Sign
+-- out" ends every session of the key, on every hub, a copied cookie's too. 0: none.
+ALTER TABLE api_keys ADD COLUMN sessions_after_us INTEGER NOT NULL DEFAULT 0;
+"#,
+    ),
 ];

@@ -1,9 +1,11 @@
-//! Web sessions without a sessions table: a cookie `expiry.nonce.key-hash.mac`, the MAC
-//! an HMAC-SHA256 under a key derived from the hub's identity secret (kept in the store,
-//! so every hub on one database accepts it). Each request re-reads the key behind the
-//! hash through the bearer keys' cache, so a revoked or sanctioned key ends the session
-//! at once. A form's CSRF token is an HMAC of the session's nonce. Signing in itself runs
-//! under a short pre-session (no key yet) so that its form carries a token too.
+//! Web sessions without a sessions table: a cookie `expiry.issued-us.nonce.key-hash.mac`,
+//! the MAC an HMAC-SHA256 under a key derived from the hub's identity secret (kept in the
+//! store, so every hub on one database accepts it). Each request re-reads the key behind
+//! the hash through the bearer keys' cache, so a revoked or sanctioned key ends the
+//! session at once, and the key's last sign-out time from the store, so that "Sign out"
+//! ends every session of the key (a copied cookie's too) on every hub. A form's CSRF
+//! token is an HMAC of the session's nonce. Signing in itself runs under a short
+//! pre-session (no key yet) so that its form carries a token too.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -82,8 +84,9 @@ impl WebState {
     pub(crate) fn issue(&self, key_hash: Option<&str>, secs: u64) -> (String, String) {
         let nonce = hex::encode(rand::random::<[u8; NONCE_BYTES]>());
         let body = format!(
-            "{}.{}.{}",
+            "{}.{}.{}.{}",
             now_secs().saturating_add(secs),
+            now_us(),
             nonce,
             key_hash.unwrap_or("-")
         );
@@ -92,19 +95,24 @@ impl WebState {
         (format!("{body}.{tag}"), csrf)
     }
 
-    /// The token's (nonce, key hash) if its MAC holds and it has not expired.
-    pub(crate) fn open(&self, token: &str) -> Option<(String, Option<String>)> {
+    /// The token's contents if its MAC holds and it has not expired.
+    pub(crate) fn open(&self, token: &str) -> Option<Opened> {
         let (body, tag) = token.rsplit_once('.')?;
         let tag = hex::decode(tag).ok()?;
         self.mac(body).verify_slice(&tag).ok()?;
-        let mut parts = body.splitn(3, '.');
+        let mut parts = body.splitn(4, '.');
         let expires: u64 = parts.next()?.parse().ok()?;
+        let issued_us: i64 = parts.next()?.parse().ok()?;
         let nonce = parts.next()?.to_owned();
         let hash = parts.next()?;
         if now_secs() >= expires {
             return None;
         }
-        Some((nonce, (hash != "-").then(|| hash.to_owned())))
+        Some(Opened {
+            nonce,
+            key_hash: (hash != "-").then(|| hash.to_owned()),
+            issued_us,
+        })
     }
 
     /// The CSRF token bound to a session's nonce.
@@ -123,6 +131,29 @@ impl WebState {
                 .verify_truncated_left(&given)
                 .is_ok()
     }
+}
+
+/// What a valid token holds.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    /// The session's nonce (its CSRF token's seed).
+    pub(crate) nonce: String,
+    /// The hash of the key it was made with; `None`: the sign-in pre-session.
+    pub(crate) key_hash: Option<String>,
+    /// When it was made (unix microseconds: a sign-in right after a sign-out is later
+    /// than it).
+    pub(crate) issued_us: i64,
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// Now, as the sign-out time of a key's sessions (unix microseconds).
+pub(crate) fn sign_out_time() -> i64 {
+    now_us()
 }
 
 fn now_secs() -> u64 {
@@ -180,21 +211,29 @@ impl Session {
     }
 }
 
-/// The session of a request: 401 without a valid cookie, or when its key is revoked,
-/// unknown or not in good standing (the cookie is then worthless).
+/// The session of a request: 401 without a valid cookie, when its key is revoked,
+/// unknown or not in good standing, or when the key's sessions were signed out after it
+/// was made (the cookie is then worthless).
 pub(crate) async fn session(
     st: &crate::state::HubState,
     headers: &HeaderMap,
 ) -> Result<Session, ApiError> {
     let token = cookie(headers, SESSION_COOKIE).ok_or(ApiError::Unauthorized)?;
-    let (nonce, hash) = st.web.open(token).ok_or(ApiError::Unauthorized)?;
-    let hash = hash.ok_or(ApiError::Unauthorized)?;
+    let t = st.web.open(token).ok_or(ApiError::Unauthorized)?;
+    let hash = t.key_hash.ok_or(ApiError::Unauthorized)?;
     let auth = auth::key_by_hash(st, hash).await.map_err(|e| match e {
         ApiError::Blocked(_) => ApiError::Unauthorized,
         e => e,
     })?;
-    let csrf = st.web.csrf(&nonce);
-    Ok(Session { auth, csrf, nonce })
+    if t.issued_us <= st.store.sessions_after(auth.key_id).await? {
+        return Err(ApiError::Unauthorized);
+    }
+    let csrf = st.web.csrf(&t.nonce);
+    Ok(Session {
+        auth,
+        csrf,
+        nonce: t.nonce,
+    })
 }
 
 #[cfg(test)]
@@ -216,8 +255,10 @@ mod tests {
     fn a_token_opens_only_unchanged_and_unexpired() {
         let w = web();
         let (t, csrf) = w.issue(Some("abc"), 60);
-        let (nonce, hash) = w.open(&t).unwrap();
-        assert_eq!(hash.as_deref(), Some("abc"));
+        let Opened {
+            nonce, key_hash, ..
+        } = w.open(&t).unwrap();
+        assert_eq!(key_hash.as_deref(), Some("abc"));
         assert!(w.csrf_ok(&nonce, &csrf));
         assert!(!w.csrf_ok(&nonce, &csrf[..30]));
         assert!(!w.csrf_ok("other", &csrf));
@@ -232,5 +273,9 @@ mod tests {
         other.key = [8; 32];
         assert!(other.open(&t).is_none());
         assert!(w.open("").is_none() && w.open("1.2.3.zz").is_none());
+        // The format before a session carried its time: refused, not misread.
+        let body = format!("{}.{}.abc", now_secs() + 60, "0".repeat(32));
+        let tag = hex::encode(w.mac(&body).finalize().into_bytes());
+        assert!(w.open(&format!("{body}.{tag}")).is_none());
     }
 }

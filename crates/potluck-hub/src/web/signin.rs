@@ -78,10 +78,10 @@ pub(crate) async fn signin(
     // The sign-in cookie (given with the form) before a byte of the body is read.
     let pre = cookie(&headers, SIGNIN_COOKIE)
         .and_then(|t| st.web.open(t))
-        .filter(|(_, hash)| hash.is_none())
+        .filter(|t| t.key_hash.is_none())
         .ok_or(ApiError::Forbidden)?;
     let f: SigninForm = super::form_capped(body, MAX_SIGNIN_FORM_BYTES).await?;
-    if !st.web.csrf_ok(&pre.0, &f.csrf) {
+    if !st.web.csrf_ok(&pre.nonce, &f.csrf) {
         return Err(ApiError::Forbidden.into());
     }
     let secret = Secret::new(f.key.trim());
@@ -124,9 +124,9 @@ pub(crate) struct CsrfForm {
     csrf: String,
 }
 
-/// `POST /web/signout`: drop this browser's cookie. Sessions are not kept on the hub, so a
-/// copy of the cookie taken before stays valid until `web.session_lifetime` ends it; the
-/// key stays valid too. Revoking the key ends every session made with it at once.
+/// `POST /web/signout`: end every web session made with this session's key until now, on
+/// every hub (a copy of the cookie taken before is refused too), and drop this browser's
+/// cookie. The key itself stays valid for the API; revoke it to end that too.
 pub(crate) async fn signout(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
@@ -135,6 +135,12 @@ pub(crate) async fn signout(
     let s = session::session(&st, &headers).await?;
     let f: CsrfForm = form(&st, body).await?;
     s.check(&st.web, &f.csrf)?;
+    let at = session::sign_out_time();
+    st.store
+        .sign_out_sessions(s.auth.key_id, at)
+        .await
+        .map_err(ApiError::from)?;
+    tracing::info!(key_id = s.auth.key_id, "web sign-out");
     let mut r = Redirect::to("/").into_response();
     r.headers_mut().append(
         header::SET_COOKIE,

@@ -1234,3 +1234,33 @@ async fn a_strangers_sign_in_post_is_read_a_kilobyte_at_most() {
     let wrong = post(format!("pk-{}", "0".repeat(48))).await.unwrap();
     assert_eq!(wrong.status(), 401, "a key of the usual size is read");
 }
+
+/// Someone copied a member's session cookie (a shared computer, a stolen file): "Sign
+/// out" ends that copy too, and every other browser's session of the same key, while the
+/// key itself still works for the API and signs in again. Before, signing out only
+/// dropped the cookie in the browser that clicked: the copy stayed valid for the
+/// session's whole lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_out_ends_every_session_of_the_key_a_copied_cookies_too() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("mia").await;
+    let laptop = WebClient::signed_in(&hub, &key).await;
+    let phone = WebClient::signed_in(&hub, &key).await;
+    let mut copy = WebClient::new(&hub);
+    copy.cookie = laptop.cookie.clone();
+    assert_eq!(copy.get("/web/me").await.0, 200, "the copy works before");
+    let other = WebClient::signed_in(&hub, &hub.create_key("olga").await).await;
+
+    let (status, _) = laptop
+        .post("/web/signout", &[("csrf", &laptop.csrf)])
+        .await;
+    assert_eq!(status, 303);
+    for (who, c) in [("the copy", &copy), ("another browser", &phone)] {
+        assert_eq!(c.get("/web/me").await.0, 303, "{who} is signed out");
+    }
+    assert_eq!(other.get("/web/me").await.0, 200, "another key's session goes on");
+    let me = Consumer::with_key(&hub, "mia", key.clone());
+    assert_eq!(me.get("credits").await.status, 200, "the key still works");
+    let again = WebClient::signed_in(&hub, &key).await;
+    assert_eq!(again.get("/web/me").await.0, 200, "and signs in again");
+}
