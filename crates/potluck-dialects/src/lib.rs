@@ -84,6 +84,17 @@ impl Finish {
             _ => Self::Stop,
         }
     }
+
+    /// The finish of an answer that holds tool calls (`has_calls`): a plain stop is a tool
+    /// call, since older vLLM (with `tool_choice` required) and some mlx servers end a
+    /// call with `stop`, and a client's agent loop waits for the tool-call finish to run
+    /// it. Any other finish (a call cut by the token limit) stays as it is.
+    pub fn with_calls(self, has_calls: bool) -> Self {
+        match self {
+            Self::Stop if has_calls => Self::ToolCalls,
+            other => other,
+        }
+    }
 }
 
 /// Token counts as the relayed answer reports them: the provider's own count, which the

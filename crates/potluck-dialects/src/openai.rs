@@ -179,12 +179,15 @@ impl Completion {
         self.choices.first().cloned().unwrap_or_default()
     }
 
-    /// Why the first choice ended.
+    /// Why the first choice ended; a stop with tool calls is a tool-call finish
+    /// ([`Finish::with_calls`]).
     pub fn finish(&self) -> Finish {
-        self.choices
-            .first()
+        let first = self.choices.first();
+        let has_calls = first.is_some_and(|c| !c.message.tool_calls.is_empty());
+        first
             .and_then(|c| c.finish_reason.as_deref())
             .map_or(Finish::Stop, Finish::from_openai)
+            .with_calls(has_calls)
     }
 
     /// Usage, zero when absent.

@@ -128,6 +128,9 @@ pub struct Stream {
     arguments: String,
     next_index: u32,
     finish: Option<Finish>,
+    /// A `tool_use` block was opened: the answer's finish is a tool use even when the
+    /// provider said `stop` ([`Finish::with_calls`]).
+    tool_used: bool,
 }
 
 impl Stream {
@@ -144,6 +147,7 @@ impl Stream {
             arguments: String::new(),
             next_index: 0,
             finish: None,
+            tool_used: false,
         }
     }
 
@@ -196,6 +200,7 @@ impl Stream {
                     let index = u64::from(call.index);
                     let id = openai::call_id(call.id.as_deref(), "toolu_", &self.id, index);
                     self.open_block(Open::Tool(call.index), Some((id, name)), &mut out);
+                    self.tool_used = true;
                 }
                 if let Some(args) = f.and_then(|f| f.arguments.as_deref()) {
                     self.arguments.push_str(args);
@@ -259,10 +264,14 @@ impl Stream {
         let mut out = Vec::new();
         self.start("", &mut out);
         self.close_block(&mut out);
+        let finish = self
+            .finish
+            .unwrap_or(Finish::Stop)
+            .with_calls(self.tool_used);
         out.push(Event::new(
             "message_delta",
             json!({"type": "message_delta",
-                   "delta": {"stop_reason": stop_reason(self.finish.unwrap_or(Finish::Stop)), "stop_sequence": null},
+                   "delta": {"stop_reason": stop_reason(finish), "stop_sequence": null},
                    "usage": {"input_tokens": usage.input, "output_tokens": usage.output}}),
         ));
         out.push(Event::new("message_stop", json!({"type": "message_stop"})));

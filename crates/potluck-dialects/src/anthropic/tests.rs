@@ -508,3 +508,41 @@ fn message_start_shows_the_hubs_prompt_estimate() {
         json!({"input_tokens": 40, "output_tokens": 1})
     );
 }
+
+/// Older vLLM (with `tool_choice` required) and some mlx servers end a tool call with
+/// `finish_reason: "stop"`; an agent loop that waits for `stop_reason == "tool_use"` then
+/// stopped with the call unanswered. An answer holding tool calls is a tool use.
+#[test]
+fn tool_calls_finished_with_stop_are_a_tool_use_whole_and_streamed() {
+    let answer = Completion::parse(
+        json!({"id": "c", "choices": [{"finish_reason": "stop", "message": {"content": null,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("answer");
+    let msg = from_openai(&answer, "m", false, Usage::default());
+    assert_eq!(msg["stop_reason"], json!("tool_use"));
+
+    let mut s = Stream::new("m", false);
+    let mut all = s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]}}]})));
+    all.extend(s.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {}, "finish_reason": "stop"}]}),
+    )));
+    all.extend(s.finish(Usage::default()));
+    let delta = all
+        .iter()
+        .find(|e| e.name == "message_delta")
+        .expect("delta");
+    assert_eq!(delta.data["delta"]["stop_reason"], json!("tool_use"));
+
+    // A call cut by the token limit is still the limit's.
+    let mut s = Stream::new("m", false);
+    s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 0, "id": "t", "function": {"name": "f", "arguments": "{"}}]}, "finish_reason": "length"}]})));
+    let end = s.finish(Usage::default());
+    let delta = end
+        .iter()
+        .find(|e| e.name == "message_delta")
+        .expect("delta");
+    assert_eq!(delta.data["delta"]["stop_reason"], json!("max_tokens"));
+}
