@@ -15,10 +15,25 @@ pub mod responses;
 
 use serde_json::{Map, Value};
 
-/// The most images one request may carry (Ollama's `images`, counted over the whole
-/// request; Anthropic's Messages API has the same limit). Each becomes a content part of
-/// a few hundred bytes in memory, so the count is checked before any is built.
+/// The most images one request may carry, counted over the whole request: Ollama's
+/// `images`, and Anthropic's image blocks, those in tool results included (Anthropic's
+/// own Messages API has the same limit). Each becomes a content part of a few hundred
+/// bytes in memory, so the count is checked before any is built.
 pub const MAX_IMAGES: usize = 100;
+
+/// The refusal of [`check_image_count`] (it names [`MAX_IMAGES`]; a unit test keeps the
+/// two together).
+pub(crate) const TOO_MANY_IMAGES: &str = "too many images: at most 100 in one request";
+
+/// Refuse a request of more than [`MAX_IMAGES`] images (`n`, counted at `at`) before any
+/// is translated: each image, as little as a few bytes of the request, becomes a content
+/// part of a few hundred bytes.
+pub(crate) fn check_image_count(n: usize, at: &str) -> Result<(), DialectError> {
+    if n > MAX_IMAGES {
+        return Err(DialectError::invalid(at, TOO_MANY_IMAGES));
+    }
+    Ok(())
+}
 
 /// Why a native request cannot be translated. Each dialect maps these to its own error
 /// shape and status (all are the consumer's fault: 400).

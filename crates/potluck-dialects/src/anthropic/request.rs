@@ -3,7 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::openai;
-use crate::{copy, is_data_url, object, uint, DialectError};
+use crate::{check_image_count, copy, is_data_url, object, uint, DialectError};
 
 /// A Messages request translated for a provider.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +43,7 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         .get("messages")
         .and_then(Value::as_array)
         .ok_or(DialectError::Missing("messages"))?;
+    check_image_count(image_count(turns), "messages")?;
     for (i, turn) in turns.iter().enumerate() {
         turn_messages(turn, i, &mut messages)?;
     }
@@ -96,6 +97,36 @@ fn thinking_wanted(thinking: Option<&Value>) -> Result<bool, DialectError> {
             "must be enabled, adaptive or disabled",
         )),
     }
+}
+
+/// The images of a request's turns: image blocks of the turns and of their tool results,
+/// counted before any is translated ([`crate::MAX_IMAGES`]).
+fn image_count(turns: &[Value]) -> usize {
+    let blocks = turns
+        .iter()
+        .filter_map(|t| t.get("content").and_then(Value::as_array))
+        .flatten();
+    let mut n = 0usize;
+    for b in blocks {
+        match b.get("type").and_then(Value::as_str) {
+            Some("image") => n = n.saturating_add(1),
+            Some("tool_result") => n = n.saturating_add(tool_result_images(b)),
+            _ => {}
+        }
+    }
+    n
+}
+
+fn tool_result_images(block: &Value) -> usize {
+    block
+        .get("content")
+        .and_then(Value::as_array)
+        .map_or(0, |parts| {
+            parts
+                .iter()
+                .filter(|p| p.get("type").and_then(Value::as_str) == Some("image"))
+                .count()
+        })
 }
 
 fn system_messages(system: Option<&Value>) -> Result<Vec<Value>, DialectError> {

@@ -546,3 +546,29 @@ fn tool_calls_finished_with_stop_are_a_tool_use_whole_and_streamed() {
         .expect("delta");
     assert_eq!(delta.data["delta"]["stop_reason"], json!("max_tokens"));
 }
+
+fn png(n: usize) -> Vec<Value> {
+    vec![
+        json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}});
+        n
+    ]
+}
+
+/// Anthropic's requests are held to the same image count as Ollama's ([`crate::MAX_IMAGES`]
+/// over the whole request), counted before any is translated, refused in Anthropic's
+/// words (a 400 naming `messages`).
+#[test]
+fn at_most_max_images_in_one_request() {
+    let half = crate::MAX_IMAGES / 2;
+    let rest = crate::MAX_IMAGES - half;
+    let turns = |extra: usize| {
+        json!({"model": "m", "max_tokens": 1, "messages": [
+            {"role": "user", "content": png(half)},
+            {"role": "assistant", "content": "seen"},
+            {"role": "user", "content": png(rest + extra)}]})
+    };
+    req(turns(0)).expect("the most images");
+    let e = req(turns(1)).expect_err("one too many");
+    assert_eq!(e.param(), Some("messages"));
+    assert!(e.to_string().contains(crate::TOO_MANY_IMAGES), "{e}");
+}

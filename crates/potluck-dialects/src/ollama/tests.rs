@@ -284,9 +284,9 @@ proptest! {
 #[test]
 fn the_image_refusal_names_the_limit_it_enforces() {
     assert!(
-        request::TOO_MANY_IMAGES.contains(&format!("at most {} ", crate::MAX_IMAGES)),
+        crate::TOO_MANY_IMAGES.contains(&format!("at most {} ", crate::MAX_IMAGES)),
         "{}",
-        request::TOO_MANY_IMAGES
+        crate::TOO_MANY_IMAGES
     );
     let images = vec!["iVBORw0KGgo="; crate::MAX_IMAGES + 1];
     let body = json!({"model": "m", "prompt": "p", "images": images});
