@@ -187,14 +187,18 @@ fn turn_messages(turn: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), Dia
     }
 }
 
+/// A user turn: its tool results first, as `tool` messages (chat completions wants them
+/// right after the assistant's calls), then one `user` message with the images the tool
+/// results carried and the turn's own text and images.
 fn user_blocks(blocks: &[Value], field: &str, out: &mut Vec<Value>) -> Result<(), DialectError> {
+    let mut tool_images = Vec::new();
     let mut parts = Vec::new();
     for (j, block) in blocks.iter().enumerate() {
         let at = format!("{field}.content.{j}");
         match block.get("type").and_then(Value::as_str) {
             Some("text") => parts.push(json!({"type": "text", "text": text_of(block, &at)?})),
             Some("image") => parts.push(image_part(block, &at)?),
-            Some("tool_result") => out.push(tool_result(block, &at)?),
+            Some("tool_result") => out.push(tool_result(block, &at, &mut tool_images)?),
             Some("thinking" | "redacted_thinking") => {}
             Some("document" | "search_result" | "container_upload") => {
                 return Err(DialectError::invalid(
@@ -205,8 +209,9 @@ fn user_blocks(blocks: &[Value], field: &str, out: &mut Vec<Value>) -> Result<()
             _ => return Err(DialectError::invalid(at, "unknown content block type")),
         }
     }
-    if !parts.is_empty() {
-        out.push(json!({"role": "user", "content": parts}));
+    tool_images.append(&mut parts);
+    if !tool_images.is_empty() {
+        out.push(json!({"role": "user", "content": tool_images}));
     }
     Ok(())
 }
@@ -298,34 +303,45 @@ fn image_part(block: &Value, at: &str) -> Result<Value, DialectError> {
     }
 }
 
-fn tool_result(block: &Value, at: &str) -> Result<Value, DialectError> {
+/// Said before the text of a tool result marked `is_error`: chat completions' `tool`
+/// messages have no error flag, and the model should not read a failure as an answer.
+pub const TOOL_ERROR_PREFIX: &str = "Error: ";
+
+/// A `tool_result` block as a `tool` message holding its text; its images (Anthropic
+/// allows text and image blocks in a tool result, and chat completions only text in a
+/// `tool` message) go to `images`, for the `user` message after the turn's tool messages.
+fn tool_result(block: &Value, at: &str, images: &mut Vec<Value>) -> Result<Value, DialectError> {
     let id = str_field(block, "tool_use_id", at)?;
-    let content = match block.get("content") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s.clone(),
+    let mut text = String::new();
+    if block.get("is_error").and_then(Value::as_bool) == Some(true) {
+        text.push_str(TOOL_ERROR_PREFIX);
+    }
+    match block.get("content") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => text.push_str(s),
         Some(Value::Array(parts)) => {
-            let mut text = String::new();
             for (k, p) in parts.iter().enumerate() {
+                let pat = format!("{at}.content.{k}");
                 match p.get("type").and_then(Value::as_str) {
-                    Some("text") => text.push_str(text_of(p, &format!("{at}.content.{k}"))?),
+                    Some("text") => text.push_str(text_of(p, &pat)?),
+                    Some("image") => images.push(image_part(p, &pat)?),
                     _ => {
                         return Err(DialectError::invalid(
-                            format!("{at}.content.{k}"),
-                            "tool results may carry text only",
+                            pat,
+                            "tool results may carry text and images only",
                         ))
                     }
                 }
             }
-            text
         }
         Some(_) => {
             return Err(DialectError::invalid(
                 format!("{at}.content"),
-                "must be a string or text blocks",
+                "must be a string or text and image blocks",
             ))
         }
-    };
-    Ok(json!({"role": "tool", "tool_call_id": id, "content": content}))
+    }
+    Ok(json!({"role": "tool", "tool_call_id": id, "content": text}))
 }
 
 fn tools_to_openai(tools: &Value) -> Result<Value, DialectError> {

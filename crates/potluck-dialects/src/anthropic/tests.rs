@@ -572,3 +572,60 @@ fn at_most_max_images_in_one_request() {
     assert_eq!(e.param(), Some("messages"));
     assert!(e.to_string().contains(crate::TOO_MANY_IMAGES), "{e}");
 }
+
+/// Claude Code's Read tool on a PNG answers with an image block in the tool result: it was
+/// refused ("tool results may carry text only"), and as it stays in the client's history
+/// every later turn failed too. The text stays in the `tool` message; the images follow
+/// all of the turn's tool messages in one `user` message (chat completions wants the tool
+/// messages right after the call), inline only and counted with the request's others.
+#[test]
+fn tool_result_images_follow_the_tool_messages_in_a_user_message() {
+    let image = json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}});
+    let r = req(json!({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "read both"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "Read", "input": {"file_path": "a.png"}},
+            {"type": "tool_use", "id": "t2", "name": "Read", "input": {"file_path": "b.txt"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "a.png:"}, image.clone()]},
+            {"type": "tool_result", "tool_use_id": "t2", "content": "no such file", "is_error": true},
+            {"type": "text", "text": "and?"}]}]}))
+    .expect("valid");
+    let msgs = r.openai["messages"].as_array().expect("messages");
+    assert_eq!(msgs.len(), 5, "{msgs:?}");
+    assert_eq!(
+        msgs[2],
+        json!({"role": "tool", "tool_call_id": "t1", "content": "a.png:"})
+    );
+    assert_eq!(
+        msgs[3],
+        json!({"role": "tool", "tool_call_id": "t2", "content": "Error: no such file"}),
+        "is_error is said, not dropped"
+    );
+    assert_eq!(
+        msgs[4],
+        json!({"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
+            {"type": "text", "text": "and?"}]})
+    );
+
+    // The same rules as a turn's own images: inline only, and counted with them.
+    let remote = req(
+        json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "image", "source": {"type": "url", "url": "http://10.0.0.1/x.png"}}]}]}]}),
+    )
+    .expect_err("remote image refused");
+    assert_eq!(
+        remote.param(),
+        Some("messages.0.content.0.content.0.source")
+    );
+    let many = |n: usize| {
+        json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": png(n)},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}]}]})
+    };
+    req(many(crate::MAX_IMAGES - 1)).expect("the most images");
+    let e = req(many(crate::MAX_IMAGES)).expect_err("one too many");
+    assert_eq!(e.param(), Some("messages"));
+}

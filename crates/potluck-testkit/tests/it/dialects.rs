@@ -599,6 +599,85 @@ async fn ollama_images_are_counted_before_they_are_translated() {
     );
 }
 
+/// Claude Code's Read tool on a PNG answers with an image in the tool result: the hub
+/// refused it (400, "tool results may carry text only"), and since the image stays in the
+/// client's history, every later turn of the session too. Now the provider gets the
+/// result's text as the `tool` message and its image in a `user` message after the tool
+/// messages; a failed tool's result says so. Images in tool results count toward
+/// `potluck_dialects::MAX_IMAGES` with the others, and past it the refusal is Anthropic's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_tool_results_may_carry_images() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("consumer").await;
+    let backend = FakeBackend::start_with(
+        &[MODEL],
+        potluck_testkit::FakeOptions {
+            vision: Some(true),
+            tools: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let send = |body: Value| {
+        let r = hub
+            .http
+            .post(format!("{}/v1/messages", hub.url()))
+            .header("x-api-key", &key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body);
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let image = |n: usize| {
+        vec![
+            json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}});
+            n
+        ]
+    };
+    let turns = |images: Vec<Value>| {
+        json!({"model": MODEL, "max_tokens": 8, "messages": [
+            {"role": "user", "content": "look at a.png"},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "a.png"}},
+                {"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {"file_path": "b.png"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": images},
+                {"type": "tool_result", "tool_use_id": "toolu_2", "content": "not found", "is_error": true}]}]})
+    };
+    let (s, text) = send(turns(image(1))).await;
+    assert_eq!(s, 200, "{text}");
+    let sent: Value =
+        serde_json::from_slice(&backend.inference_received().last().unwrap().body).unwrap();
+    let msgs = sent["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 5, "{sent}");
+    assert_eq!(
+        msgs[2],
+        json!({"role": "tool", "tool_call_id": "toolu_1", "content": ""})
+    );
+    assert_eq!(
+        msgs[3],
+        json!({"role": "tool", "tool_call_id": "toolu_2", "content": "Error: not found"})
+    );
+    assert_eq!(msgs[4]["role"], "user");
+    assert_eq!(
+        msgs[4]["content"][0]["image_url"]["url"],
+        "data:image/png;base64,iVBORw0KGgo="
+    );
+
+    let (s, text) = send(turns(image(potluck_dialects::MAX_IMAGES + 1))).await;
+    assert_dialect_error("/v1/messages", s, &text, 400, "invalid_request_error");
+    assert!(text.contains("too many images"), "{text}");
+    assert_eq!(
+        backend.inference_received().len(),
+        1,
+        "only the allowed request reached the provider"
+    );
+}
+
 /// `ollama run` loads its model with an empty prompt, `ollama stop` unloads it with
 /// `keep_alive: 0`, and older clients load with an empty chat. A pool has nothing to
 /// load: the hub answers these itself, as Ollama does (done at once, `done_reason`
