@@ -12,8 +12,11 @@ pub mod anthropic;
 pub mod ollama;
 pub mod openai;
 pub mod responses;
+mod turns;
 
 use serde_json::{Map, Value};
+
+pub(crate) use turns::push_turn;
 
 /// The most images one request may carry, counted over the whole request: Ollama's
 /// `images`, and Anthropic's image blocks, those in tool results included (Anthropic's

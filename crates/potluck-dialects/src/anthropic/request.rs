@@ -3,7 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::openai;
-use crate::{check_image_count, copy, is_data_url, object, uint, DialectError};
+use crate::{check_image_count, copy, is_data_url, object, push_turn, uint, DialectError};
 
 /// A Messages request translated for a provider.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,7 +166,7 @@ fn turn_messages(turn: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), Dia
         .ok_or_else(|| DialectError::invalid(format!("{field}.content"), "is required"))?;
     match (role, content) {
         ("user" | "assistant", Value::String(s)) => {
-            out.push(json!({"role": role, "content": s}));
+            push_turn(out, json!({"role": role, "content": s}));
             Ok(())
         }
         // Claude Code and newer clients put system text between turns, too.
@@ -211,7 +211,7 @@ fn user_blocks(blocks: &[Value], field: &str, out: &mut Vec<Value>) -> Result<()
     }
     tool_images.append(&mut parts);
     if !tool_images.is_empty() {
-        out.push(json!({"role": "user", "content": tool_images}));
+        push_turn(out, json!({"role": "user", "content": tool_images}));
     }
     Ok(())
 }
@@ -258,7 +258,7 @@ fn assistant_blocks(
     if !calls.is_empty() {
         msg.insert("tool_calls".into(), Value::Array(calls));
     }
-    out.push(Value::Object(msg));
+    push_turn(out, Value::Object(msg));
     Ok(())
 }
 

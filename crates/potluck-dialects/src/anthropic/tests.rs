@@ -629,3 +629,29 @@ fn tool_result_images_follow_the_tool_messages_in_a_user_message() {
     let e = req(many(crate::MAX_IMAGES)).expect_err("one too many");
     assert_eq!(e.param(), Some("messages"));
 }
+
+/// Anthropic lets turns of one role follow each other (and joins them itself); strict
+/// chat templates (Gemma, Mistral) refuse turns that do not alternate. Consecutive user
+/// turns are one message, consecutive assistant turns too; tool messages stay apart.
+#[test]
+fn consecutive_turns_of_one_role_are_one_message() {
+    let r = req(json!({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "thinking it over"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "done"}]},
+        {"role": "user", "content": [{"type": "text", "text": "c"}]},
+        {"role": "user", "content": "d"}]}))
+    .expect("valid");
+    let m = r.openai["messages"].as_array().expect("messages");
+    let roles: Vec<_> = m.iter().map(|m| m["role"].as_str().unwrap_or("")).collect();
+    assert_eq!(roles, ["user", "assistant", "tool", "user"]);
+    assert_eq!(m[0]["content"], json!("a\n\nb"));
+    assert_eq!(m[1]["content"], json!("thinking it over"));
+    assert_eq!(m[1]["tool_calls"][0]["id"], json!("t1"));
+    assert_eq!(
+        m[3]["content"],
+        json!([{"type": "text", "text": "c"}, {"type": "text", "text": "d"}])
+    );
+}

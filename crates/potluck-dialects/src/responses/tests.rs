@@ -398,3 +398,36 @@ fn interleaved_thinking_makes_a_bounded_number_of_reasoning_items() {
         rounds
     );
 }
+
+/// Codex sends an assistant `message` item and then the turn's `function_call` items:
+/// they were two assistant messages in a row, and strict chat templates (Gemma, Mistral)
+/// refuse turns that do not alternate. The calls join the message before them, and
+/// consecutive user messages are one; nothing merges across a tool message.
+#[test]
+fn consecutive_turns_of_one_role_are_one_message() {
+    let r = req(json!({"model": "m", "input": [
+        {"role": "user", "content": "weather?"},
+        {"role": "user", "content": [{"type": "input_text", "text": "in Oslo"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "w", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "-3C"},
+        {"type": "function_call_output", "call_id": "c2", "output": "-4C"},
+        {"role": "assistant", "content": "Cold."},
+        {"role": "assistant", "content": "Very."}
+    ]}))
+    .expect("valid");
+    let m = r.openai["messages"].as_array().expect("messages");
+    let roles: Vec<_> = m.iter().map(|m| m["role"].as_str().unwrap_or("")).collect();
+    assert_eq!(roles, ["user", "assistant", "tool", "tool", "assistant"]);
+    assert_eq!(
+        m[0]["content"],
+        json!([{"type": "text", "text": "weather?"}, {"type": "text", "text": "in Oslo"}])
+    );
+    assert_eq!(m[1]["content"], json!("Checking."));
+    assert_eq!(m[1]["tool_calls"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        m[4],
+        json!({"role": "assistant", "content": "Cold.\n\nVery."})
+    );
+}
