@@ -5,6 +5,10 @@ use serde_json::{json, Map, Value};
 use crate::openai;
 use crate::{check_image_count, copy, is_data_url, object, push_turn, uint, DialectError};
 
+/// The name a structured output's schema goes by in chat completions' `response_format`
+/// (which requires one; Anthropic's `output_config.format` has none).
+pub const OUTPUT_SCHEMA_NAME: &str = "output";
+
 /// A Messages request translated for a provider.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -21,7 +25,7 @@ pub struct Request {
 
 /// Translate a Messages request body.
 pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
-    let req = object(body)?;
+    let mut req = object(body)?;
     let model = req
         .get("model")
         .and_then(Value::as_str)
@@ -64,6 +68,9 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         if let Some(p) = parallel {
             out.insert("parallel_tool_calls".into(), Value::Bool(p));
         }
+    }
+    if let Some(format) = response_format(&mut req)? {
+        out.insert("response_format".into(), format);
     }
     if stream {
         out.insert("stream".into(), Value::Bool(true));
@@ -342,6 +349,60 @@ fn tool_result(block: &Value, at: &str, images: &mut Vec<Value>) -> Result<Value
         }
     }
     Ok(json!({"role": "tool", "tool_call_id": id, "content": text}))
+}
+
+/// A structured output as chat completions' `response_format`: Anthropic's
+/// `output_config.format`, else the beta's `output_format`, each `{"type":
+/// "json_schema", "schema": {…}}`. The schema is moved out of `req`, not copied: it may be
+/// large, and a tree takes tens of times its bytes.
+fn response_format(req: &mut Map<String, Value>) -> Result<Option<Value>, DialectError> {
+    let format = match req.remove("output_config") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(mut config)) => config
+            .remove("format")
+            .filter(|f| !f.is_null())
+            .map(|f| ("output_config.format", f)),
+        Some(_) => return Err(DialectError::invalid("output_config", "must be an object")),
+    };
+    let format = format.or_else(|| {
+        req.remove("output_format")
+            .filter(|f| !f.is_null())
+            .map(|f| ("output_format", f))
+    });
+    let Some((field, format)) = format else {
+        return Ok(None);
+    };
+    json_schema_format(format, field).map(Some)
+}
+
+/// `{"type": "json_schema", "schema": {…}}` (at `field`) as `response_format`.
+fn json_schema_format(format: Value, field: &str) -> Result<Value, DialectError> {
+    let Value::Object(mut format) = format else {
+        return Err(DialectError::invalid(field, "must be an object"));
+    };
+    if format.get("type").and_then(Value::as_str) != Some("json_schema") {
+        return Err(DialectError::invalid(
+            format!("{field}.type"),
+            "must be json_schema",
+        ));
+    }
+    let schema = match format.remove("schema") {
+        Some(schema @ Value::Object(_)) => schema,
+        _ => {
+            return Err(DialectError::invalid(
+                format!("{field}.schema"),
+                "must be an object",
+            ))
+        }
+    };
+    // Built by hand: `json!` would copy the schema.
+    let mut named = Map::new();
+    named.insert("name".into(), Value::from(OUTPUT_SCHEMA_NAME));
+    named.insert("schema".into(), schema);
+    let mut out = Map::new();
+    out.insert("type".into(), Value::from("json_schema"));
+    out.insert("json_schema".into(), Value::Object(named));
+    Ok(Value::Object(out))
 }
 
 fn tools_to_openai(tools: &Value) -> Result<Value, DialectError> {

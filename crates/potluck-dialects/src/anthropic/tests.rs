@@ -655,3 +655,34 @@ fn consecutive_turns_of_one_role_are_one_message() {
         json!([{"type": "text", "text": "c"}, {"type": "text", "text": "d"}])
     );
 }
+
+/// Anthropic's structured outputs (`output_config.format`, and the beta's `output_format`)
+/// were dropped: the client asked for JSON of a schema and got free text. They are chat
+/// completions' `response_format` of that schema.
+#[test]
+fn structured_outputs_become_a_response_format() {
+    let schema =
+        json!({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]});
+    let want = json!({"type": "json_schema", "json_schema": {"name": OUTPUT_SCHEMA_NAME, "schema": schema}});
+    let format = json!({"type": "json_schema", "schema": schema});
+    let base = |key: &str, v: Value| {
+        let mut body =
+            json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]});
+        body[key] = v;
+        req(body)
+    };
+    let ga = base("output_config", json!({"format": format, "effort": "low"})).expect("valid");
+    assert_eq!(ga.openai["response_format"], want);
+    let beta = base("output_format", format.clone()).expect("valid");
+    assert_eq!(beta.openai["response_format"], want);
+    let none = base("output_config", json!({"effort": "low"})).expect("valid");
+    assert_eq!(none.openai.get("response_format"), None);
+
+    let e = base("output_format", json!({"type": "yaml"})).expect_err("unknown type");
+    assert_eq!(e.param(), Some("output_format.type"));
+    let e =
+        base("output_config", json!({"format": {"type": "json_schema"}})).expect_err("no schema");
+    assert_eq!(e.param(), Some("output_config.format.schema"));
+    let e = base("output_config", json!("json")).expect_err("not an object");
+    assert_eq!(e.param(), Some("output_config"));
+}
