@@ -21,6 +21,8 @@ pub struct Request {
     /// Whether the consumer turned extended thinking on (`thinking.type` `enabled` or
     /// `adaptive`): only then is a reasoning model's thinking shown, as `thinking` blocks.
     pub thinking: bool,
+    /// `stop_sequences`: the answer says which one it stopped at, if the provider names it.
+    pub stop_sequences: Vec<String>,
 }
 
 /// Translate a Messages request body.
@@ -42,6 +44,7 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         Some(_) => return Err(DialectError::invalid("stream", "must be a boolean")),
     };
     let thinking = thinking_wanted(req.get("thinking"))?;
+    let stop_sequences = stop_sequences(req.get("stop_sequences"))?;
     let mut messages = system_messages(req.get("system"))?;
     let turns = req
         .get("messages")
@@ -81,8 +84,27 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         model,
         stream,
         thinking,
+        stop_sequences,
     })
 }
+
+/// `stop_sequences`: a list of texts, or none.
+fn stop_sequences(v: Option<&Value>) -> Result<Vec<String>, DialectError> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(DialectError::invalid("stop_sequences", STOP_SEQUENCES_WHY)),
+    };
+    list.iter()
+        .map(|s| {
+            s.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| DialectError::invalid("stop_sequences", STOP_SEQUENCES_WHY))
+        })
+        .collect()
+}
+
+const STOP_SEQUENCES_WHY: &str = "must be an array of strings";
 
 /// Whether `thinking` turns extended thinking on. Anthropic's shapes: `{"type":
 /// "enabled", "budget_tokens": N}`, `{"type": "adaptive"}`, `{"type": "disabled"}`. The

@@ -163,6 +163,7 @@ fn a_whole_answer_becomes_a_message_with_billed_usage() {
         &answer,
         "m",
         false,
+        &[],
         Usage {
             input: 12,
             output: 7,
@@ -384,8 +385,8 @@ fn tool_uses_without_ids_get_ids_unique_across_answers() {
         )
         .expect("answer")
     };
-    let a = from_openai(&answer("chatcmpl-1"), "m", false, Usage::default());
-    let b = from_openai(&answer("chatcmpl-2"), "m", false, Usage::default());
+    let a = from_openai(&answer("chatcmpl-1"), "m", false, &[], Usage::default());
+    let b = from_openai(&answer("chatcmpl-2"), "m", false, &[], Usage::default());
     assert_eq!(a["content"][0]["id"], json!("toolu_chatcmpl-1_0"));
     assert_ne!(a["content"][0]["id"], b["content"][0]["id"]);
     // Arguments that are not an object are kept, inside one.
@@ -423,13 +424,13 @@ fn a_reasoning_models_thinking_is_a_thinking_block_when_asked_for() {
         .as_bytes(),
     )
     .unwrap();
-    let shown = from_openai(&whole, "m", true, Usage::default());
+    let shown = from_openai(&whole, "m", true, &[], Usage::default());
     assert_eq!(
         shown["content"],
         json!([{"type": "thinking", "thinking": "2+2", "signature": ""},
                {"type": "text", "text": "4"}])
     );
-    let hidden = from_openai(&whole, "m", false, Usage::default());
+    let hidden = from_openai(&whole, "m", false, &[], Usage::default());
     assert_eq!(hidden["content"], json!([{"type": "text", "text": "4"}]));
 
     let mut s = Stream::new("m", true);
@@ -521,7 +522,7 @@ fn tool_calls_finished_with_stop_are_a_tool_use_whole_and_streamed() {
         .as_bytes(),
     )
     .expect("answer");
-    let msg = from_openai(&answer, "m", false, Usage::default());
+    let msg = from_openai(&answer, "m", false, &[], Usage::default());
     assert_eq!(msg["stop_reason"], json!("tool_use"));
 
     let mut s = Stream::new("m", false);
@@ -685,4 +686,71 @@ fn structured_outputs_become_a_response_format() {
     assert_eq!(e.param(), Some("output_config.format.schema"));
     let e = base("output_config", json!("json")).expect_err("not an object");
     assert_eq!(e.param(), Some("output_config"));
+}
+
+/// vLLM names the stop string an answer ended at in the choice's `stop_reason`; when it is
+/// one of the request's `stop_sequences`, Anthropic's clients are told so
+/// (`stop_reason: "stop_sequence"` and the sequence), whole and streamed. Before, every
+/// such answer said `end_turn` and `stop_sequence: null`.
+#[test]
+fn a_matched_stop_sequence_is_reported_whole_and_streamed() {
+    let asked = vec!["END".to_owned(), "\n\nHuman:".to_owned()];
+    let answer = |reason: Value| {
+        Completion::parse(
+            json!({"id": "c", "choices": [{"finish_reason": "stop", "stop_reason": reason,
+                "message": {"content": "done"}}]})
+            .to_string()
+            .as_bytes(),
+        )
+        .expect("answer")
+    };
+    let msg = from_openai(&answer(json!("END")), "m", false, &asked, Usage::default());
+    assert_eq!(msg["stop_reason"], json!("stop_sequence"));
+    assert_eq!(msg["stop_sequence"], json!("END"));
+    // Not one the request asked for, a token id (vLLM's for a stop token), or none.
+    for reason in [json!("OTHER"), json!(128_009), Value::Null] {
+        let msg = from_openai(
+            &answer(reason.clone()),
+            "m",
+            false,
+            &asked,
+            Usage::default(),
+        );
+        assert_eq!(msg["stop_reason"], json!("end_turn"), "{reason}");
+        assert_eq!(msg["stop_sequence"], Value::Null, "{reason}");
+    }
+
+    let streamed = |reason: Value| {
+        let mut s = Stream::new("m", false).with_stop_sequences(asked.clone());
+        s.chunk(&chunk(
+            json!({"id": "c", "choices": [{"delta": {"content": "done"}}]}),
+        ));
+        s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {}, "finish_reason": "stop", "stop_reason": reason}]})));
+        let end = s.finish(Usage::default());
+        let delta = end
+            .iter()
+            .find(|e| e.name == "message_delta")
+            .expect("delta");
+        delta.data["delta"].clone()
+    };
+    assert_eq!(
+        streamed(json!("\n\nHuman:")),
+        json!({"stop_reason": "stop_sequence", "stop_sequence": "\n\nHuman:"})
+    );
+    assert_eq!(
+        streamed(json!("OTHER")),
+        json!({"stop_reason": "end_turn", "stop_sequence": null})
+    );
+}
+
+#[test]
+fn stop_sequences_must_be_a_list_of_texts() {
+    let r =
+        req(json!({"model": "m", "max_tokens": 8, "messages": [], "stop_sequences": ["A", "B"]}))
+            .expect("valid");
+    assert_eq!(r.stop_sequences, ["A", "B"]);
+    assert_eq!(r.openai["stop"], json!(["A", "B"]));
+    let e = req(json!({"model": "m", "max_tokens": 8, "messages": [], "stop_sequences": "A"}))
+        .expect_err("not a list");
+    assert_eq!(e.param(), Some("stop_sequences"));
 }

@@ -678,6 +678,39 @@ async fn anthropic_tool_results_may_carry_images() {
     );
 }
 
+/// vLLM names the stop string an answer ended at (`stop_reason` beside `finish_reason`);
+/// when it is one of the request's `stop_sequences`, an Anthropic client is told
+/// `stop_reason: "stop_sequence"` and which one. Before, it was always `end_turn` and
+/// `stop_sequence: null`, the request's sequences lost on the way back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_answers_say_which_stop_sequence_ended_them() {
+    let p = pool().await;
+    p.backend.set_behavior(potluck_testkit::FakeBehavior {
+        raw_body: Some(
+            r#"{"id":"chatcmpl-s","object":"chat.completion","created":1,"model":"m1","choices":[{"index":0,"message":{"role":"assistant","content":"done"},"finish_reason":"stop","stop_reason":"END"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+        ),
+        ..Default::default()
+    });
+    let auth = [("x-api-key", p.key.as_str())];
+    let ask = |stops: Value| {
+        json!({"model": MODEL, "max_tokens": 8, "stop_sequences": stops,
+               "messages": [{"role": "user", "content": "count"}]})
+        .to_string()
+        .into_bytes()
+    };
+    let (s, _, text) = post(&p, "/v1/messages", &auth, ask(json!(["STOP", "END"]))).await;
+    assert_eq!(s, 200, "{text}");
+    let msg: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(msg["stop_reason"], "stop_sequence", "{text}");
+    assert_eq!(msg["stop_sequence"], "END", "{text}");
+    // A stop string the request did not ask for is a plain end of turn.
+    let (s, _, text) = post(&p, "/v1/messages", &auth, ask(json!(["STOP"]))).await;
+    assert_eq!(s, 200, "{text}");
+    let msg: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(msg["stop_reason"], "end_turn", "{text}");
+    assert_eq!(msg["stop_sequence"], Value::Null, "{text}");
+}
+
 /// `ollama run` loads its model with an empty prompt, `ollama stop` unloads it with
 /// `keep_alive: 0`, and older clients load with an empty chat. A pool has nothing to
 /// load: the hub answers these itself, as Ollama does (done at once, `done_reason`

@@ -60,6 +60,8 @@ enum Back {
         /// The hub's estimate of the prompt's tokens (a stream's `message_start` shows it;
         /// the billed count follows in `message_delta`).
         input_estimate: u64,
+        /// The request's `stop_sequences`, to say which one the answer stopped at.
+        stop_sequences: Vec<String>,
     },
     Responses {
         model: String,
@@ -292,8 +294,11 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
             let usage = answer.usage();
             match back {
                 Back::Anthropic {
-                    model, thinking, ..
-                } => anthropic::from_openai(&answer, &model, thinking, usage),
+                    model,
+                    thinking,
+                    stop_sequences,
+                    ..
+                } => anthropic::from_openai(&answer, &model, thinking, &stop_sequences, usage),
                 Back::Responses { model, echo } => {
                     responses::from_openai(&answer, &model, &echo, unix_now(), usage)
                 }
@@ -335,6 +340,7 @@ pub(crate) async fn anthropic_messages(
                 model: r.model,
                 thinking: r.thinking,
                 input_estimate: 0,
+                stop_sequences: r.stop_sequences,
             };
             Ok((r.openai, back))
         },
