@@ -128,12 +128,24 @@ pub struct Usage {
 
 /// One server-sent event with a name: `event:` line, `data:` line, blank line.
 pub fn sse_event(name: &str, data: &Value) -> Vec<u8> {
-    let data = data.to_string();
-    let mut out = Vec::with_capacity(name.len() + data.len() + 16);
+    sse_frame(name, data.to_string().as_bytes())
+}
+
+/// [`sse_event`] of any data that writes itself as JSON (a derived struct that keeps
+/// part of it as JSON text); the error is the data's own.
+pub(crate) fn sse_event_of<T: serde::Serialize>(
+    name: &str,
+    data: &T,
+) -> Result<Vec<u8>, serde_json::Error> {
+    Ok(sse_frame(name, &serde_json::to_vec(data)?))
+}
+
+fn sse_frame(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len().saturating_add(data.len()).saturating_add(16));
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(data);
     out.extend_from_slice(b"\n\n");
     out
 }

@@ -1,5 +1,7 @@
 //! responses: the consumer's request, translated for a provider.
 
+use std::sync::Arc;
+
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
@@ -37,25 +39,33 @@ pub struct Echo {
     pub tool_choice: Value,
 }
 
-/// A JSON value kept as its text, written back as it is.
+/// A JSON value kept as its text, written back as it is. Shared, not copied, by the
+/// response objects that repeat it (each event of a stream holds one).
 #[derive(Debug, Clone)]
-pub struct JsonText(Box<RawValue>);
+pub struct JsonText(Arc<RawValue>);
 
 impl JsonText {
     fn of(v: &Value) -> Result<Self, DialectError> {
         serde_json::value::to_raw_value(v)
-            .map(Self)
+            .map(|raw| Self(Arc::from(raw)))
             .map_err(|_| DialectError::Invalid {
                 field: "tools".into(),
                 why: "not valid JSON",
             })
+    }
+
+    /// The text, to be written as it is.
+    pub(super) fn raw(&self) -> &RawValue {
+        &self.0
     }
 }
 
 impl Default for JsonText {
     /// `[]`.
     fn default() -> Self {
-        Self(RawValue::from_string("[]".to_owned()).unwrap_or_default())
+        Self(Arc::from(
+            RawValue::from_string("[]".to_owned()).unwrap_or_default(),
+        ))
     }
 }
 

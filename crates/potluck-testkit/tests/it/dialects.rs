@@ -245,6 +245,55 @@ async fn openai_responses_whole_and_streamed() {
     assert!(text.contains("stores no responses"), "{text}");
 }
 
+/// A response object repeats the request's `tools`, whole and in every streamed response
+/// object, as sent: the hub writes them from the request's text (it holds no tree of
+/// them), between `tool_choice` and `top_p` as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_responses_echo_the_requests_tools_whole_and_streamed() {
+    let hub = TestHub::start_with(|c| c.max_request_bytes = 16 * 1024).await;
+    let (key_id, key) = hub.create_key_in("consumer", "consumer").await;
+    let backend = FakeBackend::start_with(
+        &[MODEL],
+        potluck_testkit::FakeOptions {
+            tools: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    let agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let p = Pool {
+        hub,
+        backend,
+        _agent: agent,
+        key,
+        key_id,
+    };
+    let bearer = format!("Bearer {}", p.key);
+    let auth = [("authorization", bearer.as_str())];
+    let tools = json!([{"type": "function", "name": "w", "description": "weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
+    let body = json!({"model": MODEL, "input": "hello", "tools": tools});
+    let (s, _, text) = post(&p, "/v1/responses", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    assert!(
+        text.contains(&format!(",\"tools\":{tools},\"top_p\":")),
+        "{text}"
+    );
+    let mut body = body;
+    body["stream"] = json!(true);
+    let (s, _, text) = post(&p, "/v1/responses", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    let objects: Vec<_> = sse_events(&text)
+        .into_iter()
+        .filter(|(_, d)| d.get("response").is_some())
+        .collect();
+    assert_eq!(objects.len(), 3, "created, in_progress, completed: {text}");
+    for (name, data) in objects {
+        assert_eq!(data["response"]["tools"], tools, "{name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ollama_chat_generate_embed_and_model_listing() {
     let p = pool().await;

@@ -270,7 +270,7 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
     let timing = ollama::Timing {
         total_ns: nanos(started),
     };
-    let value = match back {
+    let value: Translated = match back {
         Back::OllamaEmbed { model, legacy } => {
             let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let usage = Usage {
@@ -280,7 +280,7 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
                     .unwrap_or(0),
                 output: 0,
             };
-            ollama::embed_from_openai(&answer, &model, usage, timing, legacy)
+            ollama::embed_from_openai(&answer, &model, usage, timing, legacy).into()
         }
         back => {
             let Ok(answer) = Completion::parse(&bytes) else {
@@ -298,10 +298,12 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
                     thinking,
                     stop_sequences,
                     ..
-                } => anthropic::from_openai(&answer, &model, thinking, &stop_sequences, usage),
-                Back::Responses { model, echo } => {
-                    responses::from_openai(&answer, &model, &echo, unix_now(), usage)
+                } => {
+                    anthropic::from_openai(&answer, &model, thinking, &stop_sequences, usage).into()
                 }
+                Back::Responses { model, echo } => Translated::Responses(Box::new(
+                    responses::from_openai(&answer, &model, &echo, unix_now(), usage),
+                )),
                 Back::Ollama { call, model } => ollama::from_openai(
                     call,
                     &answer,
@@ -309,8 +311,9 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
                     &potluck_dialects::rfc3339_utc(unix_now()),
                     usage,
                     timing,
-                ),
-                Back::OllamaEmbed { .. } => Value::Null,
+                )
+                .into(),
+                Back::OllamaEmbed { .. } => Value::Null.into(),
             }
         }
     };
@@ -318,6 +321,21 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
     axum::Json(value)
         .into_response()
         .map(|translated| crate::api::relay::budget::keeping(translated, body))
+}
+
+/// A translated whole answer: a JSON value, or a Responses object, which writes the
+/// request's tools from their text (`potluck_dialects::responses::ResponseObject`).
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Translated {
+    Value(Value),
+    Responses(Box<responses::ResponseObject>),
+}
+
+impl From<Value> for Translated {
+    fn from(v: Value) -> Self {
+        Self::Value(v)
+    }
 }
 
 fn nanos(started: Instant) -> u64 {
