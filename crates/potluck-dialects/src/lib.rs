@@ -12,13 +12,31 @@ pub mod anthropic;
 pub mod ollama;
 pub mod openai;
 pub mod responses;
+mod turns;
 
 use serde_json::{Map, Value};
 
-/// The most images one request may carry (Ollama's `images`, counted over the whole
-/// request; Anthropic's Messages API has the same limit). Each becomes a content part of
-/// a few hundred bytes in memory, so the count is checked before any is built.
+pub(crate) use turns::push_turn;
+
+/// The most images one request may carry, counted over the whole request: Ollama's
+/// `images`, and Anthropic's image blocks, those in tool results included (Anthropic's
+/// own Messages API has the same limit). Each becomes a content part of a few hundred
+/// bytes in memory, so the count is checked before any is built.
 pub const MAX_IMAGES: usize = 100;
+
+/// The refusal of [`check_image_count`] (it names [`MAX_IMAGES`]; a unit test keeps the
+/// two together).
+pub(crate) const TOO_MANY_IMAGES: &str = "too many images: at most 100 in one request";
+
+/// Refuse a request of more than [`MAX_IMAGES`] images (`n`, counted at `at`) before any
+/// is translated: each image, as little as a few bytes of the request, becomes a content
+/// part of a few hundred bytes.
+pub(crate) fn check_image_count(n: usize, at: &str) -> Result<(), DialectError> {
+    if n > MAX_IMAGES {
+        return Err(DialectError::invalid(at, TOO_MANY_IMAGES));
+    }
+    Ok(())
+}
 
 /// Why a native request cannot be translated. Each dialect maps these to its own error
 /// shape and status (all are the consumer's fault: 400).
@@ -84,6 +102,17 @@ impl Finish {
             _ => Self::Stop,
         }
     }
+
+    /// The finish of an answer that holds tool calls (`has_calls`): a plain stop is a tool
+    /// call, since older vLLM (with `tool_choice` required) and some mlx servers end a
+    /// call with `stop`, and a client's agent loop waits for the tool-call finish to run
+    /// it. Any other finish (a call cut by the token limit) stays as it is.
+    pub fn with_calls(self, has_calls: bool) -> Self {
+        match self {
+            Self::Stop if has_calls => Self::ToolCalls,
+            other => other,
+        }
+    }
 }
 
 /// Token counts as the relayed answer reports them: the provider's own count, which the
@@ -99,12 +128,24 @@ pub struct Usage {
 
 /// One server-sent event with a name: `event:` line, `data:` line, blank line.
 pub fn sse_event(name: &str, data: &Value) -> Vec<u8> {
-    let data = data.to_string();
-    let mut out = Vec::with_capacity(name.len() + data.len() + 16);
+    sse_frame(name, data.to_string().as_bytes())
+}
+
+/// [`sse_event`] of any data that writes itself as JSON (a derived struct that keeps
+/// part of it as JSON text); the error is the data's own.
+pub(crate) fn sse_event_of<T: serde::Serialize>(
+    name: &str,
+    data: &T,
+) -> Result<Vec<u8>, serde_json::Error> {
+    Ok(sse_frame(name, &serde_json::to_vec(data)?))
+}
+
+fn sse_frame(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len().saturating_add(data.len()).saturating_add(16));
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(data);
     out.extend_from_slice(b"\n\n");
     out
 }

@@ -62,6 +62,16 @@ fn text_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
+/// vLLM's `stop_reason` when it is text: the stop string the answer ended at. vLLM also
+/// sends a number there (the stop token's id) or `null`; those, and anything else, are
+/// absent.
+fn stop_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
 /// A token count as the hub's relay reads it: any number (a negative one is 0, a
 /// fraction is cut, a huge one saturates), anything else 0. Stricter reading here than
 /// in the relay would fail an answer the hub has already billed.
@@ -110,6 +120,9 @@ pub struct Choice {
     /// Why it ended.
     #[serde(default)]
     pub finish_reason: Option<String>,
+    /// The stop string it ended at, as vLLM names it ([`stop_text`]).
+    #[serde(default, deserialize_with = "stop_text")]
+    pub stop_reason: Option<String>,
 }
 
 /// The assistant's message in a whole answer.
@@ -179,12 +192,15 @@ impl Completion {
         self.choices.first().cloned().unwrap_or_default()
     }
 
-    /// Why the first choice ended.
+    /// Why the first choice ended; a stop with tool calls is a tool-call finish
+    /// ([`Finish::with_calls`]).
     pub fn finish(&self) -> Finish {
-        self.choices
-            .first()
+        let first = self.choices.first();
+        let has_calls = first.is_some_and(|c| !c.message.tool_calls.is_empty());
+        first
             .and_then(|c| c.finish_reason.as_deref())
             .map_or(Finish::Stop, Finish::from_openai)
+            .with_calls(has_calls)
     }
 
     /// Usage, zero when absent.
@@ -219,6 +235,9 @@ pub struct ChunkChoice {
     /// Set on the choice's last chunk.
     #[serde(default)]
     pub finish_reason: Option<String>,
+    /// The stop string it ended at, as vLLM names it ([`stop_text`]).
+    #[serde(default, deserialize_with = "stop_text")]
+    pub stop_reason: Option<String>,
 }
 
 /// What a chunk adds.
@@ -270,6 +289,12 @@ impl Chunk {
     /// The delta of choice 0, if the chunk has one.
     pub fn delta(&self) -> Option<&Delta> {
         self.choices.first().map(|c| &c.delta)
+    }
+
+    /// The stop string choice 0 ended at, if the provider named one (vLLM's
+    /// `stop_reason`).
+    pub fn stop_text(&self) -> Option<&str> {
+        self.choices.first().and_then(|c| c.stop_reason.as_deref())
     }
 
     /// The finish reason of choice 0, if this is its last chunk.

@@ -10,6 +10,7 @@
 mod answer;
 mod request;
 mod stream;
+mod wire;
 
 pub use answer::*;
 pub use request::*;

@@ -15,6 +15,26 @@ pub fn stop_reason(finish: Finish) -> &'static str {
     }
 }
 
+/// The stop sequence an answer that finished with `finish` ended at: `said` (the stop
+/// string the provider named, vLLM's `stop_reason`) when the answer simply stopped and it
+/// is one of the request's `asked`; else none, and the answer's `stop_reason` is its
+/// finish's.
+fn stop_sequence<'a>(finish: Finish, said: Option<&str>, asked: &'a [String]) -> Option<&'a str> {
+    if finish != Finish::Stop {
+        return None;
+    }
+    let said = said?;
+    asked.iter().map(String::as_str).find(|s| *s == said)
+}
+
+/// `stop_reason` and `stop_sequence`, as Anthropic reports them.
+fn stop_fields(finish: Finish, matched: Option<&str>) -> (&'static str, Value) {
+    match matched {
+        Some(s) => ("stop_sequence", Value::from(s)),
+        None => (stop_reason(finish), Value::Null),
+    }
+}
+
 /// A Messages id from the hub's answer id (`msg_` + the id's safe characters).
 pub fn message_id(openai_id: &str) -> String {
     format!("msg_{}", openai::id_tail(openai_id, 64))
@@ -23,9 +43,19 @@ pub fn message_id(openai_id: &str) -> String {
 /// Translate a whole chat completion into a Messages answer, with the answer's `usage`.
 /// With `thinking` (the consumer turned extended thinking on), a reasoning model's
 /// thinking comes first, as a `thinking` block; without, it is left out, as Anthropic
-/// leaves it out.
-pub fn from_openai(answer: &Completion, model: &str, thinking: bool, usage: Usage) -> Value {
+/// leaves it out. `stop_sequences` are the request's: the answer says which one it stopped
+/// at, when the provider names it.
+pub fn from_openai(
+    answer: &Completion,
+    model: &str,
+    thinking: bool,
+    stop_sequences: &[String],
+    usage: Usage,
+) -> Value {
     let choice = answer.first();
+    let finish = answer.finish();
+    let matched = stop_sequence(finish, choice.stop_reason.as_deref(), stop_sequences);
+    let (stop_reason, stop_sequence) = stop_fields(finish, matched);
     let mut content = Vec::new();
     if let Some(t) = choice
         .message
@@ -50,8 +80,8 @@ pub fn from_openai(answer: &Completion, model: &str, thinking: bool, usage: Usag
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": stop_reason(answer.finish()),
-        "stop_sequence": null,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
         "usage": {"input_tokens": usage.input, "output_tokens": usage.output},
     })
 }
@@ -128,6 +158,13 @@ pub struct Stream {
     arguments: String,
     next_index: u32,
     finish: Option<Finish>,
+    /// A `tool_use` block was opened: the answer's finish is a tool use even when the
+    /// provider said `stop` ([`Finish::with_calls`]).
+    tool_used: bool,
+    /// The request's `stop_sequences`.
+    stop_sequences: Vec<String>,
+    /// The stop string the provider said the answer ended at (vLLM's `stop_reason`).
+    stopped_at: Option<String>,
 }
 
 impl Stream {
@@ -144,6 +181,9 @@ impl Stream {
             arguments: String::new(),
             next_index: 0,
             finish: None,
+            tool_used: false,
+            stop_sequences: Vec::new(),
+            stopped_at: None,
         }
     }
 
@@ -152,6 +192,13 @@ impl Stream {
     /// follows in `message_delta`, as Anthropic's own streams repeat it.
     pub fn with_input_estimate(mut self, tokens: u64) -> Self {
         self.input_estimate = tokens;
+        self
+    }
+
+    /// The request's `stop_sequences`: the stream's end says which one the answer stopped
+    /// at, when the provider names it.
+    pub fn with_stop_sequences(mut self, stop_sequences: Vec<String>) -> Self {
+        self.stop_sequences = stop_sequences;
         self
     }
 
@@ -196,6 +243,7 @@ impl Stream {
                     let index = u64::from(call.index);
                     let id = openai::call_id(call.id.as_deref(), "toolu_", &self.id, index);
                     self.open_block(Open::Tool(call.index), Some((id, name)), &mut out);
+                    self.tool_used = true;
                 }
                 if let Some(args) = f.and_then(|f| f.arguments.as_deref()) {
                     self.arguments.push_str(args);
@@ -204,6 +252,7 @@ impl Stream {
         }
         if let Some(finish) = chunk.finish() {
             self.finish = Some(finish);
+            self.stopped_at = chunk.stop_text().map(str::to_owned);
         }
         out
     }
@@ -259,10 +308,17 @@ impl Stream {
         let mut out = Vec::new();
         self.start("", &mut out);
         self.close_block(&mut out);
+        let finish = self
+            .finish
+            .unwrap_or(Finish::Stop)
+            .with_calls(self.tool_used);
+        let said = self.stopped_at.as_deref();
+        let matched = stop_sequence(finish, said, &self.stop_sequences);
+        let (stop_reason, stop_sequence) = stop_fields(finish, matched);
         out.push(Event::new(
             "message_delta",
             json!({"type": "message_delta",
-                   "delta": {"stop_reason": stop_reason(self.finish.unwrap_or(Finish::Stop)), "stop_sequence": null},
+                   "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                    "usage": {"input_tokens": usage.input, "output_tokens": usage.output}}),
         ));
         out.push(Event::new("message_stop", json!({"type": "message_stop"})));

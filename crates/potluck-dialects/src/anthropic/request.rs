@@ -3,7 +3,11 @@
 use serde_json::{json, Map, Value};
 
 use crate::openai;
-use crate::{copy, is_data_url, object, uint, DialectError};
+use crate::{check_image_count, copy, is_data_url, object, push_turn, uint, DialectError};
+
+/// The name a structured output's schema goes by in chat completions' `response_format`
+/// (which requires one; Anthropic's `output_config.format` has none).
+pub const OUTPUT_SCHEMA_NAME: &str = "output";
 
 /// A Messages request translated for a provider.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,11 +21,13 @@ pub struct Request {
     /// Whether the consumer turned extended thinking on (`thinking.type` `enabled` or
     /// `adaptive`): only then is a reasoning model's thinking shown, as `thinking` blocks.
     pub thinking: bool,
+    /// `stop_sequences`: the answer says which one it stopped at, if the provider names it.
+    pub stop_sequences: Vec<String>,
 }
 
 /// Translate a Messages request body.
 pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
-    let req = object(body)?;
+    let mut req = object(body)?;
     let model = req
         .get("model")
         .and_then(Value::as_str)
@@ -38,11 +44,13 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         Some(_) => return Err(DialectError::invalid("stream", "must be a boolean")),
     };
     let thinking = thinking_wanted(req.get("thinking"))?;
+    let stop_sequences = stop_sequences(req.get("stop_sequences"))?;
     let mut messages = system_messages(req.get("system"))?;
     let turns = req
         .get("messages")
         .and_then(Value::as_array)
         .ok_or(DialectError::Missing("messages"))?;
+    check_image_count(image_count(turns), "messages")?;
     for (i, turn) in turns.iter().enumerate() {
         turn_messages(turn, i, &mut messages)?;
     }
@@ -64,6 +72,9 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
             out.insert("parallel_tool_calls".into(), Value::Bool(p));
         }
     }
+    if let Some(format) = response_format(&mut req)? {
+        out.insert("response_format".into(), format);
+    }
     if stream {
         out.insert("stream".into(), Value::Bool(true));
         out.insert("stream_options".into(), json!({"include_usage": true}));
@@ -73,8 +84,27 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         model,
         stream,
         thinking,
+        stop_sequences,
     })
 }
+
+/// `stop_sequences`: a list of texts, or none.
+fn stop_sequences(v: Option<&Value>) -> Result<Vec<String>, DialectError> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(DialectError::invalid("stop_sequences", STOP_SEQUENCES_WHY)),
+    };
+    list.iter()
+        .map(|s| {
+            s.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| DialectError::invalid("stop_sequences", STOP_SEQUENCES_WHY))
+        })
+        .collect()
+}
+
+const STOP_SEQUENCES_WHY: &str = "must be an array of strings";
 
 /// Whether `thinking` turns extended thinking on. Anthropic's shapes: `{"type":
 /// "enabled", "budget_tokens": N}`, `{"type": "adaptive"}`, `{"type": "disabled"}`. The
@@ -96,6 +126,36 @@ fn thinking_wanted(thinking: Option<&Value>) -> Result<bool, DialectError> {
             "must be enabled, adaptive or disabled",
         )),
     }
+}
+
+/// The images of a request's turns: image blocks of the turns and of their tool results,
+/// counted before any is translated ([`crate::MAX_IMAGES`]).
+fn image_count(turns: &[Value]) -> usize {
+    let blocks = turns
+        .iter()
+        .filter_map(|t| t.get("content").and_then(Value::as_array))
+        .flatten();
+    let mut n = 0usize;
+    for b in blocks {
+        match b.get("type").and_then(Value::as_str) {
+            Some("image") => n = n.saturating_add(1),
+            Some("tool_result") => n = n.saturating_add(tool_result_images(b)),
+            _ => {}
+        }
+    }
+    n
+}
+
+fn tool_result_images(block: &Value) -> usize {
+    block
+        .get("content")
+        .and_then(Value::as_array)
+        .map_or(0, |parts| {
+            parts
+                .iter()
+                .filter(|p| p.get("type").and_then(Value::as_str) == Some("image"))
+                .count()
+        })
 }
 
 fn system_messages(system: Option<&Value>) -> Result<Vec<Value>, DialectError> {
@@ -135,7 +195,7 @@ fn turn_messages(turn: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), Dia
         .ok_or_else(|| DialectError::invalid(format!("{field}.content"), "is required"))?;
     match (role, content) {
         ("user" | "assistant", Value::String(s)) => {
-            out.push(json!({"role": role, "content": s}));
+            push_turn(out, json!({"role": role, "content": s}));
             Ok(())
         }
         // Claude Code and newer clients put system text between turns, too.
@@ -156,14 +216,18 @@ fn turn_messages(turn: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), Dia
     }
 }
 
+/// A user turn: its tool results first, as `tool` messages (chat completions wants them
+/// right after the assistant's calls), then one `user` message with the images the tool
+/// results carried and the turn's own text and images.
 fn user_blocks(blocks: &[Value], field: &str, out: &mut Vec<Value>) -> Result<(), DialectError> {
+    let mut tool_images = Vec::new();
     let mut parts = Vec::new();
     for (j, block) in blocks.iter().enumerate() {
         let at = format!("{field}.content.{j}");
         match block.get("type").and_then(Value::as_str) {
             Some("text") => parts.push(json!({"type": "text", "text": text_of(block, &at)?})),
             Some("image") => parts.push(image_part(block, &at)?),
-            Some("tool_result") => out.push(tool_result(block, &at)?),
+            Some("tool_result") => out.push(tool_result(block, &at, &mut tool_images)?),
             Some("thinking" | "redacted_thinking") => {}
             Some("document" | "search_result" | "container_upload") => {
                 return Err(DialectError::invalid(
@@ -174,8 +238,9 @@ fn user_blocks(blocks: &[Value], field: &str, out: &mut Vec<Value>) -> Result<()
             _ => return Err(DialectError::invalid(at, "unknown content block type")),
         }
     }
-    if !parts.is_empty() {
-        out.push(json!({"role": "user", "content": parts}));
+    tool_images.append(&mut parts);
+    if !tool_images.is_empty() {
+        push_turn(out, json!({"role": "user", "content": tool_images}));
     }
     Ok(())
 }
@@ -222,7 +287,7 @@ fn assistant_blocks(
     if !calls.is_empty() {
         msg.insert("tool_calls".into(), Value::Array(calls));
     }
-    out.push(Value::Object(msg));
+    push_turn(out, Value::Object(msg));
     Ok(())
 }
 
@@ -267,34 +332,99 @@ fn image_part(block: &Value, at: &str) -> Result<Value, DialectError> {
     }
 }
 
-fn tool_result(block: &Value, at: &str) -> Result<Value, DialectError> {
+/// Said before the text of a tool result marked `is_error`: chat completions' `tool`
+/// messages have no error flag, and the model should not read a failure as an answer.
+pub const TOOL_ERROR_PREFIX: &str = "Error: ";
+
+/// A `tool_result` block as a `tool` message holding its text; its images (Anthropic
+/// allows text and image blocks in a tool result, and chat completions only text in a
+/// `tool` message) go to `images`, for the `user` message after the turn's tool messages.
+fn tool_result(block: &Value, at: &str, images: &mut Vec<Value>) -> Result<Value, DialectError> {
     let id = str_field(block, "tool_use_id", at)?;
-    let content = match block.get("content") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s.clone(),
+    let mut text = String::new();
+    if block.get("is_error").and_then(Value::as_bool) == Some(true) {
+        text.push_str(TOOL_ERROR_PREFIX);
+    }
+    match block.get("content") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => text.push_str(s),
         Some(Value::Array(parts)) => {
-            let mut text = String::new();
             for (k, p) in parts.iter().enumerate() {
+                let pat = format!("{at}.content.{k}");
                 match p.get("type").and_then(Value::as_str) {
-                    Some("text") => text.push_str(text_of(p, &format!("{at}.content.{k}"))?),
+                    Some("text") => text.push_str(text_of(p, &pat)?),
+                    Some("image") => images.push(image_part(p, &pat)?),
                     _ => {
                         return Err(DialectError::invalid(
-                            format!("{at}.content.{k}"),
-                            "tool results may carry text only",
+                            pat,
+                            "tool results may carry text and images only",
                         ))
                     }
                 }
             }
-            text
         }
         Some(_) => {
             return Err(DialectError::invalid(
                 format!("{at}.content"),
-                "must be a string or text blocks",
+                "must be a string or text and image blocks",
+            ))
+        }
+    }
+    Ok(json!({"role": "tool", "tool_call_id": id, "content": text}))
+}
+
+/// A structured output as chat completions' `response_format`: Anthropic's
+/// `output_config.format`, else the beta's `output_format`, each `{"type":
+/// "json_schema", "schema": {…}}`. The schema is moved out of `req`, not copied: it may be
+/// large, and a tree takes tens of times its bytes.
+fn response_format(req: &mut Map<String, Value>) -> Result<Option<Value>, DialectError> {
+    let format = match req.remove("output_config") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(mut config)) => config
+            .remove("format")
+            .filter(|f| !f.is_null())
+            .map(|f| ("output_config.format", f)),
+        Some(_) => return Err(DialectError::invalid("output_config", "must be an object")),
+    };
+    let format = format.or_else(|| {
+        req.remove("output_format")
+            .filter(|f| !f.is_null())
+            .map(|f| ("output_format", f))
+    });
+    let Some((field, format)) = format else {
+        return Ok(None);
+    };
+    json_schema_format(format, field).map(Some)
+}
+
+/// `{"type": "json_schema", "schema": {…}}` (at `field`) as `response_format`.
+fn json_schema_format(format: Value, field: &str) -> Result<Value, DialectError> {
+    let Value::Object(mut format) = format else {
+        return Err(DialectError::invalid(field, "must be an object"));
+    };
+    if format.get("type").and_then(Value::as_str) != Some("json_schema") {
+        return Err(DialectError::invalid(
+            format!("{field}.type"),
+            "must be json_schema",
+        ));
+    }
+    let schema = match format.remove("schema") {
+        Some(schema @ Value::Object(_)) => schema,
+        _ => {
+            return Err(DialectError::invalid(
+                format!("{field}.schema"),
+                "must be an object",
             ))
         }
     };
-    Ok(json!({"role": "tool", "tool_call_id": id, "content": content}))
+    // Built by hand: `json!` would copy the schema.
+    let mut named = Map::new();
+    named.insert("name".into(), Value::from(OUTPUT_SCHEMA_NAME));
+    named.insert("schema".into(), schema);
+    let mut out = Map::new();
+    out.insert("type".into(), Value::from("json_schema"));
+    out.insert("json_schema".into(), Value::Object(named));
+    Ok(Value::Object(out))
 }
 
 fn tools_to_openai(tools: &Value) -> Result<Value, DialectError> {

@@ -163,6 +163,7 @@ fn a_whole_answer_becomes_a_message_with_billed_usage() {
         &answer,
         "m",
         false,
+        &[],
         Usage {
             input: 12,
             output: 7,
@@ -384,8 +385,8 @@ fn tool_uses_without_ids_get_ids_unique_across_answers() {
         )
         .expect("answer")
     };
-    let a = from_openai(&answer("chatcmpl-1"), "m", false, Usage::default());
-    let b = from_openai(&answer("chatcmpl-2"), "m", false, Usage::default());
+    let a = from_openai(&answer("chatcmpl-1"), "m", false, &[], Usage::default());
+    let b = from_openai(&answer("chatcmpl-2"), "m", false, &[], Usage::default());
     assert_eq!(a["content"][0]["id"], json!("toolu_chatcmpl-1_0"));
     assert_ne!(a["content"][0]["id"], b["content"][0]["id"]);
     // Arguments that are not an object are kept, inside one.
@@ -423,13 +424,13 @@ fn a_reasoning_models_thinking_is_a_thinking_block_when_asked_for() {
         .as_bytes(),
     )
     .unwrap();
-    let shown = from_openai(&whole, "m", true, Usage::default());
+    let shown = from_openai(&whole, "m", true, &[], Usage::default());
     assert_eq!(
         shown["content"],
         json!([{"type": "thinking", "thinking": "2+2", "signature": ""},
                {"type": "text", "text": "4"}])
     );
-    let hidden = from_openai(&whole, "m", false, Usage::default());
+    let hidden = from_openai(&whole, "m", false, &[], Usage::default());
     assert_eq!(hidden["content"], json!([{"type": "text", "text": "4"}]));
 
     let mut s = Stream::new("m", true);
@@ -507,4 +508,249 @@ fn message_start_shows_the_hubs_prompt_estimate() {
         delta.data["usage"],
         json!({"input_tokens": 40, "output_tokens": 1})
     );
+}
+
+/// Older vLLM (with `tool_choice` required) and some mlx servers end a tool call with
+/// `finish_reason: "stop"`; an agent loop that waits for `stop_reason == "tool_use"` then
+/// stopped with the call unanswered. An answer holding tool calls is a tool use.
+#[test]
+fn tool_calls_finished_with_stop_are_a_tool_use_whole_and_streamed() {
+    let answer = Completion::parse(
+        json!({"id": "c", "choices": [{"finish_reason": "stop", "message": {"content": null,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("answer");
+    let msg = from_openai(&answer, "m", false, &[], Usage::default());
+    assert_eq!(msg["stop_reason"], json!("tool_use"));
+
+    let mut s = Stream::new("m", false);
+    let mut all = s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]}}]})));
+    all.extend(s.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {}, "finish_reason": "stop"}]}),
+    )));
+    all.extend(s.finish(Usage::default()));
+    let delta = all
+        .iter()
+        .find(|e| e.name == "message_delta")
+        .expect("delta");
+    assert_eq!(delta.data["delta"]["stop_reason"], json!("tool_use"));
+
+    // A call cut by the token limit is still the limit's.
+    let mut s = Stream::new("m", false);
+    s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {"tool_calls": [{"index": 0, "id": "t", "function": {"name": "f", "arguments": "{"}}]}, "finish_reason": "length"}]})));
+    let end = s.finish(Usage::default());
+    let delta = end
+        .iter()
+        .find(|e| e.name == "message_delta")
+        .expect("delta");
+    assert_eq!(delta.data["delta"]["stop_reason"], json!("max_tokens"));
+}
+
+fn png(n: usize) -> Vec<Value> {
+    vec![
+        json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}});
+        n
+    ]
+}
+
+/// Anthropic's requests are held to the same image count as Ollama's ([`crate::MAX_IMAGES`]
+/// over the whole request), counted before any is translated, refused in Anthropic's
+/// words (a 400 naming `messages`).
+#[test]
+fn at_most_max_images_in_one_request() {
+    let half = crate::MAX_IMAGES / 2;
+    let rest = crate::MAX_IMAGES - half;
+    let turns = |extra: usize| {
+        json!({"model": "m", "max_tokens": 1, "messages": [
+            {"role": "user", "content": png(half)},
+            {"role": "assistant", "content": "seen"},
+            {"role": "user", "content": png(rest + extra)}]})
+    };
+    req(turns(0)).expect("the most images");
+    let e = req(turns(1)).expect_err("one too many");
+    assert_eq!(e.param(), Some("messages"));
+    assert!(e.to_string().contains(crate::TOO_MANY_IMAGES), "{e}");
+}
+
+/// Claude Code's Read tool on a PNG answers with an image block in the tool result: it was
+/// refused ("tool results may carry text only"), and as it stays in the client's history
+/// every later turn failed too. The text stays in the `tool` message; the images follow
+/// all of the turn's tool messages in one `user` message (chat completions wants the tool
+/// messages right after the call), inline only and counted with the request's others.
+#[test]
+fn tool_result_images_follow_the_tool_messages_in_a_user_message() {
+    let image = json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}});
+    let r = req(json!({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "read both"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "Read", "input": {"file_path": "a.png"}},
+            {"type": "tool_use", "id": "t2", "name": "Read", "input": {"file_path": "b.txt"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "a.png:"}, image.clone()]},
+            {"type": "tool_result", "tool_use_id": "t2", "content": "no such file", "is_error": true},
+            {"type": "text", "text": "and?"}]}]}))
+    .expect("valid");
+    let msgs = r.openai["messages"].as_array().expect("messages");
+    assert_eq!(msgs.len(), 5, "{msgs:?}");
+    assert_eq!(
+        msgs[2],
+        json!({"role": "tool", "tool_call_id": "t1", "content": "a.png:"})
+    );
+    assert_eq!(
+        msgs[3],
+        json!({"role": "tool", "tool_call_id": "t2", "content": "Error: no such file"}),
+        "is_error is said, not dropped"
+    );
+    assert_eq!(
+        msgs[4],
+        json!({"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
+            {"type": "text", "text": "and?"}]})
+    );
+
+    // The same rules as a turn's own images: inline only, and counted with them.
+    let remote = req(
+        json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "image", "source": {"type": "url", "url": "http://10.0.0.1/x.png"}}]}]}]}),
+    )
+    .expect_err("remote image refused");
+    assert_eq!(
+        remote.param(),
+        Some("messages.0.content.0.content.0.source")
+    );
+    let many = |n: usize| {
+        json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": png(n)},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}]}]})
+    };
+    req(many(crate::MAX_IMAGES - 1)).expect("the most images");
+    let e = req(many(crate::MAX_IMAGES)).expect_err("one too many");
+    assert_eq!(e.param(), Some("messages"));
+}
+
+/// Anthropic lets turns of one role follow each other (and joins them itself); strict
+/// chat templates (Gemma, Mistral) refuse turns that do not alternate. Consecutive user
+/// turns are one message, consecutive assistant turns too; tool messages stay apart.
+#[test]
+fn consecutive_turns_of_one_role_are_one_message() {
+    let r = req(json!({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "thinking it over"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "done"}]},
+        {"role": "user", "content": [{"type": "text", "text": "c"}]},
+        {"role": "user", "content": "d"}]}))
+    .expect("valid");
+    let m = r.openai["messages"].as_array().expect("messages");
+    let roles: Vec<_> = m.iter().map(|m| m["role"].as_str().unwrap_or("")).collect();
+    assert_eq!(roles, ["user", "assistant", "tool", "user"]);
+    assert_eq!(m[0]["content"], json!("a\n\nb"));
+    assert_eq!(m[1]["content"], json!("thinking it over"));
+    assert_eq!(m[1]["tool_calls"][0]["id"], json!("t1"));
+    assert_eq!(
+        m[3]["content"],
+        json!([{"type": "text", "text": "c"}, {"type": "text", "text": "d"}])
+    );
+}
+
+/// Anthropic's structured outputs (`output_config.format`, and the beta's `output_format`)
+/// were dropped: the client asked for JSON of a schema and got free text. They are chat
+/// completions' `response_format` of that schema.
+#[test]
+fn structured_outputs_become_a_response_format() {
+    let schema =
+        json!({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]});
+    let want = json!({"type": "json_schema", "json_schema": {"name": OUTPUT_SCHEMA_NAME, "schema": schema}});
+    let format = json!({"type": "json_schema", "schema": schema});
+    let base = |key: &str, v: Value| {
+        let mut body =
+            json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]});
+        body[key] = v;
+        req(body)
+    };
+    let ga = base("output_config", json!({"format": format, "effort": "low"})).expect("valid");
+    assert_eq!(ga.openai["response_format"], want);
+    let beta = base("output_format", format.clone()).expect("valid");
+    assert_eq!(beta.openai["response_format"], want);
+    let none = base("output_config", json!({"effort": "low"})).expect("valid");
+    assert_eq!(none.openai.get("response_format"), None);
+
+    let e = base("output_format", json!({"type": "yaml"})).expect_err("unknown type");
+    assert_eq!(e.param(), Some("output_format.type"));
+    let e =
+        base("output_config", json!({"format": {"type": "json_schema"}})).expect_err("no schema");
+    assert_eq!(e.param(), Some("output_config.format.schema"));
+    let e = base("output_config", json!("json")).expect_err("not an object");
+    assert_eq!(e.param(), Some("output_config"));
+}
+
+/// vLLM names the stop string an answer ended at in the choice's `stop_reason`; when it is
+/// one of the request's `stop_sequences`, Anthropic's clients are told so
+/// (`stop_reason: "stop_sequence"` and the sequence), whole and streamed. Before, every
+/// such answer said `end_turn` and `stop_sequence: null`.
+#[test]
+fn a_matched_stop_sequence_is_reported_whole_and_streamed() {
+    let asked = vec!["END".to_owned(), "\n\nHuman:".to_owned()];
+    let answer = |reason: Value| {
+        Completion::parse(
+            json!({"id": "c", "choices": [{"finish_reason": "stop", "stop_reason": reason,
+                "message": {"content": "done"}}]})
+            .to_string()
+            .as_bytes(),
+        )
+        .expect("answer")
+    };
+    let msg = from_openai(&answer(json!("END")), "m", false, &asked, Usage::default());
+    assert_eq!(msg["stop_reason"], json!("stop_sequence"));
+    assert_eq!(msg["stop_sequence"], json!("END"));
+    // Not one the request asked for, a token id (vLLM's for a stop token), or none.
+    for reason in [json!("OTHER"), json!(128_009), Value::Null] {
+        let msg = from_openai(
+            &answer(reason.clone()),
+            "m",
+            false,
+            &asked,
+            Usage::default(),
+        );
+        assert_eq!(msg["stop_reason"], json!("end_turn"), "{reason}");
+        assert_eq!(msg["stop_sequence"], Value::Null, "{reason}");
+    }
+
+    let streamed = |reason: Value| {
+        let mut s = Stream::new("m", false).with_stop_sequences(asked.clone());
+        s.chunk(&chunk(
+            json!({"id": "c", "choices": [{"delta": {"content": "done"}}]}),
+        ));
+        s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": {}, "finish_reason": "stop", "stop_reason": reason}]})));
+        let end = s.finish(Usage::default());
+        let delta = end
+            .iter()
+            .find(|e| e.name == "message_delta")
+            .expect("delta");
+        delta.data["delta"].clone()
+    };
+    assert_eq!(
+        streamed(json!("\n\nHuman:")),
+        json!({"stop_reason": "stop_sequence", "stop_sequence": "\n\nHuman:"})
+    );
+    assert_eq!(
+        streamed(json!("OTHER")),
+        json!({"stop_reason": "end_turn", "stop_sequence": null})
+    );
+}
+
+#[test]
+fn stop_sequences_must_be_a_list_of_texts() {
+    let r =
+        req(json!({"model": "m", "max_tokens": 8, "messages": [], "stop_sequences": ["A", "B"]}))
+            .expect("valid");
+    assert_eq!(r.stop_sequences, ["A", "B"]);
+    assert_eq!(r.openai["stop"], json!(["A", "B"]));
+    let e = req(json!({"model": "m", "max_tokens": 8, "messages": [], "stop_sequences": "A"}))
+        .expect_err("not a list");
+    assert_eq!(e.param(), Some("stop_sequences"));
 }

@@ -195,8 +195,10 @@ impl Stream {
                 }
             };
             if let Some(f) = &c.function {
-                if let Some(n) = &f.name {
-                    self.calls[pos].1.name.push_str(n);
+                // The first name only: some providers repeat it in every delta.
+                let name = &mut self.calls[pos].1.name;
+                if let Some(n) = f.name.as_deref().filter(|_| name.is_empty()) {
+                    n.clone_into(name);
                 }
                 if let Some(a) = &f.arguments {
                     self.calls[pos].1.arguments.push_str(a);

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use serde_json::{json, Map, Value};
 
 use crate::openai;
-use crate::{object, DialectError, MAX_IMAGES};
+use crate::{check_image_count, object, DialectError};
 
 /// The Ollama version `/api/version` reports: the API level this translation follows.
 pub const COMPAT_VERSION: &str = "0.12.6";
@@ -283,20 +283,6 @@ fn assistant_message(
     }
     Ok(json!({"role": "assistant", "content": content, "tool_calls": out}))
 }
-
-/// Refuse a request of more than [`MAX_IMAGES`] images before any is translated: each
-/// bare base64 string (as little as three bytes of the request) becomes a content part of
-/// a few hundred bytes.
-fn check_image_count(n: usize, at: &str) -> Result<(), DialectError> {
-    if n > MAX_IMAGES {
-        return Err(DialectError::invalid(at, TOO_MANY_IMAGES));
-    }
-    Ok(())
-}
-
-/// The refusal of [`check_image_count`] (it names [`MAX_IMAGES`]; a unit test keeps the
-/// two together).
-pub(crate) const TOO_MANY_IMAGES: &str = "too many images: at most 100 in one request";
 
 fn user_content(text: &str, images: Option<&Value>, at: &str) -> Result<Value, DialectError> {
     let Some(images) = images.filter(|v| !v.is_null()) else {

@@ -284,9 +284,9 @@ proptest! {
 #[test]
 fn the_image_refusal_names_the_limit_it_enforces() {
     assert!(
-        request::TOO_MANY_IMAGES.contains(&format!("at most {} ", crate::MAX_IMAGES)),
+        crate::TOO_MANY_IMAGES.contains(&format!("at most {} ", crate::MAX_IMAGES)),
         "{}",
-        request::TOO_MANY_IMAGES
+        crate::TOO_MANY_IMAGES
     );
     let images = vec!["iVBORw0KGgo="; crate::MAX_IMAGES + 1];
     let body = json!({"model": "m", "prompt": "p", "images": images});
@@ -419,4 +419,18 @@ fn a_reasoning_models_thinking_is_sent_as_ollama_does() {
     );
     assert_eq!(whole["message"]["thinking"], json!("2+2"));
     assert_eq!(whole["message"]["content"], json!("4"));
+}
+
+/// Some providers repeat `function.name` in every delta of a call: the name is the first
+/// one, not the pieces joined ("get_weatherget_weather" named no tool the client has).
+#[test]
+fn a_streamed_tool_name_repeated_in_every_delta_is_taken_once() {
+    let mut s = Stream::new(Call::Chat, "m");
+    s.chunk(&chunk(json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c", "function": {"name": "get_weather", "arguments": "{\"city\""}}]}}]})), "t");
+    s.chunk(&chunk(json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "get_weather", "arguments": ":\"Oslo\"}"}}]}, "finish_reason": "tool_calls"}]})), "t");
+    let last = s.finish("t", Usage::default(), Timing::default());
+    assert_eq!(
+        last["message"]["tool_calls"],
+        json!([{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}])
+    );
 }

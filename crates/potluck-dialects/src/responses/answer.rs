@@ -1,9 +1,12 @@
 //! responses: a provider's whole answer translated for the consumer, and what a
 //! response object and its items look like (shared with the stream's translation).
 
+use std::ops::Index;
+
 use serde_json::{json, Value};
 
-use super::Echo;
+use super::wire::WithTools;
+use super::{Echo, JsonText};
 use crate::openai::{self, Completion};
 use crate::{Finish, Usage};
 
@@ -73,7 +76,8 @@ pub(super) fn response_object(
         "temperature": echo.temperature,
         "text": {"format": {"type": "text"}},
         "tool_choice": echo.tool_choice,
-        "tools": echo.tools,
+        // The request's tools are written here from their text (`wire`), never a tree.
+        "tools": Value::Null,
         "top_p": echo.top_p,
         "truncation": "disabled",
         "usage": usage.map(usage_object),
@@ -117,6 +121,37 @@ pub(super) fn call_output(call_id: &str, name: &str, arguments: &str, status: &s
     })
 }
 
+/// A whole answer's response object, as the consumer gets it: written (`Serialize`) with
+/// the request's `tools` as the request's text, which the object's fields (read by
+/// index) hold no tree of: there, `tools` is `null`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseObject {
+    fields: Value,
+    tools: JsonText,
+}
+
+impl ResponseObject {
+    /// The object's fields, `tools` a `null` placeholder.
+    pub fn fields(&self) -> &Value {
+        &self.fields
+    }
+}
+
+impl Index<&str> for ResponseObject {
+    type Output = Value;
+
+    /// A field (`tools` is `null`: the request's tools are only written).
+    fn index(&self, key: &str) -> &Value {
+        &self.fields[key]
+    }
+}
+
+impl serde::Serialize for ResponseObject {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        WithTools::new(&self.fields, &self.tools).serialize(s)
+    }
+}
+
 /// Translate a whole chat completion into a response object. `usage` is the answer's; `created_at` is the hub's clock in Unix seconds.
 pub fn from_openai(
     answer: &Completion,
@@ -124,7 +159,7 @@ pub fn from_openai(
     echo: &Echo,
     created_at: u64,
     usage: Usage,
-) -> Value {
+) -> ResponseObject {
     let choice = answer.first();
     let finish = answer.finish();
     let mut output = Vec::new();
@@ -158,7 +193,10 @@ pub fn from_openai(
         created_at,
         echo,
     };
-    response_object(head, status_for(finish), Some(finish), output, Some(usage))
+    ResponseObject {
+        fields: response_object(head, status_for(finish), Some(finish), output, Some(usage)),
+        tools: echo.tools.clone(),
+    }
 }
 
 /// The OpenAI error `type` for a status (the Responses API shares chat completions'

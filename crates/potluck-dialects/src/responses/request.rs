@@ -1,10 +1,12 @@
 //! responses: the consumer's request, translated for a provider.
 
+use std::sync::Arc;
+
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::openai;
-use crate::{copy, is_data_url, object, uint, DialectError};
+use crate::{copy, is_data_url, object, push_turn, uint, DialectError};
 
 /// A Responses request translated for a provider.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,25 +39,33 @@ pub struct Echo {
     pub tool_choice: Value,
 }
 
-/// A JSON value kept as its text, written back as it is.
+/// A JSON value kept as its text, written back as it is. Shared, not copied, by the
+/// response objects that repeat it (each event of a stream holds one).
 #[derive(Debug, Clone)]
-pub struct JsonText(Box<RawValue>);
+pub struct JsonText(Arc<RawValue>);
 
 impl JsonText {
     fn of(v: &Value) -> Result<Self, DialectError> {
         serde_json::value::to_raw_value(v)
-            .map(Self)
+            .map(|raw| Self(Arc::from(raw)))
             .map_err(|_| DialectError::Invalid {
                 field: "tools".into(),
                 why: "not valid JSON",
             })
+    }
+
+    /// The text, to be written as it is.
+    pub(super) fn raw(&self) -> &RawValue {
+        &self.0
     }
 }
 
 impl Default for JsonText {
     /// `[]`.
     fn default() -> Self {
-        Self(RawValue::from_string("[]".to_owned()).unwrap_or_default())
+        Self(Arc::from(
+            RawValue::from_string("[]".to_owned()).unwrap_or_default(),
+        ))
     }
 }
 
@@ -175,21 +185,17 @@ fn item_message(item: &Value, at: &str, out: &mut Vec<Value>) -> Result<(), Dial
         .and_then(Value::as_str)
         .unwrap_or("message");
     match kind {
-        "message" => out.push(message_item(item, at)?),
+        "message" => push_turn(out, message_item(item, at)?),
         "function_call" => {
             let call_id = str_field(item, "call_id", at)?;
             let name = str_field(item, "name", at)?;
             let args = str_field(item, "arguments", at)?;
             let call = json!({"id": call_id, "type": "function", "function": {"name": name, "arguments": args}});
-            // Consecutive calls of one turn share one assistant message.
-            match out.last_mut() {
-                Some(last) if last["role"] == "assistant" && last.get("tool_calls").is_some() => {
-                    if let Some(calls) = last["tool_calls"].as_array_mut() {
-                        calls.push(call);
-                    }
-                }
-                _ => out.push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
-            }
+            // A turn's calls join its assistant message (its text, its other calls).
+            push_turn(
+                out,
+                json!({"role": "assistant", "content": null, "tool_calls": [call]}),
+            );
         }
         "function_call_output" => {
             let call_id = str_field(item, "call_id", at)?;

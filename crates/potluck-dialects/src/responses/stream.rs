@@ -6,7 +6,8 @@ use super::answer::{
     call_output, message_output, reasoning_id, reasoning_output, response_id, response_object,
     status_for, Head,
 };
-use super::Echo;
+use super::wire::{WithResponse, RESPONSE};
+use super::{Echo, JsonText};
 use crate::openai::{self, Chunk};
 use crate::{Finish, Usage};
 
@@ -22,14 +23,23 @@ pub const MAX_REASONING_ITEMS: usize = 64;
 pub struct Event {
     /// `response.created`, `response.output_text.delta`, …
     pub name: &'static str,
-    /// The event's data (with `type` and `sequence_number`).
+    /// The event's data (with `type` and `sequence_number`). A response object's `tools`
+    /// is `null` here: the request's tools are written from their text by
+    /// [`Event::to_sse`], never held as a tree.
     pub data: Value,
+    /// The request's tools, in an event that carries a response object.
+    tools: Option<JsonText>,
 }
 
 impl Event {
     /// The event as SSE bytes.
     pub fn to_sse(&self) -> Vec<u8> {
-        crate::sse_event(self.name, &self.data)
+        let Some(tools) = &self.tools else {
+            return crate::sse_event(self.name, &self.data);
+        };
+        crate::sse_event_of(self.name, &WithResponse::new(&self.data, tools))
+            // Not reached (the fields are JSON already); the data without the tools.
+            .unwrap_or_else(|_| crate::sse_event(self.name, &self.data))
     }
 }
 
@@ -89,7 +99,20 @@ impl Stream {
             o.insert("sequence_number".into(), json!(self.seq));
         }
         self.seq = self.seq.saturating_add(1);
-        Event { name, data }
+        Event {
+            name,
+            data,
+            tools: None,
+        }
+    }
+
+    /// An event carrying the response object `r`, written with the request's tools.
+    fn response_event(&mut self, name: &'static str, r: Value) -> Event {
+        let mut data = serde_json::Map::new();
+        data.insert(RESPONSE.into(), r);
+        let mut e = self.event(name, Value::Object(data));
+        e.tools = Some(self.echo.tools.clone());
+        e
     }
 
     fn object(
@@ -116,7 +139,7 @@ impl Stream {
         self.id = id.to_owned();
         for name in ["response.created", "response.in_progress"] {
             let r = self.object("in_progress", None, Vec::new(), None);
-            let e = self.event(name, json!({ "response": r }));
+            let e = self.response_event(name, r);
             out.push(e);
         }
     }
@@ -354,7 +377,7 @@ impl Stream {
         } else {
             "response.incomplete"
         };
-        let e = self.event(name, json!({ "response": r }));
+        let e = self.response_event(name, r);
         out.push(e);
         out
     }
@@ -376,7 +399,7 @@ impl Stream {
         if let Some(o) = r.as_object_mut() {
             o.insert("error".into(), json!({"code": code, "message": message}));
         }
-        let e = self.event("response.failed", json!({ "response": r }));
+        let e = self.response_event("response.failed", r);
         out.push(e);
         out
     }

@@ -398,3 +398,102 @@ fn interleaved_thinking_makes_a_bounded_number_of_reasoning_items() {
         rounds
     );
 }
+
+/// Codex sends an assistant `message` item and then the turn's `function_call` items:
+/// they were two assistant messages in a row, and strict chat templates (Gemma, Mistral)
+/// refuse turns that do not alternate. The calls join the message before them, and
+/// consecutive user messages are one; nothing merges across a tool message.
+#[test]
+fn consecutive_turns_of_one_role_are_one_message() {
+    let r = req(json!({"model": "m", "input": [
+        {"role": "user", "content": "weather?"},
+        {"role": "user", "content": [{"type": "input_text", "text": "in Oslo"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "w", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "-3C"},
+        {"type": "function_call_output", "call_id": "c2", "output": "-4C"},
+        {"role": "assistant", "content": "Cold."},
+        {"role": "assistant", "content": "Very."}
+    ]}))
+    .expect("valid");
+    let m = r.openai["messages"].as_array().expect("messages");
+    let roles: Vec<_> = m.iter().map(|m| m["role"].as_str().unwrap_or("")).collect();
+    assert_eq!(roles, ["user", "assistant", "tool", "tool", "assistant"]);
+    assert_eq!(
+        m[0]["content"],
+        json!([{"type": "text", "text": "weather?"}, {"type": "text", "text": "in Oslo"}])
+    );
+    assert_eq!(m[1]["content"], json!("Checking."));
+    assert_eq!(m[1]["tool_calls"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        m[4],
+        json!({"role": "assistant", "content": "Cold.\n\nVery."})
+    );
+}
+
+/// The request's `tools`, echoed in every response object, stay the request's text: the
+/// answer and the events hold no JSON tree of them (a tree of a large `tools` takes tens
+/// of times its bytes, and `json!` made one per response object), and the bytes written
+/// are those of writing the tree, field for field.
+#[test]
+fn the_echoed_tools_are_written_as_text_never_held_as_a_tree() {
+    let tools = json!([{"type": "function", "name": "w", "description": "weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
+    let r = req(json!({"model": "m", "input": "x", "tools": tools})).expect("valid");
+    let with_tools = |v: &Value, at: &str| {
+        let mut v = v.clone();
+        if let Some(o) = v.pointer_mut(at) {
+            *o = tools.clone();
+        }
+        v
+    };
+
+    let answer = Completion::parse(
+        json!({"id": "c", "choices": [{"finish_reason": "stop", "message": {"content": "hi"}}]})
+            .to_string()
+            .as_bytes(),
+    )
+    .expect("answer");
+    let whole = from_openai(&answer, "m", &r.echo, 1, Usage::default());
+    assert_eq!(whole["tools"], Value::Null, "no tree of the tools is held");
+    assert_eq!(whole["output"][0]["content"][0]["text"], json!("hi"));
+    let written = serde_json::to_string(&whole).expect("written");
+    let tree: Value = serde_json::from_str(&written).expect("json");
+    assert_eq!(tree["tools"], tools);
+    assert_eq!(written, with_tools(&tree, "/tools").to_string());
+    assert!(written.contains(&format!(
+        "\"tool_choice\":\"auto\",\"tools\":{tools},\"top_p\":null"
+    )));
+
+    let mut s = Stream::new("m", r.echo.clone(), 1);
+    let mut all = s.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}),
+    ));
+    all.extend(s.finish(Usage::default()));
+    all.extend(Stream::new("m", r.echo.clone(), 1).fail("server_error", "gone"));
+    let objects: Vec<_> = all
+        .iter()
+        .filter(|e| e.data.get("response").is_some())
+        .collect();
+    assert_eq!(
+        objects.len(),
+        6,
+        "created, in_progress, completed; created, in_progress, failed"
+    );
+    for e in objects {
+        assert_eq!(
+            e.data["response"]["tools"],
+            Value::Null,
+            "{}: no tree",
+            e.name
+        );
+        let want = crate::sse_event(e.name, &with_tools(&e.data, "/response/tools"));
+        assert_eq!(
+            String::from_utf8(e.to_sse()).expect("utf8"),
+            String::from_utf8(want).expect("utf8"),
+            "{}",
+            e.name
+        );
+    }
+}

@@ -245,6 +245,55 @@ async fn openai_responses_whole_and_streamed() {
     assert!(text.contains("stores no responses"), "{text}");
 }
 
+/// A response object repeats the request's `tools`, whole and in every streamed response
+/// object, as sent: the hub writes them from the request's text (it holds no tree of
+/// them), between `tool_choice` and `top_p` as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_responses_echo_the_requests_tools_whole_and_streamed() {
+    let hub = TestHub::start_with(|c| c.max_request_bytes = 16 * 1024).await;
+    let (key_id, key) = hub.create_key_in("consumer", "consumer").await;
+    let backend = FakeBackend::start_with(
+        &[MODEL],
+        potluck_testkit::FakeOptions {
+            tools: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    let agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let p = Pool {
+        hub,
+        backend,
+        _agent: agent,
+        key,
+        key_id,
+    };
+    let bearer = format!("Bearer {}", p.key);
+    let auth = [("authorization", bearer.as_str())];
+    let tools = json!([{"type": "function", "name": "w", "description": "weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
+    let body = json!({"model": MODEL, "input": "hello", "tools": tools});
+    let (s, _, text) = post(&p, "/v1/responses", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    assert!(
+        text.contains(&format!(",\"tools\":{tools},\"top_p\":")),
+        "{text}"
+    );
+    let mut body = body;
+    body["stream"] = json!(true);
+    let (s, _, text) = post(&p, "/v1/responses", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    let objects: Vec<_> = sse_events(&text)
+        .into_iter()
+        .filter(|(_, d)| d.get("response").is_some())
+        .collect();
+    assert_eq!(objects.len(), 3, "created, in_progress, completed: {text}");
+    for (name, data) in objects {
+        assert_eq!(data["response"]["tools"], tools, "{name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ollama_chat_generate_embed_and_model_listing() {
     let p = pool().await;
@@ -597,6 +646,118 @@ async fn ollama_images_are_counted_before_they_are_translated() {
         1,
         "only the allowed request reached the provider"
     );
+}
+
+/// Claude Code's Read tool on a PNG answers with an image in the tool result: the hub
+/// refused it (400, "tool results may carry text only"), and since the image stays in the
+/// client's history, every later turn of the session too. Now the provider gets the
+/// result's text as the `tool` message and its image in a `user` message after the tool
+/// messages; a failed tool's result says so. Images in tool results count toward
+/// `potluck_dialects::MAX_IMAGES` with the others, and past it the refusal is Anthropic's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_tool_results_may_carry_images() {
+    let hub = TestHub::start().await;
+    let key = hub.create_key("consumer").await;
+    let backend = FakeBackend::start_with(
+        &[MODEL],
+        potluck_testkit::FakeOptions {
+            vision: Some(true),
+            tools: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    let _agent = TestAgent::start(&hub, &hub.create_provider("p").await, &backend.base_url());
+    hub.wait_for_model(MODEL, 1).await;
+    let send = |body: Value| {
+        let r = hub
+            .http
+            .post(format!("{}/v1/messages", hub.url()))
+            .header("x-api-key", &key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body);
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let image = |n: usize| {
+        vec![
+            json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}});
+            n
+        ]
+    };
+    let turns = |images: Vec<Value>| {
+        json!({"model": MODEL, "max_tokens": 8, "messages": [
+            {"role": "user", "content": "look at a.png"},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "a.png"}},
+                {"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {"file_path": "b.png"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": images},
+                {"type": "tool_result", "tool_use_id": "toolu_2", "content": "not found", "is_error": true}]}]})
+    };
+    let (s, text) = send(turns(image(1))).await;
+    assert_eq!(s, 200, "{text}");
+    let sent: Value =
+        serde_json::from_slice(&backend.inference_received().last().unwrap().body).unwrap();
+    let msgs = sent["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 5, "{sent}");
+    assert_eq!(
+        msgs[2],
+        json!({"role": "tool", "tool_call_id": "toolu_1", "content": ""})
+    );
+    assert_eq!(
+        msgs[3],
+        json!({"role": "tool", "tool_call_id": "toolu_2", "content": "Error: not found"})
+    );
+    assert_eq!(msgs[4]["role"], "user");
+    assert_eq!(
+        msgs[4]["content"][0]["image_url"]["url"],
+        "data:image/png;base64,iVBORw0KGgo="
+    );
+
+    let (s, text) = send(turns(image(potluck_dialects::MAX_IMAGES + 1))).await;
+    assert_dialect_error("/v1/messages", s, &text, 400, "invalid_request_error");
+    assert!(text.contains("too many images"), "{text}");
+    assert_eq!(
+        backend.inference_received().len(),
+        1,
+        "only the allowed request reached the provider"
+    );
+}
+
+/// vLLM names the stop string an answer ended at (`stop_reason` beside `finish_reason`);
+/// when it is one of the request's `stop_sequences`, an Anthropic client is told
+/// `stop_reason: "stop_sequence"` and which one. Before, it was always `end_turn` and
+/// `stop_sequence: null`, the request's sequences lost on the way back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_answers_say_which_stop_sequence_ended_them() {
+    let p = pool().await;
+    p.backend.set_behavior(potluck_testkit::FakeBehavior {
+        raw_body: Some(
+            r#"{"id":"chatcmpl-s","object":"chat.completion","created":1,"model":"m1","choices":[{"index":0,"message":{"role":"assistant","content":"done"},"finish_reason":"stop","stop_reason":"END"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+        ),
+        ..Default::default()
+    });
+    let auth = [("x-api-key", p.key.as_str())];
+    let ask = |stops: Value| {
+        json!({"model": MODEL, "max_tokens": 8, "stop_sequences": stops,
+               "messages": [{"role": "user", "content": "count"}]})
+        .to_string()
+        .into_bytes()
+    };
+    let (s, _, text) = post(&p, "/v1/messages", &auth, ask(json!(["STOP", "END"]))).await;
+    assert_eq!(s, 200, "{text}");
+    let msg: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(msg["stop_reason"], "stop_sequence", "{text}");
+    assert_eq!(msg["stop_sequence"], "END", "{text}");
+    // A stop string the request did not ask for is a plain end of turn.
+    let (s, _, text) = post(&p, "/v1/messages", &auth, ask(json!(["STOP"]))).await;
+    assert_eq!(s, 200, "{text}");
+    let msg: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(msg["stop_reason"], "end_turn", "{text}");
+    assert_eq!(msg["stop_sequence"], Value::Null, "{text}");
 }
 
 /// `ollama run` loads its model with an empty prompt, `ollama stop` unloads it with

@@ -60,6 +60,8 @@ enum Back {
         /// The hub's estimate of the prompt's tokens (a stream's `message_start` shows it;
         /// the billed count follows in `message_delta`).
         input_estimate: u64,
+        /// The request's `stop_sequences`, to say which one the answer stopped at.
+        stop_sequences: Vec<String>,
     },
     Responses {
         model: String,
@@ -268,7 +270,7 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
     let timing = ollama::Timing {
         total_ns: nanos(started),
     };
-    let value = match back {
+    let value: Translated = match back {
         Back::OllamaEmbed { model, legacy } => {
             let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let usage = Usage {
@@ -278,7 +280,7 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
                     .unwrap_or(0),
                 output: 0,
             };
-            ollama::embed_from_openai(&answer, &model, usage, timing, legacy)
+            ollama::embed_from_openai(&answer, &model, usage, timing, legacy).into()
         }
         back => {
             let Ok(answer) = Completion::parse(&bytes) else {
@@ -292,11 +294,16 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
             let usage = answer.usage();
             match back {
                 Back::Anthropic {
-                    model, thinking, ..
-                } => anthropic::from_openai(&answer, &model, thinking, usage),
-                Back::Responses { model, echo } => {
-                    responses::from_openai(&answer, &model, &echo, unix_now(), usage)
+                    model,
+                    thinking,
+                    stop_sequences,
+                    ..
+                } => {
+                    anthropic::from_openai(&answer, &model, thinking, &stop_sequences, usage).into()
                 }
+                Back::Responses { model, echo } => Translated::Responses(Box::new(
+                    responses::from_openai(&answer, &model, &echo, unix_now(), usage),
+                )),
                 Back::Ollama { call, model } => ollama::from_openai(
                     call,
                     &answer,
@@ -304,8 +311,9 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
                     &potluck_dialects::rfc3339_utc(unix_now()),
                     usage,
                     timing,
-                ),
-                Back::OllamaEmbed { .. } => Value::Null,
+                )
+                .into(),
+                Back::OllamaEmbed { .. } => Value::Null.into(),
             }
         }
     };
@@ -313,6 +321,21 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
     axum::Json(value)
         .into_response()
         .map(|translated| crate::api::relay::budget::keeping(translated, body))
+}
+
+/// A translated whole answer: a JSON value, or a Responses object, which writes the
+/// request's tools from their text (`potluck_dialects::responses::ResponseObject`).
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Translated {
+    Value(Value),
+    Responses(Box<responses::ResponseObject>),
+}
+
+impl From<Value> for Translated {
+    fn from(v: Value) -> Self {
+        Self::Value(v)
+    }
 }
 
 fn nanos(started: Instant) -> u64 {
@@ -335,6 +358,7 @@ pub(crate) async fn anthropic_messages(
                 model: r.model,
                 thinking: r.thinking,
                 input_estimate: 0,
+                stop_sequences: r.stop_sequences,
             };
             Ok((r.openai, back))
         },

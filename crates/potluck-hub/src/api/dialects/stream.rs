@@ -242,9 +242,12 @@ pub(super) fn stream_back(body: Body, back: Back, started: Instant, caps: Stream
             model,
             thinking,
             input_estimate,
+            stop_sequences,
         } => (
             Translator::Anthropic(
-                anthropic::Stream::new(model, thinking).with_input_estimate(input_estimate),
+                anthropic::Stream::new(model, thinking)
+                    .with_input_estimate(input_estimate)
+                    .with_stop_sequences(stop_sequences),
             ),
             "text/event-stream",
         ),
