@@ -1251,14 +1251,16 @@ async fn sign_out_ends_every_session_of_the_key_a_copied_cookies_too() {
     assert_eq!(copy.get("/web/me").await.0, 200, "the copy works before");
     let other = WebClient::signed_in(&hub, &hub.create_key("olga").await).await;
 
-    let (status, _) = laptop
-        .post("/web/signout", &[("csrf", &laptop.csrf)])
-        .await;
+    let (status, _) = laptop.post("/web/signout", &[("csrf", &laptop.csrf)]).await;
     assert_eq!(status, 303);
     for (who, c) in [("the copy", &copy), ("another browser", &phone)] {
         assert_eq!(c.get("/web/me").await.0, 303, "{who} is signed out");
     }
-    assert_eq!(other.get("/web/me").await.0, 200, "another key's session goes on");
+    assert_eq!(
+        other.get("/web/me").await.0,
+        200,
+        "another key's session goes on"
+    );
     let me = Consumer::with_key(&hub, "mia", key.clone());
     assert_eq!(me.get("credits").await.status, 200, "the key still works");
     let again = WebClient::signed_in(&hub, &key).await;
