@@ -165,7 +165,15 @@ pub struct Stream {
     stop_sequences: Vec<String>,
     /// The stop string the provider said the answer ended at (vLLM's `stop_reason`).
     stopped_at: Option<String>,
+    /// Chunks in a row that gave the consumer no event (thinking it did not ask to see).
+    quiet: u32,
 }
+
+/// Chunks in a row that give the consumer nothing (a reasoning model thinking where the
+/// consumer did not ask to see it) before a `ping` is sent: a proxy between the hub and
+/// the client that closes a connection idle for a minute (nginx's default) must not cut
+/// an answer that is still being thought out. At a token a second, one ping in 16 s.
+pub const QUIET_CHUNKS_PER_PING: u32 = 16;
 
 impl Stream {
     /// A translator for one answer of `model`; `thinking`: show a reasoning model's
@@ -184,6 +192,7 @@ impl Stream {
             tool_used: false,
             stop_sequences: Vec::new(),
             stopped_at: None,
+            quiet: 0,
         }
     }
 
@@ -254,7 +263,21 @@ impl Stream {
             self.finish = Some(finish);
             self.stopped_at = chunk.stop_text().map(str::to_owned);
         }
+        self.keep_alive(&mut out);
         out
+    }
+
+    /// A `ping` after [`QUIET_CHUNKS_PER_PING`] chunks in a row that gave nothing.
+    fn keep_alive(&mut self, out: &mut Vec<Event>) {
+        if !out.is_empty() {
+            self.quiet = 0;
+            return;
+        }
+        self.quiet = self.quiet.saturating_add(1);
+        if self.quiet >= QUIET_CHUNKS_PER_PING {
+            self.quiet = 0;
+            out.push(Event::new("ping", json!({"type": "ping"})));
+        }
     }
 
     fn open_block(&mut self, kind: Open, tool: Option<(String, String)>, out: &mut Vec<Event>) {

@@ -486,6 +486,38 @@ fn a_reasoning_models_thinking_is_a_thinking_block_when_asked_for() {
     );
 }
 
+/// A reasoning model thinks for minutes where the consumer did not ask to see it: the
+/// stream is not silent meanwhile (a proxy that closes idle connections would cut it), a
+/// `ping` goes out every `QUIET_CHUNKS_PER_PING` chunks that gave nothing, and the count
+/// starts again after anything sent.
+#[test]
+fn hidden_thinking_keeps_the_stream_alive_with_pings() {
+    use crate::anthropic::QUIET_CHUNKS_PER_PING;
+    let mut s = Stream::new("m", false);
+    let think = chunk(json!({"id": "c", "choices": [{"delta": {"reasoning_content": "hm"}}]}));
+    let text = chunk(json!({"id": "c", "choices": [{"delta": {"content": "4"}}]}));
+    let mut all = s.chunk(&text);
+    let n = QUIET_CHUNKS_PER_PING * 3 + 5;
+    for _ in 0..n {
+        all.extend(s.chunk(&think));
+    }
+    let pings = all.iter().filter(|e| e.name == "ping").count();
+    assert_eq!(pings, 1 + 3, "the opening ping, then one per quiet run");
+    let mut s = Stream::new("m", false);
+    s.chunk(&text);
+    for i in 0..QUIET_CHUNKS_PER_PING * 2 {
+        let events = if i % 10 == 9 {
+            s.chunk(&text)
+        } else {
+            s.chunk(&think)
+        };
+        assert!(
+            events.iter().all(|e| e.name != "ping"),
+            "never quiet for long"
+        );
+    }
+}
+
 /// `message_start` carries the prompt's size the hub estimated (clients read a
 /// conversation's size there); the billed figures come in `message_delta`.
 #[test]
