@@ -19,8 +19,8 @@ use serde_json::{Map, Value};
 pub(crate) use turns::push_turn;
 
 /// The most images one request may carry, counted over the whole request: Ollama's
-/// `images`, and Anthropic's image blocks, those in tool results included (Anthropic's
-/// own Messages API has the same limit). Each becomes a content part of a few hundred
+/// `images`, Anthropic's image blocks (those in tool results included; Anthropic's own
+/// Messages API has the same limit) and the Responses API's `input_image` parts. Each becomes a content part of a few hundred
 /// bytes in memory, so the count is checked before any is built.
 pub const MAX_IMAGES: usize = 100;
 

@@ -227,7 +227,7 @@ fn user_blocks(blocks: &[Value], field: &str, out: &mut Vec<Value>) -> Result<()
         match block.get("type").and_then(Value::as_str) {
             Some("text") => parts.push(json!({"type": "text", "text": text_of(block, &at)?})),
             Some("image") => parts.push(image_part(block, &at)?),
-            Some("tool_result") => out.push(tool_result(block, &at, &mut tool_images)?),
+            Some("tool_result") => push_tool(out, tool_result(block, &at, &mut tool_images)?),
             Some("thinking" | "redacted_thinking") => {}
             Some("document" | "search_result" | "container_upload") => {
                 return Err(DialectError::invalid(
@@ -243,6 +243,26 @@ fn user_blocks(blocks: &[Value], field: &str, out: &mut Vec<Value>) -> Result<()
         push_turn(out, json!({"role": "user", "content": tool_images}));
     }
     Ok(())
+}
+
+/// A `tool` message, with the other tool messages right after the assistant's calls. A
+/// client may split one turn's tool results over consecutive user turns (Anthropic joins
+/// them into one): a `user` message an earlier of those turns put after its tool
+/// messages (a result's images, the turn's text) then stays after this one too, since
+/// chat completions refuses a `tool` message that does not follow the calls or another
+/// `tool` message.
+fn push_tool(out: &mut Vec<Value>, tool: Value) {
+    let role = |m: &Value| m.get("role").and_then(Value::as_str).map(str::to_owned);
+    let calls = |m: &Value| m.get("tool_calls").is_some_and(|c| !c.is_null());
+    let n = out.len();
+    let after_tools = n >= 2
+        && role(&out[n - 1]).as_deref() == Some("user")
+        && (role(&out[n - 2]).as_deref() == Some("tool") || calls(&out[n - 2]));
+    if after_tools {
+        out.insert(n - 1, tool);
+    } else {
+        out.push(tool);
+    }
 }
 
 fn assistant_blocks(
@@ -338,13 +358,16 @@ pub const TOOL_ERROR_PREFIX: &str = "Error: ";
 
 /// A `tool_result` block as a `tool` message holding its text; its images (Anthropic
 /// allows text and image blocks in a tool result, and chat completions only text in a
-/// `tool` message) go to `images`, for the `user` message after the turn's tool messages.
+/// `tool` message) go to `images`, for the `user` message after the turn's tool messages,
+/// after a line naming the call they came from (the tool message says they follow), so
+/// that the model can tell one result's images from another's.
 fn tool_result(block: &Value, at: &str, images: &mut Vec<Value>) -> Result<Value, DialectError> {
     let id = str_field(block, "tool_use_id", at)?;
     let mut text = String::new();
     if block.get("is_error").and_then(Value::as_bool) == Some(true) {
         text.push_str(TOOL_ERROR_PREFIX);
     }
+    let mut own = Vec::new();
     match block.get("content") {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) => text.push_str(s),
@@ -353,7 +376,7 @@ fn tool_result(block: &Value, at: &str, images: &mut Vec<Value>) -> Result<Value
                 let pat = format!("{at}.content.{k}");
                 match p.get("type").and_then(Value::as_str) {
                     Some("text") => text.push_str(text_of(p, &pat)?),
-                    Some("image") => images.push(image_part(p, &pat)?),
+                    Some("image") => own.push(image_part(p, &pat)?),
                     _ => {
                         return Err(DialectError::invalid(
                             pat,
@@ -369,6 +392,18 @@ fn tool_result(block: &Value, at: &str, images: &mut Vec<Value>) -> Result<Value
                 "must be a string or text and image blocks",
             ))
         }
+    }
+    if !own.is_empty() {
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(&format!(
+            "[{} image(s): in the next user message]",
+            own.len()
+        ));
+        let label = format!("Images of the result of tool call {id}:");
+        images.push(json!({"type": "text", "text": label}));
+        images.append(&mut own);
     }
     Ok(json!({"role": "tool", "tool_call_id": id, "content": text}))
 }

@@ -628,7 +628,8 @@ fn tool_result_images_follow_the_tool_messages_in_a_user_message() {
     assert_eq!(msgs.len(), 5, "{msgs:?}");
     assert_eq!(
         msgs[2],
-        json!({"role": "tool", "tool_call_id": "t1", "content": "a.png:"})
+        json!({"role": "tool", "tool_call_id": "t1",
+               "content": "a.png:\n[1 image(s): in the next user message]"})
     );
     assert_eq!(
         msgs[3],
@@ -638,8 +639,39 @@ fn tool_result_images_follow_the_tool_messages_in_a_user_message() {
     assert_eq!(
         msgs[4],
         json!({"role": "user", "content": [
+            {"type": "text", "text": "Images of the result of tool call t1:"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
             {"type": "text", "text": "and?"}]})
+    );
+
+    // One turn's results split over two user turns (Anthropic joins them): every tool
+    // message still follows the calls, the images and text after them all.
+    let split = req(json!({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "read both"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "Read", "input": {}},
+            {"type": "tool_use", "id": "t2", "name": "Read", "input": {}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": [image.clone()]},
+            {"type": "text", "text": "first"}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t2", "content": "b"}]}]}))
+    .expect("valid");
+    let roles: Vec<_> = split.openai["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| (m["role"].clone(), m["tool_call_id"].clone()))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            (json!("user"), json!(null)),
+            (json!("assistant"), json!(null)),
+            (json!("tool"), json!("t1")),
+            (json!("tool"), json!("t2")),
+            (json!("user"), json!(null)),
+        ]
     );
 
     // The same rules as a turn's own images: inline only, and counted with them.

@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::openai;
-use crate::{copy, is_data_url, object, push_turn, uint, DialectError};
+use crate::{check_image_count, copy, is_data_url, object, push_turn, uint, DialectError};
 
 /// A Responses request translated for a provider.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,10 +113,9 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         Some(Value::String(s)) => messages.push(json!({"role": "system", "content": s})),
         Some(_) => return Err(DialectError::invalid("instructions", "must be a string")),
     }
-    input_messages(
-        req.get("input").ok_or(DialectError::Missing("input"))?,
-        &mut messages,
-    )?;
+    let input = req.get("input").ok_or(DialectError::Missing("input"))?;
+    check_image_count(image_count(input), "input")?;
+    input_messages(input, &mut messages)?;
     let mut out = Map::new();
     out.insert("model".into(), Value::String(model.clone()));
     out.insert("messages".into(), Value::Array(messages));
@@ -245,6 +244,20 @@ fn message_item(item: &Value, at: &str) -> Result<Value, DialectError> {
         }
     };
     Ok(json!({"role": role, "content": content}))
+}
+
+/// The `input_image` parts of a request's items, counted before any is translated
+/// ([`crate::MAX_IMAGES`]).
+fn image_count(input: &Value) -> usize {
+    let Some(items) = input.as_array() else {
+        return 0;
+    };
+    items
+        .iter()
+        .filter_map(|i| i.get("content").and_then(Value::as_array))
+        .flatten()
+        .filter(|p| p.get("type").and_then(Value::as_str) == Some("input_image"))
+        .count()
 }
 
 fn user_parts(parts: &[Value], at: &str) -> Result<Vec<Value>, DialectError> {

@@ -497,3 +497,23 @@ fn the_echoed_tools_are_written_as_text_never_held_as_a_tree() {
         );
     }
 }
+
+/// The Responses API's `input_image` parts are counted like the other APIs' images: at
+/// most `MAX_IMAGES` in one request, refused before any is translated. Before, only
+/// Anthropic's and Ollama's were counted.
+#[test]
+fn at_most_max_images_in_one_request() {
+    let image = json!({"type": "input_image", "image_url": "data:image/png;base64,iVBO"});
+    let input = |n: usize| {
+        let half = n / 2;
+        json!({"model": "m", "input": [
+            {"role": "user", "content": vec![image.clone(); half]},
+            {"role": "assistant", "content": "seen"},
+            {"role": "user", "content": vec![image.clone(); n - half]}]})
+    };
+    let body = |v: serde_json::Value| serde_json::to_vec(&v).unwrap();
+    to_openai(&body(input(crate::MAX_IMAGES))).expect("the most images");
+    let e = to_openai(&body(input(crate::MAX_IMAGES + 1))).expect_err("one too many");
+    assert_eq!(e.param(), Some("input"));
+    assert!(e.to_string().contains(crate::TOO_MANY_IMAGES), "{e}");
+}
