@@ -92,9 +92,9 @@ pub(super) fn status_for(finish: Finish) -> &'static str {
     }
 }
 
-pub(super) fn message_output(id: &str, text: &str, status: &str) -> Value {
+pub(super) fn message_output(id: &str, n: u32, text: &str, status: &str) -> Value {
     json!({
-        "type": "message", "id": format!("msg_{}", response_id(id).trim_start_matches("resp_")),
+        "type": "message", "id": message_id(id, n),
         "status": status, "role": "assistant",
         "content": [{"type": "output_text", "text": text, "annotations": []}],
     })
@@ -108,6 +108,18 @@ pub(super) fn reasoning_output(id: &str, n: u32, text: &str, status: &str) -> Va
         "type": "reasoning", "id": reasoning_id(id, n), "summary": [],
         "content": [{"type": "reasoning_text", "text": text}], "status": status,
     })
+}
+
+/// The id of a response's `n`th message item: the first is `msg_` and the response's own
+/// id, a later one (the answer went on after thinking more, or after a call) adds `_n`.
+pub(super) fn message_id(id: &str, n: u32) -> String {
+    let base = response_id(id);
+    let base = base.trim_start_matches("resp_");
+    if n == 0 {
+        format!("msg_{base}")
+    } else {
+        format!("msg_{base}_{n}")
+    }
 }
 
 pub(super) fn reasoning_id(id: &str, n: u32) -> String {
@@ -177,7 +189,7 @@ pub fn from_openai(
     }
     if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
         let status = status_for(finish);
-        output.push(message_output(&answer.id, &text, status));
+        output.push(message_output(&answer.id, 0, &text, status));
     }
     for (i, call) in (0u64..).zip(&choice.message.tool_calls) {
         output.push(call_output(

@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 
 use super::answer::{
-    call_output, message_output, reasoning_id, reasoning_output, response_id, response_object,
+    call_output, message_id, message_output, reasoning_id, reasoning_output, response_object,
     status_for, Head,
 };
 use super::wire::{WithResponse, RESPONSE};
@@ -64,11 +64,16 @@ pub struct Stream {
     id: String,
     seq: u64,
     started: bool,
-    text: Option<(u32, String)>,
+    /// The open message item: its position in `output`, its number, its text so far.
+    text: Option<(u32, u32, String)>,
+    /// Message items opened so far.
+    messages: u32,
     /// The open reasoning item: its position in `output`, its number, its text so far.
     reasoning: Option<(u32, u32, String)>,
-    /// Reasoning items already closed, with their positions.
-    thoughts: Vec<(u32, Value)>,
+    /// Reasoning items opened so far.
+    thoughts: u32,
+    /// Message and reasoning items already closed, with their positions.
+    closed: Vec<(u32, Value)>,
     calls: Vec<Call>,
     next_output: u32,
     finish: Option<Finish>,
@@ -85,8 +90,10 @@ impl Stream {
             seq: 0,
             started: false,
             text: None,
+            messages: 0,
             reasoning: None,
-            thoughts: Vec::new(),
+            thoughts: 0,
+            closed: Vec::new(),
             calls: Vec::new(),
             next_output: 0,
             finish: None,
@@ -144,23 +151,24 @@ impl Stream {
         }
     }
 
-    fn item_id(&self) -> String {
-        format!("msg_{}", response_id(&self.id).trim_start_matches("resp_"))
-    }
-
     fn take_output_index(&mut self) -> u32 {
         let i = self.next_output;
         self.next_output = self.next_output.saturating_add(1);
         i
     }
 
-    /// Translate one chunk.
+    /// Translate one chunk. Items follow one another as the Responses API sends them:
+    /// a message or reasoning item is done before the next item is added (a message the
+    /// answer resumes after thinking more, or after a call, is a new message item).
     pub fn chunk(&mut self, chunk: &Chunk) -> Vec<Event> {
         let mut out = Vec::new();
         self.start(&chunk.id, &mut out);
         if let Some(delta) = chunk.delta() {
             let thought = delta.reasoning_content.as_deref();
             if let Some(t) = thought.filter(|t| !t.is_empty()) {
+                if self.reasoning.is_none() && self.shows_more_reasoning() {
+                    self.close_message("completed", &mut out);
+                }
                 self.reasoning_delta(t, &mut out);
             }
             if let Some(text) = delta.content.as_deref().filter(|t| !t.is_empty()) {
@@ -169,6 +177,9 @@ impl Stream {
             }
             for call in &delta.tool_calls {
                 self.close_reasoning(&mut out);
+                if !self.calls.iter().any(|c| c.index == call.index) {
+                    self.close_message("completed", &mut out);
+                }
                 self.call_delta(call, &mut out);
             }
         }
@@ -178,13 +189,21 @@ impl Stream {
         out
     }
 
+    /// Whether thinking that starts now gets a reasoning item of its own (at most
+    /// [`MAX_REASONING_ITEMS`]).
+    fn shows_more_reasoning(&self) -> bool {
+        usize::try_from(self.thoughts).is_ok_and(|n| n < MAX_REASONING_ITEMS)
+    }
+
     fn text_delta(&mut self, text: &str, out: &mut Vec<Event>) {
-        let item_id = self.item_id();
-        let index = match &self.text {
-            Some((index, _)) => *index,
+        let (index, n) = match &self.text {
+            Some((index, n, _)) => (*index, *n),
             None => {
                 let index = self.take_output_index();
-                self.text = Some((index, String::new()));
+                let n = self.messages;
+                self.messages = self.messages.saturating_add(1);
+                self.text = Some((index, n, String::new()));
+                let item_id = message_id(&self.id, n);
                 let item = json!({"type": "message", "id": item_id, "status": "in_progress",
                                   "role": "assistant", "content": []});
                 let e = self.event(
@@ -198,12 +217,13 @@ impl Stream {
                     json!({"item_id": item_id, "output_index": index, "content_index": 0, "part": part}),
                 );
                 out.push(e);
-                index
+                (index, n)
             }
         };
-        if let Some((_, acc)) = self.text.as_mut() {
+        if let Some((_, _, acc)) = self.text.as_mut() {
             acc.push_str(text);
         }
+        let item_id = message_id(&self.id, n);
         let e = self.event(
             "response.output_text.delta",
             json!({"item_id": item_id, "output_index": index, "content_index": 0, "delta": text, "logprobs": []}),
@@ -214,10 +234,11 @@ impl Stream {
     fn reasoning_delta(&mut self, text: &str, out: &mut Vec<Event>) {
         let (index, n) = match &self.reasoning {
             Some((index, n, _)) => (*index, *n),
-            None if self.thoughts.len() >= MAX_REASONING_ITEMS => return,
+            None if !self.shows_more_reasoning() => return,
             None => {
                 let index = self.take_output_index();
-                let n = u32::try_from(self.thoughts.len()).unwrap_or(u32::MAX);
+                let n = self.thoughts;
+                self.thoughts = self.thoughts.saturating_add(1);
                 self.reasoning = Some((index, n, String::new()));
                 let item_id = reasoning_id(&self.id, n);
                 let item = json!({"type": "reasoning", "id": item_id, "summary": [],
@@ -275,7 +296,33 @@ impl Stream {
             json!({"output_index": index, "item": item.clone()}),
         );
         out.push(e);
-        self.thoughts.push((index, item));
+        self.closed.push((index, item));
+    }
+
+    /// Close the open message item (its `…done` events), if there is one, with `status`.
+    fn close_message(&mut self, status: &str, out: &mut Vec<Event>) {
+        let Some((index, n, text)) = self.text.take() else {
+            return;
+        };
+        let item_id = message_id(&self.id, n);
+        let e = self.event(
+            "response.output_text.done",
+            json!({"item_id": item_id, "output_index": index, "content_index": 0, "text": text, "logprobs": []}),
+        );
+        out.push(e);
+        let part = json!({"type": "output_text", "text": text, "annotations": []});
+        let e = self.event(
+            "response.content_part.done",
+            json!({"item_id": item_id, "output_index": index, "content_index": 0, "part": part}),
+        );
+        out.push(e);
+        let item = message_output(&self.id, n, &text, status);
+        let e = self.event(
+            "response.output_item.done",
+            json!({"output_index": index, "item": item.clone()}),
+        );
+        out.push(e);
+        self.closed.push((index, item));
     }
 
     fn call_delta(&mut self, delta: &openai::ToolCallDelta, out: &mut Vec<Event>) {
@@ -325,29 +372,9 @@ impl Stream {
         let mut out = Vec::new();
         self.start("", &mut out);
         self.close_reasoning(&mut out);
-        let mut output: Vec<(u32, Value)> = std::mem::take(&mut self.thoughts);
-        if let Some((index, text)) = self.text.take() {
-            let item_id = self.item_id();
-            let e = self.event(
-                "response.output_text.done",
-                json!({"item_id": item_id, "output_index": index, "content_index": 0, "text": text, "logprobs": []}),
-            );
-            out.push(e);
-            let part = json!({"type": "output_text", "text": text, "annotations": []});
-            let e = self.event(
-                "response.content_part.done",
-                json!({"item_id": item_id, "output_index": index, "content_index": 0, "part": part}),
-            );
-            out.push(e);
-            let status = status_for(self.finish.unwrap_or(Finish::Stop));
-            let item = message_output(&self.id, &text, status);
-            let e = self.event(
-                "response.output_item.done",
-                json!({"output_index": index, "item": item.clone()}),
-            );
-            out.push(e);
-            output.push((index, item));
-        }
+        let status = status_for(self.finish.unwrap_or(Finish::Stop));
+        self.close_message(status, &mut out);
+        let mut output: Vec<(u32, Value)> = std::mem::take(&mut self.closed);
         for call in std::mem::take(&mut self.calls) {
             let item_id = format!("fc_{}", call.call_id);
             let e = self.event(

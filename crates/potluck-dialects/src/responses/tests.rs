@@ -377,7 +377,8 @@ fn a_reasoning_models_thinking_is_a_reasoning_item() {
 
 /// A hostile provider alternates a byte of thinking with a byte of answer: the stream
 /// keeps at most [`MAX_REASONING_ITEMS`] reasoning items (each held until the end as a
-/// tree), not one per chunk; the answer's text is all there.
+/// tree), not one per chunk, and so at most one message item more; the answer's text is
+/// all there.
 #[test]
 fn interleaved_thinking_makes_a_bounded_number_of_reasoning_items() {
     let mut s = Stream::new("m", Echo::default(), 1);
@@ -392,11 +393,73 @@ fn interleaved_thinking_makes_a_bounded_number_of_reasoning_items() {
     let items = output.as_array().unwrap();
     let reasoning = items.iter().filter(|i| i["type"] == "reasoning").count();
     assert_eq!(reasoning, MAX_REASONING_ITEMS);
-    let message = items.iter().find(|i| i["type"] == "message").unwrap();
+    let messages: Vec<_> = items.iter().filter(|i| i["type"] == "message").collect();
+    // Thinking came first: a message after each reasoning item, the text past the last
+    // shown thought in the last message.
+    assert_eq!(messages.len(), MAX_REASONING_ITEMS);
+    let text: usize = messages
+        .iter()
+        .map(|m| m["content"][0]["text"].as_str().unwrap().len())
+        .sum();
+    assert_eq!(text, rounds);
+}
+
+/// A model thinks, answers, thinks again and answers on, then calls a tool: each item is
+/// done before the next is added, as the Responses API streams them (a client that
+/// records items as they are done, as Codex does, keeps them in order), and the answer
+/// after the second thought is a message item of its own. Before, the first message
+/// stayed open across the later thinking and the call, and was done last.
+#[test]
+fn each_streamed_item_is_done_before_the_next_is_added() {
+    let mut s = Stream::new("m", Echo::default(), 1);
+    let mut all = Vec::new();
+    for delta in [
+        json!({"reasoning_content": "a"}),
+        json!({"content": "one"}),
+        json!({"reasoning_content": "b"}),
+        json!({"content": "two"}),
+        json!({"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}]}),
+    ] {
+        all.extend(s.chunk(&chunk(json!({"id": "c", "choices": [{"delta": delta}]}))));
+    }
+    all.extend(s.finish(Usage::default()));
+    let mut open: Option<u64> = None;
+    let mut order = Vec::new();
+    for e in &all {
+        let index = e.data["output_index"].as_u64();
+        match e.name {
+            "response.output_item.added" => {
+                assert_eq!(open, None, "an item added while {open:?} is open");
+                open = index;
+                order.push(e.data["item"]["type"].as_str().unwrap().to_owned());
+            }
+            "response.output_item.done" => {
+                assert_eq!(open, index, "done out of order");
+                open = None;
+            }
+            _ => {}
+        }
+    }
     assert_eq!(
-        message["content"][0]["text"].as_str().unwrap().len(),
-        rounds
+        order,
+        [
+            "reasoning",
+            "message",
+            "reasoning",
+            "message",
+            "function_call"
+        ]
     );
+    let output = &all.last().unwrap().data["response"]["output"];
+    let ids: Vec<_> = output
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["rs_c_0", "msg_c", "rs_c_1", "msg_c_1", "fc_c1"]);
+    assert_eq!(output[1]["content"][0]["text"], json!("one"));
+    assert_eq!(output[3]["content"][0]["text"], json!("two"));
 }
 
 /// Codex sends an assistant `message` item and then the turn's `function_call` items:

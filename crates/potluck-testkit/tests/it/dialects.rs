@@ -705,7 +705,8 @@ async fn anthropic_tool_results_may_carry_images() {
     assert_eq!(msgs.len(), 5, "{sent}");
     assert_eq!(
         msgs[2],
-        json!({"role": "tool", "tool_call_id": "toolu_1", "content": ""})
+        json!({"role": "tool", "tool_call_id": "toolu_1",
+               "content": "[1 image(s): in the next user message]"})
     );
     assert_eq!(
         msgs[3],
@@ -713,7 +714,11 @@ async fn anthropic_tool_results_may_carry_images() {
     );
     assert_eq!(msgs[4]["role"], "user");
     assert_eq!(
-        msgs[4]["content"][0]["image_url"]["url"],
+        msgs[4]["content"][0]["text"],
+        "Images of the result of tool call toolu_1:"
+    );
+    assert_eq!(
+        msgs[4]["content"][1]["image_url"]["url"],
         "data:image/png;base64,iVBORw0KGgo="
     );
 
