@@ -5,21 +5,33 @@
 /// A character that is not shown as itself: a control character (a terminal escape), a
 /// bidirectional format character (which reorders what is shown around it: a model
 /// named `gpt\u{202E}...` reads backwards), an invisible one (zero-width spaces and
-/// joiners, the word joiner, the byte order mark, the soft hyphen: two names that look
-/// alike and differ), or a line or paragraph separator.
+/// joiners, the word joiner, the byte order mark, the soft hyphen, the combining grapheme
+/// joiner, Hangul fillers, tag characters: two names that look alike and differ), a
+/// space other than the plain one (a no-break or wide space reads as a plain space), or
+/// a line or paragraph separator. Zero-width joiners are refused too, emoji sequences
+/// and Persian or Indic words included: a name here is an identifier, not prose.
 pub fn unprintable(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
-            '\u{00AD}'
+            '\u{00A0}'
+                | '\u{00AD}'
+                | '\u{034F}'
                 | '\u{061C}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{1680}'
                 | '\u{180E}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{2028}'..='\u{202E}'
-                | '\u{2060}'..='\u{2064}'
+                | '\u{2000}'..='\u{200F}'
+                | '\u{2028}'..='\u{202F}'
+                | '\u{205F}'..='\u{2064}'
                 | '\u{2066}'..='\u{206F}'
+                | '\u{3000}'
+                | '\u{3164}'
                 | '\u{FEFF}'
+                | '\u{FFA0}'
                 | '\u{FFF9}'..='\u{FFFB}'
+                | '\u{E0000}'..='\u{E007F}'
         )
 }
 
@@ -35,8 +47,28 @@ mod tests {
     #[test]
     fn what_is_not_shown_as_itself() {
         for c in [
-            '\u{1b}', '\n', '\u{7f}', '\u{85}', '\u{200B}', '\u{200D}', '\u{200E}', '\u{202E}',
-            '\u{2028}', '\u{2066}', '\u{2069}', '\u{FEFF}', '\u{00AD}', '\u{061C}',
+            '\u{1b}',
+            '\n',
+            '\u{7f}',
+            '\u{85}',
+            '\u{200B}',
+            '\u{200D}',
+            '\u{200E}',
+            '\u{202E}',
+            '\u{2028}',
+            '\u{2066}',
+            '\u{2069}',
+            '\u{FEFF}',
+            '\u{00AD}',
+            '\u{061C}',
+            '\u{00A0}',
+            '\u{2003}',
+            '\u{202F}',
+            '\u{3000}',
+            '\u{3164}',
+            '\u{FFA0}',
+            '\u{034F}',
+            '\u{E0041}',
         ] {
             assert!(unprintable(c), "{:?}", c);
         }

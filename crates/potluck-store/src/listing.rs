@@ -471,15 +471,20 @@ mod tests {
             .is_none());
 
         // A provider named after another's id: the id wins, whichever row the database
-        // happens to read first (the one named so was made last, so a scan meets it last
-        // and an index on the name first).
+        // happens to read first. Both orders: the namesake made after the provider it
+        // names, and before it (named after the id the next provider will get).
         let (first, _) = s.create_provider("first", "bo").await.unwrap();
         let (namesake, _) = s.create_provider(&first.to_string(), "bo").await.unwrap();
-        let id = first.to_string();
-        assert_eq!(s.provider_id(&id).await.unwrap(), first);
-        let by_id = s.provider_record(&id, Liveness::Live).await.unwrap();
-        assert_eq!(by_id.unwrap().id, first);
-        assert_ne!(namesake, first);
+        let next = namesake + 2;
+        let (early, _) = s.create_provider(&next.to_string(), "bo").await.unwrap();
+        let (later, _) = s.create_provider("later", "bo").await.unwrap();
+        assert_eq!((early, later), (namesake + 1, next), "ids in order");
+        for target in [first, later] {
+            let id = target.to_string();
+            assert_eq!(s.provider_id(&id).await.unwrap(), target);
+            let by_id = s.provider_record(&id, Liveness::Live).await.unwrap();
+            assert_eq!(by_id.unwrap().id, target);
+        }
 
         let mine = s.providers_of_account(a, PageReq::first(10)).await.unwrap();
         assert_eq!(

@@ -238,6 +238,9 @@ pub struct KeyAuth {
     pub trusted_only: bool,
     /// Set when the account or the key is not in good standing: refuse the request.
     pub block: Option<Block>,
+    /// Web sessions made with this key at or before this time are over (unix
+    /// microseconds; "Sign out"; 0: none).
+    pub sessions_after_us: i64,
 }
 
 /// What a valid provider token resolves to.

@@ -157,9 +157,12 @@ impl Stream {
         i
     }
 
-    /// Translate one chunk. Items follow one another as the Responses API sends them:
-    /// a message or reasoning item is done before the next item is added (a message the
-    /// answer resumes after thinking more, or after a call, is a new message item).
+    /// Translate one chunk. Message and reasoning items follow one another as the
+    /// Responses API sends them: each is done before the next item is added (a message
+    /// the answer resumes after thinking more, or after a call, is a new message item).
+    /// Calls are done at the end ([`Stream::finish`]): a provider may send a call's
+    /// arguments in pieces between other calls' (OpenAI numbers each delta's call), and a
+    /// call closed early could not take them.
     pub fn chunk(&mut self, chunk: &Chunk) -> Vec<Event> {
         let mut out = Vec::new();
         self.start(&chunk.id, &mut out);

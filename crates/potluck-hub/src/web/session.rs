@@ -1,9 +1,11 @@
 //! Web sessions without a sessions table: a cookie `expiry.issued-us.nonce.key-hash.mac`,
 //! the MAC an HMAC-SHA256 under a key derived from the hub's identity secret (kept in the
 //! store, so every hub on one database accepts it). Each request re-reads the key behind
-//! the hash through the bearer keys' cache, so a revoked or sanctioned key ends the
-//! session at once, and the key's last sign-out time from the store, so that "Sign out"
-//! ends every session of the key (a copied cookie's too) on every hub. A form's CSRF
+//! the hash through the bearer keys' cache (no database read while the key is in it):
+//! a revoked or sanctioned key ends the session at once, and the key's last sign-out
+//! time, read with it, ends every session made before it (a copied cookie's too), on
+//! the hub signed out through at once and on the others within the cache's `KEY_TTL`.
+//! A form's CSRF
 //! token is an HMAC of the session's nonce. Signing in itself runs under a short
 //! pre-session (no key yet) so that its form carries a token too.
 
@@ -198,6 +200,10 @@ pub(crate) struct Session {
     /// The token every form of this session carries.
     pub(crate) csrf: String,
     nonce: String,
+    /// The hash of the key (the keys cache's entry).
+    pub(crate) key_hash: String,
+    /// When the session was made (unix microseconds, the clock of the hub that made it).
+    pub(crate) issued_us: i64,
 }
 
 impl Session {
@@ -221,11 +227,13 @@ pub(crate) async fn session(
     let token = cookie(headers, SESSION_COOKIE).ok_or(ApiError::Unauthorized)?;
     let t = st.web.open(token).ok_or(ApiError::Unauthorized)?;
     let hash = t.key_hash.ok_or(ApiError::Unauthorized)?;
-    let auth = auth::key_by_hash(st, hash).await.map_err(|e| match e {
-        ApiError::Blocked(_) => ApiError::Unauthorized,
-        e => e,
-    })?;
-    if t.issued_us <= st.store.sessions_after(auth.key_id).await? {
+    let auth = auth::key_by_hash(st, hash.clone())
+        .await
+        .map_err(|e| match e {
+            ApiError::Blocked(_) => ApiError::Unauthorized,
+            e => e,
+        })?;
+    if t.issued_us <= auth.sessions_after_us {
         return Err(ApiError::Unauthorized);
     }
     let csrf = st.web.csrf(&t.nonce);
@@ -233,6 +241,8 @@ pub(crate) async fn session(
         auth,
         csrf,
         nonce: t.nonce,
+        key_hash: hash,
+        issued_us: t.issued_us,
     })
 }
 

@@ -124,9 +124,10 @@ pub(crate) struct CsrfForm {
     csrf: String,
 }
 
-/// `POST /web/signout`: end every web session made with this session's key until now, on
-/// every hub (a copy of the cookie taken before is refused too), and drop this browser's
-/// cookie. The key itself stays valid for the API; revoke it to end that too.
+/// `POST /web/signout`: end every web session made with this session's key until now (a
+/// copy of the cookie taken before is refused too): here at once, on the other hubs of
+/// the database within the keys cache's `KEY_TTL`; and drop this browser's cookie. The
+/// key itself stays valid for the API; revoke it to end that too.
 pub(crate) async fn signout(
     State(st): State<Arc<HubState>>,
     headers: HeaderMap,
@@ -135,11 +136,14 @@ pub(crate) async fn signout(
     let s = session::session(&st, &headers).await?;
     let f: CsrfForm = form(&st, body).await?;
     s.check(&st.web, &f.csrf)?;
-    let at = session::sign_out_time();
+    // Never before this very session, whatever this hub's clock says against the clock
+    // of the hub that made it.
+    let at = session::sign_out_time().max(s.issued_us);
     st.store
         .sign_out_sessions(s.auth.key_id, at)
         .await
         .map_err(ApiError::from)?;
+    st.keys.forget(&s.key_hash);
     tracing::info!(key_id = s.auth.key_id, "web sign-out");
     let mut r = Redirect::to("/").into_response();
     r.headers_mut().append(
