@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use serde_json::{json, Map, Value};
 
 use crate::openai;
-use crate::{check_image_count, object, DialectError};
+use crate::{check_image_count, object, push_turn, DialectError};
 
 /// The Ollama version `/api/version` reports: the API level this translation follows.
 pub const COMPAT_VERSION: &str = "0.12.6";
@@ -119,7 +119,9 @@ pub fn chat_to_openai(body: &[u8]) -> Result<Request, DialectError> {
     let mut pending = VecDeque::new();
     let mut messages = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
-        messages.push(chat_message(m, i, &mut pending)?);
+        // One role after itself is one message, as with the other APIs (strict chat
+        // templates refuse turns that do not alternate).
+        push_turn(&mut messages, chat_message(m, i, &mut pending)?);
     }
     let mut out = base(&model, messages, stream);
     if let Some(tools) = req.get("tools").filter(|t| !t.is_null()) {

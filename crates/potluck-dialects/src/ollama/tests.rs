@@ -434,3 +434,25 @@ fn a_streamed_tool_name_repeated_in_every_delta_is_taken_once() {
         json!([{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}])
     );
 }
+
+/// Open WebUI and other Ollama clients send their history as they keep it, where a
+/// retried or edited turn can leave one role after itself: strict chat templates (Gemma,
+/// Mistral) refuse turns that do not alternate. Consecutive messages of one role are one,
+/// as with the other APIs; nothing merges across a tool message.
+#[test]
+fn consecutive_turns_of_one_role_are_one_message() {
+    let body = json!({"model": "m", "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "user", "content": "in Oslo"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "w", "arguments": {}}}]},
+        {"role": "tool", "content": "-3C"},
+        {"role": "assistant", "content": "Cold."},
+        {"role": "assistant", "content": "Very."}
+    ]});
+    let r = chat_to_openai(&serde_json::to_vec(&body).unwrap()).expect("valid");
+    let m = r.openai["messages"].as_array().expect("messages");
+    let roles: Vec<_> = m.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["user", "assistant", "tool", "assistant"]);
+    assert_eq!(m[0]["content"], json!("weather?\n\nin Oslo"));
+    assert_eq!(m[3]["content"], json!("Cold.\n\nVery."));
+}
