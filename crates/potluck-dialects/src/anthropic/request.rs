@@ -247,19 +247,22 @@ fn user_blocks(blocks: &[Value], field: &str, out: &mut Vec<Value>) -> Result<()
 
 /// A `tool` message, with the other tool messages right after the assistant's calls. A
 /// client may split one turn's tool results over consecutive user turns (Anthropic joins
-/// them into one): a `user` message an earlier of those turns put after its tool
-/// messages (a result's images, the turn's text) then stays after this one too, since
-/// chat completions refuses a `tool` message that does not follow the calls or another
-/// `tool` message.
+/// them into one), or put system text between the calls and their results (Claude Code
+/// does): the `user` and `system` messages that came after the calls or the tool
+/// messages stay after this one too, since chat completions refuses a `tool` message
+/// that does not follow the calls or another `tool` message.
 fn push_tool(out: &mut Vec<Value>, tool: Value) {
     let role = |m: &Value| m.get("role").and_then(Value::as_str).map(str::to_owned);
     let calls = |m: &Value| m.get("tool_calls").is_some_and(|c| !c.is_null());
-    let n = out.len();
-    let after_tools = n >= 2
-        && role(&out[n - 1]).as_deref() == Some("user")
-        && (role(&out[n - 2]).as_deref() == Some("tool") || calls(&out[n - 2]));
-    if after_tools {
-        out.insert(n - 1, tool);
+    let mut at = out.len();
+    while at > 0 && matches!(role(&out[at - 1]).as_deref(), Some("user" | "system")) {
+        at -= 1;
+    }
+    let after_calls = at > 0
+        && at < out.len()
+        && (role(&out[at - 1]).as_deref() == Some("tool") || calls(&out[at - 1]));
+    if after_calls {
+        out.insert(at, tool);
     } else {
         out.push(tool);
     }

@@ -674,6 +674,24 @@ fn tool_result_images_follow_the_tool_messages_in_a_user_message() {
         ]
     );
 
+    // System text between the calls and their results (Claude Code's reminders): the
+    // results still follow the calls, the system text after them.
+    let between = req(json!({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "read"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Read", "input": {}}]},
+        {"role": "system", "content": "a reminder"},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": "a"},
+            {"type": "text", "text": "go on"}]}]}))
+    .expect("valid");
+    let roles: Vec<_> = between.openai["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["role"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(roles, ["user", "assistant", "tool", "system", "user"]);
+
     // The same rules as a turn's own images: inline only, and counted with them.
     let remote = req(
         json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": [
