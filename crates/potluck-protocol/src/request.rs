@@ -219,8 +219,9 @@ pub enum RequestError {
     #[error("'{0}' is spelled in another case in the request body; send it once, as '{0}'.")]
     CaseVariant(&'static str),
     /// A backend's own field that would override what the rules checked (llama.cpp's
-    /// `n_predict` replaces `max_tokens`; `lora` and `id_slot` reach into the
-    /// volunteer's server).
+    /// `n_predict` replaces `max_tokens`, `n_cmpl` replaces `n`; `lora`, `id_slot`,
+    /// `priority`, `chat_template` reach into the volunteer's server):
+    /// [`BACKEND_OVERRIDE_FIELDS`].
     #[error("'{0}' is not accepted here; use the OpenAI fields ('max_tokens').")]
     BackendOverride(&'static str),
     /// `"stream": true` on an endpoint that cannot stream.
@@ -700,10 +701,24 @@ const TRACKED_KEYS: &[&str] = &[
     "functions",
 ];
 
-/// Backends' own request fields that would override what the rules check, refused at
-/// the top level (matched without regard to case): llama.cpp reads `n_predict` in place
-/// of `max_tokens`, applies the adapters `lora` names, and pins a request to `id_slot`.
-pub const BACKEND_OVERRIDE_FIELDS: &[&str] = &["n_predict", "lora", "id_slot"];
+/// Backends' own request fields that would override what the rules check, or reach into
+/// the volunteer's server past them, refused at the top level (matched without regard
+/// to case): llama.cpp reads `n_predict` in place of `max_tokens` and `n_cmpl` in place
+/// of `n` (one slot made several completions, each up to the cap), applies the adapters
+/// `lora` names, pins a request to `id_slot`, and sends `n_probs` probabilities with
+/// every token; vLLM puts a request ahead of the volunteer's own by `priority`, renders
+/// a request's own `chat_template` (Jinja the volunteer did not choose; a denial of
+/// service in vLLM before 0.11), and moves caches by `kv_transfer_params`.
+pub const BACKEND_OVERRIDE_FIELDS: &[&str] = &[
+    "n_predict",
+    "n_cmpl",
+    "lora",
+    "id_slot",
+    "n_probs",
+    "priority",
+    "chat_template",
+    "kv_transfer_params",
+];
 
 /// Whether `key` equals `name` (ASCII) the way Go's `encoding/json` matches a key to a
 /// field: ASCII case folded, and the two non-ASCII letters that fold to ASCII ones (the

@@ -689,6 +689,12 @@ fn keys_a_backend_would_read_in_place_of_the_checked_ones_are_refused() {
         ("N_Predict", "n_predict"),
         ("lora", "lora"),
         ("id_slot", "id_slot"),
+        ("n_cmpl", "n_cmpl"),
+        ("N_CMPL", "n_cmpl"),
+        ("n_probs", "n_probs"),
+        ("priority", "priority"),
+        ("chat_template", "chat_template"),
+        ("kv_transfer_params", "kv_transfer_params"),
     ] {
         let e = refused(CHAT, &format!(r#"{{{m},"max_tokens":5,"{key}":-1}}"#));
         assert_eq!(e, RequestError::BackendOverride(field), "{key}");
