@@ -35,6 +35,7 @@ pub mod response;
 pub mod schedule;
 pub mod service;
 pub mod slots;
+pub mod sparse;
 pub mod state;
 pub mod supply;
 

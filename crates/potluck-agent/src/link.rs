@@ -34,6 +34,10 @@ pub struct HubLink {
     /// Whether this tunnel's control stream is open: a hub gets one (a hub opening
     /// thousands would hold a queue and the offer's lines in each).
     pub(crate) control_open: AtomicBool,
+    /// Requests outside the allow-list, since the last warning about them.
+    pub(crate) refused_requests: crate::sparse::Sparse,
+    /// Event batches past the limit, since the last warning about them.
+    pub(crate) refused_batches: crate::sparse::Sparse,
 }
 
 impl HubLink {
@@ -48,6 +52,8 @@ impl HubLink {
             events: Mutex::new(None),
             event_batches: Arc::new(tokio::sync::Semaphore::new(crate::state::MAX_EVENT_BATCHES)),
             control_open: AtomicBool::new(false),
+            refused_requests: crate::sparse::Sparse::default(),
+            refused_batches: crate::sparse::Sparse::default(),
         }
     }
 

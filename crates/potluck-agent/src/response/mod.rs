@@ -112,22 +112,40 @@ where
     Ok((bytes, u.usage))
 }
 
-/// A body that sends `bytes` in pieces paced by the bandwidth cap, then reports.
+/// The largest piece of a whole answer handed to the tunnel at once. HTTP/2 takes a
+/// frame of any size and holds what the hub's window does not let out yet: a hub that
+/// stopped granting window would otherwise have each answer handed over whole, its slot
+/// freed and its bytes held in the agent for as long as the tunnel lives, answer after
+/// answer. In pieces, an answer ends only once the hub has taken it: its slot stays
+/// held (so the volunteer's `max_concurrency` bounds what waits) and the watchdog ends
+/// it at its deadline.
+pub const MAX_WHOLE_PIECE_BYTES: usize = 64 * 1024;
+
+/// A body that sends `bytes` in pieces of at most [`MAX_WHOLE_PIECE_BYTES`], paced by the
+/// bandwidth cap, then reports; past `deadline` (a hub taking a piece now and then) it
+/// ends with an error instead of the rest.
 pub fn paced_whole<O: Outcome>(
     bytes: Bytes,
     bw: Arc<Bandwidth>,
     outcome: O,
+    deadline: tokio::time::Instant,
 ) -> impl Body<Data = Bytes, Error = BoxError> + Send {
     let stream = futures_util::stream::unfold(
         (bytes, bw, Some(outcome)),
-        |(mut rest, bw, mut outcome)| async move {
+        move |(mut rest, bw, mut outcome)| async move {
             if rest.is_empty() {
                 if let Some(mut o) = outcome.take() {
                     o.complete();
                 }
                 return None;
             }
-            let n = rest.len().min(bw.chunk());
+            if tokio::time::Instant::now() >= deadline {
+                let mut o = outcome.take()?;
+                const WHY: &str = "the hub took the answer past the response time limit";
+                o.cut(WHY);
+                return Some((Err(BoxError::from(WHY)), (Bytes::new(), bw, None)));
+            }
+            let n = rest.len().min(bw.chunk()).min(MAX_WHOLE_PIECE_BYTES);
             bw.take(n).await;
             let piece = rest.split_to(n);
             Some((Ok::<_, BoxError>(Frame::data(piece)), (rest, bw, outcome)))
@@ -142,8 +160,10 @@ pub fn sse_error_event(message: &str) -> Bytes {
     Bytes::from(format!("\ndata: {body}\n\n"))
 }
 
+mod rename;
 mod sse;
 #[cfg(test)]
 pub(crate) mod tests;
 
+pub use rename::Rename;
 pub use sse::relay_sse;

@@ -13,6 +13,20 @@ use serde_json::Value;
 
 /// Longest message kept of a backend's error, in bytes.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+/// Longest `type` or `code` kept of a backend's error (OpenAI's are a few words), in
+/// bytes; a longer one is dropped, as is one holding anything but letters, digits, `_`,
+/// `-` and `.` (it is an identifier, not a place for a path or a message).
+pub const MAX_ERROR_CODE_BYTES: usize = 64;
+
+/// A backend's error `type` or `code`, when it is a short identifier.
+fn identifier(v: Option<String>) -> Option<String> {
+    v.filter(|s| {
+        !s.is_empty()
+            && s.len() <= MAX_ERROR_CODE_BYTES
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    })
+}
 
 /// The error body to relay for a backend's non-success answer `body`.
 pub fn error_body(status: StatusCode, body: &[u8]) -> Bytes {
@@ -31,10 +45,10 @@ pub fn error_body(status: StatusCode, body: &[u8]) -> Bytes {
         .or_else(|| text(err, "detail"));
     let out = match message {
         Some(m) => ErrorBody::new(
-            &text(err, "type").unwrap_or_else(|| "backend_error".into()),
+            &identifier(text(err, "type")).unwrap_or_else(|| "backend_error".into()),
             scrub(&m),
             None,
-            text(err, "code").as_deref(),
+            identifier(text(err, "code")).as_deref(),
         ),
         None => ErrorBody::new(
             "backend_error",
@@ -160,6 +174,19 @@ mod tests {
             "1/2 of Qwen/Qwen2.5 at tokens/s"
         );
         assert!(scrub(&"x".repeat(5000)).len() <= MAX_ERROR_MESSAGE_BYTES);
+        // A path or a message in `type` or `code`, or 64 KiB of either: dropped.
+        let sly =
+            br#"{"error":{"message":"no","type":"/home/alice/models","code":"see /etc/passwd"}}"#;
+        let v: Value = serde_json::from_slice(&error_body(StatusCode::BAD_REQUEST, sly)).unwrap();
+        assert_eq!(v["error"]["type"], "backend_error");
+        assert!(v["error"]["code"].is_null(), "{v}");
+        let long = format!(
+            r#"{{"error":{{"message":"no","type":"{}"}}}}"#,
+            "a".repeat(65)
+        );
+        let v: Value =
+            serde_json::from_slice(&error_body(StatusCode::BAD_REQUEST, long.as_bytes())).unwrap();
+        assert_eq!(v["error"]["type"], "backend_error");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::time::{Instant, Sleep};
 
-use super::{sse_error_event, BoxError, Outcome, UsageOnly};
+use super::{sse_error_event, BoxError, Outcome, Rename, UsageOnly};
 use crate::ending::drain_after_done;
 use crate::policy::Limits;
 use crate::slots::Bandwidth;
@@ -34,6 +34,8 @@ struct Relay<B, O> {
     total: usize,
     finished: bool,
     outcome: O,
+    /// The backend's name for the model, replaced by the public one in what is relayed.
+    rename: Option<Rename>,
 }
 
 impl<B, O> Relay<B, O>
@@ -75,7 +77,10 @@ where
         let line = std::mem::take(&mut self.line);
         let relayed = self.observe(&line);
         if relayed == Ok(true) {
-            self.out.extend_from_slice(&line);
+            match self.rename.as_ref().and_then(|r| r.apply(&line)) {
+                Some(renamed) => self.out.extend_from_slice(&renamed),
+                None => self.out.extend_from_slice(&line),
+            }
             self.out.extend_from_slice(b"\n");
         }
         self.line = line;
@@ -88,6 +93,9 @@ where
     /// relayed. `None` when the frame is not of that kind.
     fn take_whole_lines(&mut self, data: &Bytes) -> Option<Result<(), &'static str>> {
         if !self.line.is_empty() || !self.out.is_empty() || data.last() != Some(&b'\n') {
+            return None;
+        }
+        if self.rename.as_ref().is_some_and(|r| r.found_in(data)) {
             return None;
         }
         let mut start = 0;
@@ -146,6 +154,14 @@ where
     /// in and out of the stream's state, not the whole relay.
     async fn step(mut self: Box<Self>) -> Option<(Result<Frame<Bytes>, BoxError>, Box<Self>)> {
         loop {
+            if !self.finished && Instant::now() >= self.deadline.deadline() {
+                // Past its time whatever the hub is doing: a hub that takes the answer a
+                // frame now and then, while the backend's frames are always ready, would
+                // otherwise hold the answer and its slot without end.
+                self.pass = None;
+                self.out.clear();
+                self.cut("the backend's answer exceeded the response time limit");
+            }
             if let Some(mut piece) = self.pass.take() {
                 let n = piece.len().min(self.bw.chunk());
                 self.bw.take(n).await;
@@ -209,13 +225,15 @@ where
     }
 }
 
-/// Relay a streamed answer under the caps (see the module docs).
+/// Relay a streamed answer under the caps (see the module docs), the backend's name for
+/// the model replaced by the public one (`rename`).
 pub fn relay_sse<B, O>(
     body: B,
     limits: Limits,
     deadline: Instant,
     bw: Arc<Bandwidth>,
     outcome: O,
+    rename: Option<Rename>,
 ) -> impl Body<Data = Bytes, Error = BoxError> + Send
 where
     B: Body<Data = Bytes> + Unpin + Send + 'static,
@@ -234,6 +252,7 @@ where
         total: 0,
         finished: false,
         outcome,
+        rename,
     });
     http_body_util::StreamBody::new(futures_util::stream::unfold(relay, Relay::step))
 }

@@ -57,6 +57,7 @@ async fn run(chunks: Vec<&'static [u8]>) -> (String, Seen) {
         Instant::now() + std::time::Duration::from_secs(5),
         Arc::new(Bandwidth::default()),
         seen.clone(),
+        None,
     );
     let out = body.collect().await.unwrap().to_bytes();
     (String::from_utf8(out.to_vec()).unwrap(), seen)
@@ -74,6 +75,7 @@ async fn relay_open_backend(
         Instant::now() + std::time::Duration::from_secs(30),
         Arc::new(Bandwidth::default()),
         seen,
+        None,
     )));
     tokio::time::timeout(std::time::Duration::from_secs(5), body.collect())
         .await
@@ -146,6 +148,7 @@ async fn relay_frames(frames: Vec<Bytes>) -> (Vec<u8>, SeenState) {
         Instant::now() + std::time::Duration::from_secs(5),
         Arc::new(Bandwidth::default()),
         seen.clone(),
+        None,
     );
     let out = body.collect().await.unwrap().to_bytes().to_vec();
     let state = *seen.0.lock().unwrap();
@@ -239,4 +242,89 @@ async fn whole_answers_checked() {
     )
     .await
     .unwrap();
+}
+
+/// A hostile hub stops granting HTTP/2 window and keeps asking: a whole answer is handed
+/// to the tunnel in pieces of at most `MAX_WHOLE_PIECE_BYTES`, and it is complete (its
+/// slot freed) only once the last piece has been taken. Before, with no bandwidth cap the
+/// answer went as one frame of up to `max_response_bytes`, completed at once, and HTTP/2
+/// held its bytes for as long as the tunnel lived.
+#[tokio::test]
+async fn a_whole_answer_goes_in_pieces_and_completes_when_taken() {
+    let seen = Seen::default();
+    let answer = Bytes::from(vec![b'x'; 3 * MAX_WHOLE_PIECE_BYTES + 5]);
+    let mut body = std::pin::pin!(paced_whole(
+        answer.clone(),
+        Arc::new(Bandwidth::default()),
+        seen.clone(),
+        Instant::now() + std::time::Duration::from_secs(60),
+    ));
+    let mut got = Vec::new();
+    while let Some(f) = body.frame().await {
+        let piece = f.unwrap().into_data().unwrap();
+        assert!(piece.len() <= MAX_WHOLE_PIECE_BYTES, "{}", piece.len());
+        let done = seen.0.lock().unwrap().2;
+        assert!(!done, "complete before the hub took the last piece");
+        got.extend_from_slice(&piece);
+    }
+    assert_eq!(got, answer);
+    assert!(seen.0.lock().unwrap().2, "complete once taken");
+
+    // Taken past its time (a hub taking a piece now and then): the rest is not sent.
+    let late = Seen::default();
+    let mut body = std::pin::pin!(paced_whole(
+        answer,
+        Arc::new(Bandwidth::default()),
+        late.clone(),
+        Instant::now(),
+    ));
+    assert!(body.frame().await.unwrap().is_err());
+    assert!(body.frame().await.is_none());
+    let state = late.0.lock().unwrap();
+    assert_eq!(
+        (state.1, state.2),
+        (
+            Some("the hub took the answer past the response time limit"),
+            false
+        )
+    );
+}
+
+/// A hostile hub takes a streamed answer a frame now and then while the backend's frames
+/// are always ready (generation is over, or the backend is fast): the answer is cut at
+/// its time limit all the same, and its slot freed. Before, the limit was only looked at
+/// when the backend had nothing ready, so such a hub held the answer without end.
+#[tokio::test(start_paused = true)]
+async fn a_hub_that_reads_slowly_does_not_hold_an_answer_past_its_time() {
+    let seen = Seen::default();
+    let endless = futures_util::stream::repeat_with(|| {
+        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"data: {\"x\":1}\n\n")))
+    });
+    let limits = Limits {
+        max_line_bytes: 128,
+        max_response_bytes: 1 << 30,
+        ..Limits::default()
+    };
+    let body = relay_sse(
+        StreamBody::new(endless),
+        limits,
+        Instant::now() + std::time::Duration::from_secs(1),
+        Arc::new(Bandwidth::default()),
+        seen.clone(),
+        None,
+    );
+    let mut body = std::pin::pin!(body);
+    let mut frames = 0;
+    let mut last = Bytes::new();
+    while let Some(f) = body.frame().await {
+        last = f.unwrap().into_data().unwrap();
+        frames += 1;
+        assert!(frames < 1000, "still relaying past the time limit");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(String::from_utf8_lossy(&last).contains("response time limit"));
+    assert_eq!(
+        seen.0.lock().unwrap().1,
+        Some("the backend's answer exceeded the response time limit")
+    );
 }

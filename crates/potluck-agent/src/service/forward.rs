@@ -405,6 +405,9 @@ async fn relay(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
     let deadline = a.started + a.limits.response_timeout;
+    // The backend's name for the model (a path, for a model named by its file) never
+    // goes back to the hub: answers carry the public one.
+    let rename = response::Rename::new(&a.route.backend_name, a.model.as_str());
     let watts = sh.watts().unwrap_or(0.0);
     let mark = sh.energy.start(watts);
     let limits = a.limits;
@@ -434,6 +437,7 @@ async fn relay(
             deadline,
             Arc::clone(&sh.bandwidth),
             record,
+            rename,
         )
         .boxed_unsync()
     } else {
@@ -448,13 +452,17 @@ async fn relay(
                     record.usage = u;
                 }
                 let bytes = if status.is_success() {
-                    bytes
+                    match rename.as_ref().and_then(|r| r.apply(&bytes)) {
+                        Some(renamed) => Bytes::from(renamed),
+                        None => bytes,
+                    }
                 } else {
                     content_type = Some(HeaderValue::from_static("application/json"));
                     overflow = response::scrub::context_overflow(&bytes);
                     response::scrub::error_body(status, &bytes)
                 };
-                response::paced_whole(bytes, Arc::clone(&sh.bandwidth), record).boxed_unsync()
+                response::paced_whole(bytes, Arc::clone(&sh.bandwidth), record, deadline)
+                    .boxed_unsync()
             }
             Err(e) => {
                 record.status = StatusCode::BAD_GATEWAY.as_u16();

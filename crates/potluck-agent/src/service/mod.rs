@@ -103,7 +103,10 @@ async fn handle(
         return hub_events(req, &sh, &link).await;
     }
     let Some(endpoint) = InferenceEndpoint::from_method_path(method.as_str(), target) else {
-        tracing::warn!(method = %method, "refused a request outside the allow-list");
+        // Neither the method nor the path is written: a hub chooses both (kilobytes each).
+        if let Some(n) = link.refused_requests.note() {
+            tracing::warn!(refused = n, "refused requests outside the allow-list");
+        }
         return agent_error(StatusCode::NOT_FOUND, "not an allowed endpoint");
     };
     if endpoint == InferenceEndpoint::Models {
@@ -183,7 +186,9 @@ fn receipt_acceptable(sh: &Shared, r: &potluck_protocol::receipt::Receipt) -> bo
 /// each body must arrive within `[limits] response_timeout_secs` (408 after).
 async fn hub_events(req: Request<Incoming>, sh: &Shared, link: &HubLink) -> Response<AgentBody> {
     let Ok(_batch) = Arc::clone(&link.event_batches).try_acquire_owned() else {
-        tracing::warn!("refused a hub event batch: too many at once");
+        if let Some(n) = link.refused_batches.note() {
+            tracing::warn!(refused = n, "refused hub event batches: too many at once");
+        }
         return agent_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many event batches at once",
@@ -230,9 +235,11 @@ async fn hub_events(req: Request<Incoming>, sh: &Shared, link: &HubLink) -> Resp
             // A refusal of a model this agent does not offer is the hub's noise.
             Ok(HubEvent::ModelRefused { model, .. }) if !sh.offers(&model) => {}
             Ok(HubEvent::ModelRefused { model, reason }) => {
+                // Shown by `potluck provide status` and logged: nothing that is not shown
+                // as itself (a terminal escape, a bidirectional override).
                 let reason: String = reason
                     .chars()
-                    .filter(|c| !c.is_control())
+                    .filter(|c| !potluck_protocol::text::unprintable(*c))
                     .take(MAX_SHORT_TEXT_BYTES)
                     .collect();
                 // Once per distinct refusal: the hub may repeat it on each offer change.

@@ -198,8 +198,9 @@ async fn only_allow_listed_endpoints_and_no_consumer_headers_reach_the_backend()
 
 /// A hostile hub sends a body whose checked fields a backend would read otherwise: a
 /// second `Model` naming a model the volunteer does not share (ollama folds case), a
-/// `MAX_TOKENS` past the cap, llama.cpp's `n_predict` that replaces `max_tokens`. The
-/// agent refuses each with a 400 of its own, and the backend never sees one.
+/// `MAX_TOKENS` past the cap, llama.cpp's `n_predict` that replaces `max_tokens` and
+/// `n_cmpl` that replaces `n`, vLLM's `priority` ahead of the volunteer's own requests.
+/// The agent refuses each with a 400 of its own, and the backend never sees one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_that_would_override_the_checked_ones_never_reach_the_backend() {
     let mut rig = potluck_testkit::agent_rig::AgentRig::start(
@@ -215,6 +216,9 @@ async fn keys_that_would_override_the_checked_ones_never_reach_the_backend() {
         r#"{"model":"m1","messages":[],"max_tokens":10,"MAX_TOKENS":100000}"#,
         r#"{"model":"m1","messages":[],"max_tokens":10,"n_predict":-1}"#,
         r#"{"model":"m1","messages":[],"lora":[{"id":0,"scale":1.0}]}"#,
+        // llama.cpp reads n_cmpl in place of n: eight completions in one slot.
+        r#"{"model":"m1","messages":[],"max_tokens":10,"n":1,"n_cmpl":8}"#,
+        r#"{"model":"m1","messages":[],"priority":-100}"#,
     ] {
         let (status, agent, text) = rig.send("/v1/chat/completions", MODEL, "x", body).await;
         assert_eq!(status, 400, "{body}: {}", String::from_utf8_lossy(&text));
@@ -267,5 +271,37 @@ async fn a_backends_error_reaches_the_hub_without_the_volunteers_paths() {
     assert_eq!(
         v["error"]["message"], "open <path> permission denied",
         "{v}"
+    );
+}
+
+/// A backend echoes the name the agent sent it in every answer's and chunk's `model`:
+/// for a model named by its file, the volunteer's path (`/home/alice/models/…`), which
+/// the offer hides. The hub gets the public name back, whole and streamed. Before, the
+/// backend's name went to the hub as it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_carry_the_public_name_not_the_backends() {
+    let mut rig = potluck_testkit::agent_rig::AgentRig::start(
+        &["fake-alias"],
+        "[[models]]\nbackend_name = \"fake-alias\"\npublic_name = \"smol\"\n",
+        "2024-01-01T12:00:00Z",
+        |_| {},
+    )
+    .await;
+    rig.wait_offered("smol").await;
+    for body in [
+        r#"{"model":"smol","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#,
+        r#"{"model":"smol","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"stream":true}"#,
+    ] {
+        let (status, _, text) = rig.send("/v1/chat/completions", "smol", "r", body).await;
+        let text = String::from_utf8_lossy(&text);
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains(r#""model":"smol""#), "{text}");
+        assert!(!text.contains("fake-alias"), "the backend's name: {text}");
+    }
+    let sent = rig.backend.inference_received();
+    let first: serde_json::Value = serde_json::from_slice(&sent[0].body).unwrap();
+    assert_eq!(
+        first["model"], "fake-alias",
+        "the backend gets its own name"
     );
 }
