@@ -79,9 +79,9 @@ impl WebClient {
         c
     }
 
-    /// The sign-in form fetched and posted with `key`, as a browser does: the client
-    /// and the answer.
-    pub(crate) async fn sign_in(hub: &TestHub, key: &str) -> (Self, reqwest::Response) {
+    /// The sign-in form fetched, as a browser does: a client, the form's pre-session
+    /// cookie and its CSRF token.
+    pub(crate) async fn signin_form(hub: &TestHub) -> (Self, String, String) {
         let c = Self::new(hub);
         let r = c
             .http
@@ -92,6 +92,13 @@ impl WebClient {
         let pre = set_cookie(&r, "potluck_signin").unwrap();
         let pre = pre.split(';').next().unwrap().to_owned();
         let csrf = csrf_of(&r.text().await.unwrap()).unwrap();
+        (c, pre, csrf)
+    }
+
+    /// The sign-in form fetched and posted with `key`, as a browser does: the client
+    /// and the answer.
+    pub(crate) async fn sign_in(hub: &TestHub, key: &str) -> (Self, reqwest::Response) {
+        let (c, pre, csrf) = Self::signin_form(hub).await;
         let r = c
             .http
             .post(format!("{}/web/signin", c.base))
@@ -1212,16 +1219,7 @@ async fn an_error_page_says_why_in_the_hubs_words() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_strangers_sign_in_post_is_read_a_kilobyte_at_most() {
     let hub = TestHub::start().await;
-    let c = WebClient::new(&hub);
-    let r = c
-        .http
-        .get(format!("{}/web/signin", c.base))
-        .send()
-        .await
-        .unwrap();
-    let pre = set_cookie(&r, "potluck_signin").unwrap();
-    let pre = pre.split(';').next().unwrap().to_owned();
-    let csrf = csrf_of(&r.text().await.unwrap()).unwrap();
+    let (c, pre, csrf) = WebClient::signin_form(&hub).await;
     let post = |key: String| {
         c.http
             .post(format!("{}/web/signin", c.base))
