@@ -222,7 +222,7 @@ pub enum RequestError {
     /// `n_predict` replaces `max_tokens`, `n_cmpl` replaces `n`; `lora`, `id_slot`,
     /// `priority`, `chat_template` reach into the volunteer's server):
     /// [`BACKEND_OVERRIDE_FIELDS`].
-    #[error("'{0}' is not accepted here; use the OpenAI fields ('max_tokens').")]
+    #[error("'{0}' is a backend's own setting and is not accepted here; use the OpenAI fields.")]
     BackendOverride(&'static str),
     /// `"stream": true` on an endpoint that cannot stream.
     #[error("Embeddings cannot be streamed.")]
@@ -677,6 +677,9 @@ enum TopKey {
     Tools,
     Functions,
     Identifying,
+    /// `chat_template_kwargs` (in any case): passed on unless it holds a key that renders
+    /// the template or tokenizes it ([`TEMPLATE_OVERRIDE_KWARGS`]).
+    TemplateKwargs,
     /// A tracked key in another case: which.
     CaseVariant(&'static str),
     /// One of [`BACKEND_OVERRIDE_FIELDS`].
@@ -720,6 +723,59 @@ pub const BACKEND_OVERRIDE_FIELDS: &[&str] = &[
     "kv_transfer_params",
 ];
 
+/// Keys of `chat_template_kwargs` refused: vLLM before 0.11 took a whole template from
+/// `chat_template` there too (the same Jinja as the top-level field), and `tokenize`
+/// changes what the template returns. The others (`enable_thinking`, …) are the
+/// template's own switches and pass.
+pub const TEMPLATE_OVERRIDE_KWARGS: &[&str] = &["chat_template", "tokenize"];
+
+/// Whether a `chat_template_kwargs` value holds a key of [`TEMPLATE_OVERRIDE_KWARGS`]
+/// (in any case); its values are not read.
+struct TemplateKwargs(bool);
+
+impl<'de> serde::Deserialize<'de> for TemplateKwargs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TemplateKwargs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut found = false;
+                while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    found |= TEMPLATE_OVERRIDE_KWARGS.iter().any(|n| folds_to(&k, n));
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Ok(TemplateKwargs(found))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(TemplateKwargs(false))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(TemplateKwargs(false))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(TemplateKwargs(false))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(TemplateKwargs(false))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(TemplateKwargs(false))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(TemplateKwargs(false))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(TemplateKwargs(false))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Whether `key` equals `name` (ASCII) the way Go's `encoding/json` matches a key to a
 /// field: ASCII case folded, and the two non-ASCII letters that fold to ASCII ones (the
 /// Kelvin sign to `k`, the long s to `s`).
@@ -742,6 +798,9 @@ fn folds_to(key: &str, name: &str) -> bool {
 /// What an untracked key is: a tracked one in another case, a backend override, or
 /// anything else.
 fn classify_other(s: &str) -> TopKey {
+    if folds_to(s, "chat_template_kwargs") {
+        return TopKey::TemplateKwargs;
+    }
     if let Some(name) = TRACKED_KEYS.iter().find(|n| folds_to(s, n)) {
         return TopKey::CaseVariant(name);
     }
@@ -844,6 +903,12 @@ impl<'de> Visitor<'de> for TopVisitor {
                 TopKey::BackendOverride(name) => {
                     top.backend_override.get_or_insert(name);
                     map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+                TopKey::TemplateKwargs => {
+                    if map.next_value::<TemplateKwargs>()?.0 {
+                        top.backend_override.get_or_insert("chat_template_kwargs");
+                    }
                     continue;
                 }
                 TopKey::Other => {

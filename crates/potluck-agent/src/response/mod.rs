@@ -123,7 +123,11 @@ pub const MAX_WHOLE_PIECE_BYTES: usize = 64 * 1024;
 
 /// A body that sends `bytes` in pieces of at most [`MAX_WHOLE_PIECE_BYTES`], paced by the
 /// bandwidth cap, then reports; past `deadline` (a hub taking a piece now and then) it
-/// ends with an error instead of the rest.
+/// ends with an error instead of the rest. Its last byte is a piece of its own: the
+/// tunnel's server ([`crate::ending::LookAhead`]) reads a frame ahead, so the answer
+/// reports complete (and frees its slot) when its last piece is handed over, and HTTP/2
+/// asks for a piece only once the one before has gone out: what is left held when the
+/// slot is freed is that one byte, not a piece.
 pub fn paced_whole<O: Outcome>(
     bytes: Bytes,
     bw: Arc<Bandwidth>,
@@ -145,7 +149,10 @@ pub fn paced_whole<O: Outcome>(
                 o.cut(WHY);
                 return Some((Err(BoxError::from(WHY)), (Bytes::new(), bw, None)));
             }
-            let n = rest.len().min(bw.chunk()).min(MAX_WHOLE_PIECE_BYTES);
+            let mut n = rest.len().min(bw.chunk()).min(MAX_WHOLE_PIECE_BYTES);
+            if n == rest.len() && n > 1 {
+                n -= 1;
+            }
             bw.take(n).await;
             let piece = rest.split_to(n);
             Some((Ok::<_, BoxError>(Frame::data(piece)), (rest, bw, outcome)))

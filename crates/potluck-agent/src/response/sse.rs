@@ -154,14 +154,6 @@ where
     /// in and out of the stream's state, not the whole relay.
     async fn step(mut self: Box<Self>) -> Option<(Result<Frame<Bytes>, BoxError>, Box<Self>)> {
         loop {
-            if !self.finished && Instant::now() >= self.deadline.deadline() {
-                // Past its time whatever the hub is doing: a hub that takes the answer a
-                // frame now and then, while the backend's frames are always ready, would
-                // otherwise hold the answer and its slot without end.
-                self.pass = None;
-                self.out.clear();
-                self.cut("the backend's answer exceeded the response time limit");
-            }
             if let Some(mut piece) = self.pass.take() {
                 let n = piece.len().min(self.bw.chunk());
                 self.bw.take(n).await;
@@ -192,6 +184,15 @@ where
                 }
                 self.outcome.complete();
                 self.finished = true;
+                continue;
+            }
+            if Instant::now() >= self.deadline.deadline() {
+                // Past its time whatever the hub is doing, looked at before each read of
+                // the backend (what was read is out, an answer that reached `[DONE]` has
+                // ended): a hub that takes the answer a frame now and then, while the
+                // backend's frames are always ready, would otherwise hold it and its slot
+                // without end.
+                self.cut("the backend's answer exceeded the response time limit");
                 continue;
             }
             let body = self.body.as_mut()?;

@@ -8,8 +8,9 @@
 //! (`AgentConfig::hub_stall_grace`, [`HUB_STALL_GRACE`] by default) past its deadline and
 //! not taken from since the sweep before, by dropping its body (the request is journaled
 //! as cut, the slot and the backend's connection are freed); a hub that polls it
-//! afterwards reads an error. An answer the hub goes on taking (a whole answer paced by
-//! the volunteer's bandwidth cap past the deadline) is left to end.
+//! afterwards reads an error. An answer the hub goes on taking, a frame now and then, is
+//! ended by its own deadline as it is polled (the relays look at it before each read of
+//! the backend's stream, and before each piece of a whole answer).
 
 use std::collections::HashMap;
 use std::pin::Pin;

@@ -700,6 +700,24 @@ fn keys_a_backend_would_read_in_place_of_the_checked_ones_are_refused() {
         assert_eq!(e, RequestError::BackendOverride(field), "{key}");
         assert_eq!(e.code(), "unsupported_parameter");
     }
+    // A template's own switches pass; a template, or tokenizing, inside its kwargs does
+    // not (vLLM before 0.11 took a whole template from there too).
+    chat(&format!(
+        r#"{{{m},"chat_template_kwargs":{{"enable_thinking":false}}}}"#
+    ))
+    .expect("a template's switch");
+    chat(&format!(r#"{{{m},"chat_template_kwargs":null}}"#)).expect("null");
+    for kwargs in [
+        r#"{"chat_template":"{{ 7*7 }}"}"#,
+        r#"{"enable_thinking":true,"Tokenize":true}"#,
+    ] {
+        let e = refused(CHAT, &format!(r#"{{{m},"chat_template_kwargs":{kwargs}}}"#));
+        assert_eq!(
+            e,
+            RequestError::BackendOverride("chat_template_kwargs"),
+            "{kwargs}"
+        );
+    }
     // Untracked keys pass whatever their case; a key that only starts like one passes.
     for key in [
         "Temperature",
