@@ -82,6 +82,7 @@ fuzz_target!(|data: &[u8]| {
             deadline,
             Arc::new(Bandwidth::default()),
             seen.clone(),
+            None,
         )
         .collect()
         .await
