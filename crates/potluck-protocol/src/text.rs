@@ -11,6 +11,9 @@
 /// a line or paragraph separator. Zero-width joiners are refused too, emoji sequences
 /// and Persian or Indic words included: a name here is an identifier, not prose.
 pub fn unprintable(c: char) -> bool {
+    if c.is_ascii() {
+        return c.is_ascii_control();
+    }
     c.is_control()
         || matches!(
             c,
@@ -35,8 +38,12 @@ pub fn unprintable(c: char) -> bool {
         )
 }
 
-/// Whether `s` holds an [`unprintable`] character.
+/// Whether `s` holds an [`unprintable`] character. ASCII text (model names, ids, the
+/// usual case) is read a byte at a time, without the table of other characters.
 pub fn has_unprintable(s: &str) -> bool {
+    if s.is_ascii() {
+        return s.bytes().any(|b| b.is_ascii_control());
+    }
     s.chars().any(unprintable)
 }
 
@@ -76,6 +83,12 @@ mod tests {
             'a', ' ', '-', ':', '/', 'é', 'ß', '中', '\u{2013}', '\u{2070}',
         ] {
             assert!(!unprintable(c), "{:?}", c);
+        }
+        // The ASCII fast path says what the table says.
+        for b in 0u8..=127 {
+            let c = char::from(b);
+            assert_eq!(unprintable(c), c.is_control(), "{b}");
+            assert_eq!(has_unprintable(&c.to_string()), c.is_control(), "{b}");
         }
         assert!(has_unprintable("gpt\u{202E}4o"));
         assert!(!has_unprintable("hf.co/org/model:Q4_K_M"));
