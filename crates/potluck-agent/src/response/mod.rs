@@ -112,6 +112,65 @@ where
     Ok((bytes, u.usage))
 }
 
+/// A whole answer made ready for the hub.
+pub struct Whole<B> {
+    /// The answer, in paced pieces.
+    pub body: B,
+    /// The backend's error, rebuilt as the agent's own JSON error ([`scrub`]).
+    pub error: bool,
+    /// A prompt past the context, as that error named it (prompt, context).
+    pub overflow: Option<(u64, u64)>,
+}
+
+/// Read a whole answer of `status` under its cap and time, then send it in paced pieces
+/// ([`paced_whole`]): a success with the public model name in it (`rename`), or a
+/// backend's error with its paths scrubbed. `Err`: the answer did not come whole (the
+/// outcome is given back, for the caller's own error answer).
+pub async fn whole<B, O>(
+    body: B,
+    status: http::StatusCode,
+    limits: &crate::policy::Limits,
+    deadline: Instant,
+    bw: Arc<Bandwidth>,
+    rename: Option<Rename>,
+    mut outcome: O,
+) -> Result<Whole<impl Body<Data = Bytes, Error = BoxError> + Send>, (O, WholeError)>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    O: Outcome,
+{
+    let ok = status.is_success();
+    let cap = if ok {
+        limits.max_response_bytes
+    } else {
+        MAX_ERROR_BODY_BYTES.min(limits.max_response_bytes)
+    };
+    let (bytes, usage) = match read_whole(body, cap, deadline, ok).await {
+        Ok(read) => read,
+        Err(e) => return Err((outcome, e)),
+    };
+    if let Some(u) = usage {
+        outcome.usage(u);
+    }
+    let (bytes, overflow) = if ok {
+        match rename.as_ref().and_then(|r| r.apply(&bytes)) {
+            Some(renamed) => (Bytes::from(renamed), None),
+            None => (bytes, None),
+        }
+    } else {
+        (
+            scrub::error_body(status, &bytes),
+            scrub::context_overflow(&bytes),
+        )
+    };
+    Ok(Whole {
+        body: paced_whole(bytes, bw, outcome, deadline),
+        error: !ok,
+        overflow,
+    })
+}
+
 /// The largest piece of a whole answer handed to the tunnel at once. HTTP/2 takes a
 /// frame of any size and holds what the hub's window does not let out yet: a hub that
 /// stopped granting window would otherwise have each answer handed over whole, its slot

@@ -414,7 +414,7 @@ async fn relay(
     let time_ms = sh.config.clock.now().as_millisecond();
     // From now on the hub may send this request's receipt (once).
     sh.served(&a.request_id, time_ms);
-    let mut record = RequestRecord {
+    let record = RequestRecord {
         sh: Arc::clone(sh),
         link,
         span: tracing::Span::current(),
@@ -441,36 +441,22 @@ async fn relay(
         )
         .boxed_unsync()
     } else {
-        let cap = if status.is_success() {
-            limits.max_response_bytes
-        } else {
-            response::MAX_ERROR_BODY_BYTES.min(limits.max_response_bytes)
-        };
-        match response::read_whole(resp.into_body(), cap, deadline, status.is_success()).await {
-            Ok((bytes, usage)) => {
-                if let Some(u) = usage {
-                    record.usage = u;
-                }
-                let bytes = if status.is_success() {
-                    match rename.as_ref().and_then(|r| r.apply(&bytes)) {
-                        Some(renamed) => Bytes::from(renamed),
-                        None => bytes,
-                    }
-                } else {
-                    content_type = Some(HeaderValue::from_static("application/json"));
-                    overflow = response::scrub::context_overflow(&bytes);
-                    response::scrub::error_body(status, &bytes)
-                };
-                response::paced_whole(bytes, Arc::clone(&sh.bandwidth), record, deadline)
-                    .boxed_unsync()
-            }
-            Err(e) => {
+        let bw = Arc::clone(&sh.bandwidth);
+        let (status, body) = (resp.status(), resp.into_body());
+        let w = match response::whole(body, status, &limits, deadline, bw, rename, record).await {
+            Ok(w) => w,
+            Err((mut record, e)) => {
                 record.status = StatusCode::BAD_GATEWAY.as_u16();
                 record.cut(e.as_str());
                 drop(record);
                 return agent_error(StatusCode::BAD_GATEWAY, e.as_str());
             }
+        };
+        if w.error {
+            content_type = Some(HeaderValue::from_static("application/json"));
+            overflow = w.overflow;
         }
+        w.body.boxed_unsync()
     };
     // A hub that stops taking the answer does not hold it (and the slot) past its time.
     let body = sh.watchdog.watch(body, deadline);
