@@ -7,7 +7,6 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use http::HeaderMap;
-use potluck_store::accounts::AccountInfo;
 use potluck_store::listing::{Liveness, PageReq};
 use potluck_store::KeyLimits;
 use serde::Deserialize;
@@ -18,10 +17,9 @@ use crate::http::auth::{require, Action};
 use crate::http::error::ApiError;
 use crate::state::HubState;
 use crate::web::actions::unknown_action;
-use crate::web::lists::{cells, Cursors, Listed, Row, Section};
+use crate::web::lists::{cells, Listed, Row, Section};
 use crate::web::member::signed_in;
-use crate::web::session::Session;
-use crate::web::staff::may;
+use crate::web::staff::{may, View};
 use crate::web::{back, form, WebError};
 
 /// The limits form: each field a whole number, or empty for no override.
@@ -166,89 +164,91 @@ fn per_row(
 /// and `keys limits`), each shown only to a role the table lets do it. The account forms
 /// show the accounts the accounts section does (a page, or the one found by name), the
 /// key forms the live keys' page.
-pub(super) async fn settings(
-    st: &HubState,
-    s: &Session,
-    q: &Cursors,
-    accounts: &Listed<AccountInfo>,
-    out: &mut Vec<Section>,
-) -> Result<(), ApiError> {
-    let (limits, manage) = (may(s, Action::Limits), may(s, Action::ManageAccounts));
-    let row = |a: &AccountInfo, path: &str, extra: String| {
+pub(super) async fn settings(v: &View<'_>, out: &mut Vec<Section>) -> Result<(), ApiError> {
+    if may(v.s, Action::Limits) {
+        account_forms(v, AccountForm::Limits, out);
+        key_limit_forms(v, out).await?;
+    }
+    if may(v.s, Action::ManageAccounts) {
+        account_forms(v, AccountForm::Role, out);
+        account_forms(v, AccountForm::Groups, out);
+    }
+    Ok(())
+}
+
+/// The admin's forms with a row per account.
+#[derive(Clone, Copy)]
+enum AccountForm {
+    Limits,
+    Role,
+    Groups,
+}
+
+/// One of the forms a row per account, for the accounts the accounts section shows.
+fn account_forms(v: &View<'_>, form: AccountForm, out: &mut Vec<Section>) {
+    let (id, path) = match form {
+        AccountForm::Limits => ("account-limits", "limits"),
+        AccountForm::Role => ("roles", "role"),
+        AccountForm::Groups => ("groups", "groups"),
+    };
+    let rows = v.accounts.items.iter().map(|a| {
+        let extra = match form {
+            AccountForm::Groups => a.groups.join(", "),
+            _ => a.role.to_owned(),
+        };
         let url = format!("/web/staff/accounts/{}/{path}", a.name);
         (cells([a.name.clone(), extra]), Some(url))
-    };
-    if limits {
-        let rows = accounts
-            .items
-            .iter()
-            .map(|a| row(a, "limits", a.role.to_owned()));
-        out.push(Section {
-            fields: &LIMIT_FIELDS,
-            paging: accounts.paging("account-limits"),
-            ..per_row(
-                "account-limits",
-                "Account limits (empty: hub default)",
-                &["Account", "Role"],
-                rows.collect(),
-                "Set limits",
-            )
-        });
-        let req = PageReq {
-            after: q.keys,
-            limit: st.config.web.page_rows,
-        };
-        let keys = st.store.keys_page(Liveness::Live, req).await?;
-        let keys = Listed::of(keys, req, "keys_after", |k| k.id);
-        let paging = keys.paging("key-limits");
-        let rows = keys.items.into_iter().map(|k| {
-            let url = format!("/web/staff/keys/{}/limits", k.id);
-            (cells([k.id.to_string(), k.name, k.account]), Some(url))
-        });
-        out.push(Section {
+    });
+    let (paging, rows) = (v.accounts.paging(id), rows.collect());
+    out.push(match form {
+        AccountForm::Limits => Section {
             fields: &LIMIT_FIELDS,
             paging,
             ..per_row(
-                "key-limits",
-                "Key limits (empty: hub default)",
-                &["Id", "Name", "Account"],
-                rows.collect(),
+                id,
+                "Account limits (empty: hub default)",
+                &["Account", "Role"],
+                rows,
                 "Set limits",
             )
-        });
-    }
-    if manage {
-        let rows = accounts
-            .items
-            .iter()
-            .map(|a| row(a, "role", a.role.to_owned()));
-        out.push(Section {
+        },
+        AccountForm::Role => Section {
             choices: &ROLES,
-            paging: accounts.paging("roles"),
-            ..per_row(
-                "roles",
-                "Roles",
-                &["Account", "Role"],
-                rows.collect(),
-                "Set role",
-            )
-        });
-        let rows = accounts
-            .items
-            .iter()
-            .map(|a| row(a, "groups", a.groups.join(", ")));
-        out.push(Section {
+            paging,
+            ..per_row(id, "Roles", &["Account", "Role"], rows, "Set role")
+        },
+        AccountForm::Groups => Section {
             choices: &["add", "remove"],
             fields: &["group"],
-            paging: accounts.paging("groups"),
-            ..per_row(
-                "groups",
-                "Groups",
-                &["Account", "Groups"],
-                rows.collect(),
-                "Apply",
-            )
-        });
-    }
+            paging,
+            ..per_row(id, "Groups", &["Account", "Groups"], rows, "Apply")
+        },
+    });
+}
+
+/// The live keys' page, a limits form each.
+async fn key_limit_forms(v: &View<'_>, out: &mut Vec<Section>) -> Result<(), ApiError> {
+    let req = PageReq {
+        after: v.q.keys,
+        limit: v.st.config.web.page_rows,
+    };
+    let keys = v.st.store.keys_page(Liveness::Live, req).await?;
+    let keys = Listed::of(keys, req, "keys_after", |k| k.id);
+    let paging = keys.paging("key-limits");
+    let rows = keys.items.into_iter().map(|k| {
+        let url = format!("/web/staff/keys/{}/limits", k.id);
+        (cells([k.id.to_string(), k.name, k.account]), Some(url))
+    });
+    out.push(Section {
+        fields: &LIMIT_FIELDS,
+        paging,
+        ..per_row(
+            "key-limits",
+            "Key limits (empty: hub default)",
+            &["Id", "Name", "Account"],
+            rows.collect(),
+            "Set limits",
+        )
+    });
     Ok(())
 }

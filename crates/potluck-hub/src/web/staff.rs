@@ -57,6 +57,15 @@ struct StaffPage {
     find: String,
 }
 
+/// What the staff page's sections read: the session, where each list's page starts, and
+/// the accounts the account sections show (a page of them, or the one found by name).
+pub(super) struct View<'a> {
+    pub(super) st: &'a HubState,
+    pub(super) s: &'a Session,
+    pub(super) q: Cursors,
+    pub(super) accounts: Listed<AccountInfo>,
+}
+
 pub(super) fn may(s: &Session, a: Action) -> bool {
     require(&s.auth, a).is_ok()
 }
@@ -97,13 +106,8 @@ pub(super) async fn listed_accounts(
 /// Pending approvals, accounts and invites. Each list is read a page at a time:
 /// strangers can add pending accounts by the hundred. Pending accounts oldest first (the
 /// longest waiting); the others newest first (the likeliest to need a moderator).
-async fn people(
-    st: &HubState,
-    s: &Session,
-    q: &Cursors,
-    accounts: &Listed<AccountInfo>,
-    out: &mut Vec<Section>,
-) -> Result<(), ApiError> {
+async fn people(v: &View<'_>, out: &mut Vec<Section>) -> Result<(), ApiError> {
+    let View { st, s, q, accounts } = v;
     let req = page_at(st, q.pending);
     let page = st.store.accounts_page(AccountFilter::PENDING, req).await?;
     let pending = Listed::of(page, req, "pending_after", |a| a.id);
@@ -376,17 +380,12 @@ async fn providers(
     Ok(())
 }
 
-async fn admin(
-    st: &HubState,
-    s: &Session,
-    q: &Cursors,
-    accounts: &Listed<AccountInfo>,
-    out: &mut Vec<Section>,
-) -> Result<(), ApiError> {
+async fn admin(v: &View<'_>, out: &mut Vec<Section>) -> Result<(), ApiError> {
+    let View { st, s, q, .. } = v;
     if may(s, Action::Limits) {
         limits(st, out);
     }
-    crate::web::admin_forms::settings(st, s, q, accounts, out).await?;
+    crate::web::admin_forms::settings(v, out).await?;
     if may(s, Action::Keys) {
         keys(st, q, out).await?;
     }
@@ -410,10 +409,16 @@ pub(crate) async fn page(
     let q = query.cursors()?;
     let find = query.account.as_deref().filter(|a| !a.is_empty());
     let accounts = listed_accounts(&st, &q, find).await?;
+    let v = View {
+        st: &st,
+        s: &s,
+        q,
+        accounts,
+    };
     let mut sections = Vec::new();
     queue(&st, &s, &mut sections).await?;
-    people(&st, &s, &q, &accounts, &mut sections).await?;
-    admin(&st, &s, &q, &accounts, &mut sections).await?;
+    people(&v, &mut sections).await?;
+    admin(&v, &mut sections).await?;
     Ok(render(&StaffPage {
         nav: Nav::of(&s),
         sections,
