@@ -252,21 +252,29 @@ fn user_blocks(blocks: &[Value], field: &str, out: &mut Vec<Value>) -> Result<()
 /// messages stay after this one too, since chat completions refuses a `tool` message
 /// that does not follow the calls or another `tool` message.
 fn push_tool(out: &mut Vec<Value>, tool: Value) {
-    let role = |m: &Value| m.get("role").and_then(Value::as_str).map(str::to_owned);
+    fn role(m: &Value) -> Option<&str> {
+        m.get("role").and_then(Value::as_str)
+    }
     let calls = |m: &Value| m.get("tool_calls").is_some_and(|c| !c.is_null());
     let mut at = out.len();
-    while at > 0 && matches!(role(&out[at - 1]).as_deref(), Some("user" | "system")) {
+    let floor = out.len().saturating_sub(MAX_MESSAGES_PASSED);
+    while at > floor && matches!(role(&out[at - 1]), Some("user" | "system")) {
         at -= 1;
     }
-    let after_calls = at > 0
-        && at < out.len()
-        && (role(&out[at - 1]).as_deref() == Some("tool") || calls(&out[at - 1]));
+    let after_calls =
+        at > 0 && at < out.len() && (role(&out[at - 1]) == Some("tool") || calls(&out[at - 1]));
     if after_calls {
         out.insert(at, tool);
     } else {
         out.push(tool);
     }
 }
+
+/// Most `user` and `system` messages a tool message is moved in front of, to follow the
+/// calls (a system reminder and the turn's own message, in practice). Past them it goes
+/// last: a request of thousands of system and user messages before thousands of tool
+/// results must not make the hub walk the one for each of the other.
+pub const MAX_MESSAGES_PASSED: usize = 8;
 
 fn assistant_blocks(
     blocks: &[Value],

@@ -836,3 +836,34 @@ fn stop_sequences_must_be_a_list_of_texts() {
         .expect_err("not a list");
     assert_eq!(e.param(), Some("stop_sequences"));
 }
+
+/// A hostile request puts thousands of system and user messages after an assistant's
+/// call and then thousands of tool results: each tool message is moved in front of at
+/// most `MAX_MESSAGES_PASSED` of them, so the translation is linear, not a walk over all
+/// of them for each result (before: minutes of the hub's one thread for a few megabytes).
+#[test]
+fn tool_results_after_thousands_of_turns_translate_in_linear_time() {
+    let n = 20_000;
+    let mut turns = vec![
+        json!({"role": "user", "content": "go"}),
+        json!({"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}),
+    ];
+    for _ in 0..n {
+        turns.push(json!({"role": "system", "content": "s"}));
+        turns.push(json!({"role": "user", "content": "u"}));
+    }
+    let results: Vec<_> = (0..n)
+        .map(|i| json!({"type": "tool_result", "tool_use_id": format!("t{i}"), "content": "r"}))
+        .collect();
+    turns.push(json!({"role": "user", "content": results}));
+    let started = std::time::Instant::now();
+    let r = req(json!({"model": "m", "max_tokens": 8, "messages": turns})).expect("valid");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let msgs = r.openai["messages"].as_array().expect("messages");
+    let tools = msgs.iter().filter(|m| m["role"] == "tool").count();
+    assert_eq!(tools, n, "every result kept");
+}
