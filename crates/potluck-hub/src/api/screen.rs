@@ -18,6 +18,10 @@ pub(crate) struct Stages {
     pub(crate) input: bool,
     /// Check the answer (in windows, when streamed).
     pub(crate) output: bool,
+    /// Whether an open provider offers the model (to any group) now. Only an offered
+    /// model's input is judged: the guard's verdicts are kept with their model's name,
+    /// and a name no provider offers is whatever the consumer typed.
+    pub(crate) offered: bool,
 }
 
 impl Stages {
@@ -33,11 +37,12 @@ pub(crate) fn stages(state: &HubState, endpoint: InferenceEndpoint, model: &Mode
     if !cfg.enabled() || endpoint == InferenceEndpoint::Embeddings {
         return Stages::default();
     }
-    let hub = cfg.mode_for(model.as_str());
-    let got = least_cover(hub, &state.registry.moderation_required(model));
+    let required = state.registry.moderation_required(model);
+    let got = least_cover(cfg.mode_for(model.as_str()), &required);
     Stages {
         input: got.input(),
         output: got.output(),
+        offered: !required.is_empty(),
     }
 }
 
@@ -63,6 +68,9 @@ pub(crate) fn refuse_unreadable(
 ) -> Result<(), ApiError> {
     if !stages.input {
         return Ok(());
+    }
+    if !stages.offered {
+        return Err(ApiError::ModelNotFound(request.model.to_string()));
     }
     let refuse = |message: &str| ApiError::BadRequest {
         message: message.to_owned(),

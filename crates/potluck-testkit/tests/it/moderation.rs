@@ -671,3 +671,49 @@ async fn a_provider_cannot_make_the_guard_judge_more_than_was_asked() {
     let calls = p.guard.requests().len();
     assert!(calls <= 600, "{calls} guard calls");
 }
+
+/// A model name no provider offers is whatever the consumer typed (a prompt's words, a
+/// secret pasted in the wrong field): it gets the 404 before any guard reads the input,
+/// so no verdict keeps it in the database or the admin's list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_name_no_provider_offers_is_refused_before_the_guard_and_never_kept() {
+    let p = pool(
+        |c| {
+            moderated(c, false);
+            c.moderation.default = Moderation::Input;
+        },
+        ProviderProfile::default(),
+    )
+    .await;
+    let typed = "no-such-CANARY7f3";
+    let r = p
+        .alice
+        .send_chat(&chat_body(typed, "a SLUR here", false))
+        .await;
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "model_not_found", "{e}");
+    assert!(p.guard.requests().is_empty(), "the guard read nothing");
+    // Positive control: the same text for a served model is judged and its verdict kept.
+    let r = chat(&p, "a SLUR here", false).await;
+    assert_eq!(r.status(), 200);
+    let admin = Admin::admin(&p.hub);
+    potluck_testkit::wait_until(
+        "the served model's verdict recorded",
+        std::time::Duration::from_secs(10),
+        || async {
+            let v = admin.get("/admin/v1/guard-verdicts").await.body;
+            !v["data"].as_array().unwrap().is_empty()
+        },
+    )
+    .await;
+    let v = admin.get("/admin/v1/guard-verdicts").await.body;
+    assert!(!v.to_string().contains(typed), "{v}");
+    p.hub.state().store.close().await;
+    let db = String::from_utf8_lossy(&p.hub.database_contents().await).into_owned();
+    assert!(!db.contains(typed), "the typed name is stored");
+    assert!(
+        db.contains("S10"),
+        "positive control: the verdict is in the bytes read"
+    );
+}
