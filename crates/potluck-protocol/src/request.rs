@@ -62,12 +62,25 @@ pub const BYTES_PER_TOKEN_ESTIMATE: u64 = 4;
 /// as 1 (serde_json itself stops at 128).
 pub const DEFAULT_MAX_DEPTH: usize = 64;
 
-/// Body fields that identify the consumer or their end user, which the hub removes before
-/// a request goes to a provider: `user` and its successor `safety_identifier` name the end
-/// user; `metadata` and `prompt_cache_key` are the consumer's own tags and would let a
-/// provider link requests. None changes what a backend generates.
-pub const CONSUMER_IDENTIFYING_FIELDS: &[&str] =
-    &["user", "safety_identifier", "metadata", "prompt_cache_key"];
+/// Body fields that identify the consumer, their end user or their session, which the hub
+/// removes before a request goes to a provider: `user` and its successor
+/// `safety_identifier` name the end user; `metadata` and `prompt_cache_key` are the
+/// consumer's own tags; `web_search_options` carries the end user's location; vLLM's
+/// `cache_salt` is a per-user or per-tenant tag and its `request_id`, like SGLang's `rid`,
+/// a consumer-chosen id a backend logs; SGLang's `session_params` names a session. Each
+/// would let providers link requests across the consumer's per-provider pseudonyms, and
+/// none changes what a volunteer's backend generates (a local model searches nothing).
+pub const CONSUMER_IDENTIFYING_FIELDS: &[&str] = &[
+    "user",
+    "safety_identifier",
+    "metadata",
+    "prompt_cache_key",
+    "web_search_options",
+    "cache_salt",
+    "request_id",
+    "rid",
+    "session_params",
+];
 
 /// The bounds a parse works under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -883,6 +883,25 @@ const COOKIE: &str = "session=canary-cookie-5521";
 const ORG: &str = "org-canary-8812";
 const RID: &str = "canary-rid-991";
 const UA: &str = "canary-ua/1.0";
+/// Put in every body field that names the consumer, its end user or its session.
+const FIELD: &str = "canary-field-3307";
+
+/// Each body field that identifies the consumer, its end user or its session, with
+/// [`FIELD`] in it.
+fn identifying_fields() -> Value {
+    json!({
+        "user": USER,
+        "safety_identifier": FIELD,
+        "metadata": {"tag": FIELD},
+        "prompt_cache_key": FIELD,
+        "web_search_options": {"user_location": {"type": "approximate",
+            "approximate": {"city": FIELD, "country": "NZ"}}},
+        "cache_salt": FIELD,
+        "request_id": FIELD,
+        "rid": FIELD,
+        "session_params": {"id": FIELD},
+    })
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_identifying_the_consumer_reaches_the_backend() {
@@ -903,7 +922,9 @@ async fn nothing_identifying_the_consumer_reaches_the_backend() {
     ];
     let mut ids = Vec::new();
     for (path, mut body) in requests.clone() {
-        body["user"] = json!(USER);
+        for (k, v) in identifying_fields().as_object().unwrap() {
+            body[k] = v.clone();
+        }
         let r = rig
             .http
             .post(format!("{}/v1/{path}", rig.url))
@@ -954,7 +975,7 @@ async fn nothing_identifying_the_consumer_reaches_the_backend() {
         assert_eq!(l["consumer"], pseudonym.as_str(), "one pseudonym: {l}");
         assert!(ids.iter().any(|i| l["request_id"] == i.as_str()), "{l}");
     }
-    let canaries = [ACCOUNT, key.as_str(), USER, IP, COOKIE, ORG, RID, UA];
+    let canaries = [ACCOUNT, key.as_str(), USER, IP, COOKIE, ORG, RID, UA, FIELD];
     for f in files_under(&rig.state) {
         let bytes = std::fs::read(&f).unwrap_or_default();
         for c in canaries {
