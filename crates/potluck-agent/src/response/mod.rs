@@ -9,9 +9,8 @@
 //!   most `max_line_bytes`, the whole at most `max_response_bytes`, and the answer must
 //!   end within `response_timeout`. A violation ends the stream with one SSE error event
 //!   (`data: {"error":{...,"code":"agent_error"}}`). The last `usage` seen is kept.
-//! - Non-success answers are read up to [`MAX_ERROR_BODY_BYTES`] and passed on as an
-//!   OpenAI error with the backend's message, paths on the volunteer's machine removed
-//!   ([`scrub`]).
+//! - Non-success answers are read up to [`MAX_ERROR_BODY_BYTES`] and passed on as the
+//!   agent's own OpenAI error with the status, none of the backend's text ([`scrub`]).
 
 use std::sync::Arc;
 
@@ -124,7 +123,7 @@ pub struct Whole<B> {
 
 /// Read a whole answer of `status` under its cap and time, then send it in paced pieces
 /// ([`paced_whole`]): a success with the public model name in it (`rename`), or a
-/// backend's error with its paths scrubbed. `Err`: the answer did not come whole (the
+/// backend's error as the agent's own (none of its text). `Err`: the answer did not come whole (the
 /// outcome is given back, for the caller's own error answer).
 pub async fn whole<B, O>(
     body: B,

@@ -237,41 +237,43 @@ async fn keys_that_would_override_the_checked_ones_never_reach_the_backend() {
 }
 
 /// A backend that fails names the volunteer's files in its error (ollama: `open
-/// /home/alice/.ollama/…`): the hub receives the error with its message and code, and
-/// without the path. Before, the backend's body went to the hub (and on to consumers)
-/// as it was.
+/// /home/alice/.ollama/…`), or the machine (CUDA's out-of-memory text, a host name): the
+/// hub receives the status and the agent's own message, none of the backend's text.
+/// Before, paths were scrubbed and the rest of the message went to the hub.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backends_error_reaches_the_hub_without_the_volunteers_paths() {
+async fn a_backends_error_reaches_the_hub_without_a_word_about_the_machine() {
     let mut rig =
         potluck_testkit::agent_rig::AgentRig::start(&[MODEL], "", "2024-01-01T12:00:00Z", |_| {})
             .await;
     rig.wait_offered(MODEL).await;
-    rig.backend.set_behavior(potluck_testkit::FakeBehavior {
-        fail_status: Some(500),
-        raw_body: Some(
-            r#"{"error":"open /home/alice/.ollama/models/blobs/sha256-ab: permission denied"}"#,
-        ),
-        ..Default::default()
-    });
-    let (status, _, body) = rig
-        .send(
-            "/v1/chat/completions",
-            MODEL,
-            "e1",
-            r#"{"model":"m1","messages":[]}"#,
-        )
-        .await;
-    assert_eq!(status, 500);
-    let text = String::from_utf8_lossy(&body);
-    assert!(
-        !text.contains("/home/") && !text.contains("alice"),
-        "{text}"
-    );
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(
-        v["error"]["message"], "open <path> permission denied",
-        "{v}"
-    );
+    for said in [
+        r#"{"error":"open /home/alice/.ollama/models/blobs/sha256-ab: permission denied"}"#,
+        r#"{"error":{"message":"CUDA out of memory on host alice-desktop 10.0.0.5","type":"server_error"}}"#,
+    ] {
+        rig.backend.set_behavior(potluck_testkit::FakeBehavior {
+            fail_status: Some(500),
+            raw_body: Some(said),
+            ..Default::default()
+        });
+        let (status, _, body) = rig
+            .send(
+                "/v1/chat/completions",
+                MODEL,
+                "e1",
+                r#"{"model":"m1","messages":[]}"#,
+            )
+            .await;
+        assert_eq!(status, 500);
+        let text = String::from_utf8_lossy(&body);
+        for secret in ["/home/", "alice", "10.0.0.5", "CUDA"] {
+            assert!(!text.contains(secret), "{secret}: {text}");
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v["error"]["message"], "The provider's backend refused the request (HTTP 500).",
+            "{v}"
+        );
+    }
 }
 
 /// A backend echoes the name the agent sent it in every answer's and chunk's `model`:
