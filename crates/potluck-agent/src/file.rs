@@ -100,13 +100,33 @@ pub enum FileError {
         source: std::io::Error,
     },
     /// Not valid TOML for this schema.
-    #[error("invalid config file {path}: {source}")]
+    #[error("invalid config file {path}: {why}")]
     Parse {
         /// The file.
         path: PathBuf,
-        /// Why (names the key and line).
-        source: toml::de::Error,
+        /// Why: the line, the column, the key and what was wrong ([`toml_error`]).
+        why: String,
     },
+}
+
+/// A TOML error as a line that never quotes the file: its line and column, what was
+/// wrong, and the key. `toml`'s own text prints the line at fault, and a config's lines
+/// hold secrets (the provider token, a backend's API key, a database URL's password): a
+/// typo there would put the secret in a log or a status answer.
+pub fn toml_error(text: &str, mut e: toml::de::Error) -> String {
+    let at = e.span().map(|span| {
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    e.set_input(None);
+    let said = e.to_string();
+    format!(
+        "{}{}",
+        at.unwrap_or_default(),
+        said.trim_end().replace('\n', "; ")
+    )
 }
 
 impl FileConfig {
@@ -116,9 +136,9 @@ impl FileConfig {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| FileError::Parse {
+        toml::from_str(&text).map_err(|e| FileError::Parse {
             path: path.to_owned(),
-            source,
+            why: toml_error(&text, e),
         })
     }
 
@@ -293,7 +313,7 @@ pub fn resolve(
     if let Some(path) = &over.config_path {
         let flag = over.max_concurrency;
         let parse = move |text: &str| -> Result<Policy, String> {
-            let mut f: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+            let mut f: FileConfig = toml::from_str(text).map_err(|e| toml_error(text, e))?;
             f.policy(flag).map_err(|e| e.to_string())
         };
         c.policy_source = Some(PolicySource {

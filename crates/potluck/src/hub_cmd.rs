@@ -114,8 +114,13 @@ pub(crate) async fn hub(a: HubArgs) -> anyhow::Result<()> {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read config file {}", p.display()))?;
-            toml::from_str::<HubConfig>(&text)
-                .with_context(|| format!("invalid config file {}", p.display()))?
+            toml::from_str::<HubConfig>(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid config file {}: {}",
+                    p.display(),
+                    potluck_agent::file::toml_error(&text, e)
+                )
+            })?
         }
         None => HubConfig {
             data_dir: default_data_dir(),

@@ -226,3 +226,32 @@ fn the_example_config_is_valid() {
     assert_eq!(parse(text).unwrap().limits.max_concurrency, Some(2));
     assert!(parse("[limits]\nbogus = 1\n").is_err());
 }
+
+/// A typo on a line holding a secret (an unterminated string, a key given twice, a
+/// value of the wrong type) is reported by its line and key, never by quoting the line:
+/// the error goes to the log and the status answer.
+#[test]
+fn a_config_error_never_quotes_the_line_with_the_secret() {
+    let cases = [
+        ("hub = \"http://h:1\"\ntoken = \"pt_SECRET1\n", "line 2"),
+        ("token = \"pt_SECRET1\"\ntoken = \"pt_SECRET2\"\n", "line 2"),
+        (
+            "[[backends]]\nurl = \"http://x\"\napi_key = [\"sk-SECRET3\", 1]\n",
+            "line 3",
+        ),
+    ];
+    for (text, line) in cases {
+        let Err(e) = toml::from_str::<FileConfig>(text) else {
+            panic!("{text} parsed")
+        };
+        assert!(
+            e.to_string().contains("SECRET"),
+            "positive control: toml quotes it"
+        );
+        let said = crate::file::toml_error(text, e);
+        assert!(!said.contains("SECRET"), "{said}");
+        assert!(said.contains(line), "{said}");
+        let said = crate::policy::PolicyFile::parse_toml(text).unwrap_err();
+        assert!(!said.contains("SECRET"), "{said}");
+    }
+}

@@ -178,7 +178,7 @@ impl PolicyFile {
     /// Parse and validate TOML holding only policy sections.
     pub fn parse_toml(text: &str) -> Result<Policy, String> {
         toml::from_str::<PolicyFile>(text)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| crate::file::toml_error(text, e))?
             .into_policy()
             .map_err(|e| e.to_string())
     }
