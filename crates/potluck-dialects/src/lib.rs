@@ -163,17 +163,56 @@ pub(crate) fn object(body: &[u8]) -> Result<Map<String, Value>, DialectError> {
     }
 }
 
-/// Copy a field unchanged when present.
+/// What a copied field must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A JSON number (a sampling setting, a seed, a size).
+    Number,
+    /// `true` or `false`.
+    Bool,
+    /// A string or an array of strings (`stop`; its bounds are the shared rules').
+    Texts,
+}
+
+impl Kind {
+    fn holds(self, v: &Value) -> bool {
+        match self {
+            Kind::Number => v.is_number(),
+            Kind::Bool => v.is_boolean(),
+            Kind::Texts => {
+                v.is_string() || v.as_array().is_some_and(|l| l.iter().all(Value::is_string))
+            }
+        }
+    }
+
+    fn why(self) -> &'static str {
+        match self {
+            Kind::Number => "must be a number",
+            Kind::Bool => "must be a boolean",
+            Kind::Texts => "must be a string or a list of strings",
+        }
+    }
+}
+
+/// Copy `from[key]` to `to[as_key]` when present and not null; a value of another kind
+/// than `kind` is refused, naming `field`. A setting is a number or a flag: anything
+/// else (an array of megabytes in `temperature`) would be carried, and some of it kept
+/// for the request's life, for nothing.
 pub(crate) fn copy(
     from: &Map<String, Value>,
     key: &str,
     to: &mut Map<String, Value>,
     as_key: &str,
-) {
-    if let Some(v) = from.get(key) {
-        if !v.is_null() {
+    kind: Kind,
+    field: &str,
+) -> Result<(), DialectError> {
+    match from.get(key) {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) if kind.holds(v) => {
             to.insert(as_key.to_owned(), v.clone());
+            Ok(())
         }
+        Some(_) => Err(DialectError::invalid(field, kind.why())),
     }
 }
 

@@ -48,8 +48,8 @@
 //!
 //! No error message ever quotes request content. No IO, no async.
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize as _;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::openai::{ErrorBody, ModelName, ModelNameError};
@@ -168,6 +168,15 @@ pub struct InferenceRequest {
 
 /// Largest `n` or `best_of` accepted.
 pub const MAX_CHOICES: u32 = 16;
+
+/// Most strings in `stop` accepted. OpenAI takes 4; vLLM and llama.cpp take any number and
+/// check each against the text after every token, for every request of that server: a
+/// list of a million would slow every stream of a volunteer's machine.
+pub const MAX_STOP_SEQUENCES: usize = 16;
+/// Longest string in `stop` accepted, in bytes.
+pub const MAX_STOP_SEQUENCE_BYTES: usize = 1024;
+/// What `stop` must be (it names the two limits above; a unit test keeps them in step).
+const STOP_EXPECTED: &str = "a string or an array of at most 16 strings, each at most 1024 bytes";
 /// What `n` and `best_of` must be (it names [`MAX_CHOICES`]; a unit test keeps the two
 /// in step).
 const CHOICES_EXPECTED: &str = "an integer from 1 to 16";
@@ -429,6 +438,7 @@ impl InferenceRequest {
             (Some(_), Some(_)) => return Err(RequestError::BothTokenLimits),
             (a, b) => a.or(b),
         };
+        read_stop(top.stop)?;
         let batch = u32::try_from(top.walk.batch_items.max(1)).unwrap_or(u32::MAX);
         // Embeddings: one vector per input, whatever `n` says (it means nothing there).
         let choices = if endpoint == InferenceEndpoint::Embeddings {
@@ -578,6 +588,74 @@ fn read_choices(raw: Option<&RawValue>, param: &'static str) -> Result<u32, Requ
     }
 }
 
+/// `stop`: absent, `null`, a string, or an array of strings, within
+/// [`MAX_STOP_SEQUENCES`] and [`MAX_STOP_SEQUENCE_BYTES`]. Read only when sent.
+fn read_stop(raw: Option<&RawValue>) -> Result<(), RequestError> {
+    let Some(text) = non_null(raw) else {
+        return Ok(());
+    };
+    serde_json::from_str::<StopList>(text)
+        .map(|_| ())
+        .map_err(|_| RequestError::WrongType {
+            param: "stop",
+            expected: STOP_EXPECTED,
+        })
+}
+
+/// A `stop` value within the limits (nothing kept: the check is the read).
+struct StopList;
+
+impl<'de> Deserialize<'de> for StopList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StopList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(STOP_EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<StopList, E> {
+                if s.len() > MAX_STOP_SEQUENCE_BYTES {
+                    return Err(E::custom("stop sequence too long"));
+                }
+                Ok(StopList)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StopList, A::Error> {
+                let mut n = 0usize;
+                while seq.next_element::<StopOne>()?.is_some() {
+                    n += 1;
+                    if n > MAX_STOP_SEQUENCES {
+                        return Err(de::Error::custom("too many stop sequences"));
+                    }
+                }
+                Ok(StopList)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One string of a `stop` array, within [`MAX_STOP_SEQUENCE_BYTES`].
+struct StopOne;
+
+impl<'de> Deserialize<'de> for StopOne {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = StopOne;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<StopOne, E> {
+                if s.len() > MAX_STOP_SEQUENCE_BYTES {
+                    return Err(E::custom("stop sequence too long"));
+                }
+                Ok(StopOne)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 fn read_tokens(
     raw: Option<&RawValue>,
     field: TokenField,
@@ -635,6 +713,7 @@ struct Top<'a> {
     seed: Option<&'a RawValue>,
     n: Option<&'a RawValue>,
     best_of: Option<&'a RawValue>,
+    stop: Option<&'a RawValue>,
     messages: Option<Shape>,
     prompt: Option<Shape>,
     input: Option<Shape>,
@@ -684,6 +763,7 @@ enum TopKey {
     Seed,
     N,
     BestOf,
+    Stop,
     Messages,
     Prompt,
     Input,
@@ -710,6 +790,7 @@ const TRACKED_KEYS: &[&str] = &[
     "seed",
     "n",
     "best_of",
+    "stop",
     "messages",
     "prompt",
     "input",
@@ -841,6 +922,7 @@ impl<'de> serde::Deserialize<'de> for TopKey {
                     "seed" => TopKey::Seed,
                     "n" => TopKey::N,
                     "best_of" => TopKey::BestOf,
+                    "stop" => TopKey::Stop,
                     "messages" => TopKey::Messages,
                     "prompt" => TopKey::Prompt,
                     "input" => TopKey::Input,
@@ -880,6 +962,7 @@ impl<'de> Visitor<'de> for TopVisitor {
                 TopKey::Seed => (&mut top.seed, "seed"),
                 TopKey::N => (&mut top.n, "n"),
                 TopKey::BestOf => (&mut top.best_of, "best_of"),
+                TopKey::Stop => (&mut top.stop, "stop"),
                 TopKey::Messages
                 | TopKey::Prompt
                 | TopKey::Input

@@ -1,9 +1,10 @@
 //! anthropic: the consumer's request, translated for a provider.
 
+use potluck_protocol::request::{MAX_STOP_SEQUENCES, MAX_STOP_SEQUENCE_BYTES};
 use serde_json::{json, Map, Value};
 
 use crate::openai;
-use crate::{check_image_count, copy, is_data_url, object, push_turn, uint, DialectError};
+use crate::{check_image_count, copy, is_data_url, object, push_turn, uint, DialectError, Kind};
 
 /// The name a structured output's schema goes by in chat completions' `response_format`
 /// (which requires one; Anthropic's `output_config.format` has none).
@@ -58,10 +59,12 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
     out.insert("model".into(), Value::String(model.clone()));
     out.insert("messages".into(), Value::Array(messages));
     out.insert("max_tokens".into(), json!(max_tokens));
-    copy(&req, "temperature", &mut out, "temperature");
-    copy(&req, "top_p", &mut out, "top_p");
-    copy(&req, "top_k", &mut out, "top_k");
-    copy(&req, "stop_sequences", &mut out, "stop");
+    for key in ["temperature", "top_p", "top_k"] {
+        copy(&req, key, &mut out, key, Kind::Number, key)?;
+    }
+    if !stop_sequences.is_empty() {
+        out.insert("stop".into(), json!(stop_sequences));
+    }
     if let Some(tools) = req.get("tools").filter(|t| !t.is_null()) {
         out.insert("tools".into(), tools_to_openai(tools)?);
     }
@@ -95,16 +98,22 @@ fn stop_sequences(v: Option<&Value>) -> Result<Vec<String>, DialectError> {
         Some(Value::Array(list)) => list,
         Some(_) => return Err(DialectError::invalid("stop_sequences", STOP_SEQUENCES_WHY)),
     };
+    // Counted before anything is copied: a list of millions of `""` would otherwise be
+    // kept for the request's life (the shared rules refuse it only after translation).
+    if list.len() > MAX_STOP_SEQUENCES {
+        return Err(DialectError::invalid("stop_sequences", STOP_SEQUENCES_WHY));
+    }
     list.iter()
         .map(|s| {
             s.as_str()
+                .filter(|s| s.len() <= MAX_STOP_SEQUENCE_BYTES)
                 .map(str::to_owned)
                 .ok_or_else(|| DialectError::invalid("stop_sequences", STOP_SEQUENCES_WHY))
         })
         .collect()
 }
 
-const STOP_SEQUENCES_WHY: &str = "must be an array of strings";
+const STOP_SEQUENCES_WHY: &str = "must be an array of at most 16 strings, each at most 1024 bytes";
 
 /// Whether `thinking` turns extended thinking on. Anthropic's shapes: `{"type":
 /// "enabled", "budget_tokens": N}`, `{"type": "adaptive"}`, `{"type": "disabled"}`. The

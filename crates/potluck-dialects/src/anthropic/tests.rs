@@ -837,6 +837,24 @@ fn stop_sequences_must_be_a_list_of_texts() {
     assert_eq!(e.param(), Some("stop_sequences"));
 }
 
+/// Millions of `""` in `stop_sequences` would be kept as strings for the request's life
+/// (and slow every stream of the volunteer's server): refused before any is copied.
+#[test]
+fn too_many_or_too_long_stop_sequences_are_refused_before_they_are_copied() {
+    let sixteen = vec!["a"; 16];
+    assert!(
+        req(json!({"model": "m", "max_tokens": 8, "messages": [], "stop_sequences": sixteen}))
+            .is_ok()
+    );
+    let million = vec![""; 1_000_000];
+    let long = "x".repeat(1025);
+    for bad in [json!(million), json!(vec!["a"; 17]), json!([long])] {
+        let e = req(json!({"model": "m", "max_tokens": 8, "messages": [], "stop_sequences": bad}))
+            .expect_err("past the bounds");
+        assert_eq!(e.param(), Some("stop_sequences"));
+    }
+}
+
 /// A hostile request puts thousands of system and user messages after an assistant's
 /// call and then thousands of tool results: each tool message is moved in front of at
 /// most `MAX_MESSAGES_PASSED` of them, so the translation is linear, not a walk over all

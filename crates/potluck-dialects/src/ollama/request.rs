@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use serde_json::{json, Map, Value};
 
 use crate::openai;
-use crate::{check_image_count, object, push_turn, DialectError};
+use crate::{check_image_count, object, push_turn, DialectError, Kind};
 
 /// The Ollama version `/api/version` reports: the API level this translation follows.
 pub const COMPAT_VERSION: &str = "0.12.6";
@@ -357,19 +357,26 @@ fn apply_common(
         let options = options
             .as_object()
             .ok_or_else(|| DialectError::invalid("options", "must be an object"))?;
-        for (from, to) in [
-            ("temperature", "temperature"),
-            ("top_p", "top_p"),
-            ("top_k", "top_k"),
-            ("min_p", "min_p"),
-            ("seed", "seed"),
-            ("stop", "stop"),
-            ("frequency_penalty", "frequency_penalty"),
-            ("presence_penalty", "presence_penalty"),
-            ("repeat_penalty", "repeat_penalty"),
+        for key in [
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "frequency_penalty",
+            "presence_penalty",
+            "repeat_penalty",
         ] {
-            crate::copy(options, from, out, to);
+            crate::copy(
+                options,
+                key,
+                out,
+                key,
+                Kind::Number,
+                &format!("options.{key}"),
+            )?;
         }
+        crate::copy(options, "stop", out, "stop", Kind::Texts, "options.stop")?;
         if let Some(n) = options.get("num_predict").filter(|n| !n.is_null()) {
             let n = n.as_i64().ok_or_else(|| {
                 DialectError::invalid("options.num_predict", "must be an integer")
@@ -425,7 +432,14 @@ pub fn embed_to_openai(body: &[u8], legacy: bool) -> Result<Request, DialectErro
     let mut out = Map::new();
     out.insert("model".into(), json!(model));
     out.insert("input".into(), input);
-    crate::copy(&req, "dimensions", &mut out, "dimensions");
+    crate::copy(
+        &req,
+        "dimensions",
+        &mut out,
+        "dimensions",
+        Kind::Number,
+        "dimensions",
+    )?;
     Ok(Request {
         openai: Value::Object(out),
         model,

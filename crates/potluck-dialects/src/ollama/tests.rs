@@ -456,3 +456,22 @@ fn consecutive_turns_of_one_role_are_one_message() {
     assert_eq!(m[0]["content"], json!("weather?\n\nin Oslo"));
     assert_eq!(m[3]["content"], json!("Cold.\n\nVery."));
 }
+
+/// Options are numbers (and `stop` texts): an array of megabytes in `temperature` is
+/// refused, not carried to the provider.
+#[test]
+fn options_that_are_not_numbers_are_refused() {
+    let junk = vec![0; 10_000];
+    for (key, bad) in [
+        ("temperature", json!(junk)),
+        ("seed", json!("7")),
+        ("stop", json!([1])),
+    ] {
+        let mut options = serde_json::Map::new();
+        options.insert(key.into(), bad);
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "options": options});
+        let e = chat_to_openai(body.to_string().as_bytes()).expect_err("not a number");
+        assert_eq!(e.param().map(str::to_owned), Some(format!("options.{key}")));
+    }
+}

@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::openai;
-use crate::{check_image_count, copy, is_data_url, object, push_turn, uint, DialectError};
+use crate::{check_image_count, copy, is_data_url, object, push_turn, uint, DialectError, Kind};
 
 /// A Responses request translated for a provider.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,14 +122,25 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
     if let Some(max) = req.get("max_output_tokens").filter(|v| !v.is_null()) {
         out.insert("max_tokens".into(), json!(uint(max, "max_output_tokens")?));
     }
-    copy(&req, "temperature", &mut out, "temperature");
-    copy(&req, "top_p", &mut out, "top_p");
-    copy(&req, "parallel_tool_calls", &mut out, "parallel_tool_calls");
+    copy(
+        &req,
+        "temperature",
+        &mut out,
+        "temperature",
+        Kind::Number,
+        "temperature",
+    )?;
+    copy(&req, "top_p", &mut out, "top_p", Kind::Number, "top_p")?;
+    let parallel = "parallel_tool_calls";
+    copy(&req, parallel, &mut out, parallel, Kind::Bool, parallel)?;
     if let Some(tools) = req.get("tools").filter(|t| !t.is_null()) {
         out.insert("tools".into(), tools_to_openai(tools)?);
     }
+    let mut echoed_choice = json!("auto");
     if let Some(choice) = req.get("tool_choice").filter(|t| !t.is_null()) {
-        openai::set_tool_choice(&mut out, tool_choice_to_openai(choice)?)?;
+        let (openai_choice, echo) = tool_choice_to_openai(choice)?;
+        openai::set_tool_choice(&mut out, openai_choice)?;
+        echoed_choice = echo;
     }
     if let Some(format) = req.get("text").and_then(|t| t.get("format")) {
         if let Some(rf) = response_format(format)? {
@@ -146,10 +157,7 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         temperature: req.get("temperature").cloned().unwrap_or(Value::Null),
         top_p: req.get("top_p").cloned().unwrap_or(Value::Null),
         tools: JsonText::of(req.get("tools").unwrap_or(&json!([])))?,
-        tool_choice: req
-            .get("tool_choice")
-            .cloned()
-            .unwrap_or_else(|| json!("auto")),
+        tool_choice: echoed_choice,
     };
     Ok(Request {
         openai: Value::Object(out),
@@ -330,17 +338,23 @@ fn tools_to_openai(tools: &Value) -> Result<Value, DialectError> {
     })
 }
 
-fn tool_choice_to_openai(choice: &Value) -> Result<Value, DialectError> {
+/// `tool_choice` as chat completions takes it, and as the response object echoes it:
+/// the normalised choice, not the consumer's own value (an object may carry megabytes
+/// beside its `type` and `name`, which the echo would keep for the request's life).
+fn tool_choice_to_openai(choice: &Value) -> Result<(Value, Value), DialectError> {
     match choice {
         Value::String(s) if matches!(s.as_str(), "auto" | "none" | "required") => {
-            Ok(choice.clone())
+            Ok((choice.clone(), choice.clone()))
         }
         Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
             let name = o
                 .get("name")
                 .and_then(Value::as_str)
                 .ok_or_else(|| DialectError::invalid("tool_choice.name", "must be a string"))?;
-            Ok(json!({"type": "function", "function": {"name": name}}))
+            Ok((
+                json!({"type": "function", "function": {"name": name}}),
+                json!({"type": "function", "name": name}),
+            ))
         }
         _ => Err(DialectError::invalid(
             "tool_choice",

@@ -580,3 +580,36 @@ fn at_most_max_images_in_one_request() {
     assert_eq!(e.param(), Some("input"));
     assert!(e.to_string().contains(crate::TOO_MANY_IMAGES), "{e}");
 }
+
+/// A sampling setting is a number, and the echoed `tool_choice` is the normalised one: a
+/// `temperature` or a `tool_choice` object carrying megabytes beside its `type` and
+/// `name` was copied into the response object held for the request's whole life (and
+/// the `temperature` sent on to the provider).
+#[test]
+fn sampling_settings_are_numbers_and_the_echoed_tool_choice_is_the_normalised_one() {
+    let junk = vec![0; 10_000];
+    for (key, bad) in [
+        ("temperature", json!(junk)),
+        ("top_p", json!("0.5")),
+        ("parallel_tool_calls", json!([true])),
+    ] {
+        let mut body = json!({"model": "m", "input": "hi"});
+        body[key] = bad;
+        let e = req(body).expect_err("not a number or flag");
+        assert_eq!(e.param(), Some(key));
+    }
+    let r = req(
+        json!({"model": "m", "input": "hi", "temperature": 0.2, "top_p": 1,
+        "tools": [{"type": "function", "name": "f"}],
+        "tool_choice": {"type": "function", "name": "f", "x": junk}}),
+    )
+    .expect("valid");
+    assert_eq!(r.echo.tool_choice, json!({"type": "function", "name": "f"}));
+    assert_eq!(r.echo.temperature, json!(0.2));
+    assert!(
+        !r.openai.to_string().contains("\"x\""),
+        "the junk is not sent"
+    );
+    let r = req(json!({"model": "m", "input": "hi"})).expect("valid");
+    assert_eq!(r.echo.tool_choice, json!("auto"));
+}

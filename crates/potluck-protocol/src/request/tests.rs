@@ -756,3 +756,47 @@ fn a_message_key_in_another_case_is_refused() {
         {"type":"object","properties":{"Content":{"type":"string"},"Role":{"type":"string"}}}}}]}"#;
     chat(tools).unwrap();
 }
+
+/// vLLM and llama.cpp check every stop string against the text after every token, for
+/// every request of that server: `stop` is bounded in count and length, at the hub and
+/// again at the agent, and a case variant (`Stop`, which ollama would read) is refused.
+#[test]
+fn stop_lists_are_bounded() {
+    let long = "x".repeat(MAX_STOP_SEQUENCE_BYTES);
+    let sixteen: Vec<&str> = vec!["a"; MAX_STOP_SEQUENCES];
+    for good in [
+        json!(null),
+        json!("\n"),
+        json!(long),
+        json!([]),
+        json!(sixteen),
+        json!(["", "\u{00e9}\\\"", long]),
+    ] {
+        let body = json!({"model": "m", "messages": [], "stop": good}).to_string();
+        assert!(chat(&body).is_ok(), "{good}");
+    }
+    let seventeen: Vec<&str> = vec!["a"; MAX_STOP_SEQUENCES + 1];
+    let many: Vec<&str> = vec![""; 100_000];
+    for bad in [
+        json!(seventeen),
+        json!(many),
+        json!(format!("{long}x")),
+        json!(["a", format!("{long}x")]),
+        json!([1]),
+        json!({"a": 1}),
+        json!(true),
+    ] {
+        let body = json!({"model": "m", "messages": [], "stop": bad}).to_string();
+        let e = chat(&body).unwrap_err();
+        assert!(
+            matches!(e, RequestError::WrongType { param: "stop", .. }),
+            "{e:?}"
+        );
+    }
+    let e = chat(r#"{"model":"m","messages":[],"Stop":["a"]}"#).unwrap_err();
+    assert_eq!(e, RequestError::CaseVariant("stop"));
+    let e = chat(r#"{"model":"m","messages":[],"stop":"a","stop":"b"}"#).unwrap_err();
+    assert_eq!(e, RequestError::Duplicate("stop"));
+    assert!(STOP_EXPECTED.contains(&format!("at most {MAX_STOP_SEQUENCES} strings")));
+    assert!(STOP_EXPECTED.ends_with(&format!("{MAX_STOP_SEQUENCE_BYTES} bytes")));
+}
