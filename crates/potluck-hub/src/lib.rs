@@ -33,5 +33,5 @@ pub use config::HubConfig;
 pub use http::error::ApiError;
 pub use http::stall::WATCH_BODIES_OVER;
 pub use hub::{Hub, HubError, ANONYMOUS, DB_FILE};
-pub use routing::link::MAX_REFUSALS_KEPT;
+pub use routing::link::{MAX_REFUSALS_KEPT, MAX_UNEXPLAINED_ENERGY_REPORTS};
 pub use state::MAX_SERVICE_MODELS;

@@ -395,7 +395,11 @@ fn apply(
         AgentEvent::Energy {
             model, millijoules, ..
         } => {
-            if *greeted && millijoules <= MAX_ENERGY_PER_REQUEST_MJ && tunnel.offers(&model) {
+            if *greeted
+                && tunnel.take_energy_report()?
+                && millijoules <= MAX_ENERGY_PER_REQUEST_MJ
+                && tunnel.offers(&model)
+            {
                 state
                     .registry
                     .add_energy(tunnel.provider_id, &model, millijoules);

@@ -65,7 +65,19 @@ pub struct ProviderLink {
     /// answering "busy" cannot give a provider a first look at every request while it
     /// serves none.
     resting_until: std::sync::atomic::AtomicU64,
+    /// Requests sent on this tunnel that its agent has not reported energy for yet: an
+    /// energy report is taken only against one, so that a hostile agent cannot stream
+    /// reports (each taking the hub-wide energy lock every routing decision takes).
+    energy_due: std::sync::atomic::AtomicU64,
+    /// Energy reports past [`ProviderLink::energy_due`]; past
+    /// [`MAX_UNEXPLAINED_ENERGY_REPORTS`] the tunnel is closed.
+    energy_unexplained: AtomicU32,
 }
+
+/// Energy reports a tunnel may send for requests it was never sent before it is closed:
+/// an honest agent sends one per request it served, so none, but a report that crosses
+/// the answer's end on the wire is forgiven.
+pub const MAX_UNEXPLAINED_ENERGY_REPORTS: u32 = 64;
 
 /// Milliseconds since the hub's routing clock started (for short rests).
 fn clock_ms() -> u64 {
@@ -188,7 +200,31 @@ impl ProviderLink {
             refused: Mutex::new(HashSet::new()),
             health,
             resting_until: std::sync::atomic::AtomicU64::new(0),
+            energy_due: std::sync::atomic::AtomicU64::new(0),
+            energy_unexplained: AtomicU32::new(0),
         }
+    }
+
+    /// One request sent on this tunnel (a lease taken or handed on).
+    pub(super) fn request_sent(&self) {
+        self.energy_due.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Take one energy report against a request sent here: `Ok(true)` when there was
+    /// one, `Ok(false)` when not (the report is ignored), `Err` when too many reports
+    /// came for requests never sent.
+    pub fn take_energy_report(&self) -> Result<bool, &'static str> {
+        let due = self
+            .energy_due
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if due.is_ok() {
+            return Ok(true);
+        }
+        let extra = self.energy_unexplained.fetch_add(1, Ordering::Relaxed);
+        if extra >= MAX_UNEXPLAINED_ENERGY_REPORTS {
+            return Err("energy reports for requests never sent");
+        }
+        Ok(false)
     }
 
     /// Requests in flight on this tunnel.

@@ -36,6 +36,16 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A lease of a slot already counted on `t`: one request more that `t`'s agent may
+    /// report energy for.
+    fn on(t: Arc<ProviderLink>, registry: Arc<Inner>) -> Self {
+        t.request_sent();
+        Self {
+            tunnel: Some(t),
+            registry,
+        }
+    }
+
     /// The tunnel leased.
     pub fn tunnel(&self) -> &Arc<ProviderLink> {
         // Only `Drop` and `release` take it out.
@@ -150,10 +160,7 @@ impl Inner {
             && t.health.admits(Instant::now(), &self.routing)
         {
             while let Some(w) = q.take_for(&t) {
-                let lease = Lease {
-                    tunnel: Some(Arc::clone(&t)),
-                    registry: Arc::clone(self),
-                };
+                let lease = Lease::on(Arc::clone(&t), Arc::clone(self));
                 match w.tx.send(lease) {
                     Ok(()) => {
                         t.health.leased(Instant::now());
@@ -241,10 +248,7 @@ impl Inner {
     fn lease_of(self: &Arc<Self>, t: Arc<ProviderLink>, now: Instant) -> Lease {
         t.in_flight.fetch_add(1, Ordering::Relaxed);
         t.health.leased(now);
-        Lease {
-            tunnel: Some(t),
-            registry: Arc::clone(self),
-        }
+        Lease::on(t, Arc::clone(self))
     }
 
     /// Give free slots to waiters (after a tunnel joined, its offer changed, or a
@@ -264,10 +268,7 @@ impl Inner {
                 let Some(w) = q.take_for(&t) else { break };
                 t.in_flight.fetch_add(1, Ordering::Relaxed);
                 t.health.leased(Instant::now());
-                let lease = Lease {
-                    tunnel: Some(Arc::clone(&t)),
-                    registry: Arc::clone(self),
-                };
+                let lease = Lease::on(Arc::clone(&t), Arc::clone(self));
                 if let Err(mut back) = w.tx.send(lease) {
                     // Waiter gone: free the slot without re-entering the queue lock.
                     if let Some(t) = back.tunnel.take() {
@@ -381,10 +382,7 @@ impl Registry {
             && t.in_flight
                 .compare_exchange(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
-        taken.then(|| Lease {
-            tunnel: Some(Arc::clone(t)),
-            registry: Arc::clone(&self.inner),
-        })
+        taken.then(|| Lease::on(Arc::clone(t), Arc::clone(&self.inner)))
     }
 
     /// Remove a tunnel: nothing new is routed to it from now on.

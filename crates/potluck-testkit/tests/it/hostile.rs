@@ -393,21 +393,35 @@ async fn a_provider_that_streams_without_end_is_cut_at_max_response_bytes() {
 /// A provider that renames its models again and again, and reports energy for each new
 /// name, cannot grow the hub's memory without end: the energy books keep at most what
 /// the provider's tunnels can offer at once (`MAX_MODELS_PER_AGENT` per tunnel). Before,
-/// every name ever reported stayed for the life of the hub.
+/// every name ever reported stayed for the life of the hub. (A report counts only for a
+/// request the tunnel was sent, so the renamer first buys one request per report.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_renaming_its_models_cannot_grow_the_hubs_energy_books() {
     use potluck_protocol::tunnel::{AgentEvent, ModelOffer, MAX_MODELS_PER_AGENT};
-    let hub = TestHub::start().await;
-    let agent = provider(&hub, "renamer", 8).await;
+    let hub = TestHub::start_with(|c| {
+        c.limits.rpm = None;
+        c.limits.tpm = None;
+        c.limits.daily_tokens = None;
+        c.routing.max_tunnels_per_provider = 1;
+    })
+    .await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let agent = provider(&hub, "renamer", 64).await;
     hub.wait_for_model(MODEL, 1).await;
     let st = hub.state();
+    let rounds = 3;
+    for _ in 0..(rounds * MAX_MODELS_PER_AGENT).div_ceil(32) {
+        let asks = (0..32).map(|_| ask(&alice, "chat/completions", chat(false)));
+        let statuses = futures_util::future::join_all(asks).await;
+        assert!(statuses.iter().all(|(s, _)| *s == 200), "{statuses:?}");
+    }
     let offer = |names: &[ModelName]| AgentEvent::Models {
         models: names.iter().cloned().map(ModelOffer::named).collect(),
-        max_concurrency: 8,
+        max_concurrency: 64,
         profile: ProviderProfile::default(),
         accepting: true,
     };
-    for round in 0..12 {
+    for round in 0..rounds {
         let names: Vec<ModelName> = (0..MAX_MODELS_PER_AGENT)
             .map(|i| ModelName::parse(&format!("r{round}-m{i}")).unwrap())
             .collect();
@@ -429,12 +443,61 @@ async fn a_provider_renaming_its_models_cannot_grow_the_hubs_energy_books() {
         async move { st.registry.models().keys().eq([&last]) }
     })
     .await;
-    let bound = MAX_MODELS_PER_AGENT * hub.state().config.routing.max_tunnels_per_provider as usize;
+    let bound = MAX_MODELS_PER_AGENT;
     let kept = st.registry.energy_entries();
     assert!(
         kept <= bound,
         "{kept} energy entries kept, at most {bound} allowed"
     );
+    assert!(
+        kept > 0,
+        "positive control: reports for requests sent are kept"
+    );
+}
+
+/// A provider streams energy reports for requests it was never sent, as fast as its link
+/// allows: each took the hub-wide energy lock that every routing decision and pool view
+/// take. Reports count only against requests sent on that tunnel; past
+/// `MAX_UNEXPLAINED_ENERGY_REPORTS` others the tunnel is closed, and none of them counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn energy_reports_for_requests_never_sent_close_the_tunnel() {
+    use potluck_hub::MAX_UNEXPLAINED_ENERGY_REPORTS;
+    use potluck_protocol::tunnel::AgentEvent;
+    let hub = TestHub::start().await;
+    let alice = Consumer::new(&hub, "alice").await;
+    let agent = provider(&hub, "reporter", 8).await;
+    hub.wait_for_model(MODEL, 1).await;
+    let provider_id = hub.provider_id("reporter").await;
+    let model = ModelName::parse(MODEL).unwrap();
+    let report = || AgentEvent::Energy {
+        request_id: "never-sent".into(),
+        model: model.clone(),
+        millijoules: 1_000,
+    };
+    // One request, one report: counted.
+    assert_eq!(ask(&alice, "chat/completions", chat(false)).await.0, 200);
+    agent.send(report());
+    let st = hub.state();
+    wait_until(
+        "the report for the request counted",
+        Duration::from_secs(10),
+        || {
+            let st = st.clone();
+            let model = model.clone();
+            async move { st.registry.energy_per_1k(provider_id, &model).is_some() }
+        },
+    )
+    .await;
+    let before = st.registry.energy_per_1k(provider_id, &model);
+    for _ in 0..MAX_UNEXPLAINED_ENERGY_REPORTS {
+        agent.send(report());
+    }
+    // Tolerated so far (a report may cross its answer's end on the wire), not counted.
+    assert_eq!(ask(&alice, "chat/completions", chat(false)).await.0, 200);
+    assert_eq!(st.registry.energy_per_1k(provider_id, &model), before);
+    agent.send(report());
+    agent.send(report());
+    hub.wait_for_model(MODEL, 0).await;
 }
 
 /// The same renamer, now also a consumer asking for each new name once (its own
