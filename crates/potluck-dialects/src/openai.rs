@@ -370,7 +370,11 @@ pub(crate) fn function_tool(
             .cloned()
             .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}})),
     );
-    serde_json::json!({"type": "function", "function": Value::Object(f)})
+    // Built by hand: `json!` would copy the parameters' tree once more.
+    let mut tool = serde_json::Map::new();
+    tool.insert("type".into(), Value::from("function"));
+    tool.insert("function".into(), Value::Object(f));
+    Value::Object(tool)
 }
 
 /// Set `tool_choice`. A choice of one named function becomes `"required"` with only that

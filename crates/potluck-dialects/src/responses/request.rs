@@ -372,7 +372,11 @@ fn response_format(format: &Value) -> Result<Option<Value>, DialectError> {
             if let Some(o) = schema.as_object_mut() {
                 o.remove("type");
             }
-            Ok(Some(json!({"type": "json_schema", "json_schema": schema})))
+            // Built by hand: `json!` would copy the schema's tree once more.
+            let mut rf = Map::new();
+            rf.insert("type".into(), Value::from("json_schema"));
+            rf.insert("json_schema".into(), schema);
+            Ok(Some(Value::Object(rf)))
         }
         Some(_) => Err(DialectError::invalid(
             "text.format.type",
