@@ -139,7 +139,7 @@ impl HubState {
     pub(crate) fn eta_ms(&self, model: &ModelName, position: usize) -> u64 {
         let capacity = self
             .registry
-            .pool()
+            .pool_view()
             .get(model)
             .map_or(1, |s| s.capacity.max(1));
         let per = self.service_ms(model).unwrap_or(DEFAULT_SERVICE_MS);

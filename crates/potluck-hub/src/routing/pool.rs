@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use potluck_protocol::request::ModelLimits;
 use potluck_protocol::tunnel::{ModelHash, MAX_MODELS_PER_AGENT};
@@ -13,6 +14,9 @@ use potluck_protocol::{Capability, ModelCapabilities, ModelName};
 use rand::Rng;
 
 use crate::routing::link::{Need, ProviderLink};
+
+/// How long a pool view for pages and estimates is reused ([`Registry::pool_view`]).
+pub(crate) const POOL_VIEW_TTL: Duration = Duration::from_secs(1);
 
 /// Of the refusals some providers' limits give `request` (each provider's own), the one
 /// it misses by least: what the consumer is told (a limit none of them has is never
@@ -118,6 +122,7 @@ impl Registry {
                 }
             }
         }
+        self.inner.forget_view();
         self.inner.fill();
     }
 
@@ -144,6 +149,7 @@ impl Registry {
         }
         t.trusted.store(trusted, Ordering::Relaxed);
         t.quarantined.store(quarantined, Ordering::Relaxed);
+        self.inner.forget_view();
         true
     }
 
@@ -372,6 +378,23 @@ impl Registry {
     /// [`Registry::pool_for`] as seen by a consumer in no group.
     pub fn pool(&self) -> BTreeMap<ModelName, ModelStatus> {
         self.pool_for(&[])
+    }
+
+    /// [`Registry::pool`] for pages and estimates, made at most once per
+    /// [`POOL_VIEW_TTL`] while offers, tunnels and flags stay as they are (counts in
+    /// flight and queued may be that old). Building it locks every tunnel and the energy
+    /// books, which routing takes too: a stranger reloading the public page, or thousands
+    /// of queued streams asking their place every second, would build it for each.
+    pub fn pool_view(&self) -> Arc<BTreeMap<ModelName, ModelStatus>> {
+        let mut view = self.inner.view.lock();
+        if let Some((at, pool)) = view.as_ref() {
+            if at.elapsed() < POOL_VIEW_TTL {
+                return Arc::clone(pool);
+            }
+        }
+        let pool = Arc::new(self.pool());
+        *view = Some((Instant::now(), Arc::clone(&pool)));
+        pool
     }
 
     /// Per provider: (tunnels, models, in flight).

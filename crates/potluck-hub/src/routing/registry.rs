@@ -10,7 +10,7 @@
 //! model that tunnel serves, if any; otherwise it is freed. So a free slot never sits
 //! idle while someone waits, and newcomers cannot jump the queue.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -144,9 +144,17 @@ pub(super) struct Inner {
     /// Changes of trust applied so far (`Registry::set_trust_flags`); a new tunnel's own
     /// standing read applies only when none came since (`Registry::apply_standing`).
     pub(super) trust_epoch: Mutex<u64>,
+    /// The last pool view made for pages and estimates, and when
+    /// (`Registry::pool_view`); emptied when an offer, a tunnel or a trust flag changes.
+    pub(super) view: Mutex<Option<(Instant, Arc<BTreeMap<ModelName, ModelStatus>>)>>,
 }
 
 impl Inner {
+    /// Drop the pool view: what it shows (offers, tunnels, flags) changed.
+    pub(super) fn forget_view(&self) {
+        *self.view.lock() = None;
+    }
+
     pub(super) fn tunnels(&self) -> MutexGuard<'_, HashMap<u64, Arc<ProviderLink>>> {
         self.tunnels.lock()
     }
@@ -307,6 +315,7 @@ impl Registry {
                 health: Mutex::new(HashMap::new()),
                 tunnel_count: Mutex::new(HashMap::new()),
                 trust_epoch: Mutex::new(0),
+                view: Mutex::new(None),
             }),
         }
     }
@@ -320,6 +329,7 @@ impl Registry {
     /// hello, but a revocation, sanction or change of trust reaches it from now on.
     pub fn insert(&self, t: Arc<ProviderLink>) {
         self.inner.tunnels().insert(t.conn_id, t);
+        self.inner.forget_view();
         self.inner.fill();
     }
 
@@ -341,6 +351,7 @@ impl Registry {
             o.profile = profile;
             o.accepting = accepting;
         }
+        self.inner.forget_view();
         self.inner.fill();
     }
 
@@ -390,6 +401,7 @@ impl Registry {
         if let Some(t) = self.inner.tunnels().remove(&conn_id) {
             t.closed.store(true, Ordering::Relaxed);
         }
+        self.inner.forget_view();
     }
 
     /// Close every tunnel of a provider (its token was revoked).
@@ -406,6 +418,8 @@ impl Registry {
                 t.cancel.cancel();
             }
         }
+        drop(map);
+        self.inner.forget_view();
         ids.len()
     }
 

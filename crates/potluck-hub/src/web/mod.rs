@@ -271,9 +271,10 @@ impl KnownModels {
         let allowed = st.config.model_allowlist.iter().map(|m| m.name.clone());
         let served = st
             .registry
-            .pool()
-            .into_keys()
-            .map(|m| m.as_str().to_owned());
+            .pool_view()
+            .keys()
+            .map(|m| m.as_str().to_owned())
+            .collect::<Vec<_>>();
         Self(priced.chain(allowed).chain(served).collect())
     }
 

@@ -174,12 +174,12 @@ fn online(st: &HubState) -> Vec<OnlineRow> {
 
 fn energy(st: &HubState) -> Vec<EnergyRow> {
     let mut by: BTreeMap<String, (std::collections::HashSet<String>, f64, usize)> = BTreeMap::new();
-    for m in st.registry.pool().into_values() {
-        for p in m.by_provider {
+    for m in st.registry.pool_view().values() {
+        for p in &m.by_provider {
             let e = by
                 .entry(format!("{:?}", p.device).to_lowercase())
                 .or_default();
-            if e.0.insert(p.provider) {
+            if e.0.insert(p.provider.clone()) {
                 if let Some(wh) = p.wh_per_1k_tokens.filter(|w| w.is_finite()) {
                     e.1 += wh;
                     e.2 += 1;
@@ -214,8 +214,8 @@ pub(crate) async fn status(
     };
     let models = st
         .registry
-        .pool()
-        .into_iter()
+        .pool_view()
+        .iter()
         .map(|(name, m)| ModelRow {
             name: name.to_string(),
             providers: m.providers,

@@ -57,8 +57,8 @@ fn live(st: &HubState, name: &str, online: bool) -> (bool, String, String) {
     let mut accepting = false;
     let mut guard = "none".to_owned();
     let mut energy = "not measured".to_owned();
-    for m in st.registry.pool().into_values() {
-        for p in m.by_provider.into_iter().filter(|p| p.provider == name) {
+    for m in st.registry.pool_view().values() {
+        for p in m.by_provider.iter().filter(|p| p.provider == name) {
             accepting |= p.accepting;
             guard = format!("{:?}", p.moderation).to_lowercase();
             if let Some(wh) = p.wh_per_1k_tokens.filter(|w| w.is_finite()) {

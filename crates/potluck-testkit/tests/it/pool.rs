@@ -630,3 +630,41 @@ async fn a_request_whose_tunnel_dies_before_answering_waits_for_the_agent_to_com
     );
     assert_eq!(back.requests().len(), 1);
 }
+
+/// The pool view pages and queue estimates read is built once a second, not per view (a
+/// stranger reloading the public page built it, under every tunnel's lock, each time),
+/// and a change of offer, tunnel or trust shows at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_view_is_shared_for_a_second_and_follows_offers_at_once() {
+    use potluck_protocol::tunnel::{AgentEvent, ModelOffer};
+    use potluck_protocol::ModelName;
+    let hub = TestHub::start().await;
+    let agent = ScriptedAgent::connect(
+        "p",
+        &hub.url(),
+        &hub.create_provider("p").await,
+        hello(&[MODEL], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model(MODEL, 1).await;
+    let st = hub.state();
+    let first = st.registry.pool_view();
+    assert!(first.contains_key(&ModelName::parse(MODEL).unwrap()));
+    let again = st.registry.pool_view();
+    assert!(std::sync::Arc::ptr_eq(&first, &again), "one build, shared");
+    // A new offer shows at once, not a second later.
+    let both = [MODEL, "second-model"].map(|m| ModelOffer::named(ModelName::parse(m).unwrap()));
+    agent.send(AgentEvent::Models {
+        models: both.to_vec(),
+        max_concurrency: 4,
+        profile: ProviderProfile::default(),
+        accepting: true,
+    });
+    hub.wait_for_model("second-model", 1).await;
+    let second = ModelName::parse("second-model").unwrap();
+    assert!(st.registry.pool_view().contains_key(&second));
+    // Past its second, a view is built again.
+    let held = st.registry.pool_view();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(!std::sync::Arc::ptr_eq(&held, &st.registry.pool_view()));
+}
