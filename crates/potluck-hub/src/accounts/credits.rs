@@ -176,7 +176,15 @@ pub(crate) async fn clawback(
         .await?
         .ok_or(ApiError::NotFound("provider"))?;
     let account = account_id(&st, &p.account).await?;
-    let taken = st.store.clawback(account).await?;
+    // Through the usage writer, behind the earnings already queued: taken straight from
+    // the store, those would land in escrow after it and vest.
+    let taken = st
+        .accounting
+        .clawback_settled(account)
+        .await
+        .ok_or(ApiError::UsageBacklog {
+            retry_after: st.config.retry_after_secs,
+        })?;
     st.balances.remove(&account);
     action_log::record(
         &st,

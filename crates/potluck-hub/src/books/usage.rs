@@ -69,6 +69,9 @@ pub(crate) enum Record {
     Clawback {
         /// The provider's account.
         account_id: i64,
+        /// Told what was taken (micro-credits; `None` when the store failed), for an
+        /// operator's claw-back that answers with the amount.
+        taken: Option<tokio::sync::oneshot::Sender<Option<i64>>>,
     },
 }
 
@@ -161,9 +164,27 @@ impl Accounting {
     /// (its record queued after the claw-back) pays the treasury instead.
     pub(crate) async fn clawback(&self, account_id: i64) {
         self.barred.lock().insert(account_id);
-        if self.tx.send(Record::Clawback { account_id }).await.is_err() {
+        let record = Record::Clawback {
+            account_id,
+            taken: None,
+        };
+        if self.tx.send(record).await.is_err() {
             tracing::warn!(account_id, "usage writer gone; claw-back not queued");
         }
+    }
+
+    /// An operator's claw-back: an account's unvested earnings, taken once every earning
+    /// queued before it is settled (so that none lands in escrow after it and vests), the
+    /// account not barred. The amount taken in micro-credits; `None` when the writer is
+    /// gone or the store failed.
+    pub(crate) async fn clawback_settled(&self, account_id: i64) -> Option<i64> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let record = Record::Clawback {
+            account_id,
+            taken: Some(tx),
+        };
+        self.tx.send(record).await.ok()?;
+        rx.await.ok().flatten()
     }
 }
 

@@ -140,24 +140,36 @@ pub(crate) async fn run_writer(
     }
 }
 
-fn take(r: Record, batch: &mut Vec<Finished>, clawbacks: &mut Vec<i64>) {
+/// A claw-back waiting for the earnings queued before it, and who is told the amount.
+type Clawback = (i64, Option<tokio::sync::oneshot::Sender<Option<i64>>>);
+
+fn take(r: Record, batch: &mut Vec<Finished>, clawbacks: &mut Vec<Clawback>) {
     match r {
         Record::Finished(f) => batch.push(f),
-        Record::Clawback { account_id } => clawbacks.push(account_id),
+        Record::Clawback { account_id, taken } => clawbacks.push((account_id, taken)),
     }
 }
 
-async fn clawback(w: &Writer, accounts: Vec<i64>) {
-    for account_id in accounts {
-        match w.store.clawback(account_id).await {
-            Ok(n) => tracing::info!(
-                account_id,
-                clawed_back_micro = n,
-                "unvested earnings clawed back"
-            ),
-            Err(e) => tracing::error!(error = ?e, account_id, "claw-back failed"),
-        }
+async fn clawback(w: &Writer, accounts: Vec<Clawback>) {
+    for (account_id, told) in accounts {
+        let taken = match w.store.clawback(account_id).await {
+            Ok(n) => {
+                tracing::info!(
+                    account_id,
+                    clawed_back_micro = n,
+                    "unvested earnings clawed back"
+                );
+                Some(n)
+            }
+            Err(e) => {
+                tracing::error!(error = ?e, account_id, "claw-back failed");
+                None
+            }
+        };
         w.reservations.remove(&account_id);
+        if let Some(told) = told {
+            let _ = told.send(taken);
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use potluck_hub::config::HubConfig;
 use potluck_protocol::tunnel::ProviderProfile;
 use potluck_store::UsageRow;
 use potluck_testkit::scripted_agent::{hello, RawAnswer, Reply, Responder};
-use potluck_testkit::{wait_until, Consumer, ScriptedAgent, TestHub};
+use potluck_testkit::{wait_until, Admin, Consumer, ScriptedAgent, TestHub};
 use serde_json::{json, Value};
 
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
@@ -401,6 +401,48 @@ async fn quarantine_claws_back_from_a_provider_that_went_offline() {
         hub.balance("runner").await.1 == 0
     })
     .await;
+    hub.state().store.audit_ledger().await.unwrap();
+}
+
+/// An operator claws back a provider's unvested earnings while an earning is still in the
+/// usage writer's queue: the claw-back waits behind it, so nothing lands in escrow after
+/// it to vest a day later. Before, the admin's claw-back went straight to the store and
+/// the queued earning was written after it (the operator saw "clawed back", the provider
+/// kept it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_clawback_takes_earnings_still_queued() {
+    let hub = TestHub::start_with(|c| {
+        cheap(c);
+        c.usage_batch_window = Duration::from_secs(2);
+    })
+    .await;
+    let _p = ScriptedAgent::connect(
+        "runner",
+        &hub.url(),
+        &hub.create_provider("runner").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let payer = Consumer::new(&hub, "payer").await;
+    hub.grant("payer", 1.0).await;
+    served(
+        &payer,
+        &json!({"model": "m", "messages": [{"role": "user", "content": "work"}]}),
+    )
+    .await;
+    // The earning waits in the writer's two-second window.
+    let r = Admin::admin(&hub)
+        .send("POST", "/admin/v1/providers/runner/clawback", None)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(
+        r.body["clawed_back_micro"].as_i64().unwrap() > 0,
+        "{:?}",
+        r.body
+    );
+    hub.wait_usage_rows(1).await;
+    assert_eq!(hub.balance("runner").await.1, 0, "nothing left in escrow");
     hub.state().store.audit_ledger().await.unwrap();
 }
 
