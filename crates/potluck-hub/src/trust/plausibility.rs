@@ -80,7 +80,8 @@ impl Delivered {
             for part in ["message", "delta"].into_iter().filter_map(|k| c.get(k)) {
                 chars = chars
                     .saturating_add(count(part.get("content")))
-                    .saturating_add(count(part.get("reasoning_content")));
+                    .saturating_add(count(part.get("reasoning_content")))
+                    .saturating_add(count(part.get("reasoning")));
                 let calls = part.get("tool_calls").and_then(Value::as_array);
                 for call in calls.into_iter().flatten() {
                     chars = chars.saturating_add(count(call.pointer("/function/arguments")));

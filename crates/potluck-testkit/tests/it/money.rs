@@ -507,6 +507,58 @@ async fn tool_calls_and_reasoning_are_delivered_text_and_billed() {
     );
 }
 
+/// An honest reasoning model's thinking sent as `reasoning` (Ollama's OpenAI-compatible
+/// API and newer vLLM name it so, not `reasoning_content`), whole and streamed: billed
+/// at its reported usage, and the provider is not flagged. Before, only
+/// `reasoning_content` counted as delivered text: 600 tokens of thinking were cut to
+/// the estimate of a two-byte answer (the consumer got the thinking free) and the
+/// honest provider flagged at every answer, until quarantined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_sent_as_reasoning_is_delivered_text_and_billed() {
+    let (hub, p, alice) = priced_pair("thinker", "alice").await;
+    let thinking = "thinking ".repeat(300);
+    let usage = json!({"prompt_tokens": 5, "completion_tokens": 600, "total_tokens": 605});
+    let whole = json!({"id": "x", "object": "chat.completion", "model": "m", "usage": usage,
+        "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "ok", "reasoning": thinking}}]});
+    let mut stream = String::new();
+    for piece in thinking.split_inclusive(' ') {
+        let chunk = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+            "choices": [{"index": 0, "delta": {"reasoning": piece}, "finish_reason": null}]});
+        stream.push_str(&format!("data: {chunk}\n\n"));
+    }
+    let end = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]});
+    let tail = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+        "choices": [], "usage": usage});
+    stream.push_str(&format!("data: {end}\n\ndata: {tail}\n\ndata: [DONE]\n\n"));
+    for (is_stream, ct, body) in [
+        (false, "application/json", whole.to_string()),
+        (true, "text/event-stream", stream),
+    ] {
+        p.set_raw(Some(RawAnswer::Bytes {
+            status: 200,
+            headers: vec![("content-type".into(), ct.into())],
+            frames: vec![Bytes::from(body)],
+        }));
+        let id = served(
+            &alice,
+            &json!({"model": "m", "stream": is_stream, "max_tokens": 1000,
+                "messages": [{"role": "user", "content": "think it over"}]}),
+        )
+        .await;
+        let row = usage_row(&hub, &id).await;
+        assert_eq!(row.completion_tokens, 600, "stream {is_stream}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = hub.provider_id("thinker").await;
+    let history = hub.state().store.audit_history(pid, 100).await.unwrap();
+    assert!(
+        history.iter().all(|a| a.0 != "usage"),
+        "the honest provider was flagged: {history:?}"
+    );
+}
+
 /// An answer with no usage at all (a provider that sends none, or a stream the consumer
 /// leaves before its usage chunk) bills the prompt at the hub's own estimate (about four
 /// bytes of its text a token). Before, such a prompt was free: a consumer could have a

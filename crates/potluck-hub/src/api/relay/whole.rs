@@ -225,6 +225,9 @@ struct TextRaw<'a> {
     content: Option<&'a RawValue>,
     #[serde(borrow, default)]
     reasoning_content: Option<&'a RawValue>,
+    /// Reasoning as Ollama's OpenAI-compatible API and newer vLLM name it.
+    #[serde(borrow, default)]
+    reasoning: Option<&'a RawValue>,
     #[serde(borrow, default)]
     tool_calls: Option<&'a RawValue>,
 }
@@ -246,7 +249,9 @@ struct FunctionRaw<'a> {
 impl TextRaw<'_> {
     /// Characters of its content, reasoning and tool calls' arguments.
     fn chars(&self) -> Option<i64> {
-        let mut n = str_chars(self.content)?.saturating_add(str_chars(self.reasoning_content)?);
+        let mut n = str_chars(self.content)?
+            .saturating_add(str_chars(self.reasoning_content)?)
+            .saturating_add(str_chars(self.reasoning)?);
         let Some(calls) = self.tool_calls.filter(|r| r.get().starts_with('[')) else {
             return Some(n);
         };
@@ -264,9 +269,9 @@ impl TextRaw<'_> {
 }
 
 /// Characters of text in `choices`, counted as [`Delivered::add_text_of`] counts them
-/// (of `message` and `delta`: `content`, `reasoning_content` and each tool call's
-/// `function.arguments`; and `text`; a field that is not a string counts 0). `None`
-/// when a choice cannot be read without a tree.
+/// (of `message` and `delta`: `content`, `reasoning_content`, `reasoning` and each tool
+/// call's `function.arguments`; and `text`; a field that is not a string counts 0).
+/// `None` when a choice cannot be read without a tree.
 fn choices_chars(raw: &RawValue) -> Option<i64> {
     if !raw.get().starts_with('[') {
         return Some(0);
@@ -390,8 +395,10 @@ pub(crate) fn answer_text(obj: &Map<String, Value>) -> String {
         for p in [
             "/message/content",
             "/message/reasoning_content",
+            "/message/reasoning",
             "/delta/content",
             "/delta/reasoning_content",
+            "/delta/reasoning",
             "/text",
         ] {
             if let Some(t) = c.pointer(p).and_then(Value::as_str) {
@@ -417,6 +424,7 @@ fn filter_whole(obj: &mut Map<String, Value>) {
                 m.insert("content".into(), Value::String(String::new()));
                 m.remove("tool_calls");
                 m.remove("reasoning_content");
+                m.remove("reasoning");
             }
             if c.contains_key("text") {
                 c.insert("text".into(), Value::String(String::new()));

@@ -25,6 +25,7 @@ fn splice_agrees_with_the_tree() {
         br#"{"id":"i","choices":[{"message":{"content":null,"tool_calls":[]}},{"delta":{"content":"ab","reasoning_content":"cd"}}],"usage":null}"#,
         br#"{"choices":{"not":"an array"},"usage":{"prompt_tokens":"7","completion_tokens":-4}}"#,
         br#"{"choices":[{"message":{"content":["parts"],"reasoning_content":"counted as well"}}],"usage":[1]}"#,
+        br#"{"choices":[{"message":{"content":"a","reasoning":"as Ollama names it"}},{"delta":{"reasoning":7}}]}"#,
         br#"{"choices":[{"message":{"tool_calls":[{"function":{"name":"f","arguments":"{\"a\":1}"}},{"function":{"arguments":7}},"x",{"function":"y"}]}}]}"#,
         br#"{"data":[{"embedding":[0.1,0.2]}],"model":"e","usage":{"prompt_tokens":2}}"#,
         br#"{}"#,
