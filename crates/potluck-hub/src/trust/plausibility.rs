@@ -124,7 +124,8 @@ pub(crate) const MAX_TEXT_BYTES_PER_TOKEN: i64 = 128;
 /// - prompt: the bytes of the body sent plus `credits.prompt_overhead_tokens` (every
 ///   prompt token comes from at least one byte of the body's text, and the JSON around
 ///   each message is longer than the template's tokens for it; the overhead covers a
-///   default system prompt). Embeddings: the bytes of `input` plus
+///   default system prompt), plus `credits.tokens_per_image` for each image (a vision
+///   model spends hundreds of tokens on an image of a hundred bytes). Embeddings: the bytes of `input` plus
 ///   [`PLAUSIBILITY_SLACK_TOKENS`];
 /// - completion: the request's `max_tokens` / `max_completion_tokens`, or
 ///   `credits.default_max_tokens` when it sets none (the hub's cap), times its choices
@@ -182,7 +183,13 @@ impl Bounds {
         Self {
             prompt: i64::try_from(body_len)
                 .unwrap_or(i64::MAX)
-                .saturating_add(credits.prompt_overhead_tokens.max(0)),
+                .saturating_add(credits.prompt_overhead_tokens.max(0))
+                .saturating_add(
+                    credits
+                        .tokens_per_image
+                        .max(0)
+                        .saturating_mul(i64::from(req.images)),
+                ),
             completion: completion.max(0),
             input_bytes,
             prompt_estimate,

@@ -559,6 +559,72 @@ async fn reasoning_sent_as_reasoning_is_delivered_text_and_billed() {
     );
 }
 
+/// A consumer sends ten tiny images (1x1 PNGs, each a hundred bytes of body) to a vision
+/// model that spends 256 prompt tokens on each: the honest provider's prompt count,
+/// far above the body's bytes, is billed as reported and flags nothing, request after
+/// request (six flags would quarantine it). Before, image tokens were outside the
+/// prompt bound (the body's bytes plus the template's overhead): the consumer paid for
+/// about two thirds of its prompt and the honest provider was flagged at every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_tokens_are_inside_the_prompt_bound() {
+    const PNG_1X1: &str = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    let hub = TestHub::start_with(cheap).await;
+    let mut offer = hello(&["m"], 4, ProviderProfile::default());
+    if let potluck_protocol::tunnel::AgentEvent::Hello { models, .. } = &mut offer {
+        models[0].capabilities.vision = Some(true);
+    }
+    let p = ScriptedAgent::connect(
+        "seer",
+        &hub.url(),
+        &hub.create_provider("seer").await,
+        offer,
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    hub.grant("alice", 1.0).await;
+    let mut content = vec![json!({"type": "text", "text": "what are these?"})];
+    content.extend((0..10).map(|_| json!({"type": "image_url", "image_url": {"url": PNG_1X1}})));
+    let body = json!({"model": "m", "max_tokens": 10,
+        "messages": [{"role": "user", "content": content}]});
+    let honest = 10 * 256 + 12;
+    assert!(
+        honest > body.to_string().len() + 128,
+        "the test needs image tokens past the old bound"
+    );
+    p.set_raw(Some(answer_with_usage(
+        false,
+        "ten dots",
+        &format!(
+            r#""prompt_tokens":{honest},"completion_tokens":2,"total_tokens":{}"#,
+            honest + 2
+        ),
+    )));
+    for _ in 0..7 {
+        let id = served(&alice, &body).await;
+        assert_eq!(usage_row(&hub, &id).await.prompt_tokens, honest as i64);
+    }
+    // The chat API holds images to the other APIs' count.
+    let most = potluck_protocol::request::MAX_IMAGES;
+    assert_eq!(most as usize, potluck_dialects::MAX_IMAGES);
+    let part = json!({"type": "image_url", "image_url": {"url": PNG_1X1}});
+    let too_many = json!({"model": "m", "max_tokens": 10,
+        "messages": [{"role": "user", "content": vec![part; most as usize + 1]}]});
+    let r = alice
+        .post("chat/completions", &too_many)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = hub.provider_id("seer").await;
+    let history = hub.state().store.audit_history(pid, 100).await.unwrap();
+    assert!(
+        history.iter().all(|a| a.0 != "usage"),
+        "the honest provider was flagged: {history:?}"
+    );
+}
+
 /// An answer with no usage at all (a provider that sends none, or a stream the consumer
 /// leaves before its usage chunk) bills the prompt at the hub's own estimate (about four
 /// bytes of its text a token). Before, such a prompt was free: a consumer could have a
