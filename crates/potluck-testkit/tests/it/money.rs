@@ -826,6 +826,47 @@ async fn embeddings_with_nothing_in_them_are_not_billed() {
     assert_eq!(usage_row(&hub, &id).await.prompt_tokens, 6);
 }
 
+/// A provider that answers embeddings with vectors of junk, one per input and of one
+/// size (`[null]`, `["0"]`, `[[0]]`, `[{}]`, `"x"`, text that is not base64 or does
+/// not decode to 32-bit floats): the consumer gets a 502 and pays nothing. Vectors of
+/// numbers, and base64 of whole floats, are billed. Before, the shape check counted an
+/// array's commas or a string's length: every one of them was billed as a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_that_are_not_vectors_of_numbers_are_not_billed() {
+    let (hub, p, alice) = priced_pair("junk", "alice").await;
+    let body = json!({"model": "m", "input": ["one text", "another text"]});
+    let answer = |e: Value| {
+        json!({"object": "list", "data": [{"object": "embedding", "embedding": e.clone()},
+            {"object": "embedding", "embedding": e}],
+            "usage": {"prompt_tokens": 6, "total_tokens": 6}})
+    };
+    for junk in [
+        json!([null]),
+        json!(["0"]),
+        json!([[0]]),
+        json!([{}]),
+        json!([true, 1]),
+        json!("x"),
+        json!("AAAA"),
+        json!("AA=A"),
+        json!("AAA*AAAA"),
+    ] {
+        p.set_raw(Some(RawAnswer::json(200, &answer(junk.clone()))));
+        let before = alice.available_micro().await;
+        let r = alice.post("embeddings", &body).send().await.unwrap();
+        assert_eq!(r.status(), 502, "{junk}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(alice.available_micro().await, before, "billed for {junk}");
+    }
+    for good in [json!([0.25, -1, 3e-2]), json!("AACAPwAAAEA=")] {
+        p.set_raw(Some(RawAnswer::json(200, &answer(good.clone()))));
+        let r = alice.post("embeddings", &body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{good}");
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(usage_row(&hub, &id).await.prompt_tokens, 6, "{good}");
+    }
+}
+
 /// A consumer asks for a whole answer and leaves before it comes (a client timeout, a
 /// reset just before the end): the request still ends in the books, cancelled. Once its
 /// provider has answered (the head came, the body is on its way), the prompt is billed
