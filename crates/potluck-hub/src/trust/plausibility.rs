@@ -54,6 +54,9 @@ pub(crate) struct Delivered {
     pub(crate) chars: i64,
     /// A choice came (an object in `choices`): an answer with none held nothing at all.
     pub(crate) choices: bool,
+    /// The most choices one answer or chunk named ([`Delivered::add_slots`]): more than
+    /// the request asked for is a provider's text nobody asked for.
+    pub(crate) slots: i64,
 }
 
 impl Delivered {
@@ -65,11 +68,22 @@ impl Delivered {
         }
     }
 
+    /// One answer's or chunk's `choices`, `len` of them with these `index`es (`None`
+    /// for one that is not a non-negative integer): the choices it names are the larger
+    /// of its length and its highest index plus one.
+    pub(crate) fn add_slots(&mut self, len: usize, indexes: impl Iterator<Item = Option<u64>>) {
+        let highest = indexes.flatten().max().map_or(0, |i| i.saturating_add(1));
+        let named = u64::try_from(len).unwrap_or(u64::MAX).max(highest);
+        self.slots = self.slots.max(i64::try_from(named).unwrap_or(i64::MAX));
+    }
+
     pub(crate) fn add_text_of(&mut self, obj: &Map<String, Value>) {
         let Some(choices) = obj.get("choices").and_then(Value::as_array) else {
             return;
         };
         self.choices |= choices.iter().any(Value::is_object);
+        let index = |c: &Value| c.get("index").and_then(Value::as_u64);
+        self.add_slots(choices.len(), choices.iter().map(index));
         let count = |v: Option<&Value>| {
             v.and_then(Value::as_str)
                 .map_or(0, |s| i64::try_from(s.len()).unwrap_or(i64::MAX))

@@ -101,12 +101,25 @@ pub(crate) struct FunctionView<'a> {
 #[serde(default)]
 pub(crate) struct ChoiceView<'a> {
     #[serde(borrow)]
+    index: Option<&'a RawValue>,
+    #[serde(borrow)]
     delta: Option<TextView<'a>>,
     #[serde(borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
 }
 
+/// A choice's `index` as a raw value, when it is a non-negative integer (as
+/// `Value::as_u64` reads it on the general path).
+pub(crate) fn index_of(raw: Option<&RawValue>) -> Option<u64> {
+    raw.and_then(|r| r.get().parse().ok())
+}
+
 impl ChoiceView<'_> {
+    /// The choice's `index` ([`index_of`]).
+    pub(crate) fn index(&self) -> Option<u64> {
+        index_of(self.index)
+    }
+
     /// Every text the guard judges: content, reasoning, tool-call arguments, text.
     pub(crate) fn push_text(&self, out: &mut String) {
         let d = self.delta.as_ref();
