@@ -134,6 +134,9 @@ pub struct Message {
     /// Reasoning text some servers (llama.cpp) send beside the content.
     #[serde(default)]
     pub reasoning_content: Option<String>,
+    /// Reasoning text as Ollama's OpenAI-compatible API and newer vLLM name it.
+    #[serde(default)]
+    pub reasoning: Option<String>,
     /// Tool calls, if any.
     #[serde(default, deserialize_with = "bounded")]
     pub tool_calls: Vec<ToolCall>,
@@ -170,6 +173,32 @@ pub struct WireUsage {
     /// Completion tokens.
     #[serde(default, deserialize_with = "count")]
     pub completion_tokens: u64,
+}
+
+/// The thinking of a message or delta: `reasoning_content` (llama.cpp, older vLLM), else
+/// `reasoning` (Ollama, newer vLLM); one of them, never both (vLLM in between sent the
+/// same text under both names). Empty text is none.
+fn thinking_of<'a>(
+    reasoning_content: Option<&'a str>,
+    reasoning: Option<&'a str>,
+) -> Option<&'a str> {
+    reasoning_content
+        .filter(|t| !t.is_empty())
+        .or(reasoning.filter(|t| !t.is_empty()))
+}
+
+impl Message {
+    /// The message's thinking ([`thinking_of`]).
+    pub fn thinking(&self) -> Option<&str> {
+        thinking_of(self.reasoning_content.as_deref(), self.reasoning.as_deref())
+    }
+}
+
+impl Delta {
+    /// The delta's thinking ([`thinking_of`]).
+    pub fn thinking(&self) -> Option<&str> {
+        thinking_of(self.reasoning_content.as_deref(), self.reasoning.as_deref())
+    }
 }
 
 impl From<WireUsage> for Usage {
@@ -249,6 +278,9 @@ pub struct Delta {
     /// Reasoning text (llama.cpp's `reasoning_content`).
     #[serde(default)]
     pub reasoning_content: Option<String>,
+    /// Reasoning text as Ollama's OpenAI-compatible API and newer vLLM name it.
+    #[serde(default)]
+    pub reasoning: Option<String>,
     /// Pieces of tool calls.
     #[serde(default, deserialize_with = "bounded")]
     pub tool_calls: Vec<ToolCallDelta>,

@@ -40,7 +40,8 @@
 //! - what the request needs of a model (see [`crate::caps`]): a non-empty top-level
 //!   `tools` or legacy `functions` array ([`InferenceRequest::has_tools`]; `functions` is
 //!   walked like `tools`), and any `image_url` part in `messages`
-//!   ([`InferenceRequest::has_images`]).
+//!   ([`InferenceRequest::has_images`]); at most [`MAX_IMAGES`] of them
+//!   ([`InferenceRequest::images`]: each costs prompt tokens its bytes do not show).
 //!
 //! A provider's caps are then checked by [`InferenceRequest::check_limits`]: the asked
 //! `max_tokens` (or, when unset, the cap the agent will insert) is at most the cap, and the
@@ -160,11 +161,18 @@ pub struct InferenceRequest {
     pub has_tools: bool,
     /// An `image_url` part in `messages`: only a vision-capable model may serve it.
     pub has_images: bool,
+    /// The `image_url` parts in `messages`, at most [`MAX_IMAGES`] (each costs the model
+    /// prompt tokens its bytes say nothing of).
+    pub images: u32,
     /// Completions the backend generates for it, each up to `max_tokens`: the larger of
     /// `n` and `best_of`, times the prompts of a `/v1/completions` batch (an array of
     /// strings or of token-id arrays). At least 1.
     pub choices: u32,
 }
+
+/// The most images (`image_url` parts) one request may carry, as the other APIs'
+/// translators count theirs (`potluck_dialects::MAX_IMAGES`).
+pub const MAX_IMAGES: u32 = 100;
 
 /// Largest `n` or `best_of` accepted.
 pub const MAX_CHOICES: u32 = 16;
@@ -287,6 +295,12 @@ pub enum RequestError {
     /// type is not text, image_url or input_audio.
     #[error("Content parts may be text, or images and audio given inline (data: URIs or base64); this request has a part that is not, or that names a URL or a file.")]
     ContentPartNotAllowed,
+    /// More than [`MAX_IMAGES`] images.
+    #[error("A request may carry at most {limit} images.")]
+    TooManyImages {
+        /// The cap.
+        limit: u32,
+    },
 }
 
 fn missing_message(param: &str) -> String {
@@ -323,6 +337,7 @@ impl RequestError {
             Self::MaxTokensExceeded { field, .. } => Some(field.name()),
             Self::ContextLengthExceeded { param, .. } => Some(param),
             Self::ImageUrlNotAllowed | Self::ContentPartNotAllowed => Some("messages"),
+            Self::TooManyImages { .. } => Some("messages"),
         }
     }
 
@@ -345,6 +360,7 @@ impl RequestError {
             Self::ContextLengthExceeded { .. } => "context_length_exceeded",
             Self::ImageUrlNotAllowed => "image_url_not_allowed",
             Self::ContentPartNotAllowed => "content_part_not_allowed",
+            Self::TooManyImages { .. } => "too_many_images",
         }
     }
 
@@ -391,6 +407,9 @@ impl InferenceRequest {
         }
         if top.walk.bad_part {
             return Err(RequestError::ContentPartNotAllowed);
+        }
+        if top.walk.images > MAX_IMAGES {
+            return Err(RequestError::TooManyImages { limit: MAX_IMAGES });
         }
         let model = read_model(top.model)?;
         let input = endpoint_input(endpoint);
@@ -466,7 +485,8 @@ impl InferenceRequest {
             has_seed: non_null(top.seed).is_some(),
             null_seed: top.seed.is_some() && non_null(top.seed).is_none(),
             has_tools: top.tools == Some(Shape::Array) || top.functions == Some(Shape::Array),
-            has_images: walk.images,
+            has_images: walk.images > 0,
+            images: walk.images,
             choices,
         })
     }
@@ -690,8 +710,8 @@ struct Walked {
     text_bytes: u64,
     token_ids: u64,
     remote_image: bool,
-    /// An `image_url` was seen in `messages` (the request needs vision).
-    images: bool,
+    /// `image_url`s seen in `messages` (one or more: the request needs vision).
+    images: u32,
     /// A content part off the allow-list (see [`walk`]).
     bad_part: bool,
     too_deep: bool,

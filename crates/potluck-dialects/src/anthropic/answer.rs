@@ -57,12 +57,8 @@ pub fn from_openai(
     let matched = stop_sequence(finish, choice.stop_reason.as_deref(), stop_sequences);
     let (stop_reason, stop_sequence) = stop_fields(finish, matched);
     let mut content = Vec::new();
-    if let Some(t) = choice
-        .message
-        .reasoning_content
-        .filter(|t| thinking && !t.is_empty())
-    {
-        content.push(thinking_block(&t));
+    if let Some(t) = choice.message.thinking().filter(|_| thinking) {
+        content.push(thinking_block(t));
     }
     if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
         content.push(json!({"type": "text", "text": text}));
@@ -236,8 +232,7 @@ impl Stream {
         let mut out = Vec::new();
         self.start(&chunk.id, &mut out);
         if let Some(delta) = chunk.delta() {
-            let thought = delta.reasoning_content.as_deref();
-            if let Some(t) = thought.filter(|t| self.thinking && !t.is_empty()) {
+            if let Some(t) = delta.thinking().filter(|_| self.thinking) {
                 self.open_block(Open::Thinking, None, &mut out);
                 out.push(self.block_delta(json!({"type": "thinking_delta", "thinking": t})));
             }

@@ -486,6 +486,36 @@ fn a_reasoning_models_thinking_is_a_thinking_block_when_asked_for() {
     );
 }
 
+/// Ollama's OpenAI-compatible API and newer vLLM send the thinking as `reasoning`, not
+/// `reasoning_content`: it is a thinking block too, whole and streamed, and shown once
+/// when a server sends it under both names. Before, it was dropped.
+#[test]
+fn thinking_sent_as_reasoning_is_a_thinking_block_too() {
+    let parse = |message: Value| {
+        let answer = json!({"id": "c", "choices": [{"finish_reason": "stop", "message": message}]});
+        Completion::parse(answer.to_string().as_bytes()).unwrap()
+    };
+    let block = json!({"type": "thinking", "thinking": "2+2", "signature": ""});
+    let text = json!({"type": "text", "text": "4"});
+    for message in [
+        json!({"content": "4", "reasoning": "2+2"}),
+        json!({"content": "4", "reasoning": "2+2", "reasoning_content": "2+2"}),
+    ] {
+        let shown = from_openai(&parse(message.clone()), "m", true, &[], Usage::default());
+        assert_eq!(shown["content"], json!([block, text]), "{message}");
+    }
+    let mut s = Stream::new("m", true);
+    let events = s.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {"reasoning": "hm"}}]}),
+    ));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.data["delta"] == json!({"type": "thinking_delta", "thinking": "hm"})),
+        "{events:?}"
+    );
+}
+
 /// A reasoning model thinks for minutes where the consumer did not ask to see it: the
 /// stream is not silent meanwhile (a proxy that closes idle connections would cut it), a
 /// `ping` goes out every `QUIET_CHUNKS_PER_PING` chunks that gave nothing, and the count

@@ -50,8 +50,8 @@ pub fn from_openai(
     timing: Timing,
 ) -> Value {
     let choice = answer.first();
+    let thinking = choice.message.thinking().map(str::to_owned);
     let text = choice.message.content.unwrap_or_default();
-    let thinking = choice.message.reasoning_content.filter(|t| !t.is_empty());
     let mut out = Map::new();
     out.insert("model".into(), json!(model));
     out.insert("created_at".into(), json!(created_at));
@@ -206,9 +206,10 @@ impl Stream {
             }
         }
         let text = delta.content.as_deref().filter(|t| !t.is_empty());
-        // A reasoning model's thinking (llama.cpp's `reasoning_content`), as Ollama sends
-        // it: beside the content, so a client shows it as it comes, not a long silence.
-        let thinking = delta.reasoning_content.as_deref().filter(|t| !t.is_empty());
+        // A reasoning model's thinking (`reasoning_content` or `reasoning`), as Ollama
+        // sends it: beside the content, so a client shows it as it comes, not a long
+        // silence.
+        let thinking = delta.thinking();
         if text.is_none() && thinking.is_none() {
             return None;
         }

@@ -380,6 +380,36 @@ fn tool_arguments_are_always_an_object() {
     }
 }
 
+/// Ollama's own OpenAI-compatible API (and newer vLLM) sends the thinking as
+/// `reasoning`: it is the thinking of the Ollama answer too, streamed and whole. Before,
+/// it was dropped.
+#[test]
+fn thinking_sent_as_reasoning_is_thinking_too() {
+    let mut s = Stream::new(Call::Chat, "m");
+    let line = s
+        .chunk(
+            &chunk(json!({"choices": [{"delta": {"reasoning": "hmm"}}]})),
+            "t",
+        )
+        .expect("a line for thinking alone");
+    assert_eq!(line["message"]["thinking"], json!("hmm"));
+    let answer = Completion::parse(
+        json!({"choices": [{"finish_reason": "stop", "message": {"content": "4", "reasoning": "2+2"}}]})
+            .to_string()
+            .as_bytes(),
+    )
+    .expect("answer");
+    let whole = from_openai(
+        Call::Chat,
+        &answer,
+        "m",
+        "t",
+        Usage::default(),
+        Timing::default(),
+    );
+    assert_eq!(whole["message"]["thinking"], json!("2+2"));
+}
+
 #[test]
 fn a_reasoning_models_thinking_is_sent_as_ollama_does() {
     let mut s = Stream::new(Call::Chat, "m");

@@ -100,7 +100,7 @@ pub(super) fn message_output(id: &str, n: u32, text: &str, status: &str) -> Valu
     })
 }
 
-/// A reasoning item: a reasoning model's thinking (llama.cpp's `reasoning_content`) as
+/// A reasoning item: a reasoning model's thinking (`reasoning_content` or `reasoning`) as
 /// the Responses API carries an open-weight model's, `reasoning_text` content with no
 /// summary. `n` tells a response's reasoning items apart.
 pub(super) fn reasoning_output(id: &str, n: u32, text: &str, status: &str) -> Value {
@@ -175,7 +175,7 @@ pub fn from_openai(
     let choice = answer.first();
     let finish = answer.finish();
     let mut output = Vec::new();
-    if let Some(thought) = choice.message.reasoning_content.filter(|t| !t.is_empty()) {
+    if let Some(thought) = choice.message.thinking() {
         // Thinking the answer was cut in (nothing followed it) is as incomplete as the
         // answer; thinking followed by the answer is complete.
         let last = choice.message.content.as_deref().is_none_or(str::is_empty)
@@ -185,7 +185,7 @@ pub fn from_openai(
         } else {
             "completed"
         };
-        output.push(reasoning_output(&answer.id, 0, &thought, status));
+        output.push(reasoning_output(&answer.id, 0, thought, status));
     }
     if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
         let status = status_for(finish);

@@ -167,8 +167,7 @@ impl Stream {
         let mut out = Vec::new();
         self.start(&chunk.id, &mut out);
         if let Some(delta) = chunk.delta() {
-            let thought = delta.reasoning_content.as_deref();
-            if let Some(t) = thought.filter(|t| !t.is_empty()) {
+            if let Some(t) = delta.thinking() {
                 if self.reasoning.is_none() && self.shows_more_reasoning() {
                     self.close_message("completed", &mut out);
                 }

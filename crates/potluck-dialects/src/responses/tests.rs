@@ -270,6 +270,32 @@ fn tool_calls_without_ids_get_ids_unique_across_answers_and_their_done_event_a_n
     assert_eq!(added.data["item"]["call_id"], json!("call_chatcmpl-9_0"));
 }
 
+/// Ollama's OpenAI-compatible API and newer vLLM send the thinking as `reasoning`: it is
+/// a reasoning item too, whole and streamed. Before, it was dropped.
+#[test]
+fn thinking_sent_as_reasoning_is_a_reasoning_item_too() {
+    let whole = Completion::parse(
+        json!({"id": "c", "choices": [{"finish_reason": "stop",
+               "message": {"content": "4", "reasoning": "2+2"}}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap();
+    let r = from_openai(&whole, "m", &Echo::default(), 1, Usage::default());
+    assert_eq!(r["output"][0]["type"], json!("reasoning"));
+    assert_eq!(r["output"][0]["content"][0]["text"], json!("2+2"));
+    let mut s = Stream::new("m", Echo::default(), 1);
+    let events = s.chunk(&chunk(
+        json!({"id": "c", "choices": [{"delta": {"reasoning": "2+"}}]}),
+    ));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.name == "response.reasoning_text.delta"),
+        "{events:?}"
+    );
+}
+
 /// A reasoning model's thinking (llama.cpp's `reasoning_content`) becomes a reasoning item
 /// before the message, with `reasoning_text` content, as the Responses API carries an
 /// open-weight model's; streamed, it is closed before the message opens. Before, it was

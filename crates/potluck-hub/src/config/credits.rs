@@ -46,6 +46,11 @@ pub struct CreditsConfig {
     /// own tokens (role markers, a default system prompt). The bound on billed prompt
     /// tokens is `bytes of the body sent + this` (a token is at least one byte of text).
     pub prompt_overhead_tokens: i64,
+    /// Prompt tokens a request may be billed for each image it carries, beyond its
+    /// body's bytes: a vision model spends hundreds of tokens on an image of a hundred
+    /// bytes (256 to 576 for common ones, more for tiled large images). 0 to
+    /// [`MAX_TOKENS_PER_IMAGE`].
+    pub tokens_per_image: i64,
     /// Completion tokens reserved for, and billed at most to, a request that sets no
     /// `max_tokens` (a request that sets one is reserved and billed at most that).
     pub default_max_tokens: i64,
@@ -95,12 +100,18 @@ impl Default for CreditsConfig {
             trust_threshold: 100.0,
             trust_min_account_age: Duration::from_secs(7 * 24 * 3600),
             prompt_overhead_tokens: 128,
+            tokens_per_image: 1024,
             default_max_tokens: 4096,
             high_priority_balance: 1000.0,
             lease_ttl: Duration::from_secs(10),
         }
     }
 }
+
+/// The largest `tokens_per_image` accepted (with at most
+/// `potluck_protocol::request::MAX_IMAGES` images, a prompt bound of a few million
+/// tokens at most).
+pub(crate) const MAX_TOKENS_PER_IMAGE: i64 = 16_384;
 
 /// The largest amount of credits a setting may name (a larger one would overflow the
 /// ledger's micro-credits on its first few uses).
@@ -130,6 +141,11 @@ impl CreditsConfig {
         {
             return Err(format!(
                 "credits.classes.{class}: prices must not be negative"
+            ));
+        }
+        if !(0..=MAX_TOKENS_PER_IMAGE).contains(&self.tokens_per_image) {
+            return Err(format!(
+                "credits.tokens_per_image must be from 0 to {MAX_TOKENS_PER_IMAGE}"
             ));
         }
         Ok(())

@@ -105,6 +105,8 @@ fn money_settings_refuse_nan_infinity_and_negatives() {
         ("[audit]\nfail_factor = nan", "fail_factor"),
         ("[audit]\npass_reward = 2.0", "pass_reward"),
         ("[audit.max_tokens_per_sec]\nsmall = nan", "small"),
+        ("[credits]\ntokens_per_image = -1", "tokens_per_image"),
+        ("[credits]\ntokens_per_image = 1000000", "tokens_per_image"),
     ] {
         let c: HubConfig = toml::from_str(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
         let e = c.validate().unwrap_err();

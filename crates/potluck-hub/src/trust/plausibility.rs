@@ -54,6 +54,9 @@ pub(crate) struct Delivered {
     pub(crate) chars: i64,
     /// A choice came (an object in `choices`): an answer with none held nothing at all.
     pub(crate) choices: bool,
+    /// The most choices one answer or chunk named ([`Delivered::add_slots`]): more than
+    /// the request asked for is a provider's text nobody asked for.
+    pub(crate) slots: i64,
 }
 
 impl Delivered {
@@ -65,11 +68,22 @@ impl Delivered {
         }
     }
 
+    /// One answer's or chunk's `choices`, `len` of them with these `index`es (`None`
+    /// for one that is not a non-negative integer): the choices it names are the larger
+    /// of its length and its highest index plus one.
+    pub(crate) fn add_slots(&mut self, len: usize, indexes: impl Iterator<Item = Option<u64>>) {
+        let highest = indexes.flatten().max().map_or(0, |i| i.saturating_add(1));
+        let named = u64::try_from(len).unwrap_or(u64::MAX).max(highest);
+        self.slots = self.slots.max(i64::try_from(named).unwrap_or(i64::MAX));
+    }
+
     pub(crate) fn add_text_of(&mut self, obj: &Map<String, Value>) {
         let Some(choices) = obj.get("choices").and_then(Value::as_array) else {
             return;
         };
         self.choices |= choices.iter().any(Value::is_object);
+        let index = |c: &Value| c.get("index").and_then(Value::as_u64);
+        self.add_slots(choices.len(), choices.iter().map(index));
         let count = |v: Option<&Value>| {
             v.and_then(Value::as_str)
                 .map_or(0, |s| i64::try_from(s.len()).unwrap_or(i64::MAX))
@@ -80,7 +94,8 @@ impl Delivered {
             for part in ["message", "delta"].into_iter().filter_map(|k| c.get(k)) {
                 chars = chars
                     .saturating_add(count(part.get("content")))
-                    .saturating_add(count(part.get("reasoning_content")));
+                    .saturating_add(count(part.get("reasoning_content")))
+                    .saturating_add(count(part.get("reasoning")));
                 let calls = part.get("tool_calls").and_then(Value::as_array);
                 for call in calls.into_iter().flatten() {
                     chars = chars.saturating_add(count(call.pointer("/function/arguments")));
@@ -123,7 +138,8 @@ pub(crate) const MAX_TEXT_BYTES_PER_TOKEN: i64 = 128;
 /// - prompt: the bytes of the body sent plus `credits.prompt_overhead_tokens` (every
 ///   prompt token comes from at least one byte of the body's text, and the JSON around
 ///   each message is longer than the template's tokens for it; the overhead covers a
-///   default system prompt). Embeddings: the bytes of `input` plus
+///   default system prompt), plus `credits.tokens_per_image` for each image (a vision
+///   model spends hundreds of tokens on an image of a hundred bytes). Embeddings: the bytes of `input` plus
 ///   [`PLAUSIBILITY_SLACK_TOKENS`];
 /// - completion: the request's `max_tokens` / `max_completion_tokens`, or
 ///   `credits.default_max_tokens` when it sets none (the hub's cap), times its choices
@@ -181,7 +197,13 @@ impl Bounds {
         Self {
             prompt: i64::try_from(body_len)
                 .unwrap_or(i64::MAX)
-                .saturating_add(credits.prompt_overhead_tokens.max(0)),
+                .saturating_add(credits.prompt_overhead_tokens.max(0))
+                .saturating_add(
+                    credits
+                        .tokens_per_image
+                        .max(0)
+                        .saturating_mul(i64::from(req.images)),
+                ),
             completion: completion.max(0),
             input_bytes,
             prompt_estimate,

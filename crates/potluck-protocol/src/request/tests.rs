@@ -410,6 +410,28 @@ fn images_must_be_data_uris() {
     }
 }
 
+/// Each image part costs the model prompt tokens its bytes do not show (a 1x1 PNG is a
+/// few hundred), so the rules count them for the hub's prompt bound, and hold them to
+/// [`MAX_IMAGES`] as the other APIs' translators do. Before, a chat request could carry
+/// any number.
+#[test]
+fn images_are_counted_and_at_most_max_images() {
+    let body = |n: u32| {
+        let part = json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}});
+        json!({"model": "m", "messages": [{"role": "user",
+            "content": vec![part; n as usize]}]})
+        .to_string()
+    };
+    assert_eq!(chat(&body(0)).unwrap().images, 0);
+    let r = chat(&body(10)).unwrap();
+    assert_eq!((r.images, r.has_images), (10, true));
+    assert_eq!(chat(&body(MAX_IMAGES)).unwrap().images, MAX_IMAGES);
+    let e = chat(&body(MAX_IMAGES + 1)).unwrap_err();
+    assert_eq!(e, RequestError::TooManyImages { limit: MAX_IMAGES });
+    assert_eq!(e.http_status(), 400);
+    assert!(e.to_string().contains(&MAX_IMAGES.to_string()));
+}
+
 #[test]
 fn provider_limits() {
     let limits = ModelLimits {

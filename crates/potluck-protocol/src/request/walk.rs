@@ -229,7 +229,7 @@ impl Walk<'_> {
                 self.inner_mode()
             }
             (Mode::Message | Mode::Nested | Mode::TokenIds, InnerKey::ImageUrl) => {
-                self.st.images = true;
+                self.st.images = self.st.images.saturating_add(1);
                 Mode::ImageUrl
             }
             (Mode::Message | Mode::Nested | Mode::TokenIds, InnerKey::Remote) => {
@@ -281,7 +281,7 @@ impl Walk<'_> {
                 InnerKey::Text | InnerKey::Refusal | InnerKey::CacheControl => Mode::Text,
                 InnerKey::ImageUrl => {
                     image = true;
-                    self.st.images = true;
+                    self.st.images = self.st.images.saturating_add(1);
                     Mode::ImageUrl
                 }
                 InnerKey::InputAudio => {

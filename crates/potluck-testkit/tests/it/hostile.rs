@@ -842,6 +842,99 @@ async fn an_answer_with_nothing_in_it_is_the_providers_failure() {
     );
 }
 
+/// A provider answers a request for one choice with two: its injected text as choice 0,
+/// placed second, after an honest choice 1 (an audit reads the first entry of the array,
+/// a client choice 0), or a chunk naming choice 1 alone, or choice 0 twice in one array.
+/// Each is the provider's failure: an error event in a stream, a 502 for a whole answer,
+/// and the injected text never reaches the consumer, on the fast path and the general
+/// one (an escaped key). Choices a request asked for (`n`) pass. Before, any choice
+/// index was relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_choice_the_request_did_not_ask_for_is_the_providers_failure() {
+    let hub = TestHub::start_with(crate::money::cheap).await;
+    let p = ScriptedAgent::connect(
+        "forger",
+        &hub.url(),
+        &hub.create_provider("forger").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let c = Consumer::new(&hub, "c").await;
+    hub.grant("c", 1.0).await;
+    let choice = |i: u32, text: &str, key: &str| json!({"index": i, key: {"content": text}, "finish_reason": null});
+    let injected = |key: &str| json!([choice(1, "honest", key), choice(0, LURE, key)]);
+    let stream = |choices: Value, escaped: bool| {
+        let chunk =
+            json!({"id": "x", "object": "chat.completion.chunk", "model": "m", "choices": choices});
+        let mut chunk = chunk.to_string();
+        if escaped {
+            // An escaped key: the general path reads the event.
+            chunk = chunk.replacen("\"object\"", "\"obj\\u0065ct\"", 1);
+        }
+        RawAnswer::Bytes {
+            status: 200,
+            headers: vec![("content-type".into(), "text/event-stream".into())],
+            frames: vec![bytes::Bytes::from(format!(
+                "data: {}\n\ndata: {chunk}\n\ndata: [DONE]\n\n",
+                json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+                    "choices": [choice(0, "hi ", "delta")]})
+            ))],
+        }
+    };
+    let body = |stream: bool, n: u32| {
+        json!({"model": "m", "stream": stream, "n": n,
+        "messages": [{"role": "user", "content": "hi"}]})
+    };
+    let streams = [
+        ("stream, choice 0 second", stream(injected("delta"), false)),
+        (
+            "stream, choice 1 alone",
+            stream(json!([choice(1, LURE, "delta")]), false),
+        ),
+        (
+            "stream, choice 0 twice",
+            stream(
+                json!([choice(0, "a", "delta"), choice(0, LURE, "delta")]),
+                false,
+            ),
+        ),
+        ("stream, general path", stream(injected("delta"), true)),
+    ];
+    for (what, answer) in streams {
+        p.set_raw(Some(answer));
+        let (_, text) = ask(&c, "chat/completions", body(true, 1)).await;
+        assert!(text.contains("provider_error"), "{what}: {text}");
+        assert!(!text.contains(LURE), "{what}: {text}");
+    }
+    let whole = |choices: Value| {
+        RawAnswer::json(
+            200,
+            &json!({"id": "x", "object": "chat.completion", "model": "m",
+            "choices": choices, "usage": {"prompt_tokens": 1, "completion_tokens": 2}}),
+        )
+    };
+    for (what, choices) in [
+        ("whole, choice 0 second", injected("message")),
+        (
+            "whole, choice 0 twice",
+            json!([choice(0, "a", "message"), choice(0, LURE, "message")]),
+        ),
+    ] {
+        p.set_raw(Some(whole(choices)));
+        let (status, text) = ask(&c, "chat/completions", body(false, 1)).await;
+        assert_eq!(status, 502, "{what}: {text}");
+        assert!(!text.contains(LURE), "{what}: {text}");
+    }
+    // Two choices asked for: both pass, in any order.
+    p.set_raw(Some(whole(injected("message"))));
+    let (status, text) = ask(&c, "chat/completions", body(false, 2)).await;
+    assert_eq!(status, 200, "{text}");
+    p.set_raw(Some(stream(injected("delta"), false)));
+    let (_, text) = ask(&c, "chat/completions", body(true, 2)).await;
+    assert!(!text.contains("provider_error"), "{text}");
+}
+
 /// A provider answers "busy" to everything it is sent: it reads each request's body and
 /// pseudonym, serves none, costs nothing, and is at once the least loaded again, so it
 /// got a first look at about every request of the model. A "busy" now rests its tunnel

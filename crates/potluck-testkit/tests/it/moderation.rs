@@ -442,15 +442,18 @@ async fn input_hidden_before_padding_or_in_token_ids_is_caught() {
 }
 
 /// The attack: the model hides forbidden text where the guard did not look, in
-/// `reasoning_content` or in a tool call's arguments. Both are judged like content, and a
-/// blocked answer loses them (streamed with holdback, and whole).
+/// `reasoning_content` (or `reasoning`, as Ollama and newer vLLM name it) or in a tool
+/// call's arguments. Each is judged like content, and a blocked answer loses them
+/// (streamed with holdback, and whole).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_text_in_reasoning_or_tool_arguments_is_caught() {
     let p = pool(|c| moderated(c, true), ProviderProfile::default()).await;
     let tool = json!({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
         "function": {"name": "f", "arguments": "{\"x\":\"FORBIDDEN\"}"}}]});
     let reasoning = json!({"reasoning_content": "think FORBIDDEN"});
-    for hidden in [reasoning, tool] {
+    // Ollama's OpenAI-compatible API and newer vLLM name the thinking `reasoning`.
+    let reasoning_named_so = json!({"reasoning": "think FORBIDDEN"});
+    for hidden in [reasoning, reasoning_named_so, tool] {
         let chunk = json!({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
             "choices": [{"index": 0, "delta": hidden.clone(), "finish_reason": null}]});
         let end = json!({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",

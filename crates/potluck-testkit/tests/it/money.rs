@@ -549,6 +549,124 @@ async fn tool_calls_and_reasoning_are_delivered_text_and_billed() {
     );
 }
 
+/// An honest reasoning model's thinking sent as `reasoning` (Ollama's OpenAI-compatible
+/// API and newer vLLM name it so, not `reasoning_content`), whole and streamed: billed
+/// at its reported usage, and the provider is not flagged. Before, only
+/// `reasoning_content` counted as delivered text: 600 tokens of thinking were cut to
+/// the estimate of a two-byte answer (the consumer got the thinking free) and the
+/// honest provider flagged at every answer, until quarantined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_sent_as_reasoning_is_delivered_text_and_billed() {
+    let (hub, p, alice) = priced_pair("thinker", "alice").await;
+    let thinking = "thinking ".repeat(300);
+    let usage = json!({"prompt_tokens": 5, "completion_tokens": 600, "total_tokens": 605});
+    let whole = json!({"id": "x", "object": "chat.completion", "model": "m", "usage": usage,
+        "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "ok", "reasoning": thinking}}]});
+    let mut stream = String::new();
+    for piece in thinking.split_inclusive(' ') {
+        let chunk = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+            "choices": [{"index": 0, "delta": {"reasoning": piece}, "finish_reason": null}]});
+        stream.push_str(&format!("data: {chunk}\n\n"));
+    }
+    let end = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]});
+    let tail = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+        "choices": [], "usage": usage});
+    stream.push_str(&format!("data: {end}\n\ndata: {tail}\n\ndata: [DONE]\n\n"));
+    for (is_stream, ct, body) in [
+        (false, "application/json", whole.to_string()),
+        (true, "text/event-stream", stream),
+    ] {
+        p.set_raw(Some(RawAnswer::Bytes {
+            status: 200,
+            headers: vec![("content-type".into(), ct.into())],
+            frames: vec![Bytes::from(body)],
+        }));
+        let id = served(
+            &alice,
+            &json!({"model": "m", "stream": is_stream, "max_tokens": 1000,
+                "messages": [{"role": "user", "content": "think it over"}]}),
+        )
+        .await;
+        let row = usage_row(&hub, &id).await;
+        assert_eq!(row.completion_tokens, 600, "stream {is_stream}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = hub.provider_id("thinker").await;
+    let history = hub.state().store.audit_history(pid, 100).await.unwrap();
+    assert!(
+        history.iter().all(|a| a.0 != "usage"),
+        "the honest provider was flagged: {history:?}"
+    );
+}
+
+/// A consumer sends ten tiny images (1x1 PNGs, each a hundred bytes of body) to a vision
+/// model that spends 256 prompt tokens on each: the honest provider's prompt count,
+/// far above the body's bytes, is billed as reported and flags nothing, request after
+/// request (six flags would quarantine it). Before, image tokens were outside the
+/// prompt bound (the body's bytes plus the template's overhead): the consumer paid for
+/// about two thirds of its prompt and the honest provider was flagged at every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_tokens_are_inside_the_prompt_bound() {
+    const PNG_1X1: &str = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    let hub = TestHub::start_with(cheap).await;
+    let mut offer = hello(&["m"], 4, ProviderProfile::default());
+    if let potluck_protocol::tunnel::AgentEvent::Hello { models, .. } = &mut offer {
+        models[0].capabilities.vision = Some(true);
+    }
+    let p = ScriptedAgent::connect(
+        "seer",
+        &hub.url(),
+        &hub.create_provider("seer").await,
+        offer,
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    hub.grant("alice", 1.0).await;
+    let mut content = vec![json!({"type": "text", "text": "what are these?"})];
+    content.extend((0..10).map(|_| json!({"type": "image_url", "image_url": {"url": PNG_1X1}})));
+    let body = json!({"model": "m", "max_tokens": 10,
+        "messages": [{"role": "user", "content": content}]});
+    let honest = 10 * 256 + 12;
+    assert!(
+        honest > body.to_string().len() + 128,
+        "the test needs image tokens past the old bound"
+    );
+    p.set_raw(Some(answer_with_usage(
+        false,
+        "ten dots",
+        &format!(
+            r#""prompt_tokens":{honest},"completion_tokens":2,"total_tokens":{}"#,
+            honest + 2
+        ),
+    )));
+    for _ in 0..7 {
+        let id = served(&alice, &body).await;
+        assert_eq!(usage_row(&hub, &id).await.prompt_tokens, honest as i64);
+    }
+    // The chat API holds images to the other APIs' count.
+    let most = potluck_protocol::request::MAX_IMAGES;
+    assert_eq!(most as usize, potluck_dialects::MAX_IMAGES);
+    let part = json!({"type": "image_url", "image_url": {"url": PNG_1X1}});
+    let too_many = json!({"model": "m", "max_tokens": 10,
+        "messages": [{"role": "user", "content": vec![part; most as usize + 1]}]});
+    let r = alice
+        .post("chat/completions", &too_many)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = hub.provider_id("seer").await;
+    let history = hub.state().store.audit_history(pid, 100).await.unwrap();
+    assert!(
+        history.iter().all(|a| a.0 != "usage"),
+        "the honest provider was flagged: {history:?}"
+    );
+}
+
 /// An answer with no usage at all (a provider that sends none, or a stream the consumer
 /// leaves before its usage chunk) bills the prompt at the hub's own estimate (about four
 /// bytes of its text a token). Before, such a prompt was free: a consumer could have a
@@ -748,6 +866,47 @@ async fn embeddings_with_nothing_in_them_are_not_billed() {
     assert_eq!(r.status(), 200);
     let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(usage_row(&hub, &id).await.prompt_tokens, 6);
+}
+
+/// A provider that answers embeddings with vectors of junk, one per input and of one
+/// size (`[null]`, `["0"]`, `[[0]]`, `[{}]`, `"x"`, text that is not base64 or does
+/// not decode to 32-bit floats): the consumer gets a 502 and pays nothing. Vectors of
+/// numbers, and base64 of whole floats, are billed. Before, the shape check counted an
+/// array's commas or a string's length: every one of them was billed as a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_that_are_not_vectors_of_numbers_are_not_billed() {
+    let (hub, p, alice) = priced_pair("junk", "alice").await;
+    let body = json!({"model": "m", "input": ["one text", "another text"]});
+    let answer = |e: Value| {
+        json!({"object": "list", "data": [{"object": "embedding", "embedding": e.clone()},
+            {"object": "embedding", "embedding": e}],
+            "usage": {"prompt_tokens": 6, "total_tokens": 6}})
+    };
+    for junk in [
+        json!([null]),
+        json!(["0"]),
+        json!([[0]]),
+        json!([{}]),
+        json!([true, 1]),
+        json!("x"),
+        json!("AAAA"),
+        json!("AA=A"),
+        json!("AAA*AAAA"),
+    ] {
+        p.set_raw(Some(RawAnswer::json(200, &answer(junk.clone()))));
+        let before = alice.available_micro().await;
+        let r = alice.post("embeddings", &body).send().await.unwrap();
+        assert_eq!(r.status(), 502, "{junk}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(alice.available_micro().await, before, "billed for {junk}");
+    }
+    for good in [json!([0.25, -1, 3e-2]), json!("AACAPwAAAEA=")] {
+        p.set_raw(Some(RawAnswer::json(200, &answer(good.clone()))));
+        let r = alice.post("embeddings", &body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{good}");
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(usage_row(&hub, &id).await.prompt_tokens, 6, "{good}");
+    }
 }
 
 /// A consumer asks for a whole answer and leaves before it comes (a client timeout, a

@@ -74,6 +74,9 @@ pub(crate) struct TextView<'a> {
     content: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     reasoning_content: Option<std::borrow::Cow<'a, str>>,
+    /// Reasoning as Ollama's OpenAI-compatible API and newer vLLM name it.
+    #[serde(borrow)]
+    reasoning: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     tool_calls: Option<Vec<ToolCallView<'a>>>,
 }
@@ -98,18 +101,32 @@ pub(crate) struct FunctionView<'a> {
 #[serde(default)]
 pub(crate) struct ChoiceView<'a> {
     #[serde(borrow)]
+    index: Option<&'a RawValue>,
+    #[serde(borrow)]
     delta: Option<TextView<'a>>,
     #[serde(borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
 }
 
+/// A choice's `index` as a raw value, when it is a non-negative integer (as
+/// `Value::as_u64` reads it on the general path).
+pub(crate) fn index_of(raw: Option<&RawValue>) -> Option<u64> {
+    raw.and_then(|r| r.get().parse().ok())
+}
+
 impl ChoiceView<'_> {
+    /// The choice's `index` ([`index_of`]).
+    pub(crate) fn index(&self) -> Option<u64> {
+        index_of(self.index)
+    }
+
     /// Every text the guard judges: content, reasoning, tool-call arguments, text.
     pub(crate) fn push_text(&self, out: &mut String) {
         let d = self.delta.as_ref();
         for t in [
             d.and_then(|d| d.content.as_deref()),
             d.and_then(|d| d.reasoning_content.as_deref()),
+            d.and_then(|d| d.reasoning.as_deref()),
             self.text.as_deref(),
         ]
         .into_iter()
@@ -145,6 +162,7 @@ impl ChoiceView<'_> {
         [
             d.and_then(|d| d.content.as_deref()),
             d.and_then(|d| d.reasoning_content.as_deref()),
+            d.and_then(|d| d.reasoning.as_deref()),
             self.text.as_deref(),
         ]
         .into_iter()
@@ -218,9 +236,9 @@ mod tests {
     #[test]
     fn streamed_text_is_counted_with_escapes() {
         let c: Vec<ChoiceView<'_>> =
-            serde_json::from_str(r#"[{"index":0,"delta":{"content":"a\"b\u00e9","role":"assistant"},"finish_reason":null},{"text":"xy"}]"#).unwrap();
-        // a " b é (two bytes) x y: UTF-8 bytes, not characters.
-        assert_eq!(c.iter().map(ChoiceView::chars).sum::<usize>(), 7);
+            serde_json::from_str(r#"[{"index":0,"delta":{"content":"a\"b\u00e9","role":"assistant"},"finish_reason":null},{"text":"xy"},{"delta":{"reasoning":"hm","reasoning_content":"m"}}]"#).unwrap();
+        // a " b é (two bytes) x y h m m: UTF-8 bytes, not characters.
+        assert_eq!(c.iter().map(ChoiceView::chars).sum::<usize>(), 10);
         let empty: Vec<ChoiceView<'_>> =
             serde_json::from_str(r#"[{"index":0,"delta":{},"finish_reason":"stop"}]"#).unwrap();
         assert_eq!(empty[0].chars(), 0);

@@ -1,31 +1,73 @@
 //! What an embeddings answer must hold before it is billed: one embedding per input, each
-//! a non-empty vector (or base64 text), all of one dimension. A provider that answers
-//! `{}`, an empty list or fewer vectors than inputs has failed the request: nothing is
+//! a non-empty vector of numbers (or OpenAI's base64 of 32-bit floats), all of one
+//! dimension. A provider that answers `{}`, an empty list, fewer vectors than inputs, or
+//! vectors of anything but numbers (`[null]`, `"x"`) has failed the request: nothing is
 //! billed and its circuit breaker counts it. (Before, any JSON object was billed in full
-//! and counted a success.)
+//! and counted a success; then any array or string was taken for a vector.)
 
+use std::fmt;
+
+use serde::de::{Deserializer, Error as _, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use crate::api::relay::chunk::TopLevel;
 use crate::http::error::ApiError;
 
 #[derive(Deserialize)]
-struct Item<'a> {
-    #[serde(borrow)]
-    embedding: Option<&'a RawValue>,
+struct Item {
+    #[serde(default)]
+    embedding: Option<Dimension>,
 }
 
-/// The dimension of one embedding: elements of a JSON array (floats carry no comma), or
-/// the length of base64 text; `None` if it is neither, or empty.
-fn dimension(raw: &RawValue) -> Option<usize> {
-    let s = raw.get().trim();
-    if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        let inner = inner.trim();
-        return (!inner.is_empty())
-            .then(|| memchr::memchr_iter(b',', inner.as_bytes()).count() + 1);
+/// One embedding, read for its dimension without keeping it: a JSON array of numbers
+/// (each finite), or base64 text of whole little-endian 32-bit floats
+/// (`encoding_format: "base64"`). Anything else fails to deserialize.
+struct Dimension(usize);
+
+impl<'de> Deserialize<'de> for Dimension {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Dimension;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array of numbers, or base64 text of 32-bit floats")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Dimension, A::Error> {
+                let mut n = 0usize;
+                while let Some(x) = seq.next_element::<f64>()? {
+                    if !x.is_finite() {
+                        return Err(A::Error::custom("a number that is not finite"));
+                    }
+                    n = n.saturating_add(1);
+                }
+                Ok(Dimension(n))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dimension, E> {
+                base64_floats(s)
+                    .map(Dimension)
+                    .ok_or_else(|| E::custom("not base64 of 32-bit floats"))
+            }
+        }
+        d.deserialize_any(V)
     }
-    (s.len() > 2 && s.starts_with('"')).then_some(s.len() - 2)
+}
+
+/// How many 32-bit floats padded standard base64 text holds; `None` when it is not such
+/// text (a character off the alphabet, padding but at the end, a length not a multiple
+/// of 4) or does not decode to whole floats.
+fn base64_floats(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(4) {
+        return None;
+    }
+    let pad = b.iter().rev().take_while(|&&c| c == b'=').count();
+    let body = b.get(..b.len().checked_sub(pad)?)?;
+    let alphabet = |c: &u8| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/';
+    if pad > 2 || !body.iter().all(alphabet) {
+        return None;
+    }
+    let bytes = (b.len() / 4).checked_mul(3)?.checked_sub(pad)?;
+    bytes.is_multiple_of(4).then_some(bytes / 4)
 }
 
 /// Check `bytes`, the answer to a request of `inputs` inputs.
@@ -34,12 +76,12 @@ pub(crate) fn check(bytes: &[u8], inputs: i64) -> Result<(), ApiError> {
         ApiError::ProviderFailed("the provider's embeddings did not match the request's inputs");
     let top: TopLevel<'_> = serde_json::from_slice(bytes).map_err(|_| BAD)?;
     let data = top.get("data").ok_or(BAD)?;
-    let items: Vec<Item<'_>> = serde_json::from_str(data.get()).map_err(|_| BAD)?;
+    let items: Vec<Item> = serde_json::from_str(data.get()).map_err(|_| BAD)?;
     if i64::try_from(items.len()).ok() != Some(inputs.max(1)) {
         return Err(BAD);
     }
-    let mut dims = items.iter().map(|i| i.embedding.and_then(dimension));
-    let first = dims.next().flatten().ok_or(BAD)?;
+    let mut dims = items.iter().map(|i| i.embedding.as_ref().map(|d| d.0));
+    let first = dims.next().flatten().filter(|d| *d > 0).ok_or(BAD)?;
     if dims.all(|d| d == Some(first)) {
         Ok(())
     } else {
@@ -56,6 +98,11 @@ mod tests {
         let ok = br#"{"object":"list","data":[{"embedding":[0.1,0.2,-3e-2],"index":0},{"embedding":[1,2,3],"index":1}],"usage":{"prompt_tokens":4}}"#;
         assert!(check(ok, 2).is_ok());
         assert!(check(br#"{"data":[{"embedding":"AAAAAA=="}]}"#, 1).is_ok());
+        assert!(check(
+            br#"{"data":[{"embedding":"AACAPwAAAEA="},{"embedding":[1,2]}]}"#,
+            2
+        )
+        .is_ok());
         for bad in [
             &b"{}"[..],
             br#"{"data":[]}"#,
@@ -64,6 +111,16 @@ mod tests {
             br#"{"data":[{"index":0}]}"#,
             br#"{"data":[{"embedding":""}]}"#,
             br#"[1,2]"#,
+            br#"{"data":[{"embedding":null}]}"#,
+            br#"{"data":[{"embedding":[null]}]}"#,
+            br#"{"data":[{"embedding":["0"]}]}"#,
+            br#"{"data":[{"embedding":[[0]]}]}"#,
+            br#"{"data":[{"embedding":[1e999]}]}"#,
+            br#"{"data":[{"embedding":"x"}]}"#,
+            br#"{"data":[{"embedding":"AAAA"}]}"#,
+            br#"{"data":[{"embedding":"AA=A"}]}"#,
+            br#"{"data":[{"embedding":"AAAA===="}]}"#,
+            br#"{"data":[{"embedding":{"0":1}}]}"#,
         ] {
             assert!(check(bad, 1).is_err(), "{}", String::from_utf8_lossy(bad));
         }

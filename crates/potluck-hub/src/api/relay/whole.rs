@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use crate::api::ctx::{with_request_id, Ctx};
 use crate::api::finish::Outcome;
 use crate::api::relay::budget::{gather, Share, Shortfall};
-use crate::api::relay::chunk::{write_object, TopLevel};
+use crate::api::relay::chunk::{index_of, write_object, TopLevel};
 use crate::api::relay::shown::{self, Claim};
 use crate::api::relay::{embeddings, rewrite, HEADER_QUEUE_MS};
 use crate::http::error::ApiError;
@@ -25,6 +25,11 @@ use crate::routing::registry::Lease;
 use crate::state::HubState;
 use crate::trust::guard;
 use crate::trust::plausibility::{billable, Delivered, Usage};
+
+/// Why an answer that names a choice the request did not ask for (an `index` at or past
+/// its `n`, or more choices than that) failed: an audit reads its first entry, a client
+/// its choice 0, and a provider could make them two texts.
+const BEYOND_ASKED: &str = "the provider's answer held a choice the request did not ask for";
 
 /// Relay a complete answer, rewriting `id` and `model`.
 pub(crate) async fn relay_whole(
@@ -67,6 +72,9 @@ pub(crate) async fn relay_whole(
             &link,
             ApiError::ProviderFailed("the provider sent more text than the request allows"),
         );
+    }
+    if generates && seen.slots > ctx.bounds.choices {
+        return ctx.provider_failed(state, &link, ApiError::ProviderFailed(BEYOND_ASKED));
     }
     if generates && !seen.choices {
         // `{}` or `"choices": []`: nothing at all, not an answer (an empty completion
@@ -134,6 +142,10 @@ async fn tree(
     let reported = Usage::from_obj(&obj);
     let mut seen = Delivered::default();
     seen.add_text_of(&obj);
+    if seen.slots > ctx.bounds.choices {
+        // Before the guard reads it, and an audit takes its first choice.
+        return Err(ApiError::ProviderFailed(BEYOND_ASKED));
+    }
     if seen.chars > ctx.bounds.text_bytes() {
         // Before the guard reads it, window after window.
         return Err(ApiError::ProviderFailed(
@@ -183,7 +195,8 @@ impl<'a> Spliced<'a> {
         let reported = usage.as_ref().map(Claim::counts);
         let mut seen = Delivered::default();
         if let Some(choices) = top.get("choices") {
-            seen.add_chars(choices_chars(choices)?);
+            let chars = choices_chars(choices, &mut seen)?;
+            seen.add_chars(chars);
             seen.choices = choices
                 .get()
                 .strip_prefix('[')
@@ -207,9 +220,11 @@ impl<'a> Spliced<'a> {
     }
 }
 
-/// Text-bearing fields of a whole answer's choice, as raw values.
+/// Text-bearing fields of a whole answer's choice, and its `index`, as raw values.
 #[derive(serde::Deserialize)]
 struct ChoiceRaw<'a> {
+    #[serde(borrow, default)]
+    index: Option<&'a RawValue>,
     #[serde(borrow, default)]
     message: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -225,6 +240,9 @@ struct TextRaw<'a> {
     content: Option<&'a RawValue>,
     #[serde(borrow, default)]
     reasoning_content: Option<&'a RawValue>,
+    /// Reasoning as Ollama's OpenAI-compatible API and newer vLLM name it.
+    #[serde(borrow, default)]
+    reasoning: Option<&'a RawValue>,
     #[serde(borrow, default)]
     tool_calls: Option<&'a RawValue>,
 }
@@ -246,7 +264,9 @@ struct FunctionRaw<'a> {
 impl TextRaw<'_> {
     /// Characters of its content, reasoning and tool calls' arguments.
     fn chars(&self) -> Option<i64> {
-        let mut n = str_chars(self.content)?.saturating_add(str_chars(self.reasoning_content)?);
+        let mut n = str_chars(self.content)?
+            .saturating_add(str_chars(self.reasoning_content)?)
+            .saturating_add(str_chars(self.reasoning)?);
         let Some(calls) = self.tool_calls.filter(|r| r.get().starts_with('[')) else {
             return Some(n);
         };
@@ -264,20 +284,24 @@ impl TextRaw<'_> {
 }
 
 /// Characters of text in `choices`, counted as [`Delivered::add_text_of`] counts them
-/// (of `message` and `delta`: `content`, `reasoning_content` and each tool call's
-/// `function.arguments`; and `text`; a field that is not a string counts 0). `None`
-/// when a choice cannot be read without a tree.
-fn choices_chars(raw: &RawValue) -> Option<i64> {
+/// (of `message` and `delta`: `content`, `reasoning_content`, `reasoning` and each tool
+/// call's `function.arguments`; and `text`; a field that is not a string counts 0).
+/// The choices it names go to `seen` ([`Delivered::add_slots`]). `None` when a choice
+/// cannot be read without a tree.
+fn choices_chars(raw: &RawValue, seen: &mut Delivered) -> Option<i64> {
     if !raw.get().starts_with('[') {
         return Some(0);
     }
     let choices: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
     let mut chars = 0i64;
+    let mut highest = None;
+    let len = choices.len();
     for c in choices {
         if !c.get().starts_with('{') {
             continue; // no text in a choice that is not an object
         }
         let c: ChoiceRaw<'_> = serde_json::from_str(c.get()).ok()?;
+        highest = highest.max(index_of(c.index));
         let message = object_of(c.message)?;
         let delta = object_of(c.delta)?;
         for part in [message, delta].iter().flatten() {
@@ -285,6 +309,7 @@ fn choices_chars(raw: &RawValue) -> Option<i64> {
         }
         chars = chars.saturating_add(str_chars(c.text)?);
     }
+    seen.add_slots(len, highest.into_iter().map(Some));
     Some(chars)
 }
 
@@ -390,8 +415,10 @@ pub(crate) fn answer_text(obj: &Map<String, Value>) -> String {
         for p in [
             "/message/content",
             "/message/reasoning_content",
+            "/message/reasoning",
             "/delta/content",
             "/delta/reasoning_content",
+            "/delta/reasoning",
             "/text",
         ] {
             if let Some(t) = c.pointer(p).and_then(Value::as_str) {
@@ -417,6 +444,7 @@ fn filter_whole(obj: &mut Map<String, Value>) {
                 m.insert("content".into(), Value::String(String::new()));
                 m.remove("tool_calls");
                 m.remove("reasoning_content");
+                m.remove("reasoning");
             }
             if c.contains_key("text") {
                 c.insert("text".into(), Value::String(String::new()));

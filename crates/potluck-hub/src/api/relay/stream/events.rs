@@ -13,6 +13,10 @@ use crate::api::relay::whole::answer_text;
 use crate::api::relay::{rewrite, shown};
 use crate::trust::plausibility::{assess, Usage};
 
+/// What a stream ends with when a chunk names a choice the request did not ask for (an
+/// `index` at or past its `n`, or more choices than that in one chunk).
+const BEYOND_ASKED: &str = "The provider sent a choice the request did not ask for.";
+
 impl Relay {
     /// Handle one event's data.
     pub(super) fn event(&mut self, data: &[u8]) {
@@ -51,6 +55,11 @@ impl Relay {
             },
             None => Vec::new(),
         };
+        self.seen
+            .add_slots(choices.len(), choices.iter().map(ChoiceView::index));
+        if self.seen.slots > self.ctx.bounds.choices {
+            return self.fail(BEYOND_ASKED, "provider_error");
+        }
         let has_choices = !choices.is_empty();
         if has_choices && self.ttft.is_none() {
             self.ttft = Some(self.ctx.started.elapsed());
@@ -150,6 +159,9 @@ impl Relay {
             self.ttft = Some(self.ctx.started.elapsed());
         }
         self.seen.add_text_of(&obj);
+        if self.seen.slots > self.ctx.bounds.choices {
+            return self.fail(BEYOND_ASKED, "provider_error");
+        }
         if self.seen.chars > self.ctx.bounds.text_bytes() {
             return self.fail(
                 "The provider sent more text than the request allows.",

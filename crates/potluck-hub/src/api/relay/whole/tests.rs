@@ -1,7 +1,7 @@
 use super::*;
 
 /// The tree path's reading of an answer (without the guard): usage, text, body.
-fn by_tree(bytes: &[u8], model: &str, id: &str) -> (Option<Usage>, i64, i64, Value) {
+fn by_tree(bytes: &[u8], model: &str, id: &str) -> (Option<Usage>, (i64, i64, i64), Value) {
     let Value::Object(mut obj) = serde_json::from_slice::<Value>(bytes).unwrap() else {
         panic!("not an object")
     };
@@ -14,7 +14,8 @@ fn by_tree(bytes: &[u8], model: &str, id: &str) -> (Option<Usage>, i64, i64, Val
     if obj.contains_key("id") {
         obj.insert("id".into(), Value::String(id.into()));
     }
-    (reported, seen.chunks, seen.chars, Value::Object(obj))
+    let seen = (seen.chunks, seen.chars, seen.slots);
+    (reported, seen, Value::Object(obj))
 }
 
 #[test]
@@ -25,19 +26,23 @@ fn splice_agrees_with_the_tree() {
         br#"{"id":"i","choices":[{"message":{"content":null,"tool_calls":[]}},{"delta":{"content":"ab","reasoning_content":"cd"}}],"usage":null}"#,
         br#"{"choices":{"not":"an array"},"usage":{"prompt_tokens":"7","completion_tokens":-4}}"#,
         br#"{"choices":[{"message":{"content":["parts"],"reasoning_content":"counted as well"}}],"usage":[1]}"#,
+        br#"{"choices":[{"message":{"content":"a","reasoning":"as Ollama names it"}},{"delta":{"reasoning":7}}]}"#,
+        br#"{"choices":[{"index":1,"message":{"content":"b"}},{"index":0,"message":{"content":"a"}}]}"#,
+        br#"{"choices":[{"index":7},{"index":-1},{"index":"9"},{"index":2.0},{"index":null},3]}"#,
+        br#"{"choices":[{"index":18446744073709551615}]}"#,
         br#"{"choices":[{"message":{"tool_calls":[{"function":{"name":"f","arguments":"{\"a\":1}"}},{"function":{"arguments":7}},"x",{"function":"y"}]}}]}"#,
         br#"{"data":[{"embedding":[0.1,0.2]}],"model":"e","usage":{"prompt_tokens":2}}"#,
         br#"{}"#,
     ];
     for a in answers {
         let s = Spliced::read(a, "pub/model", "chatcmpl-42").unwrap();
-        let (u, chunks, chars, v) = by_tree(a, "pub/model", "chatcmpl-42");
+        let (u, seen, v) = by_tree(a, "pub/model", "chatcmpl-42");
         let what = String::from_utf8_lossy(a);
         assert_eq!(s.reported, u, "usage of {what}");
         assert_eq!(
-            (s.seen.chunks, s.seen.chars),
-            (chunks, chars),
-            "text of {what}"
+            (s.seen.chunks, s.seen.chars, s.seen.slots),
+            seen,
+            "text and choices of {what}"
         );
         let spliced: Value = serde_json::from_slice(&s.body).unwrap();
         assert_eq!(spliced, v, "body of {what}");
