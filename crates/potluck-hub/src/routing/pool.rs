@@ -15,6 +15,9 @@ use rand::Rng;
 
 use crate::routing::link::{Need, ProviderLink};
 
+/// The pool, per model, as pages and estimates read it ([`Registry::pool_view`]).
+pub(crate) type PoolView = Arc<BTreeMap<ModelName, ModelStatus>>;
+
 /// How long a pool view for pages and estimates is reused ([`Registry::pool_view`]).
 pub(crate) const POOL_VIEW_TTL: Duration = Duration::from_secs(1);
 
@@ -385,7 +388,7 @@ impl Registry {
     /// flight and queued may be that old). Building it locks every tunnel and the energy
     /// books, which routing takes too: a stranger reloading the public page, or thousands
     /// of queued streams asking their place every second, would build it for each.
-    pub fn pool_view(&self) -> Arc<BTreeMap<ModelName, ModelStatus>> {
+    pub fn pool_view(&self) -> PoolView {
         let mut view = self.inner.view.lock();
         if let Some((at, pool)) = view.as_ref() {
             if at.elapsed() < POOL_VIEW_TTL {

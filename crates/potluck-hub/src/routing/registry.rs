@@ -10,7 +10,7 @@
 //! model that tunnel serves, if any; otherwise it is freed. So a free slot never sits
 //! idle while someone waits, and newcomers cannot jump the queue.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use crate::config::RoutingConfig;
 use crate::routing::health::{weighted_choice, Health};
 use crate::routing::link::{OfferedModel, ProviderLink};
-use crate::routing::pool::EnergyStat;
+use crate::routing::pool::{EnergyStat, PoolView};
 use crate::routing::queue::Queue;
 
 pub(crate) use crate::routing::link::Need;
@@ -146,7 +146,7 @@ pub(super) struct Inner {
     pub(super) trust_epoch: Mutex<u64>,
     /// The last pool view made for pages and estimates, and when
     /// (`Registry::pool_view`); emptied when an offer, a tunnel or a trust flag changes.
-    pub(super) view: Mutex<Option<(Instant, Arc<BTreeMap<ModelName, ModelStatus>>)>>,
+    pub(super) view: Mutex<Option<(Instant, PoolView)>>,
 }
 
 impl Inner {
