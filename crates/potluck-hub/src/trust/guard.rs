@@ -323,6 +323,13 @@ pub(crate) fn input_text(body: &[u8]) -> String {
                 out.push_str(&f.to_string());
                 out.push('\n');
             }
+            // An earlier turn's reasoning: reasoning models' templates show it again.
+            for key in ["reasoning_content", "reasoning", "thinking"] {
+                if let Some(t) = m.get(key).and_then(Value::as_str) {
+                    out.push_str(t);
+                    out.push('\n');
+                }
+            }
             match m.get("content") {
                 Some(Value::String(s)) => {
                     out.push_str(s);

@@ -95,6 +95,7 @@ const MESSAGE_KEYS: &[&str] = &[
     "images",
     "thinking",
     "reasoning_content",
+    "reasoning",
 ];
 
 impl<'de> serde::Deserialize<'de> for InnerKey {

@@ -592,6 +592,13 @@ async fn text_in_tools_and_schemas_is_judged_too() {
             {"role": "tool", "tool_call_id": "1", "content": "done"}]}),
         json!({"model": "m", "messages": [user], "response_format": {"type": "json_schema",
             "json_schema": {"name": "s", "schema": {"description": "FORBIDDEN"}}}}),
+        // An earlier turn's reasoning, which reasoning models' templates show again.
+        json!({"model": "m", "messages": [user, {"role": "assistant", "content": "ok",
+            "reasoning_content": "FORBIDDEN"}, user]}),
+        json!({"model": "m", "messages": [user, {"role": "assistant", "content": "ok",
+            "reasoning": "FORBIDDEN"}, user]}),
+        json!({"model": "m", "messages": [user, {"role": "assistant", "content": "ok",
+            "thinking": "FORBIDDEN"}, user]}),
     ] {
         let r = alice.send_chat(&body).await;
         assert_eq!(r.status(), 400, "{body}");
