@@ -232,7 +232,7 @@ async fn admit(
     );
     let reserved = admit::reserve(state, key, anonymous, &parsed.model, &bounds).await?;
     let usage_slot = admit::usage_slot(state).await?;
-    let stages = screen::stages(state, s.endpoint, &parsed.model);
+    let stages = screen::stages(state, s.endpoint, &parsed.model, &key.groups);
     let guard_input: Option<Arc<str>> = (stages.input || stages.output)
         .then(|| Arc::from(crate::trust::guard::input_text(&parsed.body)));
     screen::refuse_unreadable(state, stages, &parsed.request, guard_input.as_deref())?;

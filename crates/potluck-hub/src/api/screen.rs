@@ -18,7 +18,7 @@ pub(crate) struct Stages {
     pub(crate) input: bool,
     /// Check the answer (in windows, when streamed).
     pub(crate) output: bool,
-    /// Whether an open provider offers the model (to any group) now. Only an offered
+    /// Whether an open provider offers the model to the consumer's groups now. Only an offered
     /// model's input is judged: the guard's verdicts are kept with their model's name,
     /// and a name no provider offers is whatever the consumer typed.
     pub(crate) offered: bool,
@@ -32,12 +32,17 @@ impl Stages {
 }
 
 /// Which stages apply to a request for `model` at `endpoint`.
-pub(crate) fn stages(state: &HubState, endpoint: InferenceEndpoint, model: &ModelName) -> Stages {
+pub(crate) fn stages(
+    state: &HubState,
+    endpoint: InferenceEndpoint,
+    model: &ModelName,
+    groups: &[String],
+) -> Stages {
     let cfg = &state.config.moderation;
     if !cfg.enabled() || endpoint == InferenceEndpoint::Embeddings {
         return Stages::default();
     }
-    let required = state.registry.moderation_required(model);
+    let required = state.registry.moderation_required(model, groups);
     let got = least_cover(cfg.mode_for(model.as_str()), &required);
     Stages {
         input: got.input(),

@@ -15,6 +15,11 @@ use rand::Rng;
 
 use crate::routing::link::{Need, ProviderLink};
 
+/// Whether a provider serving `served` (none: everyone) serves a consumer in `groups`.
+fn visible_to(served: &[String], groups: &[String]) -> bool {
+    served.is_empty() || served.iter().any(|g| groups.contains(g))
+}
+
 /// The pool, per model, as pages and estimates read it ([`Registry::pool_view`]).
 pub(crate) type PoolView = Arc<BTreeMap<ModelName, ModelStatus>>;
 
@@ -279,16 +284,20 @@ impl Registry {
             .collect()
     }
 
-    /// The moderation each open provider of `model` requires (each value once).
+    /// The moderation each open provider of `model` that serves a consumer in `groups`
+    /// requires (each value once); empty when none does. A provider serving only groups
+    /// the consumer is not in is not counted: its model looks like no model at all.
     pub fn moderation_required(
         &self,
         model: &ModelName,
+        groups: &[String],
     ) -> BTreeSet<potluck_protocol::tunnel::Moderation> {
         self.open_tunnels()
             .iter()
             .filter_map(|t| {
                 let o = t.state.lock();
-                o.models.contains_key(model).then_some(o.profile.moderation)
+                (o.models.contains_key(model) && visible_to(&o.profile.groups, groups))
+                    .then_some(o.profile.moderation)
             })
             .collect()
     }
@@ -310,9 +319,7 @@ impl Registry {
         let mut out: BTreeMap<ModelName, (HashSet<i64>, ModelStatus, bool)> = BTreeMap::new();
         for t in &tunnels {
             let o = t.state.lock();
-            let visible =
-                o.profile.groups.is_empty() || o.profile.groups.iter().any(|g| groups.contains(g));
-            if !visible {
+            if !visible_to(&o.profile.groups, groups) {
                 continue;
             }
             for (m, info) in &o.models {

@@ -704,6 +704,60 @@ async fn a_model_name_no_provider_offers_is_refused_before_the_guard_and_never_k
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "model_not_found", "{e}");
     assert!(p.guard.requests().is_empty(), "the guard read nothing");
+    // A model offered only to a group the consumer is not in answers the same, for a
+    // prompt the guard could not read too: no outsider learns that it exists.
+    let _private = ScriptedAgent::connect_with(
+        "private",
+        &p.hub.url(),
+        &p.hub.create_provider("private").await,
+        hello(
+            &["team-model"],
+            8,
+            ProviderProfile {
+                groups: vec!["team".into()],
+                ..ProviderProfile::default()
+            },
+        ),
+        model(),
+    )
+    .await;
+    let st = p.hub.state();
+    let team_model = potluck_protocol::ModelName::parse("team-model").unwrap();
+    potluck_testkit::wait_until(
+        "the team's model offered",
+        std::time::Duration::from_secs(10),
+        || {
+            let found = st
+                .registry
+                .pool_for(&["team".to_owned()])
+                .contains_key(&team_model);
+            async move { found }
+        },
+    )
+    .await;
+    for (name, path, body) in [
+        (
+            typed,
+            "completions",
+            json!({"model": typed, "prompt": [1, 2, 3]}),
+        ),
+        (
+            "team-model",
+            "completions",
+            json!({"model": "team-model", "prompt": [1, 2, 3]}),
+        ),
+        (
+            "team-model",
+            "chat/completions",
+            chat_body("team-model", "a SLUR here", false),
+        ),
+    ] {
+        let r = p.alice.post(path, &body).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{name} {path}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "model_not_found", "{name}: {e}");
+    }
+    assert!(p.guard.requests().is_empty(), "the guard read nothing");
     // Positive control: the same text for a served model is judged and its verdict kept.
     let r = chat(&p, "a SLUR here", false).await;
     assert_eq!(r.status(), 200);

@@ -84,8 +84,13 @@ pub(super) fn fit_max_tokens(
     let need = Need {
         groups: std::sync::Arc::clone(&key.groups),
         trusted_only: crate::api::trusted_header(headers) || key.trusted_only,
-        moderated: crate::api::screen::stages(state, InferenceEndpoint::ChatCompletions, &model)
-            .moderation(),
+        moderated: crate::api::screen::stages(
+            state,
+            InferenceEndpoint::ChatCompletions,
+            &model,
+            &key.groups,
+        )
+        .moderation(),
         ..Need::default()
     };
     // The request as admission reads it: what it needs (tools, images) and its prompt.
