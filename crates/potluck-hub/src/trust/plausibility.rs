@@ -92,10 +92,13 @@ impl Delivered {
         for c in choices {
             chars = chars.saturating_add(count(c.get("text")));
             for part in ["message", "delta"].into_iter().filter_map(|k| c.get(k)) {
+                // Reasoning under both names is one text (the translated APIs show
+                // one); a server's `thinking` is judged, never counted.
+                let reasoning =
+                    count(part.get("reasoning_content")).max(count(part.get("reasoning")));
                 chars = chars
                     .saturating_add(count(part.get("content")))
-                    .saturating_add(count(part.get("reasoning_content")))
-                    .saturating_add(count(part.get("reasoning")));
+                    .saturating_add(reasoning);
                 let calls = part.get("tool_calls").and_then(Value::as_array);
                 for call in calls.into_iter().flatten() {
                     chars = chars.saturating_add(count(call.pointer("/function/arguments")));

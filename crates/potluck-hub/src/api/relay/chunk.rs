@@ -77,8 +77,21 @@ pub(crate) struct TextView<'a> {
     /// Reasoning as Ollama's OpenAI-compatible API and newer vLLM name it.
     #[serde(borrow)]
     reasoning: Option<std::borrow::Cow<'a, str>>,
+    /// Reasoning as some servers name it: judged, never counted as delivered (no
+    /// translated API shows it).
+    #[serde(borrow)]
+    thinking: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     tool_calls: Option<Vec<ToolCallView<'a>>>,
+}
+
+impl TextView<'_> {
+    /// Bytes of delivered reasoning: the longer of `reasoning_content` and `reasoning`
+    /// (servers that send both send the same text; the translated APIs show one).
+    fn reasoning_len(&self) -> usize {
+        let len = |t: &Option<std::borrow::Cow<'_, str>>| t.as_deref().map_or(0, str::len);
+        len(&self.reasoning_content).max(len(&self.reasoning))
+    }
 }
 
 /// A streamed tool call: only its arguments are text the guard reads.
@@ -127,6 +140,7 @@ impl ChoiceView<'_> {
             d.and_then(|d| d.content.as_deref()),
             d.and_then(|d| d.reasoning_content.as_deref()),
             d.and_then(|d| d.reasoning.as_deref()),
+            d.and_then(|d| d.thinking.as_deref()),
             self.text.as_deref(),
         ]
         .into_iter()
@@ -159,17 +173,13 @@ impl ChoiceView<'_> {
             .unwrap_or_default()
             .iter()
             .filter_map(|c| c.function.as_ref().and_then(|f| f.arguments.as_deref()));
-        [
-            d.and_then(|d| d.content.as_deref()),
-            d.and_then(|d| d.reasoning_content.as_deref()),
-            d.and_then(|d| d.reasoning.as_deref()),
-            self.text.as_deref(),
-        ]
-        .into_iter()
-        .flatten()
-        .chain(calls)
-        .map(str::len)
-        .sum()
+        [d.and_then(|d| d.content.as_deref()), self.text.as_deref()]
+            .into_iter()
+            .flatten()
+            .chain(calls)
+            .map(str::len)
+            .sum::<usize>()
+            .saturating_add(d.map_or(0, TextView::reasoning_len))
     }
 }
 
@@ -236,9 +246,13 @@ mod tests {
     #[test]
     fn streamed_text_is_counted_with_escapes() {
         let c: Vec<ChoiceView<'_>> =
-            serde_json::from_str(r#"[{"index":0,"delta":{"content":"a\"b\u00e9","role":"assistant"},"finish_reason":null},{"text":"xy"},{"delta":{"reasoning":"hm","reasoning_content":"m"}}]"#).unwrap();
-        // a " b é (two bytes) x y h m m: UTF-8 bytes, not characters.
-        assert_eq!(c.iter().map(ChoiceView::chars).sum::<usize>(), 10);
+            serde_json::from_str(r#"[{"index":0,"delta":{"content":"a\"b\u00e9","role":"assistant"},"finish_reason":null},{"text":"xy"},{"delta":{"reasoning":"hm","reasoning_content":"m","thinking":"unseen"}}]"#).unwrap();
+        // a " b é (two bytes) x y, and h m (reasoning under two names is one text, the
+        // longer; `thinking` is judged, not counted): UTF-8 bytes, not characters.
+        assert_eq!(c.iter().map(ChoiceView::chars).sum::<usize>(), 9);
+        let mut judged = String::new();
+        c[2].push_text(&mut judged);
+        assert_eq!(judged, "mhmunseen", "the guard reads every name");
         let empty: Vec<ChoiceView<'_>> =
             serde_json::from_str(r#"[{"index":0,"delta":{},"finish_reason":"stop"}]"#).unwrap();
         assert_eq!(empty[0].chars(), 0);

@@ -243,6 +243,9 @@ struct TextRaw<'a> {
     /// Reasoning as Ollama's OpenAI-compatible API and newer vLLM name it.
     #[serde(borrow, default)]
     reasoning: Option<&'a RawValue>,
+    /// Read only to send the answer down the slow path (judged, never counted).
+    #[serde(borrow, default)]
+    thinking: Option<&'a RawValue>,
     #[serde(borrow, default)]
     tool_calls: Option<&'a RawValue>,
 }
@@ -264,9 +267,13 @@ struct FunctionRaw<'a> {
 impl TextRaw<'_> {
     /// Characters of its content, reasoning and tool calls' arguments.
     fn chars(&self) -> Option<i64> {
-        let mut n = str_chars(self.content)?
-            .saturating_add(str_chars(self.reasoning_content)?)
-            .saturating_add(str_chars(self.reasoning)?);
+        // A server's `thinking` is for the guard, which reads the tree: the slow path.
+        if self.thinking.is_some() {
+            return None;
+        }
+        // Reasoning under both names is one text (the translated APIs show one).
+        let reasoning = str_chars(self.reasoning_content)?.max(str_chars(self.reasoning)?);
+        let mut n = str_chars(self.content)?.saturating_add(reasoning);
         let Some(calls) = self.tool_calls.filter(|r| r.get().starts_with('[')) else {
             return Some(n);
         };
@@ -416,9 +423,11 @@ pub(crate) fn answer_text(obj: &Map<String, Value>) -> String {
             "/message/content",
             "/message/reasoning_content",
             "/message/reasoning",
+            "/message/thinking",
             "/delta/content",
             "/delta/reasoning_content",
             "/delta/reasoning",
+            "/delta/thinking",
             "/text",
         ] {
             if let Some(t) = c.pointer(p).and_then(Value::as_str) {
@@ -445,6 +454,7 @@ fn filter_whole(obj: &mut Map<String, Value>) {
                 m.remove("tool_calls");
                 m.remove("reasoning_content");
                 m.remove("reasoning");
+                m.remove("thinking");
             }
             if c.contains_key("text") {
                 c.insert("text".into(), Value::String(String::new()));
