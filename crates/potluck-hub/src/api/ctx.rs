@@ -279,11 +279,19 @@ impl Ctx {
         self.audit.lock().is_some()
     }
 
-    /// Text of the first choice delivered to the consumer, kept when the request was
-    /// sampled for an audit (nothing is done otherwise).
-    pub(crate) fn delivered(&self, first_choice: Option<&str>) {
-        if let (Some(t), Some(sample)) = (first_choice, self.audit.lock().as_mut()) {
+    /// The first choice delivered to the consumer (a whole answer's, or a chunk's): its
+    /// text and tool calls, kept when the request was sampled for an audit (nothing is
+    /// done otherwise).
+    pub(crate) fn delivered(&self, first_choice: Option<&serde_json::Value>) {
+        let mut audit = self.audit.lock();
+        let (Some(c), Some(sample)) = (first_choice, audit.as_mut()) else {
+            return;
+        };
+        if let Some(t) = crate::routing::send::text_of(c) {
             sample.push(t);
+        }
+        if let Some(m) = c.get("message").or_else(|| c.get("delta")) {
+            sample.push_calls_of(m);
         }
     }
 

@@ -15,6 +15,7 @@ use rand::RngCore;
 use serde_json::Value;
 
 use crate::http::sse::SseParser;
+use crate::routing::calls::Calls;
 use crate::routing::link::ProviderLink;
 use crate::routing::registry::{Acquired, Lease, Need};
 use crate::state::HubState;
@@ -93,6 +94,8 @@ pub(crate) enum InternalError {
 pub(crate) struct Answer {
     /// The text of the first choice (content, or completions' text).
     pub text: String,
+    /// The first choice's tool calls (names and arguments, in order).
+    pub calls: Calls,
     /// Completion tokens the provider reported.
     pub completion_tokens: i64,
     /// Prompt tokens the provider reported (0: none).
@@ -255,6 +258,10 @@ fn prompt_tokens(v: &Value) -> Option<i64> {
 
 fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
     let v: Value = serde_json::from_slice(body).map_err(|_| InternalError::Failed("json"))?;
+    let mut calls = Calls::new(MAX_INTERNAL_ANSWER_BYTES);
+    if let Some(m) = v.pointer("/choices/0/message") {
+        calls.push_json(m);
+    }
     Ok(Answer {
         text: v
             .pointer("/choices/0")
@@ -262,6 +269,7 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
             .unwrap_or_default()
             .to_owned(),
         completion_tokens: completion_tokens(&v).unwrap_or(0),
+        calls,
         prompt_tokens: prompt_tokens(&v).unwrap_or(0),
         cut_at_length: v.pointer("/choices/0").is_some_and(at_length),
         provider_id: 0,
@@ -271,7 +279,10 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
 fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
     let mut p = SseParser::new(max_line);
     let events = p.push(body).map_err(|_| InternalError::Failed("sse"))?;
-    let mut a = Answer::default();
+    let mut a = Answer {
+        calls: Calls::new(MAX_INTERNAL_ANSWER_BYTES),
+        ..Answer::default()
+    };
     for ev in events {
         if ev == b"[DONE]" {
             break;
@@ -281,6 +292,9 @@ fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
         };
         if let Some(c) = v.pointer("/choices/0") {
             a.text.push_str(text_of(c).unwrap_or_default());
+            if let Some(d) = c.get("delta") {
+                a.calls.push_json(d);
+            }
             a.cut_at_length |= at_length(c);
         }
         if let Some(n) = completion_tokens(&v) {

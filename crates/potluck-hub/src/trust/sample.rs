@@ -1,10 +1,14 @@
 //! A request sampled for an audit: the body exactly as the provider got it, and the text
-//! the provider delivered (of the first choice, as the relay saw it), kept in memory
-//! under `audit.max_text_bytes` until the replay on a trusted reference is judged. Only
+//! and tool calls the provider delivered (of the first choice, as the relay saw it), kept
+//! in memory under `audit.max_text_bytes` (each) until the replay on a trusted reference is judged. Only
 //! sampled requests carry one, so the request path allocates nothing for the others.
 //! Never written to disk or to a log.
 
 use bytes::Bytes;
+use serde_json::Value;
+
+pub(crate) use crate::routing::calls::prefix;
+use crate::routing::calls::Calls;
 
 /// One sampled request's body and delivered text.
 pub(crate) struct AuditSample {
@@ -14,6 +18,7 @@ pub(crate) struct AuditSample {
     pub(crate) stream: bool,
     text: String,
     cap: usize,
+    calls: Calls,
 }
 
 impl AuditSample {
@@ -24,6 +29,7 @@ impl AuditSample {
             stream,
             text: String::new(),
             cap,
+            calls: Calls::new(cap),
         }
     }
 
@@ -33,22 +39,20 @@ impl AuditSample {
         self.text.push_str(prefix(t, room));
     }
 
-    /// The text delivered (at most the cap).
-    pub(crate) fn into_text(self) -> String {
-        self.text
+    /// Add a piece of tool call `key` (see [`Calls::push`]).
+    pub(crate) fn push_call(&mut self, key: u64, name: Option<&str>, arguments: Option<&str>) {
+        self.calls.push(key, name, arguments);
     }
-}
 
-/// The longest prefix of `t` of at most `max` bytes that ends on a character.
-pub(crate) fn prefix(t: &str, max: usize) -> &str {
-    if t.len() <= max {
-        return t;
+    /// Add the tool calls of a delivered `message` or `delta` object.
+    pub(crate) fn push_calls_of(&mut self, message: &Value) {
+        self.calls.push_json(message);
     }
-    let mut n = max;
-    while !t.is_char_boundary(n) {
-        n -= 1;
+
+    /// The text and the tool calls delivered (each at most the cap).
+    pub(crate) fn into_delivered(self) -> (String, Calls) {
+        (self.text, self.calls)
     }
-    &t[..n]
 }
 
 #[cfg(test)]
@@ -62,10 +66,10 @@ mod tests {
         s.push("cé");
         s.push("zzz");
         // "abcé" is 5 bytes; nothing more fits.
-        assert_eq!(s.into_text(), "abcé");
+        assert_eq!(s.into_delivered().0, "abcé");
         let mut s = AuditSample::new(Bytes::new(), false, 4);
         s.push("abcé");
-        assert_eq!(s.into_text(), "abc", "never half a character");
+        assert_eq!(s.into_delivered().0, "abc", "never half a character");
         assert_eq!(prefix("", 0), "");
     }
 }

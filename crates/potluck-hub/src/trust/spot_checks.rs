@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SpotCheckConfig;
+use crate::routing::calls::Calls;
 use crate::routing::link::ProviderLink;
 use crate::routing::send::{self, Answer};
 use crate::state::HubState;
@@ -133,16 +134,48 @@ pub(crate) fn appended(a: &str, b: &str) -> bool {
     !wb.is_empty() && wa.len() > wb.len() + MAX_APPENDED_WORDS && wa.starts_with(&wb)
 }
 
+/// What an answer said, as audits compare it: its text and its tool calls.
+#[derive(Clone, Copy)]
+struct Said<'a> {
+    text: &'a str,
+    calls: &'a Calls,
+}
+
+impl<'a> Said<'a> {
+    fn of(answer: &'a Answer) -> Self {
+        Self {
+            text: &answer.text,
+            calls: &answer.calls,
+        }
+    }
+
+    /// The text the words are compared on: the text (up to `cap`), then each tool call's
+    /// name and arguments.
+    fn words(self, cap: usize) -> String {
+        let mut w = prefix(self.text, cap).to_owned();
+        w.push_str(&self.calls.render());
+        w
+    }
+}
+
 /// The verdict on one replay or canary, `a` the audited answer, `b` the reference's:
 /// (passed, agreement). Text past `audit.max_text_bytes` is not compared, and appended
 /// text counts only against a reference that ended by itself (not at its length limit
-/// or the byte cap, where an honest answer may go on).
-fn verdict(cfg: &SpotCheckConfig, a: &str, b: &str, b_cut: bool) -> (bool, f64) {
+/// or the byte cap, where an honest answer may go on). Tool calls are compared in the
+/// words (their names and arguments after the text) and must also be the very calls the
+/// reference made (a call is an action the consumer's client takes: another command, or
+/// a call where the reference made none, is another answer however few words differ),
+/// unless the reference was cut at its length limit.
+fn verdict(cfg: &SpotCheckConfig, a: Said<'_>, b: Said<'_>, b_cut: bool) -> (bool, f64) {
     let cap = cfg.max_text_bytes;
-    let (a, b) = (prefix(a, cap), prefix(b, cap));
-    let b_cut = b_cut || b.len() >= cap;
-    let g = agreement(a, b, cfg.compare_tokens);
-    (g >= cfg.min_agreement && (b_cut || !appended(a, b)), g)
+    let b_cut = b_cut || b.text.len() >= cap;
+    let (aw, bw) = (a.words(cap), b.words(cap));
+    let g = agreement(&aw, &bw, cfg.compare_tokens);
+    let same_calls = b_cut || a.calls.same_as(b.calls);
+    (
+        g >= cfg.min_agreement && same_calls && (b_cut || !appended(&aw, &bw)),
+        g,
+    )
 }
 
 /// The auditor task: runs jobs one at a time and canaries on a timer, until `stop`.
@@ -268,8 +301,12 @@ async fn replay(state: &HubState, job: ReplayJob) {
         tracing::debug!("trusted reference failed an audit; no verdict");
         return;
     };
-    let delivered = job.sample.into_text();
-    let (passed, agreement) = verdict(&state.config.audit, &delivered, &b.text, b.cut_at_length);
+    let (delivered, calls) = job.sample.into_delivered();
+    let said = Said {
+        text: &delivered,
+        calls: &calls,
+    };
+    let (passed, agreement) = verdict(&state.config.audit, said, Said::of(&b), b.cut_at_length);
     // The same text billed above what the reference counted for it fails the replay too.
     let provider_counted = Usage {
         // The hub's own estimate, billed for want of the provider's count, is not held
@@ -285,7 +322,7 @@ async fn replay(state: &HubState, job: ReplayJob) {
         && usage_over_reference(
             provider_counted,
             &b,
-            job.choices <= 1 && delivered == b.text,
+            job.choices <= 1 && delivered == b.text && calls.same_as(&b.calls),
             state.config.credits.prompt_overhead_tokens,
         );
     if inflated {
@@ -379,7 +416,12 @@ async fn compare(
     };
     Some(match a {
         Ok(a) => {
-            let (passed, g) = verdict(&state.config.audit, &a.text, &b.text, b.cut_at_length);
+            let (passed, g) = verdict(
+                &state.config.audit,
+                Said::of(&a),
+                Said::of(&b),
+                b.cut_at_length,
+            );
             (passed, Some(g))
         }
         Err(_) => (false, None),

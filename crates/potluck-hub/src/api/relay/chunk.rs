@@ -4,6 +4,8 @@
 use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::trust::sample::AuditSample;
+
 /// Most top-level keys [`TopLevel`] reads; an object with more takes the caller's tree
 /// path. (Each key is looked for among those before it, so the bound keeps that cheap
 /// whatever a provider sends; answers and chunks have about six.)
@@ -78,10 +80,12 @@ pub(crate) struct TextView<'a> {
     tool_calls: Option<Vec<ToolCallView<'a>>>,
 }
 
-/// A streamed tool call: only its arguments are text the guard reads.
+/// A streamed tool call: its arguments are text the guard reads; its `index` and
+/// function name join its pieces for audits.
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 pub(crate) struct ToolCallView<'a> {
+    index: Option<u64>,
     #[serde(borrow)]
     function: Option<FunctionView<'a>>,
 }
@@ -89,6 +93,8 @@ pub(crate) struct ToolCallView<'a> {
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 pub(crate) struct FunctionView<'a> {
+    #[serde(borrow)]
+    name: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     arguments: Option<std::borrow::Cow<'a, str>>,
 }
@@ -131,6 +137,23 @@ impl ChoiceView<'_> {
             .as_ref()
             .and_then(|d| d.content.as_deref())
             .or(self.text.as_deref())
+    }
+
+    /// Keep what audits compare of this choice in `sample`: its text and its tool calls'
+    /// pieces (each call's `index`, else its place, with its name and arguments).
+    pub(crate) fn keep_for_audit(&self, sample: &mut AuditSample) {
+        if let Some(t) = self.answer() {
+            sample.push(t);
+        }
+        let calls = self.delta.as_ref().and_then(|d| d.tool_calls.as_deref());
+        for (place, call) in calls.unwrap_or_default().iter().enumerate() {
+            let f = call.function.as_ref();
+            sample.push_call(
+                call.index.unwrap_or(place as u64),
+                f.and_then(|f| f.name.as_deref()),
+                f.and_then(|f| f.arguments.as_deref()),
+            );
+        }
     }
 
     /// UTF-8 bytes of delivered text: content, reasoning, tool-call arguments, text (as
