@@ -293,6 +293,9 @@ impl Ctx {
         if let Some(m) = c.get("message").or_else(|| c.get("delta")) {
             sample.push_calls_of(m);
         }
+        if c.get("finish_reason").and_then(serde_json::Value::as_str) == Some("length") {
+            sample.note_length();
+        }
     }
 
     /// A provider failed (or the request was cut) before anything was relayed.

@@ -25,6 +25,12 @@ pub const MIN_AUDIT_TEXT_BYTES: usize = 1024;
 /// 7%, below the margin of the `max_tokens_per_sec` limits.
 pub const MIN_TOKENS_FOR_SPEED: i64 = 16;
 
+/// Largest `audit.completion_ratio`: past a hundred times the reference's count the bill
+/// check would hold nothing against anyone.
+pub const MAX_COMPLETION_RATIO: f64 = 100.0;
+/// Largest `audit.completion_slack_tokens`.
+pub const MAX_COMPLETION_SLACK_TOKENS: i64 = 1_000_000;
+
 /// Which side of a request a guard model checks.
 pub type ModerationMode = potluck_protocol::tunnel::Moderation;
 
@@ -201,6 +207,16 @@ pub struct SpotCheckConfig {
     /// Speed is judged only on answers with at least this many completion tokens: at
     /// least [`MIN_TOKENS_FOR_SPEED`] (16).
     pub min_tokens_for_speed: i64,
+    /// A replay holds the completion tokens billed against the reference's count for the
+    /// same body whenever both answers ended by themselves (neither at its length limit
+    /// nor past `max_text_bytes`). Where the texts differ (whitespace aside), the bill may
+    /// reach the reference's count scaled by the delivered text's length over the
+    /// reference's (when longer), times this ratio; where they are the same, the
+    /// reference's count. 1 to [`MAX_COMPLETION_RATIO`] (100).
+    pub completion_ratio: f64,
+    /// Tokens a bill may pass that bound by (a whitespace token, a template's end
+    /// marker). 0 to [`MAX_COMPLETION_SLACK_TOKENS`].
+    pub completion_slack_tokens: i64,
 }
 
 impl SpotCheckConfig {
@@ -249,6 +265,16 @@ impl SpotCheckConfig {
         if self.lease_wait.is_zero() {
             return Err("audit.lease_wait must be positive".into());
         }
+        if !(1.0..=MAX_COMPLETION_RATIO).contains(&self.completion_ratio) {
+            return Err(format!(
+                "audit.completion_ratio must be from 1 to {MAX_COMPLETION_RATIO}"
+            ));
+        }
+        if !(0..=MAX_COMPLETION_SLACK_TOKENS).contains(&self.completion_slack_tokens) {
+            return Err(format!(
+                "audit.completion_slack_tokens must be from 0 to {MAX_COMPLETION_SLACK_TOKENS}"
+            ));
+        }
         super::check_timeout("audit.answer_timeout", self.answer_timeout)?;
         let bad_speed = self
             .max_tokens_per_sec
@@ -295,6 +321,10 @@ impl Default for SpotCheckConfig {
             .into_iter()
             .collect(),
             min_tokens_for_speed: 64,
+            // Two honest answers of different text from one tokenizer: tokens follow bytes
+            // closely; half again covers a text of another script or more numbers.
+            completion_ratio: 1.5,
+            completion_slack_tokens: 16,
         }
     }
 }

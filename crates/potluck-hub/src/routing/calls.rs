@@ -46,7 +46,6 @@ impl Calls {
     }
 
     /// Whether the calls were cut at a cap (the ones kept may be incomplete).
-    #[cfg(test)]
     pub(crate) fn cut(&self) -> bool {
         self.cut
     }

@@ -19,6 +19,20 @@ pub(crate) struct AuditSample {
     text: String,
     cap: usize,
     calls: Calls,
+    /// Text was dropped at the cap, or the choice ended at its length limit.
+    cut: bool,
+}
+
+/// What a sampled request delivered, as its replay judges it.
+pub(crate) struct Kept {
+    /// The first choice's text (at most the cap).
+    pub(crate) text: String,
+    /// Its tool calls.
+    pub(crate) calls: Calls,
+    /// Cut short: text or calls dropped at the cap, or the choice ended at its length
+    /// limit (`finish_reason: "length"`); its bill cannot be held against a reference
+    /// that ran to its end.
+    pub(crate) cut: bool,
 }
 
 impl AuditSample {
@@ -30,13 +44,21 @@ impl AuditSample {
             text: String::new(),
             cap,
             calls: Calls::new(cap),
+            cut: false,
         }
     }
 
     /// Add delivered text; whatever passes the cap is dropped (cut at a character).
     pub(crate) fn push(&mut self, t: &str) {
         let room = self.cap.saturating_sub(self.text.len());
-        self.text.push_str(prefix(t, room));
+        let kept = prefix(t, room);
+        self.cut |= kept.len() < t.len();
+        self.text.push_str(kept);
+    }
+
+    /// The choice ended at its length limit.
+    pub(crate) fn note_length(&mut self) {
+        self.cut = true;
     }
 
     /// Add a piece of tool call `key` (see [`Calls::push`]).
@@ -49,9 +71,13 @@ impl AuditSample {
         self.calls.push_json(message);
     }
 
-    /// The text and the tool calls delivered (each at most the cap).
-    pub(crate) fn into_delivered(self) -> (String, Calls) {
-        (self.text, self.calls)
+    /// What was delivered (text and tool calls each at most the cap).
+    pub(crate) fn into_delivered(self) -> Kept {
+        Kept {
+            cut: self.cut || self.calls.cut(),
+            text: self.text,
+            calls: self.calls,
+        }
     }
 }
 
@@ -66,10 +92,12 @@ mod tests {
         s.push("cé");
         s.push("zzz");
         // "abcé" is 5 bytes; nothing more fits.
-        assert_eq!(s.into_delivered().0, "abcé");
+        let kept = s.into_delivered();
+        assert_eq!(kept.text, "abcé");
+        assert!(kept.cut, "text was dropped at the cap");
         let mut s = AuditSample::new(Bytes::new(), false, 4);
         s.push("abcé");
-        assert_eq!(s.into_delivered().0, "abc", "never half a character");
+        assert_eq!(s.into_delivered().text, "abc", "never half a character");
         assert_eq!(prefix("", 0), "");
     }
 }

@@ -39,7 +39,7 @@ use crate::routing::link::ProviderLink;
 use crate::routing::send::{self, Answer};
 use crate::state::HubState;
 use crate::trust::canary::{self, Shape, Shapes};
-use crate::trust::plausibility::{Usage, PLAUSIBILITY_SLACK_TOKENS};
+use crate::trust::plausibility::Usage;
 use crate::trust::reputation::judge;
 use crate::trust::sample::{prefix, AuditSample};
 
@@ -301,13 +301,14 @@ async fn replay(state: &HubState, job: ReplayJob) {
         tracing::debug!("trusted reference failed an audit; no verdict");
         return;
     };
-    let (delivered, calls) = job.sample.into_delivered();
+    let kept = job.sample.into_delivered();
     let said = Said {
-        text: &delivered,
-        calls: &calls,
+        text: &kept.text,
+        calls: &kept.calls,
     };
-    let (passed, agreement) = verdict(&state.config.audit, said, Said::of(&b), b.cut_at_length);
-    // The same text billed above what the reference counted for it fails the replay too.
+    let cfg = &state.config.audit;
+    let (passed, agreement) = verdict(cfg, said, Said::of(&b), b.cut_at_length);
+    // A bill above what the reference counted for the same body fails the replay too.
     let provider_counted = Usage {
         // The hub's own estimate, billed for want of the provider's count, is not held
         // against it.
@@ -318,12 +319,18 @@ async fn replay(state: &HubState, job: ReplayJob) {
         },
         ..job.billed
     };
+    let reference_capped = b.text.len() >= cfg.max_text_bytes;
+    let likeness = if job.choices > 1 || kept.cut || reference_capped {
+        Likeness::Unknown
+    } else {
+        Likeness::of(said, Said::of(&b), cfg.max_text_bytes)
+    };
     let inflated = passed
         && usage_over_reference(
             provider_counted,
             &b,
-            job.choices <= 1 && delivered == b.text && calls.same_as(&b.calls),
-            state.config.credits.prompt_overhead_tokens,
+            likeness,
+            &BillSlack::of(cfg, state.config.credits.prompt_overhead_tokens),
         );
     if inflated {
         tracing::warn!(
@@ -344,27 +351,122 @@ async fn replay(state: &HubState, job: ReplayJob) {
     .await;
 }
 
+/// How a delivered answer compares with the reference's, for the bill check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Likeness {
+    /// Not comparable (several choices, or the delivered answer cut at its length limit
+    /// or at the cap): its completion is not judged.
+    Unknown,
+    /// The same text and calls, whitespace aside.
+    Same,
+    /// Another text: the lengths of both (bytes, whitespace collapsed).
+    Other {
+        /// The delivered answer's.
+        delivered: usize,
+        /// The reference's.
+        reference: usize,
+    },
+}
+
+impl Likeness {
+    fn of(a: Said<'_>, b: Said<'_>, cap: usize) -> Self {
+        let (aw, bw) = (a.words(cap), b.words(cap));
+        if aw.split_whitespace().eq(bw.split_whitespace()) {
+            return Self::Same;
+        }
+        Self::Other {
+            delivered: collapsed_len(&aw),
+            reference: collapsed_len(&bw),
+        }
+    }
+}
+
+/// Bytes of `t` with its whitespace collapsed to single spaces and trimmed.
+fn collapsed_len(t: &str) -> usize {
+    let (words, bytes) = t.split_whitespace().fold((0usize, 0usize), |(n, b), w| {
+        (n + 1, b.saturating_add(w.len()))
+    });
+    bytes.saturating_add(words.saturating_sub(1))
+}
+
+/// The honest variance a bill may show over the reference's counts.
+#[derive(Debug, Clone, Copy)]
+struct BillSlack {
+    /// `audit.completion_ratio`.
+    ratio: f64,
+    /// `audit.completion_slack_tokens`.
+    slack: i64,
+    /// `credits.prompt_overhead_tokens`.
+    prompt_overhead: i64,
+}
+
+impl BillSlack {
+    fn of(cfg: &SpotCheckConfig, prompt_overhead: i64) -> Self {
+        Self {
+            ratio: cfg.completion_ratio,
+            slack: cfg.completion_slack_tokens,
+            prompt_overhead,
+        }
+    }
+}
+
 /// Whether `billed` is more than a trusted reference reported for the same body on the
 /// same model file: its prompt tokens (the same text through the same tokenizer, but
 /// maybe another server's template: a default system prompt, tools rendered otherwise;
-/// beyond half again the reference's count plus `overhead`), and, where the answers are
-/// the same single text, its completion tokens (beyond [`PLAUSIBILITY_SLACK_TOKENS`]). A
+/// beyond half again the reference's count plus the prompt overhead), and, where both
+/// answers ended by themselves, its completion tokens ([`completion_bound`]). A
 /// reference that reported nothing proves nothing.
-fn usage_over_reference(billed: Usage, reference: &Answer, same_text: bool, overhead: i64) -> bool {
+fn usage_over_reference(
+    billed: Usage,
+    reference: &Answer,
+    likeness: Likeness,
+    slack: &BillSlack,
+) -> bool {
     let prompt_bound = reference
         .prompt_tokens
         .saturating_mul(3)
         .saturating_div(2)
-        .saturating_add(overhead.max(0));
+        .saturating_add(slack.prompt_overhead.max(0));
     let prompt = reference.prompt_tokens > 0 && billed.prompt > prompt_bound;
-    let completion = same_text
-        && !reference.cut_at_length
+    let completion = !reference.cut_at_length
         && reference.completion_tokens > 0
-        && billed.completion
-            > reference
-                .completion_tokens
-                .saturating_add(PLAUSIBILITY_SLACK_TOKENS);
+        && completion_bound(reference.completion_tokens, likeness, slack)
+            .is_some_and(|bound| billed.completion > bound);
     prompt || completion
+}
+
+/// The most completion tokens an honest provider may bill where the reference counted
+/// `counted` for its answer: for the same text, `counted` plus the slack; for another,
+/// `counted` scaled by the delivered length over the reference's (when longer), times
+/// the ratio, plus the slack. `None`: not judged (not comparable, or the reference said
+/// nothing to scale by).
+fn completion_bound(counted: i64, likeness: Likeness, slack: &BillSlack) -> Option<i64> {
+    let base = match likeness {
+        Likeness::Unknown => return None,
+        Likeness::Same => counted,
+        Likeness::Other { reference: 0, .. } => return None,
+        Likeness::Other {
+            delivered,
+            reference,
+        } => {
+            // usize fits i128 on every target; a product past it bounds nothing.
+            let (longer, reference) = (
+                i128::try_from(delivered.max(reference)).unwrap_or(i128::MAX),
+                i128::try_from(reference).unwrap_or(i128::MAX),
+            );
+            let scaled = i128::from(counted)
+                .checked_mul(longer)
+                .and_then(|p| p.checked_div(reference))
+                .map_or(i64::MAX, |v| i64::try_from(v).unwrap_or(i64::MAX));
+            let times = (scaled as f64 * slack.ratio).ceil();
+            if times.is_finite() && times < i64::MAX as f64 {
+                times as i64
+            } else {
+                i64::MAX
+            }
+        }
+    };
+    Some(base.saturating_add(slack.slack.max(0)))
 }
 
 /// Send `body` to the audited tunnel and the reference at once and judge the answers:

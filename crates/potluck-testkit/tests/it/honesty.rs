@@ -167,6 +167,19 @@ fn liars() -> Vec<(&'static str, Responder)> {
                 }
             }),
         ),
+        // The subtle inflater with one space appended: the bill was held against the
+        // reference's only when the texts were equal byte for byte.
+        (
+            "subtle-inflater-spaced",
+            Arc::new(|b: &Value| {
+                let text = format!("{} ", honest_text(b));
+                let chars = text.chars().count() as i64;
+                Reply {
+                    text,
+                    completion_tokens: Some(chars),
+                }
+            }),
+        ),
     ]
 }
 
@@ -250,7 +263,7 @@ async fn red_team_announcing(liar_name: &str, liar_hash: Option<&ModelHash>) {
         let rate = HubConfig::default().audit.rate;
         let hub = TestHub::start_with(|c| {
             audited_seed(c, rate, 7 + trial);
-            if name == "subtle-inflater" {
+            if name.starts_with("subtle-inflater") {
                 // Judged on its bills alone: a scripted provider answers at once, and the
                 // speed rule would catch its many tokens first.
                 c.audit.min_tokens_for_speed = i64::MAX;
@@ -410,6 +423,11 @@ async fn a_liar_usage_inflater_is_caught_and_quarantined() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liar_subtle_inflater_is_caught_and_quarantined() {
     red_team("subtle-inflater").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_subtle_inflater_appending_a_space_is_caught_and_quarantined() {
+    red_team("subtle-inflater-spaced").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

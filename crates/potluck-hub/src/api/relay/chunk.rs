@@ -85,7 +85,9 @@ pub(crate) struct TextView<'a> {
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 pub(crate) struct ToolCallView<'a> {
-    index: Option<u64>,
+    /// Raw, like `name`: read only for audits, so that no value of it fails the chunk.
+    #[serde(borrow)]
+    index: Option<&'a RawValue>,
     #[serde(borrow)]
     function: Option<FunctionView<'a>>,
 }
@@ -94,7 +96,7 @@ pub(crate) struct ToolCallView<'a> {
 #[serde(default)]
 pub(crate) struct FunctionView<'a> {
     #[serde(borrow)]
-    name: Option<std::borrow::Cow<'a, str>>,
+    name: Option<&'a RawValue>,
     #[serde(borrow)]
     arguments: Option<std::borrow::Cow<'a, str>>,
 }
@@ -107,6 +109,9 @@ pub(crate) struct ChoiceView<'a> {
     delta: Option<TextView<'a>>,
     #[serde(borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
+    /// Raw: read only for audits, so that no value of it can fail the chunk.
+    #[serde(borrow)]
+    finish_reason: Option<&'a RawValue>,
 }
 
 impl ChoiceView<'_> {
@@ -139,8 +144,9 @@ impl ChoiceView<'_> {
             .or(self.text.as_deref())
     }
 
-    /// Keep what audits compare of this choice in `sample`: its text and its tool calls'
-    /// pieces (each call's `index`, else its place, with its name and arguments).
+    /// Keep what audits compare of this choice in `sample`: its text, its tool calls'
+    /// pieces (each call's `index`, else its place, with its name and arguments), and
+    /// whether it ended at its length limit.
     pub(crate) fn keep_for_audit(&self, sample: &mut AuditSample) {
         if let Some(t) = self.answer() {
             sample.push(t);
@@ -148,11 +154,18 @@ impl ChoiceView<'_> {
         let calls = self.delta.as_ref().and_then(|d| d.tool_calls.as_deref());
         for (place, call) in calls.unwrap_or_default().iter().enumerate() {
             let f = call.function.as_ref();
+            let index = call.index.and_then(|r| r.get().parse::<u64>().ok());
+            let name = f
+                .and_then(|f| f.name)
+                .and_then(|r| serde_json::from_str::<std::borrow::Cow<'_, str>>(r.get()).ok());
             sample.push_call(
-                call.index.unwrap_or(place as u64),
-                f.and_then(|f| f.name.as_deref()),
+                index.unwrap_or(place as u64),
+                name.as_deref(),
                 f.and_then(|f| f.arguments.as_deref()),
             );
+        }
+        if self.finish_reason.map(RawValue::get) == Some("\"length\"") {
+            sample.note_length();
         }
     }
 

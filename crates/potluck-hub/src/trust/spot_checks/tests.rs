@@ -30,52 +30,115 @@ fn usage_is_judged_against_the_references_for_the_same_body() {
         ..Answer::default()
     };
     let billed = |prompt, completion| Usage { prompt, completion };
+    let slack = |overhead| BillSlack::of(&SpotCheckConfig::default(), overhead);
+    let same = Likeness::Same;
     // Half again the reference's prompt, plus the template difference the hub allows.
     assert!(!usage_over_reference(
         billed(1628, 50),
         &reference,
-        true,
-        128
+        same,
+        &slack(128)
     ));
     assert!(usage_over_reference(
         billed(1629, 50),
         &reference,
-        true,
-        128
+        same,
+        &slack(128)
     ));
-    assert!(!usage_over_reference(billed(1500, 50), &reference, true, 0));
-    assert!(usage_over_reference(billed(1501, 50), &reference, true, 0));
-    // Completion only where the text is the same, and the reference ran to its end.
+    assert!(!usage_over_reference(
+        billed(1500, 50),
+        &reference,
+        same,
+        &slack(0)
+    ));
+    assert!(usage_over_reference(
+        billed(1501, 50),
+        &reference,
+        same,
+        &slack(0)
+    ));
+    // The same text: the reference's count plus the slack.
     assert!(usage_over_reference(
         billed(1000, 67),
         &reference,
-        true,
-        128
+        same,
+        &slack(128)
     ));
     assert!(!usage_over_reference(
         billed(1000, 66),
         &reference,
-        true,
-        128
+        same,
+        &slack(128)
     ));
+    // Not comparable, or a reference cut at its limit: the completion is not judged.
+    let unknown = Likeness::Unknown;
     assert!(!usage_over_reference(
         billed(1000, 500),
         &reference,
-        false,
-        128
+        unknown,
+        &slack(128)
     ));
     let cut = Answer {
         cut_at_length: true,
         ..reference.clone()
     };
-    assert!(!usage_over_reference(billed(1000, 500), &cut, true, 128));
+    assert!(!usage_over_reference(
+        billed(1000, 500),
+        &cut,
+        same,
+        &slack(128)
+    ));
     // A reference that reported nothing proves nothing.
     assert!(!usage_over_reference(
         billed(9999, 9999),
         &Answer::default(),
-        true,
-        0
+        same,
+        &slack(0)
     ));
+}
+
+/// The bill used to be held against the reference's only for a byte-for-byte equal
+/// text: one appended space and a bill four times the reference's passed.
+#[test]
+fn another_text_is_billed_within_the_references_count_scaled_by_its_length() {
+    let reference = Answer {
+        completion_tokens: 20,
+        ..Answer::default()
+    };
+    let slack = BillSlack::of(&SpotCheckConfig::default(), 0);
+    let bill = |completion, likeness| {
+        usage_over_reference(
+            Usage {
+                prompt: 0,
+                completion,
+            },
+            &reference,
+            likeness,
+            &slack,
+        )
+    };
+    let none = Calls::default();
+    let spaced = Likeness::of(t("a b  c ", &none), t("a b c", &none), 1024);
+    assert_eq!(spaced, Likeness::Same, "whitespace aside");
+    assert!(bill(80, spaced), "four times the reference's for its text");
+    // Another text as long: half again, plus the slack.
+    let other = |delivered, reference| Likeness::Other {
+        delivered,
+        reference,
+    };
+    assert!(!bill(46, other(100, 100)));
+    assert!(bill(47, other(100, 100)));
+    // Twice as long: twice the tokens are honest.
+    assert!(!bill(76, other(200, 100)));
+    assert!(bill(77, other(200, 100)));
+    // Shorter: no less than the reference's bound.
+    assert!(!bill(46, other(10, 100)));
+    // The worst lengths a stranger can send overflow nothing.
+    assert_eq!(
+        completion_bound(i64::MAX, other(usize::MAX, 1), &slack),
+        Some(i64::MAX)
+    );
+    assert_eq!(completion_bound(20, other(5, 0), &slack), None);
 }
 
 #[test]
