@@ -11,10 +11,14 @@ use serde::Deserialize;
 /// hub to 20 empty rounds a second (the integration tests' fastest setting; production
 /// wants minutes).
 pub const MIN_CANARY_INTERVAL: Duration = Duration::from_millis(50);
-/// Largest `audit.max_pending`: 256 times the default; with the default 16 KiB of
-/// `max_text_bytes` that is at most 1 GiB of held text (and far below tokio's channel
-/// limit, past which the hub panicked at start).
+/// Largest `audit.max_pending`: 256 times the default (and far below tokio's channel
+/// limit, past which the hub panicked at start). Each pending audit holds at most
+/// `max_body_bytes` of body and twice `max_text_bytes` of delivered text and tool calls.
 pub const MAX_PENDING_AUDITS: usize = 65_536;
+/// Smallest `audit.max_body_bytes`: a short chat request's body.
+pub const MIN_AUDIT_BODY_BYTES: usize = 1024;
+/// Largest `audit.max_body_bytes` (a request body is at most `max_request_bytes`).
+pub const MAX_AUDIT_BODY_BYTES: usize = 64 * 1024 * 1024;
 /// Smallest `audit.max_text_bytes`: a kibibyte holds well over a hundred words. A cap of
 /// 0 made every replay compare two empty texts and pass; a few bytes compare one word.
 pub const MIN_AUDIT_TEXT_BYTES: usize = 1024;
@@ -190,16 +194,21 @@ pub struct SpotCheckConfig {
     pub answer_timeout: Duration,
     /// Fixed seed for the audit sampler (tests); random when unset.
     pub seed: Option<u64>,
-    /// Most bytes of a sampled request's delivered answer kept in memory until its
-    /// replay is judged (never on disk, never logged). Text past it is not compared. At
-    /// least [`MIN_AUDIT_TEXT_BYTES`] (1024).
+    /// Most bytes of a sampled request's delivered text, and as many of its tool calls'
+    /// names and arguments, kept in memory until its replay is judged (never on disk,
+    /// never logged). Text past it is not compared. At least [`MIN_AUDIT_TEXT_BYTES`]
+    /// (1024).
     pub max_text_bytes: usize,
+    /// Largest request body sampled for an audit: a sampled request's body is held in
+    /// memory until its replay, so a larger one is not sampled. [`MIN_AUDIT_BODY_BYTES`]
+    /// (1024) to [`MAX_AUDIT_BODY_BYTES`] (64 MiB).
+    pub max_body_bytes: usize,
     /// Most tokens a canary asks for (its `max_tokens` follows recent requests' up to
     /// this), on the audited provider and on the reference each. At least 1.
     pub canary_max_tokens: u64,
     /// Most sampled requests waiting for their replay; more are not audited (audits
-    /// are samples). With `max_text_bytes`, this bounds the memory audits hold. 1 to
-    /// [`MAX_PENDING_AUDITS`] (65,536).
+    /// are samples). Audits hold at most this many times `max_body_bytes` plus twice
+    /// `max_text_bytes` of memory. 1 to [`MAX_PENDING_AUDITS`] (65,536).
     pub max_pending: usize,
     /// Most completion tokens per second a provider of a size class may plausibly
     /// deliver (`credits.classes` names).
@@ -235,6 +244,11 @@ impl SpotCheckConfig {
         if self.max_text_bytes < MIN_AUDIT_TEXT_BYTES {
             return Err(format!(
                 "audit.max_text_bytes must be at least {MIN_AUDIT_TEXT_BYTES}"
+            ));
+        }
+        if !(MIN_AUDIT_BODY_BYTES..=MAX_AUDIT_BODY_BYTES).contains(&self.max_body_bytes) {
+            return Err(format!(
+                "audit.max_body_bytes must be from {MIN_AUDIT_BODY_BYTES} to {MAX_AUDIT_BODY_BYTES}"
             ));
         }
         if self.canary_max_tokens == 0 {
@@ -309,8 +323,11 @@ impl Default for SpotCheckConfig {
             answer_timeout: Duration::from_secs(120),
             seed: None,
             // 16 KiB of text is about 4,000 tokens, past any answer's beginning that
-            // `compare_tokens` reads; 256 pending audits hold at most 4 MiB of text.
+            // `compare_tokens` reads.
             max_text_bytes: 16 * 1024,
+            // Most chat requests; 256 pending audits hold at most 64 MiB of bodies and
+            // 8 MiB of text and calls (a body of `max_request_bytes`, 8 MiB, each: 2 GiB).
+            max_body_bytes: 256 * 1024,
             max_pending: 256,
             canary_max_tokens: 256,
             max_tokens_per_sec: [

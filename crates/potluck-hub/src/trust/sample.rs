@@ -1,6 +1,7 @@
-//! A request sampled for an audit: the body exactly as the provider got it, and the text
-//! and tool calls the provider delivered (of the first choice, as the relay saw it), kept
-//! in memory under `audit.max_text_bytes` (each) until the replay on a trusted reference is judged. Only
+//! A request sampled for an audit: the body exactly as the provider got it (only bodies
+//! up to `audit.max_body_bytes` are sampled), and the text and tool calls the provider
+//! delivered (of the first choice, as the relay saw it), kept in memory under
+//! `audit.max_text_bytes` (each) until the replay on a trusted reference is judged. Only
 //! sampled requests carry one, so the request path allocates nothing for the others.
 //! Never written to disk or to a log.
 

@@ -1,9 +1,10 @@
 //! Spot checks of providers, who run stock servers the hub cannot change, so they are checked
 //! from outside, with requests a provider cannot tell from ordinary traffic:
 //!
-//! - **Replays.** A sampled fraction of real requests (`audit.rate`) keeps, in memory, the
-//!   body exactly as forwarded and the text the provider delivered (up to
-//!   `audit.max_text_bytes`, at most `audit.max_pending` such requests). The same body (the
+//! - **Replays.** A sampled fraction of real requests (`audit.rate`) of bodies up to
+//!   `audit.max_body_bytes` keeps, in memory, the body exactly as forwarded and the text
+//!   and tool calls the provider delivered (up to `audit.max_text_bytes` each, at most
+//!   `audit.max_pending` such requests). The same body (the
 //!   same seed: the hub seeds every request that has none, see
 //!   [`crate::routing::send::hub_seed`]; the same temperature) then goes to a provider
 //!   marked *trusted* that serves the same model file (by hash), with the consumer's

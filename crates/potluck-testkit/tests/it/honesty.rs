@@ -1278,3 +1278,82 @@ async fn a_liar_answering_with_its_own_tool_call_is_caught_and_quarantined() {
 fn served_any(a: &ScriptedAgent) -> usize {
     a.requests().len()
 }
+
+/// A pending audit held its request's whole body (up to `max_request_bytes`, 8 MiB, each
+/// of `audit.max_pending`), though `max_text_bytes` was said to bound audit memory: a
+/// consumer sending large bodies made the hub hold gigabytes. A body larger than
+/// `audit.max_body_bytes` is now not sampled; a small one still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_larger_than_max_body_bytes_is_never_held_for_an_audit() {
+    let hash = ModelHash::parse(&"6b".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| {
+        audited(c, 1.0);
+        c.audit.max_body_bytes = 4096;
+    })
+    .await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let mut agents = Vec::new();
+    for name in ["ref", "other"] {
+        agents.push(
+            ScriptedAgent::connect_with(
+                name,
+                &hub.url(),
+                &hub.create_provider(name).await,
+                hello(&hash),
+                honest(),
+            )
+            .await,
+        );
+    }
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let (reference, other) = (&agents[0], &agents[1]);
+    let large = "x".repeat(8000);
+    let mut i = 0;
+    // Large bodies until the audited provider has served a few.
+    while other.requests().len() < 3 {
+        assert!(i < 100, "the audited provider got no large request");
+        let a = alice
+            .chat_with(&json!({"model": "m", "messages": [
+                {"role": "user", "content": format!("large {i} {large}")}]}))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        i += 1;
+    }
+    let large_bodies: Vec<Vec<u8>> = other
+        .requests()
+        .iter()
+        .filter(|r| r.body.len() > 4096)
+        .map(|r| r.body.to_vec())
+        .collect();
+    assert!(!large_bodies.is_empty());
+    // Small bodies after them until one of them is replayed: the auditor runs its jobs
+    // in order, so any replay of a large body came before.
+    let replayed_small = || {
+        let got: Vec<Vec<u8>> = reference
+            .requests()
+            .iter()
+            .map(|r| r.body.to_vec())
+            .collect();
+        other
+            .requests()
+            .iter()
+            .any(|r| r.body.len() <= 4096 && got.contains(&r.body.to_vec()))
+    };
+    wait_until("a small body's replay", AUDIT_WAIT, || async {
+        if !replayed_small() {
+            ask(&alice, i).await;
+        }
+        replayed_small()
+    })
+    .await;
+    let got: Vec<Vec<u8>> = reference
+        .requests()
+        .iter()
+        .map(|r| r.body.to_vec())
+        .collect();
+    assert!(
+        large_bodies.iter().all(|b| !got.contains(b)),
+        "a body over audit.max_body_bytes was held and replayed"
+    );
+}
