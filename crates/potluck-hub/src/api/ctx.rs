@@ -256,7 +256,6 @@ impl Ctx {
                 model: self.model.clone(),
                 sha256: link.offered(&self.model).and_then(|o| o.sha256),
                 sample,
-                account_id: self.key.account_id,
                 request_id: self.request_id.clone(),
                 billed: ended.usage,
                 prompt_estimate: self.bounds.prompt_estimate,

@@ -7,8 +7,9 @@
 //!   `audit.max_pending` such requests). The same body (the
 //!   same seed: the hub seeds every request that has none, see
 //!   [`crate::routing::send::hub_seed`]; the same temperature) then goes to a provider
-//!   marked *trusted* that serves the same model file (by hash), with the consumer's
-//!   pseudonym towards it, and its answer is compared with what the audited provider
+//!   marked *trusted* that serves the same model file (by hash), under a one-time
+//!   pseudonym (never the consumer's, which would let the reference link the consumer's
+//!   traffic across providers), and its answer is compared with what the audited provider
 //!   already delivered. The audited provider gets no second request, so nothing marks the
 //!   requests it is judged on. The first `audit.compare_tokens` words must agree
 //!   (tolerance `audit.min_agreement`).
@@ -29,7 +30,7 @@ use potluck_protocol::tunnel::ModelHash;
 use potluck_protocol::{InferenceEndpoint, ModelName};
 use potluck_store::trust::AuditRecord;
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +41,7 @@ use crate::routing::link::ProviderLink;
 use crate::routing::send::{self, Answer};
 use crate::state::HubState;
 use crate::trust::canary::{self, Shape, Shapes};
+use crate::trust::identity::one_time_pseudonym;
 use crate::trust::plausibility::Usage;
 use crate::trust::reputation::judge;
 use crate::trust::sample::{prefix, AuditSample};
@@ -252,8 +254,6 @@ pub(crate) struct ReplayJob {
     pub(crate) sha256: Option<ModelHash>,
     /// The body as forwarded and the text delivered.
     pub(crate) sample: AuditSample,
-    /// The consumer (for the pseudonym the replay carries).
-    pub(crate) account_id: i64,
     /// The original request id.
     pub(crate) request_id: String,
     /// What the request was billed (the provider's usage, within the hub's bounds).
@@ -279,9 +279,10 @@ async fn replay(state: &HubState, job: ReplayJob) {
         );
         return;
     };
-    let consumer = state
-        .identity
-        .pseudonym(reference.provider_id, job.account_id);
+    // Not the consumer's pseudonym at the reference: under it the reference would see
+    // the consumer's bodies twice, once as served elsewhere, and link its traffic
+    // across providers.
+    let consumer = one_time_pseudonym();
     let body = (job.sample.body.clone(), job.sample.stream);
     let audit = &state.config.audit;
     let Some(lease) = send::lease_within(state, &reference, audit.lease_wait).await else {
@@ -556,13 +557,7 @@ async fn run_canary(state: &HubState, shapes: &Shapes) {
                 state.config.audit.canary_max_tokens,
             )
         };
-        let mut id = [0u8; 12];
-        rand::rng().fill_bytes(&mut id);
-        let consumer = format!(
-            "{}{}",
-            crate::trust::identity::PSEUDONYM_PREFIX,
-            hex::encode(id)
-        );
+        let consumer = one_time_pseudonym();
         let Some((passed, g)) = compare(state, &target, &reference, &model, &body, &consumer).await
         else {
             continue;

@@ -1357,3 +1357,86 @@ async fn a_request_body_larger_than_max_body_bytes_is_never_held_for_an_audit() 
         "a body over audit.max_body_bytes was held and replayed"
     );
 }
+
+/// A replay went to the reference under the consumer's own pseudonym at that reference:
+/// the reference saw the consumer's bodies twice under one name, once as served by
+/// another provider, and could link the consumer's traffic across providers. A replay
+/// now carries a fresh one-time pseudonym of the same shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_carries_a_one_time_pseudonym_not_the_consumers() {
+    let hash = ModelHash::parse(&"7c".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let mut agents = Vec::new();
+    for name in ["ref", "other"] {
+        agents.push(
+            ScriptedAgent::connect_with(
+                name,
+                &hub.url(),
+                &hub.create_provider(name).await,
+                hello(&hash),
+                honest(),
+            )
+            .await,
+        );
+    }
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let (reference, other) = (&agents[0], &agents[1]);
+    let consumer_of = |r: &potluck_testkit::scripted_agent::Received| {
+        r.headers
+            .get(potluck_protocol::tunnel::HEADER_CONSUMER)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    // (the consumer's pseudonyms at the reference: its own requests; the replays'.)
+    let split = || {
+        let others: Vec<Vec<u8>> = other.requests().iter().map(|r| r.body.to_vec()).collect();
+        let (replays, own): (Vec<_>, Vec<_>) = reference
+            .requests()
+            .into_iter()
+            .partition(|r| others.contains(&r.body.to_vec()));
+        (
+            own.iter().map(consumer_of).collect::<Vec<_>>(),
+            replays.iter().map(consumer_of).collect::<Vec<_>>(),
+        )
+    };
+    let mut i = 0;
+    wait_until(
+        "own requests and replays at the reference",
+        AUDIT_WAIT,
+        || {
+            i += 1;
+            let n = i;
+            let alice = &alice;
+            let split = &split;
+            async move {
+                let (own, replays) = split();
+                if own.is_empty() || replays.len() < 2 {
+                    ask(alice, n).await;
+                    return false;
+                }
+                true
+            }
+        },
+    )
+    .await;
+    let (own, replays) = split();
+    let stable = &own[0];
+    assert!(own.iter().all(|p| p == stable), "{own:?}");
+    for p in &replays {
+        assert_ne!(p, stable, "a replay carried the consumer's own pseudonym");
+        assert!(
+            p.starts_with("c-") && p.len() == stable.len(),
+            "{p} is not shaped like {stable}"
+        );
+    }
+    let distinct: std::collections::HashSet<&String> = replays.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        replays.len(),
+        "one replay's pseudonym repeats: {replays:?}"
+    );
+}
