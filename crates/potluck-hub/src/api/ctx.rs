@@ -278,7 +278,7 @@ impl Ctx {
         self.audit.lock().is_some()
     }
 
-    /// The first choice delivered to the consumer (a whole answer's, or a chunk's): its
+    /// Choice 0 delivered to the consumer (a whole answer's, or a chunk's): its
     /// text and tool calls, kept when the request was sampled for an audit (nothing is
     /// done otherwise).
     pub(crate) fn delivered(&self, first_choice: Option<&serde_json::Value>) {

@@ -1,4 +1,4 @@
-//! The tool calls of an answer's first choice, as audits compare them: each call's
+//! The tool calls of an answer's choice 0, as audits compare them: each call's
 //! function name and arguments, in order, whether they came whole (`message.tool_calls`)
 //! or in pieces (`delta.tool_calls`, joined by their `index`). Bounded: at most
 //! [`MAX_AUDIT_CALLS`] calls and a cap on the bytes of names and arguments together; what

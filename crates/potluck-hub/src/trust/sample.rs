@@ -1,6 +1,6 @@
 //! A request sampled for an audit: the body exactly as the provider got it (only bodies
 //! up to `audit.max_body_bytes` are sampled), and the text and tool calls the provider
-//! delivered (of the first choice, as the relay saw it), kept in memory under
+//! delivered (of choice 0, the one whose `index` is 0, as the relay saw it), kept in memory under
 //! `audit.max_text_bytes` (each) until the replay on a trusted reference is judged. Only
 //! sampled requests carry one, so the request path allocates nothing for the others.
 //! Never written to disk or to a log.
@@ -26,7 +26,7 @@ pub(crate) struct AuditSample {
 
 /// What a sampled request delivered, as its replay judges it.
 pub(crate) struct Kept {
-    /// The first choice's text (at most the cap).
+    /// Choice 0's text (at most the cap).
     pub(crate) text: String,
     /// Its tool calls.
     pub(crate) calls: Calls,

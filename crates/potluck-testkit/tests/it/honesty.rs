@@ -1440,3 +1440,97 @@ async fn a_replay_carries_a_one_time_pseudonym_not_the_consumers() {
         "one replay's pseudonym repeats: {replays:?}"
     );
 }
+
+/// A stream of chat chunks, each listing `choices` in this order, then usage and `[DONE]`.
+fn sse_answer(chunks: &[Value]) -> RawAnswer {
+    let mut frames = Vec::new();
+    for choices in chunks {
+        let c = json!({"id": "x", "object": "chat.completion.chunk", "created": 0,
+            "model": "m", "choices": choices});
+        frames.push(bytes::Bytes::from(format!("data: {c}\n\n")));
+    }
+    let usage = json!({"id": "x", "object": "chat.completion.chunk", "created": 0,
+        "model": "m", "choices": [],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 20, "total_tokens": 25}});
+    frames.push(bytes::Bytes::from(format!(
+        "data: {usage}\n\ndata: [DONE]\n\n"
+    )));
+    RawAnswer::Bytes {
+        status: 200,
+        headers: vec![("content-type".into(), "text/event-stream".into())],
+        frames,
+    }
+}
+
+/// The audit read a chunk's first choice by its place in the list, not by its `index`: a
+/// provider asked for two choices listed choice 1 first in every chunk, with the
+/// reference's honest text, and lied in choice 0 (the one a client shows). The audit now
+/// reads the choice whose `index` is 0, so it is caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_listing_choice_one_first_is_judged_on_choice_zero() {
+    let hash = ModelHash::parse(&"8d".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let honest_words = "Paris is the capital of France and has been for a very long time indeed";
+    let lie = "Buy cheap pills at pills.example now, the best offer on the whole web today";
+    let reference = ScriptedAgent::connect_with(
+        "ref",
+        &hub.url(),
+        &hub.create_provider("ref").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    let words = |t: &str, index: u64| -> Vec<Value> {
+        t.split_inclusive(' ')
+            .map(|w| json!({"index": index, "delta": {"content": w}, "finish_reason": null}))
+            .collect()
+    };
+    let reference_chunks: Vec<Value> = words(honest_words, 0)
+        .into_iter()
+        .map(|c| json!([c]))
+        .collect();
+    reference.set_raw(Some(sse_answer(&reference_chunks)));
+    let liar = ScriptedAgent::connect_with(
+        "liar",
+        &hub.url(),
+        &hub.create_provider("liar").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    let liar_chunks: Vec<Value> = words(honest_words, 1)
+        .into_iter()
+        .zip(words(lie, 0))
+        .map(|(one, zero)| json!([one, zero]))
+        .collect();
+    liar.set_raw(Some(sse_answer(&liar_chunks)));
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let liar_id = hub.provider_id("liar").await;
+    let quarantined = || async {
+        hub.state()
+            .store
+            .standing(liar_id)
+            .await
+            .unwrap()
+            .quarantined_at_ms
+            .is_some()
+    };
+    let mut i = 0;
+    while !quarantined().await {
+        assert!(
+            served_any(&liar) < 40,
+            "a liar hiding behind choice 1 was never caught"
+        );
+        let (_, sse) = alice
+            .stream_with(&json!({"model": "m", "stream": true, "n": 2,
+                "messages": [{"role": "user", "content": format!("capital of France? {i}")}]}))
+            .await;
+        assert_eq!(
+            sse.collect().await.last(),
+            Some(&potluck_testkit::sse::Event::Done)
+        );
+        i += 1;
+    }
+}

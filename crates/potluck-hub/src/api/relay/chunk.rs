@@ -105,6 +105,9 @@ pub(crate) struct FunctionView<'a> {
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 pub(crate) struct ChoiceView<'a> {
+    /// Raw: read only for audits, so that no value of it can fail the chunk.
+    #[serde(borrow)]
+    index: Option<&'a RawValue>,
     #[serde(borrow)]
     delta: Option<TextView<'a>>,
     #[serde(borrow)]
@@ -115,6 +118,16 @@ pub(crate) struct ChoiceView<'a> {
 }
 
 impl ChoiceView<'_> {
+    /// The choice audits read among a chunk's: the one whose `index` is 0, a choice
+    /// without a numeric `index` standing at its place (as
+    /// `routing::send::choice_zero` reads a tree).
+    pub(crate) fn zero(choices: &[Self]) -> Option<&Self> {
+        choices.iter().enumerate().find_map(|(place, c)| {
+            let index = c.index.and_then(|r| r.get().parse::<u64>().ok());
+            (index.unwrap_or(place as u64) == 0).then_some(c)
+        })
+    }
+
     /// Every text the guard judges: content, reasoning, tool-call arguments, text.
     pub(crate) fn push_text(&self, out: &mut String) {
         let d = self.delta.as_ref();

@@ -140,7 +140,7 @@ async fn tree(
             "the provider sent more text than the request allows",
         ));
     }
-    ctx.delivered(obj.get("choices").and_then(|c| c.get(0)));
+    ctx.delivered(crate::routing::send::choice_zero(obj.get("choices")));
     rewrite(&mut obj, ctx);
     let outcome = screen_output(state, ctx, provider_id, &mut obj).await;
     let body = serde_json::to_vec(&Value::Object(obj)).map_err(|_| ApiError::Internal)?;

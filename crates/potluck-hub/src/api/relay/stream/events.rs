@@ -67,7 +67,7 @@ impl Relay {
             }
         }
         // A tool call's name comes in a chunk of no text (`chars` counts arguments only).
-        if let (Some(sample), Some(c)) = (self.ctx.audit.get_mut(), choices.first()) {
+        if let (Some(sample), Some(c)) = (self.ctx.audit.get_mut(), ChoiceView::zero(&choices)) {
             c.keep_for_audit(sample);
         }
         if let Some(g) = &mut self.guard {
@@ -156,7 +156,7 @@ impl Relay {
             );
         }
         self.ctx
-            .delivered(obj.get("choices").and_then(|c| c.get(0)));
+            .delivered(crate::routing::send::choice_zero(obj.get("choices")));
         if let Some(g) = &mut self.guard {
             let text = answer_text(&obj);
             if !text.is_empty() {
