@@ -250,7 +250,7 @@ impl Ctx {
     /// provider faster than its model's size class makes plausible.
     fn spot_checks(&self, state: &HubState, link: &ProviderLink, ended: &Ended) {
         if let Some(sample) = self.audit.lock().take() {
-            state.auditor.submit(Job::Replay(ReplayJob {
+            state.auditor.submit(Job::Replay(Box::new(ReplayJob {
                 provider_id: link.provider_id,
                 endpoint: self.endpoint,
                 model: self.model.clone(),
@@ -260,7 +260,7 @@ impl Ctx {
                 billed: ended.usage,
                 prompt_estimate: self.bounds.prompt_estimate,
                 choices: self.bounds.choices,
-            }));
+            })));
         }
         // Choices are generated side by side: each at the model's speed, not all of them.
         plausibility::check_speed(
@@ -294,6 +294,14 @@ impl Ctx {
         }
         if c.get("finish_reason").and_then(serde_json::Value::as_str) == Some("length") {
             sample.note_length();
+        }
+    }
+
+    /// The shape of the embeddings delivered, kept when the request was sampled for an
+    /// audit.
+    pub(crate) fn delivered_vectors(&self, vectors: crate::routing::send::Vectors) {
+        if let Some(sample) = self.audit.lock().as_mut() {
+            sample.note_vectors(vectors);
         }
     }
 

@@ -241,8 +241,7 @@ async fn admit(
     }
     // A sampled body is held until its replay: a larger one than the audit's bound is
     // not sampled.
-    let audit = (s.endpoint != InferenceEndpoint::Embeddings
-        && parsed.body.len() <= state.config.audit.max_body_bytes
+    let audit = (parsed.body.len() <= state.config.audit.max_body_bytes
         && state.auditor.sample()
         && state.auditor.has_room())
     .then(|| {

@@ -190,6 +190,10 @@ fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
             "audit.completion_slack_tokens",
         ),
         (
+            format!("[audit]\nembedding_slack_tokens = {HUGE}"),
+            "audit.embedding_slack_tokens",
+        ),
+        (
             format!("[server]\nmax_connections = {HUGE}"),
             "server.max_connections",
         ),

@@ -226,6 +226,11 @@ pub struct SpotCheckConfig {
     /// Tokens a bill may pass that bound by (a whitespace token, a template's end
     /// marker). 0 to [`MAX_COMPLETION_SLACK_TOKENS`].
     pub completion_slack_tokens: i64,
+    /// Embeddings are deterministic: a replayed embeddings request fails when its
+    /// vectors' count or dimension differ from the reference's, or when its prompt
+    /// tokens billed pass the reference's count by more than this many (a BOS or EOS
+    /// token per input another server adds). 0 to [`MAX_COMPLETION_SLACK_TOKENS`].
+    pub embedding_slack_tokens: i64,
 }
 
 impl SpotCheckConfig {
@@ -289,6 +294,11 @@ impl SpotCheckConfig {
                 "audit.completion_slack_tokens must be from 0 to {MAX_COMPLETION_SLACK_TOKENS}"
             ));
         }
+        if !(0..=MAX_COMPLETION_SLACK_TOKENS).contains(&self.embedding_slack_tokens) {
+            return Err(format!(
+                "audit.embedding_slack_tokens must be from 0 to {MAX_COMPLETION_SLACK_TOKENS}"
+            ));
+        }
         super::check_timeout("audit.answer_timeout", self.answer_timeout)?;
         let bad_speed = self
             .max_tokens_per_sec
@@ -342,6 +352,7 @@ impl Default for SpotCheckConfig {
             // closely; half again covers a text of another script or more numbers.
             completion_ratio: 1.5,
             completion_slack_tokens: 16,
+            embedding_slack_tokens: 8,
         }
     }
 }

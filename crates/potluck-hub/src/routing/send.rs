@@ -89,9 +89,37 @@ pub(crate) enum InternalError {
     Failed(&'static str),
 }
 
+/// The shape of an embeddings answer, as audits compare it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Vectors {
+    /// Embeddings in `data`.
+    pub count: usize,
+    /// The first one's dimension: elements of its array, or bytes of its base64 text.
+    pub dimension: usize,
+}
+
+impl Vectors {
+    /// The shape of a parsed embeddings answer (`None`: no `data` list).
+    fn of(v: &Value) -> Option<Self> {
+        let data = v.get("data")?.as_array()?;
+        let first = data.first().and_then(|d| d.get("embedding"));
+        let dimension = match first {
+            Some(Value::Array(a)) => a.len(),
+            Some(Value::String(t)) => t.len(),
+            _ => 0,
+        };
+        Some(Self {
+            count: data.len(),
+            dimension,
+        })
+    }
+}
+
 /// A collected answer.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Answer {
+    /// An embeddings answer's shape.
+    pub vectors: Option<Vectors>,
     /// The text of choice 0 ([`choice_zero`]: content, or completions' text).
     pub text: String,
     /// Choice 0's tool calls (names and arguments, in order).
@@ -280,6 +308,7 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
         calls,
         prompt_tokens: prompt_tokens(&v).unwrap_or(0),
         cut_at_length: choice.is_some_and(at_length),
+        vectors: Vectors::of(&v),
         provider_id: 0,
     })
 }
@@ -335,6 +364,18 @@ mod tests {
         let s = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\n";
         assert!(read_sse(s, 1 << 20).unwrap().cut_at_length);
         assert!(read_json(b"nope").is_err());
+    }
+
+    #[test]
+    fn an_embeddings_answer_has_a_shape() {
+        let j = br#"{"data":[{"embedding":[0.1,0.2,0.3]},{"embedding":[1,2,3]}],"usage":{"prompt_tokens":4}}"#;
+        let a = read_json(j).unwrap();
+        let shape = Vectors {
+            count: 2,
+            dimension: 3,
+        };
+        assert_eq!((a.vectors, a.prompt_tokens), (Some(shape), 4));
+        assert_eq!(read_json(br#"{"choices":[]}"#).unwrap().vectors, None);
     }
 
     /// Audits read the choice whose `index` is 0, wherever it is listed.

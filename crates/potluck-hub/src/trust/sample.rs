@@ -1,6 +1,6 @@
 //! A request sampled for an audit: the body exactly as the provider got it (only bodies
 //! up to `audit.max_body_bytes` are sampled), and the text and tool calls the provider
-//! delivered (of choice 0, the one whose `index` is 0, as the relay saw it), kept in memory under
+//! delivered (for embeddings: the vectors' count and dimension) (of choice 0, the one whose `index` is 0, as the relay saw it), kept in memory under
 //! `audit.max_text_bytes` (each) until the replay on a trusted reference is judged. Only
 //! sampled requests carry one, so the request path allocates nothing for the others.
 //! Never written to disk or to a log.
@@ -10,6 +10,7 @@ use serde_json::Value;
 
 pub(crate) use crate::routing::calls::prefix;
 use crate::routing::calls::Calls;
+use crate::routing::send::Vectors;
 
 /// One sampled request's body and delivered text.
 pub(crate) struct AuditSample {
@@ -22,6 +23,7 @@ pub(crate) struct AuditSample {
     calls: Calls,
     /// Text was dropped at the cap, or the choice ended at its length limit.
     cut: bool,
+    vectors: Option<Vectors>,
 }
 
 /// What a sampled request delivered, as its replay judges it.
@@ -34,6 +36,8 @@ pub(crate) struct Kept {
     /// limit (`finish_reason: "length"`); its bill cannot be held against a reference
     /// that ran to its end.
     pub(crate) cut: bool,
+    /// An embeddings answer's shape.
+    pub(crate) vectors: Option<Vectors>,
 }
 
 impl AuditSample {
@@ -46,6 +50,7 @@ impl AuditSample {
             cap,
             calls: Calls::new(cap),
             cut: false,
+            vectors: None,
         }
     }
 
@@ -55,6 +60,11 @@ impl AuditSample {
         let kept = prefix(t, room);
         self.cut |= kept.len() < t.len();
         self.text.push_str(kept);
+    }
+
+    /// The shape of the embeddings delivered.
+    pub(crate) fn note_vectors(&mut self, vectors: Vectors) {
+        self.vectors = Some(vectors);
     }
 
     /// The choice ended at its length limit.
@@ -78,6 +88,7 @@ impl AuditSample {
             cut: self.cut || self.calls.cut(),
             text: self.text,
             calls: self.calls,
+            vectors: self.vectors,
         }
     }
 }

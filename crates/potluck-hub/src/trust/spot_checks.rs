@@ -13,6 +13,8 @@
 //!   already delivered. The audited provider gets no second request, so nothing marks the
 //!   requests it is judged on. The first `audit.compare_tokens` words must agree
 //!   (tolerance `audit.min_agreement`).
+//!   Embeddings (deterministic) must have as many vectors of the same dimension as the
+//!   reference's, billed within its prompt tokens plus `audit.embedding_slack_tokens`.
 //! - **Canaries.** Every `audit.canary_interval`, a generated prompt ([`super::canary`])
 //!   in the shape of recent requests goes to one untrusted provider and the same body to
 //!   a trusted reference, compared the same way.
@@ -38,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SpotCheckConfig;
 use crate::routing::calls::Calls;
 use crate::routing::link::ProviderLink;
-use crate::routing::send::{self, Answer};
+use crate::routing::send::{self, Answer, Vectors};
 use crate::state::HubState;
 use crate::trust::canary::{self, Shape, Shapes};
 use crate::trust::identity::one_time_pseudonym;
@@ -50,7 +52,7 @@ use crate::trust::sample::{prefix, AuditSample};
 pub(crate) enum Job {
     /// Replay a finished request on a trusted reference and compare with what the
     /// audited provider delivered.
-    Replay(ReplayJob),
+    Replay(Box<ReplayJob>),
     /// A plausibility flag raised on the request path.
     Flag {
         /// The provider.
@@ -214,10 +216,14 @@ pub(crate) async fn run(
         let work = async {
             match job {
                 Job::Replay(job) => {
-                    if let Some(shape) = Shape::of(&job.sample.body) {
+                    // Canaries are chat requests: an embeddings body gives them no shape.
+                    let shape = (job.endpoint != InferenceEndpoint::Embeddings)
+                        .then(|| Shape::of(&job.sample.body))
+                        .flatten();
+                    if let Some(shape) = shape {
                         shapes.note(shape);
                     }
-                    replay(&state, job).await
+                    replay(&state, *job).await
                 }
                 Job::Flag {
                     provider_id,
@@ -304,13 +310,7 @@ async fn replay(state: &HubState, job: ReplayJob) {
         return;
     };
     let kept = job.sample.into_delivered();
-    let said = Said {
-        text: &kept.text,
-        calls: &kept.calls,
-    };
     let cfg = &state.config.audit;
-    let (passed, agreement) = verdict(cfg, said, Said::of(&b), b.cut_at_length);
-    // A bill above what the reference counted for the same body fails the replay too.
     let provider_counted = Usage {
         // The hub's own estimate, billed for want of the provider's count, is not held
         // against it.
@@ -321,6 +321,23 @@ async fn replay(state: &HubState, job: ReplayJob) {
         },
         ..job.billed
     };
+    if job.endpoint == InferenceEndpoint::Embeddings {
+        let passed = embeddings_verdict(cfg, kept.vectors, provider_counted.prompt, &b);
+        let record = AuditRecord {
+            provider_id: job.provider_id,
+            request_id: Some(job.request_id),
+            kind: "replay",
+            passed,
+            agreement: None,
+        };
+        return judge(state, record).await;
+    }
+    let said = Said {
+        text: &kept.text,
+        calls: &kept.calls,
+    };
+    let (passed, agreement) = verdict(cfg, said, Said::of(&b), b.cut_at_length);
+    // A bill above what the reference counted for the same body fails the replay too.
     let reference_capped = b.text.len() >= cfg.max_text_bytes;
     let likeness = if job.choices > 1 || kept.cut || reference_capped {
         Likeness::Unknown
@@ -351,6 +368,25 @@ async fn replay(state: &HubState, job: ReplayJob) {
         },
     )
     .await;
+}
+
+/// The verdict on a replayed embeddings request (deterministic: no tolerance for
+/// nondeterminism): as many vectors of the same dimension as the reference's, and
+/// `billed_prompt` (the provider's count, 0 where the hub billed its own estimate)
+/// within the reference's count plus `audit.embedding_slack_tokens`. A reference that
+/// reported no count proves nothing about the bill.
+fn embeddings_verdict(
+    cfg: &SpotCheckConfig,
+    delivered: Option<Vectors>,
+    billed_prompt: i64,
+    reference: &Answer,
+) -> bool {
+    let same_shape = delivered.is_some() && delivered == reference.vectors;
+    let bound = reference
+        .prompt_tokens
+        .saturating_add(cfg.embedding_slack_tokens.max(0));
+    let inflated = reference.prompt_tokens > 0 && billed_prompt > bound;
+    same_shape && !inflated
 }
 
 /// How a delivered answer compares with the reference's, for the bill check.

@@ -1534,3 +1534,76 @@ async fn a_liar_listing_choice_one_first_is_judged_on_choice_zero() {
         i += 1;
     }
 }
+
+/// An embeddings answer of one vector per input, billed `prompt_tokens`.
+fn embeddings_answer(vectors: usize, prompt_tokens: i64) -> RawAnswer {
+    let data: Vec<Value> = (0..vectors)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.25, -0.5, 0.125, 1.0]}))
+        .collect();
+    RawAnswer::json(
+        200,
+        &json!({"object": "list", "model": "m", "data": data,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}),
+    )
+}
+
+/// Embeddings were never sampled, so a provider could bill four times the prompt tokens
+/// the same input costs (under the bound the input's bytes set, so no plausibility flag)
+/// for ever. Embeddings are now replayed like the rest and judged on their vectors'
+/// count and dimension and on the prompt tokens billed against the reference's; an
+/// honest provider reporting what the reference does passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_billing_four_times_the_references_embedding_tokens_is_quarantined() {
+    let hash = ModelHash::parse(&"9e".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let mut agents = Vec::new();
+    for (name, prompt_tokens) in [("ref", 6), ("honest", 6), ("inflater", 24)] {
+        let a = ScriptedAgent::connect_with(
+            name,
+            &hub.url(),
+            &hub.create_provider(name).await,
+            hello(&hash),
+            honest(),
+        )
+        .await;
+        a.set_raw(Some(embeddings_answer(2, prompt_tokens)));
+        agents.push(a);
+    }
+    hub.wait_for_model("m", 3).await;
+    trust(&hub, "ref").await;
+    let (honest_id, liar_id) = (
+        hub.provider_id("honest").await,
+        hub.provider_id("inflater").await,
+    );
+    let quarantined = || async {
+        hub.state()
+            .store
+            .standing(liar_id)
+            .await
+            .unwrap()
+            .quarantined_at_ms
+            .is_some()
+    };
+    let mut i = 0;
+    while !quarantined().await {
+        assert!(
+            served_any(&agents[2]) < 40,
+            "a provider inflating embedding tokens was never caught"
+        );
+        let body = json!({"model": "m",
+            "input": [format!("a text about topic {i}"), "another text of the batch"]});
+        let r = alice.post("embeddings", &body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        i += 1;
+    }
+    let audits = hub.state().store.audit_history(liar_id, 100).await.unwrap();
+    assert!(audits.iter().any(|a| a.0 == "replay" && !a.1), "{audits:?}");
+    let honest_audits = hub
+        .state()
+        .store
+        .audit_history(honest_id, 100)
+        .await
+        .unwrap();
+    assert!(honest_audits.iter().all(|a| a.1), "{honest_audits:?}");
+}

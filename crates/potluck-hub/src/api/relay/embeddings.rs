@@ -9,6 +9,7 @@ use serde_json::value::RawValue;
 
 use crate::api::relay::chunk::TopLevel;
 use crate::http::error::ApiError;
+use crate::routing::send::Vectors;
 
 #[derive(Deserialize)]
 struct Item<'a> {
@@ -28,8 +29,8 @@ fn dimension(raw: &RawValue) -> Option<usize> {
     (s.len() > 2 && s.starts_with('"')).then_some(s.len() - 2)
 }
 
-/// Check `bytes`, the answer to a request of `inputs` inputs.
-pub(crate) fn check(bytes: &[u8], inputs: i64) -> Result<(), ApiError> {
+/// Check `bytes`, the answer to a request of `inputs` inputs; its shape (for audits).
+pub(crate) fn check(bytes: &[u8], inputs: i64) -> Result<Vectors, ApiError> {
     const BAD: ApiError =
         ApiError::ProviderFailed("the provider's embeddings did not match the request's inputs");
     let top: TopLevel<'_> = serde_json::from_slice(bytes).map_err(|_| BAD)?;
@@ -41,7 +42,10 @@ pub(crate) fn check(bytes: &[u8], inputs: i64) -> Result<(), ApiError> {
     let mut dims = items.iter().map(|i| i.embedding.and_then(dimension));
     let first = dims.next().flatten().ok_or(BAD)?;
     if dims.all(|d| d == Some(first)) {
-        Ok(())
+        Ok(Vectors {
+            count: items.len(),
+            dimension: first,
+        })
     } else {
         Err(BAD)
     }

@@ -39,8 +39,9 @@ pub(crate) async fn relay_whole(
         Err(e) => return ctx.provider_failed(state, &link, e),
     };
     if ctx.endpoint == InferenceEndpoint::Embeddings {
-        if let Err(e) = embeddings::check(&bytes, ctx.bounds.choices) {
-            return ctx.provider_failed(state, &link, e);
+        match embeddings::check(&bytes, ctx.bounds.choices) {
+            Ok(vectors) => ctx.delivered_vectors(vectors),
+            Err(e) => return ctx.provider_failed(state, &link, e),
         }
     }
     // Without an output check or an audit sample, the answer is read and spliced without

@@ -208,3 +208,37 @@ fn sampling_rate_is_honoured() {
     let n = (0..100_000).filter(|_| a.sample()).count();
     assert!((1_700..2_300).contains(&n), "{n}");
 }
+
+/// Embeddings were never sampled: four times the reference's prompt tokens passed.
+#[test]
+fn embeddings_are_judged_on_their_shape_and_prompt_tokens() {
+    let cfg = SpotCheckConfig::default();
+    let shape = |count, dimension| Some(Vectors { count, dimension });
+    let reference = Answer {
+        prompt_tokens: 6,
+        vectors: shape(2, 4),
+        ..Answer::default()
+    };
+    assert!(embeddings_verdict(&cfg, shape(2, 4), 6, &reference));
+    assert!(
+        embeddings_verdict(&cfg, shape(2, 4), 14, &reference),
+        "the slack"
+    );
+    assert!(!embeddings_verdict(&cfg, shape(2, 4), 15, &reference));
+    assert!(!embeddings_verdict(&cfg, shape(2, 4), 24, &reference), "4x");
+    assert!(
+        !embeddings_verdict(&cfg, shape(1, 4), 6, &reference),
+        "a vector short"
+    );
+    assert!(
+        !embeddings_verdict(&cfg, shape(2, 3), 6, &reference),
+        "another dimension"
+    );
+    assert!(!embeddings_verdict(&cfg, None, 6, &reference));
+    // A reference that reported no count proves nothing about the bill.
+    let silent = Answer {
+        prompt_tokens: 0,
+        ..reference.clone()
+    };
+    assert!(embeddings_verdict(&cfg, shape(2, 4), i64::MAX, &silent));
+}
