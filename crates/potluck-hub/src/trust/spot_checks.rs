@@ -46,7 +46,7 @@ use crate::trust::canary::{self, Shape, Shapes};
 use crate::trust::identity::one_time_pseudonym;
 use crate::trust::plausibility::Usage;
 use crate::trust::reputation::judge;
-use crate::trust::sample::{prefix, AuditSample};
+use crate::trust::sample::{prefix, AuditSample, Kept};
 
 /// Work for the auditor.
 pub(crate) enum Job {
@@ -309,8 +309,6 @@ async fn replay(state: &HubState, job: ReplayJob) {
         tracing::debug!("trusted reference failed an audit; no verdict");
         return;
     };
-    let kept = job.sample.into_delivered();
-    let cfg = &state.config.audit;
     let provider_counted = Usage {
         // The hub's own estimate, billed for want of the provider's count, is not held
         // against it.
@@ -321,53 +319,65 @@ async fn replay(state: &HubState, job: ReplayJob) {
         },
         ..job.billed
     };
-    if job.endpoint == InferenceEndpoint::Embeddings {
-        let passed = embeddings_verdict(cfg, kept.vectors, provider_counted.prompt, &b);
-        let record = AuditRecord {
-            provider_id: job.provider_id,
-            request_id: Some(job.request_id),
-            kind: "replay",
-            passed,
-            agreement: None,
-        };
-        return judge(state, record).await;
-    }
-    let said = Said {
-        text: &kept.text,
-        calls: &kept.calls,
-    };
-    let (passed, agreement) = verdict(cfg, said, Said::of(&b), b.cut_at_length);
-    // A bill above what the reference counted for the same body fails the replay too.
-    let reference_capped = b.text.len() >= cfg.max_text_bytes;
-    let likeness = if job.choices > 1 || kept.cut || reference_capped {
-        Likeness::Unknown
-    } else {
-        Likeness::of(said, Said::of(&b), cfg.max_text_bytes)
-    };
-    let inflated = passed
-        && usage_over_reference(
-            provider_counted,
-            &b,
-            likeness,
-            &BillSlack::of(cfg, state.config.credits.prompt_overhead_tokens),
-        );
-    if inflated {
-        tracing::warn!(
-            provider_id = job.provider_id,
-            "usage above the trusted reference's for the same request"
-        );
-    }
+    let (passed, agreement) = replay_verdict(
+        state,
+        (job.provider_id, job.endpoint, job.choices),
+        provider_counted,
+        &job.sample.into_delivered(),
+        &b,
+    );
     judge(
         state,
         AuditRecord {
             provider_id: job.provider_id,
             request_id: Some(job.request_id),
             kind: "replay",
-            passed: passed && !inflated,
-            agreement: Some(agreement),
+            passed,
+            agreement,
         },
     )
     .await;
+}
+
+/// The verdict on one replay of `provider_id`'s answer to a request to `endpoint` for
+/// `choices` choices, `billed` the provider's counts, `kept` what it delivered and `b`
+/// the reference's answer: (passed, agreement). Embeddings by [`embeddings_verdict`];
+/// the others by [`verdict`], and a bill above what the reference counted for the same
+/// body ([`usage_over_reference`]) fails them too.
+fn replay_verdict(
+    state: &HubState,
+    (provider_id, endpoint, choices): (i64, InferenceEndpoint, i64),
+    billed: Usage,
+    kept: &Kept,
+    b: &Answer,
+) -> (bool, Option<f64>) {
+    let cfg = &state.config.audit;
+    if endpoint == InferenceEndpoint::Embeddings {
+        return (
+            embeddings_verdict(cfg, kept.vectors, billed.prompt, b),
+            None,
+        );
+    }
+    let said = Said {
+        text: &kept.text,
+        calls: &kept.calls,
+    };
+    let (passed, agreement) = verdict(cfg, said, Said::of(b), b.cut_at_length);
+    let reference_capped = b.text.len() >= cfg.max_text_bytes;
+    let likeness = if choices > 1 || kept.cut || reference_capped {
+        Likeness::Unknown
+    } else {
+        Likeness::of(said, Said::of(b), cfg.max_text_bytes)
+    };
+    let slack = BillSlack::of(cfg, state.config.credits.prompt_overhead_tokens);
+    let inflated = passed && usage_over_reference(billed, b, likeness, &slack);
+    if inflated {
+        tracing::warn!(
+            provider_id,
+            "usage above the trusted reference's for the same request"
+        );
+    }
+    (passed && !inflated, Some(agreement))
 }
 
 /// The verdict on a replayed embeddings request (deterministic: no tolerance for
