@@ -250,18 +250,17 @@ impl Ctx {
     /// provider faster than its model's size class makes plausible.
     fn spot_checks(&self, state: &HubState, link: &ProviderLink, ended: &Ended) {
         if let Some(sample) = self.audit.lock().take() {
-            state.auditor.submit(Job::Replay(ReplayJob {
+            state.auditor.submit(Job::Replay(Box::new(ReplayJob {
                 provider_id: link.provider_id,
                 endpoint: self.endpoint,
                 model: self.model.clone(),
                 sha256: link.offered(&self.model).and_then(|o| o.sha256),
                 sample,
-                account_id: self.key.account_id,
                 request_id: self.request_id.clone(),
                 billed: ended.usage,
                 prompt_estimate: self.bounds.prompt_estimate,
                 choices: self.bounds.choices,
-            }));
+            })));
         }
         // Choices are generated side by side: each at the model's speed, not all of them.
         plausibility::check_speed(
@@ -279,11 +278,30 @@ impl Ctx {
         self.audit.lock().is_some()
     }
 
-    /// Text of the first choice delivered to the consumer, kept when the request was
-    /// sampled for an audit (nothing is done otherwise).
-    pub(crate) fn delivered(&self, first_choice: Option<&str>) {
-        if let (Some(t), Some(sample)) = (first_choice, self.audit.lock().as_mut()) {
+    /// Choice 0 delivered to the consumer (a whole answer's, or a chunk's): its
+    /// text and tool calls, kept when the request was sampled for an audit (nothing is
+    /// done otherwise).
+    pub(crate) fn delivered(&self, first_choice: Option<&serde_json::Value>) {
+        let mut audit = self.audit.lock();
+        let (Some(c), Some(sample)) = (first_choice, audit.as_mut()) else {
+            return;
+        };
+        if let Some(t) = crate::routing::send::text_of(c) {
             sample.push(t);
+        }
+        if let Some(m) = c.get("message").or_else(|| c.get("delta")) {
+            sample.push_calls_of(m);
+        }
+        if c.get("finish_reason").and_then(serde_json::Value::as_str) == Some("length") {
+            sample.note_length();
+        }
+    }
+
+    /// The shape of the embeddings delivered, kept when the request was sampled for an
+    /// audit.
+    pub(crate) fn delivered_vectors(&self, vectors: crate::routing::send::Vectors) {
+        if let Some(sample) = self.audit.lock().as_mut() {
+            sample.note_vectors(vectors);
         }
     }
 

@@ -239,7 +239,9 @@ async fn admit(
     if let (true, Some(text)) = (stages.input, &guard_input) {
         screen::check_input(state, &s.request_id, key.account_id, &parsed.model, text).await?;
     }
-    let audit = (s.endpoint != InferenceEndpoint::Embeddings
+    // A sampled body is held until its replay: a larger one than the audit's bound is
+    // not sampled.
+    let audit = (parsed.body.len() <= state.config.audit.max_body_bytes
         && state.auditor.sample()
         && state.auditor.has_room())
     .then(|| {

@@ -25,7 +25,8 @@ pub use serving::{
     RoutingConfig, ServerConfig, MAX_DATABASE_TURNS, MAX_PICK_SAMPLE, MAX_SERVER_CONNECTIONS,
 };
 pub use trust::{
-    GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig, MAX_PENDING_AUDITS,
+    GuardConfig, GuardFormat, ModerationMode, SpotCheckConfig, MAX_AUDIT_BODY_BYTES,
+    MAX_COMPLETION_RATIO, MAX_COMPLETION_SLACK_TOKENS, MAX_PENDING_AUDITS, MIN_AUDIT_BODY_BYTES,
     MIN_AUDIT_TEXT_BYTES, MIN_CANARY_INTERVAL, MIN_TOKENS_FOR_SPEED,
 };
 pub use web::WebConfig;

@@ -172,6 +172,30 @@ fn limits_that_panic_spin_or_disable_a_protection_are_refused() {
             "audit.max_pending",
         ),
         (
+            "[audit]\nmax_body_bytes = 1023".into(),
+            "audit.max_body_bytes",
+        ),
+        (
+            format!("[audit]\nmax_body_bytes = {HUGE}"),
+            "audit.max_body_bytes",
+        ),
+        (
+            "[audit]\ncompletion_ratio = 0.5".into(),
+            "audit.completion_ratio",
+        ),
+        (
+            "[audit]\ncompletion_ratio = nan".into(),
+            "audit.completion_ratio",
+        ),
+        (
+            "[audit]\ncompletion_slack_tokens = -1".into(),
+            "audit.completion_slack_tokens",
+        ),
+        (
+            format!("[audit]\nembedding_slack_tokens = {HUGE}"),
+            "audit.embedding_slack_tokens",
+        ),
+        (
             format!("[server]\nmax_connections = {HUGE}"),
             "server.max_connections",
         ),

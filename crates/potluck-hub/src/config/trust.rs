@@ -11,10 +11,14 @@ use serde::Deserialize;
 /// hub to 20 empty rounds a second (the integration tests' fastest setting; production
 /// wants minutes).
 pub const MIN_CANARY_INTERVAL: Duration = Duration::from_millis(50);
-/// Largest `audit.max_pending`: 256 times the default; with the default 16 KiB of
-/// `max_text_bytes` that is at most 1 GiB of held text (and far below tokio's channel
-/// limit, past which the hub panicked at start).
+/// Largest `audit.max_pending`: 256 times the default (and far below tokio's channel
+/// limit, past which the hub panicked at start). Each pending audit holds at most
+/// `max_body_bytes` of body and twice `max_text_bytes` of delivered text and tool calls.
 pub const MAX_PENDING_AUDITS: usize = 65_536;
+/// Smallest `audit.max_body_bytes`: a short chat request's body.
+pub const MIN_AUDIT_BODY_BYTES: usize = 1024;
+/// Largest `audit.max_body_bytes` (a request body is at most `max_request_bytes`).
+pub const MAX_AUDIT_BODY_BYTES: usize = 64 * 1024 * 1024;
 /// Smallest `audit.max_text_bytes`: a kibibyte holds well over a hundred words. A cap of
 /// 0 made every replay compare two empty texts and pass; a few bytes compare one word.
 pub const MIN_AUDIT_TEXT_BYTES: usize = 1024;
@@ -24,6 +28,12 @@ pub const MIN_AUDIT_TEXT_BYTES: usize = 1024;
 /// honest provider of a one-token answer was flagged. From 16 tokens the error is under
 /// 7%, below the margin of the `max_tokens_per_sec` limits.
 pub const MIN_TOKENS_FOR_SPEED: i64 = 16;
+
+/// Largest `audit.completion_ratio`: past a hundred times the reference's count the bill
+/// check would hold nothing against anyone.
+pub const MAX_COMPLETION_RATIO: f64 = 100.0;
+/// Largest `audit.completion_slack_tokens`.
+pub const MAX_COMPLETION_SLACK_TOKENS: i64 = 1_000_000;
 
 /// Which side of a request a guard model checks.
 pub type ModerationMode = potluck_protocol::tunnel::Moderation;
@@ -184,16 +194,21 @@ pub struct SpotCheckConfig {
     pub answer_timeout: Duration,
     /// Fixed seed for the audit sampler (tests); random when unset.
     pub seed: Option<u64>,
-    /// Most bytes of a sampled request's delivered answer kept in memory until its
-    /// replay is judged (never on disk, never logged). Text past it is not compared. At
-    /// least [`MIN_AUDIT_TEXT_BYTES`] (1024).
+    /// Most bytes of a sampled request's delivered text, and as many of its tool calls'
+    /// names and arguments, kept in memory until its replay is judged (never on disk,
+    /// never logged). Text past it is not compared. At least [`MIN_AUDIT_TEXT_BYTES`]
+    /// (1024).
     pub max_text_bytes: usize,
+    /// Largest request body sampled for an audit: a sampled request's body is held in
+    /// memory until its replay, so a larger one is not sampled. [`MIN_AUDIT_BODY_BYTES`]
+    /// (1024) to [`MAX_AUDIT_BODY_BYTES`] (64 MiB).
+    pub max_body_bytes: usize,
     /// Most tokens a canary asks for (its `max_tokens` follows recent requests' up to
     /// this), on the audited provider and on the reference each. At least 1.
     pub canary_max_tokens: u64,
     /// Most sampled requests waiting for their replay; more are not audited (audits
-    /// are samples). With `max_text_bytes`, this bounds the memory audits hold. 1 to
-    /// [`MAX_PENDING_AUDITS`] (65,536).
+    /// are samples). Audits hold at most this many times `max_body_bytes` plus twice
+    /// `max_text_bytes` of memory. 1 to [`MAX_PENDING_AUDITS`] (65,536).
     pub max_pending: usize,
     /// Most completion tokens per second a provider of a size class may plausibly
     /// deliver (`credits.classes` names).
@@ -201,6 +216,21 @@ pub struct SpotCheckConfig {
     /// Speed is judged only on answers with at least this many completion tokens: at
     /// least [`MIN_TOKENS_FOR_SPEED`] (16).
     pub min_tokens_for_speed: i64,
+    /// A replay holds the completion tokens billed against the reference's count for the
+    /// same body whenever both answers ended by themselves (neither at its length limit
+    /// nor past `max_text_bytes`). Where the texts differ (whitespace aside), the bill may
+    /// reach the reference's count scaled by the delivered text's length over the
+    /// reference's (when longer), times this ratio; where they are the same, the
+    /// reference's count. 1 to [`MAX_COMPLETION_RATIO`] (100).
+    pub completion_ratio: f64,
+    /// Tokens a bill may pass that bound by (a whitespace token, a template's end
+    /// marker). 0 to [`MAX_COMPLETION_SLACK_TOKENS`].
+    pub completion_slack_tokens: i64,
+    /// Embeddings are deterministic: a replayed embeddings request fails when its
+    /// vectors' count or dimension differ from the reference's, or when its prompt
+    /// tokens billed pass the reference's count by more than this many (a BOS or EOS
+    /// token per input another server adds). 0 to [`MAX_COMPLETION_SLACK_TOKENS`].
+    pub embedding_slack_tokens: i64,
 }
 
 impl SpotCheckConfig {
@@ -219,6 +249,11 @@ impl SpotCheckConfig {
         if self.max_text_bytes < MIN_AUDIT_TEXT_BYTES {
             return Err(format!(
                 "audit.max_text_bytes must be at least {MIN_AUDIT_TEXT_BYTES}"
+            ));
+        }
+        if !(MIN_AUDIT_BODY_BYTES..=MAX_AUDIT_BODY_BYTES).contains(&self.max_body_bytes) {
+            return Err(format!(
+                "audit.max_body_bytes must be from {MIN_AUDIT_BODY_BYTES} to {MAX_AUDIT_BODY_BYTES}"
             ));
         }
         if self.canary_max_tokens == 0 {
@@ -248,6 +283,21 @@ impl SpotCheckConfig {
         }
         if self.lease_wait.is_zero() {
             return Err("audit.lease_wait must be positive".into());
+        }
+        if !(1.0..=MAX_COMPLETION_RATIO).contains(&self.completion_ratio) {
+            return Err(format!(
+                "audit.completion_ratio must be from 1 to {MAX_COMPLETION_RATIO}"
+            ));
+        }
+        if !(0..=MAX_COMPLETION_SLACK_TOKENS).contains(&self.completion_slack_tokens) {
+            return Err(format!(
+                "audit.completion_slack_tokens must be from 0 to {MAX_COMPLETION_SLACK_TOKENS}"
+            ));
+        }
+        if !(0..=MAX_COMPLETION_SLACK_TOKENS).contains(&self.embedding_slack_tokens) {
+            return Err(format!(
+                "audit.embedding_slack_tokens must be from 0 to {MAX_COMPLETION_SLACK_TOKENS}"
+            ));
         }
         super::check_timeout("audit.answer_timeout", self.answer_timeout)?;
         let bad_speed = self
@@ -283,8 +333,11 @@ impl Default for SpotCheckConfig {
             answer_timeout: Duration::from_secs(120),
             seed: None,
             // 16 KiB of text is about 4,000 tokens, past any answer's beginning that
-            // `compare_tokens` reads; 256 pending audits hold at most 4 MiB of text.
+            // `compare_tokens` reads.
             max_text_bytes: 16 * 1024,
+            // Most chat requests; 256 pending audits hold at most 64 MiB of bodies and
+            // 8 MiB of text and calls (a body of `max_request_bytes`, 8 MiB, each: 2 GiB).
+            max_body_bytes: 256 * 1024,
             max_pending: 256,
             canary_max_tokens: 256,
             max_tokens_per_sec: [
@@ -295,6 +348,11 @@ impl Default for SpotCheckConfig {
             .into_iter()
             .collect(),
             min_tokens_for_speed: 64,
+            // Two honest answers of different text from one tokenizer: tokens follow bytes
+            // closely; half again covers a text of another script or more numbers.
+            completion_ratio: 1.5,
+            completion_slack_tokens: 16,
+            embedding_slack_tokens: 8,
         }
     }
 }

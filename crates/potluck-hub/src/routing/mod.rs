@@ -7,9 +7,11 @@
 //! success rate, and its tunnel count; [`queue`] is the wait queue; [`pool`] tells what the
 //! pool holds; [`accept`] takes a tunnel upgrade; [`events`] sends each agent its receipts
 //! and notices in signed batches; [`sample`] is the pick among many tunnels; [`send`] builds every request sent down a
-//! tunnel and asks for the hub's own; [`inflight`] cuts a party's requests.
+//! tunnel and asks for the hub's own ([`calls`]: an answer's tool calls, as audits compare
+//! them); [`inflight`] cuts a party's requests.
 
 pub(crate) mod accept;
+pub(crate) mod calls;
 pub(crate) mod events;
 pub(crate) mod health;
 pub(crate) mod inflight;

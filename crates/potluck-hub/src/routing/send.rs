@@ -15,6 +15,7 @@ use rand::RngCore;
 use serde_json::Value;
 
 use crate::http::sse::SseParser;
+use crate::routing::calls::Calls;
 use crate::routing::link::ProviderLink;
 use crate::routing::registry::{Acquired, Lease, Need};
 use crate::state::HubState;
@@ -88,16 +89,46 @@ pub(crate) enum InternalError {
     Failed(&'static str),
 }
 
+/// The shape of an embeddings answer, as audits compare it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Vectors {
+    /// Embeddings in `data`.
+    pub count: usize,
+    /// The first one's dimension: elements of its array, or bytes of its base64 text.
+    pub dimension: usize,
+}
+
+impl Vectors {
+    /// The shape of a parsed embeddings answer (`None`: no `data` list).
+    fn of(v: &Value) -> Option<Self> {
+        let data = v.get("data")?.as_array()?;
+        let first = data.first().and_then(|d| d.get("embedding"));
+        let dimension = match first {
+            Some(Value::Array(a)) => a.len(),
+            Some(Value::String(t)) => t.len(),
+            _ => 0,
+        };
+        Some(Self {
+            count: data.len(),
+            dimension,
+        })
+    }
+}
+
 /// A collected answer.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Answer {
-    /// The text of the first choice (content, or completions' text).
+    /// An embeddings answer's shape.
+    pub vectors: Option<Vectors>,
+    /// The text of choice 0 ([`choice_zero`]: content, or completions' text).
     pub text: String,
+    /// Choice 0's tool calls (names and arguments, in order).
+    pub calls: Calls,
     /// Completion tokens the provider reported.
     pub completion_tokens: i64,
     /// Prompt tokens the provider reported (0: none).
     pub prompt_tokens: i64,
-    /// The first choice ended at its length limit (`finish_reason: "length"`): it may
+    /// Choice 0 ended at its length limit (`finish_reason: "length"`): it may
     /// have gone on.
     pub cut_at_length: bool,
     /// The provider that answered.
@@ -230,6 +261,17 @@ async fn send_on(
     Ok(answer)
 }
 
+/// The choice audits read in `choices` (a whole answer's or a chunk's list): the one
+/// whose `index` is 0, a choice without a numeric `index` standing at its place. Not the
+/// first listed: a provider may list another choice first.
+pub(crate) fn choice_zero(choices: Option<&Value>) -> Option<&Value> {
+    let list = choices?.as_array()?;
+    list.iter().enumerate().find_map(|(place, c)| {
+        let index = c.get("index").and_then(Value::as_u64);
+        (index.unwrap_or(place as u64) == 0).then_some(c)
+    })
+}
+
 /// The text of one choice as audits compare it: content (whole or streamed), or
 /// completions' text.
 pub(crate) fn text_of(choice: &Value) -> Option<&str> {
@@ -255,15 +297,18 @@ fn prompt_tokens(v: &Value) -> Option<i64> {
 
 fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
     let v: Value = serde_json::from_slice(body).map_err(|_| InternalError::Failed("json"))?;
+    let mut calls = Calls::new(MAX_INTERNAL_ANSWER_BYTES);
+    let choice = choice_zero(v.get("choices"));
+    if let Some(m) = choice.and_then(|c| c.get("message")) {
+        calls.push_json(m);
+    }
     Ok(Answer {
-        text: v
-            .pointer("/choices/0")
-            .and_then(text_of)
-            .unwrap_or_default()
-            .to_owned(),
+        text: choice.and_then(text_of).unwrap_or_default().to_owned(),
         completion_tokens: completion_tokens(&v).unwrap_or(0),
+        calls,
         prompt_tokens: prompt_tokens(&v).unwrap_or(0),
-        cut_at_length: v.pointer("/choices/0").is_some_and(at_length),
+        cut_at_length: choice.is_some_and(at_length),
+        vectors: Vectors::of(&v),
         provider_id: 0,
     })
 }
@@ -271,7 +316,10 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
 fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
     let mut p = SseParser::new(max_line);
     let events = p.push(body).map_err(|_| InternalError::Failed("sse"))?;
-    let mut a = Answer::default();
+    let mut a = Answer {
+        calls: Calls::new(MAX_INTERNAL_ANSWER_BYTES),
+        ..Answer::default()
+    };
     for ev in events {
         if ev == b"[DONE]" {
             break;
@@ -279,8 +327,11 @@ fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
         let Ok(v) = serde_json::from_slice::<Value>(&ev) else {
             return Err(InternalError::Failed("sse json"));
         };
-        if let Some(c) = v.pointer("/choices/0") {
+        if let Some(c) = choice_zero(v.get("choices")) {
             a.text.push_str(text_of(c).unwrap_or_default());
+            if let Some(d) = c.get("delta") {
+                a.calls.push_json(d);
+            }
             a.cut_at_length |= at_length(c);
         }
         if let Some(n) = completion_tokens(&v) {
@@ -313,6 +364,30 @@ mod tests {
         let s = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\n";
         assert!(read_sse(s, 1 << 20).unwrap().cut_at_length);
         assert!(read_json(b"nope").is_err());
+    }
+
+    #[test]
+    fn an_embeddings_answer_has_a_shape() {
+        let j = br#"{"data":[{"embedding":[0.1,0.2,0.3]},{"embedding":[1,2,3]}],"usage":{"prompt_tokens":4}}"#;
+        let a = read_json(j).unwrap();
+        let shape = Vectors {
+            count: 2,
+            dimension: 3,
+        };
+        assert_eq!((a.vectors, a.prompt_tokens), (Some(shape), 4));
+        assert_eq!(read_json(br#"{"choices":[]}"#).unwrap().vectors, None);
+    }
+
+    /// Audits read the choice whose `index` is 0, wherever it is listed.
+    #[test]
+    fn the_choice_read_is_index_zero_not_the_first_listed() {
+        let j = br#"{"choices":[{"index":1,"message":{"content":"one"}},{"index":0,"message":{"content":"zero"}}]}"#;
+        assert_eq!(read_json(j).unwrap().text, "zero");
+        let s = b"data: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\"one\"}},{\"index\":0,\"delta\":{\"content\":\"zero\"}}]}\n\ndata: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\" 1\"}}]}\n\n";
+        assert_eq!(read_sse(s, 1 << 20).unwrap().text, "zero");
+        let no_index =
+            br#"{"choices":[{"message":{"content":"first"}},{"message":{"content":"second"}}]}"#;
+        assert_eq!(read_json(no_index).unwrap().text, "first");
     }
 
     /// Ids sort by time (so index inserts append), stay unique and unguessable.

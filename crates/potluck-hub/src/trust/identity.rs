@@ -24,6 +24,17 @@ pub(crate) const PSEUDONYM_BYTES: usize = 12;
 /// holds this many (each entry is about 100 bytes, so at most ~1.6 MB).
 pub(crate) const PSEUDONYM_CACHE_ENTRIES: usize = 16_384;
 
+/// A fresh random pseudonym of the same shape as a consumer's ([`PSEUDONYM_PREFIX`] and
+/// [`PSEUDONYM_BYTES`] hex-encoded), for the hub's own requests (audit replays,
+/// canaries): never any consumer's, never used twice, so a reference cannot link what it
+/// is asked to check to a consumer's other traffic.
+pub(crate) fn one_time_pseudonym() -> String {
+    use rand::RngCore as _;
+    let mut b = [0u8; PSEUDONYM_BYTES];
+    rand::rng().fill_bytes(&mut b);
+    format!("{PSEUDONYM_PREFIX}{}", hex::encode(b))
+}
+
 /// The hub's keys. `Debug` shows the id only.
 pub(crate) struct HubIdentity {
     hub_id: String,
@@ -140,6 +151,13 @@ mod tests {
         assert_ne!(a, h.pseudonym(1, 43), "differs across accounts");
         assert!(a.starts_with(PSEUDONYM_PREFIX));
         assert_eq!(a.len(), PSEUDONYM_PREFIX.len() + 2 * PSEUDONYM_BYTES);
+        let (x, y) = (one_time_pseudonym(), one_time_pseudonym());
+        assert_ne!(x, y, "one-time pseudonyms are fresh");
+        assert_eq!(
+            (x.len(), &x[..2]),
+            (a.len(), PSEUDONYM_PREFIX),
+            "shaped like one"
+        );
         assert!(!a.contains("42"));
         let other_hub = HubIdentity::new(&HubIdentityRecord {
             hub_id: "hub-other".into(),

@@ -82,8 +82,7 @@ impl Delivered {
             return;
         };
         self.choices |= choices.iter().any(Value::is_object);
-        let index = |c: &Value| c.get("index").and_then(Value::as_u64);
-        self.add_slots(choices.len(), choices.iter().map(index));
+        self.add_slots(choices.len(), choices.iter().map(choice_index));
         let count = |v: Option<&Value>| {
             v.and_then(Value::as_str)
                 .map_or(0, |s| i64::try_from(s.len()).unwrap_or(i64::MAX))
@@ -383,5 +382,14 @@ pub(crate) fn check_speed(
             kind: "speed",
             request_id: request_id.to_owned(),
         });
+    }
+}
+/// A choice's `index`: `None` when absent or null; a non-negative integer as it is; any
+/// other value (`1.0`, `-1`, `"0"`, which lax clients read as a place) as `u64::MAX`, a
+/// choice past any the request asked for.
+pub(crate) fn choice_index(choice: &Value) -> Option<u64> {
+    match choice.get("index")? {
+        Value::Null => None,
+        v => Some(v.as_u64().unwrap_or(u64::MAX)),
     }
 }

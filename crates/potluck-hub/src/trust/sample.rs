@@ -1,10 +1,16 @@
-//! A request sampled for an audit: the body exactly as the provider got it, and the text
-//! the provider delivered (of the first choice, as the relay saw it), kept in memory
-//! under `audit.max_text_bytes` until the replay on a trusted reference is judged. Only
+//! A request sampled for an audit: the body exactly as the provider got it (only bodies
+//! up to `audit.max_body_bytes` are sampled), and the text and tool calls the provider
+//! delivered (for embeddings: the vectors' count and dimension) (of choice 0, the one whose `index` is 0, as the relay saw it), kept in memory under
+//! `audit.max_text_bytes` (each) until the replay on a trusted reference is judged. Only
 //! sampled requests carry one, so the request path allocates nothing for the others.
 //! Never written to disk or to a log.
 
 use bytes::Bytes;
+use serde_json::Value;
+
+pub(crate) use crate::routing::calls::prefix;
+use crate::routing::calls::Calls;
+use crate::routing::send::Vectors;
 
 /// One sampled request's body and delivered text.
 pub(crate) struct AuditSample {
@@ -14,6 +20,24 @@ pub(crate) struct AuditSample {
     pub(crate) stream: bool,
     text: String,
     cap: usize,
+    calls: Calls,
+    /// Text was dropped at the cap, or the choice ended at its length limit.
+    cut: bool,
+    vectors: Option<Vectors>,
+}
+
+/// What a sampled request delivered, as its replay judges it.
+pub(crate) struct Kept {
+    /// Choice 0's text (at most the cap).
+    pub(crate) text: String,
+    /// Its tool calls.
+    pub(crate) calls: Calls,
+    /// Cut short: text or calls dropped at the cap, or the choice ended at its length
+    /// limit (`finish_reason: "length"`); its bill cannot be held against a reference
+    /// that ran to its end.
+    pub(crate) cut: bool,
+    /// An embeddings answer's shape.
+    pub(crate) vectors: Option<Vectors>,
 }
 
 impl AuditSample {
@@ -24,31 +48,49 @@ impl AuditSample {
             stream,
             text: String::new(),
             cap,
+            calls: Calls::new(cap),
+            cut: false,
+            vectors: None,
         }
     }
 
     /// Add delivered text; whatever passes the cap is dropped (cut at a character).
     pub(crate) fn push(&mut self, t: &str) {
         let room = self.cap.saturating_sub(self.text.len());
-        self.text.push_str(prefix(t, room));
+        let kept = prefix(t, room);
+        self.cut |= kept.len() < t.len();
+        self.text.push_str(kept);
     }
 
-    /// The text delivered (at most the cap).
-    pub(crate) fn into_text(self) -> String {
-        self.text
+    /// The shape of the embeddings delivered.
+    pub(crate) fn note_vectors(&mut self, vectors: Vectors) {
+        self.vectors = Some(vectors);
     }
-}
 
-/// The longest prefix of `t` of at most `max` bytes that ends on a character.
-pub(crate) fn prefix(t: &str, max: usize) -> &str {
-    if t.len() <= max {
-        return t;
+    /// The choice ended at its length limit.
+    pub(crate) fn note_length(&mut self) {
+        self.cut = true;
     }
-    let mut n = max;
-    while !t.is_char_boundary(n) {
-        n -= 1;
+
+    /// Add a piece of tool call `key` (see [`Calls::push`]).
+    pub(crate) fn push_call(&mut self, key: u64, name: Option<&str>, arguments: Option<&str>) {
+        self.calls.push(key, name, arguments);
     }
-    &t[..n]
+
+    /// Add the tool calls of a delivered `message` or `delta` object.
+    pub(crate) fn push_calls_of(&mut self, message: &Value) {
+        self.calls.push_json(message);
+    }
+
+    /// What was delivered (text and tool calls each at most the cap).
+    pub(crate) fn into_delivered(self) -> Kept {
+        Kept {
+            cut: self.cut || self.calls.cut(),
+            text: self.text,
+            calls: self.calls,
+            vectors: self.vectors,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -62,10 +104,12 @@ mod tests {
         s.push("cé");
         s.push("zzz");
         // "abcé" is 5 bytes; nothing more fits.
-        assert_eq!(s.into_text(), "abcé");
+        let kept = s.into_delivered();
+        assert_eq!(kept.text, "abcé");
+        assert!(kept.cut, "text was dropped at the cap");
         let mut s = AuditSample::new(Bytes::new(), false, 4);
         s.push("abcé");
-        assert_eq!(s.into_text(), "abc", "never half a character");
+        assert_eq!(s.into_delivered().text, "abc", "never half a character");
         assert_eq!(prefix("", 0), "");
     }
 }

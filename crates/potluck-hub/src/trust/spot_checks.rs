@@ -1,16 +1,20 @@
 //! Spot checks of providers, who run stock servers the hub cannot change, so they are checked
 //! from outside, with requests a provider cannot tell from ordinary traffic:
 //!
-//! - **Replays.** A sampled fraction of real requests (`audit.rate`) keeps, in memory, the
-//!   body exactly as forwarded and the text the provider delivered (up to
-//!   `audit.max_text_bytes`, at most `audit.max_pending` such requests). The same body (the
+//! - **Replays.** A sampled fraction of real requests (`audit.rate`) of bodies up to
+//!   `audit.max_body_bytes` keeps, in memory, the body exactly as forwarded and the text
+//!   and tool calls the provider delivered (up to `audit.max_text_bytes` each, at most
+//!   `audit.max_pending` such requests). The same body (the
 //!   same seed: the hub seeds every request that has none, see
 //!   [`crate::routing::send::hub_seed`]; the same temperature) then goes to a provider
-//!   marked *trusted* that serves the same model file (by hash), with the consumer's
-//!   pseudonym towards it, and its answer is compared with what the audited provider
+//!   marked *trusted* that serves the same model file (by hash), under a one-time
+//!   pseudonym (never the consumer's, which would let the reference link the consumer's
+//!   traffic across providers), and its answer is compared with what the audited provider
 //!   already delivered. The audited provider gets no second request, so nothing marks the
 //!   requests it is judged on. The first `audit.compare_tokens` words must agree
 //!   (tolerance `audit.min_agreement`).
+//!   Embeddings (deterministic) must have as many vectors of the same dimension as the
+//!   reference's, billed within its prompt tokens plus `audit.embedding_slack_tokens`.
 //! - **Canaries.** Every `audit.canary_interval`, a generated prompt ([`super::canary`])
 //!   in the shape of recent requests goes to one untrusted provider and the same body to
 //!   a trusted reference, compared the same way.
@@ -28,25 +32,27 @@ use potluck_protocol::tunnel::ModelHash;
 use potluck_protocol::{InferenceEndpoint, ModelName};
 use potluck_store::trust::AuditRecord;
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SpotCheckConfig;
+use crate::routing::calls::Calls;
 use crate::routing::link::ProviderLink;
-use crate::routing::send::{self, Answer};
+use crate::routing::send::{self, Answer, Vectors};
 use crate::state::HubState;
 use crate::trust::canary::{self, Shape, Shapes};
-use crate::trust::plausibility::{Usage, PLAUSIBILITY_SLACK_TOKENS};
+use crate::trust::identity::one_time_pseudonym;
+use crate::trust::plausibility::Usage;
 use crate::trust::reputation::judge;
-use crate::trust::sample::{prefix, AuditSample};
+use crate::trust::sample::{prefix, AuditSample, Kept};
 
 /// Work for the auditor.
 pub(crate) enum Job {
     /// Replay a finished request on a trusted reference and compare with what the
     /// audited provider delivered.
-    Replay(ReplayJob),
+    Replay(Box<ReplayJob>),
     /// A plausibility flag raised on the request path.
     Flag {
         /// The provider.
@@ -133,16 +139,48 @@ pub(crate) fn appended(a: &str, b: &str) -> bool {
     !wb.is_empty() && wa.len() > wb.len() + MAX_APPENDED_WORDS && wa.starts_with(&wb)
 }
 
+/// What an answer said, as audits compare it: its text and its tool calls.
+#[derive(Clone, Copy)]
+struct Said<'a> {
+    text: &'a str,
+    calls: &'a Calls,
+}
+
+impl<'a> Said<'a> {
+    fn of(answer: &'a Answer) -> Self {
+        Self {
+            text: &answer.text,
+            calls: &answer.calls,
+        }
+    }
+
+    /// The text the words are compared on: the text (up to `cap`), then each tool call's
+    /// name and arguments.
+    fn words(self, cap: usize) -> String {
+        let mut w = prefix(self.text, cap).to_owned();
+        w.push_str(&self.calls.render());
+        w
+    }
+}
+
 /// The verdict on one replay or canary, `a` the audited answer, `b` the reference's:
 /// (passed, agreement). Text past `audit.max_text_bytes` is not compared, and appended
 /// text counts only against a reference that ended by itself (not at its length limit
-/// or the byte cap, where an honest answer may go on).
-fn verdict(cfg: &SpotCheckConfig, a: &str, b: &str, b_cut: bool) -> (bool, f64) {
+/// or the byte cap, where an honest answer may go on). Tool calls are compared in the
+/// words (their names and arguments after the text) and must also be the very calls the
+/// reference made (a call is an action the consumer's client takes: another command, or
+/// a call where the reference made none, is another answer however few words differ),
+/// unless the reference was cut at its length limit.
+fn verdict(cfg: &SpotCheckConfig, a: Said<'_>, b: Said<'_>, b_cut: bool) -> (bool, f64) {
     let cap = cfg.max_text_bytes;
-    let (a, b) = (prefix(a, cap), prefix(b, cap));
-    let b_cut = b_cut || b.len() >= cap;
-    let g = agreement(a, b, cfg.compare_tokens);
-    (g >= cfg.min_agreement && (b_cut || !appended(a, b)), g)
+    let b_cut = b_cut || b.text.len() >= cap;
+    let (aw, bw) = (a.words(cap), b.words(cap));
+    let g = agreement(&aw, &bw, cfg.compare_tokens);
+    let same_calls = b_cut || a.calls.same_as(b.calls);
+    (
+        g >= cfg.min_agreement && same_calls && (b_cut || !appended(&aw, &bw)),
+        g,
+    )
 }
 
 /// The auditor task: runs jobs one at a time and canaries on a timer, until `stop`.
@@ -178,10 +216,14 @@ pub(crate) async fn run(
         let work = async {
             match job {
                 Job::Replay(job) => {
-                    if let Some(shape) = Shape::of(&job.sample.body) {
+                    // Canaries are chat requests: an embeddings body gives them no shape.
+                    let shape = (job.endpoint != InferenceEndpoint::Embeddings)
+                        .then(|| Shape::of(&job.sample.body))
+                        .flatten();
+                    if let Some(shape) = shape {
                         shapes.note(shape);
                     }
-                    replay(&state, job).await
+                    replay(&state, *job).await
                 }
                 Job::Flag {
                     provider_id,
@@ -218,8 +260,6 @@ pub(crate) struct ReplayJob {
     pub(crate) sha256: Option<ModelHash>,
     /// The body as forwarded and the text delivered.
     pub(crate) sample: AuditSample,
-    /// The consumer (for the pseudonym the replay carries).
-    pub(crate) account_id: i64,
     /// The original request id.
     pub(crate) request_id: String,
     /// What the request was billed (the provider's usage, within the hub's bounds).
@@ -245,9 +285,10 @@ async fn replay(state: &HubState, job: ReplayJob) {
         );
         return;
     };
-    let consumer = state
-        .identity
-        .pseudonym(reference.provider_id, job.account_id);
+    // Not the consumer's pseudonym at the reference: under it the reference would see
+    // the consumer's bodies twice, once as served elsewhere, and link its traffic
+    // across providers.
+    let consumer = one_time_pseudonym();
     let body = (job.sample.body.clone(), job.sample.stream);
     let audit = &state.config.audit;
     let Some(lease) = send::lease_within(state, &reference, audit.lease_wait).await else {
@@ -268,9 +309,6 @@ async fn replay(state: &HubState, job: ReplayJob) {
         tracing::debug!("trusted reference failed an audit; no verdict");
         return;
     };
-    let delivered = job.sample.into_text();
-    let (passed, agreement) = verdict(&state.config.audit, &delivered, &b.text, b.cut_at_length);
-    // The same text billed above what the reference counted for it fails the replay too.
     let provider_counted = Usage {
         // The hub's own estimate, billed for want of the provider's count, is not held
         // against it.
@@ -281,53 +319,202 @@ async fn replay(state: &HubState, job: ReplayJob) {
         },
         ..job.billed
     };
-    let inflated = passed
-        && usage_over_reference(
-            provider_counted,
-            &b,
-            job.choices <= 1 && delivered == b.text,
-            state.config.credits.prompt_overhead_tokens,
-        );
-    if inflated {
-        tracing::warn!(
-            provider_id = job.provider_id,
-            "usage above the trusted reference's for the same request"
-        );
-    }
+    let (passed, agreement) = replay_verdict(
+        state,
+        (job.provider_id, job.endpoint, job.choices),
+        provider_counted,
+        &job.sample.into_delivered(),
+        &b,
+    );
     judge(
         state,
         AuditRecord {
             provider_id: job.provider_id,
             request_id: Some(job.request_id),
             kind: "replay",
-            passed: passed && !inflated,
-            agreement: Some(agreement),
+            passed,
+            agreement,
         },
     )
     .await;
 }
 
+/// The verdict on one replay of `provider_id`'s answer to a request to `endpoint` for
+/// `choices` choices, `billed` the provider's counts, `kept` what it delivered and `b`
+/// the reference's answer: (passed, agreement). Embeddings by [`embeddings_verdict`];
+/// the others by [`verdict`], and a bill above what the reference counted for the same
+/// body ([`usage_over_reference`]) fails them too.
+fn replay_verdict(
+    state: &HubState,
+    (provider_id, endpoint, choices): (i64, InferenceEndpoint, i64),
+    billed: Usage,
+    kept: &Kept,
+    b: &Answer,
+) -> (bool, Option<f64>) {
+    let cfg = &state.config.audit;
+    if endpoint == InferenceEndpoint::Embeddings {
+        return (
+            embeddings_verdict(cfg, kept.vectors, billed.prompt, b),
+            None,
+        );
+    }
+    let said = Said {
+        text: &kept.text,
+        calls: &kept.calls,
+    };
+    let (passed, agreement) = verdict(cfg, said, Said::of(b), b.cut_at_length);
+    let reference_capped = b.text.len() >= cfg.max_text_bytes;
+    let likeness = if choices > 1 || kept.cut || reference_capped {
+        Likeness::Unknown
+    } else {
+        Likeness::of(said, Said::of(b), cfg.max_text_bytes)
+    };
+    let slack = BillSlack::of(cfg, state.config.credits.prompt_overhead_tokens);
+    let inflated = passed && usage_over_reference(billed, b, likeness, &slack);
+    if inflated {
+        tracing::warn!(
+            provider_id,
+            "usage above the trusted reference's for the same request"
+        );
+    }
+    (passed && !inflated, Some(agreement))
+}
+
+/// The verdict on a replayed embeddings request (deterministic: no tolerance for
+/// nondeterminism): as many vectors of the same dimension as the reference's, and
+/// `billed_prompt` (the provider's count, 0 where the hub billed its own estimate)
+/// within the reference's count plus `audit.embedding_slack_tokens`. A reference that
+/// reported no count proves nothing about the bill.
+fn embeddings_verdict(
+    cfg: &SpotCheckConfig,
+    delivered: Option<Vectors>,
+    billed_prompt: i64,
+    reference: &Answer,
+) -> bool {
+    let same_shape = delivered.is_some() && delivered == reference.vectors;
+    let bound = reference
+        .prompt_tokens
+        .saturating_add(cfg.embedding_slack_tokens.max(0));
+    let inflated = reference.prompt_tokens > 0 && billed_prompt > bound;
+    same_shape && !inflated
+}
+
+/// How a delivered answer compares with the reference's, for the bill check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Likeness {
+    /// Not comparable (several choices, or the delivered answer cut at its length limit
+    /// or at the cap): its completion is not judged.
+    Unknown,
+    /// The same text and calls, whitespace aside.
+    Same,
+    /// Another text: the lengths of both (bytes, whitespace collapsed).
+    Other {
+        /// The delivered answer's.
+        delivered: usize,
+        /// The reference's.
+        reference: usize,
+    },
+}
+
+impl Likeness {
+    fn of(a: Said<'_>, b: Said<'_>, cap: usize) -> Self {
+        let (aw, bw) = (a.words(cap), b.words(cap));
+        if aw.split_whitespace().eq(bw.split_whitespace()) {
+            return Self::Same;
+        }
+        Self::Other {
+            delivered: collapsed_len(&aw),
+            reference: collapsed_len(&bw),
+        }
+    }
+}
+
+/// Bytes of `t` with its whitespace collapsed to single spaces and trimmed.
+fn collapsed_len(t: &str) -> usize {
+    let (words, bytes) = t.split_whitespace().fold((0usize, 0usize), |(n, b), w| {
+        (n + 1, b.saturating_add(w.len()))
+    });
+    bytes.saturating_add(words.saturating_sub(1))
+}
+
+/// The honest variance a bill may show over the reference's counts.
+#[derive(Debug, Clone, Copy)]
+struct BillSlack {
+    /// `audit.completion_ratio`.
+    ratio: f64,
+    /// `audit.completion_slack_tokens`.
+    slack: i64,
+    /// `credits.prompt_overhead_tokens`.
+    prompt_overhead: i64,
+}
+
+impl BillSlack {
+    fn of(cfg: &SpotCheckConfig, prompt_overhead: i64) -> Self {
+        Self {
+            ratio: cfg.completion_ratio,
+            slack: cfg.completion_slack_tokens,
+            prompt_overhead,
+        }
+    }
+}
+
 /// Whether `billed` is more than a trusted reference reported for the same body on the
 /// same model file: its prompt tokens (the same text through the same tokenizer, but
 /// maybe another server's template: a default system prompt, tools rendered otherwise;
-/// beyond half again the reference's count plus `overhead`), and, where the answers are
-/// the same single text, its completion tokens (beyond [`PLAUSIBILITY_SLACK_TOKENS`]). A
+/// beyond half again the reference's count plus the prompt overhead), and, where both
+/// answers ended by themselves, its completion tokens ([`completion_bound`]). A
 /// reference that reported nothing proves nothing.
-fn usage_over_reference(billed: Usage, reference: &Answer, same_text: bool, overhead: i64) -> bool {
+fn usage_over_reference(
+    billed: Usage,
+    reference: &Answer,
+    likeness: Likeness,
+    slack: &BillSlack,
+) -> bool {
     let prompt_bound = reference
         .prompt_tokens
         .saturating_mul(3)
         .saturating_div(2)
-        .saturating_add(overhead.max(0));
+        .saturating_add(slack.prompt_overhead.max(0));
     let prompt = reference.prompt_tokens > 0 && billed.prompt > prompt_bound;
-    let completion = same_text
-        && !reference.cut_at_length
+    let completion = !reference.cut_at_length
         && reference.completion_tokens > 0
-        && billed.completion
-            > reference
-                .completion_tokens
-                .saturating_add(PLAUSIBILITY_SLACK_TOKENS);
+        && completion_bound(reference.completion_tokens, likeness, slack)
+            .is_some_and(|bound| billed.completion > bound);
     prompt || completion
+}
+
+/// The most completion tokens an honest provider may bill where the reference counted
+/// `counted` for its answer: for the same text, `counted` plus the slack; for another,
+/// `counted` scaled by the delivered length over the reference's (when longer), times
+/// the ratio, plus the slack. `None`: not judged (not comparable, or the reference said
+/// nothing to scale by).
+fn completion_bound(counted: i64, likeness: Likeness, slack: &BillSlack) -> Option<i64> {
+    let base = match likeness {
+        Likeness::Unknown => return None,
+        Likeness::Same => counted,
+        Likeness::Other { reference: 0, .. } => return None,
+        Likeness::Other {
+            delivered,
+            reference,
+        } => {
+            // usize fits i128 on every target; a product past it bounds nothing.
+            let (longer, reference) = (
+                i128::try_from(delivered.max(reference)).unwrap_or(i128::MAX),
+                i128::try_from(reference).unwrap_or(i128::MAX),
+            );
+            let scaled = i128::from(counted)
+                .checked_mul(longer)
+                .and_then(|p| p.checked_div(reference))
+                .map_or(i64::MAX, |v| i64::try_from(v).unwrap_or(i64::MAX));
+            let times = (scaled as f64 * slack.ratio).ceil();
+            if times.is_finite() && times < i64::MAX as f64 {
+                times as i64
+            } else {
+                i64::MAX
+            }
+        }
+    };
+    Some(base.saturating_add(slack.slack.max(0)))
 }
 
 /// Send `body` to the audited tunnel and the reference at once and judge the answers:
@@ -379,7 +566,12 @@ async fn compare(
     };
     Some(match a {
         Ok(a) => {
-            let (passed, g) = verdict(&state.config.audit, &a.text, &b.text, b.cut_at_length);
+            let (passed, g) = verdict(
+                &state.config.audit,
+                Said::of(&a),
+                Said::of(&b),
+                b.cut_at_length,
+            );
             (passed, Some(g))
         }
         Err(_) => (false, None),
@@ -411,13 +603,7 @@ async fn run_canary(state: &HubState, shapes: &Shapes) {
                 state.config.audit.canary_max_tokens,
             )
         };
-        let mut id = [0u8; 12];
-        rand::rng().fill_bytes(&mut id);
-        let consumer = format!(
-            "{}{}",
-            crate::trust::identity::PSEUDONYM_PREFIX,
-            hex::encode(id)
-        );
+        let consumer = one_time_pseudonym();
         let Some((passed, g)) = compare(state, &target, &reference, &model, &body, &consumer).await
         else {
             continue;

@@ -900,6 +900,20 @@ async fn a_choice_the_request_did_not_ask_for_is_the_providers_failure() {
             ),
         ),
         ("stream, general path", stream(injected("delta"), true)),
+        (
+            "stream, choice 1 spelled 1.0",
+            stream(
+                json!([{"index": 1.0, "delta": {"content": LURE}, "finish_reason": null}]),
+                false,
+            ),
+        ),
+        (
+            "stream, choice 1 spelled 1.0, general path",
+            stream(
+                json!([{"index": 1.0, "delta": {"content": LURE}, "finish_reason": null}]),
+                true,
+            ),
+        ),
     ];
     for (what, answer) in streams {
         p.set_raw(Some(answer));

@@ -4,6 +4,8 @@
 use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::trust::sample::AuditSample;
+
 /// Most top-level keys [`TopLevel`] reads; an object with more takes the caller's tree
 /// path. (Each key is looked for among those before it, so the bound keeps that cheap
 /// whatever a provider sends; answers and chunks have about six.)
@@ -94,10 +96,14 @@ impl TextView<'_> {
     }
 }
 
-/// A streamed tool call: only its arguments are text the guard reads.
+/// A streamed tool call: its arguments are text the guard reads; its `index` and
+/// function name join its pieces for audits.
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 pub(crate) struct ToolCallView<'a> {
+    /// Raw, like `name`: read only for audits, so that no value of it fails the chunk.
+    #[serde(borrow)]
+    index: Option<&'a RawValue>,
     #[serde(borrow)]
     function: Option<FunctionView<'a>>,
 }
@@ -106,6 +112,8 @@ pub(crate) struct ToolCallView<'a> {
 #[serde(default)]
 pub(crate) struct FunctionView<'a> {
     #[serde(borrow)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow)]
     arguments: Option<std::borrow::Cow<'a, str>>,
 }
 
@@ -113,24 +121,42 @@ pub(crate) struct FunctionView<'a> {
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 pub(crate) struct ChoiceView<'a> {
+    /// Raw: read for the choices counted and for audits, so that no value of it can
+    /// fail the chunk.
     #[serde(borrow)]
     index: Option<&'a RawValue>,
     #[serde(borrow)]
     delta: Option<TextView<'a>>,
     #[serde(borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
+    /// Raw: read only for audits, so that no value of it can fail the chunk.
+    #[serde(borrow)]
+    finish_reason: Option<&'a RawValue>,
 }
 
-/// A choice's `index` as a raw value, when it is a non-negative integer (as
-/// `Value::as_u64` reads it on the general path).
+/// A choice's `index`: `None` when absent or null; a non-negative integer as it is; any
+/// other value (`1.0`, `-1`, `"0"`, which lax clients read as a place) as `u64::MAX`, a
+/// choice past any the request asked for (`trust::plausibility::choice_index` on the
+/// general path).
 pub(crate) fn index_of(raw: Option<&RawValue>) -> Option<u64> {
-    raw.and_then(|r| r.get().parse().ok())
+    let text = raw.map(RawValue::get).filter(|t| *t != "null")?;
+    Some(text.parse().unwrap_or(u64::MAX))
 }
 
 impl ChoiceView<'_> {
     /// The choice's `index` ([`index_of`]).
     pub(crate) fn index(&self) -> Option<u64> {
         index_of(self.index)
+    }
+
+    /// The choice audits read among a chunk's: the one whose `index` is 0, a choice
+    /// without a numeric `index` standing at its place (as
+    /// `routing::send::choice_zero` reads a tree).
+    pub(crate) fn zero(choices: &[Self]) -> Option<&Self> {
+        choices
+            .iter()
+            .enumerate()
+            .find_map(|(place, c)| (c.index().unwrap_or(place as u64) == 0).then_some(c))
     }
 
     /// Every text the guard judges: content, reasoning, tool-call arguments, text.
@@ -162,6 +188,31 @@ impl ChoiceView<'_> {
             .as_ref()
             .and_then(|d| d.content.as_deref())
             .or(self.text.as_deref())
+    }
+
+    /// Keep what audits compare of this choice in `sample`: its text, its tool calls'
+    /// pieces (each call's `index`, else its place, with its name and arguments), and
+    /// whether it ended at its length limit.
+    pub(crate) fn keep_for_audit(&self, sample: &mut AuditSample) {
+        if let Some(t) = self.answer() {
+            sample.push(t);
+        }
+        let calls = self.delta.as_ref().and_then(|d| d.tool_calls.as_deref());
+        for (place, call) in calls.unwrap_or_default().iter().enumerate() {
+            let f = call.function.as_ref();
+            let index = call.index.and_then(|r| r.get().parse::<u64>().ok());
+            let name = f
+                .and_then(|f| f.name)
+                .and_then(|r| serde_json::from_str::<std::borrow::Cow<'_, str>>(r.get()).ok());
+            sample.push_call(
+                index.unwrap_or(place as u64),
+                name.as_deref(),
+                f.and_then(|f| f.arguments.as_deref()),
+            );
+        }
+        if self.finish_reason.map(RawValue::get) == Some("\"length\"") {
+            sample.note_length();
+        }
     }
 
     /// UTF-8 bytes of delivered text: content, reasoning, tool-call arguments, text (as

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::api::relay::chunk::TopLevel;
 use crate::http::error::ApiError;
+use crate::routing::send::Vectors;
 
 #[derive(Deserialize)]
 struct Item {
@@ -70,8 +71,8 @@ fn base64_floats(s: &str) -> Option<usize> {
     bytes.is_multiple_of(4).then_some(bytes / 4)
 }
 
-/// Check `bytes`, the answer to a request of `inputs` inputs.
-pub(crate) fn check(bytes: &[u8], inputs: i64) -> Result<(), ApiError> {
+/// Check `bytes`, the answer to a request of `inputs` inputs; its shape (for audits).
+pub(crate) fn check(bytes: &[u8], inputs: i64) -> Result<Vectors, ApiError> {
     const BAD: ApiError =
         ApiError::ProviderFailed("the provider's embeddings did not match the request's inputs");
     let top: TopLevel<'_> = serde_json::from_slice(bytes).map_err(|_| BAD)?;
@@ -83,7 +84,10 @@ pub(crate) fn check(bytes: &[u8], inputs: i64) -> Result<(), ApiError> {
     let mut dims = items.iter().map(|i| i.embedding.as_ref().map(|d| d.0));
     let first = dims.next().flatten().filter(|d| *d > 0).ok_or(BAD)?;
     if dims.all(|d| d == Some(first)) {
-        Ok(())
+        Ok(Vectors {
+            count: items.len(),
+            dimension: first,
+        })
     } else {
         Err(BAD)
     }

@@ -44,8 +44,9 @@ pub(crate) async fn relay_whole(
         Err(e) => return ctx.provider_failed(state, &link, e),
     };
     if ctx.endpoint == InferenceEndpoint::Embeddings {
-        if let Err(e) = embeddings::check(&bytes, ctx.bounds.choices) {
-            return ctx.provider_failed(state, &link, e);
+        match embeddings::check(&bytes, ctx.bounds.choices) {
+            Ok(vectors) => ctx.delivered_vectors(vectors),
+            Err(e) => return ctx.provider_failed(state, &link, e),
         }
     }
     // Without an output check or an audit sample, the answer is read and spliced without
@@ -152,11 +153,7 @@ async fn tree(
             "the provider sent more text than the request allows",
         ));
     }
-    ctx.delivered(
-        obj.get("choices")
-            .and_then(|c| c.get(0))
-            .and_then(crate::routing::send::text_of),
-    );
+    ctx.delivered(crate::routing::send::choice_zero(obj.get("choices")));
     rewrite(&mut obj, ctx);
     let outcome = screen_output(state, ctx, provider_id, &mut obj).await;
     let body = serde_json::to_vec(&Value::Object(obj)).map_err(|_| ApiError::Internal)?;

@@ -74,11 +74,10 @@ impl Relay {
                     "provider_error",
                 );
             }
-            if let Some(sample) = self.ctx.audit.get_mut() {
-                if let Some(t) = choices.first().and_then(ChoiceView::answer) {
-                    sample.push(t);
-                }
-            }
+        }
+        // A tool call's name comes in a chunk of no text (`chars` counts arguments only).
+        if let (Some(sample), Some(c)) = (self.ctx.audit.get_mut(), ChoiceView::zero(&choices)) {
+            c.keep_for_audit(sample);
         }
         if let Some(g) = &mut self.guard {
             let before = g.window.len();
@@ -168,11 +167,8 @@ impl Relay {
                 "provider_error",
             );
         }
-        self.ctx.delivered(
-            obj.get("choices")
-                .and_then(|c| c.get(0))
-                .and_then(crate::routing::send::text_of),
-        );
+        self.ctx
+            .delivered(crate::routing::send::choice_zero(obj.get("choices")));
         if let Some(g) = &mut self.guard {
             let text = answer_text(&obj);
             if !text.is_empty() {
