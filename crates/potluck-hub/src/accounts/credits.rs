@@ -16,6 +16,7 @@ use crate::accounts::wire;
 
 use crate::books::action_log;
 use crate::books::money::Micro;
+use crate::books::usage::ClawbackError;
 use crate::http::auth::{self, Action};
 use crate::http::error::ApiError;
 use crate::http::extract::{json_body, read_capped};
@@ -178,13 +179,19 @@ pub(crate) async fn clawback(
     let account = account_id(&st, &p.account).await?;
     // Through the usage writer, behind the earnings already queued: taken straight from
     // the store, those would land in escrow after it and vest.
-    let taken = st
+    let taken = match st
         .accounting
-        .clawback_settled(account)
+        .clawback_settled(account, st.config.usage_queue_wait)
         .await
-        .ok_or(ApiError::UsageBacklog {
-            retry_after: st.config.retry_after_secs,
-        })?;
+    {
+        Ok(taken) => taken,
+        Err(ClawbackError::Busy) => {
+            return Err(ApiError::UsageBacklog {
+                retry_after: st.config.retry_after_secs,
+            })
+        }
+        Err(ClawbackError::Store) => return Err(ApiError::Internal),
+    };
     st.balances.remove(&account);
     action_log::record(
         &st,

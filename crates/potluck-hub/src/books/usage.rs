@@ -175,17 +175,41 @@ impl Accounting {
 
     /// An operator's claw-back: an account's unvested earnings, taken once every earning
     /// queued before it is settled (so that none lands in escrow after it and vests), the
-    /// account not barred. The amount taken in micro-credits; `None` when the writer is
-    /// gone or the store failed.
-    pub(crate) async fn clawback_settled(&self, account_id: i64) -> Option<i64> {
+    /// account not barred. The amount taken in micro-credits. Waits at most `wait` for a
+    /// place in the queue and [`MAX_CLAWBACK_WAIT`] for the writer to get to it.
+    pub(crate) async fn clawback_settled(
+        &self,
+        account_id: i64,
+        wait: Duration,
+    ) -> Result<i64, ClawbackError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let record = Record::Clawback {
             account_id,
             taken: Some(tx),
         };
-        self.tx.send(record).await.ok()?;
-        rx.await.ok().flatten()
+        match tokio::time::timeout(wait, self.tx.send(record)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return Err(ClawbackError::Busy),
+        }
+        match tokio::time::timeout(MAX_CLAWBACK_WAIT, rx).await {
+            Ok(Ok(Some(taken))) => Ok(taken),
+            Ok(Ok(None)) => Err(ClawbackError::Store),
+            Ok(Err(_)) | Err(_) => Err(ClawbackError::Busy),
+        }
     }
+}
+
+/// Longest an operator's claw-back waits for the usage writer to reach it (past the
+/// earnings queued before it).
+pub(crate) const MAX_CLAWBACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Why an operator's claw-back did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClawbackError {
+    /// The usage writer is full, gone, or did not reach it in time: try again.
+    Busy,
+    /// The store failed.
+    Store,
 }
 
 pub(crate) fn now_ms() -> i64 {

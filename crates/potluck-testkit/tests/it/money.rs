@@ -446,6 +446,43 @@ async fn an_operators_clawback_takes_earnings_still_queued() {
     hub.state().store.audit_ledger().await.unwrap();
 }
 
+/// The same claw-back while the usage queue is full (its one place held by a stream in
+/// flight): the operator is told to try again within the queue's wait, not left waiting
+/// for the stream to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_clawback_with_the_usage_queue_full_answers_at_once() {
+    use potluck_testkit::{FakeBackend, FakeBehavior, TestAgent};
+    let hub = TestHub::start_with(|c| {
+        cheap(c);
+        c.usage_queue = 1;
+        c.usage_queue_wait = Duration::from_millis(100);
+    })
+    .await;
+    let backend = FakeBackend::start(&["m"]).await;
+    backend.set_behavior(FakeBehavior {
+        chunks: 40,
+        gap: Duration::from_millis(100),
+        ..Default::default()
+    });
+    let _agent = TestAgent::start(&hub, &hub.create_provider("q").await, &backend.base_url());
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    hub.grant("alice", 1.0).await;
+    let (_, mut sse) = alice.chat_stream("m", "first").await;
+    assert!(sse.next().await.is_some());
+    let started = std::time::Instant::now();
+    let r = Admin::admin(&hub)
+        .send("POST", "/admin/v1/providers/q/clawback", None)
+        .await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    sse.collect().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_usage_queue_refuses_requests_before_serving_them() {
     use potluck_testkit::{FakeBackend, FakeBehavior, TestAgent};
