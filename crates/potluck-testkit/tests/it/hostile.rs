@@ -492,8 +492,27 @@ async fn energy_reports_for_requests_never_sent_close_the_tunnel() {
     for _ in 0..MAX_UNEXPLAINED_ENERGY_REPORTS {
         agent.send(report());
     }
+    // The control stream is in order: once this offer is applied, so is every report.
+    let marker = ModelName::parse("marker").unwrap();
+    agent.send(AgentEvent::Models {
+        models: [model.clone(), marker.clone()]
+            .map(potluck_protocol::tunnel::ModelOffer::named)
+            .to_vec(),
+        max_concurrency: 8,
+        profile: ProviderProfile::default(),
+        accepting: true,
+    });
+    wait_until(
+        "the marker offer is applied",
+        Duration::from_secs(10),
+        || {
+            let st = st.clone();
+            let marker = marker.clone();
+            async move { st.registry.models().contains_key(&marker) }
+        },
+    )
+    .await;
     // Tolerated so far (a report may cross its answer's end on the wire), not counted.
-    assert_eq!(ask(&alice, "chat/completions", chat(false)).await.0, 200);
     assert_eq!(st.registry.energy_per_1k(provider_id, &model), before);
     agent.send(report());
     agent.send(report());

@@ -667,4 +667,12 @@ async fn the_pool_view_is_shared_for_a_second_and_follows_offers_at_once() {
     let held = st.registry.pool_view();
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     assert!(!std::sync::Arc::ptr_eq(&held, &st.registry.pool_view()));
+    // A tunnel gone is gone from the next view, within the second a view lasts.
+    let fresh = st.registry.pool_view();
+    assert!(fresh.contains_key(&second));
+    let id = hub.provider_id("p").await;
+    let conn = st.registry.tunnel_of(id).unwrap().conn_id;
+    st.registry.remove(conn);
+    assert!(!st.registry.pool_view().contains_key(&second));
+    drop(agent);
 }
