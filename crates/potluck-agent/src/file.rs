@@ -112,7 +112,9 @@ pub enum FileError {
 /// A TOML error as a line that never quotes the file: its line and column, what was
 /// wrong, and the key. `toml`'s own text prints the line at fault, and a config's lines
 /// hold secrets (the provider token, a backend's API key, a database URL's password): a
-/// typo there would put the secret in a log or a status answer.
+/// typo there would put the secret in a log or a status answer. A value the message
+/// names (`invalid type: string "sk-…"`, ``unknown variant `…` ``) is left out too; field
+/// names (`unknown field`, `missing field`, the key) are kept.
 pub fn toml_error(text: &str, mut e: toml::de::Error) -> String {
     let at = e.span().map(|span| {
         let before = text.get(..span.start).unwrap_or(text);
@@ -122,11 +124,43 @@ pub fn toml_error(text: &str, mut e: toml::de::Error) -> String {
     });
     e.set_input(None);
     let said = e.to_string();
-    format!(
-        "{}{}",
-        at.unwrap_or_default(),
-        said.trim_end().replace('\n', "; ")
-    )
+    let lines: Vec<String> = said
+        .trim_end()
+        .lines()
+        .map(|l| {
+            let names_fields = ["unknown field", "missing field", "duplicate field", "in `"]
+                .iter()
+                .any(|p| l.starts_with(p));
+            without_values(l, names_fields)
+        })
+        .collect();
+    format!("{}{}", at.unwrap_or_default(), lines.join("; "))
+}
+
+/// `line` with each `"…"` replaced by `"…"` emptied, and each `` `…` `` too unless
+/// `keep_names` (the backticks hold field names).
+fn without_values(line: &str, keep_names: bool) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut open: Option<char> = None;
+    for c in line.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push_str("...");
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None if c == '"' || (c == '`' && !keep_names) => {
+                out.push(c);
+                open = Some(c);
+            }
+            None => out.push(c),
+        }
+    }
+    if open.is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 impl FileConfig {

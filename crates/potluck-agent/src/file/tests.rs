@@ -239,19 +239,31 @@ fn a_config_error_never_quotes_the_line_with_the_secret() {
             "[[backends]]\nurl = \"http://x\"\napi_key = [\"sk-SECRET3\", 1]\n",
             "line 3",
         ),
+        // A secret on the wrong line, or a number where text belongs: the message names
+        // the value itself.
+        ("max_concurrency = \"SECRET4\"\n", "line 1"),
+        ("token = 1234567890\n", "line 1"),
+        (
+            "[[backends]]\nurl = \"http://x\"\napi_key = 98765432109\n",
+            "line 3",
+        ),
     ];
     for (text, line) in cases {
         let Err(e) = toml::from_str::<FileConfig>(text) else {
             panic!("{text} parsed")
         };
+        let secret = ["SECRET", "1234567890", "98765432109"]
+            .into_iter()
+            .find(|s| text.contains(s))
+            .unwrap();
         assert!(
-            e.to_string().contains("SECRET"),
-            "positive control: toml quotes it"
+            e.to_string().contains(secret),
+            "positive control: toml quotes it: {e}"
         );
         let said = crate::file::toml_error(text, e);
-        assert!(!said.contains("SECRET"), "{said}");
+        assert!(!said.contains(secret), "{said}");
         assert!(said.contains(line), "{said}");
         let said = crate::policy::PolicyFile::parse_toml(text).unwrap_err();
-        assert!(!said.contains("SECRET"), "{said}");
+        assert!(!said.contains(secret), "{said}");
     }
 }
