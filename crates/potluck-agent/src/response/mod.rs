@@ -48,6 +48,13 @@ struct UsageOnly {
     usage: Option<Usage>,
 }
 
+/// A streamed event's top-level `error`, when it has one (its text is never read).
+#[derive(serde::Deserialize)]
+struct ErrorOnly {
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
 /// Where a relayed answer reports what happened.
 pub trait Outcome: Send + 'static {
     /// The backend's usage.

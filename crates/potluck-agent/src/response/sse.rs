@@ -10,7 +10,7 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::time::{Instant, Sleep};
 
-use super::{sse_error_event, BoxError, Outcome, Rename, UsageOnly};
+use super::{sse_error_event, BoxError, ErrorOnly, Outcome, Rename, UsageOnly};
 use crate::ending::drain_after_done;
 use crate::policy::Limits;
 use crate::slots::Bandwidth;
@@ -62,6 +62,16 @@ where
             self.done = true;
         } else if self.done && text.trim_end().is_empty() {
             self.done_closed = true;
+        }
+        // A backend's own error event (vLLM's CUDA out-of-memory text, with the GPU and
+        // process ids) is the agent's to tell, in its own words: none of its text goes
+        // to the hub, which reads only that the stream failed.
+        if text.starts_with("data:") && text.contains("\"error\"") {
+            if let Ok(ErrorOnly { error: Some(_) }) =
+                serde_json::from_str::<ErrorOnly>(text[5..].trim())
+            {
+                return Err("the backend failed during generation");
+            }
         }
         if text.starts_with("data:") && text.contains("\"usage\"") {
             if let Ok(UsageOnly { usage: Some(u) }) =

@@ -336,3 +336,39 @@ async fn a_hub_that_reads_slowly_does_not_hold_an_answer_past_its_time() {
         Some("the backend's answer exceeded the response time limit")
     );
 }
+
+/// A backend that fails mid-stream says why in its own words (vLLM: CUDA's out-of-memory
+/// text with the GPU and process ids): the hub gets the agent's error event, none of
+/// that text, whether the line comes in a frame of its own or split across frames.
+#[tokio::test]
+async fn a_backends_error_event_mid_stream_reaches_the_hub_in_the_agents_words() {
+    for chunks in [
+        vec![
+            &b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n"[..],
+            b"data: {\"error\":{\"message\":\"CUDA out of memory on GPU 0, pid 4242\"}}\n\n",
+        ],
+        vec![
+            &b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"err"[..],
+            b"or\":{\"message\":\"CUDA out of memory on GPU 0, pid 4242\"}}\n\n",
+        ],
+    ] {
+        let (out, seen) = run(chunks).await;
+        assert!(out.contains("\"content\":\"hi\""), "{out}");
+        assert!(!out.contains("CUDA") && !out.contains("4242"), "{out}");
+        assert!(
+            out.contains("\"error\""),
+            "the stream ends in an error: {out}"
+        );
+        assert_eq!(
+            seen.0.lock().unwrap().1,
+            Some("the backend failed during generation")
+        );
+    }
+    // Content that quotes the word is content.
+    let (out, seen) = run(vec![
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"an \\\"error\\\"\"}}]}\n\ndata: [DONE]\n\n",
+    ])
+    .await;
+    assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+    assert_eq!(seen.0.lock().unwrap().1, None);
+}
