@@ -9,6 +9,7 @@ pub(crate) mod admin;
 pub(crate) mod canary;
 pub(crate) mod guard;
 pub(crate) mod identity;
+pub(crate) mod likeness;
 pub(crate) mod plausibility;
 pub(crate) mod reputation;
 pub(crate) mod sample;

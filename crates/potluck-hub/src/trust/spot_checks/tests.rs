@@ -1,4 +1,6 @@
 use super::*;
+use crate::routing::calls::Calls;
+use crate::trust::likeness::*;
 
 #[test]
 fn agreement_over_prefix() {

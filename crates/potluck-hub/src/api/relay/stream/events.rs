@@ -64,29 +64,8 @@ impl Relay {
         if has_choices && self.ttft.is_none() {
             self.ttft = Some(self.ctx.started.elapsed());
         }
-        let chars: usize = choices.iter().map(ChoiceView::chars).sum();
-        if chars > 0 {
-            self.seen.chunks += 1;
-            self.seen.chars += chars as i64;
-            if self.seen.chars > self.ctx.bounds.text_bytes() {
-                return self.fail(
-                    "The provider sent more text than the request allows.",
-                    "provider_error",
-                );
-            }
-        }
-        // A tool call's name comes in a chunk of no text (`chars` counts arguments only).
-        if let (Some(sample), Some(c)) = (self.ctx.audit.get_mut(), ChoiceView::zero(&choices)) {
-            c.keep_for_audit(sample);
-        }
-        if let Some(g) = &mut self.guard {
-            let before = g.window.len();
-            for c in &choices {
-                c.push_text(&mut g.window);
-            }
-            if g.window.len() > before {
-                g.tokens += 1;
-            }
+        if !self.take_text(&choices) {
+            return;
         }
         if !has_choices && (carries_usage || !self.wants_usage) {
             return;
@@ -100,6 +79,37 @@ impl Relay {
             data.len(),
         );
         self.emit(Bytes::from(line));
+    }
+
+    /// Count a chunk's text against the request's bound, keep it for the audit and the
+    /// guard. `false` when the stream failed (more text than the request allows).
+    fn take_text(&mut self, choices: &[ChoiceView<'_>]) -> bool {
+        let chars: usize = choices.iter().map(ChoiceView::chars).sum();
+        if chars > 0 {
+            self.seen.chunks += 1;
+            self.seen.chars += chars as i64;
+            if self.seen.chars > self.ctx.bounds.text_bytes() {
+                self.fail(
+                    "The provider sent more text than the request allows.",
+                    "provider_error",
+                );
+                return false;
+            }
+        }
+        // A tool call's name comes in a chunk of no text (`chars` counts arguments only).
+        if let (Some(sample), Some(c)) = (self.ctx.audit.get_mut(), ChoiceView::zero(choices)) {
+            c.keep_for_audit(sample);
+        }
+        if let Some(g) = &mut self.guard {
+            let before = g.window.len();
+            for c in choices {
+                c.push_text(&mut g.window);
+            }
+            if g.window.len() > before {
+                g.tokens += 1;
+            }
+        }
+        true
     }
 
     /// The stream's usage chunk, for a consumer that asked for usage: what the stream is
