@@ -14,6 +14,7 @@ use potluck_protocol::{InferenceEndpoint, ModelName};
 use rand::RngCore;
 use serde_json::Value;
 
+use crate::api::relay::embeddings::base64_floats;
 use crate::http::sse::SseParser;
 use crate::routing::calls::Calls;
 use crate::routing::link::ProviderLink;
@@ -94,7 +95,8 @@ pub(crate) enum InternalError {
 pub(crate) struct Vectors {
     /// Embeddings in `data`.
     pub count: usize,
-    /// The first one's dimension: elements of its array, or bytes of its base64 text.
+    /// The first one's dimension: elements of its array, or 32-bit floats of its base64
+    /// text (measured as the relay measures a delivered answer's, [`base64_floats`]).
     pub dimension: usize,
 }
 
@@ -105,7 +107,7 @@ impl Vectors {
         let first = data.first().and_then(|d| d.get("embedding"));
         let dimension = match first {
             Some(Value::Array(a)) => a.len(),
-            Some(Value::String(t)) => t.len(),
+            Some(Value::String(t)) => base64_floats(t).unwrap_or(0),
             _ => 0,
         };
         Some(Self {
@@ -376,6 +378,21 @@ mod tests {
         };
         assert_eq!((a.vectors, a.prompt_tokens), (Some(shape), 4));
         assert_eq!(read_json(br#"{"choices":[]}"#).unwrap().vectors, None);
+    }
+
+    /// A base64 embedding (`encoding_format: "base64"`, the OpenAI Python SDK's default)
+    /// is measured in floats, as the relay measures the delivered one, not in characters.
+    #[test]
+    fn a_base64_embedding_is_measured_in_floats() {
+        // Two floats (1.0, 2.0): 12 characters of base64.
+        let j = br#"{"data":[{"embedding":"AACAPwAAAEA="}],"usage":{"prompt_tokens":3}}"#;
+        let shape = Vectors {
+            count: 1,
+            dimension: 2,
+        };
+        assert_eq!(read_json(j).unwrap().vectors, Some(shape));
+        let delivered = crate::api::relay::embeddings::check(j, 1).unwrap();
+        assert_eq!(Some(delivered), read_json(j).unwrap().vectors);
     }
 
     /// Audits read the choice whose `index` is 0, wherever it is listed.

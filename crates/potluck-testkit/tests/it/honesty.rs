@@ -1608,6 +1608,65 @@ async fn a_provider_billing_four_times_the_references_embedding_tokens_is_quaran
     assert!(honest_audits.iter().all(|a| a.1), "{honest_audits:?}");
 }
 
+/// An embeddings answer of one base64 vector (four 32-bit floats) per input, billed
+/// `prompt_tokens`.
+fn base64_embeddings_answer(vectors: usize, prompt_tokens: i64) -> RawAnswer {
+    let data: Vec<Value> = (0..vectors)
+        .map(
+            |i| json!({"object": "embedding", "index": i, "embedding": "AACAPgAAAL8AAAA+AACAPw=="}),
+        )
+        .collect();
+    RawAnswer::json(
+        200,
+        &json!({"object": "list", "model": "m", "data": data,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}),
+    )
+}
+
+/// Replays of embeddings asked for in base64 (the OpenAI Python SDK's default) failed
+/// every honest provider: the delivered vectors were measured in floats, the reference's
+/// in base64 characters. Both are measured in floats now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base64_embeddings_replay_between_honest_providers_passes() {
+    let hash = ModelHash::parse(&"9f".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let mut agents = Vec::new();
+    for name in ["ref", "honest"] {
+        let a = ScriptedAgent::connect_with(
+            name,
+            &hub.url(),
+            &hub.create_provider(name).await,
+            hello(&hash),
+            honest(),
+        )
+        .await;
+        a.set_raw(Some(base64_embeddings_answer(2, 6)));
+        agents.push(a);
+    }
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let honest_id = hub.provider_id("honest").await;
+    let audits = || async {
+        hub.state()
+            .store
+            .audit_history(honest_id, 100)
+            .await
+            .unwrap()
+    };
+    let mut i = 0;
+    while audits().await.len() < 3 {
+        assert!(i < 200, "the honest provider was never audited");
+        let body = json!({"model": "m", "encoding_format": "base64",
+            "input": [format!("a text about topic {i}"), "another text of the batch"]});
+        let r = alice.post("embeddings", &body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        i += 1;
+    }
+    let h = audits().await;
+    assert!(h.iter().all(|a| a.0 == "replay" && a.1), "{h:?}");
+}
+
 /// A streamed tool call in pieces: the name first, then the arguments split at `cuts`.
 fn streamed_tool_call(name: &str, arguments: &Value, cuts: &[usize]) -> RawAnswer {
     let args = arguments.to_string();
