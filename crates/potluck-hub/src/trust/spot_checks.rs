@@ -14,7 +14,8 @@
 //!   requests it is judged on. The first `audit.compare_tokens` words must agree
 //!   (tolerance `audit.min_agreement`).
 //!   Embeddings (deterministic) must have as many vectors of the same dimension as the
-//!   reference's, billed within its prompt tokens plus `audit.embedding_slack_tokens`.
+//!   reference's, billed within its prompt tokens plus `audit.embedding_slack_tokens`
+//!   for each input.
 //! - **Canaries.** Every `audit.canary_interval`, a generated prompt ([`super::canary`])
 //!   in the shape of recent requests goes to one untrusted provider and the same body to
 //!   a trusted reference, compared the same way.
@@ -314,7 +315,8 @@ fn replay_verdict(
 /// The verdict on a replayed embeddings request (deterministic: no tolerance for
 /// nondeterminism): as many vectors of the same dimension as the reference's, and
 /// `billed_prompt` (the provider's count, 0 where the hub billed its own estimate)
-/// within the reference's count plus `audit.embedding_slack_tokens`. A reference that
+/// within the reference's count plus `audit.embedding_slack_tokens` for each input (a
+/// BOS or EOS token another server adds to each). A reference that
 /// reported no count proves nothing about the bill.
 fn embeddings_verdict(
     cfg: &SpotCheckConfig,
@@ -323,11 +325,22 @@ fn embeddings_verdict(
     reference: &Answer,
 ) -> bool {
     let same_shape = delivered.is_some() && delivered == reference.vectors;
-    let bound = reference
-        .prompt_tokens
-        .saturating_add(cfg.embedding_slack_tokens.max(0));
-    let inflated = reference.prompt_tokens > 0 && billed_prompt > bound;
+    let inputs = reference.vectors.map_or(1, |v| v.count.max(1));
+    // A bound past i64 bounds nothing.
+    let inflated = reference.prompt_tokens > 0
+        && embeddings_bound(reference.prompt_tokens, inputs, cfg.embedding_slack_tokens)
+            .is_some_and(|bound| billed_prompt > bound);
     same_shape && !inflated
+}
+
+/// The most prompt tokens an honest provider may bill for `inputs` inputs the reference
+/// counted `counted` for: `slack_per_input` more for each (`None`: past i64).
+fn embeddings_bound(counted: i64, inputs: usize, slack_per_input: i64) -> Option<i64> {
+    let inputs = i64::try_from(inputs).ok()?;
+    slack_per_input
+        .max(0)
+        .checked_mul(inputs)
+        .and_then(|slack| counted.checked_add(slack))
 }
 
 /// Send `body` to the audited tunnel and the reference at once and judge the answers:

@@ -223,10 +223,10 @@ fn embeddings_are_judged_on_their_shape_and_prompt_tokens() {
     };
     assert!(embeddings_verdict(&cfg, shape(2, 4), 6, &reference));
     assert!(
-        embeddings_verdict(&cfg, shape(2, 4), 14, &reference),
-        "the slack"
+        embeddings_verdict(&cfg, shape(2, 4), 22, &reference),
+        "the slack, per input"
     );
-    assert!(!embeddings_verdict(&cfg, shape(2, 4), 15, &reference));
+    assert!(!embeddings_verdict(&cfg, shape(2, 4), 23, &reference));
     assert!(!embeddings_verdict(&cfg, shape(2, 4), 24, &reference), "4x");
     assert!(
         !embeddings_verdict(&cfg, shape(1, 4), 6, &reference),
@@ -243,4 +243,25 @@ fn embeddings_are_judged_on_their_shape_and_prompt_tokens() {
         ..reference.clone()
     };
     assert!(embeddings_verdict(&cfg, shape(2, 4), i64::MAX, &silent));
+}
+
+/// The embeddings slack is per input (a BOS or EOS token each), but it was one flat
+/// `audit.embedding_slack_tokens` for the whole batch: an honest server adding a token
+/// to each of 16 inputs failed.
+#[test]
+fn the_embeddings_slack_is_per_input() {
+    let cfg = SpotCheckConfig::default();
+    let shape = Some(Vectors {
+        count: 16,
+        dimension: 4,
+    });
+    let reference = Answer {
+        prompt_tokens: 32,
+        vectors: shape,
+        ..Answer::default()
+    };
+    assert!(embeddings_verdict(&cfg, shape, 32 + 16, &reference));
+    let per_batch = 16 * cfg.embedding_slack_tokens;
+    assert!(embeddings_verdict(&cfg, shape, 32 + per_batch, &reference));
+    assert!(!embeddings_verdict(&cfg, shape, 33 + per_batch, &reference));
 }
