@@ -289,8 +289,10 @@ impl Ctx {
         if let Some(t) = crate::routing::send::text_of(c) {
             sample.push(t);
         }
-        if let Some(m) = c.get("message").or_else(|| c.get("delta")) {
-            sample.push_calls_of(m);
+        if let Some(m) = c.get("message") {
+            sample.push_calls_of(m, true);
+        } else if let Some(d) = c.get("delta") {
+            sample.push_calls_of(d, false);
         }
         if c.get("finish_reason").and_then(serde_json::Value::as_str) == Some("length") {
             sample.note_length();

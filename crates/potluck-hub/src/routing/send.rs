@@ -302,7 +302,7 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
     let mut calls = Calls::new(MAX_INTERNAL_ANSWER_BYTES);
     let choice = choice_zero(v.get("choices"));
     if let Some(m) = choice.and_then(|c| c.get("message")) {
-        calls.push_json(m);
+        calls.push_json(m, true);
     }
     Ok(Answer {
         text: choice.and_then(text_of).unwrap_or_default().to_owned(),
@@ -332,7 +332,7 @@ fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
         if let Some(c) = choice_zero(v.get("choices")) {
             a.text.push_str(text_of(c).unwrap_or_default());
             if let Some(d) = c.get("delta") {
-                a.calls.push_json(d);
+                a.calls.push_json(d, false);
             }
             a.cut_at_length |= at_length(c);
         }

@@ -77,9 +77,10 @@ impl AuditSample {
         self.calls.push(key, name, arguments);
     }
 
-    /// Add the tool calls of a delivered `message` or `delta` object.
-    pub(crate) fn push_calls_of(&mut self, message: &Value) {
-        self.calls.push_json(message);
+    /// Add the tool calls of a delivered `message` (`whole`) or `delta` object (see
+    /// [`Calls::push_json`]).
+    pub(crate) fn push_calls_of(&mut self, message: &Value, whole: bool) {
+        self.calls.push_json(message, whole);
     }
 
     /// What was delivered (text and tool calls each at most the cap).
