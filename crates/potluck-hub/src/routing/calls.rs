@@ -118,11 +118,15 @@ impl Calls {
 
     /// Whether these calls are the same as `other`'s: as many, each with the same name
     /// and the same arguments ([`same_arguments`]). Where either side was cut at a cap,
-    /// the calls both kept are compared, names only as far as the shorter goes, and
+    /// the calls both kept are compared (neither side keeping more than the other made
+    /// without a cut), names only as far as the shorter goes, and
     /// arguments only where both still read as JSON (a cut may have ended them).
     pub(crate) fn same_as(&self, other: &Self) -> bool {
         let cut = self.cut || other.cut;
-        if !cut && self.calls.len() != other.calls.len() {
+        let (mine, theirs) = (self.calls.len(), other.calls.len());
+        // More calls than an uncut side made are another answer; a cut side may have
+        // made more than it kept.
+        if (mine > theirs && !other.cut) || (theirs > mine && !self.cut) {
             return false;
         }
         self.calls.iter().zip(&other.calls).all(|(a, b)| {
@@ -271,5 +275,29 @@ mod tests {
             (whole.list()[0].name.as_str(), whole.list()[1].name.as_str()),
             ("a", "b")
         );
+    }
+
+    /// Once either side's calls were cut, calls one side kept past the other's were never
+    /// compared: more calls than an uncut side made are another answer.
+    #[test]
+    fn more_calls_than_an_uncut_side_made_are_not_the_same() {
+        let calls = |n: u64, cap: usize| {
+            let mut c = Calls::new(cap);
+            for k in 0..n {
+                c.push(k, Some("f"), Some("{}"));
+            }
+            c
+        };
+        let mut cut = calls(3, 1 << 20);
+        cut.push(3, Some("f"), Some(&"x".repeat(1 << 20)));
+        assert!(cut.cut());
+        let two = calls(2, 1 << 20);
+        assert!(!cut.same_as(&two) && !two.same_as(&cut));
+        // The cut side may have made more than it kept: fewer kept is no mismatch.
+        let five = calls(5, 1 << 20);
+        let mut short = calls(2, 1 << 20);
+        short.push(2, Some("f"), Some(&"x".repeat(1 << 20)));
+        assert!(short.cut());
+        assert!(short.same_as(&five) && five.same_as(&short));
     }
 }

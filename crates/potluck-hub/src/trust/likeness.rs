@@ -62,16 +62,25 @@ impl<'a> Said<'a> {
 /// (passed, agreement). Text past `audit.max_text_bytes` is not compared, and appended
 /// text counts only against a reference that ended by itself (not at its length limit
 /// or the byte cap, where an honest answer may go on). Tool calls are compared in the
-/// words (their names and arguments after the text) and must also be the very calls the
+/// words (their names and arguments after the text) and, where the reference serves the
+/// audited provider's very model file (`same_file`), must also be the very calls the
 /// reference made (a call is an action the consumer's client takes: another command, or
 /// a call where the reference made none, is another answer however few words differ),
-/// unless the reference was cut at its length limit.
-pub(crate) fn verdict(cfg: &SpotCheckConfig, a: Said<'_>, b: Said<'_>, b_cut: bool) -> (bool, f64) {
+/// unless the reference was cut at its length limit. A reference serving another file
+/// (another quantisation of the model) may honestly call otherwise: its calls count
+/// only through the words.
+pub(crate) fn verdict(
+    cfg: &SpotCheckConfig,
+    a: Said<'_>,
+    b: Said<'_>,
+    b_cut: bool,
+    same_file: bool,
+) -> (bool, f64) {
     let cap = cfg.max_text_bytes;
     let b_cut = b_cut || b.text.len() >= cap;
     let (aw, bw) = (a.words(cap), b.words(cap));
     let g = agreement(&aw, &bw, cfg.compare_tokens);
-    let same_calls = b_cut || a.calls.same_as(b.calls);
+    let same_calls = b_cut || !same_file || a.calls.same_as(b.calls);
     (
         g >= cfg.min_agreement && same_calls && (b_cut || !appended(&aw, &bw)),
         g,

@@ -7,7 +7,8 @@
 //!   `audit.max_pending` such requests). The same body (the
 //!   same seed: the hub seeds every request that has none, see
 //!   [`crate::routing::send::hub_seed`]; the same temperature) then goes to a provider
-//!   marked *trusted* that serves the same model file (by hash), under a one-time
+//!   marked *trusted* that serves the same model file (by hash; else one serving another
+//!   file of the model, whose tool calls then count only through the words), under a one-time
 //!   pseudonym (never the consumer's, which would let the reference link the consumer's
 //!   traffic across providers), and its answer is compared with what the audited provider
 //!   already delivered. The audited provider gets no second request, so nothing marks the
@@ -251,9 +252,10 @@ async fn replay(state: &HubState, job: ReplayJob) {
         },
         ..job.billed
     };
+    let same_file = serves_file(&reference, &job.model, job.sha256.as_ref());
     let (passed, agreement) = replay_verdict(
         state,
-        (job.provider_id, job.endpoint, job.choices),
+        (job.provider_id, job.endpoint, job.choices, same_file),
         provider_counted,
         &job.sample.into_delivered(),
         &b,
@@ -272,13 +274,14 @@ async fn replay(state: &HubState, job: ReplayJob) {
 }
 
 /// The verdict on one replay of `provider_id`'s answer to a request to `endpoint` for
-/// `choices` choices, `billed` the provider's counts, `kept` what it delivered and `b`
+/// `choices` choices (`same_file`: the reference serves the audited provider's model
+/// file), `billed` the provider's counts, `kept` what it delivered and `b`
 /// the reference's answer: (passed, agreement). Embeddings by [`embeddings_verdict`];
 /// the others by [`verdict`], and a bill above what the reference counted for the same
 /// body ([`usage_over_reference`]) fails them too.
 fn replay_verdict(
     state: &HubState,
-    (provider_id, endpoint, choices): (i64, InferenceEndpoint, i64),
+    (provider_id, endpoint, choices, same_file): (i64, InferenceEndpoint, i64, bool),
     billed: Usage,
     kept: &Kept,
     b: &Answer,
@@ -294,7 +297,7 @@ fn replay_verdict(
         text: &kept.text,
         calls: &kept.calls,
     };
-    let (passed, agreement) = verdict(cfg, said, Said::of(b), b.cut_at_length);
+    let (passed, agreement) = verdict(cfg, said, Said::of(b), b.cut_at_length, same_file);
     let reference_capped = b.text.len() >= cfg.max_text_bytes;
     let likeness = if choices > 1 || kept.cut || reference_capped {
         Likeness::Unknown
@@ -310,6 +313,12 @@ fn replay_verdict(
         );
     }
     (passed && !inflated, Some(agreement))
+}
+
+/// Whether `reference` serves `model` from the file the audited provider announced,
+/// `sha256` (no announced hash: not known to be the same file).
+fn serves_file(reference: &ProviderLink, model: &ModelName, sha256: Option<&ModelHash>) -> bool {
+    sha256.is_some() && reference.offered(model).and_then(|o| o.sha256).as_ref() == sha256
 }
 
 /// The verdict on a replayed embeddings request (deterministic: no tolerance for
@@ -392,11 +401,17 @@ async fn compare(
     };
     Some(match a {
         Ok(a) => {
+            let same_file = serves_file(
+                reference,
+                model,
+                target.offered(model).and_then(|o| o.sha256).as_ref(),
+            );
             let (passed, g) = verdict(
                 &state.config.audit,
                 Said::of(&a),
                 Said::of(&b),
                 b.cut_at_length,
+                same_file,
             );
             (passed, Some(g))
         }
