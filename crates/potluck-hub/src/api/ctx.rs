@@ -294,9 +294,6 @@ impl Ctx {
         } else if let Some(d) = c.get("delta") {
             sample.push_calls_of(d, false);
         }
-        if c.get("finish_reason").and_then(serde_json::Value::as_str) == Some("length") {
-            sample.note_length();
-        }
     }
 
     /// The shape of the embeddings delivered, kept when the request was sampled for an

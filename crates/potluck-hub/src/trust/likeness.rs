@@ -90,8 +90,9 @@ pub(crate) fn verdict(
 /// How a delivered answer compares with the reference's, for the bill check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Likeness {
-    /// Not comparable (several choices, or the delivered answer cut at its length limit
-    /// or at the cap): its completion is not judged.
+    /// Not comparable (several choices, or the delivered answer's text cut at the audit
+    /// byte cap, `audit.max_text_bytes`): its completion is not judged. An answer that
+    /// ended at its length limit is comparable: all its text was kept.
     Unknown,
     /// The same text and calls, whitespace aside.
     Same,
@@ -149,9 +150,9 @@ impl BillSlack {
 /// Whether `billed` is more than a trusted reference reported for the same body on the
 /// same model file: its prompt tokens (the same text through the same tokenizer, but
 /// maybe another server's template: a default system prompt, tools rendered otherwise;
-/// beyond half again the reference's count plus the prompt overhead), and, where both
-/// answers ended by themselves, its completion tokens ([`completion_bound`]). A
-/// reference that reported nothing proves nothing.
+/// beyond half again the reference's count plus the prompt overhead), and, where the
+/// reference ended by itself and neither text passed the cap, its completion tokens
+/// ([`completion_bound`]). A reference that reported nothing proves nothing.
 pub(crate) fn usage_over_reference(
     billed: Usage,
     reference: &Answer,

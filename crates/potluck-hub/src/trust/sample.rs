@@ -21,7 +21,7 @@ pub(crate) struct AuditSample {
     text: String,
     cap: usize,
     calls: Calls,
-    /// Text was dropped at the cap, or the choice ended at its length limit.
+    /// Text was dropped at the cap.
     cut: bool,
     vectors: Option<Vectors>,
 }
@@ -32,9 +32,10 @@ pub(crate) struct Kept {
     pub(crate) text: String,
     /// Its tool calls.
     pub(crate) calls: Calls,
-    /// Cut short: text or calls dropped at the cap, or the choice ended at its length
-    /// limit (`finish_reason: "length"`); its bill cannot be held against a reference
-    /// that ran to its end.
+    /// Cut short: text or calls dropped at the cap (`audit.max_text_bytes`); its bill
+    /// cannot be held against the reference's whole answer. (A choice that ended at its
+    /// length limit is not cut: all its text was kept, and a provider's own word that it
+    /// stopped there must not switch the bill check off.)
     pub(crate) cut: bool,
     /// An embeddings answer's shape.
     pub(crate) vectors: Option<Vectors>,
@@ -65,11 +66,6 @@ impl AuditSample {
     /// The shape of the embeddings delivered.
     pub(crate) fn note_vectors(&mut self, vectors: Vectors) {
         self.vectors = Some(vectors);
-    }
-
-    /// The choice ended at its length limit.
-    pub(crate) fn note_length(&mut self) {
-        self.cut = true;
     }
 
     /// Add a piece of tool call `key` (see [`Calls::push`]).

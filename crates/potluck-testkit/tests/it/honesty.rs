@@ -180,6 +180,19 @@ fn liars() -> Vec<(&'static str, Responder)> {
                 }
             }),
         ),
+        // The subtle inflater saying its answer hit its length limit
+        // (`finish_reason: "length"`): an answer cut there was not judged on its bill.
+        (
+            "subtle-inflater-at-length",
+            Arc::new(|b: &Value| {
+                let text = honest_text(b);
+                let chars = text.chars().count() as i64;
+                Reply {
+                    text,
+                    completion_tokens: Some(chars),
+                }
+            }),
+        ),
     ]
 }
 
@@ -287,6 +300,9 @@ async fn red_team_announcing(liar_name: &str, liar_hash: Option<&ModelHash>) {
             responder,
         )
         .await;
+        if name.ends_with("-at-length") {
+            liar.set_finish_reason("length");
+        }
         hub.wait_for_model("m", 2).await;
         trust(&hub, "ref").await;
         let liar_id = hub.provider_id(name).await;
@@ -428,6 +444,14 @@ async fn a_liar_subtle_inflater_is_caught_and_quarantined() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liar_subtle_inflater_appending_a_space_is_caught_and_quarantined() {
     red_team("subtle-inflater-spaced").await;
+}
+
+/// A liar's `finish_reason: "length"` switched the completion-bill check off: only text
+/// cut at the audit's byte cap is not judged; an answer at its length limit still has
+/// all its text and is judged on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_subtle_inflater_claiming_its_length_limit_is_caught_and_quarantined() {
+    red_team("subtle-inflater-at-length").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,9 +129,6 @@ pub(crate) struct ChoiceView<'a> {
     delta: Option<TextView<'a>>,
     #[serde(borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
-    /// Raw: read only for audits, so that no value of it can fail the chunk.
-    #[serde(borrow)]
-    finish_reason: Option<&'a RawValue>,
 }
 
 /// A choice's `index`: `None` when absent or null; a non-negative integer as it is; any
@@ -190,9 +187,8 @@ impl ChoiceView<'_> {
             .or(self.text.as_deref())
     }
 
-    /// Keep what audits compare of this choice in `sample`: its text, its tool calls'
-    /// pieces (each call's `index`, else its place, with its name and arguments), and
-    /// whether it ended at its length limit.
+    /// Keep what audits compare of this choice in `sample`: its text and its tool calls'
+    /// pieces (each call's `index`, else its place, with its name and arguments).
     pub(crate) fn keep_for_audit(&self, sample: &mut AuditSample) {
         if let Some(t) = self.answer() {
             sample.push(t);
@@ -209,9 +205,6 @@ impl ChoiceView<'_> {
                 name.as_deref(),
                 f.and_then(|f| f.arguments.as_deref()),
             );
-        }
-        if self.finish_reason.map(RawValue::get) == Some("\"length\"") {
-            sample.note_length();
         }
     }
 
