@@ -289,10 +289,15 @@ impl Ctx {
         if let Some(t) = crate::routing::send::text_of(c) {
             sample.push(t);
         }
-        if let Some(m) = c.get("message") {
-            sample.push_calls_of(m, true);
-        } else if let Some(d) = c.get("delta") {
-            sample.push_calls_of(d, false);
+        let (message, whole) = match c.get("message") {
+            Some(m) => (Some(m), true),
+            None => (c.get("delta"), false),
+        };
+        if let Some(m) = message {
+            sample.push_calls_of(m, whole);
+            if crate::routing::send::reasoned(m) {
+                sample.note_reasoning();
+            }
         }
     }
 

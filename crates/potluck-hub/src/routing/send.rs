@@ -133,6 +133,9 @@ pub(crate) struct Answer {
     /// Choice 0 ended at its length limit (`finish_reason: "length"`): it may
     /// have gone on.
     pub cut_at_length: bool,
+    /// Choice 0 carried reasoning ([`reasoned`]): its completion tokens count thinking
+    /// its text does not show.
+    pub reasoned: bool,
     /// The provider that answered.
     pub provider_id: i64,
 }
@@ -284,6 +287,17 @@ pub(crate) fn text_of(choice: &Value) -> Option<&str> {
         .and_then(Value::as_str)
 }
 
+/// Whether a `message` or `delta` object carries reasoning text (`reasoning_content`, or
+/// `reasoning` as Ollama and newer vLLM name it).
+pub(crate) fn reasoned(message: &Value) -> bool {
+    ["reasoning_content", "reasoning"].iter().any(|k| {
+        message
+            .get(k)
+            .and_then(Value::as_str)
+            .is_some_and(|t| !t.is_empty())
+    })
+}
+
 fn at_length(choice: &Value) -> bool {
     choice.get("finish_reason").and_then(Value::as_str) == Some("length")
 }
@@ -301,7 +315,8 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
     let v: Value = serde_json::from_slice(body).map_err(|_| InternalError::Failed("json"))?;
     let mut calls = Calls::new(MAX_INTERNAL_ANSWER_BYTES);
     let choice = choice_zero(v.get("choices"));
-    if let Some(m) = choice.and_then(|c| c.get("message")) {
+    let message = choice.and_then(|c| c.get("message"));
+    if let Some(m) = message {
         calls.push_json(m, true);
     }
     Ok(Answer {
@@ -310,6 +325,7 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
         calls,
         prompt_tokens: prompt_tokens(&v).unwrap_or(0),
         cut_at_length: choice.is_some_and(at_length),
+        reasoned: message.is_some_and(reasoned),
         vectors: Vectors::of(&v),
         provider_id: 0,
     })
@@ -333,6 +349,7 @@ fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
             a.text.push_str(text_of(c).unwrap_or_default());
             if let Some(d) = c.get("delta") {
                 a.calls.push_json(d, false);
+                a.reasoned |= reasoned(d);
             }
             a.cut_at_length |= at_length(c);
         }

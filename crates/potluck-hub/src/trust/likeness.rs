@@ -90,8 +90,9 @@ pub(crate) fn verdict(
 /// How a delivered answer compares with the reference's, for the bill check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Likeness {
-    /// Not comparable (several choices, or the delivered answer's text cut at the audit
-    /// byte cap, `audit.max_text_bytes`): its completion is not judged. An answer that
+    /// Not comparable (several choices, the delivered answer's text cut at the audit
+    /// byte cap, `audit.max_text_bytes`, or reasoning on either side, billed but not
+    /// measured): its completion is not judged. An answer that
     /// ended at its length limit is comparable: all its text was kept.
     Unknown,
     /// The same text and calls, whitespace aside.

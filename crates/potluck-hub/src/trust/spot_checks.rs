@@ -299,7 +299,10 @@ fn replay_verdict(
     };
     let (passed, agreement) = verdict(cfg, said, Said::of(b), b.cut_at_length, same_file);
     let reference_capped = b.text.len() >= cfg.max_text_bytes;
-    let likeness = if choices > 1 || kept.cut || reference_capped {
+    // Reasoning is billed in the completion tokens but not in the lengths compared: an
+    // honest provider that thought longer than the reference would fail.
+    let reasoned = kept.reasoned || b.reasoned;
+    let likeness = if choices > 1 || kept.cut || reference_capped || reasoned {
         Likeness::Unknown
     } else {
         Likeness::of(said, Said::of(b), cfg.max_text_bytes)

@@ -1691,6 +1691,72 @@ async fn a_base64_embeddings_replay_between_honest_providers_passes() {
     assert!(h.iter().all(|a| a.0 == "replay" && a.1), "{h:?}");
 }
 
+/// A whole chat answer of `content` after `reasoning_words` words of reasoning, billed
+/// `completion_tokens`.
+fn reasoning_answer(content: &str, reasoning_words: usize, completion_tokens: i64) -> RawAnswer {
+    let reasoning = vec!["hmm"; reasoning_words].join(" ");
+    RawAnswer::json(
+        200,
+        &json!({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content,
+                "reasoning_content": reasoning}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": completion_tokens,
+                "total_tokens": 5 + completion_tokens}}),
+    )
+}
+
+/// A reasoning model bills its thinking in its completion tokens, but the bill check
+/// compared the answers' content alone: an honest provider that thought twice as long as
+/// the reference, and billed it, failed. The completion bill is not compared where
+/// either side reasoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_provider_that_reasoned_longer_than_the_reference_passes() {
+    let hash = ModelHash::parse(&"7c".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| {
+        audited(c, 1.0);
+        // A scripted provider answers at once: judged on its bills, not its speed.
+        c.audit.min_tokens_for_speed = i64::MAX;
+    })
+    .await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let content = "The answer is forty two.";
+    let mut agents = Vec::new();
+    for (name, reasoning_words, billed) in [("ref", 40, 46), ("honest", 80, 86)] {
+        let a = ScriptedAgent::connect_with(
+            name,
+            &hub.url(),
+            &hub.create_provider(name).await,
+            hello(&hash),
+            honest(),
+        )
+        .await;
+        a.set_raw(Some(reasoning_answer(content, reasoning_words, billed)));
+        agents.push(a);
+    }
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let honest_id = hub.provider_id("honest").await;
+    let audits = || async {
+        hub.state()
+            .store
+            .audit_history(honest_id, 100)
+            .await
+            .unwrap()
+    };
+    let mut i = 0;
+    while audits().await.len() < 3 {
+        assert!(i < 200, "the honest provider was never audited");
+        let a = alice
+            .chat_with(&json!({"model": "m", "messages": [
+                {"role": "user", "content": format!("what is six times seven? {i}")}]}))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        i += 1;
+    }
+    let h = audits().await;
+    assert!(h.iter().all(|a| a.0 == "replay" && a.1), "{h:?}");
+}
+
 /// A streamed tool call in pieces: the name first, then the arguments split at `cuts`.
 fn streamed_tool_call(name: &str, arguments: &Value, cuts: &[usize]) -> RawAnswer {
     let args = arguments.to_string();
