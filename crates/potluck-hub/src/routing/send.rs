@@ -88,6 +88,9 @@ pub(crate) enum InternalError {
     /// The provider failed or answered something unreadable.
     #[error("provider failed: {0}")]
     Failed(&'static str),
+    /// A stream cut short: an `error` event in it, or no `[DONE]` at its end.
+    #[error("stream cut short")]
+    CutShort,
 }
 
 /// The shape of an embeddings answer, as audits compare it.
@@ -331,6 +334,9 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
     })
 }
 
+/// A streamed answer, whole: one that carries an `error` object (a backend that failed
+/// mid-stream, the agent's error event) or ends without `[DONE]` (cut short) is no
+/// answer, never judged as a complete one.
 fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
     let mut p = SseParser::new(max_line);
     let events = p.push(body).map_err(|_| InternalError::Failed("sse"))?;
@@ -338,13 +344,18 @@ fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
         calls: Calls::new(MAX_INTERNAL_ANSWER_BYTES),
         ..Answer::default()
     };
+    let mut done = false;
     for ev in events {
         if ev == b"[DONE]" {
+            done = true;
             break;
         }
         let Ok(v) = serde_json::from_slice::<Value>(&ev) else {
             return Err(InternalError::Failed("sse json"));
         };
+        if v.get("error").is_some_and(|e| !e.is_null()) {
+            return Err(InternalError::CutShort);
+        }
         if let Some(c) = choice_zero(v.get("choices")) {
             a.text.push_str(text_of(c).unwrap_or_default());
             if let Some(d) = c.get("delta") {
@@ -360,7 +371,11 @@ fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
             a.prompt_tokens = n;
         }
     }
-    Ok(a)
+    if done {
+        Ok(a)
+    } else {
+        Err(InternalError::CutShort)
+    }
 }
 
 #[cfg(test)]
@@ -380,7 +395,7 @@ mod tests {
         assert!(!read_json(c).unwrap().cut_at_length);
         let l = br#"{"choices":[{"text":"No","finish_reason":"length"}]}"#;
         assert!(read_json(l).unwrap().cut_at_length);
-        let s = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\n";
+        let s = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n";
         assert!(read_sse(s, 1 << 20).unwrap().cut_at_length);
         assert!(read_json(b"nope").is_err());
     }
@@ -417,11 +432,26 @@ mod tests {
     fn the_choice_read_is_index_zero_not_the_first_listed() {
         let j = br#"{"choices":[{"index":1,"message":{"content":"one"}},{"index":0,"message":{"content":"zero"}}]}"#;
         assert_eq!(read_json(j).unwrap().text, "zero");
-        let s = b"data: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\"one\"}},{\"index\":0,\"delta\":{\"content\":\"zero\"}}]}\n\ndata: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\" 1\"}}]}\n\n";
+        let s = b"data: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\"one\"}},{\"index\":0,\"delta\":{\"content\":\"zero\"}}]}\n\ndata: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\" 1\"}}]}\n\ndata: [DONE]\n\n";
         assert_eq!(read_sse(s, 1 << 20).unwrap().text, "zero");
         let no_index =
             br#"{"choices":[{"message":{"content":"first"}},{"message":{"content":"second"}}]}"#;
         assert_eq!(read_json(no_index).unwrap().text, "first");
+    }
+
+    /// A stream its agent cut short (an error event, no `[DONE]`) is no answer to judge
+    /// against: it was judged as a complete one.
+    #[test]
+    fn a_stream_cut_short_is_no_answer() {
+        let start = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"Bash\",\"arguments\":\"{\\\"co\"}}]}}]}\n\n";
+        let error = "data: {\"error\":{\"message\":\"the backend failed\"}}\n\n";
+        let with_error = format!("{start}{error}");
+        assert!(read_sse(with_error.as_bytes(), 1 << 20).is_err());
+        let error_then_done = format!("{start}{error}data: [DONE]\n\n");
+        assert!(read_sse(error_then_done.as_bytes(), 1 << 20).is_err());
+        assert!(read_sse(start.as_bytes(), 1 << 20).is_err(), "no [DONE]");
+        let whole = format!("{start}data: [DONE]\n\n");
+        assert!(read_sse(whole.as_bytes(), 1 << 20).is_ok());
     }
 
     /// Ids sort by time (so index inserts append), stay unique and unguessable.

@@ -358,7 +358,8 @@ fn embeddings_bound(counted: i64, inputs: usize, slack_per_input: i64) -> Option
 /// Send `body` to the audited tunnel and the reference at once and judge the answers:
 /// `None` if either had no free slot within `audit.lease_wait` (a busy provider is not
 /// judged) or the reference failed (no verdict), else (passed, agreement). Failing an
-/// audited request, once it has a slot, is failing the audit.
+/// audited request, once it has a slot, is failing the audit; a stream of its cut short
+/// (an error event, no `[DONE]`) gives no verdict.
 async fn compare(
     state: &HubState,
     target: &Arc<ProviderLink>,
@@ -417,6 +418,12 @@ async fn compare(
                 same_file,
             );
             (passed, Some(g))
+        }
+        // A stream cut short may be a backend's failure, or a server that ends its
+        // streams without `[DONE]`: no verdict rather than a false failure.
+        Err(send::InternalError::CutShort) => {
+            tracing::debug!("audited provider's stream cut short; no verdict");
+            return None;
         }
         Err(_) => (false, None),
     })

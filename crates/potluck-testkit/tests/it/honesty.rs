@@ -1847,3 +1847,86 @@ async fn a_liar_streaming_its_own_tool_call_is_caught_and_quarantined() {
     let h = honest_audits().await;
     assert!(h.iter().all(|a| a.1), "{h:?}");
 }
+
+/// A reference whose stream its agent cut short (a backend's error mid-call: the agent's
+/// error event, no `[DONE]`, no `finish_reason`) was judged as a complete answer, half
+/// a tool call, and the audited provider's whole call failed against it. Such a
+/// reference gives no verdict now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_stream_cut_short_by_an_error_fails_no_audit() {
+    let hash = ModelHash::parse(&"4d".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let ls = json!({"command": "ls -la"});
+    let args = ls.to_string();
+    let broken = {
+        let start = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": null,
+                "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                    "function": {"name": "Bash", "arguments": &args[..5]}}]}}]});
+        let error = json!({"error": {"message": "the backend failed", "type": "server_error"}});
+        RawAnswer::Bytes {
+            status: 200,
+            headers: vec![("content-type".into(), "text/event-stream".into())],
+            frames: vec![
+                bytes::Bytes::from(format!("data: {start}\n\n")),
+                bytes::Bytes::from(format!("data: {error}\n\n")),
+            ],
+        }
+    };
+    let mut agents = Vec::new();
+    for (name, answer) in [
+        ("ref", broken),
+        ("honest", streamed_tool_call("Bash", &ls, &[5])),
+    ] {
+        let a = ScriptedAgent::connect_with(
+            name,
+            &hub.url(),
+            &hub.create_provider(name).await,
+            hello_with_tools(&hash),
+            honest(),
+        )
+        .await;
+        a.set_raw(Some(answer));
+        agents.push(a);
+    }
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let honest_id = hub.provider_id("honest").await;
+    // Replays: bodies the reference got that the honest provider served.
+    let replays = || {
+        let served: std::collections::HashSet<String> = agents[1]
+            .requests()
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+            .map(|b| request_text(&b))
+            .collect();
+        agents[0]
+            .requests()
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+            .filter(|b| served.contains(&request_text(b)))
+            .count()
+    };
+    let mut i = 0;
+    while replays() < 3 {
+        assert!(i < 200, "no replay reached the reference");
+        let (_, sse) = alice
+            .stream_with(&json!({"model": "m", "stream": true, "messages": [
+                    {"role": "user", "content": format!("list the files, take {i}")}],
+                "tools": [{"type": "function", "function": {"name": "Bash",
+                    "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}}}]}))
+            .await;
+        sse.collect().await;
+        i += 1;
+    }
+    // The replays' answers are read and judged (or not) in a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let h = hub
+        .state()
+        .store
+        .audit_history(honest_id, 100)
+        .await
+        .unwrap();
+    assert!(h.iter().all(|a| a.1), "{h:?}");
+}
