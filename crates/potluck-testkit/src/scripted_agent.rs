@@ -129,6 +129,7 @@ struct Log {
     requests: Vec<Received>,
     events: Vec<HubEvent>,
     raw: Option<RawAnswer>,
+    finish_reason: Option<String>,
 }
 
 /// A connected scripted agent. Dropping it closes the tunnel.
@@ -225,6 +226,12 @@ impl ScriptedAgent {
         self.log.lock().unwrap().raw = raw;
     }
 
+    /// From now on, end every canned answer with this `finish_reason` (a whole answer's;
+    /// a stream's in a last chunk of its own) instead of `"stop"` (a stream: none).
+    pub fn set_finish_reason(&self, reason: &str) {
+        self.log.lock().unwrap().finish_reason = Some(reason.to_owned());
+    }
+
     /// Inference requests received so far.
     pub fn requests(&self) -> Vec<Received> {
         self.log.lock().unwrap().requests.clone()
@@ -278,14 +285,14 @@ async fn handle(
     let reply = responder(&parsed);
     // Not held while an answer waits (a test may measure the hub's memory meanwhile).
     drop(parsed);
-    let raw = {
+    let (raw, finish_reason) = {
         let mut l = log.lock().unwrap();
         l.requests.push(Received {
             path: path.clone(),
             headers,
             body,
         });
-        l.raw.clone()
+        (l.raw.clone(), l.finish_reason.clone())
     };
     match raw {
         None => {}
@@ -337,6 +344,11 @@ async fn handle(
                 "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]});
             out.push_str(&format!("data: {chunk}\n\n"));
         }
+        if let Some(reason) = &finish_reason {
+            let chunk = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]});
+            out.push_str(&format!("data: {chunk}\n\n"));
+        }
         let last = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
             "choices": [], "usage": usage});
         out.push_str(&format!("data: {last}\n\ndata: [DONE]\n\n"));
@@ -348,7 +360,8 @@ async fn handle(
         return r;
     }
     let answer = json!({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason.as_deref().unwrap_or("stop")}],
         "usage": usage});
     let mut r = Response::new(Full::new(Bytes::from(answer.to_string())).boxed_unsync());
     r.headers_mut().insert(

@@ -289,11 +289,15 @@ impl Ctx {
         if let Some(t) = crate::routing::send::text_of(c) {
             sample.push(t);
         }
-        if let Some(m) = c.get("message").or_else(|| c.get("delta")) {
-            sample.push_calls_of(m);
-        }
-        if c.get("finish_reason").and_then(serde_json::Value::as_str) == Some("length") {
-            sample.note_length();
+        let (message, whole) = match c.get("message") {
+            Some(m) => (Some(m), true),
+            None => (c.get("delta"), false),
+        };
+        if let Some(m) = message {
+            sample.push_calls_of(m, whole);
+            if crate::routing::send::reasoned(m) {
+                sample.note_reasoning();
+            }
         }
     }
 

@@ -228,8 +228,9 @@ pub struct SpotCheckConfig {
     pub completion_slack_tokens: i64,
     /// Embeddings are deterministic: a replayed embeddings request fails when its
     /// vectors' count or dimension differ from the reference's, or when its prompt
-    /// tokens billed pass the reference's count by more than this many (a BOS or EOS
-    /// token per input another server adds). 0 to [`MAX_COMPLETION_SLACK_TOKENS`].
+    /// tokens billed pass the reference's count by more than this many for each input
+    /// (a BOS or EOS token per input another server adds). 0 to
+    /// [`MAX_COMPLETION_SLACK_TOKENS`].
     pub embedding_slack_tokens: i64,
 }
 

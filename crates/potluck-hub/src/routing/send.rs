@@ -14,6 +14,7 @@ use potluck_protocol::{InferenceEndpoint, ModelName};
 use rand::RngCore;
 use serde_json::Value;
 
+use crate::api::relay::embeddings::base64_floats;
 use crate::http::sse::SseParser;
 use crate::routing::calls::Calls;
 use crate::routing::link::ProviderLink;
@@ -87,6 +88,9 @@ pub(crate) enum InternalError {
     /// The provider failed or answered something unreadable.
     #[error("provider failed: {0}")]
     Failed(&'static str),
+    /// A stream cut short: an `error` event in it, or no `[DONE]` at its end.
+    #[error("stream cut short")]
+    CutShort,
 }
 
 /// The shape of an embeddings answer, as audits compare it.
@@ -94,7 +98,8 @@ pub(crate) enum InternalError {
 pub(crate) struct Vectors {
     /// Embeddings in `data`.
     pub count: usize,
-    /// The first one's dimension: elements of its array, or bytes of its base64 text.
+    /// The first one's dimension: elements of its array, or 32-bit floats of its base64
+    /// text (measured as the relay measures a delivered answer's, [`base64_floats`]).
     pub dimension: usize,
 }
 
@@ -105,7 +110,7 @@ impl Vectors {
         let first = data.first().and_then(|d| d.get("embedding"));
         let dimension = match first {
             Some(Value::Array(a)) => a.len(),
-            Some(Value::String(t)) => t.len(),
+            Some(Value::String(t)) => base64_floats(t).unwrap_or(0),
             _ => 0,
         };
         Some(Self {
@@ -131,6 +136,9 @@ pub(crate) struct Answer {
     /// Choice 0 ended at its length limit (`finish_reason: "length"`): it may
     /// have gone on.
     pub cut_at_length: bool,
+    /// Choice 0 carried reasoning ([`reasoned`]): its completion tokens count thinking
+    /// its text does not show.
+    pub reasoned: bool,
     /// The provider that answered.
     pub provider_id: i64,
 }
@@ -282,6 +290,17 @@ pub(crate) fn text_of(choice: &Value) -> Option<&str> {
         .and_then(Value::as_str)
 }
 
+/// Whether a `message` or `delta` object carries reasoning text (`reasoning_content`, or
+/// `reasoning` as Ollama and newer vLLM name it).
+pub(crate) fn reasoned(message: &Value) -> bool {
+    ["reasoning_content", "reasoning"].iter().any(|k| {
+        message
+            .get(k)
+            .and_then(Value::as_str)
+            .is_some_and(|t| !t.is_empty())
+    })
+}
+
 fn at_length(choice: &Value) -> bool {
     choice.get("finish_reason").and_then(Value::as_str) == Some("length")
 }
@@ -299,8 +318,9 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
     let v: Value = serde_json::from_slice(body).map_err(|_| InternalError::Failed("json"))?;
     let mut calls = Calls::new(MAX_INTERNAL_ANSWER_BYTES);
     let choice = choice_zero(v.get("choices"));
-    if let Some(m) = choice.and_then(|c| c.get("message")) {
-        calls.push_json(m);
+    let message = choice.and_then(|c| c.get("message"));
+    if let Some(m) = message {
+        calls.push_json(m, true);
     }
     Ok(Answer {
         text: choice.and_then(text_of).unwrap_or_default().to_owned(),
@@ -308,11 +328,15 @@ fn read_json(body: &[u8]) -> Result<Answer, InternalError> {
         calls,
         prompt_tokens: prompt_tokens(&v).unwrap_or(0),
         cut_at_length: choice.is_some_and(at_length),
+        reasoned: message.is_some_and(reasoned),
         vectors: Vectors::of(&v),
         provider_id: 0,
     })
 }
 
+/// A streamed answer, whole: one that carries an `error` object (a backend that failed
+/// mid-stream, the agent's error event) or ends without `[DONE]` (cut short) is no
+/// answer, never judged as a complete one.
 fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
     let mut p = SseParser::new(max_line);
     let events = p.push(body).map_err(|_| InternalError::Failed("sse"))?;
@@ -320,17 +344,23 @@ fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
         calls: Calls::new(MAX_INTERNAL_ANSWER_BYTES),
         ..Answer::default()
     };
+    let mut done = false;
     for ev in events {
         if ev == b"[DONE]" {
+            done = true;
             break;
         }
         let Ok(v) = serde_json::from_slice::<Value>(&ev) else {
             return Err(InternalError::Failed("sse json"));
         };
+        if v.get("error").is_some_and(|e| !e.is_null()) {
+            return Err(InternalError::CutShort);
+        }
         if let Some(c) = choice_zero(v.get("choices")) {
             a.text.push_str(text_of(c).unwrap_or_default());
             if let Some(d) = c.get("delta") {
-                a.calls.push_json(d);
+                a.calls.push_json(d, false);
+                a.reasoned |= reasoned(d);
             }
             a.cut_at_length |= at_length(c);
         }
@@ -341,7 +371,11 @@ fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
             a.prompt_tokens = n;
         }
     }
-    Ok(a)
+    if done {
+        Ok(a)
+    } else {
+        Err(InternalError::CutShort)
+    }
 }
 
 #[cfg(test)]
@@ -361,7 +395,7 @@ mod tests {
         assert!(!read_json(c).unwrap().cut_at_length);
         let l = br#"{"choices":[{"text":"No","finish_reason":"length"}]}"#;
         assert!(read_json(l).unwrap().cut_at_length);
-        let s = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\n";
+        let s = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n";
         assert!(read_sse(s, 1 << 20).unwrap().cut_at_length);
         assert!(read_json(b"nope").is_err());
     }
@@ -378,16 +412,46 @@ mod tests {
         assert_eq!(read_json(br#"{"choices":[]}"#).unwrap().vectors, None);
     }
 
+    /// A base64 embedding (`encoding_format: "base64"`, the OpenAI Python SDK's default)
+    /// is measured in floats, as the relay measures the delivered one, not in characters.
+    #[test]
+    fn a_base64_embedding_is_measured_in_floats() {
+        // Two floats (1.0, 2.0): 12 characters of base64.
+        let j = br#"{"data":[{"embedding":"AACAPwAAAEA="}],"usage":{"prompt_tokens":3}}"#;
+        let shape = Vectors {
+            count: 1,
+            dimension: 2,
+        };
+        assert_eq!(read_json(j).unwrap().vectors, Some(shape));
+        let delivered = crate::api::relay::embeddings::check(j, 1).unwrap();
+        assert_eq!(Some(delivered), read_json(j).unwrap().vectors);
+    }
+
     /// Audits read the choice whose `index` is 0, wherever it is listed.
     #[test]
     fn the_choice_read_is_index_zero_not_the_first_listed() {
         let j = br#"{"choices":[{"index":1,"message":{"content":"one"}},{"index":0,"message":{"content":"zero"}}]}"#;
         assert_eq!(read_json(j).unwrap().text, "zero");
-        let s = b"data: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\"one\"}},{\"index\":0,\"delta\":{\"content\":\"zero\"}}]}\n\ndata: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\" 1\"}}]}\n\n";
+        let s = b"data: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\"one\"}},{\"index\":0,\"delta\":{\"content\":\"zero\"}}]}\n\ndata: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\" 1\"}}]}\n\ndata: [DONE]\n\n";
         assert_eq!(read_sse(s, 1 << 20).unwrap().text, "zero");
         let no_index =
             br#"{"choices":[{"message":{"content":"first"}},{"message":{"content":"second"}}]}"#;
         assert_eq!(read_json(no_index).unwrap().text, "first");
+    }
+
+    /// A stream its agent cut short (an error event, no `[DONE]`) is no answer to judge
+    /// against: it was judged as a complete one.
+    #[test]
+    fn a_stream_cut_short_is_no_answer() {
+        let start = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"Bash\",\"arguments\":\"{\\\"co\"}}]}}]}\n\n";
+        let error = "data: {\"error\":{\"message\":\"the backend failed\"}}\n\n";
+        let with_error = format!("{start}{error}");
+        assert!(read_sse(with_error.as_bytes(), 1 << 20).is_err());
+        let error_then_done = format!("{start}{error}data: [DONE]\n\n");
+        assert!(read_sse(error_then_done.as_bytes(), 1 << 20).is_err());
+        assert!(read_sse(start.as_bytes(), 1 << 20).is_err(), "no [DONE]");
+        let whole = format!("{start}data: [DONE]\n\n");
+        assert!(read_sse(whole.as_bytes(), 1 << 20).is_ok());
     }
 
     /// Ids sort by time (so index inserts append), stay unique and unguessable.

@@ -62,16 +62,25 @@ impl<'a> Said<'a> {
 /// (passed, agreement). Text past `audit.max_text_bytes` is not compared, and appended
 /// text counts only against a reference that ended by itself (not at its length limit
 /// or the byte cap, where an honest answer may go on). Tool calls are compared in the
-/// words (their names and arguments after the text) and must also be the very calls the
+/// words (their names and arguments after the text) and, where the reference serves the
+/// audited provider's very model file (`same_file`), must also be the very calls the
 /// reference made (a call is an action the consumer's client takes: another command, or
 /// a call where the reference made none, is another answer however few words differ),
-/// unless the reference was cut at its length limit.
-pub(crate) fn verdict(cfg: &SpotCheckConfig, a: Said<'_>, b: Said<'_>, b_cut: bool) -> (bool, f64) {
+/// unless the reference was cut at its length limit. A reference serving another file
+/// (another quantisation of the model) may honestly call otherwise: its calls count
+/// only through the words.
+pub(crate) fn verdict(
+    cfg: &SpotCheckConfig,
+    a: Said<'_>,
+    b: Said<'_>,
+    b_cut: bool,
+    same_file: bool,
+) -> (bool, f64) {
     let cap = cfg.max_text_bytes;
     let b_cut = b_cut || b.text.len() >= cap;
     let (aw, bw) = (a.words(cap), b.words(cap));
     let g = agreement(&aw, &bw, cfg.compare_tokens);
-    let same_calls = b_cut || a.calls.same_as(b.calls);
+    let same_calls = b_cut || !same_file || a.calls.same_as(b.calls);
     (
         g >= cfg.min_agreement && same_calls && (b_cut || !appended(&aw, &bw)),
         g,
@@ -81,8 +90,10 @@ pub(crate) fn verdict(cfg: &SpotCheckConfig, a: Said<'_>, b: Said<'_>, b_cut: bo
 /// How a delivered answer compares with the reference's, for the bill check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Likeness {
-    /// Not comparable (several choices, or the delivered answer cut at its length limit
-    /// or at the cap): its completion is not judged.
+    /// Not comparable (several choices, the delivered answer's text cut at the audit
+    /// byte cap, `audit.max_text_bytes`, or reasoning on either side, billed but not
+    /// measured): its completion is not judged. An answer that
+    /// ended at its length limit is comparable: all its text was kept.
     Unknown,
     /// The same text and calls, whitespace aside.
     Same,
@@ -140,9 +151,9 @@ impl BillSlack {
 /// Whether `billed` is more than a trusted reference reported for the same body on the
 /// same model file: its prompt tokens (the same text through the same tokenizer, but
 /// maybe another server's template: a default system prompt, tools rendered otherwise;
-/// beyond half again the reference's count plus the prompt overhead), and, where both
-/// answers ended by themselves, its completion tokens ([`completion_bound`]). A
-/// reference that reported nothing proves nothing.
+/// beyond half again the reference's count plus the prompt overhead), and, where the
+/// reference ended by itself and neither text passed the cap, its completion tokens
+/// ([`completion_bound`]). A reference that reported nothing proves nothing.
 pub(crate) fn usage_over_reference(
     billed: Usage,
     reference: &Answer,

@@ -21,8 +21,9 @@ pub(crate) struct AuditSample {
     text: String,
     cap: usize,
     calls: Calls,
-    /// Text was dropped at the cap, or the choice ended at its length limit.
+    /// Text was dropped at the cap.
     cut: bool,
+    reasoned: bool,
     vectors: Option<Vectors>,
 }
 
@@ -32,10 +33,14 @@ pub(crate) struct Kept {
     pub(crate) text: String,
     /// Its tool calls.
     pub(crate) calls: Calls,
-    /// Cut short: text or calls dropped at the cap, or the choice ended at its length
-    /// limit (`finish_reason: "length"`); its bill cannot be held against a reference
-    /// that ran to its end.
+    /// Cut short: text or calls dropped at the cap (`audit.max_text_bytes`); its bill
+    /// cannot be held against the reference's whole answer. (A choice that ended at its
+    /// length limit is not cut: all its text was kept, and a provider's own word that it
+    /// stopped there must not switch the bill check off.)
     pub(crate) cut: bool,
+    /// The choice carried reasoning: its completion tokens count thinking its text does
+    /// not show.
+    pub(crate) reasoned: bool,
     /// An embeddings answer's shape.
     pub(crate) vectors: Option<Vectors>,
 }
@@ -50,6 +55,7 @@ impl AuditSample {
             cap,
             calls: Calls::new(cap),
             cut: false,
+            reasoned: false,
             vectors: None,
         }
     }
@@ -67,9 +73,9 @@ impl AuditSample {
         self.vectors = Some(vectors);
     }
 
-    /// The choice ended at its length limit.
-    pub(crate) fn note_length(&mut self) {
-        self.cut = true;
+    /// The choice delivered reasoning.
+    pub(crate) fn note_reasoning(&mut self) {
+        self.reasoned = true;
     }
 
     /// Add a piece of tool call `key` (see [`Calls::push`]).
@@ -77,15 +83,17 @@ impl AuditSample {
         self.calls.push(key, name, arguments);
     }
 
-    /// Add the tool calls of a delivered `message` or `delta` object.
-    pub(crate) fn push_calls_of(&mut self, message: &Value) {
-        self.calls.push_json(message);
+    /// Add the tool calls of a delivered `message` (`whole`) or `delta` object (see
+    /// [`Calls::push_json`]).
+    pub(crate) fn push_calls_of(&mut self, message: &Value, whole: bool) {
+        self.calls.push_json(message, whole);
     }
 
     /// What was delivered (text and tool calls each at most the cap).
     pub(crate) fn into_delivered(self) -> Kept {
         Kept {
             cut: self.cut || self.calls.cut(),
+            reasoned: self.reasoned,
             text: self.text,
             calls: self.calls,
             vectors: self.vectors,

@@ -7,14 +7,16 @@
 //!   `audit.max_pending` such requests). The same body (the
 //!   same seed: the hub seeds every request that has none, see
 //!   [`crate::routing::send::hub_seed`]; the same temperature) then goes to a provider
-//!   marked *trusted* that serves the same model file (by hash), under a one-time
+//!   marked *trusted* that serves the same model file (by hash; else one serving another
+//!   file of the model, whose tool calls then count only through the words), under a one-time
 //!   pseudonym (never the consumer's, which would let the reference link the consumer's
 //!   traffic across providers), and its answer is compared with what the audited provider
 //!   already delivered. The audited provider gets no second request, so nothing marks the
 //!   requests it is judged on. The first `audit.compare_tokens` words must agree
 //!   (tolerance `audit.min_agreement`).
 //!   Embeddings (deterministic) must have as many vectors of the same dimension as the
-//!   reference's, billed within its prompt tokens plus `audit.embedding_slack_tokens`.
+//!   reference's, billed within its prompt tokens plus `audit.embedding_slack_tokens`
+//!   for each input.
 //! - **Canaries.** Every `audit.canary_interval`, a generated prompt ([`super::canary`])
 //!   in the shape of recent requests goes to one untrusted provider and the same body to
 //!   a trusted reference, compared the same way.
@@ -250,9 +252,10 @@ async fn replay(state: &HubState, job: ReplayJob) {
         },
         ..job.billed
     };
+    let same_file = serves_file(&reference, &job.model, job.sha256.as_ref());
     let (passed, agreement) = replay_verdict(
         state,
-        (job.provider_id, job.endpoint, job.choices),
+        (job.provider_id, job.endpoint, job.choices, same_file),
         provider_counted,
         &job.sample.into_delivered(),
         &b,
@@ -271,13 +274,14 @@ async fn replay(state: &HubState, job: ReplayJob) {
 }
 
 /// The verdict on one replay of `provider_id`'s answer to a request to `endpoint` for
-/// `choices` choices, `billed` the provider's counts, `kept` what it delivered and `b`
+/// `choices` choices (`same_file`: the reference serves the audited provider's model
+/// file), `billed` the provider's counts, `kept` what it delivered and `b`
 /// the reference's answer: (passed, agreement). Embeddings by [`embeddings_verdict`];
 /// the others by [`verdict`], and a bill above what the reference counted for the same
 /// body ([`usage_over_reference`]) fails them too.
 fn replay_verdict(
     state: &HubState,
-    (provider_id, endpoint, choices): (i64, InferenceEndpoint, i64),
+    (provider_id, endpoint, choices, same_file): (i64, InferenceEndpoint, i64, bool),
     billed: Usage,
     kept: &Kept,
     b: &Answer,
@@ -293,9 +297,12 @@ fn replay_verdict(
         text: &kept.text,
         calls: &kept.calls,
     };
-    let (passed, agreement) = verdict(cfg, said, Said::of(b), b.cut_at_length);
+    let (passed, agreement) = verdict(cfg, said, Said::of(b), b.cut_at_length, same_file);
     let reference_capped = b.text.len() >= cfg.max_text_bytes;
-    let likeness = if choices > 1 || kept.cut || reference_capped {
+    // Reasoning is billed in the completion tokens but not in the lengths compared: an
+    // honest provider that thought longer than the reference would fail.
+    let reasoned = kept.reasoned || b.reasoned;
+    let likeness = if choices > 1 || kept.cut || reference_capped || reasoned {
         Likeness::Unknown
     } else {
         Likeness::of(said, Said::of(b), cfg.max_text_bytes)
@@ -311,10 +318,17 @@ fn replay_verdict(
     (passed && !inflated, Some(agreement))
 }
 
+/// Whether `reference` serves `model` from the file the audited provider announced,
+/// `sha256` (no announced hash: not known to be the same file).
+fn serves_file(reference: &ProviderLink, model: &ModelName, sha256: Option<&ModelHash>) -> bool {
+    sha256.is_some() && reference.offered(model).and_then(|o| o.sha256).as_ref() == sha256
+}
+
 /// The verdict on a replayed embeddings request (deterministic: no tolerance for
 /// nondeterminism): as many vectors of the same dimension as the reference's, and
 /// `billed_prompt` (the provider's count, 0 where the hub billed its own estimate)
-/// within the reference's count plus `audit.embedding_slack_tokens`. A reference that
+/// within the reference's count plus `audit.embedding_slack_tokens` for each input (a
+/// BOS or EOS token another server adds to each). A reference that
 /// reported no count proves nothing about the bill.
 fn embeddings_verdict(
     cfg: &SpotCheckConfig,
@@ -323,17 +337,29 @@ fn embeddings_verdict(
     reference: &Answer,
 ) -> bool {
     let same_shape = delivered.is_some() && delivered == reference.vectors;
-    let bound = reference
-        .prompt_tokens
-        .saturating_add(cfg.embedding_slack_tokens.max(0));
-    let inflated = reference.prompt_tokens > 0 && billed_prompt > bound;
+    let inputs = reference.vectors.map_or(1, |v| v.count.max(1));
+    // A bound past i64 bounds nothing.
+    let inflated = reference.prompt_tokens > 0
+        && embeddings_bound(reference.prompt_tokens, inputs, cfg.embedding_slack_tokens)
+            .is_some_and(|bound| billed_prompt > bound);
     same_shape && !inflated
+}
+
+/// The most prompt tokens an honest provider may bill for `inputs` inputs the reference
+/// counted `counted` for: `slack_per_input` more for each (`None`: past i64).
+fn embeddings_bound(counted: i64, inputs: usize, slack_per_input: i64) -> Option<i64> {
+    let inputs = i64::try_from(inputs).ok()?;
+    slack_per_input
+        .max(0)
+        .checked_mul(inputs)
+        .and_then(|slack| counted.checked_add(slack))
 }
 
 /// Send `body` to the audited tunnel and the reference at once and judge the answers:
 /// `None` if either had no free slot within `audit.lease_wait` (a busy provider is not
 /// judged) or the reference failed (no verdict), else (passed, agreement). Failing an
-/// audited request, once it has a slot, is failing the audit.
+/// audited request, once it has a slot, is failing the audit; a stream of its cut short
+/// (an error event, no `[DONE]`) gives no verdict.
 async fn compare(
     state: &HubState,
     target: &Arc<ProviderLink>,
@@ -379,13 +405,25 @@ async fn compare(
     };
     Some(match a {
         Ok(a) => {
+            let same_file = serves_file(
+                reference,
+                model,
+                target.offered(model).and_then(|o| o.sha256).as_ref(),
+            );
             let (passed, g) = verdict(
                 &state.config.audit,
                 Said::of(&a),
                 Said::of(&b),
                 b.cut_at_length,
+                same_file,
             );
             (passed, Some(g))
+        }
+        // A stream cut short may be a backend's failure, or a server that ends its
+        // streams without `[DONE]`: no verdict rather than a false failure.
+        Err(send::InternalError::CutShort) => {
+            tracing::debug!("audited provider's stream cut short; no verdict");
+            return None;
         }
         Err(_) => (false, None),
     })

@@ -180,6 +180,19 @@ fn liars() -> Vec<(&'static str, Responder)> {
                 }
             }),
         ),
+        // The subtle inflater saying its answer hit its length limit
+        // (`finish_reason: "length"`): an answer cut there was not judged on its bill.
+        (
+            "subtle-inflater-at-length",
+            Arc::new(|b: &Value| {
+                let text = honest_text(b);
+                let chars = text.chars().count() as i64;
+                Reply {
+                    text,
+                    completion_tokens: Some(chars),
+                }
+            }),
+        ),
     ]
 }
 
@@ -287,6 +300,9 @@ async fn red_team_announcing(liar_name: &str, liar_hash: Option<&ModelHash>) {
             responder,
         )
         .await;
+        if name.ends_with("-at-length") {
+            liar.set_finish_reason("length");
+        }
         hub.wait_for_model("m", 2).await;
         trust(&hub, "ref").await;
         let liar_id = hub.provider_id(name).await;
@@ -428,6 +444,14 @@ async fn a_liar_subtle_inflater_is_caught_and_quarantined() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liar_subtle_inflater_appending_a_space_is_caught_and_quarantined() {
     red_team("subtle-inflater-spaced").await;
+}
+
+/// A liar's `finish_reason: "length"` switched the completion-bill check off: only text
+/// cut at the audit's byte cap is not judged; an answer at its length limit still has
+/// all its text and is judged on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_subtle_inflater_claiming_its_length_limit_is_caught_and_quarantined() {
+    red_team("subtle-inflater-at-length").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1608,6 +1632,131 @@ async fn a_provider_billing_four_times_the_references_embedding_tokens_is_quaran
     assert!(honest_audits.iter().all(|a| a.1), "{honest_audits:?}");
 }
 
+/// An embeddings answer of one base64 vector (four 32-bit floats) per input, billed
+/// `prompt_tokens`.
+fn base64_embeddings_answer(vectors: usize, prompt_tokens: i64) -> RawAnswer {
+    let data: Vec<Value> = (0..vectors)
+        .map(
+            |i| json!({"object": "embedding", "index": i, "embedding": "AACAPgAAAL8AAAA+AACAPw=="}),
+        )
+        .collect();
+    RawAnswer::json(
+        200,
+        &json!({"object": "list", "model": "m", "data": data,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}),
+    )
+}
+
+/// Replays of embeddings asked for in base64 (the OpenAI Python SDK's default) failed
+/// every honest provider: the delivered vectors were measured in floats, the reference's
+/// in base64 characters. Both are measured in floats now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base64_embeddings_replay_between_honest_providers_passes() {
+    let hash = ModelHash::parse(&"9f".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let mut agents = Vec::new();
+    for name in ["ref", "honest"] {
+        let a = ScriptedAgent::connect_with(
+            name,
+            &hub.url(),
+            &hub.create_provider(name).await,
+            hello(&hash),
+            honest(),
+        )
+        .await;
+        a.set_raw(Some(base64_embeddings_answer(2, 6)));
+        agents.push(a);
+    }
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let honest_id = hub.provider_id("honest").await;
+    let audits = || async {
+        hub.state()
+            .store
+            .audit_history(honest_id, 100)
+            .await
+            .unwrap()
+    };
+    let mut i = 0;
+    while audits().await.len() < 3 {
+        assert!(i < 200, "the honest provider was never audited");
+        let body = json!({"model": "m", "encoding_format": "base64",
+            "input": [format!("a text about topic {i}"), "another text of the batch"]});
+        let r = alice.post("embeddings", &body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        i += 1;
+    }
+    let h = audits().await;
+    assert!(h.iter().all(|a| a.0 == "replay" && a.1), "{h:?}");
+}
+
+/// A whole chat answer of `content` after `reasoning_words` words of reasoning, billed
+/// `completion_tokens`.
+fn reasoning_answer(content: &str, reasoning_words: usize, completion_tokens: i64) -> RawAnswer {
+    let reasoning = vec!["hmm"; reasoning_words].join(" ");
+    RawAnswer::json(
+        200,
+        &json!({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content,
+                "reasoning_content": reasoning}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": completion_tokens,
+                "total_tokens": 5 + completion_tokens}}),
+    )
+}
+
+/// A reasoning model bills its thinking in its completion tokens, but the bill check
+/// compared the answers' content alone: an honest provider that thought twice as long as
+/// the reference, and billed it, failed. The completion bill is not compared where
+/// either side reasoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_provider_that_reasoned_longer_than_the_reference_passes() {
+    let hash = ModelHash::parse(&"7c".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| {
+        audited(c, 1.0);
+        // A scripted provider answers at once: judged on its bills, not its speed.
+        c.audit.min_tokens_for_speed = i64::MAX;
+    })
+    .await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let content = "The answer is forty two.";
+    let mut agents = Vec::new();
+    for (name, reasoning_words, billed) in [("ref", 40, 46), ("honest", 80, 86)] {
+        let a = ScriptedAgent::connect_with(
+            name,
+            &hub.url(),
+            &hub.create_provider(name).await,
+            hello(&hash),
+            honest(),
+        )
+        .await;
+        a.set_raw(Some(reasoning_answer(content, reasoning_words, billed)));
+        agents.push(a);
+    }
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let honest_id = hub.provider_id("honest").await;
+    let audits = || async {
+        hub.state()
+            .store
+            .audit_history(honest_id, 100)
+            .await
+            .unwrap()
+    };
+    let mut i = 0;
+    while audits().await.len() < 3 {
+        assert!(i < 200, "the honest provider was never audited");
+        let a = alice
+            .chat_with(&json!({"model": "m", "messages": [
+                {"role": "user", "content": format!("what is six times seven? {i}")}]}))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        i += 1;
+    }
+    let h = audits().await;
+    assert!(h.iter().all(|a| a.0 == "replay" && a.1), "{h:?}");
+}
+
 /// A streamed tool call in pieces: the name first, then the arguments split at `cuts`.
 fn streamed_tool_call(name: &str, arguments: &Value, cuts: &[usize]) -> RawAnswer {
     let args = arguments.to_string();
@@ -1696,5 +1845,88 @@ async fn a_liar_streaming_its_own_tool_call_is_caught_and_quarantined() {
         i += 1;
     }
     let h = honest_audits().await;
+    assert!(h.iter().all(|a| a.1), "{h:?}");
+}
+
+/// A reference whose stream its agent cut short (a backend's error mid-call: the agent's
+/// error event, no `[DONE]`, no `finish_reason`) was judged as a complete answer, half
+/// a tool call, and the audited provider's whole call failed against it. Such a
+/// reference gives no verdict now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_stream_cut_short_by_an_error_fails_no_audit() {
+    let hash = ModelHash::parse(&"4d".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let ls = json!({"command": "ls -la"});
+    let args = ls.to_string();
+    let broken = {
+        let start = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": null,
+                "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                    "function": {"name": "Bash", "arguments": &args[..5]}}]}}]});
+        let error = json!({"error": {"message": "the backend failed", "type": "server_error"}});
+        RawAnswer::Bytes {
+            status: 200,
+            headers: vec![("content-type".into(), "text/event-stream".into())],
+            frames: vec![
+                bytes::Bytes::from(format!("data: {start}\n\n")),
+                bytes::Bytes::from(format!("data: {error}\n\n")),
+            ],
+        }
+    };
+    let mut agents = Vec::new();
+    for (name, answer) in [
+        ("ref", broken),
+        ("honest", streamed_tool_call("Bash", &ls, &[5])),
+    ] {
+        let a = ScriptedAgent::connect_with(
+            name,
+            &hub.url(),
+            &hub.create_provider(name).await,
+            hello_with_tools(&hash),
+            honest(),
+        )
+        .await;
+        a.set_raw(Some(answer));
+        agents.push(a);
+    }
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let honest_id = hub.provider_id("honest").await;
+    // Replays: bodies the reference got that the honest provider served.
+    let replays = || {
+        let served: std::collections::HashSet<String> = agents[1]
+            .requests()
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+            .map(|b| request_text(&b))
+            .collect();
+        agents[0]
+            .requests()
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+            .filter(|b| served.contains(&request_text(b)))
+            .count()
+    };
+    let mut i = 0;
+    while replays() < 3 {
+        assert!(i < 200, "no replay reached the reference");
+        let (_, sse) = alice
+            .stream_with(&json!({"model": "m", "stream": true, "messages": [
+                    {"role": "user", "content": format!("list the files, take {i}")}],
+                "tools": [{"type": "function", "function": {"name": "Bash",
+                    "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}}}]}))
+            .await;
+        sse.collect().await;
+        i += 1;
+    }
+    // The replays' answers are read and judged (or not) in a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let h = hub
+        .state()
+        .store
+        .audit_history(honest_id, 100)
+        .await
+        .unwrap();
     assert!(h.iter().all(|a| a.1), "{h:?}");
 }

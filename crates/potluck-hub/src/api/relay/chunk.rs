@@ -129,9 +129,6 @@ pub(crate) struct ChoiceView<'a> {
     delta: Option<TextView<'a>>,
     #[serde(borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
-    /// Raw: read only for audits, so that no value of it can fail the chunk.
-    #[serde(borrow)]
-    finish_reason: Option<&'a RawValue>,
 }
 
 /// A choice's `index`: `None` when absent or null; a non-negative integer as it is; any
@@ -190,12 +187,15 @@ impl ChoiceView<'_> {
             .or(self.text.as_deref())
     }
 
-    /// Keep what audits compare of this choice in `sample`: its text, its tool calls'
-    /// pieces (each call's `index`, else its place, with its name and arguments), and
-    /// whether it ended at its length limit.
+    /// Keep what audits compare of this choice in `sample`: its text, whether it carried
+    /// reasoning, and its tool calls' pieces (each call's `index`, else its place, with
+    /// its name and arguments).
     pub(crate) fn keep_for_audit(&self, sample: &mut AuditSample) {
         if let Some(t) = self.answer() {
             sample.push(t);
+        }
+        if self.delta.as_ref().is_some_and(|d| d.reasoning_len() > 0) {
+            sample.note_reasoning();
         }
         let calls = self.delta.as_ref().and_then(|d| d.tool_calls.as_deref());
         for (place, call) in calls.unwrap_or_default().iter().enumerate() {
@@ -209,9 +209,6 @@ impl ChoiceView<'_> {
                 name.as_deref(),
                 f.and_then(|f| f.arguments.as_deref()),
             );
-        }
-        if self.finish_reason.map(RawValue::get) == Some("\"length\"") {
-            sample.note_length();
         }
     }
 
