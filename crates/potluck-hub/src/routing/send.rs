@@ -14,7 +14,6 @@ use potluck_protocol::{InferenceEndpoint, ModelName};
 use rand::RngCore;
 use serde_json::Value;
 
-use crate::api::relay::embeddings::base64_floats;
 use crate::http::sse::SseParser;
 use crate::routing::calls::Calls;
 use crate::routing::link::ProviderLink;
@@ -376,6 +375,25 @@ fn read_sse(body: &[u8], max_line: usize) -> Result<Answer, InternalError> {
     } else {
         Err(InternalError::CutShort)
     }
+}
+
+/// How many 32-bit floats padded standard base64 text holds; `None` when it is not such
+/// text (a character off the alphabet, padding but at the end, a length not a multiple
+/// of 4) or does not decode to whole floats. The one measure of a base64 embedding, for
+/// the delivered answer and for an audit's reference alike.
+pub(crate) fn base64_floats(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(4) {
+        return None;
+    }
+    let pad = b.iter().rev().take_while(|&&c| c == b'=').count();
+    let body = b.get(..b.len().checked_sub(pad)?)?;
+    let alphabet = |c: &u8| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/';
+    if pad > 2 || !body.iter().all(alphabet) {
+        return None;
+    }
+    let bytes = (b.len() / 4).checked_mul(3)?.checked_sub(pad)?;
+    bytes.is_multiple_of(4).then_some(bytes / 4)
 }
 
 #[cfg(test)]
