@@ -295,9 +295,6 @@ impl Ctx {
         };
         if let Some(m) = message {
             sample.push_calls_of(m, whole);
-            if crate::routing::send::reasoned(m) {
-                sample.note_reasoning();
-            }
         }
     }
 

@@ -229,7 +229,8 @@ pub struct SpotCheckConfig {
     /// Embeddings are deterministic: a replayed embeddings request fails when its
     /// vectors' count or dimension differ from the reference's, or when its prompt
     /// tokens billed pass the reference's count by more than this many for each input
-    /// (a BOS or EOS token per input another server adds). 0 to
+    /// (a BOS and an EOS token, or a CLS and a SEP, per input another server adds; 2 by
+    /// default: more would let a liar bill several times a short input's count). 0 to
     /// [`MAX_COMPLETION_SLACK_TOKENS`].
     pub embedding_slack_tokens: i64,
 }
@@ -353,7 +354,7 @@ impl Default for SpotCheckConfig {
             // closely; half again covers a text of another script or more numbers.
             completion_ratio: 1.5,
             completion_slack_tokens: 16,
-            embedding_slack_tokens: 8,
+            embedding_slack_tokens: 2,
         }
     }
 }

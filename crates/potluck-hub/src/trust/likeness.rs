@@ -66,25 +66,32 @@ impl<'a> Said<'a> {
 /// audited provider's very model file (`same_file`), must also be the very calls the
 /// reference made (a call is an action the consumer's client takes: another command, or
 /// a call where the reference made none, is another answer however few words differ),
-/// unless the reference was cut at its length limit. A reference serving another file
-/// (another quantisation of the model) may honestly call otherwise: its calls count
-/// only through the words.
+/// unless the reference was cut at its length limit. `None`, no verdict, where the calls
+/// differ but the reference serves another file (another quantisation of the model, or
+/// a provider that announced no hash: it may honestly call otherwise, and a pass on the
+/// words alone would let a liar's own call through), or where arguments cut at the cap
+/// can no longer be compared.
 pub(crate) fn verdict(
     cfg: &SpotCheckConfig,
     a: Said<'_>,
     b: Said<'_>,
     b_cut: bool,
     same_file: bool,
-) -> (bool, f64) {
+) -> Option<(bool, f64)> {
     let cap = cfg.max_text_bytes;
     let b_cut = b_cut || b.text.len() >= cap;
     let (aw, bw) = (a.words(cap), b.words(cap));
     let g = agreement(&aw, &bw, cfg.compare_tokens);
-    let same_calls = b_cut || !same_file || a.calls.same_as(b.calls);
-    (
+    let same_calls = match (b_cut, a.calls.compare(b.calls)) {
+        (true, _) | (false, Some(true)) => true,
+        (false, None) => return None,
+        (false, Some(false)) if !same_file => return None,
+        (false, Some(false)) => false,
+    };
+    Some((
         g >= cfg.min_agreement && same_calls && (b_cut || !appended(&aw, &bw)),
         g,
-    )
+    ))
 }
 
 /// How a delivered answer compares with the reference's, for the bill check.

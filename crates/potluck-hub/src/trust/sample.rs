@@ -23,7 +23,6 @@ pub(crate) struct AuditSample {
     calls: Calls,
     /// Text was dropped at the cap.
     cut: bool,
-    reasoned: bool,
     vectors: Option<Vectors>,
 }
 
@@ -38,9 +37,6 @@ pub(crate) struct Kept {
     /// length limit is not cut: all its text was kept, and a provider's own word that it
     /// stopped there must not switch the bill check off.)
     pub(crate) cut: bool,
-    /// The choice carried reasoning: its completion tokens count thinking its text does
-    /// not show.
-    pub(crate) reasoned: bool,
     /// An embeddings answer's shape.
     pub(crate) vectors: Option<Vectors>,
 }
@@ -55,7 +51,6 @@ impl AuditSample {
             cap,
             calls: Calls::new(cap),
             cut: false,
-            reasoned: false,
             vectors: None,
         }
     }
@@ -73,11 +68,6 @@ impl AuditSample {
         self.vectors = Some(vectors);
     }
 
-    /// The choice delivered reasoning.
-    pub(crate) fn note_reasoning(&mut self) {
-        self.reasoned = true;
-    }
-
     /// Add a piece of tool call `key` (see [`Calls::push`]).
     pub(crate) fn push_call(&mut self, key: u64, name: Option<&str>, arguments: Option<&str>) {
         self.calls.push(key, name, arguments);
@@ -93,7 +83,6 @@ impl AuditSample {
     pub(crate) fn into_delivered(self) -> Kept {
         Kept {
             cut: self.cut || self.calls.cut(),
-            reasoned: self.reasoned,
             text: self.text,
             calls: self.calls,
             vectors: self.vectors,

@@ -253,13 +253,16 @@ async fn replay(state: &HubState, job: ReplayJob) {
         ..job.billed
     };
     let same_file = serves_file(&reference, &job.model, job.sha256.as_ref());
-    let (passed, agreement) = replay_verdict(
+    let Some((passed, agreement)) = replay_verdict(
         state,
         (job.provider_id, job.endpoint, job.choices, same_file),
         provider_counted,
         &job.sample.into_delivered(),
         &b,
-    );
+    ) else {
+        tracing::debug!("the answers' tool calls could not be judged; no verdict");
+        return;
+    };
     judge(
         state,
         AuditRecord {
@@ -285,24 +288,25 @@ fn replay_verdict(
     billed: Usage,
     kept: &Kept,
     b: &Answer,
-) -> (bool, Option<f64>) {
+) -> Option<(bool, Option<f64>)> {
     let cfg = &state.config.audit;
     if endpoint == InferenceEndpoint::Embeddings {
-        return (
+        return Some((
             embeddings_verdict(cfg, kept.vectors, billed.prompt, b),
             None,
-        );
+        ));
     }
     let said = Said {
         text: &kept.text,
         calls: &kept.calls,
     };
-    let (passed, agreement) = verdict(cfg, said, Said::of(b), b.cut_at_length, same_file);
+    let (passed, agreement) = verdict(cfg, said, Said::of(b), b.cut_at_length, same_file)?;
     let reference_capped = b.text.len() >= cfg.max_text_bytes;
     // Reasoning is billed in the completion tokens but not in the lengths compared: an
-    // honest provider that thought longer than the reference would fail.
-    let reasoned = kept.reasoned || b.reasoned;
-    let likeness = if choices > 1 || kept.cut || reference_capped || reasoned {
+    // honest provider that thought longer than the reference would fail. Only the
+    // reference's reasoning counts here: a byte of the audited side's own would switch
+    // the check off for a liar on a model that does not reason.
+    let likeness = if choices > 1 || kept.cut || reference_capped || b.reasoned {
         Likeness::Unknown
     } else {
         Likeness::of(said, Said::of(b), cfg.max_text_bytes)
@@ -315,7 +319,7 @@ fn replay_verdict(
             "usage above the trusted reference's for the same request"
         );
     }
-    (passed && !inflated, Some(agreement))
+    Some((passed && !inflated, Some(agreement)))
 }
 
 /// Whether `reference` serves `model` from the file the audited provider announced,
@@ -416,7 +420,7 @@ async fn compare(
                 Said::of(&b),
                 b.cut_at_length,
                 same_file,
-            );
+            )?;
             (passed, Some(g))
         }
         // A stream cut short may be a backend's failure, or a server that ends its

@@ -1757,6 +1757,58 @@ async fn an_honest_provider_that_reasoned_longer_than_the_reference_passes() {
     assert!(h.iter().all(|a| a.0 == "replay" && a.1), "{h:?}");
 }
 
+/// A liar on a model that does not reason adds one byte of reasoning to each answer and
+/// bills several times the reference's count: a byte of the audited side's reasoning
+/// switched the bill check off. Only the reference's reasoning does now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_adding_a_byte_of_reasoning_is_still_held_to_the_references_bill() {
+    let hash = ModelHash::parse(&"7d".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| {
+        audited(c, 1.0);
+        c.audit.min_tokens_for_speed = i64::MAX;
+    })
+    .await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let content = "The answer is forty two.";
+    let reference = ScriptedAgent::connect_with(
+        "ref",
+        &hub.url(),
+        &hub.create_provider("ref").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    reference.set_raw(Some(reasoning_answer(content, 0, 6)));
+    let liar = ScriptedAgent::connect_with(
+        "liar",
+        &hub.url(),
+        &hub.create_provider("liar").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    // One word of reasoning, and 40 tokens billed: under the plausibility bound of the
+    // text it delivered (25 bytes, plus 16), far over the reference's 6.
+    liar.set_raw(Some(reasoning_answer(content, 1, 40)));
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let liar_id = hub.provider_id("liar").await;
+    let failed = || async {
+        let h = hub.state().store.audit_history(liar_id, 100).await.unwrap();
+        h.iter().filter(|a| !a.1).count()
+    };
+    let mut i = 0;
+    while failed().await == 0 {
+        assert!(i < 200, "the liar never failed an audit");
+        let a = alice
+            .chat_with(&json!({"model": "m", "messages": [
+                {"role": "user", "content": format!("what is six times seven? {i}")}]}))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        i += 1;
+    }
+}
+
 /// A streamed tool call in pieces: the name first, then the arguments split at `cuts`.
 fn streamed_tool_call(name: &str, arguments: &Value, cuts: &[usize]) -> RawAnswer {
     let args = arguments.to_string();

@@ -187,15 +187,11 @@ impl ChoiceView<'_> {
             .or(self.text.as_deref())
     }
 
-    /// Keep what audits compare of this choice in `sample`: its text, whether it carried
-    /// reasoning, and its tool calls' pieces (each call's `index`, else its place, with
+    /// Keep what audits compare of this choice in `sample`: its text and its tool calls' pieces (each call's `index`, else its place, with
     /// its name and arguments).
     pub(crate) fn keep_for_audit(&self, sample: &mut AuditSample) {
         if let Some(t) = self.answer() {
             sample.push(t);
-        }
-        if self.delta.as_ref().is_some_and(|d| d.reasoning_len() > 0) {
-            sample.note_reasoning();
         }
         let calls = self.delta.as_ref().and_then(|d| d.tool_calls.as_deref());
         for (place, call) in calls.unwrap_or_default().iter().enumerate() {
