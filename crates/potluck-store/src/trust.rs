@@ -115,8 +115,53 @@ impl Store {
         score_after: f64,
         quarantine: Option<&str>,
     ) -> Result<()> {
+        self.write_audit(a, None, score_after, quarantine)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Store::record_audit`], only while the provider's score is still `score_before`
+    /// (the one the new score was worked out from): `false`, and nothing written, when it
+    /// changed meanwhile (a moderator's release, another hub's verdict), so that the
+    /// caller reads it again instead of undoing that change.
+    pub async fn record_audit_from(
+        &self,
+        a: &AuditRecord,
+        score_before: f64,
+        score_after: f64,
+        quarantine: Option<&str>,
+    ) -> Result<bool> {
+        self.write_audit(a, Some(score_before), score_after, quarantine)
+            .await
+    }
+
+    async fn write_audit(
+        &self,
+        a: &AuditRecord,
+        score_before: Option<f64>,
+        score_after: f64,
+        quarantine: Option<&str>,
+    ) -> Result<bool> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
+        let updated = match score_before {
+            Some(before) => sqlx::query(
+                "UPDATE providers SET reputation = $1 WHERE id = $2 AND reputation = $3",
+            )
+            .bind(score_after)
+            .bind(a.provider_id)
+            .bind(before),
+            None => sqlx::query("UPDATE providers SET reputation = $1 WHERE id = $2")
+                .bind(score_after)
+                .bind(a.provider_id),
+        }
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if score_before.is_some() && updated == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         sqlx::query(
             "INSERT INTO audit_results (provider_id, request_id, kind, passed, agreement, score_after, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
@@ -129,11 +174,6 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE providers SET reputation = $1 WHERE id = $2")
-            .bind(score_after)
-            .bind(a.provider_id)
-            .execute(&mut *tx)
-            .await?;
         if let Some(reason) = quarantine {
             sqlx::query(
                 "UPDATE providers SET quarantined_at_ms = $1, quarantine_reason = $2 WHERE id = $3 AND quarantined_at_ms IS NULL",
@@ -149,7 +189,7 @@ impl Store {
             self.announce(crate::changes::Change::ProviderTrust(a.provider_id))
                 .await?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The (trusted, reputation, quarantined, moderation status) of the providers whose
@@ -288,5 +328,28 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    });
+
+    // A verdict worked out from a score a moderator's release has since replaced is not
+    // written over the release (the score read again instead); from the current score it
+    // is. Before, the release was undone by a verdict in flight.
+    crate::conformance!(a_verdict_from_a_stale_score_is_not_written, |db| {
+        let s = db.open().await;
+        let (pid, _) = s.create_provider("gpu", "bob").await.unwrap();
+        let a = AuditRecord {
+            provider_id: pid,
+            request_id: None,
+            kind: "canary",
+            passed: true,
+            agreement: Some(1.0),
+        };
+        let read = s.standing(pid).await.unwrap().reputation;
+        s.release_quarantine(pid, 0.5).await.unwrap();
+        assert!(!s.record_audit_from(&a, read, 0.31, None).await.unwrap());
+        assert_eq!(s.standing(pid).await.unwrap().reputation, 0.5);
+        assert!(s.audit_history(pid, 10).await.unwrap().is_empty());
+        assert!(s.record_audit_from(&a, 0.5, 0.55, None).await.unwrap());
+        assert_eq!(s.standing(pid).await.unwrap().reputation, 0.55);
+        assert_eq!(s.audit_history(pid, 10).await.unwrap().len(), 1);
     });
 }

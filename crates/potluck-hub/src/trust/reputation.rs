@@ -14,15 +14,70 @@ use crate::state::HubState;
 /// quarantined" here and was never quarantined again, however it lied; and each hub
 /// wrote its own copy's score over the others'.)
 pub(crate) async fn judge(state: &HubState, a: AuditRecord) {
-    let cfg = &state.config.audit;
-    let (score, quarantined) = match state.store.standing(a.provider_id).await {
-        Ok(s) => (s.reputation, s.quarantined_at_ms.is_some()),
-        Err(e) => {
-            tracing::error!(error = ?e, provider_id = a.provider_id, "an audit result not applied: the provider's standing could not be read");
-            return;
+    // The new score is worked out from the one read, and written only while it is still
+    // that one: a moderator's release (or another hub's verdict) between the two is read
+    // again, not undone.
+    for _ in 0..MAX_JUDGE_TRIES {
+        let (score, quarantined) = match state.store.standing(a.provider_id).await {
+            Ok(s) => (s.reputation, s.quarantined_at_ms.is_some()),
+            Err(e) => {
+                tracing::error!(error = ?e, provider_id = a.provider_id, "an audit result not applied: the provider's standing could not be read");
+                return;
+            }
+        };
+        let new = score_after(&state.config.audit, &a, score);
+        let quarantine = !quarantined && new < state.config.audit.quarantine_below;
+        let reason = format!(
+            "reputation {new:.2} below {:.2} after a failed {} check",
+            state.config.audit.quarantine_below, a.kind
+        );
+        if quarantine {
+            // Cut off before the slower store write: no consumer request may reach it
+            // once the store says it is quarantined (fail closed if that write fails).
+            state.registry.set_trust_flags(a.provider_id, false, true);
         }
-    };
-    let new = if a.passed && a.kind == "canary" {
+        let written = state
+            .store
+            .record_audit_from(&a, score, new, quarantine.then_some(reason.as_str()))
+            .await;
+        match written {
+            Ok(true) => {
+                tracing::info!(provider_id = a.provider_id, kind = a.kind, passed = a.passed, agreement = ?a.agreement, score = new, "provider audit");
+                state.metrics.audit(a.kind, a.passed);
+                if quarantine {
+                    quarantine_provider(state, a.provider_id, &reason).await;
+                }
+                return;
+            }
+            Ok(false) => {
+                if quarantine {
+                    // Cut off for a verdict not written: back to what the store says.
+                    if let Ok(s) = state.store.standing(a.provider_id).await {
+                        let quarantined = s.quarantined_at_ms.is_some();
+                        state
+                            .registry
+                            .set_trust_flags(a.provider_id, s.trusted, quarantined);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = ?e, "recording an audit failed");
+                return;
+            }
+        }
+    }
+    tracing::warn!(
+        provider_id = a.provider_id,
+        "an audit result not applied: the provider's score kept changing"
+    );
+}
+
+/// Times [`judge`] reads a provider's score again when it changed under it.
+const MAX_JUDGE_TRIES: usize = 4;
+
+/// The score after audit `a`, from `score`.
+fn score_after(cfg: &crate::config::SpotCheckConfig, a: &AuditRecord, score: f64) -> f64 {
+    if a.passed && a.kind == "canary" {
         // A canary can be told from a consumer's request by one who reads this code: a
         // liar honest on canaries alone must not earn back what its replays cost it. A
         // passed canary lifts a low score only up to half again the quarantine
@@ -41,29 +96,6 @@ pub(crate) async fn judge(state: &HubState, a: AuditRecord) {
         score * cfg.fail_factor
     } else {
         score * cfg.flag_factor
-    };
-    let quarantine = !quarantined && new < cfg.quarantine_below;
-    let reason = format!(
-        "reputation {new:.2} below {:.2} after a failed {} check",
-        cfg.quarantine_below, a.kind
-    );
-    tracing::info!(provider_id = a.provider_id, kind = a.kind, passed = a.passed, agreement = ?a.agreement, score = new, "provider audit");
-    state.metrics.audit(a.kind, a.passed);
-    if quarantine {
-        // Cut off before the slower store write: no consumer request may reach it once
-        // the store says it is quarantined (fail closed if that write fails).
-        state.registry.set_trust_flags(a.provider_id, false, true);
-    }
-    if let Err(e) = state
-        .store
-        .record_audit(&a, new, quarantine.then_some(reason.as_str()))
-        .await
-    {
-        tracing::error!(error = ?e, "recording an audit failed");
-        return;
-    }
-    if quarantine {
-        quarantine_provider(state, a.provider_id, &reason).await;
     }
 }
 
