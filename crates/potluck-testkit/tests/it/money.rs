@@ -557,28 +557,46 @@ async fn tool_calls_and_reasoning_are_delivered_text_and_billed() {
         ),
     ];
     for (what, stream, body) in answers {
-        let ct = if stream {
-            "text/event-stream"
-        } else {
-            "application/json"
-        };
-        p.set_raw(Some(RawAnswer::Bytes {
-            status: 200,
-            headers: vec![("content-type".into(), ct.into())],
-            frames: vec![Bytes::from(body)],
-        }));
-        let id = served(
-            &alice,
-            &json!({"model": "m", "stream": stream, "max_tokens": 200,
-                "messages": [{"role": "user", "content": "write it"}]}),
-        )
-        .await;
-        let row = usage_row(&hub, &id).await;
+        let row = billed_for(&hub, &p, &alice, stream, body, 200).await;
         assert_eq!(row.completion_tokens, 100, "{what}");
     }
-    // Flags are written after the answer: give one the time to land.
+    assert_never_flagged(&hub, "honest").await;
+}
+
+/// Answer the next request with `body` (SSE when `stream`), send one asking for up to
+/// `max_tokens`, and read its usage row.
+async fn billed_for(
+    hub: &TestHub,
+    p: &ScriptedAgent,
+    alice: &Consumer,
+    stream: bool,
+    body: String,
+    max_tokens: u32,
+) -> UsageRow {
+    let ct = if stream {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    p.set_raw(Some(RawAnswer::Bytes {
+        status: 200,
+        headers: vec![("content-type".into(), ct.into())],
+        frames: vec![Bytes::from(body)],
+    }));
+    let id = served(
+        alice,
+        &json!({"model": "m", "stream": stream, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "answer it"}]}),
+    )
+    .await;
+    usage_row(hub, &id).await
+}
+
+/// Flags are written after the answer: once one had the time to land, provider `name`
+/// has none.
+async fn assert_never_flagged(hub: &TestHub, name: &str) {
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = hub.provider_id("honest").await;
+    let pid = hub.provider_id(name).await;
     let history = hub.state().store.audit_history(pid, 100).await.unwrap();
     assert!(
         history.iter().all(|a| a.0 != "usage"),
@@ -611,31 +629,11 @@ async fn reasoning_sent_as_reasoning_is_delivered_text_and_billed() {
     let tail = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
         "choices": [], "usage": usage});
     stream.push_str(&format!("data: {end}\n\ndata: {tail}\n\ndata: [DONE]\n\n"));
-    for (is_stream, ct, body) in [
-        (false, "application/json", whole.to_string()),
-        (true, "text/event-stream", stream),
-    ] {
-        p.set_raw(Some(RawAnswer::Bytes {
-            status: 200,
-            headers: vec![("content-type".into(), ct.into())],
-            frames: vec![Bytes::from(body)],
-        }));
-        let id = served(
-            &alice,
-            &json!({"model": "m", "stream": is_stream, "max_tokens": 1000,
-                "messages": [{"role": "user", "content": "think it over"}]}),
-        )
-        .await;
-        let row = usage_row(&hub, &id).await;
+    for (is_stream, body) in [(false, whole.to_string()), (true, stream)] {
+        let row = billed_for(&hub, &p, &alice, is_stream, body, 1000).await;
         assert_eq!(row.completion_tokens, 600, "stream {is_stream}");
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = hub.provider_id("thinker").await;
-    let history = hub.state().store.audit_history(pid, 100).await.unwrap();
-    assert!(
-        history.iter().all(|a| a.0 != "usage"),
-        "the honest provider was flagged: {history:?}"
-    );
+    assert_never_flagged(&hub, "thinker").await;
 }
 
 /// A consumer sends ten tiny images (1x1 PNGs, each a hundred bytes of body) to a vision
