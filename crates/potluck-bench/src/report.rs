@@ -867,6 +867,43 @@ mod tests {
     }
 
     #[test]
+    fn two_floors_in_series_are_read_against_one_floor_and_potluck_against_them() {
+        let chat = vec![
+            chat_cell("direct", 1, 30_000.0, 32.0, None),
+            chat_cell("floor", 1, 11_000.0, 100.0, Some(50.0)),
+            chat_cell(crate::suite::SERIES, 1, 6_000.0, 160.0, Some(120.0)),
+            chat_cell("potluck", 1, 4_300.0, 214.0, Some(182.0)),
+            chat_cell("direct", 64, 100_000.0, 600.0, None),
+            chat_cell("floor", 64, 40_000.0, 1_500.0, Some(900.0)),
+            chat_cell(crate::suite::SERIES, 64, 28_000.0, 2_300.0, Some(1_700.0)),
+            chat_cell("potluck", 64, 12_000.0, 5_000.0, Some(4_400.0)),
+        ];
+        let r = report(chat, Vec::new());
+        let all = crate::suite::ratios(&r);
+        let get = |prefix: &str| {
+            all.iter()
+                .find(|x| x.name.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no ratio named {prefix}…"))
+        };
+        let series = get("Two floors in series");
+        assert_eq!(series.verdict(), "info", "{series:?}");
+        assert!((series.value.unwrap() - 0.7).abs() < 1e-9, "{series:?}");
+        let against = get("Non-streamed throughput, c=64: potluck / two floors");
+        assert!(
+            (against.value.unwrap() - 12.0 / 28.0).abs() < 1e-9,
+            "{against:?}"
+        );
+        let latency = get("Added p50 latency, non-streamed, c=1: two floors");
+        assert!((latency.value.unwrap() - 2.4).abs() < 1e-9, "{latency:?}");
+        let throughput = get("Non-streamed throughput, c=64: potluck / floor");
+        assert_eq!(
+            throughput.verdict(),
+            "MISS",
+            "the targets are read as before"
+        );
+    }
+
+    #[test]
     fn splice_keeps_hand_written_text() {
         let first = splice(None, "gen1\n");
         assert!(first.contains("gen1"));

@@ -38,7 +38,8 @@ pub const SLOW_GAP_MS: u64 = 100;
 pub async fn run(potluck_bin: &Path, work_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(work_dir)?;
     let mut fake = FakeProcess::start("smoke-fake-backend", GAP_MS, SLOW_GAP_MS, work_dir).await?;
-    let mut floor = Floor::start(fake.addr, FLOOR_UPSTREAM, FLOOR_WORKERS, work_dir).await?;
+    let mut floor =
+        Floor::start("floor", fake.addr, FLOOR_UPSTREAM, FLOOR_WORKERS, work_dir).await?;
     let mut pot = Potluck::start("smoke", potluck_bin, &work_dir.join("smoke"), "warn").await?;
     pot.add_provider(
         "p1",

@@ -39,6 +39,12 @@ pub const REAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CHAT_MAX_TOKENS: u32 = 16;
 /// The target name of the hub measured through a translated API (`/v1/messages`).
 pub const TRANSLATED: &str = "potluck-messages";
+/// The target name of two floors in series (a second floor in front of the first): what
+/// any relay of two hops costs when each hop does nothing but relay, the ceiling against
+/// which Potluck's two hops (hub and agent) can be read (issue 16).
+pub const SERIES: &str = "floor-x2";
+/// The concurrencies at which [`SERIES`] is measured (non-streamed only).
+const SERIES_CONCURRENCIES: [usize; 2] = [1, 64];
 /// The floor's upstream protocol. HTTP/1.1 with a pool was the leaner on this machine:
 /// 50-60 µs less added latency at c=1 than HTTP/2 over one connection, whose requests and
 /// answers pass through the connection's own task; throughput at c=64 was the same within
@@ -419,6 +425,7 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
     commands.push(fake.command.clone());
     say(&format!("fake backend on {}", fake.addr));
     let mut floor = Floor::start(
+        "floor",
         fake.addr,
         settings.floor_upstream,
         settings.floor_workers,
@@ -427,6 +434,16 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
     .await?;
     commands.push(floor.command.clone());
     say(&format!("floor proxy on {}", floor.addr));
+    let mut front = Floor::start(
+        "floor-front",
+        floor.addr,
+        UpstreamProtocol::Http1,
+        settings.floor_workers,
+        &paths.work_dir,
+    )
+    .await?;
+    commands.push(format!("(two floors in series:) {}", front.command));
+    say(&format!("a second floor in front of it on {}", front.addr));
 
     let mut pot = Potluck::start(
         "potluck",
@@ -515,6 +532,15 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
             cpu_tree: false,
             only_at: vec![],
             only_in: &[],
+            spec: None,
+        },
+        Target {
+            name: SERIES.into(),
+            endpoint: Endpoint::open(front.addr),
+            cpu_pids: vec![front.proc.pid(), floor.proc.pid()],
+            cpu_tree: false,
+            only_at: SERIES_CONCURRENCIES.to_vec(),
+            only_in: &["chat"],
             spec: None,
         },
         Target {
@@ -641,6 +667,7 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
     memory.after_load = potluck_rss(&pot);
     for (what, alive) in [
         ("floor", floor.proc.ensure_running()),
+        ("the second floor", front.proc.ensure_running()),
         ("potluck", pot.ensure_running()),
     ] {
         if let Err(e) = alive {
@@ -655,6 +682,7 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
     if let Some(p) = pot_info.take() {
         p.stop().await;
     }
+    front.proc.stop().await;
     floor.proc.stop().await;
     // The main hub goes too: the held-streams and real-model tests get fresh hubs, so
     // that no work deferred from the cells (e.g. the usage writer) runs during them.
@@ -1024,6 +1052,46 @@ async fn real_model(
     Ok(cells)
 }
 
+/// The ceiling of a relay of two hops (issue 16), for information: two floors in series
+/// against one (throughput at c=64, added latency at c=1), and Potluck against the two.
+/// `pt` and `ft` are Potluck's and the floor's requests a second at c=64.
+fn series_ratios(r: &Report, pt: Option<f64>, ft: Option<f64>) -> [Ratio; 3] {
+    let st = find(&r.chat, SERIES, 64).map(|c| c.rps);
+    let added1 = |t: &str| find(&r.chat, t, 1).and_then(|x| x.added_p50_us);
+    let (sa, fa) = (added1(SERIES), added1("floor"));
+    let series = ratio_of(st, ft);
+    let against = ratio_of(pt, st);
+    let latency = ratio_of(sa, fa);
+    [
+        Ratio::info(
+            "Two floors in series (two hops that only relay), non-streamed throughput, c=64: / one floor",
+            series,
+            report::num(series),
+            format!(
+                "{} vs {} req/s: the most any relay of two hops reaches here",
+                report::num(st),
+                report::num(ft)
+            ),
+        ),
+        Ratio::info(
+            "Non-streamed throughput, c=64: potluck / two floors in series",
+            against,
+            report::num(against),
+            format!("{} vs {} req/s", report::num(pt), report::num(st)),
+        ),
+        Ratio::info(
+            "Added p50 latency, non-streamed, c=1: two floors in series / one floor",
+            latency,
+            report::num(latency),
+            format!(
+                "two floors +{} vs one floor +{}",
+                report::us(sa),
+                report::us(fa)
+            ),
+        ),
+    ]
+}
+
 fn find<'a>(cells: &'a [Cell], target: &str, c: usize) -> Option<&'a Cell> {
     cells
         .iter()
@@ -1169,6 +1237,7 @@ pub fn ratios(r: &Report) -> Vec<Ratio> {
             report::us(added(&r.stream, "floor", 64))
         ),
     ));
+    out.extend(series_ratios(r, pt, ft));
     let (tm, tc) = (p50(&r.chat, TRANSLATED, 1), p50(&r.chat, "potluck", 1));
     out.push(Ratio::info(
         "Translated API, non-streamed, c=1: p50 of /v1/messages − /v1/chat/completions (hub)",

@@ -89,8 +89,10 @@ pub struct Floor {
 }
 
 impl Floor {
-    /// Start `potluck-bench floor` (this very binary) in front of `upstream`.
+    /// Start `potluck-bench floor` (this very binary) in front of `upstream`; its output
+    /// goes to `log_dir/NAME.{out,err}`.
     pub async fn start(
+        name: &str,
         upstream: SocketAddr,
         protocol: UpstreamProtocol,
         workers: usize,
@@ -109,7 +111,7 @@ impl Floor {
             workers.to_string(),
         ];
         let command = display_command("target/release/potluck-bench", &args, &[], &[]);
-        let mut proc = Proc::spawn("floor", &me, &args, &[], log_dir)?;
+        let mut proc = Proc::spawn(name, &me, &args, &[], log_dir)?;
         let line = proc
             .wait_for_line("floor listening on", STARTUP_TIMEOUT)
             .await?;
