@@ -878,7 +878,17 @@ mod tests {
             chat_cell(crate::suite::SERIES, 64, 28_000.0, 2_300.0, Some(1_700.0)),
             chat_cell("potluck", 64, 12_000.0, 5_000.0, Some(4_400.0)),
         ];
-        let r = report(chat, Vec::new());
+        let mut r = report(chat, Vec::new());
+        let per_chunk = |target: &str, us: f64| Cell {
+            mode: "stream",
+            cpu_per_chunk_us: Some(us),
+            ..chat_cell(target, 64, 400.0, 170_000.0, None)
+        };
+        r.stream = vec![
+            per_chunk("floor", 10.0),
+            per_chunk(crate::suite::SERIES, 19.0),
+            per_chunk("potluck", 38.0),
+        ];
         let all = crate::suite::ratios(&r);
         let get = |prefix: &str| {
             all.iter()
@@ -895,6 +905,13 @@ mod tests {
         );
         let latency = get("Added p50 latency, non-streamed, c=1: two floors");
         assert!((latency.value.unwrap() - 2.4).abs() < 1e-9, "{latency:?}");
+        let cpu = get("Server CPU per streamed chunk, c=64: two floors");
+        assert!((cpu.value.unwrap() - 1.9).abs() < 1e-9, "{cpu:?}");
+        let cpu_against = get("Server CPU per streamed chunk, c=64: potluck (hub+agent) / two");
+        assert!(
+            (cpu_against.value.unwrap() - 2.0).abs() < 1e-9,
+            "{cpu_against:?}"
+        );
         let throughput = get("Non-streamed throughput, c=64: potluck / floor");
         assert_eq!(
             throughput.verdict(),

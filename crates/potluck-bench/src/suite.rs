@@ -43,7 +43,7 @@ pub const TRANSLATED: &str = "potluck-messages";
 /// any relay of two hops costs when each hop does nothing but relay, the ceiling against
 /// which Potluck's two hops (hub and agent) can be read (issue 16).
 pub const SERIES: &str = "floor-x2";
-/// The concurrencies at which [`SERIES`] is measured (non-streamed only).
+/// The concurrencies at which [`SERIES`] is measured.
 const SERIES_CONCURRENCIES: [usize; 2] = [1, 64];
 /// The floor's upstream protocol. HTTP/1.1 with a pool was the leaner on this machine:
 /// 50-60 µs less added latency at c=1 than HTTP/2 over one connection, whose requests and
@@ -540,7 +540,7 @@ pub async fn run_all(settings: Settings, paths: Paths) -> anyhow::Result<Report>
             cpu_pids: vec![front.proc.pid(), floor.proc.pid()],
             cpu_tree: false,
             only_at: SERIES_CONCURRENCIES.to_vec(),
-            only_in: &["chat"],
+            only_in: &["chat", "stream"],
             spec: None,
         },
         Target {
@@ -1053,15 +1053,19 @@ async fn real_model(
 }
 
 /// The ceiling of a relay of two hops (issue 16), for information: two floors in series
-/// against one (throughput at c=64, added latency at c=1), and Potluck against the two.
+/// against one (throughput at c=64, added latency at c=1, CPU per streamed chunk at
+/// c=64), and Potluck against the two.
 /// `pt` and `ft` are Potluck's and the floor's requests a second at c=64.
-fn series_ratios(r: &Report, pt: Option<f64>, ft: Option<f64>) -> [Ratio; 3] {
+fn series_ratios(r: &Report, pt: Option<f64>, ft: Option<f64>) -> [Ratio; 5] {
     let st = find(&r.chat, SERIES, 64).map(|c| c.rps);
     let added1 = |t: &str| find(&r.chat, t, 1).and_then(|x| x.added_p50_us);
     let (sa, fa) = (added1(SERIES), added1("floor"));
     let series = ratio_of(st, ft);
     let against = ratio_of(pt, st);
     let latency = ratio_of(sa, fa);
+    let chunk = |t: &str| find(&r.stream, t, 64).and_then(|c| c.cpu_per_chunk_us);
+    let (sc, fc, pc) = (chunk(SERIES), chunk("floor"), chunk("potluck"));
+    let (series_cpu, against_cpu) = (ratio_of(sc, fc), ratio_of(pc, sc));
     [
         Ratio::info(
             "Two floors in series (two hops that only relay), non-streamed throughput, c=64: / one floor",
@@ -1088,6 +1092,18 @@ fn series_ratios(r: &Report, pt: Option<f64>, ft: Option<f64>) -> [Ratio; 3] {
                 report::us(sa),
                 report::us(fa)
             ),
+        ),
+        Ratio::info(
+            "Server CPU per streamed chunk, c=64: two floors in series / one floor",
+            series_cpu,
+            report::num(series_cpu),
+            format!("{} vs {} µs per chunk", report::num(sc), report::num(fc)),
+        ),
+        Ratio::info(
+            "Server CPU per streamed chunk, c=64: potluck (hub+agent) / two floors in series",
+            against_cpu,
+            report::num(against_cpu),
+            format!("{} vs {} µs per chunk", report::num(pc), report::num(sc)),
         ),
     ]
 }
