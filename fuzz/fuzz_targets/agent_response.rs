@@ -2,7 +2,9 @@
 //! the line and size caps (`response::relay_sse`), and a whole answer read under the cap
 //! and checked as JSON (`response::read_whole`). The first byte picks the piece size.
 //! Whatever the backend sends, the relay ends (whole, or cut with one error event) and
-//! never sends more than the cap plus that event.
+//! never sends more than the cap plus that event. An odd first byte also has the model's
+//! backend name (`m`) renamed to its public one (`p`, as long: the cap holds as it is),
+//! so the pass that finds a chunk's top-level `model` reads every line too.
 #![no_main]
 
 use std::convert::Infallible;
@@ -14,7 +16,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use libfuzzer_sys::fuzz_target;
 use potluck_agent::policy::Limits;
-use potluck_agent::response::{read_whole, relay_sse, sse_error_event, Outcome, Usage};
+use potluck_agent::response::{read_whole, relay_sse, sse_error_event, Outcome, Rename, Usage};
 use potluck_agent::slots::Bandwidth;
 use tokio::time::Instant;
 
@@ -76,13 +78,18 @@ fuzz_target!(|data: &[u8]| {
     runtime().block_on(async {
         let deadline = Instant::now() + Duration::from_secs(60);
         let seen = Seen::default();
+        let rename = if step % 2 == 1 {
+            Rename::new("m", "p")
+        } else {
+            None
+        };
         let relayed = relay_sse(
             body(wire, step),
             limits.clone(),
             deadline,
             Arc::new(Bandwidth::default()),
             seen.clone(),
-            None,
+            rename,
         )
         .collect()
         .await

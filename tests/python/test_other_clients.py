@@ -115,6 +115,11 @@ def test_anthropic_errors(stack, claude):  # noqa: F811
     with pytest.raises(anthropic.BadRequestError):
         claude.messages.create(**dict(ask(), messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "url", "url": "http://127.0.0.1/x.png"}}]}]))
+    # A prefill (a last assistant turn): refused in Anthropic's words, not answered anew.
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(**dict(ask(), messages=[{"role": "user", "content": "Answer in JSON"},
+                                                       {"role": "assistant", "content": "{"}]))
+    assert "assistant message prefill" in str(e.value)
 
 
 def test_anthropic_count_tokens(claude):

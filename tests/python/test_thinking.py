@@ -5,7 +5,8 @@ beside the answer. The tiny real model of the other tests does not think, so a s
 provider joins the same hub in front of a small scripted backend that does (a fake in
 addition to the real parts: the hub, the agent and the clients are real). The
 `anthropic` client must read it as `thinking` blocks when it turns thinking on, and the
-`openai` client's Responses API as a `reasoning` item, whole and streamed.
+`openai` client's Responses API as a `reasoning` item, whole and streamed, and the
+`ollama` client as `thinking`, unless it asked `think=False`.
 """
 
 import json
@@ -14,6 +15,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import anthropic
+import ollama
 import openai
 import pytest
 
@@ -129,3 +131,17 @@ def test_responses_reasoning_item(reasoner):
     assert "".join(deltas) == "".join(THOUGHTS)
     assert [o.type for o in final.output] == ["reasoning", "message"]
     assert final.output_text == ANSWER
+
+
+def test_ollama_think(reasoner):
+    client = ollama.Client(host=reasoner.hub, headers={"Authorization": f"Bearer {reasoner.key}"}, timeout=60)
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    shown = client.chat(model=REASONER, messages=messages, think=True)
+    assert shown.message.thinking == "".join(THOUGHTS) and shown.message.content == ANSWER
+    hidden = client.chat(model=REASONER, messages=messages, think=False)
+    assert not hidden.message.thinking and hidden.message.content == ANSWER
+    parts = list(client.chat(model=REASONER, messages=messages, think=False, stream=True))
+    assert not any(p.message.thinking for p in parts)
+    assert "".join(p.message.content or "" for p in parts) == ANSWER
+    streamed = list(client.chat(model=REASONER, messages=messages, think="high", stream=True))
+    assert "".join(p.message.thinking or "" for p in streamed) == "".join(THOUGHTS)

@@ -49,6 +49,9 @@ pub struct FakeBehavior {
     /// A reasoning model: the first this many of a chat answer's `chunks` are thinking
     /// (`reasoning_content`, as llama.cpp sends it: `think{i} `), the rest its answer.
     pub reasoning: usize,
+    /// A chat answer's text is this instead of `tok{i} ` pieces: a whole answer's
+    /// content, and each content chunk of a stream.
+    pub content: Option<&'static str>,
 }
 
 impl Default for FakeBehavior {
@@ -66,6 +69,7 @@ impl Default for FakeBehavior {
             raw_body: None,
             reported_usage: None,
             reasoning: 0,
+            content: None,
         }
     }
 }
@@ -489,7 +493,10 @@ async fn inference(State(st): State<Arc<FakeState>>, req: Request) -> Response {
         "/v1/chat/completions" | "/v1/completions" if !stream => {
             let chat = rec.target == "/v1/chat/completions";
             let thinking = b.reasoning.min(b.chunks);
-            let text: String = (thinking..b.chunks).map(|i| format!("tok{i} ")).collect();
+            let text: String = match b.content {
+                Some(c) => c.to_owned(),
+                None => (thinking..b.chunks).map(|i| format!("tok{i} ")).collect(),
+            };
             let choice = if chat && thinking > 0 {
                 let reasoning: String = (0..thinking).map(|i| format!("think{i} ")).collect();
                 json!({"index": 0, "message": {"role": "assistant", "content": text,
@@ -550,7 +557,8 @@ fn stream_answer(st: Arc<FakeState>, b: FakeBehavior, chat: bool, include_usage:
                 let choice = if chat && i < b.reasoning {
                     json!({"index": 0, "delta": {"reasoning_content": format!("think{i} ")}, "finish_reason": null})
                 } else if chat {
-                    json!({"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null})
+                    let text = b.content.map_or_else(|| format!("tok{i} "), str::to_owned);
+                    json!({"index": 0, "delta": {"content": text}, "finish_reason": null})
                 } else {
                     json!({"index": 0, "text": format!("tok{i} "), "finish_reason": null})
                 };

@@ -224,52 +224,95 @@ pub enum ControlError {
     Unsafe(PathBuf, String),
 }
 
-/// Bind the socket: parent directory created with mode 0700, a stale socket removed, the
-/// socket chmod 0600.
+/// Bind the socket. Its directory comes first: created with mode 0700 when missing, then
+/// checked ([`check_dir`]) before anything in it is touched; then a stale socket is
+/// removed, the socket bound and chmod 0600. (Checked after the bind, as before, a
+/// directory another user controls had already had its stale file removed and the new
+/// socket put in, for that user to swap; and a symbolic link to a good directory passed.)
 pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     let io = |e| ControlError::Io(path.to_owned(), e);
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io)?;
-        }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?,
+        Err(e) => return Err(io(e)),
+        Ok(_) => {}
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(ControlError::InUse(path.to_owned()));
+    let me = rustix::process::geteuid().as_raw();
+    check_dir(dir, me).map_err(|why| ControlError::Unsafe(path.to_owned(), why))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(ControlError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(io)?;
         }
-        std::fs::remove_file(path).map_err(io)?;
+        Ok(_) => {
+            return Err(ControlError::Io(
+                path.to_owned(),
+                std::io::Error::other("something other than a socket is there; remove it"),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
     }
     let l = UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    if let Err(why) = check_dir(path) {
-        let _ = std::fs::remove_file(path);
-        return Err(ControlError::Unsafe(path.to_owned(), why));
-    }
     Ok(l)
 }
 
-/// The socket's directory may be written only by the socket's owner (this user) or root,
-/// unless it is sticky (`/tmp`): there, others cannot replace the socket. In a directory
-/// others may write, another user could swap the socket for one of theirs, and catch the
-/// volunteer's `pause`.
-fn check_dir(path: &Path) -> Result<(), String> {
+/// The socket's directory must be a directory itself (not a symbolic link, which names a
+/// place its target's owner chose), belong to this user (`me`) or root, and be written
+/// by no one else unless it is sticky (`/tmp`: there, others cannot replace what is in
+/// it). Each directory above it, as named and as its links resolve, must belong to this
+/// user or root and not be writable by everyone unless sticky: else another user could
+/// move the socket's directory away and put one of theirs in its place. (Directories
+/// above may be group-writable: with a group per user, as most systems make, the group
+/// is the user.) In a directory another user controls, they could swap the socket for
+/// one of theirs and catch the volunteer's `pause`.
+fn check_dir(dir: &Path, me: u32) -> Result<(), String> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let me = std::fs::metadata(path).map_err(|e| e.to_string())?.uid();
-    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
-        return Ok(());
-    };
-    let m = std::fs::metadata(dir).map_err(|e| e.to_string())?;
-    let mode = m.permissions().mode();
-    if m.uid() != me && m.uid() != 0 {
-        return Err(format!("{} belongs to another user", dir.display()));
+    let shown = dir.display();
+    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{shown}: {e}"))?;
+    if m.file_type().is_symlink() {
+        return Err(format!(
+            "{shown} is a symbolic link; name the directory it points to"
+        ));
     }
-    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-        return Err(format!("{} may be written by other users", dir.display()));
+    if !m.is_dir() {
+        return Err(format!("{shown} is not a directory"));
+    }
+    let mine = |m: &std::fs::Metadata| m.uid() == me || m.uid() == 0;
+    let sticky = |mode: u32| mode & 0o1000 != 0;
+    if !mine(&m) {
+        return Err(format!("{shown} belongs to another user"));
+    }
+    let mode = m.permissions().mode();
+    if mode & 0o022 != 0 && !sticky(mode) {
+        return Err(format!("{shown} may be written by other users"));
+    }
+    let absolute = std::path::absolute(dir).map_err(|e| format!("{shown}: {e}"))?;
+    let resolved = std::fs::canonicalize(dir).map_err(|e| format!("{shown}: {e}"))?;
+    for above in absolute
+        .ancestors()
+        .skip(1)
+        .chain(resolved.ancestors().skip(1))
+    {
+        let m = std::fs::metadata(above).map_err(|e| format!("{}: {e}", above.display()))?;
+        let mode = m.permissions().mode();
+        if !mine(&m) || (mode & 0o002 != 0 && !sticky(mode)) {
+            return Err(format!(
+                "{} above it may be changed by other users",
+                above.display()
+            ));
+        }
     }
     Ok(())
 }
@@ -428,5 +471,81 @@ mod tests {
                 assert!(!sock.exists(), "the refused socket was left behind");
             }
         }
+    }
+
+    /// The directory is checked before anything in it is touched. Before, the agent
+    /// removed a stale socket (or whatever held its name) and bound its own in a
+    /// directory anyone could write, then found the directory unsafe: another user's
+    /// file was gone, and for a moment the socket was theirs to swap. A symbolic link
+    /// to a good directory passed, since the check followed it.
+    #[tokio::test]
+    async fn an_unsafe_directory_is_refused_before_anything_in_it_is_touched() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Anyone may write it, and someone left a file under the socket's name.
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let planted = open.join(SOCKET_NAME);
+        std::fs::write(&planted, "theirs").unwrap();
+        let e = bind(&planted).await.unwrap_err();
+        assert!(matches!(e, ControlError::Unsafe(..)), "{e}");
+        assert!(
+            e.to_string().contains("may be written by other users"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&planted).unwrap(), "theirs");
+
+        // A link to a directory only this user writes: the link is refused, and no
+        // socket appears in its target.
+        let good = tmp.path().join("good");
+        std::fs::create_dir(&good).unwrap();
+        std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        let e = bind(&link.join(SOCKET_NAME)).await.unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(&good).unwrap().count(),
+            0,
+            "nothing in it"
+        );
+
+        // A good directory inside one anyone may write (not sticky): it could be moved
+        // away and replaced, so it is refused too.
+        let inner = open.join("inner");
+        std::fs::create_dir(&inner).unwrap();
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let e = bind(&inner.join(SOCKET_NAME)).await.unwrap_err();
+        assert!(e.to_string().contains("above it"), "{e}");
+        assert_eq!(std::fs::read_dir(&inner).unwrap().count(), 0);
+
+        // Something other than a socket under its name, in a good directory: left alone.
+        std::fs::write(good.join(SOCKET_NAME), "mine").unwrap();
+        assert!(bind(&good.join(SOCKET_NAME)).await.is_err());
+        assert_eq!(
+            std::fs::read_to_string(good.join(SOCKET_NAME)).unwrap(),
+            "mine"
+        );
+    }
+
+    /// A missing directory is made with mode 0700 (and the directories above it that are
+    /// missing too), and the socket has mode 0600; a stale socket is replaced.
+    #[tokio::test]
+    async fn a_missing_directory_is_made_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
+        let sock = dir.join(SOCKET_NAME);
+        let l = bind(&sock).await.unwrap();
+        for d in [tmp.path().join("a"), dir.clone()] {
+            let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{}: {mode:o}", d.display());
+        }
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Bound and listening: another agent is refused.
+        assert!(matches!(bind(&sock).await, Err(ControlError::InUse(_))));
+        drop(l);
+        // Left behind by an agent that died: replaced.
+        bind(&sock).await.unwrap();
     }
 }

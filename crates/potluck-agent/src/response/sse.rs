@@ -87,8 +87,8 @@ where
         let line = std::mem::take(&mut self.line);
         let relayed = self.observe(&line);
         if relayed == Ok(true) {
-            match self.rename.as_ref().and_then(|r| r.apply(&line)) {
-                Some(renamed) => self.out.extend_from_slice(&renamed),
+            match &self.rename {
+                Some(r) => r.splice_into(&line, &mut self.out),
                 None => self.out.extend_from_slice(&line),
             }
             self.out.extend_from_slice(b"\n");
@@ -100,16 +100,18 @@ where
 
     /// A frame of whole lines with nothing held before it (the usual case): each line
     /// looked at in place, and the frame relayed as it came, up to the last line that is
-    /// relayed. `None` when the frame is not of that kind.
+    /// relayed; or, when a line's top-level `model` is the backend's name, copied once
+    /// into `out` with the public name spliced in. `None` when the frame is not of that
+    /// kind.
     fn take_whole_lines(&mut self, data: &Bytes) -> Option<Result<(), &'static str>> {
         if !self.line.is_empty() || !self.out.is_empty() || data.last() != Some(&b'\n') {
             return None;
         }
-        if self.rename.as_ref().is_some_and(|r| r.found_in(data)) {
-            return None;
-        }
         let mut start = 0;
         let mut relayed = 0;
+        // Up to where the frame went into `out`: once a line is renamed, the frame goes
+        // there (the lines before it copied once), not on as it came.
+        let mut copied = 0;
         let mut result = Ok(());
         while start < data.len() {
             let end = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i);
@@ -119,7 +121,17 @@ where
                 break;
             }
             match self.observe(line) {
-                Ok(true) => relayed = end + 1,
+                Ok(true) => {
+                    relayed = end + 1;
+                    if let Some(r) = &self.rename {
+                        let out = &mut self.out;
+                        r.each_in(line, |at| {
+                            out.extend_from_slice(&data[copied..start + at.start]);
+                            out.extend_from_slice(r.public_json());
+                            copied = start + at.end;
+                        });
+                    }
+                }
                 Ok(false) => break,
                 Err(why) => {
                     result = Err(why);
@@ -128,7 +140,9 @@ where
             }
             start = end + 1;
         }
-        if relayed > 0 {
+        if copied > 0 {
+            self.out.extend_from_slice(&data[copied..relayed]);
+        } else if relayed > 0 {
             self.pass = Some(data.slice(..relayed));
         }
         Some(result)

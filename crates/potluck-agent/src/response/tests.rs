@@ -137,6 +137,11 @@ async fn sse_lines_pass_and_usage_is_read() {
 
 /// What the relay makes of `frames`: the bytes relayed and what it saw.
 async fn relay_frames(frames: Vec<Bytes>) -> (Vec<u8>, SeenState) {
+    relay_renamed(frames, None).await
+}
+
+/// [`relay_frames`] with the backend's name for the model replaced.
+async fn relay_renamed(frames: Vec<Bytes>, rename: Option<Rename>) -> (Vec<u8>, SeenState) {
     let seen = Seen::default();
     let body = relay_sse(
         StreamBody::new(futures_util::stream::iter(
@@ -148,7 +153,7 @@ async fn relay_frames(frames: Vec<Bytes>) -> (Vec<u8>, SeenState) {
         Instant::now() + std::time::Duration::from_secs(5),
         Arc::new(Bandwidth::default()),
         seen.clone(),
-        None,
+        rename,
     );
     let out = body.collect().await.unwrap().to_bytes().to_vec();
     let state = *seen.0.lock().unwrap();
@@ -182,6 +187,30 @@ async fn any_framing_relays_the_same() {
             assert_eq!(relay_frames(two).await, whole, "split at {at}");
         }
     }
+}
+
+/// Each chunk's top-level `model` is renamed whatever the framing, in a frame of whole
+/// lines as in one split anywhere; a content that is the backend's name is not.
+#[tokio::test]
+async fn any_framing_renames_only_the_model() {
+    let stream: &[u8] = b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"m\"}}]}\n\n: m\ndata: {\"choices\":[],\"model\":\"m\"}\n\ndata: [DONE]\n\n";
+    let want: &[u8] = b"data: {\"model\":\"p\",\"choices\":[{\"delta\":{\"content\":\"m\"}}]}\n\n: m\ndata: {\"choices\":[],\"model\":\"p\"}\n\ndata: [DONE]\n\n";
+    let rename = || Rename::new("m", "p");
+    let whole = relay_renamed(vec![Bytes::from_static(stream)], rename()).await;
+    assert_eq!(
+        String::from_utf8_lossy(&whole.0),
+        String::from_utf8_lossy(want)
+    );
+    for at in 1..stream.len() {
+        let (a, b) = stream.split_at(at);
+        let two = vec![Bytes::copy_from_slice(a), Bytes::copy_from_slice(b)];
+        assert_eq!(relay_renamed(two, rename()).await, whole, "split at {at}");
+    }
+    let lines = stream
+        .split_inclusive(|b| *b == b'\n')
+        .map(Bytes::copy_from_slice)
+        .collect();
+    assert_eq!(relay_renamed(lines, rename()).await, whole, "line by line");
 }
 
 #[tokio::test]

@@ -52,8 +52,11 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         .and_then(Value::as_array)
         .ok_or(DialectError::Missing("messages"))?;
     check_image_count(image_count(turns), "messages")?;
+    let empty_last = prefill(turns)?;
     for (i, turn) in turns.iter().enumerate() {
-        turn_messages(turn, i, &mut messages)?;
+        if Some(i) != empty_last {
+            turn_messages(turn, i, &mut messages)?;
+        }
     }
     let mut out = Map::new();
     out.insert("model".into(), Value::String(model.clone()));
@@ -89,6 +92,55 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
         thinking,
         stop_sequences,
     })
+}
+
+/// Why a conversation that ends with the assistant's own words is refused.
+const PREFILL_WHY: &str = "the pool does not support assistant message prefill: the conversation must end with a user message";
+
+/// A last assistant turn is a prefill: Anthropic continues from its text and answers
+/// with the continuation only. The pool cannot promise that of every provider, so such a
+/// request is a 400 in Anthropic's shape, worded as Anthropic words it for its models
+/// without prefill (clients that fall back, by adding a user turn, know it). A backend
+/// keeps the prefill only where it was built to: llama.cpp from early 2025 and ollama
+/// continue a last assistant message; vLLM starts a new turn after it unless asked
+/// (`continue_final_message`, `add_generation_prompt: false`), older llama.cpp always
+/// does, and strict chat templates refuse a conversation that does not end with the
+/// user. The hub does not know which one a provider runs, and a new answer where a
+/// continuation was asked for (or its text repeated) is silently wrong.
+///
+/// An empty last assistant turn (`""`, no blocks, only thinking) asks for nothing to be
+/// continued: it is left out, and the answer is the whole of it, as at Anthropic.
+/// `Some(i)`: the index of such an empty turn. System turns after it do not count.
+fn prefill(turns: &[Value]) -> Result<Option<usize>, DialectError> {
+    let Some(i) = turns
+        .iter()
+        .rposition(|t| t.get("role").and_then(Value::as_str) != Some("system"))
+    else {
+        return Ok(None);
+    };
+    let turn = &turns[i];
+    if turn.get("role").and_then(Value::as_str) != Some("assistant") {
+        return Ok(None);
+    }
+    let empty = match turn.get("content") {
+        Some(Value::String(s)) => s.is_empty(),
+        Some(Value::Array(blocks)) => {
+            blocks
+                .iter()
+                .all(|b| match b.get("type").and_then(Value::as_str) {
+                    Some("thinking" | "redacted_thinking") => true,
+                    Some("text") => b.get("text").and_then(Value::as_str) == Some(""),
+                    _ => false,
+                })
+        }
+        // The turn's own check says what is wrong.
+        _ => return Ok(None),
+    };
+    if empty {
+        Ok(Some(i))
+    } else {
+        Err(DialectError::invalid(format!("messages.{i}"), PREFILL_WHY))
+    }
 }
 
 /// `stop_sequences`: a list of texts, or none.

@@ -915,3 +915,47 @@ fn tool_results_after_thousands_of_turns_translate_in_linear_time() {
     let tools = msgs.iter().filter(|m| m["role"] == "tool").count();
     assert_eq!(tools, n, "every result kept");
 }
+
+/// A conversation that ends with the assistant's own words asks Anthropic to continue
+/// them (a prefill), and its answer is the continuation only. The pool cannot promise
+/// that of every backend (vLLM and older llama.cpp answer anew after it), so it is a 400
+/// naming the turn, in the words clients that fall back know. Before, it went to the
+/// provider as a last assistant message, and the answer was whatever that made of it.
+/// An empty last assistant turn asks nothing to be continued: left out, answered whole.
+#[test]
+fn a_prefill_is_refused_and_an_empty_last_assistant_turn_left_out() {
+    for last in [
+        json!({"role": "assistant", "content": "The answer is"}),
+        json!({"role": "assistant", "content": [{"type": "text", "text": "{"}]}),
+        json!({"role": "assistant", "content": [{"type": "thinking", "thinking": "", "signature": ""},
+                                                  {"type": "text", "text": "So"}]}),
+        json!({"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}),
+    ] {
+        for after in [
+            None,
+            Some(json!({"role": "system", "content": "a reminder"})),
+        ] {
+            let mut turns = vec![json!({"role": "user", "content": "hi"}), last.clone()];
+            turns.extend(after);
+            let e = req(json!({"model": "m", "max_tokens": 8, "messages": turns})).unwrap_err();
+            assert_eq!(e.param(), Some("messages.1"), "{last}");
+            assert!(e.to_string().contains("assistant message prefill"), "{e}");
+        }
+    }
+    for empty in [json!(""), json!([]), json!([{"type": "text", "text": ""}])] {
+        let r = req(json!({"model": "m", "max_tokens": 8, "messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": empty}]}))
+        .unwrap();
+        assert_eq!(
+            r.openai["messages"],
+            json!([{"role": "user", "content": "hi"}]),
+            "{empty}"
+        );
+    }
+    // An assistant turn before the last user turn is the conversation, as ever.
+    let r = req(json!({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "again"}]}))
+    .unwrap();
+    assert_eq!(r.openai["messages"].as_array().map(Vec::len), Some(3));
+}

@@ -39,18 +39,24 @@ fn ollama_calls(calls: &[openai::ToolCall]) -> Value {
     )
 }
 
-/// Translate a whole chat completion into an `/api/chat` or `/api/generate` answer.
-/// `created_at` is the hub's clock (RFC 3339); `usage` is the answer's.
+/// Translate a whole chat completion into an `/api/chat` or `/api/generate` answer, with
+/// a reasoning model's thinking when `show_thinking` (the request's `think` was not
+/// `false`). `created_at` is the hub's clock (RFC 3339); `usage` is the answer's.
 pub fn from_openai(
     call: Call,
     answer: &Completion,
     model: &str,
+    show_thinking: bool,
     created_at: &str,
     usage: Usage,
     timing: Timing,
 ) -> Value {
     let choice = answer.first();
-    let thinking = choice.message.thinking().map(str::to_owned);
+    let thinking = choice
+        .message
+        .thinking()
+        .filter(|_| show_thinking)
+        .map(str::to_owned);
     let text = choice.message.content.unwrap_or_default();
     let mut out = Map::new();
     out.insert("model".into(), json!(model));
@@ -150,16 +156,28 @@ struct PendingCall {
 pub struct Stream {
     call: Call,
     model: String,
+    /// Show a reasoning model's thinking (the request's `think` was not `false`).
+    show_thinking: bool,
+    /// Chunks in a row that gave the consumer nothing (hidden thinking).
+    quiet: u32,
     calls: Vec<(u32, PendingCall)>,
     finish: Option<Finish>,
 }
 
+/// Chunks of hidden thinking in a row before an empty line (`done: false`, no text) is
+/// sent, so that a proxy closing idle connections does not cut an answer still being
+/// thought out (as Anthropic's stream sends a `ping`).
+pub const QUIET_CHUNKS_PER_LINE: u32 = 16;
+
 impl Stream {
-    /// A translator for one answer.
-    pub fn new(call: Call, model: impl Into<String>) -> Self {
+    /// A translator for one answer; `show_thinking`: the request's `think` was not
+    /// `false`.
+    pub fn new(call: Call, model: impl Into<String>, show_thinking: bool) -> Self {
         Self {
             call,
             model: model.into(),
+            show_thinking,
+            quiet: 0,
             calls: Vec::new(),
             finish: None,
         }
@@ -209,9 +227,18 @@ impl Stream {
         // A reasoning model's thinking (`reasoning_content` or `reasoning`), as Ollama
         // sends it: beside the content, so a client shows it as it comes, not a long
         // silence.
-        let thinking = delta.thinking();
+        let thinking = delta.thinking().filter(|_| self.show_thinking);
         if text.is_none() && thinking.is_none() {
-            return None;
+            // Nothing to show: hidden thinking (else no line), and now and then an empty
+            // line, so the answer is not silent.
+            delta.thinking()?;
+            self.quiet += 1;
+            if self.quiet < QUIET_CHUNKS_PER_LINE {
+                return None;
+            }
+            self.quiet = 0;
+        } else {
+            self.quiet = 0;
         }
         let mut line = self.line(created_at, text.unwrap_or_default());
         if let Some(t) = thinking {

@@ -32,6 +32,8 @@ pub struct Request {
     pub model: String,
     /// Whether the consumer wants NDJSON (Ollama streams by default).
     pub stream: bool,
+    /// Whether a reasoning model's thinking is shown (`thinking`): all but `think: false`.
+    pub thinking: bool,
 }
 
 /// A call that only loads or unloads its model: Ollama's `/api/generate` with no prompt
@@ -128,10 +130,12 @@ pub fn chat_to_openai(body: &[u8]) -> Result<Request, DialectError> {
         out.insert("tools".into(), tools_to_openai(tools)?);
     }
     apply_common(&mut req, &mut out)?;
+    let thinking = think(&req, &mut out)?;
     Ok(Request {
         openai: Value::Object(out),
         model,
         stream,
+        thinking,
     })
 }
 
@@ -193,10 +197,12 @@ pub fn generate_to_openai(body: &[u8]) -> Result<Request, DialectError> {
     );
     let mut out = base(&model, messages, stream);
     apply_common(&mut req, &mut out)?;
+    let thinking = think(&req, &mut out)?;
     Ok(Request {
         openai: Value::Object(out),
         model,
         stream,
+        thinking,
     })
 }
 
@@ -349,6 +355,39 @@ fn tools_to_openai(tools: &Value) -> Result<Value, DialectError> {
 
 /// `options`, `format` and friends, shared by chat and generate. `format` is moved out
 /// of `req`, not copied: a schema may be megabytes, tens of times that as a tree.
+/// The thinking levels Ollama takes for models that think at a level (gpt-oss).
+const THINK_LEVELS: [&str; 3] = ["low", "medium", "high"];
+
+/// Ollama's `think`: whether a reasoning model thinks, and the answer shows it. `false`
+/// asks for no thinking: the provider's chat template is told so (`enable_thinking`, the
+/// switch of Qwen3's, DeepSeek's and others' templates in llama.cpp and vLLM; templates
+/// without one ignore it) and, whatever the model does, the answer shows none, as
+/// Anthropic's turned-off thinking shows none. `true` turns the switch on; a level
+/// (`low`, `medium`, `high`) goes as `reasoning_effort`, which vLLM and ollama take for
+/// gpt-oss. Absent or `null`: nothing is sent, the model thinks as its volunteer set it
+/// up, and its thinking is shown (as Ollama shows a thinking model's by default).
+/// Whether the thinking is shown.
+fn think(req: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<bool, DialectError> {
+    match req.get("think") {
+        None | Some(Value::Null) => Ok(true),
+        Some(Value::Bool(on)) => {
+            out.insert(
+                "chat_template_kwargs".into(),
+                json!({"enable_thinking": on}),
+            );
+            Ok(*on)
+        }
+        Some(Value::String(level)) if THINK_LEVELS.contains(&level.as_str()) => {
+            out.insert("reasoning_effort".into(), Value::String(level.clone()));
+            Ok(true)
+        }
+        Some(_) => Err(DialectError::invalid(
+            "think",
+            "must be true, false, \"low\", \"medium\" or \"high\"",
+        )),
+    }
+}
+
 fn apply_common(
     req: &mut Map<String, Value>,
     out: &mut Map<String, Value>,
@@ -444,5 +483,6 @@ pub fn embed_to_openai(body: &[u8], legacy: bool) -> Result<Request, DialectErro
         openai: Value::Object(out),
         model,
         stream: false,
+        thinking: false,
     })
 }

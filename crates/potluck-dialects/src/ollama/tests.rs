@@ -166,6 +166,7 @@ fn a_whole_answer_has_ollamas_fields() {
         Call::Chat,
         &answer,
         "m",
+        true,
         "2026-12-02T00:00:00Z",
         Usage {
             input: 3,
@@ -185,6 +186,7 @@ fn a_whole_answer_has_ollamas_fields() {
         Call::Generate,
         &answer,
         "m",
+        true,
         "t",
         Usage::default(),
         Timing::default(),
@@ -194,7 +196,7 @@ fn a_whole_answer_has_ollamas_fields() {
 
 #[test]
 fn a_stream_is_ndjson_lines_ending_with_done_and_counts() {
-    let mut s = Stream::new(Call::Chat, "m");
+    let mut s = Stream::new(Call::Chat, "m", true);
     let mut lines = Vec::new();
     lines.extend(s.chunk(
         &chunk(json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]})),
@@ -385,7 +387,7 @@ fn tool_arguments_are_always_an_object() {
 /// it was dropped.
 #[test]
 fn thinking_sent_as_reasoning_is_thinking_too() {
-    let mut s = Stream::new(Call::Chat, "m");
+    let mut s = Stream::new(Call::Chat, "m", true);
     let line = s
         .chunk(
             &chunk(json!({"choices": [{"delta": {"reasoning": "hmm"}}]})),
@@ -403,6 +405,7 @@ fn thinking_sent_as_reasoning_is_thinking_too() {
         Call::Chat,
         &answer,
         "m",
+        true,
         "t",
         Usage::default(),
         Timing::default(),
@@ -412,7 +415,7 @@ fn thinking_sent_as_reasoning_is_thinking_too() {
 
 #[test]
 fn a_reasoning_models_thinking_is_sent_as_ollama_does() {
-    let mut s = Stream::new(Call::Chat, "m");
+    let mut s = Stream::new(Call::Chat, "m", true);
     let line = s
         .chunk(
             &chunk(json!({"choices": [{"delta": {"reasoning_content": "hmm"}}]})),
@@ -422,7 +425,7 @@ fn a_reasoning_models_thinking_is_sent_as_ollama_does() {
     assert_eq!(line["message"]["thinking"], json!("hmm"));
     assert_eq!(line["message"]["content"], json!(""));
     assert_eq!(line["done"], json!(false));
-    let mut g = Stream::new(Call::Generate, "m");
+    let mut g = Stream::new(Call::Generate, "m", true);
     let line = g
         .chunk(
             &chunk(json!({"choices": [{"delta": {"reasoning_content": "so"}}]})),
@@ -443,6 +446,7 @@ fn a_reasoning_models_thinking_is_sent_as_ollama_does() {
         Call::Chat,
         &answer,
         "m",
+        true,
         "t",
         Usage::default(),
         Timing::default(),
@@ -455,7 +459,7 @@ fn a_reasoning_models_thinking_is_sent_as_ollama_does() {
 /// one, not the pieces joined ("get_weatherget_weather" named no tool the client has).
 #[test]
 fn a_streamed_tool_name_repeated_in_every_delta_is_taken_once() {
-    let mut s = Stream::new(Call::Chat, "m");
+    let mut s = Stream::new(Call::Chat, "m", true);
     s.chunk(&chunk(json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c", "function": {"name": "get_weather", "arguments": "{\"city\""}}]}}]})), "t");
     s.chunk(&chunk(json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "get_weather", "arguments": ":\"Oslo\"}"}}]}, "finish_reason": "tool_calls"}]})), "t");
     let last = s.finish("t", Usage::default(), Timing::default());
@@ -503,5 +507,102 @@ fn options_that_are_not_numbers_are_refused() {
             "options": options});
         let e = chat_to_openai(body.to_string().as_bytes()).expect_err("not a number");
         assert_eq!(e.param().map(str::to_owned), Some(format!("options.{key}")));
+    }
+}
+
+/// Ollama's `think`: `false` asks the template for no thinking and shows none, whatever
+/// the model sends; `true` asks for it; a level goes as `reasoning_effort`; absent, as
+/// before, nothing is sent and the thinking is shown. Anything else is a 400 naming
+/// `think`. Before, `think` was dropped: `false` still showed the thinking.
+#[test]
+fn think_is_asked_of_the_template_and_decides_what_is_shown() {
+    let chat = |think: Value| {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        if !think.is_null() {
+            body["think"] = think;
+        }
+        chat_to_openai(body.to_string().as_bytes())
+    };
+    let off = chat(json!(false)).unwrap();
+    assert!(!off.thinking);
+    assert_eq!(
+        off.openai["chat_template_kwargs"],
+        json!({"enable_thinking": false})
+    );
+    let on = chat(json!(true)).unwrap();
+    assert!(on.thinking);
+    assert_eq!(
+        on.openai["chat_template_kwargs"],
+        json!({"enable_thinking": true})
+    );
+    for level in ["low", "medium", "high"] {
+        let r = chat(json!(level)).unwrap();
+        assert!(r.thinking);
+        assert_eq!(r.openai["reasoning_effort"], json!(level));
+        assert!(r.openai.get("chat_template_kwargs").is_none());
+    }
+    let unset = chat(Value::Null).unwrap();
+    assert!(unset.thinking);
+    assert!(unset.openai.get("chat_template_kwargs").is_none());
+    assert!(unset.openai.get("reasoning_effort").is_none());
+    for bad in [json!("max"), json!(1), json!({"on": true})] {
+        let e = chat(bad.clone()).unwrap_err();
+        assert_eq!(e.param(), Some("think"), "{bad}");
+    }
+    let gen = generate_to_openai(br#"{"model":"m","prompt":"hi","think":false}"#).unwrap();
+    assert!(!gen.thinking);
+    assert_eq!(
+        gen.openai["chat_template_kwargs"],
+        json!({"enable_thinking": false})
+    );
+
+    // Shown or not, streamed and whole.
+    let thought = chunk(json!({"choices": [{"delta": {"reasoning_content": "hmm"}}]}));
+    let mut hidden = Stream::new(Call::Chat, "m", false);
+    assert!(hidden.chunk(&thought, "t").is_none());
+    let text = hidden
+        .chunk(
+            &chunk(json!({"choices": [{"delta": {"content": "4"}}]})),
+            "t",
+        )
+        .expect("the text");
+    assert_eq!(
+        text["message"],
+        json!({"role": "assistant", "content": "4"})
+    );
+    // Long hidden thinking: an empty line now and then, never the thinking.
+    let lines: Vec<Value> = (0..QUIET_CHUNKS_PER_LINE * 2)
+        .filter_map(|_| hidden.chunk(&thought, "t"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert_eq!(l["message"], json!({"role": "assistant", "content": ""}));
+        assert_eq!(l["done"], json!(false));
+    }
+    let answer = Completion::parse(
+        json!({"choices": [{"finish_reason": "stop", "message": {"content": "4", "reasoning_content": "2+2"}}]})
+            .to_string()
+            .as_bytes(),
+    )
+    .expect("answer");
+    for (call, show) in [
+        (Call::Chat, false),
+        (Call::Generate, false),
+        (Call::Chat, true),
+    ] {
+        let whole = from_openai(
+            call,
+            &answer,
+            "m",
+            show,
+            "t",
+            Usage::default(),
+            Timing::default(),
+        );
+        let thinking = match call {
+            Call::Chat => &whole["message"]["thinking"],
+            Call::Generate => &whole["thinking"],
+        };
+        assert_eq!(thinking.is_null(), !show, "{whole}");
     }
 }

@@ -307,3 +307,60 @@ async fn answers_carry_the_public_name_not_the_backends() {
         "the backend gets its own name"
     );
 }
+
+/// The rename touches the answer's own top-level `model`, never what the model wrote: a
+/// completion whose text is the backend's name (a model asked which file it runs from
+/// answers `fake-alias`), or JSON that quotes it, reaches the hub as the backend wrote it.
+/// Before, the name was replaced wherever it stood as a whole JSON string, so a content
+/// of exactly that name came back as `smol`, whole and in each streamed chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rename_leaves_the_models_own_text_alone() {
+    let mut rig = potluck_testkit::agent_rig::AgentRig::start(
+        &["fake-alias"],
+        "[[models]]\nbackend_name = \"fake-alias\"\npublic_name = \"smol\"\n",
+        "2024-01-01T12:00:00Z",
+        |_| {},
+    )
+    .await;
+    rig.wait_offered("smol").await;
+    for (n, content) in ["fake-alias", r#"{"model":"fake-alias"}"#]
+        .into_iter()
+        .enumerate()
+    {
+        rig.backend
+            .set_behavior(potluck_testkit::fake_backend::FakeBehavior {
+                chunks: 2,
+                content: Some(content),
+                ..Default::default()
+            });
+        let whole =
+            r#"{"model":"smol","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
+        let (status, _, body) = rig
+            .send("/v1/chat/completions", "smol", &format!("w{n}"), whole)
+            .await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["model"], "smol", "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"], content, "{v}");
+
+        let streamed = r#"{"model":"smol","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"stream":true}"#;
+        let (status, _, body) = rig
+            .send("/v1/chat/completions", "smol", &format!("s{n}"), streamed)
+            .await;
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, 200, "{text}");
+        let mut pieces = 0;
+        for line in text.lines() {
+            let Some(data) = line.strip_prefix("data: ").filter(|d| *d != "[DONE]") else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(data).unwrap();
+            assert_eq!(v["model"], "smol", "{v}");
+            if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+                assert_eq!(c, content, "{v}");
+                pieces += 1;
+            }
+        }
+        assert_eq!(pieces, 2, "{text}");
+    }
+}

@@ -1291,3 +1291,41 @@ async fn anthropic_max_tokens_is_fitted_to_a_provider_that_has_the_tools() {
     assert!(asked < 3000, "fitted to the provider with tools: {asked}");
     assert!(without.inference_received().is_empty());
 }
+
+/// A conversation that ends with the assistant's own words is an Anthropic prefill: the
+/// answer must be the continuation of that text. The pool cannot promise that of every
+/// provider (vLLM and older llama.cpp start a new answer after it), so the hub refuses
+/// it with Anthropic's 400, naming the turn, whole and streamed, before any provider
+/// hears of it. Before, it went to the provider as a last assistant message, and the
+/// consumer got whatever that backend made of it as if it were the continuation. An
+/// empty last assistant turn asks for nothing to be continued: it is left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anthropic_prefill_is_refused_in_anthropics_words() {
+    let p = pool().await;
+    let auth = [
+        ("x-api-key", p.key.as_str()),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    for stream in [false, true] {
+        let body = json!({"model": MODEL, "max_tokens": 32, "stream": stream, "messages": [
+            {"role": "user", "content": "Answer in JSON"},
+            {"role": "assistant", "content": "{\"answer\":"}]});
+        let (s, _, text) = post(&p, "/v1/messages", &auth, body.to_string().into_bytes()).await;
+        assert_dialect_error("/v1/messages", s, &text, 400, "invalid_request_error");
+        assert!(text.contains("assistant message prefill"), "{text}");
+        assert!(text.contains("messages.1"), "{text}");
+    }
+    assert!(
+        p.backend.inference_received().is_empty(),
+        "no provider heard of it"
+    );
+
+    let body = json!({"model": MODEL, "max_tokens": 32, "messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}]});
+    let (s, _, text) = post(&p, "/v1/messages", &auth, body.to_string().into_bytes()).await;
+    assert_eq!(s, 200, "{text}");
+    assert_eq!(
+        last_backend_body(&p)["messages"],
+        json!([{"role": "user", "content": "hello"}])
+    );
+}

@@ -184,3 +184,75 @@ async fn chat_completions_and_ollama_clients_get_thinking_as_before() {
     .unwrap();
     assert_eq!(ollama["message"]["thinking"], json!("think0 think1 "));
 }
+
+/// Ollama's `think` reaches the provider as its chat template's switch (`false`, `true`)
+/// or as `reasoning_effort` (a level), and `think: false` shows no thinking, whole or
+/// streamed, whatever the model sends; a value Ollama does not take is Ollama's 400.
+/// Before, `think` was dropped: the provider never heard it and `false` still showed the
+/// thinking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_think_reaches_the_provider_and_decides_what_is_shown() {
+    let (hub, backend, _agent, key) = reasoning_pool().await;
+    let ask = |think: Value, stream: bool| {
+        json!({"model": MODEL, "stream": stream, "think": think,
+               "messages": [{"role": "user", "content": "2+2?"}]})
+    };
+    let last_sent = || -> Value {
+        let sent = backend.inference_received();
+        serde_json::from_slice(&sent.last().unwrap().body).unwrap()
+    };
+
+    let off: Value =
+        serde_json::from_str(&post(&hub, &key, "/api/chat", ask(json!(false), false)).await)
+            .unwrap();
+    assert_eq!(
+        off["message"],
+        json!({"role": "assistant", "content": "tok2 tok3 "})
+    );
+    assert_eq!(
+        last_sent()["chat_template_kwargs"],
+        json!({"enable_thinking": false})
+    );
+    let lines = post(&hub, &key, "/api/generate", {
+        json!({"model": MODEL, "think": false, "prompt": "2+2?"})
+    })
+    .await;
+    assert!(
+        !lines.contains("thinking") && !lines.contains("think0"),
+        "{lines}"
+    );
+    assert!(lines.contains("tok2"), "{lines}");
+
+    let high = post(&hub, &key, "/api/chat", ask(json!("high"), true)).await;
+    let thinking: String = high
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["message"]["thinking"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(thinking, "think0 think1 ");
+    assert_eq!(last_sent()["reasoning_effort"], json!("high"));
+
+    let on: Value =
+        serde_json::from_str(&post(&hub, &key, "/api/chat", ask(json!(true), false)).await)
+            .unwrap();
+    assert_eq!(on["message"]["thinking"], json!("think0 think1 "));
+    assert_eq!(
+        last_sent()["chat_template_kwargs"],
+        json!({"enable_thinking": true})
+    );
+
+    let r = hub
+        .http
+        .post(format!("{}/api/chat", hub.url()))
+        .bearer_auth(&key)
+        .json(&ask(json!("max"), false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("think")),
+        "{body}"
+    );
+}

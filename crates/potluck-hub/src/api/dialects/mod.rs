@@ -70,6 +70,8 @@ enum Back {
     Ollama {
         call: ollama::Call,
         model: String,
+        /// Show a reasoning model's thinking (the request's `think` was not `false`).
+        thinking: bool,
     },
     OllamaEmbed {
         model: String,
@@ -304,10 +306,15 @@ async fn whole_back(mut body: Body, back: Back, started: Instant) -> Response {
                 Back::Responses { model, echo } => Translated::Responses(Box::new(
                     responses::from_openai(&answer, &model, &echo, unix_now(), usage),
                 )),
-                Back::Ollama { call, model } => ollama::from_openai(
+                Back::Ollama {
+                    call,
+                    model,
+                    thinking,
+                } => ollama::from_openai(
                     call,
                     &answer,
                     &model,
+                    thinking,
                     &potluck_dialects::rfc3339_utc(unix_now()),
                     usage,
                     timing,
@@ -439,6 +446,7 @@ async fn ollama_inference(state: Arc<HubState>, req: Request, call: ollama::Call
                 Back::Ollama {
                     call,
                     model: r.model,
+                    thinking: r.thinking,
                 },
             ))
         },

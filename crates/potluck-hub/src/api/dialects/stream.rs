@@ -255,8 +255,12 @@ pub(super) fn stream_back(body: Body, back: Back, started: Instant, caps: Stream
             Translator::Responses(Box::new(responses::Stream::new(model, *echo, unix_now()))),
             "text/event-stream",
         ),
-        Back::Ollama { call, model } => (
-            Translator::Ollama(ollama::Stream::new(call, model)),
+        Back::Ollama {
+            call,
+            model,
+            thinking,
+        } => (
+            Translator::Ollama(ollama::Stream::new(call, model, thinking)),
             "application/x-ndjson",
         ),
         Back::OllamaEmbed { .. } => {
