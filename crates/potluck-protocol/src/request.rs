@@ -41,7 +41,10 @@
 //!   `tools` or legacy `functions` array ([`InferenceRequest::has_tools`]; `functions` is
 //!   walked like `tools`), and any `image_url` part in `messages`
 //!   ([`InferenceRequest::has_images`]); at most [`MAX_IMAGES`] of them
-//!   ([`InferenceRequest::images`]: each costs prompt tokens its bytes do not show).
+//!   ([`InferenceRequest::images`]: each costs prompt tokens its bytes do not show);
+//!   at most [`MAX_AUDIO_PARTS`] `input_audio` parts ([`InferenceRequest::audio_parts`]:
+//!   an audio encoder pads a short clip to its whole window, so each costs tokens its
+//!   bytes do not show either).
 //!
 //! A provider's caps are then checked by [`InferenceRequest::check_limits`]: the asked
 //! `max_tokens` (or, when unset, the cap the agent will insert) is at most the cap, and the
@@ -164,6 +167,9 @@ pub struct InferenceRequest {
     /// The `image_url` parts in `messages`, at most [`MAX_IMAGES`] (each costs the model
     /// prompt tokens its bytes say nothing of).
     pub images: u32,
+    /// The `input_audio` parts in `messages`, at most [`MAX_AUDIO_PARTS`] (each costs the
+    /// model at least one encoder window of prompt tokens, however few its bytes).
+    pub audio_parts: u32,
     /// Completions the backend generates for it, each up to `max_tokens`: the larger of
     /// `n` and `best_of`, times the prompts of a `/v1/completions` batch (an array of
     /// strings or of token-id arrays). At least 1.
@@ -173,6 +179,13 @@ pub struct InferenceRequest {
 /// The most images (`image_url` parts) one request may carry, as the other APIs'
 /// translators count theirs (`potluck_dialects::MAX_IMAGES`).
 pub const MAX_IMAGES: u32 = 100;
+
+/// The most `input_audio` parts one request may carry. An audio encoder pads each clip
+/// to a window (Whisper's, behind most audio models llama.cpp and vLLM serve: 30 seconds,
+/// 1,500 frames, pooled to 750 tokens by Qwen2-Audio), so a hundred bytes of audio can
+/// cost hundreds of tokens: as many parts as images, so that one request's fixed charge
+/// stays within a long context.
+pub const MAX_AUDIO_PARTS: u32 = 100;
 
 /// Largest `n` or `best_of` accepted.
 pub const MAX_CHOICES: u32 = 16;
@@ -301,6 +314,12 @@ pub enum RequestError {
         /// The cap.
         limit: u32,
     },
+    /// More than [`MAX_AUDIO_PARTS`] audio parts.
+    #[error("A request may carry at most {limit} audio parts (input_audio).")]
+    TooManyAudioParts {
+        /// The cap.
+        limit: u32,
+    },
 }
 
 fn missing_message(param: &str) -> String {
@@ -337,7 +356,7 @@ impl RequestError {
             Self::MaxTokensExceeded { field, .. } => Some(field.name()),
             Self::ContextLengthExceeded { param, .. } => Some(param),
             Self::ImageUrlNotAllowed | Self::ContentPartNotAllowed => Some("messages"),
-            Self::TooManyImages { .. } => Some("messages"),
+            Self::TooManyImages { .. } | Self::TooManyAudioParts { .. } => Some("messages"),
         }
     }
 
@@ -361,6 +380,7 @@ impl RequestError {
             Self::ImageUrlNotAllowed => "image_url_not_allowed",
             Self::ContentPartNotAllowed => "content_part_not_allowed",
             Self::TooManyImages { .. } => "too_many_images",
+            Self::TooManyAudioParts { .. } => "too_many_audio_parts",
         }
     }
 
@@ -410,6 +430,11 @@ impl InferenceRequest {
         }
         if top.walk.images > MAX_IMAGES {
             return Err(RequestError::TooManyImages { limit: MAX_IMAGES });
+        }
+        if top.walk.audio_parts > MAX_AUDIO_PARTS {
+            return Err(RequestError::TooManyAudioParts {
+                limit: MAX_AUDIO_PARTS,
+            });
         }
         let model = read_model(top.model)?;
         let input = endpoint_input(endpoint);
@@ -487,6 +512,7 @@ impl InferenceRequest {
             has_tools: top.tools == Some(Shape::Array) || top.functions == Some(Shape::Array),
             has_images: walk.images > 0,
             images: walk.images,
+            audio_parts: walk.audio_parts,
             choices,
         })
     }
@@ -712,6 +738,8 @@ struct Walked {
     remote_image: bool,
     /// `image_url`s seen in `messages` (one or more: the request needs vision).
     images: u32,
+    /// `input_audio` parts seen in `messages`.
+    audio_parts: u32,
     /// A content part off the allow-list (see [`walk`]).
     bad_part: bool,
     too_deep: bool,

@@ -432,6 +432,39 @@ fn images_are_counted_and_at_most_max_images() {
     assert!(e.to_string().contains(&MAX_IMAGES.to_string()));
 }
 
+/// Audio parts are counted (each costs at least an encoder window of tokens, however few
+/// its bytes): at most [`MAX_AUDIO_PARTS`], else a 400 in the API's words.
+#[test]
+fn audio_parts_are_counted_and_at_most_max_audio_parts() {
+    let body = |n: u32| {
+        let part =
+            json!({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}});
+        json!({"model": "m", "messages": [{"role": "user",
+            "content": vec![part; n as usize]}]})
+        .to_string()
+    };
+    assert_eq!(chat(&body(0)).unwrap().audio_parts, 0);
+    let r = chat(&body(10)).unwrap();
+    assert_eq!((r.audio_parts, r.images), (10, 0));
+    assert_eq!(
+        chat(&body(MAX_AUDIO_PARTS)).unwrap().audio_parts,
+        MAX_AUDIO_PARTS
+    );
+    let e = chat(&body(MAX_AUDIO_PARTS + 1)).unwrap_err();
+    assert_eq!(
+        e,
+        RequestError::TooManyAudioParts {
+            limit: MAX_AUDIO_PARTS
+        }
+    );
+    assert_eq!(e.http_status(), 400);
+    assert_eq!(
+        (e.code(), e.param()),
+        ("too_many_audio_parts", Some("messages"))
+    );
+    assert!(e.to_string().contains(&MAX_AUDIO_PARTS.to_string()));
+}
+
 #[test]
 fn provider_limits() {
     let limits = ModelLimits {

@@ -702,6 +702,72 @@ async fn image_tokens_are_inside_the_prompt_bound() {
     );
 }
 
+/// The same with sound: a consumer sends ten tiny audio clips (`input_audio`, a WAV
+/// header each, sixty bytes of body) to a model whose audio encoder pads each to its
+/// 30-second window (750 prompt tokens for Qwen2-Audio): the honest provider's count, far
+/// above the body's bytes, is billed as reported (`credits.tokens_per_audio` per part)
+/// and flags nothing. Before, audio parts were outside the prompt bound and uncounted: the
+/// consumer paid for a fifth of its prompt, the honest provider was flagged at every
+/// request, and any number of parts could be sent. Past `MAX_AUDIO_PARTS` parts, a 400
+/// in the API's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_tokens_are_inside_the_prompt_bound() {
+    const WAV_HEADER: &str = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAgD4AAAB9AAACABAAZGF0YQAAAAA=";
+    let hub = TestHub::start_with(cheap).await;
+    let p = ScriptedAgent::connect(
+        "listener",
+        &hub.url(),
+        &hub.create_provider("listener").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    hub.grant("alice", 1.0).await;
+    let clip = json!({"type": "input_audio", "input_audio": {"data": WAV_HEADER, "format": "wav"}});
+    let mut content = vec![json!({"type": "text", "text": "what do you hear?"})];
+    content.extend(std::iter::repeat_n(clip.clone(), 10));
+    let body = json!({"model": "m", "max_tokens": 10,
+        "messages": [{"role": "user", "content": content}]});
+    let honest = 10 * 750 + 12;
+    assert!(
+        honest > body.to_string().len() + 128,
+        "the test needs audio tokens past the bound of the body's bytes"
+    );
+    p.set_raw(Some(answer_with_usage(
+        false,
+        "silence",
+        &format!(
+            r#""prompt_tokens":{honest},"completion_tokens":2,"total_tokens":{}"#,
+            honest + 2
+        ),
+    )));
+    for _ in 0..7 {
+        let id = served(&alice, &body).await;
+        assert_eq!(usage_row(&hub, &id).await.prompt_tokens, honest as i64);
+    }
+    let most = potluck_protocol::request::MAX_AUDIO_PARTS as usize;
+    let too_many = json!({"model": "m", "max_tokens": 10,
+        "messages": [{"role": "user", "content": vec![clip; most + 1]}]});
+    let a = alice.call("/v1/chat/completions", &too_many).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.code(), Some("too_many_audio_parts"));
+    assert_eq!(
+        a.body["error"]["type"], "invalid_request_error",
+        "{:?}",
+        a.body
+    );
+    assert_eq!(a.body["error"]["param"], "messages", "{:?}", a.body);
+    assert_eq!(p.requests().len(), 7, "never sent to the provider");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = hub.provider_id("listener").await;
+    let history = hub.state().store.audit_history(pid, 100).await.unwrap();
+    assert!(
+        history.iter().all(|a| a.0 != "usage"),
+        "the honest provider was flagged: {history:?}"
+    );
+}
+
 /// An answer with no usage at all (a provider that sends none, or a stream the consumer
 /// leaves before its usage chunk) bills the prompt at the hub's own estimate (about four
 /// bytes of its text a token). Before, such a prompt was free: a consumer could have a
