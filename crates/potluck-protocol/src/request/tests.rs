@@ -855,3 +855,58 @@ fn stop_lists_are_bounded() {
     assert!(STOP_EXPECTED.contains(&format!("at most {MAX_STOP_SEQUENCES} strings")));
     assert!(STOP_EXPECTED.ends_with(&format!("{MAX_STOP_SEQUENCE_BYTES} bytes")));
 }
+
+/// An embeddings request's `encoding_format` is one of OpenAI's two forms (the answer is
+/// checked against it); anything else is a 400 naming the field, without its value.
+#[test]
+fn an_embeddings_encoding_format_is_float_or_base64() {
+    let with = |f: &str| format!(r#"{{"model":"m","input":"hi","encoding_format":{f}}}"#);
+    let read = |body: &str| parse(EMBEDDINGS, body).map(|r| r.encoding);
+    assert_eq!(
+        read(r#"{"model":"m","input":"hi"}"#),
+        Ok(EmbeddingEncoding::Float)
+    );
+    assert_eq!(read(&with("null")), Ok(EmbeddingEncoding::Float));
+    assert_eq!(read(&with(r#""float""#)), Ok(EmbeddingEncoding::Float));
+    assert_eq!(read(&with(r#""base64""#)), Ok(EmbeddingEncoding::Base64));
+    assert_eq!(
+        read(&with(r#""b\u0061se64""#)),
+        Ok(EmbeddingEncoding::Base64)
+    );
+    for bad in [
+        r#""int8""#,
+        r#""FLOAT""#,
+        r#""""#,
+        "1",
+        "[]",
+        r#"{"a":1}"#,
+        "true",
+    ] {
+        let e = refused(EMBEDDINGS, &with(bad));
+        assert_eq!(e, RequestError::InvalidEncodingFormat, "{bad}");
+        assert_eq!(e.http_status(), 400);
+        assert_eq!(
+            (e.param(), e.code()),
+            (Some("encoding_format"), "invalid_value")
+        );
+        assert!(!e.to_string().contains("int8"));
+    }
+    // Sent twice, or in another case (which a backend might read instead): refused.
+    let twice =
+        r#"{"model":"m","input":"hi","encoding_format":"float","encoding_format":"base64"}"#;
+    assert_eq!(
+        refused(EMBEDDINGS, twice),
+        RequestError::Duplicate("encoding_format")
+    );
+    let other_case =
+        r#"{"model":"m","input":"hi","encoding_format":"float","Encoding_Format":"base64"}"#;
+    assert_eq!(
+        refused(EMBEDDINGS, other_case),
+        RequestError::CaseVariant("encoding_format")
+    );
+    // Other endpoints do not read it.
+    assert_eq!(
+        chat(r#"{"model":"m","messages":[],"encoding_format":"x"}"#).map(|r| r.encoding),
+        Ok(EmbeddingEncoding::Float)
+    );
+}

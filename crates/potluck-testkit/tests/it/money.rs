@@ -1001,13 +1001,71 @@ async fn embeddings_that_are_not_vectors_of_numbers_are_not_billed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(alice.available_micro().await, before, "billed for {junk}");
     }
-    for good in [json!([0.25, -1, 3e-2]), json!("AACAPwAAAEA=")] {
+    let base64 = json!({"model": "m", "input": ["one text", "another text"],
+        "encoding_format": "base64"});
+    for (good, body) in [
+        (json!([0.25, -1, 3e-2]), &body),
+        (json!("AACAPwAAAEA="), &base64),
+    ] {
         p.set_raw(Some(RawAnswer::json(200, &answer(good.clone()))));
-        let r = alice.post("embeddings", &body).send().await.unwrap();
+        let r = alice.post("embeddings", body).send().await.unwrap();
         assert_eq!(r.status(), 200, "{good}");
         let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
         assert_eq!(usage_row(&hub, &id).await.prompt_tokens, 6, "{good}");
     }
+}
+
+/// Embeddings in the form the request did not ask for (`encoding_format`): base64 to a
+/// request for floats (the OpenAI Python SDK reads floats when it asked for them, and
+/// breaks on text), floats to a request for base64, or the two mixed. Each is the
+/// provider's failure: 502, nothing billed. Answers in the form asked are billed; an
+/// `encoding_format` OpenAI does not know is the consumer's 400, never sent to a
+/// provider. Before, any of the two forms was billed whatever was asked, and any value
+/// of `encoding_format` was passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_in_the_form_not_asked_are_not_billed() {
+    let (hub, p, alice) = priced_pair("shifty", "alice").await;
+    let asking = |form: Value| json!({"model": "m", "input": ["one text", "another text"], "encoding_format": form});
+    let answer = |a: Value, b: Value| {
+        json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": a},
+            {"object": "embedding", "index": 1, "embedding": b}],
+            "usage": {"prompt_tokens": 6, "total_tokens": 6}})
+    };
+    let (floats, base64) = (json!([1.0, 2.0]), json!("AACAPwAAAEA="));
+    for (asked, a, b) in [
+        (json!("float"), &base64, &base64),
+        (Value::Null, &base64, &base64),
+        (json!("base64"), &floats, &floats),
+        (json!("float"), &floats, &base64),
+        (json!("base64"), &base64, &floats),
+    ] {
+        p.set_raw(Some(RawAnswer::json(200, &answer(a.clone(), b.clone()))));
+        let before = alice.available_micro().await;
+        let got = alice.call("/v1/embeddings", &asking(asked.clone())).await;
+        assert_eq!(got.status, 502, "{asked}: {a}, {b}");
+        assert_eq!(got.code(), Some("provider_error"), "{:?}", got.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(alice.available_micro().await, before, "billed for {asked}");
+    }
+    for (asked, v) in [
+        (json!("float"), &floats),
+        (Value::Null, &floats),
+        (json!("base64"), &base64),
+    ] {
+        p.set_raw(Some(RawAnswer::json(200, &answer(v.clone(), v.clone()))));
+        let got = alice.call("/v1/embeddings", &asking(asked.clone())).await;
+        assert_eq!(got.status, 200, "{asked}");
+        assert_eq!(got.body["data"][1]["embedding"], *v, "relayed as it came");
+        let id = got.request_id.clone().unwrap();
+        assert_eq!(usage_row(&hub, &id).await.prompt_tokens, 6, "{asked}");
+    }
+    let sent = p.requests().len();
+    let bad = alice.call("/v1/embeddings", &asking(json!("int8"))).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.code(), Some("invalid_value"));
+    assert_eq!(bad.body["error"]["type"], "invalid_request_error");
+    assert_eq!(bad.body["error"]["param"], "encoding_format");
+    assert_eq!(p.requests().len(), sent, "never sent to the provider");
 }
 
 /// A consumer asks for a whole answer and leaves before it comes (a client timeout, a
