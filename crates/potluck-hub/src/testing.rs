@@ -53,3 +53,10 @@ pub fn guard_verdicts(answer: &str) -> (Option<(bool, Vec<String>)>, Option<bool
 pub fn guard_input_text(body: &[u8]) -> String {
     crate::trust::guard::input_text(body)
 }
+
+/// Bytes of the hub's budget of answers held (`max_buffered_answer_bytes`) taken now, by
+/// whole answers waiting for their consumers and by streams' unfinished lines, in whole
+/// units of the budget.
+pub fn answer_bytes_held(state: &HubState) -> usize {
+    state.answers.held_bytes()
+}

@@ -16,4 +16,4 @@ pub mod usage;
 pub use caps::{Capability, ModelCapabilities};
 pub use endpoint::InferenceEndpoint;
 pub use openai::{ErrorBody, ErrorObject, ModelName};
-pub use request::{InferenceRequest, ModelLimits, RequestError, RequestLimits};
+pub use request::{EmbeddingEncoding, InferenceRequest, ModelLimits, RequestError, RequestLimits};

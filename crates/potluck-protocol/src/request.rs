@@ -41,7 +41,13 @@
 //!   `tools` or legacy `functions` array ([`InferenceRequest::has_tools`]; `functions` is
 //!   walked like `tools`), and any `image_url` part in `messages`
 //!   ([`InferenceRequest::has_images`]); at most [`MAX_IMAGES`] of them
-//!   ([`InferenceRequest::images`]: each costs prompt tokens its bytes do not show).
+//!   ([`InferenceRequest::images`]: each costs prompt tokens its bytes do not show);
+//!   at most [`MAX_AUDIO_PARTS`] `input_audio` parts ([`InferenceRequest::audio_parts`]:
+//!   an audio encoder pads a short clip to its whole window, so each costs tokens its
+//!   bytes do not show either);
+//! - an embeddings request's `encoding_format` is absent, `null`, `"float"` or
+//!   `"base64"` ([`InferenceRequest::encoding`]): the hub checks the answer's vectors
+//!   against it ([`RequestError::InvalidEncodingFormat`] otherwise).
 //!
 //! A provider's caps are then checked by [`InferenceRequest::check_limits`]: the asked
 //! `max_tokens` (or, when unset, the cap the agent will insert) is at most the cap, and the
@@ -164,6 +170,12 @@ pub struct InferenceRequest {
     /// The `image_url` parts in `messages`, at most [`MAX_IMAGES`] (each costs the model
     /// prompt tokens its bytes say nothing of).
     pub images: u32,
+    /// The `input_audio` parts in `messages`, at most [`MAX_AUDIO_PARTS`] (each costs the
+    /// model at least one encoder window of prompt tokens, however few its bytes).
+    pub audio_parts: u32,
+    /// The form an embeddings request asked its vectors in (`encoding_format`): the
+    /// answer must be in it. [`EmbeddingEncoding::Float`] for the other endpoints.
+    pub encoding: EmbeddingEncoding,
     /// Completions the backend generates for it, each up to `max_tokens`: the larger of
     /// `n` and `best_of`, times the prompts of a `/v1/completions` batch (an array of
     /// strings or of token-id arrays). At least 1.
@@ -173,6 +185,26 @@ pub struct InferenceRequest {
 /// The most images (`image_url` parts) one request may carry, as the other APIs'
 /// translators count theirs (`potluck_dialects::MAX_IMAGES`).
 pub const MAX_IMAGES: u32 = 100;
+
+/// The most `input_audio` parts one request may carry. An audio encoder pads each clip
+/// to a window (Whisper's, behind most audio models llama.cpp and vLLM serve: 30 seconds,
+/// 1,500 frames, pooled to 750 tokens by Qwen2-Audio), so a hundred bytes of audio can
+/// cost hundreds of tokens: as many parts as images, so that one request's fixed charge
+/// stays within a long context.
+pub const MAX_AUDIO_PARTS: u32 = 100;
+
+/// The form of an embeddings answer's vectors, as the request's `encoding_format` asks
+/// (OpenAI's two): arrays of numbers, or base64 of little-endian 32-bit floats (the
+/// OpenAI Python SDK asks for it by default). An answer in the other form breaks the
+/// consumer's client, so the hub checks it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EmbeddingEncoding {
+    /// `"float"`, or no `encoding_format` (or `null`).
+    #[default]
+    Float,
+    /// `"base64"`.
+    Base64,
+}
 
 /// Largest `n` or `best_of` accepted.
 pub const MAX_CHOICES: u32 = 16;
@@ -301,6 +333,15 @@ pub enum RequestError {
         /// The cap.
         limit: u32,
     },
+    /// An embeddings request's `encoding_format` other than `"float"` or `"base64"`.
+    #[error("Invalid value for 'encoding_format': it must be \"float\" or \"base64\".")]
+    InvalidEncodingFormat,
+    /// More than [`MAX_AUDIO_PARTS`] audio parts.
+    #[error("A request may carry at most {limit} audio parts (input_audio).")]
+    TooManyAudioParts {
+        /// The cap.
+        limit: u32,
+    },
 }
 
 fn missing_message(param: &str) -> String {
@@ -331,13 +372,14 @@ impl RequestError {
             | Self::BackendOverride(p) => Some(p),
             Self::WrongType { param, .. } => Some(param),
             Self::InvalidModel(_) => Some("model"),
+            Self::InvalidEncodingFormat => Some("encoding_format"),
             Self::StreamNotAllowed => Some("stream"),
             Self::StreamOptionsWithoutStream => Some("stream_options"),
             Self::BothTokenLimits => Some("max_tokens"),
             Self::MaxTokensExceeded { field, .. } => Some(field.name()),
             Self::ContextLengthExceeded { param, .. } => Some(param),
             Self::ImageUrlNotAllowed | Self::ContentPartNotAllowed => Some("messages"),
-            Self::TooManyImages { .. } => Some("messages"),
+            Self::TooManyImages { .. } | Self::TooManyAudioParts { .. } => Some("messages"),
         }
     }
 
@@ -349,7 +391,7 @@ impl RequestError {
             Self::TooDeep { .. } => "nesting_too_deep",
             Self::Missing(_) => "missing_required_parameter",
             Self::WrongType { .. } => "invalid_type",
-            Self::InvalidModel(_) => "invalid_value",
+            Self::InvalidModel(_) | Self::InvalidEncodingFormat => "invalid_value",
             Self::Duplicate(_) | Self::CaseVariant(_) => "duplicate_parameter",
             Self::BackendOverride(_) => "unsupported_parameter",
             Self::StreamNotAllowed => "unsupported_parameter",
@@ -361,6 +403,7 @@ impl RequestError {
             Self::ImageUrlNotAllowed => "image_url_not_allowed",
             Self::ContentPartNotAllowed => "content_part_not_allowed",
             Self::TooManyImages { .. } => "too_many_images",
+            Self::TooManyAudioParts { .. } => "too_many_audio_parts",
         }
     }
 
@@ -411,6 +454,11 @@ impl InferenceRequest {
         if top.walk.images > MAX_IMAGES {
             return Err(RequestError::TooManyImages { limit: MAX_IMAGES });
         }
+        if top.walk.audio_parts > MAX_AUDIO_PARTS {
+            return Err(RequestError::TooManyAudioParts {
+                limit: MAX_AUDIO_PARTS,
+            });
+        }
         let model = read_model(top.model)?;
         let input = endpoint_input(endpoint);
         let shape = match input {
@@ -458,6 +506,11 @@ impl InferenceRequest {
             (a, b) => a.or(b),
         };
         read_stop(top.stop)?;
+        let encoding = if endpoint == InferenceEndpoint::Embeddings {
+            read_encoding(top.encoding_format)?
+        } else {
+            EmbeddingEncoding::Float
+        };
         let batch = u32::try_from(top.walk.batch_items.max(1)).unwrap_or(u32::MAX);
         // Embeddings: one vector per input, whatever `n` says (it means nothing there).
         let choices = if endpoint == InferenceEndpoint::Embeddings {
@@ -487,6 +540,8 @@ impl InferenceRequest {
             has_tools: top.tools == Some(Shape::Array) || top.functions == Some(Shape::Array),
             has_images: walk.images > 0,
             images: walk.images,
+            audio_parts: walk.audio_parts,
+            encoding,
             choices,
         })
     }
@@ -608,6 +663,21 @@ fn read_choices(raw: Option<&RawValue>, param: &'static str) -> Result<u32, Requ
     }
 }
 
+/// `encoding_format`: absent, `null`, `"float"` or `"base64"` (read as the backend reads
+/// it, escapes and all).
+fn read_encoding(raw: Option<&RawValue>) -> Result<EmbeddingEncoding, RequestError> {
+    let Some(text) = non_null(raw) else {
+        return Ok(EmbeddingEncoding::Float);
+    };
+    let value: std::borrow::Cow<'_, str> =
+        serde_json::from_str(text).map_err(|_| RequestError::InvalidEncodingFormat)?;
+    match &*value {
+        "float" => Ok(EmbeddingEncoding::Float),
+        "base64" => Ok(EmbeddingEncoding::Base64),
+        _ => Err(RequestError::InvalidEncodingFormat),
+    }
+}
+
 /// `stop`: absent, `null`, a string, or an array of strings, within
 /// [`MAX_STOP_SEQUENCES`] and [`MAX_STOP_SEQUENCE_BYTES`]. Read only when sent.
 fn read_stop(raw: Option<&RawValue>) -> Result<(), RequestError> {
@@ -712,6 +782,8 @@ struct Walked {
     remote_image: bool,
     /// `image_url`s seen in `messages` (one or more: the request needs vision).
     images: u32,
+    /// `input_audio` parts seen in `messages`.
+    audio_parts: u32,
     /// A content part off the allow-list (see [`walk`]).
     bad_part: bool,
     too_deep: bool,
@@ -734,6 +806,7 @@ struct Top<'a> {
     n: Option<&'a RawValue>,
     best_of: Option<&'a RawValue>,
     stop: Option<&'a RawValue>,
+    encoding_format: Option<&'a RawValue>,
     messages: Option<Shape>,
     prompt: Option<Shape>,
     input: Option<Shape>,
@@ -784,6 +857,7 @@ enum TopKey {
     N,
     BestOf,
     Stop,
+    EncodingFormat,
     Messages,
     Prompt,
     Input,
@@ -811,6 +885,7 @@ const TRACKED_KEYS: &[&str] = &[
     "n",
     "best_of",
     "stop",
+    "encoding_format",
     "messages",
     "prompt",
     "input",
@@ -943,6 +1018,7 @@ impl<'de> serde::Deserialize<'de> for TopKey {
                     "n" => TopKey::N,
                     "best_of" => TopKey::BestOf,
                     "stop" => TopKey::Stop,
+                    "encoding_format" => TopKey::EncodingFormat,
                     "messages" => TopKey::Messages,
                     "prompt" => TopKey::Prompt,
                     "input" => TopKey::Input,
@@ -983,6 +1059,7 @@ impl<'de> Visitor<'de> for TopVisitor {
                 TopKey::N => (&mut top.n, "n"),
                 TopKey::BestOf => (&mut top.best_of, "best_of"),
                 TopKey::Stop => (&mut top.stop, "stop"),
+                TopKey::EncodingFormat => (&mut top.encoding_format, "encoding_format"),
                 TopKey::Messages
                 | TopKey::Prompt
                 | TopKey::Input

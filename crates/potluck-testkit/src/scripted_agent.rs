@@ -81,6 +81,9 @@ pub enum RawAnswer {
     Silent,
     /// Answer `200 text/event-stream` at once, then never send a byte of the body.
     HeadThenSilence,
+    /// Answer `200 text/event-stream`, send these frames in order, then keep the stream
+    /// open and send nothing more (a line left unfinished stays so).
+    StreamThenSilence(Vec<Bytes>),
 }
 
 impl RawAnswer {
@@ -297,6 +300,21 @@ async fn handle(
     match raw {
         None => {}
         Some(RawAnswer::Silent) => return std::future::pending().await,
+        Some(RawAnswer::StreamThenSilence(frames)) => {
+            use futures_util::StreamExt;
+            let stream = futures_util::stream::iter(
+                frames
+                    .into_iter()
+                    .map(|f| Ok::<_, Infallible>(Frame::data(f))),
+            )
+            .chain(futures_util::stream::pending());
+            let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            return r;
+        }
         Some(RawAnswer::HeadThenSilence) => {
             let stream = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
             let mut r = Response::new(StreamBody::new(stream).boxed_unsync());

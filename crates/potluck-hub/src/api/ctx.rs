@@ -35,6 +35,8 @@ pub(crate) struct Ctx {
     pub(crate) anonymous: bool,
     pub(crate) model: ModelName,
     pub(crate) endpoint: InferenceEndpoint,
+    /// The form an embeddings request asked its vectors in (`encoding_format`).
+    pub(crate) encoding: potluck_protocol::EmbeddingEncoding,
     pub(crate) stream: bool,
     pub(crate) started: Instant,
     pub(crate) started_ms: i64,

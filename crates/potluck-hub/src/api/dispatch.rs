@@ -336,7 +336,7 @@ async fn send_once(
             let context = m.capabilities.context_length.max(m.max_context)?;
             Some(u64::from(context))
         }),
-        has_images: parsed.request.has_images,
+        has_media: parsed.request.has_images || parsed.request.audio_parts > 0,
         param: parsed.request.input_param(),
     };
     let agent_failed = &ctx.agent_failed;

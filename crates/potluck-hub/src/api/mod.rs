@@ -189,6 +189,7 @@ async fn serve(
         anonymous,
         model: parsed.model.clone(),
         endpoint: s.endpoint,
+        encoding: parsed.request.encoding,
         stream: parsed.stream,
         started: s.started,
         started_ms: now_ms(),

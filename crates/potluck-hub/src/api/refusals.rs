@@ -69,8 +69,8 @@ pub(crate) struct OverflowCheck {
     /// The context the provider announced for the model (its context length, or its
     /// volunteer's cap if larger), if any.
     pub(crate) announced: Option<u64>,
-    /// The request carries images (which the estimate does not count).
-    pub(crate) has_images: bool,
+    /// The request carries images or audio (which the estimate does not count).
+    pub(crate) has_media: bool,
     /// The request's input field.
     pub(crate) param: &'static str,
 }
@@ -83,7 +83,7 @@ const OVERFLOW_ESTIMATE_FACTOR: u64 = 8;
 /// reports them (two numbers, read as numbers only), when they are plausible: the prompt
 /// at or over the context, the context within what the provider announced, and the
 /// prompt within [`OVERFLOW_ESTIMATE_FACTOR`] of the hub's estimate (no upper bound when
-/// the request has images, which the estimate does not count).
+/// the request has images or audio, which the estimate does not count).
 pub(crate) fn context_overflow(
     headers: &http::HeaderMap,
     check: &OverflowCheck,
@@ -94,7 +94,7 @@ pub(crate) fn context_overflow(
         .ok()?;
     let (prompt, limit) = v.split_once(' ')?;
     let (prompt, limit): (u64, u64) = (prompt.parse().ok()?, limit.parse().ok()?);
-    let near_estimate = check.has_images
+    let near_estimate = check.has_media
         || prompt
             <= check
                 .estimate

@@ -51,6 +51,15 @@ pub struct CreditsConfig {
     /// bytes (256 to 576 for common ones, more for tiled large images). 0 to
     /// [`MAX_TOKENS_PER_IMAGE`].
     pub tokens_per_image: i64,
+    /// Prompt tokens a request may be billed for each audio part (`input_audio`) it
+    /// carries, beyond its body's bytes. An audio encoder pads each clip to a whole window
+    /// (Whisper's, behind most audio models: 30 seconds, 1,500 frames, which projectors
+    /// pool to 375 to 750 tokens), so a clip of a hundred bytes costs a window; audio past
+    /// one window is covered by its bytes, since any encoding a backend reads takes more
+    /// than a thousand base64 bytes a second and no encoder more than 50 tokens. A fixed
+    /// count per part, as for images, because the audio's duration cannot be read without
+    /// decoding it. 0 to [`MAX_TOKENS_PER_AUDIO`].
+    pub tokens_per_audio: i64,
     /// Completion tokens reserved for, and billed at most to, a request that sets no
     /// `max_tokens` (a request that sets one is reserved and billed at most that).
     pub default_max_tokens: i64,
@@ -101,6 +110,7 @@ impl Default for CreditsConfig {
             trust_min_account_age: Duration::from_secs(7 * 24 * 3600),
             prompt_overhead_tokens: 128,
             tokens_per_image: 1024,
+            tokens_per_audio: 1500,
             default_max_tokens: 4096,
             high_priority_balance: 1000.0,
             lease_ttl: Duration::from_secs(10),
@@ -112,6 +122,11 @@ impl Default for CreditsConfig {
 /// `potluck_protocol::request::MAX_IMAGES` images, a prompt bound of a few million
 /// tokens at most).
 pub(crate) const MAX_TOKENS_PER_IMAGE: i64 = 16_384;
+
+/// The largest `tokens_per_audio` accepted (with at most
+/// `potluck_protocol::request::MAX_AUDIO_PARTS` audio parts, a prompt bound of a few
+/// million tokens at most).
+pub(crate) const MAX_TOKENS_PER_AUDIO: i64 = 16_384;
 
 /// The largest amount of credits a setting may name (a larger one would overflow the
 /// ledger's micro-credits on its first few uses).
@@ -146,6 +161,11 @@ impl CreditsConfig {
         if !(0..=MAX_TOKENS_PER_IMAGE).contains(&self.tokens_per_image) {
             return Err(format!(
                 "credits.tokens_per_image must be from 0 to {MAX_TOKENS_PER_IMAGE}"
+            ));
+        }
+        if !(0..=MAX_TOKENS_PER_AUDIO).contains(&self.tokens_per_audio) {
+            return Err(format!(
+                "credits.tokens_per_audio must be from 0 to {MAX_TOKENS_PER_AUDIO}"
             ));
         }
         Ok(())

@@ -107,6 +107,8 @@ fn money_settings_refuse_nan_infinity_and_negatives() {
         ("[audit.max_tokens_per_sec]\nsmall = nan", "small"),
         ("[credits]\ntokens_per_image = -1", "tokens_per_image"),
         ("[credits]\ntokens_per_image = 1000000", "tokens_per_image"),
+        ("[credits]\ntokens_per_audio = -1", "tokens_per_audio"),
+        ("[credits]\ntokens_per_audio = 1000000", "tokens_per_audio"),
     ] {
         let c: HubConfig = toml::from_str(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
         let e = c.validate().unwrap_err();

@@ -13,11 +13,14 @@ pub(crate) struct Lines {
     /// Bytes searched for a newline so far, over the buffer's life (the cost counter
     /// the linearity tests read).
     scanned: u64,
+    /// Whether `buf` was given bytes since it was last let go ([`Lines::let_go`]).
+    used: bool,
 }
 
 impl Lines {
     /// Append a piece.
     pub(crate) fn push(&mut self, piece: &[u8]) {
+        self.used |= !piece.is_empty();
         self.buf.extend_from_slice(piece);
     }
 
@@ -45,8 +48,26 @@ impl Lines {
     pub(crate) fn push_searched(&mut self, piece: &[u8]) {
         debug_assert!(self.buf.is_empty() && memchr::memchr(b'\n', piece).is_none());
         self.scanned = self.scanned.saturating_add(piece.len() as u64);
+        self.used |= !piece.is_empty();
         self.buf.extend_from_slice(piece);
         self.searched = self.buf.len();
+    }
+
+    /// With no line part-way, free the buffer's room if it was used: the lines split off
+    /// it share its allocation, which an empty buffer would otherwise keep whole. A
+    /// buffer never given bytes (every piece held whole lines) costs nothing here.
+    #[inline]
+    pub(crate) fn let_go(&mut self) {
+        if self.used && self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            self.searched = 0;
+            self.used = false;
+        }
+    }
+
+    /// Bytes of room the buffer holds now.
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// Bytes of the unfinished line held now.
@@ -88,5 +109,21 @@ mod tests {
         l.push(b"\n");
         assert_eq!(l.next_line().map(|x| x.len()), Some(n));
         assert!(l.scanned() <= n as u64 + 1, "scanned {}", l.scanned());
+    }
+
+    #[test]
+    fn an_emptied_buffer_lets_its_room_go() {
+        let mut l = Lines::default();
+        l.push(&[b'x'; 4096]);
+        l.push(b"\n");
+        l.let_go();
+        assert!(l.capacity() > 0, "a line part-way keeps its room");
+        assert_eq!(l.next_line().map(|x| x.len()), Some(4096));
+        l.let_go();
+        assert_eq!(l.capacity(), 0);
+        l.push(b"ab\ncd");
+        assert_eq!(l.next_line().as_deref(), Some(&b"ab"[..]));
+        l.let_go();
+        assert_eq!(l.pending(), 2, "kept while part-way");
     }
 }

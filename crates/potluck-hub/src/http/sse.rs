@@ -7,6 +7,11 @@
 
 use crate::http::lines::Lines;
 
+/// Room an event's data buffer keeps between events, in bytes; past it the room is
+/// freed once the event is handed over (so a parser that holds nothing holds at most
+/// this much: see [`SseParser::held`]).
+const KEEP_DATA_BYTES: usize = 4096;
+
 /// The value of a `data:` field line (without the one space that may follow the colon).
 fn data_field(line: &[u8]) -> Option<&[u8]> {
     let rest = line.strip_prefix(b"data:")?;
@@ -58,8 +63,28 @@ impl SseParser {
     pub(crate) fn push_each(
         &mut self,
         chunk: &[u8],
-        mut each: impl FnMut(&[u8]) -> bool,
+        each: impl FnMut(&[u8]) -> bool,
     ) -> Result<(), SseError> {
+        let fed = self.feed(chunk, each);
+        self.lines.let_go();
+        if self.data.is_empty() && self.data.capacity() > KEEP_DATA_BYTES {
+            self.data = Vec::new();
+        }
+        fed
+    }
+
+    /// Bytes of room the parser holds for a line or an event its provider has not
+    /// finished; 0 when nothing is part-way (then it holds at most [`KEEP_DATA_BYTES`]).
+    /// What a stream's relay charges to its provider's part of the budget.
+    #[inline]
+    pub(crate) fn held(&self) -> usize {
+        if self.lines.pending() == 0 && self.data.is_empty() {
+            return 0;
+        }
+        self.lines.capacity().saturating_add(self.data.capacity())
+    }
+
+    fn feed(&mut self, chunk: &[u8], mut each: impl FnMut(&[u8]) -> bool) -> Result<(), SseError> {
         if self.lines.pending() > 0 {
             self.lines.push(chunk);
             while let Some(line) = self.lines.next_line() {
@@ -303,6 +328,31 @@ mod tests {
             "{} for {received}",
             p.scanned()
         );
+    }
+
+    /// What the parser holds of an unfinished line or event is told (its relay charges
+    /// it), and once the event is handed over its room is let go: nothing held, nothing
+    /// kept beyond [`KEEP_DATA_BYTES`].
+    #[test]
+    fn an_unfinished_line_is_held_until_it_ends_and_then_let_go() {
+        let mut p = SseParser::new(1 << 20);
+        assert!(p.push(b"data: {}\n\n").unwrap().len() == 1);
+        assert_eq!(p.held(), 0, "whole events hold nothing");
+        let line = vec![b'x'; 100_000];
+        assert!(p.push(b"data: ").unwrap().is_empty());
+        assert!(p.push(&line).unwrap().is_empty());
+        assert!(p.held() >= 100_000, "{}", p.held());
+        assert!(p.push(b"\n").unwrap().is_empty());
+        assert!(p.held() >= 100_000, "the open event's data: {}", p.held());
+        assert_eq!(p.push(b"\n").unwrap().len(), 1);
+        assert_eq!(p.held(), 0);
+        assert_eq!(p.lines.capacity(), 0);
+        assert!(p.data.capacity() <= KEEP_DATA_BYTES);
+        // An event of two long lines in one piece: handed over, its room let go.
+        let two = [&b"data: "[..], &line, b"\ndata: ", &line, b"\n\n"].concat();
+        assert_eq!(p.push(&two).unwrap().len(), 1);
+        assert_eq!(p.held(), 0);
+        assert!(p.data.capacity() <= KEEP_DATA_BYTES);
     }
 
     proptest! {

@@ -441,7 +441,9 @@ mod tests {
             dimension: 2,
         };
         assert_eq!(read_json(j).unwrap().vectors, Some(shape));
-        let delivered = crate::api::relay::embeddings::check(j, 1).unwrap();
+        let delivered =
+            crate::api::relay::embeddings::check(j, 1, potluck_protocol::EmbeddingEncoding::Base64)
+                .unwrap();
         assert_eq!(Some(delivered), read_json(j).unwrap().vectors);
     }
 

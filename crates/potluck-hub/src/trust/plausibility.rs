@@ -141,7 +141,9 @@ pub(crate) const MAX_TEXT_BYTES_PER_TOKEN: i64 = 128;
 ///   prompt token comes from at least one byte of the body's text, and the JSON around
 ///   each message is longer than the template's tokens for it; the overhead covers a
 ///   default system prompt), plus `credits.tokens_per_image` for each image (a vision
-///   model spends hundreds of tokens on an image of a hundred bytes). Embeddings: the bytes of `input` plus
+///   model spends hundreds of tokens on an image of a hundred bytes) and
+///   `credits.tokens_per_audio` for each audio part (an audio encoder pads a short clip
+///   to a whole window). Embeddings: the bytes of `input` plus
 ///   [`PLAUSIBILITY_SLACK_TOKENS`];
 /// - completion: the request's `max_tokens` / `max_completion_tokens`, or
 ///   `credits.default_max_tokens` when it sets none (the hub's cap), times its choices
@@ -205,6 +207,12 @@ impl Bounds {
                         .tokens_per_image
                         .max(0)
                         .saturating_mul(i64::from(req.images)),
+                )
+                .saturating_add(
+                    credits
+                        .tokens_per_audio
+                        .max(0)
+                        .saturating_mul(i64::from(req.audio_parts)),
                 ),
             completion: completion.max(0),
             input_bytes,

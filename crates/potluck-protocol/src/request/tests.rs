@@ -432,6 +432,39 @@ fn images_are_counted_and_at_most_max_images() {
     assert!(e.to_string().contains(&MAX_IMAGES.to_string()));
 }
 
+/// Audio parts are counted (each costs at least an encoder window of tokens, however few
+/// its bytes): at most [`MAX_AUDIO_PARTS`], else a 400 in the API's words.
+#[test]
+fn audio_parts_are_counted_and_at_most_max_audio_parts() {
+    let body = |n: u32| {
+        let part =
+            json!({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}});
+        json!({"model": "m", "messages": [{"role": "user",
+            "content": vec![part; n as usize]}]})
+        .to_string()
+    };
+    assert_eq!(chat(&body(0)).unwrap().audio_parts, 0);
+    let r = chat(&body(10)).unwrap();
+    assert_eq!((r.audio_parts, r.images), (10, 0));
+    assert_eq!(
+        chat(&body(MAX_AUDIO_PARTS)).unwrap().audio_parts,
+        MAX_AUDIO_PARTS
+    );
+    let e = chat(&body(MAX_AUDIO_PARTS + 1)).unwrap_err();
+    assert_eq!(
+        e,
+        RequestError::TooManyAudioParts {
+            limit: MAX_AUDIO_PARTS
+        }
+    );
+    assert_eq!(e.http_status(), 400);
+    assert_eq!(
+        (e.code(), e.param()),
+        ("too_many_audio_parts", Some("messages"))
+    );
+    assert!(e.to_string().contains(&MAX_AUDIO_PARTS.to_string()));
+}
+
 #[test]
 fn provider_limits() {
     let limits = ModelLimits {
@@ -821,4 +854,59 @@ fn stop_lists_are_bounded() {
     assert_eq!(e, RequestError::Duplicate("stop"));
     assert!(STOP_EXPECTED.contains(&format!("at most {MAX_STOP_SEQUENCES} strings")));
     assert!(STOP_EXPECTED.ends_with(&format!("{MAX_STOP_SEQUENCE_BYTES} bytes")));
+}
+
+/// An embeddings request's `encoding_format` is one of OpenAI's two forms (the answer is
+/// checked against it); anything else is a 400 naming the field, without its value.
+#[test]
+fn an_embeddings_encoding_format_is_float_or_base64() {
+    let with = |f: &str| format!(r#"{{"model":"m","input":"hi","encoding_format":{f}}}"#);
+    let read = |body: &str| parse(EMBEDDINGS, body).map(|r| r.encoding);
+    assert_eq!(
+        read(r#"{"model":"m","input":"hi"}"#),
+        Ok(EmbeddingEncoding::Float)
+    );
+    assert_eq!(read(&with("null")), Ok(EmbeddingEncoding::Float));
+    assert_eq!(read(&with(r#""float""#)), Ok(EmbeddingEncoding::Float));
+    assert_eq!(read(&with(r#""base64""#)), Ok(EmbeddingEncoding::Base64));
+    assert_eq!(
+        read(&with(r#""b\u0061se64""#)),
+        Ok(EmbeddingEncoding::Base64)
+    );
+    for bad in [
+        r#""int8""#,
+        r#""FLOAT""#,
+        r#""""#,
+        "1",
+        "[]",
+        r#"{"a":1}"#,
+        "true",
+    ] {
+        let e = refused(EMBEDDINGS, &with(bad));
+        assert_eq!(e, RequestError::InvalidEncodingFormat, "{bad}");
+        assert_eq!(e.http_status(), 400);
+        assert_eq!(
+            (e.param(), e.code()),
+            (Some("encoding_format"), "invalid_value")
+        );
+        assert!(!e.to_string().contains("int8"));
+    }
+    // Sent twice, or in another case (which a backend might read instead): refused.
+    let twice =
+        r#"{"model":"m","input":"hi","encoding_format":"float","encoding_format":"base64"}"#;
+    assert_eq!(
+        refused(EMBEDDINGS, twice),
+        RequestError::Duplicate("encoding_format")
+    );
+    let other_case =
+        r#"{"model":"m","input":"hi","encoding_format":"float","Encoding_Format":"base64"}"#;
+    assert_eq!(
+        refused(EMBEDDINGS, other_case),
+        RequestError::CaseVariant("encoding_format")
+    );
+    // Other endpoints do not read it.
+    assert_eq!(
+        chat(r#"{"model":"m","messages":[],"encoding_format":"x"}"#).map(|r| r.encoding),
+        Ok(EmbeddingEncoding::Float)
+    );
 }

@@ -287,6 +287,7 @@ impl Walk<'_> {
                 }
                 InnerKey::InputAudio => {
                     audio = true;
+                    self.st.audio_parts = self.st.audio_parts.saturating_add(1);
                     Mode::Audio
                 }
                 _ => {

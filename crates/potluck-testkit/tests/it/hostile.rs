@@ -1028,3 +1028,96 @@ async fn reconnecting_does_not_renew_the_offer_change_allowance() {
         "{served_hellos} of 6 reconnections were routed"
     );
 }
+
+/// A provider that leaves a long `data:` line unfinished on each of its streams: each
+/// line sits in the hub's SSE parser, and before, nothing counted it (a megabyte on
+/// every one of `max_slots_per_tunnel` × `max_tunnels_per_provider` streams). Now what
+/// the parser holds is charged to the provider's part of the hub's budget of answers
+/// (`max_buffered_answer_bytes`, here 64 KiB for one provider): once it is spent, each
+/// further such stream ends at once with a provider error and counts against the
+/// provider; another provider's stream still runs; and when the consumers leave, every
+/// byte charged is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_stream_lines_are_charged_to_their_providers_part() {
+    use potluck_testkit::sse::{Event, SseReader};
+    const LINE: usize = 20 * 1024;
+    const PART: usize = 64 * 1024;
+    let hub = TestHub::start_with(|c| {
+        c.max_response_bytes = PART;
+        c.max_buffered_answer_bytes = 16 * PART;
+        c.stream_idle_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let token = hub.create_provider("hoarder").await;
+    let hoarder = tunnel(&hub, "hoarder", &token, 16).await;
+    let honest = ScriptedAgent::connect(
+        "honest",
+        &hub.url(),
+        &hub.create_provider("honest").await,
+        hello(&["honest-model"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model(MODEL, 1).await;
+    hub.wait_for_model("honest-model", 1).await;
+    // One whole chunk, then a line that never ends, in the same frame.
+    let chunk = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]});
+    let frame = format!("data: {chunk}\n\ndata: {{\"x\":\"{}", "y".repeat(LINE));
+    hoarder.set_raw(Some(RawAnswer::StreamThenSilence(vec![frame.into()])));
+    let st = hub.state();
+    let held = || potluck_hub::testing::answer_bytes_held(&st);
+    let mallory = Consumer::new(&hub, "mallory").await;
+    let (mut open, mut refused) = (Vec::new(), 0);
+    for _ in 0..6 {
+        let before = held();
+        let r = mallory.send_chat(&chat(true)).await;
+        assert_eq!(r.status(), 200);
+        let mut sse = SseReader::new(r);
+        assert!(matches!(sse.next().await, Some(Event::Json(v)) if v.get("error").is_none()));
+        // Either the line is charged (the budget grows by it), or, refused, the stream
+        // ends with an error event at once (and the budget does not grow).
+        tokio::select! {
+            biased;
+            ev = sse.next() => {
+                let Some(Event::Json(v)) = ev else { panic!("{ev:?}") };
+                assert_eq!(v["error"]["code"], "provider_error", "{v}");
+                refused += 1;
+            }
+            () = wait_until("the line is charged", Duration::from_secs(20), || {
+                let now = held();
+                async move { now >= before + LINE }
+            }) => open.push(sse),
+        }
+    }
+    assert!(!open.is_empty(), "the first lines fit the provider's part");
+    assert!(open.len() * LINE <= PART, "{} lines held", open.len());
+    assert!(refused >= 6 - PART / LINE, "{refused} refused");
+    assert!(held() <= PART, "{} held", held());
+    let hoarder_id = st.store.provider_id("hoarder").await.unwrap();
+    assert!(st.registry.health_of(hoarder_id).success_rate() < 1.0);
+    // Another provider's stream runs meanwhile.
+    let carol = Consumer::new(&hub, "carol").await;
+    let (_, mut sse) = carol.chat_stream("honest-model", "hi").await;
+    let mut text = String::new();
+    loop {
+        match sse.next().await {
+            Some(Event::Json(v)) => {
+                assert!(v.get("error").is_none(), "{v}");
+                if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+                    text.push_str(t);
+                }
+            }
+            Some(Event::Done) => break,
+            None => panic!("the honest stream ended early"),
+        }
+    }
+    assert!(text.contains("served by honest"), "{text}");
+    // The consumers leave: everything charged is given back.
+    drop(open);
+    wait_until("the budget is given back", Duration::from_secs(30), || {
+        let now = held();
+        async move { now == 0 }
+    })
+    .await;
+    drop(honest);
+}

@@ -702,6 +702,72 @@ async fn image_tokens_are_inside_the_prompt_bound() {
     );
 }
 
+/// The same with sound: a consumer sends ten tiny audio clips (`input_audio`, a WAV
+/// header each, sixty bytes of body) to a model whose audio encoder pads each to its
+/// 30-second window (750 prompt tokens for Qwen2-Audio): the honest provider's count, far
+/// above the body's bytes, is billed as reported (`credits.tokens_per_audio` per part)
+/// and flags nothing. Before, audio parts were outside the prompt bound and uncounted: the
+/// consumer paid for a fifth of its prompt, the honest provider was flagged at every
+/// request, and any number of parts could be sent. Past `MAX_AUDIO_PARTS` parts, a 400
+/// in the API's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_tokens_are_inside_the_prompt_bound() {
+    const WAV_HEADER: &str = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAgD4AAAB9AAACABAAZGF0YQAAAAA=";
+    let hub = TestHub::start_with(cheap).await;
+    let p = ScriptedAgent::connect(
+        "listener",
+        &hub.url(),
+        &hub.create_provider("listener").await,
+        hello(&["m"], 4, ProviderProfile::default()),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let alice = Consumer::new(&hub, "alice").await;
+    hub.grant("alice", 1.0).await;
+    let clip = json!({"type": "input_audio", "input_audio": {"data": WAV_HEADER, "format": "wav"}});
+    let mut content = vec![json!({"type": "text", "text": "what do you hear?"})];
+    content.extend(std::iter::repeat_n(clip.clone(), 10));
+    let body = json!({"model": "m", "max_tokens": 10,
+        "messages": [{"role": "user", "content": content}]});
+    let honest = 10 * 750 + 12;
+    assert!(
+        honest > body.to_string().len() + 128,
+        "the test needs audio tokens past the bound of the body's bytes"
+    );
+    p.set_raw(Some(answer_with_usage(
+        false,
+        "silence",
+        &format!(
+            r#""prompt_tokens":{honest},"completion_tokens":2,"total_tokens":{}"#,
+            honest + 2
+        ),
+    )));
+    for _ in 0..7 {
+        let id = served(&alice, &body).await;
+        assert_eq!(usage_row(&hub, &id).await.prompt_tokens, honest as i64);
+    }
+    let most = potluck_protocol::request::MAX_AUDIO_PARTS as usize;
+    let too_many = json!({"model": "m", "max_tokens": 10,
+        "messages": [{"role": "user", "content": vec![clip; most + 1]}]});
+    let a = alice.call("/v1/chat/completions", &too_many).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.code(), Some("too_many_audio_parts"));
+    assert_eq!(
+        a.body["error"]["type"], "invalid_request_error",
+        "{:?}",
+        a.body
+    );
+    assert_eq!(a.body["error"]["param"], "messages", "{:?}", a.body);
+    assert_eq!(p.requests().len(), 7, "never sent to the provider");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = hub.provider_id("listener").await;
+    let history = hub.state().store.audit_history(pid, 100).await.unwrap();
+    assert!(
+        history.iter().all(|a| a.0 != "usage"),
+        "the honest provider was flagged: {history:?}"
+    );
+}
+
 /// An answer with no usage at all (a provider that sends none, or a stream the consumer
 /// leaves before its usage chunk) bills the prompt at the hub's own estimate (about four
 /// bytes of its text a token). Before, such a prompt was free: a consumer could have a
@@ -935,13 +1001,71 @@ async fn embeddings_that_are_not_vectors_of_numbers_are_not_billed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(alice.available_micro().await, before, "billed for {junk}");
     }
-    for good in [json!([0.25, -1, 3e-2]), json!("AACAPwAAAEA=")] {
+    let base64 = json!({"model": "m", "input": ["one text", "another text"],
+        "encoding_format": "base64"});
+    for (good, body) in [
+        (json!([0.25, -1, 3e-2]), &body),
+        (json!("AACAPwAAAEA="), &base64),
+    ] {
         p.set_raw(Some(RawAnswer::json(200, &answer(good.clone()))));
-        let r = alice.post("embeddings", &body).send().await.unwrap();
+        let r = alice.post("embeddings", body).send().await.unwrap();
         assert_eq!(r.status(), 200, "{good}");
         let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
         assert_eq!(usage_row(&hub, &id).await.prompt_tokens, 6, "{good}");
     }
+}
+
+/// Embeddings in the form the request did not ask for (`encoding_format`): base64 to a
+/// request for floats (the OpenAI Python SDK reads floats when it asked for them, and
+/// breaks on text), floats to a request for base64, or the two mixed. Each is the
+/// provider's failure: 502, nothing billed. Answers in the form asked are billed; an
+/// `encoding_format` OpenAI does not know is the consumer's 400, never sent to a
+/// provider. Before, any of the two forms was billed whatever was asked, and any value
+/// of `encoding_format` was passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_in_the_form_not_asked_are_not_billed() {
+    let (hub, p, alice) = priced_pair("shifty", "alice").await;
+    let asking = |form: Value| json!({"model": "m", "input": ["one text", "another text"], "encoding_format": form});
+    let answer = |a: Value, b: Value| {
+        json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": a},
+            {"object": "embedding", "index": 1, "embedding": b}],
+            "usage": {"prompt_tokens": 6, "total_tokens": 6}})
+    };
+    let (floats, base64) = (json!([1.0, 2.0]), json!("AACAPwAAAEA="));
+    for (asked, a, b) in [
+        (json!("float"), &base64, &base64),
+        (Value::Null, &base64, &base64),
+        (json!("base64"), &floats, &floats),
+        (json!("float"), &floats, &base64),
+        (json!("base64"), &base64, &floats),
+    ] {
+        p.set_raw(Some(RawAnswer::json(200, &answer(a.clone(), b.clone()))));
+        let before = alice.available_micro().await;
+        let got = alice.call("/v1/embeddings", &asking(asked.clone())).await;
+        assert_eq!(got.status, 502, "{asked}: {a}, {b}");
+        assert_eq!(got.code(), Some("provider_error"), "{:?}", got.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(alice.available_micro().await, before, "billed for {asked}");
+    }
+    for (asked, v) in [
+        (json!("float"), &floats),
+        (Value::Null, &floats),
+        (json!("base64"), &base64),
+    ] {
+        p.set_raw(Some(RawAnswer::json(200, &answer(v.clone(), v.clone()))));
+        let got = alice.call("/v1/embeddings", &asking(asked.clone())).await;
+        assert_eq!(got.status, 200, "{asked}");
+        assert_eq!(got.body["data"][1]["embedding"], *v, "relayed as it came");
+        let id = got.request_id.clone().unwrap();
+        assert_eq!(usage_row(&hub, &id).await.prompt_tokens, 6, "{asked}");
+    }
+    let sent = p.requests().len();
+    let bad = alice.call("/v1/embeddings", &asking(json!("int8"))).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.code(), Some("invalid_value"));
+    assert_eq!(bad.body["error"]["type"], "invalid_request_error");
+    assert_eq!(bad.body["error"]["param"], "encoding_format");
+    assert_eq!(p.requests().len(), sent, "never sent to the provider");
 }
 
 /// A consumer asks for a whole answer and leaves before it comes (a client timeout, a

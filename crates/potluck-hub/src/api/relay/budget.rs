@@ -6,6 +6,12 @@
 //! [`PROVIDER_PART`] of it (or one answer of `max_response_bytes`, if that is more): a
 //! provider that sends large answers slowly, to consumers of its own, cannot take the
 //! whole budget and make every other whole answer on the hub a 503.
+//!
+//! A stream's SSE parser holds a line or event the provider has not finished (up to
+//! `max_sse_line_bytes` each): a [`Charge`] puts that on the same provider's part, so a
+//! provider cannot hold an unfinished line of a megabyte on each of its streams
+//! (`routing.max_slots_per_tunnel` × `routing.max_tunnels_per_provider` of them) outside
+//! the budget.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,6 +36,8 @@ pub(crate) struct Budget {
     /// Each provider's own part, made on its first answer.
     providers: parking_lot::Mutex<std::collections::HashMap<i64, Arc<Semaphore>>>,
     provider_units: usize,
+    /// The budget's size, in units.
+    total_units: usize,
 }
 
 impl Budget {
@@ -45,7 +53,15 @@ impl Budget {
             units: Arc::new(Semaphore::new(units)),
             providers: Default::default(),
             provider_units,
+            total_units: units,
         }
+    }
+
+    /// Bytes held now by every answer and stream together, in whole units.
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.total_units
+            .saturating_sub(self.units.available_permits())
+            .saturating_mul(UNIT)
     }
 
     /// An empty share of `provider`'s answer, grown as it arrives.
@@ -74,22 +90,36 @@ pub(crate) struct Share {
     bytes: usize,
 }
 
+/// Whose room ran out when a [`Share`] could not grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The provider's own part of the budget is spent (by its own answers and streams).
+    Provider,
+    /// The hub's whole budget is spent.
+    Hub,
+}
+
 impl Share {
     /// Take room for `n` more bytes; `false` (and nothing taken) when the budget has none.
     fn grow(&mut self, n: usize) -> bool {
+        self.try_grow(n).is_ok()
+    }
+
+    /// Take room for `n` more bytes, or say whose room ran out (and take nothing).
+    fn try_grow(&mut self, n: usize) -> Result<(), Refusal> {
         let bytes = self.bytes.saturating_add(n);
         let want = bytes.div_ceil(UNIT);
         let have = self.held.as_ref().map_or(0, |(h, _)| h.num_permits());
         if want > have {
             let Ok(more) = u32::try_from(want - have) else {
-                return false;
+                return Err(Refusal::Provider);
             };
             // The provider's part first: a refusal there takes nothing from the budget.
             let Ok(part) = Arc::clone(&self.part).try_acquire_many_owned(more) else {
-                return false;
+                return Err(Refusal::Provider);
             };
             let Ok(permit) = Arc::clone(&self.units).try_acquire_many_owned(more) else {
-                return false;
+                return Err(Refusal::Hub);
             };
             match &mut self.held {
                 Some((held, held_part)) => {
@@ -100,12 +130,67 @@ impl Share {
             }
         }
         self.bytes = bytes;
-        true
+        Ok(())
     }
 
     /// `body`, which keeps this share until it is dropped.
     pub(crate) fn hold(self, body: Body) -> Body {
         keeping(body, self)
+    }
+}
+
+/// A stream's charge for what its SSE parser holds of a line or event its provider has
+/// not finished, on the provider's part of the budget. It is taken in steps of
+/// [`CHARGE_STEP`] as the held bytes grow (a line dripped a byte a frame costs one
+/// budget call per step, not per frame) and given back whole when the parser holds
+/// nothing again, or when the stream's relay is dropped (done, failed, cut, or its
+/// consumer gone). A parser that holds nothing (a frame of whole events, the usual case)
+/// costs one comparison: no share is made and no atomic touched.
+pub(crate) struct Charge {
+    provider: i64,
+    share: Option<Share>,
+    /// Bytes charged now (a multiple of [`CHARGE_STEP`]).
+    charged: usize,
+}
+
+/// The step a stream's [`Charge`] grows by, in bytes.
+pub(crate) const CHARGE_STEP: usize = 16 * UNIT;
+
+impl Charge {
+    /// Nothing charged yet, to `provider`'s part.
+    pub(crate) fn new(provider: i64) -> Self {
+        Self {
+            provider,
+            share: None,
+            charged: 0,
+        }
+    }
+
+    /// Whether anything is charged now.
+    #[inline]
+    pub(crate) fn is_held(&self) -> bool {
+        self.charged > 0
+    }
+
+    /// Charge at least `held` bytes (given back whole at 0). Holding less than charged
+    /// but more than nothing keeps the charge (the parser's buffers keep their room). A
+    /// refusal takes nothing more.
+    pub(crate) fn set(&mut self, budget: &Budget, held: usize) -> Result<(), Refusal> {
+        if held == 0 {
+            self.share = None;
+            self.charged = 0;
+            return Ok(());
+        }
+        if held <= self.charged {
+            return Ok(());
+        }
+        let want = held.checked_next_multiple_of(CHARGE_STEP).unwrap_or(held);
+        let share = self
+            .share
+            .get_or_insert_with(|| budget.share(self.provider));
+        share.try_grow(want - self.charged)?;
+        self.charged = want;
+        Ok(())
     }
 }
 
@@ -245,5 +330,47 @@ mod tests {
         // One whole answer always fits a provider's part.
         let small = Budget::new(8 * UNIT, 6 * UNIT);
         assert!(small.share(1).grow(6 * UNIT));
+    }
+
+    /// A stream's charge grows in steps, is refused past its provider's part (naming
+    /// whose room ran out, taking nothing), and is given back whole at 0 and when
+    /// dropped.
+    #[test]
+    fn a_streams_charge_grows_in_steps_and_is_given_back() {
+        let budget = Budget::new(64 * CHARGE_STEP, 4 * CHARGE_STEP);
+        let mut a = Charge::new(1);
+        assert_eq!(a.set(&budget, 0), Ok(()));
+        assert!(!a.is_held());
+        assert_eq!(budget.held_bytes(), 0, "nothing held, nothing charged");
+        assert_eq!(a.set(&budget, 1), Ok(()));
+        assert_eq!(budget.held_bytes(), CHARGE_STEP, "one step");
+        assert_eq!(a.set(&budget, CHARGE_STEP), Ok(()));
+        assert_eq!(budget.held_bytes(), CHARGE_STEP, "still one step");
+        assert_eq!(a.set(&budget, 3 * CHARGE_STEP + 1), Ok(()));
+        assert_eq!(budget.held_bytes(), 4 * CHARGE_STEP, "the provider's part");
+        let mut b = Charge::new(1);
+        assert_eq!(b.set(&budget, 1), Err(Refusal::Provider));
+        assert_eq!(
+            budget.held_bytes(),
+            4 * CHARGE_STEP,
+            "a refusal takes nothing"
+        );
+        assert_eq!(a.set(&budget, 5), Ok(()), "less held keeps the charge");
+        assert_eq!(budget.held_bytes(), 4 * CHARGE_STEP);
+        assert_eq!(a.set(&budget, 0), Ok(()));
+        assert_eq!(budget.held_bytes(), 0, "given back whole");
+        assert_eq!(
+            b.set(&budget, usize::MAX),
+            Err(Refusal::Provider),
+            "no overflow"
+        );
+        assert_eq!(b.set(&budget, 2 * CHARGE_STEP), Ok(()));
+        drop(b);
+        assert_eq!(budget.held_bytes(), 0, "given back when dropped");
+        // The hub's whole budget spent by other providers: the hub's refusal.
+        let small = Budget::new(2 * CHARGE_STEP, 2 * CHARGE_STEP);
+        let mut other = small.share(2);
+        assert!(other.grow(2 * CHARGE_STEP));
+        assert_eq!(Charge::new(1).set(&small, 1), Err(Refusal::Hub));
     }
 }

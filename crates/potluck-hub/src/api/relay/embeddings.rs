@@ -3,10 +3,14 @@
 //! dimension. A provider that answers `{}`, an empty list, fewer vectors than inputs, or
 //! vectors of anything but numbers (`[null]`, `"x"`) has failed the request: nothing is
 //! billed and its circuit breaker counts it. (Before, any JSON object was billed in full
-//! and counted a success; then any array or string was taken for a vector.)
+//! and counted a success; then any array or string was taken for a vector.) Every vector
+//! must also be in the form the request asked (`encoding_format`: arrays of numbers for
+//! `"float"` or none, base64 for `"base64"`): the other form breaks the consumer's
+//! client, so it is the provider's failure too.
 
 use std::fmt;
 
+use potluck_protocol::EmbeddingEncoding;
 use serde::de::{Deserializer, Error as _, SeqAccess, Visitor};
 use serde::Deserialize;
 
@@ -22,8 +26,9 @@ struct Item {
 
 /// One embedding, read for its dimension without keeping it: a JSON array of numbers
 /// (each finite), or base64 text of whole little-endian 32-bit floats
-/// (`encoding_format: "base64"`). Anything else fails to deserialize.
-struct Dimension(usize);
+/// (`encoding_format: "base64"`), and which of the two. Anything else fails to
+/// deserialize.
+struct Dimension(usize, EmbeddingEncoding);
 
 impl<'de> Deserialize<'de> for Dimension {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -41,11 +46,11 @@ impl<'de> Deserialize<'de> for Dimension {
                     }
                     n = n.saturating_add(1);
                 }
-                Ok(Dimension(n))
+                Ok(Dimension(n, EmbeddingEncoding::Float))
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dimension, E> {
                 base64_floats(s)
-                    .map(Dimension)
+                    .map(|n| Dimension(n, EmbeddingEncoding::Base64))
                     .ok_or_else(|| E::custom("not base64 of 32-bit floats"))
             }
         }
@@ -53,8 +58,13 @@ impl<'de> Deserialize<'de> for Dimension {
     }
 }
 
-/// Check `bytes`, the answer to a request of `inputs` inputs; its shape (for audits).
-pub(crate) fn check(bytes: &[u8], inputs: i64) -> Result<Vectors, ApiError> {
+/// Check `bytes`, the answer to a request of `inputs` inputs that asked its vectors in
+/// `form`; its shape (for audits).
+pub(crate) fn check(
+    bytes: &[u8],
+    inputs: i64,
+    form: EmbeddingEncoding,
+) -> Result<Vectors, ApiError> {
     const BAD: ApiError =
         ApiError::ProviderFailed("the provider's embeddings did not match the request's inputs");
     let top: TopLevel<'_> = serde_json::from_slice(bytes).map_err(|_| BAD)?;
@@ -62,6 +72,14 @@ pub(crate) fn check(bytes: &[u8], inputs: i64) -> Result<Vectors, ApiError> {
     let items: Vec<Item> = serde_json::from_str(data.get()).map_err(|_| BAD)?;
     if i64::try_from(items.len()).ok() != Some(inputs.max(1)) {
         return Err(BAD);
+    }
+    if items
+        .iter()
+        .any(|i| i.embedding.as_ref().is_some_and(|d| d.1 != form))
+    {
+        return Err(ApiError::ProviderFailed(
+            "the provider's embeddings were not in the form the request asked (encoding_format)",
+        ));
     }
     let mut dims = items.iter().map(|i| i.embedding.as_ref().map(|d| d.0));
     let first = dims.next().flatten().filter(|d| *d > 0).ok_or(BAD)?;
@@ -79,13 +97,25 @@ pub(crate) fn check(bytes: &[u8], inputs: i64) -> Result<Vectors, ApiError> {
 mod tests {
     use super::*;
 
+    const FLOAT: EmbeddingEncoding = EmbeddingEncoding::Float;
+    const BASE64: EmbeddingEncoding = EmbeddingEncoding::Base64;
+
+    fn check(bytes: &[u8], inputs: i64) -> Result<Vectors, ApiError> {
+        let form = if bytes.windows(2).any(|w| w == b"\"A") {
+            BASE64
+        } else {
+            FLOAT
+        };
+        super::check(bytes, inputs, form)
+    }
+
     #[test]
     fn an_answer_holds_one_embedding_per_input_of_one_dimension() {
         let ok = br#"{"object":"list","data":[{"embedding":[0.1,0.2,-3e-2],"index":0},{"embedding":[1,2,3],"index":1}],"usage":{"prompt_tokens":4}}"#;
         assert!(check(ok, 2).is_ok());
         assert!(check(br#"{"data":[{"embedding":"AAAAAA=="}]}"#, 1).is_ok());
         assert!(check(
-            br#"{"data":[{"embedding":"AACAPwAAAEA="},{"embedding":[1,2]}]}"#,
+            br#"{"data":[{"embedding":"AACAPwAAAEA="},{"embedding":"AAAAAAAAAAA="}]}"#,
             2
         )
         .is_ok());
@@ -112,10 +142,39 @@ mod tests {
         }
         // Fewer vectors than inputs, or of two dimensions.
         assert!(check(br#"{"data":[{"embedding":[1,2]}]}"#, 2).is_err());
+        assert!(
+            check(br#"{"data":[{"embedding":[1,2]}]}"#, 0).is_ok(),
+            "one at least"
+        );
         assert!(check(
             br#"{"data":[{"embedding":[1,2]},{"embedding":[1,2,3]}]}"#,
             2
         )
         .is_err());
+    }
+
+    /// Vectors must be in the form asked: floats for `"float"` (or none), base64 for
+    /// `"base64"`; the other form, or the two mixed, is the provider's failure.
+    #[test]
+    fn vectors_must_be_in_the_form_asked() {
+        let floats: &[u8] = br#"{"data":[{"embedding":[1.0,2.0]},{"embedding":[3,4]}]}"#;
+        let base64: &[u8] =
+            br#"{"data":[{"embedding":"AACAPwAAAEA="},{"embedding":"AABAQAAAgEA="}]}"#;
+        let mixed: &[u8] = br#"{"data":[{"embedding":"AACAPwAAAEA="},{"embedding":[3,4]}]}"#;
+        let two = Vectors {
+            count: 2,
+            dimension: 2,
+        };
+        assert_eq!(super::check(floats, 2, FLOAT).ok(), Some(two));
+        assert_eq!(super::check(base64, 2, BASE64).ok(), Some(two));
+        for (answer, form) in [
+            (floats, BASE64),
+            (base64, FLOAT),
+            (mixed, FLOAT),
+            (mixed, BASE64),
+        ] {
+            let e = super::check(answer, 2, form).unwrap_err();
+            assert!(matches!(e, ApiError::ProviderFailed(_)), "{e:?}");
+        }
     }
 }

@@ -44,7 +44,7 @@ pub(crate) async fn relay_whole(
         Err(e) => return ctx.provider_failed(state, &link, e),
     };
     if ctx.endpoint == InferenceEndpoint::Embeddings {
-        match embeddings::check(&bytes, ctx.bounds.choices) {
+        match embeddings::check(&bytes, ctx.bounds.choices, ctx.encoding) {
             Ok(vectors) => ctx.delivered_vectors(vectors),
             Err(e) => return ctx.provider_failed(state, &link, e),
         }

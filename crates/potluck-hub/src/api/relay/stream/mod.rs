@@ -20,8 +20,10 @@ use crate::api::ctx::Ctx;
 use crate::api::dispatch::Answer;
 use crate::api::finish::Outcome;
 use crate::api::now_ms;
+use crate::api::relay::budget::{Charge, Refusal};
 use crate::api::relay::window::OutputWindow;
-use crate::api::relay::{sse_error_msg, sse_response};
+use crate::api::relay::{sse_error, sse_error_msg, sse_response};
+use crate::http::error::ApiError;
 use crate::http::sse::SseParser;
 use crate::routing::inflight::cut_error;
 use crate::routing::registry::Lease;
@@ -50,6 +52,9 @@ enum End {
     Filtered,
     /// A sanction cut it; the consumer got an error event.
     Cut,
+    /// The hub's budget of answers held had no room for the provider's unfinished line
+    /// (other providers hold it: not this one's fault); the consumer got an error event.
+    Overloaded,
 }
 
 /// State of one relayed stream. Its `Drop` writes the usage record, so a stream that ends
@@ -62,6 +67,9 @@ pub(crate) struct Relay {
     /// The answer's first bytes, read before the stream was committed to.
     first: Option<Bytes>,
     parser: SseParser,
+    /// What `parser` holds of an unfinished line or event, charged to the provider's
+    /// part of the hub's budget (`max_buffered_answer_bytes`); given back when dropped.
+    held: Charge,
     /// The provider's bytes taken so far, and the most it may send
     /// (`max_response_bytes`, as for a whole answer).
     received: usize,
@@ -115,6 +123,7 @@ impl Relay {
             wait::after_from(now, state.config.stream_idle_timeout).min(ends_by),
         ));
         let cut = Box::pin(ctx.cut.cut_signal());
+        let held = Charge::new(lease.tunnel().provider_id);
         let model_json = serde_json::to_vec(ctx.model.as_str()).unwrap_or_default();
         let id_json = serde_json::to_vec(&ctx.response_id()).unwrap_or_default();
         Self {
@@ -126,6 +135,7 @@ impl Relay {
             body: answer.resp.into_body(),
             first: answer.first,
             parser: SseParser::new(max_line),
+            held,
             received: 0,
             max_received,
             out: Default::default(),
@@ -345,10 +355,42 @@ impl Relay {
         });
         self.parser = parser;
         if parsed.is_err() && self.end == End::Open {
-            self.fail(
+            return self.fail(
                 "The provider sent an oversized stream event.",
                 "provider_error",
             );
+        }
+        // A frame of whole events leaves nothing held: one comparison, no budget call.
+        let held = self.parser.held();
+        if held > 0 || self.held.is_held() {
+            self.charge(held);
+        }
+    }
+
+    /// Charge what the parser holds of an unfinished line or event to the provider's
+    /// part of the budget; past it, the stream ends as the provider's failure, as a
+    /// whole answer past it is refused (past the hub's whole budget, as overloaded).
+    #[cold]
+    fn charge(&mut self, held: usize) {
+        if self.end != End::Open {
+            // Over: what is charged stays until the relay is dropped, a moment later.
+            return;
+        }
+        match self.held.set(&self.state.answers, held) {
+            Ok(()) => {}
+            Err(Refusal::Provider) => self.fail(
+                "The provider's unfinished stream events hold more of this hub's memory than it allows.",
+                "provider_error",
+            ),
+            Err(Refusal::Hub) => {
+                tracing::warn!(
+                    "stream ended: the hub holds max_buffered_answer_bytes of answers"
+                );
+                let e = ApiError::Overloaded {
+                    retry_after: self.state.config.retry_after_secs,
+                };
+                self.end_with(sse_error(&e), End::Overloaded);
+            }
         }
     }
 
@@ -367,6 +409,7 @@ impl Relay {
             End::Filtered => Outcome::ContentFilter,
             End::Open => Outcome::Cancelled,
             End::Cut => Outcome::Sanctioned,
+            End::Overloaded => Outcome::Rejected,
         };
         let usage = billable(
             &self.state.auditor,
