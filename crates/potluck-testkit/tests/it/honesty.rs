@@ -1172,6 +1172,9 @@ async fn a_provider_busy_with_the_pools_work_is_not_failed_by_an_audit() {
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(reputation().await, 1.0, "busy, so not judged");
+    // Not judged, but counted for moderators.
+    let s = standing_seen_by_staff(&hub, "busy").await;
+    assert!(not_judged(&s, "canary", "busy") >= 1, "{s}");
     // Its slot freed, a provider that answers nothing fails the canaries.
     held.abort();
     wait_until("a silent provider fails canaries", WAIT, || async {
