@@ -586,6 +586,37 @@ pub struct ProviderAudits {
     pub standing: Reputation,
     /// Recent spot checks, newest first.
     pub audits: Vec<AuditRow>,
+    /// Every spot check counted by kind: how many were judged, how many gave no verdict
+    /// and why (a hub before these counts sends none).
+    #[serde(default)]
+    pub spot_checks: Vec<SpotCheckTally>,
+}
+
+/// A provider's spot checks of one kind (`replay`: its sampled requests; `canary`; a
+/// plausibility flag's kind), judged and not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpotCheckTally {
+    /// `replay`, `canary`, `speed`, `usage`, `failures`.
+    pub kind: String,
+    /// How many were judged (each moved the reputation).
+    pub judged: i64,
+    /// How many gave no verdict, by reason (none moved the reputation).
+    pub not_judged: Vec<NotJudged>,
+    /// judged / (judged + not judged), in [0, 1].
+    pub judged_share: f64,
+}
+
+/// Spot checks that gave no verdict for one reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotJudged {
+    /// `no_reference` (no trusted reference serves the model), `reference_busy`, `busy`
+    /// (a canary's provider or reference), `reference_failed`, `unjudgeable` (answers that
+    /// cannot be compared), `cut_short` (a canary's stream), `queue_full` (dropped).
+    pub reason: String,
+    /// How many.
+    pub count: i64,
+    /// The latest (Unix ms).
+    pub last_at_ms: i64,
 }
 
 /// One guard verdict: category codes only, never content.
@@ -786,10 +817,11 @@ mod tests {
                 score_after: 0.75,
                 at_ms: 9,
             }],
+            spot_checks: vec![],
         };
         assert_eq!(
             serde_json::to_string(&a).unwrap(),
-            r#"{"id":7,"name":"gpu","standing":{"trusted":false,"reputation":0.5,"quarantined_at_ms":null,"quarantine_reason":null},"audits":[{"kind":"replay","passed":true,"agreement":null,"score_after":0.75,"at_ms":9}]}"#
+            r#"{"id":7,"name":"gpu","standing":{"trusted":false,"reputation":0.5,"quarantined_at_ms":null,"quarantine_reason":null},"audits":[{"kind":"replay","passed":true,"agreement":null,"score_after":0.75,"at_ms":9}],"spot_checks":[]}"#
         );
     }
 

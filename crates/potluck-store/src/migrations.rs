@@ -265,4 +265,27 @@ CREATE INDEX accounts_status_id ON accounts(status, id);
 ALTER TABLE api_keys ADD COLUMN sessions_after_us INTEGER NOT NULL DEFAULT 0;
 "#,
     ),
+    (
+        15,
+        r#"
+-- How many of each provider's spot checks of each kind were judged (`outcome` 'judged')
+-- and how many gave no verdict, by reason ('no_reference', 'reference_busy', ...): one
+-- counter per (provider, kind, outcome), so a provider whose samples no reference can
+-- judge is seen, whatever their number. Content-free: ids, words of a fixed set, counts.
+CREATE TABLE audit_tallies (
+    provider_id   INTEGER NOT NULL REFERENCES providers(id),
+    kind          TEXT NOT NULL,
+    outcome       TEXT NOT NULL,
+    samples       INTEGER NOT NULL,
+    last_at_ms    INTEGER NOT NULL,
+    PRIMARY KEY (provider_id, kind, outcome)
+);
+-- The staff page's latest checks that gave no verdict, read a page at a time.
+CREATE INDEX audit_tallies_recent ON audit_tallies(last_at_ms);
+-- The checks judged before this table was made.
+INSERT INTO audit_tallies (provider_id, kind, outcome, samples, last_at_ms)
+SELECT provider_id, kind, 'judged', COUNT(*), MAX(created_at_ms)
+FROM audit_results GROUP BY provider_id, kind;
+"#,
+    ),
 ];

@@ -42,6 +42,48 @@ pub struct AuditRecord {
     pub agreement: Option<f64>,
 }
 
+/// The outcome counted for a spot check that was judged (see [`AuditTally`]).
+pub const JUDGED: &str = "judged";
+
+/// Spot checks of one provider and kind that gave no verdict, for one reason: a count to
+/// add to its tally. Content-free: an id and words of a fixed set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unjudged {
+    /// The provider whose check gave no verdict.
+    pub provider_id: i64,
+    /// `"replay"`, `"canary"`, or a plausibility flag's kind (dropped unqueued).
+    pub kind: &'static str,
+    /// Why no verdict (`"no_reference"`, `"reference_busy"`, ...).
+    pub reason: &'static str,
+    /// How many (0 or less adds nothing).
+    pub samples: i64,
+}
+
+/// One counter of a provider's spot checks: of one kind, judged ([`JUDGED`]) or not for
+/// one reason.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditTally {
+    /// `"replay"`, `"canary"`, `"speed"`, ...
+    pub kind: String,
+    /// [`JUDGED`], or why no verdict was given.
+    pub outcome: String,
+    /// How many, at most `i64::MAX` (the sum saturates).
+    pub samples: i64,
+    /// The latest (Unix ms).
+    pub last_at_ms: i64,
+}
+
+/// Adds `excluded.samples` (never negative) to a tally, saturating at `i64::MAX` (an
+/// overflow would be a float in SQLite and an error in PostgreSQL), and keeps the later
+/// time.
+const ADD_TO_TALLY: &str =
+    "INSERT INTO audit_tallies (provider_id, kind, outcome, samples, last_at_ms) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (provider_id, kind, outcome) DO UPDATE SET \
+     samples = CASE WHEN audit_tallies.samples > 9223372036854775807 - excluded.samples \
+     THEN 9223372036854775807 ELSE audit_tallies.samples + excluded.samples END, \
+     last_at_ms = CASE WHEN excluded.last_at_ms > audit_tallies.last_at_ms \
+     THEN excluded.last_at_ms ELSE audit_tallies.last_at_ms END";
+
 /// A guard verdict worth keeping (anything but "safe").
 #[derive(Debug, Clone)]
 pub struct ModerationEvent {
@@ -174,6 +216,14 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        sqlx::query(ADD_TO_TALLY)
+            .bind(a.provider_id)
+            .bind(a.kind)
+            .bind(JUDGED)
+            .bind(1_i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         if let Some(reason) = quarantine {
             sqlx::query(
                 "UPDATE providers SET quarantined_at_ms = $1, quarantine_reason = $2 WHERE id = $3 AND quarantined_at_ms IS NULL",
@@ -245,6 +295,74 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|(k, p, a, s, t)| (k, p != 0, a, s, t))
+            .collect())
+    }
+
+    /// Count spot checks that gave no verdict, in one transaction. Reputation is not
+    /// touched: a check no reference could judge says nothing against the provider.
+    pub async fn record_unjudged(&self, tallies: &[Unjudged]) -> Result<()> {
+        if tallies.iter().all(|t| t.samples <= 0) {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        for t in tallies.iter().filter(|t| t.samples > 0) {
+            sqlx::query(ADD_TO_TALLY)
+                .bind(t.provider_id)
+                .bind(t.kind)
+                .bind(t.reason)
+                .bind(t.samples)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A provider's spot checks counted by kind and outcome (judged, or why not), by kind
+    /// then outcome. One row per counter: a few dozen at most, however many checks.
+    pub async fn audit_tallies(&self, provider_id: i64) -> Result<Vec<AuditTally>> {
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT kind, outcome, samples, last_at_ms FROM audit_tallies WHERE provider_id = $1 \
+             ORDER BY kind, outcome",
+        )
+        .bind(provider_id)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(kind, outcome, samples, last_at_ms)| AuditTally {
+                kind,
+                outcome,
+                samples,
+                last_at_ms,
+            })
+            .collect())
+    }
+
+    /// The `limit` counters of checks that gave no verdict counted latest, of any
+    /// provider, latest first: (provider id, counter).
+    pub async fn recent_unjudged(&self, limit: i64) -> Result<Vec<(i64, AuditTally)>> {
+        let rows: Vec<(i64, String, String, i64, i64)> = sqlx::query_as(
+            "SELECT provider_id, kind, outcome, samples, last_at_ms FROM audit_tallies \
+             WHERE outcome <> $1 ORDER BY last_at_ms DESC, provider_id LIMIT $2",
+        )
+        .bind(JUDGED)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(p, kind, outcome, samples, last_at_ms)| {
+                let t = AuditTally {
+                    kind,
+                    outcome,
+                    samples,
+                    last_at_ms,
+                };
+                (p, t)
+            })
             .collect())
     }
 
@@ -328,6 +446,71 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    });
+
+    // Checks that gave no verdict are counted by provider, kind and reason, beside the
+    // judged ones (which `record_audit` counts), saturating at i64::MAX; the reputation
+    // does not move.
+    crate::conformance!(unjudged_checks_are_counted_and_cost_no_reputation, |db| {
+        let s = db.open().await;
+        let (pid, _) = s.create_provider("gpu", "bob").await.unwrap();
+        let (other, _) = s.create_provider("cpu", "carol").await.unwrap();
+        let none = |provider_id, samples| Unjudged {
+            provider_id,
+            kind: "replay",
+            reason: "no_reference",
+            samples,
+        };
+        s.record_unjudged(&[none(pid, 2), none(other, 1), none(pid, 0), none(pid, -5)])
+            .await
+            .unwrap();
+        s.record_unjudged(&[
+            none(pid, 3),
+            Unjudged {
+                reason: "queue_full",
+                ..none(pid, 1)
+            },
+        ])
+        .await
+        .unwrap();
+        s.record_unjudged(&[]).await.unwrap();
+        let a = AuditRecord {
+            provider_id: pid,
+            request_id: Some("req_1".into()),
+            kind: "replay",
+            passed: true,
+            agreement: Some(1.0),
+        };
+        assert!(s.record_audit_from(&a, 1.0, 1.0, None).await.unwrap());
+        let t = s.audit_tallies(pid).await.unwrap();
+        let counts: Vec<(&str, &str, i64)> = t
+            .iter()
+            .map(|t| (t.kind.as_str(), t.outcome.as_str(), t.samples))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                ("replay", JUDGED, 1),
+                ("replay", "no_reference", 5),
+                ("replay", "queue_full", 1)
+            ]
+        );
+        assert!(t.iter().all(|t| t.last_at_ms > 0));
+        assert_eq!(s.audit_tallies(other).await.unwrap()[0].samples, 1);
+        assert!(s.audit_tallies(pid + other).await.unwrap().is_empty());
+        assert_eq!(s.standing(pid).await.unwrap().reputation, 1.0);
+        let recent = s.recent_unjudged(10).await.unwrap();
+        assert_eq!(recent.len(), 3, "judged ones left out: {recent:?}");
+        assert!(recent.iter().all(|(_, t)| t.outcome != JUDGED));
+        assert!(recent
+            .windows(2)
+            .all(|w| w[0].1.last_at_ms >= w[1].1.last_at_ms));
+        assert_eq!(s.recent_unjudged(1).await.unwrap().len(), 1);
+        // A count at its end stays there.
+        s.record_unjudged(&[none(other, i64::MAX), none(other, i64::MAX)])
+            .await
+            .unwrap();
+        assert_eq!(s.audit_tallies(other).await.unwrap()[0].samples, i64::MAX);
     });
 
     // A verdict worked out from a score a moderator's release has since replaced is not

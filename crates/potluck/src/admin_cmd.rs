@@ -253,6 +253,27 @@ pub(crate) async fn providers(cmd: ProvidersCmd, a: AdminArgs) -> anyhow::Result
             } else {
                 t.print();
             }
+            if !v.spot_checks.is_empty() {
+                let mut t = Table::new(&["KIND", "JUDGED", "SHARE", "NOT_JUDGED"]);
+                for k in &v.spot_checks {
+                    let why: Vec<String> = k
+                        .not_judged
+                        .iter()
+                        .map(|n| format!("{} {}", n.reason, n.count))
+                        .collect();
+                    t.row(vec![
+                        k.kind.clone(),
+                        k.judged.to_string(),
+                        format!("{:.0}%", k.judged_share * 100.0),
+                        if why.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            why.join(", ")
+                        },
+                    ]);
+                }
+                t.print();
+            }
         }
     }
     Ok(())

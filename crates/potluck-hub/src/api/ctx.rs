@@ -45,6 +45,9 @@ pub(crate) struct Ctx {
     pub(crate) need: Need,
     /// The body and the delivered text, kept when this request was sampled for an audit.
     pub(crate) audit: parking_lot::Mutex<Option<AuditSample>>,
+    /// Sampled for an audit while the queue had no room: nothing kept, but counted for
+    /// the provider that serves it as not judged.
+    pub(crate) audit_dropped: bool,
     /// The most it may be billed (fixed at admission from the request sent).
     pub(crate) bounds: Bounds,
     /// Its reservation of credits (none for anonymous use or when credits are not
@@ -263,6 +266,8 @@ impl Ctx {
                 prompt_estimate: self.bounds.prompt_estimate,
                 choices: self.bounds.choices,
             })));
+        } else if self.audit_dropped {
+            state.auditor.dropped_sample(link.provider_id);
         }
         // Choices are generated side by side: each at the model's speed, not all of them.
         plausibility::check_speed(

@@ -148,6 +148,8 @@ struct CtxParts {
     hold: Option<Hold>,
     usage_slot: UsagePlace,
     audit: Option<AuditSample>,
+    /// Sampled while the audit queue had no room (counted once a provider answered).
+    audit_dropped: bool,
     guard_input: Option<Arc<str>>,
 }
 
@@ -196,6 +198,7 @@ async fn serve(
         queue_ms: None,
         need: ctx_parts.need,
         audit: parking_lot::Mutex::new(ctx_parts.audit),
+        audit_dropped: ctx_parts.audit_dropped,
         bounds: ctx_parts.bounds,
         hold: ctx_parts.hold,
         usage_slot: parking_lot::Mutex::new(Some(ctx_parts.usage_slot)),
@@ -241,11 +244,10 @@ async fn admit(
         screen::check_input(state, &s.request_id, key.account_id, &parsed.model, text).await?;
     }
     // A sampled body is held until its replay: a larger one than the audit's bound is
-    // not sampled.
-    let audit = (parsed.body.len() <= state.config.audit.max_body_bytes
-        && state.auditor.sample()
-        && state.auditor.has_room())
-    .then(|| {
+    // not sampled. One sampled while the queue is full is not kept, but counted.
+    let sampled = parsed.body.len() <= state.config.audit.max_body_bytes && state.auditor.sample();
+    let kept = sampled && state.auditor.has_room();
+    let audit = kept.then(|| {
         let cap = state.config.audit.max_text_bytes;
         AuditSample::new(parsed.body.clone(), parsed.stream, cap)
     });
@@ -267,6 +269,7 @@ async fn admit(
             hold: reserved.hold,
             usage_slot,
             audit,
+            audit_dropped: sampled && !kept,
             guard_input: guard_input.filter(|_| stages.output),
         },
     })

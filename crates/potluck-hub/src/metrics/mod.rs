@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 /// Every series family `/metrics` can show (a family appears once it has a sample). The
 /// Grafana dashboard in `deploy/grafana/` may use only these; a test keeps this list
 /// equal to what the registry encodes.
-pub const FAMILIES: [&str; 22] = [
+pub const FAMILIES: [&str; 23] = [
     "potluck_reports_total",
     "potluck_requests_total",
     "potluck_request_duration_seconds",
@@ -33,6 +33,7 @@ pub const FAMILIES: [&str; 22] = [
     "potluck_tokens_total",
     "potluck_http_responses_total",
     "potluck_audits_total",
+    "potluck_audits_unjudged_total",
     "potluck_guard_verdicts_total",
     "potluck_guard_verdicts_dropped_total",
     "potluck_quarantines_total",
@@ -93,6 +94,12 @@ pub(crate) struct AuditLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct UnjudgedLabels {
+    kind: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct VerdictLabels {
     stage: &'static str,
     category: String,
@@ -137,6 +144,7 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     responses: Family<RouteLabels, Counter>,
     audits: Family<AuditLabels, Counter>,
+    unjudged: Family<UnjudgedLabels, Counter>,
     verdicts: Family<VerdictLabels, Counter>,
     verdicts_dropped: Counter,
     quarantines: Counter,
@@ -170,6 +178,7 @@ impl Metrics {
             tokens: Family::default(),
             responses: Family::default(),
             audits: Family::default(),
+            unjudged: Family::default(),
             verdicts: Family::default(),
             verdicts_dropped: Counter::default(),
             quarantines: Counter::default(),
@@ -214,6 +223,11 @@ impl Metrics {
             "audits",
             "Spot checks and plausibility flags by kind and result",
             m.audits.clone(),
+        );
+        registry.register(
+            "audits_unjudged",
+            "Spot checks that gave no verdict (moving no reputation), by kind and reason",
+            m.unjudged.clone(),
         );
         registry.register(
             "guard_verdicts",
@@ -319,6 +333,14 @@ impl Metrics {
         self.audits
             .get_or_create(&AuditLabels { kind, result })
             .inc();
+    }
+
+    /// `n` spot checks of `kind` gave no verdict for `reason` (both of a fixed set of
+    /// words; no provider id: no series here does that).
+    pub(crate) fn unjudged(&self, kind: &'static str, reason: &'static str, n: u64) {
+        self.unjudged
+            .get_or_create(&UnjudgedLabels { kind, reason })
+            .inc_by(n);
     }
 
     /// A guard verdict other than safe; `category` must already be bounded by the caller.
@@ -436,6 +458,7 @@ mod tests {
         });
         m.response("/v1/models", 200);
         m.audit("replay", true);
+        m.unjudged("replay", "no_reference", 1);
         m.guard_verdict("input", "S1", true);
         m.quarantined();
         m.report_filed();

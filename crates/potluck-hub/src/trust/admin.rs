@@ -8,15 +8,18 @@ use axum::extract::{Path, Query, State};
 use axum::Json;
 use http::HeaderMap;
 use potluck_protocol::admin::{
-    AuditRow, GuardVerdict, ProviderAudits, ProviderTrust, Reputation, VerdictList, VERDICTS_NOTE,
+    AuditRow, GuardVerdict, NotJudged, ProviderAudits, ProviderTrust, Reputation, SpotCheckTally,
+    VerdictList, VERDICTS_NOTE,
 };
 use potluck_store::listing::Liveness;
+use potluck_store::trust::{AuditTally, JUDGED};
 use potluck_store::ProviderRecord;
 use serde::Deserialize;
 
 use crate::http::auth;
 use crate::http::error::ApiError;
 use crate::state::HubState;
+use crate::trust::no_verdict::NoVerdict;
 
 /// Most rows one listing returns.
 pub(crate) const MAX_LIST: i64 = 1000;
@@ -151,7 +154,8 @@ async fn provider_id(st: &HubState, name: &str) -> Result<i64, ApiError> {
 }
 
 /// `GET /admin/v1/providers/{name}/standing`: the provider's reputation (trusted,
-/// score, quarantine) and its recent spot checks. The path and the JSON key keep the
+/// score, quarantine), its recent spot checks, and all its checks counted by kind: judged,
+/// and not judged by reason. The path and the JSON key keep the
 /// older word "standing"; in the hub a standing is a sanction state.
 pub(crate) async fn reputation(
     State(st): State<Arc<HubState>>,
@@ -174,12 +178,74 @@ pub(crate) async fn reputation(
             at_ms,
         })
         .collect();
+    let spot_checks = spot_check_tallies(&st, id).await?;
     Ok(Json(ProviderAudits {
         id,
         name,
         standing: reputation_of(reputation),
         audits,
+        spot_checks,
     }))
+}
+
+/// A provider's spot checks counted by kind (see [`tallies`]): the API's and the web
+/// pages' one reading.
+pub(crate) async fn spot_check_tallies(
+    st: &HubState,
+    provider_id: i64,
+) -> Result<Vec<SpotCheckTally>, ApiError> {
+    Ok(tallies(st.store.audit_tallies(provider_id).await?))
+}
+
+/// The store's counters, one per kind: judged, not judged by reason (in
+/// [`NoVerdict::ALL`]'s order, words it does not know last) and the share judged. Sums
+/// saturate.
+fn tallies(rows: Vec<AuditTally>) -> Vec<SpotCheckTally> {
+    let mut out: Vec<SpotCheckTally> = Vec::new();
+    for row in rows {
+        let at = match out.iter().position(|t| t.kind == row.kind) {
+            Some(i) => i,
+            None => {
+                out.push(SpotCheckTally {
+                    kind: row.kind.clone(),
+                    judged: 0,
+                    not_judged: Vec::new(),
+                    judged_share: 0.0,
+                });
+                out.len() - 1
+            }
+        };
+        let t = &mut out[at];
+        if row.outcome == JUDGED {
+            t.judged = t.judged.saturating_add(row.samples.max(0));
+        } else {
+            t.not_judged.push(NotJudged {
+                reason: row.outcome,
+                count: row.samples.max(0),
+                last_at_ms: row.last_at_ms,
+            });
+        }
+    }
+    let rank = |reason: &str| {
+        NoVerdict::ALL
+            .iter()
+            .position(|r| r.as_str() == reason)
+            .unwrap_or(NoVerdict::ALL.len())
+    };
+    for t in &mut out {
+        t.not_judged.sort_by_key(|n| rank(&n.reason));
+        let not = t
+            .not_judged
+            .iter()
+            .fold(0_i64, |sum, n| sum.saturating_add(n.count));
+        let all = t.judged.saturating_add(not);
+        t.judged_share = if all > 0 {
+            t.judged as f64 / all as f64
+        } else {
+            0.0
+        };
+    }
+    out
 }
 
 /// Query of `GET /admin/v1/guard-verdicts`.
@@ -223,4 +289,46 @@ pub(crate) async fn verdicts(
         data,
         note: VERDICTS_NOTE.to_owned(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kind: &str, outcome: &str, samples: i64) -> AuditTally {
+        AuditTally {
+            kind: kind.into(),
+            outcome: outcome.into(),
+            samples,
+            last_at_ms: 5,
+        }
+    }
+
+    /// Counters become one tally per kind, reasons in their order, the share judged over
+    /// all; sums at i64's end saturate.
+    #[test]
+    fn counters_become_a_tally_per_kind_with_the_share_judged() {
+        let t = tallies(vec![
+            row("canary", "busy", 2),
+            row("replay", "judged", 3),
+            row("replay", "queue_full", 1),
+            row("replay", "no_reference", 4),
+            row("usage", "queue_full", i64::MAX),
+            row("usage", "judged", i64::MAX),
+        ]);
+        let kinds: Vec<&str> = t.iter().map(|t| t.kind.as_str()).collect();
+        assert_eq!(kinds, ["canary", "replay", "usage"]);
+        assert_eq!((t[0].judged, t[0].judged_share), (0, 0.0));
+        let replay = &t[1];
+        assert_eq!(replay.judged, 3);
+        let reasons: Vec<(&str, i64)> = replay
+            .not_judged
+            .iter()
+            .map(|n| (n.reason.as_str(), n.count))
+            .collect();
+        assert_eq!(reasons, [("no_reference", 4), ("queue_full", 1)]);
+        assert!((replay.judged_share - 3.0 / 8.0).abs() < 1e-12);
+        assert_eq!(t[2].judged_share, 1.0, "saturated: {:?}", t[2]);
+        assert!(tallies(Vec::new()).is_empty());
+    }
 }

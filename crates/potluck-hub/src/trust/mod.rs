@@ -10,6 +10,7 @@ pub(crate) mod canary;
 pub(crate) mod guard;
 pub(crate) mod identity;
 pub(crate) mod likeness;
+pub(crate) mod no_verdict;
 pub(crate) mod plausibility;
 pub(crate) mod reputation;
 pub(crate) mod sample;

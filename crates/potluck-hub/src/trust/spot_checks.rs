@@ -23,7 +23,10 @@
 //! - **Plausibility flags** from the request path: usage far above what was delivered,
 //!   and more tokens per second than the model's size class makes plausible.
 //!
-//! Each result moves the provider's reputation (`trust::reputation`).
+//! Each result moves the provider's reputation (`trust::reputation`). A check that gives
+//! no verdict (no reference, a busy or failing one, answers that cannot be compared, a
+//! sample the full queue dropped) moves nothing but is counted for moderators, by reason
+//! ([`super::no_verdict`]).
 
 use std::sync::Arc;
 
@@ -46,6 +49,7 @@ use crate::state::HubState;
 use crate::trust::canary::{self, Shape, Shapes};
 use crate::trust::identity::one_time_pseudonym;
 use crate::trust::likeness::{usage_over_reference, verdict, BillSlack, Likeness, Said};
+use crate::trust::no_verdict::{self, Dropped, NoVerdict};
 use crate::trust::plausibility::Usage;
 use crate::trust::reputation::judge;
 use crate::trust::sample::{AuditSample, Kept};
@@ -71,6 +75,8 @@ pub(crate) struct Auditor {
     tx: mpsc::Sender<Job>,
     rng: Mutex<StdRng>,
     rate: f64,
+    /// Samples and flags the full queue dropped, until the auditor counts them.
+    dropped: Dropped,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -92,6 +98,7 @@ impl Auditor {
                 tx,
                 rng: Mutex::new(rng),
                 rate: cfg.rate,
+                dropped: Dropped::default(),
             },
             rx,
         )
@@ -108,11 +115,24 @@ impl Auditor {
         self.tx.capacity() > 0
     }
 
-    /// Queue a job; dropped if the queue is full.
+    /// Queue a job; dropped if the queue is full (and counted for its provider as not
+    /// judged, [`NoVerdict::QueueFull`]).
     pub(crate) fn submit(&self, job: Job) {
-        if self.tx.try_send(job).is_err() {
+        if let Err(mpsc::error::TrySendError::Full(job)) = self.tx.try_send(job) {
             tracing::debug!("audit queue full; job dropped");
+            match job {
+                Job::Replay(r) => self.dropped.note(r.provider_id, "replay"),
+                Job::Flag {
+                    provider_id, kind, ..
+                } => self.dropped.note(provider_id, kind),
+            }
         }
+    }
+
+    /// A request of `provider_id`'s was sampled while the queue had no room for it (so
+    /// its text was not kept): counted as not judged, [`NoVerdict::QueueFull`].
+    pub(crate) fn dropped_sample(&self, provider_id: i64) {
+        self.dropped.note(provider_id, "replay");
     }
 }
 
@@ -133,8 +153,11 @@ pub(crate) async fn run(
     canary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     canary.tick().await;
     loop {
+        // Samples the full queue dropped meanwhile are counted between jobs.
+        state.auditor.dropped.write(&state).await;
         let job = tokio::select! {
             j = rx.recv() => match j { Some(j) => j, None => return },
+            () = state.auditor.dropped.wake.notified() => continue,
             _ = canary.tick() => {
                 if !interval.is_zero() {
                     tokio::select! {
@@ -204,31 +227,46 @@ pub(crate) struct ReplayJob {
     pub(crate) choices: i64,
 }
 
-/// Send the sampled body, as it is, to a trusted reference only, and judge what the
-/// audited provider delivered against the reference's answer.
+/// Judge a sampled request by a replay ([`replayed`]): the verdict moves the provider's
+/// reputation; no verdict is counted for moderators and moves nothing.
 async fn replay(state: &HubState, job: ReplayJob) {
-    let Some(reference) =
-        state
-            .registry
-            .trusted_reference(&job.model, job.sha256.as_ref(), job.provider_id)
-    else {
-        tracing::debug!(
-            provider_id = job.provider_id,
-            "no trusted reference for an audit"
-        );
-        return;
-    };
+    let (provider_id, request_id) = (job.provider_id, job.request_id.clone());
+    match replayed(state, job).await {
+        Ok((passed, agreement)) => {
+            judge(
+                state,
+                AuditRecord {
+                    provider_id,
+                    request_id: Some(request_id),
+                    kind: "replay",
+                    passed,
+                    agreement,
+                },
+            )
+            .await;
+        }
+        Err(why) => no_verdict::record(state, provider_id, "replay", why).await,
+    }
+}
+
+/// Send the sampled body, as it is, to a trusted reference only, and judge what the
+/// audited provider delivered against the reference's answer: (passed, agreement), or
+/// why there is no verdict.
+async fn replayed(state: &HubState, job: ReplayJob) -> Result<(bool, Option<f64>), NoVerdict> {
+    let reference = state
+        .registry
+        .trusted_reference(&job.model, job.sha256.as_ref(), job.provider_id)
+        .ok_or(NoVerdict::NoReference)?;
     // Not the consumer's pseudonym at the reference: under it the reference would see
     // the consumer's bodies twice, once as served elsewhere, and link its traffic
     // across providers.
     let consumer = one_time_pseudonym();
     let body = (job.sample.body.clone(), job.sample.stream);
     let audit = &state.config.audit;
-    let Some(lease) = send::lease_within(state, &reference, audit.lease_wait).await else {
-        tracing::debug!("trusted reference busy; no verdict");
-        return;
-    };
-    let answer = send::ask_leased(
+    let lease = send::lease_within(state, &reference, audit.lease_wait)
+        .await
+        .ok_or(NoVerdict::ReferenceBusy)?;
+    let b = send::ask_leased(
         state,
         lease,
         job.endpoint,
@@ -237,11 +275,8 @@ async fn replay(state: &HubState, job: ReplayJob) {
         &consumer,
         audit.answer_timeout,
     )
-    .await;
-    let Ok(b) = answer else {
-        tracing::debug!("trusted reference failed an audit; no verdict");
-        return;
-    };
+    .await
+    .map_err(|_| NoVerdict::ReferenceFailed)?;
     let provider_counted = Usage {
         // The hub's own estimate, billed for want of the provider's count, is not held
         // against it.
@@ -253,27 +288,14 @@ async fn replay(state: &HubState, job: ReplayJob) {
         ..job.billed
     };
     let same_file = serves_file(&reference, &job.model, job.sha256.as_ref());
-    let Some((passed, agreement)) = replay_verdict(
+    replay_verdict(
         state,
         (job.provider_id, job.endpoint, job.choices, same_file),
         provider_counted,
         &job.sample.into_delivered(),
         &b,
-    ) else {
-        tracing::debug!("the answers' tool calls could not be judged; no verdict");
-        return;
-    };
-    judge(
-        state,
-        AuditRecord {
-            provider_id: job.provider_id,
-            request_id: Some(job.request_id),
-            kind: "replay",
-            passed,
-            agreement,
-        },
     )
-    .await;
+    .ok_or(NoVerdict::Unjudgeable)
 }
 
 /// The verdict on one replay of `provider_id`'s answer to a request to `endpoint` for
@@ -360,10 +382,11 @@ fn embeddings_bound(counted: i64, inputs: usize, slack_per_input: i64) -> Option
 }
 
 /// Send `body` to the audited tunnel and the reference at once and judge the answers:
-/// `None` if either had no free slot within `audit.lease_wait` (a busy provider is not
-/// judged) or the reference failed (no verdict), else (passed, agreement). Failing an
-/// audited request, once it has a slot, is failing the audit; a stream of its cut short
-/// (an error event, no `[DONE]`) gives no verdict.
+/// (passed, agreement), or no verdict if either had no free slot within
+/// `audit.lease_wait` (a busy provider is not judged), the reference failed, or the
+/// answers cannot be compared. Failing an audited request, once it has a slot, is
+/// failing the audit; a stream of its cut short (an error event, no `[DONE]`) gives no
+/// verdict.
 async fn compare(
     state: &HubState,
     target: &Arc<ProviderLink>,
@@ -371,17 +394,17 @@ async fn compare(
     model: &ModelName,
     body: &Value,
     consumer: &str,
-) -> Option<(bool, Option<f64>)> {
+) -> Result<(bool, Option<f64>), NoVerdict> {
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let bytes = Bytes::from(serde_json::to_vec(body).ok()?);
+    // The hub's own body, made from a `Value`: never fails to serialize. Were it to,
+    // nothing could be sent to the reference.
+    let bytes = Bytes::from(serde_json::to_vec(body).map_err(|_| NoVerdict::ReferenceFailed)?);
     let ep = InferenceEndpoint::ChatCompletions;
     let audit = &state.config.audit;
-    let Some((on_target, on_reference)) =
-        send::lease_pair_within(state, target, reference, audit.lease_wait).await
-    else {
-        tracing::debug!("audited provider or reference busy; no verdict");
-        return None;
-    };
+    let (on_target, on_reference) =
+        send::lease_pair_within(state, target, reference, audit.lease_wait)
+            .await
+            .ok_or(NoVerdict::Busy)?;
     let wait = audit.answer_timeout;
     let (a, b) = tokio::join!(
         send::ask_leased(
@@ -403,11 +426,8 @@ async fn compare(
             wait
         ),
     );
-    let Ok(b) = b else {
-        tracing::debug!("trusted reference failed an audit; no verdict");
-        return None;
-    };
-    Some(match a {
+    let b = b.map_err(|_| NoVerdict::ReferenceFailed)?;
+    Ok(match a {
         Ok(a) => {
             let same_file = serves_file(
                 reference,
@@ -420,15 +440,13 @@ async fn compare(
                 Said::of(&b),
                 b.cut_at_length,
                 same_file,
-            )?;
+            )
+            .ok_or(NoVerdict::Unjudgeable)?;
             (passed, Some(g))
         }
         // A stream cut short may be a backend's failure, or a server that ends its
         // streams without `[DONE]`: no verdict rather than a false failure.
-        Err(send::InternalError::CutShort) => {
-            tracing::debug!("audited provider's stream cut short; no verdict");
-            return None;
-        }
+        Err(send::InternalError::CutShort) => return Err(NoVerdict::CutShort),
         Err(_) => (false, None),
     })
 }
@@ -447,6 +465,8 @@ async fn run_canary(state: &HubState, shapes: &Shapes) {
                 .registry
                 .trusted_reference(&model, sha.as_ref(), target.provider_id)
         else {
+            let why = NoVerdict::NoReference;
+            no_verdict::record(state, target.provider_id, "canary", why).await;
             continue;
         };
         let body = {
@@ -459,9 +479,13 @@ async fn run_canary(state: &HubState, shapes: &Shapes) {
             )
         };
         let consumer = one_time_pseudonym();
-        let Some((passed, g)) = compare(state, &target, &reference, &model, &body, &consumer).await
-        else {
-            continue;
+        let (passed, g) = match compare(state, &target, &reference, &model, &body, &consumer).await
+        {
+            Ok(v) => v,
+            Err(why) => {
+                no_verdict::record(state, target.provider_id, "canary", why).await;
+                continue;
+            }
         };
         judge(
             state,

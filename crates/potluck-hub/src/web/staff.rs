@@ -9,6 +9,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use http::HeaderMap;
+use potluck_protocol::admin::SpotCheckTally;
 use potluck_store::accounts::AccountInfo;
 use potluck_store::listing::{AccountFilter, Liveness, PageReq};
 
@@ -239,6 +240,27 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
             rows.collect(),
         ));
     }
+    if may(s, Action::Verdicts) {
+        // Spot checks that gave no verdict (content-free: ids and words of a fixed set),
+        // the latest first: a provider serving only what no reference can check is seen.
+        let tallies = st.store.recent_unjudged(rows).await?;
+        let rows = tallies.into_iter().map(|(provider, t)| {
+            let c = cells([
+                when_ms(t.last_at_ms),
+                provider.to_string(),
+                t.kind,
+                t.outcome,
+                t.samples.to_string(),
+            ]);
+            (c, None)
+        });
+        out.push(Section::new(
+            "unjudged",
+            "Spot checks not judged (latest)",
+            &["Last", "Provider", "Kind", "Reason", "Count"],
+            rows.collect(),
+        ));
+    }
     if may(s, Action::AuditLog) {
         let log = st.store.audit_log(rows).await?;
         let rows = log.into_iter().map(|r| {
@@ -336,7 +358,9 @@ async fn keys(st: &HubState, q: &Cursors, out: &mut Vec<Section>) -> Result<(), 
     Ok(())
 }
 
-/// Live providers, newest first (the likeliest to need a moderator), with their standing.
+/// Live providers, newest first (the likeliest to need a moderator), with their standing
+/// and their spot checks: how many sampled requests were judged, and those that were not
+/// (by kind and reason: a provider no reference can check is seen here).
 async fn providers(
     st: &HubState,
     s: &Session,
@@ -351,6 +375,8 @@ async fn providers(
     for p in newest.items {
         let standing = st.store.standing(p.id).await?;
         let q = standing.quarantined_at_ms.is_some();
+        let checks = crate::trust::admin::spot_check_tallies(st, p.id).await?;
+        let (judged, not_judged) = spot_check_cells(&checks);
         let c = cells([
             p.id.to_string(),
             p.name,
@@ -358,6 +384,8 @@ async fn providers(
             format!("{:.2}", standing.reputation),
             standing.trusted.to_string(),
             q.to_string(),
+            judged,
+            not_judged,
         ]);
         let url = may(s, Action::Trust).then(|| format!("/web/staff/providers/{}/act", p.id));
         rows.push((c, url));
@@ -369,6 +397,8 @@ async fn providers(
         "Reputation",
         "Trusted",
         "Quarantined",
+        "Sampled requests judged",
+        "Checks not judged",
     ];
     out.push(Section {
         action: "Apply",
@@ -378,6 +408,45 @@ async fn providers(
         ..Section::new("providers", "Providers", columns, rows)
     });
     Ok(())
+}
+
+/// A provider's spot checks in two cells: its sampled requests (replays) judged, of all
+/// sampled, with the share; and the checks of every kind that gave no verdict, by reason
+/// (`-` for none).
+fn spot_check_cells(checks: &[SpotCheckTally]) -> (String, String) {
+    let judged = checks.iter().find(|t| t.kind == "replay").map_or_else(
+        || "-".to_owned(),
+        |t| {
+            let not = t
+                .not_judged
+                .iter()
+                .fold(0_i64, |sum, n| sum.saturating_add(n.count));
+            format!(
+                "{} of {} ({:.0}%)",
+                t.judged,
+                t.judged.saturating_add(not),
+                t.judged_share * 100.0
+            )
+        },
+    );
+    let not_judged: Vec<String> = checks
+        .iter()
+        .filter(|t| !t.not_judged.is_empty())
+        .map(|t| {
+            let reasons: Vec<String> = t
+                .not_judged
+                .iter()
+                .map(|n| format!("{} {}", n.reason, n.count))
+                .collect();
+            format!("{}: {}", t.kind, reasons.join(", "))
+        })
+        .collect();
+    let not_judged = if not_judged.is_empty() {
+        "-".to_owned()
+    } else {
+        not_judged.join("; ")
+    };
+    (judged, not_judged)
 }
 
 async fn admin(v: &View<'_>, out: &mut Vec<Section>) -> Result<(), ApiError> {

@@ -197,12 +197,17 @@ fn liars() -> Vec<(&'static str, Responder)> {
 }
 
 fn hello(hash: &ModelHash) -> AgentEvent {
+    hello_of("m", hash)
+}
+
+/// [`hello`] for the model `model`.
+fn hello_of(model: &str, hash: &ModelHash) -> AgentEvent {
     AgentEvent::Hello {
         protocol: PROTOCOL_VERSION,
         agent_version: "scripted".into(),
         models: vec![ModelOffer {
             sha256: Some(hash.clone()),
-            ..ModelOffer::named(ModelName::parse("m").unwrap())
+            ..ModelOffer::named(ModelName::parse(model).unwrap())
         }],
         max_concurrency: 8,
         profile: ProviderProfile::default(),
@@ -1167,6 +1172,9 @@ async fn a_provider_busy_with_the_pools_work_is_not_failed_by_an_audit() {
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(reputation().await, 1.0, "busy, so not judged");
+    // Not judged, but counted for moderators.
+    let s = standing_seen_by_staff(&hub, "busy").await;
+    assert!(not_judged(&s, "canary", "busy") >= 1, "{s}");
     // Its slot freed, a provider that answers nothing fails the canaries.
     held.abort();
     wait_until("a silent provider fails canaries", WAIT, || async {
@@ -1945,4 +1953,132 @@ async fn a_reference_stream_cut_short_by_an_error_fails_no_audit() {
         .await
         .unwrap();
     assert!(h.iter().all(|a| a.1), "{h:?}");
+}
+
+/// A provider's spot checks as moderators see them: `GET /admin/v1/providers/{name}/standing`
+/// through the admin API (a real HTTP request).
+async fn standing_seen_by_staff(hub: &TestHub, name: &str) -> Value {
+    let a = Admin::admin(hub)
+        .get(&format!("/admin/v1/providers/{name}/standing"))
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    a.body
+}
+
+/// How many of the `kind` checks in `standing` (see [`standing_seen_by_staff`]) were not
+/// judged for `reason` (0 when none is listed).
+fn not_judged(standing: &Value, kind: &str, reason: &str) -> i64 {
+    standing["spot_checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["kind"] == kind)
+        .flat_map(|t| t["not_judged"].as_array().cloned().unwrap_or_default())
+        .filter(|n| n["reason"] == reason)
+        .filter_map(|n| n["count"].as_i64())
+        .sum()
+}
+
+/// A provider of a model no trusted reference serves could not be audited, and nobody
+/// could see it: each sample's "no verdict" was a debug line, so a liar serving only
+/// such a model was never caught and never noticed. Its samples are now counted as not
+/// judged, reason `no_reference`, and moderators see them with the share judged; its
+/// reputation does not move (an honest provider of such a model is not punished).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_no_reference_can_judge_are_shown_to_moderators_and_cost_no_reputation() {
+    let hash = ModelHash::parse(&"3c".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    // A trusted reference, but of another model only.
+    let _reference = ScriptedAgent::connect_with(
+        "ref",
+        &hub.url(),
+        &hub.create_provider("ref").await,
+        hello_of("other", &hash),
+        honest(),
+    )
+    .await;
+    let liar = ScriptedAgent::connect_with(
+        "liar",
+        &hub.url(),
+        &hub.create_provider("liar").await,
+        hello(&hash),
+        Arc::new(|_b: &Value| cheap()),
+    )
+    .await;
+    hub.wait_for_model("other", 1).await;
+    hub.wait_for_model("m", 1).await;
+    trust(&hub, "ref").await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    const ASKED: usize = 5;
+    for i in 0..ASKED {
+        ask(&alice, i).await;
+    }
+    assert_eq!(served(&liar), ASKED);
+    wait_until("the samples counted as not judged", WAIT, || async {
+        let s = standing_seen_by_staff(&hub, "liar").await;
+        not_judged(&s, "replay", "no_reference") == ASKED as i64
+    })
+    .await;
+    let s = standing_seen_by_staff(&hub, "liar").await;
+    let replays = s["spot_checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["kind"] == "replay")
+        .unwrap();
+    assert_eq!(replays["judged"], 0, "{s}");
+    assert_eq!(replays["judged_share"], 0.0, "{s}");
+    assert_eq!(s["standing"]["reputation"], 1.0, "{s}");
+    assert!(s["standing"]["quarantined_at_ms"].is_null(), "{s}");
+    assert_eq!(s["audits"], json!([]), "{s}");
+    // A moderator sees them on the staff page too.
+    let moderator = potluck_testkit::Moderator::new(&hub, "mo", "moderator").await;
+    let web = crate::web_http::WebClient::signed_in(&hub, &moderator.key).await;
+    let (status, page) = web.get("/web/staff").await;
+    assert_eq!(status, 200);
+    let unjudged = crate::web_http::section_of(&page, "unjudged");
+    let liar_id = hub.provider_id("liar").await;
+    assert!(
+        unjudged.contains(&format!("<td>{liar_id}</td>"))
+            && unjudged.contains("<td>no_reference</td>")
+            && unjudged.contains(&format!("<td>{ASKED}</td>")),
+        "{unjudged}"
+    );
+}
+
+/// A trusted reference that fails every request it gets (a 500) judges nothing: the
+/// audited provider's samples are counted as not judged, reason `reference_failed`,
+/// for moderators, and its reputation does not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_a_failing_reference_cannot_judge_are_shown_to_moderators() {
+    let hash = ModelHash::parse(&"3d".repeat(32)).unwrap();
+    let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    let failing = json!({"error": {"message": "the backend failed", "type": "server_error"}});
+    let _reference = raw_agent(&hub, "ref", hello(&hash), RawAnswer::json(500, &failing)).await;
+    let audited = ScriptedAgent::connect_with(
+        "audited",
+        &hub.url(),
+        &hub.create_provider("audited").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    hub.wait_for_model("m", 2).await;
+    trust(&hub, "ref").await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    let mut i = 0;
+    while not_judged(
+        &standing_seen_by_staff(&hub, "audited").await,
+        "replay",
+        "reference_failed",
+    ) == 0
+    {
+        assert!(i < 200, "no sample counted as failed by the reference");
+        ask(&alice, i).await;
+        i += 1;
+    }
+    assert!(served(&audited) >= 1);
+    let s = standing_seen_by_staff(&hub, "audited").await;
+    assert_eq!(s["standing"]["reputation"], 1.0, "{s}");
+    assert_eq!(s["audits"], json!([]), "{s}");
 }

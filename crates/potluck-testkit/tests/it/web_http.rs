@@ -323,6 +323,7 @@ async fn every_page_and_form_against_every_role() {
                 ("reports", true),
                 ("accounts", true),
                 ("log", true),
+                ("unjudged", true),
                 ("keys", admin),
                 ("providers", admin),
                 ("limits", admin),
@@ -985,7 +986,7 @@ async fn staff_page_after_signups(
 }
 
 /// The section of `page` with HTML id `id`, up to its end.
-fn section_of(page: &str, id: &str) -> String {
+pub(crate) fn section_of(page: &str, id: &str) -> String {
     let s = &page[page.find(&format!("id=\"{id}\"")).expect("the section")..];
     s[..s.find("</section>").unwrap_or(s.len())].to_owned()
 }
