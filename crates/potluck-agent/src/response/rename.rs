@@ -4,15 +4,17 @@
 //! every answer's and chunk's `model`: left there, every hub would learn the volunteer's
 //! user name and directories, which the offer itself hides.
 //!
-//! Only the value of the answer's top-level `model` key is replaced, and only when it is
-//! the backend's name: what the model wrote (a content, a tool call, a logprob token that
-//! happens to be exactly that name) goes on as the backend wrote it. The top level is
-//! found by one pass over the bytes that skips strings with `memchr` and counts brackets,
-//! without building a JSON tree: it runs on every streamed chunk.
+//! The value of every `model` key is replaced where it is the backend's name, at any depth
+//! (a whole answer, a chunk, llama.cpp's array of answers to a batch of prompts, its
+//! `__verbose` object), and nothing else: what the model wrote (a content, a tool call, a
+//! logprob token that happens to be exactly that name) is always inside a string value,
+//! which the pass skips whole, so it goes on as the backend wrote it. One pass over the
+//! bytes finds the strings with `memchr`, without building a JSON tree: it runs on every
+//! streamed chunk.
 
 use std::ops::Range;
 
-/// The top-level key whose value is renamed.
+/// The key whose value is renamed.
 const MODEL_KEY: &[u8] = b"\"model\"";
 
 /// One model's backend name → public name.
@@ -41,22 +43,10 @@ impl Rename {
         })
     }
 
-    /// Hand `each` the range, in `line` (one SSE line, or a whole JSON answer), of each
-    /// top-level `model` value that is the backend's name, quotes included, in order. An
-    /// SSE line is looked at only when it is a `data:` line.
-    pub fn each_in(&self, line: &[u8], mut each: impl FnMut(Range<usize>)) {
-        let json_at = match line.strip_prefix(b"data:") {
-            Some(rest) => line.len() - rest.len(),
-            None => 0,
-        };
-        top_level_values(
-            &line[json_at..],
-            MODEL_KEY,
-            |v| self.is_backend_name(v),
-            |at| {
-                each(json_at + at.start..json_at + at.end);
-            },
-        );
+    /// Hand `each` the range, in `line` (one SSE line, or a whole answer), of each `model`
+    /// value that is the backend's name, quotes included, in order.
+    pub fn each_in(&self, line: &[u8], each: impl FnMut(Range<usize>)) {
+        model_values(line, MODEL_KEY, |v| self.is_backend_name(v), each);
     }
 
     /// The public name as a JSON string, quotes included: what replaces each range that
@@ -103,49 +93,45 @@ impl Rename {
     }
 }
 
-/// Hand `each` the range of every value of the top-level `key` (a raw JSON string, quotes
-/// included, compared as written or decoded when it has escapes) of the object in `json`
-/// that `wanted` accepts, in order (a key written twice is found twice: readers differ on
-/// which one counts). A string value is handed to `wanted` with its quotes; values of
-/// other kinds are never wanted. The pass stops where the bytes stop reading as an object
-/// (what it found before stays found; a malformed answer is the hub's to refuse).
-fn top_level_values(
+/// Hand `each` the range of every string value of `key` (a raw JSON string, quotes
+/// included, compared as written or decoded when it has escapes), at any depth, that
+/// `wanted` accepts, in order (a key written twice is found twice: readers differ on which
+/// one counts). A string is a key where a `:` follows it; a value of another kind is never
+/// wanted. Strings are skipped whole, so text inside one (what a model wrote) is never
+/// read as a key; bytes around the JSON (`data: `) hold no quotes and are passed over. A
+/// string left open ends the pass.
+fn model_values(
     json: &[u8],
     key: &[u8],
     wanted: impl Fn(&[u8]) -> bool,
     mut each: impl FnMut(Range<usize>),
-) -> Option<()> {
-    let mut i = skip_ws(json, 0);
-    if json.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = skip_ws(json, i + 1);
-    if json.get(i) == Some(&b'}') {
-        return Some(());
-    }
-    loop {
-        if json.get(i) != Some(&b'"') {
-            return None;
+) {
+    let mut i = 0;
+    while let Some(start) = json
+        .get(i..)
+        .and_then(|rest| memchr::memchr(b'"', rest))
+        .map(|at| i + at)
+    {
+        let Some(end) = string_end(json, start) else {
+            return;
+        };
+        let colon = skip_ws(json, end);
+        if json.get(colon) != Some(&b':') {
+            i = end;
+            continue;
         }
-        let key_end = string_end(json, i)?;
-        let this_key = &json[i..key_end];
-        i = skip_ws(json, key_end);
-        if json.get(i) != Some(&b':') {
-            return None;
+        let value = skip_ws(json, colon + 1);
+        if json.get(value) != Some(&b'"') || !same_key(&json[start..end], key) {
+            i = colon + 1;
+            continue;
         }
-        i = skip_ws(json, i + 1);
-        let value_start = i;
-        i = value_end(json, i)?;
-        let value = &json[value_start..i];
-        if value.first() == Some(&b'"') && same_key(this_key, key) && wanted(value) {
-            each(value_start..i);
+        let Some(value_end) = string_end(json, value) else {
+            return;
+        };
+        if wanted(&json[value..value_end]) {
+            each(value..value_end);
         }
-        i = skip_ws(json, i);
-        match json.get(i)? {
-            b',' => i = skip_ws(json, i + 1),
-            b'}' => return Some(()),
-            _ => return None,
-        }
+        i = value_end;
     }
 }
 
@@ -177,44 +163,6 @@ fn string_end(b: &[u8], start: usize) -> Option<usize> {
     }
 }
 
-/// The index after the value that starts at `start`: a string, an object or array (its
-/// brackets counted, strings inside skipped), or a number or literal (up to the next
-/// delimiter).
-fn value_end(b: &[u8], start: usize) -> Option<usize> {
-    match b.get(start)? {
-        b'"' => string_end(b, start),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            let mut i = start;
-            loop {
-                match b.get(i)? {
-                    b'"' => {
-                        i = string_end(b, i)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(i + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                i += 1;
-            }
-        }
-        _ => {
-            let rest = &b[start..];
-            let n = rest
-                .iter()
-                .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
-                .unwrap_or(rest.len());
-            (n > 0).then_some(start + n)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -229,7 +177,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_top_level_model_is_renamed() {
+    fn every_model_value_is_renamed_and_nothing_the_model_wrote() {
         let r = Rename::new("/home/alice/m.gguf", "smol").unwrap();
         // The chunk's own `model`, wherever it stands among the keys.
         assert_eq!(
@@ -243,23 +191,38 @@ mod tests {
             ),
             r#"data: {"choices":[{"delta":{"content":"x"}}], "model" : "smol" ,"id":"1"}"#
         );
-        // What the model wrote: a content that is the name, JSON quoting it, a tool call
-        // named so, a nested `model`, a key named so.
+        // llama.cpp's answers to a batch of prompts (an array), and its `__verbose` object
+        // (`-v`): the name in them is the backend's too.
+        assert_eq!(
+            renamed(
+                &r,
+                r#"[{"model":"/home/alice/m.gguf","content":"a"},{"model":"/home/alice/m.gguf"}]"#
+            ),
+            r#"[{"model":"smol","content":"a"},{"model":"smol"}]"#
+        );
+        assert_eq!(
+            renamed(
+                &r,
+                r#"{"choices":[],"__verbose":{"model":"/home/alice/m.gguf","x":[{"model":"/home/alice/m.gguf"}]}}"#
+            ),
+            r#"{"choices":[],"__verbose":{"model":"smol","x":[{"model":"smol"}]}}"#
+        );
+        // What the model wrote: a content that is the name, JSON quoting it (a `model`
+        // key inside a string, escaped), a tool call named so, a key named so.
         for untouched in [
             r#"{"model":"smol","choices":[{"delta":{"content":"/home/alice/m.gguf"}}]}"#,
             r#"{"choices":[{"message":{"content":"see \"/home/alice/m.gguf\""}}],"model":"other"}"#,
-            r#"{"choices":[{"delta":{"tool_calls":[{"function":{"name":"/home/alice/m.gguf"}}]}}]}"#,
-            r#"{"choices":[{"model":"/home/alice/m.gguf"}],"x":{"model":"/home/alice/m.gguf"}}"#,
+            r#"{"choices":[{"message":{"content":"{\"model\":\"/home/alice/m.gguf\"}"}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"function":{"name":"/home/alice/m.gguf","arguments":"{\"model\": \"/home/alice/m.gguf\"}"}}]}}]}"#,
             r#"{"/home/alice/m.gguf":1,"model":2}"#,
-            r#"{"a":"}{\"model\":\"/home/alice/m.gguf\"","b":["]",{"model":"/home/alice/m.gguf"}]}"#,
-            r#"event: {"model":"/home/alice/m.gguf"}"#,
-            r#": {"model":"/home/alice/m.gguf"}"#,
+            r#"{"a":"}{\"model\":\"/home/alice/m.gguf\"","b":["]"]}"#,
+            r#"{"model":["/home/alice/m.gguf"]}"#,
             r#"data: [DONE]"#,
             "",
         ] {
             assert!(r.apply(untouched.as_bytes()).is_none(), "{untouched}");
         }
-        // The content keeps the name while the top level loses it.
+        // The content keeps the name while the answer's `model` loses it.
         assert_eq!(
             renamed(
                 &r,
@@ -284,9 +247,10 @@ mod tests {
         );
     }
 
-    /// Bytes that are not an object, or end part-way, are left as they are.
+    /// Bytes that are not JSON, or end part-way, are never a panic, and nothing in them
+    /// changes but a `model` value that is the backend's name.
     #[test]
-    fn broken_json_is_left_alone() {
+    fn broken_json_changes_nothing_but_a_model_value() {
         let r = Rename::new("m", "p").unwrap();
         for bad in [
             r#"{"model""#,
@@ -298,12 +262,18 @@ mod tests {
             r#"{"a":{"#,
             r#"{"a":"\"#,
             r#"{"a":}"#,
+            r#"{"model":"m""#,
+            r#"{"model":"m",]"#,
+            "\"",
+            "\\\"",
+            r#""model":"#,
+            r#""model": "#,
         ] {
-            assert!(r.apply(bad.as_bytes()).is_none(), "{bad}");
+            let out = renamed(&r, bad);
+            assert_eq!(out.replace(r#""p""#, r#""m""#), bad, "{bad}");
         }
-        // Well-formed up to the `model`: renamed, whatever follows.
-        assert_eq!(r.apply(br#"{"model":"m""#).unwrap(), br#"{"model":"p""#);
-        assert_eq!(r.apply(br#"{"model":"m",]"#).unwrap(), br#"{"model":"p",]"#);
+        assert!(r.apply(br#"["model","m"]"#).is_none());
+        assert!(r.apply(br#"{"model":"m"#).is_none(), "a value left open");
         // A key written twice is renamed twice (serde reads the last, others the first).
         assert_eq!(
             r.apply(br#"data: {"model":"m","x":[],"model":"m"}"#)
@@ -312,8 +282,26 @@ mod tests {
         );
     }
 
-    /// Against serde's reading: for objects of every shape a few keys make, the pass
-    /// renames exactly the top-level `model`, and nothing else changes.
+    /// `value` with every object's `model` that is `"m"` made `"p"`, at any depth.
+    fn expected(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    if k == "model" && v.as_str() == Some("m") {
+                        *v = "p".into();
+                    } else {
+                        expected(v);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(expected),
+            _ => {}
+        }
+    }
+
+    /// Against serde's reading: for documents of every shape a few keys and values make,
+    /// the pass renames exactly the `model` values that are the name, and nothing else
+    /// changes.
     #[test]
     fn the_pass_agrees_with_a_json_parser() {
         let r = Rename::new("m", "p").unwrap();
@@ -326,6 +314,7 @@ mod tests {
             r#"["m",{"model":"m"},[]]"#,
             r#""a\\\"m""#,
             r#""}""#,
+            r#""\"model\":\"m\"""#,
             "{}",
             "[]",
         ];
@@ -337,15 +326,16 @@ mod tests {
                         if k1 == k2 {
                             continue;
                         }
-                        let doc = format!("{{{k1}:{v1}, {k2} : {v2}}}");
-                        let mut want: serde_json::Map<String, serde_json::Value> =
-                            serde_json::from_str(&doc).unwrap();
-                        if want.get("model").and_then(|v| v.as_str()) == Some("m") {
-                            want.insert("model".into(), "p".into());
+                        for doc in [
+                            format!("{{{k1}:{v1}, {k2} : {v2}}}"),
+                            format!("[{{{k1}:{v1}}}, {v2}]"),
+                        ] {
+                            let mut want: serde_json::Value = serde_json::from_str(&doc).unwrap();
+                            expected(&mut want);
+                            let got: serde_json::Value =
+                                serde_json::from_str(&renamed(&r, &doc)).unwrap();
+                            assert_eq!(got, want, "{doc}");
                         }
-                        let got: serde_json::Map<String, serde_json::Value> =
-                            serde_json::from_str(&renamed(&r, &doc)).unwrap();
-                        assert_eq!(got, want, "{doc}");
                     }
                 }
             }
