@@ -4,9 +4,10 @@
 //! vectors of anything but numbers (`[null]`, `"x"`) has failed the request: nothing is
 //! billed and its circuit breaker counts it. (Before, any JSON object was billed in full
 //! and counted a success; then any array or string was taken for a vector.) Every vector
-//! must also be in the form the request asked (`encoding_format`: arrays of numbers for
-//! `"float"` or none, base64 for `"base64"`): the other form breaks the consumer's
-//! client, so it is the provider's failure too.
+//! must also be in a form the request's client reads (`encoding_format`): base64 answering
+//! a request for floats (`"float"` or none), or the two forms mixed, breaks the consumer's
+//! client, so it is the provider's failure too; floats answering a request for base64 are
+//! taken, as OpenAI's SDK takes them (see [`in_form_asked`]).
 
 use std::fmt;
 
@@ -58,6 +59,20 @@ impl<'de> Deserialize<'de> for Dimension {
     }
 }
 
+/// Whether every vector is in a form the consumer's client reads for `asked`: base64 only
+/// where base64 was asked, and all in one form. Floats answering a request for base64
+/// pass: OpenAI's own SDK asks base64 by default and takes floats back as they are, and
+/// many honest backends ignore `encoding_format`; failing them would trip their breakers.
+fn in_form_asked(items: &[Item], asked: EmbeddingEncoding) -> bool {
+    let mut forms = items
+        .iter()
+        .filter_map(|i| i.embedding.as_ref().map(|d| d.1));
+    let Some(first) = forms.next() else {
+        return true;
+    };
+    (first == asked || first == EmbeddingEncoding::Float) && forms.all(|f| f == first)
+}
+
 /// Check `bytes`, the answer to a request of `inputs` inputs that asked its vectors in
 /// `form`; its shape (for audits).
 pub(crate) fn check(
@@ -73,10 +88,7 @@ pub(crate) fn check(
     if i64::try_from(items.len()).ok() != Some(inputs.max(1)) {
         return Err(BAD);
     }
-    if items
-        .iter()
-        .any(|i| i.embedding.as_ref().is_some_and(|d| d.1 != form))
-    {
+    if !in_form_asked(&items, form) {
         return Err(ApiError::ProviderFailed(
             "the provider's embeddings were not in the form the request asked (encoding_format)",
         ));
@@ -153,8 +165,9 @@ mod tests {
         .is_err());
     }
 
-    /// Vectors must be in the form asked: floats for `"float"` (or none), base64 for
-    /// `"base64"`; the other form, or the two mixed, is the provider's failure.
+    /// Vectors must be in a form the client reads: floats for `"float"` (or none),
+    /// either for `"base64"`; base64 for floats, or the two mixed, is the provider's
+    /// failure.
     #[test]
     fn vectors_must_be_in_the_form_asked() {
         let floats: &[u8] = br#"{"data":[{"embedding":[1.0,2.0]},{"embedding":[3,4]}]}"#;
@@ -167,12 +180,9 @@ mod tests {
         };
         assert_eq!(super::check(floats, 2, FLOAT).ok(), Some(two));
         assert_eq!(super::check(base64, 2, BASE64).ok(), Some(two));
-        for (answer, form) in [
-            (floats, BASE64),
-            (base64, FLOAT),
-            (mixed, FLOAT),
-            (mixed, BASE64),
-        ] {
+        // Floats for a request that asked base64: taken, as OpenAI's SDK takes them.
+        assert_eq!(super::check(floats, 2, BASE64).ok(), Some(two));
+        for (answer, form) in [(base64, FLOAT), (mixed, FLOAT), (mixed, BASE64)] {
             let e = super::check(answer, 2, form).unwrap_err();
             assert!(matches!(e, ApiError::ProviderFailed(_)), "{e:?}");
         }
