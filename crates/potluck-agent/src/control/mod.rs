@@ -298,6 +298,11 @@ fn check_dir(dir: &Path, me: u32) -> Result<(), String> {
     if mode & 0o022 != 0 && !sticky(mode) {
         return Err(format!("{shown} may be written by other users"));
     }
+    // Inside a user namespace (a rootless container, a sandbox) the host's root, which
+    // owns `/` and the system's directories, shows as the overflow id: taken as root's
+    // above the socket's own directory, which must still be this user's.
+    let unmapped = unmapped_uid();
+    let above_ok = |m: &std::fs::Metadata| mine(m) || Some(m.uid()) == unmapped;
     let absolute = std::path::absolute(dir).map_err(|e| format!("{shown}: {e}"))?;
     let resolved = std::fs::canonicalize(dir).map_err(|e| format!("{shown}: {e}"))?;
     for above in absolute
@@ -307,7 +312,7 @@ fn check_dir(dir: &Path, me: u32) -> Result<(), String> {
     {
         let m = std::fs::metadata(above).map_err(|e| format!("{}: {e}", above.display()))?;
         let mode = m.permissions().mode();
-        if !mine(&m) || (mode & 0o002 != 0 && !sticky(mode)) {
+        if !above_ok(&m) || (mode & 0o002 != 0 && !sticky(mode)) {
             return Err(format!(
                 "{} above it may be changed by other users",
                 above.display()
@@ -315,6 +320,23 @@ fn check_dir(dir: &Path, me: u32) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The id users outside this process's user namespace show as, when it runs in one
+/// (`None` in the initial namespace, whose map is the identity).
+fn unmapped_uid() -> Option<u32> {
+    let map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
+    let overflow = std::fs::read_to_string("/proc/sys/kernel/overflowuid").ok()?;
+    unmapped_from(&map, &overflow)
+}
+
+/// [`unmapped_uid`] from the texts of `/proc/self/uid_map` and the overflow id.
+fn unmapped_from(uid_map: &str, overflow: &str) -> Option<u32> {
+    let identity = uid_map.split_whitespace().eq(["0", "0", "4294967295"]);
+    if identity {
+        return None;
+    }
+    overflow.trim().parse().ok()
 }
 
 /// The user the socket belongs to, whose connections alone are served (root's too).
@@ -547,5 +569,20 @@ mod tests {
         drop(l);
         // Left behind by an agent that died: replaced.
         bind(&sock).await.unwrap();
+    }
+
+    /// Inside a user namespace the host's root shows as the overflow id, which is taken
+    /// as root's above the socket's directory; outside one, nobody is.
+    #[test]
+    fn the_overflow_id_stands_for_root_only_inside_a_user_namespace() {
+        assert_eq!(
+            unmapped_from("         0          0 4294967295\n", "65534\n"),
+            None
+        );
+        assert_eq!(
+            unmapped_from("         0       1000          1\n", "65534\n"),
+            Some(65534)
+        );
+        assert_eq!(unmapped_from("0 100000 65536\n", "nonsense"), None);
     }
 }

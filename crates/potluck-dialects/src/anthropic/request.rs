@@ -58,6 +58,7 @@ pub fn to_openai(body: &[u8]) -> Result<Request, DialectError> {
             turn_messages(turn, i, &mut messages)?;
         }
     }
+    ends_with_the_user(&messages, turns, empty_last)?;
     let mut out = Map::new();
     out.insert("model".into(), Value::String(model.clone()));
     out.insert("messages".into(), Value::Array(messages));
@@ -141,6 +142,34 @@ fn prefill(turns: &[Value]) -> Result<Option<usize>, DialectError> {
     } else {
         Err(DialectError::invalid(format!("messages.{i}"), PREFILL_WHY))
     }
+}
+
+/// The translated conversation must not end with the assistant either: turns that give
+/// no message (a user turn of no blocks, or of thinking only; an empty assistant turn
+/// after a full one) would otherwise leave an earlier assistant turn last, a prefill by
+/// another road. The error names the last assistant turn that was kept (`left_out`: the
+/// empty one [`prefill`] left out).
+fn ends_with_the_user(
+    messages: &[Value],
+    turns: &[Value],
+    left_out: Option<usize>,
+) -> Result<(), DialectError> {
+    let role = |m: &Value| m.get("role").and_then(Value::as_str).map(str::to_owned);
+    let last = messages
+        .iter()
+        .rev()
+        .find(|m| role(m).as_deref() != Some("system"));
+    if last.and_then(role).as_deref() != Some("assistant") {
+        return Ok(());
+    }
+    let i = turns
+        .iter()
+        .enumerate()
+        .rposition(|(i, t)| {
+            Some(i) != left_out && t.get("role").and_then(Value::as_str) == Some("assistant")
+        })
+        .unwrap_or(0);
+    Err(DialectError::invalid(format!("messages.{i}"), PREFILL_WHY))
 }
 
 /// `stop_sequences`: a list of texts, or none.

@@ -958,4 +958,24 @@ fn a_prefill_is_refused_and_an_empty_last_assistant_turn_left_out() {
         {"role": "user", "content": "again"}]}))
     .unwrap();
     assert_eq!(r.openai["messages"].as_array().map(Vec::len), Some(3));
+    // Turns that give no message after a full assistant turn leave it last: a prefill by
+    // another road, refused the same way.
+    for tail in [
+        json!([{"role": "assistant", "content": ""}]),
+        json!([{"role": "user", "content": []}]),
+        json!([{"role": "user", "content": [{"type": "thinking", "thinking": "x", "signature": ""}]}]),
+    ] {
+        let mut turns = vec![
+            json!({"role": "user", "content": "hi"}),
+            json!({"role": "assistant", "content": "The answer is"}),
+        ];
+        turns.extend(tail.as_array().unwrap().iter().cloned());
+        match req(json!({"model": "m", "max_tokens": 8, "messages": turns})) {
+            Err(e) => {
+                assert_eq!(e.param(), Some("messages.1"), "{tail}");
+                assert!(e.to_string().contains("assistant message prefill"), "{e}");
+            }
+            Ok(r) => panic!("{tail}: sent as {}", r.openai["messages"]),
+        }
+    }
 }

@@ -361,8 +361,10 @@ const THINK_LEVELS: [&str; 3] = ["low", "medium", "high"];
 /// Ollama's `think`: whether a reasoning model thinks, and the answer shows it. `false`
 /// asks for no thinking: the provider's chat template is told so (`enable_thinking`, the
 /// switch of Qwen3's, DeepSeek's and others' templates in llama.cpp and vLLM; templates
-/// without one ignore it) and, whatever the model does, the answer shows none, as
-/// Anthropic's turned-off thinking shows none. `true` turns the switch on; a level
+/// without one ignore it) and the thinking a provider sends apart (`reasoning_content`,
+/// `reasoning`) is not shown, as Anthropic's turned-off thinking is not. Thinking a
+/// provider sends inside the text (`<think>…</think>`, from a backend run without a
+/// reasoning parser) is the text as far as the hub can tell, and is shown. `true` turns the switch on; a level
 /// (`low`, `medium`, `high`) goes as `reasoning_effort`, which vLLM and ollama take for
 /// gpt-oss. Absent or `null`: nothing is sent, the model thinks as its volunteer set it
 /// up, and its thinking is shown (as Ollama shows a thinking model's by default).

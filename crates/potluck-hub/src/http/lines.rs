@@ -15,6 +15,9 @@ pub(crate) struct Lines {
     scanned: u64,
     /// Whether `buf` was given bytes since it was last let go ([`Lines::let_go`]).
     used: bool,
+    /// Bytes split off the front of `buf` since its allocation was last made fresh: the
+    /// allocation may still hold them, though `buf`'s capacity no longer counts them.
+    front: usize,
 }
 
 impl Lines {
@@ -31,6 +34,7 @@ impl Lines {
             Some(i) => {
                 self.scanned = self.scanned.saturating_add(i as u64 + 1);
                 let mut line = self.buf.split_to(self.searched + i + 1);
+                self.front = self.front.saturating_add(line.len());
                 line.truncate(line.len() - 1);
                 self.searched = 0;
                 Some(line)
@@ -62,10 +66,30 @@ impl Lines {
             self.buf = BytesMut::new();
             self.searched = 0;
             self.used = false;
+            self.front = 0;
         }
     }
 
-    /// Bytes of room the buffer holds now.
+    /// With a line part-way behind more bytes of lines already split off, move it to an
+    /// allocation of its own, so the room held is what [`Lines::room`] counts and no
+    /// more: a long line ended and followed by one byte would otherwise keep the long
+    /// line's allocation for that byte. Each byte is copied at most once for each time
+    /// as many bytes were split off before it, so the cost stays linear.
+    pub(crate) fn compact(&mut self) {
+        if self.front > self.buf.len() && !self.buf.is_empty() {
+            self.buf = BytesMut::from(&self.buf[..]);
+            self.front = 0;
+        }
+    }
+
+    /// Bytes of room the buffer's allocation may hold now: its capacity, and what was
+    /// split off its front (an overestimate once the lines split off are dropped).
+    pub(crate) fn room(&self) -> usize {
+        self.buf.capacity().saturating_add(self.front)
+    }
+
+    /// Bytes of room the buffer holds after its start.
+    #[cfg(test)]
     pub(crate) fn capacity(&self) -> usize {
         self.buf.capacity()
     }

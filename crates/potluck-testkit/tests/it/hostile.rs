@@ -1034,9 +1034,10 @@ async fn reconnecting_does_not_renew_the_offer_change_allowance() {
 /// every one of `max_slots_per_tunnel` × `max_tunnels_per_provider` streams). Now what
 /// the parser holds is charged to the provider's part of the hub's budget of answers
 /// (`max_buffered_answer_bytes`, here 64 KiB for one provider): once it is spent, each
-/// further such stream ends at once with a provider error and counts against the
-/// provider; another provider's stream still runs; and when the consumers leave, every
-/// byte charged is given back.
+/// further such stream ends at once as overloaded (no provider is blamed: the same part
+/// holds the provider's whole answers until their consumers read them, so a consumer
+/// could fill it); another provider's stream still runs; and when the consumers leave,
+/// every byte charged is given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_stream_lines_are_charged_to_their_providers_part() {
     use potluck_testkit::sse::{Event, SseReader};
@@ -1080,7 +1081,7 @@ async fn unfinished_stream_lines_are_charged_to_their_providers_part() {
             biased;
             ev = sse.next() => {
                 let Some(Event::Json(v)) = ev else { panic!("{ev:?}") };
-                assert_eq!(v["error"]["code"], "provider_error", "{v}");
+                assert_eq!(v["error"]["code"], "hub_overloaded", "{v}");
                 refused += 1;
             }
             () = wait_until("the line is charged", Duration::from_secs(20), || {
@@ -1093,8 +1094,6 @@ async fn unfinished_stream_lines_are_charged_to_their_providers_part() {
     assert!(open.len() * LINE <= PART, "{} lines held", open.len());
     assert!(refused >= 6 - PART / LINE, "{refused} refused");
     assert!(held() <= PART, "{} held", held());
-    let hoarder_id = st.store.provider_id("hoarder").await.unwrap();
-    assert!(st.registry.health_of(hoarder_id).success_rate() < 1.0);
     // Another provider's stream runs meanwhile.
     let carol = Consumer::new(&hub, "carol").await;
     let (_, mut sse) = carol.chat_stream("honest-model", "hi").await;

@@ -368,30 +368,28 @@ impl Relay {
     }
 
     /// Charge what the parser holds of an unfinished line or event to the provider's
-    /// part of the budget; past it, the stream ends as the provider's failure, as a
-    /// whole answer past it is refused (past the hub's whole budget, as overloaded).
+    /// part of the budget; past it (or past the hub's whole budget), the stream ends as
+    /// overloaded, and no provider is blamed: the provider's part also holds its whole
+    /// answers until their consumers read them, so a consumer that reads none could
+    /// otherwise make an honest provider's streams fail against it (a whole answer past
+    /// the budget is refused the same way).
     #[cold]
     fn charge(&mut self, held: usize) {
         if self.end != End::Open {
             // Over: what is charged stays until the relay is dropped, a moment later.
             return;
         }
-        match self.held.set(&self.state.answers, held) {
-            Ok(()) => {}
-            Err(Refusal::Provider) => self.fail(
-                "The provider's unfinished stream events hold more of this hub's memory than it allows.",
-                "provider_error",
-            ),
-            Err(Refusal::Hub) => {
-                tracing::warn!(
-                    "stream ended: the hub holds max_buffered_answer_bytes of answers"
-                );
-                let e = ApiError::Overloaded {
-                    retry_after: self.state.config.retry_after_secs,
-                };
-                self.end_with(sse_error(&e), End::Overloaded);
-            }
-        }
+        let Err(refusal) = self.held.set(&self.state.answers, held) else {
+            return;
+        };
+        tracing::warn!(
+            provider_part = matches!(refusal, Refusal::Provider),
+            "stream ended: its provider's part, or the hub's whole max_buffered_answer_bytes, is held"
+        );
+        let e = ApiError::Overloaded {
+            retry_after: self.state.config.retry_after_secs,
+        };
+        self.end_with(sse_error(&e), End::Overloaded);
     }
 
     /// Account for the stream (once).
