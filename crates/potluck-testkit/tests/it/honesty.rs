@@ -2038,11 +2038,46 @@ async fn samples_no_reference_can_judge_are_shown_to_moderators_and_cost_no_repu
     assert_eq!(status, 200);
     let unjudged = crate::web_http::section_of(&page, "unjudged");
     let liar_id = hub.provider_id("liar").await;
+    // The row of the liar's replays not judged for want of a reference (the cells after
+    // the time: provider, kind, reason, count), its count the last cell.
+    let row = unjudged
+        .split("<tr>")
+        .find(|r| {
+            r.contains(&format!(
+                "<td>{liar_id}</td><td>replay</td><td>no_reference</td>"
+            ))
+        })
+        .unwrap_or_else(|| panic!("the liar's row: {unjudged}"));
     assert!(
-        unjudged.contains(&format!("<td>{liar_id}</td>"))
-            && unjudged.contains("<td>no_reference</td>")
-            && unjudged.contains(&format!("<td>{ASKED}</td>")),
-        "{unjudged}"
+        row.contains(&format!(
+            "<td>{liar_id}</td><td>replay</td><td>no_reference</td><td>{ASKED}</td>\n"
+        )),
+        "{row}"
+    );
+    assert!(
+        unjudged.contains("may come from load on the pool or from the trusted reference"),
+        "the hint that some reasons are not the provider's doing: {unjudged}"
+    );
+    // An admin sees the provider's counts: none of its replays run judged, all five for
+    // want of a reference.
+    let boss = potluck_testkit::Staff::new(&hub, "boss", "admin").await;
+    let web = crate::web_http::WebClient::signed_in(&hub, &boss.key).await;
+    let (status, page) = web.get("/web/staff").await;
+    assert_eq!(status, 200);
+    let providers = crate::web_http::section_of(&page, "providers");
+    assert!(
+        providers.contains("<th scope=\"col\">Replays judged (of run or dropped)</th>"),
+        "{providers}"
+    );
+    let row = providers
+        .split("<tr>")
+        .find(|r| r.starts_with(&format!("<td>{liar_id}</td><td>liar</td>")))
+        .unwrap_or_else(|| panic!("the liar's row: {providers}"));
+    assert!(
+        row.contains(&format!(
+            "<td>0 of {ASKED} (0%)</td><td>replay: no_reference {ASKED}</td>"
+        )),
+        "{row}"
     );
 }
 
