@@ -592,8 +592,10 @@ pub struct ProviderAudits {
     pub spot_checks: Vec<SpotCheckTally>,
 }
 
-/// A provider's spot checks of one kind (`replay`: its sampled requests; `canary`; a
-/// plausibility flag's kind), judged and not.
+/// A provider's spot checks of one kind (`replay`: replays of its sampled requests that
+/// ended well, run or dropped for a full queue, not all sampled requests: one that ended
+/// in a provider's error or was filtered by the guard is neither replayed nor counted;
+/// `canary`; a plausibility flag's kind), judged and not.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpotCheckTally {
     /// `replay`, `canary`, `speed`, `usage`, `failures`.
@@ -602,7 +604,7 @@ pub struct SpotCheckTally {
     pub judged: i64,
     /// How many gave no verdict, by reason (none moved the reputation).
     pub not_judged: Vec<NotJudged>,
-    /// judged / (judged + not judged), in [0, 1].
+    /// judged / (judged + not judged): of the checks counted, in [0, 1].
     pub judged_share: f64,
 }
 
@@ -612,6 +614,8 @@ pub struct NotJudged {
     /// `no_reference` (no trusted reference serves the model), `reference_busy`, `busy`
     /// (a canary's provider or reference), `reference_failed`, `unjudgeable` (answers that
     /// cannot be compared), `cut_short` (a canary's stream), `queue_full` (dropped).
+    /// `busy`, `reference_busy`, `reference_failed` and `queue_full` may come from the
+    /// pool's load or the reference, not from the provider.
     pub reason: String,
     /// How many.
     pub count: i64,

@@ -346,6 +346,11 @@ pub struct Store {
     /// Fault injection for tests: this many of the next settlement writes are committed,
     /// then answered as if the connection dropped ([`Store::lose_next_commit_acks`]).
     pub(crate) lost_acks: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// Transactions `record_unjudged` has committed, for tests.
+    pub(crate) unjudged_writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Fault injection for tests: this many of the next `record_unjudged` writes fail
+    /// ([`Store::fail_next_unjudged_writes`]).
+    pub(crate) failing_unjudged: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// An injected timeout if `left` is above zero (then one less).
@@ -402,6 +407,8 @@ impl Store {
             usage_scans: Default::default(),
             failing_settlements: Default::default(),
             lost_acks: Default::default(),
+            unjudged_writes: Default::default(),
+            failing_unjudged: Default::default(),
             key_lookup_gate: Default::default(),
         };
         store.migrate().await?;
@@ -479,9 +486,34 @@ impl Store {
         take_one(&self.failing_settlements)
     }
 
+    /// Take one injected failure of a `record_unjudged` write, if any is left.
+    pub(crate) fn injected_unjudged_failure(&self) -> Result<()> {
+        take_one(&self.failing_unjudged)
+    }
+
     /// Take one injected lost acknowledgement, if any is left.
     pub(crate) fn injected_lost_ack(&self) -> Result<()> {
         take_one(&self.lost_acks)
+    }
+
+    /// For tests: make the next `n` writes of checks that gave no verdict
+    /// (`record_unjudged`) fail as a database that timed out would, before they touch it.
+    pub fn fail_next_unjudged_writes(&self, n: u32) {
+        self.failing_unjudged
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many of the failures [`Store::fail_next_unjudged_writes`] asked for are left.
+    pub fn unjudged_write_failures_left(&self) -> u32 {
+        self.failing_unjudged
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many transactions `record_unjudged` has committed: the auditor writes what a
+    /// round of checks could not judge in one, not one per check.
+    pub fn unjudged_writes(&self) -> u64 {
+        self.unjudged_writes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many usage aggregates (`usage_totals`) this store has run: the pages that

@@ -304,6 +304,7 @@ impl Store {
         if tallies.iter().all(|t| t.samples <= 0) {
             return Ok(());
         }
+        self.injected_unjudged_failure()?;
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         for t in tallies.iter().filter(|t| t.samples > 0) {
@@ -317,6 +318,8 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
+        self.unjudged_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

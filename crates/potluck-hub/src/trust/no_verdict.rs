@@ -9,8 +9,11 @@
 //! share judged (`GET /admin/v1/providers/{p}/standing`, the staff page).
 //!
 //! Counting is the auditor task's work, off the request path; only a sample dropped for a
-//! full queue is noted on the request path, in [`Dropped`] (a short lock, taken only when
-//! the queue is full), and written by the auditor.
+//! full queue is noted on the request path (a short lock, taken only when the queue is
+//! full). Both are kept in memory, in [`Unwritten`], and the auditor writes them in one
+//! transaction when its queue is empty or at least every [`WRITE_EVERY`] (so a canary
+//! round's are written together, whatever the number of models), and once more, within
+//! a short wait, when the hub stops. A failed write keeps them for the next.
 
 use std::collections::HashMap;
 
@@ -70,89 +73,132 @@ impl NoVerdict {
     }
 }
 
-/// Record that `provider_id`'s check of `kind` gave no verdict for `why`: the metric, and
-/// one more in the provider's tally in the store. Its reputation does not move.
-pub(crate) async fn record(state: &HubState, provider_id: i64, kind: &'static str, why: NoVerdict) {
-    tracing::debug!(
-        provider_id,
-        kind,
-        reason = why.as_str(),
-        "spot check: no verdict"
-    );
-    write(
-        state,
-        &[Unjudged {
-            provider_id,
-            kind,
-            reason: why.as_str(),
-            samples: 1,
-        }],
-    )
-    .await;
-}
+/// Most (provider, kind, reason) triples [`Unwritten`] keeps between two writes: past
+/// it, a check of another triple is not counted (the auditor writes at least every
+/// [`WRITE_EVERY`] while it works, and the full queue drops the samples of a bounded
+/// number of providers, so this is far more than a write ever finds).
+const MAX_UNWRITTEN_KEYS: usize = 4096;
 
-/// Count `tallies` in the metric and the store (a failure to write is logged).
-async fn write(state: &HubState, tallies: &[Unjudged]) {
-    for t in tallies {
-        state
-            .metrics
-            .unjudged(t.kind, t.reason, u64::try_from(t.samples).unwrap_or(0));
-    }
-    if let Err(e) = state.store.record_unjudged(tallies).await {
-        tracing::error!(error = ?e, "checks that gave no verdict not counted in the store");
-    }
-}
+/// Longest the auditor keeps counts unwritten while jobs wait in its queue (an idle
+/// auditor writes them at once).
+pub(crate) const WRITE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Most (provider, kind) pairs [`Dropped`] keeps between two writes: past it, a drop of
-/// another pair is not counted (the queue is full of a bounded number of providers'
-/// samples, so this is far more than a write ever finds).
-const MAX_DROPPED_KEYS: usize = 4096;
-
-/// Samples and flags dropped because the audit queue was full, by provider and kind,
-/// until the auditor writes them.
+/// Checks that gave no verdict, and samples and flags dropped because the audit queue
+/// was full, by provider, kind and reason, until the auditor writes them: all that a
+/// canary round (a check of every model in the pool) or a queue of replays could not
+/// judge goes to the store in one write transaction, not one per check (a provider
+/// announcing thousands of models no reference serves would otherwise make thousands
+/// of writes a round, each taking the database's write lock from the request path).
 #[derive(Debug, Default)]
-pub(crate) struct Dropped {
-    counts: Mutex<HashMap<(i64, &'static str), u64>>,
-    /// Wakes the auditor to write them.
+pub(crate) struct Unwritten {
+    counts: Mutex<HashMap<Key, u64>>,
+    /// Wakes the auditor to write a drop.
     pub(crate) wake: Notify,
 }
 
-impl Dropped {
-    /// One more of `provider_id`'s `kind` dropped (on the request path: a short lock).
-    pub(crate) fn note(&self, provider_id: i64, kind: &'static str) {
-        {
-            let mut counts = self.counts.lock();
-            let len = counts.len();
-            match counts.get_mut(&(provider_id, kind)) {
-                Some(n) => *n = n.saturating_add(1),
-                None if len < MAX_DROPPED_KEYS => {
-                    counts.insert((provider_id, kind), 1);
-                }
-                None => return,
+/// (provider, kind, reason).
+type Key = (i64, &'static str, NoVerdict);
+
+impl Unwritten {
+    /// `n` more of `key`, saturating; whether it is kept (a new key past the bound is
+    /// not).
+    fn add(&self, key: Key, n: u64) -> bool {
+        let mut counts = self.counts.lock();
+        let len = counts.len();
+        match counts.get_mut(&key) {
+            Some(c) => *c = c.saturating_add(n),
+            None if len < MAX_UNWRITTEN_KEYS => {
+                counts.insert(key, n);
             }
+            None => return false,
         }
-        self.wake.notify_one();
+        true
     }
 
-    /// What was dropped since the last call, emptied.
-    fn take(&self) -> Vec<Unjudged> {
+    /// One more of `provider_id`'s `kind` dropped for a full queue (on the request path:
+    /// a short lock), [`NoVerdict::QueueFull`].
+    pub(crate) fn note_dropped(&self, provider_id: i64, kind: &'static str) {
+        if self.add((provider_id, kind, NoVerdict::QueueFull), 1) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// `provider_id`'s check of `kind` gave no verdict for `why` (the auditor's, which
+    /// writes it with the others, [`Unwritten::write`]). Its reputation does not move.
+    pub(crate) fn count(&self, provider_id: i64, kind: &'static str, why: NoVerdict) {
+        tracing::debug!(
+            provider_id,
+            kind,
+            reason = why.as_str(),
+            "spot check: no verdict"
+        );
+        self.add((provider_id, kind, why), 1);
+    }
+
+    /// What was counted since the last call, emptied; put back unless written.
+    fn take(&self) -> Taken<'_> {
         let counts = std::mem::take(&mut *self.counts.lock());
-        counts
-            .into_iter()
-            .map(|((provider_id, kind), n)| Unjudged {
+        Taken {
+            from: self,
+            counts: counts.into_iter().collect(),
+            written: false,
+        }
+    }
+
+    /// Write what was counted since the last call, in one transaction, and count it in
+    /// `potluck_audits_unjudged_total` (the auditor's work). Counts a failed write (or
+    /// one cancelled before it answered) could not store are kept for the next.
+    pub(crate) async fn write(&self, state: &HubState) {
+        let mut taken = self.take();
+        if taken.counts.is_empty() {
+            return;
+        }
+        let tallies = taken.tallies();
+        match state.store.record_unjudged(&tallies).await {
+            Ok(()) => {
+                taken.written = true;
+                for t in &tallies {
+                    state
+                        .metrics
+                        .unjudged(t.kind, t.reason, u64::try_from(t.samples).unwrap_or(0));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = ?e, "checks that gave no verdict not counted in the store yet");
+            }
+        }
+    }
+}
+
+/// Counts taken to be written: put back (a saturating merge with those counted
+/// meanwhile) when dropped unwritten, so a failed or cancelled write loses nothing.
+struct Taken<'a> {
+    from: &'a Unwritten,
+    counts: Vec<(Key, u64)>,
+    written: bool,
+}
+
+impl Taken<'_> {
+    /// As the store counts them.
+    fn tallies(&self) -> Vec<Unjudged> {
+        self.counts
+            .iter()
+            .map(|&((provider_id, kind, why), n)| Unjudged {
                 provider_id,
                 kind,
-                reason: NoVerdict::QueueFull.as_str(),
+                reason: why.as_str(),
                 samples: i64::try_from(n).unwrap_or(i64::MAX),
             })
             .collect()
     }
+}
 
-    /// Write what was dropped since the last call (the auditor's work).
-    pub(crate) async fn write(&self, state: &HubState) {
-        let tallies = self.take();
-        if !tallies.is_empty() {
-            write(state, &tallies).await;
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.written {
+            for &(key, n) in &self.counts {
+                self.from.add(key, n);
+            }
         }
     }
 }
@@ -161,39 +207,87 @@ impl Dropped {
 mod tests {
     use super::*;
 
-    /// Drops are counted per provider and kind, saturating, and emptied when taken; past
-    /// the bound of pairs a new pair is not kept.
-    #[test]
-    fn drops_are_counted_per_provider_and_kind_within_a_bound() {
-        let d = Dropped::default();
-        d.note(1, "replay");
-        d.note(1, "replay");
-        d.note(2, "replay");
-        d.note(1, "usage");
-        d.counts.lock().insert((3, "replay"), u64::MAX);
-        d.note(3, "replay");
-        let mut t = d.take();
-        t.sort_by_key(|t| (t.provider_id, t.kind));
-        let got: Vec<(i64, &str, i64)> = t
+    fn taken(u: &Unwritten) -> Vec<(i64, &'static str, &'static str, i64)> {
+        let mut t = u.take();
+        t.written = true;
+        let mut got: Vec<_> = t
+            .tallies()
             .iter()
-            .map(|t| (t.provider_id, t.kind, t.samples))
+            .map(|t| (t.provider_id, t.kind, t.reason, t.samples))
             .collect();
+        got.sort_unstable();
+        got
+    }
+
+    /// Drops and checks without a verdict are counted per provider, kind and reason,
+    /// saturating, and emptied when taken; past the bound of keys a new key is not kept.
+    #[test]
+    fn no_verdicts_are_counted_per_provider_kind_and_reason_within_a_bound() {
+        let u = Unwritten::default();
+        u.note_dropped(1, "replay");
+        u.note_dropped(1, "replay");
+        u.note_dropped(2, "replay");
+        u.note_dropped(1, "usage");
+        u.count(1, "replay", NoVerdict::NoReference);
+        u.count(1, "canary", NoVerdict::NoReference);
+        u.count(1, "canary", NoVerdict::NoReference);
+        u.counts
+            .lock()
+            .insert((3, "replay", NoVerdict::QueueFull), u64::MAX);
+        u.note_dropped(3, "replay");
         assert_eq!(
-            got,
+            taken(&u),
             [
-                (1, "replay", 2),
-                (1, "usage", 1),
-                (2, "replay", 1),
-                (3, "replay", i64::MAX)
+                (1, "canary", "no_reference", 2),
+                (1, "replay", "no_reference", 1),
+                (1, "replay", "queue_full", 2),
+                (1, "usage", "queue_full", 1),
+                (2, "replay", "queue_full", 1),
+                (3, "replay", "queue_full", i64::MAX)
             ]
         );
-        assert!(t.iter().all(|t| t.reason == "queue_full"));
-        assert!(d.take().is_empty(), "taken once");
-        for p in 0..MAX_DROPPED_KEYS {
-            d.note(i64::try_from(p).unwrap(), "replay");
+        assert!(taken(&u).is_empty(), "taken once");
+        for p in 0..MAX_UNWRITTEN_KEYS {
+            u.note_dropped(i64::try_from(p).unwrap(), "replay");
         }
-        d.note(-1, "replay");
-        assert_eq!(d.take().len(), MAX_DROPPED_KEYS);
+        u.note_dropped(-1, "replay");
+        u.count(-1, "canary", NoVerdict::NoReference);
+        assert_eq!(taken(&u).len(), MAX_UNWRITTEN_KEYS);
+    }
+
+    /// Counts taken for a write that failed (or was cancelled) are put back, merged with
+    /// those counted meanwhile: the next write has them all.
+    #[test]
+    fn counts_a_write_could_not_store_are_kept_for_the_next() {
+        let u = Unwritten::default();
+        u.note_dropped(1, "replay");
+        u.count(1, "canary", NoVerdict::NoReference);
+        let failed = u.take();
+        assert_eq!(failed.counts.len(), 2);
+        u.note_dropped(1, "replay");
+        u.count(2, "canary", NoVerdict::Busy);
+        drop(failed);
+        assert_eq!(
+            taken(&u),
+            [
+                (1, "canary", "no_reference", 1),
+                (1, "replay", "queue_full", 2),
+                (2, "canary", "busy", 1)
+            ]
+        );
+        // Put back saturating, and within the bound of keys.
+        u.counts
+            .lock()
+            .insert((1, "replay", NoVerdict::QueueFull), u64::MAX);
+        let failed = u.take();
+        u.note_dropped(1, "replay");
+        for p in 10..(10 + MAX_UNWRITTEN_KEYS - 1) {
+            u.note_dropped(i64::try_from(p).unwrap(), "replay");
+        }
+        drop(failed);
+        let all = taken(&u);
+        assert_eq!(all.len(), MAX_UNWRITTEN_KEYS);
+        assert!(all.contains(&(1, "replay", "queue_full", i64::MAX)));
     }
 
     /// Each reason has its own word.

@@ -49,7 +49,7 @@ use crate::state::HubState;
 use crate::trust::canary::{self, Shape, Shapes};
 use crate::trust::identity::one_time_pseudonym;
 use crate::trust::likeness::{usage_over_reference, verdict, BillSlack, Likeness, Said};
-use crate::trust::no_verdict::{self, Dropped, NoVerdict};
+use crate::trust::no_verdict::{NoVerdict, Unwritten, WRITE_EVERY};
 use crate::trust::plausibility::Usage;
 use crate::trust::reputation::judge;
 use crate::trust::sample::{AuditSample, Kept};
@@ -75,8 +75,9 @@ pub(crate) struct Auditor {
     tx: mpsc::Sender<Job>,
     rng: Mutex<StdRng>,
     rate: f64,
-    /// Samples and flags the full queue dropped, until the auditor counts them.
-    dropped: Dropped,
+    /// Checks that gave no verdict, and samples and flags the full queue dropped, until
+    /// the auditor writes them.
+    unjudged: Unwritten,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -98,7 +99,7 @@ impl Auditor {
                 tx,
                 rng: Mutex::new(rng),
                 rate: cfg.rate,
-                dropped: Dropped::default(),
+                unjudged: Unwritten::default(),
             },
             rx,
         )
@@ -121,10 +122,10 @@ impl Auditor {
         if let Err(mpsc::error::TrySendError::Full(job)) = self.tx.try_send(job) {
             tracing::debug!("audit queue full; job dropped");
             match job {
-                Job::Replay(r) => self.dropped.note(r.provider_id, "replay"),
+                Job::Replay(r) => self.unjudged.note_dropped(r.provider_id, "replay"),
                 Job::Flag {
                     provider_id, kind, ..
-                } => self.dropped.note(provider_id, kind),
+                } => self.unjudged.note_dropped(provider_id, kind),
             }
         }
     }
@@ -132,7 +133,7 @@ impl Auditor {
     /// A request of `provider_id`'s was sampled while the queue had no room for it (so
     /// its text was not kept): counted as not judged, [`NoVerdict::QueueFull`].
     pub(crate) fn dropped_sample(&self, provider_id: i64) {
-        self.dropped.note(provider_id, "replay");
+        self.unjudged.note_dropped(provider_id, "replay");
     }
 }
 
@@ -152,22 +153,37 @@ pub(crate) async fn run(
     // A round longer than the interval is followed by the next at once, not by a burst.
     canary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     canary.tick().await;
+    let mut written = tokio::time::Instant::now();
     loop {
-        // Samples the full queue dropped meanwhile are counted between jobs.
-        state.auditor.dropped.write(&state).await;
+        // What gave no verdict (and what the full queue dropped) is written in one
+        // transaction when no job waits, else at least every `WRITE_EVERY`: a canary
+        // round's together, and a queue of replays no reference can judge in a few
+        // writes rather than one each.
+        if rx.is_empty() || written.elapsed() >= WRITE_EVERY {
+            let write = state.auditor.unjudged.write(&state);
+            tokio::pin!(write);
+            tokio::select! {
+                () = &mut write => {}
+                () = stop.cancelled() => {
+                    let _ = tokio::time::timeout(LAST_WRITE_WAIT, write).await;
+                    break;
+                }
+            }
+            written = tokio::time::Instant::now();
+        }
         let job = tokio::select! {
-            j = rx.recv() => match j { Some(j) => j, None => return },
-            () = state.auditor.dropped.wake.notified() => continue,
+            j = rx.recv() => match j { Some(j) => j, None => break },
+            () = state.auditor.unjudged.wake.notified() => continue,
             _ = canary.tick() => {
                 if !interval.is_zero() {
                     tokio::select! {
                         () = run_canary(&state, &shapes) => {}
-                        () = stop.cancelled() => return,
+                        () = stop.cancelled() => break,
                     }
                 }
                 continue;
             }
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
         };
         let work = async {
             match job {
@@ -199,10 +215,23 @@ pub(crate) async fn run(
         };
         tokio::select! {
             _ = work => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
         }
     }
+    // Counted since the last write, or put back by a write the stop cut short: written
+    // once more, within a short wait (a database that does not answer must not hold
+    // the hub's shutdown).
+    if tokio::time::timeout(LAST_WRITE_WAIT, state.auditor.unjudged.write(&state))
+        .await
+        .is_err()
+    {
+        tracing::warn!("checks that gave no verdict not written before the hub stopped");
+    }
 }
+
+/// Longest the auditor waits, when the hub stops, for the store to take what gave no
+/// verdict since its last write.
+const LAST_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A sampled request to judge by a replay (see [`Job::Replay`]).
 pub(crate) struct ReplayJob {
@@ -245,7 +274,7 @@ async fn replay(state: &HubState, job: ReplayJob) {
             )
             .await;
         }
-        Err(why) => no_verdict::record(state, provider_id, "replay", why).await,
+        Err(why) => state.auditor.unjudged.count(provider_id, "replay", why),
     }
 }
 
@@ -466,7 +495,10 @@ async fn run_canary(state: &HubState, shapes: &Shapes) {
                 .trusted_reference(&model, sha.as_ref(), target.provider_id)
         else {
             let why = NoVerdict::NoReference;
-            no_verdict::record(state, target.provider_id, "canary", why).await;
+            state
+                .auditor
+                .unjudged
+                .count(target.provider_id, "canary", why);
             continue;
         };
         let body = {
@@ -483,7 +515,10 @@ async fn run_canary(state: &HubState, shapes: &Shapes) {
         {
             Ok(v) => v,
             Err(why) => {
-                no_verdict::record(state, target.provider_id, "canary", why).await;
+                state
+                    .auditor
+                    .unjudged
+                    .count(target.provider_id, "canary", why);
                 continue;
             }
         };

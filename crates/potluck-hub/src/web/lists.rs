@@ -30,6 +30,8 @@ pub(crate) struct Section {
     /// The row's form's text fields (their names), if it has any.
     pub(super) fields: &'static [&'static str],
     pub(super) paging: Paging,
+    /// A line under the title saying how to read the section; empty: none.
+    pub(super) hint: &'static str,
 }
 
 impl Section {
@@ -51,6 +53,7 @@ impl Section {
             reason: false,
             fields: &[],
             paging: Paging::default(),
+            hint: "",
         }
     }
 }

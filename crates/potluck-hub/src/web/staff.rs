@@ -254,12 +254,15 @@ async fn queue(st: &HubState, s: &Session, out: &mut Vec<Section>) -> Result<(),
             ]);
             (c, None)
         });
-        out.push(Section::new(
-            "unjudged",
-            "Spot checks not judged (latest)",
-            &["Last", "Provider", "Kind", "Reason", "Count"],
-            rows.collect(),
-        ));
+        out.push(Section {
+            hint: LOAD_NOT_PROVIDER,
+            ..Section::new(
+                "unjudged",
+                "Spot checks not judged (latest)",
+                &["Last", "Provider", "Kind", "Reason", "Count"],
+                rows.collect(),
+            )
+        });
     }
     if may(s, Action::AuditLog) {
         let log = st.store.audit_log(rows).await?;
@@ -358,9 +361,15 @@ async fn keys(st: &HubState, q: &Cursors, out: &mut Vec<Section>) -> Result<(), 
     Ok(())
 }
 
+/// How to read checks not judged: some reasons say nothing about the provider.
+const LOAD_NOT_PROVIDER: &str = "busy, reference_busy, reference_failed and queue_full \
+     may come from load on the pool or from the trusted reference, not from the provider.";
+
 /// Live providers, newest first (the likeliest to need a moderator), with their standing
-/// and their spot checks: how many sampled requests were judged, and those that were not
-/// (by kind and reason: a provider no reference can check is seen here).
+/// and their spot checks: how many replays of its sampled requests were run or dropped
+/// and how many of those judged (a sampled request that did not end well, a provider's
+/// error or an answer the guard filtered, is neither), and the checks that were not (by
+/// kind and reason: a provider no reference can check is seen here).
 async fn providers(
     st: &HubState,
     s: &Session,
@@ -397,7 +406,7 @@ async fn providers(
         "Reputation",
         "Trusted",
         "Quarantined",
-        "Sampled requests judged",
+        "Replays judged (of run or dropped)",
         "Checks not judged",
     ];
     out.push(Section {
@@ -405,14 +414,16 @@ async fn providers(
         choices: &PROVIDER_ACTIONS,
         reason: true,
         paging,
+        hint: LOAD_NOT_PROVIDER,
         ..Section::new("providers", "Providers", columns, rows)
     });
     Ok(())
 }
 
-/// A provider's spot checks in two cells: its sampled requests (replays) judged, of all
-/// sampled, with the share; and the checks of every kind that gave no verdict, by reason
-/// (`-` for none).
+/// A provider's spot checks in two cells: its replays judged, of those run or dropped
+/// (not of all sampled requests: one that ended in an error or was filtered by the guard
+/// is not replayed, nor counted), with the share; and the checks of every kind that gave
+/// no verdict, by reason (`-` for none).
 fn spot_check_cells(checks: &[SpotCheckTally]) -> (String, String) {
     let judged = checks.iter().find(|t| t.kind == "replay").map_or_else(
         || "-".to_owned(),

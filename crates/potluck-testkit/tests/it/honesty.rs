@@ -2038,12 +2038,150 @@ async fn samples_no_reference_can_judge_are_shown_to_moderators_and_cost_no_repu
     assert_eq!(status, 200);
     let unjudged = crate::web_http::section_of(&page, "unjudged");
     let liar_id = hub.provider_id("liar").await;
+    // The row of the liar's replays not judged for want of a reference (the cells after
+    // the time: provider, kind, reason, count), its count the last cell.
+    let row = unjudged
+        .split("<tr>")
+        .find(|r| {
+            r.contains(&format!(
+                "<td>{liar_id}</td><td>replay</td><td>no_reference</td>"
+            ))
+        })
+        .unwrap_or_else(|| panic!("the liar's row: {unjudged}"));
     assert!(
-        unjudged.contains(&format!("<td>{liar_id}</td>"))
-            && unjudged.contains("<td>no_reference</td>")
-            && unjudged.contains(&format!("<td>{ASKED}</td>")),
-        "{unjudged}"
+        row.contains(&format!(
+            "<td>{liar_id}</td><td>replay</td><td>no_reference</td><td>{ASKED}</td>\n"
+        )),
+        "{row}"
     );
+    assert!(
+        unjudged.contains("may come from load on the pool or from the trusted reference"),
+        "the hint that some reasons are not the provider's doing: {unjudged}"
+    );
+    // An admin sees the provider's counts: none of its replays run judged, all five for
+    // want of a reference.
+    let boss = potluck_testkit::Staff::new(&hub, "boss", "admin").await;
+    let web = crate::web_http::WebClient::signed_in(&hub, &boss.key).await;
+    let (status, page) = web.get("/web/staff").await;
+    assert_eq!(status, 200);
+    let providers = crate::web_http::section_of(&page, "providers");
+    assert!(
+        providers.contains("<th scope=\"col\">Replays judged (of run or dropped)</th>"),
+        "{providers}"
+    );
+    let row = providers
+        .split("<tr>")
+        .find(|r| r.starts_with(&format!("<td>{liar_id}</td><td>liar</td>")))
+        .unwrap_or_else(|| panic!("the liar's row: {providers}"));
+    assert!(
+        row.contains(&format!(
+            "<td>0 of {ASKED} (0%)</td><td>replay: no_reference {ASKED}</td>"
+        )),
+        "{row}"
+    );
+}
+
+/// A provider announcing many models no trusted reference serves (made-up ones cost it
+/// nothing) has each canary round find no reference for every one: the round's checks
+/// were written one transaction each, so thousands of models made thousands of writes a
+/// round, each taking the database's write lock from the request path. A round's are
+/// now written together, in one, and a write that fails loses nothing: its counts go
+/// with the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_rounds_checks_without_a_reference_are_written_in_one_transaction() {
+    const MODELS: i64 = 40;
+    let hub = TestHub::start_with(|c| {
+        audited(c, 0.0);
+        c.audit.canary_interval = Duration::from_millis(100);
+    })
+    .await;
+    let store = hub.state().store.clone();
+    store.fail_next_unjudged_writes(1);
+    let hash = ModelHash::parse(&"3e".repeat(32)).unwrap();
+    let hello = AgentEvent::Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_version: "scripted".into(),
+        models: (0..MODELS)
+            .map(|i| ModelOffer {
+                sha256: Some(hash.clone()),
+                ..ModelOffer::named(ModelName::parse(&format!("made-up-{i}")).unwrap())
+            })
+            .collect(),
+        max_concurrency: 8,
+        profile: ProviderProfile::default(),
+        accepting: true,
+    };
+    let token = hub.create_provider("many").await;
+    let _many = ScriptedAgent::connect_with("many", &hub.url(), &token, hello, honest()).await;
+    hub.wait_for_model(&format!("made-up-{}", MODELS - 1), 1)
+        .await;
+    let id = hub.provider_id("many").await;
+    let counted = || async {
+        store
+            .audit_tallies(id)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|t| t.kind == "canary" && t.outcome == "no_reference")
+            .map(|t| t.samples)
+            .sum::<i64>()
+    };
+    wait_until("three rounds counted", AUDIT_WAIT, || async {
+        counted().await >= 3 * MODELS
+    })
+    .await;
+    // Writes and counts read together (no write between the two readings).
+    let (writes, samples) = loop {
+        let before = store.unjudged_writes();
+        let samples = counted().await;
+        if store.unjudged_writes() == before {
+            break (before, samples);
+        }
+    };
+    assert_eq!(samples % MODELS, 0, "whole rounds, none lost: {samples}");
+    assert_eq!(
+        writes,
+        u64::try_from(samples / MODELS - 1).unwrap(),
+        "one write a round, the failed first round's with the second: {samples} in {writes}"
+    );
+}
+
+/// A check without a verdict that the store failed to take was lost (taken from memory
+/// before the write, not put back), and the auditor's last counts were never written
+/// when the hub stopped. Now a failed write keeps its counts for the next, and the hub
+/// writes what is left when it stops (within a short wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_without_a_verdict_a_failed_write_kept_are_written_when_the_hub_stops() {
+    let hash = ModelHash::parse(&"3f".repeat(32)).unwrap();
+    let mut hub = TestHub::start_with(|c| audited(c, 1.0)).await;
+    let store = hub.state().store.clone();
+    store.fail_next_unjudged_writes(1);
+    let lone = ScriptedAgent::connect_with(
+        "lone",
+        &hub.url(),
+        &hub.create_provider("lone").await,
+        hello(&hash),
+        honest(),
+    )
+    .await;
+    hub.wait_for_model("m", 1).await;
+    let id = hub.provider_id("lone").await;
+    let alice = Consumer::new(&hub, "consumer").await;
+    ask(&alice, 0).await;
+    assert_eq!(served(&lone), 1);
+    wait_until("the write failed", WAIT, || async {
+        store.unjudged_write_failures_left() == 0
+    })
+    .await;
+    assert_eq!(store.audit_tallies(id).await.unwrap(), []);
+    drop(store);
+    hub.restart().await;
+    let t = hub.state().store.audit_tallies(id).await.unwrap();
+    let got: Vec<(&str, &str, i64)> = t
+        .iter()
+        .map(|t| (t.kind.as_str(), t.outcome.as_str(), t.samples))
+        .collect();
+    assert_eq!(got, [("replay", "no_reference", 1)]);
 }
 
 /// A trusted reference that fails every request it gets (a 500) judges nothing: the
