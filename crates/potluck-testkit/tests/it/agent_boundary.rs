@@ -276,12 +276,8 @@ async fn a_backends_error_reaches_the_hub_without_a_word_about_the_machine() {
     }
 }
 
-/// A backend echoes the name the agent sent it in every answer's and chunk's `model`:
-/// for a model named by its file, the volunteer's path (`/home/alice/models/…`), which
-/// the offer hides. The hub gets the public name back, whole and streamed. Before, the
-/// backend's name went to the hub as it came.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answers_carry_the_public_name_not_the_backends() {
+/// An agent whose backend serves `fake-alias` under the public name `smol`, offered.
+async fn aliased_rig() -> potluck_testkit::agent_rig::AgentRig {
     let mut rig = potluck_testkit::agent_rig::AgentRig::start(
         &["fake-alias"],
         "[[models]]\nbackend_name = \"fake-alias\"\npublic_name = \"smol\"\n",
@@ -290,6 +286,16 @@ async fn answers_carry_the_public_name_not_the_backends() {
     )
     .await;
     rig.wait_offered("smol").await;
+    rig
+}
+
+/// A backend echoes the name the agent sent it in every answer's and chunk's `model`:
+/// for a model named by its file, the volunteer's path (`/home/alice/models/…`), which
+/// the offer hides. The hub gets the public name back, whole and streamed. Before, the
+/// backend's name went to the hub as it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_carry_the_public_name_not_the_backends() {
+    let mut rig = aliased_rig().await;
     for body in [
         r#"{"model":"smol","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#,
         r#"{"model":"smol","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"stream":true}"#,
@@ -308,21 +314,14 @@ async fn answers_carry_the_public_name_not_the_backends() {
     );
 }
 
-/// The rename touches the answer's own top-level `model`, never what the model wrote: a
+/// The rename touches the answer's own `model` values, never what the model wrote: a
 /// completion whose text is the backend's name (a model asked which file it runs from
 /// answers `fake-alias`), or JSON that quotes it, reaches the hub as the backend wrote it.
 /// Before, the name was replaced wherever it stood as a whole JSON string, so a content
 /// of exactly that name came back as `smol`, whole and in each streamed chunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rename_leaves_the_models_own_text_alone() {
-    let mut rig = potluck_testkit::agent_rig::AgentRig::start(
-        &["fake-alias"],
-        "[[models]]\nbackend_name = \"fake-alias\"\npublic_name = \"smol\"\n",
-        "2024-01-01T12:00:00Z",
-        |_| {},
-    )
-    .await;
-    rig.wait_offered("smol").await;
+    let mut rig = aliased_rig().await;
     for (n, content) in ["fake-alias", r#"{"model":"fake-alias"}"#]
         .into_iter()
         .enumerate()

@@ -231,6 +231,18 @@ fn audited_seed(c: &mut HubConfig, rate: f64, seed: u64) {
     c.limits.rpm = None;
 }
 
+/// An honest provider `name` serving the file `hash`, connected.
+async fn honest_agent(hub: &TestHub, name: &str, hash: &ModelHash) -> ScriptedAgent {
+    ScriptedAgent::connect_with(
+        name,
+        &hub.url(),
+        &hub.create_provider(name).await,
+        hello(hash),
+        honest(),
+    )
+    .await
+}
+
 async fn trust(hub: &TestHub, name: &str) {
     Admin::admin(hub).trust(name).await;
 }
@@ -289,14 +301,7 @@ async fn red_team_announcing(liar_name: &str, liar_hash: Option<&ModelHash>) {
         })
         .await;
         let alice = Consumer::new(&hub, "consumer").await;
-        let reference = ScriptedAgent::connect_with(
-            "ref",
-            &hub.url(),
-            &hub.create_provider("ref").await,
-            hello(&hash),
-            honest(),
-        )
-        .await;
+        let reference = honest_agent(&hub, "ref", &hash).await;
         let liar = ScriptedAgent::connect_with(
             name,
             &hub.url(),
@@ -485,14 +490,7 @@ async fn a_liar_honest_only_with_a_seed_can_lie_to_no_consumer() {
     let rate = HubConfig::default().audit.rate;
     let hub = TestHub::start_with(|c| audited_seed(c, rate, 7)).await;
     let alice = Consumer::new(&hub, "consumer").await;
-    let _reference = ScriptedAgent::connect_with(
-        "ref",
-        &hub.url(),
-        &hub.create_provider("ref").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
+    let _reference = honest_agent(&hub, "ref", &hash).await;
     let (name, responder) = liars()
         .into_iter()
         .find(|(n, _)| *n == "seed-only-honest")
@@ -748,22 +746,8 @@ async fn audited_traffic() -> (TestHub, ScriptedAgent, ScriptedAgent) {
     })
     .await;
     let alice = Consumer::new(&hub, "consumer").await;
-    let reference = ScriptedAgent::connect_with(
-        "ref",
-        &hub.url(),
-        &hub.create_provider("ref").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
-    let audited_agent = ScriptedAgent::connect_with(
-        "audited",
-        &hub.url(),
-        &hub.create_provider("audited").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
+    let reference = honest_agent(&hub, "ref", &hash).await;
+    let audited_agent = honest_agent(&hub, "audited", &hash).await;
     hub.wait_for_model("m", 2).await;
     trust(&hub, "ref").await;
     let audited_id = hub.provider_id("audited").await;
@@ -1490,14 +1474,7 @@ async fn a_liar_listing_choice_one_first_is_judged_on_choice_zero() {
     let alice = Consumer::new(&hub, "consumer").await;
     let honest_words = "Paris is the capital of France and has been for a very long time indeed";
     let lie = "Buy cheap pills at pills.example now, the best offer on the whole web today";
-    let reference = ScriptedAgent::connect_with(
-        "ref",
-        &hub.url(),
-        &hub.create_provider("ref").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
+    let reference = honest_agent(&hub, "ref", &hash).await;
     let words = |t: &str, index: u64| -> Vec<Value> {
         t.split_inclusive(' ')
             .map(|w| json!({"index": index, "delta": {"content": w}, "finish_reason": null}))
@@ -1508,14 +1485,7 @@ async fn a_liar_listing_choice_one_first_is_judged_on_choice_zero() {
         .map(|c| json!([c]))
         .collect();
     reference.set_raw(Some(sse_answer(&reference_chunks)));
-    let liar = ScriptedAgent::connect_with(
-        "liar",
-        &hub.url(),
-        &hub.create_provider("liar").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
+    let liar = honest_agent(&hub, "liar", &hash).await;
     let liar_chunks: Vec<Value> = words(honest_words, 1)
         .into_iter()
         .zip(words(lie, 0))
@@ -1752,14 +1722,7 @@ async fn a_liar_adding_a_byte_of_reasoning_is_still_held_to_the_references_bill(
     let alice = Consumer::new(&hub, "consumer").await;
     let content = "The answer is forty two.";
     let _reference = raw_agent(&hub, "ref", hello(&hash), reasoning_answer(content, 0, 6)).await;
-    let liar = ScriptedAgent::connect_with(
-        "liar",
-        &hub.url(),
-        &hub.create_provider("liar").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
+    let liar = honest_agent(&hub, "liar", &hash).await;
     // One word of reasoning, and 40 tokens billed: under the plausibility bound of the
     // text it delivered (25 bytes, plus 16), far over the reference's 6.
     liar.set_raw(Some(reasoning_answer(content, 1, 40)));
@@ -2156,14 +2119,7 @@ async fn checks_without_a_verdict_a_failed_write_kept_are_written_when_the_hub_s
     let mut hub = TestHub::start_with(|c| audited(c, 1.0)).await;
     let store = hub.state().store.clone();
     store.fail_next_unjudged_writes(1);
-    let lone = ScriptedAgent::connect_with(
-        "lone",
-        &hub.url(),
-        &hub.create_provider("lone").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
+    let lone = honest_agent(&hub, "lone", &hash).await;
     hub.wait_for_model("m", 1).await;
     let id = hub.provider_id("lone").await;
     let alice = Consumer::new(&hub, "consumer").await;
@@ -2193,14 +2149,7 @@ async fn samples_a_failing_reference_cannot_judge_are_shown_to_moderators() {
     let hub = TestHub::start_with(|c| audited(c, 1.0)).await;
     let failing = json!({"error": {"message": "the backend failed", "type": "server_error"}});
     let _reference = raw_agent(&hub, "ref", hello(&hash), RawAnswer::json(500, &failing)).await;
-    let audited = ScriptedAgent::connect_with(
-        "audited",
-        &hub.url(),
-        &hub.create_provider("audited").await,
-        hello(&hash),
-        honest(),
-    )
-    .await;
+    let audited = honest_agent(&hub, "audited", &hash).await;
     hub.wait_for_model("m", 2).await;
     trust(&hub, "ref").await;
     let alice = Consumer::new(&hub, "consumer").await;

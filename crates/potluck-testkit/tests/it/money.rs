@@ -636,107 +636,46 @@ async fn reasoning_sent_as_reasoning_is_delivered_text_and_billed() {
     assert_never_flagged(&hub, "thinker").await;
 }
 
-/// A consumer sends ten tiny images (1x1 PNGs, each a hundred bytes of body) to a vision
-/// model that spends 256 prompt tokens on each: the honest provider's prompt count,
-/// far above the body's bytes, is billed as reported and flags nothing, request after
-/// request (six flags would quarantine it). Before, image tokens were outside the
-/// prompt bound (the body's bytes plus the template's overhead): the consumer paid for
-/// about two thirds of its prompt and the honest provider was flagged at every request.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn image_tokens_are_inside_the_prompt_bound() {
-    const PNG_1X1: &str = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
-    let hub = TestHub::start_with(cheap).await;
-    let mut offer = hello(&["m"], 4, ProviderProfile::default());
-    if let potluck_protocol::tunnel::AgentEvent::Hello { models, .. } = &mut offer {
-        models[0].capabilities.vision = Some(true);
-    }
-    let p = ScriptedAgent::connect(
-        "seer",
-        &hub.url(),
-        &hub.create_provider("seer").await,
-        offer,
-    )
-    .await;
-    hub.wait_for_model("m", 1).await;
-    let alice = Consumer::new(&hub, "alice").await;
-    hub.grant("alice", 1.0).await;
-    let mut content = vec![json!({"type": "text", "text": "what are these?"})];
-    content.extend((0..10).map(|_| json!({"type": "image_url", "image_url": {"url": PNG_1X1}})));
-    let body = json!({"model": "m", "max_tokens": 10,
-        "messages": [{"role": "user", "content": content}]});
-    let honest = 10 * 256 + 12;
-    assert!(
-        honest > body.to_string().len() + 128,
-        "the test needs image tokens past the old bound"
-    );
-    p.set_raw(Some(answer_with_usage(
-        false,
-        "ten dots",
-        &format!(
-            r#""prompt_tokens":{honest},"completion_tokens":2,"total_tokens":{}"#,
-            honest + 2
-        ),
-    )));
-    for _ in 0..7 {
-        let id = served(&alice, &body).await;
-        assert_eq!(usage_row(&hub, &id).await.prompt_tokens, honest as i64);
-    }
-    // The chat API holds images to the other APIs' count.
-    let most = potluck_protocol::request::MAX_IMAGES;
-    assert_eq!(most as usize, potluck_dialects::MAX_IMAGES);
-    let part = json!({"type": "image_url", "image_url": {"url": PNG_1X1}});
-    let too_many = json!({"model": "m", "max_tokens": 10,
-        "messages": [{"role": "user", "content": vec![part; most as usize + 1]}]});
-    let r = alice
-        .post("chat/completions", &too_many)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = hub.provider_id("seer").await;
-    let history = hub.state().store.audit_history(pid, 100).await.unwrap();
-    assert!(
-        history.iter().all(|a| a.0 != "usage"),
-        "the honest provider was flagged: {history:?}"
-    );
+/// What a test of media parts sends and expects: ten `part`s, each of which the model
+/// spends `tokens_each` prompt tokens on, to a provider offering `offer`; past `most`
+/// parts, a 400 with `code`.
+struct Media {
+    provider: &'static str,
+    offer: potluck_protocol::tunnel::AgentEvent,
+    part: Value,
+    tokens_each: usize,
+    most: usize,
+    code: &'static str,
 }
 
-/// The same with sound: a consumer sends ten tiny audio clips (`input_audio`, a WAV
-/// header each, sixty bytes of body) to a model whose audio encoder pads each to its
-/// 30-second window (750 prompt tokens for Qwen2-Audio): the honest provider's count, far
-/// above the body's bytes, is billed as reported (`credits.tokens_per_audio` per part)
-/// and flags nothing. Before, audio parts were outside the prompt bound and uncounted: the
-/// consumer paid for a fifth of its prompt, the honest provider was flagged at every
-/// request, and any number of parts could be sent. Past `MAX_AUDIO_PARTS` parts, a 400
-/// in the API's words.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audio_tokens_are_inside_the_prompt_bound() {
-    const WAV_HEADER: &str = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAgD4AAAB9AAACABAAZGF0YQAAAAA=";
+/// Ten media parts, far fewer bytes than the prompt tokens the model spends on them: the
+/// honest provider's count is billed as reported, request after request, and flags
+/// nothing (six flags would quarantine it); past `most` parts the consumer gets a 400 in
+/// the API's words and the provider never hears of it.
+async fn media_is_billed_as_reported(m: Media) {
     let hub = TestHub::start_with(cheap).await;
     let p = ScriptedAgent::connect(
-        "listener",
+        m.provider,
         &hub.url(),
-        &hub.create_provider("listener").await,
-        hello(&["m"], 4, ProviderProfile::default()),
+        &hub.create_provider(m.provider).await,
+        m.offer,
     )
     .await;
     hub.wait_for_model("m", 1).await;
     let alice = Consumer::new(&hub, "alice").await;
     hub.grant("alice", 1.0).await;
-    let clip = json!({"type": "input_audio", "input_audio": {"data": WAV_HEADER, "format": "wav"}});
-    let mut content = vec![json!({"type": "text", "text": "what do you hear?"})];
-    content.extend(std::iter::repeat_n(clip.clone(), 10));
+    let mut content = vec![json!({"type": "text", "text": "what is this?"})];
+    content.extend(std::iter::repeat_n(m.part.clone(), 10));
     let body = json!({"model": "m", "max_tokens": 10,
         "messages": [{"role": "user", "content": content}]});
-    let honest = 10 * 750 + 12;
+    let honest = 10 * m.tokens_each + 12;
     assert!(
         honest > body.to_string().len() + 128,
-        "the test needs audio tokens past the bound of the body's bytes"
+        "the test needs media tokens past the bound of the body's bytes"
     );
     p.set_raw(Some(answer_with_usage(
         false,
-        "silence",
+        "seen",
         &format!(
             r#""prompt_tokens":{honest},"completion_tokens":2,"total_tokens":{}"#,
             honest + 2
@@ -746,12 +685,11 @@ async fn audio_tokens_are_inside_the_prompt_bound() {
         let id = served(&alice, &body).await;
         assert_eq!(usage_row(&hub, &id).await.prompt_tokens, honest as i64);
     }
-    let most = potluck_protocol::request::MAX_AUDIO_PARTS as usize;
     let too_many = json!({"model": "m", "max_tokens": 10,
-        "messages": [{"role": "user", "content": vec![clip; most + 1]}]});
+        "messages": [{"role": "user", "content": vec![m.part; m.most + 1]}]});
     let a = alice.call("/v1/chat/completions", &too_many).await;
     assert_eq!(a.status, 400);
-    assert_eq!(a.code(), Some("too_many_audio_parts"));
+    assert_eq!(a.code(), Some(m.code));
     assert_eq!(
         a.body["error"]["type"], "invalid_request_error",
         "{:?}",
@@ -759,13 +697,54 @@ async fn audio_tokens_are_inside_the_prompt_bound() {
     );
     assert_eq!(a.body["error"]["param"], "messages", "{:?}", a.body);
     assert_eq!(p.requests().len(), 7, "never sent to the provider");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = hub.provider_id("listener").await;
-    let history = hub.state().store.audit_history(pid, 100).await.unwrap();
-    assert!(
-        history.iter().all(|a| a.0 != "usage"),
-        "the honest provider was flagged: {history:?}"
-    );
+    assert_never_flagged(&hub, m.provider).await;
+}
+
+/// A consumer sends ten tiny images (1x1 PNGs, each a hundred bytes of body) to a vision
+/// model that spends 256 prompt tokens on each: billed as reported, nothing flagged.
+/// Before, image tokens were outside the prompt bound (the body's bytes plus the
+/// template's overhead): the consumer paid for about two thirds of its prompt and the
+/// honest provider was flagged at every request. The chat API holds images to the other
+/// APIs' count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_tokens_are_inside_the_prompt_bound() {
+    const PNG_1X1: &str = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    let most = potluck_protocol::request::MAX_IMAGES as usize;
+    assert_eq!(most, potluck_dialects::MAX_IMAGES);
+    let mut offer = hello(&["m"], 4, ProviderProfile::default());
+    if let potluck_protocol::tunnel::AgentEvent::Hello { models, .. } = &mut offer {
+        models[0].capabilities.vision = Some(true);
+    }
+    media_is_billed_as_reported(Media {
+        provider: "seer",
+        offer,
+        part: json!({"type": "image_url", "image_url": {"url": PNG_1X1}}),
+        tokens_each: 256,
+        most,
+        code: "too_many_images",
+    })
+    .await;
+}
+
+/// The same with sound: ten tiny audio clips (`input_audio`, a WAV header each, sixty
+/// bytes of body) to a model whose audio encoder pads each to its 30-second window (750
+/// prompt tokens for Qwen2-Audio): billed as reported (`credits.tokens_per_audio` per
+/// part), nothing flagged. Before, audio parts were outside the prompt bound and
+/// uncounted: the consumer paid for a fifth of its prompt, the honest provider was
+/// flagged at every request, and any number of parts could be sent. Past
+/// `MAX_AUDIO_PARTS` parts, a 400 in the API's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_tokens_are_inside_the_prompt_bound() {
+    const WAV_HEADER: &str = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAgD4AAAB9AAACABAAZGF0YQAAAAA=";
+    media_is_billed_as_reported(Media {
+        provider: "listener",
+        offer: hello(&["m"], 4, ProviderProfile::default()),
+        part: json!({"type": "input_audio", "input_audio": {"data": WAV_HEADER, "format": "wav"}}),
+        tokens_each: 750,
+        most: potluck_protocol::request::MAX_AUDIO_PARTS as usize,
+        code: "too_many_audio_parts",
+    })
+    .await;
 }
 
 /// An answer with no usage at all (a provider that sends none, or a stream the consumer
