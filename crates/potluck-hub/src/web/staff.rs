@@ -9,7 +9,6 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use http::HeaderMap;
-use potluck_protocol::admin::SpotCheckTally;
 use potluck_store::accounts::AccountInfo;
 use potluck_store::listing::{AccountFilter, Liveness, PageReq};
 
@@ -20,6 +19,9 @@ use crate::state::HubState;
 use crate::web::lists::{cells, Cursors, Listed, Section, StaffQuery};
 use crate::web::session::{session, Session};
 use crate::web::{render, when_ms, KnownModels, Nav, WebError};
+
+mod checks;
+use checks::spot_check_cells;
 
 /// The report actions a moderator may pick (the admin API's names).
 const REPORT_ACTIONS: [&str; 7] = [
@@ -418,46 +420,6 @@ async fn providers(
         ..Section::new("providers", "Providers", columns, rows)
     });
     Ok(())
-}
-
-/// A provider's spot checks in two cells: its replays judged, of those run or dropped
-/// (not of all sampled requests: one that ended in an error or was filtered by the guard
-/// is not replayed, nor counted), with the share; and the checks of every kind that gave
-/// no verdict, by reason (`-` for none).
-fn spot_check_cells(checks: &[SpotCheckTally]) -> (String, String) {
-    let judged = checks.iter().find(|t| t.kind == "replay").map_or_else(
-        || "-".to_owned(),
-        |t| {
-            let not = t
-                .not_judged
-                .iter()
-                .fold(0_i64, |sum, n| sum.saturating_add(n.count));
-            format!(
-                "{} of {} ({:.0}%)",
-                t.judged,
-                t.judged.saturating_add(not),
-                t.judged_share * 100.0
-            )
-        },
-    );
-    let not_judged: Vec<String> = checks
-        .iter()
-        .filter(|t| !t.not_judged.is_empty())
-        .map(|t| {
-            let reasons: Vec<String> = t
-                .not_judged
-                .iter()
-                .map(|n| format!("{} {}", n.reason, n.count))
-                .collect();
-            format!("{}: {}", t.kind, reasons.join(", "))
-        })
-        .collect();
-    let not_judged = if not_judged.is_empty() {
-        "-".to_owned()
-    } else {
-        not_judged.join("; ")
-    };
-    (judged, not_judged)
 }
 
 async fn admin(v: &View<'_>, out: &mut Vec<Section>) -> Result<(), ApiError> {
