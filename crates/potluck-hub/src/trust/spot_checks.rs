@@ -30,7 +30,6 @@
 
 use std::sync::Arc;
 
-
 use bytes::Bytes;
 use potluck_protocol::tunnel::ModelHash;
 use potluck_protocol::{InferenceEndpoint, ModelName};
