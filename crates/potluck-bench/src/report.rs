@@ -77,6 +77,11 @@ impl Ratio {
         }
     }
 
+    /// A ratio without a target, shown as a number, for information.
+    pub fn info_ratio(name: &str, value: Option<f64>, detail: String) -> Self {
+        Self::info(name, value, num(value), detail)
+    }
+
     /// The same, marked untrustworthy for `why` (see [`Ratio::doubt`]).
     pub fn doubted(self, why: Option<String>) -> Self {
         Self { doubt: why, ..self }

@@ -1067,42 +1067,37 @@ fn series_ratios(r: &Report, pt: Option<f64>, ft: Option<f64>) -> [Ratio; 5] {
     let (sc, fc, pc) = (chunk(SERIES), chunk("floor"), chunk("potluck"));
     let (series_cpu, against_cpu) = (ratio_of(sc, fc), ratio_of(pc, sc));
     [
-        Ratio::info(
+        Ratio::info_ratio(
             "Two floors in series (two hops that only relay), non-streamed throughput, c=64: / one floor",
             series,
-            report::num(series),
             format!(
                 "{} vs {} req/s: the most any relay of two hops reaches here",
                 report::num(st),
                 report::num(ft)
             ),
         ),
-        Ratio::info(
+        Ratio::info_ratio(
             "Non-streamed throughput, c=64: potluck / two floors in series",
             against,
-            report::num(against),
             format!("{} vs {} req/s", report::num(pt), report::num(st)),
         ),
-        Ratio::info(
+        Ratio::info_ratio(
             "Added p50 latency, non-streamed, c=1: two floors in series / one floor",
             latency,
-            report::num(latency),
             format!(
                 "two floors +{} vs one floor +{}",
                 report::us(sa),
                 report::us(fa)
             ),
         ),
-        Ratio::info(
+        Ratio::info_ratio(
             "Server CPU per streamed chunk, c=64: two floors in series / one floor",
             series_cpu,
-            report::num(series_cpu),
             format!("{} vs {} µs per chunk", report::num(sc), report::num(fc)),
         ),
-        Ratio::info(
+        Ratio::info_ratio(
             "Server CPU per streamed chunk, c=64: potluck (hub+agent) / two floors in series",
             against_cpu,
-            report::num(against_cpu),
             format!("{} vs {} µs per chunk", report::num(pc), report::num(sc)),
         ),
     ]
